@@ -1,0 +1,97 @@
+"""The record model and the four outcomes of a claim.
+
+A record is keyed by ``(scope, digest)``; ``digest`` is the SHA-256 of the caller's key, so raw
+keys are never stored or logged. ``fence`` grows every time the key is (re)claimed, which lets a
+store reject a late write from a caller whose lease was taken over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal, Union
+
+__all__ = [
+    "MAX_KEY_LENGTH",
+    "ClaimOutcome",
+    "InFlight",
+    "Mismatch",
+    "New",
+    "Record",
+    "RecordKey",
+    "Replay",
+    "Status",
+    "digest_key",
+]
+
+MAX_KEY_LENGTH = 255
+Status = Literal["in_progress", "completed"]
+
+
+def digest_key(key: str) -> str:
+    """Return the hex SHA-256 digest under which ``key`` is stored."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RecordKey:
+    """Where a record lives: a scope (tenant, user, function namespace) and a key digest."""
+
+    scope: str
+    digest: str
+
+    @classmethod
+    def of(cls, scope: str, key: str) -> RecordKey:
+        return cls(scope, digest_key(key))
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One stored idempotency record. Times are seconds since the epoch on the store's clock."""
+
+    scope: str
+    digest: str
+    status: Status
+    fingerprint: str
+    fence: int
+    lease_until: float | None
+    expires_at: float
+    created_at: float
+    result: bytes | None = None
+    codec: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class New:
+    """The caller owns the key now; it must later ``complete`` or ``release`` with ``fence``."""
+
+    fence: int
+    lease_until: float
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """The key was completed earlier; ``record`` holds the stored result."""
+
+    record: Record
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """Another caller holds the key until ``lease_until``."""
+
+    fence: int
+    lease_until: float
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class Mismatch:
+    """The key is live but was used with a different fingerprint."""
+
+    now: float
+
+
+ClaimOutcome = Union[New, Replay, InFlight, Mismatch]

@@ -1,0 +1,156 @@
+"""The store contract every backend fulfils, in a sync and an async face.
+
+Each operation is one atomic decision made by the store itself (one Lua script or one SQL
+statement) and every time that decides correctness comes from the store's clock.
+
+Semantics shared by all stores (the conformance suite in ``tests/test_store_conformance.py``
+checks them on every backend):
+
+``claim(key, fingerprint, lease, ttl)``
+    * no record, or the record expired (``expires_at <= now``), or an ``in_progress`` record whose
+      lease ran out (``lease_until <= now``, whatever its fingerprint): write an ``in_progress``
+      record with ``lease_until = now + lease``, ``expires_at = now + max(lease, ttl)`` and a fence
+      greater than any earlier fence of this key -> :class:`~oncely.records.New`;
+    * a live record with a different fingerprint -> :class:`~oncely.records.Mismatch`;
+    * a live ``in_progress`` record -> :class:`~oncely.records.InFlight`;
+    * a live ``completed`` record -> :class:`~oncely.records.Replay`.
+``complete(key, fence, result, codec, ttl)``
+    only if the record is ``in_progress`` with this fence (even if its lease ran out, as long as
+    nobody re-claimed it): status ``completed``, ``expires_at = now + ttl``; wakes waiters.
+    Otherwise :class:`~oncely.errors.LeaseLost`.
+``release(key, fence)``
+    only if ``in_progress`` with this fence: delete the record; wakes waiters. Otherwise
+    :class:`~oncely.errors.LeaseLost`.
+``renew(key, fence, lease)``
+    only if ``in_progress`` with this fence: ``lease_until = now + lease`` (and ``expires_at``
+    at least that); returns the new ``lease_until``. Otherwise :class:`~oncely.errors.LeaseLost`.
+``watch(key, fence, timeout)``
+    returns once the record is no longer ``in_progress`` under ``fence`` or ``timeout`` passed;
+    returns ``True`` if it saw the change. Callers claim again afterwards.
+``get`` / ``delete`` / ``purge_expired(limit)`` / ``list(scope, limit)`` / ``now()``
+    inspection and housekeeping; ``purge_expired`` deletes up to ``limit`` records with
+    ``expires_at <= now`` and returns how many it deleted.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from oncely.records import ClaimOutcome, InFlight, Mismatch, Record, RecordKey, Replay
+
+__all__ = ["Store", "classify", "claimable"]
+
+
+def claimable(record: Record | None, now: float) -> bool:
+    """True if a claim at ``now`` may take the key over (absent, expired, or lease ran out)."""
+    if record is None or record.expires_at <= now:
+        return True
+    return record.status == "in_progress" and (record.lease_until or 0.0) <= now
+
+
+def classify(record: Record, fingerprint: str, now: float) -> ClaimOutcome:
+    """The outcome of a claim that found ``record`` live (not :func:`claimable`)."""
+    if record.fingerprint != fingerprint:
+        return Mismatch(now)
+    if record.status == "completed":
+        return Replay(record, now)
+    return InFlight(record.fence, record.lease_until or now, now)
+
+
+class Store(abc.ABC):
+    """A place to keep idempotency records; one object serves sync and async callers."""
+
+    #: The URL scheme(s) this store answers to, e.g. ``("redis", "rediss")``.
+    schemes: Sequence[str] = ()
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({redact_url(self.url)!r})"
+
+    # -- sync face -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome: ...
+
+    @abc.abstractmethod
+    def complete(
+        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def release(self, key: RecordKey, fence: int) -> None: ...
+
+    @abc.abstractmethod
+    def renew(self, key: RecordKey, fence: int, lease: float) -> float: ...
+
+    @abc.abstractmethod
+    def watch(self, key: RecordKey, fence: int, timeout: float) -> bool: ...
+
+    @abc.abstractmethod
+    def get(self, key: RecordKey) -> Record | None: ...
+
+    @abc.abstractmethod
+    def delete(self, key: RecordKey) -> bool: ...
+
+    @abc.abstractmethod
+    def purge_expired(self, limit: int = 1000) -> int: ...
+
+    @abc.abstractmethod
+    def list(self, scope: str | None = None, limit: int = 100) -> list[Record]: ...
+
+    @abc.abstractmethod
+    def now(self) -> float:
+        """The store's clock, in seconds since the epoch."""
+
+    def init_schema(self) -> None:
+        """Create tables or other structures; idempotent. Stores without a schema do nothing."""
+
+    def check_schema(self) -> None:
+        """Raise :class:`~oncely.errors.SchemaMissing` if the store is not initialised."""
+
+    def close(self) -> None:
+        """Release connections held by the sync face."""
+
+    # -- async face ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def aclaim(
+        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
+    ) -> ClaimOutcome: ...
+
+    @abc.abstractmethod
+    async def acomplete(
+        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def arelease(self, key: RecordKey, fence: int) -> None: ...
+
+    @abc.abstractmethod
+    async def arenew(self, key: RecordKey, fence: int, lease: float) -> float: ...
+
+    @abc.abstractmethod
+    async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool: ...
+
+    @abc.abstractmethod
+    async def aget(self, key: RecordKey) -> Record | None: ...
+
+    @abc.abstractmethod
+    async def adelete(self, key: RecordKey) -> bool: ...
+
+    @abc.abstractmethod
+    async def apurge_expired(self, limit: int = 1000) -> int: ...
+
+    async def aclose(self) -> None:
+        """Release connections held by the async face (for the running event loop)."""
+
+
+def redact_url(url: str) -> str:
+    """Hide a password in a URL so it can be logged."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url

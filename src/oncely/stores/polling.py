@@ -1,0 +1,39 @@
+"""Waiting by polling with exponential backoff, for stores that cannot push a change."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+
+__all__ = ["apoll_until", "poll_until"]
+
+FIRST_DELAY = 0.001
+LONGEST_DELAY = 0.05
+
+
+def _delays(timeout: float) -> Iterator[float]:
+    """Sleep lengths (1 ms doubling to 50 ms) that add up to at most ``timeout``; monotonic clock."""
+    deadline = time.monotonic() + timeout
+    delay = FIRST_DELAY
+    while (left := deadline - time.monotonic()) > 0:
+        yield min(delay, left)
+        delay = min(delay * 2, LONGEST_DELAY)
+
+
+def poll_until(done: Callable[[], bool], timeout: float) -> bool:
+    """Call ``done()`` until it is true (return True) or ``timeout`` passes (return False)."""
+    for delay in _delays(timeout):
+        if done():
+            return True
+        time.sleep(delay)
+    return done()
+
+
+async def apoll_until(done: Callable[[], bool], timeout: float) -> bool:
+    """Async :func:`poll_until`; ``done`` must not block (it runs on the event loop)."""
+    for delay in _delays(timeout):
+        if done():
+            return True
+        await asyncio.sleep(delay)
+    return done()

@@ -1,0 +1,84 @@
+"""Shared fixtures: every store under test talks to the real server on this machine."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from oncely.stores import Store, open_store
+
+REDIS_URL = os.environ.get("ONCELY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+POSTGRES_URL = os.environ.get("ONCELY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+STORE_KINDS = ["memory", "sqlite", "postgres", "redis"]
+#: Stores that other processes can share (everything but memory://).
+SHARED_KINDS = ["sqlite", "postgres", "redis"]
+
+
+def store_url(kind: str, tmp_path: Path) -> tuple[str, dict[str, object]]:
+    """A URL and constructor options that give this test its own isolated records."""
+    tag = uuid.uuid4().hex[:12]
+    if kind == "memory":
+        return "memory://", {}
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path}/oncely-{tag}.db", {}
+    if kind == "postgres":
+        return POSTGRES_URL, {"table": f"oncely_t_{tag}", "create_schema": True}
+    if kind == "redis":
+        return REDIS_URL, {"prefix": f"oncely-test-{tag}"}
+    raise AssertionError(kind)
+
+
+def drop(kind: str, store: Store) -> None:
+    """Remove what a test created on a shared server."""
+    if kind == "postgres":
+        import psycopg
+
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {store.table}")  # type: ignore[attr-defined]
+    elif kind == "redis":
+        import redis
+
+        client = redis.Redis.from_url(REDIS_URL)
+        keys = list(client.scan_iter(match=f"{store.prefix}:*"))  # type: ignore[attr-defined]
+        if keys:
+            client.delete(*keys)
+        client.close()
+
+
+StoreFactory = Callable[[str], tuple[Store, str, dict[str, object]]]
+
+
+@pytest.fixture
+def make_store(tmp_path: Path) -> Iterator[StoreFactory]:
+    """Open an isolated store of a kind; returns (store, url, options) and cleans up after."""
+    opened: list[tuple[str, Store]] = []
+
+    def make(kind: str) -> tuple[Store, str, dict[str, object]]:
+        url, options = store_url(kind, tmp_path)
+        store = open_store(url, **options)
+        opened.append((kind, store))
+        return store, url, options
+
+    yield make
+    for kind, store in opened:
+        try:
+            drop(kind, store)
+        finally:
+            store.close()
+
+
+@pytest.fixture(params=STORE_KINDS)
+def store(request: pytest.FixtureRequest, make_store: StoreFactory) -> Store:
+    return make_store(request.param)[0]
+
+
+@pytest.fixture(params=SHARED_KINDS)
+def shared_store(
+    request: pytest.FixtureRequest, make_store: StoreFactory
+) -> tuple[Store, str, dict[str, object]]:
+    return make_store(request.param)

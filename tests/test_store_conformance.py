@@ -1,0 +1,290 @@
+"""One suite, every store, real servers: the rules written in ``oncely.stores.base``."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import workers
+
+from oncely.errors import LeaseLost
+from oncely.records import InFlight, Mismatch, New, RecordKey, Replay
+from oncely.stores import Store
+
+
+def fresh_key(scope: str = "tenant-a") -> RecordKey:
+    return RecordKey.of(scope, f"order-{uuid.uuid4()}")
+
+
+def wait_for_store_time(store: Store, instant: float) -> None:
+    """Block until the *store's* clock has passed ``instant`` (leases and ttls run on it)."""
+    while store.now() <= instant:
+        time.sleep(0.01)
+
+
+def claim_new(store: Store, key: RecordKey, lease: float = 30.0, ttl: float = 60.0) -> New:
+    outcome = store.claim(key, "fp", lease, ttl)
+    assert isinstance(outcome, New), outcome
+    return outcome
+
+
+def test_claim_complete_replay(store: Store) -> None:
+    key = fresh_key()
+    new = claim_new(store, key)
+    assert new.lease_until == pytest.approx(new.now + 30.0, abs=0.01)
+    assert isinstance(store.claim(key, "fp", 30.0, 60.0), InFlight)
+    store.complete(key, new.fence, b"\x00\xffbinary result", "raw", 60.0)
+    replay = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(replay, Replay)
+    assert replay.record.result == b"\x00\xffbinary result"
+    assert replay.record.codec == "raw"
+    assert replay.record.status == "completed"
+    assert replay.record.fence == new.fence
+    assert replay.record.expires_at == pytest.approx(replay.now + 60.0, abs=1.0)
+
+
+def test_in_flight_reports_holder_lease(store: Store) -> None:
+    key = fresh_key()
+    new = claim_new(store, key, lease=20.0)
+    busy = store.claim(key, "fp", 5.0, 60.0)
+    assert isinstance(busy, InFlight)
+    assert busy.fence == new.fence
+    assert busy.lease_until == pytest.approx(new.lease_until, abs=0.01)
+
+
+def test_mismatch_on_live_record_in_flight_and_completed(store: Store) -> None:
+    key = fresh_key()
+    new = claim_new(store, key)
+    assert isinstance(store.claim(key, "other", 30.0, 60.0), Mismatch)
+    store.complete(key, new.fence, b"1", "json", 60.0)
+    assert isinstance(store.claim(key, "other", 30.0, 60.0), Mismatch)
+    assert isinstance(store.claim(key, "fp", 30.0, 60.0), Replay)
+
+
+def test_scopes_are_isolated(store: Store) -> None:
+    key_a = RecordKey.of("tenant-a", "same-key")
+    key_b = RecordKey.of("tenant-b", "same-key")
+    new = claim_new(store, key_a)
+    store.complete(key_a, new.fence, b"a", "json", 60.0)
+    assert isinstance(store.claim(key_b, "fp", 30.0, 60.0), New)
+    store.delete(key_a)
+    store.delete(key_b)
+
+
+def test_release_lets_the_key_be_claimed_again_with_a_bigger_fence(store: Store) -> None:
+    key = fresh_key()
+    fences = []
+    for _ in range(5):
+        new = claim_new(store, key)
+        fences.append(new.fence)
+        store.release(key, new.fence)
+        assert store.get(key) is None
+    assert fences == sorted(fences) and len(set(fences)) == 5
+
+
+def test_lease_expiry_lets_another_caller_reclaim(store: Store) -> None:
+    key = fresh_key()
+    first = claim_new(store, key, lease=0.3)
+    wait_for_store_time(store, first.lease_until)
+    # A different payload may take over an abandoned claim: nothing was completed under it.
+    second = store.claim(key, "other-fp", 30.0, 60.0)
+    assert isinstance(second, New)
+    assert second.fence > first.fence
+
+
+def test_zombie_writer_is_rejected_by_the_fence(store: Store) -> None:
+    key = fresh_key()
+    zombie = claim_new(store, key, lease=0.3)
+    wait_for_store_time(store, zombie.lease_until)
+    successor = claim_new(store, key)
+    with pytest.raises(LeaseLost):
+        store.renew(key, zombie.fence, 30.0)
+    with pytest.raises(LeaseLost):
+        store.complete(key, zombie.fence, b"zombie", "json", 60.0)
+    with pytest.raises(LeaseLost):
+        store.release(key, zombie.fence)
+    store.complete(key, successor.fence, b"successor", "json", 60.0)
+    replay = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(replay, Replay) and replay.record.result == b"successor"
+
+
+def test_late_completion_is_accepted_when_nobody_took_over(store: Store) -> None:
+    key = fresh_key()
+    slow = claim_new(store, key, lease=0.3, ttl=60.0)
+    wait_for_store_time(store, slow.lease_until)
+    store.complete(key, slow.fence, b"late", "json", 60.0)
+    replay = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(replay, Replay) and replay.record.result == b"late"
+
+
+def test_renew_extends_the_lease(store: Store) -> None:
+    key = fresh_key()
+    new = claim_new(store, key, lease=0.3)
+    lease_until = store.renew(key, new.fence, 30.0)
+    assert lease_until > new.lease_until + 20
+    wait_for_store_time(store, new.lease_until)
+    busy = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(busy, InFlight) and busy.fence == new.fence
+
+
+def test_completed_record_expires_after_ttl(store: Store) -> None:
+    key = fresh_key()
+    new = claim_new(store, key, lease=0.2, ttl=0.4)
+    store.complete(key, new.fence, b"1", "json", 0.4)
+    record = store.get(key)
+    assert record is not None
+    wait_for_store_time(store, record.expires_at)
+    assert store.get(key) is None
+    again = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(again, New) and again.fence > new.fence
+
+
+def test_purge_removes_only_expired_records(store: Store) -> None:
+    live, dead = fresh_key(), [fresh_key() for _ in range(5)]
+    for key in dead:
+        new = claim_new(store, key, lease=0.2, ttl=0.2)
+        store.complete(key, new.fence, b"x", "json", 0.2)
+    new = claim_new(store, live)
+    store.complete(live, new.fence, b"keep", "json", 60.0)
+    wait_for_store_time(store, store.now() + 0.3)
+    purged = store.purge_expired(limit=3) + store.purge_expired(limit=1000)
+    # Redis expires keys by itself (PEXPIREAT); SQL and memory stores delete on purge.
+    assert purged in (0, 5) if type(store).__name__ == "RedisStore" else purged == 5
+    assert all(store.get(key) is None for key in dead)
+    kept = store.get(live)
+    assert kept is not None and kept.result == b"keep"
+
+
+def test_get_list_delete(store: Store) -> None:
+    scope = f"list-{uuid.uuid4().hex[:8]}"
+    keys = [RecordKey.of(scope, f"k{i}") for i in range(3)]
+    for key in keys:
+        claim_new(store, key)
+    listed = store.list(scope=scope, limit=10)
+    assert {r.digest for r in listed} == {k.digest for k in keys}
+    assert all(r.status == "in_progress" and r.scope == scope for r in listed)
+    assert len(store.list(scope=scope, limit=2)) == 2
+    assert store.delete(keys[0]) is True
+    assert store.delete(keys[0]) is False
+    assert store.get(keys[0]) is None
+
+
+def test_watch_wakes_when_the_holder_completes(store: Store) -> None:
+    key = fresh_key()
+    new = claim_new(store, key)
+    started = threading.Event()
+
+    def finish() -> None:
+        started.wait()
+        time.sleep(0.05)
+        store.complete(key, new.fence, b"done", "json", 60.0)
+
+    worker = threading.Thread(target=finish)
+    worker.start()
+    t0 = time.monotonic()
+    started.set()
+    assert store.watch(key, new.fence, timeout=10.0) is True
+    woke_after = time.monotonic() - t0
+    worker.join()
+    assert woke_after < 2.0
+    # Already changed: returns at once.
+    assert store.watch(key, new.fence, timeout=10.0) is True
+
+
+def test_watch_times_out_while_the_holder_runs(store: Store) -> None:
+    key = fresh_key()
+    new = claim_new(store, key)
+    t0 = time.monotonic()
+    assert store.watch(key, new.fence, timeout=0.3) is False
+    assert 0.25 <= time.monotonic() - t0 < 3.0
+
+
+def test_64_threads_one_key_exactly_one_new(store: Store) -> None:
+    key = fresh_key()
+    barrier = threading.Barrier(64)
+    outcomes: list[Any] = []
+    lock = threading.Lock()
+
+    def racer() -> None:
+        barrier.wait()
+        outcome = store.claim(key, "fp", 30.0, 60.0)
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=racer) for _ in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    kinds = [type(o).__name__ for o in outcomes]
+    assert kinds.count("New") == 1 and kinds.count("InFlight") == 63
+
+
+async def test_64_tasks_one_key_exactly_one_new(store: Store) -> None:
+    key = fresh_key()
+    outcomes = await asyncio.gather(*(store.aclaim(key, "fp", 30.0, 60.0) for _ in range(64)))
+    kinds = [type(o).__name__ for o in outcomes]
+    assert kinds.count("New") == 1 and kinds.count("InFlight") == 63
+    new = next(o for o in outcomes if isinstance(o, New))
+    await store.acomplete(key, new.fence, b"async", "json", 60.0)
+    replay = await store.aclaim(key, "fp", 30.0, 60.0)
+    assert isinstance(replay, Replay) and replay.record.result == b"async"
+    await store.aclose()
+
+
+async def test_async_face_matches_sync_rules(store: Store) -> None:
+    key = fresh_key()
+    new = await store.aclaim(key, "fp", 0.3, 60.0)
+    assert isinstance(new, New)
+    assert await store.arenew(key, new.fence, 30.0) > new.lease_until
+    waiter = asyncio.ensure_future(store.awatch(key, new.fence, 10.0))
+    await asyncio.sleep(0.05)
+    await store.arelease(key, new.fence)
+    assert await asyncio.wait_for(waiter, 5.0) is True
+    assert await store.aget(key) is None
+    with pytest.raises(LeaseLost):
+        await store.acomplete(key, new.fence, b"x", "json", 60.0)
+    again = await store.aclaim(key, "fp", 30.0, 60.0)
+    assert isinstance(again, New) and again.fence > new.fence
+    assert await store.adelete(key) is True
+    assert await store.apurge_expired(10) >= 0
+    await store.aclose()
+
+
+def test_4_processes_one_key_exactly_one_new(
+    shared_store: tuple[Store, str, dict[str, Any]],
+) -> None:
+    store, url, options = shared_store
+    store.init_schema()
+    scope, key = "procs", f"order-{uuid.uuid4()}"
+    start_at = time.time() + 1.5
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(workers.claim_once, [(url, options, scope, key, start_at)] * 4)
+    kinds = [kind for kind, _ in results]
+    assert kinds.count("New") == 1 and kinds.count("InFlight") == 3
+
+
+def test_store_clock_decides_expiry_not_the_client_clock(
+    shared_store: tuple[Store, str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _, _ = shared_store
+    key = fresh_key()
+    new = claim_new(store, key, lease=30.0, ttl=60.0)
+    store.complete(key, new.fence, b"kept", "json", 60.0)
+    real_time = time.time
+    # A client whose clock runs two hours fast must still see the record as live.
+    monkeypatch.setattr(time, "time", lambda: real_time() + 7200.0)
+    replay = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(replay, Replay) and replay.record.result == b"kept"
+    assert abs(store.now() - real_time()) < 5.0
+
+
+def _claims_to_kinds(claim: Callable[[], Any], n: int) -> list[str]:
+    return [type(claim()).__name__ for _ in range(n)]
