@@ -11,8 +11,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-import workers
 
+import workers
 from oncely.errors import LeaseLost
 from oncely.records import InFlight, Mismatch, New, RecordKey, Replay
 from oncely.stores import Store

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 __all__ = [
     "MAX_KEY_LENGTH",
@@ -94,4 +94,4 @@ class Mismatch:
     now: float
 
 
-ClaimOutcome = Union[New, Replay, InFlight, Mismatch]
+ClaimOutcome = New | Replay | InFlight | Mismatch

@@ -39,7 +39,7 @@ from collections.abc import Sequence
 
 from oncely.records import ClaimOutcome, InFlight, Mismatch, Record, RecordKey, Replay
 
-__all__ = ["Store", "classify", "claimable"]
+__all__ = ["Store", "claimable", "classify"]
 
 
 def claimable(record: Record | None, now: float) -> bool:

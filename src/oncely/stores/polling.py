@@ -13,7 +13,7 @@ LONGEST_DELAY = 0.05
 
 
 def _delays(timeout: float) -> Iterator[float]:
-    """Sleep lengths (1 ms doubling to 50 ms) that add up to at most ``timeout``; monotonic clock."""
+    """Sleep lengths (1 ms doubling to 50 ms) adding up to at most ``timeout`` (monotonic)."""
     deadline = time.monotonic() + timeout
     delay = FIRST_DELAY
     while (left := deadline - time.monotonic()) > 0:

@@ -27,7 +27,9 @@ __all__ = ["SQLiteStore"]
 
 # Seconds since the epoch on SQLite's clock (millisecond resolution, fixed within a statement).
 NOW = "((julianday('now') - 2440587.5) * 86400.0)"
-COLUMNS = "scope, digest, status, fingerprint, fence, lease_until, expires_at, created_at, result, codec"
+COLUMNS = (
+    "scope, digest, status, fingerprint, fence, lease_until, expires_at, created_at, result, codec"
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS {t} (
@@ -86,15 +88,27 @@ COMPLETE = (
 # Release leaves an expired tombstone rather than deleting the row, so the next claim's fence is
 # still ``old + 1`` even within the same millisecond (SQLite's clock resolution).
 RELEASE = (
-    "UPDATE {t} SET status = 'released', lease_until = " + NOW + ", expires_at = " + NOW + " " + _MINE
+    "UPDATE {t} SET status = 'released', lease_until = "
+    + NOW
+    + ", expires_at = "
+    + NOW
+    + " "
+    + _MINE
 )
 RENEW = (
     "UPDATE {t} SET lease_until = " + NOW + " + :lease, "
     "expires_at = max(expires_at, " + NOW + " + :lease) " + _MINE + " RETURNING lease_until"
 )
-GET = "SELECT " + COLUMNS + " FROM {t} WHERE scope = :scope AND digest = :digest AND expires_at > " + NOW
+GET = (
+    "SELECT "
+    + COLUMNS
+    + " FROM {t} WHERE scope = :scope AND digest = :digest AND expires_at > "
+    + NOW
+)
 STATE = (
-    "SELECT status, fence, expires_at > " + NOW + " FROM {t} WHERE scope = :scope AND digest = :digest"
+    "SELECT status, fence, expires_at > "
+    + NOW
+    + " FROM {t} WHERE scope = :scope AND digest = :digest"
 )
 DELETE = "DELETE FROM {t} WHERE scope = :scope AND digest = :digest"
 PURGE = (
@@ -144,7 +158,7 @@ class SQLiteStore(Store):
             raise ConfigurationError(
                 f"synchronous={self.synchronous!r}: use OFF, NORMAL, FULL (default) or EXTRA"
             )
-        self.busy_timeout = float(busy_timeout or options.get("busy_timeout", 5.0))
+        self.busy_timeout = float(busy_timeout or options.get("busy_timeout") or 5.0)
         if not table.isidentifier():
             raise ConfigurationError(f"table name {table!r} must be a plain identifier")
         self.table = table

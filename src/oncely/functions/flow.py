@@ -1,0 +1,244 @@
+"""The protocol of one idempotent call, written once as a generator with no I/O (sans-IO).
+
+:func:`call_flow` yields operations (:class:`Claim`, :class:`Run`, :class:`Complete`, …) and
+receives their results; the sync and async drivers in :mod:`oncely.functions.drivers` only
+carry them out. So the rules — who runs, who waits, what is stored, what is released — exist
+in exactly one place for sync and async callers alike.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+from oncely.codecs import Codec
+from oncely.errors import (
+    IdempotencyKeyMismatch,
+    InFlightError,
+    LeaseLost,
+    OncelyError,
+    SerializationError,
+    StoredFailure,
+    StoreUnavailable,
+)
+from oncely.functions.cache import ResultCache
+from oncely.records import InFlight, Mismatch, New, Record, RecordKey, Replay
+
+__all__ = [
+    "Claim",
+    "Complete",
+    "Op",
+    "Policy",
+    "Release",
+    "Run",
+    "RunUnprotected",
+    "Sleep",
+    "Watch",
+    "call_flow",
+]
+
+log = logging.getLogger("oncely")
+
+ERROR_CODEC = "error+json"
+#: Codec name of a completion whose result could not be encoded (the call ran; no value kept).
+UNSERIALIZABLE = "unserializable"
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """Ask the store to claim the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Run the function while keeping the lease of ``fence`` alive; send back its value."""
+
+    fence: int
+    lease_until: float
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunUnprotected:
+    """Run the function without a claim (fail-open while the store is down)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    fence: int
+    data: bytes
+    codec: str
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    fence: int
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    """Wait until the claim under ``fence`` changes, at most ``timeout`` seconds."""
+
+    fence: int
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    seconds: float
+
+
+Op = Claim | Run | RunUnprotected | Complete | Release | Watch | Sleep
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Everything the flow needs to know about one decorated function."""
+
+    name: str
+    codec: Codec
+    return_type: Any
+    ttl: float
+    lease: float
+    on_duplicate: str  # "wait" | "raise"
+    wait_timeout: float
+    store_errors: tuple[type[BaseException], ...]
+    fail_open: bool
+    cache: ResultCache | None
+    complete_attempts: int = 3
+
+
+def _decode(policy: Policy, record: Record) -> Any:
+    """The stored outcome of a completed call: a value, or a stored exception raised again."""
+    if record.codec == ERROR_CODEC:
+        raise _rebuild_error(policy, record.result or b"{}")
+    if record.codec == UNSERIALIZABLE:
+        raise SerializationError(
+            f"{policy.name} already ran for this key, but its result could not be stored; "
+            "its return value must be serializable by the configured codec"
+        )
+    if record.codec != policy.codec.name:
+        raise SerializationError(
+            f"stored result uses codec {record.codec!r} but {policy.name} is configured with "
+            f"{policy.codec.name!r}; keep the codec stable or delete the record"
+        )
+    return policy.codec.decode(record.result or b"", policy.return_type)
+
+
+def _encode_error(exc: BaseException) -> bytes:
+    args = [a for a in exc.args if isinstance(a, (str, int, float, bool, type(None)))]
+    cls = type(exc)
+    return json.dumps(
+        {"type": f"{cls.__module__}.{cls.__qualname__}", "message": str(exc), "args": args}
+    ).encode()
+
+
+def _rebuild_error(policy: Policy, data: bytes) -> BaseException:
+    """Rebuild a stored exception, but only as one of the classes the user allowed."""
+    info = json.loads(data)
+    for cls in policy.store_errors:
+        if f"{cls.__module__}.{cls.__qualname__}" == info.get("type"):
+            try:
+                return cls(*info.get("args", []))
+            except Exception:  # the class wants other constructor arguments
+                break
+    return StoredFailure(str(info.get("type")), str(info.get("message")))
+
+
+def call_flow(policy: Policy, key: RecordKey, fingerprint: str) -> Generator[Op, Any, Any]:
+    """One call: claim; then run-and-store, replay, wait for the holder, or refuse."""
+    cache_key = (key, fingerprint)
+    if policy.cache is not None:
+        hit = policy.cache.get(cache_key)
+        if hit is not None:
+            return _decode(policy, hit)
+    deadline: float | None = None
+    while True:
+        try:
+            outcome = yield Claim()
+        except StoreUnavailable:
+            if not policy.fail_open:
+                raise
+            log.warning("oncely: store down, running %s unprotected (fail-open)", policy.name)
+            return (yield RunUnprotected())
+
+        if isinstance(outcome, New):
+            return (yield from _run_and_store(policy, outcome))
+        if isinstance(outcome, Replay):
+            if policy.cache is not None:
+                policy.cache.put(cache_key, outcome.record, outcome.record.expires_at - outcome.now)
+            return _decode(policy, outcome.record)
+        if isinstance(outcome, Mismatch):
+            raise IdempotencyKeyMismatch(
+                f"{policy.name}: this idempotency key was already used with a different "
+                "payload; retry with the original payload, or use a new key for a new operation"
+            )
+        assert isinstance(outcome, InFlight)
+        retry_after = max(outcome.lease_until - outcome.now, 0.0)
+        if policy.on_duplicate == "raise":
+            raise InFlightError(
+                f"{policy.name}: a call with this key is still running; retry after "
+                f"{retry_after:.1f}s",
+                retry_after,
+            )
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + policy.wait_timeout
+        left = deadline - now
+        if left <= 0:
+            raise InFlightError(
+                f"{policy.name}: waited {policy.wait_timeout}s for the call holding this key; it "
+                "is still running. Raise wait_timeout or retry later",
+                retry_after,
+            )
+        # Wake when the holder finishes, or when its lease could have run out.
+        yield Watch(outcome.fence, min(left, retry_after + 0.01))
+
+
+def _run_and_store(policy: Policy, new: New) -> Generator[Op, Any, Any]:
+    try:
+        value = yield Run(new.fence, new.lease_until, new.now)
+    except BaseException as exc:
+        if isinstance(exc, policy.store_errors):
+            yield from _complete(policy, new.fence, _encode_error(exc), ERROR_CODEC)
+        else:
+            try:
+                yield Release(new.fence)
+            except OncelyError as release_error:
+                log.warning(
+                    "oncely: %s raised and its claim could not be released (%s); the key frees "
+                    "itself when the lease runs out",
+                    policy.name,
+                    release_error,
+                )
+        raise
+    try:
+        data, codec = policy.codec.encode(value), policy.codec.name
+    except SerializationError:
+        # The call ran: keep that fact so a retry cannot run it a second time.
+        yield from _complete(policy, new.fence, b"", UNSERIALIZABLE)
+        raise
+    yield from _complete(policy, new.fence, data, codec)
+    return value
+
+
+def _complete(policy: Policy, fence: int, data: bytes, codec: str) -> Generator[Op, Any, None]:
+    """Store the outcome; retry while the store is briefly unreachable."""
+    for attempt in range(policy.complete_attempts):
+        try:
+            yield Complete(fence, data, codec)
+            return
+        except StoreUnavailable:
+            if attempt + 1 == policy.complete_attempts:
+                raise
+            yield Sleep(0.05 * 2**attempt)
+        except LeaseLost as exc:
+            raise LeaseLost(
+                f"{policy.name} ran, but its claim was lost before the result was stored "
+                f"({exc}); another caller may have run it too. Use a longer lease, and make the "
+                "protected resource check the fence"
+            ) from exc
