@@ -28,3 +28,49 @@ def claim_once(
 
 def pid() -> int:
     return os.getpid()
+
+
+def run_decorated(
+    url: str,
+    options: dict[str, Any],
+    key: str,
+    log_path: str,
+    start_at: float,
+    work_seconds: float,
+    lease: float = 30.0,
+) -> Any:
+    """Call an idempotent function that appends one line to ``log_path`` per real execution."""
+    from oncely import idempotent
+
+    store = open_store(url, **options)
+
+    @idempotent(store=store, name="workers.append", key=["key"], lease=lease, wait_timeout=60)
+    def append(key: str) -> dict[str, Any]:
+        with open(log_path, "a") as log:
+            log.write(f"{os.getpid()}\n")
+        time.sleep(work_seconds)
+        return {"pid": os.getpid()}
+
+    try:
+        store.get(RecordKey.of("", "warm-up"))
+        while time.time() < start_at:
+            time.sleep(0.0005)
+        return append(key)
+    finally:
+        store.close()
+
+
+def crash_inside(url: str, options: dict[str, Any], key: str, log_path: str, lease: float) -> None:
+    """Claim, log the execution, then hang inside the function until killed (SIGKILL)."""
+    from oncely import idempotent
+
+    store = open_store(url, **options)
+
+    @idempotent(store=store, name="workers.append", key=["key"], lease=lease)
+    def append(key: str) -> dict[str, Any]:
+        with open(log_path, "a") as log:
+            log.write(f"{os.getpid()}\n")
+        time.sleep(3600)
+        return {"pid": os.getpid()}
+
+    append(key)

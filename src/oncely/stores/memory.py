@@ -181,7 +181,10 @@ class MemoryStore(Store):
         return self.renew(key, fence, lease)
 
     async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        return await apoll_until(lambda: self._changed(key, fence), timeout)
+        async def changed() -> bool:
+            return self._changed(key, fence)
+
+        return await apoll_until(changed, timeout)
 
     async def aget(self, key: RecordKey) -> Record | None:
         return self.get(key)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 __all__ = ["apoll_until", "poll_until"]
 
@@ -30,10 +30,10 @@ def poll_until(done: Callable[[], bool], timeout: float) -> bool:
     return done()
 
 
-async def apoll_until(done: Callable[[], bool], timeout: float) -> bool:
-    """Async :func:`poll_until`; ``done`` must not block (it runs on the event loop)."""
+async def apoll_until(done: Callable[[], Awaitable[bool]], timeout: float) -> bool:
+    """Async :func:`poll_until`: awaits ``done()`` between sleeps, holding no thread meanwhile."""
     for delay in _delays(timeout):
-        if done():
+        if await done():
             return True
         await asyncio.sleep(delay)
-    return done()
+    return await done()

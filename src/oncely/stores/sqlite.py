@@ -15,15 +15,19 @@ import asyncio
 import os
 import sqlite3
 import threading
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
 from oncely.errors import ConfigurationError, LeaseLost, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, New, Record, RecordKey
 from oncely.stores.base import Store, classify, redact_url
-from oncely.stores.polling import poll_until
+from oncely.stores.polling import apoll_until, poll_until
 
 __all__ = ["SQLiteStore"]
+
+T = TypeVar("T")
 
 # Seconds since the epoch on SQLite's clock (millisecond resolution, fixed within a statement).
 NOW = "((julianday('now') - 2440587.5) * 86400.0)"
@@ -143,6 +147,7 @@ class SQLiteStore(Store):
         create_schema: bool = True,
         synchronous: str | None = None,
         busy_timeout: float | None = None,
+        workers: int = 8,
     ) -> None:
         super().__init__(url)
         path, _, query = url.partition("://")[2].partition("?")
@@ -175,6 +180,8 @@ class SQLiteStore(Store):
                 ("purge", PURGE),
             ]
         }
+        self._workers = workers
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="oncely-sqlite")
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -242,6 +249,8 @@ class SQLiteStore(Store):
                 conn.close()
             self._connections.clear()
         self._local = threading.local()
+        self._executor.shutdown(wait=False)
+        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="oncely-sqlite")
 
     # -- sync face -----------------------------------------------------------------------------
     def now(self) -> float:
@@ -312,34 +321,44 @@ class SQLiteStore(Store):
             raise self._translate(exc) from exc
         return [_record(row) for row in rows]
 
-    # -- async face: SQLite has no async driver; each call runs in a worker thread ---------------
+    # -- async face: SQLite has no async driver; each call runs on the store's worker threads ----
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
     async def aclaim(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> ClaimOutcome:
-        return await asyncio.to_thread(self.claim, key, fingerprint, lease, ttl)
+        return await self._off_loop(self.claim, key, fingerprint, lease, ttl)
 
     async def acomplete(
         self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
     ) -> None:
-        await asyncio.to_thread(self.complete, key, fence, result, codec, ttl)
+        await self._off_loop(self.complete, key, fence, result, codec, ttl)
 
     async def arelease(self, key: RecordKey, fence: int) -> None:
-        await asyncio.to_thread(self.release, key, fence)
+        await self._off_loop(self.release, key, fence)
 
     async def arenew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return await asyncio.to_thread(self.renew, key, fence, lease)
+        return await self._off_loop(self.renew, key, fence, lease)
 
     async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        return await asyncio.to_thread(self.watch, key, fence, timeout)
+        # Poll from the loop so a waiter never holds a worker thread the holder needs.
+        params = {"scope": key.scope, "digest": key.digest}
+
+        async def changed() -> bool:
+            row = await self._off_loop(lambda: self._run("state", params).fetchone())
+            return row is None or row[0] != "in_progress" or row[1] != fence or not row[2]
+
+        return await apoll_until(changed, timeout)
 
     async def aget(self, key: RecordKey) -> Record | None:
-        return await asyncio.to_thread(self.get, key)
+        return await self._off_loop(self.get, key)
 
     async def adelete(self, key: RecordKey) -> bool:
-        return await asyncio.to_thread(self.delete, key)
+        return await self._off_loop(self.delete, key)
 
     async def apurge_expired(self, limit: int = 1000) -> int:
-        return await asyncio.to_thread(self.purge_expired, limit)
+        return await self._off_loop(self.purge_expired, limit)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({redact_url(self.url)!r})"

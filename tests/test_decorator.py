@@ -1,0 +1,546 @@
+"""``@idempotent`` end to end on every store: one execution, replay, waiting, errors, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+
+import workers
+from oncely import (
+    ConfigurationError,
+    IdempotencyKeyMismatch,
+    InFlightError,
+    InvalidKey,
+    LeaseLost,
+    SerializationError,
+    StoredFailure,
+    StoreUnavailable,
+    current_claim,
+    idempotent,
+)
+from oncely.records import RecordKey
+from oncely.stores import Store, open_store
+from oncely.stores.memory import MemoryStore
+
+
+def unique() -> str:
+    return f"order-{uuid.uuid4()}"
+
+
+def test_one_execution_for_64_threads(store: Store) -> None:
+    runs: list[str] = []
+    gate = threading.Event()
+
+    @idempotent(store=store, key=["order_id"])
+    def charge(order_id: str) -> dict[str, Any]:
+        runs.append(order_id)
+        gate.wait(5)
+        return {"order": order_id, "ok": True}
+
+    order = unique()
+    barrier = threading.Barrier(64)
+    results: list[Any] = []
+
+    def call() -> None:
+        barrier.wait()
+        results.append(charge(order))
+
+    threads = [threading.Thread(target=call) for _ in range(64)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)  # let the duplicates reach their wait; the first call is held by `gate`
+    gate.set()
+    for t in threads:
+        t.join()
+    assert runs == [order]
+    assert results == [{"order": order, "ok": True}] * 64
+
+
+async def test_one_execution_for_64_tasks(store: Store) -> None:
+    runs: list[str] = []
+
+    @idempotent(store=store, key=["order_id"])
+    async def charge(order_id: str) -> dict[str, Any]:
+        runs.append(order_id)
+        await asyncio.sleep(0.1)
+        return {"order": order_id}
+
+    order = unique()
+    results = await asyncio.gather(*(charge(order) for _ in range(64)))
+    assert runs == [order]
+    assert results == [{"order": order}] * 64
+    await store.aclose()
+
+
+def test_one_execution_for_4_processes(
+    shared_store: tuple[Store, str, dict[str, Any]], tmp_path: Path
+) -> None:
+    _, url, options = shared_store
+    log = tmp_path / "runs.log"
+    key = unique()
+    start_at = time.time() + 1.5
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.starmap(
+            workers.run_decorated, [(url, options, key, str(log), start_at, 0.3)] * 4
+        )
+    executions = log.read_text().split()
+    assert len(executions) == 1
+    assert results == [{"pid": int(executions[0])}] * 4
+
+
+@pytest.mark.slow
+def test_crash_inside_the_function_then_retry_runs_exactly_once(
+    shared_store: tuple[Store, str, dict[str, Any]], tmp_path: Path
+) -> None:
+    store, url, options = shared_store
+    log = tmp_path / "runs.log"
+    log.touch()
+    key = unique()
+    ctx = multiprocessing.get_context("spawn")
+    child = ctx.Process(target=workers.crash_inside, args=(url, options, key, str(log), 1.0))
+    child.start()
+    while not log.read_text():  # the child is inside the function, holding the claim
+        assert child.is_alive(), "child died before reaching the function"
+        time.sleep(0.01)
+    record_key = RecordKey.of("", "")  # placeholder to satisfy typing below
+    del record_key
+    # While the child lives (and renews), a retry must not run the function.
+    with pytest.raises(InFlightError):
+        workers_call(store, key, log, on_duplicate="raise")
+    os.kill(child.pid or 0, signal.SIGKILL)
+    child.join()
+    # After the lease runs out, one retry runs; further retries replay.
+    first = workers_call(store, key, log, wait_timeout=10)
+    second = workers_call(store, key, log, wait_timeout=10)
+    executions = log.read_text().split()
+    assert len(executions) == 2 and executions[1] == str(os.getpid())
+    assert first == second == {"pid": os.getpid()}
+
+
+def workers_call(store: Store, key: str, log: Path, **options: Any) -> Any:
+    @idempotent(store=store, name="workers.append", key=["key"], **options)
+    def append(key: str) -> dict[str, Any]:
+        with open(log, "a") as out:
+            out.write(f"{os.getpid()}\n")
+        return {"pid": os.getpid()}
+
+    return append(key)
+
+
+def test_replay_returns_the_stored_result_without_running(store: Store) -> None:
+    runs = []
+
+    @idempotent(store=store, key=["order_id"], validate=["amount"])
+    def charge(order_id: str, amount: int) -> dict[str, Any]:
+        runs.append(amount)
+        return {"charged": amount, "n": len(runs)}
+
+    order = unique()
+    assert charge(order, 100) == {"charged": 100, "n": 1}
+    assert charge(order, 100) == {"charged": 100, "n": 1}
+    assert charge(order_id=order, amount=100) == {"charged": 100, "n": 1}
+    with pytest.raises(IdempotencyKeyMismatch, match="different payload"):
+        charge(order, 999)
+    assert runs == [100]
+    assert charge(unique(), 5) == {"charged": 5, "n": 2}
+
+
+@dataclasses.dataclass
+class Receipt:
+    order_id: str
+    amount: Decimal
+    at: dt.datetime
+    tags: tuple[str, ...]
+
+
+class Payment(pydantic.BaseModel):
+    id: uuid.UUID
+    amount: Decimal
+    receipt_lines: list[str]
+
+
+def test_results_round_trip_with_their_types(store: Store) -> None:
+    when = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
+
+    @idempotent(store=store, key=["order_id"])
+    def make_receipt(order_id: str) -> Receipt:
+        return Receipt(order_id, Decimal("10.05"), when, ("a", "b"))
+
+    @idempotent(store=store, key=["order_id"])
+    def make_payment(order_id: str) -> Payment:
+        return Payment(id=uuid.UUID(int=7), amount=Decimal("0.10"), receipt_lines=["x"])
+
+    @idempotent(store=store, key=["order_id"])
+    def make_list(order_id: str) -> list[Receipt]:
+        return [Receipt(order_id, Decimal(1), when, ())]
+
+    order = unique()
+    for fn in (make_receipt, make_payment, make_list):
+        first, replay = fn(order), fn(order)
+        assert replay == first
+        assert type(replay) is type(first)
+    assert isinstance(make_receipt(order).amount, Decimal)
+    assert make_receipt(order).tags == ("a", "b")
+    assert isinstance(make_list(order)[0], Receipt)
+
+
+def test_an_exception_releases_the_key_so_a_retry_runs(store: Store) -> None:
+    attempts = []
+
+    @idempotent(store=store, key=["order_id"])
+    def flaky(order_id: str) -> str:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("bank timed out")
+        return "paid"
+
+    order = unique()
+    with pytest.raises(ConnectionError):
+        flaky(order)
+    assert flaky(order) == "paid"
+    assert flaky(order) == "paid"
+    assert len(attempts) == 2
+
+
+class CardDeclined(Exception):
+    pass
+
+
+def test_stored_errors_are_replayed_not_rerun(store: Store) -> None:
+    attempts = []
+
+    @idempotent(store=store, key=["order_id"], store_errors=[CardDeclined, KeyError])
+    def charge(order_id: str) -> str:
+        attempts.append(1)
+        raise CardDeclined("insufficient funds")
+
+    order = unique()
+    for _ in range(3):
+        with pytest.raises(CardDeclined, match="insufficient funds"):
+            charge(order)
+    assert len(attempts) == 1
+
+
+def test_stored_error_of_a_class_no_longer_allowed_is_a_stored_failure(store: Store) -> None:
+    @idempotent(store=store, name="declines", key=["order_id"], store_errors=[CardDeclined])
+    def first(order_id: str) -> str:
+        raise CardDeclined("no")
+
+    @idempotent(store=store, name="declines", key=["order_id"])
+    def second(order_id: str) -> str:
+        return "ran"
+
+    order = unique()
+    with pytest.raises(CardDeclined):
+        first(order)
+    with pytest.raises(StoredFailure) as info:
+        second(order)
+    assert info.value.type_name.endswith("CardDeclined") and info.value.detail == "no"
+
+
+def test_duplicate_can_raise_in_flight_instead_of_waiting(store: Store) -> None:
+    inside, finish = threading.Event(), threading.Event()
+
+    @idempotent(store=store, key=["order_id"], on_duplicate="raise", lease=20)
+    def slow(order_id: str) -> int:
+        inside.set()
+        finish.wait(5)
+        return 1
+
+    order = unique()
+    worker = threading.Thread(target=slow, args=(order,))
+    worker.start()
+    inside.wait(5)
+    with pytest.raises(InFlightError) as info:
+        slow(order)
+    assert 0 < info.value.retry_after <= 20
+    finish.set()
+    worker.join()
+    assert slow(order) == 1
+
+
+def test_waiting_duplicate_gives_up_after_wait_timeout(store: Store) -> None:
+    inside, finish = threading.Event(), threading.Event()
+
+    @idempotent(store=store, key=["order_id"], wait_timeout=0.3)
+    def slow(order_id: str) -> int:
+        inside.set()
+        finish.wait(5)
+        return 1
+
+    order = unique()
+    worker = threading.Thread(target=slow, args=(order,))
+    worker.start()
+    inside.wait(5)
+    t0 = time.monotonic()
+    with pytest.raises(InFlightError, match="wait_timeout"):
+        slow(order)
+    assert time.monotonic() - t0 < 3
+    finish.set()
+    worker.join()
+
+
+def test_lease_is_renewed_while_a_slow_call_runs(store: Store) -> None:
+    runs = []
+
+    @idempotent(store=store, key=["order_id"], lease=0.3)
+    def slow(order_id: str) -> str:
+        runs.append(1)
+        time.sleep(1.2)  # four leases long
+        claim = current_claim()
+        assert claim is not None and claim.lost is None
+        return "done"
+
+    order = unique()
+    worker = threading.Thread(target=slow, args=(order,))
+    worker.start()
+    time.sleep(0.6)  # past two unrenewed leases
+    assert slow(order) == "done"
+    worker.join()
+    assert runs == [1]
+
+
+async def test_async_lease_is_renewed_while_a_slow_call_runs(store: Store) -> None:
+    runs = []
+
+    @idempotent(store=store, key=["order_id"], lease=0.3)
+    async def slow(order_id: str) -> str:
+        runs.append(1)
+        await asyncio.sleep(1.2)
+        return "done"
+
+    order = unique()
+    first = asyncio.ensure_future(slow(order))
+    await asyncio.sleep(0.6)
+    assert await slow(order) == "done"
+    assert await first == "done"
+    assert runs == [1]
+    await store.aclose()
+
+
+def test_a_lost_lease_is_surfaced(store: Store) -> None:
+    lost: list[BaseException] = []
+    order = unique()
+
+    @idempotent(store=store, key=["order_id"], lease=0.3, on_lease_lost=lambda c, e: lost.append(e))
+    def victim(order_id: str) -> str:
+        claim = current_claim()
+        assert claim is not None
+        store.delete(claim.key)  # an operator removed the record mid-call
+        deadline = time.monotonic() + 5
+        while claim.lost is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(LeaseLost):
+            claim.check()
+        return "finished anyway"
+
+    with pytest.raises(LeaseLost, match="claim was lost"):
+        victim(order)
+    assert len(lost) == 1 and isinstance(lost[0], LeaseLost)
+
+
+def test_cancelled_async_call_releases_the_key(store: Store) -> None:
+    async def scenario() -> None:
+        runs = []
+
+        @idempotent(store=store, key=["order_id"])
+        async def slow(order_id: str) -> str:
+            runs.append(1)
+            await asyncio.sleep((len(runs) == 1 and 10) or 0)
+            return "done"
+
+        order = unique()
+        task = asyncio.ensure_future(slow(order))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await asyncio.wait_for(slow(order), 5) == "done"
+        assert runs == [1, 1]
+        await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_unserializable_result_is_recorded_and_not_rerun(store: Store) -> None:
+    runs = []
+
+    @idempotent(store=store, key=["order_id"])
+    def bad(order_id: str) -> object:
+        runs.append(1)
+        return object()
+
+    order = unique()
+    with pytest.raises(SerializationError, match="cannot be stored"):
+        bad(order)
+    with pytest.raises(SerializationError, match="already ran"):
+        bad(order)
+    assert runs == [1]
+
+
+def test_bad_keys_get_typed_errors(store: Store) -> None:
+    @idempotent(store=store, key=["order_id"])
+    def charge(order_id: Any) -> int:
+        return 1
+
+    with pytest.raises(InvalidKey, match="empty"):
+        charge("")
+    with pytest.raises(InvalidKey, match="255"):
+        charge("x" * 256)
+    assert charge("x" * 255) == 1
+    with pytest.raises(InvalidKey, match="JSON"):
+        charge(object())
+    with pytest.raises(ConfigurationError, match="not a parameter"):
+        idempotent(store=store, key=["nope"])(lambda order_id: 1)
+    with pytest.raises(ConfigurationError, match="positive"):
+        idempotent(store=store, ttl=0)(lambda: 1)
+
+
+def test_dotted_paths_callables_and_scopes(store: Store) -> None:
+    runs = []
+
+    @idempotent(
+        store=store,
+        key=["order.id"],
+        validate=["order.amount"],
+        scope=lambda order, tenant: tenant,
+    )
+    def place(order: dict[str, Any], tenant: str) -> int:
+        runs.append(tenant)
+        return len(runs)
+
+    oid = unique()
+    assert place({"id": oid, "amount": 1}, "acme") == 1
+    assert place({"id": oid, "amount": 1}, "acme") == 1
+    assert place({"id": oid, "amount": 1}, "globex") == 2  # same key, other tenant
+    with pytest.raises(IdempotencyKeyMismatch):
+        place({"id": oid, "amount": 2}, "acme")
+
+    @idempotent(store=store, key=lambda request: request["headers"]["Idempotency-Key"])
+    def handle(request: dict[str, Any]) -> str:
+        runs.append("h")
+        return "ok"
+
+    req = {"headers": {"Idempotency-Key": unique()}}
+    assert handle(req) == handle(req) == "ok"
+    assert runs.count("h") == 1
+
+
+def test_stable_name_keeps_keys_across_renames(store: Store) -> None:
+    @idempotent(store=store, name="billing.charge", key=["order_id"])
+    def charge_v1(order_id: str) -> str:
+        return "v1"
+
+    @idempotent(store=store, name="billing.charge", key=["order_id"])
+    def charge_v2(order_id: str) -> str:
+        return "v2"
+
+    order = unique()
+    assert charge_v1(order) == "v1"
+    assert charge_v2(order) == "v1"
+
+
+def test_forget_lets_the_call_run_again(store: Store) -> None:
+    runs = []
+
+    @idempotent(store=store, key=["order_id"])
+    def charge(order_id: str) -> int:
+        runs.append(1)
+        return len(runs)
+
+    order = unique()
+    assert charge(order) == 1
+    assert charge.forget(order) is True  # type: ignore[attr-defined]
+    assert charge(order) == 2
+
+
+class CountingMemoryStore(MemoryStore):
+    """A real memory store that counts claims, to see the cache skip them."""
+
+    claims = 0
+
+    def claim(self, *args: Any, **kwargs: Any) -> Any:
+        self.claims += 1
+        return super().claim(*args, **kwargs)
+
+
+def test_local_cache_serves_replays_without_the_store() -> None:
+    store = CountingMemoryStore()
+
+    @idempotent(store=store, key=["order_id"], cache_size=10)
+    def charge(order_id: str) -> str:
+        return "ok"
+
+    order = unique()
+    assert charge(order) == "ok"  # claim + complete
+    assert charge(order) == "ok"  # claim -> replay, cached
+    assert charge(order) == "ok"  # cache
+    assert charge(order) == "ok"  # cache
+    assert store.claims == 2
+
+
+def test_store_down_fails_closed_by_default_and_open_on_request() -> None:
+    runs = []
+    dead = open_store("redis://127.0.0.1:1/0")
+
+    @idempotent(store=dead, key=["order_id"])
+    def closed(order_id: str) -> int:
+        runs.append(1)
+        return 1
+
+    @idempotent(store=dead, key=["order_id"], fail_open=True)
+    def opened(order_id: str) -> int:
+        runs.append(2)
+        return 2
+
+    with pytest.raises(StoreUnavailable):
+        closed(unique())
+    assert runs == []
+    assert opened(unique()) == 2
+    assert runs == [2]
+
+
+def test_unknown_store_url_is_a_configuration_error() -> None:
+    @idempotent(store="mongodb://localhost/x", key=["k"])
+    def fn(k: str) -> int:
+        return 1
+
+    with pytest.raises(ConfigurationError, match="unknown store URL scheme"):
+        fn("a")
+
+
+def test_the_default_store_is_sqlite_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    script = (
+        "from oncely import idempotent\n"
+        "runs = []\n"
+        "@idempotent(key=['k'])\n"
+        "def f(k: str) -> int:\n"
+        "    runs.append(k)\n"
+        "    return 7\n"
+        "print(f('a'), f('a'), len(runs))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ONCELY_STORE"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["7", "7", "1"]
+    assert (tmp_path / "oncely.db").exists()
