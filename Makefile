@@ -26,6 +26,7 @@ test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[all,dev,bench]'
 	$(BIN)/python benchmarks/decorator.py
 
 clean:
