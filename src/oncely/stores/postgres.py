@@ -1,0 +1,866 @@
+"""``postgresql://…``: records in a PostgreSQL table, shared by every process that can reach it.
+
+Every decision is one SQL statement on an autocommit connection from a pool, and its clock is
+the server's ``now()``; the client clock is never consulted. Completion and release send
+``NOTIFY oncely_done`` from the same statement, so :meth:`PostgresStore.watch` wakes at once
+instead of polling.
+
+URL forms: ``postgresql://user:password@host:5432/db?sslmode=require`` (any libpq parameter),
+``postgres://…`` and ``postgresql+psycopg://…`` (the SQLAlchemy spelling; the driver part is
+dropped). Needs ``pip install 'oncely[postgres]'`` (psycopg 3.2+ and psycopg-pool).
+
+The table is not created behind the operator's back: run ``oncely init URL`` once (it calls
+:meth:`PostgresStore.init_schema`), or pass ``create_schema=True``.
+
+Layout: the SQL text, the parameters and the parsing of rows are module-level and shared by the
+sync face (:class:`psycopg_pool.ConnectionPool`) and the async face (one
+:class:`psycopg_pool.AsyncConnectionPool` per running event loop); only the plumbing that takes a
+connection and awaits (or not) differs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg import sql
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+
+from oncely.errors import ConfigurationError, LeaseLost, SchemaMissing, StoreError, StoreUnavailable
+from oncely.records import ClaimOutcome, New, Record, RecordKey
+from oncely.stores.base import Store, claimable, classify, redact_url
+
+__all__ = ["CHANNEL", "PostgresStore"]
+
+#: The LISTEN/NOTIFY channel completions and releases are announced on.
+CHANNEL: Final = "oncely_done"
+
+Row = tuple[Any, ...]
+Params = dict[str, Any]
+Rows = list[Row]  # named here: inside the class, ``list`` is the method
+Records = list[Record]
+SyncConn = psycopg.Connection[TupleRow]
+AsyncConn = psycopg.AsyncConnection[TupleRow]
+
+# A claim that keeps losing the READ COMMITTED race below gives up after this many statements.
+_CLAIM_ATTEMPTS = 16
+
+# -- SQL ---------------------------------------------------------------------------------------
+# ``{t}`` is the table and ``{idx}`` its expiry index, both quoted by psycopg.sql.Identifier.
+# Times travel as float seconds since the epoch; the server converts with ``extract(epoch …)``.
+
+_NOW = "extract(epoch FROM now())::float8"
+
+
+def _columns(alias: str, result: str = "") -> str:
+    """The record columns, times as epoch seconds, in :class:`Record` field order."""
+    a = f"{alias}."
+    return (
+        f"{a}scope, {a}digest, {a}status, {a}fingerprint, {a}fence, "
+        f"extract(epoch FROM {a}lease_until)::float8, extract(epoch FROM {a}expires_at)::float8, "
+        f"extract(epoch FROM {a}created_at)::float8, {result or a + 'result'}, {a}codec"
+    )
+
+
+DDL = """\
+CREATE TABLE IF NOT EXISTS {t} (
+    scope       text        NOT NULL,
+    digest      text        NOT NULL,
+    status      text        NOT NULL CHECK (status IN ('in_progress', 'completed')),
+    fingerprint text        NOT NULL,
+    fence       bigint      NOT NULL,
+    lease_until timestamptz,
+    expires_at  timestamptz NOT NULL,
+    created_at  timestamptz NOT NULL,
+    result      bytea,
+    codec       text,
+    PRIMARY KEY (scope, digest)
+);
+CREATE INDEX IF NOT EXISTS {idx} ON {t} (expires_at);
+"""
+
+# The claimable predicate of oncely.stores.base.claimable, on the row ``r`` the upsert found.
+_CLAIMABLE = (
+    "r.expires_at <= now() "
+    "OR (r.status = 'in_progress' AND (r.lease_until IS NULL OR r.lease_until <= now()))"
+)
+
+# One statement decides a claim.
+#
+# ``cur`` reads the row in the statement's snapshot. If it is live, nothing is written: the
+# answer (Replay, InFlight, Mismatch) comes from ``cur`` and the statement stays read-only, so
+# the hot path (a replay) takes no row lock, no transaction id and no WAL flush. Otherwise the
+# upsert inserts a fresh row or takes over the claimable one; ON CONFLICT serialises it against
+# concurrent claims. A new row's fence is the statement clock in microseconds; a take-over's is
+# at least old fence + 1. The result travels only when the fingerprint matches (a Replay needs
+# it, a Mismatch does not).
+_RESULT_IF_SAME = "CASE WHEN r.fingerprint = %(fingerprint)s THEN r.result END"
+CLAIM = f"""\
+WITH cur AS (
+    SELECT r.* FROM {{t}} AS r WHERE r.scope = %(scope)s AND r.digest = %(digest)s
+), ins AS (
+    INSERT INTO {{t}} AS r
+        (scope, digest, status, fingerprint, fence, lease_until, expires_at, created_at)
+    SELECT
+        %(scope)s, %(digest)s, 'in_progress', %(fingerprint)s,
+        (extract(epoch FROM now()) * 1000000)::bigint,
+        now() + %(lease)s * interval '1 second',
+        now() + %(keep)s * interval '1 second',
+        now()
+    WHERE NOT EXISTS (SELECT 1 FROM cur AS r WHERE NOT ({_CLAIMABLE}))
+    ON CONFLICT (scope, digest) DO UPDATE SET
+        status = 'in_progress',
+        fingerprint = excluded.fingerprint,
+        fence = greatest(r.fence + 1, excluded.fence),
+        lease_until = excluded.lease_until,
+        expires_at = excluded.expires_at,
+        created_at = excluded.created_at,
+        result = NULL,
+        codec = NULL
+    WHERE {_CLAIMABLE}
+    RETURNING r.*
+)
+SELECT 'new', {_columns("ins")}, {_NOW} FROM ins
+UNION ALL
+SELECT 'existing', {_columns("r", result=_RESULT_IF_SAME)}, {_NOW} FROM cur AS r
+WHERE NOT EXISTS (SELECT 1 FROM ins)
+"""
+
+_MINE = (
+    "WHERE scope = %(scope)s AND digest = %(digest)s AND fence = %(fence)s "
+    "AND status = 'in_progress'"
+)
+_NOTIFY = f"SELECT pg_notify('{CHANNEL}', %(note)s)"
+
+COMPLETE = f"""\
+WITH upd AS (
+    UPDATE {{t}} SET
+        status = 'completed',
+        lease_until = NULL,
+        expires_at = now() + %(ttl)s * interval '1 second',
+        result = %(result)s,
+        codec = %(codec)s
+    {_MINE}
+    RETURNING 1
+)
+{_NOTIFY} FROM upd
+"""
+
+RELEASE = f"""\
+WITH del AS (DELETE FROM {{t}} {_MINE} RETURNING 1)
+{_NOTIFY} FROM del
+"""
+
+RENEW = f"""\
+UPDATE {{t}} SET
+    lease_until = now() + %(lease)s * interval '1 second',
+    expires_at = greatest(expires_at, now() + %(lease)s * interval '1 second')
+{_MINE}
+RETURNING extract(epoch FROM lease_until)::float8
+"""
+
+_KEY = "WHERE r.scope = %(scope)s AND r.digest = %(digest)s"
+GET = f"SELECT {_columns('r')} FROM {{t}} AS r {_KEY} AND r.expires_at > now()"
+# What watch needs to know: is the record still in progress under the caller's fence?
+STATE = f"SELECT r.status, r.fence, r.expires_at > now() FROM {{t}} AS r {_KEY}"
+DELETE = f"""\
+WITH del AS (DELETE FROM {{t}} AS r {_KEY} RETURNING 1)
+{_NOTIFY} FROM del
+"""
+# Oldest first through the expiry index; rows being claimed right now are skipped, and the outer
+# condition re-checks a row that a concurrent claim took over after the inner SELECT saw it.
+PURGE = """\
+WITH del AS (
+    DELETE FROM {t}
+    WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM {t} WHERE expires_at <= now()
+        ORDER BY expires_at LIMIT %(limit)s FOR UPDATE SKIP LOCKED))
+      AND expires_at <= now()
+    RETURNING 1
+)
+SELECT count(*) FROM del
+"""
+LIST_ALL = (
+    f"SELECT {_columns('r')} FROM {{t}} AS r WHERE r.expires_at > now() "
+    "ORDER BY r.scope, r.digest LIMIT %(limit)s"
+)
+LIST_SCOPE = (
+    f"SELECT {_columns('r')} FROM {{t}} AS r WHERE r.scope = %(scope)s AND r.expires_at > now() "
+    "ORDER BY r.digest LIMIT %(limit)s"
+)
+NOW = f"SELECT {_NOW}"
+CHECK = "SELECT to_regclass(%(table)s) IS NOT NULL"
+LOCK = "SELECT pg_advisory_xact_lock(%(lock)s)"
+LISTEN = f"LISTEN {CHANNEL}"
+UNLISTEN = f"UNLISTEN {CHANNEL}"
+
+# -- pure helpers shared by both faces ------------------------------------------------------------
+
+_TABLE_RE = re.compile(r"(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,47}")
+_STALE = (
+    "the claim on {key} with fence {fence} is gone: its lease ran out and another caller "
+    "re-claimed the key, or the record was completed, released or deleted; do not trust work "
+    "done after the lease was lost"
+)
+
+
+class _Statements:
+    """The SQL of one table, rendered once to bytes (psycopg caches its parsing per text)."""
+
+    def __init__(self, table: str) -> None:
+        schema, _, name = table.rpartition(".")
+        ident = sql.Identifier(schema, name) if schema else sql.Identifier(name)
+        idx = sql.Identifier(f"{name}_expires_at_idx")
+
+        def render(template: str) -> bytes:
+            return sql.SQL(template).format(t=ident, idx=idx).as_string(None).encode()
+
+        self.claim = render(CLAIM)
+        self.complete = render(COMPLETE)
+        self.release = render(RELEASE)
+        self.renew = render(RENEW)
+        self.get = render(GET)
+        self.state = render(STATE)
+        self.delete = render(DELETE)
+        self.purge = render(PURGE)
+        self.list_all = render(LIST_ALL)
+        self.list_scope = render(LIST_SCOPE)
+        self.ddl = render(DDL)
+
+
+def _validate_table(table: str) -> str:
+    if not isinstance(table, str) or not _TABLE_RE.fullmatch(table):
+        raise ConfigurationError(
+            f"table name {table!r} is not a plain lowercase SQL identifier (at most 48 "
+            "characters, optionally schema-qualified); use e.g. 'oncely_records' or "
+            "'app.oncely_records'"
+        )
+    return table
+
+
+def _conninfo(url: str) -> str:
+    """The libpq URL for ``url``: ``postgresql+psycopg://`` and ``postgres://`` normalised."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower().split("+", 1)[0] not in PostgresStore.schemes:
+        raise ConfigurationError(
+            f"PostgreSQL URL {redact_url(url)!r} must look like "
+            "'postgresql://user:password@host:5432/dbname'"
+        )
+    return f"postgresql://{rest}"
+
+
+def _note(table: str, key: RecordKey) -> str:
+    """The NOTIFY payload naming a key: short and bounded whatever the scope's length."""
+    where = hashlib.sha256(f"{table}\x00{key.scope}".encode()).hexdigest()[:16]
+    digest = key.digest
+    if len(digest) > 200:
+        digest = hashlib.sha256(digest.encode()).hexdigest()
+    return f"{where}:{digest}"
+
+
+def _lock_id(table: str) -> int:
+    """The advisory lock that serialises concurrent ``init_schema`` calls for ``table``."""
+    raw = hashlib.sha256(f"oncely:init:{table}".encode()).digest()[:8]
+    return int.from_bytes(raw, "big", signed=True)
+
+
+def _key_params(key: RecordKey) -> Params:
+    return {"scope": key.scope, "digest": key.digest}
+
+
+def _claim_params(key: RecordKey, fingerprint: str, lease: float, ttl: float) -> Params:
+    lease = float(lease)
+    return {
+        "scope": key.scope,
+        "digest": key.digest,
+        "fingerprint": fingerprint,
+        "lease": lease,
+        "keep": max(lease, float(ttl)),
+    }
+
+
+def _complete_params(
+    table: str, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
+) -> Params:
+    return {
+        "scope": key.scope,
+        "digest": key.digest,
+        "fence": fence,
+        "result": bytes(result),
+        "codec": codec,
+        "ttl": float(ttl),
+        "note": _note(table, key),
+    }
+
+
+def _fence_params(table: str, key: RecordKey, fence: int) -> Params:
+    return {"scope": key.scope, "digest": key.digest, "fence": fence, "note": _note(table, key)}
+
+
+def _renew_params(key: RecordKey, fence: int, lease: float) -> Params:
+    return {"scope": key.scope, "digest": key.digest, "fence": fence, "lease": float(lease)}
+
+
+def _list_params(scope: str | None, limit: int) -> Params:
+    return {"scope": scope, "limit": max(0, int(limit))}
+
+
+def _record(row: Row) -> Record:
+    scope, digest, status, fingerprint, fence, lease_until, expires_at, created_at = row[:8]
+    result, codec = row[8], row[9]
+    return Record(
+        scope=scope,
+        digest=digest,
+        status=status,
+        fingerprint=fingerprint,
+        fence=int(fence),
+        lease_until=lease_until,
+        expires_at=expires_at,
+        created_at=created_at,
+        result=None if result is None else bytes(result),
+        codec=codec,
+    )
+
+
+def _claim_outcome(rows: list[Row], fingerprint: str) -> ClaimOutcome | None:
+    """The outcome of one claim statement, or None when it must run again.
+
+    Under READ COMMITTED the upsert sees the latest committed row (it waits for a concurrent
+    writer) but the plain SELECT branch sees the statement's snapshot, taken earlier. So when
+    another claim inserted or took over the row meanwhile, the statement returns no row (the
+    row is newer than the snapshot) or an older, claimable version of it. The next statement
+    gets a fresh snapshot that includes the winner.
+    """
+    if not rows:
+        return None
+    row = rows[0]
+    record, now = _record(row[1:11]), float(row[11])
+    if row[0] == "new":
+        assert record.lease_until is not None
+        return New(record.fence, record.lease_until, now)
+    if claimable(record, now):
+        return None
+    return classify(record, fingerprint, now)
+
+
+def _changed(rows: list[Row], fence: int) -> bool:
+    """Watch's test: the record is gone, expired, finished or held under another fence."""
+    if not rows:
+        return True
+    status, current, live = rows[0]
+    return status != "in_progress" or current != fence or not live
+
+
+def _check_lease(rows: list[Row], key: RecordKey, fence: int) -> None:
+    if not rows:
+        raise LeaseLost(_STALE.format(key=key, fence=fence))
+
+
+class _LoopPools:
+    """The async pools of one event loop, and every connection they opened."""
+
+    __slots__ = ("conns", "guard", "lock", "main", "watch")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        self.main: AsyncConnectionPool[AsyncConn] | None = None
+        self.watch: AsyncConnectionPool[AsyncConn] | None = None
+        self.conns: weakref.WeakSet[AsyncConn] = weakref.WeakSet()
+        self.guard: Any = None  # the async generator that cleans up when the loop shuts down
+
+    async def track(self, conn: AsyncConn) -> None:
+        self.conns.add(conn)
+
+    def abandon(self) -> None:
+        """Close every connection without the loop (it is closed, or we cannot await on it)."""
+        self.main = self.watch = None
+        for conn in list(self.conns):
+            if not conn.closed:
+                conn.pgconn.finish()
+        self.conns.clear()
+
+
+class PostgresStore(Store):
+    """Records in a PostgreSQL table; pooled autocommit connections, clock = the server's.
+
+    ``min_size``/``max_size`` size the pool used for decisions (per process for the sync face,
+    per event loop for the async face). Waiters in :meth:`watch` hold a connection each for the
+    duration of their wait, from a separate pool of up to ``watch_max_size`` (default
+    ``max_size``) connections, so waiting never starves claims. ``timeout`` bounds connecting
+    and waiting for a pooled connection (seconds). Further keyword ``options`` go to
+    :func:`psycopg.connect` (libpq parameters such as ``sslmode``, ``application_name``, or
+    ``prepare_threshold=None`` behind PgBouncer in transaction mode).
+    """
+
+    schemes = ("postgresql", "postgres")
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        table: str = "oncely_records",
+        create_schema: bool = False,
+        min_size: int = 1,
+        max_size: int = 16,
+        timeout: float = 5.0,
+        watch_max_size: int | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(url)
+        self.conninfo = _conninfo(url)
+        self.table = _validate_table(table)
+        if min_size < 0 or max_size < max(1, min_size):
+            raise ConfigurationError(
+                f"pool sizes min_size={min_size}, max_size={max_size}: need "
+                "0 <= min_size <= max_size and max_size >= 1"
+            )
+        if not timeout > 0:
+            raise ConfigurationError(f"timeout={timeout!r}: give a number of seconds above 0")
+        self.create_schema = create_schema
+        self.min_size = min_size
+        self.max_size = max_size
+        self.watch_max_size = max_size if watch_max_size is None else max(1, watch_max_size)
+        self.timeout = float(timeout)
+        kwargs: dict[str, Any] = {"autocommit": True}
+        if "connect_timeout" not in self.conninfo:
+            kwargs["connect_timeout"] = max(2, round(self.timeout))
+        if "application_name" not in self.conninfo:
+            kwargs["application_name"] = "oncely"
+        kwargs.update(options)
+        kwargs["autocommit"] = True
+        self._kwargs = kwargs
+        # Hot statements are prepared on first use unless prepared statements are switched off.
+        self._prepare: bool | None = None if options.get("prepare_threshold", 5) is None else True
+        self._sql = _Statements(self.table)
+        self._lock = threading.Lock()
+        self._pool: ConnectionPool[SyncConn] | None = None
+        self._watch_pool: ConnectionPool[SyncConn] | None = None
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPools] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._schema_ready = False
+        #: How many claim statements ran again because of the READ COMMITTED snapshot race.
+        self.claim_retries = 0
+
+    # -- errors --------------------------------------------------------------------------------
+    @property
+    def _where(self) -> str:
+        return redact_url(self.url)
+
+    def _schema_missing(self) -> SchemaMissing:
+        table = "" if self.table == "oncely_records" else f" (table {self.table!r})"
+        return SchemaMissing(
+            f"table {self.table!r} does not exist in {self._where}; run "
+            f"`oncely init {self._where}`{table} or open the store with create_schema=True"
+        )
+
+    def _translate(self, exc: psycopg.Error) -> StoreError:
+        if isinstance(exc, pg_errors.UndefinedTable):
+            return self._schema_missing()
+        if isinstance(exc, PoolTimeout):
+            return StoreUnavailable(
+                f"no PostgreSQL connection to {self._where} within {self.timeout:g}s: the "
+                f"server is down or unreachable, or all {self.max_size} pooled connections "
+                "stayed busy; check the server, or raise max_size or timeout"
+            )
+        if isinstance(exc, psycopg.OperationalError):
+            return StoreUnavailable(
+                f"PostgreSQL at {self._where} failed: {exc}; check that the server is running "
+                "and reachable (the operation may or may not have been applied)"
+            )
+        return StoreError(f"PostgreSQL error on {self._where}: {type(exc).__name__}: {exc}")
+
+    def _unreachable(self, exc: psycopg.Error) -> StoreError:
+        if not isinstance(exc, psycopg.OperationalError):
+            return self._translate(exc)
+        return StoreUnavailable(
+            f"cannot connect to PostgreSQL at {self._where}: {str(exc).strip()}; check that the "
+            "server is running, that host, port, user and database in the URL are right, and "
+            "that this machine may connect"
+        )
+
+    # -- sync plumbing -------------------------------------------------------------------------
+    def _main_pool(self) -> ConnectionPool[SyncConn]:
+        pool = self._pool
+        if pool is not None:
+            return pool
+        with self._lock:
+            if self._pool is None:
+                # Connect once first: a wrong URL or a dead server fails now, with libpq's reason,
+                # instead of a pool that retries in the background until its timeout.
+                try:
+                    with psycopg.connect(self.conninfo, **self._kwargs) as conn:
+                        if self.create_schema and not self._schema_ready:
+                            self._init_schema_on(conn)
+                except psycopg.Error as exc:
+                    raise self._unreachable(exc) from exc
+                pool = ConnectionPool(
+                    self.conninfo,
+                    kwargs=self._kwargs,
+                    min_size=self.min_size,
+                    max_size=self.max_size,
+                    timeout=self.timeout,
+                    open=False,
+                    name=f"oncely-{self.table}",
+                )
+                pool.open(wait=False)
+                self._pool = pool
+            return self._pool
+
+    def _sync_watch_pool(self) -> ConnectionPool[SyncConn]:
+        pool = self._watch_pool
+        if pool is not None:
+            return pool
+        self._main_pool()  # fails fast (and explains why) if the server cannot be reached
+        with self._lock:
+            if self._watch_pool is None:
+                pool = ConnectionPool(
+                    self.conninfo,
+                    kwargs=self._kwargs,
+                    min_size=0,
+                    max_size=self.watch_max_size,
+                    timeout=self.timeout,
+                    open=False,
+                    name=f"oncely-{self.table}-watch",
+                )
+                pool.open(wait=False)
+                self._watch_pool = pool
+            return self._watch_pool
+
+    def _run(self, query: bytes, params: Params, prepare: bool | None = None) -> Rows:
+        pool = self._pool or self._main_pool()
+        try:
+            with pool.connection() as conn:
+                return conn.execute(query, params, prepare=prepare).fetchall()
+        except psycopg.Error as exc:
+            raise self._translate(exc) from exc
+
+    def _init_schema_on(self, conn: SyncConn) -> None:
+        with conn.transaction():
+            conn.execute(LOCK, {"lock": _lock_id(self.table)}, prepare=False)
+            conn.execute(self._sql.ddl, prepare=False)
+        self._schema_ready = True
+
+    # -- schema --------------------------------------------------------------------------------
+    def schema_sql(self) -> str:
+        """The DDL :meth:`init_schema` runs, for review or for a migration tool."""
+        return self._sql.ddl.decode()
+
+    def init_schema(self) -> None:
+        """Create the table and its expiry index if missing; safe to run concurrently."""
+        pool = self._main_pool()
+        try:
+            with pool.connection() as conn:
+                self._init_schema_on(conn)
+        except psycopg.Error as exc:
+            raise self._translate(exc) from exc
+
+    def check_schema(self) -> None:
+        if not self._run(CHECK.encode(), {"table": self.table})[0][0]:
+            raise self._schema_missing()
+
+    def close(self) -> None:
+        """Close the sync pools, and the async pools of event loops that are not running.
+
+        The store stays usable: the next call opens new pools.
+        """
+        with self._lock:
+            pools = [self._pool, self._watch_pool]
+            self._pool = self._watch_pool = None
+            idle = [(loop, s) for loop, s in self._loops.items() if not loop.is_running()]
+            for loop, _ in idle:
+                del self._loops[loop]
+        for pool in pools:
+            if pool is not None:
+                pool.close()
+        for _, slot in idle:
+            slot.abandon()
+
+    # -- sync face -----------------------------------------------------------------------------
+    def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
+        params = _claim_params(key, fingerprint, lease, ttl)
+        for _ in range(_CLAIM_ATTEMPTS):
+            outcome = _claim_outcome(self._run(self._sql.claim, params, self._prepare), fingerprint)
+            if outcome is not None:
+                return outcome
+            self.claim_retries += 1
+        raise StoreError(self._no_decision(key))
+
+    def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
+        params = _complete_params(self.table, key, fence, result, codec, ttl)
+        _check_lease(self._run(self._sql.complete, params, self._prepare), key, fence)
+
+    def release(self, key: RecordKey, fence: int) -> None:
+        params = _fence_params(self.table, key, fence)
+        _check_lease(self._run(self._sql.release, params, self._prepare), key, fence)
+
+    def renew(self, key: RecordKey, fence: int, lease: float) -> float:
+        rows = self._run(self._sql.renew, _renew_params(key, fence, lease), self._prepare)
+        _check_lease(rows, key, fence)
+        return float(rows[0][0])
+
+    def watch(self, key: RecordKey, fence: int, timeout: float) -> bool:
+        deadline = time.monotonic() + max(0.0, timeout)
+        note = _note(self.table, key)
+        pool = self._sync_watch_pool()
+        try:
+            try:
+                conn = pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
+            except PoolTimeout:
+                # Every watch connection is busy: answer from one look at the record.
+                return _changed(self._run(self._sql.state, _key_params(key)), fence)
+            clean = False
+            try:
+                conn.execute(LISTEN, prepare=False)
+                # Read after LISTEN: a completion that landed before it is seen here, one that
+                # lands after it is delivered as a notification.
+                rows = conn.execute(self._sql.state, _key_params(key), prepare=self._prepare)
+                seen = _changed(rows.fetchall(), fence)
+                if not seen:
+                    with contextlib.closing(
+                        conn.notifies(timeout=max(0.0, deadline - time.monotonic()))
+                    ) as notes:
+                        seen = any(n.payload == note for n in notes)
+                conn.execute(UNLISTEN, prepare=False)
+                for _ in conn.notifies(timeout=0):  # drop what arrived before UNLISTEN
+                    pass
+                clean = True
+                return seen
+            finally:
+                if not clean:
+                    conn.close()  # the pool replaces a closed connection
+                pool.putconn(conn)
+        except psycopg.Error as exc:
+            raise self._translate(exc) from exc
+
+    def get(self, key: RecordKey) -> Record | None:
+        rows = self._run(self._sql.get, _key_params(key), self._prepare)
+        return _record(rows[0]) if rows else None
+
+    def delete(self, key: RecordKey) -> bool:
+        params = {**_key_params(key), "note": _note(self.table, key)}
+        return bool(self._run(self._sql.delete, params))
+
+    def purge_expired(self, limit: int = 1000) -> int:
+        return int(self._run(self._sql.purge, {"limit": max(0, int(limit))})[0][0])
+
+    def list(self, scope: str | None = None, limit: int = 100) -> Records:
+        query = self._sql.list_all if scope is None else self._sql.list_scope
+        return [_record(row) for row in self._run(query, _list_params(scope, limit))]
+
+    def now(self) -> float:
+        return float(self._run(NOW.encode(), {}, self._prepare)[0][0])
+
+    # -- async plumbing ------------------------------------------------------------------------
+    async def _slot(self) -> _LoopPools:
+        loop = asyncio.get_running_loop()
+        slot = self._loops.get(loop)
+        if slot is not None:
+            return slot
+        with self._lock:
+            slot = self._loops.get(loop)
+            if slot is not None:
+                return slot
+            # Loops that were closed without aclose() leave their pools here: drop them.
+            for dead in [lp for lp in self._loops if lp.is_closed()]:
+                self._loops.pop(dead).abandon()
+            slot = self._loops[loop] = _LoopPools()
+        # When the loop shuts down (asyncio.run / Runner.close call shutdown_asyncgens), this
+        # generator's cleanup closes the loop's connections, even if nobody called aclose().
+        slot.guard = self._guard(loop, slot)
+        await slot.guard.__anext__()
+        return slot
+
+    async def _guard(
+        self, loop: asyncio.AbstractEventLoop, slot: _LoopPools
+    ) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._loops.get(loop) is slot:
+                    del self._loops[loop]
+            slot.abandon()
+
+    async def _amain_pool(self) -> AsyncConnectionPool[AsyncConn]:
+        slot = await self._slot()
+        if slot.main is not None:
+            return slot.main
+        async with slot.lock:
+            if slot.main is None:
+                try:
+                    conn = await psycopg.AsyncConnection.connect(self.conninfo, **self._kwargs)
+                    async with conn:
+                        if self.create_schema and not self._schema_ready:
+                            await self._ainit_schema_on(conn)
+                except psycopg.Error as exc:
+                    raise self._unreachable(exc) from exc
+                pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+                    self.conninfo,
+                    kwargs=self._kwargs,
+                    min_size=self.min_size,
+                    max_size=self.max_size,
+                    timeout=self.timeout,
+                    open=False,
+                    configure=slot.track,
+                    name=f"oncely-{self.table}-async",
+                )
+                await pool.open(wait=False)
+                slot.main = pool
+            return slot.main
+
+    async def _awatch_pool(self) -> AsyncConnectionPool[AsyncConn]:
+        await self._amain_pool()
+        slot = await self._slot()
+        async with slot.lock:
+            if slot.watch is None:
+                pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+                    self.conninfo,
+                    kwargs=self._kwargs,
+                    min_size=0,
+                    max_size=self.watch_max_size,
+                    timeout=self.timeout,
+                    open=False,
+                    configure=slot.track,
+                    name=f"oncely-{self.table}-async-watch",
+                )
+                await pool.open(wait=False)
+                slot.watch = pool
+            return slot.watch
+
+    async def _arun(self, query: bytes, params: Params, prepare: bool | None = None) -> Rows:
+        slot = self._loops.get(asyncio.get_running_loop())
+        pool = slot.main if slot is not None and slot.main is not None else None
+        if pool is None:
+            pool = await self._amain_pool()
+        try:
+            async with pool.connection() as conn:
+                cur = await conn.execute(query, params, prepare=prepare)
+                return await cur.fetchall()
+        except psycopg.Error as exc:
+            raise self._translate(exc) from exc
+
+    async def _ainit_schema_on(self, conn: AsyncConn) -> None:
+        async with conn.transaction():
+            await conn.execute(LOCK, {"lock": _lock_id(self.table)}, prepare=False)
+            await conn.execute(self._sql.ddl, prepare=False)
+        self._schema_ready = True
+
+    async def ainit_schema(self) -> None:
+        """Async :meth:`init_schema`."""
+        pool = await self._amain_pool()
+        try:
+            async with pool.connection() as conn:
+                await self._ainit_schema_on(conn)
+        except psycopg.Error as exc:
+            raise self._translate(exc) from exc
+
+    async def aclose(self) -> None:
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            slot = self._loops.pop(loop, None)
+        if slot is None:
+            return
+        for pool in (slot.main, slot.watch):
+            if pool is not None:
+                await pool.close()
+        if slot.guard is not None:
+            await slot.guard.aclose()
+
+    # -- async face ----------------------------------------------------------------------------
+    async def aclaim(
+        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
+    ) -> ClaimOutcome:
+        params = _claim_params(key, fingerprint, lease, ttl)
+        for _ in range(_CLAIM_ATTEMPTS):
+            rows = await self._arun(self._sql.claim, params, self._prepare)
+            outcome = _claim_outcome(rows, fingerprint)
+            if outcome is not None:
+                return outcome
+            self.claim_retries += 1
+        raise StoreError(self._no_decision(key))
+
+    async def acomplete(
+        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
+    ) -> None:
+        params = _complete_params(self.table, key, fence, result, codec, ttl)
+        _check_lease(await self._arun(self._sql.complete, params, self._prepare), key, fence)
+
+    async def arelease(self, key: RecordKey, fence: int) -> None:
+        params = _fence_params(self.table, key, fence)
+        _check_lease(await self._arun(self._sql.release, params, self._prepare), key, fence)
+
+    async def arenew(self, key: RecordKey, fence: int, lease: float) -> float:
+        rows = await self._arun(self._sql.renew, _renew_params(key, fence, lease), self._prepare)
+        _check_lease(rows, key, fence)
+        return float(rows[0][0])
+
+    async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(0.0, timeout)
+        note = _note(self.table, key)
+        pool = await self._awatch_pool()
+        try:
+            try:
+                conn = await pool.getconn(timeout=max(0.001, deadline - loop.time()))
+            except PoolTimeout:
+                return _changed(await self._arun(self._sql.state, _key_params(key)), fence)
+            clean = False
+            try:
+                await conn.execute(LISTEN, prepare=False)
+                cur = await conn.execute(self._sql.state, _key_params(key), prepare=self._prepare)
+                seen = _changed(await cur.fetchall(), fence)
+                if not seen:
+                    notes = conn.notifies(timeout=max(0.0, deadline - loop.time()))
+                    async with contextlib.aclosing(notes):
+                        async for n in notes:
+                            if n.payload == note:
+                                seen = True
+                                break
+                await conn.execute(UNLISTEN, prepare=False)
+                async for _ in conn.notifies(timeout=0):
+                    pass
+                clean = True
+                return seen
+            finally:
+                # On cancellation or error the connection may still be listening or mid-query:
+                # close it rather than hand it back; the pool opens a replacement.
+                if not clean:
+                    await conn.close()
+                await pool.putconn(conn)
+        except psycopg.Error as exc:
+            raise self._translate(exc) from exc
+
+    async def aget(self, key: RecordKey) -> Record | None:
+        rows = await self._arun(self._sql.get, _key_params(key), self._prepare)
+        return _record(rows[0]) if rows else None
+
+    async def adelete(self, key: RecordKey) -> bool:
+        params = {**_key_params(key), "note": _note(self.table, key)}
+        return bool(await self._arun(self._sql.delete, params))
+
+    async def apurge_expired(self, limit: int = 1000) -> int:
+        return int((await self._arun(self._sql.purge, {"limit": max(0, int(limit))}))[0][0])
+
+    async def alist(self, scope: str | None = None, limit: int = 100) -> Records:
+        query = self._sql.list_all if scope is None else self._sql.list_scope
+        return [_record(row) for row in await self._arun(query, _list_params(scope, limit))]
+
+    async def anow(self) -> float:
+        return float((await self._arun(NOW.encode(), {}, self._prepare))[0][0])
+
+    def _no_decision(self, key: RecordKey) -> str:
+        return (
+            f"claim on {key} in {self._where} lost the race against concurrent claims "
+            f"{_CLAIM_ATTEMPTS} times in a row; retry the call"
+        )
