@@ -25,11 +25,20 @@ checks them on every backend):
     only if ``in_progress`` with this fence: ``lease_until = now + lease`` (and ``expires_at``
     at least that); returns the new ``lease_until``. Otherwise :class:`~oncely.errors.LeaseLost`.
 ``watch(key, fence, timeout)``
-    returns once the record is no longer ``in_progress`` under ``fence`` or ``timeout`` passed;
-    returns ``True`` if it saw the change. Callers claim again afterwards.
+    returns once the record is no longer a live ``in_progress`` record under ``fence``
+    (completed, released, deleted, expired or re-claimed) or ``timeout`` passed; returns
+    ``True`` if it saw the change. A lease running out wakes nobody (nothing writes), so
+    callers cap ``timeout`` at the holder's ``lease_until`` and claim again afterwards.
 ``get`` / ``delete`` / ``purge_expired(limit)`` / ``list(scope, limit)`` / ``now()``
-    inspection and housekeeping; ``purge_expired`` deletes up to ``limit`` records with
-    ``expires_at <= now`` and returns how many it deleted.
+    inspection and housekeeping; ``get`` and ``list`` hide expired records;
+    ``purge_expired`` deletes up to ``limit`` records with ``expires_at <= now`` and returns
+    how many it deleted.
+
+Fences: while a record exists, a new claim's fence is ``old + 1`` or more. A record that was
+deleted (released, purged, expired) leaves nothing to compare with, so a new record's fence is
+the store clock in microseconds (SQLite keeps a released row as a tombstone because its clock
+has millisecond resolution). Fences therefore keep growing as long as the store's clock does
+not step backwards.
 """
 
 from __future__ import annotations

@@ -104,9 +104,14 @@ class MemoryState:
         )
         return [r for _, r in zip(range(limit), found)]
 
-    def changed(self, key: RecordKey, fence: int) -> bool:
+    def changed(self, key: RecordKey, fence: int, now: float) -> bool:
         record = self.records.get(key)
-        return record is None or record.status != "in_progress" or record.fence != fence
+        return (
+            record is None
+            or record.status != "in_progress"
+            or record.fence != fence
+            or record.expires_at <= now
+        )
 
 
 class MemoryStore(Store):
@@ -142,7 +147,7 @@ class MemoryStore(Store):
 
     def watch(self, key: RecordKey, fence: int, timeout: float) -> bool:
         with self._cond:
-            return self._cond.wait_for(lambda: self.state.changed(key, fence), timeout)
+            return self._cond.wait_for(lambda: self.state.changed(key, fence, time.time()), timeout)
 
     def get(self, key: RecordKey) -> Record | None:
         with self._cond:
@@ -197,4 +202,4 @@ class MemoryStore(Store):
 
     def _changed(self, key: RecordKey, fence: int) -> bool:
         with self._cond:
-            return self.state.changed(key, fence)
+            return self.state.changed(key, fence, time.time())
