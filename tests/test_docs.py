@@ -1,0 +1,39 @@
+"""Every ``python`` block in the README and the guides runs, and module doctests pass."""
+
+from __future__ import annotations
+
+import doctest
+import re
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+import oncely.functions.decorator
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = [ROOT / "README.md", ROOT / "docs" / "decorator.md"]
+
+
+def blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
+def test_python_blocks_run(path: Path) -> None:
+    found = blocks(path)
+    assert found, f"{path} has no python examples"
+    for index, code in enumerate(found):
+        # A real module, so dataclasses and pickling can find the example's classes.
+        module = types.ModuleType(f"docs_example_{index}")
+        sys.modules[module.__name__] = module
+        try:
+            exec(compile(code, str(path), "exec"), module.__dict__)
+        finally:
+            del sys.modules[module.__name__]
+
+
+def test_module_doctests() -> None:
+    result = doctest.testmod(oncely.functions.decorator)
+    assert result.attempted > 0 and result.failed == 0
