@@ -1,0 +1,59 @@
+-- claim.lua: take an idempotency key over, or report who holds it (see oncely.stores.base).
+--
+-- KEYS[1]  the record hash  "<prefix>:<scope>:<digest>"
+-- ARGV[1]  fingerprint      ARGV[2] lease (ms)      ARGV[3] ttl (ms)
+-- ARGV[4]  scope            ARGV[5] digest
+--
+-- Replies (every number as a decimal string, so nothing is rounded on the way; now_ms is the
+-- time every decision and stored time of this call is based on):
+--   {'N', now_ms, fence, lease_until_ms}            the caller owns the key now
+--   {'R', now_ms, {st, fe, fp, lu, ea, ca, rs, cd}} a live completed record (replay)
+--   {'I', now_ms, fence, lease_until_ms}            a live in-progress record of another caller
+--   {'M', now_ms}                                   a live record with another fingerprint
+--
+-- Fences: TIME in microseconds for a new record, max(old fence + 1, that) for a re-claim.
+--
+-- Hash fields: st status, fe fence, fp fingerprint, lu lease_until (ms), ea expires_at (ms),
+-- ca created_at (ms), rs result, cd codec, sc scope, dg digest.
+local key = KEYS[1]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = string.format('%.0f', now_ms)
+
+local h = redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd')
+local fence = now_us
+if h[1] then
+  local live = tonumber(h[5] or 0) > now_ms
+  if live and h[1] == 'in_progress' and tonumber(h[4] or 0) <= now_ms then
+    live = false -- abandoned: the holder's lease ran out, whatever its fingerprint
+  end
+  if live then
+    if h[3] ~= ARGV[1] then
+      return {'M', now}
+    end
+    if h[1] == 'completed' then
+      return {'R', now, h}
+    end
+    return {'I', now, h[2], h[4]}
+  end
+  -- expired or abandoned: re-claim with a fence above the old one
+  local next_fence = tonumber(h[2] or 0) + 1
+  if next_fence > fence then
+    fence = next_fence
+  end
+  redis.call('DEL', key)
+end
+
+local lease_ms = tonumber(ARGV[2])
+local ttl_ms = tonumber(ARGV[3])
+if ttl_ms < lease_ms then
+  ttl_ms = lease_ms
+end
+local fe = string.format('%.0f', fence)
+local lu = string.format('%.0f', now_ms + lease_ms)
+local ea = string.format('%.0f', now_ms + ttl_ms)
+redis.call('HSET', key, 'st', 'in_progress', 'fe', fe, 'fp', ARGV[1], 'lu', lu, 'ea', ea,
+  'ca', now, 'sc', ARGV[4], 'dg', ARGV[5])
+redis.call('PEXPIREAT', key, ea)
+return {'N', now, fe, lu}

@@ -1,0 +1,21 @@
+-- complete.lua: store the result of the caller's claim and wake waiters.
+--
+-- KEYS[1]  the record hash
+-- ARGV[1]  fence      ARGV[2] result (bytes)      ARGV[3] codec      ARGV[4] ttl (ms)
+-- ARGV[5]  the done channel "<prefix>:done:<scope>:<digest>"
+--
+-- Only an in_progress record under this very fence may be completed (even after its lease ran
+-- out, as long as nobody re-claimed it). Replies {'ok'} or {'lost', status, fence}.
+local key = KEYS[1]
+local h = redis.call('HMGET', key, 'st', 'fe')
+if h[1] ~= 'in_progress' or h[2] ~= ARGV[1] then
+  return {'lost', h[1] or '', h[2] or ''}
+end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ea = string.format('%.0f', now_ms + tonumber(ARGV[4]))
+redis.call('HSET', key, 'st', 'completed', 'rs', ARGV[2], 'cd', ARGV[3], 'ea', ea)
+redis.call('HDEL', key, 'lu')
+redis.call('PEXPIREAT', key, ea)
+redis.call('PUBLISH', ARGV[5], 'completed')
+return {'ok'}

@@ -1,0 +1,582 @@
+"""What only the Redis store promises: its key layout, one EVALSHA per operation, script reload,
+physical expiry, pub/sub wake-ups, and how it reports a bad URL or a server it cannot reach.
+
+The rules every store shares are in ``test_store_conformance.py``. These tests talk to the real
+Redis at ``ONCELY_TEST_REDIS`` (default ``redis://127.0.0.1:6379/0``), each under its own prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from importlib import resources
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio
+
+from oncely.errors import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
+from oncely.records import InFlight, Mismatch, New, RecordKey, Replay
+from oncely.stores import open_store
+from oncely.stores.redis import RedisStore
+
+REDIS_URL = os.environ.get("ONCELY_TEST_REDIS", "redis://127.0.0.1:6379/0")
+#: Nothing listens on port 1, so connecting is refused at once.
+DEAD_URL = "redis://oncely:s3cret@127.0.0.1:1/0"
+SCRIPTS = ["claim", "complete", "release", "renew", "get", "delete", "probe", "list"]
+
+
+def round_trips(commands: list[str]) -> list[str]:
+    """The commands sent, with a NOSCRIPT reload (EVALSHA then EVAL) counted as one EVALSHA.
+
+    Other test runs on the same server may ``SCRIPT FLUSH`` at any time (this file does); the
+    reload itself is checked in :func:`test_scripts_reload_after_script_flush`.
+    """
+    out: list[str] = []
+    for command in commands:
+        if not (command == "EVAL" and out and out[-1] == "EVALSHA"):
+            out.append(command)
+    return out
+
+
+class CountingRedis(redis.Redis):
+    """A real client that records the name of every command it sends (one per round trip)."""
+
+    commands: list[str]
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.commands.append(str(args[0]))
+        return super().execute_command(*args, **options)
+
+
+class CountingAsyncRedis(redis.asyncio.Redis):
+    commands: list[str]
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.commands.append(str(args[0]))
+        return await super().execute_command(*args, **options)
+
+
+@pytest.fixture
+def raw() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.ConnectionError as exc:  # pragma: no cover - depends on the machine
+        pytest.skip(f"no Redis at {REDIS_URL}: {exc}")
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix(raw: redis.Redis) -> Iterator[str]:
+    name = f"oncely-rt-{uuid.uuid4().hex[:12]}"
+    yield name
+    keys = list(raw.scan_iter(match=f"{name}:*"))
+    if keys:
+        raw.delete(*keys)
+
+
+@pytest.fixture
+def store(prefix: str) -> Iterator[RedisStore]:
+    store = RedisStore(REDIS_URL, prefix=prefix)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def counting(prefix: str) -> Iterator[tuple[RedisStore, CountingRedis]]:
+    client = CountingRedis.from_url(REDIS_URL)
+    client.commands = []
+    store = RedisStore(REDIS_URL, prefix=prefix, client=client)
+    yield store, client
+    client.close()
+
+
+def rkey(scope: str = "tenant-1") -> RecordKey:
+    return RecordKey.of(scope, uuid.uuid4().hex)
+
+
+def record_key(prefix: str, key: RecordKey) -> str:
+    return f"{prefix}:{key.scope}:{key.digest}"
+
+
+# -- round trips ----------------------------------------------------------------------------------
+def test_every_operation_is_one_evalsha(counting: tuple[RedisStore, CountingRedis]) -> None:
+    store, client = counting
+    key = rkey()
+
+    def calls(run: Any) -> list[str]:
+        client.commands.clear()
+        run()
+        return round_trips(client.commands)
+
+    outcome = store.claim(key, "fp", 5, 60)
+    assert isinstance(outcome, New)
+    assert calls(lambda: store.claim(key, "fp", 5, 60)) == ["EVALSHA"]  # in flight
+    assert calls(lambda: store.claim(key, "other", 5, 60)) == ["EVALSHA"]  # mismatch
+    assert calls(lambda: store.renew(key, outcome.fence, 10)) == ["EVALSHA"]
+    assert calls(lambda: store.complete(key, outcome.fence, b"r", "raw", 60)) == ["EVALSHA"]
+    assert calls(lambda: store.claim(key, "fp", 5, 60)) == ["EVALSHA"]  # replay
+    assert calls(lambda: store.get(key)) == ["EVALSHA"]
+    assert calls(lambda: store.delete(key)) == ["EVALSHA"]
+    assert calls(lambda: store.now()) == ["TIME"]
+    assert calls(lambda: store.purge_expired()) == []
+    fresh = store.claim(key, "fp", 5, 60)
+    assert isinstance(fresh, New)
+    assert calls(lambda: store.release(key, fresh.fence)) == ["EVALSHA"]
+    assert calls(lambda: store.watch(key, fresh.fence, 0)) == ["EVALSHA"]
+
+
+def test_first_call_is_two_round_trips_and_replay_is_one(
+    counting: tuple[RedisStore, CountingRedis],
+) -> None:
+    store, client = counting
+    key = rkey()
+    client.commands.clear()
+    outcome = store.claim(key, "fp", 5, 60)
+    assert isinstance(outcome, New)
+    store.complete(key, outcome.fence, b"result", "raw", 60)
+    assert round_trips(client.commands) == ["EVALSHA", "EVALSHA"]
+    client.commands.clear()
+    assert isinstance(store.claim(key, "fp", 5, 60), Replay)
+    assert round_trips(client.commands) == ["EVALSHA"]
+
+
+async def test_async_face_is_one_evalsha_per_operation(prefix: str) -> None:
+    client = CountingAsyncRedis.from_url(REDIS_URL)
+    client.commands = []
+    store = RedisStore(REDIS_URL, prefix=prefix, async_client=client)
+    try:
+        key = rkey()
+        outcome = await store.aclaim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        await store.arenew(key, outcome.fence, 10)
+        await store.acomplete(key, outcome.fence, b"r", "raw", 60)
+        assert isinstance(await store.aclaim(key, "fp", 5, 60), Replay)
+        assert await store.aget(key) is not None
+        assert await store.adelete(key)
+        assert round_trips(client.commands) == ["EVALSHA"] * 6
+        client.commands.clear()
+        await store.anow()
+        assert client.commands == ["TIME"]
+        assert await store.apurge_expired() == 0
+    finally:
+        await store.aclose()  # not ours: leaves the client open
+        await client.aclose()
+        store.close()
+
+
+def test_scripts_reload_after_script_flush(
+    counting: tuple[RedisStore, CountingRedis], raw: redis.Redis
+) -> None:
+    store, client = counting
+    key = rkey()
+    store.claim(key, "fp", 5, 60)
+    raw.script_flush()
+    client.commands.clear()
+    assert isinstance(store.claim(key, "fp", 5, 60), InFlight)
+    assert client.commands == ["EVALSHA", "EVAL"]  # NOSCRIPT, then EVAL (which caches it)
+    client.commands.clear()
+    assert isinstance(store.claim(key, "fp", 5, 60), InFlight)
+    assert client.commands == ["EVALSHA"]
+
+
+async def test_async_scripts_reload_after_script_flush(store: RedisStore, raw: redis.Redis) -> None:
+    key = rkey()
+    outcome = await store.aclaim(key, "fp", 5, 60)
+    assert isinstance(outcome, New)
+    raw.script_flush()
+    await store.acomplete(key, outcome.fence, b"r", "raw", 60)
+    assert isinstance(await store.aclaim(key, "fp", 5, 60), Replay)
+    await store.aclose()
+
+
+def test_lua_scripts_ship_as_package_resources() -> None:
+    folder = resources.files("oncely.stores") / "lua"
+    for name in SCRIPTS:
+        assert (folder / f"{name}.lua").read_text().startswith(f"-- {name}.lua")
+
+
+# -- layout, expiry, fences -----------------------------------------------------------------------
+def test_record_layout_and_pexpireat(store: RedisStore, raw: redis.Redis, prefix: str) -> None:
+    key = rkey("acme")
+    outcome = store.claim(key, "fp-1", 5, 60)
+    assert isinstance(outcome, New)
+    name = record_key(prefix, key)
+    assert raw.type(name) == b"hash"
+    fields = raw.hgetall(name)
+    assert set(fields) == {b"st", b"fe", b"fp", b"lu", b"ea", b"ca", b"sc", b"dg"}
+    assert fields[b"st"] == b"in_progress"
+    assert int(fields[b"fe"]) == outcome.fence
+    assert fields[b"fp"] == b"fp-1"
+    assert (fields[b"sc"], fields[b"dg"]) == (b"acme", key.digest.encode())
+    assert int(fields[b"lu"]) == round(outcome.lease_until * 1000)
+    assert int(fields[b"ea"]) == int(fields[b"ca"]) + 60_000
+    assert raw.pexpiretime(name) == int(fields[b"ea"])
+
+    store.complete(key, outcome.fence, b"done", "json", 120)
+    fields = raw.hgetall(name)
+    assert fields[b"st"] == b"completed"
+    assert b"lu" not in fields
+    assert (fields[b"rs"], fields[b"cd"]) == (b"done", b"json")
+    assert raw.pexpiretime(name) == int(fields[b"ea"])
+    record = store.get(key)
+    assert record is not None
+    assert record.expires_at == int(fields[b"ea"]) / 1000
+    assert record.lease_until is None
+
+
+def test_renew_moves_pexpireat_when_the_lease_outgrows_the_ttl(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    key = rkey()
+    outcome = store.claim(key, "fp", 1, 2)
+    assert isinstance(outcome, New)
+    lease_until = store.renew(key, outcome.fence, 30)
+    name = record_key(prefix, key)
+    assert raw.pexpiretime(name) == round(lease_until * 1000)
+    assert int(raw.hget(name, "ea") or 0) == round(lease_until * 1000)
+
+
+def test_expired_records_disappear_by_themselves(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    key = rkey()
+    outcome = store.claim(key, "fp", 0.05, 0.05)
+    assert isinstance(outcome, New)
+    store.complete(key, outcome.fence, b"r", "raw", 0.1)
+    assert raw.exists(record_key(prefix, key))
+    time.sleep(0.25)
+    assert not raw.exists(record_key(prefix, key))
+    assert store.purge_expired() == 0  # nothing left to purge: Redis expired it
+    assert store.get(key) is None
+
+
+def test_result_bytes_are_binary_safe(store: RedisStore) -> None:
+    key = rkey()
+    payload = bytes(range(256)) * 3 + b"\r\n\x00"
+    outcome = store.claim(key, "fp", 5, 60)
+    assert isinstance(outcome, New)
+    store.complete(key, outcome.fence, payload, "pickle", 60)
+    replay = store.claim(key, "fp", 5, 60)
+    assert isinstance(replay, Replay)
+    assert replay.record.result == payload
+    assert replay.record.codec == "pickle"
+
+
+def test_reclaim_fence_is_above_the_old_one_even_if_it_ran_ahead_of_the_clock(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    key = rkey()
+    first = store.claim(key, "fp", 5, 60)
+    assert isinstance(first, New)
+    assert first.fence == int(raw.hget(record_key(prefix, key), "fe") or 0)
+    assert first.fence > 1_600_000_000 * 10**6  # microseconds from TIME, exact as an int
+    # An abandoned record whose fence is far ahead of the clock: the next fence is old + 1.
+    ahead = first.fence + 10**12
+    raw.hset(record_key(prefix, key), mapping={"fe": str(ahead), "lu": "0"})
+    second = store.claim(key, "fp", 5, 60)
+    assert isinstance(second, New)
+    assert second.fence == ahead + 1
+
+
+def test_new_lease_and_expiry_use_the_store_clock(store: RedisStore, raw: redis.Redis) -> None:
+    key = rkey()
+    outcome = store.claim(key, "fp", 2.5, 0)
+    assert isinstance(outcome, New)
+    assert outcome.lease_until == pytest.approx(outcome.now + 2.5, abs=1e-6)
+    seconds, micros = raw.time()
+    assert abs(outcome.now - (seconds + micros / 1e6)) < 1.0
+    assert abs(store.now() - time.time()) < 5.0  # same machine, so roughly the same clock
+
+
+# -- lost leases ----------------------------------------------------------------------------------
+def test_lease_lost_says_why(store: RedisStore) -> None:
+    key = rkey()
+    old = store.claim(key, "fp", 0.05, 60)
+    assert isinstance(old, New)
+    time.sleep(0.1)
+    new = store.claim(key, "fp", 5, 60)
+    assert isinstance(new, New)
+    assert new.fence > old.fence
+    with pytest.raises(LeaseLost, match="re-claimed"):
+        store.complete(key, old.fence, b"late", "raw", 60)
+    with pytest.raises(LeaseLost, match="re-claimed"):
+        store.renew(key, old.fence, 5)
+    store.complete(key, new.fence, b"r", "raw", 60)
+    with pytest.raises(LeaseLost, match="already completed"):
+        store.release(key, new.fence)
+    assert store.delete(key)
+    with pytest.raises(LeaseLost, match="gone"):
+        store.complete(key, new.fence, b"r", "raw", 60)
+
+
+# -- list -----------------------------------------------------------------------------------------
+def test_list_escapes_the_scope_and_skips_foreign_keys(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    keys = {scope: rkey(scope) for scope in ["a*", "ab", "a", "a:b", "[a]"]}
+    for key in keys.values():
+        assert isinstance(store.claim(key, "fp", 5, 60), New)
+    # Keys under the prefix that are not records.
+    raw.set(f"{prefix}:a:not-a-hash", b"x")
+    raw.hset(f"{prefix}:a:other-hash", mapping={"foo": "bar"})
+    raw.hset(f"{prefix}:a:bad-status", mapping={"st": "weird", "fe": "1", "ea": "9" * 15})
+
+    def scopes(found: list[Any]) -> list[str]:
+        return sorted(record.scope for record in found)
+
+    assert scopes(store.list()) == sorted(keys)
+    assert scopes(store.list("a*")) == ["a*"]
+    assert scopes(store.list("a")) == ["a"]  # not "a:b", although its key matches "a:*"
+    assert scopes(store.list("a:b")) == ["a:b"]
+    assert scopes(store.list("[a]")) == ["[a]"]
+    assert scopes(store.list("nope")) == []
+    assert len(store.list(limit=2)) == 2
+    assert store.list(limit=0) == []
+    found = store.list("ab")
+    assert found[0].digest == keys["ab"].digest
+    assert found[0].status == "in_progress"
+
+
+async def test_alist_and_anow(store: RedisStore) -> None:
+    key = rkey("async-scope")
+    assert isinstance(await store.aclaim(key, "fp", 5, 60), New)
+    found = await store.alist("async-scope")
+    assert [r.digest for r in found] == [key.digest]
+    assert abs(await store.anow() - store.now()) < 1.0
+    await store.aclose()
+
+
+# -- watch ----------------------------------------------------------------------------------------
+def numsub(raw: redis.Redis, prefix: str, key: RecordKey) -> int:
+    channel = f"{prefix}:done:{key.scope}:{key.digest}"
+    return int(dict(raw.pubsub_numsub(channel))[channel.encode()])
+
+
+@pytest.mark.parametrize("how", ["complete", "release", "delete"])
+def test_watch_wakes_on_publish(store: RedisStore, raw: redis.Redis, prefix: str, how: str) -> None:
+    key = rkey()
+    outcome = store.claim(key, "fp", 30, 60)
+    assert isinstance(outcome, New)
+
+    def finish() -> None:
+        while numsub(raw, prefix, key) == 0:
+            time.sleep(0.005)
+        if how == "complete":
+            store.complete(key, outcome.fence, b"r", "raw", 60)
+        elif how == "release":
+            store.release(key, outcome.fence)
+        else:
+            store.delete(key)
+
+    thread = threading.Thread(target=finish)
+    started = time.monotonic()
+    thread.start()
+    assert store.watch(key, outcome.fence, 10) is True
+    thread.join()
+    assert time.monotonic() - started < 5
+    assert numsub(raw, prefix, key) == 0  # unsubscribed, connection handed back
+
+
+def test_watch_sees_a_change_that_happened_before_it_subscribed(store: RedisStore) -> None:
+    key = rkey()
+    outcome = store.claim(key, "fp", 30, 60)
+    assert isinstance(outcome, New)
+    store.complete(key, outcome.fence, b"r", "raw", 60)
+    started = time.monotonic()
+    assert store.watch(key, outcome.fence, 5) is True
+    assert time.monotonic() - started < 1
+
+
+def test_watch_times_out_and_unsubscribes(store: RedisStore, raw: redis.Redis, prefix: str) -> None:
+    key = rkey()
+    outcome = store.claim(key, "fp", 30, 60)
+    assert isinstance(outcome, New)
+    started = time.monotonic()
+    assert store.watch(key, outcome.fence, 0.2) is False
+    assert 0.15 < time.monotonic() - started < 2
+    assert numsub(raw, prefix, key) == 0
+    assert store.watch(key, outcome.fence, 0) is False
+
+
+def test_watch_returns_when_the_lease_runs_out(store: RedisStore) -> None:
+    key = rkey()
+    outcome = store.claim(key, "fp", 0.2, 60)
+    assert isinstance(outcome, New)
+    started = time.monotonic()
+    assert store.watch(key, outcome.fence, 5) is True  # nobody published, but it is claimable
+    assert time.monotonic() - started < 2
+    assert isinstance(store.claim(key, "fp", 5, 60), New)
+
+
+def test_watch_keeps_waiting_when_the_holder_renews(store: RedisStore) -> None:
+    key = rkey()
+    outcome = store.claim(key, "fp", 0.15, 60)
+    assert isinstance(outcome, New)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(0.05):
+            store.renew(key, outcome.fence, 0.15)
+
+    thread = threading.Thread(target=renew)
+    thread.start()
+    try:
+        assert store.watch(key, outcome.fence, 0.6) is False
+    finally:
+        stop.set()
+        thread.join()
+
+
+async def test_awatch_wakes_on_complete(store: RedisStore, raw: redis.Redis, prefix: str) -> None:
+    key = rkey()
+    outcome = await store.aclaim(key, "fp", 30, 60)
+    assert isinstance(outcome, New)
+    waiter = asyncio.create_task(store.awatch(key, outcome.fence, 10))
+    while numsub(raw, prefix, key) == 0:
+        await asyncio.sleep(0.005)
+    await store.acomplete(key, outcome.fence, b"r", "raw", 60)
+    assert await asyncio.wait_for(waiter, 5) is True
+    assert numsub(raw, prefix, key) == 0
+    assert await store.awatch(key, outcome.fence, 1) is True  # already completed
+    await store.aclose()
+
+
+async def test_awatch_times_out(store: RedisStore) -> None:
+    key = rkey()
+    outcome = await store.aclaim(key, "fp", 30, 60)
+    assert isinstance(outcome, New)
+    assert await store.awatch(key, outcome.fence, 0.2) is False
+    assert await store.awatch(key, outcome.fence, 0) is False
+    await store.aclose()
+
+
+async def test_cancelled_awatch_unsubscribes(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    key = rkey()
+    outcome = await store.aclaim(key, "fp", 30, 60)
+    assert isinstance(outcome, New)
+    waiter = asyncio.create_task(store.awatch(key, outcome.fence, 30))
+    while numsub(raw, prefix, key) == 0:
+        await asyncio.sleep(0.005)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    deadline = time.monotonic() + 2
+    while numsub(raw, prefix, key) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert numsub(raw, prefix, key) == 0
+    await store.aclose()
+
+
+# -- event loops ----------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::ResourceWarning")  # the first loop's sockets, on purpose
+def test_async_face_works_across_event_loops(store: RedisStore) -> None:
+    key = rkey()
+
+    async def claim(fingerprint: str, close: bool) -> Any:
+        try:
+            return await store.aclaim(key, fingerprint, 5, 60)
+        finally:
+            if close:
+                await store.aclose()
+
+    first = asyncio.run(claim("fp", close=False))  # this loop closes without aclose()
+    assert isinstance(first, New)
+    second = asyncio.run(claim("fp", close=True))  # a new loop gets its own client and pool
+    assert isinstance(second, InFlight)
+    assert second.fence == first.fence
+    assert isinstance(asyncio.run(claim("other", close=True)), Mismatch)
+    assert len(store._aclients) == 0  # closed loops were forgotten, the others closed
+    gc.collect()  # let the first loop's sockets go while their warnings are ignored
+
+
+# -- configuration and failures -------------------------------------------------------------------
+def test_open_store_picks_redis(prefix: str) -> None:
+    store = open_store(REDIS_URL, prefix=prefix)
+    try:
+        assert isinstance(store, RedisStore)
+        assert store.prefix == prefix
+        assert "rediss" in RedisStore.schemes
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost:6379/0",
+        "redis://localhost:notaport/0",
+        "redis://localhost:6379/notadb",
+        "redis://localhost:6379/0?decode_responses=True",
+    ],
+)
+def test_wrong_url_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        RedisStore(url)
+
+
+def test_wrong_options_are_configuration_errors() -> None:
+    with pytest.raises(ConfigurationError, match="prefix"):
+        RedisStore(REDIS_URL, prefix="")
+    with pytest.raises(ConfigurationError, match="decode_responses"):
+        RedisStore(REDIS_URL, decode_responses=True)
+    decoding = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    with pytest.raises(ConfigurationError, match="decode_responses"):
+        RedisStore(REDIS_URL, client=decoding)
+    decoding.close()
+
+
+def test_password_is_redacted_in_repr() -> None:
+    store = RedisStore(DEAD_URL)
+    assert "s3cret" not in repr(store)
+    assert "***" in repr(store)
+    store.close()
+
+
+def test_unreachable_server_is_store_unavailable() -> None:
+    store = RedisStore(DEAD_URL)
+    key = rkey()
+    with pytest.raises(StoreUnavailable) as caught:
+        store.claim(key, "fp", 5, 60)
+    message = str(caught.value)
+    assert "redis://oncely:***@127.0.0.1:1/0" in message
+    assert "s3cret" not in message
+    with pytest.raises(StoreUnavailable):
+        store.complete(key, 1, b"r", "raw", 60)
+    with pytest.raises(StoreUnavailable):
+        store.now()
+    with pytest.raises(StoreUnavailable):
+        store.list()
+    with pytest.raises(StoreUnavailable):
+        store.watch(key, 1, 0.1)
+    store.close()
+
+
+async def test_unreachable_server_is_store_unavailable_async() -> None:
+    store = RedisStore(DEAD_URL)
+    key = rkey()
+    with pytest.raises(StoreUnavailable, match=r"\*\*\*"):
+        await store.aclaim(key, "fp", 5, 60)
+    with pytest.raises(StoreUnavailable):
+        await store.awatch(key, 1, 0.1)
+    await store.aclose()
+
+
+def test_other_redis_errors_are_store_errors(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    key = rkey()
+    raw.set(record_key(prefix, key), b"not a hash")
+    with pytest.raises(StoreError, match="WRONGTYPE") as caught:
+        store.claim(key, "fp", 5, 60)
+    assert not isinstance(caught.value, StoreUnavailable)
