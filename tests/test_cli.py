@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import POSTGRES_URL, REDIS_URL
 from oncely import idempotent
 from oncely.cli import app
 from oncely.records import RecordKey
 from oncely.stores import open_store
+
+from conftest import POSTGRES_URL, REDIS_URL
 
 runner = CliRunner()
 

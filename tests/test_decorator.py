@@ -20,7 +20,6 @@ from typing import Any
 import pydantic
 import pytest
 
-import workers
 from oncely import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -36,6 +35,8 @@ from oncely import (
 from oncely.records import RecordKey
 from oncely.stores import Store, open_store
 from oncely.stores.memory import MemoryStore
+
+import workers
 
 
 def unique() -> str:

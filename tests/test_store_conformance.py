@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-import workers
 from oncely.errors import LeaseLost
 from oncely.records import InFlight, Mismatch, New, RecordKey, Replay
 from oncely.stores import Store
+
+import workers
 
 
 def fresh_key(scope: str = "tenant-a") -> RecordKey:

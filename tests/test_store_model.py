@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import STORE_KINDS, drop, store_url
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -22,6 +21,8 @@ from oncely.errors import LeaseLost
 from oncely.records import New, RecordKey, Replay
 from oncely.stores import Store, open_store
 from oncely.stores.memory import MemoryState
+
+from conftest import STORE_KINDS, drop, store_url
 
 LEASE, TTL = 600.0, 600.0
 KEYS = st.integers(0, 2)
