@@ -114,7 +114,8 @@ STATE = (
     + NOW
     + " FROM {t} WHERE scope = :scope AND digest = :digest"
 )
-DELETE = "DELETE FROM {t} WHERE scope = :scope AND digest = :digest"
+# Removes tombstones and expired rows too, but reports only whether a live record was there.
+DELETE = "DELETE FROM {t} WHERE scope = :scope AND digest = :digest RETURNING expires_at > " + NOW
 PURGE = (
     "DELETE FROM {t} WHERE (scope, digest) IN "
     "(SELECT scope, digest FROM {t} WHERE expires_at <= " + NOW + " LIMIT :limit)"
@@ -306,7 +307,8 @@ class SQLiteStore(Store):
         return None if row is None else _record(row)
 
     def delete(self, key: RecordKey) -> bool:
-        return self._run("delete", {"scope": key.scope, "digest": key.digest}).rowcount > 0
+        rows = self._run("delete", {"scope": key.scope, "digest": key.digest}).fetchall()
+        return any(live for (live,) in rows)
 
     def purge_expired(self, limit: int = 1000) -> int:
         return self._run("purge", {"limit": limit}).rowcount
