@@ -545,3 +545,24 @@ def test_the_default_store_is_sqlite_in_the_working_directory(
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["7", "7", "1"]
     assert (tmp_path / "oncely.db").exists()
+
+
+def test_schema_missing_is_a_typed_error_that_says_what_to_run() -> None:
+    from oncely import SchemaMissing
+
+    from conftest import POSTGRES_URL
+
+    store = open_store(POSTGRES_URL, table=f"oncely_missing_{uuid.uuid4().hex[:8]}")
+    runs = []
+
+    @idempotent(store=store, key=["order_id"])
+    def charge(order_id: str) -> int:
+        runs.append(1)
+        return 1
+
+    try:
+        with pytest.raises(SchemaMissing, match="oncely init"):
+            charge(unique())
+        assert runs == []
+    finally:
+        store.close()
