@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
 import multiprocessing
@@ -566,3 +567,25 @@ def test_schema_missing_is_a_typed_error_that_says_what_to_run() -> None:
         assert runs == []
     finally:
         store.close()
+
+
+async def test_cancelling_at_random_points_never_leaves_a_key_held(store: Store) -> None:
+    import random
+
+    rng = random.Random(7)
+
+    @idempotent(store=store, key=["order_id"], lease=30, wait_timeout=5)
+    async def work(order_id: str) -> str:
+        await asyncio.sleep(0.002)
+        return order_id
+
+    for _ in range(25):
+        order = unique()
+        task = asyncio.ensure_future(work(order))
+        await asyncio.sleep(rng.uniform(0, 0.006))
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        # Whatever point the cancel hit, the key is free or completed: no 30 s lease is left.
+        assert await asyncio.wait_for(work(order), 3) == order
+    await store.aclose()

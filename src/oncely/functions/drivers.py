@@ -4,6 +4,7 @@ once with ``await``. Nothing here decides anything; it only performs I/O."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
@@ -25,8 +26,22 @@ from oncely.stores.base import Store
 
 __all__ = ["drive", "drive_async"]
 
+log = logging.getLogger("oncely")
+
 # Background work that must finish even if the caller is cancelled (see drive_async).
 _background: set[asyncio.Future[Any]] = set()
+
+
+def _keep_alive(work: asyncio.Future[Any]) -> None:
+    """Hold a reference to ``work`` until it is done, and log it if it fails."""
+    _background.add(work)
+
+    def done(future: asyncio.Future[Any]) -> None:
+        _background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("oncely: background store call failed: %s", future.exception())
+
+    work.add_done_callback(done)
 
 
 def drive(
@@ -138,8 +153,7 @@ async def _finish(work: Awaitable[Any]) -> Any:
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        _keep_alive(task)
         raise
 
 
@@ -156,11 +170,8 @@ async def _claim_uncancellable(
             if not done.cancelled() and done.exception() is None:
                 outcome = done.result()
                 if isinstance(outcome, New):
-                    release = asyncio.ensure_future(store.arelease(key, outcome.fence))
-                    _background.add(release)
-                    release.add_done_callback(_background.discard)
+                    _keep_alive(asyncio.ensure_future(store.arelease(key, outcome.fence)))
 
         task.add_done_callback(undo)
-        _background.add(task)
-        task.add_done_callback(_background.discard)
+        _keep_alive(task)
         raise
