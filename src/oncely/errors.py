@@ -8,16 +8,28 @@ from __future__ import annotations
 
 __all__ = [
     "ConfigurationError",
+    "HttpProblem",
     "IdempotencyKeyMismatch",
     "InFlightError",
     "InvalidKey",
+    "InvalidLockName",
+    "InvalidPayload",
     "LeaseLost",
+    "LockError",
+    "LockLost",
+    "LockNotOwned",
+    "LockTimeout",
     "OncelyError",
     "SchemaMissing",
     "SerializationError",
     "StoreError",
     "StoreUnavailable",
     "StoredFailure",
+    "TokenError",
+    "TokenExpired",
+    "TokenForeign",
+    "TokenForged",
+    "TokenReused",
 ]
 
 
@@ -85,3 +97,84 @@ class StoreUnavailable(StoreError):
 
 class SchemaMissing(StoreError):
     """The store's table does not exist. Run ``oncely init URL`` or pass ``create_schema=True``."""
+
+
+class LockError(OncelyError):
+    """A distributed lock (:mod:`oncely.locks`) could not do what was asked."""
+
+
+class LockLost(LockError):
+    """The lock this instance held is gone: its ttl ran out, or the store lost it.
+
+    Another holder may have run meanwhile, so whatever was done under the lock must not be
+    trusted unless its writes were fenced (see :mod:`oncely.locks.fencing`).
+    """
+
+
+class LockTimeout(LockError, TimeoutError):
+    """``acquire(timeout=...)`` gave up: someone else held the lock for the whole timeout."""
+
+
+class LockNotOwned(LockError, RuntimeError):
+    """``release()``/``extend()``/``token`` on a lock instance that does not hold the lock.
+
+    Like :meth:`threading.Lock.release` on an unlocked lock: a programming mistake, not a race.
+    """
+
+
+class InvalidLockName(LockError, ValueError):
+    """A lock name is empty, not a string, or longer than 255 characters."""
+
+
+# -- one-time tokens (oncely.tokens) and HTTP (oncely.http) ---------------------------------------
+class TokenError(OncelyError):
+    """A one-time token was refused; the subclass says why (each maps to its own HTTP problem)."""
+
+
+class TokenForged(TokenError, ValueError):
+    """The token is malformed or its signature does not verify: it was not issued by us."""
+
+
+class TokenExpired(TokenError):
+    """The token's lifetime ran out (judged by the store's clock); ask for a new token."""
+
+
+class TokenReused(TokenError):
+    """The token was already consumed: this is a repeat of an operation that happened once."""
+
+
+class TokenForeign(TokenError):
+    """The token is genuine but was issued for another subject or purpose (``what`` says which)."""
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
+class InvalidPayload(OncelyError, ValueError):
+    """A request payload cannot be fingerprinted (e.g. not JSON when JSON fields are chosen)."""
+
+
+class HttpProblem(OncelyError):
+    """An HTTP error to answer with ``application/problem+json`` (RFC 9457).
+
+    Raise it from a handler or dependency behind oncely's HTTP middleware to get a problem
+    response; ``slug`` is the last part of the stable ``type`` URI (see ``docs/http.md``).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        title: str,
+        detail: str,
+        headers: tuple[tuple[str, str], ...] = (),
+        **extra: object,
+    ) -> None:
+        super().__init__(f"{status} {title}: {detail}")
+        self.status = status
+        self.slug = slug
+        self.title = title
+        self.detail = detail
+        self.headers = headers
+        self.extra = extra

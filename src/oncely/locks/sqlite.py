@@ -1,0 +1,233 @@
+"""``sqlite:///path.db``: the embedded default, a row per lock decided by SQLite's clock.
+
+Table (created on first use)::
+
+    CREATE TABLE oncely_locks (
+        name       TEXT PRIMARY KEY,
+        owner      TEXT,              -- the holder's token; NULL when released
+        expires_at REAL NOT NULL,     -- seconds since the epoch, SQLite's clock
+        fence      INTEGER NOT NULL   -- the last fencing token handed out for this name
+    ) WITHOUT ROWID
+
+Acquire is one ``INSERT … ON CONFLICT DO UPDATE … WHERE <free or expired> RETURNING``: the owner,
+expiry and next fence (``max(fence + 1, now in microseconds)``) are written in the same
+statement that decides, with ``julianday('now')`` as the clock (fixed within a statement).
+Release and extend are one ``UPDATE … WHERE owner = :owner AND expires_at > now`` each; release
+keeps the row (owner NULL) so the fence counter survives.
+
+SQLite cannot push a change to another process, so waiters look again every ``poll_interval``
+seconds (default 0.01, with jitter); a waiting attempt that finds the lock busy writes nothing.
+The file is opened in WAL mode, one connection per thread, with ``synchronous=NORMAL`` (a lock
+does not need to survive a power cut; fences stay increasing because they are seeded from the
+clock). Async calls run on a small thread pool of the backend's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qs
+
+from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
+from oncely.locks.base import Busy, Face, Hold, LockBackend, State
+
+__all__ = ["SQLiteLockBackend"]
+
+T = TypeVar("T")
+
+NOW: Final = "((julianday('now') - 2440587.5) * 86400.0)"
+SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS {t} (
+    name       TEXT    PRIMARY KEY,
+    owner      TEXT,
+    expires_at REAL    NOT NULL,
+    fence      INTEGER NOT NULL
+) WITHOUT ROWID
+"""
+ACQUIRE: Final = (
+    "INSERT INTO {t} (name, owner, expires_at, fence) "
+    "SELECT :name, :owner, n.now + :ttl, CAST(n.now * 1000000 AS INTEGER) "
+    "FROM (SELECT " + NOW + " AS now) AS n WHERE 1 "
+    "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, expires_at = excluded.expires_at, "
+    "fence = max({t}.fence + 1, excluded.fence) "
+    "WHERE {t}.owner IS NULL OR {t}.expires_at <= " + NOW + " "
+    "RETURNING fence, expires_at - " + NOW
+)
+_MINE: Final = "WHERE name = :name AND owner = :owner AND expires_at > " + NOW
+RELEASE: Final = "UPDATE {t} SET owner = NULL, expires_at = " + NOW + " " + _MINE
+EXTEND: Final = "UPDATE {t} SET expires_at = " + NOW + " + :ttl " + _MINE
+INSPECT: Final = (
+    "SELECT owner, expires_at - " + NOW + " FROM {t} "
+    "WHERE name = :name AND owner IS NOT NULL AND expires_at > " + NOW
+)
+
+
+class SQLiteLockBackend(LockBackend):
+    """Locks in a SQLite file shared by the threads and processes of one machine.
+
+    ``table`` names the lock table; ``busy_timeout`` (seconds, default 5) is how long a
+    statement waits for another writer; ``poll_interval`` (seconds, default 0.01) how often a
+    waiter looks again.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        table: str = "oncely_locks",
+        busy_timeout: float | None = None,
+        poll_interval: float = 0.01,
+        workers: int = 4,
+    ) -> None:
+        path, _, query = url.partition("://")[2].partition("?")
+        if not path.startswith("/") or path in ("/", "/:memory:"):
+            raise ConfigurationError(
+                f"SQLite lock URL {url!r} needs a file that every process can open: use "
+                "'sqlite:///relative.db' or 'sqlite:////absolute/path.db'"
+            )
+        if not table.isidentifier():
+            raise ConfigurationError(f"table name {table!r} must be a plain identifier")
+        if not 0.001 <= poll_interval <= 10:
+            raise ConfigurationError(
+                f"poll_interval={poll_interval!r}: give seconds between 0.001 and 10"
+            )
+        options = {k: v[-1] for k, v in parse_qs(query).items()}
+        self.url = url
+        self.path = path[1:]
+        self.table = table
+        self.busy_timeout = float(busy_timeout or options.get("busy_timeout") or 5.0)
+        self.poll_interval = poll_interval
+        self._sql = {
+            name: text.replace("{t}", table)
+            for name, text in [
+                ("acquire", ACQUIRE),
+                ("release", RELEASE),
+                ("extend", EXTEND),
+                ("inspect", INSPECT),
+                ("schema", SCHEMA),
+            ]
+        }
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[sqlite3.Connection] = []
+        self._workers = workers
+        self._executor: ThreadPoolExecutor | None = None
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f"SQLiteLockBackend({self.url!r})"
+
+    # -- plumbing ---------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None and self._pid == os.getpid():
+            return conn
+        if self._pid != os.getpid():  # forked: the parent's connections are not ours to use
+            self._pid, self._local, self._connections = os.getpid(), threading.local(), []
+            self._executor = None
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(self._sql["schema"])
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(
+                f"cannot open SQLite lock database {self.path!r} ({exc}); check that the "
+                "directory exists and is writable"
+            ) from exc
+        self._local.conn = conn
+        with self._lock:
+            self._connections.append(conn)
+        return conn
+
+    def _run(self, name: str, params: dict[str, Any]) -> sqlite3.Cursor:
+        try:
+            return self._connect().execute(self._sql[name], params)
+        except sqlite3.OperationalError as exc:
+            text = str(exc)
+            if "locked" in text or "busy" in text:
+                raise StoreUnavailable(
+                    f"SQLite database {self.path!r} stayed locked for {self.busy_timeout}s; "
+                    "raise busy_timeout, or use a server backend for heavy lock traffic"
+                ) from exc
+            raise StoreError(f"SQLite error on {self.path!r}: {text}") from exc
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._executor is None or self._pid != os.getpid():
+            self._connect()
+            with self._lock:
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        self._workers, thread_name_prefix="oncely-sqlite-lock"
+                    )
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _sleep_for(self, timeout: float) -> float:
+        return min(timeout, self.poll_interval * random.uniform(0.5, 1.0))
+
+    # -- sync face --------------------------------------------------------------------------------
+    def _acquire(self, name: str, owner: str, ttl: float, face: Face) -> Hold | Busy:
+        row = self._run("acquire", {"name": name, "owner": owner, "ttl": ttl}).fetchone()
+        if row is None:
+            return Busy()
+        return Hold(name, owner, int(row[0]), float(row[1]), face)
+
+    def acquire(
+        self, name: str, owner: str, ttl: float, wait: float, options: Any = None
+    ) -> Hold | Busy:
+        return self._acquire(name, owner, ttl, "sync")
+
+    def wait_release(self, name: str, busy: Busy, timeout: float) -> None:
+        time.sleep(self._sleep_for(timeout))
+
+    def release(self, hold: Hold) -> bool:
+        params = {"name": hold.name, "owner": hold.owner}
+        return self._run("release", params).rowcount == 1
+
+    def extend(self, hold: Hold, ttl: float) -> float | None:
+        params = {"name": hold.name, "owner": hold.owner, "ttl": ttl}
+        return ttl if self._run("extend", params).rowcount == 1 else None
+
+    def inspect(self, name: str, hold: Hold | None) -> State:
+        row = self._run("inspect", {"name": name}).fetchone()
+        if row is None:
+            return State(locked=False, owned=False)
+        owned = hold is not None and row[0] == hold.owner
+        return State(locked=True, owned=owned, ttl=float(row[1]) if owned else None)
+
+    def close(self) -> None:
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+            self._local = threading.local()
+            if self._executor is not None:
+                self._executor.shutdown(wait=False)
+                self._executor = None
+
+    # -- async face -------------------------------------------------------------------------------
+    async def aacquire(
+        self, name: str, owner: str, ttl: float, wait: float, options: Any = None
+    ) -> Hold | Busy:
+        return await self._off_loop(self._acquire, name, owner, ttl, "async")
+
+    async def await_release(self, name: str, busy: Busy, timeout: float) -> None:
+        await asyncio.sleep(self._sleep_for(timeout))
+
+    async def arelease(self, hold: Hold) -> bool:
+        return await self._off_loop(self.release, hold)
+
+    async def aextend(self, hold: Hold, ttl: float) -> float | None:
+        return await self._off_loop(self.extend, hold, ttl)
+
+    async def ainspect(self, name: str, hold: Hold | None) -> State:
+        return await self._off_loop(self.inspect, name, hold)
