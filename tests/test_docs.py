@@ -13,7 +13,8 @@ import pytest
 import oncely.functions.decorator
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", ROOT / "docs" / "decorator.md"]
+# Blocks fenced as ```python run (in a temporary directory); ```py blocks are shown, not run.
+DOCS = [ROOT / "README.md", ROOT / "docs" / "decorator.md", ROOT / "docs" / "locks.md"]
 
 
 def blocks(path: Path) -> list[str]:
@@ -21,7 +22,8 @@ def blocks(path: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
-def test_python_blocks_run(path: Path) -> None:
+def test_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     found = blocks(path)
     assert found, f"{path} has no python examples"
     for index, code in enumerate(found):
