@@ -28,6 +28,7 @@ test: lint typecheck
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[all,dev,bench]'
 	$(BIN)/python benchmarks/decorator.py
+	$(BIN)/python benchmarks/locks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
