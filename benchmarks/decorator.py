@@ -261,12 +261,20 @@ def cleanup() -> None:
             client.delete(*keys[i : i + 1000])
 
 
+def median_of(runs: list[Result]) -> Result:
+    """The pass with the median rate (its latencies come along with it)."""
+    return sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="calls per measurement")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--stores", default="memory,sqlite,postgres,redis")
     parser.add_argument("--write-docs", action="store_true", help="update docs/performance.md")
+    parser.add_argument(
+        "--passes", type=int, default=3, help="interleaved passes; the median rate is reported"
+    )
     args = parser.parse_args()
     n, conc = args.n, args.concurrency
     tag = uuid.uuid4().hex[:8]
@@ -281,13 +289,14 @@ def main() -> None:
         elif name == "redis":
             stores[name] = open_store(REDIS_URL, prefix="oncely-bench", client=counting_client())
 
-    results: list[Result] = []
+    passes: list[list[Result]] = []
     try:
-        results += bench_raw_redis(n, conc)
-        results += bench_powertools(n, conc)
-        for name, store in stores.items():
-            print(f"... {name}", flush=True)
-            results += bench_oncely(name, store, n, conc)
+        for number in range(args.passes):
+            print(f"... pass {number + 1}/{args.passes}", flush=True)
+            this = bench_raw_redis(n, conc) + bench_powertools(n, conc)
+            for store_name, store in stores.items():
+                this += bench_oncely(store_name, store, n, conc)
+            passes.append(this)
     finally:
         if "postgres" in stores:
             import psycopg
@@ -298,6 +307,7 @@ def main() -> None:
             store.close()
         cleanup()
 
+    results = [median_of([p[i] for p in passes]) for i in range(len(passes[0]))]
     table = [
         "| implementation | mode | phase | ops/s | p50 µs | p99 µs | round trips/call |",
         "|---|---|---|---:|---:|---:|---:|",
@@ -363,8 +373,9 @@ def write_section(text: str, n: int, conc: int) -> None:
     stamp = time.strftime("%Y-%m-%d")
     section = (
         f"{begin}\n## Decorator (`benchmarks/decorator.py`)\n\n"
-        f"`.venv/bin/python benchmarks/decorator.py --n {n} --concurrency {conc} --write-docs`, "
-        f"run {stamp} on the 2-core shared machine; servers on loopback.\n\n{text}{end}"
+        f"`make bench` (`.venv/bin/python benchmarks/decorator.py --n {n} --concurrency {conc} "
+        f"--write-docs`), run {stamp} on the 2-core shared machine, servers on loopback; each "
+        f"row is the median of interleaved passes.\n\n{text}{end}"
     )
     current = DOCS.read_text() if DOCS.exists() else "# Performance\n"
     if begin in current:
