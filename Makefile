@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[all,dev,bench]'
 	$(BIN)/python benchmarks/decorator.py
 	$(BIN)/python benchmarks/locks.py
+	$(BIN)/python benchmarks/http_middleware.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

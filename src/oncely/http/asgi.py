@@ -1,0 +1,389 @@
+"""The ASGI face: a pure ASGI middleware (Starlette, FastAPI, Litestar, any ASGI 3 app).
+
+>>> from oncely.http import IdempotencyConfig, IdempotencyMiddleware
+>>> app = IdempotencyMiddleware(app, IdempotencyConfig(store="redis://localhost:6379/0"))
+
+or ``app.add_middleware(IdempotencyMiddleware, config=...)`` in Starlette/FastAPI. This module
+only carries out the operations of :func:`oncely.http.flow.request_flow` with ``await``: it
+reads the body, talks to the store, runs the app with a renewed lease while teeing the response
+into a buffer, and sends problems and replays. Nothing here decides anything.
+
+Per-route decorators (``@idempotent_route``, the FastAPI ``Idempotency`` dependency) are found
+automatically on Starlette and FastAPI apps (through ``scope["app"]``); for other frameworks
+pass ``resolver=``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from oncely.errors import ConfigurationError, HttpProblem, OncelyError
+from oncely.functions.lease import AsyncRenewer, Claimed, _current
+from oncely.http.config import IdempotencyConfig
+from oncely.http.engine import Engine
+from oncely.http.flow import (
+    BodyError,
+    Captured,
+    Claim,
+    Complete,
+    ConsumeToken,
+    IssueToken,
+    Op,
+    Pass,
+    ReadBody,
+    Release,
+    ReleaseToken,
+    Respond,
+    Run,
+    Sleep,
+    Watch,
+    request_flow,
+)
+from oncely.http.messages import HttpRequest, HttpResponse
+from oncely.http.problems import from_exception
+from oncely.http.routes import Resolver
+from oncely.records import New
+
+__all__ = ["INFO_KEY", "IdempotencyMiddleware"]
+
+log = logging.getLogger("oncely.http")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Scope key holding the :class:`~oncely.http.messages.IdempotencyInfo` of a protected request
+#: (None for a request the middleware let through untouched).
+INFO_KEY = "oncely.idempotency"
+# Response extensions that bypass ``send`` with a body; hidden from the app while capturing.
+_BYPASS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
+# Background work that must finish even if the request task is cancelled.
+_background: set[asyncio.Future[Any]] = set()
+
+
+class IdempotencyMiddleware:
+    """ASGI middleware applying ``Idempotency-Key`` semantics and one-time token guards.
+
+    :param app: the ASGI application to protect.
+    :param config: an :class:`~oncely.http.config.IdempotencyConfig` (or pass its fields as
+        keyword arguments instead).
+    :param resolver: finds the :class:`~oncely.http.routes.Rule` of the view serving a scope;
+        default: detected for Starlette/FastAPI apps.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        config: IdempotencyConfig | None = None,
+        *,
+        resolver: Resolver | None = None,
+        **options: Any,
+    ) -> None:
+        if config is None:
+            config = IdempotencyConfig(**options)
+        elif options:
+            raise ConfigurationError(
+                f"pass either config= or its fields, not both (got {sorted(options)})"
+            )
+        self.app = app
+        self.engine = Engine(config, resolver)
+        self._detect = resolver is None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        engine = self.engine
+        if self._detect:
+            self._detect_framework(scope)
+        scope[INFO_KEY] = None
+        method = scope["method"]
+        if not engine.is_candidate(method) and (
+            engine.token_endpoint is None or scope["path"] != engine.token_endpoint
+        ):
+            await self.app(scope, receive, send)
+            return
+        request = HttpRequest(
+            method, scope["path"], scope.get("query_string", b""), scope["headers"], scope
+        )
+        await _Exchange(self.app, engine, scope, receive, send).drive(request_flow(engine, request))
+
+    def _detect_framework(self, scope: Scope) -> None:
+        self._detect = False
+        app = scope.get("app") or self.app  # inside Starlette, or wrapping it from outside
+        if not hasattr(app, "router"):
+            return
+        module = type(app).__module__.split(".", 1)[0]
+        if module not in ("starlette", "fastapi"):
+            return
+        from oncely.http.starlette import resolver_for
+
+        resolver = resolver_for(app)
+        if resolver is not None:
+            self.engine.set_resolver(resolver)
+
+    async def aclose(self) -> None:
+        """Close the store's connections for the running event loop."""
+        await self.engine.store.aclose()
+
+
+class _Exchange:
+    """One request/response exchange: performs the flow's operations."""
+
+    __slots__ = ("app", "body", "engine", "receive", "scope", "send")
+
+    def __init__(
+        self, app: ASGIApp, engine: Engine, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        self.app = app
+        self.engine = engine
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.body: bytes | None = None
+
+    async def drive(self, flow: Any) -> None:
+        store = self.engine.store
+        value: Any = None
+        error: BaseException | None = None
+        while True:
+            try:
+                op: Op = flow.send(value) if error is None else flow.throw(error)
+            except StopIteration:
+                return
+            value = error = None
+            try:
+                kind = type(op)
+                if kind is Claim:
+                    assert isinstance(op, Claim)
+                    value = await _claim(store, op)
+                elif kind is Run:
+                    assert isinstance(op, Run)
+                    value = await self._run(op)
+                elif kind is Complete:
+                    assert isinstance(op, Complete)
+                    await _finish(store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl)
+                elif kind is ReadBody:
+                    assert isinstance(op, ReadBody)
+                    value = await self._read_body(op.limit, op.expected)
+                elif kind is Respond:
+                    assert isinstance(op, Respond)
+                    await _send_response(self.send, op.response)
+                elif kind is Pass:
+                    await self._pass()
+                elif kind is Release:
+                    assert isinstance(op, Release)
+                    await _finish(store.arelease, op.key, op.fence)
+                elif kind is Watch:
+                    assert isinstance(op, Watch)
+                    value = await store.awatch(op.key, op.fence, op.timeout)
+                elif kind is Sleep:
+                    assert isinstance(op, Sleep)
+                    await asyncio.sleep(op.seconds)
+                elif kind is ConsumeToken:
+                    assert isinstance(op, ConsumeToken) and self.engine.tokens is not None
+                    value = await self.engine.tokens.aconsume(op.token, op.subject, op.purpose)
+                elif kind is ReleaseToken:
+                    assert isinstance(op, ReleaseToken) and self.engine.tokens is not None
+                    await _finish(self.engine.tokens.arelease, op.use)
+                elif kind is IssueToken:
+                    assert isinstance(op, IssueToken) and self.engine.tokens is not None
+                    value = await self.engine.tokens.aissue(op.subject, op.purpose, op.ttl)
+                else:  # pragma: no cover - the flow yields only the operations above
+                    raise AssertionError(op)
+            except BaseException as exc:
+                error = exc
+
+    # -- request body ------------------------------------------------------------------------------
+    async def _read_body(self, limit: int, expected: int | None) -> bytes | BodyError:
+        chunks: list[bytes] = []
+        size = 0
+        receive = self.receive
+        while True:
+            message = await receive()
+            kind = message["type"]
+            if kind == "http.request":
+                chunk = message.get("body", b"")
+                if chunk:
+                    size += len(chunk)
+                    if size > limit:
+                        return BodyError.TOO_LARGE
+                    chunks.append(bytes(chunk))
+                if not message.get("more_body", False):
+                    break
+            elif kind == "http.disconnect":
+                return BodyError.INCOMPLETE
+        if expected is not None and size != expected:
+            return BodyError.INCOMPLETE
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.body = body
+        return body
+
+    def _app_receive(self) -> Receive:
+        body = self.body
+        if body is None:
+            return self.receive
+        original = self.receive
+        sent = False
+
+        async def receive() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            # Afterwards the app only waits for the disconnect; let the server tell it.
+            return await original()
+
+        return receive
+
+    # -- running the app ---------------------------------------------------------------------------
+    async def _pass(self) -> None:
+        capture = _Capture(self.send, -1)
+        try:
+            await self.app(self.scope, self._app_receive(), capture.send)
+        except HttpProblem as exc:
+            if capture.started:
+                raise
+            await _send_response(self.send, from_exception(exc, self.engine.config.problem_base))
+
+    async def _run(self, op: Run) -> Captured:
+        scope = self.scope
+        scope[INFO_KEY] = op.info
+        capture = _Capture(self.send, op.capture)
+        app_scope = scope
+        extensions = scope.get("extensions")
+        if op.capture >= 0 and extensions and any(e in extensions for e in _BYPASS_EXTENSIONS):
+            app_scope = dict(scope)
+            app_scope["extensions"] = {
+                k: v for k, v in extensions.items() if k not in _BYPASS_EXTENSIONS
+            }
+        renewer: AsyncRenewer | None = None
+        if op.fence is not None:
+            assert op.key is not None
+            claimed = Claimed(
+                op.key, op.fence, op.lease, self.engine.store, self.engine.config.on_lease_lost
+            )
+            renewer = AsyncRenewer(claimed)
+            token = _current.set(claimed)
+        try:
+            await self.app(app_scope, self._app_receive(), capture.send)
+        except HttpProblem as exc:
+            if capture.started:
+                raise
+            await _send_response(capture.send, from_exception(exc, self.engine.config.problem_base))
+        finally:
+            if renewer is not None:
+                _current.reset(token)
+                renewer.stop()
+        return capture.result()
+
+
+class _Capture:
+    """Passes the app's response through to the server, keeping a copy (up to a limit)."""
+
+    __slots__ = ("chunks", "complete", "headers", "inner", "limit", "size", "started", "status")
+
+    def __init__(self, inner: Send, limit: int) -> None:
+        self.inner = inner
+        self.limit = limit
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] | None = None
+        self.chunks: list[bytes] | None = [] if limit >= 0 else None
+        self.size = 0
+        self.started = False
+        self.complete = False
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            await self.inner(message)
+            chunks = self.chunks
+            if chunks is not None:
+                body = message.get("body", b"")
+                if body:
+                    self.size += len(body)
+                    if self.size > self.limit:
+                        self.chunks = None
+                    else:
+                        chunks.append(bytes(body))
+            if not message.get("more_body", False):
+                self.complete = True
+        elif kind == "http.response.start":
+            await self.inner(message)
+            self.started = True
+            self.status = int(message["status"])
+            if self.limit >= 0:
+                self.headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
+        else:
+            await self.inner(message)
+
+    def result(self) -> Captured:
+        chunks = self.chunks
+        body = None
+        if chunks is not None:
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return Captured(self.status, self.headers, body, self.complete and self.started)
+
+
+async def _send_response(send: Send, response: HttpResponse) -> None:
+    await send(
+        {"type": "http.response.start", "status": response.status, "headers": response.headers}
+    )
+    await send({"type": "http.response.body", "body": response.body, "more_body": False})
+
+
+async def _finish(write: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """Await a fenced write (complete/release); if the request is cancelled meanwhile, write
+    again in the background so the key is never left in progress.
+
+    The fast path is a plain ``await`` (no task, no shield). A write repeated after a
+    cancellation either lands, or finds its own earlier write done (``LeaseLost``), which is
+    fine either way.
+    """
+    try:
+        await write(*args)
+    except asyncio.CancelledError:
+        _keep_alive(asyncio.ensure_future(_write_again(write, args)))
+        raise
+
+
+async def _write_again(write: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+    try:
+        await write(*args)
+    except OncelyError as exc:
+        log.debug("oncely.http: repeated write after a cancellation: %s", exc)
+
+
+async def _claim(store: Any, op: Claim) -> Any:
+    """Claim; if the request is cancelled mid-claim and the claim succeeded, release it again."""
+    task = asyncio.ensure_future(store.aclaim(op.key, op.fingerprint, op.lease, op.ttl))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def undo(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                outcome = done.result()
+                if isinstance(outcome, New):
+                    _keep_alive(asyncio.ensure_future(store.arelease(op.key, outcome.fence)))
+
+        task.add_done_callback(undo)
+        _keep_alive(task)
+        raise
+
+
+def _keep_alive(work: asyncio.Future[Any]) -> None:
+    """Hold a reference to background ``work`` until it is done, and log it if it fails."""
+    _background.add(work)
+
+    def done(future: asyncio.Future[Any]) -> None:
+        _background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("oncely.http: background store call failed: %s", future.exception())
+
+    work.add_done_callback(done)

@@ -1,0 +1,113 @@
+"""Stored responses: which headers are kept, and the byte format of a stored response.
+
+Never stored, so never replayed: ``Set-Cookie``/``Set-Cookie2`` (another client's session),
+``Authorization``/``Proxy-Authorization``/``Proxy-Authenticate`` and ``WWW-Authenticate``
+(credentials), the hop-by-hop headers of RFC 9110 §7.6.1 (``Connection``, ``Keep-Alive``,
+``Proxy-Connection``, ``TE``, ``Trailer``, ``Transfer-Encoding``, ``Upgrade``) and any header
+the response's ``Connection`` header names, the replay marker itself, and the configured
+deny-list. Everything else — ``Location``, ``Content-Type``, ``ETag``, ``Cache-Control``, … —
+comes back as it was.
+
+Format ``http-response/1``: ``>HH`` status and header count, then per header ``>HI`` name and
+value lengths followed by the bytes, then the body (byte-identical, as the handler sent it).
+A response too large to keep is stored as ``http-unreplayable/1`` with only its status.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+
+from oncely.errors import SerializationError
+from oncely.http.messages import HttpResponse
+
+__all__ = [
+    "ALWAYS_DENIED",
+    "CODEC",
+    "UNREPLAYABLE",
+    "decode_response",
+    "decode_unreplayable",
+    "encode_response",
+    "encode_unreplayable",
+    "storable_headers",
+]
+
+CODEC = "http-response/1"
+UNREPLAYABLE = "http-unreplayable/1"
+
+ALWAYS_DENIED: frozenset[bytes] = frozenset(
+    {
+        b"set-cookie",
+        b"set-cookie2",
+        b"authorization",
+        b"proxy-authorization",
+        b"proxy-authenticate",
+        b"www-authenticate",
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+
+_HEAD = struct.Struct(">HH")
+_PAIR = struct.Struct(">HI")
+_STATUS = struct.Struct(">H")
+
+
+def storable_headers(
+    headers: Iterable[tuple[bytes, bytes]], deny: frozenset[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """The headers of a response that may be stored and replayed (names lower-cased)."""
+    pairs = [(bytes(name).lower(), bytes(value)) for name, value in headers]
+    named = {
+        token.strip().lower()
+        for name, value in pairs
+        if name == b"connection"
+        for token in value.split(b",")
+    }
+    return [(n, v) for n, v in pairs if n not in deny and n not in named]
+
+
+def encode_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    parts = [_HEAD.pack(status, len(headers))]
+    for name, value in headers:
+        parts.append(_PAIR.pack(len(name), len(value)))
+        parts.append(name)
+        parts.append(value)
+    parts.append(body)
+    return b"".join(parts)
+
+
+def decode_response(data: bytes) -> HttpResponse:
+    try:
+        status, count = _HEAD.unpack_from(data)
+        at = _HEAD.size
+        headers = []
+        for _ in range(count):
+            name_len, value_len = _PAIR.unpack_from(data, at)
+            at += _PAIR.size
+            name = data[at : at + name_len]
+            at += name_len
+            value = data[at : at + value_len]
+            at += value_len
+            headers.append((name, value))
+        if at > len(data):
+            raise ValueError("truncated")
+    except (struct.error, ValueError) as exc:
+        raise SerializationError(f"stored response is not valid {CODEC}: {exc}") from exc
+    return HttpResponse(status, headers, data[at:])
+
+
+def encode_unreplayable(status: int) -> bytes:
+    return _STATUS.pack(status)
+
+
+def decode_unreplayable(data: bytes) -> int:
+    try:
+        return int(_STATUS.unpack_from(data)[0])
+    except struct.error:
+        return 0

@@ -1,0 +1,266 @@
+"""The one configuration object both HTTP faces (ASGI and WSGI) take.
+
+>>> from oncely.http import IdempotencyConfig
+>>> config = IdempotencyConfig(store="redis://localhost:6379/0", exclude=["/health"])
+
+Every setting is documented on :class:`IdempotencyConfig`; ``docs/http.md`` has the full
+picture. :class:`Policy` is the effective, pre-computed settings of one route (global settings
+merged with the route's :class:`~oncely.http.routes.Rule`); it is internal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from dataclasses import field as _field
+from typing import Any
+
+from oncely.errors import ConfigurationError
+from oncely.functions.lease import LostCallback
+from oncely.http.codec import ALWAYS_DENIED
+from oncely.http.fingerprint import Fingerprinter, FingerprintSpec, resolve
+from oncely.http.messages import HttpRequest
+from oncely.http.problems import PROBLEM_BASE
+from oncely.http.routes import Rule, compile_pattern
+from oncely.stores import Store
+from oncely.tokens import Tokens
+
+__all__ = ["IdempotencyConfig", "Policy", "TokenGuard"]
+
+ScopeFunction = Callable[[HttpRequest], "str | None"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenGuard:
+    """One-time tokens over HTTP: an endpoint that issues them and routes that require one.
+
+    :param tokens: the :class:`~oncely.tokens.Tokens` (secret and store).
+    :param subject: who a token is bound to, from the request (user id, session id); default:
+        the idempotency ``scope`` callable, else ``""`` (anonymous).
+    :param header: request header carrying the token.
+    :param field: form field (``application/x-www-form-urlencoded``) or top-level JSON member
+        carrying the token when the header is absent; ``None`` to accept the header only.
+    :param endpoint: path of the issuing endpoint (GET or POST ``?purpose=…`` answers
+        ``{"token": …, "purpose": …, "expires_in": …}``); ``None`` for no endpoint.
+    :param purposes: purposes the endpoint issues tokens for (``None``: any).
+    :param ttl: lifetime of issued tokens in seconds (default: ``tokens.default_ttl``).
+    :param routes: path pattern -> purpose, for routes that require a token (the
+        ``@idempotent_route(token=...)`` decorator does the same per view).
+    """
+
+    tokens: Tokens
+    subject: ScopeFunction | None = None
+    header: str = "Oncely-Token"
+    field: str | None = "oncely_token"
+    endpoint: str | None = None
+    purposes: Collection[str] | None = None
+    ttl: float | None = None
+    routes: Mapping[str, str] = _field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tokens, Tokens):
+            raise ConfigurationError("TokenGuard(tokens=...) takes an oncely.tokens.Tokens")
+        if self.endpoint is not None and not self.endpoint.startswith("/"):
+            raise ConfigurationError(f"endpoint={self.endpoint!r} must be a path like '/tokens'")
+        for pattern in self.routes:
+            compile_pattern(pattern)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IdempotencyConfig:
+    """How the HTTP middleware treats requests; shared by the ASGI and the WSGI face.
+
+    :param store: store URL or object (default ``$ONCELY_STORE`` or ``sqlite:///oncely.db``).
+    :param methods: methods the ``Idempotency-Key`` applies to.
+    :param include: path patterns to protect (empty: all paths); ``*`` one segment, ``**`` any.
+    :param exclude: path patterns never protected.
+    :param routes: path pattern -> :class:`~oncely.http.routes.Rule` overrides.
+    :param required: a protected request without the header gets 400 (otherwise it just runs).
+    :param header: the request header name.
+    :param allow_bare_key: accept an unquoted key (``abc123``, a bare UUID) besides the
+        Structured Field string (``"abc123"``).
+    :param max_key_length: longest key accepted, in characters.
+    :param ttl: seconds a completed response is kept for replay (Stripe keeps 24 h).
+    :param lease: seconds a running request holds its key without renewal; renewed every
+        ``lease / 3`` while the handler runs.
+    :param wait: seconds a duplicate waits for the first request to finish and then gets its
+        replay; 0 answers 409 at once.
+    :param retry_after: ``Retry-After`` seconds on 409 (in flight) and 503 (store down).
+    :param store_client_errors: store and replay 4xx responses.
+    :param store_server_errors: store and replay 5xx responses (default: release the key, so a
+        retry runs again).
+    :param transient_statuses: statuses never stored (the key is released).
+    :param deny_headers: response headers never stored or replayed, on top of the built-in
+        list (``Set-Cookie``, ``Authorization``, hop-by-hop, …).
+    :param max_request_body: larger request bodies get 413 before the handler runs.
+    :param max_stored_body: larger responses are sent, then stored as "not replayable": a retry
+        gets 409 ``response-not-replayable`` (never a truncated body, never a second run).
+    :param fingerprint: ``None`` (method, path, query, body), a list of JSON field paths, or a
+        callable ``(request, body) -> str``.
+    :param scope: callable ``request -> str`` naming the tenant/user/API key the key belongs
+        to; equal keys in different scopes never meet. Return a non-secret id (it is stored).
+    :param fail_open: if the store is down, run the request unprotected (default: 503).
+    :param problem_base: prefix of problem ``type`` URIs.
+    :param replay_header: header added to replayed responses (value ``true``).
+    :param tokens: one-time token guard (see :class:`TokenGuard`).
+    :param on_lease_lost: called with ``(claim, error)`` if a running request loses its key.
+    :param namespace: store scope prefix of HTTP records (``"<namespace>:<scope>"``).
+    """
+
+    store: str | Store | None = None
+    methods: Collection[str] = ("POST", "PATCH")
+    include: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    routes: Mapping[str, Rule] = _field(default_factory=dict)
+    required: bool = True
+    header: str = "Idempotency-Key"
+    allow_bare_key: bool = True
+    max_key_length: int = 255
+    ttl: float = 86400.0
+    lease: float = 30.0
+    wait: float = 0.0
+    retry_after: int = 1
+    store_client_errors: bool = True
+    store_server_errors: bool = False
+    transient_statuses: Collection[int] = (408, 425, 429)
+    deny_headers: Collection[str] = ()
+    max_request_body: int = 1 << 20
+    max_stored_body: int = 1 << 20
+    fingerprint: FingerprintSpec = None
+    scope: ScopeFunction | None = None
+    fail_open: bool = False
+    problem_base: str = PROBLEM_BASE
+    replay_header: str = "Idempotent-Replayed"
+    tokens: TokenGuard | None = None
+    on_lease_lost: LostCallback | None = None
+    namespace: str = "http"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.methods, str):
+            raise ConfigurationError("methods= takes a list, e.g. methods=['POST', 'PATCH']")
+        for name in ("include", "exclude", "deny_headers"):
+            if isinstance(getattr(self, name), str):
+                raise ConfigurationError(f"{name}= takes a list of strings, not one string")
+        _check_rule_values(self.ttl, self.lease, self.wait, self.max_request_body, "config")
+        _check_rule_values(1, 1, 0, self.max_stored_body, "max_stored_body")
+        if not 1 <= self.max_key_length <= 4096:
+            raise ConfigurationError("max_key_length must be between 1 and 4096")
+        if self.retry_after < 0:
+            raise ConfigurationError("retry_after must be zero or more seconds")
+        if not self.header or not self.header.isascii() or ":" in self.header:
+            raise ConfigurationError(f"header={self.header!r} is not a header name")
+        if self.scope is not None and not callable(self.scope):
+            raise ConfigurationError("scope= takes a callable (request) -> str")
+        for pattern in (*self.include, *self.exclude, *self.routes):
+            compile_pattern(pattern)
+        for pattern, rule in self.routes.items():
+            if not isinstance(rule, Rule):
+                raise ConfigurationError(
+                    f"routes[{pattern!r}] must be a Rule, e.g. Rule(required=False)"
+                )
+            _check_rule(rule, f"routes[{pattern!r}]")
+            if rule.token is not None and self.tokens is None:
+                raise ConfigurationError(
+                    f"routes[{pattern!r}] requires a one-time token but there is no "
+                    "tokens=TokenGuard(...)"
+                )
+        resolve(self.fingerprint)  # fail at start-up, not on the first request
+
+
+def _check_rule_values(
+    ttl: float | None, lease: float | None, wait: float | None, body: int | None, where: str
+) -> None:
+    for name, value in (("ttl", ttl), ("lease", lease)):
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ConfigurationError(f"{where}: {name} must be positive seconds, not {value}")
+    if wait is not None and not (wait >= 0 and math.isfinite(wait)):
+        raise ConfigurationError(f"{where}: wait must be zero or more seconds, not {wait}")
+    if body is not None and body < 0:
+        raise ConfigurationError(f"{where}: body limits must be zero or more bytes, not {body}")
+
+
+def _check_rule(rule: Rule, where: str) -> None:
+    _check_rule_values(rule.ttl, rule.lease, rule.wait, rule.max_request_body, where)
+    _check_rule_values(None, None, None, rule.max_stored_body, where)
+    if isinstance(rule.methods, str):
+        raise ConfigurationError(f"{where}: methods= takes a list, e.g. ['POST']")
+    resolve(rule.fingerprint)
+
+
+def _pick(rule: Rule | None, name: str, default: Any) -> Any:
+    if rule is None:
+        return default
+    value = getattr(rule, name)
+    return default if value is None else value
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The effective settings of one route (global config merged with its rules)."""
+
+    enabled: bool
+    methods: frozenset[str]
+    required: bool
+    header: bytes
+    header_name: str
+    allow_bare_key: bool
+    max_key_length: int
+    ttl: float
+    lease: float
+    wait: float
+    retry_after: int
+    store_client_errors: bool
+    store_server_errors: bool
+    transient_statuses: frozenset[int]
+    deny_headers: frozenset[bytes]
+    max_request_body: int
+    max_stored_body: int
+    fingerprint: Fingerprinter
+    scope: ScopeFunction | None
+    fail_open: bool
+    problem_base: str
+    replay_header: bytes
+    token: str | None
+    namespace: str
+
+    @classmethod
+    def build(cls, config: IdempotencyConfig, enabled: bool, *rules: Rule | None) -> Policy:
+        def pick(name: str, default: Any = None) -> Any:
+            value = getattr(config, name, default)
+            for rule in rules:
+                value = _pick(rule, name, value)
+            return value
+
+        fingerprint_spec = config.fingerprint
+        for rule in rules:
+            if rule is not None and rule.fingerprint is not None:
+                fingerprint_spec = rule.fingerprint
+        return cls(
+            enabled=pick("enabled", enabled),
+            methods=frozenset(m.upper() for m in pick("methods")),
+            required=pick("required"),
+            header=config.header.lower().encode("ascii"),
+            header_name=config.header,
+            allow_bare_key=config.allow_bare_key,
+            max_key_length=config.max_key_length,
+            ttl=float(pick("ttl")),
+            lease=float(pick("lease")),
+            wait=float(pick("wait")),
+            retry_after=int(config.retry_after),
+            store_client_errors=pick("store_client_errors"),
+            store_server_errors=pick("store_server_errors"),
+            transient_statuses=frozenset(config.transient_statuses),
+            deny_headers=ALWAYS_DENIED
+            | {h.lower().encode("latin-1") for h in config.deny_headers}
+            | {config.replay_header.lower().encode("latin-1")},
+            max_request_body=int(pick("max_request_body")),
+            max_stored_body=int(pick("max_stored_body")),
+            fingerprint=resolve(fingerprint_spec),
+            scope=config.scope,
+            fail_open=config.fail_open,
+            problem_base=config.problem_base,
+            replay_header=config.replay_header.lower().encode("latin-1"),
+            token=pick("token"),
+            namespace=config.namespace,
+        )

@@ -1,0 +1,124 @@
+"""Flask helpers: install the WSGI middleware with route rules, and mark views.
+
+::
+
+    from flask import Flask
+    from oncely.http import IdempotencyConfig, idempotent_route
+    from oncely.http.flask import install, require_token
+
+    app = Flask(__name__)
+    install(app, IdempotencyConfig(store="redis://localhost:6379/0"))
+
+    @app.post("/payments")
+    @idempotent_route(fingerprint=["amount"])
+    def pay(): ...
+
+    @app.route("/checkout", methods=["GET", "POST"])
+    @require_token("checkout")          # a double-submitted form has one effect
+    def checkout(): ...
+
+The decorators only mark views; the middleware (installed around ``app.wsgi_app``) finds the
+view Flask will dispatch to and applies its rule before the view runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import Flask, request
+from werkzeug.exceptions import HTTPException
+from werkzeug.routing import RequestRedirect
+
+from oncely.errors import ConfigurationError
+from oncely.http.config import IdempotencyConfig
+from oncely.http.engine import SAFE_METHODS
+from oncely.http.routes import MARKER, Rule, idempotent_route, rule_of
+from oncely.http.wsgi import INFO_KEY, WSGIIdempotencyMiddleware
+
+__all__ = ["FlaskResolver", "install", "require_token"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class FlaskResolver:
+    """Callable ``environ -> Rule | None``: the rule of the view Flask will dispatch to."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self._marked: bool | None = None
+
+    def _any_marked(self) -> bool:
+        for view in self.app.view_functions.values():
+            if rule_of(view) is not None:
+                return True
+            view_class = getattr(view, "view_class", None)
+            if view_class is not None and any(
+                rule_of(getattr(view_class, m, None)) is not None
+                for m in ("post", "put", "patch", "delete", "get", "dispatch_request")
+            ):
+                return True
+        return False
+
+    def __call__(self, environ: dict[str, Any]) -> Rule | None:
+        if self._marked is None:
+            self._marked = self._any_marked()
+        if not self._marked:
+            return None
+        try:
+            endpoint, _ = self.app.url_map.bind_to_environ(environ).match()
+        except (HTTPException, RequestRedirect):
+            return None
+        view = self.app.view_functions.get(endpoint)
+        rule = rule_of(view)
+        if rule is None:
+            view_class = getattr(view, "view_class", None)
+            method = environ.get("REQUEST_METHOD", "").lower()
+            rule = rule_of(getattr(view_class, method, None)) or rule_of(
+                getattr(view_class, "dispatch_request", None)
+            )
+        return rule
+
+
+def install(app: Flask, config: IdempotencyConfig | None = None, **options: Any) -> Any:
+    """Wrap ``app.wsgi_app`` in the middleware (with a route resolver); returns the middleware."""
+    middleware = WSGIIdempotencyMiddleware(
+        app.wsgi_app, config, resolver=FlaskResolver(app), **options
+    )
+    app.wsgi_app = middleware  # type: ignore[method-assign]
+    app.extensions["oncely"] = middleware
+    return middleware
+
+
+def require_token(purpose: str, **settings: Any) -> Callable[[F], F]:
+    """Mark a view as requiring a one-time token of ``purpose`` on unsafe methods (the
+    middleware's :class:`~oncely.http.config.TokenGuard` checks and consumes it)."""
+    rule = idempotent_route(token=purpose, **settings)
+
+    def decorate(view: F) -> F:
+        @functools.wraps(view)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _check(request.environ, request.method, purpose)
+            return view(*args, **kwargs)
+
+        setattr(wrapper, MARKER, rule)
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _check(environ: dict[str, Any], method: str, purpose: str) -> None:
+    if INFO_KEY not in environ:
+        raise ConfigurationError(
+            "this view requires a one-time token but the oncely middleware is not installed; "
+            "call oncely.http.flask.install(app, config)"
+        )
+    if method in SAFE_METHODS:
+        return
+    info = environ[INFO_KEY]
+    if info is None or info.token_purpose != purpose:
+        raise ConfigurationError(
+            f"the one-time token of purpose {purpose!r} was not checked for {method}; add the "
+            "method to the rule's or the config's methods, and pass tokens= to the config"
+        )

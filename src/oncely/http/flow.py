@@ -1,0 +1,604 @@
+"""The HTTP idempotency protocol, written once as a generator with no I/O (sans-IO).
+
+:func:`request_flow` decides everything about one request — whether the middleware applies,
+which problem answers a bad request, claim, replay, wait, run, store or release — by yielding
+operations (:class:`ReadBody`, :class:`Claim`, :class:`Run`, :class:`Respond`, …) and receiving
+their results. The ASGI driver (:mod:`oncely.http.asgi`) carries them out with ``await``, the
+WSGI driver (:mod:`oncely.http.wsgi`) with blocking calls; neither decides anything. This is
+the pattern of :mod:`oncely.functions.flow`, applied to HTTP.
+
+Order of a protected request (each step answers with a problem and stops on failure):
+
+1. the route's policy applies (method, include/exclude, rules) — else the app runs untouched;
+2. the ``Idempotency-Key`` parses (400 ``idempotency-key-invalid``), or is absent (400
+   ``idempotency-key-missing`` where required; otherwise the app runs untouched);
+3. the body is read, at most ``max_request_body`` bytes (413) and complete (400);
+4. a required one-time token is present (400 ``token-missing``);
+5. the fingerprint is computed (400 ``request-body-invalid``);
+6. one ``claim`` (503 ``store-unavailable`` if the store is down, unless ``fail_open``):
+   new -> consume the token, run the app with its lease renewed, then store the response or
+   release the key; completed -> replay; in flight -> wait (``wait``) or 409; other
+   fingerprint -> 422.
+
+The app's exceptions, a response cut short (client gone) and statuses not to be stored all
+release the key (and give a consumed token back), so a retry runs again.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from typing import Any
+
+from oncely.errors import (
+    ConfigurationError,
+    InvalidKey,
+    InvalidPayload,
+    LeaseLost,
+    OncelyError,
+    SerializationError,
+    StoreError,
+    StoreUnavailable,
+    TokenError,
+)
+from oncely.http.codec import (
+    CODEC,
+    UNREPLAYABLE,
+    decode_response,
+    decode_unreplayable,
+    encode_response,
+    encode_unreplayable,
+    storable_headers,
+)
+from oncely.http.config import Policy
+from oncely.http.engine import Engine
+from oncely.http.guard import find_token, issued_response, purpose_from_query
+from oncely.http.headers import parse_key
+from oncely.http.messages import HttpRequest, HttpResponse, IdempotencyInfo
+from oncely.http.problems import (
+    BODY_INCOMPLETE,
+    BODY_INVALID,
+    BODY_TOO_LARGE,
+    IN_FLIGHT,
+    KEY_INVALID,
+    KEY_MISMATCH,
+    KEY_MISSING,
+    METHOD_NOT_ALLOWED,
+    NOT_REPLAYABLE,
+    STORE_UNAVAILABLE,
+    TOKEN_MISSING,
+    TOKEN_PURPOSE_UNKNOWN,
+    ProblemType,
+    problem_response,
+    token_problem,
+)
+from oncely.records import InFlight, Mismatch, New, Record, RecordKey, Replay, digest_key
+from oncely.tokens import TokenUse
+
+__all__ = [
+    "PASS",
+    "BodyError",
+    "Captured",
+    "Claim",
+    "Complete",
+    "ConsumeToken",
+    "IssueToken",
+    "Op",
+    "Pass",
+    "ReadBody",
+    "Release",
+    "ReleaseToken",
+    "Respond",
+    "Run",
+    "Sleep",
+    "Watch",
+    "request_flow",
+]
+
+log = logging.getLogger("oncely.http")
+
+
+# -- operations (what the flow asks a driver to do) ------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """Run the app untouched (with the buffered body if one was read); nothing is recorded."""
+
+
+PASS = Pass()
+
+
+@dataclass(frozen=True, slots=True)
+class Respond:
+    """Send this response instead of running the app."""
+
+    response: HttpResponse
+
+
+class BodyError(enum.Enum):
+    TOO_LARGE = "too large"
+    INCOMPLETE = "incomplete"
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBody:
+    """Read the whole request body, at most ``limit`` bytes (and exactly ``expected`` if the
+    request declared a length); send back bytes or a BodyError."""
+
+    limit: int
+    expected: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    key: RecordKey
+    fingerprint: str
+    lease: float
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class Watch:
+    key: RecordKey
+    fence: int
+    timeout: float
+
+
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """Run the app, passing its response through; send back a :class:`Captured`.
+
+    With a ``fence``, keep the key's lease alive while the app runs. ``capture`` is the most
+    body bytes to keep (beyond it the body is dropped and ``Captured.body`` is None); -1 keeps
+    no body at all (only status and completeness are needed).
+    """
+
+    key: RecordKey | None
+    fence: int | None
+    lease: float
+    info: IdempotencyInfo
+    capture: int
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    key: RecordKey
+    fence: int
+    data: bytes
+    codec: str
+    ttl: float
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    key: RecordKey
+    fence: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConsumeToken:
+    token: str
+    subject: str
+    purpose: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseToken:
+    use: TokenUse
+
+
+@dataclass(frozen=True, slots=True)
+class IssueToken:
+    subject: str
+    purpose: str
+    ttl: float
+
+
+Op = (
+    Pass
+    | Respond
+    | ReadBody
+    | Claim
+    | Watch
+    | Sleep
+    | Run
+    | Complete
+    | Release
+    | ConsumeToken
+    | ReleaseToken
+    | IssueToken
+)
+
+
+@dataclass(slots=True)
+class Captured:
+    """What the app sent: status, headers, body (None if over the capture limit), and whether
+    the response was complete (its last body message went out)."""
+
+    status: int = 0
+    headers: list[tuple[bytes, bytes]] | None = None
+    body: bytes | None = None
+    complete: bool = False
+
+
+class _Verdict(enum.Enum):
+    STORE = 1
+    MARKER = 2
+    RELEASE = 3
+
+
+_COMPLETE_ATTEMPTS = 3
+Flow = Generator[Op, Any, None]
+
+
+# -- the flow --------------------------------------------------------------------------------------
+def request_flow(engine: Engine, request: HttpRequest) -> Flow:
+    """Everything the middleware does with one request (see the module docstring)."""
+    if engine.token_endpoint is not None and request.path == engine.token_endpoint:
+        yield from _issue_flow(engine, request)
+        return
+    policy = engine.policy_for(request)
+    if policy is None:
+        yield PASS
+        return
+
+    def problem(kind: ProblemType, detail: str, **extra: Any) -> Respond:
+        return Respond(problem_response(kind, detail, base=policy.problem_base, **extra))
+
+    header_name = policy.header_name
+    key: str | None = None
+    values = request.header_values(policy.header)
+    if values:
+        try:
+            key = parse_key(
+                values, allow_bare=policy.allow_bare_key, max_length=policy.max_key_length
+            )
+        except InvalidKey as exc:
+            yield problem(KEY_INVALID, str(exc))
+            return
+    elif policy.token is None:
+        if policy.required:
+            yield problem(
+                KEY_MISSING,
+                f"{request.method} {request.path} requires an {header_name} header; send a "
+                'unique value per operation, e.g. Idempotency-Key: "<uuid>"',
+            )
+        else:
+            yield PASS
+        return
+
+    limit = policy.max_request_body
+    declared = request.content_length()
+    if declared == -1:
+        yield problem(BODY_INCOMPLETE, "the Content-Length header is not a number")
+        return
+    if declared is not None and declared > limit:
+        yield problem(BODY_TOO_LARGE, f"the body may have at most {limit} bytes", limit=limit)
+        return
+    body = yield ReadBody(limit, declared)
+    if body is BodyError.TOO_LARGE:
+        yield problem(BODY_TOO_LARGE, f"the body may have at most {limit} bytes", limit=limit)
+        return
+    if body is BodyError.INCOMPLETE:
+        yield problem(BODY_INCOMPLETE, "the request body ended before it was complete")
+        return
+    assert isinstance(body, bytes)
+
+    scope_name = _scope_of(policy, request)
+    info = IdempotencyInfo(key, scope_name, None, policy.token)
+    token: str | None = None
+    subject = ""
+    if policy.token is not None:
+        guard = engine.config.tokens
+        if guard is None:
+            raise ConfigurationError(
+                f"{request.path} requires a one-time token (purpose {policy.token!r}) but the "
+                "middleware has no TokenGuard; pass IdempotencyConfig(tokens=TokenGuard(...))"
+            )
+        token = find_token(request.header(guard.header), request.content_type(), body, guard.field)
+        if token is None:
+            where = f"the {guard.header} header" + (
+                f" or the {guard.field!r} field" if guard.field else ""
+            )
+            yield problem(TOKEN_MISSING, f"send the one-time token in {where}")
+            return
+        subject = _subject_of(engine, policy, request)
+
+    if key is None:
+        assert token is not None and policy.token is not None
+        yield from _token_only(policy, info, token, subject, policy.token)
+        return
+
+    try:
+        fingerprint = policy.fingerprint(request, body)
+    except InvalidPayload as exc:
+        yield problem(BODY_INVALID, str(exc))
+        return
+    record_key = RecordKey(scope_name, digest_key(key))
+
+    deadline: float | None = None
+    while True:
+        try:
+            outcome = yield Claim(record_key, fingerprint, policy.lease, policy.ttl)
+        except StoreError as exc:
+            if policy.fail_open:
+                log.warning("oncely.http: store down (%s); running the request unprotected", exc)
+                yield Run(None, None, policy.lease, info, -1)
+                return
+            yield _unavailable(policy, exc)
+            return
+        if isinstance(outcome, New):
+            yield from _run_and_store(policy, record_key, outcome, info, token, subject)
+            return
+        if isinstance(outcome, Replay):
+            yield Respond(_replay(policy, outcome.record))
+            return
+        if isinstance(outcome, Mismatch):
+            yield problem(
+                KEY_MISMATCH,
+                f"this {header_name} was already used for a different request (method, path or "
+                "payload differ); retry with the original request, or use a new key",
+            )
+            return
+        assert isinstance(outcome, InFlight)
+        if policy.wait > 0:
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + policy.wait
+            left = deadline - now
+            if left > 0:
+                lease_left = max(outcome.lease_until - outcome.now, 0.0)
+                try:
+                    yield Watch(record_key, outcome.fence, min(left, lease_left + 0.01))
+                except StoreError as exc:
+                    yield _unavailable(policy, exc)
+                    return
+                continue
+        yield problem(
+            IN_FLIGHT,
+            f"the first request with this {header_name} is still running; retry after "
+            f"{policy.retry_after}s to get its response",
+            headers=[(b"retry-after", str(policy.retry_after).encode("ascii"))],
+        )
+        return
+
+
+def _run_and_store(
+    policy: Policy,
+    key: RecordKey,
+    new: New,
+    info: IdempotencyInfo,
+    token: str | None,
+    subject: str,
+) -> Flow:
+    use: TokenUse | None = None
+    if token is not None and policy.token is not None:
+        try:
+            use = yield ConsumeToken(token, subject, policy.token)
+        except (TokenError, StoreError) as exc:
+            yield from _release(key, new.fence)
+            yield _token_refused(policy, exc)
+            return
+    try:
+        captured = yield Run(
+            key,
+            new.fence,
+            policy.lease,
+            IdempotencyInfo(info.key, info.scope, new.fence, info.token_purpose),
+            policy.max_stored_body,
+        )
+    except GeneratorExit:
+        raise
+    except BaseException:
+        yield from _release(key, new.fence)
+        if use is not None:
+            yield from _release_token(use)
+        raise
+    verdict = _verdict(policy, captured)
+    if verdict is _Verdict.STORE:
+        headers = storable_headers(captured.headers or (), policy.deny_headers)
+        data = encode_response(captured.status, headers, captured.body or b"")
+        yield from _complete(policy, key, new.fence, data, CODEC)
+    elif verdict is _Verdict.MARKER:
+        log.info(
+            "oncely.http: response of %s bytes+ not stored (max_stored_body=%s); a retry gets 409",
+            policy.max_stored_body,
+            policy.max_stored_body,
+        )
+        yield from _complete(
+            policy, key, new.fence, encode_unreplayable(captured.status), UNREPLAYABLE
+        )
+    else:
+        yield from _release(key, new.fence)
+        if use is not None:
+            yield from _release_token(use)
+
+
+def _token_only(
+    policy: Policy, info: IdempotencyInfo, token: str, subject: str, purpose: str
+) -> Flow:
+    """A token-guarded request without an Idempotency-Key: the token alone makes it run once."""
+    try:
+        use = yield ConsumeToken(token, subject, purpose)
+    except (TokenError, StoreError) as exc:
+        yield _token_refused(policy, exc)
+        return
+    try:
+        captured = yield Run(None, None, policy.lease, info, -1)
+    except GeneratorExit:
+        raise
+    except BaseException:
+        yield from _release_token(use)
+        raise
+    if _verdict(policy, captured) is _Verdict.RELEASE:
+        yield from _release_token(use)
+
+
+def _issue_flow(engine: Engine, request: HttpRequest) -> Flow:
+    guard = engine.config.tokens
+    assert guard is not None
+    base = engine.config.problem_base
+    if request.method not in ("GET", "POST"):
+        yield Respond(
+            problem_response(
+                METHOD_NOT_ALLOWED,
+                "the token endpoint answers GET and POST",
+                base=base,
+                headers=[(b"allow", b"GET, POST")],
+            )
+        )
+        return
+    purpose = purpose_from_query(request.query)
+    if not purpose or (guard.purposes is not None and purpose not in guard.purposes):
+        known = sorted(guard.purposes) if guard.purposes is not None else None
+        yield Respond(
+            problem_response(
+                TOKEN_PURPOSE_UNKNOWN,
+                "ask for a token with ?purpose=<purpose>"
+                + (f"; known purposes: {known}" if known is not None else ""),
+                base=base,
+            )
+        )
+        return
+    subject = _subject_of(engine, None, request)
+    ttl = guard.ttl if guard.ttl is not None else guard.tokens.default_ttl
+    try:
+        token = yield IssueToken(subject, purpose, ttl)
+    except StoreError as exc:
+        yield Respond(
+            problem_response(
+                STORE_UNAVAILABLE,
+                f"cannot read the store clock: {type(exc).__name__}",
+                base=base,
+                headers=[(b"retry-after", str(engine.config.retry_after).encode("ascii"))],
+            )
+        )
+        return
+    yield Respond(issued_response(token, purpose, ttl))
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _scope_of(policy: Policy, request: HttpRequest) -> str:
+    if policy.scope is None:
+        return policy.namespace + ":"
+    value = policy.scope(request)
+    return f"{policy.namespace}:{'' if value is None else value}"
+
+
+def _subject_of(engine: Engine, policy: Policy | None, request: HttpRequest) -> str:
+    guard = engine.config.tokens
+    function = guard.subject if guard is not None and guard.subject is not None else None
+    if function is None:
+        function = engine.config.scope
+    if function is None:
+        return ""
+    value = function(request)
+    return "" if value is None else str(value)
+
+
+def _verdict(policy: Policy, captured: Captured) -> _Verdict:
+    status = captured.status
+    if not captured.complete or status in policy.transient_statuses:
+        return _Verdict.RELEASE
+    if status >= 500 and not policy.store_server_errors:
+        return _Verdict.RELEASE
+    if 400 <= status < 500 and not policy.store_client_errors:
+        return _Verdict.RELEASE
+    if captured.body is None:
+        return _Verdict.MARKER
+    return _Verdict.STORE
+
+
+def _replay(policy: Policy, record: Record) -> HttpResponse:
+    detail = "the first response to this key was not kept"
+    status = 0
+    if record.codec == CODEC:
+        try:
+            stored = decode_response(record.result or b"")
+        except SerializationError:
+            log.error("oncely.http: a stored response cannot be decoded; answering 409")
+        else:
+            headers = list(stored.headers)
+            if not any(name == b"content-length" for name, _ in headers):
+                headers.append((b"content-length", str(len(stored.body)).encode("ascii")))
+            headers.append((policy.replay_header, b"true"))
+            return HttpResponse(stored.status, headers, stored.body)
+    elif record.codec == UNREPLAYABLE:
+        status = decode_unreplayable(record.result or b"")
+        detail = (
+            f"the request already ran (status {status}), but its response was larger than "
+            f"max_stored_body ({policy.max_stored_body} bytes) and was not kept; it is not "
+            "run again. Use a new key for a new operation"
+        )
+    extra: dict[str, Any] = {"original_status": status} if status else {}
+    return problem_response(NOT_REPLAYABLE, detail, base=policy.problem_base, **extra)
+
+
+def _unavailable(policy: Policy, exc: OncelyError) -> Respond:
+    return Respond(
+        problem_response(
+            STORE_UNAVAILABLE,
+            f"the idempotency store could not decide ({type(exc).__name__}); the request was "
+            "not run. Retry later with the same key",
+            base=policy.problem_base,
+            headers=[(b"retry-after", str(policy.retry_after).encode("ascii"))],
+        )
+    )
+
+
+def _token_refused(policy: Policy, exc: OncelyError) -> Respond:
+    if isinstance(exc, TokenError):
+        return Respond(problem_response(token_problem(exc), str(exc), base=policy.problem_base))
+    return _unavailable(policy, exc)
+
+
+def _release(key: RecordKey, fence: int) -> Flow:
+    try:
+        yield Release(key, fence)
+    except OncelyError as exc:
+        log.warning(
+            "oncely.http: could not release the key (%s); it frees itself when its lease runs out",
+            exc,
+        )
+
+
+def _release_token(use: TokenUse) -> Flow:
+    try:
+        yield ReleaseToken(use)
+    except OncelyError as exc:
+        log.warning("oncely.http: could not give the one-time token back (%s)", exc)
+
+
+def _complete(policy: Policy, key: RecordKey, fence: int, data: bytes, codec: str) -> Flow:
+    """Store the response; retry briefly while the store is unreachable. Never raises: the
+    response is already on its way to the client."""
+    for attempt in range(_COMPLETE_ATTEMPTS):
+        try:
+            yield Complete(key, fence, data, codec, policy.ttl)
+            return
+        except StoreUnavailable as exc:
+            if attempt + 1 == _COMPLETE_ATTEMPTS:
+                log.error(
+                    "oncely.http: the response could not be stored (%s); the key frees itself "
+                    "when its lease runs out, and a retry then runs the request again",
+                    exc,
+                )
+                return
+            yield Sleep(0.05 * 2**attempt)
+        except LeaseLost as exc:
+            log.error(
+                "oncely.http: the request ran but its key was lost before the response was "
+                "stored (%s); another request may have run it too. Use a longer lease",
+                exc,
+            )
+            return
+        except OncelyError as exc:
+            log.error("oncely.http: the response could not be stored: %s", exc)
+            return

@@ -1,0 +1,82 @@
+"""Parsing the ``Idempotency-Key`` request header (an RFC 9651 Structured Field string).
+
+This is the only module that imports ``http-sf`` (the ``oncely[http]`` extra), on first use.
+
+Accepted (draft-ietf-httpapi-idempotency-key-header-06, §2):
+
+* a Structured Field *String* item, e.g. ``Idempotency-Key: "8e03978e-40d5-43e8"``; item
+  parameters are ignored, as RFC 9651 asks of unknown parameters;
+* with ``allow_bare=True`` (the default) also a bare value, because most clients send one:
+  an sf-token (``Idempotency-Key: abc123``), or any run of the characters
+  ``A-Z a-z 0-9 ! # $ % & ' * + - . ^ _ ` | ~ : / =`` — so a bare UUID works too.
+
+Refused with :class:`~oncely.errors.InvalidKey`: an empty key, a key longer than
+``max_length`` characters (255 by default, as Stripe), anything outside printable ASCII,
+several header lines or list members, and any other Structured Field type (integer, byte
+sequence, …) unless it reads as a bare value.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from oncely.errors import ConfigurationError, InvalidKey
+
+__all__ = ["parse_key"]
+
+_BARE = re.compile(rb"[A-Za-z0-9!#$%&'*+\-.^_`|~:/=]+")
+_parse: Callable[..., Any] | None = None
+_token_type: type | None = None
+
+
+def _load() -> Callable[..., Any]:
+    global _parse, _token_type
+    if _parse is None:
+        try:
+            import http_sf
+        except ImportError as exc:  # pragma: no cover - the extra is part of the dev install
+            raise ConfigurationError(
+                "the HTTP middleware parses Idempotency-Key with http-sf; install it with: "
+                "pip install 'oncely[http]'"
+            ) from exc
+        _token_type = http_sf.Token
+        _parse = http_sf.parse
+    return _parse
+
+
+def parse_key(values: Sequence[bytes], *, allow_bare: bool = True, max_length: int = 255) -> str:
+    """The idempotency key carried by the header lines ``values`` (at least one)."""
+    raw = values[0] if len(values) == 1 else b", ".join(values)
+    parse = _load()
+    key: str | None = None
+    try:
+        value, _params = parse(raw, tltype="item")
+    except Exception:  # http_sf raises StructuredFieldError (a ValueError); be defensive
+        value = None
+    if isinstance(value, str):
+        key = value
+    elif allow_bare and _token_type is not None and isinstance(value, _token_type):
+        key = str(value)
+    elif allow_bare:
+        bare = raw.strip(b" \t")
+        if _BARE.fullmatch(bare):
+            key = bare.decode("ascii")
+    if key is None:
+        if not raw.strip(b" \t"):
+            raise InvalidKey(
+                "the Idempotency-Key header is empty; send a unique value, e.g. a UUID"
+            )
+        how = "a quoted string or a bare token" if allow_bare else 'a quoted string, e.g. "a1b2"'
+        raise InvalidKey(
+            "the Idempotency-Key header is not a valid Structured Field string: send one value, "
+            f"{how}, of printable ASCII characters"
+        )
+    if not key:
+        raise InvalidKey("the Idempotency-Key is empty; send a unique value, e.g. a UUID")
+    if len(key) > max_length:
+        raise InvalidKey(
+            f"the Idempotency-Key has {len(key)} characters; at most {max_length} are allowed"
+        )
+    return key

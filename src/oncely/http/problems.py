@@ -1,0 +1,158 @@
+"""Error responses as ``application/problem+json`` (RFC 9457) with stable ``type`` URIs.
+
+Every refusal of the middleware and the token guard is one of the :class:`ProblemType` values
+below; ``type`` is ``problem_base + slug`` (``https://oncely.dev/problems/<slug>`` unless
+configured). The slugs and statuses are part of the public API and are listed in
+``docs/http.md``; clients should branch on ``type``, not on ``title`` or ``detail``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from oncely.errors import (
+    HttpProblem,
+    TokenError,
+    TokenExpired,
+    TokenForeign,
+    TokenForged,
+    TokenReused,
+)
+from oncely.http.messages import HttpResponse
+
+__all__ = [
+    "BODY_INCOMPLETE",
+    "BODY_INVALID",
+    "BODY_TOO_LARGE",
+    "IN_FLIGHT",
+    "KEY_INVALID",
+    "KEY_MISMATCH",
+    "KEY_MISSING",
+    "METHOD_NOT_ALLOWED",
+    "NOT_REPLAYABLE",
+    "PROBLEM_BASE",
+    "PROBLEM_TYPES",
+    "STORE_UNAVAILABLE",
+    "TOKEN_EXPIRED",
+    "TOKEN_FOREIGN",
+    "TOKEN_FORGED",
+    "TOKEN_MISSING",
+    "TOKEN_PURPOSE_UNKNOWN",
+    "TOKEN_REUSED",
+    "ProblemType",
+    "problem_response",
+    "token_problem",
+]
+
+PROBLEM_BASE = "https://oncely.dev/problems/"
+CONTENT_TYPE = b"application/problem+json"
+
+
+@dataclass(frozen=True, slots=True)
+class ProblemType:
+    slug: str
+    status: int
+    title: str
+
+
+KEY_MISSING = ProblemType("idempotency-key-missing", 400, "Idempotency-Key header is missing")
+KEY_INVALID = ProblemType("idempotency-key-invalid", 400, "Idempotency-Key header is invalid")
+KEY_MISMATCH = ProblemType(
+    "idempotency-key-mismatch", 422, "Idempotency-Key was already used for a different request"
+)
+IN_FLIGHT = ProblemType(
+    "request-in-flight", 409, "A request with this Idempotency-Key is still being processed"
+)
+NOT_REPLAYABLE = ProblemType(
+    "response-not-replayable", 409, "The response for this Idempotency-Key cannot be replayed"
+)
+BODY_TOO_LARGE = ProblemType("request-body-too-large", 413, "Request body is too large")
+BODY_INCOMPLETE = ProblemType("request-body-incomplete", 400, "Request body is incomplete")
+BODY_INVALID = ProblemType("request-body-invalid", 400, "Request body cannot be fingerprinted")
+STORE_UNAVAILABLE = ProblemType(
+    "store-unavailable", 503, "Idempotency store is unavailable; nothing was done"
+)
+TOKEN_MISSING = ProblemType("token-missing", 400, "A one-time token is required")
+TOKEN_FORGED = ProblemType("token-invalid", 403, "The one-time token is invalid")
+TOKEN_FOREIGN = ProblemType(
+    "token-foreign", 403, "The one-time token belongs to another user or purpose"
+)
+TOKEN_EXPIRED = ProblemType("token-expired", 403, "The one-time token has expired")
+TOKEN_REUSED = ProblemType("token-reused", 409, "The one-time token was already used")
+TOKEN_PURPOSE_UNKNOWN = ProblemType(
+    "token-purpose-unknown", 400, "Tokens are not issued for this purpose"
+)
+METHOD_NOT_ALLOWED = ProblemType("method-not-allowed", 405, "Method not allowed")
+
+PROBLEM_TYPES: tuple[ProblemType, ...] = (
+    KEY_MISSING,
+    KEY_INVALID,
+    KEY_MISMATCH,
+    IN_FLIGHT,
+    NOT_REPLAYABLE,
+    BODY_TOO_LARGE,
+    BODY_INCOMPLETE,
+    BODY_INVALID,
+    STORE_UNAVAILABLE,
+    TOKEN_MISSING,
+    TOKEN_FORGED,
+    TOKEN_FOREIGN,
+    TOKEN_EXPIRED,
+    TOKEN_REUSED,
+    TOKEN_PURPOSE_UNKNOWN,
+    METHOD_NOT_ALLOWED,
+)
+
+
+def problem_response(
+    kind: ProblemType,
+    detail: str,
+    *,
+    base: str = PROBLEM_BASE,
+    headers: Iterable[tuple[bytes, bytes]] = (),
+    **extra: object,
+) -> HttpResponse:
+    """An ``application/problem+json`` response of ``kind``; ``extra`` adds members."""
+    return _render(kind.status, base + kind.slug, kind.title, detail, headers, extra)
+
+
+def from_exception(exc: HttpProblem, base: str = PROBLEM_BASE) -> HttpResponse:
+    """The response for an :class:`~oncely.errors.HttpProblem` raised by application code."""
+    headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers]
+    return _render(exc.status, base + exc.slug, exc.title, exc.detail, headers, exc.extra)
+
+
+def token_problem(exc: TokenError) -> ProblemType:
+    """The problem type answering a refused token."""
+    if isinstance(exc, TokenReused):
+        return TOKEN_REUSED
+    if isinstance(exc, TokenExpired):
+        return TOKEN_EXPIRED
+    if isinstance(exc, TokenForeign):
+        return TOKEN_FOREIGN
+    if isinstance(exc, TokenForged):
+        return TOKEN_FORGED
+    return TOKEN_FORGED
+
+
+def _render(
+    status: int,
+    type_uri: str,
+    title: str,
+    detail: str,
+    headers: Iterable[tuple[bytes, bytes]],
+    extra: dict[str, object],
+) -> HttpResponse:
+    doc: dict[str, object] = {"type": type_uri, "title": title, "status": status, "detail": detail}
+    for name, value in extra.items():
+        doc.setdefault(name, value)
+    body = json.dumps(doc, separators=(",", ":"), default=str).encode("utf-8")
+    out = [
+        (b"content-type", CONTENT_TYPE),
+        (b"content-length", str(len(body)).encode("ascii")),
+        (b"cache-control", b"no-store"),
+    ]
+    out.extend(headers)
+    return HttpResponse(status, out, body)

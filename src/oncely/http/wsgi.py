@@ -1,0 +1,424 @@
+"""The WSGI face: a WSGI middleware (Flask, Django, any PEP 3333 app).
+
+>>> from oncely.http import IdempotencyConfig, WSGIIdempotencyMiddleware
+>>> app.wsgi_app = WSGIIdempotencyMiddleware(app.wsgi_app, IdempotencyConfig(store=...))
+
+This module only carries out the operations of :func:`oncely.http.flow.request_flow` with
+blocking calls — the same flow the ASGI face drives with ``await``. WSGI hands the response
+body to the server as an iterable, so the flow is driven in two parts: up to :class:`Run`
+when the middleware is called, and the rest when the server has consumed the whole body
+(store it) or closed it early (release the key). While the body streams, the shared
+lease keeper renews the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+from http import HTTPStatus
+from typing import Any
+
+from oncely.errors import ConfigurationError, HttpProblem
+from oncely.functions.lease import Claimed, _current, keeper
+from oncely.http.config import IdempotencyConfig
+from oncely.http.engine import Engine
+from oncely.http.flow import (
+    BodyError,
+    Captured,
+    Claim,
+    Complete,
+    ConsumeToken,
+    IssueToken,
+    Op,
+    Pass,
+    ReadBody,
+    Release,
+    ReleaseToken,
+    Respond,
+    Run,
+    Sleep,
+    Watch,
+    request_flow,
+)
+from oncely.http.messages import HttpRequest, HttpResponse
+from oncely.http.problems import from_exception
+from oncely.http.routes import Resolver
+
+__all__ = ["INFO_KEY", "WSGIIdempotencyMiddleware"]
+
+log = logging.getLogger("oncely.http")
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Callable[[bytes], object]]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+
+#: Environ key holding the :class:`~oncely.http.messages.IdempotencyInfo` of a request.
+INFO_KEY = "oncely.idempotency"
+_CHUNK = 65536
+
+
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Unknown"
+
+
+def _request(environ: Environ) -> HttpRequest:
+    headers: list[tuple[bytes, bytes]] = []
+    for name, value in environ.items():
+        if name.startswith("HTTP_"):
+            headers.append(
+                (name[5:].replace("_", "-").lower().encode("latin-1"), value.encode("latin-1"))
+            )
+    for name, header in (("CONTENT_TYPE", b"content-type"), ("CONTENT_LENGTH", b"content-length")):
+        value = environ.get(name)
+        if value:
+            headers.append((header, value.encode("latin-1")))
+    path = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+    # PEP 3333 strings are bytes decoded as Latin-1; paths are UTF-8 on the wire.
+    with contextlib.suppress(UnicodeEncodeError, UnicodeDecodeError):
+        path = path.encode("latin-1").decode("utf-8")
+    return HttpRequest(
+        environ.get("REQUEST_METHOD", "GET").upper(),
+        path or "/",
+        environ.get("QUERY_STRING", "").encode("latin-1", "replace"),
+        headers,
+        environ,
+    )
+
+
+class WSGIIdempotencyMiddleware:
+    """WSGI middleware applying ``Idempotency-Key`` semantics and one-time token guards.
+
+    :param app: the WSGI application to protect.
+    :param config: an :class:`~oncely.http.config.IdempotencyConfig` (or its fields as keyword
+        arguments) — the same object the ASGI middleware takes.
+    :param resolver: finds the :class:`~oncely.http.routes.Rule` of the view serving an environ
+        (``oncely.http.flask`` and ``oncely.http.django`` provide one).
+    """
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        config: IdempotencyConfig | None = None,
+        *,
+        resolver: Resolver | None = None,
+        **options: Any,
+    ) -> None:
+        if config is None:
+            config = IdempotencyConfig(**options)
+        elif options:
+            raise ConfigurationError(
+                f"pass either config= or its fields, not both (got {sorted(options)})"
+            )
+        self.app = app
+        self.engine = Engine(config, resolver)
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        engine = self.engine
+        environ[INFO_KEY] = None
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        if not engine.is_candidate(method) and (
+            engine.token_endpoint is None
+            or environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+            != engine.token_endpoint
+        ):
+            return self.app(environ, start_response)
+        exchange = _Exchange(self.app, engine, environ, start_response)
+        return exchange.start(request_flow(engine, _request(environ)))
+
+    def close(self) -> None:
+        """Close the store's connections."""
+        self.engine.store.close()
+
+
+class _Exchange:
+    """One request/response exchange: performs the flow's operations with blocking calls."""
+
+    def __init__(
+        self, app: WSGIApp, engine: Engine, environ: Environ, start_response: StartResponse
+    ) -> None:
+        self.app = app
+        self.engine = engine
+        self.environ = environ
+        self.start_response = start_response
+        self.flow: Any = None
+
+    def start(self, flow: Any) -> Iterable[bytes]:
+        """Drive the flow until it answers, passes the request on, or runs the app."""
+        self.flow = flow
+        result: Iterable[bytes] = self._drive(None, None)
+        return result
+
+    def _drive(self, value: Any, error: BaseException | None) -> Any:
+        """Perform operations until the flow ends (returning what to give the server)."""
+        store = self.engine.store
+        flow = self.flow
+        result: Any = None
+        while True:
+            try:
+                op: Op = flow.send(value) if error is None else flow.throw(error)
+            except StopIteration:
+                return result
+            value = error = None
+            try:
+                kind = type(op)
+                if kind is Claim:
+                    assert isinstance(op, Claim)
+                    value = store.claim(op.key, op.fingerprint, op.lease, op.ttl)
+                elif kind is ReadBody:
+                    assert isinstance(op, ReadBody)
+                    value = self._read_body(op.limit)
+                elif kind is Respond:
+                    assert isinstance(op, Respond)
+                    result = self._respond(op.response)
+                elif kind is Pass:
+                    result = self._pass()
+                elif kind is Run:
+                    assert isinstance(op, Run)
+                    # The rest of the flow runs when the server has consumed the body.
+                    return self._run(op)
+                elif kind is Complete:
+                    assert isinstance(op, Complete)
+                    store.complete(op.key, op.fence, op.data, op.codec, op.ttl)
+                elif kind is Release:
+                    assert isinstance(op, Release)
+                    store.release(op.key, op.fence)
+                elif kind is Watch:
+                    assert isinstance(op, Watch)
+                    value = store.watch(op.key, op.fence, op.timeout)
+                elif kind is Sleep:
+                    assert isinstance(op, Sleep)
+                    time.sleep(op.seconds)
+                elif kind is ConsumeToken:
+                    assert isinstance(op, ConsumeToken) and self.engine.tokens is not None
+                    value = self.engine.tokens.consume(op.token, op.subject, op.purpose)
+                elif kind is ReleaseToken:
+                    assert isinstance(op, ReleaseToken) and self.engine.tokens is not None
+                    self.engine.tokens.release(op.use)
+                elif kind is IssueToken:
+                    assert isinstance(op, IssueToken) and self.engine.tokens is not None
+                    value = self.engine.tokens.issue(op.subject, op.purpose, op.ttl)
+                else:  # pragma: no cover - the flow yields only the operations above
+                    raise AssertionError(op)
+            except BaseException as exc:
+                error = exc
+
+    def resume(self, captured: Captured | None, error: BaseException | None) -> None:
+        """Finish the flow after the app's response went out (or failed)."""
+        self._drive(captured, error)
+
+    # -- request body ------------------------------------------------------------------------------
+    def _read_body(self, limit: int) -> bytes | BodyError:
+        environ = self.environ
+        stream = environ.get("wsgi.input")
+        declared = environ.get("CONTENT_LENGTH") or ""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            if declared.strip():
+                want = int(declared)
+                if want > limit:
+                    return BodyError.TOO_LARGE
+                while size < want and stream is not None:
+                    chunk = stream.read(min(_CHUNK, want - size))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    size += len(chunk)
+                if size < want:
+                    return BodyError.INCOMPLETE
+            elif environ.get("wsgi.input_terminated") and stream is not None:
+                while True:
+                    chunk = stream.read(_CHUNK)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > limit:
+                        return BodyError.TOO_LARGE
+                    chunks.append(chunk)
+        except (OSError, ValueError) as exc:
+            log.info("oncely.http: reading the request body failed: %s", exc)
+            return BodyError.INCOMPLETE
+        except Exception as exc:  # servers raise their own types on a dropped client
+            log.info("oncely.http: reading the request body failed: %r", exc)
+            return BodyError.INCOMPLETE
+        body = b"".join(chunks)
+        environ["wsgi.input"] = io.BytesIO(body)
+        environ["CONTENT_LENGTH"] = str(len(body))
+        environ.pop("wsgi.input_terminated", None)
+        return body
+
+    # -- responses ---------------------------------------------------------------------------------
+    def _respond(self, response: HttpResponse) -> list[bytes]:
+        self.start_response(
+            _status_line(response.status),
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers],
+        )
+        return [response.body]
+
+    def _pass(self) -> Iterable[bytes]:
+        started = False
+
+        def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+            nonlocal started
+            started = True
+            return self.start_response(status, headers, exc_info)
+
+        try:
+            return self.app(self.environ, start_response)
+        except HttpProblem as exc:
+            if started:
+                raise
+            return self._respond(from_exception(exc, self.engine.config.problem_base))
+
+    def _run(self, op: Run) -> Iterable[bytes]:
+        self.environ[INFO_KEY] = op.info
+        claimed: Claimed | None = None
+        if op.fence is not None:
+            assert op.key is not None
+            claimed = Claimed(
+                op.key, op.fence, op.lease, self.engine.store, self.engine.config.on_lease_lost
+            )
+            keeper.keep(claimed)
+        body = _Body(self, op.capture, claimed)
+        token = _current.set(claimed)
+        try:
+            app_iter = self.app(self.environ, body.start_response)
+        except HttpProblem as exc:
+            if body.status:
+                body.fail(exc)
+                raise
+            problem = from_exception(exc, self.engine.config.problem_base)
+            app_iter = self._problem_iter(body, problem)
+        except BaseException as exc:
+            body.fail(exc)
+            raise
+        finally:
+            _current.reset(token)
+        body.attach(app_iter)
+        return body
+
+    @staticmethod
+    def _problem_iter(body: _Body, response: HttpResponse) -> list[bytes]:
+        body.start_response(
+            _status_line(response.status),
+            [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.headers],
+        )
+        return [response.body]
+
+
+class _Body:
+    """The response body handed to the server: passes chunks through, keeps a copy, and
+    finishes the flow once the server closes it (or the app fails)."""
+
+    def __init__(self, exchange: _Exchange, limit: int, claimed: Claimed | None) -> None:
+        self.exchange = exchange
+        self.limit = limit
+        self.claimed = claimed
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] | None = None
+        self.chunks: list[bytes] | None = [] if limit >= 0 else None
+        self.size = 0
+        self.exhausted = False
+        self.finished = False
+        self.app_iter: Iterable[bytes] | None = None
+        self.iterator: Iterator[bytes] | None = None
+
+    def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
+        self.status = int(status.split(None, 1)[0])
+        if self.limit >= 0:
+            self.headers = [
+                (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers
+            ]
+        write = self.exchange.start_response(status, headers, exc_info)
+
+        def tee(data: bytes) -> object:
+            self._keep(data)
+            return write(data)
+
+        return tee
+
+    def _keep(self, data: bytes) -> None:
+        chunks = self.chunks
+        if chunks is not None and data:
+            self.size += len(data)
+            if self.size > self.limit:
+                self.chunks = None
+            else:
+                chunks.append(bytes(data))
+
+    def attach(self, app_iter: Iterable[bytes]) -> None:
+        self.app_iter = app_iter
+        self.iterator = iter(app_iter)
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        assert self.iterator is not None
+        try:
+            chunk = next(self.iterator)
+        except StopIteration:
+            # The whole body went out: store it now (``close()`` may come late, or never in
+            # some test clients).
+            self.exhausted = True
+            self._finish(None)
+            raise
+        except BaseException as exc:
+            self.fail(exc)
+            raise
+        self._keep(chunk)
+        return chunk
+
+    def close(self) -> None:
+        error: BaseException | None = None
+        try:
+            close = getattr(self.app_iter, "close", None)
+            if close is not None:
+                close()
+        except BaseException as exc:
+            error = exc
+        if error is not None:
+            self.fail(error)
+            raise error
+        self._finish(None)
+
+    def fail(self, error: BaseException) -> None:
+        """The app raised: let the flow release the key (it re-raises; we swallow that)."""
+        if self.finished:
+            return
+        try:
+            self._finish(error)
+        except BaseException as again:
+            if again is not error:
+                raise
+
+    def _finish(self, error: BaseException | None) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.claimed is not None:
+            keeper.stop(self.claimed)
+        captured = None
+        if error is None:
+            chunks = self.chunks
+            captured = Captured(
+                self.status,
+                self.headers,
+                None if chunks is None else b"".join(chunks),
+                self.exhausted and self.status != 0,
+            )
+        self.exchange.resume(captured, error)
+
+    def __del__(self) -> None:
+        # A server that drops the body without close() must not leave the key held forever.
+        if not self.finished and self.iterator is not None:
+            try:
+                self._finish(None)
+            except Exception:  # pragma: no cover - best effort during garbage collection
+                log.exception("oncely.http: finishing an abandoned response failed")

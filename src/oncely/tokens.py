@@ -1,0 +1,263 @@
+"""One-time tokens (source §3.2): issued signed, consumed atomically exactly once, on any store.
+
+The server hands out a token before a form or an API call; the operation that spends it runs
+once, and a repeat (a double-submitted form, a replayed request) is refused::
+
+    from oncely.tokens import Tokens
+
+    tokens = Tokens(secret="at least sixteen bytes of secret", store="redis://localhost:6379/0")
+    token = tokens.issue(subject="user-42", purpose="checkout", ttl=900)
+    ...
+    use = tokens.consume(token, subject="user-42", purpose="checkout")   # first time: fine
+    tokens.consume(token, subject="user-42", purpose="checkout")         # TokenReused
+
+Format: ``ot1.<payload>.<mac>`` (URL-safe base64, no padding). The payload holds 16 random
+bytes (the token id), the issue and expiry instants on the store's clock, a keyed tag of the
+subject and the purpose; the MAC is HMAC-SHA256 over it. Issuing writes nothing: the store only
+learns about a token when it is consumed.
+
+:meth:`Tokens.consume` checks, in this order:
+
+1. the signature (no store round trip for a forged token) -> :class:`~oncely.errors.TokenForged`;
+2. subject and purpose -> :class:`~oncely.errors.TokenForeign`;
+3. one ``claim`` on the store, keyed by the token id: the claim marks the token used and tells
+   in the same round trip whether it was used before, and returns the store's clock;
+4. expiry against that clock -> :class:`~oncely.errors.TokenExpired`; a used token
+   -> :class:`~oncely.errors.TokenReused`.
+
+The claim's lease covers the token's whole lifetime, so a consumed token stays consumed until
+it has expired anyway; :meth:`Tokens.release` gives a consumed token back (for example when the
+operation it guarded failed, so that the user can submit the form again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from oncely.errors import (
+    ConfigurationError,
+    LeaseLost,
+    TokenExpired,
+    TokenForeign,
+    TokenForged,
+    TokenReused,
+)
+from oncely.records import ClaimOutcome, New, RecordKey
+from oncely.stores import Store, shared_store
+
+__all__ = ["TokenClaims", "TokenUse", "Tokens"]
+
+_PREFIX = "ot1."
+_VERSION = 1
+_HEAD = struct.Struct(">B16sQQ12s")  # version, id, issued_ms, expires_ms, subject tag
+_MAC_SIZE = 20
+_MAX_PURPOSE = 200
+#: Extra lease past the token's lifetime, so rounding never frees a token before it expires.
+_LEASE_SLACK = 60.0
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUse:
+    """A consumed token: pass it to :meth:`Tokens.release` to give the token back."""
+
+    token_id: str
+    purpose: str
+    expires_at: float
+    record_key: RecordKey
+    fence: int
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    """What a verified token says (see :meth:`Tokens.verify`); times in epoch milliseconds."""
+
+    token_id: bytes
+    issued_ms: int
+    expires_ms: int
+    purpose: str
+
+    @property
+    def expires_at(self) -> float:
+        return self.expires_ms / 1000
+
+    @property
+    def lease(self) -> float:
+        return (self.expires_ms - self.issued_ms) / 1000 + _LEASE_SLACK
+
+
+class Tokens:
+    """Issue and consume one-time tokens bound to a subject (user, session) and a purpose.
+
+    :param secret: the signing key (at least 16 bytes), or a sequence of keys: the first signs,
+        all verify (rotate by putting the new key first).
+    :param store: a store URL or object; consumption is one ``claim`` on it.
+    :param scope: the store scope under which consumed tokens are recorded.
+    :param default_ttl: lifetime in seconds when :meth:`issue` gets none.
+    """
+
+    def __init__(
+        self,
+        secret: str | bytes | Sequence[str | bytes],
+        store: str | Store,
+        *,
+        scope: str = "oncely-tokens",
+        default_ttl: float = 900.0,
+    ) -> None:
+        keys = [secret] if isinstance(secret, (str, bytes)) else list(secret)
+        if not keys:
+            raise ConfigurationError("Tokens(secret=...) needs at least one key")
+        self._keys: list[bytes] = []
+        for key in keys:
+            raw = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+            if len(raw) < 16:
+                raise ConfigurationError(
+                    "a token secret must have at least 16 bytes; generate one with "
+                    "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+            self._keys.append(raw)
+        if default_ttl <= 0:
+            raise ConfigurationError(f"default_ttl must be positive seconds, not {default_ttl}")
+        self._store_spec = store
+        self._store: Store | None = store if isinstance(store, Store) else None
+        self.scope = scope
+        self.default_ttl = float(default_ttl)
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = shared_store(self._store_spec)
+        return self._store
+
+    # -- signing -----------------------------------------------------------------------------------
+    @staticmethod
+    def _subject_tag(key: bytes, subject: str) -> bytes:
+        return hmac.new(key, b"subject\x00" + subject.encode("utf-8"), hashlib.sha256).digest()[:12]
+
+    @staticmethod
+    def _mac(key: bytes, payload: bytes) -> bytes:
+        return hmac.new(key, b"oncely-token\x00" + payload, hashlib.sha256).digest()[:_MAC_SIZE]
+
+    def _sign(self, subject: str, purpose: str, now: float, ttl: float | None) -> str:
+        life = self.default_ttl if ttl is None else float(ttl)
+        if life <= 0:
+            raise ConfigurationError(f"ttl must be positive seconds, not {ttl}")
+        _check_text(subject, "subject")
+        _check_text(purpose, "purpose")
+        if len(purpose.encode("utf-8")) > _MAX_PURPOSE:
+            raise ConfigurationError(f"purpose is longer than {_MAX_PURPOSE} bytes")
+        key = self._keys[0]
+        issued_ms = int(now * 1000)
+        payload = _HEAD.pack(
+            _VERSION,
+            secrets.token_bytes(16),
+            issued_ms,
+            issued_ms + int(life * 1000),
+            self._subject_tag(key, subject),
+        ) + purpose.encode("utf-8")
+        return f"{_PREFIX}{_b64(payload)}.{_b64(self._mac(key, payload))}"
+
+    def verify(self, token: str, subject: str, purpose: str) -> TokenClaims:
+        """Check signature, subject and purpose without asking the store (no expiry check)."""
+        if not isinstance(token, str) or not token.startswith(_PREFIX) or len(token) > 1024:
+            raise TokenForged("not a oncely token (it must start with 'ot1.')")
+        try:
+            body, _, mac_text = token[len(_PREFIX) :].partition(".")
+            payload, mac = _unb64(body), _unb64(mac_text)
+        except (binascii.Error, ValueError) as exc:
+            raise TokenForged("the token is not valid base64") from exc
+        if len(payload) < _HEAD.size or len(mac) != _MAC_SIZE:
+            raise TokenForged("the token has the wrong length")
+        for key in self._keys:
+            if hmac.compare_digest(self._mac(key, payload), mac):
+                break
+        else:
+            raise TokenForged("the token's signature does not verify; it was not issued here")
+        version, token_id, issued_ms, expires_ms, tag = _HEAD.unpack_from(payload)
+        if version != _VERSION:
+            raise TokenForged(f"unknown token version {version}")
+        try:
+            token_purpose = payload[_HEAD.size :].decode("utf-8")
+        except UnicodeDecodeError as exc:  # pragma: no cover - signed payloads are ours
+            raise TokenForged("the token's purpose is not UTF-8") from exc
+        if not hmac.compare_digest(tag, self._subject_tag(key, subject)):
+            raise TokenForeign("the token was issued to another subject", "subject")
+        if token_purpose != purpose:
+            raise TokenForeign(
+                f"the token was issued for purpose {token_purpose!r}, not {purpose!r}", "purpose"
+            )
+        return TokenClaims(token_id, issued_ms, expires_ms, token_purpose)
+
+    def _record_key(self, parsed: TokenClaims) -> RecordKey:
+        return RecordKey(self.scope, hashlib.sha256(parsed.token_id).hexdigest())
+
+    def _judge(self, parsed: TokenClaims, key: RecordKey, outcome: ClaimOutcome) -> TokenUse:
+        if outcome.now * 1000 >= parsed.expires_ms:
+            raise TokenExpired("the token has expired; ask for a new one")
+        if not isinstance(outcome, New):
+            raise TokenReused("the token was already used; this operation has already happened")
+        return TokenUse(
+            parsed.token_id.hex(), parsed.purpose, parsed.expires_ms / 1000, key, outcome.fence
+        )
+
+    # -- sync face ---------------------------------------------------------------------------------
+    def issue(self, subject: str, purpose: str, ttl: float | None = None) -> str:
+        """A new token for ``subject`` and ``purpose``, valid ``ttl`` seconds on the store clock."""
+        return self._sign(subject, purpose, self.store.now(), ttl)
+
+    def consume(self, token: str, subject: str, purpose: str) -> TokenUse:
+        """Spend ``token`` once (one store round trip); raise a :class:`TokenError` subclass."""
+        parsed = self.verify(token, subject, purpose)
+        key = self._record_key(parsed)
+        return self._judge(parsed, key, self.store.claim(key, "", parsed.lease, parsed.lease))
+
+    def release(self, use: TokenUse) -> bool:
+        """Give a consumed token back so it can be used again; False if it was not held any more."""
+        try:
+            self.store.release(use.record_key, use.fence)
+        except LeaseLost:
+            return False
+        return True
+
+    # -- async face --------------------------------------------------------------------------------
+    async def aissue(self, subject: str, purpose: str, ttl: float | None = None) -> str:
+        store = self.store
+        anow = getattr(store, "anow", None)
+        if anow is not None:
+            now = float(await anow())
+        else:
+            now = await asyncio.get_running_loop().run_in_executor(None, store.now)
+        return self._sign(subject, purpose, now, ttl)
+
+    async def aconsume(self, token: str, subject: str, purpose: str) -> TokenUse:
+        parsed = self.verify(token, subject, purpose)
+        key = self._record_key(parsed)
+        outcome = await self.store.aclaim(key, "", parsed.lease, parsed.lease)
+        return self._judge(parsed, key, outcome)
+
+    async def arelease(self, use: TokenUse) -> bool:
+        try:
+            await self.store.arelease(use.record_key, use.fence)
+        except LeaseLost:
+            return False
+        return True
+
+
+def _check_text(value: str, what: str) -> None:
+    if not isinstance(value, str):
+        raise ConfigurationError(f"token {what} must be a string, not {type(value).__name__}")

@@ -1,0 +1,1 @@
+"""Applications the HTTP tests run behind oncely's middleware (in process and in servers)."""

@@ -1,0 +1,210 @@
+"""One-time tokens over HTTP: the issuing endpoint and the guard, on both middleware faces."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from oncely.http import IdempotencyConfig, TokenGuard
+from oncely.tokens import Tokens
+
+from conftest import StoreFactory
+from http_apps.harness import FACES, AsgiFace, WsgiFace
+
+Face = AsgiFace | WsgiFace
+MakeFace = Callable[..., Face]
+SECRET = "http-token-secret-" + "s" * 16
+FORM = ("Content-Type", "application/x-www-form-urlencoded")
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=["asgi", "wsgi"])
+def make_face(request: pytest.FixtureRequest, make_store: StoreFactory) -> MakeFace:
+    def make(
+        store_kind: str = "memory", *, guard: dict[str, Any] | None = None, **config: Any
+    ) -> Face:
+        store = make_store(store_kind)[0]
+        tokens = Tokens(SECRET, store, default_ttl=60)
+        options: dict[str, Any] = {
+            "endpoint": "/tokens",
+            "purposes": ["checkout", "other"],
+            "routes": {"/orders": "checkout", "/boom": "checkout", "/server-error": "checkout"},
+            "subject": lambda r: r.header("x-user"),
+        }
+        options.update(guard or {})
+        config.setdefault("store", store)
+        return FACES[request.param](
+            IdempotencyConfig(tokens=TokenGuard(tokens=tokens, **options), **config)
+        )
+
+    return make
+
+
+async def fetch_token(face: Face, user: str = "alice", purpose: str = "checkout") -> str:
+    reply = await face.request(
+        "GET", "/tokens", [("X-User", user)], query=f"purpose={purpose}".encode()
+    )
+    assert reply.status == 200, reply
+    assert reply.header("cache-control") == "no-store"
+    doc = reply.json()
+    assert doc["purpose"] == purpose and doc["expires_in"] == 60
+    return str(doc["token"])
+
+
+def form(token: str, **fields: str) -> bytes:
+    return urlencode({"oncely_token": token, **fields}).encode()
+
+
+async def test_a_double_submitted_form_has_one_effect(make_face: MakeFace) -> None:
+    face = make_face()
+    token = await fetch_token(face)
+    user = ("X-User", "alice")
+    first = await face.request("POST", "/orders", [user, FORM], form(token, item="book"))
+    second = await face.request("POST", "/orders", [user, FORM], form(token, item="book"))
+    assert first.status == 201
+    assert second.status == 409 and second.problem == "token-reused"
+    assert face.calls["/orders"] == 1
+
+
+async def test_simultaneous_submissions_run_once(make_face: MakeFace) -> None:
+    face = make_face("sqlite")
+    token = await fetch_token(face)
+    replies = await asyncio.gather(
+        *[
+            face.request("POST", "/orders", [("X-User", "alice"), FORM], form(token))
+            for _ in range(12)
+        ]
+    )
+    assert sorted(r.status for r in replies) == [201] + [409] * 11
+    assert face.calls["/orders"] == 1
+
+
+async def test_token_in_header_or_json_field(make_face: MakeFace) -> None:
+    face = make_face()
+    user = ("X-User", "alice")
+    header = await face.request(
+        "POST", "/orders", [user, ("Oncely-Token", await fetch_token(face))]
+    )
+    assert header.status == 201
+    body = f'{{"oncely_token": "{await fetch_token(face)}"}}'.encode()
+    json_field = await face.request(
+        "POST", "/orders", [user, ("Content-Type", "application/json")], body
+    )
+    assert json_field.status == 201
+    assert face.calls["/orders"] == 2
+
+
+async def test_refusals_have_distinct_problem_types(make_face: MakeFace) -> None:
+    face = make_face()
+    user = ("X-User", "alice")
+    missing = await face.request("POST", "/orders", [user, FORM], b"item=1")
+    assert (missing.status, missing.problem) == (400, "token-missing")
+    forged = await face.request("POST", "/orders", [user, ("Oncely-Token", "ot1.AAAA.BBBB")])
+    assert (forged.status, forged.problem) == (403, "token-invalid")
+    token = await fetch_token(face, user="alice")
+    foreign = await face.request("POST", "/orders", [("X-User", "mallory"), FORM], form(token))
+    assert (foreign.status, foreign.problem) == (403, "token-foreign")
+    other_purpose = await fetch_token(face, purpose="other")
+    wrong = await face.request("POST", "/orders", [user, FORM], form(other_purpose))
+    assert (wrong.status, wrong.problem) == (403, "token-foreign")
+    assert face.calls["/orders"] == 0
+    # the refused token was not spent: its owner can still use it
+    assert (await face.request("POST", "/orders", [user, FORM], form(token))).status == 201
+
+
+async def test_expired_tokens_are_refused(make_face: MakeFace) -> None:
+    face = make_face(guard={"ttl": 0.2})
+    reply = await face.request("GET", "/tokens", [("X-User", "alice")], query=b"purpose=checkout")
+    token = reply.json()["token"]
+    await asyncio.sleep(0.3)
+    expired = await face.request("POST", "/orders", [("X-User", "alice"), FORM], form(token))
+    assert (expired.status, expired.problem) == (403, "token-expired")
+    assert face.calls["/orders"] == 0
+
+
+async def test_a_failing_handler_gives_the_token_back(make_face: MakeFace) -> None:
+    face = make_face()
+    token = await fetch_token(face)
+    user = ("X-User", "alice")
+    boom = await face.request("POST", "/boom", [user, FORM], form(token))
+    assert isinstance(boom.raised, RuntimeError)
+    again = await face.request("POST", "/boom", [user, FORM], form(token))
+    assert isinstance(again.raised, RuntimeError)  # the token was usable again
+    server_error = await fetch_token(face)
+    await face.request("POST", "/server-error", [user, FORM], form(server_error))
+    retry = await face.request("POST", "/server-error", [user, FORM], form(server_error))
+    assert retry.status == 503 and retry.problem is None
+    assert face.calls == {"/boom": 2, "/server-error": 2}
+
+
+async def test_with_an_idempotency_key_a_retry_replays_instead_of_refusing(
+    make_face: MakeFace,
+) -> None:
+    face = make_face()
+    token = await fetch_token(face)
+    headers = [
+        ("X-User", "alice"),
+        ("Oncely-Token", token),
+        ("Idempotency-Key", f'"{uuid.uuid4()}"'),
+    ]
+    first = await face.request("POST", "/orders", headers, b"{}")
+    retry = await face.request("POST", "/orders", headers, b"{}")
+    assert first.status == 201 and retry.status == 201 and retry.replayed
+    other_key = [*headers[:2], ("Idempotency-Key", f'"{uuid.uuid4()}"')]
+    reuse = await face.request("POST", "/orders", other_key, b"{}")
+    assert reuse.status == 409 and reuse.problem == "token-reused"
+    assert face.calls["/orders"] == 1
+
+
+async def test_endpoint_refuses_unknown_purposes_and_methods(make_face: MakeFace) -> None:
+    face = make_face()
+    unknown = await face.request("GET", "/tokens", query=b"purpose=admin")
+    assert (unknown.status, unknown.problem) == (400, "token-purpose-unknown")
+    none = await face.request("POST", "/tokens")
+    assert none.status == 400
+    put = await face.request("PUT", "/tokens", query=b"purpose=checkout")
+    assert (put.status, put.problem, put.header("allow")) == (
+        405,
+        "method-not-allowed",
+        "GET, POST",
+    )
+
+
+async def test_store_down_is_503(make_face: MakeFace) -> None:
+    face = make_face(store="redis://127.0.0.1:1/0")
+    # tokens on a store that is down too
+    tokens = Tokens(SECRET, "redis://127.0.0.1:1/0")
+    face = type(face)(
+        IdempotencyConfig(
+            store="redis://127.0.0.1:1/0",
+            tokens=TokenGuard(tokens=tokens, endpoint="/tokens", routes={"/orders": "checkout"}),
+        )
+    )
+    issue = await face.request("GET", "/tokens", query=b"purpose=checkout")
+    assert (issue.status, issue.problem) == (503, "store-unavailable")
+    token = Tokens(SECRET, "memory://").issue("", "checkout")
+    spend = await face.request("POST", "/orders", [("Oncely-Token", token)])
+    assert (spend.status, spend.problem) == (503, "store-unavailable")
+    assert face.calls["/orders"] == 0
+
+
+def test_guard_configuration_errors() -> None:
+    from oncely.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError):
+        TokenGuard(tokens="nope")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        TokenGuard(tokens=Tokens(SECRET, "memory://"), endpoint="tokens")
+
+
+def test_token_lifetime_uses_the_store_clock(make_store: StoreFactory) -> None:
+    store = make_store("redis")[0]
+    tokens = Tokens(SECRET, store)
+    claims = tokens.verify(tokens.issue("u", "p", ttl=100), "u", "p")
+    assert abs(claims.expires_at - (store.now() + 100)) < 2

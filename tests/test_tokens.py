@@ -1,0 +1,199 @@
+"""One-time tokens (source §3.2) on every store: issue, consume once, typed refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+
+import pytest
+
+from oncely.errors import (
+    ConfigurationError,
+    TokenError,
+    TokenExpired,
+    TokenForeign,
+    TokenForged,
+    TokenReused,
+)
+from oncely.records import InFlight, Replay
+from oncely.stores import Store
+from oncely.tokens import Tokens
+
+from conftest import StoreFactory
+
+SECRET = "test-secret-" + "x" * 20
+
+
+def tokens_on(store: Store, **options: object) -> Tokens:
+    return Tokens(SECRET, store, scope=f"tok-{uuid.uuid4().hex[:8]}", **options)  # type: ignore[arg-type]
+
+
+def test_a_token_is_consumed_once(store: Store) -> None:
+    tokens = tokens_on(store)
+    token = tokens.issue("user-1", "checkout", ttl=60)
+    use = tokens.consume(token, "user-1", "checkout")
+    assert use.purpose == "checkout" and use.expires_at > time.time()
+    with pytest.raises(TokenReused):
+        tokens.consume(token, "user-1", "checkout")
+
+
+async def test_async_face(store: Store) -> None:
+    tokens = tokens_on(store)
+    token = await tokens.aissue("user-1", "checkout", ttl=60)
+    await tokens.aconsume(token, "user-1", "checkout")
+    with pytest.raises(TokenReused):
+        await tokens.aconsume(token, "user-1", "checkout")
+
+
+def test_consume_is_one_claim_whose_outcome_tells_reuse(store: Store) -> None:
+    tokens = tokens_on(store)
+    token = tokens.issue("u", "p", ttl=60)
+    use = tokens.consume(token, "u", "p")
+    # the record of a consumed token is a live claim on the store (no second write needed)
+    outcome = store.claim(use.record_key, "", 1.0, 1.0)
+    assert isinstance(outcome, (InFlight, Replay))
+
+
+def test_tokens_are_unguessable_and_distinct(store: Store) -> None:
+    tokens = tokens_on(store)
+    issued = {tokens.issue("u", "p") for _ in range(200)}
+    assert len(issued) == 200
+    assert all(t.startswith("ot1.") and len(t) > 60 for t in issued)
+
+
+def test_expired_tokens_are_refused_by_the_store_clock(store: Store) -> None:
+    tokens = tokens_on(store)
+    token = tokens.issue("u", "p", ttl=0.2)
+    time.sleep(0.3)
+    with pytest.raises(TokenExpired):
+        tokens.consume(token, "u", "p")
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda t: t[:-2] + ("AA" if t[-2:] != "AA" else "BB"),  # signature
+        lambda t: t.replace("ot1.", "ot1.A", 1),  # payload
+        lambda t: "ot2" + t[3:],
+        lambda t: "",
+        lambda t: "ot1.",
+        lambda t: "ot1.!!!.???",
+        lambda t: "not a token at all",
+        lambda t: t + "." + t,
+    ],
+)
+def test_forged_tokens_are_refused_before_the_store_is_asked(mangle: object) -> None:
+    # a store that cannot be reached: if consume() asked it, this would be StoreUnavailable
+    tokens = Tokens(SECRET, "redis://127.0.0.1:1/0")
+    good = Tokens(SECRET, "memory://").issue("u", "p")
+    with pytest.raises(TokenForged):
+        tokens.consume(mangle(good), "u", "p")  # type: ignore[operator]
+
+
+def test_a_token_signed_with_another_secret_is_forged(store: Store) -> None:
+    other = Tokens("another-secret-" + "y" * 20, store)
+    with pytest.raises(TokenForged):
+        tokens_on(store).consume(other.issue("u", "p"), "u", "p")
+
+
+def test_foreign_subject_and_purpose_are_refused(store: Store) -> None:
+    tokens = tokens_on(store)
+    token = tokens.issue("alice", "checkout")
+    with pytest.raises(TokenForeign) as subject:
+        tokens.consume(token, "mallory", "checkout")
+    assert subject.value.what == "subject"
+    with pytest.raises(TokenForeign) as purpose:
+        tokens.consume(token, "alice", "delete-account")
+    assert purpose.value.what == "purpose"
+    # refused tokens were not spent
+    tokens.consume(token, "alice", "checkout")
+
+
+def test_errors_are_typed_and_distinct() -> None:
+    kinds = [TokenReused, TokenExpired, TokenForged, TokenForeign]
+    assert all(issubclass(k, TokenError) for k in kinds)
+    assert len(set(kinds)) == 4
+
+
+def test_release_gives_a_token_back(store: Store) -> None:
+    tokens = tokens_on(store)
+    token = tokens.issue("u", "p")
+    use = tokens.consume(token, "u", "p")
+    assert tokens.release(use)
+    assert not tokens.release(use)  # already given back
+    tokens.consume(token, "u", "p")
+
+
+def test_secret_rotation(store: Store) -> None:
+    old = Tokens("old-secret-" + "o" * 20, store, scope="rot")
+    token = old.issue("u", "p")
+    rotated = Tokens(["new-secret-" + "n" * 20, "old-secret-" + "o" * 20], store, scope="rot")
+    rotated.consume(token, "u", "p")
+    new_token = rotated.issue("u", "p")
+    with pytest.raises(TokenForged):
+        old.consume(new_token, "u", "p")
+
+
+def test_configuration_errors() -> None:
+    with pytest.raises(ConfigurationError):
+        Tokens("short", "memory://")
+    with pytest.raises(ConfigurationError):
+        Tokens([], "memory://")
+    with pytest.raises(ConfigurationError):
+        Tokens(SECRET, "memory://").issue("u", "p", ttl=0)
+
+
+def test_threads_racing_for_one_token_consume_it_once(store: Store) -> None:
+    tokens = tokens_on(store)
+    token = tokens.issue("u", "p", ttl=60)
+    results: list[str] = []
+    barrier = threading.Barrier(16)
+
+    def spend() -> None:
+        barrier.wait()
+        try:
+            tokens.consume(token, "u", "p")
+            results.append("ok")
+        except TokenReused:
+            results.append("reused")
+
+    threads = [threading.Thread(target=spend) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(results) == ["ok"] + ["reused"] * 15
+
+
+async def test_tasks_racing_for_one_token_consume_it_once(store: Store) -> None:
+    tokens = tokens_on(store)
+    token = await tokens.aissue("u", "p", ttl=60)
+
+    async def spend() -> str:
+        try:
+            await tokens.aconsume(token, "u", "p")
+            return "ok"
+        except TokenReused:
+            return "reused"
+
+    results = await asyncio.gather(*[spend() for _ in range(16)])
+    assert sorted(results) == ["ok"] + ["reused"] * 15
+
+
+def test_processes_share_consumption_through_the_store(make_store: StoreFactory) -> None:
+    """Two independent Tokens objects (as in two processes) on one shared store."""
+    store, url, options = make_store("redis")
+    from oncely.stores import open_store
+
+    other_store = open_store(url, **options)
+    try:
+        a = Tokens(SECRET, store, scope="shared")
+        b = Tokens(SECRET, other_store, scope="shared")
+        token = a.issue("u", "p")
+        b.consume(token, "u", "p")
+        with pytest.raises(TokenReused):
+            a.consume(token, "u", "p")
+    finally:
+        other_store.close()
