@@ -27,7 +27,7 @@ from oncely.errors import (
 )
 from oncely.locks import Lock, Redlock, fenced_get, fenced_set, fenced_table_sql, fenced_update
 from oncely.locks.postgres import advisory_key
-from oncely.locks.watchdog import watchdog
+from oncely.renewal import watchdog
 
 from lock_workers import KINDS, POSTGRES_URL, REDIS_URL, make_lock, unique_name
 
@@ -217,13 +217,13 @@ async def test_async_auto_renew(spec: dict[str, Any]) -> None:
         await lock.acheck()
 
 
-def test_one_renewal_thread_for_all_sync_locks(spec_for: Any) -> None:
+def test_one_renewal_thread_for_all_sync_locks_and_calls(spec_for: Any) -> None:
     spec = spec_for("redis")
     locks = [make_lock(spec, unique_name(), ttl=3, auto_renew=True) for _ in range(20)]
     for lock in locks:
         lock.acquire()
     try:
-        threads = [t for t in threading.enumerate() if t.name == "oncely-lock-watchdog"]
+        threads = [t for t in threading.enumerate() if t.name == "oncely-watchdog"]
         assert len(threads) == 1
         assert watchdog.pending() >= 20
     finally:

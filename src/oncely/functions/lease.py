@@ -1,9 +1,10 @@
 """Keeping a claim's lease alive while the function runs, and telling the caller if it is lost.
 
-Sync calls share one daemon thread per process (a heap of due renewals; registering a call is
-a heap push, so a fast function never pays for a thread). Async calls schedule their renewals
-on their own event loop with ``call_later``. Both renew every ``lease / 3``; a failed renewal
-is retried while the lease still has time; a lost lease is recorded on the :class:`Claimed`
+Sync calls share the process-wide renewal thread of :mod:`oncely.renewal` with sync locks
+(registering a call is a heap push, so a fast function never pays for a thread). Async calls
+schedule their renewals on their own event loop with ``call_later``. Both renew every
+``lease / 3``; a failed renewal is retried while the lease still has time; a lost lease is
+recorded on the :class:`Claimed`
 handle (``check()`` raises :class:`~oncely.errors.LeaseLost`), logged, and passed to the
 ``on_lease_lost`` callback. It is never swallowed.
 """
@@ -12,16 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import heapq
-import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from oncely.errors import LeaseLost, OncelyError
 from oncely.records import RecordKey
+from oncely.renewal import watchdog
 from oncely.stores.base import Store
 
 __all__ = ["AsyncRenewer", "Claimed", "LeaseKeeper", "current_claim", "keeper"]
@@ -48,6 +47,18 @@ class Claimed:
     lost: BaseException | None = None
     active: bool = True
     due: float = field(default=0.0, repr=False)
+
+    def run(self) -> float | None:
+        """Renew once (on the watchdog thread); return when to renew next, or None to stop."""
+        if not self.active:
+            return None
+        sent_at = time.monotonic()
+        try:
+            self.store.renew(self.key, self.fence, self.lease)
+        except OncelyError as exc:
+            return self.due if self._failed(exc, time.monotonic()) else None
+        self._renewed(sent_at)
+        return self.due
 
     def check(self) -> None:
         """Raise :class:`~oncely.errors.LeaseLost` if the lease is known to be lost."""
@@ -90,62 +101,16 @@ def current_claim() -> Claimed | None:
 
 
 class LeaseKeeper:
-    """One thread renewing the leases of all running sync calls of this process."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Claimed]] = []
-        self._stale = 0
-        self._cond = threading.Condition()
-        self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
+    """Registers running sync calls with the process-wide :data:`oncely.renewal.watchdog`."""
 
     def keep(self, claimed: Claimed) -> None:
         now = time.monotonic()
         claimed.held_until = now + claimed.lease
         claimed.due = now + claimed.lease / 3
-        with self._cond:
-            if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._loop, name="oncely-lease", daemon=True)
-                self._thread.start()
-            first = not self._heap or claimed.due < self._heap[0][0]
-            heapq.heappush(self._heap, (claimed.due, next(self._seq), claimed))
-            if first:
-                self._cond.notify()
+        watchdog.schedule(claimed)
 
     def stop(self, claimed: Claimed) -> None:
-        with self._cond:
-            claimed.active = False
-            self._stale += 1
-            if self._stale > 1024 and self._stale * 2 > len(self._heap):
-                self._heap = [item for item in self._heap if item[2].active]
-                heapq.heapify(self._heap)
-                self._stale = 0
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while True:
-                    while self._heap and not self._heap[0][2].active:
-                        heapq.heappop(self._heap)
-                        self._stale = max(self._stale - 1, 0)
-                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
-                    if wait is not None and wait <= 0:
-                        claimed = heapq.heappop(self._heap)[2]
-                        break
-                    self._cond.wait(wait)
-            sent_at = time.monotonic()
-            try:
-                claimed.store.renew(claimed.key, claimed.fence, claimed.lease)
-            except OncelyError as exc:
-                retry = claimed._failed(exc, time.monotonic())
-            else:
-                claimed._renewed(sent_at)
-                retry = True
-            with self._cond:
-                if retry and claimed.active:
-                    heapq.heappush(self._heap, (claimed.due, next(self._seq), claimed))
-                elif not claimed.active:
-                    self._stale = max(self._stale - 1, 0)
+        watchdog.cancel(claimed)
 
 
 keeper = LeaseKeeper()

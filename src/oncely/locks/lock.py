@@ -52,7 +52,7 @@ from oncely.locks.base import (
     check_ttl,
 )
 from oncely.locks.urls import backend_class, shared_backend
-from oncely.locks.watchdog import watchdog
+from oncely.renewal import watchdog
 
 __all__ = ["Lock", "LostCallback"]
 

@@ -6,7 +6,7 @@ because the file belongs to the application (``create_schema=False`` turns that 
 
 URL forms: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``. Query options:
 ``?synchronous=NORMAL`` (default ``FULL``: a completed record survives a power cut) and
-``?busy_timeout=5`` (seconds to wait for another writer).
+``?busy_timeout=15`` (seconds to wait for another writer; default 15).
 """
 
 from __future__ import annotations
@@ -164,7 +164,7 @@ class SQLiteStore(Store):
             raise ConfigurationError(
                 f"synchronous={self.synchronous!r}: use OFF, NORMAL, FULL (default) or EXTRA"
             )
-        self.busy_timeout = float(busy_timeout or options.get("busy_timeout") or 5.0)
+        self.busy_timeout = float(busy_timeout or options.get("busy_timeout") or 15.0)
         if not table.isidentifier():
             raise ConfigurationError(f"table name {table!r} must be a plain identifier")
         self.table = table

@@ -1,15 +1,14 @@
-"""Keeping held locks alive (``auto_renew=True``) and telling the holder when one is lost.
+"""One thread per process that renews every lease held by sync code: locks and claims.
 
 Redisson's watchdog extends a lock every ttl/3; when a renewal fails it stops quietly and the
 holder carries on without a lock. python-redis-lock's renewal thread dies silently on an error.
-Here a renewal that fails is retried while the lease (measured conservatively from the moment
-the last successful renewal was *sent*) still has time, and a lost lock is always reported: the
-lock's ``lost`` event is set, its ``on_lost`` callback runs, and ``check()`` / ``release()`` raise
-:class:`~oncely.errors.LockLost`.
+Here each scheduled entry does its own renewal and reporting (:mod:`oncely.locks.lock` for
+locks, :mod:`oncely.functions.lease` for idempotency claims): a failed renewal is retried while
+the lease still has time, and a lost lease is always reported to its holder.
 
-Sync locks share one daemon thread per process (a heap of due renewals: registering a lock is a
-heap push, so short critical sections never pay for a thread). Async locks renew in one small
-task each on their own event loop.
+Registering is a heap push, so short critical sections and fast idempotent calls never pay for
+a thread; cancelled entries are dropped lazily, and the heap is compacted when they pile up.
+Async holders renew on their own event loop instead.
 """
 
 from __future__ import annotations
@@ -34,20 +33,21 @@ class Due(Protocol):
 
 
 class Watchdog:
-    """One thread renewing every sync lock of this process that asked for ``auto_renew``."""
+    """One thread running every scheduled renewal of this process at its due time."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Due]] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
+        self._cancelled = 0
 
     def schedule(self, entry: Due) -> None:
         """Run ``entry`` at ``entry.due`` (monotonic), then whenever it asks to run again."""
         with self._cond:
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(
-                    target=self._loop, name="oncely-lock-watchdog", daemon=True
+                    target=self._loop, name="oncely-watchdog", daemon=True
                 )
                 self._thread.start()
             first = not self._heap or entry.due < self._heap[0][0]
@@ -56,8 +56,14 @@ class Watchdog:
                 self._cond.notify()
 
     def cancel(self, entry: Due) -> None:
-        """Stop ``entry``; it is dropped from the heap when it comes up."""
+        """Stop ``entry``; it is dropped from the heap when it comes up (or at a compaction)."""
         entry.active = False
+        with self._cond:
+            self._cancelled += 1
+            if self._cancelled > 1024 and self._cancelled * 2 > len(self._heap):
+                self._heap = [item for item in self._heap if item[2].active]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
 
     def pending(self) -> int:
         """How many renewals are scheduled (including cancelled ones not yet dropped)."""
@@ -70,6 +76,7 @@ class Watchdog:
                 while True:
                     while self._heap and not self._heap[0][2].active:
                         heapq.heappop(self._heap)
+                        self._cancelled = max(self._cancelled - 1, 0)
                     wait = self._heap[0][0] - time.monotonic() if self._heap else None
                     if wait is not None and wait <= 0:
                         entry = heapq.heappop(self._heap)[2]
@@ -85,8 +92,9 @@ class Watchdog:
                     heapq.heappush(self._heap, (again, next(self._seq), entry))
 
     def _after_fork(self) -> None:
-        # A forked child holds none of its parent's locks: it must not renew them.
+        # A forked child holds none of its parent's leases: it must not renew them.
         self._heap = []
+        self._cancelled = 0
         self._cond = threading.Condition()
         self._thread = None
 
