@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from oncely.stores import Store, open_store
+# Fixture modules loaded by test files through ``pytest_plugins``: rewrite their asserts too.
+pytest.register_assert_rewrite("lock_workers")
+
+from oncely.stores import Store, open_store  # noqa: E402
 
 REDIS_URL = os.environ.get("ONCELY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("ONCELY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
