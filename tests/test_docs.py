@@ -14,7 +14,7 @@ import oncely.functions.decorator
 
 ROOT = Path(__file__).resolve().parent.parent
 # Blocks fenced as ```python run (in a temporary directory); ```py blocks are shown, not run.
-DOCS = [ROOT / "README.md", ROOT / "docs" / "decorator.md", ROOT / "docs" / "locks.md"]
+DOCS = [ROOT / "README.md", *(ROOT / "docs" / f for f in ("decorator.md", "locks.md", "http.md"))]
 
 
 def blocks(path: Path) -> list[str]:
