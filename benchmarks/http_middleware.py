@@ -377,7 +377,8 @@ def write_section(text: str, args: argparse.Namespace) -> None:
     begin, end = "<!-- http:begin -->", "<!-- http:end -->"
     section = (
         f"{begin}\n## HTTP (`benchmarks/http_middleware.py`)\n\n"
-        f"`.venv/bin/python benchmarks/http_middleware.py --seconds {args.seconds:g} --rounds {args.rounds}"
+        f"`.venv/bin/python benchmarks/http_middleware.py --seconds {args.seconds:g} "
+        f"--rounds {args.rounds}"
         f" --concurrency {args.concurrency} --client {args.client} --write-docs`, run "
         f"{time.strftime('%Y-%m-%d')} on {platform.machine()} / Python "
         f"{platform.python_version()} / Redis {version} / redis-py {redis.__version__} "

@@ -16,10 +16,11 @@ from oncely.stores import Store, open_store  # noqa: E402
 
 REDIS_URL = os.environ.get("ONCELY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("ONCELY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+MYSQL_URL = os.environ.get("ONCELY_TEST_MYSQL", "mysql://root@127.0.0.1:3306/test")
 
-STORE_KINDS = ["memory", "sqlite", "postgres", "redis"]
+STORE_KINDS = ["memory", "sqlite", "postgres", "mysql", "redis"]
 #: Stores that other processes can share (everything but memory://).
-SHARED_KINDS = ["sqlite", "postgres", "redis"]
+SHARED_KINDS = ["sqlite", "postgres", "mysql", "redis"]
 
 
 def store_url(kind: str, tmp_path: Path) -> tuple[str, dict[str, object]]:
@@ -31,6 +32,8 @@ def store_url(kind: str, tmp_path: Path) -> tuple[str, dict[str, object]]:
         return f"sqlite:///{tmp_path}/oncely-{tag}.db", {}
     if kind == "postgres":
         return POSTGRES_URL, {"table": f"oncely_t_{tag}", "create_schema": True}
+    if kind == "mysql":
+        return MYSQL_URL, {"table": f"oncely_t_{tag}", "create_schema": True}
     if kind == "redis":
         return REDIS_URL, {"prefix": f"oncely-test-{tag}"}
     raise AssertionError(kind)
@@ -43,6 +46,15 @@ def drop(kind: str, store: Store) -> None:
 
         with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {store.table}")  # type: ignore[attr-defined]
+    elif kind == "mysql":
+        import pymysql
+
+        conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", database="test")
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"DROP TABLE IF EXISTS {store.table}")  # type: ignore[attr-defined]
+        finally:
+            conn.close()
     elif kind == "redis":
         import redis
 

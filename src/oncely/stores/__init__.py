@@ -6,6 +6,7 @@ URL                       store
 ``memory://``             :class:`oncely.stores.memory.MemoryStore` (one process)
 ``sqlite:///path.db``     :class:`oncely.stores.sqlite.SQLiteStore` (the embedded default)
 ``postgresql://…``        :class:`oncely.stores.postgres.PostgresStore` (``oncely[postgres]``)
+``mysql://…``             :class:`oncely.stores.mysql.MySQLStore` (``oncely[mysql]``; MariaDB too)
 ``redis://…``             :class:`oncely.stores.redis.RedisStore` (``oncely[redis]``)
 ========================  =====================================================
 """
@@ -30,6 +31,8 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "sqlite": ("oncely.stores.sqlite", "SQLiteStore", ""),
     "postgresql": ("oncely.stores.postgres", "PostgresStore", "postgres"),
     "postgres": ("oncely.stores.postgres", "PostgresStore", "postgres"),
+    "mysql": ("oncely.stores.mysql", "MySQLStore", "mysql"),
+    "mariadb": ("oncely.stores.mysql", "MySQLStore", "mysql"),
     "redis": ("oncely.stores.redis", "RedisStore", "redis"),
     "rediss": ("oncely.stores.redis", "RedisStore", "redis"),
 }
@@ -46,7 +49,7 @@ def open_store(url: str, **options: Any) -> Store:
             "'redis://localhost:6379/0' or 'postgresql://user@host/db'"
         )
     scheme = url.split("://", 1)[0].lower()
-    scheme = scheme.split("+", 1)[0] if scheme.startswith("postgres") else scheme
+    scheme = scheme.split("+", 1)[0]  # postgresql+psycopg://, mysql+pymysql://
     try:
         module_name, class_name, extra = _BACKENDS[scheme]
     except KeyError:

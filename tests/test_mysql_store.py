@@ -1,0 +1,738 @@
+"""MySQL/MariaDB-specific behaviour of :class:`oncely.stores.mysql.MySQLStore`.
+
+The rules every store shares are in ``test_store_conformance.py``; this module covers what only
+this store has: URL parsing, the schema and its errors, an unreachable server, the
+``ON DUPLICATE KEY UPDATE`` take-over (whose assignments MySQL evaluates left to right), the two
+ways the row comes back (``INSERT … RETURNING`` on MariaDB 10.5+, a multi-statement transaction
+on MySQL), the connection pools and the per-loop async pools. Everything runs against the real
+server (``ONCELY_TEST_MYSQL``); every test works in its own table and drops it afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+pymysql = pytest.importorskip("pymysql")
+pytest.importorskip("aiomysql")
+
+from oncely.errors import (  # noqa: E402
+    ConfigurationError,
+    LeaseLost,
+    SchemaMissing,
+    StoreError,
+    StoreUnavailable,
+)
+from oncely.records import InFlight, Mismatch, New, RecordKey, Replay  # noqa: E402
+from oncely.stores import open_store  # noqa: E402
+from oncely.stores.mysql import MySQLStore, _supports_returning  # noqa: E402
+from oncely.stores.mysql import _fence_params as _fence  # noqa: E402
+
+URL = os.environ.get("ONCELY_TEST_MYSQL", "mysql://root@127.0.0.1:3306/test")
+DEAD_URL = "mysql://oncely:s3cret@127.0.0.1:1/test"
+MODES = ["returning", "transaction"]
+
+
+def admin() -> Any:
+    """A plain autocommit PyMySQL connection to the test database (not through the store)."""
+    store = MySQLStore(URL)
+    args = {k: v for k, v in store._sync_args.items() if k not in ("client_flag", "init_command")}
+    return pymysql.connect(**args)
+
+
+def sql(query: str, *args: Any) -> list[tuple[Any, ...]]:
+    conn = admin()
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, args or None)
+            return list(cur.fetchall())
+    finally:
+        conn.close()
+
+
+def table_exists(table: str) -> bool:
+    rows = sql(
+        "SELECT COUNT(*) FROM information_schema.tables "
+        "WHERE table_schema = DATABASE() AND table_name = %s",
+        table,
+    )
+    return bool(rows[0][0])
+
+
+def fresh_key(scope: str = "tenant-a") -> RecordKey:
+    return RecordKey.of(scope, f"order-{uuid.uuid4()}")
+
+
+def race(n: int, fn: Callable[[], Any]) -> list[Any]:
+    """Run ``fn`` in ``n`` threads released together; return what each returned."""
+    barrier = threading.Barrier(n)
+    results: list[Any] = []
+    lock = threading.Lock()
+
+    def run() -> None:
+        barrier.wait()
+        result = fn()
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=run) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def hold_row_lock(cur: Any, table: str, key: RecordKey) -> None:
+    """In ``cur``'s open transaction, insert ``key`` uncommitted: claims of it now wait."""
+    cur.execute("START TRANSACTION")
+    cur.execute(
+        f"INSERT INTO {table} (scope, digest, status, fingerprint, fence, lease_until, "
+        "expires_at, created_at, claim_id) VALUES (%s, %s, 'released', '', 1, 0, 0, 0, 0)",
+        (key.scope, key.digest),
+    )
+
+
+def wait_for_store_time(store: MySQLStore, instant: float) -> None:
+    while store.now() <= instant:
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def server() -> str:
+    """Skip the module when no server is reachable; return its version string."""
+    try:
+        return str(sql("SELECT VERSION()")[0][0])
+    except pymysql.err.OperationalError as exc:
+        pytest.skip(f"MySQL is not reachable at {URL}: {exc}")
+
+
+@pytest.fixture
+def table() -> Iterator[str]:
+    """A table name nobody created yet; dropped afterwards."""
+    name = f"oncely_test_{uuid.uuid4().hex[:12]}"
+    yield name
+    sql(f"DROP TABLE IF EXISTS {name}")
+
+
+def open_mode(mode: str, server: str, table: str, **options: Any) -> MySQLStore:
+    if mode == "returning" and not _supports_returning(server):
+        pytest.skip("this server has no INSERT … RETURNING (MariaDB 10.5+)")
+    store = MySQLStore(URL, table=table, create_schema=True, **options)
+    store._returning = mode == "returning"  # chosen before the first connection
+    return store
+
+
+@pytest.fixture(params=MODES)
+def store(request: pytest.FixtureRequest, server: str, table: str) -> Iterator[MySQLStore]:
+    """A store on its own table, once per way of reading the claimed row back."""
+    s = open_mode(request.param, server, table)
+    yield s
+    s.close()
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+
+def test_url_forms_and_lazy_connection() -> None:
+    # Constructing connects to nothing, so a dead URL is fine until first use.
+    for url in (
+        DEAD_URL,
+        DEAD_URL.replace("mysql", "mariadb", 1),
+        "mysql+pymysql://u:p%40ss@db.example:3307/app",
+        "mariadb+aiomysql://u@db.example/app?charset=utf8mb4",
+        "mysql://u@localhost/app?unix_socket=/run/mysqld/mysqld.sock",
+    ):
+        store = MySQLStore(url)
+        assert "s3cret" not in repr(store) and "p%40ss" not in repr(store)
+    args = MySQLStore("mysql+pymysql://u:p%40ss@db.example:3307/app")._sync_args
+    assert (args["host"], args["port"], args["user"], args["password"], args["database"]) == (
+        "db.example",
+        3307,
+        "u",
+        "p@ss",
+        "app",
+    )
+    assert MySQLStore.schemes == ("mysql", "mariadb")
+
+
+def test_open_store_picks_the_mysql_store() -> None:
+    for url in ("mysql://u@h/db", "mariadb://u@h/db", "mysql+pymysql://u@h/db"):
+        assert isinstance(open_store(url), MySQLStore)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://u@h",  # no database
+        "mysql://u@h/",
+        "mysql://u@h:notaport/db",
+        "mysql://u@h/db?sslmode=require",  # a libpq option, not ours
+        "mysql://u@h/db?charset=latin1",
+        "mysql://u@h/db?ssl=maybe",
+        "postgresql://u@h/db",
+    ],
+)
+def test_bad_urls_are_rejected(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        MySQLStore(url)
+
+
+@pytest.mark.parametrize(
+    "table", ["", "Upper", "two words", "x`; DROP TABLE y; --", "a.b.c", "1abc", "x" * 65]
+)
+def test_table_name_must_be_a_plain_identifier(table: str) -> None:
+    with pytest.raises(ConfigurationError, match="identifier"):
+        MySQLStore(URL, table=table)
+
+
+def test_bad_sizes_and_options_are_rejected() -> None:
+    with pytest.raises(ConfigurationError):
+        MySQLStore(URL, max_size=0)
+    with pytest.raises(ConfigurationError):
+        MySQLStore(URL, timeout=0)
+    with pytest.raises(ConfigurationError, match="autocommit"):
+        MySQLStore(URL, autocommit=False)
+    with pytest.raises(ConfigurationError):
+        MySQLStore(URL, no_such_option=1)
+    MySQLStore(URL, read_timeout=30, password="")  # real PyMySQL options pass
+
+
+def test_server_dialect_detection() -> None:
+    assert _supports_returning("5.5.5-10.11.19-MariaDB-0+deb12u1")
+    assert _supports_returning("10.5.2-MariaDB")
+    assert _supports_returning("11.4.3-MariaDB-ubu2404")
+    assert not _supports_returning("10.4.34-MariaDB")
+    assert not _supports_returning("8.4.3")
+    assert not _supports_returning("8.0.36-0ubuntu0.22.04.1")
+
+
+# -- schema --------------------------------------------------------------------------------------
+
+
+def test_missing_schema_says_how_to_create_it(table: str) -> None:
+    s = MySQLStore(URL, table=table)
+    try:
+        with pytest.raises(SchemaMissing, match=r"oncely init mysql://") as info:
+            s.claim(fresh_key(), "fp", 30.0, 60.0)
+        assert "create_schema=True" in str(info.value)
+        with pytest.raises(SchemaMissing):
+            s.check_schema()
+        with pytest.raises(SchemaMissing):
+            s.get(fresh_key())
+        with pytest.raises(SchemaMissing):
+            s.renew(fresh_key(), 1, 30.0)  # a multi-statement transaction fails the same way
+        assert not table_exists(table)
+        s.init_schema()
+        s.init_schema()  # idempotent
+        s.check_schema()
+        assert isinstance(s.claim(fresh_key(), "fp", 30.0, 60.0), New)
+        assert "CREATE TABLE IF NOT EXISTS" in s.schema_sql()
+    finally:
+        s.close()
+
+
+async def test_missing_schema_async(table: str) -> None:
+    s = MySQLStore(URL, table=table)
+    try:
+        with pytest.raises(SchemaMissing, match="oncely init"):
+            await s.aclaim(fresh_key(), "fp", 30.0, 60.0)
+        await s.ainit_schema()
+        await s.acheck_schema()
+        assert isinstance(await s.aclaim(fresh_key(), "fp", 30.0, 60.0), New)
+    finally:
+        await s.aclose()
+        s.close()
+
+
+def test_init_schema_is_safe_concurrently(table: str) -> None:
+    stores = [MySQLStore(URL, table=table) for _ in range(8)]
+    barrier = threading.Barrier(len(stores))
+    errors: list[BaseException] = []
+
+    def init(s: MySQLStore) -> None:
+        try:
+            s.now()  # connect first so that the CREATE TABLEs race each other
+            barrier.wait()
+            s.init_schema()
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=init, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert errors == []
+        assert table_exists(table)
+        stores[0].check_schema()
+        assert isinstance(stores[1].claim(fresh_key(), "fp", 30.0, 60.0), New)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_create_schema_true_creates_the_table_on_first_use(table: str) -> None:
+    s = MySQLStore(URL, table=table, create_schema=True)
+    try:
+        assert not table_exists(table)
+        assert isinstance(s.claim(fresh_key(), "fp", 30.0, 60.0), New)
+        assert table_exists(table)
+    finally:
+        s.close()
+
+
+def test_a_foreign_table_is_reported(table: str) -> None:
+    sql(f"CREATE TABLE {table} (id INT PRIMARY KEY)")
+    s = MySQLStore(URL, table=table)
+    try:
+        with pytest.raises(StoreError, match="lacks oncely's columns"):
+            s.check_schema()
+    finally:
+        s.close()
+
+
+def test_database_qualified_table(table: str) -> None:
+    database = sql("SELECT DATABASE()")[0][0]
+    s = MySQLStore(URL, table=f"{database}.{table}", create_schema=True)
+    try:
+        key = fresh_key()
+        new = s.claim(key, "fp", 30.0, 60.0)
+        assert isinstance(new, New)
+        assert sql(f"SELECT fence FROM {table}") == [(new.fence,)]
+    finally:
+        s.close()
+
+
+# -- an unreachable server -----------------------------------------------------------------------
+
+
+def test_unreachable_server_fails_fast_and_hides_the_password() -> None:
+    s = MySQLStore(DEAD_URL, timeout=1.0)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable) as info:
+            s.claim(fresh_key(), "fp", 30.0, 60.0)
+        assert time.monotonic() - t0 < 2.0
+        message = str(info.value)
+        assert "s3cret" not in message
+        assert "mysql://oncely:***@127.0.0.1:1/test" in message
+        assert "check that the server is running" in message
+        with pytest.raises(StoreUnavailable):
+            s.now()
+    finally:
+        s.close()
+
+
+async def test_unreachable_server_async() -> None:
+    s = MySQLStore(DEAD_URL, timeout=1.0)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StoreUnavailable, match=r"oncely:\*\*\*@") as info:
+            await s.aclaim(fresh_key(), "fp", 30.0, 60.0)
+        assert time.monotonic() - t0 < 2.0
+        assert "s3cret" not in str(info.value)
+    finally:
+        await s.aclose()
+
+
+# -- the claim: one upsert, the row back in the same round trip ----------------------------------
+
+
+def test_taking_over_an_expired_completed_record_replaces_every_column(store: MySQLStore) -> None:
+    # ON DUPLICATE KEY UPDATE assigns left to right and later assignments see earlier ones: if
+    # the claimable test were repeated per column, rewriting expires_at would make it false for
+    # the columns after it and leave a half-taken-over row (old result, old claim_id).
+    key = fresh_key()
+    old = store.claim(key, "old-fp", 0.2, 0.3)
+    assert isinstance(old, New)
+    store.complete(key, old.fence, b"old result", "raw", 0.3)
+    done = store.get(key)
+    assert done is not None
+    wait_for_store_time(store, done.expires_at)
+    new = store.claim(key, "new-fp", 10.0, 20.0)
+    assert isinstance(new, New), new
+    assert new.fence > old.fence
+    record = store.get(key)
+    assert record is not None
+    assert record.status == "in_progress"
+    assert record.fingerprint == "new-fp"
+    assert record.fence == new.fence
+    assert record.result is None and record.codec is None
+    assert record.created_at == pytest.approx(new.now, abs=1e-6)
+    assert record.lease_until == pytest.approx(new.now + 10.0, abs=1e-3)
+    assert record.expires_at == pytest.approx(new.now + 20.0, abs=1e-3)
+    with pytest.raises(LeaseLost):
+        store.complete(key, old.fence, b"zombie", "raw", 60.0)
+    store.complete(key, new.fence, b"new result", "raw", 60.0)
+    replay = store.claim(key, "new-fp", 10.0, 20.0)
+    assert isinstance(replay, Replay) and replay.record.result == b"new result"
+
+
+def test_taking_over_a_lapsed_lease_replaces_every_column(store: MySQLStore) -> None:
+    # The record is still live (expires_at ahead) but its lease ran out: here it is rewriting
+    # lease_until that would flip a per-column claimable test.
+    key = fresh_key()
+    old = store.claim(key, "fp", 0.2, 60.0)
+    assert isinstance(old, New)
+    wait_for_store_time(store, old.lease_until)
+    new = store.claim(key, "other-fp", 5.0, 7.0)
+    assert isinstance(new, New), new
+    assert new.fence > old.fence
+    record = store.get(key)
+    assert record is not None
+    assert (record.fingerprint, record.fence) == ("other-fp", new.fence)
+    assert record.lease_until == pytest.approx(new.now + 5.0, abs=1e-3)
+    # expires_at = now + max(lease, ttl), not the old record's (which was later).
+    assert record.expires_at == pytest.approx(new.now + 7.0, abs=1e-3)
+    assert record.created_at == pytest.approx(new.now, abs=1e-6)
+    again = store.claim(key, "other-fp", 5.0, 7.0)
+    assert isinstance(again, InFlight) and again.fence == new.fence
+
+
+def test_a_live_record_is_left_untouched(store: MySQLStore) -> None:
+    key = fresh_key()
+    new = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(new, New)
+    before = store.get(key)
+    for fingerprint in ("fp", "other"):
+        outcome = store.claim(key, fingerprint, 1.0, 1.0)
+        assert isinstance(outcome, InFlight if fingerprint == "fp" else Mismatch)
+    assert store.get(key) == before
+    store.complete(key, new.fence, b"r", "json", 60.0)
+    completed = store.get(key)
+    assert isinstance(store.claim(key, "fp", 1.0, 1.0), Replay)
+    assert isinstance(store.claim(key, "other", 1.0, 1.0), Mismatch)
+    assert store.get(key) == completed
+
+
+def test_release_keeps_a_tombstone_so_fences_grow_by_one(store: MySQLStore) -> None:
+    key = fresh_key()
+    first = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(first, New)
+    store.release(key, first.fence)
+    assert store.get(key) is None
+    assert key.scope not in {r.scope for r in store.list()}
+    rows = sql(f"SELECT status, result FROM {store.table}")
+    assert rows == [("released", None)]
+    fences = [first.fence]
+    for _ in range(20):
+        new = store.claim(key, "fp", 30.0, 60.0)
+        assert isinstance(new, New)
+        fences.append(new.fence)
+        store.release(key, new.fence)
+    assert all(b > a for a, b in itertools.pairwise(fences))
+    with pytest.raises(LeaseLost):
+        store.release(key, fences[-1])  # released already
+    assert store.delete(key) is False  # a tombstone is not a live record
+    assert store.purge_expired() == 0
+
+
+def test_a_claim_that_waited_for_a_release_takes_the_tombstone(store: MySQLStore) -> None:
+    # NOW() is fixed when a statement starts. A claim that starts, then waits for the row lock
+    # of a release, sees a tombstone whose expires_at (the release's NOW) is after its own NOW:
+    # a tombstone must be claimable whatever the clock says, or this claim would be InFlight.
+    key = fresh_key()
+    first = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(first, New)
+    holder = admin()
+    try:
+        with holder.cursor() as cur:
+            cur.execute("START TRANSACTION")
+            cur.execute(
+                f"SELECT 1 FROM {store.table} WHERE scope = %s AND digest = %s FOR UPDATE",
+                (key.scope, key.digest),
+            )
+            waiting: list[Any] = []
+            claimer = threading.Thread(
+                target=lambda: waiting.append(store.claim(key, "fp", 30.0, 60.0))
+            )
+            claimer.start()
+            time.sleep(0.2)  # the claim's statement has started and waits for the lock
+            cur.execute(store._sql.release, _fence(key, first.fence))  # the real release
+            assert cur.rowcount == 1
+            cur.execute("COMMIT")
+        claimer.join(10)
+        assert len(waiting) == 1 and isinstance(waiting[0], New), waiting
+        assert waiting[0].fence > first.fence
+    finally:
+        holder.close()
+
+
+def test_fence_of_a_new_row_is_the_server_clock_in_microseconds(store: MySQLStore) -> None:
+    key = fresh_key()
+    new = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(new, New)
+    assert new.fence == round(new.now * 1_000_000)
+    assert store.delete(key) is True
+    after = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(after, New) and after.fence > new.fence
+
+
+def test_renew_returns_the_lease_the_server_stored(store: MySQLStore) -> None:
+    key = fresh_key()
+    new = store.claim(key, "fp", 1.0, 2.0)
+    assert isinstance(new, New)
+    lease_until = store.renew(key, new.fence, 30.0)
+    record = store.get(key)
+    assert record is not None
+    assert record.lease_until == lease_until
+    assert record.expires_at == lease_until  # raised to cover the new lease
+    assert lease_until == pytest.approx(store.now() + 30.0, abs=1.0)
+    store.complete(key, new.fence, b"x", "json", 60.0)
+    with pytest.raises(LeaseLost):
+        store.renew(key, new.fence, 30.0)
+    with pytest.raises(LeaseLost):
+        store.renew(fresh_key(), new.fence, 30.0)
+
+
+def test_binary_results_round_trip(store: MySQLStore) -> None:
+    payloads = [b"", bytes(range(256)), b"'\"\\\x00%s%(x)s", os.urandom(1 << 20)]
+    for payload in payloads:
+        key = fresh_key()
+        new = store.claim(key, "fp", 30.0, 60.0)
+        assert isinstance(new, New)
+        store.complete(key, new.fence, payload, "raw", 60.0)
+        replay = store.claim(key, "fp", 30.0, 60.0)
+        assert isinstance(replay, Replay)
+        assert replay.record.result == payload
+
+
+def test_scopes_compare_byte_for_byte(store: MySQLStore) -> None:
+    # A case-insensitive or PAD SPACE collation would make these one scope.
+    scopes = ["tenant", "Tenant", "tenant ", "ténant", "tenant\x00", "租户"]
+    for scope in scopes:
+        assert isinstance(store.claim(RecordKey.of(scope, "k"), "fp", 30.0, 60.0), New)
+    assert sorted(r.scope for r in store.list()) == sorted(scopes)
+    for scope in scopes:
+        assert [r.scope for r in store.list(scope=scope)] == [scope]
+
+
+def test_an_overlong_scope_is_an_error_not_a_truncation(store: MySQLStore) -> None:
+    with pytest.raises(StoreError):
+        store.claim(RecordKey.of("s" * 2000, "k"), "fp", 30.0, 60.0)
+    assert store.list() == []
+
+
+def test_delete_purge_and_list_see_only_live_records(store: MySQLStore) -> None:
+    live, short, released = fresh_key(), fresh_key(), fresh_key()
+    kept = store.claim(live, "fp", 30.0, 60.0)
+    gone = store.claim(short, "fp", 0.1, 0.1)
+    dropped = store.claim(released, "fp", 30.0, 60.0)
+    assert isinstance(kept, New) and isinstance(gone, New) and isinstance(dropped, New)
+    store.release(released, dropped.fence)
+    wait_for_store_time(store, gone.lease_until + 0.05)
+    assert [r.digest for r in store.list()] == [live.digest]
+    assert store.delete(short) is False  # expired
+    assert store.purge_expired(limit=0) == 0
+    assert store.purge_expired(limit=1) == 1  # the tombstone
+    assert store.purge_expired() == 0
+    assert store.delete(live) is True
+    assert store.delete(live) is False
+    assert sql(f"SELECT COUNT(*) FROM {store.table}") == [(0,)]
+
+
+def test_64_threads_one_key_exactly_one_new_through_a_small_pool(server: str, table: str) -> None:
+    for mode in MODES:
+        if mode == "returning" and not _supports_returning(server):
+            continue
+        s = open_mode(mode, server, table, max_size=4)
+        try:
+            key = fresh_key()
+            outcomes = race(64, lambda s=s, key=key: s.claim(key, "fp", 30.0, 60.0))
+            kinds = [type(o).__name__ for o in outcomes]
+            assert kinds.count("New") == 1 and kinds.count("InFlight") == 63, (mode, kinds)
+        finally:
+            s.close()
+
+
+def test_many_threads_race_for_released_and_expired_keys(store: MySQLStore) -> None:
+    # Each round the key is released (a tombstone) or left to expire, then 16 threads race:
+    # exactly one takes it over, with a fence above every earlier one.
+    key = fresh_key()
+    fences: list[int] = []
+    race(16, store.now)  # open the connections first: the race is for the row, not the pool
+    for round_ in range(6):
+        outcomes = race(16, lambda: store.claim(key, "fp", 1.0, 1.0))
+        winners = [o for o in outcomes if isinstance(o, New)]
+        assert len(winners) == 1, outcomes
+        assert not fences or winners[0].fence > fences[-1]
+        fences.append(winners[0].fence)
+        if round_ % 2:
+            store.release(key, winners[0].fence)
+        else:
+            wait_for_store_time(store, winners[0].lease_until)
+
+
+# -- connections ---------------------------------------------------------------------------------
+
+
+def test_failed_multi_statement_never_leaves_an_open_transaction(server: str, table: str) -> None:
+    # renew runs START TRANSACTION; UPDATE; SELECT; COMMIT. If the UPDATE fails, the session sits
+    # inside the transaction: reusing that connection would make later writes uncommitted.
+    s = open_mode("transaction", server, table, max_size=1)
+    try:
+        s.create_schema = False
+        with pytest.raises(SchemaMissing):
+            s.renew(fresh_key(), 1, 30.0)
+        s.init_schema()
+        key = fresh_key()
+        new = s.claim(key, "fp", 30.0, 60.0)
+        assert isinstance(new, New)
+        # Seen from another session: it was committed.
+        assert sql(f"SELECT fence FROM {table}") == [(new.fence,)]
+    finally:
+        s.close()
+
+
+def test_a_connection_the_server_closed_is_replaced(store: MySQLStore) -> None:
+    store.now()
+    pool = store._sync_pool()
+    (conn, _) = pool._idle.queue[-1]  # the store's one idle connection
+    sql(f"KILL {conn.thread_id()}")
+    time.sleep(0.1)
+    assert isinstance(store.claim(fresh_key(), "fp", 30.0, 60.0), New)
+
+
+def test_pool_exhaustion_is_store_unavailable(server: str, table: str) -> None:
+    s = open_mode("transaction", server, table, max_size=1, timeout=0.3)
+    key = fresh_key()
+    s.claim(fresh_key(), "fp", 30.0, 60.0)  # creates the table
+    holder = admin()
+    blocked = threading.Thread(target=lambda: s.claim(key, "fp", 30.0, 60.0))
+    try:
+        with holder.cursor() as cur:
+            hold_row_lock(cur, table, key)  # the store's only connection will wait for it
+            blocked.start()
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            with pytest.raises(StoreUnavailable, match="busy"):
+                s.now()
+            assert time.monotonic() - t0 < 1.5
+            cur.execute("ROLLBACK")
+        blocked.join(10)
+        assert not blocked.is_alive()
+        record = s.get(key)  # the blocked claim went through once the lock was gone
+        assert record is not None and record.status == "in_progress"
+    finally:
+        holder.close()
+        s.close()
+
+
+def test_close_keeps_the_store_usable(store: MySQLStore) -> None:
+    key = fresh_key()
+    assert isinstance(store.claim(key, "fp", 30.0, 60.0), New)
+    store.close()
+    assert isinstance(store.claim(key, "fp", 30.0, 60.0), InFlight)
+
+
+# -- async face ----------------------------------------------------------------------------------
+
+
+async def test_async_face_matches_the_sync_face(store: MySQLStore) -> None:
+    key = fresh_key()
+    new = await store.aclaim(key, "fp", 0.3, 60.0)
+    assert isinstance(new, New)
+    assert isinstance(store.claim(key, "fp", 30.0, 60.0), InFlight)  # same table, sync face
+    lease_until = await store.arenew(key, new.fence, 30.0)
+    assert (await store.aget(key)).lease_until == lease_until  # type: ignore[union-attr]
+    await store.acomplete(key, new.fence, b"\x00async\xff", "raw", 60.0)
+    replay = await store.aclaim(key, "fp", 30.0, 60.0)
+    assert isinstance(replay, Replay) and replay.record.result == b"\x00async\xff"
+    assert [r.digest for r in await store.alist(scope=key.scope)] == [key.digest]
+    assert abs(await store.anow() - store.now()) < 1.0
+    assert await store.adelete(key) is True
+    assert await store.apurge_expired() == 0
+    with pytest.raises(LeaseLost):
+        await store.arelease(key, new.fence)
+    await store.aclose()
+
+
+async def test_64_tasks_through_a_small_async_pool(server: str, table: str) -> None:
+    s = open_mode("transaction", server, table, max_size=3)
+    try:
+        key = fresh_key()
+        outcomes = await asyncio.gather(*(s.aclaim(key, "fp", 30.0, 60.0) for _ in range(64)))
+        kinds = [type(o).__name__ for o in outcomes]
+        assert kinds.count("New") == 1 and kinds.count("InFlight") == 63
+    finally:
+        await s.aclose()
+        s.close()
+
+
+async def test_awatch_polls_without_blocking_the_loop(store: MySQLStore) -> None:
+    key = fresh_key()
+    new = await store.aclaim(key, "fp", 30.0, 60.0)
+    assert isinstance(new, New)
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    task = asyncio.ensure_future(ticker())
+    try:
+        assert await store.awatch(key, new.fence, 0.3) is False
+        waiter = asyncio.ensure_future(store.awatch(key, new.fence, 10.0))
+        await asyncio.sleep(0.05)
+        await store.arelease(key, new.fence)
+        assert await asyncio.wait_for(waiter, 5.0) is True
+    finally:
+        task.cancel()
+    assert ticks > 30
+    await store.aclose()
+
+
+async def test_cancelled_claim_does_not_poison_the_pool(server: str, table: str) -> None:
+    s = open_mode("transaction", server, table, max_size=1)
+    key = fresh_key()
+    await s.aclaim(fresh_key(), "fp", 30.0, 60.0)  # creates the table
+    holder = admin()
+    try:
+        with holder.cursor() as cur:
+            hold_row_lock(cur, table, key)
+            task = asyncio.ensure_future(s.aclaim(key, "fp", 30.0, 60.0))
+            await asyncio.sleep(0.2)  # the claim is now waiting for the row lock
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            cur.execute("ROLLBACK")
+        # The connection that was mid-statement was closed; the one slot is free again. (Whether
+        # the server finished the cancelled claim is unknowable, as with any cancelled write.)
+        outcome = await asyncio.wait_for(s.aclaim(key, "fp", 30.0, 60.0), 5.0)
+        assert isinstance(outcome, (New, InFlight))
+        assert isinstance(await asyncio.wait_for(s.aclaim(fresh_key(), "fp", 30.0, 60.0), 5.0), New)
+    finally:
+        holder.close()
+        await s.aclose()
+        s.close()
+
+
+def test_each_event_loop_gets_its_own_pool(store: MySQLStore) -> None:
+    key = fresh_key()
+
+    async def claim() -> str:
+        return type(await store.aclaim(key, "fp", 30.0, 60.0)).__name__
+
+    # asyncio.run closes each loop; the pool of a finished loop is cleaned up with it.
+    assert asyncio.run(claim()) == "New"
+    assert asyncio.run(claim()) == "InFlight"
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(asyncio.run(claim()))) for _ in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == ["InFlight", "InFlight"]
+    assert len(store._loops) == 0
