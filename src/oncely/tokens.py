@@ -32,7 +32,6 @@ operation it guarded failed, so that the user can submit the form again).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import hashlib
@@ -236,13 +235,7 @@ class Tokens:
 
     # -- async face --------------------------------------------------------------------------------
     async def aissue(self, subject: str, purpose: str, ttl: float | None = None) -> str:
-        store = self.store
-        anow = getattr(store, "anow", None)
-        if anow is not None:
-            now = float(await anow())
-        else:
-            now = await asyncio.get_running_loop().run_in_executor(None, store.now)
-        return self._sign(subject, purpose, now, ttl)
+        return self._sign(subject, purpose, await self.store.anow(), ttl)
 
     async def aconsume(self, token: str, subject: str, purpose: str) -> TokenUse:
         parsed = self.verify(token, subject, purpose)

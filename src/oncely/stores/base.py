@@ -34,6 +34,11 @@ checks them on every backend):
     ``purge_expired`` deletes up to ``limit`` records with ``expires_at <= now`` and returns
     how many it deleted.
 
+Releases may leave a hidden, expired tombstone instead of deleting (SQLite, MySQL) so that fences
+keep growing; ``get``/``list``/``delete`` treat it as absent and ``purge_expired`` removes it.
+An async call that is cancelled may still have been applied by the server; callers that must not
+leave a claim behind shield the claim and undo it (see :mod:`oncely.functions.drivers`).
+
 Fences: while a record exists, a new claim's fence is ``old + 1`` or more. A record that was
 deleted (released, purged, expired) leaves nothing to compare with, so a new record's fence is
 the store clock in microseconds (SQLite keeps a released row as a tombstone because its clock
@@ -44,6 +49,8 @@ not step backwards.
 from __future__ import annotations
 
 import abc
+import asyncio
+import builtins
 from collections.abc import Sequence
 
 from oncely.records import ClaimOutcome, InFlight, Mismatch, Record, RecordKey, Replay
@@ -150,6 +157,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def apurge_expired(self, limit: int = 1000) -> int: ...
+
+    async def anow(self) -> float:
+        """The store's clock, async. Stores with an async driver answer on the loop."""
+        return await asyncio.to_thread(self.now)
+
+    async def alist(self, scope: str | None = None, limit: int = 100) -> builtins.list[Record]:
+        """Async :meth:`list`. Stores with an async driver answer on the loop."""
+        return await asyncio.to_thread(self.list, scope, limit)
 
     async def aclose(self) -> None:
         """Release connections held by the async face (for the running event loop)."""
