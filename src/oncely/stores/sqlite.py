@@ -15,6 +15,7 @@ import asyncio
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -135,6 +136,27 @@ def _record(row: tuple[Any, ...]) -> Record:
     )
 
 
+def _enable_wal(conn: sqlite3.Connection, patience: float) -> None:
+    """Switch the file to WAL (persistent, so once per file is enough).
+
+    Changing the journal mode needs a lock that SQLite does not wait for (its busy handler is not
+    used), so another process opening the file at the same moment makes it fail at once: retry
+    with backoff for up to ``patience`` seconds. Reading the mode takes no lock.
+    """
+    if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
+    deadline, delay = time.monotonic() + patience, 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 class SQLiteStore(Store):
     """Records in a SQLite file (WAL), one connection per thread, clock = SQLite's."""
 
@@ -187,6 +209,7 @@ class SQLiteStore(Store):
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._schema_ready = False
+        self._file_ready = False
         self._create_schema = create_schema
 
     # -- plumbing ------------------------------------------------------------------------------
@@ -198,9 +221,17 @@ class SQLiteStore(Store):
             conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            with self._lock:  # once per store: the first connection sets up the file
+                if not self._file_ready:
+                    _enable_wal(conn, self.busy_timeout)
+                    if self._create_schema:
+                        conn.executescript(SCHEMA.replace("{t}", self.table))
+                        self._schema_ready = True
+                    self._file_ready = True
         except sqlite3.Error as exc:
+            if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc):
+                raise self._translate(exc) from exc
             raise StoreUnavailable(
                 f"cannot open SQLite database {self.path!r} ({exc}); check that the directory "
                 "exists and is writable"
@@ -208,8 +239,6 @@ class SQLiteStore(Store):
         self._local.conn = conn
         with self._lock:
             self._connections.append(conn)
-        if not self._schema_ready and self._create_schema:
-            self.init_schema()
         return conn
 
     def _run(self, name: str, params: dict[str, Any]) -> sqlite3.Cursor:
@@ -234,7 +263,7 @@ class SQLiteStore(Store):
         return StoreError(f"SQLite error on {self.path!r}: {text}")
 
     def init_schema(self) -> None:
-        conn = self._connect() if getattr(self._local, "conn", None) is None else self._local.conn
+        conn = self._connect()
         try:
             conn.executescript(SCHEMA.replace("{t}", self.table))
         except sqlite3.OperationalError as exc:
