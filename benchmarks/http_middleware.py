@@ -20,29 +20,24 @@ more than the servers. ``--write-docs`` replaces the ``## HTTP`` section of
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
 import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
 
-# This file is named http.py: keep its folder off sys.path, or it would shadow the standard
-# library's ``http`` package for everything imported below.
-_here = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _here]
+from docs_section import PERFORMANCE_MD, write_section
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import platform  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
-
-ROOT = Path(_here).parent
-DOCS = ROOT / "docs" / "performance.md"
+ROOT = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("ONCELY_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 VARIANTS = [
     "bare",
@@ -366,17 +361,16 @@ def main() -> None:
     print()
     print(text)
     if args.write_docs:
-        write_section(text, args)
+        write_docs(text, args)
 
 
-def write_section(text: str, args: argparse.Namespace) -> None:
+def write_docs(text: str, args: argparse.Namespace) -> None:
     import redis
     from redis.utils import HIREDIS_AVAILABLE as hiredis
 
     version = redis.Redis.from_url(REDIS_URL).info("server")["redis_version"]
-    begin, end = "<!-- http:begin -->", "<!-- http:end -->"
     section = (
-        f"{begin}\n## HTTP (`benchmarks/http_middleware.py`)\n\n"
+        "## HTTP (`benchmarks/http_middleware.py`)\n\n"
         f"`.venv/bin/python benchmarks/http_middleware.py --seconds {args.seconds:g} "
         f"--rounds {args.rounds}"
         f" --concurrency {args.concurrency} --client {args.client} --write-docs`, run "
@@ -407,16 +401,9 @@ def write_section(text: str, args: argparse.Namespace) -> None:
         "concurrent commands on one connection, a leaner RESP path), not the HTTP layer. "
         "Repeated full runs on this shared machine moved the oncely/idemkit ratio between "
         "0.9x and 1.2x: the two are equal within the noise.\n"
-        f"{end}"
     )
-    current = DOCS.read_text() if DOCS.exists() else "# Performance\n"
-    if begin in current:
-        head, rest = current.split(begin, 1)
-        current = head + section + rest.split(end, 1)[1]
-    else:
-        current = current.rstrip() + "\n\n" + section + "\n"
-    DOCS.write_text(current)
-    print(f"wrote the ## HTTP section of {DOCS}")
+    write_section("http", section)
+    print(f"wrote the ## HTTP section of {PERFORMANCE_MD}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from docs_section import write_section
+
 HOLD = 0.001
 THINK = 0.001
 PROCESSES = 4
@@ -227,14 +229,7 @@ def write_markdown(path: Path, table: str, args: Any) -> None:
             "",
         ]
     )
-    text = path.read_text() if path.exists() else "# Performance\n"
-    start = text.find("\n## Locks")
-    if start >= 0:
-        end = text.find("\n## ", start + 1)
-        text = text[:start].rstrip("\n") + "\n\n" + section + (text[end:] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    write_section("locks", section, path)
 
 
 def main() -> None:
