@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,9 +70,34 @@ StoreFactory = Callable[[str], tuple[Store, str, dict[str, object]]]
 
 
 @pytest.fixture
-def make_store(tmp_path: Path) -> Iterator[StoreFactory]:
+def opened_stores() -> list[tuple[str, Store]]:
+    """Every store the test opened through ``make_store``, with its kind."""
+    return []
+
+
+@pytest.fixture
+async def close_async_faces(opened_stores: list[tuple[str, Store]]) -> AsyncIterator[None]:
+    """After an async test, close its stores' async faces while its event loop still runs.
+
+    A psycopg pool left open when the loop shuts down can swallow the cancellation of its
+    maintenance task and hang the loop's shutdown; applications must call ``aclose()`` too.
+    """
+    yield
+    for _, store in opened_stores:
+        await store.aclose()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        names = getattr(item, "fixturenames", None)
+        if inspect.iscoroutinefunction(getattr(item, "function", None)) and names is not None:
+            names.append("close_async_faces")
+
+
+@pytest.fixture
+def make_store(tmp_path: Path, opened_stores: list[tuple[str, Store]]) -> Iterator[StoreFactory]:
     """Open an isolated store of a kind; returns (store, url, options) and cleans up after."""
-    opened: list[tuple[str, Store]] = []
+    opened = opened_stores
 
     def make(kind: str) -> tuple[Store, str, dict[str, object]]:
         url, options = store_url(kind, tmp_path)

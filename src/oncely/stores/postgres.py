@@ -400,6 +400,10 @@ class PostgresStore(Store):
     and waiting for a pooled connection (seconds). Further keyword ``options`` go to
     :func:`psycopg.connect` (libpq parameters such as ``sslmode``, ``application_name``, or
     ``prepare_threshold=None`` behind PgBouncer in transaction mode).
+
+    Call :meth:`aclose` in every event loop that used the async face before the loop ends: a
+    psycopg pool still open at shutdown can swallow the loop's final cancellation of its
+    maintenance task (while it is connecting) and hang ``asyncio.run``'s exit.
     """
 
     schemes = ("postgresql", "postgres")
