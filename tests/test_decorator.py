@@ -33,7 +33,6 @@ from oncely import (
     current_claim,
     idempotent,
 )
-from oncely.records import RecordKey
 from oncely.stores import Store, open_store
 from oncely.stores.memory import MemoryStore
 
@@ -120,8 +119,6 @@ def test_crash_inside_the_function_then_retry_runs_exactly_once(
     while not log.read_text():  # the child is inside the function, holding the claim
         assert child.is_alive(), "child died before reaching the function"
         time.sleep(0.01)
-    record_key = RecordKey.of("", "")  # placeholder to satisfy typing below
-    del record_key
     # While the child lives (and renews), a retry must not run the function.
     with pytest.raises(InFlightError):
         workers_call(store, key, log, on_duplicate="raise")

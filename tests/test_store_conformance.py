@@ -7,7 +7,6 @@ import multiprocessing
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -285,7 +284,3 @@ def test_store_clock_decides_expiry_not_the_client_clock(
     replay = store.claim(key, "fp", 30.0, 60.0)
     assert isinstance(replay, Replay) and replay.record.result == b"kept"
     assert abs(store.now() - real_time()) < 5.0
-
-
-def _claims_to_kinds(claim: Callable[[], Any], n: int) -> list[str]:
-    return [type(claim()).__name__ for _ in range(n)]
