@@ -1,7 +1,9 @@
 """oncely: make operations safe to repeat.
 
 The pieces most applications need are importable from here; each mechanism lives in its
-own module (``oncely.stores``, ``oncely.functions``, ``oncely.records``, ``oncely.errors``).
+own module (``oncely.stores``, ``oncely.functions``, ``oncely.locks``, ``oncely.tokens``,
+``oncely.http``, ``oncely.records``, ``oncely.errors``). Importing oncely loads no driver:
+redis-py, psycopg and PyMySQL are imported by the store that needs them.
 """
 
 from oncely.codecs import JsonCodec, RawCodec
@@ -11,15 +13,25 @@ from oncely.errors import (
     InFlightError,
     InvalidKey,
     LeaseLost,
+    LockError,
+    LockLost,
+    LockTimeout,
     OncelyError,
     SchemaMissing,
     SerializationError,
     StoredFailure,
     StoreError,
     StoreUnavailable,
+    TokenError,
+    TokenExpired,
+    TokenForeign,
+    TokenForged,
+    TokenReused,
 )
 from oncely.functions import Claimed, current_claim, idempotent
+from oncely.locks import Lock
 from oncely.stores import Store, open_store
+from oncely.tokens import Tokens
 
 __version__ = "0.1.0"
 
@@ -31,6 +43,10 @@ __all__ = [
     "InvalidKey",
     "JsonCodec",
     "LeaseLost",
+    "Lock",
+    "LockError",
+    "LockLost",
+    "LockTimeout",
     "OncelyError",
     "RawCodec",
     "SchemaMissing",
@@ -39,6 +55,12 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "StoredFailure",
+    "TokenError",
+    "TokenExpired",
+    "TokenForeign",
+    "TokenForged",
+    "TokenReused",
+    "Tokens",
     "current_claim",
     "idempotent",
     "open_store",
