@@ -54,3 +54,34 @@ def test_bad_urls_and_unopenable_files_get_typed_errors(tmp_path: Path) -> None:
     missing_dir = open_store(f"sqlite:///{tmp_path}/no/such/dir/x.db")
     with pytest.raises(StoreUnavailable, match="writable"):
         missing_dir.claim(RecordKey.of("", "k"), "", 30, 60)
+
+
+def test_lock_threads_opening_a_fresh_lock_file_at_once_all_work(tmp_path: Path) -> None:
+    # The SQLite lock backend opens one connection per thread and shares the WAL set-up with
+    # the store (``enable_wal``), so first opens under concurrency do not fail either.
+    from oncely.locks import Lock
+
+    for attempt in range(5):
+        url = f"sqlite:///{tmp_path}/locks-{attempt}.db"
+        barrier = threading.Barrier(16)
+        errors: list[BaseException] = []
+
+        def take(
+            index: int,
+            url: str = url,
+            barrier: threading.Barrier = barrier,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            barrier.wait()
+            try:
+                with Lock(url, f"name-{index}", ttl=5):
+                    pass
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=take, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []

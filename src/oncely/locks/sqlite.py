@@ -37,6 +37,7 @@ from urllib.parse import parse_qs
 
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
+from oncely.stores.sqlite import enable_wal
 
 __all__ = ["SQLiteLockBackend"]
 
@@ -136,7 +137,7 @@ class SQLiteLockBackend(LockBackend):
             conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
-            conn.execute("PRAGMA journal_mode=WAL")
+            enable_wal(conn, self.busy_timeout)  # retries the lock SQLite does not wait for
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(self._sql["schema"])
         except sqlite3.Error as exc:

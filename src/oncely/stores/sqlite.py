@@ -26,7 +26,7 @@ from oncely.records import ClaimOutcome, New, Record, RecordKey
 from oncely.stores.base import Store, classify, redact_url
 from oncely.stores.polling import apoll_until, poll_until
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SQLiteStore", "enable_wal"]
 
 T = TypeVar("T")
 
@@ -136,7 +136,7 @@ def _record(row: tuple[Any, ...]) -> Record:
     )
 
 
-def _enable_wal(conn: sqlite3.Connection, patience: float) -> None:
+def enable_wal(conn: sqlite3.Connection, patience: float) -> None:
     """Switch the file to WAL (persistent, so once per file is enough).
 
     Changing the journal mode needs a lock that SQLite does not wait for (its busy handler is not
@@ -224,7 +224,7 @@ class SQLiteStore(Store):
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             with self._lock:  # once per store: the first connection sets up the file
                 if not self._file_ready:
-                    _enable_wal(conn, self.busy_timeout)
+                    enable_wal(conn, self.busy_timeout)
                     if self._create_schema:
                         conn.executescript(SCHEMA.replace("{t}", self.table))
                         self._schema_ready = True
