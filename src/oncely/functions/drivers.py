@@ -4,11 +4,11 @@ once with ``await``. Nothing here decides anything; it only performs I/O."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
+from oncely.cancelsafe import claim_or_undo, write_through
 from oncely.functions.flow import (
     Claim,
     Complete,
@@ -21,27 +21,10 @@ from oncely.functions.flow import (
     Watch,
 )
 from oncely.functions.lease import AsyncRenewer, Claimed, LostCallback, _current, keeper
-from oncely.records import New, RecordKey
+from oncely.records import RecordKey
 from oncely.stores.base import Store
 
 __all__ = ["drive", "drive_async"]
-
-log = logging.getLogger("oncely")
-
-# Background work that must finish even if the caller is cancelled (see drive_async).
-_background: set[asyncio.Future[Any]] = set()
-
-
-def _keep_alive(work: asyncio.Future[Any]) -> None:
-    """Hold a reference to ``work`` until it is done, and log it if it fails."""
-    _background.add(work)
-
-    def done(future: asyncio.Future[Any]) -> None:
-        _background.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.warning("oncely: background store call failed: %s", future.exception())
-
-    work.add_done_callback(done)
 
 
 def drive(
@@ -115,7 +98,7 @@ async def drive_async(
         try:
             kind = type(op)
             if kind is Claim:
-                send = await _claim_uncancellable(store, key, fingerprint, policy)
+                send = await claim_or_undo(store, key, fingerprint, policy.lease, policy.ttl)
             elif kind is Run:
                 assert isinstance(op, Run)
                 claimed = Claimed(key, op.fence, policy.lease, store, on_lost)
@@ -129,10 +112,10 @@ async def drive_async(
             elif kind is Complete:
                 assert isinstance(op, Complete)
                 # A cancelled caller must not leave a finished call unrecorded: the write goes on.
-                await _finish(store.acomplete(key, op.fence, op.data, op.codec, policy.ttl))
+                await write_through(store.acomplete, key, op.fence, op.data, op.codec, policy.ttl)
             elif kind is Release:
                 assert isinstance(op, Release)
-                await _finish(store.arelease(key, op.fence))
+                await write_through(store.arelease, key, op.fence)
             elif kind is Watch:
                 assert isinstance(op, Watch)
                 send = await store.awatch(key, op.fence, op.timeout)
@@ -145,33 +128,3 @@ async def drive_async(
                 raise AssertionError(op)
         except BaseException as exc:
             throw = exc
-
-
-async def _finish(work: Awaitable[Any]) -> Any:
-    """Await ``work`` shielded from the caller's cancellation, keeping it alive if cancelled."""
-    task = asyncio.ensure_future(work)
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-        _keep_alive(task)
-        raise
-
-
-async def _claim_uncancellable(
-    store: Store, key: RecordKey, fingerprint: str, policy: Policy
-) -> Any:
-    """Claim; if the caller is cancelled mid-claim and the claim succeeded, release it again."""
-    task = asyncio.ensure_future(store.aclaim(key, fingerprint, policy.lease, policy.ttl))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-
-        def undo(done: asyncio.Future[Any]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                outcome = done.result()
-                if isinstance(outcome, New):
-                    _keep_alive(asyncio.ensure_future(store.arelease(key, outcome.fence)))
-
-        task.add_done_callback(undo)
-        _keep_alive(task)
-        raise

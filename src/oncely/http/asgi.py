@@ -20,7 +20,8 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from oncely.errors import ConfigurationError, HttpProblem, OncelyError
+from oncely.cancelsafe import claim_or_undo, write_through
+from oncely.errors import ConfigurationError, HttpProblem
 from oncely.functions.lease import AsyncRenewer, Claimed, _current
 from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import Engine
@@ -45,7 +46,6 @@ from oncely.http.flow import (
 from oncely.http.messages import HttpRequest, HttpResponse
 from oncely.http.problems import from_exception
 from oncely.http.routes import Resolver
-from oncely.records import New
 
 __all__ = ["INFO_KEY", "IdempotencyMiddleware"]
 
@@ -63,7 +63,6 @@ INFO_KEY = "oncely.idempotency"
 # Response extensions that bypass ``send`` with a body; hidden from the app while capturing.
 _BYPASS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
 # Background work that must finish even if the request task is cancelled.
-_background: set[asyncio.Future[Any]] = set()
 
 
 class IdempotencyMiddleware:
@@ -161,13 +160,15 @@ class _Exchange:
                 kind = type(op)
                 if kind is Claim:
                     assert isinstance(op, Claim)
-                    value = await _claim(store, op)
+                    value = await claim_or_undo(store, op.key, op.fingerprint, op.lease, op.ttl)
                 elif kind is Run:
                     assert isinstance(op, Run)
                     value = await self._run(op)
                 elif kind is Complete:
                     assert isinstance(op, Complete)
-                    await _finish(store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl)
+                    await write_through(
+                        store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl
+                    )
                 elif kind is ReadBody:
                     assert isinstance(op, ReadBody)
                     value = await self._read_body(op.limit, op.expected)
@@ -178,7 +179,7 @@ class _Exchange:
                     await self._pass()
                 elif kind is Release:
                     assert isinstance(op, Release)
-                    await _finish(store.arelease, op.key, op.fence)
+                    await write_through(store.arelease, op.key, op.fence)
                 elif kind is Watch:
                     assert isinstance(op, Watch)
                     value = await store.awatch(op.key, op.fence, op.timeout)
@@ -190,7 +191,7 @@ class _Exchange:
                     value = await self.engine.tokens.aconsume(op.token, op.subject, op.purpose)
                 elif kind is ReleaseToken:
                     assert isinstance(op, ReleaseToken) and self.engine.tokens is not None
-                    await _finish(self.engine.tokens.arelease, op.use)
+                    await write_through(self.engine.tokens.arelease, op.use)
                 elif kind is IssueToken:
                     assert isinstance(op, IssueToken) and self.engine.tokens is not None
                     value = await self.engine.tokens.aissue(op.subject, op.purpose, op.ttl)
@@ -335,55 +336,3 @@ async def _send_response(send: Send, response: HttpResponse) -> None:
         {"type": "http.response.start", "status": response.status, "headers": response.headers}
     )
     await send({"type": "http.response.body", "body": response.body, "more_body": False})
-
-
-async def _finish(write: Callable[..., Awaitable[Any]], *args: Any) -> None:
-    """Await a fenced write (complete/release); if the request is cancelled meanwhile, write
-    again in the background so the key is never left in progress.
-
-    The fast path is a plain ``await`` (no task, no shield). A write repeated after a
-    cancellation either lands, or finds its own earlier write done (``LeaseLost``), which is
-    fine either way.
-    """
-    try:
-        await write(*args)
-    except asyncio.CancelledError:
-        _keep_alive(asyncio.ensure_future(_write_again(write, args)))
-        raise
-
-
-async def _write_again(write: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
-    try:
-        await write(*args)
-    except OncelyError as exc:
-        log.debug("oncely.http: repeated write after a cancellation: %s", exc)
-
-
-async def _claim(store: Any, op: Claim) -> Any:
-    """Claim; if the request is cancelled mid-claim and the claim succeeded, release it again."""
-    task = asyncio.ensure_future(store.aclaim(op.key, op.fingerprint, op.lease, op.ttl))
-    try:
-        return await asyncio.shield(task)
-    except asyncio.CancelledError:
-
-        def undo(done: asyncio.Future[Any]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                outcome = done.result()
-                if isinstance(outcome, New):
-                    _keep_alive(asyncio.ensure_future(store.arelease(op.key, outcome.fence)))
-
-        task.add_done_callback(undo)
-        _keep_alive(task)
-        raise
-
-
-def _keep_alive(work: asyncio.Future[Any]) -> None:
-    """Hold a reference to background ``work`` until it is done, and log it if it fails."""
-    _background.add(work)
-
-    def done(future: asyncio.Future[Any]) -> None:
-        _background.discard(future)
-        if not future.cancelled() and future.exception() is not None:
-            log.warning("oncely.http: background store call failed: %s", future.exception())
-
-    work.add_done_callback(done)

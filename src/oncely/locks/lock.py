@@ -33,6 +33,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, Literal, overload
 
+from oncely.cancelsafe import keep_alive
 from oncely.errors import (
     LockError,
     LockLost,
@@ -60,8 +61,6 @@ log = logging.getLogger("oncely.locks")
 
 LostCallback = Callable[["Lock", LockLost], None]
 
-#: Tasks that finish a cancelled acquire or release in the background (strong references).
-_background: set[asyncio.Task[Any]] = set()
 _STOPPED: Final = object()
 
 
@@ -71,11 +70,6 @@ def _who(face: Face) -> str:
     if task is not None:
         return f"task {task.get_name()!r}"
     return f"thread {threading.current_thread().name!r}"
-
-
-def _keep(task: asyncio.Task[Any]) -> None:
-    _background.add(task)
-    task.add_done_callback(_background.discard)
 
 
 class Lock:
@@ -524,7 +518,7 @@ class Lock:
             # The store may have granted the lock already: finish the attempt and give back
             # what it took before letting the cancellation through.
             undo = asyncio.ensure_future(self._undo(task))
-            _keep(undo)
+            keep_alive(undo)
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.shield(undo)
             raise
@@ -551,7 +545,7 @@ class Lock:
         try:
             ok = await asyncio.shield(task)
         except asyncio.CancelledError:
-            _keep(task)
+            keep_alive(task)
             with contextlib.suppress(BaseException):
                 await asyncio.shield(task)
             raise

@@ -1,0 +1,76 @@
+"""Async store calls that survive the caller's cancellation, written once for every async face.
+
+A cancelled ``await`` may still have been applied by the server. The claim is the dangerous
+case (a key held by nobody until its lease runs out), so it runs shielded and a claim that
+succeeded after its caller left is released again. A fenced write (complete, release) is cheap
+to repeat, so it runs as a plain ``await`` and is repeated in the background if the caller is
+cancelled meanwhile: the repeat either lands or finds the first write done (``LeaseLost``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from oncely.errors import LeaseLost, OncelyError
+from oncely.records import ClaimOutcome, New, RecordKey
+from oncely.stores.base import Store
+
+__all__ = ["claim_or_undo", "keep_alive", "write_through"]
+
+log = logging.getLogger("oncely")
+
+#: Background work that must finish although its caller is gone (strong references).
+_background: set[asyncio.Future[Any]] = set()
+
+
+def keep_alive(work: asyncio.Future[Any]) -> None:
+    """Hold a reference to ``work`` until it is done, and log it if it fails."""
+    _background.add(work)
+
+    def done(future: asyncio.Future[Any]) -> None:
+        _background.discard(future)
+        if not future.cancelled() and future.exception() is not None:
+            log.warning("oncely: background store call failed: %s", future.exception())
+
+    work.add_done_callback(done)
+
+
+async def claim_or_undo(
+    store: Store, key: RecordKey, fingerprint: str, lease: float, ttl: float
+) -> ClaimOutcome:
+    """Claim; if the caller is cancelled mid-claim and the claim succeeded, release it again."""
+    task = asyncio.ensure_future(store.aclaim(key, fingerprint, lease, ttl))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def undo(done: asyncio.Future[ClaimOutcome]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                outcome = done.result()
+                if isinstance(outcome, New):
+                    keep_alive(asyncio.ensure_future(store.arelease(key, outcome.fence)))
+
+        task.add_done_callback(undo)
+        keep_alive(task)
+        raise
+
+
+async def write_through(write: Callable[..., Awaitable[Any]], *args: Any) -> None:
+    """Await a fenced write; if the caller is cancelled meanwhile, write again in the background."""
+    try:
+        await write(*args)
+    except asyncio.CancelledError:
+        keep_alive(asyncio.ensure_future(_write_again(write, args)))
+        raise
+
+
+async def _write_again(write: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+    try:
+        await write(*args)
+    except LeaseLost as exc:  # the first attempt had landed
+        log.debug("oncely: repeated write after a cancellation: %s", exc)
+    except OncelyError as exc:
+        log.warning("oncely: write repeated after a cancellation failed: %s", exc)
