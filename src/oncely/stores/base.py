@@ -53,9 +53,19 @@ import asyncio
 import builtins
 from collections.abc import Sequence
 
+from oncely.errors import LeaseLost
 from oncely.records import ClaimOutcome, InFlight, Mismatch, Record, RecordKey, Replay
 
-__all__ = ["Store", "claimable", "classify"]
+__all__ = ["Store", "claimable", "classify", "lease_lost"]
+
+
+def lease_lost(key: RecordKey, fence: int) -> LeaseLost:
+    """The error every SQL and memory store raises for a fenced write whose claim is gone."""
+    return LeaseLost(
+        f"the claim on {key.scope!r}/{key.digest[:16]}… with fence {fence} is gone: its lease "
+        "ran out and another caller re-claimed the key, or the record was completed, released "
+        "or deleted; do not trust work done after the lease was lost"
+    )
 
 
 def claimable(record: Record | None, now: float) -> bool:

@@ -11,17 +11,11 @@ import threading
 import time
 from dataclasses import replace
 
-from oncely.errors import LeaseLost
 from oncely.records import ClaimOutcome, New, Record, RecordKey
-from oncely.stores.base import Store, claimable, classify
+from oncely.stores.base import Store, claimable, classify, lease_lost
 from oncely.stores.polling import apoll_until
 
 __all__ = ["MemoryState", "MemoryStore"]
-
-_STALE = (
-    "the claim with fence {fence} is gone: its lease ran out and another caller re-claimed the "
-    "key, or the record was deleted; do not trust work done after the lease was lost"
-)
 
 
 class MemoryState:
@@ -34,7 +28,7 @@ class MemoryState:
     def _live(self, key: RecordKey, fence: int, now: float) -> Record:
         record = self.records.get(key)
         if record is None or record.status != "in_progress" or record.fence != fence:
-            raise LeaseLost(_STALE.format(fence=fence))
+            raise lease_lost(key, fence)
         return record
 
     def claim(

@@ -56,9 +56,9 @@ import aiomysql  # type: ignore[import-untyped]
 import pymysql
 from pymysql.constants import CLIENT
 
-from oncely.errors import ConfigurationError, LeaseLost, SchemaMissing, StoreError, StoreUnavailable
+from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, New, Record, RecordKey
-from oncely.stores.base import Store, classify, redact_url
+from oncely.stores.base import Store, classify, lease_lost, redact_url
 from oncely.stores.polling import apoll_until, poll_until
 
 __all__ = ["MySQLStore"]
@@ -218,11 +218,6 @@ _RESERVED = frozenset(
     }
 )
 _URL_OPTIONS = ("charset", "ssl", "ssl_ca", "ssl_cert", "ssl_key", "unix_socket")
-_STALE = (
-    "the claim on {key} with fence {fence} is gone: its lease ran out and another caller "
-    "re-claimed the key, or the record was completed, released or deleted; do not trust work "
-    "done after the lease was lost"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,12 +418,12 @@ def _changed(result: _Result, fence: int) -> bool:
 
 def _check_lease(result: _Result, key: RecordKey, fence: int) -> None:
     if result.rowcount < 1:
-        raise LeaseLost(_STALE.format(key=key, fence=fence))
+        raise lease_lost(key, fence)
 
 
 def _renewed(result: _Result, key: RecordKey, fence: int) -> float:
     if not result.rows:
-        raise LeaseLost(_STALE.format(key=key, fence=fence))
+        raise lease_lost(key, fence)
     return float(result.rows[0][0])
 
 

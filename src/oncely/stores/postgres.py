@@ -36,9 +36,9 @@ from psycopg import sql
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
 
-from oncely.errors import ConfigurationError, LeaseLost, SchemaMissing, StoreError, StoreUnavailable
+from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, New, Record, RecordKey
-from oncely.stores.base import Store, claimable, classify, redact_url
+from oncely.stores.base import Store, claimable, classify, lease_lost, redact_url
 
 __all__ = ["CHANNEL", "PostgresStore"]
 
@@ -207,11 +207,6 @@ UNLISTEN = f"UNLISTEN {CHANNEL}"
 # -- pure helpers shared by both faces ------------------------------------------------------------
 
 _TABLE_RE = re.compile(r"(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,47}")
-_STALE = (
-    "the claim on {key} with fence {fence} is gone: its lease ran out and another caller "
-    "re-claimed the key, or the record was completed, released or deleted; do not trust work "
-    "done after the lease was lost"
-)
 
 
 class _Statements:
@@ -363,7 +358,7 @@ def _changed(rows: list[Row], fence: int) -> bool:
 
 def _check_lease(rows: list[Row], key: RecordKey, fence: int) -> None:
     if not rows:
-        raise LeaseLost(_STALE.format(key=key, fence=fence))
+        raise lease_lost(key, fence)
 
 
 class _LoopPools:

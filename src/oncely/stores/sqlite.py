@@ -21,9 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import parse_qs
 
-from oncely.errors import ConfigurationError, LeaseLost, SchemaMissing, StoreError, StoreUnavailable
+from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, New, Record, RecordKey
-from oncely.stores.base import Store, classify, redact_url
+from oncely.stores.base import Store, classify, lease_lost, redact_url
 from oncely.stores.polling import apoll_until, poll_until
 
 __all__ = ["SQLiteStore", "enable_wal"]
@@ -122,11 +122,6 @@ PURGE = (
     "(SELECT scope, digest FROM {t} WHERE expires_at <= " + NOW + " LIMIT :limit)"
 )
 LIST = "SELECT " + COLUMNS + " FROM {t} WHERE expires_at > " + NOW + " {where} LIMIT :limit"
-
-_STALE = (
-    "the claim with fence {fence} is gone: its lease ran out and another caller re-claimed the "
-    "key, or the record was deleted; do not trust work done after the lease was lost"
-)
 
 
 def _record(row: tuple[Any, ...]) -> Record:
@@ -308,18 +303,18 @@ class SQLiteStore(Store):
         params = {"scope": key.scope, "digest": key.digest, "fence": fence}
         cur = self._run("complete", {**params, "ttl": ttl, "result": result, "codec": codec})
         if cur.rowcount != 1:
-            raise LeaseLost(_STALE.format(fence=fence))
+            raise lease_lost(key, fence)
 
     def release(self, key: RecordKey, fence: int) -> None:
         cur = self._run("release", {"scope": key.scope, "digest": key.digest, "fence": fence})
         if cur.rowcount != 1:
-            raise LeaseLost(_STALE.format(fence=fence))
+            raise lease_lost(key, fence)
 
     def renew(self, key: RecordKey, fence: int, lease: float) -> float:
         params = {"scope": key.scope, "digest": key.digest, "fence": fence, "lease": lease}
         row = self._run("renew", params).fetchone()
         if row is None:
-            raise LeaseLost(_STALE.format(fence=fence))
+            raise lease_lost(key, fence)
         return float(row[0])
 
     def watch(self, key: RecordKey, fence: int, timeout: float) -> bool:
