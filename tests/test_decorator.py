@@ -586,3 +586,22 @@ async def test_cancelling_at_random_points_never_leaves_a_key_held(store: Store)
         # Whatever point the cancel hit, the key is free or completed: no 30 s lease is left.
         assert await asyncio.wait_for(work(order), 3) == order
     await store.aclose()
+
+
+def test_cache_refuses_another_payload_and_forget_evicts_the_key() -> None:
+    store = CountingMemoryStore()
+    runs = []
+
+    @idempotent(store=store, key=["order_id"], validate=["amount"], cache_size=10)
+    def charge(order_id: str, amount: int) -> int:
+        runs.append(amount)
+        return amount
+
+    order = unique()
+    assert charge(order, 5) == 5
+    assert charge(order, 5) == 5  # replay, now cached
+    with pytest.raises(IdempotencyKeyMismatch):
+        charge(order, 6)  # the cached record is not served to another payload
+    assert charge.forget(order, 5) is True  # type: ignore[attr-defined]
+    assert charge(order, 6) == 6  # neither cache nor store remembers the key
+    assert runs == [5, 6]

@@ -168,13 +168,13 @@ class Idempotent:
         """Delete the record of a call with these arguments, so the next call runs again."""
         key = self.record_key(args, kwargs)
         if self.policy.cache is not None:
-            self.policy.cache.clear()
+            self.policy.cache.discard(key)
         return self.store.delete(key)
 
     async def aforget(self, *args: Any, **kwargs: Any) -> bool:
         key = self.record_key(args, kwargs)
         if self.policy.cache is not None:
-            self.policy.cache.clear()
+            self.policy.cache.discard(key)
         return await self.store.adelete(key)
 
 

@@ -151,10 +151,10 @@ def _rebuild_error(policy: Policy, data: bytes) -> BaseException:
 
 def call_flow(policy: Policy, key: RecordKey, fingerprint: str) -> Generator[Op, Any, Any]:
     """One call: claim; then run-and-store, replay, wait for the holder, or refuse."""
-    cache_key = (key, fingerprint)
     if policy.cache is not None:
-        hit = policy.cache.get(cache_key)
-        if hit is not None:
+        hit = policy.cache.get(key)
+        # Another payload under a cached key goes to the store, which answers Mismatch.
+        if hit is not None and hit.fingerprint == fingerprint:
             return _decode(policy, hit)
     deadline: float | None = None
     while True:
@@ -170,7 +170,7 @@ def call_flow(policy: Policy, key: RecordKey, fingerprint: str) -> Generator[Op,
             return (yield from _run_and_store(policy, outcome))
         if isinstance(outcome, Replay):
             if policy.cache is not None:
-                policy.cache.put(cache_key, outcome.record, outcome.record.expires_at - outcome.now)
+                policy.cache.put(key, outcome.record, outcome.record.expires_at - outcome.now)
             return _decode(policy, outcome.record)
         if isinstance(outcome, Mismatch):
             raise IdempotencyKeyMismatch(

@@ -203,7 +203,6 @@ class SQLiteStore(Store):
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._schema_ready = False
         self._file_ready = False
         self._create_schema = create_schema
 
@@ -222,7 +221,6 @@ class SQLiteStore(Store):
                     enable_wal(conn, self.busy_timeout)
                     if self._create_schema:
                         conn.executescript(SCHEMA.replace("{t}", self.table))
-                        self._schema_ready = True
                     self._file_ready = True
         except sqlite3.Error as exc:
             if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc):
@@ -263,7 +261,6 @@ class SQLiteStore(Store):
             conn.executescript(SCHEMA.replace("{t}", self.table))
         except sqlite3.OperationalError as exc:
             raise self._translate(exc) from exc
-        self._schema_ready = True
 
     def check_schema(self) -> None:
         self._run("state", {"scope": "", "digest": ""}).fetchall()
