@@ -605,3 +605,48 @@ def test_cache_refuses_another_payload_and_forget_evicts_the_key() -> None:
     assert charge.forget(order, 5) is True  # type: ignore[attr-defined]
     assert charge(order, 6) == 6  # neither cache nor store remembers the key
     assert runs == [5, 6]
+
+
+class RenewCrashesStore(MemoryStore):
+    """A real memory store whose renewals fail with an error no store contract names."""
+
+    def renew(self, *args: Any, **kwargs: Any) -> float:
+        raise RuntimeError("driver bug")
+
+    async def arenew(self, *args: Any, **kwargs: Any) -> float:
+        raise RuntimeError("driver bug")
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_an_unexpected_renewal_error_is_reported_not_swallowed(face: str) -> None:
+    store = RenewCrashesStore()
+    lost: list[BaseException] = []
+
+    def on_lost(claim: Any, error: BaseException) -> None:
+        lost.append(error)
+
+    if face == "sync":
+
+        @idempotent(store=store, key=["k"], lease=0.3, on_lease_lost=on_lost)
+        def slow(k: str) -> str:
+            claim = current_claim()
+            assert claim is not None
+            deadline = time.monotonic() + 5
+            while claim.lost is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return "done"
+
+        slow(unique())
+    else:
+
+        @idempotent(store=store, key=["k"], lease=0.3, on_lease_lost=on_lost)
+        async def aslow(k: str) -> str:
+            claim = current_claim()
+            assert claim is not None
+            deadline = time.monotonic() + 5
+            while claim.lost is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            return "done"
+
+        asyncio.run(aslow(unique()))
+    assert len(lost) == 1 and isinstance(lost[0], RuntimeError)

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import os
 import threading
 import time
 from typing import Protocol
 
 __all__ = ["Due", "Watchdog", "watchdog"]
+
+log = logging.getLogger("oncely")
 
 
 class Due(Protocol):
@@ -84,7 +87,8 @@ class Watchdog:
                     self._cond.wait(wait)
             try:
                 again = entry.run()
-            except BaseException:  # pragma: no cover - run() reports its own errors
+            except BaseException:  # run() reports its own failures; this is a bug, never silent
+                log.exception("oncely: a renewal crashed and is dropped: %r", entry)
                 again = None
             if again is not None and entry.active:
                 entry.due = again

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from oncely.errors import LeaseLost, OncelyError
+from oncely.errors import LeaseLost
 from oncely.records import RecordKey
 from oncely.renewal import watchdog
 from oncely.stores.base import Store
@@ -55,7 +55,7 @@ class Claimed:
         sent_at = time.monotonic()
         try:
             self.store.renew(self.key, self.fence, self.lease)
-        except OncelyError as exc:
+        except Exception as exc:  # any failure, typed or not, is retried and then reported
             return self.due if self._failed(exc, time.monotonic()) else None
         self._renewed(sent_at)
         return self.due
@@ -139,7 +139,7 @@ class AsyncRenewer:
             sent_at = time.monotonic()
             try:
                 await claimed.store.arenew(claimed.key, claimed.fence, claimed.lease)
-            except OncelyError as exc:
+            except Exception as exc:  # any failure, typed or not, is retried and then reported
                 if not claimed._failed(exc, time.monotonic()):
                     return
             else:

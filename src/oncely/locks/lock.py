@@ -690,7 +690,7 @@ class _Renewal:
             return None
         try:
             outcome = self.lock._renew_sync(self.hold)
-        except OncelyError as exc:
+        except Exception as exc:  # any failure, typed or not, is retried and then reported
             return self._failed(exc)
         return self._after(sent_at, outcome)
 
@@ -703,7 +703,7 @@ class _Renewal:
                     return
                 try:
                     outcome = await self.lock._arenew(self.hold)
-                except OncelyError as exc:
+                except Exception as exc:  # any failure, typed or not, is retried and reported
                     again = self._failed(exc)
                 else:
                     again = self._after(sent_at, outcome)
