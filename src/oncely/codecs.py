@@ -240,9 +240,15 @@ class _Text(Plan):
         if not _is(value, self.cls):
             raise _refuse(path, self.label, value)
         try:
-            return self.to_text(value)
-        except TypeError as exc:
-            raise SerializationError(f"{path}: {exc}") from exc
+            text = self.to_text(value)
+            # Parse it back: a form the parser reads differently is refused, not stored.
+            # (CPython's fromisoformat drops a sub-second UTC offset, for one.)
+            if self.to_text(self.parse(text)) == text:
+                return text
+            problem = f"{value!r} does not read back as itself"
+        except (TypeError, ValueError) as exc:
+            problem = str(exc)
+        raise SerializationError(f"{path} cannot be stored: {problem}")
 
     def load(self, data: Any) -> Any:
         if type(data) is not str:
@@ -369,7 +375,7 @@ class _TuplePlan(Plan):
         plans = self._plans(len(value))
         if len(plans) != len(value):
             raise SerializationError(
-                f"{path} has {len(value)} items; {self.label} has {len(plans)}"
+                f"{path} cannot be stored: it has {len(value)} items, {self.label} has {len(plans)}"
             )
         return [p.dump(v, f"{path}[{i}]") for i, (p, v) in enumerate(zip(plans, value))]
 
@@ -460,7 +466,9 @@ class _FieldsPlan(Plan):
         out = {}
         for name, item in value.items():
             if name not in self.fields:
-                raise SerializationError(f"{path}: key {name!r} is not a field of {self.label}")
+                raise SerializationError(
+                    f"{path} cannot be stored: key {name!r} is not a field of {self.label}"
+                )
             out[name] = self.fields[name].dump(item, f"{path}[{name!r}]")
         return out
 

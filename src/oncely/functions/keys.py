@@ -70,8 +70,9 @@ def key_part(value: Any, what: str) -> str:
     if value is None:
         raise InvalidKey(f"{what} is None, so every such call would share one record; pass a value")
     raise InvalidKey(
-        f"{what} is of type {type(value).__name__} ({value!r:.40}); a key part must be a non-empty string, "
-        "an int or a UUID (floats and bools have more than one spelling of the same value)"
+        f"{what} is of type {type(value).__name__} ({value!r:.40}); a key part must be a "
+        "non-empty string, an int or a UUID (floats and bools have more than one spelling of "
+        "the same value)"
     )
 
 
