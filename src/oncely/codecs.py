@@ -111,12 +111,47 @@ def _name(hint: Any) -> str:
     return hint.__qualname__ if isinstance(hint, type) else repr(hint).replace("typing.", "")
 
 
-def _refuse(path: str, expected: str, value: Any, hint: str = "") -> SerializationError:
-    return SerializationError(
-        f"{path} cannot be stored: the return annotation says {expected}, but it is a "
-        f"{type(value).__qualname__}, which the replay would not give back{hint}. Return what "
-        "the annotation says, or fix the annotation"
+class _Refused(Exception):
+    """A value ``dump`` cannot store; ``where`` collects the path on the way out (innermost
+    first), so the common case builds no path strings at all."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem, self.where = problem, list[str]()
+
+    def at(self, segment: str) -> _Refused:
+        self.where.append(segment)
+        return self
+
+    def error(self) -> SerializationError:
+        where = "the result" + "".join(reversed(self.where))
+        return SerializationError(f"{where} cannot be stored: {self.problem}")
+
+
+def _refuse(expected: str, value: Any, hint: str = "") -> _Refused:
+    return _Refused(
+        f"the return annotation says {expected}, but it is a {type(value).__qualname__}, which "
+        f"the replay would not give back{hint}. Return what the annotation says, or fix the "
+        "annotation"
     )
+
+
+def _json_only(value: Any) -> bool:
+    """Whether ``value`` is made of JSON values only (exact types: no tuples, no subclasses)."""
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return True
+    if kind is list:
+        for item in value:  # noqa: SIM110 (a loop is faster than all() over a generator)
+            if not _json_only(item):
+                return False
+        return True
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str or not _json_only(item):
+                return False
+        return True
+    return False
 
 
 class Plan:
@@ -124,7 +159,8 @@ class Plan:
 
     ``kinds``: the JSON kinds ``dump`` produces. ``identity``: ``load`` returns decoded JSON as it
     is (so arms of a union that share a kind can all be served by passing the value through).
-    ``load`` raises ``ValueError``/``TypeError``/``KeyError`` when stored data does not fit.
+    ``dump`` raises ``_Refused`` for a value the replay would not give back as it is; ``load``
+    raises ``ValueError``/``TypeError``/``KeyError`` when stored data does not fit.
     """
 
     kinds: frozenset[str] = _ALL_KINDS
@@ -134,7 +170,7 @@ class Plan:
     def accepts(self, value: Any) -> bool:
         raise NotImplementedError
 
-    def dump(self, value: Any, path: str) -> Any:
+    def dump(self, value: Any) -> Any:
         raise NotImplementedError
 
     def load(self, data: Any) -> Any:
@@ -150,26 +186,25 @@ class _AnyPlan(Plan):
     def accepts(self, value: Any) -> bool:
         return True
 
-    def dump(self, value: Any, path: str) -> Any:
-        kind = type(value)
-        if kind in _NATIVE:
+    def dump(self, value: Any) -> Any:
+        if _json_only(value):
             return value
-        if kind is list:
+        raise self._locate(value)
+
+    def _locate(self, value: Any) -> _Refused:
+        """The refusal for the first part of ``value`` that is not JSON (the slow path)."""
+        if type(value) is list:
             for i, item in enumerate(value):
-                self.dump(item, f"{path}[{i}]")
-            return value
-        if kind is dict:
-            for k, item in value.items():
-                if type(k) is not str:
-                    raise _refuse(f"{path} key {k!r}", "a JSON object key (str)", k)
-                self.dump(item, f"{path}[{k!r}]")
-            return value
-        raise _refuse(
-            path,
-            "Any (or nothing)",
-            value,
-            " (annotate the exact return type so the replay can rebuild it)",
-        )
+                if not _json_only(item):
+                    return self._locate(item).at(f"[{i}]")
+        if type(value) is dict:
+            for key, item in value.items():
+                if type(key) is not str:
+                    return _refuse("a JSON object key (str)", key).at(f" key {key!r}")
+                if not _json_only(item):
+                    return self._locate(item).at(f"[{key!r}]")
+        hint = " (annotate the exact return type so the replay can rebuild it)"
+        return _refuse("Any (or nothing)", value, hint)
 
     def load(self, data: Any) -> Any:
         return data
@@ -185,9 +220,9 @@ class _Scalar(Plan):
     def accepts(self, value: Any) -> bool:
         return type(value) in self.accepted
 
-    def dump(self, value: Any, path: str) -> Any:
+    def dump(self, value: Any) -> Any:
         if type(value) not in self.accepted:
-            raise _refuse(path, self.label, value)
+            raise _refuse(self.label, value)
         return value
 
     def load(self, data: Any) -> Any:
@@ -236,9 +271,9 @@ class _Text(Plan):
     def accepts(self, value: Any) -> bool:
         return _is(value, self.cls)
 
-    def dump(self, value: Any, path: str) -> Any:
+    def dump(self, value: Any) -> Any:
         if not _is(value, self.cls):
-            raise _refuse(path, self.label, value)
+            raise _refuse(self.label, value)
         try:
             text = self.to_text(value)
             # Parse it back: a form the parser reads differently is refused, not stored.
@@ -248,7 +283,7 @@ class _Text(Plan):
             problem = f"{value!r} does not read back as itself"
         except (TypeError, ValueError) as exc:
             problem = str(exc)
-        raise SerializationError(f"{path} cannot be stored: {problem}")
+        raise _Refused(problem)
 
     def load(self, data: Any) -> Any:
         if type(data) is not str:
@@ -287,9 +322,9 @@ class _EnumPlan(Plan):
     def accepts(self, value: Any) -> bool:
         return _is(value, self.cls)
 
-    def dump(self, value: Any, path: str) -> Any:
+    def dump(self, value: Any) -> Any:
         if not _is(value, self.cls):
-            raise _refuse(path, self.label, value)
+            raise _refuse(self.label, value)
         return value.value
 
     def load(self, data: Any) -> Any:
@@ -319,10 +354,10 @@ class _LiteralPlan(Plan):
     def accepts(self, value: Any) -> bool:
         return self._index(value) is not None
 
-    def dump(self, value: Any, path: str) -> Any:
+    def dump(self, value: Any) -> Any:
         index = self._index(value)
         if index is None:
-            raise _refuse(path, self.label, value)
+            raise _refuse(self.label, value)
         return self.raws[index][1]
 
     def load(self, data: Any) -> Any:
@@ -341,10 +376,16 @@ class _ListPlan(Plan):
     def accepts(self, value: Any) -> bool:
         return type(value) is list
 
-    def dump(self, value: Any, path: str) -> Any:
+    def dump(self, value: Any) -> Any:
         if type(value) is not list:
-            raise _refuse(path, self.label, value)
-        return [self.item.dump(v, f"{path}[{i}]") for i, v in enumerate(value)]
+            raise _refuse(self.label, value)
+        dump, out = self.item.dump, []
+        for i, item in enumerate(value):
+            try:
+                out.append(dump(item))
+            except _Refused as exc:
+                raise exc.at(f"[{i}]") from None
+        return out
 
     def load(self, data: Any) -> Any:
         if type(data) is not list:
@@ -369,15 +410,19 @@ class _TuplePlan(Plan):
             return [self.rest] * n
         return self.items
 
-    def dump(self, value: Any, path: str) -> Any:
+    def dump(self, value: Any) -> Any:
         if not _is(value, self.cls):
-            raise _refuse(path, self.label, value)
+            raise _refuse(self.label, value)
         plans = self._plans(len(value))
         if len(plans) != len(value):
-            raise SerializationError(
-                f"{path} cannot be stored: it has {len(value)} items, {self.label} has {len(plans)}"
-            )
-        return [p.dump(v, f"{path}[{i}]") for i, (p, v) in enumerate(zip(plans, value))]
+            raise _Refused(f"it has {len(value)} items, {self.label} has {len(plans)}")
+        out = []
+        for i, (plan, item) in enumerate(zip(plans, value)):
+            try:
+                out.append(plan.dump(item))
+            except _Refused as exc:
+                raise exc.at(f"[{i}]") from None
+        return out
 
     def load(self, data: Any) -> Any:
         if type(data) is not list:
@@ -398,10 +443,13 @@ class _SetPlan(Plan):
     def accepts(self, value: Any) -> bool:
         return _is(value, self.cls)
 
-    def dump(self, value: Any, path: str) -> Any:
+    def dump(self, value: Any) -> Any:
         if not _is(value, self.cls):
-            raise _refuse(path, self.label, value)
-        items = [self.item.dump(v, f"{path} item") for v in value]
+            raise _refuse(self.label, value)
+        try:
+            items = [self.item.dump(v) for v in value]
+        except _Refused as exc:
+            raise exc.at(" item") from None
         return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))  # stable bytes
 
     def load(self, data: Any) -> Any:
@@ -426,13 +474,19 @@ class _DictPlan(Plan):
     def accepts(self, value: Any) -> bool:
         return type(value) is dict
 
-    def dump(self, value: Any, path: str) -> Any:
+    def dump(self, value: Any) -> Any:
         if type(value) is not dict:
-            raise _refuse(path, self.label, value)
+            raise _refuse(self.label, value)
         out = {}
         for k, v in value.items():
-            key = self.key.dump(k, f"{path} key {k!r}")
-            out[str(key) if self.int_keys else key] = self.value.dump(v, f"{path}[{k!r}]")
+            try:
+                key = self.key.dump(k)
+            except _Refused as exc:
+                raise exc.at(f" key {k!r}") from None
+            try:
+                out[str(key) if self.int_keys else key] = self.value.dump(v)
+            except _Refused as exc:
+                raise exc.at(f"[{k!r}]") from None
         return out
 
     def load(self, data: Any) -> Any:
@@ -458,18 +512,22 @@ class _FieldsPlan(Plan):
     def accepts(self, value: Any) -> bool:
         return type(value) is (dict if self.typed_dict else self.cls)
 
-    def dump(self, value: Any, path: str) -> Any:
+    def dump(self, value: Any) -> Any:
         if not self.accepts(value):
-            raise _refuse(path, self.label, value)
-        if not self.typed_dict:
-            return {n: p.dump(getattr(value, n), f"{path}.{n}") for n, p in self.fields.items()}
+            raise _refuse(self.label, value)
+        if self.typed_dict:
+            items, segment = value.items(), "[{!r}]"
+        else:
+            items, segment = ((n, getattr(value, n)) for n in self.fields), ".{}"
         out = {}
-        for name, item in value.items():
-            if name not in self.fields:
-                raise SerializationError(
-                    f"{path} cannot be stored: key {name!r} is not a field of {self.label}"
-                )
-            out[name] = self.fields[name].dump(item, f"{path}[{name!r}]")
+        for name, item in items:
+            plan = self.fields.get(name)
+            if plan is None:
+                raise _Refused(f"key {name!r} is not a field of {self.label}")
+            try:
+                out[name] = plan.dump(item)
+            except _Refused as exc:
+                raise exc.at(segment.format(name)) from None
         return out
 
     def load(self, data: Any) -> Any:
@@ -489,9 +547,9 @@ class _PydanticPlan(Plan):
     def accepts(self, value: Any) -> bool:
         return _is(value, self.cls)
 
-    def dump(self, value: Any, path: str) -> Any:
+    def dump(self, value: Any) -> Any:
         if not _is(value, self.cls):
-            raise _refuse(path, self.label, value)
+            raise _refuse(self.label, value)
         return value.model_dump(mode="json")
 
     def load(self, data: Any) -> Any:
@@ -518,11 +576,11 @@ class _UnionPlan(Plan):
     def accepts(self, value: Any) -> bool:
         return any(a.accepts(value) for a in self.arms)
 
-    def dump(self, value: Any, path: str) -> Any:
+    def dump(self, value: Any) -> Any:
         for arm in self.arms:
             if arm.accepts(value):
-                return arm.dump(value, path)
-        raise _refuse(path, self.label, value)
+                return arm.dump(value)
+        raise _refuse(self.label, value)
 
     def load(self, data: Any) -> Any:
         kind = _KIND_OF.get(type(data))
@@ -676,7 +734,12 @@ class JsonCodec:
 
     def encode(self, value: Any) -> bytes:
         """JSON bytes of ``value``; :class:`SerializationError` if it does not fit the hint."""
-        data = self.plan.dump(value, "the result")
+        try:
+            data = self.plan.dump(value)
+        except _Refused as exc:
+            raise exc.error() from None
+        except (TypeError, ValueError) as exc:  # e.g. a pydantic model that cannot serialize
+            raise SerializationError(f"the result cannot be stored ({exc})") from exc
         try:
             return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         except (TypeError, ValueError) as exc:  # a pydantic model's own dump was not JSON

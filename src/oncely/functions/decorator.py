@@ -67,8 +67,15 @@ def _identity_message(name: str, gap: str) -> str:
     )
 
 
+_BUILTIN_VALUES = frozenset(
+    {str, int, float, bool, type(None), bytes, dict, list, tuple, set, frozenset}
+)
+
+
 def _bound_to(first: Any, wrapper: Any) -> bool:
     """Whether a call whose first argument is ``first`` is ``wrapper`` bound as its method."""
+    if type(first) in _BUILTIN_VALUES:  # no method can be added to these: skip the scan
+        return False
     owner = first if isinstance(first, type) else type(first)
     for klass in owner.__mro__:
         for attr in vars(klass).values():
