@@ -42,12 +42,13 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import itertools
 import json
 import types
 import typing
 import uuid
 import zoneinfo
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from decimal import Decimal
 from typing import Any, Protocol, Union
 
@@ -57,7 +58,12 @@ __all__ = ["Codec", "JsonCodec", "RawCodec", "plan_for", "rebuild", "to_jsonable
 
 
 class Codec(Protocol):
-    """Turns results into bytes and back. ``name`` is stored with each record."""
+    """Turns results into bytes and back. ``name`` is stored with each record.
+
+    A codec may also define ``bind(type_hint, localns) -> Codec``: ``@idempotent`` then calls
+    it once, when decorating, with the function's return annotation (as :class:`JsonCodec`
+    does), and uses the codec it returns.
+    """
 
     name: str
 
@@ -260,13 +266,14 @@ def _dump_time(value: dt.time) -> str:
     return value.isoformat()
 
 
-class _Text(Plan):
-    """A type written as one JSON string."""
+class _Exact(Plan):
+    """Values of exactly one class ``cls`` (a subclass would replay as ``cls``: refused).
 
-    kinds = frozenset({"string"})
+    ``stored``: the type of decoded JSON that ``read`` takes (``str``, ``list``, ``dict``).
+    """
 
-    def __init__(self, cls: type, to_text: Callable[[Any], str], parse: Callable[[str], Any]):
-        self.cls, self.to_text, self.parse, self.label = cls, to_text, parse, cls.__name__
+    cls: type = object
+    stored: type | None = None
 
     def accepts(self, value: Any) -> bool:
         return _is(value, self.cls)
@@ -274,6 +281,45 @@ class _Text(Plan):
     def dump(self, value: Any) -> Any:
         if not _is(value, self.cls):
             raise _refuse(self.label, value)
+        return self.write(value)
+
+    def load(self, data: Any) -> Any:
+        if self.stored is not None and not _is(data, self.stored):
+            raise TypeError(
+                f"stored {type(data).__name__}, expected {self.stored.__name__} for {self.label}"
+            )
+        return self.read(data)
+
+    def write(self, value: Any) -> Any:
+        raise NotImplementedError
+
+    def read(self, data: Any) -> Any:
+        raise NotImplementedError
+
+
+def _dump_each(plans: Iterable[Plan], values: Iterable[Any]) -> list[Any]:
+    out = []
+    for i, (plan, item) in enumerate(zip(plans, values)):
+        try:
+            out.append(plan.dump(item))
+        except _Refused as exc:
+            raise exc.at(f"[{i}]") from None
+    return out
+
+
+class _Text(_Exact):
+    """A type written as one JSON string."""
+
+    kinds = frozenset({"string"})
+    stored = str
+
+    def __init__(self, cls: type, to_text: Callable[[Any], str], parse: Callable[[str], Any]):
+        self.cls, self.to_text, self.parse, self.label = cls, to_text, parse, cls.__name__
+
+    def read(self, data: Any) -> Any:
+        return self.parse(data)
+
+    def write(self, value: Any) -> Any:
         try:
             text = self.to_text(value)
             # Parse it back: a form the parser reads differently is refused, not stored.
@@ -284,11 +330,6 @@ class _Text(Plan):
         except (TypeError, ValueError) as exc:
             problem = str(exc)
         raise _Refused(problem)
-
-    def load(self, data: Any) -> Any:
-        if type(data) is not str:
-            raise TypeError(f"stored {type(data).__name__}, expected a string for {self.label}")
-        return self.parse(data)
 
 
 _TEXT_TYPES: dict[Any, _Text] = {
@@ -307,7 +348,7 @@ _SCALARS: dict[Any, _Scalar] = {
 }
 
 
-class _EnumPlan(Plan):
+class _EnumPlan(_Exact):
     def __init__(self, cls: type[enum.Enum]) -> None:
         self.cls, self.label = cls, cls.__qualname__
         values = [m.value for m in cls.__members__.values()]
@@ -319,15 +360,10 @@ class _EnumPlan(Plan):
             )
         self.kinds = frozenset(_KIND_OF[type(v)] for v in values)
 
-    def accepts(self, value: Any) -> bool:
-        return _is(value, self.cls)
-
-    def dump(self, value: Any) -> Any:
-        if not _is(value, self.cls):
-            raise _refuse(self.label, value)
+    def write(self, value: Any) -> Any:
         return value.value
 
-    def load(self, data: Any) -> Any:
+    def read(self, data: Any) -> Any:
         return self.cls(data)
 
 
@@ -367,99 +403,67 @@ class _LiteralPlan(Plan):
         raise ValueError(f"stored {data!r} is not one of {self.label}")
 
 
-class _ListPlan(Plan):
+class _ListPlan(_Exact):
     kinds = frozenset({"array"})
+    cls = stored = list
 
     def __init__(self, item: Plan) -> None:
         self.item, self.identity, self.label = item, item.identity, f"list[{item.label}]"
 
-    def accepts(self, value: Any) -> bool:
-        return type(value) is list
+    def write(self, value: Any) -> Any:
+        return _dump_each(itertools.repeat(self.item), value)
 
-    def dump(self, value: Any) -> Any:
-        if type(value) is not list:
-            raise _refuse(self.label, value)
-        dump, out = self.item.dump, []
-        for i, item in enumerate(value):
-            try:
-                out.append(dump(item))
-            except _Refused as exc:
-                raise exc.at(f"[{i}]") from None
-        return out
-
-    def load(self, data: Any) -> Any:
-        if type(data) is not list:
-            raise TypeError(f"stored {type(data).__name__}, expected an array for {self.label}")
-        return data if self.item.identity else [self.item.load(v) for v in data]
+    def read(self, data: Any) -> Any:
+        return data if self.identity else [self.item.load(v) for v in data]
 
 
-class _TuplePlan(Plan):
-    """``tuple[A, B]``, ``tuple[T, ...]`` and ``NamedTuple`` classes (``cls``)."""
+class _TuplePlan(_Exact):
+    """``tuple[A, B]``, ``tuple[T, ...]`` (``items`` None) and ``NamedTuple`` classes (``cls``)."""
 
     kinds = frozenset({"array"})
+    stored = list
 
     def __init__(self, cls: type, items: list[Plan] | None, rest: Plan | None, label: str):
         self.cls, self.items, self.rest, self.label = cls, items, rest, label
-
-    def accepts(self, value: Any) -> bool:
-        return _is(value, self.cls)
 
     def _plans(self, n: int) -> list[Plan]:
         if self.items is None:
             assert self.rest is not None
             return [self.rest] * n
+        if len(self.items) != n:
+            raise ValueError(f"{n} items where {self.label} has {len(self.items)}")
         return self.items
 
-    def dump(self, value: Any) -> Any:
-        if not _is(value, self.cls):
-            raise _refuse(self.label, value)
-        plans = self._plans(len(value))
-        if len(plans) != len(value):
-            raise _Refused(f"it has {len(value)} items, {self.label} has {len(plans)}")
-        out = []
-        for i, (plan, item) in enumerate(zip(plans, value)):
-            try:
-                out.append(plan.dump(item))
-            except _Refused as exc:
-                raise exc.at(f"[{i}]") from None
-        return out
+    def write(self, value: Any) -> Any:
+        try:
+            plans = self._plans(len(value))
+        except ValueError as exc:
+            raise _Refused(str(exc)) from None
+        return _dump_each(plans, value)
 
-    def load(self, data: Any) -> Any:
-        if type(data) is not list:
-            raise TypeError(f"stored {type(data).__name__}, expected an array for {self.label}")
-        plans = self._plans(len(data))
-        if len(plans) != len(data):
-            raise ValueError(f"stored {len(data)} items, {self.label} has {len(plans)}")
-        items = [p.load(v) for p, v in zip(plans, data)]
+    def read(self, data: Any) -> Any:
+        items = [p.load(v) for p, v in zip(self._plans(len(data)), data)]
         return tuple(items) if self.cls is tuple else self.cls(*items)
 
 
-class _SetPlan(Plan):
+class _SetPlan(_Exact):
     kinds = frozenset({"array"})
+    stored = list
 
     def __init__(self, cls: type, item: Plan) -> None:
         self.cls, self.item, self.label = cls, item, f"{cls.__name__}[{item.label}]"
 
-    def accepts(self, value: Any) -> bool:
-        return _is(value, self.cls)
-
-    def dump(self, value: Any) -> Any:
-        if not _is(value, self.cls):
-            raise _refuse(self.label, value)
-        try:
-            items = [self.item.dump(v) for v in value]
-        except _Refused as exc:
-            raise exc.at(" item") from None
+    def write(self, value: Any) -> Any:
+        items = _dump_each(itertools.repeat(self.item), value)
         return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))  # stable bytes
 
-    def load(self, data: Any) -> Any:
-        if type(data) is not list:
-            raise TypeError(f"stored {type(data).__name__}, expected an array for {self.label}")
+    def read(self, data: Any) -> Any:
         return self.cls(self.item.load(v) for v in data)
 
 
-class _DictPlan(Plan):
+class _DictPlan(_Exact):
     kinds = frozenset({"object"})
+    cls = stored = dict
 
     def __init__(self, key: Plan, value: Plan) -> None:
         if key.kinds not in ({"string"}, {"int"}):
@@ -471,12 +475,7 @@ class _DictPlan(Plan):
         self.int_keys = key.kinds == {"int"}
         self.identity = key.identity and not self.int_keys and value.identity
 
-    def accepts(self, value: Any) -> bool:
-        return type(value) is dict
-
-    def dump(self, value: Any) -> Any:
-        if type(value) is not dict:
-            raise _refuse(self.label, value)
+    def write(self, value: Any) -> Any:
         out = {}
         for k, v in value.items():
             try:
@@ -489,9 +488,7 @@ class _DictPlan(Plan):
                 raise exc.at(f"[{k!r}]") from None
         return out
 
-    def load(self, data: Any) -> Any:
-        if type(data) is not dict:
-            raise TypeError(f"stored {type(data).__name__}, expected an object for {self.label}")
+    def read(self, data: Any) -> Any:
         if self.identity:
             return data
         return {
@@ -500,21 +497,18 @@ class _DictPlan(Plan):
         }
 
 
-class _FieldsPlan(Plan):
-    """Dataclasses and ``TypedDict``: a JSON object with one member per field."""
+class _FieldsPlan(_Exact):
+    """Dataclasses and ``TypedDict`` (``cls`` is then ``dict``): one JSON member per field."""
 
     kinds = frozenset({"object"})
+    stored = dict
 
     def __init__(self, cls: type, typed_dict: bool) -> None:
-        self.cls, self.typed_dict, self.label = cls, typed_dict, cls.__qualname__
+        self.kind, self.typed_dict, self.label = cls, typed_dict, cls.__qualname__
+        self.cls = dict if typed_dict else cls
         self.fields: dict[str, Plan] = {}
 
-    def accepts(self, value: Any) -> bool:
-        return type(value) is (dict if self.typed_dict else self.cls)
-
-    def dump(self, value: Any) -> Any:
-        if not self.accepts(value):
-            raise _refuse(self.label, value)
+    def write(self, value: Any) -> Any:
         if self.typed_dict:
             items, segment = value.items(), "[{!r}]"
         else:
@@ -530,29 +524,22 @@ class _FieldsPlan(Plan):
                 raise exc.at(segment.format(name)) from None
         return out
 
-    def load(self, data: Any) -> Any:
-        if type(data) is not dict:
-            raise TypeError(f"stored {type(data).__name__}, expected an object for {self.label}")
+    def read(self, data: Any) -> Any:
         if self.typed_dict:
             return {name: self.fields[name].load(item) for name, item in data.items()}
-        return self.cls(**{n: p.load(data[n]) for n, p in self.fields.items() if n in data})
+        return self.kind(**{n: p.load(data[n]) for n, p in self.fields.items() if n in data})
 
 
-class _PydanticPlan(Plan):
+class _PydanticPlan(_Exact):
     def __init__(self, cls: type) -> None:
         self.cls, self.label = cls, cls.__qualname__
         if not getattr(cls, "__pydantic_root_model__", False):
             self.kinds = frozenset({"object"})
 
-    def accepts(self, value: Any) -> bool:
-        return _is(value, self.cls)
-
-    def dump(self, value: Any) -> Any:
-        if not _is(value, self.cls):
-            raise _refuse(self.label, value)
+    def write(self, value: Any) -> Any:
         return value.model_dump(mode="json")
 
-    def load(self, data: Any) -> Any:
+    def read(self, data: Any) -> Any:
         # The exact inverse of model_dump(mode="json"), also for strict models.
         return self.cls.model_validate_json(json.dumps(data))  # type: ignore[attr-defined]
 
