@@ -20,7 +20,7 @@ from typing import Any
 from oncely.errors import ConfigurationError
 from oncely.stores.base import Store
 
-__all__ = ["DEFAULT_URL", "Store", "open_store", "shared_store"]
+__all__ = ["DEFAULT_URL", "Store", "check_url", "open_store", "shared_store"]
 
 #: The embedded default: a SQLite file in the working directory.
 DEFAULT_URL = "sqlite:///oncely.db"
@@ -41,8 +41,15 @@ _shared: dict[str, Store] = {}
 _shared_lock = threading.Lock()
 
 
-def open_store(url: str, **options: Any) -> Store:
-    """Open a new store for ``url``; ``options`` go to the store's constructor."""
+def check_url(url: str) -> type[Store]:
+    """The store class for ``url``, with its driver imported; connects to nothing.
+
+    Objects that open a store on first use call this when they are built, so that a missing
+    extra fails at start-up rather than on the first request.
+
+    :raises ConfigurationError: not a URL, an unknown scheme, or the driver is not installed
+        (the message has the ``pip install 'oncely[...]'`` line).
+    """
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
             f"store URL {url!r} is not a URL; use e.g. 'sqlite:///oncely.db', 'memory://', "
@@ -64,8 +71,16 @@ def open_store(url: str, **options: Any) -> Store:
             f"the {scheme!r} store needs an extra package ({exc.name}); "
             f"install it with: pip install 'oncely[{extra}]'"
         ) from exc
-    store: Store = getattr(module, class_name)(url, **options)
-    return store
+    store_class: type[Store] = getattr(module, class_name)
+    return store_class
+
+
+def open_store(url: str, **options: Any) -> Store:
+    """Open a new store for ``url``; ``options`` go to the store's constructor.
+
+    :raises ConfigurationError: as :func:`check_url`, or options the store refuses.
+    """
+    return check_url(url)(url, **options)
 
 
 def shared_store(url_or_store: str | Store) -> Store:
