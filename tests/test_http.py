@@ -827,6 +827,50 @@ def test_bad_configuration_is_refused_early() -> None:
         IdempotencyConfig(routes={"/orders": {"required": False}})  # type: ignore[dict-item]
 
 
+BUILD_WITHOUT = """
+import sys
+sys.modules[{module!r}] = None  # as if the package were not installed
+from oncely.errors import ConfigurationError
+from oncely.http import GLOBAL, IdempotencyConfig, TokenGuard, {face}
+from oncely.tokens import Tokens
+try:
+    {build}
+except ConfigurationError as exc:
+    print("refused:", exc)
+else:
+    print("built")
+"""
+
+
+@pytest.mark.parametrize("face", ["IdempotencyMiddleware", "WSGIIdempotencyMiddleware"])
+@pytest.mark.parametrize(
+    ("module", "build", "extra"),
+    [
+        ("http_sf", "{face}(None, IdempotencyConfig(store='memory://', scope=GLOBAL))", "http"),
+        (
+            "redis",
+            "{face}(None, IdempotencyConfig(store='redis://127.0.0.1:6379/0', scope=GLOBAL))",
+            "redis",
+        ),
+        ("redis", "Tokens('s' * 16, 'redis://127.0.0.1:6379/0')", "redis"),
+        ("psycopg", "{face}(None, store='postgresql://x@127.0.0.1/x', scope=GLOBAL)", "postgres"),
+    ],
+    ids=["http-sf", "redis-store", "redis-tokens", "postgres-store"],
+)
+def test_a_missing_extra_fails_when_the_middleware_is_built(
+    face: str, module: str, build: str, extra: str
+) -> None:
+    # Issue 7 item 18: not on the first request, and with the install line.
+    import subprocess
+    import sys
+
+    code = BUILD_WITHOUT.format(module=module, face=face, build=build.format(face=face))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("refused:"), result.stdout
+    assert f"pip install 'oncely[{extra}]'" in result.stdout
+
+
 def test_reply_helper_reads_problems() -> None:
     reply = Reply(400, [(b"content-type", b"application/problem+json")], b'{"type": "x/y"}')
     assert reply.problem == "y"

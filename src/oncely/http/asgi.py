@@ -1,7 +1,9 @@
 """The ASGI face: a pure ASGI middleware (Starlette, FastAPI, Litestar, any ASGI 3 app).
 
->>> from oncely.http import IdempotencyConfig, IdempotencyMiddleware
->>> app = IdempotencyMiddleware(app, IdempotencyConfig(store="redis://localhost:6379/0"))
+>>> from oncely.http import IdempotencyConfig, IdempotencyMiddleware, scope_from_header
+>>> config = IdempotencyConfig(store="redis://localhost:6379/0",
+...                            scope=scope_from_header("Authorization"))
+>>> app = IdempotencyMiddleware(app, config)
 
 or ``app.add_middleware(IdempotencyMiddleware, config=...)`` in Starlette/FastAPI. This module
 only carries out the operations of :func:`oncely.http.flow.request_flow` with ``await``: it

@@ -6,11 +6,14 @@ before any dependency or endpoint code); at call time they hand the endpoint the
 :class:`~oncely.http.messages.IdempotencyInfo` and fail loudly if the middleware is missing::
 
     from fastapi import Depends, FastAPI
-    from oncely.http import IdempotencyConfig, IdempotencyMiddleware
+    from oncely.http import IdempotencyConfig, IdempotencyMiddleware, scope_from_header
     from oncely.http.fastapi import Idempotency, RequireToken
 
     app = FastAPI()
-    app.add_middleware(IdempotencyMiddleware, config=IdempotencyConfig(store="redis://..."))
+    app.add_middleware(
+        IdempotencyMiddleware,
+        config=IdempotencyConfig(store="redis://...", scope=scope_from_header("Authorization")),
+    )
 
     @app.post("/payments")
     async def pay(body: Payment, info=Depends(Idempotency(fingerprint=["amount"]))): ...

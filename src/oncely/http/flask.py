@@ -7,7 +7,8 @@
     from oncely.http.flask import install, require_token
 
     app = Flask(__name__)
-    install(app, IdempotencyConfig(store="redis://localhost:6379/0"))
+    install(app, IdempotencyConfig(store="redis://localhost:6379/0",
+                                   scope=lambda request: request.raw.get("REMOTE_USER")))
 
     @app.post("/payments")
     @idempotent_route(fingerprint=["amount"])

@@ -1,7 +1,8 @@
 """The WSGI face: a WSGI middleware (Flask, Django, any PEP 3333 app).
 
->>> from oncely.http import IdempotencyConfig, WSGIIdempotencyMiddleware
->>> app.wsgi_app = WSGIIdempotencyMiddleware(app.wsgi_app, IdempotencyConfig(store=...))
+>>> from oncely.http import IdempotencyConfig, WSGIIdempotencyMiddleware, scope_from_cookie
+>>> config = IdempotencyConfig(store=..., scope=scope_from_cookie("sessionid"))
+>>> app.wsgi_app = WSGIIdempotencyMiddleware(app.wsgi_app, config)
 
 This module only carries out the operations of :func:`oncely.http.flow.request_flow` with
 blocking calls — the same flow the ASGI face drives with ``await``. WSGI hands the response
