@@ -609,31 +609,25 @@ async def test_an_exception_releases_the_key(make_face: MakeFace) -> None:
     assert face.calls["/boom"] == 2
 
 
-async def test_a_client_gone_mid_response_does_not_run_the_handler_again(
-    make_face: MakeFace,
+@pytest.mark.parametrize(
+    ("path", "drop_after"), [("/stream", 2), ("/stream-boom", None)], ids=["client-gone", "raised"]
+)
+async def test_a_response_cut_short_after_it_started_does_not_run_again(
+    make_face: MakeFace, path: str, drop_after: int | None
 ) -> None:
-    # Issue 7 item 2: the response started, so the work is done; the key is completed with the
-    # "not replayable" marker (409 on retry), never released.
+    # Issue 7 item 2: the client left mid-response, or the stream raised after the response
+    # started: the work is done, so the key is completed with the "not replayable" marker
+    # (409 on retry), never released.
     face = make_face()
     key = key_header()
-    await face.request("POST", "/stream", [key], query=b"n=5", drop_after=2)
-    again = await face.request("POST", "/stream", [key], query=b"n=5")
-    assert (again.status, again.problem) == (409, "response-not-replayable")
+    first = await face.request("POST", path, [key], query=b"n=5", drop_after=drop_after)
+    if drop_after is None:
+        assert isinstance(first.raised, RuntimeError)  # the app's error still propagates
+    again = await face.request("POST", path, [key], query=b"n=5")
+    assert (again.status, again.problem, again.raised) == (409, "response-not-replayable", None)
     assert again.json()["original_status"] == 200
     assert "cut short" in again.json()["detail"]
-    assert face.calls["/stream"] == 1
-
-
-async def test_an_exception_after_the_response_started_does_not_release(
-    make_face: MakeFace,
-) -> None:
-    face = make_face()
-    key = key_header()
-    first = await face.request("POST", "/stream-boom", [key])
-    assert isinstance(first.raised, RuntimeError)  # the app's error still propagates
-    again = await face.request("POST", "/stream-boom", [key])
-    assert (again.status, again.problem, again.raised) == (409, "response-not-replayable", None)
-    assert face.calls["/stream-boom"] == 1
+    assert face.calls[path] == 1
 
 
 async def test_a_status_not_to_store_is_released_even_after_it_started(

@@ -173,7 +173,7 @@ def test_a_client_gone_mid_stream_does_not_run_the_handler_again(
                 break
             assert time.monotonic() < deadline, "the first request never finished"
             time.sleep(0.1)
-    assert again.status_code == 409, again.text
+    assert again.status_code == 409, again.text[:200]
     assert again.json()["type"].endswith("/response-not-replayable")
     assert again.json()["original_status"] == 200
     assert executions.read_text().split() and len(executions.read_text().split()) == 1

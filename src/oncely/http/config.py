@@ -101,7 +101,8 @@ class IdempotencyConfig:
     :param max_request_body: larger request bodies get 413 before the handler runs.
     :param max_stored_body: larger responses are sent, then stored as "not replayable": a retry
         gets 409 ``response-not-replayable`` (never a truncated body, never a second run).
-    :param fingerprint: ``None`` (method, path, query, body), a list of JSON field paths, or a
+    :param fingerprint: ``None`` (method, path, query and body: a JSON media type by its parsed
+        value, any other byte for byte), a list of JSON field paths, or a
         callable ``(request, body) -> str``.
     :param scope: **required**: whose key space a request belongs to; equal keys in different
         scopes never meet (draft-06, Security Considerations). A callable ``request -> str``
