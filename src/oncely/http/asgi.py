@@ -259,6 +259,7 @@ class _Exchange:
         dispatches = getattr(resolver, "dispatches", None)
         if dispatches is not None and dispatches(scope) is False:
             entry.rejected()  # the router will answer 404/405/redirect without a handler
+        error: BaseException | None = None
         capture = _Capture(self.send, op.capture)
         app_scope = scope
         extensions = scope.get("extensions")
@@ -275,7 +276,6 @@ class _Exchange:
             )
             renewer = AsyncRenewer(claimed)
             token = _current.set(claimed)
-        error: BaseException | None = None
         try:
             await self.app(app_scope, self._app_receive(), capture.send)
         except HttpProblem as exc:

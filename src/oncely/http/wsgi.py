@@ -280,7 +280,7 @@ class _Exchange:
 
     def _run(self, op: Run) -> Iterable[bytes]:
         self.environ[INFO_KEY] = op.info
-        entry = self.environ[ENTRY_KEY] = HandlerEntry(self.engine.tracks_entry)
+        self.environ[ENTRY_KEY] = HandlerEntry(self.engine.tracks_entry)
         claimed: Claimed | None = None
         if op.fence is not None:
             assert op.key is not None
@@ -288,7 +288,7 @@ class _Exchange:
                 op.key, op.fence, op.lease, self.engine.store, self.engine.config.on_lease_lost
             )
             keeper.keep(claimed)
-        body = _Body(self, op.capture, claimed, entry)
+        body = _Body(self, op.capture, claimed)
         token = _current.set(claimed)
         try:
             app_iter = self.app(self.environ, body.start_response)
@@ -319,13 +319,11 @@ class _Body:
     """The response body handed to the server: passes chunks through, keeps a copy, and
     finishes the flow once the server closes it (or the app fails)."""
 
-    def __init__(
-        self, exchange: _Exchange, limit: int, claimed: Claimed | None, entry: HandlerEntry
-    ) -> None:
+    def __init__(self, exchange: _Exchange, limit: int, claimed: Claimed | None) -> None:
         self.exchange = exchange
         self.limit = limit
         self.claimed = claimed
-        self.entry = entry
+        self.entry: HandlerEntry = exchange.environ[ENTRY_KEY]
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] | None = None
         self.chunks: list[bytes] | None = [] if limit >= 0 else None
