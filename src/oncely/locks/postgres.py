@@ -152,6 +152,8 @@ class PostgresLockBackend(LockBackend):
     """
 
     server_wait = True
+    #: The lock lasts as long as its session; statements on lock.connection keep that alive.
+    expires = False
     #: A cancelled async acquire closes its connection; the server drops what it held.
     cancel_safe = True
     lock_option_names = ("scope",)
