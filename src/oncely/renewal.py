@@ -47,14 +47,14 @@ _BOUND: Final = 1
 
 
 def renew_timeout(lease: float) -> float:
-    """How long one async renewal request may take (seconds): ``lease / 6``.
+    """How long one async renewal request may take (seconds): ``lease / 6``, at least 0.1 s.
 
     Renewals start at ``lease / 3`` and are retried every ``lease / 10`` while the lease lasts,
-    so a store that does not answer in time leaves room for a few more attempts. (Sync
-    renewals are bounded by the driver's socket timeout instead, and a stuck one stalls only
-    its store's lane.)
+    so a store that does not answer in time leaves room for a few more attempts; the caller
+    also cuts a request off at the lease's bound. (Sync renewals are bounded by the driver's
+    socket timeout instead, and a stuck one stalls only its store's lane.)
     """
-    return lease / 6
+    return max(lease / 6, 0.1)
 
 
 class Due(Protocol):

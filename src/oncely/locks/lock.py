@@ -347,9 +347,9 @@ class Lock:
             down_since = now
         if limit is None and now - down_since >= self.backend.unavailable_wait:
             raise StoreUnavailable(
-                f"could not acquire lock {self.name!r}: {busy.unavailable}, for "
-                f"{now - down_since:.1f}s; nothing was acquired. Check that the servers run "
-                "and are reachable, or pass timeout=SECONDS to wait longer"
+                f"could not acquire lock {self.name!r}: the store could not decide for "
+                f"{now - down_since:.1f}s ({busy.unavailable}); nothing was acquired. Check that "
+                "the servers run and are reachable, or pass timeout=SECONDS to wait longer"
             )
         return down_since
 

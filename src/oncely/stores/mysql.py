@@ -217,6 +217,11 @@ _RESERVED = frozenset(
         "use_unicode",
     }
 )
+#: Seconds PyMySQL waits for each reply (and each write) before the call fails with
+#: StoreUnavailable, unless ``read_timeout=`` / ``write_timeout=`` say otherwise: a server that
+#: stops answering cannot hang a call forever. Above InnoDB's usual lock waits (oncely's own
+#: statements hold row locks for milliseconds), below its 50 s ``innodb_lock_wait_timeout``.
+READ_TIMEOUT: Final = 30.0
 _URL_OPTIONS = ("charset", "ssl", "ssl_ca", "ssl_cert", "ssl_key", "unix_socket")
 
 
@@ -570,9 +575,10 @@ class MySQLStore(Store):
 
     ``max_size`` bounds the connections in use (per process for the sync face, per event loop
     for the async face); they are opened on demand and kept. ``timeout`` bounds connecting and
-    waiting for a pooled connection (seconds). Further keyword ``options`` go to
+    waiting for a pooled connection (seconds); each reply is awaited for at most
+    :data:`READ_TIMEOUT` (30 s) on the sync face. Further keyword ``options`` go to
     :func:`pymysql.connect` (and those it shares to :func:`aiomysql.connect`), e.g.
-    ``password=…`` to keep a secret out of the URL, ``ssl=ssl_context`` or ``read_timeout=30``.
+    ``password=…`` to keep a secret out of the URL, ``ssl=ssl_context`` or ``read_timeout=60``.
     """
 
     schemes = ("mysql", "mariadb")
@@ -610,6 +616,8 @@ class MySQLStore(Store):
             autocommit=True,
             init_command=INIT_COMMAND,
             connect_timeout=self.timeout,
+            read_timeout=READ_TIMEOUT,
+            write_timeout=READ_TIMEOUT,
         )
         args.update(options)
         self._sync_args = {**args, "client_flag": CLIENT.MULTI_STATEMENTS | CLIENT.FOUND_ROWS}
