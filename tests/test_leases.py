@@ -422,10 +422,12 @@ class FreezingProxy:
                 sock.close()
 
 
+@pytest.mark.parametrize("face", ["sync", "async"])
 def test_a_mysql_server_that_stops_answering_fails_the_call(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, face: str
 ) -> None:
-    """PyMySQL waits for a reply without limit by default; the store bounds it."""
+    """PyMySQL waits for a reply without limit by default, aiomysql has no limit at all; the
+    store bounds both faces."""
     from oncely.stores import mysql
 
     monkeypatch.setattr(mysql, "READ_TIMEOUT", 1.0, raising=False)  # the default is 30 s
@@ -434,21 +436,34 @@ def test_a_mysql_server_that_stops_answering_fails_the_call(
     url = MYSQL_URL.replace("127.0.0.1:3306", f"127.0.0.1:{proxy.port}")
     store = mysql.MySQLStore(url, table=table, create_schema=True)
     outcome: list[BaseException] = []
-    try:
+
+    async def async_face() -> None:
+        await store.anow()
+        proxy.frozen.set()
+        try:
+            await asyncio.wait_for(store.anow(), 20)
+        except BaseException as exc:
+            outcome.append(exc)
+        proxy.frozen.clear()
+        await store.aclose()
+
+    def call() -> None:
+        if face == "async":
+            asyncio.run(async_face())
+            return
         store.now()
         proxy.frozen.set()
+        try:
+            store.now()
+        except BaseException as exc:
+            outcome.append(exc)
 
-        def call() -> None:
-            try:
-                store.now()
-            except BaseException as exc:
-                outcome.append(exc)
-
+    try:
         worker = threading.Thread(target=call, daemon=True)
         worker.start()
-        worker.join(20)
+        worker.join(30)
         assert not worker.is_alive(), "the call hung on a server that stopped answering"
-        assert isinstance(outcome[0], StoreUnavailable)
+        assert isinstance(outcome[0], StoreUnavailable), outcome
     finally:
         proxy.frozen.clear()
         proxy.close()
