@@ -62,6 +62,10 @@ log = logging.getLogger("oncely.locks")
 LostCallback = Callable[["Lock", LockLost], None]
 
 _STOPPED: Final = object()
+_RAN_OUT: Final = (
+    "no renewal was confirmed before its ttl ran out (the store is slow or unreachable, or "
+    "this process was paused)"
+)
 
 
 def _who(face: Face) -> str:
@@ -315,14 +319,7 @@ class Lock:
         """
         if not self._bounded() or time.monotonic() < hold.held_until:
             return True
-        self._mark_lost(
-            hold,
-            self._lost_error(
-                hold,
-                "no renewal was confirmed before its ttl ran out (the store is slow or "
-                "unreachable, or this process was paused)",
-            ),
-        )
+        self._mark_lost(hold, self._lost_error(hold, _RAN_OUT))
         return False
 
     def _unavailable(
@@ -734,10 +731,7 @@ class _Renewal:
     def expire(self) -> None:
         """The bound passed while a renewal was still pending: report the lock lost."""
         if self.active:
-            self._lose(
-                "no renewal was confirmed before its ttl ran out (the store is slow or "
-                "unreachable, or this process was paused)"
-            )
+            self._lose(_RAN_OUT)
 
     def _lose(self, why: str, cause: BaseException | None = None) -> None:
         self.active = False
