@@ -363,7 +363,10 @@ class Lock:
         ``blocking=False`` tries once and returns ``None`` if someone else holds the lock.
         Otherwise waits (woken by the holder's release, not by polling the store) for up to
         ``timeout`` seconds (``None``: as long as it takes), then raises
-        :class:`~oncely.errors.LockTimeout`.
+        :class:`~oncely.errors.LockTimeout`. A store that cannot decide at all (a Redlock
+        quorum unreachable) is retried until the timeout, or without one for the backend's
+        ``unavailable_wait`` seconds (5 by default), then
+        :class:`~oncely.errors.StoreUnavailable`: never forever.
         """
         limit = check_timeout(blocking, timeout)
         who = self._begin_acquire("sync")
