@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -133,7 +134,7 @@ class IdempotencyMiddleware:
 class _Exchange:
     """One request/response exchange: performs the flow's operations."""
 
-    __slots__ = ("app", "body", "engine", "receive", "scope", "send")
+    __slots__ = ("app", "body", "claim_sent", "engine", "receive", "scope", "send")
 
     def __init__(
         self, app: ASGIApp, engine: Engine, scope: Scope, receive: Receive, send: Send
@@ -144,6 +145,8 @@ class _Exchange:
         self.receive = receive
         self.send = send
         self.body: bytes | None = None
+        #: When the last claim was sent (monotonic); the lease's local bound counts from it.
+        self.claim_sent = 0.0
 
     async def drive(self, flow: Any) -> None:
         store = self.engine.store
@@ -159,6 +162,7 @@ class _Exchange:
                 kind = type(op)
                 if kind is Claim:
                     assert isinstance(op, Claim)
+                    self.claim_sent = time.monotonic()
                     value = await claim_or_undo(store, op.key, op.fingerprint, op.lease, op.ttl)
                 elif kind is Run:
                     assert isinstance(op, Run)
@@ -274,7 +278,7 @@ class _Exchange:
             claimed = Claimed(
                 op.key, op.fence, op.lease, self.engine.store, self.engine.config.on_lease_lost
             )
-            renewer = AsyncRenewer(claimed)
+            renewer = AsyncRenewer(claimed, self.claim_sent)
             token = _current.set(claimed)
         try:
             await self.app(app_scope, self._app_receive(), capture.send)

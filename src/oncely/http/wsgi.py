@@ -148,6 +148,8 @@ class _Exchange:
         self.environ = environ
         self.start_response = start_response
         self.flow: Any = None
+        #: When the last claim was sent (monotonic); the lease's local bound counts from it.
+        self.claim_sent = 0.0
 
     def start(self, flow: Any) -> Iterable[bytes]:
         """Drive the flow until it answers, passes the request on, or runs the app."""
@@ -170,6 +172,7 @@ class _Exchange:
                 kind = type(op)
                 if kind is Claim:
                     assert isinstance(op, Claim)
+                    self.claim_sent = time.monotonic()
                     value = store.claim(op.key, op.fingerprint, op.lease, op.ttl)
                 elif kind is ReadBody:
                     assert isinstance(op, ReadBody)
@@ -287,7 +290,7 @@ class _Exchange:
             claimed = Claimed(
                 op.key, op.fence, op.lease, self.engine.store, self.engine.config.on_lease_lost
             )
-            keeper.keep(claimed)
+            keeper.keep(claimed, self.claim_sent)
         body = _Body(self, op.capture, claimed)
         token = _current.set(claimed)
         try:
