@@ -23,7 +23,7 @@ import redis
 
 from oncely import LeaseLost, StoreUnavailable, current_claim, idempotent
 from oncely.errors import LockLost
-from oncely.http import IdempotencyConfig
+from oncely.http import GLOBAL, IdempotencyConfig
 from oncely.locks import Lock
 from oncely.records import RecordKey
 from oncely.stores.redis import RedisStore
@@ -324,7 +324,7 @@ async def test_http_claims_count_the_bound_from_the_send_time(
         return [b"ok"]
 
     app = asgi_app if face_name == "asgi" else wsgi_app
-    face = FACES[face_name](IdempotencyConfig(store=store, lease=5), app=app)
+    face = FACES[face_name](IdempotencyConfig(store=store, lease=5, scope=GLOBAL), app=app)
     await store.anow()
     store.now()
     private_redis.pause()
