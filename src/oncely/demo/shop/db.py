@@ -86,6 +86,10 @@ class ShopDB:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self._local = threading.local()
+        # One writer per process at a time: threads queue here instead of in SQLite's busy
+        # handler, which sleeps in growing steps (up to 100 ms) and wastes most of the time
+        # under contention. Other processes still meet at SQLite's lock (busy timeout).
+        self._writer = threading.Lock()
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -100,13 +104,14 @@ class ShopDB:
     def write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on error)."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with self._writer:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def create(self) -> None:
         """Create the schema and stock the products (safe to run again)."""

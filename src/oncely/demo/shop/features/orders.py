@@ -5,6 +5,10 @@ Protected, the middleware runs the handler once per (customer, key): a retry get
 ``201`` with ``Idempotent-Replayed: true``, a concurrent duplicate ``409``, a changed body under
 the same key ``422``, a missing key ``400``. Unprotected, every duplicate places another order
 and takes the stock again.
+
+The response sets a ``last_order`` cookie (oncely never stores or replays ``Set-Cookie``), and
+a ``Demo-Fault: raise`` header makes the handler fail before it does anything (``oncely probe``
+uses it to check that a failed request does not leave its key claimed).
 """
 
 from __future__ import annotations
@@ -34,11 +38,15 @@ def feature(shop: Shop) -> Feature:
             )
         if await shop.run(shop.db.price, sku) is None:
             raise Problem(404, "sku-not-found", "Unknown product", f"no product {sku!r}")
+        if request.headers.get("demo-fault") == "raise":
+            # A handler that fails before doing anything (for `oncely probe`): the key must
+            # not stay claimed.
+            raise RuntimeError("fault injected by the Demo-Fault header")
         key = request.headers.get("idempotency-key") or "-"
         order = await shop.run(shop.db.place_order, customer, sku, qty, f"{customer}/{key}")
         if order is None:
             raise Problem(409, "out-of-stock", "Out of stock", f"fewer than {qty} of {sku!r} left")
-        return JSONResponse(
+        response = JSONResponse(
             {
                 "order_id": order.id,
                 "status": order.status,
@@ -49,6 +57,9 @@ def feature(shop: Shop) -> Feature:
             },
             status_code=201,
         )
+        # A session-style cookie, as real shops set: oncely never stores or replays it.
+        response.set_cookie("last_order", order.id, httponly=True, samesite="strict")
+        return response
 
     return Feature(
         name="orders",
