@@ -230,3 +230,9 @@ def purge(
 
 def main() -> None:
     app()
+
+
+# -- the demo's commands (demo, storm, probe) live in oncely.demo.cli ------------------------
+from oncely.demo.cli import register as _register_demo  # noqa: E402
+
+_register_demo(app)

@@ -37,7 +37,7 @@ class Faults:
             return "SIGKILL worker: no worker found"
         pid = random.choice(pids)
         os.kill(pid, signal.SIGKILL)
-        return f"SIGKILL of web worker {pid} (Uvicorn started a new one)"
+        return f"SIGKILL of web worker {pid} (the supervisor starts a new one)"
 
     def kill_store_connections(self) -> str:
         s = self.settings
