@@ -197,3 +197,23 @@ def test_a_paused_settlement_holder_is_fenced_out(tmp_path: Path) -> None:
     assert len(settles) == 1
     # and with no lock at all (unprotected), both write: the double settlement
     assert settle_once(settings, db, None) == "empty"
+
+
+def test_a_handler_run_again_after_a_crash_applies_once(tmp_path: Path) -> None:
+    """A worker SIGKILLed after the order's commit but before the middleware stored the
+    response: the key's lease runs out and the retry runs the handler again. Protected, the
+    second run finds the first order (and the second charge the first payment)."""
+    db = ShopDB(tmp_path / "shop.db")
+    db.create()
+    first = db.place_order("alice", "sku-1", 2, "alice/key-1", once=True)
+    again = db.place_order("alice", "sku-1", 2, "alice/key-1", once=True)
+    assert first is not None and again is not None and again.id == first.id
+    assert db.record_charge(first.id, first.amount, "txn-a", once=True) == "txn-a"
+    assert db.record_charge(first.id, first.amount, "txn-b", once=True) == "txn-a"
+    kinds = [e["kind"] for e in db.ledger()]
+    assert kinds == ["order", "charge"]
+    assert db.stock("sku-1") == 1_000_000 - 2
+    # unprotected (once=False) the same two runs are two orders: the double effect
+    db.place_order("bob", "sku-1", 1, "bob/key-1")
+    db.place_order("bob", "sku-1", 1, "bob/key-1")
+    assert [e["key"] for e in db.ledger()].count("bob/key-1") == 2

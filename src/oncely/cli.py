@@ -236,3 +236,7 @@ def main() -> None:
 from oncely.demo.cli import register as _register_demo  # noqa: E402
 
 _register_demo(app)
+
+
+if __name__ == "__main__":
+    main()

@@ -48,6 +48,15 @@ CREATE TABLE IF NOT EXISTS orders (
     created_at     REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS orders_to_settle ON orders (status, settled);
+-- protected mode only: one order per request key, one charge per order (insert-once)
+CREATE TABLE IF NOT EXISTS order_requests (
+    request_key TEXT PRIMARY KEY,
+    order_id    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS payments (
+    order_id       TEXT PRIMARY KEY,
+    transaction_id TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS ledger (
     seq    INTEGER PRIMARY KEY AUTOINCREMENT,
     kind   TEXT NOT NULL,
@@ -177,17 +186,38 @@ class ShopDB:
         return None if row is None else (int(row[0]), int(row[1]))
 
     # -- writes: each one transaction -------------------------------------------------------------
-    def place_order(self, customer: str, sku: str, qty: int, request_key: str) -> Order | None:
+    def place_order(
+        self, customer: str, sku: str, qty: int, request_key: str, once: bool = False
+    ) -> Order | None:
         """Take ``qty`` units of stock and record the order and its ledger row; ``None`` if the
-        stock is short (nothing written)."""
+        stock is short (nothing written).
+
+        ``once=True`` (protected mode) records ``request_key`` in the same transaction, unique:
+        a second run for the same key (its first run's worker died after this commit but
+        before the HTTP response was stored, so the key's lease ran out and a retry ran the
+        handler again) returns the first order and changes nothing.
+        """
         order_id = f"ord_{uuid.uuid4().hex[:20]}"
         with self.write() as w:
+            if once:
+                claimed = w.execute(
+                    "INSERT INTO order_requests (request_key, order_id) VALUES (?, ?) "
+                    "ON CONFLICT (request_key) DO NOTHING RETURNING order_id",
+                    (request_key, order_id),
+                ).fetchone()
+                if claimed is None:
+                    (first,) = w.execute(
+                        "SELECT order_id FROM order_requests WHERE request_key = ?",
+                        (request_key,),
+                    ).fetchone()
+                    return self.order(str(first))
             row = w.execute(
                 "UPDATE products SET stock = stock - ? WHERE sku = ? AND stock >= ? "
                 "RETURNING price",
                 (qty, sku, qty),
             ).fetchone()
             if row is None:
+                w.execute("DELETE FROM order_requests WHERE request_key = ?", (request_key,))
                 return None
             amount = int(row[0]) * qty
             now = time.time()
@@ -202,9 +232,24 @@ class ShopDB:
             )
         return Order(order_id, customer, sku, qty, amount, "placed", None)
 
-    def record_charge(self, order_id: str, amount: int, transaction_id: str) -> None:
-        """The payment provider charged ``amount``: ledger row, order marked paid."""
+    def record_charge(
+        self, order_id: str, amount: int, transaction_id: str, once: bool = False
+    ) -> str:
+        """The payment provider charged ``amount``: ledger row, order marked paid; returns the
+        transaction id. ``once=True``: one payment row per order (insert-once), so a charge
+        run again after a crash returns the first transaction id and writes nothing."""
         with self.write() as w:
+            if once:
+                claimed = w.execute(
+                    "INSERT INTO payments (order_id, transaction_id) VALUES (?, ?) "
+                    "ON CONFLICT (order_id) DO NOTHING RETURNING transaction_id",
+                    (order_id, transaction_id),
+                ).fetchone()
+                if claimed is None:
+                    (first,) = w.execute(
+                        "SELECT transaction_id FROM payments WHERE order_id = ?", (order_id,)
+                    ).fetchone()
+                    return str(first)
             w.execute(
                 "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('charge', ?, ?, ?, ?)",
                 (order_id, transaction_id, amount, time.time()),
@@ -213,6 +258,7 @@ class ShopDB:
                 "UPDATE orders SET status = 'paid', transaction_id = ? WHERE id = ?",
                 (transaction_id, order_id),
             )
+        return transaction_id
 
     def start_settlement(self, pid: int, fence: int | None, limit: int) -> tuple[int, list[Order]]:
         """Open a settlement run over up to ``limit`` paid, unsettled orders (read, not

@@ -6,6 +6,12 @@ Protected, the middleware runs the handler once per (customer, key): a retry get
 the same key ``422``, a missing key ``400``. Unprotected, every duplicate places another order
 and takes the stock again.
 
+The middleware stores the response after the handler's transaction commits; a worker killed in
+between leaves the key claimed until its lease runs out, and the retry then runs the handler
+again. Protected, the order's transaction also records the (customer, key) pair under a unique
+index, so that second run returns the first order instead of placing another (insert-once;
+``oncely.sql`` will offer this as transactional idempotency and replace the hand-written SQL).
+
 The response sets a ``last_order`` cookie (oncely never stores or replays ``Set-Cookie``), and
 a ``Demo-Fault: raise`` header makes the handler fail before it does anything (``oncely probe``
 uses it to check that a failed request does not leave its key claimed).
@@ -43,7 +49,9 @@ def feature(shop: Shop) -> Feature:
             # not stay claimed.
             raise RuntimeError("fault injected by the Demo-Fault header")
         key = request.headers.get("idempotency-key") or "-"
-        order = await shop.run(shop.db.place_order, customer, sku, qty, f"{customer}/{key}")
+        order = await shop.run(
+            shop.db.place_order, customer, sku, qty, f"{customer}/{key}", shop.protected
+        )
         if order is None:
             raise Problem(409, "out-of-stock", "Out of stock", f"fewer than {qty} of {sku!r} left")
         response = JSONResponse(

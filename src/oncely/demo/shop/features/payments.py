@@ -16,7 +16,10 @@ token for the same order cannot charge it twice while the first charge runs or a
 Unprotected, the handler only checks that the order is still ``placed`` before charging, the
 classic check-then-act: concurrent duplicates all pass the check and all charge.
 
-Not yet: the unique transaction id written insert-once (``oncely.sql``).
+Protected, the charge's transaction also writes one payment row per order under a unique key
+(insert-once): a charge run again because its worker died after the commit but before the
+decorator stored its result returns the first transaction id. ``oncely.sql`` will offer this
+and replace the hand-written SQL.
 """
 
 from __future__ import annotations
@@ -46,8 +49,9 @@ def feature(shop: Shop) -> Feature:
         """The payment provider charges the card: the effect that must happen once."""
         await asyncio.sleep(shop.settings.latency)
         transaction_id = f"txn_{uuid.uuid4().hex[:20]}"
-        await shop.run(shop.db.record_charge, order_id, amount, transaction_id)
-        return transaction_id
+        return await shop.run(
+            shop.db.record_charge, order_id, amount, transaction_id, shop.protected
+        )
 
     charge = provider_charge
     if shop.store is not None:
