@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -56,8 +57,12 @@ def table(results: Sequence[StormResult], title: str = "oncely storm") -> Table:
     for name, read, failure in METRICS:
         cells = []
         for r in results:
-            value = _double(r) if name == "double effects" else read(r)
-            text = f"{value:,}" if isinstance(value, int) else str(value)
+            value = read(r)
+            text = (
+                _double(r)
+                if name == "double effects"
+                else (f"{value:,}" if isinstance(value, int) else str(value))
+            )
             if failure:
                 colour = "red" if value else "green"
                 text = f"[bold {colour}]{text}[/]"
@@ -95,7 +100,8 @@ def _chart_style() -> Any:
 
 def _svg(chart: Any) -> str:
     svg: str = chart.render(is_unicode=True, disable_xml_declaration=True)
-    return svg
+    # pygal inlines its config for its tooltip script, which is off (js=[]): drop it too.
+    return re.sub(r"<script\b.*?</script>", "", svg, flags=re.S)
 
 
 def _outcome_chart(results: Sequence[StormResult]) -> str:
@@ -164,8 +170,12 @@ def html_report(results: Sequence[StormResult], title: str = "oncely storm repor
     for name, read, failure in METRICS:
         cells = []
         for r in results:
-            value = _double(r) if name == "double effects" else read(r)
-            text = f"{value:,}" if isinstance(value, int) else str(value)
+            value = read(r)
+            text = (
+                _double(r)
+                if name == "double effects"
+                else (f"{value:,}" if isinstance(value, int) else str(value))
+            )
             cls = ("bad" if value else "good") if failure else ""
             cells.append(f'<td class="{cls}">{html.escape(text)}</td>')
         rows.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
