@@ -47,7 +47,7 @@ HtmlOut = Annotated[
 
 def _need_demo_extra() -> None:
     try:
-        import httpx  # noqa: F401
+        import aiohttp  # noqa: F401
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:

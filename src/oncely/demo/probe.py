@@ -32,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+from oncely.demo.client import Http, TransportError
 
 __all__ = ["Check", "ProbeConfig", "probe", "probe_async"]
 
@@ -84,7 +84,7 @@ class _Reply:
 
 
 class _Prober:
-    def __init__(self, config: ProbeConfig, http: httpx.AsyncClient) -> None:
+    def __init__(self, config: ProbeConfig, http: Http) -> None:
         self.config = config
         self.http = http
 
@@ -130,15 +130,15 @@ class _Prober:
                     timeout=timeout or self.config.timeout,
                 )
                 break
-            except httpx.TransportError:  # e.g. a kept-alive connection the server closed
+            except TransportError:  # e.g. a kept-alive connection the server closed
                 if attempt == 2 or timeout is not None:
                     raise
                 await asyncio.sleep(0.1)
         return _Reply(
-            response.status_code,
-            response.content,
-            {k.lower(): v for k, v in response.headers.items()},
-            response.headers.get_list("set-cookie"),
+            response.status,
+            response.body,
+            {str(k).lower(): str(v) for k, v in response.headers.items()},
+            response.header_list("set-cookie"),
         )
 
     async def eventually(self, key: str) -> _Reply:
@@ -179,7 +179,7 @@ async def probe_async(config: ProbeConfig) -> list[Check]:
         checks[name].outcome = SKIP if ok is None else PASS if ok else FAIL
         checks[name].detail = detail
 
-    async with httpx.AsyncClient(base_url=config.url) as http:
+    async with Http(config.url, 4 * config.concurrency) as http:
         p = _Prober(config, http)
         problems: list[_Reply] = []
         key = _key()
@@ -285,7 +285,7 @@ async def probe_async(config: ProbeConfig) -> list[Check]:
             verdict("no replay across credentials", None, "give two credentials")
 
         gone_key = _key()
-        with contextlib.suppress(httpx.HTTPError):
+        with contextlib.suppress(TransportError):
             await p.send(gone_key, timeout=0.002)
         after = await p.eventually(gone_key)
         verdict(

@@ -12,11 +12,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 from typing import IO
-
-import httpx
 
 from oncely.demo.shop.db import ShopDB
 from oncely.demo.shop.settings import Settings
@@ -107,8 +107,9 @@ class Service:
         while time.monotonic() < deadline:
             if self.server is not None and self.server.poll() is not None:
                 raise RuntimeError(f"the shop did not start; see {self.log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                up = httpx.get(f"{self.url}/healthz", timeout=1.0).status_code == 200
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1.0) as answer:
+                    up = answer.status == 200
                 if up and len(self.worker_pids()) >= self.workers:
                     return
             time.sleep(0.1)

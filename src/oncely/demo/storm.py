@@ -29,20 +29,16 @@ Operation kinds whose endpoint answers ``501`` are skipped and reported as such.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import contextvars
 import json
 import random
 import secrets
-import ssl
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 
-import httpx
+from oncely.demo.client import Http, Reply, TransportError
 
 __all__ = [
     "KINDS",
@@ -77,10 +73,6 @@ PATTERNS = {
     "pay": ("concurrent", "sequential", "timeout", "changed-body", "double-submit"),
 }
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
-#: Operations in flight share this many HTTPX clients (httpcore's pool does work linear in its
-#: size on every request: many small pools cost far less CPU than one large one).
-SHARDS = 8
-_shard: contextvars.ContextVar[int] = contextvars.ContextVar("shard", default=0)
 
 
 @dataclass(frozen=True)
@@ -208,11 +200,6 @@ class _Answer:
     content_type: str = ""
 
 
-def _no_cookies() -> httpx.Cookies:
-    """A cookie jar that keeps nothing: the storm's customers share clients, not sessions."""
-    return httpx.Cookies(CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])))
-
-
 def _problem_slug(body: Any) -> str:
     if isinstance(body, dict) and isinstance(body.get("type"), str):
         return str(body["type"]).rstrip("/").rsplit("/", 1)[-1]
@@ -222,10 +209,8 @@ def _problem_slug(body: Any) -> str:
 class _Client:
     """Sends requests the way a careful client does, and keeps the statistics."""
 
-    def __init__(
-        self, https: Sequence[httpx.AsyncClient], config: StormConfig, result: StormResult
-    ) -> None:
-        self.https = https
+    def __init__(self, http: Http, config: StormConfig, result: StormResult) -> None:
+        self.http = http
         self.config = config
         self.result = result
         self.outcomes: Counter[str] = Counter()
@@ -249,38 +234,34 @@ class _Client:
             started = time.perf_counter()
             self.result.requests += 1
             try:
-                http = self.https[_shard.get() % len(self.https)]
-                response = await http.request(
+                response = await self.http.request(
                     method,
                     path,
-                    json=body if content is None else None,
+                    json_body=body if content is None else None,
                     content=content,
                     headers=headers,
                     timeout=timeout,
                 )
-            except httpx.HTTPError as exc:
+            except TransportError as exc:
                 self.outcomes["transport error / timeout (retried)"] += 1
-                answer = _Answer(0, error=type(exc).__name__)
+                answer = _Answer(0, error=str(exc))
                 await asyncio.sleep(self._backoff(attempt, None))
                 continue
             self.result.latencies_ms.append((time.perf_counter() - started) * 1000)
-            try:
-                parsed: Any = response.json()
-            except ValueError:
-                parsed = None
+            parsed = response.json()
             answer = _Answer(
-                response.status_code,
+                response.status,
                 parsed,
                 _problem_slug(parsed),
-                response.headers.get("idempotent-replayed", "").lower() == "true",
-                content_type=response.headers.get("content-type", ""),
+                response.header("idempotent-replayed").lower() == "true",
+                content_type=response.header("content-type"),
             )
-            retryable = response.status_code in RETRY_STATUSES or (
-                response.status_code == 409 and answer.problem == "request-in-flight"
+            retryable = response.status in RETRY_STATUSES or (
+                response.status == 409 and answer.problem == "request-in-flight"
             )
             if retryable and retry and attempt + 1 < attempts:
-                self.outcomes[f"{response.status_code} {answer.problem or 'error'} (retried)"] += 1
-                await asyncio.sleep(self._backoff(attempt, response.headers.get("retry-after")))
+                self.outcomes[f"{response.status} {answer.problem or 'error'} (retried)"] += 1
+                await asyncio.sleep(self._backoff(attempt, response.header("retry-after")))
                 continue
             break
         self.outcomes[self._label(answer, label)] += 1
@@ -306,24 +287,24 @@ class _Client:
         return base * random.uniform(0.5, 1.0)
 
 
-async def _discover(http: httpx.AsyncClient, kinds: Sequence[str]) -> dict[str, str]:
+async def _discover(http: Http, kinds: Sequence[str]) -> dict[str, str]:
     """Which kinds to skip, and why (their endpoint answers 501, or no driver yet)."""
     skipped: dict[str, str] = {}
     for kind in kinds:
         method, path, body = DISCOVERY[kind]
         try:
-            response = await http.request(method, path, json=body, timeout=10.0)
-        except httpx.HTTPError as exc:
-            skipped[kind] = f"discovery failed: {type(exc).__name__}"
+            response = await http.request(method, path, json_body=body, timeout=10.0)
+        except TransportError as exc:
+            skipped[kind] = f"discovery failed: {exc}"
             continue
-        if response.status_code in (404, 405) and _problem_slug(_json(response)) in (
+        if response.status in (404, 405) and _problem_slug(response.json()) in (
             "not-found",
             "method-not-allowed",
             "",
         ):
-            skipped[kind] = f"no {method} {path} ({response.status_code})"
-        elif response.status_code == 501:
-            info = _json(response)
+            skipped[kind] = f"no {method} {path} ({response.status})"
+        elif response.status == 501:
+            info = response.json()
             mechanism = info.get("mechanism", "") if isinstance(info, dict) else ""
             skipped[kind] = f"501: needs {mechanism or 'a mechanism not built yet'}"
         elif kind not in DRIVEN:
@@ -331,23 +312,14 @@ async def _discover(http: httpx.AsyncClient, kinds: Sequence[str]) -> dict[str, 
     return skipped
 
 
-def _json(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
-
-
 def _bearer(customer: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {customer}"}
 
 
 class _Storm:
-    def __init__(
-        self, config: StormConfig, https: Sequence[httpx.AsyncClient], result: StormResult
-    ) -> None:
+    def __init__(self, config: StormConfig, http: Http, result: StormResult) -> None:
         self.config = config
-        self.client = _Client(https, config, result)
+        self.client = _Client(http, config, result)
         self.result = result
         self.rng = random.Random(result.seed)
         self.run = secrets.token_hex(4)
@@ -548,19 +520,21 @@ def _orphaned_token(answer: _Answer) -> bool:
     )
 
 
-async def _stock(http: httpx.AsyncClient, skus: Sequence[str]) -> dict[str, int]:
+def _ok(reply: Reply, what: str) -> Any:
+    if reply.status != 200:
+        raise RuntimeError(f"{what} answered {reply.status}: {reply.body[:200]!r}")
+    return reply.json()
+
+
+async def _stock(http: Http, skus: Sequence[str]) -> dict[str, int]:
     stock = {}
     for sku in skus:
-        response = await http.get(f"/stock/{sku}", timeout=30.0)
-        response.raise_for_status()
-        stock[sku] = int(response.json()["stock"])
+        stock[sku] = int(_ok(await http.get(f"/stock/{sku}"), f"GET /stock/{sku}")["stock"])
     return stock
 
 
-async def _ledger(http: httpx.AsyncClient) -> list[dict[str, Any]]:
-    response = await http.get("/ledger", timeout=120.0)
-    response.raise_for_status()
-    data = response.json()
+async def _ledger(http: Http) -> list[dict[str, Any]]:
+    data = _ok(await http.get("/ledger", timeout=120.0), "GET /ledger")
     entries = data.get("entries", data) if isinstance(data, dict) else data
     if not isinstance(entries, list):
         raise ValueError("GET /ledger must answer a JSON list of effects")
@@ -626,29 +600,15 @@ async def run_storm_async(config: StormConfig, label: str = "") -> StormResult:
     """Run the storm against ``config.url`` and verify; see the module docstring."""
     seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
     result = StormResult(url=config.url, label=label, seed=seed)
-    shards = max(1, min(SHARDS, config.concurrency // 4))
-    per_shard = max(4, 2 * config.duplicates * config.concurrency // shards)
-    limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=per_shard)
     started = time.perf_counter()
-    tls = ssl.create_default_context()  # one context for every shard (each load costs ~0.1 s)
-    async with contextlib.AsyncExitStack() as stack:
-        https = [
-            await stack.enter_async_context(
-                httpx.AsyncClient(
-                    base_url=config.url, limits=limits, verify=tls, cookies=_no_cookies()
-                )
-            )
-            for _ in range(shards)
-        ]
-        http = https[0]
-        health = await http.get("/healthz", timeout=30.0)
-        if health.status_code != 200:
-            raise RuntimeError(f"{config.url}/healthz answered {health.status_code}")
+    connections = max(8, 2 * config.duplicates * config.concurrency)
+    async with Http(config.url, connections) as http:
+        _ok(await http.get("/healthz"), f"{config.url}/healthz")
         result.skipped = await _discover(http, list(KINDS))
         live = [k for k in KINDS if k not in result.skipped]
         if not live:
             raise RuntimeError("the service offers no operation the storm can drive")
-        storm = _Storm(config, https, result)
+        storm = _Storm(config, http, result)
         storm.ops = storm.plan(live)
         result.by_kind = dict(Counter(op.kind for op in storm.ops))
         result.operations = len(storm.ops)
@@ -668,7 +628,6 @@ async def run_storm_async(config: StormConfig, label: str = "") -> StormResult:
         async def one(item: Any) -> None:
             nonlocal done
             async with gate:
-                _shard.set(item.index if isinstance(item, Op) else done)
                 if isinstance(item, Op):
                     await (storm.order(item) if item.kind == "order" else storm.pay(item))
                 else:
