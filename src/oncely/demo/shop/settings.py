@@ -54,7 +54,7 @@ class Settings:
     @property
     def store(self) -> str:
         """oncely's store URL (the SQLite default lives in the work directory)."""
-        return self.store_url or f"sqlite:///{self.workdir / 'oncely.db'}"
+        return self.store_url or f"sqlite:///{self.workdir / 'oncely.db'}?synchronous=NORMAL"
 
     @property
     def shop_db(self) -> Path:
