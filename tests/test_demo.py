@@ -59,6 +59,21 @@ def test_demo_with_and_without_oncely(tmp_path: Path) -> None:
     assert (tmp_path / "protected" / "shop.db").exists()
 
 
+def test_decorator_example_runs_one_execution_per_order(tmp_path: Path) -> None:
+    """examples/decorator_demo.py: 3 processes x many threads, one execution per order."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "decorator_demo.py")],
+        env={"ONCELY_DEMO_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(": 1 charge(s)") == 3
+    assert "ok: duplicates in, one execution out" in out.stdout
+    assert (tmp_path / "oncely.db").exists()
+
+
 @pytest.mark.timeout(200)
 def test_storm_exits_non_zero_on_double_effects(tmp_path: Path) -> None:
     """`oncely storm URL` against the unprotected shop fails; against the shop it passes."""
