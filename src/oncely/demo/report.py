@@ -48,29 +48,34 @@ def _double(r: StormResult) -> str:
     return f"{r.double_effects:,} ({_kinds(r.double_by_kind)})"
 
 
+def rows(results: Sequence[StormResult]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The report's rows: (title, [(text, verdict) per run]); verdict is "bad", "good" (for
+    the figures that must be zero) or ""."""
+    out = []
+    for name, read, failure in METRICS:
+        cells = []
+        for r in results:
+            value = read(r)
+            if name == "double effects":
+                text = _double(r)
+            else:
+                text = f"{value:,}" if isinstance(value, int) else str(value)
+            cells.append((text, ("bad" if value else "good") if failure else ""))
+        out.append((name, cells))
+    for kind in sorted({k for r in results for k in r.skipped}):
+        out.append((f"skipped: {kind}", [(r.skipped.get(kind, "-"), "") for r in results]))
+    return out
+
+
 def table(results: Sequence[StormResult], title: str = "oncely storm") -> Table:
     """The report as a Rich table, one column per run."""
     out = Table(title=title, title_justify="left")
     out.add_column("")
     for r in results:
         out.add_column(r.label or r.url, justify="right")
-    for name, read, failure in METRICS:
-        cells = []
-        for r in results:
-            value = read(r)
-            text = (
-                _double(r)
-                if name == "double effects"
-                else (f"{value:,}" if isinstance(value, int) else str(value))
-            )
-            if failure:
-                colour = "red" if value else "green"
-                text = f"[bold {colour}]{text}[/]"
-            cells.append(text)
-        out.add_row(name, *cells)
-    skipped = {k: v for r in results for k, v in r.skipped.items()}
-    for kind, why in skipped.items():
-        out.add_row(f"skipped: {kind}", *[why if kind in r.skipped else "-" for r in results])
+    colours = {"bad": "bold red", "good": "bold green"}
+    for name, cells in rows(results):
+        out.add_row(name, *[f"[{colours[v]}]{t}[/]" if v else t for t, v in cells])
     out.add_row("verdict", *[_verdict(r) for r in results])
     return out
 
@@ -104,89 +109,68 @@ def _svg(chart: Any) -> str:
     return re.sub(r"<script\b.*?</script>", "", svg, flags=re.S)
 
 
-def _outcome_chart(results: Sequence[StormResult]) -> str:
+def _chart(
+    kind: str,
+    title: str,
+    labels: Sequence[str],
+    results: Sequence[StormResult],
+    values: Any,
+    **options: Any,
+) -> str:
+    """One pygal chart as inline SVG: a series per run, ``values(result)`` per label."""
     import pygal
 
-    chart = pygal.HorizontalBar(
-        title="Effects per logical operation",
-        style=_chart_style(),
-        js=[],
-        width=900,
-        height=360,
-        print_values=True,
-        legend_at_bottom=True,
+    chart = getattr(pygal, kind)(
+        title=title, style=_chart_style(), js=[], width=900, legend_at_bottom=True, **options
     )
-    chart.x_labels = ["effects applied", "double effects", "lost operations", "stock drift"]
+    chart.x_labels = list(labels)
     for r in results:
-        chart.add(r.label or r.url, [r.effects, r.double_effects, r.lost, r.stock_drift])
+        chart.add(r.label or r.url, values(r))
     return _svg(chart)
+
+
+def _outcome_chart(results: Sequence[StormResult]) -> str:
+    labels = ["effects applied", "double effects", "lost operations", "stock drift"]
+    return _chart(
+        "HorizontalBar", "Effects per logical operation", labels, results,
+        lambda r: [r.effects, r.double_effects, r.lost, r.stock_drift],
+        height=360, print_values=True,
+    )  # fmt: skip
 
 
 def _answers_chart(results: Sequence[StormResult]) -> str:
-    import pygal
-
     labels = sorted({k for r in results for k in r.outcomes})
-    chart = pygal.HorizontalBar(
-        title="What the client was answered (per request)",
-        style=_chart_style(),
-        js=[],
-        width=900,
-        height=max(320, 34 * len(labels) * max(1, len(results)) // 2 + 120),
-        print_values=True,
-        legend_at_bottom=True,
-    )
-    chart.x_labels = labels
-    for r in results:
-        chart.add(r.label or r.url, [r.outcomes.get(k, 0) for k in labels])
-    return _svg(chart)
+    height = max(320, 34 * len(labels) * max(1, len(results)) // 2 + 120)
+    return _chart(
+        "HorizontalBar", "What the client was answered (per request)", labels, results,
+        lambda r: [r.outcomes.get(k, 0) for k in labels], height=height, print_values=True,
+    )  # fmt: skip
 
 
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99, 99.9, 100)
 
 
 def _latency_chart(results: Sequence[StormResult]) -> str:
-    import pygal
-
-    chart = pygal.Line(
-        title="Request latency by percentile (ms)",
-        style=_chart_style(),
-        js=[],
-        width=900,
-        height=360,
-        dots_size=4,
-        legend_at_bottom=True,
-        logarithmic=True,
-    )
-    chart.x_labels = [f"p{p:g}" for p in PERCENTILES]
-    for r in results:
-        chart.add(r.label or r.url, [max(0.1, round(r.percentile(p), 1)) for p in PERCENTILES])
-    return _svg(chart)
+    labels = [f"p{p:g}" for p in PERCENTILES]
+    return _chart(
+        "Line", "Request latency by percentile (ms)", labels, results,
+        lambda r: [max(0.1, round(r.percentile(p), 1)) for p in PERCENTILES],
+        height=360, dots_size=4, logarithmic=True,
+    )  # fmt: skip
 
 
 def html_report(results: Sequence[StormResult], title: str = "oncely storm report") -> str:
     """The self-contained HTML report (inline SVG charts, no scripts, no network)."""
     head = "".join(f"<th>{html.escape(r.label or r.url)}</th>" for r in results)
-    rows = []
-    for name, read, failure in METRICS:
-        cells = []
-        for r in results:
-            value = read(r)
-            text = (
-                _double(r)
-                if name == "double effects"
-                else (f"{value:,}" if isinstance(value, int) else str(value))
-            )
-            cls = ("bad" if value else "good") if failure else ""
-            cells.append(f'<td class="{cls}">{html.escape(text)}</td>')
-        rows.append(f"<tr><th>{html.escape(name)}</th>{''.join(cells)}</tr>")
-    for kind in sorted({k for r in results for k in r.skipped}):
-        why = "".join(f"<td>{html.escape(r.skipped.get(kind, '-'))}</td>" for r in results)
-        rows.append(f"<tr><th>skipped: {html.escape(kind)}</th>{why}</tr>")
+    lines = []
+    for name, cells in rows(results):
+        tds = "".join(f'<td class="{v}">{html.escape(t)}</td>' for t, v in cells)
+        lines.append(f"<tr><th>{html.escape(name)}</th>{tds}</tr>")
     verdicts = "".join(
         f'<td class="{"good" if r.ok else "bad"}">{"PASS" if r.ok else "FAIL"}</td>'
         for r in results
     )
-    rows.append(f"<tr><th>verdict</th>{verdicts}</tr>")
+    lines.append(f"<tr><th>verdict</th>{verdicts}</tr>")
     faults = "".join(
         f"<li><b>{html.escape(r.label or r.url)}</b>: {html.escape(f)}</li>"
         for r in results
@@ -218,7 +202,7 @@ figure.chart svg {{ width: 100%; height: auto; }}
 <p>{len(results)} run(s), {html.escape(when)}. A double effect is a ledger row beyond the first
 for one operation; a lost operation is one whose effect is missing although the client was told
 it succeeded, or that never succeeded after all retries.</p>
-<table><tr><th></th>{head}</tr>{"".join(rows)}</table>
+<table><tr><th></th>{head}</tr>{"".join(lines)}</table>
 {f"<h2>Faults injected</h2><ul>{faults}</ul>" if faults else ""}
 {figures}
 {f"<h2>Examples</h2><ul>{examples}</ul>" if examples else ""}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from types import TracebackType
 from typing import IO
 
 from oncely.demo.shop.db import ShopDB
+from oncely.demo.shop.serve import stop_all
 from oncely.demo.shop.settings import Settings
 from oncely.stores import open_store
 
@@ -125,18 +125,7 @@ class Service:
         return [p.pid for p in self.settlers if p.poll() is None]
 
     def stop(self) -> None:
-        procs = [p for p in [self.server, *self.settlers] if p is not None]
-        for p in procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGCONT)  # a paused process cannot exit
-                    p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_all([p for p in [self.server, *self.settlers] if p is not None], timeout=15)
         if self._log is not None:
             self._log.close()
             self._log = None

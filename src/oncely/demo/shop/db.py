@@ -78,6 +78,27 @@ CREATE TABLE IF NOT EXISTS settlement_runs (
 FENCE_TABLE = "settlement_fence"
 
 
+#: insert-once tables: table -> (unique key column, value column)
+_ONCE = {"order_requests": ("request_key", "order_id"), "payments": ("order_id", "transaction_id")}
+
+
+def _insert_once(w: sqlite3.Connection, table: str, key: str, value: str) -> str | None:
+    """Record ``key -> value`` unless ``key`` is there already (one statement decides); return
+    ``None`` when this call inserted it, else the value stored first."""
+    key_column, value_column = _ONCE[table]
+    inserted = w.execute(
+        f"INSERT INTO {table} ({key_column}, {value_column}) VALUES (?, ?) "
+        f"ON CONFLICT ({key_column}) DO NOTHING RETURNING {value_column}",
+        (key, value),
+    ).fetchone()
+    if inserted is not None:
+        return None
+    (first,) = w.execute(
+        f"SELECT {value_column} FROM {table} WHERE {key_column} = ?", (key,)
+    ).fetchone()
+    return str(first)
+
+
 @dataclass(frozen=True, slots=True)
 class Order:
     id: str
@@ -200,17 +221,9 @@ class ShopDB:
         order_id = f"ord_{uuid.uuid4().hex[:20]}"
         with self.write() as w:
             if once:
-                claimed = w.execute(
-                    "INSERT INTO order_requests (request_key, order_id) VALUES (?, ?) "
-                    "ON CONFLICT (request_key) DO NOTHING RETURNING order_id",
-                    (request_key, order_id),
-                ).fetchone()
-                if claimed is None:
-                    (first,) = w.execute(
-                        "SELECT order_id FROM order_requests WHERE request_key = ?",
-                        (request_key,),
-                    ).fetchone()
-                    return self.order(str(first))
+                first = _insert_once(w, "order_requests", request_key, order_id)
+                if first is not None:
+                    return self.order(first)
             row = w.execute(
                 "UPDATE products SET stock = stock - ? WHERE sku = ? AND stock >= ? "
                 "RETURNING price",
@@ -240,16 +253,9 @@ class ShopDB:
         run again after a crash returns the first transaction id and writes nothing."""
         with self.write() as w:
             if once:
-                claimed = w.execute(
-                    "INSERT INTO payments (order_id, transaction_id) VALUES (?, ?) "
-                    "ON CONFLICT (order_id) DO NOTHING RETURNING transaction_id",
-                    (order_id, transaction_id),
-                ).fetchone()
-                if claimed is None:
-                    (first,) = w.execute(
-                        "SELECT transaction_id FROM payments WHERE order_id = ?", (order_id,)
-                    ).fetchone()
-                    return str(first)
+                first = _insert_once(w, "payments", order_id, transaction_id)
+                if first is not None:
+                    return first
             w.execute(
                 "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('charge', ?, ?, ?, ?)",
                 (order_id, transaction_id, amount, time.time()),

@@ -14,14 +14,17 @@ it replaces a dead worker within ~0.2 s, and stops all workers on SIGTERM/SIGINT
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from types import FrameType
 
-__all__ = ["main"]
+__all__ = ["main", "stop_all"]
 
 APP = "oncely.demo.shop.app:create_app"
 
@@ -66,11 +69,20 @@ def supervise(host: str, port: int, workers: int) -> None:
             if proc.poll() is not None and not stopping:
                 print(f"worker {proc.pid} died ({proc.returncode}); starting another", flush=True)
                 procs[i] = subprocess.Popen(command)
+    stop_all(procs)
+
+
+def stop_all(procs: Sequence[subprocess.Popen[bytes]], timeout: float = 10.0) -> None:
+    """SIGCONT (a paused process cannot exit) and SIGTERM each, then SIGKILL what is left
+    after ``timeout`` seconds."""
     for proc in procs:
-        proc.terminate()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.terminate()
     for proc in procs:
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
