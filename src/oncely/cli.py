@@ -282,3 +282,13 @@ def purge(
 
 def main() -> None:
     app()
+
+
+# -- the demo's commands (demo, storm, probe) live in oncely.demo.cli ------------------------
+from oncely.demo.cli import register as _register_demo  # noqa: E402
+
+_register_demo(app)
+
+
+if __name__ == "__main__":
+    main()

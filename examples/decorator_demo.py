@@ -1,6 +1,7 @@
 """oncely demo on the embedded default (SQLite): many duplicate calls in, one execution out.
 
-Run with ``make demo``. It charges three orders through a decorated ``charge`` function while
+Run with ``python examples/decorator_demo.py`` (``make demo`` runs the shop demo, oncely.demo).
+It charges three orders through a decorated ``charge`` function while
 16 threads and 2 extra processes retry each order at the same time, then shows a retry with a
 changed amount being refused, and a failed call that a retry runs again.
 """

@@ -1,0 +1,317 @@
+"""The shop's business database: products and stock, orders, the ledger, settlement runs.
+
+One SQLite file in the work directory, shared by the web workers and the settlement processes:
+WAL mode, a 15 s busy timeout, one connection per thread, and every write in one
+``BEGIN IMMEDIATE`` transaction (a writer waits for the lock instead of failing on upgrade).
+
+The **ledger** records every applied effect -- an order placed, a card charged, an order
+settled -- as its own row, and never deduplicates: a double effect shows as two rows with the
+same ``(kind, key)``. That is what the storm verifies. This module holds no protection of its
+own; what keeps effects single is in the features (oncely), and in unprotected mode it is off.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from oncely.locks import fenced_table_sql, fenced_update
+
+__all__ = ["PRODUCTS", "Order", "ShopDB"]
+
+#: sku -> (price in cents, initial stock in units)
+PRODUCTS: dict[str, tuple[int, int]] = {f"sku-{i}": (100 * i, 1_000_000) for i in range(1, 9)}
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS products (
+    sku   TEXT PRIMARY KEY,
+    price INTEGER NOT NULL,
+    stock INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS orders (
+    id             TEXT PRIMARY KEY,
+    customer       TEXT NOT NULL,
+    sku            TEXT NOT NULL,
+    qty            INTEGER NOT NULL,
+    amount         INTEGER NOT NULL,
+    status         TEXT NOT NULL,
+    request_key    TEXT NOT NULL,
+    transaction_id TEXT,
+    settled        INTEGER NOT NULL DEFAULT 0,
+    created_at     REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS orders_to_settle ON orders (status, settled);
+-- protected mode only: one order per request key, one charge per order (insert-once)
+CREATE TABLE IF NOT EXISTS order_requests (
+    request_key TEXT PRIMARY KEY,
+    order_id    TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS payments (
+    order_id       TEXT PRIMARY KEY,
+    transaction_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger (
+    seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind   TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    entity TEXT NOT NULL,
+    amount INTEGER NOT NULL,
+    at     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settlement_runs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    pid         INTEGER NOT NULL,
+    fence       INTEGER,
+    started_at  REAL NOT NULL,
+    finished_at REAL,
+    outcome     TEXT,
+    orders      INTEGER NOT NULL DEFAULT 0
+);
+"""
+FENCE_TABLE = "settlement_fence"
+
+
+#: insert-once tables: table -> (unique key column, value column)
+_ONCE = {"order_requests": ("request_key", "order_id"), "payments": ("order_id", "transaction_id")}
+
+
+def _insert_once(w: sqlite3.Connection, table: str, key: str, value: str) -> str | None:
+    """Record ``key -> value`` unless ``key`` is there already (one statement decides); return
+    ``None`` when this call inserted it, else the value stored first."""
+    key_column, value_column = _ONCE[table]
+    inserted = w.execute(
+        f"INSERT INTO {table} ({key_column}, {value_column}) VALUES (?, ?) "
+        f"ON CONFLICT ({key_column}) DO NOTHING RETURNING {value_column}",
+        (key, value),
+    ).fetchone()
+    if inserted is not None:
+        return None
+    (first,) = w.execute(
+        f"SELECT {value_column} FROM {table} WHERE {key_column} = ?", (key,)
+    ).fetchone()
+    return str(first)
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    id: str
+    customer: str
+    sku: str
+    qty: int
+    amount: int
+    status: str
+    transaction_id: str | None
+
+
+class ShopDB:
+    """The business database of one shop (thread-safe: one connection per thread)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        # One writer per process at a time: threads queue here instead of in SQLite's busy
+        # handler, which sleeps in growing steps (up to 100 ms) and wastes most of the time
+        # under contention. Other processes still meet at SQLite's lock (busy timeout).
+        self._writer = threading.Lock()
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=15.0, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout = 15000")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``, rolled back on error)."""
+        conn = self._conn()
+        with self._writer:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def create(self) -> None:
+        """Create the schema and stock the products (safe to run again)."""
+        conn = self._conn()
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.executescript(_SCHEMA)
+        conn.execute(fenced_table_sql(FENCE_TABLE, {"run": "INTEGER"}))
+        with self.write() as w:
+            w.executemany(
+                "INSERT OR IGNORE INTO products (sku, price, stock) VALUES (?, ?, ?)",
+                [(sku, price, stock) for sku, (price, stock) in PRODUCTS.items()],
+            )
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # -- reads ------------------------------------------------------------------------------------
+    def price(self, sku: str) -> int | None:
+        row = self._conn().execute("SELECT price FROM products WHERE sku = ?", (sku,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def stock(self, sku: str) -> int | None:
+        row = self._conn().execute("SELECT stock FROM products WHERE sku = ?", (sku,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def order(self, order_id: str) -> Order | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT id, customer, sku, qty, amount, status, transaction_id FROM orders "
+                "WHERE id = ?",
+                (order_id,),
+            )
+            .fetchone()
+        )
+        return None if row is None else Order(*row)
+
+    def ledger(self) -> list[dict[str, Any]]:
+        rows = self._conn().execute("SELECT kind, key, entity, amount, at FROM ledger ORDER BY seq")
+        return [
+            {"kind": k, "key": key, "entity": e, "amount": a, "at": at} for k, key, e, a, at in rows
+        ]
+
+    def settlement_outcomes(self) -> dict[str, int]:
+        rows = self._conn().execute(
+            "SELECT coalesce(outcome, 'running'), count(*) FROM settlement_runs GROUP BY 1"
+        )
+        return {str(outcome): int(n) for outcome, n in rows}
+
+    def open_settlement(self) -> tuple[int, int] | None:
+        """(run id, pid) of a settlement run that holds its batch and has not written yet."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT id, pid FROM settlement_runs WHERE finished_at IS NULL AND orders > 0 "
+                "ORDER BY id DESC LIMIT 1"
+            )
+            .fetchone()
+        )
+        return None if row is None else (int(row[0]), int(row[1]))
+
+    # -- writes: each one transaction -------------------------------------------------------------
+    def place_order(
+        self, customer: str, sku: str, qty: int, request_key: str, once: bool = False
+    ) -> Order | None:
+        """Take ``qty`` units of stock and record the order and its ledger row; ``None`` if the
+        stock is short (nothing written).
+
+        ``once=True`` (protected mode) records ``request_key`` in the same transaction, unique:
+        a second run for the same key (its first run's worker died after this commit but
+        before the HTTP response was stored, so the key's lease ran out and a retry ran the
+        handler again) returns the first order and changes nothing.
+        """
+        order_id = f"ord_{uuid.uuid4().hex[:20]}"
+        with self.write() as w:
+            if once:
+                first = _insert_once(w, "order_requests", request_key, order_id)
+                if first is not None:
+                    return self.order(first)
+            row = w.execute(
+                "UPDATE products SET stock = stock - ? WHERE sku = ? AND stock >= ? "
+                "RETURNING price",
+                (qty, sku, qty),
+            ).fetchone()
+            if row is None:
+                w.execute("DELETE FROM order_requests WHERE request_key = ?", (request_key,))
+                return None
+            amount = int(row[0]) * qty
+            now = time.time()
+            w.execute(
+                "INSERT INTO orders (id, customer, sku, qty, amount, status, request_key, "
+                "created_at) VALUES (?, ?, ?, ?, ?, 'placed', ?, ?)",
+                (order_id, customer, sku, qty, amount, request_key, now),
+            )
+            w.execute(
+                "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('order', ?, ?, ?, ?)",
+                (request_key, order_id, amount, now),
+            )
+        return Order(order_id, customer, sku, qty, amount, "placed", None)
+
+    def record_charge(
+        self, order_id: str, amount: int, transaction_id: str, once: bool = False
+    ) -> str:
+        """The payment provider charged ``amount``: ledger row, order marked paid; returns the
+        transaction id. ``once=True``: one payment row per order (insert-once), so a charge
+        run again after a crash returns the first transaction id and writes nothing."""
+        with self.write() as w:
+            if once:
+                first = _insert_once(w, "payments", order_id, transaction_id)
+                if first is not None:
+                    return first
+            w.execute(
+                "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('charge', ?, ?, ?, ?)",
+                (order_id, transaction_id, amount, time.time()),
+            )
+            w.execute(
+                "UPDATE orders SET status = 'paid', transaction_id = ? WHERE id = ?",
+                (transaction_id, order_id),
+            )
+        return transaction_id
+
+    def start_settlement(self, pid: int, fence: int | None, limit: int) -> tuple[int, list[Order]]:
+        """Open a settlement run over up to ``limit`` paid, unsettled orders (read, not
+        claimed: what keeps two runs apart is the lock and the fence)."""
+        with self.write() as w:
+            run = w.execute(
+                "INSERT INTO settlement_runs (pid, fence, started_at) VALUES (?, ?, ?) "
+                "RETURNING id",
+                (pid, fence, time.time()),
+            ).fetchone()[0]
+            rows = w.execute(
+                "SELECT id, customer, sku, qty, amount, status, transaction_id FROM orders "
+                "WHERE status = 'paid' AND settled = 0 ORDER BY created_at LIMIT ?",
+                (limit,),
+            ).fetchall()
+            w.execute("UPDATE settlement_runs SET orders = ? WHERE id = ?", (len(rows), run))
+        return int(run), [Order(*r) for r in rows]
+
+    def finish_settlement(
+        self, run: int, orders: list[Order], fence: int | None, outcome: str = "written"
+    ) -> str:
+        """Pay out ``orders`` (one ledger row each) and mark them settled, in one transaction.
+
+        With a ``fence`` the write goes through :func:`oncely.locks.fenced_update` first: a
+        holder whose lock was taken over (its token is older than the last writer's) writes
+        nothing and gets ``"fenced-out"``.
+        """
+        with self.write() as w:
+            if orders and outcome == "written":
+                if fence is not None and not fenced_update(
+                    w, FENCE_TABLE, "settlement", fence, {"run": run}
+                ):
+                    outcome = "fenced-out"
+                else:
+                    now = time.time()
+                    w.executemany(
+                        "INSERT INTO ledger (kind, key, entity, amount, at) "
+                        "VALUES ('settle', ?, ?, ?, ?)",
+                        [(o.id, f"settlement-{run}", o.amount, now) for o in orders],
+                    )
+                    w.executemany(
+                        "UPDATE orders SET settled = 1 WHERE id = ?", [(o.id,) for o in orders]
+                    )
+            elif not orders:
+                outcome = "empty"
+            w.execute(
+                "UPDATE settlement_runs SET finished_at = ?, outcome = ? WHERE id = ?",
+                (time.time(), outcome, run),
+            )
+        return outcome

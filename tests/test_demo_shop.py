@@ -1,0 +1,219 @@
+"""The demo shop, in process: its contract, bad input as problem+json (never a 500, never an
+effect), the 501 answers of pending features, and the settlement job's fence."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from oncely.demo.shop.app import create_app
+from oncely.demo.shop.db import ShopDB
+from oncely.demo.shop.features.settlement import settle_once
+from oncely.demo.shop.settings import Settings
+from oncely.locks import Lock
+
+
+def _settings(tmp_path: Path, protected: bool) -> Settings:
+    return Settings(
+        workdir=tmp_path,
+        protected=protected,
+        run=secrets.token_hex(4),
+        secret=secrets.token_urlsafe(32),
+    )
+
+
+@pytest.fixture(params=[True, False], ids=["protected", "unprotected"])
+async def shop(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[httpx.AsyncClient]:
+    settings = _settings(tmp_path, request.param)
+    ShopDB(settings.shop_db).create()
+    app = create_app(settings)
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://shop"
+    ) as client:
+        yield client
+
+
+def _headers(key: str | None = None, customer: str = "alice") -> dict[str, str]:
+    headers = {"Authorization": f"Bearer {customer}", "Content-Type": "application/json"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return headers
+
+
+async def _order(client: httpx.AsyncClient, key: str) -> dict[str, object]:
+    body = {"sku": "sku-2", "qty": 1, "customer": "alice"}
+    response = await client.post("/orders", json=body, headers=_headers(key))
+    assert response.status_code == 201, response.text
+    data: dict[str, object] = response.json()
+    return data
+
+
+def _bad_requests(order_id: str) -> list[tuple[str, str, bytes | None, dict[str, str]]]:
+    def key() -> dict[str, str]:
+        return _headers(f"bad-{secrets.token_hex(6)}")
+
+    def js(value: object) -> bytes:
+        return json.dumps(value).encode()
+
+    good = {"sku": "sku-1", "qty": 1, "customer": "alice"}
+    cases: list[tuple[str, str, bytes | None, dict[str, str]]] = [
+        ("POST", "/orders", b"{not json", key()),
+        ("POST", "/orders", b"", key()),
+        ("POST", "/orders", b"\xff\xfe\x00", key()),
+        ("POST", "/orders", js([good]), key()),
+        ("POST", "/orders", js("text"), key()),
+        ("POST", "/orders", js({**good, "qty": -1}), key()),
+        ("POST", "/orders", js({**good, "qty": 0}), key()),
+        ("POST", "/orders", js({**good, "qty": 10**40}), key()),
+        ("POST", "/orders", js({**good, "qty": 1.5}), key()),
+        ("POST", "/orders", js({**good, "qty": True}), key()),
+        ("POST", "/orders", js({**good, "qty": "1"}), key()),
+        ("POST", "/orders", js({"sku": "sku-1", "qty": 1}), key()),
+        ("POST", "/orders", js({**good, "sku": "no-such-sku"}), key()),
+        ("POST", "/orders", js({**good, "sku": "x" * 5000}), key()),
+        ("POST", "/orders", js({**good, "customer": ""}), key()),
+        ("POST", "/orders", js({**good, "customer": "mallory"}), key()),
+        ("POST", "/orders", js(good), {**key(), "Authorization": "Basic abc"}),
+        ("POST", "/orders", js(good), {**key(), "Content-Type": "text/plain"}),
+        ("POST", "/orders", b"[" * 100_000, key()),
+        ("POST", "/payment-tokens", js({}), key()),
+        ("POST", "/payment-tokens", js({"order_id": "ord_missing"}), key()),
+        ("POST", "/payment-tokens", js({"order_id": 12}), key()),
+        ("POST", "/payment-tokens", js({"order_id": order_id}), _headers(None, "mallory")),
+        ("POST", f"/orders/{order_id}/pay", js({"amount": -1}), key()),
+        ("POST", f"/orders/{order_id}/pay", js({"amount": 10**30}), key()),
+        ("POST", f"/orders/{order_id}/pay", js({"amount": "200"}), key()),
+        ("POST", f"/orders/{order_id}/pay", js({}), key()),
+        ("POST", f"/orders/{order_id}/pay", b"{", key()),
+        ("POST", "/orders/ord_missing/pay", js({"amount": 100}), key()),
+        ("GET", "/stock/no-such-sku", None, {}),
+        ("GET", "/orders", None, {}),
+        ("DELETE", "/ledger", None, {}),
+        ("GET", "/no/such/path", None, {}),
+        ("GET", "/accounts/acct-1", None, {}),
+        ("POST", "/accounts/acct-1/credit", b"{", key()),
+        ("POST", "/orders/ord_missing/cancel", js({"amount": -5}), key()),
+        ("POST", "/orders/ord_missing/ship", b"nope", key()),
+        ("POST", "/webhooks/payment", b"{", key()),
+    ]
+    return cases
+
+
+async def test_bad_input_gets_problem_json_and_changes_nothing(shop: httpx.AsyncClient) -> None:
+    order = await _order(shop, "good-1")
+    before = (await shop.get("/ledger")).json()
+    stock = (await shop.get("/stock/sku-1")).json()
+    for method, path, content, headers in _bad_requests(str(order["order_id"])):
+        response = await shop.request(method, path, content=content, headers=headers)
+        where = f"{method} {path} {content[:30] if content else b''!r}"
+        assert 400 <= response.status_code < 500 or response.status_code == 501, (
+            where,
+            response.status_code,
+            response.text,
+        )
+        assert response.headers["content-type"].startswith("application/problem+json"), where
+        problem = response.json()
+        assert problem["status"] == response.status_code
+        assert problem["type"].startswith("https://"), where
+    assert (await shop.get("/ledger")).json() == before
+    assert (await shop.get("/stock/sku-1")).json() == stock
+
+
+async def test_pending_features_answer_501_naming_their_mechanism(
+    shop: httpx.AsyncClient,
+) -> None:
+    expected = {
+        ("GET", "/accounts/acct-1"): "oncely.sql",
+        ("POST", "/accounts/acct-1/credit"): "oncely.sql",
+        ("POST", "/orders/o/cancel"): "oncely.statemachine",
+        ("POST", "/orders/o/ship"): "oncely.messaging",
+        ("POST", "/webhooks/payment"): "oncely.messaging",
+    }
+    for (method, path), mechanism in expected.items():
+        response = await shop.request(method, path, json={}, headers=_headers("k-" + path))
+        assert response.status_code == 501, (path, response.text)
+        assert response.json()["mechanism"] == mechanism
+
+
+async def test_order_and_payment_contract(shop: httpx.AsyncClient) -> None:
+    order = await _order(shop, "contract-1")
+    assert order["status"] == "placed" and isinstance(order["order_id"], str)
+    issued = await shop.post(
+        "/payment-tokens", json={"order_id": order["order_id"]}, headers=_headers()
+    )
+    assert issued.status_code == 201
+    token = issued.json()["token"]
+    pay = {"amount": order["amount"]}
+    headers = {**_headers(), "Payment-Token": token}
+    paid = await shop.post(f"/orders/{order['order_id']}/pay", json=pay, headers=headers)
+    assert paid.status_code == 200, paid.text
+    assert paid.json()["status"] == "paid" and paid.json()["transaction_id"]
+    again = await shop.post(f"/orders/{order['order_id']}/pay", json=pay, headers=headers)
+    assert again.status_code == 409
+    assert again.headers["content-type"].startswith("application/problem+json")
+    ledger = (await shop.get("/ledger")).json()
+    assert {e["kind"] for e in ledger} == {"order", "charge"}
+    assert all(set(e) == {"kind", "key", "entity", "amount", "at"} for e in ledger)
+    assert (await shop.get("/healthz")).status_code == 200
+
+
+async def test_duplicates_double_the_effect_only_when_oncely_is_off(
+    shop: httpx.AsyncClient,
+) -> None:
+    protected = (await shop.get("/healthz")).json()["protected"]
+    for _ in range(3):
+        await _order(shop, "same-key")
+    orders = [e for e in (await shop.get("/ledger")).json() if e["kind"] == "order"]
+    assert len(orders) == (1 if protected else 3)
+
+
+def test_a_paused_settlement_holder_is_fenced_out(tmp_path: Path) -> None:
+    """Kleppmann's case: holder A reads its batch, is paused past its lease, B takes the lock
+    over and settles; A's late write must change nothing."""
+    settings = _settings(tmp_path, protected=True)
+    db = ShopDB(settings.shop_db)
+    db.create()
+    order = db.place_order("alice", "sku-1", 1, "alice/k")
+    assert order is not None
+    db.record_charge(order.id, order.amount, "txn-1")
+    url, options = settings.lock_target()
+    a = Lock(url, "shop-settlement", ttl=0.3, **options)
+    token_a = a.acquire()
+    run_a, batch_a = db.start_settlement(1, token_a, 10)
+    assert [o.id for o in batch_a] == [order.id]
+    b = Lock(url, "shop-settlement", ttl=5, **options)
+    token_b = b.acquire(timeout=5)  # A's lease ran out while it was "paused"
+    assert token_b > token_a
+    run_b, batch_b = db.start_settlement(2, token_b, 10)
+    assert db.finish_settlement(run_b, batch_b, token_b) == "written"
+    b.release()
+    assert db.finish_settlement(run_a, batch_a, token_a) == "fenced-out"
+    settles = [e for e in db.ledger() if e["kind"] == "settle"]
+    assert len(settles) == 1
+    # and with no lock at all (unprotected), both write: the double settlement
+    assert settle_once(settings, db, None) == "empty"
+
+
+def test_a_handler_run_again_after_a_crash_applies_once(tmp_path: Path) -> None:
+    """A worker SIGKILLed after the order's commit but before the middleware stored the
+    response: the key's lease runs out and the retry runs the handler again. Protected, the
+    second run finds the first order (and the second charge the first payment)."""
+    db = ShopDB(tmp_path / "shop.db")
+    db.create()
+    first = db.place_order("alice", "sku-1", 2, "alice/key-1", once=True)
+    again = db.place_order("alice", "sku-1", 2, "alice/key-1", once=True)
+    assert first is not None and again is not None and again.id == first.id
+    assert db.record_charge(first.id, first.amount, "txn-a", once=True) == "txn-a"
+    assert db.record_charge(first.id, first.amount, "txn-b", once=True) == "txn-a"
+    kinds = [e["kind"] for e in db.ledger()]
+    assert kinds == ["order", "charge"]
+    assert db.stock("sku-1") == 1_000_000 - 2
+    # unprotected (once=False) the same two runs are two orders: the double effect
+    db.place_order("bob", "sku-1", 1, "bob/key-1")
+    db.place_order("bob", "sku-1", 1, "bob/key-1")
+    assert [e["key"] for e in db.ledger()].count("bob/key-1") == 2
