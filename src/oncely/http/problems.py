@@ -21,6 +21,7 @@ from oncely.errors import (
     TokenReused,
 )
 from oncely.http.messages import HttpResponse
+from oncely.settings import SETTINGS
 
 __all__ = [
     "BODY_INCOMPLETE",
@@ -47,7 +48,8 @@ __all__ = [
     "token_problem",
 ]
 
-PROBLEM_BASE = "https://oncely.dev/problems/"
+#: The default prefix of problem ``type`` URIs (``IdempotencyConfig(problem_base=)``).
+PROBLEM_BASE: str = SETTINGS["http_problem_base"].default
 CONTENT_TYPE = b"application/problem+json"
 
 
