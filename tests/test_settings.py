@@ -179,7 +179,7 @@ def test_a_secret_is_never_printed() -> None:
 
 
 def test_a_required_setting_given_nowhere_says_both_ways() -> None:
-    with pytest.raises(ConfigurationError, match=r"Tokens: secret= is required.*ONCELY_TOKEN_SECRET"):
+    with pytest.raises(ConfigurationError, match=r"Tokens: secret= is required.*TOKEN_SECRET"):
         Tokens(store="memory://")
 
 
