@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck docs wheel-check bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -22,8 +22,16 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src/oncely
 
-test: lint typecheck
+test: lint typecheck docs wheel-check
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The reference (docs/reference.md) is generated from the docstrings: a broken reference fails.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet --site-dir .site
+
+# Build the wheel, install it in a fresh venv, import it and run `oncely --version`.
+wheel-check: $(STAMP)
+	PY=$(BIN)/python .ci/wheel-check
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[all,dev,bench]'
