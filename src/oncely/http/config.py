@@ -146,8 +146,9 @@ class IdempotencyConfig:
         naming the tenant/user/API client (a non-secret id: it is stored; ``None`` is the
         anonymous scope), a helper (:func:`~oncely.http.scopes.scope_from_header`,
         :func:`~oncely.http.scopes.scope_from_cookie`: hashed credentials), or
-        :data:`~oncely.http.scopes.GLOBAL` to share one key space between all clients.
-        :raises ConfigurationError: when missing — no default shares keys between users.
+        :data:`~oncely.http.scopes.GLOBAL` to share one key space between all clients. There
+        is no default: none would keep users apart, so a missing scope is a
+        :class:`~oncely.errors.ConfigurationError`.
     :param fail_open: if the store is down, run the request unprotected (default ``False``:
         answer 503).
     :param problem_base: prefix of problem ``type`` URIs (default

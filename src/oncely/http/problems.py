@@ -55,6 +55,8 @@ CONTENT_TYPE = b"application/problem+json"
 
 @dataclass(frozen=True, slots=True)
 class ProblemType:
+    """One kind of refusal: ``type`` is ``problem_base + slug``; ``status`` the HTTP status."""
+
     slug: str
     status: int
     title: str
