@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: demo test lint typecheck docs wheel-check bench clean
 
 # `make demo` installs only what the demo needs (oncely[demo]) in its own venv, not the test stack.
 DEMO_VENV := .venv-demo
@@ -26,14 +26,22 @@ demo: $(DEMO_STAMP)
 	$(DEMO_VENV)/bin/oncely demo $(DEMO_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
-	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks examples tools
+	$(BIN)/ruff format --check src tests benchmarks examples tools
 
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src/oncely
 
-test: lint typecheck
+test: lint typecheck docs wheel-check
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# The reference (docs/reference.md) is generated from the docstrings: a broken reference fails.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet --site-dir .site
+
+# Build the wheel, install it in a fresh venv, import it and run `oncely --version`.
+wheel-check: $(STAMP)
+	PY=$(BIN)/python .ci/wheel-check
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[all,dev,bench]'

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import sqlite3
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def test_init_check_ls_show_rm_purge_on_sqlite(tmp_path: Path) -> None:
 
     charge("o-1")
     listed = runner.invoke(app, ["keys", "ls", url, "--scope", "acme"])
-    assert listed.exit_code == 0 and "completed" in listed.output and "1 record(s)" in listed.output
+    assert listed.exit_code == 0 and "done" in listed.output and "1 record(s)" in listed.output
     shown = runner.invoke(
         app, ["keys", "show", url, "--key", "o-1", "--name", "cli.charge", "--scope", "acme"]
     )
@@ -176,3 +177,127 @@ def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.output.strip() == f"oncely {importlib.metadata.version('oncely')}"
+
+
+# -- keys ls in 80 columns, what a record belongs to, HTTP responses decoded, --json --------------
+def _http_record(url: str) -> None:
+    """One stored HTTP response (with a Set-Cookie the store must not keep)."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from oncely.http import IdempotencyConfig, IdempotencyMiddleware, scope_from_header
+
+    async def create(request: Request) -> JSONResponse:
+        response = JSONResponse({"id": 7, "note": "é" * 300}, status_code=201)
+        response.headers["Location"] = "/orders/7"
+        response.set_cookie("session", "s3cret")
+        return response
+
+    app = Starlette(routes=[Route("/orders", create, methods=["POST"])])
+    config = IdempotencyConfig(store=url, scope=scope_from_header("Authorization"))
+    app.add_middleware(IdempotencyMiddleware, config=config)
+    headers = {"Idempotency-Key": "k-1", "Authorization": "Bearer alice"}
+    assert TestClient(app).post("/orders", json={}, headers=headers).status_code == 201
+
+
+def test_keys_ls_fits_80_columns_and_says_what_each_record_belongs_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path}/ls.db"
+    assert runner.invoke(app, ["init", url]).exit_code == 0
+
+    @idempotent(store=url, name="cli.ls", key=["k"], scope="tenant-" + "x" * 80)
+    def charge(k: str) -> int:
+        return 1
+
+    charge("a")
+    _http_record(url)
+    store = open_store(url)
+    store.claim(RecordKey.of("http:" + "c" * 32, "running"), "", 30, 60)  # in flight
+    store.close()
+    monkeypatch.setenv("COLUMNS", "250")  # a wide terminal: still 80 columns
+    listed = runner.invoke(app, ["keys", "ls", url])
+    assert listed.exit_code == 0, listed.output
+    lines = listed.output.splitlines()
+    assert max(len(line) for line in lines) <= 80, listed.output
+    rows = {line.split()[0][:6]: line for line in lines if line.strip()[:5] in ("tenan", "http:")}
+    assert "@idempotent" in rows["tenant"] and "done" in rows["tenant"]
+    http_rows = [line for line in lines if line.strip().startswith("http:")]
+    assert any("HTTP 201" in r and "done" in r for r in http_rows), http_rows
+    assert any("running" in r and r.split()[3] == "HTTP" for r in http_rows), http_rows
+    assert "3 record(s)" in listed.output
+    assert "keys show URL --name NAME --key KEY" in flat(listed)
+
+
+def test_keys_show_decodes_a_stored_http_response(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/show.db"
+    assert runner.invoke(app, ["init", url]).exit_code == 0
+    _http_record(url)
+    record = next(
+        iter(json.loads(runner.invoke(app, ["keys", "ls", url, "--json"]).output)["records"])
+    )
+    args = ["keys", "show", url, record["digest"], "--scope", record["scope"]]
+    shown = runner.invoke(app, args)
+    assert shown.exit_code == 0, shown.output
+    assert "HTTP status" in shown.output and "201" in shown.output
+    assert "location" in shown.output and "/orders/7" in shown.output
+    assert '{"id":7,"note":"' in flat(shown) and "bytes)" in flat(shown)  # a preview, cut
+    assert "set-cookie" not in shown.output.lower() and "s3cret" not in shown.output
+    document = json.loads(runner.invoke(app, [*args, "--json"]).output)
+    assert document["belongs_to"] == "HTTP 201" and document["status"] == "completed"
+    http = document["http"]
+    assert http["status"] == 201 and ["location", "/orders/7"] in http["headers"]
+    assert http["body_bytes"] > 600 and http["body_preview"].startswith('{"id":7')
+    assert len(http["body_preview"].encode()) <= 200
+    assert all(name != "set-cookie" for name, _ in http["headers"])
+
+
+def test_json_output_of_ls_show_and_check(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/json.db"
+    assert runner.invoke(app, ["init", url]).exit_code == 0
+
+    @idempotent(store=url, name="cli.json", key=["k"], scope="acme")
+    def charge(k: str) -> dict[str, int]:
+        return {"amount": 5}
+
+    for key in ("a", "b", "c"):
+        charge(key)
+    listed = json.loads(runner.invoke(app, ["keys", "ls", url, "--json", "--limit", "2"]).output)
+    assert listed["count"] == 2 and listed["limit"] == 2 and listed["more"] is True
+    first = listed["records"][0]
+    assert first["scope"] == "acme" and first["belongs_to"] == "@idempotent"
+    assert first["expires_at"].endswith("+00:00") and len(first["digest"]) == 64
+    shown = runner.invoke(
+        app, ["keys", "show", url, "--key", "a", "--name", "cli.json", "--scope", "acme", "--json"]
+    )
+    document = json.loads(shown.output)
+    assert document["result_preview"] == '{"amount":5}' and document["codec"] == "json"
+    checked = json.loads(runner.invoke(app, ["check", url, "--json"]).output)
+    assert checked["reachable"] is True and checked["schema"] == "present"
+    assert isinstance(checked["clock_skew_ms"], float)
+
+
+def test_check_reports_a_bad_setting_by_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path}/env.db"
+    assert runner.invoke(app, ["init", url]).exit_code == 0
+    monkeypatch.setenv("ONCELY_TTL", "2h")
+    monkeypatch.setenv("ONCELY_TOKEN_SECRET", "a-secret-that-must-not-be-printed")
+    good = runner.invoke(app, ["check", url, "--json"])
+    environment = json.loads(good.output)["environment"]
+    assert environment == {"ONCELY_TTL": 7200.0, "ONCELY_TOKEN_SECRET": "<hidden>"}
+    monkeypatch.setenv("ONCELY_LEASE", "30 seconds")
+    bad = runner.invoke(app, ["check", url])
+    assert bad.exit_code == 1 and "ONCELY_LEASE='30 seconds' is not valid" in flat(bad)
+    assert "Traceback" not in bad.output
+
+
+def test_python_dash_m_oncely() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "oncely", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == f"oncely {importlib.metadata.version('oncely')}"

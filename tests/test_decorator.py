@@ -516,13 +516,13 @@ def test_store_down_fails_closed_by_default_and_open_on_request() -> None:
     assert runs == [2]
 
 
-def test_unknown_store_url_is_a_configuration_error() -> None:
-    @idempotent(store="mongodb://localhost/x", key=["k"])
-    def fn(k: str) -> int:
-        return 1
-
+def test_unknown_store_url_is_a_configuration_error_when_decorating() -> None:
+    # At start-up (decorating), like IdempotencyConfig and Tokens, not at the first call.
     with pytest.raises(ConfigurationError, match="unknown store URL scheme"):
-        fn("a")
+
+        @idempotent(store="mongodb://localhost/x", key=["k"])
+        def fn(k: str) -> int:
+            return 1
 
 
 def test_the_default_store_is_sqlite_in_the_working_directory(

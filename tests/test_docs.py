@@ -11,10 +11,14 @@ from pathlib import Path
 import pytest
 
 import oncely.functions.decorator
+import oncely.settings
 
 ROOT = Path(__file__).resolve().parent.parent
 # Blocks fenced as ```python run (in a temporary directory); ```py blocks are shown, not run.
-DOCS = [ROOT / "README.md", *(ROOT / "docs" / f for f in ("decorator.md", "locks.md", "http.md"))]
+DOCS = [
+    ROOT / "README.md",
+    *(ROOT / "docs" / f for f in ("decorator.md", "locks.md", "http.md", "settings.md")),
+]
 
 
 def blocks(path: Path) -> list[str]:
@@ -36,6 +40,7 @@ def test_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
             del sys.modules[module.__name__]
 
 
-def test_module_doctests() -> None:
-    result = doctest.testmod(oncely.functions.decorator)
+@pytest.mark.parametrize("module", [oncely.functions.decorator, oncely.settings])
+def test_module_doctests(module: types.ModuleType) -> None:
+    result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

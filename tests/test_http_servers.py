@@ -110,10 +110,10 @@ def test_50_simultaneous_identical_requests_run_the_handler_once(
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT / "src")]),
-        "ONCELY_HTTP_STORE": url,
-        "ONCELY_HTTP_STORE_OPTIONS": json.dumps(options),
-        "ONCELY_HTTP_LOG": str(executions),
-        "ONCELY_HTTP_SLEEP": "0.4",
+        "SERVER_APP_STORE": url,
+        "SERVER_APP_STORE_OPTIONS": json.dumps(options),
+        "SERVER_APP_LOG": str(executions),
+        "SERVER_APP_SLEEP": "0.4",
     }
     key = f'"{uuid.uuid4()}"'
     with running(server, env, tmp_path) as base:
@@ -140,10 +140,10 @@ def server_env(url: str, options: dict[str, object], executions: Path) -> dict[s
     return {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT / "src")]),
-        "ONCELY_HTTP_STORE": url,
-        "ONCELY_HTTP_STORE_OPTIONS": json.dumps(options),
-        "ONCELY_HTTP_LOG": str(executions),
-        "ONCELY_HTTP_SLEEP": "0",
+        "SERVER_APP_STORE": url,
+        "SERVER_APP_STORE_OPTIONS": json.dumps(options),
+        "SERVER_APP_LOG": str(executions),
+        "SERVER_APP_SLEEP": "0",
     }
 
 

@@ -340,7 +340,11 @@ def test_bad_names(name: Any) -> None:
     assert isinstance(info.value, ValueError)
 
 
-@pytest.mark.parametrize("ttl", [0, -1, float("nan"), float("inf"), "10", True, 0.0001])
+# A string is a duration as in ONCELY_LOCK_TTL ("10" and "10s" are 10 seconds, see
+# oncely.settings); a string without a known unit is refused.
+@pytest.mark.parametrize(
+    "ttl", [0, -1, float("nan"), float("inf"), "ten", "10 minutes", "0s", True, 0.0001]
+)
 def test_bad_ttls(ttl: Any) -> None:
     with pytest.raises(ConfigurationError, match="ttl") as info:
         Lock("sqlite:///unused.db", "name", ttl=ttl)

@@ -1,16 +1,18 @@
 """The ``oncely`` command: set up, check and inspect a store.
 
 oncely init URL              create the table (idempotent)
-oncely check URL             connectivity, schema and clock skew
-oncely keys ls URL           list live records
-oncely keys show URL DIGEST  one record
+oncely check URL             connectivity, schema, clock skew and the ONCELY_* settings
+oncely keys ls URL           list live records (80 columns; what each belongs to)
+oncely keys show URL DIGEST  one record (a stored HTTP response decoded)
 oncely keys rm URL DIGEST    delete one record (the next call runs again)
 oncely purge URL             delete expired records
 oncely --version
 
-Only ``init`` creates anything: the other commands open the store with ``create_schema=False``
-(a SQLite file that does not exist stays missing, and they say so). Nothing printed is read as
-Rich markup, so ``oncely[redis]`` or a scope like ``[admin]`` prints as it is.
+``--json`` on ``check``, ``keys ls`` and ``keys show`` prints one JSON document instead of a
+table (times as ISO 8601 UTC strings, bodies as previews). Only ``init`` creates anything: the
+other commands open the store with ``create_schema=False`` (a SQLite file that does not exist
+stays missing, and they say so). Nothing printed is read as Rich markup, so ``oncely[redis]``
+or a scope like ``[admin]`` prints as it is.
 """
 
 from __future__ import annotations
@@ -19,17 +21,29 @@ import contextlib
 import datetime as dt
 import importlib.metadata
 import inspect
+import json
 import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from oncely.errors import OncelyError
+from oncely.errors import OncelyError, SerializationError
+from oncely.http.codec import (
+    CODEC as HTTP_CODEC,
+)
+from oncely.http.codec import (
+    INTERRUPTED,
+    UNREPLAYABLE,
+    decode_response,
+    decode_unreplayable,
+)
 from oncely.records import Record, RecordKey, digest_key
+from oncely.settings import SETTINGS, check_environment, resolve
 from oncely.stores import Store, store_class
 from oncely.stores.base import redact_url
 
@@ -77,6 +91,12 @@ Table_ = Annotated[
 ]
 Prefix = Annotated[str | None, typer.Option("--prefix", help="Redis key prefix (default oncely)")]
 Scope = Annotated[str, typer.Option("--scope", help="The record's scope (tenant, namespace)")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document instead of a table.")]
+
+
+def _print_json(document: Any) -> None:
+    """The ``--json`` output: plain stdout, never wrapped or styled."""
+    typer.echo(json.dumps(document, indent=2, ensure_ascii=False))
 
 
 @contextlib.contextmanager
@@ -123,9 +143,11 @@ def init(url: Url, table: Table_ = None, prefix: Prefix = None) -> None:
 
 
 @app.command()
-def check(url: Url, table: Table_ = None, prefix: Prefix = None) -> None:
-    """Check connectivity, schema and the clock skew between this host and the store."""
+def check(url: Url, table: Table_ = None, prefix: Prefix = None, as_json: Json = False) -> None:
+    """Check connectivity, schema, the clock skew between this host and the store, and the
+    ONCELY_* environment variables (a bad value is an error, an unknown name a warning)."""
     try:
+        settings = check_environment()
         with _open(url, table, prefix) as store:
             before = time.time()
             store_now = store.now()
@@ -134,6 +156,22 @@ def check(url: Url, table: Table_ = None, prefix: Prefix = None) -> None:
     except OncelyError as exc:
         raise _fail(exc) from exc
     skew = store_now - (before + after) / 2
+    shown = {
+        SETTINGS[name].env: "<hidden>" if SETTINGS[name].secret else value
+        for name, value in settings.items()
+    }
+    if as_json:
+        _print_json(
+            {
+                "url": redact_url(url),
+                "reachable": True,
+                "round_trip_ms": round(1000 * (after - before), 3),
+                "schema": "present",
+                "clock_skew_ms": round(skew * 1000, 3),
+                "environment": shown,
+            }
+        )
+        return
     trip = f"(round trip {1000 * (after - before):.1f} ms)"
     console.print(_styled("reachable:", "green", f"{redact_url(url)} {trip}"))
     console.print(_styled("schema:", "green", "present"))
@@ -145,6 +183,66 @@ def check(url: Url, table: Table_ = None, prefix: Prefix = None) -> None:
             "store's clock, so skew only affects how times are displayed)",
         )
     )
+    listed = ", ".join(f"{k}={v!r}" for k, v in shown.items()) or "none set (defaults)"
+    console.print(_styled("settings:", "green", f"ONCELY_* variables valid: {listed}"))
+
+
+# -- what a record belongs to -------------------------------------------------------------------
+# Records keep the SHA-256 of the key, never the key or the function's name: an @idempotent
+# record's digest covers "name\0key", so the function cannot be read back from it. What a
+# record does carry tells the mechanism: HTTP responses by their codec and the HTTP namespace
+# in the scope, one-time tokens by their scope.
+def _belongs_to(record: Record) -> str:
+    """ "HTTP 201", "HTTP", "token" or "@idempotent" (with "error" for a stored exception)."""
+    http_prefix = f"{resolve('http_namespace')}:"
+    if record.codec == HTTP_CODEC and record.result is not None:
+        try:
+            return f"HTTP {decode_response(record.result).status}"
+        except SerializationError:
+            return "HTTP (unreadable)"
+    if record.codec == UNREPLAYABLE:
+        return f"HTTP {decode_unreplayable(record.result or b'')[0]} not kept"
+    if record.scope.startswith(http_prefix):
+        return "HTTP"
+    if record.scope == resolve("token_scope"):
+        return "one-time token"
+    if record.codec == "error+json":
+        return "@idempotent error"
+    return "@idempotent"
+
+
+def _remaining(record: Record, now: float) -> str:
+    """Time to expiry, short: 59s, 12m, 23h59m, 3d."""
+    left = max(0.0, record.expires_at - now)
+    if left < 60:
+        return f"{left:.0f}s"
+    if left < 3600:
+        return f"{left // 60:.0f}m"
+    if left < 86400:
+        return f"{left // 3600:.0f}h{left % 3600 // 60:02.0f}m"
+    return f"{left // 86400:.0f}d{left % 86400 // 3600:02.0f}h"
+
+
+def _iso(epoch: float | None) -> str | None:
+    if epoch is None:
+        return None
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _record_json(record: Record) -> dict[str, Any]:
+    return {
+        "scope": record.scope,
+        "digest": record.digest,
+        "status": record.status,
+        "belongs_to": _belongs_to(record),
+        "fence": record.fence,
+        "fingerprint": record.fingerprint or None,
+        "created_at": _iso(record.created_at),
+        "lease_until": _iso(record.lease_until),
+        "expires_at": _iso(record.expires_at),
+        "codec": record.codec,
+        "result_bytes": len(record.result or b""),
+    }
 
 
 @keys_app.command("ls")
@@ -154,34 +252,63 @@ def keys_ls(
     limit: Annotated[int, typer.Option("--limit", min=1)] = 100,
     table: Table_ = None,
     prefix: Prefix = None,
+    as_json: Json = False,
 ) -> None:
-    """List live records (raw keys are never stored: records show their SHA-256 digest)."""
+    """List live records in 80 columns: scope, digest, status, what each belongs to (an HTTP
+    response with its status, a one-time token, an @idempotent result), time to expiry and
+    size. Raw keys are never stored: records show their SHA-256 digest."""
     try:
         with _open(url, table, prefix) as store:
             records = store.list(scope=scope, limit=limit + 1)  # one more: are there more?
+            now = store.now()
     except OncelyError as exc:
         raise _fail(exc) from exc
     more = len(records) > limit
     records = records[:limit]
-    out = Table("scope", "digest", "status", "fence", "expires (UTC)", "codec", "bytes")
+    if as_json:
+        _print_json(
+            {
+                "records": [_record_json(r) for r in records],
+                "count": len(records),
+                "limit": limit,
+                "more": more,
+            }
+        )
+        return
+    out = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for header, width, justify in [
+        ("scope", 16, "left"),
+        ("digest", 12, "left"),
+        ("status", 8, "left"),
+        ("belongs to", 18, "left"),
+        ("expires", 7, "right"),
+        ("bytes", 7, "right"),
+    ]:
+        out.add_column(header, max_width=width, no_wrap=True, overflow="ellipsis", justify=justify)  # type: ignore[arg-type]
     for r in records:
         out.add_row(
-            r.scope,
-            r.digest[:16],
-            r.status,
-            str(r.fence),
-            _when(r.expires_at),
-            r.codec or "-",
+            r.scope or '""',
+            r.digest[:12],
+            "done" if r.status == "completed" else "running",
+            _belongs_to(r),
+            _remaining(r, now),
             str(len(r.result or b"")),
         )
-    console.print(out)
+    console.print(out, width=80)
     if more:
         console.print(
             f"showing the first {limit} record(s); there are more (raise --limit, or narrow "
-            "with --scope)"
+            "with --scope)",
+            width=80,
         )
     else:
-        console.print(f"{len(records)} record(s)")
+        console.print(f"{len(records)} record(s)", width=80)
+    if any(_belongs_to(r).startswith("@idempotent") for r in records):
+        console.print(
+            "@idempotent records keep only the digest of the function's name and key: find "
+            "one with keys show URL --name NAME --key KEY",
+            width=80,
+        )
 
 
 def _key(digest: str | None, key: str | None, name: str | None, scope: str) -> RecordKey:
@@ -202,21 +329,75 @@ Name = Annotated[
 ]
 
 
-def _show(record: Record) -> None:
+_PREVIEW = 200  # bytes of a result or body shown
+
+
+def _preview(data: bytes) -> str:
+    """The first bytes of a result or body as text (undecodable bytes replaced)."""
+    return data[:_PREVIEW].decode("utf-8", "replace")
+
+
+def _cut(data: bytes) -> str:
+    return _preview(data) + (f"… ({len(data)} bytes)" if len(data) > _PREVIEW else "")
+
+
+def _http_json(record: Record) -> dict[str, Any] | None:
+    """A stored HTTP response decoded: status, headers and a body preview."""
+    if record.codec == HTTP_CODEC and record.result is not None:
+        try:
+            response = decode_response(record.result)
+        except SerializationError as exc:
+            return {"error": str(exc)}
+        return {
+            "status": response.status,
+            "headers": [[n.decode("latin-1"), v.decode("latin-1")] for n, v in response.headers],
+            "body_bytes": len(response.body),
+            "body_preview": _preview(response.body),
+            "body": response.body,
+        }
+    if record.codec == UNREPLAYABLE:
+        status, reason = decode_unreplayable(record.result or b"")
+        why = "cut short after it started" if reason == INTERRUPTED else "larger than kept"
+        return {"status": status, "not_replayable": why}
+    return None
+
+
+def _show(record: Record, as_json: bool) -> None:
+    http = _http_json(record)
+    if as_json:
+        document = _record_json(record)
+        if http is not None:
+            document["http"] = {k: v for k, v in http.items() if k != "body"}
+        else:
+            document["result_preview"] = _preview(record.result or b"")
+        _print_json(document)
+        return
     out = Table("field", "value")
+    out.columns[1].overflow = "fold"
     for field, value in [
         ("scope", record.scope),
         ("digest", record.digest),
         ("status", record.status),
+        ("belongs to", _belongs_to(record)),
         ("fence", str(record.fence)),
         ("fingerprint", record.fingerprint or "-"),
         ("created (UTC)", _when(record.created_at)),
         ("lease until (UTC)", _when(record.lease_until)),
         ("expires (UTC)", _when(record.expires_at)),
         ("codec", record.codec or "-"),
-        ("result", (record.result or b"")[:200].decode("utf-8", "replace")),
     ]:
         out.add_row(field, value)
+    if http is None:
+        out.add_row("result", _cut(record.result or b""))
+    elif "not_replayable" in http:
+        out.add_row("HTTP status", f"{http['status']} (not replayable: {http['not_replayable']})")
+    elif "error" in http:
+        out.add_row("HTTP response", http["error"])
+    else:
+        out.add_row("HTTP status", str(http["status"]))
+        for name, value in http["headers"]:
+            out.add_row(f"  {name}", value)
+        out.add_row("HTTP body", _cut(http["body"]))
     console.print(out)
 
 
@@ -229,8 +410,9 @@ def keys_show(
     scope: Scope = "",
     table: Table_ = None,
     prefix: Prefix = None,
+    as_json: Json = False,
 ) -> None:
-    """Show one record."""
+    """Show one record; a stored HTTP response is decoded into status, headers and body."""
     try:
         with _open(url, table, prefix) as store:
             record = store.get(_key(digest, key, name, scope))
@@ -239,7 +421,7 @@ def keys_show(
     if record is None:
         errors.print("no such record (it may have expired)")
         raise typer.Exit(1)
-    _show(record)
+    _show(record, as_json)
 
 
 @keys_app.command("rm")

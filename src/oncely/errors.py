@@ -22,6 +22,7 @@ __all__ = [
     "OncelyError",
     "SchemaMissing",
     "SerializationError",
+    "SettingWarning",
     "StoreError",
     "StoreUnavailable",
     "StoredFailure",
@@ -39,6 +40,13 @@ class OncelyError(Exception):
 
 class ConfigurationError(OncelyError, ValueError):
     """A setting or store URL is wrong; the message names the setting and a valid example."""
+
+
+class SettingWarning(UserWarning):
+    """An ``ONCELY_*`` environment variable that is not a setting (the message names the closest).
+
+    Warned once per name and process; see :mod:`oncely.settings`.
+    """
 
 
 class InvalidKey(OncelyError, ValueError):

@@ -50,7 +50,8 @@ from oncely.errors import (
     TokenReused,
 )
 from oncely.records import ClaimOutcome, New, RecordKey
-from oncely.stores import Store, shared_store, store_class
+from oncely.settings import coerce, resolve
+from oncely.stores import Store, configured_store, shared_store
 
 __all__ = ["TokenClaims", "TokenUse", "Tokens"]
 
@@ -103,24 +104,33 @@ class TokenClaims:
 class Tokens:
     """Issue and consume one-time tokens bound to a subject (user, session) and a purpose.
 
+    Arguments left ``None`` come from the environment, else their default
+    (:mod:`oncely.settings`).
+
     :param secret: the signing key (at least 16 bytes), or a sequence of keys: the first signs,
-        all verify (rotate by putting the new key first).
+        all verify (rotate by putting the new key first). ``$ONCELY_TOKEN_SECRET`` holds
+        comma-separated keys; there is no default.
     :param store: a store URL or object; consumption is one ``claim`` on it. A URL is opened on
-        first use, but its driver is checked now.
-    :param scope: the store scope under which consumed tokens are recorded.
-    :param default_ttl: lifetime in seconds when :meth:`issue` gets none.
-    :raises ConfigurationError: a key shorter than 16 bytes, a non-positive ``default_ttl``, or
-        a store URL that is unknown or whose extra is not installed.
+        first use, but its driver is checked now (``$ONCELY_STORE``, default
+        ``sqlite:///oncely.db``).
+    :param scope: the store scope under which consumed tokens are recorded
+        (``$ONCELY_TOKEN_SCOPE``, default ``oncely-tokens``).
+    :param default_ttl: lifetime in seconds when :meth:`issue` gets none
+        (``$ONCELY_TOKEN_TTL``, default 900).
+    :raises ConfigurationError: no secret, a key shorter than 16 bytes, a non-positive
+        ``default_ttl``, or a store URL that is unknown or whose extra is not installed.
     """
 
     def __init__(
         self,
-        secret: str | bytes | Sequence[str | bytes],
-        store: str | Store,
+        secret: str | bytes | Sequence[str | bytes] | None = None,
+        store: str | Store | None = None,
         *,
-        scope: str = "oncely-tokens",
-        default_ttl: float = 900.0,
+        scope: str | None = None,
+        default_ttl: float | str | None = None,
     ) -> None:
+        where = "Tokens"
+        secret = resolve("token_secret", secret, where=where, param="secret")
         keys = [secret] if isinstance(secret, (str, bytes)) else list(secret)
         if not keys:
             raise ConfigurationError("Tokens(secret=...) needs at least one key")
@@ -133,14 +143,13 @@ class Tokens:
                     "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
                 )
             self._keys.append(raw)
-        if default_ttl <= 0:
-            raise ConfigurationError(f"default_ttl must be positive seconds, not {default_ttl}")
-        if not isinstance(store, Store):
-            store_class(store)  # a missing extra fails here, not on the first token
+        store = configured_store(store, where)
         self._store_spec = store
         self._store: Store | None = store if isinstance(store, Store) else None
-        self.scope = scope
-        self.default_ttl = float(default_ttl)
+        self.scope: str = resolve("token_scope", scope, where=where, param="scope")
+        self.default_ttl: float = resolve(
+            "token_ttl", default_ttl, where=where, param="default_ttl"
+        )
 
     @property
     def store(self) -> Store:
@@ -157,10 +166,8 @@ class Tokens:
     def _mac(key: bytes, payload: bytes) -> bytes:
         return hmac.new(key, b"oncely-token\x00" + payload, hashlib.sha256).digest()[:_MAC_SIZE]
 
-    def _sign(self, subject: str, purpose: str, now: float, ttl: float | None) -> str:
-        life = self.default_ttl if ttl is None else float(ttl)
-        if life <= 0:
-            raise ConfigurationError(f"ttl must be positive seconds, not {ttl}")
+    def _sign(self, subject: str, purpose: str, now: float, ttl: float | str | None) -> str:
+        life = self.default_ttl if ttl is None else coerce("token_ttl", ttl, param="ttl")
         _check_text(subject, "subject")
         _check_text(purpose, "purpose")
         if len(purpose.encode("utf-8")) > _MAX_PURPOSE:
@@ -220,8 +227,13 @@ class Tokens:
         )
 
     # -- sync face ---------------------------------------------------------------------------------
-    def issue(self, subject: str, purpose: str, ttl: float | None = None) -> str:
-        """A new token for ``subject`` and ``purpose``, valid ``ttl`` seconds on the store clock."""
+    def issue(self, subject: str, purpose: str, ttl: float | str | None = None) -> str:
+        """A new token for ``subject`` and ``purpose``, valid ``ttl`` seconds on the store clock
+        (default :attr:`default_ttl`).
+
+        :raises ConfigurationError: ``ttl`` not positive seconds, an empty or non-string
+            subject or purpose, or a purpose over 200 bytes.
+        """
         return self._sign(subject, purpose, self.store.now(), ttl)
 
     def consume(self, token: str, subject: str, purpose: str) -> TokenUse:
@@ -239,7 +251,8 @@ class Tokens:
         return True
 
     # -- async face --------------------------------------------------------------------------------
-    async def aissue(self, subject: str, purpose: str, ttl: float | None = None) -> str:
+    async def aissue(self, subject: str, purpose: str, ttl: float | str | None = None) -> str:
+        """The async face of :meth:`issue`."""
         return self._sign(subject, purpose, await self.store.anow(), ttl)
 
     async def aconsume(self, token: str, subject: str, purpose: str) -> TokenUse:

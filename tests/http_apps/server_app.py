@@ -2,10 +2,10 @@
 
 Configured by environment variables, read in every worker process:
 
-* ``ONCELY_HTTP_STORE`` / ``ONCELY_HTTP_STORE_OPTIONS`` (JSON): the store every worker opens;
-* ``ONCELY_HTTP_LOG``: a file that gets one line per real handler execution (appended with
+* ``SERVER_APP_STORE`` / ``SERVER_APP_STORE_OPTIONS`` (JSON): the store every worker opens;
+* ``SERVER_APP_LOG``: a file that gets one line per real handler execution (appended with
   ``O_APPEND``, so lines from all workers add up);
-* ``ONCELY_HTTP_SLEEP``: how long the handler works, in seconds.
+* ``SERVER_APP_SLEEP``: how long the handler works, in seconds.
 
 Routes: ``POST /orders`` (works, then 201); ``POST /report`` (streams 400 chunks of 1000
 bytes, a little at a time); ``POST /pay`` on ``fastapi_app`` (a body model FastAPI validates);
@@ -37,11 +37,11 @@ from oncely.http.flask import install
 from oncely.stores import open_store
 
 STORE = open_store(
-    os.environ.get("ONCELY_HTTP_STORE", "memory://"),
-    **json.loads(os.environ.get("ONCELY_HTTP_STORE_OPTIONS", "{}")),
+    os.environ.get("SERVER_APP_STORE", "memory://"),
+    **json.loads(os.environ.get("SERVER_APP_STORE_OPTIONS", "{}")),
 )
-LOG = os.environ.get("ONCELY_HTTP_LOG", os.devnull)
-SLEEP = float(os.environ.get("ONCELY_HTTP_SLEEP", "0.3"))
+LOG = os.environ.get("SERVER_APP_LOG", os.devnull)
+SLEEP = float(os.environ.get("SERVER_APP_SLEEP", "0.3"))
 CONFIG = IdempotencyConfig(store=STORE, scope=scope_from_header("Authorization"), lease=5.0)
 
 

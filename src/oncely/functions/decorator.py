@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import os
 import sys
 import typing
 from collections.abc import Callable, Mapping, Sequence
@@ -37,14 +36,15 @@ from oncely.functions.keys import (
 )
 from oncely.functions.lease import LostCallback
 from oncely.records import RecordKey, digest_key
-from oncely.stores import DEFAULT_URL, Store, shared_store
+from oncely.settings import SETTINGS, resolve
+from oncely.stores import Store, configured_store, shared_store
 
 __all__ = ["DEFAULT_TTL", "Idempotent", "idempotent", "return_annotation"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Seconds a completed result is kept for replay: 24 h, as the HTTP layer and Stripe keep keys.
-DEFAULT_TTL = 86400.0
+DEFAULT_TTL: float = SETTINGS["ttl"].default
 
 
 def _default_name(fn: Callable[..., Any]) -> str:
@@ -108,28 +108,33 @@ class Idempotent:
         self,
         fn: Callable[..., Any],
         *,
-        store: str | Store | None,
-        name: str | None,
-        key: Sequence[str] | Callable[..., Any] | None,
-        scope: str | Callable[..., str] | None,
-        validate: Sequence[str] | Literal[True] | None,
-        ttl: float,
-        lease: float,
-        on_duplicate: Literal["wait", "raise"],
-        wait_timeout: float,
-        store_errors: Sequence[type[BaseException]],
-        fail_open: bool,
-        codec: Codec | None,
-        cache_size: int,
-        on_lease_lost: LostCallback | None,
+        store: str | Store | None = None,
+        name: str | None = None,
+        key: Sequence[str] | Callable[..., Any] | None = None,
+        scope: str | Callable[..., str] | None = None,
+        validate: Sequence[str] | Literal[True] | None = None,
+        ttl: float | str | None = None,
+        lease: float | str | None = None,
+        on_duplicate: Literal["wait", "raise"] | None = None,
+        wait_timeout: float | str | None = None,
+        store_errors: Sequence[type[BaseException]] = (),
+        fail_open: bool | None = None,
+        codec: Codec | None = None,
+        cache_size: int | None = None,
+        on_lease_lost: LostCallback | None = None,
         localns: Mapping[str, Any] | None = None,
     ) -> None:
-        if ttl <= 0 or lease <= 0:
-            raise ConfigurationError(f"ttl ({ttl}) and lease ({lease}) must be positive seconds")
-        if wait_timeout < 0:
-            raise ConfigurationError("wait_timeout must be zero or more seconds")
-        if on_duplicate not in ("wait", "raise"):
-            raise ConfigurationError("on_duplicate must be 'wait' or 'raise'")
+        """:raises ConfigurationError: a bad setting (named in the message), a store URL that
+        is unknown or whose extra is missing, or a function whose calls need ``key=``."""
+        label = name or getattr(fn, "__qualname__", None) or repr(fn)
+        where = f"@idempotent {label}"
+        store_spec = configured_store(store, where)
+        ttl = resolve("ttl", ttl, where=where)
+        lease = resolve("lease", lease, where=where)
+        on_duplicate = resolve("on_duplicate", on_duplicate, where=where)
+        wait_timeout = resolve("wait_timeout", wait_timeout, where=where)
+        fail_open = resolve("fail_open", fail_open, where=where)
+        cache_size = resolve("cache_size", cache_size, where=where)
         if isinstance(key, str) or isinstance(validate, str):
             raise ConfigurationError(
                 "key= and validate= take a list of argument names or dotted paths, e.g. "
@@ -140,7 +145,7 @@ class Idempotent:
                 f"scope= takes a string or a callable returning one, not {type(scope).__name__}"
             )
         self.fn = fn
-        self._store_spec = store
+        self._store_spec = store_spec
         self._store: Store | None = None
         self.reader = ArgumentReader(fn)
         self.key_spec = key
@@ -203,8 +208,7 @@ class Idempotent:
     def store(self) -> Store:
         """The store, opened on first use (decorating never connects)."""
         if self._store is None:
-            spec = self._store_spec or os.environ.get("ONCELY_STORE") or DEFAULT_URL
-            self._store = shared_store(spec)
+            self._store = shared_store(self._store_spec)
         return self._store
 
     def record_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> RecordKey:
@@ -297,14 +301,14 @@ def idempotent(
     key: Sequence[str] | Callable[..., Any] | None = None,
     scope: str | Callable[..., str] | None = None,
     validate: Sequence[str] | Literal[True] | None = None,
-    ttl: float = DEFAULT_TTL,
-    lease: float = 30.0,
-    on_duplicate: Literal["wait", "raise"] = "wait",
-    wait_timeout: float = 30.0,
+    ttl: float | str | None = None,
+    lease: float | str | None = None,
+    on_duplicate: Literal["wait", "raise"] | None = None,
+    wait_timeout: float | str | None = None,
     store_errors: Sequence[type[BaseException]] = (),
-    fail_open: bool = False,
+    fail_open: bool | None = None,
     codec: Codec | None = None,
-    cache_size: int = 0,
+    cache_size: int | None = None,
     on_lease_lost: LostCallback | None = None,
 ) -> Callable[[F], F]: ...
 
@@ -318,22 +322,24 @@ def idempotent(
     key: Sequence[str] | Callable[..., Any] | None = None,
     scope: str | Callable[..., str] | None = None,
     validate: Sequence[str] | Literal[True] | None = None,
-    ttl: float = DEFAULT_TTL,
-    lease: float = 30.0,
-    on_duplicate: Literal["wait", "raise"] = "wait",
-    wait_timeout: float = 30.0,
+    ttl: float | str | None = None,
+    lease: float | str | None = None,
+    on_duplicate: Literal["wait", "raise"] | None = None,
+    wait_timeout: float | str | None = None,
     store_errors: Sequence[type[BaseException]] = (),
-    fail_open: bool = False,
+    fail_open: bool | None = None,
     codec: Codec | None = None,
-    cache_size: int = 0,
+    cache_size: int | None = None,
     on_lease_lost: LostCallback | None = None,
 ) -> Any:
     """Make a function run once per key; duplicates get the stored result.
 
-    :param store: a store URL or object; default ``$ONCELY_STORE`` or ``sqlite:///oncely.db``.
-    The full table of parameters and defaults is in ``docs/decorator.md``.
+    Settings left ``None`` come from the environment, else their default (see
+    :mod:`oncely.settings`: ``ttl`` from ``$ONCELY_TTL``, …); durations are seconds, or
+    strings with a unit (``"5m"``, ``"24h"``). The table of parameters is in
+    ``docs/decorator.md``.
 
-    :param store: a store URL or object; default ``$ONCELY_STORE`` or ``sqlite:///oncely.db``.
+    :param store: a store URL or object (``$ONCELY_STORE``, default ``sqlite:///oncely.db``).
     :param name: a stable name for the function inside keys (default ``module.qualname``;
         set it so renaming or moving the function keeps old keys valid; lambdas need it).
     :param key: argument names or dotted paths (``["order.id"]``, ``["self.id"]``), or a
@@ -347,21 +353,31 @@ def idempotent(
         part); equal keys in different scopes never meet.
     :param validate: fields whose values must match on a retry (or ``True`` for all
         arguments); a mismatch raises :class:`~oncely.errors.IdempotencyKeyMismatch`.
-    :param ttl: seconds a completed result is kept for replay (default 86400, 24 h: a retry
-        later than that runs the function again).
-    :param lease: seconds a running call holds the key without renewal; renewed every lease/3.
+    :param ttl: seconds a completed result is kept for replay (``$ONCELY_TTL``, default 86400,
+        24 h: a retry later than that runs the function again).
+    :param lease: seconds a running call holds the key without renewal; renewed every lease/3
+        (``$ONCELY_LEASE``, default 30).
     :param on_duplicate: ``"wait"`` for the running call's result, or ``"raise"``
-        :class:`~oncely.errors.InFlightError` at once.
-    :param wait_timeout: the longest a duplicate waits before :class:`~oncely.errors.InFlightError`.
+        :class:`~oncely.errors.InFlightError` at once (``$ONCELY_ON_DUPLICATE``, default
+        ``"wait"``).
+    :param wait_timeout: the longest a duplicate waits before
+        :class:`~oncely.errors.InFlightError`, seconds (``$ONCELY_WAIT_TIMEOUT``, default 30).
     :param store_errors: exception types stored and raised again on replay; any other
         exception releases the key so a retry runs again.
     :param fail_open: if the store is unreachable, run without protection instead of raising
-        :class:`~oncely.errors.StoreUnavailable` (default: fail closed).
+        :class:`~oncely.errors.StoreUnavailable` (``$ONCELY_FAIL_OPEN``, default ``False``:
+        fail closed).
     :param codec: how results are stored (default :class:`~oncely.codecs.JsonCodec`, bound to
         the return annotation: a replay has the same types as the first result, and an
         annotation it cannot rebuild raises :class:`~oncely.errors.ConfigurationError` here).
-    :param cache_size: keep up to this many completed results in process (0: off).
+    :param cache_size: keep up to this many completed results in process
+        (``$ONCELY_CACHE_SIZE``, default 0: off).
     :param on_lease_lost: called with ``(claim, error)`` if the running call loses its lease.
+    :returns: the wrapped function (sync or async like ``fn``), with ``.forget(*args)`` to
+        delete a call's record and ``.idempotency`` (the :class:`Idempotent`).
+    :raises ConfigurationError: when decorating: a bad setting (named in the message), an
+        unknown store scheme or missing extra, a return annotation the codec cannot rebuild,
+        or a function whose calls differ by more than their arguments without ``key=``.
     """
 
     def decorate(func: Callable[..., Any], depth: int = 1) -> Callable[..., Any]:

@@ -12,7 +12,6 @@ merged with the route's :class:`~oncely.http.routes.Rule`); it is internal.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as _field
@@ -21,11 +20,12 @@ from typing import Any
 from oncely.errors import ConfigurationError
 from oncely.functions.lease import LostCallback
 from oncely.http.codec import ALWAYS_DENIED
-from oncely.http.fingerprint import Fingerprinter, FingerprintSpec, resolve
-from oncely.http.problems import PROBLEM_BASE
-from oncely.http.routes import Rule, compile_pattern
+from oncely.http.fingerprint import Fingerprinter, FingerprintSpec
+from oncely.http.fingerprint import resolve as fingerprint_of
+from oncely.http.routes import RULE_SETTINGS, Rule, compile_pattern
 from oncely.http.scopes import Global, ScopeFunction, ScopeSpec, resolve_scope
-from oncely.stores import Store
+from oncely.settings import UNSET, coerce, resolve
+from oncely.stores import Store, configured_store
 from oncely.tokens import Tokens
 
 __all__ = ["IdempotencyConfig", "Policy", "TokenGuard"]
@@ -64,6 +64,10 @@ class TokenGuard:
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, Tokens):
             raise ConfigurationError("TokenGuard(tokens=...) takes an oncely.tokens.Tokens")
+        if self.ttl is not None:
+            object.__setattr__(
+                self, "ttl", coerce("token_ttl", self.ttl, where="TokenGuard", param="ttl")
+            )
         if self.subject is not None:
             resolve_scope(self.subject, "subject")
         if self.endpoint is not None and not self.endpoint.startswith("/"):
@@ -72,35 +76,68 @@ class TokenGuard:
             compile_pattern(pattern)
 
 
+#: The fields of :class:`IdempotencyConfig` that are settings (see :mod:`oncely.settings`).
+_SETTINGS = {
+    **RULE_SETTINGS,
+    "include": "http_include",
+    "exclude": "http_exclude",
+    "header": "http_header",
+    "allow_bare_key": "http_allow_bare_key",
+    "max_key_length": "http_max_key_length",
+    "retry_after": "http_retry_after",
+    "transient_statuses": "http_transient_statuses",
+    "deny_headers": "http_deny_headers",
+    "fail_open": "fail_open",
+    "problem_base": "http_problem_base",
+    "replay_header": "http_replay_header",
+    "namespace": "http_namespace",
+}
+
+
 @dataclass(frozen=True, kw_only=True)
 class IdempotencyConfig:
     """How the HTTP middleware treats requests; shared by the ASGI and the WSGI face.
 
-    :param store: store URL or object (default ``$ONCELY_STORE`` or ``sqlite:///oncely.db``).
-    :param methods: methods the ``Idempotency-Key`` applies to.
+    A setting not given (or given as ``None``) comes from its environment variable, else its
+    default (:mod:`oncely.settings`): ``store``, ``ttl``, ``lease`` and ``fail_open`` from
+    ``$ONCELY_STORE``, ``$ONCELY_TTL``, ``$ONCELY_LEASE``, ``$ONCELY_FAIL_OPEN`` (shared with
+    ``@idempotent``), every other plain value from ``$ONCELY_HTTP_<NAME>``
+    (``$ONCELY_HTTP_WAIT``, …). After construction every field holds its effective value.
+    Durations are seconds or strings with a unit (``"24h"``), sizes bytes or strings
+    (``"1MiB"``).
+
+    :param store: store URL or object (default ``sqlite:///oncely.db``).
+    :param methods: methods the ``Idempotency-Key`` applies to (default ``POST``, ``PATCH``).
     :param include: path patterns to protect (empty: all paths); ``*`` one segment, ``**`` any.
     :param exclude: path patterns never protected.
     :param routes: path pattern -> :class:`~oncely.http.routes.Rule` overrides.
-    :param required: a protected request without the header gets 400 (otherwise it just runs).
-    :param header: the request header name.
+    :param required: a protected request without the header gets 400 (otherwise it just runs;
+        default ``True``).
+    :param header: the request header name (default ``Idempotency-Key``).
     :param allow_bare_key: accept an unquoted key (``abc123``, a bare UUID) besides the
-        Structured Field string (``"abc123"``).
-    :param max_key_length: longest key accepted, in characters.
-    :param ttl: seconds a completed response is kept for replay (Stripe keeps 24 h).
+        Structured Field string (``"abc123"``; default ``True``).
+    :param max_key_length: longest key accepted, in characters (default 255, as Stripe).
+    :param ttl: seconds a completed response is kept for replay (default 86400: Stripe keeps
+        24 h).
     :param lease: seconds a running request holds its key without renewal; renewed every
-        ``lease / 3`` while the handler runs.
+        ``lease / 3`` while the handler runs (default 30).
     :param wait: seconds a duplicate waits for the first request to finish and then gets its
-        replay; 0 answers 409 at once.
-    :param retry_after: ``Retry-After`` seconds on 409 (in flight) and 503 (store down).
-    :param store_client_errors: store and replay 4xx responses.
-    :param store_server_errors: store and replay 5xx responses (default: release the key, so a
-        retry runs again).
-    :param transient_statuses: statuses never stored (the key is released).
+        replay; 0 (the default) answers 409 at once.
+    :param retry_after: ``Retry-After`` whole seconds on 409 (in flight) and 503 (store down;
+        default 1).
+    :param store_client_errors: store and replay 4xx responses (default ``True``, as the
+        draft asks).
+    :param store_server_errors: store and replay 5xx responses (default ``False``: release the
+        key, so a retry runs again).
+    :param transient_statuses: statuses never stored (the key is released; default 408, 425,
+        429).
     :param deny_headers: response headers never stored or replayed, on top of the built-in
         list (``Set-Cookie``, ``Authorization``, hop-by-hop, …).
-    :param max_request_body: larger request bodies get 413 before the handler runs.
+    :param max_request_body: larger request bodies get 413 before the handler runs (bytes,
+        default 1 MiB).
     :param max_stored_body: larger responses are sent, then stored as "not replayable": a retry
-        gets 409 ``response-not-replayable`` (never a truncated body, never a second run).
+        gets 409 ``response-not-replayable`` (never a truncated body, never a second run;
+        bytes, default 1 MiB).
     :param fingerprint: ``None`` (method, path, query and body: a JSON media type by its parsed
         value, any other byte for byte), a list of JSON field paths, or a
         callable ``(request, body) -> str``.
@@ -109,58 +146,60 @@ class IdempotencyConfig:
         naming the tenant/user/API client (a non-secret id: it is stored; ``None`` is the
         anonymous scope), a helper (:func:`~oncely.http.scopes.scope_from_header`,
         :func:`~oncely.http.scopes.scope_from_cookie`: hashed credentials), or
-        :data:`~oncely.http.scopes.GLOBAL` to share one key space between all clients.
-        :raises ConfigurationError: when missing — no default shares keys between users.
-    :param fail_open: if the store is down, run the request unprotected (default: 503).
-    :param problem_base: prefix of problem ``type`` URIs.
-    :param replay_header: header added to replayed responses (value ``true``).
+        :data:`~oncely.http.scopes.GLOBAL` to share one key space between all clients. There
+        is no default: none would keep users apart, so a missing scope is a
+        :class:`~oncely.errors.ConfigurationError`.
+    :param fail_open: if the store is down, run the request unprotected (default ``False``:
+        answer 503).
+    :param problem_base: prefix of problem ``type`` URIs (default
+        ``https://oncely.dev/problems/``).
+    :param replay_header: header added to replayed responses, value ``true`` (default
+        ``Idempotent-Replayed``).
     :param tokens: one-time token guard (see :class:`TokenGuard`).
     :param on_lease_lost: called with ``(claim, error)`` if a running request loses its key.
-    :param namespace: store scope prefix of HTTP records (``"<namespace>:<scope>"``).
+    :param namespace: store scope prefix of HTTP records (``"<namespace>:<scope>"``, default
+        ``http``).
+    :raises ConfigurationError: a setting of the wrong type, unit or range (the message names
+        it), no ``scope``, a bad path pattern, ``Rule`` or fingerprint, or a store URL that is
+        unknown or whose extra is missing.
     """
 
-    store: str | Store | None = None
-    methods: Collection[str] = ("POST", "PATCH")
-    include: Sequence[str] = ()
-    exclude: Sequence[str] = ()
+    store: str | Store = UNSET
+    methods: Collection[str] = UNSET
+    include: Sequence[str] = UNSET
+    exclude: Sequence[str] = UNSET
     routes: Mapping[str, Rule] = _field(default_factory=dict)
-    required: bool = True
-    header: str = "Idempotency-Key"
-    allow_bare_key: bool = True
-    max_key_length: int = 255
-    ttl: float = 86400.0
-    lease: float = 30.0
-    wait: float = 0.0
-    retry_after: int = 1
-    store_client_errors: bool = True
-    store_server_errors: bool = False
-    transient_statuses: Collection[int] = (408, 425, 429)
-    deny_headers: Collection[str] = ()
-    max_request_body: int = 1 << 20
-    max_stored_body: int = 1 << 20
+    required: bool = UNSET
+    header: str = UNSET
+    allow_bare_key: bool = UNSET
+    max_key_length: int = UNSET
+    ttl: float | str = UNSET
+    lease: float | str = UNSET
+    wait: float | str = UNSET
+    retry_after: int | str = UNSET
+    store_client_errors: bool = UNSET
+    store_server_errors: bool = UNSET
+    transient_statuses: Collection[int] = UNSET
+    deny_headers: Collection[str] = UNSET
+    max_request_body: int | str = UNSET
+    max_stored_body: int | str = UNSET
     fingerprint: FingerprintSpec = None
     scope: ScopeSpec | None = None
-    fail_open: bool = False
-    problem_base: str = PROBLEM_BASE
-    replay_header: str = "Idempotent-Replayed"
+    fail_open: bool = UNSET
+    problem_base: str = UNSET
+    replay_header: str = UNSET
     tokens: TokenGuard | None = None
     on_lease_lost: LostCallback | None = None
-    namespace: str = "http"
+    namespace: str = UNSET
 
     def __post_init__(self) -> None:
-        if isinstance(self.methods, str):
-            raise ConfigurationError("methods= takes a list, e.g. methods=['POST', 'PATCH']")
-        for name in ("include", "exclude", "deny_headers"):
-            if isinstance(getattr(self, name), str):
-                raise ConfigurationError(f"{name}= takes a list of strings, not one string")
-        _check_rule_values(self.ttl, self.lease, self.wait, self.max_request_body, "config")
-        _check_rule_values(1, 1, 0, self.max_stored_body, "max_stored_body")
-        if not 1 <= self.max_key_length <= 4096:
-            raise ConfigurationError("max_key_length must be between 1 and 4096")
-        if self.retry_after < 0:
-            raise ConfigurationError("retry_after must be zero or more seconds")
-        if not self.header or not self.header.isascii() or ":" in self.header:
-            raise ConfigurationError(f"header={self.header!r} is not a header name")
+        where = "IdempotencyConfig"
+        set_ = object.__setattr__  # frozen: each field is resolved once, here
+        set_(self, "store", configured_store(self.store, where))
+        for name, setting in _SETTINGS.items():
+            set_(self, name, resolve(setting, getattr(self, name), where=where, param=name))
+        if not self.header.isascii() or ":" in self.header:
+            raise ConfigurationError(f"{where}: header={self.header!r} is not a header name")
         resolve_scope(self.scope, "scope")
         guard = self.tokens
         if guard is not None and guard.subject is None and isinstance(self.scope, Global):
@@ -176,33 +215,12 @@ class IdempotencyConfig:
                 raise ConfigurationError(
                     f"routes[{pattern!r}] must be a Rule, e.g. Rule(required=False)"
                 )
-            _check_rule(rule, f"routes[{pattern!r}]")
             if rule.token is not None and self.tokens is None:
                 raise ConfigurationError(
                     f"routes[{pattern!r}] requires a one-time token but there is no "
                     "tokens=TokenGuard(...)"
                 )
-        resolve(self.fingerprint)  # fail at start-up, not on the first request
-
-
-def _check_rule_values(
-    ttl: float | None, lease: float | None, wait: float | None, body: int | None, where: str
-) -> None:
-    for name, value in (("ttl", ttl), ("lease", lease)):
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise ConfigurationError(f"{where}: {name} must be positive seconds, not {value}")
-    if wait is not None and not (wait >= 0 and math.isfinite(wait)):
-        raise ConfigurationError(f"{where}: wait must be zero or more seconds, not {wait}")
-    if body is not None and body < 0:
-        raise ConfigurationError(f"{where}: body limits must be zero or more bytes, not {body}")
-
-
-def _check_rule(rule: Rule, where: str) -> None:
-    _check_rule_values(rule.ttl, rule.lease, rule.wait, rule.max_request_body, where)
-    _check_rule_values(None, None, None, rule.max_stored_body, where)
-    if isinstance(rule.methods, str):
-        raise ConfigurationError(f"{where}: methods= takes a list, e.g. ['POST']")
-    resolve(rule.fingerprint)
+        fingerprint_of(self.fingerprint)  # fail at start-up, not on the first request
 
 
 def _pick(rule: Rule | None, name: str, default: Any) -> Any:
@@ -273,7 +291,7 @@ class Policy:
             | {config.replay_header.lower().encode("latin-1")},
             max_request_body=int(pick("max_request_body")),
             max_stored_body=int(pick("max_stored_body")),
-            fingerprint=resolve(fingerprint_spec),
+            fingerprint=fingerprint_of(fingerprint_spec),
             scope=resolve_scope(config.scope, "scope"),
             fail_open=config.fail_open,
             problem_base=config.problem_base,

@@ -8,7 +8,6 @@ effective :class:`~oncely.http.config.Policy` of each combination of route rules
 
 from __future__ import annotations
 
-import os
 import re
 import threading
 
@@ -17,7 +16,7 @@ from oncely.http.headers import require_parser
 from oncely.http.messages import HttpRequest
 from oncely.http.routes import Resolver, Rule, compile_pattern
 from oncely.http.scopes import ScopeFunction, resolve_scope
-from oncely.stores import DEFAULT_URL, Store, shared_store, store_class
+from oncely.stores import Store, shared_store
 from oncely.tokens import Tokens
 
 __all__ = ["SAFE_METHODS", "Engine"]
@@ -35,11 +34,10 @@ class Engine:
         require_parser()
         self.config = config
         self.resolver = resolver
+        # IdempotencyConfig resolved the store (argument, $ONCELY_STORE, default) and checked
+        # its URL's class; a URL is opened on first use.
         self._store: Store | None = config.store if isinstance(config.store, Store) else None
-        self._store_url = config.store or os.environ.get("ONCELY_STORE") or DEFAULT_URL
-        if self._store is None:
-            assert isinstance(self._store_url, str)
-            store_class(self._store_url)
+        self._store_url = config.store
         self._lock = threading.Lock()
         self._include = [compile_pattern(p) for p in config.include]
         self._exclude = [compile_pattern(p) for p in config.exclude]

@@ -21,6 +21,7 @@ from oncely.errors import (
     TokenReused,
 )
 from oncely.http.messages import HttpResponse
+from oncely.settings import SETTINGS
 
 __all__ = [
     "BODY_INCOMPLETE",
@@ -47,12 +48,15 @@ __all__ = [
     "token_problem",
 ]
 
-PROBLEM_BASE = "https://oncely.dev/problems/"
+#: The default prefix of problem ``type`` URIs (``IdempotencyConfig(problem_base=)``).
+PROBLEM_BASE: str = SETTINGS["http_problem_base"].default
 CONTENT_TYPE = b"application/problem+json"
 
 
 @dataclass(frozen=True, slots=True)
 class ProblemType:
+    """One kind of refusal: ``type`` is ``problem_base + slug``; ``status`` the HTTP status."""
+
     slug: str
     status: int
     title: str

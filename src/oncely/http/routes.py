@@ -20,8 +20,31 @@ from typing import Any, TypeVar
 
 from oncely.errors import ConfigurationError
 from oncely.http.fingerprint import FingerprintSpec
+from oncely.http.fingerprint import resolve as fingerprint_of
+from oncely.settings import coerce
 
-__all__ = ["MARKER", "Resolver", "Rule", "compile_pattern", "idempotent_route", "rule_of"]
+__all__ = [
+    "MARKER",
+    "RULE_SETTINGS",
+    "Resolver",
+    "Rule",
+    "compile_pattern",
+    "idempotent_route",
+    "rule_of",
+]
+
+#: The fields of :class:`Rule` that are settings, and the setting each is checked as.
+RULE_SETTINGS = {
+    "methods": "http_methods",
+    "required": "http_required",
+    "ttl": "ttl",
+    "lease": "lease",
+    "wait": "http_wait",
+    "store_client_errors": "http_store_client_errors",
+    "store_server_errors": "http_store_server_errors",
+    "max_request_body": "http_max_request_body",
+    "max_stored_body": "http_max_stored_body",
+}
 
 MARKER = "__oncely_http__"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -44,14 +67,27 @@ class Rule:
     methods: Collection[str] | None = None
     required: bool | None = None
     fingerprint: FingerprintSpec = None
-    ttl: float | None = None
-    lease: float | None = None
-    wait: float | None = None
+    ttl: float | str | None = None
+    lease: float | str | None = None
+    wait: float | str | None = None
     store_client_errors: bool | None = None
     store_server_errors: bool | None = None
-    max_request_body: int | None = None
-    max_stored_body: int | None = None
+    max_request_body: int | str | None = None
+    max_stored_body: int | str | None = None
     token: str | None = None
+
+    def __post_init__(self) -> None:
+        """Check and convert the values given, as :mod:`oncely.settings` does (``"5m"``, …).
+
+        :raises ConfigurationError: a value of the wrong type, unit or range.
+        """
+        for name, setting in RULE_SETTINGS.items():
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, coerce(setting, value, where="Rule", param=name))
+        if self.enabled is not None and not isinstance(self.enabled, bool):
+            raise ConfigurationError(f"Rule: enabled={self.enabled!r} must be True, False or None")
+        fingerprint_of(self.fingerprint)
 
     def __call__(self, view: F) -> F:
         """Use the rule as a decorator: mark ``view`` (returned unchanged)."""
@@ -65,13 +101,13 @@ def idempotent_route(
     methods: Collection[str] | None = None,
     required: bool | None = None,
     fingerprint: FingerprintSpec = None,
-    ttl: float | None = None,
-    lease: float | None = None,
-    wait: float | None = None,
+    ttl: float | str | None = None,
+    lease: float | str | None = None,
+    wait: float | str | None = None,
     store_client_errors: bool | None = None,
     store_server_errors: bool | None = None,
-    max_request_body: int | None = None,
-    max_stored_body: int | None = None,
+    max_request_body: int | str | None = None,
+    max_stored_body: int | str | None = None,
     token: str | None = None,
 ) -> Rule:
     """Decorator marking one view with its own settings (see :class:`Rule`).

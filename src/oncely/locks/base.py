@@ -79,7 +79,8 @@ class Busy:
 
     ``retry_after`` is the holder's remaining ttl in seconds when the store said so (``None``
     if unknown). ``unavailable`` is non-empty when the store could not decide at all (a Redlock
-    quorum was unreachable); it says why. ``hint`` is backend data for :meth:`wait_release`.
+    quorum was unreachable); it says why. ``hint`` is backend data for
+    :meth:`LockBackend.wait_release`.
     """
 
     retry_after: float | None = None

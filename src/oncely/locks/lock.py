@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import math
@@ -54,6 +55,7 @@ from oncely.locks.base import (
 )
 from oncely.locks.urls import backend_class, shared_backend
 from oncely.renewal import renew_timeout, watchdog
+from oncely.settings import resolve, unknown_option
 
 __all__ = ["Lock", "LostCallback"]
 
@@ -76,6 +78,19 @@ def _who(face: Face) -> str:
     return f"thread {threading.current_thread().name!r}"
 
 
+def _check_options(
+    cls: type[LockBackend], lock_names: Any, options: dict[str, Any], where: str
+) -> None:
+    """Refuse an option neither the backend nor its locks take, naming the closest one."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # the backend passes the rest to its driver, which checks them
+    known = {*lock_names, *params} - {"url"}
+    for option in options:
+        if option not in known:
+            raise unknown_option(option, {*known, "ttl", "auto_renew", "timeout"}, where)
+
+
 class Lock:
     """A distributed lock: owner-checked, optionally renewed, with a fencing token.
 
@@ -84,9 +99,19 @@ class Lock:
     crashed or paused holder; ``auto_renew=True`` extends it every ``ttl / 3`` while held, and
     reports a lost lock through ``on_lost(lock, error)``, the :attr:`lost` event, and
     :class:`~oncely.errors.LockLost` from :meth:`check` and :meth:`release`. ``timeout`` is how
-    long ``with lock:`` waits (``None``: as long as it takes). Other keyword ``options`` go to
+    long ``with lock:`` waits, in seconds. Other keyword ``options`` go to
     the backend: connection options (shared per URL) or per-lock ones such as PostgreSQL's
     ``scope``.
+
+    Settings left ``None`` come from the environment, else their default
+    (:mod:`oncely.settings`): ``ttl`` from ``$ONCELY_LOCK_TTL`` (default 30 s), ``timeout``
+    from ``$ONCELY_LOCK_TIMEOUT`` (default: wait as long as it takes; ``-1`` in code says so
+    explicitly), ``auto_renew`` from ``$ONCELY_LOCK_AUTO_RENEW`` (default ``False``). The URL
+    has no default: every holder must name the same backend.
+
+    :raises ConfigurationError: a bad setting (named in the message), an unknown URL scheme or a
+        missing extra, or options the backend does not take.
+    :raises InvalidLockName: ``name`` is empty, not a string or over 255 characters.
 
     Sync and async faces share one instance: ``acquire``/``release``/``extend``/``check``/
     ``ttl``/``locked``/``owned`` and their ``a``-prefixed coroutine twins; ``with lock:`` and
@@ -98,17 +123,22 @@ class Lock:
         url: str | LockBackend,
         name: str,
         *,
-        ttl: float = 30.0,
-        auto_renew: bool = False,
+        ttl: float | str | None = None,
+        auto_renew: bool | None = None,
         on_lost: LostCallback | None = None,
-        timeout: float | None = None,
+        timeout: float | str | None = None,
         **options: Any,
     ) -> None:
         self.name = check_name(name)
+        where = f"Lock {name!r}"
         #: The ttl (seconds) every acquire, renewal and argument-less :meth:`extend` asks for.
-        self.lease = check_ttl(ttl)
-        self.timeout = check_timeout(True, timeout)
-        self.auto_renew = bool(auto_renew)
+        self.lease = check_ttl(resolve("lock_ttl", ttl, where=where, param="ttl"))
+        self.timeout = check_timeout(
+            True, resolve("lock_timeout", timeout, where=where, param="timeout")
+        )
+        self.auto_renew: bool = resolve(
+            "lock_auto_renew", auto_renew, where=where, param="auto_renew"
+        )
         self.on_lost = on_lost
         #: Set when this instance learns that the lock it held was lost.
         self.lost = threading.Event()
@@ -118,6 +148,7 @@ class Lock:
         else:
             cls = backend_class(url)
             lock_names = getattr(cls, "lock_option_names", ())
+            _check_options(cls, lock_names, options, where)
             per_lock = {k: v for k, v in options.items() if k in lock_names}
             shared = {k: v for k, v in options.items() if k not in lock_names}
             self.backend = shared_backend(cls, url, url, **shared)

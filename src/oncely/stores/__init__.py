@@ -18,12 +18,20 @@ import threading
 from typing import Any
 
 from oncely.errors import ConfigurationError
+from oncely.settings import SETTINGS, resolve
 from oncely.stores.base import Store
 
-__all__ = ["DEFAULT_URL", "Store", "open_store", "shared_store", "store_class"]
+__all__ = [
+    "DEFAULT_URL",
+    "Store",
+    "configured_store",
+    "open_store",
+    "shared_store",
+    "store_class",
+]
 
 #: The embedded default: a SQLite file in the working directory.
-DEFAULT_URL = "sqlite:///oncely.db"
+DEFAULT_URL: str = SETTINGS["store"].default
 
 _BACKENDS: dict[str, tuple[str, str, str]] = {
     # scheme: (module, class, extra that installs its driver)
@@ -75,6 +83,25 @@ def store_class(url: str) -> type[Store]:
         ) from exc
     cls: type[Store] = getattr(module, class_name)
     return cls
+
+
+def configured_store(store: str | Store | None, where: str) -> str | Store:
+    """The store a component uses: ``store`` if given, else ``$ONCELY_STORE``, else
+    :data:`DEFAULT_URL` (:func:`oncely.settings.resolve`); a URL's class is looked up now, so
+    a typo or a missing extra fails when the component is built, not at its first call.
+
+    :param where: the component, for messages (``"@idempotent billing.charge"``).
+    :raises ConfigurationError: not a URL or a :class:`Store`, an unknown scheme, or the
+        driver's extra is not installed.
+    """
+    spec = resolve("store", store, where=where)
+    if isinstance(spec, str):
+        store_class(spec)
+    elif not isinstance(spec, Store):
+        raise ConfigurationError(
+            f"{where}: store= takes a URL or an oncely Store, not {type(spec).__name__}"
+        )
+    return spec  # type: ignore[no-any-return]
 
 
 def shared_store(url_or_store: str | Store) -> Store:
