@@ -85,3 +85,27 @@ def test_lock_threads_opening_a_fresh_lock_file_at_once_all_work(tmp_path: Path)
         for t in threads:
             t.join()
         assert errors == []
+
+
+def test_short_lived_threads_taking_locks_leave_nothing_open(tmp_path: Path) -> None:
+    # The lock backend is shared per URL; 2,000 threads (20 at a time) each take and give back a
+    # lock once. Connections must not pile up per thread that ever ran.
+    from oncely.locks import Lock
+
+    import workers
+
+    url = f"sqlite:///{tmp_path}/locks.db"
+
+    def take(index: int) -> None:
+        with Lock(url, f"name-{index % 7}", ttl=5, timeout=30):
+            pass
+
+    take(0)
+    before = workers.open_fds()
+    for batch in range(100):
+        threads = [threading.Thread(target=take, args=(batch * 20 + i,)) for i in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert workers.open_fds() - before <= 40

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -284,3 +287,59 @@ def test_store_clock_decides_expiry_not_the_client_clock(
     replay = store.claim(key, "fp", 30.0, 60.0)
     assert isinstance(replay, Replay) and replay.record.result == b"kept"
     assert abs(store.now() - real_time()) < 5.0
+
+
+def test_short_lived_threads_leave_nothing_behind(store: Store) -> None:
+    # A thread-per-request server: 2,000 threads, 20 at a time, each claims and completes once.
+    # What the store keeps open may grow with how many threads run at once, never with how many
+    # threads ever used it.
+    def request() -> None:
+        key = fresh_key()
+        new = claim_new(store, key)
+        store.complete(key, new.fence, b"1", "json", 60.0)
+
+    request()
+    before = workers.open_fds()
+    for _ in range(100):
+        threads = [threading.Thread(target=request) for _ in range(20)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert workers.open_fds() - before <= 40
+
+
+@pytest.mark.slow
+def test_asyncio_run_returns_every_time_without_aclose(
+    shared_store: tuple[Store, str, dict[str, Any]],
+) -> None:
+    # Scripts call ``asyncio.run`` again and again; none of them calls ``aclose()``. Each run must
+    # return (no task or connection attempt left behind that swallows the loop's shutdown), and
+    # the process must not collect connections from loops that are gone.
+    store, url, options = shared_store
+    store.init_schema()
+    code = (
+        "import sys, workers; "
+        f"before, after = workers.many_event_loops({url!r}, {options!r}, 60); "
+        "print(before, after)"
+    )
+    here = str(Path(__file__).parent)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(4)
+    ]
+    hung = 0
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            hung += 1
+            continue
+        assert proc.returncode == 0, err.decode()
+        before, after = map(int, out.split())
+        assert after - before <= 8, (before, after)
+    assert hung == 0

@@ -1,8 +1,10 @@
 """``sqlite:///path.db``: the embedded default, safe across threads and processes.
 
-The file is opened in WAL mode with one connection per thread; every decision is one SQL
-statement whose clock is SQLite's ``julianday('now')``. The table is created on first use
-because the file belongs to the application (``create_schema=False`` turns that off).
+The file is opened in WAL mode; every decision is one SQL statement whose clock is SQLite's
+``julianday('now')``. Connections are shared by all threads (:class:`Connections`): a statement
+takes one and gives it back, so what the store keeps open depends on how many threads run a
+statement at the same moment, never on how many threads ever used it. The table is created on
+first use because the file belongs to the application (``create_schema=False`` turns that off).
 
 URL forms: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``. Query options:
 ``?synchronous=NORMAL`` (default ``FULL``: a completed record survives a power cut) and
@@ -12,11 +14,12 @@ URL forms: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``. Quer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 from urllib.parse import parse_qs
@@ -26,7 +29,7 @@ from oncely.records import ClaimOutcome, New, Record, RecordKey
 from oncely.stores.base import Store, classify, lease_lost, redact_url
 from oncely.stores.polling import apoll_until, poll_until
 
-__all__ = ["SQLiteStore", "enable_wal"]
+__all__ = ["Connections", "SQLiteStore", "enable_wal"]
 
 T = TypeVar("T")
 
@@ -131,6 +134,11 @@ def _record(row: tuple[Any, ...]) -> Record:
     )
 
 
+def _changed(rows: list[Any], fence: int) -> bool:
+    """Watch's test: the record is gone, expired, finished or held under another fence."""
+    return not rows or rows[0][0] != "in_progress" or rows[0][1] != fence or not rows[0][2]
+
+
 def enable_wal(conn: sqlite3.Connection, patience: float) -> None:
     """Switch the file to WAL (persistent, so once per file is enough).
 
@@ -152,8 +160,59 @@ def enable_wal(conn: sqlite3.Connection, patience: float) -> None:
         delay = min(delay * 2, 0.05)
 
 
+class Connections:
+    """SQLite connections shared by every thread of a process: borrowed for one statement.
+
+    ``open`` makes a new connection (``check_same_thread=False``: a connection moves between
+    threads, but is used by one at a time). At most ``keep`` idle connections are kept, the most
+    recently used first; a thread that finds none idle opens one, and a connection given back
+    while ``keep`` are idle is closed. A connection left inside a transaction is closed rather
+    than kept. After ``fork()`` the child never touches the parent's connections (SQLite forbids
+    it) and opens its own.
+    """
+
+    def __init__(self, open: Callable[[], sqlite3.Connection], keep: int = 8) -> None:
+        self._open = open
+        self._keep = max(1, keep)
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """Borrow a connection for the body of the ``with`` block."""
+        conn = self._take()
+        try:
+            yield conn
+        finally:
+            self._give(conn)
+
+    def _take(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._pid != os.getpid():
+                self._pid, self._idle = os.getpid(), []  # the parent's: never use or close them
+            if self._idle:
+                return self._idle.pop()
+        return self._open()
+
+    def _give(self, conn: sqlite3.Connection) -> None:
+        reusable = not conn.in_transaction
+        with self._lock:
+            if reusable and self._pid == os.getpid() and len(self._idle) < self._keep:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def close(self) -> None:
+        """Close the idle connections; the pool stays usable (borrowed ones come back as usual)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
 class SQLiteStore(Store):
-    """Records in a SQLite file (WAL), one connection per thread, clock = SQLite's."""
+    """Records in a SQLite file (WAL), connections shared by all threads, clock = SQLite's."""
 
     schemes = ("sqlite",)
 
@@ -200,17 +259,13 @@ class SQLiteStore(Store):
         }
         self._workers = workers
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="oncely-sqlite")
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections = Connections(self._open, keep=max(8, workers))
         self._lock = threading.Lock()
         self._file_ready = False
         self._create_schema = create_schema
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
+    def _open(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
@@ -229,17 +284,19 @@ class SQLiteStore(Store):
                 f"cannot open SQLite database {self.path!r} ({exc}); check that the directory "
                 "exists and is writable"
             ) from exc
-        self._local.conn = conn
-        with self._lock:
-            self._connections.append(conn)
         return conn
 
-    def _run(self, name: str, params: dict[str, Any]) -> sqlite3.Cursor:
-        conn = self._connect()
-        try:
-            return conn.execute(self._sql[name], params)
-        except sqlite3.OperationalError as exc:
-            raise self._translate(exc) from exc
+    def _execute(self, sql: str, params: dict[str, Any]) -> tuple[list[Any], int]:
+        """Run one statement on a borrowed connection: (every row, rowcount)."""
+        with self._connections.connection() as conn:
+            try:
+                cur = conn.execute(sql, params)
+                return cur.fetchall(), cur.rowcount
+            except sqlite3.OperationalError as exc:
+                raise self._translate(exc) from exc
+
+    def _run(self, name: str, params: dict[str, Any]) -> tuple[list[Any], int]:
+        return self._execute(self._sql[name], params)
 
     def _translate(self, exc: sqlite3.Error) -> StoreError:
         text = str(exc)
@@ -256,31 +313,27 @@ class SQLiteStore(Store):
         return StoreError(f"SQLite error on {self.path!r}: {text}")
 
     def init_schema(self) -> None:
-        conn = self._connect()
-        try:
-            conn.executescript(SCHEMA.replace("{t}", self.table))
-        except sqlite3.OperationalError as exc:
-            raise self._translate(exc) from exc
+        with self._connections.connection() as conn:
+            try:
+                conn.executescript(SCHEMA.replace("{t}", self.table))
+            except sqlite3.OperationalError as exc:
+                raise self._translate(exc) from exc
 
     def check_schema(self) -> None:
-        self._run("state", {"scope": "", "digest": ""}).fetchall()
+        self._run("state", {"scope": "", "digest": ""})
 
     def close(self) -> None:
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
+        self._connections.close()
         self._executor.shutdown(wait=False)
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="oncely-sqlite")
 
     # -- sync face -----------------------------------------------------------------------------
     def now(self) -> float:
-        return float(self._connect().execute("SELECT " + NOW).fetchone()[0])
+        return float(self._execute("SELECT " + NOW, {})[0][0][0])
 
     def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
         claim_id = int.from_bytes(os.urandom(8), "big", signed=True)
-        row = self._run(
+        rows, _ = self._run(
             "claim",
             {
                 "scope": key.scope,
@@ -290,7 +343,8 @@ class SQLiteStore(Store):
                 "ttl": ttl,
                 "claim_id": claim_id,
             },
-        ).fetchone()
+        )
+        row = rows[0]
         now = row[11]
         if row[10] == claim_id:
             return New(row[4], row[5], now)
@@ -298,51 +352,42 @@ class SQLiteStore(Store):
 
     def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
         params = {"scope": key.scope, "digest": key.digest, "fence": fence}
-        cur = self._run("complete", {**params, "ttl": ttl, "result": result, "codec": codec})
-        if cur.rowcount != 1:
+        _, count = self._run("complete", {**params, "ttl": ttl, "result": result, "codec": codec})
+        if count != 1:
             raise lease_lost(key, fence)
 
     def release(self, key: RecordKey, fence: int) -> None:
-        cur = self._run("release", {"scope": key.scope, "digest": key.digest, "fence": fence})
-        if cur.rowcount != 1:
+        _, count = self._run("release", {"scope": key.scope, "digest": key.digest, "fence": fence})
+        if count != 1:
             raise lease_lost(key, fence)
 
     def renew(self, key: RecordKey, fence: int, lease: float) -> float:
         params = {"scope": key.scope, "digest": key.digest, "fence": fence, "lease": lease}
-        row = self._run("renew", params).fetchone()
-        if row is None:
+        rows, _ = self._run("renew", params)
+        if not rows:
             raise lease_lost(key, fence)
-        return float(row[0])
+        return float(rows[0][0])
 
     def watch(self, key: RecordKey, fence: int, timeout: float) -> bool:
         params = {"scope": key.scope, "digest": key.digest}
 
-        def changed() -> bool:
-            row = self._run("state", params).fetchone()
-            return row is None or row[0] != "in_progress" or row[1] != fence or not row[2]
-
-        return poll_until(changed, timeout)
+        return poll_until(lambda: _changed(self._run("state", params)[0], fence), timeout)
 
     def get(self, key: RecordKey) -> Record | None:
-        row = self._run("get", {"scope": key.scope, "digest": key.digest}).fetchone()
-        return None if row is None else _record(row)
+        rows, _ = self._run("get", {"scope": key.scope, "digest": key.digest})
+        return _record(rows[0]) if rows else None
 
     def delete(self, key: RecordKey) -> bool:
-        rows = self._run("delete", {"scope": key.scope, "digest": key.digest}).fetchall()
+        rows, _ = self._run("delete", {"scope": key.scope, "digest": key.digest})
         return any(live for (live,) in rows)
 
     def purge_expired(self, limit: int = 1000) -> int:
-        return self._run("purge", {"limit": limit}).rowcount
+        return self._run("purge", {"limit": limit})[1]
 
     def list(self, scope: str | None = None, limit: int = 100) -> list[Record]:
         where = "" if scope is None else "AND scope = :scope"
         sql = LIST.replace("{t}", self.table).replace("{where}", where)
-        conn = self._connect()
-        try:
-            rows = conn.execute(sql, {"scope": scope, "limit": limit}).fetchall()
-        except sqlite3.OperationalError as exc:
-            raise self._translate(exc) from exc
-        return [_record(row) for row in rows]
+        return [_record(row) for row in self._execute(sql, {"scope": scope, "limit": limit})[0]]
 
     # -- async face: SQLite has no async driver; each call runs on the store's worker threads ----
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
@@ -369,8 +414,7 @@ class SQLiteStore(Store):
         params = {"scope": key.scope, "digest": key.digest}
 
         async def changed() -> bool:
-            row = await self._off_loop(lambda: self._run("state", params).fetchone())
-            return row is None or row[0] != "in_progress" or row[1] != fence or not row[2]
+            return _changed((await self._off_loop(self._run, "state", params))[0], fence)
 
         return await apoll_until(changed, timeout)
 
