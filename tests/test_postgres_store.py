@@ -534,9 +534,9 @@ async def test_cancelled_awatch_leaves_no_listening_connection(store: PostgresSt
     await asyncio.sleep(0.1)
     await store.acomplete(key, new.fence, b"done", "raw", 60.0)
     assert await asyncio.wait_for(again, 5.0) is True
-    slot = store._loops[asyncio.get_running_loop()]
-    assert slot.watch is not None
-    async with slot.watch.connection() as conn:
+    slot = store._loops.get()
+    assert slot.watch.idle  # the waiters' connections were kept, none of them listening
+    for conn, _ in slot.watch.idle:
         cur = await conn.execute("SELECT pg_listening_channels()")
         assert await cur.fetchall() == []
 

@@ -47,7 +47,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -59,6 +59,7 @@ from pymysql.constants import CLIENT
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, New, Record, RecordKey
 from oncely.stores.base import Store, classify, lease_lost, redact_url
+from oncely.stores.loops import LoopLocal
 from oncely.stores.polling import apoll_until, poll_until
 
 __all__ = ["MySQLStore"]
@@ -544,16 +545,16 @@ class _SyncPool:
 class _LoopPool:
     """The aiomysql pool of one event loop, and every connection it handed out."""
 
-    __slots__ = ("conns", "guard", "lock", "pool", "slots")
+    __slots__ = ("conns", "lock", "pool", "slots", "timeout")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, timeout: float) -> None:
         self.lock = asyncio.Lock()
         # aiomysql's pool does not wake a waiter when a closed connection is released, so it
         # never gets to make anyone wait: this semaphore bounds the connections in use.
         self.slots = asyncio.Semaphore(size)
         self.pool: Any = None
         self.conns: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.guard: Any = None  # the async generator that cleans up when the loop shuts down
+        self.timeout = timeout
 
     def abandon(self) -> None:
         """Close every connection without awaiting (the loop is closing or closed)."""
@@ -563,6 +564,16 @@ class _LoopPool:
         for conn in list(self.conns):
             _close_quietly(conn)
         self.conns.clear()
+
+    async def aclose(self) -> None:
+        """Close the pool, wait (up to ``timeout``) for its connections to come back, and close
+        whatever is left."""
+        pool = self.pool
+        if pool is not None:
+            pool.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(pool.wait_closed(), self.timeout)
+        self.abandon()
 
 
 class MySQLStore(Store):
@@ -624,8 +635,8 @@ class MySQLStore(Store):
         self._lock = threading.Lock()
         self._pool: _SyncPool | None = None
         self._pid = os.getpid()
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool] = (
-            weakref.WeakKeyDictionary()
+        self._loops = LoopLocal(
+            lambda: _LoopPool(self.max_size, self.timeout), _LoopPool.aclose, _LoopPool.abandon
         )
         self._schema_ready = False
 
@@ -699,7 +710,6 @@ class MySQLStore(Store):
         with self._lock:
             if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
                 self._pid, self._pool = os.getpid(), None
-                self._loops = weakref.WeakKeyDictionary()
             if self._pool is None:
                 # Connect once now: a wrong URL or a dead server fails here with the driver's
                 # reason, and we learn which SQL dialect the server speaks.
@@ -770,13 +780,9 @@ class MySQLStore(Store):
         """
         with self._lock:
             pool, self._pool = self._pool, None
-            idle = [(loop, s) for loop, s in self._loops.items() if not loop.is_running()]
-            for loop, _ in idle:
-                del self._loops[loop]
         if pool is not None:
             pool.close()
-        for _, slot in idle:
-            slot.abandon()
+        self._loops.close_idle()
 
     # -- sync face -----------------------------------------------------------------------------
     def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
@@ -815,34 +821,6 @@ class MySQLStore(Store):
         return float(self._run("now", {}).rows[0][0])
 
     # -- async plumbing ------------------------------------------------------------------------
-    async def _slot(self) -> _LoopPool:
-        loop = asyncio.get_running_loop()
-        slot = self._loops.get(loop)
-        if slot is not None:
-            return slot
-        with self._lock:
-            slot = self._loops.get(loop)
-            if slot is not None:
-                return slot
-            # Loops that were closed without aclose() leave their pools here: drop them.
-            for dead in [lp for lp in self._loops if lp.is_closed()]:
-                self._loops.pop(dead).abandon()
-            slot = self._loops[loop] = _LoopPool(self.max_size)
-        # When the loop shuts down (asyncio.run / Runner.close call shutdown_asyncgens), this
-        # generator's cleanup closes the loop's connections, even if nobody called aclose().
-        slot.guard = self._guard(loop, slot)
-        await slot.guard.__anext__()
-        return slot
-
-    async def _guard(self, loop: asyncio.AbstractEventLoop, slot: _LoopPool) -> AsyncIterator[None]:
-        try:
-            yield
-        finally:
-            with self._lock:
-                if self._loops.get(loop) is slot:
-                    del self._loops[loop]
-            slot.abandon()
-
     async def _aacquire(self, slot: _LoopPool) -> Any:
         """A connection from the loop's pool; the caller holds one of ``slot.slots``."""
         try:
@@ -853,7 +831,7 @@ class MySQLStore(Store):
         return conn
 
     async def _apool(self) -> _LoopPool:
-        slot = await self._slot()
+        slot = self._loops.get()
         if slot.pool is not None:
             return slot
         async with slot.lock:
@@ -929,18 +907,7 @@ class MySQLStore(Store):
         await self._arun("check", {})
 
     async def aclose(self) -> None:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            slot = self._loops.pop(loop, None)
-        if slot is None:
-            return
-        pool = slot.pool
-        if pool is not None:
-            pool.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(pool.wait_closed(), self.timeout)
-        if slot.guard is not None:
-            await slot.guard.aclose()
+        await self._loops.aclose()
 
     # -- async face ----------------------------------------------------------------------------
     async def aclaim(

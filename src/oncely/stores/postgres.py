@@ -13,9 +13,14 @@ The table is not created behind the operator's back: run ``oncely init URL`` onc
 :meth:`PostgresStore.init_schema`), or pass ``create_schema=True``.
 
 Layout: the SQL text, the parameters and the parsing of rows are module-level and shared by the
-sync face (:class:`psycopg_pool.ConnectionPool`) and the async face (one
-:class:`psycopg_pool.AsyncConnectionPool` per running event loop); only the plumbing that takes a
-connection and awaits (or not) differs.
+sync face (:class:`psycopg_pool.ConnectionPool`) and the async face; only the plumbing that takes a
+connection and awaits (or not) differs. The async face keeps the connections of each running
+event loop in a small cache of its own (:class:`_LoopConnections`) rather than in a
+:class:`psycopg_pool.AsyncConnectionPool`: such a pool runs background tasks, and one that is
+connecting when ``asyncio.run`` ends can swallow the loop's final cancellation and hang the
+process. The cache has no task: a connection is opened by the call that needs it, and the loop's
+shutdown (``shutdown_asyncgens``, which ``asyncio.run`` calls) closes them, so nobody has to call
+:meth:`PostgresStore.aclose`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import select
 import threading
 import time
 import weakref
@@ -33,12 +39,14 @@ from typing import Any, Final
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
+from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
-from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, New, Record, RecordKey
 from oncely.stores.base import Store, claimable, classify, lease_lost, redact_url
+from oncely.stores.loops import LoopLocal
 
 __all__ = ["CHANNEL", "PostgresStore"]
 
@@ -361,28 +369,64 @@ def _check_lease(rows: list[Row], key: RecordKey, fence: int) -> None:
         raise lease_lost(key, fence)
 
 
-class _LoopPools:
-    """The async pools of one event loop, and every connection they opened."""
+# An idle connection older than this is checked (one poll(2), no round trip) before use.
+_CHECK_AFTER = 30.0
 
-    __slots__ = ("conns", "guard", "lock", "main", "watch")
 
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.main: AsyncConnectionPool[AsyncConn] | None = None
-        self.watch: AsyncConnectionPool[AsyncConn] | None = None
+def _looks_dead(conn: AsyncConn) -> bool:
+    """True if an idle connection is closed, or has something to read: an idle connection that
+    listens to nothing has nothing, so this is the server's goodbye (an error or EOF)."""
+    if conn.closed or conn.broken:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(conn.pgconn.socket, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg.Error):
+        return True
+
+
+class _Connections:
+    """The idle connections of one kind (decisions or watchers) on one event loop, and a
+    semaphore that bounds how many are in use."""
+
+    __slots__ = ("idle", "size", "slots")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.slots = asyncio.Semaphore(size)
+        self.idle: list[tuple[AsyncConn, float]] = []  # most recently used last
+
+
+class _LoopConnections:
+    """Every connection the async face opened on one event loop. No background task runs: a
+    call opens a connection when none is idle, and gives it back when it is done with it."""
+
+    __slots__ = ("closed", "conns", "main", "watch")
+
+    def __init__(self, size: int, watch_size: int) -> None:
+        self.main = _Connections(size)
+        self.watch = _Connections(watch_size)
         self.conns: weakref.WeakSet[AsyncConn] = weakref.WeakSet()
-        self.guard: Any = None  # the async generator that cleans up when the loop shuts down
-
-    async def track(self, conn: AsyncConn) -> None:
-        self.conns.add(conn)
+        self.closed = False
 
     def abandon(self) -> None:
-        """Close every connection without the loop (it is closed, or we cannot await on it)."""
-        self.main = self.watch = None
-        for conn in list(self.conns):
+        """Close every connection without the loop (it is closing or closed)."""
+        self.closed = True
+        for conn in list(self.conns):  # before the idle lists let go of the last references
             if not conn.closed:
                 conn.pgconn.finish()
         self.conns.clear()
+        self.main.idle.clear()
+        self.watch.idle.clear()
+
+    async def aclose(self) -> None:
+        """Close the idle connections; those in use are closed when they come back."""
+        self.closed = True
+        for kind in (self.main, self.watch):
+            idle, kind.idle = kind.idle, []
+            for conn, _ in idle:
+                await conn.close()
 
 
 class PostgresStore(Store):
@@ -396,9 +440,9 @@ class PostgresStore(Store):
     :func:`psycopg.connect` (libpq parameters such as ``sslmode``, ``application_name``, or
     ``prepare_threshold=None`` behind PgBouncer in transaction mode).
 
-    Call :meth:`aclose` in every event loop that used the async face before the loop ends: a
-    psycopg pool still open at shutdown can swallow the loop's final cancellation of its
-    maintenance task (while it is connecting) and hang ``asyncio.run``'s exit.
+    The async face opens connections on the running event loop (at most ``max_size`` for
+    decisions and ``watch_max_size`` for waiters per loop, kept idle for the next call) and closes
+    them when the loop shuts down; :meth:`aclose` closes them earlier.
     """
 
     schemes = ("postgresql", "postgres")
@@ -444,8 +488,10 @@ class PostgresStore(Store):
         self._lock = threading.Lock()
         self._pool: ConnectionPool[SyncConn] | None = None
         self._watch_pool: ConnectionPool[SyncConn] | None = None
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPools] = (
-            weakref.WeakKeyDictionary()
+        self._loops = LoopLocal(
+            lambda: _LoopConnections(self.max_size, self.watch_max_size),
+            _LoopConnections.aclose,
+            _LoopConnections.abandon,
         )
         self._schema_ready = False
         #: How many claim statements ran again because of the READ COMMITTED snapshot race.
@@ -467,17 +513,20 @@ class PostgresStore(Store):
         if isinstance(exc, pg_errors.UndefinedTable):
             return self._schema_missing()
         if isinstance(exc, PoolTimeout):
-            return StoreUnavailable(
-                f"no PostgreSQL connection to {self._where} within {self.timeout:g}s: the "
-                f"server is down or unreachable, or all {self.max_size} pooled connections "
-                "stayed busy; check the server, or raise max_size or timeout"
-            )
+            return self._busy()
         if isinstance(exc, psycopg.OperationalError):
             return StoreUnavailable(
                 f"PostgreSQL at {self._where} failed: {exc}; check that the server is running "
                 "and reachable (the operation may or may not have been applied)"
             )
         return StoreError(f"PostgreSQL error on {self._where}: {type(exc).__name__}: {exc}")
+
+    def _busy(self) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"no PostgreSQL connection to {self._where} within {self.timeout:g}s: the "
+            f"server is down or unreachable, or all {self.max_size} pooled connections "
+            "stayed busy; check the server, or raise max_size or timeout"
+        )
 
     def _unreachable(self, exc: psycopg.Error) -> StoreError:
         if not isinstance(exc, psycopg.OperationalError):
@@ -576,14 +625,10 @@ class PostgresStore(Store):
         with self._lock:
             pools = [self._pool, self._watch_pool]
             self._pool = self._watch_pool = None
-            idle = [(loop, s) for loop, s in self._loops.items() if not loop.is_running()]
-            for loop, _ in idle:
-                del self._loops[loop]
         for pool in pools:
             if pool is not None:
                 pool.close()
-        for _, slot in idle:
-            slot.abandon()
+        self._loops.close_idle()
 
     # -- sync face -----------------------------------------------------------------------------
     def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
@@ -661,89 +706,73 @@ class PostgresStore(Store):
         return float(self._run(NOW.encode(), {}, self._prepare)[0][0])
 
     # -- async plumbing ------------------------------------------------------------------------
-    async def _slot(self) -> _LoopPools:
-        loop = asyncio.get_running_loop()
-        slot = self._loops.get(loop)
-        if slot is not None:
-            return slot
-        with self._lock:
-            slot = self._loops.get(loop)
-            if slot is not None:
-                return slot
-            # Loops that were closed without aclose() leave their pools here: drop them.
-            for dead in [lp for lp in self._loops if lp.is_closed()]:
-                self._loops.pop(dead).abandon()
-            slot = self._loops[loop] = _LoopPools()
-        # When the loop shuts down (asyncio.run / Runner.close call shutdown_asyncgens), this
-        # generator's cleanup closes the loop's connections, even if nobody called aclose().
-        slot.guard = self._guard(loop, slot)
-        await slot.guard.__anext__()
-        return slot
-
-    async def _guard(
-        self, loop: asyncio.AbstractEventLoop, slot: _LoopPools
-    ) -> AsyncIterator[None]:
+    async def _aopen(self, slot: _LoopConnections) -> AsyncConn:
         try:
-            yield
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, **self._kwargs)
+        except psycopg.Error as exc:
+            raise self._unreachable(exc) from exc
+        slot.conns.add(conn)
+        if self.create_schema and not self._schema_ready:
+            try:
+                await self._ainit_schema_on(conn)
+            except psycopg.Error as exc:
+                await conn.close()
+                raise self._translate(exc) from exc
+        return conn
+
+    async def _atake(
+        self, slot: _LoopConnections, kind: _Connections, timeout: float
+    ) -> AsyncConn | None:
+        """A connection of ``kind`` (an idle one, or a new one); None if all ``kind.size`` stay
+        in use for ``timeout`` seconds. The caller gives it back with :meth:`_agive`."""
+        if kind.slots.locked():
+            try:
+                await asyncio.wait_for(kind.slots.acquire(), timeout)
+            except asyncio.TimeoutError:
+                return None
+        else:
+            await kind.slots.acquire()
+        try:
+            now = time.monotonic()
+            while kind.idle:
+                conn, since = kind.idle.pop()
+                if now - since < _CHECK_AFTER and not conn.closed:
+                    return conn
+                if not _looks_dead(conn):
+                    return conn
+                conn.pgconn.finish()
+            return await self._aopen(slot)
+        except BaseException:
+            kind.slots.release()
+            raise
+
+    def _agive(self, slot: _LoopConnections, kind: _Connections, conn: AsyncConn) -> None:
+        """Take back a connection from :meth:`_atake`: kept if it is idle and usable, else closed
+        (cancelled or failed mid-statement, it may still be busy or inside a transaction)."""
+        try:
+            idle = conn.info.transaction_status == TransactionStatus.IDLE
+            if idle and not conn.broken and not slot.closed:
+                kind.idle.append((conn, time.monotonic()))
+            elif not conn.closed:
+                conn.pgconn.finish()
         finally:
-            with self._lock:
-                if self._loops.get(loop) is slot:
-                    del self._loops[loop]
-            slot.abandon()
+            kind.slots.release()
 
-    async def _amain_pool(self) -> AsyncConnectionPool[AsyncConn]:
-        slot = await self._slot()
-        if slot.main is not None:
-            return slot.main
-        async with slot.lock:
-            if slot.main is None:
-                try:
-                    conn = await psycopg.AsyncConnection.connect(self.conninfo, **self._kwargs)
-                    async with conn:
-                        if self.create_schema and not self._schema_ready:
-                            await self._ainit_schema_on(conn)
-                except psycopg.Error as exc:
-                    raise self._unreachable(exc) from exc
-                pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
-                    self.conninfo,
-                    kwargs=self._kwargs,
-                    min_size=self.min_size,
-                    max_size=self.max_size,
-                    timeout=self.timeout,
-                    open=False,
-                    configure=slot.track,
-                    name=f"oncely-{self.table}-async",
-                )
-                await pool.open(wait=False)
-                slot.main = pool
-            return slot.main
-
-    async def _awatch_pool(self) -> AsyncConnectionPool[AsyncConn]:
-        await self._amain_pool()
-        slot = await self._slot()
-        async with slot.lock:
-            if slot.watch is None:
-                pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
-                    self.conninfo,
-                    kwargs=self._kwargs,
-                    min_size=0,
-                    max_size=self.watch_max_size,
-                    timeout=self.timeout,
-                    open=False,
-                    configure=slot.track,
-                    name=f"oncely-{self.table}-async-watch",
-                )
-                await pool.open(wait=False)
-                slot.watch = pool
-            return slot.watch
+    @contextlib.asynccontextmanager
+    async def _aconnection(self) -> AsyncIterator[AsyncConn]:
+        """A connection for one decision on the running loop."""
+        slot = self._loops.get()
+        conn = await self._atake(slot, slot.main, self.timeout)
+        if conn is None:
+            raise self._busy()
+        try:
+            yield conn
+        finally:
+            self._agive(slot, slot.main, conn)
 
     async def _arun(self, query: bytes, params: Params, prepare: bool | None = None) -> Rows:
-        slot = self._loops.get(asyncio.get_running_loop())
-        pool = slot.main if slot is not None and slot.main is not None else None
-        if pool is None:
-            pool = await self._amain_pool()
         try:
-            async with pool.connection() as conn:
+            async with self._aconnection() as conn:
                 cur = await conn.execute(query, params, prepare=prepare)
                 return await cur.fetchall()
         except psycopg.Error as exc:
@@ -757,24 +786,14 @@ class PostgresStore(Store):
 
     async def ainit_schema(self) -> None:
         """Async :meth:`init_schema`."""
-        pool = await self._amain_pool()
         try:
-            async with pool.connection() as conn:
+            async with self._aconnection() as conn:
                 await self._ainit_schema_on(conn)
         except psycopg.Error as exc:
             raise self._translate(exc) from exc
 
     async def aclose(self) -> None:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            slot = self._loops.pop(loop, None)
-        if slot is None:
-            return
-        for pool in (slot.main, slot.watch):
-            if pool is not None:
-                await pool.close()
-        if slot.guard is not None:
-            await slot.guard.aclose()
+        await self._loops.aclose()
 
     # -- async face ----------------------------------------------------------------------------
     async def aclaim(
@@ -808,11 +827,11 @@ class PostgresStore(Store):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
         note = _note(self.table, key)
-        pool = await self._awatch_pool()
+        slot = self._loops.get()
         try:
-            try:
-                conn = await pool.getconn(timeout=max(0.001, deadline - loop.time()))
-            except PoolTimeout:
+            conn = await self._atake(slot, slot.watch, max(0.001, deadline - loop.time()))
+            if conn is None:
+                # Every watch connection is busy: answer from one look at the record.
                 return _changed(await self._arun(self._sql.state, _key_params(key)), fence)
             clean = False
             try:
@@ -833,10 +852,10 @@ class PostgresStore(Store):
                 return seen
             finally:
                 # On cancellation or error the connection may still be listening or mid-query:
-                # close it rather than hand it back; the pool opens a replacement.
-                if not clean:
-                    await conn.close()
-                await pool.putconn(conn)
+                # close it rather than keep it.
+                if not clean and not conn.closed:
+                    conn.pgconn.finish()
+                self._agive(slot, slot.watch, conn)
         except psycopg.Error as exc:
             raise self._translate(exc) from exc
 

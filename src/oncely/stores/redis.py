@@ -22,12 +22,10 @@ them). Argument building and reply parsing are the plain functions below, shared
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import hashlib
 import threading
 import time
-import weakref
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Final, Protocol, cast
@@ -42,6 +40,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from oncely.errors import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, InFlight, Mismatch, New, Record, RecordKey, Replay, Status
 from oncely.stores.base import Store, redact_url
+from oncely.stores.loops import LoopLocal
 from oncely.stores.polling import apoll_until, poll_until
 
 __all__ = ["RedisStore"]
@@ -241,6 +240,14 @@ def _check_decoding(client: Any, what: str) -> None:
         )
 
 
+async def _aclose_client(client: _AsyncClient) -> None:
+    await client.aclose()
+
+
+def _drop_client(client: _AsyncClient) -> None:
+    """A client whose loop is closed cannot be closed any more: its sockets go with it."""
+
+
 class RedisStore(Store):
     """Idempotency records in Redis (``redis://`` or ``rediss://``), via ``oncely[redis]``.
 
@@ -305,9 +312,8 @@ class RedisStore(Store):
         if async_client is not None:
             _check_decoding(async_client, "the async Redis client")
         self._async_client = cast("_AsyncClient | None", async_client)
-        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        # One client per event loop, closed when the loop shuts down (or by aclose()).
+        self._aclients = LoopLocal(self._new_aclient, _aclose_client, _drop_client)
 
     # -- keys and errors ---------------------------------------------------------------------------
     def _key(self, key: RecordKey) -> str:
@@ -443,24 +449,21 @@ class RedisStore(Store):
             pubsub.close()
 
     def close(self) -> None:
-        """Close the sync pool (a client passed in as ``client`` is left to its owner)."""
+        """Close the sync pool (a client passed in as ``client`` is left to its owner), and forget
+        the async clients of event loops that are not running."""
         if self._owns_client:
             self._client.close()
+        self._aclients.close_idle()
 
     # -- async plumbing ----------------------------------------------------------------------------
+    def _new_aclient(self) -> _AsyncClient:
+        pool = redis.asyncio.ConnectionPool.from_url(self.url, **self._pool_options)
+        return cast(_AsyncClient, redis.asyncio.Redis.from_pool(pool))
+
     def _aclient(self) -> _AsyncClient:
         if self._async_client is not None:
             return self._async_client
-        loop = asyncio.get_running_loop()
-        client = self._aclients.get(loop)
-        if client is None:
-            # Forget clients of loops that closed without aclose(); their connections are dead.
-            for old in [old for old in self._aclients if old.is_closed()]:
-                del self._aclients[old]
-            pool = redis.asyncio.ConnectionPool.from_url(self.url, **self._pool_options)
-            client = cast(_AsyncClient, redis.asyncio.Redis.from_pool(pool))
-            self._aclients[loop] = client
-        return client
+        return self._aclients.get()
 
     async def _acall(self, *args: Any) -> Any:
         try:
@@ -574,8 +577,5 @@ class RedisStore(Store):
 
     async def aclose(self) -> None:
         """Close the running loop's client and pool (``async_client`` is left to its owner)."""
-        if self._async_client is not None:
-            return
-        client = self._aclients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        if self._async_client is None:
+            await self._aclients.aclose()
