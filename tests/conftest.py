@@ -30,7 +30,9 @@ def store_url(kind: str, tmp_path: Path) -> tuple[str, dict[str, object]]:
     if kind == "memory":
         return "memory://", {}
     if kind == "sqlite":
-        return f"sqlite:///{tmp_path}/oncely-{tag}.db", {}
+        # Tests check decisions, not durability: without an fsync per write (FULL) statements
+        # follow each other within a millisecond, as on a fast disk, so same-instant races show.
+        return f"sqlite:///{tmp_path}/oncely-{tag}.db?synchronous=NORMAL", {}
     if kind == "postgres":
         return POSTGRES_URL, {"table": f"oncely_t_{tag}", "create_schema": True}
     if kind == "mysql":
@@ -53,7 +55,8 @@ def drop(kind: str, store: Store) -> None:
         conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", database="test")
         try:
             with conn.cursor() as cur:
-                cur.execute(f"DROP TABLE IF EXISTS {store.table}")  # type: ignore[attr-defined]
+                table = store.table  # type: ignore[attr-defined]
+                cur.execute(f"DROP TABLE IF EXISTS {table}, {table}_fences")
         finally:
             conn.close()
     elif kind == "redis":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from oncely.errors import ConfigurationError, StoreUnavailable
-from oncely.records import RecordKey
+from oncely.records import New, RecordKey
 from oncely.stores import Store, open_store
 
 
@@ -109,3 +109,46 @@ def test_short_lived_threads_taking_locks_leave_nothing_open(tmp_path: Path) -> 
         for t in threads:
             t.join()
     assert workers.open_fds() - before <= 40
+
+
+def test_a_file_from_an_older_version_gets_its_fence_keeper(tmp_path: Path) -> None:
+    # Files made before the fence keeper (a table and a trigger that remember the fences of
+    # deleted rows): check_schema says so, and opening with create_schema (the default) adds it.
+    # A legacy row's fence then still bounds the next claim after the row is deleted.
+    import sqlite3
+    import time
+
+    from oncely.errors import SchemaMissing
+
+    path = tmp_path / "old.db"
+    high = int(time.time() * 1_000_000) + 10**12  # above anything the clock gives soon
+    key = RecordKey.of("s", "legacy")
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE oncely_records (
+                scope TEXT NOT NULL, digest TEXT NOT NULL, status TEXT NOT NULL,
+                fingerprint TEXT NOT NULL, fence INTEGER NOT NULL, lease_until REAL,
+                expires_at REAL NOT NULL, created_at REAL NOT NULL, result BLOB, codec TEXT,
+                claim_id INTEGER NOT NULL, PRIMARY KEY (scope, digest)) WITHOUT ROWID;
+            """
+        )
+        conn.execute(
+            "INSERT INTO oncely_records VALUES (?, ?, 'completed', 'fp', ?, NULL, ?, ?, x'31', "
+            "'json', 0)",
+            (key.scope, key.digest, high, time.time() + 3600, time.time()),
+        )
+    conn.close()
+    url = f"sqlite:///{path}"
+    strict = open_store(url, create_schema=False)
+    with pytest.raises(SchemaMissing, match="fence keeper"):
+        strict.check_schema()
+    strict.close()
+    store = open_store(url)
+    try:
+        store.check_schema()
+        assert store.delete(key) is True
+        again = store.claim(key, "fp", 30, 60)
+        assert isinstance(again, New) and again.fence > high
+    finally:
+        store.close()

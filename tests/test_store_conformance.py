@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
 import subprocess
 import sys
@@ -343,3 +344,135 @@ def test_asyncio_run_returns_every_time_without_aclose(
         before, after = map(int, out.split())
         assert after - before <= 8, (before, after)
     assert hung == 0
+
+
+# -- fences: never repeated, never going backwards ------------------------------------------------
+
+
+def test_fences_never_repeat_nor_go_backwards(store: Store) -> None:
+    # The rule in oncely.stores.base: whatever happens between two claims of a key (release,
+    # delete, completion and delete, expiry, purge, claims racing from other threads), each new
+    # holder's fence is greater than every fence the key had before. A repeated fence would let
+    # the old holder's late write land on the new holder's record.
+    key = fresh_key()
+    fences: list[int] = []
+
+    def claim(lease: float = 30.0, ttl: float = 60.0) -> New:
+        new = claim_new(store, key, lease=lease, ttl=ttl)
+        fences.append(new.fence)
+        return new
+
+    # Each way a record goes away, followed at once by the next claim (often in the same
+    # millisecond, the resolution of SQLite's clock).
+    for round_ in range(200):
+        new = claim()
+        way = round_ % 4
+        if way == 0:
+            store.release(key, new.fence)
+        elif way == 1:
+            assert store.delete(key) is True
+        elif way == 2:
+            store.complete(key, new.fence, b"1", "json", 60.0)
+            assert store.delete(key) is True
+        else:
+            store.release(key, new.fence)
+            store.purge_expired(limit=1000)
+    # Expiry: an abandoned claim taken over, and a completed record that expired and was purged.
+    for _ in range(2):
+        abandoned = claim(lease=0.05, ttl=0.05)
+        wait_for_store_time(store, abandoned.lease_until)
+        done = claim(lease=0.05, ttl=0.05)
+        store.complete(key, done.fence, b"1", "json", 0.05)
+        wait_for_store_time(store, done.lease_until + 0.05)
+        store.purge_expired(limit=1000)
+    assert all(a < b for a, b in itertools.pairwise(fences)), fences
+    assert_fences_grow_under_racing_claims(store)
+
+
+def assert_fences_grow_under_racing_claims(store: Store) -> None:
+    """Threads race for one key; each winner lets go at once in one of three ways. A winner's
+    claim took effect after the previous winner let go, which it did after its own claim
+    returned: so sorted by when their claims returned, the winners' fences must grow."""
+    key = fresh_key()
+    wins: list[tuple[float, int]] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + 30.0
+
+    def racer(index: int) -> None:
+        won = 0
+        while won < 40 and time.monotonic() < deadline:
+            outcome = store.claim(key, "fp", 30.0, 60.0)
+            if not isinstance(outcome, New):
+                continue
+            returned = time.monotonic()  # before this winner lets go: its place in the order
+            with lock:
+                wins.append((returned, outcome.fence))
+            won += 1
+            way = (index + won) % 3
+            if way == 0:
+                store.release(key, outcome.fence)
+            elif way == 1:
+                store.delete(key)
+            else:
+                store.complete(key, outcome.fence, b"1", "json", 60.0)
+                store.delete(key)
+
+    threads = [threading.Thread(target=racer, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) >= 40
+    ordered = [fence for _, fence in sorted(wins)]
+    assert all(a < b for a, b in itertools.pairwise(ordered)), ordered
+
+
+# -- repeated fenced writes: "my own write already landed" is success -----------------------------
+
+
+def test_a_repeated_fenced_write_that_already_landed_succeeds(store: Store) -> None:
+    # A reply can be lost (a timeout, a cancelled await) after the server applied the write; the
+    # caller then repeats it. Finding its own write is success; anything else stays LeaseLost.
+    key = fresh_key()
+    new = claim_new(store, key)
+    store.complete(key, new.fence, b"result", "json", 60.0)
+    stored = store.get(key)
+    store.complete(key, new.fence, b"result", "json", 60.0)
+    assert store.get(key) == stored  # nothing rewritten, the expiry not pushed out
+    with pytest.raises(LeaseLost):
+        store.complete(key, new.fence, b"another result", "json", 60.0)
+    with pytest.raises(LeaseLost):
+        store.release(key, new.fence)  # a completed record is not released
+    with pytest.raises(LeaseLost):
+        store.complete(key, new.fence + 1, b"result", "json", 60.0)
+
+    key = fresh_key()
+    new = claim_new(store, key)
+    store.release(key, new.fence)
+    store.release(key, new.fence)
+    assert store.get(key) is None
+    with pytest.raises(LeaseLost):
+        store.complete(key, new.fence, b"result", "json", 60.0)  # released: nothing to complete
+    successor = claim_new(store, key)
+    with pytest.raises(LeaseLost):
+        store.release(key, new.fence)  # the key is someone else's now
+    store.renew(key, successor.fence, 30.0)
+    store.renew(key, successor.fence, 30.0)  # renewing twice is renewing
+    store.complete(key, successor.fence, b"successor", "json", 60.0)
+    replay = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(replay, Replay) and replay.record.result == b"successor"
+
+
+async def test_a_repeated_async_complete_that_already_landed_succeeds(store: Store) -> None:
+    key = fresh_key()
+    new = await store.aclaim(key, "fp", 30.0, 60.0)
+    assert isinstance(new, New)
+    await store.acomplete(key, new.fence, b"async", "json", 60.0)
+    await store.acomplete(key, new.fence, b"async", "json", 60.0)
+    other = fresh_key()
+    held = await store.aclaim(other, "fp", 30.0, 60.0)
+    assert isinstance(held, New)
+    await store.arelease(other, held.fence)
+    await store.arelease(other, held.fence)
+    replay = await store.aclaim(key, "fp", 30.0, 60.0)
+    assert isinstance(replay, Replay) and replay.record.result == b"async"

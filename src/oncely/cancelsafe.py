@@ -4,7 +4,8 @@ A cancelled ``await`` may still have been applied by the server. The claim is th
 case (a key held by nobody until its lease runs out), so it runs shielded and a claim that
 succeeded after its caller left is released again. A fenced write (complete, release) is cheap
 to repeat, so it runs as a plain ``await`` and is repeated in the background if the caller is
-cancelled meanwhile: the repeat either lands or finds the first write done (``LeaseLost``).
+cancelled meanwhile: the repeat either lands or finds the first write done, which every store
+answers as success (see :mod:`oncely.stores.base`); ``LeaseLost`` then means the claim was lost.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from oncely.errors import LeaseLost, OncelyError
+from oncely.errors import OncelyError
 from oncely.records import ClaimOutcome, New, RecordKey
 from oncely.stores.base import Store
 
@@ -70,7 +71,5 @@ async def write_through(write: Callable[..., Awaitable[Any]], *args: Any) -> Non
 async def _write_again(write: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
     try:
         await write(*args)
-    except LeaseLost as exc:  # the first attempt had landed
-        log.debug("oncely: repeated write after a cancellation: %s", exc)
     except OncelyError as exc:
         log.warning("oncely: write repeated after a cancellation failed: %s", exc)

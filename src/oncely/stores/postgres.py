@@ -64,7 +64,8 @@ AsyncConn = psycopg.AsyncConnection[TupleRow]
 _CLAIM_ATTEMPTS = 16
 
 # -- SQL ---------------------------------------------------------------------------------------
-# ``{t}`` is the table and ``{idx}`` its expiry index, both quoted by psycopg.sql.Identifier.
+# ``{t}`` is the table, ``{idx}`` its expiry index and ``{seq}`` its fence sequence, quoted by
+# psycopg.sql.Identifier; ``{seqname}`` and ``{tname}`` are the same names as string literals.
 # Times travel as float seconds since the epoch; the server converts with ``extract(epoch …)``.
 
 _NOW = "extract(epoch FROM now())::float8"
@@ -84,7 +85,7 @@ DDL = """\
 CREATE TABLE IF NOT EXISTS {t} (
     scope       text        NOT NULL,
     digest      text        NOT NULL,
-    status      text        NOT NULL CHECK (status IN ('in_progress', 'completed')),
+    status      text        NOT NULL CHECK (status IN ('in_progress', 'completed', 'released')),
     fingerprint text        NOT NULL,
     fence       bigint      NOT NULL,
     lease_until timestamptz,
@@ -95,11 +96,36 @@ CREATE TABLE IF NOT EXISTS {t} (
     PRIMARY KEY (scope, digest)
 );
 CREATE INDEX IF NOT EXISTS {idx} ON {t} (expires_at);
+DO $oncely$
+DECLARE
+    old_check text;
+BEGIN
+    IF to_regclass({seqname}) IS NULL THEN
+        EXECUTE format('CREATE SEQUENCE %s OWNED BY %s.fence', {seqname}, {tname});
+        PERFORM setval({seqname}, greatest(
+            (extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
+            (SELECT coalesce(max(fence), 0) FROM {t})));
+    END IF;
+    SELECT conname INTO old_check FROM pg_constraint
+    WHERE conrelid = {tname}::regclass AND contype = 'c'
+      AND pg_get_constraintdef(oid) LIKE '%in_progress%'
+      AND pg_get_constraintdef(oid) NOT LIKE '%released%';
+    IF old_check IS NOT NULL THEN
+        EXECUTE format(
+            'ALTER TABLE %s DROP CONSTRAINT %I, ADD CONSTRAINT %I '
+            'CHECK (status IN (%L, %L, %L)) NOT VALID',
+            {tname}::regclass, old_check, old_check, 'in_progress', 'completed', 'released');
+    END IF;
+END
+$oncely$;
 """
+# The DDL above, step by step: the table; its expiry index; the fence sequence (dropped with the
+# table), started above the clock in microseconds and above every fence already stored (a table
+# made by an older version); and, for such a table, a status check that allows tombstones.
 
 # The claimable predicate of oncely.stores.base.claimable, on the row ``r`` the upsert found.
 _CLAIMABLE = (
-    "r.expires_at <= now() "
+    "r.status = 'released' OR r.expires_at <= now() "
     "OR (r.status = 'in_progress' AND (r.lease_until IS NULL OR r.lease_until <= now()))"
 )
 
@@ -109,9 +135,15 @@ _CLAIMABLE = (
 # answer (Replay, InFlight, Mismatch) comes from ``cur`` and the statement stays read-only, so
 # the hot path (a replay) takes no row lock, no transaction id and no WAL flush. Otherwise the
 # upsert inserts a fresh row or takes over the claimable one; ON CONFLICT serialises it against
-# concurrent claims. A new row's fence is the statement clock in microseconds; a take-over's is
-# at least old fence + 1. The result travels only when the fingerprint matches (a Replay needs
-# it, a Mismatch does not).
+# concurrent claims. The result travels only when the fingerprint matches (a Replay needs it, a
+# Mismatch does not).
+#
+# Fences come from the table's sequence, taken under a transaction-scoped advisory lock on the
+# key (only on this writing path: a replay takes no lock). So the fences of one key are handed
+# out one claim at a time, in the order the claims take effect, from a counter that never
+# repeats: they grow whatever happened to the row in between (release, delete, expiry, purge)
+# and whatever the clock does. Without the lock, a claim that drew its number first could
+# insert it last, after a later claim's row was deleted: a fence going backwards.
 _RESULT_IF_SAME = "CASE WHEN r.fingerprint = %(fingerprint)s THEN r.result END"
 CLAIM = f"""\
 WITH cur AS (
@@ -121,11 +153,13 @@ WITH cur AS (
         (scope, digest, status, fingerprint, fence, lease_until, expires_at, created_at)
     SELECT
         %(scope)s, %(digest)s, 'in_progress', %(fingerprint)s,
-        (extract(epoch FROM now()) * 1000000)::bigint,
+        nextval({{seqname}}),
         now() + %(lease)s * interval '1 second',
         now() + %(keep)s * interval '1 second',
         now()
-    WHERE NOT EXISTS (SELECT 1 FROM cur AS r WHERE NOT ({_CLAIMABLE}))
+    WHERE CASE WHEN NOT EXISTS (SELECT 1 FROM cur AS r WHERE NOT ({_CLAIMABLE}))
+        THEN pg_advisory_xact_lock(%(space)s::int4, %(slot)s::int4) IS NOT NULL
+        ELSE false END
     ON CONFLICT (scope, digest) DO UPDATE SET
         status = 'in_progress',
         fingerprint = excluded.fingerprint,
@@ -144,29 +178,43 @@ SELECT 'existing', {_columns("r", result=_RESULT_IF_SAME)}, {_NOW} FROM cur AS r
 WHERE NOT EXISTS (SELECT 1 FROM ins)
 """
 
-_MINE = (
-    "WHERE scope = %(scope)s AND digest = %(digest)s AND fence = %(fence)s "
-    "AND status = 'in_progress'"
-)
+_FENCED = "WHERE scope = %(scope)s AND digest = %(digest)s AND fence = %(fence)s"
+_MINE = f"{_FENCED} AND status = 'in_progress'"
 _NOTIFY = f"SELECT pg_notify('{CHANNEL}', %(note)s)"
 
+# Completes the caller's claim. A record already completed under this fence with this very
+# result is the caller's own earlier completion whose reply was lost: it matches too, keeps its
+# expiry, and the caller hears success.
 COMPLETE = f"""\
 WITH upd AS (
     UPDATE {{t}} SET
         status = 'completed',
         lease_until = NULL,
-        expires_at = now() + %(ttl)s * interval '1 second',
+        expires_at = CASE WHEN status = 'completed' THEN expires_at
+            ELSE now() + %(ttl)s * interval '1 second' END,
         result = %(result)s,
         codec = %(codec)s
-    {_MINE}
+    {_FENCED} AND (status = 'in_progress' OR (status = 'completed'
+        AND result IS NOT DISTINCT FROM %(result)s AND codec IS NOT DISTINCT FROM %(codec)s))
     RETURNING 1
 )
 {_NOTIFY} FROM upd
 """
 
+# Release leaves an expired tombstone (purge removes it): a repeated release finds the caller's
+# own tombstone and succeeds; a claim takes the row over at once.
 RELEASE = f"""\
-WITH del AS (DELETE FROM {{t}} {_MINE} RETURNING 1)
-{_NOTIFY} FROM del
+WITH upd AS (
+    UPDATE {{t}} SET
+        status = 'released',
+        lease_until = NULL,
+        expires_at = CASE WHEN status = 'released' THEN expires_at ELSE now() END,
+        result = NULL,
+        codec = NULL
+    {_FENCED} AND status IN ('in_progress', 'released')
+    RETURNING 1
+)
+{_NOTIFY} FROM upd
 """
 
 RENEW = f"""\
@@ -178,12 +226,14 @@ RETURNING extract(epoch FROM lease_until)::float8
 """
 
 _KEY = "WHERE r.scope = %(scope)s AND r.digest = %(digest)s"
-GET = f"SELECT {_columns('r')} FROM {{t}} AS r {_KEY} AND r.expires_at > now()"
+_LIVE = "r.expires_at > now() AND r.status <> 'released'"
+GET = f"SELECT {_columns('r')} FROM {{t}} AS r {_KEY} AND {_LIVE}"
 # What watch needs to know: is the record still in progress under the caller's fence?
 STATE = f"SELECT r.status, r.fence, r.expires_at > now() FROM {{t}} AS r {_KEY}"
+# Removes tombstones and expired rows too, but reports only whether a live record was there.
 DELETE = f"""\
-WITH del AS (DELETE FROM {{t}} AS r {_KEY} RETURNING 1)
-{_NOTIFY} FROM del
+WITH del AS (DELETE FROM {{t}} AS r {_KEY} RETURNING {_LIVE} AS live)
+{_NOTIFY}, live FROM del
 """
 # Oldest first through the expiry index; rows being claimed right now are skipped, and the outer
 # condition re-checks a row that a concurrent claim took over after the inner SELECT saw it.
@@ -199,15 +249,22 @@ WITH del AS (
 SELECT count(*) FROM del
 """
 LIST_ALL = (
-    f"SELECT {_columns('r')} FROM {{t}} AS r WHERE r.expires_at > now() "
+    f"SELECT {_columns('r')} FROM {{t}} AS r WHERE {_LIVE} "
     "ORDER BY r.scope, r.digest LIMIT %(limit)s"
 )
 LIST_SCOPE = (
-    f"SELECT {_columns('r')} FROM {{t}} AS r WHERE r.scope = %(scope)s AND r.expires_at > now() "
+    f"SELECT {_columns('r')} FROM {{t}} AS r WHERE r.scope = %(scope)s AND {_LIVE} "
     "ORDER BY r.digest LIMIT %(limit)s"
 )
 NOW = f"SELECT {_NOW}"
-CHECK = "SELECT to_regclass(%(table)s) IS NOT NULL"
+# The table exists, and so does its fence sequence, and its status check allows tombstones.
+CHECK = """\
+SELECT to_regclass({tname}) IS NOT NULL, to_regclass({seqname}) IS NOT NULL,
+    NOT EXISTS (SELECT 1 FROM pg_constraint
+        WHERE conrelid = to_regclass({tname}) AND contype = 'c'
+          AND pg_get_constraintdef(oid) LIKE '%%in_progress%%'
+          AND pg_get_constraintdef(oid) NOT LIKE '%%released%%')
+"""
 LOCK = "SELECT pg_advisory_xact_lock(%(lock)s)"
 LISTEN = f"LISTEN {CHANNEL}"
 UNLISTEN = f"UNLISTEN {CHANNEL}"
@@ -224,9 +281,21 @@ class _Statements:
         schema, _, name = table.rpartition(".")
         ident = sql.Identifier(schema, name) if schema else sql.Identifier(name)
         idx = sql.Identifier(f"{name}_expires_at_idx")
+        seq = (
+            sql.Identifier(schema, f"{name}_fence_seq")
+            if schema
+            else sql.Identifier(f"{name}_fence_seq")
+        )
+        names = {
+            "t": ident,
+            "idx": idx,
+            "seq": seq,
+            "tname": sql.Literal(ident.as_string(None)),
+            "seqname": sql.Literal(seq.as_string(None)),
+        }
 
         def render(template: str) -> bytes:
-            return sql.SQL(template).format(t=ident, idx=idx).as_string(None).encode()
+            return sql.SQL(template).format(**names).as_string(None).encode()
 
         self.claim = render(CLAIM)
         self.complete = render(COMPLETE)
@@ -239,6 +308,7 @@ class _Statements:
         self.list_all = render(LIST_ALL)
         self.list_scope = render(LIST_SCOPE)
         self.ddl = render(DDL)
+        self.check = render(CHECK)
 
 
 def _validate_table(table: str) -> str:
@@ -277,18 +347,30 @@ def _lock_id(table: str) -> int:
     return int.from_bytes(raw, "big", signed=True)
 
 
+def _fence_lock(table: str, key: RecordKey) -> tuple[int, int]:
+    """The two 32-bit keys of the transaction-scoped advisory lock under which a claim of ``key``
+    draws its fence (the two-key space: apart from oncely's lock backend, which uses one bigint).
+    Two keys sharing a lock only wait for each other now and then."""
+    space = hashlib.sha256(f"oncely:fence:{table}".encode()).digest()[:4]
+    slot = hashlib.sha256(f"{key.scope}\x00{key.digest}".encode()).digest()[:4]
+    return int.from_bytes(space, "big", signed=True), int.from_bytes(slot, "big", signed=True)
+
+
 def _key_params(key: RecordKey) -> Params:
     return {"scope": key.scope, "digest": key.digest}
 
 
-def _claim_params(key: RecordKey, fingerprint: str, lease: float, ttl: float) -> Params:
+def _claim_params(table: str, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> Params:
     lease = float(lease)
+    space, slot = _fence_lock(table, key)
     return {
         "scope": key.scope,
         "digest": key.digest,
         "fingerprint": fingerprint,
         "lease": lease,
         "keep": max(lease, float(ttl)),
+        "space": space,
+        "slot": slot,
     }
 
 
@@ -351,7 +433,7 @@ def _claim_outcome(rows: list[Row], fingerprint: str) -> ClaimOutcome | None:
     if row[0] == "new":
         assert record.lease_until is not None
         return New(record.fence, record.lease_until, now)
-    if claimable(record, now):
+    if record.status == "released" or claimable(record, now):  # type: ignore[comparison-overlap]
         return None
     return classify(record, fingerprint, now)
 
@@ -509,9 +591,20 @@ class PostgresStore(Store):
             f"`oncely init {self._where}`{table} or open the store with create_schema=True"
         )
 
+    def _schema_outdated(self) -> SchemaMissing:
+        return SchemaMissing(
+            f"table {self.table!r} in {self._where} was made by an older oncely: its fence "
+            f"sequence or its release tombstones are missing; run `oncely init {self._where}` "
+            "(it upgrades the table in place) or open the store with create_schema=True"
+        )
+
     def _translate(self, exc: psycopg.Error) -> StoreError:
         if isinstance(exc, pg_errors.UndefinedTable):
+            if "fence_seq" in str(exc):
+                return self._schema_outdated()
             return self._schema_missing()
+        if isinstance(exc, pg_errors.CheckViolation):
+            return self._schema_outdated()
         if isinstance(exc, PoolTimeout):
             return self._busy()
         if isinstance(exc, psycopg.OperationalError):
@@ -614,8 +707,11 @@ class PostgresStore(Store):
             raise self._translate(exc) from exc
 
     def check_schema(self) -> None:
-        if not self._run(CHECK.encode(), {"table": self.table})[0][0]:
+        table, sequence, check = self._run(self._sql.check, {})[0]
+        if not table:
             raise self._schema_missing()
+        if not (sequence and check):
+            raise self._schema_outdated()
 
     def close(self) -> None:
         """Close the sync pools, and the async pools of event loops that are not running.
@@ -632,7 +728,7 @@ class PostgresStore(Store):
 
     # -- sync face -----------------------------------------------------------------------------
     def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
-        params = _claim_params(key, fingerprint, lease, ttl)
+        params = _claim_params(self.table, key, fingerprint, lease, ttl)
         for _ in range(_CLAIM_ATTEMPTS):
             outcome = _claim_outcome(self._run(self._sql.claim, params, self._prepare), fingerprint)
             if outcome is not None:
@@ -693,7 +789,7 @@ class PostgresStore(Store):
 
     def delete(self, key: RecordKey) -> bool:
         params = {**_key_params(key), "note": _note(self.table, key)}
-        return bool(self._run(self._sql.delete, params))
+        return any(row[1] for row in self._run(self._sql.delete, params))
 
     def purge_expired(self, limit: int = 1000) -> int:
         return int(self._run(self._sql.purge, {"limit": max(0, int(limit))})[0][0])
@@ -799,7 +895,7 @@ class PostgresStore(Store):
     async def aclaim(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> ClaimOutcome:
-        params = _claim_params(key, fingerprint, lease, ttl)
+        params = _claim_params(self.table, key, fingerprint, lease, ttl)
         for _ in range(_CLAIM_ATTEMPTS):
             rows = await self._arun(self._sql.claim, params, self._prepare)
             outcome = _claim_outcome(rows, fingerprint)
@@ -865,7 +961,7 @@ class PostgresStore(Store):
 
     async def adelete(self, key: RecordKey) -> bool:
         params = {**_key_params(key), "note": _note(self.table, key)}
-        return bool(await self._arun(self._sql.delete, params))
+        return any(row[1] for row in await self._arun(self._sql.delete, params))
 
     async def apurge_expired(self, limit: int = 1000) -> int:
         return int((await self._arun(self._sql.purge, {"limit": max(0, int(limit))}))[0][0])

@@ -5,15 +5,20 @@ Layout (``prefix`` defaults to ``"oncely"``):
 * record ``f"{prefix}:{scope}:{digest}"``: a hash with short fields ``st`` status, ``fe`` fence,
   ``fp`` fingerprint, ``lu`` lease_until (ms), ``ea`` expires_at (ms), ``ca`` created_at (ms),
   ``rs`` result (bytes), ``cd`` codec, ``sc`` scope, ``dg`` digest. The key carries
-  ``PEXPIREAT expires_at``, so Redis drops expired records by itself.
+  ``PEXPIREAT expires_at``, so Redis drops expired records by itself. ``release`` turns the
+  record into a tombstone (``st`` = ``released``) that every reader ignores and any claim takes
+  over, and that Redis drops after a minute: a release repeated after a lost reply finds it.
+* fence counter ``f"{prefix}:fence"``: the last fence handed out, for every key; it never
+  expires.
 * channel ``f"{prefix}:done:{scope}:{digest}"``: ``complete``, ``release`` and ``delete`` publish
   on it in the same script, and :meth:`RedisStore.watch` listens to it.
 
 Every operation is one ``EVALSHA`` of a script from ``oncely/stores/lua/`` (``EVAL`` once more
 if the server answers ``NOSCRIPT``, which also puts the script back in its cache). The scripts
 hold the whole decision and read the time with ``TIME``, so the client's clock never decides
-anything. Fences are ``TIME`` in microseconds for a new record and ``max(old + 1, now)`` for a
-re-claim, so they grow across deletes as long as the server's clock does not step back.
+anything. A fence is ``max(counter + 1, TIME in microseconds, old fence + 1)`` and the counter
+keeps it, so the fences of a key grow whatever happened between two claims (release, delete,
+expiry) and whatever the clock does.
 
 The sync face uses :class:`redis.Redis`; the async face uses :class:`redis.asyncio.Redis`, one
 client per running event loop (redis-py's asyncio connections belong to the loop that opened
@@ -96,6 +101,9 @@ _SCAN_COUNT: Final = 500
 # How long past the holder's lease a watcher waits before it looks again (the lease may have
 # been renewed, which publishes nothing).
 _LEASE_SLACK: Final = 0.002
+# How long a released record stays as a hidden tombstone, so that a release repeated after a
+# lost reply finds the caller's own tombstone (ms).
+_TOMBSTONE_MS: Final = 60_000
 _GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "\\*?[]"})
 
 
@@ -286,6 +294,7 @@ class RedisStore(Store):
             )
         self.prefix = prefix
         self._done = f"{prefix}:done:"
+        self._fence_key = f"{prefix}:fence"
         # Each subscribed waiter holds a connection; past this many, waiters poll instead, so a
         # burst of duplicates cannot drain the pool that claims and completions need.
         self._watch_slots = threading.BoundedSemaphore(max(1, max_watchers))
@@ -357,7 +366,15 @@ class RedisStore(Store):
     # -- sync face ---------------------------------------------------------------------------------
     def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
         reply = self._eval(
-            _CLAIM, 1, self._key(key), fingerprint, _ms(lease), _ms(ttl), key.scope, key.digest
+            _CLAIM,
+            2,
+            self._key(key),
+            self._fence_key,
+            fingerprint,
+            _ms(lease),
+            _ms(ttl),
+            key.scope,
+            key.digest,
         )
         return _parse_claim(reply, key)
 
@@ -368,7 +385,7 @@ class RedisStore(Store):
         _check_fenced(reply, "complete", key, fence)
 
     def release(self, key: RecordKey, fence: int) -> None:
-        reply = self._eval(_RELEASE, 1, self._key(key), fence, self._channel(key))
+        reply = self._eval(_RELEASE, 1, self._key(key), fence, self._channel(key), _TOMBSTONE_MS)
         _check_fenced(reply, "release", key, fence)
 
     def renew(self, key: RecordKey, fence: int, lease: float) -> float:
@@ -486,7 +503,15 @@ class RedisStore(Store):
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> ClaimOutcome:
         reply = await self._aeval(
-            _CLAIM, 1, self._key(key), fingerprint, _ms(lease), _ms(ttl), key.scope, key.digest
+            _CLAIM,
+            2,
+            self._key(key),
+            self._fence_key,
+            fingerprint,
+            _ms(lease),
+            _ms(ttl),
+            key.scope,
+            key.digest,
         )
         return _parse_claim(reply, key)
 
@@ -499,7 +524,9 @@ class RedisStore(Store):
         _check_fenced(reply, "complete", key, fence)
 
     async def arelease(self, key: RecordKey, fence: int) -> None:
-        reply = await self._aeval(_RELEASE, 1, self._key(key), fence, self._channel(key))
+        reply = await self._aeval(
+            _RELEASE, 1, self._key(key), fence, self._channel(key), _TOMBSTONE_MS
+        )
         _check_fenced(reply, "release", key, fence)
 
     async def arenew(self, key: RecordKey, fence: int, lease: float) -> float:

@@ -55,13 +55,27 @@ CREATE TABLE IF NOT EXISTS {t} (
     PRIMARY KEY (scope, digest)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS {t}_expires ON {t} (expires_at);
+CREATE TABLE IF NOT EXISTS {t}_fences (
+    id   INTEGER PRIMARY KEY CHECK (id = 0),
+    high INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO {t}_fences (id, high) VALUES (0, 0);
+CREATE TRIGGER IF NOT EXISTS {t}_keep_fence AFTER DELETE ON {t} BEGIN
+    UPDATE {t}_fences SET high = max(high, old.fence) WHERE id = 0;
+END;
 """
+# Fences: a row that goes away (delete, purge) leaves its fence in ``{t}_fences.high`` through
+# the trigger, in the same statement; a new row's fence is above it and above the clock in
+# microseconds, a taken-over row's is above its old one. Writers are serialised by SQLite, and a
+# write statement reads the latest data, so fences of a key only grow, whatever happened between
+# two claims.
+_HIGH = "coalesce((SELECT high FROM {t}_fences WHERE id = 0), 0) + 1"
 
 # One statement decides the claim. The upsert always returns the row: if the stored row may be
 # taken over (C), every column is replaced and ``claim_id`` becomes ours; otherwise each column
 # keeps its value. Comparing the returned ``claim_id`` with ours tells New from the rest.
 _C = (
-    "({t}.expires_at <= excluded.created_at OR "
+    "({t}.status = 'released' OR {t}.expires_at <= excluded.created_at OR "
     "({t}.status = 'in_progress' AND {t}.lease_until <= excluded.created_at))"
 )
 _TAKE = ", ".join(
@@ -80,28 +94,34 @@ _TAKE = ", ".join(
 )
 CLAIM = (
     "INSERT INTO {t} (" + COLUMNS + ", claim_id) "
-    "SELECT :scope, :digest, 'in_progress', :fp, CAST(n.now * 1000000 AS INTEGER), "
+    "SELECT :scope, :digest, 'in_progress', :fp, max("
+    + _HIGH
+    + ", CAST(n.now * 1000000 AS INTEGER)), "
     "n.now + :lease, n.now + max(:lease, :ttl), n.now, NULL, NULL, :claim_id "
     "FROM (SELECT " + NOW + " AS now) AS n WHERE 1 "
     "ON CONFLICT (scope, digest) DO UPDATE SET " + _TAKE + " "
     "RETURNING " + COLUMNS + ", claim_id, " + NOW
 )
-_MINE = "WHERE scope = :scope AND digest = :digest AND fence = :fence AND status = 'in_progress'"
+_FENCED = "WHERE scope = :scope AND digest = :digest AND fence = :fence "
+_MINE = _FENCED + "AND status = 'in_progress'"
+# Completes the caller's claim; a completion under this fence with this very result is the
+# caller's own earlier write (its reply was lost): it matches too and changes nothing.
 COMPLETE = (
     "UPDATE {t} SET status = 'completed', lease_until = NULL, expires_at = "
-    + NOW
-    + " + :ttl, result = :result, codec = :codec "
-    + _MINE
+    "CASE WHEN status = 'completed' THEN expires_at ELSE " + NOW + " + :ttl END, "
+    "result = :result, codec = :codec " + _FENCED + "AND (status = 'in_progress' OR "
+    "(status = 'completed' AND result IS :result AND codec IS :codec))"
 )
-# Release leaves an expired tombstone rather than deleting the row, so the next claim's fence is
-# still ``old + 1`` even within the same millisecond (SQLite's clock resolution).
+# Release leaves an expired tombstone rather than deleting the row: a repeated release finds its
+# own tombstone (success), and the next claim takes the row over with fence ``old + 1``.
 RELEASE = (
     "UPDATE {t} SET status = 'released', lease_until = "
     + NOW
-    + ", expires_at = "
+    + ", expires_at = CASE WHEN status = 'released' THEN expires_at ELSE "
     + NOW
-    + " "
-    + _MINE
+    + " END "
+    + _FENCED
+    + "AND status IN ('in_progress', 'released')"
 )
 RENEW = (
     "UPDATE {t} SET lease_until = " + NOW + " + :lease, "
@@ -110,7 +130,8 @@ RENEW = (
 GET = (
     "SELECT "
     + COLUMNS
-    + " FROM {t} WHERE scope = :scope AND digest = :digest AND expires_at > "
+    + " FROM {t} WHERE scope = :scope AND digest = :digest AND status <> 'released' "
+    + "AND expires_at > "
     + NOW
 )
 STATE = (
@@ -119,12 +140,27 @@ STATE = (
     + " FROM {t} WHERE scope = :scope AND digest = :digest"
 )
 # Removes tombstones and expired rows too, but reports only whether a live record was there.
-DELETE = "DELETE FROM {t} WHERE scope = :scope AND digest = :digest RETURNING expires_at > " + NOW
+DELETE = (
+    "DELETE FROM {t} WHERE scope = :scope AND digest = :digest "
+    "RETURNING status <> 'released' AND expires_at > " + NOW
+)
 PURGE = (
     "DELETE FROM {t} WHERE (scope, digest) IN "
     "(SELECT scope, digest FROM {t} WHERE expires_at <= " + NOW + " LIMIT :limit)"
 )
-LIST = "SELECT " + COLUMNS + " FROM {t} WHERE expires_at > " + NOW + " {where} LIMIT :limit"
+LIST = (
+    "SELECT "
+    + COLUMNS
+    + " FROM {t} WHERE status <> 'released' AND expires_at > "
+    + NOW
+    + " {where} LIMIT :limit"
+)
+# Every part of the schema is there (a file made by an older version lacks the fence keeper).
+CHECK = (
+    "SELECT (SELECT count(*) FROM {t}_fences WHERE id = 0) + (SELECT count(*) FROM sqlite_master "
+    "WHERE type = 'trigger' AND name = '{t}_keep_fence') "
+    "WHERE NOT EXISTS (SELECT 1 FROM {t} WHERE 0)"
+)
 
 
 def _record(row: tuple[Any, ...]) -> Record:
@@ -255,6 +291,7 @@ class SQLiteStore(Store):
                 ("state", STATE),
                 ("delete", DELETE),
                 ("purge", PURGE),
+                ("check", CHECK),
             ]
         }
         self._workers = workers
@@ -300,6 +337,8 @@ class SQLiteStore(Store):
 
     def _translate(self, exc: sqlite3.Error) -> StoreError:
         text = str(exc)
+        if "no such table" in text and text.endswith("_fences"):
+            return self._schema_outdated()
         if "no such table" in text:
             return SchemaMissing(
                 f"table {self.table!r} does not exist in {self.path!r}; run "
@@ -320,7 +359,16 @@ class SQLiteStore(Store):
                 raise self._translate(exc) from exc
 
     def check_schema(self) -> None:
-        self._run("state", {"scope": "", "digest": ""})
+        rows, _ = self._run("check", {})
+        if rows[0][0] != 2:
+            raise self._schema_outdated()
+
+    def _schema_outdated(self) -> SchemaMissing:
+        return SchemaMissing(
+            f"table {self.table!r} in {self.path!r} lacks its fence keeper "
+            f"({self.table}_fences and its trigger; the file was made by an older oncely): "
+            f"run `oncely init {self.url}` or open the store with create_schema=True"
+        )
 
     def close(self) -> None:
         self._connections.close()
