@@ -331,6 +331,13 @@ class RedisStore(Store):
     def _channel(self, key: RecordKey) -> str:
         return f"{self._done}{key.scope}:{key.digest}"
 
+    def _claim_args(
+        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
+    ) -> tuple[Any, ...]:
+        """claim.lua's keys and arguments."""
+        record_key, counter = self._key(key), self._fence_key
+        return record_key, counter, fingerprint, _ms(lease), _ms(ttl), key.scope, key.digest
+
     def _scan_pattern(self, scope: str | None) -> str:
         if scope is None:
             return f"{_glob_escape(self.prefix)}:*"
@@ -365,17 +372,7 @@ class RedisStore(Store):
 
     # -- sync face ---------------------------------------------------------------------------------
     def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
-        reply = self._eval(
-            _CLAIM,
-            2,
-            self._key(key),
-            self._fence_key,
-            fingerprint,
-            _ms(lease),
-            _ms(ttl),
-            key.scope,
-            key.digest,
-        )
+        reply = self._eval(_CLAIM, 2, *self._claim_args(key, fingerprint, lease, ttl))
         return _parse_claim(reply, key)
 
     def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
@@ -502,17 +499,7 @@ class RedisStore(Store):
     async def aclaim(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> ClaimOutcome:
-        reply = await self._aeval(
-            _CLAIM,
-            2,
-            self._key(key),
-            self._fence_key,
-            fingerprint,
-            _ms(lease),
-            _ms(ttl),
-            key.scope,
-            key.digest,
-        )
+        reply = await self._aeval(_CLAIM, 2, *self._claim_args(key, fingerprint, lease, ttl))
         return _parse_claim(reply, key)
 
     async def acomplete(
