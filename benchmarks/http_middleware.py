@@ -66,7 +66,7 @@ def build_app(variant: str, tag: str, folder: str) -> Any:
     if variant == "bare":
         return app
     if variant.startswith("oncely-"):
-        from oncely.http import IdempotencyConfig, IdempotencyMiddleware
+        from oncely.http import GLOBAL, IdempotencyConfig, IdempotencyMiddleware
         from oncely.stores import open_store
 
         kind = variant.split("-", 1)[1]
@@ -76,7 +76,8 @@ def build_app(variant: str, tag: str, folder: str) -> Any:
             store = open_store(f"sqlite:///{folder}/bench-{tag}.db")
         else:
             store = open_store(REDIS_URL, prefix=f"bench-{tag}")
-        return IdempotencyMiddleware(app, IdempotencyConfig(store=store))
+        # one key space, as idemkit's single_tenant mode below
+        return IdempotencyMiddleware(app, IdempotencyConfig(store=store, scope=GLOBAL))
     import redis.asyncio
 
     client = redis.asyncio.Redis.from_url(REDIS_URL)

@@ -298,10 +298,11 @@ def test_waiting_duplicate_gives_up_after_wait_timeout(store: Store) -> None:
 def test_lease_is_renewed_while_a_slow_call_runs(store: Store) -> None:
     runs = []
 
-    @idempotent(store=store, key=["order_id"], lease=0.3)
+    # Leases short enough to need renewal, long enough for a loaded 2-core CI machine.
+    @idempotent(store=store, key=["order_id"], lease=0.6)
     def slow(order_id: str) -> str:
         runs.append(1)
-        time.sleep(1.2)  # four leases long
+        time.sleep(2.4)  # four leases long
         claim = current_claim()
         assert claim is not None and claim.lost is None
         return "done"
@@ -309,7 +310,7 @@ def test_lease_is_renewed_while_a_slow_call_runs(store: Store) -> None:
     order = unique()
     worker = threading.Thread(target=slow, args=(order,))
     worker.start()
-    time.sleep(0.6)  # past two unrenewed leases
+    time.sleep(1.2)  # past two unrenewed leases
     assert slow(order) == "done"
     worker.join()
     assert runs == [1]
@@ -318,15 +319,15 @@ def test_lease_is_renewed_while_a_slow_call_runs(store: Store) -> None:
 async def test_async_lease_is_renewed_while_a_slow_call_runs(store: Store) -> None:
     runs = []
 
-    @idempotent(store=store, key=["order_id"], lease=0.3)
+    @idempotent(store=store, key=["order_id"], lease=0.6)
     async def slow(order_id: str) -> str:
         runs.append(1)
-        await asyncio.sleep(1.2)
+        await asyncio.sleep(2.4)
         return "done"
 
     order = unique()
     first = asyncio.ensure_future(slow(order))
-    await asyncio.sleep(0.6)
+    await asyncio.sleep(1.2)
     assert await slow(order) == "done"
     assert await first == "done"
     assert runs == [1]
@@ -403,7 +404,7 @@ def test_bad_keys_get_typed_errors(store: Store) -> None:
     with pytest.raises(InvalidKey, match="255"):
         charge("x" * 256)
     assert charge("x" * 255) == 1
-    with pytest.raises(InvalidKey, match="JSON"):
+    with pytest.raises(InvalidKey, match="non-empty string, an int or a UUID"):
         charge(object())
     with pytest.raises(ConfigurationError, match="not a parameter"):
         idempotent(store=store, key=["nope"])(lambda order_id: 1)
@@ -650,3 +651,236 @@ def test_an_unexpected_renewal_error_is_reported_not_swallowed(face: str) -> Non
 
         asyncio.run(aslow(unique()))
     assert len(lost) == 1 and isinstance(lost[0], RuntimeError)
+
+
+# -- the default key must not leave out what tells two calls apart (issue 7, item 5) ----------
+
+
+class Account:
+    def __init__(self, owner: str) -> None:
+        self.id = owner
+        self.deposits: list[int] = []
+
+
+def test_a_method_with_the_default_key_is_refused_when_decorated() -> None:
+    with pytest.raises(ConfigurationError, match=r"key=.*scope=") as info:
+
+        class Bank:
+            @idempotent(store="memory://")
+            def deposit(self, amount: int) -> int:
+                return amount
+
+    assert "'self'" in str(info.value)
+    with pytest.raises(ConfigurationError, match="'cls'"):
+
+        class Factory:
+            @classmethod
+            @idempotent(store="memory://")
+            def make(cls, amount: int) -> int:
+                return amount
+
+
+def test_alice_and_bob_deposit_the_same_amount_and_both_run() -> None:
+    class Bank(Account):
+        @idempotent(store="memory://", key=["self.id", "amount"])
+        def deposit(self, amount: int) -> int:
+            self.deposits.append(amount)
+            return len(self.deposits)
+
+        @idempotent(store="memory://", scope=lambda self, amount: self.id, key=["amount"])
+        def withdraw(self, amount: int) -> int:
+            self.deposits.append(-amount)
+            return len(self.deposits)
+
+    alice, bob = Bank("alice"), Bank("bob")
+    assert alice.deposit(10) == 1 and bob.deposit(10) == 1
+    assert alice.deposit(10) == 1  # a retry of Alice's deposit replays hers
+    assert alice.withdraw(5) == 2 and bob.withdraw(5) == 2
+    assert alice.deposits == [10, -5] and bob.deposits == [10, -5]
+
+
+def _wrapping(fn: Any) -> Any:
+    """A decorator whose closure holds only the function it wraps (code, not data)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def test_every_callable_whose_calls_differ_by_more_than_arguments_is_refused() -> None:
+    import functools
+
+    alice = Account("alice")
+
+    def deposit(account: Account, amount: int) -> int:
+        return amount
+
+    class Till:
+        def __init__(self, account: Account) -> None:
+            self.account = account
+
+        def __call__(self, amount: int) -> int:
+            return amount
+
+    def for_account(account: Account) -> Any:
+        def deposit_to(amount: int) -> int:
+            account.deposits.append(amount)
+            return amount
+
+        return deposit_to
+
+    hidden = {
+        "method bound to a Teller": Teller().deposit,
+        "functools.partial": functools.partial(deposit, alice),
+        "callable Till object": Till(alice),
+        "closure over account": for_account(alice),
+    }
+    for what, fn in hidden.items():
+        with pytest.raises(ConfigurationError, match=what):
+            idempotent(store="memory://", name=f"n.{what}")(fn)
+    # Code in a closure (a wrapped function, a class) is not a hidden input.
+    assert idempotent(store="memory://")(_wrapping(_double))(4) == 8
+
+
+def _double(n: int) -> int:
+    return n * 2
+
+
+class Teller:
+    def deposit(self, amount: int) -> int:
+        return amount
+
+
+DEPOSITS: list[int] = []
+
+
+def deposit_into(account: Any, amount: int) -> int:
+    DEPOSITS.append(amount)
+    return amount
+
+
+def test_a_function_bound_later_as_a_method_is_refused_at_its_first_call() -> None:
+    @dataclasses.dataclass
+    class Wallet:
+        id: str
+
+    deposit = idempotent(store="memory://", name="wallet.deposit")(deposit_into)
+    Wallet.deposit = deposit  # type: ignore[attr-defined]
+    with pytest.raises(ConfigurationError, match="called as a method of Wallet"):
+        Wallet("alice").deposit(10)  # type: ignore[attr-defined]
+    assert DEPOSITS == []
+    assert deposit("alice", 10) == 10  # called as a plain function, the arguments are the key
+
+
+def test_functions_of_the_same_name_in_two_modules_do_not_share_records() -> None:
+    import types
+
+    store = MemoryStore()
+    made = []
+    for module in ("billing", "refunds"):
+        namespace = types.ModuleType(module)
+        exec(
+            "def charge(order_id: str) -> str:\n    return __name__\n",
+            namespace.__dict__,
+        )
+        made.append(idempotent(store=store, key=["order_id"])(namespace.charge))
+    order = unique()
+    assert made[0](order) == "billing"
+    assert made[1](order) == "refunds"
+    with pytest.raises(ConfigurationError, match="lambdas"):
+        idempotent(store=store, key=["x"])(lambda x: x)
+    assert idempotent(store=store, key=["x"], name="t.echo")(lambda x: x)("a") == "a"
+
+
+# -- every key source refuses parts that do not identify an operation (issue 7, item 6) -------
+
+NOT_KEYS = [None, "", True, False, 1.5, 0.0, {"a": 1}, ["a"], ("a",), b"k", Decimal("1")]
+
+
+@pytest.mark.parametrize("bad", NOT_KEYS, ids=repr)
+def test_key_paths_callables_and_scopes_refuse_parts_that_are_no_key(bad: Any) -> None:
+    store = MemoryStore()
+    runs: list[str] = []
+
+    @idempotent(store=store, key=lambda r: r.get("k"))
+    def by_callable(r: dict[str, Any]) -> int:
+        runs.append("callable")
+        return 1
+
+    @idempotent(store=store, key=["r.k"])
+    def by_path(r: dict[str, Any]) -> int:
+        runs.append("path")
+        return 1
+
+    @idempotent(store=store, key=["r.k", "n"])
+    def by_two_paths(r: dict[str, Any], n: str) -> int:
+        runs.append("paths")
+        return 1
+
+    @idempotent(store=store, key=["n"], scope=lambda r, n: r.get("k"))
+    def by_scope(r: dict[str, Any], n: str) -> int:
+        runs.append("scope")
+        return 1
+
+    for call in (
+        lambda: by_callable({"k": bad}),
+        lambda: by_path({"k": bad}),
+        lambda: by_two_paths({"k": bad}, "x"),
+        lambda: by_scope({"k": bad}, "x"),
+    ):
+        with pytest.raises(InvalidKey):
+            call()
+    assert runs == []
+
+
+def test_a_key_callable_returning_none_does_not_merge_calls() -> None:
+    runs = []
+
+    @idempotent(store="memory://", key=lambda r: r.get("k"))
+    def f(r: dict[str, int]) -> int:
+        runs.append(r["b"])
+        return r["b"]
+
+    with pytest.raises(InvalidKey, match="None"):
+        f({"b": 1})
+    with pytest.raises(InvalidKey, match="None"):
+        f({"b": 2})
+    assert runs == []
+
+
+def test_ints_and_uuids_are_key_parts_and_a_static_scope_must_be_a_string() -> None:
+    import enum
+
+    class Status(str, enum.Enum):
+        PAID = "paid"
+
+    runs = []
+
+    @idempotent(store="memory://", key=["order_id", "status"], scope=lambda order_id, status: 7)
+    def ship(order_id: int | uuid.UUID, status: Status) -> int:
+        runs.append(order_id)
+        return len(runs)
+
+    assert ship(42, Status.PAID) == ship(42, Status.PAID) == 1
+    assert ship(uuid.UUID(int=42), Status.PAID) == 2
+    # An enum member is keyed by its value, the same as the plain string.
+    assert ship(42, "paid") == 1  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="scope="):
+        idempotent(store="memory://", key=["k"], scope=7)(_double)  # type: ignore[arg-type]
+
+
+# -- defaults (issue 7, item 16) --------------------------------------------------------------
+
+
+def test_records_are_kept_24_hours_by_default(store: Store) -> None:
+    @idempotent(store=store, key=["order_id"])
+    def charge(order_id: str) -> int:
+        return 1
+
+    order = unique()
+    charge(order)
+    [record] = [r for r in store.list(limit=1000) if r.status == "completed"]
+    assert record.expires_at - record.created_at == pytest.approx(86400, abs=5)

@@ -18,10 +18,15 @@ import pytest
 
 from oncely.errors import ConfigurationError, HttpProblem
 from oncely.http import (
+    GLOBAL,
     PROBLEM_BASE,
     IdempotencyConfig,
+    IdempotencyMiddleware,
     Rule,
+    WSGIIdempotencyMiddleware,
     json_fields,
+    scope_from_cookie,
+    scope_from_header,
 )
 from oncely.http.codec import decode_response, encode_response
 from oncely.http.headers import parse_key
@@ -44,6 +49,7 @@ def key_header(key: str | None = None) -> tuple[str, str]:
 def make_face(request: pytest.FixtureRequest, make_store: StoreFactory) -> MakeFace:
     def make(store_kind: str = "memory", app: Any = None, **config: Any) -> Face:
         store = make_store(store_kind)[0]
+        config.setdefault("scope", GLOBAL)
         return FACES[request.param](IdempotencyConfig(store=store, **config), app=app)
 
     return make
@@ -271,6 +277,50 @@ async def test_replay_returns_status_body_and_safe_headers(make_face: MakeFace) 
     assert face.calls["/orders"] == 1
 
 
+@pytest.mark.parametrize("path", ["/no-content", "/not-modified", "/stream", "/orders"])
+async def test_a_replay_carries_exactly_the_stored_headers(make_face: MakeFace, path: str) -> None:
+    # Issue 7 item 13: no Content-Length (nor anything else) added; none on a 204 at all.
+    face = make_face(deny_headers=["X-Secret"])
+    key = key_header()
+    first = await face.request("POST", path, [key], b"{}")
+    again = await face.request("POST", path, [key], b"{}")
+    kept = [(k, v) for k, v in first.headers if k not in (b"set-cookie", b"x-secret")]
+    assert again.replayed and again.status == first.status
+    assert again.headers == [*kept, (b"idempotent-replayed", b"true")]
+    assert again.body == first.body
+    if first.status in (204, 304):
+        assert again.body == b"" and again.header("content-length") is None
+    assert face.calls[path] == 1
+
+
+def test_a_stored_204_or_1xx_never_replays_a_content_length() -> None:
+    from oncely.http.codec import CODEC, encode_response
+    from oncely.http.config import Policy
+    from oncely.http.flow import _replay
+    from oncely.records import Record
+
+    policy = Policy.build(IdempotencyConfig(scope=GLOBAL), True)
+    for status, replayed_length in ((204, None), (103, None), (304, b"12"), (200, b"12")):
+        data = encode_response(status, [(b"content-length", b"12")], b"x" * 12)
+        record = Record("s", "d", "completed", "", 1, None, 0.0, 0.0, data, CODEC)
+        response = _replay(policy, record)
+        lengths = [v for k, v in response.headers if k == b"content-length"]
+        assert lengths == ([] if replayed_length is None else [replayed_length]), status
+        assert response.body == (b"x" * 12 if status == 200 else b"")
+
+
+def test_problems_from_the_app_keep_their_own_framing() -> None:
+    from oncely.http.problems import from_exception
+
+    problem = HttpProblem(
+        402, "pay", "Pay", "top up", headers=(("Content-Length", "1"), ("Retry-After", "5"))
+    )
+    response = from_exception(problem)
+    lengths = [v for k, v in response.headers if k == b"content-length"]
+    assert lengths == [str(len(response.body)).encode()]
+    assert (b"retry-after", b"5") in response.headers
+
+
 def test_stored_headers_drop_credentials_and_hop_by_hop() -> None:
     from oncely.http.codec import ALWAYS_DENIED, storable_headers
 
@@ -346,6 +396,68 @@ async def test_fingerprint_can_be_chosen_json_fields(make_face: MakeFace) -> Non
     assert face.calls["/orders"] == 1
 
 
+@pytest.mark.parametrize("media", ["application/json", "application/merchant+json"])
+async def test_the_same_json_in_other_words_is_the_same_request(
+    make_face: MakeFace, media: str
+) -> None:
+    # Issue 7 item 15: JSON media types are fingerprinted by their parsed value.
+    face = make_face()
+    key = key_header()
+    kind = ("Content-Type", f"{media}; charset=utf-8")
+    first = await face.request("POST", "/orders", [key, kind], b'{"a": 1, "b": [1.0, "x"]}')
+    for same in (
+        b'{"b":[1,"x"],"a":1}',
+        b'\n{ "b" : [ 1e0 , "\\u0078" ] ,\n  "a" : 1.00 }\n',
+    ):
+        again = await face.request("POST", "/orders", [key, kind], same)
+        assert again.replayed and again.body == first.body, same
+    for other in (b'{"a": 2, "b": [1, "x"]}', b'{"a": 1, "b": ["x", 1]}', b'{"a": 1}'):
+        assert (await face.request("POST", "/orders", [key, kind], other)).status == 422
+    # the media type counts: the same bytes as text are another request
+    text = await face.request("POST", "/orders", [key, ("Content-Type", "text/plain")], b"{}")
+    assert text.status == 422
+    assert face.calls["/orders"] == 1
+
+
+async def test_other_media_types_are_fingerprinted_byte_for_byte(make_face: MakeFace) -> None:
+    face = make_face()
+    key = key_header()
+    kind = ("Content-Type", "text/plain")
+    await face.request("POST", "/orders", [key, kind], b'{"a": 1}')
+    assert (await face.request("POST", "/orders", [key, kind], b'{"a":1}')).status == 422
+
+
+async def test_invalid_json_under_a_json_media_type_is_400_and_claims_nothing(
+    make_face: MakeFace,
+) -> None:
+    face = make_face()
+    key = key_header()
+    kind = ("Content-Type", "application/json")
+    for bad in (b"{", b'{"a": }', b"\xff\xfe", b"[" * 100_000):
+        reply = await face.request("POST", "/orders", [key, kind], bad)
+        assert (reply.status, reply.problem) == (400, "request-body-invalid"), bad[:10]
+    assert face.calls["/orders"] == 0
+    assert (await face.request("POST", "/orders", [key, kind], b"{}")).status == 201
+    # an empty body with a JSON Content-Type is no JSON at all, and not an error
+    empty = await face.request("POST", "/orders", [key_header(), kind], b"")
+    assert empty.status == 201
+
+
+def test_canonical_json_unit() -> None:
+    from oncely.http.fingerprint import canonical_json
+
+    assert canonical_json(b'{"b": 1.50, "a": -0}') == canonical_json(b'{"a":0,"b":1.5}')
+    assert canonical_json(b"100") == canonical_json(b"1e2") == canonical_json(b"1.0E+2")
+    assert canonical_json(b"12345678901234567890123456789012") != canonical_json(
+        b"12345678901234567890123456789013"
+    )
+    # duplicate names keep their order, so a parser that takes the first differs from one
+    # that takes the last: both count
+    assert canonical_json(b'{"a":1,"a":2}') != canonical_json(b'{"a":2}')
+    assert canonical_json(b'{"a":1,"a":2}') != canonical_json(b'{"a":2,"a":1}')
+    assert canonical_json(b'"\\u00e9"') == canonical_json('"\u00e9"'.encode())
+
+
 async def test_custom_fingerprint_callable(make_face: MakeFace) -> None:
     face = make_face(fingerprint=lambda request, body: request.method)
     key = key_header()
@@ -373,6 +485,73 @@ async def test_scope_keeps_tenants_apart(make_face: MakeFace) -> None:
     assert a2.replayed and a2.body == a1.body
     assert b2.replayed and b2.body == b1.body and b1.body != a1.body
     assert face.calls["/orders"] == 2
+
+
+def test_a_config_without_scope_is_refused_with_the_options() -> None:
+    # Issue 7 item 3: no configuration silently shares one key space between clients.
+    with pytest.raises(ConfigurationError) as info:
+        IdempotencyConfig(store="memory://")
+    message = str(info.value)
+    for option in ("scope_from_header('Authorization')", "lambda request", "GLOBAL"):
+        assert option in message
+    with pytest.raises(ConfigurationError):
+        IdempotencyConfig(store="memory://", scope="tenant")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        IdempotencyMiddleware(lambda *a: None, store="memory://")
+    with pytest.raises(ConfigurationError):
+        WSGIIdempotencyMiddleware(lambda *a: [], store="memory://")
+    with pytest.raises(ConfigurationError):
+        scope_from_header()
+    with pytest.raises(ConfigurationError):
+        scope_from_header("Authorization", secret="short")
+
+
+async def test_different_credentials_never_share_a_key_space(make_face: MakeFace) -> None:
+    # Issue 7 item 3: the same key and body with another bearer token must not get the first
+    # client's stored response.
+    face = make_face(scope=scope_from_header("Authorization"))
+    key = key_header()
+    alice = [key, ("Authorization", "Bearer alice")]
+    bob = [key, ("Authorization", "Bearer bob")]
+    first = await face.request("POST", "/orders", alice, b"{}")
+    other = await face.request("POST", "/orders", bob, b"{}")
+    again = await face.request("POST", "/orders", alice, b"{}")
+    assert not other.replayed and other.body != first.body
+    assert again.replayed and again.body == first.body
+    assert face.calls["/orders"] == 2
+    scopes = {record.scope for record in face.engine.store.list()}
+    assert len(scopes) == 2 and not any("alice" in s or "bob" in s for s in scopes)
+
+
+async def test_a_session_cookie_scope_ignores_the_other_cookies(make_face: MakeFace) -> None:
+    face = make_face(scope=scope_from_cookie("sessionid"))
+    key = key_header()
+    first = await face.request(
+        "POST", "/orders", [key, ("Cookie", "sessionid=s1; _ga=GA1.1")], b"{}"
+    )
+    retry = await face.request(
+        "POST", "/orders", [key, ("Cookie", "_ga=GA1.2; sessionid=s1")], b"{}"
+    )
+    other = await face.request("POST", "/orders", [key, ("Cookie", "sessionid=s2")], b"{}")
+    assert retry.replayed and retry.body == first.body
+    assert not other.replayed
+    assert face.calls["/orders"] == 2
+
+
+def test_scope_helpers_hash_and_never_return_the_credential() -> None:
+    from oncely.http import HttpRequest
+
+    def request(*headers: tuple[bytes, bytes]) -> HttpRequest:
+        return HttpRequest("POST", "/", b"", list(headers))
+
+    auth = scope_from_header("Authorization")
+    keyed = scope_from_header("Authorization", secret="s" * 16)
+    alice = request((b"authorization", b"Basic YWxpY2U6cHc="))
+    assert auth(alice) != auth(request((b"authorization", b"Basic Ym9iOnB3")))
+    assert "YWxpY2U" not in auth(alice) and len(auth(alice)) == 32
+    assert keyed(alice) != auth(alice)
+    assert auth(request()) == "-"
+    assert scope_from_cookie("sid")(request((b"cookie", b"a=1; sid=x"))) != "-"
 
 
 async def test_records_live_under_the_scope(make_face: MakeFace) -> None:
@@ -430,14 +609,52 @@ async def test_an_exception_releases_the_key(make_face: MakeFace) -> None:
     assert face.calls["/boom"] == 2
 
 
-async def test_a_client_gone_mid_response_releases_the_key(make_face: MakeFace) -> None:
+@pytest.mark.parametrize(
+    ("path", "drop_after"), [("/stream", 2), ("/stream-boom", None)], ids=["client-gone", "raised"]
+)
+async def test_a_response_cut_short_after_it_started_does_not_run_again(
+    make_face: MakeFace, path: str, drop_after: int | None
+) -> None:
+    # Issue 7 item 2: the client left mid-response, or the stream raised after the response
+    # started: the work is done, so the key is completed with the "not replayable" marker
+    # (409 on retry), never released.
     face = make_face()
     key = key_header()
-    await face.request("POST", "/stream", [key], query=b"n=5", drop_after=2)
-    again = await face.request("POST", "/stream", [key], query=b"n=5")
-    assert again.status == 200 and not again.replayed
-    assert again.body == b"".join(b"chunk-%04d" % i for i in range(5))
+    first = await face.request("POST", path, [key], query=b"n=5", drop_after=drop_after)
+    if drop_after is None:
+        assert isinstance(first.raised, RuntimeError)  # the app's error still propagates
+    again = await face.request("POST", path, [key], query=b"n=5")
+    assert (again.status, again.problem, again.raised) == (409, "response-not-replayable", None)
+    assert again.json()["original_status"] == 200
+    assert "cut short" in again.json()["detail"]
+    assert face.calls[path] == 1
+
+
+async def test_a_status_not_to_store_is_released_even_after_it_started(
+    make_face: MakeFace,
+) -> None:
+    # Decided from the status line: a 5xx (or transient) response is never stored, streamed
+    # or not, cut short or not.
+    face = make_face()
+    key = key_header()
+    await face.request("POST", "/stream", [key], query=b"n=5&status=503", drop_after=2)
+    again = await face.request("POST", "/stream", [key], query=b"n=5&status=503")
+    assert again.status == 503 and not again.replayed
     assert face.calls["/stream"] == 2
+
+
+async def test_a_response_the_app_finished_is_stored_even_if_the_last_send_fails(
+    make_face: MakeFace,
+) -> None:
+    face = make_face()
+    if isinstance(face, WsgiFace):
+        pytest.skip("WSGI: the server, not the app, decides when the body is finished")
+    key = key_header()
+    # two chunks go out, sending the app's final (empty) body message fails
+    await face.request("POST", "/stream", [key], query=b"n=2", drop_after=2)
+    again = await face.request("POST", "/stream", [key], query=b"n=2")
+    assert again.status == 200 and again.replayed and again.body == b"chunk-0000chunk-0001"
+    assert face.calls["/stream"] == 1
 
 
 async def test_handler_sees_idempotency_info(make_face: MakeFace) -> None:
@@ -525,7 +742,7 @@ async def test_streamed_response_is_replayed_byte_identical(make_face: MakeFace)
     first = await face.request("POST", "/stream", [key], query=b"n=300")
     again = await face.request("POST", "/stream", [key], query=b"n=300")
     assert len(first.body) == 3000 and again.body == first.body and again.replayed
-    assert again.header("content-length") == "3000"
+    assert again.header("content-length") is None  # exactly what the app sent: no framing
     assert face.calls["/stream"] == 1
 
 
@@ -548,12 +765,12 @@ async def test_response_over_max_stored_body_is_never_replayed_truncated(
 @pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "postgresql://postgres@127.0.0.1:1/x"])
 async def test_store_down_is_503_and_fails_closed(make_face: MakeFace, url: str) -> None:
     face = make_face()
-    face = type(face)(IdempotencyConfig(store=url, retry_after=3))
+    face = type(face)(IdempotencyConfig(store=url, retry_after=3, scope=GLOBAL))
     reply = await face.request("POST", "/orders", [key_header()], b"{}")
     assert reply.status == 503 and reply.problem == "store-unavailable"
     assert reply.header("retry-after") == "3"
     assert face.calls["/orders"] == 0
-    open_face = type(face)(IdempotencyConfig(store=url, fail_open=True))
+    open_face = type(face)(IdempotencyConfig(store=url, fail_open=True, scope=GLOBAL))
     assert (await open_face.request("POST", "/orders", [key_header()], b"{}")).status == 201
 
 
@@ -602,6 +819,50 @@ def test_bad_configuration_is_refused_early() -> None:
         IdempotencyConfig(routes={"orders": Rule()})
     with pytest.raises(ConfigurationError):
         IdempotencyConfig(routes={"/orders": {"required": False}})  # type: ignore[dict-item]
+
+
+BUILD_WITHOUT = """
+import sys
+sys.modules[{module!r}] = None  # as if the package were not installed
+from oncely.errors import ConfigurationError
+from oncely.http import GLOBAL, IdempotencyConfig, TokenGuard, {face}
+from oncely.tokens import Tokens
+try:
+    {build}
+except ConfigurationError as exc:
+    print("refused:", exc)
+else:
+    print("built")
+"""
+
+
+@pytest.mark.parametrize("face", ["IdempotencyMiddleware", "WSGIIdempotencyMiddleware"])
+@pytest.mark.parametrize(
+    ("module", "build", "extra"),
+    [
+        ("http_sf", "{face}(None, IdempotencyConfig(store='memory://', scope=GLOBAL))", "http"),
+        (
+            "redis",
+            "{face}(None, IdempotencyConfig(store='redis://127.0.0.1:6379/0', scope=GLOBAL))",
+            "redis",
+        ),
+        ("redis", "Tokens('s' * 16, 'redis://127.0.0.1:6379/0')", "redis"),
+        ("psycopg", "{face}(None, store='postgresql://x@127.0.0.1/x', scope=GLOBAL)", "postgres"),
+    ],
+    ids=["http-sf", "redis-store", "redis-tokens", "postgres-store"],
+)
+def test_a_missing_extra_fails_when_the_middleware_is_built(
+    face: str, module: str, build: str, extra: str
+) -> None:
+    # Issue 7 item 18: not on the first request, and with the install line.
+    import subprocess
+    import sys
+
+    code = BUILD_WITHOUT.format(module=module, face=face, build=build.format(face=face))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("refused:"), result.stdout
+    assert f"pip install 'oncely[{extra}]'" in result.stdout
 
 
 def test_reply_helper_reads_problems() -> None:

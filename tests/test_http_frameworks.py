@@ -11,9 +11,11 @@ from typing import Annotated, Any
 import httpx
 import pytest
 from fastapi import Depends, FastAPI
+from pydantic import BaseModel
 
 from oncely.errors import ConfigurationError
 from oncely.http import (
+    GLOBAL,
     IdempotencyConfig,
     IdempotencyInfo,
     IdempotencyMiddleware,
@@ -32,6 +34,14 @@ pytestmark = pytest.mark.timeout(60)
 
 def key() -> dict[str, str]:
     return {"Idempotency-Key": f'"{uuid.uuid4()}"'}
+
+
+def config(store: Any, **options: Any) -> IdempotencyConfig:
+    """A test configuration: one key space (GLOBAL) unless a test says otherwise."""
+    options.setdefault("scope", GLOBAL)
+    if "tokens" in options:
+        options["tokens"] = TokenGuard(tokens=options["tokens"], subject=GLOBAL)
+    return IdempotencyConfig(store=store, **options)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.stem)
@@ -94,9 +104,7 @@ async def test_starlette_decorators_through_mounts_and_endpoint_classes() -> Non
             Route("/never", never, methods=["POST"]),
             Route("/plain", plain, methods=["POST"]),
         ],
-        middleware=[
-            Middleware(IdempotencyMiddleware, config=IdempotencyConfig(store=MemoryStore()))
-        ],
+        middleware=[Middleware(IdempotencyMiddleware, config=config(MemoryStore()))],
     )
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
@@ -120,7 +128,7 @@ async def test_starlette_app_wrapped_from_outside_finds_its_routes() -> None:
         return Response("ok")
 
     inner = Starlette(routes=[Route("/optional", optional, methods=["POST"])])
-    app = IdempotencyMiddleware(inner, IdempotencyConfig(store=MemoryStore()))
+    app = IdempotencyMiddleware(inner, config(MemoryStore()))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         assert (await client.post("/optional")).status_code == 200
@@ -131,7 +139,7 @@ def test_token_rules_need_a_token_guard() -> None:
     from oncely.http import Rule
 
     with pytest.raises(ConfigurationError):
-        IdempotencyConfig(routes={"/orders": Rule(token="checkout")})
+        IdempotencyConfig(routes={"/orders": Rule(token="checkout")}, scope=GLOBAL)
 
 
 # -- FastAPI ---------------------------------------------------------------------------------------
@@ -154,7 +162,7 @@ async def test_fastapi_route_level_dependency_marks_and_informs() -> None:
     app = FastAPI()
     app.add_middleware(
         IdempotencyMiddleware,
-        config=IdempotencyConfig(store=store, tokens=TokenGuard(tokens=tokens), required=False),
+        config=config(store, tokens=tokens, required=False),
     )
     seen: list[IdempotencyInfo | None] = []
 
@@ -207,7 +215,7 @@ def test_flask_method_views_and_require_token_checks() -> None:
         return "ok"
 
     app.add_url_rule("/payments", view_func=Payments.as_view("payments"))
-    install(app, IdempotencyConfig(store=store, required=False, tokens=TokenGuard(tokens=tokens)))
+    install(app, config(store, required=False, tokens=tokens))
     with httpx.Client(transport=httpx.WSGITransport(app=app), base_url="http://t") as client:
         k = key()
         client.post("/payments", json={"amount": 1, "x": 1}, headers=k)
@@ -240,10 +248,7 @@ def test_django_resolver_decorators_and_class_views() -> None:
     tokens = Tokens(SECRET, store)
     from django.core.wsgi import get_wsgi_application
 
-    application = install(
-        get_wsgi_application(),
-        IdempotencyConfig(store=store, required=False, tokens=TokenGuard(tokens=tokens)),
-    )
+    application = install(get_wsgi_application(), config(store, required=False, tokens=tokens))
     with httpx.Client(transport=httpx.WSGITransport(app=application), base_url="http://t") as c:
         k = key()
         c.post("/pay", json={"amount": 1}, headers=k)
@@ -260,3 +265,217 @@ def test_django_resolver_decorators_and_class_views() -> None:
         assert c.post("/vote", data={"oncely_token": token}).status_code == 201
         assert c.post("/vote", data={"oncely_token": token}).status_code == 409
     assert django_site.calls == {"pay": 1, "free": 1, "refund": 1, "vote": 1}
+
+
+# -- requests the framework refuses before the handler (issue 7 item 14) --------------------------
+class Payment(BaseModel):
+    amount: int
+
+
+@pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")
+def test_fastapi_validation_422_does_not_use_up_the_key() -> None:
+    from fastapi.testclient import TestClient
+
+    store = MemoryStore()
+    app = FastAPI()
+    app.add_middleware(IdempotencyMiddleware, config=config(store))
+    calls: list[int] = []
+
+    @app.post("/pay", status_code=201)
+    async def pay(payment: Payment) -> dict[str, int]:
+        calls.append(payment.amount)
+        return {"n": len(calls)}
+
+    with TestClient(app) as client:
+        k = key()
+        invalid = client.post("/pay", json={"amount": "five"}, headers=k)
+        assert invalid.status_code == 422 and "detail" in invalid.json()  # FastAPI's own answer
+        assert "idempotent-replayed" not in invalid.headers
+        assert store.list() == []  # nothing claimed is left behind
+        fixed = client.post("/pay", json={"amount": 5}, headers=k)
+        assert fixed.status_code == 201 and "idempotent-replayed" not in fixed.headers
+        again = client.post("/pay", json={"amount": 5}, headers=k)
+        assert again.headers["idempotent-replayed"] == "true" and again.json() == fixed.json()
+        # a missing route and a wrong method are the router's answers, never stored
+        assert client.post("/nowhere", headers=key()).status_code == 404
+        assert client.put("/pay", headers=key()).status_code == 405
+    assert calls == [5]
+    assert len(store.list()) == 1
+
+
+async def test_fastapi_custom_validation_handler_and_middleware_from_outside() -> None:
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    inner = FastAPI()
+    calls: list[int] = []
+
+    @inner.exception_handler(RequestValidationError)
+    def invalid(request: Any, exc: Exception) -> JSONResponse:  # a sync handler
+        return JSONResponse({"mine": True}, status_code=400)
+
+    @inner.post("/pay", status_code=201)
+    async def pay(payment: Payment) -> dict[str, int]:
+        calls.append(payment.amount)
+        return {"n": len(calls)}
+
+    app = IdempotencyMiddleware(inner, config(MemoryStore()))  # wrapping the app from outside
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        k = key()
+        bad = await client.post("/pay", json={}, headers=k)
+        assert (bad.status_code, bad.json()) == (400, {"mine": True})
+        assert (await client.post("/pay", json={"amount": 1}, headers=k)).status_code == 201
+    assert calls == [1]
+
+
+async def test_starlette_router_refusals_do_not_use_up_the_key() -> None:
+    from starlette.applications import Starlette
+    from starlette.endpoints import HTTPEndpoint
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Mount, Route
+
+    async def orders(request: Request) -> Response:
+        return Response("made", status_code=201)
+
+    class ReadOnly(HTTPEndpoint):
+        async def get(self, request: Request) -> Response:
+            return Response("read")
+
+    store = MemoryStore()
+    inner = Starlette(
+        routes=[
+            Route("/orders", orders, methods=["GET"]),
+            Route("/read-only", ReadOnly),
+            Mount("/v1", routes=[Route("/orders/", orders, methods=["POST"])]),
+        ]
+    )
+    app = IdempotencyMiddleware(inner, config(store))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        k = key()
+        assert (await client.post("/nowhere", headers=k)).status_code == 404
+        assert (await client.post("/orders", headers=k)).status_code == 405
+        assert (await client.post("/read-only", headers=k)).status_code == 405
+        assert (await client.post("/v1/orders", headers=k)).status_code == 307  # slash redirect
+        assert store.list() == []
+        made = await client.post("/v1/orders/", headers=k)
+        assert made.status_code == 201 and len(store.list()) == 1
+
+
+def test_flask_refusals_before_the_view_do_not_use_up_the_key() -> None:
+    from flask import Flask, request
+
+    from oncely.http.flask import install
+
+    store = MemoryStore()
+    app = Flask(__name__)
+    calls: list[str] = []
+
+    @app.before_request
+    def csrf_like_check() -> Any:
+        if request.method == "POST" and request.headers.get("X-Csrf") != "ok":
+            return {"error": "csrf"}, 403
+        return None
+
+    @app.post("/orders")
+    def orders() -> tuple[dict[str, int], int]:
+        calls.append("order")
+        return {"n": len(calls)}, 201
+
+    @app.get("/read-only")
+    def read_only() -> str:
+        return "read"
+
+    install(app, config(store))
+    client = app.test_client()
+    k = key()
+
+    def post(path: str, **kw: Any) -> Any:
+        return client.post(path, buffered=True, **kw)  # the body read, as a server does
+
+    refused = post("/orders", headers=k)
+    assert refused.status_code == 403 and refused.json == {"error": "csrf"}
+    assert store.list() == []
+    assert post("/nowhere", headers={**k, "X-Csrf": "ok"}).status_code == 404
+    assert post("/read-only", headers={**k, "X-Csrf": "ok"}).status_code == 405
+    assert store.list() == []
+    made = post("/orders", headers={**k, "X-Csrf": "ok"})
+    again = post("/orders", headers={**k, "X-Csrf": "ok"})
+    assert made.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert calls == ["order"]
+
+
+def test_django_csrf_403_and_404_do_not_use_up_the_key() -> None:
+    from django.core.wsgi import get_wsgi_application
+
+    from oncely.http.django import install
+
+    from http_apps import django_site
+
+    store = MemoryStore()
+    application = install(get_wsgi_application(), config(store))
+    transport = httpx.WSGITransport(app=application)
+    with httpx.Client(transport=transport, base_url="http://t") as c:
+        k = key()
+        refused = c.post("/comment", headers=k)
+        assert refused.status_code == 403  # Django's CSRF failure page
+        assert c.post("/nowhere", headers=k).status_code == 404
+        assert store.list() == []
+        csrf = c.get("/csrf").json()["token"]
+        made = c.post("/comment", headers={**k, "X-CSRFToken": csrf})
+        again = c.post("/comment", headers={**k, "X-CSRFToken": csrf})
+        assert made.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert django_site.calls.get("comment") == 1
+
+
+def test_django_install_requires_the_view_start_middleware() -> None:
+    from django.core.wsgi import get_wsgi_application
+    from django.test import override_settings
+
+    from oncely.http.django import install
+
+    from http_apps import django_site  # noqa: F401  (configures settings)
+
+    with (
+        override_settings(MIDDLEWARE=[]),
+        pytest.raises(ConfigurationError, match="ViewStartMiddleware"),
+    ):
+        install(get_wsgi_application(), config(MemoryStore()))
+    late = [
+        "oncely.http.django.ViewStartMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+    ]
+    with override_settings(MIDDLEWARE=late), pytest.raises(ConfigurationError, match="after"):
+        install(get_wsgi_application(), config(MemoryStore()))
+
+
+# -- token decorators on every unsafe method (issue 7 item 4) -------------------------------------
+def test_framework_token_markers_guard_every_unsafe_method() -> None:
+    from flask import Flask
+
+    from oncely.http.flask import install, require_token
+
+    store = MemoryStore()
+    tokens = Tokens(SECRET, store)
+    app = Flask(__name__)
+    calls: list[str] = []
+
+    @app.route("/item", methods=["GET", "PUT", "DELETE"])
+    @require_token("edit")
+    def item() -> str:
+        calls.append("item")
+        return "ok"
+
+    install(app, config(store, tokens=tokens))
+    client = app.test_client()
+    for method in ("PUT", "DELETE"):
+        reply = client.open("/item", method=method, buffered=True)
+        assert reply.status_code == 400 and reply.json["type"].endswith("token-missing")
+        token = tokens.issue("", "edit")
+        assert client.open(
+            "/item", method=method, headers={"Oncely-Token": token}, buffered=True
+        ).status == ("200 OK")
+    assert client.get("/item").status_code == 200
+    assert calls == ["item", "item", "item"]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oncely.http import IdempotencyConfig, TokenGuard
+from oncely.http import GLOBAL, IdempotencyConfig, TokenGuard
 from oncely.stores.memory import MemoryStore
 from oncely.tokens import Tokens
 
@@ -52,17 +52,22 @@ paths = st.sampled_from(["/orders", "/echo", "/stream", "/client-error", "/token
 def make_config(kind: str) -> IdempotencyConfig:
     store = MemoryStore()
     if kind == "json-fields":
-        return IdempotencyConfig(store=store, fingerprint=["amount", "a.b"])
+        return IdempotencyConfig(store=store, scope=GLOBAL, fingerprint=["amount", "a.b"])
     if kind == "small-body":
-        return IdempotencyConfig(store=store, max_request_body=100, max_stored_body=20)
+        return IdempotencyConfig(
+            store=store, scope=GLOBAL, max_request_body=100, max_stored_body=20
+        )
     if kind == "tokens":
         guard = TokenGuard(
-            tokens=Tokens(SECRET, store), endpoint="/tokens", routes={"/orders": "checkout"}
+            tokens=Tokens(SECRET, store),
+            subject=GLOBAL,
+            endpoint="/tokens",
+            routes={"/orders": "checkout"},
         )
-        return IdempotencyConfig(store=store, tokens=guard)
+        return IdempotencyConfig(store=store, scope=GLOBAL, tokens=guard)
     if kind == "bare-off":
-        return IdempotencyConfig(store=store, allow_bare_key=False, required=False)
-    return IdempotencyConfig(store=store)
+        return IdempotencyConfig(store=store, scope=GLOBAL, allow_bare_key=False, required=False)
+    return IdempotencyConfig(store=store, scope=GLOBAL)
 
 
 def check(first: Reply, second: Reply) -> None:

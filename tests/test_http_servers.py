@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -37,17 +38,19 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(server: str, env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+def running(
+    server: str, env: dict[str, str], tmp_path: Path, app: str | None = None
+) -> Iterator[str]:
     port = free_port()
     if server == "uvicorn":
         command = [
-            sys.executable, "-m", "uvicorn", "http_apps.server_app:asgi_app",
+            sys.executable, "-m", "uvicorn", f"http_apps.server_app:{app or 'asgi_app'}",
             "--workers", "2", "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "warning", "--no-access-log",
         ]  # fmt: skip
     else:
         command = [
-            sys.executable, "-m", "gunicorn", "http_apps.server_app:wsgi_app",
+            sys.executable, "-m", "gunicorn", f"http_apps.server_app:{app or 'wsgi_app'}",
             "--workers", "2", "--worker-class", "gthread", "--threads", "16",
             "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
         ]  # fmt: skip
@@ -131,3 +134,84 @@ def test_50_simultaneous_identical_requests_run_the_handler_once(
     assert all(r.headers["retry-after"] == "1" for r in in_flight)
     assert all(r.status_code == 201 and r.headers["idempotent-replayed"] == "true" for r in later)
     assert all(r.headers["location"] == "/orders/1" for r in [*replays, *later])
+
+
+def server_env(url: str, options: dict[str, object], executions: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), str(ROOT / "src")]),
+        "ONCELY_HTTP_STORE": url,
+        "ONCELY_HTTP_STORE_OPTIONS": json.dumps(options),
+        "ONCELY_HTTP_LOG": str(executions),
+        "ONCELY_HTTP_SLEEP": "0",
+    }
+
+
+@pytest.mark.parametrize("server", ["uvicorn", "gunicorn"])
+def test_a_client_gone_mid_stream_does_not_run_the_handler_again(
+    server: str, make_store: StoreFactory, tmp_path: Path
+) -> None:
+    # Issue 7 item 2 on real servers: the client reads a little of a streamed response and
+    # hangs up; the retry gets 409 response-not-replayable, not a second run.
+    _, url, options = make_store("redis")
+    executions = tmp_path / "executions.log"
+    headers = {"Idempotency-Key": f'"{uuid.uuid4()}"', "Authorization": "Bearer alice"}
+    env = server_env(url, options, executions)
+    with running(server, env, tmp_path) as base, httpx.Client(base_url=base, timeout=30) as client:
+        with client.stream("POST", "/report", headers=headers) as response:
+            assert response.status_code == 200
+            got = 0
+            for chunk in response.iter_raw():
+                got += len(chunk)
+                if got >= 200:
+                    break
+        # the connection is closed mid-body; let the server notice and settle the key
+        deadline = time.monotonic() + 20
+        while True:
+            again = client.post("/report", headers=headers)
+            if again.status_code != 409 or "in-flight" not in again.json()["type"]:
+                break
+            assert time.monotonic() < deadline, "the first request never finished"
+            time.sleep(0.1)
+    assert again.status_code == 409, again.text[:200]
+    assert again.json()["type"].endswith("/response-not-replayable")
+    assert again.json()["original_status"] == 200
+    assert executions.read_text().split() and len(executions.read_text().split()) == 1
+
+
+@pytest.mark.parametrize(
+    ("server", "app", "path", "refused", "fixed"),
+    [
+        ("uvicorn", "fastapi_app", "/pay", {"json": {"amount": "five"}}, {"json": {"amount": 5}}),
+        ("gunicorn", "wsgi_app", "/guarded", {}, {"headers": {"X-Csrf": "ok"}}),
+    ],
+    ids=["fastapi-validation", "flask-before-request"],
+)
+def test_a_request_refused_before_the_handler_does_not_use_up_the_key(
+    server: str,
+    app: str,
+    path: str,
+    refused: dict[str, object],
+    fixed: dict[str, Any],
+    make_store: StoreFactory,
+    tmp_path: Path,
+) -> None:
+    # Issue 7 item 14 on real servers.
+    _, url, options = make_store("redis")
+    executions = tmp_path / "executions.log"
+    key = {"Idempotency-Key": f'"{uuid.uuid4()}"', "Authorization": "Bearer alice"}
+    env = server_env(url, options, executions)
+    with (
+        running(server, env, tmp_path, app) as base,
+        httpx.Client(base_url=base, timeout=30) as client,
+    ):
+        first = client.post(path, headers=key, **refused)  # type: ignore[arg-type]
+        assert first.status_code in (403, 422), first.text
+        assert "idempotent-replayed" not in first.headers
+        headers = {**key, **fixed.get("headers", {})}
+        body = {k: v for k, v in fixed.items() if k != "headers"}
+        second = client.post(path, headers=headers, **body)
+        third = client.post(path, headers=headers, **body)
+    assert second.status_code == 201 and "idempotent-replayed" not in second.headers
+    assert third.status_code == 201 and third.headers["idempotent-replayed"] == "true"
+    assert len(executions.read_text().split()) == 1

@@ -10,7 +10,8 @@ from urllib.parse import urlencode
 
 import pytest
 
-from oncely.http import IdempotencyConfig, TokenGuard
+from oncely.errors import ConfigurationError
+from oncely.http import GLOBAL, IdempotencyConfig, Rule, TokenGuard, scope_from_header
 from oncely.tokens import Tokens
 
 from conftest import StoreFactory
@@ -34,11 +35,18 @@ def make_face(request: pytest.FixtureRequest, make_store: StoreFactory) -> MakeF
         options: dict[str, Any] = {
             "endpoint": "/tokens",
             "purposes": ["checkout", "other"],
-            "routes": {"/orders": "checkout", "/boom": "checkout", "/server-error": "checkout"},
+            "routes": {
+                "/orders": "checkout",
+                "/boom": "checkout",
+                "/server-error": "checkout",
+                "/stream": "checkout",
+                "/stream-boom": "checkout",
+            },
             "subject": lambda r: r.header("x-user"),
         }
         options.update(guard or {})
         config.setdefault("store", store)
+        config.setdefault("scope", GLOBAL)
         return FACES[request.param](
             IdempotencyConfig(tokens=TokenGuard(tokens=tokens, **options), **config)
         )
@@ -183,7 +191,10 @@ async def test_store_down_is_503(make_face: MakeFace) -> None:
     face = type(face)(
         IdempotencyConfig(
             store="redis://127.0.0.1:1/0",
-            tokens=TokenGuard(tokens=tokens, endpoint="/tokens", routes={"/orders": "checkout"}),
+            scope=GLOBAL,
+            tokens=TokenGuard(
+                tokens=tokens, subject=GLOBAL, endpoint="/tokens", routes={"/orders": "checkout"}
+            ),
         )
     )
     issue = await face.request("GET", "/tokens", query=b"purpose=checkout")
@@ -194,9 +205,86 @@ async def test_store_down_is_503(make_face: MakeFace) -> None:
     assert face.calls["/orders"] == 0
 
 
-def test_guard_configuration_errors() -> None:
-    from oncely.errors import ConfigurationError
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "POST"])
+async def test_every_unsafe_method_on_a_guarded_route_needs_the_token(
+    make_face: MakeFace, method: str
+) -> None:
+    # Issue 7 item 4: the guard protected only the configured methods (POST, PATCH).
+    face = make_face()
+    user = ("X-User", "alice")
+    missing = await face.request(method, "/orders", [user])
+    assert (missing.status, missing.problem) == (400, "token-missing")
+    assert face.calls["/orders"] == 0
+    token = await fetch_token(face)
+    assert (await face.request(method, "/orders", [user, ("Oncely-Token", token)])).status == 201
+    again = await face.request(method, "/orders", [user, ("Oncely-Token", token)])
+    assert (again.status, again.problem) == (409, "token-reused")
+    assert face.calls["/orders"] == 1
+    assert (await face.request("GET", "/orders", [user])).status == 201  # safe: no token
 
+
+@pytest.mark.parametrize(
+    "routes",
+    [
+        {"/orders": Rule(token="checkout")},
+        {"/orders": Rule(token="checkout", enabled=False)},
+        {"/orders": Rule(token="checkout", methods=["POST"])},
+    ],
+)
+async def test_token_rules_in_the_config_cover_every_unsafe_method(
+    make_face: MakeFace, routes: dict[str, Rule]
+) -> None:
+    face = make_face(guard={"routes": {}}, routes=routes)
+    for method in ("PUT", "DELETE"):
+        reply = await face.request(method, "/orders", [("X-User", "alice")])
+        assert (reply.status, reply.problem) == (400, "token-missing")
+    assert face.calls["/orders"] == 0
+
+
+async def test_a_consumed_token_is_kept_once_the_response_started(make_face: MakeFace) -> None:
+    # Issue 7 item 2, token path: the client left mid-response or the stream failed after it
+    # started; the work is done, so the token stays spent.
+    face = make_face()
+    user = ("X-User", "alice")
+    token = await fetch_token(face)
+    await face.request("POST", "/stream", [user, ("Oncely-Token", token)], drop_after=1)
+    again = await face.request("POST", "/stream", [user, ("Oncely-Token", token)])
+    assert (again.status, again.problem) == (409, "token-reused")
+    boom = await fetch_token(face)
+    failed = await face.request("POST", "/stream-boom", [user, ("Oncely-Token", boom)])
+    assert isinstance(failed.raised, RuntimeError)
+    retry = await face.request("POST", "/stream-boom", [user, ("Oncely-Token", boom)])
+    assert (retry.status, retry.problem) == (409, "token-reused")
+    assert face.calls == {"/stream": 1, "/stream-boom": 1}
+
+
+async def test_tokens_are_bound_to_the_scope_by_default(make_face: MakeFace) -> None:
+    face = make_face(scope=scope_from_header("Authorization"), guard={"subject": None})
+    reply = await face.request(
+        "GET", "/tokens", [("Authorization", "Bearer alice")], query=b"purpose=checkout"
+    )
+    token = reply.json()["token"]
+    bob = await face.request(
+        "POST", "/orders", [("Authorization", "Bearer bob"), ("Oncely-Token", token)]
+    )
+    assert (bob.status, bob.problem) == (403, "token-foreign")
+    alice = await face.request(
+        "POST", "/orders", [("Authorization", "Bearer alice"), ("Oncely-Token", token)]
+    )
+    assert alice.status == 201
+    assert face.calls["/orders"] == 1
+
+
+def test_a_global_scope_needs_an_explicit_token_subject() -> None:
+    tokens = Tokens(SECRET, "memory://")
+    with pytest.raises(ConfigurationError, match="subject"):
+        IdempotencyConfig(scope=GLOBAL, tokens=TokenGuard(tokens=tokens))
+    IdempotencyConfig(scope=GLOBAL, tokens=TokenGuard(tokens=tokens, subject=GLOBAL))
+    with pytest.raises(ConfigurationError):
+        TokenGuard(tokens=tokens, subject="user")  # type: ignore[arg-type]
+
+
+def test_guard_configuration_errors() -> None:
     with pytest.raises(ConfigurationError):
         TokenGuard(tokens="nope")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError):

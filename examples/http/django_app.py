@@ -3,9 +3,14 @@
     python examples/http/django_app.py           # a self-check, in process
     python examples/http/django_app.py --serve   # http://127.0.0.1:8000 (wsgiref)
 
-In a project, the two lines that matter go to ``wsgi.py``::
+In a project, ``"oncely.http.django.ViewStartMiddleware"`` goes last in ``MIDDLEWARE`` (it tells
+oncely when a view starts, so a request Django refuses first, e.g. the CSRF 403, does not use up
+its key), and the two lines that matter go to ``wsgi.py``::
 
-    application = install(get_wsgi_application(), IdempotencyConfig(store=...))
+    application = install(
+        get_wsgi_application(),
+        IdempotencyConfig(store=..., scope=scope_from_cookie("sessionid")),
+    )
 
 Store: ``$ONCELY_STORE`` (e.g. ``redis://localhost:6379/0``), else in-memory.
 """
@@ -26,7 +31,7 @@ settings.configure(
     SECRET_KEY="example-only",
     ROOT_URLCONF=__name__,
     ALLOWED_HOSTS=["*"],
-    MIDDLEWARE=[],
+    MIDDLEWARE=["oncely.http.django.ViewStartMiddleware"],
     INSTALLED_APPS=[],
 )
 django.setup()
@@ -35,7 +40,12 @@ from django.core.wsgi import get_wsgi_application  # noqa: E402
 from django.http import HttpRequest, HttpResponse, JsonResponse  # noqa: E402
 from django.urls import path  # noqa: E402
 
-from oncely.http import IdempotencyConfig, TokenGuard, idempotent_route  # noqa: E402
+from oncely.http import (  # noqa: E402
+    IdempotencyConfig,
+    TokenGuard,
+    idempotent_route,
+    scope_from_cookie,
+)
 from oncely.http.django import install, require_token  # noqa: E402
 from oncely.stores import open_store  # noqa: E402
 from oncely.tokens import Tokens  # noqa: E402
@@ -65,6 +75,8 @@ application = install(
     get_wsgi_application(),
     IdempotencyConfig(
         store=store,
+        # each session has its own key space; tokens are bound to the session too
+        scope=scope_from_cookie("sessionid"),
         tokens=TokenGuard(tokens=tokens, endpoint="/tokens", purposes=["vote"]),
     ),
 )

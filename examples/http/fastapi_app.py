@@ -18,7 +18,13 @@ import httpx
 from fastapi import Depends, FastAPI
 from pydantic import BaseModel
 
-from oncely.http import IdempotencyConfig, IdempotencyInfo, IdempotencyMiddleware, TokenGuard
+from oncely.http import (
+    IdempotencyConfig,
+    IdempotencyInfo,
+    IdempotencyMiddleware,
+    TokenGuard,
+    scope_from_header,
+)
 from oncely.http.fastapi import Idempotency, RequireToken
 from oncely.stores import open_store
 from oncely.tokens import Tokens
@@ -27,8 +33,9 @@ store = open_store(os.environ.get("ONCELY_STORE", "memory://"))
 tokens = Tokens(os.environ.get("ONCELY_TOKEN_SECRET", "example-secret-change-me!"), store)
 config = IdempotencyConfig(
     store=store,
-    # each API client has its own key space (a non-secret client id, not the API key itself)
-    scope=lambda request: request.header("x-client-id"),
+    # each API key has its own key space (stored as a digest, never the key itself); tokens are
+    # bound to it too
+    scope=scope_from_header("Authorization"),
     tokens=TokenGuard(tokens=tokens, endpoint="/tokens", purposes=["checkout"]),
 )
 
@@ -64,7 +71,9 @@ async def checkout() -> dict[str, object]:
 async def demo() -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://example") as client:
-        key = {"Idempotency-Key": f'"{uuid.uuid4()}"', "X-Client-Id": "shop-1"}
+        key = {"Idempotency-Key": f'"{uuid.uuid4()}"', "Authorization": "Bearer shop-1"}
+        invalid = await client.post("/payments", json={"amount": "five"}, headers=key)
+        print("invalid ", invalid.status_code, "(FastAPI's validation; the key is not used up)")
         first = await client.post("/payments", json={"amount": 5, "currency": "EUR"}, headers=key)
         print("first   ", first.status_code, first.json())
         retry = await client.post(
@@ -73,9 +82,13 @@ async def demo() -> None:
         print("retry   ", retry.status_code, retry.json(), retry.headers["idempotent-replayed"])
         changed = await client.post("/payments", json={"amount": 6, "currency": "EUR"}, headers=key)
         print("changed ", changed.status_code, changed.json()["type"])
-        missing = await client.post("/payments", json={"amount": 5, "currency": "EUR"})
+        missing = await client.post(
+            "/payments",
+            json={"amount": 5, "currency": "EUR"},
+            headers={"Authorization": "Bearer shop-1"},
+        )
         print("no key  ", missing.status_code, missing.json()["type"])
-        assert (first.status_code, retry.status_code) == (201, 201)
+        assert (invalid.status_code, first.status_code, retry.status_code) == (422, 201, 201)
         assert (changed.status_code, missing.status_code) == (422, 400)
         assert len(payments) == 1
 

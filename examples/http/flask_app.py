@@ -17,7 +17,7 @@ import uuid
 import httpx
 from flask import Flask, jsonify, request
 
-from oncely.http import IdempotencyConfig, TokenGuard, idempotent_route
+from oncely.http import IdempotencyConfig, TokenGuard, idempotent_route, scope_from_header
 from oncely.http.flask import install, require_token
 from oncely.stores import open_store
 from oncely.tokens import Tokens
@@ -31,6 +31,8 @@ install(
     app,
     IdempotencyConfig(
         store=store,
+        # X-User is set by the authenticating proxy in front of this app: one key space per user
+        scope=scope_from_header("X-User"),
         required=False,  # keys are optional here; routes below opt in
         tokens=TokenGuard(tokens=tokens, subject=lambda r: r.header("x-user")),
     ),

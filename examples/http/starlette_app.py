@@ -21,9 +21,18 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from oncely.http import IdempotencyConfig, IdempotencyMiddleware, idempotent_route
+from oncely.http import (
+    IdempotencyConfig,
+    IdempotencyMiddleware,
+    idempotent_route,
+    scope_from_header,
+)
 
-config = IdempotencyConfig(store=os.environ.get("ONCELY_STORE", "memory://"), exclude=["/health"])
+config = IdempotencyConfig(
+    store=os.environ.get("ONCELY_STORE", "memory://"),
+    scope=scope_from_header("Authorization"),  # each API key has its own key space
+    exclude=["/health"],
+)
 transfers: list[int] = []
 
 
@@ -64,7 +73,7 @@ app = Starlette(
 async def demo() -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://example") as client:
-        key = {"Idempotency-Key": f'"{uuid.uuid4()}"'}
+        key = {"Idempotency-Key": f'"{uuid.uuid4()}"', "Authorization": "Bearer key-1"}
         body = {"amount": 10, "to": "acct-9"}
         # three copies of the same request at once: one transfer, two replays
         replies = await asyncio.gather(
@@ -78,7 +87,7 @@ async def demo() -> None:
         assert len(transfers) == 1 and all(r.status_code == 201 for r in replies)
         assert all(r.headers["location"] == "/transfers/1" for r in replies)
 
-        key = {"Idempotency-Key": "report-2024-01"}  # a bare key works too
+        key = {"Idempotency-Key": "report-2024-01"}  # a bare key works too (anonymous scope)
         first = await client.post("/reports", headers=key)
         again = await client.post("/reports", headers=key)
         print(

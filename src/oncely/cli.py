@@ -6,12 +6,19 @@ oncely keys ls URL           list live records
 oncely keys show URL DIGEST  one record
 oncely keys rm URL DIGEST    delete one record (the next call runs again)
 oncely purge URL             delete expired records
+oncely --version
+
+Only ``init`` creates anything: the other commands open the store with ``create_schema=False``
+(a SQLite file that does not exist stays missing, and they say so). Nothing printed is read as
+Rich markup, so ``oncely[redis]`` or a scope like ``[admin]`` prints as it is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import importlib.metadata
+import inspect
 import time
 from collections.abc import Iterator
 from typing import Annotated, Any
@@ -19,10 +26,11 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from oncely.errors import OncelyError
 from oncely.records import Record, RecordKey, digest_key
-from oncely.stores import Store, open_store
+from oncely.stores import Store, store_class
 from oncely.stores.base import redact_url
 
 __all__ = ["app", "main"]
@@ -32,11 +40,36 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
-keys_app = typer.Typer(help="Inspect and remove records.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Inspect and remove records.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(keys_app, name="keys")
-console = Console()
-errors = Console(stderr=True)
+# markup=False: messages, URLs, scopes and stored results are printed as they are.
+console = Console(markup=False, highlight=False)
+errors = Console(stderr=True, markup=False, highlight=False)
+
+
+def _styled(label: str, style: str, rest: str) -> Text:
+    return Text.assemble((label, style), " ", rest)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"oncely {importlib.metadata.version('oncely')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """oncely: make operations safe to repeat. Inspect and maintain idempotency stores."""
+
 
 Url = Annotated[str, typer.Argument(help="Store URL, e.g. sqlite:///oncely.db or redis://host")]
 Table_ = Annotated[
@@ -47,13 +80,19 @@ Scope = Annotated[str, typer.Option("--scope", help="The record's scope (tenant,
 
 
 @contextlib.contextmanager
-def _open(url: str, table: str | None = None, prefix: str | None = None) -> Iterator[Store]:
+def _open(
+    url: str, table: str | None = None, prefix: str | None = None, *, create: bool = False
+) -> Iterator[Store]:
+    """Open the store; unless ``create``, without creating a file, table or anything else."""
+    cls = store_class(url)
     options: dict[str, Any] = {}
     if table:
         options["table"] = table
     if prefix:
         options["prefix"] = prefix
-    store = open_store(url, **options)
+    if "create_schema" in inspect.signature(cls).parameters:
+        options["create_schema"] = create
+    store = cls(url, **options)
     try:
         yield store
     finally:
@@ -61,7 +100,7 @@ def _open(url: str, table: str | None = None, prefix: str | None = None) -> Iter
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    errors.print(f"[bold red]error:[/] {exc}")
+    errors.print(_styled("error:", "bold red", str(exc)))
     return typer.Exit(1)
 
 
@@ -75,12 +114,12 @@ def _when(epoch: float | None) -> str:
 def init(url: Url, table: Table_ = None, prefix: Prefix = None) -> None:
     """Create the store's table and indexes; safe to run again."""
     try:
-        with _open(url, table, prefix) as store:
+        with _open(url, table, prefix, create=True) as store:
             store.init_schema()
             store.check_schema()
     except OncelyError as exc:
         raise _fail(exc) from exc
-    console.print(f"[green]ready:[/] {redact_url(url)}")
+    console.print(_styled("ready:", "green", redact_url(url)))
 
 
 @app.command()
@@ -95,14 +134,16 @@ def check(url: Url, table: Table_ = None, prefix: Prefix = None) -> None:
     except OncelyError as exc:
         raise _fail(exc) from exc
     skew = store_now - (before + after) / 2
+    trip = f"(round trip {1000 * (after - before):.1f} ms)"
+    console.print(_styled("reachable:", "green", f"{redact_url(url)} {trip}"))
+    console.print(_styled("schema:", "green", "present"))
     console.print(
-        f"[green]reachable:[/] {redact_url(url)} (round trip {1000 * (after - before):.1f} ms)"
-    )
-    console.print("[green]schema:[/] present")
-    colour = "green" if abs(skew) < 1 else "yellow"
-    console.print(
-        f"[{colour}]clock skew:[/] {skew * 1000:+.1f} ms (store minus this host; oncely decides "
-        "expiry on the store's clock, so skew only affects how times are displayed)"
+        _styled(
+            "clock skew:",
+            "green" if abs(skew) < 1 else "yellow",
+            f"{skew * 1000:+.1f} ms (store minus this host; oncely decides expiry on the "
+            "store's clock, so skew only affects how times are displayed)",
+        )
     )
 
 
@@ -117,9 +158,11 @@ def keys_ls(
     """List live records (raw keys are never stored: records show their SHA-256 digest)."""
     try:
         with _open(url, table, prefix) as store:
-            records = store.list(scope=scope, limit=limit)
+            records = store.list(scope=scope, limit=limit + 1)  # one more: are there more?
     except OncelyError as exc:
         raise _fail(exc) from exc
+    more = len(records) > limit
+    records = records[:limit]
     out = Table("scope", "digest", "status", "fence", "expires (UTC)", "codec", "bytes")
     for r in records:
         out.add_row(
@@ -132,7 +175,13 @@ def keys_ls(
             str(len(r.result or b"")),
         )
     console.print(out)
-    console.print(f"{len(records)} record(s)")
+    if more:
+        console.print(
+            f"showing the first {limit} record(s); there are more (raise --limit, or narrow "
+            "with --scope)"
+        )
+    else:
+        console.print(f"{len(records)} record(s)")
 
 
 def _key(digest: str | None, key: str | None, name: str | None, scope: str) -> RecordKey:
@@ -146,7 +195,10 @@ def _key(digest: str | None, key: str | None, name: str | None, scope: str) -> R
 Digest = Annotated[str | None, typer.Argument(help="The record's full SHA-256 digest")]
 RawKey = Annotated[str | None, typer.Option("--key", help="The raw key instead of the digest")]
 Name = Annotated[
-    str | None, typer.Option("--name", help="With --key: the @idempotent function's name")
+    str | None,
+    typer.Option(
+        "--name", help="With --key: the @idempotent function's name= (default module.qualname)"
+    ),
 ]
 
 

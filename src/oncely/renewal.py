@@ -1,10 +1,23 @@
-"""One thread per process that renews every lease held by sync code: locks and claims.
+"""Renewing every lease held by sync code (locks and idempotency claims), one lane per store.
 
 Redisson's watchdog extends a lock every ttl/3; when a renewal fails it stops quietly and the
 holder carries on without a lock. python-redis-lock's renewal thread dies silently on an error.
 Here each scheduled entry does its own renewal and reporting (:mod:`oncely.locks.lock` for
 locks, :mod:`oncely.functions.lease` for idempotency claims): a failed renewal is retried while
 the lease still has time, and a lost lease is always reported to its holder.
+
+One scheduler thread (``oncely-watchdog``) keeps the timetable and never talks to a store. When
+an entry is due it is handed to the *lane* of the store or lock backend it renews on: one
+thread per store (``oncely-renew``), started on first use and ended after a minute without
+work. A store that stops answering (a paused server, a cut network) stalls only its own lane,
+so it can delay only the renewals of its own leases, never those of a healthy store.
+
+The scheduler also watches each entry's bound: the monotonic time until which its lease surely
+holds, counted from when the last acquire, claim or renewal request that the store confirmed
+was *sent*. If that time passes while the entry's renewal is still queued or on the wire, the
+entry is told (``expire()``) and reports the lease as lost at once, without waiting for the
+stuck request; the holder's ``check()`` also compares the bound with the clock itself, so it
+fails even before the report.
 
 Registering is a heap push, so short critical sections and fast idempotent calls never pay for
 a thread; cancelled entries are dropped lazily, and the heap is compacted when they pile up.
@@ -17,33 +30,96 @@ import heapq
 import itertools
 import logging
 import os
+import queue
 import threading
 import time
-from typing import Protocol
+from typing import Final, Protocol
 
-__all__ = ["Due", "Watchdog", "watchdog"]
+__all__ = ["Due", "Watchdog", "renew_timeout", "watchdog"]
 
 log = logging.getLogger("oncely")
 
+#: A lane thread ends after this many seconds without work (a later renewal starts a new one).
+LANE_IDLE: Final = 60.0
+
+_RUN: Final = 0
+_BOUND: Final = 1
+
+
+def renew_timeout(lease: float) -> float:
+    """How long one async renewal request may take (seconds): ``lease / 6``, at least 0.1 s.
+
+    Renewals start at ``lease / 3`` and are retried every ``lease / 10`` while the lease lasts,
+    so a store that does not answer in time leaves room for a few more attempts; the caller
+    also cuts a request off at the lease's bound. (Sync renewals are bounded by the driver's
+    socket timeout instead, and a stuck one stalls only its store's lane.)
+    """
+    return max(lease / 6, 0.1)
+
 
 class Due(Protocol):
-    """A scheduled renewal: ``run()`` does it and returns when to run again (None: stop)."""
+    """A scheduled renewal.
+
+    ``due`` is when to renew (monotonic seconds); ``held_until`` the monotonic time until which
+    the lease surely holds (the send time of the last confirmed request plus its lease);
+    ``lane`` the store or backend the renewal talks to (entries with the same lane share one
+    thread). ``run()`` renews, on the lane's thread, and returns when to run again (None:
+    stop). ``expire()`` is called on the scheduler thread when ``held_until`` passed while a
+    renewal was still pending: the entry reports its lease lost (without any I/O).
+    """
 
     due: float
     active: bool
 
+    @property
+    def held_until(self) -> float: ...
+
+    @property
+    def lane(self) -> object: ...
+
     def run(self) -> float | None: ...
+
+    def expire(self) -> None: ...
+
+
+class _Lane:
+    """One thread renewing the entries of one store, in the order they came due."""
+
+    def __init__(self, owner: Watchdog, key: object) -> None:
+        self.owner = owner
+        self.key = key  # kept alive while the lane runs, so its id() is not reused
+        self.queue: queue.SimpleQueue[Due] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name="oncely-renew", daemon=True)
+
+    def _loop(self) -> None:
+        owner = self.owner
+        while True:
+            try:
+                entry = self.queue.get(timeout=LANE_IDLE)
+            except queue.Empty:
+                if owner._retire(self):
+                    return
+                continue
+            try:
+                again = entry.run()
+            except BaseException:  # run() reports its own failures; this is a bug, never silent
+                log.exception("oncely: a renewal crashed and is dropped: %r", entry)
+                again = None
+            owner._ran(entry, again)
 
 
 class Watchdog:
-    """One thread running every scheduled renewal of this process at its due time."""
+    """The process's renewal timetable: one scheduler thread, one lane thread per store."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, Due]] = []
+        self._heap: list[tuple[float, int, int, Due]] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._cancelled = 0
+        self._lanes: dict[int, _Lane] = {}
+        #: ids of entries handed to a lane whose run has not returned yet
+        self._pending: set[int] = set()
 
     def schedule(self, entry: Due) -> None:
         """Run ``entry`` at ``entry.due`` (monotonic), then whenever it asks to run again."""
@@ -53,10 +129,7 @@ class Watchdog:
                     target=self._loop, name="oncely-watchdog", daemon=True
                 )
                 self._thread.start()
-            first = not self._heap or entry.due < self._heap[0][0]
-            heapq.heappush(self._heap, (entry.due, next(self._seq), entry))
-            if first:
-                self._cond.notify()
+            self._push(entry.due, _RUN, entry)
 
     def cancel(self, entry: Due) -> None:
         """Stop ``entry``; it is dropped from the heap when it comes up (or at a compaction)."""
@@ -64,36 +137,85 @@ class Watchdog:
         with self._cond:
             self._cancelled += 1
             if self._cancelled > 1024 and self._cancelled * 2 > len(self._heap):
-                self._heap = [item for item in self._heap if item[2].active]
+                self._heap = [item for item in self._heap if item[3].active]
                 heapq.heapify(self._heap)
                 self._cancelled = 0
 
     def pending(self) -> int:
         """How many renewals are scheduled (including cancelled ones not yet dropped)."""
         with self._cond:
-            return len(self._heap)
+            return sum(1 for item in self._heap if item[2] == _RUN) + len(self._pending)
+
+    def lanes(self) -> int:
+        """How many lane threads run now (one per store with renewals in the last minute)."""
+        with self._cond:
+            return len(self._lanes)
+
+    # -- scheduler thread -------------------------------------------------------------------------
+    def _push(self, when: float, kind: int, entry: Due) -> None:
+        """Add to the heap (caller holds ``_cond``); wake the scheduler if it is now first."""
+        first = not self._heap or when < self._heap[0][0]
+        heapq.heappush(self._heap, (when, next(self._seq), kind, entry))
+        if first:
+            self._cond.notify()
 
     def _loop(self) -> None:
         while True:
             with self._cond:
                 while True:
-                    while self._heap and not self._heap[0][2].active:
+                    while self._heap and not self._heap[0][3].active:
                         heapq.heappop(self._heap)
                         self._cancelled = max(self._cancelled - 1, 0)
                     wait = self._heap[0][0] - time.monotonic() if self._heap else None
                     if wait is not None and wait <= 0:
-                        entry = heapq.heappop(self._heap)[2]
+                        _, _, kind, entry = heapq.heappop(self._heap)
                         break
                     self._cond.wait(wait)
-            try:
-                again = entry.run()
-            except BaseException:  # run() reports its own failures; this is a bug, never silent
-                log.exception("oncely: a renewal crashed and is dropped: %r", entry)
-                again = None
+                expired = kind == _BOUND and self._overdue(entry)
+                if kind == _RUN:
+                    self._dispatch(entry)
+            if expired:
+                try:
+                    entry.expire()
+                except BaseException:  # expire() reports by itself; a failure here is a bug
+                    log.exception("oncely: reporting an expired lease failed: %r", entry)
+
+    def _dispatch(self, entry: Due) -> None:
+        """Hand a due entry to its store's lane; watch its bound meanwhile (holds ``_cond``)."""
+        key = entry.lane
+        lane = self._lanes.get(id(key))
+        if lane is None:
+            lane = self._lanes[id(key)] = _Lane(self, key)
+            lane.thread.start()
+        self._pending.add(id(entry))
+        lane.queue.put(entry)
+        self._push(entry.held_until, _BOUND, entry)
+
+    def _overdue(self, entry: Due) -> bool:
+        """A bound came up (holds ``_cond``): True if the entry must be told its lease ran out."""
+        if id(entry) not in self._pending:
+            return False  # its renewal returned meanwhile (and scheduled the next one)
+        if time.monotonic() < entry.held_until:  # renewed meanwhile (e.g. Lock.extend)
+            self._push(entry.held_until, _BOUND, entry)
+            return False
+        return True
+
+    # -- lane threads -----------------------------------------------------------------------------
+    def _ran(self, entry: Due, again: float | None) -> None:
+        with self._cond:
+            self._pending.discard(id(entry))
             if again is not None and entry.active:
                 entry.due = again
-                with self._cond:
-                    heapq.heappush(self._heap, (again, next(self._seq), entry))
+                self._push(again, _RUN, entry)
+
+    def _retire(self, lane: _Lane) -> bool:
+        """An idle lane asks to end: True (and forgotten) unless work arrived meanwhile."""
+        with self._cond:
+            if not lane.queue.empty():
+                return False
+            if self._lanes.get(id(lane.key)) is lane:
+                del self._lanes[id(lane.key)]
+            return True
 
     def _after_fork(self) -> None:
         # A forked child holds none of its parent's leases: it must not renew them.
@@ -101,9 +223,11 @@ class Watchdog:
         self._cancelled = 0
         self._cond = threading.Condition()
         self._thread = None
+        self._lanes = {}
+        self._pending = set()
 
 
-#: The process-wide watchdog thread (started on first use).
+#: The process-wide renewal timetable (its threads start on first use).
 watchdog = Watchdog()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=watchdog._after_fork)

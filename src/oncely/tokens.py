@@ -50,7 +50,7 @@ from oncely.errors import (
     TokenReused,
 )
 from oncely.records import ClaimOutcome, New, RecordKey
-from oncely.stores import Store, shared_store
+from oncely.stores import Store, shared_store, store_class
 
 __all__ = ["TokenClaims", "TokenUse", "Tokens"]
 
@@ -105,9 +105,12 @@ class Tokens:
 
     :param secret: the signing key (at least 16 bytes), or a sequence of keys: the first signs,
         all verify (rotate by putting the new key first).
-    :param store: a store URL or object; consumption is one ``claim`` on it.
+    :param store: a store URL or object; consumption is one ``claim`` on it. A URL is opened on
+        first use, but its driver is checked now.
     :param scope: the store scope under which consumed tokens are recorded.
     :param default_ttl: lifetime in seconds when :meth:`issue` gets none.
+    :raises ConfigurationError: a key shorter than 16 bytes, a non-positive ``default_ttl``, or
+        a store URL that is unknown or whose extra is not installed.
     """
 
     def __init__(
@@ -132,6 +135,8 @@ class Tokens:
             self._keys.append(raw)
         if default_ttl <= 0:
             raise ConfigurationError(f"default_ttl must be positive seconds, not {default_ttl}")
+        if not isinstance(store, Store):
+            store_class(store)  # a missing extra fails here, not on the first token
         self._store_spec = store
         self._store: Store | None = store if isinstance(store, Store) else None
         self.scope = scope

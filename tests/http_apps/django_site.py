@@ -13,14 +13,19 @@ if not settings.configured:
         SECRET_KEY="tests-only",
         ROOT_URLCONF=__name__,
         ALLOWED_HOSTS=["*"],
-        MIDDLEWARE=[],
+        MIDDLEWARE=[
+            "django.middleware.csrf.CsrfViewMiddleware",
+            "oncely.http.django.ViewStartMiddleware",
+        ],
         INSTALLED_APPS=[],
     )
     django.setup()
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.middleware.csrf import get_token
 from django.urls import include, path
 from django.views import View
+from django.views.decorators.csrf import csrf_exempt
 
 from oncely.http import idempotent_route
 from oncely.http.django import require_token
@@ -55,9 +60,22 @@ def vote(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"n": _count("vote")}, status=201)
 
 
+def csrf(request: HttpRequest) -> HttpResponse:
+    """GET: a CSRF token (and its cookie) for ``/comment``."""
+    return JsonResponse({"token": get_token(request)})
+
+
+def comment(request: HttpRequest) -> HttpResponse:
+    """CSRF-protected (no ``csrf_exempt``): Django refuses a POST without the token with 403
+    before this view runs."""
+    return JsonResponse({"n": _count("comment")}, status=201)
+
+
 urlpatterns = [
-    path("pay", pay),
-    path("free", free),
-    path("api/", include([path("refunds", Refunds.as_view())])),
-    path("vote", vote),
+    path("pay", csrf_exempt(pay)),
+    path("free", csrf_exempt(free)),
+    path("api/", include([path("refunds", csrf_exempt(Refunds.as_view()))])),
+    path("vote", csrf_exempt(vote)),
+    path("csrf", csrf),
+    path("comment", comment),
 ]

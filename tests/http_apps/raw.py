@@ -7,7 +7,9 @@ Routes (every request to a route counts one execution in ``calls[path]``):
 * ``/client-error``  404 problem-ish JSON;  ``/server-error`` 503;  ``/rate-limited`` 429
 * ``/boom``     raises RuntimeError before responding
 * ``/slow``     sleeps ``?s=`` seconds (default 0.5), then 200
-* ``/stream``   streams ``?n=`` chunks of 10 bytes (default 5)
+* ``/stream``   streams ``?n=`` chunks of 10 bytes (default 5) with status ``?status=`` (200)
+* ``/stream-boom``  starts a 200 response, sends one chunk, then raises RuntimeError
+* ``/no-content``   204 without a body;  ``/not-modified`` 304 with an ETag
 * ``/echo``     200 with the request body
 """
 
@@ -75,12 +77,21 @@ def make_asgi(calls: Calls) -> Callable[..., Any]:
             await asyncio.sleep(_number(query, "s", 0.5))
             await respond(200, [(b"content-type", b"text/plain")], b"slow done")
         elif path == "/stream":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
+            status = int(_number(query, "status", 200))
+            await send({"type": "http.response.start", "status": status, "headers": []})
             for i in range(int(_number(query, "n", 5))):
                 await send(
                     {"type": "http.response.body", "body": b"chunk-%04d" % i, "more_body": True}
                 )
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        elif path == "/stream-boom":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"chunk-0000", "more_body": True})
+            raise RuntimeError("the stream failed after it started")
+        elif path == "/no-content":
+            await respond(204, [(b"x-done", b"1")], b"")
+        elif path == "/not-modified":
+            await respond(304, [(b"etag", b'"v1"')], b"")
         elif path == "/echo":
             await respond(200, [(b"content-type", b"application/octet-stream")], body)
         else:
@@ -117,7 +128,8 @@ def make_wsgi(calls: Calls) -> Callable[..., Iterable[bytes]]:
             time.sleep(_number(query, "s", 0.5))
             return respond("200 OK", [(b"content-type", b"text/plain")], b"slow done")
         if path == "/stream":
-            start_response("200 OK", [])
+            status = int(_number(query, "status", 200))
+            start_response(f"{status} Status", [])
             count = int(_number(query, "n", 5))
 
             def chunks() -> Iterator[bytes]:
@@ -125,6 +137,18 @@ def make_wsgi(calls: Calls) -> Callable[..., Iterable[bytes]]:
                     yield b"chunk-%04d" % i
 
             return chunks()
+        if path == "/stream-boom":
+            start_response("200 OK", [])
+
+            def failing() -> Iterator[bytes]:
+                yield b"chunk-0000"
+                raise RuntimeError("the stream failed after it started")
+
+            return failing()
+        if path == "/no-content":
+            return respond("204 No Content", [(b"x-done", b"1")], b"")
+        if path == "/not-modified":
+            return respond("304 Not Modified", [(b"etag", b'"v1"')], b"")
         if path == "/echo":
             return respond("200 OK", [(b"content-type", b"application/octet-stream")], body)
         return respond("200 OK", [], b"ok")

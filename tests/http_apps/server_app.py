@@ -6,6 +6,11 @@ Configured by environment variables, read in every worker process:
 * ``ONCELY_HTTP_LOG``: a file that gets one line per real handler execution (appended with
   ``O_APPEND``, so lines from all workers add up);
 * ``ONCELY_HTTP_SLEEP``: how long the handler works, in seconds.
+
+Routes: ``POST /orders`` (works, then 201); ``POST /report`` (streams 400 chunks of 1000
+bytes, a little at a time); ``POST /pay`` on ``fastapi_app`` (a body model FastAPI validates);
+``POST /guarded`` on the Flask app (a ``before_request`` check refuses it with 403 unless
+``X-Csrf: ok``).
 """
 
 from __future__ import annotations
@@ -14,15 +19,20 @@ import asyncio
 import json
 import os
 import time
+from collections.abc import AsyncIterator, Iterator
 
+from fastapi import FastAPI
 from flask import Flask, jsonify
+from flask import Response as FlaskResponse
+from flask import request as flask_request
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from oncely.http import IdempotencyConfig, IdempotencyMiddleware
+from oncely.http import IdempotencyConfig, IdempotencyMiddleware, scope_from_header
 from oncely.http.flask import install
 from oncely.stores import open_store
 
@@ -32,7 +42,7 @@ STORE = open_store(
 )
 LOG = os.environ.get("ONCELY_HTTP_LOG", os.devnull)
 SLEEP = float(os.environ.get("ONCELY_HTTP_SLEEP", "0.3"))
-CONFIG = IdempotencyConfig(store=STORE, lease=5.0)
+CONFIG = IdempotencyConfig(store=STORE, scope=scope_from_header("Authorization"), lease=5.0)
 
 
 def record_execution() -> None:
@@ -54,13 +64,47 @@ async def health(request: Request) -> Response:
     return PlainTextResponse(str(os.getpid()))
 
 
+CHUNK = b"r" * 1000
+
+
+async def report(request: Request) -> Response:
+    record_execution()
+
+    async def rows() -> AsyncIterator[bytes]:
+        for _ in range(400):
+            yield CHUNK
+            await asyncio.sleep(0.005)
+
+    return StreamingResponse(rows(), media_type="text/plain")
+
+
 asgi_app = Starlette(
     routes=[
         Route("/orders", create_order, methods=["POST"]),
+        Route("/report", report, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
     ],
     middleware=[Middleware(IdempotencyMiddleware, config=CONFIG)],
 )
+
+fastapi_app = FastAPI()
+fastapi_app.add_middleware(IdempotencyMiddleware, config=CONFIG)
+
+
+class Payment(BaseModel):
+    amount: int
+
+
+@fastapi_app.post("/pay", status_code=201)
+async def pay(payment: Payment) -> dict[str, int]:
+    record_execution()
+    return {"amount": payment.amount}
+
+
+@fastapi_app.get("/health")
+async def fastapi_health() -> str:
+    return str(os.getpid())
+
 
 flask_app = Flask(__name__)
 
@@ -75,6 +119,31 @@ def create_order_sync():  # type: ignore[no-untyped-def]
 @flask_app.get("/health")
 def health_sync() -> str:
     return str(os.getpid())
+
+
+@flask_app.post("/report")
+def report_sync() -> FlaskResponse:
+    record_execution()
+
+    def rows() -> Iterator[bytes]:
+        for _ in range(400):
+            yield CHUNK
+            time.sleep(0.005)
+
+    return FlaskResponse(rows(), mimetype="text/plain")
+
+
+@flask_app.before_request
+def csrf_like_check():  # type: ignore[no-untyped-def]
+    if flask_request.path == "/guarded" and flask_request.headers.get("X-Csrf") != "ok":
+        return jsonify(error="csrf"), 403
+    return None
+
+
+@flask_app.post("/guarded")
+def guarded():  # type: ignore[no-untyped-def]
+    record_execution()
+    return jsonify(done=True), 201
 
 
 install(flask_app, CONFIG)

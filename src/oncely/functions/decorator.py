@@ -14,26 +14,91 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import os
+import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 from oncely.codecs import Codec, JsonCodec
-from oncely.errors import ConfigurationError, InvalidKey
+from oncely.errors import ConfigurationError
 from oncely.functions.cache import ResultCache
 from oncely.functions.drivers import drive, drive_async
 from oncely.functions.flow import Policy, call_flow
-from oncely.functions.keys import ArgumentReader, canonical, check_key, fingerprint_of
+from oncely.functions.keys import (
+    ArgumentReader,
+    canonical,
+    default_key_gap,
+    fingerprint_of,
+    key_part,
+)
 from oncely.functions.lease import LostCallback
 from oncely.records import RecordKey, digest_key
 from oncely.stores import DEFAULT_URL, Store, shared_store
 
-__all__ = ["Idempotent", "idempotent"]
+__all__ = ["DEFAULT_TTL", "Idempotent", "idempotent", "return_annotation"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Seconds a completed result is kept for replay: 24 h, as the HTTP layer and Stripe keep keys.
+DEFAULT_TTL = 86400.0
+
+
+def _default_name(fn: Callable[..., Any]) -> str:
+    """``module.qualname``: functions of the same name in two modules never share records."""
+    qualname = getattr(fn, "__qualname__", None)
+    if not qualname or "<lambda>" in qualname:
+        raise ConfigurationError(
+            f"{fn!r} has no name that tells it apart from other functions (lambdas share "
+            "'<lambda>'); pass name='billing.charge' or the like"
+        )
+    return f"{getattr(fn, '__module__', None) or '?'}.{qualname}"
+
+
+def _identity_message(name: str, gap: str) -> str:
+    return (
+        f"@idempotent {name}: without key= or scope=, the key is the call's arguments, but "
+        f"{gap}: two calls that differ only there would share one record (one of them would "
+        "get the other's result). Say what identifies a call: key=['self.id', 'amount'] "
+        "(dotted paths may start at self), key=callable, or scope=lambda self, *a: self.id"
+    )
+
+
+_BUILTIN_VALUES = frozenset(
+    {str, int, float, bool, type(None), bytes, dict, list, tuple, set, frozenset}
+)
+
+
+def _bound_to(first: Any, wrapper: Any) -> bool:
+    """Whether a call whose first argument is ``first`` is ``wrapper`` bound as its method."""
+    if type(first) in _BUILTIN_VALUES:  # no method can be added to these: skip the scan
+        return False
+    owner = first if isinstance(first, type) else type(first)
+    for klass in owner.__mro__:
+        for attr in vars(klass).values():
+            if attr is wrapper:
+                return not isinstance(first, type)
+            if isinstance(attr, classmethod) and attr.__func__ is wrapper:
+                return True
+    return False
+
+
+def return_annotation(fn: Callable[..., Any], localns: Mapping[str, Any] | None = None) -> Any:
+    """``fn``'s return annotation, resolved (``Any`` if it has none).
+
+    :param localns: names visible where ``fn`` was decorated (classes local to a function).
+    :raises NameError: it names a type that is not defined (yet).
+    """
+    annotations = getattr(fn, "__annotations__", None) or {}
+    if "return" not in annotations:
+        return Any
+    probe = typing.cast(Callable[..., Any], lambda: None)
+    probe.__annotations__ = {"return": annotations["return"]}
+    module_globals = getattr(inspect.unwrap(fn), "__globals__", {})
+    return typing.get_type_hints(probe, module_globals, dict(localns or {}))["return"]
 
 
 class Idempotent:
@@ -57,6 +122,7 @@ class Idempotent:
         codec: Codec | None,
         cache_size: int,
         on_lease_lost: LostCallback | None,
+        localns: Mapping[str, Any] | None = None,
     ) -> None:
         if ttl <= 0 or lease <= 0:
             raise ConfigurationError(f"ttl ({ttl}) and lease ({lease}) must be positive seconds")
@@ -69,8 +135,11 @@ class Idempotent:
                 "key= and validate= take a list of argument names or dotted paths, e.g. "
                 "key=['order.id']"
             )
+        if scope is not None and not callable(scope) and not isinstance(scope, str):
+            raise ConfigurationError(
+                f"scope= takes a string or a callable returning one, not {type(scope).__name__}"
+            )
         self.fn = fn
-        self.name = name or fn.__qualname__
         self._store_spec = store
         self._store: Store | None = None
         self.reader = ArgumentReader(fn)
@@ -81,15 +150,21 @@ class Idempotent:
             self.reader.check_paths(validate, "validate")
         self.validate = validate
         self.scope = scope
+        self.name = name or _default_name(fn)
+        #: Calls are told apart by arguments only: refuse a function bound later as a method.
+        self.check_binding = key is None and scope is None
+        if self.check_binding:
+            gap = default_key_gap(fn)
+            if gap is not None:
+                raise ConfigurationError(_identity_message(self.name, gap))
         self.on_lease_lost = on_lease_lost
-        try:
-            hints = typing.get_type_hints(fn)
-        except Exception:  # unresolvable forward references: decode without a type
-            hints = {}
-        self.policy = Policy(
+        #: The function callers hold (set by :func:`idempotent`), to see it bound as a method.
+        self.wrapper: Callable[..., Any] | None = None
+        self._codec = codec or JsonCodec()
+        self._localns = localns
+        self._policy_of = functools.partial(
+            Policy,
             name=self.name,
-            codec=codec or JsonCodec(),
-            return_type=hints.get("return"),
             ttl=float(ttl),
             lease=float(lease),
             on_duplicate=on_duplicate,
@@ -98,6 +173,31 @@ class Idempotent:
             fail_open=fail_open,
             cache=ResultCache(cache_size) if cache_size else None,
         )
+        self._policy: Policy | None = None
+        # NameError: the annotation names a class defined later; resolve it at the first call.
+        with contextlib.suppress(NameError):
+            self._policy = self._make_policy()
+
+    def _make_policy(self) -> Policy:
+        """Bind the codec to the return annotation (:class:`ConfigurationError` if it cannot)."""
+        hint = return_annotation(self.fn, self._localns)
+        bind = getattr(self._codec, "bind", None)
+        codec = bind(hint, self._localns) if callable(bind) else self._codec
+        self._localns = None  # resolved: keep no reference to the decorating scope
+        return self._policy_of(codec=codec, return_type=hint)
+
+    @property
+    def policy(self) -> Policy:
+        """The call policy (resolved at the first call if the return annotation came later)."""
+        if self._policy is None:
+            try:
+                self._policy = self._make_policy()
+            except NameError as exc:
+                raise ConfigurationError(
+                    f"{self.name}: cannot resolve its return annotation ({exc}); define the "
+                    "type at module level, or pass codec= a codec that needs no annotation"
+                ) from exc
+        return self._policy
 
     @property
     def store(self) -> Store:
@@ -108,25 +208,32 @@ class Idempotent:
         return self._store
 
     def record_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> RecordKey:
-        """Where the record of a call with these arguments lives."""
+        """Where the record of a call with these arguments lives.
+
+        :raises InvalidKey: a key part or scope is ``None``, empty, too long or not a str,
+            int or UUID (see :mod:`oncely.functions.keys`).
+        :raises ConfigurationError: the default key, on a function bound as a method.
+        """
         spec, reader = self.key_spec, self.reader
         if spec is None:
+            if self.check_binding and args and _bound_to(args[0], self.wrapper):
+                raise ConfigurationError(
+                    _identity_message(
+                        self.name, f"it is called as a method of {type(args[0]).__name__}"
+                    )
+                )
             text = canonical(reader.whole_payload(args, kwargs), f"arguments of {self.name}")
         elif callable(spec):
-            made = spec(*args, **kwargs)
-            text = check_key(made) if isinstance(made, str) else canonical(made, "key")
+            text = key_part(spec(*args, **kwargs), f"the key callable's result for {self.name}")
         else:
-            parts = [reader.path(path, args, kwargs) for path in spec]
-            if len(parts) == 1 and isinstance(parts[0], str):
-                text = check_key(parts[0])
-            else:
-                for path, part in zip(spec, parts):
-                    if isinstance(part, str):
-                        check_key(part)
-                    elif part is None:
-                        raise InvalidKey(f"key field {path!r} is None; pass a value")
-                text = canonical(parts, "key")
-        scope = self.scope(*args, **kwargs) if callable(self.scope) else (self.scope or "")
+            parts = [key_part(reader.path(p, args, kwargs), f"key field {p!r}") for p in spec]
+            text = parts[0] if len(parts) == 1 else canonical(parts, "key")
+        if callable(self.scope):
+            scope = key_part(
+                self.scope(*args, **kwargs), f"the scope callable's result for {self.name}"
+            )
+        else:
+            scope = self.scope or ""
         return RecordKey(scope, digest_key(f"{self.name}\x00{text}"))
 
     def fingerprint(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
@@ -190,7 +297,7 @@ def idempotent(
     key: Sequence[str] | Callable[..., Any] | None = None,
     scope: str | Callable[..., str] | None = None,
     validate: Sequence[str] | Literal[True] | None = None,
-    ttl: float = 3600.0,
+    ttl: float = DEFAULT_TTL,
     lease: float = 30.0,
     on_duplicate: Literal["wait", "raise"] = "wait",
     wait_timeout: float = 30.0,
@@ -211,7 +318,7 @@ def idempotent(
     key: Sequence[str] | Callable[..., Any] | None = None,
     scope: str | Callable[..., str] | None = None,
     validate: Sequence[str] | Literal[True] | None = None,
-    ttl: float = 3600.0,
+    ttl: float = DEFAULT_TTL,
     lease: float = 30.0,
     on_duplicate: Literal["wait", "raise"] = "wait",
     wait_timeout: float = 30.0,
@@ -224,15 +331,24 @@ def idempotent(
     """Make a function run once per key; duplicates get the stored result.
 
     :param store: a store URL or object; default ``$ONCELY_STORE`` or ``sqlite:///oncely.db``.
-    :param name: a stable name for the function inside keys (default: its ``__qualname__``;
-        set it so renaming the function keeps old keys valid).
-    :param key: argument names or dotted paths (``["order.id"]``), or a callable taking the
-        call's arguments and returning the key; default: all arguments.
-    :param scope: a namespace (tenant, user) or a callable returning one; equal keys in
-        different scopes never meet.
+    The full table of parameters and defaults is in ``docs/decorator.md``.
+
+    :param store: a store URL or object; default ``$ONCELY_STORE`` or ``sqlite:///oncely.db``.
+    :param name: a stable name for the function inside keys (default ``module.qualname``;
+        set it so renaming or moving the function keeps old keys valid; lambdas need it).
+    :param key: argument names or dotted paths (``["order.id"]``, ``["self.id"]``), or a
+        callable taking the call's arguments and returning the key. Each part must be a
+        non-empty str (at most 255 characters), an int or a UUID, else
+        :class:`~oncely.errors.InvalidKey` before the function runs. Default: all arguments,
+        refused (:class:`~oncely.errors.ConfigurationError`) for methods, bound methods,
+        partials, callable objects and closures over data, whose calls differ by more than
+        their arguments.
+    :param scope: a namespace (tenant, user) or a callable returning one (same rules as a key
+        part); equal keys in different scopes never meet.
     :param validate: fields whose values must match on a retry (or ``True`` for all
         arguments); a mismatch raises :class:`~oncely.errors.IdempotencyKeyMismatch`.
-    :param ttl: seconds a completed result is kept for replay.
+    :param ttl: seconds a completed result is kept for replay (default 86400, 24 h: a retry
+        later than that runs the function again).
     :param lease: seconds a running call holds the key without renewal; renewed every lease/3.
     :param on_duplicate: ``"wait"`` for the running call's result, or ``"raise"``
         :class:`~oncely.errors.InFlightError` at once.
@@ -241,12 +357,17 @@ def idempotent(
         exception releases the key so a retry runs again.
     :param fail_open: if the store is unreachable, run without protection instead of raising
         :class:`~oncely.errors.StoreUnavailable` (default: fail closed).
-    :param codec: how results are stored (default :class:`~oncely.codecs.JsonCodec`).
+    :param codec: how results are stored (default :class:`~oncely.codecs.JsonCodec`, bound to
+        the return annotation: a replay has the same types as the first result, and an
+        annotation it cannot rebuild raises :class:`~oncely.errors.ConfigurationError` here).
     :param cache_size: keep up to this many completed results in process (0: off).
     :param on_lease_lost: called with ``(claim, error)`` if the running call loses its lease.
     """
 
-    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+    def decorate(func: Callable[..., Any], depth: int = 1) -> Callable[..., Any]:
+        # Names local to the decorating scope (a class defined inside a function) resolve
+        # string annotations, as pydantic and dataclasses do with the caller's namespace.
+        localns = sys._getframe(depth).f_locals
         config = Idempotent(
             func,
             store=store,
@@ -263,6 +384,7 @@ def idempotent(
             codec=codec,
             cache_size=cache_size,
             on_lease_lost=on_lease_lost,
+            localns=localns,
         )
         wrapper: Any
         if inspect.iscoroutinefunction(func):
@@ -282,8 +404,9 @@ def idempotent(
             wrapper = sync_wrapper
             wrapper.forget = config.forget
         wrapper.idempotency = config
+        config.wrapper = wrapper
         return typing.cast(Callable[..., Any], wrapper)
 
     if fn is not None:
-        return decorate(fn)
+        return decorate(fn, 2)
     return decorate

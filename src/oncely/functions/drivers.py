@@ -38,6 +38,7 @@ def drive(
 ) -> Any:
     send: Any = None
     throw: BaseException | None = None
+    sent_at = 0.0  # when the last claim was sent (monotonic): the lease is counted from it
     while True:
         try:
             op = flow.send(send) if throw is None else flow.throw(throw)
@@ -47,11 +48,12 @@ def drive(
         try:
             kind = type(op)
             if kind is Claim:
+                sent_at = time.monotonic()
                 send = store.claim(key, fingerprint, policy.lease, policy.ttl)
             elif kind is Run:
                 assert isinstance(op, Run)
                 claimed = Claimed(key, op.fence, policy.lease, store, on_lost)
-                keeper.keep(claimed)
+                keeper.keep(claimed, sent_at)
                 token = _current.set(claimed)
                 try:
                     send = call()
@@ -89,6 +91,7 @@ async def drive_async(
 ) -> Any:
     send: Any = None
     throw: BaseException | None = None
+    sent_at = 0.0  # when the last claim was sent (monotonic): the lease is counted from it
     while True:
         try:
             op = flow.send(send) if throw is None else flow.throw(throw)
@@ -98,11 +101,12 @@ async def drive_async(
         try:
             kind = type(op)
             if kind is Claim:
+                sent_at = time.monotonic()
                 send = await claim_or_undo(store, key, fingerprint, policy.lease, policy.ttl)
             elif kind is Run:
                 assert isinstance(op, Run)
                 claimed = Claimed(key, op.fence, policy.lease, store, on_lost)
-                renewer = AsyncRenewer(claimed)
+                renewer = AsyncRenewer(claimed, sent_at)
                 token = _current.set(claimed)
                 try:
                     send = await call()

@@ -1,15 +1,23 @@
 """Turning a call's arguments into an idempotency key and a payload fingerprint.
 
 A key spec names arguments or dotted paths into them (``["order.id", "amount"]``), or is a
-callable receiving the call's arguments. Values are rendered as canonical JSON, so equal
-payloads give equal keys across processes and Python versions.
+callable receiving the call's arguments. Each key part, and a scope a callable returns, must be
+a non-empty ``str`` (at most 255 characters), an ``int`` or a ``uuid.UUID``; ``None``, ``bool``,
+``float`` and anything else raise :class:`~oncely.errors.InvalidKey` before the function runs.
+An ``int`` and a UUID have one exact text form (a float or bool does not: ``1.0``/``1``/``True``),
+so they are unambiguous and rendered as that text. Without a key spec the key is all arguments
+as canonical JSON, so equal payloads give equal keys across processes and Python versions;
+:func:`default_key_gap` says when that would leave out what tells two calls apart.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import inspect
 import json
+import types
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -17,24 +25,55 @@ from oncely.codecs import to_jsonable
 from oncely.errors import ConfigurationError, InvalidKey
 from oncely.records import MAX_KEY_LENGTH
 
-__all__ = ["ArgumentReader", "KeySpec", "canonical", "check_key", "fingerprint_of"]
+__all__ = [
+    "ArgumentReader",
+    "KeySpec",
+    "canonical",
+    "check_key",
+    "default_key_gap",
+    "fingerprint_of",
+    "key_part",
+]
 
 KeySpec = Sequence[str] | Callable[..., Any] | None
 _MISSING = object()
 
 
-def check_key(key: str) -> str:
-    """Validate a caller-supplied key string: 1 to 255 characters."""
+def check_key(key: str, what: str = "idempotency key") -> str:
+    """Validate a caller-supplied key string: 1 to 255 characters.
+
+    :raises InvalidKey: not a string, empty, or longer than 255 characters.
+    """
     if not isinstance(key, str):
-        raise InvalidKey(f"idempotency key must be a string, got {type(key).__name__}")
+        raise InvalidKey(f"{what} must be a string, got {type(key).__name__}")
     if not key:
-        raise InvalidKey("idempotency key is empty; send a unique value per operation, e.g. a UUID")
+        raise InvalidKey(f"{what} is empty; send a unique value per operation, e.g. a UUID")
     if len(key) > MAX_KEY_LENGTH:
         raise InvalidKey(
-            f"idempotency key has {len(key)} characters; the limit is {MAX_KEY_LENGTH} "
-            "(a UUID has 36)"
+            f"{what} has {len(key)} characters; the limit is {MAX_KEY_LENGTH} (a UUID has 36)"
         )
     return key
+
+
+def key_part(value: Any, what: str) -> str:
+    """The text of one key part (or scope): a non-empty ``str``, an ``int`` or a ``UUID``.
+
+    :param what: names the source in the error, e.g. ``"key field 'order.id'"``.
+    :raises InvalidKey: ``None``, ``bool``, ``float``, empty, too long, or another type.
+    """
+    if isinstance(value, str):
+        return check_key(str.__str__(value), what)  # a str enum member counts as its value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return check_key(int.__repr__(value), what)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if value is None:
+        raise InvalidKey(f"{what} is None, so every such call would share one record; pass a value")
+    raise InvalidKey(
+        f"{what} is of type {type(value).__name__} ({value!r:.40}); a key part must be a "
+        "non-empty string, an int or a UUID (floats and bools have more than one spelling of "
+        "the same value)"
+    )
 
 
 def canonical(value: Any, what: str) -> str:
@@ -54,6 +93,50 @@ def fingerprint_of(values: Sequence[Any]) -> str:
     """A short digest of the validated payload fields."""
     text = canonical(list(values), "payload fields for validation")
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+def _data_cells(fn: Any, seen: set[int]) -> list[str]:
+    """Names of the closure variables of ``fn`` (and of functions it closes over) holding data."""
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    if code is None or id(fn) in seen:
+        return []
+    seen.add(id(fn))
+    names = []
+    for name, cell in zip(code.co_freevars, cells):
+        try:
+            value = cell.cell_contents
+        except ValueError:  # not assigned yet (a function referring to itself)
+            continue
+        if isinstance(value, types.FunctionType):
+            names += _data_cells(value, seen)
+        elif not isinstance(value, (type, types.ModuleType, types.BuiltinFunctionType)):
+            names.append(name)
+    return names
+
+
+def default_key_gap(fn: Callable[..., Any]) -> str | None:
+    """What a key of all arguments would leave out that can tell two calls of ``fn`` apart.
+
+    ``None`` if nothing: ``fn`` is a plain function whose behaviour depends only on its
+    arguments (and on code: functions, classes and modules it refers to). Otherwise a sentence
+    naming the hidden input: the instance of a method (``self``/``cls``), a bound method's
+    object, a ``functools.partial``'s frozen arguments, a callable object's state, or the data
+    a closure captured.
+    """
+    if inspect.ismethod(fn):
+        return f"it is a method bound to a {type(fn.__self__).__name__}, which the key leaves out"
+    if isinstance(fn, functools.partial):
+        return "it is a functools.partial, whose frozen arguments the key leaves out"
+    plain = inspect.unwrap(fn)
+    if not inspect.isfunction(plain):
+        return f"it is a callable {type(fn).__name__} object, whose state the key leaves out"
+    params = list(inspect.signature(fn).parameters)
+    if params and params[0] in ("self", "cls"):
+        return f"its first parameter {params[0]!r} (the instance or class) is not in the key"
+    captured = _data_cells(fn, set())
+    if captured:
+        return f"it is a closure over {', '.join(sorted(set(captured)))}, which the key leaves out"
+    return None
 
 
 class ArgumentReader:

@@ -1,12 +1,18 @@
 """Keeping a claim's lease alive while the function runs, and telling the caller if it is lost.
 
-Sync calls share the process-wide renewal thread of :mod:`oncely.renewal` with sync locks
-(registering a call is a heap push, so a fast function never pays for a thread). Async calls
-schedule their renewals on their own event loop with ``call_later``. Both renew every
-``lease / 3``; a failed renewal is retried while the lease still has time; a lost lease is
-recorded on the :class:`Claimed`
-handle (``check()`` raises :class:`~oncely.errors.LeaseLost`), logged, and passed to the
-``on_lease_lost`` callback. It is never swallowed.
+Sync calls are renewed by :data:`oncely.renewal.watchdog`, on the lane (thread) of their store:
+a stuck store delays only its own renewals (registering a call is a heap push, so a fast
+function never pays for a thread). Async calls renew on their own event loop, each renewal
+bounded by :func:`renew_timeout`. Both renew every ``lease / 3``; a failed renewal is retried
+while the lease still has time.
+
+The local bound: :attr:`Claimed.held_until` is the monotonic time until which the lease surely
+holds, counted from when the claim (or the last confirmed renewal) was *sent*, never from when
+its reply arrived: a claim that waited in the store (on a row lock, in a queue) has that much
+less lease left. Once the clock passes the bound without a confirmed renewal,
+:meth:`Claimed.check` raises :class:`~oncely.errors.LeaseLost`, even if the renewal is still on
+the wire. A lost lease is recorded on the handle, logged, and passed to the ``on_lease_lost``
+callback; it is never swallowed.
 """
 
 from __future__ import annotations
@@ -14,13 +20,14 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from oncely.errors import LeaseLost
 from oncely.records import RecordKey
-from oncely.renewal import watchdog
+from oncely.renewal import renew_timeout, watchdog
 from oncely.stores.base import Store
 
 __all__ = ["AsyncRenewer", "Claimed", "LeaseKeeper", "current_claim", "keeper"]
@@ -34,7 +41,8 @@ LostCallback = Callable[["Claimed", BaseException], None]
 class Claimed:
     """The running call's claim: its fence (pass it to fenced writes) and whether it still holds.
 
-    Read it inside a decorated function with :func:`current_claim`.
+    Read it inside a decorated function with :func:`current_claim`. ``lease`` is in seconds;
+    :attr:`held_until` is a :func:`time.monotonic` time.
     """
 
     key: RecordKey
@@ -42,14 +50,26 @@ class Claimed:
     lease: float
     store: Store
     on_lost: LostCallback | None = None
-    #: Monotonic time until which the lease surely holds (measured before each renewal request).
+    #: Monotonic time until which the lease surely holds: the send time of the claim or of the
+    #: last confirmed renewal, plus the lease.
     held_until: float = 0.0
     lost: BaseException | None = None
     active: bool = True
     due: float = field(default=0.0, repr=False)
+    _mutex: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    @property
+    def lane(self) -> Store:
+        """The store this claim renews on (its renewals share that store's lane)."""
+        return self.store
+
+    def start(self, sent_at: float) -> None:
+        """Set the bound from the claim's send time (monotonic) and the first renewal's time."""
+        self.held_until = sent_at + self.lease
+        self.due = sent_at + self.lease / 3
 
     def run(self) -> float | None:
-        """Renew once (on the watchdog thread); return when to renew next, or None to stop."""
+        """Renew once (on the store's lane); return when to renew next, or None to stop."""
         if not self.active:
             return None
         sent_at = time.monotonic()
@@ -60,10 +80,28 @@ class Claimed:
         self._renewed(sent_at)
         return self.due
 
+    def expire(self) -> None:
+        """The bound passed while a renewal was still pending: report the lease lost."""
+        self._lose(self._ran_out())
+
     def check(self) -> None:
-        """Raise :class:`~oncely.errors.LeaseLost` if the lease is known to be lost."""
-        if self.lost is not None:
-            raise LeaseLost(f"the lease of this call was lost: {self.lost}") from self.lost
+        """Raise :class:`~oncely.errors.LeaseLost` if the lease is lost or may be.
+
+        It may be once :func:`time.monotonic` passed :attr:`held_until` without a confirmed
+        renewal (the store may be stuck, or this process was paused): another caller may hold
+        the key now. No I/O; call it before each step that must not run twice.
+        """
+        if self.lost is None and self.active and time.monotonic() >= self.held_until:
+            self._lose(self._ran_out())
+        lost = self.lost
+        if lost is not None:
+            raise LeaseLost(f"the lease of this call was lost: {lost}") from lost
+
+    def _ran_out(self) -> LeaseLost:
+        return LeaseLost(
+            f"no renewal of the {self.lease:g}s lease was confirmed in time (the store is slow "
+            "or unreachable, or this process was paused); another caller may hold the key now"
+        )
 
     def _renewed(self, sent_at: float) -> None:
         self.held_until = sent_at + self.lease
@@ -81,7 +119,10 @@ class Claimed:
         return True
 
     def _lose(self, exc: BaseException) -> None:
-        self.lost, self.active = exc, False
+        with self._mutex:  # the lane, the scheduler and check() may all find out; report once
+            if self.lost is not None or not self.active:
+                return
+            self.lost, self.active = exc, False
         log.error("oncely: lease lost for fence %s: %s", self.fence, exc)
         if self.on_lost is not None:
             try:
@@ -103,10 +144,9 @@ def current_claim() -> Claimed | None:
 class LeaseKeeper:
     """Registers running sync calls with the process-wide :data:`oncely.renewal.watchdog`."""
 
-    def keep(self, claimed: Claimed) -> None:
-        now = time.monotonic()
-        claimed.held_until = now + claimed.lease
-        claimed.due = now + claimed.lease / 3
+    def keep(self, claimed: Claimed, sent_at: float) -> None:
+        """Renew ``claimed`` until :meth:`stop`; ``sent_at``: when its claim was sent."""
+        claimed.start(sent_at)
         watchdog.schedule(claimed)
 
     def stop(self, claimed: Claimed) -> None:
@@ -117,16 +157,19 @@ keeper = LeaseKeeper()
 
 
 class AsyncRenewer:
-    """Renews one async call's lease on the running loop; cheap until the first renewal is due."""
+    """Renews one async call's lease on the running loop; cheap until the first renewal is due.
 
-    def __init__(self, claimed: Claimed) -> None:
+    ``sent_at`` is when the claim was sent (monotonic). Each renewal request is bounded by
+    :func:`renew_timeout` and by the lease's bound, whichever comes first.
+    """
+
+    def __init__(self, claimed: Claimed, sent_at: float) -> None:
         self.claimed = claimed
         self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
-        now = time.monotonic()
-        claimed.held_until = now + claimed.lease
+        claimed.start(sent_at)
         self._handle: asyncio.TimerHandle | None = self._loop.call_later(
-            claimed.lease / 3, self._start
+            max(claimed.due - time.monotonic(), 0.0), self._start
         )
 
     def _start(self) -> None:
@@ -137,9 +180,16 @@ class AsyncRenewer:
         claimed = self.claimed
         while claimed.active:
             sent_at = time.monotonic()
+            limit = min(renew_timeout(claimed.lease), claimed.held_until - sent_at)
             try:
-                await claimed.store.arenew(claimed.key, claimed.fence, claimed.lease)
+                if limit <= 0:
+                    raise TimeoutError("the lease ran out before its renewal could be sent")
+                await asyncio.wait_for(
+                    claimed.store.arenew(claimed.key, claimed.fence, claimed.lease), limit
+                )
             except Exception as exc:  # any failure, typed or not, is retried and then reported
+                if isinstance(exc, asyncio.TimeoutError) and not str(exc):
+                    exc = TimeoutError(f"the store did not answer a renewal within {limit:.3g}s")
                 if not claimed._failed(exc, time.monotonic()):
                     return
             else:

@@ -1,12 +1,14 @@
 """HTTP ``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header-06) and one-time tokens
 for ASGI and WSGI apps, with one configuration and one implementation of the semantics.
 
->>> from oncely.http import IdempotencyConfig, IdempotencyMiddleware
->>> config = IdempotencyConfig(store="redis://localhost:6379/0")
+>>> from oncely.http import IdempotencyConfig, IdempotencyMiddleware, scope_from_header
+>>> config = IdempotencyConfig(store="redis://localhost:6379/0",
+...                            scope=scope_from_header("Authorization"))
 >>> app = IdempotencyMiddleware(app, config)                  # Starlette, FastAPI, Litestar
 >>> wsgi = WSGIIdempotencyMiddleware(flask_app.wsgi_app, config)  # Flask, Django
 
-Modules: :mod:`~oncely.http.config` (settings), :mod:`~oncely.http.headers` (key parsing),
+Modules: :mod:`~oncely.http.config` (settings), :mod:`~oncely.http.scopes` (whose key space a
+request belongs to), :mod:`~oncely.http.headers` (key parsing),
 :mod:`~oncely.http.fingerprint`, :mod:`~oncely.http.codec` (stored responses),
 :mod:`~oncely.http.problems` (RFC 9457), :mod:`~oncely.http.flow` (the sans-IO protocol),
 :mod:`~oncely.http.asgi`, :mod:`~oncely.http.wsgi`, :mod:`~oncely.http.routes` (per-route
@@ -18,14 +20,24 @@ rules), :mod:`~oncely.http.guard` (tokens over HTTP), and the framework helpers
 from oncely.http.asgi import IdempotencyMiddleware
 from oncely.http.config import IdempotencyConfig, TokenGuard
 from oncely.http.fingerprint import json_fields, request_fingerprint
-from oncely.http.messages import HttpRequest, HttpResponse, IdempotencyInfo
+from oncely.http.messages import (
+    ENTRY_KEY,
+    HandlerEntry,
+    HttpRequest,
+    HttpResponse,
+    IdempotencyInfo,
+)
 from oncely.http.problems import PROBLEM_BASE, PROBLEM_TYPES, ProblemType
 from oncely.http.routes import Rule, idempotent_route
+from oncely.http.scopes import GLOBAL, scope_from_cookie, scope_from_header
 from oncely.http.wsgi import WSGIIdempotencyMiddleware
 
 __all__ = [
+    "ENTRY_KEY",
+    "GLOBAL",
     "PROBLEM_BASE",
     "PROBLEM_TYPES",
+    "HandlerEntry",
     "HttpRequest",
     "HttpResponse",
     "IdempotencyConfig",
@@ -38,4 +50,6 @@ __all__ = [
     "idempotent_route",
     "json_fields",
     "request_fingerprint",
+    "scope_from_cookie",
+    "scope_from_header",
 ]

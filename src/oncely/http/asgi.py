@@ -1,7 +1,9 @@
 """The ASGI face: a pure ASGI middleware (Starlette, FastAPI, Litestar, any ASGI 3 app).
 
->>> from oncely.http import IdempotencyConfig, IdempotencyMiddleware
->>> app = IdempotencyMiddleware(app, IdempotencyConfig(store="redis://localhost:6379/0"))
+>>> from oncely.http import IdempotencyConfig, IdempotencyMiddleware, scope_from_header
+>>> config = IdempotencyConfig(store="redis://localhost:6379/0",
+...                            scope=scope_from_header("Authorization"))
+>>> app = IdempotencyMiddleware(app, config)
 
 or ``app.add_middleware(IdempotencyMiddleware, config=...)`` in Starlette/FastAPI. This module
 only carries out the operations of :func:`oncely.http.flow.request_flow` with ``await``: it
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -43,7 +46,7 @@ from oncely.http.flow import (
     Watch,
     request_flow,
 )
-from oncely.http.messages import HttpRequest, HttpResponse
+from oncely.http.messages import ENTRY_KEY, HandlerEntry, HttpRequest, HttpResponse
 from oncely.http.problems import from_exception
 from oncely.http.routes import Resolver
 
@@ -62,7 +65,6 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 INFO_KEY = "oncely.idempotency"
 # Response extensions that bypass ``send`` with a body; hidden from the app while capturing.
 _BYPASS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
-# Background work that must finish even if the request task is cancelled.
 
 
 class IdempotencyMiddleware:
@@ -120,11 +122,9 @@ class IdempotencyMiddleware:
         module = type(app).__module__.split(".", 1)[0]
         if module not in ("starlette", "fastapi"):
             return
-        from oncely.http.starlette import resolver_for
+        from oncely.http.starlette import integrate
 
-        resolver = resolver_for(app)
-        if resolver is not None:
-            self.engine.set_resolver(resolver)
+        self.engine.set_resolver(integrate(app, self.app))
 
     async def aclose(self) -> None:
         """Close the store's connections for the running event loop."""
@@ -134,7 +134,7 @@ class IdempotencyMiddleware:
 class _Exchange:
     """One request/response exchange: performs the flow's operations."""
 
-    __slots__ = ("app", "body", "engine", "receive", "scope", "send")
+    __slots__ = ("app", "body", "claim_sent", "engine", "receive", "scope", "send")
 
     def __init__(
         self, app: ASGIApp, engine: Engine, scope: Scope, receive: Receive, send: Send
@@ -145,6 +145,8 @@ class _Exchange:
         self.receive = receive
         self.send = send
         self.body: bytes | None = None
+        #: When the last claim was sent (monotonic); the lease's local bound counts from it.
+        self.claim_sent = 0.0
 
     async def drive(self, flow: Any) -> None:
         store = self.engine.store
@@ -160,6 +162,7 @@ class _Exchange:
                 kind = type(op)
                 if kind is Claim:
                     assert isinstance(op, Claim)
+                    self.claim_sent = time.monotonic()
                     value = await claim_or_undo(store, op.key, op.fingerprint, op.lease, op.ttl)
                 elif kind is Run:
                     assert isinstance(op, Run)
@@ -255,6 +258,12 @@ class _Exchange:
     async def _run(self, op: Run) -> Captured:
         scope = self.scope
         scope[INFO_KEY] = op.info
+        entry = scope[ENTRY_KEY] = HandlerEntry(self.engine.tracks_entry)
+        resolver = self.engine.resolver
+        dispatches = getattr(resolver, "dispatches", None)
+        if dispatches is not None and dispatches(scope) is False:
+            entry.rejected()  # the router will answer 404/405/redirect without a handler
+        error: BaseException | None = None
         capture = _Capture(self.send, op.capture)
         app_scope = scope
         extensions = scope.get("extensions")
@@ -269,23 +278,34 @@ class _Exchange:
             claimed = Claimed(
                 op.key, op.fence, op.lease, self.engine.store, self.engine.config.on_lease_lost
             )
-            renewer = AsyncRenewer(claimed)
+            renewer = AsyncRenewer(claimed, self.claim_sent)
             token = _current.set(claimed)
         try:
             await self.app(app_scope, self._app_receive(), capture.send)
         except HttpProblem as exc:
             if capture.started:
-                raise
-            await _send_response(capture.send, from_exception(exc, self.engine.config.problem_base))
+                error = exc
+            else:
+                problem = from_exception(exc, self.engine.config.problem_base)
+                try:
+                    await _send_response(capture.send, problem)
+                except BaseException as again:  # the client is gone
+                    error = again
+        except BaseException as exc:  # settled by the flow, which raises it again
+            error = exc
         finally:
             if renewer is not None:
                 _current.reset(token)
                 renewer.stop()
-        return capture.result()
+        return capture.result(entry.handled, error)
 
 
 class _Capture:
-    """Passes the app's response through to the server, keeping a copy (up to a limit)."""
+    """Passes the app's response through to the server, keeping a copy (up to a limit).
+
+    What the app *produced* is recorded before each message goes to the server, so a client
+    that leaves while the last message is sent does not turn a finished response into an
+    interrupted one."""
 
     __slots__ = ("chunks", "complete", "headers", "inner", "limit", "size", "started", "status")
 
@@ -301,8 +321,7 @@ class _Capture:
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.body":
-            await self.inner(message)
+        if kind == "http.response.body" and self.started and not self.complete:
             chunks = self.chunks
             if chunks is not None:
                 body = message.get("body", b"")
@@ -314,21 +333,21 @@ class _Capture:
                         chunks.append(bytes(body))
             if not message.get("more_body", False):
                 self.complete = True
-        elif kind == "http.response.start":
-            await self.inner(message)
+        elif kind == "http.response.start" and not self.started:
             self.started = True
             self.status = int(message["status"])
             if self.limit >= 0:
                 self.headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
-        else:
-            await self.inner(message)
+        await self.inner(message)
 
-    def result(self) -> Captured:
+    def result(self, handled: bool, error: BaseException | None) -> Captured:
         chunks = self.chunks
         body = None
         if chunks is not None:
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        return Captured(self.status, self.headers, body, self.complete and self.started)
+        return Captured(
+            self.status, self.headers, body, self.complete and self.started, handled, error
+        )
 
 
 async def _send_response(send: Send, response: HttpResponse) -> None:

@@ -10,7 +10,9 @@ comes back as it was.
 
 Format ``http-response/1``: ``>HH`` status and header count, then per header ``>HI`` name and
 value lengths followed by the bytes, then the body (byte-identical, as the handler sent it).
-A response too large to keep is stored as ``http-unreplayable/1`` with only its status.
+A response that cannot be replayed — larger than ``max_stored_body``, or cut short after it
+started (client gone, stream failed) — is stored as ``http-unreplayable/1``: ``>H`` status and
+one byte of reason (:data:`TOO_LARGE`, :data:`INTERRUPTED`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from oncely.http.messages import HttpResponse
 __all__ = [
     "ALWAYS_DENIED",
     "CODEC",
+    "INTERRUPTED",
+    "TOO_LARGE",
     "UNREPLAYABLE",
     "decode_response",
     "decode_unreplayable",
@@ -55,7 +59,12 @@ ALWAYS_DENIED: frozenset[bytes] = frozenset(
 
 _HEAD = struct.Struct(">HH")
 _PAIR = struct.Struct(">HI")
-_STATUS = struct.Struct(">H")
+_MARKER = struct.Struct(">HB")
+
+#: Why a response was not kept: it was larger than ``max_stored_body``.
+TOO_LARGE = 0
+#: Why a response was not kept: it started but did not finish (client gone, stream failed).
+INTERRUPTED = 1
 
 
 def storable_headers(
@@ -102,12 +111,16 @@ def decode_response(data: bytes) -> HttpResponse:
     return HttpResponse(status, headers, data[at:])
 
 
-def encode_unreplayable(status: int) -> bytes:
-    return _STATUS.pack(status)
+def encode_unreplayable(status: int, reason: int) -> bytes:
+    return _MARKER.pack(status, reason)
 
 
-def decode_unreplayable(data: bytes) -> int:
+def decode_unreplayable(data: bytes) -> tuple[int, int]:
+    """``(status, reason)`` of a marker (``(0, TOO_LARGE)`` if unreadable)."""
+    if len(data) == 2:  # written before the reason byte existed
+        return int.from_bytes(data, "big"), TOO_LARGE
     try:
-        return int(_STATUS.unpack_from(data)[0])
+        status, reason = _MARKER.unpack_from(data)
     except struct.error:
-        return 0
+        return 0, TOO_LARGE
+    return int(status), int(reason)

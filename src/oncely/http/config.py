@@ -1,7 +1,9 @@
 """The one configuration object both HTTP faces (ASGI and WSGI) take.
 
->>> from oncely.http import IdempotencyConfig
->>> config = IdempotencyConfig(store="redis://localhost:6379/0", exclude=["/health"])
+>>> from oncely.http import IdempotencyConfig, scope_from_header
+>>> config = IdempotencyConfig(
+...     store="redis://localhost:6379/0", scope=scope_from_header("Authorization"),
+...     exclude=["/health"])
 
 Every setting is documented on :class:`IdempotencyConfig`; ``docs/http.md`` has the full
 picture. :class:`Policy` is the effective, pre-computed settings of one route (global settings
@@ -11,7 +13,7 @@ merged with the route's :class:`~oncely.http.routes.Rule`); it is internal.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as _field
 from typing import Any
@@ -20,15 +22,13 @@ from oncely.errors import ConfigurationError
 from oncely.functions.lease import LostCallback
 from oncely.http.codec import ALWAYS_DENIED
 from oncely.http.fingerprint import Fingerprinter, FingerprintSpec, resolve
-from oncely.http.messages import HttpRequest
 from oncely.http.problems import PROBLEM_BASE
 from oncely.http.routes import Rule, compile_pattern
+from oncely.http.scopes import Global, ScopeFunction, ScopeSpec, resolve_scope
 from oncely.stores import Store
 from oncely.tokens import Tokens
 
 __all__ = ["IdempotencyConfig", "Policy", "TokenGuard"]
-
-ScopeFunction = Callable[[HttpRequest], "str | None"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,8 +36,11 @@ class TokenGuard:
     """One-time tokens over HTTP: an endpoint that issues them and routes that require one.
 
     :param tokens: the :class:`~oncely.tokens.Tokens` (secret and store).
-    :param subject: who a token is bound to, from the request (user id, session id); default:
-        the idempotency ``scope`` callable, else ``""`` (anonymous).
+    :param subject: who a token is bound to: a callable ``request -> str`` (user id, session
+        id), a helper such as :func:`~oncely.http.scopes.scope_from_cookie`, or
+        :data:`~oncely.http.scopes.GLOBAL` (any client may spend any token); default: the
+        config's ``scope`` — which must then not be ``GLOBAL`` (a token must not be usable
+        by another client unless you say so).
     :param header: request header carrying the token.
     :param field: form field (``application/x-www-form-urlencoded``) or top-level JSON member
         carrying the token when the header is absent; ``None`` to accept the header only.
@@ -50,7 +53,7 @@ class TokenGuard:
     """
 
     tokens: Tokens
-    subject: ScopeFunction | None = None
+    subject: ScopeSpec | None = None
     header: str = "Oncely-Token"
     field: str | None = "oncely_token"
     endpoint: str | None = None
@@ -61,6 +64,8 @@ class TokenGuard:
     def __post_init__(self) -> None:
         if not isinstance(self.tokens, Tokens):
             raise ConfigurationError("TokenGuard(tokens=...) takes an oncely.tokens.Tokens")
+        if self.subject is not None:
+            resolve_scope(self.subject, "subject")
         if self.endpoint is not None and not self.endpoint.startswith("/"):
             raise ConfigurationError(f"endpoint={self.endpoint!r} must be a path like '/tokens'")
         for pattern in self.routes:
@@ -96,10 +101,16 @@ class IdempotencyConfig:
     :param max_request_body: larger request bodies get 413 before the handler runs.
     :param max_stored_body: larger responses are sent, then stored as "not replayable": a retry
         gets 409 ``response-not-replayable`` (never a truncated body, never a second run).
-    :param fingerprint: ``None`` (method, path, query, body), a list of JSON field paths, or a
+    :param fingerprint: ``None`` (method, path, query and body: a JSON media type by its parsed
+        value, any other byte for byte), a list of JSON field paths, or a
         callable ``(request, body) -> str``.
-    :param scope: callable ``request -> str`` naming the tenant/user/API key the key belongs
-        to; equal keys in different scopes never meet. Return a non-secret id (it is stored).
+    :param scope: **required**: whose key space a request belongs to; equal keys in different
+        scopes never meet (draft-06, Security Considerations). A callable ``request -> str``
+        naming the tenant/user/API client (a non-secret id: it is stored; ``None`` is the
+        anonymous scope), a helper (:func:`~oncely.http.scopes.scope_from_header`,
+        :func:`~oncely.http.scopes.scope_from_cookie`: hashed credentials), or
+        :data:`~oncely.http.scopes.GLOBAL` to share one key space between all clients.
+        :raises ConfigurationError: when missing — no default shares keys between users.
     :param fail_open: if the store is down, run the request unprotected (default: 503).
     :param problem_base: prefix of problem ``type`` URIs.
     :param replay_header: header added to replayed responses (value ``true``).
@@ -128,7 +139,7 @@ class IdempotencyConfig:
     max_request_body: int = 1 << 20
     max_stored_body: int = 1 << 20
     fingerprint: FingerprintSpec = None
-    scope: ScopeFunction | None = None
+    scope: ScopeSpec | None = None
     fail_open: bool = False
     problem_base: str = PROBLEM_BASE
     replay_header: str = "Idempotent-Replayed"
@@ -150,8 +161,14 @@ class IdempotencyConfig:
             raise ConfigurationError("retry_after must be zero or more seconds")
         if not self.header or not self.header.isascii() or ":" in self.header:
             raise ConfigurationError(f"header={self.header!r} is not a header name")
-        if self.scope is not None and not callable(self.scope):
-            raise ConfigurationError("scope= takes a callable (request) -> str")
+        resolve_scope(self.scope, "scope")
+        guard = self.tokens
+        if guard is not None and guard.subject is None and isinstance(self.scope, Global):
+            raise ConfigurationError(
+                "scope=GLOBAL would let any client spend a one-time token issued to another; "
+                "pass TokenGuard(subject=...) (e.g. lambda request: <user id>, or "
+                "scope_from_cookie('sessionid')), or TokenGuard(subject=GLOBAL) to allow it"
+            )
         for pattern in (*self.include, *self.exclude, *self.routes):
             compile_pattern(pattern)
         for pattern, rule in self.routes.items():
@@ -217,7 +234,7 @@ class Policy:
     max_request_body: int
     max_stored_body: int
     fingerprint: Fingerprinter
-    scope: ScopeFunction | None
+    scope: ScopeFunction | None  # None: GLOBAL
     fail_open: bool
     problem_base: str
     replay_header: bytes
@@ -257,7 +274,7 @@ class Policy:
             max_request_body=int(pick("max_request_body")),
             max_stored_body=int(pick("max_stored_body")),
             fingerprint=resolve(fingerprint_spec),
-            scope=config.scope,
+            scope=resolve_scope(config.scope, "scope"),
             fail_open=config.fail_open,
             problem_base=config.problem_base,
             replay_header=config.replay_header.lower().encode("latin-1"),

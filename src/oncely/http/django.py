@@ -1,12 +1,20 @@
 """Django helpers: wrap the WSGI application with route rules, and mark views.
 
-In ``wsgi.py``::
+In ``settings.py``, last in ``MIDDLEWARE`` (after ``CsrfViewMiddleware`` and every other
+middleware that may answer from ``process_view``)::
+
+    MIDDLEWARE = [..., "oncely.http.django.ViewStartMiddleware"]
+
+and in ``wsgi.py``::
 
     from django.core.wsgi import get_wsgi_application
-    from oncely.http import IdempotencyConfig
+    from oncely.http import IdempotencyConfig, scope_from_cookie
     from oncely.http.django import install
 
-    application = install(get_wsgi_application(), IdempotencyConfig(store="redis://..."))
+    application = install(
+        get_wsgi_application(),
+        IdempotencyConfig(store="redis://...", scope=scope_from_cookie("sessionid")),
+    )
 
 and in views::
 
@@ -21,7 +29,10 @@ and in views::
 
 The middleware resolves the request path with ``django.urls.resolve`` (the ``ROOT_URLCONF``;
 per-request ``request.urlconf`` overrides are not seen) to find the view's rule before Django
-runs. Django served over ASGI is not covered here; use the WSGI application.
+runs. :class:`ViewStartMiddleware` tells it when Django actually calls the view: a request
+Django refuses before that (URL 404, the CSRF 403, any middleware answering first) is sent as
+it is and does not use up its key. Django served over ASGI is not covered here; use the WSGI
+application.
 """
 
 from __future__ import annotations
@@ -30,16 +41,22 @@ import functools
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
+from django.conf import settings  # type: ignore[import-untyped]
 from django.http import HttpRequest as DjangoRequest  # type: ignore[import-untyped]
+from django.http import HttpResponse as DjangoResponse
 from django.urls import Resolver404, get_resolver, resolve  # type: ignore[import-untyped]
+from django.utils.module_loading import import_string  # type: ignore[import-untyped]
 
 from oncely.errors import ConfigurationError
 from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import SAFE_METHODS
+from oncely.http.messages import ENTRY_KEY, HandlerEntry
 from oncely.http.routes import MARKER, Rule, idempotent_route, rule_of
 from oncely.http.wsgi import INFO_KEY, WSGIIdempotencyMiddleware
 
-__all__ = ["DjangoResolver", "install", "require_token"]
+__all__ = ["DjangoResolver", "ViewStartMiddleware", "install", "require_token"]
+
+_PATH = "oncely.http.django.ViewStartMiddleware"
 
 F = TypeVar("F", bound=Callable[..., Any])
 _METHODS = ("post", "put", "patch", "delete", "get", "dispatch")
@@ -66,10 +83,55 @@ def _callbacks(patterns: Iterable[Any], depth: int = 0) -> Iterable[Any]:
             yield getattr(pattern, "callback", None)
 
 
+class ViewStartMiddleware:
+    """Django middleware telling oncely's WSGI middleware that the view is about to run
+    (``process_view``, after URL resolution and after the ``process_view`` of the middlewares
+    listed before it, such as ``CsrfViewMiddleware``). List it last in ``MIDDLEWARE``."""
+
+    def __init__(self, get_response: Callable[[DjangoRequest], DjangoResponse]) -> None:
+        self.get_response = get_response
+
+    def __call__(self, request: DjangoRequest) -> DjangoResponse:
+        return self.get_response(request)
+
+    def process_view(
+        self, request: DjangoRequest, view: Any, args: Any, kwargs: Any
+    ) -> DjangoResponse | None:
+        entry = request.META.get(ENTRY_KEY)
+        if isinstance(entry, HandlerEntry):
+            entry.started()
+        return None
+
+
+def _check_middleware() -> None:
+    """``ViewStartMiddleware`` is in ``MIDDLEWARE``, with no ``process_view`` after it."""
+    names = list(getattr(settings, "MIDDLEWARE", None) or ())
+    if _PATH not in names:
+        raise ConfigurationError(
+            f"add {_PATH!r} as the last entry of settings.MIDDLEWARE: it tells oncely when a "
+            "view starts, so that a request Django refuses before its view (404, CSRF 403) "
+            "does not use up its Idempotency-Key"
+        )
+    for name in names[names.index(_PATH) + 1 :]:
+        if hasattr(import_string(name), "process_view"):
+            raise ConfigurationError(
+                f"{name!r} comes after {_PATH!r} in settings.MIDDLEWARE and may refuse a "
+                f"request in process_view; move {_PATH!r} after it"
+            )
+
+
 class DjangoResolver:
-    """Callable ``environ -> Rule | None``: the rule of the view Django will dispatch to."""
+    """Callable ``environ -> Rule | None``: the rule of the view Django will dispatch to.
+
+    :raises ConfigurationError: :class:`ViewStartMiddleware` is not the last view middleware
+        in ``settings.MIDDLEWARE``.
+    """
+
+    #: The middleware learns from Django when a view starts (see :class:`HandlerEntry`).
+    tracks_entry = True
 
     def __init__(self) -> None:
+        _check_middleware()
         self._marked: bool | None = None
 
     def _any_marked(self) -> bool:
@@ -99,7 +161,11 @@ class DjangoResolver:
 def install(
     application: Any, config: IdempotencyConfig | None = None, **options: Any
 ) -> WSGIIdempotencyMiddleware:
-    """Wrap Django's WSGI ``application`` in the middleware, with a URL resolver."""
+    """Wrap Django's WSGI ``application`` in the middleware, with a URL resolver.
+
+    :raises ConfigurationError: see :class:`DjangoResolver` and
+        :class:`~oncely.http.config.IdempotencyConfig`.
+    """
     return WSGIIdempotencyMiddleware(application, config, resolver=DjangoResolver(), **options)
 
 
@@ -121,8 +187,7 @@ def require_token(purpose: str, **settings: Any) -> Callable[[F], F]:
                 if info is None or info.token_purpose != purpose:
                     raise ConfigurationError(
                         f"the one-time token of purpose {purpose!r} was not checked for "
-                        f"{request.method}; add the method to the rule's or the config's "
-                        "methods, and pass tokens= to the config"
+                        f"{request.method}; pass tokens=TokenGuard(...) to the config"
                     )
             return view(request, *args, **kwargs)
 

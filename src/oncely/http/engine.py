@@ -1,7 +1,8 @@
 """What the ASGI and WSGI faces share at run time: the store, the tokens and route policies.
 
 An :class:`Engine` is built once per middleware from an
-:class:`~oncely.http.config.IdempotencyConfig`; it opens the store on first use and caches the
+:class:`~oncely.http.config.IdempotencyConfig`; it checks the optional packages it needs
+(``http-sf``, the store's driver) right away, opens the store on first use and caches the
 effective :class:`~oncely.http.config.Policy` of each combination of route rules.
 """
 
@@ -12,9 +13,11 @@ import re
 import threading
 
 from oncely.http.config import IdempotencyConfig, Policy
+from oncely.http.headers import require_parser
 from oncely.http.messages import HttpRequest
 from oncely.http.routes import Resolver, Rule, compile_pattern
-from oncely.stores import DEFAULT_URL, Store, shared_store
+from oncely.http.scopes import ScopeFunction, resolve_scope
+from oncely.stores import DEFAULT_URL, Store, shared_store, store_class
 from oncely.tokens import Tokens
 
 __all__ = ["SAFE_METHODS", "Engine"]
@@ -27,9 +30,16 @@ class Engine:
     """The run-time state behind one middleware instance (either face)."""
 
     def __init__(self, config: IdempotencyConfig, resolver: Resolver | None = None) -> None:
+        """:raises ConfigurationError: ``http-sf`` or the store's driver is not installed, or
+        the store URL is unknown (each message has the install line)."""
+        require_parser()
         self.config = config
         self.resolver = resolver
         self._store: Store | None = config.store if isinstance(config.store, Store) else None
+        self._store_url = config.store or os.environ.get("ONCELY_STORE") or DEFAULT_URL
+        if self._store is None:
+            assert isinstance(self._store_url, str)
+            store_class(self._store_url)
         self._lock = threading.Lock()
         self._include = [compile_pattern(p) for p in config.include]
         self._exclude = [compile_pattern(p) for p in config.exclude]
@@ -38,6 +48,11 @@ class Engine:
         ]
         guard = config.tokens
         self.tokens: Tokens | None = guard.tokens if guard is not None else None
+        #: Who one-time tokens are bound to (None: GLOBAL, every client is "").
+        self.subject: ScopeFunction | None = resolve_scope(
+            guard.subject if guard is not None and guard.subject is not None else config.scope,
+            "subject",
+        )
         self.token_endpoint: str | None = guard.endpoint if guard is not None else None
         self._token_routes: list[tuple[re.Pattern[str], Rule]] = (
             [(compile_pattern(p), Rule(token=purpose)) for p, purpose in guard.routes.items()]
@@ -53,9 +68,14 @@ class Engine:
         methods = set(self._on.methods)
         for _, rule in self._routes:
             methods.update(m.upper() for m in (rule.methods or ()))
-        #: Methods a request must have to be looked at at all (None: any unsafe method).
+        #: Methods a request must have to be looked at at all (None: any unsafe method, as a
+        #: route that requires a one-time token requires it for every unsafe method).
         self.candidates: frozenset[str] | None = frozenset(methods)
-        if resolver is not None or self._token_routes:
+        if (
+            resolver is not None
+            or self._token_routes
+            or any(rule.token is not None for _, rule in self._routes)
+        ):
             self.candidates = None
 
     # -- store -------------------------------------------------------------------------------------
@@ -65,13 +85,18 @@ class Engine:
         if self._store is None:
             with self._lock:
                 if self._store is None:
-                    spec = self.config.store or os.environ.get("ONCELY_STORE") or DEFAULT_URL
-                    self._store = shared_store(spec)
+                    self._store = shared_store(self._store_url)
         return self._store
+
+    @property
+    def tracks_entry(self) -> bool:
+        """True if the framework integration reports every handler start (see
+        :class:`~oncely.http.messages.HandlerEntry`)."""
+        return bool(getattr(self.resolver, "tracks_entry", False))
 
     def set_resolver(self, resolver: Resolver | None) -> None:
         self.resolver = resolver
-        if resolver is not None:
+        if resolver is not None and getattr(resolver, "marked", True):
             self.candidates = None
 
     def is_candidate(self, method: str) -> bool:
@@ -96,9 +121,11 @@ class Engine:
                 policy = self._on if enabled else self._off
             else:
                 policy = self._combined(enabled, path_rule, token_rule, view_rule)
-        if not policy.enabled or request.method not in policy.methods:
-            return None
-        return policy
+        if policy.enabled and request.method in policy.methods:
+            return policy
+        if policy.token is not None and request.method not in SAFE_METHODS:
+            return policy  # every unsafe method of a token-guarded route needs the token
+        return None
 
     def _combined(self, enabled: bool, *rules: Rule | None) -> Policy:
         cache_key = (enabled, id(rules[0]), id(rules[1]), id(rules[2]))

@@ -7,7 +7,8 @@
     from oncely.http.flask import install, require_token
 
     app = Flask(__name__)
-    install(app, IdempotencyConfig(store="redis://localhost:6379/0"))
+    install(app, IdempotencyConfig(store="redis://localhost:6379/0",
+                                   scope=lambda request: request.raw.get("REMOTE_USER")))
 
     @app.post("/payments")
     @idempotent_route(fingerprint=["amount"])
@@ -18,7 +19,10 @@
     def checkout(): ...
 
 The decorators only mark views; the middleware (installed around ``app.wsgi_app``) finds the
-view Flask will dispatch to and applies its rule before the view runs.
+view Flask will dispatch to and applies its rule before the view runs. ``install`` also tells
+the middleware when Flask actually calls a view: a request Flask refuses before that (routing
+404/405, a ``before_request`` function that answers or raises, e.g. a CSRF check) is sent as
+it is and does not use up its key.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from werkzeug.routing import RequestRedirect
 from oncely.errors import ConfigurationError
 from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import SAFE_METHODS
+from oncely.http.messages import ENTRY_KEY, HandlerEntry
 from oncely.http.routes import MARKER, Rule, idempotent_route, rule_of
 from oncely.http.wsgi import INFO_KEY, WSGIIdempotencyMiddleware
 
@@ -42,12 +47,41 @@ __all__ = ["FlaskResolver", "install", "require_token"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+_TRACKING = "__oncely_entry__"
+
+
+def _track_entry(app: Flask) -> None:
+    """Wrap ``app.dispatch_request`` (after ``before_request`` functions, where Flask calls
+    the view) to report the view's start to the middleware (:class:`HandlerEntry`)."""
+    original = app.dispatch_request
+    if getattr(original, _TRACKING, False):
+        return
+
+    @functools.wraps(original)
+    def dispatch_request(*args: Any, **kwargs: Any) -> Any:
+        entry = request.environ.get(ENTRY_KEY)
+        if isinstance(entry, HandlerEntry) and request.routing_exception is None:
+            entry.started()
+        return original(*args, **kwargs)
+
+    setattr(dispatch_request, _TRACKING, True)
+    app.dispatch_request = dispatch_request  # type: ignore[method-assign]
+
+
 class FlaskResolver:
-    """Callable ``environ -> Rule | None``: the rule of the view Flask will dispatch to."""
+    """Callable ``environ -> Rule | None``: the rule of the view Flask will dispatch to.
+
+    Building one also makes ``app`` report when it calls a view (``tracks_entry``), so that a
+    request refused before its view does not use up its key.
+    """
+
+    #: The middleware learns from Flask when a view starts (see :class:`HandlerEntry`).
+    tracks_entry = True
 
     def __init__(self, app: Flask) -> None:
         self.app = app
         self._marked: bool | None = None
+        _track_entry(app)
 
     def _any_marked(self) -> bool:
         for view in self.app.view_functions.values():
@@ -119,6 +153,6 @@ def _check(environ: dict[str, Any], method: str, purpose: str) -> None:
     info = environ[INFO_KEY]
     if info is None or info.token_purpose != purpose:
         raise ConfigurationError(
-            f"the one-time token of purpose {purpose!r} was not checked for {method}; add the "
-            "method to the rule's or the config's methods, and pass tokens= to the config"
+            f"the one-time token of purpose {purpose!r} was not checked for {method}; pass "
+            "tokens=TokenGuard(...) to the config"
         )

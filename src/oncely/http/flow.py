@@ -9,19 +9,26 @@ the pattern of :mod:`oncely.functions.flow`, applied to HTTP.
 
 Order of a protected request (each step answers with a problem and stops on failure):
 
-1. the route's policy applies (method, include/exclude, rules) — else the app runs untouched;
+1. the route's policy applies: the method is one of ``methods`` on an enabled route (the key
+   applies), or the route requires a one-time token and the method is unsafe (every unsafe
+   method needs the token) — else the app runs untouched;
 2. the ``Idempotency-Key`` parses (400 ``idempotency-key-invalid``), or is absent (400
    ``idempotency-key-missing`` where required; otherwise the app runs untouched);
 3. the body is read, at most ``max_request_body`` bytes (413) and complete (400);
 4. a required one-time token is present (400 ``token-missing``);
 5. the fingerprint is computed (400 ``request-body-invalid``);
 6. one ``claim`` (503 ``store-unavailable`` if the store is down, unless ``fail_open``):
-   new -> consume the token, run the app with its lease renewed, then store the response or
-   release the key; completed -> replay; in flight -> wait (``wait``) or 409; other
-   fingerprint -> 422.
+   new -> consume the token, run the app with its lease renewed, then settle; completed ->
+   replay; in flight -> wait (``wait``) or 409; other fingerprint -> 422.
 
-The app's exceptions, a response cut short (client gone) and statuses not to be stored all
-release the key (and give a consumed token back), so a retry runs again.
+Settling after the app ran (:func:`_verdict`): once the handler started its response, its work
+is done, so the key is completed — with the response, or, if the response was too large to
+keep or was cut short (client gone, stream failed, an exception after the start), with the "not
+replayable" marker (a retry gets 409, never a second run). The key is released (and a consumed
+token given back) only when no response started (the app raised first), when the framework
+refused the request before its handler ran (:class:`~oncely.http.messages.HandlerEntry`), or
+when the status line says the configuration does not store it (5xx, ``transient_statuses``,
+4xx with ``store_client_errors=False``).
 """
 
 from __future__ import annotations
@@ -46,6 +53,8 @@ from oncely.errors import (
 )
 from oncely.http.codec import (
     CODEC,
+    INTERRUPTED,
+    TOO_LARGE,
     UNREPLAYABLE,
     decode_response,
     decode_unreplayable,
@@ -54,7 +63,7 @@ from oncely.http.codec import (
     storable_headers,
 )
 from oncely.http.config import Policy
-from oncely.http.engine import Engine
+from oncely.http.engine import SAFE_METHODS, Engine
 from oncely.http.guard import find_token, issued_response, purpose_from_query
 from oncely.http.headers import parse_key
 from oncely.http.messages import HttpRequest, HttpResponse, IdempotencyInfo
@@ -72,6 +81,7 @@ from oncely.http.problems import (
     TOKEN_MISSING,
     TOKEN_PURPOSE_UNKNOWN,
     ProblemType,
+    body_allowed,
     problem_response,
     token_problem,
 )
@@ -157,7 +167,8 @@ class Run:
 
     With a ``fence``, keep the key's lease alive while the app runs. ``capture`` is the most
     body bytes to keep (beyond it the body is dropped and ``Captured.body`` is None); -1 keeps
-    no body at all (only status and completeness are needed).
+    no body at all (only status and completeness are needed). An exception of the app comes
+    back in ``Captured.error`` (the flow settles the key, then raises it).
     """
 
     key: RecordKey | None
@@ -219,13 +230,17 @@ Op = (
 
 @dataclass(slots=True)
 class Captured:
-    """What the app sent: status, headers, body (None if over the capture limit), and whether
-    the response was complete (its last body message went out)."""
+    """What the app produced: status (0: no response started), headers, body (None if over
+    the capture limit), whether the response was complete (the app produced its last body
+    message), whether its handler ran (False: the framework refused the request before it, see
+    :class:`~oncely.http.messages.HandlerEntry`), and the exception it raised, if any."""
 
     status: int = 0
     headers: list[tuple[bytes, bytes]] | None = None
     body: bytes | None = None
     complete: bool = False
+    handled: bool = True
+    error: BaseException | None = None
 
 
 class _Verdict(enum.Enum):
@@ -253,8 +268,10 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
         return Respond(problem_response(kind, detail, base=policy.problem_base, **extra))
 
     header_name = policy.header_name
+    keyed = policy.enabled and request.method in policy.methods
+    guarded = policy.token is not None and request.method not in SAFE_METHODS
     key: str | None = None
-    values = request.header_values(policy.header)
+    values = request.header_values(policy.header) if keyed else []
     if values:
         try:
             key = parse_key(
@@ -263,8 +280,8 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
         except InvalidKey as exc:
             yield problem(KEY_INVALID, str(exc))
             return
-    elif policy.token is None:
-        if policy.required:
+    elif not guarded:
+        if keyed and policy.required:
             yield problem(
                 KEY_MISSING,
                 f"{request.method} {request.path} requires an {header_name} header; send a "
@@ -295,7 +312,7 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
     info = IdempotencyInfo(key, scope_name, None, policy.token)
     token: str | None = None
     subject = ""
-    if policy.token is not None:
+    if guarded:
         guard = engine.config.tokens
         if guard is None:
             raise ConfigurationError(
@@ -309,7 +326,7 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
             )
             yield problem(TOKEN_MISSING, f"send the one-time token in {where}")
             return
-        subject = _subject_of(engine, policy, request)
+        subject = _subject_of(engine, request)
 
     if key is None:
         assert token is not None and policy.token is not None
@@ -330,7 +347,8 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
         except StoreError as exc:
             if policy.fail_open:
                 log.warning("oncely.http: store down (%s); running the request unprotected", exc)
-                yield Run(None, None, policy.lease, info, -1)
+                captured = yield Run(None, None, policy.lease, info, -1)
+                yield from _settle(policy, captured, None, None, None)
                 return
             yield _unavailable(policy, exc)
             return
@@ -396,29 +414,12 @@ def _run_and_store(
         )
     except GeneratorExit:
         raise
-    except BaseException:
+    except BaseException:  # the driver failed before the app produced anything
         yield from _release(key, new.fence)
         if use is not None:
             yield from _release_token(use)
         raise
-    verdict = _verdict(policy, captured)
-    if verdict is _Verdict.STORE:
-        headers = storable_headers(captured.headers or (), policy.deny_headers)
-        data = encode_response(captured.status, headers, captured.body or b"")
-        yield from _complete(policy, key, new.fence, data, CODEC)
-    elif verdict is _Verdict.MARKER:
-        log.info(
-            "oncely.http: response of %s bytes+ not stored (max_stored_body=%s); a retry gets 409",
-            policy.max_stored_body,
-            policy.max_stored_body,
-        )
-        yield from _complete(
-            policy, key, new.fence, encode_unreplayable(captured.status), UNREPLAYABLE
-        )
-    else:
-        yield from _release(key, new.fence)
-        if use is not None:
-            yield from _release_token(use)
+    yield from _settle(policy, captured, use, key, new.fence)
 
 
 def _token_only(
@@ -437,8 +438,41 @@ def _token_only(
     except BaseException:
         yield from _release_token(use)
         raise
-    if _verdict(policy, captured) is _Verdict.RELEASE:
+    yield from _settle(policy, captured, use, None, None)
+
+
+def _settle(
+    policy: Policy,
+    captured: Captured,
+    use: TokenUse | None,
+    key: RecordKey | None,
+    fence: int | None,
+) -> Flow:
+    """After the app ran: complete the key (response or marker) or release it, give a consumed
+    token back when the key is released, then raise the app's exception if it had one."""
+    verdict = _verdict(policy, captured)
+    if key is not None and fence is not None:
+        if verdict is _Verdict.STORE:
+            headers = storable_headers(captured.headers or (), policy.deny_headers)
+            data = encode_response(captured.status, headers, captured.body or b"")
+            yield from _complete(policy, key, fence, data, CODEC)
+        elif verdict is _Verdict.MARKER:
+            reason = INTERRUPTED if not captured.complete else TOO_LARGE
+            log.info(
+                "oncely.http: the response (status %s) was %s; it is kept as not replayable, "
+                "so a retry gets 409 instead of running again",
+                captured.status,
+                "cut short" if reason == INTERRUPTED else f"over {policy.max_stored_body} bytes",
+            )
+            yield from _complete(
+                policy, key, fence, encode_unreplayable(captured.status, reason), UNREPLAYABLE
+            )
+        else:
+            yield from _release(key, fence)
+    if verdict is _Verdict.RELEASE and use is not None:
         yield from _release_token(use)
+    if captured.error is not None:
+        raise captured.error
 
 
 def _issue_flow(engine: Engine, request: HttpRequest) -> Flow:
@@ -467,7 +501,7 @@ def _issue_flow(engine: Engine, request: HttpRequest) -> Flow:
             )
         )
         return
-    subject = _subject_of(engine, None, request)
+    subject = _subject_of(engine, request)
     ttl = guard.ttl if guard.ttl is not None else guard.tokens.default_ttl
     try:
         token = yield IssueToken(subject, purpose, ttl)
@@ -492,31 +526,36 @@ def _scope_of(policy: Policy, request: HttpRequest) -> str:
     return f"{policy.namespace}:{'' if value is None else value}"
 
 
-def _subject_of(engine: Engine, policy: Policy | None, request: HttpRequest) -> str:
-    guard = engine.config.tokens
-    function = guard.subject if guard is not None and guard.subject is not None else None
-    if function is None:
-        function = engine.config.scope
-    if function is None:
+def _subject_of(engine: Engine, request: HttpRequest) -> str:
+    function = engine.subject
+    if function is None:  # GLOBAL
         return ""
     value = function(request)
     return "" if value is None else str(value)
 
 
 def _verdict(policy: Policy, captured: Captured) -> _Verdict:
+    """Store, mark or release (see the module docstring). Decided from the status line and
+    whether the handler ran, never from how the body transfer ended: once a storable response
+    started, the work is done and the key must not be run again."""
     status = captured.status
-    if not captured.complete or status in policy.transient_statuses:
+    if status == 0 or not captured.handled:
+        return _Verdict.RELEASE
+    if status in policy.transient_statuses:
         return _Verdict.RELEASE
     if status >= 500 and not policy.store_server_errors:
         return _Verdict.RELEASE
     if 400 <= status < 500 and not policy.store_client_errors:
         return _Verdict.RELEASE
-    if captured.body is None:
+    if not captured.complete or captured.body is None:
         return _Verdict.MARKER
     return _Verdict.STORE
 
 
 def _replay(policy: Policy, record: Record) -> HttpResponse:
+    """The stored status, headers and body exactly, plus the replay header: no framing header
+    is added (the server frames the body as for any response), and a 1xx or 204 never carries
+    ``Content-Length`` nor a body, a 304 no body (RFC 9110 §8.6, §15.4.5)."""
     detail = "the first response to this key was not kept"
     status = 0
     if record.codec == CODEC:
@@ -526,16 +565,24 @@ def _replay(policy: Policy, record: Record) -> HttpResponse:
             log.error("oncely.http: a stored response cannot be decoded; answering 409")
         else:
             headers = list(stored.headers)
-            if not any(name == b"content-length" for name, _ in headers):
-                headers.append((b"content-length", str(len(stored.body)).encode("ascii")))
+            body = stored.body
+            if not body_allowed(stored.status):
+                body = b""
+                if stored.status != 304:
+                    headers = [(n, v) for n, v in headers if n != b"content-length"]
             headers.append((policy.replay_header, b"true"))
-            return HttpResponse(stored.status, headers, stored.body)
+            return HttpResponse(stored.status, headers, body)
     elif record.codec == UNREPLAYABLE:
-        status = decode_unreplayable(record.result or b"")
+        status, reason = decode_unreplayable(record.result or b"")
+        why = (
+            "its response was cut short (the client went away or the response failed while it "
+            "was being sent)"
+            if reason == INTERRUPTED
+            else f"its response was larger than max_stored_body ({policy.max_stored_body} bytes)"
+        )
         detail = (
-            f"the request already ran (status {status}), but its response was larger than "
-            f"max_stored_body ({policy.max_stored_body} bytes) and was not kept; it is not "
-            "run again. Use a new key for a new operation"
+            f"the request already ran (status {status}), but {why} and was not kept; it is "
+            "not run again. Use a new key for a new operation"
         )
     extra: dict[str, Any] = {"original_status": status} if status else {}
     return problem_response(NOT_REPLAYABLE, detail, base=policy.problem_base, **extra)

@@ -1,6 +1,7 @@
 """Parsing the ``Idempotency-Key`` request header (an RFC 9651 Structured Field string).
 
-This is the only module that imports ``http-sf`` (the ``oncely[http]`` extra), on first use.
+This is the only module that imports ``http-sf`` (the ``oncely[http]`` extra): when a
+middleware is built (:func:`require_parser`), never when ``oncely.http`` is imported.
 
 Accepted (draft-ietf-httpapi-idempotency-key-header-06, §2):
 
@@ -24,22 +25,26 @@ from typing import Any
 
 from oncely.errors import ConfigurationError, InvalidKey
 
-__all__ = ["parse_key"]
+__all__ = ["parse_key", "require_parser"]
 
 _BARE = re.compile(rb"[A-Za-z0-9!#$%&'*+\-.^_`|~:/=]+")
 _parse: Callable[..., Any] | None = None
 _token_type: type | None = None
 
 
-def _load() -> Callable[..., Any]:
+def require_parser() -> Callable[..., Any]:
+    """Import ``http-sf`` (once); called when a middleware is built.
+
+    :raises ConfigurationError: ``http-sf`` is not installed (with the install line).
+    """
     global _parse, _token_type
     if _parse is None:
         try:
             import http_sf
-        except ImportError as exc:  # pragma: no cover - the extra is part of the dev install
+        except ImportError as exc:
             raise ConfigurationError(
-                "the HTTP middleware parses Idempotency-Key with http-sf; install it with: "
-                "pip install 'oncely[http]'"
+                "the HTTP middleware parses Idempotency-Key with http-sf, which is not "
+                "installed; install it with: pip install 'oncely[http]'"
             ) from exc
         _token_type = http_sf.Token
         _parse = http_sf.parse
@@ -49,7 +54,7 @@ def _load() -> Callable[..., Any]:
 def parse_key(values: Sequence[bytes], *, allow_bare: bool = True, max_length: int = 255) -> str:
     """The idempotency key carried by the header lines ``values`` (at least one)."""
     raw = values[0] if len(values) == 1 else b", ".join(values)
-    parse = _load()
+    parse = require_parser()
     key: str | None = None
     try:
         value, _params = parse(raw, tltype="item")

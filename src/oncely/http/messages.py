@@ -12,9 +12,27 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["HttpRequest", "HttpResponse", "IdempotencyInfo"]
+__all__ = [
+    "ENTRY_KEY",
+    "HandlerEntry",
+    "HttpRequest",
+    "HttpResponse",
+    "IdempotencyInfo",
+    "is_json_media_type",
+]
 
 Headers = Sequence[tuple[bytes, bytes]]
+
+#: ASGI scope / WSGI environ key of the :class:`HandlerEntry` of a request the middleware runs.
+ENTRY_KEY = "oncely.entry"
+
+
+def is_json_media_type(media_type: bytes) -> bool:
+    """``application/json`` or any ``application/*+json`` (RFC 6839 §3.1); ``media_type`` is
+    lower-case, without parameters (as :meth:`HttpRequest.content_type` returns it)."""
+    return media_type == b"application/json" or (
+        media_type.startswith(b"application/") and media_type.endswith(b"+json")
+    )
 
 
 @dataclass(slots=True)
@@ -47,7 +65,19 @@ class HttpRequest:
                 return int(text) if text.isdigit() and len(text) < 19 else -1
         return None
 
+    def cookie(self, name: str) -> str | None:
+        """The value of cookie ``name`` from the ``Cookie`` header(s) (RFC 6265 §5.4), or None."""
+        for key, value in self.headers:
+            if key != b"cookie":
+                continue
+            for pair in value.decode("latin-1").split(";"):
+                cookie_name, eq, cookie_value = pair.strip().partition("=")
+                if eq and cookie_name == name:
+                    return cookie_value.strip().strip('"')
+        return None
+
     def content_type(self) -> bytes:
+        """The media type of the body, lower-case and without parameters (b"" if absent)."""
         for key, value in self.headers:
             if key == b"content-type":
                 return value.split(b";", 1)[0].strip().lower()
@@ -76,3 +106,44 @@ class IdempotencyInfo:
     scope: str
     fence: int | None
     token_purpose: str | None = None
+
+
+class HandlerEntry:
+    """Whether the application's handler (endpoint or view function) started on a request.
+
+    Stripe saves a result only once the endpoint started executing, so that a request the
+    framework refuses *before* the handler runs (routing 404/405, FastAPI request validation,
+    Django's CSRF check) does not use up the key: the refusal is sent as it is and the key is
+    released, so the client can fix the request and retry with the same key.
+
+    The middleware puts one in ``scope["oncely.entry"]`` / ``environ["oncely.entry"]`` before it
+    runs the application; framework integrations call :meth:`started` when the handler begins
+    and :meth:`rejected` when the framework refuses the request before it. With
+    ``expected=True`` (the integration reports every start: Flask and Django ``install()``) a
+    handler that never reported counts as not started; otherwise the request counts as
+    handled unless :meth:`rejected` was called. A start wins over a rejection: once the handler
+    ran, its effects happened and its response is kept.
+    """
+
+    __slots__ = ("_state", "expected")
+
+    def __init__(self, expected: bool = False) -> None:
+        self.expected = expected
+        self._state: bool | None = None
+
+    def started(self) -> None:
+        """The handler begins (it may have effects from now on)."""
+        self._state = True
+
+    def rejected(self) -> None:
+        """The framework refused the request before its handler ran."""
+        if self._state is None:
+            self._state = False
+
+    @property
+    def handled(self) -> bool:
+        """True if the handler ran (or nobody says otherwise and no report was expected)."""
+        return self._state if self._state is not None else not self.expected
+
+    def __repr__(self) -> str:
+        return f"HandlerEntry(expected={self.expected}, state={self._state})"

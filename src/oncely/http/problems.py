@@ -42,6 +42,7 @@ __all__ = [
     "TOKEN_PURPOSE_UNKNOWN",
     "TOKEN_REUSED",
     "ProblemType",
+    "body_allowed",
     "problem_response",
     "token_problem",
 ]
@@ -118,10 +119,23 @@ def problem_response(
     return _render(kind.status, base + kind.slug, kind.title, detail, headers, extra)
 
 
+#: Headers oncely sets itself on a problem; the same names from application code are dropped.
+_OWN_HEADERS = frozenset({b"content-type", b"content-length", b"transfer-encoding"})
+
+
 def from_exception(exc: HttpProblem, base: str = PROBLEM_BASE) -> HttpResponse:
-    """The response for an :class:`~oncely.errors.HttpProblem` raised by application code."""
+    """The response for an :class:`~oncely.errors.HttpProblem` raised by application code
+    (its ``Content-Type``/``Content-Length``/``Transfer-Encoding`` headers are oncely's)."""
     headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in exc.headers]
+    headers = [(k, v) for k, v in headers if k not in _OWN_HEADERS]
     return _render(exc.status, base + exc.slug, exc.title, exc.detail, headers, exc.extra)
+
+
+def body_allowed(status: int) -> bool:
+    """False for 1xx, 204 and 304: responses that end after their header section and carry
+    no ``Content-Length`` (1xx, 204) or only the length a 200 would have had (304)
+    (RFC 9110 §6.4.1, §8.6, §15.4.5)."""
+    return status >= 200 and status not in (204, 304)
 
 
 def token_problem(exc: TokenError) -> ProblemType:
@@ -145,6 +159,8 @@ def _render(
     headers: Iterable[tuple[bytes, bytes]],
     extra: dict[str, object],
 ) -> HttpResponse:
+    if not body_allowed(status):
+        return HttpResponse(status, [(b"cache-control", b"no-store"), *headers], b"")
     doc: dict[str, object] = {"type": type_uri, "title": title, "status": status, "detail": detail}
     for name, value in extra.items():
         doc.setdefault(name, value)

@@ -36,7 +36,8 @@ class Rule:
 
     ``enabled=False`` turns idempotency off for the route; ``enabled=True`` turns it on even
     where ``include``/``exclude`` would not. ``token`` names the purpose of a one-time token the
-    route requires (see :class:`~oncely.http.config.TokenGuard`).
+    route requires on every unsafe method, whatever ``methods`` and ``enabled`` say (see
+    :class:`~oncely.http.config.TokenGuard`).
     """
 
     enabled: bool | None = None

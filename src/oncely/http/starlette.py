@@ -13,19 +13,27 @@ endpoint is enough::
                     middleware=[Middleware(IdempotencyMiddleware, config=config)])
 
 Routes are matched the way Starlette's router does it (first full match, through mounts), so
-the rule is the one of the endpoint that will run. Apps without marked endpoints pay nothing.
+the rule is the one of the endpoint that will run. The same matching tells the middleware when
+the router will refuse a request without running any endpoint (404, 405, a slash redirect):
+such a refusal is sent as it is and does not use up the key. In FastAPI apps a request that
+fails validation (``RequestValidationError``, answered 422 before the endpoint runs) does not
+use up the key either: :func:`integrate` wraps the app's handler for it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, MutableMapping
 from typing import Any
 
+from starlette.endpoints import HTTPEndpoint
 from starlette.routing import Host, Match, Mount
 
 from oncely.http.routes import Rule, rule_of
 
-__all__ = ["StarletteResolver", "endpoint_rule", "resolver_for"]
+__all__ = ["StarletteResolver", "endpoint_rule", "integrate", "resolver_for"]
+
+log = logging.getLogger("oncely.http")
 
 _MAX_DEPTH = 16
 
@@ -83,16 +91,48 @@ def _marked(routes: Iterable[Any], depth: int = 0) -> bool:
 
 
 class StarletteResolver:
-    """Callable ``scope -> Rule | None`` over a Starlette route table."""
+    """Callable ``scope -> Rule | None`` over a Starlette route table, and
+    :meth:`dispatches`: whether the router will hand the request to an endpoint at all."""
 
-    def __init__(self, routes: list[Any]) -> None:
+    def __init__(self, routes: list[Any], marked: bool = True) -> None:
         self.routes = routes  # the live list: routes added later are matched too
+        #: Whether any endpoint carries a rule (if not, :meth:`__call__` skips matching).
+        self.marked = marked
         self._cache: dict[tuple[int, str], tuple[Any, Rule | None]] = {}
 
     def __call__(self, scope: MutableMapping[str, Any]) -> Rule | None:
-        return self._find(self.routes, scope, 0)
+        if not self.marked:
+            return None
+        route, _ = self._find(self.routes, scope, 0)
+        if route is None:
+            return None
+        method = scope.get("method", "")
+        key = (id(route), method)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = (route, endpoint_rule(route, method))
+        return hit[1]
 
-    def _find(self, routes: list[Any], scope: MutableMapping[str, Any], depth: int) -> Rule | None:
+    def dispatches(self, scope: MutableMapping[str, Any]) -> bool | None:
+        """True if an endpoint will get the request, False if the router answers by itself
+        (no route: 404; another method: 405; a slash redirect), None if it cannot tell (a
+        mounted app that is not a router)."""
+        route, found = self._find(self.routes, scope, 0)
+        if route is not None:
+            endpoint = getattr(route, "endpoint", None)
+            if (
+                isinstance(endpoint, type)
+                and issubclass(endpoint, HTTPEndpoint)
+                and not hasattr(endpoint, str(scope.get("method", "")).lower())
+            ):
+                return False  # HTTPEndpoint answers 405 for a method it has no handler for
+        return found
+
+    def _find(
+        self, routes: list[Any], scope: MutableMapping[str, Any], depth: int
+    ) -> tuple[Any, bool | None]:
+        """The route the router picks: ``(route, True)``, ``(None, False)`` when no route
+        matches fully, ``(None, None)`` when the request goes to an app we cannot look into."""
         for route in routes:
             try:
                 match, child = route.matches(scope)
@@ -100,22 +140,35 @@ class StarletteResolver:
                 continue
             if match is not Match.FULL:
                 continue
-            sub = _sub_routes(route)
-            if sub is not None and depth < _MAX_DEPTH:
+            if isinstance(route, (Mount, Host)):
+                sub = _sub_routes(route)
+                if sub is None or depth >= _MAX_DEPTH:
+                    return None, None
                 return self._find(sub, {**scope, **child}, depth + 1)
-            method = scope.get("method", "")
-            key = (id(route), method)
-            hit = self._cache.get(key)
-            if hit is None:
-                hit = self._cache[key] = (route, endpoint_rule(route, method))
-            return hit[1]
-        return None
+            return route, True
+        return None, False
 
 
 def resolver_for(app: Any) -> StarletteResolver | None:
-    """A resolver for a Starlette/FastAPI ``app``, or None if no endpoint is marked."""
+    """A resolver for a Starlette/FastAPI ``app`` (None if it has no routes)."""
     router = getattr(app, "router", None)
     routes = getattr(router, "routes", None)
-    if not routes or not _marked(routes):
+    if routes is None:
         return None
-    return StarletteResolver(routes)
+    return StarletteResolver(routes, _marked(routes))
+
+
+def integrate(app: Any, inner: Any) -> StarletteResolver | None:
+    """Everything the ASGI middleware needs from a Starlette/FastAPI ``app`` it runs in (or
+    wraps): the route resolver, and in FastAPI the hook that tells it about requests refused by
+    validation. ``inner`` is the app the middleware calls (where FastAPI's exception
+    middleware is found)."""
+    if type(app).__module__.split(".", 1)[0] == "fastapi":
+        from oncely.http.fastapi import watch_validation
+
+        if not watch_validation(app, inner):
+            log.warning(
+                "oncely.http: cannot find FastAPI's exception middleware below the idempotency "
+                "middleware; a request refused by validation (422) will use up its key"
+            )
+    return resolver_for(app)

@@ -1,14 +1,15 @@
 """The WSGI face: a WSGI middleware (Flask, Django, any PEP 3333 app).
 
->>> from oncely.http import IdempotencyConfig, WSGIIdempotencyMiddleware
->>> app.wsgi_app = WSGIIdempotencyMiddleware(app.wsgi_app, IdempotencyConfig(store=...))
+>>> from oncely.http import IdempotencyConfig, WSGIIdempotencyMiddleware, scope_from_cookie
+>>> config = IdempotencyConfig(store=..., scope=scope_from_cookie("sessionid"))
+>>> app.wsgi_app = WSGIIdempotencyMiddleware(app.wsgi_app, config)
 
 This module only carries out the operations of :func:`oncely.http.flow.request_flow` with
 blocking calls — the same flow the ASGI face drives with ``await``. WSGI hands the response
 body to the server as an iterable, so the flow is driven in two parts: up to :class:`Run`
-when the middleware is called, and the rest when the server has consumed the whole body
-(store it) or closed it early (release the key). While the body streams, the shared
-lease keeper renews the key.
+when the middleware is called, and the rest when the server has consumed the whole body, or
+closed it early (the client went away), or the app failed; the flow then settles the key.
+While the body streams, the shared lease keeper renews the key.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from oncely.http.flow import (
     Watch,
     request_flow,
 )
-from oncely.http.messages import HttpRequest, HttpResponse
+from oncely.http.messages import ENTRY_KEY, HandlerEntry, HttpRequest, HttpResponse
 from oncely.http.problems import from_exception
 from oncely.http.routes import Resolver
 
@@ -147,6 +148,8 @@ class _Exchange:
         self.environ = environ
         self.start_response = start_response
         self.flow: Any = None
+        #: When the last claim was sent (monotonic); the lease's local bound counts from it.
+        self.claim_sent = 0.0
 
     def start(self, flow: Any) -> Iterable[bytes]:
         """Drive the flow until it answers, passes the request on, or runs the app."""
@@ -169,6 +172,7 @@ class _Exchange:
                 kind = type(op)
                 if kind is Claim:
                     assert isinstance(op, Claim)
+                    self.claim_sent = time.monotonic()
                     value = store.claim(op.key, op.fingerprint, op.lease, op.ttl)
                 elif kind is ReadBody:
                     assert isinstance(op, ReadBody)
@@ -208,9 +212,10 @@ class _Exchange:
             except BaseException as exc:
                 error = exc
 
-    def resume(self, captured: Captured | None, error: BaseException | None) -> None:
-        """Finish the flow after the app's response went out (or failed)."""
-        self._drive(captured, error)
+    def resume(self, captured: Captured) -> None:
+        """Finish the flow after the app's response went out (or failed); raises the app's
+        exception (``captured.error``) once the key is settled."""
+        self._drive(captured, None)
 
     # -- request body ------------------------------------------------------------------------------
     def _read_body(self, limit: int) -> bytes | BodyError:
@@ -278,13 +283,14 @@ class _Exchange:
 
     def _run(self, op: Run) -> Iterable[bytes]:
         self.environ[INFO_KEY] = op.info
+        self.environ[ENTRY_KEY] = HandlerEntry(self.engine.tracks_entry)
         claimed: Claimed | None = None
         if op.fence is not None:
             assert op.key is not None
             claimed = Claimed(
                 op.key, op.fence, op.lease, self.engine.store, self.engine.config.on_lease_lost
             )
-            keeper.keep(claimed)
+            keeper.keep(claimed, self.claim_sent)
         body = _Body(self, op.capture, claimed)
         token = _current.set(claimed)
         try:
@@ -320,6 +326,7 @@ class _Body:
         self.exchange = exchange
         self.limit = limit
         self.claimed = claimed
+        self.entry: HandlerEntry = exchange.environ[ENTRY_KEY]
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] | None = None
         self.chunks: list[bytes] | None = [] if limit >= 0 else None
@@ -330,12 +337,13 @@ class _Body:
         self.iterator: Iterator[bytes] | None = None
 
     def start_response(self, status: str, headers: Any, exc_info: Any = None) -> Any:
+        # The server's own first: it refuses a second status once the first went out.
+        write = self.exchange.start_response(status, headers, exc_info)
         self.status = int(status.split(None, 1)[0])
         if self.limit >= 0:
             self.headers = [
                 (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers
             ]
-        write = self.exchange.start_response(status, headers, exc_info)
 
         def tee(data: bytes) -> object:
             self._keep(data)
@@ -389,7 +397,7 @@ class _Body:
         self._finish(None)
 
     def fail(self, error: BaseException) -> None:
-        """The app raised: let the flow release the key (it re-raises; we swallow that)."""
+        """The app raised: let the flow settle the key (it re-raises; we swallow that)."""
         if self.finished:
             return
         try:
@@ -399,21 +407,24 @@ class _Body:
                 raise
 
     def _finish(self, error: BaseException | None) -> None:
+        """Settle the key from what the app produced: its status line once it called
+        ``start_response`` (a response cut short after that is kept as not replayable, never
+        released), whether its handler ran, and its exception."""
         if self.finished:
             return
         self.finished = True
         if self.claimed is not None:
             keeper.stop(self.claimed)
-        captured = None
-        if error is None:
-            chunks = self.chunks
-            captured = Captured(
-                self.status,
-                self.headers,
-                None if chunks is None else b"".join(chunks),
-                self.exhausted and self.status != 0,
-            )
-        self.exchange.resume(captured, error)
+        chunks = self.chunks
+        captured = Captured(
+            self.status,
+            self.headers,
+            None if chunks is None else b"".join(chunks),
+            self.exhausted and self.status != 0,
+            self.entry.handled,
+            error,
+        )
+        self.exchange.resume(captured)
 
     def __del__(self) -> None:
         # A server that drops the body without close() must not leave the key held forever.

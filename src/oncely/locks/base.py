@@ -54,6 +54,9 @@ class Hold:
     ``token`` is the fencing token; ``ttl`` the validity (seconds) the store granted. ``mutex``
     serialises a renewal with the release of the same hold, so a late renewal never touches a
     connection or key that was already given back; ``done`` is set once release has begun.
+    ``held_until`` (set by :class:`~oncely.locks.Lock`) is the local bound: the monotonic time
+    until which the hold surely lasts, the send time of its acquire or last confirmed
+    extension plus the validity that request got.
     """
 
     name: str
@@ -67,6 +70,7 @@ class Hold:
     alock: asyncio.Lock | None = field(default=None, repr=False)
     #: Backend-specific data (a PostgreSQL connection, the Redlock nodes that granted it).
     data: Any = field(default=None, repr=False)
+    held_until: float = field(default=0.0, repr=False)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,14 @@ class LockBackend(abc.ABC):
 
     #: True if :meth:`acquire` can wait on the server (it then receives the whole wait).
     server_wait: bool = False
+    #: True if a hold ends by itself ``ttl`` seconds after its acquire or last extension (Redis,
+    #: Redlock, SQLite): :meth:`Lock.check <oncely.locks.Lock.check>` then fails locally once
+    #: that time passed. False for PostgreSQL, whose lock lasts as long as its session, which any
+    #: statement on the lock's connection keeps alive (there the bound applies with auto_renew).
+    expires: bool = True
+    #: How long ``acquire(timeout=None)`` keeps trying while the store cannot decide at all (a
+    #: Redlock quorum unreachable) before it raises :class:`~oncely.errors.StoreUnavailable`.
+    unavailable_wait: float = 5.0
 
     def lock_options(self, **options: Any) -> Any:
         """Validate per-lock options (e.g. PostgreSQL ``scope``); none by default."""

@@ -53,7 +53,7 @@ from oncely.locks.base import (
     check_ttl,
 )
 from oncely.locks.urls import backend_class, shared_backend
-from oncely.renewal import watchdog
+from oncely.renewal import renew_timeout, watchdog
 
 __all__ = ["Lock", "LostCallback"]
 
@@ -62,6 +62,10 @@ log = logging.getLogger("oncely.locks")
 LostCallback = Callable[["Lock", LockLost], None]
 
 _STOPPED: Final = object()
+_RAN_OUT: Final = (
+    "no renewal was confirmed before its ttl ran out (the store is slow or unreachable, or "
+    "this process was paused)"
+)
 
 
 def _who(face: Face) -> str:
@@ -295,9 +299,56 @@ class Lock:
         return max(0.0, deadline - time.monotonic())
 
     def _renewed(self, hold: Hold, sent_at: float, validity: float) -> None:
-        renewal = self._renewal
-        if renewal is not None and renewal.hold is hold:
-            renewal.held_until = sent_at + validity
+        """The store confirmed ``validity`` seconds for a request sent at ``sent_at``."""
+        hold.held_until = sent_at + validity
+
+    def _granted(self, hold: Hold, sent_at: float) -> tuple[Hold, float]:
+        self._renewed(hold, sent_at, hold.ttl)
+        return hold, sent_at
+
+    def _bounded(self) -> bool:
+        """True if the local bound decides: the hold ends by itself unless renewed."""
+        return self.backend.expires or self.auto_renew
+
+    def _within_bound(self, hold: Hold) -> bool:
+        """False (and the loss reported) once the local bound passed with no confirmed renewal.
+
+        The bound is the send time of the acquire or last confirmed extension plus its validity,
+        so it never trusts a reply that came late; past it another holder may have the lock,
+        whatever a stuck or slow renewal would still say.
+        """
+        if not self._bounded() or time.monotonic() < hold.held_until:
+            return True
+        self._mark_lost(hold, self._lost_error(hold, _RAN_OUT))
+        return False
+
+    def _unavailable(
+        self, busy: Busy, down_since: float | None, limit: float | None
+    ) -> float | None:
+        """Track how long the store could not decide; raise once that lasted too long.
+
+        With a ``timeout`` the caller's deadline decides; without one, an unreachable store
+        is retried for at most ``backend.unavailable_wait`` seconds (never forever).
+        """
+        if not busy.unavailable:
+            return None
+        now = time.monotonic()
+        if down_since is None:
+            wait = self.backend.unavailable_wait if limit is None else limit
+            log.warning(
+                "oncely: lock %r cannot be decided: %s; retrying for up to %gs",
+                self.name,
+                busy.unavailable,
+                wait,
+            )
+            down_since = now
+        if limit is None and now - down_since >= self.backend.unavailable_wait:
+            raise StoreUnavailable(
+                f"could not acquire lock {self.name!r}: the store could not decide for "
+                f"{now - down_since:.1f}s ({busy.unavailable}); nothing was acquired. Check that "
+                "the servers run and are reachable, or pass timeout=SECONDS to wait longer"
+            )
+        return down_since
 
     # -- sync face --------------------------------------------------------------------------------
     @overload
@@ -312,7 +363,10 @@ class Lock:
         ``blocking=False`` tries once and returns ``None`` if someone else holds the lock.
         Otherwise waits (woken by the holder's release, not by polling the store) for up to
         ``timeout`` seconds (``None``: as long as it takes), then raises
-        :class:`~oncely.errors.LockTimeout`.
+        :class:`~oncely.errors.LockTimeout`. A store that cannot decide at all (a Redlock
+        quorum unreachable) is retried until the timeout, or without one for the backend's
+        ``unavailable_wait`` seconds (5 by default), then
+        :class:`~oncely.errors.StoreUnavailable`: never forever.
         """
         limit = check_timeout(blocking, timeout)
         who = self._begin_acquire("sync")
@@ -330,17 +384,19 @@ class Lock:
     def _acquire_loop(self, blocking: bool, limit: float | None) -> tuple[Hold | None, float]:
         backend, owner = self.backend, self._owner()
         deadline = self._deadline(limit)
+        down_since: float | None = None
         while True:
             sent_at = time.monotonic()
             wait = self._server_wait(blocking, deadline)
             result = backend.acquire(self.name, owner, self.lease, wait, self._options)
             if isinstance(result, Hold):
-                return result, sent_at
+                return self._granted(result, sent_at)
             left = deadline - time.monotonic()
             if not blocking or left <= 0:
                 if not blocking and not result.unavailable:
                     return None, sent_at
                 raise self._timeout_error(limit, result)
+            down_since = self._unavailable(result, down_since, limit)
             if not backend.server_wait or result.unavailable:
                 backend.wait_release(self.name, result, left)
 
@@ -384,14 +440,24 @@ class Lock:
         return validity
 
     def check(self) -> None:
-        """Ask the store whether this instance still owns the lock; raise LockLost if not."""
+        """Raise :class:`~oncely.errors.LockLost` unless this instance surely still owns the lock.
+
+        First the local bound (no I/O): once the ttl granted to the acquire or to the last
+        confirmed renewal, counted from when that request was sent, has passed, the lock counts
+        as lost, even if a renewal is still on the wire (PostgreSQL: only with ``auto_renew``;
+        its lock lasts as long as its session). Then the store is asked.
+        """
         hold = self._current("sync", "check")
+        if not self._within_bound(hold):
+            raise self._lost_again()
         self._verdict(hold, self.backend.inspect(self.name, hold))
 
     def owned(self) -> bool:
-        """True if the store says this instance holds the lock now."""
+        """True if the store says this instance holds the lock now (and the local bound holds)."""
         hold = self._hold
         if hold is None or self._lost is not None or hold.face != "sync":
+            return False
+        if not self._within_bound(hold):
             return False
         return self._owned(hold, self.backend.inspect(self.name, hold))
 
@@ -403,6 +469,8 @@ class Lock:
         """Seconds this instance's hold has left on the store's clock; None if it holds none."""
         hold = self._hold
         if hold is None or self._lost is not None or hold.face != "sync":
+            return None
+        if not self._within_bound(hold):
             return None
         state = self.backend.inspect(self.name, hold)
         return state.ttl if self._owned(hold, state) else None
@@ -489,18 +557,20 @@ class Lock:
     ) -> tuple[Hold | None, float]:
         backend, owner = self.backend, self._owner()
         deadline = self._deadline(limit)
+        down_since: float | None = None
         while True:
             sent_at = time.monotonic()
             wait = self._server_wait(blocking, deadline)
             result = await self._attempt(owner, wait)
             if isinstance(result, Hold):
                 result.alock = asyncio.Lock()
-                return result, sent_at
+                return self._granted(result, sent_at)
             left = deadline - time.monotonic()
             if not blocking or left <= 0:
                 if not blocking and not result.unavailable:
                     return None, sent_at
                 raise self._timeout_error(limit, result)
+            down_since = self._unavailable(result, down_since, limit)
             if not backend.server_wait or result.unavailable:
                 await backend.await_release(self.name, result, left)
 
@@ -588,12 +658,16 @@ class Lock:
     async def acheck(self) -> None:
         """The async face of :meth:`check`."""
         hold = self._current("async", "check")
+        if not self._within_bound(hold):
+            raise self._lost_again()
         self._verdict(hold, await self.backend.ainspect(self.name, hold))
 
     async def aowned(self) -> bool:
         """The async face of :meth:`owned`."""
         hold = self._hold
         if hold is None or self._lost is not None or hold.face != "async":
+            return False
+        if not self._within_bound(hold):
             return False
         return self._owned(hold, await self.backend.ainspect(self.name, hold))
 
@@ -605,6 +679,8 @@ class Lock:
         """The async face of :meth:`ttl`."""
         hold = self._hold
         if hold is None or self._lost is not None or hold.face != "async":
+            return None
+        if not self._within_bound(hold):
             return None
         state = await self.backend.ainspect(self.name, hold)
         return state.ttl if self._owned(hold, state) else None
@@ -630,15 +706,35 @@ class Lock:
 
 
 class _Renewal:
-    """The renewal schedule of one hold: every ttl/3, retried while the lease lasts."""
+    """The renewal schedule of one hold: every ttl/3, retried while the lease lasts.
+
+    Sync holds run on the lane of their backend (:mod:`oncely.renewal`); async holds on their
+    event loop, each request bounded by :func:`~oncely.renewal.renew_timeout` and the bound.
+    """
 
     def __init__(self, lock: Lock, hold: Hold, sent_at: float) -> None:
         self.lock = lock
         self.hold = hold
         self.active = True
-        #: Monotonic time until which the lock surely holds (measured from the request's send).
-        self.held_until = sent_at + hold.ttl
         self.due = sent_at + hold.ttl / 3
+
+    def __repr__(self) -> str:
+        return f"<renewal of {self.lock!r}>"
+
+    @property
+    def held_until(self) -> float:
+        """Monotonic time until which the lock surely holds (counted from a request's send)."""
+        return self.hold.held_until
+
+    @property
+    def lane(self) -> LockBackend:
+        """The backend the renewals talk to (its holds share one renewal lane)."""
+        return self.lock.backend
+
+    def expire(self) -> None:
+        """The bound passed while a renewal was still pending: report the lock lost."""
+        if self.active:
+            self._lose(_RAN_OUT)
 
     def _lose(self, why: str, cause: BaseException | None = None) -> None:
         self.active = False
@@ -666,7 +762,7 @@ class _Renewal:
             self._lose("a renewal found that the store no longer has it under this owner")
             return None
         assert isinstance(outcome, float)
-        self.held_until = sent_at + outcome
+        self.lock._renewed(self.hold, sent_at, outcome)
         return sent_at + outcome / 3
 
     def _failed(self, exc: BaseException) -> float | None:
@@ -701,8 +797,13 @@ class _Renewal:
                 sent_at = self._before()
                 if sent_at is None:
                     return
+                limit = min(renew_timeout(self.lock.lease), self.held_until - sent_at)
                 try:
-                    outcome = await self.lock._arenew(self.hold)
+                    outcome = await asyncio.wait_for(self.lock._arenew(self.hold), limit)
+                except asyncio.TimeoutError:
+                    again = self._failed(
+                        TimeoutError(f"the store did not answer a renewal within {limit:.3g}s")
+                    )
                 except Exception as exc:  # any failure, typed or not, is retried and reported
                     again = self._failed(exc)
                 else:

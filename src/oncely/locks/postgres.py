@@ -58,7 +58,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
 from oncely.stores.base import redact_url
-from oncely.stores.postgres import _conninfo, _lock_id
+from oncely.stores.postgres import _conninfo, _lock_id, _network_defaults
 
 __all__ = ["PostgresLockBackend", "Scope", "advisory_key"]
 
@@ -147,11 +147,15 @@ class PostgresLockBackend(LockBackend):
 
     ``table`` holds the fencing counters (created on first use unless ``create_schema=False``).
     ``max_size`` bounds the sync pool: each held lock and each waiter uses one connection.
-    ``timeout`` bounds connecting and waiting for a pooled connection. Further keyword
-    ``options`` go to :func:`psycopg.connect`.
+    ``timeout`` bounds connecting and waiting for a pooled connection; TCP keepalive
+    (:data:`oncely.stores.postgres.TCP_DEFAULTS`) notices a server the network cut off within
+    about 10 s (the URL or an option overrides either). Further keyword ``options`` go to
+    :func:`psycopg.connect`.
     """
 
     server_wait = True
+    #: The lock lasts as long as its session; statements on lock.connection keep that alive.
+    expires = False
     #: A cancelled async acquire closes its connection; the server drops what it held.
     cancel_safe = True
     lock_option_names = ("scope",)
@@ -182,7 +186,7 @@ class PostgresLockBackend(LockBackend):
         self.max_size = max_size
         self.timeout = float(timeout)
         self.create_schema = create_schema
-        kwargs: dict[str, Any] = {"connect_timeout": max(2, round(timeout))}
+        kwargs: dict[str, Any] = _network_defaults(self.conninfo, timeout)
         kwargs["application_name"] = "oncely-lock"
         kwargs.update(options)
         kwargs["autocommit"] = True

@@ -26,7 +26,6 @@ second holder's because tokens are seeded from the server clock (see ``acquire.l
 from __future__ import annotations
 
 import hashlib
-import socket
 from importlib import resources
 from typing import Any, Final
 
@@ -56,12 +55,6 @@ EXTEND: Final = LockScript("extend")
 INSPECT: Final = LockScript("inspect")
 RAISE_FENCE: Final = LockScript("raise_fence")
 
-_KEEPALIVE: Final = {
-    getattr(socket, opt): value
-    for opt, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3))
-    if hasattr(socket, opt)
-}
-
 #: How long a wake-up nobody picked up stays (a waiter that misses it polls anyway).
 SIGNAL_KEEP_MS: Final = 1000
 
@@ -79,9 +72,10 @@ class RedisLockBackend(LockBackend):
     (a holder that crashed sends no wake-up; its lock expires on its ttl). ``fence_keep``
     (seconds, default 30 days) is how long an unused fence counter is kept. ``client`` /
     ``async_client`` / other keyword ``options`` are as for
-    :class:`~oncely.stores.redis.RedisStore`. ``socket_connect_timeout`` defaults to 5 s, and
-    unless ``socket_timeout`` is given, TCP keepalive (5 s idle, 3 probes 1 s apart) notices a
-    peer the network cut off, so the shared renewal thread cannot hang on it for long.
+    :class:`~oncely.stores.redis.RedisStore`, including its bounded network waits: connecting
+    and each reply wait at most 5 s (``socket_connect_timeout``, ``socket_timeout``), so
+    ``acquire``, ``check`` and renewals fail with :class:`~oncely.errors.StoreUnavailable`
+    instead of hanging on a server that stopped answering.
     """
 
     def __init__(
@@ -101,20 +95,12 @@ class RedisLockBackend(LockBackend):
             raise ConfigurationError(
                 f"poll_interval={poll_interval!r}: give seconds between 0.001 and 10 (default 0.1)"
             )
-        if client is None:
-            options.setdefault("socket_connect_timeout", 5.0)
-            if "socket_timeout" not in options:
-                # No per-read timeout (it costs a poll() per reply, ~15 % of throughput), but
-                # aggressive TCP keepalive: a peer cut off by the network is noticed within
-                # about 8 s, so the shared renewal thread cannot hang on it for long.
-                options.setdefault("socket_keepalive", True)
-                options.setdefault("socket_keepalive_options", _KEEPALIVE)
         self.url = url
         self.prefix = prefix
         self.store = RedisStore(
             url, prefix=prefix, client=client, async_client=async_client, **options
         )
-        socket_timeout = options.get("socket_timeout")
+        socket_timeout = self.store.socket_timeout
         cap = poll_interval if not socket_timeout else min(poll_interval, socket_timeout / 2)
         #: The longest single BLPOP a waiter makes (below the socket timeout).
         self.poll_interval = max(0.001, cap)

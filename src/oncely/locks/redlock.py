@@ -68,6 +68,12 @@ def drift(ttl: float) -> float:
     return ttl * 0.01 + 0.002
 
 
+def _why(error: OncelyError) -> str:
+    """The driver's short reason behind a node's error (ours repeats advice for every node)."""
+    cause = error.__cause__ or error
+    return f"{type(cause).__name__}: {cause}"
+
+
 def check_urls(urls: object) -> list[str]:
     """The node URLs of a Redlock: an odd number (1, 3, 5…) of Redis URLs."""
     if isinstance(urls, str) or not isinstance(urls, Sequence):
@@ -98,18 +104,34 @@ class RedlockBackend(LockBackend):
     """Locks held by a majority of independent Redis servers.
 
     ``node_timeout`` (seconds, default 0.2) is each node's connect and socket timeout: a node
-    that does not answer within it counts as a "no". Other keyword options (``prefix``,
-    ``poll_interval``, pool options) go to each node's
+    that does not answer within it counts as a "no". ``unavailable_wait`` (seconds, default 5)
+    is how long ``acquire()`` without a timeout keeps trying while fewer than a quorum of nodes
+    answer; then it raises :class:`~oncely.errors.StoreUnavailable` naming the nodes that did
+    not answer (it never waits forever on servers that are down). Other keyword options
+    (``prefix``, ``poll_interval``, pool options) go to each node's
     :class:`~oncely.locks.redis.RedisLockBackend`.
     """
 
-    def __init__(self, urls: Sequence[str], *, node_timeout: float = 0.2, **options: Any) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        node_timeout: float = 0.2,
+        unavailable_wait: float = 5.0,
+        **options: Any,
+    ) -> None:
         nodes = check_urls(urls)
         if not 0 < node_timeout <= 60:
             raise ConfigurationError(
                 f"node_timeout={node_timeout!r}: give seconds above 0 (default 0.2), well below "
                 "the lock's ttl"
             )
+        if not 0 <= unavailable_wait <= 3600:
+            raise ConfigurationError(
+                f"unavailable_wait={unavailable_wait!r}: give seconds between 0 and 3600 "
+                "(default 5)"
+            )
+        self.unavailable_wait = float(unavailable_wait)
         options.setdefault("socket_timeout", node_timeout)
         options.setdefault("socket_connect_timeout", node_timeout)
         self.urls = nodes
@@ -157,9 +179,14 @@ class RedlockBackend(LockBackend):
         answered = len(results) - len(errors)
         unavailable = ""
         if answered < self.quorum:
+            silent = [
+                f"{redact_url(n.url)} ({_why(r)})"
+                for n, r in zip(self.nodes, results)
+                if isinstance(r, OncelyError)
+            ]
             unavailable = (
                 f"only {answered} of {len(self.nodes)} Redis nodes answered, and a Redlock "
-                f"needs {self.quorum} (first error: {errors[0]})"
+                f"needs {self.quorum}; no answer from: {'; '.join(silent)}"
             )
         return Busy(
             retry_after=min(waits) if waits else None,

@@ -20,7 +20,7 @@ from typing import Any
 from oncely.errors import ConfigurationError
 from oncely.stores.base import Store
 
-__all__ = ["DEFAULT_URL", "Store", "open_store", "shared_store"]
+__all__ = ["DEFAULT_URL", "Store", "open_store", "shared_store", "store_class"]
 
 #: The embedded default: a SQLite file in the working directory.
 DEFAULT_URL = "sqlite:///oncely.db"
@@ -43,6 +43,15 @@ _shared_lock = threading.Lock()
 
 def open_store(url: str, **options: Any) -> Store:
     """Open a new store for ``url``; ``options`` go to the store's constructor."""
+    store: Store = store_class(url)(url, **options)
+    return store
+
+
+def store_class(url: str) -> type[Store]:
+    """The store class that serves ``url`` (its driver imported; nothing is connected).
+
+    :raises ConfigurationError: not a URL, an unknown scheme, or the driver's extra is missing.
+    """
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
             f"store URL {url!r} is not a URL; use e.g. 'sqlite:///oncely.db', 'memory://', "
@@ -64,8 +73,8 @@ def open_store(url: str, **options: Any) -> Store:
             f"the {scheme!r} store needs an extra package ({exc.name}); "
             f"install it with: pip install 'oncely[{extra}]'"
         ) from exc
-    store: Store = getattr(module, class_name)(url, **options)
-    return store
+    cls: type[Store] = getattr(module, class_name)
+    return cls
 
 
 def shared_store(url_or_store: str | Store) -> Store:

@@ -256,6 +256,11 @@ _RESERVED = frozenset(
         "use_unicode",
     }
 )
+#: Seconds PyMySQL waits for each reply (and each write) before the call fails with
+#: StoreUnavailable, unless ``read_timeout=`` / ``write_timeout=`` say otherwise: a server that
+#: stops answering cannot hang a call forever. Above InnoDB's usual lock waits (oncely's own
+#: statements hold row locks for milliseconds), below its 50 s ``innodb_lock_wait_timeout``.
+READ_TIMEOUT: Final = 30.0
 _URL_OPTIONS = ("charset", "ssl", "ssl_ca", "ssl_cert", "ssl_key", "unix_socket")
 
 
@@ -497,6 +502,12 @@ async def _acollect(cur: Any) -> _Result:
             return _Result(rowcount, rows or [])
 
 
+async def _aexecute(conn: Any, query: str, params: Params) -> _Result:
+    async with conn.cursor() as cur:
+        await cur.execute(query, params)
+        return await _acollect(cur)
+
+
 def _server_version(conn: Any) -> str:
     """The handshake's version string, e.g. ``5.5.5-10.11.19-MariaDB`` or ``8.4.3``."""
     return _text(getattr(conn, "server_version", "") or "")
@@ -626,9 +637,11 @@ class MySQLStore(Store):
 
     ``max_size`` bounds the connections in use (per process for the sync face, per event loop
     for the async face); they are opened on demand and kept. ``timeout`` bounds connecting and
-    waiting for a pooled connection (seconds). Further keyword ``options`` go to
-    :func:`pymysql.connect` (and those it shares to :func:`aiomysql.connect`), e.g.
-    ``password=…`` to keep a secret out of the URL, ``ssl=ssl_context`` or ``read_timeout=30``.
+    waiting for a pooled connection (seconds); each reply is awaited for at most
+    ``read_timeout`` (default :data:`READ_TIMEOUT`, 30 s), on both faces. Further keyword
+    ``options`` go to :func:`pymysql.connect` (and those it shares to :func:`aiomysql.connect`),
+    e.g.
+    ``password=…`` to keep a secret out of the URL, ``ssl=ssl_context`` or ``read_timeout=60``.
     """
 
     schemes = ("mysql", "mariadb")
@@ -666,9 +679,13 @@ class MySQLStore(Store):
             autocommit=True,
             init_command=INIT_COMMAND,
             connect_timeout=self.timeout,
+            read_timeout=READ_TIMEOUT,
+            write_timeout=READ_TIMEOUT,
         )
         args.update(options)
         self._sync_args = {**args, "client_flag": CLIENT.MULTI_STATEMENTS | CLIENT.FOUND_ROWS}
+        #: Seconds each reply is awaited (both faces; None: without bound).
+        self._read_timeout: float | None = args.get("read_timeout")
         # aiomysql spells database "db", always asks for multi-statements, and knows fewer options.
         known = inspect.signature(aiomysql.connect).parameters
         async_args = {("db" if k == "database" else k): v for k, v in args.items()}
@@ -933,11 +950,18 @@ class MySQLStore(Store):
                 conn = await self._aacquire(slot, pool)
                 healthy = False
                 try:
-                    async with conn.cursor() as cur:
-                        await cur.execute(getattr(self._sql, name), params)
-                        result = await _acollect(cur)
+                    # aiomysql has no read timeout: bound the round trip like PyMySQL's.
+                    result = await asyncio.wait_for(
+                        _aexecute(conn, getattr(self._sql, name), params), self._read_timeout
+                    )
                     healthy = True
                     return result
+                except asyncio.TimeoutError:
+                    raise StoreUnavailable(
+                        f"MySQL at {self._where} did not answer within {self._read_timeout:g}s "
+                        "(read_timeout); check that the server is running and reachable (the "
+                        "operation may or may not have been applied)"
+                    ) from None
                 except pymysql.Error as exc:
                     if _errno(exc) == _DEADLOCK and attempt < _ATTEMPTS:
                         continue

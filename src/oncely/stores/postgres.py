@@ -39,6 +39,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -332,6 +333,33 @@ def _conninfo(url: str) -> str:
     return f"postgresql://{rest}"
 
 
+#: libpq settings every connection gets unless the URL or an option sets them: TCP keepalive
+#: probes after 5 s idle, 1 s apart, 3 of them, and ``tcp_user_timeout`` (ms): a server the
+#: network cut off is noticed within about 10 s instead of the OS default of over two hours.
+#: (libpq has no read timeout: a server that is up but never answers still stalls a call.)
+TCP_DEFAULTS: Final[dict[str, int]] = {
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 1,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 10_000,
+}
+
+
+def _network_defaults(conninfo: str, timeout: float) -> dict[str, Any]:
+    """Bounded network waits for :func:`psycopg.connect`, except what ``conninfo`` sets itself.
+
+    ``connect_timeout`` is ``timeout`` seconds (at least 2, libpq's minimum), plus
+    :data:`TCP_DEFAULTS`.
+    """
+    try:
+        given = conninfo_to_dict(conninfo)
+    except psycopg.Error:  # a malformed URL fails at connect, with libpq's own message
+        given = {}
+    defaults: dict[str, Any] = {"connect_timeout": max(2, round(timeout)), **TCP_DEFAULTS}
+    return {k: v for k, v in defaults.items() if k not in given}
+
+
 def _note(table: str, key: RecordKey) -> str:
     """The NOTIFY payload naming a key: short and bounded whatever the scope's length."""
     where = hashlib.sha256(f"{table}\x00{key.scope}".encode()).hexdigest()[:16]
@@ -518,7 +546,10 @@ class PostgresStore(Store):
     per event loop for the async face). Waiters in :meth:`watch` hold a connection each for the
     duration of their wait, from a separate pool of up to ``watch_max_size`` (default
     ``max_size``) connections, so waiting never starves claims. ``timeout`` bounds connecting
-    and waiting for a pooled connection (seconds). Further keyword ``options`` go to
+    and waiting for a pooled connection (seconds); TCP keepalive settings
+    (:data:`TCP_DEFAULTS`) notice a server the network cut off within about 10 s. The URL or
+    an option overrides each (``?connect_timeout=10&keepalives_idle=30``). Further keyword
+    ``options`` go to
     :func:`psycopg.connect` (libpq parameters such as ``sslmode``, ``application_name``, or
     ``prepare_threshold=None`` behind PgBouncer in transaction mode).
 
@@ -556,9 +587,7 @@ class PostgresStore(Store):
         self.max_size = max_size
         self.watch_max_size = max_size if watch_max_size is None else max(1, watch_max_size)
         self.timeout = float(timeout)
-        kwargs: dict[str, Any] = {"autocommit": True}
-        if "connect_timeout" not in self.conninfo:
-            kwargs["connect_timeout"] = max(2, round(self.timeout))
+        kwargs: dict[str, Any] = {"autocommit": True, **_network_defaults(self.conninfo, timeout)}
         if "application_name" not in self.conninfo:
             kwargs["application_name"] = "oncely"
         kwargs.update(options)

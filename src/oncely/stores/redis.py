@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -105,6 +106,19 @@ _LEASE_SLACK: Final = 0.002
 # lost reply finds the caller's own tombstone (ms).
 _TOMBSTONE_MS: Final = 60_000
 _GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "\\*?[]"})
+
+#: Seconds to wait for a Redis connection to open, and for each reply, unless the URL
+#: (``?socket_timeout=…``) or an option says otherwise: a server that stops answering (paused,
+#: overloaded, cut off) fails the call with StoreUnavailable instead of hanging it.
+CONNECT_TIMEOUT: Final = 5.0
+READ_TIMEOUT: Final = 5.0
+#: TCP keepalive for pooled connections: probes after 5 s idle, 1 s apart, 3 of them, so an
+#: idle connection the network cut off is dropped before it is used.
+_KEEPALIVE: Final = {
+    getattr(socket, opt): value
+    for opt, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, opt)
+}
 
 
 # -- plain functions shared by the sync and async faces -------------------------------------------
@@ -236,6 +250,19 @@ def _check_url(url: str) -> None:
             )
 
 
+def _bounded(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Pool options with bounded network waits (:data:`CONNECT_TIMEOUT`, :data:`READ_TIMEOUT`)
+    unless given; ``None`` given explicitly means no bound (redis-py's default before 8.0)."""
+    out: dict[str, Any] = {
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        "socket_timeout": READ_TIMEOUT,
+    }
+    if urlsplit(url).scheme != "unix":  # a Unix socket has no TCP keepalive
+        out.update(socket_keepalive=True, socket_keepalive_options=_KEEPALIVE)
+    out.update(options)
+    return out
+
+
 def _check_decoding(client: Any, what: str) -> None:
     try:
         decode = client.get_encoder().decode_responses
@@ -263,7 +290,11 @@ class RedisStore(Store):
     :meth:`aclose`; they must not decode responses). Otherwise the store opens its own pools
     from ``url``; ``pool_options`` go to :meth:`redis.ConnectionPool.from_url` (e.g.
     ``max_connections``, ``socket_timeout``) for the sync pool and to
-    :meth:`redis.asyncio.ConnectionPool.from_url` for each event loop's pool. Those pools do not
+    :meth:`redis.asyncio.ConnectionPool.from_url` for each event loop's pool. Connecting and
+    each reply wait at most 5 s (:data:`CONNECT_TIMEOUT`, :data:`READ_TIMEOUT`; the URL query
+    ``?socket_timeout=…&socket_connect_timeout=…`` or the options override them), so a server
+    that stops answering fails a call with :class:`StoreUnavailable` instead of hanging it;
+    TCP keepalive drops idle connections the network cut off. Those pools do not
     retry a failed command by default, and that is on purpose: a claim or complete whose reply
     was lost may have run, so the error goes to the caller as :class:`StoreUnavailable`.
     Call :meth:`aclose` in every event loop that used the async face before the loop ends.
@@ -298,6 +329,7 @@ class RedisStore(Store):
         # Each subscribed waiter holds a connection; past this many, waiters poll instead, so a
         # burst of duplicates cannot drain the pool that claims and completions need.
         self._watch_slots = threading.BoundedSemaphore(max(1, max_watchers))
+        pool_options = _bounded(url, pool_options)
         self._pool_options = pool_options
         if client is None:
             try:
@@ -318,6 +350,9 @@ class RedisStore(Store):
             _check_decoding(client, "the Redis client")
             self._client = cast(_SyncClient, client)
             self._owns_client = False
+        kwargs = getattr(getattr(self._client, "connection_pool", None), "connection_kwargs", {})
+        #: Seconds the sync face waits for each reply (None: without bound).
+        self.socket_timeout: float | None = kwargs.get("socket_timeout")
         if async_client is not None:
             _check_decoding(async_client, "the async Redis client")
         self._async_client = cast("_AsyncClient | None", async_client)

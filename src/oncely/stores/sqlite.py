@@ -3,8 +3,10 @@
 The file is opened in WAL mode; every decision is one SQL statement whose clock is SQLite's
 ``julianday('now')``. Connections are shared by all threads (:class:`Connections`): a statement
 takes one and gives it back, so what the store keeps open depends on how many threads run a
-statement at the same moment, never on how many threads ever used it. The table is created on
-first use because the file belongs to the application (``create_schema=False`` turns that off).
+statement at the same moment, never on how many threads ever used it. The file and table are
+created on first use because the file belongs to the application; ``create_schema=False`` turns
+that off: the store then opens only an existing file and creates nothing (what ``oncely check``
+relies on).
 
 URL forms: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``. Query options:
 ``?synchronous=NORMAL`` (default ``FULL``: a completed record survives a power cut) and
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pathlib
 import sqlite3
 import threading
 import time
@@ -300,12 +303,27 @@ class SQLiteStore(Store):
         self._lock = threading.Lock()
         self._file_ready = False
         self._create_schema = create_schema
+        # Without create_schema, mode=rw: SQLite refuses to create a missing file.
+        self._target = (
+            self.path
+            if create_schema
+            else pathlib.Path(os.path.abspath(self.path)).as_uri() + "?mode=rw"
+        )
 
     # -- plumbing ------------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:
+        if not self._create_schema and not os.path.exists(self.path):
+            raise SchemaMissing(
+                f"SQLite database {self.path!r} does not exist; run `oncely init {self.url}` or "
+                "open the store with create_schema=True"
+            )
         try:
             conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+                self._target,
+                timeout=self.busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+                uri=not self._create_schema,
             )
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             with self._lock:  # once per store: the first connection sets up the file
