@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -152,3 +153,39 @@ def test_a_file_from_an_older_version_gets_its_fence_keeper(tmp_path: Path) -> N
         assert isinstance(again, New) and again.fence > high
     finally:
         store.close()
+
+
+def test_a_hundred_concurrent_threads_share_at_most_16_connections(tmp_path: Path) -> None:
+    # SQLite keeps the descriptor of a closed connection open while others to the same file
+    # are open, so only a bound on connections bounds descriptors: 100 threads at once, 1,000
+    # in all, leave at most 16 connections (one descriptor each for the file and its WAL).
+    import os
+    import uuid
+
+    path = tmp_path / "busy.db"
+    store = open_store(f"sqlite:///{path}?synchronous=NORMAL")
+
+    def request() -> None:
+        key = RecordKey.of("s", str(uuid.uuid4()))
+        new = store.claim(key, "fp", 30, 60)
+        assert isinstance(new, New)
+        store.complete(key, new.fence, b"1", "json", 60)
+
+    def open_files() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the descriptor listdir itself used
+                count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        return count
+
+    try:
+        for _ in range(10):
+            threads = [threading.Thread(target=request) for _ in range(100)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        assert 1 <= open_files() <= 16
+    finally:
+        store.close()
+    assert open_files() == 0

@@ -19,9 +19,9 @@ SQLite cannot push a change to another process, so waiters look again every ``po
 seconds (default 0.01, with jitter); a waiting attempt that finds the lock busy writes nothing.
 The file is opened in WAL mode with ``synchronous=NORMAL`` (a lock
 does not need to survive a power cut; fences stay increasing because they are seeded from the
-clock). Connections are shared by all threads (:class:`oncely.stores.sqlite.Connections`), so
-short-lived threads leave nothing open behind them. Async calls run on a small thread pool of the
-backend's own.
+clock). Connections are shared by all threads (:class:`oncely.stores.sqlite.Connections`, at
+most 16), so short-lived threads leave nothing open behind them. Async calls run on a small
+thread pool of the backend's own.
 """
 
 from __future__ import annotations
@@ -118,7 +118,9 @@ class SQLiteLockBackend(LockBackend):
             ]
         }
         self._lock = threading.Lock()
-        self._connections = Connections(self._open, keep=max(8, workers))
+        self._connections = Connections(
+            self._open, path=self.path, size=max(16, workers), timeout=self.busy_timeout
+        )
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
         self._pid = os.getpid()

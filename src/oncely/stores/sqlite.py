@@ -2,8 +2,9 @@
 
 The file is opened in WAL mode; every decision is one SQL statement whose clock is SQLite's
 ``julianday('now')``. Connections are shared by all threads (:class:`Connections`): a statement
-takes one and gives it back, so what the store keeps open depends on how many threads run a
-statement at the same moment, never on how many threads ever used it. The file and table are
+borrows one and gives it back, and at most 16 exist (more threads wait their turn, as SQLite's
+single writer makes them do anyway), so what the store keeps open never grows with the number of
+threads that use it. The file and table are
 created on first use because the file belongs to the application; ``create_schema=False`` turns
 that off: the store then opens only an existing file and creates nothing (what ``oncely check``
 relies on).
@@ -203,44 +204,72 @@ class Connections:
     """SQLite connections shared by every thread of a process: borrowed for one statement.
 
     ``open`` makes a new connection (``check_same_thread=False``: a connection moves between
-    threads, but is used by one at a time). At most ``keep`` idle connections are kept, the most
-    recently used first; a thread that finds none idle opens one, and a connection given back
-    while ``keep`` are idle is closed. A connection left inside a transaction is closed rather
-    than kept. After ``fork()`` the child never touches the parent's connections (SQLite forbids
-    it) and opens its own.
+    threads, but is used by one at a time). At most ``size`` connections exist at once, opened
+    on demand and kept idle for the next statement (the most recently used first); a statement
+    that finds all of them busy waits for one, up to ``timeout`` seconds, then raises
+    :class:`~oncely.errors.StoreUnavailable`. SQLite runs one writer at a time anyway, and its
+    unix VFS keeps the file descriptor of a closed connection open while the process holds other
+    connections to the file, so a bound on connections is the only bound on descriptors. A
+    connection left inside a transaction is closed rather than kept. After ``fork()`` the child
+    never touches the parent's connections (SQLite forbids it) and opens its own.
     """
 
-    def __init__(self, open: Callable[[], sqlite3.Connection], keep: int = 8) -> None:
+    def __init__(
+        self,
+        open: Callable[[], sqlite3.Connection],
+        *,
+        path: str,
+        size: int = 16,
+        timeout: float = 15.0,
+    ) -> None:
         self._open = open
-        self._keep = max(1, keep)
+        self._path = path
+        self._size = max(1, size)
+        self._timeout = timeout
         self._idle: list[sqlite3.Connection] = []
+        self._slots = threading.BoundedSemaphore(self._size)
         self._lock = threading.Lock()
         self._pid = os.getpid()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
         """Borrow a connection for the body of the ``with`` block."""
-        conn = self._take()
+        conn, slots = self._take()
         try:
             yield conn
         finally:
-            self._give(conn)
+            self._give(conn, slots)
 
-    def _take(self) -> sqlite3.Connection:
+    def _take(self) -> tuple[sqlite3.Connection, threading.BoundedSemaphore]:
         with self._lock:
-            if self._pid != os.getpid():
-                self._pid, self._idle = os.getpid(), []  # the parent's: never use or close them
-            if self._idle:
-                return self._idle.pop()
-        return self._open()
+            if self._pid != os.getpid():  # the parent's connections: never use or close them
+                self._pid, self._idle = os.getpid(), []
+                self._slots = threading.BoundedSemaphore(self._size)
+            slots = self._slots
+        if not slots.acquire(timeout=self._timeout):
+            raise StoreUnavailable(
+                f"all {self._size} connections to SQLite database {self._path!r} stayed busy "
+                f"for {self._timeout:g}s; use a server store for heavy concurrency"
+            )
+        try:
+            with self._lock:
+                if self._idle and slots is self._slots:
+                    return self._idle.pop(), slots
+            return self._open(), slots
+        except BaseException:
+            slots.release()
+            raise
 
-    def _give(self, conn: sqlite3.Connection) -> None:
-        reusable = not conn.in_transaction
-        with self._lock:
-            if reusable and self._pid == os.getpid() and len(self._idle) < self._keep:
-                self._idle.append(conn)
-                return
-        conn.close()
+    def _give(self, conn: sqlite3.Connection, slots: threading.BoundedSemaphore) -> None:
+        try:
+            reusable = not conn.in_transaction
+            with self._lock:
+                if reusable and slots is self._slots and self._pid == os.getpid():
+                    self._idle.append(conn)
+                    return
+            conn.close()
+        finally:
+            slots.release()
 
     def close(self) -> None:
         """Close the idle connections; the pool stays usable (borrowed ones come back as usual)."""
@@ -299,7 +328,9 @@ class SQLiteStore(Store):
         }
         self._workers = workers
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="oncely-sqlite")
-        self._connections = Connections(self._open, keep=max(8, workers))
+        self._connections = Connections(
+            self._open, path=self.path, size=max(16, workers), timeout=self.busy_timeout
+        )
         self._lock = threading.Lock()
         self._file_ready = False
         self._create_schema = create_schema
