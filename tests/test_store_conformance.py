@@ -476,3 +476,29 @@ async def test_a_repeated_async_complete_that_already_landed_succeeds(store: Sto
     await store.arelease(other, held.fence)
     replay = await store.aclaim(key, "fp", 30.0, 60.0)
     assert isinstance(replay, Replay) and replay.record.result == b"async"
+
+
+async def test_a_cancelled_call_is_cancelled(store: Store) -> None:
+    # Cancel store calls at every moment of their round trips: each must end in CancelledError.
+    # A driver's asyncio.wait_for on Python 3.11 used to drop a cancel that came as the round
+    # trip finished; the waiter then kept waiting, or the caller went on as if not cancelled.
+    key = fresh_key()
+    new = await store.aclaim(key, "fp", 30.0, 60.0)
+    assert isinstance(new, New)
+    kept_running = 0
+    for attempt in range(150):
+        if attempt % 2:
+            call = asyncio.ensure_future(store.awatch(key, new.fence, 1.0))
+        else:
+            call = asyncio.ensure_future(store.aget(key))
+        await asyncio.sleep(0.0005 * (attempt % 10))
+        call.cancel()
+        try:
+            await call
+        except asyncio.CancelledError:
+            continue
+        if not call.done() or call.result() is not False:  # finished before the cancel came
+            continue
+        kept_running += 1  # awatch ran to its timeout although it was cancelled
+    assert kept_running == 0
+    await store.aclose()

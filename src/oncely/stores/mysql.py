@@ -56,6 +56,7 @@ import aiomysql  # type: ignore[import-untyped]
 import pymysql
 from pymysql.constants import CLIENT
 
+from oncely.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, New, Record, RecordKey
 from oncely.stores.base import Store, classify, lease_lost, redact_url
@@ -936,6 +937,10 @@ class MySQLStore(Store):
         return slot
 
     async def _arun(self, name: str, params: Params) -> _Result:
+        with keep_cancel():  # asyncio.wait_for can drop a cancel (Python 3.11)
+            return await self._attempts(name, params)
+
+    async def _attempts(self, name: str, params: Params) -> _Result:
         for attempt in range(1, _ATTEMPTS + 1):
             slot = await self._apool()
             pool = slot.pool

@@ -44,6 +44,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from oncely.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, New, Record, RecordKey
 from oncely.stores.base import Store, claimable, classify, lease_lost, redact_url
@@ -897,9 +898,10 @@ class PostgresStore(Store):
 
     async def _arun(self, query: bytes, params: Params, prepare: bool | None = None) -> Rows:
         try:
-            async with self._aconnection() as conn:
-                cur = await conn.execute(query, params, prepare=prepare)
-                return await cur.fetchall()
+            with keep_cancel():  # asyncio.wait_for can drop a cancel (Python 3.11)
+                async with self._aconnection() as conn:
+                    cur = await conn.execute(query, params, prepare=prepare)
+                    return await cur.fetchall()
         except psycopg.Error as exc:
             raise self._translate(exc) from exc
 
@@ -951,6 +953,11 @@ class PostgresStore(Store):
     async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
+        with keep_cancel():  # asyncio.wait_for can drop a cancel (Python 3.11)
+            return await self._awatch(key, fence, deadline)
+
+    async def _awatch(self, key: RecordKey, fence: int, deadline: float) -> bool:
+        loop = asyncio.get_running_loop()
         note = _note(self.table, key)
         slot = self._loops.get()
         try:

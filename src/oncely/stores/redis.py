@@ -43,6 +43,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from oncely.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, InFlight, Mismatch, New, Record, RecordKey, Replay, Status
 from oncely.stores.base import Store, redact_url
@@ -516,17 +517,23 @@ class RedisStore(Store):
 
     async def _acall(self, *args: Any) -> Any:
         try:
-            return await self._aclient().execute_command(*args)
+            with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
+                return await self._aclient().execute_command(*args)
         except RedisError as exc:
             raise self._error(exc) from exc
 
     async def _aeval(self, script: _Script, numkeys: int, *keys_and_args: Any) -> Any:
         client = self._aclient()
         try:
-            try:
-                return await client.execute_command("EVALSHA", script.sha, numkeys, *keys_and_args)
-            except NoScriptError:
-                return await client.execute_command("EVAL", script.source, numkeys, *keys_and_args)
+            with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
+                try:
+                    return await client.execute_command(
+                        "EVALSHA", script.sha, numkeys, *keys_and_args
+                    )
+                except NoScriptError:
+                    return await client.execute_command(
+                        "EVAL", script.source, numkeys, *keys_and_args
+                    )
         except RedisError as exc:
             raise self._error(exc) from exc
 
@@ -600,10 +607,11 @@ class RedisStore(Store):
         pubsub = self._aclient().pubsub()
         try:
             try:
-                await pubsub.subscribe(self._channel(key))
-                while (left := deadline - time.monotonic()) > 0:
-                    if await pubsub.get_message(timeout=left) is not None:
-                        break  # the confirmation: no message can come before it
+                with keep_cancel():
+                    await pubsub.subscribe(self._channel(key))
+                    while (left := deadline - time.monotonic()) > 0:
+                        if await pubsub.get_message(timeout=left) is not None:
+                            break  # the confirmation: no message can come before it
             except RedisError as exc:
                 raise self._error(exc) from exc
             while True:
@@ -615,9 +623,10 @@ class RedisStore(Store):
                     return False
                 wait_until = time.monotonic() + min(left, lease_ms / 1000 + _LEASE_SLACK)
                 try:
-                    while (wait := wait_until - time.monotonic()) > 0:
-                        if _is_message(await pubsub.get_message(timeout=wait)):
-                            return True
+                    with keep_cancel():
+                        while (wait := wait_until - time.monotonic()) > 0:
+                            if _is_message(await pubsub.get_message(timeout=wait)):
+                                return True
                 except RedisError as exc:
                     raise self._error(exc) from exc
         finally:
