@@ -30,6 +30,8 @@ from oncely.records import InFlight, New, RecordKey, Replay  # noqa: E402
 from oncely.stores import open_store  # noqa: E402
 from oncely.stores.postgres import PostgresStore  # noqa: E402
 
+import workers  # noqa: E402
+
 URL = os.environ.get("ONCELY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 TABLE = f"oncely_test_{uuid.uuid4().hex[:12]}"
 DEAD_URL = "postgresql://oncely:s3cret@127.0.0.1:1/test"
@@ -648,10 +650,7 @@ def test_a_table_from_an_older_version_is_upgraded_in_place(scratch_table: str) 
             s.check_schema()
         s.init_schema()
         s.init_schema()  # twice: nothing left to upgrade
-        s.check_schema()
-        assert s.delete(key) is True
-        again = s.claim(key, "fp", 30.0, 60.0)
-        assert isinstance(again, New) and again.fence > high
+        again = workers.assert_upgraded(s, key, high)
         s.release(key, again.fence)  # the status check allows the tombstone now
         assert s.get(key) is None
     finally:

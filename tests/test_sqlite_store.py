@@ -12,6 +12,8 @@ from oncely.errors import ConfigurationError, StoreUnavailable
 from oncely.records import New, RecordKey
 from oncely.stores import Store, open_store
 
+import workers
+
 
 def race_to_open(url: str, parties: int) -> tuple[list[str], list[BaseException]]:
     """``parties`` separate store objects open one new file and claim one key at once."""
@@ -93,8 +95,6 @@ def test_short_lived_threads_taking_locks_leave_nothing_open(tmp_path: Path) -> 
     # lock once. Connections must not pile up per thread that ever ran.
     from oncely.locks import Lock
 
-    import workers
-
     url = f"sqlite:///{tmp_path}/locks.db"
 
     def take(index: int) -> None:
@@ -104,11 +104,7 @@ def test_short_lived_threads_taking_locks_leave_nothing_open(tmp_path: Path) -> 
     take(0)
     before = workers.open_fds()
     for batch in range(100):
-        threads = [threading.Thread(target=take, args=(batch * 20 + i,)) for i in range(20)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        workers.run_threads(take, [(batch * 20 + i,) for i in range(20)])
     assert workers.open_fds() - before <= 40
 
 
@@ -147,10 +143,7 @@ def test_a_file_from_an_older_version_gets_its_fence_keeper(tmp_path: Path) -> N
     strict.close()
     store = open_store(url)
     try:
-        store.check_schema()
-        assert store.delete(key) is True
-        again = store.claim(key, "fp", 30, 60)
-        assert isinstance(again, New) and again.fence > high
+        workers.assert_upgraded(store, key, high)
     finally:
         store.close()
 
@@ -180,11 +173,7 @@ def test_a_hundred_concurrent_threads_share_at_most_16_connections(tmp_path: Pat
 
     try:
         for _ in range(10):
-            threads = [threading.Thread(target=request) for _ in range(100)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            workers.run_threads(request, [()] * 100)
         assert 1 <= open_files() <= 16
     finally:
         store.close()

@@ -302,11 +302,7 @@ def test_short_lived_threads_leave_nothing_behind(store: Store) -> None:
     request()
     before = workers.open_fds()
     for _ in range(100):
-        threads = [threading.Thread(target=request) for _ in range(20)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        workers.run_threads(request, [()] * 20)
     assert workers.open_fds() - before <= 40
 
 
@@ -417,11 +413,7 @@ def assert_fences_grow_under_racing_claims(store: Store) -> None:
                 store.complete(key, outcome.fence, b"1", "json", 60.0)
                 store.delete(key)
 
-    threads = [threading.Thread(target=racer, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    workers.run_threads(racer, [(i,) for i in range(4)])
     assert len(wins) >= 40
     ordered = [fence for _, fence in sorted(wins)]
     assert all(a < b for a, b in itertools.pairwise(ordered)), ordered
