@@ -30,6 +30,8 @@ from oncely.records import InFlight, New, RecordKey, Replay  # noqa: E402
 from oncely.stores import open_store  # noqa: E402
 from oncely.stores.postgres import PostgresStore  # noqa: E402
 
+import workers  # noqa: E402
+
 URL = os.environ.get("ONCELY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 TABLE = f"oncely_test_{uuid.uuid4().hex[:12]}"
 DEAD_URL = "postgresql://oncely:s3cret@127.0.0.1:1/test"
@@ -388,8 +390,9 @@ def test_lease_lost_explains_itself(store: PostgresStore) -> None:
     with pytest.raises(LeaseLost):
         store.renew(fresh_key(), 1, 30.0)
     store.release(key, new.fence)
+    store.release(key, new.fence)  # a repeated release finds its own tombstone
     with pytest.raises(LeaseLost):
-        store.release(key, new.fence)
+        store.complete(key, new.fence, b"x", "raw", 60.0)
 
 
 def test_purge_respects_limit(store: PostgresStore) -> None:
@@ -534,9 +537,9 @@ async def test_cancelled_awatch_leaves_no_listening_connection(store: PostgresSt
     await asyncio.sleep(0.1)
     await store.acomplete(key, new.fence, b"done", "raw", 60.0)
     assert await asyncio.wait_for(again, 5.0) is True
-    slot = store._loops[asyncio.get_running_loop()]
-    assert slot.watch is not None
-    async with slot.watch.connection() as conn:
+    slot = store._loops.get()
+    assert slot.watch.idle  # the waiters' connections were kept, none of them listening
+    for conn, _ in slot.watch.idle:
         cur = await conn.execute("SELECT pg_listening_channels()")
         assert await cur.fetchall() == []
 
@@ -620,3 +623,35 @@ async def test_async_inspection(store: PostgresStore) -> None:
     assert abs(await store.anow() - store.now()) < 1.0
     assert await store.adelete(keys[0]) is True
     assert await store.aget(keys[0]) is None
+
+
+def test_a_table_from_an_older_version_is_upgraded_in_place(scratch_table: str) -> None:
+    # A table made before the fence sequence and release tombstones: check_schema says so, and
+    # init_schema upgrades it in place. The sequence starts above the fences already stored.
+    high = int(time.time() * 1_000_000) + 10**12  # above anything the clock gives soon
+    key = fresh_key()
+    with admin() as conn:
+        conn.execute(
+            f"""CREATE TABLE {scratch_table} (
+                scope text NOT NULL, digest text NOT NULL,
+                status text NOT NULL CHECK (status IN ('in_progress', 'completed')),
+                fingerprint text NOT NULL, fence bigint NOT NULL, lease_until timestamptz,
+                expires_at timestamptz NOT NULL, created_at timestamptz NOT NULL,
+                result bytea, codec text, PRIMARY KEY (scope, digest))"""
+        )
+        conn.execute(
+            f"INSERT INTO {scratch_table} VALUES (%s, %s, 'completed', 'fp', %s, NULL, "
+            "now() + interval '1 hour', now(), '1', 'json')",
+            [key.scope, key.digest, high],
+        )
+    s = PostgresStore(URL, table=scratch_table)
+    try:
+        with pytest.raises(SchemaMissing, match="older oncely"):
+            s.check_schema()
+        s.init_schema()
+        s.init_schema()  # twice: nothing left to upgrade
+        again = workers.assert_upgraded(s, key, high)
+        s.release(key, again.fence)  # the status check allows the tombstone now
+        assert s.get(key) is None
+    finally:
+        s.close()

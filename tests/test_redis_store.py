@@ -580,3 +580,55 @@ def test_other_redis_errors_are_store_errors(
     with pytest.raises(StoreError, match="WRONGTYPE") as caught:
         store.claim(key, "fp", 5, 60)
     assert not isinstance(caught.value, StoreUnavailable)
+
+
+# -- a lost reply ---------------------------------------------------------------------------------
+def test_a_lost_reply_to_complete_is_success_not_lease_lost() -> None:
+    # The reply to complete times out (a private server is frozen right after the call ran); the
+    # complete lands once the server resumes, and the decorator's retry finds the record
+    # completed under its own fence with its own result. That is success: the call ran once and
+    # a second call replays. It used to raise LeaseLost ("another caller may have run it too").
+    from oncely import idempotent
+
+    from lock_workers import redis_servers
+
+    with redis_servers(1) as (server,):
+        probe = redis.Redis.from_url(server.url)
+        landed: list[Any] = []
+
+        class FreezingStore(RedisStore):
+            """Resumes the frozen server as soon as a complete's reply timed out, and waits
+            until the server has run that complete (it answers a PING queued after it)."""
+
+            def complete(self, *args: Any) -> None:
+                try:
+                    super().complete(*args)
+                except StoreUnavailable:
+                    server.resume()
+                    probe.ping()
+                    landed.append(self.get(args[0]))
+                    raise
+
+        store = FreezingStore(server.url, socket_timeout=0.2)
+        warm = rkey()  # load the scripts first: a frozen EVALSHA must not meet NOSCRIPT
+        new = store.claim(warm, "fp", 30, 60)
+        assert isinstance(new, New)
+        store.complete(warm, new.fence, b"1", "json", 60)
+        runs: list[str] = []
+
+        @idempotent(store=store, key=["order"])
+        def charge(order: str) -> int:
+            runs.append(order)
+            server.pause()
+            return 42
+
+        try:
+            assert charge("o-1") == 42
+            assert charge("o-1") == 42
+            assert runs == ["o-1"]
+            # The scenario happened: the timed-out complete had landed before the retry.
+            assert len(landed) == 1 and landed[0].status == "completed"
+        finally:
+            server.resume()
+            store.close()
+            probe.close()

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
 import pytest
 
 from oncely.errors import ConfigurationError, StoreUnavailable
-from oncely.records import RecordKey
+from oncely.records import New, RecordKey
 from oncely.stores import Store, open_store
+
+import workers
 
 
 def race_to_open(url: str, parties: int) -> tuple[list[str], list[BaseException]]:
@@ -85,3 +88,93 @@ def test_lock_threads_opening_a_fresh_lock_file_at_once_all_work(tmp_path: Path)
         for t in threads:
             t.join()
         assert errors == []
+
+
+def test_short_lived_threads_taking_locks_leave_nothing_open(tmp_path: Path) -> None:
+    # The lock backend is shared per URL; 2,000 threads (20 at a time) each take and give back a
+    # lock once. Connections must not pile up per thread that ever ran.
+    from oncely.locks import Lock
+
+    url = f"sqlite:///{tmp_path}/locks.db"
+
+    def take(index: int) -> None:
+        with Lock(url, f"name-{index % 7}", ttl=5, timeout=30):
+            pass
+
+    take(0)
+    before = workers.open_fds()
+    for batch in range(100):
+        workers.run_threads(take, [(batch * 20 + i,) for i in range(20)])
+    assert workers.open_fds() - before <= 40
+
+
+def test_a_file_from_an_older_version_gets_its_fence_keeper(tmp_path: Path) -> None:
+    # Files made before the fence keeper (a table and a trigger that remember the fences of
+    # deleted rows): check_schema says so, and opening with create_schema (the default) adds it.
+    # A legacy row's fence then still bounds the next claim after the row is deleted.
+    import sqlite3
+    import time
+
+    from oncely.errors import SchemaMissing
+
+    path = tmp_path / "old.db"
+    high = int(time.time() * 1_000_000) + 10**12  # above anything the clock gives soon
+    key = RecordKey.of("s", "legacy")
+    with sqlite3.connect(path) as conn:
+        conn.executescript(
+            """
+            CREATE TABLE oncely_records (
+                scope TEXT NOT NULL, digest TEXT NOT NULL, status TEXT NOT NULL,
+                fingerprint TEXT NOT NULL, fence INTEGER NOT NULL, lease_until REAL,
+                expires_at REAL NOT NULL, created_at REAL NOT NULL, result BLOB, codec TEXT,
+                claim_id INTEGER NOT NULL, PRIMARY KEY (scope, digest)) WITHOUT ROWID;
+            """
+        )
+        conn.execute(
+            "INSERT INTO oncely_records VALUES (?, ?, 'completed', 'fp', ?, NULL, ?, ?, x'31', "
+            "'json', 0)",
+            (key.scope, key.digest, high, time.time() + 3600, time.time()),
+        )
+    conn.close()
+    url = f"sqlite:///{path}"
+    strict = open_store(url, create_schema=False)
+    with pytest.raises(SchemaMissing, match="fence keeper"):
+        strict.check_schema()
+    strict.close()
+    store = open_store(url)
+    try:
+        workers.assert_upgraded(store, key, high)
+    finally:
+        store.close()
+
+
+def test_a_hundred_concurrent_threads_share_at_most_16_connections(tmp_path: Path) -> None:
+    # SQLite keeps the descriptor of a closed connection open while others to the same file
+    # are open, so only a bound on connections bounds descriptors: 100 threads at once, 1,000
+    # in all, leave at most 16 connections (one descriptor each for the file and its WAL).
+    import os
+    import uuid
+
+    path = tmp_path / "busy.db"
+    store = open_store(f"sqlite:///{path}?synchronous=NORMAL")
+
+    def request() -> None:
+        key = RecordKey.of("s", str(uuid.uuid4()))
+        new = store.claim(key, "fp", 30, 60)
+        assert isinstance(new, New)
+        store.complete(key, new.fence, b"1", "json", 60)
+
+    def open_files() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):  # the descriptor listdir itself used
+                count += os.readlink(f"/proc/self/fd/{fd}") == str(path)
+        return count
+
+    try:
+        for _ in range(10):
+            workers.run_threads(request, [()] * 100)
+        assert 1 <= open_files() <= 16
+    finally:
+        store.close()
+    assert open_files() == 0

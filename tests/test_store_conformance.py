@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import multiprocessing
+import subprocess
+import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -284,3 +288,209 @@ def test_store_clock_decides_expiry_not_the_client_clock(
     replay = store.claim(key, "fp", 30.0, 60.0)
     assert isinstance(replay, Replay) and replay.record.result == b"kept"
     assert abs(store.now() - real_time()) < 5.0
+
+
+def test_short_lived_threads_leave_nothing_behind(store: Store) -> None:
+    # A thread-per-request server: 2,000 threads, 20 at a time, each claims and completes once.
+    # What the store keeps open may grow with how many threads run at once, never with how many
+    # threads ever used it.
+    def request() -> None:
+        key = fresh_key()
+        new = claim_new(store, key)
+        store.complete(key, new.fence, b"1", "json", 60.0)
+
+    request()
+    before = workers.open_fds()
+    for _ in range(100):
+        workers.run_threads(request, [()] * 20)
+    assert workers.open_fds() - before <= 40
+
+
+@pytest.mark.slow
+def test_asyncio_run_returns_every_time_without_aclose(
+    shared_store: tuple[Store, str, dict[str, Any]],
+) -> None:
+    # Scripts call ``asyncio.run`` again and again; none of them calls ``aclose()``. Each run must
+    # return (no task or connection attempt left behind that swallows the loop's shutdown), and
+    # the process must not collect connections from loops that are gone.
+    store, url, options = shared_store
+    store.init_schema()
+    code = (
+        "import sys, workers; "
+        f"before, after = workers.many_event_loops({url!r}, {options!r}, 60); "
+        "print(before, after)"
+    )
+    here = str(Path(__file__).parent)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=here, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        for _ in range(4)
+    ]
+    hung = 0
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            hung += 1
+            continue
+        assert proc.returncode == 0, err.decode()
+        before, after = map(int, out.split())
+        assert after - before <= 8, (before, after)
+    assert hung == 0
+
+
+# -- fences: never repeated, never going backwards ------------------------------------------------
+
+
+def test_fences_never_repeat_nor_go_backwards(store: Store) -> None:
+    # The rule in oncely.stores.base: whatever happens between two claims of a key (release,
+    # delete, completion and delete, expiry, purge, claims racing from other threads), each new
+    # holder's fence is greater than every fence the key had before. A repeated fence would let
+    # the old holder's late write land on the new holder's record.
+    key = fresh_key()
+    fences: list[int] = []
+
+    def claim(lease: float = 30.0, ttl: float = 60.0) -> New:
+        new = claim_new(store, key, lease=lease, ttl=ttl)
+        fences.append(new.fence)
+        return new
+
+    # Each way a record goes away, followed at once by the next claim (often in the same
+    # millisecond, the resolution of SQLite's clock).
+    for round_ in range(200):
+        new = claim()
+        way = round_ % 4
+        if way == 0:
+            store.release(key, new.fence)
+        elif way == 1:
+            assert store.delete(key) is True
+        elif way == 2:
+            store.complete(key, new.fence, b"1", "json", 60.0)
+            assert store.delete(key) is True
+        else:
+            store.release(key, new.fence)
+            store.purge_expired(limit=1000)
+    # Expiry: an abandoned claim taken over, and a completed record that expired and was purged.
+    for _ in range(2):
+        abandoned = claim(lease=0.05, ttl=0.05)
+        wait_for_store_time(store, abandoned.lease_until)
+        done = claim(lease=0.05, ttl=0.05)
+        store.complete(key, done.fence, b"1", "json", 0.05)
+        wait_for_store_time(store, done.lease_until + 0.05)
+        store.purge_expired(limit=1000)
+    assert all(a < b for a, b in itertools.pairwise(fences)), fences
+    assert_fences_grow_under_racing_claims(store)
+
+
+def assert_fences_grow_under_racing_claims(store: Store) -> None:
+    """Threads race for one key; each winner lets go at once in one of three ways. A winner's
+    claim took effect after the previous winner let go, which it did after its own claim
+    returned: so sorted by when their claims returned, the winners' fences must grow."""
+    key = fresh_key()
+    wins: list[tuple[float, int]] = []
+    lock = threading.Lock()
+    deadline = time.monotonic() + 30.0
+
+    def racer(index: int) -> None:
+        won = 0
+        while won < 40 and time.monotonic() < deadline:
+            outcome = store.claim(key, "fp", 30.0, 60.0)
+            if not isinstance(outcome, New):
+                continue
+            returned = time.monotonic()  # before this winner lets go: its place in the order
+            with lock:
+                wins.append((returned, outcome.fence))
+            won += 1
+            way = (index + won) % 3
+            if way == 0:
+                store.release(key, outcome.fence)
+            elif way == 1:
+                store.delete(key)
+            else:
+                store.complete(key, outcome.fence, b"1", "json", 60.0)
+                store.delete(key)
+
+    workers.run_threads(racer, [(i,) for i in range(4)])
+    assert len(wins) >= 40
+    ordered = [fence for _, fence in sorted(wins)]
+    assert all(a < b for a, b in itertools.pairwise(ordered)), ordered
+
+
+# -- repeated fenced writes: "my own write already landed" is success -----------------------------
+
+
+def test_a_repeated_fenced_write_that_already_landed_succeeds(store: Store) -> None:
+    # A reply can be lost (a timeout, a cancelled await) after the server applied the write; the
+    # caller then repeats it. Finding its own write is success; anything else stays LeaseLost.
+    key = fresh_key()
+    new = claim_new(store, key)
+    store.complete(key, new.fence, b"result", "json", 60.0)
+    stored = store.get(key)
+    store.complete(key, new.fence, b"result", "json", 60.0)
+    assert store.get(key) == stored  # nothing rewritten, the expiry not pushed out
+    with pytest.raises(LeaseLost):
+        store.complete(key, new.fence, b"another result", "json", 60.0)
+    with pytest.raises(LeaseLost):
+        store.release(key, new.fence)  # a completed record is not released
+    with pytest.raises(LeaseLost):
+        store.complete(key, new.fence + 1, b"result", "json", 60.0)
+
+    key = fresh_key()
+    new = claim_new(store, key)
+    store.release(key, new.fence)
+    store.release(key, new.fence)
+    assert store.get(key) is None
+    with pytest.raises(LeaseLost):
+        store.complete(key, new.fence, b"result", "json", 60.0)  # released: nothing to complete
+    successor = claim_new(store, key)
+    with pytest.raises(LeaseLost):
+        store.release(key, new.fence)  # the key is someone else's now
+    store.renew(key, successor.fence, 30.0)
+    store.renew(key, successor.fence, 30.0)  # renewing twice is renewing
+    store.complete(key, successor.fence, b"successor", "json", 60.0)
+    replay = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(replay, Replay) and replay.record.result == b"successor"
+
+
+async def test_a_repeated_async_complete_that_already_landed_succeeds(store: Store) -> None:
+    key = fresh_key()
+    new = await store.aclaim(key, "fp", 30.0, 60.0)
+    assert isinstance(new, New)
+    await store.acomplete(key, new.fence, b"async", "json", 60.0)
+    await store.acomplete(key, new.fence, b"async", "json", 60.0)
+    other = fresh_key()
+    held = await store.aclaim(other, "fp", 30.0, 60.0)
+    assert isinstance(held, New)
+    await store.arelease(other, held.fence)
+    await store.arelease(other, held.fence)
+    replay = await store.aclaim(key, "fp", 30.0, 60.0)
+    assert isinstance(replay, Replay) and replay.record.result == b"async"
+
+
+async def test_a_cancelled_call_is_cancelled(store: Store) -> None:
+    # Cancel store calls at every moment of their round trips: each must end in CancelledError.
+    # A driver's asyncio.wait_for on Python 3.11 used to drop a cancel that came as the round
+    # trip finished; the waiter then kept waiting, or the caller went on as if not cancelled.
+    key = fresh_key()
+    new = await store.aclaim(key, "fp", 30.0, 60.0)
+    assert isinstance(new, New)
+    kept_running = 0
+    for attempt in range(150):
+        if attempt % 2:
+            call = asyncio.ensure_future(store.awatch(key, new.fence, 1.0))
+        else:
+            call = asyncio.ensure_future(store.aget(key))
+        await asyncio.sleep(0.0005 * (attempt % 10))
+        call.cancel()
+        try:
+            await call
+        except asyncio.CancelledError:
+            continue
+        if not call.done() or call.result() is not False:  # finished before the cancel came
+            continue
+        kept_running += 1  # awatch ran to its timeout although it was cancelled
+    assert kept_running == 0
+    await store.aclose()

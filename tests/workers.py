@@ -74,3 +74,54 @@ def crash_inside(url: str, options: dict[str, Any], key: str, log_path: str, lea
         return {"pid": os.getpid()}
 
     append(key)
+
+
+def run_threads(target: Any, args: list[tuple[Any, ...]]) -> None:
+    """Run ``target(*a)`` for every ``a`` in ``args``, each in a thread of its own; wait for all."""
+    import threading
+
+    threads = [threading.Thread(target=target, args=a) for a in args]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def assert_upgraded(store: Any, key: RecordKey, high: int) -> New:
+    """After an upgrade of a table made by an older version: its schema checks out, and once the
+    legacy record of ``key`` (fence ``high``) is deleted, the next claim's fence is above it."""
+    store.check_schema()
+    assert store.delete(key) is True
+    again = store.claim(key, "fp", 30.0, 60.0)
+    assert isinstance(again, New) and again.fence > high
+    return again
+
+
+def open_fds() -> int:
+    """How many file descriptors this process has open (Linux)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def many_event_loops(url: str, options: dict[str, Any], loops: int) -> tuple[int, int]:
+    """Call an async decorated function under ``loops`` separate ``asyncio.run`` calls, the way a
+    script or a test suite does, without ever calling ``aclose()``; report the open file
+    descriptors after the first loop and after the last one."""
+    import asyncio
+    import gc
+    import uuid
+
+    from oncely import idempotent
+
+    store = open_store(url, **options)
+
+    @idempotent(store=store, key=["k"])
+    async def call(k: str) -> int:
+        return len(k)
+
+    asyncio.run(call(str(uuid.uuid4())))
+    gc.collect()
+    before = open_fds()
+    for _ in range(loops - 1):
+        assert asyncio.run(call(str(uuid.uuid4()))) == 36
+    gc.collect()
+    return before, open_fds()

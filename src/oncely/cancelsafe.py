@@ -4,26 +4,47 @@ A cancelled ``await`` may still have been applied by the server. The claim is th
 case (a key held by nobody until its lease runs out), so it runs shielded and a claim that
 succeeded after its caller left is released again. A fenced write (complete, release) is cheap
 to repeat, so it runs as a plain ``await`` and is repeated in the background if the caller is
-cancelled meanwhile: the repeat either lands or finds the first write done (``LeaseLost``).
+cancelled meanwhile: the repeat either lands or finds the first write done, which every store
+answers as success (see :mod:`oncely.stores.base`); ``LeaseLost`` then means the claim was lost.
+
+Drivers can also lose a cancellation: ``asyncio.wait_for`` on Python 3.11 returns the inner
+result and drops a ``cancel()`` that arrives just as the inner call finishes (redis-py waits for
+every send that way when it has a socket timeout). :func:`keep_cancel` wraps a store's round trip
+and raises the lost ``CancelledError`` again, so a cancelled caller never keeps running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from oncely.errors import LeaseLost, OncelyError
+from oncely.errors import OncelyError
 from oncely.records import ClaimOutcome, New, RecordKey
 from oncely.stores.base import Store
 
-__all__ = ["claim_or_undo", "keep_alive", "write_through"]
+__all__ = ["claim_or_undo", "keep_alive", "keep_cancel", "write_through"]
 
 log = logging.getLogger("oncely")
 
 #: Background work that must finish although its caller is gone (strong references).
 _background: set[asyncio.Future[Any]] = set()
+
+
+@contextlib.contextmanager
+def keep_cancel() -> Iterator[None]:
+    """Raise ``CancelledError`` when the block ends normally although the running task was
+    cancelled while it ran (a driver swallowed the cancellation). A block that raises, or a task
+    that was already being cancelled before the block (cleanup after a cancellation), is left
+    alone. Python 3.10 tasks cannot tell, so there it does nothing."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    before = cancelling() if cancelling is not None else 0
+    yield
+    if cancelling is not None and cancelling() > before:
+        raise asyncio.CancelledError
 
 
 def keep_alive(work: asyncio.Future[Any]) -> None:
@@ -70,7 +91,5 @@ async def write_through(write: Callable[..., Awaitable[Any]], *args: Any) -> Non
 async def _write_again(write: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
     try:
         await write(*args)
-    except LeaseLost as exc:  # the first attempt had landed
-        log.debug("oncely: repeated write after a cancellation: %s", exc)
     except OncelyError as exc:
         log.warning("oncely: write repeated after a cancellation failed: %s", exc)

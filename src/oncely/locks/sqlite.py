@@ -17,9 +17,11 @@ keeps the row (owner NULL) so the fence counter survives.
 
 SQLite cannot push a change to another process, so waiters look again every ``poll_interval``
 seconds (default 0.01, with jitter); a waiting attempt that finds the lock busy writes nothing.
-The file is opened in WAL mode, one connection per thread, with ``synchronous=NORMAL`` (a lock
+The file is opened in WAL mode with ``synchronous=NORMAL`` (a lock
 does not need to survive a power cut; fences stay increasing because they are seeded from the
-clock). Async calls run on a small thread pool of the backend's own.
+clock). Connections are shared by all threads (:class:`oncely.stores.sqlite.Connections`, at
+most 16), so short-lived threads leave nothing open behind them. Async calls run on a small
+thread pool of the backend's own.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from urllib.parse import parse_qs
 
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
-from oncely.stores.sqlite import enable_wal
+from oncely.stores.sqlite import Connections, enable_wal
 
 __all__ = ["SQLiteLockBackend"]
 
@@ -115,9 +117,10 @@ class SQLiteLockBackend(LockBackend):
                 ("schema", SCHEMA),
             ]
         }
-        self._local = threading.local()
         self._lock = threading.Lock()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections = Connections(
+            self._open, path=self.path, size=max(16, workers), timeout=self.busy_timeout
+        )
         self._workers = workers
         self._executor: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
@@ -126,13 +129,7 @@ class SQLiteLockBackend(LockBackend):
         return f"SQLiteLockBackend({self.url!r})"
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None and self._pid == os.getpid():
-            return conn
-        if self._pid != os.getpid():  # forked: the parent's connections are not ours to use
-            self._pid, self._local, self._connections = os.getpid(), threading.local(), []
-            self._executor = None
+    def _open(self) -> sqlite3.Connection:
         try:
             conn = sqlite3.connect(
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
@@ -145,27 +142,28 @@ class SQLiteLockBackend(LockBackend):
                 f"cannot open SQLite lock database {self.path!r} ({exc}); check that the "
                 "directory exists and is writable"
             ) from exc
-        self._local.conn = conn
-        with self._lock:
-            self._connections.append(conn)
         return conn
 
-    def _run(self, name: str, params: dict[str, Any]) -> sqlite3.Cursor:
-        try:
-            return self._connect().execute(self._sql[name], params)
-        except sqlite3.OperationalError as exc:
-            text = str(exc)
-            if "locked" in text or "busy" in text:
-                raise StoreUnavailable(
-                    f"SQLite database {self.path!r} stayed locked for {self.busy_timeout}s; "
-                    "raise busy_timeout, or use a server backend for heavy lock traffic"
-                ) from exc
-            raise StoreError(f"SQLite error on {self.path!r}: {text}") from exc
+    def _run(self, name: str, params: dict[str, Any]) -> tuple[list[Any], int]:
+        """Run one statement on a borrowed connection: (every row, rowcount)."""
+        with self._connections.connection() as conn:
+            try:
+                cur = conn.execute(self._sql[name], params)
+                return cur.fetchall(), cur.rowcount
+            except sqlite3.OperationalError as exc:
+                text = str(exc)
+                if "locked" in text or "busy" in text:
+                    raise StoreUnavailable(
+                        f"SQLite database {self.path!r} stayed locked for {self.busy_timeout}s; "
+                        "raise busy_timeout, or use a server backend for heavy lock traffic"
+                    ) from exc
+                raise StoreError(f"SQLite error on {self.path!r}: {text}") from exc
 
     async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None or self._pid != os.getpid():
-            self._connect()
             with self._lock:
+                if self._pid != os.getpid():  # forked: the parent's threads are not ours
+                    self._pid, self._executor = os.getpid(), None
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(
                         self._workers, thread_name_prefix="oncely-sqlite-lock"
@@ -177,10 +175,10 @@ class SQLiteLockBackend(LockBackend):
 
     # -- sync face --------------------------------------------------------------------------------
     def _acquire(self, name: str, owner: str, ttl: float, face: Face) -> Hold | Busy:
-        row = self._run("acquire", {"name": name, "owner": owner, "ttl": ttl}).fetchone()
-        if row is None:
+        rows, _ = self._run("acquire", {"name": name, "owner": owner, "ttl": ttl})
+        if not rows:
             return Busy()
-        return Hold(name, owner, int(row[0]), float(row[1]), face)
+        return Hold(name, owner, int(rows[0][0]), float(rows[0][1]), face)
 
     def acquire(
         self, name: str, owner: str, ttl: float, wait: float, options: Any = None
@@ -192,25 +190,23 @@ class SQLiteLockBackend(LockBackend):
 
     def release(self, hold: Hold) -> bool:
         params = {"name": hold.name, "owner": hold.owner}
-        return self._run("release", params).rowcount == 1
+        return self._run("release", params)[1] == 1
 
     def extend(self, hold: Hold, ttl: float) -> float | None:
         params = {"name": hold.name, "owner": hold.owner, "ttl": ttl}
-        return ttl if self._run("extend", params).rowcount == 1 else None
+        return ttl if self._run("extend", params)[1] == 1 else None
 
     def inspect(self, name: str, hold: Hold | None) -> State:
-        row = self._run("inspect", {"name": name}).fetchone()
-        if row is None:
+        rows, _ = self._run("inspect", {"name": name})
+        if not rows:
             return State(locked=False, owned=False)
+        row = rows[0]
         owned = hold is not None and row[0] == hold.owner
         return State(locked=True, owned=owned, ttl=float(row[1]) if owned else None)
 
     def close(self) -> None:
+        self._connections.close()
         with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-            self._local = threading.local()
             if self._executor is not None:
                 self._executor.shutdown(wait=False)
                 self._executor = None

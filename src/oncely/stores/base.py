@@ -10,20 +10,28 @@ checks them on every backend):
     * no record, or the record expired (``expires_at <= now``), or an ``in_progress`` record whose
       lease ran out (``lease_until <= now``, whatever its fingerprint): write an ``in_progress``
       record with ``lease_until = now + lease``, ``expires_at = now + max(lease, ttl)`` and a fence
-      greater than any earlier fence of this key -> :class:`~oncely.records.New`;
+      greater than every earlier fence of this key (see *Fences* below) ->
+      :class:`~oncely.records.New`;
     * a live record with a different fingerprint -> :class:`~oncely.records.Mismatch`;
     * a live ``in_progress`` record -> :class:`~oncely.records.InFlight`;
     * a live ``completed`` record -> :class:`~oncely.records.Replay`.
 ``complete(key, fence, result, codec, ttl)``
-    only if the record is ``in_progress`` with this fence (even if its lease ran out, as long as
-    nobody re-claimed it): status ``completed``, ``expires_at = now + ttl``; wakes waiters.
-    Otherwise :class:`~oncely.errors.LeaseLost`.
+    if the record is ``in_progress`` with this fence (even if its lease ran out, as long as
+    nobody re-claimed it): status ``completed``, ``expires_at = now + ttl``; wakes waiters. If it
+    is already ``completed`` under this fence with this very ``result`` and ``codec``, that is the
+    caller's own earlier completion (its reply was lost, or its ``await`` was cancelled, and the
+    caller repeated it): success, and nothing changes. Otherwise
+    :class:`~oncely.errors.LeaseLost` (another fence holds the record, it was released, deleted
+    or expired, or this fence completed it with another result).
 ``release(key, fence)``
-    only if ``in_progress`` with this fence: delete the record; wakes waiters. Otherwise
+    if ``in_progress`` with this fence: the record becomes a tombstone (hidden from every
+    reader, taken over by any claim); wakes waiters. If the tombstone of this very fence is still
+    there, that is the caller's own earlier release: success. Otherwise
     :class:`~oncely.errors.LeaseLost`.
 ``renew(key, fence, lease)``
     only if ``in_progress`` with this fence: ``lease_until = now + lease`` (and ``expires_at``
-    at least that); returns the new ``lease_until``. Otherwise :class:`~oncely.errors.LeaseLost`.
+    at least that); returns the new ``lease_until``; renewing again is renewing again.
+    Otherwise :class:`~oncely.errors.LeaseLost`.
 ``watch(key, fence, timeout)``
     returns once the record is no longer a live ``in_progress`` record under ``fence``
     (completed, released, deleted, expired or re-claimed) or ``timeout`` passed; returns
@@ -34,16 +42,32 @@ checks them on every backend):
     ``purge_expired`` deletes up to ``limit`` records with ``expires_at <= now`` and returns
     how many it deleted.
 
-Releases may leave a hidden, expired tombstone instead of deleting (SQLite, MySQL) so that fences
-keep growing; ``get``/``list``/``delete`` treat it as absent and ``purge_expired`` removes it.
-An async call that is cancelled may still have been applied by the server; callers that must not
-leave a claim behind shield the claim and undo it (see :mod:`oncely.functions.drivers`).
+Release tombstones are expired rows (SQL stores: until ``purge_expired`` removes them; Redis: for
+a minute; memory: until the key is claimed or deleted, or a purge); ``get``/``list``/``delete``
+treat them as absent. A repeated fenced write that finds its own earlier write succeeds, so a
+caller may repeat ``complete``, ``release`` or ``renew`` after a timeout or a cancellation (see
+:mod:`oncely.cancelsafe`); ``LeaseLost`` always means that the claim is gone. Callers that must
+not leave a claim behind shield the claim and undo it (see :mod:`oncely.functions.drivers`).
 
-Fences: while a record exists, a new claim's fence is ``old + 1`` or more. A record that was
-deleted (released, purged, expired) leaves nothing to compare with, so a new record's fence is
-the store clock in microseconds (SQLite keeps a released row as a tombstone because its clock
-has millisecond resolution). Fences therefore keep growing as long as the store's clock does
-not step backwards.
+Fences never repeat and never go backwards for a key, whatever happens between two claims
+(release, delete, expiry, purge, concurrent claims that started in another order) and whatever
+the store's clock does: each new holder's fence is greater than every fence the key ever had, so
+an old holder's late write can never land on a new holder's record, and a protected resource
+that remembers the highest fence it saw refuses the old holder. Each store keeps a high-water
+mark that outlives its records, read and raised in the same atomic decision:
+
+* memory: one counter for every key;
+* SQLite: ``<table>_fences``, raised by a trigger whenever a row is deleted (``delete``,
+  ``purge_expired``); a new row's fence is above it, a taken-over row's above its old fence
+  (SQLite serialises writers);
+* PostgreSQL: the sequence ``<table>_fence_seq``, drawn under a transaction-scoped advisory lock
+  on the key, so one key's fences are drawn in the order its claims take effect;
+* MySQL / MariaDB: ``<table>_fences``, raised by ``delete`` and ``purge_expired`` in the
+  transaction that removes rows (exclusive lock) and read by every claim (shared lock);
+* Redis: the counter ``<prefix>:fence``.
+
+The clock (in microseconds) only seeds the high-water mark. ``tests/test_store_conformance.py``
+(``test_fences_never_repeat_nor_go_backwards``) checks the rule on every store.
 """
 
 from __future__ import annotations

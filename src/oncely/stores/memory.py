@@ -23,6 +23,9 @@ class MemoryState:
 
     def __init__(self) -> None:
         self.records: dict[RecordKey, Record] = {}
+        #: The fence each released key was released under (a tombstone, cleared by the next
+        #: claim of the key, by delete and by purge), so a repeated release is recognised.
+        self.released: dict[RecordKey, int] = {}
         self._last_fence = 0
 
     def _live(self, key: RecordKey, fence: int, now: float) -> Record:
@@ -38,7 +41,8 @@ class MemoryState:
         if not claimable(record, now):
             assert record is not None
             return classify(record, fingerprint, now)
-        self._last_fence += 1
+        self._last_fence += 1  # one counter for every key: a fence is never handed out twice
+        self.released.pop(key, None)
         lease_until = now + lease
         self.records[key] = Record(
             scope=key.scope,
@@ -55,6 +59,9 @@ class MemoryState:
     def complete(
         self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float, now: float
     ) -> None:
+        done = self.records.get(key)
+        if done is not None and _same_completion(done, fence, result, codec):
+            return  # a repeated completion that already landed: nothing to change
         record = self._live(key, fence, now)
         self.records[key] = replace(
             record,
@@ -66,8 +73,11 @@ class MemoryState:
         )
 
     def release(self, key: RecordKey, fence: int, now: float) -> None:
+        if key not in self.records and self.released.get(key) == fence:
+            return  # a repeated release that already landed
         self._live(key, fence, now)
         del self.records[key]
+        self.released[key] = fence
 
     def renew(self, key: RecordKey, fence: int, lease: float, now: float) -> float:
         record = self._live(key, fence, now)
@@ -82,9 +92,11 @@ class MemoryState:
         return None if record is None or record.expires_at <= now else record
 
     def delete(self, key: RecordKey) -> bool:
+        self.released.pop(key, None)
         return self.records.pop(key, None) is not None
 
     def purge_expired(self, limit: int, now: float) -> int:
+        self.released.clear()
         expired = [k for k, r in self.records.items() if r.expires_at <= now][:limit]
         for k in expired:
             del self.records[k]
@@ -106,6 +118,16 @@ class MemoryState:
             or record.fence != fence
             or record.expires_at <= now
         )
+
+
+def _same_completion(record: Record, fence: int, result: bytes, codec: str) -> bool:
+    """True if ``record`` is the completion of ``fence`` with this very result."""
+    return (
+        record.status == "completed"
+        and record.fence == fence
+        and record.result == bytes(result)
+        and record.codec == codec
+    )
 
 
 class MemoryStore(Store):

@@ -47,7 +47,7 @@ import ssl
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -56,9 +56,11 @@ import aiomysql  # type: ignore[import-untyped]
 import pymysql
 from pymysql.constants import CLIENT
 
+from oncely.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, New, Record, RecordKey
 from oncely.stores.base import Store, classify, lease_lost, redact_url
+from oncely.stores.loops import LoopLocal
 from oncely.stores.polling import apoll_until, poll_until
 
 __all__ = ["MySQLStore"]
@@ -69,7 +71,8 @@ Records = list[Record]  # named here: inside the class, ``list`` is the method
 SyncConn: TypeAlias = "pymysql.connections.Connection[pymysql.cursors.Cursor]"
 
 # -- SQL ---------------------------------------------------------------------------------------
-# ``{t}`` is the backquoted table name. Times are DOUBLE epoch seconds on the server's clock.
+# ``{t}`` is the backquoted table name and ``{h}`` its fence keeper (``<table>_fences``). Times
+# are DOUBLE epoch seconds on the server's clock.
 
 _NOW: Final = "UNIX_TIMESTAMP(NOW(6))"
 _NOW_US: Final = f"CAST({_NOW} * 1000000 AS SIGNED)"
@@ -94,8 +97,21 @@ CREATE TABLE IF NOT EXISTS {t} (
     claim_id    BIGINT NOT NULL,
     PRIMARY KEY (scope, digest),
     KEY expires_at_idx (expires_at)
-) ENGINE=InnoDB"""
+) ENGINE=InnoDB;
+CREATE TABLE IF NOT EXISTS {h} (
+    id   TINYINT NOT NULL PRIMARY KEY,
+    high BIGINT NOT NULL
+) ENGINE=InnoDB;
+INSERT IGNORE INTO {h} (id, high) VALUES (0, 0)"""
 
+# Fences. The fence keeper's one row holds ``high``, at least the fence of every row ever
+# removed from the table (delete, purge). Every claim reads it with a shared lock; delete and
+# purge raise it under an exclusive lock, in the same transaction that removes rows, and remove
+# only rows whose fence it covers. A new row's fence is above ``high`` (and above the clock in
+# microseconds), a taken-over row's above its old fence; so a key's fences only grow, whatever
+# happened between two claims and whatever the clock does. The shared locks never wait for each
+# other: only delete and purge make claims wait, for the length of their own transaction.
+_HIGH: Final = "(SELECT high FROM {h} WHERE id = 0)"
 _KEY: Final = "scope = %(scope)s AND digest = %(digest)s"
 _MINE: Final = f"WHERE {_KEY} AND fence = %(fence)s AND status = 'in_progress'"
 
@@ -124,9 +140,10 @@ _TAKE_OVER: Final = (
     ("codec", "NULL"),
 )
 UPSERT: Final = (
-    f"INSERT INTO {{t}} ({COLUMNS}, claim_id) VALUES ("
-    f"%(scope)s, %(digest)s, 'in_progress', %(fingerprint)s, {_NOW_US}, "
-    f"{_NOW} + %(lease)s, {_NOW} + %(keep)s, {_NOW}, NULL, NULL, %(nonce)s) "
+    f"INSERT INTO {{t}} ({COLUMNS}, claim_id) SELECT "
+    f"%(scope)s, %(digest)s, 'in_progress', %(fingerprint)s, GREATEST(h.high + 1, {_NOW_US}), "
+    f"{_NOW} + %(lease)s, {_NOW} + %(keep)s, {_NOW}, NULL, NULL, %(nonce)s "
+    "FROM {h} AS h WHERE h.id = 0 LOCK IN SHARE MODE "
     f"ON DUPLICATE KEY UPDATE claim_id = IF({_CLAIMABLE}, %(nonce)s, claim_id), "
     + ", ".join(f"{col} = IF(claim_id = %(nonce)s, {new}, {col})" for col, new in _TAKE_OVER)
 )
@@ -141,14 +158,22 @@ CLAIM_TRANSACTION: Final = (
     f"SELECT {_CLAIM_ROW.replace(_NOW, _TX_NOW)} FROM {{t}} WHERE {_KEY}; COMMIT"
 )
 
+_FENCED: Final = f"WHERE {_KEY} AND fence = %(fence)s"
+# Completes the caller's claim. A record already completed under this fence with this very
+# result is the caller's own earlier completion whose reply was lost: it matches too (FOUND_ROWS
+# counts it) and keeps its expiry. Assignments run left to right, so expires_at reads the old
+# status.
 COMPLETE: Final = (
-    "UPDATE {t} SET status = 'completed', lease_until = NULL, "
-    f"expires_at = {_NOW} + %(ttl)s, result = UNHEX(%(result)s), codec = %(codec)s {_MINE}"
+    f"UPDATE {{t}} SET expires_at = IF(status = 'completed', expires_at, {_NOW} + %(ttl)s), "
+    "status = 'completed', lease_until = NULL, result = UNHEX(%(result)s), codec = %(codec)s "
+    f"{_FENCED} AND (status = 'in_progress' OR (status = 'completed' "
+    "AND result <=> UNHEX(%(result)s) AND codec <=> %(codec)s))"
 )
-# An expired tombstone rather than a DELETE: the next claim's fence is still old + 1.
+# An expired tombstone rather than a DELETE: a repeated release finds its own tombstone (and
+# succeeds), and the next claim takes the row over with fence old + 1.
 RELEASE: Final = (
     f"UPDATE {{t}} SET status = 'released', lease_until = {_NOW}, expires_at = {_NOW}, "
-    f"result = NULL, codec = NULL {_MINE}"
+    f"result = NULL, codec = NULL {_FENCED} AND status IN ('in_progress', 'released')"
 )
 # MySQL and MariaDB have no UPDATE … RETURNING: the new lease is read back inside the same
 # transaction (the UPDATE holds the row lock until COMMIT). No row back means LeaseLost.
@@ -164,12 +189,24 @@ GET: Final = f"SELECT {COLUMNS} FROM {{t}} WHERE {_KEY} AND {_LIVE}"
 # What watch needs to know: is the record still in progress under the caller's fence?
 STATE: Final = f"SELECT status, fence, expires_at > {_NOW} FROM {{t}} WHERE {_KEY}"
 # Removes tombstones and expired rows too, but reports only whether a live record was there.
-DELETE_RETURNING: Final = f"DELETE FROM {{t}} WHERE {_KEY} RETURNING {_LIVE}"
-DELETE_TRANSACTION: Final = (
-    f"START TRANSACTION; SELECT {_LIVE} FROM {{t}} WHERE {_KEY} FOR UPDATE; "
-    f"DELETE FROM {{t}} WHERE {_KEY}; COMMIT"
+# The fence keeper is raised to the row's fence first (its exclusive lock holds claims off until
+# COMMIT), and only a row whose fence it covers is removed.
+_RAISE_HIGH: Final = "UPDATE {h} SET high = GREATEST(high, COALESCE(({max}), 0)) WHERE id = 0"
+DELETE: Final = (
+    "START TRANSACTION; "
+    + _RAISE_HIGH.replace("{max}", f"SELECT MAX(fence) FROM {{t}} WHERE {_KEY}")
+    + f"; SELECT {_LIVE} FROM {{t}} WHERE {_KEY} AND fence <= {_HIGH} FOR UPDATE; "
+    f"DELETE FROM {{t}} WHERE {_KEY} AND fence <= {_HIGH}; COMMIT"
 )
-PURGE: Final = f"DELETE FROM {{t}} WHERE expires_at <= {_NOW} ORDER BY expires_at LIMIT %(limit)s"
+# Up to ``limit`` expired rows (tombstones included), oldest first; reports how many went.
+_EXPIRED: Final = f"expires_at <= {_TX_NOW} ORDER BY expires_at LIMIT %(limit)s"
+PURGE: Final = (
+    f"START TRANSACTION; SET {_TX_NOW} = {_NOW}; "
+    + _RAISE_HIGH.replace(
+        "{max}", f"SELECT MAX(p.fence) FROM (SELECT fence FROM {{t}} WHERE {_EXPIRED}) AS p"
+    )
+    + f"; DELETE FROM {{t}} WHERE fence <= {_HIGH} AND {_EXPIRED}; SELECT ROW_COUNT(); COMMIT"
+)
 LIST_ALL: Final = (
     f"SELECT {COLUMNS} FROM {{t}} WHERE {_LIVE} ORDER BY scope, digest LIMIT %(limit)s"
 )
@@ -178,7 +215,9 @@ LIST_SCOPE: Final = (
     "ORDER BY digest LIMIT %(limit)s"
 )
 NOW: Final = f"SELECT {_NOW}"
+# The table has oncely's columns; its fence keeper has its row.
 CHECK: Final = f"SELECT {COLUMNS}, claim_id FROM {{t}} LIMIT 0"
+KEEPER: Final = "SELECT COUNT(*) FROM {h} WHERE id = 0"
 
 # Every connection: UTC (so UNIX_TIMESTAMP(NOW(6)) is unambiguous across DST changes) and
 # strict mode (so an over-long scope is an error, never silently truncated into another's).
@@ -189,7 +228,8 @@ INIT_COMMAND: Final = (
 
 # -- pure helpers shared by both faces ------------------------------------------------------------
 
-_TABLE_RE = re.compile(r"(?:[a-z_][a-z0-9_]{0,63}\.)?[a-z_][a-z0-9_]{0,63}")
+# 57 characters at most: the fence keeper is ``<table>_fences`` and names end at 64.
+_TABLE_RE = re.compile(r"(?:[a-z_][a-z0-9_]{0,63}\.)?[a-z_][a-z0-9_]{0,56}")
 _MARIADB_RE = re.compile(r"(\d+)\.(\d+)\.\d+-MariaDB", re.IGNORECASE)
 _DEADLOCK = 1213
 _NO_SUCH_TABLE = 1146
@@ -238,12 +278,13 @@ class _Statements:
 
     def __init__(self, table: str, returning: bool) -> None:
         quoted = ".".join(f"`{part}`" for part in table.split("."))
+        keeper = ".".join(f"`{part}`" for part in f"{table}_fences".split("."))
 
         def render(template: str) -> str:
-            return template.replace("{t}", quoted)
+            return template.replace("{t}", quoted).replace("{h}", keeper)
 
         self.claim = render(CLAIM_RETURNING if returning else CLAIM_TRANSACTION)
-        self.delete = render(DELETE_RETURNING if returning else DELETE_TRANSACTION)
+        self.delete = render(DELETE)
         self.complete = render(COMPLETE)
         self.release = render(RELEASE)
         self.renew = render(RENEW)
@@ -253,6 +294,7 @@ class _Statements:
         self.list_all = render(LIST_ALL)
         self.list_scope = render(LIST_SCOPE)
         self.check = render(CHECK)
+        self.keeper = render(KEEPER)
         self.ddl = render(DDL)
         self.now = NOW
 
@@ -260,7 +302,7 @@ class _Statements:
 def _validate_table(table: str) -> str:
     if not isinstance(table, str) or not _TABLE_RE.fullmatch(table):
         raise ConfigurationError(
-            f"table name {table!r} is not a plain lowercase SQL identifier (at most 64 "
+            f"table name {table!r} is not a plain lowercase SQL identifier (at most 57 "
             "characters, optionally database-qualified); use e.g. 'oncely_records' or "
             "'app.oncely_records'"
         )
@@ -426,6 +468,11 @@ def _check_lease(result: _Result, key: RecordKey, fence: int) -> None:
         raise lease_lost(key, fence)
 
 
+def _check_keeper(result: _Result, outdated: Callable[[], SchemaMissing]) -> None:
+    if not result.rows or result.rows[0][0] != 1:
+        raise outdated()
+
+
 def _renewed(result: _Result, key: RecordKey, fence: int) -> float:
     if not result.rows:
         raise lease_lost(key, fence)
@@ -555,16 +602,16 @@ class _SyncPool:
 class _LoopPool:
     """The aiomysql pool of one event loop, and every connection it handed out."""
 
-    __slots__ = ("conns", "guard", "lock", "pool", "slots")
+    __slots__ = ("conns", "lock", "pool", "slots", "timeout")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, timeout: float) -> None:
         self.lock = asyncio.Lock()
         # aiomysql's pool does not wake a waiter when a closed connection is released, so it
         # never gets to make anyone wait: this semaphore bounds the connections in use.
         self.slots = asyncio.Semaphore(size)
         self.pool: Any = None
         self.conns: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.guard: Any = None  # the async generator that cleans up when the loop shuts down
+        self.timeout = timeout
 
     def abandon(self) -> None:
         """Close every connection without awaiting (the loop is closing or closed)."""
@@ -574,6 +621,16 @@ class _LoopPool:
         for conn in list(self.conns):
             _close_quietly(conn)
         self.conns.clear()
+
+    async def aclose(self) -> None:
+        """Close the pool, wait (up to ``timeout``) for its connections to come back, and close
+        whatever is left."""
+        pool = self.pool
+        if pool is not None:
+            pool.close()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(pool.wait_closed(), self.timeout)
+        self.abandon()
 
 
 class MySQLStore(Store):
@@ -641,8 +698,8 @@ class MySQLStore(Store):
         self._lock = threading.Lock()
         self._pool: _SyncPool | None = None
         self._pid = os.getpid()
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPool] = (
-            weakref.WeakKeyDictionary()
+        self._loops = LoopLocal(
+            lambda: _LoopPool(self.max_size, self.timeout), _LoopPool.aclose, _LoopPool.abandon
         )
         self._schema_ready = False
 
@@ -662,9 +719,18 @@ class MySQLStore(Store):
             f"`oncely init {self._where}`{table} or open the store with create_schema=True"
         )
 
+    def _schema_outdated(self) -> SchemaMissing:
+        return SchemaMissing(
+            f"table {self.table!r} in {self._where} was made by an older oncely: its fence "
+            f"keeper {self.table}_fences is missing; run `oncely init {self._where}` (it adds it) "
+            "or open the store with create_schema=True"
+        )
+
     def _translate(self, exc: BaseException) -> StoreError:
         code = _errno(exc)
         if code == _NO_SUCH_TABLE:
+            if "_fences" in str(exc):
+                return self._schema_outdated()
             return self._schema_missing()
         if code == _BAD_FIELD:
             return StoreError(
@@ -716,7 +782,6 @@ class MySQLStore(Store):
         with self._lock:
             if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
                 self._pid, self._pool = os.getpid(), None
-                self._loops = weakref.WeakKeyDictionary()
             if self._pool is None:
                 # Connect once now: a wrong URL or a dead server fails here with the driver's
                 # reason, and we learn which SQL dialect the server speaks.
@@ -779,6 +844,7 @@ class MySQLStore(Store):
 
     def check_schema(self) -> None:
         self._run("check", {})
+        _check_keeper(self._run("keeper", {}), self._schema_outdated)
 
     def close(self) -> None:
         """Close the sync pool, and the async pools of event loops that are not running.
@@ -787,13 +853,9 @@ class MySQLStore(Store):
         """
         with self._lock:
             pool, self._pool = self._pool, None
-            idle = [(loop, s) for loop, s in self._loops.items() if not loop.is_running()]
-            for loop, _ in idle:
-                del self._loops[loop]
         if pool is not None:
             pool.close()
-        for _, slot in idle:
-            slot.abandon()
+        self._loops.close_idle()
 
     # -- sync face -----------------------------------------------------------------------------
     def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
@@ -822,7 +884,7 @@ class MySQLStore(Store):
         return any(row[0] for row in self._run("delete", _key_params(key)).rows)
 
     def purge_expired(self, limit: int = 1000) -> int:
-        return self._run("purge", {"limit": max(0, int(limit))}).rowcount
+        return int(self._run("purge", {"limit": max(0, int(limit))}).rows[0][0])
 
     def list(self, scope: str | None = None, limit: int = 100) -> Records:
         name = "list_all" if scope is None else "list_scope"
@@ -832,45 +894,17 @@ class MySQLStore(Store):
         return float(self._run("now", {}).rows[0][0])
 
     # -- async plumbing ------------------------------------------------------------------------
-    async def _slot(self) -> _LoopPool:
-        loop = asyncio.get_running_loop()
-        slot = self._loops.get(loop)
-        if slot is not None:
-            return slot
-        with self._lock:
-            slot = self._loops.get(loop)
-            if slot is not None:
-                return slot
-            # Loops that were closed without aclose() leave their pools here: drop them.
-            for dead in [lp for lp in self._loops if lp.is_closed()]:
-                self._loops.pop(dead).abandon()
-            slot = self._loops[loop] = _LoopPool(self.max_size)
-        # When the loop shuts down (asyncio.run / Runner.close call shutdown_asyncgens), this
-        # generator's cleanup closes the loop's connections, even if nobody called aclose().
-        slot.guard = self._guard(loop, slot)
-        await slot.guard.__anext__()
-        return slot
-
-    async def _guard(self, loop: asyncio.AbstractEventLoop, slot: _LoopPool) -> AsyncIterator[None]:
+    async def _aacquire(self, slot: _LoopPool, pool: Any) -> Any:
+        """A connection from the loop's ``pool``; the caller holds one of ``slot.slots``."""
         try:
-            yield
-        finally:
-            with self._lock:
-                if self._loops.get(loop) is slot:
-                    del self._loops[loop]
-            slot.abandon()
-
-    async def _aacquire(self, slot: _LoopPool) -> Any:
-        """A connection from the loop's pool; the caller holds one of ``slot.slots``."""
-        try:
-            conn = await slot.pool.acquire()
+            conn = await pool.acquire()
         except (pymysql.Error, OSError, asyncio.TimeoutError) as exc:
             raise self._unreachable(exc) from exc
         slot.conns.add(conn)
         return conn
 
     async def _apool(self) -> _LoopPool:
-        slot = await self._slot()
+        slot = self._loops.get()
         if slot.pool is not None:
             return slot
         async with slot.lock:
@@ -878,11 +912,10 @@ class MySQLStore(Store):
                 pool = await aiomysql.create_pool(
                     minsize=0, maxsize=self.max_size, **self._async_args
                 )
-                slot.pool = pool
                 healthy = False
                 try:
                     async with slot.slots:
-                        conn = await self._aacquire(slot)
+                        conn = await self._aacquire(slot, pool)
                         try:
                             self._learn(_server_version(conn))
                             if self.create_schema and not self._schema_ready:
@@ -897,12 +930,17 @@ class MySQLStore(Store):
                                 _close_quietly(conn)
                             pool.release(conn)
                 finally:
-                    if not healthy:
-                        slot.pool = None
+                    if healthy:  # published only now: the schema is complete
+                        slot.pool = pool
+                    else:
                         pool.close()
         return slot
 
     async def _arun(self, name: str, params: Params) -> _Result:
+        with keep_cancel():  # asyncio.wait_for can drop a cancel (Python 3.11)
+            return await self._attempts(name, params)
+
+    async def _attempts(self, name: str, params: Params) -> _Result:
         for attempt in range(1, _ATTEMPTS + 1):
             slot = await self._apool()
             pool = slot.pool
@@ -914,7 +952,7 @@ class MySQLStore(Store):
             else:
                 await slot.slots.acquire()
             try:
-                conn = await self._aacquire(slot)
+                conn = await self._aacquire(slot, pool)
                 healthy = False
                 try:
                     # aiomysql has no read timeout: bound the round trip like PyMySQL's.
@@ -951,20 +989,10 @@ class MySQLStore(Store):
     async def acheck_schema(self) -> None:
         """Async :meth:`check_schema`."""
         await self._arun("check", {})
+        _check_keeper(await self._arun("keeper", {}), self._schema_outdated)
 
     async def aclose(self) -> None:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            slot = self._loops.pop(loop, None)
-        if slot is None:
-            return
-        pool = slot.pool
-        if pool is not None:
-            pool.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(pool.wait_closed(), self.timeout)
-        if slot.guard is not None:
-            await slot.guard.aclose()
+        await self._loops.aclose()
 
     # -- async face ----------------------------------------------------------------------------
     async def aclaim(
@@ -1001,7 +1029,7 @@ class MySQLStore(Store):
         return any(row[0] for row in (await self._arun("delete", _key_params(key))).rows)
 
     async def apurge_expired(self, limit: int = 1000) -> int:
-        return (await self._arun("purge", {"limit": max(0, int(limit))})).rowcount
+        return int((await self._arun("purge", {"limit": max(0, int(limit))})).rows[0][0])
 
     async def alist(self, scope: str | None = None, limit: int = 100) -> Records:
         name = "list_all" if scope is None else "list_scope"

@@ -13,9 +13,14 @@ The table is not created behind the operator's back: run ``oncely init URL`` onc
 :meth:`PostgresStore.init_schema`), or pass ``create_schema=True``.
 
 Layout: the SQL text, the parameters and the parsing of rows are module-level and shared by the
-sync face (:class:`psycopg_pool.ConnectionPool`) and the async face (one
-:class:`psycopg_pool.AsyncConnectionPool` per running event loop); only the plumbing that takes a
-connection and awaits (or not) differs.
+sync face (:class:`psycopg_pool.ConnectionPool`) and the async face; only the plumbing that takes a
+connection and awaits (or not) differs. The async face keeps the connections of each running
+event loop in a small cache of its own (:class:`_LoopConnections`) rather than in a
+:class:`psycopg_pool.AsyncConnectionPool`: such a pool runs background tasks, and one that is
+connecting when ``asyncio.run`` ends can swallow the loop's final cancellation and hang the
+process. The cache has no task: a connection is opened by the call that needs it, and the loop's
+shutdown (``shutdown_asyncgens``, which ``asyncio.run`` calls) closes them, so nobody has to call
+:meth:`PostgresStore.aclose`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import select
 import threading
 import time
 import weakref
@@ -34,12 +40,15 @@ import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 from psycopg.rows import TupleRow
-from psycopg_pool import AsyncConnectionPool, ConnectionPool, PoolTimeout
+from psycopg_pool import ConnectionPool, PoolTimeout
 
+from oncely.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, New, Record, RecordKey
 from oncely.stores.base import Store, claimable, classify, lease_lost, redact_url
+from oncely.stores.loops import LoopLocal
 
 __all__ = ["CHANNEL", "PostgresStore"]
 
@@ -57,7 +66,8 @@ AsyncConn = psycopg.AsyncConnection[TupleRow]
 _CLAIM_ATTEMPTS = 16
 
 # -- SQL ---------------------------------------------------------------------------------------
-# ``{t}`` is the table and ``{idx}`` its expiry index, both quoted by psycopg.sql.Identifier.
+# ``{t}`` is the table, ``{idx}`` its expiry index and ``{seq}`` its fence sequence, quoted by
+# psycopg.sql.Identifier; ``{seqname}`` and ``{tname}`` are the same names as string literals.
 # Times travel as float seconds since the epoch; the server converts with ``extract(epoch …)``.
 
 _NOW = "extract(epoch FROM now())::float8"
@@ -77,7 +87,7 @@ DDL = """\
 CREATE TABLE IF NOT EXISTS {t} (
     scope       text        NOT NULL,
     digest      text        NOT NULL,
-    status      text        NOT NULL CHECK (status IN ('in_progress', 'completed')),
+    status      text        NOT NULL CHECK (status IN ('in_progress', 'completed', 'released')),
     fingerprint text        NOT NULL,
     fence       bigint      NOT NULL,
     lease_until timestamptz,
@@ -88,11 +98,36 @@ CREATE TABLE IF NOT EXISTS {t} (
     PRIMARY KEY (scope, digest)
 );
 CREATE INDEX IF NOT EXISTS {idx} ON {t} (expires_at);
+DO $oncely$
+DECLARE
+    old_check text;
+BEGIN
+    IF to_regclass({seqname}) IS NULL THEN
+        EXECUTE format('CREATE SEQUENCE %s OWNED BY %s.fence', {seqname}, {tname});
+        PERFORM setval({seqname}, greatest(
+            (extract(epoch FROM clock_timestamp()) * 1000000)::bigint,
+            (SELECT coalesce(max(fence), 0) FROM {t})));
+    END IF;
+    SELECT conname INTO old_check FROM pg_constraint
+    WHERE conrelid = {tname}::regclass AND contype = 'c'
+      AND pg_get_constraintdef(oid) LIKE '%in_progress%'
+      AND pg_get_constraintdef(oid) NOT LIKE '%released%';
+    IF old_check IS NOT NULL THEN
+        EXECUTE format(
+            'ALTER TABLE %s DROP CONSTRAINT %I, ADD CONSTRAINT %I '
+            'CHECK (status IN (%L, %L, %L)) NOT VALID',
+            {tname}::regclass, old_check, old_check, 'in_progress', 'completed', 'released');
+    END IF;
+END
+$oncely$;
 """
+# The DDL above, step by step: the table; its expiry index; the fence sequence (dropped with the
+# table), started above the clock in microseconds and above every fence already stored (a table
+# made by an older version); and, for such a table, a status check that allows tombstones.
 
 # The claimable predicate of oncely.stores.base.claimable, on the row ``r`` the upsert found.
 _CLAIMABLE = (
-    "r.expires_at <= now() "
+    "r.status = 'released' OR r.expires_at <= now() "
     "OR (r.status = 'in_progress' AND (r.lease_until IS NULL OR r.lease_until <= now()))"
 )
 
@@ -102,9 +137,15 @@ _CLAIMABLE = (
 # answer (Replay, InFlight, Mismatch) comes from ``cur`` and the statement stays read-only, so
 # the hot path (a replay) takes no row lock, no transaction id and no WAL flush. Otherwise the
 # upsert inserts a fresh row or takes over the claimable one; ON CONFLICT serialises it against
-# concurrent claims. A new row's fence is the statement clock in microseconds; a take-over's is
-# at least old fence + 1. The result travels only when the fingerprint matches (a Replay needs
-# it, a Mismatch does not).
+# concurrent claims. The result travels only when the fingerprint matches (a Replay needs it, a
+# Mismatch does not).
+#
+# Fences come from the table's sequence, taken under a transaction-scoped advisory lock on the
+# key (only on this writing path: a replay takes no lock). So the fences of one key are handed
+# out one claim at a time, in the order the claims take effect, from a counter that never
+# repeats: they grow whatever happened to the row in between (release, delete, expiry, purge)
+# and whatever the clock does. Without the lock, a claim that drew its number first could
+# insert it last, after a later claim's row was deleted: a fence going backwards.
 _RESULT_IF_SAME = "CASE WHEN r.fingerprint = %(fingerprint)s THEN r.result END"
 CLAIM = f"""\
 WITH cur AS (
@@ -114,11 +155,13 @@ WITH cur AS (
         (scope, digest, status, fingerprint, fence, lease_until, expires_at, created_at)
     SELECT
         %(scope)s, %(digest)s, 'in_progress', %(fingerprint)s,
-        (extract(epoch FROM now()) * 1000000)::bigint,
+        nextval({{seqname}}),
         now() + %(lease)s * interval '1 second',
         now() + %(keep)s * interval '1 second',
         now()
-    WHERE NOT EXISTS (SELECT 1 FROM cur AS r WHERE NOT ({_CLAIMABLE}))
+    WHERE CASE WHEN NOT EXISTS (SELECT 1 FROM cur AS r WHERE NOT ({_CLAIMABLE}))
+        THEN pg_advisory_xact_lock(%(space)s::int4, %(slot)s::int4) IS NOT NULL
+        ELSE false END
     ON CONFLICT (scope, digest) DO UPDATE SET
         status = 'in_progress',
         fingerprint = excluded.fingerprint,
@@ -137,29 +180,43 @@ SELECT 'existing', {_columns("r", result=_RESULT_IF_SAME)}, {_NOW} FROM cur AS r
 WHERE NOT EXISTS (SELECT 1 FROM ins)
 """
 
-_MINE = (
-    "WHERE scope = %(scope)s AND digest = %(digest)s AND fence = %(fence)s "
-    "AND status = 'in_progress'"
-)
+_FENCED = "WHERE scope = %(scope)s AND digest = %(digest)s AND fence = %(fence)s"
+_MINE = f"{_FENCED} AND status = 'in_progress'"
 _NOTIFY = f"SELECT pg_notify('{CHANNEL}', %(note)s)"
 
+# Completes the caller's claim. A record already completed under this fence with this very
+# result is the caller's own earlier completion whose reply was lost: it matches too, keeps its
+# expiry, and the caller hears success.
 COMPLETE = f"""\
 WITH upd AS (
     UPDATE {{t}} SET
         status = 'completed',
         lease_until = NULL,
-        expires_at = now() + %(ttl)s * interval '1 second',
+        expires_at = CASE WHEN status = 'completed' THEN expires_at
+            ELSE now() + %(ttl)s * interval '1 second' END,
         result = %(result)s,
         codec = %(codec)s
-    {_MINE}
+    {_FENCED} AND (status = 'in_progress' OR (status = 'completed'
+        AND result IS NOT DISTINCT FROM %(result)s AND codec IS NOT DISTINCT FROM %(codec)s))
     RETURNING 1
 )
 {_NOTIFY} FROM upd
 """
 
+# Release leaves an expired tombstone (purge removes it): a repeated release finds the caller's
+# own tombstone and succeeds; a claim takes the row over at once.
 RELEASE = f"""\
-WITH del AS (DELETE FROM {{t}} {_MINE} RETURNING 1)
-{_NOTIFY} FROM del
+WITH upd AS (
+    UPDATE {{t}} SET
+        status = 'released',
+        lease_until = NULL,
+        expires_at = CASE WHEN status = 'released' THEN expires_at ELSE now() END,
+        result = NULL,
+        codec = NULL
+    {_FENCED} AND status IN ('in_progress', 'released')
+    RETURNING 1
+)
+{_NOTIFY} FROM upd
 """
 
 RENEW = f"""\
@@ -171,12 +228,14 @@ RETURNING extract(epoch FROM lease_until)::float8
 """
 
 _KEY = "WHERE r.scope = %(scope)s AND r.digest = %(digest)s"
-GET = f"SELECT {_columns('r')} FROM {{t}} AS r {_KEY} AND r.expires_at > now()"
+_LIVE = "r.expires_at > now() AND r.status <> 'released'"
+GET = f"SELECT {_columns('r')} FROM {{t}} AS r {_KEY} AND {_LIVE}"
 # What watch needs to know: is the record still in progress under the caller's fence?
 STATE = f"SELECT r.status, r.fence, r.expires_at > now() FROM {{t}} AS r {_KEY}"
+# Removes tombstones and expired rows too, but reports only whether a live record was there.
 DELETE = f"""\
-WITH del AS (DELETE FROM {{t}} AS r {_KEY} RETURNING 1)
-{_NOTIFY} FROM del
+WITH del AS (DELETE FROM {{t}} AS r {_KEY} RETURNING {_LIVE} AS live)
+{_NOTIFY}, live FROM del
 """
 # Oldest first through the expiry index; rows being claimed right now are skipped, and the outer
 # condition re-checks a row that a concurrent claim took over after the inner SELECT saw it.
@@ -192,15 +251,22 @@ WITH del AS (
 SELECT count(*) FROM del
 """
 LIST_ALL = (
-    f"SELECT {_columns('r')} FROM {{t}} AS r WHERE r.expires_at > now() "
+    f"SELECT {_columns('r')} FROM {{t}} AS r WHERE {_LIVE} "
     "ORDER BY r.scope, r.digest LIMIT %(limit)s"
 )
 LIST_SCOPE = (
-    f"SELECT {_columns('r')} FROM {{t}} AS r WHERE r.scope = %(scope)s AND r.expires_at > now() "
+    f"SELECT {_columns('r')} FROM {{t}} AS r WHERE r.scope = %(scope)s AND {_LIVE} "
     "ORDER BY r.digest LIMIT %(limit)s"
 )
 NOW = f"SELECT {_NOW}"
-CHECK = "SELECT to_regclass(%(table)s) IS NOT NULL"
+# The table exists, and so does its fence sequence, and its status check allows tombstones.
+CHECK = """\
+SELECT to_regclass({tname}) IS NOT NULL, to_regclass({seqname}) IS NOT NULL,
+    NOT EXISTS (SELECT 1 FROM pg_constraint
+        WHERE conrelid = to_regclass({tname}) AND contype = 'c'
+          AND pg_get_constraintdef(oid) LIKE '%%in_progress%%'
+          AND pg_get_constraintdef(oid) NOT LIKE '%%released%%')
+"""
 LOCK = "SELECT pg_advisory_xact_lock(%(lock)s)"
 LISTEN = f"LISTEN {CHANNEL}"
 UNLISTEN = f"UNLISTEN {CHANNEL}"
@@ -217,9 +283,21 @@ class _Statements:
         schema, _, name = table.rpartition(".")
         ident = sql.Identifier(schema, name) if schema else sql.Identifier(name)
         idx = sql.Identifier(f"{name}_expires_at_idx")
+        seq = (
+            sql.Identifier(schema, f"{name}_fence_seq")
+            if schema
+            else sql.Identifier(f"{name}_fence_seq")
+        )
+        names = {
+            "t": ident,
+            "idx": idx,
+            "seq": seq,
+            "tname": sql.Literal(ident.as_string(None)),
+            "seqname": sql.Literal(seq.as_string(None)),
+        }
 
         def render(template: str) -> bytes:
-            return sql.SQL(template).format(t=ident, idx=idx).as_string(None).encode()
+            return sql.SQL(template).format(**names).as_string(None).encode()
 
         self.claim = render(CLAIM)
         self.complete = render(COMPLETE)
@@ -232,6 +310,7 @@ class _Statements:
         self.list_all = render(LIST_ALL)
         self.list_scope = render(LIST_SCOPE)
         self.ddl = render(DDL)
+        self.check = render(CHECK)
 
 
 def _validate_table(table: str) -> str:
@@ -297,18 +376,30 @@ def _lock_id(table: str) -> int:
     return int.from_bytes(raw, "big", signed=True)
 
 
+def _fence_lock(table: str, key: RecordKey) -> tuple[int, int]:
+    """The two 32-bit keys of the transaction-scoped advisory lock under which a claim of ``key``
+    draws its fence (the two-key space: apart from oncely's lock backend, which uses one bigint).
+    Two keys sharing a lock only wait for each other now and then."""
+    space = hashlib.sha256(f"oncely:fence:{table}".encode()).digest()[:4]
+    slot = hashlib.sha256(f"{key.scope}\x00{key.digest}".encode()).digest()[:4]
+    return int.from_bytes(space, "big", signed=True), int.from_bytes(slot, "big", signed=True)
+
+
 def _key_params(key: RecordKey) -> Params:
     return {"scope": key.scope, "digest": key.digest}
 
 
-def _claim_params(key: RecordKey, fingerprint: str, lease: float, ttl: float) -> Params:
+def _claim_params(table: str, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> Params:
     lease = float(lease)
+    space, slot = _fence_lock(table, key)
     return {
         "scope": key.scope,
         "digest": key.digest,
         "fingerprint": fingerprint,
         "lease": lease,
         "keep": max(lease, float(ttl)),
+        "space": space,
+        "slot": slot,
     }
 
 
@@ -371,7 +462,7 @@ def _claim_outcome(rows: list[Row], fingerprint: str) -> ClaimOutcome | None:
     if row[0] == "new":
         assert record.lease_until is not None
         return New(record.fence, record.lease_until, now)
-    if claimable(record, now):
+    if record.status == "released" or claimable(record, now):  # type: ignore[comparison-overlap]
         return None
     return classify(record, fingerprint, now)
 
@@ -389,28 +480,64 @@ def _check_lease(rows: list[Row], key: RecordKey, fence: int) -> None:
         raise lease_lost(key, fence)
 
 
-class _LoopPools:
-    """The async pools of one event loop, and every connection they opened."""
+# An idle connection older than this is checked (one poll(2), no round trip) before use.
+_CHECK_AFTER = 30.0
 
-    __slots__ = ("conns", "guard", "lock", "main", "watch")
 
-    def __init__(self) -> None:
-        self.lock = asyncio.Lock()
-        self.main: AsyncConnectionPool[AsyncConn] | None = None
-        self.watch: AsyncConnectionPool[AsyncConn] | None = None
+def _looks_dead(conn: AsyncConn) -> bool:
+    """True if an idle connection is closed, or has something to read: an idle connection that
+    listens to nothing has nothing, so this is the server's goodbye (an error or EOF)."""
+    if conn.closed or conn.broken:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(conn.pgconn.socket, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    except (OSError, ValueError, psycopg.Error):
+        return True
+
+
+class _Connections:
+    """The idle connections of one kind (decisions or watchers) on one event loop, and a
+    semaphore that bounds how many are in use."""
+
+    __slots__ = ("idle", "size", "slots")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.slots = asyncio.Semaphore(size)
+        self.idle: list[tuple[AsyncConn, float]] = []  # most recently used last
+
+
+class _LoopConnections:
+    """Every connection the async face opened on one event loop. No background task runs: a
+    call opens a connection when none is idle, and gives it back when it is done with it."""
+
+    __slots__ = ("closed", "conns", "main", "watch")
+
+    def __init__(self, size: int, watch_size: int) -> None:
+        self.main = _Connections(size)
+        self.watch = _Connections(watch_size)
         self.conns: weakref.WeakSet[AsyncConn] = weakref.WeakSet()
-        self.guard: Any = None  # the async generator that cleans up when the loop shuts down
-
-    async def track(self, conn: AsyncConn) -> None:
-        self.conns.add(conn)
+        self.closed = False
 
     def abandon(self) -> None:
-        """Close every connection without the loop (it is closed, or we cannot await on it)."""
-        self.main = self.watch = None
-        for conn in list(self.conns):
+        """Close every connection without the loop (it is closing or closed)."""
+        self.closed = True
+        for conn in list(self.conns):  # before the idle lists let go of the last references
             if not conn.closed:
                 conn.pgconn.finish()
         self.conns.clear()
+        self.main.idle.clear()
+        self.watch.idle.clear()
+
+    async def aclose(self) -> None:
+        """Close the idle connections; those in use are closed when they come back."""
+        self.closed = True
+        for kind in (self.main, self.watch):
+            idle, kind.idle = kind.idle, []
+            for conn, _ in idle:
+                await conn.close()
 
 
 class PostgresStore(Store):
@@ -427,9 +554,9 @@ class PostgresStore(Store):
     :func:`psycopg.connect` (libpq parameters such as ``sslmode``, ``application_name``, or
     ``prepare_threshold=None`` behind PgBouncer in transaction mode).
 
-    Call :meth:`aclose` in every event loop that used the async face before the loop ends: a
-    psycopg pool still open at shutdown can swallow the loop's final cancellation of its
-    maintenance task (while it is connecting) and hang ``asyncio.run``'s exit.
+    The async face opens connections on the running event loop (at most ``max_size`` for
+    decisions and ``watch_max_size`` for waiters per loop, kept idle for the next call) and closes
+    them when the loop shuts down; :meth:`aclose` closes them earlier.
     """
 
     schemes = ("postgresql", "postgres")
@@ -473,8 +600,10 @@ class PostgresStore(Store):
         self._lock = threading.Lock()
         self._pool: ConnectionPool[SyncConn] | None = None
         self._watch_pool: ConnectionPool[SyncConn] | None = None
-        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopPools] = (
-            weakref.WeakKeyDictionary()
+        self._loops = LoopLocal(
+            lambda: _LoopConnections(self.max_size, self.watch_max_size),
+            _LoopConnections.aclose,
+            _LoopConnections.abandon,
         )
         self._schema_ready = False
         #: How many claim statements ran again because of the READ COMMITTED snapshot race.
@@ -492,21 +621,35 @@ class PostgresStore(Store):
             f"`oncely init {self._where}`{table} or open the store with create_schema=True"
         )
 
+    def _schema_outdated(self) -> SchemaMissing:
+        return SchemaMissing(
+            f"table {self.table!r} in {self._where} was made by an older oncely: its fence "
+            f"sequence or its release tombstones are missing; run `oncely init {self._where}` "
+            "(it upgrades the table in place) or open the store with create_schema=True"
+        )
+
     def _translate(self, exc: psycopg.Error) -> StoreError:
         if isinstance(exc, pg_errors.UndefinedTable):
+            if "fence_seq" in str(exc):
+                return self._schema_outdated()
             return self._schema_missing()
+        if isinstance(exc, pg_errors.CheckViolation):
+            return self._schema_outdated()
         if isinstance(exc, PoolTimeout):
-            return StoreUnavailable(
-                f"no PostgreSQL connection to {self._where} within {self.timeout:g}s: the "
-                f"server is down or unreachable, or all {self.max_size} pooled connections "
-                "stayed busy; check the server, or raise max_size or timeout"
-            )
+            return self._busy()
         if isinstance(exc, psycopg.OperationalError):
             return StoreUnavailable(
                 f"PostgreSQL at {self._where} failed: {exc}; check that the server is running "
                 "and reachable (the operation may or may not have been applied)"
             )
         return StoreError(f"PostgreSQL error on {self._where}: {type(exc).__name__}: {exc}")
+
+    def _busy(self) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"no PostgreSQL connection to {self._where} within {self.timeout:g}s: the "
+            f"server is down or unreachable, or all {self.max_size} pooled connections "
+            "stayed busy; check the server, or raise max_size or timeout"
+        )
 
     def _unreachable(self, exc: psycopg.Error) -> StoreError:
         if not isinstance(exc, psycopg.OperationalError):
@@ -594,8 +737,11 @@ class PostgresStore(Store):
             raise self._translate(exc) from exc
 
     def check_schema(self) -> None:
-        if not self._run(CHECK.encode(), {"table": self.table})[0][0]:
+        table, sequence, check = self._run(self._sql.check, {})[0]
+        if not table:
             raise self._schema_missing()
+        if not (sequence and check):
+            raise self._schema_outdated()
 
     def close(self) -> None:
         """Close the sync pools, and the async pools of event loops that are not running.
@@ -605,18 +751,14 @@ class PostgresStore(Store):
         with self._lock:
             pools = [self._pool, self._watch_pool]
             self._pool = self._watch_pool = None
-            idle = [(loop, s) for loop, s in self._loops.items() if not loop.is_running()]
-            for loop, _ in idle:
-                del self._loops[loop]
         for pool in pools:
             if pool is not None:
                 pool.close()
-        for _, slot in idle:
-            slot.abandon()
+        self._loops.close_idle()
 
     # -- sync face -----------------------------------------------------------------------------
     def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
-        params = _claim_params(key, fingerprint, lease, ttl)
+        params = _claim_params(self.table, key, fingerprint, lease, ttl)
         for _ in range(_CLAIM_ATTEMPTS):
             outcome = _claim_outcome(self._run(self._sql.claim, params, self._prepare), fingerprint)
             if outcome is not None:
@@ -677,7 +819,7 @@ class PostgresStore(Store):
 
     def delete(self, key: RecordKey) -> bool:
         params = {**_key_params(key), "note": _note(self.table, key)}
-        return bool(self._run(self._sql.delete, params))
+        return any(row[1] for row in self._run(self._sql.delete, params))
 
     def purge_expired(self, limit: int = 1000) -> int:
         return int(self._run(self._sql.purge, {"limit": max(0, int(limit))})[0][0])
@@ -690,91 +832,76 @@ class PostgresStore(Store):
         return float(self._run(NOW.encode(), {}, self._prepare)[0][0])
 
     # -- async plumbing ------------------------------------------------------------------------
-    async def _slot(self) -> _LoopPools:
-        loop = asyncio.get_running_loop()
-        slot = self._loops.get(loop)
-        if slot is not None:
-            return slot
-        with self._lock:
-            slot = self._loops.get(loop)
-            if slot is not None:
-                return slot
-            # Loops that were closed without aclose() leave their pools here: drop them.
-            for dead in [lp for lp in self._loops if lp.is_closed()]:
-                self._loops.pop(dead).abandon()
-            slot = self._loops[loop] = _LoopPools()
-        # When the loop shuts down (asyncio.run / Runner.close call shutdown_asyncgens), this
-        # generator's cleanup closes the loop's connections, even if nobody called aclose().
-        slot.guard = self._guard(loop, slot)
-        await slot.guard.__anext__()
-        return slot
-
-    async def _guard(
-        self, loop: asyncio.AbstractEventLoop, slot: _LoopPools
-    ) -> AsyncIterator[None]:
+    async def _aopen(self, slot: _LoopConnections) -> AsyncConn:
         try:
-            yield
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, **self._kwargs)
+        except psycopg.Error as exc:
+            raise self._unreachable(exc) from exc
+        slot.conns.add(conn)
+        if self.create_schema and not self._schema_ready:
+            try:
+                await self._ainit_schema_on(conn)
+            except psycopg.Error as exc:
+                await conn.close()
+                raise self._translate(exc) from exc
+        return conn
+
+    async def _atake(
+        self, slot: _LoopConnections, kind: _Connections, timeout: float
+    ) -> AsyncConn | None:
+        """A connection of ``kind`` (an idle one, or a new one); None if all ``kind.size`` stay
+        in use for ``timeout`` seconds. The caller gives it back with :meth:`_agive`."""
+        if kind.slots.locked():
+            try:
+                await asyncio.wait_for(kind.slots.acquire(), timeout)
+            except asyncio.TimeoutError:
+                return None
+        else:
+            await kind.slots.acquire()
+        try:
+            now = time.monotonic()
+            while kind.idle:
+                conn, since = kind.idle.pop()
+                if now - since < _CHECK_AFTER and not conn.closed:
+                    return conn
+                if not _looks_dead(conn):
+                    return conn
+                conn.pgconn.finish()
+            return await self._aopen(slot)
+        except BaseException:
+            kind.slots.release()
+            raise
+
+    def _agive(self, slot: _LoopConnections, kind: _Connections, conn: AsyncConn) -> None:
+        """Take back a connection from :meth:`_atake`: kept if it is idle and usable, else closed
+        (cancelled or failed mid-statement, it may still be busy or inside a transaction)."""
+        try:
+            idle = conn.info.transaction_status == TransactionStatus.IDLE
+            if idle and not conn.broken and not slot.closed:
+                kind.idle.append((conn, time.monotonic()))
+            elif not conn.closed:
+                conn.pgconn.finish()
         finally:
-            with self._lock:
-                if self._loops.get(loop) is slot:
-                    del self._loops[loop]
-            slot.abandon()
+            kind.slots.release()
 
-    async def _amain_pool(self) -> AsyncConnectionPool[AsyncConn]:
-        slot = await self._slot()
-        if slot.main is not None:
-            return slot.main
-        async with slot.lock:
-            if slot.main is None:
-                try:
-                    conn = await psycopg.AsyncConnection.connect(self.conninfo, **self._kwargs)
-                    async with conn:
-                        if self.create_schema and not self._schema_ready:
-                            await self._ainit_schema_on(conn)
-                except psycopg.Error as exc:
-                    raise self._unreachable(exc) from exc
-                pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
-                    self.conninfo,
-                    kwargs=self._kwargs,
-                    min_size=self.min_size,
-                    max_size=self.max_size,
-                    timeout=self.timeout,
-                    open=False,
-                    configure=slot.track,
-                    name=f"oncely-{self.table}-async",
-                )
-                await pool.open(wait=False)
-                slot.main = pool
-            return slot.main
-
-    async def _awatch_pool(self) -> AsyncConnectionPool[AsyncConn]:
-        await self._amain_pool()
-        slot = await self._slot()
-        async with slot.lock:
-            if slot.watch is None:
-                pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
-                    self.conninfo,
-                    kwargs=self._kwargs,
-                    min_size=0,
-                    max_size=self.watch_max_size,
-                    timeout=self.timeout,
-                    open=False,
-                    configure=slot.track,
-                    name=f"oncely-{self.table}-async-watch",
-                )
-                await pool.open(wait=False)
-                slot.watch = pool
-            return slot.watch
+    @contextlib.asynccontextmanager
+    async def _aconnection(self) -> AsyncIterator[AsyncConn]:
+        """A connection for one decision on the running loop."""
+        slot = self._loops.get()
+        conn = await self._atake(slot, slot.main, self.timeout)
+        if conn is None:
+            raise self._busy()
+        try:
+            yield conn
+        finally:
+            self._agive(slot, slot.main, conn)
 
     async def _arun(self, query: bytes, params: Params, prepare: bool | None = None) -> Rows:
-        slot = self._loops.get(asyncio.get_running_loop())
-        pool = slot.main if slot is not None and slot.main is not None else None
-        if pool is None:
-            pool = await self._amain_pool()
         try:
-            async with pool.connection() as conn:
-                cur = await conn.execute(query, params, prepare=prepare)
-                return await cur.fetchall()
+            with keep_cancel():  # asyncio.wait_for can drop a cancel (Python 3.11)
+                async with self._aconnection() as conn:
+                    cur = await conn.execute(query, params, prepare=prepare)
+                    return await cur.fetchall()
         except psycopg.Error as exc:
             raise self._translate(exc) from exc
 
@@ -786,30 +913,20 @@ class PostgresStore(Store):
 
     async def ainit_schema(self) -> None:
         """Async :meth:`init_schema`."""
-        pool = await self._amain_pool()
         try:
-            async with pool.connection() as conn:
+            async with self._aconnection() as conn:
                 await self._ainit_schema_on(conn)
         except psycopg.Error as exc:
             raise self._translate(exc) from exc
 
     async def aclose(self) -> None:
-        loop = asyncio.get_running_loop()
-        with self._lock:
-            slot = self._loops.pop(loop, None)
-        if slot is None:
-            return
-        for pool in (slot.main, slot.watch):
-            if pool is not None:
-                await pool.close()
-        if slot.guard is not None:
-            await slot.guard.aclose()
+        await self._loops.aclose()
 
     # -- async face ----------------------------------------------------------------------------
     async def aclaim(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> ClaimOutcome:
-        params = _claim_params(key, fingerprint, lease, ttl)
+        params = _claim_params(self.table, key, fingerprint, lease, ttl)
         for _ in range(_CLAIM_ATTEMPTS):
             rows = await self._arun(self._sql.claim, params, self._prepare)
             outcome = _claim_outcome(rows, fingerprint)
@@ -836,12 +953,17 @@ class PostgresStore(Store):
     async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, timeout)
+        with keep_cancel():  # asyncio.wait_for can drop a cancel (Python 3.11)
+            return await self._awatch(key, fence, deadline)
+
+    async def _awatch(self, key: RecordKey, fence: int, deadline: float) -> bool:
+        loop = asyncio.get_running_loop()
         note = _note(self.table, key)
-        pool = await self._awatch_pool()
+        slot = self._loops.get()
         try:
-            try:
-                conn = await pool.getconn(timeout=max(0.001, deadline - loop.time()))
-            except PoolTimeout:
+            conn = await self._atake(slot, slot.watch, max(0.001, deadline - loop.time()))
+            if conn is None:
+                # Every watch connection is busy: answer from one look at the record.
                 return _changed(await self._arun(self._sql.state, _key_params(key)), fence)
             clean = False
             try:
@@ -862,10 +984,10 @@ class PostgresStore(Store):
                 return seen
             finally:
                 # On cancellation or error the connection may still be listening or mid-query:
-                # close it rather than hand it back; the pool opens a replacement.
-                if not clean:
-                    await conn.close()
-                await pool.putconn(conn)
+                # close it rather than keep it.
+                if not clean and not conn.closed:
+                    conn.pgconn.finish()
+                self._agive(slot, slot.watch, conn)
         except psycopg.Error as exc:
             raise self._translate(exc) from exc
 
@@ -875,7 +997,7 @@ class PostgresStore(Store):
 
     async def adelete(self, key: RecordKey) -> bool:
         params = {**_key_params(key), "note": _note(self.table, key)}
-        return bool(await self._arun(self._sql.delete, params))
+        return any(row[1] for row in await self._arun(self._sql.delete, params))
 
     async def apurge_expired(self, limit: int = 1000) -> int:
         return int((await self._arun(self._sql.purge, {"limit": max(0, int(limit))}))[0][0])

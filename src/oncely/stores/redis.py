@@ -5,15 +5,20 @@ Layout (``prefix`` defaults to ``"oncely"``):
 * record ``f"{prefix}:{scope}:{digest}"``: a hash with short fields ``st`` status, ``fe`` fence,
   ``fp`` fingerprint, ``lu`` lease_until (ms), ``ea`` expires_at (ms), ``ca`` created_at (ms),
   ``rs`` result (bytes), ``cd`` codec, ``sc`` scope, ``dg`` digest. The key carries
-  ``PEXPIREAT expires_at``, so Redis drops expired records by itself.
+  ``PEXPIREAT expires_at``, so Redis drops expired records by itself. ``release`` turns the
+  record into a tombstone (``st`` = ``released``) that every reader ignores and any claim takes
+  over, and that Redis drops after a minute: a release repeated after a lost reply finds it.
+* fence counter ``f"{prefix}:fence"``: the last fence handed out, for every key; it never
+  expires.
 * channel ``f"{prefix}:done:{scope}:{digest}"``: ``complete``, ``release`` and ``delete`` publish
   on it in the same script, and :meth:`RedisStore.watch` listens to it.
 
 Every operation is one ``EVALSHA`` of a script from ``oncely/stores/lua/`` (``EVAL`` once more
 if the server answers ``NOSCRIPT``, which also puts the script back in its cache). The scripts
 hold the whole decision and read the time with ``TIME``, so the client's clock never decides
-anything. Fences are ``TIME`` in microseconds for a new record and ``max(old + 1, now)`` for a
-re-claim, so they grow across deletes as long as the server's clock does not step back.
+anything. A fence is ``max(counter + 1, TIME in microseconds, old fence + 1)`` and the counter
+keeps it, so the fences of a key grow whatever happened between two claims (release, delete,
+expiry) and whatever the clock does.
 
 The sync face uses :class:`redis.Redis`; the async face uses :class:`redis.asyncio.Redis`, one
 client per running event loop (redis-py's asyncio connections belong to the loop that opened
@@ -22,13 +27,11 @@ them). Argument building and reply parsing are the plain functions below, shared
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import hashlib
 import socket
 import threading
 import time
-import weakref
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any, Final, Protocol, cast
@@ -40,9 +43,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from oncely.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, InFlight, Mismatch, New, Record, RecordKey, Replay, Status
 from oncely.stores.base import Store, redact_url
+from oncely.stores.loops import LoopLocal
 from oncely.stores.polling import apoll_until, poll_until
 
 __all__ = ["RedisStore"]
@@ -98,6 +103,9 @@ _SCAN_COUNT: Final = 500
 # How long past the holder's lease a watcher waits before it looks again (the lease may have
 # been renewed, which publishes nothing).
 _LEASE_SLACK: Final = 0.002
+# How long a released record stays as a hidden tombstone, so that a release repeated after a
+# lost reply finds the caller's own tombstone (ms).
+_TOMBSTONE_MS: Final = 60_000
 _GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "\\*?[]"})
 
 #: Seconds to wait for a Redis connection to open, and for each reply, unless the URL
@@ -268,6 +276,14 @@ def _check_decoding(client: Any, what: str) -> None:
         )
 
 
+async def _aclose_client(client: _AsyncClient) -> None:
+    await client.aclose()
+
+
+def _drop_client(client: _AsyncClient) -> None:
+    """A client whose loop is closed cannot be closed any more: its sockets go with it."""
+
+
 class RedisStore(Store):
     """Idempotency records in Redis (``redis://`` or ``rediss://``), via ``oncely[redis]``.
 
@@ -310,6 +326,7 @@ class RedisStore(Store):
             )
         self.prefix = prefix
         self._done = f"{prefix}:done:"
+        self._fence_key = f"{prefix}:fence"
         # Each subscribed waiter holds a connection; past this many, waiters poll instead, so a
         # burst of duplicates cannot drain the pool that claims and completions need.
         self._watch_slots = threading.BoundedSemaphore(max(1, max_watchers))
@@ -340,9 +357,8 @@ class RedisStore(Store):
         if async_client is not None:
             _check_decoding(async_client, "the async Redis client")
         self._async_client = cast("_AsyncClient | None", async_client)
-        self._aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _AsyncClient] = (
-            weakref.WeakKeyDictionary()
-        )
+        # One client per event loop, closed when the loop shuts down (or by aclose()).
+        self._aclients = LoopLocal(self._new_aclient, _aclose_client, _drop_client)
 
     # -- keys and errors ---------------------------------------------------------------------------
     def _key(self, key: RecordKey) -> str:
@@ -350,6 +366,13 @@ class RedisStore(Store):
 
     def _channel(self, key: RecordKey) -> str:
         return f"{self._done}{key.scope}:{key.digest}"
+
+    def _claim_args(
+        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
+    ) -> tuple[Any, ...]:
+        """claim.lua's keys and arguments."""
+        record_key, counter = self._key(key), self._fence_key
+        return record_key, counter, fingerprint, _ms(lease), _ms(ttl), key.scope, key.digest
 
     def _scan_pattern(self, scope: str | None) -> str:
         if scope is None:
@@ -385,9 +408,7 @@ class RedisStore(Store):
 
     # -- sync face ---------------------------------------------------------------------------------
     def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
-        reply = self._eval(
-            _CLAIM, 1, self._key(key), fingerprint, _ms(lease), _ms(ttl), key.scope, key.digest
-        )
+        reply = self._eval(_CLAIM, 2, *self._claim_args(key, fingerprint, lease, ttl))
         return _parse_claim(reply, key)
 
     def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
@@ -397,7 +418,7 @@ class RedisStore(Store):
         _check_fenced(reply, "complete", key, fence)
 
     def release(self, key: RecordKey, fence: int) -> None:
-        reply = self._eval(_RELEASE, 1, self._key(key), fence, self._channel(key))
+        reply = self._eval(_RELEASE, 1, self._key(key), fence, self._channel(key), _TOMBSTONE_MS)
         _check_fenced(reply, "release", key, fence)
 
     def renew(self, key: RecordKey, fence: int, lease: float) -> float:
@@ -478,38 +499,41 @@ class RedisStore(Store):
             pubsub.close()
 
     def close(self) -> None:
-        """Close the sync pool (a client passed in as ``client`` is left to its owner)."""
+        """Close the sync pool (a client passed in as ``client`` is left to its owner), and forget
+        the async clients of event loops that are not running."""
         if self._owns_client:
             self._client.close()
+        self._aclients.close_idle()
 
     # -- async plumbing ----------------------------------------------------------------------------
+    def _new_aclient(self) -> _AsyncClient:
+        pool = redis.asyncio.ConnectionPool.from_url(self.url, **self._pool_options)
+        return cast(_AsyncClient, redis.asyncio.Redis.from_pool(pool))
+
     def _aclient(self) -> _AsyncClient:
         if self._async_client is not None:
             return self._async_client
-        loop = asyncio.get_running_loop()
-        client = self._aclients.get(loop)
-        if client is None:
-            # Forget clients of loops that closed without aclose(); their connections are dead.
-            for old in [old for old in self._aclients if old.is_closed()]:
-                del self._aclients[old]
-            pool = redis.asyncio.ConnectionPool.from_url(self.url, **self._pool_options)
-            client = cast(_AsyncClient, redis.asyncio.Redis.from_pool(pool))
-            self._aclients[loop] = client
-        return client
+        return self._aclients.get()
 
     async def _acall(self, *args: Any) -> Any:
         try:
-            return await self._aclient().execute_command(*args)
+            with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
+                return await self._aclient().execute_command(*args)
         except RedisError as exc:
             raise self._error(exc) from exc
 
     async def _aeval(self, script: _Script, numkeys: int, *keys_and_args: Any) -> Any:
         client = self._aclient()
         try:
-            try:
-                return await client.execute_command("EVALSHA", script.sha, numkeys, *keys_and_args)
-            except NoScriptError:
-                return await client.execute_command("EVAL", script.source, numkeys, *keys_and_args)
+            with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
+                try:
+                    return await client.execute_command(
+                        "EVALSHA", script.sha, numkeys, *keys_and_args
+                    )
+                except NoScriptError:
+                    return await client.execute_command(
+                        "EVAL", script.source, numkeys, *keys_and_args
+                    )
         except RedisError as exc:
             raise self._error(exc) from exc
 
@@ -517,9 +541,7 @@ class RedisStore(Store):
     async def aclaim(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> ClaimOutcome:
-        reply = await self._aeval(
-            _CLAIM, 1, self._key(key), fingerprint, _ms(lease), _ms(ttl), key.scope, key.digest
-        )
+        reply = await self._aeval(_CLAIM, 2, *self._claim_args(key, fingerprint, lease, ttl))
         return _parse_claim(reply, key)
 
     async def acomplete(
@@ -531,7 +553,9 @@ class RedisStore(Store):
         _check_fenced(reply, "complete", key, fence)
 
     async def arelease(self, key: RecordKey, fence: int) -> None:
-        reply = await self._aeval(_RELEASE, 1, self._key(key), fence, self._channel(key))
+        reply = await self._aeval(
+            _RELEASE, 1, self._key(key), fence, self._channel(key), _TOMBSTONE_MS
+        )
         _check_fenced(reply, "release", key, fence)
 
     async def arenew(self, key: RecordKey, fence: int, lease: float) -> float:
@@ -583,10 +607,11 @@ class RedisStore(Store):
         pubsub = self._aclient().pubsub()
         try:
             try:
-                await pubsub.subscribe(self._channel(key))
-                while (left := deadline - time.monotonic()) > 0:
-                    if await pubsub.get_message(timeout=left) is not None:
-                        break  # the confirmation: no message can come before it
+                with keep_cancel():
+                    await pubsub.subscribe(self._channel(key))
+                    while (left := deadline - time.monotonic()) > 0:
+                        if await pubsub.get_message(timeout=left) is not None:
+                            break  # the confirmation: no message can come before it
             except RedisError as exc:
                 raise self._error(exc) from exc
             while True:
@@ -598,9 +623,10 @@ class RedisStore(Store):
                     return False
                 wait_until = time.monotonic() + min(left, lease_ms / 1000 + _LEASE_SLACK)
                 try:
-                    while (wait := wait_until - time.monotonic()) > 0:
-                        if _is_message(await pubsub.get_message(timeout=wait)):
-                            return True
+                    with keep_cancel():
+                        while (wait := wait_until - time.monotonic()) > 0:
+                            if _is_message(await pubsub.get_message(timeout=wait)):
+                                return True
                 except RedisError as exc:
                     raise self._error(exc) from exc
         finally:
@@ -609,8 +635,5 @@ class RedisStore(Store):
 
     async def aclose(self) -> None:
         """Close the running loop's client and pool (``async_client`` is left to its owner)."""
-        if self._async_client is not None:
-            return
-        client = self._aclients.pop(asyncio.get_running_loop(), None)
-        if client is not None:
-            await client.aclose()
+        if self._async_client is None:
+            await self._aclients.aclose()

@@ -1,6 +1,7 @@
 -- claim.lua: take an idempotency key over, or report who holds it (see oncely.stores.base).
 --
 -- KEYS[1]  the record hash  "<prefix>:<scope>:<digest>"
+-- KEYS[2]  the fence counter "<prefix>:fence" (the last fence handed out, for every key)
 -- ARGV[1]  fingerprint      ARGV[2] lease (ms)      ARGV[3] ttl (ms)
 -- ARGV[4]  scope            ARGV[5] digest
 --
@@ -11,7 +12,10 @@
 --   {'I', now_ms, fence, lease_until_ms}            a live in-progress record of another caller
 --   {'M', now_ms}                                   a live record with another fingerprint
 --
--- Fences: TIME in microseconds for a new record, max(old fence + 1, that) for a re-claim.
+-- Fences: max(counter + 1, TIME in microseconds, old fence + 1), and the counter keeps it. The
+-- counter never expires, so a key's fences grow whatever happened between two claims (release,
+-- delete, expiry) and whatever the clock does; the clock only seeds it (and covers a lost
+-- counter). Scripts run one at a time, so no two claims ever draw the same number.
 --
 -- Hash fields: st status, fe fence, fp fingerprint, lu lease_until (ms), ea expires_at (ms),
 -- ca created_at (ms), rs result, cd codec, sc scope, dg digest.
@@ -24,7 +28,7 @@ local now = string.format('%.0f', now_ms)
 local h = redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd')
 local fence = now_us
 if h[1] then
-  local live = tonumber(h[5] or 0) > now_ms
+  local live = h[1] ~= 'released' and tonumber(h[5] or 0) > now_ms
   if live and h[1] == 'in_progress' and tonumber(h[4] or 0) <= now_ms then
     live = false -- abandoned: the holder's lease ran out, whatever its fingerprint
   end
@@ -37,12 +41,16 @@ if h[1] then
     end
     return {'I', now, h[2], h[4]}
   end
-  -- expired or abandoned: re-claim with a fence above the old one
+  -- released, expired or abandoned: re-claim with a fence above the old one
   local next_fence = tonumber(h[2] or 0) + 1
   if next_fence > fence then
     fence = next_fence
   end
   redis.call('DEL', key)
+end
+local counted = tonumber(redis.call('GET', KEYS[2]) or 0) + 1
+if counted > fence then
+  fence = counted
 end
 
 local lease_ms = tonumber(ARGV[2])
@@ -56,4 +64,5 @@ local ea = string.format('%.0f', now_ms + ttl_ms)
 redis.call('HSET', key, 'st', 'in_progress', 'fe', fe, 'fp', ARGV[1], 'lu', lu, 'ea', ea,
   'ca', now, 'sc', ARGV[4], 'dg', ARGV[5])
 redis.call('PEXPIREAT', key, ea)
+redis.call('SET', KEYS[2], fe)
 return {'N', now, fe, lu}

@@ -5,9 +5,17 @@
 -- ARGV[5]  the done channel "<prefix>:done:<scope>:<digest>"
 --
 -- Only an in_progress record under this very fence may be completed (even after its lease ran
--- out, as long as nobody re-claimed it). Replies {'ok'} or {'lost', status, fence}.
+-- out, as long as nobody re-claimed it). A record already completed under this fence with this
+-- very result is the caller's own earlier completion whose reply was lost: success, and nothing
+-- changes. Replies {'ok'} or {'lost', status, fence}.
 local key = KEYS[1]
 local h = redis.call('HMGET', key, 'st', 'fe')
+if h[1] == 'completed' and h[2] == ARGV[1] then
+  local done = redis.call('HMGET', key, 'rs', 'cd')
+  if done[1] == ARGV[2] and done[2] == ARGV[3] then
+    return {'ok'}
+  end
+end
 if h[1] ~= 'in_progress' or h[2] ~= ARGV[1] then
   return {'lost', h[1] or '', h[2] or ''}
 end
