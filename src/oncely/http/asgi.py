@@ -17,35 +17,17 @@ pass ``resolver=``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
-from oncely.cancelsafe import claim_or_undo, write_through
 from oncely.errors import ConfigurationError, HttpProblem
 from oncely.functions.lease import AsyncRenewer, Claimed, _current
 from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import Engine
-from oncely.http.flow import (
-    BodyError,
-    Captured,
-    Claim,
-    Complete,
-    ConsumeToken,
-    IssueToken,
-    Op,
-    Pass,
-    ReadBody,
-    Release,
-    ReleaseToken,
-    Respond,
-    Run,
-    Sleep,
-    Watch,
-    request_flow,
-)
+from oncely.http.flow import BodyError, Captured, Op, Pass, ReadBody, Respond, Run, request_flow
 from oncely.http.messages import ENTRY_KEY, HandlerEntry, HttpRequest, HttpResponse
+from oncely.http.perform import aperform
 from oncely.http.problems import from_exception
 from oncely.http.routes import Resolver
 
@@ -146,7 +128,6 @@ class _Exchange:
         self.body: bytes | None = None
 
     async def drive(self, flow: Any) -> None:
-        store = self.engine.store
         value: Any = None
         error: BaseException | None = None
         while True:
@@ -157,17 +138,9 @@ class _Exchange:
             value = error = None
             try:
                 kind = type(op)
-                if kind is Claim:
-                    assert isinstance(op, Claim)
-                    value = await claim_or_undo(store, op.key, op.fingerprint, op.lease, op.ttl)
-                elif kind is Run:
+                if kind is Run:
                     assert isinstance(op, Run)
                     value = await self._run(op)
-                elif kind is Complete:
-                    assert isinstance(op, Complete)
-                    await write_through(
-                        store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl
-                    )
                 elif kind is ReadBody:
                     assert isinstance(op, ReadBody)
                     value = await self._read_body(op.limit, op.expected)
@@ -176,26 +149,8 @@ class _Exchange:
                     await _send_response(self.send, op.response)
                 elif kind is Pass:
                     await self._pass()
-                elif kind is Release:
-                    assert isinstance(op, Release)
-                    await write_through(store.arelease, op.key, op.fence)
-                elif kind is Watch:
-                    assert isinstance(op, Watch)
-                    value = await store.awatch(op.key, op.fence, op.timeout)
-                elif kind is Sleep:
-                    assert isinstance(op, Sleep)
-                    await asyncio.sleep(op.seconds)
-                elif kind is ConsumeToken:
-                    assert isinstance(op, ConsumeToken) and self.engine.tokens is not None
-                    value = await self.engine.tokens.aconsume(op.token, op.subject, op.purpose)
-                elif kind is ReleaseToken:
-                    assert isinstance(op, ReleaseToken) and self.engine.tokens is not None
-                    await write_through(self.engine.tokens.arelease, op.use)
-                elif kind is IssueToken:
-                    assert isinstance(op, IssueToken) and self.engine.tokens is not None
-                    value = await self.engine.tokens.aissue(op.subject, op.purpose, op.ttl)
-                else:  # pragma: no cover - the flow yields only the operations above
-                    raise AssertionError(op)
+                else:
+                    value = await aperform(self.engine, op)
             except BaseException as exc:
                 error = exc
 
