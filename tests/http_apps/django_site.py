@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import django
 from django.conf import settings
+
+#: The directory of the test database (removed when the process ends).
+DATA = Path(tempfile.mkdtemp(prefix="oncely-django-"))
+atexit.register(shutil.rmtree, DATA, True)
 
 if not settings.configured:
     settings.configure(
@@ -17,7 +25,18 @@ if not settings.configured:
             "django.middleware.csrf.CsrfViewMiddleware",
             "oncely.http.django.ViewStartMiddleware",
         ],
-        INSTALLED_APPS=[],
+        INSTALLED_APPS=[
+            "django.contrib.contenttypes",
+            "django.contrib.auth",
+            "oncely.contrib.django",
+        ],
+        DATABASES={
+            "default": {
+                "ENGINE": "django.db.backends.sqlite3",
+                "NAME": str(DATA / "db.sqlite3"),
+            }
+        },
+        ONCELY={"store": "memory://", "scope": "oncely.http.GLOBAL"},
     )
     django.setup()
 

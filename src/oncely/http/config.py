@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from dataclasses import field as _field
 from typing import Any
 
@@ -22,6 +22,7 @@ from oncely.errors import ConfigurationError
 from oncely.functions.lease import LostCallback
 from oncely.http.codec import ALWAYS_DENIED
 from oncely.http.fingerprint import Fingerprinter, FingerprintSpec, resolve
+from oncely.http.options import check_option
 from oncely.http.problems import PROBLEM_BASE
 from oncely.http.routes import Rule, compile_pattern
 from oncely.http.scopes import Global, ScopeFunction, ScopeSpec, resolve_scope
@@ -148,6 +149,11 @@ class IdempotencyConfig:
     namespace: str = "http"
 
     def __post_init__(self) -> None:
+        for option in fields(self):  # types and units first: clear errors, never a TypeError
+            value = getattr(self, option.name)
+            checked = check_option(option.name, value)
+            if checked is not value:
+                object.__setattr__(self, option.name, checked)
         if isinstance(self.methods, str):
             raise ConfigurationError("methods= takes a list, e.g. methods=['POST', 'PATCH']")
         for name in ("include", "exclude", "deny_headers"):

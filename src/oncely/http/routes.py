@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from oncely.errors import ConfigurationError
 from oncely.http.fingerprint import FingerprintSpec
+from oncely.http.options import check_option
 
 __all__ = ["MARKER", "Resolver", "Rule", "compile_pattern", "idempotent_route", "rule_of"]
 
@@ -52,6 +53,18 @@ class Rule:
     max_request_body: int | None = None
     max_stored_body: int | None = None
     token: str | None = None
+
+    def __post_init__(self) -> None:
+        for option in fields(self):  # types and units, when the view is decorated
+            value = getattr(self, option.name)
+            if value is not None and option.name != "enabled":
+                checked = check_option(option.name, value, f"Rule {option.name}")
+                if checked is not value:
+                    object.__setattr__(self, option.name, checked)
+        if self.enabled is not None and not isinstance(self.enabled, bool):
+            raise ConfigurationError(f"Rule enabled takes True or False, not {self.enabled!r}")
+        if self.token is not None and (not isinstance(self.token, str) or not self.token):
+            raise ConfigurationError(f"Rule token names a purpose (a string), not {self.token!r}")
 
     def __call__(self, view: F) -> F:
         """Use the rule as a decorator: mark ``view`` (returned unchanged)."""

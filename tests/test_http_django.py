@@ -1,0 +1,312 @@
+"""Django the Django way (issue 14 item 1): the middleware in MIDDLEWARE under WSGI and ASGI,
+``settings.ONCELY``, ``@idempotent_view``, ``manage.py oncely``, the records migration, and
+the bad-input cases (wrong settings, the middleware twice or in the wrong place)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from django.core.asgi import get_asgi_application
+from django.core.handlers.wsgi import WSGIHandler
+from django.test import override_settings
+
+from oncely.errors import ConfigurationError
+from oncely.http import GLOBAL, IdempotencyConfig
+from oncely.stores.memory import MemoryStore
+
+from http_apps import (
+    django_site,  # noqa: F401  (configures settings first)
+    django_views,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+CSRF = "django.middleware.csrf.CsrfViewMiddleware"
+OURS = "oncely.http.django.IdempotencyMiddleware"
+AUTH = "http_apps.django_views.HeaderAuthenticationMiddleware"
+MIDDLEWARE = [CSRF, OURS]
+
+
+def key() -> dict[str, str]:
+    return {"Idempotency-Key": f'"{uuid.uuid4()}"'}
+
+
+class Client:
+    """One interface to a Django handler under WSGI (blocking) and ASGI (a loop per call)."""
+
+    def __init__(self, face: str) -> None:
+        self.face = face
+        if face == "wsgi":
+            self.app: Any = WSGIHandler()
+            self.sync = httpx.Client(
+                transport=httpx.WSGITransport(app=self.app), base_url="http://t"
+            )
+        else:
+            self.app = get_asgi_application()
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        if self.face == "wsgi":
+            return self.sync.request(method, path, **kw)
+
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                response = await client.request(method, path, **kw)
+                await response.aread()
+                return response
+
+        return asyncio.run(go())
+
+    def post(self, path: str, **kw: Any) -> httpx.Response:
+        return self.request("POST", path, **kw)
+
+
+@contextmanager
+def django_app(face: str, middleware: list[str] | None = None, **oncely: Any) -> Iterator[Client]:
+    options = {"store": MemoryStore(), "scope": "oncely.http.GLOBAL", **oncely}
+    with override_settings(
+        ROOT_URLCONF="http_apps.django_views",
+        MIDDLEWARE=MIDDLEWARE if middleware is None else middleware,
+        ONCELY=options,
+    ):
+        yield Client(face)
+
+
+FACES = pytest.mark.parametrize("face", ["wsgi", "asgi"])
+
+
+@FACES
+@pytest.mark.parametrize("view", ["orders", "aorders"])
+def test_middleware_replays_refuses_and_requires(face: str, view: str) -> None:
+    store = MemoryStore()
+    with django_app(face, store=store) as client:
+        django_views.calls.clear()
+        k = key()
+        first = client.post(f"/{view}", json={"a": 1}, headers=k)
+        again = client.post(f"/{view}", json={"a": 1}, headers=k)
+        other = client.post(f"/{view}", json={"a": 2}, headers=k)
+        missing = client.post(f"/{view}", json={"a": 1})
+        read = client.request("GET", f"/{view}")  # a safe method passes untouched
+    assert first.status_code == 201 and "idempotent-replayed" not in first.headers
+    assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert other.status_code == 422 and other.json()["type"].endswith("idempotency-key-mismatch")
+    assert other.headers["content-type"] == "application/problem+json"
+    assert missing.status_code == 400 and missing.json()["type"].endswith("key-missing")
+    assert read.status_code == 201
+    assert django_views.calls[view] == 2  # the first POST and the GET
+    assert len(store.list()) == 1
+
+
+@FACES
+def test_csrf_403_and_404_do_not_use_up_the_key(face: str) -> None:
+    store = MemoryStore()
+    with django_app(face, store=store) as client:
+        django_views.calls.clear()
+        k = key()
+        refused = client.post("/comment", headers=k)
+        assert refused.status_code == 403  # CsrfViewMiddleware.process_view, before the view
+        assert client.post("/nowhere", headers=k).status_code == 404
+        assert store.list() == []  # nothing claimed is left behind
+        token = client.request("GET", "/csrf")
+        headers = {
+            **k,
+            "X-CSRFToken": token.json()["token"],
+            "Cookie": f"csrftoken={token.cookies['csrftoken']}",
+        }
+        made = client.post("/comment", headers=headers)
+        again = client.post("/comment", headers=headers)
+    assert made.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert django_views.calls["comment"] == 1
+
+
+@FACES
+@pytest.mark.parametrize("view", ["report", "areport"])
+@pytest.mark.filterwarnings("ignore:StreamingHttpResponse must consume")
+def test_streaming_responses_are_stored_after_the_last_chunk(face: str, view: str) -> None:
+    store = MemoryStore()
+    with django_app(face, store=store) as client:
+        django_views.calls.clear()
+        k = key()
+        first = client.post(f"/{view}?n=4", headers=k)
+        again = client.post(f"/{view}?n=4", headers=k)
+    assert first.text == "row 0\nrow 1\nrow 2\nrow 3\n"
+    assert again.text == first.text and again.headers["idempotent-replayed"] == "true"
+    assert again.headers["content-type"] == "text/plain"
+    assert django_views.calls[view] == 1
+
+
+@FACES
+def test_a_failing_view_releases_and_a_problem_is_answered(face: str) -> None:
+    store = MemoryStore()
+    with django_app(face, store=store) as client:
+        django_views.calls.clear()
+        k = key()
+        assert client.post("/boom", headers=k).status_code == 500  # Django's own 500
+        assert client.post("/boom", headers=k).status_code == 500  # released: runs again
+        problem = client.post("/problem", headers=key())
+    assert django_views.calls["boom"] == 2
+    assert problem.status_code == 409 and problem.json()["remaining"] == 0
+    assert problem.json()["type"].endswith("/out-of-stock")
+
+
+@FACES
+def test_view_rules_and_idempotent_view_under_the_middleware(face: str) -> None:
+    with django_app(face, required=False) as client:
+        django_views.calls.clear()
+        k = key()
+        client.post("/pay", json={"amount": 1, "note": "a"}, headers=k)
+        replay = client.post("/pay", json={"amount": 1, "note": "b"}, headers=k)  # fields only
+        assert replay.headers["idempotent-replayed"] == "true"
+        assert client.post("/pay", json={"amount": 2}, headers=k).status_code == 422
+        assert client.post("/refunds").status_code == 400  # the class view requires a key
+        k2 = key()
+        client.post("/refunds", headers=k2)
+        assert client.post("/refunds", headers=k2).headers["idempotent-replayed"] == "true"
+        assert client.post("/orders").status_code == 201  # required=False globally
+    assert django_views.calls == {"pay": 1, "refunds": 1, "orders": 1}
+
+
+@FACES
+@pytest.mark.parametrize("view", ["standalone", "astandalone"])
+def test_idempotent_view_protects_its_view_without_the_middleware(face: str, view: str) -> None:
+    with django_app(face, middleware=[CSRF]) as client:
+        django_views.calls.clear()
+        k = key()
+        first = client.post(f"/{view}", json={"amount": 1}, headers=k)
+        again = client.post(f"/{view}", json={"amount": 1}, headers=k)
+        missing = client.post(f"/{view}", json={"amount": 1})
+        assert client.post("/orders").status_code == 201  # other views: untouched
+    assert first.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert missing.status_code == 400
+    assert django_views.calls[view] == 1
+
+
+@FACES
+def test_scope_from_user_gives_each_user_a_key_space(face: str) -> None:
+    middleware = [AUTH, OURS]
+    with django_app(face, middleware, scope="oncely.http.django.scope_from_user") as client:
+        django_views.calls.clear()
+        k = key()
+        alice = client.post("/orders", json={}, headers={**k, "X-User": "alice"})
+        bob = client.post("/orders", json={}, headers={**k, "X-User": "bob"})
+        alice_again = client.post("/orders", json={}, headers={**k, "X-User": "alice"})
+    assert "idempotent-replayed" not in bob.headers  # same key, another user: runs
+    assert alice_again.headers["idempotent-replayed"] == "true"
+    assert alice_again.json() == alice.json()
+    assert django_views.calls["orders"] == 2
+
+
+# -- bad input: settings -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"scope": "oncely.http.GLOBAL", "tll": 60}, "unknown option 'tll'; did you mean 'ttl'"),
+        ({"scope": "oncely.http.GLOBAL", "ttl": "24h"}, "write 86400 for '24h'"),
+        ({"scope": "oncely.http.GLOBAL", "lease": "30s"}, "'lease'] is in seconds"),
+        ({"scope": "oncely.http.GLOBAL", "max_request_body": "1MB"}, "write 1000000"),
+        ({"scope": "oncely.http.GLOBAL", "required": "false"}, "takes True or False"),
+        ({"scope": "oncely.http.GLOBAL", "methods": "POST"}, "takes a list of strings"),
+        ({"scope": "oncely.http.GLOBL"}, "did you mean oncely.http.GLOBAL"),
+        ({"scope": "no_such_module.scope"}, "cannot import 'no_such_module'"),
+        ({}, "scope= is required"),
+        ({"scope": "oncely.http.GLOBAL", "routes": {"/x": {"requird": False}}}, "'required'"),
+        ({"scope": "oncely.http.GLOBAL", "store": "django://nope"}, "names no database"),
+    ],
+)
+def test_wrong_settings_stop_the_middleware_at_start_up(options: Any, message: str) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    from oncely.contrib.django.checks import check_oncely
+
+    with override_settings(MIDDLEWARE=MIDDLEWARE, ONCELY=options):
+        with pytest.raises(ImproperlyConfigured, match="settings.ONCELY") as caught:
+            WSGIHandler()  # Django builds the middleware at start-up
+        assert message in str(caught.value)
+        assert isinstance(caught.value, ConfigurationError)
+        errors = check_oncely()
+    assert [e.id for e in errors] == ["oncely.E010"] and message in errors[0].msg
+
+
+def test_timedelta_settings_are_seconds() -> None:
+    from oncely.contrib.django.conf import idempotency_config
+
+    with override_settings(ONCELY={"scope": GLOBAL, "ttl": dt.timedelta(hours=2)}):
+        assert idempotency_config().ttl == 7200.0
+    with override_settings(), pytest.raises(ConfigurationError, match="ONCELY is not set"):
+        from django.conf import settings
+
+        del settings.ONCELY
+        idempotency_config()
+
+
+def test_wrong_types_in_code_are_configuration_errors_too() -> None:
+    from oncely.http import idempotent_route
+
+    with pytest.raises(ConfigurationError, match="write 3600 for '1h'"):
+        IdempotencyConfig(scope=GLOBAL, ttl="1h")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="Rule wait is in seconds"):
+        idempotent_route(wait="5s")  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="whole seconds"):
+        IdempotencyConfig(scope=GLOBAL, retry_after=0.5)  # type: ignore[arg-type]
+
+
+# -- bad input: the middleware twice or in the wrong place ---------------------------------------
+@pytest.mark.parametrize(
+    ("middleware", "oncely", "ident", "message"),
+    [
+        ([CSRF, OURS, OURS], {}, "oncely.E001", "listed 2 times"),
+        ([OURS, CSRF], {}, "oncely.E002", "CsrfViewMiddleware' comes after"),
+        (
+            [OURS, AUTH],
+            {"scope": "oncely.http.django.scope_from_user"},
+            "oncely.E003",
+            "scope_from_user reads request.user",
+        ),
+        (
+            [OURS],
+            {"scope": "oncely.http.django.scope_from_user"},
+            "oncely.E003",
+            "missing from settings.MIDDLEWARE",
+        ),
+    ],
+)
+def test_misplaced_middleware_is_detected_and_explained(
+    middleware: list[str], oncely: dict[str, Any], ident: str, message: str
+) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    from oncely.contrib.django.checks import check_oncely
+
+    options = {"store": "memory://", "scope": "oncely.http.GLOBAL", **oncely}
+    with override_settings(MIDDLEWARE=middleware, ONCELY=options):
+        with pytest.raises(ImproperlyConfigured, match=ident) as caught:
+            WSGIHandler()
+        assert message in str(caught.value)
+        found = {e.id: e for e in check_oncely()}
+    assert ident in found and message in found[ident].msg and found[ident].hint
+
+
+def test_view_start_middleware_beside_the_middleware_is_a_warning() -> None:
+    from oncely.contrib.django.checks import check_oncely
+
+    with override_settings(MIDDLEWARE=[CSRF, OURS, "oncely.http.django.ViewStartMiddleware"]):
+        WSGIHandler()  # starts
+        assert [e.id for e in check_oncely()] == ["oncely.W001"]
+
+
+def test_install_and_the_middleware_together_are_refused() -> None:
+    from oncely.http.django import install
+
+    with (
+        override_settings(MIDDLEWARE=[CSRF, OURS]),
+        pytest.raises(ConfigurationError, match="twice"),
+    ):
+        install(WSGIHandler(), IdempotencyConfig(store=MemoryStore(), scope=GLOBAL))
