@@ -227,7 +227,7 @@ def test_wrong_settings_stop_the_middleware_at_start_up(options: Any, message: s
     from oncely.contrib.django.checks import check_oncely
 
     with override_settings(MIDDLEWARE=MIDDLEWARE, ONCELY=options):
-        with pytest.raises(ImproperlyConfigured, match="settings.ONCELY") as caught:
+        with pytest.raises(ImproperlyConfigured, match=r"settings\.ONCELY") as caught:
             WSGIHandler()  # Django builds the middleware at start-up
         assert message in str(caught.value)
         assert isinstance(caught.value, ConfigurationError)

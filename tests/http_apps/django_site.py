@@ -11,11 +11,10 @@ from pathlib import Path
 import django
 from django.conf import settings
 
-#: The directory of the test database (removed when the process ends).
-DATA = Path(tempfile.mkdtemp(prefix="oncely-django-"))
-atexit.register(shutil.rmtree, DATA, True)
-
 if not settings.configured:
+    # The test database lives in a directory removed when the process ends.
+    data = Path(tempfile.mkdtemp(prefix="oncely-django-"))
+    atexit.register(shutil.rmtree, data, True)
     settings.configure(
         DEBUG=False,
         SECRET_KEY="tests-only",
@@ -33,7 +32,7 @@ if not settings.configured:
         DATABASES={
             "default": {
                 "ENGINE": "django.db.backends.sqlite3",
-                "NAME": str(DATA / "db.sqlite3"),
+                "NAME": str(data / "db.sqlite3"),
             }
         },
         ONCELY={"store": "memory://", "scope": "oncely.http.GLOBAL"},
