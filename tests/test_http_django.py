@@ -22,7 +22,7 @@ from oncely.http import GLOBAL, IdempotencyConfig
 from oncely.stores.memory import MemoryStore
 
 from http_apps import (
-    django_site,  # noqa: F401  (configures settings first)
+    django_site,
     django_views,
 )
 
@@ -310,3 +310,136 @@ def test_install_and_the_middleware_together_are_refused() -> None:
         pytest.raises(ConfigurationError, match="twice"),
     ):
         install(WSGIHandler(), IdempotencyConfig(store=MemoryStore(), scope=GLOBAL))
+
+
+# -- the records table, the database store and manage.py oncely -----------------------------------
+def test_migration_creates_the_table_the_sqlite_store_expects() -> None:
+    from django.core.management import call_command
+
+    from oncely.contrib.django.database import database_store
+    from oncely.errors import SchemaMissing
+    from oncely.records import New, RecordKey
+
+    call_command("migrate", "oncely", verbosity=0)
+    store = database_store("default")
+    store.check_schema()
+    key = RecordKey("t", uuid.uuid4().hex * 2)
+    outcome = store.claim(key, "fp", 5, 60)
+    assert isinstance(outcome, New)
+    store.complete(key, outcome.fence, b"done", "raw", 60)
+    assert store.get(key) is not None and store.get(key).result == b"done"  # type: ignore[union-attr]
+    call_command("migrate", "oncely", "zero", verbosity=0)
+    with pytest.raises(SchemaMissing):
+        store.check_schema()
+    call_command("migrate", "oncely", verbosity=0)
+    store.check_schema()
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    import psycopg
+    from django.db import connections
+
+    from conftest import POSTGRES_URL
+
+    schema = django_site.PG_SCHEMA
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    try:
+        yield schema
+    finally:
+        connections["pg"].close()
+        from oncely.contrib.django.database import _stores
+
+        store = _stores.pop("pg", None)
+        if store is not None:
+            store.close()
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def test_migration_on_postgres_makes_the_table_the_store_makes(pg_schema: str) -> None:
+    import psycopg
+    from django.core.management import call_command
+
+    from oncely.contrib.django.database import database_store
+    from oncely.records import New, RecordKey
+    from oncely.stores import open_store
+
+    from conftest import POSTGRES_URL
+
+    call_command("migrate", "oncely", database="pg", verbosity=0)
+    # The table the store itself creates, for comparison, in the same schema.
+    reference = open_store(
+        POSTGRES_URL + f"?options=-c%20search_path%3D{pg_schema}", table="reference_records"
+    )
+    reference.init_schema()
+    reference.close()
+    query = (
+        "SELECT column_name, data_type, is_nullable FROM information_schema.columns "
+        "WHERE table_schema = %s AND table_name = %s ORDER BY ordinal_position"
+    )
+    with psycopg.connect(POSTGRES_URL) as conn:
+        made = conn.execute(query, (pg_schema, "oncely_records")).fetchall()
+        expected = conn.execute(query, (pg_schema, "reference_records")).fetchall()
+    assert made and made == expected
+    store = database_store("pg")
+    store.check_schema()
+    assert isinstance(store.claim(RecordKey("t", "a" * 64), "fp", 5, 60), New)
+
+
+def test_manage_py_oncely_runs_the_cli_on_the_configured_store(tmp_path: Any) -> None:
+    import io
+
+    from django.core.management import CommandError, call_command
+
+    url = f"sqlite:///{tmp_path}/records.db"
+
+    def run(*args: str) -> str:
+        out = io.StringIO()
+        call_command("oncely", *args, stdout=out)
+        return out.getvalue()
+
+    with override_settings(ONCELY={"store": url, "scope": "oncely.http.GLOBAL"}):
+        with pytest.raises(CommandError):
+            run("check")  # nothing created yet: check creates nothing
+        assert "ready:" in run("init")
+        assert "reachable:" in run("check") and "schema:" in run("check")
+        assert "0 record(s)" in run("keys", "ls")
+        assert "purged 0" in run("purge")
+        assert "reachable:" in run("check", url)  # an explicit URL
+        call_command("migrate", "oncely", verbosity=0)
+        assert "reachable:" in run("check", "django")  # the project's database
+    with (
+        override_settings(ONCELY={"scope": "oncely.http.GLOBAL"}),
+        pytest.raises(CommandError, match="has no 'store'"),
+    ):
+        run("check")
+
+
+def test_manage_py_oncely_from_the_command_line(tmp_path: Any) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent / "src")]),
+        "DJANGO_SETTINGS_MODULE": "http_apps.django_project",
+        "ONCELY_HTTP_STORE": "django",
+        "ONCELY_DJANGO_DB": str(tmp_path / "project.sqlite3"),
+    }
+
+    def manage(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "django", *args]
+        return subprocess.run(command, env=env, cwd=tests, capture_output=True, text=True)
+
+    assert "keys" in manage("oncely", "--help").stdout
+    missing = manage("oncely", "check")
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    assert manage("migrate", "--verbosity", "0").returncode == 0
+    checked = manage("oncely", "check")
+    assert checked.returncode == 0 and "reachable:" in checked.stdout, checked.stderr
+    assert manage("check").returncode == 0  # the system checks pass on this project

@@ -126,7 +126,7 @@ def database_url(
         )
     url = f"{scheme}://{netloc}/{quote(name, safe='')}"
     if query:
-        url += "?" + urlencode(query)
+        url += "?" + urlencode(query, quote_via=quote)  # libpq reads no "+" as a space
     return url, options
 
 

@@ -84,7 +84,7 @@ class Command(BaseCommand):  # type: ignore[misc]
             raise CommandError(str(exc)) from exc
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                app(args=argv, prog_name="manage.py oncely", standalone_mode=False)
+                code = app(args=argv, prog_name="manage.py oncely", standalone_mode=False)
             except click.exceptions.Exit as exc:
                 if exc.exit_code:
                     raise CommandError("", returncode=exc.exit_code) from None
@@ -92,3 +92,5 @@ class Command(BaseCommand):  # type: ignore[misc]
                 raise CommandError(exc.format_message(), returncode=exc.exit_code) from None
             except click.exceptions.Abort:
                 raise CommandError("aborted") from None
+        if isinstance(code, int) and code:
+            raise CommandError("", returncode=code)
