@@ -31,7 +31,7 @@ from oncely.http.perform import aperform
 from oncely.http.problems import from_exception
 from oncely.http.routes import Resolver
 
-__all__ = ["INFO_KEY", "IdempotencyMiddleware"]
+__all__ = ["INFO_KEY", "OUTER_KEY", "IdempotencyMiddleware", "stack_problem"]
 
 log = logging.getLogger("oncely.http")
 
@@ -44,6 +44,61 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: Scope key holding the :class:`~oncely.http.messages.IdempotencyInfo` of a protected request
 #: (None for a request the middleware let through untouched).
 INFO_KEY = "oncely.idempotency"
+#: Scope key set by an idempotency middleware on everything it passes on (requests and the
+#: lifespan), so that a second one inside it notices.
+OUTER_KEY = "oncely.middleware"
+_TWICE = (
+    "IdempotencyMiddleware is installed twice (e.g. app.add_middleware twice, or an app wrapped "
+    "in it from outside that adds it too, or a mounted app with its own): each would claim the "
+    "same Idempotency-Key and the inner one would answer every first request with 409; keep "
+    "one"
+)
+#: Compressing middleware that must wrap the idempotency middleware, not run inside it.
+_COMPRESSORS = ("GZipMiddleware", "BrotliMiddleware", "CompressMiddleware")
+_MAX_DEPTH = 32
+
+
+def stack_problem(app: Any) -> str | None:
+    """What is wrong with the ASGI stack below an idempotency middleware, following ``.app``
+    (what every Starlette middleware keeps) and a built ``middleware_stack``: another
+    idempotency middleware, or a compressing one (whose output would be stored for the first
+    client's ``Accept-Encoding`` and replayed compressed to clients that may not accept it)."""
+    node = app
+    for _ in range(_MAX_DEPTH):
+        if node is None:
+            return None
+        if isinstance(node, IdempotencyMiddleware):
+            return _TWICE
+        name = type(node).__name__
+        if name in _COMPRESSORS:
+            return (
+                f"{name} runs inside IdempotencyMiddleware: responses would be stored "
+                "compressed for the first client's Accept-Encoding and replayed compressed to "
+                f"clients that may not accept it; let {name} wrap IdempotencyMiddleware "
+                "(app.add_middleware puts each new middleware outside the ones already added: "
+                f"add {name} after IdempotencyMiddleware)"
+            )
+        stack = getattr(node, "middleware_stack", None)
+        node = stack if stack is not None else getattr(node, "app", None)
+    return None
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, problem: str) -> None:
+    """A misconfigured stack: fail the server's start-up (ASGI lifespan ``startup.failed``,
+    then raise) with ``problem``; a request that comes anyway (no lifespan) raises it."""
+    log.error("oncely.http: %s", problem)
+    if scope["type"] != "lifespan":
+        raise ConfigurationError(problem)
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.failed", "message": problem})
+            raise ConfigurationError(problem)  # as Starlette's router fails a start-up
+        if message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 # Response extensions that bypass ``send`` with a body; hidden from the app while capturing.
 _BYPASS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
 
@@ -75,14 +130,23 @@ class IdempotencyMiddleware:
         self.app = app
         self.engine = Engine(config, resolver)
         self._detect = resolver is None
+        #: What is wrong with the stack below (found when the middleware is built); the app
+        #: then refuses to start (ASGI lifespan) instead of misbehaving on requests.
+        self._problem: str | None = stack_problem(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._detect:
+            self._detect_framework(scope)
+        outer = scope.get(OUTER_KEY)
+        problem = self._problem or (_TWICE if outer is not None and outer is not self else None)
+        if problem is not None:
+            await _refuse(scope, receive, send, problem)
+            return
+        scope[OUTER_KEY] = self  # an idempotency middleware inside this one is a mistake
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         engine = self.engine
-        if self._detect:
-            self._detect_framework(scope)
         scope[INFO_KEY] = None
         method = scope["method"]
         if not engine.is_candidate(method) and (
@@ -105,7 +169,7 @@ class IdempotencyMiddleware:
             return
         from oncely.http.starlette import integrate
 
-        self.engine.set_resolver(integrate(app, self.app))
+        self.engine.set_resolver(integrate(app, self.app, self.engine))
 
     async def aclose(self) -> None:
         """Close the store's connections for the running event loop."""
