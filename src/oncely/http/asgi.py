@@ -31,7 +31,15 @@ from oncely.http.perform import aperform
 from oncely.http.problems import from_exception
 from oncely.http.routes import Resolver
 
-__all__ = ["INFO_KEY", "OUTER_KEY", "IdempotencyMiddleware", "stack_problem"]
+__all__ = [
+    "INFO_KEY",
+    "INSTALLED_TWICE",
+    "OUTER_KEY",
+    "IdempotencyMiddleware",
+    "refuse",
+    "serve",
+    "stack_problem",
+]
 
 log = logging.getLogger("oncely.http")
 
@@ -47,7 +55,7 @@ INFO_KEY = "oncely.idempotency"
 #: Scope key set by an idempotency middleware on everything it passes on (requests and the
 #: lifespan), so that a second one inside it notices.
 OUTER_KEY = "oncely.middleware"
-_TWICE = (
+INSTALLED_TWICE = (
     "IdempotencyMiddleware is installed twice (e.g. app.add_middleware twice, or an app wrapped "
     "in it from outside that adds it too, or a mounted app with its own): each would claim the "
     "same Idempotency-Key and the inner one would answer every first request with 409; keep "
@@ -68,7 +76,7 @@ def stack_problem(app: Any) -> str | None:
         if node is None:
             return None
         if isinstance(node, IdempotencyMiddleware):
-            return _TWICE
+            return INSTALLED_TWICE
         name = type(node).__name__
         if name in _COMPRESSORS:
             return (
@@ -83,7 +91,7 @@ def stack_problem(app: Any) -> str | None:
     return None
 
 
-async def _refuse(scope: Scope, receive: Receive, send: Send, problem: str) -> None:
+async def refuse(scope: Scope, receive: Receive, send: Send, problem: str) -> None:
     """A misconfigured stack: fail the server's start-up (ASGI lifespan ``startup.failed``,
     then raise) with ``problem``; a request that comes anyway (no lifespan) raises it."""
     log.error("oncely.http: %s", problem)
@@ -138,26 +146,17 @@ class IdempotencyMiddleware:
         if self._detect:
             self._detect_framework(scope)
         outer = scope.get(OUTER_KEY)
-        problem = self._problem or (_TWICE if outer is not None and outer is not self else None)
+        problem = self._problem or (
+            INSTALLED_TWICE if outer is not None and outer is not self else None
+        )
         if problem is not None:
-            await _refuse(scope, receive, send, problem)
+            await refuse(scope, receive, send, problem)
             return
         scope[OUTER_KEY] = self  # an idempotency middleware inside this one is a mistake
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        engine = self.engine
-        scope[INFO_KEY] = None
-        method = scope["method"]
-        if not engine.is_candidate(method) and (
-            engine.token_endpoint is None or scope["path"] != engine.token_endpoint
-        ):
-            await self.app(scope, receive, send)
-            return
-        request = HttpRequest(
-            method, scope["path"], scope.get("query_string", b""), scope["headers"], scope
-        )
-        await _Exchange(self.app, engine, scope, receive, send).drive(request_flow(engine, request))
+        await serve(self.engine, self.app, scope, receive, send)
 
     def _detect_framework(self, scope: Scope) -> None:
         self._detect = False
@@ -174,6 +173,23 @@ class IdempotencyMiddleware:
     async def aclose(self) -> None:
         """Close the store's connections for the running event loop."""
         await self.engine.store.aclose()
+
+
+async def serve(engine: Engine, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Apply ``engine`` to one HTTP request on its way to ``app``: what the middleware does with
+    each request (framework integrations that keep their own middleware, such as Litestar's,
+    call it with the engine they built)."""
+    scope[INFO_KEY] = None
+    method = scope["method"]
+    if not engine.is_candidate(method) and (
+        engine.token_endpoint is None or scope["path"] != engine.token_endpoint
+    ):
+        await app(scope, receive, send)
+        return
+    request = HttpRequest(
+        method, scope["path"], scope.get("query_string", b""), scope["headers"], scope
+    )
+    await _Exchange(app, engine, scope, receive, send).drive(request_flow(engine, request))
 
 
 class _Exchange:

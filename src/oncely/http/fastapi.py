@@ -394,9 +394,9 @@ class _MissingMiddleware:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope.get(OUTER_KEY) is None:
-            from oncely.http.asgi import _refuse
+            from oncely.http.asgi import refuse
 
-            await _refuse(scope, receive, send, self.problem)
+            await refuse(scope, receive, send, self.problem)
             return
         await self.app(scope, receive, send)
 
