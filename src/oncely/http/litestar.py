@@ -47,7 +47,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from litestar import Request, Response
+from litestar import Request, Response, route
 from litestar.config.app import AppConfig
 from litestar.enums import ScopeType
 from litestar.middleware import ASGIMiddleware
@@ -163,6 +163,18 @@ async def _after_exception(exc: Exception, scope: Scope) -> None:
         entry.rejected()
 
 
+def _token_endpoint(path: str) -> Any:
+    """A route at the token endpoint's path (Litestar answers 404 before any middleware for a
+    path without one); the middleware answers its requests, so the handler never runs."""
+
+    def issue() -> None:  # pragma: no cover - the middleware answers first
+        raise ConfigurationError("the token endpoint is answered by oncely's middleware")
+
+    return route(path, http_method=["GET", "POST"], sync_to_thread=False, name="oncely-tokens")(
+        issue
+    )
+
+
 class _Middleware(ASGIMiddleware):
     """The plugin's middleware: :func:`oncely.http.asgi.serve` with the plugin's engine."""
 
@@ -218,6 +230,9 @@ class IdempotencyPlugin(InitPlugin):
                 "app = starlette.middleware.gzip.GZipMiddleware(app))"
             )
         app_config.middleware.insert(0, _Middleware(self.engine))
+        guard = self.config.tokens
+        if guard is not None and guard.endpoint is not None:
+            app_config.route_handlers.append(_token_endpoint(guard.endpoint))
         app_config.after_exception.append(_after_exception)
         base = self.config.problem_base
 
