@@ -21,10 +21,8 @@ from oncely.errors import ConfigurationError
 from oncely.http import GLOBAL, IdempotencyConfig
 from oncely.stores.memory import MemoryStore
 
-from http_apps import (
-    django_site,
-    django_views,
-)
+from http_apps import django_site, django_views  # noqa: F401  (settings, then the URLconf)
+from http_apps.executions import calls
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -87,7 +85,7 @@ FACES = pytest.mark.parametrize("face", ["wsgi", "asgi"])
 def test_middleware_replays_refuses_and_requires(face: str, view: str) -> None:
     store = MemoryStore()
     with django_app(face, store=store) as client:
-        django_views.calls.clear()
+        calls.clear()
         k = key()
         first = client.post(f"/{view}", json={"a": 1}, headers=k)
         again = client.post(f"/{view}", json={"a": 1}, headers=k)
@@ -101,7 +99,7 @@ def test_middleware_replays_refuses_and_requires(face: str, view: str) -> None:
     assert other.headers["content-type"] == "application/problem+json"
     assert missing.status_code == 400 and missing.json()["type"].endswith("key-missing")
     assert read.status_code == 201
-    assert django_views.calls[view] == 2  # the first POST and the GET
+    assert calls[view] == 2  # the first POST and the GET
     assert len(store.list()) == 1
 
 
@@ -109,7 +107,7 @@ def test_middleware_replays_refuses_and_requires(face: str, view: str) -> None:
 def test_csrf_403_and_404_do_not_use_up_the_key(face: str) -> None:
     store = MemoryStore()
     with django_app(face, store=store) as client:
-        django_views.calls.clear()
+        calls.clear()
         k = key()
         refused = client.post("/comment", headers=k)
         assert refused.status_code == 403  # CsrfViewMiddleware.process_view, before the view
@@ -124,7 +122,7 @@ def test_csrf_403_and_404_do_not_use_up_the_key(face: str) -> None:
         made = client.post("/comment", headers=headers)
         again = client.post("/comment", headers=headers)
     assert made.status_code == 201 and again.headers["idempotent-replayed"] == "true"
-    assert django_views.calls["comment"] == 1
+    assert calls["comment"] == 1
 
 
 @FACES
@@ -133,26 +131,26 @@ def test_csrf_403_and_404_do_not_use_up_the_key(face: str) -> None:
 def test_streaming_responses_are_stored_after_the_last_chunk(face: str, view: str) -> None:
     store = MemoryStore()
     with django_app(face, store=store) as client:
-        django_views.calls.clear()
+        calls.clear()
         k = key()
         first = client.post(f"/{view}?n=4", headers=k)
         again = client.post(f"/{view}?n=4", headers=k)
     assert first.text == "row 0\nrow 1\nrow 2\nrow 3\n"
     assert again.text == first.text and again.headers["idempotent-replayed"] == "true"
     assert again.headers["content-type"] == "text/plain"
-    assert django_views.calls[view] == 1
+    assert calls[view] == 1
 
 
 @FACES
 def test_a_failing_view_releases_and_a_problem_is_answered(face: str) -> None:
     store = MemoryStore()
     with django_app(face, store=store) as client:
-        django_views.calls.clear()
+        calls.clear()
         k = key()
         assert client.post("/boom", headers=k).status_code == 500  # Django's own 500
         assert client.post("/boom", headers=k).status_code == 500  # released: runs again
         problem = client.post("/problem", headers=key())
-    assert django_views.calls["boom"] == 2
+    assert calls["boom"] == 2
     assert problem.status_code == 409 and problem.json()["remaining"] == 0
     assert problem.json()["type"].endswith("/out-of-stock")
 
@@ -160,7 +158,7 @@ def test_a_failing_view_releases_and_a_problem_is_answered(face: str) -> None:
 @FACES
 def test_view_rules_and_idempotent_view_under_the_middleware(face: str) -> None:
     with django_app(face, required=False) as client:
-        django_views.calls.clear()
+        calls.clear()
         k = key()
         client.post("/pay", json={"amount": 1, "note": "a"}, headers=k)
         replay = client.post("/pay", json={"amount": 1, "note": "b"}, headers=k)  # fields only
@@ -171,14 +169,14 @@ def test_view_rules_and_idempotent_view_under_the_middleware(face: str) -> None:
         client.post("/refunds", headers=k2)
         assert client.post("/refunds", headers=k2).headers["idempotent-replayed"] == "true"
         assert client.post("/orders").status_code == 201  # required=False globally
-    assert django_views.calls == {"pay": 1, "refunds": 1, "orders": 1}
+    assert calls == {"pay": 1, "refunds": 1, "orders": 1}
 
 
 @FACES
 @pytest.mark.parametrize("view", ["standalone", "astandalone"])
 def test_idempotent_view_protects_its_view_without_the_middleware(face: str, view: str) -> None:
     with django_app(face, middleware=[CSRF]) as client:
-        django_views.calls.clear()
+        calls.clear()
         k = key()
         first = client.post(f"/{view}", json={"amount": 1}, headers=k)
         again = client.post(f"/{view}", json={"amount": 1}, headers=k)
@@ -186,14 +184,14 @@ def test_idempotent_view_protects_its_view_without_the_middleware(face: str, vie
         assert client.post("/orders").status_code == 201  # other views: untouched
     assert first.status_code == 201 and again.headers["idempotent-replayed"] == "true"
     assert missing.status_code == 400
-    assert django_views.calls[view] == 1
+    assert calls[view] == 1
 
 
 @FACES
 def test_scope_from_user_gives_each_user_a_key_space(face: str) -> None:
     middleware = [AUTH, OURS]
     with django_app(face, middleware, scope="oncely.http.django.scope_from_user") as client:
-        django_views.calls.clear()
+        calls.clear()
         k = key()
         alice = client.post("/orders", json={}, headers={**k, "X-User": "alice"})
         bob = client.post("/orders", json={}, headers={**k, "X-User": "bob"})
@@ -201,7 +199,7 @@ def test_scope_from_user_gives_each_user_a_key_space(face: str) -> None:
     assert "idempotent-replayed" not in bob.headers  # same key, another user: runs
     assert alice_again.headers["idempotent-replayed"] == "true"
     assert alice_again.json() == alice.json()
-    assert django_views.calls["orders"] == 2
+    assert calls["orders"] == 2
 
 
 # -- bad input: settings -------------------------------------------------------------------------

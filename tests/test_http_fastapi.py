@@ -245,3 +245,16 @@ def test_starlette_apps_are_checked_at_start_up_too() -> None:
     )
     with pytest.raises(ConfigurationError, match="GZipMiddleware"), client_for(app):
         pass
+
+
+def test_middleware_options_are_checked_by_name_type_and_unit() -> None:
+    from oncely.http import WSGIIdempotencyMiddleware
+
+    app = FastAPI()
+    app.add_middleware(IdempotencyMiddleware, scope=GLOBAL, stor="memory://")
+    with pytest.raises(ConfigurationError, match="did you mean 'store'"), client_for(app):
+        pass
+    with pytest.raises(ConfigurationError, match="did you mean 'config'"):
+        WSGIIdempotencyMiddleware(lambda environ, start: [], confg=None)
+    with pytest.raises(ConfigurationError, match=r"\['lease'\] is in seconds"):
+        IdempotencyMiddleware(FastAPI(), scope=GLOBAL, lease="30s")

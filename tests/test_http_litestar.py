@@ -18,10 +18,11 @@ from oncely.errors import ConfigurationError
 from oncely.http import GLOBAL, IdempotencyConfig, IdempotencyMiddleware
 from oncely.http.litestar import IdempotencyPlugin
 from oncely.stores.memory import MemoryStore
-from test_http_servers import fire, running, server_env
+from test_http_servers import fire, hang_up_and_retry, running, server_env
 
 from conftest import StoreFactory
 from http_apps import litestar_app
+from http_apps.executions import calls
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -36,7 +37,7 @@ def client(store: MemoryStore | None = None, **options: Any) -> TestClient[Lites
 
 
 def test_replay_mismatch_missing_and_per_route_rules() -> None:
-    litestar_app.calls.clear()
+    calls.clear()
     with client() as c:
         k = key()
         first = c.post("/orders", headers=k)
@@ -54,12 +55,12 @@ def test_replay_mismatch_missing_and_per_route_rules() -> None:
         assert other.status_code == 422 and other.json()["type"].endswith("key-mismatch")
         assert c.post("/off").status_code == 201  # opt={"idempotency": False}
         assert c.post("/nowhere", headers=key()).status_code == 404
-    assert litestar_app.calls == {"orders": 1, "pay": 1, "off": 1}
+    assert calls == {"orders": 1, "pay": 1, "off": 1}
 
 
 def test_refusals_before_the_handler_do_not_use_up_the_key() -> None:
     store = MemoryStore()
-    litestar_app.calls.clear()
+    calls.clear()
     with client(store) as c:
         k = key()
         invalid = c.post("/pay", json={"amount": "five"}, headers=k)
@@ -84,7 +85,7 @@ def test_refusals_before_the_handler_do_not_use_up_the_key() -> None:
         assert c.post("/boom", headers=k).status_code == 500
         problem = c.post("/problem", headers=key())
         assert problem.status_code == 409 and problem.json()["remaining"] == 0
-    assert litestar_app.calls == {"pay": 1, "guarded": 1, "denied": 1, "boom": 2, "problem": 1}
+    assert calls == {"pay": 1, "guarded": 1, "denied": 1, "boom": 2, "problem": 1}
 
 
 def test_plugin_options_are_checked_by_name_type_and_unit() -> None:
@@ -145,19 +146,7 @@ def test_litestar_under_uvicorn(kind: str, make_store: StoreFactory, tmp_path: P
             fixed = c.post("/pay", json={"amount": 5}, headers=k2)
             again = c.post("/pay", json={"amount": 5}, headers=k2)
             k3 = {**auth, "Idempotency-Key": f'"{uuid.uuid4()}"'}
-            with c.stream("POST", "/report", headers=k3) as response:
-                got = 0
-                for chunk in response.iter_raw():
-                    got += len(chunk)
-                    if got >= 3000:
-                        break
-            deadline = time.monotonic() + 20
-            while True:
-                retry = c.post("/report", headers=k3)
-                if retry.status_code != 409 or "in-flight" not in retry.json()["type"]:
-                    break
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+            retry = hang_up_and_retry(c, "/report", k3)
     lines = (tmp_path / "executions.log").read_text().split("\n")
     assert len([line for line in lines if line.startswith("orders")]) == 1
     originals = [

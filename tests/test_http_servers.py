@@ -149,6 +149,28 @@ def server_env(url: str, options: dict[str, object], executions: Path) -> dict[s
     }
 
 
+def hang_up_and_retry(
+    client: httpx.Client, path: str, headers: dict[str, str], after: int = 3000
+) -> httpx.Response:
+    """POST ``path``, hang up after ``after`` bytes of the streamed 2xx, then retry with the
+    same headers until the first request has settled (no longer 409 in flight)."""
+    with client.stream("POST", path, headers=headers) as response:
+        assert response.is_success, response.status_code
+        got = 0
+        for chunk in response.iter_raw():
+            got += len(chunk)
+            if got >= after:
+                break
+    # the connection is closed mid-body; let the server notice and settle the key
+    deadline = time.monotonic() + 20
+    while True:
+        again = client.post(path, headers=headers)
+        if again.status_code != 409 or "in-flight" not in again.json()["type"]:
+            return again
+        assert time.monotonic() < deadline, "the first request never settled"
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("server", ["uvicorn", "gunicorn"])
 def test_a_client_gone_mid_stream_does_not_run_the_handler_again(
     server: str, make_store: StoreFactory, tmp_path: Path
@@ -160,21 +182,7 @@ def test_a_client_gone_mid_stream_does_not_run_the_handler_again(
     headers = {"Idempotency-Key": f'"{uuid.uuid4()}"', "Authorization": "Bearer alice"}
     env = server_env(url, options, executions)
     with running(server, env, tmp_path) as base, httpx.Client(base_url=base, timeout=30) as client:
-        with client.stream("POST", "/report", headers=headers) as response:
-            assert response.status_code == 200
-            got = 0
-            for chunk in response.iter_raw():
-                got += len(chunk)
-                if got >= 200:
-                    break
-        # the connection is closed mid-body; let the server notice and settle the key
-        deadline = time.monotonic() + 20
-        while True:
-            again = client.post("/report", headers=headers)
-            if again.status_code != 409 or "in-flight" not in again.json()["type"]:
-                break
-            assert time.monotonic() < deadline, "the first request never finished"
-            time.sleep(0.1)
+        again = hang_up_and_retry(client, "/report", headers, after=200)
     assert again.status_code == 409, again.text[:200]
     assert again.json()["type"].endswith("/response-not-replayable")
     assert again.json()["original_status"] == 200
@@ -292,20 +300,7 @@ def test_django_csrf_refusal_and_a_client_gone_mid_stream(
 
         key = {**auth, "Idempotency-Key": f'"{uuid.uuid4()}"'}
         view = "report" if server == "gunicorn" else "areport"
-        with client.stream("POST", f"/{view}?n=400&pause=0.005", headers=key) as response:
-            assert response.status_code == 200
-            got = 0
-            for chunk in response.iter_raw():
-                got += len(chunk)
-                if got >= 3000:
-                    break
-        deadline = time.monotonic() + 20
-        while True:
-            retry = client.post(f"/{view}?n=400&pause=0.005", headers=key)
-            if retry.status_code != 409 or "in-flight" not in retry.json()["type"]:
-                break
-            assert time.monotonic() < deadline, "the streamed request never settled"
-            time.sleep(0.1)
+        retry = hang_up_and_retry(client, f"/{view}?n=400&pause=0.005", key)
     assert refused.status_code == 403 and "idempotent-replayed" not in refused.headers
     assert made.status_code == 201 and again.headers["idempotent-replayed"] == "true"
     assert retry.status_code == 409, retry.text[:300]

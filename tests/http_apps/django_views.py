@@ -24,20 +24,9 @@ from oncely.errors import HttpProblem
 from oncely.http import idempotent_route
 from oncely.http.django import idempotent_view
 
-calls: dict[str, int] = {}
-LOG = os.environ.get("ONCELY_HTTP_LOG")
+from http_apps.executions import count
+
 SLEEP = float(os.environ.get("ONCELY_HTTP_SLEEP", "0"))
-
-
-def count(name: str) -> int:
-    calls[name] = calls.get(name, 0) + 1
-    if LOG:
-        fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, f"{name} {os.getpid()}\n".encode())
-        finally:
-            os.close(fd)
-    return calls[name]
 
 
 @csrf_exempt

@@ -27,19 +27,9 @@ from oncely.http import IdempotencyConfig, scope_from_header
 from oncely.http.litestar import IdempotencyPlugin
 from oncely.stores import open_store
 
-LOG = os.environ.get("ONCELY_HTTP_LOG", os.devnull)
+from http_apps.executions import count
+
 SLEEP = float(os.environ.get("ONCELY_HTTP_SLEEP", "0"))
-calls: dict[str, int] = {}
-
-
-def count(name: str) -> int:
-    calls[name] = calls.get(name, 0) + 1
-    fd = os.open(LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{name} {os.getpid()}\n".encode())
-    finally:
-        os.close(fd)
-    return calls[name]
 
 
 @dataclass

@@ -18,7 +18,7 @@ pass ``resolver=``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
 from oncely.errors import ConfigurationError, HttpProblem
@@ -27,6 +27,7 @@ from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import Engine
 from oncely.http.flow import BodyError, Captured, Op, Pass, ReadBody, Respond, Run, request_flow
 from oncely.http.messages import ENTRY_KEY, HandlerEntry, HttpRequest, HttpResponse
+from oncely.http.options import config_from_mapping
 from oncely.http.perform import aperform
 from oncely.http.problems import from_exception
 from oncely.http.routes import Resolver
@@ -38,6 +39,7 @@ __all__ = [
     "IdempotencyMiddleware",
     "refuse",
     "serve",
+    "stack_below",
     "stack_problem",
 ]
 
@@ -66,15 +68,24 @@ _COMPRESSORS = ("GZipMiddleware", "BrotliMiddleware", "CompressMiddleware")
 _MAX_DEPTH = 32
 
 
-def stack_problem(app: Any) -> str | None:
-    """What is wrong with the ASGI stack below an idempotency middleware, following ``.app``
-    (what every Starlette middleware keeps) and a built ``middleware_stack``: another
-    idempotency middleware, or a compressing one (whose output would be stored for the first
-    client's ``Accept-Encoding`` and replayed compressed to clients that may not accept it)."""
+def stack_below(app: Any) -> Iterator[Any]:
+    """``app`` and the apps below it, following ``.app`` (what every Starlette middleware
+    keeps) and a built ``middleware_stack`` (at most 32 levels)."""
     node = app
     for _ in range(_MAX_DEPTH):
         if node is None:
-            return None
+            return
+        yield node
+        stack = getattr(node, "middleware_stack", None)
+        node = stack if stack is not None else getattr(node, "app", None)
+
+
+def stack_problem(app: Any) -> str | None:
+    """What is wrong with the ASGI stack below an idempotency middleware
+    (:func:`stack_below`): another idempotency middleware, or a compressing one (whose output
+    would be stored for the first client's ``Accept-Encoding`` and replayed compressed to
+    clients that may not accept it)."""
+    for node in stack_below(app):
         if isinstance(node, IdempotencyMiddleware):
             return INSTALLED_TWICE
         name = type(node).__name__
@@ -86,8 +97,6 @@ def stack_problem(app: Any) -> str | None:
                 "(app.add_middleware puts each new middleware outside the ones already added: "
                 f"add {name} after IdempotencyMiddleware)"
             )
-        stack = getattr(node, "middleware_stack", None)
-        node = stack if stack is not None else getattr(node, "app", None)
     return None
 
 
@@ -130,7 +139,9 @@ class IdempotencyMiddleware:
         **options: Any,
     ) -> None:
         if config is None:
-            config = IdempotencyConfig(**options)
+            config = config_from_mapping(
+                options, "IdempotencyMiddleware", also=("config", "resolver")
+            )
         elif options:
             raise ConfigurationError(
                 f"pass either config= or its fields, not both (got {sorted(options)})"

@@ -221,28 +221,36 @@ class _Exchange:
         self.flow = request_flow(self.engine, _request(self.request))
         return self.adrive(None, None) if self.is_async else self.drive(None, None)
 
+    def _local(self, op: Op) -> tuple[bool, Any]:
+        """Perform an operation that needs no I/O mode: ``(True, result)``, else ``(False,
+        None)``."""
+        if type(op) is ReadBody:
+            assert isinstance(op, ReadBody)
+            return True, _read_body(self.request, op.limit, op.expected)
+        if type(op) is Respond:
+            assert isinstance(op, Respond)
+            self.response = _response(op.response)
+            return True, None
+        return False, None
+
     def drive(self, value: Any, error: BaseException | None) -> DjangoResponse | None:
-        flow = self.flow
+        """Perform the flow's operations with blocking calls until it ends, or pauses on a
+        streaming response (returned at once; :class:`_Stream` resumes the flow)."""
         while True:
             try:
-                op: Op = flow.send(value) if error is None else flow.throw(error)
+                op: Op = self.flow.send(value) if error is None else self.flow.throw(error)
             except StopIteration:
                 return self.response
             value = error = None
             try:
-                kind = type(op)
-                if kind is ReadBody:
-                    assert isinstance(op, ReadBody)
-                    value = _read_body(self.request, op.limit, op.expected)
-                elif kind is Respond:
-                    assert isinstance(op, Respond)
-                    self.response = _response(op.response)
-                elif kind is Pass:
+                done, value = self._local(op)
+                if done:
+                    continue
+                if type(op) is Pass:
                     self.response = self.call(self.request)
-                elif kind is Run:
-                    assert isinstance(op, Run)
+                elif type(op) is Run:
                     value = self._run(op)
-                    if value is None:  # streaming: the flow resumes when the body is sent
+                    if value is None:
                         return self.response
                 else:
                     value = perform(self.engine, op)
@@ -250,25 +258,20 @@ class _Exchange:
                 error = exc
 
     async def adrive(self, value: Any, error: BaseException | None) -> DjangoResponse | None:
-        flow = self.flow
+        """:meth:`drive` with ``await``."""
         while True:
             try:
-                op: Op = flow.send(value) if error is None else flow.throw(error)
+                op: Op = self.flow.send(value) if error is None else self.flow.throw(error)
             except StopIteration:
                 return self.response
             value = error = None
             try:
-                kind = type(op)
-                if kind is ReadBody:
-                    assert isinstance(op, ReadBody)
-                    value = _read_body(self.request, op.limit, op.expected)
-                elif kind is Respond:
-                    assert isinstance(op, Respond)
-                    self.response = _response(op.response)
-                elif kind is Pass:
+                done, value = self._local(op)
+                if done:
+                    continue
+                if type(op) is Pass:
                     self.response = await self.call(self.request)
-                elif kind is Run:
-                    assert isinstance(op, Run)
+                elif type(op) is Run:
                     value = await self._arun(op)
                     if value is None:
                         return self.response

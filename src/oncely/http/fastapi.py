@@ -53,7 +53,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from oncely.errors import ConfigurationError, HttpProblem
-from oncely.http.asgi import INFO_KEY, OUTER_KEY, IdempotencyMiddleware
+from oncely.http.asgi import INFO_KEY, OUTER_KEY, IdempotencyMiddleware, stack_below
 from oncely.http.config import IdempotencyConfig, Policy
 from oncely.http.engine import SAFE_METHODS, Engine
 from oncely.http.messages import ENTRY_KEY, HandlerEntry, IdempotencyInfo
@@ -88,7 +88,6 @@ __all__ = [
 ]
 
 _WATCHING = "__oncely_validation__"
-_MAX_DEPTH = 32
 
 
 def _info(request: Request) -> IdempotencyInfo | None:
@@ -136,17 +135,8 @@ class RequireToken:
 
 
 def _exception_middleware(inner: Any) -> Any:
-    """The ``ExceptionMiddleware`` below the idempotency middleware, following ``.app`` (the
-    attribute every Starlette middleware keeps) and a built ``middleware_stack``."""
-    seen = 0
-    node = inner
-    while node is not None and seen < _MAX_DEPTH:
-        if isinstance(node, ExceptionMiddleware):
-            return node
-        stack = getattr(node, "middleware_stack", None)
-        node = stack if stack is not None else getattr(node, "app", None)
-        seen += 1
-    return None
+    """The ``ExceptionMiddleware`` below the idempotency middleware (:func:`stack_below`)."""
+    return next((n for n in stack_below(inner) if isinstance(n, ExceptionMiddleware)), None)
 
 
 def watch_validation(app: Any, inner: Any) -> bool:
@@ -374,14 +364,7 @@ def _marked_routes(app: Any) -> list[str]:
 
 
 def _has_middleware(stack: Any) -> bool:
-    node = stack
-    for _ in range(_MAX_DEPTH):
-        if node is None:
-            return False
-        if isinstance(node, IdempotencyMiddleware):
-            return True
-        node = getattr(node, "app", None)
-    return False
+    return any(isinstance(node, IdempotencyMiddleware) for node in stack_below(stack))
 
 
 class _MissingMiddleware:

@@ -211,13 +211,15 @@ def config_from_mapping(
     where: str = "options",
     *,
     store: Callable[[Any], Any] | None = None,
+    also: Collection[str] = (),
     **overrides: Any,
 ) -> IdempotencyConfig:
     """An :class:`~oncely.http.config.IdempotencyConfig` from a mapping of its option names
     (``settings.ONCELY`` in Django). Strings name objects by dotted path for ``scope``,
     ``on_lease_lost``, ``tokens`` and a string ``fingerprint``; ``routes`` values may be
     mappings of :class:`~oncely.http.routes.Rule` options. ``store`` maps the ``store`` value
-    (Django turns ``"django"`` into the database store). ``overrides`` win over ``options``.
+    (Django turns ``"django"`` into the database store). ``overrides`` win over ``options``;
+    ``also`` are names the caller takes besides the options (only suggested for a typo).
 
     :raises ConfigurationError: an unknown option (the closest name is suggested), a value of
         the wrong type or unit, a dotted path that does not import, or any error of
@@ -235,7 +237,7 @@ def config_from_mapping(
     values: dict[str, Any] = {}
     for name, value in {**options, **overrides}.items():
         if not isinstance(name, str) or name not in known:
-            raise unknown_option(str(name), known, where)
+            raise unknown_option(str(name), [*known, *also], where)
         label = f"{where}[{name!r}]"
         if isinstance(value, str) and (name in OBJECTS or (name == "fingerprint" and "." in value)):
             value = import_object(value, label)

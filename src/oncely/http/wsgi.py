@@ -27,6 +27,7 @@ from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import Engine
 from oncely.http.flow import BodyError, Captured, Op, Pass, ReadBody, Respond, Run, request_flow
 from oncely.http.messages import ENTRY_KEY, HandlerEntry, HttpRequest, HttpResponse
+from oncely.http.options import config_from_mapping
 from oncely.http.perform import perform
 from oncely.http.problems import from_exception
 from oncely.http.routes import Resolver
@@ -94,7 +95,9 @@ class WSGIIdempotencyMiddleware:
         **options: Any,
     ) -> None:
         if config is None:
-            config = IdempotencyConfig(**options)
+            config = config_from_mapping(
+                options, "WSGIIdempotencyMiddleware", also=("config", "resolver")
+            )
         elif options:
             raise ConfigurationError(
                 f"pass either config= or its fields, not both (got {sorted(options)})"
