@@ -274,6 +274,7 @@ def test_wrong_types_in_code_are_configuration_errors_too() -> None:
             "oncely.E003",
             "missing from settings.MIDDLEWARE",
         ),
+        ([OURS, "django.middleware.gzip.GZipMiddleware"], {}, "oncely.E004", "compresses"),
     ],
 )
 def test_misplaced_middleware_is_detected_and_explained(

@@ -13,6 +13,7 @@ import os
 import sys
 import uuid
 from dataclasses import dataclass
+from typing import Annotated
 
 from litestar import Litestar, post
 from litestar.params import Body
@@ -36,7 +37,7 @@ class Payment:
 
 
 @post("/payments", opt={"idempotency": {"fingerprint": ["amount", "currency"]}})
-async def pay(data: Payment = Body()) -> dict[str, int]:  # noqa: B008
+async def pay(data: Annotated[Payment, Body()]) -> dict[str, int]:
     payments.append(data.amount)
     return {"payment": len(payments), "amount": data.amount}
 

@@ -15,11 +15,13 @@ import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Annotated
 
 from litestar import Litestar, get, post
 from litestar.connection import ASGIConnection
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
+from litestar.params import Body
 from litestar.response import Stream
 
 from oncely.errors import HttpProblem
@@ -51,7 +53,7 @@ async def orders() -> dict[str, int]:
 
 
 @post("/pay", status_code=201, opt={"idempotency": {"fingerprint": ["amount"]}})
-async def pay(data: Payment) -> dict[str, int]:
+async def pay(data: Annotated[Payment, Body()]) -> dict[str, int]:
     return {"n": count("pay"), "amount": data.amount}
 
 

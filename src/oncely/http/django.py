@@ -562,7 +562,8 @@ def middleware_problems(
     """What is wrong with oncely's place in ``names`` (``settings.MIDDLEWARE``), as
     ``(check id, message, hint)``: ``oncely.E001`` listed twice, ``oncely.E002`` a middleware
     with ``process_view`` after it, ``oncely.E003`` :data:`scope_from_user` without
-    ``AuthenticationMiddleware`` before it, ``oncely.W001`` :class:`ViewStartMiddleware`
+    ``AuthenticationMiddleware`` before it, ``oncely.E004`` ``GZipMiddleware`` after it
+    (compressing before oncely keeps the response), ``oncely.W001`` :class:`ViewStartMiddleware`
     listed too (not needed)."""
     classes = _classes(names)
     ours = [i for i, c in enumerate(classes) if isinstance(c, type) and issubclass(c, _OURS)]
@@ -583,6 +584,16 @@ def middleware_problems(
         )
     last = ours[-1]
     for name, cls in zip(names[last + 1 :], classes[last + 1 :]):
+        if isinstance(cls, type) and any(k.__name__ == "GZipMiddleware" for k in cls.__mro__):
+            problems.append(
+                (
+                    "oncely.E004",
+                    f"{name!r} comes after {first!r} in settings.MIDDLEWARE, so it compresses "
+                    "responses before oncely keeps them: the first client's encoding would be "
+                    "replayed to clients that may not accept it",
+                    f"list {name!r} before {first!r}",
+                )
+            )
         if cls is not None and hasattr(cls, "process_view") and not issubclass(cls, _OURS):
             if cls is ViewStartMiddleware:
                 continue

@@ -34,6 +34,8 @@ answers it and does not use up its key: the plugin's ``after_exception`` hook te
 middleware, from the exception's traceback, whether the handler function had started. A view
 raising :class:`~oncely.errors.HttpProblem` answers with that problem.
 
+Needs Litestar 2.15 or later (``ASGIMiddleware``).
+
 Refused at start-up (``Litestar(...)`` raises :class:`~oncely.errors.ConfigurationError`): the
 plugin twice, or beside oncely's generic ASGI middleware; ``compression_config`` (Litestar
 compresses inside every middleware, so the first client's encoding would be stored and

@@ -4,7 +4,8 @@ and the place of oncely's middleware in ``MIDDLEWARE``.
 The middleware refuses to start on the same errors (Django builds it at start-up), so these
 checks only say it earlier, all at once, with Django's ids: ``oncely.E001`` listed twice,
 ``oncely.E002`` a ``process_view`` middleware after it, ``oncely.E003`` ``scope_from_user``
-without ``AuthenticationMiddleware`` before it, ``oncely.E010`` ``settings.ONCELY`` is wrong,
+without ``AuthenticationMiddleware`` before it, ``oncely.E004`` ``GZipMiddleware`` after it,
+``oncely.E010`` ``settings.ONCELY`` is wrong,
 ``oncely.W001`` ``ViewStartMiddleware`` is not needed.
 """
 
