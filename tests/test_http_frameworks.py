@@ -54,7 +54,55 @@ def test_examples_run(example: Path) -> None:
 
 
 def test_examples_cover_every_framework() -> None:
-    assert {p.stem for p in EXAMPLES} >= {"fastapi_app", "starlette_app", "flask_app", "django_app"}
+    assert {p.stem for p in EXAMPLES} >= {
+        "fastapi_app",
+        "starlette_app",
+        "flask_app",
+        "django_app",
+        "litestar_app",
+    }
+
+
+@pytest.mark.parametrize("mode", ["--serve", "--serve-asgi"], ids=["wsgiref", "uvicorn"])
+def test_django_example_serves_under_wsgi_and_asgi(mode: str) -> None:
+    # The example as a project runs it: Django's WSGI handler under wsgiref (what runserver
+    # uses) and its ASGI handler under Uvicorn, the middleware from settings.MIDDLEWARE.
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    example = ROOT / "examples" / "http" / "django_app.py"
+    process = subprocess.Popen(
+        [sys.executable, str(example), mode, str(port)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base + "/refunds", timeout=1)
+                break
+            except httpx.HTTPError:
+                assert process.poll() is None, process.stderr.read() if process.stderr else ""
+                assert time.monotonic() < deadline, "the example did not start"
+                time.sleep(0.1)
+        k = key()
+        body = {"payment_id": "p-9", "amount": 7}
+        first = httpx.post(base + "/refunds", json=body, headers=k, timeout=10)
+        again = httpx.post(base + "/refunds", json=body, headers=k, timeout=10)
+        other = httpx.post(base + "/refunds", json={**body, "amount": 8}, headers=k, timeout=10)
+    finally:
+        process.terminate()
+        process.wait(15)
+    assert first.status_code == 201 and "idempotent-replayed" not in first.headers
+    assert again.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    assert other.status_code == 422
 
 
 def test_importing_oncely_http_imports_no_framework_or_http_sf() -> None:

@@ -19,7 +19,8 @@ that names the setting, where the value came from and what would be valid.
 Value syntax, the same in code, in the environment and in framework settings:
 
 * **durations** are seconds: a number (``30``, ``1.5``) or a number with one unit, ``ms``,
-  ``s``, ``m`` (minutes), ``h`` or ``d`` (``500ms``, ``30s``, ``5m``, ``24h``, ``1d``);
+  ``s``, ``m`` (minutes), ``h`` or ``d`` (``500ms``, ``30s``, ``5m``, ``24h``, ``1d``); in
+  code also a :class:`datetime.timedelta`;
 * **sizes** are bytes: a whole number, or one with ``kB``/``MB``/``GB`` (powers of 1000) or
   ``KiB``/``MiB``/``GiB`` (powers of 1024), e.g. ``1MiB``;
 * **booleans** in the environment: ``1``/``true``/``yes``/``on`` or ``0``/``false``/``no``/
@@ -38,6 +39,7 @@ This module imports only the standard library and :mod:`oncely.errors`.
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import math
 import os
@@ -158,6 +160,8 @@ def _seconds(minimum: float = 0.0, *, above: bool = True, none: bool = False) ->
             or (not isinstance(value, (bool, str)) and value == -1)
         ):
             return None
+        if isinstance(value, dt.timedelta):
+            value = value.total_seconds()
         seconds = _number(value, text, parse_duration)
         if not math.isfinite(seconds):
             raise ValueError("must be a finite number of seconds")

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
 
 import django
 from django.conf import settings
 
 if not settings.configured:
+    #: The PostgreSQL schema the "pg" database alias works in.
+    PG_SCHEMA = f"oncely_dj_{uuid.uuid4().hex[:10]}"
+    # The test database lives in a directory removed when the process ends.
+    data = Path(tempfile.mkdtemp(prefix="oncely-django-"))
+    atexit.register(shutil.rmtree, data, True)
     settings.configure(
         DEBUG=False,
         SECRET_KEY="tests-only",
@@ -17,7 +27,28 @@ if not settings.configured:
             "django.middleware.csrf.CsrfViewMiddleware",
             "oncely.http.django.ViewStartMiddleware",
         ],
-        INSTALLED_APPS=[],
+        INSTALLED_APPS=[
+            "django.contrib.contenttypes",
+            "django.contrib.auth",
+            "oncely.contrib.django",
+        ],
+        DATABASES={
+            "default": {
+                "ENGINE": "django.db.backends.sqlite3",
+                "NAME": str(data / "db.sqlite3"),
+            },
+            # The shared PostgreSQL, in a schema of this process's own (created and dropped
+            # by the tests that use it).
+            "pg": {
+                "ENGINE": "django.db.backends.postgresql",
+                "NAME": "test",
+                "USER": "postgres",
+                "HOST": "127.0.0.1",
+                "PORT": "5432",
+                "OPTIONS": {"options": f"-c search_path={PG_SCHEMA}"},
+            },
+        },
+        ONCELY={"store": "memory://", "scope": "oncely.http.GLOBAL"},
     )
     django.setup()
 

@@ -21,7 +21,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from flask import Flask, jsonify
 from flask import Response as FlaskResponse
 from flask import request as flask_request
@@ -32,7 +32,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from oncely.http import IdempotencyConfig, IdempotencyMiddleware, scope_from_header
+from oncely.http import IdempotencyConfig, IdempotencyInfo, IdempotencyMiddleware, scope_from_header
+from oncely.http.fastapi import Idempotency
 from oncely.http.flask import install
 from oncely.stores import open_store
 
@@ -148,3 +149,11 @@ def guarded():  # type: ignore[no-untyped-def]
 
 install(flask_app, CONFIG)
 wsgi_app = flask_app
+
+#: Marked for oncely without the middleware: uvicorn must refuse to start it.
+fastapi_unprotected = FastAPI()
+
+
+@fastapi_unprotected.post("/pay")
+async def unprotected_pay(info: IdempotencyInfo | None = Depends(Idempotency())) -> dict[str, str]:  # noqa: B008
+    return {}

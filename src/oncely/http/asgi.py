@@ -17,13 +17,11 @@ pass ``resolver=``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
-from oncely.cancelsafe import claim_or_undo, write_through
 from oncely.errors import ConfigurationError, HttpProblem
 from oncely.functions.lease import AsyncRenewer, Claimed, _current
 from oncely.http.config import IdempotencyConfig
@@ -32,25 +30,29 @@ from oncely.http.flow import (
     BodyError,
     Captured,
     Claim,
-    Complete,
-    ConsumeToken,
-    IssueToken,
     Op,
     Pass,
     ReadBody,
-    Release,
-    ReleaseToken,
     Respond,
     Run,
-    Sleep,
-    Watch,
     request_flow,
 )
 from oncely.http.messages import ENTRY_KEY, HandlerEntry, HttpRequest, HttpResponse
+from oncely.http.options import config_from_mapping
+from oncely.http.perform import aperform
 from oncely.http.problems import from_exception
 from oncely.http.routes import Resolver
 
-__all__ = ["INFO_KEY", "IdempotencyMiddleware"]
+__all__ = [
+    "INFO_KEY",
+    "INSTALLED_TWICE",
+    "OUTER_KEY",
+    "IdempotencyMiddleware",
+    "refuse",
+    "serve",
+    "stack_below",
+    "stack_problem",
+]
 
 log = logging.getLogger("oncely.http")
 
@@ -63,6 +65,68 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 #: Scope key holding the :class:`~oncely.http.messages.IdempotencyInfo` of a protected request
 #: (None for a request the middleware let through untouched).
 INFO_KEY = "oncely.idempotency"
+#: Scope key set by an idempotency middleware on everything it passes on (requests and the
+#: lifespan), so that a second one inside it notices.
+OUTER_KEY = "oncely.middleware"
+INSTALLED_TWICE = (
+    "IdempotencyMiddleware is installed twice (e.g. app.add_middleware twice, or an app wrapped "
+    "in it from outside that adds it too, or a mounted app with its own): each would claim the "
+    "same Idempotency-Key and the inner one would answer every first request with 409; keep "
+    "one"
+)
+#: Compressing middleware that must wrap the idempotency middleware, not run inside it.
+_COMPRESSORS = ("GZipMiddleware", "BrotliMiddleware", "CompressMiddleware")
+_MAX_DEPTH = 32
+
+
+def stack_below(app: Any) -> Iterator[Any]:
+    """``app`` and the apps below it, following ``.app`` (what every Starlette middleware
+    keeps) and a built ``middleware_stack`` (at most 32 levels)."""
+    node = app
+    for _ in range(_MAX_DEPTH):
+        if node is None:
+            return
+        yield node
+        stack = getattr(node, "middleware_stack", None)
+        node = stack if stack is not None else getattr(node, "app", None)
+
+
+def stack_problem(app: Any) -> str | None:
+    """What is wrong with the ASGI stack below an idempotency middleware
+    (:func:`stack_below`): another idempotency middleware, or a compressing one (whose output
+    would be stored for the first client's ``Accept-Encoding`` and replayed compressed to
+    clients that may not accept it)."""
+    for node in stack_below(app):
+        if isinstance(node, IdempotencyMiddleware):
+            return INSTALLED_TWICE
+        name = type(node).__name__
+        if name in _COMPRESSORS:
+            return (
+                f"{name} runs inside IdempotencyMiddleware: responses would be stored "
+                "compressed for the first client's Accept-Encoding and replayed compressed to "
+                f"clients that may not accept it; let {name} wrap IdempotencyMiddleware "
+                "(app.add_middleware puts each new middleware outside the ones already added: "
+                f"add {name} after IdempotencyMiddleware)"
+            )
+    return None
+
+
+async def refuse(scope: Scope, receive: Receive, send: Send, problem: str) -> None:
+    """A misconfigured stack: fail the server's start-up (ASGI lifespan ``startup.failed``,
+    then raise) with ``problem``; a request that comes anyway (no lifespan) raises it."""
+    log.error("oncely.http: %s", problem)
+    if scope["type"] != "lifespan":
+        raise ConfigurationError(problem)
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.failed", "message": problem})
+            raise ConfigurationError(problem)  # as Starlette's router fails a start-up
+        if message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 # Response extensions that bypass ``send`` with a body; hidden from the app while capturing.
 _BYPASS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
 
@@ -86,7 +150,9 @@ class IdempotencyMiddleware:
         **options: Any,
     ) -> None:
         if config is None:
-            config = IdempotencyConfig(**options)
+            config = config_from_mapping(
+                options, "IdempotencyMiddleware", also=("config", "resolver")
+            )
         elif options:
             raise ConfigurationError(
                 f"pass either config= or its fields, not both (got {sorted(options)})"
@@ -94,25 +160,25 @@ class IdempotencyMiddleware:
         self.app = app
         self.engine = Engine(config, resolver)
         self._detect = resolver is None
+        #: What is wrong with the stack below (found when the middleware is built); the app
+        #: then refuses to start (ASGI lifespan) instead of misbehaving on requests.
+        self._problem: str | None = stack_problem(app)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._detect:
+            self._detect_framework(scope)
+        outer = scope.get(OUTER_KEY)
+        problem = self._problem or (
+            INSTALLED_TWICE if outer is not None and outer is not self else None
+        )
+        if problem is not None:
+            await refuse(scope, receive, send, problem)
+            return
+        scope[OUTER_KEY] = self  # an idempotency middleware inside this one is a mistake
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        engine = self.engine
-        if self._detect:
-            self._detect_framework(scope)
-        scope[INFO_KEY] = None
-        method = scope["method"]
-        if not engine.is_candidate(method) and (
-            engine.token_endpoint is None or scope["path"] != engine.token_endpoint
-        ):
-            await self.app(scope, receive, send)
-            return
-        request = HttpRequest(
-            method, scope["path"], scope.get("query_string", b""), scope["headers"], scope
-        )
-        await _Exchange(self.app, engine, scope, receive, send).drive(request_flow(engine, request))
+        await serve(self.engine, self.app, scope, receive, send)
 
     def _detect_framework(self, scope: Scope) -> None:
         self._detect = False
@@ -124,11 +190,28 @@ class IdempotencyMiddleware:
             return
         from oncely.http.starlette import integrate
 
-        self.engine.set_resolver(integrate(app, self.app))
+        self.engine.set_resolver(integrate(app, self.app, self.engine))
 
     async def aclose(self) -> None:
         """Close the store's connections for the running event loop."""
         await self.engine.store.aclose()
+
+
+async def serve(engine: Engine, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Apply ``engine`` to one HTTP request on its way to ``app``: what the middleware does with
+    each request (framework integrations that keep their own middleware, such as Litestar's,
+    call it with the engine they built)."""
+    scope[INFO_KEY] = None
+    method = scope["method"]
+    if not engine.is_candidate(method) and (
+        engine.token_endpoint is None or scope["path"] != engine.token_endpoint
+    ):
+        await app(scope, receive, send)
+        return
+    request = HttpRequest(
+        method, scope["path"], scope.get("query_string", b""), scope["headers"], scope
+    )
+    await _Exchange(app, engine, scope, receive, send).drive(request_flow(engine, request))
 
 
 class _Exchange:
@@ -149,7 +232,6 @@ class _Exchange:
         self.claim_sent = 0.0
 
     async def drive(self, flow: Any) -> None:
-        store = self.engine.store
         value: Any = None
         error: BaseException | None = None
         while True:
@@ -160,18 +242,11 @@ class _Exchange:
             value = error = None
             try:
                 kind = type(op)
-                if kind is Claim:
-                    assert isinstance(op, Claim)
+                if kind is Claim:  # the lease's local bound counts from here
                     self.claim_sent = time.monotonic()
-                    value = await claim_or_undo(store, op.key, op.fingerprint, op.lease, op.ttl)
-                elif kind is Run:
+                if kind is Run:
                     assert isinstance(op, Run)
                     value = await self._run(op)
-                elif kind is Complete:
-                    assert isinstance(op, Complete)
-                    await write_through(
-                        store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl
-                    )
                 elif kind is ReadBody:
                     assert isinstance(op, ReadBody)
                     value = await self._read_body(op.limit, op.expected)
@@ -180,26 +255,8 @@ class _Exchange:
                     await _send_response(self.send, op.response)
                 elif kind is Pass:
                     await self._pass()
-                elif kind is Release:
-                    assert isinstance(op, Release)
-                    await write_through(store.arelease, op.key, op.fence)
-                elif kind is Watch:
-                    assert isinstance(op, Watch)
-                    value = await store.awatch(op.key, op.fence, op.timeout)
-                elif kind is Sleep:
-                    assert isinstance(op, Sleep)
-                    await asyncio.sleep(op.seconds)
-                elif kind is ConsumeToken:
-                    assert isinstance(op, ConsumeToken) and self.engine.tokens is not None
-                    value = await self.engine.tokens.aconsume(op.token, op.subject, op.purpose)
-                elif kind is ReleaseToken:
-                    assert isinstance(op, ReleaseToken) and self.engine.tokens is not None
-                    await write_through(self.engine.tokens.arelease, op.use)
-                elif kind is IssueToken:
-                    assert isinstance(op, IssueToken) and self.engine.tokens is not None
-                    value = await self.engine.tokens.aissue(op.subject, op.purpose, op.ttl)
-                else:  # pragma: no cover - the flow yields only the operations above
-                    raise AssertionError(op)
+                else:
+                    value = await aperform(self.engine, op)
             except BaseException as exc:
                 error = exc
 

@@ -1,67 +1,112 @@
-"""Django helpers: wrap the WSGI application with route rules, and mark views.
+"""Django: a middleware for ``settings.MIDDLEWARE``, a view decorator, and view markers.
 
-In ``settings.py``, last in ``MIDDLEWARE`` (after ``CsrfViewMiddleware`` and every other
-middleware that may answer from ``process_view``)::
+In ``settings.py`` (the app gives the migration, ``manage.py oncely`` and the system checks)::
 
-    MIDDLEWARE = [..., "oncely.http.django.ViewStartMiddleware"]
+    INSTALLED_APPS = [..., "oncely.contrib.django"]
+    MIDDLEWARE = [
+        ...,                                          # SessionMiddleware, CsrfViewMiddleware,
+                                                      # AuthenticationMiddleware, …
+        "oncely.http.django.IdempotencyMiddleware",   # last
+    ]
+    ONCELY = {"store": "django", "scope": "oncely.http.django.scope_from_user"}
 
-and in ``wsgi.py``::
+``settings.ONCELY`` holds :class:`~oncely.http.config.IdempotencyConfig`'s options
+(:mod:`oncely.contrib.django.conf`). The middleware serves Django under WSGI and ASGI
+(``sync_capable`` and ``async_capable``): it drives the same sans-IO
+:func:`~oncely.http.flow.request_flow` as the WSGI and ASGI faces, with blocking store calls
+or with ``await``. It goes **last** in ``MIDDLEWARE``: its ``process_view`` tells it that the
+view is about to run, after every other ``process_view`` (``CsrfViewMiddleware``'s check), so a
+request Django refuses before the view (URL 404, the CSRF 403, any middleware answering first)
+is sent as it is and does not use up its key. Its place is checked when Django builds it (and
+by ``manage.py check``): listed twice, or before a middleware with ``process_view``, or (with
+:data:`scope_from_user`) before ``AuthenticationMiddleware``, it refuses to start.
 
-    from django.core.wsgi import get_wsgi_application
-    from oncely.http import IdempotencyConfig, scope_from_cookie
-    from oncely.http.django import install
-
-    application = install(
-        get_wsgi_application(),
-        IdempotencyConfig(store="redis://...", scope=scope_from_cookie("sessionid")),
-    )
-
-and in views::
+Views::
 
     from oncely.http import idempotent_route
-    from oncely.http.django import require_token
+    from oncely.http.django import idempotent_view, require_token
 
-    @idempotent_route(fingerprint=["amount"])
+    @idempotent_route(fingerprint=["amount"])     # settings for this view (middleware needed)
     def pay(request): ...
+
+    @idempotent_view(fingerprint=["amount"])      # protects this view by itself, or marks it
+    async def refund(request): ...                # for the middleware when that is installed
 
     @require_token("checkout")
     def checkout(request): ...
 
-The middleware resolves the request path with ``django.urls.resolve`` (the ``ROOT_URLCONF``;
-per-request ``request.urlconf`` overrides are not seen) to find the view's rule before Django
-runs. :class:`ViewStartMiddleware` tells it when Django actually calls the view: a request
-Django refuses before that (URL 404, the CSRF 403, any middleware answering first) is sent as
-it is and does not use up its key. Django served over ASGI is not covered here; use the WSGI
-application.
+``HttpRequest.raw`` (what ``scope=``, ``fingerprint=`` and resolvers receive) is the Django
+request here, so a scope can read ``request.raw.user`` or ``request.raw.session``. A view
+raising :class:`~oncely.errors.HttpProblem` answers with that problem (``process_exception``).
+
+The older way, wrapping the WSGI application (``install(get_wsgi_application(), config)``
+with :class:`ViewStartMiddleware` last in ``MIDDLEWARE``), still works under WSGI.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
-from collections.abc import Callable, Iterable
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings  # type: ignore[import-untyped]
+from django.core.exceptions import (  # type: ignore[import-untyped]
+    RequestDataTooBig,
+)
 from django.http import HttpRequest as DjangoRequest  # type: ignore[import-untyped]
 from django.http import HttpResponse as DjangoResponse
+from django.http.request import RawPostDataException  # type: ignore[import-untyped]
 from django.urls import Resolver404, get_resolver, resolve  # type: ignore[import-untyped]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped]
 
-from oncely.errors import ConfigurationError
+from oncely.errors import ConfigurationError, HttpProblem
+from oncely.functions.lease import AsyncRenewer, Claimed, _current, keeper
 from oncely.http.config import IdempotencyConfig
-from oncely.http.engine import SAFE_METHODS
-from oncely.http.messages import ENTRY_KEY, HandlerEntry
+from oncely.http.engine import SAFE_METHODS, Engine
+from oncely.http.flow import (
+    BodyError,
+    Captured,
+    Claim,
+    Op,
+    Pass,
+    ReadBody,
+    Respond,
+    Run,
+    request_flow,
+)
+from oncely.http.messages import ENTRY_KEY, HandlerEntry, HttpRequest, HttpResponse
+from oncely.http.perform import aperform, perform
+from oncely.http.problems import from_exception
 from oncely.http.routes import MARKER, Rule, idempotent_route, rule_of
 from oncely.http.wsgi import INFO_KEY, WSGIIdempotencyMiddleware
 
-__all__ = ["DjangoResolver", "ViewStartMiddleware", "install", "require_token"]
+__all__ = [
+    "DjangoResolver",
+    "IdempotencyMiddleware",
+    "ViewStartMiddleware",
+    "idempotent_view",
+    "install",
+    "middleware_problems",
+    "require_token",
+    "scope_from_user",
+]
+
+log = logging.getLogger("oncely.http")
 
 _PATH = "oncely.http.django.ViewStartMiddleware"
+MIDDLEWARE_PATH = "oncely.http.django.IdempotencyMiddleware"
+_AUTH_PATH = "django.contrib.auth.middleware.AuthenticationMiddleware"
 
 F = TypeVar("F", bound=Callable[..., Any])
 _METHODS = ("post", "put", "patch", "delete", "get", "dispatch")
+Call = Callable[[DjangoRequest], Any]
 
 
+# -- finding the view's rule -------------------------------------------------------------------
 def _view_rule(func: Any, method: str) -> Rule | None:
     rule = rule_of(func)
     if rule is None:
@@ -83,10 +128,670 @@ def _callbacks(patterns: Iterable[Any], depth: int = 0) -> Iterable[Any]:
             yield getattr(pattern, "callback", None)
 
 
+def _any_marked(urlconf: Any = None) -> bool:
+    return any(
+        _view_rule(callback, method) is not None
+        for callback in _callbacks(get_resolver(urlconf).url_patterns)
+        for method in _METHODS
+    )
+
+
+class _Resolver:
+    """Callable ``Django request -> Rule | None``: the rule of the view Django will dispatch
+    to, resolved as Django does it (``request.urlconf`` when a middleware set one)."""
+
+    #: The middleware learns from its own ``process_view`` when a view starts.
+    tracks_entry = True
+
+    def __init__(self) -> None:
+        self._marked: dict[Any, bool] = {}
+
+    def __call__(self, request: DjangoRequest) -> Rule | None:
+        urlconf = getattr(request, "urlconf", None)
+        marked = self._marked.get(urlconf)
+        if marked is None:
+            marked = self._marked[urlconf] = _any_marked(urlconf)
+        if not marked:
+            return None
+        try:
+            match = get_resolver(urlconf).resolve(request.path_info)
+        except Resolver404:
+            return None
+        return _view_rule(match.func, str(request.method).lower())
+
+
+# -- Django request and response <-> the flow's ------------------------------------------------
+def _request(request: DjangoRequest) -> HttpRequest:
+    headers = [
+        (name.lower().encode("latin-1"), str(value).encode("latin-1", "replace"))
+        for name, value in request.headers.items()
+    ]
+    query = str(request.META.get("QUERY_STRING", "")).encode("latin-1", "replace")
+    return HttpRequest(str(request.method).upper(), request.path, query, headers, request)
+
+
+def _response(response: HttpResponse) -> DjangoResponse:
+    """A Django response carrying exactly ``response`` (a problem or a replay)."""
+    out = DjangoResponse(response.body, status=response.status)
+    names: dict[str, list[str]] = {}
+    for raw_name, raw_value in response.headers:
+        names.setdefault(raw_name.decode("latin-1"), []).append(raw_value.decode("latin-1"))
+    if "content-type" not in names:
+        del out["Content-Type"]  # not Django's default text/html: what was stored, no more
+    for name, values in names.items():
+        out[name] = ", ".join(values)  # Set-Cookie, the one header that cannot join, is never kept
+    return out
+
+
+def _problem(exc: HttpProblem, config: IdempotencyConfig) -> DjangoResponse:
+    return _response(from_exception(exc, config.problem_base))
+
+
+def _read_body(request: DjangoRequest, limit: int, expected: int | None) -> bytes | BodyError:
+    """The whole body through Django (``request.body``, so the view reads it again)."""
+    try:
+        body: bytes = request.body
+    except RequestDataTooBig:  # over DATA_UPLOAD_MAX_MEMORY_SIZE
+        return BodyError.TOO_LARGE
+    except RawPostDataException:
+        log.warning(
+            "oncely.http: a middleware before oncely's read the request as a stream (multipart "
+            "request.POST); the body cannot be fingerprinted. Move it after oncely's middleware"
+        )
+        return BodyError.INCOMPLETE
+    except OSError as exc:  # UnreadablePostError: the client went away mid-body
+        log.info("oncely.http: reading the request body failed: %s", exc)
+        return BodyError.INCOMPLETE
+    if len(body) > limit:
+        return BodyError.TOO_LARGE
+    if expected is not None and len(body) != expected:
+        return BodyError.INCOMPLETE
+    return body
+
+
+# -- the driver --------------------------------------------------------------------------------
+class _Exchange:
+    """One request: performs the flow's operations on Django objects, blocking or with await.
+
+    ``call`` runs the rest of Django (``get_response``) or the decorated view. A streaming
+    response pauses the flow at :class:`~oncely.http.flow.Run`: the response goes back to
+    Django at once, and :class:`_Stream` resumes the flow when the server has consumed it (or
+    closed it early)."""
+
+    def __init__(
+        self, engine: Engine, request: DjangoRequest, call: Call, *, is_async: bool
+    ) -> None:
+        self.engine = engine
+        self.request = request
+        self.call = call
+        self.is_async = is_async
+        self.flow: Any = None
+        self.response: DjangoResponse | None = None
+        #: When the last claim was sent (monotonic); the lease's local bound counts from it.
+        self.claim_sent = 0.0
+
+    def start(self) -> Any:
+        self.flow = request_flow(self.engine, _request(self.request))
+        return self.adrive(None, None) if self.is_async else self.drive(None, None)
+
+    def _local(self, op: Op) -> tuple[bool, Any]:
+        """Perform an operation that needs no I/O mode: ``(True, result)``, else ``(False,
+        None)``."""
+        if type(op) is ReadBody:
+            assert isinstance(op, ReadBody)
+            return True, _read_body(self.request, op.limit, op.expected)
+        if type(op) is Respond:
+            assert isinstance(op, Respond)
+            self.response = _response(op.response)
+            return True, None
+        return False, None
+
+    def drive(self, value: Any, error: BaseException | None) -> DjangoResponse | None:
+        """Perform the flow's operations with blocking calls until it ends, or pauses on a
+        streaming response (returned at once; :class:`_Stream` resumes the flow)."""
+        while True:
+            try:
+                op: Op = self.flow.send(value) if error is None else self.flow.throw(error)
+            except StopIteration:
+                return self.response
+            value = error = None
+            try:
+                done, value = self._local(op)
+                if done:
+                    continue
+                if type(op) is Pass:
+                    self.response = self.call(self.request)
+                elif type(op) is Run:
+                    value = self._run(op)
+                    if value is None:
+                        return self.response
+                else:
+                    if type(op) is Claim:
+                        self.claim_sent = time.monotonic()
+                    value = perform(self.engine, op)
+            except BaseException as exc:
+                error = exc
+
+    async def adrive(self, value: Any, error: BaseException | None) -> DjangoResponse | None:
+        """:meth:`drive` with ``await``."""
+        while True:
+            try:
+                op: Op = self.flow.send(value) if error is None else self.flow.throw(error)
+            except StopIteration:
+                return self.response
+            value = error = None
+            try:
+                done, value = self._local(op)
+                if done:
+                    continue
+                if type(op) is Pass:
+                    self.response = await self.call(self.request)
+                elif type(op) is Run:
+                    value = await self._arun(op)
+                    if value is None:
+                        return self.response
+                else:
+                    if type(op) is Claim:
+                        self.claim_sent = time.monotonic()
+                    value = await aperform(self.engine, op)
+            except BaseException as exc:
+                error = exc
+
+    def _claimed(self, op: Run) -> Claimed | None:
+        meta = self.request.META
+        meta[INFO_KEY] = op.info
+        meta[ENTRY_KEY] = HandlerEntry(self.engine.tracks_entry)
+        if op.fence is None:
+            return None
+        assert op.key is not None
+        return Claimed(
+            op.key, op.fence, op.lease, self.engine.store, self.engine.config.on_lease_lost
+        )
+
+    def _run(self, op: Run) -> Captured | None:
+        claimed = self._claimed(op)
+        if claimed is not None:
+            keeper.keep(claimed, self.claim_sent)
+        stop: Callable[[], None] = (
+            (lambda: keeper.stop(claimed)) if claimed is not None else (lambda: None)
+        )
+        token = _current.set(claimed)
+        try:
+            response = self.call(self.request)
+        except BaseException as exc:
+            stop()
+            return Captured(0, None, None, False, self._handled(), exc)
+        finally:
+            _current.reset(token)
+        return self._captured(response, op.capture, stop)
+
+    async def _arun(self, op: Run) -> Captured | None:
+        claimed = self._claimed(op)
+        renewer = AsyncRenewer(claimed, self.claim_sent) if claimed is not None else None
+        stop: Callable[[], None] = renewer.stop if renewer is not None else (lambda: None)
+        token = _current.set(claimed)
+        try:
+            response = await self.call(self.request)
+        except BaseException as exc:
+            stop()
+            return Captured(0, None, None, False, self._handled(), exc)
+        finally:
+            _current.reset(token)
+        return self._captured(response, op.capture, stop)
+
+    def _handled(self) -> bool:
+        entry: HandlerEntry = self.request.META[ENTRY_KEY]
+        return entry.handled
+
+    def _captured(
+        self, response: DjangoResponse, limit: int, stop: Callable[[], None]
+    ) -> Captured | None:
+        """What the view produced: at once for a response in memory, later (None now) for a
+        streaming one."""
+        self.response = response
+        headers = (
+            [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
+            if limit >= 0
+            else None
+        )
+        if not response.streaming:
+            stop()
+            content: bytes = response.content
+            body = content if limit >= 0 and len(content) <= limit else None
+            return Captured(response.status_code, headers, body, True, self._handled(), None)
+        _Stream(self, response, headers, limit, stop)
+        return None
+
+
+class _Stream:
+    """A streaming response on its way out: passes chunks through, keeps a copy (up to the
+    limit), and resumes the flow once the last chunk was produced, or when Django closes the
+    response first (the client went away: the flow keeps the key as not replayable)."""
+
+    def __init__(
+        self,
+        exchange: _Exchange,
+        response: DjangoResponse,
+        headers: list[tuple[bytes, bytes]] | None,
+        limit: int,
+        stop: Callable[[], None],
+    ) -> None:
+        self.exchange = exchange
+        self.status: int = response.status_code
+        self.headers = headers
+        self.limit = limit
+        self.stop = stop
+        self.chunks: list[bytes] | None = [] if limit >= 0 else None
+        self.size = 0
+        self.complete = False
+        self.finished = False
+        self.loop = asyncio.get_running_loop() if exchange.is_async else None
+        if response.is_async or exchange.is_async:
+            response.streaming_content = self._atee(response.streaming_content, response.is_async)
+        else:
+            response.streaming_content = self._tee(response.streaming_content)
+        close = response.close
+
+        def close_then_settle() -> None:
+            try:
+                close()
+            finally:
+                self._closed()
+
+        response.close = close_then_settle
+
+    def _keep(self, chunk: bytes) -> None:
+        chunks = self.chunks
+        if chunks is not None and chunk:
+            self.size += len(chunk)
+            if self.size > self.limit:
+                self.chunks = None
+            else:
+                chunks.append(bytes(chunk))
+
+    def _captured(self, error: BaseException | None) -> Captured:
+        self.finished = True
+        self.stop()
+        chunks = self.chunks
+        body = None if chunks is None else b"".join(chunks)
+        return Captured(
+            self.status, self.headers, body, self.complete, self.exchange._handled(), error
+        )
+
+    def _finish(self, error: BaseException | None) -> None:
+        if not self.finished:
+            self.exchange.drive(self._captured(error), None)
+
+    async def _afinish(self, error: BaseException | None) -> None:
+        if not self.finished:
+            await self.exchange.adrive(self._captured(error), None)
+
+    async def _settle(self, error: BaseException | None) -> None:
+        """Resume the flow in the middleware's mode; the flow raises ``error`` again once the
+        key is settled, which is swallowed here (the caller raises it)."""
+        try:
+            if self.exchange.is_async:
+                await self._afinish(error)
+            else:
+                self._finish(error)
+        except BaseException as again:
+            if again is not error:
+                raise
+
+    def _tee(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        try:
+            for chunk in chunks:
+                self._keep(chunk)
+                yield chunk
+        except GeneratorExit:
+            self._finish(None)  # the server stopped early: cut short
+            raise
+        except BaseException as exc:
+            try:
+                self._finish(exc)
+            except BaseException as again:
+                if again is not exc:
+                    raise
+            raise
+        self.complete = True
+        self._finish(None)
+
+    async def _atee(self, chunks: Any, is_async: bool) -> AsyncIterator[bytes]:
+        try:
+            if is_async:
+                async for chunk in chunks:
+                    self._keep(chunk)
+                    yield chunk
+            else:  # as Django serves a sync iterator under ASGI: consumed in a thread
+                for chunk in await sync_to_async(_listed, thread_sensitive=True)(chunks):
+                    self._keep(chunk)
+                    yield chunk
+        except GeneratorExit:
+            await self._settle(None)
+            raise
+        except BaseException as exc:
+            await self._settle(exc)
+            raise
+        self.complete = True
+        await self._settle(None)
+
+    def _closed(self) -> None:
+        """Django closed the response: settle now if the body did not finish (cut short)."""
+        if self.finished:
+            return
+        loop = self.loop
+        if loop is None:
+            self._finish(None)
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            from oncely.cancelsafe import keep_alive
+
+            keep_alive(loop.create_task(self._afinish(None)))
+            return
+        try:  # Django closes from a worker thread (sync_to_async): settle on the loop
+            asyncio.run_coroutine_threadsafe(self._afinish(None), loop).result(timeout=30)
+        except Exception as exc:
+            log.error("oncely.http: settling a response closed early failed: %r", exc)
+
+
+def _view_starts(request: DjangoRequest) -> None:
+    entry = request.META.get(ENTRY_KEY)
+    if isinstance(entry, HandlerEntry):
+        entry.started()
+
+
+def _listed(chunks: Iterable[bytes]) -> list[bytes]:
+    return list(chunks)
+
+
+# -- the middleware ----------------------------------------------------------------------------
+def _scope_functions(config: IdempotencyConfig) -> list[Any]:
+    guard = config.tokens
+    return [config.scope, guard.subject if guard is not None else None]
+
+
+class _UserScope:
+    """``scope=`` by the authenticated Django user (``request.user``, set by Django's
+    ``AuthenticationMiddleware``, which must come before oncely's): ``"user:<pk>"``; an
+    anonymous user falls in the anonymous scope ``"-"``. The user id is not secret, so it is
+    stored as it is. Under ASGI the user is loaded with ``await request.auser()``."""
+
+    _META = "oncely.user_scope"
+
+    def __call__(self, request: HttpRequest) -> str | None:
+        django_request = request.raw
+        meta = getattr(django_request, "META", None)
+        if meta is not None and self._META in meta:
+            value: str | None = meta[self._META]
+            return value
+        user = getattr(django_request, "user", None)
+        if user is None:
+            raise ConfigurationError(
+                "scope_from_user reads request.user, which is not set: list "
+                f"{_AUTH_PATH!r} before {MIDDLEWARE_PATH!r} in settings.MIDDLEWARE"
+            )
+        return self._of(user)
+
+    @staticmethod
+    def _of(user: Any) -> str | None:
+        return f"user:{user.pk}" if user.is_authenticated else None
+
+    async def aprepare(self, request: DjangoRequest) -> None:
+        """Load the user without blocking the event loop (before the flow reads the scope)."""
+        auser = getattr(request, "auser", None)
+        if auser is not None:
+            request.META[self._META] = self._of(await auser())
+
+    def __repr__(self) -> str:
+        return "oncely.http.django.scope_from_user"
+
+
+#: ``scope=scope_from_user``: one key space per authenticated Django user (see
+#: :class:`_UserScope`); ``"oncely.http.django.scope_from_user"`` in ``settings.ONCELY``.
+scope_from_user = _UserScope()
+
+
+def _authenticates(cls: Any) -> bool:
+    """``cls`` is Django's ``AuthenticationMiddleware`` or a subclass (checked by name: the
+    auth app need not be importable)."""
+    return isinstance(cls, type) and any(
+        f"{k.__module__}.{k.__qualname__}" == _AUTH_PATH for k in cls.__mro__
+    )
+
+
+def _classes(names: Sequence[str]) -> list[Any]:
+    out = []
+    for name in names:
+        try:
+            out.append(import_string(name))
+        except ImportError:
+            out.append(None)  # Django reports it when it builds the middleware
+    return out
+
+
+def middleware_problems(
+    names: Sequence[str], config: IdempotencyConfig | None = None
+) -> list[tuple[str, str, str]]:
+    """What is wrong with oncely's place in ``names`` (``settings.MIDDLEWARE``), as
+    ``(check id, message, hint)``: ``oncely.E001`` listed twice, ``oncely.E002`` a middleware
+    with ``process_view`` after it, ``oncely.E003`` :data:`scope_from_user` without
+    ``AuthenticationMiddleware`` before it, ``oncely.E004`` ``GZipMiddleware`` after it
+    (compressing before oncely keeps the response), ``oncely.W001`` :class:`ViewStartMiddleware`
+    listed too (not needed)."""
+    classes = _classes(names)
+    ours = [i for i, c in enumerate(classes) if isinstance(c, type) and issubclass(c, _OURS)]
+    if not ours:
+        return []
+    problems: list[tuple[str, str, str]] = []
+    first = names[ours[0]]
+    if len(ours) > 1:
+        problems.append(
+            (
+                "oncely.E001",
+                f"oncely's middleware is listed {len(ours)} times in settings.MIDDLEWARE "
+                f"({', '.join(repr(names[i]) for i in ours)}): each would claim the same "
+                "Idempotency-Key, and the inner one would answer every first request with "
+                "409 request-in-flight",
+                f"keep one {first!r}, last in MIDDLEWARE",
+            )
+        )
+    last = ours[-1]
+    for name, cls in zip(names[last + 1 :], classes[last + 1 :]):
+        if isinstance(cls, type) and any(k.__name__ == "GZipMiddleware" for k in cls.__mro__):
+            problems.append(
+                (
+                    "oncely.E004",
+                    f"{name!r} comes after {first!r} in settings.MIDDLEWARE, so it compresses "
+                    "responses before oncely keeps them: the first client's encoding would be "
+                    "replayed to clients that may not accept it",
+                    f"list {name!r} before {first!r}",
+                )
+            )
+        if cls is not None and hasattr(cls, "process_view") and not issubclass(cls, _OURS):
+            if cls is ViewStartMiddleware:
+                continue
+            problems.append(
+                (
+                    "oncely.E002",
+                    f"{name!r} comes after {first!r} in settings.MIDDLEWARE and may refuse a "
+                    "request in its process_view (as CsrfViewMiddleware's 403 does) after "
+                    "oncely counted the view as started: the refusal would use up the "
+                    "client's Idempotency-Key",
+                    f"move {first!r} to the end of MIDDLEWARE, after {name!r}",
+                )
+            )
+    if config is not None and any(f is scope_from_user for f in _scope_functions(config)):
+        auth = [i for i, c in enumerate(classes) if _authenticates(c)]
+        if not auth or auth[0] > ours[0]:
+            problems.append(
+                (
+                    "oncely.E003",
+                    f"scope_from_user reads request.user, which {_AUTH_PATH!r} sets, but it "
+                    f"is {'missing from' if not auth else 'after ' + repr(first) + ' in'} "
+                    "settings.MIDDLEWARE: every request would fall in the anonymous scope",
+                    f"list {_AUTH_PATH!r} before {first!r}",
+                )
+            )
+    if any(c is ViewStartMiddleware for c in classes):
+        problems.append(
+            (
+                "oncely.W001",
+                f"{_PATH!r} is not needed with {first!r} (which reports the view's start itself)",
+                f"remove {_PATH!r} from MIDDLEWARE",
+            )
+        )
+    return problems
+
+
+def _refuse(problems: list[tuple[str, str, str]]) -> None:
+    errors = [f"{message} ({hint}) [{ident}]" for ident, message, hint in problems if ".E" in ident]
+    if errors:
+        from oncely.contrib.django.conf import ImproperlyConfigured
+
+        raise ImproperlyConfigured("; ".join(errors))
+
+
+class IdempotencyMiddleware:
+    """Django middleware applying ``Idempotency-Key`` semantics and one-time token guards
+    (``settings.MIDDLEWARE``, last). Sync and async capable.
+
+    :param get_response: the next handler (Django passes it).
+    :param config: the configuration; default ``settings.ONCELY``
+        (:func:`oncely.contrib.django.conf.idempotency_config`).
+    :raises ImproperlyConfigured: (also a :class:`~oncely.errors.ConfigurationError`) when
+        Django builds it: ``settings.ONCELY`` is missing or wrong, or the middleware's place
+        in ``MIDDLEWARE`` is (see :func:`middleware_problems`).
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(
+        self, get_response: Callable[[DjangoRequest], Any], config: IdempotencyConfig | None = None
+    ) -> None:
+        if config is None:
+            from oncely.contrib.django.conf import idempotency_config
+
+            config = idempotency_config()
+        _refuse(middleware_problems(list(getattr(settings, "MIDDLEWARE", None) or ()), config))
+        self.get_response = get_response
+        self.engine = Engine(config, _Resolver())
+        self.is_async = iscoroutinefunction(get_response)
+        self._prepare = [f for f in _scope_functions(config) if hasattr(f, "aprepare")]
+        if self.is_async:
+            markcoroutinefunction(self)
+            setattr(self, "process_view", self._aprocess_view)  # noqa: B010 (no thread hop)
+
+    def _passes(self, request: DjangoRequest) -> bool:
+        request.META[INFO_KEY] = None
+        engine = self.engine
+        return not engine.is_candidate(str(request.method)) and (
+            engine.token_endpoint is None or request.path != engine.token_endpoint
+        )
+
+    def __call__(self, request: DjangoRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        if self._passes(request):
+            return self.get_response(request)
+        return _Exchange(self.engine, request, self.get_response, is_async=False).start()
+
+    async def __acall__(self, request: DjangoRequest) -> Any:
+        if self._passes(request):
+            return await self.get_response(request)
+        for function in self._prepare:
+            await function.aprepare(request)
+        return await _Exchange(self.engine, request, self.get_response, is_async=True).start()
+
+    def process_view(self, request: DjangoRequest, view: Any, args: Any, kwargs: Any) -> None:
+        """The view runs next (every other ``process_view`` came first): its key is used."""
+        _view_starts(request)
+
+    async def _aprocess_view(
+        self, request: DjangoRequest, view: Any, args: Any, kwargs: Any
+    ) -> None:
+        _view_starts(request)
+
+    def process_exception(self, request: DjangoRequest, exception: Exception) -> Any:
+        """A view raising :class:`~oncely.errors.HttpProblem` answers with that problem."""
+        if isinstance(exception, HttpProblem):
+            return _problem(exception, self.engine.config)
+        return None
+
+
+_OURS = IdempotencyMiddleware
+
+
+# -- one view ----------------------------------------------------------------------------------
+def idempotent_view(
+    view: F | None = None, *, config: IdempotencyConfig | None = None, **rule: Any
+) -> Any:
+    """Protect one view (function or ``method_decorator`` on a class-based view; sync or
+    async): ``@idempotent_view`` or ``@idempotent_view(fingerprint=["amount"], ttl=3600)``.
+
+    ``rule`` takes :func:`~oncely.http.routes.idempotent_route`'s options over ``config``
+    (default ``settings.ONCELY``). Where :class:`IdempotencyMiddleware` is installed the view
+    is only marked (the middleware applies the rule, before any other middleware's
+    ``process_view``); without it, the decorator runs the protocol around the view itself —
+    after Django's middleware, so a CSRF 403 never reaches it and uses up no key.
+
+    :raises ImproperlyConfigured: the configuration is wrong (when the view is decorated).
+    """
+    marker = idempotent_route(**rule)
+
+    def decorate(function: F) -> F:
+        nonlocal config
+        if config is None:
+            from oncely.contrib.django.conf import idempotency_config
+
+            config = idempotency_config()
+        engine = Engine(config, lambda raw: marker)
+
+        if iscoroutinefunction(function):
+
+            @functools.wraps(function)
+            async def awrapper(request: DjangoRequest, *args: Any, **kwargs: Any) -> Any:
+                if INFO_KEY in request.META:  # a middleware applies the rule
+                    return await function(request, *args, **kwargs)
+                request.META[INFO_KEY] = None
+
+                async def call(request: DjangoRequest) -> Any:
+                    return await function(request, *args, **kwargs)
+
+                return await _Exchange(engine, request, call, is_async=True).start()
+
+            wrapper: Any = awrapper
+        else:
+
+            @functools.wraps(function)
+            def swrapper(request: DjangoRequest, *args: Any, **kwargs: Any) -> Any:
+                if INFO_KEY in request.META:
+                    return function(request, *args, **kwargs)
+                request.META[INFO_KEY] = None
+                call = functools.partial(_call_view, function, args, kwargs)
+                return _Exchange(engine, request, call, is_async=False).start()
+
+            wrapper = swrapper
+        setattr(wrapper, MARKER, marker)
+        return wrapper  # type: ignore[no-any-return]
+
+    return decorate(view) if view is not None else decorate
+
+
+def _call_view(function: Callable[..., Any], args: Any, kwargs: Any, request: Any) -> Any:
+    return function(request, *args, **kwargs)
+
+
+# -- wrapping the WSGI application (the older way) ---------------------------------------------
 class ViewStartMiddleware:
-    """Django middleware telling oncely's WSGI middleware that the view is about to run
-    (``process_view``, after URL resolution and after the ``process_view`` of the middlewares
-    listed before it, such as ``CsrfViewMiddleware``). List it last in ``MIDDLEWARE``."""
+    """Django middleware telling oncely's WSGI middleware (:func:`install`) that the view is
+    about to run (``process_view``, after URL resolution and after the ``process_view`` of the
+    middlewares listed before it, such as ``CsrfViewMiddleware``). List it last in
+    ``MIDDLEWARE``. Not needed with :class:`IdempotencyMiddleware`."""
 
     def __init__(self, get_response: Callable[[DjangoRequest], DjangoResponse]) -> None:
         self.get_response = get_response
@@ -97,15 +802,20 @@ class ViewStartMiddleware:
     def process_view(
         self, request: DjangoRequest, view: Any, args: Any, kwargs: Any
     ) -> DjangoResponse | None:
-        entry = request.META.get(ENTRY_KEY)
-        if isinstance(entry, HandlerEntry):
-            entry.started()
+        _view_starts(request)
         return None
 
 
 def _check_middleware() -> None:
-    """``ViewStartMiddleware`` is in ``MIDDLEWARE``, with no ``process_view`` after it."""
+    """``ViewStartMiddleware`` is in ``MIDDLEWARE``, with no ``process_view`` after it, and
+    :class:`IdempotencyMiddleware` is not (it would protect every request twice)."""
     names = list(getattr(settings, "MIDDLEWARE", None) or ())
+    if any(isinstance(c, type) and issubclass(c, _OURS) for c in _classes(names)):
+        raise ConfigurationError(
+            f"{MIDDLEWARE_PATH!r} is in settings.MIDDLEWARE and install() wraps the WSGI "
+            "application too: every request would be protected twice (the inner one answering "
+            "409 to every first request); keep the middleware and drop install()"
+        )
     if _PATH not in names:
         raise ConfigurationError(
             f"add {_PATH!r} as the last entry of settings.MIDDLEWARE: it tells oncely when a "
@@ -121,10 +831,11 @@ def _check_middleware() -> None:
 
 
 class DjangoResolver:
-    """Callable ``environ -> Rule | None``: the rule of the view Django will dispatch to.
+    """Callable ``environ -> Rule | None``: the rule of the view Django will dispatch to (for
+    :func:`install`; uses ``ROOT_URLCONF``).
 
     :raises ConfigurationError: :class:`ViewStartMiddleware` is not the last view middleware
-        in ``settings.MIDDLEWARE``.
+        in ``settings.MIDDLEWARE``, or :class:`IdempotencyMiddleware` is listed too.
     """
 
     #: The middleware learns from Django when a view starts (see :class:`HandlerEntry`).
@@ -134,16 +845,9 @@ class DjangoResolver:
         _check_middleware()
         self._marked: bool | None = None
 
-    def _any_marked(self) -> bool:
-        return any(
-            _view_rule(callback, method) is not None
-            for callback in _callbacks(get_resolver().url_patterns)
-            for method in _METHODS
-        )
-
     def __call__(self, environ: dict[str, Any]) -> Rule | None:
         if self._marked is None:
-            self._marked = self._any_marked()
+            self._marked = _any_marked()
         if not self._marked:
             return None
         path = environ.get("PATH_INFO", "/") or "/"
@@ -161,7 +865,8 @@ class DjangoResolver:
 def install(
     application: Any, config: IdempotencyConfig | None = None, **options: Any
 ) -> WSGIIdempotencyMiddleware:
-    """Wrap Django's WSGI ``application`` in the middleware, with a URL resolver.
+    """Wrap Django's WSGI ``application`` in the WSGI middleware, with a URL resolver (the
+    older way; :class:`IdempotencyMiddleware` in ``MIDDLEWARE`` serves WSGI and ASGI).
 
     :raises ConfigurationError: see :class:`DjangoResolver` and
         :class:`~oncely.http.config.IdempotencyConfig`.
@@ -174,24 +879,40 @@ def require_token(purpose: str, **settings: Any) -> Callable[[F], F]:
     rule = idempotent_route(token=purpose, **settings)
 
     def decorate(view: F) -> F:
-        @functools.wraps(view)
-        def wrapper(request: DjangoRequest, *args: Any, **kwargs: Any) -> Any:
-            environ = getattr(request, "environ", None) or getattr(request, "META", {})
-            if INFO_KEY not in environ:
+        def check(request: DjangoRequest) -> None:
+            meta = request.META
+            if INFO_KEY not in meta:
                 raise ConfigurationError(
                     "this view requires a one-time token but the oncely middleware is not "
-                    "installed; wrap the WSGI application with oncely.http.django.install()"
+                    f"installed; add {MIDDLEWARE_PATH!r} to settings.MIDDLEWARE"
                 )
             if request.method not in SAFE_METHODS:
-                info = environ[INFO_KEY]
+                info = meta[INFO_KEY]
                 if info is None or info.token_purpose != purpose:
                     raise ConfigurationError(
                         f"the one-time token of purpose {purpose!r} was not checked for "
                         f"{request.method}; pass tokens=TokenGuard(...) to the config"
                     )
-            return view(request, *args, **kwargs)
+
+        wrapper: Any
+        if iscoroutinefunction(view):
+
+            @functools.wraps(view)
+            async def awrapper(request: DjangoRequest, *args: Any, **kwargs: Any) -> Any:
+                check(request)
+                return await view(request, *args, **kwargs)
+
+            wrapper = awrapper
+        else:
+
+            @functools.wraps(view)
+            def swrapper(request: DjangoRequest, *args: Any, **kwargs: Any) -> Any:
+                check(request)
+                return view(request, *args, **kwargs)
+
+            wrapper = swrapper
 
         setattr(wrapper, MARKER, rule)
-        return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[no-any-return]
 
     return decorate

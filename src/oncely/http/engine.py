@@ -106,22 +106,33 @@ class Engine:
     # -- policies ----------------------------------------------------------------------------------
     def policy_for(self, request: HttpRequest) -> Policy | None:
         """The effective policy for ``request``, or None if nothing applies to it."""
+        if not self._by_path and self.resolver is None:
+            return self._applies(self._on, request.method)
+        view_rule = self.resolver(request.raw) if self.resolver is not None else None
+        return self.policy_of(request.method, request.path, view_rule)
+
+    def policy_of(self, method: str, path: str, view_rule: Rule | None = None) -> Policy | None:
+        """The effective policy of ``method`` on ``path`` served by a view marked with
+        ``view_rule``, or None if nothing applies (what the OpenAPI documentation of a route
+        asks, without a request)."""
         policy = self._on
-        if self._by_path or self.resolver is not None:
-            path = request.path
+        if self._by_path or view_rule is not None:
             enabled = (not self._include or any(p.match(path) for p in self._include)) and not any(
                 p.match(path) for p in self._exclude
             )
             path_rule = next((r for p, r in self._routes if p.match(path)), None)
             token_rule = next((r for p, r in self._token_routes if p.match(path)), None)
-            view_rule = self.resolver(request.raw) if self.resolver is not None else None
             if path_rule is None and token_rule is None and view_rule is None:
                 policy = self._on if enabled else self._off
             else:
                 policy = self._combined(enabled, path_rule, token_rule, view_rule)
-        if policy.enabled and request.method in policy.methods:
+        return self._applies(policy, method)
+
+    @staticmethod
+    def _applies(policy: Policy, method: str) -> Policy | None:
+        if policy.enabled and method in policy.methods:
             return policy
-        if policy.token is not None and request.method not in SAFE_METHODS:
+        if policy.token is not None and method not in SAFE_METHODS:
             return policy  # every unsafe method of a token-guarded route needs the token
         return None
 

@@ -29,6 +29,7 @@ from typing import Any
 from starlette.endpoints import HTTPEndpoint
 from starlette.routing import Host, Match, Mount
 
+from oncely.http.engine import Engine
 from oncely.http.routes import Rule, rule_of
 
 __all__ = ["StarletteResolver", "endpoint_rule", "integrate", "resolver_for"]
@@ -158,14 +159,17 @@ def resolver_for(app: Any) -> StarletteResolver | None:
     return StarletteResolver(routes, _marked(routes))
 
 
-def integrate(app: Any, inner: Any) -> StarletteResolver | None:
+def integrate(app: Any, inner: Any, engine: Engine | None = None) -> StarletteResolver | None:
     """Everything the ASGI middleware needs from a Starlette/FastAPI ``app`` it runs in (or
     wraps): the route resolver, and in FastAPI the hook that tells it about requests refused by
-    validation. ``inner`` is the app the middleware calls (where FastAPI's exception
-    middleware is found)."""
+    validation and the OpenAPI documentation of the protected routes (``engine``'s policies).
+    ``inner`` is the app the middleware calls (where FastAPI's exception middleware is
+    found)."""
     if type(app).__module__.split(".", 1)[0] == "fastapi":
-        from oncely.http.fastapi import watch_validation
+        from oncely.http.fastapi import document, watch_validation
 
+        if engine is not None:
+            document(app, engine)
         if not watch_validation(app, inner):
             log.warning(
                 "oncely.http: cannot find FastAPI's exception middleware below the idempotency "

@@ -30,21 +30,16 @@ from oncely.http.flow import (
     BodyError,
     Captured,
     Claim,
-    Complete,
-    ConsumeToken,
-    IssueToken,
     Op,
     Pass,
     ReadBody,
-    Release,
-    ReleaseToken,
     Respond,
     Run,
-    Sleep,
-    Watch,
     request_flow,
 )
 from oncely.http.messages import ENTRY_KEY, HandlerEntry, HttpRequest, HttpResponse
+from oncely.http.options import config_from_mapping
+from oncely.http.perform import perform
 from oncely.http.problems import from_exception
 from oncely.http.routes import Resolver
 
@@ -111,7 +106,9 @@ class WSGIIdempotencyMiddleware:
         **options: Any,
     ) -> None:
         if config is None:
-            config = IdempotencyConfig(**options)
+            config = config_from_mapping(
+                options, "WSGIIdempotencyMiddleware", also=("config", "resolver")
+            )
         elif options:
             raise ConfigurationError(
                 f"pass either config= or its fields, not both (got {sorted(options)})"
@@ -159,7 +156,6 @@ class _Exchange:
 
     def _drive(self, value: Any, error: BaseException | None) -> Any:
         """Perform operations until the flow ends (returning what to give the server)."""
-        store = self.engine.store
         flow = self.flow
         result: Any = None
         while True:
@@ -170,11 +166,9 @@ class _Exchange:
             value = error = None
             try:
                 kind = type(op)
-                if kind is Claim:
-                    assert isinstance(op, Claim)
+                if kind is Claim:  # the lease's local bound counts from here
                     self.claim_sent = time.monotonic()
-                    value = store.claim(op.key, op.fingerprint, op.lease, op.ttl)
-                elif kind is ReadBody:
+                if kind is ReadBody:
                     assert isinstance(op, ReadBody)
                     value = self._read_body(op.limit)
                 elif kind is Respond:
@@ -186,29 +180,8 @@ class _Exchange:
                     assert isinstance(op, Run)
                     # The rest of the flow runs when the server has consumed the body.
                     return self._run(op)
-                elif kind is Complete:
-                    assert isinstance(op, Complete)
-                    store.complete(op.key, op.fence, op.data, op.codec, op.ttl)
-                elif kind is Release:
-                    assert isinstance(op, Release)
-                    store.release(op.key, op.fence)
-                elif kind is Watch:
-                    assert isinstance(op, Watch)
-                    value = store.watch(op.key, op.fence, op.timeout)
-                elif kind is Sleep:
-                    assert isinstance(op, Sleep)
-                    time.sleep(op.seconds)
-                elif kind is ConsumeToken:
-                    assert isinstance(op, ConsumeToken) and self.engine.tokens is not None
-                    value = self.engine.tokens.consume(op.token, op.subject, op.purpose)
-                elif kind is ReleaseToken:
-                    assert isinstance(op, ReleaseToken) and self.engine.tokens is not None
-                    self.engine.tokens.release(op.use)
-                elif kind is IssueToken:
-                    assert isinstance(op, IssueToken) and self.engine.tokens is not None
-                    value = self.engine.tokens.issue(op.subject, op.purpose, op.ttl)
-                else:  # pragma: no cover - the flow yields only the operations above
-                    raise AssertionError(op)
+                else:
+                    value = perform(self.engine, op)
             except BaseException as exc:
                 error = exc
 

@@ -1,0 +1,160 @@
+"""Litestar (issue 14 item 3): the plugin with Litestar's test client and under Uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from litestar import Litestar, post
+from litestar.config.compression import CompressionConfig
+from litestar.testing import TestClient
+
+from oncely.errors import ConfigurationError
+from oncely.http import GLOBAL, IdempotencyConfig, IdempotencyMiddleware
+from oncely.http.litestar import IdempotencyPlugin
+from oncely.stores.memory import MemoryStore
+from test_http_servers import fire, hang_up_and_retry, running, server_env
+
+from conftest import StoreFactory
+from http_apps import litestar_app
+from http_apps.executions import calls
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def key() -> dict[str, str]:
+    return {"Idempotency-Key": f'"{uuid.uuid4()}"'}
+
+
+def client(store: MemoryStore | None = None, **options: Any) -> TestClient[Litestar]:
+    config = IdempotencyConfig(store=store or MemoryStore(), scope=GLOBAL, **options)
+    return TestClient(litestar_app.make_app(config))
+
+
+def test_replay_mismatch_missing_and_per_route_rules() -> None:
+    calls.clear()
+    with client() as c:
+        k = key()
+        first = c.post("/orders", headers=k)
+        again = c.post("/orders", headers=k)
+        assert (first.status_code, again.status_code) == (201, 201)
+        assert again.headers["idempotent-replayed"] == "true" and again.json() == first.json()
+        missing = c.post("/orders")
+        assert missing.status_code == 400
+        assert missing.headers["content-type"] == "application/problem+json"
+        k = key()
+        c.post("/pay", json={"amount": 5, "note": "a"}, headers=k)
+        same = c.post("/pay", json={"amount": 5, "note": "b"}, headers=k)  # amount only counts
+        other = c.post("/pay", json={"amount": 6}, headers=k)
+        assert same.headers["idempotent-replayed"] == "true"
+        assert other.status_code == 422 and other.json()["type"].endswith("key-mismatch")
+        assert c.post("/off").status_code == 201  # opt={"idempotency": False}
+        assert c.post("/nowhere", headers=key()).status_code == 404
+    assert calls == {"orders": 1, "pay": 1, "off": 1}
+
+
+def test_refusals_before_the_handler_do_not_use_up_the_key() -> None:
+    store = MemoryStore()
+    calls.clear()
+    with client(store) as c:
+        k = key()
+        invalid = c.post("/pay", json={"amount": "five"}, headers=k)
+        assert invalid.status_code == 400  # Litestar's validation, before the handler
+        refused = c.post("/guarded", headers=k)
+        assert refused.status_code == 401  # the guard
+        assert store.list() == []
+        fixed = c.post("/pay", json={"amount": 5}, headers=k)
+        assert fixed.status_code == 201 and "idempotent-replayed" not in fixed.headers
+        k = key()
+        made = c.post("/guarded", headers={**k, "X-Allow": "yes"})
+        again = c.post("/guarded", headers={**k, "X-Allow": "yes"})
+        assert made.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+        # The handler itself refusing after it worked: its answer is kept, not run again.
+        k = key()
+        assert c.post("/denied", headers=k).status_code == 403
+        kept = c.post("/denied", headers=k)
+        assert kept.status_code == 403 and kept.headers["idempotent-replayed"] == "true"
+        # A failing handler releases the key; a problem it raises is answered as such.
+        k = key()
+        assert c.post("/boom", headers=k).status_code == 500
+        assert c.post("/boom", headers=k).status_code == 500
+        problem = c.post("/problem", headers=key())
+        assert problem.status_code == 409 and problem.json()["remaining"] == 0
+    assert calls == {"pay": 1, "guarded": 1, "denied": 1, "boom": 2, "problem": 1}
+
+
+def test_plugin_options_are_checked_by_name_type_and_unit() -> None:
+    with pytest.raises(ConfigurationError, match="did you mean 'scope'"):
+        IdempotencyPlugin(scpoe=GLOBAL)
+    with pytest.raises(ConfigurationError, match="unknown unit 'moments'"):
+        IdempotencyPlugin(scope=GLOBAL, wait="1 moments")
+    plugin = IdempotencyPlugin(scope=GLOBAL, store="memory://")
+    assert plugin.config.scope is GLOBAL
+
+    @post("/x", opt={"idempotency": {"fingerprnt": ["a"]}})
+    async def x() -> None:
+        return None
+
+    with TestClient(Litestar([x], plugins=[plugin])) as c:
+        reply = c.post("/x", headers=key())
+    assert reply.status_code == 500  # a misspelt rule in opt is refused, with the name
+
+
+def test_the_plugin_twice_or_beside_the_asgi_middleware_is_refused() -> None:
+    config = IdempotencyConfig(store=MemoryStore(), scope=GLOBAL)
+    with pytest.raises(ConfigurationError, match="listed twice"):
+        Litestar([], plugins=[IdempotencyPlugin(config), IdempotencyPlugin(config)])
+    from litestar.middleware import DefineMiddleware
+
+    beside = DefineMiddleware(IdempotencyMiddleware, config=config)
+    with pytest.raises(ConfigurationError, match="already in this app"):
+        Litestar([], middleware=[beside], plugins=[IdempotencyPlugin(config)])
+
+
+def test_compression_inside_the_plugin_is_refused() -> None:
+    config = IdempotencyConfig(store=MemoryStore(), scope=GLOBAL)
+    with pytest.raises(ConfigurationError, match="compress outside the app"):
+        Litestar(
+            [],
+            compression_config=CompressionConfig(backend="gzip"),
+            plugins=[IdempotencyPlugin(config)],
+        )
+
+
+@pytest.mark.parametrize("kind", ["redis", "postgres"])
+def test_litestar_under_uvicorn(kind: str, make_store: StoreFactory, tmp_path: Path) -> None:
+    store, url, options = make_store(kind)
+    env = server_env(url, options, tmp_path / "executions.log")
+    env["SERVER_APP_SLEEP"] = "0.4"
+    auth = {"Authorization": "Bearer alice"}
+    k = f'"{uuid.uuid4()}"'
+    with running("uvicorn", env, tmp_path, "http_apps.litestar_app:app") as base:
+        replies = asyncio.run(fire(base, 50, k))
+        with httpx.Client(base_url=base, timeout=30) as c:
+            k2 = {**auth, "Idempotency-Key": f'"{uuid.uuid4()}"'}
+            invalid = c.post("/pay", json={"amount": "five"}, headers=k2)
+            # The refusal is sent before the key is released (one store round trip later).
+            deadline = time.monotonic() + 10
+            while any(r.status == "in_progress" for r in store.list()):
+                assert time.monotonic() < deadline, "the refused request kept its key"
+                time.sleep(0.01)
+            fixed = c.post("/pay", json={"amount": 5}, headers=k2)
+            again = c.post("/pay", json={"amount": 5}, headers=k2)
+            k3 = {**auth, "Idempotency-Key": f'"{uuid.uuid4()}"'}
+            retry = hang_up_and_retry(c, "/report", k3)
+    lines = (tmp_path / "executions.log").read_text().split("\n")
+    assert len([line for line in lines if line.startswith("orders")]) == 1
+    originals = [
+        r for r in replies if r.status_code == 201 and "idempotent-replayed" not in r.headers
+    ]
+    in_flight = [r for r in replies if r.status_code == 409]
+    assert len(originals) == 1 and in_flight
+    assert invalid.status_code == 400
+    assert fixed.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert retry.json()["type"].endswith("/response-not-replayable")
+    assert len([line for line in lines if line.startswith("report")]) == 1
