@@ -643,7 +643,7 @@ def test_close_keeps_the_store_usable(store: MySQLStore) -> None:
 
 async def test_async_face_matches_the_sync_face(store: MySQLStore) -> None:
     key = fresh_key()
-    new = await store.aclaim(key, "fp", 0.3, 60.0)
+    new = await store.aclaim(key, "fp", 5.0, 60.0)
     assert isinstance(new, New)
     assert isinstance(store.claim(key, "fp", 30.0, 60.0), InFlight)  # same table, sync face
     lease_until = await store.arenew(key, new.fence, 30.0)

@@ -244,7 +244,7 @@ async def test_64_tasks_one_key_exactly_one_new(store: Store) -> None:
 
 async def test_async_face_matches_sync_rules(store: Store) -> None:
     key = fresh_key()
-    new = await store.aclaim(key, "fp", 0.3, 60.0)
+    new = await store.aclaim(key, "fp", 5.0, 60.0)
     assert isinstance(new, New)
     assert await store.arenew(key, new.fence, 30.0) > new.lease_until
     waiter = asyncio.ensure_future(store.awatch(key, new.fence, 10.0))
