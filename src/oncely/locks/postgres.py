@@ -52,19 +52,16 @@ from typing import Any, Final, Literal
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
-from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from oncely.backends.postgres import AsyncConn, SyncConn, conninfo, network_defaults, schema_lock_id
+from oncely.backends.urls import redact_url
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
-from oncely.stores.base import redact_url
-from oncely.stores.postgres import _conninfo, _lock_id, _network_defaults
 
 __all__ = ["PostgresLockBackend", "Scope", "advisory_key"]
 
 Scope = Literal["session", "transaction"]
-SyncConn = psycopg.Connection[TupleRow]
-AsyncConn = psycopg.AsyncConnection[TupleRow]
 
 
 def advisory_key(name: str) -> int:
@@ -148,7 +145,7 @@ class PostgresLockBackend(LockBackend):
     ``table`` holds the fencing counters (created on first use unless ``create_schema=False``).
     ``max_size`` bounds the sync pool: each held lock and each waiter uses one connection.
     ``timeout`` bounds connecting and waiting for a pooled connection; TCP keepalive
-    (:data:`oncely.stores.postgres.TCP_DEFAULTS`) notices a server the network cut off within
+    (:data:`oncely.backends.postgres.TCP_DEFAULTS`) notices a server the network cut off within
     about 10 s (the URL or an option overrides either). Further keyword ``options`` go to
     :func:`psycopg.connect`.
     """
@@ -171,7 +168,7 @@ class PostgresLockBackend(LockBackend):
         **options: Any,
     ) -> None:
         self.url = url
-        self.conninfo = _conninfo(url)
+        self.conninfo = conninfo(url)
         schema, _, name = table.rpartition(".")
         if not all(part.isidentifier() for part in (name, *([schema] if schema else []))):
             raise ConfigurationError(
@@ -186,7 +183,7 @@ class PostgresLockBackend(LockBackend):
         self.max_size = max_size
         self.timeout = float(timeout)
         self.create_schema = create_schema
-        kwargs: dict[str, Any] = _network_defaults(self.conninfo, timeout)
+        kwargs: dict[str, Any] = network_defaults(self.conninfo, timeout)
         kwargs["application_name"] = "oncely-lock"
         kwargs.update(options)
         kwargs["autocommit"] = True
@@ -290,7 +287,7 @@ class PostgresLockBackend(LockBackend):
         if self._schema_ready:
             return
         with conn.transaction():
-            conn.execute(INIT_LOCK, {"lock": _lock_id(self.table)})
+            conn.execute(INIT_LOCK, {"lock": schema_lock_id(self.table)})
             conn.execute(self._sql[("ddl", "")])
         self._schema_ready = True
 
@@ -412,7 +409,7 @@ class PostgresLockBackend(LockBackend):
             conn = await psycopg.AsyncConnection.connect(self.conninfo, **self._kwargs)
             if not self._schema_ready:
                 async with conn.transaction():
-                    await conn.execute(INIT_LOCK, {"lock": _lock_id(self.table)})
+                    await conn.execute(INIT_LOCK, {"lock": schema_lock_id(self.table)})
                     await conn.execute(self._sql[("ddl", "")])
                 self._schema_ready = True
         except psycopg.Error as exc:
