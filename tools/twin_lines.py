@@ -4,7 +4,9 @@ A twin pair is a function ``name`` and, in the same class or module, a function 
 (``_run`` / ``_arun``, ``claim`` / ``aclaim``, ``wait_release`` / ``await_release``) where at least
 one of the two is ``async def``. The count is the lines both definitions span (signature, body
 and docstring), so a pair of one-line delegations counts 2 x 2-3 lines and a pair of hand-written
-copies counts all their lines.
+copies counts all their lines. A pair is *thin* when each body is one statement (a docstring
+aside, and an abstract ``...`` counts as one): a delegation such as
+``return run(self._claim(...), self._execute)``; the others are *written twice*.
 
     python tools/twin_lines.py [--detail] [PATH ...]   (default: src/oncely)
 """
@@ -37,8 +39,15 @@ def _scopes(tree: ast.Module) -> list[tuple[str, list[ast.stmt]]]:
     return scopes
 
 
-def twins(path: pathlib.Path) -> list[tuple[str, int, int]]:
-    """(name, sync lines, async lines) of every twin pair in ``path``."""
+def _thin(node: Func) -> bool:
+    body = list(node.body)
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    return len(body) <= 1
+
+
+def twins(path: pathlib.Path) -> list[tuple[str, int, int, bool]]:
+    """(name, sync lines, async lines, thin) of every twin pair in ``path``."""
     tree = ast.parse(path.read_text(), str(path))
     out = []
     for prefix, body in _scopes(tree):
@@ -51,7 +60,7 @@ def twins(path: pathlib.Path) -> list[tuple[str, int, int]]:
                 isinstance(twin, ast.AsyncFunctionDef) or isinstance(node, ast.AsyncFunctionDef)
             ):
                 continue
-            out.append((prefix + name, _span(node), _span(twin)))
+            out.append((prefix + name, _span(node), _span(twin), _thin(node) and _thin(twin)))
     return out
 
 
@@ -60,19 +69,21 @@ def main() -> int:
     parser.add_argument("paths", nargs="*", default=["src/oncely"])
     parser.add_argument("--detail", action="store_true", help="one line per pair")
     args = parser.parse_args()
-    grand = 0
+    grand = twice = 0
+    print(" lines  written twice  pairs  file")
     for root in map(pathlib.Path, args.paths):
         files = sorted(root.rglob("*.py")) if root.is_dir() else [root]
         for path in files:
             pairs = twins(path)
-            lines = sum(s + a for _, s, a in pairs)
-            grand += lines
+            lines = sum(s + a for _, s, a, _ in pairs)
+            doubled = sum(s + a for _, s, a, thin in pairs if not thin)
+            grand, twice = grand + lines, twice + doubled
             if pairs and args.detail:
-                for name, s, a in pairs:
-                    print(f"  {path}:{name}  {s} + {a}")
+                for name, s, a, thin in pairs:
+                    print(f"    {path}:{name}  {s} + {a}{'  thin' if thin else ''}")
             if pairs:
-                print(f"{lines:6d}  {len(pairs):3d} pairs  {path}")
-    print(f"{grand:6d}  total twin lines")
+                print(f"{lines:6d}  {doubled:13d}  {len(pairs):5d}  {path}")
+    print(f"{grand:6d}  {twice:13d}         total")
     return 0
 
 
