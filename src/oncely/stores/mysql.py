@@ -63,12 +63,12 @@ from oncely.backends.mysql import (
     server_version,
     supports_returning,
 )
-from oncely.backends.plans import Exec, Plan, Sleep, arun, run
+from oncely.backends.plans import Exec, Plan, Sleep
 from oncely.backends.urls import redact_url
 from oncely.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, Record, RecordKey
-from oncely.stores.base import Store
+from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 from oncely.stores.sql import (
     COLUMNS,
@@ -308,7 +308,7 @@ def _check_keeper(result: Result, outdated: Callable[[], SchemaMissing]) -> None
         raise outdated()
 
 
-class MySQLStore(Store):
+class MySQLStore(PlannedStore):
     """Records in a MySQL / MariaDB InnoDB table; pooled autocommit connections, server clock.
 
     ``max_size`` bounds the connections in use (per process for the sync face, per event loop
@@ -566,37 +566,6 @@ class MySQLStore(Store):
             return None
         return await self._arun(request.statement, request.params)
 
-    # -- sync face -----------------------------------------------------------------------------
-    def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
-        return run(self._claim(key, fingerprint, lease, ttl), self._execute)
-
-    def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
-        run(self._complete(key, fence, result, codec, ttl), self._execute)
-
-    def release(self, key: RecordKey, fence: int) -> None:
-        run(self._release(key, fence), self._execute)
-
-    def renew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return run(self._renew(key, fence, lease), self._execute)
-
-    def watch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        return run(self._watch(key, fence, timeout), self._execute)
-
-    def get(self, key: RecordKey) -> Record | None:
-        return run(self._get(key), self._execute)
-
-    def delete(self, key: RecordKey) -> bool:
-        return run(self._delete(key), self._execute)
-
-    def purge_expired(self, limit: int = 1000) -> int:
-        return run(self._purge_expired(limit), self._execute)
-
-    def list(self, scope: str | None = None, limit: int = 100) -> Records:
-        return run(self._list(scope, limit), self._execute)
-
-    def now(self) -> float:
-        return run(self._now(), self._execute)
-
     # -- async plumbing ------------------------------------------------------------------------
     async def _aacquire(self, slot: LoopPool, pool: Any) -> Any:
         """A connection from the loop's ``pool``; the caller holds one of ``slot.slots``."""
@@ -697,38 +666,3 @@ class MySQLStore(Store):
 
     async def aclose(self) -> None:
         await self._loops.aclose()
-
-    # -- async face ----------------------------------------------------------------------------
-    async def aclaim(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
-    ) -> ClaimOutcome:
-        return await arun(self._claim(key, fingerprint, lease, ttl), self._aexecute)
-
-    async def acomplete(
-        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
-    ) -> None:
-        await arun(self._complete(key, fence, result, codec, ttl), self._aexecute)
-
-    async def arelease(self, key: RecordKey, fence: int) -> None:
-        await arun(self._release(key, fence), self._aexecute)
-
-    async def arenew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return await arun(self._renew(key, fence, lease), self._aexecute)
-
-    async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        return await arun(self._watch(key, fence, timeout), self._aexecute)
-
-    async def aget(self, key: RecordKey) -> Record | None:
-        return await arun(self._get(key), self._aexecute)
-
-    async def adelete(self, key: RecordKey) -> bool:
-        return await arun(self._delete(key), self._aexecute)
-
-    async def apurge_expired(self, limit: int = 1000) -> int:
-        return await arun(self._purge_expired(limit), self._aexecute)
-
-    async def alist(self, scope: str | None = None, limit: int = 100) -> Records:
-        return await arun(self._list(scope, limit), self._aexecute)
-
-    async def anow(self) -> float:
-        return await arun(self._now(), self._aexecute)

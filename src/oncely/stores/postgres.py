@@ -22,13 +22,12 @@ closed by the loop's shutdown, so nobody has to call :meth:`PostgresStore.aclose
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -36,7 +35,7 @@ from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from oncely.backends.loops import LoopLocal
-from oncely.backends.plans import Exec, Plan, arun, run
+from oncely.backends.plans import Exec, Plan
 from oncely.backends.postgres import (
     AsyncConn,
     LoopConnections,
@@ -49,7 +48,8 @@ from oncely.backends.urls import redact_url
 from oncely.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, New, Record, RecordKey
-from oncely.stores.base import Store, claimable, classify
+from oncely.stores.base import claimable, classify
+from oncely.stores.planned import PlannedStore
 from oncely.stores.sql import (
     Params,
     Row,
@@ -393,7 +393,43 @@ def _claim_outcome(rows: list[Row], fingerprint: str) -> ClaimOutcome | None:
     return classify(rec, fingerprint, now)
 
 
-class PostgresStore(Store):
+class _Listening(NamedTuple):
+    """A watch connection that listens on :data:`CHANNEL`, and where it goes back to."""
+
+    conn: Any
+    home: Any
+
+
+class _Listen(NamedTuple):
+    """A watch connection listening on :data:`CHANNEL` (None if every one stays busy until
+    ``deadline``, monotonic seconds)."""
+
+    deadline: float
+
+
+class _OnListening(NamedTuple):
+    """Run ``request`` (an :class:`~oncely.backends.plans.Exec`) on the listening connection."""
+
+    listening: _Listening
+    request: Exec
+
+
+class _Notified(NamedTuple):
+    """True once a notification with payload ``note`` arrives, False at ``deadline``."""
+
+    listening: _Listening
+    note: str
+    deadline: float
+
+
+class _Unlisten(NamedTuple):
+    """Give the watch connection back: kept (after ``UNLISTEN``) if ``clean``, else closed."""
+
+    listening: _Listening
+    clean: bool
+
+
+class PostgresStore(PlannedStore):
     """Records in a PostgreSQL table; pooled autocommit connections, clock = the server's.
 
     ``min_size``/``max_size`` size the pool used for decisions (per process for the sync face,
@@ -652,73 +688,121 @@ class PostgresStore(Store):
     def _now(self) -> Plan[float]:
         return float((yield Exec(_NOW_QUERY, {}, self._prepare))[0][0])
 
-    def _execute(self, request: Exec) -> Rows:
-        return self._run(request.statement, request.params, request.prepare)
-
-    async def _aexecute(self, request: Exec) -> Rows:
-        return await self._arun(request.statement, request.params, request.prepare)
-
-    # -- sync face -----------------------------------------------------------------------------
-    def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
-        return run(self._claim(key, fingerprint, lease, ttl), self._execute)
-
-    def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
-        run(self._complete(key, fence, result, codec, ttl), self._execute)
-
-    def release(self, key: RecordKey, fence: int) -> None:
-        run(self._release(key, fence), self._execute)
-
-    def renew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return run(self._renew(key, fence, lease), self._execute)
-
-    def watch(self, key: RecordKey, fence: int, timeout: float) -> bool:
+    def _watch(self, key: RecordKey, fence: int, timeout: float) -> Plan[bool]:
         deadline = time.monotonic() + max(0.0, timeout)
-        note = _note(self.table, key)
-        pool = self._sync_watch_pool()
+        listening = yield _Listen(deadline)
+        if listening is None:
+            # Every watch connection is busy: answer from one look at the record.
+            return changed((yield Exec(self._sql.state, key_params(key))), fence)
+        clean = False
         try:
+            # Read after LISTEN: a completion that landed before it is seen here, one that lands
+            # after it is delivered as a notification.
+            state = Exec(self._sql.state, key_params(key), self._prepare)
+            seen = changed((yield _OnListening(listening, state)), fence)
+            if not seen:
+                seen = yield _Notified(listening, _note(self.table, key), deadline)
+            clean = True
+            return seen
+        finally:
+            yield _Unlisten(listening, clean)
+
+    # -- the two executors -----------------------------------------------------------------------
+    def _execute(self, request: Any) -> Any:
+        if type(request) is Exec:
+            return self._run(request.statement, request.params, request.prepare)
+        try:
+            return self._listen_step(request)
+        except psycopg.Error as exc:
+            raise self._translate(exc) from exc
+
+    def _listen_step(self, request: Any) -> Any:
+        kind = type(request)
+        if kind is _Listen:
+            pool = self._sync_watch_pool()
             try:
-                conn = pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
+                conn = pool.getconn(timeout=max(0.001, request.deadline - time.monotonic()))
             except PoolTimeout:
-                # Every watch connection is busy: answer from one look at the record.
-                return changed(self._run(self._sql.state, key_params(key)), fence)
-            clean = False
+                return None
             try:
                 conn.execute(LISTEN, prepare=False)
-                # Read after LISTEN: a completion that landed before it is seen here, one that
-                # lands after it is delivered as a notification.
-                rows = conn.execute(self._sql.state, key_params(key), prepare=self._prepare)
-                seen = changed(rows.fetchall(), fence)
-                if not seen:
-                    with contextlib.closing(
-                        conn.notifies(timeout=max(0.0, deadline - time.monotonic()))
-                    ) as notes:
-                        seen = any(n.payload == note for n in notes)
+            except BaseException:
+                conn.close()  # the pool replaces a closed connection
+                pool.putconn(conn)
+                raise
+            return _Listening(conn, pool)
+        conn = request.listening.conn
+        if kind is _OnListening:
+            query = request.request
+            return conn.execute(query.statement, query.params, prepare=query.prepare).fetchall()
+        if kind is _Notified:
+            wait = max(0.0, request.deadline - time.monotonic())
+            with contextlib.closing(conn.notifies(timeout=wait)) as notes:
+                return any(n.payload == request.note for n in notes)
+        clean = False
+        try:
+            if request.clean:
                 conn.execute(UNLISTEN, prepare=False)
                 for _ in conn.notifies(timeout=0):  # drop what arrived before UNLISTEN
                     pass
                 clean = True
-                return seen
-            finally:
-                if not clean:
-                    conn.close()  # the pool replaces a closed connection
-                pool.putconn(conn)
+        finally:
+            if not clean:
+                conn.close()  # the pool replaces a closed connection
+            request.listening.home.putconn(conn)
+        return None
+
+    async def _aexecute(self, request: Any) -> Any:
+        if type(request) is Exec:
+            return await self._arun(request.statement, request.params, request.prepare)
+        try:
+            with keep_cancel():  # asyncio.wait_for can drop a cancel (Python 3.11)
+                return await self._alisten_step(request)
         except psycopg.Error as exc:
             raise self._translate(exc) from exc
 
-    def get(self, key: RecordKey) -> Record | None:
-        return run(self._get(key), self._execute)
-
-    def delete(self, key: RecordKey) -> bool:
-        return run(self._delete(key), self._execute)
-
-    def purge_expired(self, limit: int = 1000) -> int:
-        return run(self._purge_expired(limit), self._execute)
-
-    def list(self, scope: str | None = None, limit: int = 100) -> Records:
-        return run(self._list(scope, limit), self._execute)
-
-    def now(self) -> float:
-        return run(self._now(), self._execute)
+    async def _alisten_step(self, request: Any) -> Any:
+        kind = type(request)
+        if kind is _Listen:
+            slot = self._loops.get()
+            wait = max(0.001, request.deadline - time.monotonic())
+            conn = await slot.take(slot.watch, wait, self._aopen)
+            if conn is None:
+                return None
+            try:
+                await conn.execute(LISTEN, prepare=False)
+            except BaseException:
+                conn.pgconn.finish()
+                slot.give(slot.watch, conn)
+                raise
+            return _Listening(conn, slot)
+        conn = request.listening.conn
+        if kind is _OnListening:
+            query = request.request
+            cur = await conn.execute(query.statement, query.params, prepare=query.prepare)
+            return await cur.fetchall()
+        if kind is _Notified:
+            notes = conn.notifies(timeout=max(0.0, request.deadline - time.monotonic()))
+            async with contextlib.aclosing(notes):
+                async for n in notes:
+                    if n.payload == request.note:
+                        return True
+            return False
+        clean = False
+        try:
+            if request.clean:
+                await conn.execute(UNLISTEN, prepare=False)
+                async for _ in conn.notifies(timeout=0):  # drop what arrived before UNLISTEN
+                    pass
+                clean = True
+        finally:
+            # On cancellation or error the connection may still be listening or mid-query:
+            # close it rather than keep it.
+            if not clean and not conn.closed:
+                conn.pgconn.finish()
+            slot = request.listening.home
+            slot.give(slot.watch, conn)
+        return None
 
     # -- async plumbing ------------------------------------------------------------------------
     async def _aopen(self, slot: LoopConnections) -> AsyncConn:
@@ -772,79 +856,6 @@ class PostgresStore(Store):
 
     async def aclose(self) -> None:
         await self._loops.aclose()
-
-    # -- async face ----------------------------------------------------------------------------
-    async def aclaim(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
-    ) -> ClaimOutcome:
-        return await arun(self._claim(key, fingerprint, lease, ttl), self._aexecute)
-
-    async def acomplete(
-        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
-    ) -> None:
-        await arun(self._complete(key, fence, result, codec, ttl), self._aexecute)
-
-    async def arelease(self, key: RecordKey, fence: int) -> None:
-        await arun(self._release(key, fence), self._aexecute)
-
-    async def arenew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return await arun(self._renew(key, fence, lease), self._aexecute)
-
-    async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout)
-        with keep_cancel():  # asyncio.wait_for can drop a cancel (Python 3.11)
-            return await self._awatch(key, fence, deadline)
-
-    async def _awatch(self, key: RecordKey, fence: int, deadline: float) -> bool:
-        loop = asyncio.get_running_loop()
-        note = _note(self.table, key)
-        slot = self._loops.get()
-        try:
-            conn = await slot.take(slot.watch, max(0.001, deadline - loop.time()), self._aopen)
-            if conn is None:
-                # Every watch connection is busy: answer from one look at the record.
-                return changed(await self._arun(self._sql.state, key_params(key)), fence)
-            clean = False
-            try:
-                await conn.execute(LISTEN, prepare=False)
-                cur = await conn.execute(self._sql.state, key_params(key), prepare=self._prepare)
-                seen = changed(await cur.fetchall(), fence)
-                if not seen:
-                    notes = conn.notifies(timeout=max(0.0, deadline - loop.time()))
-                    async with contextlib.aclosing(notes):
-                        async for n in notes:
-                            if n.payload == note:
-                                seen = True
-                                break
-                await conn.execute(UNLISTEN, prepare=False)
-                async for _ in conn.notifies(timeout=0):
-                    pass
-                clean = True
-                return seen
-            finally:
-                # On cancellation or error the connection may still be listening or mid-query:
-                # close it rather than keep it.
-                if not clean and not conn.closed:
-                    conn.pgconn.finish()
-                slot.give(slot.watch, conn)
-        except psycopg.Error as exc:
-            raise self._translate(exc) from exc
-
-    async def aget(self, key: RecordKey) -> Record | None:
-        return await arun(self._get(key), self._aexecute)
-
-    async def adelete(self, key: RecordKey) -> bool:
-        return await arun(self._delete(key), self._aexecute)
-
-    async def apurge_expired(self, limit: int = 1000) -> int:
-        return await arun(self._purge_expired(limit), self._aexecute)
-
-    async def alist(self, scope: str | None = None, limit: int = 100) -> Records:
-        return await arun(self._list(scope, limit), self._aexecute)
-
-    async def anow(self) -> float:
-        return await arun(self._now(), self._aexecute)
 
     def _no_decision(self, key: RecordKey) -> str:
         return (

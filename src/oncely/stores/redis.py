@@ -40,12 +40,12 @@ import redis.asyncio
 from redis.exceptions import RedisError
 
 from oncely.backends.lua import Script
-from oncely.backends.plans import Command, Eval, Plan, arun, run
+from oncely.backends.plans import Command, Eval, Plan
 from oncely.backends.redis import RedisClients, ms
 from oncely.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, LeaseLost, StoreError
 from oncely.records import ClaimOutcome, InFlight, Mismatch, New, Record, RecordKey, Replay, Status
-from oncely.stores.base import Store
+from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 
 __all__ = ["RedisStore"]
@@ -188,7 +188,7 @@ class _Unsubscribe(NamedTuple):
     pubsub: Any
 
 
-class RedisStore(Store):
+class RedisStore(PlannedStore):
     """Idempotency records in Redis (``redis://`` or ``rediss://``), via ``oncely[redis]``.
 
     ``client`` / ``async_client`` use existing redis-py clients (not closed by :meth:`close` /
@@ -275,7 +275,17 @@ class RedisStore(Store):
     def _delete(self, key: RecordKey) -> Plan[bool]:
         return bool((yield Eval(_DELETE, 1, (self._key(key), self._channel(key)))))
 
+    def _purge_expired(self, limit: int) -> Plan[int]:
+        """0: every record carries ``PEXPIREAT expires_at``, so Redis drops it itself."""
+        return 0
+        yield  # a plan that sends nothing
+
     def _list(self, scope: str | None, limit: int) -> Plan[builtins.list[Record]]:
+        """Up to ``limit`` live records (of ``scope``, if given), oldest first.
+
+        SCANs the keyspace, so it is for inspection, not for the hot path; with a ``limit`` it
+        stops early and returns the oldest of the records it found.
+        """
         if limit <= 0:
             return []
         pattern = self._scan_pattern(scope)
@@ -294,6 +304,9 @@ class RedisStore(Store):
         return _parse_time((yield Command(("TIME",))))
 
     def _watch(self, key: RecordKey, fence: int, timeout: float) -> Plan[bool]:
+        """Wait until the record is no longer ``in_progress`` under ``fence``: True as soon as it
+        is completed, released, deleted, re-claimed, expired, or its lease ran out (a claim
+        would take it over); False once ``timeout`` passed."""
         probe = Eval(_PROBE, 1, (self._key(key), str(fence)))
 
         def changed() -> Plan[bool]:
@@ -377,95 +390,10 @@ class RedisStore(Store):
             return None
         return await self.redis.aexecute(request)
 
-    # -- sync face -------------------------------------------------------------------------------
-    def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
-        outcome: ClaimOutcome = run(self._claim(key, fingerprint, lease, ttl), self._execute)
-        return outcome
-
-    def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
-        run(self._complete(key, fence, result, codec, ttl), self._execute)
-
-    def release(self, key: RecordKey, fence: int) -> None:
-        run(self._release(key, fence), self._execute)
-
-    def renew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return run(self._renew(key, fence, lease), self._execute)
-
-    def get(self, key: RecordKey) -> Record | None:
-        return run(self._get(key), self._execute)
-
-    def delete(self, key: RecordKey) -> bool:
-        return run(self._delete(key), self._execute)
-
-    def purge_expired(self, limit: int = 1000) -> int:
-        """Return 0: every record carries ``PEXPIREAT expires_at``, so Redis drops it itself."""
-        return 0
-
-    def list(self, scope: str | None = None, limit: int = 100) -> builtins.list[Record]:
-        """Up to ``limit`` live records (of ``scope``, if given), oldest first.
-
-        SCANs the keyspace, so it is for inspection, not for the hot path; with a ``limit`` it
-        stops early and returns the oldest of the records it found.
-        """
-        return run(self._list(scope, limit), self._execute)
-
-    def now(self) -> float:
-        return run(self._now(), self._execute)
-
-    def watch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        """Wait until the record is no longer ``in_progress`` under ``fence``.
-
-        Returns ``True`` as soon as it is completed, released, deleted, re-claimed, expired, or
-        its lease ran out (a claim would take it over); ``False`` once ``timeout`` passed.
-        """
-        return run(self._watch(key, fence, timeout), self._execute)
-
     def close(self) -> None:
         """Close the sync pool (a client passed in as ``client`` is left to its owner), and forget
         the async clients of event loops that are not running."""
         self.redis.close()
-
-    # -- async face ------------------------------------------------------------------------------
-    async def aclaim(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
-    ) -> ClaimOutcome:
-        outcome: ClaimOutcome = await arun(
-            self._claim(key, fingerprint, lease, ttl), self._aexecute
-        )
-        return outcome
-
-    async def acomplete(
-        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
-    ) -> None:
-        await arun(self._complete(key, fence, result, codec, ttl), self._aexecute)
-
-    async def arelease(self, key: RecordKey, fence: int) -> None:
-        await arun(self._release(key, fence), self._aexecute)
-
-    async def arenew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return await arun(self._renew(key, fence, lease), self._aexecute)
-
-    async def aget(self, key: RecordKey) -> Record | None:
-        return await arun(self._get(key), self._aexecute)
-
-    async def adelete(self, key: RecordKey) -> bool:
-        return await arun(self._delete(key), self._aexecute)
-
-    async def apurge_expired(self, limit: int = 1000) -> int:
-        """Return 0: Redis drops expired records by itself (see :meth:`purge_expired`)."""
-        return 0
-
-    async def alist(self, scope: str | None = None, limit: int = 100) -> builtins.list[Record]:
-        """The async face of :meth:`list`."""
-        return await arun(self._list(scope, limit), self._aexecute)
-
-    async def anow(self) -> float:
-        """The async face of :meth:`now`."""
-        return await arun(self._now(), self._aexecute)
-
-    async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        """The async face of :meth:`watch`."""
-        return await arun(self._watch(key, fence, timeout), self._aexecute)
 
     async def aclose(self) -> None:
         """Close the running loop's client and pool (``async_client`` is left to its owner)."""

@@ -24,12 +24,12 @@ import threading
 import time
 from typing import Any
 
-from oncely.backends.plans import Exec, Plan, Sleep, arun, run
+from oncely.backends.plans import Exec, Plan, Sleep
 from oncely.backends.sqlite import CLOCK as NOW
 from oncely.backends.sqlite import Connections, Workers, enable_wal, execute, is_busy, parse_url
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, Record, RecordKey
-from oncely.stores.base import Store
+from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 from oncely.stores.sql import (
     COLUMNS,
@@ -173,7 +173,7 @@ CHECK = (
 )
 
 
-class SQLiteStore(Store):
+class SQLiteStore(PlannedStore):
     """Records in a SQLite file (WAL), connections shared by all threads, clock = SQLite's."""
 
     schemes = ("sqlite",)
@@ -367,73 +367,3 @@ class SQLiteStore(Store):
             await asyncio.sleep(request.seconds)
             return None
         return await self._workers.run(self._run, request.statement, request.params)
-
-    # -- sync face -------------------------------------------------------------------------------
-    def now(self) -> float:
-        return run(self._now(), self._execute)
-
-    def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
-        outcome: ClaimOutcome = run(self._claim(key, fingerprint, lease, ttl), self._execute)
-        return outcome
-
-    def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
-        run(self._complete(key, fence, result, codec, ttl), self._execute)
-
-    def release(self, key: RecordKey, fence: int) -> None:
-        run(self._release(key, fence), self._execute)
-
-    def renew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return run(self._renew(key, fence, lease), self._execute)
-
-    def watch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        return run(self._watch(key, fence, timeout), self._execute)
-
-    def get(self, key: RecordKey) -> Record | None:
-        return run(self._get(key), self._execute)
-
-    def delete(self, key: RecordKey) -> bool:
-        return run(self._delete(key), self._execute)
-
-    def purge_expired(self, limit: int = 1000) -> int:
-        return run(self._purge_expired(limit), self._execute)
-
-    def list(self, scope: str | None = None, limit: int = 100) -> list[Record]:
-        return run(self._list(scope, limit), self._execute)
-
-    # -- async face: SQLite has no async driver; statements run on the store's worker threads ----
-    async def anow(self) -> float:
-        return await arun(self._now(), self._aexecute)
-
-    async def aclaim(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
-    ) -> ClaimOutcome:
-        outcome: ClaimOutcome = await arun(
-            self._claim(key, fingerprint, lease, ttl), self._aexecute
-        )
-        return outcome
-
-    async def acomplete(
-        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
-    ) -> None:
-        await arun(self._complete(key, fence, result, codec, ttl), self._aexecute)
-
-    async def arelease(self, key: RecordKey, fence: int) -> None:
-        await arun(self._release(key, fence), self._aexecute)
-
-    async def arenew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return await arun(self._renew(key, fence, lease), self._aexecute)
-
-    async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        return await arun(self._watch(key, fence, timeout), self._aexecute)
-
-    async def aget(self, key: RecordKey) -> Record | None:
-        return await arun(self._get(key), self._aexecute)
-
-    async def adelete(self, key: RecordKey) -> bool:
-        return await arun(self._delete(key), self._aexecute)
-
-    async def apurge_expired(self, limit: int = 1000) -> int:
-        return await arun(self._purge_expired(limit), self._aexecute)
-
-    async def alist(self, scope: str | None = None, limit: int = 100) -> Records:
-        return await arun(self._list(scope, limit), self._aexecute)
