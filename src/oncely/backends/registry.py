@@ -97,8 +97,32 @@ def _load(target: str, scheme: str, extra: str, what: str) -> Any:
     return getattr(module, class_name)
 
 
-def _known(kind: str) -> str:
-    return ", ".join(sorted(s for s, entry in SCHEMES.items() if getattr(entry, kind)))
+_NOT_A_URL: Final = {
+    "store": "use e.g. 'sqlite:///oncely.db', 'memory://', 'redis://localhost:6379/0' or "
+    "'postgresql://user@host/db'",
+    "lock": "use e.g. 'redis://localhost:6379/0', 'sqlite:///locks.db' or "
+    "'postgresql://user@host/db' (for Redlock pass a list of Redis URLs to Redlock(...))",
+}
+_NO_BACKEND: Final = {
+    "store": "",
+    "lock": " (memory:// has no lock backend: a lock must be shared between processes)",
+}
+
+
+def _class_of(url: str, kind: str) -> Any:
+    """The ``kind`` (``"store"``, ``"lock"``) class that serves ``url``, imported."""
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigurationError(f"{kind} URL {url!r} is not a URL; {_NOT_A_URL[kind]}")
+    scheme = _scheme(url)
+    entry = SCHEMES.get(scheme)
+    target = None if entry is None else getattr(entry, kind)
+    if entry is None or target is None:
+        known = ", ".join(sorted(s for s, row in SCHEMES.items() if getattr(row, kind)))
+        raise ConfigurationError(
+            f"unknown {kind} URL scheme {scheme!r} in {url!r}; known schemes: {known}"
+            + _NO_BACKEND[kind]
+        )
+    return _load(target, scheme, entry.extra, "lock backend" if kind == "lock" else "store")
 
 
 # -- stores ----------------------------------------------------------------------------------------
@@ -107,18 +131,7 @@ def store_class(url: str) -> type[Store]:
 
     :raises ConfigurationError: not a URL, an unknown scheme, or the driver's extra is missing.
     """
-    if not isinstance(url, str) or "://" not in url:
-        raise ConfigurationError(
-            f"store URL {url!r} is not a URL; use e.g. 'sqlite:///oncely.db', 'memory://', "
-            "'redis://localhost:6379/0' or 'postgresql://user@host/db'"
-        )
-    scheme = _scheme(url)
-    entry = SCHEMES.get(scheme)
-    if entry is None or entry.store is None:
-        raise ConfigurationError(
-            f"unknown store URL scheme {scheme!r} in {url!r}; known schemes: {_known('store')}"
-        )
-    cls: type[Store] = _load(entry.store, scheme, entry.extra, "store")
+    cls: type[Store] = _class_of(url, "store")
     return cls
 
 
@@ -168,20 +181,7 @@ def lock_backend_class(url: str) -> type[LockBackend]:
     :raises ConfigurationError: not a URL, a scheme without a lock backend, or the driver's
         extra is missing.
     """
-    if not isinstance(url, str) or "://" not in url:
-        raise ConfigurationError(
-            f"lock URL {url!r} is not a URL; use e.g. 'redis://localhost:6379/0', "
-            "'sqlite:///locks.db' or 'postgresql://user@host/db' (for Redlock pass a list of "
-            "Redis URLs to Redlock(...))"
-        )
-    scheme = _scheme(url)
-    entry = SCHEMES.get(scheme)
-    if entry is None or entry.lock is None:
-        raise ConfigurationError(
-            f"unknown lock URL scheme {scheme!r} in {url!r}; known schemes: {_known('lock')} "
-            "(memory:// has no lock backend: a lock must be shared between processes)"
-        )
-    cls: type[LockBackend] = _load(entry.lock, scheme, entry.extra, "lock backend")
+    cls: type[LockBackend] = _class_of(url, "lock")
     return cls
 
 
