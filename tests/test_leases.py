@@ -39,17 +39,6 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test alone: it may be paused (SIGSTOP) without hurting others."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
 def healthy_store() -> Iterator[RedisStore]:
     """A store on the shared Redis, under a prefix of its own."""
     prefix = f"oncely-test-{uuid.uuid4().hex[:12]}"

@@ -4,9 +4,6 @@ scripts (a restart, ``SCRIPT FLUSH``), sync and async, by sending ``EVAL`` once 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 import redis
 import redis.asyncio
 
@@ -17,15 +14,8 @@ from oncely.stores.redis import RedisStore
 
 from lock_workers import RedisServer
 
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
+#: private_redis lives there.
+pytest_plugins = ["lock_workers"]
 
 
 def flush(url: str) -> None:
@@ -34,18 +24,18 @@ def flush(url: str) -> None:
         assert client.script_exists(Script("oncely.stores", "claim").sha) == [False]
 
 
-def test_a_script_is_sent_again_after_the_server_forgot_it(server: RedisServer) -> None:
+def test_a_script_is_sent_again_after_the_server_forgot_it(private_redis: RedisServer) -> None:
     script = Script("oncely.stores", "probe")
-    with redis.Redis.from_url(server.url) as client:
+    with redis.Redis.from_url(private_redis.url) as client:
         assert evalsha(client, script, 1, "no-such-record", "1") == -1
         client.script_flush()
         assert evalsha(client, script, 1, "no-such-record", "1") == -1  # EVAL, then cached
         assert client.script_exists(script.sha) == [True]
 
 
-async def test_the_async_face_sends_it_again_too(server: RedisServer) -> None:
+async def test_the_async_face_sends_it_again_too(private_redis: RedisServer) -> None:
     script = Script("oncely.stores", "probe")
-    client = redis.asyncio.Redis.from_url(server.url)
+    client = redis.asyncio.Redis.from_url(private_redis.url)
     try:
         await client.script_flush()
         assert await aevalsha(client, script, 1, "no-such-record", "1") == -1
@@ -54,27 +44,27 @@ async def test_the_async_face_sends_it_again_too(server: RedisServer) -> None:
         await client.aclose()
 
 
-def test_store_lock_and_fencing_all_survive_a_script_flush(server: RedisServer) -> None:
-    store = RedisStore(server.url)
+def test_store_lock_and_fencing_all_survive_a_script_flush(private_redis: RedisServer) -> None:
+    store = RedisStore(private_redis.url)
     try:
-        flush(server.url)
+        flush(private_redis.url)
         outcome = store.claim(RecordKey("s", "d"), "fp", 5.0, 60.0)
         assert isinstance(outcome, New)
-        flush(server.url)
-        with Lock(server.url, "lua-flush", ttl=5) as lock:
+        flush(private_redis.url)
+        with Lock(private_redis.url, "lua-flush", ttl=5) as lock:
             token = lock.token
             assert token is not None
-        flush(server.url)
-        with redis.Redis.from_url(server.url) as client:
+        flush(private_redis.url)
+        with redis.Redis.from_url(private_redis.url) as client:
             assert fenced_set(client, "fenced", b"v", token)
             assert fenced_get(client, "fenced") == (b"v", token)
     finally:
         store.close()
 
 
-async def test_async_fencing_survives_a_script_flush(server: RedisServer) -> None:
-    flush(server.url)
-    client = redis.asyncio.Redis.from_url(server.url)
+async def test_async_fencing_survives_a_script_flush(private_redis: RedisServer) -> None:
+    flush(private_redis.url)
+    client = redis.asyncio.Redis.from_url(private_redis.url)
     try:
         assert await afenced_set(client, "fenced", b"v", 7)
         assert not await afenced_set(client, "fenced", b"old", 6)
