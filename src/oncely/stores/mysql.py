@@ -314,10 +314,10 @@ class MySQLStore(PlannedStore):
     ``max_size`` bounds the connections in use (per process for the sync face, per event loop
     for the async face); they are opened on demand and kept. ``timeout`` bounds connecting and
     waiting for a pooled connection (seconds); each reply is awaited for at most
-    ``read_timeout`` (default :data:`READ_TIMEOUT`, 30 s), on both faces. Further keyword
-    ``options`` go to :func:`pymysql.connect` (and those it shares to :func:`aiomysql.connect`),
-    e.g.
-    ``password=…`` to keep a secret out of the URL, ``ssl=ssl_context`` or ``read_timeout=60``.
+    ``read_timeout`` (default :data:`oncely.backends.mysql.READ_TIMEOUT`, 30 s), on both
+    faces. Further keyword ``options`` go to :func:`pymysql.connect` (and those it shares to
+    :func:`aiomysql.connect`), e.g. ``password=…`` to keep a secret out of the URL,
+    ``ssl=ssl_context`` or ``read_timeout=60``.
     """
 
     schemes = ("mysql", "mariadb")
