@@ -39,17 +39,6 @@ pytestmark = pytest.mark.timeout(90)
 
 
 @pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test alone: it may be paused (SIGSTOP) without hurting others."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
 def healthy_store() -> Iterator[RedisStore]:
     """A store on the shared Redis, under a prefix of its own."""
     prefix = f"oncely-test-{uuid.uuid4().hex[:12]}"
@@ -428,9 +417,10 @@ def test_a_mysql_server_that_stops_answering_fails_the_call(
 ) -> None:
     """PyMySQL waits for a reply without limit by default, aiomysql has no limit at all; the
     store bounds both faces."""
+    from oncely.backends import mysql as mysql_backend
     from oncely.stores import mysql
 
-    monkeypatch.setattr(mysql, "READ_TIMEOUT", 1.0, raising=False)  # the default is 30 s
+    monkeypatch.setattr(mysql_backend, "READ_TIMEOUT", 1.0)  # the default is 30 s
     proxy = FreezingProxy("127.0.0.1", 3306)
     table = f"oncely_t_{uuid.uuid4().hex[:12]}"
     url = MYSQL_URL.replace("127.0.0.1:3306", f"127.0.0.1:{proxy.port}")

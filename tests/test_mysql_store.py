@@ -24,6 +24,7 @@ import pytest
 pymysql = pytest.importorskip("pymysql")
 pytest.importorskip("aiomysql")
 
+from oncely.backends.mysql import supports_returning as _supports_returning  # noqa: E402
 from oncely.errors import (  # noqa: E402
     ConfigurationError,
     LeaseLost,
@@ -33,8 +34,8 @@ from oncely.errors import (  # noqa: E402
 )
 from oncely.records import InFlight, Mismatch, New, RecordKey, Replay  # noqa: E402
 from oncely.stores import open_store  # noqa: E402
-from oncely.stores.mysql import MySQLStore, _supports_returning  # noqa: E402
-from oncely.stores.mysql import _fence_params as _fence  # noqa: E402
+from oncely.stores.mysql import MySQLStore  # noqa: E402
+from oncely.stores.sql import fence_params as _fence  # noqa: E402
 
 import workers  # noqa: E402
 

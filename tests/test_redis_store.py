@@ -496,7 +496,7 @@ def test_async_face_works_across_event_loops(store: RedisStore) -> None:
     assert isinstance(second, InFlight)
     assert second.fence == first.fence
     assert isinstance(asyncio.run(claim("other", close=True)), Mismatch)
-    assert len(store._aclients) == 0  # closed loops were forgotten, the others closed
+    assert len(store.redis._aclients) == 0  # closed loops were forgotten, the others closed
     gc.collect()  # let the first loop's sockets go while their warnings are ignored
 
 

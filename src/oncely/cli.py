@@ -32,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from oncely.backends.urls import redact_url
 from oncely.errors import OncelyError, SerializationError
 from oncely.http.codec import (
     CODEC as HTTP_CODEC,
@@ -45,7 +46,6 @@ from oncely.http.codec import (
 from oncely.records import Record, RecordKey, digest_key
 from oncely.settings import SETTINGS, check_environment, resolve
 from oncely.stores import Store, store_class
-from oncely.stores.base import redact_url
 
 __all__ = ["app", "main"]
 

@@ -31,13 +31,12 @@ not older than the stored one (``fenced_set.lua``, one script).
 
 from __future__ import annotations
 
-import hashlib
 import re
 import sqlite3
 from collections.abc import Mapping
-from importlib import resources
 from typing import Any, Final
 
+from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.errors import ConfigurationError
 
 __all__ = [
@@ -162,8 +161,7 @@ async def afenced_update(
 
 
 # -- Redis ----------------------------------------------------------------------------------------
-_SOURCE: Final = (resources.files("oncely.locks") / "lua" / "fenced_set.lua").read_bytes()
-_SHA: Final = hashlib.sha1(_SOURCE).hexdigest()
+_FENCED_SET: Final = Script("oncely.locks", "fenced_set")
 
 
 def _set_args(key: str, value: bytes | str, token: int, px: float | None) -> tuple[Any, ...]:
@@ -180,13 +178,7 @@ def fenced_set(
     ``client`` is a :class:`redis.Redis`; ``px`` an optional expiry in seconds. Returns
     ``False`` if the write was refused (the caller's lock was lost).
     """
-    from redis.exceptions import NoScriptError
-
-    args = _set_args(key, value, token, px)
-    try:
-        reply = client.execute_command("EVALSHA", _SHA, *args)
-    except NoScriptError:
-        reply = client.execute_command("EVAL", _SOURCE, *args)
+    reply = evalsha(client, _FENCED_SET, *_set_args(key, value, token, px))
     return int(reply[0]) == 1
 
 
@@ -194,13 +186,7 @@ async def afenced_set(
     client: Any, key: str, value: bytes | str, token: int, *, px: float | None = None
 ) -> bool:
     """The async face of :func:`fenced_set`, for a :class:`redis.asyncio.Redis`."""
-    from redis.exceptions import NoScriptError
-
-    args = _set_args(key, value, token, px)
-    try:
-        reply = await client.execute_command("EVALSHA", _SHA, *args)
-    except NoScriptError:
-        reply = await client.execute_command("EVAL", _SOURCE, *args)
+    reply = await aevalsha(client, _FENCED_SET, *_set_args(key, value, token, px))
     return int(reply[0]) == 1
 
 

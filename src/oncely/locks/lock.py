@@ -34,6 +34,8 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, Literal, overload
 
+from oncely.backends.registry import lock_backend_class as backend_class
+from oncely.backends.registry import shared_lock_backend as shared_backend
 from oncely.cancelsafe import keep_alive
 from oncely.errors import (
     LockError,
@@ -53,7 +55,6 @@ from oncely.locks.base import (
     check_timeout,
     check_ttl,
 )
-from oncely.locks.urls import backend_class, shared_backend
 from oncely.renewal import renew_timeout, watchdog
 from oncely.settings import resolve, unknown_option
 

@@ -47,24 +47,22 @@ import hashlib
 import math
 import threading
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
-from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from oncely.backends.plans import Plan, arun, run
+from oncely.backends.postgres import AsyncConn, SyncConn, conninfo, network_defaults, schema_lock_id
+from oncely.backends.urls import redact_url
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
-from oncely.stores.base import redact_url
-from oncely.stores.postgres import _conninfo, _lock_id, _network_defaults
 
 __all__ = ["PostgresLockBackend", "Scope", "advisory_key"]
 
 Scope = Literal["session", "transaction"]
-SyncConn = psycopg.Connection[TupleRow]
-AsyncConn = psycopg.AsyncConnection[TupleRow]
 
 
 def advisory_key(name: str) -> int:
@@ -138,6 +136,28 @@ class PgHold:
     abort: bool = False
 
 
+class _Borrow(NamedTuple):
+    """A connection for one hold (sync: from the pool; async: a new one)."""
+
+
+class _Run(NamedTuple):
+    """Run ``query`` on ``conn``; the reply is its first row if ``fetch``, else None."""
+
+    conn: Any
+    query: Any
+    params: dict[str, Any] | None = None
+    fetch: bool = False
+
+
+class _GiveBack(NamedTuple):
+    """Done with ``conn`` (sync: back to the pool, closed if ``broken``, rolled back first if
+    ``rollback``; async: closed)."""
+
+    conn: Any
+    broken: bool = False
+    rollback: bool = False
+
+
 def _ms(seconds: float) -> str:
     return str(max(1, math.ceil(seconds * 1000)))
 
@@ -148,7 +168,7 @@ class PostgresLockBackend(LockBackend):
     ``table`` holds the fencing counters (created on first use unless ``create_schema=False``).
     ``max_size`` bounds the sync pool: each held lock and each waiter uses one connection.
     ``timeout`` bounds connecting and waiting for a pooled connection; TCP keepalive
-    (:data:`oncely.stores.postgres.TCP_DEFAULTS`) notices a server the network cut off within
+    (:data:`oncely.backends.postgres.TCP_DEFAULTS`) notices a server the network cut off within
     about 10 s (the URL or an option overrides either). Further keyword ``options`` go to
     :func:`psycopg.connect`.
     """
@@ -171,7 +191,7 @@ class PostgresLockBackend(LockBackend):
         **options: Any,
     ) -> None:
         self.url = url
-        self.conninfo = _conninfo(url)
+        self.conninfo = conninfo(url)
         schema, _, name = table.rpartition(".")
         if not all(part.isidentifier() for part in (name, *([schema] if schema else []))):
             raise ConfigurationError(
@@ -186,7 +206,7 @@ class PostgresLockBackend(LockBackend):
         self.max_size = max_size
         self.timeout = float(timeout)
         self.create_schema = create_schema
-        kwargs: dict[str, Any] = _network_defaults(self.conninfo, timeout)
+        kwargs: dict[str, Any] = network_defaults(self.conninfo, timeout)
         kwargs["application_name"] = "oncely-lock"
         kwargs.update(options)
         kwargs["autocommit"] = True
@@ -290,7 +310,7 @@ class PostgresLockBackend(LockBackend):
         if self._schema_ready:
             return
         with conn.transaction():
-            conn.execute(INIT_LOCK, {"lock": _lock_id(self.table)})
+            conn.execute(INIT_LOCK, {"lock": schema_lock_id(self.table)})
             conn.execute(self._sql[("ddl", "")])
         self._schema_ready = True
 
@@ -310,57 +330,51 @@ class PostgresLockBackend(LockBackend):
         else:  # pragma: no cover - the pool is made before any connection
             conn.close()
 
-    # -- sync face --------------------------------------------------------------------------------
-    def acquire(
-        self, name: str, owner: str, ttl: float, wait: float, options: Any = None
-    ) -> Hold | Busy:
-        scope: Scope = options or "session"
+    # -- every operation, once: a plan of requests (oncely.backends.plans) ----------------------
+    # The sync face borrows a connection from its pool and gives it back for reuse; the async
+    # face opens a connection per hold and closes it when it gives it back.
+    def _acquire(
+        self, name: str, owner: str, ttl: float, wait: float, scope: Scope, face: Face
+    ) -> Plan[Hold | Busy]:
         query, params = self._params(name, ttl, wait, scope)
-        conn = self._getconn()
+        conn = yield _Borrow()
         try:
             if scope == "transaction":
-                conn.execute("BEGIN")
-            row = conn.execute(query, params).fetchone()
+                yield _Run(conn, "BEGIN")
+            row = yield _Run(conn, query, params, fetch=True)
         except pg_errors.LockNotAvailable:
-            if scope == "transaction":
-                conn.execute("ROLLBACK")
-            self._putconn(conn)
+            yield _GiveBack(conn, rollback=scope == "transaction")
             return Busy()
         except BaseException as exc:
-            # The session may hold the lock already (a session-level lock survives a failed
-            # statement): end the session so the server drops it.
-            self._putconn(conn, broken=True)
+            # Cancelled or failed: the session may hold the lock already (a session-level lock
+            # survives a failed statement), so end the session and the server drops it.
+            yield _GiveBack(conn, broken=True)
             if isinstance(exc, psycopg.Error):
                 raise self._unavailable(exc) from exc
             raise
-        hold = self._hold(conn, name, owner, ttl, scope, row, "sync")
+        hold = self._hold(conn, name, owner, ttl, scope, row, face)
         if hold is None:
-            if scope == "transaction":
-                conn.execute("ROLLBACK")
-            self._putconn(conn)
+            yield _GiveBack(conn, rollback=scope == "transaction")
             return Busy()
         return hold
 
-    def wait_release(self, name: str, busy: Busy, timeout: float) -> None:
-        threading.Event().wait(min(timeout, 0.05))
-
-    def release(self, hold: Hold) -> bool:
+    def _release(self, hold: Hold) -> Plan[bool]:
         data: PgHold = hold.data
-        conn = data.conn
+        ok = False
         try:
             if data.scope == "transaction":
-                conn.execute("ROLLBACK" if data.abort else "COMMIT")
+                yield _Run(data.conn, "ROLLBACK" if data.abort else "COMMIT")
                 ok = True
             else:
-                row = conn.execute(UNLOCK, {"key": data.key}).fetchone()
+                row = yield _Run(data.conn, UNLOCK, {"key": data.key}, fetch=True)
                 ok = bool(row and row[0])
         except psycopg.Error:
-            self._putconn(conn, broken=True)
-            return False
-        self._putconn(conn, broken=not ok)
+            ok = False
+        finally:
+            yield _GiveBack(data.conn, broken=not ok)
         return ok
 
-    def extend(self, hold: Hold, ttl: float) -> float | None:
+    def _extend(self, hold: Hold, ttl: float) -> Plan[float | None]:
         data: PgHold = hold.data
         params = {
             "setting": _SETTING[data.scope],
@@ -369,7 +383,7 @@ class PostgresLockBackend(LockBackend):
             **_key_parts(data.key),
         }
         try:
-            row = data.conn.execute(EXTEND, params).fetchone()
+            row = yield _Run(data.conn, EXTEND, params, fetch=True)
         except pg_errors.InFailedSqlTransaction:
             return ttl  # the transaction keeps its lock until it rolls back
         except psycopg.Error:
@@ -379,26 +393,72 @@ class PostgresLockBackend(LockBackend):
         data.ttl = ttl
         return ttl
 
-    def inspect(self, name: str, hold: Hold | None) -> State:
+    def _inspect(self, name: str, hold: Hold | None) -> Plan[State]:
         parts = _key_parts(advisory_key(name))
         if hold is not None:
             data: PgHold = hold.data
             try:
-                owned = bool(data.conn.execute(OWNED, parts).fetchone()[0])
+                row = yield _Run(data.conn, OWNED, parts, fetch=True)
+                owned = bool(row and row[0])
             except pg_errors.InFailedSqlTransaction:
                 owned = True
             except psycopg.Error:
                 owned = False
             if owned:
                 return State(locked=True, owned=True, ttl=data.ttl)
-        conn = self._getconn()
+        conn = yield _Borrow()
         try:
-            row = conn.execute(LOCKED, parts).fetchone()
-        except psycopg.Error as exc:
-            self._putconn(conn, broken=True)
-            raise self._unavailable(exc) from exc
-        self._putconn(conn)
+            row = yield _Run(conn, LOCKED, parts, fetch=True)
+        except BaseException as exc:
+            yield _GiveBack(conn, broken=True)
+            if isinstance(exc, psycopg.Error):
+                raise self._unavailable(exc) from exc
+            raise
+        yield _GiveBack(conn)
         return State(locked=bool(row and row[0]), owned=False)
+
+    # -- the two executors ------------------------------------------------------------------------
+    def _execute(self, request: Any) -> Any:
+        kind = type(request)
+        if kind is _Run:
+            cur = request.conn.execute(request.query, request.params)
+            return cur.fetchone() if request.fetch else None
+        if kind is _Borrow:
+            return self._getconn()
+        if request.rollback and not request.broken:
+            request.conn.execute("ROLLBACK")
+        self._putconn(request.conn, broken=request.broken)
+        return None
+
+    async def _aexecute(self, request: Any) -> Any:
+        kind = type(request)
+        if kind is _Run:
+            cur = await request.conn.execute(request.query, request.params)
+            return await cur.fetchone() if request.fetch else None
+        if kind is _Borrow:
+            return await self._aconnect()
+        await asyncio.shield(request.conn.close())
+        return None
+
+    # -- sync face --------------------------------------------------------------------------------
+    def acquire(
+        self, name: str, owner: str, ttl: float, wait: float, options: Any = None
+    ) -> Hold | Busy:
+        return run(
+            self._acquire(name, owner, ttl, wait, options or "session", "sync"), self._execute
+        )
+
+    def wait_release(self, name: str, busy: Busy, timeout: float) -> None:
+        threading.Event().wait(min(timeout, 0.05))
+
+    def release(self, hold: Hold) -> bool:
+        return run(self._release(hold), self._execute)
+
+    def extend(self, hold: Hold, ttl: float) -> float | None:
+        return run(self._extend(hold, ttl), self._execute)
+
+    def inspect(self, name: str, hold: Hold | None) -> State:
+        return run(self._inspect(name, hold), self._execute)
 
     def close(self) -> None:
         with self._lock:
@@ -412,7 +472,7 @@ class PostgresLockBackend(LockBackend):
             conn = await psycopg.AsyncConnection.connect(self.conninfo, **self._kwargs)
             if not self._schema_ready:
                 async with conn.transaction():
-                    await conn.execute(INIT_LOCK, {"lock": _lock_id(self.table)})
+                    await conn.execute(INIT_LOCK, {"lock": schema_lock_id(self.table)})
                     await conn.execute(self._sql[("ddl", "")])
                 self._schema_ready = True
         except psycopg.Error as exc:
@@ -422,90 +482,20 @@ class PostgresLockBackend(LockBackend):
     async def aacquire(
         self, name: str, owner: str, ttl: float, wait: float, options: Any = None
     ) -> Hold | Busy:
-        scope: Scope = options or "session"
-        query, params = self._params(name, ttl, wait, scope)
-        conn = await self._aconnect()
-        try:
-            if scope == "transaction":
-                await conn.execute("BEGIN")
-            cur = await conn.execute(query, params)
-            row = await cur.fetchone()
-        except pg_errors.LockNotAvailable:
-            await conn.close()
-            return Busy()
-        except BaseException as exc:
-            # Cancelled or failed: closing the session drops anything it may hold.
-            await asyncio.shield(conn.close())
-            if isinstance(exc, psycopg.Error):
-                raise self._unavailable(exc) from exc
-            raise
-        hold = self._hold(conn, name, owner, ttl, scope, row, "async")
-        if hold is None:
-            await conn.close()
-            return Busy()
-        return hold
+        plan = self._acquire(name, owner, ttl, wait, options or "session", "async")
+        return await arun(plan, self._aexecute)
 
     async def await_release(self, name: str, busy: Busy, timeout: float) -> None:
         await asyncio.sleep(min(timeout, 0.05))
 
     async def arelease(self, hold: Hold) -> bool:
-        data: PgHold = hold.data
-        conn = data.conn
-        try:
-            if data.scope == "transaction":
-                await conn.execute("ROLLBACK" if data.abort else "COMMIT")
-                return True
-            cur = await conn.execute(UNLOCK, {"key": data.key})
-            row = await cur.fetchone()
-            return bool(row and row[0])
-        except psycopg.Error:
-            return False
-        finally:
-            await asyncio.shield(conn.close())
+        return await arun(self._release(hold), self._aexecute)
 
     async def aextend(self, hold: Hold, ttl: float) -> float | None:
-        data: PgHold = hold.data
-        params = {
-            "setting": _SETTING[data.scope],
-            "ttl": _ms(ttl),
-            "local": data.scope == "transaction",
-            **_key_parts(data.key),
-        }
-        try:
-            cur = await data.conn.execute(EXTEND, params)
-            row = await cur.fetchone()
-        except pg_errors.InFailedSqlTransaction:
-            return ttl
-        except psycopg.Error:
-            return None
-        if not (row and row[1]):
-            return None
-        data.ttl = ttl
-        return ttl
+        return await arun(self._extend(hold, ttl), self._aexecute)
 
     async def ainspect(self, name: str, hold: Hold | None) -> State:
-        parts = _key_parts(advisory_key(name))
-        if hold is not None:
-            data: PgHold = hold.data
-            try:
-                cur = await data.conn.execute(OWNED, parts)
-                row = await cur.fetchone()
-                owned = bool(row and row[0])
-            except pg_errors.InFailedSqlTransaction:
-                owned = True
-            except psycopg.Error:
-                owned = False
-            if owned:
-                return State(locked=True, owned=True, ttl=data.ttl)
-        conn = await self._aconnect()
-        try:
-            cur = await conn.execute(LOCKED, parts)
-            row = await cur.fetchone()
-        except psycopg.Error as exc:
-            raise self._unavailable(exc) from exc
-        finally:
-            await conn.close()
-        return State(locked=bool(row and row[0]), owned=False)
+        return await arun(self._inspect(name, hold), self._aexecute)
 
 
 _SETTING: Final[dict[Scope, str]] = {

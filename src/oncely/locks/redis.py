@@ -12,9 +12,9 @@ keys of a lock live in one Redis Cluster slot):
 
 ``acquire.lua``, ``release.lua``, ``extend.lua``, ``inspect.lua`` (in ``oncely/locks/lua/``) check
 the owner token on the server; nothing is read first and decided in Python. They are called by
-SHA (``EVALSHA``, then ``EVAL`` once on ``NOSCRIPT``) through the same plumbing as
-:class:`oncely.stores.redis.RedisStore`, whose connection pools (one per process, one per event
-loop for asyncio) the backend uses.
+SHA (``EVALSHA``, then ``EVAL`` once on ``NOSCRIPT``, :mod:`oncely.backends.lua`) on the clients
+of :class:`oncely.backends.redis.RedisClients` (one pool per process, one per event loop for
+asyncio), and each operation is written once as a plan (:mod:`oncely.backends.plans`).
 
 Restarts: without persistence a restart forgets every lock, so a second holder can take a lock
 whose first holder still runs. The first holder finds out at its next renewal, ``check()`` or
@@ -25,35 +25,29 @@ second holder's because tokens are seeded from the server clock (see ``acquire.l
 
 from __future__ import annotations
 
-import hashlib
-from importlib import resources
 from typing import Any, Final
 
 import redis
 import redis.asyncio
 
+from oncely.backends.lua import Script
+from oncely.backends.plans import Command, Eval, Plan, arun, run
+from oncely.backends.redis import RedisClients, ms
 from oncely.errors import ConfigurationError
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
-from oncely.stores.base import redact_url
-from oncely.stores.redis import RedisStore, _ms, _Script
 
-__all__ = ["LockScript", "RedisLockBackend"]
+__all__ = ["RedisLockBackend"]
 
 
-class LockScript(_Script):
-    """A Lua script shipped in ``oncely/locks/lua``, called by SHA like the store's scripts."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.source = (resources.files("oncely.locks") / "lua" / f"{name}.lua").read_bytes()
-        self.sha = hashlib.sha1(self.source).hexdigest()
+def _script(name: str) -> Script:
+    return Script("oncely.locks", name)
 
 
-ACQUIRE: Final = LockScript("acquire")
-RELEASE: Final = LockScript("release")
-EXTEND: Final = LockScript("extend")
-INSPECT: Final = LockScript("inspect")
-RAISE_FENCE: Final = LockScript("raise_fence")
+ACQUIRE: Final = _script("acquire")
+RELEASE: Final = _script("release")
+EXTEND: Final = _script("extend")
+INSPECT: Final = _script("inspect")
+RAISE_FENCE: Final = _script("raise_fence")
 
 #: How long a wake-up nobody picked up stays (a waiter that misses it polls anyway).
 SIGNAL_KEEP_MS: Final = 1000
@@ -72,7 +66,8 @@ class RedisLockBackend(LockBackend):
     (a holder that crashed sends no wake-up; its lock expires on its ttl). ``fence_keep``
     (seconds, default 30 days) is how long an unused fence counter is kept. ``client`` /
     ``async_client`` / other keyword ``options`` are as for
-    :class:`~oncely.stores.redis.RedisStore`, including its bounded network waits: connecting
+    :class:`~oncely.backends.redis.RedisClients` (and
+    :class:`~oncely.stores.redis.RedisStore`), including its bounded network waits: connecting
     and each reply wait at most 5 s (``socket_connect_timeout``, ``socket_timeout``), so
     ``acquire``, ``check`` and renewals fail with :class:`~oncely.errors.StoreUnavailable`
     instead of hanging on a server that stopped answering.
@@ -97,114 +92,107 @@ class RedisLockBackend(LockBackend):
             )
         self.url = url
         self.prefix = prefix
-        self.store = RedisStore(
-            url, prefix=prefix, client=client, async_client=async_client, **options
-        )
-        socket_timeout = self.store.socket_timeout
+        self.redis = RedisClients(url, client=client, async_client=async_client, **options)
+        socket_timeout = self.redis.socket_timeout
         cap = poll_interval if not socket_timeout else min(poll_interval, socket_timeout / 2)
         #: The longest single BLPOP a waiter makes (below the socket timeout).
         self.poll_interval = max(0.001, cap)
-        self.fence_keep_ms = max(_ms(fence_keep), 1000)
+        self.fence_keep_ms = max(ms(fence_keep), 1000)
 
     def __repr__(self) -> str:
-        return f"RedisLockBackend({redact_url(self.url)!r})"
+        return f"RedisLockBackend({self.redis.where!r})"
 
     # -- keys and replies -------------------------------------------------------------------------
     def key(self, name: str) -> str:
         """The Redis key of lock ``name`` (it holds the owner token)."""
         return f"{self.prefix}:{{{name}}}"
 
-    def _hold(self, name: str, owner: str, reply: Any, face: Face) -> Hold | Busy:
+    # -- every operation, once: a plan of script calls (oncely.backends.plans) -----------------
+    def _acquire(self, name: str, owner: str, ttl: float, face: Face) -> Plan[Hold | Busy]:
+        key = self.key(name)
+        args = (key, f"{key}:fence", owner, max(1, ms(ttl)), self.fence_keep_ms)
+        reply = yield Eval(ACQUIRE, 2, args)
         if int(reply[0]) != 1:
             return _busy(reply[1])
         return Hold(name, owner, int(reply[1]), int(reply[2]) / 1000, face)
 
-    def _blpop_args(self, name: str, busy: Busy, timeout: float) -> tuple[Any, ...] | None:
+    def _wait_release(self, name: str, busy: Busy, timeout: float) -> Plan[None]:
         wait = min(timeout, self.poll_interval)
         if busy.retry_after is not None:
             wait = min(wait, busy.retry_after + 0.001)
-        if wait < 0.001:
-            return None
-        return ("BLPOP", f"{self.key(name)}:signal", f"{wait:.3f}")
+        if wait >= 0.001:
+            yield Command(("BLPOP", f"{self.key(name)}:signal", f"{wait:.3f}"))
 
-    def _state(self, reply: Any) -> State:
-        owned, pttl = int(reply[0]), int(reply[1])
+    def _release(self, hold: Hold) -> Plan[bool]:
+        key = self.key(hold.name)
+        args = (key, f"{key}:signal", hold.owner, SIGNAL_KEEP_MS)
+        return int((yield Eval(RELEASE, 2, args))) == 1
+
+    def _extend(self, hold: Hold, ttl: float) -> Plan[float | None]:
+        granted = max(1, ms(ttl))
+        ok = int((yield Eval(EXTEND, 1, (self.key(hold.name), hold.owner, granted))))
+        return granted / 1000 if ok == 1 else None
+
+    def _inspect(self, name: str, hold: Hold | None) -> Plan[State]:
+        owner = "" if hold is None else hold.owner
+        owned, pttl = map(int, (yield Eval(INSPECT, 1, (self.key(name), owner))))
         return State(
             locked=pttl != -2,
             owned=owned == 1,
             ttl=pttl / 1000 if owned and pttl >= 0 else None,
         )
 
-    def _acquire_args(self, name: str, owner: str, ttl: float) -> tuple[Any, ...]:
+    def _raise_fence(self, name: str, owner: str, token: int) -> Plan[bool]:
         key = self.key(name)
-        return (ACQUIRE, 2, key, f"{key}:fence", owner, max(1, _ms(ttl)), self.fence_keep_ms)
-
-    def _release_args(self, hold: Hold) -> tuple[Any, ...]:
-        key = self.key(hold.name)
-        return (RELEASE, 2, key, f"{key}:signal", hold.owner, SIGNAL_KEEP_MS)
-
-    def _raise_args(self, name: str, owner: str, token: int) -> tuple[Any, ...]:
-        key = self.key(name)
-        return (RAISE_FENCE, 2, key, f"{key}:fence", owner, token, self.fence_keep_ms)
+        args = (key, f"{key}:fence", owner, token, self.fence_keep_ms)
+        return int((yield Eval(RAISE_FENCE, 2, args))) == 1
 
     # -- sync face --------------------------------------------------------------------------------
     def acquire(
         self, name: str, owner: str, ttl: float, wait: float, options: Any = None
     ) -> Hold | Busy:
-        reply = self.store._eval(*self._acquire_args(name, owner, ttl))
-        return self._hold(name, owner, reply, "sync")
+        return run(self._acquire(name, owner, ttl, "sync"), self.redis.execute)
 
     def wait_release(self, name: str, busy: Busy, timeout: float) -> None:
-        args = self._blpop_args(name, busy, timeout)
-        if args is not None:
-            self.store._call(*args)
+        run(self._wait_release(name, busy, timeout), self.redis.execute)
 
     def release(self, hold: Hold) -> bool:
-        return int(self.store._eval(*self._release_args(hold))) == 1
+        return run(self._release(hold), self.redis.execute)
 
     def extend(self, hold: Hold, ttl: float) -> float | None:
-        ms = max(1, _ms(ttl))
-        ok = int(self.store._eval(EXTEND, 1, self.key(hold.name), hold.owner, ms))
-        return ms / 1000 if ok == 1 else None
+        return run(self._extend(hold, ttl), self.redis.execute)
 
     def inspect(self, name: str, hold: Hold | None) -> State:
-        owner = "" if hold is None else hold.owner
-        return self._state(self.store._eval(INSPECT, 1, self.key(name), owner))
+        return run(self._inspect(name, hold), self.redis.execute)
 
     def raise_fence(self, name: str, owner: str, token: int) -> bool:
         """Redlock: lift this node's fence counter to ``token`` while ``owner`` holds ``name``."""
-        return int(self.store._eval(*self._raise_args(name, owner, token))) == 1
+        return run(self._raise_fence(name, owner, token), self.redis.execute)
 
     def close(self) -> None:
-        self.store.close()
+        self.redis.close()
 
     # -- async face -------------------------------------------------------------------------------
     async def aacquire(
         self, name: str, owner: str, ttl: float, wait: float, options: Any = None
     ) -> Hold | Busy:
-        reply = await self.store._aeval(*self._acquire_args(name, owner, ttl))
-        return self._hold(name, owner, reply, "async")
+        return await arun(self._acquire(name, owner, ttl, "async"), self.redis.aexecute)
 
     async def await_release(self, name: str, busy: Busy, timeout: float) -> None:
-        args = self._blpop_args(name, busy, timeout)
-        if args is not None:
-            await self.store._acall(*args)
+        await arun(self._wait_release(name, busy, timeout), self.redis.aexecute)
 
     async def arelease(self, hold: Hold) -> bool:
-        return int(await self.store._aeval(*self._release_args(hold))) == 1
+        return await arun(self._release(hold), self.redis.aexecute)
 
     async def aextend(self, hold: Hold, ttl: float) -> float | None:
-        ms = max(1, _ms(ttl))
-        ok = int(await self.store._aeval(EXTEND, 1, self.key(hold.name), hold.owner, ms))
-        return ms / 1000 if ok == 1 else None
+        return await arun(self._extend(hold, ttl), self.redis.aexecute)
 
     async def ainspect(self, name: str, hold: Hold | None) -> State:
-        owner = "" if hold is None else hold.owner
-        return self._state(await self.store._aeval(INSPECT, 1, self.key(name), owner))
+        return await arun(self._inspect(name, hold), self.redis.aexecute)
 
     async def araise_fence(self, name: str, owner: str, token: int) -> bool:
         """The async face of :meth:`raise_fence`."""
-        return int(await self.store._aeval(*self._raise_args(name, owner, token))) == 1
+        return await arun(self._raise_fence(name, owner, token), self.redis.aexecute)
 
     async def aclose(self) -> None:
-        await self.store.aclose()
+        await self.redis.aclose()

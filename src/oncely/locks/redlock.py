@@ -29,12 +29,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from oncely.backends.registry import shared_lock_backend
+from oncely.backends.urls import redact_url
 from oncely.errors import ConfigurationError, OncelyError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
 from oncely.locks.lock import Lock, LostCallback
 from oncely.locks.redis import RedisLockBackend
-from oncely.locks.urls import shared_backend
-from oncely.stores.base import redact_url
 
 __all__ = ["Redlock", "RedlockBackend", "drift"]
 
@@ -344,7 +344,7 @@ class Redlock(Lock):
         **options: Any,
     ) -> None:
         nodes = check_urls(urls)
-        backend = shared_backend(RedlockBackend, tuple(nodes), nodes, **options)
+        backend = shared_lock_backend(RedlockBackend, tuple(nodes), nodes, **options)
         super().__init__(
             backend, name, ttl=ttl, auto_renew=auto_renew, on_lost=on_lost, timeout=timeout
         )

@@ -19,7 +19,7 @@ SQLite cannot push a change to another process, so waiters look again every ``po
 seconds (default 0.01, with jitter); a waiting attempt that finds the lock busy writes nothing.
 The file is opened in WAL mode with ``synchronous=NORMAL`` (a lock
 does not need to survive a power cut; fences stay increasing because they are seeded from the
-clock). Connections are shared by all threads (:class:`oncely.stores.sqlite.Connections`, at
+clock). Connections are shared by all threads (:class:`oncely.backends.sqlite.Connections`, at
 most 16), so short-lived threads leave nothing open behind them. Async calls run on a small
 thread pool of the backend's own.
 """
@@ -27,25 +27,18 @@ thread pool of the backend's own.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import sqlite3
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final, TypeVar
-from urllib.parse import parse_qs
+from typing import Any, Final
 
+from oncely.backends.sqlite import CLOCK as NOW
+from oncely.backends.sqlite import Connections, Workers, enable_wal, execute, is_busy, parse_url
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
-from oncely.stores.sqlite import Connections, enable_wal
 
 __all__ = ["SQLiteLockBackend"]
 
-T = TypeVar("T")
-
-NOW: Final = "((julianday('now') - 2440587.5) * 86400.0)"
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS {t} (
     name       TEXT    PRIMARY KEY,
@@ -89,21 +82,15 @@ class SQLiteLockBackend(LockBackend):
         poll_interval: float = 0.01,
         workers: int = 4,
     ) -> None:
-        path, _, query = url.partition("://")[2].partition("?")
-        if not path.startswith("/") or path in ("/", "/:memory:"):
-            raise ConfigurationError(
-                f"SQLite lock URL {url!r} needs a file that every process can open: use "
-                "'sqlite:///relative.db' or 'sqlite:////absolute/path.db'"
-            )
+        path, options = parse_url(url, "SQLite lock URL")
         if not table.isidentifier():
             raise ConfigurationError(f"table name {table!r} must be a plain identifier")
         if not 0.001 <= poll_interval <= 10:
             raise ConfigurationError(
                 f"poll_interval={poll_interval!r}: give seconds between 0.001 and 10"
             )
-        options = {k: v[-1] for k, v in parse_qs(query).items()}
         self.url = url
-        self.path = path[1:]
+        self.path = path
         self.table = table
         self.busy_timeout = float(busy_timeout or options.get("busy_timeout") or 5.0)
         self.poll_interval = poll_interval
@@ -117,13 +104,10 @@ class SQLiteLockBackend(LockBackend):
                 ("schema", SCHEMA),
             ]
         }
-        self._lock = threading.Lock()
         self._connections = Connections(
             self._open, path=self.path, size=max(16, workers), timeout=self.busy_timeout
         )
-        self._workers = workers
-        self._executor: ThreadPoolExecutor | None = None
-        self._pid = os.getpid()
+        self._workers = Workers(workers, "oncely-sqlite-lock")
 
     def __repr__(self) -> str:
         return f"SQLiteLockBackend({self.url!r})"
@@ -146,29 +130,15 @@ class SQLiteLockBackend(LockBackend):
 
     def _run(self, name: str, params: dict[str, Any]) -> tuple[list[Any], int]:
         """Run one statement on a borrowed connection: (every row, rowcount)."""
-        with self._connections.connection() as conn:
-            try:
-                cur = conn.execute(self._sql[name], params)
-                return cur.fetchall(), cur.rowcount
-            except sqlite3.OperationalError as exc:
-                text = str(exc)
-                if "locked" in text or "busy" in text:
-                    raise StoreUnavailable(
-                        f"SQLite database {self.path!r} stayed locked for {self.busy_timeout}s; "
-                        "raise busy_timeout, or use a server backend for heavy lock traffic"
-                    ) from exc
-                raise StoreError(f"SQLite error on {self.path!r}: {text}") from exc
+        return execute(self._connections, self._sql[name], params, self._translate)
 
-    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._executor is None or self._pid != os.getpid():
-            with self._lock:
-                if self._pid != os.getpid():  # forked: the parent's threads are not ours
-                    self._pid, self._executor = os.getpid(), None
-                if self._executor is None:
-                    self._executor = ThreadPoolExecutor(
-                        self._workers, thread_name_prefix="oncely-sqlite-lock"
-                    )
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def _translate(self, exc: sqlite3.Error) -> StoreError:
+        if is_busy(exc):
+            return StoreUnavailable(
+                f"SQLite database {self.path!r} stayed locked for {self.busy_timeout}s; "
+                "raise busy_timeout, or use a server backend for heavy lock traffic"
+            )
+        return StoreError(f"SQLite error on {self.path!r}: {exc}")
 
     def _sleep_for(self, timeout: float) -> float:
         return min(timeout, self.poll_interval * random.uniform(0.5, 1.0))
@@ -206,25 +176,22 @@ class SQLiteLockBackend(LockBackend):
 
     def close(self) -> None:
         self._connections.close()
-        with self._lock:
-            if self._executor is not None:
-                self._executor.shutdown(wait=False)
-                self._executor = None
+        self._workers.close()
 
     # -- async face -------------------------------------------------------------------------------
     async def aacquire(
         self, name: str, owner: str, ttl: float, wait: float, options: Any = None
     ) -> Hold | Busy:
-        return await self._off_loop(self._acquire, name, owner, ttl, "async")
+        return await self._workers.run(self._acquire, name, owner, ttl, "async")
 
     async def await_release(self, name: str, busy: Busy, timeout: float) -> None:
         await asyncio.sleep(self._sleep_for(timeout))
 
     async def arelease(self, hold: Hold) -> bool:
-        return await self._off_loop(self.release, hold)
+        return await self._workers.run(self.release, hold)
 
     async def aextend(self, hold: Hold, ttl: float) -> float | None:
-        return await self._off_loop(self.extend, hold, ttl)
+        return await self._workers.run(self.extend, hold, ttl)
 
     async def ainspect(self, name: str, hold: Hold | None) -> State:
-        return await self._off_loop(self.inspect, name, hold)
+        return await self._workers.run(self.inspect, name, hold)

@@ -77,6 +77,7 @@ import asyncio
 import builtins
 from collections.abc import Sequence
 
+from oncely.backends.urls import redact_url
 from oncely.errors import LeaseLost
 from oncely.records import ClaimOutcome, InFlight, Mismatch, Record, RecordKey, Replay
 
@@ -202,13 +203,3 @@ class Store(abc.ABC):
 
     async def aclose(self) -> None:
         """Release connections held by the async face (for the running event loop)."""
-
-
-def redact_url(url: str) -> str:
-    """Hide a password in a URL so it can be logged."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
-        return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url

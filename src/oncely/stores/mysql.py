@@ -28,47 +28,67 @@ face).
 The table is not created behind the operator's back: run ``oncely init URL`` once (it calls
 :meth:`MySQLStore.init_schema`), or pass ``create_schema=True``.
 
-Layout: the SQL text, the parameters and the parsing of rows are module-level and shared by the
-sync face (a small thread-safe pool of PyMySQL connections) and the async face (one aiomysql
-pool per running event loop); only the plumbing that takes a connection and awaits (or not)
-differs.
+Layout: this module holds the SQL text; what the SQL stores share is in :mod:`oncely.stores.sql`
+and the connection handling in :mod:`oncely.backends.mysql`. Each operation is written once, as
+a plan of statements (:mod:`oncely.backends.plans`), run by the sync face on a small
+thread-safe pool of PyMySQL connections and by the async face on one aiomysql pool per running
+event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import inspect
 import os
-import queue
-import re
-import select
-import ssl
 import threading
 import time
-import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
-from urllib.parse import parse_qs, unquote, urlsplit
+from typing import Any, Final
 
 import aiomysql  # type: ignore[import-untyped]
 import pymysql
-from pymysql.constants import CLIENT
 
+from oncely.backends.loops import LoopLocal
+from oncely.backends.mysql import (
+    GONE,
+    Busy,
+    LoopPool,
+    Result,
+    SyncConn,
+    SyncPool,
+    aexecute,
+    close_quietly,
+    collect,
+    driver_args,
+    errno,
+    server_version,
+    supports_returning,
+)
+from oncely.backends.plans import Exec, Plan, Sleep
+from oncely.backends.urls import redact_url
 from oncely.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
-from oncely.records import ClaimOutcome, New, Record, RecordKey
-from oncely.stores.base import Store, classify, lease_lost, redact_url
-from oncely.stores.loops import LoopLocal
-from oncely.stores.polling import apoll_until, poll_until
+from oncely.records import ClaimOutcome, Record, RecordKey
+from oncely.stores.planned import PlannedStore
+from oncely.stores.polling import poll_plan
+from oncely.stores.sql import (
+    COLUMNS,
+    Params,
+    changed,
+    check_lease,
+    fence_params,
+    key_params,
+    list_params,
+    nonce,
+    nonce_outcome,
+    record,
+    renew_params,
+    schema_missing,
+    validate_table,
+)
 
 __all__ = ["MySQLStore"]
 
-Row = tuple[Any, ...]
-Params = dict[str, Any]
 Records = list[Record]  # named here: inside the class, ``list`` is the method
-SyncConn: TypeAlias = "pymysql.connections.Connection[pymysql.cursors.Cursor]"
 
 # -- SQL ---------------------------------------------------------------------------------------
 # ``{t}`` is the backquoted table name and ``{h}`` its fence keeper (``<table>_fences``). Times
@@ -76,9 +96,6 @@ SyncConn: TypeAlias = "pymysql.connections.Connection[pymysql.cursors.Cursor]"
 
 _NOW: Final = "UNIX_TIMESTAMP(NOW(6))"
 _NOW_US: Final = f"CAST({_NOW} * 1000000 AS SIGNED)"
-COLUMNS: Final = (
-    "scope, digest, status, fingerprint, fence, lease_until, expires_at, created_at, result, codec"
-)
 
 # scope is VARBINARY so that it compares byte for byte: a case-insensitive or PAD SPACE
 # collation would let 'Tenant' read the records of 'tenant' (or 'tenant ').
@@ -219,58 +236,16 @@ NOW: Final = f"SELECT {_NOW}"
 CHECK: Final = f"SELECT {COLUMNS}, claim_id FROM {{t}} LIMIT 0"
 KEEPER: Final = "SELECT COUNT(*) FROM {h} WHERE id = 0"
 
-# Every connection: UTC (so UNIX_TIMESTAMP(NOW(6)) is unambiguous across DST changes) and
-# strict mode (so an over-long scope is an error, never silently truncated into another's).
-INIT_COMMAND: Final = (
-    "SET time_zone = '+00:00', "
-    "sql_mode = 'STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION,ERROR_FOR_DIVISION_BY_ZERO'"
-)
-
 # -- pure helpers shared by both faces ------------------------------------------------------------
 
-# 57 characters at most: the fence keeper is ``<table>_fences`` and names end at 64.
-_TABLE_RE = re.compile(r"(?:[a-z_][a-z0-9_]{0,63}\.)?[a-z_][a-z0-9_]{0,56}")
-_MARIADB_RE = re.compile(r"(\d+)\.(\d+)\.\d+-MariaDB", re.IGNORECASE)
 _DEADLOCK = 1213
 _NO_SUCH_TABLE = 1146
 _BAD_FIELD = 1054
 _LOCK_WAIT_TIMEOUT = 1205
-# Server errors that mean "the connection or the server went away" (client errors are 2000+).
-_GONE = frozenset({1040, 1053, 1077, 1152, 1153, 1158, 1159, 1160, 1161, 1927, 4031})
 # A deadlock rolls the whole statement (or transaction) back, so running it again is safe.
 _ATTEMPTS = 5
-# An idle pooled connection older than this is pinged before use (idle TCP may have been cut).
-_PING_AFTER = 30.0
 # Longest lease or ttl stored (about 317 years); also turns float('inf') into "forever".
 _FOREVER = 1e10
-_RESERVED = frozenset(
-    {
-        "autocommit",
-        "charset",
-        "client_flag",
-        "collation",
-        "conv",
-        "cursorclass",
-        "defer_connect",
-        "init_command",
-        "sql_mode",
-        "use_unicode",
-    }
-)
-#: Seconds PyMySQL waits for each reply (and each write) before the call fails with
-#: StoreUnavailable, unless ``read_timeout=`` / ``write_timeout=`` say otherwise: a server that
-#: stops answering cannot hang a call forever. Above InnoDB's usual lock waits (oncely's own
-#: statements hold row locks for milliseconds), below its 50 s ``innodb_lock_wait_timeout``.
-READ_TIMEOUT: Final = 30.0
-_URL_OPTIONS = ("charset", "ssl", "ssl_ca", "ssl_cert", "ssl_key", "unix_socket")
-
-
-@dataclass(frozen=True, slots=True)
-class _Result:
-    """What one round trip answered: the first statement's row count, the first row set."""
-
-    rowcount: int
-    rows: list[Row]
 
 
 class _Statements:
@@ -299,91 +274,8 @@ class _Statements:
         self.now = NOW
 
 
-def _validate_table(table: str) -> str:
-    if not isinstance(table, str) or not _TABLE_RE.fullmatch(table):
-        raise ConfigurationError(
-            f"table name {table!r} is not a plain lowercase SQL identifier (at most 57 "
-            "characters, optionally database-qualified); use e.g. 'oncely_records' or "
-            "'app.oncely_records'"
-        )
-    return table
-
-
-def _supports_returning(server_version: str) -> bool:
-    """MariaDB 10.5+ has ``INSERT … RETURNING`` (and ``DELETE … RETURNING``); MySQL has neither."""
-    match = _MARIADB_RE.search(server_version)
-    return match is not None and (int(match[1]), int(match[2])) >= (10, 5)
-
-
-def _connect_args(url: str) -> dict[str, Any]:
-    """PyMySQL keyword arguments for ``url`` (``mysql+pymysql://`` etc. normalised)."""
-    scheme, sep, rest = url.partition("://")
-    example = "'mysql://user:password@host:3306/dbname'"
-    if not sep or scheme.lower().split("+", 1)[0] not in MySQLStore.schemes:
-        raise ConfigurationError(f"MySQL URL {redact_url(url)!r} must look like {example}")
-    try:
-        parts = urlsplit(f"mysql://{rest}")
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigurationError(
-            f"MySQL URL {redact_url(url)!r} is malformed ({exc}); use e.g. {example}"
-        ) from exc
-    database = unquote(parts.path.lstrip("/"))
-    if not database or "/" in database:
-        raise ConfigurationError(
-            f"MySQL URL {redact_url(url)!r} must name one database, e.g. {example}"
-        )
-    args: dict[str, Any] = {"host": parts.hostname or "localhost", "port": port or 3306}
-    args["database"] = database
-    if parts.username is not None:
-        args["user"] = unquote(parts.username)
-    if parts.password is not None:
-        args["password"] = unquote(parts.password)
-    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    unknown = sorted(set(query) - set(_URL_OPTIONS))
-    if unknown:
-        raise ConfigurationError(
-            f"unknown option(s) {', '.join(unknown)} in MySQL URL {redact_url(url)!r}; "
-            f"known: {', '.join(_URL_OPTIONS)} (pass other driver options as keyword arguments)"
-        )
-    if query.get("charset", "utf8mb4").lower() != "utf8mb4":
-        raise ConfigurationError(
-            "oncely always talks utf8mb4 to MySQL; drop 'charset' from the URL"
-        )
-    if "unix_socket" in query:
-        args["unix_socket"] = query["unix_socket"]
-    context = _ssl_context(query, redact_url(url))
-    if context is not None:
-        args["ssl"] = context
-    return args
-
-
-def _ssl_context(query: dict[str, str], where: str) -> ssl.SSLContext | None:
-    wanted = query.get("ssl", "").lower()
-    if wanted not in ("", "true", "1", "yes", "false", "0", "no"):
-        raise ConfigurationError(f"ssl={query['ssl']!r} in {where!r}: use ssl=true or ssl=false")
-    files = [query.get(k) for k in ("ssl_ca", "ssl_cert", "ssl_key")]
-    if wanted in ("", "false", "0", "no") and not any(files):
-        return None
-    try:
-        context = ssl.create_default_context(cafile=files[0] or None)
-        if files[1]:
-            context.load_cert_chain(files[1], files[2] or None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigurationError(f"cannot set up TLS for {where!r}: {exc}") from exc
-    return context
-
-
 def _seconds(value: float) -> float:
     return min(float(value), _FOREVER)
-
-
-def _nonce() -> int:
-    return int.from_bytes(os.urandom(8), "big", signed=True)
-
-
-def _key_params(key: RecordKey) -> Params:
-    return {"scope": key.scope, "digest": key.digest}
 
 
 def _claim_params(key: RecordKey, fingerprint: str, lease: float, ttl: float) -> Params:
@@ -394,7 +286,7 @@ def _claim_params(key: RecordKey, fingerprint: str, lease: float, ttl: float) ->
         "fingerprint": fingerprint,
         "lease": lease,
         "keep": max(lease, _seconds(ttl)),
-        "nonce": _nonce(),
+        "nonce": nonce(),
     }
 
 
@@ -411,238 +303,21 @@ def _complete_params(key: RecordKey, fence: int, result: bytes, codec: str, ttl:
     }
 
 
-def _fence_params(key: RecordKey, fence: int) -> Params:
-    return {"scope": key.scope, "digest": key.digest, "fence": int(fence)}
-
-
-def _renew_params(key: RecordKey, fence: int, lease: float) -> Params:
-    return {"scope": key.scope, "digest": key.digest, "fence": int(fence), "lease": _seconds(lease)}
-
-
-def _list_params(scope: str | None, limit: int) -> Params:
-    return {"scope": scope, "limit": max(0, int(limit))}
-
-
-def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, (bytes, bytearray)) else str(value)
-
-
-def _record(row: Row) -> Record:
-    scope, digest, status, fingerprint, fence, lease_until, expires_at, created_at = row[:8]
-    result, codec = row[8], row[9]
-    return Record(
-        scope=_text(scope),
-        digest=_text(digest),
-        status=status,
-        fingerprint=_text(fingerprint),
-        fence=int(fence),
-        lease_until=None if lease_until is None else float(lease_until),
-        expires_at=float(expires_at),
-        created_at=float(created_at),
-        result=None if result is None else bytes(result),
-        codec=codec,
-    )
-
-
-def _claim_outcome(result: _Result, params: Params) -> ClaimOutcome:
-    if not result.rows:  # the upsert always leaves the row: this is not the table we made
-        raise StoreError(f"the claim on {params['scope']!r} read no row back; check the table")
-    row = result.rows[0]
-    record, claim_id, now = _record(row), int(row[10]), float(row[11])
-    if claim_id == params["nonce"]:
-        assert record.lease_until is not None
-        return New(record.fence, record.lease_until, now)
-    return classify(record, params["fingerprint"], now)
-
-
-def _changed(result: _Result, fence: int) -> bool:
-    """Watch's test: the record is gone, expired, finished or held under another fence."""
-    if not result.rows:
-        return True
-    status, current, live = result.rows[0]
-    return status != "in_progress" or int(current) != fence or not live
-
-
-def _check_lease(result: _Result, key: RecordKey, fence: int) -> None:
-    if result.rowcount < 1:
-        raise lease_lost(key, fence)
-
-
-def _check_keeper(result: _Result, outdated: Callable[[], SchemaMissing]) -> None:
+def _check_keeper(result: Result, outdated: Callable[[], SchemaMissing]) -> None:
     if not result.rows or result.rows[0][0] != 1:
         raise outdated()
 
 
-def _renewed(result: _Result, key: RecordKey, fence: int) -> float:
-    if not result.rows:
-        raise lease_lost(key, fence)
-    return float(result.rows[0][0])
-
-
-def _errno(exc: BaseException) -> int:
-    args = getattr(exc, "args", ())
-    return args[0] if args and isinstance(args[0], int) else 0
-
-
-def _collect(cur: pymysql.cursors.Cursor) -> _Result:
-    """Read every result of a (multi-)statement: a later statement's error surfaces here."""
-    rowcount, rows = cur.rowcount, None
-    while True:
-        if rows is None and cur.description is not None:
-            rows = [tuple(r) for r in cur.fetchall()]
-        if not cur.nextset():
-            return _Result(rowcount, rows or [])
-
-
-async def _acollect(cur: Any) -> _Result:
-    rowcount, rows = int(cur.rowcount), None
-    while True:
-        if rows is None and cur.description is not None:
-            rows = [tuple(r) for r in await cur.fetchall()]
-        if not await cur.nextset():
-            return _Result(rowcount, rows or [])
-
-
-async def _aexecute(conn: Any, query: str, params: Params) -> _Result:
-    async with conn.cursor() as cur:
-        await cur.execute(query, params)
-        return await _acollect(cur)
-
-
-def _server_version(conn: Any) -> str:
-    """The handshake's version string, e.g. ``5.5.5-10.11.19-MariaDB`` or ``8.4.3``."""
-    return _text(getattr(conn, "server_version", "") or "")
-
-
-def _looks_dead(conn: Any) -> bool:
-    """True if an idle connection has something to read: an idle one has nothing, so this is
-    the server's goodbye (an error packet or EOF). One poll(2), no round trip."""
-    sock = getattr(conn, "_sock", None)
-    if sock is None:
-        return True
-    try:
-        if hasattr(select, "poll"):
-            poller = select.poll()
-            poller.register(sock, select.POLLIN | select.POLLERR | select.POLLHUP)
-            return bool(poller.poll(0))
-        return bool(select.select([sock], [], [], 0)[0])
-    except (OSError, ValueError):
-        return True
-
-
-def _close_quietly(conn: Any) -> None:
-    with contextlib.suppress(Exception):
-        conn.close()
-
-
-class _Busy(Exception):
-    """No pooled connection became free in time."""
-
-
-class _SyncPool:
-    """At most ``size`` PyMySQL connections, opened lazily, most recently used first.
-
-    A connection that failed in any way is closed rather than handed back (it may sit in an
-    open transaction or in the middle of a result). An idle one the server has closed is
-    noticed without a round trip and replaced; one idle for a while is pinged first.
-    """
-
-    def __init__(self, connect: Callable[[], SyncConn], size: int, timeout: float) -> None:
-        self._connect = connect
-        self._idle: queue.LifoQueue[tuple[SyncConn, float]] = queue.LifoQueue()
-        self._slots = threading.BoundedSemaphore(size)
-        self._timeout = timeout
-        self._lock = threading.Lock()
-        self._closed = False
-
-    def get(self) -> SyncConn:
-        if not self._slots.acquire(timeout=self._timeout):
-            raise _Busy
-        try:
-            while True:
-                try:
-                    conn, since = self._idle.get_nowait()
-                except queue.Empty:
-                    return self._connect()
-                if _looks_dead(conn):  # the server closed it (restart, wait_timeout, KILL)
-                    _close_quietly(conn)
-                    continue
-                if time.monotonic() - since < _PING_AFTER:
-                    return conn
-                try:
-                    conn.ping(reconnect=False)
-                    return conn
-                except pymysql.Error:
-                    _close_quietly(conn)
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def put(self, conn: SyncConn, healthy: bool) -> None:
-        try:
-            with self._lock:
-                if healthy and not self._closed:
-                    self._idle.put((conn, time.monotonic()))
-                    return
-            _close_quietly(conn)
-        finally:
-            self._slots.release()
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-        while True:
-            try:
-                conn, _ = self._idle.get_nowait()
-            except queue.Empty:
-                return
-            _close_quietly(conn)
-
-
-class _LoopPool:
-    """The aiomysql pool of one event loop, and every connection it handed out."""
-
-    __slots__ = ("conns", "lock", "pool", "slots", "timeout")
-
-    def __init__(self, size: int, timeout: float) -> None:
-        self.lock = asyncio.Lock()
-        # aiomysql's pool does not wake a waiter when a closed connection is released, so it
-        # never gets to make anyone wait: this semaphore bounds the connections in use.
-        self.slots = asyncio.Semaphore(size)
-        self.pool: Any = None
-        self.conns: weakref.WeakSet[Any] = weakref.WeakSet()
-        self.timeout = timeout
-
-    def abandon(self) -> None:
-        """Close every connection without awaiting (the loop is closing or closed)."""
-        pool, self.pool = self.pool, None
-        if pool is not None:
-            pool.close()
-        for conn in list(self.conns):
-            _close_quietly(conn)
-        self.conns.clear()
-
-    async def aclose(self) -> None:
-        """Close the pool, wait (up to ``timeout``) for its connections to come back, and close
-        whatever is left."""
-        pool = self.pool
-        if pool is not None:
-            pool.close()
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(pool.wait_closed(), self.timeout)
-        self.abandon()
-
-
-class MySQLStore(Store):
+class MySQLStore(PlannedStore):
     """Records in a MySQL / MariaDB InnoDB table; pooled autocommit connections, server clock.
 
     ``max_size`` bounds the connections in use (per process for the sync face, per event loop
     for the async face); they are opened on demand and kept. ``timeout`` bounds connecting and
     waiting for a pooled connection (seconds); each reply is awaited for at most
-    ``read_timeout`` (default :data:`READ_TIMEOUT`, 30 s), on both faces. Further keyword
-    ``options`` go to :func:`pymysql.connect` (and those it shares to :func:`aiomysql.connect`),
-    e.g.
-    ``password=…`` to keep a secret out of the URL, ``ssl=ssl_context`` or ``read_timeout=60``.
+    ``read_timeout`` (default :data:`oncely.backends.mysql.READ_TIMEOUT`, 30 s), on both
+    faces. Further keyword ``options`` go to :func:`pymysql.connect` (and those it shares to
+    :func:`aiomysql.connect`), e.g. ``password=…`` to keep a secret out of the URL,
+    ``ssl=ssl_context`` or ``read_timeout=60``.
     """
 
     schemes = ("mysql", "mariadb")
@@ -658,7 +333,7 @@ class MySQLStore(Store):
         **options: Any,
     ) -> None:
         super().__init__(url)
-        self.table = _validate_table(table)
+        self.table = validate_table(table, 57, "database", 64)
         if not isinstance(max_size, int) or max_size < 1:
             raise ConfigurationError(f"max_size={max_size!r}: give a number of connections >= 1")
         if not timeout > 0:
@@ -666,40 +341,17 @@ class MySQLStore(Store):
         self.create_schema = create_schema
         self.max_size = max_size
         self.timeout = float(timeout)
-        args = _connect_args(url)
-        accepted = inspect.signature(pymysql.connections.Connection.__init__).parameters
-        for name in options:
-            if name in _RESERVED or name not in accepted or name == "self":
-                raise ConfigurationError(
-                    f"option {name!r} cannot be passed to the MySQL store: oncely sets "
-                    f"{', '.join(sorted(_RESERVED))} itself; other options must be "
-                    "pymysql.connect() keyword arguments"
-                )
-        args.update(
-            charset="utf8mb4",
-            autocommit=True,
-            init_command=INIT_COMMAND,
-            connect_timeout=self.timeout,
-            read_timeout=READ_TIMEOUT,
-            write_timeout=READ_TIMEOUT,
+        self._sync_args, self._async_args, self._read_timeout = driver_args(
+            url, self.timeout, options
         )
-        args.update(options)
-        self._sync_args = {**args, "client_flag": CLIENT.MULTI_STATEMENTS | CLIENT.FOUND_ROWS}
-        #: Seconds each reply is awaited (both faces; None: without bound).
-        self._read_timeout: float | None = args.get("read_timeout")
-        # aiomysql spells database "db", always asks for multi-statements, and knows fewer options.
-        known = inspect.signature(aiomysql.connect).parameters
-        async_args = {("db" if k == "database" else k): v for k, v in args.items()}
-        self._async_args = {k: v for k, v in async_args.items() if k in known}
-        self._async_args["client_flag"] = CLIENT.FOUND_ROWS
         #: Whether the server has ``INSERT … RETURNING`` (None: not connected yet).
         self._returning: bool | None = None
         self._statements = {flag: _Statements(self.table, flag) for flag in (True, False)}
         self._lock = threading.Lock()
-        self._pool: _SyncPool | None = None
+        self._pool: SyncPool | None = None
         self._pid = os.getpid()
         self._loops = LoopLocal(
-            lambda: _LoopPool(self.max_size, self.timeout), _LoopPool.aclose, _LoopPool.abandon
+            lambda: LoopPool(self.max_size, self.timeout), LoopPool.aclose, LoopPool.abandon
         )
         self._schema_ready = False
 
@@ -713,11 +365,7 @@ class MySQLStore(Store):
         return self._statements[bool(self._returning)]
 
     def _schema_missing(self) -> SchemaMissing:
-        table = "" if self.table == "oncely_records" else f" (table {self.table!r})"
-        return SchemaMissing(
-            f"table {self.table!r} does not exist in {self._where}; run "
-            f"`oncely init {self._where}`{table} or open the store with create_schema=True"
-        )
+        return schema_missing(self.table, self._where, self._where)
 
     def _schema_outdated(self) -> SchemaMissing:
         return SchemaMissing(
@@ -727,7 +375,7 @@ class MySQLStore(Store):
         )
 
     def _translate(self, exc: BaseException) -> StoreError:
-        code = _errno(exc)
+        code = errno(exc)
         if code == _NO_SUCH_TABLE:
             if "_fences" in str(exc):
                 return self._schema_outdated()
@@ -742,14 +390,14 @@ class MySQLStore(Store):
                 f"MySQL at {self._where} gave up waiting for a row lock ({exc}); another "
                 "session holds locks on the oncely table for too long"
             )
-        if isinstance(exc, _Busy):
+        if isinstance(exc, Busy):
             return StoreUnavailable(
                 f"no MySQL connection to {self._where} within {self.timeout:g}s: all "
                 f"{self.max_size} pooled connections stayed busy; raise max_size or timeout"
             )
         if (
             isinstance(exc, (pymysql.err.InterfaceError, OSError, asyncio.TimeoutError))
-            or code in _GONE
+            or code in GONE
             or 2000 <= code < 3000
         ):
             return StoreUnavailable(
@@ -769,13 +417,13 @@ class MySQLStore(Store):
 
     def _learn(self, server_version: str) -> None:
         if self._returning is None:
-            self._returning = _supports_returning(server_version)
+            self._returning = supports_returning(server_version)
 
     # -- sync plumbing -------------------------------------------------------------------------
     def _connect(self) -> SyncConn:
         return pymysql.connect(**self._sync_args)
 
-    def _sync_pool(self) -> _SyncPool:
+    def _sync_pool(self) -> SyncPool:
         pool = self._pool
         if pool is not None and self._pid == os.getpid():
             return pool
@@ -785,14 +433,14 @@ class MySQLStore(Store):
             if self._pool is None:
                 # Connect once now: a wrong URL or a dead server fails here with the driver's
                 # reason, and we learn which SQL dialect the server speaks.
-                pool = _SyncPool(self._connect, self.max_size, self.timeout)
+                pool = SyncPool(self._connect, self.max_size, self.timeout)
                 try:
                     conn = pool.get()
                 except (pymysql.Error, OSError) as exc:
                     raise self._unreachable(exc) from exc
                 healthy = False
                 try:
-                    self._learn(_server_version(conn))
+                    self._learn(server_version(conn))
                     if self.create_schema and not self._schema_ready:
                         self._init_schema_on(conn)
                     healthy = True
@@ -803,12 +451,12 @@ class MySQLStore(Store):
                 self._pool = pool
             return self._pool
 
-    def _run(self, name: str, params: Params) -> _Result:
+    def _run(self, name: str, params: Params) -> Result:
         for attempt in range(1, _ATTEMPTS + 1):
             pool = self._sync_pool()
             try:
                 conn = pool.get()
-            except _Busy as exc:
+            except Busy as exc:
                 raise self._translate(exc) from None
             except (pymysql.Error, OSError) as exc:
                 raise self._unreachable(exc) from exc
@@ -816,11 +464,11 @@ class MySQLStore(Store):
             try:
                 with conn.cursor() as cur:
                     cur.execute(getattr(self._sql, name), params)
-                    result = _collect(cur)
+                    result = collect(cur)
                 healthy = True
                 return result
             except pymysql.Error as exc:
-                if _errno(exc) == _DEADLOCK and attempt < _ATTEMPTS:
+                if errno(exc) == _DEADLOCK and attempt < _ATTEMPTS:
                     continue
                 raise self._translate(exc) from exc
             finally:
@@ -857,44 +505,69 @@ class MySQLStore(Store):
             pool.close()
         self._loops.close_idle()
 
-    # -- sync face -----------------------------------------------------------------------------
-    def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
+    # -- every operation, once: a plan of statements (oncely.backends.plans) -------------------
+    def _claim(
+        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
+    ) -> Plan[ClaimOutcome]:
         params = _claim_params(key, fingerprint, lease, ttl)
-        return _claim_outcome(self._run("claim", params), params)
+        result: Result = yield Exec("claim", params)
+        if not result.rows:  # the upsert always leaves the row: this is not the table we made
+            raise StoreError(f"the claim on {key.scope!r} read no row back; check the table")
+        return nonce_outcome(result.rows[0], params["nonce"], fingerprint)
 
-    def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
+    def _complete(
+        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
+    ) -> Plan[None]:
         params = _complete_params(key, fence, result, codec, ttl)
-        _check_lease(self._run("complete", params), key, fence)
+        check_lease((yield Exec("complete", params)).rowcount, key, fence)
 
-    def release(self, key: RecordKey, fence: int) -> None:
-        _check_lease(self._run("release", _fence_params(key, fence)), key, fence)
+    def _release(self, key: RecordKey, fence: int) -> Plan[None]:
+        check_lease((yield Exec("release", fence_params(key, fence))).rowcount, key, fence)
 
-    def renew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return _renewed(self._run("renew", _renew_params(key, fence, lease)), key, fence)
+    def _renew(self, key: RecordKey, fence: int, lease: float) -> Plan[float]:
+        rows = (yield Exec("renew", renew_params(key, fence, _seconds(lease)))).rows
+        check_lease(len(rows), key, fence)
+        return float(rows[0][0])
 
-    def watch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        params = _key_params(key)
-        return poll_until(lambda: _changed(self._run("state", params), fence), timeout)
+    def _watch(self, key: RecordKey, fence: int, timeout: float) -> Plan[bool]:
+        params = key_params(key)
 
-    def get(self, key: RecordKey) -> Record | None:
-        rows = self._run("get", _key_params(key)).rows
-        return _record(rows[0]) if rows else None
+        def look() -> Plan[bool]:
+            return changed((yield Exec("state", params)).rows, fence)
 
-    def delete(self, key: RecordKey) -> bool:
-        return any(row[0] for row in self._run("delete", _key_params(key)).rows)
+        return (yield from poll_plan(look, timeout))
 
-    def purge_expired(self, limit: int = 1000) -> int:
-        return int(self._run("purge", {"limit": max(0, int(limit))}).rows[0][0])
+    def _get(self, key: RecordKey) -> Plan[Record | None]:
+        rows = (yield Exec("get", key_params(key))).rows
+        return record(rows[0]) if rows else None
 
-    def list(self, scope: str | None = None, limit: int = 100) -> Records:
+    def _delete(self, key: RecordKey) -> Plan[bool]:
+        return any(row[0] for row in (yield Exec("delete", key_params(key))).rows)
+
+    def _purge_expired(self, limit: int) -> Plan[int]:
+        return int((yield Exec("purge", {"limit": max(0, int(limit))})).rows[0][0])
+
+    def _list(self, scope: str | None, limit: int) -> Plan[Records]:
         name = "list_all" if scope is None else "list_scope"
-        return [_record(row) for row in self._run(name, _list_params(scope, limit)).rows]
+        return [record(row) for row in (yield Exec(name, list_params(scope, limit))).rows]
 
-    def now(self) -> float:
-        return float(self._run("now", {}).rows[0][0])
+    def _now(self) -> Plan[float]:
+        return float((yield Exec("now", {})).rows[0][0])
+
+    def _execute(self, request: Any) -> Any:
+        if type(request) is Sleep:
+            time.sleep(request.seconds)
+            return None
+        return self._run(request.statement, request.params)
+
+    async def _aexecute(self, request: Any) -> Any:
+        if type(request) is Sleep:
+            await asyncio.sleep(request.seconds)
+            return None
+        return await self._arun(request.statement, request.params)
 
     # -- async plumbing ------------------------------------------------------------------------
-    async def _aacquire(self, slot: _LoopPool, pool: Any) -> Any:
+    async def _aacquire(self, slot: LoopPool, pool: Any) -> Any:
         """A connection from the loop's ``pool``; the caller holds one of ``slot.slots``."""
         try:
             conn = await pool.acquire()
@@ -903,7 +576,7 @@ class MySQLStore(Store):
         slot.conns.add(conn)
         return conn
 
-    async def _apool(self) -> _LoopPool:
+    async def _apool(self) -> LoopPool:
         slot = self._loops.get()
         if slot.pool is not None:
             return slot
@@ -917,7 +590,7 @@ class MySQLStore(Store):
                     async with slot.slots:
                         conn = await self._aacquire(slot, pool)
                         try:
-                            self._learn(_server_version(conn))
+                            self._learn(server_version(conn))
                             if self.create_schema and not self._schema_ready:
                                 async with conn.cursor() as cur:
                                     await cur.execute(self._sql.ddl)
@@ -927,7 +600,7 @@ class MySQLStore(Store):
                             raise self._translate(exc) from exc
                         finally:
                             if not healthy:
-                                _close_quietly(conn)
+                                close_quietly(conn)
                             pool.release(conn)
                 finally:
                     if healthy:  # published only now: the schema is complete
@@ -936,11 +609,11 @@ class MySQLStore(Store):
                         pool.close()
         return slot
 
-    async def _arun(self, name: str, params: Params) -> _Result:
+    async def _arun(self, name: str, params: Params) -> Result:
         with keep_cancel():  # asyncio.wait_for can drop a cancel (Python 3.11)
             return await self._attempts(name, params)
 
-    async def _attempts(self, name: str, params: Params) -> _Result:
+    async def _attempts(self, name: str, params: Params) -> Result:
         for attempt in range(1, _ATTEMPTS + 1):
             slot = await self._apool()
             pool = slot.pool
@@ -948,7 +621,7 @@ class MySQLStore(Store):
                 try:
                     await asyncio.wait_for(slot.slots.acquire(), self.timeout)
                 except asyncio.TimeoutError:
-                    raise self._translate(_Busy()) from None
+                    raise self._translate(Busy()) from None
             else:
                 await slot.slots.acquire()
             try:
@@ -957,7 +630,7 @@ class MySQLStore(Store):
                 try:
                     # aiomysql has no read timeout: bound the round trip like PyMySQL's.
                     result = await asyncio.wait_for(
-                        _aexecute(conn, getattr(self._sql, name), params), self._read_timeout
+                        aexecute(conn, getattr(self._sql, name), params), self._read_timeout
                     )
                     healthy = True
                     return result
@@ -968,14 +641,14 @@ class MySQLStore(Store):
                         "operation may or may not have been applied)"
                     ) from None
                 except pymysql.Error as exc:
-                    if _errno(exc) == _DEADLOCK and attempt < _ATTEMPTS:
+                    if errno(exc) == _DEADLOCK and attempt < _ATTEMPTS:
                         continue
                     raise self._translate(exc) from exc
                 finally:
                     # Cancelled or failed mid-statement: the connection may be mid-result or
                     # inside the transaction; close it rather than hand it back.
                     if not healthy:
-                        _close_quietly(conn)
+                        close_quietly(conn)
                     pool.release(conn)
             finally:
                 slot.slots.release()
@@ -993,47 +666,3 @@ class MySQLStore(Store):
 
     async def aclose(self) -> None:
         await self._loops.aclose()
-
-    # -- async face ----------------------------------------------------------------------------
-    async def aclaim(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
-    ) -> ClaimOutcome:
-        params = _claim_params(key, fingerprint, lease, ttl)
-        return _claim_outcome(await self._arun("claim", params), params)
-
-    async def acomplete(
-        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
-    ) -> None:
-        params = _complete_params(key, fence, result, codec, ttl)
-        _check_lease(await self._arun("complete", params), key, fence)
-
-    async def arelease(self, key: RecordKey, fence: int) -> None:
-        _check_lease(await self._arun("release", _fence_params(key, fence)), key, fence)
-
-    async def arenew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return _renewed(await self._arun("renew", _renew_params(key, fence, lease)), key, fence)
-
-    async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        params = _key_params(key)
-
-        async def changed() -> bool:
-            return _changed(await self._arun("state", params), fence)
-
-        return await apoll_until(changed, timeout)
-
-    async def aget(self, key: RecordKey) -> Record | None:
-        rows = (await self._arun("get", _key_params(key))).rows
-        return _record(rows[0]) if rows else None
-
-    async def adelete(self, key: RecordKey) -> bool:
-        return any(row[0] for row in (await self._arun("delete", _key_params(key))).rows)
-
-    async def apurge_expired(self, limit: int = 1000) -> int:
-        return int((await self._arun("purge", {"limit": max(0, int(limit))})).rows[0][0])
-
-    async def alist(self, scope: str | None = None, limit: int = 100) -> Records:
-        name = "list_all" if scope is None else "list_scope"
-        return [_record(row) for row in (await self._arun(name, _list_params(scope, limit))).rows]
-
-    async def anow(self) -> float:
-        return float((await self._arun("now", {})).rows[0][0])

@@ -6,7 +6,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
-__all__ = ["apoll_until", "poll_until"]
+from oncely.backends.plans import Plan, Sleep
+
+__all__ = ["apoll_until", "poll_plan", "poll_until"]
 
 FIRST_DELAY = 0.001
 LONGEST_DELAY = 0.05
@@ -37,3 +39,14 @@ async def apoll_until(done: Callable[[], Awaitable[bool]], timeout: float) -> bo
             return True
         await asyncio.sleep(delay)
     return await done()
+
+
+def poll_plan(look: Callable[[], Plan[bool]], timeout: float) -> Plan[bool]:
+    """:func:`poll_until` as a plan (:mod:`oncely.backends.plans`): runs the plan ``look()``
+    until it returns True (return True) or ``timeout`` passes (return False), yielding a
+    :class:`~oncely.backends.plans.Sleep` between looks."""
+    for delay in _delays(timeout):
+        if (yield from look()):
+            return True
+        yield Sleep(delay)
+    return (yield from look())

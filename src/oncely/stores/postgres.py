@@ -12,55 +12,65 @@ dropped). Needs ``pip install 'oncely[postgres]'`` (psycopg 3.2+ and psycopg-poo
 The table is not created behind the operator's back: run ``oncely init URL`` once (it calls
 :meth:`PostgresStore.init_schema`), or pass ``create_schema=True``.
 
-Layout: the SQL text, the parameters and the parsing of rows are module-level and shared by the
-sync face (:class:`psycopg_pool.ConnectionPool`) and the async face; only the plumbing that takes a
-connection and awaits (or not) differs. The async face keeps the connections of each running
-event loop in a small cache of its own (:class:`_LoopConnections`) rather than in a
-:class:`psycopg_pool.AsyncConnectionPool`: such a pool runs background tasks, and one that is
-connecting when ``asyncio.run`` ends can swallow the loop's final cancellation and hang the
-process. The cache has no task: a connection is opened by the call that needs it, and the loop's
-shutdown (``shutdown_asyncgens``, which ``asyncio.run`` calls) closes them, so nobody has to call
-:meth:`PostgresStore.aclose`.
+Layout: this module holds the SQL text; what the SQL stores share is in :mod:`oncely.stores.sql`
+and the connection handling in :mod:`oncely.backends.postgres`. Each operation is written once,
+as a plan of statements (:mod:`oncely.backends.plans`), run by the sync face on a
+:class:`psycopg_pool.ConnectionPool` and by the async face on the connections of the running
+event loop (:class:`oncely.backends.postgres.LoopConnections`, a cache with no background task,
+closed by the loop's shutdown, so nobody has to call :meth:`PostgresStore.aclose`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
-import re
-import select
 import threading
 import time
-import weakref
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
-from psycopg.pq import TransactionStatus
-from psycopg.rows import TupleRow
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from oncely.backends.loops import LoopLocal
+from oncely.backends.plans import Exec, Plan
+from oncely.backends.postgres import (
+    AsyncConn,
+    LoopConnections,
+    SyncConn,
+    conninfo,
+    network_defaults,
+    schema_lock_id,
+)
+from oncely.backends.urls import redact_url
 from oncely.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.records import ClaimOutcome, New, Record, RecordKey
-from oncely.stores.base import Store, claimable, classify, lease_lost, redact_url
-from oncely.stores.loops import LoopLocal
+from oncely.stores.base import claimable, classify
+from oncely.stores.planned import PlannedStore
+from oncely.stores.sql import (
+    Params,
+    Row,
+    changed,
+    check_lease,
+    fence_params,
+    key_params,
+    list_params,
+    record,
+    renew_params,
+    schema_missing,
+    validate_table,
+)
 
 __all__ = ["CHANNEL", "PostgresStore"]
 
 #: The LISTEN/NOTIFY channel completions and releases are announced on.
 CHANNEL: Final = "oncely_done"
 
-Row = tuple[Any, ...]
-Params = dict[str, Any]
 Rows = list[Row]  # named here: inside the class, ``list`` is the method
 Records = list[Record]
-SyncConn = psycopg.Connection[TupleRow]
-AsyncConn = psycopg.AsyncConnection[TupleRow]
 
 # A claim that keeps losing the READ COMMITTED race below gives up after this many statements.
 _CLAIM_ATTEMPTS = 16
@@ -259,6 +269,7 @@ LIST_SCOPE = (
     "ORDER BY r.digest LIMIT %(limit)s"
 )
 NOW = f"SELECT {_NOW}"
+_NOW_QUERY: Final = NOW.encode()
 # The table exists, and so does its fence sequence, and its status check allows tombstones.
 CHECK = """\
 SELECT to_regclass({tname}) IS NOT NULL, to_regclass({seqname}) IS NOT NULL,
@@ -272,8 +283,6 @@ LISTEN = f"LISTEN {CHANNEL}"
 UNLISTEN = f"UNLISTEN {CHANNEL}"
 
 # -- pure helpers shared by both faces ------------------------------------------------------------
-
-_TABLE_RE = re.compile(r"(?:[a-z_][a-z0-9_]{0,62}\.)?[a-z_][a-z0-9_]{0,47}")
 
 
 class _Statements:
@@ -313,54 +322,6 @@ class _Statements:
         self.check = render(CHECK)
 
 
-def _validate_table(table: str) -> str:
-    if not isinstance(table, str) or not _TABLE_RE.fullmatch(table):
-        raise ConfigurationError(
-            f"table name {table!r} is not a plain lowercase SQL identifier (at most 48 "
-            "characters, optionally schema-qualified); use e.g. 'oncely_records' or "
-            "'app.oncely_records'"
-        )
-    return table
-
-
-def _conninfo(url: str) -> str:
-    """The libpq URL for ``url``: ``postgresql+psycopg://`` and ``postgres://`` normalised."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower().split("+", 1)[0] not in PostgresStore.schemes:
-        raise ConfigurationError(
-            f"PostgreSQL URL {redact_url(url)!r} must look like "
-            "'postgresql://user:password@host:5432/dbname'"
-        )
-    return f"postgresql://{rest}"
-
-
-#: libpq settings every connection gets unless the URL or an option sets them: TCP keepalive
-#: probes after 5 s idle, 1 s apart, 3 of them, and ``tcp_user_timeout`` (ms): a server the
-#: network cut off is noticed within about 10 s instead of the OS default of over two hours.
-#: (libpq has no read timeout: a server that is up but never answers still stalls a call.)
-TCP_DEFAULTS: Final[dict[str, int]] = {
-    "keepalives": 1,
-    "keepalives_idle": 5,
-    "keepalives_interval": 1,
-    "keepalives_count": 3,
-    "tcp_user_timeout": 10_000,
-}
-
-
-def _network_defaults(conninfo: str, timeout: float) -> dict[str, Any]:
-    """Bounded network waits for :func:`psycopg.connect`, except what ``conninfo`` sets itself.
-
-    ``connect_timeout`` is ``timeout`` seconds (at least 2, libpq's minimum), plus
-    :data:`TCP_DEFAULTS`.
-    """
-    try:
-        given = conninfo_to_dict(conninfo)
-    except psycopg.Error:  # a malformed URL fails at connect, with libpq's own message
-        given = {}
-    defaults: dict[str, Any] = {"connect_timeout": max(2, round(timeout)), **TCP_DEFAULTS}
-    return {k: v for k, v in defaults.items() if k not in given}
-
-
 def _note(table: str, key: RecordKey) -> str:
     """The NOTIFY payload naming a key: short and bounded whatever the scope's length."""
     where = hashlib.sha256(f"{table}\x00{key.scope}".encode()).hexdigest()[:16]
@@ -370,12 +331,6 @@ def _note(table: str, key: RecordKey) -> str:
     return f"{where}:{digest}"
 
 
-def _lock_id(table: str) -> int:
-    """The advisory lock that serialises concurrent ``init_schema`` calls for ``table``."""
-    raw = hashlib.sha256(f"oncely:init:{table}".encode()).digest()[:8]
-    return int.from_bytes(raw, "big", signed=True)
-
-
 def _fence_lock(table: str, key: RecordKey) -> tuple[int, int]:
     """The two 32-bit keys of the transaction-scoped advisory lock under which a claim of ``key``
     draws its fence (the two-key space: apart from oncely's lock backend, which uses one bigint).
@@ -383,10 +338,6 @@ def _fence_lock(table: str, key: RecordKey) -> tuple[int, int]:
     space = hashlib.sha256(f"oncely:fence:{table}".encode()).digest()[:4]
     slot = hashlib.sha256(f"{key.scope}\x00{key.digest}".encode()).digest()[:4]
     return int.from_bytes(space, "big", signed=True), int.from_bytes(slot, "big", signed=True)
-
-
-def _key_params(key: RecordKey) -> Params:
-    return {"scope": key.scope, "digest": key.digest}
 
 
 def _claim_params(table: str, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> Params:
@@ -417,33 +368,8 @@ def _complete_params(
     }
 
 
-def _fence_params(table: str, key: RecordKey, fence: int) -> Params:
-    return {"scope": key.scope, "digest": key.digest, "fence": fence, "note": _note(table, key)}
-
-
-def _renew_params(key: RecordKey, fence: int, lease: float) -> Params:
-    return {"scope": key.scope, "digest": key.digest, "fence": fence, "lease": float(lease)}
-
-
-def _list_params(scope: str | None, limit: int) -> Params:
-    return {"scope": scope, "limit": max(0, int(limit))}
-
-
-def _record(row: Row) -> Record:
-    scope, digest, status, fingerprint, fence, lease_until, expires_at, created_at = row[:8]
-    result, codec = row[8], row[9]
-    return Record(
-        scope=scope,
-        digest=digest,
-        status=status,
-        fingerprint=fingerprint,
-        fence=int(fence),
-        lease_until=lease_until,
-        expires_at=expires_at,
-        created_at=created_at,
-        result=None if result is None else bytes(result),
-        codec=codec,
-    )
+def _release_params(table: str, key: RecordKey, fence: int) -> Params:
+    return {**fence_params(key, fence), "note": _note(table, key)}
 
 
 def _claim_outcome(rows: list[Row], fingerprint: str) -> ClaimOutcome | None:
@@ -458,89 +384,52 @@ def _claim_outcome(rows: list[Row], fingerprint: str) -> ClaimOutcome | None:
     if not rows:
         return None
     row = rows[0]
-    record, now = _record(row[1:11]), float(row[11])
+    rec, now = record(row[1:11]), float(row[11])
     if row[0] == "new":
-        assert record.lease_until is not None
-        return New(record.fence, record.lease_until, now)
-    if record.status == "released" or claimable(record, now):  # type: ignore[comparison-overlap]
+        assert rec.lease_until is not None
+        return New(rec.fence, rec.lease_until, now)
+    if rec.status == "released" or claimable(rec, now):  # type: ignore[comparison-overlap]
         return None
-    return classify(record, fingerprint, now)
+    return classify(rec, fingerprint, now)
 
 
-def _changed(rows: list[Row], fence: int) -> bool:
-    """Watch's test: the record is gone, expired, finished or held under another fence."""
-    if not rows:
-        return True
-    status, current, live = rows[0]
-    return status != "in_progress" or current != fence or not live
+class _Listening(NamedTuple):
+    """A watch connection that listens on :data:`CHANNEL`, and where it goes back to."""
+
+    conn: Any
+    home: Any
 
 
-def _check_lease(rows: list[Row], key: RecordKey, fence: int) -> None:
-    if not rows:
-        raise lease_lost(key, fence)
+class _Listen(NamedTuple):
+    """A watch connection listening on :data:`CHANNEL` (None if every one stays busy until
+    ``deadline``, monotonic seconds)."""
+
+    deadline: float
 
 
-# An idle connection older than this is checked (one poll(2), no round trip) before use.
-_CHECK_AFTER = 30.0
+class _OnListening(NamedTuple):
+    """Run ``request`` (an :class:`~oncely.backends.plans.Exec`) on the listening connection."""
+
+    listening: _Listening
+    request: Exec
 
 
-def _looks_dead(conn: AsyncConn) -> bool:
-    """True if an idle connection is closed, or has something to read: an idle connection that
-    listens to nothing has nothing, so this is the server's goodbye (an error or EOF)."""
-    if conn.closed or conn.broken:
-        return True
-    try:
-        poller = select.poll()
-        poller.register(conn.pgconn.socket, select.POLLIN | select.POLLERR | select.POLLHUP)
-        return bool(poller.poll(0))
-    except (OSError, ValueError, psycopg.Error):
-        return True
+class _Notified(NamedTuple):
+    """True once a notification with payload ``note`` arrives, False at ``deadline``."""
+
+    listening: _Listening
+    note: str
+    deadline: float
 
 
-class _Connections:
-    """The idle connections of one kind (decisions or watchers) on one event loop, and a
-    semaphore that bounds how many are in use."""
+class _Unlisten(NamedTuple):
+    """Give the watch connection back: kept (after ``UNLISTEN``) if ``clean``, else closed."""
 
-    __slots__ = ("idle", "size", "slots")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.slots = asyncio.Semaphore(size)
-        self.idle: list[tuple[AsyncConn, float]] = []  # most recently used last
+    listening: _Listening
+    clean: bool
 
 
-class _LoopConnections:
-    """Every connection the async face opened on one event loop. No background task runs: a
-    call opens a connection when none is idle, and gives it back when it is done with it."""
-
-    __slots__ = ("closed", "conns", "main", "watch")
-
-    def __init__(self, size: int, watch_size: int) -> None:
-        self.main = _Connections(size)
-        self.watch = _Connections(watch_size)
-        self.conns: weakref.WeakSet[AsyncConn] = weakref.WeakSet()
-        self.closed = False
-
-    def abandon(self) -> None:
-        """Close every connection without the loop (it is closing or closed)."""
-        self.closed = True
-        for conn in list(self.conns):  # before the idle lists let go of the last references
-            if not conn.closed:
-                conn.pgconn.finish()
-        self.conns.clear()
-        self.main.idle.clear()
-        self.watch.idle.clear()
-
-    async def aclose(self) -> None:
-        """Close the idle connections; those in use are closed when they come back."""
-        self.closed = True
-        for kind in (self.main, self.watch):
-            idle, kind.idle = kind.idle, []
-            for conn, _ in idle:
-                await conn.close()
-
-
-class PostgresStore(Store):
+class PostgresStore(PlannedStore):
     """Records in a PostgreSQL table; pooled autocommit connections, clock = the server's.
 
     ``min_size``/``max_size`` size the pool used for decisions (per process for the sync face,
@@ -548,9 +437,9 @@ class PostgresStore(Store):
     duration of their wait, from a separate pool of up to ``watch_max_size`` (default
     ``max_size``) connections, so waiting never starves claims. ``timeout`` bounds connecting
     and waiting for a pooled connection (seconds); TCP keepalive settings
-    (:data:`TCP_DEFAULTS`) notice a server the network cut off within about 10 s. The URL or
-    an option overrides each (``?connect_timeout=10&keepalives_idle=30``). Further keyword
-    ``options`` go to
+    (:data:`oncely.backends.postgres.TCP_DEFAULTS`) notice a server the network cut off within
+    about 10 s. The URL or an option overrides each
+    (``?connect_timeout=10&keepalives_idle=30``). Further keyword ``options`` go to
     :func:`psycopg.connect` (libpq parameters such as ``sslmode``, ``application_name``, or
     ``prepare_threshold=None`` behind PgBouncer in transaction mode).
 
@@ -574,8 +463,8 @@ class PostgresStore(Store):
         **options: Any,
     ) -> None:
         super().__init__(url)
-        self.conninfo = _conninfo(url)
-        self.table = _validate_table(table)
+        self.conninfo = conninfo(url)
+        self.table = validate_table(table, 48, "schema", 63)
         if min_size < 0 or max_size < max(1, min_size):
             raise ConfigurationError(
                 f"pool sizes min_size={min_size}, max_size={max_size}: need "
@@ -588,7 +477,7 @@ class PostgresStore(Store):
         self.max_size = max_size
         self.watch_max_size = max_size if watch_max_size is None else max(1, watch_max_size)
         self.timeout = float(timeout)
-        kwargs: dict[str, Any] = {"autocommit": True, **_network_defaults(self.conninfo, timeout)}
+        kwargs: dict[str, Any] = {"autocommit": True, **network_defaults(self.conninfo, timeout)}
         if "application_name" not in self.conninfo:
             kwargs["application_name"] = "oncely"
         kwargs.update(options)
@@ -601,9 +490,9 @@ class PostgresStore(Store):
         self._pool: ConnectionPool[SyncConn] | None = None
         self._watch_pool: ConnectionPool[SyncConn] | None = None
         self._loops = LoopLocal(
-            lambda: _LoopConnections(self.max_size, self.watch_max_size),
-            _LoopConnections.aclose,
-            _LoopConnections.abandon,
+            lambda: LoopConnections(self.max_size, self.watch_max_size),
+            LoopConnections.aclose,
+            LoopConnections.abandon,
         )
         self._schema_ready = False
         #: How many claim statements ran again because of the READ COMMITTED snapshot race.
@@ -615,11 +504,7 @@ class PostgresStore(Store):
         return redact_url(self.url)
 
     def _schema_missing(self) -> SchemaMissing:
-        table = "" if self.table == "oncely_records" else f" (table {self.table!r})"
-        return SchemaMissing(
-            f"table {self.table!r} does not exist in {self._where}; run "
-            f"`oncely init {self._where}`{table} or open the store with create_schema=True"
-        )
+        return schema_missing(self.table, self._where, self._where)
 
     def _schema_outdated(self) -> SchemaMissing:
         return SchemaMissing(
@@ -718,7 +603,7 @@ class PostgresStore(Store):
 
     def _init_schema_on(self, conn: SyncConn) -> None:
         with conn.transaction():
-            conn.execute(LOCK, {"lock": _lock_id(self.table)}, prepare=False)
+            conn.execute(LOCK, {"lock": schema_lock_id(self.table)}, prepare=False)
             conn.execute(self._sql.ddl, prepare=False)
         self._schema_ready = True
 
@@ -756,83 +641,171 @@ class PostgresStore(Store):
                 pool.close()
         self._loops.close_idle()
 
-    # -- sync face -----------------------------------------------------------------------------
-    def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
+    # -- every operation, once: a plan of statements (oncely.backends.plans) -------------------
+    def _claim(
+        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
+    ) -> Plan[ClaimOutcome]:
         params = _claim_params(self.table, key, fingerprint, lease, ttl)
         for _ in range(_CLAIM_ATTEMPTS):
-            outcome = _claim_outcome(self._run(self._sql.claim, params, self._prepare), fingerprint)
+            outcome = _claim_outcome(
+                (yield Exec(self._sql.claim, params, self._prepare)), fingerprint
+            )
             if outcome is not None:
                 return outcome
             self.claim_retries += 1
         raise StoreError(self._no_decision(key))
 
-    def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
+    def _complete(
+        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
+    ) -> Plan[None]:
         params = _complete_params(self.table, key, fence, result, codec, ttl)
-        _check_lease(self._run(self._sql.complete, params, self._prepare), key, fence)
+        check_lease(len((yield Exec(self._sql.complete, params, self._prepare))), key, fence)
 
-    def release(self, key: RecordKey, fence: int) -> None:
-        params = _fence_params(self.table, key, fence)
-        _check_lease(self._run(self._sql.release, params, self._prepare), key, fence)
+    def _release(self, key: RecordKey, fence: int) -> Plan[None]:
+        params = _release_params(self.table, key, fence)
+        check_lease(len((yield Exec(self._sql.release, params, self._prepare))), key, fence)
 
-    def renew(self, key: RecordKey, fence: int, lease: float) -> float:
-        rows = self._run(self._sql.renew, _renew_params(key, fence, lease), self._prepare)
-        _check_lease(rows, key, fence)
+    def _renew(self, key: RecordKey, fence: int, lease: float) -> Plan[float]:
+        rows = yield Exec(self._sql.renew, renew_params(key, fence, lease), self._prepare)
+        check_lease(len(rows), key, fence)
         return float(rows[0][0])
 
-    def watch(self, key: RecordKey, fence: int, timeout: float) -> bool:
+    def _get(self, key: RecordKey) -> Plan[Record | None]:
+        rows = yield Exec(self._sql.get, key_params(key), self._prepare)
+        return record(rows[0]) if rows else None
+
+    def _delete(self, key: RecordKey) -> Plan[bool]:
+        params = {**key_params(key), "note": _note(self.table, key)}
+        return any(row[1] for row in (yield Exec(self._sql.delete, params)))
+
+    def _purge_expired(self, limit: int) -> Plan[int]:
+        return int((yield Exec(self._sql.purge, {"limit": max(0, int(limit))}))[0][0])
+
+    def _list(self, scope: str | None, limit: int) -> Plan[Records]:
+        query = self._sql.list_all if scope is None else self._sql.list_scope
+        return [record(row) for row in (yield Exec(query, list_params(scope, limit)))]
+
+    def _now(self) -> Plan[float]:
+        return float((yield Exec(_NOW_QUERY, {}, self._prepare))[0][0])
+
+    def _watch(self, key: RecordKey, fence: int, timeout: float) -> Plan[bool]:
         deadline = time.monotonic() + max(0.0, timeout)
-        note = _note(self.table, key)
-        pool = self._sync_watch_pool()
+        listening = yield _Listen(deadline)
+        if listening is None:
+            # Every watch connection is busy: answer from one look at the record.
+            return changed((yield Exec(self._sql.state, key_params(key))), fence)
+        clean = False
         try:
+            # Read after LISTEN: a completion that landed before it is seen here, one that lands
+            # after it is delivered as a notification.
+            state = Exec(self._sql.state, key_params(key), self._prepare)
+            seen = changed((yield _OnListening(listening, state)), fence)
+            if not seen:
+                seen = yield _Notified(listening, _note(self.table, key), deadline)
+            clean = True
+            return seen
+        finally:
+            yield _Unlisten(listening, clean)
+
+    # -- the two executors -----------------------------------------------------------------------
+    def _execute(self, request: Any) -> Any:
+        if type(request) is Exec:
+            return self._run(request.statement, request.params, request.prepare)
+        try:
+            return self._listen_step(request)
+        except psycopg.Error as exc:
+            raise self._translate(exc) from exc
+
+    def _listen_step(self, request: Any) -> Any:
+        kind = type(request)
+        if kind is _Listen:
+            pool = self._sync_watch_pool()
             try:
-                conn = pool.getconn(timeout=max(0.001, deadline - time.monotonic()))
+                conn = pool.getconn(timeout=max(0.001, request.deadline - time.monotonic()))
             except PoolTimeout:
-                # Every watch connection is busy: answer from one look at the record.
-                return _changed(self._run(self._sql.state, _key_params(key)), fence)
-            clean = False
+                return None
             try:
                 conn.execute(LISTEN, prepare=False)
-                # Read after LISTEN: a completion that landed before it is seen here, one that
-                # lands after it is delivered as a notification.
-                rows = conn.execute(self._sql.state, _key_params(key), prepare=self._prepare)
-                seen = _changed(rows.fetchall(), fence)
-                if not seen:
-                    with contextlib.closing(
-                        conn.notifies(timeout=max(0.0, deadline - time.monotonic()))
-                    ) as notes:
-                        seen = any(n.payload == note for n in notes)
+            except BaseException:
+                conn.close()  # the pool replaces a closed connection
+                pool.putconn(conn)
+                raise
+            return _Listening(conn, pool)
+        conn = request.listening.conn
+        if kind is _OnListening:
+            query = request.request
+            return conn.execute(query.statement, query.params, prepare=query.prepare).fetchall()
+        if kind is _Notified:
+            wait = max(0.0, request.deadline - time.monotonic())
+            with contextlib.closing(conn.notifies(timeout=wait)) as notes:
+                return any(n.payload == request.note for n in notes)
+        clean = False
+        try:
+            if request.clean:
                 conn.execute(UNLISTEN, prepare=False)
                 for _ in conn.notifies(timeout=0):  # drop what arrived before UNLISTEN
                     pass
                 clean = True
-                return seen
-            finally:
-                if not clean:
-                    conn.close()  # the pool replaces a closed connection
-                pool.putconn(conn)
+        finally:
+            if not clean:
+                conn.close()  # the pool replaces a closed connection
+            request.listening.home.putconn(conn)
+        return None
+
+    async def _aexecute(self, request: Any) -> Any:
+        if type(request) is Exec:
+            return await self._arun(request.statement, request.params, request.prepare)
+        try:
+            with keep_cancel():  # asyncio.wait_for can drop a cancel (Python 3.11)
+                return await self._alisten_step(request)
         except psycopg.Error as exc:
             raise self._translate(exc) from exc
 
-    def get(self, key: RecordKey) -> Record | None:
-        rows = self._run(self._sql.get, _key_params(key), self._prepare)
-        return _record(rows[0]) if rows else None
-
-    def delete(self, key: RecordKey) -> bool:
-        params = {**_key_params(key), "note": _note(self.table, key)}
-        return any(row[1] for row in self._run(self._sql.delete, params))
-
-    def purge_expired(self, limit: int = 1000) -> int:
-        return int(self._run(self._sql.purge, {"limit": max(0, int(limit))})[0][0])
-
-    def list(self, scope: str | None = None, limit: int = 100) -> Records:
-        query = self._sql.list_all if scope is None else self._sql.list_scope
-        return [_record(row) for row in self._run(query, _list_params(scope, limit))]
-
-    def now(self) -> float:
-        return float(self._run(NOW.encode(), {}, self._prepare)[0][0])
+    async def _alisten_step(self, request: Any) -> Any:
+        kind = type(request)
+        if kind is _Listen:
+            slot = self._loops.get()
+            wait = max(0.001, request.deadline - time.monotonic())
+            conn = await slot.take(slot.watch, wait, self._aopen)
+            if conn is None:
+                return None
+            try:
+                await conn.execute(LISTEN, prepare=False)
+            except BaseException:
+                conn.pgconn.finish()
+                slot.give(slot.watch, conn)
+                raise
+            return _Listening(conn, slot)
+        conn = request.listening.conn
+        if kind is _OnListening:
+            query = request.request
+            cur = await conn.execute(query.statement, query.params, prepare=query.prepare)
+            return await cur.fetchall()
+        if kind is _Notified:
+            notes = conn.notifies(timeout=max(0.0, request.deadline - time.monotonic()))
+            async with contextlib.aclosing(notes):
+                async for n in notes:
+                    if n.payload == request.note:
+                        return True
+            return False
+        clean = False
+        try:
+            if request.clean:
+                await conn.execute(UNLISTEN, prepare=False)
+                async for _ in conn.notifies(timeout=0):  # drop what arrived before UNLISTEN
+                    pass
+                clean = True
+        finally:
+            # On cancellation or error the connection may still be listening or mid-query:
+            # close it rather than keep it.
+            if not clean and not conn.closed:
+                conn.pgconn.finish()
+            slot = request.listening.home
+            slot.give(slot.watch, conn)
+        return None
 
     # -- async plumbing ------------------------------------------------------------------------
-    async def _aopen(self, slot: _LoopConnections) -> AsyncConn:
+    async def _aopen(self, slot: LoopConnections) -> AsyncConn:
         try:
             conn = await psycopg.AsyncConnection.connect(self.conninfo, **self._kwargs)
         except psycopg.Error as exc:
@@ -846,55 +819,17 @@ class PostgresStore(Store):
                 raise self._translate(exc) from exc
         return conn
 
-    async def _atake(
-        self, slot: _LoopConnections, kind: _Connections, timeout: float
-    ) -> AsyncConn | None:
-        """A connection of ``kind`` (an idle one, or a new one); None if all ``kind.size`` stay
-        in use for ``timeout`` seconds. The caller gives it back with :meth:`_agive`."""
-        if kind.slots.locked():
-            try:
-                await asyncio.wait_for(kind.slots.acquire(), timeout)
-            except asyncio.TimeoutError:
-                return None
-        else:
-            await kind.slots.acquire()
-        try:
-            now = time.monotonic()
-            while kind.idle:
-                conn, since = kind.idle.pop()
-                if now - since < _CHECK_AFTER and not conn.closed:
-                    return conn
-                if not _looks_dead(conn):
-                    return conn
-                conn.pgconn.finish()
-            return await self._aopen(slot)
-        except BaseException:
-            kind.slots.release()
-            raise
-
-    def _agive(self, slot: _LoopConnections, kind: _Connections, conn: AsyncConn) -> None:
-        """Take back a connection from :meth:`_atake`: kept if it is idle and usable, else closed
-        (cancelled or failed mid-statement, it may still be busy or inside a transaction)."""
-        try:
-            idle = conn.info.transaction_status == TransactionStatus.IDLE
-            if idle and not conn.broken and not slot.closed:
-                kind.idle.append((conn, time.monotonic()))
-            elif not conn.closed:
-                conn.pgconn.finish()
-        finally:
-            kind.slots.release()
-
     @contextlib.asynccontextmanager
     async def _aconnection(self) -> AsyncIterator[AsyncConn]:
         """A connection for one decision on the running loop."""
         slot = self._loops.get()
-        conn = await self._atake(slot, slot.main, self.timeout)
+        conn = await slot.take(slot.main, self.timeout, self._aopen)
         if conn is None:
             raise self._busy()
         try:
             yield conn
         finally:
-            self._agive(slot, slot.main, conn)
+            slot.give(slot.main, conn)
 
     async def _arun(self, query: bytes, params: Params, prepare: bool | None = None) -> Rows:
         try:
@@ -907,7 +842,7 @@ class PostgresStore(Store):
 
     async def _ainit_schema_on(self, conn: AsyncConn) -> None:
         async with conn.transaction():
-            await conn.execute(LOCK, {"lock": _lock_id(self.table)}, prepare=False)
+            await conn.execute(LOCK, {"lock": schema_lock_id(self.table)}, prepare=False)
             await conn.execute(self._sql.ddl, prepare=False)
         self._schema_ready = True
 
@@ -921,93 +856,6 @@ class PostgresStore(Store):
 
     async def aclose(self) -> None:
         await self._loops.aclose()
-
-    # -- async face ----------------------------------------------------------------------------
-    async def aclaim(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
-    ) -> ClaimOutcome:
-        params = _claim_params(self.table, key, fingerprint, lease, ttl)
-        for _ in range(_CLAIM_ATTEMPTS):
-            rows = await self._arun(self._sql.claim, params, self._prepare)
-            outcome = _claim_outcome(rows, fingerprint)
-            if outcome is not None:
-                return outcome
-            self.claim_retries += 1
-        raise StoreError(self._no_decision(key))
-
-    async def acomplete(
-        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
-    ) -> None:
-        params = _complete_params(self.table, key, fence, result, codec, ttl)
-        _check_lease(await self._arun(self._sql.complete, params, self._prepare), key, fence)
-
-    async def arelease(self, key: RecordKey, fence: int) -> None:
-        params = _fence_params(self.table, key, fence)
-        _check_lease(await self._arun(self._sql.release, params, self._prepare), key, fence)
-
-    async def arenew(self, key: RecordKey, fence: int, lease: float) -> float:
-        rows = await self._arun(self._sql.renew, _renew_params(key, fence, lease), self._prepare)
-        _check_lease(rows, key, fence)
-        return float(rows[0][0])
-
-    async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + max(0.0, timeout)
-        with keep_cancel():  # asyncio.wait_for can drop a cancel (Python 3.11)
-            return await self._awatch(key, fence, deadline)
-
-    async def _awatch(self, key: RecordKey, fence: int, deadline: float) -> bool:
-        loop = asyncio.get_running_loop()
-        note = _note(self.table, key)
-        slot = self._loops.get()
-        try:
-            conn = await self._atake(slot, slot.watch, max(0.001, deadline - loop.time()))
-            if conn is None:
-                # Every watch connection is busy: answer from one look at the record.
-                return _changed(await self._arun(self._sql.state, _key_params(key)), fence)
-            clean = False
-            try:
-                await conn.execute(LISTEN, prepare=False)
-                cur = await conn.execute(self._sql.state, _key_params(key), prepare=self._prepare)
-                seen = _changed(await cur.fetchall(), fence)
-                if not seen:
-                    notes = conn.notifies(timeout=max(0.0, deadline - loop.time()))
-                    async with contextlib.aclosing(notes):
-                        async for n in notes:
-                            if n.payload == note:
-                                seen = True
-                                break
-                await conn.execute(UNLISTEN, prepare=False)
-                async for _ in conn.notifies(timeout=0):
-                    pass
-                clean = True
-                return seen
-            finally:
-                # On cancellation or error the connection may still be listening or mid-query:
-                # close it rather than keep it.
-                if not clean and not conn.closed:
-                    conn.pgconn.finish()
-                self._agive(slot, slot.watch, conn)
-        except psycopg.Error as exc:
-            raise self._translate(exc) from exc
-
-    async def aget(self, key: RecordKey) -> Record | None:
-        rows = await self._arun(self._sql.get, _key_params(key), self._prepare)
-        return _record(rows[0]) if rows else None
-
-    async def adelete(self, key: RecordKey) -> bool:
-        params = {**_key_params(key), "note": _note(self.table, key)}
-        return any(row[1] for row in await self._arun(self._sql.delete, params))
-
-    async def apurge_expired(self, limit: int = 1000) -> int:
-        return int((await self._arun(self._sql.purge, {"limit": max(0, int(limit))}))[0][0])
-
-    async def alist(self, scope: str | None = None, limit: int = 100) -> Records:
-        query = self._sql.list_all if scope is None else self._sql.list_scope
-        return [_record(row) for row in await self._arun(query, _list_params(scope, limit))]
-
-    async def anow(self) -> float:
-        return float((await self._arun(NOW.encode(), {}, self._prepare))[0][0])
 
     def _no_decision(self, key: RecordKey) -> str:
         return (

@@ -20,83 +20,49 @@ anything. A fence is ``max(counter + 1, TIME in microseconds, old fence + 1)`` a
 keeps it, so the fences of a key grow whatever happened between two claims (release, delete,
 expiry) and whatever the clock does.
 
-The sync face uses :class:`redis.Redis`; the async face uses :class:`redis.asyncio.Redis`, one
-client per running event loop (redis-py's asyncio connections belong to the loop that opened
-them). Argument building and reply parsing are the plain functions below, shared by both faces.
+Each operation is written once, as a plan (:mod:`oncely.backends.plans`): a generator that
+yields the script calls and reads their replies. The sync face runs it on :class:`redis.Redis`,
+the async face on :class:`redis.asyncio.Redis`, one client per running event loop
+(:class:`oncely.backends.redis.RedisClients`); scripts are loaded by
+:mod:`oncely.backends.lua`.
 """
 
 from __future__ import annotations
 
 import builtins
-import hashlib
-import socket
 import threading
 import time
 from collections.abc import Sequence
-from importlib import resources
-from typing import Any, Final, Protocol, cast
-from urllib.parse import urlsplit
+from typing import Any, Final, NamedTuple
 
 import redis
 import redis.asyncio
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 
+from oncely.backends.lua import Script, evalsha
+from oncely.backends.plans import Command, Eval, Plan
+from oncely.backends.redis import RedisClients, ms
 from oncely.cancelsafe import keep_cancel
-from oncely.errors import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
+from oncely.errors import ConfigurationError, LeaseLost, StoreError
 from oncely.records import ClaimOutcome, InFlight, Mismatch, New, Record, RecordKey, Replay, Status
-from oncely.stores.base import Store, redact_url
-from oncely.stores.loops import LoopLocal
-from oncely.stores.polling import apoll_until, poll_until
+from oncely.stores.planned import PlannedStore
+from oncely.stores.polling import poll_plan
 
 __all__ = ["RedisStore"]
 
 
-# redis-py leaves a few methods unannotated; these protocols give the ones used here a type.
-class _SyncPubSub(Protocol):
-    def subscribe(self, *channels: str) -> None: ...
-    def get_message(self, timeout: float) -> dict[str, Any] | None: ...
-    def close(self) -> None: ...
+def _script(name: str) -> Script:
+    return Script("oncely.stores", name)
 
 
-class _SyncClient(Protocol):
-    def execute_command(self, *args: Any) -> Any: ...
-    def pubsub(self) -> _SyncPubSub: ...
-    def close(self) -> None: ...
-
-
-class _AsyncPubSub(Protocol):
-    async def subscribe(self, *channels: str) -> None: ...
-    async def get_message(self, timeout: float) -> dict[str, Any] | None: ...
-    async def aclose(self) -> None: ...
-
-
-class _AsyncClient(Protocol):
-    async def execute_command(self, *args: Any) -> Any: ...
-    def pubsub(self) -> _AsyncPubSub: ...
-    async def aclose(self) -> None: ...
-
-
-class _Script:
-    """A Lua script shipped in ``oncely/stores/lua``, called by its SHA-1."""
-
-    __slots__ = ("name", "sha", "source")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.source = (resources.files("oncely.stores") / "lua" / f"{name}.lua").read_bytes()
-        self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest()
-
-
-_CLAIM: Final = _Script("claim")
-_COMPLETE: Final = _Script("complete")
-_RELEASE: Final = _Script("release")
-_RENEW: Final = _Script("renew")
-_GET: Final = _Script("get")
-_DELETE: Final = _Script("delete")
-_PROBE: Final = _Script("probe")
-_LIST: Final = _Script("list")
+_CLAIM: Final = _script("claim")
+_COMPLETE: Final = _script("complete")
+_RELEASE: Final = _script("release")
+_RENEW: Final = _script("renew")
+_GET: Final = _script("get")
+_DELETE: Final = _script("delete")
+_PROBE: Final = _script("probe")
+_LIST: Final = _script("list")
 
 _STATUS: Final[dict[bytes, Status]] = {b"in_progress": "in_progress", b"completed": "completed"}
 _SCAN_COUNT: Final = 500
@@ -108,26 +74,8 @@ _LEASE_SLACK: Final = 0.002
 _TOMBSTONE_MS: Final = 60_000
 _GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "\\*?[]"})
 
-#: Seconds to wait for a Redis connection to open, and for each reply, unless the URL
-#: (``?socket_timeout=…``) or an option says otherwise: a server that stops answering (paused,
-#: overloaded, cut off) fails the call with StoreUnavailable instead of hanging it.
-CONNECT_TIMEOUT: Final = 5.0
-READ_TIMEOUT: Final = 5.0
-#: TCP keepalive for pooled connections: probes after 5 s idle, 1 s apart, 3 of them, so an
-#: idle connection the network cut off is dropped before it is used.
-_KEEPALIVE: Final = {
-    getattr(socket, opt): value
-    for opt, value in (("TCP_KEEPIDLE", 5), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3))
-    if hasattr(socket, opt)
-}
-
 
 # -- plain functions shared by the sync and async faces -------------------------------------------
-def _ms(seconds: float) -> int:
-    """A duration in whole milliseconds for the scripts (negative durations count as zero)."""
-    return max(0, round(seconds * 1000))
-
-
 def _record(scope: str, digest: str, f: Sequence[Any]) -> Record:
     """A :class:`Record` from the fields ``st fe fp lu ea ca rs cd`` (as HMGET returns them)."""
     lease_until = f[3]
@@ -220,71 +168,27 @@ def _is_message(message: Any) -> bool:
     return message is not None and message.get("type") in ("message", b"message")
 
 
-def _truthy(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() not in ("", "0", "false", "no", "n", "off")
-    return bool(value)
+class _Subscribe(NamedTuple):
+    """Open a pub/sub connection subscribed to ``channel`` (the subscription is confirmed by
+    the first message); the reply is the pub/sub object."""
+
+    channel: str
 
 
-def _check_url(url: str) -> None:
-    example = "e.g. 'redis://localhost:6379/0' or 'rediss://:password@host:6380/0'"
-    if not isinstance(url, str):
-        raise ConfigurationError(f"Redis URL must be a string, not {type(url).__name__}; {example}")
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 -- raises ValueError on a bad port
-    except ValueError as exc:
-        raise ConfigurationError(
-            f"Redis URL {redact_url(url)!r} is malformed ({exc}); {example}"
-        ) from exc
-    if parts.scheme not in ("redis", "rediss", "unix"):
-        raise ConfigurationError(
-            f"Redis URL {redact_url(url)!r} must start with redis://, rediss:// (TLS) or "
-            f"unix://; {example}"
-        )
-    if parts.scheme != "unix":
-        db = parts.path.lstrip("/")
-        if db and not db.isdigit():
-            raise ConfigurationError(
-                f"Redis URL {redact_url(url)!r}: the path must be a database number, not "
-                f"{db!r}; {example}"
-            )
+class _Receive(NamedTuple):
+    """The next pub/sub message within ``timeout`` seconds, or None."""
+
+    pubsub: Any
+    timeout: float
 
 
-def _bounded(url: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Pool options with bounded network waits (:data:`CONNECT_TIMEOUT`, :data:`READ_TIMEOUT`)
-    unless given; ``None`` given explicitly means no bound (redis-py's default before 8.0)."""
-    out: dict[str, Any] = {
-        "socket_connect_timeout": CONNECT_TIMEOUT,
-        "socket_timeout": READ_TIMEOUT,
-    }
-    if urlsplit(url).scheme != "unix":  # a Unix socket has no TCP keepalive
-        out.update(socket_keepalive=True, socket_keepalive_options=_KEEPALIVE)
-    out.update(options)
-    return out
+class _Unsubscribe(NamedTuple):
+    """Close a pub/sub connection."""
+
+    pubsub: Any
 
 
-def _check_decoding(client: Any, what: str) -> None:
-    try:
-        decode = client.get_encoder().decode_responses
-    except AttributeError:
-        return
-    if decode:
-        raise ConfigurationError(
-            f"{what} has decode_responses=True; oncely stores results as bytes, so pass a client "
-            "created with decode_responses=False (the default)"
-        )
-
-
-async def _aclose_client(client: _AsyncClient) -> None:
-    await client.aclose()
-
-
-def _drop_client(client: _AsyncClient) -> None:
-    """A client whose loop is closed cannot be closed any more: its sockets go with it."""
-
-
-class RedisStore(Store):
+class RedisStore(PlannedStore):
     """Idempotency records in Redis (``redis://`` or ``rediss://``), via ``oncely[redis]``.
 
     ``client`` / ``async_client`` use existing redis-py clients (not closed by :meth:`close` /
@@ -292,7 +196,8 @@ class RedisStore(Store):
     from ``url``; ``pool_options`` go to :meth:`redis.ConnectionPool.from_url` (e.g.
     ``max_connections``, ``socket_timeout``) for the sync pool and to
     :meth:`redis.asyncio.ConnectionPool.from_url` for each event loop's pool. Connecting and
-    each reply wait at most 5 s (:data:`CONNECT_TIMEOUT`, :data:`READ_TIMEOUT`; the URL query
+    each reply wait at most 5 s (:data:`oncely.backends.redis.CONNECT_TIMEOUT`,
+    :data:`~oncely.backends.redis.READ_TIMEOUT`; the URL query
     ``?socket_timeout=…&socket_connect_timeout=…`` or the options override them), so a server
     that stops answering fails a call with :class:`StoreUnavailable` instead of hanging it;
     TCP keepalive drops idle connections the network cut off. Those pools do not
@@ -317,124 +222,65 @@ class RedisStore(Store):
         **pool_options: Any,
     ) -> None:
         super().__init__(url)
-        _check_url(url)
         if not isinstance(prefix, str) or not prefix:
             raise ConfigurationError(f"prefix must be a non-empty string, not {prefix!r}")
-        if _truthy(pool_options.get("decode_responses", False)):
-            raise ConfigurationError(
-                "decode_responses=True is not supported: oncely stores results as bytes"
-            )
+        self.redis = RedisClients(url, client=client, async_client=async_client, **pool_options)
         self.prefix = prefix
         self._done = f"{prefix}:done:"
         self._fence_key = f"{prefix}:fence"
         # Each subscribed waiter holds a connection; past this many, waiters poll instead, so a
         # burst of duplicates cannot drain the pool that claims and completions need.
         self._watch_slots = threading.BoundedSemaphore(max(1, max_watchers))
-        pool_options = _bounded(url, pool_options)
-        self._pool_options = pool_options
-        if client is None:
-            try:
-                pool = redis.ConnectionPool.from_url(url, **pool_options)
-            except (ValueError, TypeError) as exc:
-                raise ConfigurationError(
-                    f"cannot use Redis URL {redact_url(url)!r}: {exc}; "
-                    "e.g. 'redis://localhost:6379/0'"
-                ) from exc
-            if _truthy(pool.connection_kwargs.get("decode_responses", False)):
-                raise ConfigurationError(
-                    f"Redis URL {redact_url(url)!r} asks for decode_responses; oncely stores "
-                    "results as bytes, so drop that option"
-                )
-            self._client = cast(_SyncClient, redis.Redis.from_pool(pool))
-            self._owns_client = True
-        else:
-            _check_decoding(client, "the Redis client")
-            self._client = cast(_SyncClient, client)
-            self._owns_client = False
-        kwargs = getattr(getattr(self._client, "connection_pool", None), "connection_kwargs", {})
         #: Seconds the sync face waits for each reply (None: without bound).
-        self.socket_timeout: float | None = kwargs.get("socket_timeout")
-        if async_client is not None:
-            _check_decoding(async_client, "the async Redis client")
-        self._async_client = cast("_AsyncClient | None", async_client)
-        # One client per event loop, closed when the loop shuts down (or by aclose()).
-        self._aclients = LoopLocal(self._new_aclient, _aclose_client, _drop_client)
+        self.socket_timeout = self.redis.socket_timeout
 
-    # -- keys and errors ---------------------------------------------------------------------------
+    # -- keys ----------------------------------------------------------------------------------
     def _key(self, key: RecordKey) -> str:
         return f"{self.prefix}:{key.scope}:{key.digest}"
 
     def _channel(self, key: RecordKey) -> str:
         return f"{self._done}{key.scope}:{key.digest}"
 
-    def _claim_args(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
-    ) -> tuple[Any, ...]:
-        """claim.lua's keys and arguments."""
-        record_key, counter = self._key(key), self._fence_key
-        return record_key, counter, fingerprint, _ms(lease), _ms(ttl), key.scope, key.digest
-
     def _scan_pattern(self, scope: str | None) -> str:
         if scope is None:
             return f"{_glob_escape(self.prefix)}:*"
         return f"{_glob_escape(self.prefix)}:{_glob_escape(scope)}:*"
 
-    def _error(self, exc: RedisError) -> StoreError:
-        where = redact_url(self.url)
-        if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
-            return StoreUnavailable(
-                f"Redis at {where} is unavailable ({type(exc).__name__}: {exc}). Check that the "
-                "server runs and that the host, port, password and TLS setting (rediss://) in "
-                "the URL are right; nothing was decided, so retry once Redis is back."
-            )
-        return StoreError(f"Redis at {where} failed: {type(exc).__name__}: {exc}")
-
-    # -- sync plumbing -----------------------------------------------------------------------------
-    def _call(self, *args: Any) -> Any:
-        try:
-            return self._client.execute_command(*args)
-        except RedisError as exc:
-            raise self._error(exc) from exc
-
-    def _eval(self, script: _Script, numkeys: int, *keys_and_args: Any) -> Any:
-        client = self._client
-        try:
-            try:
-                return client.execute_command("EVALSHA", script.sha, numkeys, *keys_and_args)
-            except NoScriptError:
-                return client.execute_command("EVAL", script.source, numkeys, *keys_and_args)
-        except RedisError as exc:
-            raise self._error(exc) from exc
-
-    # -- sync face ---------------------------------------------------------------------------------
-    def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
-        reply = self._eval(_CLAIM, 2, *self._claim_args(key, fingerprint, lease, ttl))
+    # -- every operation, once: a plan of script calls (oncely.backends.plans) -----------------
+    def _claim(
+        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
+    ) -> Plan[ClaimOutcome]:
+        args = (self._key(key), self._fence_key, fingerprint, ms(lease), ms(ttl))
+        reply = yield Eval(_CLAIM, 2, (*args, key.scope, key.digest))
         return _parse_claim(reply, key)
 
-    def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
-        reply = self._eval(
-            _COMPLETE, 1, self._key(key), fence, result, codec, _ms(ttl), self._channel(key)
-        )
-        _check_fenced(reply, "complete", key, fence)
+    def _complete(
+        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
+    ) -> Plan[None]:
+        args = (self._key(key), fence, result, codec, ms(ttl), self._channel(key))
+        _check_fenced((yield Eval(_COMPLETE, 1, args)), "complete", key, fence)
 
-    def release(self, key: RecordKey, fence: int) -> None:
-        reply = self._eval(_RELEASE, 1, self._key(key), fence, self._channel(key), _TOMBSTONE_MS)
-        _check_fenced(reply, "release", key, fence)
+    def _release(self, key: RecordKey, fence: int) -> Plan[None]:
+        args = (self._key(key), fence, self._channel(key), _TOMBSTONE_MS)
+        _check_fenced((yield Eval(_RELEASE, 1, args)), "release", key, fence)
 
-    def renew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return _parse_renew(self._eval(_RENEW, 1, self._key(key), fence, _ms(lease)), key, fence)
+    def _renew(self, key: RecordKey, fence: int, lease: float) -> Plan[float]:
+        reply = yield Eval(_RENEW, 1, (self._key(key), fence, ms(lease)))
+        return int(_check_fenced(reply, "renew", key, fence)[1]) / 1000
 
-    def get(self, key: RecordKey) -> Record | None:
-        return _parse_get(self._eval(_GET, 1, self._key(key)), key)
+    def _get(self, key: RecordKey) -> Plan[Record | None]:
+        reply = yield Eval(_GET, 1, (self._key(key),))
+        return None if reply is None else _record(key.scope, key.digest, reply)
 
-    def delete(self, key: RecordKey) -> bool:
-        return bool(self._eval(_DELETE, 1, self._key(key), self._channel(key)))
+    def _delete(self, key: RecordKey) -> Plan[bool]:
+        return bool((yield Eval(_DELETE, 1, (self._key(key), self._channel(key)))))
 
-    def purge_expired(self, limit: int = 1000) -> int:
-        """Return 0: every record carries ``PEXPIREAT expires_at``, so Redis drops it itself."""
+    def _purge_expired(self, limit: int) -> Plan[int]:
+        """0: every record carries ``PEXPIREAT expires_at``, so Redis drops it itself."""
         return 0
+        yield  # a plan that sends nothing
 
-    def list(self, scope: str | None = None, limit: int = 100) -> builtins.list[Record]:
+    def _list(self, scope: str | None, limit: int) -> Plan[builtins.list[Record]]:
         """Up to ``limit`` live records (of ``scope``, if given), oldest first.
 
         SCANs the keyspace, so it is for inspection, not for the hot path; with a ``limit`` it
@@ -446,194 +292,118 @@ class RedisStore(Store):
         records: builtins.list[Record] = []
         cursor: Any = 0
         while True:
-            cursor, keys = self._call(
-                "SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT, "TYPE", "hash"
+            cursor, keys = yield Command(
+                ("SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT, "TYPE", "hash")
             )
             if keys:
-                records += _parse_list(self._eval(_LIST, len(keys), *keys), scope)
+                records += _parse_list((yield Eval(_LIST, len(keys), tuple(keys))), scope)
             if int(cursor) == 0 or len(records) >= limit:
                 return _finish_list(records, limit)
 
-    def now(self) -> float:
-        return _parse_time(self._call("TIME"))
+    def _now(self) -> Plan[float]:
+        return _parse_time((yield Command(("TIME",))))
 
-    def watch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        """Wait until the record is no longer ``in_progress`` under ``fence``.
+    def _watch(self, key: RecordKey, fence: int, timeout: float) -> Plan[bool]:
+        """Wait until the record is no longer ``in_progress`` under ``fence``: True as soon as it
+        is completed, released, deleted, re-claimed, expired, or its lease ran out (a claim
+        would take it over); False once ``timeout`` passed."""
+        probe = Eval(_PROBE, 1, (self._key(key), str(fence)))
 
-        Returns ``True`` as soon as it is completed, released, deleted, re-claimed, expired, or
-        its lease ran out (a claim would take it over); ``False`` once ``timeout`` passed.
-        """
-        record_key, fence_arg = self._key(key), str(fence)
+        def changed() -> Plan[bool]:
+            return bool((yield probe) < 0)
+
         if timeout <= 0:
-            return bool(self._eval(_PROBE, 1, record_key, fence_arg) < 0)
+            return (yield from changed())
         if not self._watch_slots.acquire(blocking=False):
-            return poll_until(lambda: self._eval(_PROBE, 1, record_key, fence_arg) < 0, timeout)
+            return (yield from poll_plan(changed, timeout))
         deadline = time.monotonic() + timeout
-        pubsub = self._client.pubsub()
         try:
+            # Subscribe (and wait for the confirmation) before looking at the record, so that a
+            # completion right after the look cannot be missed.
+            pubsub = yield _Subscribe(self._channel(key))
             try:
-                # Subscribe (and wait for the confirmation) before looking at the record, so
-                # that a completion right after the look cannot be missed.
-                pubsub.subscribe(self._channel(key))
                 while (left := deadline - time.monotonic()) > 0:
-                    if pubsub.get_message(timeout=left) is not None:
+                    if (yield _Receive(pubsub, left)) is not None:
                         break  # the confirmation: no message can come before it
-            except RedisError as exc:
-                raise self._error(exc) from exc
-            while True:
-                lease_ms = self._eval(_PROBE, 1, record_key, fence_arg)
-                if lease_ms < 0:
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                wait_until = time.monotonic() + min(left, lease_ms / 1000 + _LEASE_SLACK)
-                try:
+                while True:
+                    lease_ms = yield probe
+                    if lease_ms < 0:
+                        return True
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return False
+                    wait_until = time.monotonic() + min(left, lease_ms / 1000 + _LEASE_SLACK)
                     while (wait := wait_until - time.monotonic()) > 0:
-                        if _is_message(pubsub.get_message(timeout=wait)):
+                        if _is_message((yield _Receive(pubsub, wait))):
                             return True
-                except RedisError as exc:
-                    raise self._error(exc) from exc
+            finally:
+                yield _Unsubscribe(pubsub)
         finally:
             self._watch_slots.release()
-            pubsub.close()
+
+    # -- the two executors -----------------------------------------------------------------------
+    def _execute(self, request: Any) -> Any:
+        kind = type(request)
+        if kind is Eval:  # the hot path: one frame less than self.redis.execute
+            try:
+                return evalsha(
+                    self.redis.client, request.script, request.numkeys, *request.keys_and_args
+                )
+            except RedisError as exc:
+                raise self.redis.error(exc) from exc
+        if kind is _Receive:
+            try:
+                return request.pubsub.get_message(timeout=request.timeout)
+            except RedisError as exc:
+                raise self.redis.error(exc) from exc
+        if kind is _Subscribe:
+            pubsub = self.redis.pubsub()
+            try:
+                pubsub.subscribe(request.channel)
+            except RedisError as exc:
+                pubsub.close()
+                raise self.redis.error(exc) from exc
+            except BaseException:
+                pubsub.close()
+                raise
+            return pubsub
+        if kind is _Unsubscribe:
+            request.pubsub.close()
+            return None
+        return self.redis.execute(request)
+
+    async def _aexecute(self, request: Any) -> Any:
+        kind = type(request)
+        if kind is Eval:
+            return await self.redis.aeval(request.script, request.numkeys, *request.keys_and_args)
+        if kind is _Receive:
+            try:
+                with keep_cancel():
+                    return await request.pubsub.get_message(timeout=request.timeout)
+            except RedisError as exc:
+                raise self.redis.error(exc) from exc
+        if kind is _Subscribe:
+            pubsub = self.redis.apubsub()
+            try:
+                with keep_cancel():
+                    await pubsub.subscribe(request.channel)
+            except RedisError as exc:
+                await pubsub.aclose()
+                raise self.redis.error(exc) from exc
+            except BaseException:
+                await pubsub.aclose()
+                raise
+            return pubsub
+        if kind is _Unsubscribe:
+            await request.pubsub.aclose()
+            return None
+        return await self.redis.aexecute(request)
 
     def close(self) -> None:
         """Close the sync pool (a client passed in as ``client`` is left to its owner), and forget
         the async clients of event loops that are not running."""
-        if self._owns_client:
-            self._client.close()
-        self._aclients.close_idle()
-
-    # -- async plumbing ----------------------------------------------------------------------------
-    def _new_aclient(self) -> _AsyncClient:
-        pool = redis.asyncio.ConnectionPool.from_url(self.url, **self._pool_options)
-        return cast(_AsyncClient, redis.asyncio.Redis.from_pool(pool))
-
-    def _aclient(self) -> _AsyncClient:
-        if self._async_client is not None:
-            return self._async_client
-        return self._aclients.get()
-
-    async def _acall(self, *args: Any) -> Any:
-        try:
-            with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
-                return await self._aclient().execute_command(*args)
-        except RedisError as exc:
-            raise self._error(exc) from exc
-
-    async def _aeval(self, script: _Script, numkeys: int, *keys_and_args: Any) -> Any:
-        client = self._aclient()
-        try:
-            with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
-                try:
-                    return await client.execute_command(
-                        "EVALSHA", script.sha, numkeys, *keys_and_args
-                    )
-                except NoScriptError:
-                    return await client.execute_command(
-                        "EVAL", script.source, numkeys, *keys_and_args
-                    )
-        except RedisError as exc:
-            raise self._error(exc) from exc
-
-    # -- async face --------------------------------------------------------------------------------
-    async def aclaim(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
-    ) -> ClaimOutcome:
-        reply = await self._aeval(_CLAIM, 2, *self._claim_args(key, fingerprint, lease, ttl))
-        return _parse_claim(reply, key)
-
-    async def acomplete(
-        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
-    ) -> None:
-        reply = await self._aeval(
-            _COMPLETE, 1, self._key(key), fence, result, codec, _ms(ttl), self._channel(key)
-        )
-        _check_fenced(reply, "complete", key, fence)
-
-    async def arelease(self, key: RecordKey, fence: int) -> None:
-        reply = await self._aeval(
-            _RELEASE, 1, self._key(key), fence, self._channel(key), _TOMBSTONE_MS
-        )
-        _check_fenced(reply, "release", key, fence)
-
-    async def arenew(self, key: RecordKey, fence: int, lease: float) -> float:
-        reply = await self._aeval(_RENEW, 1, self._key(key), fence, _ms(lease))
-        return _parse_renew(reply, key, fence)
-
-    async def aget(self, key: RecordKey) -> Record | None:
-        return _parse_get(await self._aeval(_GET, 1, self._key(key)), key)
-
-    async def adelete(self, key: RecordKey) -> bool:
-        return bool(await self._aeval(_DELETE, 1, self._key(key), self._channel(key)))
-
-    async def apurge_expired(self, limit: int = 1000) -> int:
-        """Return 0: Redis drops expired records by itself (see :meth:`purge_expired`)."""
-        return 0
-
-    async def alist(self, scope: str | None = None, limit: int = 100) -> builtins.list[Record]:
-        """The async face of :meth:`list`."""
-        if limit <= 0:
-            return []
-        pattern = self._scan_pattern(scope)
-        records: builtins.list[Record] = []
-        cursor: Any = 0
-        while True:
-            cursor, keys = await self._acall(
-                "SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT, "TYPE", "hash"
-            )
-            if keys:
-                records += _parse_list(await self._aeval(_LIST, len(keys), *keys), scope)
-            if int(cursor) == 0 or len(records) >= limit:
-                return _finish_list(records, limit)
-
-    async def anow(self) -> float:
-        """The async face of :meth:`now`."""
-        return _parse_time(await self._acall("TIME"))
-
-    async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        """The async face of :meth:`watch`."""
-        record_key, fence_arg = self._key(key), str(fence)
-        if timeout <= 0:
-            return bool(await self._aeval(_PROBE, 1, record_key, fence_arg) < 0)
-        if not self._watch_slots.acquire(blocking=False):
-
-            async def changed() -> bool:
-                return bool(await self._aeval(_PROBE, 1, record_key, fence_arg) < 0)
-
-            return await apoll_until(changed, timeout)
-        deadline = time.monotonic() + timeout
-        pubsub = self._aclient().pubsub()
-        try:
-            try:
-                with keep_cancel():
-                    await pubsub.subscribe(self._channel(key))
-                    while (left := deadline - time.monotonic()) > 0:
-                        if await pubsub.get_message(timeout=left) is not None:
-                            break  # the confirmation: no message can come before it
-            except RedisError as exc:
-                raise self._error(exc) from exc
-            while True:
-                lease_ms = await self._aeval(_PROBE, 1, record_key, fence_arg)
-                if lease_ms < 0:
-                    return True
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                wait_until = time.monotonic() + min(left, lease_ms / 1000 + _LEASE_SLACK)
-                try:
-                    with keep_cancel():
-                        while (wait := wait_until - time.monotonic()) > 0:
-                            if _is_message(await pubsub.get_message(timeout=wait)):
-                                return True
-                except RedisError as exc:
-                    raise self._error(exc) from exc
-        finally:
-            self._watch_slots.release()
-            await pubsub.aclose()
+        self.redis.close()
 
     async def aclose(self) -> None:
         """Close the running loop's client and pool (``async_client`` is left to its owner)."""
-        if self._async_client is None:
-            await self._aclients.aclose()
+        await self.redis.aclose()

@@ -17,31 +17,37 @@ URL forms: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``. Quer
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import pathlib
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
-from urllib.parse import parse_qs
+from typing import Any
 
+from oncely.backends.plans import Exec, Plan, Sleep
+from oncely.backends.sqlite import CLOCK as NOW
+from oncely.backends.sqlite import Connections, Workers, enable_wal, execute, is_busy, parse_url
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
-from oncely.records import ClaimOutcome, New, Record, RecordKey
-from oncely.stores.base import Store, classify, lease_lost, redact_url
-from oncely.stores.polling import apoll_until, poll_until
-
-__all__ = ["Connections", "SQLiteStore", "enable_wal"]
-
-T = TypeVar("T")
-
-# Seconds since the epoch on SQLite's clock (millisecond resolution, fixed within a statement).
-NOW = "((julianday('now') - 2440587.5) * 86400.0)"
-COLUMNS = (
-    "scope, digest, status, fingerprint, fence, lease_until, expires_at, created_at, result, codec"
+from oncely.records import ClaimOutcome, Record, RecordKey
+from oncely.stores.planned import PlannedStore
+from oncely.stores.polling import poll_plan
+from oncely.stores.sql import (
+    COLUMNS,
+    changed,
+    check_lease,
+    fence_params,
+    key_params,
+    list_params,
+    nonce,
+    nonce_outcome,
+    record,
+    renew_params,
+    schema_missing,
 )
+
+__all__ = ["SQLiteStore"]
+
+Records = list[Record]  # named here: inside the class, ``list`` is the method
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS {t} (
@@ -167,119 +173,7 @@ CHECK = (
 )
 
 
-def _record(row: tuple[Any, ...]) -> Record:
-    scope, digest, status, fp, fence, lease_until, expires_at, created_at, result, codec = row[:10]
-    return Record(
-        scope, digest, status, fp, fence, lease_until, expires_at, created_at, result, codec
-    )
-
-
-def _changed(rows: list[Any], fence: int) -> bool:
-    """Watch's test: the record is gone, expired, finished or held under another fence."""
-    return not rows or rows[0][0] != "in_progress" or rows[0][1] != fence or not rows[0][2]
-
-
-def enable_wal(conn: sqlite3.Connection, patience: float) -> None:
-    """Switch the file to WAL (persistent, so once per file is enough).
-
-    Changing the journal mode needs a lock that SQLite does not wait for (its busy handler is not
-    used), so another process opening the file at the same moment makes it fail at once: retry
-    with backoff for up to ``patience`` seconds. Reading the mode takes no lock.
-    """
-    if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
-        return
-    deadline, delay = time.monotonic() + patience, 0.001
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode=WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() >= deadline:
-                raise
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-
-
-class Connections:
-    """SQLite connections shared by every thread of a process: borrowed for one statement.
-
-    ``open`` makes a new connection (``check_same_thread=False``: a connection moves between
-    threads, but is used by one at a time). At most ``size`` connections exist at once, opened
-    on demand and kept idle for the next statement (the most recently used first); a statement
-    that finds all of them busy waits for one, up to ``timeout`` seconds, then raises
-    :class:`~oncely.errors.StoreUnavailable`. SQLite runs one writer at a time anyway, and its
-    unix VFS keeps the file descriptor of a closed connection open while the process holds other
-    connections to the file, so a bound on connections is the only bound on descriptors. A
-    connection left inside a transaction is closed rather than kept. After ``fork()`` the child
-    never touches the parent's connections (SQLite forbids it) and opens its own.
-    """
-
-    def __init__(
-        self,
-        open: Callable[[], sqlite3.Connection],
-        *,
-        path: str,
-        size: int = 16,
-        timeout: float = 15.0,
-    ) -> None:
-        self._open = open
-        self._path = path
-        self._size = max(1, size)
-        self._timeout = timeout
-        self._idle: list[sqlite3.Connection] = []
-        self._slots = threading.BoundedSemaphore(self._size)
-        self._lock = threading.Lock()
-        self._pid = os.getpid()
-
-    @contextlib.contextmanager
-    def connection(self) -> Iterator[sqlite3.Connection]:
-        """Borrow a connection for the body of the ``with`` block."""
-        conn, slots = self._take()
-        try:
-            yield conn
-        finally:
-            self._give(conn, slots)
-
-    def _take(self) -> tuple[sqlite3.Connection, threading.BoundedSemaphore]:
-        with self._lock:
-            if self._pid != os.getpid():  # the parent's connections: never use or close them
-                self._pid, self._idle = os.getpid(), []
-                self._slots = threading.BoundedSemaphore(self._size)
-            slots = self._slots
-        if not slots.acquire(timeout=self._timeout):
-            raise StoreUnavailable(
-                f"all {self._size} connections to SQLite database {self._path!r} stayed busy "
-                f"for {self._timeout:g}s; use a server store for heavy concurrency"
-            )
-        try:
-            with self._lock:
-                if self._idle and slots is self._slots:
-                    return self._idle.pop(), slots
-            return self._open(), slots
-        except BaseException:
-            slots.release()
-            raise
-
-    def _give(self, conn: sqlite3.Connection, slots: threading.BoundedSemaphore) -> None:
-        try:
-            reusable = not conn.in_transaction
-            with self._lock:
-                if reusable and slots is self._slots and self._pid == os.getpid():
-                    self._idle.append(conn)
-                    return
-            conn.close()
-        finally:
-            slots.release()
-
-    def close(self) -> None:
-        """Close the idle connections; the pool stays usable (borrowed ones come back as usual)."""
-        with self._lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
-
-class SQLiteStore(Store):
+class SQLiteStore(PlannedStore):
     """Records in a SQLite file (WAL), connections shared by all threads, clock = SQLite's."""
 
     schemes = ("sqlite",)
@@ -295,14 +189,7 @@ class SQLiteStore(Store):
         workers: int = 8,
     ) -> None:
         super().__init__(url)
-        path, _, query = url.partition("://")[2].partition("?")
-        if not path.startswith("/") or path in ("/", "/:memory:"):
-            raise ConfigurationError(
-                f"SQLite URL {url!r} needs a file: use 'sqlite:///relative.db' or "
-                "'sqlite:////absolute/path.db' (for a process-local store use 'memory://')"
-            )
-        self.path = path[1:]
-        options = {k: v[-1] for k, v in parse_qs(query).items()}
+        self.path, options = parse_url(url, "SQLite URL")
         self.synchronous = (synchronous or options.get("synchronous", "FULL")).upper()
         if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigurationError(
@@ -326,8 +213,7 @@ class SQLiteStore(Store):
                 ("check", CHECK),
             ]
         }
-        self._workers = workers
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="oncely-sqlite")
+        self._workers = Workers(workers, "oncely-sqlite")
         self._connections = Connections(
             self._open, path=self.path, size=max(16, workers), timeout=self.busy_timeout
         )
@@ -372,28 +258,17 @@ class SQLiteStore(Store):
             ) from exc
         return conn
 
-    def _execute(self, sql: str, params: dict[str, Any]) -> tuple[list[Any], int]:
-        """Run one statement on a borrowed connection: (every row, rowcount)."""
-        with self._connections.connection() as conn:
-            try:
-                cur = conn.execute(sql, params)
-                return cur.fetchall(), cur.rowcount
-            except sqlite3.OperationalError as exc:
-                raise self._translate(exc) from exc
-
     def _run(self, name: str, params: dict[str, Any]) -> tuple[list[Any], int]:
-        return self._execute(self._sql[name], params)
+        """Run one statement on a borrowed connection: (every row, rowcount)."""
+        return execute(self._connections, self._sql.get(name, name), params, self._translate)
 
     def _translate(self, exc: sqlite3.Error) -> StoreError:
         text = str(exc)
         if "no such table" in text and text.endswith("_fences"):
             return self._schema_outdated()
         if "no such table" in text:
-            return SchemaMissing(
-                f"table {self.table!r} does not exist in {self.path!r}; run "
-                f"`oncely init {self.url}` or open the store with create_schema=True"
-            )
-        if "locked" in text or "busy" in text:
+            return schema_missing(self.table, repr(self.path), self.url)
+        if is_busy(exc):
             return StoreUnavailable(
                 f"SQLite database {self.path!r} stayed locked for {self.busy_timeout}s; "
                 "raise busy_timeout or use a server store for heavy write concurrency"
@@ -421,108 +296,74 @@ class SQLiteStore(Store):
 
     def close(self) -> None:
         self._connections.close()
-        self._executor.shutdown(wait=False)
-        self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="oncely-sqlite")
+        self._workers.close()
 
-    # -- sync face -----------------------------------------------------------------------------
-    def now(self) -> float:
-        return float(self._execute("SELECT " + NOW, {})[0][0][0])
+    # -- every operation, once: a plan of statements (oncely.backends.plans) -------------------
+    def _claim(
+        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
+    ) -> Plan[ClaimOutcome]:
+        claim_id = nonce()
+        params = {**key_params(key), "fp": fingerprint, "lease": lease, "ttl": ttl}
+        rows, _ = yield Exec("claim", {**params, "claim_id": claim_id})
+        return nonce_outcome(rows[0], claim_id, fingerprint)
 
-    def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:
-        claim_id = int.from_bytes(os.urandom(8), "big", signed=True)
-        rows, _ = self._run(
-            "claim",
-            {
-                "scope": key.scope,
-                "digest": key.digest,
-                "fp": fingerprint,
-                "lease": lease,
-                "ttl": ttl,
-                "claim_id": claim_id,
-            },
-        )
-        row = rows[0]
-        now = row[11]
-        if row[10] == claim_id:
-            return New(row[4], row[5], now)
-        return classify(_record(row), fingerprint, now)
+    def _complete(
+        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
+    ) -> Plan[None]:
+        params = {**fence_params(key, fence), "ttl": ttl, "result": result, "codec": codec}
+        _, count = yield Exec("complete", params)
+        check_lease(count, key, fence)
 
-    def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
-        params = {"scope": key.scope, "digest": key.digest, "fence": fence}
-        _, count = self._run("complete", {**params, "ttl": ttl, "result": result, "codec": codec})
-        if count != 1:
-            raise lease_lost(key, fence)
+    def _release(self, key: RecordKey, fence: int) -> Plan[None]:
+        _, count = yield Exec("release", fence_params(key, fence))
+        check_lease(count, key, fence)
 
-    def release(self, key: RecordKey, fence: int) -> None:
-        _, count = self._run("release", {"scope": key.scope, "digest": key.digest, "fence": fence})
-        if count != 1:
-            raise lease_lost(key, fence)
-
-    def renew(self, key: RecordKey, fence: int, lease: float) -> float:
-        params = {"scope": key.scope, "digest": key.digest, "fence": fence, "lease": lease}
-        rows, _ = self._run("renew", params)
-        if not rows:
-            raise lease_lost(key, fence)
+    def _renew(self, key: RecordKey, fence: int, lease: float) -> Plan[float]:
+        rows, _ = yield Exec("renew", renew_params(key, fence, lease))
+        check_lease(len(rows), key, fence)
         return float(rows[0][0])
 
-    def watch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        params = {"scope": key.scope, "digest": key.digest}
+    def _watch(self, key: RecordKey, fence: int, timeout: float) -> Plan[bool]:
+        params = key_params(key)
 
-        return poll_until(lambda: _changed(self._run("state", params)[0], fence), timeout)
+        def look() -> Plan[bool]:
+            rows, _ = yield Exec("state", params)
+            return changed(rows, fence)
 
-    def get(self, key: RecordKey) -> Record | None:
-        rows, _ = self._run("get", {"scope": key.scope, "digest": key.digest})
-        return _record(rows[0]) if rows else None
+        return (yield from poll_plan(look, timeout))
 
-    def delete(self, key: RecordKey) -> bool:
-        rows, _ = self._run("delete", {"scope": key.scope, "digest": key.digest})
+    def _get(self, key: RecordKey) -> Plan[Record | None]:
+        rows, _ = yield Exec("get", key_params(key))
+        return record(rows[0]) if rows else None
+
+    def _delete(self, key: RecordKey) -> Plan[bool]:
+        rows, _ = yield Exec("delete", key_params(key))
         return any(live for (live,) in rows)
 
-    def purge_expired(self, limit: int = 1000) -> int:
-        return self._run("purge", {"limit": limit})[1]
+    def _purge_expired(self, limit: int) -> Plan[int]:
+        _, count = yield Exec("purge", {"limit": limit})
+        return int(count)
 
-    def list(self, scope: str | None = None, limit: int = 100) -> list[Record]:
+    def _list(self, scope: str | None, limit: int) -> Plan[Records]:
         where = "" if scope is None else "AND scope = :scope"
         sql = LIST.replace("{t}", self.table).replace("{where}", where)
-        return [_record(row) for row in self._execute(sql, {"scope": scope, "limit": limit})[0]]
+        rows, _ = yield Exec(sql, list_params(scope, limit))
+        return [record(row) for row in rows]
 
-    # -- async face: SQLite has no async driver; each call runs on the store's worker threads ----
-    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    def _now(self) -> Plan[float]:
+        rows, _ = yield Exec("SELECT " + NOW, {})
+        return float(rows[0][0])
 
-    async def aclaim(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
-    ) -> ClaimOutcome:
-        return await self._off_loop(self.claim, key, fingerprint, lease, ttl)
+    # -- the two executors: statements on a borrowed connection, on a worker thread if async --
+    def _execute(self, request: Any) -> Any:
+        if type(request) is Sleep:
+            time.sleep(request.seconds)
+            return None
+        return self._run(request.statement, request.params)
 
-    async def acomplete(
-        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
-    ) -> None:
-        await self._off_loop(self.complete, key, fence, result, codec, ttl)
-
-    async def arelease(self, key: RecordKey, fence: int) -> None:
-        await self._off_loop(self.release, key, fence)
-
-    async def arenew(self, key: RecordKey, fence: int, lease: float) -> float:
-        return await self._off_loop(self.renew, key, fence, lease)
-
-    async def awatch(self, key: RecordKey, fence: int, timeout: float) -> bool:
-        # Poll from the loop so a waiter never holds a worker thread the holder needs.
-        params = {"scope": key.scope, "digest": key.digest}
-
-        async def changed() -> bool:
-            return _changed((await self._off_loop(self._run, "state", params))[0], fence)
-
-        return await apoll_until(changed, timeout)
-
-    async def aget(self, key: RecordKey) -> Record | None:
-        return await self._off_loop(self.get, key)
-
-    async def adelete(self, key: RecordKey) -> bool:
-        return await self._off_loop(self.delete, key)
-
-    async def apurge_expired(self, limit: int = 1000) -> int:
-        return await self._off_loop(self.purge_expired, limit)
-
-    def __repr__(self) -> str:
-        return f"SQLiteStore({redact_url(self.url)!r})"
+    async def _aexecute(self, request: Any) -> Any:
+        if type(request) is Sleep:
+            # Sleep on the loop, so a waiter never holds a worker thread the holder needs.
+            await asyncio.sleep(request.seconds)
+            return None
+        return await self._workers.run(self._run, request.statement, request.params)

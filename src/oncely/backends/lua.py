@@ -1,0 +1,66 @@
+"""The one Lua script loader: scripts ship as resource files and run by their SHA-1.
+
+A :class:`Script` is read once from its package (``oncely/stores/lua/claim.lua``,
+``oncely/locks/lua/acquire.lua``, ...). :func:`evalsha` / :func:`aevalsha` send ``EVALSHA``, and
+if the server answers ``NOSCRIPT`` (a restart, ``SCRIPT FLUSH``, another node) send ``EVAL``
+once, which also puts the script back into the server's cache: one round trip in the steady
+state, as the ``limits`` library does. Both take any redis-py client (sync or asyncio); this
+module imports redis-py only when a ``NOSCRIPT`` answer has to be recognised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from typing import Any, Protocol
+
+__all__ = ["Script", "aevalsha", "evalsha"]
+
+
+class Script:
+    """A Lua script shipped as ``<package>/lua/<name>.lua``, called by its SHA-1."""
+
+    __slots__ = ("name", "sha", "source")
+
+    def __init__(self, package: str, name: str) -> None:
+        self.name = name
+        self.source = (resources.files(package) / "lua" / f"{name}.lua").read_bytes()
+        self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest()
+
+    def __repr__(self) -> str:
+        return f"Script({self.name!r})"
+
+
+class _SyncClient(Protocol):
+    def execute_command(self, *args: Any) -> Any: ...
+
+
+class _AsyncClient(Protocol):
+    async def execute_command(self, *args: Any) -> Any: ...
+
+
+def _is_noscript(exc: Exception) -> bool:
+    from redis.exceptions import NoScriptError
+
+    return isinstance(exc, NoScriptError)
+
+
+def evalsha(client: _SyncClient, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
+    """Run ``script`` on ``client`` (a :class:`redis.Redis`): ``EVALSHA``, or ``EVAL`` once if
+    the server does not know the script. Driver errors propagate unchanged."""
+    try:
+        return client.execute_command("EVALSHA", script.sha, numkeys, *keys_and_args)
+    except Exception as exc:
+        if not _is_noscript(exc):
+            raise
+    return client.execute_command("EVAL", script.source, numkeys, *keys_and_args)
+
+
+async def aevalsha(client: _AsyncClient, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
+    """The async face of :func:`evalsha`, for a :class:`redis.asyncio.Redis`."""
+    try:
+        return await client.execute_command("EVALSHA", script.sha, numkeys, *keys_and_args)
+    except Exception as exc:
+        if not _is_noscript(exc):
+            raise
+    return await client.execute_command("EVAL", script.source, numkeys, *keys_and_args)

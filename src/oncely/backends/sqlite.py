@@ -1,0 +1,198 @@
+"""SQLite files: URL parsing, WAL, the bounded connection pool, busy timeout, worker threads.
+
+What the SQLite store and the SQLite lock backend share; no mechanism. SQLite has no async
+driver: the async faces run statements on a small pool of worker threads (:class:`Workers`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Final, TypeVar
+from urllib.parse import parse_qs
+
+from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
+
+__all__ = ["CLOCK", "Connections", "Workers", "enable_wal", "execute", "parse_url"]
+
+T = TypeVar("T")
+
+#: Seconds since the epoch on SQLite's clock (millisecond resolution, fixed within a statement).
+CLOCK: Final = "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+def parse_url(url: str, what: str) -> tuple[str, dict[str, str]]:
+    """The file path and the query options of ``sqlite:///path.db?busy_timeout=15``.
+
+    :param what: the user of the URL, for the message (``"SQLite URL"``).
+    :raises ConfigurationError: the URL names no file (``sqlite://``, ``sqlite:///:memory:``).
+    """
+    path, _, query = url.partition("://")[2].partition("?")
+    if not path.startswith("/") or path in ("/", "/:memory:"):
+        raise ConfigurationError(
+            f"{what} {url!r} needs a file that every process can open: use "
+            "'sqlite:///relative.db' or 'sqlite:////absolute/path.db' (for a process-local "
+            "store use 'memory://')"
+        )
+    return path[1:], {k: v[-1] for k, v in parse_qs(query).items()}
+
+
+def enable_wal(conn: sqlite3.Connection, patience: float) -> None:
+    """Switch the file to WAL (persistent, so once per file is enough).
+
+    Changing the journal mode needs a lock that SQLite does not wait for (its busy handler is not
+    used), so another process opening the file at the same moment makes it fail at once: retry
+    with backoff for up to ``patience`` seconds. Reading the mode takes no lock.
+    """
+    if str(conn.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
+    deadline, delay = time.monotonic() + patience, 0.001
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def is_busy(exc: sqlite3.Error) -> bool:
+    """True if ``exc`` says another writer held the file past the busy timeout."""
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+class Connections:
+    """SQLite connections shared by every thread of a process: borrowed for one statement.
+
+    ``open`` makes a new connection (``check_same_thread=False``: a connection moves between
+    threads, but is used by one at a time). At most ``size`` connections exist at once, opened
+    on demand and kept idle for the next statement (the most recently used first); a statement
+    that finds all of them busy waits for one, up to ``timeout`` seconds, then raises
+    :class:`~oncely.errors.StoreUnavailable`. SQLite runs one writer at a time anyway, and its
+    unix VFS keeps the file descriptor of a closed connection open while the process holds other
+    connections to the file, so a bound on connections is the only bound on descriptors. A
+    connection left inside a transaction is closed rather than kept. After ``fork()`` the child
+    never touches the parent's connections (SQLite forbids it) and opens its own.
+    """
+
+    def __init__(
+        self,
+        open: Callable[[], sqlite3.Connection],
+        *,
+        path: str,
+        size: int = 16,
+        timeout: float = 15.0,
+    ) -> None:
+        self._open = open
+        self._path = path
+        self._size = max(1, size)
+        self._timeout = timeout
+        self._idle: list[sqlite3.Connection] = []
+        self._slots = threading.BoundedSemaphore(self._size)
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """Borrow a connection for the body of the ``with`` block."""
+        conn, slots = self._take()
+        try:
+            yield conn
+        finally:
+            self._give(conn, slots)
+
+    def _take(self) -> tuple[sqlite3.Connection, threading.BoundedSemaphore]:
+        with self._lock:
+            if self._pid != os.getpid():  # the parent's connections: never use or close them
+                self._pid, self._idle = os.getpid(), []
+                self._slots = threading.BoundedSemaphore(self._size)
+            slots = self._slots
+        if not slots.acquire(timeout=self._timeout):
+            raise StoreUnavailable(
+                f"all {self._size} connections to SQLite database {self._path!r} stayed busy "
+                f"for {self._timeout:g}s; use a server store for heavy concurrency"
+            )
+        try:
+            with self._lock:
+                if self._idle and slots is self._slots:
+                    return self._idle.pop(), slots
+            return self._open(), slots
+        except BaseException:
+            slots.release()
+            raise
+
+    def _give(self, conn: sqlite3.Connection, slots: threading.BoundedSemaphore) -> None:
+        try:
+            reusable = not conn.in_transaction
+            with self._lock:
+                if reusable and slots is self._slots and self._pid == os.getpid():
+                    self._idle.append(conn)
+                    return
+            conn.close()
+        finally:
+            slots.release()
+
+    def close(self) -> None:
+        """Close the idle connections; the pool stays usable (borrowed ones come back as usual)."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+
+def execute(
+    connections: Connections,
+    sql: str,
+    params: dict[str, Any],
+    translate: Callable[[sqlite3.Error], StoreError],
+) -> tuple[list[Any], int]:
+    """Run one statement on a borrowed connection: (every row, rowcount). An
+    :class:`sqlite3.OperationalError` becomes ``translate(exc)``."""
+    with connections.connection() as conn:
+        try:
+            cur = conn.execute(sql, params)
+            return cur.fetchall(), cur.rowcount
+        except sqlite3.OperationalError as exc:
+            raise translate(exc) from exc
+
+
+class Workers:
+    """The threads an async face runs SQLite calls on (SQLite has no async driver), started on
+    first use; after ``fork()`` the child starts its own."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._workers = workers
+        self._name = name
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on a worker thread, awaited from the running loop."""
+        executor = self._executor
+        if executor is None or self._pid != os.getpid():
+            with self._lock:
+                if self._pid != os.getpid():  # forked: the parent's threads are not ours
+                    self._pid, self._executor = os.getpid(), None
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        self._workers, thread_name_prefix=self._name
+                    )
+                executor = self._executor
+        return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+
+    def close(self) -> None:
+        """Stop the threads once their work is done (the next call starts new ones)."""
+        with self._lock:
+            executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)

@@ -1,0 +1,55 @@
+"""The layers of docs/architecture.md, checked on the source: backends/ holds no mechanism, no
+module reaches into another module's private names from stores/ or locks/, and each piece of
+backend plumbing exists once (one URL table, one Lua loader)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parent.parent / "src" / "oncely"
+MECHANISMS = ("oncely.stores", "oncely.locks", "oncely.functions", "oncely.http", "oncely.tokens")
+
+
+def _module_imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(module, names) of the imports a module runs when it is imported (not those under
+    ``if TYPE_CHECKING:`` nor inside functions)."""
+    tree = ast.parse(path.read_text(), str(path))
+    found: list[tuple[str, list[str]]] = []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found.extend((a.name, []) for a in node.names)
+    return found
+
+
+def _files(folder: str) -> list[Path]:
+    return sorted((SRC / folder).rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", _files("backends"), ids=lambda p: p.name)
+def test_backends_import_no_mechanism(path: Path) -> None:
+    for module, _ in _module_imports(path):
+        assert not module.startswith(MECHANISMS), f"{path.name} imports {module}"
+
+
+@pytest.mark.parametrize("path", _files("stores") + _files("locks"), ids=lambda p: p.name)
+def test_stores_and_locks_use_no_private_name_of_another_module(path: Path) -> None:
+    for module, names in _module_imports(path):
+        private = [n for n in names if n.startswith("_")]
+        assert not (module.startswith("oncely") and private), (
+            f"{path.relative_to(SRC)} imports {private} from {module}"
+        )
+
+
+def test_one_url_table_and_one_lua_loader() -> None:
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        name = path.relative_to(SRC).as_posix()
+        if name != "backends/lua.py":
+            assert "hashlib.sha1" not in text and '"EVALSHA"' not in text, name
+        if name != "backends/registry.py":
+            assert "import_module" not in text or name.startswith("demo/"), name
