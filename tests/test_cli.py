@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from oncely import SchemaMissing, idempotent
 from oncely.cli import app
-from oncely.records import RecordKey
+from oncely.core.records import RecordKey
 from oncely.stores import open_store
 
 from conftest import MYSQL_URL, POSTGRES_URL, REDIS_URL

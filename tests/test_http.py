@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from oncely.core.records import RecordKey, digest_key
 from oncely.errors import ConfigurationError, HttpProblem
 from oncely.http import (
     GLOBAL,
@@ -30,7 +31,6 @@ from oncely.http import (
 )
 from oncely.http.codec import decode_response, encode_response
 from oncely.http.headers import parse_key
-from oncely.records import RecordKey, digest_key
 
 from conftest import STORE_KINDS, StoreFactory
 from http_apps.harness import FACES, AsgiFace, Reply, WsgiFace
@@ -294,10 +294,10 @@ async def test_a_replay_carries_exactly_the_stored_headers(make_face: MakeFace, 
 
 
 def test_a_stored_204_or_1xx_never_replays_a_content_length() -> None:
+    from oncely.core.records import Record
     from oncely.http.codec import CODEC, encode_response
     from oncely.http.config import Policy
     from oncely.http.flow import _replay
-    from oncely.records import Record
 
     policy = Policy.build(IdempotencyConfig(scope=GLOBAL), True)
     for status, replayed_length in ((204, None), (103, None), (304, b"12"), (200, b"12")):

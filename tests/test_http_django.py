@@ -316,8 +316,8 @@ def test_migration_creates_the_table_the_sqlite_store_expects() -> None:
     from django.core.management import call_command
 
     from oncely.contrib.django.database import database_store
+    from oncely.core.records import New, RecordKey
     from oncely.errors import SchemaMissing
-    from oncely.records import New, RecordKey
 
     call_command("migrate", "oncely", verbosity=0)
     store = database_store("default")
@@ -362,7 +362,7 @@ def test_migration_on_postgres_makes_the_table_the_store_makes(pg_schema: str) -
     from django.core.management import call_command
 
     from oncely.contrib.django.database import database_store
-    from oncely.records import New, RecordKey
+    from oncely.core.records import New, RecordKey
     from oncely.stores import open_store
 
     from conftest import POSTGRES_URL

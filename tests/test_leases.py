@@ -22,10 +22,10 @@ import pytest
 import redis
 
 from oncely import LeaseLost, StoreUnavailable, current_claim, idempotent
+from oncely.core.records import RecordKey
 from oncely.errors import LockLost
 from oncely.http import GLOBAL, IdempotencyConfig
 from oncely.locks import Lock
-from oncely.records import RecordKey
 from oncely.stores.redis import RedisStore
 
 from conftest import MYSQL_URL, POSTGRES_URL, REDIS_URL, drop

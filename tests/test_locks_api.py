@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import redis
 
+from oncely.core.renewal import watchdog
 from oncely.errors import (
     ConfigurationError,
     InvalidLockName,
@@ -27,7 +28,6 @@ from oncely.errors import (
 )
 from oncely.locks import Lock, Redlock, fenced_get, fenced_set, fenced_table_sql, fenced_update
 from oncely.locks.postgres import advisory_key
-from oncely.renewal import watchdog
 
 from lock_workers import KINDS, POSTGRES_URL, REDIS_URL, make_lock, unique_name
 

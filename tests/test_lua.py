@@ -8,8 +8,8 @@ import redis
 import redis.asyncio
 
 from oncely.backends.lua import Script, aevalsha, evalsha
+from oncely.core.records import New, RecordKey
 from oncely.locks import Lock, afenced_set, fenced_get, fenced_set
-from oncely.records import New, RecordKey
 from oncely.stores.redis import RedisStore
 
 from lock_workers import RedisServer

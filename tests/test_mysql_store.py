@@ -25,6 +25,7 @@ pymysql = pytest.importorskip("pymysql")
 pytest.importorskip("aiomysql")
 
 from oncely.backends.mysql import supports_returning as _supports_returning  # noqa: E402
+from oncely.core.records import InFlight, Mismatch, New, RecordKey, Replay  # noqa: E402
 from oncely.errors import (  # noqa: E402
     ConfigurationError,
     LeaseLost,
@@ -32,7 +33,6 @@ from oncely.errors import (  # noqa: E402
     StoreError,
     StoreUnavailable,
 )
-from oncely.records import InFlight, Mismatch, New, RecordKey, Replay  # noqa: E402
 from oncely.stores import open_store  # noqa: E402
 from oncely.stores.mysql import MySQLStore  # noqa: E402
 from oncely.stores.sql import fence_params as _fence  # noqa: E402

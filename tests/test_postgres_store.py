@@ -20,13 +20,13 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg")
 
+from oncely.core.records import InFlight, New, RecordKey, Replay  # noqa: E402
 from oncely.errors import (  # noqa: E402
     ConfigurationError,
     LeaseLost,
     SchemaMissing,
     StoreUnavailable,
 )
-from oncely.records import InFlight, New, RecordKey, Replay  # noqa: E402
 from oncely.stores import open_store  # noqa: E402
 from oncely.stores.postgres import PostgresStore  # noqa: E402
 

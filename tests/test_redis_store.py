@@ -21,8 +21,8 @@ import pytest
 import redis
 import redis.asyncio
 
+from oncely.core.records import InFlight, Mismatch, New, RecordKey, Replay
 from oncely.errors import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
-from oncely.records import InFlight, Mismatch, New, RecordKey, Replay
 from oncely.stores import open_store
 from oncely.stores.redis import RedisStore
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PUBLIC = [
     "oncely",
     "oncely.functions",
-    "oncely.records",
+    "oncely.core.records",
     "oncely.errors",
     "oncely.settings",
     "oncely.stores",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from oncely.core.records import New, RecordKey
 from oncely.errors import ConfigurationError, StoreUnavailable
-from oncely.records import New, RecordKey
 from oncely.stores import Store, open_store
 
 import workers

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
+from oncely.core.records import InFlight, Mismatch, New, RecordKey, Replay
 from oncely.errors import LeaseLost
-from oncely.records import InFlight, Mismatch, New, RecordKey, Replay
 from oncely.stores import Store
 
 import workers

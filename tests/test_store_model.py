@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
+from oncely.core.records import New, RecordKey, Replay
 from oncely.errors import LeaseLost
-from oncely.records import New, RecordKey, Replay
 from oncely.stores import Store, open_store
 from oncely.stores.memory import MemoryState
 

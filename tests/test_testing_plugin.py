@@ -189,7 +189,7 @@ def test_oncely_store_option_isolates_and_drops(pytester: pytest.Pytester, url: 
     pytester.makepyfile(
         f"""
         from oncely import idempotent
-        from oncely.records import RecordKey
+        from oncely.core.records import RecordKey
 
         def test_one(oncely_store):
             assert oncely_store.url == {url!r}

@@ -9,6 +9,7 @@ import uuid
 
 import pytest
 
+from oncely.core.records import InFlight, Replay
 from oncely.errors import (
     ConfigurationError,
     TokenError,
@@ -17,7 +18,6 @@ from oncely.errors import (
     TokenForged,
     TokenReused,
 )
-from oncely.records import InFlight, Replay
 from oncely.stores import Store
 from oncely.tokens import Tokens
 

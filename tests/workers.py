@@ -6,7 +6,7 @@ import os
 import time
 from typing import Any
 
-from oncely.records import New, RecordKey
+from oncely.core.records import New, RecordKey
 from oncely.stores import open_store
 
 

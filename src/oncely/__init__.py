@@ -2,7 +2,7 @@
 
 The pieces most applications need are importable from here; each mechanism lives in its
 own module (``oncely.stores``, ``oncely.functions``, ``oncely.locks``, ``oncely.tokens``,
-``oncely.http``, ``oncely.records``, ``oncely.errors``). Importing oncely loads no driver:
+``oncely.http``, ``oncely.core.records``, ``oncely.errors``). Importing oncely loads no driver:
 redis-py, psycopg and PyMySQL are imported by the store that needs them.
 """
 

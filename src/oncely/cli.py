@@ -33,6 +33,7 @@ from rich.table import Table
 from rich.text import Text
 
 from oncely.backends.urls import redact_url
+from oncely.core.records import Record, RecordKey, digest_key
 from oncely.errors import OncelyError, SerializationError
 from oncely.http.codec import (
     CODEC as HTTP_CODEC,
@@ -43,7 +44,6 @@ from oncely.http.codec import (
     decode_response,
     decode_unreplayable,
 )
-from oncely.records import Record, RecordKey, digest_key
 from oncely.settings import SETTINGS, check_environment, resolve
 from oncely.stores import Store, store_class
 

@@ -41,6 +41,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from oncely.core.records import ClaimOutcome, New, RecordKey
 from oncely.errors import (
     ConfigurationError,
     LeaseLost,
@@ -49,7 +50,6 @@ from oncely.errors import (
     TokenForged,
     TokenReused,
 )
-from oncely.records import ClaimOutcome, New, RecordKey
 from oncely.settings import coerce, resolve
 from oncely.stores import Store, configured_store, shared_store
 

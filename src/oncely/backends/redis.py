@@ -27,7 +27,7 @@ from oncely.backends.loops import LoopLocal
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Command, Eval, Sleep
 from oncely.backends.urls import redact_url
-from oncely.cancelsafe import keep_cancel
+from oncely.core.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 
 __all__ = [

@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Hashable
 
-from oncely.records import Record
+from oncely.core.records import Record
 
 __all__ = ["ResultCache"]
 

@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 from oncely.codecs import Codec, JsonCodec
+from oncely.core.lease import LostCallback
+from oncely.core.records import RecordKey, digest_key
 from oncely.errors import ConfigurationError
 from oncely.functions.cache import ResultCache
 from oncely.functions.drivers import drive, drive_async
@@ -34,8 +36,6 @@ from oncely.functions.keys import (
     fingerprint_of,
     key_part,
 )
-from oncely.functions.lease import LostCallback
-from oncely.records import RecordKey, digest_key
 from oncely.settings import SETTINGS, resolve
 from oncely.stores import Store, configured_store, shared_store
 

@@ -8,7 +8,9 @@ import time
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any
 
-from oncely.cancelsafe import claim_or_undo, write_through
+from oncely.core.cancelsafe import claim_or_undo, write_through
+from oncely.core.lease import AsyncRenewer, Claimed, LostCallback, active_claim, keeper
+from oncely.core.records import RecordKey
 from oncely.functions.flow import (
     Claim,
     Complete,
@@ -20,8 +22,6 @@ from oncely.functions.flow import (
     Sleep,
     Watch,
 )
-from oncely.functions.lease import AsyncRenewer, Claimed, LostCallback, _current, keeper
-from oncely.records import RecordKey
 from oncely.stores.base import Store
 
 __all__ = ["drive", "drive_async"]
@@ -54,11 +54,11 @@ def drive(
                 assert isinstance(op, Run)
                 claimed = Claimed(key, op.fence, policy.lease, store, on_lost)
                 keeper.keep(claimed, sent_at)
-                token = _current.set(claimed)
+                token = active_claim.set(claimed)
                 try:
                     send = call()
                 finally:
-                    _current.reset(token)
+                    active_claim.reset(token)
                     keeper.stop(claimed)
             elif kind is Complete:
                 assert isinstance(op, Complete)
@@ -107,11 +107,11 @@ async def drive_async(
                 assert isinstance(op, Run)
                 claimed = Claimed(key, op.fence, policy.lease, store, on_lost)
                 renewer = AsyncRenewer(claimed, sent_at)
-                token = _current.set(claimed)
+                token = active_claim.set(claimed)
                 try:
                     send = await call()
                 finally:
-                    _current.reset(token)
+                    active_claim.reset(token)
                     renewer.stop()
             elif kind is Complete:
                 assert isinstance(op, Complete)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oncely.codecs import Codec
+from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay
 from oncely.errors import (
     IdempotencyKeyMismatch,
     InFlightError,
@@ -26,7 +27,6 @@ from oncely.errors import (
     StoreUnavailable,
 )
 from oncely.functions.cache import ResultCache
-from oncely.records import InFlight, Mismatch, New, Record, RecordKey, Replay
 
 __all__ = [
     "Claim",

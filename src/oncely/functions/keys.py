@@ -22,8 +22,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from oncely.codecs import to_jsonable
+from oncely.core.records import MAX_KEY_LENGTH
 from oncely.errors import ConfigurationError, InvalidKey
-from oncely.records import MAX_KEY_LENGTH
 
 __all__ = [
     "ArgumentReader",

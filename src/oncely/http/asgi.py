@@ -22,8 +22,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
+from oncely.core.lease import AsyncRenewer, Claimed, active_claim
 from oncely.errors import ConfigurationError, HttpProblem
-from oncely.functions.lease import AsyncRenewer, Claimed, _current
 from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import Engine
 from oncely.http.flow import (
@@ -336,7 +336,7 @@ class _Exchange:
                 op.key, op.fence, op.lease, self.engine.store, self.engine.config.on_lease_lost
             )
             renewer = AsyncRenewer(claimed, self.claim_sent)
-            token = _current.set(claimed)
+            token = active_claim.set(claimed)
         try:
             await self.app(app_scope, self._app_receive(), capture.send)
         except HttpProblem as exc:
@@ -352,7 +352,7 @@ class _Exchange:
             error = exc
         finally:
             if renewer is not None:
-                _current.reset(token)
+                active_claim.reset(token)
                 renewer.stop()
         return capture.result(entry.handled, error)
 

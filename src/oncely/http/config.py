@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from dataclasses import field as _field
 from typing import Any
 
+from oncely.core.lease import LostCallback
 from oncely.errors import ConfigurationError
-from oncely.functions.lease import LostCallback
 from oncely.http.codec import ALWAYS_DENIED
 from oncely.http.fingerprint import Fingerprinter, FingerprintSpec
 from oncely.http.fingerprint import resolve as fingerprint_of

@@ -63,8 +63,8 @@ from django.http.request import RawPostDataException  # type: ignore[import-unty
 from django.urls import Resolver404, get_resolver, resolve  # type: ignore[import-untyped]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped]
 
+from oncely.core.lease import AsyncRenewer, Claimed, active_claim, keeper
 from oncely.errors import ConfigurationError, HttpProblem
-from oncely.functions.lease import AsyncRenewer, Claimed, _current, keeper
 from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import SAFE_METHODS, Engine
 from oncely.http.flow import (
@@ -315,28 +315,28 @@ class _Exchange:
         stop: Callable[[], None] = (
             (lambda: keeper.stop(claimed)) if claimed is not None else (lambda: None)
         )
-        token = _current.set(claimed)
+        token = active_claim.set(claimed)
         try:
             response = self.call(self.request)
         except BaseException as exc:
             stop()
             return Captured(0, None, None, False, self._handled(), exc)
         finally:
-            _current.reset(token)
+            active_claim.reset(token)
         return self._captured(response, op.capture, stop)
 
     async def _arun(self, op: Run) -> Captured | None:
         claimed = self._claimed(op)
         renewer = AsyncRenewer(claimed, self.claim_sent) if claimed is not None else None
         stop: Callable[[], None] = renewer.stop if renewer is not None else (lambda: None)
-        token = _current.set(claimed)
+        token = active_claim.set(claimed)
         try:
             response = await self.call(self.request)
         except BaseException as exc:
             stop()
             return Captured(0, None, None, False, self._handled(), exc)
         finally:
-            _current.reset(token)
+            active_claim.reset(token)
         return self._captured(response, op.capture, stop)
 
     def _handled(self) -> bool:
@@ -488,7 +488,7 @@ class _Stream:
         except RuntimeError:
             running = None
         if running is loop:
-            from oncely.cancelsafe import keep_alive
+            from oncely.core.cancelsafe import keep_alive
 
             keep_alive(loop.create_task(self._afinish(None)))
             return

@@ -40,6 +40,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
+from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay, digest_key
 from oncely.errors import (
     ConfigurationError,
     InvalidKey,
@@ -85,7 +86,6 @@ from oncely.http.problems import (
     problem_response,
     token_problem,
 )
-from oncely.records import InFlight, Mismatch, New, Record, RecordKey, Replay, digest_key
 from oncely.tokens import TokenUse
 
 __all__ = [

@@ -5,7 +5,7 @@ every driver: blocking (:func:`perform`: the WSGI face, Django's sync middleware
 A driver performs the operations that touch its own request and response itself
 (:class:`~oncely.http.flow.ReadBody`, :class:`~oncely.http.flow.Respond`,
 :class:`~oncely.http.flow.Pass`, :class:`~oncely.http.flow.Run`) and hands every other one
-here. The async claim and the fenced writes are cancel-safe (:mod:`oncely.cancelsafe`): a
+here. The async claim and the fenced writes are cancel-safe (:mod:`oncely.core.cancelsafe`): a
 request task cancelled mid-write still leaves the key settled.
 """
 
@@ -15,7 +15,7 @@ import asyncio
 import time
 from typing import Any
 
-from oncely.cancelsafe import claim_or_undo, write_through
+from oncely.core.cancelsafe import claim_or_undo, write_through
 from oncely.http.engine import Engine
 from oncely.http.flow import (
     Claim,

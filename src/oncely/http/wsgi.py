@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable, Iterator
 from http import HTTPStatus
 from typing import Any
 
+from oncely.core.lease import Claimed, active_claim, keeper
 from oncely.errors import ConfigurationError, HttpProblem
-from oncely.functions.lease import Claimed, _current, keeper
 from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import Engine
 from oncely.http.flow import (
@@ -265,7 +265,7 @@ class _Exchange:
             )
             keeper.keep(claimed, self.claim_sent)
         body = _Body(self, op.capture, claimed)
-        token = _current.set(claimed)
+        token = active_claim.set(claimed)
         try:
             app_iter = self.app(self.environ, body.start_response)
         except HttpProblem as exc:
@@ -278,7 +278,7 @@ class _Exchange:
             body.fail(exc)
             raise
         finally:
-            _current.reset(token)
+            active_claim.reset(token)
         body.attach(app_iter)
         return body
 

@@ -36,7 +36,8 @@ from typing import Any, Final, Literal, overload
 
 from oncely.backends.registry import lock_backend_class as backend_class
 from oncely.backends.registry import shared_lock_backend as shared_backend
-from oncely.cancelsafe import keep_alive
+from oncely.core.cancelsafe import keep_alive
+from oncely.core.renewal import renew_timeout, watchdog
 from oncely.errors import (
     LockError,
     LockLost,
@@ -55,7 +56,6 @@ from oncely.locks.base import (
     check_timeout,
     check_ttl,
 )
-from oncely.renewal import renew_timeout, watchdog
 from oncely.settings import resolve, unknown_option
 
 __all__ = ["Lock", "LostCallback"]
@@ -740,8 +740,8 @@ class Lock:
 class _Renewal:
     """The renewal schedule of one hold: every ttl/3, retried while the lease lasts.
 
-    Sync holds run on the lane of their backend (:mod:`oncely.renewal`); async holds on their
-    event loop, each request bounded by :func:`~oncely.renewal.renew_timeout` and the bound.
+    Sync holds run on the lane of their backend (:mod:`oncely.core.renewal`); async holds on their
+    event loop, each request bounded by :func:`~oncely.core.renewal.renew_timeout` and the bound.
     """
 
     def __init__(self, lock: Lock, hold: Hold, sent_at: float) -> None:

@@ -11,10 +11,10 @@ checks them on every backend):
       lease ran out (``lease_until <= now``, whatever its fingerprint): write an ``in_progress``
       record with ``lease_until = now + lease``, ``expires_at = now + max(lease, ttl)`` and a fence
       greater than every earlier fence of this key (see *Fences* below) ->
-      :class:`~oncely.records.New`;
-    * a live record with a different fingerprint -> :class:`~oncely.records.Mismatch`;
-    * a live ``in_progress`` record -> :class:`~oncely.records.InFlight`;
-    * a live ``completed`` record -> :class:`~oncely.records.Replay`.
+      :class:`~oncely.core.records.New`;
+    * a live record with a different fingerprint -> :class:`~oncely.core.records.Mismatch`;
+    * a live ``in_progress`` record -> :class:`~oncely.core.records.InFlight`;
+    * a live ``completed`` record -> :class:`~oncely.core.records.Replay`.
 ``complete(key, fence, result, codec, ttl)``
     if the record is ``in_progress`` with this fence (even if its lease ran out, as long as
     nobody re-claimed it): status ``completed``, ``expires_at = now + ttl``; wakes waiters. If it
@@ -46,7 +46,7 @@ Release tombstones are expired rows (SQL stores: until ``purge_expired`` removes
 a minute; memory: until the key is claimed or deleted, or a purge); ``get``/``list``/``delete``
 treat them as absent. A repeated fenced write that finds its own earlier write succeeds, so a
 caller may repeat ``complete``, ``release`` or ``renew`` after a timeout or a cancellation (see
-:mod:`oncely.cancelsafe`); ``LeaseLost`` always means that the claim is gone. Callers that must
+:mod:`oncely.core.cancelsafe`); ``LeaseLost`` always means that the claim is gone. Callers that must
 not leave a claim behind shield the claim and undo it (see :mod:`oncely.functions.drivers`).
 
 Fences never repeat and never go backwards for a key, whatever happens between two claims
@@ -78,8 +78,8 @@ import builtins
 from collections.abc import Sequence
 
 from oncely.backends.urls import redact_url
+from oncely.core.records import ClaimOutcome, InFlight, Mismatch, Record, RecordKey, Replay
 from oncely.errors import LeaseLost
-from oncely.records import ClaimOutcome, InFlight, Mismatch, Record, RecordKey, Replay
 
 __all__ = ["Store", "claimable", "classify", "lease_lost"]
 

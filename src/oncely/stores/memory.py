@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import replace
 
-from oncely.records import ClaimOutcome, New, Record, RecordKey
+from oncely.core.records import ClaimOutcome, New, Record, RecordKey
 from oncely.stores.base import Store, claimable, classify, lease_lost
 from oncely.stores.polling import apoll_until
 

@@ -65,9 +65,9 @@ from oncely.backends.mysql import (
 )
 from oncely.backends.plans import Exec, Plan, Sleep
 from oncely.backends.urls import redact_url
-from oncely.cancelsafe import keep_cancel
+from oncely.core.cancelsafe import keep_cancel
+from oncely.core.records import ClaimOutcome, Record, RecordKey
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
-from oncely.records import ClaimOutcome, Record, RecordKey
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 from oncely.stores.sql import (

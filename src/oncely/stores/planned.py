@@ -15,7 +15,7 @@ import builtins
 from typing import Any
 
 from oncely.backends.plans import Plan, arun, run
-from oncely.records import ClaimOutcome, Record, RecordKey
+from oncely.core.records import ClaimOutcome, Record, RecordKey
 from oncely.stores.base import Store
 
 __all__ = ["PlannedStore"]

@@ -45,9 +45,9 @@ from oncely.backends.postgres import (
     schema_lock_id,
 )
 from oncely.backends.urls import redact_url
-from oncely.cancelsafe import keep_cancel
+from oncely.core.cancelsafe import keep_cancel
+from oncely.core.records import ClaimOutcome, New, Record, RecordKey
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
-from oncely.records import ClaimOutcome, New, Record, RecordKey
 from oncely.stores.base import claimable, classify
 from oncely.stores.planned import PlannedStore
 from oncely.stores.sql import (

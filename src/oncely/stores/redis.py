@@ -42,9 +42,18 @@ from redis.exceptions import RedisError
 from oncely.backends.lua import Script, evalsha
 from oncely.backends.plans import Command, Eval, Plan
 from oncely.backends.redis import RedisClients, ms
-from oncely.cancelsafe import keep_cancel
+from oncely.core.cancelsafe import keep_cancel
+from oncely.core.records import (
+    ClaimOutcome,
+    InFlight,
+    Mismatch,
+    New,
+    Record,
+    RecordKey,
+    Replay,
+    Status,
+)
 from oncely.errors import ConfigurationError, LeaseLost, StoreError
-from oncely.records import ClaimOutcome, InFlight, Mismatch, New, Record, RecordKey, Replay, Status
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 

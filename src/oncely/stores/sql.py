@@ -7,10 +7,10 @@ clock), decides each operation in one statement, and answers the same way:
 
 * parameters: :func:`key_params`, :func:`fence_params`, :func:`renew_params`,
   :func:`list_params` (named parameters; each dialect spells the placeholders itself);
-* rows: :func:`record` builds a :class:`~oncely.records.Record` from those ten columns;
+* rows: :func:`record` builds a :class:`~oncely.core.records.Record` from those ten columns;
 * claims that return the row they leave behind (SQLite, MySQL): the caller's random
   :func:`nonce` is written into ``claim_id`` only when the claim takes the row, so
-  :func:`nonce_outcome` tells :class:`~oncely.records.New` from the rest with no second read;
+  :func:`nonce_outcome` tells :class:`~oncely.core.records.New` from the rest with no second read;
 * fenced writes: :func:`check_lease` raises :class:`~oncely.errors.LeaseLost` when the
   statement touched no row; :func:`changed` is ``watch``'s test;
 * configuration and errors: :func:`validate_table`, :func:`schema_missing`.
@@ -22,8 +22,8 @@ import os
 import re
 from typing import Any, Final
 
+from oncely.core.records import ClaimOutcome, New, Record, RecordKey
 from oncely.errors import ConfigurationError, SchemaMissing
-from oncely.records import ClaimOutcome, New, Record, RecordKey
 from oncely.stores.base import classify, lease_lost
 
 __all__ = [
@@ -46,7 +46,7 @@ __all__ = [
 Row = tuple[Any, ...]
 Params = dict[str, Any]
 
-#: The record columns, in :class:`~oncely.records.Record` field order.
+#: The record columns, in :class:`~oncely.core.records.Record` field order.
 COLUMNS: Final = (
     "scope, digest, status, fingerprint, fence, lease_until, expires_at, created_at, result, codec"
 )
@@ -73,7 +73,7 @@ def _text(value: Any) -> str:
 
 
 def record(row: Row) -> Record:
-    """A :class:`~oncely.records.Record` from the first ten columns of ``row`` (:data:`COLUMNS`
+    """A :class:`~oncely.core.records.Record` from the first ten columns of ``row`` (:data:`COLUMNS`
     order; text that a driver returns as bytes is decoded)."""
     scope, digest, status, fingerprint, fence, lease_until, expires_at, created_at = row[:8]
     result, codec = row[8], row[9]
@@ -98,7 +98,7 @@ def nonce() -> int:
 
 def nonce_outcome(row: Row, claim_id: int, fingerprint: str) -> ClaimOutcome:
     """The outcome of a claim whose statement returned ``row`` = the ten record columns, the
-    row's ``claim_id`` and the server's clock: :class:`~oncely.records.New` if the row carries
+    row's ``claim_id`` and the server's clock: :class:`~oncely.core.records.New` if the row carries
     the caller's ``claim_id``, else what the live record says
     (:func:`~oncely.stores.base.classify`)."""
     rec, now = record(row), float(row[11])

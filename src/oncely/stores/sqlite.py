@@ -27,8 +27,8 @@ from typing import Any
 from oncely.backends.plans import Exec, Plan, Sleep
 from oncely.backends.sqlite import CLOCK as NOW
 from oncely.backends.sqlite import Connections, Workers, enable_wal, execute, is_busy, parse_url
+from oncely.core.records import ClaimOutcome, Record, RecordKey
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
-from oncely.records import ClaimOutcome, Record, RecordKey
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 from oncely.stores.sql import (

@@ -3,7 +3,7 @@
 Redisson's watchdog extends a lock every ttl/3; when a renewal fails it stops quietly and the
 holder carries on without a lock. python-redis-lock's renewal thread dies silently on an error.
 Here each scheduled entry does its own renewal and reporting (:mod:`oncely.locks.lock` for
-locks, :mod:`oncely.functions.lease` for idempotency claims): a failed renewal is retried while
+locks, :mod:`oncely.core.lease` for idempotency claims): a failed renewal is retried while
 the lease still has time, and a lost lease is always reported to its holder.
 
 One scheduler thread (``oncely-watchdog``) keeps the timetable and never talks to a store. When

@@ -1,6 +1,6 @@
 """Keeping a claim's lease alive while the function runs, and telling the caller if it is lost.
 
-Sync calls are renewed by :data:`oncely.renewal.watchdog`, on the lane (thread) of their store:
+Sync calls are renewed by :data:`oncely.core.renewal.watchdog`, on the lane (thread) of their store:
 a stuck store delays only its own renewals (registering a call is a heap push, so a fast
 function never pays for a thread). Async calls renew on their own event loop, each renewal
 bounded by :func:`renew_timeout`. Both renew every ``lease / 3``; a failed renewal is retried
@@ -24,11 +24,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from oncely.core.records import RecordKey
+from oncely.core.renewal import renew_timeout, watchdog
 from oncely.errors import LeaseLost
-from oncely.records import RecordKey
-from oncely.renewal import renew_timeout, watchdog
-from oncely.stores.base import Store
+
+if TYPE_CHECKING:  # core imports no store: Store is only a type here
+    from oncely.stores.base import Store
 
 __all__ = ["AsyncRenewer", "Claimed", "LeaseKeeper", "current_claim", "keeper"]
 
@@ -131,18 +134,18 @@ class Claimed:
                 log.exception("oncely: on_lease_lost callback failed")
 
 
-_current: contextvars.ContextVar[Claimed | None] = contextvars.ContextVar(
+active_claim: contextvars.ContextVar[Claimed | None] = contextvars.ContextVar(
     "oncely_claim", default=None
 )
 
 
 def current_claim() -> Claimed | None:
     """The claim of the idempotent call running in this context, or None outside one."""
-    return _current.get()
+    return active_claim.get()
 
 
 class LeaseKeeper:
-    """Registers running sync calls with the process-wide :data:`oncely.renewal.watchdog`."""
+    """Registers running sync calls with the process-wide :data:`oncely.core.renewal.watchdog`."""
 
     def keep(self, claimed: Claimed, sent_at: float) -> None:
         """Renew ``claimed`` until :meth:`stop`; ``sent_at``: when its claim was sent."""

@@ -19,11 +19,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from oncely.core.records import ClaimOutcome, New, RecordKey
 from oncely.errors import OncelyError
-from oncely.records import ClaimOutcome, New, RecordKey
-from oncely.stores.base import Store
+
+if TYPE_CHECKING:  # core imports no store: Store is only a type here
+    from oncely.stores.base import Store
 
 __all__ = ["claim_or_undo", "keep_alive", "keep_cancel", "write_through"]
 
