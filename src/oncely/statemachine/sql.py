@@ -390,6 +390,22 @@ class SqlStateMachine:
                 raise better from exc
             raise
 
+    def apply_plan(
+        self,
+        conn: SqlConnection,
+        entity_id: Any,
+        transition: str,
+        *,
+        key: str | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> Plan[Outcome]:
+        """:meth:`apply` as a sans-IO plan on an adapted connection, for mechanisms that compose
+        it with their own statements (the saga does). Hooks are yielded as requests the
+        executor of :meth:`apply` knows; a machine without hooks yields only ``Exec``,
+        ``Enter`` and ``Leave``."""
+        t, key, payload = self._prepare(transition, key, data)
+        return self._apply_plan(conn, conn.raw, t, entity_id, key, payload)
+
     def _history_plan(self, c: SqlConnection, entity_id: Any) -> Plan[list[HistoryEntry]]:
         q = self._queries(c.dialect, _update_returning(c))
         try:
