@@ -4,11 +4,31 @@
   uniform connection; :func:`duplicate_of` recognises a unique violation from any driver.
 * :mod:`oncely.sql.insert`: :func:`insert_once` returns ``(row, created)``, never a duplicate
   error and never a second row.
+* :mod:`oncely.sql.transaction`: :func:`transaction` commits the key's claim, the caller's
+  writes and the stored result together; :func:`idempotent_transaction` is its decorator.
+* :mod:`oncely.sql.schema`: the keys table (:func:`create_tables`, :func:`~oncely.sql.schema.ddl`).
 """
 
 from __future__ import annotations
 
 from oncely.sql.connections import SqlConnection, adapt, duplicate_of, retryable
+from oncely.sql.decorator import idempotent_transaction
 from oncely.sql.insert import ainsert_once, insert_once
+from oncely.sql.keys import GLOBAL
+from oncely.sql.schema import acreate_tables, create_tables
+from oncely.sql.transaction import Transaction, transaction
 
-__all__ = ["SqlConnection", "adapt", "ainsert_once", "duplicate_of", "insert_once", "retryable"]
+__all__ = [
+    "GLOBAL",
+    "SqlConnection",
+    "Transaction",
+    "acreate_tables",
+    "adapt",
+    "ainsert_once",
+    "create_tables",
+    "duplicate_of",
+    "idempotent_transaction",
+    "insert_once",
+    "retryable",
+    "transaction",
+]

@@ -502,6 +502,9 @@ class _DbapiAsync(SqlConnection):
 
     async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
         sql, args = render(self.text(text), params, self.paramstyle)
+        return await self._run(sql, args)
+
+    async def _run(self, sql: str, args: Any) -> Result:
         cur = await _maybe_await(self.raw.cursor())
         try:
             await cur.execute(sql, args)
@@ -563,6 +566,18 @@ class _AioMySQL(_DbapiAsync):
     def __init__(self, raw: Any):
         super().__init__(raw, "mysql", (0,))
         self.version, self.mariadb = _mysql_version(raw.get_server_info())
+
+    async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        # aiomysql escapes bytes with a name PyMySQL >= 1.2 no longer exports (it is a str
+        # there): bind the values here, bytes as hex literals, and send the finished text.
+        sql, args = render(self.text(text), params, "pyformat")
+        literal = {
+            k: "X'" + bytes(v).hex() + "'"
+            if isinstance(v, (bytes, bytearray, memoryview))
+            else self.raw.escape(v)
+            for k, v in args.items()
+        }
+        return await self._run(sql % literal, None)
 
     def in_transaction(self) -> bool:
         return bool(self.raw.server_status & 1)
