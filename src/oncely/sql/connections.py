@@ -644,11 +644,9 @@ class _SaConnection(SqlConnection):
     def enter(self, savepoint: bool = True) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
-            tx = self.raw.begin()
-            if self.dialect == "sqlite":
-                # pysqlite begins lazily and deferred: take the write lock now
-                self.raw.exec_driver_sql("SELECT 1")
-            return Block(True, handle=tx)
+            # pysqlite begins lazily and deferred: the claim INSERT, the block's first
+            # statement, takes SQLite's write lock (waiting for it), no read before it
+            return Block(True, handle=self.raw.begin())
         if not savepoint:
             return Block(False)
         return Block(False, "nested", self.raw.begin_nested())
@@ -769,10 +767,7 @@ class _Django(SqlConnection):
         self.check_usable()
         owned = not self.raw.in_atomic_block
         atomic = transaction.atomic(using=self.alias, savepoint=savepoint)
-        atomic.__enter__()
-        if owned and self.dialect == "sqlite":
-            # Django begins deferred; take SQLite's write lock before the first read
-            self.execute("UPDATE sqlite_master SET type = type WHERE 0", {})
+        atomic.__enter__()  # SQLite: deferred; the claim INSERT takes the write lock first
         return Block(owned, "atomic", atomic)
 
     def leave(self, block: Block, commit: bool) -> None:
