@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final, Literal, NamedTuple
@@ -855,9 +855,10 @@ def _adapt_sqlalchemy(conn: Any, name: str) -> SqlConnection:
 
 
 # -- runners -------------------------------------------------------------------------------------
-def run(plan: Plan[Any], conn: SqlConnection) -> Any:
+def run(plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Any] | None = None) -> Any:
     """Carry a plan out on a sync connection: :class:`~oncely.backends.plans.Exec` ->
-    :class:`Result`, :class:`Enter` -> :class:`Block`, :class:`Leave` -> None."""
+    :class:`Result`, :class:`Enter` -> :class:`Block`, :class:`Leave` -> None; any other
+    request goes to ``other(request)`` (a mechanism's own requests, e.g. "call this phase")."""
     from oncely.backends.plans import run as run_plan
 
     def execute(request: Any) -> Any:
@@ -867,13 +868,17 @@ def run(plan: Plan[Any], conn: SqlConnection) -> Any:
             return conn.enter(request.savepoint)
         if isinstance(request, Leave):
             return conn.leave(request.block, request.commit)
+        if other is not None:
+            return other(request)
         raise TypeError(f"unknown request {request!r}")
 
     return run_plan(plan, execute)
 
 
-async def arun(plan: Plan[Any], conn: SqlConnection) -> Any:
-    """The async face of :func:`run`."""
+async def arun(
+    plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Awaitable[Any]] | None = None
+) -> Any:
+    """The async face of :func:`run` (``other`` is awaited)."""
     from oncely.backends.plans import arun as arun_plan
 
     async def execute(request: Any) -> Any:
@@ -883,6 +888,8 @@ async def arun(plan: Plan[Any], conn: SqlConnection) -> Any:
             return await conn.aenter(request.savepoint)
         if isinstance(request, Leave):
             return await conn.aleave(request.block, request.commit)
+        if other is not None:
+            return await other(request)
         raise TypeError(f"unknown request {request!r}")
 
     return await arun_plan(plan, execute)

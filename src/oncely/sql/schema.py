@@ -5,7 +5,8 @@ One row per ``(scope, digest)``: ``digest`` is the SHA-256 of the caller's key
 ``"finished"`` for a completed operation or the last committed phase of a multi-step one
 (brandur's atomic phases, DESIGN.md), ``result`` the stored result (codec bytes),
 ``operation``/``params`` what the completer needs to re-drive an abandoned operation,
-``locked_at`` when a worker took it, ``created_at``/``updated_at`` epoch seconds on the
+``locked_at`` when a worker took it and ``locked_by`` that worker's random token (the fence a
+phase's commit checks), ``created_at``/``updated_at`` epoch seconds on the
 database's clock.
 
 The table is created by an explicit :func:`create_tables` (or the statements of :func:`ddl`
@@ -62,7 +63,7 @@ def ddl(dialect: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
     statements = [
         f"CREATE TABLE IF NOT EXISTS {t} ("
         f"scope {text} NOT NULL, digest {digest} NOT NULL, recovery_point {point} NOT NULL, "
-        f"operation {text}, params {blob}, result {blob}, locked_at {real}, "
+        f"operation {text}, params {blob}, result {blob}, locked_at {real}, locked_by {digest}, "
         f"created_at {real} NOT NULL, updated_at {real} NOT NULL, "
         f"PRIMARY KEY (scope, digest)){engine}",
     ]
