@@ -240,6 +240,7 @@ def test_blocks_own_or_join_the_transaction(db: Db) -> None:
     block = c.enter()
     assert block.owned and c.in_transaction()
     c.execute(ins, {"id": 1, "n": "a"})
+    assert c.in_transaction()
     c.leave(block, commit=False)
     block = c.enter()
     c.execute(ins, {"id": 2, "n": "b"})

@@ -302,3 +302,19 @@ def test_bad_input_is_typed_and_commits_nothing(db: Db) -> None:
         conn.rollback()
     assert _count(db, effects) == 0
     assert db.run(f"SELECT COUNT(*) FROM {keys}") == [(0,)]
+
+
+def test_psycopg_autocommit_connection(make_db: Any) -> None:
+    db = make_db("postgresql")
+    keys, effects = _setup(db)
+    conn = db.connect(autocommit=True)
+    for _ in range(2):
+        with transaction(conn, key="k", scope="s", table=keys) as tx:
+            if not tx.replayed:
+                _effect(db, conn, effects, "k")
+                tx.set_result([1, 2])
+        assert tx.result == [1, 2]
+    with pytest.raises(RuntimeError), transaction(conn, key="k2", scope="s", table=keys):
+        _effect(db, conn, effects, "k2")
+        raise RuntimeError
+    assert _count(db, effects) == 1 and not oncely.sql.adapt(conn).in_transaction()

@@ -53,6 +53,7 @@ __all__ = [
     "Dialect",
     "Duplicate",
     "Enter",
+    "ExecLeave",
     "Leave",
     "Result",
     "SqlConnection",
@@ -102,6 +103,17 @@ class Leave(NamedTuple):
 
     block: Any
     commit: bool
+
+
+class ExecLeave(NamedTuple):
+    """Request: run one statement, then close ``block`` committing (what ends a block that
+    writes its result last). On PostgreSQL with psycopg both go in one pipeline: one round
+    trip. If either fails the block is rolled back and the error raised. Reply: the
+    statement's :class:`Result`."""
+
+    block: Any
+    statement: Text
+    params: Mapping[str, Any]
 
 
 @dataclass(slots=True)
@@ -366,6 +378,26 @@ class SqlConnection:
     def leave(self, block: Block, commit: bool) -> None:
         raise ConfigurationError(f"{type(self.raw).__name__} is an async connection")
 
+    def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        """Run one statement then close ``block`` committing (see :class:`ExecLeave`)."""
+        try:
+            res = self.execute(text, params)
+        except BaseException:
+            self.leave(block, False)
+            raise
+        self.leave(block, True)
+        return res
+
+    async def aexecute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        """The async face of :meth:`execute_leave`."""
+        try:
+            res = await self.aexecute(text, params)
+        except BaseException:
+            await self.aleave(block, False)
+            raise
+        await self.aleave(block, True)
+        return res
+
     # async face
     async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
         raise ConfigurationError(
@@ -455,14 +487,76 @@ class _Sqlite(_DbapiSync):
         return bool(self.raw.in_transaction)
 
 
+def _pipelines() -> bool:
+    import psycopg
+
+    return bool(psycopg.Pipeline.is_supported())
+
+
 class _Psycopg(_DbapiSync):
+    """psycopg 3. An owned block's ``BEGIN`` travels with its first statement, and
+    :meth:`execute_leave` sends its statement with the ``COMMIT``, each pair in one pipeline
+    (libpq >= 14): a block then costs no round trip of its own."""
+
     def __init__(self, raw: Any):
         super().__init__(raw, "postgresql", _pg_version(raw), "pyformat")
+        self.pipelined = _pipelines()
+        self._begin_pending = False
 
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus
 
-        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
+        status = self.raw.info.transaction_status
+        return bool(self._begin_pending or status != TransactionStatus.IDLE)
+
+    def _pending(self) -> bool:
+        """A deferred BEGIN not sent yet (psycopg sends it itself with the next statement,
+        also one the caller runs on the raw connection)."""
+        from psycopg.pq import TransactionStatus
+
+        if self._begin_pending and self.raw.info.transaction_status != TransactionStatus.IDLE:
+            self._begin_pending = False
+        return self._begin_pending
+
+    def enter(self, savepoint: bool = True) -> Block:
+        if self.pipelined and not self.raw.autocommit and not self.in_transaction():
+            self.check_usable()
+            self._begin_pending = True
+            return Block(True)
+        return super().enter(savepoint)
+
+    def execute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        if not self._pending():
+            return super().execute(text, params)
+        self._begin_pending = False
+        sql, args = render(self.text(text), params, self.paramstyle)
+        with self.raw.cursor() as cur:
+            with self.raw.pipeline():
+                cur.execute(sql, args)  # psycopg queues its BEGIN in front
+            return _cursor_result(cur)
+
+    def leave(self, block: Block, commit: bool) -> None:
+        if self._pending():  # nothing ran: there is no transaction to end
+            self._begin_pending = False
+            return
+        super().leave(block, commit)
+
+    def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        if not self.pipelined or self._pending():
+            return super().execute_leave(block, text, params)
+        sql, args = render(self.text(text), params, self.paramstyle)
+        with self.raw.cursor() as cur:
+            try:
+                with self.raw.pipeline():
+                    cur.execute(sql, args)
+                    if block.owned:
+                        self.raw.execute("COMMIT")
+                    elif block.name is not None:
+                        self.raw.execute(f"RELEASE SAVEPOINT {block.name}")
+                return _cursor_result(cur)
+            except BaseException:
+                super().leave(block, False)
+                raise
 
     def failed(self) -> bool:
         from psycopg.pq import TransactionStatus
@@ -555,11 +649,77 @@ async def _maybe_await(value: Any) -> Any:
 
 
 class _AsyncPsycopg(_DbapiAsync):
+    """psycopg 3 ``AsyncConnection``: the same pipelining as the sync face."""
+
     def __init__(self, raw: Any):
         super().__init__(raw, "postgresql", _pg_version(raw))
+        self.pipelined = _pipelines()
+        self._begin_pending = False
 
-    in_transaction = _Psycopg.in_transaction
-    failed = _Psycopg.failed
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        status = self.raw.info.transaction_status
+        return bool(self._begin_pending or status != TransactionStatus.IDLE)
+
+    def failed(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return bool(self.raw.info.transaction_status == TransactionStatus.INERROR)
+
+    def _pending(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        if self._begin_pending and self.raw.info.transaction_status != TransactionStatus.IDLE:
+            self._begin_pending = False
+        return self._begin_pending
+
+    async def aenter(self, savepoint: bool = True) -> Block:
+        if self.pipelined and not self.raw.autocommit and not self.in_transaction():
+            self.check_usable()
+            self._begin_pending = True
+            return Block(True)
+        return await super().aenter(savepoint)
+
+    async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        if not self._pending():
+            return await super().aexecute(text, params)
+        self._begin_pending = False
+        sql, args = render(self.text(text), params, self.paramstyle)
+        async with self.raw.cursor() as cur:
+            async with self.raw.pipeline():
+                await cur.execute(sql, args)
+            return await _acursor_result(cur)
+
+    async def aleave(self, block: Block, commit: bool) -> None:
+        if self._pending():
+            self._begin_pending = False
+            return
+        await super().aleave(block, commit)
+
+    async def aexecute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        if not self.pipelined or self._pending():
+            return await super().aexecute_leave(block, text, params)
+        sql, args = render(self.text(text), params, self.paramstyle)
+        async with self.raw.cursor() as cur:
+            try:
+                async with self.raw.pipeline():
+                    await cur.execute(sql, args)
+                    if block.owned:
+                        await self.raw.execute("COMMIT")
+                    elif block.name is not None:
+                        await self.raw.execute(f"RELEASE SAVEPOINT {block.name}")
+                return await _acursor_result(cur)
+            except BaseException:
+                await super().aleave(block, False)
+                raise
+
+
+async def _acursor_result(cur: Any) -> Result:
+    if cur.description is None:
+        return Result([], cur.rowcount, ())
+    rows = [tuple(r) for r in await cur.fetchall()]
+    return Result(rows, cur.rowcount, tuple(d[0] for d in cur.description))
 
 
 class _AioMySQL(_DbapiAsync):
@@ -868,6 +1028,8 @@ def run(plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Any] | None
             return conn.enter(request.savepoint)
         if isinstance(request, Leave):
             return conn.leave(request.block, request.commit)
+        if isinstance(request, ExecLeave):
+            return conn.execute_leave(request.block, request.statement, request.params)
         if other is not None:
             return other(request)
         raise TypeError(f"unknown request {request!r}")
@@ -888,6 +1050,8 @@ async def arun(
             return await conn.aenter(request.savepoint)
         if isinstance(request, Leave):
             return await conn.aleave(request.block, request.commit)
+        if isinstance(request, ExecLeave):
+            return await conn.aexecute_leave(request.block, request.statement, request.params)
         if other is not None:
             return await other(request)
         raise TypeError(f"unknown request {request!r}")

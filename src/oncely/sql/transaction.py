@@ -61,6 +61,7 @@ from oncely.errors import InFlightError
 from oncely.sql.connections import (
     Block,
     Enter,
+    ExecLeave,
     Leave,
     SqlConnection,
     adapt,
@@ -195,18 +196,15 @@ def finish_plan(
     if not (ok and claim.new):
         yield Leave(claim.block, False)
         return
-    if result is not None:
-        t = c.quote(table)
-        params = {"scope": key.scope, "digest": key.digest, "result": result}
-        try:
-            yield Exec(
-                f"UPDATE {t} SET result = :result WHERE scope = :scope AND digest = :digest",
-                params,
-            )
-        except BaseException:
-            yield Leave(claim.block, False)
-            raise
-    yield Leave(claim.block, True)
+    if result is None:
+        yield Leave(claim.block, True)
+        return
+    t = c.quote(table)
+    yield ExecLeave(  # with psycopg: the UPDATE and the COMMIT in one round trip
+        claim.block,
+        f"UPDATE {t} SET result = :result WHERE scope = :scope AND digest = :digest",
+        {"scope": key.scope, "digest": key.digest, "result": result},
+    )
 
 
 class Transaction:
