@@ -131,6 +131,7 @@ class Block:
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
 
+@lru_cache(maxsize=4096)
 def quote(name: str, dialect: Dialect) -> str:
     """``name`` (``table`` or ``schema.table``) quoted for ``dialect``: each part must be a
     plain SQL identifier (letters, digits, ``_``, ``$``; at most 63 characters, PostgreSQL's
@@ -458,7 +459,9 @@ class _DbapiSync(SqlConnection):
         if not self.in_transaction():
             if self.dialect == "mysql":
                 self.raw.begin()
-            else:  # psycopg would send the same BEGIN before the next statement
+            elif self.dialect == "postgresql" and not self.raw.autocommit:
+                pass  # psycopg sends BEGIN itself before the next statement
+            else:
                 self._raw_sql(self._begin_text())
             return Block(True)
         if not savepoint:
@@ -494,55 +497,21 @@ def _pipelines() -> bool:
 
 
 class _Psycopg(_DbapiSync):
-    """psycopg 3. An owned block's ``BEGIN`` travels with its first statement, and
-    :meth:`execute_leave` sends its statement with the ``COMMIT``, each pair in one pipeline
-    (libpq >= 14): a block then costs no round trip of its own."""
+    """psycopg 3: :meth:`execute_leave` sends its statement and the ``COMMIT`` in one pipeline
+    (libpq >= 14), one round trip. (psycopg waits for its own ``BEGIN`` even in a pipeline,
+    so the ``BEGIN`` stays a round trip of its own, as in any psycopg transaction.)"""
 
     def __init__(self, raw: Any):
         super().__init__(raw, "postgresql", _pg_version(raw), "pyformat")
         self.pipelined = _pipelines()
-        self._begin_pending = False
 
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus
 
-        status = self.raw.info.transaction_status
-        return bool(self._begin_pending or status != TransactionStatus.IDLE)
-
-    def _pending(self) -> bool:
-        """A deferred BEGIN not sent yet (psycopg sends it itself with the next statement,
-        also one the caller runs on the raw connection)."""
-        from psycopg.pq import TransactionStatus
-
-        if self._begin_pending and self.raw.info.transaction_status != TransactionStatus.IDLE:
-            self._begin_pending = False
-        return self._begin_pending
-
-    def enter(self, savepoint: bool = True) -> Block:
-        if self.pipelined and not self.raw.autocommit and not self.in_transaction():
-            self.check_usable()
-            self._begin_pending = True
-            return Block(True)
-        return super().enter(savepoint)
-
-    def execute(self, text: Text, params: Mapping[str, Any]) -> Result:
-        if not self._pending():
-            return super().execute(text, params)
-        self._begin_pending = False
-        sql, args = render(self.text(text), params, self.paramstyle)
-        with self.raw.cursor() as cur:
-            with self.raw.pipeline():
-                cur.execute(sql, args)  # psycopg queues its BEGIN in front
-            return _cursor_result(cur)
-
-    def leave(self, block: Block, commit: bool) -> None:
-        if self._pending():  # nothing ran: there is no transaction to end
-            self._begin_pending = False
-            return
-        super().leave(block, commit)
+        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
 
     def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
-        if not self.pipelined or self._pending():
+        if not self.pipelined:
             return super().execute_leave(block, text, params)
         sql, args = render(self.text(text), params, self.paramstyle)
         with self.raw.cursor() as cur:
@@ -621,6 +590,8 @@ class _DbapiAsync(SqlConnection):
         if not self.in_transaction():
             if self.dialect == "mysql":
                 await self.raw.begin()
+            elif not self.raw.autocommit:
+                pass  # psycopg sends BEGIN itself before the next statement
             else:
                 await self._raw_sql("BEGIN")
             return Block(True)
@@ -654,51 +625,19 @@ class _AsyncPsycopg(_DbapiAsync):
     def __init__(self, raw: Any):
         super().__init__(raw, "postgresql", _pg_version(raw))
         self.pipelined = _pipelines()
-        self._begin_pending = False
 
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus
 
-        status = self.raw.info.transaction_status
-        return bool(self._begin_pending or status != TransactionStatus.IDLE)
+        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
 
     def failed(self) -> bool:
         from psycopg.pq import TransactionStatus
 
         return bool(self.raw.info.transaction_status == TransactionStatus.INERROR)
 
-    def _pending(self) -> bool:
-        from psycopg.pq import TransactionStatus
-
-        if self._begin_pending and self.raw.info.transaction_status != TransactionStatus.IDLE:
-            self._begin_pending = False
-        return self._begin_pending
-
-    async def aenter(self, savepoint: bool = True) -> Block:
-        if self.pipelined and not self.raw.autocommit and not self.in_transaction():
-            self.check_usable()
-            self._begin_pending = True
-            return Block(True)
-        return await super().aenter(savepoint)
-
-    async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
-        if not self._pending():
-            return await super().aexecute(text, params)
-        self._begin_pending = False
-        sql, args = render(self.text(text), params, self.paramstyle)
-        async with self.raw.cursor() as cur:
-            async with self.raw.pipeline():
-                await cur.execute(sql, args)
-            return await _acursor_result(cur)
-
-    async def aleave(self, block: Block, commit: bool) -> None:
-        if self._pending():
-            self._begin_pending = False
-            return
-        await super().aleave(block, commit)
-
     async def aexecute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
-        if not self.pipelined or self._pending():
+        if not self.pipelined:
             return await super().aexecute_leave(block, text, params)
         sql, args = render(self.text(text), params, self.paramstyle)
         async with self.raw.cursor() as cur:

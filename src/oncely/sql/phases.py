@@ -402,7 +402,7 @@ def _reap(c: SqlConnection, table: str, retention: float) -> Plan[int]:
     try:
         res = yield Exec(
             f"DELETE FROM {t} WHERE recovery_point = '{FINISHED}' "
-            f"AND updated_at < {now_sql(c.dialect)} - :retention",
+            f"AND updated_at <= {now_sql(c.dialect)} - :retention",
             {"retention": float(retention)},
         )
     except BaseException:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from functools import lru_cache
 from types import TracebackType
 from typing import Any
 
@@ -60,6 +61,7 @@ from oncely.core.records import RecordKey
 from oncely.errors import InFlightError
 from oncely.sql.connections import (
     Block,
+    Dialect,
     Enter,
     ExecLeave,
     Leave,
@@ -68,6 +70,7 @@ from oncely.sql.connections import (
     arun,
     duplicate_of,
     lock_timeout,
+    quote,
     retryable,
     run,
 )
@@ -79,6 +82,7 @@ __all__ = ["Claim", "Transaction", "claim_plan", "finish_plan", "transaction"]
 #: How often a claim is tried again after a serialization failure or deadlock.
 CLAIM_ATTEMPTS = 20
 _UNSET: Any = object()
+_DEFAULT_CODEC = JsonCodec()
 
 
 @dataclass(slots=True)
@@ -93,13 +97,18 @@ class Claim:
 
 
 def _statements(c: SqlConnection, table: str) -> tuple[str, str]:
-    t = c.quote(table)
-    now = now_sql(c.dialect)
+    return _statements_for(c.dialect, table)
+
+
+@lru_cache(maxsize=256)
+def _statements_for(dialect: Dialect, table: str) -> tuple[str, str]:
+    t = quote(table, dialect)
+    now = now_sql(dialect)
     where = "scope = :scope AND digest = :digest"
     values = f"(:scope, :digest, '{FINISHED}', {now}, {now})"
     cols = "(scope, digest, recovery_point, created_at, updated_at)"
     read = f"SELECT recovery_point, result FROM {t} WHERE {where}"
-    if c.dialect == "postgresql":
+    if dialect == "postgresql":
         claim = (
             f"WITH ins AS (INSERT INTO {t} {cols} VALUES {values} "
             "ON CONFLICT (scope, digest) DO NOTHING RETURNING 1) "
@@ -107,7 +116,7 @@ def _statements(c: SqlConnection, table: str) -> tuple[str, str]:
             f"SELECT 0, recovery_point, result FROM {t} WHERE {where} "
             "AND NOT EXISTS (SELECT 1 FROM ins)"
         )
-    elif c.dialect == "sqlite":
+    elif dialect == "sqlite":
         claim = f"INSERT INTO {t} {cols} VALUES {values} ON CONFLICT (scope, digest) DO NOTHING"
     else:
         claim = f"INSERT INTO {t} {cols} VALUES {values}"
@@ -199,7 +208,7 @@ def finish_plan(
     if result is None:
         yield Leave(claim.block, True)
         return
-    t = c.quote(table)
+    t = quote(table, c.dialect)
     yield ExecLeave(  # with psycopg: the UPDATE and the COMMIT in one round trip
         claim.block,
         f"UPDATE {t} SET result = :result WHERE scope = :scope AND digest = :digest",
@@ -229,7 +238,7 @@ class Transaction:
         self.conn = adapt(conn)
         self.conn.quote(table)
         self.table = table
-        self.codec: Codec = codec if codec is not None else JsonCodec()
+        self.codec: Codec = codec if codec is not None else _DEFAULT_CODEC
         self.wait = wait
         self._claim: Claim | None = None
         self._result: Any = _UNSET
