@@ -68,7 +68,7 @@ from oncely.sql.connections import (
     run,
 )
 from oncely.sql.keys import record_key
-from oncely.sql.schema import DEFAULT_TABLE, FINISHED, now_sql, schema_missing
+from oncely.sql.schema import DEFAULT_TABLE, FINISHED, digest_bytes, now_sql, schema_missing
 
 __all__ = ["STARTED", "Operation", "PhaseContext", "areap", "reap"]
 
@@ -207,7 +207,7 @@ class Operation:
             )
         sql = self._sql(c)
         token = secrets.token_hex(32)
-        base = {"scope": key.scope, "digest": key.digest}
+        base = {"scope": key.scope, "digest": digest_bytes(key)}
         p_bytes = None if resume_only else _encode(params)
         inserted = False
         try:
@@ -393,7 +393,7 @@ class Operation:
             )
         finally:
             yield Leave(block, True)
-        return [(str(s), str(d).strip()) for s, d in res.rows]
+        return [(str(s), bytes(d).hex()) for s, d in res.rows]
 
 
 def _reap(c: SqlConnection, table: str, retention: float) -> Plan[int]:

@@ -1,6 +1,7 @@
 """The table :mod:`oncely.sql` keeps its keys in (transactional idempotency and recovery points).
 
-One row per ``(scope, digest)``: ``digest`` is the SHA-256 of the caller's key
+One row per ``(scope, digest)``: ``digest`` is the SHA-256 of the caller's key, stored as its
+32 bytes (a primary key half the size of the hex form)
 (:class:`~oncely.core.records.RecordKey`; raw keys are never stored), ``recovery_point`` is
 ``"finished"`` for a completed operation or the last committed phase of a multi-step one
 (brandur's atomic phases, DESIGN.md), ``result`` the stored result (codec bytes),
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from oncely.core.records import RecordKey
 from oncely.errors import SchemaMissing, UnknownTable
 from oncely.sql.connections import Dialect, adapt, missing_object, quote
 
@@ -28,6 +30,7 @@ __all__ = [
     "acreate_tables",
     "create_tables",
     "ddl",
+    "digest_bytes",
     "now_sql",
     "schema_missing",
 ]
@@ -37,11 +40,16 @@ DEFAULT_TABLE: Final = "oncely_sql_keys"
 #: The ``recovery_point`` of a completed operation.
 FINISHED: Final = "finished"
 
-_TYPES: Final = {
-    "sqlite": ("TEXT", "TEXT", "BLOB", "REAL", ""),
-    "postgresql": ("VARCHAR(255)", "CHAR(64)", "BYTEA", "DOUBLE PRECISION", ""),
-    "mysql": ("VARCHAR(255)", "CHAR(64)", "LONGBLOB", "DOUBLE", " ENGINE=InnoDB"),
+_TYPES: Final = {  # text, 32-byte digest, blob, float, table options
+    "sqlite": ("TEXT", "BLOB", "BLOB", "REAL", ""),
+    "postgresql": ("VARCHAR(255)", "BYTEA", "BYTEA", "DOUBLE PRECISION", ""),
+    "mysql": ("VARCHAR(255)", "BINARY(32)", "LONGBLOB", "DOUBLE", " ENGINE=InnoDB"),
 }
+
+
+def digest_bytes(key: RecordKey) -> bytes:
+    """The stored form of ``key.digest`` (the 32 bytes of the hex SHA-256)."""
+    return bytes.fromhex(key.digest)
 
 
 def now_sql(dialect: Dialect) -> str:
@@ -60,11 +68,12 @@ def ddl(dialect: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
     t = quote(table, dialect)
     index = quote(table.split(".")[-1] + "_unfinished", dialect)
     point = "VARCHAR(64)" if dialect != "sqlite" else "TEXT"
+    lock = "CHAR(64)" if dialect != "sqlite" else "TEXT"
     rowid = " WITHOUT ROWID" if dialect == "sqlite" else ""  # one B-tree, not two
     statements = [
         f"CREATE TABLE IF NOT EXISTS {t} ("
         f"scope {text} NOT NULL, digest {digest} NOT NULL, recovery_point {point} NOT NULL, "
-        f"operation {text}, params {blob}, result {blob}, locked_at {real}, locked_by {digest}, "
+        f"operation {text}, params {blob}, result {blob}, locked_at {real}, locked_by {lock}, "
         f"created_at {real} NOT NULL, updated_at {real} NOT NULL, "
         f"PRIMARY KEY (scope, digest)){rowid}{engine}",
     ]

@@ -75,7 +75,7 @@ from oncely.sql.connections import (
     run,
 )
 from oncely.sql.keys import record_key
-from oncely.sql.schema import DEFAULT_TABLE, FINISHED, now_sql, schema_missing
+from oncely.sql.schema import DEFAULT_TABLE, FINISHED, digest_bytes, now_sql, schema_missing
 
 __all__ = ["Claim", "Transaction", "claim_plan", "finish_plan", "transaction"]
 
@@ -139,7 +139,7 @@ def claim_plan(c: SqlConnection, table: str, key: RecordKey, *, wait: bool = Tru
     roll the block back and are raised (a missing table as
     :class:`~oncely.errors.SchemaMissing`)."""
     claim, read = _statements(c, table)
-    params = {"scope": key.scope, "digest": key.digest}
+    params = {"scope": key.scope, "digest": digest_bytes(key)}
     for attempt in range(CLAIM_ATTEMPTS):
         block: Block = yield Enter()
         try:
@@ -212,7 +212,7 @@ def finish_plan(
     yield ExecLeave(  # with psycopg: the UPDATE and the COMMIT in one round trip
         claim.block,
         f"UPDATE {t} SET result = :result WHERE scope = :scope AND digest = :digest",
-        {"scope": key.scope, "digest": key.digest, "result": result},
+        {"scope": key.scope, "digest": digest_bytes(key), "result": result},
     )
 
 
