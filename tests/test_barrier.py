@@ -348,3 +348,28 @@ def test_redis_concurrent_try_and_cancel_and_expiry(rclient: tuple[redis.Redis, 
     assert 0 < ttl <= 30_000  # the horizon, on the server's clock
     with pytest.raises(InvalidBarrierCall):
         redis_barrier(r, "", "b", "try", prefix=prefix)
+
+
+def test_cli_barrier_init_and_purge(tmp_path: Any) -> None:
+    import sqlite3
+
+    from typer.testing import CliRunner
+
+    from oncely.cli import app
+
+    url = f"sqlite:///{tmp_path}/cli.db"
+    runner = CliRunner()
+    missing = runner.invoke(app, ["barrier", "purge", url])
+    assert missing.exit_code == 1 and "oncely barrier init" in missing.output
+    assert runner.invoke(app, ["barrier", "init", url]).exit_code == 0
+    conn = sqlite3.connect(tmp_path / "cli.db")
+    for gid in ("old", "new"):
+        barrier(conn, gid, "b", "cancel")
+    conn.execute("UPDATE oncely_barrier SET created_at = created_at - 7200 WHERE gid = 'old'")
+    conn.commit()
+    done = runner.invoke(app, ["barrier", "purge", url, "--older-than", "1h"])
+    assert done.exit_code == 0 and "purged 2 barrier row(s)" in done.output
+    assert conn.execute("SELECT DISTINCT gid FROM oncely_barrier").fetchall() == [("new",)]
+    bad = runner.invoke(app, ["barrier", "purge", url, "--older-than", "soon"])
+    assert bad.exit_code == 1 and "not a duration" in bad.output
+    assert runner.invoke(app, ["barrier", "purge", "redis://127.0.0.1"]).exit_code == 1
