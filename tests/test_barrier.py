@@ -359,6 +359,10 @@ def test_cli_barrier_init_and_purge(tmp_path: Any) -> None:
 
     url = f"sqlite:///{tmp_path}/cli.db"
     runner = CliRunner()
+    nofile = runner.invoke(app, ["barrier", "purge", url])
+    assert nofile.exit_code == 1 and "no SQLite database" in nofile.output
+    assert not (tmp_path / "cli.db").exists()  # purge creates nothing
+    sqlite3.connect(tmp_path / "cli.db").close()
     missing = runner.invoke(app, ["barrier", "purge", url])
     assert missing.exit_code == 1 and "oncely barrier init" in missing.output
     assert runner.invoke(app, ["barrier", "init", url]).exit_code == 0

@@ -26,6 +26,7 @@ import inspect
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -481,7 +482,7 @@ BarrierTable = Annotated[
 
 
 @contextlib.contextmanager
-def _database(url: str) -> Iterator[Any]:
+def _database(url: str, create: bool = False) -> Iterator[Any]:
     """A DB-API connection to the business database at ``url`` (not a store: the barrier
     lives next to the business tables)."""
     from oncely.backends.urls import scheme_of
@@ -495,6 +496,11 @@ def _database(url: str) -> Iterator[Any]:
         from oncely.backends.sqlite import parse_url
 
         path, _ = parse_url(url, "SQLite URL")
+        if not create and not Path(path).exists():
+            raise ConfigurationError(
+                f"no SQLite database at {path}: check the URL (sqlite:///relative.db, "
+                "sqlite:////absolute.db)"
+            )
         conn = sqlite3.connect(path, timeout=15)
     elif scheme in ("postgresql", "postgres"):
         import psycopg
@@ -530,7 +536,7 @@ def barrier_init(url: DbUrl, table: BarrierTable = "oncely_barrier") -> None:
     from oncely.statemachine.barrier import create_table
 
     try:
-        with _database(url) as conn:
+        with _database(url, create=True) as conn:
             create_table(conn, table)
     except OncelyError as exc:
         raise _fail(exc) from exc

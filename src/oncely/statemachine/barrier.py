@@ -27,11 +27,12 @@ that does nothing. The rule, in rows of one table keyed (gid, branch, op), each 
    EMPTY_COMPENSATION (and the late original now finds its row: HANGING);
 3. otherwise EXECUTE.
 
-DTM inserts the original op's row first; here the current op's row comes first so that a
-compensation touches the original op's row last: a concurrent ``try`` waits on that one row
-and nothing else, and MariaDB at REPEATABLE READ cannot build a lock cycle from them (Seata's
-fence deadlocks there). Because the rows commit or roll back with the business writes, a crash
-leaves both or neither.
+The barrier only inserts (and reads a row its insert found): it never reads a missing row
+with ``SELECT ... FOR UPDATE``, the gap lock that makes two transactions deadlock on MariaDB/MySQL
+at REPEATABLE READ when each then inserts into the other's gap (the usual cause of Seata's
+fence deadlock). Try and cancel of one branch at once wait on one row, the ``try`` row, and
+the test suite runs them from two processes on MariaDB at REPEATABLE READ. Because the rows
+commit or roll back with the business writes, a crash leaves both or neither.
 
 Cleanup (:func:`purge`, ``oncely barrier purge URL``) removes every row of a gid, whatever its
 status, once the gid's *newest* row is older than the horizon: a late call of a global
