@@ -377,3 +377,18 @@ def test_cli_barrier_init_and_purge(tmp_path: Any) -> None:
     bad = runner.invoke(app, ["barrier", "purge", url, "--older-than", "soon"])
     assert bad.exit_code == 1 and "not a duration" in bad.output
     assert runner.invoke(app, ["barrier", "purge", "redis://127.0.0.1"]).exit_code == 1
+
+
+async def test_async_barrier(account: Account) -> None:
+    from oncely.statemachine.barrier import abarrier, apurge
+
+    if account.db.dialect == "sqlite":
+        pytest.skip("sqlite3 has no async driver")
+    conn = await account.db.aconnect()
+    try:
+        assert await abarrier(conn, "ga", "b", "cancel", table=account.barrier) is EC
+        assert await abarrier(conn, "ga", "b", "try", table=account.barrier) is H
+        await conn.commit()
+        assert await apurge(conn, 0, table=account.barrier) >= 0
+    finally:
+        await account.db.aclose()
