@@ -47,7 +47,15 @@ from oncely.errors import (
     SagaStuck,
     SchemaMissing,
 )
-from oncely.sql.connections import Enter, Leave, SqlConnection, adapt, missing_object, quote
+from oncely.sql.connections import (
+    Enter,
+    Leave,
+    SqlConnection,
+    adapt,
+    missing_object,
+    quote,
+    retryable,
+)
 from oncely.statemachine import barrier as _barrier
 from oncely.statemachine.definition import Machine, Transition
 from oncely.statemachine.sql import SqlStateMachine, Table
@@ -111,7 +119,8 @@ class Step:
     :param attempts: tries of the action (and of the compensation) before giving up (>= 1).
     :param backoff: seconds before the 2nd try, doubled each time (with jitter: 50-100 %).
     :param max_backoff: cap of one wait, seconds.
-    :param retry_on: exception types that are retried; any other fails the step at once.
+    :param retry_on: exception types that are retried; any other fails the step at once
+        (a database deadlock or serialization failure is always retried).
     """
 
     name: str
@@ -332,7 +341,9 @@ class Saga:
                         yield _Call(step, ctx)
             except Exception as exc:
                 yield Leave(block, False)
-                if not isinstance(exc, step.retry_on) or attempt >= step.attempts:
+                # a deadlock or serialization failure is retried whatever retry_on says
+                again = isinstance(exc, step.retry_on) or retryable(exc)
+                if not again or attempt >= step.attempts:
                     raise
                 delay = min(step.backoff * 2 ** (attempt - 1), step.max_backoff)
                 yield Sleep(delay * (0.5 + random.random() / 2))
