@@ -392,3 +392,18 @@ async def test_async_barrier(account: Account) -> None:
         assert await apurge(conn, 0, table=account.barrier) >= 0
     finally:
         await account.db.aclose()
+
+
+def test_redis_failing_effect_leaves_the_branch_to_run_again(
+    rclient: tuple[redis.Redis, str],
+) -> None:
+    r, prefix = rclient
+    acct = f"{prefix}:acct"
+    r.set(acct, "not a hash")
+    with pytest.raises(redis.ResponseError):
+        redis_barrier(r, "g", "b", "try", effects=[("HINCRBY", acct, "n", 1)], prefix=prefix)
+    r.delete(acct)
+    assert (
+        redis_barrier(r, "g", "b", "try", effects=[("HINCRBY", acct, "n", 1)], prefix=prefix) is E
+    )
+    assert r.hget(acct, "n") == b"1"

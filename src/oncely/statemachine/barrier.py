@@ -390,8 +390,11 @@ def redis_barrier(
     :param effects: Redis commands (``[("HINCRBY", "stock", "sku-1", "-2")]``) run by the same
         script only when the verdict is EXECUTE, so the verdict and the effect are one atomic
         step. Without them, an EXECUTE followed by a crash before your own effect leaves the
-        branch marked done: pass the effect here when it lives in Redis. (On Redis Cluster,
-        every key must hash to the gid's slot: put ``{gid}`` in their names.)
+        branch marked done: pass the effect here when it lives in Redis. The effects run
+        before the branch's row is written, so a command that fails (``WRONGTYPE``) leaves the
+        branch to run again; commands before it in the list stay applied (Redis does not roll
+        a script back): put the one that may fail first. (On Redis Cluster, every key must hash
+        to the gid's slot: put ``{gid}`` in their names.)
     :param horizon: seconds the gid's rows live after its newest row (store clock, ``PEXPIRE``).
     :raises InvalidBarrierCall: missing gid or branch, unknown op, bad horizon.
     """

@@ -4,21 +4,22 @@
 -- commands run only on EXECUTE).
 local gid, branch, op, origin = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
 local current = op .. ':' .. branch
-if redis.call('HSETNX', gid, current, op) == 0 then
-  if origin == '' then
-    local reason = redis.call('HGET', gid, current)
-    if reason ~= op then return 'HANGING' end
-  end
+local existing = redis.call('HGET', gid, current)
+if existing then
+  if origin == '' and existing ~= op then return 'HANGING' end
   return 'DUPLICATE'
 end
--- the horizon counts from the gid's newest row (the store's clock)
-redis.call('PEXPIRE', gid, ARGV[4])
-if origin ~= '' then
-  if redis.call('HSETNX', gid, origin .. ':' .. branch, op) == 1 then
-    return 'EMPTY_COMPENSATION'
+local verdict = 'EXECUTE'
+if origin ~= '' and redis.call('HSETNX', gid, origin .. ':' .. branch, op) == 1 then
+  verdict = 'EMPTY_COMPENSATION'
+else
+  -- the effects first: a command that fails stops the script before the row below is written,
+  -- so a retry runs the branch again instead of finding it done
+  for _, command in ipairs(cjson.decode(ARGV[5])) do
+    redis.call(unpack(command))
   end
 end
-for _, command in ipairs(cjson.decode(ARGV[5])) do
-  redis.call(unpack(command))
-end
-return 'EXECUTE'
+redis.call('HSET', gid, current, op)
+-- the horizon counts from the gid's newest row (the store's clock)
+redis.call('PEXPIRE', gid, ARGV[4])
+return verdict
