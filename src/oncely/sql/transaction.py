@@ -58,7 +58,7 @@ from typing import Any
 from oncely.backends.plans import Exec, Plan
 from oncely.codecs import Codec, JsonCodec
 from oncely.core.records import RecordKey
-from oncely.errors import InFlightError
+from oncely.errors import ConfigurationError, InFlightError
 from oncely.sql.connections import (
     Block,
     Dialect,
@@ -262,8 +262,9 @@ class Transaction:
         replays it as ``tx.result``. Raises :class:`~oncely.errors.SerializationError` now if
         it cannot be stored."""
         if self.replayed:
-            raise InFlightError(
-                "set_result on a replayed transaction: return tx.result instead", retry_after=0
+            raise ConfigurationError(
+                "set_result on a replayed transaction (tx.replayed is true): return tx.result "
+                "instead of running the operation again"
             )
         self._encoded = None if value is None else self.codec.encode(value)
         self._result = value
