@@ -11,6 +11,7 @@ __all__ = [
     "HttpProblem",
     "IdempotencyKeyMismatch",
     "InFlightError",
+    "InvalidIfMatch",
     "InvalidKey",
     "InvalidLockName",
     "InvalidPayload",
@@ -21,6 +22,8 @@ __all__ = [
     "LockTimeout",
     "NotFound",
     "OncelyError",
+    "PreconditionFailed",
+    "PreconditionRequired",
     "SchemaMissing",
     "SerializationError",
     "SettingWarning",
@@ -244,3 +247,33 @@ class VersionBypass(OncelyError):
     Set the version column in the statement yourself (``version = version + 1``), or let the
     guard add the bump (``on_bulk="bump"``); see ``docs/optimistic.md``.
     """
+
+
+class PreconditionFailed(HttpProblem):
+    """HTTP 412 (RFC 9110 §13.1.1, §15.5.13): the request's ``If-Match`` names no current
+    version of the resource (someone changed it since the client read it, or it is gone).
+    The client should fetch the resource again (new ``ETag``) and redo its change."""
+
+    def __init__(self, detail: str, **extra: object) -> None:
+        super().__init__(412, "precondition-failed", "Precondition Failed", detail, (), **extra)
+
+
+class PreconditionRequired(HttpProblem):
+    """HTTP 428 (RFC 6585 §3): this route changes a versioned resource and needs ``If-Match``
+    with the ``ETag`` the client read, so that it cannot overwrite a change it never saw."""
+
+    def __init__(self, detail: str, **extra: object) -> None:
+        super().__init__(428, "precondition-required", "Precondition Required", detail, (), **extra)
+
+
+class InvalidIfMatch(HttpProblem, ValueError):
+    """HTTP 400: the ``If-Match`` value is neither ``*`` nor a list of entity tags
+    (RFC 9110 §13.1.1, §8.8.3), e.g. a version without its double quotes."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            400,
+            "if-match-invalid",
+            "If-Match header is invalid",
+            f'{detail}; send If-Match: "<the ETag you read>", e.g. If-Match: "7"',
+        )
