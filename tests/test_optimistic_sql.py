@@ -83,6 +83,10 @@ def test_bad_input_is_typed_and_writes_nothing(db: Db) -> None:
         versioned_update(conn, f"{table}; DROP TABLE x", 1, {"balance": 1}, 1)
     with pytest.raises(InvalidIdentifier):
         versioned_update(conn, table, 1, {"balance = 0, note": 1}, 1)
+    with pytest.raises(InvalidIdentifier):
+        versioned_update(conn, [table], 1, {"balance": 1}, 1)  # type: ignore[arg-type]
+    with pytest.raises(InvalidIdentifier):
+        versioned_update(conn, table, 1, {3: 1}, 1)  # type: ignore[dict-item]
     with pytest.raises(ConfigurationError):
         versioned_update(conn, table, 1, {"version": 7}, 1)
     with pytest.raises(ConfigurationError):

@@ -35,11 +35,21 @@ The table needs an integer version column, ``NOT NULL`` (start it at 1)::
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 from typing import Any
 
 from oncely.backends.plans import Exec, Plan
 from oncely.errors import ConfigurationError, NotFound, StaleVersion, UnversionedRow
-from oncely.sql.connections import Result, SqlConnection, adapt, arun, missing_object, run
+from oncely.sql.connections import (
+    Dialect,
+    Result,
+    SqlConnection,
+    adapt,
+    arun,
+    missing_object,
+    quote,
+    run,
+)
 
 __all__ = ["aversioned_update", "versioned_update"]
 
@@ -63,31 +73,48 @@ def _statements(
         raise ConfigurationError(
             f"changes must be a mapping of column -> value, not {type(changes).__name__}"
         )
-    t, idc, vc = conn.quote(table), conn.quote(id_column), conn.quote(version_column)
+    returning = conn.dialect == "postgresql" or (
+        conn.dialect == "sqlite" and conn.version >= (3, 35)
+    )
+    for name in (table, id_column, version_column):
+        if not isinstance(name, str):
+            quote(name, conn.dialect)  # raises InvalidIdentifier
+    columns = tuple(changes)
+    update, select = _texts(conn.dialect, returning, table, columns, id_column, version_column)
+    params = {f"c{i}": value for i, value in enumerate(changes.values())}
+    return update, select, params, returning
+
+
+@lru_cache(maxsize=512)
+def _texts(
+    dialect: Dialect,
+    returning: bool,
+    table: str,
+    columns: tuple[str, ...],
+    id_column: str,
+    version_column: str,
+) -> tuple[str, str]:
+    """The UPDATE and the reporting SELECT (cached: names are validated once per shape)."""
+    t, idc, vc = quote(table, dialect), quote(id_column, dialect), quote(version_column, dialect)
     if id_column == version_column:
         raise ConfigurationError("id_column and version_column must be different columns")
     sets: list[str] = []
-    params: dict[str, Any] = {}
-    for i, (column, value) in enumerate(changes.items()):
+    for i, column in enumerate(columns):
         if column in (id_column, version_column):
             raise ConfigurationError(
                 f"changes must not set {column!r}: oncely sets the version and the id "
                 "selects the row"
             )
-        sets.append(f"{conn.quote(column)} = :c{i}")
-        params[f"c{i}"] = value
+        sets.append(f"{quote(column, dialect)} = :c{i}")
     sets.append(f"{vc} = {vc} + 1")
-    returning = conn.dialect == "postgresql" or (
-        conn.dialect == "sqlite" and conn.version >= (3, 35)
-    )
     update = (
         f"UPDATE {t} SET {', '.join(sets)} WHERE {idc} = :oncely_id AND {vc} = :oncely_expected"
     )
     if returning:
         update += f" RETURNING {vc}"
-    lock = " LOCK IN SHARE MODE" if conn.dialect == "mysql" else ""
+    lock = " LOCK IN SHARE MODE" if dialect == "mysql" else ""
     select = f"SELECT {vc} FROM {t} WHERE {idc} = :oncely_id{lock}"
-    return update, select, params, returning
+    return update, select
 
 
 def _plan(
