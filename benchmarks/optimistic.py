@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from docs_section import write_section
 
 from oncely.optimistic import retry_on_conflict
 from oncely.optimistic.redis import RedisVersioned
 from oncely.sql import versioned_update
-
-from docs_section import write_section
 
 POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
 REDIS = "redis://127.0.0.1:6379/0"
@@ -115,7 +114,7 @@ def sequential(dialect: str, path: Path, n: int, passes: int) -> dict[str, float
     variants = {"plain UPDATE": plain, "hand-written CAS": hand, "versioned_update": oncely}
     results: dict[str, list[float]] = {name: [] for name in variants}
     try:
-        for name, fn in variants.items():  # warm up
+        for fn in variants.values():  # warm up
             rate(fn, min(100, n))
         for _ in range(passes):
             for name, fn in variants.items():
@@ -127,8 +126,56 @@ def sequential(dialect: str, path: Path, n: int, passes: int) -> dict[str, float
     return {name: statistics.median(r) for name, r in results.items()}
 
 
+def _race(dialect: str, path: Path, table: str, shape: str) -> tuple[float, int]:
+    """8 threads x 40 increments of row 1 in ``shape``; (seconds, retries)."""
+    p = ph(dialect)
+    retries = 0
+    lock = threading.Lock()
+    barrier = threading.Barrier(THREADS + 1)
+
+    def count(*_: Any) -> None:
+        nonlocal retries
+        with lock:
+            retries += 1
+
+    def worker() -> None:
+        conn = connect(dialect, path)
+
+        @retry_on_conflict(attempts=10_000, base_delay=0.001, max_delay=0.02, on_retry=count)
+        def once() -> None:
+            try:
+                cur = conn.cursor()
+                cur.execute(f"SELECT balance, version FROM {table} WHERE id = {p}", (1,))
+                balance, version = cur.fetchone()
+                cur.close()
+                time.sleep(PAUSE)
+                if shape == "unchecked loop":
+                    sql = f"UPDATE {table} SET balance = {p} WHERE id = {p}"
+                    execute(conn, sql, (balance + 1, 1))
+                else:
+                    versioned_update(conn, table, 1, {"balance": balance + 1}, version)
+                conn.commit()
+            except BaseException:
+                conn.rollback()
+                raise
+
+        barrier.wait()
+        for _ in range(PER_THREAD):
+            once()
+        conn.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(THREADS)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start, retries
+
+
 def contended(dialect: str, path: Path) -> dict[str, tuple[float, int, int]]:
-    """name -> (increments/s, final counter, retries or lost)."""
+    """name -> (increments/s, final counter, lost updates or retries)."""
     table = f"bench_optc_{uuid.uuid4().hex[:8]}"
     admin = connect(dialect, path)
     execute(
@@ -138,69 +185,21 @@ def contended(dialect: str, path: Path) -> dict[str, tuple[float, int, int]]:
         (),
     )
     admin.commit()
-    p = ph(dialect)
     out: dict[str, tuple[float, int, int]] = {}
+    total = THREADS * PER_THREAD
     try:
         for shape in ("unchecked loop", "versioned_update + retry"):
             execute(admin, f"DELETE FROM {table}", ())
             execute(admin, f"INSERT INTO {table} (id, balance, version) VALUES (1, 0, 1)", ())
             admin.commit()
-            retries = 0
-            lock = threading.Lock()
-            barrier = threading.Barrier(THREADS + 1)
-
-            def count(*_: Any) -> None:
-                nonlocal retries
-                with lock:
-                    retries += 1
-
-            def worker(shape: str = shape) -> None:
-                conn = connect(dialect, path)
-
-                @retry_on_conflict(
-                    attempts=10_000, base_delay=0.001, max_delay=0.02, on_retry=count
-                )
-                def once() -> None:
-                    try:
-                        cur = conn.cursor()
-                        cur.execute(f"SELECT balance, version FROM {table} WHERE id = {p}", (1,))
-                        balance, version = cur.fetchone()
-                        cur.close()
-                        time.sleep(PAUSE)
-                        if shape == "unchecked loop":
-                            execute(
-                                conn,
-                                f"UPDATE {table} SET balance = {p} WHERE id = {p}",
-                                (balance + 1, 1),
-                            )
-                        else:
-                            versioned_update(conn, table, 1, {"balance": balance + 1}, version)
-                        conn.commit()
-                    except BaseException:
-                        conn.rollback()
-                        raise
-
-                barrier.wait()
-                for _ in range(PER_THREAD):
-                    once()
-                conn.close()
-
-            threads = [threading.Thread(target=worker) for _ in range(THREADS)]
-            for t in threads:
-                t.start()
-            barrier.wait()
-            start = time.perf_counter()
-            for t in threads:
-                t.join()
-            elapsed = time.perf_counter() - start
+            elapsed, retries = _race(dialect, path, table, shape)
             cur = admin.cursor()
             cur.execute(f"SELECT balance FROM {table} WHERE id = 1")
             final = int(cur.fetchone()[0])
             cur.close()
             admin.commit()
-            total = THREADS * PER_THREAD
-            lost_or_retried = total - final if shape == "unchecked loop" else retries
-            out[shape] = (total / elapsed, final, lost_or_retried)
+            extra = total - final if shape == "unchecked loop" else retries
+            out[shape] = (total / elapsed, final, extra)
     finally:
         execute(admin, f"DROP TABLE {table}", ())
         admin.commit()
