@@ -11,15 +11,16 @@
 -- hash without a usable version (missing, not a canonical positive integer); {-2, type} when
 -- the key holds another type. Nothing is written unless the reply is {1, ...}.
 local key, vfield, expected, op = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
-local kind = redis.call('TYPE', key)['ok']
-if kind == 'none' then
+-- One HGET in the common case; pcall turns WRONGTYPE (not a hash) into a reply.
+local current = redis.pcall('HGET', key, vfield)
+if type(current) == 'table' and current.err then
+  return {-2, redis.call('TYPE', key)['ok']}
+end
+if not current and redis.call('EXISTS', key) == 0 then
   if expected ~= '0' or op == 'delete' then
     return {0, 0}
   end
-elseif kind ~= 'hash' then
-  return {-2, kind}
 else
-  local current = redis.call('HGET', key, vfield)
   if not current or not string.match(current, '^[1-9]%d*$') then
     return {-1, current or false}
   end
