@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from oncely.errors import StaleVersion
 from oncely.optimistic import retry_on_conflict
 from oncely.sql import versioned_update
 
@@ -39,7 +40,9 @@ def read(conn: Any, table: str, row_id: int) -> tuple[int, int]:
     return int(balance), int(version)
 
 
-def increments(conn: Any, table: str, row_id: int, times: int, shape: str) -> int:
+def increments(
+    conn: Any, table: str, row_id: int, times: int, shape: str, retry_on: Any = None
+) -> int:
     """Add 1 to the balance ``times`` times; returns how many conflicts were retried.
 
     ``shape``: ``"oncely"`` (versioned_update + retry_on_conflict), ``"unchecked"`` (read,
@@ -52,7 +55,13 @@ def increments(conn: Any, table: str, row_id: int, times: int, shape: str) -> in
         nonlocal retried
         retried += 1
 
-    @retry_on_conflict(attempts=5000, base_delay=0.001, max_delay=0.02, on_retry=count)
+    @retry_on_conflict(
+        attempts=5000,
+        base_delay=0.001,
+        max_delay=0.02,
+        on_retry=count,
+        retry_on=retry_on or StaleVersion,
+    )
     def once() -> None:
         try:
             balance, version = read(conn, table, row_id)

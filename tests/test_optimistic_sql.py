@@ -20,10 +20,11 @@ from oncely.errors import (
     TransactionFailed,
     UnknownColumn,
     UnknownTable,
+    UnsupportedConnection,
     UnversionedRow,
 )
 from oncely.optimistic import retry_on_conflict
-from oncely.sql import aversioned_update, versioned_update
+from oncely.sql import aversioned_update, retryable, versioned_update
 from optimistic_workers import PAUSE, connect, increments, process_worker, read
 
 from sql_fixtures import Db
@@ -166,6 +167,52 @@ def test_100_increments_from_10_threads(db: Db, shape: str) -> None:
     else:
         # The source's loop: every call "succeeded", yet increments are gone.
         assert balance < TOTAL, f"{shape}: no update was lost this time ({balance})"
+
+
+@pytest.mark.parametrize(
+    ("dialect", "isolation"),
+    [
+        ("postgresql", "SERIALIZABLE"),
+        ("postgresql", "REPEATABLE READ"),
+        ("mysql", "READ COMMITTED"),
+    ],
+)
+def test_100_increments_at_other_isolation_levels(
+    make_db: Any, dialect: str, isolation: str
+) -> None:
+    """PostgreSQL above READ COMMITTED refuses the racing UPDATE with a serialization failure
+    (40001) instead of matching zero rows: retried too (oncely.sql.retryable), never lost."""
+    db = make_db(dialect)
+    table = _table(db)
+    barrier = threading.Barrier(10)
+    retried: list[int] = []
+
+    def conflict(exc: BaseException) -> bool:
+        return isinstance(exc, StaleVersion) or retryable(exc)
+
+    def worker() -> None:
+        if dialect == "postgresql":
+            import psycopg
+
+            conn = db.connect()
+            conn.isolation_level = getattr(psycopg.IsolationLevel, isolation.replace(" ", "_"))
+        else:
+            conn = db.connect(isolation=isolation)
+        barrier.wait()
+        retried.append(increments(conn, table, 1, TOTAL // 10, "oncely", retry_on=conflict))
+
+    threads = [threading.Thread(target=worker) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert db.run(f"SELECT balance, version FROM {table}") == [(TOTAL, 1 + TOTAL)]
+    assert sum(retried) > 0
+
+
+def test_an_unsupported_connection_is_refused() -> None:
+    with pytest.raises(UnsupportedConnection):
+        versioned_update(object(), "t", 1, {"a": 1}, 1)
 
 
 @pytest.mark.slow
