@@ -71,6 +71,17 @@ class Db:
         self._opened.append(conn)
         return conn
 
+    async def aclose(self) -> None:
+        """Close the async connections this test opened (call at the end of an async test,
+        while its event loop still runs)."""
+        for conn in [c for c in self._opened if _is_async(c)]:
+            self._opened.remove(conn)
+            with contextlib.suppress(Exception):
+                if hasattr(conn, "ensure_closed"):  # aiomysql
+                    await conn.ensure_closed()
+                else:
+                    await conn.close()
+
     def url(self, driver: str = "sync") -> str:
         """The SQLAlchemy URL of this database."""
         if self.dialect == "sqlite":

@@ -174,14 +174,7 @@ async def test_async_dbapi_roundtrip(db: Db) -> None:
     with pytest.raises(UnsupportedConnection.__mro__[1]):  # ConfigurationError
         c.execute("SELECT 1", {})
     await conn.rollback()
-    await _maybe_close(conn)
-
-
-async def _maybe_close(conn: Any) -> None:
-    if hasattr(conn, "ensure_closed"):  # aiomysql
-        await conn.ensure_closed()
-    else:
-        await conn.close()
+    await db.aclose()
 
 
 def test_sqlalchemy_connection_and_session(db: Db) -> None:

@@ -502,6 +502,9 @@ class _DbapiAsync(SqlConnection):
 
     async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
         sql, args = render(self.text(text), params, self.paramstyle)
+        return await self._run(sql, args)
+
+    async def _run(self, sql: str, args: Any) -> Result:
         cur = await _maybe_await(self.raw.cursor())
         try:
             await cur.execute(sql, args)
@@ -563,6 +566,18 @@ class _AioMySQL(_DbapiAsync):
     def __init__(self, raw: Any):
         super().__init__(raw, "mysql", (0,))
         self.version, self.mariadb = _mysql_version(raw.get_server_info())
+
+    async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        # aiomysql escapes bytes with a name PyMySQL >= 1.2 no longer exports (it is a str
+        # there): bind the values here, bytes as hex literals, and send the finished text.
+        sql, args = render(self.text(text), params, "pyformat")
+        literal = {
+            k: "X'" + bytes(v).hex() + "'"
+            if isinstance(v, (bytes, bytearray, memoryview))
+            else self.raw.escape(v)
+            for k, v in args.items()
+        }
+        return await self._run(sql % literal, None)
 
     def in_transaction(self) -> bool:
         return bool(self.raw.server_status & 1)
@@ -629,11 +644,9 @@ class _SaConnection(SqlConnection):
     def enter(self, savepoint: bool = True) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
-            tx = self.raw.begin()
-            if self.dialect == "sqlite":
-                # pysqlite begins lazily and deferred: take the write lock now
-                self.raw.exec_driver_sql("SELECT 1")
-            return Block(True, handle=tx)
+            # pysqlite begins lazily and deferred: the claim INSERT, the block's first
+            # statement, takes SQLite's write lock (waiting for it), no read before it
+            return Block(True, handle=self.raw.begin())
         if not savepoint:
             return Block(False)
         return Block(False, "nested", self.raw.begin_nested())
@@ -754,10 +767,7 @@ class _Django(SqlConnection):
         self.check_usable()
         owned = not self.raw.in_atomic_block
         atomic = transaction.atomic(using=self.alias, savepoint=savepoint)
-        atomic.__enter__()
-        if owned and self.dialect == "sqlite":
-            # Django begins deferred; take SQLite's write lock before the first read
-            self.execute("UPDATE sqlite_master SET type = type WHERE 0", {})
+        atomic.__enter__()  # SQLite: deferred; the claim INSERT takes the write lock first
         return Block(owned, "atomic", atomic)
 
     def leave(self, block: Block, commit: bool) -> None:
