@@ -25,8 +25,8 @@ from oncely.errors import (
 )
 from oncely.optimistic import retry_on_conflict
 from oncely.sql import aversioned_update, retryable, versioned_update
-from optimistic_workers import PAUSE, connect, increments, process_worker, read
 
+from optimistic_workers import PAUSE, connect, increments, process_worker, read
 from sql_fixtures import Db
 
 pytest_plugins = ["sql_fixtures"]
