@@ -42,3 +42,69 @@ def tx_worker(db: Db, keys_table: str, effects: str, keys: list[str], progress: 
 
 def _ph(db: Db) -> str:
     return "?" if db.dialect == "sqlite" else "%s"
+
+
+# -- recovery points: the docs' worked example (create ride, charge card, send receipt) ---------
+def ride_operation(
+    db: Db, tables: dict[str, str], kill_at: tuple[str, str] | None = None, lock_timeout=1.0
+) -> Any:
+    """The ride-booking operation of docs/sql.md; ``kill_at=(phase, "start"|"after_write")``
+    SIGKILLs the process there (at a phase's start = right after the previous phase committed;
+    after its writes = before its recovery point commits)."""
+    import os
+    import signal
+
+    from oncely.sql import Operation, insert_once
+
+    op = Operation("book_ride", table=tables["keys"], lock_timeout=lock_timeout)
+    ph = _ph(db)
+
+    def maybe_die(phase: str, when: str) -> None:
+        if kill_at == (phase, when):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    @op.phase("ride_created")
+    def create_ride(ctx: Any) -> None:
+        maybe_die("ride_created", "start")
+        ctx.conn.cursor().execute(
+            f"INSERT INTO {tables['rides']} (k, origin) VALUES ({ph}, {ph})",
+            (ctx.downstream_key, ctx.params["from"]),
+        )
+        ctx.state["ride"] = ctx.downstream_key[:12]
+        maybe_die("ride_created", "after_write")
+
+    @op.phase("charge_created")
+    def charge(ctx: Any) -> None:
+        maybe_die("charge_created", "start")
+        # the card processor: another system, idempotent by the key we pass it
+        card = db.external().connect()
+        try:
+            card.cursor().execute(f"INSERT INTO {tables['calls']} (k) VALUES ({ph})", ("c",))
+            row, _ = insert_once(
+                card,
+                tables["charges"],
+                {"idem": ctx.downstream_key, "amount": ctx.params["amount"]},
+                unique=("idem",),
+            )
+            card.commit()
+        finally:
+            card.close()
+        ctx.state["charge"] = row["id"]
+        maybe_die("charge_created", "after_write")
+
+    @op.phase("receipt_sent")
+    def send_receipt(ctx: Any) -> dict[str, Any]:
+        maybe_die("receipt_sent", "start")
+        ctx.conn.cursor().execute(
+            f"INSERT INTO {tables['receipts']} (k) VALUES ({ph})", (ctx.state["ride"],)
+        )
+        maybe_die("receipt_sent", "after_write")
+        return {"ride": ctx.state["ride"], "charge": ctx.state["charge"]}
+
+    return op
+
+
+def ride_worker(db: Db, tables: dict[str, str], key: str, kill_at: tuple[str, str]) -> None:
+    op = ride_operation(db, tables, kill_at)
+    conn = db.connect()
+    op.run(conn, key=key, scope="riders", params={"from": "A", "amount": 12})

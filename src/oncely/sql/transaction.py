@@ -51,33 +51,38 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import dataclass
+from functools import lru_cache
 from types import TracebackType
 from typing import Any
 
 from oncely.backends.plans import Exec, Plan
 from oncely.codecs import Codec, JsonCodec
 from oncely.core.records import RecordKey
-from oncely.errors import InFlightError
+from oncely.errors import ConfigurationError, InFlightError
 from oncely.sql.connections import (
     Block,
+    Dialect,
     Enter,
+    ExecLeave,
     Leave,
     SqlConnection,
     adapt,
     arun,
     duplicate_of,
     lock_timeout,
+    quote,
     retryable,
     run,
 )
 from oncely.sql.keys import record_key
-from oncely.sql.schema import DEFAULT_TABLE, FINISHED, now_sql, schema_missing
+from oncely.sql.schema import DEFAULT_TABLE, FINISHED, digest_bytes, now_sql, schema_missing
 
 __all__ = ["Claim", "Transaction", "claim_plan", "finish_plan", "transaction"]
 
 #: How often a claim is tried again after a serialization failure or deadlock.
 CLAIM_ATTEMPTS = 20
 _UNSET: Any = object()
+_DEFAULT_CODEC = JsonCodec()
 
 
 @dataclass(slots=True)
@@ -92,13 +97,18 @@ class Claim:
 
 
 def _statements(c: SqlConnection, table: str) -> tuple[str, str]:
-    t = c.quote(table)
-    now = now_sql(c.dialect)
+    return _statements_for(c.dialect, table)
+
+
+@lru_cache(maxsize=256)
+def _statements_for(dialect: Dialect, table: str) -> tuple[str, str]:
+    t = quote(table, dialect)
+    now = now_sql(dialect)
     where = "scope = :scope AND digest = :digest"
     values = f"(:scope, :digest, '{FINISHED}', {now}, {now})"
     cols = "(scope, digest, recovery_point, created_at, updated_at)"
     read = f"SELECT recovery_point, result FROM {t} WHERE {where}"
-    if c.dialect == "postgresql":
+    if dialect == "postgresql":
         claim = (
             f"WITH ins AS (INSERT INTO {t} {cols} VALUES {values} "
             "ON CONFLICT (scope, digest) DO NOTHING RETURNING 1) "
@@ -106,7 +116,7 @@ def _statements(c: SqlConnection, table: str) -> tuple[str, str]:
             f"SELECT 0, recovery_point, result FROM {t} WHERE {where} "
             "AND NOT EXISTS (SELECT 1 FROM ins)"
         )
-    elif c.dialect == "sqlite":
+    elif dialect == "sqlite":
         claim = f"INSERT INTO {t} {cols} VALUES {values} ON CONFLICT (scope, digest) DO NOTHING"
     else:
         claim = f"INSERT INTO {t} {cols} VALUES {values}"
@@ -129,7 +139,7 @@ def claim_plan(c: SqlConnection, table: str, key: RecordKey, *, wait: bool = Tru
     roll the block back and are raised (a missing table as
     :class:`~oncely.errors.SchemaMissing`)."""
     claim, read = _statements(c, table)
-    params = {"scope": key.scope, "digest": key.digest}
+    params = {"scope": key.scope, "digest": digest_bytes(key)}
     for attempt in range(CLAIM_ATTEMPTS):
         block: Block = yield Enter()
         try:
@@ -195,18 +205,15 @@ def finish_plan(
     if not (ok and claim.new):
         yield Leave(claim.block, False)
         return
-    if result is not None:
-        t = c.quote(table)
-        params = {"scope": key.scope, "digest": key.digest, "result": result}
-        try:
-            yield Exec(
-                f"UPDATE {t} SET result = :result WHERE scope = :scope AND digest = :digest",
-                params,
-            )
-        except BaseException:
-            yield Leave(claim.block, False)
-            raise
-    yield Leave(claim.block, True)
+    if result is None:
+        yield Leave(claim.block, True)
+        return
+    t = quote(table, c.dialect)
+    yield ExecLeave(  # with psycopg: the UPDATE and the COMMIT in one round trip
+        claim.block,
+        f"UPDATE {t} SET result = :result WHERE scope = :scope AND digest = :digest",
+        {"scope": key.scope, "digest": digest_bytes(key), "result": result},
+    )
 
 
 class Transaction:
@@ -231,7 +238,7 @@ class Transaction:
         self.conn = adapt(conn)
         self.conn.quote(table)
         self.table = table
-        self.codec: Codec = codec if codec is not None else JsonCodec()
+        self.codec: Codec = codec if codec is not None else _DEFAULT_CODEC
         self.wait = wait
         self._claim: Claim | None = None
         self._result: Any = _UNSET
@@ -255,8 +262,9 @@ class Transaction:
         replays it as ``tx.result``. Raises :class:`~oncely.errors.SerializationError` now if
         it cannot be stored."""
         if self.replayed:
-            raise InFlightError(
-                "set_result on a replayed transaction: return tx.result instead", retry_after=0
+            raise ConfigurationError(
+                "set_result on a replayed transaction (tx.replayed is true): return tx.result "
+                "instead of running the operation again"
             )
         self._encoded = None if value is None else self.codec.encode(value)
         self._result = value

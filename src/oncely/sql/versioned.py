@@ -39,7 +39,13 @@ from functools import lru_cache
 from typing import Any
 
 from oncely.backends.plans import Exec, Plan
-from oncely.errors import ConfigurationError, NotFound, StaleVersion, UnversionedRow
+from oncely.errors import (
+    ConfigurationError,
+    InvalidIdentifier,
+    NotFound,
+    StaleVersion,
+    UnversionedRow,
+)
 from oncely.sql.connections import (
     Dialect,
     Result,
@@ -76,9 +82,11 @@ def _statements(
     returning = conn.dialect == "postgresql" or (
         conn.dialect == "sqlite" and conn.version >= (3, 35)
     )
-    for name in (table, id_column, version_column):
+    for name in (table, id_column, version_column, *changes):
         if not isinstance(name, str):
-            quote(name, conn.dialect)  # raises InvalidIdentifier
+            raise InvalidIdentifier(
+                f"an SQL identifier must be a str, not {type(name).__name__} ({name!r})"
+            )
     columns = tuple(changes)
     update, select = _texts(conn.dialect, returning, table, columns, id_column, version_column)
     params = {f"c{i}": value for i, value in enumerate(changes.values())}
