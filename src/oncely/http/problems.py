@@ -27,12 +27,15 @@ __all__ = [
     "BODY_INCOMPLETE",
     "BODY_INVALID",
     "BODY_TOO_LARGE",
+    "IF_MATCH_INVALID",
     "IN_FLIGHT",
     "KEY_INVALID",
     "KEY_MISMATCH",
     "KEY_MISSING",
     "METHOD_NOT_ALLOWED",
     "NOT_REPLAYABLE",
+    "PRECONDITION_FAILED",
+    "PRECONDITION_REQUIRED",
     "PROBLEM_BASE",
     "PROBLEM_TYPES",
     "STORE_UNAVAILABLE",
@@ -90,6 +93,10 @@ TOKEN_PURPOSE_UNKNOWN = ProblemType(
     "token-purpose-unknown", 400, "Tokens are not issued for this purpose"
 )
 METHOD_NOT_ALLOWED = ProblemType("method-not-allowed", 405, "Method not allowed")
+# conditional requests (oncely.http.conditional): RFC 9110 §13.1.1, RFC 6585 §3
+PRECONDITION_FAILED = ProblemType("precondition-failed", 412, "Precondition Failed")
+PRECONDITION_REQUIRED = ProblemType("precondition-required", 428, "Precondition Required")
+IF_MATCH_INVALID = ProblemType("if-match-invalid", 400, "If-Match header is invalid")
 
 PROBLEM_TYPES: tuple[ProblemType, ...] = (
     KEY_MISSING,
@@ -108,6 +115,9 @@ PROBLEM_TYPES: tuple[ProblemType, ...] = (
     TOKEN_REUSED,
     TOKEN_PURPOSE_UNKNOWN,
     METHOD_NOT_ALLOWED,
+    PRECONDITION_FAILED,
+    PRECONDITION_REQUIRED,
+    IF_MATCH_INVALID,
 )
 
 
