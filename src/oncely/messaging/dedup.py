@@ -1,0 +1,705 @@
+"""Dedup windows: drop a message id seen before within a window (the source's cache dedup).
+
+::
+
+    from oncely.messaging.dedup import Deduplicator
+
+    dedup = Deduplicator("redis://127.0.0.1:6379/0", window=300, namespace="clicks")
+    if not dedup.seen(message_id):          # first sighting inside 5 minutes
+        handle(message)
+    fresh = dedup.filter_new(batch_of_ids)  # the new ones, in order, one round trip
+
+Each decision is one round trip to the store, decided on the store's clock (DESIGN.md):
+
+=================  =========================================================================
+store              ``seen(id)`` / ``filter_new(ids)``
+=================  =========================================================================
+``memory://``      a dict under a lock (one process; the process's monotonic clock)
+``redis://``       ``SET key 1 NX PX window`` / one Lua script doing that for every id
+``sqlite:///f.db`` one ``INSERT … SELECT … FROM json_each(:ids) ON CONFLICT … DO UPDATE …
+                   WHERE expired RETURNING id`` (``julianday('now')``)
+``postgresql://``  one ``INSERT … SELECT … FROM unnest(%(ids)s) ON CONFLICT … DO UPDATE …
+                   WHERE expired RETURNING id`` (``now()``)
+=================  =========================================================================
+
+An id is *new* when it has no unexpired record: the statement inserts it, or takes over its
+expired row, and only then returns it. Concurrent callers with the same id are serialised by
+the key (Redis runs one command at a time; PostgreSQL's ``ON CONFLICT`` waits for the other
+insert and re-checks the row; SQLite has one writer), so exactly one of them is told "new".
+The window is fixed from the first sighting (like ``SET NX EX``): a repeat inside it does not
+extend it. Expired SQL rows are taken over by the next sighting and deleted by
+:meth:`Deduplicator.purge` (``oncely`` runs no background job); Redis expires keys itself.
+
+**Bloom-filter mode** (``bloom=True``): constant memory, no per-id record, and a
+false-positive rate: a *new* id is reported as seen with probability up to ``error_rate``
+once ``capacity`` distinct ids arrived in one window (below capacity it is lower). Never the
+other way round: a repeat inside the window is always caught. Use it only where dropping that
+fraction of new messages is acceptable (metrics, analytics, best-effort fan-out), never for
+payments. Two generations of filters cover the window: an id is remembered for between
+``window`` and ``2 * window`` seconds. Each generation is sized for ``error_rate / 2`` so the
+two together stay within ``error_rate``. On ``memory://`` the filters are rbloom's
+(``pip install 'oncely[bloom]'``); on Redis a bit array per generation, set and tested by one
+Lua script with k hashes (double hashing of SHA-1, Kirsch and Mitzenmacher 2006); the sizes are
+the textbook ``m = -n ln p / (ln 2)^2`` bits and ``k = (m / n) ln 2`` hashes.
+
+Namespaces: every :class:`Deduplicator` names its ``namespace=`` (required): two deduplicators
+share their ids only if they name the same one, so different streams never silence each other
+by accident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any, Final, NamedTuple, TypeVar
+
+from oncely.backends.plans import Command, Eval, Exec, Plan, arun, run
+from oncely.backends.urls import redact_url, scheme_of
+from oncely.errors import (
+    ConfigurationError,
+    InvalidKey,
+    SchemaMissing,
+    StoreError,
+    StoreUnavailable,
+)
+
+__all__ = ["MAX_ID_LENGTH", "Deduplicator", "bloom_size"]
+
+Id = TypeVar("Id")
+
+#: Longest message id accepted, in characters (Stripe's limit for idempotency keys).
+MAX_ID_LENGTH: Final = 255
+_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+
+class _Count(NamedTuple):
+    """Request: run one SQL statement; the reply is its row count (a plan's ``Exec`` reply is
+    its rows)."""
+
+    statement: str
+    params: dict[str, Any]
+
+
+def bloom_size(capacity: int, error_rate: float) -> tuple[int, int]:
+    """Bits ``m`` and hashes ``k`` of a Bloom filter holding ``capacity`` ids with a
+    false-positive rate of ``error_rate``: ``m = ceil(-n ln p / (ln 2)^2)``,
+    ``k = max(1, round(m / n * ln 2))`` (Bloom 1970; the usual optimum)."""
+    m = math.ceil(-capacity * math.log(error_rate) / (math.log(2) ** 2))
+    k = max(1, round(m / capacity * math.log(2)))
+    return m, k
+
+
+def _text(message_id: Any) -> str:
+    if isinstance(message_id, (str, int, uuid.UUID)) and not isinstance(message_id, bool):
+        text = str(message_id)
+        if text and len(text) <= MAX_ID_LENGTH:
+            return text
+    raise InvalidKey(
+        f"message id {message_id!r} cannot be deduplicated: give a non-empty str, int or UUID of "
+        f"at most {MAX_ID_LENGTH} characters (take it from the broker's message id, a header or "
+        "a body field)"
+    )
+
+
+def _normalise(ids: Iterable[Any]) -> tuple[list[Any], list[str]]:
+    """(originals, texts): each distinct id once, in first-seen order; every id validated
+    before anything is sent (nothing half-written)."""
+    if isinstance(ids, (str, bytes)):
+        raise InvalidKey("filter_new() takes an iterable of ids, not one id: use seen(id)")
+    originals: list[Any] = []
+    texts: list[str] = []
+    known: set[str] = set()
+    for message_id in ids:
+        text = _text(message_id)
+        if text not in known:
+            known.add(text)
+            originals.append(message_id)
+            texts.append(text)
+    return originals, texts
+
+
+# -- the backends: each decision a plan (oncely.backends.plans), run on a sync or async face --
+class _Backend:
+    """One store's plans: ``filter`` returns the positions of the new ids among ``texts``."""
+
+    def filter(self, texts: list[str]) -> Plan[list[int]]:
+        raise NotImplementedError
+
+    def seen(self, text: str) -> Plan[bool]:
+        new = yield from self.filter([text])
+        return not new
+
+    def purge(self, limit: int) -> Plan[int]:
+        return 0
+        yield  # pragma: no cover - a plan without requests
+
+    def execute(self, request: Any) -> Any:
+        raise TypeError(f"unexpected request {request!r}")  # pragma: no cover
+
+    async def aexecute(self, request: Any) -> Any:
+        return self.execute(request)
+
+    def close(self) -> None:
+        """Close the sync connections."""
+
+    async def aclose(self) -> None:
+        """Close the running loop's connections."""
+
+
+class _MemoryWindow(_Backend):
+    """Exact window in this process: id -> expiry on the monotonic clock."""
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.expires: dict[str, float] = {}
+        self.lock = threading.Lock()
+        self.next_sweep = 0.0
+
+    def filter(self, texts: list[str]) -> Plan[list[int]]:
+        new: list[int] = []
+        with self.lock:
+            now = time.monotonic()
+            if now >= self.next_sweep:  # drop expired ids at most once a window
+                self.expires = {k: v for k, v in self.expires.items() if v > now}
+                self.next_sweep = now + self.window
+            for i, text in enumerate(texts):
+                if self.expires.get(text, 0.0) <= now:
+                    self.expires[text] = now + self.window
+                    new.append(i)
+        return new
+        yield  # pragma: no cover
+
+    def purge(self, limit: int) -> Plan[int]:
+        with self.lock:
+            now = time.monotonic()
+            gone = [k for k, v in self.expires.items() if v <= now][:limit]
+            for k in gone:
+                del self.expires[k]
+        return len(gone)
+        yield  # pragma: no cover
+
+
+class _MemoryBloom(_Backend):
+    """Two rbloom generations, each covering one window of the monotonic clock."""
+
+    def __init__(self, window: float, capacity: int, error_rate: float) -> None:
+        try:
+            from rbloom import Bloom
+        except ImportError as exc:
+            raise ConfigurationError(
+                "bloom=True on memory:// needs rbloom: pip install 'oncely[bloom]'"
+            ) from exc
+        self.bloom_class: Any = Bloom
+        self.capacity, self.rate = capacity, error_rate / 2
+        self.window = window
+        self.lock = threading.Lock()
+        self.gen = math.floor(time.monotonic() / window)
+        self.cur, self.prev = self.make(), self.make()
+
+    def make(self) -> Any:
+        return self.bloom_class(self.capacity, self.rate)
+
+    def filter(self, texts: list[str]) -> Plan[list[int]]:
+        new: list[int] = []
+        with self.lock:
+            gen = math.floor(time.monotonic() / self.window)
+            if gen != self.gen:
+                self.prev = self.cur if gen == self.gen + 1 else self.make()
+                self.cur, self.gen = self.make(), gen
+            for i, text in enumerate(texts):
+                if text not in self.cur and text not in self.prev:
+                    self.cur.add(text)
+                    new.append(i)
+        return new
+        yield  # pragma: no cover
+
+
+_FILTER_SCRIPT: Any = None
+_BLOOM_SCRIPT: Any = None
+
+
+def _scripts() -> tuple[Any, Any]:
+    global _FILTER_SCRIPT, _BLOOM_SCRIPT
+    if _FILTER_SCRIPT is None:
+        from oncely.backends.lua import Script
+
+        _FILTER_SCRIPT = Script("oncely.messaging", "dedup_filter")
+        _BLOOM_SCRIPT = Script("oncely.messaging", "dedup_bloom")
+    return _FILTER_SCRIPT, _BLOOM_SCRIPT
+
+
+class _Redis(_Backend):
+    """Exact window (``SET NX PX``) or the Lua Bloom filter, keys ``{prefix}:{namespace}:…``.
+
+    The namespace is the key's hash tag, so a batch's keys share one Redis Cluster slot."""
+
+    def __init__(
+        self, url: str, client: Any, prefix: str, namespace: str, window: float, bloom: Any
+    ) -> None:
+        from oncely.backends.redis import RedisClients, ms
+
+        if client is None:
+            self.clients = RedisClients(url)
+        elif hasattr(client, "aclose") and asyncio.iscoroutinefunction(client.execute_command):
+            self.clients = RedisClients(url, async_client=client)
+        else:
+            self.clients = RedisClients(url, client=client)
+        self.base = f"{prefix}:{{{namespace}}}:"
+        self.window_ms = max(1, ms(window))
+        self.bloom = bloom  # (m, k) or None
+        self.filter_script, self.bloom_script = _scripts()
+
+    def seen(self, text: str) -> Plan[bool]:
+        if self.bloom is not None:
+            return (yield from super().seen(text))
+        reply = yield Command(("SET", self.base + text, b"1", "NX", "PX", self.window_ms))
+        return reply is None
+
+    def filter(self, texts: list[str]) -> Plan[list[int]]:
+        if not texts:
+            return []
+        if self.bloom is None:
+            keys = tuple(self.base + t for t in texts)
+            reply = yield Eval(self.filter_script, len(keys), (*keys, self.window_ms))
+        else:
+            m, k = self.bloom
+            args = (self.base + "bloom", self.window_ms, m, k, *texts)
+            reply = yield Eval(self.bloom_script, 1, args)
+        return [int(i) - 1 for i in reply]
+
+    def execute(self, request: Any) -> Any:
+        return self.clients.execute(request)
+
+    async def aexecute(self, request: Any) -> Any:
+        return await self.clients.aexecute(request)
+
+    def close(self) -> None:
+        self.clients.close()
+
+    async def aclose(self) -> None:
+        await self.clients.aclose()
+
+
+# -- SQL -------------------------------------------------------------------------------------------
+_SQLITE_NOW = "((julianday('now') - 2440587.5) * 86400.0)"
+_SQLITE_DDL = """
+CREATE TABLE IF NOT EXISTS {t} (
+    namespace  TEXT NOT NULL,
+    id         TEXT NOT NULL,
+    expires_at REAL NOT NULL,
+    PRIMARY KEY (namespace, id)
+);
+CREATE INDEX IF NOT EXISTS {t}_expires ON {t} (expires_at);
+"""
+_SQLITE_FILTER = (
+    "INSERT INTO {t} (namespace, id, expires_at) "
+    "SELECT :ns, j.value, n.now + :window FROM json_each(:ids) AS j, "
+    "(SELECT " + _SQLITE_NOW + " AS now) AS n WHERE 1 "
+    "ON CONFLICT (namespace, id) DO UPDATE SET expires_at = excluded.expires_at "
+    "WHERE {t}.expires_at <= excluded.expires_at - :window "
+    "RETURNING id"
+)
+_SQLITE_PURGE = (
+    "DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t} WHERE expires_at <= "
+    + _SQLITE_NOW
+    + " LIMIT :limit)"
+)
+_PG_DDL = """
+CREATE TABLE IF NOT EXISTS {t} (
+    namespace  text NOT NULL,
+    id         text NOT NULL,
+    expires_at double precision NOT NULL,
+    PRIMARY KEY (namespace, id)
+);
+CREATE INDEX IF NOT EXISTS {t}_expires ON {t} (expires_at);
+"""
+_PG_NOW = "extract(epoch FROM now())::float8"
+_PG_FILTER = (
+    "INSERT INTO {t} AS d (namespace, id, expires_at) "
+    "SELECT %(ns)s, i, " + _PG_NOW + " + %(window)s FROM unnest(%(ids)s::text[]) AS i "
+    "ON CONFLICT (namespace, id) DO UPDATE SET expires_at = excluded.expires_at "
+    "WHERE d.expires_at <= " + _PG_NOW + " "
+    "RETURNING d.id"
+)
+_PG_PURGE = (
+    "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE expires_at <= "
+    + _PG_NOW
+    + " LIMIT %(limit)s)) AND expires_at <= "
+    + _PG_NOW
+)
+
+
+class _Sql(_Backend):
+    """The window as rows ``(namespace, id, expires_at)``, on the store's clock."""
+
+    filter_sql: str
+    purge_sql: str
+
+    def __init__(self, table: str, namespace: str, window: float) -> None:
+        if not isinstance(table, str) or not _TABLE.match(table):
+            raise ConfigurationError(
+                f"table {table!r} is not a plain SQL identifier: use letters, digits and '_' "
+                "(at most 63, not starting with a digit)"
+            )
+        self.table = table
+        self.namespace = namespace
+        self.window = float(window)
+
+    def ids_param(self, texts: list[str]) -> Any:
+        return texts
+
+    def filter(self, texts: list[str]) -> Plan[list[int]]:
+        if not texts:
+            return []
+        params = {"ns": self.namespace, "window": self.window, "ids": self.ids_param(texts)}
+        rows = yield Exec(self.filter_sql, params)
+        position = {t: i for i, t in enumerate(texts)}
+        return sorted(position[r[0]] for r in rows)
+
+    def purge(self, limit: int) -> Plan[int]:
+        count = yield _Count(self.purge_sql, {"limit": limit})
+        return int(count)
+
+
+class _SQLite(_Sql):
+    def __init__(self, url: str, table: str, namespace: str, window: float, create: bool) -> None:
+        from oncely.backends.sqlite import Connections, Workers, enable_wal, parse_url
+
+        super().__init__(table, namespace, window)
+        self.path, options = parse_url(url, "SQLite URL")
+        self.busy = float(options.get("busy_timeout", 15))
+        self.create = create
+        self.ready = False
+        self.ready_lock = threading.Lock()
+        self.enable_wal = enable_wal
+        self.connections = Connections(self.open, path=self.path, timeout=self.busy)
+        self.workers = Workers(4, f"oncely-dedup-{table}")
+        self.filter_sql = _SQLITE_FILTER.format(t=table)
+        self.purge_sql = _SQLITE_PURGE.format(t=table)
+
+    def open(self) -> sqlite3.Connection:
+        if not self.create and not os.path.exists(self.path):
+            raise SchemaMissing(f"SQLite database {self.path!r} does not exist")
+        conn = sqlite3.connect(
+            self.path, timeout=self.busy, isolation_level=None, check_same_thread=False
+        )
+        try:
+            self.enable_wal(conn, self.busy)
+            if self.create and not self.ready:
+                with self.ready_lock:
+                    conn.executescript(_SQLITE_DDL.format(t=self.table))
+                    self.ready = True
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def ids_param(self, texts: list[str]) -> Any:
+        return json.dumps(texts)
+
+    def execute(self, request: Any) -> Any:
+        try:
+            with self.connections.connection() as conn:
+                cur = conn.execute(request.statement, request.params)
+                rows = cur.fetchall()
+                return cur.rowcount if type(request) is _Count else rows
+        except sqlite3.Error as exc:
+            text = str(exc)
+            if text.startswith("no such table"):
+                raise SchemaMissing(
+                    f"dedup table {self.table!r} is missing in {self.path!r}: create it with "
+                    "create_schema=True"
+                ) from exc
+            if "locked" in text or "busy" in text or "unable to open" in text:
+                raise StoreUnavailable(f"SQLite database {self.path!r}: {exc}") from exc
+            raise StoreError(f"SQLite database {self.path!r} failed: {exc}") from exc
+
+    async def aexecute(self, request: Any) -> Any:
+        return await self.workers.run(self.execute, request)
+
+    def close(self) -> None:
+        self.connections.close()
+        self.workers.close()
+
+
+class _Postgres(_Sql):
+    def __init__(
+        self, url: str, table: str, namespace: str, window: float, create: bool, size: int
+    ) -> None:
+        from oncely.backends.loops import LoopLocal
+        from oncely.backends.postgres import LoopConnections, conninfo, network_defaults
+
+        super().__init__(table, namespace, window)
+        self.conninfo = conninfo(url)
+        self.where = redact_url(url)
+        self.kwargs = {"autocommit": True, **network_defaults(self.conninfo, 10.0)}
+        self.size = size
+        self.create = create
+        self.ready = not create
+        self.pool: Any = None
+        self.pool_lock = threading.Lock()
+        self.loops: Any = LoopLocal(
+            lambda: LoopConnections(size, 1), lambda lc: lc.aclose(), lambda lc: lc.abandon()
+        )
+        self.filter_sql = _PG_FILTER.format(t=table)
+        self.purge_sql = _PG_PURGE.format(t=table)
+
+    def ddl(self) -> list[tuple[str, dict[str, Any]]]:
+        from oncely.backends.postgres import schema_lock_id
+
+        return [
+            ("SELECT pg_advisory_xact_lock(%(lock)s)", {"lock": schema_lock_id(self.table)}),
+            (_PG_DDL.format(t=self.table), {}),
+        ]
+
+    def translate(self, exc: Exception) -> StoreError:
+        import psycopg
+
+        if isinstance(exc, psycopg.errors.UndefinedTable):
+            return SchemaMissing(
+                f"dedup table {self.table!r} is missing at {self.where}: create it with "
+                "create_schema=True"
+            )
+        if isinstance(exc, psycopg.OperationalError):
+            return StoreUnavailable(f"PostgreSQL at {self.where} is unavailable: {exc}")
+        return StoreError(f"PostgreSQL at {self.where} failed: {exc}")
+
+    def configure(self, conn: Any) -> None:
+        if not self.ready:
+            with conn.transaction():
+                for sql, params in self.ddl():
+                    conn.execute(sql, params)
+            self.ready = True
+
+    def sync_pool(self) -> Any:
+        with self.pool_lock:
+            if self.pool is None:
+                from psycopg_pool import ConnectionPool
+
+                self.pool = ConnectionPool(
+                    self.conninfo,
+                    kwargs=self.kwargs,
+                    min_size=1,
+                    max_size=self.size,
+                    open=True,
+                    configure=self.configure,
+                    name=f"oncely-dedup-{self.table}",
+                )
+            return self.pool
+
+    def execute(self, request: Any) -> Any:
+        import psycopg
+        from psycopg_pool import PoolTimeout
+
+        try:
+            with self.sync_pool().connection(timeout=10.0) as conn:
+                cur = conn.execute(request.statement, request.params)
+                return cur.rowcount if type(request) is _Count else cur.fetchall()
+        except PoolTimeout as exc:
+            raise StoreUnavailable(f"PostgreSQL at {self.where}: no connection in 10 s") from exc
+        except psycopg.Error as exc:
+            raise self.translate(exc) from exc
+
+    async def aopen(self, slot: Any) -> Any:
+        import psycopg
+
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.conninfo, **self.kwargs)
+        except psycopg.Error as exc:
+            raise self.translate(exc) from exc
+        slot.conns.add(conn)
+        if not self.ready:
+            async with conn.transaction():
+                for sql, params in self.ddl():
+                    await conn.execute(sql, params)
+            self.ready = True
+        return conn
+
+    async def aexecute(self, request: Any) -> Any:
+        import psycopg
+
+        slot = self.loops.get()
+        conn = await slot.take(slot.main, 10.0, self.aopen)
+        if conn is None:
+            raise StoreUnavailable(f"PostgreSQL at {self.where}: no connection in 10 s")
+        try:
+            cur = await conn.execute(request.statement, request.params)
+            if type(request) is _Count:
+                return cur.rowcount
+            return await cur.fetchall()
+        except psycopg.Error as exc:
+            raise self.translate(exc) from exc
+        finally:
+            slot.give(slot.main, conn)
+
+    def close(self) -> None:
+        with self.pool_lock:
+            pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
+        self.loops.close_idle()
+
+    async def aclose(self) -> None:
+        await self.loops.aclose()
+
+
+# -- the public face ---------------------------------------------------------------------------
+class Deduplicator:
+    """A dedup window over message ids, on a store picked by URL (see the module docs).
+
+    :param store: ``memory://``, ``redis://…`` (or a ``redis.Redis`` / ``redis.asyncio.Redis``
+        client, not decoding responses), ``sqlite:///file.db`` or ``postgresql://…``.
+    :param window: seconds an id is remembered from its first sighting (> 0; Redis rounds
+        to milliseconds).
+    :param namespace: the id space; deduplicators share ids only if they name the same one.
+    :param table: SQL table (created on first use unless ``create_schema=False``).
+    :param prefix: Redis key prefix; keys are ``{prefix}:{namespace}:id`` with the namespace
+        as the Cluster hash tag.
+    :param bloom: Bloom-filter mode (``memory://`` and Redis only): constant memory, and a new
+        id is wrongly reported as seen with probability up to ``error_rate`` once ``capacity``
+        distinct ids arrive within one window.
+    :param pool_size: PostgreSQL connections per face.
+    :raises ConfigurationError: a bad URL, window, namespace or option; a missing extra.
+    """
+
+    def __init__(
+        self,
+        store: Any,
+        *,
+        window: float,
+        namespace: str,
+        table: str = "oncely_dedup",
+        prefix: str = "oncely:dedup",
+        bloom: bool = False,
+        capacity: int = 1_000_000,
+        error_rate: float = 0.01,
+        create_schema: bool = True,
+        pool_size: int = 8,
+    ) -> None:
+        if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 0:
+            raise ConfigurationError(f"window={window!r}: give the window in seconds, > 0")
+        if not math.isfinite(window):
+            raise ConfigurationError(f"window={window!r}: give a finite number of seconds")
+        if not isinstance(namespace, str) or not namespace or len(namespace) > 100:
+            raise ConfigurationError(
+                f"namespace={namespace!r}: give a non-empty str of at most 100 characters naming "
+                "the id space (deduplicators share ids only when they name the same namespace)"
+            )
+        if bloom and (not isinstance(capacity, int) or capacity < 1 or not 0 < error_rate < 1):
+            raise ConfigurationError(
+                f"capacity={capacity!r}, error_rate={error_rate!r}: the Bloom filter needs a "
+                "capacity >= 1 (ids per window) and 0 < error_rate < 1"
+            )
+        self.window = float(window)
+        self.namespace = namespace
+        self.bloom = bool(bloom)
+        self.capacity = capacity
+        self.error_rate = error_rate
+        client = None
+        if not isinstance(store, str):
+            if not hasattr(store, "execute_command"):
+                raise ConfigurationError(
+                    f"store={type(store).__name__}: give a URL (memory://, redis://…, "
+                    "sqlite:///file.db, postgresql://…) or a redis-py client"
+                )
+            client, store = store, "redis://client"
+        scheme = scheme_of(store)
+        self.url = store
+        backend: _Backend
+        if bloom and scheme not in ("memory", "redis", "rediss"):
+            raise ConfigurationError(
+                f"bloom=True works on memory:// (rbloom) and Redis, not {scheme}://; use the "
+                "exact window there"
+            )
+        if scheme == "memory":
+            backend = (
+                _MemoryBloom(self.window, capacity, error_rate)
+                if bloom
+                else _MemoryWindow(self.window)
+            )
+        elif scheme in ("redis", "rediss"):
+            sizes = bloom_size(capacity, error_rate / 2) if bloom else None
+            if client is None:
+                backend = _Redis(store, None, prefix, namespace, self.window, sizes)
+            else:
+                backend = _Redis("redis://localhost", client, prefix, namespace, self.window, sizes)
+        elif scheme == "sqlite":
+            backend = _SQLite(store, table, namespace, self.window, create_schema)
+        elif scheme in ("postgresql", "postgres"):
+            backend = _Postgres(store, table, namespace, self.window, create_schema, pool_size)
+        else:
+            raise ConfigurationError(
+                f"store {redact_url(store)!r}: Deduplicator works on memory://, redis://, "
+                "sqlite:///file.db and postgresql://"
+            )
+        self._backend = backend
+
+    def __repr__(self) -> str:
+        mode = ", bloom=True" if self.bloom else ""
+        return (
+            f"Deduplicator({redact_url(self.url)!r}, window={self.window:g}, "
+            f"namespace={self.namespace!r}{mode})"
+        )
+
+    # -- sync face -----------------------------------------------------------------------------
+    def seen(self, message_id: Any) -> bool:
+        """True if ``message_id`` was seen within the window; False the first time, which
+        also records it (one atomic round trip). Ids are compared as ``str(id)``.
+
+        :raises InvalidKey: empty, too long, or not a str / int / UUID.
+        :raises StoreUnavailable: the store cannot be reached (nothing was recorded, or the
+            reply was lost: treat the message as not handled and let the broker redeliver).
+        """
+        b = self._backend
+        return run(b.seen(_text(message_id)), b.execute)
+
+    def filter_new(self, ids: Iterable[Id]) -> list[Id]:
+        """The ids of ``ids`` not seen within the window, in their order, each once (a repeat
+        inside the batch counts as seen); all of them are recorded, in one round trip.
+
+        :raises InvalidKey: any id is unusable (checked before anything is sent).
+        :raises StoreUnavailable: as for :meth:`seen`.
+        """
+        originals, texts = _normalise(ids)
+        b = self._backend
+        return [originals[i] for i in run(b.filter(texts), b.execute)]
+
+    def purge(self, limit: int = 10_000) -> int:
+        """Delete up to ``limit`` expired SQL rows (store clock); returns how many. Redis
+        expires keys itself and the memory store sweeps as it goes, so there it returns the
+        number of expired ids dropped (memory) or 0 (Redis)."""
+        b = self._backend
+        return run(b.purge(limit), b.execute)
+
+    def close(self) -> None:
+        """Close the sync connections (the deduplicator opens them again if used)."""
+        self._backend.close()
+
+    # -- async face ----------------------------------------------------------------------------
+    async def aseen(self, message_id: Any) -> bool:
+        """The async face of :meth:`seen`."""
+        b = self._backend
+        return await arun(b.seen(_text(message_id)), b.aexecute)
+
+    async def afilter_new(self, ids: Iterable[Id]) -> list[Id]:
+        """The async face of :meth:`filter_new`."""
+        originals, texts = _normalise(ids)
+        b = self._backend
+        return [originals[i] for i in await arun(b.filter(texts), b.aexecute)]
+
+    async def apurge(self, limit: int = 10_000) -> int:
+        """The async face of :meth:`purge`."""
+        b = self._backend
+        return await arun(b.purge(limit), b.aexecute)
+
+    async def aclose(self) -> None:
+        """Close the running loop's connections."""
+        await self._backend.aclose()
