@@ -155,42 +155,68 @@ class _Backend:
 
 
 class _MemoryWindow(_Backend):
-    """Exact window in this process: id -> expiry on the monotonic clock."""
+    """Exact window in this process: id -> expiry on the monotonic clock. Deduplicators of
+    one process naming the same namespace share one table, as they would on a server."""
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, namespace: str) -> None:
         self.window = window
-        self.expires: dict[str, float] = {}
-        self.lock = threading.Lock()
-        self.next_sweep = 0.0
+        self.state = _memory_state(("window", namespace), dict)
 
     def filter(self, texts: list[str]) -> Plan[list[int]]:
         new: list[int] = []
-        with self.lock:
+        state = self.state
+        with state.lock:
             now = time.monotonic()
-            if now >= self.next_sweep:  # drop expired ids at most once a window
-                self.expires = {k: v for k, v in self.expires.items() if v > now}
-                self.next_sweep = now + self.window
+            if now >= state.next_sweep:  # drop expired ids at most once a window
+                state.value = {k: v for k, v in state.value.items() if v > now}
+                state.next_sweep = now + self.window
+            expires = state.value
             for i, text in enumerate(texts):
-                if self.expires.get(text, 0.0) <= now:
-                    self.expires[text] = now + self.window
+                if expires.get(text, 0.0) <= now:
+                    expires[text] = now + self.window
                     new.append(i)
         return new
         yield  # pragma: no cover
 
     def purge(self, limit: int) -> Plan[int]:
-        with self.lock:
+        state = self.state
+        with state.lock:
             now = time.monotonic()
-            gone = [k for k, v in self.expires.items() if v <= now][:limit]
+            gone = [k for k, v in state.value.items() if v <= now][:limit]
             for k in gone:
-                del self.expires[k]
+                del state.value[k]
         return len(gone)
         yield  # pragma: no cover
 
 
-class _MemoryBloom(_Backend):
-    """Two rbloom generations, each covering one window of the monotonic clock."""
+class _State:
+    __slots__ = ("gen", "lock", "next_sweep", "prev", "value")
 
-    def __init__(self, window: float, capacity: int, error_rate: float) -> None:
+    def __init__(self, value: Any) -> None:
+        self.lock = threading.Lock()
+        self.value = value
+        self.prev: Any = None
+        self.gen = 0
+        self.next_sweep = 0.0
+
+
+_MEMORY: dict[tuple[Any, ...], _State] = {}
+_MEMORY_LOCK = threading.Lock()
+
+
+def _memory_state(key: tuple[Any, ...], make: Any) -> _State:
+    with _MEMORY_LOCK:
+        state = _MEMORY.get(key)
+        if state is None:
+            state = _MEMORY[key] = _State(make())
+        return state
+
+
+class _MemoryBloom(_Backend):
+    """Two rbloom generations, each covering one window of the monotonic clock (shared by the
+    deduplicators of this process with the same namespace, window and sizes)."""
+
+    def __init__(self, window: float, namespace: str, capacity: int, error_rate: float) -> None:
         try:
             from rbloom import Bloom
         except ImportError as exc:
@@ -200,23 +226,27 @@ class _MemoryBloom(_Backend):
         self.bloom_class: Any = Bloom
         self.capacity, self.rate = capacity, error_rate / 2
         self.window = window
-        self.lock = threading.Lock()
-        self.gen = math.floor(time.monotonic() / window)
-        self.cur, self.prev = self.make(), self.make()
+        self.state = _memory_state(("bloom", namespace, window, capacity, error_rate), self.make)
+        with self.state.lock:
+            if self.state.prev is None:
+                self.state.prev = self.make()
+                self.state.gen = math.floor(time.monotonic() / window)
 
     def make(self) -> Any:
         return self.bloom_class(self.capacity, self.rate)
 
     def filter(self, texts: list[str]) -> Plan[list[int]]:
         new: list[int] = []
-        with self.lock:
+        state = self.state
+        with state.lock:
             gen = math.floor(time.monotonic() / self.window)
-            if gen != self.gen:
-                self.prev = self.cur if gen == self.gen + 1 else self.make()
-                self.cur, self.gen = self.make(), gen
+            if gen != state.gen:
+                state.prev = state.value if gen == state.gen + 1 else self.make()
+                state.value, state.gen = self.make(), gen
+            cur, prev = state.value, state.prev
             for i, text in enumerate(texts):
-                if text not in self.cur and text not in self.prev:
-                    self.cur.add(text)
+                if text not in cur and text not in prev:
+                    cur.add(text)
                     new.append(i)
         return new
         yield  # pragma: no cover
@@ -359,7 +389,9 @@ class _Sql(_Backend):
     def filter(self, texts: list[str]) -> Plan[list[int]]:
         if not texts:
             return []
-        params = {"ns": self.namespace, "window": self.window, "ids": self.ids_param(texts)}
+        # Sorted: concurrent batches lock their keys in one order, so they never deadlock.
+        ordered = sorted(texts)
+        params = {"ns": self.namespace, "window": self.window, "ids": self.ids_param(ordered)}
         rows = yield Exec(self.filter_sql, params)
         position = {t: i for i, t in enumerate(texts)}
         return sorted(position[r[0]] for r in rows)
@@ -444,7 +476,8 @@ class _Postgres(_Sql):
         self.size = size
         self.create = create
         self.ready = not create
-        self.pool: Any = None
+        self.idle: list[Any] = []  # sync connections kept for the next call
+        self.pid = os.getpid()
         self.pool_lock = threading.Lock()
         self.loops: Any = LoopLocal(
             lambda: LoopConnections(size, 1), lambda lc: lc.aclose(), lambda lc: lc.abandon()
@@ -472,41 +505,51 @@ class _Postgres(_Sql):
             return StoreUnavailable(f"PostgreSQL at {self.where} is unavailable: {exc}")
         return StoreError(f"PostgreSQL at {self.where} failed: {exc}")
 
-    def configure(self, conn: Any) -> None:
-        if not self.ready:
-            with conn.transaction():
-                for sql, params in self.ddl():
-                    conn.execute(sql, params)
-            self.ready = True
+    def take(self) -> Any:
+        """An idle connection, or a new one (connecting fails fast when the server is down)."""
+        import psycopg
 
-    def sync_pool(self) -> Any:
         with self.pool_lock:
-            if self.pool is None:
-                from psycopg_pool import ConnectionPool
+            while self.idle:
+                conn = self.idle.pop()
+                if not conn.closed and not conn.broken:
+                    return conn
+        conn = psycopg.connect(self.conninfo, **self.kwargs)
+        try:
+            if not self.ready:
+                with conn.transaction():
+                    for sql, params in self.ddl():
+                        conn.execute(sql, params)
+                self.ready = True
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
-                self.pool = ConnectionPool(
-                    self.conninfo,
-                    kwargs=self.kwargs,
-                    min_size=1,
-                    max_size=self.size,
-                    open=True,
-                    configure=self.configure,
-                    name=f"oncely-dedup-{self.table}",
-                )
-            return self.pool
+    def give(self, conn: Any) -> None:
+        from psycopg.pq import TransactionStatus
+
+        idle = conn.info.transaction_status == TransactionStatus.IDLE and not conn.broken
+        with self.pool_lock:
+            if idle and os.getpid() == self.pid and len(self.idle) < self.size:
+                self.idle.append(conn)
+                return
+        conn.close()
 
     def execute(self, request: Any) -> Any:
         import psycopg
-        from psycopg_pool import PoolTimeout
 
         try:
-            with self.sync_pool().connection(timeout=10.0) as conn:
-                cur = conn.execute(request.statement, request.params)
-                return cur.rowcount if type(request) is _Count else cur.fetchall()
-        except PoolTimeout as exc:
-            raise StoreUnavailable(f"PostgreSQL at {self.where}: no connection in 10 s") from exc
+            conn = self.take()
         except psycopg.Error as exc:
             raise self.translate(exc) from exc
+        try:
+            cur = conn.execute(request.statement, request.params)
+            return cur.rowcount if type(request) is _Count else cur.fetchall()
+        except psycopg.Error as exc:
+            raise self.translate(exc) from exc
+        finally:
+            self.give(conn)
 
     async def aopen(self, slot: Any) -> Any:
         import psycopg
@@ -542,9 +585,10 @@ class _Postgres(_Sql):
 
     def close(self) -> None:
         with self.pool_lock:
-            pool, self.pool = self.pool, None
-        if pool is not None:
-            pool.close()
+            idle, self.idle = self.idle, []
+        if os.getpid() == self.pid:
+            for conn in idle:
+                conn.close()
         self.loops.close_idle()
 
     async def aclose(self) -> None:
@@ -621,9 +665,9 @@ class Deduplicator:
             )
         if scheme == "memory":
             backend = (
-                _MemoryBloom(self.window, capacity, error_rate)
+                _MemoryBloom(self.window, namespace, capacity, error_rate)
                 if bloom
-                else _MemoryWindow(self.window)
+                else _MemoryWindow(self.window, namespace)
             )
         elif scheme in ("redis", "rediss"):
             sizes = bloom_size(capacity, error_rate / 2) if bloom else None
