@@ -71,7 +71,7 @@ from oncely.errors import (
     StoreUnavailable,
 )
 
-__all__ = ["MAX_ID_LENGTH", "Deduplicator", "bloom_size"]
+__all__ = ["MAX_ID_LENGTH", "Deduplicator", "bloom_size", "message_id_text"]
 
 Id = TypeVar("Id")
 
@@ -97,7 +97,12 @@ def bloom_size(capacity: int, error_rate: float) -> tuple[int, int]:
     return m, k
 
 
-def _text(message_id: Any) -> str:
+def message_id_text(message_id: Any) -> str:
+    """``message_id`` as the text every store compares (``str(id)``).
+
+    :raises InvalidKey: not a non-empty str, int or UUID of at most :data:`MAX_ID_LENGTH`
+        characters.
+    """
     if isinstance(message_id, (str, int, uuid.UUID)) and not isinstance(message_id, bool):
         text = str(message_id)
         if text and len(text) <= MAX_ID_LENGTH:
@@ -118,7 +123,7 @@ def _normalise(ids: Iterable[Any]) -> tuple[list[Any], list[str]]:
     texts: list[str] = []
     known: set[str] = set()
     for message_id in ids:
-        text = _text(message_id)
+        text = message_id_text(message_id)
         if text not in known:
             known.add(text)
             originals.append(message_id)
@@ -703,7 +708,7 @@ class Deduplicator:
             reply was lost: treat the message as not handled and let the broker redeliver).
         """
         b = self._backend
-        return run(b.seen(_text(message_id)), b.execute)
+        return run(b.seen(message_id_text(message_id)), b.execute)
 
     def filter_new(self, ids: Iterable[Id]) -> list[Id]:
         """The ids of ``ids`` not seen within the window, in their order, each once (a repeat
@@ -731,7 +736,7 @@ class Deduplicator:
     async def aseen(self, message_id: Any) -> bool:
         """The async face of :meth:`seen`."""
         b = self._backend
-        return await arun(b.seen(_text(message_id)), b.aexecute)
+        return await arun(b.seen(message_id_text(message_id)), b.aexecute)
 
     async def afilter_new(self, ids: Iterable[Id]) -> list[Id]:
         """The async face of :meth:`filter_new`."""
