@@ -50,7 +50,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
 
 from oncely.backends.plans import Exec, Plan
-from oncely.errors import ConfigurationError, InvalidKey, StoreError
+from oncely.errors import ConfigurationError, InvalidKey, OncelyError, StoreError
 from oncely.messaging.dedup import message_id_text
 from oncely.sql.connections import (
     Dialect,
@@ -105,7 +105,9 @@ def connect(url: str) -> Any:
         from oncely.backends.sqlite import parse_url
 
         path, options = parse_url(url, "SQLite URL")
-        conn = sqlite3.connect(path, timeout=float(options.get("busy_timeout", 15)))
+        conn = sqlite3.connect(
+            path, timeout=float(options.get("busy_timeout", 15)), check_same_thread=False
+        )
         conn.execute("PRAGMA journal_mode=WAL")
         return conn
     if scheme in ("postgresql", "postgres"):
@@ -188,8 +190,10 @@ def purge_in_batches(
         block = yield Enter(savepoint=False)
         try:
             result = yield Exec(delete, {**params, "batch": batch})
-        except BaseException:
+        except BaseException as exc:
             yield Leave(block, False)
+            if isinstance(exc, Exception) and not isinstance(exc, OncelyError):
+                raise translate(exc, "purge") from exc
             raise
         yield Leave(block, True)
         count = int(result.rowcount)

@@ -178,6 +178,8 @@ class Outbox:
         columns = "(message_id, topic, payload, headers, created_at)"
         values = f"(:message_id, :topic, :payload, :headers, {now_sql(dialect)})"
         if dialect == "mysql":
+            # hex text, not bytes: aiomysql cannot escape bytes on PyMySQL 1.2.3+ (aiomysql#1080)
+            values = values.replace(":payload", "UNHEX(:payload)")
             return f"INSERT IGNORE INTO {t} {columns} VALUES {values}"
         return f"INSERT INTO {t} {columns} VALUES {values} ON CONFLICT (message_id) DO NOTHING"
 
@@ -236,6 +238,8 @@ class Outbox:
             "payload": _payload(payload),
             "headers": _headers(headers),
         }
+        if conn.dialect == "mysql":
+            params["payload"] = params["payload"].hex()
         conn.check_usable()
         try:
             yield Exec(self._add_sql(conn.dialect), params)
@@ -392,6 +396,9 @@ class Relay:
         if type(request) is _Publish:
             result = self.publish(request.message)
             if inspect.isawaitable(result):
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()  # a coroutine never awaited
                 raise ConfigurationError(
                     "publish returned an awaitable: use the async faces (arun_once / arun)"
                 )
