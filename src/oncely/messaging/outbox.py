@@ -232,14 +232,14 @@ class Outbox:
                 f"topic={topic!r}: give a non-empty str of at most {MAX_TOPIC_LENGTH} characters"
             )
         mid = uuid.uuid4().hex if message_id is None else message_id_text(message_id)
-        params = {
+        body = _payload(payload)
+        params: dict[str, Any] = {
             "message_id": mid,
             "topic": topic,
-            "payload": _payload(payload),
+            # hex text on MySQL (see _add_sql)
+            "payload": body.hex() if conn.dialect == "mysql" else body,
             "headers": _headers(headers),
         }
-        if conn.dialect == "mysql":
-            params["payload"] = params["payload"].hex()
         conn.check_usable()
         try:
             yield Exec(self._add_sql(conn.dialect), params)
