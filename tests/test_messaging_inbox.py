@@ -508,3 +508,15 @@ def test_cli_purges_inbox_and_outbox(db: Db) -> None:
     assert result.exit_code != 0 and "duration" in result.output
     result = runner.invoke(app, ["inbox", "purge", db.url, "--table", f"missing_{db.tag}"])
     assert result.exit_code == 1 and "create" in result.output
+
+
+# -- the guide's examples run ----------------------------------------------------------------------
+def test_the_guides_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    text = (HERE.parent / "docs" / "messaging-inbox.md").read_text()
+    found = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert len(found) == 3
+    for code in found:
+        exec(compile(code, "messaging-inbox.md", "exec"), {"__name__": "docs_example"})
