@@ -273,7 +273,21 @@ def test_redis_client_accepted(made: Made) -> None:
     d = Deduplicator(client, window=60, namespace=f"t-{made.tag}", prefix=f"oncely-test-{made.tag}")
     assert d.filter_new(["r1", "r1", "r2"]) == ["r1", "r2"]
     assert made("redis").seen("r2") is True  # same keys as the URL form
+    with pytest.raises(ConfigurationError, match="no async face"):
+        asyncio.run(d.aseen("r3"))
     client.close()
+
+
+async def test_async_redis_client_accepted(made: Made) -> None:
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    d = Deduplicator(client, window=60, namespace=f"t-{made.tag}", prefix=f"oncely-test-{made.tag}")
+    assert await d.afilter_new(["a1", "a2", "a1"]) == ["a1", "a2"]
+    assert await d.aseen("a2") is True
+    with pytest.raises(ConfigurationError, match="no sync face"):
+        d.seen("a3")
+    await client.aclose()
 
 
 def test_filter_new_is_one_round_trip(made: Made) -> None:

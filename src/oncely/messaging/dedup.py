@@ -281,12 +281,16 @@ class _Redis(_Backend):
     ) -> None:
         from oncely.backends.redis import RedisClients, ms
 
+        # A client passed in serves its own face only: the other would need a URL.
+        self.faces: tuple[str, ...] = ("sync", "async")
         if client is None:
             self.clients = RedisClients(url)
-        elif hasattr(client, "aclose") and asyncio.iscoroutinefunction(client.execute_command):
+        elif asyncio.iscoroutinefunction(client.execute_command):
             self.clients = RedisClients(url, async_client=client)
+            self.faces = ("async",)
         else:
             self.clients = RedisClients(url, client=client)
+            self.faces = ("sync",)
         self.base = f"{prefix}:{{{namespace}}}:"
         self.window_ms = max(1, ms(window))
         self.bloom = bloom  # (m, k) or None
@@ -310,10 +314,22 @@ class _Redis(_Backend):
             reply = yield Eval(self.bloom_script, 1, args)
         return [int(i) - 1 for i in reply]
 
+    def wrong_face(self, face: str) -> ConfigurationError:
+        other = "aseen/afilter_new" if face == "sync" else "seen/filter_new"
+        given = "an async" if face == "sync" else "a sync"
+        return ConfigurationError(
+            f"this Deduplicator was given {given} Redis client, so it has no {face} face: use "
+            f"{other}, or pass the URL so that both faces open their own connections"
+        )
+
     def execute(self, request: Any) -> Any:
+        if "sync" not in self.faces:
+            raise self.wrong_face("sync")
         return self.clients.execute(request)
 
     async def aexecute(self, request: Any) -> Any:
+        if "async" not in self.faces:
+            raise self.wrong_face("async")
         return await self.clients.aexecute(request)
 
     def close(self) -> None:
