@@ -25,6 +25,8 @@ from oncely.errors import (
     ConfigurationError,
     InvalidKey,
     InvalidPayload,
+    StoreError,
+    StoreUnavailable,
     UnknownTable,
 )
 from oncely.messaging.inbox import Inbox, connect
@@ -422,6 +424,46 @@ def test_relay_killed_mid_batch_loses_nothing_and_the_inbox_applies_once(
                 db.effect(consumer, mid)
     assert max(applied_naively.values()) == 2  # without the inbox: applied twice
     assert db.effect_counts() == Counter({f"order-{i}": 1 for i in range(total)})
+
+
+def test_a_relay_reconnects_after_its_connection_is_killed(tmp_path: Path) -> None:
+    """pg_terminate_backend on the relay's own connection (found by application_name): the
+    batch fails with StoreError, nothing is marked sent, the next batch reconnects and
+    publishes; each message once."""
+    db = Db("postgres", tmp_path)
+    name = f"oncely-relay-{db.tag}"
+    try:
+        conn = db.connect()
+        db.outbox.add(conn, "t", b"x", message_id="o1")
+        conn.commit()
+        published: list[str] = []
+        relay = Relay(
+            db.outbox,
+            f"{POSTGRES_URL}?application_name={name}",
+            publish=lambda m: published.append(m.message_id),
+        )
+        assert relay.run_once() == 1
+        killed = db.run(
+            conn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (name,),
+        )
+        assert killed == [(True,)]
+        db.outbox.add(conn, "t", b"x", message_id="o2")
+        conn.commit()
+        with pytest.raises(StoreError):
+            relay.run_once()
+        assert relay.run() == 1
+        relay.close()
+        assert published == ["o1", "o2"]
+    finally:
+        db.drop()
+
+
+def test_a_relay_with_the_database_down_says_so() -> None:
+    relay = Relay(Outbox(), "postgresql://postgres@127.0.0.1:1/test", publish=print)
+    with pytest.raises(StoreUnavailable, match="run it again"):
+        relay.run_once()
 
 
 def test_outbox_purge_deletes_only_old_sent_rows(db: Db) -> None:

@@ -52,7 +52,14 @@ from typing import Any, Final, NamedTuple
 from oncely.backends.plans import Exec, Plan
 from oncely.backends.plans import arun as arun_plan
 from oncely.backends.plans import run as run_plan
-from oncely.errors import ConfigurationError, InvalidPayload, StoreError
+from oncely.backends.urls import redact_url, scheme_of
+from oncely.errors import (
+    ConfigurationError,
+    InvalidPayload,
+    OncelyError,
+    StoreError,
+    StoreUnavailable,
+)
 from oncely.messaging.dedup import message_id_text
 from oncely.messaging.inbox import (
     aexecute_request,
@@ -382,14 +389,43 @@ class Relay:
         self.outbox = outbox
         self.publish = publish
         self.batch = batch
-        self._owned = isinstance(connection, str)
-        self._raw = connect(connection) if isinstance(connection, str) else connection
-        self._conn = adapt(self._raw)
+        self._url = connection if isinstance(connection, str) else None
+        self._raw: Any = None
+        self._conn: SqlConnection | None = None
+        if self._url is None:
+            self._raw, self._conn = connection, adapt(connection)
+        elif scheme_of(self._url) not in ("sqlite", "postgresql", "postgres", "mysql", "mariadb"):
+            connect(self._url)  # raises ConfigurationError: a bad URL fails here, not later
+
+    def _connection(self) -> SqlConnection:
+        """The relay's connection; one opened from the URL is opened again after a failure."""
+        if self._conn is None:
+            assert self._url is not None
+            try:
+                self._raw = connect(self._url)
+            except ConfigurationError:
+                raise
+            except Exception as exc:
+                raise StoreUnavailable(
+                    f"outbox relay cannot connect to {redact_url(self._url)}: {exc}; nothing "
+                    "was published or marked, run it again once the database is back"
+                ) from exc
+            self._conn = adapt(self._raw)
+        return self._conn
+
+    def _failed(self) -> None:
+        """After a database error: drop a connection the relay opened (the next batch opens a
+        new one); one passed in is the caller's to repair."""
+        if self._url is not None and self._raw is not None:
+            raw, self._raw, self._conn = self._raw, None, None
+            with contextlib.suppress(Exception):
+                raw.close()
 
     def close(self) -> None:
         """Close the connection the relay opened from a URL (one passed in is the caller's)."""
-        if self._owned:
-            self._raw.close()
+        if self._url is not None and self._raw is not None:
+            raw, self._raw, self._conn = self._raw, None, None
+            raw.close()
 
     # -- sync ----------------------------------------------------------------------------------
     def _execute(self, request: Any) -> Any:
@@ -404,17 +440,20 @@ class Relay:
                 )
             return None
         try:
-            return execute_request(self._conn, request)
-        except (ConfigurationError, StoreError):
+            return execute_request(self._connection(), request)
+        except OncelyError:
             raise
         except Exception as exc:
-            if isinstance(request, Exec):
-                raise translate(exc, f"outbox relay on {self.outbox.table!r}") from exc
-            raise
+            raise translate(exc, f"outbox relay on {self.outbox.table!r}") from exc
 
     def run_once(self) -> int:
         """Publish one batch; the number of messages published (0: nothing to do)."""
-        return int(run_plan(self.outbox._batch(self._conn, self.batch), self._execute))
+        plan = self.outbox._batch(self._connection(), self.batch)
+        try:
+            return int(run_plan(plan, self._execute))
+        except StoreError:
+            self._failed()
+            raise
 
     def run(self, stop: threading.Event | None = None, *, idle: float = 1.0) -> int:
         """Publish batches until ``stop`` is set (or, without ``stop``, until the outbox is
@@ -438,17 +477,20 @@ class Relay:
                 await result
             return None
         try:
-            return await aexecute_request(self._conn, request)
-        except (ConfigurationError, StoreError):
+            return await aexecute_request(self._connection(), request)
+        except OncelyError:
             raise
         except Exception as exc:
-            if isinstance(request, Exec):
-                raise translate(exc, f"outbox relay on {self.outbox.table!r}") from exc
-            raise
+            raise translate(exc, f"outbox relay on {self.outbox.table!r}") from exc
 
     async def arun_once(self) -> int:
         """The async face of :meth:`run_once`."""
-        return int(await arun_plan(self.outbox._batch(self._conn, self.batch), self._aexecute))
+        plan = self.outbox._batch(self._connection(), self.batch)
+        try:
+            return int(await arun_plan(plan, self._aexecute))
+        except StoreError:
+            self._failed()
+            raise
 
     async def arun(self, stop: asyncio.Event | None = None, *, idle: float = 1.0) -> int:
         """The async face of :meth:`run`."""
