@@ -10,8 +10,8 @@ For each store, every pass takes 1,000 fresh ids and times:
 * on Redis and memory, ``filter_new`` in Bloom-filter mode.
 
 Passes are interleaved (``--passes``, median reported), so a busy moment hits every method
-alike. Redis and PostgreSQL are the shared servers (unique key prefix / table, removed at the
-end); SQLite is a file in a temporary folder.
+alike. Redis, PostgreSQL and MariaDB are the shared servers (unique key prefix / table,
+removed at the end); SQLite is a file in a temporary folder.
 
     .venv/bin/python benchmarks/dedup.py [--passes 7] [--ids 1000] [--markdown docs/performance.md]
 
@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
+import pymysql
 import redis
 from docs_section import write_section
 
@@ -37,6 +38,7 @@ from oncely.messaging.dedup import Deduplicator
 
 REDIS_URL = os.environ.get("ONCELY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("ONCELY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+MYSQL_URL = os.environ.get("ONCELY_TEST_MYSQL", "mysql://root@127.0.0.1:3306/test")
 
 
 def main() -> None:
@@ -70,6 +72,7 @@ def main() -> None:
     stores = {
         "redis": REDIS_URL,
         "postgres": POSTGRES_URL,
+        "mariadb": MYSQL_URL,
         "sqlite": f"sqlite:///{folder}/dedup.db?synchronous=NORMAL",
         "memory": "memory://",
     }
@@ -178,6 +181,10 @@ def main() -> None:
     raw.close()
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
         conn.execute(f"DROP TABLE IF EXISTS {table}")
+    mysql = pymysql.connect(host="127.0.0.1", port=3306, user="root", database="test")
+    with mysql.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS {table}")
+    mysql.close()
 
 
 if __name__ == "__main__":

@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pymysql
 import pytest
 import redis
 
 from oncely.errors import ConfigurationError, InvalidKey, StoreUnavailable
 from oncely.messaging.dedup import Deduplicator, bloom_size
 
-from conftest import POSTGRES_URL, REDIS_URL
+from conftest import MYSQL_URL, POSTGRES_URL, REDIS_URL
 
-KINDS = ["memory", "redis", "sqlite", "postgres"]
-SHARED = ["redis", "sqlite", "postgres"]
+KINDS = ["memory", "redis", "sqlite", "postgres", "mysql"]
+SHARED = ["redis", "sqlite", "postgres", "mysql"]
 
 
 def _url(kind: str, tmp_path: Path) -> str:
@@ -32,6 +33,7 @@ def _url(kind: str, tmp_path: Path) -> str:
         "redis": REDIS_URL,
         "sqlite": f"sqlite:///{tmp_path}/dedup.db",
         "postgres": POSTGRES_URL,
+        "mysql": MYSQL_URL,
     }[kind]
 
 
@@ -60,6 +62,10 @@ class Made:
             d.close()
         with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
             conn.execute(f"DROP TABLE IF EXISTS dedup_{self.tag}")
+        conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", database="test")
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS dedup_{self.tag}")
+        conn.close()
         client = redis.Redis.from_url(REDIS_URL)
         keys = list(client.scan_iter(match=f"oncely-test-{self.tag}:*"))
         if keys:
@@ -116,7 +122,7 @@ def test_an_id_is_new_again_after_the_window(made: Made, kind: str) -> None:
     assert d.seen("w2") is True
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
+@pytest.mark.parametrize("kind", ["sqlite", "postgres", "mysql"])
 def test_purge_deletes_only_expired_rows(made: Made, kind: str) -> None:
     old = made(kind, window=0.5)
     fresh = made(kind, window=60, namespace=f"fresh-{made.tag}")
@@ -258,7 +264,14 @@ def test_bad_configuration_says_what_to_do() -> None:
         Deduplicator(object(), window=1, namespace="n")
 
 
-@pytest.mark.parametrize("url", ["redis://127.0.0.1:1/0", "postgresql://postgres@127.0.0.1:1/test"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://127.0.0.1:1/0",
+        "postgresql://postgres@127.0.0.1:1/test",
+        "mysql://root@127.0.0.1:1/test",
+    ],
+)
 async def test_a_store_that_is_down_is_store_unavailable(url: str) -> None:
     d = Deduplicator(url, window=1, namespace="n")
     with pytest.raises(StoreUnavailable):

@@ -20,6 +20,8 @@ store              ``seen(id)`` / ``filter_new(ids)``
                    WHERE expired RETURNING id`` (``julianday('now')``)
 ``postgresql://``  one ``INSERT … SELECT … FROM unnest(%(ids)s) ON CONFLICT … DO UPDATE …
                    WHERE expired RETURNING id`` (``now()``)
+``mysql://``       MariaDB >= 10.5: one round trip, ``DELETE`` of the batch's expired rows then
+                   ``INSERT IGNORE … RETURNING id`` (``UNIX_TIMESTAMP(NOW(6))``)
 =================  =========================================================================
 
 An id is *new* when it has no unexpired record: the statement inserts it, or takes over its
@@ -616,12 +618,210 @@ class _Postgres(_Sql):
         await self.loops.aclose()
 
 
+_MYSQL_NOW = "UNIX_TIMESTAMP(NOW(6))"
+_MYSQL_DDL = (
+    "CREATE TABLE IF NOT EXISTS {t} (namespace VARCHAR(100) NOT NULL, id VARCHAR(255) NOT NULL, "
+    "expires_at DOUBLE NOT NULL, PRIMARY KEY (namespace, id), KEY {t}_expires (expires_at)) "
+    "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
+)
+_MYSQL_PURGE = (
+    "DELETE FROM {t} WHERE expires_at <= " + _MYSQL_NOW + " ORDER BY expires_at LIMIT %(limit)s"
+)
+_DEADLOCK = 1213
+
+
+class _Retry(StoreUnavailable):
+    """A deadlock the database rolled back: the plan sends the statement again."""
+
+
+class _MySQL(_Sql):
+    """MariaDB >= 10.5 (``INSERT … RETURNING``): one round trip of two statements. The first
+    deletes this batch's *expired* rows, the second is ``INSERT IGNORE … RETURNING id``, which
+    returns only the rows it inserted. Each is atomic on its own, and that is enough: a
+    statement deletes only rows already expired, so of concurrent callers exactly one
+    inserts each id (the others' ``INSERT IGNORE`` finds its row)."""
+
+    def __init__(
+        self, url: str, table: str, namespace: str, window: float, create: bool, size: int
+    ) -> None:
+        from oncely.backends.loops import LoopLocal
+        from oncely.backends.mysql import SyncPool, driver_args
+
+        super().__init__(table, namespace, window)
+        self.where = redact_url(url)
+        self.sync_args, self.async_args, timeout = driver_args(url, 10.0, {})
+        self.read_timeout = timeout or 30.0
+        self.create = create
+        self.ready = False
+        self.size = size
+        self.pool = SyncPool(self.sync_connect, size, 10.0)
+        self.loops: Any = LoopLocal(_AsyncIdle, _AsyncIdle.aclose, _AsyncIdle.abandon)
+        self.purge_sql = _MYSQL_PURGE.format(t=table)
+
+    def statement(self, count: int) -> str:
+        t = self.table
+        ids = ", ".join(f"%(i{n})s" for n in range(count))
+        rows = ", ".join(f"(%(ns)s, %(i{n})s, {_MYSQL_NOW} + %(window)s)" for n in range(count))
+        return (
+            f"DELETE FROM {t} WHERE namespace = %(ns)s AND id IN ({ids}) AND expires_at <= "
+            f"{_MYSQL_NOW}; INSERT IGNORE INTO {t} (namespace, id, expires_at) VALUES {rows} "
+            "RETURNING id"
+        )
+
+    def filter(self, texts: list[str]) -> Plan[list[int]]:
+        if not texts:
+            return []
+        ordered = sorted(texts)  # one lock order for every batch
+        params: dict[str, Any] = {"ns": self.namespace, "window": self.window}
+        params.update((f"i{n}", text) for n, text in enumerate(ordered))
+        for attempt in range(5):
+            try:
+                rows = yield Exec(self.statement(len(ordered)), params)
+                break
+            except _Retry:
+                if attempt == 4:
+                    raise
+        position = {t: i for i, t in enumerate(texts)}
+        return sorted(position[r[0] if isinstance(r[0], str) else r[0].decode()] for r in rows)
+
+    def check(self, conn: Any) -> None:
+        from oncely.backends.mysql import server_version, supports_returning
+
+        version = server_version(conn)
+        if not supports_returning(version):
+            raise ConfigurationError(
+                f"Deduplicator on MySQL needs MariaDB >= 10.5 (INSERT ... RETURNING); "
+                f"{self.where} runs {version}: use Redis, PostgreSQL or SQLite for dedup windows"
+            )
+
+    def sync_connect(self) -> Any:
+        import pymysql
+
+        conn = pymysql.connect(**self.sync_args)
+        try:
+            self.check(conn)
+            if self.create and not self.ready:
+                with conn.cursor() as cur:
+                    cur.execute(_MYSQL_DDL.format(t=self.table))
+                self.ready = True
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def translate(self, exc: Exception) -> StoreError:
+        from oncely.backends.mysql import GONE, errno
+
+        code = errno(exc)
+        if code == _DEADLOCK:
+            return _Retry(f"MySQL at {self.where}: deadlock, rolled back")
+        if code == 1146:
+            return SchemaMissing(
+                f"dedup table {self.table!r} is missing at {self.where}: create it with "
+                "create_schema=True"
+            )
+        if code in GONE or code >= 2000 or isinstance(exc, OSError):
+            return StoreUnavailable(f"MySQL at {self.where} is unavailable: {exc}")
+        return StoreError(f"MySQL at {self.where} failed: {exc}")
+
+    def execute(self, request: Any) -> Any:
+        import pymysql
+
+        from oncely.backends.mysql import Busy, collect
+
+        try:
+            conn = self.pool.get()
+        except Busy:
+            raise StoreUnavailable(f"MySQL at {self.where}: no connection in 10 s") from None
+        except (pymysql.Error, OSError) as exc:
+            raise self.translate(exc) from exc
+        healthy = False
+        try:
+            with conn.cursor() as cur:
+                cur.execute(request.statement, request.params)
+                result = collect(cur)
+            healthy = True
+        except (pymysql.Error, OSError) as exc:
+            raise self.translate(exc) from exc
+        finally:
+            self.pool.put(conn, healthy)
+        return result.rowcount if type(request) is _Count else result.rows
+
+    async def aexecute(self, request: Any) -> Any:
+        import aiomysql  # type: ignore[import-untyped]
+        import pymysql
+
+        from oncely.backends.mysql import aexecute, close_quietly
+
+        idle: _AsyncIdle = self.loops.get()
+        conn = idle.take()
+        try:
+            if conn is None:
+                conn = await aiomysql.connect(**self.async_args)
+                self.check(conn)
+                if self.create and not self.ready:
+                    async with conn.cursor() as cur:
+                        await cur.execute(_MYSQL_DDL.format(t=self.table))
+                    self.ready = True
+            result = await asyncio.wait_for(
+                aexecute(conn, request.statement, request.params), self.read_timeout
+            )
+        except (pymysql.Error, OSError, asyncio.TimeoutError) as exc:
+            if conn is not None:
+                close_quietly(conn)
+            if isinstance(exc, asyncio.TimeoutError):
+                raise StoreUnavailable(f"MySQL at {self.where} did not answer in time") from None
+            raise self.translate(exc) from exc
+        except BaseException:
+            if conn is not None:
+                close_quietly(conn)
+            raise
+        idle.give(conn, self.size)
+        return result.rowcount if type(request) is _Count else result.rows
+
+    def close(self) -> None:
+        self.pool.close()
+        self.loops.close_idle()
+
+    async def aclose(self) -> None:
+        await self.loops.aclose()
+
+
+class _AsyncIdle:
+    """The idle aiomysql connections of one event loop."""
+
+    def __init__(self) -> None:
+        self.conns: list[Any] = []
+
+    def take(self) -> Any:
+        while self.conns:
+            conn = self.conns.pop()
+            if not conn.closed:
+                return conn
+        return None
+
+    def give(self, conn: Any, size: int) -> None:
+        if len(self.conns) < size:
+            self.conns.append(conn)
+        else:
+            conn.close()
+
+    async def aclose(self) -> None:
+        self.abandon()
+
+    def abandon(self) -> None:
+        conns, self.conns = self.conns, []
+        for conn in conns:
+            conn.close()
+
+
 # -- the public face ---------------------------------------------------------------------------
 class Deduplicator:
     """A dedup window over message ids, on a store picked by URL (see the module docs).
 
     :param store: ``memory://``, ``redis://…`` (or a ``redis.Redis`` / ``redis.asyncio.Redis``
-        client, not decoding responses), ``sqlite:///file.db`` or ``postgresql://…``.
+        client, not decoding responses; it serves its own face only), ``sqlite:///file.db``,
+        ``postgresql://…`` or ``mysql://…`` (MariaDB >= 10.5).
     :param window: seconds an id is remembered from its first sighting (> 0; Redis rounds
         to milliseconds).
     :param namespace: the id space; deduplicators share ids only if they name the same one.
@@ -631,7 +831,7 @@ class Deduplicator:
     :param bloom: Bloom-filter mode (``memory://`` and Redis only): constant memory, and a new
         id is wrongly reported as seen with probability up to ``error_rate`` once ``capacity``
         distinct ids arrive within one window.
-    :param pool_size: PostgreSQL connections per face.
+    :param pool_size: PostgreSQL / MariaDB connections kept per face.
     :raises ConfigurationError: a bad URL, window, namespace or option; a missing extra.
     """
 
@@ -700,10 +900,12 @@ class Deduplicator:
             backend = _SQLite(store, table, namespace, self.window, create_schema)
         elif scheme in ("postgresql", "postgres"):
             backend = _Postgres(store, table, namespace, self.window, create_schema, pool_size)
+        elif scheme in ("mysql", "mariadb"):
+            backend = _MySQL(store, table, namespace, self.window, create_schema, pool_size)
         else:
             raise ConfigurationError(
                 f"store {redact_url(store)!r}: Deduplicator works on memory://, redis://, "
-                "sqlite:///file.db and postgresql://"
+                "sqlite:///file.db, postgresql:// and mysql:// (MariaDB >= 10.5)"
             )
         self._backend = backend
 
