@@ -207,19 +207,20 @@ def test_processes_each_id_new_exactly_once(made: Made, kind: str) -> None:
 # -- the Bloom-filter mode ----------------------------------------------------------------------
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 def test_bloom_false_positive_rate_at_capacity(made: Made, kind: str) -> None:
-    """Fill one window to capacity, then offer 2,000 never-seen ids: the share wrongly reported
-    as seen stays within error_rate (documented in docs/messaging-inbox.md), and no repeat is
-    ever let through (no false negative)."""
-    capacity, rate = 20_000, 0.01
+    """Fill one window with capacity - 2,000 ids, then offer 2,000 never-seen ids (the window
+    ends at capacity): the share wrongly reported as seen stays within error_rate (documented
+    in docs/messaging-inbox.md; expected about 0.4 %, so 1 % is five standard deviations
+    away), and no repeat is ever let through (no false negative)."""
+    capacity, rate, probes_n = 20_000, 0.01, 2000
     d = made(kind, window=600, bloom=True, capacity=capacity, error_rate=rate)
-    inserted = [f"in-{i}" for i in range(capacity)]
-    fresh_through = 0
-    for s in range(0, capacity, 2000):
-        fresh_through += len(d.filter_new(inserted[s : s + 2000]))
-    assert fresh_through >= capacity * (1 - rate)  # those were new, almost all let through
-    for s in range(0, capacity, 5000):
-        assert d.filter_new(inserted[s : s + 5000]) == []  # every repeat caught
-    probes = [f"probe-{uuid.uuid4().hex}" for _ in range(2000)]
+    inserted = [f"in-{i}" for i in range(capacity - probes_n)]
+    through = 0
+    for s in range(0, len(inserted), 2000):
+        through += len(d.filter_new(inserted[s : s + 2000]))
+    assert through >= len(inserted) * (1 - rate)  # those were new, almost all let through
+    for s in range(0, len(inserted), 6000):
+        assert d.filter_new(inserted[s : s + 6000]) == []  # every repeat caught
+    probes = [f"probe-{uuid.uuid4().hex}" for _ in range(probes_n)]
     false_positives = len(probes) - len(d.filter_new(probes))
     assert false_positives / len(probes) <= rate, false_positives
 
