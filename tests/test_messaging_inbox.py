@@ -168,6 +168,32 @@ def test_receive_inside_the_callers_transaction_is_a_savepoint(db: Db) -> None:
     assert db.effect_counts() == Counter({"outer": 1, "m1": 1})
 
 
+def test_a_consumer_killed_after_its_commit_before_its_ack(
+    db: Db, stream: str, tmp_path: Path
+) -> None:
+    """A consumer process on a Redis Streams group SIGKILLs itself after committing message 17's
+    effect with its inbox row, before XACK. The restarted consumer claims the pending entry,
+    the inbox reports it applied, it is acked; every effect exactly once, nothing pending."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.xgroup_create(stream, "g", id="0", mkstream=True)
+    for i in range(40):
+        client.xadd(stream, {"mid": f"m{i}"})
+    worker = str(HERE / "inbox_consumer_worker.py")
+    args = [db.url, db.inbox.table, db.effects, REDIS_URL, stream, "g"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run
+    killed = run([sys.executable, worker, *args, "m17"], env=env, capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert killed.stdout.decode().splitlines()[-1] == "m17 True"
+    restarted = run([sys.executable, worker, *args, ""], env=env, capture_output=True, timeout=60)
+    assert restarted.returncode == 0, restarted.stderr
+    lines = restarted.stdout.decode().splitlines()
+    assert lines[0] == "m17 False"  # redelivered, already applied: not applied again
+    assert db.effect_counts() == Counter({f"m{i}": 1 for i in range(40)})
+    assert client.xpending(stream, "g")["pending"] == 0
+    client.close()
+
+
 def test_concurrent_deliveries_apply_each_effect_once(db: Db) -> None:
     """8 consumers (threads, each its own connection) get every one of 40 messages, in
     different orders: each effect is applied exactly once."""
@@ -252,6 +278,38 @@ async def test_async_faces_on_async_connections(server_db: Db) -> None:
             await conn.close()
         else:
             conn.close()
+
+
+def test_inbox_and_outbox_inside_an_sqlalchemy_session(db: Db) -> None:
+    """The business write, the inbox row and the outbox message commit together in the
+    caller's SQLAlchemy transaction, or not at all."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import Session
+
+    url = db.url.replace("postgresql://", "postgresql+psycopg://").replace(
+        "mysql://", "mysql+pymysql://"
+    )
+    engine = create_engine(url)
+    insert = text(f"INSERT INTO {db.effects} (message_id) VALUES (:m)")
+    try:
+        with pytest.raises(RuntimeError), Session(engine) as session, session.begin():
+            assert db.inbox.accept(session, "billing", "m1")
+            session.execute(insert, {"m": "m1"})
+            db.outbox.add(session, "billing.done", b"m1", message_id="done-m1")
+            raise RuntimeError("the handler failed")
+        for _ in range(2):  # the redelivery, then a duplicate
+            with Session(engine) as session, session.begin():
+                if db.inbox.accept(session, "billing", "m1"):
+                    session.execute(insert, {"m": "m1"})
+                    db.outbox.add(session, "billing.done", b"m1", message_id="done-m1")
+    finally:
+        engine.dispose()
+    published: list[str] = []
+    relay = Relay(db.outbox, db.url, publish=lambda m: published.append(m.message_id))
+    assert relay.run() == 1
+    relay.close()
+    assert published == ["done-m1"]
+    assert db.effect_counts() == Counter({"m1": 1})
 
 
 def test_inbox_purge_deletes_old_rows_in_batches(db: Db) -> None:
