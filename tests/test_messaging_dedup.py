@@ -168,6 +168,29 @@ def test_32_threads_each_id_new_exactly_once(made: Made, kind: str) -> None:
     assert set(counts) == touched
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_32_tasks_each_id_new_exactly_once(made: Made, kind: str) -> None:
+    d = made(kind)
+    ids = [f"id-{i}" for i in range(200)]
+
+    async def task(n: int) -> list[str]:
+        mine = random.Random(n).sample(ids, 100)
+        got: list[str] = []
+        for start in range(0, len(mine), 20):
+            chunk = mine[start : start + 20]
+            if n % 2:
+                got.extend([i for i in chunk if not await d.aseen(i)])
+            else:
+                got.extend(await d.afilter_new(chunk))
+        return got
+
+    results = await asyncio.gather(*(task(n) for n in range(32)))
+    counts = Counter(i for r in results for i in r)
+    assert max(counts.values()) == 1
+    assert set(counts) == {i for n in range(32) for i in random.Random(n).sample(ids, 100)}
+    await d.aclose()
+
+
 def _process_worker(url: str, tag: str, n: int, start: Any, out: Any) -> None:
     d = Deduplicator(
         url, window=60, namespace=f"t-{tag}", table=f"dedup_{tag}", prefix=f"oncely-test-{tag}"

@@ -751,7 +751,7 @@ class _MySQL(_Sql):
         import aiomysql  # type: ignore[import-untyped]
         import pymysql
 
-        from oncely.backends.mysql import aexecute, close_quietly
+        from oncely.backends.mysql import close_quietly
 
         idle: _AsyncIdle = self.loops.get()
         conn = idle.take()
@@ -760,11 +760,10 @@ class _MySQL(_Sql):
                 conn = await aiomysql.connect(**self.async_args)
                 self.check(conn)
                 if self.create and not self.ready:
-                    async with conn.cursor() as cur:
-                        await cur.execute(_MYSQL_DDL.format(t=self.table))
+                    await _aquiet(conn, _MYSQL_DDL.format(t=self.table), {})
                     self.ready = True
             result = await asyncio.wait_for(
-                aexecute(conn, request.statement, request.params), self.read_timeout
+                _aquiet(conn, request.statement, request.params), self.read_timeout
             )
         except (pymysql.Error, OSError, asyncio.TimeoutError) as exc:
             if conn is not None:
@@ -785,6 +784,34 @@ class _MySQL(_Sql):
 
     async def aclose(self) -> None:
         await self.loops.aclose()
+
+
+_QUIET_CURSOR: Any = None
+
+
+async def _aquiet(conn: Any, statement: str, params: dict[str, Any]) -> Any:
+    """Run ``statement`` on an aiomysql connection without aiomysql's ``SHOW WARNINGS`` (a
+    second round trip after every statement with a warning, as ``INSERT IGNORE`` of a
+    duplicate has): (row count of the first statement, the first row set)."""
+    global _QUIET_CURSOR
+    if _QUIET_CURSOR is None:
+        import aiomysql
+
+        class Quiet(aiomysql.Cursor):  # type: ignore[misc]
+            async def _show_warnings(self, conn: Any) -> None:
+                return None
+
+        _QUIET_CURSOR = Quiet
+    from oncely.backends.mysql import Result
+
+    async with conn.cursor(_QUIET_CURSOR) as cur:
+        await cur.execute(statement, params)
+        rowcount, rows = int(cur.rowcount), None
+        while True:
+            if rows is None and cur.description is not None:
+                rows = [tuple(r) for r in await cur.fetchall()]
+            if not await cur.nextset():
+                return Result(rowcount, rows or [])
 
 
 class _AsyncIdle:
