@@ -254,6 +254,14 @@ class Outbox:
             raise translate(exc, f"outbox {self.table!r}") from exc
         return mid
 
+    def _purge(self, conn: SqlConnection, older_than: float, batch: int) -> Plan[int]:
+        if isinstance(older_than, bool) or not isinstance(older_than, (int, float)):
+            raise ConfigurationError(f"older_than={older_than!r}: give seconds (a number >= 0)")
+        if not older_than >= 0:
+            raise ConfigurationError(f"older_than={older_than!r}: give seconds >= 0")
+        sql = self._purge_sql(conn.dialect)
+        return (yield from purge_in_batches(conn, sql, {"older_than": older_than}, batch))
+
     def _batch(self, conn: SqlConnection, batch: int) -> Plan[int]:
         """Claim up to ``batch`` unsent rows, publish them in order, mark the published ones
         sent, commit; the number published."""
@@ -320,13 +328,8 @@ class Outbox:
         """Delete rows sent more than ``older_than`` seconds ago (database clock) in batches of
         ``batch``, each its own transaction; unsent rows are never deleted. Returns how many.
         ``conn`` must have no open transaction."""
-        if isinstance(older_than, bool) or not isinstance(older_than, (int, float)):
-            raise ConfigurationError(f"older_than={older_than!r}: give seconds (a number >= 0)")
         c = adapt(conn)
-        plan = purge_in_batches(
-            c, self._purge_sql(c.dialect), {"older_than": max(0.0, older_than)}, batch
-        )
-        return int(run(plan, c))
+        return int(run(self._purge(c, older_than, batch), c))
 
     # -- async face ----------------------------------------------------------------------------
     async def acreate_table(self, conn: Any) -> None:
@@ -351,13 +354,8 @@ class Outbox:
         self, conn: Any, older_than: float = DEFAULT_KEEP_SENT, *, batch: int = 1000
     ) -> int:
         """The async face of :meth:`purge`."""
-        if isinstance(older_than, bool) or not isinstance(older_than, (int, float)):
-            raise ConfigurationError(f"older_than={older_than!r}: give seconds (a number >= 0)")
         c = adapt(conn)
-        plan = purge_in_batches(
-            c, self._purge_sql(c.dialect), {"older_than": max(0.0, older_than)}, batch
-        )
-        return int(await arun(plan, c))
+        return int(await arun(self._purge(c, older_than, batch), c))
 
 
 Publish = Callable[[OutboxMessage], Any]
