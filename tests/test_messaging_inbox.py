@@ -393,6 +393,32 @@ def test_outbox_publishes_only_committed_messages_once(db: Db) -> None:
     assert published[0].id < published[1].id
 
 
+def test_a_retried_transaction_adds_its_message_once(server_db: Db) -> None:
+    """Two transactions add the same stable message id at once: the second waits for the
+    first and adds nothing; the message is published once."""
+    db = server_db
+    first, second = db.connect(), db.connect()
+    db.outbox.add(first, "t", b"first", message_id="o1")
+    done = threading.Event()
+
+    def retry() -> None:
+        db.outbox.add(second, "t", b"second", message_id="o1")
+        second.commit()
+        done.set()
+
+    waiter = threading.Thread(target=retry)
+    waiter.start()
+    assert not done.wait(0.5)  # waits on the first transaction's row
+    first.commit()
+    waiter.join(10)
+    assert done.is_set()
+    published: list[bytes] = []
+    relay = Relay(db.outbox, db.url, publish=lambda m: published.append(m.payload))
+    assert relay.run() == 1
+    relay.close()
+    assert published == [b"first"]
+
+
 def test_a_failed_publish_keeps_the_rest_for_the_next_batch(db: Db) -> None:
     conn = db.connect()
     for i in range(5):
