@@ -29,6 +29,17 @@ class Db:
         self.tables: list[str] = []
         self._opened: list[Any] = []
 
+    def external(self) -> Db:
+        """Another system's database: on SQLite a second file (one writer per file would
+        otherwise block a phase calling out while it holds the write lock), else this one."""
+        if self.dialect != "sqlite":
+            return self
+        other = Db.__new__(Db)
+        other.__dict__.update(self.__dict__)
+        other.path = self.path.with_suffix(".ext.db")
+        other.tables, other._opened = [], []
+        return other
+
     def name(self, base: str) -> str:
         """A table name unique to this test (dropped at the end)."""
         table = f"{base}_{self.tag}"
@@ -70,6 +81,17 @@ class Db:
             pytest.skip("sqlite3 has no async driver")
         self._opened.append(conn)
         return conn
+
+    async def aclose(self) -> None:
+        """Close the async connections this test opened (call at the end of an async test,
+        while its event loop still runs)."""
+        for conn in [c for c in self._opened if _is_async(c)]:
+            self._opened.remove(conn)
+            with contextlib.suppress(Exception):
+                if hasattr(conn, "ensure_closed"):  # aiomysql
+                    await conn.ensure_closed()
+                else:
+                    await conn.close()
 
     def url(self, driver: str = "sync") -> str:
         """The SQLAlchemy URL of this database."""

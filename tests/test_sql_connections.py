@@ -174,14 +174,7 @@ async def test_async_dbapi_roundtrip(db: Db) -> None:
     with pytest.raises(UnsupportedConnection.__mro__[1]):  # ConfigurationError
         c.execute("SELECT 1", {})
     await conn.rollback()
-    await _maybe_close(conn)
-
-
-async def _maybe_close(conn: Any) -> None:
-    if hasattr(conn, "ensure_closed"):  # aiomysql
-        await conn.ensure_closed()
-    else:
-        await conn.close()
+    await db.aclose()
 
 
 def test_sqlalchemy_connection_and_session(db: Db) -> None:
@@ -245,8 +238,9 @@ def test_blocks_own_or_join_the_transaction(db: Db) -> None:
     c = adapt(db.connect())
     ins = f"INSERT INTO {table} (id, name) VALUES (:id, :n)"
     block = c.enter()
-    assert block.owned and c.in_transaction()
+    assert block.owned
     c.execute(ins, {"id": 1, "n": "a"})
+    assert c.in_transaction()
     c.leave(block, commit=False)
     block = c.enter()
     c.execute(ins, {"id": 2, "n": "b"})

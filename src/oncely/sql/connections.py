@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final, Literal, NamedTuple
@@ -53,6 +53,7 @@ __all__ = [
     "Dialect",
     "Duplicate",
     "Enter",
+    "ExecLeave",
     "Leave",
     "Result",
     "SqlConnection",
@@ -104,6 +105,17 @@ class Leave(NamedTuple):
     commit: bool
 
 
+class ExecLeave(NamedTuple):
+    """Request: run one statement, then close ``block`` committing (what ends a block that
+    writes its result last). On PostgreSQL with psycopg both go in one pipeline: one round
+    trip. If either fails the block is rolled back and the error raised. Reply: the
+    statement's :class:`Result`."""
+
+    block: Any
+    statement: Text
+    params: Mapping[str, Any]
+
+
 @dataclass(slots=True)
 class Block:
     """An open block: ``owned`` when it began the transaction, else a savepoint named ``name``
@@ -119,6 +131,7 @@ class Block:
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
 
 
+@lru_cache(maxsize=4096)
 def quote(name: str, dialect: Dialect) -> str:
     """``name`` (``table`` or ``schema.table``) quoted for ``dialect``: each part must be a
     plain SQL identifier (letters, digits, ``_``, ``$``; at most 63 characters, PostgreSQL's
@@ -366,6 +379,26 @@ class SqlConnection:
     def leave(self, block: Block, commit: bool) -> None:
         raise ConfigurationError(f"{type(self.raw).__name__} is an async connection")
 
+    def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        """Run one statement then close ``block`` committing (see :class:`ExecLeave`)."""
+        try:
+            res = self.execute(text, params)
+        except BaseException:
+            self.leave(block, False)
+            raise
+        self.leave(block, True)
+        return res
+
+    async def aexecute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        """The async face of :meth:`execute_leave`."""
+        try:
+            res = await self.aexecute(text, params)
+        except BaseException:
+            await self.aleave(block, False)
+            raise
+        await self.aleave(block, True)
+        return res
+
     # async face
     async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
         raise ConfigurationError(
@@ -426,7 +459,9 @@ class _DbapiSync(SqlConnection):
         if not self.in_transaction():
             if self.dialect == "mysql":
                 self.raw.begin()
-            else:  # psycopg would send the same BEGIN before the next statement
+            elif self.dialect == "postgresql" and not self.raw.autocommit:
+                pass  # psycopg sends BEGIN itself before the next statement
+            else:
                 self._raw_sql(self._begin_text())
             return Block(True)
         if not savepoint:
@@ -455,14 +490,42 @@ class _Sqlite(_DbapiSync):
         return bool(self.raw.in_transaction)
 
 
+def _pipelines() -> bool:
+    import psycopg
+
+    return bool(psycopg.Pipeline.is_supported())
+
+
 class _Psycopg(_DbapiSync):
+    """psycopg 3: :meth:`execute_leave` sends its statement and the ``COMMIT`` in one pipeline
+    (libpq >= 14), one round trip. (psycopg waits for its own ``BEGIN`` even in a pipeline,
+    so the ``BEGIN`` stays a round trip of its own, as in any psycopg transaction.)"""
+
     def __init__(self, raw: Any):
         super().__init__(raw, "postgresql", _pg_version(raw), "pyformat")
+        self.pipelined = _pipelines()
 
     def in_transaction(self) -> bool:
         from psycopg.pq import TransactionStatus
 
         return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
+
+    def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        if not self.pipelined:
+            return super().execute_leave(block, text, params)
+        sql, args = render(self.text(text), params, self.paramstyle)
+        with self.raw.cursor() as cur:
+            try:
+                with self.raw.pipeline():
+                    cur.execute(sql, args)
+                    if block.owned:
+                        self.raw.execute("COMMIT")
+                    elif block.name is not None:
+                        self.raw.execute(f"RELEASE SAVEPOINT {block.name}")
+                return _cursor_result(cur)
+            except BaseException:
+                super().leave(block, False)
+                raise
 
     def failed(self) -> bool:
         from psycopg.pq import TransactionStatus
@@ -502,6 +565,9 @@ class _DbapiAsync(SqlConnection):
 
     async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
         sql, args = render(self.text(text), params, self.paramstyle)
+        return await self._run(sql, args)
+
+    async def _run(self, sql: str, args: Any) -> Result:
         cur = await _maybe_await(self.raw.cursor())
         try:
             await cur.execute(sql, args)
@@ -524,6 +590,8 @@ class _DbapiAsync(SqlConnection):
         if not self.in_transaction():
             if self.dialect == "mysql":
                 await self.raw.begin()
+            elif not self.raw.autocommit:
+                pass  # psycopg sends BEGIN itself before the next statement
             else:
                 await self._raw_sql("BEGIN")
             return Block(True)
@@ -552,17 +620,63 @@ async def _maybe_await(value: Any) -> Any:
 
 
 class _AsyncPsycopg(_DbapiAsync):
+    """psycopg 3 ``AsyncConnection``: the same pipelining as the sync face."""
+
     def __init__(self, raw: Any):
         super().__init__(raw, "postgresql", _pg_version(raw))
+        self.pipelined = _pipelines()
 
-    in_transaction = _Psycopg.in_transaction
-    failed = _Psycopg.failed
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
+
+    def failed(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return bool(self.raw.info.transaction_status == TransactionStatus.INERROR)
+
+    async def aexecute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        if not self.pipelined:
+            return await super().aexecute_leave(block, text, params)
+        sql, args = render(self.text(text), params, self.paramstyle)
+        async with self.raw.cursor() as cur:
+            try:
+                async with self.raw.pipeline():
+                    await cur.execute(sql, args)
+                    if block.owned:
+                        await self.raw.execute("COMMIT")
+                    elif block.name is not None:
+                        await self.raw.execute(f"RELEASE SAVEPOINT {block.name}")
+                return await _acursor_result(cur)
+            except BaseException:
+                await super().aleave(block, False)
+                raise
+
+
+async def _acursor_result(cur: Any) -> Result:
+    if cur.description is None:
+        return Result([], cur.rowcount, ())
+    rows = [tuple(r) for r in await cur.fetchall()]
+    return Result(rows, cur.rowcount, tuple(d[0] for d in cur.description))
 
 
 class _AioMySQL(_DbapiAsync):
     def __init__(self, raw: Any):
         super().__init__(raw, "mysql", (0,))
         self.version, self.mariadb = _mysql_version(raw.get_server_info())
+
+    async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        # aiomysql escapes bytes with a name PyMySQL >= 1.2 no longer exports (it is a str
+        # there): bind the values here, bytes as hex literals, and send the finished text.
+        sql, args = render(self.text(text), params, "pyformat")
+        literal = {
+            k: "X'" + bytes(v).hex() + "'"
+            if isinstance(v, (bytes, bytearray, memoryview))
+            else self.raw.escape(v)
+            for k, v in args.items()
+        }
+        return await self._run(sql % literal, None)
 
     def in_transaction(self) -> bool:
         return bool(self.raw.server_status & 1)
@@ -598,6 +712,20 @@ def _sa_result(res: Any) -> Result:
     return Result(rows, res.rowcount, tuple(res.keys()))
 
 
+def _inline_bytes(sql: str, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``sql`` with its ``bytes`` parameters written as ``X'..'`` literals."""
+    rest = {k: v for k, v in params.items() if not isinstance(v, bytes)}
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        value = params.get(name) if name is not None else None
+        if isinstance(value, bytes):
+            return "X'" + value.hex() + "'"
+        return m.group(0)
+
+    return _TOKEN.sub(sub, sql), rest
+
+
 def _sa_failed(conn: Any) -> bool:
     """A SQLAlchemy Connection whose PostgreSQL transaction is in error."""
     try:
@@ -629,11 +757,9 @@ class _SaConnection(SqlConnection):
     def enter(self, savepoint: bool = True) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
-            tx = self.raw.begin()
-            if self.dialect == "sqlite":
-                # pysqlite begins lazily and deferred: take the write lock now
-                self.raw.exec_driver_sql("SELECT 1")
-            return Block(True, handle=tx)
+            # pysqlite begins lazily and deferred: the claim INSERT, the block's first
+            # statement, takes SQLite's write lock (waiting for it), no read before it
+            return Block(True, handle=self.raw.begin())
         if not savepoint:
             return Block(False)
         return Block(False, "nested", self.raw.begin_nested())
@@ -675,7 +801,15 @@ class _SaAsyncConnection(SqlConnection):
         self.dialect, self.version, self.mariadb = _sa_dialect(raw.dialect)
 
     async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
-        return _sa_result(await self.raw.execute(_sa_text(self.text(text)), dict(params)))
+        sql = self.text(text)
+        if self.dialect == "mysql" and any(isinstance(v, bytes) for v in params.values()):
+            # aiomysql escapes bytes with a name PyMySQL >= 1.2 no longer exports: send them as
+            # hex literals (hex digits only) and the rest as parameters
+            sql, params = _inline_bytes(sql, params)
+            from sqlalchemy import text as sa_text
+
+            return _sa_result(await self.raw.execute(sa_text(sql), dict(params)))
+        return _sa_result(await self.raw.execute(_sa_text(sql), dict(params)))
 
     def in_transaction(self) -> bool:
         return bool(self.raw.in_transaction())
@@ -754,10 +888,7 @@ class _Django(SqlConnection):
         self.check_usable()
         owned = not self.raw.in_atomic_block
         atomic = transaction.atomic(using=self.alias, savepoint=savepoint)
-        atomic.__enter__()
-        if owned and self.dialect == "sqlite":
-            # Django begins deferred; take SQLite's write lock before the first read
-            self.execute("UPDATE sqlite_master SET type = type WHERE 0", {})
+        atomic.__enter__()  # SQLite: deferred; the claim INSERT takes the write lock first
         return Block(owned, "atomic", atomic)
 
     def leave(self, block: Block, commit: bool) -> None:
@@ -845,9 +976,10 @@ def _adapt_sqlalchemy(conn: Any, name: str) -> SqlConnection:
 
 
 # -- runners -------------------------------------------------------------------------------------
-def run(plan: Plan[Any], conn: SqlConnection) -> Any:
+def run(plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Any] | None = None) -> Any:
     """Carry a plan out on a sync connection: :class:`~oncely.backends.plans.Exec` ->
-    :class:`Result`, :class:`Enter` -> :class:`Block`, :class:`Leave` -> None."""
+    :class:`Result`, :class:`Enter` -> :class:`Block`, :class:`Leave` -> None; any other
+    request goes to ``other(request)`` (a mechanism's own requests, e.g. "call this phase")."""
     from oncely.backends.plans import run as run_plan
 
     def execute(request: Any) -> Any:
@@ -857,13 +989,19 @@ def run(plan: Plan[Any], conn: SqlConnection) -> Any:
             return conn.enter(request.savepoint)
         if isinstance(request, Leave):
             return conn.leave(request.block, request.commit)
+        if isinstance(request, ExecLeave):
+            return conn.execute_leave(request.block, request.statement, request.params)
+        if other is not None:
+            return other(request)
         raise TypeError(f"unknown request {request!r}")
 
     return run_plan(plan, execute)
 
 
-async def arun(plan: Plan[Any], conn: SqlConnection) -> Any:
-    """The async face of :func:`run`."""
+async def arun(
+    plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Awaitable[Any]] | None = None
+) -> Any:
+    """The async face of :func:`run` (``other`` is awaited)."""
     from oncely.backends.plans import arun as arun_plan
 
     async def execute(request: Any) -> Any:
@@ -873,6 +1011,10 @@ async def arun(plan: Plan[Any], conn: SqlConnection) -> Any:
             return await conn.aenter(request.savepoint)
         if isinstance(request, Leave):
             return await conn.aleave(request.block, request.commit)
+        if isinstance(request, ExecLeave):
+            return await conn.aexecute_leave(request.block, request.statement, request.params)
+        if other is not None:
+            return await other(request)
         raise TypeError(f"unknown request {request!r}")
 
     return await arun_plan(plan, execute)
