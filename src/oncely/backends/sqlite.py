@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -17,21 +18,29 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs
 
+from oncely.backends.urls import check_options
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 
-__all__ = ["CLOCK", "Connections", "Workers", "enable_wal", "execute", "parse_url"]
+__all__ = ["CLOCK", "Connections", "Workers", "absolute", "enable_wal", "execute", "parse_url"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("oncely")
 
 #: Seconds since the epoch on SQLite's clock (millisecond resolution, fixed within a statement).
 CLOCK: Final = "((julianday('now') - 2440587.5) * 86400.0)"
 
 
-def parse_url(url: str, what: str) -> tuple[str, dict[str, str]]:
-    """The file path and the query options of ``sqlite:///path.db?busy_timeout=15``.
+def parse_url(url: str, what: str, known: tuple[str, ...] = ()) -> tuple[str, dict[str, str]]:
+    """The absolute file path and the query options of ``sqlite:///path.db?busy_timeout=15``.
+
+    A relative path (``sqlite:///oncely.db``) resolves against the current directory now, when
+    the store is opened (see :func:`absolute`).
 
     :param what: the user of the URL, for the message (``"SQLite URL"``).
-    :raises ConfigurationError: the URL names no file (``sqlite://``, ``sqlite:///:memory:``).
+    :param known: the option names the user of the URL reads; any other is refused.
+    :raises ConfigurationError: the URL names no file (``sqlite://``, ``sqlite:///:memory:``),
+        or an option not in ``known`` (the message names the closest one).
     """
     path, _, query = url.partition("://")[2].partition("?")
     if not path.startswith("/") or path in ("/", "/:memory:"):
@@ -40,7 +49,19 @@ def parse_url(url: str, what: str) -> tuple[str, dict[str, str]]:
             "'sqlite:///relative.db' or 'sqlite:////absolute/path.db' (for a process-local "
             "store use 'memory://')"
         )
-    return path[1:], {k: v[-1] for k, v in parse_qs(query).items()}
+    options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    check_options(options, known, url, what)
+    return absolute(path[1:], what), options
+
+
+def absolute(path: str, what: str) -> str:
+    """``path`` made absolute against the current directory, once (and logged if it was
+    relative): later ``chdir`` calls cannot move the store, and the log shows which file two
+    workers started from different directories use."""
+    resolved = os.path.abspath(path)
+    if not os.path.isabs(path):
+        log.info("oncely: %s %r is relative; it resolves to %s", what, path, resolved)
+    return resolved
 
 
 def enable_wal(conn: sqlite3.Connection, patience: float) -> None:

@@ -189,7 +189,7 @@ class SQLiteStore(PlannedStore):
         workers: int = 8,
     ) -> None:
         super().__init__(url)
-        self.path, options = parse_url(url, "SQLite URL")
+        self.path, options = parse_url(url, "SQLite URL", ("synchronous", "busy_timeout"))
         self.synchronous = (synchronous or options.get("synchronous", "FULL")).upper()
         if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigurationError(
