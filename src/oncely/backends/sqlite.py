@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs
 
+from oncely.backends.forks import after_fork, inherit
 from oncely.backends.urls import check_options
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 
@@ -120,7 +121,15 @@ class Connections:
         self._idle: list[sqlite3.Connection] = []
         self._slots = threading.BoundedSemaphore(self._size)
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        after_fork(self, Connections._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's connections are never used or closed (SQLite
+        forbids both); new ones open on demand."""
+        inherit(self._idle)
+        self._idle = []
+        self._slots = threading.BoundedSemaphore(self._size)
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
@@ -133,9 +142,6 @@ class Connections:
 
     def _take(self) -> tuple[sqlite3.Connection, threading.BoundedSemaphore]:
         with self._lock:
-            if self._pid != os.getpid():  # the parent's connections: never use or close them
-                self._pid, self._idle = os.getpid(), []
-                self._slots = threading.BoundedSemaphore(self._size)
             slots = self._slots
         if not slots.acquire(timeout=self._timeout):
             raise StoreUnavailable(
@@ -155,10 +161,13 @@ class Connections:
         try:
             reusable = not conn.in_transaction
             with self._lock:
-                if reusable and slots is self._slots and self._pid == os.getpid():
+                if reusable and slots is self._slots:
                     self._idle.append(conn)
                     return
-            conn.close()
+            if slots is self._slots:
+                conn.close()
+            else:  # borrowed before a fork(): the parent's
+                inherit(conn)
         finally:
             slots.release()
 
@@ -195,15 +204,19 @@ class Workers:
         self._name = name
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        after_fork(self, Workers._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's threads are gone; new ones start on first use."""
+        inherit(self._executor)
+        self._executor = None
+        self._lock = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on a worker thread, awaited from the running loop."""
         executor = self._executor
-        if executor is None or self._pid != os.getpid():
+        if executor is None:
             with self._lock:
-                if self._pid != os.getpid():  # forked: the parent's threads are not ours
-                    self._pid, self._executor = os.getpid(), None
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(
                         self._workers, thread_name_prefix=self._name

@@ -34,6 +34,7 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from oncely.backends.forks import after_fork, inherit
 from oncely.backends.loops import LoopLocal
 from oncely.backends.plans import Exec, Plan
 from oncely.backends.postgres import (
@@ -497,6 +498,14 @@ class PostgresStore(PlannedStore):
         self._schema_ready = False
         #: How many claim statements ran again because of the READ COMMITTED snapshot race.
         self.claim_retries = 0
+        after_fork(self, PostgresStore._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's pools (their sockets, their worker threads) are never
+        used or closed; new pools open on demand."""
+        inherit(self._pool, self._watch_pool)
+        self._pool = self._watch_pool = None
+        self._lock = threading.Lock()
 
     # -- errors --------------------------------------------------------------------------------
     @property
