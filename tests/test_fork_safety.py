@@ -25,6 +25,7 @@ import pytest
 from oncely import current_claim, idempotent
 from oncely.backends.forks import inherited_count
 from oncely.core.records import New, RecordKey
+from oncely.errors import LockNotOwned
 from oncely.locks import Lock
 from oncely.stores import Store
 
@@ -181,3 +182,29 @@ def test_a_lock_backend_opened_before_fork_serves_parent_and_children(
 
     in_children(child, lambda: hold("parent"))
     assert hold("after", 3) == []
+
+
+@pytest.mark.parametrize("kind", list(LOCK_URLS))
+def test_a_lock_held_at_fork_stays_the_parents(kind: str, tmp_path: Any) -> None:
+    """A child's copy of a held Lock does not hold it: its release would free the parent's
+    lock (same owner token) while the parent still works under it."""
+    url = LOCK_URLS[kind](tmp_path)
+    name = f"fork-held-{uuid.uuid4().hex[:8]}"
+    lock = Lock(url, name, ttl=5)
+    token = lock.acquire(timeout=5)
+
+    def child(index: int) -> list[str]:
+        problems = []
+        try:
+            lock.release()
+            problems.append("the child released the parent's lock")
+        except LockNotOwned:
+            pass
+        if Lock(url, name, ttl=5).acquire(blocking=False) is not None:
+            problems.append("the lock was free while the parent held it")
+        return problems
+
+    in_children(child, lambda: [])
+    lock.check()  # still the parent's
+    assert lock.token == token
+    lock.release()
