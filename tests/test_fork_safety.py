@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 import traceback
 import uuid
@@ -208,3 +209,39 @@ def test_a_lock_held_at_fork_stays_the_parents(kind: str, tmp_path: Any) -> None
     lock.check()  # still the parent's
     assert lock.token == token
     lock.release()
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_lock_another_thread_held_at_fork_does_not_hang_the_child(
+    kind: str, make_store: StoreFactory
+) -> None:
+    """Only the forking thread survives a fork; a lock another thread held stays locked in the
+    child forever unless it is made anew."""
+    store = make_store(kind)[0]
+    assert round_trips(store, "before", 1) == []
+    held = store._cond if kind == "memory" else store._connections._lock  # type: ignore[attr-defined]
+    inside, leave = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with held:
+            inside.set()
+            leave.wait(10)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    inside.wait(5)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if round_trips(store, "child", 3) == [] else 1)
+        deadline = time.monotonic() + 15
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                pytest.fail("the child hung on a lock another thread held at the fork")
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(done[1]) == 0
+    finally:
+        leave.set()
+        thread.join()

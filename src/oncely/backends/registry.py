@@ -19,6 +19,7 @@ backend is one row in :data:`SCHEMES`.
 from __future__ import annotations
 
 import importlib
+import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -79,6 +80,17 @@ SCHEMES: Final[dict[str, Scheme]] = {
 _shared_stores: dict[str, Store] = {}
 _shared_backends: dict[Any, LockBackend] = {}
 _shared_lock = threading.Lock()
+
+
+def _forked() -> None:
+    # Another thread may have held the lock at the fork; it would stay locked in the child.
+    # (The shared stores themselves reset their connections: oncely.backends.forks.)
+    global _shared_lock
+    _shared_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 def _scheme(url: str) -> str:

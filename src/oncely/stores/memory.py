@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import replace
 
+from oncely.backends.forks import after_fork
 from oncely.core.records import ClaimOutcome, New, Record, RecordKey
 from oncely.errors import ConfigurationError
 from oncely.stores.base import Store, claimable, classify, lease_lost
@@ -144,6 +145,12 @@ class MemoryStore(Store):
                 f"memory store URL {url!r} takes no host, path or options; use 'memory://'"
             )
         self.state = MemoryState()
+        self._cond = threading.Condition()
+        # A forked child has its own copy of the records; a condition another thread held at
+        # the fork would stay locked there.
+        after_fork(self, MemoryStore._forked)
+
+    def _forked(self) -> None:
         self._cond = threading.Condition()
 
     def now(self) -> float:
