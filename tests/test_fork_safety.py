@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import threading
 import time
 import traceback
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from oncely import current_claim, idempotent
@@ -29,6 +32,8 @@ from oncely.core.records import New, RecordKey
 from oncely.errors import LockNotOwned
 from oncely.locks import Lock
 from oncely.stores import Store
+from test_http_chunked import serving
+from test_http_servers import free_port, server_env
 
 from conftest import POSTGRES_URL, REDIS_URL, SHARED_KINDS, StoreFactory
 
@@ -245,3 +250,47 @@ def test_a_lock_another_thread_held_at_fork_does_not_hang_the_child(
     finally:
         leave.set()
         thread.join()
+
+
+@pytest.mark.parametrize("kind", SHARED_KINDS)
+def test_gunicorn_preload_workers_do_not_share_the_masters_connections(
+    kind: str, make_store: StoreFactory, tmp_path: Path
+) -> None:
+    """Gunicorn ``--preload`` imports the app (which uses its store) in the master, then forks
+    the workers. Every request must get its own answer: 40 new keys run 40 times, and their
+    retries replay exactly their own responses."""
+    store, url, options = make_store(kind)
+    store.init_schema()
+    executions = tmp_path / "executions.log"
+    if kind in ("postgres", "mysql"):
+        options = {**options, "create_schema": False}
+    env = server_env(url, options, executions)
+    port = free_port()
+    command = [
+        sys.executable, "-m", "gunicorn", "http_apps.preload_app:wsgi_app", "--preload",
+        "--workers", "2", "--worker-class", "gthread", "--threads", "8",
+        "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
+    ]  # fmt: skip
+    keys = [f'"{uuid.uuid4()}"' for _ in range(40)]
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            return await asyncio.gather(
+                *[
+                    client.post(
+                        "/orders",
+                        content=b'{"item": "%d"}' % i,
+                        headers={"Idempotency-Key": key, "Authorization": "Bearer a"},
+                    )
+                    for i, key in enumerate(keys)
+                ]
+            )
+
+    with serving(command, env, f"http://127.0.0.1:{port}"):
+        first = asyncio.run(fire())
+        again = asyncio.run(fire())
+    assert [r.status_code for r in first] == [201] * 40, [r.text[:100] for r in first]
+    assert not any("idempotent-replayed" in r.headers for r in first)
+    assert len(executions.read_text().split()) == 40
+    assert all(r.headers.get("idempotent-replayed") == "true" for r in again)
+    assert [r.content for r in again] == [r.content for r in first]

@@ -10,6 +10,7 @@ WSGI server, which reads no further than ``CONTENT_LENGTH``) the request is refu
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import signal
@@ -76,7 +77,8 @@ def serving(command: list[str], env: dict[str, str], base: str) -> Iterator[str]
                 time.sleep(0.1)
         yield base
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         process.wait(15)
 
 
