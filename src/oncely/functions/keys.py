@@ -128,69 +128,88 @@ def _class_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-class _Encoder:
-    """Turns one value into typed JSON, remembering where it is for error messages."""
+class _Refused(Exception):
+    """A value the typed text cannot hold; ``where`` collects the path on the way out
+    (innermost first), so a call that succeeds builds no path strings at all."""
 
-    def __init__(self, what: str, hint: str) -> None:
-        self.what = what
-        self.hint = hint
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem, self.where = problem, list[str]()
+
+
+_UNSUPPORTED = (
+    "which has no exact text form (supported: str, int, float, bool, None, Decimal, "
+    "date/time, UUID, bytes, enums, lists, tuples, dicts, sets, dataclasses, pydantic and "
+    "attrs models)"
+)
+
+
+def _text(encoded: Any) -> str:
+    return json.dumps(encoded, separators=(",", ":"), ensure_ascii=False)
+
+
+def _by_text(items: list[Any]) -> list[Any]:
+    return [item for _, item in sorted(((_text(i), i) for i in items), key=lambda p: p[0])]
+
+
+class _Encoder:
+    """Turns one value into typed JSON; refuses (:class:`_Refused`) what it cannot hold."""
+
+    def __init__(self) -> None:
         self.active: set[int] = set()  # containers on the current path (a cycle refers back)
 
-    def refuse(self, path: str, problem: str) -> InvalidKey:
-        return InvalidKey(f"{self.what} {path} {problem}; {self.hint}")
-
-    def encode(self, value: Any, path: str) -> Any:
+    def encode(self, value: Any) -> Any:
         cls = type(value)
         if cls in _SCALARS:
             return value
         if id(value) in self.active:
-            raise self.refuse(path, "contains itself")
+            raise _Refused("contains itself")
         self.active.add(id(value))
         try:
-            return self._compound(value, cls, path)
+            return self._compound(value, cls)
         finally:
             self.active.discard(id(value))
 
-    def _items(self, values: Any, path: str) -> list[Any]:
-        return [self.encode(item, f"{path}[{i}]") for i, item in enumerate(values)]
+    def at(self, value: Any, segment: str, arg: Any = None) -> Any:
+        """``encode(value)``; on a refusal, adds ``segment.format(arg)`` to where it happened."""
+        try:
+            return self.encode(value)
+        except _Refused as refused:
+            refused.where.append(segment.format(arg))
+            raise
 
-    def _fields(self, value: Any, names: Sequence[str], path: str) -> list[Any]:
-        return [[name, self.encode(getattr(value, name), f"{path}.{name}")] for name in names]
+    def _items(self, values: Any) -> list[Any]:
+        return [self.at(item, "[{}]", i) for i, item in enumerate(values)]
 
-    def _sorted(self, pairs: list[tuple[str, Any]]) -> list[Any]:
-        return [item for _, item in sorted(pairs, key=lambda pair: pair[0])]
+    def _fields(self, value: Any, names: Sequence[str]) -> list[Any]:
+        return [[n, self.at(getattr(value, n), ".{}", n)] for n in names]
 
-    def _text(self, encoded: Any) -> str:
-        return json.dumps(encoded, separators=(",", ":"), ensure_ascii=False)
-
-    def _compound(self, value: Any, cls: type, path: str) -> Any:
+    def _compound(self, value: Any, cls: type) -> Any:
         if isinstance(value, enum.Enum):
             return ["enum", _class_name(cls), value.name]
         if isinstance(value, type):
             return ["class", _class_name(value)]
         if dataclasses.is_dataclass(value):
             names = [f.name for f in dataclasses.fields(value)]
-            return ["dataclass", _class_name(cls), *self._fields(value, names, path)]
+            return ["dataclass", _class_name(cls), *self._fields(value, names)]
         model_fields = getattr(cls, "model_fields", None)
         if isinstance(model_fields, dict) and hasattr(value, "__pydantic_fields_set__"):
-            out = ["model", _class_name(cls), *self._fields(value, list(model_fields), path)]
+            out = ["model", _class_name(cls), *self._fields(value, list(model_fields))]
             extra = getattr(value, "model_extra", None)
             if extra:
-                out.append(["extra", self._dict(extra, f"{path}.model_extra")])
+                out.append(["extra", self.at(dict(extra), ".model_extra")])
             return out
         attrs_fields = getattr(cls, "__attrs_attrs__", None)
         if attrs_fields is not None:
-            names = [a.name for a in attrs_fields]
-            return ["attrs", _class_name(cls), *self._fields(value, names, path)]
+            return ["attrs", _class_name(cls), *self._fields(value, [a.name for a in attrs_fields])]
         if cls is list:
-            return ["list", *self._items(value, path)]
+            return ["list", *self._items(value)]
         if cls is tuple:
-            return ["tuple", *self._items(value, path)]
+            return ["tuple", *self._items(value)]
         if cls is dict:
-            return self._dict(value, path)
+            return self._dict(value)
         if cls in (set, frozenset):
-            items = [self.encode(item, f"{path}{{...}}") for item in value]
-            return [cls.__name__, *self._sorted([(self._text(i), i) for i in items])]
+            return [cls.__name__, *_by_text([self.at(i, "{{...}}") for i in value])]
         if cls is decimal.Decimal:
             return ["Decimal", str(value)]
         if cls in _DATES:
@@ -204,36 +223,29 @@ class _Encoder:
         if isinstance(value, pathlib.PurePath):
             return ["path", _class_name(cls), str(value)]
         if isinstance(value, tuple) and hasattr(cls, "_fields"):  # a namedtuple
-            return ["namedtuple", _class_name(cls), *self._fields(value, cls._fields, path)]
+            return ["namedtuple", _class_name(cls), *self._fields(value, cls._fields)]
         # A subclass of a built-in value type (an OrderedDict, a str subclass): its class and
         # its value as the built-in type (an OrderedDict's order counts, as in its ==).
+        if isinstance(value, collections.OrderedDict):
+            pairs = [[self.encode(k), self.at(v, "[{!r:.40}]", k)] for k, v in value.items()]
+            return ["subclass", _class_name(cls), ["ordered", *pairs]]
         bases: tuple[Any, ...] = (int, float, str, bytes, list, tuple, dict, set, frozenset)
         for base in bases:
             if isinstance(value, base):
-                if isinstance(value, collections.OrderedDict):
-                    inner: Any = [
-                        "ordered",
-                        *[
-                            [self.encode(k, f"{path} key"), self.encode(v, f"{path}[{k!r}]")]
-                            for k, v in value.items()
-                        ],
-                    ]
-                else:
-                    inner = self.encode(base(value), path)
-                return ["subclass", _class_name(cls), inner]
-        raise self.refuse(
-            path,
-            f"is of type {cls.__name__}, which has no exact text form (supported: str, int, "
-            "float, bool, None, Decimal, date/time, UUID, bytes, enums, lists, tuples, dicts, "
-            "sets, dataclasses, pydantic and attrs models)",
-        )
+                return ["subclass", _class_name(cls), self.encode(base(value))]
+        raise _Refused(f"is of type {cls.__name__}, {_UNSUPPORTED}")
 
-    def _dict(self, value: Mapping[Any, Any], path: str) -> list[Any]:
+    def _dict(self, value: dict[Any, Any]) -> list[Any]:
+        if all(type(k) is str for k in value):  # the common case: sorted by the names
+            return [
+                "dict",
+                *[[k, self.at(value[k], "[{!r:.40}]", k)] for k in sorted(value)],
+            ]
         pairs = []
         for k, v in value.items():
-            ek = self.encode(k, f"{path} key {k!r:.40}")
-            pairs.append((self._text(ek), [ek, self.encode(v, f"{path}[{k!r:.40}]")]))
-        return ["dict", *self._sorted(pairs)]
+            ek = self.at(k, " key {!r:.40}", k)
+            pairs.append([ek, self.at(v, "[{!r:.40}]", k)])
+        return ["dict", *_by_text(pairs)]
 
 
 _KEY_HINT = (
@@ -258,8 +270,14 @@ def typed_canonical(
         value that contains itself, or an int too long to print; the message names the argument
         and the path inside it.
     """
-    encoder = _Encoder(what, hint)
-    encoded = [[name, encoder.encode(value, repr(name))] for name, value in arguments.items()]
+    encoder = _Encoder()
+    encoded = []
+    for name, value in arguments.items():
+        try:
+            encoded.append([name, encoder.encode(value)])
+        except _Refused as refused:
+            where = "".join(reversed(refused.where))
+            raise InvalidKey(f"{what} {name!r}{where} {refused.problem}; {hint}") from None
     try:
         return json.dumps(encoded, separators=(",", ":"), ensure_ascii=False)
     except ValueError as exc:  # an int beyond sys.get_int_max_str_digits()
