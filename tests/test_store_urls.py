@@ -176,3 +176,25 @@ def test_two_workers_from_different_directories_see_where_their_store_is(tmp_pat
     assert shown.exit_code == 0, shown.output
     assert json.loads(shown.output)["file"] == str(tmp_path / "oncely.db")
     assert str(tmp_path / "oncely.db") in text.output.replace("\n", "")
+
+
+@pytest.mark.parametrize(
+    ("template", "options", "near"),
+    [
+        ("sqlite:///{tmp}/x.db", {"busy_timout": 5}, "busy_timeout"),
+        ("memory://", {"ttl": 5}, None),
+        (POSTGRES_URL, {"sslmod": "disable"}, "sslmode"),
+        (POSTGRES_URL, {"tabel": "x"}, "table"),
+        (REDIS_URL, {"socket_timout": 1}, "socket_timeout"),
+    ],
+    ids=["sqlite", "memory", "postgres-libpq", "postgres-own", "redis"],
+)
+def test_a_misspelled_keyword_option_is_refused_when_the_store_opens(
+    template: str, options: dict[str, object], near: str | None, tmp_path: Path
+) -> None:
+    """The same kind of typo as in the URL, given as a keyword argument: refused at once, not
+    at the first connection (PostgreSQL, Redis) and not as a bare TypeError (SQLite)."""
+    with pytest.raises(ConfigurationError, match=next(iter(options))) as caught:
+        open_store(_url(template, tmp_path), **options)
+    if near is not None:
+        assert f"did you mean {near!r}" in str(caught.value)

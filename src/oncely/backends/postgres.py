@@ -30,6 +30,7 @@ __all__ = [
     "ConnectionSlots",
     "LoopConnections",
     "SyncConn",
+    "check_connect_options",
     "conninfo",
     "network_defaults",
     "schema_lock_id",
@@ -72,6 +73,24 @@ def conninfo(url: str) -> str:
     query = urlsplit(f"postgresql://{rest}").query
     check_options(parse_qs(query, keep_blank_values=True), _libpq_keywords(), url, "PostgreSQL URL")
     return f"postgresql://{rest}"
+
+
+#: Keyword arguments :func:`psycopg.connect` takes besides libpq's connection parameters.
+_PSYCOPG_OPTIONS: Final = frozenset(
+    {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
+)
+
+
+def check_connect_options(options: dict[str, Any], url: str, own: tuple[str, ...] = ()) -> None:
+    """Refuse a keyword option :func:`psycopg.connect` would not take (a misspelled libpq
+    parameter fails only at the first connection otherwise), naming the closest one.
+
+    :param own: the caller's own option names (``table``), so a misspelling of one is named too.
+
+    :raises ConfigurationError: ``unknown option 'sslmod'; did you mean 'sslmode'?``.
+    """
+    known = _libpq_keywords() | _PSYCOPG_OPTIONS | set(own)
+    check_options(options, known, url, "PostgreSQL options for")
 
 
 @functools.cache

@@ -202,6 +202,8 @@ class RedisClients:
         **pool_options: Any,
     ) -> None:
         check_url(url)
+        # A misspelled option would fail only at the first command, with redis-py's TypeError.
+        check_options(pool_options, _url_options(urlsplit(url).scheme), url, "Redis options for")
         if truthy(pool_options.get("decode_responses", False)):
             raise ConfigurationError(
                 "decode_responses=True is not supported: oncely stores results as bytes"

@@ -56,7 +56,14 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from oncely.backends.forks import after_fork, inherit
 from oncely.backends.plans import Plan, arun, run
-from oncely.backends.postgres import AsyncConn, SyncConn, conninfo, network_defaults, schema_lock_id
+from oncely.backends.postgres import (
+    AsyncConn,
+    SyncConn,
+    check_connect_options,
+    conninfo,
+    network_defaults,
+    schema_lock_id,
+)
 from oncely.backends.urls import redact_url
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
@@ -209,6 +216,7 @@ class PostgresLockBackend(LockBackend):
         self.create_schema = create_schema
         kwargs: dict[str, Any] = network_defaults(self.conninfo, timeout)
         kwargs["application_name"] = "oncely-lock"
+        check_connect_options(options, url, ("table", "create_schema", "max_size", "timeout"))
         kwargs.update(options)
         kwargs["autocommit"] = True
         self._kwargs = kwargs

@@ -41,6 +41,7 @@ from oncely.backends.postgres import (
     AsyncConn,
     LoopConnections,
     SyncConn,
+    check_connect_options,
     conninfo,
     network_defaults,
     schema_lock_id,
@@ -481,6 +482,11 @@ class PostgresStore(PlannedStore):
         kwargs: dict[str, Any] = {"autocommit": True, **network_defaults(self.conninfo, timeout)}
         if "application_name" not in self.conninfo:
             kwargs["application_name"] = "oncely"
+        check_connect_options(
+            options,
+            url,
+            ("table", "create_schema", "min_size", "max_size", "timeout", "watch_max_size"),
+        )
         kwargs.update(options)
         kwargs["autocommit"] = True
         self._kwargs = kwargs
