@@ -158,6 +158,8 @@ def check(url: Url, table: Table_ = None, prefix: Prefix = None, as_json: Json =
     except OncelyError as exc:
         raise _fail(exc) from exc
     skew = store_now - (before + after) / 2
+    # A file store shows its file: a relative sqlite:/// path resolved against this directory.
+    path = getattr(store, "path", None)
     shown = {
         SETTINGS[name].env: "<hidden>" if SETTINGS[name].secret else value
         for name, value in settings.items()
@@ -166,6 +168,7 @@ def check(url: Url, table: Table_ = None, prefix: Prefix = None, as_json: Json =
         _print_json(
             {
                 "url": redact_url(url),
+                **({"file": path} if isinstance(path, str) else {}),
                 "reachable": True,
                 "round_trip_ms": round(1000 * (after - before), 3),
                 "schema": "present",
@@ -176,6 +179,8 @@ def check(url: Url, table: Table_ = None, prefix: Prefix = None, as_json: Json =
         return
     trip = f"(round trip {1000 * (after - before):.1f} ms)"
     console.print(_styled("reachable:", "green", f"{redact_url(url)} {trip}"))
+    if isinstance(path, str):
+        console.print(_styled("file:", "green", path))
     console.print(_styled("schema:", "green", "present"))
     console.print(
         _styled(
