@@ -318,3 +318,62 @@ def test_psycopg_autocommit_connection(make_db: Any) -> None:
         _effect(db, conn, effects, "k2")
         raise RuntimeError
     assert _count(db, effects) == 1 and not oncely.sql.adapt(conn).in_transaction()
+
+
+async def test_sqlalchemy_async_session(db: Db) -> None:
+    pytest.importorskip("sqlalchemy")
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    keys, effects = _setup(db)
+    engine = create_async_engine(db.url("async"))
+    try:
+        for _ in range(2):
+            async with AsyncSession(engine) as session:
+                async with transaction(session, key="k", scope="s", table=keys) as tx:
+                    if not tx.replayed:
+                        await session.execute(text(f"INSERT INTO {effects} VALUES ('k', 1)"))
+                        tx.set_result({"n": 1})
+                assert tx.result == {"n": 1}
+        assert _count(db, effects) == 1
+    finally:
+        await engine.dispose()
+
+
+def test_set_result_on_a_replay_is_refused(make_db: Any) -> None:
+    db = make_db("sqlite")
+    keys, _ = _setup(db)
+    conn = db.connect()
+    with transaction(conn, key="k", scope="s", table=keys) as tx:
+        tx.set_result(1)
+    with (
+        pytest.raises(ConfigurationError, match="replayed"),
+        transaction(conn, key="k", scope="s", table=keys) as tx,
+    ):
+        tx.set_result(2)
+    with transaction(conn, key="k", scope="s", table=keys) as tx:
+        assert tx.result == 1
+
+
+def test_sqlalchemy_session_in_a_failed_transaction_is_refused(make_db: Any) -> None:
+    pytest.importorskip("sqlalchemy")
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import Session
+
+    db = make_db("postgresql")
+    keys, _ = _setup(db)
+    engine = create_engine(db.url())
+    try:
+        with Session(engine) as session:
+            with pytest.raises(Exception, match="division by zero"):
+                session.execute(text("SELECT 1/0"))
+            with (
+                pytest.raises(TransactionFailed),
+                transaction(session, key="k", scope="s", table=keys),
+            ):
+                pytest.fail("ran in a failed transaction")
+            session.rollback()
+            with transaction(session, key="k", scope="s", table=keys) as tx:
+                assert not tx.replayed
+    finally:
+        engine.dispose()

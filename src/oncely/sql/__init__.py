@@ -9,6 +9,8 @@
 * :mod:`oncely.sql.phases`: recovery points for multi-step operations (:class:`Operation`),
   the completer and the reaper (:func:`reap`).
 * :mod:`oncely.sql.schema`: the keys table (:func:`create_tables`, :func:`~oncely.sql.schema.ddl`).
+* :mod:`oncely.sql.versioned`: :func:`versioned_update` / :func:`aversioned_update`,
+  optimistic locking on a row (source §3.3); zero rows is never silent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from oncely.sql.keys import GLOBAL
 from oncely.sql.phases import Operation, PhaseContext, areap, reap
 from oncely.sql.schema import acreate_tables, create_tables
 from oncely.sql.transaction import Transaction, transaction
+from oncely.sql.versioned import aversioned_update, versioned_update
 
 __all__ = [
     "GLOBAL",
@@ -31,6 +34,7 @@ __all__ = [
     "adapt",
     "ainsert_once",
     "areap",
+    "aversioned_update",
     "create_tables",
     "duplicate_of",
     "idempotent_transaction",
@@ -38,4 +42,5 @@ __all__ = [
     "reap",
     "retryable",
     "transaction",
+    "versioned_update",
 ]

@@ -712,6 +712,20 @@ def _sa_result(res: Any) -> Result:
     return Result(rows, res.rowcount, tuple(res.keys()))
 
 
+def _inline_bytes(sql: str, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``sql`` with its ``bytes`` parameters written as ``X'..'`` literals."""
+    rest = {k: v for k, v in params.items() if not isinstance(v, bytes)}
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        value = params.get(name) if name is not None else None
+        if isinstance(value, bytes):
+            return "X'" + value.hex() + "'"
+        return m.group(0)
+
+    return _TOKEN.sub(sub, sql), rest
+
+
 def _sa_failed(conn: Any) -> bool:
     """A SQLAlchemy Connection whose PostgreSQL transaction is in error."""
     try:
@@ -787,7 +801,15 @@ class _SaAsyncConnection(SqlConnection):
         self.dialect, self.version, self.mariadb = _sa_dialect(raw.dialect)
 
     async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
-        return _sa_result(await self.raw.execute(_sa_text(self.text(text)), dict(params)))
+        sql = self.text(text)
+        if self.dialect == "mysql" and any(isinstance(v, bytes) for v in params.values()):
+            # aiomysql escapes bytes with a name PyMySQL >= 1.2 no longer exports: send them as
+            # hex literals (hex digits only) and the rest as parameters
+            sql, params = _inline_bytes(sql, params)
+            from sqlalchemy import text as sa_text
+
+            return _sa_result(await self.raw.execute(sa_text(sql), dict(params)))
+        return _sa_result(await self.raw.execute(_sa_text(sql), dict(params)))
 
     def in_transaction(self) -> bool:
         return bool(self.raw.in_transaction())
