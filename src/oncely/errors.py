@@ -19,6 +19,7 @@ __all__ = [
     "LockLost",
     "LockNotOwned",
     "LockTimeout",
+    "MessageRejected",
     "OncelyError",
     "SchemaMissing",
     "SerializationError",
@@ -186,3 +187,13 @@ class HttpProblem(OncelyError):
         self.detail = detail
         self.headers = headers
         self.extra = extra
+
+
+class MessageRejected(OncelyError, ValueError):
+    """A message an idempotent consumer cannot handle safely: it carries no dedup id, or its
+    body cannot be decoded to read one. It is dead-lettered (never run without a dedup id);
+    ``reason`` names what is missing (see ``docs/messaging.md``)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
