@@ -1,0 +1,101 @@
+"""A consumer process for the messaging storms (tests/test_messaging_*.py).
+
+    python tests/messaging_workers.py BROKER CONFIG_JSON
+
+Each handled message inserts one row into the test's PostgreSQL table (no unique constraint:
+the test counts duplicates). Before the effect the worker writes ``S <id>`` to its log, and
+``D <id>`` once the message is acked, so the test knows which ids were between effect and
+completion when it killed the worker (the window only a transactional inbox closes). Messages
+whose number is a multiple of ``fail_every`` fail on their first delivery (a forced
+nack/requeue). SIGTERM stops the worker cleanly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from typing import Any
+
+import psycopg
+
+from oncely.messaging import Ack, Delivery, IdempotentConsumer, Verdict
+from oncely.stores import open_store
+
+
+class Worker:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.log = open(config["log"], "a", buffering=1)  # noqa: SIM115 - one line per write
+        self.failed: set[str] = set()
+        self.conn: psycopg.AsyncConnection[Any] | None = None
+
+    async def handler(self, delivery: Delivery) -> None:
+        mid = delivery.message_id or ""
+        number = int(mid.rsplit("-", 1)[1])
+        every = self.config["fail_every"]
+        if every and number % every == 0 and mid not in self.failed:
+            first = delivery.attempt == 1 if delivery.attempt is not None else True
+            if first:
+                self.failed.add(mid)
+                raise RuntimeError(f"forced failure of {mid}")
+        self.log.write(f"S {mid}\n")
+        assert self.conn is not None
+        await self.conn.execute(
+            f"INSERT INTO {self.config['table']} (msg_id, worker) VALUES (%s, %s)",
+            (mid, self.config["member"]),
+        )
+
+    def done(self, delivery: Delivery, verdict: Verdict) -> None:
+        if isinstance(verdict, Ack) and verdict.ran:
+            self.log.write(f"D {delivery.message_id}\n")
+
+    def consumer(self) -> IdempotentConsumer:
+        store = open_store(self.config["store"], **self.config.get("store_options", {}))
+        return IdempotentConsumer(
+            self.handler,
+            name=self.config["name"],
+            store=store,
+            lease=self.config.get("lease", 2.0),
+            wait_timeout=self.config.get("wait_timeout", 5.0),
+            retry_delay=0.2,
+            max_retry_delay=1.0,
+        )
+
+
+async def run_redis(worker: Worker, stop: asyncio.Event) -> None:
+    import redis.asyncio
+
+    from oncely.messaging.redis_streams import RedisStreamConsumer
+
+    cfg = worker.config
+    client = redis.asyncio.Redis.from_url(cfg["redis"])
+
+    class Logged(RedisStreamConsumer):
+        async def handle(self, entries: Any, attempts: Any) -> Any:
+            pairs = await super().handle(entries, attempts)
+            for delivery, verdict in pairs:
+                worker.done(delivery, verdict)
+            return pairs
+
+    stream = Logged(worker.consumer(), client, cfg["stream"], cfg["group"], cfg["member"], count=50)
+    await stream.run(stop)
+    await client.aclose()
+
+
+RUNNERS = {"redis": run_redis}
+
+
+async def main(broker: str, config: dict[str, Any]) -> None:
+    worker = Worker(config)
+    worker.conn = await psycopg.AsyncConnection.connect(config["postgres"], autocommit=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    print("ready", flush=True)
+    await RUNNERS[broker](worker, stop)
+    await worker.conn.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
