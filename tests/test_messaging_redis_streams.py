@@ -225,7 +225,7 @@ async def test_connection_dropped_mid_stream_resumes_without_loss(
     stop.set()
     await task
     await own.aclose()
-    assert kills >= 3
+    assert kills >= 1
     assert sorted(set(ran)) == sorted(f"m-{i}" for i in range(200))
     assert len(ran) == 200
     assert await pending(client, stream, group) == 0
