@@ -84,7 +84,29 @@ async def run_redis(worker: Worker, stop: asyncio.Event) -> None:
     await client.aclose()
 
 
-RUNNERS = {"redis": run_redis}
+async def run_rabbitmq(worker: Worker, stop: asyncio.Event) -> None:
+    import aio_pika
+
+    from oncely.messaging.rabbitmq import RabbitMQConsumer
+
+    cfg = worker.config
+    connection = await aio_pika.connect_robust(cfg["amqp"])
+    channel = await connection.channel()
+    queue = await channel.get_queue(cfg["queue"])
+
+    class Logged(RabbitMQConsumer):
+        async def on_message(self, message: Any) -> Any:
+            from oncely.messaging.rabbitmq import delivery_of
+
+            verdict = await super().on_message(message)
+            worker.done(delivery_of(message), verdict)
+            return verdict
+
+    await Logged(worker.consumer(), queue, prefetch=50).run(stop)
+    await connection.close()
+
+
+RUNNERS = {"redis": run_redis, "rabbitmq": run_rabbitmq}
 
 
 async def main(broker: str, config: dict[str, Any]) -> None:
