@@ -32,7 +32,7 @@ class Worker:
         self.conn: psycopg.AsyncConnection[Any] | None = None
 
     async def handler(self, delivery: Delivery) -> None:
-        mid = delivery.message_id or ""
+        mid = delivery.headers.get("Event-Id") or delivery.message_id or ""
         number = int(mid.rsplit("-", 1)[1])
         every = self.config["fail_every"]
         if every and number % every == 0 and mid not in self.failed:
@@ -57,6 +57,7 @@ class Worker:
             self.handler,
             name=self.config["name"],
             store=store,
+            dedup_id=self.config.get("dedup_id", "message_id"),
             lease=self.config.get("lease", 2.0),
             wait_timeout=self.config.get("wait_timeout", 5.0),
             retry_delay=0.2,
@@ -106,7 +107,28 @@ async def run_rabbitmq(worker: Worker, stop: asyncio.Event) -> None:
     await connection.close()
 
 
-RUNNERS = {"redis": run_redis, "rabbitmq": run_rabbitmq}
+async def run_nats(worker: Worker, stop: asyncio.Event) -> None:
+    import nats
+
+    from oncely.messaging.nats import JetStreamConsumer
+
+    cfg = worker.config
+    nc = await nats.connect(cfg["nats"])
+    js = nc.jetstream()
+    sub = await js.pull_subscribe(cfg["subject"], durable=cfg["durable"], stream=cfg["stream"])
+
+    class Logged(JetStreamConsumer):
+        async def handle(self, msgs: Any) -> Any:
+            pairs = await super().handle(msgs)
+            for delivery, verdict in pairs:
+                worker.done(delivery, verdict)
+            return pairs
+
+    await Logged(worker.consumer(), sub, batch=50, fetch_timeout=0.5).run(stop)
+    await nc.close()
+
+
+RUNNERS = {"redis": run_redis, "rabbitmq": run_rabbitmq, "nats": run_nats}
 
 
 async def main(broker: str, config: dict[str, Any]) -> None:
