@@ -131,6 +131,70 @@ async def run_nats(worker: Worker, stop: asyncio.Event) -> None:
 RUNNERS = {"redis": run_redis, "rabbitmq": run_rabbitmq, "nats": run_nats}
 
 
+def run_celery(config: dict[str, Any]) -> None:
+    """A Celery worker (threads pool, acks_late) in this process, on the RabbitMQ broker."""
+    from celery import Celery
+    from celery.signals import task_postrun
+
+    from oncely.messaging.celery import IdempotentTask
+
+    worker = Worker(config)
+    conn = psycopg.connect(config["postgres"], autocommit=True)
+    app = Celery("oncely_storm", broker=config["amqp"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_default_queue=config["queue"],
+        task_ignore_result=True,
+        worker_prefetch_multiplier=4,
+        broker_connection_retry_on_startup=True,
+        worker_hijack_root_logger=False,
+    )
+    store = open_store(config["store"], **config.get("store_options", {}))
+    every = config["fail_every"]
+
+    @app.task(  # type: ignore[misc]
+        base=IdempotentTask,
+        name="oncely_storm.apply",
+        bind=True,
+        idempotency_store=store,
+        idempotency_key=lambda mid: mid,
+        idempotency_lease=config.get("lease", 2.0),
+    )
+    def apply(self: Any, mid: str) -> None:
+        number = int(mid.rsplit("-", 1)[1])
+        if every and number % every == 0 and self.request.retries == 0:
+            raise RuntimeError(f"forced failure of {mid}")
+        worker.log.write(f"S {mid}\n")
+        conn.execute(
+            f"INSERT INTO {config['table']} (msg_id, worker) VALUES (%s, %s)",
+            (mid, config["member"]),
+        )
+
+    @task_postrun.connect  # type: ignore[misc]
+    def logged(task: Any = None, args: Any = None, state: Any = None, **_: Any) -> None:
+        if getattr(task, "name", None) == "oncely_storm.apply" and state == "SUCCESS":
+            worker.log.write(f"D {args[0]}\n")
+
+    print("ready", flush=True)
+    app.worker_main(
+        [
+            "worker",
+            "--pool=threads",
+            "--concurrency=8",
+            "-Q",
+            config["queue"],
+            "-l",
+            "warning",
+            "--without-heartbeat",
+            "--without-mingle",
+            "--without-gossip",
+            "-n",
+            f"{config['member']}@%h",
+        ]
+    )
+
+
 async def main(broker: str, config: dict[str, Any]) -> None:
     worker = Worker(config)
     worker.conn = await psycopg.AsyncConnection.connect(config["postgres"], autocommit=True)
@@ -142,4 +206,7 @@ async def main(broker: str, config: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
+    if sys.argv[1] == "celery":
+        run_celery(json.loads(sys.argv[2]))
+    else:
+        asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
