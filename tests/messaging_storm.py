@@ -11,6 +11,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -126,12 +127,20 @@ def storm_table(storm: Storm) -> Iterator[None]:
 
 
 def run_storm(
-    storm: Storm, config: dict[str, Any], drained: Callable[[], bool], timeout: float = 25.0
+    storm: Storm,
+    config: dict[str, Any],
+    drained: Callable[[], bool],
+    timeout: float = 25.0,
+    publish: Callable[[], None] | None = None,
 ) -> StormResult:
     """Start members a and b, SIGKILL a once a third of the effects are in, restart it, wait
-    until every id has an effect and ``drained()`` (nothing pending), stop both."""
+    until every id has an effect and ``drained()`` (nothing pending), stop both.
+    ``publish``: run once both members are up (brokers that keep nothing for absent
+    subscribers)."""
     storm.start("a", 1, config)
     storm.start("b", 1, config)
+    if publish is not None:
+        threading.Thread(target=publish, daemon=True).start()
     storm.wait_for(lambda: len(storm.effects()) >= storm.n // 3, timeout, "a third")
     storm.kill("a")
     at_risk = storm.at_risk("a", 1)

@@ -16,6 +16,7 @@ import asyncio
 import json
 import signal
 import sys
+import threading
 from typing import Any
 
 import psycopg
@@ -131,6 +132,55 @@ async def run_nats(worker: Worker, stop: asyncio.Event) -> None:
 RUNNERS = {"redis": run_redis, "rabbitmq": run_rabbitmq, "nats": run_nats}
 
 
+def run_mqtt(config: dict[str, Any]) -> None:
+    """An MQTT member of a shared subscription, persistent session under a stable id."""
+    from oncely.messaging.mqtt import MQTTConsumer, connect
+
+    worker = Worker(config)
+    conn = psycopg.connect(config["postgres"], autocommit=True)
+    every = config["fail_every"]
+    failed: set[str] = set()
+
+    def handler(delivery: Delivery) -> None:
+        mid = delivery.message_id or ""
+        number = int(mid.rsplit("-", 1)[1])
+        if every and number % every == 0 and mid not in failed:
+            failed.add(mid)
+            raise RuntimeError(f"forced failure of {mid}")
+        worker.log.write(f"S {mid}\n")
+        conn.execute(
+            f"INSERT INTO {config['table']} (msg_id, worker) VALUES (%s, %s)",
+            (mid, config["member"]),
+        )
+
+    consumer = IdempotentConsumer(
+        handler,
+        name=config["name"],
+        store=open_store(config["store"], **config.get("store_options", {})),
+        dedup_id="header:message_id",
+        lease=config.get("lease", 2.0),
+        retry_delay=0.2,
+        max_retry_delay=1.0,
+    )
+
+    class Logged(MQTTConsumer):
+        def handle(self, message: Any) -> None:
+            super().handle(message)
+            from oncely.messaging.mqtt import delivery_of
+
+            worker.log.write(f"D {delivery_of(message).message_id}\n")
+
+    client = connect("127.0.0.1", 1883, f"{config['client_id']}-{config['member']}")
+    member = Logged(consumer, client, config["topic"])
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    member.start()
+    assert member.subscribed.wait(10)
+    print("ready", flush=True)
+    stop.wait()
+    member.stop()
+
+
 def run_celery(config: dict[str, Any]) -> None:
     """A Celery worker (threads pool, acks_late) in this process, on the RabbitMQ broker."""
     from celery import Celery
@@ -208,5 +258,7 @@ async def main(broker: str, config: dict[str, Any]) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "celery":
         run_celery(json.loads(sys.argv[2]))
+    elif sys.argv[1] == "mqtt":
+        run_mqtt(json.loads(sys.argv[2]))
     else:
         asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
