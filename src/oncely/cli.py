@@ -6,6 +6,7 @@ oncely keys ls URL           list live records (80 columns; what each belongs to
 oncely keys show URL DIGEST  one record (a stored HTTP response decoded)
 oncely keys rm URL DIGEST    delete one record (the next call runs again)
 oncely purge URL             delete expired records
+oncely consume BROKER …      run a handler as an idempotent consumer (oncely.messaging.cli)
 oncely --version
 
 ``--json`` on ``check``, ``keys ls`` and ``keys show`` prints one JSON document instead of a
@@ -470,6 +471,11 @@ def main() -> None:
 from oncely.demo.cli import register as _register_demo  # noqa: E402
 
 _register_demo(app)
+
+# -- `oncely consume BROKER`: lives in oncely.messaging.cli -------------------------------------
+from oncely.messaging.cli import register as _register_consume  # noqa: E402
+
+_register_consume(app)
 
 
 if __name__ == "__main__":
