@@ -297,3 +297,100 @@ def test_async_handler_on_the_sync_face_is_refused() -> None:
     consumer = IdempotentConsumer(handler, name="c", store="memory://")
     with pytest.raises(ConfigurationError, match="aprocess"):
         consumer.process(msg("m-1"))
+
+
+@pytest.fixture(params=["memory", "redis"])
+def batch_store(request: pytest.FixtureRequest, make_store: StoreFactory) -> Store:
+    """redis: the batch face (one pipeline per batch); memory: message by message."""
+    return make_store(request.param)[0]
+
+
+async def test_batch_failures_poison_and_held_messages(batch_store: Store) -> None:
+    """In one batch: a message that fails (retried), a poison one at its last attempt
+    (dead-lettered once), a message held by another consumer (waits, then acked as a
+    duplicate) and plain ones; copies inside the batch follow their first."""
+    runs: list[str] = []
+    letters: list[str | None] = []
+    held_started, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(d: Delivery) -> None:
+        mid = d.message_id or ""
+        runs.append(mid)
+        if mid == "held":
+            held_started.set()
+            await release.wait()
+        if mid.startswith("bad"):
+            raise ValueError(mid)
+
+    def make() -> IdempotentConsumer:
+        return IdempotentConsumer(
+            handler,
+            name="c",
+            store=batch_store,
+            lease=5,
+            max_attempts=3,
+            wait_timeout=10,
+            on_dead_letter=lambda d, e: letters.append(d.message_id),
+        )
+
+    other, consumer = make(), make()
+    from oncely.stores.redis import RedisStore
+
+    assert (consumer._batch_face() is not None) == isinstance(batch_store, RedisStore)
+    holder = asyncio.ensure_future(other.aprocess(msg("held")))
+    await asyncio.wait_for(held_started.wait(), 10)
+    batch = [
+        msg("ok-1"),
+        Delivery(b"{}", message_id="bad-1", attempt=1),
+        Delivery(b"{}", message_id="bad-2", attempt=3),
+        msg("held"),
+        msg("ok-1"),
+        msg(None),
+        msg("ok-2"),
+    ]
+    task = asyncio.ensure_future(consumer.aprocess_many(batch))
+    await asyncio.sleep(0.3)
+    release.set()
+    verdicts = await asyncio.wait_for(task, 15)
+    assert await holder == Ack(ran=True)
+    kinds = [type(v).__name__ for v in verdicts]
+    assert kinds == ["Ack", "Retry", "DeadLetter", "Ack", "Ack", "DeadLetter", "Ack"]
+    assert verdicts[3] == Ack(ran=False) and verdicts[4] == Ack(ran=False)
+    assert sorted(runs) == ["bad-1", "bad-2", "held", "ok-1", "ok-2"]
+    assert sorted(letters, key=str) == [None, "bad-2"]
+    # the retried one can run again; the completed ones are duplicates now
+    again = await consumer.aprocess_many([msg("bad-1"), msg("ok-1"), msg("ok-2")])
+    assert [type(v).__name__ for v in again] == ["Retry", "Ack", "Ack"]
+    assert again[1] == Ack(ran=False)
+
+
+async def test_batch_store_down_hands_everything_back() -> None:
+    store = open_store("redis://127.0.0.1:1/0", socket_connect_timeout=0.3)
+    runs: list[int] = []
+
+    async def handler(d: Delivery) -> None:
+        runs.append(1)
+
+    consumer = IdempotentConsumer(handler, name="c", store=store)
+    verdicts = await consumer.aprocess_many([msg(f"m-{i}") for i in range(5)])
+    assert all(isinstance(v, Retry) and "unavailable" in v.reason for v in verdicts)
+    assert runs == []
+    await store.aclose()
+    store.close()
+
+
+async def test_batch_leases_are_renewed_while_handlers_run(make_store: StoreFactory) -> None:
+    store = make_store("redis")[0]
+    started = asyncio.Event()
+
+    async def slow(d: Delivery) -> None:
+        started.set()
+        await asyncio.sleep(3.5)
+
+    consumer = IdempotentConsumer(slow, name="c", store=store, lease=2.0, wait_timeout=0)
+    task = asyncio.ensure_future(consumer.aprocess_many([msg("a"), msg("b")]))
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.sleep(2.5)  # past the first lease
+    late = await consumer.aprocess(msg("a"))
+    assert isinstance(late, Retry) and "another consumer" in late.reason
+    assert await task == [Ack(ran=True), Ack(ran=True)]

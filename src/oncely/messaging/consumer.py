@@ -35,17 +35,21 @@ import inspect
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from oncely.codecs import RawCodec
-from oncely.core.records import RecordKey
+from oncely.core.cancelsafe import write_through
+from oncely.core.lease import AsyncRenewer, Claimed, active_claim
+from oncely.core.records import New, RecordKey, Replay
 from oncely.errors import (
     ConfigurationError,
     InFlightError,
     LeaseLost,
     MessageRejected,
+    OncelyError,
     StoreError,
 )
 from oncely.functions.drivers import drive, drive_async
@@ -470,9 +474,133 @@ class IdempotentConsumer:
         return verdict
 
     async def aprocess_many(self, deliveries: Iterable[Delivery]) -> list[Verdict]:
-        """:meth:`aprocess` the deliveries concurrently (a broker's batch: their claims and
-        completions overlap on the store's connection pool); verdicts in delivery order."""
-        return list(await asyncio.gather(*(self.aprocess(d) for d in deliveries)))
+        """Handle a broker's batch; verdicts in delivery order.
+
+        On a store with a batch face (:func:`oncely.messaging.batch.batch_claims`: Redis) the
+        batch is claimed in one round trip and its handled messages completed in one more;
+        the handlers run concurrently, each lease renewed while it runs. A message whose claim
+        is held by another consumer takes the one-message path (:meth:`aprocess`: it waits for
+        the holder). A dedup id repeated inside the batch is claimed once; its copies share
+        the first one's verdict (acked as duplicates once it is). On other stores each message
+        goes through :meth:`aprocess`, concurrently.
+        """
+        batch = list(deliveries)
+        claims = self._batch_face() if len(batch) > 1 else None
+        if claims is None:
+            return list(await asyncio.gather(*(self.aprocess(d) for d in batch)))
+        return await self._abatch(claims, batch)
+
+    def _batch_face(self) -> Any:
+        try:
+            from oncely.messaging.batch import batch_claims
+        except ImportError:  # redis-py missing: no Redis store, no batch face
+            return None
+        return batch_claims(self.store)
+
+    async def _abatch(self, claims: Any, batch: list[Delivery]) -> list[Verdict]:
+        verdicts: list[Verdict | None] = [None] * len(batch)
+        ids: dict[int, str] = {}
+        first: dict[str, int] = {}
+        copies: list[tuple[int, int]] = []
+        for i, delivery in enumerate(batch):
+            read = self._read(delivery)
+            if isinstance(read, DeadLetter):
+                verdicts[i] = await self._adead_letter(delivery, read)
+            elif read in first:
+                copies.append((i, first[read]))
+            else:
+                first[read] = i
+                ids[i] = read
+        order = list(ids)
+        keys = [self.key_for(ids[i]) for i in order]
+        sent_at = time.monotonic()
+        try:
+            outcomes = await claims.claim_many(keys, _FINGERPRINT, self.lease, self.policy.ttl)
+        except StoreError as exc:
+            for i in order:
+                verdicts[i] = self.verdict_for(batch[i], ids[i], exc, False)
+            outcomes = []
+        run: list[tuple[int, RecordKey, int]] = []
+        alone: list[int] = []
+        for i, key, outcome in zip(order, keys, outcomes):
+            if isinstance(outcome, Replay):
+                verdicts[i] = Ack(ran=False)
+            elif isinstance(outcome, New):
+                run.append((i, key, outcome.fence))
+            else:  # held by another consumer (or a foreign record): wait for it, one by one
+                alone.append(i)
+        handled = await asyncio.gather(
+            *(self._run_claimed(batch[i], key, fence, sent_at) for i, key, fence in run),
+            *(self.aprocess(batch[i]) for i in alone),
+            return_exceptions=True,
+        )
+        for i, verdict in zip(alone, handled[len(run) :]):
+            verdicts[i] = (
+                verdict
+                if not isinstance(verdict, BaseException)
+                else Retry(self.retry_delay, repr(verdict))
+            )
+        ok: list[tuple[int, RecordKey, int]] = []
+        for (i, key, fence), error in zip(run, handled[: len(run)]):
+            if error is None:
+                ok.append((i, key, fence))
+                continue
+            assert isinstance(error, BaseException)
+            if not isinstance(error, Exception):
+                raise error
+            try:
+                await write_through(self.store.arelease, key, fence)
+            except OncelyError as release_error:
+                log.warning("oncely: a failed message's claim was not released (%s)", release_error)
+            verdicts[i] = await self._afinish(batch[i], ids[i], error)
+        if ok:
+            for i, error in zip((i for i, _, _ in ok), await self._complete_many(claims, ok)):
+                verdicts[i] = await self._afinish(batch[i], ids[i], error)
+        for i, j in copies:
+            original = verdicts[j]
+            verdicts[i] = Ack(ran=False) if isinstance(original, (Ack, DeadLetter)) else original
+        return [v if v is not None else Retry(self.retry_delay, "not handled") for v in verdicts]
+
+    async def _afinish(
+        self, delivery: Delivery, dedup_id: str, error: BaseException | None
+    ) -> Verdict:
+        """The verdict for a message whose handler ran (dead-lettered if it comes to that)."""
+        verdict = self.verdict_for(delivery, dedup_id, error, True)
+        if isinstance(verdict, DeadLetter):
+            return await self._adead_letter(delivery, verdict)
+        return verdict
+
+    async def _run_claimed(
+        self, delivery: Delivery, key: RecordKey, fence: int, sent_at: float
+    ) -> None:
+        """Run the handler under a claim made by the batch, its lease renewed meanwhile."""
+        claimed = Claimed(key, fence, self.lease, self.store)
+        renewer = AsyncRenewer(claimed, sent_at)
+        token = active_claim.set(claimed)
+        try:
+            if self.is_async:
+                await self.handler(delivery)
+            else:
+                await asyncio.to_thread(self.handler, delivery)
+        finally:
+            active_claim.reset(token)
+            renewer.stop()
+
+    async def _complete_many(
+        self, claims: Any, ok: list[tuple[int, RecordKey, int]]
+    ) -> list[BaseException | None]:
+        """Complete the handled messages in one round trip; retried while the store is briefly
+        unreachable (as :func:`oncely.functions.flow.call_flow` does)."""
+        items = [(key, fence) for _, key, fence in ok]
+        codec = self.policy.codec.name
+        for attempt in range(self.policy.complete_attempts):
+            try:
+                return list(await claims.complete_many(items, b"", codec, self.policy.ttl))
+            except StoreError as exc:
+                if attempt + 1 == self.policy.complete_attempts:
+                    return [exc] * len(items)
+                await asyncio.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
 
     async def _adead_letter(self, delivery: Delivery, verdict: DeadLetter) -> Verdict:
         try:
