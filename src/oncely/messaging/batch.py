@@ -21,10 +21,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisError
 
 from oncely.backends.lua import Script
 from oncely.backends.redis import ms
+from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import (
     ClaimOutcome,
     InFlight,
@@ -66,10 +67,6 @@ class BatchClaims(Protocol):
         ...
 
 
-def _is_noscript(reply: Any) -> bool:
-    return isinstance(reply, ResponseError) and str(reply).startswith("NOSCRIPT")
-
-
 def _replayed(key: RecordKey, f: Sequence[Any]) -> Record:
     """The completed record claim.lua returned (fields ``st fe fp lu ea ca rs cd``)."""
     return Record(
@@ -99,6 +96,42 @@ def _outcome(key: RecordKey, reply: Any) -> ClaimOutcome:
     raise StoreError(f"unexpected reply from claim.lua: {reply!r}")
 
 
+def _batched(script: Script, loop: str) -> bytes:
+    """``script``'s own source as the local function ``one(KEYS, ARGV)``, then ``loop``, which
+    calls it once per message with the ``KEYS`` and ``ARGV`` the single script gets. The
+    decision is the store's script, word for word: only the loop (and how the arguments are
+    packed, each shared one sent once) is new."""
+    return b"local function one(KEYS, ARGV)\n" + script.source + b"\nend\n" + loop.encode()
+
+
+# claim.lua takes KEYS record, fence counter; ARGV fingerprint, lease, ttl, scope, digest.
+# Batch: KEYS fence counter, record 1..n; ARGV fingerprint, lease, ttl, scope, digest 1..n.
+_CLAIM_BATCH: Final = _batched(
+    _CLAIM,
+    """
+local out = {}
+for i = 1, #KEYS - 1 do
+  out[i] = one({KEYS[i + 1], KEYS[1]}, {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[4 + i]})
+end
+return out
+""",
+)
+
+# complete.lua takes KEYS record; ARGV fence, result, codec, ttl, channel.
+# Batch: KEYS record 1..n; ARGV result, codec, ttl, channel prefix, (fence, digest) 1..n.
+_COMPLETE_BATCH: Final = _batched(
+    _COMPLETE,
+    """
+local out = {}
+for i = 1, #KEYS do
+  local fence, digest = ARGV[3 + 2 * i], ARGV[4 + 2 * i]
+  out[i] = one({KEYS[i]}, {fence, ARGV[1], ARGV[2], ARGV[3], ARGV[4] .. digest})
+end
+return out
+""",
+)
+
+
 class RedisBatchClaims:
     """:class:`BatchClaims` on a :class:`~oncely.stores.redis.RedisStore` (its pools, prefix,
     scripts and record layout)."""
@@ -111,54 +144,43 @@ class RedisBatchClaims:
     def _key(self, key: RecordKey) -> str:
         return f"{self.prefix}:{key.scope}:{key.digest}"
 
-    async def _pipeline(self, script: Script, calls: Sequence[tuple[Any, ...]]) -> list[Any]:
-        client = self.store.redis.aclient()
-        for _ in range(2):
-            pipe = client.pipeline(transaction=False)
-            for args in calls:
-                pipe.evalsha(script.sha, *args)
-            try:
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
-            except RedisError as exc:
-                raise self.store.redis.error(exc) from exc
-            if not any(_is_noscript(r) for r in replies):
-                break
-            try:
-                await client.script_load(script.source)
-            except RedisError as exc:
-                raise self.store.redis.error(exc) from exc
-        for reply in replies:
-            if isinstance(reply, Exception):
-                raise StoreError(f"{script!r} failed: {reply}")
-        return replies
+    async def _eval(self, source: bytes, keys: list[Any], args: list[Any]) -> list[Any]:
+        try:
+            with keep_cancel():
+                reply: list[Any] = await self.store.redis.aclient().execute_command(
+                    "EVAL", source, len(keys), *keys, *args
+                )
+        except RedisError as exc:
+            raise self.store.redis.error(exc) from exc
+        return reply
 
     async def claim_many(
         self, keys: Sequence[RecordKey], fingerprint: str, lease: float, ttl: float
     ) -> list[ClaimOutcome]:
-        calls = [
-            (2, self._key(k), self._fence_key, fingerprint, ms(lease), ms(ttl), k.scope, k.digest)
-            for k in keys
-        ]
-        replies = await self._pipeline(_CLAIM, calls)
+        if not keys:
+            return []
+        scope = keys[0].scope
+        if any(k.scope != scope for k in keys):
+            raise ValueError("claim_many takes keys of one scope (one consumer)")
+        flat_keys: list[Any] = [self._fence_key, *(self._key(k) for k in keys)]
+        args: list[Any] = [fingerprint, ms(lease), ms(ttl), scope, *(k.digest for k in keys)]
+        replies = await self._eval(_CLAIM_BATCH, flat_keys, args)
         return [_outcome(k, r) for k, r in zip(keys, replies)]
 
     async def complete_many(
         self, items: Sequence[tuple[RecordKey, int]], result: bytes, codec: str, ttl: float
     ) -> list[LeaseLost | None]:
-        calls = [
-            (
-                1,
-                self._key(k),
-                fence,
-                result,
-                codec,
-                ms(ttl),
-                f"{self.prefix}:done:{k.scope}:{k.digest}",
-            )
-            for k, fence in items
-        ]
+        if not items:
+            return []
+        scope = items[0][0].scope
+        if any(k.scope != scope for k, _ in items):
+            raise ValueError("complete_many takes keys of one scope (one consumer)")
+        flat_keys: list[Any] = [self._key(k) for k, _ in items]
+        args: list[Any] = [result, codec, ms(ttl), f"{self.prefix}:done:{scope}:"]
+        for k, fence in items:
+            args += (fence, k.digest)
         out: list[LeaseLost | None] = []
-        for (key, fence), reply in zip(items, await self._pipeline(_COMPLETE, calls)):
+        for (key, fence), reply in zip(items, await self._eval(_COMPLETE_BATCH, flat_keys, args)):
             if reply[0] == b"ok":
                 out.append(None)
             else:
