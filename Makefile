@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decorator.py
 	$(BIN)/python benchmarks/locks.py
 	$(BIN)/python benchmarks/http_middleware.py
+	$(BIN)/python benchmarks/messaging.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_VENV) .pytest_cache .mypy_cache .ruff_cache
