@@ -212,3 +212,68 @@ async def test_store_down_requeues_and_loses_nothing(
     assert ran == [] and await ready_count(channel, queue_name) == 1
     await down.aclose()
     down.close()
+
+
+def close_connection_named(name: str) -> int:
+    """Close (broker side) the connections whose client named itself ``name``; only ours."""
+    import subprocess
+
+    out = subprocess.run(
+        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    closed = 0
+    for line in out.splitlines():
+        if f'"connection_name","{name}"' in line:
+            pid = line.split("\t", 1)[0]
+            subprocess.run(
+                ["rabbitmqctl", "-q", "close_connection", pid, "oncely test: dropped"],
+                capture_output=True,
+                timeout=60,
+            )
+            closed += 1
+    return closed
+
+
+@pytest.mark.slow
+async def test_connection_dropped_mid_stream_resumes_without_loss(
+    channel: AbstractChannel, queue_name: str, store: Store
+) -> None:
+    """The broker closes the consumer's connection while it works through 300 messages:
+    connect_robust reconnects and consumes again, the unacked messages come back, and each is
+    handled once; nothing is left in the queue."""
+    ran: list[str | None] = []
+
+    async def handler(d: Delivery) -> None:
+        ran.append(d.message_id)
+        await asyncio.sleep(0.01)
+
+    for i in range(300):
+        await publish(channel, queue_name, b"{}", f"m-{i}")
+    cname = f"oncely-test-{uuid.uuid4().hex[:8]}"
+    connection = await aio_pika.connect_robust(
+        AMQP_URL, client_properties={"connection_name": cname}
+    )
+    own = await connection.channel()
+    member = RabbitMQConsumer(
+        IdempotentConsumer(handler, name="c", store=store),
+        await own.get_queue(queue_name),
+        prefetch=20,
+    )
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(member.run(stop))
+    while len(ran) < 50:
+        await asyncio.sleep(0.01)
+    assert await asyncio.to_thread(close_connection_named, cname) == 1
+    for _ in range(600):
+        if len(set(ran)) == 300 and await ready_count(channel, queue_name) == 0:
+            break
+        await asyncio.sleep(0.05)
+    stop.set()
+    await task
+    await connection.close()
+    assert sorted(set(ran)) == sorted(f"m-{i}" for i in range(300))
+    assert len(ran) == 300  # redeliveries after the drop were acked without running
+    assert await ready_count(channel, queue_name) == 0
