@@ -254,12 +254,15 @@ if __name__ == "__main__":
             "messaging",
             f"""## Idempotent consumers (`benchmarks/messaging.py`)
 
-`{command}`, run {stamp} on the 2-core shared machine, brokers and stores on loopback. Each
-broker's adapter drains {args.n:,} preloaded messages (a no-op handler) once through a bare
-consumer (same batches and acks, no store) and once through the idempotent consumer per store;
-passes interleave, each row is the median of {args.passes}. On Redis the batch of 100 is claimed
-in one pipelined round trip and completed in another (`oncely.messaging.batch`); RabbitMQ
-delivers one message at a time, so there each message costs a claim and a completion.
+`{command}`, run {stamp} on the 2-core shared machine,
+brokers and stores on loopback. Each broker's adapter drains {args.n:,} preloaded messages once
+through a bare consumer (same adapter, batches, acks and handler concurrency; no store) and
+once through the idempotent consumer per store, with two handlers: a no-op (the consumer's
+own cost) and one Redis write per message (`HINCRBY`, a minimal real effect). Passes
+interleave; each row is the median of {args.passes}. On Redis a batch of 100 is claimed with one
+`EVAL` and completed with another (`oncely.messaging.batch`: the store's `claim.lua` and
+`complete.lua` wrapped in a loop); RabbitMQ delivers one message at a time, so there each
+message costs a claim and a completion. Compare the ratios within the table.
 
 {header}
 """
