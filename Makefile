@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/locks.py
 	$(BIN)/python benchmarks/http_middleware.py
 	$(BIN)/python benchmarks/messaging.py
+	$(BIN)/python benchmarks/sql.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_VENV) .pytest_cache .mypy_cache .ruff_cache

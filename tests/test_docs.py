@@ -19,7 +19,7 @@ DOCS = [
     ROOT / "README.md",
     *(
         ROOT / "docs" / f
-        for f in ("decorator.md", "locks.md", "http.md", "settings.md", "messaging.md")
+        for f in ("decorator.md", "locks.md", "http.md", "settings.md", "messaging.md", "sql.md")
     ),
 ]
 

@@ -11,6 +11,7 @@ __all__ = [
     "HttpProblem",
     "IdempotencyKeyMismatch",
     "InFlightError",
+    "InvalidIdentifier",
     "InvalidKey",
     "InvalidLockName",
     "InvalidPayload",
@@ -32,6 +33,10 @@ __all__ = [
     "TokenForeign",
     "TokenForged",
     "TokenReused",
+    "TransactionFailed",
+    "UnknownColumn",
+    "UnknownTable",
+    "UnsupportedConnection",
 ]
 
 
@@ -197,3 +202,27 @@ class MessageRejected(OncelyError, ValueError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+# -- SQL (oncely.sql) ---------------------------------------------------------------------------
+class UnsupportedConnection(ConfigurationError):
+    """``oncely.sql`` was given a connection it cannot use (an SQLAlchemy ``Engine``, an unknown
+    driver or dialect); the message lists what it takes."""
+
+
+class InvalidIdentifier(OncelyError, ValueError):
+    """A table or column name is not a plain SQL identifier (letters, digits, ``_``; at most 63
+    characters); names are never pasted into SQL unchecked."""
+
+
+class UnknownTable(ConfigurationError):
+    """A statement named a table the database does not have; create it (or fix the name)."""
+
+
+class UnknownColumn(ConfigurationError):
+    """A statement named a column the table does not have; check the column names."""
+
+
+class TransactionFailed(OncelyError):
+    """The connection's transaction already failed (an earlier statement raised and it was not
+    rolled back); roll back before starting an idempotent operation on it."""
