@@ -25,6 +25,11 @@ shared by the sync and the async face.
 Consumer identity is part of the record key (its scope is ``oncely.messaging:<name>``), so two
 different consumers of one message each run once (MassTransit's inbox: unique on
 ``(message id, consumer)``).
+
+**Transactional mode** (``inbox=`` and ``connect=``): instead of a record-store claim, each
+message runs in one database transaction that inserts its inbox row and makes the handler's
+writes (``handler(delivery, conn)``), committed before the ack; a consumer killed between its
+effect and its ack never applies a message twice (:mod:`oncely.messaging.transactional`).
 """
 
 from __future__ import annotations
@@ -54,6 +59,8 @@ from oncely.errors import (
 )
 from oncely.functions.drivers import drive, drive_async
 from oncely.functions.flow import Policy, call_flow
+from oncely.messaging.inbox import Inbox
+from oncely.messaging.transactional import Connections, HandlerFailed
 from oncely.stores import Store, configured_store, shared_store
 
 __all__ = [
@@ -137,7 +144,7 @@ class DeadLetter:
 
 Verdict = Union[Ack, Retry, DeadLetter]  # noqa: UP007 - a runtime alias, also for Python 3.10
 DedupSource = Union[str, Callable[[Delivery], Any]]  # noqa: UP007
-Handler = Callable[[Delivery], Any]
+Handler = Callable[..., Any]  # (Delivery) -> Any; (Delivery, conn) -> Any with inbox=
 DeadLetterCallback = Callable[[Delivery, BaseException], Any]
 
 
@@ -243,6 +250,7 @@ class IdempotentConsumer:
 
     :param handler: ``(Delivery) -> Any``, sync or ``async``; its return value is ignored. It
         may read its claim's fence with :func:`oncely.current_claim` (pass it to fenced writes).
+        In transactional mode it is ``(Delivery, conn) -> Any`` and writes through ``conn``.
     :param name: the consumer's identity (part of the record key; two consumers with different
         names each handle a message once). Keep it stable across deploys.
     :param store: a store URL or object (``$ONCELY_STORE``, default ``sqlite:///oncely.db``).
@@ -262,6 +270,21 @@ class IdempotentConsumer:
     :param retry_delay: seconds before a retried message comes back (store down, handler
         failed); handler failures back off as ``retry_delay * 2 ** (attempt - 1)``, at most
         ``max_retry_delay``.
+    :param inbox: an :class:`~oncely.messaging.inbox.Inbox`: the transactional mode. Each
+        message runs in one transaction on a connection from ``connect``: the inbox row
+        ``(name, dedup id)`` is inserted, the handler (if the row is new) writes through the
+        same connection, then both commit and only then the message is acked. No record store
+        is used (``store`` must be left out): the row is the claim and the in-flight guard (a
+        concurrent delivery waits on it until the first transaction ends). See
+        ``docs/messaging.md``, "Transactional mode".
+    :param connect: with ``inbox``: a database URL (``sqlite:///…``, ``postgresql://…``,
+        ``mysql://…``) or a callable returning a connection that
+        :func:`oncely.sql.connections.adapt` takes (sqlite3, psycopg 3, PyMySQL, aiomysql,
+        SQLAlchemy ``Connection``/``AsyncConnection``); sync for a sync handler, async (the
+        callable may be ``async``) for an async one. The consumer keeps the connections and
+        closes them in :meth:`close`.
+    :param pool_size: with ``inbox``: at most this many connections kept idle (and, on the
+        async face, in use at once).
     :raises ConfigurationError: a bad setting, named in the message.
     """
 
@@ -279,6 +302,9 @@ class IdempotentConsumer:
         wait_timeout: float = 5.0,
         retry_delay: float = 1.0,
         max_retry_delay: float = 60.0,
+        inbox: Inbox | None = None,
+        connect: str | Callable[[], Any] | None = None,
+        pool_size: int = 10,
     ) -> None:
         if not callable(handler):
             raise ConfigurationError(f"handler must be callable, not {handler!r}")
@@ -305,7 +331,25 @@ class IdempotentConsumer:
         self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
             getattr(handler, "__call__", None)  # noqa: B004
         )
-        self._store_spec = configured_store(store, f"IdempotentConsumer {name!r}")
+        self.inbox = inbox
+        self.connections: Connections | None = None
+        if inbox is not None or connect is not None:
+            if not isinstance(inbox, Inbox) or connect is None:
+                raise ConfigurationError(
+                    "the transactional mode takes both inbox=Inbox(...) and connect=<database "
+                    "URL or a callable returning a connection>"
+                )
+            if store is not None:
+                raise ConfigurationError(
+                    "inbox= and store= exclude each other: in the transactional mode the inbox "
+                    "row, committed with the handler's writes, is the claim; leave store out"
+                )
+            self.connections = Connections(connect, pool_size, self.is_async)
+        self._store_spec = (
+            None
+            if self.connections is not None
+            else configured_store(store, f"IdempotentConsumer {name!r}")
+        )
         self._store: Store | None = None
         self._attempts = _Attempts()
         self.policy = Policy(
@@ -325,11 +369,33 @@ class IdempotentConsumer:
         return f"IdempotentConsumer(name={self.name!r})"
 
     @property
+    def transactional(self) -> bool:
+        """True in the transactional mode (``inbox=``)."""
+        return self.connections is not None
+
+    @property
     def store(self) -> Store:
-        """The store, opened on first use."""
+        """The store, opened on first use.
+
+        :raises ConfigurationError: in the transactional mode (it has no store).
+        """
         if self._store is None:
+            if self._store_spec is None:
+                raise ConfigurationError(
+                    f"consumer {self.name!r} is transactional (inbox=): it uses no record store"
+                )
             self._store = shared_store(self._store_spec)
         return self._store
+
+    def close(self) -> None:
+        """Close the transactional mode's idle connections (nothing to do otherwise)."""
+        if self.connections is not None:
+            self.connections.close()
+
+    async def aclose(self) -> None:
+        """The async face of :meth:`close` (closes async connections on the running loop)."""
+        if self.connections is not None:
+            await self.connections.aclose()
 
     def key_for(self, dedup_id: str) -> RecordKey:
         """The record key of a dedup id for this consumer."""
@@ -390,6 +456,11 @@ class IdempotentConsumer:
         read = self._read(delivery)
         if isinstance(read, DeadLetter):
             return self._dead_letter(delivery, read)
+        if self.connections is not None:
+            verdict = self._verdict_of_transaction(delivery, read, self._transact, None)
+            if isinstance(verdict, DeadLetter):
+                return self._dead_letter(delivery, verdict)
+            return verdict
         key = self.key_for(read)
         ran = False
 
@@ -442,6 +513,18 @@ class IdempotentConsumer:
         read = self._read(delivery)
         if isinstance(read, DeadLetter):
             return await self._adead_letter(delivery, read)
+        if self.connections is not None:
+            try:
+                if self.is_async:
+                    outcome: BaseException | bool = await self._atransact(delivery, read)
+                else:
+                    outcome = await asyncio.to_thread(self._transact, delivery, read)
+            except Exception as exc:
+                outcome = exc
+            verdict = self._verdict_of_transaction(delivery, read, None, outcome)
+            if isinstance(verdict, DeadLetter):
+                return await self._adead_letter(delivery, verdict)
+            return verdict
         key = self.key_for(read)
         ran = False
         handler = self.handler
@@ -485,6 +568,8 @@ class IdempotentConsumer:
         goes through :meth:`aprocess`, concurrently.
         """
         batch = list(deliveries)
+        if self.connections is not None:
+            return await self._atransactional_many(batch)
         claims = self._batch_face() if len(batch) > 1 else None
         if claims is None:
             return list(await asyncio.gather(*(self.aprocess(d) for d in batch)))
@@ -613,6 +698,70 @@ class IdempotentConsumer:
         except Exception as exc:
             return self._callback_failed(exc)
         return verdict
+
+    # -- transactional mode (oncely.messaging.transactional) ------------------------------------
+    def _transact(self, delivery: Delivery, dedup_id: str) -> bool:
+        assert self.connections is not None and self.inbox is not None
+        handler = self.handler
+        return self.connections.transact(
+            self.inbox, self.name, dedup_id, lambda conn: handler(delivery, conn)
+        )
+
+    async def _atransact(self, delivery: Delivery, dedup_id: str) -> bool:
+        assert self.connections is not None and self.inbox is not None
+        handler = self.handler
+
+        async def call(conn: Any) -> None:
+            await handler(delivery, conn)
+
+        return await self.connections.atransact(self.inbox, self.name, dedup_id, call)
+
+    def _verdict_of_transaction(
+        self,
+        delivery: Delivery,
+        dedup_id: str,
+        transact: Callable[[Delivery, str], bool] | None,
+        outcome: BaseException | bool | None,
+    ) -> Verdict:
+        """Run ``transact`` (sync face) or take the async face's ``outcome``; the verdict.
+        Committed (ran or duplicate): ack. The handler raised: counted, retried or
+        dead-lettered. The database failed or was busy: retried, not counted."""
+        if transact is not None:
+            try:
+                outcome = transact(delivery, dedup_id)
+            except Exception as exc:
+                outcome = exc
+        if isinstance(outcome, HandlerFailed):
+            return self.verdict_for(delivery, dedup_id, outcome.error, True)
+        if isinstance(outcome, BaseException):
+            if isinstance(outcome, ConfigurationError):
+                log.error("oncely: consumer %r cannot run its transaction: %s", self.name, outcome)
+            return self.verdict_for(delivery, dedup_id, outcome, False)
+        return self.verdict_for(delivery, dedup_id, None, bool(outcome))
+
+    async def _atransactional_many(self, batch: list[Delivery]) -> list[Verdict]:
+        """A batch in the transactional mode: one transaction per message, concurrently (at
+        most ``pool_size``); a dedup id repeated inside the batch runs once and its copies
+        share the first one's verdict (acked as duplicates once it is)."""
+        verdicts: list[Verdict | None] = [None] * len(batch)
+        first: dict[str, int] = {}
+        copies: list[tuple[int, int]] = []
+        for i, delivery in enumerate(batch):
+            read = self._read(delivery)
+            if isinstance(read, DeadLetter):
+                verdicts[i] = await self._adead_letter(delivery, read)
+            elif read in first:
+                copies.append((i, first[read]))
+            else:
+                first[read] = i
+        order = list(first.values())
+        handled = await asyncio.gather(*(self.aprocess(batch[i]) for i in order))
+        for i, verdict in zip(order, handled):
+            verdicts[i] = verdict
+        for i, j in copies:
+            original = verdicts[j]
+            verdicts[i] = Ack(ran=False) if isinstance(original, (Ack, DeadLetter)) else original
+        return [v if v is not None else Retry(self.retry_delay, "not handled") for v in verdicts]
 
     # -- shared --------------------------------------------------------------------------------
     def _log_dead_letter(self, delivery: Delivery, error: BaseException) -> None:
