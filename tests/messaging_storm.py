@@ -158,3 +158,27 @@ def check_storm(result: StormResult, n: int) -> None:
     assert doubled <= result.at_risk, f"effects applied twice outside the kill window: {doubled}"
     assert all(count <= 2 for count in result.effects.values())
     print(f"storm: {n} ids, {len(doubled)} doubled, {len(result.at_risk)} at risk at the kill")
+
+
+def check_storm_exactly_once(result: StormResult, n: int) -> None:
+    """The transactional mode's bar: every id's effect exactly once, the kill window included
+    (no tolerance), and the kill did land while messages were in flight."""
+    assert sorted(result.effects) == sorted(f"m-{i}" for i in range(n)), "a message was lost"
+    doubled = {mid: c for mid, c in result.effects.items() if c != 1}
+    assert not doubled, f"effects not applied exactly once: {doubled}"
+    assert result.at_risk, "the kill landed outside any batch: nothing was at risk"
+    print(f"storm: {n} ids, each once; {len(result.at_risk)} in flight at the kill")
+
+
+def inbox_table(name: str) -> Iterator[None]:
+    """Create the transactional storm's inbox table on PostgreSQL; drop it afterwards."""
+    from oncely.messaging.inbox import Inbox
+
+    with psycopg.connect(POSTGRES_URL) as conn:
+        Inbox(name).create_table(conn)
+        conn.commit()
+    try:
+        yield
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {name}")

@@ -8,6 +8,10 @@ the test counts duplicates). Before the effect the worker writes ``S <id>`` to i
 completion when it killed the worker (the window only a transactional inbox closes). Messages
 whose number is a multiple of ``fail_every`` fail on their first delivery (a forced
 nack/requeue). SIGTERM stops the worker cleanly.
+
+With ``inbox`` in the config the consumer runs in the transactional mode: the effect is
+written through the transaction's own connection (``handler(delivery, conn)``), committed with
+the inbox row before the ack.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import psycopg
 
-from oncely.messaging import Ack, Delivery, IdempotentConsumer, Verdict
+from oncely.messaging import Ack, Delivery, IdempotentConsumer, Inbox, Verdict
 from oncely.stores import open_store
 
 
@@ -48,11 +52,38 @@ class Worker:
             (mid, self.config["member"]),
         )
 
+    async def tx_handler(self, delivery: Delivery, conn: Any) -> None:
+        """The transactional mode's handler: the same effect, through the consumer's
+        connection (committed with the inbox row)."""
+        mid = delivery.headers.get("Event-Id") or delivery.message_id or ""
+        number = int(mid.rsplit("-", 1)[1])
+        every = self.config["fail_every"]
+        if every and number % every == 0 and mid not in self.failed:
+            self.failed.add(mid)
+            raise RuntimeError(f"forced failure of {mid}")
+        self.log.write(f"S {mid}\n")
+        await conn.execute(
+            f"INSERT INTO {self.config['table']} (msg_id, worker) VALUES (%s, %s)",
+            (mid, self.config["member"]),
+        )
+
     def done(self, delivery: Delivery, verdict: Verdict) -> None:
         if isinstance(verdict, Ack) and verdict.ran:
             self.log.write(f"D {delivery.message_id}\n")
 
     def consumer(self) -> IdempotentConsumer:
+        if self.config.get("inbox"):
+            return IdempotentConsumer(
+                self.tx_handler,
+                name=self.config["name"],
+                inbox=Inbox(self.config["inbox"]),
+                connect=self.config["postgres"],
+                dedup_id=self.config.get("dedup_id", "message_id"),
+                lease=self.config.get("lease", 2.0),
+                retry_delay=0.2,
+                max_retry_delay=1.0,
+                pool_size=8,
+            )
         store = open_store(self.config["store"], **self.config.get("store_options", {}))
         return IdempotentConsumer(
             self.handler,
