@@ -421,3 +421,40 @@ def test_rabbitmq_storm_exactly_once(tmp_path: Path) -> None:
         next(inbox, None)
         asyncio.run(teardown())
     check_storm_exactly_once(result, n)
+
+
+@pytest.mark.parametrize("where", ["before-commit", "before-ack"])
+def test_a_consumer_killed_inside_the_window_applies_the_effect_once(db: Db, where: str) -> None:
+    """The kill window, deterministically: a consumer process SIGKILLs itself after the
+    handler's write and before the commit, or after the commit and before the XACK; a fresh
+    process takes the entries over (XAUTOCLAIM): every effect exactly once. (With a record
+    store instead of the inbox, ``before-ack``'s twin, after the effect and before the record
+    completes, applies the message twice.)"""
+    import subprocess
+    import sys
+
+    tag = uuid.uuid4().hex[:10]
+    stream, group = f"oncely-test-txkill-{tag}", f"g-{tag}"
+    client = redis.Redis.from_url(REDIS_URL)
+    for i in range(20):
+        client.xadd(stream, {"id": f"m-{i}", "body": b"{}"})
+    client.xgroup_create(stream, group, id="0")
+    worker = str(Path(__file__).with_name("transactional_kill_worker.py"))
+    args = [sys.executable, worker, db.url, db.inbox.table, db.effects, stream, group]
+    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
+    try:
+        killed = subprocess.run([*args, "m-13", where], env=env, capture_output=True, timeout=60)
+        assert killed.returncode == -9, killed.stderr.decode()
+        assert db.counts()["m-13"] == (1 if where == "before-ack" else 0)
+        rest = subprocess.run([*args, "", where], env=env, capture_output=True, timeout=60)
+        assert rest.returncode == 0, rest.stderr.decode()
+        lines = rest.stdout.decode().split("\n")
+        if where == "before-ack":
+            assert "m-13 False" in lines  # redelivered, found the row, acked without running
+        else:
+            assert "m-13 True" in lines  # the killed transaction left nothing: it ran again
+        assert db.counts() == Counter({f"m-{i}": 1 for i in range(20)})
+        assert int(client.xpending(stream, group)["pending"]) == 0
+    finally:
+        client.delete(stream)
+        client.close()
