@@ -458,3 +458,65 @@ def test_a_consumer_killed_inside_the_window_applies_the_effect_once(db: Db, whe
     finally:
         client.delete(stream)
         client.close()
+
+
+@pytest.mark.slow
+def test_nats_jetstream_storm_exactly_once(tmp_path: Path) -> None:
+    """The same storm on NATS JetStream (half the repeated publishes under a second
+    Nats-Msg-Id, so the server keeps them and only the inbox catches them; every 13th message
+    nak'ed once): every effect exactly once, none lost, nothing pending or unacked."""
+    import nats
+    from nats.js.api import ConsumerConfig
+
+    from test_messaging_nats import NATS_URL, pending
+
+    n = 2000
+    storm = Storm("nats", tmp_path, n)
+    name, subject = f"ONCELY_TXTEST_{storm.tag}", f"oncely.txtest.{storm.tag}"
+
+    async def setup() -> None:
+        nc = await nats.connect(NATS_URL)
+        jsc = nc.jetstream()
+        await jsc.add_stream(name=name, subjects=[subject])
+        await jsc.add_consumer(name, ConsumerConfig(durable_name="storm", ack_wait=5.0))
+        seen: set[str] = set()
+        for mid in storm_ids(n):
+            msg_id = f"{mid}#{len(seen)}" if mid in seen and len(seen) % 2 else mid
+            seen.add(mid)
+            await jsc.publish(subject, b"{}", headers={"Nats-Msg-Id": msg_id, "Event-Id": mid})
+        await nc.close()
+
+    async def drained() -> bool:
+        nc = await nats.connect(NATS_URL)
+        try:
+            return await pending(nc.jetstream(), name, "storm") == (0, 0)
+        finally:
+            await nc.close()
+
+    async def teardown() -> None:
+        nc = await nats.connect(NATS_URL)
+        await nc.jetstream().delete_stream(name)
+        await nc.close()
+
+    asyncio.run(setup())
+    config = {
+        "nats": NATS_URL,
+        "stream": name,
+        "subject": subject,
+        "durable": "storm",
+        "inbox": f"txinbox_{storm.tag}",
+        "name": "storm",
+        "dedup_id": "header:Event-Id",
+        "fail_every": 13,
+        "lease": 2.0,
+    }
+    tables, inbox = storm_table(storm), inbox_table(config["inbox"])
+    next(tables)
+    next(inbox)
+    try:
+        result = run_storm(storm, config, lambda: asyncio.run(drained()), timeout=60)
+    finally:
+        next(tables, None)
+        next(inbox, None)
+        asyncio.run(teardown())
+    check_storm_exactly_once(result, n)
