@@ -104,3 +104,51 @@ def test_bad_handler_is_a_clear_error() -> None:
     )
     assert out.returncode == 1
     assert "cannot be imported" in out.stderr and "Traceback" not in out.stderr
+
+
+TX_HANDLER = """
+def on_message(delivery, conn):
+    conn.execute("INSERT INTO effects VALUES (?)", (delivery.message_id,))
+"""
+
+
+def test_consume_redis_stream_in_the_transactional_mode(tmp_path: Path) -> None:
+    """``--db`` runs the handler as ``(delivery, conn)``: its write commits with the inbox
+    row (table created at start), a duplicate publish is acked without running."""
+    import sqlite3
+
+    (tmp_path / "tx_handler.py").write_text(TX_HANDLER)
+    db = tmp_path / "shop.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE effects (message_id TEXT NOT NULL)")
+    tag = uuid.uuid4().hex[:10]
+    stream = f"oncely-test-stream-{tag}"
+    client = redis.Redis.from_url(REDIS_URL)
+    for mid in ["m-1", "m-2", "m-1", "m-3"]:
+        client.xadd(stream, {"id": mid, "body": b"{}"})
+    args = ["--handler", "tx_handler:on_message", "--name", f"cli-{tag}", "--stream", stream]
+    args += ["--group", "g", "--member", "m1", "--url", REDIS_URL, "--lease", "2"]
+    args += ["--db", f"sqlite:///{db}", "--inbox", "cli_inbox"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-m", "oncely", "consume", "redis", *args], env=env)
+
+    def effects() -> list[str]:
+        with sqlite3.connect(db) as conn:
+            return sorted(r[0] for r in conn.execute("SELECT message_id FROM effects"))
+
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if len(effects()) >= 3 and int(client.xpending(stream, "g")["pending"]) == 0:
+                break
+            time.sleep(0.1)
+        time.sleep(0.3)
+        assert effects() == ["m-1", "m-2", "m-3"]
+        assert int(client.xpending(stream, "g")["pending"]) == 0
+        with sqlite3.connect(db) as conn:
+            assert conn.execute("SELECT count(*) FROM cli_inbox").fetchone() == (3,)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        client.delete(stream)
+        client.close()

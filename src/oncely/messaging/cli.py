@@ -6,7 +6,10 @@ oncely consume nats      --stream S --subject SUBJ --durable D --handler … --n
 oncely consume mqtt      --topic T  --client-id ID --handler … --name …
 
 The handler is ``module:function`` taking a :class:`~oncely.messaging.consumer.Delivery` (sync
-or async; MQTT: sync). Ctrl-C (or SIGTERM) stops after the messages in hand. Celery tasks use
+or async; MQTT: sync). With ``--db URL`` (and optionally ``--inbox TABLE``, default
+``oncely_inbox``, created if missing) the consumer runs in the transactional mode and the
+handler takes ``(delivery, conn)``: its writes through ``conn`` commit with the inbox row.
+Ctrl-C (or SIGTERM) stops after the messages in hand. Celery tasks use
 :class:`oncely.messaging.celery.IdempotentTask` inside their own worker instead.
 """
 
@@ -45,6 +48,17 @@ Lease = Annotated[float, typer.Option("--lease", min=0.1, help="claim lease, sec
 Attempts = Annotated[
     int, typer.Option("--max-attempts", min=0, help="dead-letter after this many failures")
 ]
+Db = Annotated[
+    str | None,
+    typer.Option(
+        "--db",
+        help="database URL: the transactional mode (handler(delivery, conn), inbox row and "
+        "writes commit together before the ack)",
+    ),
+]
+InboxTable = Annotated[
+    str | None, typer.Option("--inbox", help="inbox table with --db (default oncely_inbox)")
+]
 
 
 def load_handler(spec: str) -> Callable[..., Any]:
@@ -65,8 +79,35 @@ def load_handler(spec: str) -> Callable[..., Any]:
 
 
 def _consumer(
-    handler: str, name: str, store: str | None, dedup_id: str, lease: float, attempts: int
+    handler: str,
+    name: str,
+    store: str | None,
+    dedup_id: str,
+    lease: float,
+    attempts: int,
+    db: str | None = None,
+    inbox: str | None = None,
 ) -> IdempotentConsumer:
+    if db is None:
+        if inbox is not None:
+            raise ConfigurationError("--inbox needs --db URL (the database the inbox lives in)")
+        return IdempotentConsumer(
+            load_handler(handler),
+            name=name,
+            store=store,
+            dedup_id=dedup_id,
+            lease=lease,
+            max_attempts=attempts,
+        )
+    from oncely.messaging.inbox import Inbox, connect
+
+    table = Inbox(inbox or "oncely_inbox")
+    conn = connect(db)
+    try:
+        table.create_table(conn)
+        conn.commit()
+    finally:
+        conn.close()
     return IdempotentConsumer(
         load_handler(handler),
         name=name,
@@ -74,6 +115,8 @@ def _consumer(
         dedup_id=dedup_id,
         lease=lease,
         max_attempts=attempts,
+        inbox=table,
+        connect=db,
     )
 
 
@@ -104,6 +147,8 @@ def redis_streams(
     dedup_id: DedupId = "message_id",
     lease: Lease = 30.0,
     max_attempts: Attempts = 5,
+    db: Db = None,
+    inbox: InboxTable = None,
 ) -> None:
     """Consume a Redis stream as a member of a consumer group."""
     import redis.asyncio
@@ -111,7 +156,7 @@ def redis_streams(
     from oncely.messaging.redis_streams import RedisStreamConsumer
 
     async def main(stop: asyncio.Event) -> None:
-        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts)
+        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts, db, inbox)
         client = redis.asyncio.Redis.from_url(url)
         try:
             await RedisStreamConsumer(consumer, client, stream, group, member).run(stop)
@@ -131,6 +176,8 @@ def rabbitmq(
     dedup_id: DedupId = "message_id",
     lease: Lease = 30.0,
     max_attempts: Attempts = 5,
+    db: Db = None,
+    inbox: InboxTable = None,
     prefetch: Annotated[int, typer.Option("--prefetch", min=1)] = 100,
 ) -> None:
     """Consume a RabbitMQ queue (declared durable if missing) with manual acks."""
@@ -139,7 +186,7 @@ def rabbitmq(
     from oncely.messaging.rabbitmq import RabbitMQConsumer
 
     async def main(stop: asyncio.Event) -> None:
-        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts)
+        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts, db, inbox)
         connection = await aio_pika.connect_robust(url)
         try:
             channel = await connection.channel()
@@ -163,6 +210,8 @@ def nats_jetstream(
     dedup_id: DedupId = "header:Nats-Msg-Id",
     lease: Lease = 30.0,
     max_attempts: Attempts = 5,
+    db: Db = None,
+    inbox: InboxTable = None,
 ) -> None:
     """Consume a JetStream stream with a durable pull consumer."""
     import nats
@@ -170,7 +219,7 @@ def nats_jetstream(
     from oncely.messaging.nats import JetStreamConsumer
 
     async def main(stop: asyncio.Event) -> None:
-        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts)
+        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts, db, inbox)
         nc = await nats.connect(url)
         try:
             sub = await nc.jetstream().pull_subscribe(subject, durable=durable, stream=stream)
@@ -193,12 +242,14 @@ def mqtt(
     dedup_id: DedupId = "header:message_id",
     lease: Lease = 30.0,
     max_attempts: Attempts = 5,
+    db: Db = None,
+    inbox: InboxTable = None,
 ) -> None:
     """Consume an MQTT topic at QoS 1 (persistent v5 session, PUBACK after completion)."""
     from oncely.messaging.mqtt import MQTTConsumer, connect
 
     try:
-        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts)
+        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts, db, inbox)
         member = MQTTConsumer(consumer, connect(host, port, client_id), topic)
     except OncelyError as exc:
         typer.echo(f"error: {exc}", err=True)
