@@ -518,7 +518,8 @@ class IdempotentConsumer:
                 if self.is_async:
                     outcome: BaseException | bool = await self._atransact(delivery, read)
                 else:
-                    outcome = await asyncio.to_thread(self._transact, delivery, read)
+                    async with self.connections.slot():
+                        outcome = await asyncio.to_thread(self._transact, delivery, read)
             except Exception as exc:
                 outcome = exc
             verdict = self._verdict_of_transaction(delivery, read, None, outcome)

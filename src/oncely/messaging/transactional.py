@@ -34,7 +34,7 @@ import asyncio
 import contextlib
 import inspect
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
 from oncely.backends.plans import Plan
@@ -216,6 +216,15 @@ class Connections:
                 with contextlib.suppress(Exception):
                     await pending
 
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of the ``size`` transaction slots of the async face (a sync handler's
+        transaction on a worker thread takes one too)."""
+        if self._limit is None:
+            self._limit = asyncio.Semaphore(self.size)
+        async with self._limit:
+            yield
+
     # -- one message -------------------------------------------------------------------------------
     def transact(
         self, inbox: Inbox, consumer: str, dedup_id: str, call: Callable[[Any], Any]
@@ -242,9 +251,7 @@ class Connections:
         self, inbox: Inbox, consumer: str, dedup_id: str, call: Callable[[Any], Any]
     ) -> bool:
         """The async face of :meth:`transact` (``call(conn)`` is awaited)."""
-        if self._limit is None:
-            self._limit = asyncio.Semaphore(self.size)
-        async with self._limit:
+        async with self.slot():
             raw = await self.atake()
             conn: SqlConnection | None = None
             try:
