@@ -173,8 +173,9 @@ autocommit on a pool of {POOL} connections, then the ack. Claim mode: the same, 
 idempotent consumer with a Redis record store (a consumer killed between the insert and the
 completion applies the message twice). Transactional mode: the inbox row and the insert in one
 transaction per message ({POOL} connections), committed before the ack: exactly once. The
-extra cost of the transactional mode is the inbox row's insert and index entry inside the
-transaction (the commit and its WAL flush happen in the bare form too).
+extra cost of the transactional mode is round trips: `BEGIN`, the inbox `INSERT`, the
+handler's `INSERT`, `COMMIT` (four) where the bare autocommit insert is one; the commit's WAL
+flush happens in both. A handler that writes several statements pays the same three extra.
 
 {header}
 """
