@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/locks.py
 	$(BIN)/python benchmarks/http_middleware.py
 	$(BIN)/python benchmarks/messaging.py
+	$(BIN)/python benchmarks/messaging_transactional.py
 	$(BIN)/python benchmarks/sql.py
 
 clean:
