@@ -357,7 +357,7 @@ def test_redis_streams_storm_exactly_once(tmp_path: Path) -> None:
     next(tables)
     next(inbox)
     try:
-        result = run_storm(storm, config, drained, timeout=60)
+        result = run_storm(storm, config, drained, timeout=60, kill_in_flight=True)
         assert drained()
     finally:
         next(tables, None)
@@ -414,7 +414,9 @@ def test_rabbitmq_storm_exactly_once(tmp_path: Path) -> None:
     next(tables)
     next(inbox)
     try:
-        result = run_storm(storm, config, lambda: asyncio.run(count()) == 0, timeout=60)
+        result = run_storm(
+            storm, config, lambda: asyncio.run(count()) == 0, timeout=60, kill_in_flight=True
+        )
         assert asyncio.run(count()) == 0  # the stopped workers left nothing unacked
     finally:
         next(tables, None)
@@ -514,7 +516,9 @@ def test_nats_jetstream_storm_exactly_once(tmp_path: Path) -> None:
     next(tables)
     next(inbox)
     try:
-        result = run_storm(storm, config, lambda: asyncio.run(drained()), timeout=60)
+        result = run_storm(
+            storm, config, lambda: asyncio.run(drained()), timeout=60, kill_in_flight=True
+        )
     finally:
         next(tables, None)
         next(inbox, None)
