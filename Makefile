@@ -48,6 +48,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decorator.py
 	$(BIN)/python benchmarks/locks.py
 	$(BIN)/python benchmarks/http_middleware.py
+	$(BIN)/python benchmarks/messaging.py
+	$(BIN)/python benchmarks/messaging_transactional.py
 	$(BIN)/python benchmarks/sql.py
 	$(BIN)/python benchmarks/optimistic.py --markdown
 

@@ -8,6 +8,7 @@ oncely keys rm URL DIGEST    delete one record (the next call runs again)
 oncely purge URL             delete expired records
 oncely barrier init URL      create the branch barrier table (oncely.statemachine.barrier)
 oncely barrier purge URL     delete barrier rows of global transactions past the horizon
+oncely consume BROKER …      run a handler as an idempotent consumer (oncely.messaging.cli)
 oncely inbox purge URL       delete old inbox rows (oncely.messaging.inbox)
 oncely outbox purge URL      delete old sent outbox rows (oncely.messaging.outbox)
 oncely --version
@@ -651,6 +652,11 @@ def main() -> None:
 from oncely.demo.cli import register as _register_demo  # noqa: E402
 
 _register_demo(app)
+
+# -- `oncely consume BROKER`: lives in oncely.messaging.cli -------------------------------------
+from oncely.messaging.cli import register as _register_consume  # noqa: E402
+
+_register_consume(app)
 
 
 if __name__ == "__main__":
