@@ -52,6 +52,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/messaging_transactional.py
 	$(BIN)/python benchmarks/sql.py
 	$(BIN)/python benchmarks/optimistic.py --markdown
+	$(BIN)/python benchmarks/statemachine.py
+	$(BIN)/python benchmarks/dedup.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_VENV) .pytest_cache .mypy_cache .ruff_cache
