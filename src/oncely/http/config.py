@@ -149,8 +149,9 @@ class IdempotencyConfig:
         :data:`~oncely.http.scopes.GLOBAL` to share one key space between all clients. There
         is no default: none would keep users apart, so a missing scope is a
         :class:`~oncely.errors.ConfigurationError`.
-    :param fail_open: if the store is down, run the request unprotected (default ``False``:
-        answer 503).
+    :param fail_open: if the store is unreachable (:class:`~oncely.errors.StoreUnavailable`),
+        run the request unprotected (default ``False``: answer 503). Any other store error
+        (a missing table, a bad reply) always answers 503 and runs nothing.
     :param problem_base: prefix of problem ``type`` URIs (default
         ``https://oncely.dev/problems/``).
     :param replay_header: header added to replayed responses, value ``true`` (default

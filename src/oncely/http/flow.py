@@ -17,7 +17,8 @@ Order of a protected request (each step answers with a problem and stops on fail
 3. the body is read, at most ``max_request_body`` bytes (413) and complete (400);
 4. a required one-time token is present (400 ``token-missing``);
 5. the fingerprint is computed (400 ``request-body-invalid``);
-6. one ``claim`` (503 ``store-unavailable`` if the store is down, unless ``fail_open``):
+6. one ``claim`` (503 ``store-unavailable`` if the store is down, unless ``fail_open``, which
+   covers :class:`~oncely.errors.StoreUnavailable` only, never another store error):
    new -> consume the token, run the app with its lease renewed, then settle; completed ->
    replay; in flight -> wait (``wait``) or 409; other fingerprint -> 422.
 
@@ -345,7 +346,9 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
         try:
             outcome = yield Claim(record_key, fingerprint, policy.lease, policy.ttl)
         except StoreError as exc:
-            if policy.fail_open:
+            # Only an unreachable store is an outage to ride out; a missing table, a bad
+            # reply or any other StoreError is a fault to fix and never runs unprotected.
+            if policy.fail_open and isinstance(exc, StoreUnavailable):
                 log.warning("oncely.http: store down (%s); running the request unprotected", exc)
                 captured = yield Run(None, None, policy.lease, info, -1)
                 yield from _settle(policy, captured, None, None, None)
