@@ -7,15 +7,21 @@ chosen step; or a real PostgreSQL table that does not exist).
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 import uuid
 from typing import Any
 
 import pytest
 
+from oncely import idempotent
+from oncely.errors import ConfigurationError, InFlightError, ResultNotStored, StoreUnavailable
 from oncely.http import GLOBAL, IdempotencyConfig
 from oncely.stores import open_store
+from oncely.stores.memory import MemoryStore
 
-from conftest import POSTGRES_URL
+from conftest import POSTGRES_URL, StoreFactory
 from http_apps.harness import FACES
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,3 +44,204 @@ async def test_fail_open_never_covers_a_missing_schema(face_name: str) -> None:
         assert reply.status == 503 and reply.problem == "store-unavailable"
     finally:
         store.close()
+
+
+# -- A1: the body ran but its completion could not be written --------------------------------------
+class CompleteFailsStore(MemoryStore):
+    """A real memory store whose next ``failures`` completions fail as if it were unreachable."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def complete(self, *args: Any, **kwargs: Any) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable("injected: the store is unreachable")
+        super().complete(*args, **kwargs)
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_result_that_could_not_be_stored_is_a_distinct_error_and_never_runs_twice(
+    face: str,
+) -> None:
+    # The body ran (money moved) but every completion attempt met StoreUnavailable: the caller
+    # must be able to tell that from "nothing happened", and the key must stay claimed (lease
+    # renewed) while the completion is retried in the background, never released.
+    store = CompleteFailsStore(failures=4)
+    runs: list[str] = []
+    order = f"order-{uuid.uuid4()}"
+    if face == "sync":
+
+        @idempotent(store=store, key=["k"], lease=2, on_duplicate="raise")
+        def charge(k: str) -> str:
+            runs.append(k)
+            return "charged"
+
+        with pytest.raises(ResultNotStored) as caught:
+            charge(order)
+        assert not isinstance(caught.value, StoreUnavailable)
+        assert caught.value.result == "charged"
+        # Until the background completion lands, a retry finds the key in flight, not free.
+        with pytest.raises(InFlightError):
+            charge(order)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert charge(order) == "charged"
+                break
+            except InFlightError:
+                assert time.monotonic() < deadline, "the completion was never retried"
+                time.sleep(0.05)
+    else:
+
+        @idempotent(store=store, key=["k"], lease=2, on_duplicate="raise")
+        async def acharge(k: str) -> str:
+            runs.append(k)
+            return "charged"
+
+        async def scenario() -> None:
+            with pytest.raises(ResultNotStored) as caught:
+                await acharge(order)
+            assert caught.value.result == "charged"
+            with pytest.raises(InFlightError):
+                await acharge(order)
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert await acharge(order) == "charged"
+                    return
+                except InFlightError:
+                    assert time.monotonic() < deadline, "the completion was never retried"
+                    await asyncio.sleep(0.05)
+
+        asyncio.run(scenario())
+    assert runs == [order]
+
+
+def test_the_key_stays_claimed_past_its_lease_while_the_completion_is_retried() -> None:
+    # The lease (2 s) runs out long before the background retry gives up: the retry must keep
+    # renewing it, or a duplicate claims the key after 2 s and charges again.
+    store = CompleteFailsStore(failures=10**9)
+    runs: list[str] = []
+    order = f"order-{uuid.uuid4()}"
+
+    @idempotent(store=store, key=["k"], lease=2, on_duplicate="raise")
+    def charge(k: str) -> str:
+        runs.append(k)
+        return "charged"
+
+    with pytest.raises(ResultNotStored):
+        charge(order)
+    time.sleep(3)
+    with pytest.raises(InFlightError):
+        charge(order)
+    store.failures = 0  # the store is back: the background retry lands the result
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert charge(order) == "charged"
+            break
+        except InFlightError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    assert runs == [order]
+
+
+# -- A3: a cancelled caller must not turn a started effect into a second run -----------------------
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+def test_a_cancelled_call_finishes_its_body_and_a_retry_replays(
+    kind: str, make_store: StoreFactory
+) -> None:
+    store = make_store(kind)[0]
+
+    async def scenario() -> None:
+        runs: list[str] = []
+        started = asyncio.Event()
+        effects: list[str] = []
+
+        @idempotent(store=store, key=["k"], lease=5)
+        async def charge(k: str) -> str:
+            runs.append(k)
+            started.set()
+            await asyncio.sleep(0.3)  # the effect is under way when the caller is cancelled
+            effects.append(k)
+            return "charged"
+
+        order = f"order-{uuid.uuid4()}"
+        task = asyncio.ensure_future(charge(order))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The retry finds the call still running, waits for it, and replays its result.
+        assert await asyncio.wait_for(charge(order), 10) == "charged"
+        assert runs == [order] and effects == [order]
+        await store.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_on_cancel_must_be_finish_or_release() -> None:
+    with pytest.raises(ConfigurationError, match="on_cancel"):
+
+        @idempotent(store="memory://", key=["k"], on_cancel="drop")  # type: ignore[arg-type]
+        async def f(k: str) -> None: ...
+
+
+# -- A2: what the duplicates waiting for a call get when that call fails ---------------------------
+class Declined(Exception):
+    pass
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["store_errors", "released"])
+def test_waiters_for_a_failed_call(stored: bool) -> None:
+    # The rule (docs/decorator.md, "When the call fails"): a failure listed in store_errors is
+    # the call's outcome, so every waiter gets it and nothing runs again; any other exception
+    # means "no effect happened" and frees the key, so exactly one waiter takes over and runs
+    # (as a retry would), and the other waiters get its result.
+    store = MemoryStore()
+    runs: list[int] = []
+    gate = threading.Event()
+    lock = threading.Lock()
+
+    @idempotent(
+        store=store, key=["k"], lease=5, store_errors=(Declined,) if stored else (), wait_timeout=10
+    )
+    def charge(k: str) -> str:
+        with lock:
+            runs.append(1)
+            first = len(runs) == 1
+        if first:
+            gate.wait(5)
+            raise Declined("card declined")
+        return "charged"
+
+    order = f"order-{uuid.uuid4()}"
+    outcomes: list[object] = []
+
+    def call() -> None:
+        try:
+            outcomes.append(charge(order))
+        except Declined as exc:
+            outcomes.append(exc)
+
+    holder = threading.Thread(target=call)
+    holder.start()
+    while not runs:
+        time.sleep(0.01)
+    waiters = [threading.Thread(target=call) for _ in range(4)]
+    for thread in waiters:
+        thread.start()
+    time.sleep(0.3)  # the waiters found the key in flight and wait
+    gate.set()
+    for thread in [holder, *waiters]:
+        thread.join(10)
+    assert len(outcomes) == 5
+    if stored:
+        assert runs == [1]
+        assert all(isinstance(o, Declined) for o in outcomes)
+    else:
+        assert runs == [1, 1]
+        assert sum(isinstance(o, Declined) for o in outcomes) == 1
+        assert outcomes.count("charged") == 4

@@ -122,6 +122,7 @@ class Idempotent:
         codec: Codec | None = None,
         cache_size: int | None = None,
         on_lease_lost: LostCallback | None = None,
+        on_cancel: Literal["finish", "release"] = "finish",
         localns: Mapping[str, Any] | None = None,
     ) -> None:
         """:raises ConfigurationError: a bad setting (named in the message), a store URL that
@@ -139,6 +140,11 @@ class Idempotent:
             raise ConfigurationError(
                 "key= and validate= take a list of argument names or dotted paths, e.g. "
                 "key=['order.id']"
+            )
+        if on_cancel not in ("finish", "release"):
+            raise ConfigurationError(
+                f"{where}: on_cancel={on_cancel!r} is not valid: expected 'finish' (a cancelled "
+                "caller leaves the body running and its outcome stored) or 'release'"
             )
         if scope is not None and not callable(scope) and not isinstance(scope, str):
             raise ConfigurationError(
@@ -177,6 +183,7 @@ class Idempotent:
             store_errors=tuple(store_errors),
             fail_open=fail_open,
             cache=ResultCache(cache_size) if cache_size else None,
+            on_cancel=on_cancel,
         )
         self._policy: Policy | None = None
         # NameError: the annotation names a class defined later; resolve it at the first call.
@@ -310,6 +317,7 @@ def idempotent(
     codec: Codec | None = None,
     cache_size: int | None = None,
     on_lease_lost: LostCallback | None = None,
+    on_cancel: Literal["finish", "release"] = "finish",
 ) -> Callable[[F], F]: ...
 
 
@@ -331,6 +339,7 @@ def idempotent(
     codec: Codec | None = None,
     cache_size: int | None = None,
     on_lease_lost: LostCallback | None = None,
+    on_cancel: Literal["finish", "release"] = "finish",
 ) -> Any:
     """Make a function run once per key; duplicates get the stored result.
 
@@ -372,9 +381,17 @@ def idempotent(
         annotation it cannot rebuild raises :class:`~oncely.errors.ConfigurationError` here).
     :param cache_size: keep up to this many completed results in process
         (``$ONCELY_CACHE_SIZE``, default 0: off).
-    :param on_lease_lost: called with ``(claim, error)`` if the running call loses its lease.
+    :param on_lease_lost: called with ``(claim, error)`` if the running call loses its lease
+        (on a thread of its own, never on the renewal threads).
+    :param on_cancel: what a cancelled caller of an async function does once the body started:
+        ``"finish"`` (default) lets the body run on, shielded, and stores its outcome, so a
+        retry replays it instead of running the effect twice; ``"release"`` cancels the body
+        and releases the key, so a retry runs it again (only for bodies safe to cut off).
     :returns: the wrapped function (sync or async like ``fn``), with ``.forget(*args)`` to
         delete a call's record and ``.idempotency`` (the :class:`Idempotent`).
+    :raises ResultNotStored: the function ran but its outcome could not be stored (the
+        store became unreachable); ``.result`` holds its value, and the key stays claimed
+        while the outcome is stored in the background (see :mod:`oncely.core.settle`).
     :raises ConfigurationError: when decorating: a bad setting (named in the message), an
         unknown store scheme or missing extra, a return annotation the codec cannot rebuild,
         or a function whose calls differ by more than their arguments without ``key=``.
@@ -400,6 +417,7 @@ def idempotent(
             codec=codec,
             cache_size=cache_size,
             on_lease_lost=on_lease_lost,
+            on_cancel=on_cancel,
             localns=localns,
         )
         wrapper: Any

@@ -17,11 +17,13 @@ from typing import Any
 
 from oncely.codecs import Codec
 from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay
+from oncely.core.settle import SETTLE_FOR
 from oncely.errors import (
     IdempotencyKeyMismatch,
     InFlightError,
     LeaseLost,
     OncelyError,
+    ResultNotStored,
     SerializationError,
     StoredFailure,
     StoreUnavailable,
@@ -31,6 +33,7 @@ from oncely.functions.cache import ResultCache
 __all__ = [
     "Claim",
     "Complete",
+    "CompleteLater",
     "Op",
     "Policy",
     "Release",
@@ -75,6 +78,16 @@ class Complete:
 
 
 @dataclass(frozen=True, slots=True)
+class CompleteLater:
+    """Keep retrying the completion in the background with the lease renewed
+    (:mod:`oncely.core.settle`); the call goes on at once."""
+
+    fence: int
+    data: bytes
+    codec: str
+
+
+@dataclass(frozen=True, slots=True)
 class Release:
     fence: int
 
@@ -92,7 +105,7 @@ class Sleep:
     seconds: float
 
 
-Op = Claim | Run | RunUnprotected | Complete | Release | Watch | Sleep
+Op = Claim | Run | RunUnprotected | Complete | CompleteLater | Release | Watch | Sleep
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,10 @@ class Policy:
     fail_open: bool
     cache: ResultCache | None
     complete_attempts: int = 3
+    #: What a cancelled async call does once its body started: "finish" (the body runs on,
+    #: shielded, and its outcome settles the key) or "release" (the body is cancelled and
+    #: the key released, so a retry runs it again).
+    on_cancel: str = "finish"
 
 
 def _decode(policy: Policy, record: Record) -> Any:
@@ -204,37 +221,40 @@ def _run_and_store(policy: Policy, new: New) -> Generator[Op, Any, Any]:
         value = yield Run(new.fence, new.lease_until, new.now)
     except BaseException as exc:
         if isinstance(exc, policy.store_errors):
-            yield from _complete(policy, new.fence, _encode_error(exc), ERROR_CODEC)
+            yield from _complete(policy, new.fence, _encode_error(exc), ERROR_CODEC, exc)
         else:
-            try:
-                yield Release(new.fence)
-            except OncelyError as release_error:
-                log.warning(
-                    "oncely: %s raised and its claim could not be released (%s); the key frees "
-                    "itself when the lease runs out",
-                    policy.name,
-                    release_error,
-                )
+            yield from _release(policy, new.fence)
         raise
     try:
         data, codec = policy.codec.encode(value), policy.codec.name
     except SerializationError:
         # The call ran: keep that fact so a retry cannot run it a second time.
-        yield from _complete(policy, new.fence, b"", UNSERIALIZABLE)
+        yield from _complete(policy, new.fence, b"", UNSERIALIZABLE, value)
         raise
-    yield from _complete(policy, new.fence, data, codec)
+    yield from _complete(policy, new.fence, data, codec, value)
     return value
 
 
-def _complete(policy: Policy, fence: int, data: bytes, codec: str) -> Generator[Op, Any, None]:
-    """Store the outcome; retry while the store is briefly unreachable."""
+def _complete(
+    policy: Policy, fence: int, data: bytes, codec: str, result: Any
+) -> Generator[Op, Any, None]:
+    """Store the outcome; retry while the store is briefly unreachable. The call ran, so the
+    key is never released: if the store stays unreachable, the completion goes on in the
+    background (lease renewed) and the caller gets :class:`ResultNotStored` with ``result``."""
     for attempt in range(policy.complete_attempts):
         try:
             yield Complete(fence, data, codec)
             return
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             if attempt + 1 == policy.complete_attempts:
-                raise
+                yield CompleteLater(fence, data, codec)
+                raise ResultNotStored(
+                    f"{policy.name} ran, but its result could not be stored ({exc}). The key "
+                    f"stays claimed while the result is stored in the background (at most "
+                    f"{SETTLE_FOR:g}s): a retry meanwhile waits or gets InFlightError, then "
+                    "replays. The error's .result holds what the call returned",
+                    result,
+                ) from exc
             yield Sleep(0.05 * 2**attempt)
         except LeaseLost as exc:
             raise LeaseLost(
@@ -242,3 +262,26 @@ def _complete(policy: Policy, fence: int, data: bytes, codec: str) -> Generator[
                 f"({exc}); another caller may have run it too. Use a longer lease, and make the "
                 "protected resource check the fence"
             ) from exc
+
+
+def _release(policy: Policy, fence: int) -> Generator[Op, Any, None]:
+    """Free the key after a failure that is not stored; retry briefly while the store is
+    unreachable (else the key stays in flight until its lease runs out)."""
+    for attempt in range(policy.complete_attempts):
+        try:
+            yield Release(fence)
+            return
+        except StoreUnavailable as exc:
+            if attempt + 1 < policy.complete_attempts:
+                yield Sleep(0.05 * 2**attempt)
+                continue
+            error: OncelyError = exc
+        except OncelyError as exc:
+            error = exc
+        log.warning(
+            "oncely: %s raised and its claim could not be released (%s); the key frees itself "
+            "when the lease runs out",
+            policy.name,
+            error,
+        )
+        return
