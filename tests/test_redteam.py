@@ -8,6 +8,8 @@ chosen step; or a real PostgreSQL table that does not exist).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sys
 import threading
 import time
 import uuid
@@ -15,8 +17,16 @@ from typing import Any
 
 import pytest
 
-from oncely import idempotent
-from oncely.errors import ConfigurationError, InFlightError, ResultNotStored, StoreUnavailable
+from oncely import current_claim, idempotent
+from oncely.core.lease import AsyncRenewer, Claimed
+from oncely.core.records import New, RecordKey
+from oncely.errors import (
+    ConfigurationError,
+    InFlightError,
+    LeaseLost,
+    ResultNotStored,
+    StoreUnavailable,
+)
 from oncely.http import GLOBAL, IdempotencyConfig
 from oncely.stores import open_store
 from oncely.stores.memory import MemoryStore
@@ -245,3 +255,134 @@ def test_waiters_for_a_failed_call(stored: bool) -> None:
         assert runs == [1, 1]
         assert sum(isinstance(o, Declined) for o in outcomes) == 1
         assert outcomes.count("charged") == 4
+
+
+# -- A7: renewal threads, release retries ----------------------------------------------------------
+class ReleaseFailsStore(MemoryStore):
+    """A real memory store whose next ``failures`` releases fail as if it were unreachable."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    def release(self, *args: Any, **kwargs: Any) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise StoreUnavailable("injected: the store is unreachable")
+        super().release(*args, **kwargs)
+
+
+def test_a_release_that_meets_an_unreachable_store_is_retried_decorator() -> None:
+    store = ReleaseFailsStore(failures=2)
+    runs: list[int] = []
+
+    @idempotent(store=store, key=["k"], lease=30, on_duplicate="raise")
+    def charge(k: str) -> str:
+        runs.append(1)
+        if len(runs) == 1:
+            raise RuntimeError("no effect happened")
+        return "charged"
+
+    order = f"order-{uuid.uuid4()}"
+    with pytest.raises(RuntimeError):
+        charge(order)
+    assert charge(order) == "charged"  # not InFlightError for the next 30 s
+    assert runs == [1, 1]
+
+
+@pytest.mark.parametrize("face_name", ["asgi", "wsgi"])
+async def test_a_release_that_meets_an_unreachable_store_is_retried_http(face_name: str) -> None:
+    store = ReleaseFailsStore(failures=2)
+    face: Any = FACES[face_name](IdempotencyConfig(store=store, scope=GLOBAL, lease=30))
+    key = key_header()
+    first = await face.request("POST", "/boom", [key])
+    assert isinstance(first.raised, RuntimeError)
+    second = await face.request("POST", "/boom", [key])
+    assert isinstance(second.raised, RuntimeError)  # ran again at once, not 409 for 30 s
+    assert face.calls["/boom"] == 2
+
+
+class DoomedRenewalStore(MemoryStore):
+    """A real memory store that refuses every renewal of scope ``doomed`` (its lease is lost)."""
+
+    def renew(self, key: Any, fence: int, lease: float) -> float:
+        if key.scope == "doomed":
+            raise LeaseLost("injected: the record was taken over")
+        return super().renew(key, fence, lease)
+
+
+def test_a_slow_on_lease_lost_callback_does_not_stall_other_renewals() -> None:
+    # Both calls renew on the same store's lane. The doomed call's loss is found on that lane;
+    # its callback blocks for 5 s. The other call's lease (2 s) must still be renewed.
+    store = DoomedRenewalStore()
+    release_callback = threading.Event()
+    called = threading.Event()
+
+    def slow_callback(claim: Any, error: BaseException) -> None:
+        called.set()
+        release_callback.wait(5)
+
+    @idempotent(store=store, key=["k"], scope="doomed", lease=2, on_lease_lost=slow_callback)
+    def doomed(k: str) -> str:
+        called.wait(5)
+        return "doomed"
+
+    @idempotent(store=store, key=["k"], scope="fine", lease=2)
+    def fine(k: str) -> str:
+        time.sleep(3)
+        claim = current_claim()
+        assert claim is not None
+        claim.check()  # LeaseLost if its renewals were stalled past the 2 s lease
+        return "fine"
+
+    results: dict[str, object] = {}
+
+    def run(name: str, fn: Any) -> None:
+        try:
+            results[name] = fn(f"order-{uuid.uuid4()}")
+        except Exception as exc:
+            results[name] = exc
+
+    threads = [
+        threading.Thread(target=run, args=("doomed", doomed)),
+        threading.Thread(target=run, args=("fine", fine)),
+    ]
+    for thread in threads:
+        thread.start()
+    threads[1].join(10)
+    release_callback.set()
+    threads[0].join(10)
+    assert called.is_set()
+    assert results["fine"] == "fine"
+
+
+def test_a_cancelled_async_renewer_ends_even_if_the_reply_meets_the_cancel() -> None:
+    # asyncio.wait_for (Python 3.11) returns the inner result and drops a cancel that arrives
+    # in the same loop step as the reply: the renewer must end cancelled, not renew on.
+    class CancelOnReply(MemoryStore):
+        task: asyncio.Task[Any] | None = None
+
+        async def arenew(self, key: Any, fence: int, lease: float) -> float:
+            if self.task is not None:
+                asyncio.get_running_loop().call_soon(self.task.cancel)
+            return self.renew(key, fence, lease)
+
+    async def scenario() -> None:
+        store = CancelOnReply()
+        key = RecordKey("s", uuid.uuid4().hex)
+        outcome = store.claim(key, "", 2.0, 60.0)
+        assert isinstance(outcome, New)
+        claimed = Claimed(key, outcome.fence, 2.0, store)
+        renewer = AsyncRenewer(claimed, time.monotonic() - 1.0)  # first renewal due at once
+        await asyncio.sleep(0.05)  # the first renewal is done; the next one cancels
+        task = renewer._task
+        assert task is not None
+        store.task = task
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 3)
+        assert task.cancelled()
+        renewer.stop()
+
+    if sys.version_info < (3, 11):
+        pytest.skip("Python 3.10 tasks cannot tell a dropped cancel")
+    asyncio.run(scenario())

@@ -610,13 +610,25 @@ def _token_refused(policy: Policy, exc: OncelyError) -> Respond:
 
 
 def _release(key: RecordKey, fence: int) -> Flow:
-    try:
-        yield Release(key, fence)
-    except OncelyError as exc:
+    """Free the key; retry briefly while the store is unreachable (else it stays in flight
+    until its lease runs out)."""
+    for attempt in range(_COMPLETE_ATTEMPTS):
+        try:
+            yield Release(key, fence)
+            return
+        except StoreUnavailable as exc:
+            if attempt + 1 < _COMPLETE_ATTEMPTS:
+                yield Sleep(0.05 * 2**attempt)
+                continue
+            error: OncelyError = exc
+        except OncelyError as exc:
+            error = exc
         log.warning(
-            "oncely.http: could not release the key (%s); it frees itself when its lease runs out",
-            exc,
+            "oncely.http: could not release the key (%s); it frees itself when its lease runs "
+            "out",
+            error,
         )
+        return
 
 
 def _release_token(use: TokenUse) -> Flow:
