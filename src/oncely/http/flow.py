@@ -624,8 +624,7 @@ def _release(key: RecordKey, fence: int) -> Flow:
         except OncelyError as exc:
             error = exc
         log.warning(
-            "oncely.http: could not release the key (%s); it frees itself when its lease runs "
-            "out",
+            "oncely.http: could not release the key (%s); it frees itself when its lease runs out",
             error,
         )
         return
