@@ -19,7 +19,7 @@ import pytest
 
 from oncely import current_claim, idempotent
 from oncely.core.lease import AsyncRenewer, Claimed
-from oncely.core.records import New, RecordKey
+from oncely.core.records import InFlight, New, RecordKey
 from oncely.errors import (
     ConfigurationError,
     InFlightError,
@@ -28,7 +28,7 @@ from oncely.errors import (
     StoreUnavailable,
 )
 from oncely.http import GLOBAL, IdempotencyConfig
-from oncely.stores import open_store
+from oncely.stores import Store, open_store
 from oncely.stores.memory import MemoryStore
 
 from conftest import POSTGRES_URL, StoreFactory
@@ -386,3 +386,63 @@ def test_a_cancelled_async_renewer_ends_even_if_the_reply_meets_the_cancel() -> 
     if sys.version_info < (3, 11):
         pytest.skip("Python 3.10 tasks cannot tell a dropped cancel")
     asyncio.run(scenario())
+
+
+# -- A6: forget() on a call that is still running -------------------------------------------------
+def test_delete_can_leave_a_running_record_alone_on_every_store(store: Store) -> None:
+    key = RecordKey("forget", uuid.uuid4().hex)
+    outcome = store.claim(key, "", 5.0, 60.0)
+    assert isinstance(outcome, New)
+    assert store.delete(key, running=False) is False  # in progress, lease live: kept
+    record = store.get(key)
+    assert record is not None and record.status == "in_progress"
+    assert isinstance(store.claim(key, "", 5.0, 60.0), InFlight)
+    store.complete(key, outcome.fence, b"1", "json", 60.0)
+    assert store.delete(key, running=False) is True  # completed: deleted
+    assert store.get(key) is None
+    # A record whose lease ran out is nobody's: deleted.
+    stale = RecordKey("forget", uuid.uuid4().hex)
+    assert isinstance(store.claim(stale, "", 0.5, 60.0), New)
+    time.sleep(0.8)
+    assert store.delete(stale, running=False) is True
+    # The default still deletes whatever is there (oncely keys rm).
+    forced = RecordKey("forget", uuid.uuid4().hex)
+    assert isinstance(store.claim(forced, "", 5.0, 60.0), New)
+    assert store.delete(forced) is True
+
+
+async def test_adelete_can_leave_a_running_record_alone(store: Store) -> None:
+    key = RecordKey("forget", uuid.uuid4().hex)
+    outcome = await store.aclaim(key, "", 5.0, 60.0)
+    assert isinstance(outcome, New)
+    assert await store.adelete(key, running=False) is False
+    await store.acomplete(key, outcome.fence, b"1", "json", 60.0)
+    assert await store.adelete(key, running=False) is True
+    await store.aclose()
+
+
+def test_forget_refuses_a_running_call_so_no_duplicate_runs_beside_it(store: Store) -> None:
+    runs: list[int] = []
+    inside = threading.Event()
+    finish = threading.Event()
+
+    @idempotent(store=store, key=["k"], lease=5, on_duplicate="raise")
+    def charge(k: str) -> str:
+        runs.append(1)
+        inside.set()
+        finish.wait(10)
+        return "charged"
+
+    order = f"order-{uuid.uuid4()}"
+    holder = threading.Thread(target=charge, args=(order,))
+    holder.start()
+    assert inside.wait(10)
+    with pytest.raises(InFlightError, match="still running"):
+        charge.forget(order)  # type: ignore[attr-defined]
+    with pytest.raises(InFlightError):
+        charge(order)  # the record is intact: a duplicate does not run
+    finish.set()
+    holder.join(10)
+    assert charge.forget(order) is True  # type: ignore[attr-defined]
+    assert charge(order) == "charged"  # forgotten: runs again
+    assert runs == [1, 1]

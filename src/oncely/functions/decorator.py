@@ -24,8 +24,8 @@ from typing import Any, Literal, TypeVar, overload
 
 from oncely.codecs import Codec, JsonCodec
 from oncely.core.lease import LostCallback
-from oncely.core.records import RecordKey, digest_key
-from oncely.errors import ConfigurationError
+from oncely.core.records import Record, RecordKey, digest_key
+from oncely.errors import ConfigurationError, InFlightError
 from oncely.functions.cache import ResultCache
 from oncely.functions.drivers import drive, drive_async
 from oncely.functions.flow import Policy, call_flow
@@ -283,17 +283,53 @@ class Idempotent:
         )
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
-        """Delete the record of a call with these arguments, so the next call runs again."""
+        """Delete the record of a call with these arguments, so the next call runs again.
+
+        Returns whether a live record was deleted.
+
+        :raises InFlightError: a call with these arguments is still running (its lease has not
+            run out): deleting its record would let a duplicate run beside it. The check and
+            the delete are one atomic step in the store; retry once the call finished.
+        """
         key = self.record_key(args, kwargs)
         if self.policy.cache is not None:
             self.policy.cache.discard(key)
-        return self.store.delete(key)
+        for _ in range(_FORGET_ATTEMPTS):
+            if self.store.delete(key, running=False):
+                return True
+            record = self.store.get(key)  # only to tell "running" from "absent"
+            if record is None:
+                return False
+            if record.status == "in_progress":
+                raise self._still_running(record, self.store.now())
+        return False  # pragma: no cover - the record changed state three times meanwhile
 
     async def aforget(self, *args: Any, **kwargs: Any) -> bool:
+        """The async face of :meth:`forget`."""
         key = self.record_key(args, kwargs)
         if self.policy.cache is not None:
             self.policy.cache.discard(key)
-        return await self.store.adelete(key)
+        for _ in range(_FORGET_ATTEMPTS):
+            if await self.store.adelete(key, running=False):
+                return True
+            record = await self.store.aget(key)
+            if record is None:
+                return False
+            if record.status == "in_progress":
+                raise self._still_running(record, await self.store.anow())
+        return False  # pragma: no cover
+
+    def _still_running(self, record: Record, now: float) -> InFlightError:
+        retry_after = max((record.lease_until or 0.0) - now, 0.0)
+        return InFlightError(
+            f"{self.name}: the call with these arguments is still running, so its record is "
+            "not deleted (a duplicate would run beside it); call forget() again once it "
+            "finished",
+            retry_after,
+        )
+
+
+_FORGET_ATTEMPTS = 3
 
 
 @overload
