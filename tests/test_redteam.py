@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import sys
 import threading
 import time
@@ -19,7 +20,7 @@ import pytest
 
 from oncely import current_claim, idempotent
 from oncely.core.lease import AsyncRenewer, Claimed
-from oncely.core.records import InFlight, New, RecordKey
+from oncely.core.records import InFlight, New, RecordKey, digest_key
 from oncely.errors import (
     ConfigurationError,
     InFlightError,
@@ -27,7 +28,12 @@ from oncely.errors import (
     ResultNotStored,
     StoreUnavailable,
 )
-from oncely.http import GLOBAL, IdempotencyConfig
+from oncely.http import (
+    GLOBAL,
+    IdempotencyConfig,
+    IdempotencyMiddleware,
+    WSGIIdempotencyMiddleware,
+)
 from oncely.stores import Store, open_store
 from oncely.stores.memory import MemoryStore
 
@@ -446,3 +452,156 @@ def test_forget_refuses_a_running_call_so_no_duplicate_runs_beside_it(store: Sto
     assert charge.forget(order) is True  # type: ignore[attr-defined]
     assert charge(order) == "charged"  # forgotten: runs again
     assert runs == [1, 1]
+
+
+# -- A4: HTTP settles the key before the client can see the response complete ---------------------
+def _http_key(key: str) -> RecordKey:
+    return RecordKey("http:", digest_key(key))
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["buffered", "streamed"])
+async def test_asgi_completes_the_key_before_the_response_ends(streamed: bool) -> None:
+    store = MemoryStore()
+    key = str(uuid.uuid4())
+    seen: list[str | None] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        if streamed:
+            await send({"type": "http.response.body", "body": b"a", "more_body": True})
+            await send({"type": "http.response.body", "body": b"b", "more_body": False})
+        else:
+            await send({"type": "http.response.body", "body": b"ab"})
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            record = store.get(_http_key(key))
+            seen.append(None if record is None else record.status)
+
+    middleware = IdempotencyMiddleware(app, IdempotencyConfig(store=store, scope=GLOBAL))
+    await middleware(_asgi_scope(key), _receive_once(b"{}"), send)
+    assert seen == ["completed"]
+
+
+def _asgi_scope(key: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/orders",
+        "raw_path": b"/orders",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"idempotency-key", f'"{key}"'.encode()), (b"content-length", b"2")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 80),
+    }
+
+
+def _receive_once(body: bytes) -> Any:
+    sent = False
+    forever = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await forever.wait()
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+@pytest.mark.parametrize("shape", ["list", "declared-length"])
+def test_wsgi_completes_the_key_before_the_body_goes_out(shape: str) -> None:
+    store = MemoryStore()
+    key = str(uuid.uuid4())
+
+    def app(environ: Any, start_response: Any) -> Any:
+        start_response("201 Created", [("Content-Length", "2")])
+        if shape == "list":
+            return [b"ab"]
+        return iter([b"a", b"b"])
+
+    middleware = WSGIIdempotencyMiddleware(app, IdempotencyConfig(store=store, scope=GLOBAL))
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/orders",
+        "SCRIPT_NAME": "",
+        "QUERY_STRING": "",
+        "CONTENT_LENGTH": "2",
+        "HTTP_IDEMPOTENCY_KEY": f'"{key}"',
+        "wsgi.input": io.BytesIO(b"{}"),
+        "wsgi.url_scheme": "http",
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "80",
+    }
+    body = middleware(environ, lambda status, headers, exc_info=None: None)
+    seen = []
+    for _chunk in body:  # what a server hands to the client, chunk by chunk
+        record = store.get(_http_key(key))
+        seen.append(None if record is None else record.status)
+    getattr(body, "close", lambda: None)()
+    assert seen[-1] == "completed"
+
+
+# -- A3 (HTTP): a cancelled request task leaves the handler running, its response kept -------
+async def test_a_cancelled_asgi_request_finishes_its_handler_and_a_retry_replays() -> None:
+    store = MemoryStore()
+    calls: list[int] = []
+    started = asyncio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        calls.append(1)
+        started.set()
+        await asyncio.sleep(0.3)  # the effect is under way when the request task is cancelled
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    config = IdempotencyConfig(store=store, scope=GLOBAL, wait=10)
+    middleware = IdempotencyMiddleware(app, config)
+    key = str(uuid.uuid4())
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    task = asyncio.ensure_future(middleware(_asgi_scope(key), _receive_once(b"{}"), send))
+    await started.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    again: list[dict[str, Any]] = []
+
+    async def send_again(message: dict[str, Any]) -> None:
+        again.append(message)
+
+    await asyncio.wait_for(middleware(_asgi_scope(key), _receive_once(b"{}"), send_again), 10)
+    assert again[0]["status"] == 201 and again[1]["body"] == b"done"
+    assert calls == [1]
+
+
+# -- A1 (HTTP): the handler ran but the response could not be stored -----------------------------
+@pytest.mark.parametrize("face_name", ["asgi", "wsgi"])
+async def test_an_http_response_not_stored_keeps_the_key_claimed(face_name: str) -> None:
+    store = CompleteFailsStore(failures=10**9)
+    face: Any = FACES[face_name](IdempotencyConfig(store=store, scope=GLOBAL, lease=2))
+    key = key_header()
+    first = await face.request("POST", "/orders", [key], b"{}")
+    assert first.status == 201  # the client gets its response
+    await asyncio.sleep(2.5)  # past the lease: the background retry renews it
+    busy = await face.request("POST", "/orders", [key], b"{}")
+    assert busy.status == 409
+    store.failures = 0
+    deadline = time.monotonic() + 10
+    while True:
+        replay = await face.request("POST", "/orders", [key], b"{}")
+        if replay.status == 201:
+            assert replay.replayed
+            break
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert face.calls["/orders"] == 1

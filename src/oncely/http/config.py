@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as _field
-from typing import Any
+from typing import Any, Literal
 
 from oncely.core.lease import LostCallback
 from oncely.errors import ConfigurationError
@@ -158,6 +158,12 @@ class IdempotencyConfig:
         ``Idempotent-Replayed``).
     :param tokens: one-time token guard (see :class:`TokenGuard`).
     :param on_lease_lost: called with ``(claim, error)`` if a running request loses its key.
+    :param on_cancel: what a request task cancelled while its handler runs does (ASGI and
+        Django's async middleware; a server cancels the task when the client goes away or at
+        shutdown): ``"finish"`` (default) lets the handler run on, shielded, and settles the
+        key from its response, so a retry replays it (or gets 409 while it runs) instead of
+        running it twice; ``"release"`` cancels the handler and releases the key, so a retry
+        runs it again (only for handlers safe to cut off halfway).
     :param namespace: store scope prefix of HTTP records (``"<namespace>:<scope>"``, default
         ``http``).
     :raises ConfigurationError: a setting of the wrong type, unit or range (the message names
@@ -191,6 +197,7 @@ class IdempotencyConfig:
     replay_header: str = UNSET
     tokens: TokenGuard | None = None
     on_lease_lost: LostCallback | None = None
+    on_cancel: Literal["finish", "release"] = "finish"
     namespace: str = UNSET
 
     def __post_init__(self) -> None:
@@ -199,6 +206,11 @@ class IdempotencyConfig:
         set_(self, "store", configured_store(self.store, where))
         for name, setting in _SETTINGS.items():
             set_(self, name, resolve(setting, getattr(self, name), where=where, param=name))
+        if self.on_cancel not in ("finish", "release"):
+            raise ConfigurationError(
+                f"{where}: on_cancel={self.on_cancel!r} is not valid: expected 'finish' (a "
+                "cancelled request's handler runs on and its response is kept) or 'release'"
+            )
         if not self.header.isascii() or ":" in self.header:
             raise ConfigurationError(f"{where}: header={self.header!r} is not a header name")
         resolve_scope(self.scope, "scope")

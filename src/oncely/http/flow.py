@@ -95,6 +95,7 @@ __all__ = [
     "Captured",
     "Claim",
     "Complete",
+    "CompleteLater",
     "ConsumeToken",
     "IssueToken",
     "Op",
@@ -189,6 +190,19 @@ class Complete:
 
 
 @dataclass(frozen=True, slots=True)
+class CompleteLater:
+    """Keep retrying the completion in the background with the lease renewed
+    (:mod:`oncely.core.settle`); the request goes on at once."""
+
+    key: RecordKey
+    fence: int
+    data: bytes
+    codec: str
+    ttl: float
+    lease: float
+
+
+@dataclass(frozen=True, slots=True)
 class Release:
     key: RecordKey
     fence: int
@@ -222,6 +236,7 @@ Op = (
     | Sleep
     | Run
     | Complete
+    | CompleteLater
     | Release
     | ConsumeToken
     | ReleaseToken
@@ -638,8 +653,9 @@ def _release_token(use: TokenUse) -> Flow:
 
 
 def _complete(policy: Policy, key: RecordKey, fence: int, data: bytes, codec: str) -> Flow:
-    """Store the response; retry briefly while the store is unreachable. Never raises: the
-    response is already on its way to the client."""
+    """Store the response; retry briefly while the store is unreachable, then hand the
+    completion to a background retry that keeps the key claimed (never released: the handler
+    ran). Never raises: the client gets its response either way."""
     for attempt in range(_COMPLETE_ATTEMPTS):
         try:
             yield Complete(key, fence, data, codec, policy.ttl)
@@ -647,10 +663,11 @@ def _complete(policy: Policy, key: RecordKey, fence: int, data: bytes, codec: st
         except StoreUnavailable as exc:
             if attempt + 1 == _COMPLETE_ATTEMPTS:
                 log.error(
-                    "oncely.http: the response could not be stored (%s); the key frees itself "
-                    "when its lease runs out, and a retry then runs the request again",
+                    "oncely.http: the response could not be stored yet (%s); the key stays "
+                    "claimed while it is stored in the background (a retry meanwhile gets 409)",
                     exc,
                 )
+                yield CompleteLater(key, fence, data, codec, policy.ttl, policy.lease)
                 return
             yield Sleep(0.05 * 2**attempt)
         except LeaseLost as exc:

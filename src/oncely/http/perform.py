@@ -12,14 +12,18 @@ request task cancelled mid-write still leaves the key settled.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from typing import Any
 
 from oncely.core.cancelsafe import claim_or_undo, write_through
+from oncely.core.lease import AsyncRenewer, Claimed, keeper
+from oncely.core.settle import asettle_later, settle_later
 from oncely.http.engine import Engine
 from oncely.http.flow import (
     Claim,
     Complete,
+    CompleteLater,
     ConsumeToken,
     IssueToken,
     Op,
@@ -47,6 +51,16 @@ def perform(engine: Engine, op: Op) -> Any:
     if kind is Complete:
         assert isinstance(op, Complete)
         store.complete(op.key, op.fence, op.data, op.codec, op.ttl)
+        return None
+    if kind is CompleteLater:
+        assert isinstance(op, CompleteLater)
+        held = Claimed(op.key, op.fence, op.lease, store)
+        keeper.keep(held, time.monotonic())
+        settle_later(
+            functools.partial(store.complete, op.key, op.fence, op.data, op.codec, op.ttl),
+            functools.partial(keeper.stop, held),
+            "a response",
+        )
         return None
     if kind is Release:
         assert isinstance(op, Release)
@@ -84,6 +98,15 @@ async def aperform(engine: Engine, op: Op) -> Any:
     if kind is Complete:
         assert isinstance(op, Complete)
         await write_through(store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl)
+        return None
+    if kind is CompleteLater:
+        assert isinstance(op, CompleteLater)
+        renewer = AsyncRenewer(Claimed(op.key, op.fence, op.lease, store), time.monotonic())
+        asettle_later(
+            functools.partial(store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl),
+            renewer.stop,
+            "a response",
+        )
         return None
     if kind is Release:
         assert isinstance(op, Release)
