@@ -28,7 +28,7 @@ from oncely.core.records import Record, RecordKey, digest_key
 from oncely.errors import ConfigurationError, InFlightError
 from oncely.functions.cache import ResultCache
 from oncely.functions.drivers import drive, drive_async
-from oncely.functions.flow import Policy, call_flow
+from oncely.functions.flow import CallPolicy, call_flow
 from oncely.functions.keys import (
     ArgumentReader,
     canonical,
@@ -174,7 +174,7 @@ class Idempotent:
         self._codec = codec or JsonCodec()
         self._localns = localns
         self._policy_of = functools.partial(
-            Policy,
+            CallPolicy,
             name=self.name,
             ttl=float(ttl),
             lease=float(lease),
@@ -185,12 +185,12 @@ class Idempotent:
             cache=ResultCache(cache_size) if cache_size else None,
             on_cancel=on_cancel,
         )
-        self._policy: Policy | None = None
+        self._policy: CallPolicy | None = None
         # NameError: the annotation names a class defined later; resolve it at the first call.
         with contextlib.suppress(NameError):
             self._policy = self._make_policy()
 
-    def _make_policy(self) -> Policy:
+    def _make_policy(self) -> CallPolicy:
         """Bind the codec to the return annotation (:class:`ConfigurationError` if it cannot)."""
         hint = return_annotation(self.fn, self._localns)
         bind = getattr(self._codec, "bind", None)
@@ -199,7 +199,7 @@ class Idempotent:
         return self._policy_of(codec=codec, return_type=hint)
 
     @property
-    def policy(self) -> Policy:
+    def policy(self) -> CallPolicy:
         """The call policy (resolved at the first call if the return annotation came later)."""
         if self._policy is None:
             try:

@@ -12,29 +12,17 @@ body and releases the key instead (for bodies that are safe to run again).
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from oncely.core.cancelsafe import claim_or_undo, keep_alive, write_through
+from oncely.core.cancelsafe import keep_alive
 from oncely.core.lease import AsyncRenewer, Claimed, LostCallback, active_claim, keeper
+from oncely.core.ops import Claim, aperform, perform
 from oncely.core.records import RecordKey
-from oncely.core.settle import asettle_later, settle_later
-from oncely.functions.flow import (
-    Claim,
-    Complete,
-    CompleteLater,
-    Op,
-    Policy,
-    Release,
-    Run,
-    RunUnprotected,
-    Sleep,
-    Watch,
-)
+from oncely.functions.flow import CallPolicy, Op, Run, RunUnprotected
 from oncely.stores.base import Store
 
 __all__ = ["drive", "drive_async"]
@@ -47,7 +35,7 @@ def drive(
     store: Store,
     key: RecordKey,
     fingerprint: str,
-    policy: Policy,
+    policy: CallPolicy,
     call: Callable[[], Any],
     on_lost: LostCallback | None,
 ) -> Any:
@@ -62,10 +50,7 @@ def drive(
         send = throw = None
         try:
             kind = type(op)
-            if kind is Claim:
-                sent_at = time.monotonic()
-                send = store.claim(key, fingerprint, policy.lease, policy.ttl)
-            elif kind is Run:
+            if kind is Run:
                 assert isinstance(op, Run)
                 claimed = Claimed(key, op.fence, policy.lease, store, on_lost)
                 keeper.keep(claimed, sent_at)
@@ -75,31 +60,12 @@ def drive(
                 finally:
                     active_claim.reset(token)
                     keeper.stop(claimed)
-            elif kind is Complete:
-                assert isinstance(op, Complete)
-                store.complete(key, op.fence, op.data, op.codec, policy.ttl)
-            elif kind is CompleteLater:
-                assert isinstance(op, CompleteLater)
-                held = Claimed(key, op.fence, policy.lease, store)
-                keeper.keep(held, time.monotonic())
-                settle_later(
-                    functools.partial(store.complete, key, op.fence, op.data, op.codec, policy.ttl),
-                    functools.partial(keeper.stop, held),
-                    f"the result of {policy.name}",
-                )
-            elif kind is Release:
-                assert isinstance(op, Release)
-                store.release(key, op.fence)
-            elif kind is Watch:
-                assert isinstance(op, Watch)
-                send = store.watch(key, op.fence, op.timeout)
-            elif kind is Sleep:
-                assert isinstance(op, Sleep)
-                time.sleep(op.seconds)
             elif kind is RunUnprotected:
                 send = call()
-            else:  # pragma: no cover - the flow yields only the ops above
-                raise AssertionError(op)
+            else:
+                if kind is Claim:  # the lease's local bound counts from here
+                    sent_at = time.monotonic()
+                send = perform(store, op)  # type: ignore[arg-type]
         except BaseException as exc:
             throw = exc
 
@@ -111,7 +77,7 @@ class _AsyncCall:
     store: Store
     key: RecordKey
     fingerprint: str
-    policy: Policy
+    policy: CallPolicy
     call: Callable[[], Awaitable[Any]]
     on_lost: LostCallback | None
     sent_at: float = 0.0  # when the last claim was sent (monotonic)
@@ -122,7 +88,7 @@ async def drive_async(
     store: Store,
     key: RecordKey,
     fingerprint: str,
-    policy: Policy,
+    policy: CallPolicy,
     call: Callable[[], Awaitable[Any]],
     on_lost: LostCallback | None,
 ) -> Any:
@@ -139,7 +105,7 @@ async def _drive(
     send: Any = None,
     throw: BaseException | None = None,
 ) -> Any:
-    store, key, policy = state.store, state.key, state.policy
+    store = state.store
     while True:
         try:
             op = flow.send(send) if throw is None else flow.throw(throw)
@@ -148,40 +114,15 @@ async def _drive(
         send = throw = None
         try:
             kind = type(op)
-            if kind is Claim:
-                state.sent_at = time.monotonic()
-                send = await claim_or_undo(store, key, state.fingerprint, policy.lease, policy.ttl)
-            elif kind is Run:
+            if kind is Run:
                 assert isinstance(op, Run)
                 send = await _run(flow, state, op)
-            elif kind is Complete:
-                assert isinstance(op, Complete)
-                # A cancelled caller must not leave a finished call unrecorded: the write goes on.
-                await write_through(store.acomplete, key, op.fence, op.data, op.codec, policy.ttl)
-            elif kind is CompleteLater:
-                assert isinstance(op, CompleteLater)
-                held = Claimed(key, op.fence, policy.lease, store)
-                renewer = AsyncRenewer(held, time.monotonic())
-                asettle_later(
-                    functools.partial(
-                        store.acomplete, key, op.fence, op.data, op.codec, policy.ttl
-                    ),
-                    renewer.stop,
-                    f"the result of {policy.name}",
-                )
-            elif kind is Release:
-                assert isinstance(op, Release)
-                await write_through(store.arelease, key, op.fence)
-            elif kind is Watch:
-                assert isinstance(op, Watch)
-                send = await store.awatch(key, op.fence, op.timeout)
-            elif kind is Sleep:
-                assert isinstance(op, Sleep)
-                await asyncio.sleep(op.seconds)
             elif kind is RunUnprotected:
                 send = await state.call()
-            else:  # pragma: no cover
-                raise AssertionError(op)
+            else:
+                if kind is Claim:  # the lease's local bound counts from here
+                    state.sent_at = time.monotonic()
+                send = await aperform(store, op)  # type: ignore[arg-type]
         except _HandedOff:
             raise asyncio.CancelledError from None
         except BaseException as exc:
