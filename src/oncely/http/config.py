@@ -6,7 +6,7 @@
 ...     exclude=["/health"])
 
 Every setting is documented on :class:`IdempotencyConfig`; ``docs/http.md`` has the full
-picture. :class:`Policy` is the effective, pre-computed settings of one route (global settings
+picture. :class:`RoutePolicy` is the effective, pre-computed settings of one route (global settings
 merged with the route's :class:`~oncely.http.routes.Rule`); it is internal.
 """
 
@@ -28,7 +28,7 @@ from oncely.settings import UNSET, coerce, resolve
 from oncely.stores import Store, configured_store
 from oncely.tokens import Tokens
 
-__all__ = ["IdempotencyConfig", "Policy", "TokenGuard"]
+__all__ = ["IdempotencyConfig", "RoutePolicy", "TokenGuard"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -244,7 +244,7 @@ def _pick(rule: Rule | None, name: str, default: Any) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
-class Policy:
+class RoutePolicy:
     """The effective settings of one route (global config merged with its rules)."""
 
     enabled: bool
@@ -273,7 +273,7 @@ class Policy:
     namespace: str
 
     @classmethod
-    def build(cls, config: IdempotencyConfig, enabled: bool, *rules: Rule | None) -> Policy:
+    def build(cls, config: IdempotencyConfig, enabled: bool, *rules: Rule | None) -> RoutePolicy:
         def pick(name: str, default: Any = None) -> Any:
             value = getattr(config, name, default)
             for rule in rules:
