@@ -22,6 +22,7 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
+from oncely.backends.plans import Plan, arun, run
 from oncely.codecs import Codec, JsonCodec
 from oncely.core.lease import LostCallback
 from oncely.core.records import Record, RecordKey, digest_key
@@ -291,33 +292,30 @@ class Idempotent:
             run out): deleting its record would let a duplicate run beside it. The check and
             the delete are one atomic step in the store; retry once the call finished.
         """
-        key = self.record_key(args, kwargs)
-        if self.policy.cache is not None:
-            self.policy.cache.discard(key)
-        for _ in range(_FORGET_ATTEMPTS):
-            if self.store.delete(key, running=False):
-                return True
-            record = self.store.get(key)  # only to tell "running" from "absent"
-            if record is None:
-                return False
-            if record.status == "in_progress":
-                raise self._still_running(record, self.store.now())
-        return False  # pragma: no cover - the record changed state three times meanwhile
+        store = self.store
+        return run(self._forget(args, kwargs), lambda op: getattr(store, op[0])(*op[1:]))
 
     async def aforget(self, *args: Any, **kwargs: Any) -> bool:
         """The async face of :meth:`forget`."""
+        store = self.store
+        return await arun(
+            self._forget(args, kwargs), lambda op: getattr(store, "a" + op[0])(*op[1:])
+        )
+
+    def _forget(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan[bool]:
+        """:meth:`forget` as a plan of store calls ``(method, *arguments)``, for both faces."""
         key = self.record_key(args, kwargs)
         if self.policy.cache is not None:
             self.policy.cache.discard(key)
         for _ in range(_FORGET_ATTEMPTS):
-            if await self.store.adelete(key, running=False):
+            if (yield ("delete", key, False)):
                 return True
-            record = await self.store.aget(key)
+            record = yield ("get", key)  # only to tell "running" from "absent"
             if record is None:
                 return False
             if record.status == "in_progress":
-                raise self._still_running(record, await self.store.anow())
-        return False  # pragma: no cover
+                raise self._still_running(record, (yield ("now",)))
+        return False  # pragma: no cover - the record changed state three times meanwhile
 
     def _still_running(self, record: Record, now: float) -> InFlightError:
         retry_after = max((record.lease_until or 0.0) - now, 0.0)
