@@ -105,67 +105,52 @@ class Sleep:
 StoreOp = Claim | Complete | CompleteLater | Release | Watch | Sleep
 
 
+def _store_call(op: StoreOp) -> tuple[str, tuple[Any, ...]]:
+    """The store method (sync name) and arguments that carry out a plain store operation."""
+    if isinstance(op, Claim):
+        return "claim", (op.key, op.fingerprint, op.lease, op.ttl)
+    if isinstance(op, Complete):
+        return "complete", (op.key, op.fence, op.data, op.codec, op.ttl)
+    if isinstance(op, Release):
+        return "release", (op.key, op.fence)
+    if isinstance(op, Watch):
+        return "watch", (op.key, op.fence, op.timeout)
+    raise AssertionError(op)  # pragma: no cover - Sleep and CompleteLater are not store calls
+
+
 def perform(store: Store, op: StoreOp) -> Any:
     """Carry out ``op`` with blocking calls; returns what the flow expects back.
 
     :raises: whatever the store raises (the driver throws it into the flow, which decides).
     """
-    kind = type(op)
-    if kind is Claim:
-        assert isinstance(op, Claim)
-        return store.claim(op.key, op.fingerprint, op.lease, op.ttl)
-    if kind is Complete:
-        assert isinstance(op, Complete)
-        store.complete(op.key, op.fence, op.data, op.codec, op.ttl)
-    elif kind is Release:
-        assert isinstance(op, Release)
-        store.release(op.key, op.fence)
-    elif kind is Watch:
-        assert isinstance(op, Watch)
-        return store.watch(op.key, op.fence, op.timeout)
-    elif kind is Sleep:
-        assert isinstance(op, Sleep)
+    if isinstance(op, Sleep):
         time.sleep(op.seconds)
-    elif kind is CompleteLater:
-        assert isinstance(op, CompleteLater)
+        return None
+    if isinstance(op, CompleteLater):
         held = Claimed(op.key, op.fence, op.lease, store)
         keeper.keep(held, time.monotonic())
-        settle_later(
-            functools.partial(store.complete, op.key, op.fence, op.data, op.codec, op.ttl),
-            functools.partial(keeper.stop, held),
-            op.what,
-        )
-    else:  # pragma: no cover - a flow yields only the operations above here
-        raise AssertionError(op)
-    return None
+        write = functools.partial(store.complete, op.key, op.fence, op.data, op.codec, op.ttl)
+        settle_later(write, functools.partial(keeper.stop, held), op.what)
+        return None
+    name, args = _store_call(op)
+    return getattr(store, name)(*args)
 
 
 async def aperform(store: Store, op: StoreOp) -> Any:
     """:func:`perform` with ``await``; the claim and the fenced writes are cancel-safe."""
-    kind = type(op)
-    if kind is Claim:
-        assert isinstance(op, Claim)
-        return await claim_or_undo(store, op.key, op.fingerprint, op.lease, op.ttl)
-    if kind is Complete:
-        assert isinstance(op, Complete)
-        await write_through(store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl)
-    elif kind is Release:
-        assert isinstance(op, Release)
-        await write_through(store.arelease, op.key, op.fence)
-    elif kind is Watch:
-        assert isinstance(op, Watch)
-        return await store.awatch(op.key, op.fence, op.timeout)
-    elif kind is Sleep:
-        assert isinstance(op, Sleep)
+    if isinstance(op, Sleep):
         await asyncio.sleep(op.seconds)
-    elif kind is CompleteLater:
-        assert isinstance(op, CompleteLater)
+        return None
+    if isinstance(op, CompleteLater):
         renewer = AsyncRenewer(Claimed(op.key, op.fence, op.lease, store), time.monotonic())
-        asettle_later(
-            functools.partial(store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl),
-            renewer.stop,
-            op.what,
-        )
-    else:  # pragma: no cover
-        raise AssertionError(op)
+        write = functools.partial(store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl)
+        asettle_later(write, renewer.stop, op.what)
+        return None
+    name, args = _store_call(op)
+    if name == "claim":
+        return await claim_or_undo(store, *args)
+    method = getattr(store, "a" + name)
+    if name == "watch":
+        return await method(*args)
+    await write_through(method, *args)  # a cancelled caller's fenced write goes on
     return None
