@@ -91,7 +91,7 @@ class MemoryState:
         record = self.records.get(key)
         return None if record is None or record.expires_at <= now else record
 
-    def delete(self, key: RecordKey, running: bool, now: float) -> bool:
+    def delete(self, key: RecordKey, running: bool = True, now: float = 0.0) -> bool:
         record = self.records.get(key)
         if (
             not running
