@@ -296,10 +296,10 @@ async def test_a_replay_carries_exactly_the_stored_headers(make_face: MakeFace, 
 def test_a_stored_204_or_1xx_never_replays_a_content_length() -> None:
     from oncely.core.records import Record
     from oncely.http.codec import CODEC, encode_response
-    from oncely.http.config import Policy
+    from oncely.http.config import RoutePolicy
     from oncely.http.flow import _replay
 
-    policy = Policy.build(IdempotencyConfig(scope=GLOBAL), True)
+    policy = RoutePolicy.build(IdempotencyConfig(scope=GLOBAL), True)
     for status, replayed_length in ((204, None), (103, None), (304, b"12"), (200, b"12")):
         data = encode_response(status, [(b"content-length", b"12")], b"x" * 12)
         record = Record("s", "d", "completed", "", 1, None, 0.0, 0.0, data, CODEC)

@@ -33,6 +33,7 @@ __all__ = [
     "OncelyError",
     "PreconditionFailed",
     "PreconditionRequired",
+    "ResultNotStored",
     "SagaError",
     "SagaFailed",
     "SagaStuck",
@@ -133,6 +134,23 @@ class StoreError(OncelyError):
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached. By default nothing runs unprotected (fail closed)."""
+
+
+class ResultNotStored(StoreError):
+    """The call ran (its effect happened) but its outcome could not be stored.
+
+    Not a :class:`StoreUnavailable`: that one means nothing ran. ``result`` is what the call
+    returned (or, for an exception listed in ``store_errors``, that exception). The key is not
+    released: oncely keeps it claimed, with its lease renewed, and retries storing the outcome
+    in the background for a bounded time (:data:`oncely.core.settle.SETTLE_FOR` seconds), so a
+    retry meanwhile finds the call in flight (waits, or gets :class:`InFlightError`) and then
+    replays it. Only if the store stays unreachable past that bound does the lease run out and
+    a later retry run the call again; act on ``result`` instead of retrying blindly.
+    """
+
+    def __init__(self, message: str, result: object = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class SchemaMissing(StoreError):

@@ -26,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import RecordKey
-from oncely.core.renewal import renew_timeout, watchdog
+from oncely.core.renewal import renew_timeout, report, watchdog
 from oncely.errors import LeaseLost
 
 if TYPE_CHECKING:  # core imports no store: Store is only a type here
@@ -128,10 +129,7 @@ class Claimed:
             self.lost, self.active = exc, False
         log.error("oncely: lease lost for fence %s: %s", self.fence, exc)
         if self.on_lost is not None:
-            try:
-                self.on_lost(self, exc)
-            except Exception:
-                log.exception("oncely: on_lease_lost callback failed")
+            report(self.on_lost, self, exc, what="on_lease_lost callback")
 
 
 active_claim: contextvars.ContextVar[Claimed | None] = contextvars.ContextVar(
@@ -187,9 +185,10 @@ class AsyncRenewer:
             try:
                 if limit <= 0:
                     raise TimeoutError("the lease ran out before its renewal could be sent")
-                await asyncio.wait_for(
-                    claimed.store.arenew(claimed.key, claimed.fence, claimed.lease), limit
-                )
+                with keep_cancel():  # wait_for can drop a cancel that meets the reply (3.11)
+                    await asyncio.wait_for(
+                        claimed.store.arenew(claimed.key, claimed.fence, claimed.lease), limit
+                    )
             except Exception as exc:  # any failure, typed or not, is retried and then reported
                 if isinstance(exc, asyncio.TimeoutError) and not str(exc):
                     exc = TimeoutError(f"the store did not answer a renewal within {limit:.3g}s")

@@ -33,9 +33,10 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Final, Protocol
 
-__all__ = ["Due", "Watchdog", "renew_timeout", "watchdog"]
+__all__ = ["Due", "Watchdog", "on_renewal_thread", "renew_timeout", "report", "watchdog"]
 
 log = logging.getLogger("oncely")
 
@@ -44,6 +45,32 @@ LANE_IDLE: Final = 60.0
 
 _RUN: Final = 0
 _BOUND: Final = 1
+
+#: Marks the scheduler and lane threads (``renewing`` is True on them).
+_thread_role = threading.local()
+
+
+def on_renewal_thread() -> bool:
+    """True on the scheduler thread and on a lane thread."""
+    return bool(getattr(_thread_role, "renewing", False))
+
+
+def report(callback: Callable[..., object], *args: object, what: str) -> None:
+    """Run a holder's callback (``on_lost``, ``on_lease_lost``) with ``args``: inline, or, when
+    called on a renewal thread, on a daemon thread of its own (``oncely-report``), so a slow
+    or blocking callback never stalls the renewals of other leases. A failing callback is
+    logged (``what`` names it), never raised into oncely's threads."""
+
+    def call() -> None:
+        try:
+            callback(*args)
+        except Exception:
+            log.exception("oncely: %s failed", what)
+
+    if on_renewal_thread():
+        threading.Thread(target=call, name="oncely-report", daemon=True).start()
+    else:
+        call()
 
 
 def renew_timeout(lease: float) -> float:
@@ -92,6 +119,7 @@ class _Lane:
         self.thread = threading.Thread(target=self._loop, name="oncely-renew", daemon=True)
 
     def _loop(self) -> None:
+        _thread_role.renewing = True
         owner = self.owner
         while True:
             try:
@@ -160,6 +188,7 @@ class Watchdog:
             self._cond.notify()
 
     def _loop(self) -> None:
+        _thread_role.renewing = True
         while True:
             with self._cond:
                 while True:

@@ -23,13 +23,14 @@ import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
+from oncely.backends.plans import Plan, arun, run
 from oncely.codecs import Codec, JsonCodec
 from oncely.core.lease import LostCallback
-from oncely.core.records import RecordKey, digest_key
-from oncely.errors import ConfigurationError, UnfinishedResult
+from oncely.core.records import Record, RecordKey, digest_key
+from oncely.errors import ConfigurationError, InFlightError, UnfinishedResult
 from oncely.functions.cache import ResultCache
 from oncely.functions.drivers import drive, drive_async
-from oncely.functions.flow import Policy, call_flow
+from oncely.functions.flow import CallPolicy, call_flow
 from oncely.functions.keys import (
     ArgumentReader,
     canonical,
@@ -166,6 +167,7 @@ class Idempotent:
         codec: Codec | None = None,
         cache_size: int | None = None,
         on_lease_lost: LostCallback | None = None,
+        on_cancel: Literal["finish", "release"] = "finish",
         localns: Mapping[str, Any] | None = None,
     ) -> None:
         """:raises ConfigurationError: a bad setting (named in the message), a store URL that
@@ -183,6 +185,11 @@ class Idempotent:
             raise ConfigurationError(
                 "key= and validate= take a list of argument names or dotted paths, e.g. "
                 "key=['order.id']"
+            )
+        if on_cancel not in ("finish", "release"):
+            raise ConfigurationError(
+                f"{where}: on_cancel={on_cancel!r} is not valid: expected 'finish' (a cancelled "
+                "caller leaves the body running and its outcome stored) or 'release'"
             )
         if scope is not None and not callable(scope) and not isinstance(scope, str):
             raise ConfigurationError(
@@ -213,7 +220,7 @@ class Idempotent:
         self._codec = codec or JsonCodec()
         self._localns = localns
         self._policy_of = functools.partial(
-            Policy,
+            CallPolicy,
             name=self.name,
             ttl=float(ttl),
             lease=float(lease),
@@ -222,13 +229,14 @@ class Idempotent:
             store_errors=tuple(store_errors),
             fail_open=fail_open,
             cache=ResultCache(cache_size) if cache_size else None,
+            on_cancel=on_cancel,
         )
-        self._policy: Policy | None = None
+        self._policy: CallPolicy | None = None
         # NameError: the annotation names a class defined later; resolve it at the first call.
         with contextlib.suppress(NameError):
             self._policy = self._make_policy()
 
-    def _make_policy(self) -> Policy:
+    def _make_policy(self) -> CallPolicy:
         """Bind the codec to the return annotation (:class:`ConfigurationError` if it cannot)."""
         hint = return_annotation(self.fn, self._localns)
         bind = getattr(self._codec, "bind", None)
@@ -237,7 +245,7 @@ class Idempotent:
         return self._policy_of(codec=codec, return_type=hint)
 
     @property
-    def policy(self) -> Policy:
+    def policy(self) -> CallPolicy:
         """The call policy (resolved at the first call if the return annotation came later)."""
         if self._policy is None:
             try:
@@ -324,17 +332,50 @@ class Idempotent:
         return _finished(await self.fn(*args, **kwargs), self.name, True)
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
-        """Delete the record of a call with these arguments, so the next call runs again."""
-        key = self.record_key(args, kwargs)
-        if self.policy.cache is not None:
-            self.policy.cache.discard(key)
-        return self.store.delete(key)
+        """Delete the record of a call with these arguments, so the next call runs again.
+
+        Returns whether a live record was deleted.
+
+        :raises InFlightError: a call with these arguments is still running (its lease has not
+            run out): deleting its record would let a duplicate run beside it. The check and
+            the delete are one atomic step in the store; retry once the call finished.
+        """
+        store = self.store
+        return run(self._forget(args, kwargs), lambda op: getattr(store, op[0])(*op[1:]))
 
     async def aforget(self, *args: Any, **kwargs: Any) -> bool:
+        """The async face of :meth:`forget`."""
+        store = self.store
+        return await arun(
+            self._forget(args, kwargs), lambda op: getattr(store, "a" + op[0])(*op[1:])
+        )
+
+    def _forget(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Plan[bool]:
+        """:meth:`forget` as a plan of store calls ``(method, *arguments)``, for both faces."""
         key = self.record_key(args, kwargs)
         if self.policy.cache is not None:
             self.policy.cache.discard(key)
-        return await self.store.adelete(key)
+        for _ in range(_FORGET_ATTEMPTS):
+            if (yield ("delete", key, False)):
+                return True
+            record = yield ("get", key)  # only to tell "running" from "absent"
+            if record is None:
+                return False
+            if record.status == "in_progress":
+                raise self._still_running(record, (yield ("now",)))
+        return False  # pragma: no cover - the record changed state three times meanwhile
+
+    def _still_running(self, record: Record, now: float) -> InFlightError:
+        retry_after = max((record.lease_until or 0.0) - now, 0.0)
+        return InFlightError(
+            f"{self.name}: the call with these arguments is still running, so its record is "
+            "not deleted (a duplicate would run beside it); call forget() again once it "
+            "finished",
+            retry_after,
+        )
+
+
+_FORGET_ATTEMPTS = 3
 
 
 @overload
@@ -358,6 +399,7 @@ def idempotent(
     codec: Codec | None = None,
     cache_size: int | None = None,
     on_lease_lost: LostCallback | None = None,
+    on_cancel: Literal["finish", "release"] = "finish",
 ) -> Callable[[F], F]: ...
 
 
@@ -379,6 +421,7 @@ def idempotent(
     codec: Codec | None = None,
     cache_size: int | None = None,
     on_lease_lost: LostCallback | None = None,
+    on_cancel: Literal["finish", "release"] = "finish",
 ) -> Any:
     """Make a function run once per key; duplicates get the stored result.
 
@@ -420,9 +463,17 @@ def idempotent(
         annotation it cannot rebuild raises :class:`~oncely.errors.ConfigurationError` here).
     :param cache_size: keep up to this many completed results in process
         (``$ONCELY_CACHE_SIZE``, default 0: off).
-    :param on_lease_lost: called with ``(claim, error)`` if the running call loses its lease.
+    :param on_lease_lost: called with ``(claim, error)`` if the running call loses its lease
+        (a loss found by the renewal threads calls it on a thread of its own).
+    :param on_cancel: what a cancelled caller of an async function does once the body started:
+        ``"finish"`` (default) lets the body run on, shielded, and stores its outcome, so a
+        retry replays it instead of running the effect twice; ``"release"`` cancels the body
+        and releases the key, so a retry runs it again (only for bodies safe to cut off).
     :returns: the wrapped function (sync or async like ``fn``), with ``.forget(*args)`` to
         delete a call's record and ``.idempotency`` (the :class:`Idempotent`).
+    :raises ResultNotStored: the function ran but its outcome could not be stored (the
+        store became unreachable); ``.result`` holds its value, and the key stays claimed
+        while the outcome is stored in the background (see :mod:`oncely.core.settle`).
     :raises ConfigurationError: when decorating: a bad setting (named in the message), an
         unknown store scheme or missing extra, a return annotation the codec cannot rebuild,
         or a function whose calls differ by more than their arguments without ``key=``.
@@ -448,6 +499,7 @@ def idempotent(
             codec=codec,
             cache_size=cache_size,
             on_lease_lost=on_lease_lost,
+            on_cancel=on_cancel,
             localns=localns,
         )
         wrapper: Any

@@ -1,9 +1,10 @@
 """The protocol of one idempotent call, written once as a generator with no I/O (sans-IO).
 
-:func:`call_flow` yields operations (:class:`Claim`, :class:`Run`, :class:`Complete`, …) and
-receives their results; the sync and async drivers in :mod:`oncely.functions.drivers` only
-carry them out. So the rules — who runs, who waits, what is stored, what is released — exist
-in exactly one place for sync and async callers alike.
+:func:`call_flow` yields operations — the store operations of :mod:`oncely.core.ops`
+(``Claim``, ``Complete``, ``Release``, ``Watch``, …) and its own :class:`Run` /
+:class:`RunUnprotected` — and receives their results; the sync and async drivers in
+:mod:`oncely.functions.drivers` only carry them out. So the rules — who runs, who waits, what
+is stored, what is released — exist in exactly one place for sync and async callers alike.
 """
 
 from __future__ import annotations
@@ -16,41 +17,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from oncely.codecs import Codec
+from oncely.core import steps
+from oncely.core.ops import Claim, StoreOp, Watch
 from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay
+from oncely.core.settle import SETTLE_FOR
 from oncely.errors import (
     IdempotencyKeyMismatch,
     InFlightError,
     LeaseLost,
-    OncelyError,
+    ResultNotStored,
     SerializationError,
     StoredFailure,
     StoreUnavailable,
 )
 from oncely.functions.cache import ResultCache
 
-__all__ = [
-    "Claim",
-    "Complete",
-    "Op",
-    "Policy",
-    "Release",
-    "Run",
-    "RunUnprotected",
-    "Sleep",
-    "Watch",
-    "call_flow",
-]
+__all__ = ["CallPolicy", "Op", "Run", "RunUnprotected", "call_flow"]
 
 log = logging.getLogger("oncely")
 
 ERROR_CODEC = "error+json"
 #: Codec name of a completion whose result could not be encoded (the call ran; no value kept).
 UNSERIALIZABLE = "unserializable"
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """Ask the store to claim the key."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,37 +55,13 @@ class RunUnprotected:
     """Run the function without a claim (fail-open while the store is down)."""
 
 
-@dataclass(frozen=True, slots=True)
-class Complete:
-    fence: int
-    data: bytes
-    codec: str
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    fence: int
-
-
-@dataclass(frozen=True, slots=True)
-class Watch:
-    """Wait until the claim under ``fence`` changes, at most ``timeout`` seconds."""
-
-    fence: int
-    timeout: float
-
-
-@dataclass(frozen=True, slots=True)
-class Sleep:
-    seconds: float
-
-
-Op = Claim | Run | RunUnprotected | Complete | Release | Watch | Sleep
+Op = StoreOp | Run | RunUnprotected
 
 
 @dataclass(frozen=True)
-class Policy:
-    """Everything the flow needs to know about one decorated function."""
+class CallPolicy:
+    """Everything the flow needs to know about one decorated function (durations in
+    seconds)."""
 
     name: str
     codec: Codec
@@ -110,9 +74,13 @@ class Policy:
     fail_open: bool
     cache: ResultCache | None
     complete_attempts: int = 3
+    #: What a cancelled async call does once its body started: "finish" (the body runs on,
+    #: shielded, and its outcome settles the key) or "release" (the body is cancelled and
+    #: the key released, so a retry runs it again).
+    on_cancel: str = "finish"
 
 
-def _decode(policy: Policy, record: Record) -> Any:
+def _decode(policy: CallPolicy, record: Record) -> Any:
     """The stored outcome of a completed call: a value, or a stored exception raised again."""
     if record.codec == ERROR_CODEC:
         raise _rebuild_error(policy, record.result or b"{}")
@@ -137,7 +105,7 @@ def _encode_error(exc: BaseException) -> bytes:
     ).encode()
 
 
-def _rebuild_error(policy: Policy, data: bytes) -> BaseException:
+def _rebuild_error(policy: CallPolicy, data: bytes) -> BaseException:
     """Rebuild a stored exception, but only as one of the classes the user allowed."""
     info = json.loads(data)
     for cls in policy.store_errors:
@@ -149,7 +117,7 @@ def _rebuild_error(policy: Policy, data: bytes) -> BaseException:
     return StoredFailure(str(info.get("type")), str(info.get("message")))
 
 
-def call_flow(policy: Policy, key: RecordKey, fingerprint: str) -> Generator[Op, Any, Any]:
+def call_flow(policy: CallPolicy, key: RecordKey, fingerprint: str) -> Generator[Op, Any, Any]:
     """One call: claim; then run-and-store, replay, wait for the holder, or refuse."""
     if policy.cache is not None:
         hit = policy.cache.get(key)
@@ -159,7 +127,7 @@ def call_flow(policy: Policy, key: RecordKey, fingerprint: str) -> Generator[Op,
     deadline: float | None = None
     while True:
         try:
-            outcome = yield Claim()
+            outcome = yield Claim(key, fingerprint, policy.lease, policy.ttl)
         except StoreUnavailable:
             if not policy.fail_open:
                 raise
@@ -167,7 +135,7 @@ def call_flow(policy: Policy, key: RecordKey, fingerprint: str) -> Generator[Op,
             return (yield RunUnprotected())
 
         if isinstance(outcome, New):
-            return (yield from _run_and_store(policy, outcome))
+            return (yield from _run_and_store(policy, key, outcome))
         if isinstance(outcome, Replay):
             if policy.cache is not None:
                 policy.cache.put(key, outcome.record, outcome.record.expires_at - outcome.now)
@@ -196,49 +164,57 @@ def call_flow(policy: Policy, key: RecordKey, fingerprint: str) -> Generator[Op,
                 retry_after,
             )
         # Wake when the holder finishes, or when its lease could have run out.
-        yield Watch(outcome.fence, min(left, retry_after + 0.01))
+        yield Watch(key, outcome.fence, min(left, retry_after + 0.01))
 
 
-def _run_and_store(policy: Policy, new: New) -> Generator[Op, Any, Any]:
+def _run_and_store(policy: CallPolicy, key: RecordKey, new: New) -> Generator[Op, Any, Any]:
     try:
         value = yield Run(new.fence, new.lease_until, new.now)
     except BaseException as exc:
         if isinstance(exc, policy.store_errors):
-            yield from _complete(policy, new.fence, _encode_error(exc), ERROR_CODEC)
+            yield from _complete(policy, key, new.fence, _encode_error(exc), ERROR_CODEC, exc)
         else:
-            try:
-                yield Release(new.fence)
-            except OncelyError as release_error:
+            error = yield from steps.release(key, new.fence, policy.complete_attempts)
+            if error is not None:
                 log.warning(
                     "oncely: %s raised and its claim could not be released (%s); the key frees "
                     "itself when the lease runs out",
                     policy.name,
-                    release_error,
+                    error,
                 )
         raise
     try:
         data, codec = policy.codec.encode(value), policy.codec.name
     except SerializationError:
         # The call ran: keep that fact so a retry cannot run it a second time.
-        yield from _complete(policy, new.fence, b"", UNSERIALIZABLE)
+        yield from _complete(policy, key, new.fence, b"", UNSERIALIZABLE, value)
         raise
-    yield from _complete(policy, new.fence, data, codec)
+    yield from _complete(policy, key, new.fence, data, codec, value)
     return value
 
 
-def _complete(policy: Policy, fence: int, data: bytes, codec: str) -> Generator[Op, Any, None]:
-    """Store the outcome; retry while the store is briefly unreachable."""
-    for attempt in range(policy.complete_attempts):
-        try:
-            yield Complete(fence, data, codec)
-            return
-        except StoreUnavailable:
-            if attempt + 1 == policy.complete_attempts:
-                raise
-            yield Sleep(0.05 * 2**attempt)
-        except LeaseLost as exc:
-            raise LeaseLost(
-                f"{policy.name} ran, but its claim was lost before the result was stored "
-                f"({exc}); another caller may have run it too. Use a longer lease, and make the "
-                "protected resource check the fence"
-            ) from exc
+def _complete(
+    policy: CallPolicy, key: RecordKey, fence: int, data: bytes, codec: str, result: Any
+) -> Generator[Op, Any, None]:
+    """Store the outcome (:func:`oncely.core.steps.complete`). The call ran, so the key is
+    never released: if the store stays unreachable, the completion goes on in the background
+    (lease renewed) and the caller gets :class:`ResultNotStored` with ``result``."""
+    what = f"the result of {policy.name}"
+    try:
+        down = yield from steps.complete(
+            key, fence, data, codec, policy.ttl, policy.lease, what, policy.complete_attempts
+        )
+    except LeaseLost as exc:
+        raise LeaseLost(
+            f"{policy.name} ran, but its claim was lost before the result was stored "
+            f"({exc}); another caller may have run it too. Use a longer lease, and make the "
+            "protected resource check the fence"
+        ) from exc
+    if down is not None:
+        raise ResultNotStored(
+            f"{policy.name} ran, but its result could not be stored ({down}). The key "
+            f"stays claimed while the result is stored in the background (at most "
+            f"{SETTLE_FOR:g}s): a retry meanwhile waits or gets InFlightError, then "
+            "replays. The error's .result holds what the call returned",
+            result,
+        ) from down

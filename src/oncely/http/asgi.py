@@ -17,11 +17,13 @@ pass ``resolver=``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
+from oncely.core.cancelsafe import keep_alive
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim
 from oncely.errors import ConfigurationError, HttpProblem
 from oncely.http.config import IdempotencyConfig
@@ -214,10 +216,31 @@ async def serve(engine: Engine, app: ASGIApp, scope: Scope, receive: Receive, se
     await _Exchange(app, engine, scope, receive, send).drive(request_flow(engine, request))
 
 
-class _Exchange:
-    """One request/response exchange: performs the flow's operations."""
+class _HandedOff(Exception):
+    """The request task was cancelled; the handler and the rest of the flow go on in the
+    background (``on_cancel="finish"``)."""
 
-    __slots__ = ("app", "body", "claim_sent", "engine", "receive", "scope", "send")
+
+class _Exchange:
+    """One request/response exchange: performs the flow's operations.
+
+    A keyed response is settled before the client can see it complete: the start is held
+    until the first body message, and the last body message (``more_body`` false) until the
+    flow has stored the response (or decided what else to do), right inside the app's
+    ``send``. A streamed response passes its chunks through at once; only its end waits.
+    """
+
+    __slots__ = (
+        "app",
+        "body",
+        "claim_sent",
+        "engine",
+        "flow",
+        "receive",
+        "renewer",
+        "scope",
+        "send",
+    )
 
     def __init__(
         self, app: ASGIApp, engine: Engine, scope: Scope, receive: Receive, send: Send
@@ -230,10 +253,13 @@ class _Exchange:
         self.body: bytes | None = None
         #: When the last claim was sent (monotonic); the lease's local bound counts from it.
         self.claim_sent = 0.0
+        self.flow: Any = None
+        self.renewer: AsyncRenewer | None = None
 
-    async def drive(self, flow: Any) -> None:
-        value: Any = None
-        error: BaseException | None = None
+    async def drive(self, flow: Any, value: Any = None, error: BaseException | None = None) -> None:
+        """Perform the flow's operations until it ends (from where it stands: a flow resumed
+        after the app's response carries ``value``)."""
+        self.flow = flow
         while True:
             try:
                 op: Op = flow.send(value) if error is None else flow.throw(error)
@@ -257,6 +283,8 @@ class _Exchange:
                     await self._pass()
                 else:
                     value = await aperform(self.engine, op)
+            except _HandedOff:
+                raise asyncio.CancelledError from None
             except BaseException as exc:
                 error = exc
 
@@ -312,6 +340,11 @@ class _Exchange:
                 raise
             await _send_response(self.send, from_exception(exc, self.engine.config.problem_base))
 
+    def _stop_renewal(self) -> None:
+        renewer, self.renewer = self.renewer, None
+        if renewer is not None:
+            renewer.stop()
+
     async def _run(self, op: Run) -> Captured:
         scope = self.scope
         scope[INFO_KEY] = op.info
@@ -321,7 +354,8 @@ class _Exchange:
         if dispatches is not None and dispatches(scope) is False:
             entry.rejected()  # the router will answer 404/405/redirect without a handler
         error: BaseException | None = None
-        capture = _Capture(self.send, op.capture)
+        keyed = op.fence is not None
+        capture = _Capture(self.send, op.capture, self._settle_first if keyed else None, entry)
         app_scope = scope
         extensions = scope.get("extensions")
         if op.capture >= 0 and extensions and any(e in extensions for e in _BYPASS_EXTENSIONS):
@@ -329,16 +363,16 @@ class _Exchange:
             app_scope["extensions"] = {
                 k: v for k, v in extensions.items() if k not in _BYPASS_EXTENSIONS
             }
-        renewer: AsyncRenewer | None = None
-        if op.fence is not None:
-            assert op.key is not None
+        handed_off = False
+        if keyed:
+            assert op.key is not None and op.fence is not None
             claimed = Claimed(
                 op.key, op.fence, op.lease, self.engine.store, self.engine.config.on_lease_lost
             )
-            renewer = AsyncRenewer(claimed, self.claim_sent)
+            self.renewer = AsyncRenewer(claimed, self.claim_sent)
             token = active_claim.set(claimed)
         try:
-            await self.app(app_scope, self._app_receive(), capture.send)
+            await self._call_app(app_scope, capture, shield=keyed)
         except HttpProblem as exc:
             if capture.started:
                 error = exc
@@ -348,13 +382,70 @@ class _Exchange:
                     await _send_response(capture.send, problem)
                 except BaseException as again:  # the client is gone
                     error = again
+        except _HandedOff:
+            handed_off = True
+            raise
         except BaseException as exc:  # settled by the flow, which raises it again
             error = exc
         finally:
-            if renewer is not None:
+            if keyed:
                 active_claim.reset(token)
-                renewer.stop()
-        return capture.result(entry.handled, error)
+            if not handed_off:
+                self._stop_renewal()
+        return await self._produced(capture, error)
+
+    async def _call_app(self, app_scope: Scope, capture: _Capture, *, shield: bool) -> None:
+        """Run the app; with ``shield`` (a keyed request, ``on_cancel="finish"``), a cancelled
+        request task leaves it running and settles the key from its response later."""
+        call = self.app(app_scope, self._app_receive(), capture.send)
+        if not shield or self.engine.config.on_cancel == "release":
+            await call
+            return
+        task = asyncio.ensure_future(call)  # runs in a copy of this context (the claim)
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():  # the app itself ended with CancelledError: settled as an error
+                raise
+            keep_alive(asyncio.ensure_future(self._finish_later(task, capture)))
+            raise _HandedOff from None
+
+    async def _produced(self, capture: _Capture, error: BaseException | None) -> Captured:
+        """What the app produced, once it returned (or raised)."""
+        if capture.settled:  # the flow already ended inside the app's last send
+            if error is not None:
+                raise error
+            return capture.result(error)
+        try:
+            await capture.flush()  # a start held back for a body that never came
+        except BaseException as exc:  # the client is gone
+            error = error or exc
+        return capture.result(error)
+
+    async def _settle_first(self, captured: Captured) -> None:
+        """The app produced its whole response (the last message is held back): settle the key
+        before the client can see it complete."""
+        self._stop_renewal()
+        try:
+            await self.drive(self.flow, captured)
+        except BaseException as exc:
+            log.error("oncely.http: settling a finished response failed: %r", exc)
+
+    async def _finish_later(self, task: asyncio.Future[None], capture: _Capture) -> None:
+        """The request task was cancelled: wait for the app, then settle from its response."""
+        error: BaseException | None = None
+        try:
+            await task
+        except BaseException as exc:
+            error = exc
+        if capture.settled:
+            self._stop_renewal()
+            return
+        self._stop_renewal()
+        try:
+            await self.drive(self.flow, await self._produced(capture, error))
+        except BaseException as exc:
+            log.info("oncely.http: a cancelled request's handler finished and was settled: %r", exc)
 
 
 class _Capture:
@@ -362,19 +453,43 @@ class _Capture:
 
     What the app *produced* is recorded before each message goes to the server, so a client
     that leaves while the last message is sent does not turn a finished response into an
-    interrupted one."""
+    interrupted one. With ``settle`` (a keyed request), the start is held back until the first
+    body message, and the last body message until ``settle(captured)`` returned."""
 
-    __slots__ = ("chunks", "complete", "headers", "inner", "limit", "size", "started", "status")
+    __slots__ = (
+        "chunks",
+        "complete",
+        "entry",
+        "headers",
+        "held",
+        "inner",
+        "limit",
+        "settle",
+        "settled",
+        "size",
+        "started",
+        "status",
+    )
 
-    def __init__(self, inner: Send, limit: int) -> None:
+    def __init__(
+        self,
+        inner: Send,
+        limit: int,
+        settle: Callable[[Captured], Awaitable[None]] | None = None,
+        entry: HandlerEntry | None = None,
+    ) -> None:
         self.inner = inner
         self.limit = limit
+        self.settle = settle
+        self.entry = entry
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] | None = None
         self.chunks: list[bytes] | None = [] if limit >= 0 else None
         self.size = 0
         self.started = False
         self.complete = False
+        self.settled = False
+        self.held: list[Message] = []
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -390,18 +505,34 @@ class _Capture:
                         chunks.append(bytes(body))
             if not message.get("more_body", False):
                 self.complete = True
+                if self.settle is not None and not self.settled:
+                    self.held.append(message)
+                    self.settled = True
+                    await self.settle(self.result(None))
+                    await self.flush()
+                    return
         elif kind == "http.response.start" and not self.started:
             self.started = True
             self.status = int(message["status"])
             if self.limit >= 0:
                 self.headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
+            if self.settle is not None:
+                self.held.append(message)
+                return
+        await self.flush()
         await self.inner(message)
 
-    def result(self, handled: bool, error: BaseException | None) -> Captured:
+    async def flush(self) -> None:
+        """Send what was held back."""
+        while self.held:
+            await self.inner(self.held.pop(0))
+
+    def result(self, error: BaseException | None) -> Captured:
         chunks = self.chunks
         body = None
         if chunks is not None:
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        handled = self.entry.handled if self.entry is not None else True
         return Captured(
             self.status, self.headers, body, self.complete and self.started, handled, error
         )

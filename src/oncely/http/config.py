@@ -6,7 +6,7 @@
 ...     exclude=["/health"])
 
 Every setting is documented on :class:`IdempotencyConfig`; ``docs/http.md`` has the full
-picture. :class:`Policy` is the effective, pre-computed settings of one route (global settings
+picture. :class:`RoutePolicy` is the effective, pre-computed settings of one route (global settings
 merged with the route's :class:`~oncely.http.routes.Rule`); it is internal.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as _field
-from typing import Any
+from typing import Any, Literal
 
 from oncely.core.lease import LostCallback
 from oncely.errors import ConfigurationError
@@ -28,7 +28,7 @@ from oncely.settings import UNSET, coerce, resolve
 from oncely.stores import Store, configured_store
 from oncely.tokens import Tokens
 
-__all__ = ["IdempotencyConfig", "Policy", "TokenGuard"]
+__all__ = ["IdempotencyConfig", "RoutePolicy", "TokenGuard"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,14 +149,21 @@ class IdempotencyConfig:
         :data:`~oncely.http.scopes.GLOBAL` to share one key space between all clients. There
         is no default: none would keep users apart, so a missing scope is a
         :class:`~oncely.errors.ConfigurationError`.
-    :param fail_open: if the store is down, run the request unprotected (default ``False``:
-        answer 503).
+    :param fail_open: if the store is unreachable (:class:`~oncely.errors.StoreUnavailable`),
+        run the request unprotected (default ``False``: answer 503). Any other store error
+        (a missing table, a bad reply) always answers 503 and runs nothing.
     :param problem_base: prefix of problem ``type`` URIs (default
         ``https://oncely.dev/problems/``).
     :param replay_header: header added to replayed responses, value ``true`` (default
         ``Idempotent-Replayed``).
     :param tokens: one-time token guard (see :class:`TokenGuard`).
     :param on_lease_lost: called with ``(claim, error)`` if a running request loses its key.
+    :param on_cancel: what a request task cancelled while its handler runs does (ASGI and
+        Django's async middleware; a server cancels the task when the client goes away or at
+        shutdown): ``"finish"`` (default) lets the handler run on, shielded, and settles the
+        key from its response, so a retry replays it (or gets 409 while it runs) instead of
+        running it twice; ``"release"`` cancels the handler and releases the key, so a retry
+        runs it again (only for handlers safe to cut off halfway).
     :param namespace: store scope prefix of HTTP records (``"<namespace>:<scope>"``, default
         ``http``).
     :raises ConfigurationError: a setting of the wrong type, unit or range (the message names
@@ -190,6 +197,7 @@ class IdempotencyConfig:
     replay_header: str = UNSET
     tokens: TokenGuard | None = None
     on_lease_lost: LostCallback | None = None
+    on_cancel: Literal["finish", "release"] = "finish"
     namespace: str = UNSET
 
     def __post_init__(self) -> None:
@@ -198,6 +206,11 @@ class IdempotencyConfig:
         set_(self, "store", configured_store(self.store, where))
         for name, setting in _SETTINGS.items():
             set_(self, name, resolve(setting, getattr(self, name), where=where, param=name))
+        if self.on_cancel not in ("finish", "release"):
+            raise ConfigurationError(
+                f"{where}: on_cancel={self.on_cancel!r} is not valid: expected 'finish' (a "
+                "cancelled request's handler runs on and its response is kept) or 'release'"
+            )
         if not self.header.isascii() or ":" in self.header:
             raise ConfigurationError(f"{where}: header={self.header!r} is not a header name")
         resolve_scope(self.scope, "scope")
@@ -231,7 +244,7 @@ def _pick(rule: Rule | None, name: str, default: Any) -> Any:
 
 
 @dataclass(frozen=True, slots=True)
-class Policy:
+class RoutePolicy:
     """The effective settings of one route (global config merged with its rules)."""
 
     enabled: bool
@@ -260,7 +273,7 @@ class Policy:
     namespace: str
 
     @classmethod
-    def build(cls, config: IdempotencyConfig, enabled: bool, *rules: Rule | None) -> Policy:
+    def build(cls, config: IdempotencyConfig, enabled: bool, *rules: Rule | None) -> RoutePolicy:
         def pick(name: str, default: Any = None) -> Any:
             value = getattr(config, name, default)
             for rule in rules:

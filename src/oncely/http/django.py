@@ -63,6 +63,7 @@ from django.http.request import RawPostDataException  # type: ignore[import-unty
 from django.urls import Resolver404, get_resolver, resolve  # type: ignore[import-untyped]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped]
 
+from oncely.core.cancelsafe import keep_alive
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim, keeper
 from oncely.errors import ConfigurationError, HttpProblem
 from oncely.http.config import IdempotencyConfig
@@ -223,6 +224,10 @@ def _read_body(request: DjangoRequest, limit: int, expected: int | None) -> byte
 
 
 # -- the driver --------------------------------------------------------------------------------
+class _HandedOff(Exception):
+    """The request was cancelled; the view and the rest of the flow go on in the background."""
+
+
 class _Exchange:
     """One request: performs the flow's operations on Django objects, blocking or with await.
 
@@ -307,6 +312,8 @@ class _Exchange:
                     if type(op) is Claim:
                         self.claim_sent = time.monotonic()
                     value = await aperform(self.engine, op)
+            except _HandedOff:
+                raise asyncio.CancelledError from None
             except BaseException as exc:
                 error = exc
 
@@ -344,13 +351,48 @@ class _Exchange:
         stop: Callable[[], None] = renewer.stop if renewer is not None else (lambda: None)
         token = active_claim.set(claimed)
         try:
-            response = await self.call(self.request)
+            if claimed is None or self.engine.config.on_cancel == "release":
+                response = await self.call(self.request)
+            else:
+                # Shielded: Django cancels the view's task when the client goes away; the
+                # view runs on and its response settles the key (on_cancel="finish").
+                task = asyncio.ensure_future(self.call(self.request))
+                try:
+                    response = await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    if task.done():
+                        raise
+                    keep_alive(asyncio.ensure_future(self._afinish_later(task, op, stop)))
+                    raise _HandedOff from None
+        except _HandedOff:
+            raise
         except BaseException as exc:
             stop()
             return Captured(0, None, None, False, self._handled(), exc)
         finally:
             active_claim.reset(token)
         return self._captured(response, op.capture, stop)
+
+    async def _afinish_later(
+        self, task: asyncio.Future[DjangoResponse], op: Run, stop: Callable[[], None]
+    ) -> None:
+        """The request was cancelled while its view ran: settle the key from the view's
+        response once it is there (a streaming one, never sent, is kept as cut short)."""
+        try:
+            response = await task
+        except BaseException as exc:
+            stop()
+            captured: Captured | None = Captured(0, None, None, False, self._handled(), exc)
+        else:
+            if response.streaming:
+                stop()
+                captured = Captured(response.status_code, None, None, False, self._handled())
+            else:
+                captured = self._captured(response, op.capture, stop)
+        try:
+            await self.adrive(captured, None)
+        except BaseException as exc:
+            log.info("oncely.http: a cancelled request's view finished and was settled: %r", exc)
 
     def _handled(self) -> bool:
         entry: HandlerEntry = self.request.META[ENTRY_KEY]

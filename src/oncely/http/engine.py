@@ -3,7 +3,7 @@
 An :class:`Engine` is built once per middleware from an
 :class:`~oncely.http.config.IdempotencyConfig`; it checks the optional packages it needs
 (``http-sf``, the store's driver) right away, opens the store on first use and caches the
-effective :class:`~oncely.http.config.Policy` of each combination of route rules.
+effective :class:`~oncely.http.config.RoutePolicy` of each combination of route rules.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import threading
 
-from oncely.http.config import IdempotencyConfig, Policy
+from oncely.http.config import IdempotencyConfig, RoutePolicy
 from oncely.http.headers import require_parser
 from oncely.http.messages import HttpRequest
 from oncely.http.routes import Resolver, Rule, compile_pattern
@@ -57,10 +57,10 @@ class Engine:
             if guard is not None
             else []
         )
-        self._on = Policy.build(config, True)
-        self._off = Policy.build(config, False)
+        self._on = RoutePolicy.build(config, True)
+        self._off = RoutePolicy.build(config, False)
         self._policies: dict[
-            tuple[bool, int, int, int], tuple[Policy, tuple[Rule | None, ...]]
+            tuple[bool, int, int, int], tuple[RoutePolicy, tuple[Rule | None, ...]]
         ] = {}
         self._by_path = bool(self._include or self._exclude or self._routes or self._token_routes)
         methods = set(self._on.methods)
@@ -104,14 +104,16 @@ class Engine:
         return method in self.candidates
 
     # -- policies ----------------------------------------------------------------------------------
-    def policy_for(self, request: HttpRequest) -> Policy | None:
+    def policy_for(self, request: HttpRequest) -> RoutePolicy | None:
         """The effective policy for ``request``, or None if nothing applies to it."""
         if not self._by_path and self.resolver is None:
             return self._applies(self._on, request.method)
         view_rule = self.resolver(request.raw) if self.resolver is not None else None
         return self.policy_of(request.method, request.path, view_rule)
 
-    def policy_of(self, method: str, path: str, view_rule: Rule | None = None) -> Policy | None:
+    def policy_of(
+        self, method: str, path: str, view_rule: Rule | None = None
+    ) -> RoutePolicy | None:
         """The effective policy of ``method`` on ``path`` served by a view marked with
         ``view_rule``, or None if nothing applies (what the OpenAPI documentation of a route
         asks, without a request)."""
@@ -129,19 +131,19 @@ class Engine:
         return self._applies(policy, method)
 
     @staticmethod
-    def _applies(policy: Policy, method: str) -> Policy | None:
+    def _applies(policy: RoutePolicy, method: str) -> RoutePolicy | None:
         if policy.enabled and method in policy.methods:
             return policy
         if policy.token is not None and method not in SAFE_METHODS:
             return policy  # every unsafe method of a token-guarded route needs the token
         return None
 
-    def _combined(self, enabled: bool, *rules: Rule | None) -> Policy:
+    def _combined(self, enabled: bool, *rules: Rule | None) -> RoutePolicy:
         cache_key = (enabled, id(rules[0]), id(rules[1]), id(rules[2]))
         hit = self._policies.get(cache_key)
         if hit is None:
             # The rules are kept in the value so their ids stay theirs.
-            hit = (Policy.build(self.config, enabled, *rules), rules)
+            hit = (RoutePolicy.build(self.config, enabled, *rules), rules)
             if len(self._policies) < 4096:
                 self._policies[cache_key] = hit
         return hit[0]

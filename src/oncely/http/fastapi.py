@@ -54,7 +54,7 @@ from starlette.responses import Response
 
 from oncely.errors import ConfigurationError, HttpProblem
 from oncely.http.asgi import INFO_KEY, OUTER_KEY, IdempotencyMiddleware, stack_below
-from oncely.http.config import IdempotencyConfig, Policy
+from oncely.http.config import IdempotencyConfig, RoutePolicy
 from oncely.http.engine import SAFE_METHODS, Engine
 from oncely.http.messages import ENTRY_KEY, HandlerEntry, IdempotencyInfo
 from oncely.http.problems import (
@@ -280,7 +280,9 @@ def _add_response(
         response.setdefault("headers", {}).setdefault("Retry-After", dict(_RETRY_AFTER))
 
 
-def _document_operation(operation: dict[str, Any], policy: Policy, method: str, guard: Any) -> None:
+def _document_operation(
+    operation: dict[str, Any], policy: RoutePolicy, method: str, guard: Any
+) -> None:
     keyed = policy.enabled and method in policy.methods
     guarded = policy.token is not None and method not in SAFE_METHODS
     parameters: list[dict[str, Any]] = operation.setdefault("parameters", [])

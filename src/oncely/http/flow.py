@@ -17,7 +17,8 @@ Order of a protected request (each step answers with a problem and stops on fail
 3. the body is read, at most ``max_request_body`` bytes (413) and complete (400);
 4. a required one-time token is present (400 ``token-missing``);
 5. the fingerprint is computed (400 ``request-body-invalid``);
-6. one ``claim`` (503 ``store-unavailable`` if the store is down, unless ``fail_open``):
+6. one ``claim`` (503 ``store-unavailable`` if the store is down, unless ``fail_open``, which
+   covers :class:`~oncely.errors.StoreUnavailable` only, never another store error):
    new -> consume the token, run the app with its lease renewed, then settle; completed ->
    replay; in flight -> wait (``wait``) or 409; other fingerprint -> 422.
 
@@ -40,6 +41,8 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
+from oncely.core import steps
+from oncely.core.ops import Claim, Complete, CompleteLater, Release, Sleep, StoreOp, Watch
 from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay, digest_key
 from oncely.errors import (
     ConfigurationError,
@@ -63,7 +66,7 @@ from oncely.http.codec import (
     encode_unreplayable,
     storable_headers,
 )
-from oncely.http.config import Policy
+from oncely.http.config import RoutePolicy
 from oncely.http.engine import SAFE_METHODS, Engine
 from oncely.http.guard import find_token, issued_response, purpose_from_query
 from oncely.http.headers import parse_key
@@ -95,6 +98,7 @@ __all__ = [
     "Captured",
     "Claim",
     "Complete",
+    "CompleteLater",
     "ConsumeToken",
     "IssueToken",
     "Op",
@@ -146,26 +150,6 @@ class ReadBody:
 
 
 @dataclass(frozen=True, slots=True)
-class Claim:
-    key: RecordKey
-    fingerprint: str
-    lease: float
-    ttl: float
-
-
-@dataclass(frozen=True, slots=True)
-class Watch:
-    key: RecordKey
-    fence: int
-    timeout: float
-
-
-@dataclass(frozen=True, slots=True)
-class Sleep:
-    seconds: float
-
-
-@dataclass(frozen=True, slots=True)
 class Run:
     """Run the app, passing its response through; send back a :class:`Captured`.
 
@@ -180,21 +164,6 @@ class Run:
     lease: float
     info: IdempotencyInfo
     capture: int
-
-
-@dataclass(frozen=True, slots=True)
-class Complete:
-    key: RecordKey
-    fence: int
-    data: bytes
-    codec: str
-    ttl: float
-
-
-@dataclass(frozen=True, slots=True)
-class Release:
-    key: RecordKey
-    fence: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,20 +185,7 @@ class IssueToken:
     ttl: float
 
 
-Op = (
-    Pass
-    | Respond
-    | ReadBody
-    | Claim
-    | Watch
-    | Sleep
-    | Run
-    | Complete
-    | Release
-    | ConsumeToken
-    | ReleaseToken
-    | IssueToken
-)
+Op = StoreOp | Pass | Respond | ReadBody | Run | ConsumeToken | ReleaseToken | IssueToken
 
 
 @dataclass(slots=True)
@@ -253,7 +209,6 @@ class _Verdict(enum.Enum):
     RELEASE = 3
 
 
-_COMPLETE_ATTEMPTS = 3
 Flow = Generator[Op, Any, None]
 
 
@@ -356,7 +311,9 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
         try:
             outcome = yield Claim(record_key, fingerprint, policy.lease, policy.ttl)
         except StoreError as exc:
-            if policy.fail_open:
+            # Only an unreachable store is an outage to ride out; a missing table, a bad
+            # reply or any other StoreError is a fault to fix and never runs unprotected.
+            if policy.fail_open and isinstance(exc, StoreUnavailable):
                 log.warning("oncely.http: store down (%s); running the request unprotected", exc)
                 captured = yield Run(None, None, policy.lease, info, -1)
                 yield from _settle(policy, captured, None, None, None)
@@ -400,7 +357,7 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
 
 
 def _run_and_store(
-    policy: Policy,
+    policy: RoutePolicy,
     key: RecordKey,
     new: New,
     info: IdempotencyInfo,
@@ -434,7 +391,7 @@ def _run_and_store(
 
 
 def _token_only(
-    policy: Policy, info: IdempotencyInfo, token: str, subject: str, purpose: str
+    policy: RoutePolicy, info: IdempotencyInfo, token: str, subject: str, purpose: str
 ) -> Flow:
     """A token-guarded request without an Idempotency-Key: the token alone makes it run once."""
     try:
@@ -453,7 +410,7 @@ def _token_only(
 
 
 def _settle(
-    policy: Policy,
+    policy: RoutePolicy,
     captured: Captured,
     use: TokenUse | None,
     key: RecordKey | None,
@@ -530,7 +487,7 @@ def _issue_flow(engine: Engine, request: HttpRequest) -> Flow:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _scope_of(policy: Policy, request: HttpRequest) -> str:
+def _scope_of(policy: RoutePolicy, request: HttpRequest) -> str:
     if policy.scope is None:
         return policy.namespace + ":"
     value = policy.scope(request)
@@ -545,7 +502,7 @@ def _subject_of(engine: Engine, request: HttpRequest) -> str:
     return "" if value is None else str(value)
 
 
-def _verdict(policy: Policy, captured: Captured) -> _Verdict:
+def _verdict(policy: RoutePolicy, captured: Captured) -> _Verdict:
     """Store, mark or release (see the module docstring). Decided from the status line and
     whether the handler ran, never from how the body transfer ended: once a storable response
     started, the work is done and the key must not be run again."""
@@ -563,7 +520,7 @@ def _verdict(policy: Policy, captured: Captured) -> _Verdict:
     return _Verdict.STORE
 
 
-def _replay(policy: Policy, record: Record) -> HttpResponse:
+def _replay(policy: RoutePolicy, record: Record) -> HttpResponse:
     """The stored status, headers and body exactly, plus the replay header: no framing header
     is added (the server frames the body as for any response), and a 1xx or 204 never carries
     ``Content-Length`` nor a body, a 304 no body (RFC 9110 §8.6, §15.4.5)."""
@@ -599,7 +556,7 @@ def _replay(policy: Policy, record: Record) -> HttpResponse:
     return problem_response(NOT_REPLAYABLE, detail, base=policy.problem_base, **extra)
 
 
-def _unavailable(policy: Policy, exc: OncelyError) -> Respond:
+def _unavailable(policy: RoutePolicy, exc: OncelyError) -> Respond:
     return Respond(
         problem_response(
             STORE_UNAVAILABLE,
@@ -611,19 +568,19 @@ def _unavailable(policy: Policy, exc: OncelyError) -> Respond:
     )
 
 
-def _token_refused(policy: Policy, exc: OncelyError) -> Respond:
+def _token_refused(policy: RoutePolicy, exc: OncelyError) -> Respond:
     if isinstance(exc, TokenError):
         return Respond(problem_response(token_problem(exc), str(exc), base=policy.problem_base))
     return _unavailable(policy, exc)
 
 
 def _release(key: RecordKey, fence: int) -> Flow:
-    try:
-        yield Release(key, fence)
-    except OncelyError as exc:
+    """Free the key (:func:`oncely.core.steps.release`); a failure is logged, never raised."""
+    error = yield from steps.release(key, fence)
+    if error is not None:
         log.warning(
             "oncely.http: could not release the key (%s); it frees itself when its lease runs out",
-            exc,
+            error,
         )
 
 
@@ -634,29 +591,27 @@ def _release_token(use: TokenUse) -> Flow:
         log.warning("oncely.http: could not give the one-time token back (%s)", exc)
 
 
-def _complete(policy: Policy, key: RecordKey, fence: int, data: bytes, codec: str) -> Flow:
-    """Store the response; retry briefly while the store is unreachable. Never raises: the
-    response is already on its way to the client."""
-    for attempt in range(_COMPLETE_ATTEMPTS):
-        try:
-            yield Complete(key, fence, data, codec, policy.ttl)
-            return
-        except StoreUnavailable as exc:
-            if attempt + 1 == _COMPLETE_ATTEMPTS:
-                log.error(
-                    "oncely.http: the response could not be stored (%s); the key frees itself "
-                    "when its lease runs out, and a retry then runs the request again",
-                    exc,
-                )
-                return
-            yield Sleep(0.05 * 2**attempt)
-        except LeaseLost as exc:
-            log.error(
-                "oncely.http: the request ran but its key was lost before the response was "
-                "stored (%s); another request may have run it too. Use a longer lease",
-                exc,
-            )
-            return
-        except OncelyError as exc:
-            log.error("oncely.http: the response could not be stored: %s", exc)
-            return
+def _complete(policy: RoutePolicy, key: RecordKey, fence: int, data: bytes, codec: str) -> Flow:
+    """Store the response (:func:`oncely.core.steps.complete`): retry briefly while the store
+    is unreachable, then hand the completion to a background retry that keeps the key claimed
+    (never released: the handler ran). Never raises: the client gets its response either way."""
+    try:
+        down = yield from steps.complete(
+            key, fence, data, codec, policy.ttl, policy.lease, "a response"
+        )
+    except LeaseLost as exc:
+        log.error(
+            "oncely.http: the request ran but its key was lost before the response was "
+            "stored (%s); another request may have run it too. Use a longer lease",
+            exc,
+        )
+        return
+    except OncelyError as exc:
+        log.error("oncely.http: the response could not be stored: %s", exc)
+        return
+    if down is not None:
+        log.error(
+            "oncely.http: the response could not be stored yet (%s); the key stays claimed "
+            "while it is stored in the background (a retry meanwhile gets 409)",
+            down,
+        )

@@ -5,31 +5,22 @@ every driver: blocking (:func:`perform`: the WSGI face, Django's sync middleware
 A driver performs the operations that touch its own request and response itself
 (:class:`~oncely.http.flow.ReadBody`, :class:`~oncely.http.flow.Respond`,
 :class:`~oncely.http.flow.Pass`, :class:`~oncely.http.flow.Run`) and hands every other one
-here. The async claim and the fenced writes are cancel-safe (:mod:`oncely.core.cancelsafe`): a
-request task cancelled mid-write still leaves the key settled.
+here: the store operations go to :mod:`oncely.core.ops` (the same code as the decorator's;
+cancel-safe on the async face), the token operations to the engine's token service.
 """
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
-from oncely.core.cancelsafe import claim_or_undo, write_through
+from oncely.core import ops
+from oncely.core.cancelsafe import write_through
 from oncely.http.engine import Engine
-from oncely.http.flow import (
-    Claim,
-    Complete,
-    ConsumeToken,
-    IssueToken,
-    Op,
-    Release,
-    ReleaseToken,
-    Sleep,
-    Watch,
-)
+from oncely.http.flow import ConsumeToken, IssueToken, Op, ReleaseToken
 
 __all__ = ["aperform", "perform"]
+
+_TOKEN_OPS = (ConsumeToken, ReleaseToken, IssueToken)
 
 
 def perform(engine: Engine, op: Op) -> Any:
@@ -39,73 +30,27 @@ def perform(engine: Engine, op: Op) -> Any:
     :raises: whatever the store or the token service raises (the driver throws it into the
         flow, which decides what it means).
     """
-    store = engine.store
-    kind = type(op)
-    if kind is Claim:
-        assert isinstance(op, Claim)
-        return store.claim(op.key, op.fingerprint, op.lease, op.ttl)
-    if kind is Complete:
-        assert isinstance(op, Complete)
-        store.complete(op.key, op.fence, op.data, op.codec, op.ttl)
-        return None
-    if kind is Release:
-        assert isinstance(op, Release)
-        store.release(op.key, op.fence)
-        return None
-    if kind is Watch:
-        assert isinstance(op, Watch)
-        return store.watch(op.key, op.fence, op.timeout)
-    if kind is Sleep:
-        assert isinstance(op, Sleep)
-        time.sleep(op.seconds)
-        return None
+    if not isinstance(op, _TOKEN_OPS):
+        return ops.perform(engine.store, op)  # type: ignore[arg-type]
     tokens = engine.tokens
     assert tokens is not None, op  # the flow asks for tokens only with a TokenGuard
-    if kind is ConsumeToken:
-        assert isinstance(op, ConsumeToken)
+    if isinstance(op, ConsumeToken):
         return tokens.consume(op.token, op.subject, op.purpose)
-    if kind is ReleaseToken:
-        assert isinstance(op, ReleaseToken)
+    if isinstance(op, ReleaseToken):
         tokens.release(op.use)
         return None
-    if kind is IssueToken:
-        assert isinstance(op, IssueToken)
-        return tokens.issue(op.subject, op.purpose, op.ttl)
-    raise AssertionError(op)  # pragma: no cover - a driver performs its own operations
+    return tokens.issue(op.subject, op.purpose, op.ttl)
 
 
 async def aperform(engine: Engine, op: Op) -> Any:
     """:func:`perform` with ``await``; the claim and the fenced writes are cancel-safe."""
-    store = engine.store
-    kind = type(op)
-    if kind is Claim:
-        assert isinstance(op, Claim)
-        return await claim_or_undo(store, op.key, op.fingerprint, op.lease, op.ttl)
-    if kind is Complete:
-        assert isinstance(op, Complete)
-        await write_through(store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl)
-        return None
-    if kind is Release:
-        assert isinstance(op, Release)
-        await write_through(store.arelease, op.key, op.fence)
-        return None
-    if kind is Watch:
-        assert isinstance(op, Watch)
-        return await store.awatch(op.key, op.fence, op.timeout)
-    if kind is Sleep:
-        assert isinstance(op, Sleep)
-        await asyncio.sleep(op.seconds)
-        return None
+    if not isinstance(op, _TOKEN_OPS):
+        return await ops.aperform(engine.store, op)  # type: ignore[arg-type]
     tokens = engine.tokens
     assert tokens is not None, op
-    if kind is ConsumeToken:
-        assert isinstance(op, ConsumeToken)
+    if isinstance(op, ConsumeToken):
         return await tokens.aconsume(op.token, op.subject, op.purpose)
-    if kind is ReleaseToken:
-        assert isinstance(op, ReleaseToken)
+    if isinstance(op, ReleaseToken):
         await write_through(tokens.arelease, op.use)
         return None
-    if kind is IssueToken:
-        assert isinstance(op, IssueToken)
-        return await tokens.aissue(op.subject, op.purpose, op.ttl)
-    raise AssertionError(op)  # pragma: no cover
+    return await tokens.aissue(op.subject, op.purpose, op.ttl)

@@ -298,6 +298,8 @@ class _Exchange:
         finally:
             active_claim.reset(token)
         body.attach(app_iter)
+        if claimed is not None:
+            body.settle_if_buffered()
         return body
 
     @staticmethod
@@ -311,7 +313,12 @@ class _Exchange:
 
 class _Body:
     """The response body handed to the server: passes chunks through, keeps a copy, and
-    finishes the flow once the server closes it (or the app fails)."""
+    finishes the flow once the server closes it (or the app fails).
+
+    A keyed response is settled before the server can send its end: a body the app returned
+    as a list or tuple is settled before the first byte goes out, and the chunk that
+    completes a declared ``Content-Length`` before it is handed over (a server sends the
+    status line with the first chunk, PEP 3333)."""
 
     def __init__(self, exchange: _Exchange, limit: int, claimed: Claimed | None) -> None:
         self.exchange = exchange
@@ -324,6 +331,9 @@ class _Body:
         self.size = 0
         self.exhausted = False
         self.finished = False
+        #: The body's declared length (Content-Length), and how many bytes went out so far.
+        self.declared: int | None = None
+        self.produced = 0
         self.app_iter: Iterable[bytes] | None = None
         self.iterator: Iterator[bytes] | None = None
 
@@ -335,6 +345,9 @@ class _Body:
             self.headers = [
                 (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers
             ]
+        for name, value in headers:
+            if name.lower() == "content-length" and value.strip().isdigit():
+                self.declared = int(value)
 
         def tee(data: bytes) -> object:
             self._keep(data)
@@ -358,6 +371,16 @@ class _Body:
     def __iter__(self) -> Iterator[bytes]:
         return self
 
+    def settle_if_buffered(self) -> None:
+        """A body the app returned as a list or tuple is complete already: settle now."""
+        app_iter = self.app_iter
+        if not isinstance(app_iter, (list, tuple)) or self.status == 0:
+            return
+        for chunk in app_iter:
+            self._keep(chunk)
+        self.exhausted = True
+        self._finish(None)
+
     def __next__(self) -> bytes:
         assert self.iterator is not None
         try:
@@ -371,7 +394,13 @@ class _Body:
         except BaseException as exc:
             self.fail(exc)
             raise
-        self._keep(chunk)
+        if not self.finished:
+            self._keep(chunk)
+            self.produced += len(chunk)
+            if self.declared is not None and self.produced >= self.declared:
+                # The last chunk of a declared length: settle before the client gets it.
+                self.exhausted = True
+                self._finish(None)
         return chunk
 
     def close(self) -> None:

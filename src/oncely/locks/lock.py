@@ -37,8 +37,8 @@ from typing import Any, Final, Literal, overload
 from oncely.backends.forks import after_fork
 from oncely.backends.registry import lock_backend_class as backend_class
 from oncely.backends.registry import shared_lock_backend as shared_backend
-from oncely.core.cancelsafe import keep_alive
-from oncely.core.renewal import renew_timeout, watchdog
+from oncely.core.cancelsafe import keep_alive, keep_cancel
+from oncely.core.renewal import renew_timeout, report, watchdog
 from oncely.errors import (
     LockError,
     LockLost,
@@ -310,13 +310,21 @@ class Lock:
         self._tell(exc)
 
     def _tell(self, exc: LockLost) -> None:
-        """Run the ``on_lost`` callback, then set :attr:`lost` (so its waiters see both)."""
-        if self.on_lost is not None:
+        """Run the ``on_lost`` callback, then set :attr:`lost` (so its waiters see both); on a
+        thread of its own when the loss is found on a renewal thread (a slow callback must not
+        stall other renewals)."""
+        on_lost = self.on_lost
+        if on_lost is None:
+            self.lost.set()
+            return
+
+        def tell() -> None:
             try:
-                self.on_lost(self, exc)
-            except Exception:
-                log.exception("oncely: on_lost callback of lock %r failed", self.name)
-        self.lost.set()
+                on_lost(self, exc)
+            finally:
+                self.lost.set()
+
+        report(tell, what=f"on_lost callback of lock {self.name!r}")
 
     def _timeout_error(self, limit: float | None, busy: Busy) -> OncelyError:
         waited = "at once" if not limit else f"within {limit:g}s"
@@ -841,7 +849,8 @@ class _Renewal:
                     return
                 limit = min(renew_timeout(self.lock.lease), self.held_until - sent_at)
                 try:
-                    outcome = await asyncio.wait_for(self.lock._arenew(self.hold), limit)
+                    with keep_cancel():  # wait_for can drop a cancel meeting the reply (3.11)
+                        outcome = await asyncio.wait_for(self.lock._arenew(self.hold), limit)
                 except asyncio.TimeoutError:
                     again = self._failed(
                         TimeoutError(f"the store did not answer a renewal within {limit:.3g}s")

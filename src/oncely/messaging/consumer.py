@@ -58,7 +58,7 @@ from oncely.errors import (
     StoreError,
 )
 from oncely.functions.drivers import drive, drive_async
-from oncely.functions.flow import Policy, call_flow
+from oncely.functions.flow import CallPolicy, call_flow
 from oncely.messaging.inbox import Inbox
 from oncely.messaging.transactional import Connections, HandlerFailed
 from oncely.stores import Store, configured_store, shared_store
@@ -352,7 +352,7 @@ class IdempotentConsumer:
         )
         self._store: Store | None = None
         self._attempts = _Attempts()
-        self.policy = Policy(
+        self.policy = CallPolicy(
             name=f"consumer {name!r}",
             codec=RawCodec(),
             return_type=bytes,

@@ -37,7 +37,12 @@ checks them on every backend):
     (completed, released, deleted, expired or re-claimed) or ``timeout`` passed; returns
     ``True`` if it saw the change. A lease running out wakes nobody (nothing writes), so
     callers cap ``timeout`` at the holder's ``lease_until`` and claim again afterwards.
-``get`` / ``delete`` / ``purge_expired(limit)`` / ``list(scope, limit)`` / ``now()``
+``delete(key, running=True)``
+    removes the record whatever its state and reports whether a live one was there. With
+    ``running=False`` a *running* record (``in_progress`` with a lease that has not run out,
+    by the store's clock) is left alone, in the same atomic step, and the call returns
+    ``False``: a duplicate must never run while the holder still works (``forget()`` uses it).
+``get`` / ``purge_expired(limit)`` / ``list(scope, limit)`` / ``now()``
     inspection and housekeeping; ``get`` and ``list`` hide expired records;
     ``purge_expired`` deletes up to ``limit`` records with ``expires_at <= now`` and returns
     how many it deleted.
@@ -143,7 +148,7 @@ class Store(abc.ABC):
     def get(self, key: RecordKey) -> Record | None: ...
 
     @abc.abstractmethod
-    def delete(self, key: RecordKey) -> bool: ...
+    def delete(self, key: RecordKey, running: bool = True) -> bool: ...
 
     @abc.abstractmethod
     def purge_expired(self, limit: int = 1000) -> int: ...
@@ -188,7 +193,7 @@ class Store(abc.ABC):
     async def aget(self, key: RecordKey) -> Record | None: ...
 
     @abc.abstractmethod
-    async def adelete(self, key: RecordKey) -> bool: ...
+    async def adelete(self, key: RecordKey, running: bool = True) -> bool: ...
 
     @abc.abstractmethod
     async def apurge_expired(self, limit: int = 1000) -> int: ...

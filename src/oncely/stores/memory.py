@@ -93,7 +93,16 @@ class MemoryState:
         record = self.records.get(key)
         return None if record is None or record.expires_at <= now else record
 
-    def delete(self, key: RecordKey) -> bool:
+    def delete(self, key: RecordKey, running: bool = True, now: float = 0.0) -> bool:
+        record = self.records.get(key)
+        if (
+            not running
+            and record is not None
+            and record.status == "in_progress"
+            and (record.lease_until or 0.0) > now
+            and record.expires_at > now
+        ):
+            return False
         self.released.pop(key, None)
         return self.records.pop(key, None) is not None
 
@@ -182,9 +191,9 @@ class MemoryStore(Store):
         with self._cond:
             return self.state.get(key, time.time())
 
-    def delete(self, key: RecordKey) -> bool:
+    def delete(self, key: RecordKey, running: bool = True) -> bool:
         with self._cond:
-            found = self.state.delete(key)
+            found = self.state.delete(key, running, time.time())
             self._cond.notify_all()
             return found
 
@@ -223,8 +232,8 @@ class MemoryStore(Store):
     async def aget(self, key: RecordKey) -> Record | None:
         return self.get(key)
 
-    async def adelete(self, key: RecordKey) -> bool:
-        return self.delete(key)
+    async def adelete(self, key: RecordKey, running: bool = True) -> bool:
+        return self.delete(key, running)
 
     async def apurge_expired(self, limit: int = 1000) -> int:
         return self.purge_expired(limit)

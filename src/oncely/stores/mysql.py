@@ -209,11 +209,16 @@ STATE: Final = f"SELECT status, fence, expires_at > {_NOW} FROM {{t}} WHERE {_KE
 # The fence keeper is raised to the row's fence first (its exclusive lock holds claims off until
 # COMMIT), and only a row whose fence it covers is removed.
 _RAISE_HIGH: Final = "UPDATE {h} SET high = GREATEST(high, COALESCE(({max}), 0)) WHERE id = 0"
+# With running false, a running record (in progress, lease not run out) stays (forget()).
+_DELETABLE: Final = (
+    f"{_KEY} AND (%(running)s OR NOT (status = 'in_progress' AND lease_until > {_TX_NOW} "
+    f"AND expires_at > {_TX_NOW}))"
+)
 DELETE: Final = (
-    "START TRANSACTION; "
-    + _RAISE_HIGH.replace("{max}", f"SELECT MAX(fence) FROM {{t}} WHERE {_KEY}")
-    + f"; SELECT {_LIVE} FROM {{t}} WHERE {_KEY} AND fence <= {_HIGH} FOR UPDATE; "
-    f"DELETE FROM {{t}} WHERE {_KEY} AND fence <= {_HIGH}; COMMIT"
+    f"START TRANSACTION; SET {_TX_NOW} = {_NOW}; "
+    + _RAISE_HIGH.replace("{max}", f"SELECT MAX(fence) FROM {{t}} WHERE {_DELETABLE}")
+    + f"; SELECT {_LIVE} FROM {{t}} WHERE {_DELETABLE} AND fence <= {_HIGH} FOR UPDATE; "
+    f"DELETE FROM {{t}} WHERE {_DELETABLE} AND fence <= {_HIGH}; COMMIT"
 )
 # Up to ``limit`` expired rows (tombstones included), oldest first; reports how many went.
 _EXPIRED: Final = f"expires_at <= {_TX_NOW} ORDER BY expires_at LIMIT %(limit)s"
@@ -545,8 +550,9 @@ class MySQLStore(PlannedStore):
         rows = (yield Exec("get", key_params(key))).rows
         return record(rows[0]) if rows else None
 
-    def _delete(self, key: RecordKey) -> Plan[bool]:
-        return any(row[0] for row in (yield Exec("delete", key_params(key))).rows)
+    def _delete(self, key: RecordKey, running: bool) -> Plan[bool]:
+        params = {**key_params(key), "running": int(running)}
+        return any(row[0] for row in (yield Exec("delete", params)).rows)
 
     def _purge_expired(self, limit: int) -> Plan[int]:
         return int((yield Exec("purge", {"limit": max(0, int(limit))})).rows[0][0])

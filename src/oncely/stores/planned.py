@@ -52,7 +52,7 @@ class PlannedStore(Store):
     def _get(self, key: RecordKey) -> Plan[Record | None]: ...
 
     @abc.abstractmethod
-    def _delete(self, key: RecordKey) -> Plan[bool]: ...
+    def _delete(self, key: RecordKey, running: bool) -> Plan[bool]: ...
 
     @abc.abstractmethod
     def _purge_expired(self, limit: int) -> Plan[int]: ...
@@ -90,8 +90,8 @@ class PlannedStore(Store):
     def get(self, key: RecordKey) -> Record | None:
         return run(self._get(key), self._execute)
 
-    def delete(self, key: RecordKey) -> bool:
-        return run(self._delete(key), self._execute)
+    def delete(self, key: RecordKey, running: bool = True) -> bool:
+        return run(self._delete(key, running), self._execute)
 
     def purge_expired(self, limit: int = 1000) -> int:
         return run(self._purge_expired(limit), self._execute)
@@ -126,8 +126,8 @@ class PlannedStore(Store):
     async def aget(self, key: RecordKey) -> Record | None:
         return await arun(self._get(key), self._aexecute)
 
-    async def adelete(self, key: RecordKey) -> bool:
-        return await arun(self._delete(key), self._aexecute)
+    async def adelete(self, key: RecordKey, running: bool = True) -> bool:
+        return await arun(self._delete(key, running), self._aexecute)
 
     async def apurge_expired(self, limit: int = 1000) -> int:
         return await arun(self._purge_expired(limit), self._aexecute)

@@ -246,7 +246,11 @@ GET = f"SELECT {_columns('r')} FROM {{t}} AS r {_KEY} AND {_LIVE}"
 STATE = f"SELECT r.status, r.fence, r.expires_at > now() FROM {{t}} AS r {_KEY}"
 # Removes tombstones and expired rows too, but reports only whether a live record was there.
 DELETE = f"""\
-WITH del AS (DELETE FROM {{t}} AS r {_KEY} RETURNING {_LIVE} AS live)
+WITH del AS (
+    DELETE FROM {{t}} AS r {_KEY}
+      AND (%(running)s OR NOT (r.status = 'in_progress' AND r.lease_until > now()
+                               AND r.expires_at > now()))
+    RETURNING {_LIVE} AS live)
 {_NOTIFY}, live FROM del
 """
 # Oldest first through the expiry index; rows being claimed right now are skipped, and the outer
@@ -689,8 +693,8 @@ class PostgresStore(PlannedStore):
         rows = yield Exec(self._sql.get, key_params(key), self._prepare)
         return record(rows[0]) if rows else None
 
-    def _delete(self, key: RecordKey) -> Plan[bool]:
-        params = {**key_params(key), "note": _note(self.table, key)}
+    def _delete(self, key: RecordKey, running: bool) -> Plan[bool]:
+        params = {**key_params(key), "note": _note(self.table, key), "running": running}
         return any(row[1] for row in (yield Exec(self._sql.delete, params)))
 
     def _purge_expired(self, limit: int) -> Plan[int]:

@@ -289,8 +289,9 @@ class RedisStore(PlannedStore):
         reply = yield Eval(_GET, 1, (self._key(key),))
         return None if reply is None else _record(key.scope, key.digest, reply)
 
-    def _delete(self, key: RecordKey) -> Plan[bool]:
-        return bool((yield Eval(_DELETE, 1, (self._key(key), self._channel(key)))))
+    def _delete(self, key: RecordKey, running: bool) -> Plan[bool]:
+        args = (self._key(key), self._channel(key), "1" if running else "0")
+        return bool((yield Eval(_DELETE, 1, args)))
 
     def _purge_expired(self, limit: int) -> Plan[int]:
         """0: every record carries ``PEXPIREAT expires_at``, so Redis drops it itself."""

@@ -153,7 +153,12 @@ STATE = (
 # Removes tombstones and expired rows too, but reports only whether a live record was there.
 DELETE = (
     "DELETE FROM {t} WHERE scope = :scope AND digest = :digest "
-    "RETURNING status <> 'released' AND expires_at > " + NOW
+    "AND (:running OR NOT (status = 'in_progress' AND lease_until > "
+    + NOW
+    + " AND expires_at > "
+    + NOW
+    + ")) RETURNING status <> 'released' AND expires_at > "
+    + NOW
 )
 PURGE = (
     "DELETE FROM {t} WHERE (scope, digest) IN "
@@ -342,8 +347,8 @@ class SQLiteStore(PlannedStore):
         rows, _ = yield Exec("get", key_params(key))
         return record(rows[0]) if rows else None
 
-    def _delete(self, key: RecordKey) -> Plan[bool]:
-        rows, _ = yield Exec("delete", key_params(key))
+    def _delete(self, key: RecordKey, running: bool) -> Plan[bool]:
+        rows, _ = yield Exec("delete", {**key_params(key), "running": int(running)})
         return any(live for (live,) in rows)
 
     def _purge_expired(self, limit: int) -> Plan[int]:
