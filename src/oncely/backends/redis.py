@@ -20,9 +20,10 @@ from urllib.parse import urlsplit
 import redis
 import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import MaxConnectionsError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from oncely.backends.autopipe import AsyncPipeline, SyncPipeline
 from oncely.backends.loops import LoopLocal
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Command, Eval, Sleep
@@ -155,6 +156,18 @@ def _drop_client(client: AsyncClient) -> None:
     """A client whose loop is closed cannot be closed any more: its sockets go with it."""
 
 
+async def _aclose_pipeline(pipeline: AsyncPipeline) -> None:
+    await pipeline.aclose()
+
+
+def _drop_pipeline(pipeline: AsyncPipeline) -> None:
+    pipeline.abandon()
+
+
+def _pool_exhausted(exc: RedisError) -> bool:
+    return isinstance(exc, MaxConnectionsError) or "No connection available" in str(exc)
+
+
 class RedisClients:
     """The clients of one Redis URL, sync and async, and their plumbing.
 
@@ -163,6 +176,18 @@ class RedisClients:
     with ``pool_options`` (:meth:`redis.ConnectionPool.from_url`), bounded by :func:`bounded`.
     The pools do not retry a failed command: a write whose reply was lost may have run, so the
     error goes to the caller as :class:`~oncely.errors.StoreUnavailable`.
+
+    Scripts (every decision) go through an auto-pipeline (:mod:`oncely.backends.autopipe`):
+    one connection shared by the threads (group commit) and one per event loop, on which the
+    scripts of concurrent callers share one write. ``autopipeline=False`` turns that off (each
+    script then takes a pooled connection, as redis-py does); with ``client`` /
+    ``async_client`` given, that face uses the given client as it is. Other commands
+    (``TIME``, ``SCAN``, blocking ``BLPOP``, pub/sub) use the pools.
+
+    ``max_connections`` bounds each pool; a caller that finds every connection busy waits
+    for one up to ``pool_timeout`` seconds (default: the socket timeout, else 5 s), then gets
+    :class:`~oncely.errors.StoreUnavailable` saying the pool is exhausted (redis-py's own
+    pools raise ``MaxConnectionsError`` at once instead).
 
     :raises ConfigurationError: a malformed URL or a decoding client.
     """
@@ -182,10 +207,23 @@ class RedisClients:
             )
         self.url = url
         self.where = redact_url(url)
+        autopipeline = truthy(pool_options.pop("autopipeline", True))
+        pool_timeout = pool_options.pop("pool_timeout", None)
         self.pool_options = bounded(url, pool_options)
+        if self.pool_options.get("max_connections") is not None:
+            if pool_timeout is None:
+                pool_timeout = self.pool_options.get("socket_timeout") or CONNECT_TIMEOUT
+            self.pool_options["timeout"] = float(pool_timeout)
+            self._pool_class: Any = redis.BlockingConnectionPool
+            self._apool_class: Any = redis.asyncio.BlockingConnectionPool
+        else:
+            self._pool_class = redis.ConnectionPool
+            self._apool_class = redis.asyncio.ConnectionPool
+        #: The sync face's script client: the group-commit pipeline, or the plain client.
+        self.scripts: SyncClient
         if client is None:
             try:
-                pool = redis.ConnectionPool.from_url(url, **self.pool_options)
+                pool = self._pool_class.from_url(url, **self.pool_options)
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(
                     f"cannot use Redis URL {self.where!r}: {exc}; e.g. 'redis://localhost:6379/0'"
@@ -197,10 +235,17 @@ class RedisClients:
                 )
             self.client = cast(SyncClient, redis.Redis.from_pool(pool))
             self._owns_client = True
+            self._pipeline = (
+                SyncPipeline(lambda: pool.connection_class(**pool.connection_kwargs))
+                if autopipeline
+                else None
+            )
         else:
             _check_decoding(client, "the Redis client")
             self.client = cast(SyncClient, client)
             self._owns_client = False
+            self._pipeline = None
+        self.scripts = cast(SyncClient, self._pipeline) if self._pipeline else self.client
         kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", {})
         #: Seconds the sync client waits for each reply (None: without bound).
         self.socket_timeout: float | None = kwargs.get("socket_timeout")
@@ -209,9 +254,18 @@ class RedisClients:
         self._async_client = cast("AsyncClient | None", async_client)
         # One client per event loop, closed when the loop shuts down (or by aclose()).
         self._aclients = LoopLocal(self._new_aclient, _aclose_client, _drop_client)
+        self._apipelines: LoopLocal[AsyncPipeline] | None = None
+        if autopipeline and async_client is None:
+            self._apipelines = LoopLocal(self._new_apipeline, _aclose_pipeline, _drop_pipeline)
 
     def error(self, exc: RedisError) -> StoreError:
         """The oncely error for a redis-py error."""
+        if _pool_exhausted(exc):
+            return StoreUnavailable(
+                f"no free connection to Redis at {self.where} ({type(exc).__name__}: {exc}): "
+                "every pooled connection stayed busy for the pool timeout; nothing was decided. "
+                "Raise max_connections or pool_timeout, or lower the concurrency."
+            )
         if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
             return StoreUnavailable(
                 f"Redis at {self.where} is unavailable ({type(exc).__name__}: {exc}). Check that "
@@ -231,7 +285,7 @@ class RedisClients:
     def eval(self, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
         """One script on the sync client (:func:`oncely.backends.lua.evalsha`)."""
         try:
-            return evalsha(self.client, script, numkeys, *keys_and_args)
+            return evalsha(self.scripts, script, numkeys, *keys_and_args)
         except RedisError as exc:
             raise self.error(exc) from exc
 
@@ -254,12 +308,26 @@ class RedisClients:
         clients of event loops that are not running."""
         if self._owns_client:
             self.client.close()
+        if self._pipeline is not None:
+            self._pipeline.close()
         self._aclients.close_idle()
+        if self._apipelines is not None:
+            self._apipelines.close_idle()
 
     # -- async -------------------------------------------------------------------------------------
     def _new_aclient(self) -> AsyncClient:
-        pool = redis.asyncio.ConnectionPool.from_url(self.url, **self.pool_options)
+        pool = self._apool_class.from_url(self.url, **self.pool_options)
         return cast(AsyncClient, redis.asyncio.Redis.from_pool(pool))
+
+    def _new_apipeline(self) -> AsyncPipeline:
+        pool: Any = cast(Any, self.aclient()).connection_pool
+        return AsyncPipeline(lambda: pool.connection_class(**pool.connection_kwargs))
+
+    def ascripts(self) -> AsyncClient:
+        """The running loop's script client: its auto-pipeline, or the plain client."""
+        if self._apipelines is not None:
+            return cast(AsyncClient, self._apipelines.get())
+        return self.aclient()
 
     def aclient(self) -> AsyncClient:
         """The running loop's client (the one passed in as ``async_client``, if any)."""
@@ -279,7 +347,7 @@ class RedisClients:
         """The async face of :meth:`eval`."""
         try:
             with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
-                return await aevalsha(self.aclient(), script, numkeys, *keys_and_args)
+                return await aevalsha(self.ascripts(), script, numkeys, *keys_and_args)
         except RedisError as exc:
             raise self.error(exc) from exc
 
@@ -299,5 +367,7 @@ class RedisClients:
 
     async def aclose(self) -> None:
         """Close the running loop's client and pool (``async_client`` is left to its owner)."""
+        if self._apipelines is not None:
+            await self._apipelines.aclose()
         if self._async_client is None:
             await self._aclients.aclose()

@@ -214,8 +214,14 @@ class RedisStore(PlannedStore):
     was lost may have run, so the error goes to the caller as :class:`StoreUnavailable`.
     Call :meth:`aclose` in every event loop that used the async face before the loop ends.
 
-    ``max_watchers`` bounds how many waiters hold a subscribed connection at once (per store);
-    beyond it, waiters poll the record with backoff (1 ms doubling to 50 ms) instead.
+    ``max_watchers`` bounds how many waiters hold a subscribed connection at once (per store;
+    at most half of ``max_connections`` if that is given); beyond it, waiters poll the record
+    with backoff (1 ms doubling to 50 ms) instead.
+
+    Scripts of concurrent callers share writes on one connection (auto-pipelining, see
+    :class:`~oncely.backends.redis.RedisClients`; ``autopipeline=False`` turns it off). With
+    ``max_connections``, a caller that finds the pool busy waits up to ``pool_timeout``
+    seconds for a connection, then gets :class:`StoreUnavailable`.
     """
 
     schemes = ("redis", "rediss")
@@ -239,7 +245,13 @@ class RedisStore(PlannedStore):
         self._fence_key = f"{prefix}:fence"
         # Each subscribed waiter holds a connection; past this many, waiters poll instead, so a
         # burst of duplicates cannot drain the pool that claims and completions need.
-        self._watch_slots = threading.BoundedSemaphore(max(1, max_watchers))
+        # With a bounded pool (max_connections), at most half of it (a waiter's probes need a
+        # connection too): a pool of one leaves every waiter polling.
+        watchers = max(1, max_watchers)
+        bound = self.redis.pool_options.get("max_connections")
+        if bound is not None:
+            watchers = min(watchers, int(bound) // 2)
+        self._watch_slots = threading.BoundedSemaphore(watchers)
         #: Seconds the sync face waits for each reply (None: without bound).
         self.socket_timeout = self.redis.socket_timeout
 
@@ -356,7 +368,7 @@ class RedisStore(PlannedStore):
         if kind is Eval:  # the hot path: one frame less than self.redis.execute
             try:
                 return evalsha(
-                    self.redis.client, request.script, request.numkeys, *request.keys_and_args
+                    self.redis.scripts, request.script, request.numkeys, *request.keys_and_args
                 )
             except RedisError as exc:
                 raise self.redis.error(exc) from exc
