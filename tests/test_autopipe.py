@@ -295,3 +295,20 @@ async def test_an_exhausted_pool_is_a_bounded_typed_error() -> None:
     finally:
         await store.adelete(key)
         await store.aclose()
+
+
+async def test_an_idle_connection_the_server_closed_is_reopened(private_redis: RedisServer) -> None:
+    """A restart closes the idle pipelined connections; the next command must not fail on them
+    (they are checked before a write, as redis-py's pool checks on checkout)."""
+    apipe = _apipe(private_redis.url)
+    spipe = SyncPipeline(lambda: redis.Connection(**_kwargs(private_redis.url)))
+    try:
+        assert await apipe.execute_command("ECHO", "a") == b"a"
+        assert spipe.execute_command("ECHO", "s") == b"s"
+        private_redis.restart()
+        await asyncio.sleep(0.05)  # let the loop see the close
+        assert await apipe.execute_command("ECHO", "b") == b"b"
+        assert spipe.execute_command("ECHO", "t") == b"t"
+    finally:
+        await apipe.aclose()
+        spipe.close()

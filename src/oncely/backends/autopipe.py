@@ -44,7 +44,9 @@ from typing import Any
 
 import redis
 import redis.asyncio
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["AsyncPipeline", "SyncPipeline"]
 
@@ -141,6 +143,15 @@ class AsyncPipeline:
 
     async def _open(self) -> _Session:
         session = self._session
+        if session is not None and not session.dead and not session.inflight:
+            # Idle: the server may have closed it meanwhile (restart, idle timeout). Look before
+            # writing, as redis-py's pool does on checkout (nobody else reads it now).
+            try:
+                stale = await session.connection.can_read_destructive()
+            except (RedisConnectionError, RedisTimeoutError, OSError):
+                stale = True
+            if stale:
+                session.kill(RedisConnectionError("the idle pipelined connection went stale"))
         if session is None or session.dead:
             connection: Any = self._connect()
             try:
@@ -208,6 +219,15 @@ class AsyncPipeline:
 
 
 # -- threads -------------------------------------------------------------------------------------
+def _stale(connection: Any) -> bool:
+    """True if an idle connection has something to read (the server closed it, or a stray
+    reply): it must not be written to, as redis-py's pool checks on checkout."""
+    try:
+        return bool(connection.can_read(timeout=0))
+    except (RedisConnectionError, RedisTimeoutError, OSError):
+        return True
+
+
 class _Slot:
     """One thread's command, its outcome, and the lock it waits on (released when it is done or
     when it has to lead the next batch)."""
@@ -270,6 +290,9 @@ class SyncPipeline:
         done = 0
         try:
             connection = self._connection
+            if connection is not None and _stale(connection):
+                connection.disconnect()
+                connection = self._connection = None
             if connection is None:
                 connection = self._connect()
                 connection.connect()
