@@ -147,7 +147,10 @@ class AsyncPipeline:
             # Idle: the server may have closed it meanwhile (restart, idle timeout). Look before
             # writing, as redis-py's pool does on checkout (nobody else reads it now).
             try:
-                stale = await session.connection.can_read_destructive()
+                idle = session.connection
+                # redis-py 8 renamed can_read_destructive (5.x-7.x) to can_read.
+                look = getattr(idle, "can_read", None) or idle.can_read_destructive
+                stale = await look()
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 stale = True
             if stale:
