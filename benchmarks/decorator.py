@@ -312,7 +312,7 @@ def bench_raw_sql(kind: str, n: int, conc: int, tag: str) -> list[Result]:
         def connect() -> Any:
             conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA synchronous=FULL")  # the SQLite store's default
             return conn
 
         sql = f"INSERT INTO {table} (k, v) VALUES (?, ?) ON CONFLICT (k) DO NOTHING"
