@@ -21,9 +21,11 @@ What stays as it was:
 * a cancelled caller (asyncio) only stops awaiting its future: a command not yet written is
   not sent, and the reply of one already written is read and dropped, so the replies of the
   others stay matched;
-* bounded waits: each reply is read within the connection's ``socket_timeout``. A timeout or a
-  connection error fails every command in flight on that connection with the driver's error
-  (the caller's :class:`~oncely.backends.redis.RedisClients` turns it into
+* bounded waits: while commands are in flight, a reply must come within the connection's
+  ``socket_timeout`` (asyncio: one watchdog timer per connection, not one per reply;
+  threads: the socket's timeout on each read). A timeout or a connection error fails every
+  command in flight on that connection with the driver's error (the caller's
+  :class:`~oncely.backends.redis.RedisClients` turns it into
   :class:`~oncely.errors.StoreUnavailable`: such a command may have run), and the connection is
   dropped, because its later replies could no longer be matched; the next command opens a
   new one. An error *reply* (``NOSCRIPT``, a script error) goes to its own caller only.
@@ -36,6 +38,7 @@ the pipeline and other commands through its pools.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 from collections import deque
@@ -76,12 +79,43 @@ class _Session:
         self.more = asyncio.Event()
         self.dead = False
         self.reader: asyncio.Task[None] | None = None
+        #: Seconds without a reply while commands are in flight before the session is killed.
+        self.timeout: float | None = connection.socket_timeout
+        #: Loop time of the last reply (or of the first command written after an idle spell).
+        self.progress = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def written(self, futures: list[asyncio.Future[Any]]) -> None:
+        """Record ``futures`` as in flight (in write order) and arm the reply watchdog."""
+        loop = asyncio.get_running_loop()
+        if not self.inflight:
+            self.progress = loop.time()
+        self.inflight.extend(futures)
+        self.more.set()
+        if self.timeout and self._watchdog is None:
+            self._watchdog = loop.call_later(self.timeout, self._watch)
+
+    def _watch(self) -> None:
+        """One timer per ``timeout``, not one per reply: kill the session if no reply came for
+        ``timeout`` seconds while commands were in flight."""
+        self._watchdog = None
+        if self.dead or not self.inflight or not self.timeout:
+            return
+        loop = asyncio.get_running_loop()
+        quiet = loop.time() - self.progress
+        if quiet >= self.timeout:
+            self.kill(RedisTimeoutError(f"no reply from Redis within {self.timeout}s"))
+            return
+        self._watchdog = loop.call_later(self.timeout - quiet, self._watch)
 
     def kill(self, exc: BaseException) -> None:
         """Fail every command in flight with ``exc`` and drop the connection."""
         if self.dead:
             return
         self.dead = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         while self.inflight:
             fut = self.inflight.popleft()
             if not fut.done():
@@ -92,6 +126,7 @@ class _Session:
     async def read(self) -> None:
         """The reader: match each reply to the oldest command in flight."""
         connection, inflight = self.connection, self.inflight
+        clock = asyncio.get_running_loop().time
         try:
             while not self.dead:
                 if not inflight:
@@ -99,9 +134,14 @@ class _Session:
                     await self.more.wait()
                     continue
                 try:
-                    reply: Any = await connection.read_response(disconnect_on_error=False)
+                    # No timeout per read (a timer per reply costs more than the read): the
+                    # watchdog bounds the wait instead.
+                    reply: Any = await connection.read_response(
+                        timeout=math.inf, disconnect_on_error=False
+                    )
                 except ResponseError as exc:  # an error reply: the connection is fine
                     reply = exc
+                self.progress = clock()
                 if not inflight:  # pragma: no cover - a reply nobody asked for
                     raise redis.exceptions.ConnectionError("Redis sent a reply nobody asked for")
                 fut = inflight.popleft()
@@ -195,8 +235,7 @@ class AsyncPipeline:
             try:
                 session = await self._open()
                 packed = _pack(session.connection, [args for args, _ in batch])
-                session.inflight.extend(fut for _, fut in batch)
-                session.more.set()
+                session.written([fut for _, fut in batch])
                 await session.connection.send_packed_command(packed, check_health=False)
             except BaseException as exc:
                 error = exc if isinstance(exc, Exception) else _closed()
