@@ -312,3 +312,32 @@ async def test_an_idle_connection_the_server_closed_is_reopened(private_redis: R
     finally:
         await apipe.aclose()
         spipe.close()
+
+
+async def test_cancelled_claims_leave_every_other_claim_its_own_reply() -> None:
+    """Claims of 200 tasks share the pipelined connection; a third of them are cancelled at
+    random points. Every claim that returned got the reply of its own key (its fence is the
+    one the store keeps for that key), so no reply went to the wrong caller."""
+    store = RedisStore(REDIS_URL, prefix=f"oncely-test-{uuid.uuid4().hex}")
+    keys = _keys(200)
+    rng = random.Random(3)
+    try:
+        tasks = [
+            asyncio.ensure_future(store.aclaim(k, f"fp-{i}", 5, 30)) for i, k in enumerate(keys)
+        ]
+        for _ in range(3):
+            await asyncio.sleep(0)
+            for i in rng.sample(range(200), 22):
+                tasks[i].cancel()
+        out = await asyncio.gather(*tasks, return_exceptions=True)
+        answered = [(k, o) for k, o in zip(keys, out) if isinstance(o, New)]
+        assert len(answered) >= 100
+        assert all(isinstance(o, (New, asyncio.CancelledError)) for o in out)
+        for key, outcome in answered:
+            record = await store.aget(key)
+            assert record is not None and record.fence == outcome.fence
+            assert record.fingerprint == f"fp-{keys.index(key)}"
+    finally:
+        for k in keys:
+            await store.adelete(k)
+        await store.aclose()
