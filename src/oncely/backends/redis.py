@@ -14,14 +14,25 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Any, Final, Protocol, cast
-from urllib.parse import urlsplit
+import weakref
+from typing import Any, Final, NamedTuple, Protocol, cast
+from urllib.parse import unquote, urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    MaxConnectionsError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from oncely.backends.autopipe import AsyncPipeline, SyncPipeline
 from oncely.backends.loops import LoopLocal
@@ -33,6 +44,7 @@ from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 
 __all__ = [
     "CONNECT_TIMEOUT",
+    "DRIVER_ERRORS",
     "READ_TIMEOUT",
     "AsyncClient",
     "AsyncPubSub",
@@ -81,6 +93,10 @@ class AsyncClient(Protocol):
     async def aclose(self) -> None: ...
 
 
+#: What redis-py raises: its errors, and the cluster client's own (not a RedisError).
+DRIVER_ERRORS: Final = (RedisError, RedisClusterException)
+
+
 def ms(seconds: float) -> int:
     """A duration in whole milliseconds for a script (negative durations count as zero)."""
     return max(0, round(seconds * 1000))
@@ -101,6 +117,9 @@ def check_url(url: str) -> None:
     example = "e.g. 'redis://localhost:6379/0' or 'rediss://:password@host:6380/0'"
     if not isinstance(url, str):
         raise ConfigurationError(f"Redis URL must be a string, not {type(url).__name__}; {example}")
+    if is_cluster(url):
+        cluster_nodes(url)
+        return
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
@@ -110,8 +129,8 @@ def check_url(url: str) -> None:
         ) from exc
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigurationError(
-            f"Redis URL {redact_url(url)!r} must start with redis://, rediss:// (TLS) or "
-            f"unix://; {example}"
+            f"Redis URL {redact_url(url)!r} must start with redis://, rediss:// (TLS), "
+            f"unix:// or redis+cluster://; {example}"
         )
     if parts.scheme != "unix":
         db = parts.path.lstrip("/")
@@ -120,6 +139,56 @@ def check_url(url: str) -> None:
                 f"Redis URL {redact_url(url)!r}: the path must be a database number, not "
                 f"{db!r}; {example}"
             )
+
+
+CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
+
+
+def is_cluster(url: str) -> bool:
+    """True for a Redis Cluster URL (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return isinstance(url, str) and url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+class ClusterURL(NamedTuple):
+    """The parts of ``redis+cluster://[user:password@]host:port,host:port,...``."""
+
+    nodes: list[tuple[str, int]]
+    username: str | None
+    password: str | None
+    ssl: bool
+
+
+def cluster_nodes(url: str) -> ClusterURL:
+    """The startup nodes and credentials of a cluster URL.
+
+    :raises ConfigurationError: no node, a node without a numeric port, or a database path
+        (a cluster has database 0 only).
+    """
+    example = "e.g. 'redis+cluster://10.0.0.1:7000,10.0.0.2:7000'"
+    where = redact_url(url)
+    scheme, rest = url.split("://", 1)
+    netloc, _, path = rest.partition("/")
+    path = path.split("?", 1)[0]
+    if path not in ("", "0"):
+        raise ConfigurationError(
+            f"Redis Cluster URL {where!r}: a cluster has only database 0, drop '/{path}'; {example}"
+        )
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    nodes: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigurationError(
+                f"Redis Cluster URL {where!r}: {item!r} is not host:port; {example}"
+            )
+        nodes.append((host.strip("[]"), int(port)))
+    return ClusterURL(
+        nodes,
+        unquote(username) or None,
+        unquote(password) or None,
+        scheme.lower().startswith("rediss"),
+    )
 
 
 def bounded(url: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +233,15 @@ def _drop_pipeline(pipeline: AsyncPipeline) -> None:
     pipeline.abandon()
 
 
-def _pool_exhausted(exc: RedisError) -> bool:
+async def _forget_lock(lock: asyncio.Lock) -> None:
+    """A loop's init lock holds nothing to close."""
+
+
+def _drop_lock(lock: asyncio.Lock) -> None:
+    """A loop's init lock holds nothing to close."""
+
+
+def _pool_exhausted(exc: Exception) -> bool:
     return isinstance(exc, MaxConnectionsError) or "No connection available" in str(exc)
 
 
@@ -219,9 +296,18 @@ class RedisClients:
         else:
             self._pool_class = redis.ConnectionPool
             self._apool_class = redis.asyncio.ConnectionPool
+        #: True for a Redis Cluster URL (``redis+cluster://``): redis-py's cluster clients route
+        #: each script by the slot of its keys (one slot per script: hash tags), and follow
+        #: MOVED / ASK redirects; no auto-pipelining.
+        self.cluster = is_cluster(url)
         #: The sync face's script client: the group-commit pipeline, or the plain client.
         self.scripts: SyncClient
-        if client is None:
+        if self.cluster and client is None:
+            self._pipeline = None
+            autopipeline = False
+            self.client = cast(SyncClient, self._open_cluster(redis.cluster))
+            self._owns_client = True
+        elif client is None:
             try:
                 pool = self._pool_class.from_url(url, **self.pool_options)
             except (ValueError, TypeError) as exc:
@@ -246,7 +332,9 @@ class RedisClients:
             self._owns_client = False
             self._pipeline = None
         self.scripts = cast(SyncClient, self._pipeline) if self._pipeline else self.client
-        kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", {})
+        kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", None)
+        if kwargs is None:
+            kwargs = self.pool_options
         #: Seconds the sync client waits for each reply (None: without bound).
         self.socket_timeout: float | None = kwargs.get("socket_timeout")
         if async_client is not None:
@@ -254,17 +342,25 @@ class RedisClients:
         self._async_client = cast("AsyncClient | None", async_client)
         # One client per event loop, closed when the loop shuts down (or by aclose()).
         self._aclients = LoopLocal(self._new_aclient, _aclose_client, _drop_client)
+        self._ready: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._init_locks = LoopLocal(asyncio.Lock, _forget_lock, _drop_lock)
         self._apipelines: LoopLocal[AsyncPipeline] | None = None
         if autopipeline and async_client is None:
             self._apipelines = LoopLocal(self._new_apipeline, _aclose_pipeline, _drop_pipeline)
 
-    def error(self, exc: RedisError) -> StoreError:
+    def error(self, exc: Exception) -> StoreError:
         """The oncely error for a redis-py error."""
         if _pool_exhausted(exc):
             return StoreUnavailable(
                 f"no free connection to Redis at {self.where} ({type(exc).__name__}: {exc}): "
                 "every pooled connection stayed busy for the pool timeout; nothing was decided. "
                 "Raise max_connections or pool_timeout, or lower the concurrency."
+            )
+        if isinstance(exc, (ClusterDownError, TryAgainError, RedisClusterException)):
+            return StoreUnavailable(
+                f"Redis Cluster at {self.where} cannot serve the key now ({type(exc).__name__}: "
+                f"{exc}): a failover or resharding is under way, or nodes are unreachable; "
+                "nothing was decided, so retry shortly."
             )
         if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
             return StoreUnavailable(
@@ -279,14 +375,14 @@ class RedisClients:
         """One command on the sync client."""
         try:
             return self.client.execute_command(*args)
-        except RedisError as exc:
+        except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
 
     def eval(self, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
         """One script on the sync client (:func:`oncely.backends.lua.evalsha`)."""
         try:
             return evalsha(self.scripts, script, numkeys, *keys_and_args)
-        except RedisError as exc:
+        except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
 
     def execute(self, request: Any) -> Any:
@@ -315,7 +411,37 @@ class RedisClients:
             self._apipelines.close_idle()
 
     # -- async -------------------------------------------------------------------------------------
+    def _open_cluster(self, module: Any) -> Any:
+        """A redis-py cluster client (``module``: :mod:`redis.cluster` or
+        :mod:`redis.asyncio.cluster`) for the URL's startup nodes.
+
+        It does not retry a command after a connection error or timeout (a write whose reply
+        was lost may have run: the caller gets StoreUnavailable), but follows MOVED / ASK
+        redirects, which say the command did not run where it was sent.
+        """
+        parts = cluster_nodes(self.url)
+        options = dict(self.pool_options)
+        options.pop("timeout", None)  # the single-node blocking pool's wait
+        options.update(
+            username=parts.username,
+            password=parts.password,
+            ssl=parts.ssl,
+            retry=Retry(NoBackoff(), 0),
+        )
+        nodes = [module.ClusterNode(host, port) for host, port in parts.nodes]
+        try:
+            return module.RedisCluster(startup_nodes=nodes, **options)
+        except DRIVER_ERRORS as exc:
+            raise self.error(exc) from exc
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(
+                f"cannot use Redis Cluster URL {self.where!r}: {exc}; e.g. "
+                "'redis+cluster://10.0.0.1:7000,10.0.0.2:7000'"
+            ) from exc
+
     def _new_aclient(self) -> AsyncClient:
+        if self.cluster:
+            return cast(AsyncClient, self._open_cluster(redis.asyncio.cluster))
         pool = self._apool_class.from_url(self.url, **self.pool_options)
         return cast(AsyncClient, redis.asyncio.Redis.from_pool(pool))
 
@@ -335,20 +461,38 @@ class RedisClients:
             return self._async_client
         return self._aclients.get()
 
+    async def aready(self) -> AsyncClient:
+        """The running loop's client, ready for concurrent use.
+
+        A cluster client is initialized (slot map, first connections) once, by one task:
+        redis-py's asyncio cluster client fails some of many concurrent first commands
+        (``Connection closed by server``, ``'NoneType' object has no attribute 'writelines'``)
+        when they race its lazy initialization.
+        """
+        client = self.aclient()
+        if self.cluster and client not in self._ready:
+            async with self._init_locks.get():
+                if client not in self._ready:
+                    with keep_cancel():
+                        await cast(Any, client).initialize()
+                    self._ready.add(client)
+        return client
+
     async def acall(self, *args: Any) -> Any:
         """The async face of :meth:`call`."""
         try:
             with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
-                return await self.aclient().execute_command(*args)
-        except RedisError as exc:
+                return await (await self.aready()).execute_command(*args)
+        except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
 
     async def aeval(self, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
         """The async face of :meth:`eval`."""
         try:
             with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
-                return await aevalsha(self.ascripts(), script, numkeys, *keys_and_args)
-        except RedisError as exc:
+                client = self.ascripts() if not self.cluster else await self.aready()
+                return await aevalsha(client, script, numkeys, *keys_and_args)
+        except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
 
     async def aexecute(self, request: Any) -> Any:
