@@ -369,7 +369,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="calls per measurement")
     parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--stores", default="memory,sqlite,postgres,redis")
+    parser.add_argument("--stores", default="memory,sqlite,postgres,redis,redis-nopipe")
     parser.add_argument("--write-docs", action="store_true", help="update docs/performance.md")
     parser.add_argument(
         "--passes", type=int, default=3, help="interleaved passes; the median rate is reported"
@@ -516,31 +516,32 @@ def main() -> None:
     text = "\n".join(table) + "\n\n" + "\n".join(ratios) + "\n"
     print(text)
     if args.write_docs:
-        write_docs(text, n, conc)
+        write_docs(text, args)
 
 
 HOW_TO_READ = """\
-How to read it: the round-trips column is counted on the client (one per command sent), so
-it shows the design, not the weather: oncely on Redis makes 2 round trips for a first call
-(claim, complete: one Lua script each) and 1 for a replay, 0 with `cache_size`; Powertools makes
-2 and 3 (its Redis layer overwrites a record with an unconditional SET after a GET, a race
-oncely's scripts do not have). Measured per operation on this
-machine the same day (`store.claim` against `SET NX` in one loop), one oncely script
-round trip costs about 1.1-1.3x a plain command (the script does `TIME`, `HMGET`, `HSET`,
-`PEXPIREAT` server-side, about 15 µs more than `SET`), and the decorator's own Python work is
-about 20 µs per call (memory store: ~30k first calls/s). So a first call is bound near
-2 x round trip + 20 µs, i.e. about 0.4x a single raw `SET NX` when a loopback round trip costs
-~70 µs, and lower when the shared machine's round trip grows to 120-200 µs as in this run.
+How to read it: the commands column is counted on the client (one per command sent), so it
+shows the design, not the weather: oncely on Redis sends 2 scripts for a first call (claim,
+complete) and 1 for a replay, 0 with `cache_size`; Powertools sends 2 and 3 (its Redis layer
+overwrites a record with an unconditional SET after a GET, a race oncely's scripts do not
+have). Under concurrency oncely's scripts share writes (auto-pipelining, docs/redis.md), so
+the round trips are fewer than the commands; `oncely redis-nopipe` is the same store with
+`autopipeline=False`, in the same run. The raw SQL rows are one `INSERT … ON CONFLICT DO
+NOTHING` and a commit per call (psycopg; sqlite3 with the store's `synchronous=FULL`), the
+least a first-time call must do; oncely's SQL first call is two statements (claim, complete).
 """
 
 
-def write_docs(text: str, n: int, conc: int) -> None:
+def write_docs(text: str, args: argparse.Namespace) -> None:
     stamp = time.strftime("%Y-%m-%d")
+    command = (
+        f".venv/bin/python benchmarks/decorator.py --n {args.n} --passes {args.passes} "
+        f"--concurrency {args.concurrency} --stores {args.stores} --write-docs"
+    )
     write_section(
         "decorator",
         "## Decorator (`benchmarks/decorator.py`)\n\n"
-        f"`make bench` (`.venv/bin/python benchmarks/decorator.py --n {n} --concurrency {conc} "
-        f"--write-docs`), run {stamp} on the 2-core shared machine, servers on loopback; each "
+        f"`{command}`, run {stamp} on the 2-core shared machine, servers on loopback; each "
         f"row is the median of interleaved passes.\n\n{text}\n\n{HOW_TO_READ}",
     )
 
