@@ -341,3 +341,19 @@ async def test_cancelled_claims_leave_every_other_claim_its_own_reply() -> None:
         for k in keys:
             await store.adelete(k)
         await store.aclose()
+
+
+async def test_the_pipeline_survives_its_tasks_being_cancelled() -> None:
+    """Some code cancels every other task (a shutdown hook, a test harness): the sender and
+    reader go with them, and the next command must neither hang nor fail."""
+    pipe = _apipe()
+    try:
+        assert await pipe.execute_command("ECHO", "1") == b"1"
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        assert await asyncio.wait_for(pipe.execute_command("ECHO", "2"), 5) == b"2"
+    finally:
+        await pipe.aclose()

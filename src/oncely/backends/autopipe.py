@@ -69,6 +69,9 @@ def _pack(connection: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
 
 
 # -- asyncio -------------------------------------------------------------------------------------
+_closing: set[asyncio.Task[Any]] = set()
+
+
 class _Session:
     """One connection of an :class:`AsyncPipeline` and the futures of the commands written to it,
     in order. Once it fails it is dead for good; the pipeline opens a new session."""
@@ -121,7 +124,9 @@ class _Session:
             if not fut.done():
                 fut.set_exception(exc)
         self.more.set()  # let the reader see it is dead
-        asyncio.get_running_loop().create_task(self.connection.disconnect(nowait=True))
+        task = asyncio.get_running_loop().create_task(self.connection.disconnect(nowait=True))
+        _closing.add(task)  # keep a reference until it is done (the loop holds only a weak one)
+        task.add_done_callback(_closing.discard)
 
     async def read(self) -> None:
         """The reader: match each reply to the oldest command in flight."""
@@ -189,7 +194,7 @@ class AsyncPipeline:
         self._queue.append((args, fut))
         if len(self._queue) == 1:
             self._wake.set()
-            if self._sender is None:
+            if self._sender is None or self._sender.done():  # first use, or it was cancelled
                 self._sender = asyncio.get_running_loop().create_task(
                     self._send(), name="oncely-redis-pipeline"
                 )
