@@ -48,6 +48,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decorator.py
 	$(BIN)/python benchmarks/locks.py
 	$(BIN)/python benchmarks/http_middleware.py
+	$(BIN)/python benchmarks/sql.py
+	$(BIN)/python benchmarks/optimistic.py --markdown
 
 clean:
 	rm -rf $(VENV) $(DEMO_VENV) .pytest_cache .mypy_cache .ruff_cache

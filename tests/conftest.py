@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 # Fixture modules loaded by test files through ``pytest_plugins``: rewrite their asserts too.
-pytest.register_assert_rewrite("lock_workers")
+pytest.register_assert_rewrite("lock_workers", "sql_fixtures")
 
 from oncely.stores import Store, open_store  # noqa: E402
 

@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Blocks fenced as ```python run (in a temporary directory); ```py blocks are shown, not run.
 DOCS = [
     ROOT / "README.md",
-    *(ROOT / "docs" / f for f in ("decorator.md", "locks.md", "http.md", "settings.md")),
+    *(
+        ROOT / "docs" / f
+        for f in ("decorator.md", "locks.md", "http.md", "settings.md", "sql.md", "optimistic.md")
+    ),
 ]
 
 

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "oncely"
-MECHANISMS = ("oncely.stores", "oncely.locks", "oncely.functions", "oncely.http", "oncely.tokens")
+MECHANISMS = (
+    "oncely.stores",
+    "oncely.locks",
+    "oncely.functions",
+    "oncely.http",
+    "oncely.tokens",
+    "oncely.sql",
+)
 
 
 def _module_imports(path: Path) -> list[tuple[str, list[str]]]:
@@ -45,7 +52,9 @@ def test_core_imports_no_mechanism_and_no_backend(path: Path) -> None:
             )
 
 
-@pytest.mark.parametrize("path", _files("stores") + _files("locks"), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", _files("stores") + _files("locks") + _files("sql"), ids=lambda p: p.name
+)
 def test_stores_and_locks_use_no_private_name_of_another_module(path: Path) -> None:
     for module, names in _module_imports(path):
         private = [n for n in names if n.startswith("_")]

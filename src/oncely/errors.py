@@ -11,6 +11,8 @@ __all__ = [
     "HttpProblem",
     "IdempotencyKeyMismatch",
     "InFlightError",
+    "InvalidIdentifier",
+    "InvalidIfMatch",
     "InvalidKey",
     "InvalidLockName",
     "InvalidPayload",
@@ -19,10 +21,14 @@ __all__ = [
     "LockLost",
     "LockNotOwned",
     "LockTimeout",
+    "NotFound",
     "OncelyError",
+    "PreconditionFailed",
+    "PreconditionRequired",
     "SchemaMissing",
     "SerializationError",
     "SettingWarning",
+    "StaleVersion",
     "StoreError",
     "StoreUnavailable",
     "StoredFailure",
@@ -31,6 +37,13 @@ __all__ = [
     "TokenForeign",
     "TokenForged",
     "TokenReused",
+    "TransactionFailed",
+    "UnfinishedResult",
+    "UnknownColumn",
+    "UnknownTable",
+    "UnsupportedConnection",
+    "UnversionedRow",
+    "VersionBypass",
 ]
 
 
@@ -47,6 +60,12 @@ class SettingWarning(UserWarning):
 
     Warned once per name and process; see :mod:`oncely.settings`.
     """
+
+
+class UnfinishedResult(ConfigurationError, TypeError):
+    """A function returned work that is not done yet (a coroutine, a generator, an awaitable):
+    storing it would store nothing of the work's result. Make the function ``async def`` (and
+    ``await`` inside it), or return the finished value (a list instead of a generator)."""
 
 
 class InvalidKey(OncelyError, ValueError):
@@ -186,3 +205,111 @@ class HttpProblem(OncelyError):
         self.detail = detail
         self.headers = headers
         self.extra = extra
+
+
+# -- optimistic locking (oncely.optimistic, oncely.sql, oncely.http.conditional) -------------------
+class StaleVersion(OncelyError):
+    """A versioned write lost the race: the row (or hash, or resource) is no longer at
+    ``expected`` (source §3.3, optimistic locking; HTTP 412 Precondition Failed, RFC 9110 §15.5.13).
+
+    Nothing was written. Read the entity again, recompute, and write with the version you read
+    (:func:`oncely.optimistic.retry_on_conflict` does the loop). ``expected`` is the version the
+    caller wrote against, ``current`` the version found (``None`` if it could not be read),
+    ``entity`` names what was written (e.g. ``"accounts id=7"``, a Redis key).
+    """
+
+    def __init__(
+        self, entity: str, expected: object, current: object, message: str | None = None
+    ) -> None:
+        super().__init__(
+            message
+            or f"{entity} is at version {current!r}, not {expected!r}: someone else wrote it "
+            "first; read it again and retry (oncely.optimistic.retry_on_conflict)"
+        )
+        self.entity = entity
+        self.expected = expected
+        self.current = current
+
+
+class NotFound(OncelyError, LookupError):
+    """The row or key a versioned write names does not exist (it was never there, or it was
+    deleted meanwhile). Nothing was written; ``entity`` names what was looked for."""
+
+    def __init__(self, entity: str, message: str | None = None) -> None:
+        super().__init__(
+            message or f"{entity} does not exist; create it first (or it was deleted meanwhile)"
+        )
+        self.entity = entity
+
+
+class UnversionedRow(OncelyError, ValueError):
+    """The version column of the row is NULL (or the stored version is not an integer), so no
+    compare-and-set can be decided. Backfill it (``UPDATE t SET version = 1 WHERE version IS
+    NULL``) and declare the column ``NOT NULL DEFAULT 1``. ``entity`` names the row."""
+
+    def __init__(self, entity: str, message: str) -> None:
+        super().__init__(message)
+        self.entity = entity
+
+
+class VersionBypass(OncelyError):
+    """A write to a versioned table would skip the version check and bump (an SQLAlchemy bulk
+    ``update()``, a Django ``QuerySet.update()``, ...) and the guard is set to refuse it.
+
+    Set the version column in the statement yourself (``version = version + 1``), or let the
+    guard add the bump (``on_bulk="bump"``); see ``docs/optimistic.md``.
+    """
+
+
+class PreconditionFailed(HttpProblem):
+    """HTTP 412 (RFC 9110 §13.1.1, §15.5.13): the request's ``If-Match`` names no current
+    version of the resource (someone changed it since the client read it, or it is gone).
+    The client should fetch the resource again (new ``ETag``) and redo its change."""
+
+    def __init__(self, detail: str, **extra: object) -> None:
+        super().__init__(412, "precondition-failed", "Precondition Failed", detail, (), **extra)
+
+
+class PreconditionRequired(HttpProblem):
+    """HTTP 428 (RFC 6585 §3): this route changes a versioned resource and needs ``If-Match``
+    with the ``ETag`` the client read, so that it cannot overwrite a change it never saw."""
+
+    def __init__(self, detail: str, **extra: object) -> None:
+        super().__init__(428, "precondition-required", "Precondition Required", detail, (), **extra)
+
+
+class InvalidIfMatch(HttpProblem, ValueError):
+    """HTTP 400: the ``If-Match`` value is neither ``*`` nor a list of entity tags
+    (RFC 9110 §13.1.1, §8.8.3), e.g. a version without its double quotes."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            400,
+            "if-match-invalid",
+            "If-Match header is invalid",
+            f'{detail}; send If-Match: "<the ETag you read>", e.g. If-Match: "7"',
+        )
+
+
+# -- SQL (oncely.sql) ---------------------------------------------------------------------------
+class UnsupportedConnection(ConfigurationError):
+    """``oncely.sql`` was given a connection it cannot use (an SQLAlchemy ``Engine``, an unknown
+    driver or dialect); the message lists what it takes."""
+
+
+class InvalidIdentifier(OncelyError, ValueError):
+    """A table or column name is not a plain SQL identifier (letters, digits, ``_``; at most 63
+    characters); names are never pasted into SQL unchecked."""
+
+
+class UnknownTable(ConfigurationError):
+    """A statement named a table the database does not have; create it (or fix the name)."""
+
+
+class UnknownColumn(ConfigurationError):
+    """A statement named a column the table does not have; check the column names."""
+
+
+class TransactionFailed(OncelyError):
+    """The connection's transaction already failed (an earlier statement raised and it was not
+    rolled back); roll back before starting an idempotent operation on it."""

@@ -51,6 +51,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from oncely.backends.forks import after_fork, inherit
+
 __all__ = ["AsyncPipeline", "SyncPipeline"]
 
 _hiredis_pack: Callable[[tuple[Any, ...]], bytes] | None
@@ -182,6 +184,16 @@ class AsyncPipeline:
         self._session: _Session | None = None
         self._sender: asyncio.Task[None] | None = None
         self._closed = False
+        after_fork(self, AsyncPipeline._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's connection, sender and reader are never used, closed
+        or finished here (:mod:`oncely.backends.forks`); the child's loops get new pipelines
+        (:class:`~oncely.backends.loops.LoopLocal` forgets this one), and this one refuses use."""
+        inherit(self._session, self._sender, self._queue)
+        self._session = self._sender = None
+        self._queue = []
+        self._closed = True
 
     async def execute_command(self, *args: Any) -> Any:
         """Send one command with the others queued in this loop iteration; return its reply.
@@ -323,6 +335,19 @@ class SyncPipeline:
         self._queue: list[_Slot] = []
         self._busy = False
         self._connection: Any = None
+        self._pid = os.getpid()
+        after_fork(self, SyncPipeline._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's connection is set aside, never used or closed here
+        (:mod:`oncely.backends.forks`); a new one opens on the child's first command. The mutex
+        is made anew (another thread may have held it at the fork) and the queue emptied (its
+        threads do not exist in the child)."""
+        inherit(self._connection)
+        self._connection = None
+        self._queue = []
+        self._busy = False
+        self._mutex = threading.Lock()
         self._pid = os.getpid()
 
     def execute_command(self, *args: Any) -> Any:

@@ -12,11 +12,13 @@ of :mod:`oncely.backends.plans` requests (:class:`~oncely.backends.plans.Eval`,
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import socket
 import time
 import weakref
 from typing import Any, Final, NamedTuple, Protocol, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio
@@ -38,7 +40,7 @@ from oncely.backends.autopipe import AsyncPipeline, SyncPipeline
 from oncely.backends.loops import LoopLocal
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Command, Eval, Sleep
-from oncely.backends.urls import redact_url
+from oncely.backends.urls import check_options, redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 
@@ -110,7 +112,8 @@ def truthy(value: Any) -> bool:
 
 
 def check_url(url: str) -> None:
-    """Refuse what redis-py would misread: another scheme, a bad port, a non-numeric database.
+    """Refuse what redis-py would misread: another scheme, a bad port, a non-numeric database,
+    a query option it does not take (named with the closest one).
 
     :raises ConfigurationError: with an example of a good URL.
     """
@@ -119,6 +122,15 @@ def check_url(url: str) -> None:
         raise ConfigurationError(f"Redis URL must be a string, not {type(url).__name__}; {example}")
     if is_cluster(url):
         cluster_nodes(url)
+        query = url.partition("?")[2]
+        if query:
+            given = parse_qs(query, keep_blank_values=True)
+            check_options(given, _options(url), url, "Redis Cluster URL")
+            raise ConfigurationError(
+                f"Redis Cluster URL {redact_url(url)!r}: options are not read from a cluster URL "
+                f"({', '.join(sorted(given))}); pass them as keyword options instead, e.g. "
+                "open_store('redis+cluster://10.0.0.1:7000,10.0.0.2:7000', socket_timeout=2)"
+            )
         return
     try:
         parts = urlsplit(url)
@@ -139,6 +151,61 @@ def check_url(url: str) -> None:
                 f"Redis URL {redact_url(url)!r}: the path must be a database number, not "
                 f"{db!r}; {example}"
             )
+    given = parse_qs(parts.query, keep_blank_values=True)
+    check_options(given, _url_options(parts.scheme), url, "Redis URL")
+
+
+@functools.cache
+def _url_options(scheme: str) -> frozenset[str]:
+    """The query options redis-py takes in a ``scheme`` URL: its URL parsers, the pool's and
+    the connection class's keyword arguments (a typo would fail only at the first command)."""
+    connection = {
+        "rediss": redis.connection.SSLConnection,
+        "unix": redis.connection.UnixDomainSocketConnection,
+    }.get(scheme, redis.connection.Connection)
+    names = set(redis.connection.URL_QUERY_ARGUMENT_PARSERS)
+    for cls in (*connection.__mro__, redis.connection.ConnectionPool):
+        init = vars(cls).get("__init__")
+        if init is not None:
+            names.update(
+                name
+                for name, param in inspect.signature(init).parameters.items()
+                if name != "self"
+                and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+            )
+    return frozenset(names)
+
+
+#: The keyword options oncely itself reads (not redis-py's): see :class:`RedisClients`.
+OWN_OPTIONS: Final = frozenset({"autopipeline", "pool_timeout"})
+
+
+@functools.cache
+def _cluster_options() -> frozenset[str]:
+    """The keyword arguments both of redis-py's cluster clients (sync and asyncio) take."""
+    names = []
+    for cls in (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster):
+        params = inspect.signature(cls.__init__).parameters.items()
+        names.append(
+            {
+                name
+                for name, param in params
+                if name not in ("self", "host", "port", "startup_nodes")
+                and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+            }
+        )
+    return frozenset(names[0] & names[1])
+
+
+def _options(url: str) -> frozenset[str]:
+    """The keyword options :class:`RedisClients` takes for ``url``: redis-py's for its scheme
+    (the cluster clients' too for ``redis+cluster://``) and oncely's own
+    (:data:`OWN_OPTIONS`)."""
+    scheme = url.split("://", 1)[0].lower()
+    if is_cluster(url):
+        base = "rediss" if scheme.startswith("rediss") else "redis"
+        return _url_options(base) | _cluster_options() | OWN_OPTIONS
+    return _url_options(scheme) | OWN_OPTIONS
 
 
 CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
@@ -167,8 +234,7 @@ def cluster_nodes(url: str) -> ClusterURL:
     example = "e.g. 'redis+cluster://10.0.0.1:7000,10.0.0.2:7000'"
     where = redact_url(url)
     scheme, rest = url.split("://", 1)
-    netloc, _, path = rest.partition("/")
-    path = path.split("?", 1)[0]
+    netloc, _, path = rest.split("?", 1)[0].partition("/")
     if path not in ("", "0"):
         raise ConfigurationError(
             f"Redis Cluster URL {where!r}: a cluster has only database 0, drop '/{path}'; {example}"
@@ -278,6 +344,8 @@ class RedisClients:
         **pool_options: Any,
     ) -> None:
         check_url(url)
+        # A misspelled option would fail only at the first command, with redis-py's TypeError.
+        check_options(pool_options, _options(url), url, "Redis options for")
         if truthy(pool_options.get("decode_responses", False)):
             raise ConfigurationError(
                 "decode_responses=True is not supported: oncely stores results as bytes"

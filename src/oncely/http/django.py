@@ -85,6 +85,7 @@ from oncely.http.routes import MARKER, Rule, idempotent_route, rule_of
 from oncely.http.wsgi import INFO_KEY, WSGIIdempotencyMiddleware
 
 __all__ = [
+    "ConditionalMiddleware",
     "DjangoResolver",
     "IdempotencyMiddleware",
     "ViewStartMiddleware",
@@ -188,7 +189,19 @@ def _problem(exc: HttpProblem, config: IdempotencyConfig) -> DjangoResponse:
 
 
 def _read_body(request: DjangoRequest, limit: int, expected: int | None) -> bytes | BodyError:
-    """The whole body through Django (``request.body``, so the view reads it again)."""
+    """The whole body through Django (``request.body``, so the view reads it again).
+
+    Under WSGI Django reads no further than ``CONTENT_LENGTH`` (0 when absent), so a chunked
+    body would be an empty ``request.body`` for oncely and for the view alike, and two different
+    payloads would look the same: :attr:`BodyError.LENGTH_REQUIRED` (411) instead. Under ASGI
+    Django reads the whole body."""
+    meta = request.META
+    if (
+        "wsgi.input" in meta
+        and str(meta.get("HTTP_TRANSFER_ENCODING", "")).strip()
+        and not str(meta.get("CONTENT_LENGTH") or "").strip()
+    ):
+        return BodyError.LENGTH_REQUIRED
     try:
         body: bytes = request.body
     except RequestDataTooBig:  # over DATA_UPLOAD_MAX_MEMORY_SIZE
@@ -916,3 +929,50 @@ def require_token(purpose: str, **settings: Any) -> Callable[[F], F]:
         return wrapper  # type: ignore[no-any-return]
 
     return decorate
+
+
+class ConditionalMiddleware:
+    """Conditional requests for Django (:mod:`oncely.http.conditional`), for
+    ``settings.MIDDLEWARE`` as ``"oncely.http.django.ConditionalMiddleware"``.
+
+    Options in ``settings.ONCELY_CONDITIONAL`` (a dict; all optional): ``methods`` (default
+    PUT, PATCH, DELETE), ``paths`` (path prefixes, default every path), ``problem_base``. A
+    request of those methods under those paths without ``If-Match`` gets 428, a malformed one
+    400; a view raising :class:`~oncely.errors.StaleVersion` or
+    :class:`~oncely.errors.PreconditionFailed` gets 412 (``process_exception``). Views read
+    the header with :func:`oncely.http.conditional.if_match` (``if_match(request).version``).
+    """
+
+    sync_capable = True
+    async_capable = False
+
+    def __init__(self, get_response: Callable[[DjangoRequest], Any]) -> None:
+        from oncely.http.conditional import IfMatchRule
+
+        options = dict(getattr(settings, "ONCELY_CONDITIONAL", None) or {})
+        unknown = set(options) - {"methods", "paths", "problem_base"}
+        if unknown:
+            raise ConfigurationError(
+                f"settings.ONCELY_CONDITIONAL has unknown options {sorted(unknown)}; use "
+                "methods, paths, problem_base"
+            )
+        self.get_response = get_response
+        self.rule = IfMatchRule(**options)
+
+    def __call__(self, request: DjangoRequest) -> Any:
+        from oncely.http.conditional import IF_MATCH_KEY
+
+        raw = request.META.get("HTTP_IF_MATCH")
+        parsed, refusal = self.rule.evaluate(
+            str(request.method).upper(), request.path, [raw] if raw is not None else []
+        )
+        if refusal is not None:
+            return _response(refusal)
+        request.META[IF_MATCH_KEY] = parsed
+        return self.get_response(request)
+
+    def process_exception(self, request: DjangoRequest, exception: Exception) -> Any:
+        from oncely.http.conditional import problem_for
+
+        answer = problem_for(exception, self.rule.base)
+        return None if answer is None else _response(answer)

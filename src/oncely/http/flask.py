@@ -42,7 +42,7 @@ from oncely.http.messages import ENTRY_KEY, HandlerEntry
 from oncely.http.routes import MARKER, Rule, idempotent_route, rule_of
 from oncely.http.wsgi import INFO_KEY, WSGIIdempotencyMiddleware
 
-__all__ = ["FlaskResolver", "install", "require_token"]
+__all__ = ["FlaskResolver", "conditional", "install", "require_token"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -156,3 +156,38 @@ def _check(environ: dict[str, Any], method: str, purpose: str) -> None:
             f"the one-time token of purpose {purpose!r} was not checked for {method}; pass "
             "tokens=TokenGuard(...) to the config"
         )
+
+
+def conditional(app: Flask, **options: Any) -> Any:
+    """Conditional requests for a Flask app (:mod:`oncely.http.conditional`): wraps
+    ``app.wsgi_app`` in :class:`~oncely.http.conditional.WSGIConditionalMiddleware` (428
+    without ``If-Match`` on ``methods`` under ``paths``, 400 for a malformed one) and registers
+    error handlers answering :class:`~oncely.errors.StaleVersion` and
+    :class:`~oncely.errors.PreconditionFailed` with 412 (Flask turns view exceptions into 500
+    before a WSGI middleware sees them). ``options``: ``methods``, ``paths``,
+    ``problem_base``. Returns the middleware.
+    """
+    from flask import Response
+
+    from oncely.errors import (
+        InvalidIfMatch,
+        PreconditionFailed,
+        PreconditionRequired,
+        StaleVersion,
+    )
+    from oncely.http.conditional import WSGIConditionalMiddleware, problem_for
+
+    middleware = WSGIConditionalMiddleware(app.wsgi_app, **options)
+    base = middleware.rule.base
+
+    def handle(exc: Exception) -> Any:
+        answer = problem_for(exc, base)
+        if answer is None:  # pragma: no cover - registered for these types only
+            raise exc
+        headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in answer.headers]
+        return Response(answer.body, status=answer.status, headers=headers)
+
+    for kind in (StaleVersion, PreconditionFailed, PreconditionRequired, InvalidIfMatch):
+        app.register_error_handler(kind, handle)
+    app.wsgi_app = middleware  # type: ignore[method-assign]
+    return middleware

@@ -26,13 +26,17 @@ from oncely.settings import SETTINGS
 __all__ = [
     "BODY_INCOMPLETE",
     "BODY_INVALID",
+    "BODY_LENGTH_REQUIRED",
     "BODY_TOO_LARGE",
+    "IF_MATCH_INVALID",
     "IN_FLIGHT",
     "KEY_INVALID",
     "KEY_MISMATCH",
     "KEY_MISSING",
     "METHOD_NOT_ALLOWED",
     "NOT_REPLAYABLE",
+    "PRECONDITION_FAILED",
+    "PRECONDITION_REQUIRED",
     "PROBLEM_BASE",
     "PROBLEM_TYPES",
     "STORE_UNAVAILABLE",
@@ -76,6 +80,9 @@ NOT_REPLAYABLE = ProblemType(
 BODY_TOO_LARGE = ProblemType("request-body-too-large", 413, "Request body is too large")
 BODY_INCOMPLETE = ProblemType("request-body-incomplete", 400, "Request body is incomplete")
 BODY_INVALID = ProblemType("request-body-invalid", 400, "Request body cannot be fingerprinted")
+BODY_LENGTH_REQUIRED = ProblemType(
+    "request-length-required", 411, "Request body length is required (send Content-Length)"
+)
 STORE_UNAVAILABLE = ProblemType(
     "store-unavailable", 503, "Idempotency store is unavailable; nothing was done"
 )
@@ -90,6 +97,10 @@ TOKEN_PURPOSE_UNKNOWN = ProblemType(
     "token-purpose-unknown", 400, "Tokens are not issued for this purpose"
 )
 METHOD_NOT_ALLOWED = ProblemType("method-not-allowed", 405, "Method not allowed")
+# conditional requests (oncely.http.conditional): RFC 9110 §13.1.1, RFC 6585 §3
+PRECONDITION_FAILED = ProblemType("precondition-failed", 412, "Precondition Failed")
+PRECONDITION_REQUIRED = ProblemType("precondition-required", 428, "Precondition Required")
+IF_MATCH_INVALID = ProblemType("if-match-invalid", 400, "If-Match header is invalid")
 
 PROBLEM_TYPES: tuple[ProblemType, ...] = (
     KEY_MISSING,
@@ -100,6 +111,7 @@ PROBLEM_TYPES: tuple[ProblemType, ...] = (
     BODY_TOO_LARGE,
     BODY_INCOMPLETE,
     BODY_INVALID,
+    BODY_LENGTH_REQUIRED,
     STORE_UNAVAILABLE,
     TOKEN_MISSING,
     TOKEN_FORGED,
@@ -108,6 +120,9 @@ PROBLEM_TYPES: tuple[ProblemType, ...] = (
     TOKEN_REUSED,
     TOKEN_PURPOSE_UNKNOWN,
     METHOD_NOT_ALLOWED,
+    PRECONDITION_FAILED,
+    PRECONDITION_REQUIRED,
+    IF_MATCH_INVALID,
 )
 
 

@@ -38,6 +38,7 @@ from typing import Any, Final, NamedTuple
 import redis
 import redis.asyncio
 
+from oncely.backends.forks import after_fork
 from oncely.backends.lua import Script, evalsha
 from oncely.backends.plans import Command, Eval, Plan
 from oncely.backends.redis import DRIVER_ERRORS, RedisClients, ms
@@ -271,8 +272,15 @@ class RedisStore(PlannedStore):
         if bound is not None:
             watchers = min(watchers, int(bound) // 2)
         self._watch_slots = threading.BoundedSemaphore(watchers)
+        self._max_watchers = watchers
+        after_fork(self, RedisStore._forked)
         #: Seconds the sync face waits for each reply (None: without bound).
         self.socket_timeout = self.redis.socket_timeout
+
+    def _forked(self) -> None:
+        """In a forked child the parent's waiters hold no slot (redis-py's pools reset
+        themselves on the child's first command)."""
+        self._watch_slots = threading.BoundedSemaphore(self._max_watchers)
 
     # -- keys ----------------------------------------------------------------------------------
     def _key(self, key: RecordKey) -> str:

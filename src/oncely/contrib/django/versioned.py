@@ -1,0 +1,192 @@
+"""Optimistic locking for Django models: a version column checked on every save, and the
+bulk writes that would skip it bumped (or refused).
+
+Django has no optimistic locking of its own: ``save()`` writes every field whatever happened
+since the object was read, the lost update of source §3.3. Subclass :class:`VersionedModel`
+(an abstract model, import it from your ``models.py``)::
+
+    from oncely.contrib.django.versioned import VersionedModel
+
+    class Account(VersionedModel):
+        balance = models.BigIntegerField(default=0)
+
+* ``save()`` of an existing row runs ``UPDATE … SET …, version = :v + 1 WHERE id = :id AND
+  version = :v``, with ``:v`` the version the instance was loaded with; zero rows raises
+  :class:`~oncely.errors.StaleVersion` (``current`` is the row's version now) or
+  :class:`~oncely.errors.NotFound` (the row was deleted), never a silent overwrite nor the
+  re-insert Django would otherwise try. ``asave()`` goes through ``save()``.
+* ``save(update_fields=[...])`` without the version field (django-concurrency's FAQ: "skip
+  update version number") gets it added: the check and the bump always happen.
+* ``Account.objects.filter(…).update(…)`` (``QuerySet.update()`` skips ``save()``) gets
+  ``version = F("version") + 1`` added unless it sets the version itself, so an instance
+  loaded before it fails its next save instead of overwriting the bulk change;
+  ``bulk_update(objs, fields)`` likewise bumps each row's version (``F() + 1``) and reads the
+  new versions back into ``objs``. With ``oncely_on_bulk = "refuse"`` on the model both raise
+  :class:`~oncely.errors.VersionBypass` instead; ``.update_unversioned(…)`` is the explicit
+  way around.
+
+Retry conflicts with :func:`oncely.optimistic.retry_on_conflict` (read the row inside the
+retried function). The check rides on Django's ``Model._do_update`` hook, as
+django-optimistic-lock and django-concurrency do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from django.db import models  # type: ignore[import-untyped]
+from django.db.models import F  # type: ignore[import-untyped]
+
+from oncely.errors import (
+    ConfigurationError,
+    NotFound,
+    StaleVersion,
+    UnversionedRow,
+    VersionBypass,
+)
+
+__all__ = ["VersionedManager", "VersionedModel", "VersionedQuerySet"]
+
+
+def _version_field(model: Any) -> str:
+    name: str = getattr(model, "oncely_version_field", "version")
+    return name
+
+
+def _bypass(model: Any, what: str, field: str) -> VersionBypass:
+    return VersionBypass(
+        f"{model.__name__}: {what} without {field!r} skips optimistic locking (an instance "
+        f"loaded before it could then overwrite it); set {field}=F({field!r}) + 1, save the "
+        "instances one by one, call update_unversioned() if you mean it, or set "
+        'oncely_on_bulk = "bump" on the model'
+    )
+
+
+class VersionedQuerySet(models.QuerySet):  # type: ignore[misc]
+    """``update()`` and ``bulk_update()`` that move the version (see the module docstring)."""
+
+    def update(self, **kwargs: Any) -> int:
+        field = _version_field(self.model)
+        if field not in kwargs:
+            if getattr(self.model, "oncely_on_bulk", "bump") == "refuse":
+                raise _bypass(self.model, "QuerySet.update()", field)
+            kwargs[field] = F(field) + 1
+        rows: int = super().update(**kwargs)
+        return rows
+
+    def update_unversioned(self, **kwargs: Any) -> int:
+        """``QuerySet.update()`` as Django does it: the version does not move."""
+        rows: int = super().update(**kwargs)
+        return rows
+
+    def bulk_update(
+        self, objs: Iterable[Any], fields: Iterable[str], batch_size: int | None = None
+    ) -> int:
+        field = _version_field(self.model)
+        objs, fields = list(objs), list(fields)
+        if field in fields:
+            rows: int = super().bulk_update(objs, fields, batch_size=batch_size)
+            return rows
+        if getattr(self.model, "oncely_on_bulk", "bump") == "refuse":
+            raise _bypass(self.model, "bulk_update()", field)
+        attname = self.model._meta.get_field(field).attname
+        for obj in objs:
+            setattr(obj, attname, F(field) + 1)
+        rows = super().bulk_update(objs, [*fields, field], batch_size=batch_size)
+        fresh = dict(
+            self.model._base_manager.using(self.db)
+            .filter(pk__in=[o.pk for o in objs])
+            .values_list("pk", attname)
+        )
+        for obj in objs:
+            setattr(obj, attname, fresh.get(obj.pk))
+        return rows
+
+
+VersionedManager = models.Manager.from_queryset(VersionedQuerySet)
+VersionedManager.__doc__ = "The manager of :class:`VersionedQuerySet`."
+
+
+class VersionedModel(models.Model):  # type: ignore[misc]
+    """Abstract model with a ``version`` (positive big integer, 1 for a new row) checked and
+    bumped by every ``save()`` of an existing row (see the module docstring).
+
+    Class attributes: ``oncely_version_field`` (default ``"version"``: to use a field of your
+    own, declare it and name it here) and ``oncely_on_bulk`` (``"bump"`` or ``"refuse"``).
+
+    :raises ~oncely.errors.StaleVersion: from ``save()``: the row moved on since this instance
+        was loaded (reload it and redo the change).
+    :raises ~oncely.errors.NotFound: from ``save()``: the row was deleted meanwhile.
+    """
+
+    version = models.PositiveBigIntegerField(default=1)
+
+    oncely_version_field: ClassVar[str] = "version"
+    oncely_on_bulk: ClassVar[str] = "bump"
+
+    objects = VersionedManager()
+
+    class Meta:
+        abstract = True
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        field = _version_field(type(self))
+        update_fields = kwargs.get("update_fields")
+        if update_fields is not None and not self._state.adding:
+            names = list(update_fields)
+            if names and field not in names:
+                kwargs["update_fields"] = [*names, field]
+        super().save(*args, **kwargs)
+
+    def _do_update(
+        self,
+        base_qs: Any,
+        using: Any,
+        pk_val: Any,
+        values: list[tuple[Any, Any, Any]],
+        update_fields: Any,
+        forced_update: Any,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        name = _version_field(type(self))
+        field = self._meta.get_field(name)
+        expected = getattr(self, field.attname)
+        if self._state.adding:  # a new instance with an explicit pk: Django's own path
+            return super()._do_update(
+                base_qs, using, pk_val, values, update_fields, forced_update, *args, **kwargs
+            )
+        if isinstance(expected, bool) or not isinstance(expected, int):
+            raise ConfigurationError(
+                f"{type(self).__name__}.{name} is {expected!r}, not the int version it was "
+                "loaded with; reload the instance (refresh_from_db) before saving"
+            )
+        new_values = [(f, m, v) for f, m, v in values if f is not field]
+        new_values.append((field, None, expected + 1))
+        updated = super()._do_update(
+            base_qs.filter(**{field.attname: expected}),
+            using,
+            pk_val,
+            new_values,
+            update_fields,
+            forced_update,
+            *args,
+            **kwargs,
+        )
+        if updated:
+            setattr(self, field.attname, expected + 1)
+            return updated
+        entity = f"{self._meta.db_table} pk={pk_val!r}"
+        found = list(base_qs.filter(pk=pk_val).values_list(field.attname, flat=True)[:1])
+        if not found:
+            raise NotFound(
+                entity, f"{entity} was deleted meanwhile; this save() would have re-created it"
+            )
+        if found[0] is None:
+            raise UnversionedRow(
+                entity,
+                f"{entity} has a NULL {name!r}; backfill it (UPDATE … SET {name} = 1 WHERE "
+                f"{name} IS NULL) and keep the column NOT NULL",
+            )
+        raise StaleVersion(entity, expected, found[0])

@@ -1,0 +1,1020 @@
+"""What the user holds, as one small uniform connection: run one statement with parameters in
+the caller's current transaction and read rows back.
+
+:func:`adapt` takes
+
+* a DB-API connection: :mod:`sqlite3`, psycopg 3 (``psycopg.Connection`` and
+  ``psycopg.AsyncConnection``), PyMySQL and aiomysql;
+* a SQLAlchemy ``Connection``, ``Session``, ``AsyncConnection`` or ``AsyncSession`` (an
+  ``Engine`` is refused: it holds no transaction, so there is nothing to join);
+* Django's ``django.db.connection`` or ``django.db.connections[alias]``;
+
+and returns a :class:`SqlConnection` that knows the :data:`Dialect` (``"sqlite"``,
+``"postgresql"``, ``"mysql"`` for MySQL and MariaDB), the server version, whether
+``RETURNING`` is available (SQLite >= 3.35, MariaDB >= 10.5, PostgreSQL), and whether a
+transaction is open or failed.
+
+The mechanisms of :mod:`oncely.sql` are sans-IO plans (:mod:`oncely.backends.plans`): they
+yield :class:`~oncely.backends.plans.Exec` requests whose ``statement`` is the text with
+``:name`` placeholders (or a mapping dialect -> text, see :func:`statement_for`) plus
+:class:`Enter` / :class:`Leave` for transaction blocks, and :func:`run` / :func:`arun` carry
+them out on a sync or an async connection. Other mechanisms ask "run this statement text per
+dialect" the same way, without knowing the driver::
+
+    conn = adapt(user_conn)
+    rows = conn.execute({"postgresql": "SELECT now()", "sqlite": "SELECT unixepoch()"}, {}).rows
+
+Errors: :func:`duplicate_of` recognises a unique violation from every driver above (also for
+users who insert themselves); :func:`retryable` a serialization failure or deadlock (the
+transaction must be run again from the start); :func:`lock_timeout` a lock wait that ran out.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Final, Literal, NamedTuple
+
+from oncely.backends.plans import Exec, Plan
+from oncely.errors import (
+    ConfigurationError,
+    InvalidIdentifier,
+    TransactionFailed,
+    UnknownColumn,
+    UnknownTable,
+    UnsupportedConnection,
+)
+
+__all__ = [
+    "DIALECTS",
+    "Dialect",
+    "Duplicate",
+    "Enter",
+    "ExecLeave",
+    "Leave",
+    "Result",
+    "SqlConnection",
+    "Text",
+    "adapt",
+    "arun",
+    "duplicate_of",
+    "lock_timeout",
+    "missing_object",
+    "quote",
+    "render",
+    "retryable",
+    "run",
+    "statement_for",
+]
+
+Dialect = Literal["sqlite", "postgresql", "mysql"]
+DIALECTS: Final[tuple[Dialect, ...]] = ("sqlite", "postgresql", "mysql")
+
+#: A statement: the text with ``:name`` placeholders, or one text per dialect.
+Text = str | Mapping[str, str]
+
+Paramstyle = Literal["named", "pyformat", "format"]
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What one statement gave back: ``rows`` (tuples, column order of the statement),
+    ``rowcount`` (rows written, -1 when the driver does not say), ``columns`` (names)."""
+
+    rows: list[tuple[Any, ...]]
+    rowcount: int
+    columns: tuple[str, ...]
+
+
+class Enter(NamedTuple):
+    """Request: open a transaction block. If no transaction is open, one is begun (SQLite:
+    ``BEGIN IMMEDIATE``) and the block *owns* it; otherwise the block is a savepoint inside the
+    caller's transaction. The reply is a block handle for :class:`Leave`."""
+
+    savepoint: bool = True
+
+
+class Leave(NamedTuple):
+    """Request: close ``block``; ``commit`` True commits (or releases the savepoint), False
+    rolls back (to the savepoint). The reply is ``None``."""
+
+    block: Any
+    commit: bool
+
+
+class ExecLeave(NamedTuple):
+    """Request: run one statement, then close ``block`` committing (what ends a block that
+    writes its result last). On PostgreSQL with psycopg both go in one pipeline: one round
+    trip. If either fails the block is rolled back and the error raised. Reply: the
+    statement's :class:`Result`."""
+
+    block: Any
+    statement: Text
+    params: Mapping[str, Any]
+
+
+@dataclass(slots=True)
+class Block:
+    """An open block: ``owned`` when it began the transaction, else a savepoint named ``name``
+    (``handle`` is what the driver needs to close it: a Django ``atomic`` or SQLAlchemy
+    transaction object)."""
+
+    owned: bool
+    name: str | None = None
+    handle: Any = None
+
+
+# -- identifiers and placeholders --------------------------------------------------------------
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+
+@lru_cache(maxsize=4096)
+def quote(name: str, dialect: Dialect) -> str:
+    """``name`` (``table`` or ``schema.table``) quoted for ``dialect``: each part must be a
+    plain SQL identifier (letters, digits, ``_``, ``$``; at most 63 characters, PostgreSQL's
+    limit), else :class:`~oncely.errors.InvalidIdentifier`. Quoting keeps reserved words
+    usable; validating keeps SQL out of table and column names."""
+    if not isinstance(name, str):
+        raise InvalidIdentifier(f"an SQL identifier must be a str, not {type(name).__name__}")
+    parts = name.split(".")
+    if len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
+        raise InvalidIdentifier(
+            f"{name!r} is not a plain SQL identifier: use letters, digits and '_' (at most 63, "
+            "not starting with a digit), optionally 'schema.table'"
+        )
+    q = "`" if dialect == "mysql" else '"'
+    return ".".join(f"{q}{p}{q}" for p in parts)
+
+
+# A quoted string or identifier (kept as is), or a ``:name`` placeholder (not ``::`` casts).
+_TOKEN = re.compile(r"""'(?:[^']|'')*'|"(?:[^"]|"")*"|`[^`]*`|(?<![:\w]):([A-Za-z_]\w*)""")
+
+
+@lru_cache(maxsize=1024)
+def _render(text: str, style: Paramstyle) -> tuple[str, tuple[str, ...]]:
+    names: list[str] = []
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name is None:
+            return m.group(0) if style == "named" else m.group(0).replace("%", "%%")
+        names.append(name)
+        if style == "named":
+            return m.group(0)
+        return f"%({name})s" if style == "pyformat" else "%s"
+
+    out = []
+    pos = 0
+    for m in _TOKEN.finditer(text):
+        plain = text[pos : m.start()]
+        out.append(plain if style == "named" else plain.replace("%", "%%"))
+        out.append(sub(m))
+        pos = m.end()
+    tail = text[pos:]
+    out.append(tail if style == "named" else tail.replace("%", "%%"))
+    return "".join(out), tuple(names)
+
+
+def render(text: str, params: Mapping[str, Any], style: Paramstyle) -> tuple[str, Any]:
+    """``text`` with ``:name`` placeholders in the driver's ``style``: ``named`` (sqlite3,
+    SQLAlchemy ``text()``), ``pyformat`` (``%(name)s``: psycopg, PyMySQL), ``format``
+    (``%s`` with a list: Django's cursors). Returns (text, parameters)."""
+    out, names = _render(text, style)
+    if style == "format":
+        return out, [params[n] for n in names]
+    return out, params
+
+
+def statement_for(text: Text, dialect: Dialect) -> str:
+    """The text of ``text`` for ``dialect`` (a plain str is every dialect's)."""
+    if isinstance(text, str):
+        return text
+    try:
+        return text[dialect]
+    except KeyError:
+        raise ConfigurationError(
+            f"this statement has no form for {dialect} (it has {sorted(text)})"
+        ) from None
+
+
+# -- errors -------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Duplicate:
+    """A unique violation: ``constraint`` is the index or constraint name when the driver says
+    (PostgreSQL, MySQL), else None; ``message`` is the driver's."""
+
+    constraint: str | None
+    message: str
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or any(e is s for s in seen) or len(seen) > 8:
+            continue
+        seen.append(e)
+        todo.extend([getattr(e, "orig", None), e.__cause__, e.__context__])
+    return seen
+
+
+def _mysql_code(e: BaseException) -> int | None:
+    if type(e).__module__.split(".")[0] in ("pymysql", "aiomysql", "MySQLdb") and e.args:
+        code = e.args[0]
+        return code if isinstance(code, int) else None
+    return None
+
+
+_MYSQL_KEY = re.compile(r"for key '([^']+)'")
+
+
+def duplicate_of(exc: BaseException) -> Duplicate | None:
+    """The unique violation ``exc`` reports, or None if it is something else.
+
+    Recognised: sqlite3 (``SQLITE_CONSTRAINT_UNIQUE`` / ``_PRIMARYKEY``), psycopg 3 and
+    psycopg2 (SQLSTATE 23505), PyMySQL / aiomysql / mysqlclient (errors 1062 and 1586), also
+    wrapped by SQLAlchemy (``exc.orig``) or Django (``__cause__``). Use it where you insert
+    yourself::
+
+        try:
+            cur.execute("INSERT INTO orders ...")
+        except Exception as exc:
+            if (dup := duplicate_of(exc)) is None:
+                raise
+            ...  # already done: read the existing row
+    """
+    for e in _causes(exc):
+        if isinstance(e, sqlite3.IntegrityError):
+            name = getattr(e, "sqlite_errorname", "")
+            text = str(e)
+            if name in ("SQLITE_CONSTRAINT_UNIQUE", "SQLITE_CONSTRAINT_PRIMARYKEY") or (
+                text.startswith("UNIQUE constraint failed")
+            ):
+                return Duplicate(None, text)
+            continue
+        state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if state == "23505":
+            diag = getattr(e, "diag", None)
+            return Duplicate(getattr(diag, "constraint_name", None), str(e))
+        code = _mysql_code(e)
+        if code in (1062, 1586):
+            m = _MYSQL_KEY.search(str(e.args[1]) if len(e.args) > 1 else "")
+            return Duplicate(m.group(1) if m else None, str(e))
+    return None
+
+
+def retryable(exc: BaseException) -> bool:
+    """True for a serialization failure or a deadlock (PostgreSQL 40001 / 40P01; MySQL 1213,
+    MariaDB 1020 "record has changed"; SQLite never has one): the database rolled the work
+    back and the whole transaction must be run again from its start."""
+    for e in _causes(exc):
+        state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if state in ("40001", "40P01"):
+            return True
+        if _mysql_code(e) in (1213, 1020):
+            return True
+    return False
+
+
+def lock_timeout(exc: BaseException) -> bool:
+    """True when a lock wait ran out (PostgreSQL 55P03 ``lock_timeout``; MySQL 1205; SQLite
+    "database is locked" after ``timeout``)."""
+    for e in _causes(exc):
+        state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if state == "55P03" or _mysql_code(e) == 1205:
+            return True
+        if isinstance(e, sqlite3.OperationalError) and "database is locked" in str(e):
+            return True
+    return False
+
+
+_MISSING_TABLE_PG = "42P01"
+_MISSING_COLUMN_PG = "42703"
+
+
+def missing_object(exc: BaseException) -> UnknownTable | UnknownColumn | None:
+    """The typed error for a statement that named a table or column the database does not
+    have (SQLite "no such table/column", PostgreSQL 42P01 / 42703, MySQL 1146 / 1054), or
+    None. The message keeps the driver's text, which names the object."""
+    for e in _causes(exc):
+        text = str(e)
+        state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        code = _mysql_code(e)
+        if isinstance(e, sqlite3.OperationalError):
+            if text.startswith("no such table"):
+                return UnknownTable(f"{text}: create the table first (or fix its name)")
+            if text.startswith("no such column") or "has no column named" in text:
+                return UnknownColumn(f"{text}: check the column names against the table")
+        elif state == _MISSING_TABLE_PG or code == 1146:
+            return UnknownTable(f"{text.strip()}: create the table first (or fix its name)")
+        elif state == _MISSING_COLUMN_PG or code == 1054:
+            return UnknownColumn(f"{text.strip()}: check the column names against the table")
+    return None
+
+
+# -- the adapter ---------------------------------------------------------------------------------
+class SqlConnection:
+    """One user connection seen the same way by every mechanism.
+
+    Attributes: ``dialect``, ``version`` (server version tuple), ``returning`` (``INSERT ...
+    RETURNING`` works), ``is_async`` (use :meth:`aexecute` / :func:`arun`), ``raw`` (what the
+    user passed). Subclasses implement one driver family; users only call :func:`adapt`.
+    """
+
+    dialect: Dialect
+    version: tuple[int, ...]
+    is_async: bool = False
+    paramstyle: Paramstyle = "named"
+    raw: Any
+
+    @property
+    def returning(self) -> bool:
+        if self.dialect == "sqlite":
+            return self.version >= (3, 35)
+        if self.dialect == "mysql":
+            return self.mariadb and self.version >= (10, 5)
+        return True
+
+    mariadb: bool = False
+
+    def quote(self, name: str) -> str:
+        """``name`` validated and quoted for this dialect (see :func:`quote`)."""
+        return quote(name, self.dialect)
+
+    def text(self, text: Text) -> str:
+        return statement_for(text, self.dialect)
+
+    # transaction state
+    def in_transaction(self) -> bool:  # pragma: no cover - every driver overrides
+        raise NotImplementedError
+
+    def failed(self) -> bool:
+        """True when the open transaction already failed (PostgreSQL ``INERROR``, a SQLAlchemy
+        session needing rollback, a Django atomic block marked ``needs_rollback``)."""
+        return False
+
+    def check_usable(self) -> None:
+        """Raise :class:`~oncely.errors.TransactionFailed` if the caller's transaction failed."""
+        if self.failed():
+            raise TransactionFailed(
+                "the connection's transaction already failed (an earlier statement raised): "
+                "roll it back (conn.rollback(), session.rollback(), or leave the atomic() "
+                "block) before starting an idempotent operation on it"
+            )
+
+    # sync face
+    def execute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        raise ConfigurationError(
+            f"{type(self.raw).__name__} is an async connection: use the async form "
+            "(async with / await ...) of this oncely.sql operation"
+        )
+
+    def enter(self, savepoint: bool = True) -> Block:
+        raise ConfigurationError(f"{type(self.raw).__name__} is an async connection")
+
+    def leave(self, block: Block, commit: bool) -> None:
+        raise ConfigurationError(f"{type(self.raw).__name__} is an async connection")
+
+    def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        """Run one statement then close ``block`` committing (see :class:`ExecLeave`)."""
+        try:
+            res = self.execute(text, params)
+        except BaseException:
+            self.leave(block, False)
+            raise
+        self.leave(block, True)
+        return res
+
+    async def aexecute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        """The async face of :meth:`execute_leave`."""
+        try:
+            res = await self.aexecute(text, params)
+        except BaseException:
+            await self.aleave(block, False)
+            raise
+        await self.aleave(block, True)
+        return res
+
+    # async face
+    async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        raise ConfigurationError(
+            f"{type(self.raw).__name__} is a sync connection: use the sync form "
+            "(with / a plain call) of this oncely.sql operation"
+        )
+
+    async def aenter(self, savepoint: bool = True) -> Block:
+        raise ConfigurationError(f"{type(self.raw).__name__} is a sync connection")
+
+    async def aleave(self, block: Block, commit: bool) -> None:
+        raise ConfigurationError(f"{type(self.raw).__name__} is a sync connection")
+
+    # shared helpers
+    def _begin_text(self) -> str:
+        return {"sqlite": "BEGIN IMMEDIATE", "mysql": "START TRANSACTION"}.get(
+            self.dialect, "BEGIN"
+        )
+
+    _counter = 0
+
+    def _savepoint_name(self) -> str:
+        SqlConnection._counter += 1
+        return f"oncely_sp_{SqlConnection._counter}"
+
+
+def _cursor_result(cur: Any) -> Result:
+    if cur.description is None:
+        return Result([], cur.rowcount, ())
+    rows = [tuple(r) for r in cur.fetchall()]
+    return Result(rows, cur.rowcount, tuple(d[0] for d in cur.description))
+
+
+class _DbapiSync(SqlConnection):
+    """sqlite3, psycopg 3 and PyMySQL connections: transactions by SQL and ``commit()``."""
+
+    def __init__(self, raw: Any, dialect: Dialect, version: tuple[int, ...], style: Paramstyle):
+        self.raw, self.dialect, self.version, self.paramstyle = raw, dialect, version, style
+
+    def execute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        sql, args = render(self.text(text), params, self.paramstyle)
+        cur = self.raw.cursor()
+        try:
+            cur.execute(sql, args)
+            return _cursor_result(cur)
+        finally:
+            cur.close()
+
+    def _raw_sql(self, sql: str) -> None:
+        cur = self.raw.cursor()
+        try:
+            cur.execute(sql)
+        finally:
+            cur.close()
+
+    def enter(self, savepoint: bool = True) -> Block:
+        self.check_usable()
+        if not self.in_transaction():
+            if self.dialect == "mysql":
+                self.raw.begin()
+            elif self.dialect == "postgresql" and not self.raw.autocommit:
+                pass  # psycopg sends BEGIN itself before the next statement
+            else:
+                self._raw_sql(self._begin_text())
+            return Block(True)
+        if not savepoint:
+            return Block(False)
+        name = self._savepoint_name()
+        self._raw_sql(f"SAVEPOINT {name}")
+        return Block(False, name)
+
+    def leave(self, block: Block, commit: bool) -> None:
+        if block.owned:
+            self.raw.commit() if commit else self.raw.rollback()
+        elif block.name is not None:
+            if commit:
+                self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
+            else:
+                self._raw_sql(f"ROLLBACK TO SAVEPOINT {block.name}")
+                if self.dialect != "mysql":
+                    self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
+
+
+class _Sqlite(_DbapiSync):
+    def __init__(self, raw: sqlite3.Connection):
+        super().__init__(raw, "sqlite", sqlite3.sqlite_version_info, "named")
+
+    def in_transaction(self) -> bool:
+        return bool(self.raw.in_transaction)
+
+
+def _pipelines() -> bool:
+    import psycopg
+
+    return bool(psycopg.Pipeline.is_supported())
+
+
+class _Psycopg(_DbapiSync):
+    """psycopg 3: :meth:`execute_leave` sends its statement and the ``COMMIT`` in one pipeline
+    (libpq >= 14), one round trip. (psycopg waits for its own ``BEGIN`` even in a pipeline,
+    so the ``BEGIN`` stays a round trip of its own, as in any psycopg transaction.)"""
+
+    def __init__(self, raw: Any):
+        super().__init__(raw, "postgresql", _pg_version(raw), "pyformat")
+        self.pipelined = _pipelines()
+
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
+
+    def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        if not self.pipelined:
+            return super().execute_leave(block, text, params)
+        sql, args = render(self.text(text), params, self.paramstyle)
+        with self.raw.cursor() as cur:
+            try:
+                with self.raw.pipeline():
+                    cur.execute(sql, args)
+                    if block.owned:
+                        self.raw.execute("COMMIT")
+                    elif block.name is not None:
+                        self.raw.execute(f"RELEASE SAVEPOINT {block.name}")
+                return _cursor_result(cur)
+            except BaseException:
+                super().leave(block, False)
+                raise
+
+    def failed(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return bool(self.raw.info.transaction_status == TransactionStatus.INERROR)
+
+
+def _pg_version(raw: Any) -> tuple[int, ...]:
+    v = int(raw.info.server_version)
+    return (v // 10000, v % 10000)
+
+
+def _mysql_version(info: str) -> tuple[tuple[int, ...], bool]:
+    if info.startswith("5.5.5-"):  # MariaDB's replication-compatible prefix
+        info = info[6:]
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", info)
+    version = tuple(int(x) for x in m.groups() if x is not None) if m else (0,)
+    return version, "mariadb" in info.lower()
+
+
+class _PyMySQL(_DbapiSync):
+    def __init__(self, raw: Any):
+        super().__init__(raw, "mysql", (0,), "pyformat")
+        self.version, self.mariadb = _mysql_version(raw.get_server_info())
+
+    def in_transaction(self) -> bool:
+        return bool(self.raw.server_status & 1)  # SERVER_STATUS_IN_TRANS
+
+
+class _DbapiAsync(SqlConnection):
+    """psycopg ``AsyncConnection`` and aiomysql connections."""
+
+    is_async = True
+
+    def __init__(self, raw: Any, dialect: Dialect, version: tuple[int, ...]):
+        self.raw, self.dialect, self.version, self.paramstyle = raw, dialect, version, "pyformat"
+
+    async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        sql, args = render(self.text(text), params, self.paramstyle)
+        return await self._run(sql, args)
+
+    async def _run(self, sql: str, args: Any) -> Result:
+        cur = await _maybe_await(self.raw.cursor())
+        try:
+            await cur.execute(sql, args)
+            if cur.description is None:
+                return Result([], cur.rowcount, ())
+            rows = [tuple(r) for r in await cur.fetchall()]
+            return Result(rows, cur.rowcount, tuple(d[0] for d in cur.description))
+        finally:
+            await _maybe_await(cur.close())
+
+    async def _raw_sql(self, sql: str) -> None:
+        cur = await _maybe_await(self.raw.cursor())
+        try:
+            await cur.execute(sql)
+        finally:
+            await _maybe_await(cur.close())
+
+    async def aenter(self, savepoint: bool = True) -> Block:
+        self.check_usable()
+        if not self.in_transaction():
+            if self.dialect == "mysql":
+                await self.raw.begin()
+            elif not self.raw.autocommit:
+                pass  # psycopg sends BEGIN itself before the next statement
+            else:
+                await self._raw_sql("BEGIN")
+            return Block(True)
+        if not savepoint:
+            return Block(False)
+        name = self._savepoint_name()
+        await self._raw_sql(f"SAVEPOINT {name}")
+        return Block(False, name)
+
+    async def aleave(self, block: Block, commit: bool) -> None:
+        if block.owned:
+            await (self.raw.commit() if commit else self.raw.rollback())
+        elif block.name is not None:
+            if commit:
+                await self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
+            else:
+                await self._raw_sql(f"ROLLBACK TO SAVEPOINT {block.name}")
+                if self.dialect != "mysql":
+                    await self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
+
+
+async def _maybe_await(value: Any) -> Any:
+    if hasattr(value, "__await__"):
+        return await value
+    return value
+
+
+class _AsyncPsycopg(_DbapiAsync):
+    """psycopg 3 ``AsyncConnection``: the same pipelining as the sync face."""
+
+    def __init__(self, raw: Any):
+        super().__init__(raw, "postgresql", _pg_version(raw))
+        self.pipelined = _pipelines()
+
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
+
+    def failed(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return bool(self.raw.info.transaction_status == TransactionStatus.INERROR)
+
+    async def aexecute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        if not self.pipelined:
+            return await super().aexecute_leave(block, text, params)
+        sql, args = render(self.text(text), params, self.paramstyle)
+        async with self.raw.cursor() as cur:
+            try:
+                async with self.raw.pipeline():
+                    await cur.execute(sql, args)
+                    if block.owned:
+                        await self.raw.execute("COMMIT")
+                    elif block.name is not None:
+                        await self.raw.execute(f"RELEASE SAVEPOINT {block.name}")
+                return await _acursor_result(cur)
+            except BaseException:
+                await super().aleave(block, False)
+                raise
+
+
+async def _acursor_result(cur: Any) -> Result:
+    if cur.description is None:
+        return Result([], cur.rowcount, ())
+    rows = [tuple(r) for r in await cur.fetchall()]
+    return Result(rows, cur.rowcount, tuple(d[0] for d in cur.description))
+
+
+class _AioMySQL(_DbapiAsync):
+    def __init__(self, raw: Any):
+        super().__init__(raw, "mysql", (0,))
+        self.version, self.mariadb = _mysql_version(raw.get_server_info())
+
+    async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        # aiomysql escapes bytes with a name PyMySQL >= 1.2 no longer exports (it is a str
+        # there): bind the values here, bytes as hex literals, and send the finished text.
+        sql, args = render(self.text(text), params, "pyformat")
+        literal = {
+            k: "X'" + bytes(v).hex() + "'"
+            if isinstance(v, (bytes, bytearray, memoryview))
+            else self.raw.escape(v)
+            for k, v in args.items()
+        }
+        return await self._run(sql % literal, None)
+
+    def in_transaction(self) -> bool:
+        return bool(self.raw.server_status & 1)
+
+
+# -- SQLAlchemy ----------------------------------------------------------------------------------
+def _sa_dialect(dialect: Any) -> tuple[Dialect, tuple[int, ...], bool]:
+    name = dialect.name
+    version = tuple(dialect.server_version_info or (0,))
+    if name == "sqlite":
+        return "sqlite", sqlite3.sqlite_version_info, False
+    if name == "postgresql":
+        return "postgresql", version, False
+    if name in ("mysql", "mariadb"):
+        return "mysql", version, bool(getattr(dialect, "is_mariadb", name == "mariadb"))
+    raise UnsupportedConnection(
+        f"oncely.sql supports SQLite, PostgreSQL and MySQL/MariaDB; this SQLAlchemy "
+        f"connection speaks {name!r}"
+    )
+
+
+@lru_cache(maxsize=1024)
+def _sa_text(text: str) -> Any:
+    from sqlalchemy import text as sa_text
+
+    return sa_text(text)
+
+
+def _sa_result(res: Any) -> Result:
+    if not res.returns_rows:
+        return Result([], res.rowcount, ())
+    rows = [tuple(r) for r in res.fetchall()]
+    return Result(rows, res.rowcount, tuple(res.keys()))
+
+
+def _inline_bytes(sql: str, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``sql`` with its ``bytes`` parameters written as ``X'..'`` literals."""
+    rest = {k: v for k, v in params.items() if not isinstance(v, bytes)}
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        value = params.get(name) if name is not None else None
+        if isinstance(value, bytes):
+            return "X'" + value.hex() + "'"
+        return m.group(0)
+
+    return _TOKEN.sub(sub, sql), rest
+
+
+def _sa_failed(conn: Any) -> bool:
+    """A SQLAlchemy Connection whose PostgreSQL transaction is in error."""
+    try:
+        dbapi = conn.connection.dbapi_connection
+    except Exception:
+        return False
+    info = getattr(dbapi, "info", None)
+    status = getattr(info, "transaction_status", None)
+    if status is None:  # asyncpg-style adapters: psycopg's async adapter wraps the connection
+        inner = getattr(dbapi, "_connection", None)
+        status = getattr(getattr(inner, "info", None), "transaction_status", None)
+    return status is not None and int(status) == 3  # libpq PQTRANS_INERROR
+
+
+class _SaConnection(SqlConnection):
+    def __init__(self, raw: Any):
+        self.raw = raw
+        self.dialect, self.version, self.mariadb = _sa_dialect(raw.dialect)
+
+    def execute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        return _sa_result(self.raw.execute(_sa_text(self.text(text)), dict(params)))
+
+    def in_transaction(self) -> bool:
+        return bool(self.raw.in_transaction())
+
+    def failed(self) -> bool:
+        return self.raw.in_transaction() and _sa_failed(self.raw)
+
+    def enter(self, savepoint: bool = True) -> Block:
+        self.check_usable()
+        if not self.raw.in_transaction():
+            # pysqlite begins lazily and deferred: the claim INSERT, the block's first
+            # statement, takes SQLite's write lock (waiting for it), no read before it
+            return Block(True, handle=self.raw.begin())
+        if not savepoint:
+            return Block(False)
+        return Block(False, "nested", self.raw.begin_nested())
+
+    def leave(self, block: Block, commit: bool) -> None:
+        if block.handle is not None:
+            block.handle.commit() if commit else block.handle.rollback()
+
+
+class _SaSession(_SaConnection):
+    def __init__(self, raw: Any):
+        self.raw = raw
+        self.dialect, self.version, self.mariadb = _sa_dialect(raw.get_bind().dialect)
+
+    def execute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        return _sa_result(self.raw.execute(_sa_text(self.text(text)), dict(params)))
+
+    def failed(self) -> bool:
+        if not self.raw.in_transaction():
+            return False
+        tx = self.raw.get_transaction()
+        return (tx is not None and not tx.is_active) or _sa_failed(self.raw.connection())
+
+    def enter(self, savepoint: bool = True) -> Block:
+        self.check_usable()
+        if not self.raw.in_transaction():
+            tx = self.raw.begin()
+            return Block(True, handle=tx)
+        if not savepoint:
+            return Block(False)
+        return Block(False, "nested", self.raw.begin_nested())
+
+
+class _SaAsyncConnection(SqlConnection):
+    is_async = True
+
+    def __init__(self, raw: Any):
+        self.raw = raw
+        self.dialect, self.version, self.mariadb = _sa_dialect(raw.dialect)
+
+    async def aexecute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        sql = self.text(text)
+        if self.dialect == "mysql" and any(isinstance(v, bytes) for v in params.values()):
+            # aiomysql escapes bytes with a name PyMySQL >= 1.2 no longer exports: send them as
+            # hex literals (hex digits only) and the rest as parameters
+            sql, params = _inline_bytes(sql, params)
+            from sqlalchemy import text as sa_text
+
+            return _sa_result(await self.raw.execute(sa_text(sql), dict(params)))
+        return _sa_result(await self.raw.execute(_sa_text(sql), dict(params)))
+
+    def in_transaction(self) -> bool:
+        return bool(self.raw.in_transaction())
+
+    def failed(self) -> bool:
+        sync = getattr(self.raw, "sync_connection", None)
+        return bool(self.raw.in_transaction() and sync is not None and _sa_failed(sync))
+
+    async def aenter(self, savepoint: bool = True) -> Block:
+        self.check_usable()
+        if not self.raw.in_transaction():
+            tx = self.raw.begin()
+            await tx.start()
+            return Block(True, handle=tx)
+        if not savepoint:
+            return Block(False)
+        tx = self.raw.begin_nested()
+        await tx.start()
+        return Block(False, "nested", tx)
+
+    async def aleave(self, block: Block, commit: bool) -> None:
+        if block.handle is not None:
+            await (block.handle.commit() if commit else block.handle.rollback())
+
+
+class _SaAsyncSession(_SaAsyncConnection):
+    def __init__(self, raw: Any):
+        self.raw = raw
+        self.dialect, self.version, self.mariadb = _sa_dialect(raw.get_bind().dialect)
+
+    def failed(self) -> bool:
+        if not self.raw.in_transaction():
+            return False
+        tx = self.raw.sync_session.get_transaction()
+        return tx is not None and not tx.is_active
+
+
+# -- Django --------------------------------------------------------------------------------------
+class _Django(SqlConnection):
+    """``django.db.connection`` / ``connections[alias]``; blocks are ``transaction.atomic``."""
+
+    paramstyle: Paramstyle = "format"
+
+    def __init__(self, raw: Any):
+        self.raw = raw
+        vendor = raw.vendor
+        if vendor not in DIALECTS:
+            raise UnsupportedConnection(
+                f"oncely.sql supports SQLite, PostgreSQL and MySQL/MariaDB; this Django "
+                f"database is {vendor!r}"
+            )
+        self.dialect = vendor
+        self.alias = raw.alias
+        if vendor == "sqlite":
+            self.version = sqlite3.sqlite_version_info
+        else:
+            raw.ensure_connection()
+            self.version = tuple(raw.mysql_version if vendor == "mysql" else _django_pg(raw))
+            self.mariadb = vendor == "mysql" and bool(raw.mysql_is_mariadb)
+
+    def execute(self, text: Text, params: Mapping[str, Any]) -> Result:
+        sql, args = render(self.text(text), params, "format")
+        with self.raw.cursor() as cur:
+            cur.execute(sql, args)
+            return _cursor_result(cur)
+
+    def in_transaction(self) -> bool:
+        return bool(self.raw.in_atomic_block or not self.raw.get_autocommit())
+
+    def failed(self) -> bool:
+        return bool(self.raw.in_atomic_block and self.raw.needs_rollback)
+
+    def enter(self, savepoint: bool = True) -> Block:
+        from django.db import transaction  # type: ignore[import-untyped]
+
+        self.check_usable()
+        owned = not self.raw.in_atomic_block
+        atomic = transaction.atomic(using=self.alias, savepoint=savepoint)
+        atomic.__enter__()  # SQLite: deferred; the claim INSERT takes the write lock first
+        return Block(owned, "atomic", atomic)
+
+    def leave(self, block: Block, commit: bool) -> None:
+        if commit:
+            block.handle.__exit__(None, None, None)
+        else:
+            err = _Rollback()
+            block.handle.__exit__(_Rollback, err, None)
+
+
+class _Rollback(Exception):
+    """Handed to ``atomic.__exit__`` to make it roll back."""
+
+
+def _django_pg(raw: Any) -> tuple[int, ...]:
+    v = int(raw.pg_version)
+    return (v // 10000, v % 10000)
+
+
+# -- adapt ---------------------------------------------------------------------------------------
+def adapt(conn: Any) -> SqlConnection:
+    """The :class:`SqlConnection` for what the user holds (see the module docstring).
+
+    Raises :class:`~oncely.errors.ConfigurationError` for an SQLAlchemy ``Engine`` (pass
+    ``engine.connect()`` / a ``Session``) and for any other object or dialect.
+    """
+    if isinstance(conn, SqlConnection):
+        return conn
+    if isinstance(conn, sqlite3.Connection):
+        return _Sqlite(conn)
+    module = type(conn).__module__
+    top = module.split(".")[0]
+    name = type(conn).__name__
+    if top == "psycopg":
+        import psycopg
+
+        if isinstance(conn, psycopg.AsyncConnection):
+            return _AsyncPsycopg(conn)
+        if isinstance(conn, psycopg.Connection):
+            return _Psycopg(conn)
+    elif top == "pymysql":
+        return _PyMySQL(conn)
+    elif top == "aiomysql":
+        return _AioMySQL(conn)
+    elif top == "sqlalchemy":
+        return _adapt_sqlalchemy(conn, name)
+    elif top == "django" or (hasattr(conn, "vendor") and hasattr(conn, "in_atomic_block")):
+        target = conn
+        if name == "ConnectionProxy":  # django.db.connection
+            from django.db import DEFAULT_DB_ALIAS, connections
+
+            target = connections[DEFAULT_DB_ALIAS]
+        return _Django(target)
+    raise UnsupportedConnection(
+        f"oncely.sql cannot use a {module}.{name}: pass a sqlite3, psycopg 3, PyMySQL or aiomysql "
+        "connection, a SQLAlchemy Connection/Session (sync or async), or django.db.connection"
+    )
+
+
+def _adapt_sqlalchemy(conn: Any, name: str) -> SqlConnection:
+    from sqlalchemy.engine import Connection, Engine
+    from sqlalchemy.orm import Session
+
+    if isinstance(conn, Engine):
+        raise UnsupportedConnection(
+            "an SQLAlchemy Engine has no transaction to join: pass `engine.connect()` "
+            "(inside `with engine.begin() as conn:`) or a Session"
+        )
+    if isinstance(conn, Connection):
+        return _SaConnection(conn)
+    if isinstance(conn, Session):
+        return _SaSession(conn)
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+    if isinstance(conn, AsyncEngine):
+        raise UnsupportedConnection(
+            "an SQLAlchemy AsyncEngine has no transaction to join: pass "
+            "`async with engine.connect() as conn` or an AsyncSession"
+        )
+    if isinstance(conn, AsyncConnection):
+        return _SaAsyncConnection(conn)
+    if isinstance(conn, AsyncSession):
+        return _SaAsyncSession(conn)
+    raise UnsupportedConnection(f"oncely.sql cannot use an SQLAlchemy {name}")
+
+
+# -- runners -------------------------------------------------------------------------------------
+def run(plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Any] | None = None) -> Any:
+    """Carry a plan out on a sync connection: :class:`~oncely.backends.plans.Exec` ->
+    :class:`Result`, :class:`Enter` -> :class:`Block`, :class:`Leave` -> None; any other
+    request goes to ``other(request)`` (a mechanism's own requests, e.g. "call this phase")."""
+    from oncely.backends.plans import run as run_plan
+
+    def execute(request: Any) -> Any:
+        if isinstance(request, Exec):
+            return conn.execute(request.statement, request.params)
+        if isinstance(request, Enter):
+            return conn.enter(request.savepoint)
+        if isinstance(request, Leave):
+            return conn.leave(request.block, request.commit)
+        if isinstance(request, ExecLeave):
+            return conn.execute_leave(request.block, request.statement, request.params)
+        if other is not None:
+            return other(request)
+        raise TypeError(f"unknown request {request!r}")
+
+    return run_plan(plan, execute)
+
+
+async def arun(
+    plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Awaitable[Any]] | None = None
+) -> Any:
+    """The async face of :func:`run` (``other`` is awaited)."""
+    from oncely.backends.plans import arun as arun_plan
+
+    async def execute(request: Any) -> Any:
+        if isinstance(request, Exec):
+            return await conn.aexecute(request.statement, request.params)
+        if isinstance(request, Enter):
+            return await conn.aenter(request.savepoint)
+        if isinstance(request, Leave):
+            return await conn.aleave(request.block, request.commit)
+        if isinstance(request, ExecLeave):
+            return await conn.aexecute_leave(request.block, request.statement, request.params)
+        if other is not None:
+            return await other(request)
+        raise TypeError(f"unknown request {request!r}")
+
+    return await arun_plan(plan, execute)

@@ -1,0 +1,152 @@
+"""``@idempotent_transaction``: a function that takes a connection or session runs as one
+:func:`oncely.sql.transaction`, and a repeat returns the stored result without running.
+
+::
+
+    @oncely.sql.idempotent_transaction(key="request_id", scope=lambda user, **_: user.id)
+    def pay(conn, user, request_id: str, amount: int) -> dict[str, int]:
+        conn.execute("INSERT INTO payments ...")
+        return {"amount": amount}
+
+The function's return value is stored with its writes (JSON by default, rebuilt to the return
+annotation: :class:`~oncely.codecs.JsonCodec`) and returned on every repeat. A serialization
+failure or deadlock anywhere in the function (PostgreSQL SERIALIZABLE, InnoDB deadlocks) rolls
+everything back and runs the function again, up to ``attempts`` times, when the decorator began
+the transaction (inside a caller's transaction it cannot: the error propagates, retry the
+caller's transaction). A separate decorator rather than an ``oncely.idempotent`` option: the
+record lives in the caller's database and no store is involved.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import random
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
+
+from oncely.codecs import Codec, JsonCodec
+from oncely.errors import ConfigurationError
+from oncely.sql.connections import retryable
+from oncely.sql.schema import DEFAULT_TABLE
+from oncely.sql.transaction import Transaction
+
+__all__ = ["idempotent_transaction"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _reader(spec: object, what: str, sig: inspect.Signature) -> Callable[..., Any]:
+    """``spec`` as a function of the call's bound arguments: a parameter name, a callable
+    (called with the same arguments as the function), or a constant (scope only)."""
+    if callable(spec) and not isinstance(spec, str):
+        fn = cast(Callable[..., Any], spec)
+        return lambda args, kwargs, bound: fn(*args, **kwargs)
+    if what == "key" or (isinstance(spec, str) and spec in sig.parameters):
+        if not isinstance(spec, str) or spec not in sig.parameters:
+            raise ConfigurationError(
+                f"key={spec!r}: name a parameter of the function that holds the key, or pass "
+                "a callable receiving the function's arguments"
+            )
+        return lambda args, kwargs, bound: bound.arguments[spec]
+    return lambda args, kwargs, bound: spec
+
+
+def idempotent_transaction(
+    *,
+    key: str | Callable[..., str],
+    scope: object,
+    conn_arg: str | None = "conn",
+    conn: Any = None,
+    table: str = DEFAULT_TABLE,
+    codec: Codec | None = None,
+    attempts: int = 5,
+    wait: bool = True,
+) -> Callable[[F], F]:
+    """Decorate a sync or async function so that it runs once per key (see the module).
+
+    :param key: the name of the parameter holding the idempotency key, or a callable
+        receiving the function's arguments and returning it.
+    :param scope: a constant (tenant id, :data:`oncely.sql.GLOBAL`), the name of a parameter,
+        or a callable receiving the function's arguments.
+    :param conn_arg: the parameter holding the connection or session (default ``"conn"``).
+    :param conn: a fixed connection instead (``django.db.connection``); then ``conn_arg`` is
+        ignored.
+    :param attempts: runs in all when serialization failures or deadlocks roll the work back
+        (backoff with jitter: 10 ms doubling, at most 0.5 s).
+    :raises ConfigurationError: when decorating, for a ``key``/``conn_arg`` that names no
+        parameter.
+    """
+
+    def decorate(fn: F) -> F:
+        sig = inspect.signature(fn)
+        if conn is None and (conn_arg is None or conn_arg not in sig.parameters):
+            raise ConfigurationError(
+                f"@idempotent_transaction: {fn.__qualname__} has no parameter {conn_arg!r}; "
+                "name the connection parameter with conn_arg=, or pass conn="
+            )
+        read_key = _reader(key, "key", sig)
+        read_scope = _reader(scope, "scope", sig)
+        hint = inspect.get_annotations(fn, eval_str=True).get("return", Any)
+        store_codec = codec if codec is not None else JsonCodec().bind(hint)
+
+        def open_tx(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Transaction:
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            target = conn if conn is not None else bound.arguments[cast(str, conn_arg)]
+            return Transaction(
+                target,
+                key=read_key(args, kwargs, bound),
+                scope=read_scope(args, kwargs, bound),
+                table=table,
+                codec=store_codec,
+                wait=wait,
+            )
+
+        def pause(attempt: int) -> float:
+            return random.uniform(0, min(0.5, 0.01 * 2**attempt))
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def arunner(*args: Any, **kwargs: Any) -> Any:
+                import asyncio
+
+                for attempt in range(attempts):
+                    tx = open_tx(args, kwargs)
+                    try:
+                        async with tx:
+                            if tx.replayed:
+                                return tx.result
+                            value = await fn(*args, **kwargs)
+                            tx.set_result(value)
+                        return value
+                    except Exception as exc:
+                        if not (retryable(exc) and tx.owned and attempt < attempts - 1):
+                            raise
+                    await asyncio.sleep(pause(attempt))
+                raise AssertionError("unreachable")  # pragma: no cover
+
+            return cast(F, arunner)
+
+        @functools.wraps(fn)
+        def runner(*args: Any, **kwargs: Any) -> Any:
+            for attempt in range(attempts):
+                tx = open_tx(args, kwargs)
+                try:
+                    with tx:
+                        if tx.replayed:
+                            return tx.result
+                        value = fn(*args, **kwargs)
+                        tx.set_result(value)
+                    return value
+                except Exception as exc:
+                    if not (retryable(exc) and tx.owned and attempt < attempts - 1):
+                        raise
+                time.sleep(pause(attempt))
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        return cast(F, runner)
+
+    return decorate

@@ -1,0 +1,182 @@
+"""Insert-once (mechanism 1 of DESIGN.md, source §3.1): insert a row unless its unique key is
+already there, and either way return *the* row.
+
+``insert_once(conn, "orders", {"order_no": "A-1", "amount": 10}, unique=("order_no",))``
+returns ``(row, created)``: ``row`` is a dict of every column of the stored row, ``created``
+says whether this call inserted it. A duplicate is never an exception and never a second row.
+
+Per dialect (the trap to avoid: ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` returns nothing
+for the conflicting row, and a no-op ``DO UPDATE`` that forces a row back writes a new row
+version, bloats the table and fires triggers; oncely never does that):
+
+* **PostgreSQL**: one statement, a CTE: ``WITH ins AS (INSERT ... ON CONFLICT (unique) DO
+  NOTHING RETURNING *) SELECT true, ins.* FROM ins UNION ALL SELECT false, t.* FROM t WHERE
+  <unique> AND NOT EXISTS (SELECT 1 FROM ins)``. When the conflicting row was committed by a
+  concurrent transaction after the statement's snapshot (READ COMMITTED), the CTE sees neither
+  row; a second ``SELECT`` (a new snapshot) in the same transaction reads it. At REPEATABLE
+  READ / SERIALIZABLE PostgreSQL raises a serialization failure there instead (see
+  :func:`~oncely.sql.connections.retryable`): run the transaction again.
+* **SQLite**: ``INSERT ... ON CONFLICT (unique) DO NOTHING RETURNING *`` (SQLite >= 3.35), then,
+  when it returned nothing, ``SELECT`` in the same transaction (SQLite has one writer at a time,
+  so the row it conflicted with is committed and visible).
+* **MySQL / MariaDB**: ``INSERT ... [RETURNING *]`` (MariaDB >= 10.5); a duplicate-key error
+  (InnoDB rolls back only that statement, never the caller's transaction) is followed by
+  ``SELECT ... LOCK IN SHARE MODE`` in the same transaction: a locking read sees the latest
+  committed row even at REPEATABLE READ, whose snapshot may predate it. ``INSERT IGNORE`` is
+  not used: it would also turn bad data (truncation, NULLs) into warnings.
+
+The statement runs in the caller's current transaction (nothing is committed). Errors:
+:class:`~oncely.errors.InvalidIdentifier` (a table or column name that is not a plain
+identifier), :class:`~oncely.errors.UnknownTable` / :class:`~oncely.errors.UnknownColumn`,
+:class:`~oncely.errors.ConfigurationError` when ``unique`` names no unique constraint or a
+unique value is missing or NULL (NULLs never conflict, so they cannot identify a row),
+:class:`~oncely.errors.TransactionFailed` when the caller's transaction already failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from oncely.backends.plans import Exec, Plan
+from oncely.errors import ConfigurationError
+from oncely.sql.connections import (
+    Result,
+    SqlConnection,
+    adapt,
+    arun,
+    duplicate_of,
+    missing_object,
+    run,
+)
+
+__all__ = ["ainsert_once", "insert_once"]
+
+Row = dict[str, Any]
+
+
+def insert_once(
+    conn: Any, table: str, values: Mapping[str, Any], *, unique: Sequence[str]
+) -> tuple[Row, bool]:
+    """Insert ``values`` into ``table`` unless a row with the same ``unique`` columns exists;
+    return ``(row, created)`` (see the module docstring for the statements per dialect).
+
+    ``conn`` is anything :func:`oncely.sql.connections.adapt` takes (sync face); ``unique``
+    names the columns of a unique constraint or primary key, each present in ``values``.
+    """
+    c = adapt(conn)
+    result: tuple[Row, bool] = run(_plan(c, table, values, unique), c)
+    return result
+
+
+async def ainsert_once(
+    conn: Any, table: str, values: Mapping[str, Any], *, unique: Sequence[str]
+) -> tuple[Row, bool]:
+    """The async twin of :func:`insert_once` (psycopg ``AsyncConnection``, aiomysql,
+    SQLAlchemy ``AsyncConnection`` / ``AsyncSession``)."""
+    c = adapt(conn)
+    result: tuple[Row, bool] = await arun(_plan(c, table, values, unique), c)
+    return result
+
+
+def _no_constraint(exc: BaseException) -> bool:
+    text = str(exc)
+    state = getattr(exc, "sqlstate", None)
+    return state == "42P10" or "does not match any PRIMARY KEY or UNIQUE" in text
+
+
+def _translate(exc: BaseException, table: str, unique: Sequence[str]) -> BaseException:
+    missing = missing_object(exc)
+    if missing is not None:
+        return missing
+    for e in (exc, getattr(exc, "orig", None), exc.__cause__):
+        if e is not None and _no_constraint(e):
+            return ConfigurationError(
+                f"{table} has no unique constraint or primary key on exactly ({', '.join(unique)})"
+                f": add one (CREATE UNIQUE INDEX ... ON {table} ({', '.join(unique)})) or pass "
+                "the columns of an existing one as unique="
+            )
+    return exc
+
+
+def _plan(
+    c: SqlConnection, table: str, values: Mapping[str, Any], unique: Sequence[str]
+) -> Plan[tuple[Row, bool]]:
+    if isinstance(unique, str):
+        unique = (unique,)
+    if not unique:
+        raise ConfigurationError("insert_once needs unique=(columns of a unique constraint)")
+    if not values:
+        raise ConfigurationError("insert_once needs at least one column value")
+    for col in unique:
+        if values.get(col) is None:
+            raise ConfigurationError(
+                f"insert_once: unique column {col!r} needs a non-NULL value in values "
+                "(NULLs never conflict, so they cannot identify the row)"
+            )
+    c.check_usable()
+    t = c.quote(table)
+    cols = list(values)
+    names = {col: f"v{i}" for i, col in enumerate(cols)}
+    params = {names[col]: values[col] for col in cols}
+    col_list = ", ".join(c.quote(col) for col in cols)
+    placeholders = ", ".join(f":{names[col]}" for col in cols)
+    target = ", ".join(c.quote(col) for col in unique)
+    where = " AND ".join(f"{c.quote(col)} = :{names[col]}" for col in unique)
+    insert = f"INSERT INTO {t} ({col_list}) VALUES ({placeholders})"
+    select = f"SELECT * FROM {t} WHERE {where}"
+
+    def row(res: Result, skip: int = 0) -> Row:
+        return dict(zip(res.columns[skip:], res.rows[0][skip:]))
+
+    try:
+        if c.dialect == "postgresql":
+            cte = (
+                f"WITH ins AS ({insert} ON CONFLICT ({target}) DO NOTHING RETURNING *) "
+                "SELECT true AS oncely_created, ins.* FROM ins UNION ALL "
+                f"SELECT false, {t}.* FROM {t} WHERE {where} "
+                "AND NOT EXISTS (SELECT 1 FROM ins)"
+            )
+            for _ in range(5):
+                res = yield Exec(cte, params)
+                if res.rows:
+                    return row(res, 1), bool(res.rows[0][0])
+                # the conflicting row committed after this statement's snapshot
+                res = yield Exec(select, params)
+                if res.rows:
+                    return row(res), False
+        elif c.dialect == "sqlite":
+            returning = " RETURNING *" if c.returning else ""
+            for _ in range(5):
+                res = yield Exec(f"{insert} ON CONFLICT ({target}) DO NOTHING{returning}", params)
+                if res.rows:
+                    return row(res), True
+                created = not c.returning and res.rowcount == 1
+                res = yield Exec(select, params)
+                if res.rows:
+                    return row(res), created
+        else:
+            returning = " RETURNING *" if c.returning else ""
+            for _ in range(5):
+                try:
+                    res = yield Exec(insert + returning, params)
+                except Exception as exc:
+                    if duplicate_of(exc) is None:
+                        raise
+                    res = yield Exec(select + " LOCK IN SHARE MODE", params)
+                    if res.rows:
+                        return row(res), False
+                    raise  # the duplicate was on another unique key
+                if res.rows:
+                    return row(res), True
+                res = yield Exec(select, params)
+                if res.rows:
+                    return row(res), True
+    except Exception as exc:
+        typed = _translate(exc, table, unique)
+        if typed is exc:
+            raise
+        raise typed from exc
+    raise ConfigurationError(  # pragma: no cover - a row deleted between every try
+        f"insert_once on {table}: the conflicting row kept disappearing (deleted concurrently)"
+    )

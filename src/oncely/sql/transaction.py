@@ -1,0 +1,355 @@
+"""Transactional idempotency: the key's claim, the caller's writes and the stored result commit
+in **one** database transaction, or not at all.
+
+::
+
+    with oncely.sql.transaction(conn, key=request_key, scope=user_id) as tx:
+        if tx.replayed:
+            return tx.result
+        conn.execute("INSERT INTO payments ...")      # the same connection / session
+        tx.set_result({"payment": 42})
+    return tx.result
+
+Every peer stops at "the completion write can be lost after the effect happened" because it
+keeps the record in another store than the business write (Powertools, idemkit). Here the
+record lives in the same database, so kill -9 anywhere leaves all or nothing: either the claim
+row *and* the writes *and* the result are committed, or none of them is, and a retry runs
+again. A retry after the commit replays the stored result (``tx.replayed``, ``tx.result``);
+whatever the block writes on a replay is rolled back.
+
+How it decides, per dialect (one statement in the common case; the claim row is inserted as
+``finished`` because nobody else can see it before it commits with the writes):
+
+* **PostgreSQL**: ``WITH ins AS (INSERT ... ON CONFLICT DO NOTHING RETURNING 1) SELECT ...
+  UNION ALL SELECT <stored row> ...``. A concurrent duplicate waits on the unique index entry of
+  the first one's uncommitted row (the row lock) until that transaction ends, then sees its row
+  (READ COMMITTED: re-read in a new snapshot) or gets a serialization failure (REPEATABLE READ,
+  SERIALIZABLE), which is retried from ``BEGIN`` when this block began the transaction, never
+  reported as a duplicate.
+* **SQLite**: ``BEGIN IMMEDIATE`` (one writer at a time) then ``INSERT ... ON CONFLICT DO
+  NOTHING`` and, for a duplicate, a ``SELECT``.
+* **MySQL / MariaDB**: ``INSERT``; a duplicate waits on the row lock, gets error 1062 (InnoDB
+  rolls back only that statement) and reads the stored row with ``LOCK IN SHARE MODE`` (a
+  locking read sees the latest committed row at REPEATABLE READ too); deadlocks are retried
+  like serialization failures.
+
+The result is written with one ``UPDATE`` before the commit, only when ``set_result`` was
+called with something other than None. If the connection has no open transaction the block
+begins one and commits it at the end; inside the caller's transaction (``atomic()``, a
+``Session`` that already began, ``with conn.transaction()``) it is a savepoint and the caller's
+commit decides.
+
+Errors: :class:`~oncely.errors.InvalidKey`, :class:`~oncely.errors.ConfigurationError` (no
+scope), :class:`~oncely.errors.SchemaMissing` (run :func:`oncely.sql.create_tables`),
+:class:`~oncely.errors.TransactionFailed` (the caller's transaction already failed),
+:class:`~oncely.errors.InFlightError` (``wait=False`` and a duplicate is running, or the key
+belongs to an unfinished recovery-point operation). Source: DESIGN.md mechanism 4 (dedup
+table) where it meets the user's database; brandur, "Stripe-like idempotency keys in Postgres".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+from functools import lru_cache
+from types import TracebackType
+from typing import Any
+
+from oncely.backends.plans import Exec, Plan
+from oncely.codecs import Codec, JsonCodec
+from oncely.core.records import RecordKey
+from oncely.errors import ConfigurationError, InFlightError
+from oncely.sql.connections import (
+    Block,
+    Dialect,
+    Enter,
+    ExecLeave,
+    Leave,
+    SqlConnection,
+    adapt,
+    arun,
+    duplicate_of,
+    lock_timeout,
+    quote,
+    retryable,
+    run,
+)
+from oncely.sql.keys import record_key
+from oncely.sql.schema import DEFAULT_TABLE, FINISHED, digest_bytes, now_sql, schema_missing
+
+__all__ = ["Claim", "Transaction", "claim_plan", "finish_plan", "transaction"]
+
+#: How often a claim is tried again after a serialization failure or deadlock.
+CLAIM_ATTEMPTS = 20
+_UNSET: Any = object()
+_DEFAULT_CODEC = JsonCodec()
+
+
+@dataclass(slots=True)
+class Claim:
+    """What the claim found: ``new`` (this block owns the key) or the stored
+    ``recovery_point`` and ``result`` of an earlier operation; ``block`` is the open block."""
+
+    block: Block
+    new: bool
+    recovery_point: str | None = None
+    result: bytes | None = None
+
+
+def _statements(c: SqlConnection, table: str) -> tuple[str, str]:
+    return _statements_for(c.dialect, table)
+
+
+@lru_cache(maxsize=256)
+def _statements_for(dialect: Dialect, table: str) -> tuple[str, str]:
+    t = quote(table, dialect)
+    now = now_sql(dialect)
+    where = "scope = :scope AND digest = :digest"
+    values = f"(:scope, :digest, '{FINISHED}', {now}, {now})"
+    cols = "(scope, digest, recovery_point, created_at, updated_at)"
+    read = f"SELECT recovery_point, result FROM {t} WHERE {where}"
+    if dialect == "postgresql":
+        claim = (
+            f"WITH ins AS (INSERT INTO {t} {cols} VALUES {values} "
+            "ON CONFLICT (scope, digest) DO NOTHING RETURNING 1) "
+            "SELECT 1, CAST(NULL AS VARCHAR), CAST(NULL AS BYTEA) FROM ins UNION ALL "
+            f"SELECT 0, recovery_point, result FROM {t} WHERE {where} "
+            "AND NOT EXISTS (SELECT 1 FROM ins)"
+        )
+    elif dialect == "sqlite":
+        claim = f"INSERT INTO {t} {cols} VALUES {values} ON CONFLICT (scope, digest) DO NOTHING"
+    else:
+        claim = f"INSERT INTO {t} {cols} VALUES {values}"
+        read += " LOCK IN SHARE MODE"
+    return claim, read
+
+
+def _nowait(c: SqlConnection, on: bool) -> Generator[Any, Any, None]:
+    """Make the claim's lock wait give up at once (PostgreSQL ``lock_timeout``, MySQL
+    ``innodb_lock_wait_timeout``, its minimum of 1 s) and put it back."""
+    if c.dialect == "postgresql":
+        yield Exec("SELECT set_config('lock_timeout', :v, true)", {"v": "5ms" if on else "0"})
+    elif c.dialect == "mysql":
+        yield Exec(f"SET SESSION innodb_lock_wait_timeout = {1 if on else 50}", {})
+
+
+def claim_plan(c: SqlConnection, table: str, key: RecordKey, *, wait: bool = True) -> Plan[Claim]:
+    """Open a block and claim ``key`` in it (see the module docstring). Serialization failures
+    and deadlocks are retried from ``BEGIN`` when the block owns the transaction; other errors
+    roll the block back and are raised (a missing table as
+    :class:`~oncely.errors.SchemaMissing`)."""
+    claim, read = _statements(c, table)
+    params = {"scope": key.scope, "digest": digest_bytes(key)}
+    for attempt in range(CLAIM_ATTEMPTS):
+        block: Block = yield Enter()
+        try:
+            if not wait:
+                yield from _nowait(c, True)
+            if c.dialect == "postgresql":
+                res = yield Exec(claim, params)
+                if not res.rows:  # the row committed after this statement's snapshot
+                    res = yield Exec(read, params)
+                    rows = [(0, *r) for r in res.rows]
+                else:
+                    rows = res.rows
+                found = (bool(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
+            elif c.dialect == "sqlite":
+                res = yield Exec(claim, params)
+                found = (True, None, None) if res.rowcount == 1 else None
+                if found is None:
+                    res = yield Exec(read, params)
+                    found = (False, *res.rows[0]) if res.rows else None
+            else:
+                try:
+                    yield Exec(claim, params)
+                    found = (True, None, None)
+                except Exception as exc:
+                    if duplicate_of(exc) is None:
+                        raise
+                    res = yield Exec(read, params)
+                    found = (False, *res.rows[0]) if res.rows else None
+            if not wait:
+                yield from _nowait(c, False)
+        except Exception as exc:
+            yield Leave(block, False)
+            if not wait and c.dialect == "mysql":  # a session setting: put it back
+                yield from _nowait(c, False)
+            if retryable(exc) and block.owned and attempt < CLAIM_ATTEMPTS - 1:
+                continue
+            if lock_timeout(exc) and not wait:
+                raise InFlightError(
+                    "another transaction with this key is running; retry after it ends",
+                    retry_after=1.0,
+                ) from exc
+            typed = schema_missing(exc, table)
+            if typed is exc:
+                raise
+            raise typed from exc
+        if found is None:  # the row vanished between the two statements (a reaper): again
+            yield Leave(block, False)
+            continue
+        new, point, result = found
+        if isinstance(result, memoryview):
+            result = bytes(result)
+        return Claim(block, new, point, result)
+    raise InFlightError(  # pragma: no cover - CLAIM_ATTEMPTS conflicts in a row
+        "could not claim the key: too many serialization failures in a row", retry_after=0.1
+    )
+
+
+def finish_plan(
+    c: SqlConnection, table: str, key: RecordKey, claim: Claim, ok: bool, result: bytes | None
+) -> Plan[None]:
+    """Close the block of ``claim``: on a new claim that went ``ok``, write ``result`` (when not
+    None) and commit; otherwise (an error, or a replay) roll the block back."""
+    if not (ok and claim.new):
+        yield Leave(claim.block, False)
+        return
+    if result is None:
+        yield Leave(claim.block, True)
+        return
+    t = quote(table, c.dialect)
+    yield ExecLeave(  # with psycopg: the UPDATE and the COMMIT in one round trip
+        claim.block,
+        f"UPDATE {t} SET result = :result WHERE scope = :scope AND digest = :digest",
+        {"scope": key.scope, "digest": digest_bytes(key), "result": result},
+    )
+
+
+class Transaction:
+    """The handle of ``with oncely.sql.transaction(...) as tx`` (see :func:`transaction`).
+
+    ``tx.replayed``: the key was completed by an earlier transaction; ``tx.result``: the stored
+    result then (decoded by the codec), or what :meth:`set_result` was given; ``tx.owned``: the
+    block began (and commits) the transaction, rather than a savepoint in the caller's.
+    """
+
+    def __init__(
+        self,
+        conn: Any,
+        *,
+        key: str,
+        scope: object,
+        table: str = DEFAULT_TABLE,
+        codec: Codec | None = None,
+        wait: bool = True,
+    ) -> None:
+        self.key = record_key(key, scope)
+        self.conn = adapt(conn)
+        self.conn.quote(table)
+        self.table = table
+        self.codec: Codec = codec if codec is not None else _DEFAULT_CODEC
+        self.wait = wait
+        self._claim: Claim | None = None
+        self._result: Any = _UNSET
+
+    @property
+    def replayed(self) -> bool:
+        return self._claim is not None and not self._claim.new
+
+    @property
+    def owned(self) -> bool:
+        return self._claim is not None and self._claim.block.owned
+
+    @property
+    def result(self) -> Any:
+        if self._result is _UNSET:
+            return None
+        return self._result
+
+    def set_result(self, value: Any) -> None:
+        """Store ``value`` (encoded by the codec, JSON by default) with the commit; a retry
+        replays it as ``tx.result``. Raises :class:`~oncely.errors.SerializationError` now if
+        it cannot be stored."""
+        if self.replayed:
+            raise ConfigurationError(
+                "set_result on a replayed transaction (tx.replayed is true): return tx.result "
+                "instead of running the operation again"
+            )
+        self._encoded = None if value is None else self.codec.encode(value)
+        self._result = value
+
+    _encoded: bytes | None = None
+
+    def _entered(self, claim: Claim) -> Transaction:
+        self._claim = claim
+        if not claim.new:
+            if claim.recovery_point != FINISHED:
+                raise InFlightError(
+                    f"the key belongs to an unfinished multi-step operation (at recovery point "
+                    f"{claim.recovery_point!r}); resume it with the same key",
+                    retry_after=1.0,
+                )
+            self._result = None if claim.result is None else self.codec.decode(claim.result)
+        return self
+
+    def __enter__(self) -> Transaction:
+        claim: Claim = run(claim_plan(self.conn, self.table, self.key, wait=self.wait), self.conn)
+        try:
+            return self._entered(claim)
+        except BaseException:
+            run(finish_plan(self.conn, self.table, self.key, claim, False, None), self.conn)
+            raise
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._claim is not None
+        run(
+            finish_plan(self.conn, self.table, self.key, self._claim, exc is None, self._encoded),
+            self.conn,
+        )
+
+    async def __aenter__(self) -> Transaction:
+        claim: Claim = await arun(
+            claim_plan(self.conn, self.table, self.key, wait=self.wait), self.conn
+        )
+        try:
+            return self._entered(claim)
+        except BaseException:
+            await arun(finish_plan(self.conn, self.table, self.key, claim, False, None), self.conn)
+            raise
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._claim is not None
+        await arun(
+            finish_plan(self.conn, self.table, self.key, self._claim, exc is None, self._encoded),
+            self.conn,
+        )
+
+
+def transaction(
+    conn: Any,
+    *,
+    key: str,
+    scope: object,
+    table: str = DEFAULT_TABLE,
+    codec: Codec | None = None,
+    wait: bool = True,
+) -> Transaction:
+    """``with`` / ``async with``: claim ``key`` in ``scope`` and commit it together with the
+    block's writes (see the module docstring).
+
+    :param conn: what the caller holds (:func:`oncely.sql.connections.adapt`): a DB-API
+        connection, an SQLAlchemy Connection/Session (sync or async), ``django.db.connection``.
+    :param key: the idempotency key, a non-empty str of at most 255 characters (stored as its
+        SHA-256 digest).
+    :param scope: whose key space (tenant/user/client id), or :data:`oncely.sql.GLOBAL`.
+    :param table: the keys table (:func:`oncely.sql.create_tables` creates it).
+    :param codec: how ``set_result`` values are stored (default :class:`~oncely.codecs.JsonCodec`).
+    :param wait: True (default): a concurrent duplicate waits for the first transaction to
+        end, then replays its result. False: raise :class:`~oncely.errors.InFlightError` at
+        once instead (PostgreSQL: ``lock_timeout`` of 5 ms for the claim, local to the
+        transaction; MySQL: ``innodb_lock_wait_timeout`` of 1 s, its minimum, set back to 50 s,
+        the server default, after the claim; SQLite has one writer at a time, so a duplicate
+        always waits there for ``BEGIN IMMEDIATE``).
+    """
+    return Transaction(conn, key=key, scope=scope, table=table, codec=codec, wait=wait)

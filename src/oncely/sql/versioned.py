@@ -1,0 +1,231 @@
+"""Versioned updates: optimistic locking on a row of the user's own table (source §3.3).
+
+The source's optimistic update (``UPDATE t SET balance = ?, version = version + 1 WHERE id = ?
+AND version = ?``) is right until its result is ignored: when another writer got there first
+the statement changes zero rows, nobody looks, and the caller's change is silently lost.
+:func:`versioned_update` runs that statement and never lets zero rows pass: it returns the new
+version, or raises
+
+* :class:`~oncely.errors.StaleVersion` (``expected``, ``current``): the row is at another
+  version; read it again, recompute, retry (:func:`oncely.optimistic.retry_on_conflict`);
+* :class:`~oncely.errors.NotFound`: there is no such row (never was, or deleted meanwhile);
+* :class:`~oncely.errors.UnversionedRow`: the row's version column is NULL.
+
+Nothing is written in those cases. The statement runs in the caller's transaction (commit as
+usual; on an error roll back before the next attempt, so that the next read is fresh).
+
+Statements per dialect (the decision is always the one ``UPDATE``; nothing is read first):
+
+* PostgreSQL, and SQLite >= 3.35: ``UPDATE t SET …, version = version + 1 WHERE id = :id AND
+  version = :expected RETURNING version``: one statement on success.
+* MariaDB / MySQL (no ``UPDATE … RETURNING``, even in MariaDB 11): the same ``UPDATE`` without
+  ``RETURNING``; its row count decides, and the new version is ``expected + 1`` (the statement
+  matched exactly that version and added one).
+* Zero rows, every dialect: one ``SELECT version FROM t WHERE id = :id`` in the same
+  transaction tells a stale version from a missing row or a NULL version (MariaDB: ``LOCK IN
+  SHARE MODE``, a locking read that sees the latest committed row, not the REPEATABLE READ
+  snapshot). It only reports; the write was already refused.
+
+The table needs an integer version column, ``NOT NULL`` (start it at 1)::
+
+    CREATE TABLE accounts (id BIGINT PRIMARY KEY, balance BIGINT NOT NULL,
+                           version BIGINT NOT NULL DEFAULT 1);
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any
+
+from oncely.backends.plans import Exec, Plan
+from oncely.errors import (
+    ConfigurationError,
+    InvalidIdentifier,
+    NotFound,
+    StaleVersion,
+    UnversionedRow,
+)
+from oncely.sql.connections import (
+    Dialect,
+    Result,
+    SqlConnection,
+    adapt,
+    arun,
+    missing_object,
+    quote,
+    run,
+)
+
+__all__ = ["aversioned_update", "versioned_update"]
+
+
+def _check_version(version: object) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ConfigurationError(
+            f"expected_version must be the int version you read (>= 0), not {version!r}"
+        )
+    return version
+
+
+def _statements(
+    conn: SqlConnection,
+    table: str,
+    changes: Mapping[str, Any],
+    id_column: str,
+    version_column: str,
+) -> tuple[str, str, dict[str, Any], bool]:
+    if not isinstance(changes, Mapping):
+        raise ConfigurationError(
+            f"changes must be a mapping of column -> value, not {type(changes).__name__}"
+        )
+    returning = conn.dialect == "postgresql" or (
+        conn.dialect == "sqlite" and conn.version >= (3, 35)
+    )
+    for name in (table, id_column, version_column, *changes):
+        if not isinstance(name, str):
+            raise InvalidIdentifier(
+                f"an SQL identifier must be a str, not {type(name).__name__} ({name!r})"
+            )
+    columns = tuple(changes)
+    update, select = _texts(conn.dialect, returning, table, columns, id_column, version_column)
+    params = {f"c{i}": value for i, value in enumerate(changes.values())}
+    return update, select, params, returning
+
+
+@lru_cache(maxsize=512)
+def _texts(
+    dialect: Dialect,
+    returning: bool,
+    table: str,
+    columns: tuple[str, ...],
+    id_column: str,
+    version_column: str,
+) -> tuple[str, str]:
+    """The UPDATE and the reporting SELECT (cached: names are validated once per shape)."""
+    t, idc, vc = quote(table, dialect), quote(id_column, dialect), quote(version_column, dialect)
+    if id_column == version_column:
+        raise ConfigurationError("id_column and version_column must be different columns")
+    sets: list[str] = []
+    for i, column in enumerate(columns):
+        if column in (id_column, version_column):
+            raise ConfigurationError(
+                f"changes must not set {column!r}: oncely sets the version and the id "
+                "selects the row"
+            )
+        sets.append(f"{quote(column, dialect)} = :c{i}")
+    sets.append(f"{vc} = {vc} + 1")
+    update = (
+        f"UPDATE {t} SET {', '.join(sets)} WHERE {idc} = :oncely_id AND {vc} = :oncely_expected"
+    )
+    if returning:
+        update += f" RETURNING {vc}"
+    lock = " LOCK IN SHARE MODE" if dialect == "mysql" else ""
+    select = f"SELECT {vc} FROM {t} WHERE {idc} = :oncely_id{lock}"
+    return update, select
+
+
+def _plan(
+    conn: SqlConnection,
+    table: str,
+    id: Any,
+    changes: Mapping[str, Any],
+    expected_version: int,
+    id_column: str,
+    version_column: str,
+) -> Plan[int]:
+    expected = _check_version(expected_version)
+    if id is None:
+        raise ConfigurationError("id must not be None: pass the primary key of the row to update")
+    update, select, params, returning = _statements(conn, table, changes, id_column, version_column)
+    params.update(oncely_id=id, oncely_expected=expected)
+    conn.check_usable()
+    entity = f"{table} {id_column}={id!r}"
+    try:
+        result: Result = yield Exec(update, params)
+        written = len(result.rows) if returning else result.rowcount
+        if written == 1:
+            return int(result.rows[0][0]) if returning else expected + 1
+        if written > 1:
+            raise ConfigurationError(
+                f"{update!r} changed {written} rows: {id_column!r} is not unique in "
+                f"{table!r}; roll the transaction back and use the primary key"
+            )
+        found: Result = yield Exec(select, {"oncely_id": id})
+    except Exception as exc:
+        typed = missing_object(exc)
+        if typed is not None:
+            raise typed from exc
+        raise
+    if not found.rows:
+        raise NotFound(
+            entity, f"{entity} does not exist (or was deleted meanwhile); nothing written"
+        )
+    current = found.rows[0][0]
+    if current is None:
+        raise UnversionedRow(
+            entity,
+            f"{entity} has a NULL {version_column!r}: no version to compare with; backfill it "
+            f"(UPDATE {table} SET {version_column} = 1 WHERE {version_column} IS NULL) and "
+            "declare the column NOT NULL DEFAULT 1",
+        )
+    try:
+        current = int(current)
+    except (TypeError, ValueError):
+        raise UnversionedRow(
+            entity, f"{entity}: {version_column!r} holds {current!r}, not an integer version"
+        ) from None
+    raise StaleVersion(entity, expected, current)
+
+
+def versioned_update(
+    conn: Any,
+    table: str,
+    id: Any,
+    changes: Mapping[str, Any],
+    expected_version: int,
+    *,
+    id_column: str = "id",
+    version_column: str = "version",
+) -> int:
+    """Set ``changes`` (column -> value) on row ``id`` of ``table`` if its ``version_column``
+    is still ``expected_version``, adding one to the version; return the new version.
+
+    ``conn`` is anything :func:`oncely.sql.connections.adapt` takes, used in its current
+    transaction: sqlite3, psycopg 3, PyMySQL, a SQLAlchemy ``Connection`` / ``Session``, or
+    Django's ``connection``. Table and column names are validated and quoted; values are bound
+    parameters. ``changes`` may be empty (only the version moves: a "touch").
+
+    :raises ~oncely.errors.StaleVersion: the row is at another version (``current``).
+    :raises ~oncely.errors.NotFound: no row has that id.
+    :raises ~oncely.errors.UnversionedRow: the row's version is NULL.
+    :raises ~oncely.errors.UnknownTable: / :raises ~oncely.errors.UnknownColumn: names the
+        database does not have. :raises ~oncely.errors.InvalidIdentifier: a name that is not
+        a plain identifier. :raises ~oncely.errors.TransactionFailed: the caller's
+        transaction already failed (roll it back first). :raises ConfigurationError: bad
+        arguments (changes naming the id or version column, a negative version).
+    """
+    sql = adapt(conn)
+    result: int = run(
+        _plan(sql, table, id, changes, expected_version, id_column, version_column), sql
+    )
+    return result
+
+
+async def aversioned_update(
+    conn: Any,
+    table: str,
+    id: Any,
+    changes: Mapping[str, Any],
+    expected_version: int,
+    *,
+    id_column: str = "id",
+    version_column: str = "version",
+) -> int:
+    """The async face of :func:`versioned_update`, for a psycopg ``AsyncConnection``, an
+    aiomysql connection, or a SQLAlchemy ``AsyncConnection`` / ``AsyncSession``."""
+    sql = adapt(conn)
+    result: int = await arun(
+        _plan(sql, table, id, changes, expected_version, id_column, version_column), sql
+    )
+    return result

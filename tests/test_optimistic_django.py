@@ -1,0 +1,216 @@
+"""VersionedModel on Django's ORM (SQLite and PostgreSQL): save() checks and bumps the version,
+save(update_fields=...) and QuerySet.update() cannot skip it (the trap is shown first), and 100
+concurrent increments through save() + retry_on_conflict end at exactly +100."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.db import connections, models
+from django.db.models import F
+
+from oncely.errors import NotFound, StaleVersion, VersionBypass
+from oncely.optimistic import retry_on_conflict
+
+# isort: off
+from http_apps import django_site  # configures Django before a model is declared
+from oncely.contrib.django.versioned import VersionedModel
+
+# isort: on
+
+pytestmark = pytest.mark.timeout(120)
+TAG = uuid.uuid4().hex[:8]
+
+
+class Account(VersionedModel):
+    balance = models.BigIntegerField(default=0)
+
+    class Meta:
+        app_label = "contenttypes"  # an installed app without oncely's migrations
+        db_table = f"opt_dj_acct_{TAG}"
+
+
+class StrictAccount(VersionedModel):
+    balance = models.BigIntegerField(default=0)
+    oncely_on_bulk = "refuse"
+
+    class Meta:
+        app_label = "contenttypes"
+        db_table = f"opt_dj_strict_{TAG}"
+
+
+@pytest.fixture(params=["default", "pg"])
+def alias(request: pytest.FixtureRequest) -> Iterator[str]:
+    name: str = request.param
+    schema = django_site.PG_SCHEMA
+    if name == "pg":
+        import psycopg
+
+        from conftest import POSTGRES_URL
+
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    with connections[name].schema_editor() as editor:
+        editor.create_model(Account)
+        editor.create_model(StrictAccount)
+    try:
+        yield name
+    finally:
+        with connections[name].schema_editor() as editor:
+            editor.delete_model(Account)
+            editor.delete_model(StrictAccount)
+        connections[name].close()
+        if name == "pg":
+            import psycopg
+
+            from conftest import POSTGRES_URL
+
+            with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+def _row(alias: str, model: Any = Account) -> tuple[int, int]:
+    obj = model.objects.using(alias).get(pk=1)
+    return obj.balance, obj.version
+
+
+def test_save_checks_and_bumps_the_version(alias: str) -> None:
+    a = Account.objects.using(alias).create(id=1, balance=0)
+    assert a.version == 1
+    b = Account.objects.using(alias).get(pk=1)
+    a.balance = 10
+    a.save(using=alias)
+    assert a.version == 2
+    b.balance = 99
+    with pytest.raises(StaleVersion) as info:
+        b.save(using=alias)
+    assert (info.value.expected, info.value.current) == (1, 2)
+    assert b.version == 1  # the failed save leaves the instance as it was
+    assert _row(alias) == (10, 2)
+    b.refresh_from_db(using=alias)
+    b.balance = 11
+    b.save(using=alias)
+    assert _row(alias) == (11, 3)
+
+
+def test_update_fields_without_the_version_still_checks_it(alias: str) -> None:
+    Account.objects.using(alias).create(id=1, balance=0)
+    a = Account.objects.using(alias).get(pk=1)
+    b = Account.objects.using(alias).get(pk=1)
+    a.balance = 5
+    a.save(using=alias, update_fields=["balance"])  # django-concurrency's FAQ case
+    assert a.version == 2 and _row(alias) == (5, 2)
+    b.balance = 7
+    with pytest.raises(StaleVersion):
+        b.save(using=alias, update_fields=["balance"])
+    assert _row(alias) == (5, 2)
+
+
+def test_the_queryset_update_trap_and_its_guard(alias: str) -> None:
+    Account.objects.using(alias).create(id=1, balance=0)
+    # The trap: a bulk update that does not move the version is lost to a stale save.
+    stale = Account.objects.using(alias).get(pk=1)
+    Account.objects.using(alias).filter(pk=1).update_unversioned(balance=500)
+    stale.balance += 1
+    stale.save(using=alias)
+    assert _row(alias) == (1, 2), "the unguarded bulk change should have been lost"
+    # Guarded: update() bumps the version, so the stale save fails and the bulk change stays.
+    stale = Account.objects.using(alias).get(pk=1)
+    assert Account.objects.using(alias).filter(pk=1).update(balance=500) == 1
+    stale.balance += 1
+    with pytest.raises(StaleVersion):
+        stale.save(using=alias)
+    assert _row(alias) == (500, 3)
+    # An update that sets the version itself is left alone.
+    Account.objects.using(alias).filter(pk=1).update(balance=501, version=F("version") + 5)
+    assert _row(alias) == (501, 8)
+
+
+def test_bulk_update_bumps_and_reads_the_versions_back(alias: str) -> None:
+    objs = [Account.objects.using(alias).create(id=i, balance=0) for i in (1, 2)]
+    stale = Account.objects.using(alias).get(pk=1)
+    for o in objs:
+        o.balance = 9
+    Account.objects.using(alias).bulk_update(objs, ["balance"])
+    assert [o.version for o in objs] == [2, 2]
+    with pytest.raises(StaleVersion):
+        stale.save(using=alias)
+    objs[0].balance = 10
+    objs[0].save(using=alias)  # the instances carry their new version
+    assert _row(alias) == (10, 3)
+
+
+def test_refuse_mode_writes_nothing(alias: str) -> None:
+    StrictAccount.objects.using(alias).create(id=1, balance=0)
+    with pytest.raises(VersionBypass, match="update"):
+        StrictAccount.objects.using(alias).filter(pk=1).update(balance=5)
+    obj = StrictAccount.objects.using(alias).get(pk=1)
+    obj.balance = 6
+    with pytest.raises(VersionBypass):
+        StrictAccount.objects.using(alias).bulk_update([obj], ["balance"])
+    assert _row(alias, StrictAccount) == (0, 1)
+
+
+def test_a_deleted_row_is_not_found_not_recreated(alias: str) -> None:
+    Account.objects.using(alias).create(id=1, balance=0)
+    a = Account.objects.using(alias).get(pk=1)
+    Account.objects.using(alias).filter(pk=1).delete()
+    a.balance = 3
+    with pytest.raises(NotFound):
+        a.save(using=alias)
+    assert not Account.objects.using(alias).filter(pk=1).exists()
+
+
+def test_100_increments_from_10_threads(alias: str) -> None:
+    Account.objects.using(alias).create(id=1, balance=0)
+    barrier = threading.Barrier(10)
+    conflicts = 0
+    lock = threading.Lock()
+
+    def counted(*_: Any) -> None:
+        nonlocal conflicts
+        with lock:
+            conflicts += 1
+
+    @retry_on_conflict(attempts=5000, base_delay=0.001, max_delay=0.02, on_retry=counted)
+    def deposit() -> None:
+        obj = Account.objects.using(alias).get(pk=1)
+        obj.balance += 1
+        obj.save(using=alias)
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            for _ in range(10):
+                deposit()
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=worker) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert _row(alias) == (100, 101)
+    assert conflicts > 0, "no thread ever lost a race: the test proves nothing"
+
+
+async def test_asave_goes_through_the_check(alias: str) -> None:
+    def setup() -> tuple[Any, Any]:
+        Account.objects.using(alias).create(id=1, balance=0)
+        return Account.objects.using(alias).get(pk=1), Account.objects.using(alias).get(pk=1)
+
+    from asgiref.sync import sync_to_async
+
+    a, b = await sync_to_async(setup)()
+    a.balance = 1
+    await a.asave(using=alias)
+    b.balance = 2
+    with pytest.raises(StaleVersion):
+        await b.asave(using=alias)
+    await asyncio.sleep(0)

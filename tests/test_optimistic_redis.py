@@ -1,0 +1,207 @@
+"""RedisVersioned on the real Redis: compare-and-set in one script, exact under 32 concurrent
+clients (threads and asyncio tasks), while the unchecked read-modify-write loses updates."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+import redis.asyncio
+
+from oncely.errors import ConfigurationError, NotFound, StaleVersion, UnversionedRow
+from oncely.optimistic import retry_on_conflict
+from oncely.optimistic.redis import RedisVersioned
+
+from conftest import REDIS_URL
+
+CLIENTS = 32
+PER_CLIENT = 5
+
+
+@pytest.fixture
+def key() -> Iterator[str]:
+    name = f"oncely-test-cas:{uuid.uuid4().hex}"
+    yield name
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(name)
+    client.close()
+
+
+def test_get_set_merge_delete_round_trip(key: str) -> None:
+    store = RedisVersioned(REDIS_URL)
+    try:
+        assert store.get(key) == ({}, 0)
+        assert store.set(key, {"a": 1, "b": "x", "c": b"\x00\xff", "d": 1.5}, 0) == 1
+        assert store.get(key) == ({"a": b"1", "b": b"x", "c": b"\x00\xff", "d": b"1.5"}, 1)
+        assert store.set(key, {"a": 2}, 1) == 2  # replace: b, c, d are gone
+        assert store.get(key) == ({"a": b"2"}, 2)
+        assert store.set(key, {"z": "new"}, 2, merge=True) == 3
+        assert store.get(key) == ({"a": b"2", "z": b"new"}, 3)
+        store.delete(key, 3)
+        assert store.get(key) == ({}, 0)
+    finally:
+        store.close()
+
+
+def test_stale_writes_change_nothing(key: str) -> None:
+    store = RedisVersioned(REDIS_URL)
+    try:
+        store.set(key, {"a": 1}, 0)
+        store.set(key, {"a": 2}, 1)
+        with pytest.raises(StaleVersion) as info:
+            store.set(key, {"a": "lost"}, 1)
+        assert (info.value.expected, info.value.current) == (1, 2)
+        assert key in info.value.entity
+        with pytest.raises(StaleVersion) as created:
+            store.set(key, {"a": "again"}, 0)  # someone created it first
+        assert created.value.current == 2
+        with pytest.raises(StaleVersion):
+            store.delete(key, 1)
+        assert store.get(key) == ({"a": b"2"}, 2)
+        store.delete(key, 2)
+        with pytest.raises(NotFound):
+            store.set(key, {"a": 3}, 2)
+        with pytest.raises(NotFound):
+            store.delete(key, 2)
+        assert store.get(key) == ({}, 0)
+    finally:
+        store.close()
+
+
+def test_bad_input_is_typed_and_writes_nothing(key: str) -> None:
+    store = RedisVersioned(REDIS_URL)
+    raw = redis.Redis.from_url(REDIS_URL)
+    try:
+        with pytest.raises(ConfigurationError):
+            store.set(key, {"_version": 5}, 0)
+        with pytest.raises(ConfigurationError):
+            store.set(key, {"a": None}, 0)
+        with pytest.raises(ConfigurationError):
+            store.set(key, {"a": 1}, -1)
+        with pytest.raises(ConfigurationError):
+            store.set(key, {"a": 1}, True)
+        with pytest.raises(ConfigurationError):
+            store.set("", {"a": 1}, 0)
+        with pytest.raises(ConfigurationError):
+            store.delete(key, 0)
+        assert raw.exists(key) == 0
+        raw.hset(key, mapping={"a": "plain"})  # a hash nobody versioned
+        with pytest.raises(UnversionedRow):
+            store.get(key)
+        with pytest.raises(UnversionedRow):
+            store.set(key, {"a": 1}, 1)
+        raw.hset(key, "_version", "x1")
+        with pytest.raises(UnversionedRow):
+            store.set(key, {"a": 1}, 1)
+        assert raw.hget(key, "a") == b"plain"
+        raw.delete(key)
+        raw.set(key, "a string")
+        with pytest.raises(UnversionedRow, match="not a versioned hash"):
+            store.set(key, {"a": 1}, 1)
+        assert raw.get(key) == b"a string"
+        with pytest.raises(ConfigurationError):
+            RedisVersioned(42)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError):
+            RedisVersioned("http://x")
+    finally:
+        raw.close()
+        store.close()
+
+
+def test_32_threads_each_with_its_own_client_count_exactly(key: str) -> None:
+    RedisVersioned(REDIS_URL).set(key, {"n": 0}, 0)
+    conflicts = 0
+    lock = threading.Lock()
+
+    def count(*_: object) -> None:
+        nonlocal conflicts
+        with lock:
+            conflicts += 1
+
+    def worker() -> None:
+        store = RedisVersioned(REDIS_URL)
+
+        @retry_on_conflict(attempts=1000, base_delay=0.001, max_delay=0.05, on_retry=count)
+        def increment() -> int:
+            fields, version = store.get(key)
+            return store.set(key, {"n": int(fields["n"]) + 1}, version)
+
+        try:
+            for _ in range(PER_CLIENT):
+                increment()
+        finally:
+            store.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    fields, version = RedisVersioned(REDIS_URL).get(key)
+    assert int(fields["n"]) == CLIENTS * PER_CLIENT
+    assert version == 1 + CLIENTS * PER_CLIENT
+    assert conflicts > 0, "the clients never raced: the test proves nothing"
+
+
+def test_the_unchecked_loop_loses_updates(key: str) -> None:
+    """The source's shape: read, compute, write back without a version check."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.hset(key, "n", 0)
+    barrier = threading.Barrier(CLIENTS)
+
+    def worker() -> None:
+        client = redis.Redis.from_url(REDIS_URL)
+        barrier.wait()
+        for _ in range(PER_CLIENT):
+            n = int(client.hget(key, "n"))  # type: ignore[arg-type]
+            client.hset(key, "n", n + 1)
+        client.close()
+
+    threads = [threading.Thread(target=worker) for _ in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = int(raw.hget(key, "n"))  # type: ignore[arg-type]
+    raw.close()
+    assert final < CLIENTS * PER_CLIENT, "the unchecked loop lost no update this time"
+
+
+async def test_32_asyncio_clients_count_exactly(key: str) -> None:
+    seed = RedisVersioned(REDIS_URL)
+    await seed.aset(key, {"n": 0}, 0)
+
+    async def client() -> None:
+        store = RedisVersioned(redis.asyncio.Redis.from_url(REDIS_URL))
+
+        @retry_on_conflict(attempts=1000, base_delay=0.001, max_delay=0.05)
+        async def increment() -> int:
+            fields, version = await store.aget(key)
+            await asyncio.sleep(0)  # let the others read the same version
+            return await store.aset(key, {"n": int(fields["n"]) + 1}, version)
+
+        for _ in range(PER_CLIENT):
+            await increment()
+        await store.redis.aclient().aclose()
+
+    await asyncio.gather(*(client() for _ in range(CLIENTS)))
+    fields, version = await seed.aget(key)
+    assert int(fields["n"]) == CLIENTS * PER_CLIENT and version == 1 + CLIENTS * PER_CLIENT
+    await seed.adelete(key, version)
+    assert await seed.aget(key) == ({}, 0)
+    await seed.aclose()
+
+
+async def test_a_client_of_one_face_refuses_the_other() -> None:
+    sync_only = RedisVersioned(redis.Redis.from_url(REDIS_URL))
+    with pytest.raises(ConfigurationError):
+        await sync_only.aget("k")
+    async_client = redis.asyncio.Redis.from_url(REDIS_URL)
+    async_only = RedisVersioned(async_client)
+    with pytest.raises(ConfigurationError):
+        async_only.get("k")
+    await async_client.aclose()

@@ -1,0 +1,177 @@
+"""insert_once on real SQLite, PostgreSQL and MariaDB: one row whatever the concurrency, every
+caller gets that row, a duplicate is never an exception; bad input gives typed errors."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from oncely.errors import ConfigurationError, InvalidIdentifier, UnknownColumn, UnknownTable
+from oncely.sql import ainsert_once, insert_once
+
+from sql_fixtures import Db
+from sql_workers import insert_once_worker
+
+pytest_plugins = ["sql_fixtures"]
+
+
+def _orders(db: Db) -> str:
+    table = db.name("orders")
+    key = "INTEGER PRIMARY KEY" if db.dialect == "sqlite" else "SERIAL PRIMARY KEY"
+    if db.dialect == "mysql":
+        key = "INTEGER AUTO_INCREMENT PRIMARY KEY"
+    db.run(
+        f"CREATE TABLE {table} (id {key}, order_no VARCHAR(40) NOT NULL UNIQUE, "
+        "amount INTEGER NOT NULL)"
+    )
+    return table
+
+
+def test_created_then_duplicate_returns_the_same_row(db: Db) -> None:
+    table = _orders(db)
+    conn = db.connect()
+    row, created = insert_once(conn, table, {"order_no": "A-1", "amount": 5}, unique=("order_no",))
+    assert created and row["order_no"] == "A-1" and row["amount"] == 5
+    conn.commit()
+    again, created2 = insert_once(
+        conn, table, {"order_no": "A-1", "amount": 7}, unique=("order_no",)
+    )
+    assert not created2 and again == row
+    conn.commit()
+    assert db.run(f"SELECT COUNT(*) FROM {table}") == [(1,)]
+
+
+def test_32_threads_one_row_everyone_gets_it(db: Db) -> None:
+    table = _orders(db)
+    barrier = threading.Barrier(32)
+
+    def one(n: int) -> tuple[Any, ...]:
+        conn = db.connect()
+        try:
+            barrier.wait(30)
+            row, created = insert_once(
+                conn, table, {"order_no": "A-1", "amount": n}, unique=("order_no",)
+            )
+            conn.commit()
+            return (row["id"], row["amount"], created)
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(one, range(32)))
+    assert sum(created for _, _, created in results) == 1
+    assert len({(i, a) for i, a, _ in results}) == 1
+    assert db.run(f"SELECT COUNT(*) FROM {table}") == [(1,)]
+
+
+@pytest.mark.slow
+def test_32_processes_one_row_everyone_gets_it(db: Db) -> None:
+    table = _orders(db)
+    ctx = multiprocessing.get_context("fork")
+    barrier, out = ctx.Barrier(32), ctx.Queue()
+    procs = [
+        ctx.Process(target=insert_once_worker, args=(db, table, barrier, n, out)) for n in range(32)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert sum(created for _, _, created in results) == 1
+    assert len({(i, a) for i, a, _ in results}) == 1
+    assert db.run(f"SELECT COUNT(*) FROM {table}") == [(1,)]
+
+
+def test_postgres_serializable_conflict_is_retryable(make_db: Any) -> None:
+    from oncely.sql import retryable
+
+    db = make_db("postgresql")
+    table = _orders(db)
+    a, b = db.connect(), db.connect()
+    b.execute("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE")
+    b.execute("SELECT 1").fetchall()  # b's snapshot predates a's row
+    insert_once(a, table, {"order_no": "A-1", "amount": 1}, unique=("order_no",))
+    a.commit()
+    with pytest.raises(Exception) as info:
+        insert_once(b, table, {"order_no": "A-1", "amount": 2}, unique=("order_no",))
+    assert retryable(info.value)
+    b.rollback()
+    row, created = insert_once(b, table, {"order_no": "A-1", "amount": 2}, unique=("order_no",))
+    assert not created and row["amount"] == 1
+
+
+async def test_async_twin(db: Db) -> None:
+    table = _orders(db)
+    conn = await db.aconnect()
+    row, created = await ainsert_once(
+        conn, table, {"order_no": "B-1", "amount": 1}, unique=("order_no",)
+    )
+    again, created2 = await ainsert_once(
+        conn, table, {"order_no": "B-1", "amount": 2}, unique=("order_no",)
+    )
+    assert created and not created2 and again == row
+    await conn.commit()
+    await db.aclose()
+
+
+def test_sqlalchemy_session(db: Db) -> None:
+    pytest.importorskip("sqlalchemy")
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import Session
+
+    table = _orders(db)
+    engine = create_engine(db.url())
+    try:
+        with Session(engine) as session:
+            _, created = insert_once(
+                session, table, {"order_no": "C-1", "amount": 1}, unique=("order_no",)
+            )
+            _, created2 = insert_once(
+                session, table, {"order_no": "C-1", "amount": 1}, unique=("order_no",)
+            )
+            session.commit()
+        assert created and not created2
+    finally:
+        engine.dispose()
+
+
+def test_bad_input_is_typed_and_writes_nothing(db: Db) -> None:
+    table = _orders(db)
+    conn = db.connect()
+    with pytest.raises(InvalidIdentifier):
+        insert_once(conn, f"{table}; DROP TABLE x", {"order_no": "A"}, unique=("order_no",))
+    with pytest.raises(InvalidIdentifier):
+        insert_once(conn, table, {"order_no": "A", "amount = 1 --": 1}, unique=("order_no",))
+    with pytest.raises(ConfigurationError, match="non-NULL"):
+        insert_once(conn, table, {"amount": 1}, unique=("order_no",))
+    with pytest.raises(UnknownTable):
+        insert_once(conn, f"nope_{db.tag}", {"order_no": "A"}, unique=("order_no",))
+    conn.rollback()
+    with pytest.raises(UnknownColumn):
+        insert_once(conn, table, {"order_no": "A", "nope": 1}, unique=("order_no",))
+    conn.rollback()
+    if db.dialect != "mysql":  # MySQL's INSERT names no conflict target
+        with pytest.raises(ConfigurationError, match="no unique constraint"):
+            insert_once(conn, table, {"order_no": "A", "amount": 1}, unique=("amount",))
+        conn.rollback()
+    conn.commit()
+    assert db.run(f"SELECT COUNT(*) FROM {table}") == [(0,)]
+
+
+def test_failed_transaction_is_refused(make_db: Any) -> None:
+    from oncely.errors import TransactionFailed
+
+    db = make_db("postgresql")
+    table = _orders(db)
+    conn = db.connect()
+    with pytest.raises(Exception, match="division by zero"):
+        conn.execute("SELECT 1/0")
+    with pytest.raises(TransactionFailed, match="roll it back"):
+        insert_once(conn, table, {"order_no": "A", "amount": 1}, unique=("order_no",))
+    conn.rollback()
+    assert insert_once(conn, table, {"order_no": "A", "amount": 1}, unique=("order_no",))[1]
