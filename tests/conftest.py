@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -19,7 +20,8 @@ REDIS_URL = os.environ.get("ONCELY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("ONCELY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("ONCELY_TEST_MYSQL", "mysql://root@127.0.0.1:3306/test")
 
-STORE_KINDS = ["memory", "sqlite", "postgres", "mysql", "redis"]
+#: ``redis-cluster``: a private 6-node Redis Cluster (tests/redis_cluster.py), started on first use.
+STORE_KINDS = ["memory", "sqlite", "postgres", "mysql", "redis", "redis-cluster"]
 #: Stores that other processes can share (everything but memory://).
 SHARED_KINDS = ["sqlite", "postgres", "mysql", "redis"]
 
@@ -39,6 +41,12 @@ def store_url(kind: str, tmp_path: Path) -> tuple[str, dict[str, object]]:
         return MYSQL_URL, {"table": f"oncely_t_{tag}", "create_schema": True}
     if kind == "redis":
         return REDIS_URL, {"prefix": f"oncely-test-{tag}"}
+    if kind == "redis-cluster":
+        if shutil.which("redis-server") is None:  # pragma: no cover - depends on the machine
+            pytest.skip("redis-server is not installed")
+        from redis_cluster import cluster_url
+
+        return cluster_url(), {"prefix": f"oncely-test-{tag}"}
     raise AssertionError(kind)
 
 
@@ -67,6 +75,16 @@ def drop(kind: str, store: Store) -> None:
         if keys:
             client.delete(*keys)
         client.close()
+    elif kind == "redis-cluster":
+        import redis.cluster
+
+        from redis_cluster import cluster_url
+
+        host, port = cluster_url().split("://")[1].split(",")[0].split(":")
+        cluster = redis.cluster.RedisCluster(host=host, port=int(port))
+        for key in cluster.scan_iter(match=f"{store.prefix}:*"):  # type: ignore[attr-defined]
+            cluster.delete(key)
+        cluster.close()
 
 
 StoreFactory = Callable[[str], tuple[Store, str, dict[str, object]]]

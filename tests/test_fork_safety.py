@@ -20,6 +20,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +145,94 @@ def test_a_store_opened_before_fork_serves_parent_and_children(
     assert round_trips(store, "after", 5) == []
 
 
+def test_a_pipelined_redis_store_never_shares_its_pipelines_with_children() -> None:
+    """The auto-pipelines (:mod:`oncely.backends.autopipe`) hold their own connections, outside
+    redis-py's pools (which reset themselves in a child): the group-commit pipeline of the
+    threads and one pipeline per event loop, with its sender and reader tasks. A child that
+    kept the parent's would write on the parent's socket and read its replies. Here the parent
+    keeps both faces busy (threads, and a loop of its own in a thread) while the children
+    work; every process must get only its own answers, and each child's pipelines must be new."""
+    from oncely.backends.autopipe import AsyncPipeline, SyncPipeline
+    from oncely.stores.redis import RedisStore
+
+    store = RedisStore(REDIS_URL, prefix=f"oncely-fork-{uuid.uuid4().hex[:8]}")
+    redis = store.redis
+    sync_pipe = redis._pipeline
+    assert isinstance(sync_pipe, SyncPipeline)
+    assert round_trips(store, "before", 3) == []
+    parents_socket = sync_pipe._connection._sock
+    assert parents_socket is not None
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    async def async_round_trips(tag: str, rounds: int) -> list[str]:
+        problems = []
+        for _ in range(rounds):
+            key = RecordKey("fork", uuid.uuid4().hex * 2)
+            outcome = await store.aclaim(key, tag, 5, 60)
+            if not isinstance(outcome, New):
+                problems.append(f"async: fresh key claimed as {outcome!r}")
+                continue
+            await store.acomplete(key, outcome.fence, tag.encode(), "raw", 60)
+            record = await store.aget(key)
+            if record is None or record.result != tag.encode():
+                problems.append(f"async: read back {record!r}")
+        return problems
+
+    def on_parents_loop(tag: str, rounds: int) -> list[str]:
+        return asyncio.run_coroutine_threadsafe(async_round_trips(tag, rounds), loop).result(30)
+
+    try:
+        assert on_parents_loop("before", 3) == []
+        parents_apipe = asyncio.run_coroutine_threadsafe(_ascripts(redis), loop).result(5)
+        assert isinstance(parents_apipe, AsyncPipeline) and parents_apipe._session is not None
+
+        def child(index: int) -> list[str]:
+            tag = f"child{index}"
+            problems = []
+            if sync_pipe._connection is not None:
+                problems.append("the child kept the parent's pipelined connection")
+            if not parents_apipe._closed or parents_apipe._session is not None:
+                problems.append("the parent loop's pipeline stayed usable in the child")
+            problems += round_trips(store, tag)
+            sock = sync_pipe._connection and sync_pipe._connection._sock
+            if sock is None or sock is parents_socket:
+                problems.append(f"the child's pipeline writes on {sock!r}")
+
+            async def async_face() -> list[str]:
+                mine = await _ascripts(redis)
+                found = [] if mine is not parents_apipe else ["the parent's async pipeline"]
+                return found + await async_round_trips(tag, ROUNDS)
+
+            problems += asyncio.run(async_face())
+            if inherited_count() == 0:
+                problems.append("nothing was set aside: the parent's pipelines were reused")
+            return problems
+
+        def parent() -> list[str]:
+            with ThreadPoolExecutor(4) as pool:
+                futures = [pool.submit(round_trips, store, f"parent{i}") for i in range(3)]
+                futures.append(pool.submit(on_parents_loop, "parent-async", ROUNDS))
+                return [p for f in futures for p in f.result()]
+
+        in_children(child, parent)
+        assert round_trips(store, "after", 5) == []
+        assert on_parents_loop("after", 5) == []
+        assert sync_pipe._connection._sock is parents_socket  # the parent's own, still in use
+    finally:
+        asyncio.run_coroutine_threadsafe(redis.aclose(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(5)
+        loop.close()
+        store.close()
+
+
+async def _ascripts(redis: Any) -> Any:
+    return redis.ascripts()
+
+
 LOCK_URLS = {
     "sqlite": lambda tmp: f"sqlite:///{tmp}/locks.db",
     "postgres": lambda tmp: POSTGRES_URL,
@@ -216,15 +305,19 @@ def test_a_lock_held_at_fork_stays_the_parents(kind: str, tmp_path: Any) -> None
     lock.release()
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
 def test_a_lock_another_thread_held_at_fork_does_not_hang_the_child(
     kind: str, make_store: StoreFactory
 ) -> None:
     """Only the forking thread survives a fork; a lock another thread held stays locked in the
-    child forever unless it is made anew."""
+    child forever unless it is made anew (on Redis: the group-commit pipeline's mutex)."""
     store = make_store(kind)[0]
     assert round_trips(store, "before", 1) == []
-    held = store._cond if kind == "memory" else store._connections._lock  # type: ignore[attr-defined]
+    held = {
+        "memory": lambda: store._cond,  # type: ignore[attr-defined]
+        "sqlite": lambda: store._connections._lock,  # type: ignore[attr-defined]
+        "redis": lambda: store.redis._pipeline._mutex,  # type: ignore[attr-defined]
+    }[kind]()
     inside, leave = threading.Event(), threading.Event()
 
     def hold() -> None:

@@ -153,3 +153,62 @@ async def test_async_redlock(redlock_nodes: list[RedisServer], prefix: str) -> N
             assert await lock.aextend() > 4
     finally:
         redlock_nodes[0].resume()
+
+
+def test_a_late_minority_does_not_lose_the_lock(
+    redlock_nodes: list[RedisServer], prefix: str
+) -> None:
+    """Red-team fault: one node of three stops answering after the acquire. Its extend times out
+    (node_timeout) long after the other two confirmed; the lock still holds on that majority
+    for ``ttl - drift`` from the send, so neither extend() nor check() may report LockLost.
+    (The old code subtracted the straggler's delay from the validity and then counted that
+    from the send again, so check() right after extend() raised LockLost.)"""
+    urls = [s.url for s in redlock_nodes]
+    lock = Redlock(urls, unique_name(), ttl=2, prefix=prefix, node_timeout=1.2)
+    lock.acquire(timeout=2)
+    redlock_nodes[2].pause()
+    try:
+        sent = time.monotonic()
+        validity = lock.extend()
+        assert time.monotonic() - sent >= 1.1  # the straggler was waited for
+        assert validity == pytest.approx(2 - drift(2))
+    finally:
+        redlock_nodes[2].resume()
+    lock.check()  # no LockLost: a majority holds until sent + 2 - drift
+    assert lock.held
+    lock.release()
+
+
+async def test_a_late_minority_does_not_lose_the_lock_async(
+    redlock_nodes: list[RedisServer], prefix: str
+) -> None:
+    urls = [s.url for s in redlock_nodes]
+    lock = Redlock(urls, unique_name(), ttl=2, prefix=prefix, node_timeout=1.2)
+    await lock.aacquire(timeout=2)
+    redlock_nodes[0].pause()
+    try:
+        validity = await lock.aextend()
+        assert validity == pytest.approx(2 - drift(2))
+    finally:
+        redlock_nodes[0].resume()
+    await lock.acheck()
+    await lock.arelease()
+
+
+def test_a_quorum_confirmed_too_late_is_no_quorum() -> None:
+    """The other side of the rule: a majority that answered after ``ttl - drift`` proves
+    nothing (the first yes may have expired by then)."""
+    from oncely.locks.redlock import RedlockBackend
+
+    backend = RedlockBackend(
+        ["redis://127.0.0.1:1/0", "redis://127.0.0.1:2/0", "redis://127.0.0.1:3/0"]
+    )
+    started = 100.0
+    assert backend._validity(2.0, started, started + 0.5) == pytest.approx(2 - drift(2))
+    assert backend._validity(2.0, started, started + 2.0) is None
+    assert backend._validity(2.0, started, None) is None
+    answers: list[tuple[Any, float]] = [(2.0, 100.1), (2.0, 101.5), (None, 100.05)]
+    assert backend._extended(answers, 2.0, started) == pytest.approx(2 - drift(2))
+    late: list[tuple[Any, float]] = [(2.0, 100.1), (2.0, 102.5), (None, 100.05)]
+    assert backend._extended(late, 2.0, started) is None
+    backend.close()

@@ -22,6 +22,7 @@ from typer.testing import CliRunner
 
 from oncely import ConfigurationError, idempotent
 from oncely.cli import app
+from oncely.errors import StoreUnavailable
 from oncely.locks import Lock
 from oncely.stores import open_store
 
@@ -198,3 +199,55 @@ def test_a_misspelled_keyword_option_is_refused_when_the_store_opens(
         open_store(_url(template, tmp_path), **options)
     if near is not None:
         assert f"did you mean {near!r}" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"autopipeline": False},
+        {"autopipeline": True, "max_connections": 4, "pool_timeout": 0.5},
+        {"max_connections": 2},
+    ],
+    ids=["autopipeline", "bounded-pool", "max_connections"],
+)
+def test_oncelys_own_redis_options_are_accepted(options: dict[str, object]) -> None:
+    """``autopipeline`` and ``pool_timeout`` are oncely's options, not redis-py's: the check
+    against redis-py's names must let them through, and the store must work with them."""
+    store = open_store(REDIS_URL, prefix=f"oncely-opts-{uuid.uuid4().hex[:8]}", **options)
+    try:
+        assert store.now() > 0
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    ("options", "near"),
+    [({"autopipline": False}, "autopipeline"), ({"pool_timout": 1}, "pool_timeout")],
+    ids=["autopipline", "pool_timout"],
+)
+def test_a_misspelled_oncely_redis_option_is_refused(options: dict[str, object], near: str) -> None:
+    with pytest.raises(ConfigurationError, match=next(iter(options))) as caught:
+        open_store(REDIS_URL, **options)
+    assert f"did you mean {near!r}" in str(caught.value)
+
+
+def test_redis_cluster_options_are_checked_without_a_server() -> None:
+    """A cluster URL takes the cluster client's keyword options (``require_full_coverage``) and
+    redis-py's connection ones; a typo is refused with the closest name before any connection;
+    query options in a cluster URL (which the cluster client would not read) are refused."""
+    from oncely.backends.redis import RedisClients
+
+    url = "redis+cluster://127.0.0.1:1,127.0.0.1:2"
+    with pytest.raises(ConfigurationError, match="require_full_coverag") as caught:
+        RedisClients(url, require_full_coverag=True)
+    assert "did you mean 'require_full_coverage'" in str(caught.value)
+    with pytest.raises(ConfigurationError, match="socket_timout") as caught:
+        RedisClients(url, socket_timout=1)
+    assert "did you mean 'socket_timeout'" in str(caught.value)
+    with pytest.raises(ConfigurationError, match="keyword options"):
+        RedisClients(url + "/0?socket_timeout=1")
+    with pytest.raises(ConfigurationError, match="socket_timout"):
+        RedisClients(url + "?socket_timout=1")
+    # Known options pass the check: the only failure left is that nothing listens there.
+    with pytest.raises(StoreUnavailable):
+        RedisClients(url, require_full_coverage=True, autopipeline=False, pool_timeout=1)

@@ -16,15 +16,27 @@ import functools
 import inspect
 import socket
 import time
-from typing import Any, Final, Protocol, cast
-from urllib.parse import parse_qs, urlsplit
+import weakref
+from typing import Any, Final, NamedTuple, Protocol, cast
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterDownError,
+    MaxConnectionsError,
+    RedisClusterException,
+    RedisError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
+from oncely.backends.autopipe import AsyncPipeline, SyncPipeline
 from oncely.backends.loops import LoopLocal
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Command, Eval, Sleep
@@ -34,6 +46,7 @@ from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 
 __all__ = [
     "CONNECT_TIMEOUT",
+    "DRIVER_ERRORS",
     "READ_TIMEOUT",
     "AsyncClient",
     "AsyncPubSub",
@@ -82,6 +95,10 @@ class AsyncClient(Protocol):
     async def aclose(self) -> None: ...
 
 
+#: What redis-py raises: its errors, and the cluster client's own (not a RedisError).
+DRIVER_ERRORS: Final = (RedisError, RedisClusterException)
+
+
 def ms(seconds: float) -> int:
     """A duration in whole milliseconds for a script (negative durations count as zero)."""
     return max(0, round(seconds * 1000))
@@ -103,6 +120,18 @@ def check_url(url: str) -> None:
     example = "e.g. 'redis://localhost:6379/0' or 'rediss://:password@host:6380/0'"
     if not isinstance(url, str):
         raise ConfigurationError(f"Redis URL must be a string, not {type(url).__name__}; {example}")
+    if is_cluster(url):
+        cluster_nodes(url)
+        query = url.partition("?")[2]
+        if query:
+            given = parse_qs(query, keep_blank_values=True)
+            check_options(given, _options(url), url, "Redis Cluster URL")
+            raise ConfigurationError(
+                f"Redis Cluster URL {redact_url(url)!r}: options are not read from a cluster URL "
+                f"({', '.join(sorted(given))}); pass them as keyword options instead, e.g. "
+                "open_store('redis+cluster://10.0.0.1:7000,10.0.0.2:7000', socket_timeout=2)"
+            )
+        return
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 -- raises ValueError on a bad port
@@ -112,8 +141,8 @@ def check_url(url: str) -> None:
         ) from exc
     if parts.scheme not in ("redis", "rediss", "unix"):
         raise ConfigurationError(
-            f"Redis URL {redact_url(url)!r} must start with redis://, rediss:// (TLS) or "
-            f"unix://; {example}"
+            f"Redis URL {redact_url(url)!r} must start with redis://, rediss:// (TLS), "
+            f"unix:// or redis+cluster://; {example}"
         )
     if parts.scheme != "unix":
         db = parts.path.lstrip("/")
@@ -145,6 +174,87 @@ def _url_options(scheme: str) -> frozenset[str]:
                 and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
             )
     return frozenset(names)
+
+
+#: The keyword options oncely itself reads (not redis-py's): see :class:`RedisClients`.
+OWN_OPTIONS: Final = frozenset({"autopipeline", "pool_timeout"})
+
+
+@functools.cache
+def _cluster_options() -> frozenset[str]:
+    """The keyword arguments both of redis-py's cluster clients (sync and asyncio) take."""
+    names = []
+    for cls in (redis.cluster.RedisCluster, redis.asyncio.cluster.RedisCluster):
+        params = inspect.signature(cls.__init__).parameters.items()
+        names.append(
+            {
+                name
+                for name, param in params
+                if name not in ("self", "host", "port", "startup_nodes")
+                and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+            }
+        )
+    return frozenset(names[0] & names[1])
+
+
+def _options(url: str) -> frozenset[str]:
+    """The keyword options :class:`RedisClients` takes for ``url``: redis-py's for its scheme
+    (the cluster clients' too for ``redis+cluster://``) and oncely's own
+    (:data:`OWN_OPTIONS`)."""
+    scheme = url.split("://", 1)[0].lower()
+    if is_cluster(url):
+        base = "rediss" if scheme.startswith("rediss") else "redis"
+        return _url_options(base) | _cluster_options() | OWN_OPTIONS
+    return _url_options(scheme) | OWN_OPTIONS
+
+
+CLUSTER_SCHEMES: Final = ("redis+cluster", "rediss+cluster")
+
+
+def is_cluster(url: str) -> bool:
+    """True for a Redis Cluster URL (``redis+cluster://`` or ``rediss+cluster://``)."""
+    return isinstance(url, str) and url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
+class ClusterURL(NamedTuple):
+    """The parts of ``redis+cluster://[user:password@]host:port,host:port,...``."""
+
+    nodes: list[tuple[str, int]]
+    username: str | None
+    password: str | None
+    ssl: bool
+
+
+def cluster_nodes(url: str) -> ClusterURL:
+    """The startup nodes and credentials of a cluster URL.
+
+    :raises ConfigurationError: no node, a node without a numeric port, or a database path
+        (a cluster has database 0 only).
+    """
+    example = "e.g. 'redis+cluster://10.0.0.1:7000,10.0.0.2:7000'"
+    where = redact_url(url)
+    scheme, rest = url.split("://", 1)
+    netloc, _, path = rest.split("?", 1)[0].partition("/")
+    if path not in ("", "0"):
+        raise ConfigurationError(
+            f"Redis Cluster URL {where!r}: a cluster has only database 0, drop '/{path}'; {example}"
+        )
+    userinfo, _, hosts = netloc.rpartition("@")
+    username, _, password = userinfo.partition(":") if userinfo else ("", "", "")
+    nodes: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigurationError(
+                f"Redis Cluster URL {where!r}: {item!r} is not host:port; {example}"
+            )
+        nodes.append((host.strip("[]"), int(port)))
+    return ClusterURL(
+        nodes,
+        unquote(username) or None,
+        unquote(password) or None,
+        scheme.lower().startswith("rediss"),
+    )
 
 
 def bounded(url: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -181,6 +291,26 @@ def _drop_client(client: AsyncClient) -> None:
     """A client whose loop is closed cannot be closed any more: its sockets go with it."""
 
 
+async def _aclose_pipeline(pipeline: AsyncPipeline) -> None:
+    await pipeline.aclose()
+
+
+def _drop_pipeline(pipeline: AsyncPipeline) -> None:
+    pipeline.abandon()
+
+
+async def _forget_lock(lock: asyncio.Lock) -> None:
+    """A loop's init lock holds nothing to close."""
+
+
+def _drop_lock(lock: asyncio.Lock) -> None:
+    """A loop's init lock holds nothing to close."""
+
+
+def _pool_exhausted(exc: Exception) -> bool:
+    return isinstance(exc, MaxConnectionsError) or "No connection available" in str(exc)
+
+
 class RedisClients:
     """The clients of one Redis URL, sync and async, and their plumbing.
 
@@ -189,6 +319,18 @@ class RedisClients:
     with ``pool_options`` (:meth:`redis.ConnectionPool.from_url`), bounded by :func:`bounded`.
     The pools do not retry a failed command: a write whose reply was lost may have run, so the
     error goes to the caller as :class:`~oncely.errors.StoreUnavailable`.
+
+    Scripts (every decision) go through an auto-pipeline (:mod:`oncely.backends.autopipe`):
+    one connection shared by the threads (group commit) and one per event loop, on which the
+    scripts of concurrent callers share one write. ``autopipeline=False`` turns that off (each
+    script then takes a pooled connection, as redis-py does); with ``client`` /
+    ``async_client`` given, that face uses the given client as it is. Other commands
+    (``TIME``, ``SCAN``, blocking ``BLPOP``, pub/sub) use the pools.
+
+    ``max_connections`` bounds each pool; a caller that finds every connection busy waits
+    for one up to ``pool_timeout`` seconds (default: the socket timeout, else 5 s), then gets
+    :class:`~oncely.errors.StoreUnavailable` saying the pool is exhausted (redis-py's own
+    pools raise ``MaxConnectionsError`` at once instead).
 
     :raises ConfigurationError: a malformed URL or a decoding client.
     """
@@ -203,17 +345,39 @@ class RedisClients:
     ) -> None:
         check_url(url)
         # A misspelled option would fail only at the first command, with redis-py's TypeError.
-        check_options(pool_options, _url_options(urlsplit(url).scheme), url, "Redis options for")
+        check_options(pool_options, _options(url), url, "Redis options for")
         if truthy(pool_options.get("decode_responses", False)):
             raise ConfigurationError(
                 "decode_responses=True is not supported: oncely stores results as bytes"
             )
         self.url = url
         self.where = redact_url(url)
+        autopipeline = truthy(pool_options.pop("autopipeline", True))
+        pool_timeout = pool_options.pop("pool_timeout", None)
         self.pool_options = bounded(url, pool_options)
-        if client is None:
+        if self.pool_options.get("max_connections") is not None:
+            if pool_timeout is None:
+                pool_timeout = self.pool_options.get("socket_timeout") or CONNECT_TIMEOUT
+            self.pool_options["timeout"] = float(pool_timeout)
+            self._pool_class: Any = redis.BlockingConnectionPool
+            self._apool_class: Any = redis.asyncio.BlockingConnectionPool
+        else:
+            self._pool_class = redis.ConnectionPool
+            self._apool_class = redis.asyncio.ConnectionPool
+        #: True for a Redis Cluster URL (``redis+cluster://``): redis-py's cluster clients route
+        #: each script by the slot of its keys (one slot per script: hash tags), and follow
+        #: MOVED / ASK redirects; no auto-pipelining.
+        self.cluster = is_cluster(url)
+        #: The sync face's script client: the group-commit pipeline, or the plain client.
+        self.scripts: SyncClient
+        if self.cluster and client is None:
+            self._pipeline = None
+            autopipeline = False
+            self.client = cast(SyncClient, self._open_cluster(redis.cluster))
+            self._owns_client = True
+        elif client is None:
             try:
-                pool = redis.ConnectionPool.from_url(url, **self.pool_options)
+                pool = self._pool_class.from_url(url, **self.pool_options)
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(
                     f"cannot use Redis URL {self.where!r}: {exc}; e.g. 'redis://localhost:6379/0'"
@@ -225,11 +389,20 @@ class RedisClients:
                 )
             self.client = cast(SyncClient, redis.Redis.from_pool(pool))
             self._owns_client = True
+            self._pipeline = (
+                SyncPipeline(lambda: pool.connection_class(**pool.connection_kwargs))
+                if autopipeline
+                else None
+            )
         else:
             _check_decoding(client, "the Redis client")
             self.client = cast(SyncClient, client)
             self._owns_client = False
-        kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", {})
+            self._pipeline = None
+        self.scripts = cast(SyncClient, self._pipeline) if self._pipeline else self.client
+        kwargs = getattr(getattr(self.client, "connection_pool", None), "connection_kwargs", None)
+        if kwargs is None:
+            kwargs = self.pool_options
         #: Seconds the sync client waits for each reply (None: without bound).
         self.socket_timeout: float | None = kwargs.get("socket_timeout")
         if async_client is not None:
@@ -237,9 +410,26 @@ class RedisClients:
         self._async_client = cast("AsyncClient | None", async_client)
         # One client per event loop, closed when the loop shuts down (or by aclose()).
         self._aclients = LoopLocal(self._new_aclient, _aclose_client, _drop_client)
+        self._ready: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._init_locks = LoopLocal(asyncio.Lock, _forget_lock, _drop_lock)
+        self._apipelines: LoopLocal[AsyncPipeline] | None = None
+        if autopipeline and async_client is None:
+            self._apipelines = LoopLocal(self._new_apipeline, _aclose_pipeline, _drop_pipeline)
 
-    def error(self, exc: RedisError) -> StoreError:
+    def error(self, exc: Exception) -> StoreError:
         """The oncely error for a redis-py error."""
+        if _pool_exhausted(exc):
+            return StoreUnavailable(
+                f"no free connection to Redis at {self.where} ({type(exc).__name__}: {exc}): "
+                "every pooled connection stayed busy for the pool timeout; nothing was decided. "
+                "Raise max_connections or pool_timeout, or lower the concurrency."
+            )
+        if isinstance(exc, (ClusterDownError, TryAgainError, RedisClusterException)):
+            return StoreUnavailable(
+                f"Redis Cluster at {self.where} cannot serve the key now ({type(exc).__name__}: "
+                f"{exc}): a failover or resharding is under way, or nodes are unreachable; "
+                "nothing was decided, so retry shortly."
+            )
         if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
             return StoreUnavailable(
                 f"Redis at {self.where} is unavailable ({type(exc).__name__}: {exc}). Check that "
@@ -253,14 +443,14 @@ class RedisClients:
         """One command on the sync client."""
         try:
             return self.client.execute_command(*args)
-        except RedisError as exc:
+        except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
 
     def eval(self, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
         """One script on the sync client (:func:`oncely.backends.lua.evalsha`)."""
         try:
-            return evalsha(self.client, script, numkeys, *keys_and_args)
-        except RedisError as exc:
+            return evalsha(self.scripts, script, numkeys, *keys_and_args)
+        except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
 
     def execute(self, request: Any) -> Any:
@@ -282,12 +472,56 @@ class RedisClients:
         clients of event loops that are not running."""
         if self._owns_client:
             self.client.close()
+        if self._pipeline is not None:
+            self._pipeline.close()
         self._aclients.close_idle()
+        if self._apipelines is not None:
+            self._apipelines.close_idle()
 
     # -- async -------------------------------------------------------------------------------------
+    def _open_cluster(self, module: Any) -> Any:
+        """A redis-py cluster client (``module``: :mod:`redis.cluster` or
+        :mod:`redis.asyncio.cluster`) for the URL's startup nodes.
+
+        It does not retry a command after a connection error or timeout (a write whose reply
+        was lost may have run: the caller gets StoreUnavailable), but follows MOVED / ASK
+        redirects, which say the command did not run where it was sent.
+        """
+        parts = cluster_nodes(self.url)
+        options = dict(self.pool_options)
+        options.pop("timeout", None)  # the single-node blocking pool's wait
+        options.update(
+            username=parts.username,
+            password=parts.password,
+            ssl=parts.ssl,
+            retry=Retry(NoBackoff(), 0),
+        )
+        nodes = [module.ClusterNode(host, port) for host, port in parts.nodes]
+        try:
+            return module.RedisCluster(startup_nodes=nodes, **options)
+        except DRIVER_ERRORS as exc:
+            raise self.error(exc) from exc
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(
+                f"cannot use Redis Cluster URL {self.where!r}: {exc}; e.g. "
+                "'redis+cluster://10.0.0.1:7000,10.0.0.2:7000'"
+            ) from exc
+
     def _new_aclient(self) -> AsyncClient:
-        pool = redis.asyncio.ConnectionPool.from_url(self.url, **self.pool_options)
+        if self.cluster:
+            return cast(AsyncClient, self._open_cluster(redis.asyncio.cluster))
+        pool = self._apool_class.from_url(self.url, **self.pool_options)
         return cast(AsyncClient, redis.asyncio.Redis.from_pool(pool))
+
+    def _new_apipeline(self) -> AsyncPipeline:
+        pool: Any = cast(Any, self.aclient()).connection_pool
+        return AsyncPipeline(lambda: pool.connection_class(**pool.connection_kwargs))
+
+    def ascripts(self) -> AsyncClient:
+        """The running loop's script client: its auto-pipeline, or the plain client."""
+        if self._apipelines is not None:
+            return cast(AsyncClient, self._apipelines.get())
+        return self.aclient()
 
     def aclient(self) -> AsyncClient:
         """The running loop's client (the one passed in as ``async_client``, if any)."""
@@ -295,20 +529,38 @@ class RedisClients:
             return self._async_client
         return self._aclients.get()
 
+    async def aready(self) -> AsyncClient:
+        """The running loop's client, ready for concurrent use.
+
+        A cluster client is initialized (slot map, first connections) once, by one task:
+        redis-py's asyncio cluster client fails some of many concurrent first commands
+        (``Connection closed by server``, ``'NoneType' object has no attribute 'writelines'``)
+        when they race its lazy initialization.
+        """
+        client = self.aclient()
+        if self.cluster and client not in self._ready:
+            async with self._init_locks.get():
+                if client not in self._ready:
+                    with keep_cancel():
+                        await cast(Any, client).initialize()
+                    self._ready.add(client)
+        return client
+
     async def acall(self, *args: Any) -> Any:
         """The async face of :meth:`call`."""
         try:
             with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
-                return await self.aclient().execute_command(*args)
-        except RedisError as exc:
+                return await (await self.aready()).execute_command(*args)
+        except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
 
     async def aeval(self, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
         """The async face of :meth:`eval`."""
         try:
             with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
-                return await aevalsha(self.aclient(), script, numkeys, *keys_and_args)
-        except RedisError as exc:
+                client = self.ascripts() if not self.cluster else await self.aready()
+                return await aevalsha(client, script, numkeys, *keys_and_args)
+        except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
 
     async def aexecute(self, request: Any) -> Any:
@@ -327,5 +579,7 @@ class RedisClients:
 
     async def aclose(self) -> None:
         """Close the running loop's client and pool (``async_client`` is left to its owner)."""
+        if self._apipelines is not None:
+            await self._apipelines.aclose()
         if self._async_client is None:
             await self._aclients.aclose()

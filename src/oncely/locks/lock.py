@@ -471,9 +471,10 @@ class Lock:
     def extend(self, ttl: float | None = None) -> float:
         """Reset the lock's ttl to ``ttl`` seconds (default: the lock's ttl); return it.
 
-        For Redlock the returned validity is shorter: the time the request took and the clock
-        drift allowance are subtracted. Raises :class:`~oncely.errors.LockLost` if the lock is
-        no longer this instance's.
+        Like the ttl, it counts from when the request was sent. For Redlock the returned
+        validity is shorter by the clock drift allowance, and the extension counts only if a
+        majority confirmed it within that validity. Raises :class:`~oncely.errors.LockLost` if
+        the lock is no longer this instance's.
         """
         seconds = self.lease if ttl is None else check_ttl(ttl)
         hold = self._current("sync", "extend")

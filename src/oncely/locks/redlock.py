@@ -3,8 +3,12 @@
 The algorithm (as in the Redis documentation and pottery): send the single-node acquire script
 to every node in parallel, each with a short socket timeout; the lock is held if more than
 half of the nodes granted it and time is left: ``validity = ttl - elapsed - drift`` with
-``drift = ttl * 0.01 + 2 ms``. Otherwise it is released on every node (the release script only
-deletes this owner's key). Release and extend also go to every node.
+``drift = ttl * 0.01 + 2 ms``, where ``elapsed`` runs from the send to the answer that made the
+quorum (a minority that answers late or fails changes nothing: its answer is not needed).
+Every node set its ttl after the send, so the majority surely holds until
+``send + ttl - drift``; that is the bound the lock keeps (counted from the send, like a
+single-node lock's). Otherwise it is released on every node (the release script only deletes
+this owner's key). Release and extend also go to every node.
 
 Fencing tokens: each node hands out its own (``INCR`` raised to its ``TIME`` in microseconds);
 the Redlock token is the largest of the quorum's, and before the lock counts as held that
@@ -40,6 +44,8 @@ __all__ = ["Redlock", "RedlockBackend", "drift"]
 
 T = TypeVar("T")
 Outcome = Any  # a node's answer, or the OncelyError it raised
+#: One node's outcome and the monotonic time it arrived.
+Answer = tuple[Any, float]
 
 _executor: ThreadPoolExecutor | None = None
 _executor_lock = threading.Lock()
@@ -145,12 +151,15 @@ class RedlockBackend(LockBackend):
     # -- fan-out ----------------------------------------------------------------------------------
     def _each(
         self, nodes: Sequence[RedisLockBackend], call: Callable[[RedisLockBackend], T]
-    ) -> list[T | OncelyError]:
-        def one(node: RedisLockBackend) -> T | OncelyError:
+    ) -> list[tuple[T | OncelyError, float]]:
+        """Each node's outcome (an answer or the error it raised) and when it arrived."""
+
+        def one(node: RedisLockBackend) -> tuple[T | OncelyError, float]:
             try:
-                return call(node)
+                outcome: T | OncelyError = call(node)
             except OncelyError as exc:
-                return exc
+                outcome = exc
+            return outcome, time.monotonic()
 
         if len(nodes) <= 1:
             return [one(node) for node in nodes]
@@ -159,20 +168,22 @@ class RedlockBackend(LockBackend):
 
     async def _aeach(
         self, nodes: Sequence[RedisLockBackend], call: Callable[[RedisLockBackend], Awaitable[T]]
-    ) -> list[T | OncelyError]:
-        async def one(node: RedisLockBackend) -> T | OncelyError:
+    ) -> list[tuple[T | OncelyError, float]]:
+        async def one(node: RedisLockBackend) -> tuple[T | OncelyError, float]:
             try:
-                return await call(node)
+                outcome: T | OncelyError = await call(node)
             except OncelyError as exc:
-                return exc
+                outcome = exc
+            return outcome, time.monotonic()
 
         return list(await asyncio.gather(*(one(node) for node in nodes)))
 
     # -- decisions (pure) -------------------------------------------------------------------------
-    def _granted(self, results: list[Any]) -> list[tuple[RedisLockBackend, Hold]]:
-        return [(n, r) for n, r in zip(self.nodes, results) if isinstance(r, Hold)]
+    def _granted(self, answers: list[Answer]) -> list[tuple[RedisLockBackend, Hold, float]]:
+        return [(n, r, t) for n, (r, t) in zip(self.nodes, answers) if isinstance(r, Hold)]
 
-    def _busy(self, results: list[Any]) -> Busy:
+    def _busy(self, answers: list[Answer]) -> Busy:
+        results = [r for r, _ in answers]
         errors = [r for r in results if isinstance(r, OncelyError)]
         busy = [(n, r) for n, r in zip(self.nodes, results) if isinstance(r, Busy)]
         waits = [r.retry_after for _, r in busy if r.retry_after is not None]
@@ -194,25 +205,42 @@ class RedlockBackend(LockBackend):
             hint=busy[0][0] if busy else None,
         )
 
-    def _validity(self, ttl: float, started: float) -> float:
-        return ttl - (time.monotonic() - started) - drift(ttl)
+    def _confirmed(self, arrivals: list[float]) -> float | None:
+        """When the quorum was reached: the arrival of the quorum-th yes (None: too few)."""
+        if len(arrivals) < self.quorum:
+            return None
+        return sorted(arrivals)[self.quorum - 1]
 
-    def _extended(self, results: list[Any], ttl: float, started: float) -> float | None:
-        ok = sum(1 for r in results if isinstance(r, float))
+    def _validity(self, ttl: float, started: float, confirmed: float | None) -> float | None:
+        """Seconds the lock surely holds on a quorum, counted from ``started`` (the send).
+
+        Every node of the quorum set its ttl after the send, so the majority holds until
+        ``started + ttl - drift``. The quorum must have been confirmed before that moment
+        (``elapsed = confirmed - started``, the Redlock rule); the answers of the other nodes,
+        late or failed, are not needed. None if there was no quorum in time.
+        """
+        validity = ttl - drift(ttl)
+        if confirmed is None or confirmed - started >= validity:
+            return None
+        return validity
+
+    def _extended(self, answers: list[Answer], ttl: float, started: float) -> float | None:
+        results = [r for r, _ in answers]
+        ok = [t for r, t in answers if isinstance(r, float)]
         refused = sum(1 for r in results if r is None)
-        validity = self._validity(ttl, started)
-        if ok >= self.quorum and validity > 0:
-            return validity
-        if refused > len(self.nodes) - self.quorum or ok >= self.quorum:
+        if len(ok) >= self.quorum:
+            return self._validity(ttl, started, self._confirmed(ok))
+        if refused > len(self.nodes) - self.quorum:
             return None
         errors = [r for r in results if isinstance(r, OncelyError)]
         raise StoreUnavailable(
             f"could not reach a quorum of {self.quorum} Redis nodes to extend the lock "
-            f"({ok} extended, {refused} refused, {len(errors)} failed: {errors[0]}); it is "
+            f"({len(ok)} extended, {refused} refused, {len(errors)} failed: {errors[0]}); it is "
             "still held until its validity runs out"
         )
 
-    def _state(self, results: list[Any], hold: Hold | None) -> State:
+    def _state(self, answers: list[Answer], hold: Hold | None) -> State:
+        results = [r for r, _ in answers]
         errors = [r for r in results if isinstance(r, OncelyError)]
         states = [r for r in results if isinstance(r, State)]
         owned = [s for s in states if s.owned]
@@ -232,24 +260,46 @@ class RedlockBackend(LockBackend):
     def _probe(name: str, owner: str) -> Hold:
         return Hold(name, owner, 0, 0.0)
 
+    def _fenced(
+        self, granted: list[tuple[RedisLockBackend, Hold, float]]
+    ) -> tuple[int, list[RedisLockBackend], list[float]]:
+        """The Redlock token (the largest of the quorum's), the nodes whose own fence is lower
+        (they must be raised to it), and the arrivals of the nodes already at the token."""
+        token = max(h.token for _, h, _ in granted)
+        lower = [n for n, h, _ in granted if h.token < token]
+        at_token = [t for _, h, t in granted if h.token == token]
+        return token, lower, at_token
+
+    def _held(
+        self,
+        name: str,
+        owner: str,
+        token: int,
+        ttl: float,
+        started: float,
+        arrivals: list[float],
+        face: Face,
+    ) -> Hold | None:
+        validity = self._validity(ttl, started, self._confirmed(arrivals))
+        return None if validity is None else Hold(name, owner, token, validity, face)
+
     # -- sync face --------------------------------------------------------------------------------
     def acquire(
         self, name: str, owner: str, ttl: float, wait: float, options: Any = None
     ) -> Hold | Busy:
         started = time.monotonic()
-        results = self._each(self.nodes, lambda n: n.acquire(name, owner, ttl, 0.0))
-        granted = self._granted(results)
+        answers = self._each(self.nodes, lambda n: n.acquire(name, owner, ttl, 0.0))
+        granted = self._granted(answers)
         if len(granted) >= self.quorum:
-            token = max(h.token for _, h in granted)
+            token, lower, arrivals = self._fenced(granted)
             # Nodes whose own fence is the token already need no raise (one node: none do).
-            lower = [n for n, h in granted if h.token < token]
             raised = self._each(lower, lambda n: n.raise_fence(name, owner, token))
-            ok = len(granted) - len(lower) + sum(1 for r in raised if r is True)
-            validity = self._validity(ttl, started)
-            if ok >= self.quorum and validity > 0:
-                return Hold(name, owner, token, validity, "sync")
+            arrivals += [t for r, t in raised if r is True]
+            hold = self._held(name, owner, token, ttl, started, arrivals, "sync")
+            if hold is not None:
+                return hold
         self._each(self.nodes, lambda n: n.release(self._probe(name, owner)))
-        return self._busy(results)
+        return self._busy(answers)
 
     def wait_release(self, name: str, busy: Busy, timeout: float) -> None:
         node = busy.hint
@@ -262,13 +312,13 @@ class RedlockBackend(LockBackend):
         time.sleep(min(timeout, self.poll_interval) * random.uniform(0.5, 1.0))
 
     def release(self, hold: Hold) -> bool:
-        results = self._each(self.nodes, lambda n: n.release(hold))
-        return sum(1 for r in results if r is True) >= self.quorum
+        answers = self._each(self.nodes, lambda n: n.release(hold))
+        return sum(1 for r, _ in answers if r is True) >= self.quorum
 
     def extend(self, hold: Hold, ttl: float) -> float | None:
         started = time.monotonic()
-        results = self._each(self.nodes, lambda n: n.extend(hold, ttl))
-        return self._extended(results, ttl, started)
+        answers = self._each(self.nodes, lambda n: n.extend(hold, ttl))
+        return self._extended(answers, ttl, started)
 
     def inspect(self, name: str, hold: Hold | None) -> State:
         return self._state(self._each(self.nodes, lambda n: n.inspect(name, hold)), hold)
@@ -282,19 +332,17 @@ class RedlockBackend(LockBackend):
         self, name: str, owner: str, ttl: float, wait: float, options: Any = None
     ) -> Hold | Busy:
         started = time.monotonic()
-        results = await self._aeach(self.nodes, lambda n: n.aacquire(name, owner, ttl, 0.0))
-        granted = self._granted(results)
+        answers = await self._aeach(self.nodes, lambda n: n.aacquire(name, owner, ttl, 0.0))
+        granted = self._granted(answers)
         if len(granted) >= self.quorum:
-            token = max(h.token for _, h in granted)
-            lower = [n for n, h in granted if h.token < token]
+            token, lower, arrivals = self._fenced(granted)
             raised = await self._aeach(lower, lambda n: n.araise_fence(name, owner, token))
-            ok = len(granted) - len(lower) + sum(1 for r in raised if r is True)
-            validity = self._validity(ttl, started)
-            if ok >= self.quorum and validity > 0:
-                face: Face = "async"
-                return Hold(name, owner, token, validity, face)
+            arrivals += [t for r, t in raised if r is True]
+            hold = self._held(name, owner, token, ttl, started, arrivals, "async")
+            if hold is not None:
+                return hold
         await self._aeach(self.nodes, lambda n: n.arelease(self._probe(name, owner)))
-        return self._busy(results)
+        return self._busy(answers)
 
     async def await_release(self, name: str, busy: Busy, timeout: float) -> None:
         node = busy.hint
@@ -307,13 +355,13 @@ class RedlockBackend(LockBackend):
         await asyncio.sleep(min(timeout, self.poll_interval) * random.uniform(0.5, 1.0))
 
     async def arelease(self, hold: Hold) -> bool:
-        results = await self._aeach(self.nodes, lambda n: n.arelease(hold))
-        return sum(1 for r in results if r is True) >= self.quorum
+        answers = await self._aeach(self.nodes, lambda n: n.arelease(hold))
+        return sum(1 for r, _ in answers if r is True) >= self.quorum
 
     async def aextend(self, hold: Hold, ttl: float) -> float | None:
         started = time.monotonic()
-        results = await self._aeach(self.nodes, lambda n: n.aextend(hold, ttl))
-        return self._extended(results, ttl, started)
+        answers = await self._aeach(self.nodes, lambda n: n.aextend(hold, ttl))
+        return self._extended(answers, ttl, started)
 
     async def ainspect(self, name: str, hold: Hold | None) -> State:
         return self._state(await self._aeach(self.nodes, lambda n: n.ainspect(name, hold)), hold)
@@ -328,8 +376,10 @@ class Redlock(Lock):
 
     ``urls`` lists an odd number of servers that share nothing (not replicas of each other).
     ``ttl``, ``auto_renew``, ``on_lost`` and ``timeout`` are as for :class:`Lock`;
-    ``node_timeout`` and other options go to :class:`RedlockBackend`. ``extend()`` and
-    ``ttl()`` return the validity: the time the lock surely holds on a majority, less drift.
+    ``node_timeout`` and other options go to :class:`RedlockBackend`. ``extend()`` returns the
+    validity counted from when the request was sent (``ttl - drift``, provided a majority
+    confirmed in time; a minority answering late or failing does not shorten it), and ``ttl()``
+    what a majority still has on their clocks, less drift.
     """
 
     def __init__(

@@ -37,12 +37,11 @@ from typing import Any, Final, NamedTuple
 
 import redis
 import redis.asyncio
-from redis.exceptions import RedisError
 
 from oncely.backends.forks import after_fork
 from oncely.backends.lua import Script, evalsha
 from oncely.backends.plans import Command, Eval, Plan
-from oncely.backends.redis import RedisClients, ms
+from oncely.backends.redis import DRIVER_ERRORS, RedisClients, ms
 from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import (
     ClaimOutcome,
@@ -178,6 +177,18 @@ def _is_message(message: Any) -> bool:
     return message is not None and message.get("type") in ("message", b"message")
 
 
+class _ScanAll(NamedTuple):
+    """Every hash key matching ``pattern`` on every primary of a cluster (redis-py's cluster
+    ``scan_iter``); the reply is the list of keys."""
+
+    pattern: str
+
+
+def _group(key: RecordKey) -> str:
+    """A record's hash-tag group on Redis Cluster: 3 hex digits of its digest (4096 groups)."""
+    return key.digest[:3]
+
+
 class _Subscribe(NamedTuple):
     """Open a pub/sub connection subscribed to ``channel`` (the subscription is confirmed by
     the first message); the reply is the pub/sub object."""
@@ -215,11 +226,17 @@ class RedisStore(PlannedStore):
     was lost may have run, so the error goes to the caller as :class:`StoreUnavailable`.
     Call :meth:`aclose` in every event loop that used the async face before the loop ends.
 
-    ``max_watchers`` bounds how many waiters hold a subscribed connection at once (per store);
-    beyond it, waiters poll the record with backoff (1 ms doubling to 50 ms) instead.
+    ``max_watchers`` bounds how many waiters hold a subscribed connection at once (per store;
+    at most half of ``max_connections`` if that is given); beyond it, waiters poll the record
+    with backoff (1 ms doubling to 50 ms) instead.
+
+    Scripts of concurrent callers share writes on one connection (auto-pipelining, see
+    :class:`~oncely.backends.redis.RedisClients`; ``autopipeline=False`` turns it off). With
+    ``max_connections``, a caller that finds the pool busy waits up to ``pool_timeout``
+    seconds for a connection, then gets :class:`StoreUnavailable`.
     """
 
-    schemes = ("redis", "rediss")
+    schemes = ("redis", "rediss", "redis+cluster", "rediss+cluster")
 
     def __init__(
         self,
@@ -238,10 +255,24 @@ class RedisStore(PlannedStore):
         self.prefix = prefix
         self._done = f"{prefix}:done:"
         self._fence_key = f"{prefix}:fence"
+        #: Redis Cluster: a script's keys must share one slot, so the record and its fence
+        #: counter carry the same hash tag (see :meth:`_key`).
+        self.cluster = self.redis.cluster
+        if self.cluster and ("{" in prefix or "}" in prefix):
+            raise ConfigurationError(
+                f"prefix {prefix!r} must not contain braces on Redis Cluster: oncely puts its "
+                "own hash tag right after the prefix"
+            )
         # Each subscribed waiter holds a connection; past this many, waiters poll instead, so a
         # burst of duplicates cannot drain the pool that claims and completions need.
-        self._watch_slots = threading.BoundedSemaphore(max(1, max_watchers))
-        self._max_watchers = max(1, max_watchers)
+        # With a bounded pool (max_connections), at most half of it (a waiter's probes need a
+        # connection too): a pool of one leaves every waiter polling.
+        watchers = max(1, max_watchers)
+        bound = self.redis.pool_options.get("max_connections")
+        if bound is not None:
+            watchers = min(watchers, int(bound) // 2)
+        self._watch_slots = threading.BoundedSemaphore(watchers)
+        self._max_watchers = watchers
         after_fork(self, RedisStore._forked)
         #: Seconds the sync face waits for each reply (None: without bound).
         self.socket_timeout = self.redis.socket_timeout
@@ -253,7 +284,17 @@ class RedisStore(PlannedStore):
 
     # -- keys ----------------------------------------------------------------------------------
     def _key(self, key: RecordKey) -> str:
+        if self.cluster:
+            return f"{self.prefix}:{{{_group(key)}}}:{key.scope}:{key.digest}"
         return f"{self.prefix}:{key.scope}:{key.digest}"
+
+    def _fence(self, key: RecordKey) -> str:
+        """The fence counter of ``key``: one for every key, or on a cluster one per hash-tag
+        group (4096 of them, each in the slot of its records), so the counter a key uses never
+        changes and its fences still only grow."""
+        if self.cluster:
+            return f"{self._fence_key}:{{{_group(key)}}}"
+        return self._fence_key
 
     def _channel(self, key: RecordKey) -> str:
         return f"{self._done}{key.scope}:{key.digest}"
@@ -261,13 +302,15 @@ class RedisStore(PlannedStore):
     def _scan_pattern(self, scope: str | None) -> str:
         if scope is None:
             return f"{_glob_escape(self.prefix)}:*"
+        if self.cluster:
+            return f"{_glob_escape(self.prefix)}:{{*}}:{_glob_escape(scope)}:*"
         return f"{_glob_escape(self.prefix)}:{_glob_escape(scope)}:*"
 
     # -- every operation, once: a plan of script calls (oncely.backends.plans) -----------------
     def _claim(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> Plan[ClaimOutcome]:
-        args = (self._key(key), self._fence_key, fingerprint, ms(lease), ms(ttl))
+        args = (self._key(key), self._fence(key), fingerprint, ms(lease), ms(ttl))
         reply = yield Eval(_CLAIM, 2, (*args, key.scope, key.digest))
         return _parse_claim(reply, key)
 
@@ -308,6 +351,10 @@ class RedisStore(PlannedStore):
             return []
         pattern = self._scan_pattern(scope)
         records: builtins.list[Record] = []
+        if self.cluster:  # every primary's keys; list.lua one key at a time (one slot each)
+            for found in (yield _ScanAll(pattern)):
+                records += _parse_list((yield Eval(_LIST, 1, (found,))), scope)
+            return _finish_list(records, limit)
         cursor: Any = 0
         while True:
             cursor, keys = yield Command(
@@ -365,20 +412,28 @@ class RedisStore(PlannedStore):
         if kind is Eval:  # the hot path: one frame less than self.redis.execute
             try:
                 return evalsha(
-                    self.redis.client, request.script, request.numkeys, *request.keys_and_args
+                    self.redis.scripts, request.script, request.numkeys, *request.keys_and_args
                 )
-            except RedisError as exc:
+            except DRIVER_ERRORS as exc:
+                raise self.redis.error(exc) from exc
+        if kind is _ScanAll:
+            try:
+                client: Any = self.redis.client
+                return list(
+                    client.scan_iter(match=request.pattern, count=_SCAN_COUNT, _type="hash")
+                )
+            except DRIVER_ERRORS as exc:
                 raise self.redis.error(exc) from exc
         if kind is _Receive:
             try:
                 return request.pubsub.get_message(timeout=request.timeout)
-            except RedisError as exc:
+            except DRIVER_ERRORS as exc:
                 raise self.redis.error(exc) from exc
         if kind is _Subscribe:
             pubsub = self.redis.pubsub()
             try:
                 pubsub.subscribe(request.channel)
-            except RedisError as exc:
+            except DRIVER_ERRORS as exc:
                 pubsub.close()
                 raise self.redis.error(exc) from exc
             except BaseException:
@@ -394,18 +449,34 @@ class RedisStore(PlannedStore):
         kind = type(request)
         if kind is Eval:
             return await self.redis.aeval(request.script, request.numkeys, *request.keys_and_args)
+        if kind is _ScanAll:
+            try:
+                aclient: Any = await self.redis.aready()
+                return [
+                    k
+                    async for k in aclient.scan_iter(
+                        match=request.pattern, count=_SCAN_COUNT, _type="hash"
+                    )
+                ]
+            except DRIVER_ERRORS as exc:
+                raise self.redis.error(exc) from exc
         if kind is _Receive:
             try:
                 with keep_cancel():
                     return await request.pubsub.get_message(timeout=request.timeout)
-            except RedisError as exc:
+            except DRIVER_ERRORS as exc:
                 raise self.redis.error(exc) from exc
         if kind is _Subscribe:
+            if self.cluster:
+                try:
+                    await self.redis.aready()
+                except DRIVER_ERRORS as exc:
+                    raise self.redis.error(exc) from exc
             pubsub = self.redis.apubsub()
             try:
                 with keep_cancel():
                     await pubsub.subscribe(request.channel)
-            except RedisError as exc:
+            except DRIVER_ERRORS as exc:
                 await pubsub.aclose()
                 raise self.redis.error(exc) from exc
             except BaseException:
