@@ -243,12 +243,14 @@ def test_watchdog_reports_a_lost_lock(spec_for: Any) -> None:
     spec = spec_for("redis")
     seen: list[LockLost] = []
     name = unique_name()
-    lock = make_lock(spec, name, ttl=0.9, auto_renew=True, on_lost=lambda _l, e: seen.append(e))
+    # ttl 3 s, not shorter: the loss must be found by a renewal ("no longer"), not by the ttl
+    # running out on a loaded machine that stalls the watchdog for a second.
+    lock = make_lock(spec, name, ttl=3, auto_renew=True, on_lost=lambda _l, e: seen.append(e))
     lock.acquire()
     client = redis.Redis.from_url(REDIS_URL)
     client.delete(lock.backend.key(name))
     client.close()
-    assert lock.lost.wait(5)  # the watchdog renews every 0.3 s
+    assert lock.lost.wait(10)  # the watchdog renews every 1 s
     assert len(seen) == 1 and "no longer" in str(seen[0])
     with pytest.raises(LockLost):
         lock.check()
@@ -258,6 +260,45 @@ def test_watchdog_reports_a_lost_lock(spec_for: Any) -> None:
     assert lock.acquire() > 0
     assert not lock.lost.is_set()
     lock.release()
+
+
+def test_lost_lock_error_comes_after_the_event_and_callback(spec_for: Any) -> None:
+    """A LockLost from release() about a loss the watchdog found is raised only once the
+    watchdog has told it (on_lost ran, ``lost`` set): a holder that gets the error and then
+    reads ``lock.lost`` sees it set. Before, release() raised while the watchdog thread was
+    still inside on_lost, with ``lost`` unset (the paused-holder test saw lost_event False)."""
+    spec = spec_for("redis")
+    name = unique_name()
+    entered, gate = threading.Event(), threading.Event()
+
+    def on_lost(_lock: Any, _exc: LockLost) -> None:
+        entered.set()
+        gate.wait(30)  # hold the watchdog thread inside the callback
+
+    lock = make_lock(spec, name, ttl=3, auto_renew=True, on_lost=on_lost)
+    lock.acquire()
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(lock.backend.key(name))
+    client.close()
+    assert entered.wait(10), "the watchdog did not find the lock gone"
+    seen: dict[str, Any] = {}
+
+    def release() -> None:
+        try:
+            lock.release()
+        except LockLost as exc:
+            seen["error"] = exc
+            seen["lost_set"] = lock.lost.is_set()
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    # Give the old behaviour its chance to raise early; the fixed one waits for the gate.
+    releaser.join(0.5)
+    gate.set()
+    releaser.join(30)
+    assert not releaser.is_alive()
+    assert "lost earlier" in str(seen["error"])
+    assert seen["lost_set"] is True, "LockLost raised before the lost event was set"
 
 
 async def test_async_watchdog_reports_a_lost_lock(spec_for: Any) -> None:
