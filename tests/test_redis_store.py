@@ -260,7 +260,7 @@ def test_renew_moves_pexpireat_when_the_lease_outgrows_the_ttl(
     store: RedisStore, raw: redis.Redis, prefix: str
 ) -> None:
     key = rkey()
-    outcome = store.claim(key, "fp", 1, 2)
+    outcome = store.claim(key, "fp", 5, 10)  # still held when renew comes, even after a stall
     assert isinstance(outcome, New)
     lease_until = store.renew(key, outcome.fence, 30)
     name = record_key(prefix, key)
