@@ -118,14 +118,16 @@ def test_claim_check_fails_once_the_bound_passed_while_renewals_hang(
     store = RedisStore(private_redis.url)
     lost: list[BaseException] = []
 
-    @idempotent(store=store, key=["order_id"], lease=0.6, on_lease_lost=lambda c, e: lost.append(e))
+    # 2 s: the check() before the pause must find the lease alive even after a ~1 s stall;
+    # the expiry itself is waited for on the claim's own bound (held_until).
+    @idempotent(store=store, key=["order_id"], lease=2, on_lease_lost=lambda c, e: lost.append(e))
     def charge(order_id: str) -> str:
         claim = current_claim()
         assert claim is not None
         claim.check()
         private_redis.pause()
         try:
-            assert wait_for(lambda: time.monotonic() > claim.held_until, 5)
+            assert wait_for(lambda: time.monotonic() > claim.held_until, 10)
             # The renewal still hangs on the paused server, but the lease may be gone.
             with pytest.raises(LeaseLost, match="no renewal"):
                 claim.check()
@@ -147,7 +149,9 @@ async def test_async_claim_check_fails_once_the_bound_passed_while_renewals_hang
     store = RedisStore(private_redis.url)
     lost: list[BaseException] = []
 
-    @idempotent(store=store, key=["order_id"], lease=0.6, on_lease_lost=lambda c, e: lost.append(e))
+    # 2 s: the check() before the pause must find the lease alive even after a ~1 s stall;
+    # the expiry itself is waited for on the claim's own bound (held_until).
+    @idempotent(store=store, key=["order_id"], lease=2, on_lease_lost=lambda c, e: lost.append(e))
     async def charge(order_id: str) -> str:
         claim = current_claim()
         assert claim is not None
@@ -218,10 +222,12 @@ async def test_async_lock_check_fails_once_the_bound_passed_while_renewals_hang(
 
 def test_lock_without_renewal_fails_check_after_its_ttl(private_redis: RedisServer) -> None:
     """No auto_renew: the ttl from the acquire's send time is the bound, store reachable or not."""
-    lock = Lock(private_redis.url, unique_name(), ttl=0.5)
+    # 2 s: the first check() must find the lock alive even after a ~1 s stall.
+    lock = Lock(private_redis.url, unique_name(), ttl=2)
+    sent = time.monotonic()
     lock.acquire()
     lock.check()
-    time.sleep(0.55)  # scenario: the holder overran its ttl
+    time.sleep(max(0.0, sent + 2 - time.monotonic()) + 0.05)  # scenario: the holder overran its ttl
     private_redis.pause()
     try:
         with pytest.raises(LockLost, match="no renewal was confirmed"):
