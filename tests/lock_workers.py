@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,8 +22,10 @@ from typing import Any
 
 REDIS_URL = os.environ.get("ONCELY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("ONCELY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
-#: The fence table the PostgreSQL lock tests use (dropped at the end of the session).
-PG_FENCE_TABLE = "oncely_test_lock_fences"
+#: The fence table the PostgreSQL lock tests use: unique per test session (a fixed name would be
+#: shared with concurrent runs, and the first run to finish would drop it under the others), and
+#: dropped at the end of the session.
+PG_FENCE_TABLE = f"oncely_test_lock_fences_{uuid.uuid4().hex[:12]}"
 
 
 # -- throwaway Redis servers ----------------------------------------------------------------------
@@ -258,8 +261,6 @@ def spec_urls(spec: dict[str, Any]) -> Sequence[str]:
 
 
 # -- fixtures (imported by the test_locks_* modules) ----------------------------------------------
-import uuid  # noqa: E402
-
 import pytest  # noqa: E402
 
 KINDS = ["redis", "sqlite", "postgres", "redlock"]

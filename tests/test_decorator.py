@@ -298,11 +298,11 @@ def test_waiting_duplicate_gives_up_after_wait_timeout(store: Store) -> None:
 def test_lease_is_renewed_while_a_slow_call_runs(store: Store) -> None:
     runs = []
 
-    # Leases short enough to need renewal, long enough for a loaded 2-core CI machine.
-    @idempotent(store=store, key=["order_id"], lease=0.6)
+    # A 2 s lease: a loaded 2-core machine can stall the renewals ~1 s (not about expiry).
+    @idempotent(store=store, key=["order_id"], lease=2)
     def slow(order_id: str) -> str:
         runs.append(1)
-        time.sleep(2.4)  # four leases long
+        time.sleep(4.5)  # two leases long
         claim = current_claim()
         assert claim is not None and claim.lost is None
         return "done"
@@ -310,7 +310,7 @@ def test_lease_is_renewed_while_a_slow_call_runs(store: Store) -> None:
     order = unique()
     worker = threading.Thread(target=slow, args=(order,))
     worker.start()
-    time.sleep(1.2)  # past two unrenewed leases
+    time.sleep(2.5)  # past an unrenewed lease
     assert slow(order) == "done"
     worker.join()
     assert runs == [1]
@@ -319,15 +319,15 @@ def test_lease_is_renewed_while_a_slow_call_runs(store: Store) -> None:
 async def test_async_lease_is_renewed_while_a_slow_call_runs(store: Store) -> None:
     runs = []
 
-    @idempotent(store=store, key=["order_id"], lease=0.6)
+    @idempotent(store=store, key=["order_id"], lease=2)
     async def slow(order_id: str) -> str:
         runs.append(1)
-        await asyncio.sleep(2.4)
+        await asyncio.sleep(4.5)
         return "done"
 
     order = unique()
     first = asyncio.ensure_future(slow(order))
-    await asyncio.sleep(1.2)
+    await asyncio.sleep(2.5)
     assert await slow(order) == "done"
     assert await first == "done"
     assert runs == [1]

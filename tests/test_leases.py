@@ -89,19 +89,21 @@ def test_a_stuck_store_does_not_delay_renewals_on_a_healthy_one(
         time.sleep(0.5)  # scenario: the lock's renewal (due every 0.3 s) now hangs on the pause
         seen: list[tuple[float, float]] = []
 
-        @idempotent(store=healthy_store, key=["order_id"], lease=0.6)
+        # A 2 s lease on the healthy store: its renewals are what is tested, not its expiry,
+        # and a loaded machine can stall them ~1 s.
+        @idempotent(store=healthy_store, key=["order_id"], lease=2)
         def charge(order_id: str) -> str:
             claim = current_claim()
             assert claim is not None
             first = lease_until(healthy_store, claim.key)
-            time.sleep(1.5)  # scenario: a slow charge, 2.5 leases long
+            time.sleep(3)  # scenario: a slow charge, 1.5 leases long
             seen.append((first, lease_until(healthy_store, claim.key)))
             claim.check()
             return "charged"
 
         assert charge(unique()) == "charged"
         first, later = seen[0]
-        assert later - first >= 0.6  # renewed (every 0.2 s) while the other store hung
+        assert later - first >= 1.0  # renewed (every 0.67 s) while the other store hung
         assert lock.lost.is_set()  # the lock on the paused server was reported lost meanwhile
     finally:
         private_redis.resume()
@@ -116,14 +118,16 @@ def test_claim_check_fails_once_the_bound_passed_while_renewals_hang(
     store = RedisStore(private_redis.url)
     lost: list[BaseException] = []
 
-    @idempotent(store=store, key=["order_id"], lease=0.6, on_lease_lost=lambda c, e: lost.append(e))
+    # 2 s: the check() before the pause must find the lease alive even after a ~1 s stall;
+    # the expiry itself is waited for on the claim's own bound (held_until).
+    @idempotent(store=store, key=["order_id"], lease=2, on_lease_lost=lambda c, e: lost.append(e))
     def charge(order_id: str) -> str:
         claim = current_claim()
         assert claim is not None
         claim.check()
         private_redis.pause()
         try:
-            assert wait_for(lambda: time.monotonic() > claim.held_until, 5)
+            assert wait_for(lambda: time.monotonic() > claim.held_until, 10)
             # The renewal still hangs on the paused server, but the lease may be gone.
             with pytest.raises(LeaseLost, match="no renewal"):
                 claim.check()
@@ -145,7 +149,9 @@ async def test_async_claim_check_fails_once_the_bound_passed_while_renewals_hang
     store = RedisStore(private_redis.url)
     lost: list[BaseException] = []
 
-    @idempotent(store=store, key=["order_id"], lease=0.6, on_lease_lost=lambda c, e: lost.append(e))
+    # 2 s: the check() before the pause must find the lease alive even after a ~1 s stall;
+    # the expiry itself is waited for on the claim's own bound (held_until).
+    @idempotent(store=store, key=["order_id"], lease=2, on_lease_lost=lambda c, e: lost.append(e))
     async def charge(order_id: str) -> str:
         claim = current_claim()
         assert claim is not None
@@ -216,10 +222,12 @@ async def test_async_lock_check_fails_once_the_bound_passed_while_renewals_hang(
 
 def test_lock_without_renewal_fails_check_after_its_ttl(private_redis: RedisServer) -> None:
     """No auto_renew: the ttl from the acquire's send time is the bound, store reachable or not."""
-    lock = Lock(private_redis.url, unique_name(), ttl=0.5)
+    # 2 s: the first check() must find the lock alive even after a ~1 s stall.
+    lock = Lock(private_redis.url, unique_name(), ttl=2)
+    sent = time.monotonic()
     lock.acquire()
     lock.check()
-    time.sleep(0.55)  # scenario: the holder overran its ttl
+    time.sleep(max(0.0, sent + 2 - time.monotonic()) + 0.05)  # scenario: the holder overran its ttl
     private_redis.pause()
     try:
         with pytest.raises(LockLost, match="no renewal was confirmed"):

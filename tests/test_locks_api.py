@@ -197,34 +197,36 @@ def test_faces_do_not_mix(spec_for: Any) -> None:
 # -- renewal --------------------------------------------------------------------------------------
 def test_auto_renew_keeps_the_lock_past_its_ttl(spec: dict[str, Any]) -> None:
     name = unique_name()
-    lock = make_lock(spec, name, ttl=0.6, auto_renew=True)
+    # ttl 2 s: a loaded machine can stall the watchdog ~1 s, which a shorter ttl would not
+    # survive (the test is about renewal, not expiry).
+    lock = make_lock(spec, name, ttl=2, auto_renew=True)
     other = make_lock(spec, name)
     with lock:
-        # Another holder tries for 3 ttls and cannot get in: the watchdog renews every ttl/3.
+        # Another holder tries for 1.5 ttls and cannot get in: the watchdog renews every ttl/3.
         with pytest.raises(LockTimeout):
-            other.acquire(timeout=1.8)
+            other.acquire(timeout=3)
         lock.check()
         assert not lock.lost.is_set()
 
 
 async def test_async_auto_renew(spec: dict[str, Any]) -> None:
     name = unique_name()
-    lock = make_lock(spec, name, ttl=0.6, auto_renew=True)
+    lock = make_lock(spec, name, ttl=2, auto_renew=True)
     other = make_lock(spec, name)
     async with lock:
         with pytest.raises(LockTimeout):
-            await other.aacquire(timeout=1.8)
+            await other.aacquire(timeout=3)
         await lock.acheck()
 
 
 def test_one_renewal_thread_for_all_sync_locks_and_calls(spec_for: Any) -> None:
     spec = spec_for("redis")
     lanes_before = watchdog.lanes()  # earlier tests' lanes may still run (or retire meanwhile)
-    locks = [make_lock(spec, unique_name(), ttl=0.6, auto_renew=True) for _ in range(20)]
+    locks = [make_lock(spec, unique_name(), ttl=2, auto_renew=True) for _ in range(20)]
     for lock in locks:
         lock.acquire()
     try:
-        time.sleep(0.4)  # scenario: every lock was renewed at least once
+        time.sleep(0.8)  # scenario: every lock was due for renewal (ttl/3) at least once
         threads = [t for t in threading.enumerate() if t.name == "oncely-watchdog"]
         assert len(threads) == 1
         assert watchdog.pending() >= 20
@@ -243,12 +245,14 @@ def test_watchdog_reports_a_lost_lock(spec_for: Any) -> None:
     spec = spec_for("redis")
     seen: list[LockLost] = []
     name = unique_name()
-    lock = make_lock(spec, name, ttl=0.9, auto_renew=True, on_lost=lambda _l, e: seen.append(e))
+    # ttl 3 s, not shorter: the loss must be found by a renewal ("no longer"), not by the ttl
+    # running out on a loaded machine that stalls the watchdog for a second.
+    lock = make_lock(spec, name, ttl=3, auto_renew=True, on_lost=lambda _l, e: seen.append(e))
     lock.acquire()
     client = redis.Redis.from_url(REDIS_URL)
     client.delete(lock.backend.key(name))
     client.close()
-    assert lock.lost.wait(5)  # the watchdog renews every 0.3 s
+    assert lock.lost.wait(10)  # the watchdog renews every 1 s
     assert len(seen) == 1 and "no longer" in str(seen[0])
     with pytest.raises(LockLost):
         lock.check()
@@ -260,16 +264,55 @@ def test_watchdog_reports_a_lost_lock(spec_for: Any) -> None:
     lock.release()
 
 
+def test_lost_lock_error_comes_after_the_event_and_callback(spec_for: Any) -> None:
+    """A LockLost from release() about a loss the watchdog found is raised only once the
+    watchdog has told it (on_lost ran, ``lost`` set): a holder that gets the error and then
+    reads ``lock.lost`` sees it set. Before, release() raised while the watchdog thread was
+    still inside on_lost, with ``lost`` unset (the paused-holder test saw lost_event False)."""
+    spec = spec_for("redis")
+    name = unique_name()
+    entered, gate = threading.Event(), threading.Event()
+
+    def on_lost(_lock: Any, _exc: LockLost) -> None:
+        entered.set()
+        gate.wait(30)  # hold the watchdog thread inside the callback
+
+    lock = make_lock(spec, name, ttl=3, auto_renew=True, on_lost=on_lost)
+    lock.acquire()
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(lock.backend.key(name))
+    client.close()
+    assert entered.wait(10), "the watchdog did not find the lock gone"
+    seen: dict[str, Any] = {}
+
+    def release() -> None:
+        try:
+            lock.release()
+        except LockLost as exc:
+            seen["error"] = exc
+            seen["lost_set"] = lock.lost.is_set()
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    # Give the old behaviour its chance to raise early; the fixed one waits for the gate.
+    releaser.join(0.5)
+    gate.set()
+    releaser.join(30)
+    assert not releaser.is_alive()
+    assert "lost earlier" in str(seen["error"])
+    assert seen["lost_set"] is True, "LockLost raised before the lost event was set"
+
+
 async def test_async_watchdog_reports_a_lost_lock(spec_for: Any) -> None:
     spec = spec_for("redis")
     name = unique_name()
     lost = asyncio.Event()
-    lock = make_lock(spec, name, ttl=0.9, auto_renew=True, on_lost=lambda _l, _e: lost.set())
+    lock = make_lock(spec, name, ttl=3, auto_renew=True, on_lost=lambda _l, _e: lost.set())
     await lock.aacquire()
     client = redis.Redis.from_url(REDIS_URL)
     client.delete(lock.backend.key(name))
     client.close()
-    await asyncio.wait_for(lost.wait(), 5)
+    await asyncio.wait_for(lost.wait(), 10)
     with pytest.raises(LockLost):
         await lock.arelease()
 

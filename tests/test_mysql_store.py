@@ -356,7 +356,7 @@ def test_taking_over_an_expired_completed_record_replaces_every_column(store: My
     # the claimable test were repeated per column, rewriting expires_at would make it false for
     # the columns after it and leave a half-taken-over row (old result, old claim_id).
     key = fresh_key()
-    old = store.claim(key, "old-fp", 0.2, 0.3)
+    old = store.claim(key, "old-fp", 10.0, 10.0)  # the lease outlasts a stall before complete
     assert isinstance(old, New)
     store.complete(key, old.fence, b"old result", "raw", 0.3)
     done = store.get(key)
@@ -484,7 +484,7 @@ def test_fence_of_a_new_row_is_the_server_clock_in_microseconds(store: MySQLStor
 
 def test_renew_returns_the_lease_the_server_stored(store: MySQLStore) -> None:
     key = fresh_key()
-    new = store.claim(key, "fp", 1.0, 2.0)
+    new = store.claim(key, "fp", 5.0, 10.0)  # still held when renew comes, even after a stall
     assert isinstance(new, New)
     lease_until = store.renew(key, new.fence, 30.0)
     record = store.get(key)
@@ -566,7 +566,9 @@ def test_many_threads_race_for_released_and_expired_keys(store: MySQLStore) -> N
     fences: list[int] = []
     race(16, store.now)  # open the connections first: the race is for the row, not the pool
     for round_ in range(6):
-        outcomes = race(16, lambda: store.claim(key, "fp", 1.0, 1.0))
+        # A lease (and ttl) that outlasts the race on a loaded machine: with 1 s, a stalled race
+        # saw the winner's lease run out and a second New, which is right, not a double grant.
+        outcomes = race(16, lambda: store.claim(key, "fp", 10.0, 20.0))
         winners = [o for o in outcomes if isinstance(o, New)]
         assert len(winners) == 1, outcomes
         assert not fences or winners[0].fence > fences[-1]
@@ -574,7 +576,8 @@ def test_many_threads_race_for_released_and_expired_keys(store: MySQLStore) -> N
         if round_ % 2:
             store.release(key, winners[0].fence)
         else:
-            wait_for_store_time(store, winners[0].lease_until)
+            # Let it expire now: shorten the lease, then wait for the store's clock to pass it.
+            wait_for_store_time(store, store.renew(key, winners[0].fence, 0.05))
 
 
 # -- connections ---------------------------------------------------------------------------------

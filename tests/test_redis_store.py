@@ -26,6 +26,11 @@ from oncely.errors import ConfigurationError, LeaseLost, StoreError, StoreUnavai
 from oncely.stores import open_store
 from oncely.stores.redis import RedisStore
 
+from lock_workers import RedisServer
+
+#: private_redis (a redis-server of one test, free to SCRIPT FLUSH) lives there.
+pytest_plugins = ["lock_workers"]
+
 REDIS_URL = os.environ.get("ONCELY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 #: Nothing listens on port 1, so connecting is refused at once.
 DEAD_URL = "redis://oncely:s3cret@127.0.0.1:1/0"
@@ -35,8 +40,9 @@ SCRIPTS = ["claim", "complete", "release", "renew", "get", "delete", "probe", "l
 def round_trips(commands: list[str]) -> list[str]:
     """The commands sent, with a NOSCRIPT reload (EVALSHA then EVAL) counted as one EVALSHA.
 
-    Other test runs on the same server may ``SCRIPT FLUSH`` at any time (this file does); the
-    reload itself is checked in :func:`test_scripts_reload_after_script_flush`.
+    Other clients of the shared server may ``SCRIPT FLUSH`` at any time (oncely's tests do so
+    only on a private redis-server); the reload itself is checked in
+    :func:`test_scripts_reload_after_script_flush`.
     """
     out: list[str] = []
     for command in commands:
@@ -173,29 +179,46 @@ async def test_async_face_is_one_evalsha_per_operation(prefix: str) -> None:
         store.close()
 
 
-def test_scripts_reload_after_script_flush(
-    counting: tuple[RedisStore, CountingRedis], raw: redis.Redis
-) -> None:
-    store, client = counting
-    key = rkey()
-    store.claim(key, "fp", 5, 60)
-    raw.script_flush()
-    client.commands.clear()
-    assert isinstance(store.claim(key, "fp", 5, 60), InFlight)
-    assert client.commands == ["EVALSHA", "EVAL"]  # NOSCRIPT, then EVAL (which caches it)
-    client.commands.clear()
-    assert isinstance(store.claim(key, "fp", 5, 60), InFlight)
-    assert client.commands == ["EVALSHA"]
+# SCRIPT FLUSH runs on a private redis-server: on the shared one it would break other runs'
+# exact command counts, and another run's client could load the script again between the flush
+# and the check (so no NOSCRIPT would be seen here).
+def test_scripts_reload_after_script_flush(private_redis: RedisServer) -> None:
+    client = CountingRedis.from_url(private_redis.url)
+    client.commands = []
+    store = RedisStore(private_redis.url, prefix="oncely-rt", client=client)
+    try:
+        key = rkey()
+        store.claim(key, "fp", 5, 60)
+        client.script_flush()
+        client.commands.clear()
+        assert isinstance(store.claim(key, "fp", 5, 60), InFlight)
+        assert client.commands == ["EVALSHA", "EVAL"]  # NOSCRIPT, then EVAL (which caches it)
+        client.commands.clear()
+        assert isinstance(store.claim(key, "fp", 5, 60), InFlight)
+        assert client.commands == ["EVALSHA"]
+    finally:
+        store.close()
+        client.close()
 
 
-async def test_async_scripts_reload_after_script_flush(store: RedisStore, raw: redis.Redis) -> None:
-    key = rkey()
-    outcome = await store.aclaim(key, "fp", 5, 60)
-    assert isinstance(outcome, New)
-    raw.script_flush()
-    await store.acomplete(key, outcome.fence, b"r", "raw", 60)
-    assert isinstance(await store.aclaim(key, "fp", 5, 60), Replay)
-    await store.aclose()
+async def test_async_scripts_reload_after_script_flush(private_redis: RedisServer) -> None:
+    client = CountingAsyncRedis.from_url(private_redis.url)
+    client.commands = []
+    store = RedisStore(private_redis.url, prefix="oncely-rt", async_client=client)
+    try:
+        key = rkey()
+        outcome = await store.aclaim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        with redis.Redis.from_url(private_redis.url) as admin:
+            admin.script_flush()
+        client.commands.clear()
+        await store.acomplete(key, outcome.fence, b"r", "raw", 60)
+        assert client.commands == ["EVALSHA", "EVAL"]  # NOSCRIPT, then EVAL
+        assert isinstance(await store.aclaim(key, "fp", 5, 60), Replay)
+    finally:
+        await store.aclose()
+        await client.aclose()
+        store.close()
 
 
 def test_lua_scripts_ship_as_package_resources() -> None:
@@ -237,7 +260,7 @@ def test_renew_moves_pexpireat_when_the_lease_outgrows_the_ttl(
     store: RedisStore, raw: redis.Redis, prefix: str
 ) -> None:
     key = rkey()
-    outcome = store.claim(key, "fp", 1, 2)
+    outcome = store.claim(key, "fp", 5, 10)  # still held when renew comes, even after a stall
     assert isinstance(outcome, New)
     lease_until = store.renew(key, outcome.fence, 30)
     name = record_key(prefix, key)

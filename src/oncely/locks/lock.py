@@ -100,8 +100,10 @@ class Lock:
     a :class:`~oncely.locks.base.LockBackend`. ``ttl`` (seconds) is how long the lock outlives a
     crashed or paused holder; ``auto_renew=True`` extends it every ``ttl / 3`` while held, and
     reports a lost lock through ``on_lost(lock, error)``, the :attr:`lost` event, and
-    :class:`~oncely.errors.LockLost` from :meth:`check` and :meth:`release`. ``timeout`` is how
-    long ``with lock:`` waits, in seconds. Other keyword ``options`` go to
+    :class:`~oncely.errors.LockLost` from :meth:`check` and :meth:`release` (in that order:
+    ``on_lost`` runs, then :attr:`lost` is set, and a ``LockLost`` about that loss is raised
+    only after both, so ``on_lost`` must not wait for the thread holding the lock).
+    ``timeout`` is how long ``with lock:`` waits, in seconds. Other keyword ``options`` go to
     the backend: connection options (shared per URL) or per-lock ones such as PostgreSQL's
     ``scope``.
 
@@ -162,6 +164,8 @@ class Lock:
         self._holder = ""
         self._acquiring = ""
         self._lost: LockLost | None = None
+        #: The thread telling the current loss (running ``on_lost``, then setting ``lost``).
+        self._teller: int | None = None
         self._renewal: _Renewal | None = None
         self._renew_task: asyncio.Task[None] | None = None
         after_fork(self, Lock._forked)
@@ -267,9 +271,10 @@ class Lock:
             if hold is None:
                 raise self._not_owned(op)
             self._check_face(hold, face, op)
-            if self._lost is not None:
-                raise self._lost_again()
-            return hold
+            lost = self._lost
+        if lost is not None:
+            raise self._lost_again(lost)
+        return hold
 
     def _check_face(self, hold: Hold, face: Face, op: str) -> None:
         if hold.face != face:
@@ -285,9 +290,18 @@ class Lock:
             "or already released); call acquire() first, and release each acquisition once"
         )
 
-    def _lost_again(self) -> LockLost:
-        lost = LockLost(f"lock {self.name!r} was lost earlier: {self._lost}")
-        lost.__cause__ = self._lost
+    def _lost_again(self, earlier: LockLost | None) -> LockLost:
+        """The error for a loss recorded earlier, once that loss has been told.
+
+        Another thread (the renewal watchdog) may have recorded the loss and still be running
+        ``on_lost``; wait for it to set :attr:`lost`, so that whoever gets this error also sees
+        the event set and the callback run. The telling thread itself (an ``on_lost`` that
+        calls :meth:`release` or :meth:`check`) does not wait.
+        """
+        if self._teller != threading.get_ident():
+            self.lost.wait()
+        lost = LockLost(f"lock {self.name!r} was lost earlier: {earlier}")
+        lost.__cause__ = earlier
         return lost
 
     def _lost_error(self, hold: Hold, why: str) -> LockLost:
@@ -303,6 +317,7 @@ class Lock:
             if self._hold is not hold or self._lost is not None:
                 return
             self._lost = exc
+            self._teller = threading.get_ident()
             renewal, self._renewal = self._renewal, None
         if renewal is not None:
             renewal.active = False
@@ -462,7 +477,7 @@ class Lock:
             hold.done = True
             ok = self.backend.release(hold)
         if lost is not None:
-            raise self._lost_again() from lost
+            raise self._lost_again(lost) from lost
         if not ok:
             exc = self._lost_error(hold, "its ttl ran out or the store lost it before release")
             self._notify_lost(hold, exc)
@@ -500,7 +515,7 @@ class Lock:
         """
         hold = self._current("sync", "check")
         if not self._within_bound(hold):
-            raise self._lost_again()
+            raise self._lost_again(self._lost)
         self._verdict(hold, self.backend.inspect(self.name, hold))
 
     def owned(self) -> bool:
@@ -671,7 +686,7 @@ class Lock:
                 await asyncio.shield(task)
             raise
         if lost is not None:
-            raise self._lost_again() from lost
+            raise self._lost_again(lost) from lost
         if not ok:
             exc = self._lost_error(hold, "its ttl ran out or the store lost it before release")
             self._notify_lost(hold, exc)
@@ -710,7 +725,7 @@ class Lock:
         """The async face of :meth:`check`."""
         hold = self._current("async", "check")
         if not self._within_bound(hold):
-            raise self._lost_again()
+            raise self._lost_again(self._lost)
         self._verdict(hold, await self.backend.ainspect(self.name, hold))
 
     async def aowned(self) -> bool:
