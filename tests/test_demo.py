@@ -47,13 +47,18 @@ def test_demo_with_and_without_oncely(tmp_path: Path) -> None:
     faults = " | ".join(on["faults"])
     assert "SIGKILL of web worker" in faults
     assert "SIGSTOP of settlement process" in faults
-    assert set(on["skipped"]) == {"credit", "cancel", "webhook"}
+    assert on["lost_updates"] == 0, on["lost_updates_by_account"]
+    assert on["operations_by_kind"].get("credit", 0) > 0
+    assert set(on["skipped"]) == {"cancel", "webhook"}
     assert all(why.startswith("501") for why in on["skipped"].values())
 
     # the same storm with oncely switched off: duplicates place orders again, take the stock
     # again, and the settlement jobs pay orders out twice
     assert off["double_effects_by_kind"].get("order", 0) > 0
     assert off["stock_drift"] > 0
+    # credits: read-modify-write without If-Match overwrites concurrent credits
+    assert off["lost_updates"] > 0
+    assert off["double_effects_by_kind"].get("credit", 0) > 0
     assert off["ok"] is False
     assert off["bad_input"]["failures"] == 0
     assert (tmp_path / "protected" / "shop.db").exists()

@@ -3,6 +3,7 @@ effect), the 501 answers of pending features, and the settlement job's fence."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from oncely.demo.shop.app import create_app
 from oncely.demo.shop.db import ShopDB
 from oncely.demo.shop.features.settlement import settle_once
 from oncely.demo.shop.settings import Settings
+from oncely.errors import StaleVersion
 from oncely.locks import Lock
 
 
@@ -95,8 +97,12 @@ def _bad_requests(order_id: str) -> list[tuple[str, str, bytes | None, dict[str,
         ("GET", "/orders", None, {}),
         ("DELETE", "/ledger", None, {}),
         ("GET", "/no/such/path", None, {}),
-        ("GET", "/accounts/acct-1", None, {}),
-        ("POST", "/accounts/acct-1/credit", b"{", key()),
+        ("GET", "/accounts/no-such-account", None, {}),
+        ("POST", "/accounts/acct-1/credit", b"{", {**key(), "If-Match": '"1"'}),
+        ("POST", "/accounts/acct-1/credit", js({"amount": -3}), {**key(), "If-Match": '"1"'}),
+        ("POST", "/accounts/acct-1/credit", js({"amount": 10**30}), {**key(), "If-Match": '"1"'}),
+        ("POST", "/accounts/acct-1/credit", js({"amount": "5"}), {**key(), "If-Match": '"1"'}),
+        ("POST", "/accounts/no-such/credit", js({"amount": 5}), {**key(), "If-Match": '"1"'}),
         ("POST", "/orders/ord_missing/cancel", js({"amount": -5}), key()),
         ("POST", "/orders/ord_missing/ship", b"nope", key()),
         ("POST", "/webhooks/payment", b"{", key()),
@@ -128,8 +134,6 @@ async def test_pending_features_answer_501_naming_their_mechanism(
     shop: httpx.AsyncClient,
 ) -> None:
     expected = {
-        ("GET", "/accounts/acct-1"): "oncely.sql",
-        ("POST", "/accounts/acct-1/credit"): "oncely.sql",
         ("POST", "/orders/o/cancel"): "oncely.statemachine",
         ("POST", "/orders/o/ship"): "oncely.messaging",
         ("POST", "/webhooks/payment"): "oncely.messaging",
@@ -138,6 +142,73 @@ async def test_pending_features_answer_501_naming_their_mechanism(
         response = await shop.request(method, path, json={}, headers=_headers("k-" + path))
         assert response.status_code == 501, (path, response.text)
         assert response.json()["mechanism"] == mechanism
+
+
+async def test_account_credit_contract(shop: httpx.AsyncClient) -> None:
+    protected = (await shop.get("/healthz")).json()["protected"]
+    read = await shop.get("/accounts/acct-2")
+    assert read.status_code == 200 and read.headers["etag"] == '"1"'
+    assert read.json() == {"account_id": "acct-2", "balance": 0, "version": 1}
+    credit = {"amount": 7}
+    ok = await shop.post(
+        "/accounts/acct-2/credit", json=credit, headers={**_headers("c-1"), "If-Match": '"1"'}
+    )
+    assert ok.status_code == 200, ok.text
+    assert ok.headers["etag"] == '"2"' and ok.json()["balance"] == 7
+    stale = await shop.post(
+        "/accounts/acct-2/credit", json=credit, headers={**_headers("c-2"), "If-Match": '"1"'}
+    )
+    missing = await shop.post("/accounts/acct-2/credit", json=credit, headers=_headers("c-3"))
+    if protected:
+        assert stale.status_code == 412, stale.text
+        assert stale.json()["current_etag"] == '"2"'
+        assert missing.status_code == 428, missing.text
+        for answer in (stale, missing):
+            assert answer.headers["content-type"].startswith("application/problem+json")
+        # the retry after a re-read, under the same key (the 412 was not stored)
+        again = await shop.post(
+            "/accounts/acct-2/credit", json=credit, headers={**_headers("c-2"), "If-Match": '"2"'}
+        )
+        assert again.status_code == 200 and again.headers["etag"] == '"3"'
+        assert (await shop.get("/accounts/acct-2")).json()["balance"] == 14
+    else:  # unprotected: If-Match is ignored, every credit is written
+        assert stale.status_code == 200 and missing.status_code == 200
+        assert (await shop.get("/accounts/acct-2")).json()["balance"] == 21
+
+
+async def test_concurrent_credits_lose_no_update_only_when_oncely_is_on(
+    shop: httpx.AsyncClient,
+) -> None:
+    """32 clients credit one account at once, each reading its ETag and retrying on 412:
+    protected, the balance is the sum of every credit; unprotected (read-modify-write without
+    the version check) concurrent credits overwrite each other."""
+    protected = (await shop.get("/healthz")).json()["protected"]
+    conflicts = 0
+
+    async def client(i: int) -> None:
+        nonlocal conflicts
+        for _ in range(200):
+            tag = (await shop.get("/accounts/acct-3")).headers["etag"]
+            answer = await shop.post(
+                "/accounts/acct-3/credit",
+                json={"amount": i + 1},
+                headers={**_headers(f"credit-{i}"), "If-Match": tag},
+            )
+            if answer.status_code == 200:
+                return
+            assert answer.status_code in (409, 412), answer.text
+            conflicts += 1
+        raise AssertionError("a credit never got through")
+
+    await asyncio.gather(*(client(i) for i in range(32)))
+    balance = (await shop.get("/accounts/acct-3")).json()["balance"]
+    credits = [e for e in (await shop.get("/ledger")).json() if e["kind"] == "credit"]
+    assert len(credits) == 32 and sum(e["amount"] for e in credits) == sum(range(1, 33))
+    if protected:
+        assert balance == sum(range(1, 33))
+        assert conflicts > 0  # the race really happened, and was retried
+    else:
+        assert balance < sum(range(1, 33))  # lost updates
 
 
 async def test_order_and_payment_contract(shop: httpx.AsyncClient) -> None:
@@ -212,6 +283,13 @@ def test_a_handler_run_again_after_a_crash_applies_once(tmp_path: Path) -> None:
     assert db.record_charge(first.id, first.amount, "txn-b", once=True) == "txn-a"
     kinds = [e["kind"] for e in db.ledger()]
     assert kinds == ["order", "charge"]
+    # a credit run again for the same key returns the first result and writes nothing
+    credited = db.credit("acct-1", 5, 1, "alice/credit-1")
+    assert db.credit("acct-1", 5, 1, "alice/credit-1") == credited
+    with pytest.raises(StaleVersion):  # another key with the old version: refused, no write
+        db.credit("acct-1", 5, 1, "alice/credit-2")
+    assert db.account("acct-1") == credited and credited.balance == 5
+    assert [e["kind"] for e in db.ledger()] == ["order", "charge", "credit"]
     assert db.stock("sku-1") == 1_000_000 - 2
     # unprotected (once=False) the same two runs are two orders: the double effect
     db.place_order("bob", "sku-1", 1, "bob/key-1")

@@ -66,12 +66,17 @@ DISCOVERY: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "webhook": ("POST", "/webhooks/payment", {}),
 }
 #: Kinds the storm can drive today; a later mechanism adds its driver here.
-DRIVEN = ("order", "pay")
+DRIVEN = ("order", "pay", "credit")
 DEFAULT_SKUS = tuple(f"sku-{i}" for i in range(1, 9))
+#: the accounts credits go to (the demo shop opens these; few, so that credits contend)
+DEFAULT_ACCOUNTS = tuple(f"acct-{i}" for i in range(1, 9))
 PATTERNS = {
     "order": ("concurrent", "sequential", "timeout", "changed-body"),
     "pay": ("concurrent", "sequential", "timeout", "changed-body", "double-submit"),
+    "credit": ("concurrent", "sequential", "timeout"),
 }
+#: rounds of read (ETag) + conditional write a credit gets before it counts as lost
+CREDIT_ROUNDS = 60
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -95,6 +100,7 @@ class StormConfig:
     attempts: int = 25
     bad_fraction: float = 0.03
     skus: Sequence[str] = DEFAULT_SKUS
+    accounts: Sequence[str] = DEFAULT_ACCOUNTS
     customers: int = 50
     faults: Sequence[Fault] = ()
     #: seconds to wait after the last operation before reading the ledger (background jobs)
@@ -134,6 +140,9 @@ class StormResult:
     lost_examples: list[str] = field(default_factory=list)
     stock_drift: int = 0
     drift_by_sku: dict[str, int] = field(default_factory=dict)
+    #: sum over the accounts of |balance - the credits the ledger applied| (overwritten credits)
+    lost_updates: int = 0
+    lost_updates_by_account: dict[str, int] = field(default_factory=dict)
     bad_sent: int = 0
     bad_failures: int = 0
     bad_examples: list[str] = field(default_factory=list)
@@ -156,6 +165,7 @@ class StormResult:
             self.double_effects == 0
             and self.lost == 0
             and self.stock_drift == 0
+            and self.lost_updates == 0
             and self.bad_failures == 0
             and self.operations > 0
         )
@@ -176,6 +186,8 @@ class StormResult:
             "lost_examples": self.lost_examples,
             "stock_drift": self.stock_drift,
             "stock_drift_by_sku": self.drift_by_sku,
+            "lost_updates": self.lost_updates,
+            "lost_updates_by_account": self.lost_updates_by_account,
             "bad_input": {
                 "sent": self.bad_sent,
                 "failures": self.bad_failures,
@@ -198,6 +210,7 @@ class _Answer:
     replayed: bool = False
     error: str = ""
     content_type: str = ""
+    etag: str = ""
 
 
 def _problem_slug(body: Any) -> str:
@@ -255,6 +268,7 @@ class _Client:
                 _problem_slug(parsed),
                 response.header("idempotent-replayed").lower() == "true",
                 content_type=response.header("content-type"),
+                etag=response.header("etag"),
             )
             retryable = response.status in RETRY_STATUSES or (
                 response.status == 409 and answer.problem == "request-in-flight"
@@ -429,6 +443,45 @@ class _Storm:
         if not op.succeeded:
             op.detail = f"paying {order_id}: {_describe(originals)}"
 
+    async def credit(self, op: Op) -> None:
+        """Credit an account the optimistic way: read its ``ETag``, send the ``k`` copies with
+        ``If-Match`` and one ``Idempotency-Key``; when every copy got ``412`` (another credit
+        landed in between), read again and send the next round, as a client of a versioned
+        resource does. A credit applied twice, or overwritten, shows in the ledger / balance."""
+        account = self.rng.choice(list(self.config.accounts))
+        amount = self.rng.randint(1, 100)
+        headers = {**_bearer(op.customer), "Idempotency-Key": op.key}
+        op.expects.append(("credit", f"{op.customer}/{op.key}"))
+        answers: list[_Answer] = []
+        for _ in range(CREDIT_ROUNDS):
+            read = await self.client.send("GET", f"/accounts/{account}")
+            if read.status != 200 or not read.etag:
+                op.detail = f"reading {account}: {_describe([read])}"
+                return
+            tag = read.etag
+
+            async def send(i: int, changed: dict[str, Any] | None, tag: str = tag) -> _Answer:
+                timeout = (
+                    self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
+                )
+                return await self.client.send(
+                    "POST",
+                    f"/accounts/{account}/credit",
+                    body={"amount": amount},
+                    headers={**headers, "If-Match": tag},
+                    first_timeout=timeout,
+                )
+
+            answers = await self.copies(op, send, None)
+            if any(a.status == 200 for a in answers):
+                op.succeeded = True
+                return
+            if not all(a.status == 412 for a in answers):
+                break
+            self.result.duplicates -= max(1, self.config.duplicates) - 1  # a round, not copies
+            await asyncio.sleep(self.rng.uniform(0, 0.02))
+        op.detail = f"crediting {account}: {_describe(answers)}"
+
     async def _token(self, op: Op, order_id: str) -> str | None:
         issued = await self.client.send(
             "POST", "/payment-tokens", body={"order_id": order_id}, headers=_bearer(op.customer)
@@ -475,6 +528,16 @@ class _Storm:
                 ),
                 ("POST", "/orders", js({"sku": sku, "qty": 1, "customer": ""}), key()),
             ]
+        if "credit" in live:
+            acct = f"/accounts/{self.config.accounts[0]}/credit"
+            tag = {"If-Match": '"1"'}
+            cases += [
+                ("POST", acct, js({"amount": -5}), {**key(), **tag}),
+                ("POST", acct, js({"amount": 10**20}), {**key(), **tag}),
+                ("POST", acct, js({"amount": "5"}), {**key(), **tag}),
+                ("POST", acct, b"{", {**key(), **tag}),
+                ("POST", f"/accounts/{ghost}/credit", js({"amount": 5}), {**key(), **tag}),
+            ]
         if "pay" in live:
             cases += [
                 ("POST", "/payment-tokens", js({"order_id": ghost}), key()),
@@ -518,6 +581,30 @@ def _orphaned_token(answer: _Answer) -> bool:
         and isinstance(answer.body, dict)
         and answer.body.get("order_status") == "placed"
     )
+
+
+DRIVERS: dict[str, Callable[[_Storm, Op], Awaitable[None]]] = {
+    "order": _Storm.order,
+    "pay": _Storm.pay,
+    "credit": _Storm.credit,
+}
+
+
+async def _check_balances(
+    http: Http, accounts: Sequence[str], ledger: list[dict[str, Any]], result: StormResult
+) -> None:
+    """Lost updates: an account's balance must equal the sum of the credits the ledger
+    applied to it (accounts start at 0 and only credits change them); a credit overwritten by a
+    concurrent read-modify-write is in the ledger but not in the balance."""
+    applied: Counter[str] = Counter()
+    for e in ledger:
+        if e.get("kind") == "credit":
+            applied[str(e.get("entity"))] += int(e.get("amount", 0))
+    for account in accounts:
+        body = _ok(await http.get(f"/accounts/{account}"), f"GET /accounts/{account}")
+        missing = applied[account] - int(body["balance"])
+        result.lost_updates_by_account[account] = missing
+        result.lost_updates += abs(missing)
 
 
 def _ok(reply: Reply, what: str) -> Any:
@@ -613,6 +700,7 @@ async def run_storm_async(config: StormConfig, label: str = "") -> StormResult:
         result.by_kind = dict(Counter(op.kind for op in storm.ops))
         result.operations = len(storm.ops)
         before = await _stock(http, config.skus)
+        credit_live = "credit" in live
         work: list[Any] = list(storm.ops)
         bad = storm.bad_requests(live)
         count = max(len(bad), round(config.bad_fraction * config.operations))
@@ -629,7 +717,7 @@ async def run_storm_async(config: StormConfig, label: str = "") -> StormResult:
             nonlocal done
             async with gate:
                 if isinstance(item, Op):
-                    await (storm.order(item) if item.kind == "order" else storm.pay(item))
+                    await DRIVERS[item.kind](storm, item)
                 else:
                     await storm.bad(item)
             done += 1
@@ -651,6 +739,8 @@ async def run_storm_async(config: StormConfig, label: str = "") -> StormResult:
         after = await _stock(http, config.skus)
         ledger = await _ledger(http)
         _verify(storm, ledger, before, after)
+        if credit_live:
+            await _check_balances(http, config.accounts, ledger, result)
     result.outcomes = dict(storm.client.outcomes)
     result.seconds = time.perf_counter() - started
     return result

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
+from typing import cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -34,6 +35,7 @@ from oncely.demo.shop.settings import Settings
 from oncely.demo.shop.web import customer_of, problem_handler, problem_response
 from oncely.errors import HttpProblem
 from oncely.http import HttpRequest, IdempotencyConfig, IdempotencyMiddleware, Rule
+from oncely.http.conditional import ConditionalMiddleware
 from oncely.stores import open_store
 from oncely.tokens import Tokens
 
@@ -103,7 +105,11 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     )
     if config is None:
         return app
-    return IdempotencyMiddleware(app, config)
+    # Outermost: a credit without If-Match gets its 428 before any key is claimed.
+    conditional = ConditionalMiddleware(
+        IdempotencyMiddleware(app, config), methods=["POST"], paths=accounts.is_credit_path
+    )
+    return cast(ASGIApp, conditional)
 
 
 def dev_settings(workdir: str) -> Settings:

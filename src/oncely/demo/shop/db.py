@@ -23,11 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from oncely.locks import fenced_table_sql, fenced_update
+from oncely.sql import insert_once, versioned_update
 
-__all__ = ["PRODUCTS", "Order", "ShopDB"]
+__all__ = ["ACCOUNTS", "PRODUCTS", "Account", "Order", "ShopDB"]
 
 #: sku -> (price in cents, initial stock in units)
 PRODUCTS: dict[str, tuple[int, int]] = {f"sku-{i}": (100 * i, 1_000_000) for i in range(1, 9)}
+#: the accounts the shop opens (balance 0, version 1); a few, so that credits contend
+ACCOUNTS: tuple[str, ...] = tuple(f"acct-{i}" for i in range(1, 9))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS products (
@@ -57,6 +60,18 @@ CREATE TABLE IF NOT EXISTS payments (
     order_id       TEXT PRIMARY KEY,
     transaction_id TEXT NOT NULL
 );
+-- the credit requests applied (protected mode: one per request key, insert-once)
+CREATE TABLE IF NOT EXISTS credits (
+    request_key TEXT PRIMARY KEY,
+    account     TEXT NOT NULL,
+    balance     INTEGER NOT NULL,
+    version     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    id      TEXT PRIMARY KEY,
+    balance INTEGER NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1
+);
 CREATE TABLE IF NOT EXISTS ledger (
     seq    INTEGER PRIMARY KEY AUTOINCREMENT,
     kind   TEXT NOT NULL,
@@ -83,20 +98,14 @@ _ONCE = {"order_requests": ("request_key", "order_id"), "payments": ("order_id",
 
 
 def _insert_once(w: sqlite3.Connection, table: str, key: str, value: str) -> str | None:
-    """Record ``key -> value`` unless ``key`` is there already (one statement decides); return
-    ``None`` when this call inserted it, else the value stored first."""
+    """Record ``key -> value`` unless ``key`` is there already (:func:`oncely.sql.insert_once`:
+    one statement decides); return ``None`` when this call inserted it, else the value stored
+    first."""
     key_column, value_column = _ONCE[table]
-    inserted = w.execute(
-        f"INSERT INTO {table} ({key_column}, {value_column}) VALUES (?, ?) "
-        f"ON CONFLICT ({key_column}) DO NOTHING RETURNING {value_column}",
-        (key, value),
-    ).fetchone()
-    if inserted is not None:
-        return None
-    (first,) = w.execute(
-        f"SELECT {value_column} FROM {table} WHERE {key_column} = ?", (key,)
-    ).fetchone()
-    return str(first)
+    row, created = insert_once(
+        w, table, {key_column: key, value_column: value}, unique=(key_column,)
+    )
+    return None if created else str(row[value_column])
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +117,13 @@ class Order:
     amount: int
     status: str
     transaction_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    balance: int
+    version: int
 
 
 class ShopDB:
@@ -154,6 +170,10 @@ class ShopDB:
                 "INSERT OR IGNORE INTO products (sku, price, stock) VALUES (?, ?, ?)",
                 [(sku, price, stock) for sku, (price, stock) in PRODUCTS.items()],
             )
+            w.executemany(
+                "INSERT OR IGNORE INTO accounts (id, balance, version) VALUES (?, 0, 1)",
+                [(a,) for a in ACCOUNTS],
+            )
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -181,6 +201,14 @@ class ShopDB:
             .fetchone()
         )
         return None if row is None else Order(*row)
+
+    def account(self, account_id: str) -> Account | None:
+        row = (
+            self._conn()
+            .execute("SELECT id, balance, version FROM accounts WHERE id = ?", (account_id,))
+            .fetchone()
+        )
+        return None if row is None else Account(*row)
 
     def ledger(self) -> list[dict[str, Any]]:
         rows = self._conn().execute("SELECT kind, key, entity, amount, at FROM ledger ORDER BY seq")
@@ -265,6 +293,63 @@ class ShopDB:
                 (transaction_id, order_id),
             )
         return transaction_id
+
+    def credit(
+        self, account_id: str, amount: int, expected_version: int, request_key: str
+    ) -> Account:
+        """Protected credit: add ``amount`` to the balance if the account is still at
+        ``expected_version`` (:func:`oncely.sql.versioned_update`, one ``UPDATE`` decides),
+        with its ledger row, in one transaction. ``request_key`` is recorded with
+        :func:`oncely.sql.insert_once` in the same transaction: a credit run again for the same
+        key (its worker died after the commit, before the HTTP layer stored the answer) returns
+        the first result and writes nothing.
+
+        :raises ~oncely.errors.StaleVersion: the account moved on (answered 412).
+        :raises ~oncely.errors.NotFound: no such account.
+        """
+        with self.write() as w:
+            row, created = insert_once(
+                w,
+                "credits",
+                {"request_key": request_key, "account": account_id, "balance": 0, "version": 0},
+                unique=("request_key",),
+            )
+            if not created:
+                return Account(account_id, int(row["balance"]), int(row["version"]))
+            current = w.execute(
+                "SELECT balance FROM accounts WHERE id = ?", (account_id,)
+            ).fetchone()
+            balance = (0 if current is None else int(current[0])) + amount
+            version = versioned_update(
+                w, "accounts", account_id, {"balance": balance}, expected_version
+            )
+            w.execute(
+                "UPDATE credits SET balance = ?, version = ? WHERE request_key = ?",
+                (balance, version, request_key),
+            )
+            w.execute(
+                "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('credit', ?, ?, ?, ?)",
+                (request_key, account_id, amount, time.time()),
+            )
+        return Account(account_id, balance, version)
+
+    def overwrite_balance(
+        self, account_id: str, balance: int, request_key: str, amount: int
+    ) -> Account:
+        """Unprotected credit: write the balance the handler computed from what it read
+        earlier (read-modify-write without a version check: a credit that landed in between
+        is overwritten, the lost update of source §3.3)."""
+        with self.write() as w:
+            (version,) = w.execute(
+                "UPDATE accounts SET balance = ?, version = version + 1 WHERE id = ? "
+                "RETURNING version",
+                (balance, account_id),
+            ).fetchone()
+            w.execute(
+                "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('credit', ?, ?, ?, ?)",
+                (request_key, account_id, amount, time.time()),
+            )
+        return Account(account_id, balance, int(version))
 
     def start_settlement(self, pid: int, fence: int | None, limit: int) -> tuple[int, list[Order]]:
         """Open a settlement run over up to ``limit`` paid, unsettled orders (read, not
