@@ -19,7 +19,15 @@ DOCS = [
     ROOT / "README.md",
     *(
         ROOT / "docs" / f
-        for f in ("decorator.md", "locks.md", "http.md", "settings.md", "sql.md", "optimistic.md")
+        for f in (
+            "decorator.md",
+            "locks.md",
+            "http.md",
+            "settings.md",
+            "sql.md",
+            "optimistic.md",
+            "statemachine.md",
+        )
     ),
 ]
 

@@ -6,6 +6,8 @@ oncely keys ls URL           list live records (80 columns; what each belongs to
 oncely keys show URL DIGEST  one record (a stored HTTP response decoded)
 oncely keys rm URL DIGEST    delete one record (the next call runs again)
 oncely purge URL             delete expired records
+oncely barrier init URL      create the branch barrier table (oncely.statemachine.barrier)
+oncely barrier purge URL     delete barrier rows of global transactions past the horizon
 oncely --version
 
 ``--json`` on ``check``, ``keys ls`` and ``keys show`` prints one JSON document instead of a
@@ -24,6 +26,7 @@ import inspect
 import json
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -60,6 +63,12 @@ keys_app = typer.Typer(
     help="Inspect and remove records.", no_args_is_help=True, rich_markup_mode=None
 )
 app.add_typer(keys_app, name="keys")
+barrier_app = typer.Typer(
+    help="Create and clean the branch barrier table (TCC / saga).",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(barrier_app, name="barrier")
 # markup=False: messages, URLs, scopes and stored results are printed as they are.
 console = Console(markup=False, highlight=False)
 errors = Console(stderr=True, markup=False, highlight=False)
@@ -460,6 +469,108 @@ def purge(
     except OncelyError as exc:
         raise _fail(exc) from exc
     console.print(f"purged {count} expired record(s)")
+
+
+# -- the branch barrier (oncely.statemachine.barrier) ----------------------------------------
+DbUrl = Annotated[
+    str,
+    typer.Argument(help="The business database: sqlite:///app.db, postgresql://..., mysql://..."),
+]
+BarrierTable = Annotated[
+    str, typer.Option("--table", help="Barrier table name (default oncely_barrier)")
+]
+
+
+@contextlib.contextmanager
+def _database(url: str, create: bool = False) -> Iterator[Any]:
+    """A DB-API connection to the business database at ``url`` (not a store: the barrier
+    lives next to the business tables)."""
+    from oncely.backends.urls import scheme_of
+    from oncely.errors import ConfigurationError
+
+    scheme = scheme_of(url)
+    conn: Any
+    if scheme == "sqlite":
+        import sqlite3
+
+        from oncely.backends.sqlite import parse_url
+
+        path, _ = parse_url(url, "SQLite URL")
+        if not create and not Path(path).exists():
+            raise ConfigurationError(
+                f"no SQLite database at {path}: check the URL (sqlite:///relative.db, "
+                "sqlite:////absolute.db)"
+            )
+        conn = sqlite3.connect(path, timeout=15)
+    elif scheme in ("postgresql", "postgres"):
+        import psycopg
+
+        from oncely.backends.postgres import conninfo
+
+        conn = psycopg.connect(conninfo(url))
+    elif scheme in ("mysql", "mariadb"):
+        import pymysql
+
+        from oncely.backends.mysql import connect_args
+
+        conn = pymysql.connect(**connect_args(url))
+    elif scheme.startswith("redis"):
+        raise ConfigurationError(
+            "Redis barrier rows expire by themselves, `horizon` seconds after a global "
+            "transaction's newest row (redis_barrier(..., horizon=...)): nothing to purge"
+        )
+    else:
+        raise ConfigurationError(
+            f"the barrier lives in a SQL database: give a sqlite://, postgresql:// or mysql:// "
+            f"URL, not {redact_url(url)!r}"
+        )
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+@barrier_app.command("init")
+def barrier_init(url: DbUrl, table: BarrierTable = "oncely_barrier") -> None:
+    """Create the barrier table and its index in the business database; safe to run again."""
+    from oncely.statemachine.barrier import create_table
+
+    try:
+        with _database(url, create=True) as conn:
+            create_table(conn, table)
+    except OncelyError as exc:
+        raise _fail(exc) from exc
+    console.print(f"barrier table {table} ready")
+
+
+@barrier_app.command("purge")
+def barrier_purge(
+    url: DbUrl,
+    older_than: Annotated[
+        str,
+        typer.Option(
+            "--older-than",
+            help="Horizon: remove a global transaction's rows once its newest row is older "
+            "than this (30m, 24h, 7d); longer than any call can arrive late",
+        ),
+    ] = "7d",
+    table: BarrierTable = "oncely_barrier",
+    batch: Annotated[int, typer.Option("--batch", min=1, help="gids per statement")] = 500,
+) -> None:
+    """Delete barrier rows, whatever their op, of global transactions past the horizon."""
+    from oncely.settings import parse_duration
+    from oncely.statemachine.barrier import purge as purge_barrier
+
+    try:
+        seconds = parse_duration(older_than)
+    except ValueError as exc:
+        raise _fail(ValueError(f"--older-than {older_than!r}: {exc}")) from exc
+    try:
+        with _database(url) as conn:
+            count = purge_barrier(conn, seconds, table=table, batch=batch)
+    except OncelyError as exc:
+        raise _fail(exc) from exc
+    console.print(f"purged {count} barrier row(s) older than {older_than}")
 
 
 def main() -> None:

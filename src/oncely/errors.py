@@ -7,14 +7,21 @@ Everything derives from :class:`OncelyError`. Input mistakes also derive from
 from __future__ import annotations
 
 __all__ = [
+    "BarrierError",
+    "BarrierTableMissing",
     "ConfigurationError",
+    "EntityNotFound",
+    "GuardRejected",
     "HttpProblem",
     "IdempotencyKeyMismatch",
+    "IllegalTransition",
     "InFlightError",
+    "InvalidBarrierCall",
     "InvalidIdentifier",
     "InvalidIfMatch",
     "InvalidKey",
     "InvalidLockName",
+    "InvalidMachine",
     "InvalidPayload",
     "LeaseLost",
     "LockError",
@@ -25,10 +32,14 @@ __all__ = [
     "OncelyError",
     "PreconditionFailed",
     "PreconditionRequired",
+    "SagaError",
+    "SagaFailed",
+    "SagaStuck",
     "SchemaMissing",
     "SerializationError",
     "SettingWarning",
     "StaleVersion",
+    "StateMachineError",
     "StoreError",
     "StoreUnavailable",
     "StoredFailure",
@@ -40,6 +51,7 @@ __all__ = [
     "TransactionFailed",
     "UnknownColumn",
     "UnknownTable",
+    "UnknownTransition",
     "UnsupportedConnection",
     "UnversionedRow",
     "VersionBypass",
@@ -306,3 +318,76 @@ class UnknownColumn(ConfigurationError):
 class TransactionFailed(OncelyError):
     """The connection's transaction already failed (an earlier statement raised and it was not
     rolled back); roll back before starting an idempotent operation on it."""
+
+
+# -- state machines, the branch barrier and sagas (oncely.statemachine) ----------------------------
+class StateMachineError(OncelyError):
+    """A state machine (:mod:`oncely.statemachine`) refused a call; the subclass says why."""
+
+
+class InvalidMachine(ConfigurationError):
+    """A machine definition is wrong (unknown state, duplicate transition name, unreachable state,
+    a transition that does not change the state); raised when the machine is built, and the
+    message names the offending state or transition."""
+
+
+class UnknownTransition(StateMachineError, ValueError):
+    """The transition name is not one of the machine's; the message lists the machine's names."""
+
+
+class IllegalTransition(StateMachineError):
+    """The entity's current state is not a source of the transition (and the transition did not
+    already happen). ``current`` is the state found, ``transition`` the name asked for,
+    ``allowed`` the transitions that state allows (empty for a final state)."""
+
+    def __init__(self, message: str, current: str, transition: str, allowed: tuple[str, ...]):
+        super().__init__(message)
+        self.current = current
+        self.transition = transition
+        self.allowed = allowed
+
+
+class GuardRejected(StateMachineError):
+    """A transition's guard returned False for this call's data; nothing was written."""
+
+
+class EntityNotFound(StateMachineError, LookupError):
+    """No entity with this id (no row in the table, no hash in Redis): create it first, in its
+    machine's initial state."""
+
+
+class BarrierError(OncelyError):
+    """The branch barrier (:mod:`oncely.statemachine.barrier`) could not decide."""
+
+
+class InvalidBarrierCall(BarrierError, ValueError):
+    """A barrier call without a gid or branch, or with an operation the barrier does not know
+    (``try``, ``confirm``, ``cancel``, ``action``, ``compensate``)."""
+
+
+class BarrierTableMissing(BarrierError, SchemaMissing):
+    """The barrier table does not exist in this database: create it once with ``oncely barrier
+    init URL`` or :func:`oncely.statemachine.barrier.create_table` (it must live in the business
+    database, next to the tables the branch writes)."""
+
+
+class SagaError(OncelyError):
+    """A saga (:mod:`oncely.statemachine.saga`) did not complete."""
+
+
+class SagaFailed(SagaError):
+    """A step failed for good and every completed step was compensated: the saga is rolled back.
+    ``step`` names the failed step, ``__cause__`` is its last error."""
+
+    def __init__(self, message: str, step: str):
+        super().__init__(message)
+        self.step = step
+
+
+class SagaStuck(SagaError):
+    """A compensation kept failing after its retries; the saga stays ``compensating`` and
+    running it again (same saga id) resumes the compensation where it stopped."""
+
+    def __init__(self, message: str, step: str):
+        super().__init__(message)
+        self.step = step

@@ -1,0 +1,419 @@
+"""The branch barrier: a TCC or saga branch call that is safe to repeat, reorder and cancel.
+
+DTM's sub-transaction barrier and Seata's TCC fence (DESIGN.md, "Compensation"). Call
+:func:`barrier` *inside the business transaction*, on the same connection, before the business
+writes; it answers one :class:`Verdict`:
+
+==========================  ================================================================
+verdict                     meaning, and what to do
+==========================  ================================================================
+``EXECUTE``                 first call of this (gid, branch, op): run the business writes
+``DUPLICATE``               this op already ran (or is running and committed meanwhile): skip
+``EMPTY_COMPENSATION``      a ``cancel``/``compensate`` that arrived before its ``try``/
+                            ``action``: succeed without doing anything, and the late try is
+                            now blocked
+``HANGING``                 a ``try``/``action`` after its cancel: skip it (it would hang
+                            resources nobody releases)
+==========================  ================================================================
+
+Only ``EXECUTE`` runs the business writes (``verdict.run``); every other verdict is a success
+that does nothing. The rule, in rows of one table keyed (gid, branch, op), each written with
+``INSERT ... ON CONFLICT DO NOTHING`` (``INSERT IGNORE`` on MariaDB/MySQL):
+
+1. insert the row of the current op; if it was already there: DUPLICATE, or HANGING when the
+   row is a ``try``/``action`` row that a compensation wrote;
+2. for ``cancel``/``compensate``, insert the row of the original op (``try``/``action``),
+   marked as written by the compensation; if it was new, the original never ran:
+   EMPTY_COMPENSATION (and the late original now finds its row: HANGING);
+3. otherwise EXECUTE.
+
+The barrier only inserts (and reads a row its insert found): it never reads a missing row
+with ``SELECT ... FOR UPDATE``, the gap lock that makes two transactions deadlock on MariaDB/MySQL
+at REPEATABLE READ when each then inserts into the other's gap (the usual cause of Seata's
+fence deadlock). Try and cancel of one branch at once wait on one row, the ``try`` row, and
+the test suite runs them from two processes on MariaDB at REPEATABLE READ. Because the rows
+commit or roll back with the business writes, a crash leaves both or neither.
+
+Cleanup (:func:`purge`, ``oncely barrier purge URL``) removes every row of a gid, whatever its
+status, once the gid's *newest* row is older than the horizon: a late call of a global
+transaction that is still within the horizon always finds every row of it.
+
+:func:`redis_barrier` is the same rule in one Lua script, for effects kept in Redis: pass the
+effect as Redis commands and the script applies them only on ``EXECUTE``, atomically with the
+verdict; the gid's rows expire ``horizon`` seconds after its newest row (the store's clock).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Sequence
+from typing import Any, Final
+
+from oncely.backends.lua import Script, aevalsha, evalsha
+from oncely.backends.plans import Exec, Plan
+from oncely.backends.plans import arun as arun_plan
+from oncely.backends.plans import run as run_plan
+from oncely.errors import BarrierTableMissing, InvalidBarrierCall
+from oncely.sql.connections import Enter, Leave, SqlConnection, adapt, missing_object
+
+__all__ = [
+    "DEFAULT_HORIZON",
+    "DEFAULT_TABLE",
+    "OPS",
+    "Verdict",
+    "abarrier",
+    "acreate_table",
+    "apurge",
+    "aredis_barrier",
+    "barrier",
+    "create_table",
+    "purge",
+    "redis_barrier",
+]
+
+DEFAULT_TABLE: Final = "oncely_barrier"
+#: Seconds a gid's rows are kept after its newest row (purge horizon, Redis expiry): 7 days.
+DEFAULT_HORIZON: Final = 7 * 24 * 3600.0
+#: op -> the original op it compensates (None: not a compensation). TCC: try/confirm/cancel;
+#: saga: action/compensate.
+OPS: Final[dict[str, str | None]] = {
+    "try": None,
+    "confirm": None,
+    "cancel": "try",
+    "action": None,
+    "compensate": "action",
+}
+_ORIGINALS: Final = frozenset(v for v in OPS.values() if v)
+MAX_ID: Final = 128
+
+
+class Verdict(enum.Enum):
+    """The barrier's answer; only :attr:`EXECUTE` runs the business writes (:attr:`run`)."""
+
+    EXECUTE = "EXECUTE"
+    DUPLICATE = "DUPLICATE"
+    EMPTY_COMPENSATION = "EMPTY_COMPENSATION"
+    HANGING = "HANGING"
+
+    @property
+    def run(self) -> bool:
+        """True only for EXECUTE: the business writes must run."""
+        return self is Verdict.EXECUTE
+
+
+def check_call(gid: object, branch: object, op: object) -> tuple[str, str, str]:
+    """Validate a barrier call. Raises :class:`~oncely.errors.InvalidBarrierCall`."""
+    for what, value in (("gid", gid), ("branch", branch)):
+        if not isinstance(value, str) or not value or len(value) > MAX_ID:
+            raise InvalidBarrierCall(
+                f"barrier {what} must be a non-empty str of at most {MAX_ID} characters, "
+                f"got {value!r}: pass the global transaction id and the branch id the "
+                "coordinator sent"
+            )
+    if op not in OPS:
+        raise InvalidBarrierCall(f"barrier op must be one of {sorted(OPS)}, got {op!r}")
+    assert isinstance(gid, str) and isinstance(branch, str) and isinstance(op, str)
+    return gid, branch, op
+
+
+# -- SQL ----------------------------------------------------------------------------------------
+_NOW: Final = {
+    "postgresql": "extract(epoch from clock_timestamp())",
+    "mysql": "UNIX_TIMESTAMP(NOW(6))",
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+}
+
+
+def _insert(conn: SqlConnection, table: str) -> str:
+    cols = f"{table} (gid, branch, op, reason, created_at)"
+    vals = f"VALUES (:gid, :branch, :op, :reason, {_NOW[conn.dialect]})"
+    if conn.dialect == "mysql":
+        return f"INSERT IGNORE INTO {cols} {vals}"
+    return f"INSERT INTO {cols} {vals} ON CONFLICT DO NOTHING"
+
+
+def _select_reason(conn: SqlConnection, table: str) -> str:
+    sql = f"SELECT reason FROM {table} WHERE gid = :gid AND branch = :branch AND op = :op"
+    # The row was just found by the INSERT (a locking read); read it the same way so a
+    # REPEATABLE READ snapshot taken earlier in the caller's transaction cannot hide it.
+    return sql + " LOCK IN SHARE MODE" if conn.dialect == "mysql" else sql
+
+
+def decide(conn: SqlConnection, table: str, gid: str, branch: str, op: str) -> Plan[Verdict]:
+    """The barrier as a sans-IO plan of :class:`~oncely.backends.plans.Exec` requests (see the
+    module docstring for the rule). Driver errors propagate, a missing table as
+    :class:`~oncely.errors.BarrierTableMissing`."""
+    insert = _insert(conn, table)
+    try:
+        res = yield Exec(insert, {"gid": gid, "branch": branch, "op": op, "reason": op})
+        if res.rowcount == 0:
+            if op in _ORIGINALS:
+                found = yield Exec(
+                    _select_reason(conn, table), {"gid": gid, "branch": branch, "op": op}
+                )
+                if found.rows and found.rows[0][0] != op:
+                    return Verdict.HANGING
+            return Verdict.DUPLICATE
+        origin = OPS[op]
+        if origin is not None:
+            res = yield Exec(insert, {"gid": gid, "branch": branch, "op": origin, "reason": op})
+            if res.rowcount != 0:
+                return Verdict.EMPTY_COMPENSATION
+        return Verdict.EXECUTE
+    except Exception as exc:
+        if missing_object(exc) is not None:
+            raise BarrierTableMissing(
+                f"the barrier table {table} does not exist in this database: create it with "
+                f"`oncely barrier init URL --table {table}` or "
+                "oncely.statemachine.barrier.create_table(conn) (then roll back this "
+                "transaction and retry the call)"
+            ) from exc
+        raise
+
+
+def _table(conn: SqlConnection, table: str) -> str:
+    return conn.quote(table)
+
+
+def barrier(conn: Any, gid: str, branch: str, op: str, *, table: str = DEFAULT_TABLE) -> Verdict:
+    """Decide a branch call inside the caller's open business transaction on ``conn``.
+
+    :param conn: what the business writes go through: a DB-API connection (sqlite3, psycopg,
+        PyMySQL), a SQLAlchemy ``Connection``/``Session`` or ``django.db.connection`` (see
+        :func:`oncely.sql.connections.adapt`). The barrier rows commit or roll back with the
+        caller's transaction; nothing is committed here.
+    :param gid: the global transaction id (at most 128 characters).
+    :param branch: the branch id within it (at most 128 characters).
+    :param op: ``try``, ``confirm``, ``cancel`` (TCC) or ``action``, ``compensate`` (saga).
+    :returns: a :class:`Verdict`; run the business writes only if ``verdict.run``.
+    :raises InvalidBarrierCall: missing gid or branch, unknown op.
+    :raises BarrierTableMissing: the table does not exist (create it with
+        :func:`create_table`).
+    """
+    gid, branch, op = check_call(gid, branch, op)
+    c = adapt(conn)
+    plan = decide(c, _table(c, table), gid, branch, op)
+    return run_plan(plan, lambda r: c.execute(r.statement, r.params))
+
+
+async def abarrier(
+    conn: Any, gid: str, branch: str, op: str, *, table: str = DEFAULT_TABLE
+) -> Verdict:
+    """The async face of :func:`barrier` (psycopg ``AsyncConnection``, aiomysql, SQLAlchemy
+    ``AsyncConnection``/``AsyncSession``)."""
+    gid, branch, op = check_call(gid, branch, op)
+    c = adapt(conn)
+    plan = decide(c, _table(c, table), gid, branch, op)
+
+    async def execute(r: Any) -> Any:
+        return await c.aexecute(r.statement, r.params)
+
+    return await arun_plan(plan, execute)
+
+
+def _ddl(conn: SqlConnection, table: str) -> list[str]:
+    ts = "DOUBLE PRECISION" if conn.dialect == "postgresql" else "DOUBLE"
+    if conn.dialect == "sqlite":
+        ts = "REAL"
+    suffix = " ENGINE=InnoDB" if conn.dialect == "mysql" else ""
+    name = conn.quote(table)
+    index = conn.quote(f"{table.split('.')[-1]}_created")
+    create_index = (
+        f"CREATE INDEX {index} ON {name} (created_at)"
+        if conn.dialect == "mysql"
+        else f"CREATE INDEX IF NOT EXISTS {index} ON {name} (created_at)"
+    )
+    return [
+        f"CREATE TABLE IF NOT EXISTS {name} ("
+        "gid VARCHAR(128) NOT NULL, branch VARCHAR(128) NOT NULL, op VARCHAR(16) NOT NULL, "
+        f"reason VARCHAR(16) NOT NULL, created_at {ts} NOT NULL, "
+        f"PRIMARY KEY (gid, branch, op)){suffix}",
+        create_index,
+    ]
+
+
+def _create_plan(conn: SqlConnection, table: str) -> Plan[None]:
+    block = yield Enter(savepoint=True)
+    try:
+        statements = _ddl(conn, table)
+        yield Exec(statements[0], {})
+        try:
+            yield Exec(statements[1], {})
+        except Exception as exc:  # MySQL has no CREATE INDEX IF NOT EXISTS: 1061 = exists
+            if "1061" not in str(exc) and "Duplicate key name" not in str(exc):
+                raise
+    except BaseException:
+        yield Leave(block, False)
+        raise
+    yield Leave(block, True)
+
+
+def _executor(c: SqlConnection) -> Any:
+    def execute(r: Any) -> Any:
+        if isinstance(r, Exec):
+            return c.execute(r.statement, r.params)
+        if isinstance(r, Enter):
+            return c.enter(r.savepoint)
+        if isinstance(r, Leave):
+            return c.leave(r.block, r.commit)
+        raise TypeError(r)
+
+    return execute
+
+
+def _aexecutor(c: SqlConnection) -> Any:
+    async def execute(r: Any) -> Any:
+        if isinstance(r, Exec):
+            return await c.aexecute(r.statement, r.params)
+        if isinstance(r, Enter):
+            return await c.aenter(r.savepoint)
+        if isinstance(r, Leave):
+            return await c.aleave(r.block, r.commit)
+        raise TypeError(r)
+
+    return execute
+
+
+def create_table(conn: Any, table: str = DEFAULT_TABLE) -> None:
+    """Create the barrier table (and its ``created_at`` index) if missing, in the business
+    database ``conn`` points at; commits when no transaction was open. Idempotent."""
+    c = adapt(conn)
+    run_plan(_create_plan(c, table), _executor(c))
+
+
+async def acreate_table(conn: Any, table: str = DEFAULT_TABLE) -> None:
+    """The async face of :func:`create_table`."""
+    c = adapt(conn)
+    await arun_plan(_create_plan(c, table), _aexecutor(c))
+
+
+def _purge_sql(conn: SqlConnection, table: str) -> str:
+    now = _NOW[conn.dialect]
+    old = (
+        f"SELECT gid FROM {table} GROUP BY gid HAVING MAX(created_at) < {now} - :older_than "
+        "LIMIT :batch"
+    )
+    if conn.dialect == "mysql":
+        # MySQL refuses a subquery on the table being deleted from, but not a derived table.
+        return f"DELETE b FROM {table} b JOIN ({old}) o ON b.gid = o.gid"
+    return f"DELETE FROM {table} WHERE gid IN ({old})"
+
+
+def _purge_plan(conn: SqlConnection, table: str, older_than: float, batch: int) -> Plan[int]:
+    if not isinstance(older_than, (int, float)) or older_than < 0:
+        raise InvalidBarrierCall("purge older_than must be a number of seconds >= 0")
+    if not isinstance(batch, int) or batch < 1:
+        raise InvalidBarrierCall("purge batch must be an int >= 1 (gids per statement)")
+    sql = _purge_sql(conn, _table(conn, table))
+    removed = 0
+    while True:
+        block = yield Enter(savepoint=True)
+        try:
+            res = yield Exec(sql, {"older_than": float(older_than), "batch": batch})
+        except BaseException as exc:
+            yield Leave(block, False)
+            if missing_object(exc) is not None:
+                raise BarrierTableMissing(
+                    f"the barrier table {table} does not exist: nothing to purge (create it "
+                    f"with `oncely barrier init URL --table {table}`)"
+                ) from exc
+            raise
+        yield Leave(block, True)
+        removed += max(int(res.rowcount), 0)
+        if res.rowcount <= 0:
+            return removed
+
+
+def purge(
+    conn: Any, older_than: float = DEFAULT_HORIZON, *, table: str = DEFAULT_TABLE, batch: int = 500
+) -> int:
+    """Remove every barrier row of each gid whose newest row is older than ``older_than``
+    seconds (the database's clock), whatever the rows' ops: the safe horizon. Runs in batches
+    of ``batch`` gids, each committed on its own (a savepoint when ``conn`` is already in a
+    transaction). Returns the number of rows removed.
+
+    ``older_than`` must exceed the longest time a branch call can still arrive after its global
+    transaction's last barrier row (the coordinator's retry window); within it, every row a
+    late call needs stays.
+
+    :raises BarrierTableMissing: the table does not exist.
+    :raises InvalidBarrierCall: a negative ``older_than`` or a ``batch`` < 1.
+    """
+    c = adapt(conn)
+    removed: int = run_plan(_purge_plan(c, table, older_than, batch), _executor(c))
+    return removed
+
+
+async def apurge(
+    conn: Any, older_than: float = DEFAULT_HORIZON, *, table: str = DEFAULT_TABLE, batch: int = 500
+) -> int:
+    """The async face of :func:`purge`."""
+    c = adapt(conn)
+    removed: int = await arun_plan(_purge_plan(c, table, older_than, batch), _aexecutor(c))
+    return removed
+
+
+# -- Redis --------------------------------------------------------------------------------------
+_BARRIER = Script("oncely.statemachine", "barrier")
+
+
+def _redis_args(
+    prefix: str,
+    gid: str,
+    branch: str,
+    op: str,
+    horizon: float,
+    effects: Sequence[Sequence[Any]],
+) -> tuple[Any, ...]:
+    gid, branch, op = check_call(gid, branch, op)
+    if not isinstance(horizon, (int, float)) or horizon <= 0:
+        raise InvalidBarrierCall("horizon must be a number of seconds > 0")
+    encoded = json.dumps([[str(a) if not isinstance(a, str) else a for a in c] for c in effects])
+    key = f"{prefix}:{{{gid}}}"
+    return (key, branch, op, OPS[op] or "", int(horizon * 1000), encoded)
+
+
+def redis_barrier(
+    client: Any,
+    gid: str,
+    branch: str,
+    op: str,
+    *,
+    effects: Sequence[Sequence[Any]] = (),
+    prefix: str = "oncely:barrier",
+    horizon: float = DEFAULT_HORIZON,
+) -> Verdict:
+    """The barrier on Redis, one Lua script: the same rule and verdicts as :func:`barrier`.
+
+    :param client: a :class:`redis.Redis`.
+    :param effects: Redis commands (``[("HINCRBY", "stock", "sku-1", "-2")]``) run by the same
+        script only when the verdict is EXECUTE, so the verdict and the effect are one atomic
+        step. Without them, an EXECUTE followed by a crash before your own effect leaves the
+        branch marked done: pass the effect here when it lives in Redis. The effects run
+        before the branch's row is written, so a command that fails (``WRONGTYPE``) leaves the
+        branch to run again; commands before it in the list stay applied (Redis does not roll
+        a script back): put the one that may fail first. (On Redis Cluster, every key must hash
+        to the gid's slot: put ``{gid}`` in their names.)
+    :param horizon: seconds the gid's rows live after its newest row (store clock, ``PEXPIRE``).
+    :raises InvalidBarrierCall: missing gid or branch, unknown op, bad horizon.
+    """
+    key, *args = _redis_args(prefix, gid, branch, op, horizon, effects)
+    reply = evalsha(client, _BARRIER, 1, key, *args)
+    return Verdict(reply.decode() if isinstance(reply, bytes) else reply)
+
+
+async def aredis_barrier(
+    client: Any,
+    gid: str,
+    branch: str,
+    op: str,
+    *,
+    effects: Sequence[Sequence[Any]] = (),
+    prefix: str = "oncely:barrier",
+    horizon: float = DEFAULT_HORIZON,
+) -> Verdict:
+    """The async face of :func:`redis_barrier`, for a :class:`redis.asyncio.Redis`."""
+    key, *args = _redis_args(prefix, gid, branch, op, horizon, effects)
+    reply = await aevalsha(client, _BARRIER, 1, key, *args)
+    return Verdict(reply.decode() if isinstance(reply, bytes) else reply)

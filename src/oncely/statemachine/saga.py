@@ -1,0 +1,525 @@
+"""Sagas: steps with compensations, the branch barrier on every step, resumable after a crash.
+
+A :class:`Saga` is a name and :class:`Step` s (local functions) or :class:`HttpStep` s (remote
+calls). :meth:`Saga.run` drives one saga instance, identified by ``saga_id``, on the business
+database:
+
+* the saga's row (``oncely_saga``: id, name, state ``running`` / ``completed`` /
+  ``compensating`` / ``compensated``) moves through a
+  :class:`~oncely.statemachine.sql.SqlStateMachine`, so deciding to roll back is one
+  conditional ``UPDATE`` that concurrent runners cannot both win or undo;
+* each step runs in its own database transaction: :func:`~oncely.statemachine.barrier.barrier`
+  with op ``action`` (or ``compensate``) first, then the step's writes, then commit. A step
+  that already committed answers DUPLICATE and is skipped; a crash (kill -9) rolls the open
+  step back, barrier row and writes together, so running the saga again with the same id
+  resumes after the last committed step;
+* a step that raises is retried (``attempts``, exponential ``backoff`` with jitter, capped at
+  ``max_backoff`` seconds); when its attempts run out, or it raises an error not in
+  ``retry_on``, the saga turns ``compensating`` and every step's compensation runs, last step
+  first. The barrier turns a compensation of a step that never ran into an empty compensation
+  (nothing runs) and blocks that step if it arrives late (HANGING), so a runner racing a
+  rollback cannot apply a step after its compensation;
+* :class:`HttpStep` sends its request with ``Idempotency-Key`` derived from the saga id, the step
+  and the op (:func:`idempotency_key`): a retry after a crash between the remote call and the
+  local commit is deduplicated by the remote side.
+
+The saga run twice, one after the other or at the same time, has the effect of one run:
+concurrent runners meet on the barrier rows (the second waits on the first's row lock, then
+sees DUPLICATE). :meth:`Saga.abort` rolls a saga back from outside (an order that timed out).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple
+
+from oncely.backends.plans import Exec, Plan, Sleep
+from oncely.backends.plans import arun as arun_plan
+from oncely.backends.plans import run as run_plan
+from oncely.errors import (
+    ConfigurationError,
+    IllegalTransition,
+    SagaFailed,
+    SagaStuck,
+    SchemaMissing,
+)
+from oncely.sql.connections import (
+    Enter,
+    Leave,
+    SqlConnection,
+    adapt,
+    missing_object,
+    quote,
+    retryable,
+)
+from oncely.statemachine import barrier as _barrier
+from oncely.statemachine.definition import Machine, Transition
+from oncely.statemachine.sql import SqlStateMachine, Table
+
+__all__ = [
+    "DEFAULT_TABLE",
+    "SAGA_MACHINE",
+    "HttpStep",
+    "SagaResult",
+    "Step",
+    "StepContext",
+    "idempotency_key",
+]
+
+DEFAULT_TABLE: Final = "oncely_saga"
+
+#: The saga's own state machine (its row in the saga table).
+SAGA_MACHINE: Final = Machine(
+    "saga",
+    states=["running", "completed", "compensating", "compensated"],
+    initial="running",
+    transitions=[
+        Transition("complete", "running", "completed"),
+        Transition("compensate", "running", "compensating"),
+        Transition("finish", "compensating", "compensated"),
+    ],
+)
+
+
+def idempotency_key(saga_id: str, step: str, op: str) -> str:
+    """The ``Idempotency-Key`` of a remote step call: stable for (saga id, step, op), 43
+    characters, reveals neither."""
+    digest = hashlib.sha256(f"{saga_id}\x00{step}\x00{op}".encode()).hexdigest()
+    return f"saga-{digest[:38]}"
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """What a step function gets: ``conn`` (the caller's connection, inside the step's
+    transaction: write through it so the writes commit with the barrier row), ``saga_id``,
+    ``step``, ``op`` (``action`` or ``compensate``), ``data`` (the saga's input),
+    ``idempotency_key`` (for calls to other services) and ``attempt`` (1, 2, ...)."""
+
+    conn: Any
+    saga_id: str
+    step: str
+    op: str
+    data: Mapping[str, Any]
+    idempotency_key: str
+    attempt: int
+
+
+#: A step function: sync for :meth:`Saga.run`, sync or ``async def`` for :meth:`Saga.arun`.
+StepFn = Callable[[StepContext], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """A local step: ``action`` and its ``compensation`` (None: nothing to undo).
+
+    :param attempts: tries of the action (and of the compensation) before giving up (>= 1).
+    :param backoff: seconds before the 2nd try, doubled each time (with jitter: 50-100 %).
+    :param max_backoff: cap of one wait, seconds.
+    :param retry_on: exception types that are retried; any other fails the step at once
+        (a database deadlock or serialization failure is always retried).
+    """
+
+    name: str
+    action: StepFn
+    compensation: StepFn | None = None
+    attempts: int = 3
+    backoff: float = 0.05
+    max_backoff: float = 5.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+
+class RemoteRefused(Exception):
+    """A remote step answered 4xx (other than 408, 409, 425, 429): not retried."""
+
+
+class RemoteUnavailable(Exception):
+    """A remote step answered 5xx, 408, 409, 425 or 429, or the call failed: retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class HttpStep:
+    """A remote step: ``method url`` with ``json`` (a value, or a function of the
+    :class:`StepContext`), sent with ``Idempotency-Key`` (:func:`idempotency_key`) through
+    ``client`` (an ``httpx.Client`` for :meth:`Saga.run`, an ``httpx.AsyncClient`` for
+    :meth:`Saga.arun`, or anything with the same ``request(method, url, json=, headers=)``).
+    ``compensation_url`` (optional) is called the same way to undo it.
+
+    2xx is success; 4xx (except 408/409/425/429) fails the step without retrying
+    (:class:`RemoteRefused`); anything else is retried.
+    """
+
+    name: str
+    url: str
+    client: Any
+    method: str = "POST"
+    json: Any = None
+    compensation_url: str | None = None
+    compensation_method: str = "POST"
+    attempts: int = 3
+    backoff: float = 0.05
+    max_backoff: float = 5.0
+    retry_on: tuple[type[BaseException], ...] = (RemoteUnavailable,)
+
+    def _request(self, ctx: StepContext) -> tuple[str, str, dict[str, Any]]:
+        url = self.url if ctx.op == "action" else str(self.compensation_url)
+        method = self.method if ctx.op == "action" else self.compensation_method
+        body = self.json(ctx) if callable(self.json) else self.json
+        headers = {"Idempotency-Key": ctx.idempotency_key}
+        return method, url, {"json": body, "headers": headers}
+
+    @staticmethod
+    def _check(response: Any) -> Any:
+        status = int(response.status_code)
+        if 200 <= status < 300:
+            return response
+        if 400 <= status < 500 and status not in (408, 409, 425, 429):
+            raise RemoteRefused(f"{status} from {response.request.url}")
+        raise RemoteUnavailable(f"{status} from {response.request.url}")
+
+    def call(self, ctx: StepContext) -> Any:
+        method, url, kwargs = self._request(ctx)
+        try:
+            response = self.client.request(method, url, **kwargs)
+        except Exception as exc:
+            raise RemoteUnavailable(f"{method} {url}: {exc}") from exc
+        return self._check(response)
+
+    async def acall(self, ctx: StepContext) -> Any:
+        method, url, kwargs = self._request(ctx)
+        try:
+            response = await self.client.request(method, url, **kwargs)
+        except Exception as exc:
+            raise RemoteUnavailable(f"{method} {url}: {exc}") from exc
+        return self._check(response)
+
+
+@dataclass(frozen=True, slots=True)
+class SagaResult:
+    """How a saga ended: ``state`` (``completed`` or ``compensated``), the steps whose action
+    this call executed and those whose compensation it executed."""
+
+    saga_id: str
+    state: str
+    executed: tuple[str, ...] = ()
+    compensated: tuple[str, ...] = ()
+    failed_step: str | None = field(default=None)
+
+
+class _Call(NamedTuple):
+    step: Step | HttpStep
+    ctx: StepContext
+
+
+class Saga:
+    """A saga definition; run instances of it with :meth:`run` / :meth:`arun`.
+
+    :param name: the saga's name (at most 100 characters).
+    :param steps: :class:`Step` s and :class:`HttpStep` s, in order; names unique.
+    :param table: the saga table; :param barrier_table: the barrier table (both created by
+        :meth:`create_tables`, in the business database).
+    :raises ConfigurationError: no steps, duplicate step names, attempts < 1.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        steps: Sequence[Step | HttpStep],
+        *,
+        table: str = DEFAULT_TABLE,
+        barrier_table: str = _barrier.DEFAULT_TABLE,
+    ) -> None:
+        if not isinstance(name, str) or not name or len(name) > 100:
+            raise ConfigurationError("a saga needs a name: a non-empty str of at most 100 chars")
+        self.name = name
+        self.steps = tuple(steps)
+        if not self.steps:
+            raise ConfigurationError(f"saga {name!r} has no steps")
+        names = [s.name for s in self.steps]
+        for s in self.steps:
+            if not isinstance(s, (Step, HttpStep)):
+                raise ConfigurationError(f"saga {name!r}: {s!r} is not a Step or HttpStep")
+            if names.count(s.name) > 1:
+                raise ConfigurationError(f"saga {name!r} has two steps named {s.name!r}")
+            if not isinstance(s.attempts, int) or s.attempts < 1:
+                raise ConfigurationError(f"saga {name!r}: step {s.name!r} needs attempts >= 1")
+        self.table = table
+        self.barrier_table = barrier_table
+        self._rows = SqlStateMachine(
+            SAGA_MACHINE, Table(table, "saga_id", "state"), history_table=f"{table}_history"
+        )
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _ddl(self, c: SqlConnection) -> str:
+        t = quote(self.table, c.dialect)
+        engine = " ENGINE=InnoDB" if c.dialect == "mysql" else ""
+        return (
+            f"CREATE TABLE IF NOT EXISTS {t} (saga_id VARCHAR(128) NOT NULL PRIMARY KEY, "
+            f"name VARCHAR(100) NOT NULL, state VARCHAR(16) NOT NULL){engine}"
+        )
+
+    def _create_plan(self, c: SqlConnection) -> Plan[None]:
+        block = yield Enter(savepoint=True)
+        try:
+            yield Exec(self._ddl(c), {})
+        except BaseException:
+            yield Leave(block, False)
+            raise
+        yield Leave(block, True)
+
+    def create_tables(self, conn: Any) -> None:
+        """Create the saga table, its history table and the barrier table if missing (each
+        committed when no transaction was open). Idempotent."""
+        c = adapt(conn)
+        run_plan(self._create_plan(c), self._sync(c))
+        self._rows.create_tables(conn)
+        _barrier.create_table(conn, self.barrier_table)
+
+    async def acreate_tables(self, conn: Any) -> None:
+        """The async face of :meth:`create_tables`."""
+        c = adapt(conn)
+        await arun_plan(self._create_plan(c), self._async(c))
+        await self._rows.acreate_tables(conn)
+        await _barrier.acreate_table(conn, self.barrier_table)
+
+    # -- the plan ----------------------------------------------------------------------------
+    def _start(self, c: SqlConnection, saga_id: str) -> Plan[str]:
+        t = quote(self.table, c.dialect)
+        insert = (
+            f"INSERT IGNORE INTO {t} (saga_id, name, state) VALUES (:id, :name, 'running')"
+            if c.dialect == "mysql"
+            else f"INSERT INTO {t} (saga_id, name, state) VALUES (:id, :name, 'running') "
+            "ON CONFLICT DO NOTHING"
+        )
+        lock = " LOCK IN SHARE MODE" if c.dialect == "mysql" else ""
+        block = yield Enter(savepoint=True)
+        try:
+            yield Exec(insert, {"id": saga_id, "name": self.name})
+            select = f"SELECT state, name FROM {t} WHERE saga_id = :id{lock}"
+            res = yield Exec(select, {"id": saga_id})
+        except BaseException as exc:
+            yield Leave(block, False)
+            if isinstance(exc, Exception) and missing_object(exc) is not None:
+                raise SchemaMissing(
+                    f"the saga tables are missing: run Saga.create_tables(conn) once ({exc})"
+                ) from exc
+            raise
+        yield Leave(block, True)
+        state, name = res.rows[0]
+        if name != self.name:
+            raise ConfigurationError(
+                f"saga id {saga_id!r} belongs to saga {name!r}, not {self.name!r}: use a new id"
+            )
+        return str(state)
+
+    def _attempt(
+        self, c: SqlConnection, saga_id: str, step: Step | HttpStep, op: str, data: Any
+    ) -> Plan[_barrier.Verdict]:
+        """One try of one step's op: barrier and the step's writes in one transaction."""
+        attempt = 0
+        while True:
+            attempt += 1
+            block = yield Enter(savepoint=True)
+            try:
+                table = quote(self.barrier_table, c.dialect)
+                verdict = yield from _barrier.decide(c, table, saga_id, step.name, op)
+                if verdict.run:
+                    fn = step.action if op == "action" and isinstance(step, Step) else None
+                    if isinstance(step, Step) and op == "compensate":
+                        fn = step.compensation
+                    ctx = StepContext(
+                        c.raw, saga_id, step.name, op, data,
+                        idempotency_key(saga_id, step.name, op), attempt,
+                    )  # fmt: skip
+                    if isinstance(step, HttpStep):
+                        if op == "action" or step.compensation_url is not None:
+                            yield _Call(step, ctx)
+                    elif fn is not None:
+                        yield _Call(step, ctx)
+            except Exception as exc:
+                yield Leave(block, False)
+                # a deadlock or serialization failure is retried whatever retry_on says
+                again = isinstance(exc, step.retry_on) or retryable(exc)
+                if not again or attempt >= step.attempts:
+                    raise
+                delay = min(step.backoff * 2 ** (attempt - 1), step.max_backoff)
+                yield Sleep(delay * (0.5 + random.random() / 2))
+                continue
+            except BaseException:
+                yield Leave(block, False)
+                raise
+            yield Leave(block, True)
+            return verdict
+
+    def _transition(self, c: SqlConnection, saga_id: str, name: str) -> Plan[str]:
+        """Move the saga row; returns its state afterwards (a lost race is not an error)."""
+        try:
+            outcome = yield from self._rows.apply_plan(c, saga_id, name)
+        except IllegalTransition as exc:
+            return exc.current
+        return outcome.state
+
+    def _compensate(
+        self, c: SqlConnection, saga_id: str, data: Any, executed: list[str]
+    ) -> Plan[list[str]]:
+        done: list[str] = []
+        for step in reversed(self.steps):
+            try:
+                verdict = yield from self._attempt(c, saga_id, step, "compensate", data)
+            except Exception as exc:
+                raise SagaStuck(
+                    f"saga {self.name} {saga_id!r}: the compensation of {step.name!r} kept "
+                    f"failing ({exc}); the saga stays 'compensating': run it again to resume",
+                    step.name,
+                ) from exc
+            has_compensation = (
+                step.compensation is not None
+                if isinstance(step, Step)
+                else step.compensation_url is not None
+            )
+            if verdict is _barrier.Verdict.EXECUTE and has_compensation:
+                done.append(step.name)
+        yield from self._transition(c, saga_id, "finish")
+        return done
+
+    def _plan(self, c: SqlConnection, saga_id: str, data: Any, abort: bool) -> Plan[SagaResult]:
+        if not isinstance(saga_id, str) or not saga_id or len(saga_id) > 128:
+            raise ConfigurationError("saga_id must be a non-empty str of at most 128 characters")
+        state = yield from self._start(c, saga_id)
+        executed: list[str] = []
+        failed: str | None = None
+        error: BaseException | None = None
+        if abort and state == "running":
+            state = yield from self._transition(c, saga_id, "compensate")
+        if state == "running":
+            for step in self.steps:
+                try:
+                    verdict = yield from self._attempt(c, saga_id, step, "action", data)
+                except Exception as exc:
+                    failed, error = step.name, exc
+                    break
+                if verdict is _barrier.Verdict.HANGING:  # a rollback has begun meanwhile
+                    break
+                if verdict is _barrier.Verdict.EXECUTE:
+                    executed.append(step.name)
+            else:
+                state = yield from self._transition(c, saga_id, "complete")
+            if state == "running":
+                state = yield from self._transition(c, saga_id, "compensate")
+        if state == "completed":
+            return SagaResult(saga_id, "completed", tuple(executed))
+        compensated: list[str] = []
+        if state == "compensating":
+            compensated = yield from self._compensate(c, saga_id, data, executed)
+        if failed is not None and not abort:
+            raise SagaFailed(
+                f"saga {self.name} {saga_id!r}: step {failed!r} failed ({error}); every step "
+                "was compensated",
+                failed,
+            ) from error
+        return SagaResult(saga_id, "compensated", tuple(executed), tuple(compensated), failed)
+
+    # -- executors ----------------------------------------------------------------------------
+    @staticmethod
+    def _sync(c: SqlConnection) -> Callable[[Any], Any]:
+        import time
+
+        def execute(r: Any) -> Any:
+            if isinstance(r, Exec):
+                return c.execute(r.statement, r.params)
+            if isinstance(r, Enter):
+                return c.enter(r.savepoint)
+            if isinstance(r, Leave):
+                return c.leave(r.block, r.commit)
+            if isinstance(r, Sleep):
+                return time.sleep(r.seconds)
+            if isinstance(r, _Call):
+                if isinstance(r.step, HttpStep):
+                    return r.step.call(r.ctx)
+                fn = r.step.action if r.ctx.op == "action" else r.step.compensation
+                assert fn is not None
+                result = fn(r.ctx)
+                if inspect.isawaitable(result):
+                    raise ConfigurationError(
+                        f"step {r.step.name!r} is async: run the saga with arun()"
+                    )
+                return result
+            raise TypeError(r)
+
+        return execute
+
+    @staticmethod
+    def _async(c: SqlConnection) -> Callable[[Any], Any]:
+        import asyncio
+
+        async def execute(r: Any) -> Any:
+            if isinstance(r, Exec):
+                return await c.aexecute(r.statement, r.params)
+            if isinstance(r, Enter):
+                return await c.aenter(r.savepoint)
+            if isinstance(r, Leave):
+                return await c.aleave(r.block, r.commit)
+            if isinstance(r, Sleep):
+                return await asyncio.sleep(r.seconds)
+            if isinstance(r, _Call):
+                if isinstance(r.step, HttpStep):
+                    return await r.step.acall(r.ctx)
+                fn = r.step.action if r.ctx.op == "action" else r.step.compensation
+                assert fn is not None
+                result = fn(r.ctx)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            raise TypeError(r)
+
+        return execute
+
+    # -- public faces ---------------------------------------------------------------------------
+    def run(self, conn: Any, saga_id: str, data: Mapping[str, Any] | None = None) -> SagaResult:
+        """Run (or resume) the saga ``saga_id`` on ``conn``, which must not be inside a
+        transaction (each step commits its own).
+
+        :param data: the saga's input, given to every step as ``ctx.data``.
+        :returns: a :class:`SagaResult` (``completed``; or ``compensated`` if it was rolled back
+            by :meth:`abort`).
+        :raises SagaFailed: a step failed for good; every step was compensated.
+        :raises SagaStuck: a compensation kept failing; run again later to resume.
+        :raises SchemaMissing: the saga tables are missing (:meth:`create_tables`).
+        """
+        c = self._adapt(conn)
+        return run_plan(self._plan(c, saga_id, dict(data or {}), False), self._sync(c))
+
+    async def arun(
+        self, conn: Any, saga_id: str, data: Mapping[str, Any] | None = None
+    ) -> SagaResult:
+        """The async face of :meth:`run` (async connection; steps may be ``async def``)."""
+        c = self._adapt(conn)
+        return await arun_plan(self._plan(c, saga_id, dict(data or {}), False), self._async(c))
+
+    def abort(self, conn: Any, saga_id: str, data: Mapping[str, Any] | None = None) -> SagaResult:
+        """Roll the saga back (an order that timed out): turn it ``compensating`` unless it
+        already completed, then compensate every step (steps that never ran get empty
+        compensations and are blocked if they arrive late). A completed saga is left alone
+        (its result says ``completed``)."""
+        c = self._adapt(conn)
+        return run_plan(self._plan(c, saga_id, dict(data or {}), True), self._sync(c))
+
+    async def aabort(
+        self, conn: Any, saga_id: str, data: Mapping[str, Any] | None = None
+    ) -> SagaResult:
+        """The async face of :meth:`abort`."""
+        c = self._adapt(conn)
+        return await arun_plan(self._plan(c, saga_id, dict(data or {}), True), self._async(c))
+
+    @staticmethod
+    def _adapt(conn: Any) -> SqlConnection:
+        c = adapt(conn)
+        if c.in_transaction():
+            raise ConfigurationError(
+                "a saga commits each step on its own: pass a connection that is not inside a "
+                "transaction (commit or roll back first)"
+            )
+        return c

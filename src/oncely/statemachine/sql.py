@@ -1,0 +1,536 @@
+"""State machines persisted in the user's own SQL table (SQLite, PostgreSQL, MariaDB/MySQL).
+
+:class:`SqlStateMachine` binds a :class:`~oncely.statemachine.definition.Machine` to a table the
+user already has: a plain table (:class:`Table`: table, id and state columns named by the
+user), a SQLAlchemy model or a Django model (:func:`table_of`). :meth:`SqlStateMachine.apply`
+makes one transition, in one block of the caller's transaction (a savepoint), or in its own
+transaction when none is open:
+
+1. ``UPDATE t SET state = :target WHERE id = :id AND state IN (:sources) RETURNING *``: the
+   one atomic decision. Concurrent callers queue on the row lock; the database re-checks the
+   ``WHERE`` on the row the winner committed, so exactly one of them changes the state.
+   Where ``UPDATE ... RETURNING`` is missing (MariaDB and MySQL have none for ``UPDATE``;
+   SQLite before 3.35) the row is read back in the same transaction right after, while the
+   ``UPDATE`` still holds its lock.
+2. If it applied: one audit history row (machine, entity, transition, state reached, key, the
+   database's clock), an outbox row if asked, and the in-transaction hooks, all in the same
+   transaction: a hook that raises rolls the state change back.
+3. If it did not: the idempotency key's history row answers if there is one (a replay, even if
+   the state has moved on since); else the row is read and :func:`~oncely.statemachine.
+   definition.explain` says "already happened" (a success, ``applied=False``), "illegal"
+   (:class:`~oncely.errors.IllegalTransition`) or "missing" (:class:`~oncely.errors.
+   EntityNotFound`). These reads only explain a decision already made; MariaDB/MySQL read
+   with ``LOCK IN SHARE MODE`` so a REPEATABLE READ snapshot cannot show an older state.
+
+Connections: anything :func:`oncely.sql.connections.adapt` takes (DB-API sqlite3 / psycopg /
+PyMySQL / aiomysql, SQLAlchemy Connection / Session sync and async, Django connections).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Final, NamedTuple
+
+from oncely.backends.plans import Exec, Plan
+from oncely.backends.plans import arun as arun_plan
+from oncely.backends.plans import run as run_plan
+from oncely.codecs import to_jsonable
+from oncely.errors import (
+    ConfigurationError,
+    IdempotencyKeyMismatch,
+    SchemaMissing,
+)
+from oncely.sql.connections import Enter, Leave, SqlConnection, adapt, missing_object
+from oncely.statemachine.definition import (
+    HistoryEntry,
+    Machine,
+    Outcome,
+    Transition,
+    check_key,
+    explain,
+)
+
+__all__ = [
+    "DEFAULT_HISTORY",
+    "Hook",
+    "HookCall",
+    "SqlStateMachine",
+    "Table",
+    "table_of",
+]
+
+DEFAULT_HISTORY: Final = "oncely_sm_history"
+
+_NOW: Final = {
+    "postgresql": "extract(epoch from clock_timestamp())",
+    "mysql": "UNIX_TIMESTAMP(NOW(6))",
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+}
+
+
+def _update_returning(c: SqlConnection) -> bool:
+    """``UPDATE ... RETURNING``: PostgreSQL, SQLite >= 3.35; MariaDB has it for ``INSERT`` and
+    ``DELETE`` only, MySQL not at all."""
+    return c.returning and c.dialect != "mysql"
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """A plain table: its name (``schema.table`` allowed), id column and state column."""
+
+    name: str
+    id_column: str = "id"
+    state_column: str = "state"
+
+
+def table_of(model: Any, state_field: str = "state") -> Table:
+    """The :class:`Table` of a SQLAlchemy declarative model or a Django model class (its table,
+    primary key column and the column of ``state_field``).
+
+    :raises ConfigurationError: not a model, a composite primary key, no such field.
+    """
+    if isinstance(model, Table):
+        return model
+    meta = getattr(model, "_meta", None)
+    if meta is not None and hasattr(meta, "db_table"):  # Django
+        try:
+            column = meta.get_field(state_field).column
+        except Exception:
+            raise ConfigurationError(
+                f"Django model {model.__name__} has no field {state_field!r}: pass "
+                "state_field= the name of its state field"
+            ) from None
+        return Table(meta.db_table, meta.pk.column, column)
+    table = getattr(model, "__table__", None)
+    if table is not None and hasattr(table, "primary_key"):  # SQLAlchemy
+        pk = list(table.primary_key.columns)
+        if len(pk) != 1:
+            raise ConfigurationError(
+                f"{model.__name__} has a composite primary key: a state machine needs one id column"
+            )
+        try:
+            column = getattr(model, state_field).property.columns[0].name
+        except Exception:
+            raise ConfigurationError(
+                f"SQLAlchemy model {model.__name__} has no column attribute {state_field!r}: "
+                "pass state_field= the attribute holding the state"
+            ) from None
+        name = f"{table.schema}.{table.name}" if table.schema else table.name
+        return Table(name, pk[0].name, column)
+    raise ConfigurationError(
+        f"{model!r} is neither a Table, a SQLAlchemy model nor a Django model: pass "
+        "Table('orders', id_column='id', state_column='state')"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class HookCall:
+    """What a hook gets: ``conn`` (the connection the caller passed, inside the transaction for
+    in-transaction hooks), the machine, the :class:`~oncely.statemachine.definition.Outcome`,
+    the call's ``data`` and idempotency ``key``."""
+
+    conn: Any
+    machine: Machine
+    outcome: Outcome
+    data: Mapping[str, Any]
+    key: str | None
+
+
+#: A hook: called with a :class:`HookCall`; async connections may use ``async def`` hooks.
+Hook = Callable[[HookCall], Any]
+
+
+class _RunHook(NamedTuple):
+    hook: Hook
+    call: HookCall
+
+
+@dataclass(frozen=True, slots=True)
+class _Queries:
+    update: dict[str, str] = field(default_factory=dict)
+    select_row: str = ""
+    insert_history: str = ""
+    select_key: str = ""
+    select_history: str = ""
+    insert_outbox: str = ""
+
+
+class SqlStateMachine:
+    """A machine on a SQL table. Sync and async faces share one plan.
+
+    :param machine: the :class:`~oncely.statemachine.definition.Machine`.
+    :param table: a :class:`Table`, a SQLAlchemy model or a Django model class.
+    :param state_field: the model attribute holding the state (models only).
+    :param history_table: the audit history table (create it with :meth:`create_tables`).
+    :param outbox_table: if set, each applied transition also writes an outbox row (machine,
+        entity, transition, state, key, ``data`` as JSON) in the same transaction, for a relay
+        to publish after commit (at-least-once, unlike ``after_commit``).
+    :param hooks: in-transaction hooks, run after an applied change and before commit; one
+        that raises rolls the change back and its error propagates.
+    :param after_commit: callbacks run once the transaction this call opened has committed
+        (at most once: a crash right after the commit skips them; use ``outbox_table`` for
+        effects that must happen). They need the call to own its transaction: inside a
+        caller's transaction they are refused with :class:`~oncely.errors.ConfigurationError`.
+    """
+
+    def __init__(
+        self,
+        machine: Machine,
+        table: Table | Any,
+        *,
+        state_field: str = "state",
+        history_table: str = DEFAULT_HISTORY,
+        outbox_table: str | None = None,
+        hooks: Sequence[Hook] = (),
+        after_commit: Sequence[Hook] = (),
+    ) -> None:
+        if not isinstance(machine, Machine):
+            raise ConfigurationError("SqlStateMachine needs a Machine as its first argument")
+        self.machine = machine
+        self.table = table_of(table, state_field)
+        self.history_table = history_table
+        self.outbox_table = outbox_table
+        self.hooks = tuple(hooks)
+        self.after_commit = tuple(after_commit)
+
+    # -- statements ------------------------------------------------------------------------
+    @lru_cache(maxsize=8)  # noqa: B019 - a few dialects per machine, machines live long
+    def _queries(self, dialect: str, returning: bool) -> _Queries:
+        from oncely.sql.connections import quote
+
+        d: Any = dialect
+        t = quote(self.table.name, d)
+        idc = quote(self.table.id_column, d)
+        st = quote(self.table.state_column, d)
+        h = quote(self.history_table, d)
+        lock = " LOCK IN SHARE MODE" if dialect == "mysql" else ""
+        update = {}
+        for tr in self.machine.transitions:
+            marks = ", ".join(f":s{i}" for i in range(len(tr.sources)))
+            sql = f"UPDATE {t} SET {st} = :target WHERE {idc} = :id AND {st} IN ({marks})"
+            update[tr.name] = sql + (" RETURNING *" if returning else "")
+        ignore = "INSERT IGNORE INTO" if dialect == "mysql" else "INSERT INTO"
+        conflict = "" if dialect == "mysql" else " ON CONFLICT DO NOTHING"
+        history = (
+            f"{ignore} {h} (machine, entity_id, transition, state, idem_key, at) VALUES "
+            f"(:machine, :entity, :transition, :state, :key, {_NOW[dialect]}){conflict}"
+        )
+        outbox = ""
+        if self.outbox_table:
+            o = quote(self.outbox_table, d)
+            outbox = (
+                f"INSERT INTO {o} (machine, entity_id, transition, state, idem_key, payload, "
+                f"created_at) VALUES (:machine, :entity, :transition, :state, :key, :payload, "
+                f"{_NOW[dialect]})"
+            )
+        return _Queries(
+            update=update,
+            select_row=f"SELECT * FROM {t} WHERE {idc} = :id{lock}",
+            insert_history=history,
+            select_key=(
+                f"SELECT transition, state FROM {h} WHERE machine = :machine AND "
+                f"entity_id = :entity AND idem_key = :key{lock}"
+            ),
+            select_history=(
+                f"SELECT entity_id, transition, state, at, idem_key FROM {h} WHERE "
+                "machine = :machine AND entity_id = :entity ORDER BY id"
+            ),
+            insert_outbox=outbox,
+        )
+
+    def ddl(self, dialect: str) -> list[str]:
+        """The ``CREATE`` statements of the history (and outbox) tables for ``dialect``."""
+        from oncely.sql.connections import quote
+
+        d: Any = dialect
+        serial = {
+            "postgresql": "BIGSERIAL PRIMARY KEY",
+            "mysql": "BIGINT AUTO_INCREMENT PRIMARY KEY",
+            "sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
+        }[dialect]
+        ts = {"postgresql": "DOUBLE PRECISION", "mysql": "DOUBLE", "sqlite": "REAL"}[dialect]
+        engine = " ENGINE=InnoDB" if dialect == "mysql" else ""
+        h = quote(self.history_table, d)
+        uniq = quote(f"{self.history_table.split('.')[-1]}_key", d)
+        out = [
+            f"CREATE TABLE IF NOT EXISTS {h} (id {serial}, machine VARCHAR(100) NOT NULL, "
+            "entity_id VARCHAR(255) NOT NULL, transition VARCHAR(64) NOT NULL, "
+            f"state VARCHAR(64) NOT NULL, idem_key VARCHAR(255) NULL, at {ts} NOT NULL, "
+            f"CONSTRAINT {uniq} UNIQUE (machine, entity_id, idem_key)){engine}",
+        ]
+        if self.outbox_table:
+            o = quote(self.outbox_table, d)
+            out.append(
+                f"CREATE TABLE IF NOT EXISTS {o} (id {serial}, machine VARCHAR(100) NOT NULL, "
+                "entity_id VARCHAR(255) NOT NULL, transition VARCHAR(64) NOT NULL, "
+                "state VARCHAR(64) NOT NULL, idem_key VARCHAR(255) NULL, payload TEXT NOT NULL, "
+                f"created_at {ts} NOT NULL){engine}"
+            )
+        return out
+
+    # -- plans ------------------------------------------------------------------------------
+    def _create_plan(self, c: SqlConnection) -> Plan[None]:
+        block = yield Enter(savepoint=True)
+        try:
+            for sql in self.ddl(c.dialect):
+                yield Exec(sql, {})
+        except BaseException:
+            yield Leave(block, False)
+            raise
+        yield Leave(block, True)
+
+    def _replay(self, t: Transition, entity_id: Any, key: str, found: Any) -> Outcome:
+        transition, state = found.rows[0][0], found.rows[0][1]
+        if transition != t.name:
+            raise IdempotencyKeyMismatch(
+                f"idempotency key {key!r} was used for {self.machine.name}.{transition} of "
+                f"{entity_id!r}, not {t.name!r}: a new operation needs a new key"
+            )
+        return Outcome(entity_id, t.name, state, applied=False, replayed=True)
+
+    def _missing(self, exc: BaseException) -> BaseException | None:
+        missing = missing_object(exc)
+        if missing is None:
+            return None
+        text = str(missing)
+        if self.history_table in text or (self.outbox_table and self.outbox_table in text):
+            return SchemaMissing(
+                f"{text}: create the state machine's history/outbox tables once with "
+                "SqlStateMachine.create_tables(conn) (then roll back this transaction and retry)"
+            )
+        return missing
+
+    def _apply_plan(
+        self,
+        c: SqlConnection,
+        conn: Any,
+        t: Transition,
+        entity_id: Any,
+        key: str | None,
+        data: Mapping[str, Any],
+    ) -> Plan[Outcome]:
+        returning = _update_returning(c)
+        q = self._queries(c.dialect, returning)
+        m = self.machine.name
+        block = yield Enter(savepoint=True)
+        open_block = True
+        try:
+            if self.after_commit and not block.owned:
+                raise ConfigurationError(
+                    "after_commit callbacks need the transition to own its transaction, but "
+                    "the connection is already inside one: call apply() outside a transaction, "
+                    "or use outbox_table= for effects after the caller's commit"
+                )
+            params: dict[str, Any] = {"id": entity_id, "target": t.target}
+            params.update({f"s{i}": s for i, s in enumerate(t.sources)})
+            res = yield Exec(q.update[t.name], params)
+            applied = bool(res.rows) if returning else res.rowcount > 0
+            if applied:
+                if not returning:
+                    res = yield Exec(q.select_row, {"id": entity_id})
+                row = dict(zip(res.columns, res.rows[0])) if res.rows else {}
+                entry = {
+                    "machine": m,
+                    "entity": str(entity_id),
+                    "transition": t.name,
+                    "state": t.target,
+                    "key": key,
+                }
+                hist = yield Exec(q.insert_history, entry)
+                if hist.rowcount == 0:  # the key was used before, for another transition
+                    open_block = False
+                    yield Leave(block, False)
+                    found = yield Exec(
+                        q.select_key, {"machine": m, "entity": str(entity_id), "key": key}
+                    )
+                    return self._replay(t, entity_id, str(key), found)
+                outcome = Outcome(entity_id, t.name, t.target, applied=True, row=row)
+                if q.insert_outbox:
+                    payload = json.dumps(dict(data), default=to_jsonable)
+                    yield Exec(q.insert_outbox, {**entry, "payload": payload})
+                for hook in self.hooks:
+                    yield _RunHook(hook, HookCall(conn, self.machine, outcome, data, key))
+                open_block = False
+                yield Leave(block, True)
+                for hook in self.after_commit:
+                    yield _RunHook(hook, HookCall(conn, self.machine, outcome, data, key))
+                return outcome
+            if key is not None:
+                found = yield Exec(
+                    q.select_key, {"machine": m, "entity": str(entity_id), "key": key}
+                )
+                if found.rows:
+                    open_block = False
+                    yield Leave(block, True)
+                    return self._replay(t, entity_id, key, found)
+            res = yield Exec(q.select_row, {"id": entity_id})
+            open_block = False
+            yield Leave(block, True)
+            if not res.rows:
+                current = None
+                row = {}
+            else:
+                row = dict(zip(res.columns, res.rows[0]))
+                current = row.get(self.table.state_column)
+                if current is None:  # a driver that upper-cases names
+                    current = res.rows[0][
+                        [col.lower() for col in res.columns].index(self.table.state_column.lower())
+                    ]
+            return explain(self.machine, t, entity_id, current, row)
+        except BaseException as exc:
+            if open_block:
+                open_block = False
+                yield Leave(block, False)
+            better = self._missing(exc) if isinstance(exc, Exception) else None
+            if better is not None and better is not exc:
+                raise better from exc
+            raise
+
+    def apply_plan(
+        self,
+        conn: SqlConnection,
+        entity_id: Any,
+        transition: str,
+        *,
+        key: str | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> Plan[Outcome]:
+        """:meth:`apply` as a sans-IO plan on an adapted connection, for mechanisms that compose
+        it with their own statements (the saga does). Hooks are yielded as requests the
+        executor of :meth:`apply` knows; a machine without hooks yields only ``Exec``,
+        ``Enter`` and ``Leave``."""
+        t, key, payload = self._prepare(transition, key, data)
+        return self._apply_plan(conn, conn.raw, t, entity_id, key, payload)
+
+    def _history_plan(self, c: SqlConnection, entity_id: Any) -> Plan[list[HistoryEntry]]:
+        q = self._queries(c.dialect, _update_returning(c))
+        try:
+            res = yield Exec(
+                q.select_history, {"machine": self.machine.name, "entity": str(entity_id)}
+            )
+        except Exception as exc:
+            better = self._missing(exc)
+            if better is not None:
+                raise better from exc
+            raise
+        return [HistoryEntry(r[0], r[1], r[2], float(r[3]), r[4]) for r in res.rows]
+
+    # -- executors ----------------------------------------------------------------------------
+    @staticmethod
+    def _execute(c: SqlConnection) -> Callable[[Any], Any]:
+        def execute(r: Any) -> Any:
+            if isinstance(r, Exec):
+                return c.execute(r.statement, r.params)
+            if isinstance(r, Enter):
+                return c.enter(r.savepoint)
+            if isinstance(r, Leave):
+                return c.leave(r.block, r.commit)
+            if isinstance(r, _RunHook):
+                result = r.hook(r.call)
+                if inspect.isawaitable(result):
+                    raise ConfigurationError(
+                        f"hook {r.hook!r} is async but the connection is sync: use a plain "
+                        "function, or an async connection and aapply()"
+                    )
+                return result
+            raise TypeError(r)
+
+        return execute
+
+    @staticmethod
+    def _aexecute(c: SqlConnection) -> Callable[[Any], Any]:
+        async def execute(r: Any) -> Any:
+            if isinstance(r, Exec):
+                return await c.aexecute(r.statement, r.params)
+            if isinstance(r, Enter):
+                return await c.aenter(r.savepoint)
+            if isinstance(r, Leave):
+                return await c.aleave(r.block, r.commit)
+            if isinstance(r, _RunHook):
+                result = r.hook(r.call)
+                if inspect.isawaitable(result):
+                    result = await result
+                return result
+            raise TypeError(r)
+
+        return execute
+
+    # -- public faces -------------------------------------------------------------------------
+    def create_tables(self, conn: Any) -> None:
+        """Create the history (and outbox) tables if missing; commits when no transaction was
+        open. The entity table is the user's own."""
+        c = adapt(conn)
+        run_plan(self._create_plan(c), self._execute(c))
+
+    async def acreate_tables(self, conn: Any) -> None:
+        """The async face of :meth:`create_tables`."""
+        c = adapt(conn)
+        await arun_plan(self._create_plan(c), self._aexecute(c))
+
+    def _prepare(
+        self, transition: str, key: str | None, data: Mapping[str, Any] | None
+    ) -> tuple[Transition, str | None, Mapping[str, Any]]:
+        t = self.machine.transition(transition)
+        key = check_key(key)
+        self.machine.guard(t, data)
+        return t, key, dict(data or {})
+
+    def apply(
+        self,
+        conn: Any,
+        entity_id: Any,
+        transition: str,
+        *,
+        key: str | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> Outcome:
+        """Apply ``transition`` to the entity ``entity_id`` (its id column's value).
+
+        :param key: optional idempotency key (at most 255 characters): the same key again is the
+            same outcome (``replayed=True``), even after the state has moved on.
+        :param data: the call's data, for the guard, hooks and the outbox row (JSON-able).
+        :returns: the :class:`~oncely.statemachine.definition.Outcome`; ``applied`` is True
+            only for the call that changed the state.
+        :raises UnknownTransition: no such transition in the machine.
+        :raises GuardRejected: the guard refused ``data``.
+        :raises IllegalTransition: the current state allows neither this transition nor is it
+            its target (carries ``current`` and ``allowed``).
+        :raises EntityNotFound: no row with this id.
+        :raises IdempotencyKeyMismatch: ``key`` was used for another transition of this entity.
+        :raises SchemaMissing: the history table is missing (:meth:`create_tables`).
+        :raises UnknownTable: / :raises UnknownColumn: the entity table or its columns are not
+            there (check :class:`Table`).
+        """
+        t, key, payload = self._prepare(transition, key, data)
+        c = adapt(conn)
+        return run_plan(self._apply_plan(c, conn, t, entity_id, key, payload), self._execute(c))
+
+    async def aapply(
+        self,
+        conn: Any,
+        entity_id: Any,
+        transition: str,
+        *,
+        key: str | None = None,
+        data: Mapping[str, Any] | None = None,
+    ) -> Outcome:
+        """The async face of :meth:`apply` (psycopg ``AsyncConnection``, aiomysql, SQLAlchemy
+        ``AsyncConnection``/``AsyncSession``); hooks may be ``async def``."""
+        t, key, payload = self._prepare(transition, key, data)
+        c = adapt(conn)
+        plan = self._apply_plan(c, conn, t, entity_id, key, payload)
+        return await arun_plan(plan, self._aexecute(c))
+
+    def history(self, conn: Any, entity_id: Any) -> list[HistoryEntry]:
+        """The entity's applied transitions, oldest first."""
+        c = adapt(conn)
+        return run_plan(self._history_plan(c, entity_id), self._execute(c))
+
+    async def ahistory(self, conn: Any, entity_id: Any) -> list[HistoryEntry]:
+        """The async face of :meth:`history`."""
+        c = adapt(conn)
+        return await arun_plan(self._history_plan(c, entity_id), self._aexecute(c))

@@ -1,0 +1,241 @@
+"""Sagas on real SQLite, PostgreSQL and MariaDB: the docs' worked example (an order times out,
+the order is cancelled, the stock given back), the saga twice and twice at once = one run,
+retries, abort before the steps arrive, kill -9 in a step and in a compensation then resume,
+remote HTTP steps with a derived Idempotency-Key."""
+
+from __future__ import annotations
+
+import http.server
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oncely.errors import ConfigurationError, SagaFailed
+from oncely.statemachine.saga import HttpStep, Saga, Step, idempotency_key
+
+from saga_shop import Shop
+from sql_fixtures import Db
+
+pytest_plugins = ["sql_fixtures"]
+
+TESTS = Path(__file__).resolve().parent
+APPLE = {"sku": "apple", "qty": 3}
+
+
+@pytest.fixture
+def shop(db: Db) -> Iterator[Shop]:
+    s = Shop(db)
+    s.setup()
+    yield s
+
+
+ACTIONS = [("await_payment", "action"), ("create_order", "action"), ("reserve_stock", "action")]
+# await_payment raised: its own write rolled back with its barrier row
+ROLLED_BACK = sorted(
+    [*ACTIONS[1:], ("create_order", "compensate"), ("reserve_stock", "compensate")]
+)
+
+
+def test_order_times_out_is_rolled_back_and_stock_given_back(shop: Shop) -> None:
+    conn = shop.db.connect()
+    saga = shop.saga(paid=False)
+    with pytest.raises(SagaFailed) as info:
+        saga.run(conn, "order-1", {**APPLE, "paid": False})
+    assert info.value.step == "await_payment"
+    assert shop.qty() == 10 and shop.order_status("order-1") == "cancelled"
+    assert shop.moves_of("order-1") == ROLLED_BACK
+    again = saga.run(conn, "order-1", {**APPLE, "paid": False})  # the whole saga again
+    assert again.state == "compensated" and again.executed == () and again.compensated == ()
+    assert shop.qty() == 10 and shop.moves_of("order-1") == ROLLED_BACK
+
+
+def test_paid_order_completes_once(shop: Shop) -> None:
+    conn = shop.db.connect()
+    saga = shop.saga(paid=True)
+    first = saga.run(conn, "order-2", {**APPLE, "paid": True})
+    assert first.state == "completed" and len(first.executed) == 3
+    second = saga.run(conn, "order-2", {**APPLE, "paid": True})
+    assert second.state == "completed" and second.executed == ()
+    assert shop.qty() == 7 and shop.moves_of("order-2") == ACTIONS
+    assert shop.order_status("order-2") == "pending"
+
+
+@pytest.mark.parametrize("paid", [True, False])
+def test_the_saga_twice_at_once_is_one_run(shop: Shop, paid: bool) -> None:
+    saga = shop.saga(paid=paid)
+    conns = [shop.db.connect() for _ in range(6)]
+    start = threading.Barrier(6)
+    states: list[str] = []
+
+    def run(conn: Any) -> None:
+        start.wait()
+        try:
+            states.append(saga.run(conn, "order-3", {**APPLE, "paid": paid}).state)
+        except SagaFailed:
+            states.append("failed")
+
+    threads = [threading.Thread(target=run, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(states) == 6
+    if paid:
+        assert set(states) == {"completed"}
+        assert shop.qty() == 7 and shop.moves_of("order-3") == ACTIONS
+    else:
+        assert set(states) <= {"failed", "compensated"}
+        assert shop.qty() == 10 and shop.order_status("order-3") == "cancelled"
+        assert shop.moves_of("order-3") == ROLLED_BACK
+
+
+def test_retries_roll_back_each_failed_try(shop: Shop) -> None:
+    conn = shop.db.connect()
+    shop.flaky["reserve_stock"] = 2  # fails twice after its writes, then succeeds
+    assert shop.saga(paid=True).run(conn, "order-4", {**APPLE, "paid": True}).state == "completed"
+    assert shop.qty() == 7 and shop.moves_of("order-4") == ACTIONS
+    shop.flaky["create_order"] = 5  # more than its 3 attempts: the saga rolls back
+    with pytest.raises(SagaFailed) as info:
+        shop.saga(paid=True).run(conn, "order-5", {**APPLE, "paid": True})
+    assert info.value.step == "create_order"
+    assert shop.qty() == 7  # order-4's 3 stay reserved, order-5's were given back
+    assert shop.moves_of("order-5") == [
+        ("reserve_stock", "action"),
+        ("reserve_stock", "compensate"),
+    ]
+
+
+def test_abort_before_the_steps_arrive_blocks_them(shop: Shop) -> None:
+    conn = shop.db.connect()
+    saga = shop.saga(paid=True)
+    aborted = saga.abort(conn, "order-6", {**APPLE, "paid": True})
+    assert aborted.state == "compensated" and aborted.compensated == ()  # empty compensations
+    late = saga.run(conn, "order-6", {**APPLE, "paid": True})
+    assert late.state == "compensated" and late.executed == ()
+    assert shop.qty() == 10 and shop.moves_of("order-6") == []
+    done = saga.run(conn, "order-7", {**APPLE, "paid": True})
+    assert saga.abort(conn, "order-7").state == "completed" == done.state  # too late to abort
+
+
+def _kill_in(shop: Shop, saga_id: str, step: str, op: str) -> None:
+    db = shop.db
+    proc = subprocess.Popen(
+        [sys.executable, str(TESTS / "saga_shop.py"), db.dialect, str(db.path), db.tag,
+         saga_id, step, op],
+        cwd=TESTS, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.strip() == "PAUSED", line
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_kill_9_in_a_step_then_resume(shop: Shop) -> None:
+    _kill_in(shop, "order-8", "create_order", "action")  # reserve_stock committed, this not
+    assert shop.qty() == 7 and shop.moves_of("order-8") == [("reserve_stock", "action")]
+    conn = shop.db.connect()
+    result = shop.saga(paid=True).run(conn, "order-8", {**APPLE, "paid": True})
+    assert result.state == "completed"
+    assert result.executed == ("create_order", "await_payment")
+    assert shop.qty() == 7 and shop.moves_of("order-8") == ACTIONS
+
+
+def test_kill_9_in_a_compensation_then_resume(shop: Shop) -> None:
+    _kill_in(shop, "order-9", "reserve_stock", "compensate")  # the last compensation
+    assert shop.qty() == 7 and shop.order_status("order-9") == "cancelled"
+    conn = shop.db.connect()
+    # The resumer finds the saga 'compensating' and finishes the compensation.
+    result = shop.saga(paid=False).run(conn, "order-9", {**APPLE, "paid": False})
+    assert result.state == "compensated" and result.compensated == ("reserve_stock",)
+    assert shop.qty() == 10 and shop.moves_of("order-9") == ROLLED_BACK
+
+
+def test_bad_input(shop: Shop) -> None:
+    with pytest.raises(ConfigurationError):
+        Saga("s", [])
+    with pytest.raises(ConfigurationError, match="two steps"):
+        Saga("s", [Step("a", print), Step("a", print)])
+    conn = shop.db.connect()
+    with pytest.raises(ConfigurationError, match="saga_id"):
+        shop.saga(paid=True).run(conn, "")
+    with pytest.raises(Exception, match="create_tables"):
+        Saga("s", [Step("a", print)], table=shop.db.name("nosaga")).run(conn, "x")
+
+
+# -- remote steps ---------------------------------------------------------------------------
+class _Remote(http.server.BaseHTTPRequestHandler):
+    seen: list[tuple[str, str]] = []
+    effects: set[str] = set()
+    fail_first = True
+
+    def do_POST(self) -> None:
+        key = self.headers.get("Idempotency-Key", "")
+        _Remote.seen.append((self.path, key))
+        if _Remote.fail_first:
+            _Remote.fail_first = False
+            self.send_response(503)
+        else:
+            _Remote.effects.add(key)  # the remote side deduplicates by key
+            self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_http_step_carries_a_stable_idempotency_key(shop: Shop) -> None:
+    import httpx
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Remote)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    saga_id = f"pay-{uuid.uuid4().hex[:6]}"
+    _Remote.seen, _Remote.effects, _Remote.fail_first = [], set(), True
+    try:
+        with httpx.Client() as client:
+            saga = Saga(
+                "payment",
+                [HttpStep("charge", f"{url}/charge", client, json={"amount": 5},
+                          compensation_url=f"{url}/refund", backoff=0.01)],
+                table=f"saga_{shop.db.tag}", barrier_table=f"barrier_{shop.db.tag}",
+            )  # fmt: skip
+            conn = shop.db.connect()
+            assert saga.run(conn, saga_id).state == "completed"
+            assert saga.run(conn, saga_id).state == "completed"
+    finally:
+        server.shutdown()
+    key = idempotency_key(saga_id, "charge", "action")
+    assert _Remote.seen == [("/charge", key), ("/charge", key)]  # a 503, then the retry
+    assert _Remote.effects == {key}
+    assert key != idempotency_key(saga_id, "charge", "compensate")
+
+
+async def test_async_saga(shop: Shop) -> None:
+    if shop.db.dialect == "sqlite":
+        pytest.skip("sqlite3 has no async driver")
+    conn = await shop.db.aconnect()
+    calls: list[str] = []
+
+    async def step(ctx: Any) -> None:
+        calls.append(ctx.step)
+
+    saga = Saga("async", [Step("one", step), Step("two", step)],
+                table=f"saga_{shop.db.tag}", barrier_table=f"barrier_{shop.db.tag}")  # fmt: skip
+    try:
+        assert (await saga.arun(conn, "a-1")).state == "completed"
+        assert (await saga.arun(conn, "a-1")).executed == ()
+        assert calls == ["one", "two"]
+    finally:
+        await shop.db.aclose()
