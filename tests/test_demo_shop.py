@@ -13,10 +13,10 @@ import httpx
 import pytest
 
 from oncely.demo.shop.app import create_app
-from oncely.demo.shop.db import ShopDB
+from oncely.demo.shop.db import ORDERS, ShopDB
 from oncely.demo.shop.features.settlement import settle_once
 from oncely.demo.shop.settings import Settings
-from oncely.errors import StaleVersion
+from oncely.errors import IllegalTransition, StaleVersion
 from oncely.locks import Lock
 
 
@@ -134,7 +134,6 @@ async def test_pending_features_answer_501_naming_their_mechanism(
     shop: httpx.AsyncClient,
 ) -> None:
     expected = {
-        ("POST", "/orders/o/cancel"): "oncely.statemachine",
         ("POST", "/orders/o/ship"): "oncely.messaging",
         ("POST", "/webhooks/payment"): "oncely.messaging",
     }
@@ -209,6 +208,39 @@ async def test_concurrent_credits_lose_no_update_only_when_oncely_is_on(
         assert conflicts > 0  # the race really happened, and was retried
     else:
         assert balance < sum(range(1, 33))  # lost updates
+
+
+async def test_cancel_gives_the_stock_back_once_only_when_oncely_is_on(
+    shop: httpx.AsyncClient,
+) -> None:
+    """16 concurrent cancels of one order, then 4 more: all answer 200 cancelled; protected,
+    the stock comes back once (state machine + barrier); unprotected, once per cancel that
+    passed the status check. A cancelled order cannot be paid."""
+    protected = (await shop.get("/healthz")).json()["protected"]
+    stock = (await shop.get("/stock/sku-2")).json()["stock"]
+    order = await _order(shop, "to-cancel")
+    oid = order["order_id"]
+    answers = await asyncio.gather(
+        *(shop.post(f"/orders/{oid}/cancel", headers=_headers()) for _ in range(16))
+    )
+    answers += [await shop.post(f"/orders/{oid}/cancel", headers=_headers()) for _ in range(4)]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert all(a.json() == {"order_id": oid, "status": "cancelled"} for a in answers)
+    restocks = [e for e in (await shop.get("/ledger")).json() if e["kind"] == "restock"]
+    after = (await shop.get("/stock/sku-2")).json()["stock"]
+    if protected:
+        assert len(restocks) == 1 and after == stock
+    else:
+        assert len(restocks) > 1 and after > stock
+    token = await shop.post("/payment-tokens", json={"order_id": oid}, headers=_headers())
+    paid = await shop.post(
+        f"/orders/{oid}/pay",
+        json={"amount": order["amount"]},
+        headers={**_headers(), "Payment-Token": token.json()["token"]},
+    )
+    assert paid.status_code == 409 and paid.json()["order_status"] == "cancelled"
+    other = await shop.post(f"/orders/{oid}-x/cancel", headers=_headers())
+    assert other.status_code == 404
 
 
 async def test_order_and_payment_contract(shop: httpx.AsyncClient) -> None:
@@ -290,7 +322,18 @@ def test_a_handler_run_again_after_a_crash_applies_once(tmp_path: Path) -> None:
         db.credit("acct-1", 5, 1, "alice/credit-2")
     assert db.account("acct-1") == credited and credited.balance == 5
     assert [e["kind"] for e in db.ledger()] == ["order", "charge", "credit"]
-    assert db.stock("sku-1") == 1_000_000 - 2
+    # a paid order cancelled twice gives its stock back once; a shipped one refuses
+    assert db.cancel(first.id) is True and db.cancel(first.id) is False
+    assert db.stock("sku-1") == 1_000_000
+    shipped = db.place_order("alice", "sku-1", 1, "alice/key-2", once=True)
+    assert shipped is not None
+    db.record_charge(shipped.id, shipped.amount, "txn-c", once=True)
+    with db.write() as w:
+        ORDERS.apply(w, shipped.id, "ship")
+    with pytest.raises(IllegalTransition):
+        db.cancel(shipped.id)
+    assert [e["kind"] for e in db.ledger()].count("restock") == 1
+    assert db.stock("sku-1") == 1_000_000 - 1  # the shipped order's unit
     # unprotected (once=False) the same two runs are two orders: the double effect
     db.place_order("bob", "sku-1", 1, "bob/key-1")
     db.place_order("bob", "sku-1", 1, "bob/key-1")

@@ -66,7 +66,7 @@ DISCOVERY: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "webhook": ("POST", "/webhooks/payment", {}),
 }
 #: Kinds the storm can drive today; a later mechanism adds its driver here.
-DRIVEN = ("order", "pay", "credit")
+DRIVEN = ("order", "pay", "credit", "cancel")
 DEFAULT_SKUS = tuple(f"sku-{i}" for i in range(1, 9))
 #: the accounts credits go to (the demo shop opens these; few, so that credits contend)
 DEFAULT_ACCOUNTS = tuple(f"acct-{i}" for i in range(1, 9))
@@ -74,6 +74,7 @@ PATTERNS = {
     "order": ("concurrent", "sequential", "timeout", "changed-body"),
     "pay": ("concurrent", "sequential", "timeout", "changed-body", "double-submit"),
     "credit": ("concurrent", "sequential", "timeout"),
+    "cancel": ("concurrent", "sequential", "timeout"),
 }
 #: rounds of read (ETag) + conditional write a credit gets before it counts as lost
 CREDIT_ROUNDS = 60
@@ -121,6 +122,9 @@ class Op:
     key: str
     expects: list[tuple[str, str]] = field(default_factory=list)
     units: dict[str, int] = field(default_factory=dict)
+    #: units a cancel gives back (sku -> units), with the order id whose restock row says so
+    restock: dict[str, int] = field(default_factory=dict)
+    restock_key: str = ""
     succeeded: bool = False
     detail: str = ""
 
@@ -482,6 +486,45 @@ class _Storm:
             await asyncio.sleep(self.rng.uniform(0, 0.02))
         op.detail = f"crediting {account}: {_describe(answers)}"
 
+    async def cancel(self, op: Op) -> None:
+        """Place an order, then cancel it ``k`` times (concurrent, sequential, or the first
+        copy cut off by a client timeout): one cancellation, the stock given back once."""
+        sku = self.rng.choice(list(self.config.skus))
+        qty = self.rng.randint(1, 5)
+        order_key = f"{op.key}-order"
+        placed = await self.client.send(
+            "POST",
+            "/orders",
+            body={"sku": sku, "qty": qty, "customer": op.customer},
+            headers={**_bearer(op.customer), "Idempotency-Key": order_key},
+        )
+        op.expects.append(("order", f"{op.customer}/{order_key}"))
+        op.units[sku] = qty
+        if placed.status != 201 or not isinstance(placed.body, dict):
+            op.detail = f"placing its order: {_describe([placed])}"
+            return
+        order_id = str(placed.body.get("order_id"))
+        op.expects.append(("restock", order_id))
+        op.restock = {sku: qty}
+        op.restock_key = order_id
+
+        async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
+            timeout = self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
+            return await self.client.send(
+                "POST",
+                f"/orders/{order_id}/cancel",
+                headers=_bearer(op.customer),
+                first_timeout=timeout,
+            )
+
+        answers = await self.copies(op, send, None)
+        op.succeeded = any(
+            a.status == 200 and isinstance(a.body, dict) and a.body.get("status") == "cancelled"
+            for a in answers
+        )
+        if not op.succeeded:
+            op.detail = f"cancelling {order_id}: {_describe(answers)}"
+
     async def _token(self, op: Op, order_id: str) -> str | None:
         issued = await self.client.send(
             "POST", "/payment-tokens", body={"order_id": order_id}, headers=_bearer(op.customer)
@@ -538,6 +581,11 @@ class _Storm:
                 ("POST", acct, b"{", {**key(), **tag}),
                 ("POST", f"/accounts/{ghost}/credit", js({"amount": 5}), {**key(), **tag}),
             ]
+        if "cancel" in live:
+            cases += [
+                ("POST", f"/orders/{ghost}/cancel", b"", key()),
+                ("POST", "/orders/%20/cancel", b"", key()),
+            ]
         if "pay" in live:
             cases += [
                 ("POST", "/payment-tokens", js({"order_id": ghost}), key()),
@@ -587,6 +635,7 @@ DRIVERS: dict[str, Callable[[_Storm, Op], Awaitable[None]]] = {
     "order": _Storm.order,
     "pay": _Storm.pay,
     "credit": _Storm.credit,
+    "cancel": _Storm.cancel,
 }
 
 
@@ -650,6 +699,9 @@ def _verify(
             if expect[0] == "order" and counts[expect] > 0:
                 for sku, units in op.units.items():
                     consumed[sku] += units
+        if op.restock_key and counts[("restock", op.restock_key)] > 0:
+            for sku, units in op.restock.items():  # given back, counted once
+                consumed[sku] -= units
         if not (op.succeeded and present):
             result.lost += 1
             if len(result.lost_examples) < 10:

@@ -24,8 +24,12 @@ from typing import Any
 
 from oncely.locks import fenced_table_sql, fenced_update
 from oncely.sql import insert_once, versioned_update
+from oncely.statemachine import Machine, Transition
+from oncely.statemachine.barrier import barrier
+from oncely.statemachine.barrier import create_table as create_barrier_table
+from oncely.statemachine.sql import SqlStateMachine, Table
 
-__all__ = ["ACCOUNTS", "PRODUCTS", "Account", "Order", "ShopDB"]
+__all__ = ["ACCOUNTS", "ORDERS", "ORDER_MACHINE", "PRODUCTS", "Account", "Order", "ShopDB"]
 
 #: sku -> (price in cents, initial stock in units)
 PRODUCTS: dict[str, tuple[int, int]] = {f"sku-{i}": (100 * i, 1_000_000) for i in range(1, 9)}
@@ -91,6 +95,23 @@ CREATE TABLE IF NOT EXISTS settlement_runs (
 );
 """
 FENCE_TABLE = "settlement_fence"
+
+#: An order's life (protected mode moves it only through these transitions, one conditional
+#: ``UPDATE`` each: :class:`oncely.statemachine.sql.SqlStateMachine`).
+ORDER_MACHINE = Machine(
+    "order",
+    states=["placed", "paid", "shipped", "cancelled"],
+    initial="placed",
+    transitions=[
+        Transition("pay", "placed", "paid"),
+        Transition("ship", "paid", "shipped"),
+        Transition("cancel", ("placed", "paid"), "cancelled"),
+    ],
+)
+ORDERS = SqlStateMachine(ORDER_MACHINE, Table("orders", id_column="id", state_column="status"))
+#: The barrier branch of an order's stock reservation: ``action`` when the order takes the
+#: stock, ``compensate`` when a cancel gives it back (DTM's sub-transaction barrier).
+STOCK_BRANCH = "stock"
 
 
 #: insert-once tables: table -> (unique key column, value column)
@@ -165,6 +186,8 @@ class ShopDB:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.executescript(_SCHEMA)
         conn.execute(fenced_table_sql(FENCE_TABLE, {"run": "INTEGER"}))
+        ORDERS.create_tables(conn)
+        create_barrier_table(conn)
         with self.write() as w:
             w.executemany(
                 "INSERT OR IGNORE INTO products (sku, price, stock) VALUES (?, ?, ?)",
@@ -262,6 +285,8 @@ class ShopDB:
                 return None
             amount = int(row[0]) * qty
             now = time.time()
+            if once:  # the reservation is the saga's action: its compensation gives it back
+                barrier(w, order_id, STOCK_BRANCH, "action")
             w.execute(
                 "INSERT INTO orders (id, customer, sku, qty, amount, status, request_key, "
                 "created_at) VALUES (?, ?, ?, ?, ?, 'placed', ?, ?)",
@@ -284,6 +309,9 @@ class ShopDB:
                 first = _insert_once(w, "payments", order_id, transaction_id)
                 if first is not None:
                     return first
+                # placed -> paid, one conditional UPDATE: a cancelled order is not marked paid
+                # (IllegalTransition rolls the charge back).
+                ORDERS.apply(w, order_id, "pay")
             w.execute(
                 "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('charge', ?, ?, ?, ?)",
                 (order_id, transaction_id, amount, time.time()),
@@ -293,6 +321,39 @@ class ShopDB:
                 (transaction_id, order_id),
             )
         return transaction_id
+
+    def cancel(self, order_id: str) -> bool:
+        """Protected cancel: ``placed|paid -> cancelled`` through the order machine and the
+        stock given back behind the barrier (``compensate`` of the order's ``stock`` branch),
+        in one transaction. Returns whether this call gave the stock back; a repeat (or a
+        concurrent duplicate, which waits on the write lock) changes nothing and returns
+        ``False``.
+
+        :raises ~oncely.errors.IllegalTransition: the order has shipped.
+        :raises ~oncely.errors.EntityNotFound: no such order.
+        """
+        with self.write() as w:
+            ORDERS.apply(w, order_id, "cancel")  # already cancelled: a success, no change
+            if not barrier(w, order_id, STOCK_BRANCH, "compensate").run:
+                return False
+            sku, qty = w.execute("SELECT sku, qty FROM orders WHERE id = ?", (order_id,)).fetchone()
+            self._restock(w, order_id, str(sku), int(qty))
+        return True
+
+    def cancel_unchecked(self, order_id: str, sku: str, qty: int) -> None:
+        """Unprotected cancel: the handler checked the status earlier (check-then-act); this
+        writes the cancellation and gives the stock back whatever happened since."""
+        with self.write() as w:
+            w.execute("UPDATE orders SET status = 'cancelled' WHERE id = ?", (order_id,))
+            self._restock(w, order_id, sku, qty)
+
+    @staticmethod
+    def _restock(w: sqlite3.Connection, order_id: str, sku: str, qty: int) -> None:
+        w.execute("UPDATE products SET stock = stock + ? WHERE sku = ?", (qty, sku))
+        w.execute(
+            "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('restock', ?, ?, ?, ?)",
+            (order_id, sku, qty, time.time()),
+        )
 
     def credit(
         self, account_id: str, amount: int, expected_version: int, request_key: str

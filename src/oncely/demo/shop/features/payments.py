@@ -35,7 +35,7 @@ from oncely import idempotent
 from oncely.demo.shop.db import Order
 from oncely.demo.shop.features import Feature, Shop
 from oncely.demo.shop.web import Problem, caller, integer, json_body, path_id, text
-from oncely.errors import TokenError, TokenReused
+from oncely.errors import IllegalTransition, TokenError, TokenReused
 from oncely.http import Rule
 from oncely.tokens import TokenUse
 
@@ -131,7 +131,16 @@ def feature(shop: Shop) -> Feature:
                     "the order is not awaiting payment",
                     order_status=current.status if current else "unknown",
                 )
-            transaction_id = await charge(order_id, amount)
+            try:
+                transaction_id = await charge(order_id, amount)
+            except IllegalTransition as exc:  # cancelled while the charge ran: rolled back
+                raise Problem(
+                    409,
+                    "order-not-payable",
+                    "Order cannot be paid",
+                    "the order is not awaiting payment",
+                    order_status=str(exc.current),
+                ) from None
         except BaseException:
             if use is not None and shop.tokens is not None:
                 await shop.tokens.arelease(use)  # give the token back: the user may retry
