@@ -50,8 +50,8 @@ def test_demo_with_and_without_oncely(tmp_path: Path) -> None:
     assert on["lost_updates"] == 0, on["lost_updates_by_account"]
     assert on["operations_by_kind"].get("credit", 0) > 0
     assert on["operations_by_kind"].get("cancel", 0) > 0
-    assert set(on["skipped"]) == {"webhook"}
-    assert all(why.startswith("501") for why in on["skipped"].values())
+    assert on["operations_by_kind"].get("webhook", 0) > 0
+    assert on["skipped"] == {}
 
     # the same storm with oncely switched off: duplicates place orders again, take the stock
     # again, and the settlement jobs pay orders out twice
@@ -61,6 +61,7 @@ def test_demo_with_and_without_oncely(tmp_path: Path) -> None:
     assert off["lost_updates"] > 0
     assert off["double_effects_by_kind"].get("credit", 0) > 0
     assert off["double_effects_by_kind"].get("restock", 0) > 0
+    assert off["double_effects_by_kind"].get("webhook", 0) > 0
     assert off["ok"] is False
     assert off["bad_input"]["failures"] == 0
     assert (tmp_path / "protected" / "shop.db").exists()
@@ -100,4 +101,4 @@ def test_storm_exits_non_zero_on_double_effects(tmp_path: Path) -> None:
             out = _oncely("storm", shop.url, "-n", "60", "--seed", "3")
         assert out.returncode == code, out.stdout[-3000:] + out.stderr[-2000:]
         assert "double effects" in out.stdout and "lost operations" in out.stdout
-        assert "skipped: webhook" in out.stdout
+        assert "skipped" not in out.stdout

@@ -135,7 +135,6 @@ async def test_pending_features_answer_501_naming_their_mechanism(
 ) -> None:
     expected = {
         ("POST", "/orders/o/ship"): "oncely.messaging",
-        ("POST", "/webhooks/payment"): "oncely.messaging",
     }
     for (method, path), mechanism in expected.items():
         response = await shop.request(method, path, json={}, headers=_headers("k-" + path))
@@ -241,6 +240,27 @@ async def test_cancel_gives_the_stock_back_once_only_when_oncely_is_on(
     assert paid.status_code == 409 and paid.json()["order_status"] == "cancelled"
     other = await shop.post(f"/orders/{oid}-x/cancel", headers=_headers())
     assert other.status_code == 404
+
+
+async def test_webhook_redeliveries_are_acted_upon_once_only_when_oncely_is_on(
+    shop: httpx.AsyncClient,
+) -> None:
+    """One event delivered 12 times at once and 3 more times: protected, one ledger row and
+    exactly one answer with duplicate=false; unprotected, one row per delivery."""
+    protected = (await shop.get("/healthz")).json()["protected"]
+    event = {"event_id": "evt-1", "order_id": "ord_x", "amount": 250}
+    answers = await asyncio.gather(*(shop.post("/webhooks/payment", json=event) for _ in range(12)))
+    answers += [await shop.post("/webhooks/payment", json=event) for _ in range(3)]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    fresh = [a for a in answers if a.json() == {"event_id": "evt-1", "duplicate": False}]
+    rows = [e for e in (await shop.get("/ledger")).json() if e["kind"] == "webhook"]
+    if protected:
+        assert len(fresh) == 1 and len(rows) == 1
+        assert rows[0]["key"] == "evt-1" and rows[0]["amount"] == 250
+    else:
+        assert len(fresh) == 15 and len(rows) == 15
+    other = await shop.post("/webhooks/payment", json={"event_id": "evt-2"})
+    assert other.json() == {"event_id": "evt-2", "duplicate": False}
 
 
 async def test_order_and_payment_contract(shop: httpx.AsyncClient) -> None:

@@ -66,7 +66,7 @@ DISCOVERY: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "webhook": ("POST", "/webhooks/payment", {}),
 }
 #: Kinds the storm can drive today; a later mechanism adds its driver here.
-DRIVEN = ("order", "pay", "credit", "cancel")
+DRIVEN = ("order", "pay", "credit", "cancel", "webhook")
 DEFAULT_SKUS = tuple(f"sku-{i}" for i in range(1, 9))
 #: the accounts credits go to (the demo shop opens these; few, so that credits contend)
 DEFAULT_ACCOUNTS = tuple(f"acct-{i}" for i in range(1, 9))
@@ -75,6 +75,7 @@ PATTERNS = {
     "pay": ("concurrent", "sequential", "timeout", "changed-body", "double-submit"),
     "credit": ("concurrent", "sequential", "timeout"),
     "cancel": ("concurrent", "sequential", "timeout"),
+    "webhook": ("concurrent", "sequential", "timeout"),
 }
 #: rounds of read (ETag) + conditional write a credit gets before it counts as lost
 CREDIT_ROUNDS = 60
@@ -525,6 +526,24 @@ class _Storm:
         if not op.succeeded:
             op.detail = f"cancelling {order_id}: {_describe(answers)}"
 
+    async def webhook(self, op: Op) -> None:
+        """A payment notification delivered ``k`` times (as providers redeliver): acted upon
+        once, the copies answered ``{"duplicate": true}``."""
+        event_id = f"evt-{op.key}"
+        event = {"event_id": event_id, "amount": self.rng.randint(1, 10_000)}
+        op.expects.append(("webhook", event_id))
+
+        async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
+            timeout = self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
+            return await self.client.send(
+                "POST", "/webhooks/payment", body=event, first_timeout=timeout
+            )
+
+        answers = await self.copies(op, send, None)
+        op.succeeded = any(a.status == 200 for a in answers)
+        if not op.succeeded:
+            op.detail = f"delivering {event_id}: {_describe(answers)}"
+
     async def _token(self, op: Op, order_id: str) -> str | None:
         issued = await self.client.send(
             "POST", "/payment-tokens", body={"order_id": order_id}, headers=_bearer(op.customer)
@@ -581,6 +600,14 @@ class _Storm:
                 ("POST", acct, b"{", {**key(), **tag}),
                 ("POST", f"/accounts/{ghost}/credit", js({"amount": 5}), {**key(), **tag}),
             ]
+        if "webhook" in live:
+            cases += [
+                ("POST", "/webhooks/payment", b"{", key()),
+                ("POST", "/webhooks/payment", js({}), key()),
+                ("POST", "/webhooks/payment", js({"event_id": 5}), key()),
+                ("POST", "/webhooks/payment", js({"event_id": ""}), key()),
+                ("POST", "/webhooks/payment", js({"event_id": ghost, "amount": -1}), key()),
+            ]
         if "cancel" in live:
             cases += [
                 ("POST", f"/orders/{ghost}/cancel", b"", key()),
@@ -636,6 +663,7 @@ DRIVERS: dict[str, Callable[[_Storm, Op], Awaitable[None]]] = {
     "pay": _Storm.pay,
     "credit": _Storm.credit,
     "cancel": _Storm.cancel,
+    "webhook": _Storm.webhook,
 }
 
 

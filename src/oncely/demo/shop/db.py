@@ -412,6 +412,15 @@ class ShopDB:
             )
         return Account(account_id, balance, int(version))
 
+    def record_webhook(self, event_id: str, entity: str, amount: int) -> None:
+        """A payment notification acted upon: its ledger row (kind ``webhook``, key the event
+        id)."""
+        with self.write() as w:
+            w.execute(
+                "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('webhook', ?, ?, ?, ?)",
+                (event_id, entity, amount, time.time()),
+            )
+
     def start_settlement(self, pid: int, fence: int | None, limit: int) -> tuple[int, list[Order]]:
         """Open a settlement run over up to ``limit`` paid, unsettled orders (read, not
         claimed: what keeps two runs apart is the lock and the fence)."""

@@ -90,6 +90,15 @@ class Settings:
             return self.store, {}
         return f"sqlite:///{self.workdir / 'locks.db'}", {}
 
+    def dedup_target(self) -> tuple[str, dict[str, Any]]:
+        """Store URL and options of the webhook dedup window (:class:`oncely.messaging.dedup.
+        Deduplicator`): oncely's store, in a table / key prefix of this run's own."""
+        if self.scheme in ("postgresql", "postgres", "mysql", "mariadb"):
+            return self.store, {"table": f"{self.tag}_dedup"}
+        if self.scheme in ("redis", "rediss"):
+            return self.store, {"prefix": self.tag}
+        return f"sqlite:///{self.workdir / 'oncely.db'}", {}
+
     def to_env(self) -> dict[str, str]:
         return {
             "ONCELY_DEMO_DIR": str(self.workdir),
