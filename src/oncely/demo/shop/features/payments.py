@@ -17,9 +17,10 @@ Unprotected, the handler only checks that the order is still ``placed`` before c
 classic check-then-act: concurrent duplicates all pass the check and all charge.
 
 Protected, the charge's transaction also writes one payment row per order under a unique key
-(insert-once): a charge run again because its worker died after the commit but before the
-decorator stored its result returns the first transaction id. ``oncely.sql`` will offer this
-and replace the hand-written SQL.
+(:func:`oncely.sql.insert_once`): a charge run again because its worker died after the commit
+but before the decorator stored its result returns the first transaction id. The order moves
+``placed -> paid`` through the order state machine in the same transaction, so an order
+cancelled while the card was charged is not marked paid (the charge rolls back: 409).
 """
 
 from __future__ import annotations
