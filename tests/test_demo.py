@@ -51,6 +51,7 @@ def test_demo_with_and_without_oncely(tmp_path: Path) -> None:
     assert on["operations_by_kind"].get("credit", 0) > 0
     assert on["operations_by_kind"].get("cancel", 0) > 0
     assert on["operations_by_kind"].get("webhook", 0) > 0
+    assert on["operations_by_kind"].get("ship", 0) > 0
     assert on["skipped"] == {}
 
     # the same storm with oncely switched off: duplicates place orders again, take the stock
@@ -62,6 +63,7 @@ def test_demo_with_and_without_oncely(tmp_path: Path) -> None:
     assert off["double_effects_by_kind"].get("credit", 0) > 0
     assert off["double_effects_by_kind"].get("restock", 0) > 0
     assert off["double_effects_by_kind"].get("webhook", 0) > 0
+    assert off["double_effects_by_kind"].get("ship", 0) > 0
     assert off["ok"] is False
     assert off["bad_input"]["failures"] == 0
     assert (tmp_path / "protected" / "shop.db").exists()

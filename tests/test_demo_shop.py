@@ -1,5 +1,6 @@
 """The demo shop, in process: its contract, bad input as problem+json (never a 500, never an
-effect), the 501 answers of pending features, and the settlement job's fence."""
+effect), each feature's mechanism against duplicates (and its absence unprotected), and the
+settlement job's fence."""
 
 from __future__ import annotations
 
@@ -15,9 +16,12 @@ import pytest
 from oncely.demo.shop.app import create_app
 from oncely.demo.shop.db import ORDERS, ShopDB
 from oncely.demo.shop.features.settlement import settle_once
+from oncely.demo.shop.features.shipping import Shipper
+from oncely.demo.shop.queue import EmbeddedQueue
 from oncely.demo.shop.settings import Settings
 from oncely.errors import IllegalTransition, StaleVersion
 from oncely.locks import Lock
+from oncely.messaging.outbox import OutboxMessage
 
 
 def _settings(tmp_path: Path, protected: bool) -> Settings:
@@ -105,6 +109,7 @@ def _bad_requests(order_id: str) -> list[tuple[str, str, bytes | None, dict[str,
         ("POST", "/accounts/no-such/credit", js({"amount": 5}), {**key(), "If-Match": '"1"'}),
         ("POST", "/orders/ord_missing/cancel", js({"amount": -5}), key()),
         ("POST", "/orders/ord_missing/ship", b"nope", key()),
+        ("POST", f"/orders/{order_id}/ship", b"", key()),
         ("POST", "/webhooks/payment", b"{", key()),
     ]
     return cases
@@ -130,16 +135,41 @@ async def test_bad_input_gets_problem_json_and_changes_nothing(shop: httpx.Async
     assert (await shop.get("/stock/sku-1")).json() == stock
 
 
-async def test_pending_features_answer_501_naming_their_mechanism(
-    shop: httpx.AsyncClient,
+async def test_ship_requests_dispatch_once_through_outbox_relay_and_inbox(
+    shop: httpx.AsyncClient, tmp_path: Path
 ) -> None:
-    expected = {
-        ("POST", "/orders/o/ship"): "oncely.messaging",
-    }
-    for (method, path), mechanism in expected.items():
-        response = await shop.request(method, path, json={}, headers=_headers("k-" + path))
-        assert response.status_code == 501, (path, response.text)
-        assert response.json()["mechanism"] == mechanism
+    """A paid order asked to ship 12 times at once, then twice more. Protected: one outbox
+    message; the relay publishes it, the queue delivers it twice (a republish, as after a relay
+    killed mid-batch) and the inbox lets one dispatch through. Unprotected: one per request."""
+    protected = (await shop.get("/healthz")).json()["protected"]
+    order = await _order(shop, "to-ship")
+    oid = str(order["order_id"])
+    early = await shop.post(f"/orders/{oid}/ship", headers=_headers())
+    assert early.status_code == 409 and early.json()["order_status"] == "placed"
+    token = await shop.post("/payment-tokens", json={"order_id": oid}, headers=_headers())
+    paid = await shop.post(
+        f"/orders/{oid}/pay",
+        json={"amount": order["amount"]},
+        headers={**_headers(), "Payment-Token": token.json()["token"]},
+    )
+    assert paid.status_code == 200, paid.text
+    answers = await asyncio.gather(
+        *(shop.post(f"/orders/{oid}/ship", headers=_headers()) for _ in range(12))
+    )
+    answers += [await shop.post(f"/orders/{oid}/ship", headers=_headers()) for _ in range(2)]
+    assert all(a.status_code == 202 for a in answers), [a.text for a in answers]
+    if protected:
+        db = ShopDB(tmp_path / "shop.db")
+        queue = EmbeddedQueue(tmp_path / "queue.db")
+        shipper = Shipper(db, queue)
+        assert shipper.relay.run_once() == 1  # one message for 14 requests
+        (message,) = queue.take()
+        queue.put(OutboxMessage(0, message[1], "shipments", message[2]))  # a republish
+        assert shipper.step() == (0, 1)  # two deliveries, one dispatch
+        assert queue.take() == [] and shipper.step() == (0, 0)
+        shipper.close()
+    ships = [e for e in (await shop.get("/ledger")).json() if e["kind"] == "ship"]
+    assert [e["key"] for e in ships] == [oid] * (1 if protected else 14)
 
 
 async def test_account_credit_contract(shop: httpx.AsyncClient) -> None:

@@ -56,6 +56,7 @@ KINDS: dict[str, float] = {
     "credit": 0.10,
     "cancel": 0.05,
     "webhook": 0.05,
+    "ship": 0.05,
 }
 #: The request that tells whether a kind's endpoint exists (bogus ids: it changes nothing).
 DISCOVERY: dict[str, tuple[str, str, dict[str, Any] | None]] = {
@@ -64,9 +65,12 @@ DISCOVERY: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "credit": ("GET", "/accounts/storm-discovery", None),
     "cancel": ("POST", "/orders/storm-discovery/cancel", {}),
     "webhook": ("POST", "/webhooks/payment", {}),
+    "ship": ("POST", "/orders/storm-discovery/ship", {}),
 }
 #: Kinds the storm can drive today; a later mechanism adds its driver here.
-DRIVEN = ("order", "pay", "credit", "cancel", "webhook")
+DRIVEN = ("order", "pay", "credit", "cancel", "webhook", "ship")
+#: seconds the storm waits for effects a service applies after answering (shipping's queue)
+ASYNC_WAIT = 20.0
 DEFAULT_SKUS = tuple(f"sku-{i}" for i in range(1, 9))
 #: the accounts credits go to (the demo shop opens these; few, so that credits contend)
 DEFAULT_ACCOUNTS = tuple(f"acct-{i}" for i in range(1, 9))
@@ -76,6 +80,7 @@ PATTERNS = {
     "credit": ("concurrent", "sequential", "timeout"),
     "cancel": ("concurrent", "sequential", "timeout"),
     "webhook": ("concurrent", "sequential", "timeout"),
+    "ship": ("concurrent", "sequential", "timeout"),
 }
 #: rounds of read (ETag) + conditional write a credit gets before it counts as lost
 CREDIT_ROUNDS = 60
@@ -526,6 +531,56 @@ class _Storm:
         if not op.succeeded:
             op.detail = f"cancelling {order_id}: {_describe(answers)}"
 
+    async def ship(self, op: Op) -> None:
+        """Place and pay an order, then ask ``k`` times to ship it: one ``ship`` effect, which
+        the service may apply after answering (through a queue)."""
+        sku = self.rng.choice(list(self.config.skus))
+        order_key = f"{op.key}-order"
+        placed = await self.client.send(
+            "POST",
+            "/orders",
+            body={"sku": sku, "qty": 1, "customer": op.customer},
+            headers={**_bearer(op.customer), "Idempotency-Key": order_key},
+        )
+        op.expects.append(("order", f"{op.customer}/{order_key}"))
+        op.units[sku] = 1
+        if placed.status != 201 or not isinstance(placed.body, dict):
+            op.detail = f"placing its order: {_describe([placed])}"
+            return
+        order_id = str(placed.body.get("order_id"))
+        op.expects.append(("charge", order_id))
+        token = await self._token(op, order_id)
+        if token is None:
+            return
+        paid = await self.client.send(
+            "POST",
+            f"/orders/{order_id}/pay",
+            body={"amount": int(placed.body.get("amount", 0))},
+            headers={
+                **_bearer(op.customer),
+                "Payment-Token": token,
+                "Idempotency-Key": f"{op.key}-pay",
+            },
+        )
+        if not _paid([paid]):
+            op.detail = f"paying {order_id}: {_describe([paid])}"
+            return
+        op.expects.append(("ship", order_id))
+
+        async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
+            timeout = self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
+            return await self.client.send(
+                "POST",
+                f"/orders/{order_id}/ship",
+                headers=_bearer(op.customer),
+                first_timeout=timeout,
+            )
+
+        answers = await self.copies(op, send, None)
+        op.succeeded = any(a.status in (200, 202) for a in answers)
+        if not op.succeeded:
+            op.detail = f"shipping {order_id}: {_describe(answers)}"
+
     async def webhook(self, op: Op) -> None:
         """A payment notification delivered ``k`` times (as providers redeliver): acted upon
         once, the copies answered ``{"duplicate": true}``."""
@@ -608,6 +663,8 @@ class _Storm:
                 ("POST", "/webhooks/payment", js({"event_id": ""}), key()),
                 ("POST", "/webhooks/payment", js({"event_id": ghost, "amount": -1}), key()),
             ]
+        if "ship" in live:
+            cases += [("POST", f"/orders/{ghost}/ship", b"", key())]
         if "cancel" in live:
             cases += [
                 ("POST", f"/orders/{ghost}/cancel", b"", key()),
@@ -664,6 +721,7 @@ DRIVERS: dict[str, Callable[[_Storm, Op], Awaitable[None]]] = {
     "credit": _Storm.credit,
     "cancel": _Storm.cancel,
     "webhook": _Storm.webhook,
+    "ship": _Storm.ship,
 }
 
 
@@ -816,8 +874,16 @@ async def run_storm_async(config: StormConfig, label: str = "") -> StormResult:
             except Exception as exc:
                 result.faults.append(f"fault failed: {type(exc).__name__}: {exc}")
         await asyncio.sleep(config.grace)
-        after = await _stock(http, config.skus)
         ledger = await _ledger(http)
+        shipped = {("ship", key) for op in storm.ops for kind, key in op.expects if kind == "ship"}
+        deadline = time.monotonic() + ASYNC_WAIT
+        while shipped and time.monotonic() < deadline:
+            present = {(str(e.get("kind")), str(e.get("key"))) for e in ledger}
+            if shipped <= present:
+                break
+            await asyncio.sleep(0.5)
+            ledger = await _ledger(http)
+        after = await _stock(http, config.skus)
         _verify(storm, ledger, before, after)
         if credit_live:
             await _check_balances(http, config.accounts, ledger, result)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from typing import cast
 
@@ -31,6 +32,7 @@ from oncely.demo.shop.features import (
     verify,
     webhooks,
 )
+from oncely.demo.shop.queue import EmbeddedQueue
 from oncely.demo.shop.settings import Settings
 from oncely.demo.shop.web import customer_of, problem_handler, problem_response
 from oncely.errors import HttpProblem
@@ -88,7 +90,12 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        stop = threading.Event()
+        if shop.protected:  # the shipping relay and consumer (see features.shipping)
+            shipper = shipping.Shipper(ShopDB(settings.shop_db), EmbeddedQueue(settings.queue_db))
+            threading.Thread(target=shipper.run, args=(stop,), daemon=True).start()
         yield
+        stop.set()
         if shop.store is not None:
             await shop.store.aclose()
             shop.store.close()

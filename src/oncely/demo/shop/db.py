@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from oncely.locks import fenced_table_sql, fenced_update
+from oncely.messaging.inbox import Inbox
+from oncely.messaging.outbox import Outbox
 from oncely.sql import insert_once, versioned_update
 from oncely.statemachine import Machine, Transition
 from oncely.statemachine.barrier import barrier
@@ -112,6 +114,11 @@ ORDERS = SqlStateMachine(ORDER_MACHINE, Table("orders", id_column="id", state_co
 #: The barrier branch of an order's stock reservation: ``action`` when the order takes the
 #: stock, ``compensate`` when a cancel gives it back (DTM's sub-transaction barrier).
 STOCK_BRANCH = "stock"
+#: shipping: the request writes its message in the outbox, in the order's transaction; the
+#: carrier's consumer records each message in the inbox, in the dispatch's transaction
+OUTBOX = Outbox(table="shop_outbox")
+INBOX = Inbox(table="shop_inbox")
+CARRIER = "carrier"
 
 
 #: insert-once tables: table -> (unique key column, value column)
@@ -188,6 +195,8 @@ class ShopDB:
         conn.execute(fenced_table_sql(FENCE_TABLE, {"run": "INTEGER"}))
         ORDERS.create_tables(conn)
         create_barrier_table(conn)
+        OUTBOX.create_table(conn)
+        INBOX.create_table(conn)
         with self.write() as w:
             w.executemany(
                 "INSERT OR IGNORE INTO products (sku, price, stock) VALUES (?, ?, ?)",
@@ -411,6 +420,41 @@ class ShopDB:
                 (request_key, account_id, amount, time.time()),
             )
         return Account(account_id, balance, int(version))
+
+    def ship(self, order_id: str) -> None:
+        """Protected ship request: ``paid -> shipped`` through the order machine and the
+        shipment message in the outbox (stable id ``ship-<order id>``), one transaction. A
+        repeat changes nothing and adds nothing.
+
+        :raises ~oncely.errors.IllegalTransition: the order is not paid (or cancelled).
+        :raises ~oncely.errors.EntityNotFound: no such order.
+        """
+        with self.write() as w:
+            ORDERS.apply(w, order_id, "ship")
+            OUTBOX.add(w, "shipments", order_id, message_id=f"ship-{order_id}")
+
+    def ship_unchecked(self, order_id: str) -> None:
+        """Unprotected ship request: the carrier is called directly, once per request."""
+        with self.write() as w:
+            w.execute("UPDATE orders SET status = 'shipped' WHERE id = ?", (order_id,))
+            self._dispatch(w, order_id)
+
+    def dispatch(self, message_id: str, order_id: str) -> bool:
+        """The carrier's consumer: dispatch the parcel unless the inbox has the message already
+        (same transaction: a redelivery after a crash between commit and ack finds the row).
+        True when this call dispatched it."""
+        with self.write() as w:
+            if not INBOX.accept(w, CARRIER, message_id):
+                return False
+            self._dispatch(w, order_id)
+        return True
+
+    @staticmethod
+    def _dispatch(w: sqlite3.Connection, order_id: str) -> None:
+        w.execute(
+            "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('ship', ?, ?, 1, ?)",
+            (order_id, CARRIER, time.time()),
+        )
 
     def record_webhook(self, event_id: str, entity: str, amount: int) -> None:
         """A payment notification acted upon: its ledger row (kind ``webhook``, key the event

@@ -61,6 +61,11 @@ class Settings:
         return self.workdir / "shop.db"
 
     @property
+    def queue_db(self) -> Path:
+        """The embedded queue shipping goes through (:mod:`oncely.demo.shop.queue`)."""
+        return self.workdir / "queue.db"
+
+    @property
     def tag(self) -> str:
         """The name the shop's store connections carry, so faults hit only them."""
         return f"oncely_demo_{self.run}"
