@@ -17,7 +17,7 @@ module             endpoints                                       mechanism
                    ``POST /accounts/{id}/credit``                  ``oncely.sql``
 ``cancel``         ``POST /orders/{id}/cancel``                    ``oncely.statemachine``
 ``shipping``       ``POST /orders/{id}/ship``                      ``oncely.messaging``
-                                                                   (pending)
+                                                                   (outbox, relay, inbox)
 ``webhooks``       ``POST /webhooks/payment``                      ``oncely.messaging.dedup``
 ``settlement``     (a periodic job, no endpoint)                   ``oncely.locks``
 ``verify``         ``GET /healthz``, ``/ledger``, ``/stock/{sku}``  none (for verification)
