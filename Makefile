@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/http_middleware.py
 	$(BIN)/python benchmarks/sql.py
 	$(BIN)/python benchmarks/optimistic.py --markdown
+	$(BIN)/python benchmarks/messaging.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_VENV) .pytest_cache .mypy_cache .ruff_cache

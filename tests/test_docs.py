@@ -27,6 +27,7 @@ DOCS = [
             "sql.md",
             "optimistic.md",
             "statemachine.md",
+            "messaging.md",
         )
     ),
 ]

@@ -10,6 +10,7 @@ oncely barrier init URL      create the branch barrier table (oncely.statemachin
 oncely barrier purge URL     delete barrier rows of global transactions past the horizon
 oncely inbox purge URL       delete old inbox rows (oncely.messaging.inbox)
 oncely outbox purge URL      delete old sent outbox rows (oncely.messaging.outbox)
+oncely consume BROKER …      run a handler as an idempotent consumer (oncely.messaging.cli)
 oncely --version
 
 ``--json`` on ``check``, ``keys ls`` and ``keys show`` prints one JSON document instead of a
@@ -647,6 +648,11 @@ def main() -> None:
 from oncely.demo.cli import register as _register_demo  # noqa: E402
 
 _register_demo(app)
+
+# -- `oncely consume BROKER`: lives in oncely.messaging.cli -------------------------------------
+from oncely.messaging.cli import register as _register_consume  # noqa: E402
+
+_register_consume(app)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ __all__ = [
     "LockLost",
     "LockNotOwned",
     "LockTimeout",
+    "MessageRejected",
     "NotFound",
     "OncelyError",
     "PreconditionFailed",
@@ -391,3 +392,13 @@ class SagaStuck(SagaError):
     def __init__(self, message: str, step: str):
         super().__init__(message)
         self.step = step
+
+
+class MessageRejected(OncelyError, ValueError):
+    """A message an idempotent consumer cannot handle safely: it carries no dedup id, or its
+    body cannot be decoded to read one. It is dead-lettered (never run without a dedup id);
+    ``reason`` names what is missing (see ``docs/messaging.md``)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

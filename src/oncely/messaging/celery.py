@@ -1,0 +1,107 @@
+"""Celery tasks whose effect happens once per key (``oncely[celery]``).
+
+Celery with ``acks_late`` redelivers a task whose worker died, and on Redis/SQS brokers runs a
+long task a second time once the visibility timeout passes (DESIGN.md; celery-once, the usual
+answer, is abandoned). :class:`IdempotentTask` runs each task call through an
+:class:`~oncely.messaging.consumer.IdempotentConsumer` named after the task:
+
+* the key is ``idempotency_key(*args, **kwargs)`` if the task sets it (so two sends of the same
+  logical operation count once), else the task id (so a redelivery counts once);
+* a call whose key completed returns ``None`` without running (the effect happened already;
+  its return value is not kept: use ``@idempotent`` inside the task for that);
+* a call that finds the key held by another worker, or the store down, is retried by Celery
+  after a delay (``self.retry``), never run alongside;
+* a task that fails ``idempotency_max_attempts`` times goes to ``on_dead_letter`` and ends.
+
+Options (task attributes, settable in ``@app.task(base=IdempotentTask, ...)``):
+``idempotency_store`` (URL or store; default ``$ONCELY_STORE``), ``idempotency_key``,
+``idempotency_lease`` (seconds, renewed while the task runs), ``idempotency_ttl`` (seconds),
+``idempotency_max_attempts``, ``idempotency_on_dead_letter`` ``(Delivery, error)``.
+
+Use ``acks_late=True`` (the broker keeps the message until the task returns) so that a worker
+killed mid-task leaves the message to be redelivered, and the claim decides that it runs once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import celery
+
+from oncely.messaging.consumer import (
+    Ack,
+    DeadLetter,
+    DeadLetterCallback,
+    Delivery,
+    IdempotentConsumer,
+)
+from oncely.stores import Store
+
+__all__ = ["IdempotentTask"]
+
+
+class IdempotentTask(celery.Task):  # type: ignore[misc]
+    """A Celery task base whose effect runs once per key; see the module documentation."""
+
+    idempotency_store: str | Store | None = None
+    idempotency_key: Callable[..., Any] | None = None
+    idempotency_lease: float = 30.0
+    idempotency_ttl: float = 7 * 24 * 3600.0
+    idempotency_max_attempts: int = 5
+    idempotency_on_dead_letter: DeadLetterCallback | None = None
+    _oncely_consumer: IdempotentConsumer | None = None
+
+    def _option(self, name: str) -> Any:
+        """A class option as it was given (a function set as an option is not a method)."""
+        for klass in type(self).__mro__:
+            if name in vars(klass):
+                value = vars(klass)[name]
+                return value.__func__ if isinstance(value, staticmethod) else value
+        return None
+
+    def _consumer(self) -> IdempotentConsumer:
+        consumer = self._oncely_consumer
+        if consumer is None:
+            task = self
+
+            def handler(delivery: Delivery) -> None:
+                call = delivery.raw
+                call["value"] = celery.Task.__call__(task, *call["args"], **call["kwargs"])
+
+            consumer = type(self)._oncely_consumer = IdempotentConsumer(
+                handler,
+                name=f"celery:{self.name}",
+                store=self.idempotency_store,
+                lease=self.idempotency_lease,
+                ttl=self.idempotency_ttl,
+                max_attempts=self.idempotency_max_attempts,
+                on_dead_letter=self._option("idempotency_on_dead_letter"),
+                wait_timeout=min(self.idempotency_lease, 5.0),
+            )
+        return consumer
+
+    def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        key_of = self._option("idempotency_key")
+        if key_of is None:
+            return self.request.id  # type: ignore[no-any-return]
+        value = key_of(*args, **kwargs)
+        return None if value is None else str(value)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.request.called_directly:  # task(...) called as a function: no message at all
+            return super().__call__(*args, **kwargs)
+        call: dict[str, Any] = {"args": args, "kwargs": kwargs, "value": None}
+        delivery = Delivery(
+            body=b"",
+            message_id=self._key(args, kwargs),
+            headers={"task": self.name, "task_id": self.request.id or ""},
+            attempt=(self.request.retries or 0) + 1,
+            raw=call,
+        )
+        verdict = self._consumer().process(delivery)
+        if isinstance(verdict, Ack):
+            return call["value"] if verdict.ran else None
+        if isinstance(verdict, DeadLetter):
+            return None
+        raise self.retry(countdown=verdict.delay, max_retries=None)

@@ -1,0 +1,220 @@
+"""``oncely consume BROKER …``: run a handler as an idempotent consumer, for a quick start.
+
+oncely consume redis     --stream S --group G --handler app.handlers:on_order --name orders
+oncely consume rabbitmq  --queue Q  --handler … --name …
+oncely consume nats      --stream S --subject SUBJ --durable D --handler … --name …
+oncely consume mqtt      --topic T  --client-id ID --handler … --name …
+
+The handler is ``module:function`` taking a :class:`~oncely.messaging.consumer.Delivery` (sync
+or async; MQTT: sync). Ctrl-C (or SIGTERM) stops after the messages in hand. Celery tasks use
+:class:`oncely.messaging.celery.IdempotentTask` inside their own worker instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pkgutil
+import signal
+import sys
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import typer
+
+from oncely.errors import ConfigurationError, OncelyError
+from oncely.messaging.consumer import IdempotentConsumer
+
+__all__ = ["consume_app", "load_handler", "register"]
+
+consume_app = typer.Typer(
+    help="Run a handler as an idempotent consumer of a broker.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+Handler_ = Annotated[str, typer.Option("--handler", help="module:function taking a Delivery")]
+Name = Annotated[str, typer.Option("--name", help="the consumer's identity (part of each key)")]
+Store_ = Annotated[str | None, typer.Option("--store", help="store URL (default $ONCELY_STORE)")]
+DedupId = Annotated[
+    str,
+    typer.Option("--dedup-id", help="message_id, header:<name> or body:<dotted.path>"),
+]
+Lease = Annotated[float, typer.Option("--lease", min=0.1, help="claim lease, seconds")]
+Attempts = Annotated[
+    int, typer.Option("--max-attempts", min=0, help="dead-letter after this many failures")
+]
+
+
+def load_handler(spec: str) -> Callable[..., Any]:
+    """Import ``module:function``.
+
+    :raises ConfigurationError: not of that form, not importable, or not callable.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigurationError(f"--handler {spec!r}: write it as module:function")
+    try:
+        target: Any = pkgutil.resolve_name(spec)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigurationError(f"--handler {spec!r} cannot be imported: {exc}") from exc
+    if not callable(target):
+        raise ConfigurationError(f"--handler {spec!r} is not callable")
+    return target  # type: ignore[no-any-return]
+
+
+def _consumer(
+    handler: str, name: str, store: str | None, dedup_id: str, lease: float, attempts: int
+) -> IdempotentConsumer:
+    return IdempotentConsumer(
+        load_handler(handler),
+        name=name,
+        store=store,
+        dedup_id=dedup_id,
+        lease=lease,
+        max_attempts=attempts,
+    )
+
+
+def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    async def runner() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await main(stop)
+
+    try:
+        asyncio.run(runner())
+    except OncelyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@consume_app.command("redis")
+def redis_streams(
+    handler: Handler_,
+    name: Name,
+    stream: Annotated[str, typer.Option("--stream")],
+    group: Annotated[str, typer.Option("--group")],
+    member: Annotated[str, typer.Option("--member", help="this process's name in the group")],
+    url: Annotated[str, typer.Option("--url")] = "redis://127.0.0.1:6379/0",
+    store: Store_ = None,
+    dedup_id: DedupId = "message_id",
+    lease: Lease = 30.0,
+    max_attempts: Attempts = 5,
+) -> None:
+    """Consume a Redis stream as a member of a consumer group."""
+    import redis.asyncio
+
+    from oncely.messaging.redis_streams import RedisStreamConsumer
+
+    async def main(stop: asyncio.Event) -> None:
+        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts)
+        client = redis.asyncio.Redis.from_url(url)
+        try:
+            await RedisStreamConsumer(consumer, client, stream, group, member).run(stop)
+        finally:
+            await client.aclose()
+
+    _run(main)
+
+
+@consume_app.command("rabbitmq")
+def rabbitmq(
+    handler: Handler_,
+    name: Name,
+    queue: Annotated[str, typer.Option("--queue")],
+    url: Annotated[str, typer.Option("--url")] = "amqp://guest:guest@127.0.0.1:5672/",
+    store: Store_ = None,
+    dedup_id: DedupId = "message_id",
+    lease: Lease = 30.0,
+    max_attempts: Attempts = 5,
+    prefetch: Annotated[int, typer.Option("--prefetch", min=1)] = 100,
+) -> None:
+    """Consume a RabbitMQ queue (declared durable if missing) with manual acks."""
+    import aio_pika
+
+    from oncely.messaging.rabbitmq import RabbitMQConsumer
+
+    async def main(stop: asyncio.Event) -> None:
+        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts)
+        connection = await aio_pika.connect_robust(url)
+        try:
+            channel = await connection.channel()
+            q = await channel.declare_queue(queue, durable=True)
+            await RabbitMQConsumer(consumer, q, prefetch=prefetch).run(stop)
+        finally:
+            await connection.close()
+
+    _run(main)
+
+
+@consume_app.command("nats")
+def nats_jetstream(
+    handler: Handler_,
+    name: Name,
+    stream: Annotated[str, typer.Option("--stream")],
+    subject: Annotated[str, typer.Option("--subject")],
+    durable: Annotated[str, typer.Option("--durable")],
+    url: Annotated[str, typer.Option("--url")] = "nats://127.0.0.1:4222",
+    store: Store_ = None,
+    dedup_id: DedupId = "header:Nats-Msg-Id",
+    lease: Lease = 30.0,
+    max_attempts: Attempts = 5,
+) -> None:
+    """Consume a JetStream stream with a durable pull consumer."""
+    import nats
+
+    from oncely.messaging.nats import JetStreamConsumer
+
+    async def main(stop: asyncio.Event) -> None:
+        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts)
+        nc = await nats.connect(url)
+        try:
+            sub = await nc.jetstream().pull_subscribe(subject, durable=durable, stream=stream)
+            await JetStreamConsumer(consumer, sub).run(stop)
+        finally:
+            await nc.close()
+
+    _run(main)
+
+
+@consume_app.command("mqtt")
+def mqtt(
+    handler: Handler_,
+    name: Name,
+    topic: Annotated[str, typer.Option("--topic")],
+    client_id: Annotated[str, typer.Option("--client-id", help="stable: the session's id")],
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 1883,
+    store: Store_ = None,
+    dedup_id: DedupId = "header:message_id",
+    lease: Lease = 30.0,
+    max_attempts: Attempts = 5,
+) -> None:
+    """Consume an MQTT topic at QoS 1 (persistent v5 session, PUBACK after completion)."""
+    from oncely.messaging.mqtt import MQTTConsumer, connect
+
+    try:
+        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts)
+        member = MQTTConsumer(consumer, connect(host, port, client_id), topic)
+    except OncelyError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    member.start()
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    member.stop()
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``consume`` to the ``oncely`` command."""
+    app.add_typer(consume_app, name="consume")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    consume_app(sys.argv[1:])

@@ -1,0 +1,630 @@
+"""The idempotent consumer: claim, handle, complete, then ack; written once, without broker I/O.
+
+A broker delivers at least once: a consumer that dies after the effect and before the ack gets
+the message again, and a broker may redeliver while the first delivery is still being handled
+(DESIGN.md, "Messages"; mechanism 8). :class:`IdempotentConsumer` makes the *effect* happen
+once per ``(consumer, dedup id)``:
+
+1. the dedup id is read from the message (:func:`dedup_id_reader`): the broker's message id, a
+   header, a field of a JSON body, or a callable. A message without one is dead-lettered with
+   :class:`~oncely.errors.MessageRejected`, never run unprotected;
+2. the id is claimed in the record store, through the same claim engine ``@idempotent`` uses
+   (:func:`oncely.functions.flow.call_flow`, driven by :mod:`oncely.functions.drivers`): one
+   atomic claim, the lease renewed while the handler runs (:mod:`oncely.core.lease`), the
+   record completed when it returns, released when it raises;
+3. the adapter then acks. A redelivery of a completed message finds the record and is acked
+   without running the handler; a redelivery that arrives while another consumer still holds
+   the claim waits for it (``wait_timeout``) and is then acked, or is handed back to the broker
+   for later (:class:`Retry`); it never runs the handler a second time.
+
+The consumer returns a :class:`Verdict` and does no broker I/O itself; the adapters in
+:mod:`oncely.messaging` carry it out (ack, nack-with-requeue after ``delay``, dead-letter then
+ack). The decision after a failure (:meth:`IdempotentConsumer.verdict_for`) is a pure function,
+shared by the sync and the async face.
+
+Consumer identity is part of the record key (its scope is ``oncely.messaging:<name>``), so two
+different consumers of one message each run once (MassTransit's inbox: unique on
+``(message id, consumer)``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import inspect
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+from oncely.codecs import RawCodec
+from oncely.core.cancelsafe import write_through
+from oncely.core.lease import AsyncRenewer, Claimed, active_claim
+from oncely.core.records import New, RecordKey, Replay
+from oncely.errors import (
+    ConfigurationError,
+    InFlightError,
+    LeaseLost,
+    MessageRejected,
+    OncelyError,
+    StoreError,
+)
+from oncely.functions.drivers import drive, drive_async
+from oncely.functions.flow import Policy, call_flow
+from oncely.stores import Store, configured_store, shared_store
+
+__all__ = [
+    "Ack",
+    "DeadLetter",
+    "DedupSource",
+    "Delivery",
+    "IdempotentConsumer",
+    "Retry",
+    "Verdict",
+    "dedup_id_reader",
+]
+
+log = logging.getLogger("oncely")
+
+#: Every message of a consumer is claimed with this fingerprint: the dedup id is the identity.
+_FINGERPRINT = "message"
+#: How many dedup ids the in-process attempt counter remembers (brokers without a delivery
+#: count: RabbitMQ classic queues, MQTT).
+_ATTEMPT_MEMORY = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One delivered message, as an adapter hands it to the consumer (and to the handler).
+
+    ``body``: the payload bytes; ``message_id``: the broker's message id, if any (RabbitMQ
+    ``message_id``, JetStream ``Nats-Msg-Id``, the Redis Streams entry id, the Celery task id);
+    ``headers``: headers or MQTT v5 user properties (str -> str); ``attempt``: the broker's
+    delivery count (1 for the first delivery), if the broker keeps one (JetStream, Redis
+    Streams, RabbitMQ quorum queues), else None; ``raw``: the broker's own message object.
+    """
+
+    body: bytes
+    message_id: str | None = None
+    headers: Mapping[str, Any] = field(default_factory=dict)
+    attempt: int | None = None
+    raw: Any = None
+
+    def json(self) -> Any:
+        """The body decoded as JSON (UTF-8).
+
+        :raises MessageRejected: the body is not JSON (``reason`` is ``"undecodable"``).
+        """
+        try:
+            return json.loads(self.body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise MessageRejected(
+                f"the message body is not JSON ({exc}); publish JSON bodies, or read the dedup "
+                "id from the message id, a header or a callable instead",
+                "undecodable",
+            ) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Ack the message. ``ran``: the handler ran for this delivery (False: a duplicate of a
+    completed message, acked without running)."""
+
+    ran: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """Do not ack: hand the message back to the broker to be redelivered after ``delay``
+    seconds (nack with requeue, JetStream ``nak(delay)``, Redis: leave it pending). Nothing is
+    lost; ``reason`` says why (store down, another consumer holds it, the handler failed)."""
+
+    delay: float
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """The message was handed to the dead-letter callback; ack it so the broker stops
+    redelivering. ``error`` says why (no dedup id, undecodable body, ``max_attempts`` failures).
+    """
+
+    error: BaseException
+
+
+Verdict = Union[Ack, Retry, DeadLetter]  # noqa: UP007 - a runtime alias, also for Python 3.10
+DedupSource = Union[str, Callable[[Delivery], Any]]  # noqa: UP007
+Handler = Callable[[Delivery], Any]
+DeadLetterCallback = Callable[[Delivery, BaseException], Any]
+
+
+def _text_id(value: Any, where: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MessageRejected(
+                f"the dedup id in {where} is not UTF-8 text", "undecodable"
+            ) from exc
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise MessageRejected(
+            f"the message has no usable dedup id in {where} (found {type(value).__name__}); "
+            "every message needs a stable id set by its publisher",
+            "missing-dedup-id",
+        )
+    text = str(value)
+    if not text:
+        raise MessageRejected(
+            f"the message has an empty dedup id in {where}; the publisher must set one",
+            "missing-dedup-id",
+        )
+    return text
+
+
+def _lookup_header(headers: Mapping[str, Any], name: str) -> Any:
+    if name in headers:
+        return headers[name]
+    lowered = name.lower()
+    for key, value in headers.items():
+        if isinstance(key, str) and key.lower() == lowered:
+            return value
+    return None
+
+
+def dedup_id_reader(source: DedupSource) -> Callable[[Delivery], str]:
+    """A function reading a message's dedup id, from ``source``:
+
+    * ``"message_id"``: the broker's message id (:attr:`Delivery.message_id`);
+    * ``"header:<name>"``: a header or MQTT v5 user property (name matched case-insensitively);
+    * ``"body:<dotted.path>"``: a field of the JSON body (``"body:order.id"``);
+    * a callable ``(Delivery) -> str``.
+
+    The reader raises :class:`~oncely.errors.MessageRejected` when the id is absent, empty, not
+    text or an integer, or the body is not JSON.
+
+    :raises ConfigurationError: ``source`` is none of the above.
+    """
+    if callable(source):
+        fn = source
+
+        def from_callable(delivery: Delivery) -> str:
+            return _text_id(fn(delivery), "the dedup_id callable's result")
+
+        return from_callable
+    if not isinstance(source, str):
+        raise ConfigurationError(f"dedup_id must be a string or a callable, not {source!r}")
+    if source == "message_id":
+        return lambda d: _text_id(d.message_id, "the broker's message id")
+    kind, _, name = source.partition(":")
+    if kind == "header" and name:
+        return lambda d: _text_id(_lookup_header(d.headers, name), f"header {name!r}")
+    if kind == "body" and name:
+        path = name.split(".")
+
+        def from_body(delivery: Delivery) -> str:
+            value: Any = delivery.json()
+            for part in path:
+                value = value.get(part) if isinstance(value, dict) else None
+            return _text_id(value, f"body field {name!r}")
+
+        return from_body
+    raise ConfigurationError(
+        f"dedup_id {source!r} is not understood; use 'message_id', 'header:<name>', "
+        "'body:<dotted.path>' or a callable"
+    )
+
+
+class _Attempts:
+    """Failed attempts per dedup id, in this process (for brokers that count no deliveries)."""
+
+    def __init__(self, size: int = _ATTEMPT_MEMORY) -> None:
+        self._counts: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._size = size
+        self._mutex = threading.Lock()
+
+    def failed(self, dedup_id: str) -> int:
+        with self._mutex:
+            count = self._counts.pop(dedup_id, 0) + 1
+            self._counts[dedup_id] = count
+            while len(self._counts) > self._size:
+                self._counts.popitem(last=False)
+            return count
+
+    def forget(self, dedup_id: str) -> None:
+        with self._mutex:
+            self._counts.pop(dedup_id, None)
+
+
+class IdempotentConsumer:
+    """A message handler that applies each message's effect once per ``(name, dedup id)``.
+
+    :param handler: ``(Delivery) -> Any``, sync or ``async``; its return value is ignored. It
+        may read its claim's fence with :func:`oncely.current_claim` (pass it to fenced writes).
+    :param name: the consumer's identity (part of the record key; two consumers with different
+        names each handle a message once). Keep it stable across deploys.
+    :param store: a store URL or object (``$ONCELY_STORE``, default ``sqlite:///oncely.db``).
+    :param dedup_id: where the dedup id comes from (see :func:`dedup_id_reader`).
+    :param lease: seconds a claim holds before another consumer may take it over; renewed every
+        ``lease / 3`` while the handler runs (:mod:`oncely.core.lease`).
+    :param ttl: seconds a completed message is remembered (redeliveries within it are acked
+        without running); default 7 days.
+    :param max_attempts: after this many failed attempts (the broker's delivery count when it
+        keeps one, else a count in this process) the message goes to ``on_dead_letter`` and is
+        acked. Set it to ``0`` to retry forever.
+    :param on_dead_letter: ``(Delivery, error) -> Any``, sync or async: called for a poison
+        message, a message with no dedup id or an undecodable body. If it raises, the message
+        is not acked (:class:`Retry`). Default: log the message at ERROR.
+    :param wait_timeout: seconds a redelivery waits for another consumer that holds the claim
+        before it is handed back to the broker (:class:`Retry`).
+    :param retry_delay: seconds before a retried message comes back (store down, handler
+        failed); handler failures back off as ``retry_delay * 2 ** (attempt - 1)``, at most
+        ``max_retry_delay``.
+    :raises ConfigurationError: a bad setting, named in the message.
+    """
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        name: str,
+        store: str | Store | None = None,
+        dedup_id: DedupSource = "message_id",
+        lease: float = 30.0,
+        ttl: float = 7 * 24 * 3600.0,
+        max_attempts: int = 5,
+        on_dead_letter: DeadLetterCallback | None = None,
+        wait_timeout: float = 5.0,
+        retry_delay: float = 1.0,
+        max_retry_delay: float = 60.0,
+    ) -> None:
+        if not callable(handler):
+            raise ConfigurationError(f"handler must be callable, not {handler!r}")
+        if not isinstance(name, str) or not name:
+            raise ConfigurationError(
+                "name must be a non-empty string: the consumer's identity, part of every key"
+            )
+        for label, value in (("lease", lease), ("ttl", ttl), ("retry_delay", retry_delay)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ConfigurationError(f"{label} must be a positive number of seconds")
+        if not isinstance(max_attempts, int) or max_attempts < 0:
+            raise ConfigurationError("max_attempts must be an int >= 0 (0: retry forever)")
+        if wait_timeout < 0:
+            raise ConfigurationError("wait_timeout must be >= 0 seconds")
+        self.handler = handler
+        self.name = name
+        self.scope = f"oncely.messaging:{name}"
+        self.read_id = dedup_id_reader(dedup_id)
+        self.lease = float(lease)
+        self.max_attempts = max_attempts
+        self.on_dead_letter = on_dead_letter
+        self.retry_delay = float(retry_delay)
+        self.max_retry_delay = float(max_retry_delay)
+        self.is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004
+        )
+        self._store_spec = configured_store(store, f"IdempotentConsumer {name!r}")
+        self._store: Store | None = None
+        self._attempts = _Attempts()
+        self.policy = Policy(
+            name=f"consumer {name!r}",
+            codec=RawCodec(),
+            return_type=bytes,
+            ttl=float(ttl),
+            lease=float(lease),
+            on_duplicate="wait" if wait_timeout > 0 else "raise",
+            wait_timeout=float(wait_timeout),
+            store_errors=(),
+            fail_open=False,
+            cache=None,
+        )
+
+    def __repr__(self) -> str:
+        return f"IdempotentConsumer(name={self.name!r})"
+
+    @property
+    def store(self) -> Store:
+        """The store, opened on first use."""
+        if self._store is None:
+            self._store = shared_store(self._store_spec)
+        return self._store
+
+    def key_for(self, dedup_id: str) -> RecordKey:
+        """The record key of a dedup id for this consumer."""
+        return RecordKey.of(self.scope, dedup_id)
+
+    # -- the decision after a handled message (pure) -------------------------------------------
+    def verdict_for(
+        self, delivery: Delivery, dedup_id: str, error: BaseException | None, ran: bool
+    ) -> Verdict:
+        """What to tell the broker once the claim flow ended (no I/O, no callback).
+
+        ``error``: what the flow raised (None: the handler ran now, or the message was already
+        done); ``ran``: whether the handler ran for this delivery. A :class:`DeadLetter` here
+        still has to be handed to the callback (:meth:`process` does it).
+        """
+        if error is None:
+            self._attempts.forget(dedup_id)
+            return Ack(ran=ran)
+        if isinstance(error, InFlightError):
+            return Retry(
+                max(error.retry_after or 0.0, self.retry_delay),
+                "another consumer holds this message's claim; redeliver after it finishes",
+            )
+        if isinstance(error, StoreError):
+            return Retry(self.retry_delay, f"the store is unavailable ({error}); not acked")
+        if isinstance(error, LeaseLost):
+            # The handler ran, but its claim was lost before completion: a newer holder owns
+            # the record. Redeliver: the redelivery is acked once that holder completes.
+            return Retry(self.retry_delay, str(error))
+        if not ran:  # a failure of the flow itself (e.g. a broken store reply): try again
+            return Retry(self.retry_delay, f"{type(error).__name__}: {error}")
+        attempt = delivery.attempt
+        counted = self._attempts.failed(dedup_id)
+        if attempt is None:
+            attempt = counted
+        if self.max_attempts and attempt >= self.max_attempts:
+            self._attempts.forget(dedup_id)
+            return DeadLetter(error)
+        delay = min(self.retry_delay * 2 ** max(attempt - 1, 0), self.max_retry_delay)
+        return Retry(delay, f"the handler failed (attempt {attempt}): {error!r}")
+
+    def _read(self, delivery: Delivery) -> str | DeadLetter:
+        try:
+            return self.read_id(delivery)
+        except MessageRejected as exc:
+            return DeadLetter(exc)
+
+    # -- sync face ---------------------------------------------------------------------------------
+    def process(self, delivery: Delivery) -> Verdict:
+        """Handle one delivery with a sync handler; return what the adapter must do.
+
+        :raises ConfigurationError: the handler is ``async`` (use :meth:`aprocess`).
+        """
+        if self.is_async:
+            raise ConfigurationError(
+                f"consumer {self.name!r} has an async handler; call aprocess() on an event loop"
+            )
+        read = self._read(delivery)
+        if isinstance(read, DeadLetter):
+            return self._dead_letter(delivery, read)
+        key = self.key_for(read)
+        ran = False
+
+        def call() -> bytes:
+            nonlocal ran
+            ran = True
+            self.handler(delivery)
+            return b""
+
+        error: BaseException | None = None
+        try:
+            drive(
+                call_flow(self.policy, key, _FINGERPRINT),
+                self.store,
+                key,
+                _FINGERPRINT,
+                self.policy,
+                call,
+                None,
+            )
+        except Exception as exc:
+            error = exc
+        verdict = self.verdict_for(delivery, read, error, ran)
+        if isinstance(verdict, DeadLetter):
+            return self._dead_letter(delivery, verdict)
+        return verdict
+
+    def process_many(self, deliveries: Iterable[Delivery]) -> list[Verdict]:
+        """:meth:`process` each delivery, in order."""
+        return [self.process(d) for d in deliveries]
+
+    def _dead_letter(self, delivery: Delivery, verdict: DeadLetter) -> Verdict:
+        try:
+            if self.on_dead_letter is None:
+                self._log_dead_letter(delivery, verdict.error)
+            else:
+                result = self.on_dead_letter(delivery, verdict.error)
+                if inspect.isawaitable(result):
+                    raise ConfigurationError(
+                        "on_dead_letter is async; use aprocess() (or a sync callback)"
+                    )
+        except Exception as exc:
+            return self._callback_failed(exc)
+        return verdict
+
+    # -- async face --------------------------------------------------------------------------------
+    async def aprocess(self, delivery: Delivery) -> Verdict:
+        """Handle one delivery on the running event loop (a sync handler runs in a thread,
+        with its claim visible to :func:`oncely.current_claim`)."""
+        read = self._read(delivery)
+        if isinstance(read, DeadLetter):
+            return await self._adead_letter(delivery, read)
+        key = self.key_for(read)
+        ran = False
+        handler = self.handler
+
+        async def call() -> bytes:
+            nonlocal ran
+            ran = True
+            if self.is_async:
+                await handler(delivery)
+            else:
+                await asyncio.to_thread(handler, delivery)
+            return b""
+
+        error: BaseException | None = None
+        try:
+            await drive_async(
+                call_flow(self.policy, key, _FINGERPRINT),
+                self.store,
+                key,
+                _FINGERPRINT,
+                self.policy,
+                call,
+                None,
+            )
+        except Exception as exc:
+            error = exc
+        verdict = self.verdict_for(delivery, read, error, ran)
+        if isinstance(verdict, DeadLetter):
+            return await self._adead_letter(delivery, verdict)
+        return verdict
+
+    async def aprocess_many(self, deliveries: Iterable[Delivery]) -> list[Verdict]:
+        """Handle a broker's batch; verdicts in delivery order.
+
+        On a store with a batch face (:func:`oncely.messaging.batch.batch_claims`: Redis) the
+        batch is claimed in one round trip and its handled messages completed in one more;
+        the handlers run concurrently, each lease renewed while it runs. A message whose claim
+        is held by another consumer takes the one-message path (:meth:`aprocess`: it waits for
+        the holder). A dedup id repeated inside the batch is claimed once; its copies share
+        the first one's verdict (acked as duplicates once it is). On other stores each message
+        goes through :meth:`aprocess`, concurrently.
+        """
+        batch = list(deliveries)
+        claims = self._batch_face() if len(batch) > 1 else None
+        if claims is None:
+            return list(await asyncio.gather(*(self.aprocess(d) for d in batch)))
+        return await self._abatch(claims, batch)
+
+    def _batch_face(self) -> Any:
+        try:
+            from oncely.messaging.batch import batch_claims
+        except ImportError:  # redis-py missing: no Redis store, no batch face
+            return None
+        return batch_claims(self.store)
+
+    async def _abatch(self, claims: Any, batch: list[Delivery]) -> list[Verdict]:
+        verdicts: list[Verdict | None] = [None] * len(batch)
+        ids: dict[int, str] = {}
+        first: dict[str, int] = {}
+        copies: list[tuple[int, int]] = []
+        for i, delivery in enumerate(batch):
+            read = self._read(delivery)
+            if isinstance(read, DeadLetter):
+                verdicts[i] = await self._adead_letter(delivery, read)
+            elif read in first:
+                copies.append((i, first[read]))
+            else:
+                first[read] = i
+                ids[i] = read
+        order = list(ids)
+        keys = [self.key_for(ids[i]) for i in order]
+        sent_at = time.monotonic()
+        try:
+            outcomes = await claims.claim_many(keys, _FINGERPRINT, self.lease, self.policy.ttl)
+        except StoreError as exc:
+            for i in order:
+                verdicts[i] = self.verdict_for(batch[i], ids[i], exc, False)
+            outcomes = []
+        run: list[tuple[int, RecordKey, int]] = []
+        alone: list[int] = []
+        for i, key, outcome in zip(order, keys, outcomes):
+            if isinstance(outcome, Replay):
+                verdicts[i] = Ack(ran=False)
+            elif isinstance(outcome, New):
+                run.append((i, key, outcome.fence))
+            else:  # held by another consumer (or a foreign record): wait for it, one by one
+                alone.append(i)
+        handled = await asyncio.gather(
+            *(self._run_claimed(batch[i], key, fence, sent_at) for i, key, fence in run),
+            *(self.aprocess(batch[i]) for i in alone),
+            return_exceptions=True,
+        )
+        for i, verdict in zip(alone, handled[len(run) :]):
+            verdicts[i] = (
+                verdict
+                if not isinstance(verdict, BaseException)
+                else Retry(self.retry_delay, repr(verdict))
+            )
+        ok: list[tuple[int, RecordKey, int]] = []
+        for (i, key, fence), error in zip(run, handled[: len(run)]):
+            if error is None:
+                ok.append((i, key, fence))
+                continue
+            assert isinstance(error, BaseException)
+            if not isinstance(error, Exception):
+                raise error
+            try:
+                await write_through(self.store.arelease, key, fence)
+            except OncelyError as release_error:
+                log.warning("oncely: a failed message's claim was not released (%s)", release_error)
+            verdicts[i] = await self._afinish(batch[i], ids[i], error)
+        if ok:
+            for i, error in zip((i for i, _, _ in ok), await self._complete_many(claims, ok)):
+                verdicts[i] = await self._afinish(batch[i], ids[i], error)
+        for i, j in copies:
+            original = verdicts[j]
+            verdicts[i] = Ack(ran=False) if isinstance(original, (Ack, DeadLetter)) else original
+        return [v if v is not None else Retry(self.retry_delay, "not handled") for v in verdicts]
+
+    async def _afinish(
+        self, delivery: Delivery, dedup_id: str, error: BaseException | None
+    ) -> Verdict:
+        """The verdict for a message whose handler ran (dead-lettered if it comes to that)."""
+        verdict = self.verdict_for(delivery, dedup_id, error, True)
+        if isinstance(verdict, DeadLetter):
+            return await self._adead_letter(delivery, verdict)
+        return verdict
+
+    async def _run_claimed(
+        self, delivery: Delivery, key: RecordKey, fence: int, sent_at: float
+    ) -> None:
+        """Run the handler under a claim made by the batch, its lease renewed meanwhile."""
+        claimed = Claimed(key, fence, self.lease, self.store)
+        renewer = AsyncRenewer(claimed, sent_at)
+        token = active_claim.set(claimed)
+        try:
+            if self.is_async:
+                await self.handler(delivery)
+            else:
+                await asyncio.to_thread(self.handler, delivery)
+        finally:
+            active_claim.reset(token)
+            renewer.stop()
+
+    async def _complete_many(
+        self, claims: Any, ok: list[tuple[int, RecordKey, int]]
+    ) -> list[BaseException | None]:
+        """Complete the handled messages in one round trip; retried while the store is briefly
+        unreachable (as :func:`oncely.functions.flow.call_flow` does)."""
+        items = [(key, fence) for _, key, fence in ok]
+        codec = self.policy.codec.name
+        for attempt in range(self.policy.complete_attempts):
+            try:
+                return list(await claims.complete_many(items, b"", codec, self.policy.ttl))
+            except StoreError as exc:
+                if attempt + 1 == self.policy.complete_attempts:
+                    return [exc] * len(items)
+                await asyncio.sleep(0.05 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    async def _adead_letter(self, delivery: Delivery, verdict: DeadLetter) -> Verdict:
+        try:
+            if self.on_dead_letter is None:
+                self._log_dead_letter(delivery, verdict.error)
+            else:
+                result = self.on_dead_letter(delivery, verdict.error)
+                if inspect.isawaitable(result):
+                    await result
+        except Exception as exc:
+            return self._callback_failed(exc)
+        return verdict
+
+    # -- shared --------------------------------------------------------------------------------
+    def _log_dead_letter(self, delivery: Delivery, error: BaseException) -> None:
+        log.error(
+            "oncely: consumer %r dead-letters message %r: %s",
+            self.name,
+            delivery.message_id,
+            error,
+        )
+
+    def _callback_failed(self, exc: BaseException) -> Verdict:
+        log.exception(
+            "oncely: consumer %r: on_dead_letter failed; the message is not acked", self.name
+        )
+        return Retry(self.retry_delay, f"on_dead_letter failed: {exc!r}")

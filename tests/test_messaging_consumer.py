@@ -1,0 +1,396 @@
+"""The idempotent consumer core on real stores: redeliveries, concurrent deliveries to two
+consumers, leases kept alive through a long handler, poison messages, messages without a dedup
+id, undecodable bodies and a store that is down."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from oncely import current_claim
+from oncely.errors import ConfigurationError, MessageRejected
+from oncely.messaging import (
+    Ack,
+    DeadLetter,
+    Delivery,
+    IdempotentConsumer,
+    Retry,
+    dedup_id_reader,
+)
+from oncely.stores import Store, open_store
+
+from conftest import StoreFactory
+
+KINDS = ["memory", "sqlite", "redis", "postgres"]
+
+
+@pytest.fixture(params=KINDS)
+def store(request: pytest.FixtureRequest, make_store: StoreFactory) -> Store:
+    return make_store(request.param)[0]
+
+
+def msg(mid: str | None, body: bytes = b"{}", **headers: Any) -> Delivery:
+    return Delivery(body=body, message_id=mid, headers=headers)
+
+
+def test_redelivery_of_a_completed_message_is_acked_without_running(store: Store) -> None:
+    seen: list[bytes] = []
+    consumer = IdempotentConsumer(lambda d: seen.append(d.body), name="c", store=store)
+    assert consumer.process(msg("m-1", b"a")) == Ack(ran=True)
+    assert consumer.process(msg("m-1", b"a")) == Ack(ran=False)
+    assert consumer.process(msg("m-2", b"b")) == Ack(ran=True)
+    assert seen == [b"a", b"b"]
+
+
+def test_consumer_identity_is_part_of_the_key(store: Store) -> None:
+    seen: list[str] = []
+    billing = IdempotentConsumer(lambda d: seen.append("billing"), name="billing", store=store)
+    mail = IdempotentConsumer(lambda d: seen.append("mail"), name="mail", store=store)
+    for _ in range(2):
+        billing.process(msg("m-1"))
+        mail.process(msg("m-1"))
+    assert sorted(seen) == ["billing", "mail"]
+
+
+def test_concurrent_redelivery_to_a_second_consumer_runs_once(store: Store) -> None:
+    """Two consumer instances (threads) get the same message at once: one runs, the other
+    waits for it and acks without running."""
+    started = threading.Event()
+    release = threading.Event()
+    runs: list[int] = []
+
+    def slow(d: Delivery) -> None:
+        runs.append(1)
+        started.set()
+        assert release.wait(10)
+
+    a = IdempotentConsumer(slow, name="c", store=store, lease=5, wait_timeout=10)
+    b = IdempotentConsumer(slow, name="c", store=store, lease=5, wait_timeout=10)
+    verdicts: list[Any] = []
+    first = threading.Thread(target=lambda: verdicts.append(a.process(msg("m-1"))))
+    first.start()
+    assert started.wait(10)
+    second = threading.Thread(target=lambda: verdicts.append(b.process(msg("m-1"))))
+    second.start()
+    time.sleep(0.3)  # the second is waiting on the claim, not running
+    assert runs == [1]
+    release.set()
+    first.join(10)
+    second.join(10)
+    assert sorted(verdicts, key=repr) == [Ack(ran=False), Ack(ran=True)]
+    assert runs == [1]
+
+
+def test_in_flight_redelivery_without_waiting_is_handed_back(store: Store) -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def slow(d: Delivery) -> None:
+        started.set()
+        assert release.wait(10)
+
+    a = IdempotentConsumer(slow, name="c", store=store, lease=5)
+    b = IdempotentConsumer(slow, name="c", store=store, lease=5, wait_timeout=0)
+    t = threading.Thread(target=a.process, args=(msg("m-1"),))
+    t.start()
+    assert started.wait(10)
+    verdict = b.process(msg("m-1"))
+    release.set()
+    t.join(10)
+    assert isinstance(verdict, Retry) and "another consumer" in verdict.reason
+    assert b.process(msg("m-1")) == Ack(ran=False)
+
+
+def test_lease_is_renewed_while_a_long_handler_runs(make_store: StoreFactory) -> None:
+    """A 2 s lease, a 3.5 s handler: renewals keep the claim, so a redelivery that arrives
+    after the first lease would have run out still does not run the handler."""
+    store = make_store("redis")[0]
+    started = threading.Event()
+    runs: list[int | None] = []
+
+    def long(d: Delivery) -> None:
+        claim = current_claim()
+        runs.append(claim.fence if claim else None)
+        started.set()
+        time.sleep(3.5)
+
+    a = IdempotentConsumer(long, name="c", store=store, lease=2, wait_timeout=0)
+    t = threading.Thread(target=a.process, args=(msg("m-1"),))
+    t.start()
+    assert started.wait(10)
+    time.sleep(2.5)  # past the first lease
+    assert isinstance(a.process(msg("m-1")), Retry)
+    t.join(10)
+    assert len(runs) == 1 and runs[0] is not None
+    assert a.process(msg("m-1")) == Ack(ran=False)
+
+
+def test_poison_message_is_dead_lettered_after_max_attempts(store: Store) -> None:
+    letters: list[tuple[str | None, str]] = []
+    runs: list[int] = []
+
+    def broken(d: Delivery) -> None:
+        runs.append(1)
+        raise ValueError("cannot parse order")
+
+    consumer = IdempotentConsumer(
+        broken,
+        name="c",
+        store=store,
+        max_attempts=3,
+        on_dead_letter=lambda d, e: letters.append((d.message_id, repr(e))),
+    )
+    verdicts = [consumer.process(msg("m-1")) for _ in range(3)]
+    assert [type(v) for v in verdicts] == [Retry, Retry, DeadLetter]
+    assert verdicts[1].delay > verdicts[0].delay  # type: ignore[union-attr]
+    assert letters == [("m-1", "ValueError('cannot parse order')")]
+    assert len(runs) == 3
+
+
+def test_broker_delivery_count_decides_poison(store: Store) -> None:
+    def broken(d: Delivery) -> None:
+        raise ValueError("no")
+
+    consumer = IdempotentConsumer(broken, name="c", store=store, max_attempts=5)
+    delivery = Delivery(b"{}", message_id="m-1", attempt=5)
+    assert isinstance(consumer.process(delivery), DeadLetter)
+
+
+def test_message_without_dedup_id_is_dead_lettered_never_run(store: Store) -> None:
+    letters: list[BaseException] = []
+    runs: list[int] = []
+    consumer = IdempotentConsumer(
+        lambda d: runs.append(1),
+        name="c",
+        store=store,
+        on_dead_letter=lambda d, e: letters.append(e),
+    )
+    verdict = consumer.process(msg(None))
+    assert isinstance(verdict, DeadLetter)
+    assert isinstance(verdict.error, MessageRejected)
+    assert verdict.error.reason == "missing-dedup-id"
+    assert "publisher" in str(verdict.error)
+    assert runs == [] and len(letters) == 1
+
+
+def test_undecodable_body_is_dead_lettered(store: Store) -> None:
+    runs: list[int] = []
+    consumer = IdempotentConsumer(
+        lambda d: runs.append(1), name="c", store=store, dedup_id="body:order.id"
+    )
+    verdict = consumer.process(msg(None, b"\xff not json"))
+    assert isinstance(verdict, DeadLetter) and verdict.error.reason == "undecodable"  # type: ignore[attr-defined]
+    assert consumer.process(msg(None, b'{"order": {"id": 7}}')) == Ack(ran=True)
+    assert consumer.process(msg(None, b'{"order": {"id": 7}}')) == Ack(ran=False)
+    assert runs == [1]
+
+
+def test_failing_dead_letter_callback_leaves_the_message_unacked(store: Store) -> None:
+    def refuse(d: Delivery, e: BaseException) -> None:
+        raise OSError("dead-letter queue unreachable")
+
+    consumer = IdempotentConsumer(lambda d: None, name="c", store=store, on_dead_letter=refuse)
+    verdict = consumer.process(msg(None))
+    assert isinstance(verdict, Retry) and "on_dead_letter failed" in verdict.reason
+
+
+def test_dedup_id_sources() -> None:
+    d = Delivery(b'{"a": {"b": "x"}}', message_id="mid", headers={"Event-Id": "h"})
+    assert dedup_id_reader("message_id")(d) == "mid"
+    assert dedup_id_reader("header:event-id")(d) == "h"
+    assert dedup_id_reader("body:a.b")(d) == "x"
+    assert dedup_id_reader(lambda d: d.headers["Event-Id"] + "!")(d) == "h!"
+    for bad in ("body:", "header:", "mid", 3):
+        with pytest.raises(ConfigurationError):
+            dedup_id_reader(bad)  # type: ignore[arg-type]
+    with pytest.raises(MessageRejected):
+        dedup_id_reader("body:a")(d)  # a dict is no id
+    with pytest.raises(MessageRejected):
+        dedup_id_reader("header:other")(d)
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ConfigurationError, match="name"):
+        IdempotentConsumer(lambda d: None, name="", store="memory://")
+    with pytest.raises(ConfigurationError, match="lease"):
+        IdempotentConsumer(lambda d: None, name="c", store="memory://", lease=0)
+    with pytest.raises(ConfigurationError, match="max_attempts"):
+        IdempotentConsumer(lambda d: None, name="c", store="memory://", max_attempts=-1)
+
+
+def test_store_down_leaves_the_message_unacked_and_unrun() -> None:
+    store = open_store("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    runs: list[int] = []
+    consumer = IdempotentConsumer(lambda d: runs.append(1), name="c", store=store)
+    verdict = consumer.process(msg("m-1"))
+    assert isinstance(verdict, Retry) and "unavailable" in verdict.reason
+    assert runs == []
+    store.close()
+
+
+async def test_store_down_async() -> None:
+    store = open_store("redis://127.0.0.1:1/0", socket_connect_timeout=0.5)
+    runs: list[int] = []
+
+    async def handler(d: Delivery) -> None:
+        runs.append(1)
+
+    consumer = IdempotentConsumer(handler, name="c", store=store)
+    assert isinstance(await consumer.aprocess(msg("m-1")), Retry)
+    assert runs == []
+    await store.aclose()
+    store.close()
+
+
+async def test_async_batch_with_duplicates_runs_each_once(store: Store) -> None:
+    """A batch holding each message three times, handled concurrently: once per id."""
+    runs: list[str] = []
+
+    async def handler(d: Delivery) -> None:
+        runs.append(d.message_id or "")
+        await asyncio.sleep(0.01)
+
+    consumer = IdempotentConsumer(handler, name="c", store=store, lease=5)
+    batch = [msg(f"m-{i}") for i in range(20)] * 3
+    verdicts = await consumer.aprocess_many(batch)
+    assert all(isinstance(v, Ack) for v in verdicts)
+    assert sum(v.ran for v in verdicts if isinstance(v, Ack)) == 20
+    assert sorted(runs) == sorted(f"m-{i}" for i in range(20))
+
+
+async def test_sync_handler_on_the_async_face_sees_its_claim(store: Store) -> None:
+    fences: list[int | None] = []
+
+    def handler(d: Delivery) -> None:
+        claim = current_claim()
+        fences.append(claim.fence if claim else None)
+
+    consumer = IdempotentConsumer(handler, name="c", store=store)
+    assert await consumer.aprocess(msg("m-1")) == Ack(ran=True)
+    assert await consumer.aprocess(msg("m-1")) == Ack(ran=False)
+    assert len(fences) == 1 and fences[0] is not None
+
+
+async def test_async_poison_and_async_dead_letter_callback(store: Store) -> None:
+    letters: list[str | None] = []
+
+    async def broken(d: Delivery) -> None:
+        raise RuntimeError("boom")
+
+    async def dead(d: Delivery, e: BaseException) -> None:
+        letters.append(d.message_id)
+
+    consumer = IdempotentConsumer(
+        broken, name="c", store=store, max_attempts=2, on_dead_letter=dead
+    )
+    assert isinstance(await consumer.aprocess(msg("m-1")), Retry)
+    assert isinstance(await consumer.aprocess(msg("m-1")), DeadLetter)
+    assert letters == ["m-1"]
+
+
+def test_async_handler_on_the_sync_face_is_refused() -> None:
+    async def handler(d: Delivery) -> None: ...
+
+    consumer = IdempotentConsumer(handler, name="c", store="memory://")
+    with pytest.raises(ConfigurationError, match="aprocess"):
+        consumer.process(msg("m-1"))
+
+
+@pytest.fixture(params=["memory", "redis"])
+def batch_store(request: pytest.FixtureRequest, make_store: StoreFactory) -> Store:
+    """redis: the batch face (one pipeline per batch); memory: message by message."""
+    return make_store(request.param)[0]
+
+
+async def test_batch_failures_poison_and_held_messages(batch_store: Store) -> None:
+    """In one batch: a message that fails (retried), a poison one at its last attempt
+    (dead-lettered once), a message held by another consumer (waits, then acked as a
+    duplicate) and plain ones; copies inside the batch follow their first."""
+    runs: list[str] = []
+    letters: list[str | None] = []
+    held_started, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(d: Delivery) -> None:
+        mid = d.message_id or ""
+        runs.append(mid)
+        if mid == "held":
+            held_started.set()
+            await release.wait()
+        if mid.startswith("bad"):
+            raise ValueError(mid)
+
+    def make() -> IdempotentConsumer:
+        return IdempotentConsumer(
+            handler,
+            name="c",
+            store=batch_store,
+            lease=5,
+            max_attempts=3,
+            wait_timeout=10,
+            on_dead_letter=lambda d, e: letters.append(d.message_id),
+        )
+
+    other, consumer = make(), make()
+    from oncely.stores.redis import RedisStore
+
+    assert (consumer._batch_face() is not None) == isinstance(batch_store, RedisStore)
+    holder = asyncio.ensure_future(other.aprocess(msg("held")))
+    await asyncio.wait_for(held_started.wait(), 10)
+    batch = [
+        msg("ok-1"),
+        Delivery(b"{}", message_id="bad-1", attempt=1),
+        Delivery(b"{}", message_id="bad-2", attempt=3),
+        msg("held"),
+        msg("ok-1"),
+        msg(None),
+        msg("ok-2"),
+    ]
+    task = asyncio.ensure_future(consumer.aprocess_many(batch))
+    await asyncio.sleep(0.3)
+    release.set()
+    verdicts = await asyncio.wait_for(task, 15)
+    assert await holder == Ack(ran=True)
+    kinds = [type(v).__name__ for v in verdicts]
+    assert kinds == ["Ack", "Retry", "DeadLetter", "Ack", "Ack", "DeadLetter", "Ack"]
+    assert verdicts[3] == Ack(ran=False) and verdicts[4] == Ack(ran=False)
+    assert sorted(runs) == ["bad-1", "bad-2", "held", "ok-1", "ok-2"]
+    assert sorted(letters, key=str) == [None, "bad-2"]
+    # the retried one can run again; the completed ones are duplicates now
+    again = await consumer.aprocess_many([msg("bad-1"), msg("ok-1"), msg("ok-2")])
+    assert [type(v).__name__ for v in again] == ["Retry", "Ack", "Ack"]
+    assert again[1] == Ack(ran=False)
+
+
+async def test_batch_store_down_hands_everything_back() -> None:
+    store = open_store("redis://127.0.0.1:1/0", socket_connect_timeout=0.3)
+    runs: list[int] = []
+
+    async def handler(d: Delivery) -> None:
+        runs.append(1)
+
+    consumer = IdempotentConsumer(handler, name="c", store=store)
+    verdicts = await consumer.aprocess_many([msg(f"m-{i}") for i in range(5)])
+    assert all(isinstance(v, Retry) and "unavailable" in v.reason for v in verdicts)
+    assert runs == []
+    await store.aclose()
+    store.close()
+
+
+async def test_batch_leases_are_renewed_while_handlers_run(make_store: StoreFactory) -> None:
+    store = make_store("redis")[0]
+    started = asyncio.Event()
+
+    async def slow(d: Delivery) -> None:
+        started.set()
+        await asyncio.sleep(3.5)
+
+    consumer = IdempotentConsumer(slow, name="c", store=store, lease=2.0, wait_timeout=0)
+    task = asyncio.ensure_future(consumer.aprocess_many([msg("a"), msg("b")]))
+    await asyncio.wait_for(started.wait(), 5)
+    await asyncio.sleep(2.5)  # past the first lease
+    late = await consumer.aprocess(msg("a"))
+    assert isinstance(late, Retry) and "another consumer" in late.reason
+    assert await task == [Ack(ran=True), Ack(ran=True)]
