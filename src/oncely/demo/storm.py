@@ -552,16 +552,22 @@ class _Storm:
         token = await self._token(op, order_id)
         if token is None:
             return
-        paid = await self.client.send(
-            "POST",
-            f"/orders/{order_id}/pay",
-            body={"amount": int(placed.body.get("amount", 0))},
-            headers={
-                **_bearer(op.customer),
-                "Payment-Token": token,
-                "Idempotency-Key": f"{op.key}-pay",
-            },
-        )
+        amount = int(placed.body.get("amount", 0))
+
+        async def pay(tok: str, key: str) -> _Answer:
+            return await self.client.send(
+                "POST",
+                f"/orders/{order_id}/pay",
+                body={"amount": amount},
+                headers={**_bearer(op.customer), "Payment-Token": tok, "Idempotency-Key": key},
+            )
+
+        paid = await pay(token, f"{op.key}-pay")
+        if _orphaned_token(paid):  # consumed by a request that died: as in pay(), once more
+            await asyncio.sleep(self.config.lease + 0.5)
+            token = await self._token(op, order_id) or ""
+            if token:
+                paid = await pay(token, f"{op.key}-pay-again")
         if not _paid([paid]):
             op.detail = f"paying {order_id}: {_describe([paid])}"
             return
