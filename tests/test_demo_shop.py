@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -388,3 +389,39 @@ def test_a_handler_run_again_after_a_crash_applies_once(tmp_path: Path) -> None:
     db.place_order("bob", "sku-1", 1, "bob/key-1")
     db.place_order("bob", "sku-1", 1, "bob/key-1")
     assert [e["key"] for e in db.ledger()].count("bob/key-1") == 2
+
+
+def test_the_order_timeout_and_a_cancel_racing_it_give_the_stock_back_once(
+    tmp_path: Path,
+) -> None:
+    """Unpaid orders expire (``placed -> cancelled`` and the stock back, behind the same
+    barrier branch as a cancel); 8 threads expiring while 8 cancel the same orders: each
+    order's stock comes back once. A paid order never expires."""
+    db = ShopDB(tmp_path / "shop.db")
+    db.create()
+    orders = [db.place_order("alice", "sku-3", 2, f"alice/t-{i}", once=True) for i in range(10)]
+    paid = db.place_order("alice", "sku-3", 1, "alice/t-paid", once=True)
+    assert paid is not None and all(o is not None for o in orders)
+    db.record_charge(paid.id, paid.amount, "txn-t", once=True)
+    assert db.stock("sku-3") == 1_000_000 - 21
+
+    def expire() -> None:
+        ShopDB(db.path).expire_unpaid(0.0)
+
+    def cancel_all() -> None:
+        mine = ShopDB(db.path)
+        for o in orders:
+            assert o is not None
+            mine.cancel(o.id)
+
+    threads = [threading.Thread(target=fn) for fn in [expire, cancel_all] * 8]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    restocks = [e for e in db.ledger() if e["kind"] == "restock"]
+    assert sorted(e["key"] for e in restocks) == sorted(o.id for o in orders if o is not None)
+    assert db.stock("sku-3") == 1_000_000 - 1  # only the paid order's unit is still out
+    assert db.expire_unpaid(0.0) == 0
+    still = db.order(paid.id)
+    assert still is not None and still.status == "paid"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from oncely.errors import IllegalTransition
 from oncely.locks import fenced_table_sql, fenced_update
 from oncely.messaging.inbox import Inbox
 from oncely.messaging.outbox import Outbox
@@ -108,6 +109,7 @@ ORDER_MACHINE = Machine(
         Transition("pay", "placed", "paid"),
         Transition("ship", "paid", "shipped"),
         Transition("cancel", ("placed", "paid"), "cancelled"),
+        Transition("expire", "placed", "cancelled"),  # the order timeout: unpaid only
     ],
 )
 ORDERS = SqlStateMachine(ORDER_MACHINE, Table("orders", id_column="id", state_column="status"))
@@ -331,7 +333,25 @@ class ShopDB:
             )
         return transaction_id
 
-    def cancel(self, order_id: str) -> bool:
+    def expire_unpaid(self, older_than: float, limit: int = 100) -> int:
+        """The order timeout: cancel orders still ``placed`` after ``older_than`` seconds and
+        give their stock back, each through the machine's ``expire`` (``placed -> cancelled``
+        only: an order paid meanwhile is left alone) and the same barrier branch as a cancel,
+        so a timeout racing a cancel gives the stock back once. Returns how many expired."""
+        rows = self._conn().execute(
+            "SELECT id FROM orders WHERE status = 'placed' AND created_at < ? LIMIT ?",
+            (time.time() - older_than, limit),
+        )
+        expired = 0
+        for (order_id,) in rows.fetchall():
+            try:
+                if self.cancel(str(order_id), "expire"):
+                    expired += 1
+            except IllegalTransition:  # paid or cancelled in between
+                continue
+        return expired
+
+    def cancel(self, order_id: str, transition: str = "cancel") -> bool:
         """Protected cancel: ``placed|paid -> cancelled`` through the order machine and the
         stock given back behind the barrier (``compensate`` of the order's ``stock`` branch),
         in one transaction. Returns whether this call gave the stock back; a repeat (or a
@@ -342,7 +362,7 @@ class ShopDB:
         :raises ~oncely.errors.EntityNotFound: no such order.
         """
         with self.write() as w:
-            ORDERS.apply(w, order_id, "cancel")  # already cancelled: a success, no change
+            ORDERS.apply(w, order_id, transition)  # already cancelled: a success, no change
             if not barrier(w, order_id, STOCK_BRANCH, "compensate").run:
                 return False
             sku, qty = w.execute("SELECT sku, qty FROM orders WHERE id = ?", (order_id,)).fetchone()
