@@ -168,6 +168,8 @@ def check(url: Url, table: Table_ = None, prefix: Prefix = None, as_json: Json =
     except OncelyError as exc:
         raise _fail(exc) from exc
     skew = store_now - (before + after) / 2
+    # A file store shows its file: a relative sqlite:/// path resolved against this directory.
+    path = getattr(store, "path", None)
     shown = {
         SETTINGS[name].env: "<hidden>" if SETTINGS[name].secret else value
         for name, value in settings.items()
@@ -176,6 +178,7 @@ def check(url: Url, table: Table_ = None, prefix: Prefix = None, as_json: Json =
         _print_json(
             {
                 "url": redact_url(url),
+                **({"file": path} if isinstance(path, str) else {}),
                 "reachable": True,
                 "round_trip_ms": round(1000 * (after - before), 3),
                 "schema": "present",
@@ -186,6 +189,8 @@ def check(url: Url, table: Table_ = None, prefix: Prefix = None, as_json: Json =
         return
     trip = f"(round trip {1000 * (after - before):.1f} ms)"
     console.print(_styled("reachable:", "green", f"{redact_url(url)} {trip}"))
+    if isinstance(path, str):
+        console.print(_styled("file:", "green", path))
     console.print(_styled("schema:", "green", "present"))
     console.print(
         _styled(
@@ -475,7 +480,7 @@ def purge(
 
 
 # -- the branch barrier (oncely.statemachine.barrier) ----------------------------------------
-DbUrl = Annotated[
+BusinessDb = Annotated[
     str,
     typer.Argument(help="The business database: sqlite:///app.db, postgresql://..., mysql://..."),
 ]
@@ -538,6 +543,7 @@ inbox_app = typer.Typer(help="The transactional inbox table.", no_args_is_help=T
 outbox_app = typer.Typer(help="The transactional outbox table.", no_args_is_help=True)
 app.add_typer(inbox_app, name="inbox")
 app.add_typer(outbox_app, name="outbox")
+DbUrl = Annotated[str, typer.Argument(help="sqlite:///file.db, postgresql://… or mysql://…")]
 Batch = Annotated[int, typer.Option("--batch", min=1, help="Rows deleted per transaction")]
 
 
@@ -573,7 +579,7 @@ def _purge_table(url: str, table_kind: str, table: str | None, older: str, batch
 
 
 @barrier_app.command("init")
-def barrier_init(url: DbUrl, table: BarrierTable = "oncely_barrier") -> None:
+def barrier_init(url: BusinessDb, table: BarrierTable = "oncely_barrier") -> None:
     """Create the barrier table and its index in the business database; safe to run again."""
     from oncely.statemachine.barrier import create_table
 
@@ -587,7 +593,7 @@ def barrier_init(url: DbUrl, table: BarrierTable = "oncely_barrier") -> None:
 
 @barrier_app.command("purge")
 def barrier_purge(
-    url: DbUrl,
+    url: BusinessDb,
     older_than: Annotated[
         str,
         typer.Option(

@@ -50,6 +50,7 @@ __all__ = [
     "TokenForged",
     "TokenReused",
     "TransactionFailed",
+    "UnfinishedResult",
     "UnknownColumn",
     "UnknownTable",
     "UnknownTransition",
@@ -72,6 +73,12 @@ class SettingWarning(UserWarning):
 
     Warned once per name and process; see :mod:`oncely.settings`.
     """
+
+
+class UnfinishedResult(ConfigurationError, TypeError):
+    """A function returned work that is not done yet (a coroutine, a generator, an awaitable):
+    storing it would store nothing of the work's result. Make the function ``async def`` (and
+    ``await`` inside it), or return the finished value (a list instead of a generator)."""
 
 
 class InvalidKey(OncelyError, ValueError):

@@ -17,11 +17,12 @@ left for the loop's final cancellation to wait for. A loop that was closed witho
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Generic, TypeVar
+
+from oncely.backends.forks import after_fork, inherit
 
 __all__ = ["LoopLocal"]
 
@@ -44,10 +45,16 @@ class LoopLocal(Generic[T]):
         self._cleanup = cleanup
         self._abandon = abandon
         self._lock = threading.Lock()
-        self._pid = os.getpid()
         self._values: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, tuple[T, AsyncGenerator[None, None]]
         ] = weakref.WeakKeyDictionary()
+        after_fork(self, LoopLocal._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's loops and their values are never used or closed."""
+        inherit(self._values)
+        self._values = weakref.WeakKeyDictionary()
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._values)
@@ -59,8 +66,6 @@ class LoopLocal(Generic[T]):
         if entry is not None:
             return entry[0]
         with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's values are not ours to use
-                self._pid, self._values = os.getpid(), weakref.WeakKeyDictionary()
             entry = self._values.get(loop)
             if entry is not None:
                 return entry[0]

@@ -26,7 +26,7 @@ import aiomysql  # type: ignore[import-untyped]
 import pymysql
 from pymysql.constants import CLIENT
 
-from oncely.backends.urls import redact_url, scheme_of
+from oncely.backends.urls import check_options, redact_url, scheme_of
 from oncely.errors import ConfigurationError
 
 __all__ = [
@@ -126,12 +126,8 @@ def connect_args(url: str) -> dict[str, Any]:
     if parts.password is not None:
         args["password"] = unquote(parts.password)
     query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
-    unknown = sorted(set(query) - set(URL_OPTIONS))
-    if unknown:
-        raise ConfigurationError(
-            f"unknown option(s) {', '.join(unknown)} in MySQL URL {redact_url(url)!r}; "
-            f"known: {', '.join(URL_OPTIONS)} (pass other driver options as keyword arguments)"
-        )
+    # Other driver options are keyword arguments of the store, not URL options.
+    check_options(query, URL_OPTIONS, url, "MySQL URL")
     if query.get("charset", "utf8mb4").lower() != "utf8mb4":
         raise ConfigurationError(
             "oncely always talks utf8mb4 to MySQL; drop 'charset' from the URL"

@@ -7,19 +7,21 @@ What the PostgreSQL store and the PostgreSQL lock backend share; no mechanism.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import select
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
+from urllib.parse import parse_qs, urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.pq import TransactionStatus
+from psycopg.pq import Conninfo, TransactionStatus
 from psycopg.rows import TupleRow
 
-from oncely.backends.urls import redact_url, scheme_of
+from oncely.backends.urls import check_options, redact_url, scheme_of
 from oncely.errors import ConfigurationError
 
 __all__ = [
@@ -28,6 +30,7 @@ __all__ = [
     "ConnectionSlots",
     "LoopConnections",
     "SyncConn",
+    "check_connect_options",
     "conninfo",
     "network_defaults",
     "schema_lock_id",
@@ -55,7 +58,11 @@ _CHECK_AFTER: Final = 30.0
 def conninfo(url: str) -> str:
     """The libpq URL for ``url``: ``postgresql+psycopg://`` and ``postgres://`` normalised.
 
-    :raises ConfigurationError: not a PostgreSQL URL.
+    Query options are libpq connection parameters (``?sslmode=require&connect_timeout=10``);
+    oncely's own options (``table=``, ``max_size=``) are keyword arguments, not URL options.
+
+    :raises ConfigurationError: not a PostgreSQL URL, or a query option libpq does not know
+        (the message names the closest one), refused here rather than at the first connect.
     """
     _, sep, rest = url.partition("://")
     if not sep or scheme_of(url) not in ("postgresql", "postgres"):
@@ -63,7 +70,33 @@ def conninfo(url: str) -> str:
             f"PostgreSQL URL {redact_url(url)!r} must look like "
             "'postgresql://user:password@host:5432/dbname'"
         )
+    query = urlsplit(f"postgresql://{rest}").query
+    check_options(parse_qs(query, keep_blank_values=True), _libpq_keywords(), url, "PostgreSQL URL")
     return f"postgresql://{rest}"
+
+
+#: Keyword arguments :func:`psycopg.connect` takes besides libpq's connection parameters.
+_PSYCOPG_OPTIONS: Final = frozenset(
+    {"autocommit", "prepare_threshold", "context", "row_factory", "cursor_factory"}
+)
+
+
+def check_connect_options(options: dict[str, Any], url: str, own: tuple[str, ...] = ()) -> None:
+    """Refuse a keyword option :func:`psycopg.connect` would not take (a misspelled libpq
+    parameter fails only at the first connection otherwise), naming the closest one.
+
+    :param own: the caller's own option names (``table``), so a misspelling of one is named too.
+
+    :raises ConfigurationError: ``unknown option 'sslmod'; did you mean 'sslmode'?``.
+    """
+    known = _libpq_keywords() | _PSYCOPG_OPTIONS | set(own)
+    check_options(options, known, url, "PostgreSQL options for")
+
+
+@functools.cache
+def _libpq_keywords() -> frozenset[str]:
+    """Every connection parameter the installed libpq knows."""
+    return frozenset(option.keyword.decode() for option in Conninfo.get_defaults())
 
 
 def network_defaults(conninfo: str, timeout: float) -> dict[str, Any]:

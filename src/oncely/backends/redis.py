@@ -12,10 +12,12 @@ of :mod:`oncely.backends.plans` requests (:class:`~oncely.backends.plans.Eval`,
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import socket
 import time
 from typing import Any, Final, Protocol, cast
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import redis
 import redis.asyncio
@@ -26,7 +28,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from oncely.backends.loops import LoopLocal
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Command, Eval, Sleep
-from oncely.backends.urls import redact_url
+from oncely.backends.urls import check_options, redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 
@@ -93,7 +95,8 @@ def truthy(value: Any) -> bool:
 
 
 def check_url(url: str) -> None:
-    """Refuse what redis-py would misread: another scheme, a bad port, a non-numeric database.
+    """Refuse what redis-py would misread: another scheme, a bad port, a non-numeric database,
+    a query option it does not take (named with the closest one).
 
     :raises ConfigurationError: with an example of a good URL.
     """
@@ -119,6 +122,29 @@ def check_url(url: str) -> None:
                 f"Redis URL {redact_url(url)!r}: the path must be a database number, not "
                 f"{db!r}; {example}"
             )
+    given = parse_qs(parts.query, keep_blank_values=True)
+    check_options(given, _url_options(parts.scheme), url, "Redis URL")
+
+
+@functools.cache
+def _url_options(scheme: str) -> frozenset[str]:
+    """The query options redis-py takes in a ``scheme`` URL: its URL parsers, the pool's and
+    the connection class's keyword arguments (a typo would fail only at the first command)."""
+    connection = {
+        "rediss": redis.connection.SSLConnection,
+        "unix": redis.connection.UnixDomainSocketConnection,
+    }.get(scheme, redis.connection.Connection)
+    names = set(redis.connection.URL_QUERY_ARGUMENT_PARSERS)
+    for cls in (*connection.__mro__, redis.connection.ConnectionPool):
+        init = vars(cls).get("__init__")
+        if init is not None:
+            names.update(
+                name
+                for name, param in inspect.signature(init).parameters.items()
+                if name != "self"
+                and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
+            )
+    return frozenset(names)
 
 
 def bounded(url: str, options: dict[str, Any]) -> dict[str, Any]:
@@ -176,6 +202,8 @@ class RedisClients:
         **pool_options: Any,
     ) -> None:
         check_url(url)
+        # A misspelled option would fail only at the first command, with redis-py's TypeError.
+        check_options(pool_options, _url_options(urlsplit(url).scheme), url, "Redis options for")
         if truthy(pool_options.get("decode_responses", False)):
             raise ConfigurationError(
                 "decode_responses=True is not supported: oncely stores results as bytes"

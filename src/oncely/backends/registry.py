@@ -19,12 +19,15 @@ backend is one row in :data:`SCHEMES`.
 from __future__ import annotations
 
 import importlib
+import inspect
+import os
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
+from oncely.backends.urls import redact_url
 from oncely.errors import ConfigurationError
-from oncely.settings import SETTINGS, resolve
+from oncely.settings import SETTINGS, resolve, unknown_option
 
 if TYPE_CHECKING:
     from oncely.locks.base import LockBackend
@@ -79,6 +82,17 @@ SCHEMES: Final[dict[str, Scheme]] = {
 _shared_stores: dict[str, Store] = {}
 _shared_backends: dict[Any, LockBackend] = {}
 _shared_lock = threading.Lock()
+
+
+def _forked() -> None:
+    # Another thread may have held the lock at the fork; it would stay locked in the child.
+    # (The shared stores themselves reset their connections: oncely.backends.forks.)
+    global _shared_lock
+    _shared_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
 
 
 def _scheme(url: str) -> str:
@@ -136,8 +150,20 @@ def store_class(url: str) -> type[Store]:
 
 
 def open_store(url: str, **options: Any) -> Store:
-    """Open a new store for ``url``; ``options`` go to the store's constructor."""
-    store: Store = store_class(url)(url, **options)
+    """Open a new store for ``url``; ``options`` go to the store's constructor.
+
+    :raises ConfigurationError: an unknown URL scheme or missing extra, or an option the store
+        does not take (named with the closest one; a store that passes options on to its driver
+        checks them against the driver's).
+    """
+    cls = store_class(url)
+    params = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        known = [name for name in params if name != "url"]
+        for name in options:
+            if name not in params or name == "url":
+                raise unknown_option(name, known, f"{cls.__name__}({redact_url(url)!r})")
+    store: Store = cls(url, **options)
     return store
 
 

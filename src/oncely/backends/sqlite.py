@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -17,21 +18,30 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs
 
+from oncely.backends.forks import after_fork, inherit
+from oncely.backends.urls import check_options
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 
-__all__ = ["CLOCK", "Connections", "Workers", "enable_wal", "execute", "parse_url"]
+__all__ = ["CLOCK", "Connections", "Workers", "absolute", "enable_wal", "execute", "parse_url"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("oncely")
 
 #: Seconds since the epoch on SQLite's clock (millisecond resolution, fixed within a statement).
 CLOCK: Final = "((julianday('now') - 2440587.5) * 86400.0)"
 
 
-def parse_url(url: str, what: str) -> tuple[str, dict[str, str]]:
-    """The file path and the query options of ``sqlite:///path.db?busy_timeout=15``.
+def parse_url(url: str, what: str, known: tuple[str, ...] = ()) -> tuple[str, dict[str, str]]:
+    """The absolute file path and the query options of ``sqlite:///path.db?busy_timeout=15``.
+
+    A relative path (``sqlite:///oncely.db``) resolves against the current directory now, when
+    the store is opened (see :func:`absolute`).
 
     :param what: the user of the URL, for the message (``"SQLite URL"``).
-    :raises ConfigurationError: the URL names no file (``sqlite://``, ``sqlite:///:memory:``).
+    :param known: the option names the user of the URL reads; any other is refused.
+    :raises ConfigurationError: the URL names no file (``sqlite://``, ``sqlite:///:memory:``),
+        or an option not in ``known`` (the message names the closest one).
     """
     path, _, query = url.partition("://")[2].partition("?")
     if not path.startswith("/") or path in ("/", "/:memory:"):
@@ -40,7 +50,19 @@ def parse_url(url: str, what: str) -> tuple[str, dict[str, str]]:
             "'sqlite:///relative.db' or 'sqlite:////absolute/path.db' (for a process-local "
             "store use 'memory://')"
         )
-    return path[1:], {k: v[-1] for k, v in parse_qs(query).items()}
+    options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    check_options(options, known, url, what)
+    return absolute(path[1:], what), options
+
+
+def absolute(path: str, what: str) -> str:
+    """``path`` made absolute against the current directory, once (and logged if it was
+    relative): later ``chdir`` calls cannot move the store, and the log shows which file two
+    workers started from different directories use."""
+    resolved = os.path.abspath(path)
+    if not os.path.isabs(path):
+        log.info("oncely: %s %r is relative; it resolves to %s", what, path, resolved)
+    return resolved
 
 
 def enable_wal(conn: sqlite3.Connection, patience: float) -> None:
@@ -99,7 +121,15 @@ class Connections:
         self._idle: list[sqlite3.Connection] = []
         self._slots = threading.BoundedSemaphore(self._size)
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        after_fork(self, Connections._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's connections are never used or closed (SQLite
+        forbids both); new ones open on demand."""
+        inherit(self._idle)
+        self._idle = []
+        self._slots = threading.BoundedSemaphore(self._size)
+        self._lock = threading.Lock()
 
     @contextlib.contextmanager
     def connection(self) -> Iterator[sqlite3.Connection]:
@@ -112,9 +142,6 @@ class Connections:
 
     def _take(self) -> tuple[sqlite3.Connection, threading.BoundedSemaphore]:
         with self._lock:
-            if self._pid != os.getpid():  # the parent's connections: never use or close them
-                self._pid, self._idle = os.getpid(), []
-                self._slots = threading.BoundedSemaphore(self._size)
             slots = self._slots
         if not slots.acquire(timeout=self._timeout):
             raise StoreUnavailable(
@@ -134,10 +161,13 @@ class Connections:
         try:
             reusable = not conn.in_transaction
             with self._lock:
-                if reusable and slots is self._slots and self._pid == os.getpid():
+                if reusable and slots is self._slots:
                     self._idle.append(conn)
                     return
-            conn.close()
+            if slots is self._slots:
+                conn.close()
+            else:  # borrowed before a fork(): the parent's
+                inherit(conn)
         finally:
             slots.release()
 
@@ -174,15 +204,19 @@ class Workers:
         self._name = name
         self._executor: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
-        self._pid = os.getpid()
+        after_fork(self, Workers._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's threads are gone; new ones start on first use."""
+        inherit(self._executor)
+        self._executor = None
+        self._lock = threading.Lock()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on a worker thread, awaited from the running loop."""
         executor = self._executor
-        if executor is None or self._pid != os.getpid():
+        if executor is None:
             with self._lock:
-                if self._pid != os.getpid():  # forked: the parent's threads are not ours
-                    self._pid, self._executor = os.getpid(), None
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(
                         self._workers, thread_name_prefix=self._name

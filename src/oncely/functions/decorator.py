@@ -18,6 +18,7 @@ import contextlib
 import functools
 import inspect
 import sys
+import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
@@ -25,7 +26,7 @@ from typing import Any, Literal, TypeVar, overload
 from oncely.codecs import Codec, JsonCodec
 from oncely.core.lease import LostCallback
 from oncely.core.records import RecordKey, digest_key
-from oncely.errors import ConfigurationError
+from oncely.errors import ConfigurationError, UnfinishedResult
 from oncely.functions.cache import ResultCache
 from oncely.functions.drivers import drive, drive_async
 from oncely.functions.flow import Policy, call_flow
@@ -35,6 +36,7 @@ from oncely.functions.keys import (
     default_key_gap,
     fingerprint_of,
     key_part,
+    typed_canonical,
 )
 from oncely.settings import SETTINGS, resolve
 from oncely.stores import Store, configured_store, shared_store
@@ -65,6 +67,48 @@ def _identity_message(name: str, gap: str) -> str:
         "get the other's result). Say what identifies a call: key=['self.id', 'amount'] "
         "(dotted paths may start at self), key=callable, or scope=lambda self, *a: self.id"
     )
+
+
+def _refuse_generator_function(fn: Callable[..., Any], name: str) -> None:
+    """A generator function's body runs only while the caller iterates, after the call
+    returned: there is no result to store when it returns (:class:`UnfinishedResult`)."""
+    plain = inspect.unwrap(fn)
+    kind = (
+        "an async generator function"
+        if inspect.isasyncgenfunction(plain)
+        else "a generator function"
+        if inspect.isgeneratorfunction(plain)
+        else None
+    )
+    if kind is not None:
+        raise UnfinishedResult(
+            f"@idempotent {name} is {kind}: its body runs only while the caller iterates, after "
+            "the call returned, so there is no result to store. Collect the items and return "
+            "them (return list(...)), from a plain def or an async def"
+        )
+
+
+def _finished(result: Any, name: str, awaited: bool) -> Any:
+    """``result``, unless it is work not done yet (:class:`UnfinishedResult`; closed first, so
+    nothing runs later and Python does not warn that a coroutine was never awaited)."""
+    if isinstance(result, (types.GeneratorType, types.AsyncGeneratorType)) or inspect.isawaitable(
+        result
+    ):
+        close = getattr(result, "close", None)
+        if callable(close) and not isinstance(result, types.AsyncGeneratorType):
+            close()
+        kind = type(result).__name__
+        if awaited:
+            fix = "await it inside the function and return its result"
+        elif isinstance(result, (types.GeneratorType, types.AsyncGeneratorType)):
+            fix = "return the finished items (return list(...)) instead"
+        else:
+            fix = "make the function async def and await inside it"
+        raise UnfinishedResult(
+            f"@idempotent {name} returned a {kind}, work that has not run yet: storing it would "
+            f"store nothing of its result, and a retry would replay nothing; {fix}"
+        )
+    return result
 
 
 _BUILTIN_VALUES = frozenset(
@@ -156,6 +200,7 @@ class Idempotent:
         self.validate = validate
         self.scope = scope
         self.name = name or _default_name(fn)
+        _refuse_generator_function(fn, self.name)
         #: Calls are told apart by arguments only: refuse a function bound later as a method.
         self.check_binding = key is None and scope is None
         if self.check_binding:
@@ -226,7 +271,7 @@ class Idempotent:
                         self.name, f"it is called as a method of {type(args[0]).__name__}"
                     )
                 )
-            text = canonical(reader.whole_payload(args, kwargs), f"arguments of {self.name}")
+            text = typed_canonical(reader.whole_payload(args, kwargs), f"{self.name}: argument")
         elif callable(spec):
             text = key_part(spec(*args, **kwargs), f"the key callable's result for {self.name}")
         else:
@@ -244,8 +289,8 @@ class Idempotent:
         if self.validate is None:
             return ""
         if self.validate is True:
-            return fingerprint_of([self.reader.whole_payload(args, kwargs)])
-        return fingerprint_of([self.reader.path(p, args, kwargs) for p in self.validate])
+            return fingerprint_of(self.reader.whole_payload(args, kwargs))
+        return fingerprint_of({p: self.reader.path(p, args, kwargs) for p in self.validate})
 
     def call(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         key = self.record_key(args, kwargs)
@@ -257,7 +302,7 @@ class Idempotent:
             key,
             fingerprint,
             self.policy,
-            lambda: self.fn(*args, **kwargs),
+            lambda: _finished(self.fn(*args, **kwargs), self.name, False),
             self.on_lease_lost,
         )
 
@@ -271,9 +316,12 @@ class Idempotent:
             key,
             fingerprint,
             self.policy,
-            lambda: self.fn(*args, **kwargs),
+            lambda: self._awaited(args, kwargs),
             self.on_lease_lost,
         )
+
+    async def _awaited(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return _finished(await self.fn(*args, **kwargs), self.name, True)
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
         """Delete the record of a call with these arguments, so the next call runs again."""

@@ -6,16 +6,27 @@ a non-empty ``str`` (at most 255 characters), an ``int`` or a ``uuid.UUID``; ``N
 ``float`` and anything else raise :class:`~oncely.errors.InvalidKey` before the function runs.
 An ``int`` and a UUID have one exact text form (a float or bool does not: ``1.0``/``1``/``True``),
 so they are unambiguous and rendered as that text. Without a key spec the key is all arguments
-as canonical JSON, so equal payloads give equal keys across processes and Python versions;
-:func:`default_key_gap` says when that would leave out what tells two calls apart.
+in a typed canonical text (:func:`typed_canonical`): equal payloads give equal keys across
+processes and Python versions, and two calls share a key only if their arguments are equal *and
+of the same types* (``Decimal("5")`` and ``"5"``, ``{1: x}`` and ``{"1": x}``, a set and a list,
+``True`` and ``1``, ``1.0`` and ``1``, two dataclasses with the same fields all differ). A value
+the encoding cannot tell apart from another raises :class:`~oncely.errors.InvalidKey` naming the
+argument. :func:`default_key_gap` says when all arguments would leave out what tells two calls
+apart. ``validate=`` fingerprints use the same typed text.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import datetime as dt
+import decimal
+import enum
 import functools
 import hashlib
 import inspect
 import json
+import pathlib
 import types
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +44,7 @@ __all__ = [
     "default_key_gap",
     "fingerprint_of",
     "key_part",
+    "typed_canonical",
 ]
 
 KeySpec = Sequence[str] | Callable[..., Any] | None
@@ -89,10 +101,187 @@ def canonical(value: Any, what: str) -> str:
         ) from exc
 
 
-def fingerprint_of(values: Sequence[Any]) -> str:
-    """A short digest of the validated payload fields."""
-    text = canonical(list(values), "payload fields for validation")
+def fingerprint_of(values: Mapping[str, Any]) -> str:
+    """A short digest of the validated payload fields (by name), in :func:`typed_canonical` text:
+    a retry whose field has another type (``Decimal("5")`` for ``"5"``) is a different payload.
+
+    :raises InvalidKey: a field holds a value the typed text cannot encode (named in the message).
+    """
+    text = typed_canonical(
+        values, "validate field", "name fields of supported types in validate=[...]"
+    )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+
+
+# -- the typed canonical text of a call's arguments ----------------------------------------------
+# Every value becomes JSON: a ``str``, ``int``, ``float``, ``bool`` or ``None`` of exactly that
+# type as itself (JSON keeps these apart: ``1``, ``1.0``, ``true``, ``"1"``), anything else as an
+# array whose first item names its type (``["Decimal","5"]``, ``["dict",[k,v],...]``,
+# ``["dataclass","billing.Charge",["amount",5]]``). Scalars are never arrays, so no two
+# (value, type) pairs share a text.
+
+_SCALARS = (str, int, float, bool, type(None))
+_DATES = (dt.datetime, dt.date, dt.time)
+
+
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _Refused(Exception):
+    """A value the typed text cannot hold; ``where`` collects the path on the way out
+    (innermost first), so a call that succeeds builds no path strings at all."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(problem)
+        self.problem, self.where = problem, list[str]()
+
+
+_UNSUPPORTED = (
+    "which has no exact text form (supported: str, int, float, bool, None, Decimal, "
+    "date/time, UUID, bytes, enums, lists, tuples, dicts, sets, dataclasses, pydantic and "
+    "attrs models)"
+)
+
+
+def _text(encoded: Any) -> str:
+    return json.dumps(encoded, separators=(",", ":"), ensure_ascii=False)
+
+
+def _by_text(items: list[Any]) -> list[Any]:
+    return [item for _, item in sorted(((_text(i), i) for i in items), key=lambda p: p[0])]
+
+
+class _Encoder:
+    """Turns one value into typed JSON; refuses (:class:`_Refused`) what it cannot hold."""
+
+    def __init__(self) -> None:
+        self.active: set[int] = set()  # containers on the current path (a cycle refers back)
+
+    def encode(self, value: Any) -> Any:
+        cls = type(value)
+        if cls in _SCALARS:
+            return value
+        if id(value) in self.active:
+            raise _Refused("contains itself")
+        self.active.add(id(value))
+        try:
+            return self._compound(value, cls)
+        finally:
+            self.active.discard(id(value))
+
+    def at(self, value: Any, segment: str, arg: Any = None) -> Any:
+        """``encode(value)``; on a refusal, adds ``segment.format(arg)`` to where it happened."""
+        try:
+            return self.encode(value)
+        except _Refused as refused:
+            refused.where.append(segment.format(arg))
+            raise
+
+    def _items(self, values: Any) -> list[Any]:
+        return [self.at(item, "[{}]", i) for i, item in enumerate(values)]
+
+    def _fields(self, value: Any, names: Sequence[str]) -> list[Any]:
+        return [[n, self.at(getattr(value, n), ".{}", n)] for n in names]
+
+    def _compound(self, value: Any, cls: type) -> Any:
+        if isinstance(value, enum.Enum):
+            return ["enum", _class_name(cls), value.name]
+        if isinstance(value, type):
+            return ["class", _class_name(value)]
+        if dataclasses.is_dataclass(value):
+            names = [f.name for f in dataclasses.fields(value)]
+            return ["dataclass", _class_name(cls), *self._fields(value, names)]
+        model_fields = getattr(cls, "model_fields", None)
+        if isinstance(model_fields, dict) and hasattr(value, "__pydantic_fields_set__"):
+            out = ["model", _class_name(cls), *self._fields(value, list(model_fields))]
+            extra = getattr(value, "model_extra", None)
+            if extra:
+                out.append(["extra", self.at(dict(extra), ".model_extra")])
+            return out
+        attrs_fields = getattr(cls, "__attrs_attrs__", None)
+        if attrs_fields is not None:
+            return ["attrs", _class_name(cls), *self._fields(value, [a.name for a in attrs_fields])]
+        if cls is list:
+            return ["list", *self._items(value)]
+        if cls is tuple:
+            return ["tuple", *self._items(value)]
+        if cls is dict:
+            return self._dict(value)
+        if cls in (set, frozenset):
+            return [cls.__name__, *_by_text([self.at(i, "{{...}}") for i in value])]
+        if cls is decimal.Decimal:
+            return ["Decimal", str(value)]
+        if cls in _DATES:
+            return [cls.__name__, value.isoformat()]
+        if cls is dt.timedelta:
+            return ["timedelta", value.days, value.seconds, value.microseconds]
+        if cls is uuid.UUID:
+            return ["UUID", str(value)]
+        if cls in (bytes, bytearray):
+            return [cls.__name__, bytes(value).hex()]
+        if isinstance(value, pathlib.PurePath):
+            return ["path", _class_name(cls), str(value)]
+        if isinstance(value, tuple) and hasattr(cls, "_fields"):  # a namedtuple
+            return ["namedtuple", _class_name(cls), *self._fields(value, cls._fields)]
+        # A subclass of a built-in value type (an OrderedDict, a str subclass): its class and
+        # its value as the built-in type (an OrderedDict's order counts, as in its ==).
+        if isinstance(value, collections.OrderedDict):
+            pairs = [[self.encode(k), self.at(v, "[{!r:.40}]", k)] for k, v in value.items()]
+            return ["subclass", _class_name(cls), ["ordered", *pairs]]
+        bases: tuple[Any, ...] = (int, float, str, bytes, list, tuple, dict, set, frozenset)
+        for base in bases:
+            if isinstance(value, base):
+                return ["subclass", _class_name(cls), self.encode(base(value))]
+        raise _Refused(f"is of type {cls.__name__}, {_UNSUPPORTED}")
+
+    def _dict(self, value: dict[Any, Any]) -> list[Any]:
+        if all(type(k) is str for k in value):  # the common case: sorted by the names
+            return [
+                "dict",
+                *[[k, self.at(value[k], "[{!r:.40}]", k)] for k in sorted(value)],
+            ]
+        pairs = []
+        for k, v in value.items():
+            ek = self.at(k, " key {!r:.40}", k)
+            pairs.append([ek, self.at(v, "[{!r:.40}]", k)])
+        return ["dict", *_by_text(pairs)]
+
+
+_KEY_HINT = (
+    "pass key=[...] naming fields that identify the call, or key=callable returning a string"
+)
+
+
+def typed_canonical(
+    arguments: Mapping[str, Any], what: str = "argument", hint: str = _KEY_HINT
+) -> str:
+    """One text per (value, type) of each named argument: the default key of ``@idempotent``.
+
+    Two argument mappings give the same text only if they have the same names, and values that
+    are equal and of the same types, down to every item and field (dataclasses, pydantic and
+    attrs models count by class ``module.qualname`` and fields; dicts and sets by content, not
+    order). Deterministic across processes and Python versions (no ``hash()``, no ``repr()``
+    of arbitrary objects).
+
+    :param what: what the names are, for messages (``"argument"`` gives ``argument 'order'``).
+    :param hint: what to do instead, for messages.
+    :raises InvalidKey: a value of a type without an exact text form (an arbitrary object), a
+        value that contains itself, or an int too long to print; the message names the argument
+        and the path inside it.
+    """
+    encoder = _Encoder()
+    encoded = []
+    for name, value in arguments.items():
+        try:
+            encoded.append([name, encoder.encode(value)])
+        except _Refused as refused:
+            where = "".join(reversed(refused.where))
+            raise InvalidKey(f"{what} {name!r}{where} {refused.problem}; {hint}") from None
+    try:
+        return json.dumps(encoded, separators=(",", ":"), ensure_ascii=False)
+    except ValueError as exc:  # an int beyond sys.get_int_max_str_digits()
+        raise InvalidKey(f"{what}s cannot be rendered as text ({exc})") from None
 
 
 def _data_cells(fn: Any, seen: set[int]) -> list[str]:

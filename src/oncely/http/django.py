@@ -189,7 +189,19 @@ def _problem(exc: HttpProblem, config: IdempotencyConfig) -> DjangoResponse:
 
 
 def _read_body(request: DjangoRequest, limit: int, expected: int | None) -> bytes | BodyError:
-    """The whole body through Django (``request.body``, so the view reads it again)."""
+    """The whole body through Django (``request.body``, so the view reads it again).
+
+    Under WSGI Django reads no further than ``CONTENT_LENGTH`` (0 when absent), so a chunked
+    body would be an empty ``request.body`` for oncely and for the view alike, and two different
+    payloads would look the same: :attr:`BodyError.LENGTH_REQUIRED` (411) instead. Under ASGI
+    Django reads the whole body."""
+    meta = request.META
+    if (
+        "wsgi.input" in meta
+        and str(meta.get("HTTP_TRANSFER_ENCODING", "")).strip()
+        and not str(meta.get("CONTENT_LENGTH") or "").strip()
+    ):
+        return BodyError.LENGTH_REQUIRED
     try:
         body: bytes = request.body
     except RequestDataTooBig:  # over DATA_UPLOAD_MAX_MEMORY_SIZE

@@ -26,7 +26,7 @@ __all__ = ["FingerprintSpec", "Fingerprinter", "json_fields", "request_fingerpri
 Fingerprinter = Callable[[HttpRequest, bytes], str]
 FingerprintSpec = Sequence[str] | Fingerprinter | None
 
-_MISSING: Any = {"$oncely": "missing"}
+_MISSING: Any = object()
 
 
 def request_fingerprint(request: HttpRequest, body: bytes) -> str:
@@ -36,11 +36,13 @@ def request_fingerprint(request: HttpRequest, body: bytes) -> str:
     ``application/*+json``) counts by its parsed value, together with the media type: member
     order, whitespace, string escapes (``"\\u0041"`` is ``"A"``) and number spelling (``1``,
     ``1.0``, ``1e0``) do not matter; duplicate member names are kept, in order, so
-    ``{"a":1,"a":2}`` differs from ``{"a":2}``. Any other body counts byte for byte.
+    ``{"a":1,"a":2}`` differs from ``{"a":2}``. Numbers count by exact decimal value (never
+    through a float). Any other body counts byte for byte.
 
     :returns: 40 hex digits.
-    :raises InvalidPayload: the body of a JSON media type is not JSON (the middleware answers
-        400 ``request-body-invalid`` before anything runs).
+    :raises InvalidPayload: the body of a JSON media type is not JSON, holds ``NaN`` or
+        ``Infinity`` (not JSON, RFC 8259 §6) or a number whose exponent is out of range (the
+        middleware answers 400 ``request-body-invalid`` before anything runs).
     """
     media = request.content_type()
     if body.strip() and is_json_media_type(media):
@@ -66,20 +68,35 @@ class _Canon(str):
     __slots__ = ()
 
 
-_PRECISE = decimal.Context(prec=decimal.MAX_PREC, Emax=decimal.MAX_EMAX, Emin=decimal.MIN_EMIN)
+class _Object(list[tuple[str, Any]]):
+    """A parsed JSON object: its members in document order (duplicate names kept)."""
+
+    __slots__ = ()
+
+
+_PRECISE = decimal.Context(
+    prec=decimal.MAX_PREC,
+    Emax=decimal.MAX_EMAX,
+    Emin=decimal.MIN_EMIN,
+    traps=[decimal.Overflow, decimal.InvalidOperation],
+)
 
 
 def _number(text: str) -> _Canon:
+    """A JSON number by value: ``1``, ``1.0``, ``1e0`` and ``10e-1`` give ``1``.
+
+    :raises ValueError: the exponent is beyond what any decoder can hold (about 10**18).
+    """
     try:
-        value = decimal.Decimal(text)
+        value = _PRECISE.create_decimal(text)
         value = decimal.Decimal(0) if value.is_zero() else value.normalize(_PRECISE)
-    except (ArithmeticError, ValueError):  # pragma: no cover - json only hands over numbers
-        return _Canon(text)
+    except ArithmeticError:
+        raise ValueError(f"the number {text[:40]!r} is out of range") from None
     return _Canon(str(value))
 
 
-def _constant(text: str) -> _Canon:  # NaN, Infinity, -Infinity: not JSON, but Python reads them
-    return _Canon(text)
+def _constant(text: str) -> _Canon:
+    raise ValueError(f"{text} is not a JSON value (RFC 8259 §6 has no NaN or Infinity)")
 
 
 def _encode(value: Any) -> str:
@@ -93,28 +110,35 @@ def _encode(value: Any) -> str:
         return "false"
     if value is None:
         return "null"
+    if isinstance(value, _Object):
+        ordered = sorted(value, key=lambda pair: pair[0])  # stable: duplicates keep their order
+        return "{" + ",".join(json.dumps(k) + ":" + _encode(v) for k, v in ordered) + "}"
     return "[" + ",".join(_encode(item) for item in value) + "]"
 
 
-def _object(pairs: list[tuple[str, Any]]) -> _Canon:
-    ordered = sorted(pairs, key=lambda pair: pair[0])  # stable: duplicate names keep their order
-    return _Canon("{" + ",".join(json.dumps(k) + ":" + _encode(v) for k, v in ordered) + "}")
+def _parse(body: bytes) -> Any:
+    """The JSON value of ``body``: numbers as canonical text, objects as :class:`_Object`.
+
+    :raises ValueError: not JSON, NaN/Infinity, or a number out of range.
+    :raises RecursionError: nested too deep.
+    """
+    return json.loads(
+        body,
+        parse_float=_number,
+        parse_int=_number,
+        parse_constant=_constant,
+        object_pairs_hook=_Object,
+    )
 
 
 def canonical_json(body: bytes, media: bytes = b"application/json") -> bytes:
     """One canonical text per JSON value (members sorted by name, numbers by value).
 
-    :raises InvalidPayload: ``body`` is not JSON (or nests too deep).
+    :raises InvalidPayload: ``body`` is not JSON (or nests too deep, or holds ``NaN``,
+        ``Infinity`` or a number whose exponent is out of range).
     """
     try:
-        value = json.loads(
-            body,
-            parse_float=_number,
-            parse_int=_number,
-            parse_constant=_constant,
-            object_pairs_hook=_object,
-        )
-        return _encode(value).encode("ascii")
+        return _encode(_parse(body)).encode("ascii")
     except (ValueError, RecursionError) as exc:
         kind = media.decode("latin-1")
         raise InvalidPayload(f"the request body is not valid JSON ({kind}): {exc}") from None
@@ -123,8 +147,14 @@ def canonical_json(body: bytes, media: bytes = b"application/json") -> bytes:
 def json_fields(*paths: str) -> Fingerprinter:
     """Fingerprint method, path and the values at dotted ``paths`` of a JSON object body.
 
-    ``json_fields("amount", "customer.id", "items.0.sku")``; list items by index. A missing
-    field counts as different from ``null``. A body that is not a JSON object gets 400.
+    ``json_fields("amount", "customer.id", "items.0.sku")``; list items by index. Values count
+    as JSON values, as :func:`request_fingerprint` counts a body: ``1``, ``1.0`` and ``1e0``
+    are one number, ``{"a":1,"b":2}`` and ``{"b":2,"a":1}`` one object. A missing field counts
+    as different from ``null``.
+
+    :raises InvalidPayload: (the middleware answers 400 ``request-body-invalid``) the body is
+        not a JSON object, holds ``NaN``/``Infinity`` or a number out of range, or a member on
+        a chosen path appears twice (which one the application reads depends on its parser).
     """
     if not paths or any(not isinstance(p, str) or not p for p in paths):
         raise ConfigurationError(
@@ -134,31 +164,43 @@ def json_fields(*paths: str) -> Fingerprinter:
 
     def fingerprint(request: HttpRequest, body: bytes) -> str:
         try:
-            doc = json.loads(body)
+            doc = _parse(body)
         except (ValueError, RecursionError) as exc:
             raise InvalidPayload(
                 f"the request body must be JSON to check fields {list(paths)}: {exc}"
             ) from None
-        if not isinstance(doc, dict):
+        if not isinstance(doc, _Object):
             raise InvalidPayload(
                 f"the request body must be a JSON object to check fields {list(paths)}"
             )
-        values = [_pick(doc, parts) for parts in split]
-        text = json.dumps(
-            [request.method, request.path, values], sort_keys=True, separators=(",", ":")
-        )
-        return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:40]
+        digest = hashlib.sha256()
+        for part in (request.method, request.path):
+            digest.update(json.dumps(part).encode("utf-8", "surrogateescape") + b"\n")
+        for path, parts in zip(paths, split):
+            value = _pick(doc, parts, path)
+            digest.update((_MISSING_TEXT if value is _MISSING else _encode(value)).encode())
+            digest.update(b"\n")
+        return digest.hexdigest()[:40]
 
     return fingerprint
 
 
-def _pick(doc: Any, parts: tuple[str, ...]) -> Any:
+_MISSING_TEXT = "-"  # no JSON value is this text
+
+
+def _pick(doc: Any, parts: tuple[str, ...], path: str) -> Any:
     value = doc
     for part in parts:
-        if isinstance(value, dict):
-            if part not in value:
+        if isinstance(value, _Object):
+            found = [v for name, v in value if name == part]
+            if not found:
                 return _MISSING
-            value = value[part]
+            if len(found) > 1:
+                raise InvalidPayload(
+                    f"the request body has member {part!r} (on the path {path!r}) more than "
+                    "once; send each member once (RFC 8259 §4: names SHOULD be unique)"
+                )
+            value = found[0]
         elif isinstance(value, list) and part.isdigit() and int(part) < len(value):
             value = value[int(part)]
         else:

@@ -71,6 +71,7 @@ from oncely.http.messages import HttpRequest, HttpResponse, IdempotencyInfo
 from oncely.http.problems import (
     BODY_INCOMPLETE,
     BODY_INVALID,
+    BODY_LENGTH_REQUIRED,
     BODY_TOO_LARGE,
     IN_FLIGHT,
     KEY_INVALID,
@@ -130,6 +131,9 @@ class Respond:
 class BodyError(enum.Enum):
     TOO_LARGE = "too large"
     INCOMPLETE = "incomplete"
+    #: The request has a body (``Transfer-Encoding``) the server gives no way to read to its
+    #: end (a WSGI server without ``wsgi.input_terminated``): refused, never read as empty.
+    LENGTH_REQUIRED = "length required"
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,6 +309,13 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
         return
     if body is BodyError.INCOMPLETE:
         yield problem(BODY_INCOMPLETE, "the request body ended before it was complete")
+        return
+    if body is BodyError.LENGTH_REQUIRED:
+        yield problem(
+            BODY_LENGTH_REQUIRED,
+            "this server cannot read a request body sent without Content-Length (chunked) to "
+            "its end, so it cannot be compared with a retry; send Content-Length",
+        )
         return
     assert isinstance(body, bytes)
 

@@ -26,6 +26,7 @@ from oncely.settings import SETTINGS
 __all__ = [
     "BODY_INCOMPLETE",
     "BODY_INVALID",
+    "BODY_LENGTH_REQUIRED",
     "BODY_TOO_LARGE",
     "IF_MATCH_INVALID",
     "IN_FLIGHT",
@@ -79,6 +80,9 @@ NOT_REPLAYABLE = ProblemType(
 BODY_TOO_LARGE = ProblemType("request-body-too-large", 413, "Request body is too large")
 BODY_INCOMPLETE = ProblemType("request-body-incomplete", 400, "Request body is incomplete")
 BODY_INVALID = ProblemType("request-body-invalid", 400, "Request body cannot be fingerprinted")
+BODY_LENGTH_REQUIRED = ProblemType(
+    "request-length-required", 411, "Request body length is required (send Content-Length)"
+)
 STORE_UNAVAILABLE = ProblemType(
     "store-unavailable", 503, "Idempotency store is unavailable; nothing was done"
 )
@@ -107,6 +111,7 @@ PROBLEM_TYPES: tuple[ProblemType, ...] = (
     BODY_TOO_LARGE,
     BODY_INCOMPLETE,
     BODY_INVALID,
+    BODY_LENGTH_REQUIRED,
     STORE_UNAVAILABLE,
     TOKEN_MISSING,
     TOKEN_FORGED,

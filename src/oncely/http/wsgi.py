@@ -43,7 +43,7 @@ from oncely.http.perform import perform
 from oncely.http.problems import from_exception
 from oncely.http.routes import Resolver
 
-__all__ = ["INFO_KEY", "WSGIIdempotencyMiddleware"]
+__all__ = ["INFO_KEY", "WSGIIdempotencyMiddleware", "has_unsized_body"]
 
 log = logging.getLogger("oncely.http")
 
@@ -54,6 +54,17 @@ WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
 #: Environ key holding the :class:`~oncely.http.messages.IdempotencyInfo` of a request.
 INFO_KEY = "oncely.idempotency"
 _CHUNK = 65536
+
+
+def has_unsized_body(environ: Environ) -> bool:
+    """True if the request says it has a body (``Transfer-Encoding``, RFC 9112 §6.1) but gives
+    no ``CONTENT_LENGTH`` and no ``wsgi.input_terminated``: PEP 3333 lets the app read no further
+    than ``CONTENT_LENGTH``, so the body cannot be read to its end."""
+    return (
+        bool(environ.get("HTTP_TRANSFER_ENCODING", "").strip())
+        and not (environ.get("CONTENT_LENGTH") or "").strip()
+        and not environ.get("wsgi.input_terminated")
+    )
 
 
 def _status_line(status: int) -> str:
@@ -192,6 +203,11 @@ class _Exchange:
 
     # -- request body ------------------------------------------------------------------------------
     def _read_body(self, limit: int) -> bytes | BodyError:
+        """The whole request body: ``CONTENT_LENGTH`` bytes, or up to the end of a stream the
+        server terminates (``wsgi.input_terminated``, as Gunicorn, Werkzeug and mod_wsgi set
+        for a chunked body). A body without either (``Transfer-Encoding`` on a server that
+        neither de-chunks it nor ends the stream, such as ``wsgiref``) cannot be read to its
+        end: :attr:`BodyError.LENGTH_REQUIRED` (411), never an empty body."""
         environ = self.environ
         stream = environ.get("wsgi.input")
         declared = environ.get("CONTENT_LENGTH") or ""
@@ -219,6 +235,8 @@ class _Exchange:
                     if size > limit:
                         return BodyError.TOO_LARGE
                     chunks.append(chunk)
+            elif has_unsized_body(environ):
+                return BodyError.LENGTH_REQUIRED
         except (OSError, ValueError) as exc:
             log.info("oncely.http: reading the request body failed: %s", exc)
             return BodyError.INCOMPLETE

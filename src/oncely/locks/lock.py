@@ -34,6 +34,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Final, Literal, overload
 
+from oncely.backends.forks import after_fork
 from oncely.backends.registry import lock_backend_class as backend_class
 from oncely.backends.registry import shared_lock_backend as shared_backend
 from oncely.core.cancelsafe import keep_alive
@@ -163,6 +164,15 @@ class Lock:
         self._lost: LockLost | None = None
         self._renewal: _Renewal | None = None
         self._renew_task: asyncio.Task[None] | None = None
+        after_fork(self, Lock._forked)
+
+    def _forked(self) -> None:
+        """In a forked child the parent holds the lock, not this copy of the instance: here it
+        is not held (a release from the child would free the parent's lock under the same
+        owner token), and no renewal runs for it."""
+        self._mutex = threading.Lock()
+        self._hold, self._holder, self._acquiring = None, "", ""
+        self._renewal = self._renew_task = None
 
     def __repr__(self) -> str:
         held = "held" if self._hold is not None else "free"

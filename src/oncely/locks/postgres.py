@@ -54,8 +54,16 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from oncely.backends.forks import after_fork, inherit
 from oncely.backends.plans import Plan, arun, run
-from oncely.backends.postgres import AsyncConn, SyncConn, conninfo, network_defaults, schema_lock_id
+from oncely.backends.postgres import (
+    AsyncConn,
+    SyncConn,
+    check_connect_options,
+    conninfo,
+    network_defaults,
+    schema_lock_id,
+)
 from oncely.backends.urls import redact_url
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
@@ -208,6 +216,7 @@ class PostgresLockBackend(LockBackend):
         self.create_schema = create_schema
         kwargs: dict[str, Any] = network_defaults(self.conninfo, timeout)
         kwargs["application_name"] = "oncely-lock"
+        check_connect_options(options, url, ("table", "create_schema", "max_size", "timeout"))
         kwargs.update(options)
         kwargs["autocommit"] = True
         self._kwargs = kwargs
@@ -230,6 +239,14 @@ class PostgresLockBackend(LockBackend):
         self._pool: ConnectionPool[SyncConn] | None = None
         self._lock = threading.Lock()
         self._schema_ready = not create_schema
+        after_fork(self, PostgresLockBackend._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's pool is never used or closed; a new one opens on
+        demand. (A lock the parent held stays the parent's: its session is the parent's.)"""
+        inherit(self._pool)
+        self._pool = None
+        self._lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"PostgresLockBackend({redact_url(self.url)!r})"

@@ -54,9 +54,9 @@ def _pool() -> ThreadPoolExecutor:
     return _executor
 
 
-def _reset_pool() -> None:  # a forked child cannot use its parent's threads
-    global _executor
-    _executor = None
+def _reset_pool() -> None:  # a forked child cannot use its parent's threads (or their lock)
+    global _executor, _executor_lock
+    _executor, _executor_lock = None, threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

@@ -82,7 +82,8 @@ class SQLiteLockBackend(LockBackend):
         poll_interval: float = 0.01,
         workers: int = 4,
     ) -> None:
-        path, options = parse_url(url, "SQLite lock URL")
+        # A URL shared with the store may carry its options: the lock reads them too.
+        path, options = parse_url(url, "SQLite lock URL", ("synchronous", "busy_timeout"))
         if not table.isidentifier():
             raise ConfigurationError(f"table name {table!r} must be a plain identifier")
         if not 0.001 <= poll_interval <= 10:
@@ -93,6 +94,11 @@ class SQLiteLockBackend(LockBackend):
         self.path = path
         self.table = table
         self.busy_timeout = float(busy_timeout or options.get("busy_timeout") or 5.0)
+        self.synchronous = options.get("synchronous", "NORMAL").upper()
+        if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ConfigurationError(
+                f"synchronous={self.synchronous!r}: use OFF, NORMAL (default), FULL or EXTRA"
+            )
         self.poll_interval = poll_interval
         self._sql = {
             name: text.replace("{t}", table)
@@ -119,7 +125,7 @@ class SQLiteLockBackend(LockBackend):
                 self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
             )
             enable_wal(conn, self.busy_timeout)  # retries the lock SQLite does not wait for
-            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(self._sql["schema"])
         except sqlite3.Error as exc:
             raise StoreUnavailable(

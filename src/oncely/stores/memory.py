@@ -11,7 +11,9 @@ import threading
 import time
 from dataclasses import replace
 
+from oncely.backends.forks import after_fork
 from oncely.core.records import ClaimOutcome, New, Record, RecordKey
+from oncely.errors import ConfigurationError
 from oncely.stores.base import Store, claimable, classify, lease_lost
 from oncely.stores.polling import apoll_until
 
@@ -136,8 +138,19 @@ class MemoryStore(Store):
     schemes = ("memory",)
 
     def __init__(self, url: str = "memory://") -> None:
+        """:raises ConfigurationError: ``url`` carries options (``memory://`` takes none)."""
         super().__init__(url)
+        if url.partition("://")[2].strip("/"):
+            raise ConfigurationError(
+                f"memory store URL {url!r} takes no host, path or options; use 'memory://'"
+            )
         self.state = MemoryState()
+        self._cond = threading.Condition()
+        # A forked child has its own copy of the records; a condition another thread held at
+        # the fork would stay locked there.
+        after_fork(self, MemoryStore._forked)
+
+    def _forked(self) -> None:
         self._cond = threading.Condition()
 
     def now(self) -> float:

@@ -38,7 +38,6 @@ event loop.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from typing import Any, Final
 import aiomysql  # type: ignore[import-untyped]
 import pymysql
 
+from oncely.backends.forks import after_fork, inherit
 from oncely.backends.loops import LoopLocal
 from oncely.backends.mysql import (
     GONE,
@@ -349,11 +349,17 @@ class MySQLStore(PlannedStore):
         self._statements = {flag: _Statements(self.table, flag) for flag in (True, False)}
         self._lock = threading.Lock()
         self._pool: SyncPool | None = None
-        self._pid = os.getpid()
         self._loops = LoopLocal(
             lambda: LoopPool(self.max_size, self.timeout), LoopPool.aclose, LoopPool.abandon
         )
         self._schema_ready = False
+        after_fork(self, MySQLStore._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's sockets are never used; a new pool opens on demand."""
+        inherit(self._pool)
+        self._pool = None
+        self._lock = threading.Lock()
 
     # -- errors --------------------------------------------------------------------------------
     @property
@@ -425,11 +431,9 @@ class MySQLStore(PlannedStore):
 
     def _sync_pool(self) -> SyncPool:
         pool = self._pool
-        if pool is not None and self._pid == os.getpid():
+        if pool is not None:
             return pool
         with self._lock:
-            if self._pid != os.getpid():  # forked: the parent's sockets are not ours to use
-                self._pid, self._pool = os.getpid(), None
             if self._pool is None:
                 # Connect once now: a wrong URL or a dead server fails here with the driver's
                 # reason, and we learn which SQL dialect the server speaks.

@@ -34,12 +34,14 @@ from psycopg import errors as pg_errors
 from psycopg import sql
 from psycopg_pool import ConnectionPool, PoolTimeout
 
+from oncely.backends.forks import after_fork, inherit
 from oncely.backends.loops import LoopLocal
 from oncely.backends.plans import Exec, Plan
 from oncely.backends.postgres import (
     AsyncConn,
     LoopConnections,
     SyncConn,
+    check_connect_options,
     conninfo,
     network_defaults,
     schema_lock_id,
@@ -480,6 +482,11 @@ class PostgresStore(PlannedStore):
         kwargs: dict[str, Any] = {"autocommit": True, **network_defaults(self.conninfo, timeout)}
         if "application_name" not in self.conninfo:
             kwargs["application_name"] = "oncely"
+        check_connect_options(
+            options,
+            url,
+            ("table", "create_schema", "min_size", "max_size", "timeout", "watch_max_size"),
+        )
         kwargs.update(options)
         kwargs["autocommit"] = True
         self._kwargs = kwargs
@@ -497,6 +504,14 @@ class PostgresStore(PlannedStore):
         self._schema_ready = False
         #: How many claim statements ran again because of the READ COMMITTED snapshot race.
         self.claim_retries = 0
+        after_fork(self, PostgresStore._forked)
+
+    def _forked(self) -> None:
+        """In a forked child: the parent's pools (their sockets, their worker threads) are never
+        used or closed; new pools open on demand."""
+        inherit(self._pool, self._watch_pool)
+        self._pool = self._watch_pool = None
+        self._lock = threading.Lock()
 
     # -- errors --------------------------------------------------------------------------------
     @property

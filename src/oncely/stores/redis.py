@@ -39,6 +39,7 @@ import redis
 import redis.asyncio
 from redis.exceptions import RedisError
 
+from oncely.backends.forks import after_fork
 from oncely.backends.lua import Script, evalsha
 from oncely.backends.plans import Command, Eval, Plan
 from oncely.backends.redis import RedisClients, ms
@@ -240,8 +241,15 @@ class RedisStore(PlannedStore):
         # Each subscribed waiter holds a connection; past this many, waiters poll instead, so a
         # burst of duplicates cannot drain the pool that claims and completions need.
         self._watch_slots = threading.BoundedSemaphore(max(1, max_watchers))
+        self._max_watchers = max(1, max_watchers)
+        after_fork(self, RedisStore._forked)
         #: Seconds the sync face waits for each reply (None: without bound).
         self.socket_timeout = self.redis.socket_timeout
+
+    def _forked(self) -> None:
+        """In a forked child the parent's waiters hold no slot (redis-py's pools reset
+        themselves on the child's first command)."""
+        self._watch_slots = threading.BoundedSemaphore(self._max_watchers)
 
     # -- keys ----------------------------------------------------------------------------------
     def _key(self, key: RecordKey) -> str:

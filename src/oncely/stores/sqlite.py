@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Any
 
+from oncely.backends.forks import after_fork
 from oncely.backends.plans import Exec, Plan, Sleep
 from oncely.backends.sqlite import CLOCK as NOW
 from oncely.backends.sqlite import Connections, Workers, enable_wal, execute, is_busy, parse_url
@@ -189,7 +190,7 @@ class SQLiteStore(PlannedStore):
         workers: int = 8,
     ) -> None:
         super().__init__(url)
-        self.path, options = parse_url(url, "SQLite URL")
+        self.path, options = parse_url(url, "SQLite URL", ("synchronous", "busy_timeout"))
         self.synchronous = (synchronous or options.get("synchronous", "FULL")).upper()
         if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigurationError(
@@ -219,6 +220,7 @@ class SQLiteStore(PlannedStore):
         )
         self._lock = threading.Lock()
         self._file_ready = False
+        after_fork(self, SQLiteStore._forked)
         self._create_schema = create_schema
         # Without create_schema, mode=rw: SQLite refuses to create a missing file.
         self._target = (
@@ -226,6 +228,10 @@ class SQLiteStore(PlannedStore):
             if create_schema
             else pathlib.Path(os.path.abspath(self.path)).as_uri() + "?mode=rw"
         )
+
+    def _forked(self) -> None:
+        # Its Connections and Workers reset themselves; a lock held at the fork would not.
+        self._lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------------
     def _open(self) -> sqlite3.Connection:

@@ -1,0 +1,122 @@
+"""HTTP fingerprints count JSON values, not their spelling, and refuse what is not JSON.
+
+Red-team input (session brief, item 7): with ``fingerprint=json_fields("amount")`` a retry
+spelling ``1`` as ``1.0`` (or ``100`` as ``1e2``) got 422 although it is the same JSON value,
+while ``1e400`` and ``1e500`` (two different numbers) shared one fingerprint because both
+became a float infinity. NaN, which is not JSON, was fingerprinted like a value.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from oncely.errors import InvalidPayload
+from oncely.http import GLOBAL, HttpRequest, IdempotencyConfig, json_fields
+from oncely.http.fingerprint import canonical_json, request_fingerprint
+
+from conftest import StoreFactory
+from http_apps.harness import FACES
+
+pytestmark = pytest.mark.timeout(60)
+
+REQUEST = HttpRequest("POST", "/orders", b"", [(b"content-type", b"application/json")])
+
+#: Pairs of bodies holding the same JSON value in other words.
+SAME_VALUE = [
+    (b'{"amount": 1}', b'{"amount": 1.0}'),
+    (b'{"amount": 100}', b'{"amount": 1e2}'),
+    (b'{"amount": 100}', b'{"amount": 1.00E+2}'),
+    (b'{"amount": 0}', b'{"amount": -0.0}'),
+    (b'{"amount": 1.5}', b'{"amount": 15e-1}'),
+    (b'{"amount": [1, {"b": 2, "a": 1}]}', b'{"amount": [1.0, {"a": 1e0, "b": 2}]}'),
+    (b'{"amount": "A"}', b'{"amount": "\\u0041"}'),
+    (b'{"amount": 1e400}', b'{"amount": 10e399}'),
+]
+
+#: Pairs of bodies whose chosen field holds different values.
+DIFFERENT_VALUE = [
+    (b'{"amount": 1e400}', b'{"amount": 1e500}'),  # both a float infinity to json.loads
+    (b'{"amount": 1}', b'{"amount": "1"}'),
+    (b'{"amount": 1}', b'{"amount": true}'),
+    (b'{"amount": null}', b"{}"),
+    (b'{"amount": 12345678901234567890.1}', b'{"amount": 12345678901234567890.2}'),
+    (b'{"amount": 0.1}', b'{"amount": 0.10000000000000001}'),
+    (b'{"amount": [1, 2]}', b'{"amount": [2, 1]}'),
+]
+
+NOT_JSON_VALUES = [
+    b'{"amount": NaN}',
+    b'{"amount": Infinity}',
+    b'{"amount": -Infinity}',
+    b'{"amount": 1e99999999999999999999}',  # an exponent no decoder holds
+    b'{"amount": 1, "amount": 2}',  # which one does the application read?
+]
+
+
+@pytest.mark.parametrize(("first", "second"), SAME_VALUE)
+def test_json_fields_counts_values_not_spellings(first: bytes, second: bytes) -> None:
+    fingerprint = json_fields("amount")
+    assert fingerprint(REQUEST, first) == fingerprint(REQUEST, second)
+    assert request_fingerprint(REQUEST, first) == request_fingerprint(REQUEST, second)
+
+
+@pytest.mark.parametrize(("first", "second"), DIFFERENT_VALUE)
+def test_json_fields_tells_different_values_apart(first: bytes, second: bytes) -> None:
+    fingerprint = json_fields("amount")
+    assert fingerprint(REQUEST, first) != fingerprint(REQUEST, second)
+    assert request_fingerprint(REQUEST, first) != request_fingerprint(REQUEST, second)
+
+
+@pytest.mark.parametrize("body", NOT_JSON_VALUES)
+def test_values_that_are_not_json_are_refused_not_crashed_on(body: bytes) -> None:
+    with pytest.raises(InvalidPayload):
+        json_fields("amount")(REQUEST, body)
+    if b'"amount": 1,' not in body:  # the default keeps duplicate names, in order
+        with pytest.raises(InvalidPayload):
+            canonical_json(body)
+
+
+def test_huge_numbers_are_fingerprinted_exactly() -> None:
+    fingerprint = json_fields("n")
+    digits = b"9" * 5000  # beyond int()'s default 4300 digits
+    assert fingerprint(REQUEST, b'{"n": %s}' % digits) == fingerprint(
+        REQUEST, b'{"n": %s.0}' % digits
+    )
+    assert fingerprint(REQUEST, b'{"n": %s}' % digits) != fingerprint(
+        REQUEST, b'{"n": %s8}' % digits[:-1]
+    )
+
+
+@pytest.fixture(params=["asgi", "wsgi"])
+def face_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_through_the_middleware(face_kind: str, make_store: StoreFactory) -> None:
+    store = make_store("memory")[0]
+    config = IdempotencyConfig(store=store, scope=GLOBAL, fingerprint=["amount", "items"])
+    face = FACES[face_kind](config)
+    kind = ("Content-Type", "application/json")
+
+    def key() -> tuple[str, str]:
+        return ("Idempotency-Key", f'"{uuid.uuid4()}"')
+
+    same = key()
+    first = await face.request("POST", "/orders", [same, kind], b'{"amount": 1, "items": [1e2]}')
+    assert first.status == 201
+    again = await face.request(
+        "POST", "/orders", [same, kind], b'{"items": [100.0], "amount": 1.0, "note": "x"}'
+    )
+    assert again.replayed and again.body == first.body
+    other = await face.request("POST", "/orders", [same, kind], b'{"amount": 2, "items": [100]}')
+    assert other.status == 422
+    for body in NOT_JSON_VALUES:
+        reply = await face.request("POST", "/orders", [key(), kind], body)
+        assert (reply.status, reply.problem) == (400, "request-body-invalid"), body
+        default = FACES[face_kind](IdempotencyConfig(store=store, scope=GLOBAL))
+        if b'"amount": 1,' not in body:
+            reply = await default.request("POST", "/orders", [key(), kind], body)
+            assert (reply.status, reply.problem) == (400, "request-body-invalid"), body
+    assert face.calls["/orders"] == 1
