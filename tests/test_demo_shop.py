@@ -1,10 +1,13 @@
 """The demo shop, in process: its contract, bad input as problem+json (never a 500, never an
-effect), the 501 answers of pending features, and the settlement job's fence."""
+effect), each feature's mechanism against duplicates (and its absence unprotected), and the
+settlement job's fence."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,10 +15,14 @@ import httpx
 import pytest
 
 from oncely.demo.shop.app import create_app
-from oncely.demo.shop.db import ShopDB
+from oncely.demo.shop.db import ORDERS, ShopDB
 from oncely.demo.shop.features.settlement import settle_once
+from oncely.demo.shop.features.shipping import Shipper
+from oncely.demo.shop.queue import EmbeddedQueue
 from oncely.demo.shop.settings import Settings
+from oncely.errors import IllegalTransition, StaleVersion
 from oncely.locks import Lock
+from oncely.messaging.outbox import OutboxMessage
 
 
 def _settings(tmp_path: Path, protected: bool) -> Settings:
@@ -95,10 +102,15 @@ def _bad_requests(order_id: str) -> list[tuple[str, str, bytes | None, dict[str,
         ("GET", "/orders", None, {}),
         ("DELETE", "/ledger", None, {}),
         ("GET", "/no/such/path", None, {}),
-        ("GET", "/accounts/acct-1", None, {}),
-        ("POST", "/accounts/acct-1/credit", b"{", key()),
+        ("GET", "/accounts/no-such-account", None, {}),
+        ("POST", "/accounts/acct-1/credit", b"{", {**key(), "If-Match": '"1"'}),
+        ("POST", "/accounts/acct-1/credit", js({"amount": -3}), {**key(), "If-Match": '"1"'}),
+        ("POST", "/accounts/acct-1/credit", js({"amount": 10**30}), {**key(), "If-Match": '"1"'}),
+        ("POST", "/accounts/acct-1/credit", js({"amount": "5"}), {**key(), "If-Match": '"1"'}),
+        ("POST", "/accounts/no-such/credit", js({"amount": 5}), {**key(), "If-Match": '"1"'}),
         ("POST", "/orders/ord_missing/cancel", js({"amount": -5}), key()),
         ("POST", "/orders/ord_missing/ship", b"nope", key()),
+        ("POST", f"/orders/{order_id}/ship", b"", key()),
         ("POST", "/webhooks/payment", b"{", key()),
     ]
     return cases
@@ -124,20 +136,162 @@ async def test_bad_input_gets_problem_json_and_changes_nothing(shop: httpx.Async
     assert (await shop.get("/stock/sku-1")).json() == stock
 
 
-async def test_pending_features_answer_501_naming_their_mechanism(
+async def test_ship_requests_dispatch_once_through_outbox_relay_and_inbox(
+    shop: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A paid order asked to ship 12 times at once, then twice more. Protected: one outbox
+    message; the relay publishes it, the queue delivers it twice (a republish, as after a relay
+    killed mid-batch) and the inbox lets one dispatch through. Unprotected: one per request."""
+    protected = (await shop.get("/healthz")).json()["protected"]
+    order = await _order(shop, "to-ship")
+    oid = str(order["order_id"])
+    early = await shop.post(f"/orders/{oid}/ship", headers=_headers())
+    assert early.status_code == 409 and early.json()["order_status"] == "placed"
+    token = await shop.post("/payment-tokens", json={"order_id": oid}, headers=_headers())
+    paid = await shop.post(
+        f"/orders/{oid}/pay",
+        json={"amount": order["amount"]},
+        headers={**_headers(), "Payment-Token": token.json()["token"]},
+    )
+    assert paid.status_code == 200, paid.text
+    answers = await asyncio.gather(
+        *(shop.post(f"/orders/{oid}/ship", headers=_headers()) for _ in range(12))
+    )
+    answers += [await shop.post(f"/orders/{oid}/ship", headers=_headers()) for _ in range(2)]
+    assert all(a.status_code == 202 for a in answers), [a.text for a in answers]
+    if protected:
+        db = ShopDB(tmp_path / "shop.db")
+        queue = EmbeddedQueue(tmp_path / "queue.db")
+        shipper = Shipper(db, queue)
+        assert shipper.relay.run_once() == 1  # one message for 14 requests
+        (message,) = queue.take()
+        queue.put(OutboxMessage(0, message[1], "shipments", message[2]))  # a republish
+        assert shipper.step() == (0, 1)  # two deliveries, one dispatch
+        assert queue.take() == [] and shipper.step() == (0, 0)
+        shipper.close()
+    ships = [e for e in (await shop.get("/ledger")).json() if e["kind"] == "ship"]
+    assert [e["key"] for e in ships] == [oid] * (1 if protected else 14)
+
+
+async def test_account_credit_contract(shop: httpx.AsyncClient) -> None:
+    protected = (await shop.get("/healthz")).json()["protected"]
+    read = await shop.get("/accounts/acct-2")
+    assert read.status_code == 200 and read.headers["etag"] == '"1"'
+    assert read.json() == {"account_id": "acct-2", "balance": 0, "version": 1}
+    credit = {"amount": 7}
+    ok = await shop.post(
+        "/accounts/acct-2/credit", json=credit, headers={**_headers("c-1"), "If-Match": '"1"'}
+    )
+    assert ok.status_code == 200, ok.text
+    assert ok.headers["etag"] == '"2"' and ok.json()["balance"] == 7
+    stale = await shop.post(
+        "/accounts/acct-2/credit", json=credit, headers={**_headers("c-2"), "If-Match": '"1"'}
+    )
+    missing = await shop.post("/accounts/acct-2/credit", json=credit, headers=_headers("c-3"))
+    if protected:
+        assert stale.status_code == 412, stale.text
+        assert stale.json()["current_etag"] == '"2"'
+        assert missing.status_code == 428, missing.text
+        for answer in (stale, missing):
+            assert answer.headers["content-type"].startswith("application/problem+json")
+        # the retry after a re-read, under the same key (the 412 was not stored)
+        again = await shop.post(
+            "/accounts/acct-2/credit", json=credit, headers={**_headers("c-2"), "If-Match": '"2"'}
+        )
+        assert again.status_code == 200 and again.headers["etag"] == '"3"'
+        assert (await shop.get("/accounts/acct-2")).json()["balance"] == 14
+    else:  # unprotected: If-Match is ignored, every credit is written
+        assert stale.status_code == 200 and missing.status_code == 200
+        assert (await shop.get("/accounts/acct-2")).json()["balance"] == 21
+
+
+async def test_concurrent_credits_lose_no_update_only_when_oncely_is_on(
     shop: httpx.AsyncClient,
 ) -> None:
-    expected = {
-        ("GET", "/accounts/acct-1"): "oncely.sql",
-        ("POST", "/accounts/acct-1/credit"): "oncely.sql",
-        ("POST", "/orders/o/cancel"): "oncely.statemachine",
-        ("POST", "/orders/o/ship"): "oncely.messaging",
-        ("POST", "/webhooks/payment"): "oncely.messaging",
-    }
-    for (method, path), mechanism in expected.items():
-        response = await shop.request(method, path, json={}, headers=_headers("k-" + path))
-        assert response.status_code == 501, (path, response.text)
-        assert response.json()["mechanism"] == mechanism
+    """32 clients credit one account at once, each reading its ETag and retrying on 412:
+    protected, the balance is the sum of every credit; unprotected (read-modify-write without
+    the version check) concurrent credits overwrite each other."""
+    protected = (await shop.get("/healthz")).json()["protected"]
+    conflicts = 0
+
+    async def client(i: int) -> None:
+        nonlocal conflicts
+        for _ in range(200):
+            tag = (await shop.get("/accounts/acct-3")).headers["etag"]
+            answer = await shop.post(
+                "/accounts/acct-3/credit",
+                json={"amount": i + 1},
+                headers={**_headers(f"credit-{i}"), "If-Match": tag},
+            )
+            if answer.status_code == 200:
+                return
+            assert answer.status_code in (409, 412), answer.text
+            conflicts += 1
+        raise AssertionError("a credit never got through")
+
+    await asyncio.gather(*(client(i) for i in range(32)))
+    balance = (await shop.get("/accounts/acct-3")).json()["balance"]
+    credits = [e for e in (await shop.get("/ledger")).json() if e["kind"] == "credit"]
+    assert len(credits) == 32 and sum(e["amount"] for e in credits) == sum(range(1, 33))
+    if protected:
+        assert balance == sum(range(1, 33))
+        assert conflicts > 0  # the race really happened, and was retried
+    else:
+        assert balance < sum(range(1, 33))  # lost updates
+
+
+async def test_cancel_gives_the_stock_back_once_only_when_oncely_is_on(
+    shop: httpx.AsyncClient,
+) -> None:
+    """16 concurrent cancels of one order, then 4 more: all answer 200 cancelled; protected,
+    the stock comes back once (state machine + barrier); unprotected, once per cancel that
+    passed the status check. A cancelled order cannot be paid."""
+    protected = (await shop.get("/healthz")).json()["protected"]
+    stock = (await shop.get("/stock/sku-2")).json()["stock"]
+    order = await _order(shop, "to-cancel")
+    oid = order["order_id"]
+    answers = await asyncio.gather(
+        *(shop.post(f"/orders/{oid}/cancel", headers=_headers()) for _ in range(16))
+    )
+    answers += [await shop.post(f"/orders/{oid}/cancel", headers=_headers()) for _ in range(4)]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    assert all(a.json() == {"order_id": oid, "status": "cancelled"} for a in answers)
+    restocks = [e for e in (await shop.get("/ledger")).json() if e["kind"] == "restock"]
+    after = (await shop.get("/stock/sku-2")).json()["stock"]
+    if protected:
+        assert len(restocks) == 1 and after == stock
+    else:
+        assert len(restocks) > 1 and after > stock
+    token = await shop.post("/payment-tokens", json={"order_id": oid}, headers=_headers())
+    paid = await shop.post(
+        f"/orders/{oid}/pay",
+        json={"amount": order["amount"]},
+        headers={**_headers(), "Payment-Token": token.json()["token"]},
+    )
+    assert paid.status_code == 409 and paid.json()["order_status"] == "cancelled"
+    other = await shop.post(f"/orders/{oid}-x/cancel", headers=_headers())
+    assert other.status_code == 404
+
+
+async def test_webhook_redeliveries_are_acted_upon_once_only_when_oncely_is_on(
+    shop: httpx.AsyncClient,
+) -> None:
+    """One event delivered 12 times at once and 3 more times: protected, one ledger row and
+    exactly one answer with duplicate=false; unprotected, one row per delivery."""
+    protected = (await shop.get("/healthz")).json()["protected"]
+    event = {"event_id": "evt-1", "order_id": "ord_x", "amount": 250}
+    answers = await asyncio.gather(*(shop.post("/webhooks/payment", json=event) for _ in range(12)))
+    answers += [await shop.post("/webhooks/payment", json=event) for _ in range(3)]
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
+    fresh = [a for a in answers if a.json() == {"event_id": "evt-1", "duplicate": False}]
+    rows = [e for e in (await shop.get("/ledger")).json() if e["kind"] == "webhook"]
+    if protected:
+        assert len(fresh) == 1 and len(rows) == 1
+        assert rows[0]["key"] == "evt-1" and rows[0]["amount"] == 250
+    else:
+        assert len(fresh) == 15 and len(rows) == 15
+    other = await shop.post("/webhooks/payment", json={"event_id": "evt-2"})
+    assert other.json() == {"event_id": "evt-2", "duplicate": False}
 
 
 async def test_order_and_payment_contract(shop: httpx.AsyncClient) -> None:
@@ -212,8 +366,62 @@ def test_a_handler_run_again_after_a_crash_applies_once(tmp_path: Path) -> None:
     assert db.record_charge(first.id, first.amount, "txn-b", once=True) == "txn-a"
     kinds = [e["kind"] for e in db.ledger()]
     assert kinds == ["order", "charge"]
-    assert db.stock("sku-1") == 1_000_000 - 2
+    # a credit run again for the same key returns the first result and writes nothing
+    credited = db.credit("acct-1", 5, 1, "alice/credit-1")
+    assert db.credit("acct-1", 5, 1, "alice/credit-1") == credited
+    with pytest.raises(StaleVersion):  # another key with the old version: refused, no write
+        db.credit("acct-1", 5, 1, "alice/credit-2")
+    assert db.account("acct-1") == credited and credited.balance == 5
+    assert [e["kind"] for e in db.ledger()] == ["order", "charge", "credit"]
+    # a paid order cancelled twice gives its stock back once; a shipped one refuses
+    assert db.cancel(first.id) is True and db.cancel(first.id) is False
+    assert db.stock("sku-1") == 1_000_000
+    shipped = db.place_order("alice", "sku-1", 1, "alice/key-2", once=True)
+    assert shipped is not None
+    db.record_charge(shipped.id, shipped.amount, "txn-c", once=True)
+    with db.write() as w:
+        ORDERS.apply(w, shipped.id, "ship")
+    with pytest.raises(IllegalTransition):
+        db.cancel(shipped.id)
+    assert [e["kind"] for e in db.ledger()].count("restock") == 1
+    assert db.stock("sku-1") == 1_000_000 - 1  # the shipped order's unit
     # unprotected (once=False) the same two runs are two orders: the double effect
     db.place_order("bob", "sku-1", 1, "bob/key-1")
     db.place_order("bob", "sku-1", 1, "bob/key-1")
     assert [e["key"] for e in db.ledger()].count("bob/key-1") == 2
+
+
+def test_the_order_timeout_and_a_cancel_racing_it_give_the_stock_back_once(
+    tmp_path: Path,
+) -> None:
+    """Unpaid orders expire (``placed -> cancelled`` and the stock back, behind the same
+    barrier branch as a cancel); 8 threads expiring while 8 cancel the same orders: each
+    order's stock comes back once. A paid order never expires."""
+    db = ShopDB(tmp_path / "shop.db")
+    db.create()
+    orders = [db.place_order("alice", "sku-3", 2, f"alice/t-{i}", once=True) for i in range(10)]
+    paid = db.place_order("alice", "sku-3", 1, "alice/t-paid", once=True)
+    assert paid is not None and all(o is not None for o in orders)
+    db.record_charge(paid.id, paid.amount, "txn-t", once=True)
+    assert db.stock("sku-3") == 1_000_000 - 21
+
+    def expire() -> None:
+        ShopDB(db.path).expire_unpaid(0.0)
+
+    def cancel_all() -> None:
+        mine = ShopDB(db.path)
+        for o in orders:
+            assert o is not None
+            mine.cancel(o.id)
+
+    threads = [threading.Thread(target=fn) for fn in [expire, cancel_all] * 8]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    restocks = [e for e in db.ledger() if e["kind"] == "restock"]
+    assert sorted(e["key"] for e in restocks) == sorted(o.id for o in orders if o is not None)
+    assert db.stock("sku-3") == 1_000_000 - 1  # only the paid order's unit is still out
+    assert db.expire_unpaid(0.0) == 0
+    still = db.order(paid.id)
+    assert still is not None and still.status == "paid"

@@ -538,6 +538,46 @@ def _database(url: str, create: bool = False) -> Iterator[Any]:
         conn.close()
 
 
+# -- inbox and outbox tables (oncely.messaging) ------------------------------------------------
+inbox_app = typer.Typer(help="The transactional inbox table.", no_args_is_help=True)
+outbox_app = typer.Typer(help="The transactional outbox table.", no_args_is_help=True)
+app.add_typer(inbox_app, name="inbox")
+app.add_typer(outbox_app, name="outbox")
+DbUrl = Annotated[str, typer.Argument(help="sqlite:///file.db, postgresql://… or mysql://…")]
+Batch = Annotated[int, typer.Option("--batch", min=1, help="Rows deleted per transaction")]
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r} is not a duration: {exc}") from exc
+
+
+def _older(default: str) -> Any:
+    return typer.Option(
+        "--older-than", help=f"Keep rows younger than this (e.g. 30m, 24h, 7d; default {default})"
+    )
+
+
+def _purge_table(url: str, table_kind: str, table: str | None, older: str, batch: int) -> int:
+    from oncely.messaging.inbox import Inbox, connect
+    from oncely.messaging.outbox import Outbox
+
+    seconds = _duration(older)
+    target = (Inbox if table_kind == "inbox" else Outbox)(**({"table": table} if table else {}))
+    try:
+        conn = connect(url)
+    except Exception as exc:
+        raise _fail(exc if isinstance(exc, OncelyError) else OncelyError(str(exc))) from exc
+    try:
+        return target.purge(conn, seconds, batch=batch)
+    except OncelyError as exc:
+        raise _fail(exc) from exc
+    finally:
+        conn.close()
+
+
 @barrier_app.command("init")
 def barrier_init(url: BusinessDb, table: BarrierTable = "oncely_barrier") -> None:
     """Create the barrier table and its index in the business database; safe to run again."""
@@ -579,44 +619,6 @@ def barrier_purge(
     except OncelyError as exc:
         raise _fail(exc) from exc
     console.print(f"purged {count} barrier row(s) older than {older_than}")
-
-
-# -- inbox and outbox tables (oncely.messaging) ------------------------------------------------
-inbox_app = typer.Typer(help="The transactional inbox table.", no_args_is_help=True)
-outbox_app = typer.Typer(help="The transactional outbox table.", no_args_is_help=True)
-app.add_typer(inbox_app, name="inbox")
-app.add_typer(outbox_app, name="outbox")
-DbUrl = Annotated[str, typer.Argument(help="sqlite:///file.db, postgresql://… or mysql://…")]
-Batch = Annotated[int, typer.Option("--batch", min=1, help="Rows deleted per transaction")]
-
-
-def _duration(text: str) -> float:
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise typer.BadParameter(f"{text!r} is not a duration: {exc}") from exc
-
-
-def _older(default: str) -> Any:
-    return typer.Option(
-        "--older-than", help=f"Keep rows younger than this (e.g. 30m, 24h, 7d; default {default})"
-    )
-
-
-def _purge_table(url: str, table_kind: str, table: str | None, older: str, batch: int) -> int:
-    from oncely.messaging.inbox import Inbox, connect
-    from oncely.messaging.outbox import Outbox
-
-    seconds = _duration(older)
-    target = (Inbox if table_kind == "inbox" else Outbox)(**({"table": table} if table else {}))
-    try:
-        conn = connect(url)
-    except Exception as exc:
-        raise _fail(exc if isinstance(exc, OncelyError) else OncelyError(str(exc))) from exc
-    try:
-        return target.purge(conn, seconds, batch=batch)
-    except OncelyError as exc:
-        raise _fail(exc) from exc
 
 
 @inbox_app.command("purge")

@@ -36,6 +36,7 @@ METRICS: list[tuple[str, Any, bool]] = [
     ("double effects", lambda r: r.double_effects, True),
     ("lost operations", lambda r: r.lost, True),
     ("stock drift (units)", lambda r: r.stock_drift, True),
+    ("lost updates (balance, cents)", lambda r: r.lost_updates, True),
     ("bad input: sent / mishandled", lambda r: f"{r.bad_sent} / {r.bad_failures}", False),
     ("latency p50 / p99", lambda r: f"{r.percentile(50):.0f} / {r.percentile(99):.0f} ms", False),
     ("time", lambda r: f"{r.seconds:.1f} s", False),

@@ -141,7 +141,7 @@ class Service:
                 import psycopg
 
                 with psycopg.connect(s.store, autocommit=True) as conn:
-                    for table in (f"{s.tag}_records", f"{s.tag}_locks"):
+                    for table in (f"{s.tag}_records", f"{s.tag}_locks", f"{s.tag}_dedup"):
                         conn.execute(f'DROP TABLE IF EXISTS "{table}"')
             elif s.scheme in ("mysql", "mariadb"):
                 store = open_store(s.store, **s.store_options())

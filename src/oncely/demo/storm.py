@@ -56,6 +56,7 @@ KINDS: dict[str, float] = {
     "credit": 0.10,
     "cancel": 0.05,
     "webhook": 0.05,
+    "ship": 0.05,
 }
 #: The request that tells whether a kind's endpoint exists (bogus ids: it changes nothing).
 DISCOVERY: dict[str, tuple[str, str, dict[str, Any] | None]] = {
@@ -64,14 +65,25 @@ DISCOVERY: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "credit": ("GET", "/accounts/storm-discovery", None),
     "cancel": ("POST", "/orders/storm-discovery/cancel", {}),
     "webhook": ("POST", "/webhooks/payment", {}),
+    "ship": ("POST", "/orders/storm-discovery/ship", {}),
 }
 #: Kinds the storm can drive today; a later mechanism adds its driver here.
-DRIVEN = ("order", "pay")
+DRIVEN = ("order", "pay", "credit", "cancel", "webhook", "ship")
+#: seconds the storm waits for effects a service applies after answering (shipping's queue)
+ASYNC_WAIT = 20.0
 DEFAULT_SKUS = tuple(f"sku-{i}" for i in range(1, 9))
+#: the accounts credits go to (the demo shop opens these; few, so that credits contend)
+DEFAULT_ACCOUNTS = tuple(f"acct-{i}" for i in range(1, 9))
 PATTERNS = {
     "order": ("concurrent", "sequential", "timeout", "changed-body"),
     "pay": ("concurrent", "sequential", "timeout", "changed-body", "double-submit"),
+    "credit": ("concurrent", "sequential", "timeout"),
+    "cancel": ("concurrent", "sequential", "timeout"),
+    "webhook": ("concurrent", "sequential", "timeout"),
+    "ship": ("concurrent", "sequential", "timeout"),
 }
+#: rounds of read (ETag) + conditional write a credit gets before it counts as lost
+CREDIT_ROUNDS = 60
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 
 
@@ -95,6 +107,7 @@ class StormConfig:
     attempts: int = 25
     bad_fraction: float = 0.03
     skus: Sequence[str] = DEFAULT_SKUS
+    accounts: Sequence[str] = DEFAULT_ACCOUNTS
     customers: int = 50
     faults: Sequence[Fault] = ()
     #: seconds to wait after the last operation before reading the ledger (background jobs)
@@ -115,6 +128,9 @@ class Op:
     key: str
     expects: list[tuple[str, str]] = field(default_factory=list)
     units: dict[str, int] = field(default_factory=dict)
+    #: units a cancel gives back (sku -> units), with the order id whose restock row says so
+    restock: dict[str, int] = field(default_factory=dict)
+    restock_key: str = ""
     succeeded: bool = False
     detail: str = ""
 
@@ -134,6 +150,9 @@ class StormResult:
     lost_examples: list[str] = field(default_factory=list)
     stock_drift: int = 0
     drift_by_sku: dict[str, int] = field(default_factory=dict)
+    #: sum over the accounts of |balance - the credits the ledger applied| (overwritten credits)
+    lost_updates: int = 0
+    lost_updates_by_account: dict[str, int] = field(default_factory=dict)
     bad_sent: int = 0
     bad_failures: int = 0
     bad_examples: list[str] = field(default_factory=list)
@@ -156,6 +175,7 @@ class StormResult:
             self.double_effects == 0
             and self.lost == 0
             and self.stock_drift == 0
+            and self.lost_updates == 0
             and self.bad_failures == 0
             and self.operations > 0
         )
@@ -176,6 +196,8 @@ class StormResult:
             "lost_examples": self.lost_examples,
             "stock_drift": self.stock_drift,
             "stock_drift_by_sku": self.drift_by_sku,
+            "lost_updates": self.lost_updates,
+            "lost_updates_by_account": self.lost_updates_by_account,
             "bad_input": {
                 "sent": self.bad_sent,
                 "failures": self.bad_failures,
@@ -198,6 +220,7 @@ class _Answer:
     replayed: bool = False
     error: str = ""
     content_type: str = ""
+    etag: str = ""
 
 
 def _problem_slug(body: Any) -> str:
@@ -255,6 +278,7 @@ class _Client:
                 _problem_slug(parsed),
                 response.header("idempotent-replayed").lower() == "true",
                 content_type=response.header("content-type"),
+                etag=response.header("etag"),
             )
             retryable = response.status in RETRY_STATUSES or (
                 response.status == 409 and answer.problem == "request-in-flight"
@@ -429,6 +453,158 @@ class _Storm:
         if not op.succeeded:
             op.detail = f"paying {order_id}: {_describe(originals)}"
 
+    async def credit(self, op: Op) -> None:
+        """Credit an account the optimistic way: read its ``ETag``, send the ``k`` copies with
+        ``If-Match`` and one ``Idempotency-Key``; when every copy got ``412`` (another credit
+        landed in between), read again and send the next round, as a client of a versioned
+        resource does. A credit applied twice, or overwritten, shows in the ledger / balance."""
+        account = self.rng.choice(list(self.config.accounts))
+        amount = self.rng.randint(1, 100)
+        headers = {**_bearer(op.customer), "Idempotency-Key": op.key}
+        op.expects.append(("credit", f"{op.customer}/{op.key}"))
+        answers: list[_Answer] = []
+        for _ in range(CREDIT_ROUNDS):
+            read = await self.client.send("GET", f"/accounts/{account}")
+            if read.status != 200 or not read.etag:
+                op.detail = f"reading {account}: {_describe([read])}"
+                return
+            tag = read.etag
+
+            async def send(i: int, changed: dict[str, Any] | None, tag: str = tag) -> _Answer:
+                timeout = (
+                    self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
+                )
+                return await self.client.send(
+                    "POST",
+                    f"/accounts/{account}/credit",
+                    body={"amount": amount},
+                    headers={**headers, "If-Match": tag},
+                    first_timeout=timeout,
+                )
+
+            answers = await self.copies(op, send, None)
+            if any(a.status == 200 for a in answers):
+                op.succeeded = True
+                return
+            if not all(a.status == 412 for a in answers):
+                break
+            self.result.duplicates -= max(1, self.config.duplicates) - 1  # a round, not copies
+            await asyncio.sleep(self.rng.uniform(0, 0.02))
+        op.detail = f"crediting {account}: {_describe(answers)}"
+
+    async def cancel(self, op: Op) -> None:
+        """Place an order, then cancel it ``k`` times (concurrent, sequential, or the first
+        copy cut off by a client timeout): one cancellation, the stock given back once."""
+        sku = self.rng.choice(list(self.config.skus))
+        qty = self.rng.randint(1, 5)
+        order_key = f"{op.key}-order"
+        placed = await self.client.send(
+            "POST",
+            "/orders",
+            body={"sku": sku, "qty": qty, "customer": op.customer},
+            headers={**_bearer(op.customer), "Idempotency-Key": order_key},
+        )
+        op.expects.append(("order", f"{op.customer}/{order_key}"))
+        op.units[sku] = qty
+        if placed.status != 201 or not isinstance(placed.body, dict):
+            op.detail = f"placing its order: {_describe([placed])}"
+            return
+        order_id = str(placed.body.get("order_id"))
+        op.expects.append(("restock", order_id))
+        op.restock = {sku: qty}
+        op.restock_key = order_id
+
+        async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
+            timeout = self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
+            return await self.client.send(
+                "POST",
+                f"/orders/{order_id}/cancel",
+                headers=_bearer(op.customer),
+                first_timeout=timeout,
+            )
+
+        answers = await self.copies(op, send, None)
+        op.succeeded = any(
+            a.status == 200 and isinstance(a.body, dict) and a.body.get("status") == "cancelled"
+            for a in answers
+        )
+        if not op.succeeded:
+            op.detail = f"cancelling {order_id}: {_describe(answers)}"
+
+    async def ship(self, op: Op) -> None:
+        """Place and pay an order, then ask ``k`` times to ship it: one ``ship`` effect, which
+        the service may apply after answering (through a queue)."""
+        sku = self.rng.choice(list(self.config.skus))
+        order_key = f"{op.key}-order"
+        placed = await self.client.send(
+            "POST",
+            "/orders",
+            body={"sku": sku, "qty": 1, "customer": op.customer},
+            headers={**_bearer(op.customer), "Idempotency-Key": order_key},
+        )
+        op.expects.append(("order", f"{op.customer}/{order_key}"))
+        op.units[sku] = 1
+        if placed.status != 201 or not isinstance(placed.body, dict):
+            op.detail = f"placing its order: {_describe([placed])}"
+            return
+        order_id = str(placed.body.get("order_id"))
+        op.expects.append(("charge", order_id))
+        token = await self._token(op, order_id)
+        if token is None:
+            return
+        amount = int(placed.body.get("amount", 0))
+
+        async def pay(tok: str, key: str) -> _Answer:
+            return await self.client.send(
+                "POST",
+                f"/orders/{order_id}/pay",
+                body={"amount": amount},
+                headers={**_bearer(op.customer), "Payment-Token": tok, "Idempotency-Key": key},
+            )
+
+        paid = await pay(token, f"{op.key}-pay")
+        if _orphaned_token(paid):  # consumed by a request that died: as in pay(), once more
+            await asyncio.sleep(self.config.lease + 0.5)
+            token = await self._token(op, order_id) or ""
+            if token:
+                paid = await pay(token, f"{op.key}-pay-again")
+        if not _paid([paid]):
+            op.detail = f"paying {order_id}: {_describe([paid])}"
+            return
+        op.expects.append(("ship", order_id))
+
+        async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
+            timeout = self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
+            return await self.client.send(
+                "POST",
+                f"/orders/{order_id}/ship",
+                headers=_bearer(op.customer),
+                first_timeout=timeout,
+            )
+
+        answers = await self.copies(op, send, None)
+        op.succeeded = any(a.status in (200, 202) for a in answers)
+        if not op.succeeded:
+            op.detail = f"shipping {order_id}: {_describe(answers)}"
+
+    async def webhook(self, op: Op) -> None:
+        """A payment notification delivered ``k`` times (as providers redeliver): acted upon
+        once, the copies answered ``{"duplicate": true}``."""
+        event_id = f"evt-{op.key}"
+        event = {"event_id": event_id, "amount": self.rng.randint(1, 10_000)}
+        op.expects.append(("webhook", event_id))
+
+        async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
+            timeout = self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
+            return await self.client.send(
+                "POST", "/webhooks/payment", body=event, first_timeout=timeout
+            )
+
+        answers = await self.copies(op, send, None)
+        op.succeeded = any(a.status == 200 for a in answers)
+        if not op.succeeded:
+            op.detail = f"delivering {event_id}: {_describe(answers)}"
+
     async def _token(self, op: Op, order_id: str) -> str | None:
         issued = await self.client.send(
             "POST", "/payment-tokens", body={"order_id": order_id}, headers=_bearer(op.customer)
@@ -475,6 +651,31 @@ class _Storm:
                 ),
                 ("POST", "/orders", js({"sku": sku, "qty": 1, "customer": ""}), key()),
             ]
+        if "credit" in live:
+            acct = f"/accounts/{self.config.accounts[0]}/credit"
+            tag = {"If-Match": '"1"'}
+            cases += [
+                ("POST", acct, js({"amount": -5}), {**key(), **tag}),
+                ("POST", acct, js({"amount": 10**20}), {**key(), **tag}),
+                ("POST", acct, js({"amount": "5"}), {**key(), **tag}),
+                ("POST", acct, b"{", {**key(), **tag}),
+                ("POST", f"/accounts/{ghost}/credit", js({"amount": 5}), {**key(), **tag}),
+            ]
+        if "webhook" in live:
+            cases += [
+                ("POST", "/webhooks/payment", b"{", key()),
+                ("POST", "/webhooks/payment", js({}), key()),
+                ("POST", "/webhooks/payment", js({"event_id": 5}), key()),
+                ("POST", "/webhooks/payment", js({"event_id": ""}), key()),
+                ("POST", "/webhooks/payment", js({"event_id": ghost, "amount": -1}), key()),
+            ]
+        if "ship" in live:
+            cases += [("POST", f"/orders/{ghost}/ship", b"", key())]
+        if "cancel" in live:
+            cases += [
+                ("POST", f"/orders/{ghost}/cancel", b"", key()),
+                ("POST", "/orders/%20/cancel", b"", key()),
+            ]
         if "pay" in live:
             cases += [
                 ("POST", "/payment-tokens", js({"order_id": ghost}), key()),
@@ -520,6 +721,33 @@ def _orphaned_token(answer: _Answer) -> bool:
     )
 
 
+DRIVERS: dict[str, Callable[[_Storm, Op], Awaitable[None]]] = {
+    "order": _Storm.order,
+    "pay": _Storm.pay,
+    "credit": _Storm.credit,
+    "cancel": _Storm.cancel,
+    "webhook": _Storm.webhook,
+    "ship": _Storm.ship,
+}
+
+
+async def _check_balances(
+    http: Http, accounts: Sequence[str], ledger: list[dict[str, Any]], result: StormResult
+) -> None:
+    """Lost updates: an account's balance must equal the sum of the credits the ledger
+    applied to it (accounts start at 0 and only credits change them); a credit overwritten by a
+    concurrent read-modify-write is in the ledger but not in the balance."""
+    applied: Counter[str] = Counter()
+    for e in ledger:
+        if e.get("kind") == "credit":
+            applied[str(e.get("entity"))] += int(e.get("amount", 0))
+    for account in accounts:
+        body = _ok(await http.get(f"/accounts/{account}"), f"GET /accounts/{account}")
+        missing = applied[account] - int(body["balance"])
+        result.lost_updates_by_account[account] = missing
+        result.lost_updates += abs(missing)
+
+
 def _ok(reply: Reply, what: str) -> Any:
     if reply.status != 200:
         raise RuntimeError(f"{what} answered {reply.status}: {reply.body[:200]!r}")
@@ -563,6 +791,9 @@ def _verify(
             if expect[0] == "order" and counts[expect] > 0:
                 for sku, units in op.units.items():
                     consumed[sku] += units
+        if op.restock_key and counts[("restock", op.restock_key)] > 0:
+            for sku, units in op.restock.items():  # given back, counted once
+                consumed[sku] -= units
         if not (op.succeeded and present):
             result.lost += 1
             if len(result.lost_examples) < 10:
@@ -613,6 +844,7 @@ async def run_storm_async(config: StormConfig, label: str = "") -> StormResult:
         result.by_kind = dict(Counter(op.kind for op in storm.ops))
         result.operations = len(storm.ops)
         before = await _stock(http, config.skus)
+        credit_live = "credit" in live
         work: list[Any] = list(storm.ops)
         bad = storm.bad_requests(live)
         count = max(len(bad), round(config.bad_fraction * config.operations))
@@ -629,7 +861,7 @@ async def run_storm_async(config: StormConfig, label: str = "") -> StormResult:
             nonlocal done
             async with gate:
                 if isinstance(item, Op):
-                    await (storm.order(item) if item.kind == "order" else storm.pay(item))
+                    await DRIVERS[item.kind](storm, item)
                 else:
                     await storm.bad(item)
             done += 1
@@ -648,9 +880,19 @@ async def run_storm_async(config: StormConfig, label: str = "") -> StormResult:
             except Exception as exc:
                 result.faults.append(f"fault failed: {type(exc).__name__}: {exc}")
         await asyncio.sleep(config.grace)
-        after = await _stock(http, config.skus)
         ledger = await _ledger(http)
+        shipped = {("ship", key) for op in storm.ops for kind, key in op.expects if kind == "ship"}
+        deadline = time.monotonic() + ASYNC_WAIT
+        while shipped and time.monotonic() < deadline:
+            present = {(str(e.get("kind")), str(e.get("key"))) for e in ledger}
+            if shipped <= present:
+                break
+            await asyncio.sleep(0.5)
+            ledger = await _ledger(http)
+        after = await _stock(http, config.skus)
         _verify(storm, ledger, before, after)
+        if credit_live:
+            await _check_balances(http, config.accounts, ledger, result)
     result.outcomes = dict(storm.client.outcomes)
     result.seconds = time.perf_counter() - started
     return result

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import threading
 from collections.abc import AsyncIterator
+from typing import cast
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -30,10 +32,12 @@ from oncely.demo.shop.features import (
     verify,
     webhooks,
 )
+from oncely.demo.shop.queue import EmbeddedQueue
 from oncely.demo.shop.settings import Settings
 from oncely.demo.shop.web import customer_of, problem_handler, problem_response
 from oncely.errors import HttpProblem
 from oncely.http import HttpRequest, IdempotencyConfig, IdempotencyMiddleware, Rule
+from oncely.http.conditional import ConditionalMiddleware
 from oncely.stores import open_store
 from oncely.tokens import Tokens
 
@@ -86,7 +90,12 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        stop = threading.Event()
+        if shop.protected:  # the shipping relay and consumer (see features.shipping)
+            shipper = shipping.Shipper(ShopDB(settings.shop_db), EmbeddedQueue(settings.queue_db))
+            threading.Thread(target=shipper.run, args=(stop,), daemon=True).start()
         yield
+        stop.set()
         if shop.store is not None:
             await shop.store.aclose()
             shop.store.close()
@@ -103,7 +112,11 @@ def create_app(settings: Settings | None = None) -> ASGIApp:
     )
     if config is None:
         return app
-    return IdempotencyMiddleware(app, config)
+    # Outermost: a credit without If-Match gets its 428 before any key is claimed.
+    conditional = ConditionalMiddleware(
+        IdempotencyMiddleware(app, config), methods=["POST"], paths=accounts.is_credit_path
+    )
+    return cast(ASGIApp, conditional)
 
 
 def dev_settings(workdir: str) -> Settings:

@@ -22,12 +22,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from oncely.errors import IllegalTransition
 from oncely.locks import fenced_table_sql, fenced_update
+from oncely.messaging.inbox import Inbox
+from oncely.messaging.outbox import Outbox
+from oncely.sql import insert_once, versioned_update
+from oncely.statemachine import Machine, Transition
+from oncely.statemachine.barrier import barrier
+from oncely.statemachine.barrier import create_table as create_barrier_table
+from oncely.statemachine.sql import SqlStateMachine, Table
 
-__all__ = ["PRODUCTS", "Order", "ShopDB"]
+__all__ = ["ACCOUNTS", "ORDERS", "ORDER_MACHINE", "PRODUCTS", "Account", "Order", "ShopDB"]
 
 #: sku -> (price in cents, initial stock in units)
 PRODUCTS: dict[str, tuple[int, int]] = {f"sku-{i}": (100 * i, 1_000_000) for i in range(1, 9)}
+#: the accounts the shop opens (balance 0, version 1); a few, so that credits contend
+ACCOUNTS: tuple[str, ...] = tuple(f"acct-{i}" for i in range(1, 9))
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS products (
@@ -57,6 +67,18 @@ CREATE TABLE IF NOT EXISTS payments (
     order_id       TEXT PRIMARY KEY,
     transaction_id TEXT NOT NULL
 );
+-- the credit requests applied (protected mode: one per request key, insert-once)
+CREATE TABLE IF NOT EXISTS credits (
+    request_key TEXT PRIMARY KEY,
+    account     TEXT NOT NULL,
+    balance     INTEGER NOT NULL,
+    version     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    id      TEXT PRIMARY KEY,
+    balance INTEGER NOT NULL,
+    version INTEGER NOT NULL DEFAULT 1
+);
 CREATE TABLE IF NOT EXISTS ledger (
     seq    INTEGER PRIMARY KEY AUTOINCREMENT,
     kind   TEXT NOT NULL,
@@ -77,26 +99,43 @@ CREATE TABLE IF NOT EXISTS settlement_runs (
 """
 FENCE_TABLE = "settlement_fence"
 
+#: An order's life (protected mode moves it only through these transitions, one conditional
+#: ``UPDATE`` each: :class:`oncely.statemachine.sql.SqlStateMachine`).
+ORDER_MACHINE = Machine(
+    "order",
+    states=["placed", "paid", "shipped", "cancelled"],
+    initial="placed",
+    transitions=[
+        Transition("pay", "placed", "paid"),
+        Transition("ship", "paid", "shipped"),
+        Transition("cancel", ("placed", "paid"), "cancelled"),
+        Transition("expire", "placed", "cancelled"),  # the order timeout: unpaid only
+    ],
+)
+ORDERS = SqlStateMachine(ORDER_MACHINE, Table("orders", id_column="id", state_column="status"))
+#: The barrier branch of an order's stock reservation: ``action`` when the order takes the
+#: stock, ``compensate`` when a cancel gives it back (DTM's sub-transaction barrier).
+STOCK_BRANCH = "stock"
+#: shipping: the request writes its message in the outbox, in the order's transaction; the
+#: carrier's consumer records each message in the inbox, in the dispatch's transaction
+OUTBOX = Outbox(table="shop_outbox")
+INBOX = Inbox(table="shop_inbox")
+CARRIER = "carrier"
+
 
 #: insert-once tables: table -> (unique key column, value column)
 _ONCE = {"order_requests": ("request_key", "order_id"), "payments": ("order_id", "transaction_id")}
 
 
 def _insert_once(w: sqlite3.Connection, table: str, key: str, value: str) -> str | None:
-    """Record ``key -> value`` unless ``key`` is there already (one statement decides); return
-    ``None`` when this call inserted it, else the value stored first."""
+    """Record ``key -> value`` unless ``key`` is there already (:func:`oncely.sql.insert_once`:
+    one statement decides); return ``None`` when this call inserted it, else the value stored
+    first."""
     key_column, value_column = _ONCE[table]
-    inserted = w.execute(
-        f"INSERT INTO {table} ({key_column}, {value_column}) VALUES (?, ?) "
-        f"ON CONFLICT ({key_column}) DO NOTHING RETURNING {value_column}",
-        (key, value),
-    ).fetchone()
-    if inserted is not None:
-        return None
-    (first,) = w.execute(
-        f"SELECT {value_column} FROM {table} WHERE {key_column} = ?", (key,)
-    ).fetchone()
-    return str(first)
+    row, created = insert_once(
+        w, table, {key_column: key, value_column: value}, unique=(key_column,)
+    )
+    return None if created else str(row[value_column])
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +147,13 @@ class Order:
     amount: int
     status: str
     transaction_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    balance: int
+    version: int
 
 
 class ShopDB:
@@ -149,10 +195,18 @@ class ShopDB:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.executescript(_SCHEMA)
         conn.execute(fenced_table_sql(FENCE_TABLE, {"run": "INTEGER"}))
+        ORDERS.create_tables(conn)
+        create_barrier_table(conn)
+        OUTBOX.create_table(conn)
+        INBOX.create_table(conn)
         with self.write() as w:
             w.executemany(
                 "INSERT OR IGNORE INTO products (sku, price, stock) VALUES (?, ?, ?)",
                 [(sku, price, stock) for sku, (price, stock) in PRODUCTS.items()],
+            )
+            w.executemany(
+                "INSERT OR IGNORE INTO accounts (id, balance, version) VALUES (?, 0, 1)",
+                [(a,) for a in ACCOUNTS],
             )
 
     def close(self) -> None:
@@ -181,6 +235,14 @@ class ShopDB:
             .fetchone()
         )
         return None if row is None else Order(*row)
+
+    def account(self, account_id: str) -> Account | None:
+        row = (
+            self._conn()
+            .execute("SELECT id, balance, version FROM accounts WHERE id = ?", (account_id,))
+            .fetchone()
+        )
+        return None if row is None else Account(*row)
 
     def ledger(self) -> list[dict[str, Any]]:
         rows = self._conn().execute("SELECT kind, key, entity, amount, at FROM ledger ORDER BY seq")
@@ -234,6 +296,8 @@ class ShopDB:
                 return None
             amount = int(row[0]) * qty
             now = time.time()
+            if once:  # the reservation is the saga's action: its compensation gives it back
+                barrier(w, order_id, STOCK_BRANCH, "action")
             w.execute(
                 "INSERT INTO orders (id, customer, sku, qty, amount, status, request_key, "
                 "created_at) VALUES (?, ?, ?, ?, ?, 'placed', ?, ?)",
@@ -256,6 +320,9 @@ class ShopDB:
                 first = _insert_once(w, "payments", order_id, transaction_id)
                 if first is not None:
                     return first
+                # placed -> paid, one conditional UPDATE: a cancelled order is not marked paid
+                # (IllegalTransition rolls the charge back).
+                ORDERS.apply(w, order_id, "pay")
             w.execute(
                 "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('charge', ?, ?, ?, ?)",
                 (order_id, transaction_id, amount, time.time()),
@@ -265,6 +332,158 @@ class ShopDB:
                 (transaction_id, order_id),
             )
         return transaction_id
+
+    def expire_unpaid(self, older_than: float, limit: int = 100) -> int:
+        """The order timeout: cancel orders still ``placed`` after ``older_than`` seconds and
+        give their stock back, each through the machine's ``expire`` (``placed -> cancelled``
+        only: an order paid meanwhile is left alone) and the same barrier branch as a cancel,
+        so a timeout racing a cancel gives the stock back once. Returns how many expired."""
+        rows = self._conn().execute(
+            "SELECT id FROM orders WHERE status = 'placed' AND created_at < ? LIMIT ?",
+            (time.time() - older_than, limit),
+        )
+        expired = 0
+        for (order_id,) in rows.fetchall():
+            try:
+                if self.cancel(str(order_id), "expire"):
+                    expired += 1
+            except IllegalTransition:  # paid or cancelled in between
+                continue
+        return expired
+
+    def cancel(self, order_id: str, transition: str = "cancel") -> bool:
+        """Protected cancel: ``placed|paid -> cancelled`` through the order machine and the
+        stock given back behind the barrier (``compensate`` of the order's ``stock`` branch),
+        in one transaction. Returns whether this call gave the stock back; a repeat (or a
+        concurrent duplicate, which waits on the write lock) changes nothing and returns
+        ``False``.
+
+        :raises ~oncely.errors.IllegalTransition: the order has shipped.
+        :raises ~oncely.errors.EntityNotFound: no such order.
+        """
+        with self.write() as w:
+            ORDERS.apply(w, order_id, transition)  # already cancelled: a success, no change
+            if not barrier(w, order_id, STOCK_BRANCH, "compensate").run:
+                return False
+            sku, qty = w.execute("SELECT sku, qty FROM orders WHERE id = ?", (order_id,)).fetchone()
+            self._restock(w, order_id, str(sku), int(qty))
+        return True
+
+    def cancel_unchecked(self, order_id: str, sku: str, qty: int) -> None:
+        """Unprotected cancel: the handler checked the status earlier (check-then-act); this
+        writes the cancellation and gives the stock back whatever happened since."""
+        with self.write() as w:
+            w.execute("UPDATE orders SET status = 'cancelled' WHERE id = ?", (order_id,))
+            self._restock(w, order_id, sku, qty)
+
+    @staticmethod
+    def _restock(w: sqlite3.Connection, order_id: str, sku: str, qty: int) -> None:
+        w.execute("UPDATE products SET stock = stock + ? WHERE sku = ?", (qty, sku))
+        w.execute(
+            "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('restock', ?, ?, ?, ?)",
+            (order_id, sku, qty, time.time()),
+        )
+
+    def credit(
+        self, account_id: str, amount: int, expected_version: int, request_key: str
+    ) -> Account:
+        """Protected credit: add ``amount`` to the balance if the account is still at
+        ``expected_version`` (:func:`oncely.sql.versioned_update`, one ``UPDATE`` decides),
+        with its ledger row, in one transaction. ``request_key`` is recorded with
+        :func:`oncely.sql.insert_once` in the same transaction: a credit run again for the same
+        key (its worker died after the commit, before the HTTP layer stored the answer) returns
+        the first result and writes nothing.
+
+        :raises ~oncely.errors.StaleVersion: the account moved on (answered 412).
+        :raises ~oncely.errors.NotFound: no such account.
+        """
+        with self.write() as w:
+            row, created = insert_once(
+                w,
+                "credits",
+                {"request_key": request_key, "account": account_id, "balance": 0, "version": 0},
+                unique=("request_key",),
+            )
+            if not created:
+                return Account(account_id, int(row["balance"]), int(row["version"]))
+            current = w.execute(
+                "SELECT balance FROM accounts WHERE id = ?", (account_id,)
+            ).fetchone()
+            balance = (0 if current is None else int(current[0])) + amount
+            version = versioned_update(
+                w, "accounts", account_id, {"balance": balance}, expected_version
+            )
+            w.execute(
+                "UPDATE credits SET balance = ?, version = ? WHERE request_key = ?",
+                (balance, version, request_key),
+            )
+            w.execute(
+                "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('credit', ?, ?, ?, ?)",
+                (request_key, account_id, amount, time.time()),
+            )
+        return Account(account_id, balance, version)
+
+    def overwrite_balance(
+        self, account_id: str, balance: int, request_key: str, amount: int
+    ) -> Account:
+        """Unprotected credit: write the balance the handler computed from what it read
+        earlier (read-modify-write without a version check: a credit that landed in between
+        is overwritten, the lost update of source §3.3)."""
+        with self.write() as w:
+            (version,) = w.execute(
+                "UPDATE accounts SET balance = ?, version = version + 1 WHERE id = ? "
+                "RETURNING version",
+                (balance, account_id),
+            ).fetchone()
+            w.execute(
+                "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('credit', ?, ?, ?, ?)",
+                (request_key, account_id, amount, time.time()),
+            )
+        return Account(account_id, balance, int(version))
+
+    def ship(self, order_id: str) -> None:
+        """Protected ship request: ``paid -> shipped`` through the order machine and the
+        shipment message in the outbox (stable id ``ship-<order id>``), one transaction. A
+        repeat changes nothing and adds nothing.
+
+        :raises ~oncely.errors.IllegalTransition: the order is not paid (or cancelled).
+        :raises ~oncely.errors.EntityNotFound: no such order.
+        """
+        with self.write() as w:
+            ORDERS.apply(w, order_id, "ship")
+            OUTBOX.add(w, "shipments", order_id, message_id=f"ship-{order_id}")
+
+    def ship_unchecked(self, order_id: str) -> None:
+        """Unprotected ship request: the carrier is called directly, once per request."""
+        with self.write() as w:
+            w.execute("UPDATE orders SET status = 'shipped' WHERE id = ?", (order_id,))
+            self._dispatch(w, order_id)
+
+    def dispatch(self, message_id: str, order_id: str) -> bool:
+        """The carrier's consumer: dispatch the parcel unless the inbox has the message already
+        (same transaction: a redelivery after a crash between commit and ack finds the row).
+        True when this call dispatched it."""
+        with self.write() as w:
+            if not INBOX.accept(w, CARRIER, message_id):
+                return False
+            self._dispatch(w, order_id)
+        return True
+
+    @staticmethod
+    def _dispatch(w: sqlite3.Connection, order_id: str) -> None:
+        w.execute(
+            "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('ship', ?, ?, 1, ?)",
+            (order_id, CARRIER, time.time()),
+        )
+
+    def record_webhook(self, event_id: str, entity: str, amount: int) -> None:
+        """A payment notification acted upon: its ledger row (kind ``webhook``, key the event
+        id)."""
+        with self.write() as w:
+            w.execute(
+                "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('webhook', ?, ?, ?, ?)",
+                (event_id, entity, amount, time.time()),
+            )
 
     def start_settlement(self, pid: int, fence: int | None, limit: int) -> tuple[int, list[Order]]:
         """Open a settlement run over up to ``limit`` paid, unsettled orders (read, not

@@ -13,6 +13,8 @@ variable                   meaning
 ``ONCELY_DEMO_SECRET``     one-time token signing secret (at least 16 bytes)
 ``ONCELY_DEMO_LEASE``      seconds a request or job holds its key or lock without renewal
 ``ONCELY_DEMO_LATENCY``    seconds the simulated payment provider and bank take per call
+``ONCELY_DEMO_TIMEOUT``    seconds after which the settlement processes cancel an unpaid
+                           order and give its stock back (``0``, the default: never)
 =========================  ====================================================================
 """
 
@@ -42,6 +44,7 @@ class Settings:
     secret: str = ""
     lease: float = 3.0
     latency: float = 0.01
+    order_timeout: float = 0.0
 
     def __post_init__(self) -> None:
         if not _RUN.fullmatch(self.run):
@@ -50,6 +53,10 @@ class Settings:
             raise ConfigurationError("the token secret needs at least 16 bytes")
         if not (self.lease > 0 and 0 <= self.latency < 60):
             raise ConfigurationError("lease must be positive and latency 0-60 seconds")
+        if not 0 <= self.order_timeout < 86400 * 365:
+            raise ConfigurationError(
+                "order_timeout must be 0 (off) or a positive number of seconds"
+            )
 
     @property
     def store(self) -> str:
@@ -59,6 +66,11 @@ class Settings:
     @property
     def shop_db(self) -> Path:
         return self.workdir / "shop.db"
+
+    @property
+    def queue_db(self) -> Path:
+        """The embedded queue shipping goes through (:mod:`oncely.demo.shop.queue`)."""
+        return self.workdir / "queue.db"
 
     @property
     def tag(self) -> str:
@@ -90,6 +102,15 @@ class Settings:
             return self.store, {}
         return f"sqlite:///{self.workdir / 'locks.db'}", {}
 
+    def dedup_target(self) -> tuple[str, dict[str, Any]]:
+        """Store URL and options of the webhook dedup window (:class:`oncely.messaging.dedup.
+        Deduplicator`): oncely's store, in a table / key prefix of this run's own."""
+        if self.scheme in ("postgresql", "postgres", "mysql", "mariadb"):
+            return self.store, {"table": f"{self.tag}_dedup"}
+        if self.scheme in ("redis", "rediss"):
+            return self.store, {"prefix": self.tag}
+        return f"sqlite:///{self.workdir / 'oncely.db'}", {}
+
     def to_env(self) -> dict[str, str]:
         return {
             "ONCELY_DEMO_DIR": str(self.workdir),
@@ -99,6 +120,7 @@ class Settings:
             "ONCELY_DEMO_SECRET": self.secret,
             "ONCELY_DEMO_LEASE": repr(self.lease),
             "ONCELY_DEMO_LATENCY": repr(self.latency),
+            "ONCELY_DEMO_TIMEOUT": repr(self.order_timeout),
         }
 
     @classmethod
@@ -115,4 +137,5 @@ class Settings:
             secret=env.get("ONCELY_DEMO_SECRET", ""),
             lease=float(env.get("ONCELY_DEMO_LEASE", "3")),
             latency=float(env.get("ONCELY_DEMO_LATENCY", "0.01")),
+            order_timeout=float(env.get("ONCELY_DEMO_TIMEOUT", "0")),
         )

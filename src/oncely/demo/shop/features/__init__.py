@@ -13,14 +13,12 @@ module             endpoints                                       mechanism
                                                                    table over HTTP)
 ``payments``       ``POST /payment-tokens``,                       ``oncely.tokens``,
                    ``POST /orders/{id}/pay``                       ``@idempotent``
-``accounts``       ``GET /accounts/{id}``,                         ``oncely.sql`` (pending)
-                   ``POST /accounts/{id}/credit``
+``accounts``       ``GET /accounts/{id}``,                         ``oncely.http.conditional``,
+                   ``POST /accounts/{id}/credit``                  ``oncely.sql``
 ``cancel``         ``POST /orders/{id}/cancel``                    ``oncely.statemachine``
-                                                                   (pending)
 ``shipping``       ``POST /orders/{id}/ship``                      ``oncely.messaging``
-                                                                   (pending)
-``webhooks``       ``POST /webhooks/payment``                      ``oncely.messaging``
-                                                                   (pending)
+                                                                   (outbox, relay, inbox)
+``webhooks``       ``POST /webhooks/payment``                      ``oncely.messaging.dedup``
 ``settlement``     (a periodic job, no endpoint)                   ``oncely.locks``
 ``verify``         ``GET /healthz``, ``/ledger``, ``/stock/{sku}``  none (for verification)
 =================  ==============================================  ==========================

@@ -1,21 +1,79 @@
-"""Cancel an order, or let it time out: a state-machine transition and a barrier-protected
-compensation that gives the stock back (source: idempotent state machine; DTM's barrier).
+"""Cancel an order: a state-machine transition and a barrier-protected compensation that gives
+the stock back (source mechanism 5, "order timeout rollback, stock given back";
+:mod:`oncely.statemachine`, DTM's sub-transaction barrier).
 
-Pending ``oncely.statemachine``: until it lands ``POST /orders/{id}/cancel`` answers 501. The
-contract: 200 ``{"status": "cancelled"}``, repeatable; the stock comes back exactly once.
+``POST /orders/{order_id}/cancel`` -> ``200 {"order_id", "status": "cancelled"}``, repeatable:
+cancelling a cancelled order is the same success. ``409 order-not-cancellable`` (with
+``order_status``) once it has shipped; ``404 order-not-found``.
+
+Protected, one transaction does both halves: ``placed|paid -> cancelled`` through the order
+machine (:data:`oncely.demo.shop.db.ORDER_MACHINE`, one conditional ``UPDATE``), then
+``barrier(conn, order_id, "stock", "compensate")``. The order's own transaction wrote the
+branch's ``action`` row when it took the stock, so the first cancel gets ``EXECUTE`` and gives
+the stock back; every repeat, concurrent or late, gets ``DUPLICATE`` and gives nothing.
+
+Unprotected, the handler reads the order, checks it is not cancelled yet, works a moment and
+then cancels and gives the stock back (check-then-act): concurrent duplicates all pass the
+check and give the stock back once each.
 """
 
 from __future__ import annotations
 
-from oncely.demo.shop.features import Feature, Shop, pending
+import asyncio
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from oncely.demo.shop.db import Order
+from oncely.demo.shop.features import Feature, Shop
+from oncely.demo.shop.web import Problem, caller, path_id
+from oncely.errors import EntityNotFound, IllegalTransition
 
 __all__ = ["feature"]
 
 
+def _not_found(order_id: str) -> Problem:
+    return Problem(404, "order-not-found", "Unknown order", f"no order {order_id!r}")
+
+
+def _not_cancellable(order_id: str, status: str) -> Problem:
+    return Problem(
+        409,
+        "order-not-cancellable",
+        "Order cannot be cancelled",
+        f"order {order_id!r} is {status!r}; only placed or paid orders can be cancelled",
+        order_status=status,
+    )
+
+
 def feature(shop: Shop) -> Feature:
-    return pending(
-        "cancel",
-        "oncely.statemachine",
-        "cancelling an order (state transition and compensation barrier)",
-        [("/orders/{order_id}/cancel", ["POST"])],
+    async def own_order(request: Request, order_id: str) -> Order:
+        order = await shop.run(shop.db.order, order_id)
+        who = caller(request)
+        if order is None or (who is not None and who != order.customer):
+            raise _not_found(order_id)
+        return order
+
+    async def cancel(request: Request) -> Response:
+        order_id = path_id(request, "order_id")
+        order = await own_order(request, order_id)
+        if shop.protected:
+            try:
+                await shop.run(shop.db.cancel, order_id)
+            except IllegalTransition as exc:
+                raise _not_cancellable(order_id, str(exc.current)) from None
+            except EntityNotFound:
+                raise _not_found(order_id) from None
+        elif order.status != "cancelled":
+            if order.status == "shipped":
+                raise _not_cancellable(order_id, order.status)
+            await asyncio.sleep(shop.settings.latency)  # the work between check and act
+            await shop.run(shop.db.cancel_unchecked, order_id, order.sku, order.qty)
+        return JSONResponse({"order_id": order_id, "status": "cancelled"})
+
+    return Feature(
+        name="cancel",
+        mechanism="oncely.statemachine",
+        routes=[Route("/orders/{order_id}/cancel", cancel, methods=["POST"])],
     )

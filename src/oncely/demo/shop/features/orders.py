@@ -9,8 +9,8 @@ and takes the stock again.
 The middleware stores the response after the handler's transaction commits; a worker killed in
 between leaves the key claimed until its lease runs out, and the retry then runs the handler
 again. Protected, the order's transaction also records the (customer, key) pair under a unique
-index, so that second run returns the first order instead of placing another (insert-once;
-``oncely.sql`` will offer this as transactional idempotency and replace the hand-written SQL).
+index, so that second run returns the first order instead of placing another
+(:func:`oncely.sql.insert_once`).
 
 The response sets a ``last_order`` cookie (oncely never stores or replays ``Set-Cookie``), and
 a ``Demo-Fault: raise`` header makes the handler fail before it does anything (``oncely probe``

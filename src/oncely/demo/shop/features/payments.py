@@ -17,9 +17,10 @@ Unprotected, the handler only checks that the order is still ``placed`` before c
 classic check-then-act: concurrent duplicates all pass the check and all charge.
 
 Protected, the charge's transaction also writes one payment row per order under a unique key
-(insert-once): a charge run again because its worker died after the commit but before the
-decorator stored its result returns the first transaction id. ``oncely.sql`` will offer this
-and replace the hand-written SQL.
+(:func:`oncely.sql.insert_once`): a charge run again because its worker died after the commit
+but before the decorator stored its result returns the first transaction id. The order moves
+``placed -> paid`` through the order state machine in the same transaction, so an order
+cancelled while the card was charged is not marked paid (the charge rolls back: 409).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from oncely import idempotent
 from oncely.demo.shop.db import Order
 from oncely.demo.shop.features import Feature, Shop
 from oncely.demo.shop.web import Problem, caller, integer, json_body, path_id, text
-from oncely.errors import TokenError, TokenReused
+from oncely.errors import IllegalTransition, TokenError, TokenReused
 from oncely.http import Rule
 from oncely.tokens import TokenUse
 
@@ -131,7 +132,16 @@ def feature(shop: Shop) -> Feature:
                     "the order is not awaiting payment",
                     order_status=current.status if current else "unknown",
                 )
-            transaction_id = await charge(order_id, amount)
+            try:
+                transaction_id = await charge(order_id, amount)
+            except IllegalTransition as exc:  # cancelled while the charge ran: rolled back
+                raise Problem(
+                    409,
+                    "order-not-payable",
+                    "Order cannot be paid",
+                    "the order is not awaiting payment",
+                    order_status=str(exc.current),
+                ) from None
         except BaseException:
             if use is not None and shop.tokens is not None:
                 await shop.tokens.arelease(use)  # give the token back: the user may retry

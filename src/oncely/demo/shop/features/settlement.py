@@ -73,5 +73,7 @@ def settle_forever(settings: Settings, stop: threading.Event, period: float = 0.
     while not stop.wait(period * random.uniform(0.5, 1.5)):
         try:
             settle_once(settings, db, lock)
+            if settings.protected and settings.order_timeout > 0:
+                db.expire_unpaid(settings.order_timeout)
         except Exception:  # keep the job alive; the next round tries again
             time.sleep(period)
