@@ -161,3 +161,17 @@ def test_bad_input_is_typed_and_writes_nothing(db: Db) -> None:
         conn.rollback()
     conn.commit()
     assert db.run(f"SELECT COUNT(*) FROM {table}") == [(0,)]
+
+
+def test_failed_transaction_is_refused(make_db: Any) -> None:
+    from oncely.errors import TransactionFailed
+
+    db = make_db("postgresql")
+    table = _orders(db)
+    conn = db.connect()
+    with pytest.raises(Exception, match="division by zero"):
+        conn.execute("SELECT 1/0")
+    with pytest.raises(TransactionFailed, match="roll it back"):
+        insert_once(conn, table, {"order_no": "A", "amount": 1}, unique=("order_no",))
+    conn.rollback()
+    assert insert_once(conn, table, {"order_no": "A", "amount": 1}, unique=("order_no",))[1]

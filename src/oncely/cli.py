@@ -6,6 +6,8 @@ oncely keys ls URL           list live records (80 columns; what each belongs to
 oncely keys show URL DIGEST  one record (a stored HTTP response decoded)
 oncely keys rm URL DIGEST    delete one record (the next call runs again)
 oncely purge URL             delete expired records
+oncely inbox purge URL       delete old inbox rows (oncely.messaging.inbox)
+oncely outbox purge URL      delete old sent outbox rows (oncely.messaging.outbox)
 oncely --version
 
 ``--json`` on ``check``, ``keys ls`` and ``keys show`` prints one JSON document instead of a
@@ -44,7 +46,7 @@ from oncely.http.codec import (
     decode_response,
     decode_unreplayable,
 )
-from oncely.settings import SETTINGS, check_environment, resolve
+from oncely.settings import SETTINGS, check_environment, parse_duration, resolve
 from oncely.stores import Store, store_class
 
 __all__ = ["app", "main"]
@@ -460,6 +462,71 @@ def purge(
     except OncelyError as exc:
         raise _fail(exc) from exc
     console.print(f"purged {count} expired record(s)")
+
+
+# -- inbox and outbox tables (oncely.messaging) ------------------------------------------------
+inbox_app = typer.Typer(help="The transactional inbox table.", no_args_is_help=True)
+outbox_app = typer.Typer(help="The transactional outbox table.", no_args_is_help=True)
+app.add_typer(inbox_app, name="inbox")
+app.add_typer(outbox_app, name="outbox")
+DbUrl = Annotated[str, typer.Argument(help="sqlite:///file.db, postgresql://… or mysql://…")]
+Batch = Annotated[int, typer.Option("--batch", min=1, help="Rows deleted per transaction")]
+
+
+def _duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{text!r} is not a duration: {exc}") from exc
+
+
+def _older(default: str) -> Any:
+    return typer.Option(
+        "--older-than", help=f"Keep rows younger than this (e.g. 30m, 24h, 7d; default {default})"
+    )
+
+
+def _purge_table(url: str, table_kind: str, table: str | None, older: str, batch: int) -> int:
+    from oncely.messaging.inbox import Inbox, connect
+    from oncely.messaging.outbox import Outbox
+
+    seconds = _duration(older)
+    target = (Inbox if table_kind == "inbox" else Outbox)(**({"table": table} if table else {}))
+    try:
+        conn = connect(url)
+    except Exception as exc:
+        raise _fail(exc if isinstance(exc, OncelyError) else OncelyError(str(exc))) from exc
+    try:
+        return target.purge(conn, seconds, batch=batch)
+    except OncelyError as exc:
+        raise _fail(exc) from exc
+    finally:
+        conn.close()
+
+
+@inbox_app.command("purge")
+def inbox_purge(
+    url: DbUrl,
+    table: Annotated[str | None, typer.Option("--table", help="default oncely_inbox")] = None,
+    older_than: Annotated[str, _older("7d")] = "7d",
+    batch: Batch = 1000,
+) -> None:
+    """Delete inbox rows older than --older-than, in short transactions. Keep them longer than
+    a broker may redeliver a message: a redelivery after its row is gone runs again."""
+    count = _purge_table(url, "inbox", table, older_than, batch)
+    console.print(f"purged {count} inbox row(s)")
+
+
+@outbox_app.command("purge")
+def outbox_purge(
+    url: DbUrl,
+    table: Annotated[str | None, typer.Option("--table", help="default oncely_outbox")] = None,
+    older_than: Annotated[str, _older("1d")] = "1d",
+    batch: Batch = 1000,
+) -> None:
+    """Delete outbox rows sent more than --older-than ago (unsent rows are never deleted)."""
+    count = _purge_table(url, "outbox", table, older_than, batch)
+    console.print(f"purged {count} sent outbox row(s)")
 
 
 def main() -> None:

@@ -29,7 +29,8 @@ The statement runs in the caller's current transaction (nothing is committed). E
 :class:`~oncely.errors.InvalidIdentifier` (a table or column name that is not a plain
 identifier), :class:`~oncely.errors.UnknownTable` / :class:`~oncely.errors.UnknownColumn`,
 :class:`~oncely.errors.ConfigurationError` when ``unique`` names no unique constraint or a
-unique value is missing or NULL (NULLs never conflict, so they cannot identify a row).
+unique value is missing or NULL (NULLs never conflict, so they cannot identify a row),
+:class:`~oncely.errors.TransactionFailed` when the caller's transaction already failed.
 """
 
 from __future__ import annotations
@@ -113,6 +114,7 @@ def _plan(
                 f"insert_once: unique column {col!r} needs a non-NULL value in values "
                 "(NULLs never conflict, so they cannot identify the row)"
             )
+    c.check_usable()
     t = c.quote(table)
     cols = list(values)
     names = {col: f"v{i}" for i, col in enumerate(cols)}

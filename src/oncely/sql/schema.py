@@ -20,9 +20,20 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from oncely.backends.plans import Exec, Plan
 from oncely.core.records import RecordKey
 from oncely.errors import SchemaMissing, UnknownTable
-from oncely.sql.connections import Dialect, adapt, missing_object, quote
+from oncely.sql.connections import (
+    Dialect,
+    Enter,
+    Leave,
+    SqlConnection,
+    adapt,
+    arun,
+    missing_object,
+    quote,
+    run,
+)
 
 __all__ = [
     "DEFAULT_TABLE",
@@ -95,31 +106,28 @@ def ddl(dialect: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
     return statements
 
 
+def _create(c: SqlConnection, table: str) -> Plan[None]:
+    block = yield Enter(False)
+    try:
+        for statement in ddl(c.dialect, table):
+            yield Exec(statement, {})
+    except BaseException:
+        yield Leave(block, False)
+        raise
+    yield Leave(block, True)
+
+
 def create_tables(conn: Any, table: str = DEFAULT_TABLE) -> None:
     """Create ``table`` (if missing) through ``conn`` and commit (DDL commits implicitly on
     MySQL anyway). ``conn`` is anything :func:`~oncely.sql.connections.adapt` takes."""
     c = adapt(conn)
-    block = c.enter()
-    try:
-        for statement in ddl(c.dialect, table):
-            c.execute(statement, {})
-    except BaseException:
-        c.leave(block, False)
-        raise
-    c.leave(block, True)
+    run(_create(c, table), c)
 
 
 async def acreate_tables(conn: Any, table: str = DEFAULT_TABLE) -> None:
     """The async twin of :func:`create_tables`."""
     c = adapt(conn)
-    block = await c.aenter()
-    try:
-        for statement in ddl(c.dialect, table):
-            await c.aexecute(statement, {})
-    except BaseException:
-        await c.aleave(block, False)
-        raise
-    await c.aleave(block, True)
+    await arun(_create(c, table), c)
 
 
 def schema_missing(exc: BaseException, table: str) -> BaseException:

@@ -347,7 +347,9 @@ def transaction(
     :param codec: how ``set_result`` values are stored (default :class:`~oncely.codecs.JsonCodec`).
     :param wait: True (default): a concurrent duplicate waits for the first transaction to
         end, then replays its result. False: raise :class:`~oncely.errors.InFlightError` at
-        once instead (PostgreSQL and MySQL; SQLite has one writer at a time, so a duplicate
+        once instead (PostgreSQL: ``lock_timeout`` of 5 ms for the claim, local to the
+        transaction; MySQL: ``innodb_lock_wait_timeout`` of 1 s, its minimum, set back to 50 s,
+        the server default, after the claim; SQLite has one writer at a time, so a duplicate
         always waits there for ``BEGIN IMMEDIATE``).
     """
     return Transaction(conn, key=key, scope=scope, table=table, codec=codec, wait=wait)

@@ -1,0 +1,1 @@
+"""Message dedup: idempotent consumers, dedup windows, the transactional inbox and outbox."""

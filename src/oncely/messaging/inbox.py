@@ -1,0 +1,373 @@
+"""The transactional inbox: a message's effect on the database happens once, even if the ack
+is lost.
+
+The consumer records ``(consumer, message id)`` in an inbox table *in the same transaction* as
+the handler's writes. A redelivery finds the row and skips the handler; a crash before the
+commit leaves neither the row nor the effect, so the redelivery runs it. The case that matters
+is the consumer that dies after the commit and before the ack: the broker redelivers, the row is
+there, and the effect is not applied twice (Eventuate's and MassTransit's inbox, DESIGN.md)::
+
+    from oncely.messaging.inbox import Inbox
+
+    inbox = Inbox()                              # table "oncely_inbox"
+    inbox.create_table(conn)                     # once (idempotent)
+
+    with inbox.receive(conn, consumer="billing", message_id=msg.id) as first:
+        if first:                                # not applied before
+            conn.execute("UPDATE accounts SET ...")
+    msg.ack()                                    # after the commit
+
+or, inside a transaction you manage yourself, ``if inbox.accept(conn, "billing", msg.id): ...``.
+
+``conn`` is whatever :func:`oncely.sql.connections.adapt` takes: a sqlite3, psycopg 3, PyMySQL
+or aiomysql connection, a SQLAlchemy ``Connection``/``Session`` (sync or async) or Django's
+``connection``. The async faces (:meth:`Inbox.aaccept`, :meth:`Inbox.areceive`) take the async
+ones.
+
+The decision is one statement: ``INSERT … ON CONFLICT DO NOTHING`` (``INSERT IGNORE`` on
+MySQL/MariaDB), whose row count says whether the row is new. The row is unique on
+``(consumer, message_id)``: a second transaction inserting the same pair *waits* for the first
+to commit or roll back (the unique index locks it), then sees the row (0 rows: duplicate) or not
+(1 row: it runs), so two concurrent deliveries never both apply the effect; this is the "inbox
+row truly locked" that MassTransit users needed. Under PostgreSQL's REPEATABLE READ or
+SERIALIZABLE the waiting transaction gets a serialization failure instead: run it again.
+
+The hook for an idempotent consumer (:mod:`oncely.messaging.consumer`) is
+:meth:`Inbox.accept`: ``accept(conn, consumer, message_id) -> bool`` (``aaccept`` async),
+called inside the handler's transaction.
+
+Rows are kept until :meth:`Inbox.purge` removes those older than a window (``oncely inbox
+purge URL``): keep them longer than the longest a broker may redeliver (MassTransit's default
+duplicate-detection window is 30 minutes; the default here is 7 days).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Final
+
+from oncely.backends.plans import Exec, Plan
+from oncely.errors import ConfigurationError, InvalidKey, OncelyError, StoreError
+from oncely.messaging.dedup import message_id_text
+from oncely.sql.connections import (
+    Dialect,
+    Enter,
+    Leave,
+    SqlConnection,
+    adapt,
+    arun,
+    missing_object,
+    quote,
+    run,
+)
+
+__all__ = [
+    "DEFAULT_KEEP",
+    "MAX_CONSUMER_LENGTH",
+    "Inbox",
+    "connect",
+    "now_sql",
+    "purge_in_batches",
+]
+
+#: Seconds an inbox row is kept by default before :meth:`Inbox.purge` may delete it (7 days).
+DEFAULT_KEEP: Final = 7 * 86400.0
+#: Longest consumer name, in characters.
+MAX_CONSUMER_LENGTH: Final = 200
+
+_NOW: Final[dict[str, str]] = {
+    "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
+    "postgresql": "extract(epoch FROM clock_timestamp())::float8",
+    "mysql": "UNIX_TIMESTAMP(NOW(6))",
+}
+
+
+def now_sql(dialect: str) -> str:
+    """The database's clock in seconds since the epoch, as SQL for ``dialect`` (``sqlite``,
+    ``postgresql``, ``mysql``); what inbox and outbox rows are stamped and purged with."""
+    return _NOW[dialect]
+
+
+def connect(url: str) -> Any:
+    """A new DB-API connection for ``sqlite:///file.db``, ``postgresql://…`` or
+    ``mysql://…`` / ``mariadb://…`` (for relays and ``oncely inbox purge``); close it when
+    done.
+
+    :raises ConfigurationError: another scheme, or a malformed URL.
+    """
+    from oncely.backends.urls import scheme_of
+
+    scheme = scheme_of(url)
+    if scheme == "sqlite":
+        from oncely.backends.sqlite import parse_url
+
+        path, options = parse_url(url, "SQLite URL")
+        conn = sqlite3.connect(
+            path, timeout=float(options.get("busy_timeout", 15)), check_same_thread=False
+        )
+        conn.execute("PRAGMA journal_mode=WAL")
+        return conn
+    if scheme in ("postgresql", "postgres"):
+        import psycopg
+
+        from oncely.backends.postgres import conninfo
+
+        return psycopg.connect(conninfo(url))
+    if scheme in ("mysql", "mariadb"):
+        import pymysql
+
+        from oncely.backends.mysql import connect_args
+
+        return pymysql.connect(**connect_args(url), charset="utf8mb4")
+    raise ConfigurationError(
+        f"{url!r}: give sqlite:///file.db, postgresql://user@host/db or mysql://user@host/db"
+    )
+
+
+def _index_name(table: str, suffix: str) -> str:
+    return f"{table.rsplit('.', 1)[-1]}_{suffix}"[:63]
+
+
+def check_table(table: Any) -> str:
+    if not isinstance(table, str) or not re.fullmatch(
+        r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?", table
+    ):
+        raise ConfigurationError(
+            f"table={table!r} is not a plain SQL identifier: use letters, digits and '_' "
+            "(at most 63, not starting with a digit), optionally 'schema.table'"
+        )
+    return table
+
+
+def translate(exc: Exception, what: str) -> Exception:
+    """A driver error as a typed oncely error (a missing table says how to create it)."""
+    missing = missing_object(exc)
+    if missing is not None:
+        return type(missing)(f"{missing} ({what})")
+    return StoreError(f"{what} failed: {type(exc).__name__}: {exc}")
+
+
+def execute_request(conn: SqlConnection, request: Any) -> Any:
+    """The sync executor of :mod:`oncely.sql.connections` requests on ``conn``."""
+    if isinstance(request, Exec):
+        return conn.execute(request.statement, request.params)
+    if isinstance(request, Enter):
+        return conn.enter(request.savepoint)
+    if isinstance(request, Leave):
+        return conn.leave(request.block, request.commit)
+    raise TypeError(f"unknown request {request!r}")  # pragma: no cover
+
+
+async def aexecute_request(conn: SqlConnection, request: Any) -> Any:
+    """The async face of :func:`execute_request`."""
+    if isinstance(request, Exec):
+        return await conn.aexecute(request.statement, request.params)
+    if isinstance(request, Enter):
+        return await conn.aenter(request.savepoint)
+    if isinstance(request, Leave):
+        return await conn.aleave(request.block, request.commit)
+    raise TypeError(f"unknown request {request!r}")  # pragma: no cover
+
+
+def purge_in_batches(
+    conn: SqlConnection, delete: str, params: dict[str, Any], batch: int
+) -> Plan[int]:
+    """Delete in batches of at most ``batch`` rows, each batch its own short transaction, until
+    one deletes fewer: a plan (sync or async). Refuses a connection inside a transaction (the
+    batches must commit as they go, so live inserts never wait long)."""
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise ConfigurationError(f"batch={batch!r}: give a whole number of rows >= 1")
+    if conn.in_transaction():
+        raise ConfigurationError(
+            "purge commits after each batch: give it a connection with no open transaction "
+            "(commit or roll back first, or open a new one)"
+        )
+    total = 0
+    while True:
+        block = yield Enter(savepoint=False)
+        try:
+            result = yield Exec(delete, {**params, "batch": batch})
+        except BaseException as exc:
+            yield Leave(block, False)
+            if isinstance(exc, Exception) and not isinstance(exc, OncelyError):
+                raise translate(exc, "purge") from exc
+            raise
+        yield Leave(block, True)
+        count = int(result.rowcount)
+        total += max(0, count)
+        if count < batch:
+            return total
+
+
+class Inbox:
+    """The inbox table ``table`` (see the module docs): rows ``(consumer, message_id,
+    received_at)``, unique on ``(consumer, message_id)``, ``received_at`` in seconds since the
+    epoch on the database's clock.
+
+    :param table: table name, optionally ``schema.table`` (plain identifiers only).
+    :raises ConfigurationError: a table name that is not a plain identifier.
+    """
+
+    def __init__(self, table: str = "oncely_inbox") -> None:
+        self.table = check_table(table)
+
+    def __repr__(self) -> str:
+        return f"Inbox(table={self.table!r})"
+
+    # -- SQL -----------------------------------------------------------------------------------
+    def schema_sql(self, dialect: Dialect) -> list[str]:
+        """The statements :meth:`create_table` runs on ``dialect`` (for a migration tool)."""
+        t = quote(self.table, dialect)
+        index = quote(_index_name(self.table, "received_at"), dialect)
+        if dialect == "mysql":
+            return [
+                f"CREATE TABLE IF NOT EXISTS {t} (consumer VARCHAR({MAX_CONSUMER_LENGTH}) NOT "
+                "NULL, message_id VARCHAR(255) NOT NULL, received_at DOUBLE NOT NULL, "
+                f"PRIMARY KEY (consumer, message_id), KEY {index} (received_at)) "
+                "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
+            ]
+        kind = "REAL" if dialect == "sqlite" else "double precision"
+        return [
+            f"CREATE TABLE IF NOT EXISTS {t} (consumer TEXT NOT NULL, message_id TEXT NOT NULL, "
+            f"received_at {kind} NOT NULL, PRIMARY KEY (consumer, message_id))",
+            f"CREATE INDEX IF NOT EXISTS {index} ON {t} (received_at)",
+        ]
+
+    def _accept_sql(self, dialect: Dialect) -> str:
+        t = quote(self.table, dialect)
+        values = f"(:consumer, :message_id, {_NOW[dialect]})"
+        if dialect == "mysql":
+            return f"INSERT IGNORE INTO {t} (consumer, message_id, received_at) VALUES {values}"
+        return (
+            f"INSERT INTO {t} (consumer, message_id, received_at) VALUES {values} "
+            "ON CONFLICT (consumer, message_id) DO NOTHING"
+        )
+
+    def _purge_sql(self, dialect: Dialect) -> str:
+        t = quote(self.table, dialect)
+        old = f"received_at < {_NOW[dialect]} - :older_than"
+        if dialect == "mysql":
+            return f"DELETE FROM {t} WHERE {old} ORDER BY received_at LIMIT :batch"
+        if dialect == "sqlite":
+            return (
+                f"DELETE FROM {t} WHERE rowid IN (SELECT rowid FROM {t} WHERE {old} LIMIT :batch)"
+            )
+        # SKIP LOCKED: rows a live transaction holds are left for the next run, never waited on
+        return (
+            f"DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE {old} "
+            "LIMIT :batch FOR UPDATE SKIP LOCKED))"
+        )
+
+    # -- plans ---------------------------------------------------------------------------------
+    def _create(self, conn: SqlConnection) -> Plan[None]:
+        block = yield Enter(savepoint=True)
+        try:
+            for statement in self.schema_sql(conn.dialect):
+                yield Exec(statement, {})
+        except BaseException:
+            yield Leave(block, False)
+            raise
+        yield Leave(block, True)
+
+    def _accept(self, conn: SqlConnection, consumer: Any, message_id: Any) -> Plan[bool]:
+        params = {"consumer": _consumer(consumer), "message_id": message_id_text(message_id)}
+        conn.check_usable()
+        try:
+            result = yield Exec(self._accept_sql(conn.dialect), params)
+        except Exception as exc:
+            raise translate(exc, f"inbox {self.table!r}") from exc
+        return bool(result.rowcount == 1)
+
+    def _purge(self, conn: SqlConnection, older_than: float, batch: int) -> Plan[int]:
+        if isinstance(older_than, bool) or not isinstance(older_than, (int, float)):
+            raise ConfigurationError(f"older_than={older_than!r}: give seconds (a number >= 0)")
+        if not older_than >= 0:
+            raise ConfigurationError(f"older_than={older_than!r}: give seconds >= 0")
+        sql = self._purge_sql(conn.dialect)
+        return (yield from purge_in_batches(conn, sql, {"older_than": older_than}, batch))
+
+    # -- sync face -----------------------------------------------------------------------------
+    def create_table(self, conn: Any) -> None:
+        """Create the table and its index if missing (a transaction of its own, or a savepoint
+        inside the caller's)."""
+        c = adapt(conn)
+        run(self._create(c), c)
+
+    def accept(self, conn: Any, consumer: str, message_id: Any) -> bool:
+        """Record ``message_id`` for ``consumer`` in the caller's open transaction: True the
+        first time (apply the effect in the same transaction), False for a message already
+        recorded by a committed transaction. Waits for an uncommitted transaction holding the
+        same pair. One statement; commits nothing.
+
+        :raises InvalidKey: an empty or over-long consumer or message id.
+        :raises UnknownTable: the inbox table does not exist (run :meth:`create_table`).
+        :raises TransactionFailed: the caller's transaction already failed.
+        """
+        c = adapt(conn)
+        return bool(run(self._accept(c, consumer, message_id), c))
+
+    @contextlib.contextmanager
+    def receive(self, conn: Any, consumer: str, message_id: Any) -> Iterator[bool]:
+        """A block that yields :meth:`accept`'s answer: commits on success, rolls back (the
+        inbox row with the effect) if the body raises, so the redelivery runs it again. With no
+        transaction open on ``conn`` the block is its own transaction; inside one it is a
+        savepoint and the caller commits."""
+        c = adapt(conn)
+        block = c.enter(savepoint=True)
+        try:
+            first = run(self._accept(c, consumer, message_id), c)
+            yield first
+        except BaseException:
+            c.leave(block, False)
+            raise
+        c.leave(block, True)
+
+    def purge(self, conn: Any, older_than: float = DEFAULT_KEEP, *, batch: int = 1000) -> int:
+        """Delete rows received more than ``older_than`` seconds ago (database clock), in
+        batches of ``batch`` rows, each its own transaction (PostgreSQL skips rows a live
+        transaction holds). Returns how many. ``conn`` must have no open transaction."""
+        c = adapt(conn)
+        return int(run(self._purge(c, older_than, batch), c))
+
+    # -- async face ----------------------------------------------------------------------------
+    async def acreate_table(self, conn: Any) -> None:
+        """The async face of :meth:`create_table`."""
+        c = adapt(conn)
+        await arun(self._create(c), c)
+
+    async def aaccept(self, conn: Any, consumer: str, message_id: Any) -> bool:
+        """The async face of :meth:`accept`."""
+        c = adapt(conn)
+        return bool(await arun(self._accept(c, consumer, message_id), c))
+
+    @contextlib.asynccontextmanager
+    async def areceive(self, conn: Any, consumer: str, message_id: Any) -> AsyncIterator[bool]:
+        """The async face of :meth:`receive`."""
+        c = adapt(conn)
+        block = await c.aenter(savepoint=True)
+        try:
+            first = await arun(self._accept(c, consumer, message_id), c)
+            yield first
+        except BaseException:
+            await c.aleave(block, False)
+            raise
+        await c.aleave(block, True)
+
+    async def apurge(
+        self, conn: Any, older_than: float = DEFAULT_KEEP, *, batch: int = 1000
+    ) -> int:
+        """The async face of :meth:`purge`."""
+        c = adapt(conn)
+        return int(await arun(self._purge(c, older_than, batch), c))
+
+
+def _consumer(consumer: Any) -> str:
+    if isinstance(consumer, str) and consumer and len(consumer) <= MAX_CONSUMER_LENGTH:
+        return consumer
+    raise InvalidKey(
+        f"consumer={consumer!r}: name the consumer (a non-empty str of at most "
+        f"{MAX_CONSUMER_LENGTH} characters, stable across deploys, e.g. 'billing')"
+    )

@@ -1,0 +1,648 @@
+"""oncely.messaging.inbox and .outbox on real SQLite, PostgreSQL and MariaDB, with a real
+broker (Redis Streams) for the relay, and a relay killed with SIGKILL mid-batch."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from typer.testing import CliRunner
+
+from oncely.cli import app
+from oncely.errors import (
+    ConfigurationError,
+    InvalidKey,
+    InvalidPayload,
+    StoreError,
+    StoreUnavailable,
+    UnknownTable,
+)
+from oncely.messaging.inbox import Inbox, connect
+from oncely.messaging.outbox import Outbox, OutboxMessage, Relay
+
+from conftest import MYSQL_URL, POSTGRES_URL, REDIS_URL
+
+KINDS = ["sqlite", "postgres", "mysql"]
+SERVERS = ["postgres", "mysql"]
+HERE = Path(__file__).resolve().parent
+
+
+class Db:
+    """One test's database: a URL, connections it opened, and tables it must drop."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.url = {
+            "sqlite": f"sqlite:///{tmp_path}/inbox.db",
+            "postgres": POSTGRES_URL,
+            "mysql": MYSQL_URL,
+        }[kind]
+        self.tag = uuid.uuid4().hex[:10]
+        self.inbox = Inbox(f"inbox_{self.tag}")
+        self.outbox = Outbox(f"outbox_{self.tag}")
+        self.effects = f"effects_{self.tag}"
+        self.conns: list[Any] = []
+        conn = self.connect()
+        self.inbox.create_table(conn)
+        self.outbox.create_table(conn)
+        self.run(conn, f"CREATE TABLE {self.effects} (message_id VARCHAR(255) NOT NULL)")
+        conn.commit()
+
+    def connect(self) -> Any:
+        conn = connect(self.url)
+        self.conns.append(conn)
+        return conn
+
+    @staticmethod
+    def run(conn: Any, sql: str, params: Any = ()) -> list[Any]:
+        cur = conn.cursor()
+        try:
+            cur.execute(sql, params)
+            return list(cur.fetchall()) if cur.description else []
+        finally:
+            cur.close()
+
+    @property
+    def mark(self) -> str:
+        return "?" if self.kind == "sqlite" else "%s"
+
+    def effect(self, conn: Any, message_id: str) -> None:
+        """The handler's write: one row per application, no unique constraint to lean on."""
+        self.run(
+            conn, f"INSERT INTO {self.effects} (message_id) VALUES ({self.mark})", (message_id,)
+        )
+
+    def effect_counts(self) -> Counter[str]:
+        conn = self.connect()
+        rows = self.run(conn, f"SELECT message_id FROM {self.effects}")
+        conn.rollback()
+        return Counter(r[0] for r in rows)
+
+    def drop(self) -> None:
+        for c in self.conns:
+            try:
+                c.rollback()
+                c.close()
+            except Exception:
+                pass
+        if self.kind == "sqlite":
+            return
+        conn = connect(self.url)
+        for t in (self.inbox.table, self.outbox.table, self.effects):
+            self.run(conn, f"DROP TABLE IF EXISTS {t}")
+        conn.commit()
+        conn.close()
+
+
+@pytest.fixture(params=KINDS)
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
+    d = Db(request.param, tmp_path)
+    yield d
+    d.drop()
+
+
+@pytest.fixture(params=SERVERS)
+def server_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Db]:
+    d = Db(request.param, tmp_path)
+    yield d
+    d.drop()
+
+
+@pytest.fixture
+def stream() -> Iterator[str]:
+    name = f"oncely-test-outbox-{uuid.uuid4().hex[:10]}"
+    yield name
+    client = redis.Redis.from_url(REDIS_URL)
+    client.delete(name)
+    client.close()
+
+
+# -- inbox ---------------------------------------------------------------------------------------
+def test_accept_once_per_consumer_and_message(db: Db) -> None:
+    conn = db.connect()
+    assert db.inbox.accept(conn, "billing", "m1") is True
+    assert db.inbox.accept(conn, "billing", "m1") is False
+    assert db.inbox.accept(conn, "shipping", "m1") is True  # another consumer applies it too
+    conn.commit()
+    other = db.connect()
+    assert db.inbox.accept(other, "billing", "m1") is False
+    assert db.inbox.accept(other, "billing", 42) is True
+    other.commit()
+
+
+def test_receive_commits_the_effect_with_the_row_or_neither(db: Db) -> None:
+    conn = db.connect()
+    with pytest.raises(RuntimeError), db.inbox.receive(conn, "billing", "m1") as first:
+        assert first
+        db.effect(conn, "m1")
+        raise RuntimeError("handler failed after its write")
+    assert db.effect_counts()["m1"] == 0  # rolled back with the inbox row...
+    with db.inbox.receive(conn, "billing", "m1") as first:
+        assert first  # ...so the redelivery runs it
+        db.effect(conn, "m1")
+    with db.inbox.receive(conn, "billing", "m1") as first:
+        assert not first  # the ack was lost: the effect is not applied again
+    assert db.effect_counts()["m1"] == 1
+
+
+def test_receive_inside_the_callers_transaction_is_a_savepoint(db: Db) -> None:
+    conn = db.connect()
+    db.effect(conn, "outer")  # the caller's transaction is open
+    with db.inbox.receive(conn, "billing", "m1") as first:
+        assert first
+        db.effect(conn, "m1")
+    assert db.effect_counts()["m1"] == 0  # not committed yet: the caller commits
+    conn.commit()
+    assert db.effect_counts() == Counter({"outer": 1, "m1": 1})
+
+
+def test_a_consumer_killed_after_its_commit_before_its_ack(
+    db: Db, stream: str, tmp_path: Path
+) -> None:
+    """A consumer process on a Redis Streams group SIGKILLs itself after committing message 17's
+    effect with its inbox row, before XACK. The restarted consumer claims the pending entry,
+    the inbox reports it applied, it is acked; every effect exactly once, nothing pending."""
+    client = redis.Redis.from_url(REDIS_URL)
+    client.xgroup_create(stream, "g", id="0", mkstream=True)
+    for i in range(40):
+        client.xadd(stream, {"mid": f"m{i}"})
+    worker = str(HERE / "inbox_consumer_worker.py")
+    args = [db.url, db.inbox.table, db.effects, REDIS_URL, stream, "g"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run
+    killed = run([sys.executable, worker, *args, "m17"], env=env, capture_output=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert killed.stdout.decode().splitlines()[-1] == "m17 True"
+    restarted = run([sys.executable, worker, *args, ""], env=env, capture_output=True, timeout=60)
+    assert restarted.returncode == 0, restarted.stderr
+    lines = restarted.stdout.decode().splitlines()
+    assert lines[0] == "m17 False"  # redelivered, already applied: not applied again
+    assert db.effect_counts() == Counter({f"m{i}": 1 for i in range(40)})
+    assert client.xpending(stream, "g")["pending"] == 0
+    client.close()
+
+
+def test_concurrent_deliveries_apply_each_effect_once(db: Db) -> None:
+    """8 consumers (threads, each its own connection) get every one of 40 messages, in
+    different orders: each effect is applied exactly once."""
+    ids = [f"m{i}" for i in range(40)]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def consumer(n: int) -> None:
+        try:
+            conn = db.connect()
+            mine = ids[:]
+            random.Random(n).shuffle(mine)
+            barrier.wait()
+            for mid in mine:
+                with db.inbox.receive(conn, "billing", mid) as first:
+                    if first:
+                        db.effect(conn, mid)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consumer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    assert db.effect_counts() == Counter({mid: 1 for mid in ids})
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_a_second_delivery_waits_for_the_first_transaction(server_db: Db, outcome: str) -> None:
+    """The inbox row is truly locked: a concurrent delivery blocks until the first commits
+    (then it is a duplicate) or rolls back (then it runs)."""
+    db = server_db
+    first, second = db.connect(), db.connect()
+    assert db.inbox.accept(first, "billing", "m1") is True
+    answer: list[bool] = []
+    waiter = threading.Thread(
+        target=lambda: answer.append(db.inbox.accept(second, "billing", "m1"))
+    )
+    waiter.start()
+    waiter.join(0.5)
+    assert waiter.is_alive() and not answer  # still waiting on the first transaction
+    first.commit() if outcome == "commit" else first.rollback()
+    waiter.join(10)
+    assert answer == [outcome == "rollback"]
+    second.commit()
+
+
+async def test_async_faces_on_async_connections(server_db: Db) -> None:
+    db = server_db
+    if db.kind == "postgres":
+        import psycopg
+
+        conn: Any = await psycopg.AsyncConnection.connect(POSTGRES_URL)
+    else:
+        import aiomysql
+
+        conn = await aiomysql.connect(host="127.0.0.1", port=3306, user="root", db="test")
+    try:
+        async with db.inbox.areceive(conn, "billing", "a1") as first:
+            assert first
+        async with db.inbox.areceive(conn, "billing", "a1") as first:
+            assert not first
+        await db.outbox.aadd(conn, "t", b"x", message_id="o1")
+        await conn.commit()
+        assert await db.inbox.aaccept(conn, "billing", "a2") is True
+        await conn.rollback()
+        assert await db.inbox.aaccept(conn, "billing", "a2") is True
+        await conn.commit()
+        published: list[str] = []
+
+        async def publish(message: OutboxMessage) -> None:
+            published.append(message.message_id)
+
+        relay = Relay(db.outbox, conn, publish=publish)
+        assert await relay.arun() == 1 and published == ["o1"]
+        assert await db.outbox.apurge(conn, 0) == 1
+        assert await db.inbox.apurge(conn, 0) == 2
+    finally:
+        if db.kind == "postgres":
+            await conn.close()
+        else:
+            conn.close()
+
+
+def test_inbox_and_outbox_inside_an_sqlalchemy_session(db: Db) -> None:
+    """The business write, the inbox row and the outbox message commit together in the
+    caller's SQLAlchemy transaction, or not at all."""
+    from sqlalchemy import create_engine, text
+    from sqlalchemy.orm import Session
+
+    url = db.url.replace("postgresql://", "postgresql+psycopg://").replace(
+        "mysql://", "mysql+pymysql://"
+    )
+    engine = create_engine(url)
+    insert = text(f"INSERT INTO {db.effects} (message_id) VALUES (:m)")
+    try:
+        with pytest.raises(RuntimeError), Session(engine) as session, session.begin():
+            assert db.inbox.accept(session, "billing", "m1")
+            session.execute(insert, {"m": "m1"})
+            db.outbox.add(session, "billing.done", b"m1", message_id="done-m1")
+            raise RuntimeError("the handler failed")
+        for _ in range(2):  # the redelivery, then a duplicate
+            with Session(engine) as session, session.begin():
+                if db.inbox.accept(session, "billing", "m1"):
+                    session.execute(insert, {"m": "m1"})
+                    db.outbox.add(session, "billing.done", b"m1", message_id="done-m1")
+    finally:
+        engine.dispose()
+    published: list[str] = []
+    relay = Relay(db.outbox, db.url, publish=lambda m: published.append(m.message_id))
+    assert relay.run() == 1
+    relay.close()
+    assert published == ["done-m1"]
+    assert db.effect_counts() == Counter({"m1": 1})
+
+
+def test_inbox_purge_deletes_old_rows_in_batches(db: Db) -> None:
+    conn = db.connect()
+    for i in range(10):
+        db.inbox.accept(conn, "billing", f"old{i}")
+    conn.commit()
+    db.run(conn, f"UPDATE {db.inbox.table} SET received_at = received_at - 7200")
+    for i in range(3):
+        db.inbox.accept(conn, "billing", f"new{i}")
+    conn.commit()
+    assert db.inbox.purge(conn, older_than=3600, batch=3) == 10
+    assert db.inbox.purge(conn, older_than=3600) == 0
+    assert db.inbox.accept(conn, "billing", "new1") is False  # live rows kept
+    assert db.inbox.accept(conn, "billing", "old1") is True
+    conn.rollback()
+
+
+def test_purge_never_waits_for_a_live_transaction_on_postgres(tmp_path: Path) -> None:
+    db = Db("postgres", tmp_path)
+    try:
+        conn = db.connect()
+        for i in range(5):
+            db.inbox.accept(conn, "billing", f"old{i}")
+        conn.commit()
+        db.run(conn, f"UPDATE {db.inbox.table} SET received_at = received_at - 7200")
+        conn.commit()
+        holder = db.connect()  # a live transaction holds one old row
+        db.run(holder, f"SELECT 1 FROM {db.inbox.table} WHERE message_id = 'old0' FOR UPDATE")
+        started = time.monotonic()
+        assert db.inbox.purge(db.connect(), older_than=3600) == 4
+        assert time.monotonic() - started < 2
+        holder.rollback()
+        assert db.inbox.purge(conn, older_than=3600) == 1
+    finally:
+        db.drop()
+
+
+def test_inbox_bad_input(db: Db) -> None:
+    conn = db.connect()
+    for consumer in ["", None, "x" * 201, 3]:
+        with pytest.raises(InvalidKey, match="consumer"):
+            db.inbox.accept(conn, consumer, "m1")  # type: ignore[arg-type]
+    for mid in ["", None, "y" * 256, 1.5]:
+        with pytest.raises(InvalidKey, match="message id"):
+            db.inbox.accept(conn, "billing", mid)
+    with pytest.raises(ConfigurationError, match="identifier"):
+        Inbox("inbox; DROP TABLE x")
+    with pytest.raises(UnknownTable, match="create"):
+        Inbox(f"missing_{db.tag}").accept(conn, "billing", "m1")
+    conn.rollback()
+    db.inbox.accept(conn, "billing", "m1")
+    with pytest.raises(ConfigurationError, match="no open transaction"):
+        db.inbox.purge(conn, 0)
+    conn.rollback()
+    with pytest.raises(ConfigurationError, match="batch"):
+        db.inbox.purge(conn, 0, batch=0)
+    with pytest.raises(ConfigurationError, match="seconds"):
+        db.inbox.purge(conn, -1)
+    assert db.effect_counts() == Counter()
+
+
+# -- outbox --------------------------------------------------------------------------------------
+def test_outbox_publishes_only_committed_messages_once(db: Db) -> None:
+    conn = db.connect()
+    db.outbox.add(conn, "orders", b"rolled back", message_id="gone")
+    conn.rollback()
+    db.outbox.add(conn, "orders", "one", message_id="o1", headers={"k": "v"})
+    db.outbox.add(conn, "orders", b"two", message_id="o2")
+    db.outbox.add(conn, "orders", b"again", message_id="o1")  # a retried business transaction
+    conn.commit()
+    published: list[OutboxMessage] = []
+    relay = Relay(db.outbox, db.url, publish=published.append, batch=1)
+    assert relay.run() == 2
+    assert relay.run_once() == 0
+    relay.close()
+    assert [(m.message_id, m.topic, m.payload, m.headers) for m in published] == [
+        ("o1", "orders", b"one", {"k": "v"}),
+        ("o2", "orders", b"two", {}),
+    ]
+    assert published[0].id < published[1].id
+
+
+def test_a_retried_transaction_adds_its_message_once(server_db: Db) -> None:
+    """Two transactions add the same stable message id at once: the second waits for the
+    first and adds nothing; the message is published once."""
+    db = server_db
+    first, second = db.connect(), db.connect()
+    db.outbox.add(first, "t", b"first", message_id="o1")
+    done = threading.Event()
+
+    def retry() -> None:
+        db.outbox.add(second, "t", b"second", message_id="o1")
+        second.commit()
+        done.set()
+
+    waiter = threading.Thread(target=retry)
+    waiter.start()
+    assert not done.wait(0.5)  # waits on the first transaction's row
+    first.commit()
+    waiter.join(10)
+    assert done.is_set()
+    published: list[bytes] = []
+    relay = Relay(db.outbox, db.url, publish=lambda m: published.append(m.payload))
+    assert relay.run() == 1
+    relay.close()
+    assert published == [b"first"]
+
+
+def test_a_failed_publish_keeps_the_rest_for_the_next_batch(db: Db) -> None:
+    conn = db.connect()
+    for i in range(5):
+        db.outbox.add(conn, "t", b"x", message_id=f"o{i}")
+    conn.commit()
+    published: list[str] = []
+
+    def flaky(message: OutboxMessage) -> None:
+        if message.message_id == "o2" and "o2" not in failed:
+            failed.append("o2")
+            raise ConnectionError("broker went away")
+        published.append(message.message_id)
+
+    failed: list[str] = []
+    relay = Relay(db.outbox, db.url, publish=flaky, batch=10)
+    with pytest.raises(ConnectionError):
+        relay.run_once()
+    assert relay.run() == 3
+    relay.close()
+    assert published == ["o0", "o1", "o2", "o3", "o4"]  # nothing lost, nothing twice
+
+
+def test_two_relays_never_publish_a_message_twice(db: Db) -> None:
+    conn = db.connect()
+    for i in range(200):
+        db.outbox.add(conn, "t", b"x", message_id=f"o{i}")
+    conn.commit()
+    published: list[str] = []
+    lock = threading.Lock()
+
+    def publish(message: OutboxMessage) -> None:
+        with lock:
+            published.append(message.message_id)
+
+    relays = [Relay(db.outbox, db.url, publish=publish, batch=7) for _ in range(3)]
+    threads = [threading.Thread(target=r.run) for r in relays]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for r in relays:
+        r.close()
+    assert Counter(published) == Counter({f"o{i}": 1 for i in range(200)})
+
+
+def test_relay_killed_mid_batch_loses_nothing_and_the_inbox_applies_once(
+    db: Db, stream: str, tmp_path: Path
+) -> None:
+    """A relay process SIGKILLed after publishing part of a batch (before marking it sent) and
+    restarted: every message reaches the broker, the killed batch's part twice with the same
+    ids, and a consumer with an inbox applies each effect exactly once."""
+    total, batch, hang_after = 60, 25, 37  # dies 12 messages into the second batch
+    conn = db.connect()
+    for i in range(total):
+        db.outbox.add(conn, "orders", f"payload-{i}", message_id=f"order-{i}")
+    conn.commit()
+    marker = tmp_path / "hung"
+    worker = str(HERE / "outbox_relay_worker.py")
+    args = [db.url, db.outbox.table, REDIS_URL, stream, str(batch)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    first = subprocess.Popen([sys.executable, worker, *args, str(hang_after), str(marker)], env=env)
+    deadline = time.monotonic() + 60
+    while not marker.exists():
+        assert first.poll() is None, "the relay exited before reaching the kill point"
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    os.kill(first.pid, signal.SIGKILL)
+    assert first.wait(10) == -signal.SIGKILL
+    second = subprocess.run([sys.executable, worker, *args, "0", str(marker)], env=env, timeout=60)
+    assert second.returncode == 0
+
+    client = redis.Redis.from_url(REDIS_URL)
+    entries = client.xrange(stream)
+    client.close()
+    delivered = [e[1][b"mid"].decode() for e in entries]
+    assert len(delivered) == total + (hang_after - batch)  # the killed part went out twice
+    assert set(delivered) == {f"order-{i}" for i in range(total)}  # nothing lost
+    unsent = db.run(conn, f"SELECT count(*) FROM {db.outbox.table} WHERE sent_at IS NULL")
+    assert unsent[0][0] == 0
+    conn.rollback()
+
+    consumer = db.connect()  # the consumer applies every delivery through the inbox
+    applied_naively = Counter(delivered)
+    for mid in delivered:
+        with db.inbox.receive(consumer, "billing", mid) as new:
+            if new:
+                db.effect(consumer, mid)
+    assert max(applied_naively.values()) == 2  # without the inbox: applied twice
+    assert db.effect_counts() == Counter({f"order-{i}": 1 for i in range(total)})
+
+
+def test_a_relay_reconnects_after_its_connection_is_killed(tmp_path: Path) -> None:
+    """pg_terminate_backend on the relay's own connection (found by application_name): the
+    batch fails with StoreError, nothing is marked sent, the next batch reconnects and
+    publishes; each message once."""
+    db = Db("postgres", tmp_path)
+    name = f"oncely-relay-{db.tag}"
+    try:
+        conn = db.connect()
+        db.outbox.add(conn, "t", b"x", message_id="o1")
+        conn.commit()
+        published: list[str] = []
+        relay = Relay(
+            db.outbox,
+            f"{POSTGRES_URL}?application_name={name}",
+            publish=lambda m: published.append(m.message_id),
+        )
+        assert relay.run_once() == 1
+        killed = db.run(
+            conn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (name,),
+        )
+        assert killed == [(True,)]
+        db.outbox.add(conn, "t", b"x", message_id="o2")
+        conn.commit()
+        with pytest.raises(StoreError):
+            relay.run_once()
+        assert relay.run() == 1
+        relay.close()
+        assert published == ["o1", "o2"]
+    finally:
+        db.drop()
+
+
+def test_a_relay_with_the_database_down_says_so() -> None:
+    relay = Relay(Outbox(), "postgresql://postgres@127.0.0.1:1/test", publish=print)
+    with pytest.raises(StoreUnavailable, match="run it again"):
+        relay.run_once()
+
+
+def test_outbox_purge_deletes_only_old_sent_rows(db: Db) -> None:
+    conn = db.connect()
+    for i in range(6):
+        db.outbox.add(conn, "t", b"x", message_id=f"o{i}")
+    conn.commit()
+    relay = Relay(db.outbox, db.url, publish=lambda m: None, batch=4)
+    assert relay.run_once() == 4  # o0..o3 sent, o4 and o5 unsent
+    relay.close()
+    assert db.outbox.purge(conn, older_than=3600) == 0  # sent just now
+    db.run(conn, f"UPDATE {db.outbox.table} SET created_at = created_at - 7200")
+    db.run(conn, f"UPDATE {db.outbox.table} SET sent_at = sent_at - 7200 WHERE sent_at IS NOT NULL")
+    conn.commit()
+    assert db.outbox.purge(conn, older_than=3600, batch=3) == 4
+    rows = db.run(conn, f"SELECT message_id FROM {db.outbox.table} ORDER BY id")
+    assert [r[0] for r in rows] == ["o4", "o5"]  # unsent rows are never purged
+    conn.rollback()
+
+
+def test_outbox_bad_input(db: Db) -> None:
+    conn = db.connect()
+    with pytest.raises(InvalidPayload, match="bytes or str"):
+        db.outbox.add(conn, "t", {"a": 1})  # type: ignore[arg-type]
+    with pytest.raises(InvalidPayload, match="headers"):
+        db.outbox.add(conn, "t", b"x", headers={"a": 1})  # type: ignore[dict-item]
+    with pytest.raises(InvalidPayload, match="topic"):
+        db.outbox.add(conn, "", b"x")
+    with pytest.raises(InvalidKey):
+        db.outbox.add(conn, "t", b"x", message_id="")
+    with pytest.raises(ConfigurationError, match="batch"):
+        Relay(db.outbox, conn, publish=print, batch=0)
+    with pytest.raises(ConfigurationError, match="callable"):
+        Relay(db.outbox, conn, publish=None)  # type: ignore[arg-type]
+    db.outbox.add(conn, "t", b"x", message_id="o1")
+    with pytest.raises(ConfigurationError, match="no open transaction"):
+        Relay(db.outbox, conn, publish=print).run_once()
+    conn.commit()
+
+    async def coroutine(message: OutboxMessage) -> None:
+        return None
+
+    relay = Relay(db.outbox, db.url, publish=coroutine)
+    with pytest.raises(ConfigurationError, match="async faces"):
+        relay.run_once()
+    relay.close()
+    rows = db.run(conn, f"SELECT sent_at FROM {db.outbox.table}")
+    assert rows == [(None,)]  # nothing marked sent
+    conn.rollback()
+    with pytest.raises(ConfigurationError, match="sqlite:///"):
+        Relay(db.outbox, "mongodb://x", publish=print)
+
+
+# -- the CLI -------------------------------------------------------------------------------------
+def test_cli_purges_inbox_and_outbox(db: Db) -> None:
+    conn = db.connect()
+    db.inbox.accept(conn, "billing", "m1")
+    db.outbox.add(conn, "t", b"x", message_id="o1")
+    conn.commit()
+    Relay(db.outbox, conn, publish=lambda m: None).run()
+    runner = CliRunner()
+    result = runner.invoke(app, ["inbox", "purge", db.url, "--table", db.inbox.table])
+    assert result.exit_code == 0 and "purged 0 inbox row(s)" in result.output
+    result = runner.invoke(
+        app, ["inbox", "purge", db.url, "--table", db.inbox.table, "--older-than", "0"]
+    )
+    assert result.exit_code == 0 and "purged 1 inbox row(s)" in result.output, result.output
+    result = runner.invoke(
+        app,
+        [
+            "outbox",
+            "purge",
+            db.url,
+            "--table",
+            db.outbox.table,
+            "--older-than",
+            "0s",
+            "--batch",
+            "5",
+        ],
+    )
+    assert result.exit_code == 0 and "purged 1 sent outbox row(s)" in result.output
+    result = runner.invoke(app, ["inbox", "purge", db.url, "--older-than", "soon"])
+    assert result.exit_code != 0 and "duration" in result.output
+    result = runner.invoke(app, ["inbox", "purge", db.url, "--table", f"missing_{db.tag}"])
+    assert result.exit_code == 1 and "create" in result.output
+
+
+# -- the guide's examples run ----------------------------------------------------------------------
+def test_the_guides_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import re
+
+    monkeypatch.chdir(tmp_path)
+    text = (HERE.parent / "docs" / "messaging-inbox.md").read_text()
+    found = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
+    assert len(found) == 3
+    for code in found:
+        exec(compile(code, "messaging-inbox.md", "exec"), {"__name__": "docs_example"})
