@@ -5,6 +5,7 @@ removes the mark. Real PostgreSQL and SQLite."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +32,8 @@ class Account(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     balance: Mapped[int]
     version: Mapped[int] = mapped_column(nullable=False)
-    __mapper_args__ = {"version_id_col": version}  # noqa: RUF012
+    __mapper_args__ = {"version_id_col": version}
+
 
 PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 APP = "oncely-redteam2"
@@ -109,14 +111,15 @@ def test_a_block_whose_transaction_failed_inside_raises_transaction_failed(
         create_tables(conn, table=keys)
         conn.execute(f"CREATE TABLE {pay} (id INT PRIMARY KEY)")
         conn.commit()
-        with pytest.raises(TransactionFailed):
-            with transaction(conn, key="k", scope="s", table=keys) as tx:
+        with (
+            pytest.raises(TransactionFailed),
+            transaction(conn, key="k", scope="s", table=keys) as tx,
+        ):
+            conn.execute(f"INSERT INTO {pay} VALUES (1)")
+            # the handler "handles" the duplicate and goes on
+            with contextlib.suppress(psycopg.errors.UniqueViolation):
                 conn.execute(f"INSERT INTO {pay} VALUES (1)")
-                try:
-                    conn.execute(f"INSERT INTO {pay} VALUES (1)")
-                except psycopg.errors.UniqueViolation:
-                    pass  # the handler "handles" it and goes on
-                tx.set_result("ok")
+            tx.set_result("ok")
         conn.rollback()
         assert conn.execute(f"SELECT count(*) FROM {keys}").fetchone() == (0,)
     finally:

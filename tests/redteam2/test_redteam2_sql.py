@@ -236,9 +236,7 @@ def test_wait_false_restores_the_sessions_lock_wait_timeout_mysql(
     reason="transaction(wait=False) inside the caller's PostgreSQL transaction sets "
     "lock_timeout to 0 (wait forever) for the rest of it, replacing the caller's value",
 )
-def test_wait_false_keeps_the_callers_lock_timeout_postgresql(
-    tag: str, dropper: Dropper
-) -> None:
+def test_wait_false_keeps_the_callers_lock_timeout_postgresql(tag: str, dropper: Dropper) -> None:
     keys = dropper.add(_pg, f"okeys_{tag}")
     conn = _pg()
     try:
