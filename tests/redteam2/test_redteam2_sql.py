@@ -249,3 +249,50 @@ def test_wait_false_keeps_the_callers_lock_timeout_postgresql(tag: str, dropper:
             assert row is not None and row[0] == "3s"
     finally:
         conn.close()
+
+
+def _ledger(lite: sqlite3.Connection) -> tuple[Any, Any]:
+    lite.execute("CREATE TABLE ledger (id INTEGER PRIMARY KEY, kind TEXT, amount INT)")
+    create_tables(lite)
+
+    @oncely.sql.idempotent_transaction(key="request_id", scope="user")
+    def transfer(conn: Any, user: str, request_id: str, amount: int) -> int:
+        sql = "INSERT INTO ledger (kind, amount) VALUES ('transfer', ?)"
+        return int(conn.execute(sql, (amount,)).lastrowid)
+
+    @oncely.sql.idempotent_transaction(key="request_id", scope="user")
+    def refund(conn: Any, user: str, request_id: str, amount: int) -> int:
+        sql = "INSERT INTO ledger (kind, amount) VALUES ('refund', ?)"
+        return int(conn.execute(sql, (amount,)).lastrowid)
+
+    return transfer, refund
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="idempotent_transaction keys records by (scope, key) only, not by function (as "
+    "@idempotent does with its name): refund() with a request id transfer() used returns "
+    "transfer's row id and the refund is never written",
+)
+def test_two_decorated_functions_do_not_share_a_key_space(lite: sqlite3.Connection) -> None:
+    transfer, refund = _ledger(lite)
+    assert transfer(lite, user="u1", request_id="req-1", amount=5) == 1
+    refund_id = refund(lite, user="u1", request_id="req-1", amount=5)
+    kinds = [r[0] for r in lite.execute("SELECT kind FROM ledger ORDER BY id")]
+    assert kinds == ["transfer", "refund"], f"refund() returned {refund_id} and wrote nothing"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="idempotent_transaction replays a key reused with other arguments silently "
+    "(@idempotent and Operation.run raise IdempotencyKeyMismatch)",
+)
+def test_decorator_key_reused_with_other_arguments_is_a_mismatch(
+    lite: sqlite3.Connection,
+) -> None:
+    from oncely.errors import IdempotencyKeyMismatch
+
+    transfer, _ = _ledger(lite)
+    transfer(lite, user="u1", request_id="req-2", amount=7)
+    with pytest.raises(IdempotencyKeyMismatch):
+        transfer(lite, user="u1", request_id="req-2", amount=999)
