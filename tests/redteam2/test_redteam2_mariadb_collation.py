@@ -113,3 +113,40 @@ def test_dedup_ids_differing_by_a_trailing_space_are_distinct_mysql(
         assert dedup.filter_new(["x", "x "]) == ["x", "x "]
     finally:
         dedup.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="MariaDB: insert_once with unique= columns that no unique constraint covers inserts "
+    "a second row (created=True twice); SQLite and PostgreSQL raise ConfigurationError",
+)
+def test_insert_once_without_a_unique_constraint_is_refused_mysql(
+    my_tables: tuple[str, list[str]],
+) -> None:
+    from oncely.errors import ConfigurationError
+    from oncely.sql import insert_once
+
+    tag, made = my_tables
+    orders = f"orders_{tag}"
+    made.append(orders)
+    conn = _my()
+    try:
+        cur = conn.cursor()
+        # the migration forgot UNIQUE on order_no
+        cur.execute(f"CREATE TABLE {orders} (id INT PRIMARY KEY, order_no VARCHAR(20), amount INT)")
+        conn.commit()
+        created = []
+        for i in (1, 2):
+            try:
+                _, new = insert_once(
+                    conn, orders, {"id": i, "order_no": "A-1", "amount": 10}, unique=("order_no",)
+                )
+            except ConfigurationError:
+                conn.rollback()
+                return  # refusing, as on SQLite and PostgreSQL, is right
+            conn.commit()
+            created.append(new)
+        cur.execute(f"SELECT COUNT(*) FROM {orders} WHERE order_no = 'A-1'")
+        assert (created, cur.fetchone()[0]) == ([True, False], 1)
+    finally:
+        conn.close()
