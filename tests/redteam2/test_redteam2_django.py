@@ -4,6 +4,7 @@ mark; the fix's author removes the mark."""
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 
@@ -61,3 +62,25 @@ def test_bulk_create_upsert_cannot_skip_the_version() -> None:
     early.balance += 10
     with pytest.raises(StaleVersion):
         early.save()  # computed from balance=100: must not overwrite the upsert's 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a new instance given an existing pk (Account(id=1, ...).save(), never loaded) "
+    "UPDATEs the row without checking or bumping the version: the stored row is overwritten "
+    "and an instance loaded before still saves over it",
+)
+@pytest.mark.usefixtures("table")
+def test_a_never_loaded_instance_cannot_overwrite_a_versioned_row() -> None:
+    from django.db import IntegrityError
+
+    RtAccount.objects.create(id=1, balance=100)
+    early = RtAccount.objects.get(pk=1)
+    with contextlib.suppress(StaleVersion, IntegrityError):  # refusing it is right
+        RtAccount(id=1, balance=5).save()  # e.g. a deserialised request body
+    stored = RtAccount.objects.get(pk=1)
+    if stored.balance == 5:  # it was written: then it must have moved the version
+        assert stored.version == 2
+        early.balance += 1
+        with pytest.raises(StaleVersion):
+            early.save()
