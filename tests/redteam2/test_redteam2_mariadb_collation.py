@@ -45,12 +45,6 @@ def _pay(conn: Any, keys: str, scope: str) -> tuple[bool, Any]:
     return False, tx.result
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MariaDB: the keys table's scope column uses the database's case-insensitive "
-    "collation: tenant 'alice' replays tenant 'Alice''s stored result (and its effect never "
-    "runs)",
-)
 @pytest.mark.parametrize(
     "first, second",
     [("Alice", "alice"), ("bob", "bob "), ("\U0001f600", "\U0001f601")],

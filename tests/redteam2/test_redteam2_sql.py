@@ -76,11 +76,6 @@ def _pay(conn: Any, key: str, scope: object, amount: int) -> tuple[bool, Any]:
     return False, tx.result
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scope='*' is stored as the GLOBAL scope: a tenant whose id is '*' shares (and "
-    "replays) the GLOBAL key space",
-)
 def test_scope_star_is_not_the_global_key_space(lite: sqlite3.Connection) -> None:
     lite.execute("CREATE TABLE payments (id INTEGER PRIMARY KEY, amount INT)")
     create_tables(lite)
@@ -91,12 +86,6 @@ def test_scope_star_is_not_the_global_key_space(lite: sqlite3.Connection) -> Non
     assert lite.execute("SELECT COUNT(*) FROM payments").fetchone() == (2,)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transaction() on a key finished by an Operation replays the Operation's internal "
-    "envelope {'result': ...} instead of refusing (the reverse direction raises "
-    "ConfigurationError) or replaying the operation's result",
-)
 def test_transaction_on_an_operation_key_does_not_replay_its_envelope(
     lite: sqlite3.Connection,
 ) -> None:
@@ -193,11 +182,6 @@ def test_huge_expected_version_is_stale_not_overflow_sqlite(lite: sqlite3.Connec
         versioned_update(lite, "acc", 7, {"balance": 1}, expected)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="reap(retention=-1) is accepted and deletes records finished just now: the retry "
-    "then runs the effect again",
-)
 def test_reap_refuses_a_negative_retention(lite: sqlite3.Connection) -> None:
     lite.execute("CREATE TABLE payments (id INTEGER PRIMARY KEY, amount INT)")
     create_tables(lite)
@@ -209,11 +193,6 @@ def test_reap_refuses_a_negative_retention(lite: sqlite3.Connection) -> None:
     assert lite.execute("SELECT COUNT(*) FROM payments").fetchone() == (1,)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transaction(wait=False) on MySQL sets the session's innodb_lock_wait_timeout to "
-    "50 afterwards, whatever the caller had set",
-)
 def test_wait_false_restores_the_sessions_lock_wait_timeout_mysql(
     tag: str, dropper: Dropper
 ) -> None:
@@ -231,11 +210,6 @@ def test_wait_false_restores_the_sessions_lock_wait_timeout_mysql(
         conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transaction(wait=False) inside the caller's PostgreSQL transaction sets "
-    "lock_timeout to 0 (wait forever) for the rest of it, replacing the caller's value",
-)
 def test_wait_false_keeps_the_callers_lock_timeout_postgresql(tag: str, dropper: Dropper) -> None:
     keys = dropper.add(_pg, f"okeys_{tag}")
     conn = _pg()
@@ -268,12 +242,6 @@ def _ledger(lite: sqlite3.Connection) -> tuple[Any, Any]:
     return transfer, refund
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idempotent_transaction keys records by (scope, key) only, not by function (as "
-    "@idempotent does with its name): refund() with a request id transfer() used returns "
-    "transfer's row id and the refund is never written",
-)
 def test_two_decorated_functions_do_not_share_a_key_space(lite: sqlite3.Connection) -> None:
     transfer, refund = _ledger(lite)
     assert transfer(lite, user="u1", request_id="req-1", amount=5) == 1
@@ -282,11 +250,6 @@ def test_two_decorated_functions_do_not_share_a_key_space(lite: sqlite3.Connecti
     assert kinds == ["transfer", "refund"], f"refund() returned {refund_id} and wrote nothing"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="idempotent_transaction replays a key reused with other arguments silently "
-    "(@idempotent and Operation.run raise IdempotencyKeyMismatch)",
-)
 def test_decorator_key_reused_with_other_arguments_is_a_mismatch(
     lite: sqlite3.Connection,
 ) -> None:

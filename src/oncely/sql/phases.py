@@ -68,7 +68,14 @@ from oncely.sql.connections import (
     run,
 )
 from oncely.sql.keys import record_key
-from oncely.sql.schema import DEFAULT_TABLE, FINISHED, digest_bytes, now_sql, schema_missing
+from oncely.sql.schema import (
+    DEFAULT_TABLE,
+    FINISHED,
+    digest_bytes,
+    now_sql,
+    schema_missing,
+    text_of,
+)
 
 __all__ = ["STARTED", "Operation", "PhaseContext", "areap", "reap"]
 
@@ -256,6 +263,7 @@ class Operation:
                 if not res.rows:
                     raise InFlightError("the record vanished (reaped); retry", retry_after=0.0)
                 point, operation, stored, blob, locked_at, now = res.rows[0]
+                point, operation = text_of(point), text_of(operation)
                 if operation != self.name:
                     raise ConfigurationError(
                         f"this key belongs to another operation ({operation!r}), not {self.name!r}"
@@ -393,7 +401,22 @@ class Operation:
             )
         finally:
             yield Leave(block, True)
-        return [(str(s), bytes(d).hex()) for s, d in res.rows]
+        return [(str(text_of(s)), bytes(d).hex()) for s, d in res.rows]
+
+
+def _check_retention(retention: object) -> float:
+    if (
+        isinstance(retention, bool)
+        or not isinstance(retention, (int, float))
+        or not retention >= 0
+        or retention == float("inf")
+    ):
+        raise ConfigurationError(
+            f"retention={retention!r}: pass how long finished records are kept, in seconds "
+            "(>= 0, finite; brandur keeps 72 h). A negative retention would delete records "
+            "finished just now, and their retries would run the effect again"
+        )
+    return float(retention)
 
 
 def _reap(c: SqlConnection, table: str, retention: float) -> Plan[int]:
@@ -415,7 +438,10 @@ def _reap(c: SqlConnection, table: str, retention: float) -> Plan[int]:
 def reap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RETENTION) -> int:
     """The reaper: delete finished records (recovery points and :func:`oncely.sql.transaction`
     alike) whose last write is older than ``retention`` seconds (database clock; default 72 h,
-    brandur's); returns how many. Unfinished operations are left for the completer."""
+    brandur's); returns how many. Unfinished operations are left for the completer.
+    Raises :class:`~oncely.errors.ConfigurationError` for a negative or non-finite
+    ``retention``."""
+    retention = _check_retention(retention)
     c = adapt(conn)
     count: int = run(_reap(c, table, retention), c)
     return count
@@ -423,6 +449,7 @@ def reap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RETENTION)
 
 async def areap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RETENTION) -> int:
     """The async face of :func:`reap`."""
+    retention = _check_retention(retention)
     c = adapt(conn)
     count: int = await arun(_reap(c, table, retention), c)
     return count
