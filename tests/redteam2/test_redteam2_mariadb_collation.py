@@ -65,11 +65,6 @@ def test_scopes_that_differ_only_by_collation_are_not_shared_mysql(
         conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MariaDB: utf8mb4_bin is a PAD SPACE collation, so the inbox treats message id "
-    "'m-1 ' as a redelivery of 'm-1' and skips the handler (the message is lost)",
-)
 def test_inbox_message_ids_differing_by_a_trailing_space_are_distinct_mysql(
     my_tables: tuple[str, list[str]],
 ) -> None:
@@ -90,11 +85,6 @@ def test_inbox_message_ids_differing_by_a_trailing_space_are_distinct_mysql(
         conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MariaDB: the dedup table's utf8mb4_bin is PAD SPACE: 'x ' is reported as a "
-    "duplicate of 'x' (memory://, Redis and PostgreSQL say new)",
-)
 def test_dedup_ids_differing_by_a_trailing_space_are_distinct_mysql(
     my_tables: tuple[str, list[str]],
 ) -> None:
@@ -109,11 +99,6 @@ def test_dedup_ids_differing_by_a_trailing_space_are_distinct_mysql(
         dedup.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MariaDB: insert_once with unique= columns that no unique constraint covers inserts "
-    "a second row (created=True twice); SQLite and PostgreSQL raise ConfigurationError",
-)
 def test_insert_once_without_a_unique_constraint_is_refused_mysql(
     my_tables: tuple[str, list[str]],
 ) -> None:

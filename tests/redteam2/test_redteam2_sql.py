@@ -106,12 +106,6 @@ def test_transaction_on_an_operation_key_does_not_replay_its_envelope(
     assert result == {"op": True}, f"replayed {result!r}, the operation's internal envelope"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MariaDB: changes={'Version': 0} passes the case-sensitive check, SET runs left to "
-    "right, the version is reset to expected and returned as expected+1: the next writer "
-    "holding the old version overwrites silently (lost update)",
-)
 def test_mysql_case_variant_version_column_cannot_reset_the_version(
     tag: str, dropper: Dropper
 ) -> None:
@@ -146,11 +140,6 @@ def test_mysql_case_variant_version_column_cannot_reset_the_version(
         conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the id/version column check in changes is case-sensitive: on SQLite {'ID': 8} "
-    "rewrites the primary key (SQLite identifiers are case-insensitive)",
-)
 def test_case_variant_id_column_is_refused_sqlite(lite: sqlite3.Connection) -> None:
     lite.execute(
         "CREATE TABLE acc (id INTEGER PRIMARY KEY, balance INT, version INT NOT NULL DEFAULT 1)"
@@ -163,11 +152,6 @@ def test_case_variant_id_column_is_refused_sqlite(lite: sqlite3.Connection) -> N
     assert lite.execute("SELECT id FROM acc").fetchall() == [(7,)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SQLite: an expected_version >= 2**63 (If-Match accepts 19 digits, up to "
-    "9999999999999999999) raises a bare OverflowError instead of StaleVersion",
-)
 def test_huge_expected_version_is_stale_not_overflow_sqlite(lite: sqlite3.Connection) -> None:
     lite.execute(
         "CREATE TABLE acc (id INTEGER PRIMARY KEY, balance INT, version INT NOT NULL DEFAULT 1)"

@@ -224,8 +224,10 @@ class Inbox:
         index = quote(_index_name(self.table, "received_at"), dialect)
         if dialect == "mysql":
             return [
-                f"CREATE TABLE IF NOT EXISTS {t} (consumer VARCHAR({MAX_CONSUMER_LENGTH}) NOT "
-                "NULL, message_id VARCHAR(255) NOT NULL, received_at DOUBLE NOT NULL, "
+                # VARBINARY: byte comparison (utf8mb4_bin is PAD SPACE: "m-1 " would be taken
+                # for a redelivery of "m-1" and its handler skipped)
+                f"CREATE TABLE IF NOT EXISTS {t} (consumer VARBINARY({4 * MAX_CONSUMER_LENGTH})"
+                " NOT NULL, message_id VARBINARY(1020) NOT NULL, received_at DOUBLE NOT NULL, "
                 f"PRIMARY KEY (consumer, message_id), KEY {index} (received_at)) "
                 "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
             ]

@@ -147,6 +147,8 @@ class Outbox:
         return f"Outbox(table={self.table!r})"
 
     # -- SQL -----------------------------------------------------------------------------------
+    # MariaDB/MySQL: message_id is VARBINARY (compared byte for byte: utf8mb4_bin is PAD SPACE,
+    # so "m-1 " would be a duplicate of "m-1" and never sent).
     def schema_sql(self, dialect: Dialect) -> list[str]:
         """The statements :meth:`create_table` runs on ``dialect`` (for a migration tool)."""
         t = quote(self.table, dialect)
@@ -156,7 +158,7 @@ class Outbox:
         if dialect == "mysql":
             return [
                 f"CREATE TABLE IF NOT EXISTS {t} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, "
-                "message_id VARCHAR(255) NOT NULL, topic VARCHAR(255) NOT NULL, "
+                "message_id VARBINARY(1020) NOT NULL, topic VARCHAR(255) NOT NULL, "
                 "payload LONGBLOB NOT NULL, headers TEXT NOT NULL, created_at DOUBLE NOT NULL, "
                 f"sent_at DOUBLE NULL, UNIQUE KEY {quote(base + '_message_id', dialect)} "
                 f"(message_id), KEY {unsent} (sent_at, id)) "
@@ -277,7 +279,7 @@ class Outbox:
             claimed = yield Exec(self._claim_sql(conn.dialect), {"batch": batch})
             for row in claimed.rows:
                 message = OutboxMessage(
-                    int(row[0]), str(row[1]), str(row[2]), bytes(row[3]), json.loads(row[4])
+                    int(row[0]), _text(row[1]), _text(row[2]), bytes(row[3]), json.loads(row[4])
                 )
                 try:
                     yield _Publish(message)
@@ -506,3 +508,10 @@ class Relay:
 async def _wait(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
+
+
+def _text(value: Any) -> str:
+    """A text column as ``str`` (MariaDB/MySQL VARBINARY columns come back as bytes)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8")
+    return str(value)
