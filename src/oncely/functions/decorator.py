@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, overload
 
 from oncely.codecs import Codec, JsonCodec
+from oncely.core.calls import is_async_callable
 from oncely.core.lease import LostCallback
 from oncely.core.records import RecordKey, digest_key
 from oncely.errors import ConfigurationError
@@ -403,7 +404,7 @@ def idempotent(
             localns=localns,
         )
         wrapper: Any
-        if inspect.iscoroutinefunction(func):
+        if is_async_callable(func):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -277,6 +277,7 @@ class Inbox:
     def _accept(self, conn: SqlConnection, consumer: Any, message_id: Any) -> Plan[bool]:
         params = {"consumer": _consumer(consumer), "message_id": message_id_text(message_id)}
         conn.check_usable()
+        conn.require_transaction("Inbox.accept")
         try:
             result = yield Exec(self._accept_sql(conn.dialect), params)
         except Exception as exc:
@@ -307,6 +308,8 @@ class Inbox:
         :raises InvalidKey: an empty or over-long consumer or message id.
         :raises UnknownTable: the inbox table does not exist (run :meth:`create_table`).
         :raises TransactionFailed: the caller's transaction already failed.
+        :raises ConfigurationError: ``conn`` is in autocommit mode with no transaction open
+            (the inbox row would commit before the handler's writes; use :meth:`receive`).
         """
         c = adapt(conn)
         return bool(run(self._accept(c, consumer, message_id), c))

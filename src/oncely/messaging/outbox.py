@@ -250,6 +250,7 @@ class Outbox:
             "headers": _headers(headers),
         }
         conn.check_usable()
+        conn.require_transaction("Outbox.add")
         try:
             yield Exec(self._add_sql(conn.dialect), params)
         except Exception as exc:
@@ -319,6 +320,8 @@ class Outbox:
         committed adds nothing the second time (``ON CONFLICT DO NOTHING``; the first payload
         wins); default: a new UUID. One statement; commits nothing.
 
+        :raises ConfigurationError: ``conn`` is in autocommit mode with no transaction open
+            (the message would commit alone, outside the business transaction).
         :raises InvalidPayload: payload not bytes/str, headers not str to str, a bad topic.
         :raises InvalidKey: an unusable message id.
         :raises UnknownTable: the outbox table does not exist (run :meth:`create_table`).

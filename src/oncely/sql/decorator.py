@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 from oncely.codecs import Codec, JsonCodec
+from oncely.core.calls import is_async_callable
 from oncely.errors import ConfigurationError
 from oncely.functions.keys import fingerprint_of
 from oncely.sql.connections import retryable
@@ -104,7 +105,8 @@ def idempotent_transaction(
                 "name the connection parameter with conn_arg=, or pass conn="
             )
         read_key = _reader(key, "key", sig)
-        space = name if name is not None else f"{fn.__module__}.{fn.__qualname__}"
+        qualname = getattr(fn, "__qualname__", type(fn).__qualname__)
+        space = name if name is not None else f"{fn.__module__}.{qualname}"
         if "\x00" in space or not space:
             raise ConfigurationError(f"name={space!r}: a non-empty name without NUL characters")
         if validate is True:
@@ -146,7 +148,7 @@ def idempotent_transaction(
         def pause(attempt: int) -> float:
             return random.uniform(0, min(0.5, 0.01 * 2**attempt))
 
-        if inspect.iscoroutinefunction(fn):
+        if is_async_callable(fn):
 
             @functools.wraps(fn)
             async def arunner(*args: Any, **kwargs: Any) -> Any:
