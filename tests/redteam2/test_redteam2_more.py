@@ -58,12 +58,6 @@ def pg_tables() -> Iterator[tuple[str, list[str]]]:
         conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Operation.run with the same key and other params takes the key's lock, raises "
-    "IdempotencyKeyMismatch and never unlocks: the genuine retry gets InFlightError for "
-    "lock_timeout (90 s)",
-)
 def test_a_mismatched_retry_does_not_lock_out_the_genuine_one(
     pg_tables: tuple[str, list[str]],
 ) -> None:
@@ -93,11 +87,6 @@ def test_a_mismatched_retry_does_not_lock_out_the_genuine_one(
         conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a block that catches a PostgreSQL error and goes on gets a raw "
-    "psycopg InFailedSqlTransaction at the end instead of TransactionFailed",
-)
 def test_a_block_whose_transaction_failed_inside_raises_transaction_failed(
     pg_tables: tuple[str, list[str]],
 ) -> None:
@@ -126,11 +115,6 @@ def test_a_block_whose_transaction_failed_inside_raises_transaction_failed(
         conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Inbox.accept on an autocommit connection (no transaction open) commits the inbox "
-    "row by itself: a crash before the handler's writes loses the message for good",
-)
 def test_inbox_accept_outside_a_transaction_is_refused(
     pg_tables: tuple[str, list[str]],
 ) -> None:
@@ -150,11 +134,6 @@ def test_inbox_accept_outside_a_transaction_is_refused(
         conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Outbox.add on an autocommit connection commits the message by itself, outside "
-    "any business transaction (the relay refuses the mirror case with ConfigurationError)",
-)
 def test_outbox_add_outside_a_transaction_is_refused(
     pg_tables: tuple[str, list[str]],
 ) -> None:
@@ -211,11 +190,6 @@ def test_guard_versioned_covers_upserts(tmp_path: Any) -> None:
     engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="retry_on_conflict on a callable object whose __call__ is async gets the sync "
-    "wrapper: it returns the coroutine at once and never retries a StaleVersion",
-)
 def test_retry_on_conflict_retries_an_async_callable_object() -> None:
     from oncely.optimistic import retry_on_conflict
 

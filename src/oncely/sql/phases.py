@@ -256,6 +256,18 @@ class Operation:
                         },
                     )
                     res = yield Exec(sql["read"], base)
+                    stored_params = res.rows[0][2] if res.rows else None
+                    if (
+                        p_bytes is not None
+                        and stored_params is not None
+                        and bytes(stored_params) != p_bytes
+                    ):
+                        # roll the take back: a mismatched call must not keep the key locked
+                        # from the genuine retry for lock_timeout
+                        raise IdempotencyKeyMismatch(
+                            "this key was used with other params: a retry must send the same "
+                            "params; a new operation needs a new key"
+                        )
                     yield Leave(block, True)
                 except BaseException:
                     yield Leave(block, False)

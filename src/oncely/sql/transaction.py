@@ -61,7 +61,12 @@ from typing import Any
 from oncely.backends.plans import Exec, Plan
 from oncely.codecs import Codec, JsonCodec
 from oncely.core.records import RecordKey
-from oncely.errors import ConfigurationError, IdempotencyKeyMismatch, InFlightError
+from oncely.errors import (
+    ConfigurationError,
+    IdempotencyKeyMismatch,
+    InFlightError,
+    TransactionFailed,
+)
 from oncely.sql.connections import (
     Block,
     Dialect,
@@ -249,6 +254,14 @@ def finish_plan(
     if not (ok and claim.new):
         yield Leave(claim.block, False)
         return
+    if c.failed():  # a statement in the block raised and was caught: its writes are gone
+        yield Leave(claim.block, False)
+        raise TransactionFailed(
+            "a statement inside the transaction() block failed and the error was caught, so "
+            "the database aborted the block's transaction: nothing was committed (neither the "
+            "key nor the writes). Let the error propagate, or wrap the statement that may fail "
+            "in a savepoint (with conn.transaction(): / begin_nested()), then retry"
+        )
     if result is None:
         yield Leave(claim.block, True)
         return
