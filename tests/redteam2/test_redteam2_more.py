@@ -227,34 +227,3 @@ def test_reap_keeps_a_fresh_record(pg_tables: tuple[str, list[str]]) -> None:
         assert oncely.sql.reap(conn, table=keys) == 0
     finally:
         conn.close()
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/messaging-inbox.md says to run one relay if consumers need the global order, "
-    "but one relay publishes in commit order, not id order: a transaction that took its id "
-    "first and commits last is published after a later message (the docs mislead)",
-)
-def test_one_relay_publishes_in_the_order_the_business_transactions_began(
-    pg_tables: tuple[str, list[str]],
-) -> None:
-    from oncely.messaging.outbox import Outbox, OutboxMessage, Relay
-
-    tag, made = pg_tables
-    outbox = Outbox(table=f"outbox_{tag}")
-    made.append(f"outbox_{tag}")
-    slow, fast, relay_conn = _pg(), _pg(), _pg(autocommit=True)
-    try:
-        outbox.create_table(relay_conn)
-        sent: list[OutboxMessage] = []
-        relay = Relay(outbox, relay_conn, publish=sent.append, batch=10)
-        outbox.add(slow, "account", b"opened", message_id="1-account-opened")
-        outbox.add(fast, "account", b"credited", message_id="2-account-credited")
-        fast.commit()
-        relay.run_once()
-        slow.commit()
-        relay.run_once()
-        assert [m.message_id for m in sent] == ["1-account-opened", "2-account-credited"]
-    finally:
-        for conn in (slow, fast, relay_conn):
-            conn.close()

@@ -93,7 +93,8 @@ MAX_TOPIC_LENGTH: Final = 255
 class OutboxMessage:
     """One message as the relay hands it to ``publish``: ``message_id`` is stable (publish it
     as the broker's message id, ``Nats-Msg-Id``, a header...), ``payload`` bytes, ``headers``
-    a dict of str, ``id`` the row's sequence number (publish order)."""
+    a dict of str, ``id`` the row's sequence number (a batch's publish order; rows commit in
+    another order than their ids, so there is no global order: see docs/messaging-inbox.md)."""
 
     id: int
     message_id: str
