@@ -24,13 +24,6 @@ def _run(code: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/messaging-inbox.md's outbox example writes to shop.db's `orders` with "
-    "CREATE TABLE IF NOT EXISTS orders (id TEXT), but docs/sql.md's insert_once example made "
-    "shop.db's orders (id, order_no, amount): the outbox example fails with "
-    "OperationalError",
-)
 def test_doc_examples_run_in_one_directory(tmp_path: Path) -> None:
     failures = []
     for page in ["sql.md", "optimistic.md", "messaging-inbox.md"]:
@@ -41,12 +34,6 @@ def test_doc_examples_run_in_one_directory(tmp_path: Path) -> None:
     assert failures == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="docs/sql.md examples are not re-runnable: the insert_once example's CREATE TABLE "
-    "has no IF NOT EXISTS, and the recovery-points example asserts len(charges) == 1 where a "
-    "second run replays from rides.db with an empty in-memory `charges`",
-)
 def test_sql_doc_examples_run_twice(tmp_path: Path) -> None:
     failures = []
     for i, code in enumerate(_blocks("sql.md")):
