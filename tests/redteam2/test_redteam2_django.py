@@ -41,11 +41,6 @@ def table() -> Iterator[None]:
             editor.delete_model(RtAccount)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bulk_create(update_conflicts=True) (an upsert) changes existing rows without "
-    "bumping the version: an instance loaded before it saves over it (lost update)",
-)
 @pytest.mark.usefixtures("table")
 def test_bulk_create_upsert_cannot_skip_the_version() -> None:
     RtAccount.objects.create(id=1, balance=100)
@@ -64,12 +59,6 @@ def test_bulk_create_upsert_cannot_skip_the_version() -> None:
         early.save()  # computed from balance=100: must not overwrite the upsert's 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a new instance given an existing pk (Account(id=1, ...).save(), never loaded) "
-    "UPDATEs the row without checking or bumping the version: the stored row is overwritten "
-    "and an instance loaded before still saves over it",
-)
 @pytest.mark.usefixtures("table")
 def test_a_never_loaded_instance_cannot_overwrite_a_versioned_row() -> None:
     from django.db import IntegrityError
