@@ -152,12 +152,6 @@ def test_outbox_add_outside_a_transaction_is_refused(
         conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="guard_versioned only rewrites UPDATE statements: an INSERT ... ON CONFLICT DO "
-    "UPDATE (upsert) changes a versioned row without bumping the version, and an object "
-    "loaded before it flushes over it (lost update)",
-)
 def test_guard_versioned_covers_upserts(tmp_path: Any) -> None:
     from sqlalchemy import create_engine
     from sqlalchemy.dialects.sqlite import insert
