@@ -19,12 +19,6 @@ from oncely.messaging.dedup import Deduplicator
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Redis keys are '{prefix}:{namespace}:id' with no escaping: namespace 'n}:b' with "
-    "id 'c' and namespace 'n' with id 'b}:c' are one key, so one namespace reports the "
-    "other's new id as a duplicate (memory:// keeps them apart)",
-)
 def test_redis_namespaces_are_never_shared_by_accident() -> None:
     tag = uuid.uuid4().hex[:8]
     first = Deduplicator(REDIS_URL, window=10, namespace=f"{tag}}}:b")
@@ -37,12 +31,6 @@ def test_redis_namespaces_are_never_shared_by_accident() -> None:
         second.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="memory:// bloom=True with capacity=10**12 aborts the whole process (rbloom: "
-    "'memory allocation of 1378469177282 bytes failed', SIGABRT) instead of raising "
-    "ConfigurationError when the Deduplicator is built",
-)
 def test_memory_bloom_with_an_absurd_capacity_is_a_configuration_error() -> None:
     code = (
         "from oncely.errors import ConfigurationError\n"
@@ -100,13 +88,6 @@ def private_redis(tmp_path: Path) -> Iterator[str]:
 HUGE = {"bloom": True, "capacity": 10**12}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Redis bloom=True with a capacity past Redis's 2**32-bit strings is accepted and "
-    "every seen() then fails with StoreError ('bit offset ... out of range'), which reads as "
-    "'Redis is down' (do not ack, redeliver forever) instead of a ConfigurationError at "
-    "construction",
-)
 def test_redis_bloom_with_a_capacity_past_the_bitmap_limit_is_refused(
     private_redis: str,
 ) -> None:
@@ -120,11 +101,6 @@ def test_redis_bloom_with_a_capacity_past_the_bitmap_limit_is_refused(
             dedup.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the bloom Lua script sets bits before its PEXPIRE: when a SETBIT fails mid-script "
-    "the generation's bitmap (here hundreds of MB) is left in Redis with no TTL, forever",
-)
 def test_a_failed_bloom_script_leaves_no_key_without_expiry(private_redis: str) -> None:
     import redis
 
