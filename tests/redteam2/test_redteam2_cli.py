@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from oncely.messaging.inbox import Inbox
 
 
@@ -19,11 +17,6 @@ def _oncely(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`oncely inbox purge URL --table 'bad;name'` dies with a Python traceback of "
-    "ConfigurationError instead of a one-line error",
-)
 def test_purge_cli_bad_table_name_is_a_message_not_a_traceback(tmp_path: Path) -> None:
     db = tmp_path / "shop.db"
     Inbox().create_table(sqlite3.connect(db))
@@ -33,11 +26,6 @@ def test_purge_cli_bad_table_name_is_a_message_not_a_traceback(tmp_path: Path) -
     assert "not a plain SQL identifier" in done.stderr + done.stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`oncely inbox purge sqlite:///typo.db` creates an empty typo.db before saying "
-    "the table is missing",
-)
 def test_purge_cli_does_not_create_a_missing_sqlite_file(tmp_path: Path) -> None:
     missing = tmp_path / "typo.db"
     done = _oncely("inbox", "purge", f"sqlite:///{missing}", "--older-than", "1d")
