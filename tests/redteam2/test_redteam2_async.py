@@ -14,12 +14,6 @@ PG_URL = "postgresql://postgres@127.0.0.1:5432/test"
 APP = "oncely-redteam2"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a task cancelled while its claim waits for a concurrent duplicate leaves the "
-    "transaction the block began in the failed state (INERROR): the next block on that "
-    "(pooled) connection raises TransactionFailed",
-)
 def test_cancelling_a_waiting_claim_rolls_back_the_block_it_began() -> None:
     import psycopg
 

@@ -217,10 +217,15 @@ def claim_plan(
                     found = (False, *res.rows[0]) if res.rows else None
             if not wait:
                 yield from _restore(c, saved)
-        except Exception as exc:
+        except BaseException as exc:
+            # also on cancellation (a task cancelled while its claim waits on a duplicate's
+            # row lock): roll back the block it began, or the pooled connection stays in a
+            # failed transaction
             yield Leave(block, False)
             if saved is not None and c.dialect == "mysql":  # a session setting: put it back
                 yield from _restore(c, saved)
+            if not isinstance(exc, Exception):
+                raise
             if retryable(exc) and block.owned and attempt < CLAIM_ATTEMPTS - 1:
                 continue
             if lock_timeout(exc) and not wait:
