@@ -1,5 +1,5 @@
 """Red-team findings (redteam2) on the async faces of oncely.sql.transaction (psycopg
-AsyncConnection, real PostgreSQL): each test fails today for the reason in its xfail mark."""
+AsyncConnection, real PostgreSQL): each test failed before branch fix2 (its xfail reason is in git history)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Red-team findings (redteam2) on recovery points, the inbox/outbox, the SQLAlchemy guard and
-retry_on_conflict: each test fails today for the reason in its xfail mark; the fix's author
+retry_on_conflict: each test failed before branch fix2 (its xfail reason is in git history); the fix's author
 removes the mark. Real PostgreSQL and SQLite."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Red-team findings (redteam2) on oncely.sql: each test fails today for the reason in its
+"""Red-team findings (redteam2) on oncely.sql: each test failed before branch fix2 (its xfail reason is in git history);
 xfail mark; the fix's author removes the mark. Real SQLite files, PostgreSQL and MariaDB."""
 
 from __future__ import annotations
