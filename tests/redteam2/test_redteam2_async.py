@@ -1,5 +1,6 @@
 """Red-team findings (redteam2) on the async faces of oncely.sql.transaction (psycopg
-AsyncConnection, real PostgreSQL): each test failed before branch fix2 (its xfail reason is in git history)."""
+AsyncConnection, real PostgreSQL): each test failed before branch fix2 (xfail reasons: git
+history)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Red-team findings (redteam2) on oncely.messaging.dedup.Deduplicator (real Redis): each
-test failed before branch fix2 (its xfail reason is in git history)."""
+"""Red-team findings (redteam2) on oncely.messaging.dedup.Deduplicator (real Redis): each test
+failed before branch fix2 (xfail reasons: git history)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Red-team findings (redteam2) on oncely.contrib.django.versioned.VersionedModel (Django's
-default SQLite alias of the test site): each test fails today for the reason in its xfail
-mark; the fix's author removes the mark."""
+"""Red-team findings (redteam2) on oncely.contrib.django.versioned.VersionedModel (Django's default
+SQLite alias of the test site): each test failed before branch fix2."""
 
 from __future__ import annotations
 

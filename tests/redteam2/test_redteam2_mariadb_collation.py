@@ -1,7 +1,7 @@
 """Red-team findings (redteam2): MariaDB compares strings with collations, not bytes. The
 oncely.sql keys table takes the database default (utf8mb4_general_ci here: case-insensitive,
-trailing spaces ignored, every emoji equal), and the messaging tables' utf8mb4_bin is PAD
-SPACE (trailing spaces ignored). Each test failed before branch fix2 (its xfail reason is in git history)."""
+trailing spaces ignored, every emoji equal), and the messaging tables' utf8mb4_bin is PAD SPACE
+(trailing spaces ignored). Each test failed before branch fix2 (xfail reasons: git history)."""
 
 from __future__ import annotations
 

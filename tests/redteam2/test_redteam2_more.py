@@ -1,6 +1,6 @@
 """Red-team findings (redteam2) on recovery points, the inbox/outbox, the SQLAlchemy guard and
-retry_on_conflict: each test failed before branch fix2 (its xfail reason is in git history); the fix's author
-removes the mark. Real PostgreSQL and SQLite."""
+retry_on_conflict: each test failed before branch fix2 (xfail reasons: git history). Real
+PostgreSQL and SQLite."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Red-team findings (redteam2) on oncely.sql: each test failed before branch fix2 (its xfail reason is in git history);
-xfail mark; the fix's author removes the mark. Real SQLite files, PostgreSQL and MariaDB."""
+"""Red-team findings (redteam2) on oncely.sql: each test failed before branch fix2 (xfail reasons:
+git history). Real SQLite files, PostgreSQL and MariaDB."""
 
 from __future__ import annotations
 
