@@ -565,9 +565,10 @@ def _purge_table(url: str, table_kind: str, table: str | None, older: str, batch
     from oncely.messaging.outbox import Outbox
 
     seconds = _duration(older)
-    target = (Inbox if table_kind == "inbox" else Outbox)(**({"table": table} if table else {}))
     try:
-        conn = connect(url)
+        kind = Inbox if table_kind == "inbox" else Outbox
+        target = kind(**({"table": table} if table else {}))
+        conn = connect(url, create=False)  # like `oncely check`: never create a missing file
     except Exception as exc:
         raise _fail(exc if isinstance(exc, OncelyError) else OncelyError(str(exc))) from exc
     try:

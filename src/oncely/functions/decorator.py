@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar, overload
 
 from oncely.backends.plans import Plan, arun, run
 from oncely.codecs import Codec, JsonCodec
+from oncely.core.calls import is_async_callable
 from oncely.core.lease import LostCallback
 from oncely.core.records import Record, RecordKey, digest_key
 from oncely.errors import ConfigurationError, InFlightError, UnfinishedResult
@@ -503,7 +504,7 @@ def idempotent(
             localns=localns,
         )
         wrapper: Any
-        if inspect.iscoroutinefunction(func):
+        if is_async_callable(func):
 
             @functools.wraps(func)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:

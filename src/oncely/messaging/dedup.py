@@ -73,7 +73,7 @@ from oncely.errors import (
     StoreUnavailable,
 )
 
-__all__ = ["MAX_ID_LENGTH", "Deduplicator", "bloom_size", "message_id_text"]
+__all__ = ["MAX_BLOOM_BITS", "MAX_ID_LENGTH", "Deduplicator", "bloom_size", "message_id_text"]
 
 Id = TypeVar("Id")
 
@@ -88,6 +88,11 @@ class _Count(NamedTuple):
 
     statement: str
     params: dict[str, Any]
+
+
+#: The largest Bloom generation in bits: a Redis string holds 2**32 bits (512 MiB), and
+#: memory:// (rbloom) refuses the same, rather than aborting the process on allocation.
+MAX_BLOOM_BITS: Final = 2**32
 
 
 def bloom_size(capacity: int, error_rate: float) -> tuple[int, int]:
@@ -293,7 +298,9 @@ class _Redis(_Backend):
         else:
             self.clients = RedisClients(url, client=client)
             self.faces = ("sync",)
-        self.base = f"{prefix}:{{{namespace}}}:"
+        # the namespace is length-prefixed (and ids / bloom generations get their own tag), so
+        # no (namespace, id) pair spells another's key: "n}:b" + "c" vs "n" + "b}:c"
+        self.base = f"{prefix}:{{{len(namespace)}:{namespace}}}:"
         self.window_ms = max(1, ms(window))
         self.bloom = bloom  # (m, k) or None
         self.filter_script, self.bloom_script = _scripts()
@@ -301,18 +308,18 @@ class _Redis(_Backend):
     def seen(self, text: str) -> Plan[bool]:
         if self.bloom is not None:
             return (yield from super().seen(text))
-        reply = yield Command(("SET", self.base + text, b"1", "NX", "PX", self.window_ms))
+        reply = yield Command(("SET", self.base + "i:" + text, b"1", "NX", "PX", self.window_ms))
         return reply is None
 
     def filter(self, texts: list[str]) -> Plan[list[int]]:
         if not texts:
             return []
         if self.bloom is None:
-            keys = tuple(self.base + t for t in texts)
+            keys = tuple(self.base + "i:" + t for t in texts)
             reply = yield Eval(self.filter_script, len(keys), (*keys, self.window_ms))
         else:
             m, k = self.bloom
-            args = (self.base + "bloom", self.window_ms, m, k, *texts)
+            args = (self.base + "b", self.window_ms, m, k, *texts)
             reply = yield Eval(self.bloom_script, 1, args)
         return [int(i) - 1 for i in reply]
 
@@ -620,7 +627,9 @@ class _Postgres(_Sql):
 
 _MYSQL_NOW = "UNIX_TIMESTAMP(NOW(6))"
 _MYSQL_DDL = (
-    "CREATE TABLE IF NOT EXISTS {t} (namespace VARCHAR(100) NOT NULL, id VARCHAR(255) NOT NULL, "
+    # VARBINARY: byte comparison (utf8mb4_bin is PAD SPACE: "x " would be a duplicate of "x")
+    "CREATE TABLE IF NOT EXISTS {t} (namespace VARBINARY(400) NOT NULL, "
+    "id VARBINARY(1020) NOT NULL, "
     "expires_at DOUBLE NOT NULL, PRIMARY KEY (namespace, id), KEY {t}_expires (expires_at)) "
     "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
 )
@@ -853,13 +862,15 @@ class Deduplicator:
         to milliseconds).
     :param namespace: the id space; deduplicators share ids only if they name the same one.
     :param table: SQL table (created on first use unless ``create_schema=False``).
-    :param prefix: Redis key prefix; keys are ``{prefix}:{namespace}:id`` with the namespace
-        as the Cluster hash tag.
+    :param prefix: Redis key prefix; keys are ``{prefix}:{<len>:<namespace>}:i:<id>`` (the
+        namespace length-prefixed, so no namespace and id spell another pair's key) with the
+        namespace as the Cluster hash tag; the Bloom generations ``…:b:<n>``.
     :param bloom: Bloom-filter mode (``memory://`` and Redis only): constant memory, and a new
         id is wrongly reported as seen with probability up to ``error_rate`` once ``capacity``
         distinct ids arrive within one window.
     :param pool_size: PostgreSQL / MariaDB connections kept per face.
-    :raises ConfigurationError: a bad URL, window, namespace or option; a missing extra.
+    :raises ConfigurationError: a bad URL, window, namespace or option (a Bloom filter past
+        :data:`MAX_BLOOM_BITS` bits); a missing extra.
     """
 
     def __init__(
@@ -889,6 +900,15 @@ class Deduplicator:
             raise ConfigurationError(
                 f"capacity={capacity!r}, error_rate={error_rate!r}: the Bloom filter needs a "
                 "capacity >= 1 (ids per window) and 0 < error_rate < 1"
+            )
+        if bloom and bloom_size(capacity, error_rate / 2)[0] > MAX_BLOOM_BITS:
+            bits = bloom_size(capacity, error_rate / 2)[0]
+            raise ConfigurationError(
+                f"capacity={capacity!r}, error_rate={error_rate!r}: a generation would need "
+                f"{bits} bits ({bits / 8 / 2**20:.0f} MiB), past the {MAX_BLOOM_BITS} bits "
+                "(512 MiB) a Redis string holds (and more than a process should allocate); "
+                "lower the capacity, raise error_rate, split ids over namespaces, or use the "
+                "exact window (bloom=False)"
             )
         self.window = float(window)
         self.namespace = namespace

@@ -44,13 +44,21 @@ duplicate-detection window is 30 minutes; the default here is 7 days).
 from __future__ import annotations
 
 import contextlib
+import os
+import pathlib
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
 
 from oncely.backends.plans import Exec, Plan
-from oncely.errors import ConfigurationError, InvalidKey, OncelyError, StoreError
+from oncely.errors import (
+    ConfigurationError,
+    InvalidKey,
+    OncelyError,
+    SchemaMissing,
+    StoreError,
+)
 from oncely.messaging.dedup import message_id_text
 from oncely.sql.connections import (
     Dialect,
@@ -91,12 +99,14 @@ def now_sql(dialect: str) -> str:
     return _NOW[dialect]
 
 
-def connect(url: str) -> Any:
+def connect(url: str, *, create: bool = True) -> Any:
     """A new DB-API connection for ``sqlite:///file.db``, ``postgresql://…`` or
     ``mysql://…`` / ``mariadb://…`` (for relays and ``oncely inbox purge``); close it when
-    done.
+    done. ``create=False``: never create a missing SQLite file (opened ``mode=rw``, as
+    ``oncely check`` opens stores), for commands that only read or delete.
 
     :raises ConfigurationError: another scheme, or a malformed URL.
+    :raises SchemaMissing: ``create=False`` and the SQLite file does not exist.
     """
     from oncely.backends.urls import scheme_of
 
@@ -105,8 +115,19 @@ def connect(url: str) -> Any:
         from oncely.backends.sqlite import parse_url
 
         path, options = parse_url(url, "SQLite URL")
+        target = path
+        if not create and path != ":memory:":
+            if not os.path.exists(path):
+                raise SchemaMissing(
+                    f"{path!r} does not exist (nothing was created): check the path, or create "
+                    "the table first (Inbox().create_table(conn) / Outbox().create_table(conn))"
+                )
+            target = pathlib.Path(os.path.abspath(path)).as_uri() + "?mode=rw"
         conn = sqlite3.connect(
-            path, timeout=float(options.get("busy_timeout", 15)), check_same_thread=False
+            target,
+            timeout=float(options.get("busy_timeout", 15)),
+            check_same_thread=False,
+            uri=target != path,
         )
         conn.execute("PRAGMA journal_mode=WAL")
         return conn
@@ -224,8 +245,10 @@ class Inbox:
         index = quote(_index_name(self.table, "received_at"), dialect)
         if dialect == "mysql":
             return [
-                f"CREATE TABLE IF NOT EXISTS {t} (consumer VARCHAR({MAX_CONSUMER_LENGTH}) NOT "
-                "NULL, message_id VARCHAR(255) NOT NULL, received_at DOUBLE NOT NULL, "
+                # VARBINARY: byte comparison (utf8mb4_bin is PAD SPACE: "m-1 " would be taken
+                # for a redelivery of "m-1" and its handler skipped)
+                f"CREATE TABLE IF NOT EXISTS {t} (consumer VARBINARY({4 * MAX_CONSUMER_LENGTH})"
+                " NOT NULL, message_id VARBINARY(1020) NOT NULL, received_at DOUBLE NOT NULL, "
                 f"PRIMARY KEY (consumer, message_id), KEY {index} (received_at)) "
                 "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
             ]
@@ -275,6 +298,7 @@ class Inbox:
     def _accept(self, conn: SqlConnection, consumer: Any, message_id: Any) -> Plan[bool]:
         params = {"consumer": _consumer(consumer), "message_id": message_id_text(message_id)}
         conn.check_usable()
+        conn.require_transaction("Inbox.accept")
         try:
             result = yield Exec(self._accept_sql(conn.dialect), params)
         except Exception as exc:
@@ -305,6 +329,8 @@ class Inbox:
         :raises InvalidKey: an empty or over-long consumer or message id.
         :raises UnknownTable: the inbox table does not exist (run :meth:`create_table`).
         :raises TransactionFailed: the caller's transaction already failed.
+        :raises ConfigurationError: ``conn`` is in autocommit mode with no transaction open
+            (the inbox row would commit before the handler's writes; use :meth:`receive`).
         """
         c = adapt(conn)
         return bool(run(self._accept(c, consumer, message_id), c))

@@ -93,7 +93,8 @@ MAX_TOPIC_LENGTH: Final = 255
 class OutboxMessage:
     """One message as the relay hands it to ``publish``: ``message_id`` is stable (publish it
     as the broker's message id, ``Nats-Msg-Id``, a header...), ``payload`` bytes, ``headers``
-    a dict of str, ``id`` the row's sequence number (publish order)."""
+    a dict of str, ``id`` the row's sequence number (a batch's publish order; rows commit in
+    another order than their ids, so there is no global order: see docs/messaging-inbox.md)."""
 
     id: int
     message_id: str
@@ -147,6 +148,8 @@ class Outbox:
         return f"Outbox(table={self.table!r})"
 
     # -- SQL -----------------------------------------------------------------------------------
+    # MariaDB/MySQL: message_id is VARBINARY (compared byte for byte: utf8mb4_bin is PAD SPACE,
+    # so "m-1 " would be a duplicate of "m-1" and never sent).
     def schema_sql(self, dialect: Dialect) -> list[str]:
         """The statements :meth:`create_table` runs on ``dialect`` (for a migration tool)."""
         t = quote(self.table, dialect)
@@ -156,7 +159,7 @@ class Outbox:
         if dialect == "mysql":
             return [
                 f"CREATE TABLE IF NOT EXISTS {t} (id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY, "
-                "message_id VARCHAR(255) NOT NULL, topic VARCHAR(255) NOT NULL, "
+                "message_id VARBINARY(1020) NOT NULL, topic VARCHAR(255) NOT NULL, "
                 "payload LONGBLOB NOT NULL, headers TEXT NOT NULL, created_at DOUBLE NOT NULL, "
                 f"sent_at DOUBLE NULL, UNIQUE KEY {quote(base + '_message_id', dialect)} "
                 f"(message_id), KEY {unsent} (sent_at, id)) "
@@ -248,6 +251,7 @@ class Outbox:
             "headers": _headers(headers),
         }
         conn.check_usable()
+        conn.require_transaction("Outbox.add")
         try:
             yield Exec(self._add_sql(conn.dialect), params)
         except Exception as exc:
@@ -277,7 +281,7 @@ class Outbox:
             claimed = yield Exec(self._claim_sql(conn.dialect), {"batch": batch})
             for row in claimed.rows:
                 message = OutboxMessage(
-                    int(row[0]), str(row[1]), str(row[2]), bytes(row[3]), json.loads(row[4])
+                    int(row[0]), _text(row[1]), _text(row[2]), bytes(row[3]), json.loads(row[4])
                 )
                 try:
                     yield _Publish(message)
@@ -317,6 +321,8 @@ class Outbox:
         committed adds nothing the second time (``ON CONFLICT DO NOTHING``; the first payload
         wins); default: a new UUID. One statement; commits nothing.
 
+        :raises ConfigurationError: ``conn`` is in autocommit mode with no transaction open
+            (the message would commit alone, outside the business transaction).
         :raises InvalidPayload: payload not bytes/str, headers not str to str, a bad topic.
         :raises InvalidKey: an unusable message id.
         :raises UnknownTable: the outbox table does not exist (run :meth:`create_table`).
@@ -506,3 +512,10 @@ class Relay:
 async def _wait(event: asyncio.Event, seconds: float) -> None:
     with contextlib.suppress(asyncio.TimeoutError):
         await asyncio.wait_for(event.wait(), seconds)
+
+
+def _text(value: Any) -> str:
+    """A text column as ``str`` (MariaDB/MySQL VARBINARY columns come back as bytes)."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8")
+    return str(value)

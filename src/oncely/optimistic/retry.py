@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar, cast, overload
 
+from oncely.core.calls import is_async_callable
 from oncely.errors import ConfigurationError, StaleVersion
 
 __all__ = ["ATTEMPTS", "BASE_DELAY", "MAX_DELAY", "ConflictRetry", "retry_on_conflict"]
@@ -156,7 +156,7 @@ class ConflictRetry:
 
     def wrap(self, fn: F) -> F:
         """``fn`` retried on conflicts: an async wrapper for a coroutine function, else sync."""
-        if inspect.iscoroutinefunction(fn):
+        if is_async_callable(fn):
 
             @functools.wraps(fn)
             async def async_wrapper(*args: Any, **kwargs: Any) -> Any:

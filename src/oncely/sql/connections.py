@@ -357,6 +357,25 @@ class SqlConnection:
         session needing rollback, a Django atomic block marked ``needs_rollback``)."""
         return False
 
+    def autocommits(self) -> bool:
+        """True when each statement outside an explicit transaction commits by itself
+        (sqlite3 ``isolation_level=None``/``autocommit=True``, psycopg/PyMySQL/aiomysql
+        ``autocommit``, SQLAlchemy ``isolation_level="AUTOCOMMIT"``, Django outside
+        ``atomic()``)."""
+        return False
+
+    def require_transaction(self, what: str) -> None:
+        """Raise :class:`~oncely.errors.ConfigurationError` when ``what`` would commit by
+        itself: an autocommit connection with no transaction open, where the point of ``what``
+        is to commit together with the caller's writes."""
+        if self.autocommits() and not self.in_transaction():
+            raise ConfigurationError(
+                f"{what} must run in the caller's open transaction, with the writes it goes "
+                f"with, but this {type(self.raw).__name__} is in autocommit mode with none open: "
+                "the row would commit alone. Open one first (with conn.transaction(), "
+                "atomic(), session.begin(), or BEGIN)"
+            )
+
     def check_usable(self) -> None:
         """Raise :class:`~oncely.errors.TransactionFailed` if the caller's transaction failed."""
         if self.failed():
@@ -489,6 +508,11 @@ class _Sqlite(_DbapiSync):
     def in_transaction(self) -> bool:
         return bool(self.raw.in_transaction)
 
+    def autocommits(self) -> bool:
+        if getattr(self.raw, "autocommit", None) is True:  # Python 3.12 autocommit=True
+            return True
+        return self.raw.isolation_level is None
+
 
 def _pipelines() -> bool:
     import psycopg
@@ -509,6 +533,9 @@ class _Psycopg(_DbapiSync):
         from psycopg.pq import TransactionStatus
 
         return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
+
+    def autocommits(self) -> bool:
+        return bool(self.raw.autocommit)
 
     def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
         if not self.pipelined:
@@ -553,6 +580,9 @@ class _PyMySQL(_DbapiSync):
 
     def in_transaction(self) -> bool:
         return bool(self.raw.server_status & 1)  # SERVER_STATUS_IN_TRANS
+
+    def autocommits(self) -> bool:
+        return bool(self.raw.get_autocommit())
 
 
 class _DbapiAsync(SqlConnection):
@@ -631,6 +661,9 @@ class _AsyncPsycopg(_DbapiAsync):
 
         return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
 
+    def autocommits(self) -> bool:
+        return bool(self.raw.autocommit)
+
     def failed(self) -> bool:
         from psycopg.pq import TransactionStatus
 
@@ -680,6 +713,9 @@ class _AioMySQL(_DbapiAsync):
 
     def in_transaction(self) -> bool:
         return bool(self.raw.server_status & 1)
+
+    def autocommits(self) -> bool:
+        return bool(self.raw.get_autocommit())
 
 
 # -- SQLAlchemy ----------------------------------------------------------------------------------
@@ -878,6 +914,9 @@ class _Django(SqlConnection):
 
     def in_transaction(self) -> bool:
         return bool(self.raw.in_atomic_block or not self.raw.get_autocommit())
+
+    def autocommits(self) -> bool:
+        return bool(self.raw.get_autocommit())
 
     def failed(self) -> bool:
         return bool(self.raw.in_atomic_block and self.raw.needs_rollback)

@@ -8,6 +8,8 @@
         conn.execute("INSERT INTO payments ...")
         return {"amount": amount}
 
+Each decorated function has its own key space (its ``module.qualname``, or ``name=``), and a
+key reused with other arguments raises :class:`~oncely.errors.IdempotencyKeyMismatch`.
 The function's return value is stored with its writes (JSON by default, rebuilt to the return
 annotation: :class:`~oncely.codecs.JsonCodec`) and returned on every repeat. A serialization
 failure or deadlock anywhere in the function (PostgreSQL SERIALIZABLE, InnoDB deadlocks) rolls
@@ -23,11 +25,13 @@ import functools
 import inspect
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar, cast
 
 from oncely.codecs import Codec, JsonCodec
+from oncely.core.calls import is_async_callable
 from oncely.errors import ConfigurationError
+from oncely.functions.keys import fingerprint_of
 from oncely.sql.connections import retryable
 from oncely.sql.schema import DEFAULT_TABLE
 from oncely.sql.transaction import Transaction
@@ -63,6 +67,8 @@ def idempotent_transaction(
     codec: Codec | None = None,
     attempts: int = 5,
     wait: bool = True,
+    name: str | None = None,
+    validate: bool | Sequence[str] = True,
 ) -> Callable[[F], F]:
     """Decorate a sync or async function so that it runs once per key (see the module).
 
@@ -75,8 +81,20 @@ def idempotent_transaction(
         ignored.
     :param attempts: runs in all when serialization failures or deadlocks roll the work back
         (backoff with jitter: 10 ms doubling, at most 0.5 s).
-    :raises ConfigurationError: when decorating, for a ``key``/``conn_arg`` that names no
-        parameter.
+    :param name: the function's key space (default ``module.qualname``): two decorated
+        functions never share records, as with :func:`oncely.idempotent`. Set it to keep the
+        records of a function you rename or move.
+    :param validate: which arguments a repeat must match: True (default) every argument but
+        the connection, a list of parameter names, or False for none. A key reused with other
+        arguments raises :class:`~oncely.errors.IdempotencyKeyMismatch` (as
+        :func:`oncely.idempotent` and :meth:`oncely.sql.Operation.run` do; the IETF
+        Idempotency-Key draft's 422). The arguments are fingerprinted as canonical JSON
+        (SHA-256), stored in the record's ``params`` column.
+    :raises ConfigurationError: when decorating, for a ``key``/``conn_arg``/``validate`` that
+        names no parameter.
+    :raises IdempotencyKeyMismatch: on a call, a completed key with other arguments.
+    :raises InvalidKey: on a call, validated arguments that cannot be rendered as JSON (name
+        JSON-friendly ones with ``validate=[...]``).
     """
 
     def decorate(fn: F) -> F:
@@ -87,6 +105,22 @@ def idempotent_transaction(
                 "name the connection parameter with conn_arg=, or pass conn="
             )
         read_key = _reader(key, "key", sig)
+        qualname = getattr(fn, "__qualname__", type(fn).__qualname__)
+        space = name if name is not None else f"{fn.__module__}.{qualname}"
+        if "\x00" in space or not space:
+            raise ConfigurationError(f"name={space!r}: a non-empty name without NUL characters")
+        if validate is True:
+            checked = [p for p in sig.parameters if conn is not None or p != conn_arg]
+        elif validate is False:
+            checked = []
+        else:
+            checked = list(validate)
+            unknown = [p for p in checked if p not in sig.parameters]
+            if unknown or isinstance(validate, str):
+                raise ConfigurationError(
+                    f"validate={validate!r}: name parameters of {fn.__qualname__} "
+                    f"(a list of names), or pass True for all of them or False for none"
+                )
         read_scope = _reader(scope, "scope", sig)
         hint = inspect.get_annotations(fn, eval_str=True).get("return", Any)
         store_codec = codec if codec is not None else JsonCodec().bind(hint)
@@ -95,6 +129,11 @@ def idempotent_transaction(
             bound = sig.bind(*args, **kwargs)
             bound.apply_defaults()
             target = conn if conn is not None else bound.arguments[cast(str, conn_arg)]
+            fingerprint = (
+                fingerprint_of([[p, bound.arguments[p]] for p in checked]).encode("ascii")
+                if checked
+                else None
+            )
             return Transaction(
                 target,
                 key=read_key(args, kwargs, bound),
@@ -102,12 +141,14 @@ def idempotent_transaction(
                 table=table,
                 codec=store_codec,
                 wait=wait,
+                namespace=space,
+                fingerprint=fingerprint,
             )
 
         def pause(attempt: int) -> float:
             return random.uniform(0, min(0.5, 0.01 * 2**attempt))
 
-        if inspect.iscoroutinefunction(fn):
+        if is_async_callable(fn):
 
             @functools.wraps(fn)
             async def arunner(*args: Any, **kwargs: Any) -> Any:

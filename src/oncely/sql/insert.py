@@ -156,6 +156,26 @@ def _plan(
                 if res.rows:
                     return row(res), created
         else:
+            # MariaDB/MySQL have no ON CONFLICT target to check the constraint: without a
+            # unique index on exactly these columns the INSERT would simply add a second row.
+            # Refuse that as PostgreSQL and SQLite do (a schema read, not a decision on data).
+            schema, _, name = table.rpartition(".")
+            res = yield Exec(
+                "SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS "
+                "WHERE TABLE_SCHEMA = COALESCE(:schema, DATABASE()) AND TABLE_NAME = :name "
+                "AND NON_UNIQUE = 0",
+                {"schema": schema or None, "name": name},
+            )
+            indexes: dict[str, set[str]] = {}
+            for index, column in res.rows:
+                indexes.setdefault(str(index), set()).add(str(column).lower())
+            if {col.lower() for col in unique} not in indexes.values():
+                yield Exec(f"SELECT 1 FROM {t} WHERE 1 = 0", {})  # a missing table says so
+                raise ConfigurationError(
+                    f"{table} has no unique constraint or primary key on exactly "
+                    f"({', '.join(unique)}): add one (CREATE UNIQUE INDEX ... ON {table} "
+                    f"({', '.join(unique)})) or pass the columns of an existing one as unique="
+                )
             returning = " RETURNING *" if c.returning else ""
             for _ in range(5):
                 try:

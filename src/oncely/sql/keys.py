@@ -28,11 +28,14 @@ class Global:
 
 #: ``scope=GLOBAL``: one key space for every caller (an explicit opt-out of per-client scopes).
 GLOBAL: Final = Global()
-_GLOBAL_SCOPE: Final = "*"
+# The empty string: no caller's scope can be it (an empty scope is refused), so a tenant whose
+# id happens to be "*" (or anything else) never shares GLOBAL's key space.
+_GLOBAL_SCOPE: Final = ""
 
 
-def record_key(key: object, scope: object) -> RecordKey:
-    """The stored key of ``key`` in ``scope``.
+def record_key(key: object, scope: object, namespace: str | None = None) -> RecordKey:
+    """The stored key of ``key`` in ``scope`` (and, when given, ``namespace``: the function of
+    ``@idempotent_transaction``, so two functions given the same key never share a record).
 
     Raises :class:`~oncely.errors.InvalidKey` for a key that is not a non-empty ``str`` of at
     most 255 characters (Stripe's limit), :class:`~oncely.errors.ConfigurationError` for a
@@ -55,4 +58,7 @@ def record_key(key: object, scope: object) -> RecordKey:
             f"non-empty str of at most {MAX_KEY_LENGTH} characters), or oncely.sql.GLOBAL if "
             "every caller shares one key space"
         )
-    return RecordKey.of(name, key)
+    if namespace is None:
+        return RecordKey.of(name, key)
+    # "\x00" cannot occur in a qualified function name, so (namespace, key) pairs never collide
+    return RecordKey.of(name, f"{namespace}\x00{key}")

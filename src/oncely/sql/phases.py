@@ -68,7 +68,14 @@ from oncely.sql.connections import (
     run,
 )
 from oncely.sql.keys import record_key
-from oncely.sql.schema import DEFAULT_TABLE, FINISHED, digest_bytes, now_sql, schema_missing
+from oncely.sql.schema import (
+    DEFAULT_TABLE,
+    FINISHED,
+    digest_bytes,
+    now_sql,
+    schema_missing,
+    text_of,
+)
 
 __all__ = ["STARTED", "Operation", "PhaseContext", "areap", "reap"]
 
@@ -249,6 +256,18 @@ class Operation:
                         },
                     )
                     res = yield Exec(sql["read"], base)
+                    stored_params = res.rows[0][2] if res.rows else None
+                    if (
+                        p_bytes is not None
+                        and stored_params is not None
+                        and bytes(stored_params) != p_bytes
+                    ):
+                        # roll the take back: a mismatched call must not keep the key locked
+                        # from the genuine retry for lock_timeout
+                        raise IdempotencyKeyMismatch(
+                            "this key was used with other params: a retry must send the same "
+                            "params; a new operation needs a new key"
+                        )
                     yield Leave(block, True)
                 except BaseException:
                     yield Leave(block, False)
@@ -256,6 +275,7 @@ class Operation:
                 if not res.rows:
                     raise InFlightError("the record vanished (reaped); retry", retry_after=0.0)
                 point, operation, stored, blob, locked_at, now = res.rows[0]
+                point, operation = text_of(point), text_of(operation)
                 if operation != self.name:
                     raise ConfigurationError(
                         f"this key belongs to another operation ({operation!r}), not {self.name!r}"
@@ -393,7 +413,22 @@ class Operation:
             )
         finally:
             yield Leave(block, True)
-        return [(str(s), bytes(d).hex()) for s, d in res.rows]
+        return [(str(text_of(s)), bytes(d).hex()) for s, d in res.rows]
+
+
+def _check_retention(retention: object) -> float:
+    if (
+        isinstance(retention, bool)
+        or not isinstance(retention, (int, float))
+        or not retention >= 0
+        or retention == float("inf")
+    ):
+        raise ConfigurationError(
+            f"retention={retention!r}: pass how long finished records are kept, in seconds "
+            "(>= 0, finite; brandur keeps 72 h). A negative retention would delete records "
+            "finished just now, and their retries would run the effect again"
+        )
+    return float(retention)
 
 
 def _reap(c: SqlConnection, table: str, retention: float) -> Plan[int]:
@@ -415,7 +450,10 @@ def _reap(c: SqlConnection, table: str, retention: float) -> Plan[int]:
 def reap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RETENTION) -> int:
     """The reaper: delete finished records (recovery points and :func:`oncely.sql.transaction`
     alike) whose last write is older than ``retention`` seconds (database clock; default 72 h,
-    brandur's); returns how many. Unfinished operations are left for the completer."""
+    brandur's); returns how many. Unfinished operations are left for the completer.
+    Raises :class:`~oncely.errors.ConfigurationError` for a negative or non-finite
+    ``retention``."""
+    retention = _check_retention(retention)
     c = adapt(conn)
     count: int = run(_reap(c, table, retention), c)
     return count
@@ -423,6 +461,7 @@ def reap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RETENTION)
 
 async def areap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RETENTION) -> int:
     """The async face of :func:`reap`."""
+    retention = _check_retention(retention)
     c = adapt(conn)
     count: int = await arun(_reap(c, table, retention), c)
     return count

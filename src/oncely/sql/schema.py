@@ -44,6 +44,7 @@ __all__ = [
     "digest_bytes",
     "now_sql",
     "schema_missing",
+    "text_of",
 ]
 
 #: The default table name (``table=`` changes it everywhere).
@@ -54,13 +55,25 @@ FINISHED: Final = "finished"
 _TYPES: Final = {  # text, 32-byte digest, blob, float, table options
     "sqlite": ("TEXT", "BLOB", "BLOB", "REAL", ""),
     "postgresql": ("VARCHAR(255)", "BYTEA", "BYTEA", "DOUBLE PRECISION", ""),
-    "mysql": ("VARCHAR(255)", "BINARY(32)", "LONGBLOB", "DOUBLE", " ENGINE=InnoDB"),
+    # VARBINARY: MariaDB/MySQL compare VARCHAR by collation (the default utf8mb4_general_ci
+    # folds case, ignores trailing spaces and equates every emoji; utf8mb4_bin still pads), so
+    # scopes "Alice"/"alice" would share results; bytes compare byte for byte, no padding.
+    # 1020 bytes = 255 utf8mb4 characters.
+    "mysql": ("VARBINARY(1020)", "BINARY(32)", "LONGBLOB", "DOUBLE", " ENGINE=InnoDB"),
 }
 
 
 def digest_bytes(key: RecordKey) -> bytes:
     """The stored form of ``key.digest`` (the 32 bytes of the hex SHA-256)."""
     return bytes.fromhex(key.digest)
+
+
+def text_of(value: Any) -> Any:
+    """A text column's value as ``str``: MariaDB/MySQL keep them VARBINARY (byte comparison),
+    so drivers return bytes there; None and str pass through."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).decode("utf-8")
+    return value
 
 
 def now_sql(dialect: Dialect) -> str:
@@ -78,13 +91,14 @@ def ddl(dialect: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
     text, digest, blob, real, engine = _TYPES[dialect]
     t = quote(table, dialect)
     index = quote(table.split(".")[-1] + "_unfinished", dialect)
-    point = "VARCHAR(64)" if dialect != "sqlite" else "TEXT"
+    point = {"sqlite": "TEXT", "postgresql": "VARCHAR(64)"}.get(dialect, "VARBINARY(256)")
+    operation = "VARBINARY(1020)" if dialect == "mysql" else text
     lock = "CHAR(64)" if dialect != "sqlite" else "TEXT"
     rowid = " WITHOUT ROWID" if dialect == "sqlite" else ""  # one B-tree, not two
     statements = [
         f"CREATE TABLE IF NOT EXISTS {t} ("
         f"scope {text} NOT NULL, digest {digest} NOT NULL, recovery_point {point} NOT NULL, "
-        f"operation {text}, params {blob}, result {blob}, locked_at {real}, locked_by {lock}, "
+        f"operation {operation}, params {blob}, result {blob}, locked_at {real}, locked_by {lock}, "
         f"created_at {real} NOT NULL, updated_at {real} NOT NULL, "
         f"PRIMARY KEY (scope, digest)){rowid}{engine}",
     ]

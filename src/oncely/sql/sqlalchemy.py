@@ -40,7 +40,7 @@ from typing import Any, Final, Literal
 
 from sqlalchemy import Engine, Integer, event, inspect
 from sqlalchemy.orm import Mapper
-from sqlalchemy.sql.dml import Update
+from sqlalchemy.sql.dml import Insert, Update
 from sqlalchemy.sql.schema import Table
 
 from oncely.errors import ConfigurationError, VersionBypass
@@ -158,9 +158,51 @@ def _sets_version(stmt: Update, column: Any, multiparams: Any, params: Any) -> b
     return bool(dicts) and all(names.intersection(_keys(r)) for r in dicts)
 
 
+def _upsert_sets(stmt: Any) -> list[str] | None:
+    """The columns an upsert's conflict clause sets (PostgreSQL/SQLite ``on_conflict_do_update``,
+    MySQL/MariaDB ``on_duplicate_key_update``), or None for a plain INSERT / DO NOTHING."""
+    clause = getattr(stmt, "_post_values_clause", None)
+    if clause is None:
+        return None
+    pairs = getattr(clause, "update_values_to_set", None)  # OnConflictDoUpdate
+    if pairs is not None:
+        keys = [pair[0] for pair in pairs]
+    else:
+        update = getattr(clause, "update", None)  # MySQL OnDuplicateClause
+        if update is None:
+            return None  # on_conflict_do_nothing
+        keys = list(update) if isinstance(update, Mapping) else [pair[0] for pair in update]
+    return [
+        k if isinstance(k, str) else str(getattr(k, "key", None) or getattr(k, "name", ""))
+        for k in keys
+    ]
+
+
+def _check_upsert(stmt: Any, execution_options: Any) -> None:
+    guarded = _GUARDED.get(stmt.table)
+    if guarded is None:
+        return
+    if (execution_options or {}).get(OPT_OUT) or stmt.get_execution_options().get(OPT_OUT):
+        return
+    sets = _upsert_sets(stmt)
+    column, _ = guarded
+    if sets is None or {column.key, column.name}.intersection(sets):
+        return
+    raise VersionBypass(
+        f"this upsert of {stmt.table.fullname!r} updates existing rows without setting their "
+        f"version column {column.key!r}, so it skips optimistic locking (an object loaded "
+        f"before would then overwrite it); add {column.key}={stmt.table.name}.c.{column.key} + 1 "
+        f"to its set_ (on_conflict_do_update / on_duplicate_key_update), or pass "
+        f".execution_options({OPT_OUT}=True) if you mean it"
+    )
+
+
 def _before_execute(
     conn: Any, clauseelement: Any, multiparams: Any, params: Any, execution_options: Any
 ) -> tuple[Any, Any, Any]:
+    if _GUARDED and isinstance(clauseelement, Insert):
+        _check_upsert(clauseelement, execution_options)
+        return clauseelement, multiparams, params
     if not _GUARDED or not isinstance(clauseelement, Update):
         return clauseelement, multiparams, params
     guarded = _GUARDED.get(clauseelement.table)

@@ -43,7 +43,10 @@ Errors: :class:`~oncely.errors.InvalidKey`, :class:`~oncely.errors.Configuration
 scope), :class:`~oncely.errors.SchemaMissing` (run :func:`oncely.sql.create_tables`),
 :class:`~oncely.errors.TransactionFailed` (the caller's transaction already failed),
 :class:`~oncely.errors.InFlightError` (``wait=False`` and a duplicate is running, or the key
-belongs to an unfinished recovery-point operation). Source: DESIGN.md mechanism 4 (dedup
+belongs to an unfinished recovery-point operation), :class:`~oncely.errors.ConfigurationError`
+(the key belongs to a finished :class:`~oncely.sql.Operation`),
+:class:`~oncely.errors.IdempotencyKeyMismatch` (``@idempotent_transaction``: the key came with
+other arguments). Source: DESIGN.md mechanism 4 (dedup
 table) where it meets the user's database; brandur, "Stripe-like idempotency keys in Postgres".
 """
 
@@ -58,7 +61,12 @@ from typing import Any
 from oncely.backends.plans import Exec, Plan
 from oncely.codecs import Codec, JsonCodec
 from oncely.core.records import RecordKey
-from oncely.errors import ConfigurationError, InFlightError
+from oncely.errors import (
+    ConfigurationError,
+    IdempotencyKeyMismatch,
+    InFlightError,
+    TransactionFailed,
+)
 from oncely.sql.connections import (
     Block,
     Dialect,
@@ -75,7 +83,14 @@ from oncely.sql.connections import (
     run,
 )
 from oncely.sql.keys import record_key
-from oncely.sql.schema import DEFAULT_TABLE, FINISHED, digest_bytes, now_sql, schema_missing
+from oncely.sql.schema import (
+    DEFAULT_TABLE,
+    FINISHED,
+    digest_bytes,
+    now_sql,
+    schema_missing,
+    text_of,
+)
 
 __all__ = ["Claim", "Transaction", "claim_plan", "finish_plan", "transaction"]
 
@@ -88,12 +103,16 @@ _DEFAULT_CODEC = JsonCodec()
 @dataclass(slots=True)
 class Claim:
     """What the claim found: ``new`` (this block owns the key) or the stored
-    ``recovery_point`` and ``result`` of an earlier operation; ``block`` is the open block."""
+    ``recovery_point``, ``result``, ``operation`` (the :class:`~oncely.sql.Operation` that owns
+    the key, None for :func:`transaction` keys) and ``params`` (the arguments' fingerprint
+    stored with the key, if any) of an earlier operation; ``block`` is the open block."""
 
     block: Block
     new: bool
     recovery_point: str | None = None
     result: bytes | None = None
+    operation: str | None = None
+    params: bytes | None = None
 
 
 def _statements(c: SqlConnection, table: str) -> tuple[str, str]:
@@ -105,15 +124,16 @@ def _statements_for(dialect: Dialect, table: str) -> tuple[str, str]:
     t = quote(table, dialect)
     now = now_sql(dialect)
     where = "scope = :scope AND digest = :digest"
-    values = f"(:scope, :digest, '{FINISHED}', {now}, {now})"
-    cols = "(scope, digest, recovery_point, created_at, updated_at)"
-    read = f"SELECT recovery_point, result FROM {t} WHERE {where}"
+    values = f"(:scope, :digest, '{FINISHED}', :params, {now}, {now})"
+    cols = "(scope, digest, recovery_point, params, created_at, updated_at)"
+    read = f"SELECT recovery_point, result, operation, params FROM {t} WHERE {where}"
     if dialect == "postgresql":
         claim = (
             f"WITH ins AS (INSERT INTO {t} {cols} VALUES {values} "
             "ON CONFLICT (scope, digest) DO NOTHING RETURNING 1) "
-            "SELECT 1, CAST(NULL AS VARCHAR), CAST(NULL AS BYTEA) FROM ins UNION ALL "
-            f"SELECT 0, recovery_point, result FROM {t} WHERE {where} "
+            "SELECT 1, CAST(NULL AS VARCHAR), CAST(NULL AS BYTEA), CAST(NULL AS VARCHAR), "
+            "CAST(NULL AS BYTEA) FROM ins UNION ALL "
+            f"SELECT 0, recovery_point, result, operation, params FROM {t} WHERE {where} "
             "AND NOT EXISTS (SELECT 1 FROM ins)"
         )
     elif dialect == "sqlite":
@@ -124,56 +144,88 @@ def _statements_for(dialect: Dialect, table: str) -> tuple[str, str]:
     return claim, read
 
 
-def _nowait(c: SqlConnection, on: bool) -> Generator[Any, Any, None]:
-    """Make the claim's lock wait give up at once (PostgreSQL ``lock_timeout``, MySQL
-    ``innodb_lock_wait_timeout``, its minimum of 1 s) and put it back."""
+def _nowait(c: SqlConnection) -> Generator[Any, Any, Any]:
+    """Make the claim's lock wait give up at once (PostgreSQL ``lock_timeout`` of 5 ms, local
+    to the transaction; MySQL ``innodb_lock_wait_timeout``, its minimum of 1 s); returns what
+    :func:`_restore` needs to put the caller's own value back."""
     if c.dialect == "postgresql":
-        yield Exec("SELECT set_config('lock_timeout', :v, true)", {"v": "5ms" if on else "0"})
+        res = yield Exec(
+            "SELECT current_setting('lock_timeout'), set_config('lock_timeout', '5ms', true)", {}
+        )
+        return res.rows[0][0]
+    if c.dialect == "mysql":  # one statement: assignments run left to right
+        yield Exec(
+            "SET @oncely_lock_wait = @@SESSION.innodb_lock_wait_timeout, "
+            "SESSION innodb_lock_wait_timeout = 1",
+            {},
+        )
+        return True
+    return None
+
+
+def _restore(c: SqlConnection, saved: Any) -> Generator[Any, Any, None]:
+    """Put back the lock wait :func:`_nowait` changed (the caller's value, not a default)."""
+    if c.dialect == "postgresql":
+        yield Exec("SELECT set_config('lock_timeout', :v, true)", {"v": saved})
     elif c.dialect == "mysql":
-        yield Exec(f"SET SESSION innodb_lock_wait_timeout = {1 if on else 50}", {})
+        yield Exec("SET SESSION innodb_lock_wait_timeout = @oncely_lock_wait", {})
 
 
-def claim_plan(c: SqlConnection, table: str, key: RecordKey, *, wait: bool = True) -> Plan[Claim]:
+def claim_plan(
+    c: SqlConnection,
+    table: str,
+    key: RecordKey,
+    *,
+    wait: bool = True,
+    params: bytes | None = None,
+) -> Plan[Claim]:
     """Open a block and claim ``key`` in it (see the module docstring). Serialization failures
     and deadlocks are retried from ``BEGIN`` when the block owns the transaction; other errors
     roll the block back and are raised (a missing table as
     :class:`~oncely.errors.SchemaMissing`)."""
     claim, read = _statements(c, table)
-    params = {"scope": key.scope, "digest": digest_bytes(key)}
+    args = {"scope": key.scope, "digest": digest_bytes(key), "params": params}
+    where = {"scope": key.scope, "digest": digest_bytes(key)}
     for attempt in range(CLAIM_ATTEMPTS):
         block: Block = yield Enter()
+        saved: Any = None
         try:
             if not wait:
-                yield from _nowait(c, True)
+                saved = yield from _nowait(c)
             if c.dialect == "postgresql":
-                res = yield Exec(claim, params)
+                res = yield Exec(claim, args)
                 if not res.rows:  # the row committed after this statement's snapshot
-                    res = yield Exec(read, params)
+                    res = yield Exec(read, where)
                     rows = [(0, *r) for r in res.rows]
                 else:
                     rows = res.rows
-                found = (bool(rows[0][0]), rows[0][1], rows[0][2]) if rows else None
+                found = (bool(rows[0][0]), *rows[0][1:]) if rows else None
             elif c.dialect == "sqlite":
-                res = yield Exec(claim, params)
-                found = (True, None, None) if res.rowcount == 1 else None
+                res = yield Exec(claim, args)
+                found = (True, None, None, None, None) if res.rowcount == 1 else None
                 if found is None:
-                    res = yield Exec(read, params)
+                    res = yield Exec(read, where)
                     found = (False, *res.rows[0]) if res.rows else None
             else:
                 try:
-                    yield Exec(claim, params)
-                    found = (True, None, None)
+                    yield Exec(claim, args)
+                    found = (True, None, None, None, None)
                 except Exception as exc:
                     if duplicate_of(exc) is None:
                         raise
-                    res = yield Exec(read, params)
+                    res = yield Exec(read, where)
                     found = (False, *res.rows[0]) if res.rows else None
             if not wait:
-                yield from _nowait(c, False)
-        except Exception as exc:
+                yield from _restore(c, saved)
+        except BaseException as exc:
+            # also on cancellation (a task cancelled while its claim waits on a duplicate's
+            # row lock): roll back the block it began, or the pooled connection stays in a
+            # failed transaction
             yield Leave(block, False)
-            if not wait and c.dialect == "mysql":  # a session setting: put it back
-                yield from _nowait(c, False)
+            if saved is not None and c.dialect == "mysql":  # a session setting: put it back
+                yield from _restore(c, saved)
+            if not isinstance(exc, Exception):
+                raise
             if retryable(exc) and block.owned and attempt < CLAIM_ATTEMPTS - 1:
                 continue
             if lock_timeout(exc) and not wait:
@@ -188,10 +240,12 @@ def claim_plan(c: SqlConnection, table: str, key: RecordKey, *, wait: bool = Tru
         if found is None:  # the row vanished between the two statements (a reaper): again
             yield Leave(block, False)
             continue
-        new, point, result = found
+        new, point, result, operation, stored = found
         if isinstance(result, memoryview):
             result = bytes(result)
-        return Claim(block, new, point, result)
+        if stored is not None:
+            stored = bytes(stored)
+        return Claim(block, new, text_of(point), result, text_of(operation), stored)
     raise InFlightError(  # pragma: no cover - CLAIM_ATTEMPTS conflicts in a row
         "could not claim the key: too many serialization failures in a row", retry_after=0.1
     )
@@ -205,6 +259,14 @@ def finish_plan(
     if not (ok and claim.new):
         yield Leave(claim.block, False)
         return
+    if c.failed():  # a statement in the block raised and was caught: its writes are gone
+        yield Leave(claim.block, False)
+        raise TransactionFailed(
+            "a statement inside the transaction() block failed and the error was caught, so "
+            "the database aborted the block's transaction: nothing was committed (neither the "
+            "key nor the writes). Let the error propagate, or wrap the statement that may fail "
+            "in a savepoint (with conn.transaction(): / begin_nested()), then retry"
+        )
     if result is None:
         yield Leave(claim.block, True)
         return
@@ -233,8 +295,11 @@ class Transaction:
         table: str = DEFAULT_TABLE,
         codec: Codec | None = None,
         wait: bool = True,
+        namespace: str | None = None,
+        fingerprint: bytes | None = None,
     ) -> None:
-        self.key = record_key(key, scope)
+        self.key = record_key(key, scope, namespace)
+        self.fingerprint = fingerprint
         self.conn = adapt(conn)
         self.conn.quote(table)
         self.table = table
@@ -271,6 +336,9 @@ class Transaction:
 
     _encoded: bytes | None = None
 
+    def _claim_plan(self) -> Plan[Claim]:
+        return claim_plan(self.conn, self.table, self.key, wait=self.wait, params=self.fingerprint)
+
     def _entered(self, claim: Claim) -> Transaction:
         self._claim = claim
         if not claim.new:
@@ -280,11 +348,26 @@ class Transaction:
                     f"{claim.recovery_point!r}); resume it with the same key",
                     retry_after=1.0,
                 )
+            if claim.operation is not None:
+                raise ConfigurationError(
+                    f"this key belongs to the recovery-point operation {claim.operation!r}, "
+                    "not to a transaction(): replay it with that Operation's run(), or use "
+                    "another key"
+                )
+            if (
+                self.fingerprint is not None
+                and claim.params is not None
+                and claim.params != self.fingerprint
+            ):
+                raise IdempotencyKeyMismatch(
+                    "this key was used with other arguments: a retry must send the same "
+                    "arguments; a new operation needs a new key"
+                )
             self._result = None if claim.result is None else self.codec.decode(claim.result)
         return self
 
     def __enter__(self) -> Transaction:
-        claim: Claim = run(claim_plan(self.conn, self.table, self.key, wait=self.wait), self.conn)
+        claim: Claim = run(self._claim_plan(), self.conn)
         try:
             return self._entered(claim)
         except BaseException:
@@ -304,9 +387,7 @@ class Transaction:
         )
 
     async def __aenter__(self) -> Transaction:
-        claim: Claim = await arun(
-            claim_plan(self.conn, self.table, self.key, wait=self.wait), self.conn
-        )
+        claim: Claim = await arun(self._claim_plan(), self.conn)
         try:
             return self._entered(claim)
         except BaseException:
@@ -348,8 +429,8 @@ def transaction(
     :param wait: True (default): a concurrent duplicate waits for the first transaction to
         end, then replays its result. False: raise :class:`~oncely.errors.InFlightError` at
         once instead (PostgreSQL: ``lock_timeout`` of 5 ms for the claim, local to the
-        transaction; MySQL: ``innodb_lock_wait_timeout`` of 1 s, its minimum, set back to 50 s,
-        the server default, after the claim; SQLite has one writer at a time, so a duplicate
-        always waits there for ``BEGIN IMMEDIATE``).
+        transaction, then the caller's value again; MySQL: ``innodb_lock_wait_timeout`` of 1 s,
+        its minimum, for the claim, then the session's own value again; SQLite has one
+        writer at a time, so a duplicate always waits there for ``BEGIN IMMEDIATE``).
     """
     return Transaction(conn, key=key, scope=scope, table=table, codec=codec, wait=wait)

@@ -60,6 +60,12 @@ from oncely.sql.connections import (
 __all__ = ["aversioned_update", "versioned_update"]
 
 
+#: The largest version a BIGINT (or SQLite INTEGER) column can hold; a larger expected version
+#: (an If-Match of 19+ digits) can match no row, so it is reported stale, never sent as an
+#: overflowing parameter.
+_MAX_VERSION = 2**63 - 1
+
+
 def _check_version(version: object) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
         raise ConfigurationError(
@@ -104,11 +110,14 @@ def _texts(
 ) -> tuple[str, str]:
     """The UPDATE and the reporting SELECT (cached: names are validated once per shape)."""
     t, idc, vc = quote(table, dialect), quote(id_column, dialect), quote(version_column, dialect)
-    if id_column == version_column:
+    if id_column.casefold() == version_column.casefold():
         raise ConfigurationError("id_column and version_column must be different columns")
     sets: list[str] = []
+    # SQL identifiers are case-insensitive (SQLite, MariaDB/MySQL, unquoted PostgreSQL):
+    # {"Version": 0} would reset the version and {"ID": 8} move the row, so compare folded.
+    reserved = (id_column.casefold(), version_column.casefold())
     for i, column in enumerate(columns):
-        if column in (id_column, version_column):
+        if column.casefold() in reserved:
             raise ConfigurationError(
                 f"changes must not set {column!r}: oncely sets the version and the id "
                 "selects the row"
@@ -142,8 +151,11 @@ def _plan(
     conn.check_usable()
     entity = f"{table} {id_column}={id!r}"
     try:
-        result: Result = yield Exec(update, params)
-        written = len(result.rows) if returning else result.rowcount
+        if expected > _MAX_VERSION:  # no BIGINT holds it: stale (or missing), never a match
+            written = 0
+        else:
+            result: Result = yield Exec(update, params)
+            written = len(result.rows) if returning else result.rowcount
         if written == 1:
             return int(result.rows[0][0]) if returning else expected + 1
         if written > 1:

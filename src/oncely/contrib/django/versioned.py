@@ -24,6 +24,11 @@ since the object was read, the lost update of source §3.3. Subclass :class:`Ver
   new versions back into ``objs``. With ``oncely_on_bulk = "refuse"`` on the model both raise
   :class:`~oncely.errors.VersionBypass` instead; ``.update_unversioned(…)`` is the explicit
   way around.
+* ``bulk_create(update_conflicts=True)`` (an upsert) raises
+  :class:`~oncely.errors.VersionBypass` unless ``update_fields`` names the version.
+* A new instance given an existing pk (``Account(id=1, ...).save()``, never loaded) updates
+  the row only if its version (1 by default) is the row's, and bumps it; otherwise Django's
+  INSERT follows and the primary key refuses it (``IntegrityError``).
 
 Retry conflicts with :func:`oncely.optimistic.retry_on_conflict` (read the row inside the
 retried function). The check rides on Django's ``Model._do_update`` hook, as
@@ -79,6 +84,18 @@ class VersionedQuerySet(models.QuerySet):  # type: ignore[misc]
         """``QuerySet.update()`` as Django does it: the version does not move."""
         rows: int = super().update(**kwargs)
         return rows
+
+    def bulk_create(self, objs: Iterable[Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """``bulk_create()``; an upsert (``update_conflicts=True``) must name the version in
+        ``update_fields`` (its ``ON CONFLICT DO UPDATE`` cannot add one to it), else
+        :class:`~oncely.errors.VersionBypass`: it would change rows without moving their
+        version, and an instance loaded before would save over it."""
+        if kwargs.get("update_conflicts"):
+            field = _version_field(self.model)
+            if field not in list(kwargs.get("update_fields") or ()):
+                raise _bypass(self.model, "bulk_create(update_conflicts=True)", field)
+        created: list[Any] = super().bulk_create(objs, *args, **kwargs)
+        return created
 
     def bulk_update(
         self, objs: Iterable[Any], fields: Iterable[str], batch_size: int | None = None
@@ -153,10 +170,6 @@ class VersionedModel(models.Model):  # type: ignore[misc]
         name = _version_field(type(self))
         field = self._meta.get_field(name)
         expected = getattr(self, field.attname)
-        if self._state.adding:  # a new instance with an explicit pk: Django's own path
-            return super()._do_update(
-                base_qs, using, pk_val, values, update_fields, forced_update, *args, **kwargs
-            )
         if isinstance(expected, bool) or not isinstance(expected, int):
             raise ConfigurationError(
                 f"{type(self).__name__}.{name} is {expected!r}, not the int version it was "
@@ -176,6 +189,11 @@ class VersionedModel(models.Model):  # type: ignore[misc]
         )
         if updated:
             setattr(self, field.attname, expected + 1)
+            return updated
+        if self._state.adding:
+            # a new instance given an existing pk (never loaded, e.g. a deserialised body)
+            # updated nothing unless its version matched the row's: Django now INSERTs, which
+            # the primary key refuses (IntegrityError) when the row exists, or creates it.
             return updated
         entity = f"{self._meta.db_table} pk={pk_val!r}"
         found = list(base_qs.filter(pk=pk_val).values_list(field.attname, flat=True)[:1])

@@ -15,6 +15,8 @@ local cur = KEYS[1] .. ':' .. gen
 local prev = KEYS[1] .. ':' .. (gen - 1)
 local new = {}
 local bits = {}
+local ttl = 2 * window + 1000
+local expiring = false
 for i = 4, #ARGV do
   local h = redis.sha1hex(ARGV[i])
   local h1 = tonumber(string.sub(h, 1, 8), 16)
@@ -32,9 +34,14 @@ for i = 4, #ARGV do
     end
   end
   if not in_cur and not in_prev then
-    for j = 1, k do redis.call('SETBIT', cur, bits[j], 1) end
+    for j = 1, k do
+      redis.call('SETBIT', cur, bits[j], 1)
+      -- expire the generation as soon as it exists: if a later call fails mid-script, no
+      -- bitmap is ever left without a TTL
+      if not expiring then redis.call('PEXPIRE', cur, ttl); expiring = true end
+    end
     new[#new + 1] = i - 3
   end
 end
-redis.call('PEXPIRE', cur, 2 * window + 1000)
+redis.call('PEXPIRE', cur, ttl)
 return new
