@@ -130,7 +130,7 @@ def idempotent_transaction(
             bound.apply_defaults()
             target = conn if conn is not None else bound.arguments[cast(str, conn_arg)]
             fingerprint = (
-                fingerprint_of([[p, bound.arguments[p]] for p in checked]).encode("ascii")
+                fingerprint_of({p: bound.arguments[p] for p in checked}).encode("ascii")
                 if checked
                 else None
             )
