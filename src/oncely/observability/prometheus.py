@@ -83,17 +83,14 @@ class _Scope:
         self.owner, self.store, self.name = owner, store, name
 
     def done(self, outcome: str, seconds: float, error: BaseException | None) -> None:
-        owner = self.owner
-        owner.seconds.labels(self.store, self.name, outcome).observe(seconds)
-        if self.name != "claim":
-            return
-        owner.claims.labels(self.store, outcome).inc()
-        if outcome == "replay":
-            owner.replays.labels(self.store).inc()
-        elif outcome == "in_flight":
-            owner.conflicts.labels(self.store).inc()
-        elif outcome == "mismatch":
-            owner.mismatches.labels(self.store).inc()
+        where = (self.store, self.name, outcome)
+        children = self.owner._children.get(where)
+        if children is None:
+            children = self.owner._resolve(where)
+        histogram, counters = children
+        histogram.observe(seconds)
+        for counter in counters:
+            counter.inc()
 
 
 class PrometheusObserver:
@@ -144,6 +141,23 @@ class PrometheusObserver:
             registry=registry,
             buckets=BUCKETS,
         )
+
+        #: (store, operation, outcome) -> the histogram child and the counter children it
+        #: feeds: ``labels()`` takes a lock and checks its arguments, so it runs once per set.
+        self._children: dict[tuple[str, str, str], tuple[Any, tuple[Any, ...]]] = {}
+
+    def _resolve(self, where: tuple[str, str, str]) -> tuple[Any, tuple[Any, ...]]:
+        store, name, outcome = where
+        counters: list[Any] = []
+        if name == "claim":
+            counters.append(self.claims.labels(store, outcome))
+            extra = {"replay": self.replays, "in_flight": self.conflicts}
+            extra["mismatch"] = self.mismatches
+            if outcome in extra:
+                counters.append(extra[outcome].labels(store))
+        children = (self.seconds.labels(store, name, outcome), tuple(counters))
+        self._children[where] = children
+        return children
 
     def operation(self, store: str, name: str, key: RecordKey) -> _Scope:
         return _Scope(self, store, name)  # the key is deliberately dropped: never a label
