@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -314,3 +316,69 @@ def test_metrics_route_under_wsgi(registry: CollectorRegistry, make_store) -> No
         assert reply.headers["content-type"].startswith("text/plain")
         assert 'oncely_claims_total{outcome="new",store="sqlite"} 1.0' in reply.text
         assert client.get("/").text == "home"
+
+
+def test_counts_are_exact_under_concurrent_callers(
+    registry: CollectorRegistry, kind_store: tuple[str, Store]
+) -> None:
+    kind, store = kind_store
+    label = store_label(kind)
+    order = f"order-{uuid.uuid4()}"
+    start = threading.Barrier(16)
+
+    @idempotent(store=store, key=["order_id"], on_duplicate="raise", lease=5)
+    def charge(order_id: str) -> str:
+        time.sleep(0.05)
+        return order_id
+
+    def caller() -> str:
+        start.wait()
+        try:
+            return charge(order)
+        except InFlightError:
+            return "in_flight"
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda _: caller(), range(16)))
+    outcomes = {
+        o: value(registry, "oncely_claims_total", store=label, outcome=o)
+        for o in ("new", "replay", "in_flight", "mismatch", "error")
+    }
+    assert outcomes["new"] == 1 and outcomes["mismatch"] == outcomes["error"] == 0
+    assert sum(outcomes.values()) == 16
+    assert outcomes["in_flight"] == answers.count("in_flight")
+    assert value(registry, "oncely_conflicts_total", store=label) == outcomes["in_flight"]
+    assert value(registry, "oncely_replays_total", store=label) == outcomes["replay"]
+
+
+def test_http_layer_claims_are_counted_and_served(registry: CollectorRegistry) -> None:
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from oncely.http import GLOBAL, IdempotencyConfig, IdempotencyMiddleware
+    from oncely.stores.memory import MemoryStore
+
+    async def orders(request: object) -> JSONResponse:
+        return JSONResponse({"id": str(uuid.uuid4())}, status_code=201)
+
+    inner = Starlette(routes=[Route("/orders", orders, methods=["POST"])])
+    app = prometheus.with_metrics_asgi(
+        IdempotencyMiddleware(inner, IdempotencyConfig(store=MemoryStore(), scope=GLOBAL)),
+        registry=registry,
+    )
+    key = str(uuid.uuid4())
+
+    async def main() -> str:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            first = await client.post("/orders", json={"a": 1}, headers={"Idempotency-Key": key})
+            again = await client.post("/orders", json={"a": 1}, headers={"Idempotency-Key": key})
+            assert first.status_code == again.status_code == 201
+            assert first.json() == again.json()
+            return (await client.get("/metrics")).text
+
+    text = asyncio.run(main())
+    assert 'oncely_claims_total{outcome="new",store="memory"} 1.0' in text
+    assert 'oncely_replays_total{store="memory"} 1.0' in text
+    assert key not in text and digest_key(key) not in text
