@@ -116,10 +116,12 @@ def test_async_calls_are_counted(
 
 
 def test_lost_lease_and_renewals_are_counted(
-    registry: CollectorRegistry, kind_store: tuple[str, Store]
+    registry: CollectorRegistry, kind_store: tuple[str, Store], caplog: pytest.LogCaptureFixture
 ) -> None:
     kind, store = kind_store
     label = store_label(kind)
+    order = f"order-{uuid.uuid4()}"
+    digests: list[str] = []
 
     @idempotent(store=store, key=["order_id"], lease=0.3)
     def victim(order_id: str) -> None:
@@ -129,13 +131,17 @@ def test_lost_lease_and_renewals_are_counted(
         while value(registry, "oncely_lease_renewals_total", store=label, outcome="ok") < 1:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        digests.append(claim.key.digest)
         store.delete(claim.key)  # an operator removed the record mid-call
         while claim.lost is None and time.monotonic() < deadline:
             time.sleep(0.01)
 
-    with pytest.raises(LeaseLost):
-        victim(f"order-{uuid.uuid4()}")
+    with caplog.at_level(logging.ERROR, logger="oncely"), pytest.raises(LeaseLost):
+        victim(order)
     assert value(registry, "oncely_leases_lost_total", store=label) == 1
+    (lost,) = [r for r in caplog.records if r.getMessage().startswith("oncely: lease lost")]
+    assert lost.oncely_digest == digests[0]  # type: ignore[attr-defined]
+    assert order not in lost.getMessage() and order not in str(lost.__dict__)
     assert value(registry, "oncely_lease_renewals_total", store=label, outcome="ok") >= 1
 
 
