@@ -2,7 +2,7 @@
 ``idempotent_function`` and raw driver calls (redis-py, psycopg, sqlite3), in one run.
 
     .venv/bin/python benchmarks/decorator.py [--n 2000] [--concurrency 32] [--write-docs]
-        [--stores memory,sqlite,postgres,redis,redis-nopipe]
+        [--stores memory,sqlite,postgres,redis,redis-nopipe,memory-metrics,memory-traced]
 
 Measures ops/s and p50/p99 latency of a trivial decorated function: first-time calls (new
 keys) and replays (the same keys again), sequential and with 32 concurrent callers (threads
@@ -11,18 +11,24 @@ baselines are one ``INSERT … ON CONFLICT DO NOTHING`` plus commit per call (wh
 call must at least do). ``redis-nopipe`` is the Redis store with ``autopipeline=False`` (one
 pooled connection per script, as before auto-pipelining). This machine is shared and noisy:
 compare the ratios within one run, not absolute numbers across runs.
+
+``memory-metrics`` is the memory store with :mod:`oncely.observability.prometheus` installed
+(on a fresh registry) for its measurements only; ``memory-traced`` adds
+:mod:`oncely.observability.otel` on an SDK ``TracerProvider`` (spans made, none exported):
+the cost of observability, against plain ``memory`` in the same pass.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import threading
 import time
 import uuid
 import warnings
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -360,6 +366,30 @@ def cleanup() -> None:
             client.delete(*keys[i : i + 1000])
 
 
+@contextlib.contextmanager
+def observed(store_name: str) -> Iterator[None]:
+    """Install the observers a ``memory-metrics`` / ``memory-traced`` measurement asks for."""
+    if not store_name.startswith("memory-"):
+        yield
+        return
+    from prometheus_client import CollectorRegistry
+
+    from oncely.observability import otel, prometheus
+
+    metrics = prometheus.install(CollectorRegistry())
+    tracer = None
+    if store_name == "memory-traced":
+        from opentelemetry.sdk.trace import TracerProvider
+
+        tracer = otel.install(TracerProvider())
+    try:
+        yield
+    finally:
+        prometheus.uninstall(metrics)
+        if tracer is not None:
+            otel.uninstall(tracer)
+
+
 def median_of(runs: list[Result]) -> Result:
     """The pass with the median rate (its latencies come along with it)."""
     return sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
@@ -372,6 +402,11 @@ def main() -> None:
     parser.add_argument("--stores", default="memory,sqlite,postgres,redis,redis-nopipe")
     parser.add_argument("--write-docs", action="store_true", help="update docs/performance.md")
     parser.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="skip raw redis-py and Powertools (e.g. for the observability ratios alone)",
+    )
+    parser.add_argument(
         "--passes", type=int, default=3, help="interleaved passes; the median rate is reported"
     )
     args = parser.parse_args()
@@ -379,7 +414,7 @@ def main() -> None:
     tag = uuid.uuid4().hex[:8]
     stores: dict[str, Store] = {}
     for name in args.stores.split(","):
-        if name == "memory":
+        if name in ("memory", "memory-metrics", "memory-traced"):
             stores[name] = open_store("memory://")
         elif name == "sqlite":
             stores[name] = open_store(f"sqlite:////tmp/oncely-bench-{tag}.db")
@@ -394,12 +429,13 @@ def main() -> None:
     try:
         for number in range(args.passes):
             print(f"... pass {number + 1}/{args.passes}", flush=True)
-            this = bench_raw_redis(n, conc) + bench_powertools(n, conc)
+            this = [] if args.no_baselines else bench_raw_redis(n, conc) + bench_powertools(n, conc)
             for kind in ("postgres", "sqlite"):
                 if kind in stores:
                     this += bench_raw_sql(kind, n, conc, tag)
             for store_name, store in stores.items():
-                this += bench_oncely(store_name, store, n, conc)
+                with observed(store_name):
+                    this += bench_oncely(store_name, store, n, conc)
             passes.append(this)
     finally:
         if "postgres" in stores:
@@ -509,6 +545,17 @@ def main() -> None:
             "",
         ),
     ]
+    for variant in ("memory-metrics", "memory-traced"):
+        for mode in ("sync seq", tmode):
+            for phase in ("first", "replay"):
+                targets.append(
+                    (
+                        f"{mode} {phase}, {variant} / memory (observability cost)",
+                        (f"oncely {variant}", mode, phase),
+                        ("oncely memory", mode, phase),
+                        "",
+                    )
+                )
     ratios = ["| ratio (same run) | measured | target |", "|---|---:|---:|"]
     for label, a, b, goal in targets:
         measured = f"{by[a] / by[b]:.2f}x" if a in by and b in by else "n/a"

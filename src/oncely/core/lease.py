@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from oncely.core import observe
 from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import RecordKey
 from oncely.core.renewal import renew_timeout, report, watchdog
@@ -108,6 +109,8 @@ class Claimed:
         )
 
     def _renewed(self, sent_at: float) -> None:
+        if observe.observers:
+            observe.lease_renewed(self.store, True)
         self.held_until = sent_at + self.lease
         self.due = sent_at + self.lease / 3
 
@@ -115,6 +118,8 @@ class Claimed:
         """Record a failed renewal; True if it should be retried."""
         if not self.active:  # the call finished while the renewal was on the wire
             return False
+        if observe.observers:
+            observe.lease_renewed(self.store, False)
         if isinstance(exc, LeaseLost) or now + self.lease / 10 >= self.held_until:
             self._lose(exc)
             return False
@@ -127,7 +132,14 @@ class Claimed:
             if self.lost is not None or not self.active:
                 return
             self.lost, self.active = exc, False
-        log.error("oncely: lease lost for fence %s: %s", self.fence, exc)
+        log.error(
+            "oncely: lease lost for fence %s: %s",
+            self.fence,
+            exc,
+            extra={"oncely_digest": self.key.digest, "oncely_fence": self.fence},
+        )
+        if observe.observers:
+            observe.lease_lost(self.store, self.key)
         if self.on_lost is not None:
             report(self.on_lost, self, exc, what="on_lease_lost callback")
 

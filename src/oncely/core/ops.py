@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from oncely.core import observe
 from oncely.core.cancelsafe import claim_or_undo, write_through
 from oncely.core.lease import AsyncRenewer, Claimed, keeper
 from oncely.core.records import RecordKey
@@ -133,7 +134,12 @@ def perform(store: Store, op: StoreOp) -> Any:
         settle_later(write, functools.partial(keeper.stop, held), op.what)
         return None
     name, args = _store_call(op)
-    return getattr(store, name)(*args)
+    if not observe.observers:
+        return getattr(store, name)(*args)
+    with observe.operation(store, name, args[0]) as watch:
+        result = getattr(store, name)(*args)
+        watch.outcome = observe.claim_outcome(result)
+        return result
 
 
 async def aperform(store: Store, op: StoreOp) -> Any:
@@ -147,6 +153,15 @@ async def aperform(store: Store, op: StoreOp) -> Any:
         asettle_later(write, renewer.stop, op.what)
         return None
     name, args = _store_call(op)
+    if not observe.observers:
+        return await _acall(store, name, args)
+    with observe.operation(store, name, args[0]) as watch:
+        result = await _acall(store, name, args)
+        watch.outcome = observe.claim_outcome(result)
+        return result
+
+
+async def _acall(store: Store, name: str, args: tuple[Any, ...]) -> Any:
     if name == "claim":
         return await claim_or_undo(store, *args)
     method = getattr(store, "a" + name)

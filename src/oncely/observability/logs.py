@@ -1,0 +1,80 @@
+"""Structured log records of store operations and lost leases (standard library only).
+
+Each record carries its fields as attributes (``extra``), for JSON formatters and log shippers:
+``oncely_store`` (store kind), ``oncely_operation``, ``oncely_outcome``, ``oncely_seconds``
+and ``oncely_digest``: the SHA-256 of the caller's key (:func:`oncely.core.records.digest_key`),
+never the raw key, so a log line can be matched to a record without exposing what the key was
+made of (a user id, an order number).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from oncely.core import observe
+from oncely.core.records import RecordKey
+
+__all__ = ["LogObserver", "install", "uninstall"]
+
+
+class _Scope:
+    __slots__ = ("key", "name", "owner", "store")
+
+    def __init__(self, owner: LogObserver, store: str, name: str, key: RecordKey) -> None:
+        self.owner, self.store, self.name, self.key = owner, store, name, key
+
+    def done(self, outcome: str, seconds: float, error: BaseException | None) -> None:
+        logger = self.owner.logger
+        level = logging.WARNING if error is not None else self.owner.level
+        if not logger.isEnabledFor(level):
+            return
+        logger.log(
+            level,
+            "oncely: %s on %s: %s in %.3f ms",
+            self.name,
+            self.store,
+            outcome,
+            seconds * 1e3,
+            extra={
+                "oncely_store": self.store,
+                "oncely_operation": self.name,
+                "oncely_outcome": outcome,
+                "oncely_seconds": seconds,
+                "oncely_digest": self.key.digest,
+            },
+        )
+
+
+class LogObserver:
+    """Logs each store operation at ``level`` (failed ones at WARNING) and each lost lease at
+    ERROR, on ``logger`` (default: the ``oncely.ops`` logger)."""
+
+    def __init__(self, logger: logging.Logger | None = None, level: int = logging.DEBUG) -> None:
+        self.logger = logger if logger is not None else logging.getLogger("oncely.ops")
+        self.level = level
+
+    def operation(self, store: str, name: str, key: RecordKey) -> _Scope:
+        return _Scope(self, store, name, key)
+
+    def lease_renewed(self, store: str, ok: bool) -> None:
+        pass  # a failed renewal is already logged by oncely.core.lease
+
+    def lease_lost(self, store: str, key: RecordKey) -> None:
+        self.logger.error(
+            "oncely: lease lost on %s",
+            store,
+            extra={"oncely_store": store, "oncely_digest": key.digest},
+        )
+
+
+def install(logger: logging.Logger | None = None, level: int = logging.DEBUG) -> LogObserver:
+    """Log every store operation from now on; returns the observer (pass it to
+    :func:`uninstall`). ``level`` is the level of successful operations."""
+    observer = LogObserver(logger, level)
+    observe.add(observer)
+    return observer
+
+
+def uninstall(observer: LogObserver) -> None:
+    """Stop logging through ``observer``."""
+    observe.remove(observer)

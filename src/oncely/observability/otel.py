@@ -1,0 +1,98 @@
+"""OpenTelemetry spans of oncely's store operations (extra ``oncely[otel]``).
+
+Call :func:`install` once at start-up. Each store operation (claim, complete, release, watch)
+becomes a ``CLIENT`` span, a child of the span current where the call runs, named and described
+by the OpenTelemetry database semantic conventions
+(https://opentelemetry.io/docs/specs/semconv/database/database-spans/):
+
+- name ``{db.operation.name} {db.system.name}``, e.g. ``claim redis``;
+- ``db.system.name``: ``redis``, ``postgresql``, ``mysql``, ``sqlite``, or ``oncely.memory``
+  for the in-process store (the conventions' enum is open; custom values carry a namespace);
+- ``db.operation.name``: the store operation;
+- on failure: status ``ERROR``, ``error.type`` (the exception's qualified class name) and the
+  exception recorded as an event.
+
+oncely's own attributes: ``oncely.outcome`` (``new``, ``replay``, ``in_flight``, ``mismatch``
+for claims, ``ok`` otherwise) and ``oncely.key.digest`` (the SHA-256 of the caller's key, for
+matching a trace to a record and to log lines; never the raw key). A lost lease adds an
+``oncely.lease_lost`` event to the span current on the thread that finds out (if any).
+"""
+
+from __future__ import annotations
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
+
+from oncely.core import observe
+from oncely.core.records import RecordKey
+
+__all__ = ["OtelObserver", "install", "system_name", "uninstall"]
+
+_SYSTEMS = {"memory": "oncely.memory", "postgres": "postgresql", "mariadb": "mysql"}
+
+
+def system_name(store: str) -> str:
+    """The ``db.system.name`` for a store kind (its first URL scheme)."""
+    return _SYSTEMS.get(store, store)
+
+
+class _Scope:
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def done(self, outcome: str, seconds: float, error: BaseException | None) -> None:
+        span = self.span
+        span.set_attribute("oncely.outcome", outcome)
+        if error is not None:
+            span.set_attribute("error.type", type(error).__qualname__)
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, str(error)))
+        span.end()
+
+
+class OtelObserver:
+    """Makes a span of each store operation with a tracer from ``tracer_provider``."""
+
+    def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
+        from oncely import __version__
+
+        self.tracer = trace.get_tracer("oncely", __version__, tracer_provider=tracer_provider)
+
+    def operation(self, store: str, name: str, key: RecordKey) -> _Scope:
+        system = system_name(store)
+        span = self.tracer.start_span(
+            f"{name} {system}",
+            kind=SpanKind.CLIENT,
+            attributes={
+                "db.system.name": system,
+                "db.operation.name": name,
+                "oncely.key.digest": key.digest,
+            },
+        )
+        return _Scope(span)
+
+    def lease_renewed(self, store: str, ok: bool) -> None:
+        pass  # renewals run on their own thread or task: counted by the metrics, not traced
+
+    def lease_lost(self, store: str, key: RecordKey) -> None:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event(
+                "oncely.lease_lost",
+                {"db.system.name": system_name(store), "oncely.key.digest": key.digest},
+            )
+
+
+def install(tracer_provider: TracerProvider | None = None) -> OtelObserver:
+    """Trace every store operation from now on, with ``tracer_provider`` (default: the global
+    one); returns the observer (pass it to :func:`uninstall`)."""
+    observer = OtelObserver(tracer_provider)
+    observe.add(observer)
+    return observer
+
+
+def uninstall(observer: OtelObserver) -> None:
+    """Stop tracing through ``observer``."""
+    observe.remove(observer)

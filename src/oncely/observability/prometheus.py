@@ -1,0 +1,249 @@
+"""Prometheus metrics of oncely's store operations and leases (extra ``oncely[prometheus]``).
+
+Call :func:`install` once at start-up; the metrics are registered on ``registry``
+(default: ``prometheus_client.REGISTRY``) and fed by :mod:`oncely.core.observe`:
+
+==================================  ==========================  ===============================
+metric                              labels                      counts
+==================================  ==========================  ===============================
+``oncely_claims_total``             ``store``, ``outcome``      claims: ``new``, ``replay``,
+                                                                ``in_flight``, ``mismatch``,
+                                                                ``error``
+``oncely_replays_total``            ``store``                   claims answered with a stored
+                                                                result
+``oncely_conflicts_total``          ``store``                   claims refused: another caller
+                                                                holds the key (in flight)
+``oncely_mismatches_total``         ``store``                   claims refused: same key,
+                                                                different request fingerprint
+``oncely_lease_renewals_total``     ``store``, ``outcome``      renewals: ``ok`` or ``failed``
+``oncely_leases_lost_total``        ``store``                   leases lost while running
+``oncely_store_operation_seconds``  ``store``, ``operation``,   latency histogram of every
+                                    ``outcome``                 store operation (seconds)
+==================================  ==========================  ===============================
+
+Names follow the Prometheus naming conventions (``_total`` for counters, base unit
+``_seconds``). Label values are bounded: the store's kind (its first URL scheme), the
+operation and the outcome. No key, digest or other caller value is ever a label value
+(each distinct value is a new time series).
+
+:func:`asgi_app` / :func:`wsgi_app` are prometheus_client's own exposition apps;
+:func:`with_metrics_asgi` / :func:`with_metrics_wsgi` route one path (``/metrics``) of an
+existing app to them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import make_asgi_app as _make_asgi_app
+from prometheus_client import make_wsgi_app as _make_wsgi_app
+
+from oncely.core import observe
+from oncely.core.records import RecordKey
+
+__all__ = [
+    "BUCKETS",
+    "PrometheusObserver",
+    "asgi_app",
+    "install",
+    "uninstall",
+    "with_metrics_asgi",
+    "with_metrics_wsgi",
+    "wsgi_app",
+]
+
+#: Latency buckets (seconds): from 50 µs (an in-memory claim) to 10 s (a stuck store).
+BUCKETS = (
+    0.00005,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+class _Scope:
+    __slots__ = ("name", "owner", "store")
+
+    def __init__(self, owner: PrometheusObserver, store: str, name: str) -> None:
+        self.owner, self.store, self.name = owner, store, name
+
+    def done(self, outcome: str, seconds: float, error: BaseException | None) -> None:
+        where = (self.store, self.name, outcome)
+        children = self.owner._children.get(where)
+        if children is None:
+            children = self.owner._resolve(where)
+        histogram, counters = children
+        histogram.observe(seconds)
+        for counter in counters:
+            counter.inc()
+
+
+class PrometheusObserver:
+    """The oncely metrics on one ``CollectorRegistry`` (see the module's table)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.claims = Counter(
+            "oncely_claims",
+            "Claims of idempotency keys, by outcome (new, replay, in_flight, mismatch, error).",
+            ["store", "outcome"],
+            registry=registry,
+        )
+        self.replays = Counter(
+            "oncely_replays",
+            "Claims answered with the stored result of an earlier call.",
+            ["store"],
+            registry=registry,
+        )
+        self.conflicts = Counter(
+            "oncely_conflicts",
+            "Claims refused because another caller holds the key (in flight).",
+            ["store"],
+            registry=registry,
+        )
+        self.mismatches = Counter(
+            "oncely_mismatches",
+            "Claims refused because the key was used with a different request fingerprint.",
+            ["store"],
+            registry=registry,
+        )
+        self.renewals = Counter(
+            "oncely_lease_renewals",
+            "Lease renewals of running calls, by outcome (ok, failed).",
+            ["store", "outcome"],
+            registry=registry,
+        )
+        self.lost = Counter(
+            "oncely_leases_lost",
+            "Leases lost while their call was running.",
+            ["store"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "oncely_store_operation_seconds",
+            "Latency of store operations (claim, complete, release, watch), in seconds.",
+            ["store", "operation", "outcome"],
+            registry=registry,
+            buckets=BUCKETS,
+        )
+
+        #: (store, operation, outcome) -> the histogram child and the counter children it
+        #: feeds: ``labels()`` takes a lock and checks its arguments, so it runs once per set.
+        self._children: dict[tuple[str, str, str], tuple[Any, tuple[Any, ...]]] = {}
+
+    def _resolve(self, where: tuple[str, str, str]) -> tuple[Any, tuple[Any, ...]]:
+        store, name, outcome = where
+        counters: list[Any] = []
+        if name == "claim":
+            counters.append(self.claims.labels(store, outcome))
+            extra = {"replay": self.replays, "in_flight": self.conflicts}
+            extra["mismatch"] = self.mismatches
+            if outcome in extra:
+                counters.append(extra[outcome].labels(store))
+        children = (self.seconds.labels(store, name, outcome), tuple(counters))
+        self._children[where] = children
+        return children
+
+    def operation(self, store: str, name: str, key: RecordKey) -> _Scope:
+        return _Scope(self, store, name)  # the key is deliberately dropped: never a label
+
+    def lease_renewed(self, store: str, ok: bool) -> None:
+        self.renewals.labels(store, "ok" if ok else "failed").inc()
+
+    def lease_lost(self, store: str, key: RecordKey) -> None:
+        self.lost.labels(store).inc()
+
+    def unregister(self) -> None:
+        """Remove these metrics from their registry."""
+        for metric in (
+            self.claims,
+            self.replays,
+            self.conflicts,
+            self.mismatches,
+            self.renewals,
+            self.lost,
+            self.seconds,
+        ):
+            self.registry.unregister(metric)
+
+
+_installed: dict[int, PrometheusObserver] = {}
+
+
+def install(registry: CollectorRegistry | None = None) -> PrometheusObserver:
+    """Record oncely's metrics on ``registry`` (default ``prometheus_client.REGISTRY``) from
+    now on; returns the observer. Installing again on the same registry returns the same one
+    (Prometheus refuses a metric name registered twice)."""
+    registry = REGISTRY if registry is None else registry
+    observer = _installed.get(id(registry))
+    if observer is None or observer.registry is not registry:
+        observer = _installed[id(registry)] = PrometheusObserver(registry)
+    observe.add(observer)
+    return observer
+
+
+def uninstall(observer: PrometheusObserver) -> None:
+    """Stop recording through ``observer`` and unregister its metrics."""
+    observe.remove(observer)
+    if _installed.get(id(observer.registry)) is observer:
+        del _installed[id(observer.registry)]
+    observer.unregister()
+
+
+def asgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:
+    """prometheus_client's ASGI exposition app for ``registry`` (text format; OpenMetrics on
+    request). Mount it at ``/metrics``, e.g. Starlette ``Mount("/metrics", app=asgi_app())``."""
+    return _make_asgi_app(REGISTRY if registry is None else registry)
+
+
+def wsgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:
+    """prometheus_client's WSGI exposition app for ``registry``."""
+    return _make_wsgi_app(REGISTRY if registry is None else registry)
+
+
+def with_metrics_asgi(
+    app: Callable[..., Any], path: str = "/metrics", registry: CollectorRegistry | None = None
+) -> Callable[..., Any]:
+    """Wrap the ASGI ``app``: HTTP requests for exactly ``path`` get the metrics, everything
+    else (other paths, lifespan, websockets) goes to ``app``."""
+    metrics = asgi_app(registry)
+
+    async def route(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and scope.get("path") == path:
+            await metrics(scope, receive, send)
+        else:
+            await app(scope, receive, send)
+
+    return route
+
+
+def with_metrics_wsgi(
+    app: Callable[..., Iterable[bytes]],
+    path: str = "/metrics",
+    registry: CollectorRegistry | None = None,
+) -> Callable[..., Iterable[bytes]]:
+    """Wrap the WSGI ``app``: requests for exactly ``path`` get the metrics, others go to
+    ``app``."""
+    metrics = wsgi_app(registry)
+
+    def route(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == path:
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        return app(environ, start_response)
+
+    return route
