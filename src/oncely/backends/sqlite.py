@@ -13,6 +13,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
@@ -22,7 +23,17 @@ from oncely.backends.forks import after_fork, inherit
 from oncely.backends.urls import check_options
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 
-__all__ = ["CLOCK", "Connections", "Workers", "absolute", "enable_wal", "execute", "parse_url"]
+__all__ = [
+    "CLOCK",
+    "Connections",
+    "Workers",
+    "WriterGate",
+    "absolute",
+    "enable_wal",
+    "execute",
+    "parse_url",
+    "writer_gate",
+]
 
 T = TypeVar("T")
 
@@ -92,6 +103,94 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
+class WriterGate:
+    """One writer at a time among the threads of this process, in arrival order (FIFO).
+
+    SQLite runs one writer per file; threads of one process that collide on its lock wait in
+    its busy handler, which sleeps 1, 2, 5, 10 ... 100 ms between tries and favours no one, so
+    under 32 writing threads a claim could wait half a second. Taking this gate around each
+    write statement queues the threads of a process instead (the holder hands the gate to the
+    oldest waiter), so they never meet in the busy handler; other processes on the file are
+    still waited for by SQLite's ``busy_timeout``. The gate orders statements only: each
+    decision stays one statement, and correctness never depends on it (another process, or a
+    second gate after ``fork()``, is handled by SQLite's own lock).
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiters: deque[threading.Lock] = deque()
+
+    def acquire(self, timeout: float) -> bool:
+        """Take the gate, waiting up to ``timeout`` seconds; False if it stayed taken."""
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return True
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        if waiter.acquire(timeout=max(0.0, timeout)):
+            return True  # handed over by release(): the gate stayed held for us
+        with self._mutex:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:  # handed over between the timeout and here: ours after all
+                return True
+            return False
+
+    def release(self) -> None:
+        """Hand the gate to the oldest waiter, or open it."""
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._held = False
+
+    @contextlib.contextmanager
+    def held(self, timeout: float, path: str) -> Iterator[None]:
+        """The body runs holding the gate; released on every exit (exception included).
+
+        :raises StoreUnavailable: the gate stayed taken for ``timeout`` seconds.
+        """
+        if not self.acquire(timeout):
+            raise StoreUnavailable(
+                f"another thread of this process kept writing to SQLite database {path!r} for "
+                f"{timeout:g}s; raise busy_timeout or use a server store for heavy concurrency"
+            )
+        try:
+            yield
+        finally:
+            self.release()
+
+
+class _Gates:
+    """The writer gate of each database file in this process (store and lock backend on one
+    file share it); after ``fork()`` the child makes new ones (a gate another thread held at the
+    fork would stay held forever in the child)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_path: dict[str, WriterGate] = {}
+        after_fork(self, _Gates._forked)
+
+    def _forked(self) -> None:
+        self.lock = threading.Lock()
+        self.by_path = {}
+
+
+_GATES: Final = _Gates()
+
+
+def writer_gate(path: str) -> WriterGate:
+    """The writer gate of the database file at ``path`` (absolute) in this process."""
+    with _GATES.lock:
+        gate = _GATES.by_path.get(path)
+        if gate is None:
+            gate = _GATES.by_path[path] = WriterGate()
+        return gate
+
+
 class Connections:
     """SQLite connections shared by every thread of a process: borrowed for one statement.
 
@@ -122,6 +221,16 @@ class Connections:
         self._slots = threading.BoundedSemaphore(self._size)
         self._lock = threading.Lock()
         after_fork(self, Connections._forked)
+
+    @property
+    def path(self) -> str:
+        """The database file (absolute)."""
+        return self._path
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a statement waits for a connection (and for the writer gate)."""
+        return self._timeout
 
     def _forked(self) -> None:
         """In a forked child: the parent's connections are never used or closed (SQLite
@@ -186,7 +295,26 @@ def execute(
     translate: Callable[[sqlite3.Error], StoreError],
 ) -> tuple[list[Any], int]:
     """Run one statement on a borrowed connection: (every row, rowcount). An
-    :class:`sqlite3.OperationalError` becomes ``translate(exc)``."""
+    :class:`sqlite3.OperationalError` becomes ``translate(exc)``.
+
+    A statement that writes (anything but ``SELECT``) runs holding the file's
+    :class:`WriterGate`, taken before the connection is borrowed, so readers keep the other
+    connections; a ``SELECT`` never waits for it (WAL readers do not block the writer).
+
+    :raises StoreUnavailable: the gate or a connection stayed taken for the pool's timeout.
+    """
+    if sql.lstrip()[:6].upper() == "SELECT":
+        return _run(connections, sql, params, translate)
+    with writer_gate(connections.path).held(connections.timeout, connections.path):
+        return _run(connections, sql, params, translate)
+
+
+def _run(
+    connections: Connections,
+    sql: str,
+    params: dict[str, Any],
+    translate: Callable[[sqlite3.Error], StoreError],
+) -> tuple[list[Any], int]:
     with connections.connection() as conn:
         try:
             cur = conn.execute(sql, params)
