@@ -120,6 +120,18 @@ class WriterGate:
         self._mutex = threading.Lock()
         self._held = False
         self._waiters: deque[threading.Lock] = deque()
+        #: Write statements queued for the next group commit (see :func:`execute`).
+        self.mutex = threading.Lock()
+        self.pending: list[Any] = []
+
+    def take(self, owner: object) -> list[Any]:
+        """Remove and return the queued writes of ``owner`` (a pool), oldest first, at most
+        :data:`BATCH`."""
+        with self.mutex:
+            mine = [job for job in self.pending if job.connections is owner][:BATCH]
+            taken = set(map(id, mine))
+            self.pending = [job for job in self.pending if id(job) not in taken]
+        return mine
 
     def acquire(self, timeout: float) -> bool:
         """Take the gate, waiting up to ``timeout`` seconds; False if it stayed taken."""
@@ -297,30 +309,118 @@ def execute(
     """Run one statement on a borrowed connection: (every row, rowcount). An
     :class:`sqlite3.OperationalError` becomes ``translate(exc)``.
 
-    A statement that writes (anything but ``SELECT``) runs holding the file's
-    :class:`WriterGate`, taken before the connection is borrowed, so readers keep the other
-    connections; a ``SELECT`` never waits for it (WAL readers do not block the writer).
+    A statement that writes (anything but ``SELECT``) is queued on the file's
+    :class:`WriterGate`; the thread that holds the gate runs every queued write of the same
+    pool (up to :data:`BATCH`) in one ``BEGIN IMMEDIATE`` transaction, one statement after the
+    other, then commits: a group commit, one fsync for many decisions. Each decision is still
+    one statement, run in arrival order on the latest data, so the outcome is what running them
+    one by one would give; each caller returns only after the commit that made its statement
+    durable, and a failed commit fails every statement of the batch (nothing half-written).
+    A ``SELECT`` never waits for the gate (WAL readers do not block the writer).
 
-    :raises StoreUnavailable: the gate or a connection stayed taken for the pool's timeout.
+    :raises StoreUnavailable: the gate or a connection stayed taken for the pool's timeout,
+        or another process held the file past ``busy_timeout``.
     """
     if sql.lstrip()[:6].upper() == "SELECT":
-        return _run(connections, sql, params, translate)
-    with writer_gate(connections.path).held(connections.timeout, connections.path):
-        return _run(connections, sql, params, translate)
+        with connections.connection() as conn:
+            try:
+                cur = conn.execute(sql, params)
+                return cur.fetchall(), cur.rowcount
+            except sqlite3.OperationalError as exc:
+                raise translate(exc) from exc
+    gate = writer_gate(connections.path)
+    job = _Write(connections, sql, params, translate)
+    with gate.mutex:
+        gate.pending.append(job)
+    try:
+        with gate.held(connections.timeout, connections.path):
+            if not job.done:
+                _run_batch(connections, gate.take(connections))
+    except BaseException:
+        with gate.mutex:
+            if job in gate.pending:  # never run: leave nothing queued
+                gate.pending.remove(job)
+                raise
+        if not job.done:
+            raise
+    if job.error is not None:
+        raise job.error
+    return job.rows, job.count
 
 
-def _run(
-    connections: Connections,
-    sql: str,
-    params: dict[str, Any],
-    translate: Callable[[sqlite3.Error], StoreError],
-) -> tuple[list[Any], int]:
-    with connections.connection() as conn:
-        try:
-            cur = conn.execute(sql, params)
-            return cur.fetchall(), cur.rowcount
-        except sqlite3.OperationalError as exc:
-            raise translate(exc) from exc
+#: The most write statements one group commit carries.
+BATCH: Final = 64
+
+
+class _Write:
+    """One queued write statement and, once ``done``, its rows and rowcount or its error."""
+
+    __slots__ = ("connections", "count", "done", "error", "params", "rows", "sql", "translate")
+
+    def __init__(
+        self,
+        connections: Connections,
+        sql: str,
+        params: dict[str, Any],
+        translate: Callable[[sqlite3.Error], StoreError],
+    ) -> None:
+        self.connections = connections
+        self.sql = sql
+        self.params = params
+        self.translate = translate
+        self.done = False
+        self.rows: list[Any] = []
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, sqlite3.OperationalError):
+            error: BaseException = self.translate(exc)
+            error.__cause__ = exc
+            self.error = error
+        else:
+            self.error = exc
+
+
+def _run_batch(connections: Connections, batch: list[_Write]) -> None:
+    """Run ``batch`` in one transaction on one connection; every job ends ``done``."""
+    try:
+        with connections.connection() as conn:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                for job in batch:
+                    job.fail(exc)
+                return
+            try:
+                for job in batch:
+                    try:
+                        cur = conn.execute(job.sql, job.params)
+                        job.rows, job.count = cur.fetchall(), cur.rowcount
+                    except sqlite3.Error as exc:
+                        job.fail(exc)  # the statement's own changes are undone by SQLite
+                        if not conn.in_transaction:  # ... or the whole transaction was
+                            for other in batch:
+                                other.fail(exc)
+                            return
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                for job in batch:
+                    job.fail(exc)
+                if not isinstance(exc, sqlite3.Error):
+                    raise
+    except BaseException as exc:  # no connection (pool timeout, cannot open)
+        for job in batch:
+            if job.error is None and not job.done:
+                job.fail(exc)
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        for job in batch:
+            job.done = True
 
 
 class Workers:
