@@ -386,6 +386,14 @@ def _run_batch(connections: Connections, batch: list[_Write]) -> None:
     """Run ``batch`` in one transaction on one connection; every job ends ``done``."""
     try:
         with connections.connection() as conn:
+            if len(batch) == 1:  # alone: its own autocommit statement, no BEGIN/COMMIT calls
+                job = batch[0]
+                try:
+                    cur = conn.execute(job.sql, job.params)
+                    job.rows, job.count = cur.fetchall(), cur.rowcount
+                except sqlite3.Error as exc:
+                    job.fail(exc)
+                return
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as exc:
