@@ -125,3 +125,39 @@ def many_event_loops(url: str, options: dict[str, Any], loops: int) -> tuple[int
         assert asyncio.run(call(str(uuid.uuid4()))) == 36
     gc.collect()
     return before, open_fds()
+
+
+def claim_keys_in_threads(url: str, keys: list[str], threads: int, start_at: float) -> list[str]:
+    """``threads`` threads of this process each claim every key in ``keys`` (shuffled) on one
+    shared store; the keys this process won (one entry per ``New``)."""
+    import random
+    import threading
+
+    store = open_store(url)
+    won: list[str] = []
+    errors: list[BaseException] = []
+
+    def claim_all() -> None:
+        order = list(keys)
+        random.shuffle(order)
+        try:
+            for key in order:
+                if isinstance(store.claim(RecordKey.of("mp", key), "fp", 30.0, 60.0), New):
+                    won.append(key)
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        store.get(RecordKey.of("mp", "warm-up"))
+        while time.time() < start_at:
+            time.sleep(0.0005)
+        pool = [threading.Thread(target=claim_all) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        if errors:
+            raise errors[0]
+        return won
+    finally:
+        store.close()

@@ -13,6 +13,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
@@ -22,7 +23,17 @@ from oncely.backends.forks import after_fork, inherit
 from oncely.backends.urls import check_options
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 
-__all__ = ["CLOCK", "Connections", "Workers", "absolute", "enable_wal", "execute", "parse_url"]
+__all__ = [
+    "CLOCK",
+    "Connections",
+    "Workers",
+    "WriterGate",
+    "absolute",
+    "enable_wal",
+    "execute",
+    "parse_url",
+    "writer_gate",
+]
 
 T = TypeVar("T")
 
@@ -92,6 +103,106 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
+class WriterGate:
+    """One writer at a time among the threads of this process, in arrival order (FIFO).
+
+    SQLite runs one writer per file; threads of one process that collide on its lock wait in
+    its busy handler, which sleeps 1, 2, 5, 10 ... 100 ms between tries and favours no one, so
+    under 32 writing threads a claim could wait half a second. Taking this gate around each
+    write statement queues the threads of a process instead (the holder hands the gate to the
+    oldest waiter), so they never meet in the busy handler; other processes on the file are
+    still waited for by SQLite's ``busy_timeout``. The gate orders statements only: each
+    decision stays one statement, and correctness never depends on it (another process, or a
+    second gate after ``fork()``, is handled by SQLite's own lock).
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiters: deque[threading.Lock] = deque()
+        #: Write statements queued for the next group commit (see :func:`execute`).
+        self.mutex = threading.Lock()
+        self.pending: list[Any] = []
+
+    def take(self, owner: object) -> list[Any]:
+        """Remove and return the queued writes of ``owner`` (a pool), oldest first, at most
+        :data:`BATCH`."""
+        with self.mutex:
+            mine = [job for job in self.pending if job.connections is owner][:BATCH]
+            taken = set(map(id, mine))
+            self.pending = [job for job in self.pending if id(job) not in taken]
+        return mine
+
+    def acquire(self, timeout: float) -> bool:
+        """Take the gate, waiting up to ``timeout`` seconds; False if it stayed taken."""
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return True
+            waiter = threading.Lock()
+            waiter.acquire()
+            self._waiters.append(waiter)
+        if waiter.acquire(timeout=max(0.0, timeout)):
+            return True  # handed over by release(): the gate stayed held for us
+        with self._mutex:
+            try:
+                self._waiters.remove(waiter)
+            except ValueError:  # handed over between the timeout and here: ours after all
+                return True
+            return False
+
+    def release(self) -> None:
+        """Hand the gate to the oldest waiter, or open it."""
+        with self._mutex:
+            if self._waiters:
+                self._waiters.popleft().release()
+            else:
+                self._held = False
+
+    @contextlib.contextmanager
+    def held(self, timeout: float, path: str) -> Iterator[None]:
+        """The body runs holding the gate; released on every exit (exception included).
+
+        :raises StoreUnavailable: the gate stayed taken for ``timeout`` seconds.
+        """
+        if not self.acquire(timeout):
+            raise StoreUnavailable(
+                f"another thread of this process kept writing to SQLite database {path!r} for "
+                f"{timeout:g}s; raise busy_timeout or use a server store for heavy concurrency"
+            )
+        try:
+            yield
+        finally:
+            self.release()
+
+
+class _Gates:
+    """The writer gate of each database file in this process (store and lock backend on one
+    file share it); after ``fork()`` the child makes new ones (a gate another thread held at the
+    fork would stay held forever in the child)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_path: dict[str, WriterGate] = {}
+        after_fork(self, _Gates._forked)
+
+    def _forked(self) -> None:
+        self.lock = threading.Lock()
+        self.by_path = {}
+
+
+_GATES: Final = _Gates()
+
+
+def writer_gate(path: str) -> WriterGate:
+    """The writer gate of the database file at ``path`` (absolute) in this process."""
+    with _GATES.lock:
+        gate = _GATES.by_path.get(path)
+        if gate is None:
+            gate = _GATES.by_path[path] = WriterGate()
+        return gate
+
+
 class Connections:
     """SQLite connections shared by every thread of a process: borrowed for one statement.
 
@@ -122,6 +233,16 @@ class Connections:
         self._slots = threading.BoundedSemaphore(self._size)
         self._lock = threading.Lock()
         after_fork(self, Connections._forked)
+
+    @property
+    def path(self) -> str:
+        """The database file (absolute)."""
+        return self._path
+
+    @property
+    def timeout(self) -> float:
+        """Seconds a statement waits for a connection (and for the writer gate)."""
+        return self._timeout
 
     def _forked(self) -> None:
         """In a forked child: the parent's connections are never used or closed (SQLite
@@ -186,13 +307,128 @@ def execute(
     translate: Callable[[sqlite3.Error], StoreError],
 ) -> tuple[list[Any], int]:
     """Run one statement on a borrowed connection: (every row, rowcount). An
-    :class:`sqlite3.OperationalError` becomes ``translate(exc)``."""
-    with connections.connection() as conn:
-        try:
-            cur = conn.execute(sql, params)
-            return cur.fetchall(), cur.rowcount
-        except sqlite3.OperationalError as exc:
-            raise translate(exc) from exc
+    :class:`sqlite3.OperationalError` becomes ``translate(exc)``.
+
+    A statement that writes (anything but ``SELECT``) is queued on the file's
+    :class:`WriterGate`; the thread that holds the gate runs every queued write of the same
+    pool (up to :data:`BATCH`) in one ``BEGIN IMMEDIATE`` transaction, one statement after the
+    other, then commits: a group commit, one fsync for many decisions. Each decision is still
+    one statement, run in arrival order on the latest data, so the outcome is what running them
+    one by one would give; each caller returns only after the commit that made its statement
+    durable, and a failed commit fails every statement of the batch (nothing half-written).
+    A ``SELECT`` never waits for the gate (WAL readers do not block the writer).
+
+    :raises StoreUnavailable: the gate or a connection stayed taken for the pool's timeout,
+        or another process held the file past ``busy_timeout``.
+    """
+    if sql.lstrip()[:6].upper() == "SELECT":
+        with connections.connection() as conn:
+            try:
+                cur = conn.execute(sql, params)
+                return cur.fetchall(), cur.rowcount
+            except sqlite3.OperationalError as exc:
+                raise translate(exc) from exc
+    gate = writer_gate(connections.path)
+    job = _Write(connections, sql, params, translate)
+    with gate.mutex:
+        gate.pending.append(job)
+    try:
+        with gate.held(connections.timeout, connections.path):
+            if not job.done:
+                _run_batch(connections, gate.take(connections))
+    except BaseException:
+        with gate.mutex:
+            if job in gate.pending:  # never run: leave nothing queued
+                gate.pending.remove(job)
+                raise
+        if not job.done:
+            raise
+    if job.error is not None:
+        raise job.error
+    return job.rows, job.count
+
+
+#: The most write statements one group commit carries.
+BATCH: Final = 64
+
+
+class _Write:
+    """One queued write statement and, once ``done``, its rows and rowcount or its error."""
+
+    __slots__ = ("connections", "count", "done", "error", "params", "rows", "sql", "translate")
+
+    def __init__(
+        self,
+        connections: Connections,
+        sql: str,
+        params: dict[str, Any],
+        translate: Callable[[sqlite3.Error], StoreError],
+    ) -> None:
+        self.connections = connections
+        self.sql = sql
+        self.params = params
+        self.translate = translate
+        self.done = False
+        self.rows: list[Any] = []
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, sqlite3.OperationalError):
+            error: BaseException = self.translate(exc)
+            error.__cause__ = exc
+            self.error = error
+        else:
+            self.error = exc
+
+
+def _run_batch(connections: Connections, batch: list[_Write]) -> None:
+    """Run ``batch`` in one transaction on one connection; every job ends ``done``."""
+    try:
+        with connections.connection() as conn:
+            if len(batch) == 1:  # alone: its own autocommit statement, no BEGIN/COMMIT calls
+                job = batch[0]
+                try:
+                    cur = conn.execute(job.sql, job.params)
+                    job.rows, job.count = cur.fetchall(), cur.rowcount
+                except sqlite3.Error as exc:
+                    job.fail(exc)
+                return
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.Error as exc:
+                for job in batch:
+                    job.fail(exc)
+                return
+            try:
+                for job in batch:
+                    try:
+                        cur = conn.execute(job.sql, job.params)
+                        job.rows, job.count = cur.fetchall(), cur.rowcount
+                    except sqlite3.Error as exc:
+                        job.fail(exc)  # the statement's own changes are undone by SQLite
+                        if not conn.in_transaction:  # ... or the whole transaction was
+                            for other in batch:
+                                other.fail(exc)
+                            return
+                conn.execute("COMMIT")
+            except BaseException as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                for job in batch:
+                    job.fail(exc)
+                if not isinstance(exc, sqlite3.Error):
+                    raise
+    except BaseException as exc:  # no connection (pool timeout, cannot open)
+        for job in batch:
+            if job.error is None and not job.done:
+                job.fail(exc)
+        if not isinstance(exc, Exception):
+            raise
+    finally:
+        for job in batch:
+            job.done = True
 
 
 class Workers:

@@ -4,7 +4,10 @@ The file is opened in WAL mode; every decision is one SQL statement whose clock 
 ``julianday('now')``. Connections are shared by all threads (:class:`Connections`): a statement
 borrows one and gives it back, and at most 16 exist (more threads wait their turn, as SQLite's
 single writer makes them do anyway), so what the store keeps open never grows with the number of
-threads that use it. The file and table are
+threads that use it. Writes from the threads of one process queue on the file's writer gate
+and share group commits (:func:`oncely.backends.sqlite.execute`): they never meet in SQLite's
+busy handler, whose sleeps made the tail of 32 writing threads half a second; other processes
+on the file are waited for with ``busy_timeout``. The file and table are
 created on first use because the file belongs to the application; ``create_schema=False`` turns
 that off: the store then opens only an existing file and creates nothing (what ``oncely check``
 relies on).
