@@ -29,12 +29,24 @@ from oncely.errors import (
     EntityNotFound,
     GuardRejected,
     IllegalTransition,
+    InvalidEntityId,
     InvalidKey,
     InvalidMachine,
     UnknownTransition,
 )
 
-__all__ = ["Guard", "HistoryEntry", "Machine", "Outcome", "Transition", "check_key", "explain"]
+__all__ = [
+    "MAX_ENTITY_ID",
+    "MAX_KEY",
+    "Guard",
+    "HistoryEntry",
+    "Machine",
+    "Outcome",
+    "Transition",
+    "check_entity",
+    "check_key",
+    "explain",
+]
 
 #: A guard: called with the call's ``data`` mapping (``{}`` when none was given) before the
 #: store is asked; False refuses the call with :class:`~oncely.errors.GuardRejected`. Guards see
@@ -43,6 +55,8 @@ Guard = Callable[[Mapping[str, Any]], bool]
 
 #: Longest idempotency key accepted (characters), as Stripe's.
 MAX_KEY = 255
+#: Longest entity id accepted (characters of ``str(entity_id)``): the history column's size.
+MAX_ENTITY_ID = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +249,20 @@ def check_key(key: str | None) -> str | None:
             f"an idempotency key must be a non-empty str of at most {MAX_KEY} characters"
         )
     return key
+
+
+def check_entity(entity_id: Any) -> str:
+    """``str(entity_id)``, the entity's id as history rows record it, or
+    :class:`~oncely.errors.InvalidEntityId` if it is empty or longer than
+    :data:`MAX_ENTITY_ID` characters (a longer id would be cut, or refused by the driver, in
+    the middle of a transition)."""
+    text = str(entity_id)
+    if not text or len(text) > MAX_ENTITY_ID:
+        raise InvalidEntityId(
+            f"entity id {text[:40]!r}... must be non-empty and at most {MAX_ENTITY_ID} "
+            "characters as text: use the row's primary key (or a shorter surrogate key)"
+        )
+    return text
 
 
 def explain(

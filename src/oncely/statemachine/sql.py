@@ -44,12 +44,22 @@ from oncely.errors import (
     IdempotencyKeyMismatch,
     SchemaMissing,
 )
-from oncely.sql.connections import Enter, Leave, SqlConnection, adapt, missing_object
+from oncely.sql.connections import (
+    Enter,
+    Leave,
+    SqlConnection,
+    adapt,
+    exact_text,
+    missing_object,
+)
 from oncely.statemachine.definition import (
+    MAX_ENTITY_ID,
+    MAX_KEY,
     HistoryEntry,
     Machine,
     Outcome,
     Transition,
+    check_entity,
     check_key,
     explain,
 )
@@ -70,6 +80,11 @@ _NOW: Final = {
     "mysql": "UNIX_TIMESTAMP(NOW(6))",
     "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
 }
+
+
+def _text(value: Any) -> Any:
+    """A history column read back: bytes on MariaDB/MySQL (:func:`exact_text` columns)."""
+    return value.decode() if isinstance(value, (bytes, bytearray)) else value
 
 
 def _update_returning(c: SqlConnection) -> bool:
@@ -256,10 +271,11 @@ class SqlStateMachine:
         engine = " ENGINE=InnoDB" if dialect == "mysql" else ""
         h = quote(self.history_table, d)
         uniq = quote(f"{self.history_table.split('.')[-1]}_key", d)
+        machine, entity, key = (exact_text(d, n) for n in (100, MAX_ENTITY_ID, MAX_KEY))
         out = [
-            f"CREATE TABLE IF NOT EXISTS {h} (id {serial}, machine VARCHAR(100) NOT NULL, "
-            "entity_id VARCHAR(255) NOT NULL, transition VARCHAR(64) NOT NULL, "
-            f"state VARCHAR(64) NOT NULL, idem_key VARCHAR(255) NULL, at {ts} NOT NULL, "
+            f"CREATE TABLE IF NOT EXISTS {h} (id {serial}, machine {machine} NOT NULL, "
+            f"entity_id {entity} NOT NULL, transition VARCHAR(64) NOT NULL, "
+            f"state VARCHAR(64) NOT NULL, idem_key {key} NULL, at {ts} NOT NULL, "
             f"CONSTRAINT {uniq} UNIQUE (machine, entity_id, idem_key)){engine}",
         ]
         if self.outbox_table:
@@ -313,6 +329,7 @@ class SqlStateMachine:
         key: str | None,
         data: Mapping[str, Any],
     ) -> Plan[Outcome]:
+        check_entity(entity_id)
         returning = _update_returning(c)
         q = self._queries(c.dialect, returning)
         m = self.machine.name
@@ -407,6 +424,7 @@ class SqlStateMachine:
         return self._apply_plan(conn, conn.raw, t, entity_id, key, payload)
 
     def _history_plan(self, c: SqlConnection, entity_id: Any) -> Plan[list[HistoryEntry]]:
+        check_entity(entity_id)
         q = self._queries(c.dialect, _update_returning(c))
         try:
             res = yield Exec(
@@ -417,7 +435,7 @@ class SqlStateMachine:
             if better is not None:
                 raise better from exc
             raise
-        return [HistoryEntry(r[0], r[1], r[2], float(r[3]), r[4]) for r in res.rows]
+        return [HistoryEntry(_text(r[0]), r[1], r[2], float(r[3]), _text(r[4])) for r in res.rows]
 
     # -- executors ----------------------------------------------------------------------------
     @staticmethod

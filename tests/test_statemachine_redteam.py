@@ -1,0 +1,153 @@
+"""Red-team tests for oncely.statemachine: inputs a demanding user sends, on real servers.
+
+Each test here failed on the code before its fix (or is marked xfail strict)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from oncely.statemachine import Machine, Transition
+from oncely.statemachine.barrier import Verdict, barrier, create_table
+from oncely.statemachine.sql import SqlStateMachine, Table
+
+from sql_fixtures import Db
+
+pytest_plugins = ["sql_fixtures"]
+
+ORDER = Machine(
+    "order",
+    ["pending", "paid", "shipped", "cancelled"],
+    "pending",
+    [
+        Transition("pay", "pending", "paid"),
+        Transition("ship", "paid", "shipped"),
+        Transition("cancel", ["pending", "paid"], "cancelled"),
+    ],
+)
+
+
+# -- identities compared by the database's collation -------------------------------------------
+# MariaDB's default collation (utf8mb4_general_ci) is case- and accent-insensitive and ignores
+# trailing spaces: two gids or keys a caller sees as different were one row.
+DIFFERENT = [("Gid-1", "gid-1"), ("gid-1", "gid-1 "), ("resume", "résumé")]
+
+
+@pytest.mark.parametrize(("first", "second"), DIFFERENT)
+def test_barrier_gids_differing_only_by_case_space_or_accent_are_different(
+    db: Db, first: str, second: str
+) -> None:
+    table = db.name("rt_barrier")
+    conn = db.connect()
+    create_table(conn, table)
+    conn.commit()
+    tag = uuid.uuid4().hex[:8]
+    assert barrier(conn, tag + first, "b", "try", table=table) is Verdict.EXECUTE
+    conn.commit()
+    # another global transaction: its try must run, and its cancel must not be empty
+    assert barrier(conn, tag + second, "b", "try", table=table) is Verdict.EXECUTE
+    conn.commit()
+    assert barrier(conn, "x" + tag, first, "try", table=table) is Verdict.EXECUTE
+    assert barrier(conn, "x" + tag, second, "try", table=table) is Verdict.EXECUTE
+    conn.commit()
+
+
+@pytest.mark.parametrize(("first", "second"), DIFFERENT)
+def test_state_machine_keys_differing_only_by_case_space_or_accent_are_different(
+    db: Db, first: str, second: str
+) -> None:
+    orders = db.name("rt_orders")
+    db.run(f"CREATE TABLE {orders} (id INTEGER PRIMARY KEY, status VARCHAR(20))")
+    db.run(f"INSERT INTO {orders} VALUES (1, 'pending')")
+    sm = SqlStateMachine(
+        ORDER,
+        Table(orders, id_column="id", state_column="status"),
+        history_table=db.name("rt_hist"),
+    )
+    conn = db.connect()
+    sm.create_tables(conn)
+    assert sm.apply(conn, 1, "pay", key=first).applied
+    shipped = sm.apply(conn, 1, "ship", key=second)  # a different key: a new operation
+    assert shipped.applied and shipped.state == "shipped"
+    assert [h.key for h in sm.history(conn, 1)] == [first, second]
+
+
+# -- identities longer than their column -------------------------------------------------------
+# MariaDB's INSERT IGNORE turns "data too long" into a warning and truncates: two long names
+# sharing a prefix became one barrier row (the second step never ran); PostgreSQL raised a raw
+# driver error in the middle of a saga.
+
+
+def test_saga_refuses_step_names_longer_than_the_barrier_column() -> None:
+    from oncely.errors import ConfigurationError
+    from oncely.statemachine.saga import Saga, Step
+
+    long = "reserve-stock-" + "x" * 120
+    with pytest.raises(ConfigurationError, match="step name"):
+        Saga("s", [Step(long + "-a", lambda ctx: None), Step(long + "-b", lambda ctx: None)])
+    with pytest.raises(ConfigurationError, match="step name"):
+        Saga("s", [Step("", lambda ctx: None)])
+
+
+def test_state_machine_refuses_entity_ids_longer_than_the_history_column(db: Db) -> None:
+    from oncely.errors import StateMachineError
+
+    orders = db.name("rt_lorders")
+    db.run(f"CREATE TABLE {orders} (id VARCHAR(400) PRIMARY KEY, status VARCHAR(20))")
+    long = "customer-" + "x" * 260
+    db.run(f"INSERT INTO {orders} VALUES ('{long}-a', 'pending')")
+    db.run(f"INSERT INTO {orders} VALUES ('{long}-b', 'pending')")
+    sm = SqlStateMachine(
+        ORDER,
+        Table(orders, id_column="id", state_column="status"),
+        history_table=db.name("rt_lhist"),
+    )
+    conn = db.connect()
+    sm.create_tables(conn)
+    with pytest.raises(StateMachineError, match="255"):
+        sm.apply(conn, long + "-a", "pay", key="k")
+    # nothing half-written
+    assert db.run(f"SELECT status FROM {orders} ORDER BY id") == [("pending",), ("pending",)]
+
+
+# -- Redis barrier effects given in a wrong shape ----------------------------------------------
+
+
+@pytest.fixture
+def rclient():  # type: ignore[no-untyped-def]
+    import redis
+
+    from conftest import REDIS_URL
+
+    client = redis.Redis.from_url(REDIS_URL)
+    prefix = f"oncely-rt3-{uuid.uuid4().hex[:8]}"
+    yield client, prefix
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+def test_redis_barrier_refuses_effects_that_are_not_a_list_of_commands(rclient) -> None:  # type: ignore[no-untyped-def]
+    from oncely.errors import InvalidBarrierCall
+    from oncely.statemachine.barrier import redis_barrier
+
+    r, prefix = rclient
+    stock = f"{prefix}:{{g1}}:stock"
+    bad: list[object] = [
+        ("HINCRBY", stock, "sku", "-1"),  # one command, not a list of commands
+        [("HINCRBY", stock, "sku", b"-1")],  # bytes would be sent as "b'-1'"
+        [()],  # an empty command
+        [("HINCRBY", stock, "sku", None)],  # None would be sent as "None"
+    ]
+    for effects in bad:
+        with pytest.raises(InvalidBarrierCall):
+            redis_barrier(r, "g1", "b", "try", effects=effects, prefix=prefix)  # type: ignore[arg-type]
+    assert r.exists(f"{prefix}:{{g1}}") == 0 and r.exists(stock) == 0
+    # the horizon is sent in whole milliseconds: less than 1 ms would PEXPIRE 0 (delete now)
+    with pytest.raises(InvalidBarrierCall):
+        redis_barrier(r, "g1", "b", "cancel", prefix=prefix, horizon=0.0001)
+    # the right shape still runs
+    ok = [("HINCRBY", stock, "sku", -1)]
+    assert redis_barrier(r, "g1", "b", "try", effects=ok, prefix=prefix).run
+    assert r.hget(stock, "sku") == b"-1"
