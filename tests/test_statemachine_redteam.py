@@ -151,3 +151,67 @@ def test_redis_barrier_refuses_effects_that_are_not_a_list_of_commands(rclient) 
     ok = [("HINCRBY", stock, "sku", -1)]
     assert redis_barrier(r, "g1", "b", "try", effects=ok, prefix=prefix).run
     assert r.hget(stock, "sku") == b"-1"
+
+
+# -- PostgreSQL at SERIALIZABLE / REPEATABLE READ ------------------------------------------------
+# The loser of a concurrent UPDATE got psycopg's SerializationFailure out of apply(), which owned
+# its transaction and could have run it again: the contract says one applied, the rest
+# applied=False (same transition) or IllegalTransition (a conflicting one).
+
+
+@pytest.mark.parametrize("level", ["SERIALIZABLE", "REPEATABLE_READ"])
+def test_postgres_strict_isolation_concurrent_apply_gives_typed_answers(level: str) -> None:
+    import threading
+
+    import psycopg
+
+    from oncely.errors import IllegalTransition
+
+    from conftest import POSTGRES_URL
+
+    tag = uuid.uuid4().hex[:8]
+    orders, hist = f"rt_iso_{tag}", f"rt_isoh_{tag}"
+    admin = psycopg.connect(POSTGRES_URL, autocommit=True)
+    try:
+        admin.execute(f"CREATE TABLE {orders} (id INT PRIMARY KEY, status TEXT)")
+        admin.execute(f"INSERT INTO {orders} SELECT g, 'pending' FROM generate_series(1, 10) g")
+        race = Machine(
+            "race",
+            ["pending", "paid", "expired"],
+            "pending",
+            [Transition("pay", "pending", "paid"), Transition("expire", "pending", "expired")],
+        )
+        sm = SqlStateMachine(race, Table(orders, "id", "status"), history_table=hist)
+        with psycopg.connect(POSTGRES_URL) as c0:
+            sm.create_tables(c0)
+        results: list[object] = []
+        barrier_ = threading.Barrier(6)
+
+        def worker(i: int) -> None:
+            with psycopg.connect(POSTGRES_URL, application_name="oncely-rt3") as c:
+                c.isolation_level = getattr(psycopg.IsolationLevel, level)
+                barrier_.wait()
+                for entity in range(1, 11):
+                    try:
+                        out = sm.apply(c, entity, "pay" if i % 3 else "expire")
+                        results.append((entity, out.transition, out.applied))
+                    except IllegalTransition:
+                        results.append((entity, "illegal", False))
+                    except Exception as exc:  # pragma: no cover - the fault
+                        results.append(exc)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(60)
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert not errors, errors[:3]
+        for entity in range(1, 11):
+            mine = [r for r in results if isinstance(r, tuple) and r[0] == entity]
+            assert len(mine) == 6
+            assert sum(1 for r in mine if r[2]) == 1  # exactly one changed the state
+    finally:
+        admin.execute(f"DROP TABLE IF EXISTS {orders}")
+        admin.execute(f"DROP TABLE IF EXISTS {hist}")
+        admin.close()

@@ -51,6 +51,7 @@ from oncely.sql.connections import (
     adapt,
     exact_text,
     missing_object,
+    retryable,
 )
 from oncely.statemachine.definition import (
     MAX_ENTITY_ID,
@@ -74,6 +75,8 @@ __all__ = [
 ]
 
 DEFAULT_HISTORY: Final = "oncely_sm_history"
+#: Tries of a transition that owns its transaction and meets a serialization failure.
+_ATTEMPTS: Final = 20
 
 _NOW: Final = {
     "postgresql": "extract(epoch from clock_timestamp())",
@@ -321,6 +324,31 @@ class SqlStateMachine:
         return missing
 
     def _apply_plan(
+        self,
+        c: SqlConnection,
+        conn: Any,
+        t: Transition,
+        entity_id: Any,
+        key: str | None,
+        data: Mapping[str, Any],
+    ) -> Plan[Outcome]:
+        """The transition, run again when it owns its transaction and the database rolled it
+        back as a serialization failure or deadlock (PostgreSQL at REPEATABLE READ or
+        SERIALIZABLE answers a concurrent change of the row with 40001 instead of re-checking
+        the ``WHERE``): the retry sees the winner's committed state and answers as at READ
+        COMMITTED. Inside the caller's transaction the error propagates: only the caller can
+        run its whole transaction again."""
+        owned = not c.in_transaction()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return (yield from self._apply_once(c, conn, t, entity_id, key, data))
+            except Exception as exc:
+                if not owned or attempt >= _ATTEMPTS or not retryable(exc):
+                    raise
+
+    def _apply_once(
         self,
         c: SqlConnection,
         conn: Any,
