@@ -215,3 +215,44 @@ def test_postgres_strict_isolation_concurrent_apply_gives_typed_answers(level: s
         admin.execute(f"DROP TABLE IF EXISTS {orders}")
         admin.execute(f"DROP TABLE IF EXISTS {hist}")
         admin.close()
+
+
+# -- entity ids and data of the wrong type -----------------------------------------------------
+# PyMySQL bound [1] as (1): the transition hit entity 1 while its history was recorded under
+# "[1]"; other drivers answered with raw errors (OverflowError, psycopg UndefinedFunction,
+# DataError for NUL), and data=[1] was a builtin TypeError.
+
+
+@pytest.mark.parametrize("entity", [[1], (1,), b"1", 1.0, True, 2**64, "a\x00b", None, {"id": 1}])
+def test_entity_ids_of_a_wrong_type_are_refused_before_anything_is_written(
+    db: Db, entity: object
+) -> None:
+    from oncely.errors import InvalidEntityId
+
+    orders = db.name("rt_torders")
+    db.run(f"CREATE TABLE {orders} (id INTEGER PRIMARY KEY, status VARCHAR(20))")
+    db.run(f"INSERT INTO {orders} VALUES (1, 'pending')")
+    sm = SqlStateMachine(
+        ORDER, Table(orders, id_column="id", state_column="status"), history_table=db.name("rt_th")
+    )
+    conn = db.connect()
+    sm.create_tables(conn)
+    with pytest.raises(InvalidEntityId):
+        sm.apply(conn, entity, "pay")
+    with pytest.raises(InvalidEntityId):
+        sm.history(conn, entity)
+    assert db.run(f"SELECT status FROM {orders}") == [("pending",)]
+
+
+def test_data_that_is_not_a_mapping_is_a_typed_error(rclient) -> None:  # type: ignore[no-untyped-def]
+    from oncely.errors import InvalidEntityId, InvalidPayload
+    from oncely.statemachine.redis import RedisStateMachine
+
+    r, prefix = rclient
+    rsm = RedisStateMachine(ORDER, prefix=prefix)
+    rsm.create(r, 1)
+    with pytest.raises(InvalidPayload):
+        rsm.apply(r, 1, "pay", data=[("amount", 5)])  # type: ignore[arg-type]
+    with pytest.raises(InvalidEntityId):
+        rsm.apply(r, [1], "pay")
+    assert rsm.state(r, 1) == "pending"

@@ -21,6 +21,7 @@ steps, so two callers can both pass the check (DESIGN.md, "Compensation").
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,7 @@ from oncely.errors import (
     InvalidEntityId,
     InvalidKey,
     InvalidMachine,
+    InvalidPayload,
     UnknownTransition,
 )
 
@@ -231,7 +233,13 @@ class Machine:
         """Run ``transition``'s guard on ``data``.
 
         :raises GuardRejected: the guard returned False.
+        :raises InvalidPayload: ``data`` is not a mapping.
         """
+        if data is not None and not isinstance(data, Mapping):
+            raise InvalidPayload(
+                f"data must be a mapping (a dict of JSON-able values), not "
+                f"{type(data).__name__}: data={{'amount': 5}}"
+            )
         if transition.guard is not None and not transition.guard(data or {}):
             raise GuardRejected(
                 f"the guard of {self.name}.{transition.name} refused this call's data; "
@@ -256,7 +264,17 @@ def check_entity(entity_id: Any) -> str:
     :class:`~oncely.errors.InvalidEntityId` if it is empty or longer than
     :data:`MAX_ENTITY_ID` characters (a longer id would be cut, or refused by the driver, in
     the middle of a transition)."""
+    if isinstance(entity_id, bool) or not isinstance(entity_id, (str, int, uuid.UUID)):
+        raise InvalidEntityId(
+            f"an entity id must be a str, an int or a UUID (the row's primary key), not "
+            f"{type(entity_id).__name__}: a {type(entity_id).__name__} is bound by drivers in "
+            "their own ways (PyMySQL turns [1] into 1) and recorded under another text"
+        )
+    if isinstance(entity_id, int) and not -(2**63) <= entity_id < 2**63:
+        raise InvalidEntityId(f"entity id {entity_id} does not fit a 64-bit integer column")
     text = str(entity_id)
+    if "\x00" in text:
+        raise InvalidEntityId("an entity id cannot contain NUL characters (PostgreSQL refuses)")
     if not text or len(text) > MAX_ENTITY_ID:
         raise InvalidEntityId(
             f"entity id {text[:40]!r}... must be non-empty and at most {MAX_ENTITY_ID} "
