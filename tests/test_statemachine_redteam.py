@@ -256,3 +256,22 @@ def test_data_that_is_not_a_mapping_is_a_typed_error(rclient) -> None:  # type: 
     with pytest.raises(InvalidEntityId):
         rsm.apply(r, [1], "pay")
     assert rsm.state(r, 1) == "pending"
+
+
+# -- the same mistake outside the state machines: the inbox --------------------------------------
+# Its MariaDB table used utf8mb4_bin, which is PAD SPACE: message 'm-1 ' was taken for 'm-1' and
+# dropped as a duplicate.
+
+
+def test_inbox_message_ids_differing_by_a_trailing_space_are_different(db: Db) -> None:
+    from oncely.messaging.inbox import Inbox
+
+    inbox = Inbox(db.name("rt_inbox"))
+    conn = db.connect()
+    inbox.create_table(conn)
+    conn.commit()
+    assert inbox.accept(conn, "billing", "m-1") is True
+    conn.commit()
+    assert inbox.accept(conn, "billing", "m-1 ") is True
+    assert inbox.accept(conn, "billing ", "m-1") is True
+    conn.commit()

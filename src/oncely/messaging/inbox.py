@@ -59,6 +59,7 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
+    exact_text,
     missing_object,
     quote,
     run,
@@ -224,8 +225,10 @@ class Inbox:
         index = quote(_index_name(self.table, "received_at"), dialect)
         if dialect == "mysql":
             return [
-                f"CREATE TABLE IF NOT EXISTS {t} (consumer VARCHAR({MAX_CONSUMER_LENGTH}) NOT "
-                "NULL, message_id VARCHAR(255) NOT NULL, received_at DOUBLE NOT NULL, "
+                # byte for byte: utf8mb4_bin is PAD SPACE ('m-1 ' would be 'm-1')
+                f"CREATE TABLE IF NOT EXISTS {t} (consumer "
+                f"{exact_text(dialect, MAX_CONSUMER_LENGTH)} NOT NULL, message_id "
+                f"{exact_text(dialect, 255)} NOT NULL, received_at DOUBLE NOT NULL, "
                 f"PRIMARY KEY (consumer, message_id), KEY {index} (received_at)) "
                 "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
             ]
