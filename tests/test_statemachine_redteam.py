@@ -275,3 +275,26 @@ def test_inbox_message_ids_differing_by_a_trailing_space_are_different(db: Db) -
     assert inbox.accept(conn, "billing", "m-1 ") is True
     assert inbox.accept(conn, "billing ", "m-1") is True
     conn.commit()
+
+
+# -- and the dedup window on MariaDB (utf8mb4_bin, PAD SPACE) -----------------------------------
+
+
+def test_dedup_ids_differing_by_a_trailing_space_are_different_on_mariadb() -> None:
+    import pymysql
+
+    from conftest import MYSQL_URL
+    from oncely.messaging.dedup import Deduplicator
+
+    tag = uuid.uuid4().hex[:10]
+    d = Deduplicator(MYSQL_URL, window=60, namespace=f"rt-{tag}", table=f"rt_dedup_{tag}")
+    try:
+        assert d.seen("m-1") is False
+        assert d.seen("m-1 ") is False  # another message
+        assert d.filter_new(["M-1", "m-1", "m-2"]) == ["M-1", "m-2"]
+    finally:
+        d.close()
+        conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", database="test")
+        with conn.cursor() as cur:
+            cur.execute(f"DROP TABLE IF EXISTS rt_dedup_{tag}")
+        conn.close()

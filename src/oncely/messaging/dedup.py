@@ -620,7 +620,9 @@ class _Postgres(_Sql):
 
 _MYSQL_NOW = "UNIX_TIMESTAMP(NOW(6))"
 _MYSQL_DDL = (
-    "CREATE TABLE IF NOT EXISTS {t} (namespace VARCHAR(100) NOT NULL, id VARCHAR(255) NOT NULL, "
+    # VARBINARY: compared byte for byte (utf8mb4_bin is PAD SPACE: 'm-1 ' would be 'm-1')
+    "CREATE TABLE IF NOT EXISTS {t} (namespace VARBINARY(400) NOT NULL, id VARBINARY(1020) "
+    "NOT NULL, "
     "expires_at DOUBLE NOT NULL, PRIMARY KEY (namespace, id), KEY {t}_expires (expires_at)) "
     "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
 )
