@@ -283,8 +283,9 @@ def test_inbox_message_ids_differing_by_a_trailing_space_are_different(db: Db) -
 def test_dedup_ids_differing_by_a_trailing_space_are_different_on_mariadb() -> None:
     import pymysql
 
-    from conftest import MYSQL_URL
     from oncely.messaging.dedup import Deduplicator
+
+    from conftest import MYSQL_URL
 
     tag = uuid.uuid4().hex[:10]
     d = Deduplicator(MYSQL_URL, window=60, namespace=f"rt-{tag}", table=f"rt_dedup_{tag}")
