@@ -299,3 +299,17 @@ def test_dedup_ids_differing_by_a_trailing_space_are_different_on_mariadb() -> N
         with conn.cursor() as cur:
             cur.execute(f"DROP TABLE IF EXISTS rt_dedup_{tag}")
         conn.close()
+
+
+# -- and oncely.sql's key table: scope was VARCHAR in MariaDB's case-insensitive collation -------
+
+
+def test_sql_operation_scopes_differing_only_by_case_are_different_tenants(db: Db) -> None:
+    from test_sql_phases import PARAMS, _count, _tables, ride_operation
+
+    t = _tables(db)
+    op = ride_operation(db, t)
+    conn = db.connect()
+    op.run(conn, key="ride-1", scope="riders", params=PARAMS)
+    op.run(conn, key="ride-1", scope="Riders", params=PARAMS)  # another tenant: runs
+    assert _count(db, t["rides"]) == 2

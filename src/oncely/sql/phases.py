@@ -256,6 +256,8 @@ class Operation:
                 if not res.rows:
                     raise InFlightError("the record vanished (reaped); retry", retry_after=0.0)
                 point, operation, stored, blob, locked_at, now = res.rows[0]
+                if isinstance(operation, (bytes, bytearray)):  # VARBINARY on MariaDB
+                    operation = operation.decode()
                 if operation != self.name:
                     raise ConfigurationError(
                         f"this key belongs to another operation ({operation!r}), not {self.name!r}"
@@ -393,7 +395,10 @@ class Operation:
             )
         finally:
             yield Leave(block, True)
-        return [(str(s), bytes(d).hex()) for s, d in res.rows]
+        return [
+            (s.decode() if isinstance(s, (bytes, bytearray)) else str(s), bytes(d).hex())
+            for s, d in res.rows
+        ]
 
 
 def _reap(c: SqlConnection, table: str, retention: float) -> Plan[int]:

@@ -54,7 +54,8 @@ FINISHED: Final = "finished"
 _TYPES: Final = {  # text, 32-byte digest, blob, float, table options
     "sqlite": ("TEXT", "BLOB", "BLOB", "REAL", ""),
     "postgresql": ("VARCHAR(255)", "BYTEA", "BYTEA", "DOUBLE PRECISION", ""),
-    "mysql": ("VARCHAR(255)", "BINARY(32)", "LONGBLOB", "DOUBLE", " ENGINE=InnoDB"),
+    # VARBINARY: byte for byte (the default collation would make scope 'Tenant' read 'tenant')
+    "mysql": ("VARBINARY(1020)", "BINARY(32)", "LONGBLOB", "DOUBLE", " ENGINE=InnoDB"),
 }
 
 
