@@ -17,6 +17,7 @@ __all__ = [
     "IllegalTransition",
     "InFlightError",
     "InvalidBarrierCall",
+    "InvalidEntityId",
     "InvalidIdentifier",
     "InvalidIfMatch",
     "InvalidKey",
@@ -390,6 +391,11 @@ class GuardRejected(StateMachineError):
 class EntityNotFound(StateMachineError, LookupError):
     """No entity with this id (no row in the table, no hash in Redis): create it first, in its
     machine's initial state."""
+
+
+class InvalidEntityId(StateMachineError, ValueError):
+    """An entity id whose text (``str(entity_id)``) is empty or longer than the history
+    column (255 characters): nothing was written."""
 
 
 class BarrierError(OncelyError):

@@ -61,6 +61,7 @@ __all__ = [
     "adapt",
     "arun",
     "duplicate_of",
+    "exact_text",
     "lock_timeout",
     "missing_object",
     "quote",
@@ -147,6 +148,15 @@ def quote(name: str, dialect: Dialect) -> str:
         )
     q = "`" if dialect == "mysql" else '"'
     return ".".join(f"{q}{p}{q}" for p in parts)
+
+
+def exact_text(dialect: Dialect, chars: int) -> str:
+    """The column type of an identity compared byte for byte (a gid, an idempotency key, an
+    entity id): ``VARCHAR(chars)`` on PostgreSQL and SQLite (binary comparison by default),
+    ``VARBINARY(4 * chars)`` on MariaDB/MySQL, whose default collations are case- and
+    accent-insensitive and ``PAD SPACE`` (``utf8mb4_bin`` included), so ``'Key'``, ``'key'``
+    and ``'key '`` would be one row. Values are sent as str (utf-8) and read back as bytes."""
+    return f"VARBINARY({4 * chars})" if dialect == "mysql" else f"VARCHAR({chars})"
 
 
 # A quoted string or identifier (kept as is), or a ``:name`` placeholder (not ``::`` casts).

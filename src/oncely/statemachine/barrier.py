@@ -55,7 +55,14 @@ from oncely.backends.plans import Exec, Plan
 from oncely.backends.plans import arun as arun_plan
 from oncely.backends.plans import run as run_plan
 from oncely.errors import BarrierTableMissing, InvalidBarrierCall
-from oncely.sql.connections import Enter, Leave, SqlConnection, adapt, missing_object
+from oncely.sql.connections import (
+    Enter,
+    Leave,
+    SqlConnection,
+    adapt,
+    exact_text,
+    missing_object,
+)
 
 __all__ = [
     "DEFAULT_HORIZON",
@@ -224,9 +231,10 @@ def _ddl(conn: SqlConnection, table: str) -> list[str]:
         if conn.dialect == "mysql"
         else f"CREATE INDEX IF NOT EXISTS {index} ON {name} (created_at)"
     )
+    ident = exact_text(conn.dialect, MAX_ID)  # 'G1', 'g1' and 'g1 ' are three gids
     return [
         f"CREATE TABLE IF NOT EXISTS {name} ("
-        "gid VARCHAR(128) NOT NULL, branch VARCHAR(128) NOT NULL, op VARCHAR(16) NOT NULL, "
+        f"gid {ident} NOT NULL, branch {ident} NOT NULL, op VARCHAR(16) NOT NULL, "
         f"reason VARCHAR(16) NOT NULL, created_at {ts} NOT NULL, "
         f"PRIMARY KEY (gid, branch, op)){suffix}",
         create_index,
@@ -358,6 +366,28 @@ async def apurge(
 _BARRIER = Script("oncely.statemachine", "barrier")
 
 
+def _commands(effects: Any) -> list[list[str]]:
+    """``effects`` as a list of Redis commands of str arguments, or
+    :class:`~oncely.errors.InvalidBarrierCall` (checked before anything is sent)."""
+    how = (
+        "effects must be a list of Redis commands, each a list of str/int/float arguments: "
+        '[("HINCRBY", "stock", "sku-1", -2)]'
+    )
+    if isinstance(effects, (str, bytes)) or not isinstance(effects, Sequence):
+        raise InvalidBarrierCall(f"{how}, got {effects!r}")
+    out = []
+    for command in effects:
+        if isinstance(command, (str, bytes)) or not isinstance(command, Sequence) or not command:
+            raise InvalidBarrierCall(f"{how}; {command!r} is not a command")
+        args = []
+        for a in command:
+            if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+                raise InvalidBarrierCall(f"{how}; argument {a!r} of {command!r} is neither")
+            args.append(a if isinstance(a, str) else str(a))
+        out.append(args)
+    return out
+
+
 def _redis_args(
     prefix: str,
     gid: str,
@@ -367,9 +397,9 @@ def _redis_args(
     effects: Sequence[Sequence[Any]],
 ) -> tuple[Any, ...]:
     gid, branch, op = check_call(gid, branch, op)
-    if not isinstance(horizon, (int, float)) or horizon <= 0:
-        raise InvalidBarrierCall("horizon must be a number of seconds > 0")
-    encoded = json.dumps([[str(a) if not isinstance(a, str) else a for a in c] for c in effects])
+    if not isinstance(horizon, (int, float)) or isinstance(horizon, bool) or horizon < 0.001:
+        raise InvalidBarrierCall("horizon must be a number of seconds >= 0.001 (whole ms)")
+    encoded = json.dumps(_commands(effects))
     key = f"{prefix}:{{{gid}}}"
     return (key, branch, op, OPS[op] or "", int(horizon * 1000), encoded)
 

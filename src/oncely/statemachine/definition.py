@@ -21,6 +21,7 @@ steps, so two callers can both pass the check (DESIGN.md, "Compensation").
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,12 +30,25 @@ from oncely.errors import (
     EntityNotFound,
     GuardRejected,
     IllegalTransition,
+    InvalidEntityId,
     InvalidKey,
     InvalidMachine,
+    InvalidPayload,
     UnknownTransition,
 )
 
-__all__ = ["Guard", "HistoryEntry", "Machine", "Outcome", "Transition", "check_key", "explain"]
+__all__ = [
+    "MAX_ENTITY_ID",
+    "MAX_KEY",
+    "Guard",
+    "HistoryEntry",
+    "Machine",
+    "Outcome",
+    "Transition",
+    "check_entity",
+    "check_key",
+    "explain",
+]
 
 #: A guard: called with the call's ``data`` mapping (``{}`` when none was given) before the
 #: store is asked; False refuses the call with :class:`~oncely.errors.GuardRejected`. Guards see
@@ -43,6 +57,8 @@ Guard = Callable[[Mapping[str, Any]], bool]
 
 #: Longest idempotency key accepted (characters), as Stripe's.
 MAX_KEY = 255
+#: Longest entity id accepted (characters of ``str(entity_id)``): the history column's size.
+MAX_ENTITY_ID = 255
 
 
 @dataclass(frozen=True, slots=True)
@@ -217,7 +233,13 @@ class Machine:
         """Run ``transition``'s guard on ``data``.
 
         :raises GuardRejected: the guard returned False.
+        :raises InvalidPayload: ``data`` is not a mapping.
         """
+        if data is not None and not isinstance(data, Mapping):
+            raise InvalidPayload(
+                f"data must be a mapping (a dict of JSON-able values), not "
+                f"{type(data).__name__}: data={{'amount': 5}}"
+            )
         if transition.guard is not None and not transition.guard(data or {}):
             raise GuardRejected(
                 f"the guard of {self.name}.{transition.name} refused this call's data; "
@@ -235,6 +257,30 @@ def check_key(key: str | None) -> str | None:
             f"an idempotency key must be a non-empty str of at most {MAX_KEY} characters"
         )
     return key
+
+
+def check_entity(entity_id: Any) -> str:
+    """``str(entity_id)``, the entity's id as history rows record it, or
+    :class:`~oncely.errors.InvalidEntityId` if it is empty or longer than
+    :data:`MAX_ENTITY_ID` characters (a longer id would be cut, or refused by the driver, in
+    the middle of a transition)."""
+    if isinstance(entity_id, bool) or not isinstance(entity_id, (str, int, uuid.UUID)):
+        raise InvalidEntityId(
+            f"an entity id must be a str, an int or a UUID (the row's primary key), not "
+            f"{type(entity_id).__name__}: a {type(entity_id).__name__} is bound by drivers in "
+            "their own ways (PyMySQL turns [1] into 1) and recorded under another text"
+        )
+    if isinstance(entity_id, int) and not -(2**63) <= entity_id < 2**63:
+        raise InvalidEntityId(f"entity id {entity_id} does not fit a 64-bit integer column")
+    text = str(entity_id)
+    if "\x00" in text:
+        raise InvalidEntityId("an entity id cannot contain NUL characters (PostgreSQL refuses)")
+    if not text or len(text) > MAX_ENTITY_ID:
+        raise InvalidEntityId(
+            f"entity id {text[:40]!r}... must be non-empty and at most {MAX_ENTITY_ID} "
+            "characters as text: use the row's primary key (or a shorter surrogate key)"
+        )
+    return text
 
 
 def explain(

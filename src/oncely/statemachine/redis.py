@@ -24,6 +24,7 @@ from oncely.statemachine.definition import (
     Machine,
     Outcome,
     Transition,
+    check_entity,
     check_key,
     explain,
 )
@@ -52,8 +53,10 @@ class RedisStateMachine:
         self.prefix = prefix
 
     def key(self, entity_id: Any) -> str:
-        """The entity's hash key."""
-        return f"{self.prefix}:{self.machine.name}:{{{entity_id}}}"
+        """The entity's hash key.
+
+        :raises InvalidEntityId: see :func:`~oncely.statemachine.definition.check_entity`."""
+        return f"{self.prefix}:{self.machine.name}:{{{check_entity(entity_id)}}}"
 
     def _keys(self, entity_id: Any) -> tuple[str, str, str]:
         base = self.key(entity_id)

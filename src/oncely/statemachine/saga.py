@@ -52,6 +52,7 @@ from oncely.sql.connections import (
     Leave,
     SqlConnection,
     adapt,
+    exact_text,
     missing_object,
     quote,
     retryable,
@@ -242,6 +243,11 @@ class Saga:
         for s in self.steps:
             if not isinstance(s, (Step, HttpStep)):
                 raise ConfigurationError(f"saga {name!r}: {s!r} is not a Step or HttpStep")
+            if not isinstance(s.name, str) or not s.name or len(s.name) > _barrier.MAX_ID:
+                raise ConfigurationError(
+                    f"saga {name!r}: step name {s.name!r} must be a non-empty str of at most "
+                    f"{_barrier.MAX_ID} characters (it is the step's barrier branch)"
+                )
             if names.count(s.name) > 1:
                 raise ConfigurationError(f"saga {name!r} has two steps named {s.name!r}")
             if not isinstance(s.attempts, int) or s.attempts < 1:
@@ -257,7 +263,8 @@ class Saga:
         t = quote(self.table, c.dialect)
         engine = " ENGINE=InnoDB" if c.dialect == "mysql" else ""
         return (
-            f"CREATE TABLE IF NOT EXISTS {t} (saga_id VARCHAR(128) NOT NULL PRIMARY KEY, "
+            f"CREATE TABLE IF NOT EXISTS {t} (saga_id {exact_text(c.dialect, 128)} NOT NULL "
+            "PRIMARY KEY, "
             f"name VARCHAR(100) NOT NULL, state VARCHAR(16) NOT NULL){engine}"
         )
 

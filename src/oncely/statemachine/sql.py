@@ -44,12 +44,23 @@ from oncely.errors import (
     IdempotencyKeyMismatch,
     SchemaMissing,
 )
-from oncely.sql.connections import Enter, Leave, SqlConnection, adapt, missing_object
+from oncely.sql.connections import (
+    Enter,
+    Leave,
+    SqlConnection,
+    adapt,
+    exact_text,
+    missing_object,
+    retryable,
+)
 from oncely.statemachine.definition import (
+    MAX_ENTITY_ID,
+    MAX_KEY,
     HistoryEntry,
     Machine,
     Outcome,
     Transition,
+    check_entity,
     check_key,
     explain,
 )
@@ -64,12 +75,19 @@ __all__ = [
 ]
 
 DEFAULT_HISTORY: Final = "oncely_sm_history"
+#: Tries of a transition that owns its transaction and meets a serialization failure.
+_ATTEMPTS: Final = 20
 
 _NOW: Final = {
     "postgresql": "extract(epoch from clock_timestamp())",
     "mysql": "UNIX_TIMESTAMP(NOW(6))",
     "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",
 }
+
+
+def _text(value: Any) -> Any:
+    """A history column read back: bytes on MariaDB/MySQL (:func:`exact_text` columns)."""
+    return value.decode() if isinstance(value, (bytes, bytearray)) else value
 
 
 def _update_returning(c: SqlConnection) -> bool:
@@ -256,10 +274,11 @@ class SqlStateMachine:
         engine = " ENGINE=InnoDB" if dialect == "mysql" else ""
         h = quote(self.history_table, d)
         uniq = quote(f"{self.history_table.split('.')[-1]}_key", d)
+        machine, entity, key = (exact_text(d, n) for n in (100, MAX_ENTITY_ID, MAX_KEY))
         out = [
-            f"CREATE TABLE IF NOT EXISTS {h} (id {serial}, machine VARCHAR(100) NOT NULL, "
-            "entity_id VARCHAR(255) NOT NULL, transition VARCHAR(64) NOT NULL, "
-            f"state VARCHAR(64) NOT NULL, idem_key VARCHAR(255) NULL, at {ts} NOT NULL, "
+            f"CREATE TABLE IF NOT EXISTS {h} (id {serial}, machine {machine} NOT NULL, "
+            f"entity_id {entity} NOT NULL, transition VARCHAR(64) NOT NULL, "
+            f"state VARCHAR(64) NOT NULL, idem_key {key} NULL, at {ts} NOT NULL, "
             f"CONSTRAINT {uniq} UNIQUE (machine, entity_id, idem_key)){engine}",
         ]
         if self.outbox_table:
@@ -313,6 +332,32 @@ class SqlStateMachine:
         key: str | None,
         data: Mapping[str, Any],
     ) -> Plan[Outcome]:
+        """The transition, run again when it owns its transaction and the database rolled it
+        back as a serialization failure or deadlock (PostgreSQL at REPEATABLE READ or
+        SERIALIZABLE answers a concurrent change of the row with 40001 instead of re-checking
+        the ``WHERE``): the retry sees the winner's committed state and answers as at READ
+        COMMITTED. Inside the caller's transaction the error propagates: only the caller can
+        run its whole transaction again."""
+        owned = not c.in_transaction()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return (yield from self._apply_once(c, conn, t, entity_id, key, data))
+            except Exception as exc:
+                if not owned or attempt >= _ATTEMPTS or not retryable(exc):
+                    raise
+
+    def _apply_once(
+        self,
+        c: SqlConnection,
+        conn: Any,
+        t: Transition,
+        entity_id: Any,
+        key: str | None,
+        data: Mapping[str, Any],
+    ) -> Plan[Outcome]:
+        check_entity(entity_id)
         returning = _update_returning(c)
         q = self._queries(c.dialect, returning)
         m = self.machine.name
@@ -407,6 +452,7 @@ class SqlStateMachine:
         return self._apply_plan(conn, conn.raw, t, entity_id, key, payload)
 
     def _history_plan(self, c: SqlConnection, entity_id: Any) -> Plan[list[HistoryEntry]]:
+        check_entity(entity_id)
         q = self._queries(c.dialect, _update_returning(c))
         try:
             res = yield Exec(
@@ -417,7 +463,7 @@ class SqlStateMachine:
             if better is not None:
                 raise better from exc
             raise
-        return [HistoryEntry(r[0], r[1], r[2], float(r[3]), r[4]) for r in res.rows]
+        return [HistoryEntry(_text(r[0]), r[1], r[2], float(r[3]), _text(r[4])) for r in res.rows]
 
     # -- executors ----------------------------------------------------------------------------
     @staticmethod
