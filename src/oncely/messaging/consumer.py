@@ -89,13 +89,15 @@ class Delivery:
 
     ``body``: the payload bytes; ``message_id``: the broker's message id, if any (RabbitMQ
     ``message_id``, JetStream ``Nats-Msg-Id``, the Redis Streams entry id, the Celery task id);
-    ``headers``: headers or MQTT v5 user properties (str -> str); ``attempt``: the broker's
-    delivery count (1 for the first delivery), if the broker keeps one (JetStream, Redis
+    ``headers``: headers or MQTT v5 user properties (str -> str; a value that is not UTF-8
+    text stays ``bytes``, as does such a ``message_id``: the dedup id readers reject it as
+    ``"undecodable"`` rather than decode it lossily into another message's id);
+    ``attempt``: the broker's delivery count (1 for the first delivery), if the broker keeps one (JetStream, Redis
     Streams, RabbitMQ quorum queues), else None; ``raw``: the broker's own message object.
     """
 
     body: bytes
-    message_id: str | None = None
+    message_id: str | bytes | None = None
     headers: Mapping[str, Any] = field(default_factory=dict)
     attempt: int | None = None
     raw: Any = None
