@@ -92,8 +92,9 @@ class Delivery:
     ``headers``: headers or MQTT v5 user properties (str -> str; a value that is not UTF-8
     text stays ``bytes``, as does such a ``message_id``: the dedup id readers reject it as
     ``"undecodable"`` rather than decode it lossily into another message's id);
-    ``attempt``: the broker's delivery count (1 for the first delivery), if the broker keeps one (JetStream, Redis
-    Streams, RabbitMQ quorum queues), else None; ``raw``: the broker's own message object.
+    ``attempt``: the broker's delivery count (1 for the first delivery), if the broker keeps
+    one (JetStream, Redis Streams, RabbitMQ quorum queues), else None; ``raw``: the
+    broker's own message object.
     """
 
     body: bytes
