@@ -5,14 +5,18 @@ Each test reproduces a fault found by trying to break the consumer as a demandin
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio
 
-from oncely.messaging import IdempotentConsumer
+from oncely.errors import InFlightError, StoreUnavailable
+from oncely.messaging import DeadLetter, Delivery, IdempotentConsumer, Inbox
 from oncely.messaging.redis_streams import RedisStreamConsumer
 from oncely.stores import Store
 
@@ -64,3 +68,69 @@ async def test_redis_streams_binary_dedup_ids_never_collide(
     assert await member.step() == 2
     assert member.stats["duplicates"] == 0, member.stats
     assert len(ran) + len(letters) == 2
+
+
+class _Busy(InFlightError):
+    """What a handler gets from an @idempotent function it calls whose key is held."""
+
+
+def _poison(error: Exception) -> Callable[..., None]:
+    def handler(*args: object) -> None:
+        raise error
+
+    return handler
+
+
+HANDLER_ERRORS = [
+    StoreUnavailable("the handler's own store is down"),
+    _Busy("the handler's own call is in flight", retry_after=0.1),
+]
+
+
+@pytest.mark.parametrize("error", HANDLER_ERRORS, ids=["StoreUnavailable", "InFlightError"])
+def test_a_handler_raising_an_oncely_error_is_still_a_poison_message(
+    store: Store, error: Exception
+) -> None:
+    """A handler that keeps raising an oncely error (its own store down, its own
+    @idempotent call in flight) is a failing handler: counted and dead-lettered after
+    max_attempts, not retried forever as if the consumer's claim were at fault."""
+    letters: list[BaseException] = []
+    consumer = IdempotentConsumer(
+        _poison(error),
+        name=f"poison-{uuid.uuid4().hex[:8]}",
+        store=store,
+        max_attempts=3,
+        on_dead_letter=lambda d, e: letters.append(e),
+    )
+    delivery = Delivery(b"{}", message_id="m-1", attempt=3)
+    assert isinstance(consumer.process(delivery), DeadLetter)
+    assert isinstance(asyncio.run(consumer.aprocess(delivery)), DeadLetter)
+    batch = [Delivery(b"{}", message_id=f"m-{n}", attempt=3) for n in range(2, 4)]
+    verdicts = asyncio.run(consumer.aprocess_many(batch))
+    assert all(isinstance(v, DeadLetter) for v in verdicts), verdicts
+    assert letters == [error] * 4
+
+
+@pytest.mark.parametrize("error", HANDLER_ERRORS, ids=["StoreUnavailable", "InFlightError"])
+def test_transactional_handler_raising_an_oncely_error_is_still_a_poison_message(
+    tmp_path: Path, error: Exception
+) -> None:
+    """The same in the transactional mode (the inbox on SQLite)."""
+    letters: list[BaseException] = []
+    consumer = IdempotentConsumer(
+        _poison(error),
+        name="poison",
+        inbox=Inbox(table="redteam_inbox"),
+        connect=f"sqlite:///{tmp_path / 'inbox.db'}",
+        max_attempts=3,
+        on_dead_letter=lambda d, e: letters.append(e),
+    )
+    conn = sqlite3.connect(tmp_path / "inbox.db")
+    Inbox(table="redteam_inbox").create_table(conn)
+    conn.commit()
+    conn.close()
+    try:
+        assert isinstance(consumer.process(Delivery(b"", message_id="m", attempt=3)), DeadLetter)
+    finally:
+        consumer.close()
+    assert letters == [error]
