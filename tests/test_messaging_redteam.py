@@ -6,7 +6,10 @@ Each test reproduces a fault found by trying to break the consumer as a demandin
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -134,3 +137,37 @@ def test_transactional_handler_raising_an_oncely_error_is_still_a_poison_message
     finally:
         consumer.close()
     assert letters == [error]
+
+
+CLI_HANDLER = "def on_message(delivery):\n    pass\n"
+CLI_BAD_SETUPS = {
+    "rabbitmq-unreachable": [
+        "rabbitmq", "--queue", "q-redteam", "--url", "amqp://guest:guest@127.0.0.1:1/"
+    ],
+    "nats-unreachable": [
+        "nats", "--stream", "S", "--subject", "s", "--durable", "d", "--url", "nats://127.0.0.1:1"
+    ],
+    "nats-no-such-stream": [
+        "nats", "--stream", "NO_SUCH_STREAM_REDTEAM", "--subject", "nope.redteam", "--durable", "d"
+    ],
+    "redis-bad-url": ["redis", "--stream", "s", "--group", "g", "--member", "m", "--url", "x"],
+    "db-unopenable": [
+        "redis", "--stream", "s", "--group", "g", "--member", "m",
+        "--db", "sqlite:////nonexistent-redteam/dir/x.db",
+    ],
+    "mqtt-unreachable": ["mqtt", "--topic", "t", "--client-id", "c", "--port", "1"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("args", list(CLI_BAD_SETUPS.values()), ids=list(CLI_BAD_SETUPS))
+def test_cli_unusable_broker_or_database_is_a_clear_error(tmp_path: Path, args: list[str]) -> None:
+    """``oncely consume`` given a broker it cannot reach, a stream that does not exist, a bad
+    URL or a database it cannot open: exit 1 with one line saying what failed, no traceback."""
+    (tmp_path / "redteam_handler.py").write_text(CLI_HANDLER)
+    command = [sys.executable, "-m", "oncely", "consume", *args]
+    command += ["--handler", "redteam_handler:on_message", "--name", "n", "--store", "memory://"]
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    out = subprocess.run(command, capture_output=True, text=True, timeout=30, env=env)
+    assert out.returncode == 1, out.stderr
+    last = out.stderr.strip().splitlines()[-1]  # the broker library may log a line before it
+    assert "Traceback" not in out.stderr and last.startswith("error: "), out.stderr
