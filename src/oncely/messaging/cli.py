@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import pkgutil
 import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -30,6 +31,8 @@ from oncely.errors import ConfigurationError, OncelyError
 from oncely.messaging.consumer import IdempotentConsumer
 
 __all__ = ["consume_app", "load_handler", "register"]
+
+log = logging.getLogger("oncely")
 
 consume_app = typer.Typer(
     help="Run a handler as an idempotent consumer of a broker.",
@@ -130,9 +133,25 @@ def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
 
     try:
         asyncio.run(runner())
-    except OncelyError as exc:
+    except Exception as exc:
+        _fail(exc)
+
+
+_SETUP_HINT = (
+    "check --url / --host / --port, --db, and that the stream, queue or durable consumer "
+    "exists and the broker is up"
+)
+
+
+def _fail(exc: Exception) -> NoReturn:
+    """End the command with one line on stderr and exit status 1, never a traceback: an
+    oncely error as it is, anything else (a broker or database the setup could not reach or
+    use, a bad URL) with its type and what to check."""
+    if isinstance(exc, OncelyError):
         typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    else:
+        typer.echo(f"error: {type(exc).__name__}: {exc} ({_SETUP_HINT})", err=True)
+    raise typer.Exit(1) from exc
 
 
 @consume_app.command("redis")
@@ -198,6 +217,11 @@ def rabbitmq(
     _run(main)
 
 
+async def _nats_error(exc: Exception) -> None:
+    """nats-py's error callback: one line, not its default traceback."""
+    log.warning("oncely: NATS: %s: %s", type(exc).__name__, exc)
+
+
 @consume_app.command("nats")
 def nats_jetstream(
     handler: Handler_,
@@ -220,7 +244,14 @@ def nats_jetstream(
 
     async def main(stop: asyncio.Event) -> None:
         consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts, db, inbox)
-        nc = await nats.connect(url)
+        # A first connection without reconnects fails fast on a server that is not there
+        # (nats-py would otherwise retry for minutes, logging tracebacks); the consumer's own
+        # connection then reconnects for as long as it runs.
+        probe = await nats.connect(
+            url, allow_reconnect=False, max_reconnect_attempts=1, error_cb=_nats_error
+        )
+        await probe.close()
+        nc = await nats.connect(url, max_reconnect_attempts=-1, error_cb=_nats_error)
         try:
             sub = await nc.jetstream().pull_subscribe(subject, durable=durable, stream=stream)
             await JetStreamConsumer(consumer, sub).run(stop)
@@ -251,9 +282,8 @@ def mqtt(
     try:
         consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts, db, inbox)
         member = MQTTConsumer(consumer, connect(host, port, client_id), topic)
-    except OncelyError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    except Exception as exc:
+        _fail(exc)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     member.start()

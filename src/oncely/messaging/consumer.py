@@ -89,13 +89,16 @@ class Delivery:
 
     ``body``: the payload bytes; ``message_id``: the broker's message id, if any (RabbitMQ
     ``message_id``, JetStream ``Nats-Msg-Id``, the Redis Streams entry id, the Celery task id);
-    ``headers``: headers or MQTT v5 user properties (str -> str); ``attempt``: the broker's
-    delivery count (1 for the first delivery), if the broker keeps one (JetStream, Redis
-    Streams, RabbitMQ quorum queues), else None; ``raw``: the broker's own message object.
+    ``headers``: headers or MQTT v5 user properties (str -> str; a value that is not UTF-8
+    text stays ``bytes``, as does such a ``message_id``: the dedup id readers reject it as
+    ``"undecodable"`` rather than decode it lossily into another message's id);
+    ``attempt``: the broker's delivery count (1 for the first delivery), if the broker keeps
+    one (JetStream, Redis Streams, RabbitMQ quorum queues), else None; ``raw``: the
+    broker's own message object.
     """
 
     body: bytes
-    message_id: str | None = None
+    message_id: str | bytes | None = None
     headers: Mapping[str, Any] = field(default_factory=dict)
     attempt: int | None = None
     raw: Any = None
@@ -408,12 +411,18 @@ class IdempotentConsumer:
         """What to tell the broker once the claim flow ended (no I/O, no callback).
 
         ``error``: what the flow raised (None: the handler ran now, or the message was already
-        done); ``ran``: whether the handler ran for this delivery. A :class:`DeadLetter` here
+        done; a :class:`~oncely.messaging.transactional.HandlerFailed`: the handler itself
+        raised, a failed attempt whatever the type of its error); ``ran``: whether the handler
+        ran for this delivery. A :class:`DeadLetter` here
         still has to be handed to the callback (:meth:`process` does it).
         """
         if error is None:
             self._attempts.forget(dedup_id)
             return Ack(ran=ran)
+        if isinstance(error, HandlerFailed):
+            # The handler itself raised: a failed attempt, whatever it raised (an oncely error
+            # from the handler's own store or @idempotent call is not the consumer's claim).
+            return self._failed_attempt(delivery, dedup_id, error.error)
         if isinstance(error, InFlightError):
             return Retry(
                 max(error.retry_after or 0.0, self.retry_delay),
@@ -427,6 +436,10 @@ class IdempotentConsumer:
             return Retry(self.retry_delay, str(error))
         if not ran:  # a failure of the flow itself (e.g. a broken store reply): try again
             return Retry(self.retry_delay, f"{type(error).__name__}: {error}")
+        return self._failed_attempt(delivery, dedup_id, error)
+
+    def _failed_attempt(self, delivery: Delivery, dedup_id: str, error: BaseException) -> Verdict:
+        """A failed attempt: retried with backoff, or dead-lettered after ``max_attempts``."""
         attempt = delivery.attempt
         counted = self._attempts.failed(dedup_id)
         if attempt is None:
@@ -467,7 +480,10 @@ class IdempotentConsumer:
         def call() -> bytes:
             nonlocal ran
             ran = True
-            self.handler(delivery)
+            try:
+                self.handler(delivery)
+            except Exception as exc:  # the handler's error, told apart from the flow's own
+                raise HandlerFailed(exc) from exc
             return b""
 
         error: BaseException | None = None
@@ -533,10 +549,13 @@ class IdempotentConsumer:
         async def call() -> bytes:
             nonlocal ran
             ran = True
-            if self.is_async:
-                await handler(delivery)
-            else:
-                await asyncio.to_thread(handler, delivery)
+            try:
+                if self.is_async:
+                    await handler(delivery)
+                else:
+                    await asyncio.to_thread(handler, delivery)
+            except Exception as exc:  # the handler's error, told apart from the flow's own
+                raise HandlerFailed(exc) from exc
             return b""
 
         error: BaseException | None = None
@@ -668,6 +687,8 @@ class IdempotentConsumer:
                 await self.handler(delivery)
             else:
                 await asyncio.to_thread(self.handler, delivery)
+        except Exception as exc:  # the handler's error, told apart from the flow's own
+            raise HandlerFailed(exc) from exc
         finally:
             active_claim.reset(token)
             renewer.stop()
@@ -733,7 +754,7 @@ class IdempotentConsumer:
             except Exception as exc:
                 outcome = exc
         if isinstance(outcome, HandlerFailed):
-            return self.verdict_for(delivery, dedup_id, outcome.error, True)
+            return self.verdict_for(delivery, dedup_id, outcome, True)
         if isinstance(outcome, BaseException):
             if isinstance(outcome, ConfigurationError):
                 log.error("oncely: consumer %r cannot run its transaction: %s", self.name, outcome)

@@ -34,7 +34,15 @@ log = logging.getLogger("oncely")
 
 
 def _text(value: Any) -> Any:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    """A header value as text; bytes that are not UTF-8 stay bytes (decoding them with
+    replacement characters would make two different dedup ids equal: the consumer rejects
+    them as undecodable instead)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return value
 
 
 def delivery_of(message: AbstractIncomingMessage) -> Delivery:

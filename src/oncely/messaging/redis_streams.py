@@ -51,8 +51,15 @@ log = logging.getLogger("oncely")
 Entry = tuple[Any, dict[Any, Any]]
 
 
-def _text(value: Any) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+def _text(value: Any) -> Any:
+    """A field as text; bytes that are not UTF-8 stay bytes (never decoded with replacement
+    characters, which would make two different dedup ids equal: the consumer rejects them)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return str(value)
 
 
 def delivery_of(entry: Entry, attempt: int | None) -> Delivery:
@@ -77,7 +84,7 @@ async def publish(
     id. Redis keeps no publish dedup: a repeated publish is a new entry, and the consumer's
     claim drops its effect."""
     entry_id = await client.xadd(stream, {"id": message_id, "body": body})
-    return _text(entry_id)
+    return str(_text(entry_id))
 
 
 class RedisStreamConsumer:
