@@ -45,6 +45,30 @@ def test_created_then_duplicate_returns_the_same_row(db: Db) -> None:
     assert db.run(f"SELECT COUNT(*) FROM {table}") == [(1,)]
 
 
+def test_mariadb_reads_the_unique_index_once_per_connection(make_db: Any) -> None:
+    """The MariaDB path checks the unique index in information_schema (no ON CONFLICT target),
+    but only on a connection's first call for a table: a later insert is one round trip."""
+    db = make_db("mysql")
+    table = _orders(db)
+    conn = db.connect()
+
+    def selects() -> int:
+        with conn.cursor() as cur:
+            cur.execute("SHOW SESSION STATUS LIKE 'Com_select'")
+            return int(cur.fetchone()[1])
+
+    insert_once(conn, table, {"order_no": "B-1", "amount": 1}, unique=("order_no",))
+    conn.commit()
+    before = selects()
+    _, created = insert_once(conn, table, {"order_no": "B-2", "amount": 2}, unique=("order_no",))
+    conn.commit()
+    assert created
+    assert selects() == before  # INSERT ... RETURNING only: no schema read, no re-read
+    other = db.connect()  # a new connection checks again (and still refuses a missing index)
+    with pytest.raises(ConfigurationError):
+        insert_once(other, table, {"amount": 3, "order_no": "B-3"}, unique=("amount",))
+
+
 def test_32_threads_one_row_everyone_gets_it(db: Db) -> None:
     table = _orders(db)
     barrier = threading.Barrier(32)

@@ -35,6 +35,7 @@ unique value is missing or NULL (NULLs never conflict, so they cannot identify a
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -160,22 +161,26 @@ def _plan(
             # unique index on exactly these columns the INSERT would simply add a second row.
             # Refuse that as PostgreSQL and SQLite do (a schema read, not a decision on data).
             schema, _, name = table.rpartition(".")
-            res = yield Exec(
-                "SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS "
-                "WHERE TABLE_SCHEMA = COALESCE(:schema, DATABASE()) AND TABLE_NAME = :name "
-                "AND NON_UNIQUE = 0",
-                {"schema": schema or None, "name": name},
-            )
-            indexes: dict[str, set[str]] = {}
-            for index, column in res.rows:
-                indexes.setdefault(str(index), set()).add(str(column).lower())
-            if {col.lower() for col in unique} not in indexes.values():
-                yield Exec(f"SELECT 1 FROM {t} WHERE 1 = 0", {})  # a missing table says so
-                raise ConfigurationError(
-                    f"{table} has no unique constraint or primary key on exactly "
-                    f"({', '.join(unique)}): add one (CREATE UNIQUE INDEX ... ON {table} "
-                    f"({', '.join(unique)})) or pass the columns of an existing one as unique="
+            checked = _unique_checked(c.raw)
+            # the schema read runs once per connection (see _UNIQUE_CHECKED), not per call
+            if (table, frozenset(col.lower() for col in unique)) not in checked:
+                res = yield Exec(
+                    "SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS "
+                    "WHERE TABLE_SCHEMA = COALESCE(:schema, DATABASE()) AND TABLE_NAME = :name "
+                    "AND NON_UNIQUE = 0",
+                    {"schema": schema or None, "name": name},
                 )
+                indexes: dict[str, set[str]] = {}
+                for index, column in res.rows:
+                    indexes.setdefault(str(index), set()).add(str(column).lower())
+                if {col.lower() for col in unique} not in indexes.values():
+                    yield Exec(f"SELECT 1 FROM {t} WHERE 1 = 0", {})  # a missing table says so
+                    raise ConfigurationError(
+                        f"{table} has no unique constraint or primary key on exactly "
+                        f"({', '.join(unique)}): add one (CREATE UNIQUE INDEX ... ON {table} "
+                        f"({', '.join(unique)})) or pass the columns of an existing one as unique="
+                    )
+                checked.add((table, frozenset(col.lower() for col in unique)))
             returning = " RETURNING *" if c.returning else ""
             for _ in range(5):
                 try:
@@ -200,3 +205,18 @@ def _plan(
     raise ConfigurationError(  # pragma: no cover - a row deleted between every try
         f"insert_once on {table}: the conflicting row kept disappearing (deleted concurrently)"
     )
+
+
+#: Per user connection (weakly held): the (table, unique columns) whose unique index was found,
+#: so the MariaDB schema read happens once per connection, not once per insert_once call. Only
+#: a found index is remembered; dropping it while the connection lives is an operator's act.
+_UNIQUE_CHECKED: weakref.WeakKeyDictionary[Any, set[tuple[str, frozenset[str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _unique_checked(raw: Any) -> set[tuple[str, frozenset[str]]]:
+    try:
+        return _UNIQUE_CHECKED.setdefault(raw, set())
+    except TypeError:  # an object that takes no weak reference: check every time
+        return set()
