@@ -36,8 +36,6 @@ from functools import lru_cache
 from typing import Any, Final, NamedTuple
 
 from oncely.backends.plans import Exec, Plan
-from oncely.backends.plans import arun as arun_plan
-from oncely.backends.plans import run as run_plan
 from oncely.codecs import to_jsonable
 from oncely.errors import (
     ConfigurationError,
@@ -53,6 +51,8 @@ from oncely.sql.connections import (
     missing_object,
     retryable,
 )
+from oncely.sql.connections import arun as sql_arun
+from oncely.sql.connections import run as sql_run
 from oncely.statemachine.definition import (
     MAX_ENTITY_ID,
     MAX_KEY,
@@ -465,57 +465,39 @@ class SqlStateMachine:
             raise
         return [HistoryEntry(_text(r[0]), r[1], r[2], float(r[3]), _text(r[4])) for r in res.rows]
 
-    # -- executors ----------------------------------------------------------------------------
+    # -- the state machine's own request: everything else runs on oncely.sql.connections ----
     @staticmethod
-    def _execute(c: SqlConnection) -> Callable[[Any], Any]:
-        def execute(r: Any) -> Any:
-            if isinstance(r, Exec):
-                return c.execute(r.statement, r.params)
-            if isinstance(r, Enter):
-                return c.enter(r.savepoint)
-            if isinstance(r, Leave):
-                return c.leave(r.block, r.commit)
-            if isinstance(r, _RunHook):
-                result = r.hook(r.call)
-                if inspect.isawaitable(result):
-                    raise ConfigurationError(
-                        f"hook {r.hook!r} is async but the connection is sync: use a plain "
-                        "function, or an async connection and aapply()"
-                    )
-                return result
-            raise TypeError(r)
-
-        return execute
+    def _run_hook(r: Any) -> Any:
+        if not isinstance(r, _RunHook):
+            raise TypeError(f"unknown request {r!r}")
+        result = r.hook(r.call)
+        if inspect.isawaitable(result):
+            raise ConfigurationError(
+                f"hook {r.hook!r} is async but the connection is sync: use a plain "
+                "function, or an async connection and aapply()"
+            )
+        return result
 
     @staticmethod
-    def _aexecute(c: SqlConnection) -> Callable[[Any], Any]:
-        async def execute(r: Any) -> Any:
-            if isinstance(r, Exec):
-                return await c.aexecute(r.statement, r.params)
-            if isinstance(r, Enter):
-                return await c.aenter(r.savepoint)
-            if isinstance(r, Leave):
-                return await c.aleave(r.block, r.commit)
-            if isinstance(r, _RunHook):
-                result = r.hook(r.call)
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
-            raise TypeError(r)
-
-        return execute
+    async def _arun_hook(r: Any) -> Any:
+        if not isinstance(r, _RunHook):
+            raise TypeError(f"unknown request {r!r}")
+        result = r.hook(r.call)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
 
     # -- public faces -------------------------------------------------------------------------
     def create_tables(self, conn: Any) -> None:
         """Create the history (and outbox) tables if missing; commits when no transaction was
         open. The entity table is the user's own."""
         c = adapt(conn)
-        run_plan(self._create_plan(c), self._execute(c))
+        sql_run(self._create_plan(c), c, self._run_hook)
 
     async def acreate_tables(self, conn: Any) -> None:
         """The async face of :meth:`create_tables`."""
         c = adapt(conn)
-        await arun_plan(self._create_plan(c), self._aexecute(c))
+        await sql_arun(self._create_plan(c), c, self._arun_hook)
 
     def _prepare(
         self, transition: str, key: str | None, data: Mapping[str, Any] | None
@@ -553,7 +535,9 @@ class SqlStateMachine:
         """
         t, key, payload = self._prepare(transition, key, data)
         c = adapt(conn)
-        return run_plan(self._apply_plan(c, conn, t, entity_id, key, payload), self._execute(c))
+        plan = self._apply_plan(c, conn, t, entity_id, key, payload)
+        outcome: Outcome = sql_run(plan, c, self._run_hook)
+        return outcome
 
     async def aapply(
         self,
@@ -569,14 +553,18 @@ class SqlStateMachine:
         t, key, payload = self._prepare(transition, key, data)
         c = adapt(conn)
         plan = self._apply_plan(c, conn, t, entity_id, key, payload)
-        return await arun_plan(plan, self._aexecute(c))
+        outcome: Outcome = await sql_arun(plan, c, self._arun_hook)
+        return outcome
 
     def history(self, conn: Any, entity_id: Any) -> list[HistoryEntry]:
         """The entity's applied transitions, oldest first."""
         c = adapt(conn)
-        return run_plan(self._history_plan(c, entity_id), self._execute(c))
+        entries: list[HistoryEntry] = sql_run(self._history_plan(c, entity_id), c, self._run_hook)
+        return entries
 
     async def ahistory(self, conn: Any, entity_id: Any) -> list[HistoryEntry]:
         """The async face of :meth:`history`."""
         c = adapt(conn)
-        return await arun_plan(self._history_plan(c, entity_id), self._aexecute(c))
+        plan = self._history_plan(c, entity_id)
+        entries: list[HistoryEntry] = await sql_arun(plan, c, self._arun_hook)
+        return entries
