@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from oncely.backends.plans import Exec, Plan, Sleep
-from oncely.backends.plans import arun as arun_plan
-from oncely.backends.plans import run as run_plan
 from oncely.errors import (
     ConfigurationError,
     IllegalTransition,
@@ -57,6 +55,8 @@ from oncely.sql.connections import (
     quote,
     retryable,
 )
+from oncely.sql.connections import arun as sql_arun
+from oncely.sql.connections import run as sql_run
 from oncely.statemachine import barrier as _barrier
 from oncely.statemachine.definition import Machine, Transition
 from oncely.statemachine.sql import SqlStateMachine, Table
@@ -281,14 +281,14 @@ class Saga:
         """Create the saga table, its history table and the barrier table if missing (each
         committed when no transaction was open). Idempotent."""
         c = adapt(conn)
-        run_plan(self._create_plan(c), self._sync(c))
+        sql_run(self._create_plan(c), c, self._other)
         self._rows.create_tables(conn)
         _barrier.create_table(conn, self.barrier_table)
 
     async def acreate_tables(self, conn: Any) -> None:
         """The async face of :meth:`create_tables`."""
         c = adapt(conn)
-        await arun_plan(self._create_plan(c), self._async(c))
+        await sql_arun(self._create_plan(c), c, self._aother)
         await self._rows.acreate_tables(conn)
         await _barrier.acreate_table(conn, self.barrier_table)
 
@@ -429,60 +429,40 @@ class Saga:
             ) from error
         return SagaResult(saga_id, "compensated", tuple(executed), tuple(compensated), failed)
 
-    # -- executors ----------------------------------------------------------------------------
+    # -- the saga's own requests (sleep, call a step): the rest runs on oncely.sql.connections --
     @staticmethod
-    def _sync(c: SqlConnection) -> Callable[[Any], Any]:
+    def _other(r: Any) -> Any:
         import time
 
-        def execute(r: Any) -> Any:
-            if isinstance(r, Exec):
-                return c.execute(r.statement, r.params)
-            if isinstance(r, Enter):
-                return c.enter(r.savepoint)
-            if isinstance(r, Leave):
-                return c.leave(r.block, r.commit)
-            if isinstance(r, Sleep):
-                return time.sleep(r.seconds)
-            if isinstance(r, _Call):
-                if isinstance(r.step, HttpStep):
-                    return r.step.call(r.ctx)
-                fn = r.step.action if r.ctx.op == "action" else r.step.compensation
-                assert fn is not None
-                result = fn(r.ctx)
-                if inspect.isawaitable(result):
-                    raise ConfigurationError(
-                        f"step {r.step.name!r} is async: run the saga with arun()"
-                    )
-                return result
-            raise TypeError(r)
-
-        return execute
+        if isinstance(r, Sleep):
+            return time.sleep(r.seconds)
+        if isinstance(r, _Call):
+            if isinstance(r.step, HttpStep):
+                return r.step.call(r.ctx)
+            fn = r.step.action if r.ctx.op == "action" else r.step.compensation
+            assert fn is not None
+            result = fn(r.ctx)
+            if inspect.isawaitable(result):
+                raise ConfigurationError(f"step {r.step.name!r} is async: run the saga with arun()")
+            return result
+        raise TypeError(f"unknown request {r!r}")
 
     @staticmethod
-    def _async(c: SqlConnection) -> Callable[[Any], Any]:
+    async def _aother(r: Any) -> Any:
         import asyncio
 
-        async def execute(r: Any) -> Any:
-            if isinstance(r, Exec):
-                return await c.aexecute(r.statement, r.params)
-            if isinstance(r, Enter):
-                return await c.aenter(r.savepoint)
-            if isinstance(r, Leave):
-                return await c.aleave(r.block, r.commit)
-            if isinstance(r, Sleep):
-                return await asyncio.sleep(r.seconds)
-            if isinstance(r, _Call):
-                if isinstance(r.step, HttpStep):
-                    return await r.step.acall(r.ctx)
-                fn = r.step.action if r.ctx.op == "action" else r.step.compensation
-                assert fn is not None
-                result = fn(r.ctx)
-                if inspect.isawaitable(result):
-                    result = await result
-                return result
-            raise TypeError(r)
-
-        return execute
+        if isinstance(r, Sleep):
+            return await asyncio.sleep(r.seconds)
+        if isinstance(r, _Call):
+            if isinstance(r.step, HttpStep):
+                return await r.step.acall(r.ctx)
+            fn = r.step.action if r.ctx.op == "action" else r.step.compensation
+            assert fn is not None
+            result = fn(r.ctx)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
+        raise TypeError(f"unknown request {r!r}")
 
     # -- public faces ---------------------------------------------------------------------------
     def run(self, conn: Any, saga_id: str, data: Mapping[str, Any] | None = None) -> SagaResult:
@@ -497,14 +477,20 @@ class Saga:
         :raises SchemaMissing: the saga tables are missing (:meth:`create_tables`).
         """
         c = self._adapt(conn)
-        return run_plan(self._plan(c, saga_id, dict(data or {}), False), self._sync(c))
+        result: SagaResult = sql_run(
+            self._plan(c, saga_id, dict(data or {}), False), c, self._other
+        )
+        return result
 
     async def arun(
         self, conn: Any, saga_id: str, data: Mapping[str, Any] | None = None
     ) -> SagaResult:
         """The async face of :meth:`run` (async connection; steps may be ``async def``)."""
         c = self._adapt(conn)
-        return await arun_plan(self._plan(c, saga_id, dict(data or {}), False), self._async(c))
+        result: SagaResult = await sql_arun(
+            self._plan(c, saga_id, dict(data or {}), False), c, self._aother
+        )
+        return result
 
     def abort(self, conn: Any, saga_id: str, data: Mapping[str, Any] | None = None) -> SagaResult:
         """Roll the saga back (an order that timed out): turn it ``compensating`` unless it
@@ -512,14 +498,18 @@ class Saga:
         compensations and are blocked if they arrive late). A completed saga is left alone
         (its result says ``completed``)."""
         c = self._adapt(conn)
-        return run_plan(self._plan(c, saga_id, dict(data or {}), True), self._sync(c))
+        result: SagaResult = sql_run(self._plan(c, saga_id, dict(data or {}), True), c, self._other)
+        return result
 
     async def aabort(
         self, conn: Any, saga_id: str, data: Mapping[str, Any] | None = None
     ) -> SagaResult:
         """The async face of :meth:`abort`."""
         c = self._adapt(conn)
-        return await arun_plan(self._plan(c, saga_id, dict(data or {}), True), self._async(c))
+        result: SagaResult = await sql_arun(
+            self._plan(c, saga_id, dict(data or {}), True), c, self._aother
+        )
+        return result
 
     @staticmethod
     def _adapt(conn: Any) -> SqlConnection:
