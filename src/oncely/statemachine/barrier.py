@@ -63,6 +63,8 @@ from oncely.sql.connections import (
     exact_text,
     missing_object,
 )
+from oncely.sql.connections import arun as sql_arun
+from oncely.sql.connections import run as sql_run
 
 __all__ = [
     "DEFAULT_HORIZON",
@@ -257,43 +259,17 @@ def _create_plan(conn: SqlConnection, table: str) -> Plan[None]:
     yield Leave(block, True)
 
 
-def _executor(c: SqlConnection) -> Any:
-    def execute(r: Any) -> Any:
-        if isinstance(r, Exec):
-            return c.execute(r.statement, r.params)
-        if isinstance(r, Enter):
-            return c.enter(r.savepoint)
-        if isinstance(r, Leave):
-            return c.leave(r.block, r.commit)
-        raise TypeError(r)
-
-    return execute
-
-
-def _aexecutor(c: SqlConnection) -> Any:
-    async def execute(r: Any) -> Any:
-        if isinstance(r, Exec):
-            return await c.aexecute(r.statement, r.params)
-        if isinstance(r, Enter):
-            return await c.aenter(r.savepoint)
-        if isinstance(r, Leave):
-            return await c.aleave(r.block, r.commit)
-        raise TypeError(r)
-
-    return execute
-
-
 def create_table(conn: Any, table: str = DEFAULT_TABLE) -> None:
     """Create the barrier table (and its ``created_at`` index) if missing, in the business
     database ``conn`` points at; commits when no transaction was open. Idempotent."""
     c = adapt(conn)
-    run_plan(_create_plan(c, table), _executor(c))
+    sql_run(_create_plan(c, table), c)
 
 
 async def acreate_table(conn: Any, table: str = DEFAULT_TABLE) -> None:
     """The async face of :func:`create_table`."""
     c = adapt(conn)
-    await arun_plan(_create_plan(c, table), _aexecutor(c))
+    await sql_arun(_create_plan(c, table), c)
 
 
 def _purge_sql(conn: SqlConnection, table: str) -> str:
@@ -349,7 +325,7 @@ def purge(
     :raises InvalidBarrierCall: a negative ``older_than`` or a ``batch`` < 1.
     """
     c = adapt(conn)
-    removed: int = run_plan(_purge_plan(c, table, older_than, batch), _executor(c))
+    removed: int = sql_run(_purge_plan(c, table, older_than, batch), c)
     return removed
 
 
@@ -358,7 +334,7 @@ async def apurge(
 ) -> int:
     """The async face of :func:`purge`."""
     c = adapt(conn)
-    removed: int = await arun_plan(_purge_plan(c, table, older_than, batch), _aexecutor(c))
+    removed: int = await sql_arun(_purge_plan(c, table, older_than, batch), c)
     return removed
 
 
