@@ -141,3 +141,63 @@ def cluster_url() -> str:
             atexit.register(cluster.stop)
             _cluster = cluster
         return _cluster.url
+
+
+class RedisServer:
+    """One ``redis-server`` of our own on a free loopback port (no persistence), for what must
+    never be done to the shared Redis: replicas, ``maxmemory``, ``DEBUG SLEEP``,
+    ``CLIENT PAUSE``. ``args`` are extra server options (``"--maxmemory", "2mb"``)."""
+
+    def __init__(self, *args: str, replica_of: int | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None or shutil.which("redis-cli") is None:
+            raise RuntimeError("redis-server / redis-cli are not installed")
+        self.port = _ports(1)[0]
+        self.dir = tempfile.mkdtemp(prefix="oncely-redis-")
+        extra = list(args)
+        if replica_of is not None:
+            extra += ["--replicaof", "127.0.0.1", str(replica_of)]
+        self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "no",
+             "--repl-diskless-sync-delay", "0", *extra],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while "PONG" not in _cli(self.port, "PING"):
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"redis-server on port {self.port} did not start")
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def cli(self, *args: str) -> str:
+        return _cli(self.port, *args)
+
+    def wait_replicas(self, count: int, timeout: float = 10) -> None:
+        """Until ``count`` replicas acknowledge a write (``WAIT`` after a ``SET`` on one
+        connection): a replica that just synced answers ``WAIT`` only after its first ack."""
+        import redis
+
+        client = redis.Redis(port=self.port, single_connection_client=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                client.set("oncely-test-probe", "1")
+                if client.execute_command("WAIT", count, 100) >= count:
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{count} replicas did not connect to port {self.port}")
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+        shutil.rmtree(self.dir, ignore_errors=True)

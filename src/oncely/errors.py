@@ -31,6 +31,7 @@ __all__ = [
     "LockTimeout",
     "MessageRejected",
     "NotFound",
+    "NotReplicated",
     "OncelyError",
     "PreconditionFailed",
     "PreconditionRequired",
@@ -135,6 +136,20 @@ class StoreError(OncelyError):
 
 class StoreUnavailable(StoreError):
     """The store cannot be reached. By default nothing runs unprotected (fail closed)."""
+
+
+class NotReplicated(StoreUnavailable):
+    """A Redis store with ``wait_replicas=N``: a decision was written on the master but fewer
+    than ``N`` replicas acknowledged it within ``wait_timeout_ms`` (Redis ``WAIT``), so a
+    failover could lose it. A claim is released and its body does not run (fail closed); a
+    completion is retried like any :class:`StoreUnavailable` one (the caller gets
+    :class:`ResultNotStored` if it stays unconfirmed). ``acked`` / ``wanted`` say how many
+    replicas acknowledged and how many were asked for."""
+
+    def __init__(self, message: str, acked: int = 0, wanted: int = 0) -> None:
+        super().__init__(message)
+        self.acked = acked
+        self.wanted = wanted
 
 
 class ResultNotStored(StoreError):

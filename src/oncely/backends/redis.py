@@ -18,7 +18,7 @@ import socket
 import time
 import weakref
 from typing import Any, Final, NamedTuple, Protocol, cast
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 import redis
 import redis.asyncio
@@ -26,10 +26,13 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.backoff import NoBackoff
 from redis.exceptions import (
+    AskError,
     ClusterDownError,
+    ClusterError,
     MaxConnectionsError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     TryAgainError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -37,9 +40,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from oncely.backends.autopipe import AsyncPipeline, SyncPipeline
+from oncely.backends.durable import EvalWait, Exchange, Locate, Moved, eval_wait
 from oncely.backends.loops import LoopLocal
 from oncely.backends.lua import Script, aevalsha, evalsha
-from oncely.backends.plans import Command, Eval, Sleep
+from oncely.backends.plans import Command, Eval, Sleep, arun, run
 from oncely.backends.urls import check_options, redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
@@ -123,8 +127,9 @@ def check_url(url: str) -> None:
     if is_cluster(url):
         cluster_nodes(url)
         query = url.partition("?")[2]
-        if query:
-            given = parse_qs(query, keep_blank_values=True)
+        given = {k: v for k, v in parse_qs(query, keep_blank_values=True).items()
+                 if k not in URL_OWN_OPTIONS}  # fmt: skip
+        if given:
             check_options(given, _options(url), url, "Redis Cluster URL")
             raise ConfigurationError(
                 f"Redis Cluster URL {redact_url(url)!r}: options are not read from a cluster URL "
@@ -152,7 +157,19 @@ def check_url(url: str) -> None:
                 f"{db!r}; {example}"
             )
     given = parse_qs(parts.query, keep_blank_values=True)
-    check_options(given, _url_options(parts.scheme), url, "Redis URL")
+    check_options(given, _url_options(parts.scheme) | URL_OWN_OPTIONS, url, "Redis URL")
+
+
+def own_url_options(url: str) -> tuple[str, dict[str, str]]:
+    """``url`` without oncely's own query options (:data:`URL_OWN_OPTIONS`, which redis-py
+    would refuse), and those options (the last value of each)."""
+    base, sep, query = url.partition("?")
+    if not sep:
+        return url, {}
+    pairs = [(k, v) for k, vs in parse_qs(query, keep_blank_values=True).items() for v in vs]
+    own = {k: v for k, v in pairs if k in URL_OWN_OPTIONS}
+    rest = [(k, v) for k, v in pairs if k not in URL_OWN_OPTIONS]
+    return (f"{base}?{urlencode(rest)}" if rest else base), own
 
 
 @functools.cache
@@ -176,8 +193,51 @@ def _url_options(scheme: str) -> frozenset[str]:
     return frozenset(names)
 
 
+#: oncely's options that a URL query may carry too (``redis://h:6379/0?wait_replicas=1``).
+URL_OWN_OPTIONS: Final = frozenset({"wait_replicas", "wait_timeout_ms"})
 #: The keyword options oncely itself reads (not redis-py's): see :class:`RedisClients`.
-OWN_OPTIONS: Final = frozenset({"autopipeline", "pool_timeout"})
+OWN_OPTIONS: Final = frozenset({"autopipeline", "pool_timeout"}) | URL_OWN_OPTIONS
+#: Milliseconds ``WAIT`` waits for the replicas unless ``wait_timeout_ms`` says otherwise.
+WAIT_TIMEOUT_MS: Final = 500
+
+
+class Durable(NamedTuple):
+    """``WAIT replicas timeout_ms`` after each decision that must survive a failover."""
+
+    replicas: int
+    timeout_ms: int
+
+
+def durable_options(
+    replicas: Any, timeout_ms: Any, socket_timeout: float | None, where: str
+) -> Durable | None:
+    """The checked ``wait_replicas`` / ``wait_timeout_ms`` options; None when
+    ``wait_replicas`` is 0 (no ``WAIT``).
+
+    :raises ConfigurationError: not whole numbers, a negative count, a timeout under 1 ms, or a
+        timeout not shorter than the socket timeout (the reply would never be waited for).
+    """
+    try:
+        count, timeout = int(replicas), int(timeout_ms)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"Redis at {where}: wait_replicas and wait_timeout_ms must be whole numbers, not "
+            f"{replicas!r} / {timeout_ms!r}; e.g. wait_replicas=1, wait_timeout_ms=500"
+        ) from exc
+    if count < 0 or timeout < 1:
+        raise ConfigurationError(
+            f"Redis at {where}: wait_replicas must be >= 0 and wait_timeout_ms >= 1, not "
+            f"{count} / {timeout}; e.g. wait_replicas=1, wait_timeout_ms=500"
+        )
+    if count == 0:
+        return None
+    if socket_timeout is not None and timeout / 1000 >= socket_timeout:
+        raise ConfigurationError(
+            f"Redis at {where}: wait_timeout_ms={timeout} is not shorter than the socket "
+            f"timeout ({socket_timeout} s), which bounds the wait for WAIT's reply; lower "
+            "wait_timeout_ms or raise socket_timeout"
+        )
+    return Durable(count, timeout)
 
 
 @functools.cache
@@ -352,6 +412,13 @@ class RedisClients:
             )
         self.url = url
         self.where = redact_url(url)
+        driver_url, own = own_url_options(url)
+        #: The URL redis-py opens (oncely's own query options taken out).
+        self.driver_url = driver_url
+        wait_replicas = pool_options.pop("wait_replicas", own.get("wait_replicas", 0))
+        wait_timeout = pool_options.pop(
+            "wait_timeout_ms", own.get("wait_timeout_ms", WAIT_TIMEOUT_MS)
+        )
         autopipeline = truthy(pool_options.pop("autopipeline", True))
         pool_timeout = pool_options.pop("pool_timeout", None)
         self.pool_options = bounded(url, pool_options)
@@ -377,7 +444,7 @@ class RedisClients:
             self._owns_client = True
         elif client is None:
             try:
-                pool = self._pool_class.from_url(url, **self.pool_options)
+                pool = self._pool_class.from_url(driver_url, **self.pool_options)
             except (ValueError, TypeError) as exc:
                 raise ConfigurationError(
                     f"cannot use Redis URL {self.where!r}: {exc}; e.g. 'redis://localhost:6379/0'"
@@ -405,6 +472,8 @@ class RedisClients:
             kwargs = self.pool_options
         #: Seconds the sync client waits for each reply (None: without bound).
         self.socket_timeout: float | None = kwargs.get("socket_timeout")
+        #: ``WAIT`` after decisions that must survive a failover (``wait_replicas``), or None.
+        self.durable = durable_options(wait_replicas, wait_timeout, self.socket_timeout, self.where)
         if async_client is not None:
             _check_decoding(async_client, "the async Redis client")
         self._async_client = cast("AsyncClient | None", async_client)
@@ -424,7 +493,9 @@ class RedisClients:
                 "every pooled connection stayed busy for the pool timeout; nothing was decided. "
                 "Raise max_connections or pool_timeout, or lower the concurrency."
             )
-        if isinstance(exc, (ClusterDownError, TryAgainError, RedisClusterException)):
+        if isinstance(
+            exc, (ClusterDownError, TryAgainError, AskError, ClusterError, RedisClusterException)
+        ):
             return StoreUnavailable(
                 f"Redis Cluster at {self.where} cannot serve the key now ({type(exc).__name__}: "
                 f"{exc}): a failover or resharding is under way, or nodes are unreachable; "
@@ -459,10 +530,121 @@ class RedisClients:
             return self.eval(request.script, request.numkeys, *request.keys_and_args)
         if type(request) is Command:
             return self.call(*request.args)
+        if type(request) is EvalWait:
+            return self.eval_wait(request)
         if type(request) is Sleep:
             time.sleep(request.seconds)
             return None
         raise TypeError(f"not a Redis request: {request!r}")
+
+    # -- EVALSHA + WAIT (oncely.backends.durable) -----------------------------------------------
+    def _wait_plan(self, request: EvalWait) -> Any:
+        durable = self.durable
+        if durable is None:
+            raise ConfigurationError("EvalWait without wait_replicas")  # pragma: no cover
+        return eval_wait(
+            request.script,
+            request.numkeys,
+            request.keys_and_args,
+            durable.replicas,
+            durable.timeout_ms,
+        )
+
+    def eval_wait(self, request: EvalWait) -> tuple[Any, int]:
+        """One script then ``WAIT`` on one connection (:func:`oncely.backends.durable.eval_wait`):
+        ``(script reply, replicas that acknowledged)``."""
+        try:
+            outcome: tuple[Any, int] = run(self._wait_plan(request), self._wait_step)
+            return outcome
+        except DRIVER_ERRORS as exc:
+            raise self.error(exc) from exc
+
+    def _wait_step(self, request: Any) -> Any:
+        kind = type(request)
+        client: Any = self.client
+        if kind is Exchange:
+            if request.node is None:
+                pool = client.connection_pool
+            else:
+                pool = client.get_redis_connection(self._node(client, request.node)).connection_pool
+            connection = pool.get_connection()
+            try:
+                connection.send_packed_command(connection.pack_commands(request.commands))
+                replies: list[Any] = []
+                for _ in request.commands:
+                    try:
+                        replies.append(connection.read_response(disconnect_on_error=False))
+                    except ResponseError as exc:  # an error reply: the connection is fine
+                        replies.append(exc)
+                return replies
+            except BaseException:
+                connection.disconnect()
+                raise
+            finally:
+                pool.release(connection)
+        if kind is Locate:
+            if not self.cluster:
+                return None
+            node = client.get_node_from_key(request.key)
+            return (node.host, int(node.port))
+        if kind is Moved:
+            client.nodes_manager.move_slot(request.error)
+            return (request.error.host, int(request.error.port))
+        return self.execute(request)
+
+    @staticmethod
+    def _node(client: Any, address: tuple[str, int]) -> Any:
+        node = client.get_node(host=address[0], port=address[1])
+        if node is None:
+            raise ClusterError(f"node {address[0]}:{address[1]} is not in the slot map")
+        return node
+
+    async def aeval_wait(self, request: EvalWait) -> tuple[Any, int]:
+        """The async face of :meth:`eval_wait`."""
+        try:
+            with keep_cancel():
+                outcome: tuple[Any, int] = await arun(self._wait_plan(request), self._await_step)
+                return outcome
+        except DRIVER_ERRORS as exc:
+            raise self.error(exc) from exc
+
+    async def _await_step(self, request: Any) -> Any:
+        kind = type(request)
+        client: Any = await self.aready()
+        if kind is Exchange:
+            node: Any = None
+            if request.node is None:
+                pool = client.connection_pool
+                connection = await pool.get_connection()
+            else:
+                node = self._node(client, request.node)
+                connection = node.acquire_connection()
+            try:
+                await connection.send_packed_command(connection.pack_commands(request.commands))
+                replies: list[Any] = []
+                for _ in request.commands:
+                    try:
+                        replies.append(await connection.read_response(disconnect_on_error=False))
+                    except ResponseError as exc:
+                        replies.append(exc)
+                return replies
+            except BaseException:
+                await connection.disconnect(nowait=True)
+                raise
+            finally:
+                if node is None:
+                    await pool.release(connection)
+                else:
+                    node.release(connection)
+        if kind is Locate:
+            if not self.cluster:
+                return None
+            found = client.get_node_from_key(request.key)
+            return (found.host, int(found.port))
+        if kind is Moved:
+            await client.nodes_manager.move_slot(request.error)
+            return (request.error.host, int(request.error.port))
+        return await self.aexecute(request)
 
     def pubsub(self) -> SyncPubSub:
         return self.client.pubsub()
@@ -510,7 +692,7 @@ class RedisClients:
     def _new_aclient(self) -> AsyncClient:
         if self.cluster:
             return cast(AsyncClient, self._open_cluster(redis.asyncio.cluster))
-        pool = self._apool_class.from_url(self.url, **self.pool_options)
+        pool = self._apool_class.from_url(self.driver_url, **self.pool_options)
         return cast(AsyncClient, redis.asyncio.Redis.from_pool(pool))
 
     def _new_apipeline(self) -> AsyncPipeline:
@@ -569,6 +751,8 @@ class RedisClients:
             return await self.aeval(request.script, request.numkeys, *request.keys_and_args)
         if type(request) is Command:
             return await self.acall(*request.args)
+        if type(request) is EvalWait:
+            return await self.aeval_wait(request)
         if type(request) is Sleep:
             await asyncio.sleep(request.seconds)
             return None

@@ -30,6 +30,7 @@ the async face on :class:`redis.asyncio.Redis`, one client per running event loo
 from __future__ import annotations
 
 import builtins
+import contextlib
 import threading
 import time
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from typing import Any, Final, NamedTuple
 import redis
 import redis.asyncio
 
+from oncely.backends.durable import EvalWait
 from oncely.backends.forks import after_fork
 from oncely.backends.lua import Script, evalsha
 from oncely.backends.plans import Command, Eval, Plan
@@ -53,7 +55,7 @@ from oncely.core.records import (
     Replay,
     Status,
 )
-from oncely.errors import ConfigurationError, LeaseLost, StoreError
+from oncely.errors import ConfigurationError, LeaseLost, NotReplicated, StoreError
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 
@@ -276,6 +278,8 @@ class RedisStore(PlannedStore):
         after_fork(self, RedisStore._forked)
         #: Seconds the sync face waits for each reply (None: without bound).
         self.socket_timeout = self.redis.socket_timeout
+        #: ``WAIT`` after claims, completions and renewals (``wait_replicas``), or None.
+        self._durable = self.redis.durable
 
     def _forked(self) -> None:
         """In a forked child the parent's waiters hold no slot (redis-py's pools reset
@@ -311,22 +315,58 @@ class RedisStore(PlannedStore):
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> Plan[ClaimOutcome]:
         args = (self._key(key), self._fence(key), fingerprint, ms(lease), ms(ttl))
-        reply = yield Eval(_CLAIM, 2, (*args, key.scope, key.digest))
-        return _parse_claim(reply, key)
+        if self._durable is None:
+            return _parse_claim((yield Eval(_CLAIM, 2, (*args, key.scope, key.digest))), key)
+        reply, acked = yield EvalWait(_CLAIM, 2, (*args, key.scope, key.digest))
+        outcome = _parse_claim(reply, key)
+        if isinstance(outcome, New) and acked < self._durable.replicas:
+            # Not durable: a failover could lose the claim and let a second caller run the
+            # body. Free the key again (best effort: else it frees itself at the lease's end).
+            with contextlib.suppress(StoreError, LeaseLost):
+                yield from self._release(key, outcome.fence)
+            raise self._not_replicated(
+                "claim", key, acked, "it was released and the call did not run"
+            )
+        return outcome
 
     def _complete(
         self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
     ) -> Plan[None]:
         args = (self._key(key), fence, result, codec, ms(ttl), self._channel(key))
-        _check_fenced((yield Eval(_COMPLETE, 1, args)), "complete", key, fence)
+        if self._durable is None:
+            _check_fenced((yield Eval(_COMPLETE, 1, args)), "complete", key, fence)
+            return
+        reply, acked = yield EvalWait(_COMPLETE, 1, args)
+        _check_fenced(reply, "complete", key, fence)
+        if acked < self._durable.replicas:
+            raise self._not_replicated(
+                "completion", key, acked, "it is stored on the master; storing it again is safe"
+            )
 
     def _release(self, key: RecordKey, fence: int) -> Plan[None]:
         args = (self._key(key), fence, self._channel(key), _TOMBSTONE_MS)
         _check_fenced((yield Eval(_RELEASE, 1, args)), "release", key, fence)
 
     def _renew(self, key: RecordKey, fence: int, lease: float) -> Plan[float]:
-        reply = yield Eval(_RENEW, 1, (self._key(key), fence, ms(lease)))
-        return int(_check_fenced(reply, "renew", key, fence)[1]) / 1000
+        if self._durable is None:
+            reply = yield Eval(_RENEW, 1, (self._key(key), fence, ms(lease)))
+            return int(_check_fenced(reply, "renew", key, fence)[1]) / 1000
+        reply, acked = yield EvalWait(_RENEW, 1, (self._key(key), fence, ms(lease)))
+        lease_until = int(_check_fenced(reply, "renew", key, fence)[1]) / 1000
+        if acked < self._durable.replicas:
+            raise self._not_replicated("lease renewal", key, acked, "the lease may be shorter")
+        return lease_until
+
+    def _not_replicated(self, what: str, key: RecordKey, acked: int, then: str) -> NotReplicated:
+        wanted, timeout = self._durable or (0, 0)
+        return NotReplicated(
+            f"the {what} of {key.scope!r}/{key.digest[:16]}… was acknowledged by {acked} of the "
+            f"{wanted} replicas asked for within {timeout} ms (wait_replicas, WAIT), so a "
+            f"failover could lose it; {then}. Check the replicas (INFO replication on the "
+            "master: are they connected and in sync?), or lower wait_replicas.",
+            acked,
+            wanted,
+        )
 
     def _get(self, key: RecordKey) -> Plan[Record | None]:
         reply = yield Eval(_GET, 1, (self._key(key),))

@@ -7,12 +7,15 @@
 -- Only an in_progress record under this very fence may be completed (even after its lease ran
 -- out, as long as nobody re-claimed it). A record already completed under this fence with this
 -- very result is the caller's own earlier completion whose reply was lost: success, and nothing
--- changes. Replies {'ok'} or {'lost', status, fence}.
+-- changes, but for its expiry set again: a write, so that a WAIT after this repeat (oncely's
+-- wait_replicas) waits for a replication offset past the earlier completion instead of finding
+-- a connection that wrote nothing. Replies {'ok'} or {'lost', status, fence}.
 local key = KEYS[1]
 local h = redis.call('HMGET', key, 'st', 'fe')
 if h[1] == 'completed' and h[2] == ARGV[1] then
   local done = redis.call('HMGET', key, 'rs', 'cd')
   if done[1] == ARGV[2] and done[2] == ARGV[3] then
+    redis.call('PEXPIREAT', key, redis.call('HGET', key, 'ea'))
     return {'ok'}
   end
 end

@@ -1,0 +1,127 @@
+"""Scripts acknowledged by replicas: ``EVALSHA`` then ``WAIT`` on the same connection.
+
+Redis replicates asynchronously: a write the master acknowledged can be lost if the master
+dies before a replica received it, and the promoted replica then does not know it. ``WAIT
+numreplicas timeout`` blocks the connection that sent it until ``numreplicas`` replicas
+acknowledged every write *that connection* sent before, or ``timeout`` milliseconds passed,
+and answers how many did (Redis docs, ``WAIT``). So the ``WAIT`` must run on the very connection
+(and, on a cluster, the very node) that ran the script: :func:`eval_wait` sends both in one
+write on one connection and reads both replies, one round trip.
+
+redis-py's pipelines cannot do this on a cluster: ``WAIT`` has no key, and redis-py's cluster
+client sends it to every primary (``WAIT`` is in its ``ALL_NODES`` command flags), not to
+the node of the script's slot. So the plan here does the routing itself, with redis-py's own
+slot map: it asks the executor for the node of the first key's slot, follows ``MOVED``
+(updates the slot map, tries the new owner) and ``ASK`` (``ASKING`` + script + ``WAIT`` on the
+importing node), pauses on ``TRYAGAIN`` (a multi-key script during a migration), and sends
+``EVAL`` once when the node answers ``NOSCRIPT``. Each of those replies means the script did
+not run, so trying again is safe. A connection error or timeout is never retried (the script
+may have run): the caller gets it.
+
+The plan is sans-IO (:mod:`oncely.backends.plans`); :class:`~oncely.backends.redis.RedisClients`
+carries it out on the sync and the async clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final, NamedTuple
+
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    MovedError,
+    NoScriptError,
+    TryAgainError,
+)
+
+from oncely.backends.plans import Plan, Sleep
+
+__all__ = ["EvalWait", "Exchange", "Locate", "Moved", "eval_wait"]
+
+#: How many times a script is sent again after MOVED / ASK / TRYAGAIN / NOSCRIPT before the
+#: call gives up with the last error (redis-py's cluster client allows 16 redirects too).
+MAX_TRIES: Final = 16
+#: Pause after a TRYAGAIN (seconds): the migration of the slot's keys is under way.
+TRYAGAIN_PAUSE: Final = 0.05
+
+
+class EvalWait(NamedTuple):
+    """Evaluate a Lua script, then ``WAIT`` for the store's ``wait_replicas`` on the same
+    connection; the reply is ``(script reply, replicas that acknowledged)``."""
+
+    script: Any
+    numkeys: int
+    keys_and_args: tuple[Any, ...]
+
+
+class Locate(NamedTuple):
+    """The ``(host, port)`` of the primary serving ``key``'s slot (redis-py's slot map); the
+    reply is None on a single server."""
+
+    key: Any
+
+
+class Moved(NamedTuple):
+    """Record a ``MOVED`` redirect in the slot map; the reply is the new ``(host, port)``."""
+
+    error: MovedError
+
+
+class Exchange(NamedTuple):
+    """Write ``commands`` in one write on one connection to ``node`` (``(host, port)``, or None
+    for the single server) and read one reply per command, in order. The reply is the list of
+    replies; an error reply is its :class:`redis.exceptions.ResponseError` in the list, not
+    raised (the others still have to be read)."""
+
+    node: tuple[str, int] | None
+    commands: tuple[tuple[Any, ...], ...]
+
+
+def eval_wait(
+    script: Any,
+    numkeys: int,
+    keys_and_args: Sequence[Any],
+    replicas: int,
+    timeout_ms: int,
+) -> Plan[tuple[Any, int]]:
+    """Run ``script`` then ``WAIT replicas timeout_ms`` on one connection of the node that
+    serves the first key; the outcome is ``(script reply, replicas that acknowledged)``.
+
+    :raises redis.exceptions.ResponseError: the script's error reply, or the last redirect or
+        ``TRYAGAIN`` after :data:`MAX_TRIES` tries.
+    :raises redis.exceptions.RedisError: a connection error or timeout (the script may have
+        run).
+    """
+    node = yield Locate(keys_and_args[0])
+    wait = ("WAIT", replicas, timeout_ms)
+    use_eval = asking = False
+    last: Exception = ClusterError("no try was made")
+    for attempt in range(MAX_TRIES):
+        head = ("EVAL", script.source) if use_eval else ("EVALSHA", script.sha)
+        commands: tuple[tuple[Any, ...], ...] = ((*head, numkeys, *keys_and_args), wait)
+        if asking:
+            commands = (("ASKING",), *commands)
+        replies = yield Exchange(node, commands)
+        reply, acked = replies[-2:]
+        asking = False
+        if isinstance(reply, NoScriptError) and not use_eval:
+            use_eval = True
+            continue
+        if isinstance(reply, MovedError):  # a subclass of AskError: look at it first
+            node = yield Moved(reply)
+            last = reply
+            continue
+        if isinstance(reply, AskError):
+            node, asking, last = (reply.host, int(reply.port)), True, reply
+            continue
+        if isinstance(reply, TryAgainError):
+            last = reply
+            yield Sleep(TRYAGAIN_PAUSE * min(attempt + 1, 4))
+            continue
+        if isinstance(reply, Exception):
+            raise reply
+        if isinstance(acked, Exception):
+            raise acked
+        return reply, int(acked)
+    raise last
