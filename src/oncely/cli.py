@@ -165,6 +165,7 @@ def check(url: Url, table: Table_ = None, prefix: Prefix = None, as_json: Json =
             store_now = store.now()
             after = time.time()
             store.check_schema()
+            memory = _memory(store)
     except OncelyError as exc:
         raise _fail(exc) from exc
     skew = store_now - (before + after) / 2
@@ -183,6 +184,7 @@ def check(url: Url, table: Table_ = None, prefix: Prefix = None, as_json: Json =
                 "round_trip_ms": round(1000 * (after - before), 3),
                 "schema": "present",
                 "clock_skew_ms": round(skew * 1000, 3),
+                **({"memory": memory} if memory is not None else {}),
                 "environment": shown,
             }
         )
@@ -200,8 +202,47 @@ def check(url: Url, table: Table_ = None, prefix: Prefix = None, as_json: Json =
             "store's clock, so skew only affects how times are displayed)",
         )
     )
+    for row in memory or ():
+        console.print(
+            _styled("memory:", "yellow" if row["warning"] else "green", _memory_line(row))
+        )
     listed = ", ".join(f"{k}={v!r}" for k, v in shown.items()) or "none set (defaults)"
     console.print(_styled("settings:", "green", f"ONCELY_* variables valid: {listed}"))
+
+
+def _memory(store: Any) -> list[dict[str, Any]] | None:
+    """A Redis store's memory per server (``INFO memory``) with a ``warning`` each (None when
+    all is well): an evicting policy drops records silently (a repeated call then runs again),
+    and a server near its ``maxmemory`` refuses claims (fail closed) once it is full."""
+    redis = getattr(store, "redis", None)
+    if redis is None or not callable(getattr(redis, "memory", None)):
+        return None
+    rows: list[dict[str, Any]] = redis.memory()
+    for row in rows:
+        used, limit, policy = row["used_memory"], row["maxmemory"], row["maxmemory_policy"]
+        row["warning"] = None
+        if limit and policy != "noeviction":
+            row["warning"] = (
+                f"maxmemory-policy {policy} evicts keys once memory is full, oncely's records "
+                "included (a repeated call would run again): set it to noeviction"
+            )
+        elif limit and used >= 0.9 * limit:
+            row["warning"] = (
+                "near maxmemory: once full, Redis refuses claims and completions "
+                "(StoreUnavailable, nothing written); free memory or raise maxmemory"
+            )
+    return rows
+
+
+def _memory_line(row: dict[str, Any]) -> str:
+    used, limit = row["used_memory"] / 2**20, row["maxmemory"] / 2**20
+    size = (
+        f"{used:.1f} MiB of {limit:.1f} MiB"
+        if row["maxmemory"]
+        else f"{used:.1f} MiB, no maxmemory"
+    )
+    text = f"{row['node']}: {size}, maxmemory-policy {row['maxmemory_policy']}"
+    return f"{text}; {row['warning']}" if row["warning"] else text
 
 
 # -- what a record belongs to -------------------------------------------------------------------

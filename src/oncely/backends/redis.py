@@ -30,6 +30,7 @@ from redis.exceptions import (
     ClusterDownError,
     ClusterError,
     MaxConnectionsError,
+    OutOfMemoryError,
     RedisClusterException,
     RedisError,
     ResponseError,
@@ -493,6 +494,14 @@ class RedisClients:
                 "every pooled connection stayed busy for the pool timeout; nothing was decided. "
                 "Raise max_connections or pool_timeout, or lower the concurrency."
             )
+        if isinstance(exc, OutOfMemoryError):
+            return StoreUnavailable(
+                f"Redis at {self.where} is out of memory and refused the write ({exc}): the "
+                "script stopped at its first write, so nothing was written and nothing was "
+                "decided (fail closed). Free memory or raise maxmemory; keep maxmemory-policy "
+                "noeviction (an evicting policy would drop records silently, and a repeated "
+                "call would run again). `oncely check URL` shows the memory in use."
+            )
         if isinstance(
             exc, (ClusterDownError, TryAgainError, AskError, ClusterError, RedisClusterException)
         ):
@@ -645,6 +654,38 @@ class RedisClients:
             await client.nodes_manager.move_slot(request.error)
             return (request.error.host, int(request.error.port))
         return await self.aexecute(request)
+
+    def memory(self) -> list[dict[str, Any]]:
+        """``INFO memory`` of the server (of each primary of a cluster): dicts with ``node``
+        (``host:port``), ``used_memory`` and ``maxmemory`` (bytes; 0 is no limit) and
+        ``maxmemory_policy``.
+
+        :raises StoreUnavailable: the server cannot be reached.
+        """
+        client: Any = self.client
+        try:
+            if self.cluster:
+                nodes = [
+                    (f"{n.host}:{n.port}", client.get_redis_connection(n))
+                    for n in client.get_primaries()
+                ]
+            else:
+                kwargs = client.connection_pool.connection_kwargs
+                nodes = [(f"{kwargs.get('host', 'unix')}:{kwargs.get('port', '')}", client)]
+            rows = []
+            for name, node in nodes:
+                info = node.info("memory")
+                rows.append(
+                    {
+                        "node": name,
+                        "used_memory": int(info.get("used_memory", 0)),
+                        "maxmemory": int(info.get("maxmemory", 0)),
+                        "maxmemory_policy": str(info.get("maxmemory_policy", "")),
+                    }
+                )
+            return rows
+        except DRIVER_ERRORS as exc:
+            raise self.error(exc) from exc
 
     def pubsub(self) -> SyncPubSub:
         return self.client.pubsub()
