@@ -203,7 +203,7 @@ def test_a_slow_redis_fails_claims_closed_within_the_socket_timeout(
     store = RedisStore(slow.url, prefix=_prefix(), socket_timeout=0.5)
     runs: list[str] = []
 
-    @idempotent(store=store, key=["k"], lease=5)
+    @idempotent(store=store, key=["k"], lease=2)
     def charge(k: str) -> str:
         runs.append(k)
         return "charged"
