@@ -42,8 +42,9 @@ __all__ = ["EvalWait", "Exchange", "Locate", "Moved", "eval_wait"]
 #: How many times a script is sent again after MOVED / ASK / TRYAGAIN / NOSCRIPT before the
 #: call gives up with the last error (redis-py's cluster client allows 16 redirects too).
 MAX_TRIES: Final = 16
-#: Pause after a TRYAGAIN (seconds): the migration of the slot's keys is under way.
-TRYAGAIN_PAUSE: Final = 0.05
+#: Pause after a TRYAGAIN (seconds; growing to 4 times this): the migration of the slot's keys
+#: is under way. All tries take about 1.2 s, then the caller gets StoreUnavailable.
+TRYAGAIN_PAUSE: Final = 0.02
 
 
 class EvalWait(NamedTuple):
