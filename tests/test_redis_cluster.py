@@ -27,6 +27,8 @@ from oncely.stores import open_store
 from oncely.stores.redis import RedisStore
 from redis_cluster import RedisCluster, cluster_url
 
+from conftest import REDIS_URL
+
 pytestmark = pytest.mark.skipif(
     shutil.which("redis-server") is None, reason="redis-server is not installed"
 )
@@ -97,6 +99,37 @@ def test_an_unreachable_cluster_is_a_bounded_typed_error() -> None:
     with pytest.raises(StoreUnavailable, match="Redis Cluster"):
         RedisStore("redis+cluster://127.0.0.1:1,127.0.0.1:2", socket_connect_timeout=0.5)
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.parametrize("order", ["unreachable first", "unreachable last"])
+async def test_a_partly_reachable_node_list_works(order: str) -> None:
+    """The URL's nodes are only where the client starts: one reachable node is enough, in
+    either place, sync and async; the unreachable one costs at most its connect timeout."""
+    real = cluster_url().split("://")[1].split(",")[0]
+    nodes = ["127.0.0.1:1", real] if order == "unreachable first" else [real, "127.0.0.1:1"]
+    started = time.monotonic()
+    store = RedisStore(
+        "redis+cluster://" + ",".join(nodes), prefix=_prefix(), socket_connect_timeout=0.5
+    )
+    try:
+        key = RecordKey("partial", digest_key(order))
+        claim = store.claim(key, "fp", 5, 60)
+        assert isinstance(claim, New)
+        await store.acomplete(key, claim.fence, b"ok", "raw", 60)
+        assert isinstance(await store.aclaim(key, "fp", 5, 60), Replay)
+        assert time.monotonic() - started < 3
+    finally:
+        await store.aclose()
+        store.close()
+
+
+def test_a_cluster_url_naming_a_single_server_is_a_configuration_error() -> None:
+    """redis+cluster:// pointing at a server without cluster mode (the shared Redis): a
+    ConfigurationError saying to use redis://, not a StoreUnavailable that suggests a
+    failover."""
+    port = REDIS_URL.split("://")[1].split("/")[0].rsplit(":", 1)[1]
+    with pytest.raises(ConfigurationError, match=r"not in cluster mode.*redis://"):
+        RedisStore(f"redis+cluster://127.0.0.1:{port}")
 
 
 def test_a_record_and_its_fence_counter_share_a_slot() -> None:

@@ -486,8 +486,15 @@ class RedisClients:
         if autopipeline and async_client is None:
             self._apipelines = LoopLocal(self._new_apipeline, _aclose_pipeline, _drop_pipeline)
 
-    def error(self, exc: Exception) -> StoreError:
-        """The oncely error for a redis-py error."""
+    def error(self, exc: Exception) -> StoreError | ConfigurationError:
+        """The oncely error for a redis-py error (a ConfigurationError for a cluster URL that
+        names a server not in cluster mode)."""
+        if self.cluster and "Cluster mode is not enabled" in str(exc):
+            return ConfigurationError(
+                f"Redis Cluster URL {self.where!r}: the server answering is not in cluster mode "
+                f"({exc}); for a single server use redis://host:port/0 instead of "
+                "redis+cluster://"
+            )
         if _pool_exhausted(exc):
             return StoreUnavailable(
                 f"no free connection to Redis at {self.where} ({type(exc).__name__}: {exc}): "
