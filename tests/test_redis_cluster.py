@@ -168,8 +168,9 @@ def test_failover_keeps_replicated_records_and_fences_grow() -> None:
 
     What it does not promise: Redis replicates asynchronously, so a completion acknowledged
     by the old master in the last moments before the kill may be lost (its key is then free
-    again, and the work may run a second time). oncely does not send ``WAIT`` after each
-    decision (it would cost a replica round trip per call); see docs/performance.md.
+    again, and the work may run a second time). By default oncely does not send ``WAIT``
+    after each decision (it costs a replica round trip per call); ``wait_replicas`` does
+    (tests/test_redis_durable.py, docs/redis.md "Failover").
     """
     cluster = RedisCluster()
     cluster.start()
