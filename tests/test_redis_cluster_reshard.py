@@ -17,6 +17,7 @@ TRYAGAIN and MOVED (``INFO errorstats``), so the storm really happened.
 
 from __future__ import annotations
 
+import asyncio
 import random
 import shutil
 import threading
@@ -107,9 +108,10 @@ def _keys_in(groups: set[str], count: int, run: str) -> list[str]:
     return out
 
 
+@pytest.mark.parametrize("face", ["threads", "tasks"])
 @pytest.mark.parametrize("options", [{}, {"wait_replicas": 1}], ids=["plain", "wait_replicas"])
 def test_a_moved_ask_storm_runs_each_body_once_and_answers_right_or_typed(
-    options: dict[str, Any],
+    options: dict[str, Any], face: str
 ) -> None:
     url = cluster_url()
     prefix = f"oncely-cluster2-{uuid.uuid4().hex[:8]}"
@@ -131,49 +133,81 @@ def test_a_moved_ask_storm_runs_each_body_once_and_answers_right_or_typed(
     keys = _keys_in(set(groups), 48, run)
     runs: dict[str, int] = {}
     lock = threading.Lock()
+    calls = [k for k in keys for _ in range(3)]  # each key by three callers at once
+    random.Random(7).shuffle(calls)
+    outcomes: list[tuple[str, Any, float]] = []
+    typed = (StoreUnavailable, ResultNotStored, InFlightError)
+
+    def count(k: str) -> str:
+        with lock:
+            runs[k] = runs.get(k, 0) + 1
+        return f"done-{k}"
 
     @idempotent(store=store, name=NAME, key=["k"], lease=3, wait_timeout=10)
     def work(k: str) -> str:
-        with lock:
-            runs[k] = runs.get(k, 0) + 1
         time.sleep(0.002)
-        return f"done-{k}"
+        return count(k)
 
-    # The formula above must be the decorator's, or the keys would not be in those slots.
+    @idempotent(store=store, name=NAME, key=["k"], lease=3, wait_timeout=10)
+    async def awork(k: str) -> str:
+        await asyncio.sleep(0.002)
+        return count(k)
+
+    def threads() -> None:
+        queue = list(calls)
+
+        def worker() -> None:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    k = queue.pop()
+                started = time.monotonic()
+                try:
+                    outcome: Any = work(k)
+                except typed as exc:
+                    outcome = exc
+                outcomes.append((k, outcome, time.monotonic() - started))
+
+        workers = [threading.Thread(target=worker) for _ in range(8)]
+        for thread in workers:
+            thread.start()
+        for thread in workers:
+            thread.join(60)
+
+    async def tasks() -> None:
+        gate = asyncio.Semaphore(16)
+
+        async def one(k: str) -> None:
+            async with gate:
+                started = time.monotonic()
+                try:
+                    outcome: Any = await awork(k)
+                except typed as exc:
+                    outcome = exc
+                outcomes.append((k, outcome, time.monotonic() - started))
+
+        await asyncio.gather(*(one(k) for k in calls))
+        await store.aclose()
+
+    # The formula in _keys_in must be the decorator's, or the keys would not be in those slots.
     assert work(keys[0]) == f"done-{keys[0]}"
     assert store.get(RecordKey("", digest_key(f"{NAME}\x00{keys[0]}"))) is not None
 
     before = _errorstats(masters)
     mover = Mover(slots, masters, source, masters[1])
-    outcomes: list[tuple[str, Any, float]] = []
-    calls = [k for k in keys for _ in range(3)]  # each key by three callers at once
-    random.Random(7).shuffle(calls)
-    queue = list(calls)
-
-    def worker() -> None:
-        while True:
-            with lock:
-                if not queue:
-                    return
-                k = queue.pop()
-            started = time.monotonic()
-            try:
-                outcome: Any = work(k)
-            except (StoreUnavailable, ResultNotStored, InFlightError) as exc:
-                outcome = exc
-            outcomes.append((k, outcome, time.monotonic() - started))
-
     mover_thread = threading.Thread(target=mover.run)
     mover_thread.start()
     time.sleep(0.05)
-    workers = [threading.Thread(target=worker) for _ in range(8)]
-    for thread in workers:
-        thread.start()
-    for thread in workers:
-        thread.join(60)
-    mover.stop.set()
-    mover_thread.join(60)
-    mover.close()
+    try:
+        if face == "threads":
+            threads()
+        else:
+            asyncio.run(tasks())
+    finally:
+        mover.stop.set()
+        mover_thread.join(60)
+        mover.close()
     assert mover.error is None, mover.error
     after = _errorstats(masters)
 

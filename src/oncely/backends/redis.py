@@ -368,6 +368,28 @@ def _drop_lock(lock: asyncio.Lock) -> None:
     """A loop's init lock holds nothing to close."""
 
 
+_REDIS_PACKAGE: Final = redis.__file__.rsplit("/", 1)[0] + "/"
+
+
+def driver_fault(exc: BaseException) -> bool:
+    """True for an ``AttributeError`` / ``TypeError`` raised inside redis-py, not by oncely.
+
+    redis-py's asyncio connections can be torn down by one task while another uses them (its
+    cluster client re-reads the slot map after ``MOVED`` and drops connections; redis-py
+    issue 3546 and kin), which surfaces as ``'NoneType' object has no attribute
+    'writelines'``. The command may or may not have been sent, so the caller must get
+    :class:`~oncely.errors.StoreUnavailable`, never a bare traceback.
+    """
+    if not isinstance(exc, (AttributeError, TypeError)):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_REDIS_PACKAGE):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _pool_exhausted(exc: Exception) -> bool:
     return isinstance(exc, MaxConnectionsError) or "No connection available" in str(exc)
 
@@ -501,6 +523,13 @@ class RedisClients:
                 "every pooled connection stayed busy for the pool timeout; nothing was decided. "
                 "Raise max_connections or pool_timeout, or lower the concurrency."
             )
+        if driver_fault(exc):
+            return StoreUnavailable(
+                f"Redis at {self.where}: the connection was torn down while in use "
+                f"({type(exc).__name__} inside redis-py: {exc}); the command may have run, so "
+                "nothing can be assumed either way. Retry; if it keeps happening, lower the "
+                "concurrency on one client."
+            )
         if isinstance(exc, OutOfMemoryError):
             return StoreUnavailable(
                 f"Redis at {self.where} is out of memory and refused the write ({exc}): the "
@@ -623,6 +652,10 @@ class RedisClients:
                 return outcome
         except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
+        except (AttributeError, TypeError) as exc:
+            if driver_fault(exc):
+                raise self.error(exc) from exc
+            raise
 
     async def _await_step(self, request: Any) -> Any:
         kind = type(request)
@@ -783,6 +816,10 @@ class RedisClients:
                 return await (await self.aready()).execute_command(*args)
         except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
+        except (AttributeError, TypeError) as exc:
+            if driver_fault(exc):
+                raise self.error(exc) from exc
+            raise
 
     async def aeval(self, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
         """The async face of :meth:`eval`."""
@@ -792,6 +829,10 @@ class RedisClients:
                 return await aevalsha(client, script, numkeys, *keys_and_args)
         except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
+        except (AttributeError, TypeError) as exc:
+            if driver_fault(exc):
+                raise self.error(exc) from exc
+            raise
 
     async def aexecute(self, request: Any) -> Any:
         """The async executor of plans (see :meth:`execute`)."""
