@@ -31,10 +31,10 @@ from redis.exceptions import (
     AskError,
     ClusterError,
     MovedError,
-    NoScriptError,
     TryAgainError,
 )
 
+from oncely.backends.lua import command, is_noscript
 from oncely.backends.plans import Plan, Sleep
 
 __all__ = ["EvalWait", "Exchange", "Locate", "Moved", "eval_wait"]
@@ -99,14 +99,16 @@ def eval_wait(
     use_eval = asking = False
     last: Exception = ClusterError("no try was made")
     for attempt in range(MAX_TRIES):
-        head = ("EVAL", script.source) if use_eval else ("EVALSHA", script.sha)
-        commands: tuple[tuple[Any, ...], ...] = ((*head, numkeys, *keys_and_args), wait)
+        commands: tuple[tuple[Any, ...], ...] = (
+            command(script, numkeys, keys_and_args, source=use_eval),
+            wait,
+        )
         if asking:
             commands = (("ASKING",), *commands)
         replies = yield Exchange(node, commands)
         reply, acked = replies[-2:]
         asking = False
-        if isinstance(reply, NoScriptError) and not use_eval:
+        if is_noscript(reply) and not use_eval:
             use_eval = True
             continue
         if isinstance(reply, MovedError):  # a subclass of AskError: look at it first

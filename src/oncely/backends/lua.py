@@ -14,7 +14,7 @@ import hashlib
 from importlib import resources
 from typing import Any, Protocol
 
-__all__ = ["Script", "aevalsha", "evalsha"]
+__all__ = ["Script", "aevalsha", "command", "evalsha", "is_noscript"]
 
 
 class Script:
@@ -39,7 +39,19 @@ class _AsyncClient(Protocol):
     async def execute_command(self, *args: Any) -> Any: ...
 
 
-def _is_noscript(exc: Exception) -> bool:
+def command(
+    script: Script, numkeys: int, keys_and_args: Any, *, source: bool = False
+) -> tuple[Any, ...]:
+    """The ``EVALSHA`` command of ``script`` as arguments, for a caller that writes it itself
+    (``EVAL`` with the script's source if ``source``: after a ``NOSCRIPT`` reply, see
+    :func:`is_noscript`)."""
+    if source:
+        return ("EVAL", script.source, numkeys, *keys_and_args)
+    return ("EVALSHA", script.sha, numkeys, *keys_and_args)
+
+
+def is_noscript(exc: BaseException) -> bool:
+    """True for the server's ``NOSCRIPT`` reply (the script is not in its cache)."""
     from redis.exceptions import NoScriptError
 
     return isinstance(exc, NoScriptError)
@@ -51,7 +63,7 @@ def evalsha(client: _SyncClient, script: Script, numkeys: int, *keys_and_args: A
     try:
         return client.execute_command("EVALSHA", script.sha, numkeys, *keys_and_args)
     except Exception as exc:
-        if not _is_noscript(exc):
+        if not is_noscript(exc):
             raise
     return client.execute_command("EVAL", script.source, numkeys, *keys_and_args)
 
@@ -61,6 +73,6 @@ async def aevalsha(client: _AsyncClient, script: Script, numkeys: int, *keys_and
     try:
         return await client.execute_command("EVALSHA", script.sha, numkeys, *keys_and_args)
     except Exception as exc:
-        if not _is_noscript(exc):
+        if not is_noscript(exc):
             raise
     return await client.execute_command("EVAL", script.source, numkeys, *keys_and_args)
