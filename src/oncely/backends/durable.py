@@ -107,10 +107,10 @@ def eval_wait(
             commands = (("ASKING",), *commands)
         replies = yield Exchange(node, commands)
         reply, acked = replies[-2:]
-        asking = False
         if is_noscript(reply) and not use_eval:
-            use_eval = True
+            use_eval = True  # on the same node, with ASKING again if this was an ASK
             continue
+        asking = False
         if isinstance(reply, MovedError):  # a subclass of AskError: look at it first
             node = yield Moved(reply)
             last = reply
