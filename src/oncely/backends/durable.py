@@ -14,8 +14,8 @@ when the client starts, or where ``target_nodes`` says; its cluster pipeline rou
 command the same way and runs each node's share on a connection of its own. Neither is the
 connection of the node that ran the script. So the plan here does the routing itself, with
 redis-py's own slot map: it asks the executor for the node of the first key's slot, follows
-``MOVED`` (updates the slot map, tries the new owner) and ``ASK`` (``ASKING`` + script + ``WAIT`` on the
-importing node), pauses on ``TRYAGAIN`` (a multi-key script during a migration), and sends
+``MOVED`` (updates the slot map, tries the new owner) and ``ASK`` (``ASKING`` + script +
+``WAIT`` on the importing node), pauses on ``TRYAGAIN`` (a multi-key script during a migration), and sends
 ``EVAL`` once when the node answers ``NOSCRIPT``. Each of those replies means the script did
 not run, so trying again is safe. A connection error or timeout is never retried (the script
 may have run): the caller gets it.
