@@ -10,15 +10,15 @@ write on one connection and reads both replies, one round trip.
 
 redis-py's pipelines cannot do this on a cluster: ``WAIT`` has no key, and redis-py's cluster
 client (8.1, ``RedisCluster.COMMAND_FLAGS``) sends it to its *default node*, one node picked
-when the client starts, or where ``target_nodes`` says; its cluster pipeline routes each
-command the same way and runs each node's share on a connection of its own. Neither is the
-connection of the node that ran the script. So the plan here does the routing itself, with
-redis-py's own slot map: it asks the executor for the node of the first key's slot, follows
-``MOVED`` (updates the slot map, tries the new owner) and ``ASK`` (``ASKING`` + script +
-``WAIT`` on the importing node), pauses on ``TRYAGAIN`` (a multi-key script during a migration), and sends
-``EVAL`` once when the node answers ``NOSCRIPT``. Each of those replies means the script did
-not run, so trying again is safe. A connection error or timeout is never retried (the script
-may have run): the caller gets it.
+when the client starts, or where ``target_nodes`` says; its cluster pipeline routes each command
+the same way and runs each node's share on a connection of its own. Neither is the connection of
+the node that ran the script. So the plan here does the routing itself, with redis-py's own slot
+map: it asks the executor for the node of the first key's slot, follows ``MOVED`` (updates the
+slot map, tries the new owner) and ``ASK`` (``ASKING`` + script + ``WAIT`` on the importing
+node), pauses on ``TRYAGAIN`` (a multi-key script during a migration), and sends ``EVAL`` once
+when the node answers ``NOSCRIPT``. Each of those replies means the script did not run, so
+trying again is safe. A connection error or timeout is never retried (the script may have run):
+the caller gets it.
 
 The plan is sans-IO (:mod:`oncely.backends.plans`); :class:`~oncely.backends.redis.RedisClients`
 carries it out on the sync and the async clients.
