@@ -152,6 +152,12 @@ def _master_of(url: str, key: str) -> int:
         client.close()
 
 
+def _master_of_slot(store: RedisStore, key: RecordKey) -> int:
+    """The port of the master serving ``key``'s record, from the store's slot map."""
+    client: Any = store.redis.client
+    return int(client.get_node_from_key(store._key(key)).port)
+
+
 def test_failover_keeps_replicated_records_and_fences_grow() -> None:
     """Kill (SIGKILL) the master of some keys while claims run; its replica takes over after
     the node timeout (2 s here).
@@ -194,6 +200,29 @@ def test_failover_keeps_replicated_records_and_fences_grow() -> None:
         # Load while the master dies: claims of new keys, each fail-closed or decided.
         outcomes: list[Any] = []
         stop = threading.Event()
+        # And calls with wait_replicas=1 on the victim's keys: every completion it acknowledged
+        # must survive the failover (WAIT: the replica had it before the call returned).
+        durable = RedisStore(
+            url, prefix=store.prefix, socket_timeout=1.0, socket_connect_timeout=1.0,
+            wait_replicas=1, wait_timeout_ms=500,
+        )  # fmt: skip
+        acknowledged: list[RecordKey] = []
+        durable_outcomes: list[Any] = []
+
+        def durable_load() -> None:
+            i = 0
+            while not stop.is_set():
+                key = RecordKey(scope, digest_key(f"durable-{i}"))
+                i += 1
+                if _master_of_slot(durable, key) != victim:
+                    continue
+                try:
+                    claim = durable.claim(key, "fp", 30, 600)
+                    assert isinstance(claim, New)
+                    durable.complete(key, claim.fence, b"kept", "raw", 600)
+                    acknowledged.append(key)
+                except StoreUnavailable as exc:  # NotReplicated included
+                    durable_outcomes.append(exc)
 
         def load() -> None:
             i = 0
@@ -207,6 +236,8 @@ def test_failover_keeps_replicated_records_and_fences_grow() -> None:
 
         thread = threading.Thread(target=load)
         thread.start()
+        durable_thread = threading.Thread(target=durable_load)
+        durable_thread.start()
         time.sleep(0.2)
         os.kill(cluster.procs[victim].pid, signal.SIGKILL)
         cluster.procs.pop(victim).wait(5)
@@ -214,6 +245,7 @@ def test_failover_keeps_replicated_records_and_fences_grow() -> None:
         time.sleep(0.5)
         stop.set()
         thread.join(10)
+        durable_thread.join(10)
         assert all(isinstance(o, (New, StoreUnavailable)) for o in outcomes)
         assert any(isinstance(o, StoreUnavailable) for o in outcomes)  # the slot had no master
         # Completed (and replicated) records survived and replay; fences only grew.
@@ -227,6 +259,17 @@ def test_failover_keeps_replicated_records_and_fences_grow() -> None:
                     raise
                 time.sleep(0.2)
         assert all(isinstance(r, Replay) for r in replays)
+        # Every completion wait_replicas acknowledged before or during the kill survived.
+        assert acknowledged
+        # (Read through the plain store: the promoted master has no replica left, so every
+        # call of the durable store would now wait its wait_timeout_ms, replays included.)
+        survived = [store.claim(key, "fp", 30, 600) for key in acknowledged]
+        assert all(isinstance(r, Replay) and r.record.result == b"kept" for r in survived)
+        # The durable store found the promoted master too: a connection error made it re-read
+        # the slot map (else it would try the dead node forever). A replay needs no ack.
+        again = durable.claim(acknowledged[0], "fp", 30, 600)
+        assert isinstance(again, Replay) and again.record.result == b"kept"
+        durable.close()
         for key in keys[:10]:
             assert store.delete(key)
             again = store.claim(key, "fp", 30, 600)

@@ -612,21 +612,26 @@ class RedisClients:
                 pool = client.connection_pool
             else:
                 pool = client.get_redis_connection(self._node(client, request.node)).connection_pool
-            connection = pool.get_connection()
             try:
-                connection.send_packed_command(connection.pack_commands(request.commands))
-                replies: list[Any] = []
-                for _ in request.commands:
-                    try:
-                        replies.append(connection.read_response(disconnect_on_error=False))
-                    except ResponseError as exc:  # an error reply: the connection is fine
-                        replies.append(exc)
-                return replies
-            except BaseException:
-                connection.disconnect()
+                connection = pool.get_connection()
+                try:
+                    connection.send_packed_command(connection.pack_commands(request.commands))
+                    replies: list[Any] = []
+                    for _ in request.commands:
+                        try:
+                            replies.append(connection.read_response(disconnect_on_error=False))
+                        except ResponseError as exc:  # an error reply: the connection is fine
+                            replies.append(exc)
+                    return replies
+                except BaseException:
+                    connection.disconnect()
+                    raise
+                finally:
+                    pool.release(connection)
+            except (RedisConnectionError, RedisTimeoutError):
+                if request.node is not None:
+                    self._refresh_slots(client, request.node)
                 raise
-            finally:
-                pool.release(connection)
         if kind is Locate:
             if not self.cluster:
                 return None
@@ -636,6 +641,28 @@ class RedisClients:
             client.nodes_manager.move_slot(request.error)
             return (request.error.host, int(request.error.port))
         return self.execute(request)
+
+    @staticmethod
+    def _refresh_slots(client: Any, address: tuple[str, int]) -> None:
+        """After a connection error on a cluster node: re-read the slot map (the node may be
+        dead and its slots served by a promoted replica), trying that node last, as redis-py's
+        cluster client does; a failure here leaves the map for the next error."""
+        manager = client.nodes_manager
+        try:
+            manager.move_node_to_end_of_cached_nodes(f"{address[0]}:{address[1]}")
+            manager.initialize()
+        except DRIVER_ERRORS:
+            pass
+
+    @staticmethod
+    async def _arefresh_slots(client: Any, address: tuple[str, int]) -> None:
+        """The async face of :meth:`_refresh_slots`."""
+        manager = client.nodes_manager
+        try:
+            manager.move_node_to_end_of_cached_nodes(f"{address[0]}:{address[1]}")
+            await manager.initialize()
+        except DRIVER_ERRORS:
+            pass
 
     @staticmethod
     def _node(client: Any, address: tuple[str, int]) -> Any:
@@ -657,34 +684,42 @@ class RedisClients:
                 raise self.error(exc) from exc
             raise
 
+    async def _aexchange(self, client: Any, request: Exchange) -> list[Any]:
+        node: Any = None
+        if request.node is None:
+            pool = client.connection_pool
+            connection = await pool.get_connection()
+        else:
+            node = self._node(client, request.node)
+            connection = node.acquire_connection()
+        try:
+            await connection.send_packed_command(connection.pack_commands(request.commands))
+            replies: list[Any] = []
+            for _ in request.commands:
+                try:
+                    replies.append(await connection.read_response(disconnect_on_error=False))
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        except BaseException:
+            await connection.disconnect(nowait=True)
+            raise
+        finally:
+            if node is None:
+                await pool.release(connection)
+            else:
+                node.release(connection)
+
     async def _await_step(self, request: Any) -> Any:
         kind = type(request)
         client: Any = await self.aready()
         if kind is Exchange:
-            node: Any = None
-            if request.node is None:
-                pool = client.connection_pool
-                connection = await pool.get_connection()
-            else:
-                node = self._node(client, request.node)
-                connection = node.acquire_connection()
             try:
-                await connection.send_packed_command(connection.pack_commands(request.commands))
-                replies: list[Any] = []
-                for _ in request.commands:
-                    try:
-                        replies.append(await connection.read_response(disconnect_on_error=False))
-                    except ResponseError as exc:
-                        replies.append(exc)
-                return replies
-            except BaseException:
-                await connection.disconnect(nowait=True)
+                return await self._aexchange(client, request)
+            except (RedisConnectionError, RedisTimeoutError):
+                if request.node is not None:
+                    await self._arefresh_slots(client, request.node)
                 raise
-            finally:
-                if node is None:
-                    await pool.release(connection)
-                else:
-                    node.release(connection)
         if kind is Locate:
             if not self.cluster:
                 return None
