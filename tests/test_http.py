@@ -136,6 +136,27 @@ def test_parse_key_unit() -> None:
         parse_key([b'"' + b"x" * 11 + b'"'], max_length=10)
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [b'"a"', b'"8e03978e-40d5-43e8"', b'" spaced key! "', b'"a\\"b"', b'"a\\\\b"',
+     b'"k";v=1', b' "k"', b'"k" ', b'"caf\xc3\xa9"', b'"a", "b"', b'""', b'"x\x7f"',
+     b"tok", b"8e03978e-40d5", b"?1", b"12"],
+)  # fmt: skip
+def test_quoted_keys_read_as_http_sf_reads_them(raw: bytes) -> None:
+    """The shortcut for a plain quoted key gives what the Structured Field parser gives."""
+    import http_sf
+
+    try:
+        value, _ = http_sf.parse(raw, tltype="item")
+    except Exception:
+        value = None
+    try:
+        key: str | None = parse_key([raw], allow_bare=False)
+    except ValueError:
+        key = None
+    assert key == (value if isinstance(value, str) and value else None)
+
+
 # -- which requests -------------------------------------------------------------------------------
 async def test_applies_to_post_and_patch_only_by_default(make_face: MakeFace) -> None:
     face = make_face()

@@ -16,9 +16,8 @@ and raises the lost ``CancelledError`` again, so a cancelled caller never keeps 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from oncely.core.records import ClaimOutcome, New, RecordKey
@@ -35,18 +34,26 @@ log = logging.getLogger("oncely")
 _background: set[asyncio.Future[Any]] = set()
 
 
-@contextlib.contextmanager
-def keep_cancel() -> Iterator[None]:
+class keep_cancel:  # lower case: used as ``with keep_cancel():``, as a function was
     """Raise ``CancelledError`` when the block ends normally although the running task was
     cancelled while it ran (a driver swallowed the cancellation). A block that raises, or a task
     that was already being cancelled before the block (cleanup after a cancellation), is left
-    alone. Python 3.10 tasks cannot tell, so there it does nothing."""
-    task = asyncio.current_task()
-    cancelling = getattr(task, "cancelling", None)
-    before = cancelling() if cancelling is not None else 0
-    yield
-    if cancelling is not None and cancelling() > before:
-        raise asyncio.CancelledError
+    alone. Python 3.10 tasks cannot tell, so there it does nothing.
+
+    A class rather than a ``contextlib.contextmanager`` generator: it wraps every async store
+    round trip, and this costs a third as much per use."""
+
+    __slots__ = ("_before", "_cancelling")
+
+    def __enter__(self) -> None:
+        cancelling = getattr(asyncio.current_task(), "cancelling", None)
+        self._cancelling: Callable[[], int] | None = cancelling
+        self._before = cancelling() if cancelling is not None else 0
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        cancelling = self._cancelling
+        if kind is None and cancelling is not None and cancelling() > self._before:
+            raise asyncio.CancelledError
 
 
 def keep_alive(work: asyncio.Future[Any]) -> None:

@@ -14,8 +14,10 @@ from __future__ import annotations
 import decimal
 import hashlib
 import json
+import operator
 import struct
 from collections.abc import Callable, Sequence
+from json.encoder import encode_basestring_ascii  # what json.dumps(str) calls, minus its checks
 from typing import Any
 
 from oncely.errors import ConfigurationError, InvalidPayload
@@ -27,6 +29,7 @@ Fingerprinter = Callable[[HttpRequest, bytes], str]
 FingerprintSpec = Sequence[str] | Fingerprinter | None
 
 _MISSING: Any = object()
+_LENGTH = struct.Struct(">I")
 
 
 def request_fingerprint(request: HttpRequest, body: bytes) -> str:
@@ -49,15 +52,24 @@ def request_fingerprint(request: HttpRequest, body: bytes) -> str:
         kind, payload = b"json " + media, canonical_json(body, media)
     else:
         kind, payload = b"bytes", body
-    digest = hashlib.sha256()
-    for part in (
-        request.method.encode("latin-1"),
-        request.path.encode("utf-8", "surrogateescape"),
-        request.query,
-        kind,
-    ):
-        digest.update(struct.pack(">I", len(part)))
-        digest.update(part)
+    method = request.method.encode("latin-1")
+    path = request.path.encode("utf-8", "surrogateescape")
+    query = request.query
+    # Each part length-prefixed (>I), then the payload; one update for the small parts.
+    digest = hashlib.sha256(
+        b"".join(
+            (
+                _LENGTH.pack(len(method)),
+                method,
+                _LENGTH.pack(len(path)),
+                path,
+                _LENGTH.pack(len(query)),
+                query,
+                _LENGTH.pack(len(kind)),
+                kind,
+            )
+        )
+    )
     digest.update(payload)
     return digest.hexdigest()[:40]
 
@@ -82,6 +94,15 @@ _PRECISE = decimal.Context(
 )
 
 
+def _integer(text: str) -> _Canon:
+    """A JSON integer by value (:func:`_number`). An integer not ending in 0 is already its
+    own canonical text (JSON has no leading zeros and ``-0`` ends in 0), so only one ending in
+    0 (``10`` is ``1E+1``, ``-0`` is ``0``) goes through :mod:`decimal`."""
+    if text[-1] != "0":
+        return _Canon(text)
+    return _number(text)
+
+
 def _number(text: str) -> _Canon:
     """A JSON number by value: ``1``, ``1.0``, ``1e0`` and ``10e-1`` give ``1``.
 
@@ -99,11 +120,14 @@ def _constant(text: str) -> _Canon:
     raise ValueError(f"{text} is not a JSON value (RFC 8259 §6 has no NaN or Infinity)")
 
 
+_NAME = operator.itemgetter(0)
+
+
 def _encode(value: Any) -> str:
     if isinstance(value, _Canon):
         return value
     if isinstance(value, str):
-        return json.dumps(value)
+        return encode_basestring_ascii(value)
     if value is True:
         return "true"
     if value is False:
@@ -111,8 +135,10 @@ def _encode(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, _Object):
-        ordered = sorted(value, key=lambda pair: pair[0])  # stable: duplicates keep their order
-        return "{" + ",".join(json.dumps(k) + ":" + _encode(v) for k, v in ordered) + "}"
+        ordered = sorted(value, key=_NAME)  # stable: duplicates keep their order
+        return (
+            "{" + ",".join(encode_basestring_ascii(k) + ":" + _encode(v) for k, v in ordered) + "}"
+        )
     return "[" + ",".join(_encode(item) for item in value) + "]"
 
 
@@ -125,7 +151,7 @@ def _parse(body: bytes) -> Any:
     return json.loads(
         body,
         parse_float=_number,
-        parse_int=_number,
+        parse_int=_integer,
         parse_constant=_constant,
         object_pairs_hook=_Object,
     )

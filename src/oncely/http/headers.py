@@ -28,6 +28,10 @@ from oncely.errors import ConfigurationError, InvalidKey
 __all__ = ["parse_key", "require_parser"]
 
 _BARE = re.compile(rb"[A-Za-z0-9!#$%&'*+\-.^_`|~:/=]+")
+#: A Structured Field String with nothing to unescape and no parameters (RFC 9651 §3.3.3:
+#: ``unescaped = %x20-21 / %x23-5B / %x5D-7E``): what http-sf would return is the text between
+#: the quotes, so the common case skips the general parser.
+_PLAIN_STRING = re.compile(rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"')
 _parse: Callable[..., Any] | None = None
 _token_type: type | None = None
 
@@ -54,12 +58,15 @@ def require_parser() -> Callable[..., Any]:
 def parse_key(values: Sequence[bytes], *, allow_bare: bool = True, max_length: int = 255) -> str:
     """The idempotency key carried by the header lines ``values`` (at least one)."""
     raw = values[0] if len(values) == 1 else b", ".join(values)
-    parse = require_parser()
     key: str | None = None
-    try:
-        value, _params = parse(raw, tltype="item")
-    except Exception:  # http_sf raises StructuredFieldError (a ValueError); be defensive
-        value = None
+    if _PLAIN_STRING.fullmatch(raw):
+        value: Any = raw[1:-1].decode("ascii")
+    else:
+        parse = require_parser()
+        try:
+            value, _params = parse(raw, tltype="item")
+        except Exception:  # http_sf raises StructuredFieldError (a ValueError); be defensive
+            value = None
     if isinstance(value, str):
         key = value
     elif allow_bare and _token_type is not None and isinstance(value, _token_type):
