@@ -544,6 +544,74 @@ def test_a_relay_reconnects_after_its_connection_is_killed(tmp_path: Path) -> No
         db.drop()
 
 
+def test_a_relay_loop_reconnects_after_its_connection_is_killed(tmp_path: Path) -> None:
+    """The loop (run) keeps one connection for all its passes; killed under it, the failed
+    pass drops it and the next pass reconnects, instead of the loop ending with the error."""
+    db = Db("postgres", tmp_path)
+    name = f"oncely-relay-loop-{db.tag}"
+    try:
+        conn = db.connect()
+        for i in range(3):
+            db.outbox.add(conn, "t", b"x", message_id=f"o{i}")
+        conn.commit()
+        published: list[str] = []
+        relay = Relay(
+            db.outbox,
+            f"{POSTGRES_URL}?application_name={name}",
+            publish=lambda m: published.append(m.message_id),
+            batch=1,
+        )
+        assert relay.run_once() == 1
+        killed = db.run(
+            conn,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+            (name,),
+        )
+        assert killed == [(True,)]
+        conn.commit()
+        assert relay.run(idle=0.05) == 2  # one failed pass, then a new connection
+        relay.close()
+        assert published == ["o0", "o1", "o2"]
+    finally:
+        db.drop()
+
+
+def test_a_relay_holds_one_connection_and_gives_up_after_bounded_reconnects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pass of a loop runs on the same connection (one connect for 10 passes); a
+    database that stays down is tried ``reconnects + 1`` times, then the error is raised."""
+    import oncely.messaging.outbox as outbox_module
+
+    opened: list[str] = []
+    real_connect = outbox_module.connect
+
+    def counting(url: str, **options: Any) -> Any:
+        opened.append(url)
+        return real_connect(url, **options)
+
+    monkeypatch.setattr(outbox_module, "connect", counting)
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    outbox = Outbox("relay_conn")
+    conn = connect(url)
+    outbox.create_table(conn)
+    for i in range(10):
+        outbox.add(conn, "t", b"x", message_id=f"o{i}")
+    conn.commit()
+    published: list[str] = []
+    relay = Relay(outbox, url, publish=lambda m: published.append(m.message_id), batch=1)
+    assert relay.run() == 10
+    assert len(opened) == 1
+    relay.close()
+    down = Relay(Outbox(), "postgresql://postgres@127.0.0.1:1/test", publish=print)
+    opened.clear()
+    with pytest.raises(StoreUnavailable, match="run it again"):
+        down.run(idle=0.01, reconnects=2)
+    assert len(opened) == 3
+    with pytest.raises(ConfigurationError, match="reconnects"):
+        down.run(reconnects=-1)
+
+
 def test_a_relay_with_the_database_down_says_so() -> None:
     relay = Relay(Outbox(), "postgresql://postgres@127.0.0.1:1/test", publish=print)
     with pytest.raises(StoreUnavailable, match="run it again"):
