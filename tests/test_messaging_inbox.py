@@ -510,10 +510,21 @@ def test_relay_killed_mid_batch_loses_nothing_and_the_inbox_applies_once(
     assert db.effect_counts() == Counter({f"order-{i}": 1 for i in range(total)})
 
 
+def _kill_backend(db: Db, conn: Any, application_name: str) -> None:
+    """pg_terminate_backend on the one connection named ``application_name``."""
+    killed = db.run(
+        conn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        (application_name,),
+    )
+    assert killed == [(True,)]
+
+
 def test_a_relay_reconnects_after_its_connection_is_killed(tmp_path: Path) -> None:
     """pg_terminate_backend on the relay's own connection (found by application_name): the
     batch fails with StoreError, nothing is marked sent, the next batch reconnects and
-    publishes; each message once."""
+    publishes; each message once. Killed again under the loop (run), the failed pass drops the
+    connection and the next pass reconnects, instead of the loop ending with the error."""
     db = Db("postgres", tmp_path)
     name = f"oncely-relay-{db.tag}"
     try:
@@ -527,51 +538,18 @@ def test_a_relay_reconnects_after_its_connection_is_killed(tmp_path: Path) -> No
             publish=lambda m: published.append(m.message_id),
         )
         assert relay.run_once() == 1
-        killed = db.run(
-            conn,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-            (name,),
-        )
-        assert killed == [(True,)]
+        _kill_backend(db, conn, name)
         db.outbox.add(conn, "t", b"x", message_id="o2")
         conn.commit()
         with pytest.raises(StoreError):
             relay.run_once()
         assert relay.run() == 1
-        relay.close()
-        assert published == ["o1", "o2"]
-    finally:
-        db.drop()
-
-
-def test_a_relay_loop_reconnects_after_its_connection_is_killed(tmp_path: Path) -> None:
-    """The loop (run) keeps one connection for all its passes; killed under it, the failed
-    pass drops it and the next pass reconnects, instead of the loop ending with the error."""
-    db = Db("postgres", tmp_path)
-    name = f"oncely-relay-loop-{db.tag}"
-    try:
-        conn = db.connect()
-        for i in range(3):
-            db.outbox.add(conn, "t", b"x", message_id=f"o{i}")
+        _kill_backend(db, conn, name)
+        db.outbox.add(conn, "t", b"x", message_id="o3")
         conn.commit()
-        published: list[str] = []
-        relay = Relay(
-            db.outbox,
-            f"{POSTGRES_URL}?application_name={name}",
-            publish=lambda m: published.append(m.message_id),
-            batch=1,
-        )
-        assert relay.run_once() == 1
-        killed = db.run(
-            conn,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-            (name,),
-        )
-        assert killed == [(True,)]
-        conn.commit()
-        assert relay.run(idle=0.05) == 2  # one failed pass, then a new connection
+        assert relay.run(idle=0.05) == 1  # one failed pass, then a new connection
         relay.close()
-        assert published == ["o0", "o1", "o2"]
+        assert published == ["o1", "o2", "o3"]
     finally:
         db.drop()
 

@@ -39,7 +39,7 @@ from oncely.errors import (
 from oncely.locks import Lock
 from oncely.observability import logs, otel, prometheus
 from oncely.stores import Store
-from oncely.stores.memory import MemoryStore
+from test_redteam import CompleteFailsStore
 
 KINDS = ["memory", "sqlite", "redis"]
 
@@ -406,24 +406,6 @@ def test_http_layer_claims_are_counted_and_served(registry: CollectorRegistry) -
 
 
 # -- background completions and locks ------------------------------------------------------------
-class _CompleteFails(MemoryStore):
-    """A real memory store whose next ``failures`` completions fail as if it were unreachable
-    (as in tests/test_redteam.py): the completion goes to the background."""
-
-    def __init__(self, failures: int) -> None:
-        super().__init__()
-        self.failures = failures
-
-    def complete(self, *args: Any, **kwargs: Any) -> None:
-        if self.failures > 0:
-            self.failures -= 1
-            raise StoreUnavailable("injected: the store is unreachable")
-        super().complete(*args, **kwargs)
-
-    async def acomplete(self, *args: Any, **kwargs: Any) -> None:
-        self.complete(*args, **kwargs)
-
-
 def _wait_for(reg: CollectorRegistry, name: str, want: float, **labels: str) -> None:
     deadline = time.monotonic() + 10
     while value(reg, name, **labels) < want:
@@ -443,7 +425,7 @@ def test_background_completions_are_counted_and_traced(
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("test")
     observer = otel.install(provider)
-    store = _CompleteFails(failures=4)
+    store = CompleteFailsStore(failures=4)  # async too: acomplete calls complete
     order = f"order-{uuid.uuid4()}"
     try:
         with tracer.start_as_current_span("request") as parent:
