@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from oncely.demo.shop.app import create_app
-from oncely.demo.shop.db import ORDERS, ShopDB
+from oncely.demo.shop.db import ORDERS, Order, ShopDB
 from oncely.demo.shop.features.settlement import settle_once
 from oncely.demo.shop.features.shipping import Shipper
 from oncely.demo.shop.queue import EmbeddedQueue
@@ -425,3 +425,97 @@ def test_the_order_timeout_and_a_cancel_racing_it_give_the_stock_back_once(
     assert db.expire_unpaid(0.0) == 0
     still = db.order(paid.id)
     assert still is not None and still.status == "paid"
+
+
+def _race_a_settlement(db: ShopDB, round_: int) -> None:
+    """One round: 12 paid orders; a settlement reads them, one cancel lands between the read
+    and the pay-out (the settlement waits for it), 4 more threads cancel the rest meanwhile."""
+    orders: list[Order] = []
+    for i in range(12):
+        o = db.place_order("alice", "sku-2", 1, f"alice/race-{round_}-{i}", once=True)
+        assert o is not None
+        db.record_charge(o.id, o.amount, f"txn-{round_}-{i}", once=True)
+        orders.append(o)
+    read = threading.Event()
+    first_cancelled = threading.Event()
+
+    def settle() -> None:
+        mine = ShopDB(db.path)
+        run, batch = mine.start_settlement(round_, None, 100)
+        assert {o.id for o in orders} <= {o.id for o in batch}
+        read.set()
+        first_cancelled.wait(10)
+        mine.finish_settlement(run, batch, None)
+
+    def cancel(chunk: list[Order], first: bool) -> None:
+        mine = ShopDB(db.path)
+        read.wait(10)
+        for o in chunk:
+            try:
+                mine.cancel(o.id)
+            except IllegalTransition as exc:  # paid out first: refused, nothing given back
+                assert exc.current == "settled"
+            if first:
+                first_cancelled.set()
+
+    threads = [threading.Thread(target=settle)]
+    threads.append(threading.Thread(target=cancel, args=(orders[:1], True)))
+    threads += [threading.Thread(target=cancel, args=(orders[i::4], False)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ledger = db.ledger()
+    settled = {e["key"] for e in ledger if e["kind"] == "settle"}
+    restocked = {e["key"] for e in ledger if e["kind"] == "restock"}
+    ids = {o.id for o in orders}
+    assert orders[0].id in restocked  # cancelled before the pay-out statement
+    assert not (settled & restocked & ids), "an order was both paid out and cancelled"
+    assert (settled | restocked) & ids == ids
+    for o in orders:
+        now = db.order(o.id)
+        assert now is not None
+        assert (now.status == "cancelled") == (o.id in restocked) != (o.id in settled)
+
+
+def test_a_cancel_racing_a_settlement_never_yields_a_restock_and_a_pay_out(
+    tmp_path: Path,
+) -> None:
+    """Settlement reads its batch, then pays out; cancels of the same paid orders race it on
+    other threads (their own connections to the same SQLite file). Each order ends either
+    cancelled with its stock back and no pay-out, or settled and not cancelled: never both.
+    One cancel is made to land between the batch's read and its pay-out every round, the
+    window the old pay-out (by id only) paid a cancelled order in."""
+    db = ShopDB(tmp_path / "shop.db")
+    db.create()
+    for round_ in range(4):
+        _race_a_settlement(db, round_)
+
+
+def test_the_order_timeout_uses_the_database_clock_not_the_process_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A settlement process whose clock runs an hour ahead must not expire an order placed a
+    moment ago with a 10-minute timeout: candidates are chosen by the database's clock."""
+    import time as real_time
+
+    from oncely.demo.shop import db as shop_db
+
+    db = ShopDB(tmp_path / "shop.db")
+    db.create()
+    fresh = db.place_order("alice", "sku-4", 1, "alice/clock-1", once=True)
+    assert fresh is not None
+
+    class AheadClock:
+        def __getattr__(self, name: str) -> object:
+            return getattr(real_time, name)
+
+        @staticmethod
+        def time() -> float:
+            return real_time.time() + 3600.0
+
+    monkeypatch.setattr(shop_db, "time", AheadClock())
+    assert ShopDB(db.path).expire_unpaid(600.0) == 0
+    still = db.order(fresh.id)
+    assert still is not None and still.status == "placed"
+    assert db.expire_unpaid(0.0) == 1  # by the database's clock it is past a zero timeout

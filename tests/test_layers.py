@@ -77,3 +77,26 @@ def test_one_url_table_and_one_lua_loader() -> None:
             assert "://" not in text.replace("redis://localhost", ""), (
                 "URL schemes belong in registry"
             )
+
+
+def test_sql_requests_are_carried_out_only_by_oncely_sql_connections() -> None:
+    """``Exec``/``Enter``/``Leave`` requests are dispatched in one place,
+    :func:`oncely.sql.connections.run` / ``arun``: a mechanism passes only its own requests
+    (``other=``), never a copy of that dispatch."""
+    requests = {"Exec", "Enter", "Leave", "ExecLeave"}
+    for path in SRC.rglob("*.py"):
+        name = path.relative_to(SRC).as_posix()
+        if name in ("sql/connections.py", "backends/plans.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), name)):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id == "isinstance"
+                and len(node.args) == 2
+            ):
+                kinds = node.args[1]
+                names = {
+                    n.id for n in ast.walk(kinds) if isinstance(n, ast.Name) and n.id in requests
+                }
+                assert not names, f"{name}:{node.lineno} dispatches {sorted(names)} itself"

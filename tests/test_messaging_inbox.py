@@ -510,10 +510,21 @@ def test_relay_killed_mid_batch_loses_nothing_and_the_inbox_applies_once(
     assert db.effect_counts() == Counter({f"order-{i}": 1 for i in range(total)})
 
 
+def _kill_backend(db: Db, conn: Any, application_name: str) -> None:
+    """pg_terminate_backend on the one connection named ``application_name``."""
+    killed = db.run(
+        conn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
+        (application_name,),
+    )
+    assert killed == [(True,)]
+
+
 def test_a_relay_reconnects_after_its_connection_is_killed(tmp_path: Path) -> None:
     """pg_terminate_backend on the relay's own connection (found by application_name): the
     batch fails with StoreError, nothing is marked sent, the next batch reconnects and
-    publishes; each message once."""
+    publishes; each message once. Killed again under the loop (run), the failed pass drops the
+    connection and the next pass reconnects, instead of the loop ending with the error."""
     db = Db("postgres", tmp_path)
     name = f"oncely-relay-{db.tag}"
     try:
@@ -527,21 +538,56 @@ def test_a_relay_reconnects_after_its_connection_is_killed(tmp_path: Path) -> No
             publish=lambda m: published.append(m.message_id),
         )
         assert relay.run_once() == 1
-        killed = db.run(
-            conn,
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-            (name,),
-        )
-        assert killed == [(True,)]
+        _kill_backend(db, conn, name)
         db.outbox.add(conn, "t", b"x", message_id="o2")
         conn.commit()
         with pytest.raises(StoreError):
             relay.run_once()
         assert relay.run() == 1
+        _kill_backend(db, conn, name)
+        db.outbox.add(conn, "t", b"x", message_id="o3")
+        conn.commit()
+        assert relay.run(idle=0.05) == 1  # one failed pass, then a new connection
         relay.close()
-        assert published == ["o1", "o2"]
+        assert published == ["o1", "o2", "o3"]
     finally:
         db.drop()
+
+
+def test_a_relay_holds_one_connection_and_gives_up_after_bounded_reconnects(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pass of a loop runs on the same connection (one connect for 10 passes); a
+    database that stays down is tried ``reconnects + 1`` times, then the error is raised."""
+    import oncely.messaging.outbox as outbox_module
+
+    opened: list[str] = []
+    real_connect = outbox_module.connect
+
+    def counting(url: str, **options: Any) -> Any:
+        opened.append(url)
+        return real_connect(url, **options)
+
+    monkeypatch.setattr(outbox_module, "connect", counting)
+    url = f"sqlite:///{tmp_path / 'relay.db'}"
+    outbox = Outbox("relay_conn")
+    conn = connect(url)
+    outbox.create_table(conn)
+    for i in range(10):
+        outbox.add(conn, "t", b"x", message_id=f"o{i}")
+    conn.commit()
+    published: list[str] = []
+    relay = Relay(outbox, url, publish=lambda m: published.append(m.message_id), batch=1)
+    assert relay.run() == 10
+    assert len(opened) == 1
+    relay.close()
+    down = Relay(Outbox(), "postgresql://postgres@127.0.0.1:1/test", publish=print)
+    opened.clear()
+    with pytest.raises(StoreUnavailable, match="run it again"):
+        down.run(idle=0.01, reconnects=2)
+    assert len(opened) == 3
+    with pytest.raises(ConfigurationError, match="reconnects"):
+        down.run(reconnects=-1)
 
 
 def test_a_relay_with_the_database_down_says_so() -> None:

@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -22,9 +26,20 @@ from prometheus_client import CollectorRegistry, generate_latest
 from oncely import current_claim, idempotent
 from oncely.core import observe
 from oncely.core.records import digest_key
-from oncely.errors import IdempotencyKeyMismatch, InFlightError, LeaseLost, StoreUnavailable
+from oncely.core.settle import settle_later
+from oncely.errors import (
+    IdempotencyKeyMismatch,
+    InFlightError,
+    LeaseLost,
+    LockError,
+    LockLost,
+    ResultNotStored,
+    StoreUnavailable,
+)
+from oncely.locks import Lock
 from oncely.observability import logs, otel, prometheus
 from oncely.stores import Store
+from test_redteam import CompleteFailsStore
 
 KINDS = ["memory", "sqlite", "redis"]
 
@@ -388,3 +403,193 @@ def test_http_layer_claims_are_counted_and_served(registry: CollectorRegistry) -
     assert 'oncely_claims_total{outcome="new",store="memory"} 1.0' in text
     assert 'oncely_replays_total{store="memory"} 1.0' in text
     assert key not in text and digest_key(key) not in text
+
+
+# -- background completions and locks ------------------------------------------------------------
+def _wait_for(reg: CollectorRegistry, name: str, want: float, **labels: str) -> None:
+    deadline = time.monotonic() + 10
+    while value(reg, name, **labels) < want:
+        assert time.monotonic() < deadline, f"{name}{labels} never reached {want}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_background_completions_are_counted_and_traced(
+    registry: CollectorRegistry, face: str
+) -> None:
+    """A completion the store refused 4 times is handed to the background and lands there:
+    started and succeeded are counted (with its duration), and it is one INTERNAL span, a
+    child of the span the call ran in."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    observer = otel.install(provider)
+    store = CompleteFailsStore(failures=4)  # async too: acomplete calls complete
+    order = f"order-{uuid.uuid4()}"
+    try:
+        with tracer.start_as_current_span("request") as parent:
+            if face == "sync":
+
+                @idempotent(store=store, key=["k"], lease=2)
+                def charge(k: str) -> str:
+                    return "charged"
+
+                with pytest.raises(ResultNotStored):
+                    charge(order)
+            else:
+
+                @idempotent(store=store, key=["k"], lease=2)
+                async def acharge(k: str) -> str:
+                    return "charged"
+
+                async def main() -> None:
+                    with pytest.raises(ResultNotStored):
+                        await acharge(order)
+                    while store.failures or not value(
+                        registry,
+                        "oncely_background_completions_total",
+                        store="memory",
+                        outcome="succeeded",
+                    ):
+                        await asyncio.sleep(0.01)  # the task runs on this loop
+
+                asyncio.run(main())
+        _wait_for(
+            registry, "oncely_background_completions_total", 1, store="memory", outcome="succeeded"
+        )
+    finally:
+        otel.uninstall(observer)
+    assert value(registry, "oncely_background_completions_started_total", store="memory") == 1
+    seconds = "oncely_background_completion_seconds"
+    assert value(registry, f"{seconds}_count", store="memory", outcome="succeeded") == 1
+    assert 0 < value(registry, f"{seconds}_sum", store="memory", outcome="succeeded") < 10
+    (span,) = [s for s in exporter.get_finished_spans() if s.name.startswith("complete_later")]
+    assert span.name == "complete_later oncely.memory"
+    assert span.kind is SpanKind.INTERNAL
+    assert span.attributes is not None and span.attributes["oncely.outcome"] == "succeeded"
+    assert span.parent is not None and span.parent.span_id == parent.get_span_context().span_id
+    assert order not in generate_latest(registry).decode()
+
+
+def test_background_completions_that_give_up_or_fail_are_counted(
+    registry: CollectorRegistry,
+) -> None:
+    """The retry's two other ends: the store stays unreachable for the whole bound
+    (``given_up``), the claim is lost meanwhile (``failed``); both ERROR spans."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    observer = otel.install(provider)
+
+    def unreachable() -> None:
+        raise StoreUnavailable("injected: the store is unreachable")
+
+    def lost() -> None:
+        raise LeaseLost("injected: the claim was taken over")
+
+    try:
+        for write in (unreachable, lost):
+            ended = threading.Event()
+            settle_later(write, ended.set, "the test's result", settle_for=0.3, store="redis")
+            assert ended.wait(10)
+    finally:
+        otel.uninstall(observer)
+    total = "oncely_background_completions_total"
+    assert value(registry, "oncely_background_completions_started_total", store="redis") == 2
+    assert value(registry, total, store="redis", outcome="given_up") == 1
+    assert value(registry, total, store="redis", outcome="failed") == 1
+    assert value(registry, total, store="redis", outcome="succeeded") == 0
+    spans = [s for s in exporter.get_finished_spans() if s.name == "complete_later redis"]
+    assert sorted(str((s.attributes or {})["oncely.outcome"]) for s in spans) == [
+        "failed",
+        "given_up",
+    ]
+    assert all(s.status.status_code is StatusCode.ERROR for s in spans)
+
+
+def test_lock_renewals_and_a_lost_lock_are_counted(
+    registry: CollectorRegistry, tmp_path: Path
+) -> None:
+    """A lock (ttl 2 s, auto_renew) on a real SQLite file: its renewals are counted ``ok``;
+    an operator deletes its row, the next renewal finds it gone: one ``failed`` renewal and
+    one lost lock, labelled by the backend's kind, never by the lock's name."""
+    name = f"lock-{uuid.uuid4()}"
+    url = f"sqlite:///{tmp_path / 'locks.db'}"
+    lock = Lock(url, name, ttl=2, auto_renew=True)
+    lock.acquire()
+    try:
+        _wait_for(registry, "oncely_lock_renewals_total", 1, backend="sqlite", outcome="ok")
+        with sqlite3.connect(tmp_path / "locks.db") as conn:
+            conn.execute("DELETE FROM oncely_locks")
+        assert lock.lost.wait(10)
+    finally:
+        with contextlib.suppress(LockError):
+            lock.release()
+    assert value(registry, "oncely_locks_lost_total", backend="sqlite") == 1
+    assert value(registry, "oncely_lock_renewals_total", backend="sqlite", outcome="failed") == 1
+    exposed = generate_latest(registry).decode()
+    assert name not in exposed and "oncely_locks_lost_total" in exposed
+
+
+def test_a_lost_lock_is_an_event_on_the_current_span(tmp_path: Path) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    observer = otel.install(provider)
+    name = f"lock-{uuid.uuid4()}"
+    lock = Lock(f"sqlite:///{tmp_path / 'locks.db'}", name, ttl=2)
+    try:
+        lock.acquire()
+        with sqlite3.connect(tmp_path / "locks.db") as conn:
+            conn.execute("DELETE FROM oncely_locks")
+        with provider.get_tracer("test").start_as_current_span("settle"), pytest.raises(LockLost):
+            lock.extend()
+    finally:
+        otel.uninstall(observer)
+    (span,) = exporter.get_finished_spans()
+    (event,) = span.events
+    assert event.name == "oncely.lock_lost"
+    assert dict(event.attributes or {}) == {"oncely.lock.backend": "sqlite"}
+
+
+def test_an_observer_without_the_newer_hooks_keeps_working(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An observer written before the background and lock hooks (only ``operation``,
+    ``lease_renewed``, ``lease_lost``) is skipped for them, not broken; the log observer
+    logs a background completion's end with its fields and no key."""
+
+    class Old:
+        def operation(self, store: str, name: str, key: Any) -> Any:
+            return self
+
+        def done(self, outcome: str, seconds: float, error: BaseException | None) -> None:
+            pass
+
+        def lease_renewed(self, store: str, ok: bool) -> None:
+            pass
+
+        def lease_lost(self, store: str, key: Any) -> None:
+            pass
+
+    old = Old()
+    observe.add(old)  # type: ignore[arg-type]
+    log_observer = logs.install(level=logging.INFO)
+    try:
+        ended = threading.Event()
+        with caplog.at_level(logging.INFO, logger="oncely.ops"):
+            settle_later(lambda: None, ended.set, "a result", store="sqlite")
+            assert ended.wait(10)
+        lock = Lock(f"sqlite:///{tmp_path / 'locks.db'}", "compat", ttl=2)
+        lock.acquire()
+        with sqlite3.connect(tmp_path / "locks.db") as conn:
+            conn.execute("DELETE FROM oncely_locks")
+        with pytest.raises(LockLost):
+            lock.extend()
+    finally:
+        observe.remove(old)  # type: ignore[arg-type]
+        logs.uninstall(log_observer)
+    (record,) = [r for r in caplog.records if "background completion" in r.getMessage()]
+    assert record.oncely_outcome == "succeeded"  # type: ignore[attr-defined]
+    assert record.oncely_operation == "complete_later"  # type: ignore[attr-defined]

@@ -1,23 +1,31 @@
 """The hook metrics, traces and structured logs plug into: zero cost while none is installed.
 
 Every store operation of the decorator and the HTTP layer goes through
-:func:`oncely.core.ops.perform` / :func:`~oncely.core.ops.aperform`, and every lease renewal
-and lost lease through :mod:`oncely.core.lease`; those places call this module only when
-:data:`observers` is not empty (one truth test otherwise). Core imports no third-party package:
-the Prometheus and OpenTelemetry observers live in :mod:`oncely.observability`.
+:func:`oncely.core.ops.perform` / :func:`~oncely.core.ops.aperform`, every lease renewal and
+lost lease of a claim through :mod:`oncely.core.lease`, every completion handed to the
+background through :mod:`oncely.core.settle`, and every renewal and loss of a lock through
+:mod:`oncely.locks.lock`; those places call this module only when :data:`observers` is not
+empty (one truth test otherwise). Core imports no third-party package: the Prometheus and
+OpenTelemetry observers live in :mod:`oncely.observability`.
 
-What an observer is told is bounded: the store's kind (its first URL scheme, e.g. ``redis``),
-the operation (``claim``, ``complete``, ``release``, ``watch``, ``renew``) and an outcome
-(``new``, ``replay``, ``in_flight``, ``mismatch`` for claims; ``ok`` or ``error`` otherwise).
-The record key is passed as a :class:`~oncely.core.records.RecordKey`, whose ``digest`` is the
-SHA-256 of the caller's key: the raw key never reaches an observer.
+What an observer is told is bounded: the store's kind (its first URL scheme, e.g. ``redis``)
+or the lock backend's kind (:attr:`oncely.locks.base.LockBackend.kind`), the operation
+(``claim``, ``complete``, ``release``, ``watch``, ``renew``) and an outcome (``new``,
+``replay``, ``in_flight``, ``mismatch`` for claims; ``ok`` or ``error`` otherwise; see
+:data:`BACKGROUND_OUTCOMES` for background completions). The record key is passed as a
+:class:`~oncely.core.records.RecordKey`, whose ``digest`` is the SHA-256 of the caller's key:
+the raw key never reaches an observer, and neither does a lock's name.
+
+The hooks added later (:meth:`Observer.background`, :meth:`Observer.lock_renewed`,
+:meth:`Observer.lock_lost`) are optional: an observer written before them, without those
+methods, keeps working and is simply not told.
 """
 
 from __future__ import annotations
 
 import time
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
 from oncely.core.records import InFlight, Mismatch, New, RecordKey, Replay
 
@@ -25,18 +33,29 @@ if TYPE_CHECKING:
     from oncely.stores.base import Store
 
 __all__ = [
+    "BACKGROUND_OUTCOMES",
+    "Background",
+    "BackgroundScope",
     "Observer",
     "OperationScope",
     "Watch",
     "add",
+    "background",
     "claim_outcome",
     "lease_lost",
     "lease_renewed",
+    "lock_lost",
+    "lock_renewed",
     "observers",
     "operation",
     "remove",
     "store_kind",
 ]
+
+#: How a background completion ends: ``succeeded`` (the write landed), ``given_up`` (the store
+#: stayed unreachable for the whole bound, :data:`oncely.core.settle.SETTLE_FOR`) or ``failed``
+#: (the claim was lost meanwhile, or another store error).
+BACKGROUND_OUTCOMES: Final = ("succeeded", "given_up", "failed")
 
 
 class OperationScope(Protocol):
@@ -46,8 +65,16 @@ class OperationScope(Protocol):
         """The operation ended after ``seconds`` with ``outcome`` (``error`` if it raised)."""
 
 
+class BackgroundScope(Protocol):
+    """What an observer keeps for one background completion (e.g. an open span)."""
+
+    def done(self, outcome: str, seconds: float) -> None:
+        """The completion ended after ``seconds`` with ``outcome`` (:data:`BACKGROUND_OUTCOMES`)."""
+
+
 class Observer(Protocol):
-    """Told about store operations and leases. Methods must be quick and must not raise."""
+    """Told about store operations, leases, background completions and locks. Methods must be
+    quick and must not raise."""
 
     def operation(self, store: str, name: str, key: RecordKey) -> OperationScope:
         """A store operation ``name`` on a store of kind ``store`` starts."""
@@ -57,6 +84,18 @@ class Observer(Protocol):
 
     def lease_lost(self, store: str, key: RecordKey) -> None:
         """A claim's lease was lost (reported once per claim)."""
+
+    def background(self, store: str) -> BackgroundScope:
+        """A completion that the store did not take at once is handed to the background
+        (:mod:`oncely.core.settle`) on a store of kind ``store``. Optional."""
+
+    def lock_renewed(self, backend: str, ok: bool) -> None:
+        """An automatic renewal of a lock on a backend of kind ``backend`` was confirmed
+        (``ok``) or failed. Optional."""
+
+    def lock_lost(self, backend: str) -> None:
+        """A lock held on a backend of kind ``backend`` was lost (reported once per hold).
+        Optional."""
 
 
 #: The installed observers (empty: the hooks cost one truth test).
@@ -140,3 +179,46 @@ def lease_lost(store: Store, key: RecordKey) -> None:
     kind = store_kind(store)
     for o in list(observers):
         o.lease_lost(kind, key)
+
+
+class Background:
+    """Times one background completion and tells every observer that has the hook."""
+
+    __slots__ = ("_scopes", "_started")
+
+    def __init__(self, store: str) -> None:
+        self._scopes: list[BackgroundScope] = []
+        for o in list(observers):
+            hook = getattr(o, "background", None)
+            if hook is not None:
+                self._scopes.append(hook(store))
+        self._started = time.perf_counter()
+
+    def done(self, outcome: str) -> None:
+        """The completion ended with ``outcome`` (one of :data:`BACKGROUND_OUTCOMES`)."""
+        seconds = time.perf_counter() - self._started
+        for scope in self._scopes:
+            scope.done(outcome, seconds)
+
+
+def background(store: str) -> Background:
+    """Start watching a background completion on a store of kind ``store`` (call only if
+    :data:`observers`)."""
+    return Background(store)
+
+
+def lock_renewed(backend: str, ok: bool) -> None:
+    """Tell the observers a lock renewal on a backend of kind ``backend`` succeeded (``ok``)
+    or failed."""
+    for o in list(observers):
+        hook = getattr(o, "lock_renewed", None)
+        if hook is not None:
+            hook(backend, ok)
+
+
+def lock_lost(backend: str) -> None:
+    """Tell the observers a lock on a backend of kind ``backend`` was lost."""
+    for o in list(observers):
+        hook = getattr(o, "lock_lost", None)
+        if hook is not None:
+            hook(backend)

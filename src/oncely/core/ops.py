@@ -131,7 +131,8 @@ def perform(store: Store, op: StoreOp) -> Any:
         held = Claimed(op.key, op.fence, op.lease, store)
         keeper.keep(held, time.monotonic())
         write = functools.partial(store.complete, op.key, op.fence, op.data, op.codec, op.ttl)
-        settle_later(write, functools.partial(keeper.stop, held), op.what)
+        stop = functools.partial(keeper.stop, held)
+        settle_later(write, stop, op.what, store=observe.store_kind(store))
         return None
     name, args = _store_call(op)
     if not observe.observers:
@@ -150,7 +151,7 @@ async def aperform(store: Store, op: StoreOp) -> Any:
     if isinstance(op, CompleteLater):
         renewer = AsyncRenewer(Claimed(op.key, op.fence, op.lease, store), time.monotonic())
         write = functools.partial(store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl)
-        asettle_later(write, renewer.stop, op.what)
+        asettle_later(write, renewer.stop, op.what, store=observe.store_kind(store))
         return None
     name, args = _store_call(op)
     if not observe.observers:

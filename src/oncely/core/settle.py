@@ -15,7 +15,10 @@ another caller may have run it; logged), on another store error (logged), or at 
 :data:`SETTLE_FOR` is the one case oncely cannot cover without the store).
 
 The decision is written once, as a plan (:func:`settle_plan`, no I/O); :func:`settle_later`
-carries it out on a thread, :func:`asettle_later` as a task on the running loop.
+carries it out on a thread, :func:`asettle_later` as a task on the running loop. Both tell the
+observers (:mod:`oncely.core.observe`) when a completion starts and how it ends:
+``succeeded``, ``given_up`` (the store stayed unreachable for the whole bound) or ``failed``
+(the claim was lost, or another store error).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from collections.abc import Awaitable, Callable, Generator
 from dataclasses import dataclass
 from typing import Final
 
+from oncely.core import observe
 from oncely.core.cancelsafe import keep_alive
 from oncely.errors import LeaseLost, OncelyError, StoreUnavailable
 
@@ -90,17 +94,43 @@ def settle_plan(what: str, settle_for: float = SETTLE_FOR) -> Generator[Write | 
         return True
 
 
+class _Told:
+    """Tells the observers (if any) that a background completion started, then how it ended."""
+
+    __slots__ = ("last_error", "watch")
+
+    def __init__(self, store: str) -> None:
+        self.watch = observe.background(store) if observe.observers else None
+        self.last_error: BaseException | None = None
+
+    def end(self, landed: bool | None) -> None:
+        """``landed``: the plan's answer (None: the work itself crashed)."""
+        if self.watch is None:
+            return
+        if landed:
+            outcome = "succeeded"
+        elif landed is False and isinstance(self.last_error, StoreUnavailable):
+            outcome = "given_up"
+        else:
+            outcome = "failed"
+        self.watch.done(outcome)
+
+
 def settle_later(
     write: Callable[[], object],
     done: Callable[[], None],
     what: str,
     settle_for: float = SETTLE_FOR,
+    store: str = "unknown",
 ) -> threading.Thread:
     """Run :func:`settle_plan` for ``write`` on a daemon thread; call ``done()`` at the end
-    (stop the lease renewal). Returns the started thread."""
+    (stop the lease renewal). ``store`` is the store's kind, for the observers (a bounded
+    label, :func:`oncely.core.observe.store_kind`). Returns the started thread."""
+    told = _Told(store)
 
     def work() -> None:
         plan = settle_plan(what, settle_for)
+        landed: bool | None = None
         try:
             request = plan.send(None)
             while True:
@@ -111,14 +141,16 @@ def settle_later(
                 try:
                     write()
                 except BaseException as exc:
+                    told.last_error = exc
                     request = plan.throw(exc)
                 else:
                     request = plan.send(None)
-        except StopIteration:
-            pass
+        except StopIteration as stop:
+            landed = bool(stop.value)
         except BaseException:
             log.exception("oncely: storing %s in the background failed", what)
         finally:
+            told.end(landed)
             done()
 
     thread = threading.Thread(target=work, name="oncely-settle", daemon=True)
@@ -131,11 +163,14 @@ def asettle_later(
     done: Callable[[], None],
     what: str,
     settle_for: float = SETTLE_FOR,
+    store: str = "unknown",
 ) -> asyncio.Future[None]:
     """:func:`settle_later` as a task on the running loop (kept alive until it ends)."""
+    told = _Told(store)
 
     async def work() -> None:
         plan = settle_plan(what, settle_for)
+        landed: bool | None = None
         try:
             request = plan.send(None)
             while True:
@@ -146,12 +181,14 @@ def asettle_later(
                 try:
                     await write()
                 except Exception as exc:
+                    told.last_error = exc
                     request = plan.throw(exc)
                 else:
                     request = plan.send(None)
-        except StopIteration:
-            pass
+        except StopIteration as stop:
+            landed = bool(stop.value)
         finally:
+            told.end(landed)
             done()
 
     task = asyncio.ensure_future(work())

@@ -100,6 +100,9 @@ class State:
 class LockBackend(abc.ABC):
     """Atomic lock operations on one store (or one set of Redlock nodes), shared per process."""
 
+    #: The backend's kind, a bounded label for metrics (``redis``, ``redlock``,
+    #: ``postgresql``, ``sqlite``); never the lock's name or URL.
+    kind: str = "unknown"
     #: True if :meth:`acquire` can wait on the server (it then receives the whole wait).
     server_wait: bool = False
     #: True if a hold ends by itself ``ttl`` seconds after its acquire or last extension (Redis,

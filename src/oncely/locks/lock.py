@@ -37,6 +37,7 @@ from typing import Any, Final, Literal, overload
 from oncely.backends.forks import after_fork
 from oncely.backends.registry import lock_backend_class as backend_class
 from oncely.backends.registry import shared_lock_backend as shared_backend
+from oncely.core import observe
 from oncely.core.cancelsafe import keep_alive, keep_cancel
 from oncely.core.renewal import renew_timeout, report, watchdog
 from oncely.errors import (
@@ -322,6 +323,8 @@ class Lock:
         if renewal is not None:
             renewal.active = False
         log.error("oncely: lock %r lost: %s", self.name, exc)
+        if observe.observers:
+            observe.lock_lost(self.backend.kind)
         self._tell(exc)
 
     def _tell(self, exc: LockLost) -> None:
@@ -825,15 +828,23 @@ class _Renewal:
         if outcome is _STOPPED or not self.active:
             return None
         if outcome is None:
+            self._told(False)
             self._lose("a renewal found that the store no longer has it under this owner")
             return None
         assert isinstance(outcome, float)
+        self._told(True)
         self.lock._renewed(self.hold, sent_at, outcome)
         return sent_at + outcome / 3
+
+    def _told(self, ok: bool) -> None:
+        """Tell the observers a renewal was confirmed (``ok``) or failed."""
+        if observe.observers:
+            observe.lock_renewed(self.lock.backend.kind, ok)
 
     def _failed(self, exc: BaseException) -> float | None:
         if not self.active:
             return None
+        self._told(False)
         now = time.monotonic()
         gap = self.lock.lease / 10
         if now + gap >= self.held_until:

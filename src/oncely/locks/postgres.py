@@ -181,6 +181,8 @@ class PostgresLockBackend(LockBackend):
     :func:`psycopg.connect`.
     """
 
+    kind = "postgresql"
+
     server_wait = True
     #: The lock lasts as long as its session; statements on lock.connection keep that alive.
     expires = False

@@ -73,6 +73,8 @@ class RedisLockBackend(LockBackend):
     instead of hanging on a server that stopped answering.
     """
 
+    kind = "redis"
+
     def __init__(
         self,
         url: str,

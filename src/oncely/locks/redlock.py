@@ -118,6 +118,8 @@ class RedlockBackend(LockBackend):
     :class:`~oncely.locks.redis.RedisLockBackend`.
     """
 
+    kind = "redlock"
+
     def __init__(
         self,
         urls: Sequence[str],

@@ -73,6 +73,8 @@ class SQLiteLockBackend(LockBackend):
     waiter looks again.
     """
 
+    kind = "sqlite"
+
     def __init__(
         self,
         url: str,

@@ -171,28 +171,6 @@ def translate(exc: Exception, what: str) -> Exception:
     return StoreError(f"{what} failed: {type(exc).__name__}: {exc}")
 
 
-def execute_request(conn: SqlConnection, request: Any) -> Any:
-    """The sync executor of :mod:`oncely.sql.connections` requests on ``conn``."""
-    if isinstance(request, Exec):
-        return conn.execute(request.statement, request.params)
-    if isinstance(request, Enter):
-        return conn.enter(request.savepoint)
-    if isinstance(request, Leave):
-        return conn.leave(request.block, request.commit)
-    raise TypeError(f"unknown request {request!r}")  # pragma: no cover
-
-
-async def aexecute_request(conn: SqlConnection, request: Any) -> Any:
-    """The async face of :func:`execute_request`."""
-    if isinstance(request, Exec):
-        return await conn.aexecute(request.statement, request.params)
-    if isinstance(request, Enter):
-        return await conn.aenter(request.savepoint)
-    if isinstance(request, Leave):
-        return await conn.aleave(request.block, request.commit)
-    raise TypeError(f"unknown request {request!r}")  # pragma: no cover
-
-
 def purge_in_batches(
     conn: SqlConnection, delete: str, params: dict[str, Any], batch: int
 ) -> Plan[int]:

@@ -44,14 +44,13 @@ import contextlib
 import inspect
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from oncely.backends.plans import Exec, Plan
-from oncely.backends.plans import arun as arun_plan
-from oncely.backends.plans import run as run_plan
 from oncely.backends.urls import redact_url, scheme_of
 from oncely.errors import (
     ConfigurationError,
@@ -62,10 +61,8 @@ from oncely.errors import (
 )
 from oncely.messaging.dedup import message_id_text
 from oncely.messaging.inbox import (
-    aexecute_request,
     check_table,
     connect,
-    execute_request,
     now_sql,
     purge_in_batches,
     translate,
@@ -81,10 +78,19 @@ from oncely.sql.connections import (
     run,
 )
 
-__all__ = ["DEFAULT_KEEP_SENT", "MAX_TOPIC_LENGTH", "Outbox", "OutboxMessage", "Relay"]
+__all__ = [
+    "DEFAULT_KEEP_SENT",
+    "DEFAULT_RECONNECTS",
+    "MAX_TOPIC_LENGTH",
+    "Outbox",
+    "OutboxMessage",
+    "Relay",
+]
 
 #: Seconds a sent row is kept by default before :meth:`Outbox.purge` may delete it (1 day).
 DEFAULT_KEEP_SENT: Final = 86400.0
+#: Failed passes in a row :meth:`Relay.run` reconnects after before it raises.
+DEFAULT_RECONNECTS: Final = 3
 #: Longest topic, in characters.
 MAX_TOPIC_LENGTH: Final = 255
 
@@ -268,12 +274,27 @@ class Outbox:
 
     def _batch(self, conn: SqlConnection, batch: int) -> Plan[int]:
         """Claim up to ``batch`` unsent rows, publish them in order, mark the published ones
-        sent, commit; the number published."""
+        sent, commit; the number published. A database error comes out as a typed oncely
+        error (:class:`~oncely.errors.StoreError` and kin); a publish error as itself, after
+        the messages before it were marked sent."""
         if conn.in_transaction():
             raise ConfigurationError(
                 "a relay runs its own transactions: give it a connection with no open "
                 "transaction, used by nothing else"
             )
+        try:
+            done, failure = yield from self._claim_publish_mark(conn, batch)
+        except OncelyError:
+            raise
+        except Exception as exc:
+            raise translate(exc, f"outbox relay on {self.table!r}") from exc
+        if failure is not None:
+            raise failure
+        return done
+
+    def _claim_publish_mark(
+        self, conn: SqlConnection, batch: int
+    ) -> Plan[tuple[int, BaseException | None]]:
         block = yield Enter(savepoint=False)
         done: list[int] = []
         failure: BaseException | None = None
@@ -296,9 +317,7 @@ class Outbox:
             yield Leave(block, False)
             raise
         yield Leave(block, True)
-        if failure is not None:
-            raise failure
-        return len(done)
+        return len(done), failure
 
     # -- sync face -----------------------------------------------------------------------------
     def create_table(self, conn: Any) -> None:
@@ -431,41 +450,74 @@ class Relay:
             raw, self._raw, self._conn = self._raw, None, None
             raw.close()
 
-    # -- sync ----------------------------------------------------------------------------------
-    def _execute(self, request: Any) -> Any:
-        if type(request) is _Publish:
-            result = self.publish(request.message)
-            if inspect.isawaitable(result):
-                close = getattr(result, "close", None)
-                if close is not None:
-                    close()  # a coroutine never awaited
-                raise ConfigurationError(
-                    "publish returned an awaitable: use the async faces (arun_once / arun)"
-                )
-            return None
-        try:
-            return execute_request(self._connection(), request)
-        except OncelyError:
-            raise
-        except Exception as exc:
-            raise translate(exc, f"outbox relay on {self.outbox.table!r}") from exc
+    # -- the relay's own request (publish): the rest runs on oncely.sql.connections.run/arun --
+    def _publish(self, request: Any) -> None:
+        if type(request) is not _Publish:
+            raise TypeError(f"unknown request {request!r}")
+        result = self.publish(request.message)
+        if inspect.isawaitable(result):
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()  # a coroutine never awaited
+            raise ConfigurationError(
+                "publish returned an awaitable: use the async faces (arun_once / arun)"
+            )
 
+    async def _apublish(self, request: Any) -> None:
+        if type(request) is not _Publish:
+            raise TypeError(f"unknown request {request!r}")
+        result = self.publish(request.message)
+        if inspect.isawaitable(result):
+            await result
+
+    # -- sync ----------------------------------------------------------------------------------
     def run_once(self) -> int:
-        """Publish one batch; the number of messages published (0: nothing to do)."""
-        plan = self.outbox._batch(self._connection(), self.batch)
+        """Publish one batch on the relay's connection (opened on first use and kept for the
+        next passes; after a database error it is dropped, and the next pass opens a new one);
+        the number of messages published (0: nothing to do).
+
+        :raises StoreUnavailable: the database cannot be reached (nothing was published).
+        :raises StoreError: the batch failed in the database (nothing of it was marked sent).
+        """
+        conn = self._connection()
         try:
-            return int(run_plan(plan, self._execute))
+            return int(run(self.outbox._batch(conn, self.batch), conn, self._publish))
         except StoreError:
             self._failed()
             raise
 
-    def run(self, stop: threading.Event | None = None, *, idle: float = 1.0) -> int:
+    def run(
+        self,
+        stop: threading.Event | None = None,
+        *,
+        idle: float = 1.0,
+        reconnects: int = DEFAULT_RECONNECTS,
+    ) -> int:
         """Publish batches until ``stop`` is set (or, without ``stop``, until the outbox is
         empty), waiting ``idle`` seconds whenever there is nothing to publish; the total
-        published."""
+        published.
+
+        All passes share one connection. A pass that fails in the database drops it; the
+        loop waits ``idle`` seconds and the next pass opens a new one, up to ``reconnects``
+        failed passes in a row (a pass that succeeds resets the count); the one after
+        that raises its :class:`~oncely.errors.StoreError`. A publish error is raised at once.
+        """
+        _check_reconnects(reconnects)
         total = 0
+        failures = 0
         while stop is None or not stop.is_set():
-            count = self.run_once()
+            try:
+                count = self.run_once()
+            except StoreError:
+                failures += 1
+                if failures > reconnects:
+                    raise
+                if stop is None:
+                    time.sleep(idle)
+                else:
+                    stop.wait(idle)
+                continue
+            failures = 0
             total += count
             if count == 0:
                 if stop is None:
@@ -474,39 +526,50 @@ class Relay:
         return total
 
     # -- async ---------------------------------------------------------------------------------
-    async def _aexecute(self, request: Any) -> Any:
-        if type(request) is _Publish:
-            result = self.publish(request.message)
-            if inspect.isawaitable(result):
-                await result
-            return None
-        try:
-            return await aexecute_request(self._connection(), request)
-        except OncelyError:
-            raise
-        except Exception as exc:
-            raise translate(exc, f"outbox relay on {self.outbox.table!r}") from exc
-
     async def arun_once(self) -> int:
         """The async face of :meth:`run_once`."""
-        plan = self.outbox._batch(self._connection(), self.batch)
+        conn = self._connection()
         try:
-            return int(await arun_plan(plan, self._aexecute))
+            return int(await arun(self.outbox._batch(conn, self.batch), conn, self._apublish))
         except StoreError:
             self._failed()
             raise
 
-    async def arun(self, stop: asyncio.Event | None = None, *, idle: float = 1.0) -> int:
+    async def arun(
+        self,
+        stop: asyncio.Event | None = None,
+        *,
+        idle: float = 1.0,
+        reconnects: int = DEFAULT_RECONNECTS,
+    ) -> int:
         """The async face of :meth:`run`."""
+        _check_reconnects(reconnects)
         total = 0
+        failures = 0
         while stop is None or not stop.is_set():
-            count = await self.arun_once()
+            try:
+                count = await self.arun_once()
+            except StoreError:
+                failures += 1
+                if failures > reconnects:
+                    raise
+                if stop is None:
+                    await asyncio.sleep(idle)
+                else:
+                    await _wait(stop, idle)
+                continue
+            failures = 0
             total += count
             if count == 0:
                 if stop is None:
                     return total
                 await _wait(stop, idle)
         return total
+
+
+def _check_reconnects(reconnects: Any) -> None:
+    if not isinstance(reconnects, int) or isinstance(reconnects, bool) or reconnects < 0:
+        raise ConfigurationError(f"reconnects={reconnects!r}: give a whole number >= 0")
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:

@@ -45,9 +45,33 @@ class _Scope:
         )
 
 
+class _Background:
+    __slots__ = ("owner", "store")
+
+    def __init__(self, owner: LogObserver, store: str) -> None:
+        self.owner, self.store = owner, store
+
+    def done(self, outcome: str, seconds: float) -> None:
+        level = self.owner.level if outcome == "succeeded" else logging.WARNING
+        self.owner.logger.log(
+            level,
+            "oncely: background completion on %s: %s after %.3f s",
+            self.store,
+            outcome,
+            seconds,
+            extra={
+                "oncely_store": self.store,
+                "oncely_operation": "complete_later",
+                "oncely_outcome": outcome,
+                "oncely_seconds": seconds,
+            },
+        )
+
+
 class LogObserver:
-    """Logs each store operation at ``level`` (failed ones at WARNING) and each lost lease at
-    ERROR, on ``logger`` (default: the ``oncely.ops`` logger)."""
+    """Logs each store operation and each background completion at ``level`` (failed ones at
+    WARNING) and each lost lease or lock at ERROR, on ``logger`` (default: the ``oncely.ops``
+    logger)."""
 
     def __init__(self, logger: logging.Logger | None = None, level: int = logging.DEBUG) -> None:
         self.logger = logger if logger is not None else logging.getLogger("oncely.ops")
@@ -64,6 +88,17 @@ class LogObserver:
             "oncely: lease lost on %s",
             store,
             extra={"oncely_store": store, "oncely_digest": key.digest},
+        )
+
+    def background(self, store: str) -> _Background:
+        return _Background(self, store)
+
+    def lock_renewed(self, backend: str, ok: bool) -> None:
+        pass  # a failed renewal is already logged by oncely.locks.lock
+
+    def lock_lost(self, backend: str) -> None:
+        self.logger.error(
+            "oncely: lock lost on %s", backend, extra={"oncely_lock_backend": backend}
         )
 
 

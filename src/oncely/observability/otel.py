@@ -15,7 +15,15 @@ by the OpenTelemetry database semantic conventions
 oncely's own attributes: ``oncely.outcome`` (``new``, ``replay``, ``in_flight``, ``mismatch``
 for claims, ``ok`` otherwise) and ``oncely.key.digest`` (the SHA-256 of the caller's key, for
 matching a trace to a record and to log lines; never the raw key). A lost lease adds an
-``oncely.lease_lost`` event to the span current on the thread that finds out (if any).
+``oncely.lease_lost`` event to the span current on the thread that finds out (if any), and
+a lost lock an ``oncely.lock_lost`` event (attribute ``oncely.lock.backend``; never the
+lock's name).
+
+A completion handed to the background (the store did not take it at once,
+:mod:`oncely.core.settle`) is an ``INTERNAL`` span ``complete_later {db.system.name}``, a child
+of the span current where the call ran, from the hand-off to the end of the retries, with
+``oncely.outcome`` ``succeeded``, ``given_up`` or ``failed`` (status ``ERROR`` for the last
+two). Lock renewals are counted by the metrics, not traced.
 """
 
 from __future__ import annotations
@@ -52,6 +60,20 @@ class _Scope:
         span.end()
 
 
+class _Background:
+    __slots__ = ("span",)
+
+    def __init__(self, span: Span) -> None:
+        self.span = span
+
+    def done(self, outcome: str, seconds: float) -> None:
+        span = self.span
+        span.set_attribute("oncely.outcome", outcome)
+        if outcome != "succeeded":
+            span.set_status(Status(StatusCode.ERROR, f"the background completion {outcome}"))
+        span.end()
+
+
 class OtelObserver:
     """Makes a span of each store operation with a tracer from ``tracer_provider``."""
 
@@ -75,6 +97,23 @@ class OtelObserver:
 
     def lease_renewed(self, store: str, ok: bool) -> None:
         pass  # renewals run on their own thread or task: counted by the metrics, not traced
+
+    def lock_renewed(self, backend: str, ok: bool) -> None:
+        pass  # as lease renewals: counted by the metrics, not traced
+
+    def lock_lost(self, backend: str) -> None:
+        span = trace.get_current_span()
+        if span.is_recording():
+            span.add_event("oncely.lock_lost", {"oncely.lock.backend": backend})
+
+    def background(self, store: str) -> _Background:
+        system = system_name(store)
+        span = self.tracer.start_span(
+            f"complete_later {system}",
+            kind=SpanKind.INTERNAL,
+            attributes={"db.system.name": system, "db.operation.name": "complete_later"},
+        )
+        return _Background(span)
 
     def lease_lost(self, store: str, key: RecordKey) -> None:
         span = trace.get_current_span()

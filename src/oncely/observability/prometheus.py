@@ -19,12 +19,26 @@ metric                              labels                      counts
 ``oncely_leases_lost_total``        ``store``                   leases lost while running
 ``oncely_store_operation_seconds``  ``store``, ``operation``,   latency histogram of every
                                     ``outcome``                 store operation (seconds)
+``oncely_background_completions_``  ``store``                   completions handed to the
+``started_total``                                               background (the store did not
+                                                                take them at once)
+``oncely_background_completions_``  ``store``, ``outcome``      how they ended: ``succeeded``,
+``total``                                                       ``given_up`` (store unreachable
+                                                                for the whole bound),
+                                                                ``failed`` (claim lost, other
+                                                                store error)
+``oncely_background_completion_``   ``store``, ``outcome``      histogram of how long they took
+``seconds``                                                     from hand-off to end (seconds)
+``oncely_lock_renewals_total``      ``backend``, ``outcome``    automatic lock renewals: ``ok``
+                                                                or ``failed``
+``oncely_locks_lost_total``         ``backend``                 locks lost while held
 ==================================  ==========================  ===============================
 
 Names follow the Prometheus naming conventions (``_total`` for counters, base unit
-``_seconds``). Label values are bounded: the store's kind (its first URL scheme), the
-operation and the outcome. No key, digest or other caller value is ever a label value
-(each distinct value is a new time series).
+``_seconds``). Label values are bounded: the store's kind (its first URL scheme), the lock
+backend's kind (``redis``, ``redlock``, ``postgresql``, ``sqlite``), the operation and the
+outcome. No key, digest, lock name or other caller value is ever a label value (each distinct
+value is a new time series).
 
 :func:`asgi_app` / :func:`wsgi_app` are prometheus_client's own exposition apps;
 :func:`with_metrics_asgi` / :func:`with_metrics_wsgi` route one path (``/metrics``) of an
@@ -44,6 +58,7 @@ from oncely.core import observe
 from oncely.core.records import RecordKey
 
 __all__ = [
+    "BACKGROUND_BUCKETS",
     "BUCKETS",
     "PrometheusObserver",
     "asgi_app",
@@ -53,6 +68,10 @@ __all__ = [
     "with_metrics_wsgi",
     "wsgi_app",
 ]
+
+#: Buckets (seconds) of a background completion: from a write that lands on the first retry
+#: (0.1 s) to the bound (:data:`oncely.core.settle.SETTLE_FOR`, 60 s).
+BACKGROUND_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 45.0, 60.0, 90.0)
 
 #: Latency buckets (seconds): from 50 µs (an in-memory claim) to 10 s (a stuck store).
 BUCKETS = (
@@ -91,6 +110,18 @@ class _Scope:
         histogram.observe(seconds)
         for counter in counters:
             counter.inc()
+
+
+class _Background:
+    __slots__ = ("owner", "store")
+
+    def __init__(self, owner: PrometheusObserver, store: str) -> None:
+        self.owner, self.store = owner, store
+        owner.background_started.labels(store).inc()
+
+    def done(self, outcome: str, seconds: float) -> None:
+        self.owner.background_ended.labels(self.store, outcome).inc()
+        self.owner.background_seconds.labels(self.store, outcome).observe(seconds)
 
 
 class PrometheusObserver:
@@ -141,6 +172,37 @@ class PrometheusObserver:
             registry=registry,
             buckets=BUCKETS,
         )
+        self.background_started = Counter(
+            "oncely_background_completions_started",
+            "Completions handed to the background because the store did not take them at once.",
+            ["store"],
+            registry=registry,
+        )
+        self.background_ended = Counter(
+            "oncely_background_completions",
+            "Background completions ended, by outcome (succeeded, given_up, failed).",
+            ["store", "outcome"],
+            registry=registry,
+        )
+        self.background_seconds = Histogram(
+            "oncely_background_completion_seconds",
+            "Time from a completion's hand-off to the background to its end, in seconds.",
+            ["store", "outcome"],
+            registry=registry,
+            buckets=BACKGROUND_BUCKETS,
+        )
+        self.lock_renewals = Counter(
+            "oncely_lock_renewals",
+            "Automatic renewals of held locks, by outcome (ok, failed).",
+            ["backend", "outcome"],
+            registry=registry,
+        )
+        self.locks_lost = Counter(
+            "oncely_locks_lost",
+            "Locks lost while held.",
+            ["backend"],
+            registry=registry,
+        )
 
         #: (store, operation, outcome) -> the histogram child and the counter children it
         #: feeds: ``labels()`` takes a lock and checks its arguments, so it runs once per set.
@@ -168,6 +230,15 @@ class PrometheusObserver:
     def lease_lost(self, store: str, key: RecordKey) -> None:
         self.lost.labels(store).inc()
 
+    def background(self, store: str) -> _Background:
+        return _Background(self, store)
+
+    def lock_renewed(self, backend: str, ok: bool) -> None:
+        self.lock_renewals.labels(backend, "ok" if ok else "failed").inc()
+
+    def lock_lost(self, backend: str) -> None:
+        self.locks_lost.labels(backend).inc()
+
     def unregister(self) -> None:
         """Remove these metrics from their registry."""
         for metric in (
@@ -178,6 +249,11 @@ class PrometheusObserver:
             self.renewals,
             self.lost,
             self.seconds,
+            self.background_started,
+            self.background_ended,
+            self.background_seconds,
+            self.lock_renewals,
+            self.locks_lost,
         ):
             self.registry.unregister(metric)
 

@@ -39,6 +39,8 @@ from functools import lru_cache
 from typing import Any, Final, Literal, NamedTuple
 
 from oncely.backends.plans import Exec, Plan
+from oncely.backends.plans import arun as arun_plan
+from oncely.backends.plans import run as run_plan
 from oncely.errors import (
     ConfigurationError,
     InvalidIdentifier,
@@ -1029,7 +1031,6 @@ def run(plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Any] | None
     """Carry a plan out on a sync connection: :class:`~oncely.backends.plans.Exec` ->
     :class:`Result`, :class:`Enter` -> :class:`Block`, :class:`Leave` -> None; any other
     request goes to ``other(request)`` (a mechanism's own requests, e.g. "call this phase")."""
-    from oncely.backends.plans import run as run_plan
 
     def execute(request: Any) -> Any:
         if isinstance(request, Exec):
@@ -1051,7 +1052,6 @@ async def arun(
     plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Awaitable[Any]] | None = None
 ) -> Any:
     """The async face of :func:`run` (``other`` is awaited)."""
-    from oncely.backends.plans import arun as arun_plan
 
     async def execute(request: Any) -> Any:
         if isinstance(request, Exec):

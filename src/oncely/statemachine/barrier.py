@@ -52,8 +52,6 @@ from typing import Any, Final
 
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Exec, Plan
-from oncely.backends.plans import arun as arun_plan
-from oncely.backends.plans import run as run_plan
 from oncely.errors import BarrierTableMissing, InvalidBarrierCall
 from oncely.sql.connections import (
     Enter,
@@ -203,7 +201,8 @@ def barrier(conn: Any, gid: str, branch: str, op: str, *, table: str = DEFAULT_T
     gid, branch, op = check_call(gid, branch, op)
     c = adapt(conn)
     plan = decide(c, _table(c, table), gid, branch, op)
-    return run_plan(plan, lambda r: c.execute(r.statement, r.params))
+    verdict: Verdict = sql_run(plan, c)
+    return verdict
 
 
 async def abarrier(
@@ -214,11 +213,8 @@ async def abarrier(
     gid, branch, op = check_call(gid, branch, op)
     c = adapt(conn)
     plan = decide(c, _table(c, table), gid, branch, op)
-
-    async def execute(r: Any) -> Any:
-        return await c.aexecute(r.statement, r.params)
-
-    return await arun_plan(plan, execute)
+    verdict: Verdict = await sql_arun(plan, c)
+    return verdict
 
 
 def _ddl(conn: SqlConnection, table: str) -> list[str]:

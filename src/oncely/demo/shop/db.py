@@ -24,7 +24,7 @@ from typing import Any
 
 from oncely.errors import IllegalTransition
 from oncely.locks import fenced_table_sql, fenced_update
-from oncely.messaging.inbox import Inbox
+from oncely.messaging.inbox import Inbox, now_sql
 from oncely.messaging.outbox import Outbox
 from oncely.sql import insert_once, versioned_update
 from oncely.statemachine import Machine, Transition
@@ -58,6 +58,12 @@ CREATE TABLE IF NOT EXISTS orders (
     created_at     REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS orders_to_settle ON orders (status, settled);
+-- a paid-out order is never cancelled (no refund after the pay-out): checked inside the
+-- cancelling UPDATE itself, so a cancel racing a settlement loses or wins as one statement
+CREATE TRIGGER IF NOT EXISTS orders_settled_not_cancelled
+BEFORE UPDATE OF status ON orders
+WHEN NEW.status = 'cancelled' AND OLD.settled = 1
+BEGIN SELECT RAISE(ABORT, 'order-settled'); END;
 -- protected mode only: one order per request key, one charge per order (insert-once)
 CREATE TABLE IF NOT EXISTS order_requests (
     request_key TEXT PRIMARY KEY,
@@ -121,6 +127,26 @@ STOCK_BRANCH = "stock"
 OUTBOX = Outbox(table="shop_outbox")
 INBOX = Inbox(table="shop_inbox")
 CARRIER = "carrier"
+#: The database's clock (seconds since the epoch) in SQL: what orders are stamped and expired
+#: by, so a web worker or settlement process with a skewed clock never expires an order early.
+_NOW = now_sql("sqlite")
+
+
+@contextmanager
+def _settled_is_final(order_id: str, transition: str) -> Iterator[None]:
+    """The ``orders_settled_not_cancelled`` trigger's refusal as the machine's
+    :class:`~oncely.errors.IllegalTransition` (``current="settled"``)."""
+    try:
+        yield
+    except sqlite3.IntegrityError as exc:
+        if "order-settled" not in str(exc):
+            raise
+        raise IllegalTransition(
+            f"order {order_id!r} was paid out (settled): it can no longer be cancelled",
+            "settled",
+            transition,
+            ("ship",),
+        ) from exc
 
 
 #: insert-once tables: table -> (unique key column, value column)
@@ -298,10 +324,10 @@ class ShopDB:
             now = time.time()
             if once:  # the reservation is the saga's action: its compensation gives it back
                 barrier(w, order_id, STOCK_BRANCH, "action")
-            w.execute(
+            w.execute(  # stamped by the database's clock, as the order timeout compares it
                 "INSERT INTO orders (id, customer, sku, qty, amount, status, request_key, "
-                "created_at) VALUES (?, ?, ?, ?, ?, 'placed', ?, ?)",
-                (order_id, customer, sku, qty, amount, request_key, now),
+                f"created_at) VALUES (?, ?, ?, ?, ?, 'placed', ?, {_NOW})",
+                (order_id, customer, sku, qty, amount, request_key),
             )
             w.execute(
                 "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('order', ?, ?, ?, ?)",
@@ -337,10 +363,15 @@ class ShopDB:
         """The order timeout: cancel orders still ``placed`` after ``older_than`` seconds and
         give their stock back, each through the machine's ``expire`` (``placed -> cancelled``
         only: an order paid meanwhile is left alone) and the same barrier branch as a cancel,
-        so a timeout racing a cancel gives the stock back once. Returns how many expired."""
+        so a timeout racing a cancel gives the stock back once. Returns how many expired.
+
+        Candidates are selected by the database's clock in the statement (``created_at`` is
+        stamped by it too), never by this process's ``time.time()``: a process whose clock runs
+        ahead would otherwise cancel orders before their time (the project's rule: expiry uses
+        the store's clock)."""
         rows = self._conn().execute(
-            "SELECT id FROM orders WHERE status = 'placed' AND created_at < ? LIMIT ?",
-            (time.time() - older_than, limit),
+            f"SELECT id FROM orders WHERE status = 'placed' AND created_at < {_NOW} - ? LIMIT ?",
+            (older_than, limit),
         )
         expired = 0
         for (order_id,) in rows.fetchall():
@@ -358,10 +389,11 @@ class ShopDB:
         concurrent duplicate, which waits on the write lock) changes nothing and returns
         ``False``.
 
-        :raises ~oncely.errors.IllegalTransition: the order has shipped.
+        :raises ~oncely.errors.IllegalTransition: the order has shipped, or was paid out
+            (settled: ``current`` is ``"settled"``).
         :raises ~oncely.errors.EntityNotFound: no such order.
         """
-        with self.write() as w:
+        with self.write() as w, _settled_is_final(order_id, transition):
             ORDERS.apply(w, order_id, transition)  # already cancelled: a success, no change
             if not barrier(w, order_id, STOCK_BRANCH, "compensate").run:
                 return False
@@ -371,8 +403,9 @@ class ShopDB:
 
     def cancel_unchecked(self, order_id: str, sku: str, qty: int) -> None:
         """Unprotected cancel: the handler checked the status earlier (check-then-act); this
-        writes the cancellation and gives the stock back whatever happened since."""
-        with self.write() as w:
+        writes the cancellation and gives the stock back whatever happened since (a paid-out
+        order still refuses: :class:`~oncely.errors.IllegalTransition`)."""
+        with self.write() as w, _settled_is_final(order_id, "cancel"):
             w.execute("UPDATE orders SET status = 'cancelled' WHERE id = ?", (order_id,))
             self._restock(w, order_id, sku, qty)
 
@@ -507,6 +540,13 @@ class ShopDB:
     ) -> str:
         """Pay out ``orders`` (one ledger row each) and mark them settled, in one transaction.
 
+        The batch was read earlier (:meth:`start_settlement`), so an order may have been
+        cancelled meanwhile. The pay-out is decided by one statement, ``UPDATE orders SET
+        settled = 1 WHERE id IN (...) AND status = 'paid' RETURNING id, amount``: only the
+        orders it returns get a ``settle`` row, so a cancel that committed first is never paid
+        out as well. (It does not test ``settled``: two overlapping runs are kept apart by the
+        lock and the fence, and with them off, the unprotected shop, they both pay out.)
+
         With a ``fence`` the write goes through :func:`oncely.locks.fenced_update` first: a
         holder whose lock was taken over (its token is older than the last writer's) writes
         nothing and gets ``"fenced-out"``.
@@ -518,14 +558,17 @@ class ShopDB:
                 ):
                     outcome = "fenced-out"
                 else:
+                    marks = ", ".join("?" * len(orders))
+                    still_paid = w.execute(
+                        f"UPDATE orders SET settled = 1 WHERE id IN ({marks}) "
+                        "AND status = 'paid' RETURNING id, amount",
+                        [o.id for o in orders],
+                    ).fetchall()
                     now = time.time()
                     w.executemany(
                         "INSERT INTO ledger (kind, key, entity, amount, at) "
                         "VALUES ('settle', ?, ?, ?, ?)",
-                        [(o.id, f"settlement-{run}", o.amount, now) for o in orders],
-                    )
-                    w.executemany(
-                        "UPDATE orders SET settled = 1 WHERE id = ?", [(o.id,) for o in orders]
+                        [(i, f"settlement-{run}", amount, now) for i, amount in still_paid],
                     )
             elif not orders:
                 outcome = "empty"

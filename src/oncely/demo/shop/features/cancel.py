@@ -4,7 +4,9 @@ the stock back (source mechanism 5, "order timeout rollback, stock given back";
 
 ``POST /orders/{order_id}/cancel`` -> ``200 {"order_id", "status": "cancelled"}``, repeatable:
 cancelling a cancelled order is the same success. ``409 order-not-cancellable`` (with
-``order_status``) once it has shipped; ``404 order-not-found``.
+``order_status``) once it has shipped or been paid out by the settlement (``order_status``
+``"settled"``: a cancel never refunds an order whose pay-out is written); ``404
+order-not-found``.
 
 Protected, one transaction does both halves: ``placed|paid -> cancelled`` through the order
 machine (:data:`oncely.demo.shop.db.ORDER_MACHINE`, one conditional ``UPDATE``), then
@@ -42,7 +44,8 @@ def _not_cancellable(order_id: str, status: str) -> Problem:
         409,
         "order-not-cancellable",
         "Order cannot be cancelled",
-        f"order {order_id!r} is {status!r}; only placed or paid orders can be cancelled",
+        f"order {order_id!r} is {status!r}; only placed or paid (not yet settled) orders can "
+        "be cancelled",
         order_status=status,
     )
 
@@ -69,7 +72,10 @@ def feature(shop: Shop) -> Feature:
             if order.status == "shipped":
                 raise _not_cancellable(order_id, order.status)
             await asyncio.sleep(shop.settings.latency)  # the work between check and act
-            await shop.run(shop.db.cancel_unchecked, order_id, order.sku, order.qty)
+            try:
+                await shop.run(shop.db.cancel_unchecked, order_id, order.sku, order.qty)
+            except IllegalTransition as exc:  # paid out meanwhile: the database refuses
+                raise _not_cancellable(order_id, str(exc.current)) from None
         return JSONResponse({"order_id": order_id, "status": "cancelled"})
 
     return Feature(
