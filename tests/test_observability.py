@@ -1033,3 +1033,17 @@ def test_without_a_log_key_the_digest_is_the_records_and_a_short_key_is_refused(
     with pytest.raises(ConfigurationError, match="at least 16 bytes"):
         observe.set_log_key("short")
     assert observe.log_digest(key) == key.digest  # unchanged by the refused secret
+
+
+def test_a_bad_log_key_read_late_never_raises_nor_leaks_the_plain_digest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lease lost is logged with the digest from core: a bad $ONCELY_LOG_KEY first read there
+    must not raise in that path, nor fall back to the unkeyed digest."""
+    from oncely.core.records import RecordKey
+
+    monkeypatch.setenv("ONCELY_LOG_KEY", "short")
+    monkeypatch.setattr(observe, "_log_key", observe._UNRESOLVED)
+    with caplog.at_level(logging.ERROR, logger="oncely.observe"):
+        assert observe.log_digest(RecordKey.of("s", "48213")) == "invalid-log-key"
+    assert "ONCELY_LOG_KEY" in caplog.text

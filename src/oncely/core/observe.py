@@ -41,6 +41,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final, Protocol
 
 from oncely.core.records import InFlight, Mismatch, New, RecordKey, Replay
+from oncely.errors import ConfigurationError
 from oncely.settings import resolve
 
 if TYPE_CHECKING:
@@ -186,6 +187,7 @@ def claim_outcome(result: object) -> str:
 
 
 _UNRESOLVED: Final = object()
+_INVALID: Final = object()
 _log_key: object = _UNRESOLVED
 
 
@@ -209,12 +211,21 @@ def log_digest(key: RecordKey) -> str:
     enumerable key (a user id, an order number) anyone reading it finds the key by hashing
     candidates. With the ``log_key`` setting (:func:`set_log_key`, ``$ONCELY_LOG_KEY``):
     HMAC-SHA256 of ``key.digest`` under that secret, which needs the secret to reverse or to
-    match to a record. The store's record digest is never changed by this.
+    match to a record. The store's record digest is never changed by this. Never raises: a
+    bad ``$ONCELY_LOG_KEY`` read here (oncely checks it at start-up otherwise) is logged and
+    gives ``invalid-log-key`` rather than the unkeyed digest.
     """
+    global _log_key
     secret = _log_key
     if secret is _UNRESOLVED:
-        set_log_key()
+        try:
+            set_log_key()
+        except ConfigurationError:  # a bad $ONCELY_LOG_KEY set after start-up: never leak
+            log.exception("oncely: no key digest in logs and spans until ONCELY_LOG_KEY is fixed")
+            _log_key = _INVALID
         secret = _log_key
+    if secret is _INVALID:
+        return "invalid-log-key"
     if secret is None:
         return key.digest
     assert isinstance(secret, bytes)
