@@ -1047,3 +1047,23 @@ def test_a_bad_log_key_read_late_never_raises_nor_leaks_the_plain_digest(
     with caplog.at_level(logging.ERROR, logger="oncely.observe"):
         assert observe.log_digest(RecordKey.of("s", "48213")) == "invalid-log-key"
     assert "ONCELY_LOG_KEY" in caplog.text
+
+
+@pytest.mark.parametrize("hook", ["operation", "operation.done"])
+def test_an_observer_that_raises_never_makes_a_consumer_run_a_redelivery(
+    make_store, hook: str  # type: ignore[no-untyped-def]
+) -> None:
+    from oncely.messaging.consumer import Ack, Delivery, IdempotentConsumer
+
+    store, _, _ = make_store("sqlite")
+    seen: list[bytes] = []
+    consumer = IdempotentConsumer(lambda d: seen.append(d.body), name="c", store=store)
+    raising = Raising(hook)
+    observe.add(raising)  # type: ignore[arg-type]
+    try:
+        first = consumer.process(Delivery(body=b"a", message_id="m-1", headers={}))
+        again = consumer.process(Delivery(body=b"a", message_id="m-1", headers={}))
+    finally:
+        observe.remove(raising)  # type: ignore[arg-type]
+    assert (first, again) == (Ack(ran=True), Ack(ran=False))
+    assert seen == [b"a"] and raising.calls[hook] >= 3
