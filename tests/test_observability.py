@@ -1051,7 +1051,7 @@ def test_a_bad_log_key_read_late_never_raises_nor_leaks_the_plain_digest(
 
 @pytest.mark.parametrize("hook", ["operation", "operation.done"])
 def test_an_observer_that_raises_never_makes_a_consumer_run_a_redelivery(
-    make_store, hook: str  # type: ignore[no-untyped-def]
+    make_store: Any, hook: str
 ) -> None:
     from oncely.messaging.consumer import Ack, Delivery, IdempotentConsumer
 
