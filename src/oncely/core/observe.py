@@ -14,7 +14,9 @@ or the lock backend's kind (:attr:`oncely.locks.base.LockBackend.kind`), the ope
 ``replay``, ``in_flight``, ``mismatch`` for claims; ``ok`` or ``error`` otherwise; see
 :data:`BACKGROUND_OUTCOMES` for background completions). The record key is passed as a
 :class:`~oncely.core.records.RecordKey`, whose ``digest`` is the SHA-256 of the caller's key:
-the raw key never reaches an observer, and neither does a lock's name.
+the raw key never reaches an observer, and neither does a lock's name. An observer that writes
+the key out (a log record, a span) uses :func:`log_digest`, keyed by the ``log_key`` setting
+when one is set (the plain SHA-256 of an enumerable key is reversible by guessing).
 
 The hooks added later (:meth:`Observer.background`, :meth:`Observer.lock_renewed`,
 :meth:`Observer.lock_lost`) are optional: an observer written before them, without those
