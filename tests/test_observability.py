@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -593,3 +594,476 @@ def test_an_observer_without_the_newer_hooks_keeps_working(
     (record,) = [r for r in caplog.records if "background completion" in r.getMessage()]
     assert record.oncely_outcome == "succeeded"  # type: ignore[attr-defined]
     assert record.oncely_operation == "complete_later"  # type: ignore[attr-defined]
+
+
+# -- an observer never changes the outcome of a call ----------------------------------------------
+HOOKS = (
+    "operation",
+    "operation.done",
+    "lease_renewed",
+    "lease_lost",
+    "background",
+    "background.done",
+    "lock_renewed",
+    "lock_lost",
+)
+
+
+class Raising:
+    """An observer whose hooks in ``raising`` raise (a full disk, a broken exporter); every
+    call is counted by hook, and ``called[hook]`` is set on each."""
+
+    def __init__(self, *raising: str) -> None:
+        self.raising = set(raising)
+        self.calls: dict[str, int] = dict.fromkeys(HOOKS, 0)
+        self.lock = threading.Lock()
+        self.second: dict[str, threading.Event] = {h: threading.Event() for h in HOOKS}
+
+    def _hook(self, hook: str) -> None:
+        with self.lock:
+            self.calls[hook] += 1
+            if self.calls[hook] >= 2:
+                self.second[hook].set()
+        if hook in self.raising:
+            raise OSError(28, f"No space left on device ({hook})")
+
+    def operation(self, store: str, name: str, key: Any) -> Any:
+        self._hook("operation")
+        return _RaisingScope(self, "operation.done")
+
+    def lease_renewed(self, store: str, ok: bool) -> None:
+        self._hook("lease_renewed")
+
+    def lease_lost(self, store: str, key: Any) -> None:
+        self._hook("lease_lost")
+
+    def background(self, store: str) -> Any:
+        self._hook("background")
+        return _RaisingScope(self, "background.done")
+
+    def lock_renewed(self, backend: str, ok: bool) -> None:
+        self._hook("lock_renewed")
+
+    def lock_lost(self, backend: str) -> None:
+        self._hook("lock_lost")
+
+
+class _RaisingScope:
+    def __init__(self, owner: Raising, hook: str) -> None:
+        self.owner, self.hook = owner, hook
+
+    def done(self, *args: Any) -> None:
+        self.owner._hook(self.hook)
+
+
+@pytest.fixture
+def raising() -> Iterator[Raising]:
+    observer = Raising(*HOOKS)
+    observe.add(observer)  # type: ignore[arg-type]
+    yield observer
+    observe.remove(observer)  # type: ignore[arg-type]
+
+
+def _errors(hook: str) -> int:
+    return observe.errors[(Raising.__qualname__, hook)]
+
+
+@pytest.mark.parametrize("hook", ["operation", "operation.done"])
+@pytest.mark.parametrize("face", ["sync", "async"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_an_observer_that_raises_never_skips_the_call_or_its_completion(
+    make_store,
+    kind: str,
+    face: str,
+    hook: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """F01: an observer raising on every store operation (at its start, or when it ends, as
+    the span or metric is written): the body runs once, the result is stored, the call returns
+    it, and a retry replays it; the errors are counted, not raised."""
+    store, _, _ = make_store(kind)
+    observer = Raising(hook)
+    ran: list[str] = []
+    before = _errors(hook)
+    observe.add(observer)  # type: ignore[arg-type]
+    try:
+        if face == "sync":
+
+            @idempotent(store=store, key=["order_id"], on_duplicate="raise")
+            def charge(order_id: str) -> str:
+                ran.append(order_id)
+                return f"charged {order_id}"
+
+            answers = [charge("o-1"), charge("o-1")]
+        else:
+
+            @idempotent(store=store, key=["order_id"], on_duplicate="raise")
+            async def acharge(order_id: str) -> str:
+                ran.append(order_id)
+                return f"charged {order_id}"
+
+            async def twice() -> list[str]:
+                return [await acharge("o-1"), await acharge("o-1")]
+
+            answers = asyncio.run(twice())
+    finally:
+        observe.remove(observer)  # type: ignore[arg-type]
+    assert answers == ["charged o-1", "charged o-1"]
+    assert ran == ["o-1"]
+    assert observer.calls[hook] >= 3  # claim, complete, claim (the replay)
+    assert _errors(hook) - before == observer.calls[hook]
+
+
+@pytest.mark.parametrize("hook", ["operation", "operation.done"])
+@pytest.mark.parametrize("face", ["asgi", "wsgi"])
+def test_an_observer_that_raises_never_skips_an_http_completion(face: str, hook: str) -> None:
+    """F01b: the observer raises on every store operation; the handler runs once, the retry
+    is the stored replay."""
+    from oncely.http import GLOBAL, IdempotencyConfig, IdempotencyMiddleware
+    from oncely.http.wsgi import WSGIIdempotencyMiddleware
+    from oncely.stores.memory import MemoryStore
+
+    paid: list[int] = []
+    config = IdempotencyConfig(store=MemoryStore(), scope=GLOBAL)
+    key = str(uuid.uuid4())
+    headers = {"Idempotency-Key": key}
+    raising = Raising(hook)
+    observe.add(raising)  # type: ignore[arg-type]
+    try:
+        if face == "asgi":
+
+            async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+                await receive()
+                paid.append(1)
+                body = f'{{"paid":{len(paid)}}}'.encode()
+                await send({"type": "http.response.start", "status": 201, "headers": []})
+                await send({"type": "http.response.body", "body": body})
+
+            async def main() -> list[httpx.Response]:
+                transport = httpx.ASGITransport(app=IdempotencyMiddleware(asgi, config))
+                async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                    return [await client.post("/pay", json={}, headers=headers) for _ in range(2)]
+
+            first, again = asyncio.run(main())
+        else:
+
+            def wsgi(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+                paid.append(1)
+                start_response("201 Created", [("Content-Type", "application/json")])
+                return [f'{{"paid":{len(paid)}}}'.encode()]
+
+            transport = httpx.WSGITransport(app=WSGIIdempotencyMiddleware(wsgi, config))
+            with httpx.Client(transport=transport, base_url="http://t") as client:
+                first, again = (client.post("/pay", json={}, headers=headers) for _ in range(2))
+    finally:
+        observe.remove(raising)  # type: ignore[arg-type]
+    assert paid == [1]
+    assert first.status_code == again.status_code == 201
+    assert again.json() == {"paid": 1}
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert raising.calls[hook] >= 3
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_an_observer_that_raises_on_a_lease_renewal_never_drops_the_lease(
+    raising: Raising,
+    make_store,
+    face: str,  # type: ignore[no-untyped-def]
+) -> None:
+    """F02: the store renews fine but the observer raises on every renewal: renewals go on
+    (a second one is confirmed, 2 s lease renewed every 0.67 s), the lease is never lost."""
+    store, _, _ = make_store("sqlite")
+    lost: list[BaseException | None] = []
+
+    def hold() -> None:
+        assert raising.second["lease_renewed"].wait(5), "the renewals stopped"
+        claim = current_claim()
+        assert claim is not None
+        lost.append(claim.lost)
+
+    if face == "sync":
+
+        @idempotent(store=store, key=["k"], lease=2)
+        def work(k: str) -> str:
+            hold()
+            return "done"
+
+        assert work("x") == "done"
+    else:
+
+        @idempotent(store=store, key=["k"], lease=2)
+        async def awork(k: str) -> str:
+            await asyncio.to_thread(hold)
+            return "done"
+
+        assert asyncio.run(awork("x")) == "done"
+    assert lost == [None]
+    assert raising.calls["lease_renewed"] >= 2
+
+
+@pytest.mark.parametrize("hook", ["background", "background.done"])
+def test_an_observer_that_raises_never_stops_a_background_completion(hook: str) -> None:
+    raising = Raising(hook)
+    observe.add(raising)  # type: ignore[arg-type]
+    try:
+        written, ended = threading.Event(), threading.Event()
+        settle_later(written.set, ended.set, "a result", store="sqlite")
+        assert ended.wait(10) and written.is_set()
+        deadline = time.monotonic() + 10  # the end is told right after done()
+        while raising.calls[hook] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        observe.remove(raising)  # type: ignore[arg-type]
+    assert raising.calls[hook] == 1
+
+
+def test_an_observer_that_raises_never_stops_a_lock_renewal(
+    raising: Raising, tmp_path: Path
+) -> None:
+    """Lock renewals go on past an observer raising on each; a lost lock still raises
+    :class:`LockLost`, not the observer's error."""
+    lock = Lock(f"sqlite:///{tmp_path / 'locks.db'}", "renewed", ttl=2, auto_renew=True)
+    lock.acquire()
+    try:
+        assert raising.second["lock_renewed"].wait(5), "the lock renewals stopped"
+        assert not lock.lost.is_set()
+    finally:
+        lock.release()
+    other = Lock(f"sqlite:///{tmp_path / 'locks.db'}", "lost", ttl=2)
+    other.acquire()
+    with sqlite3.connect(tmp_path / "locks.db") as conn:
+        conn.execute("DELETE FROM oncely_locks")
+    with pytest.raises(LockLost):
+        other.extend()
+    assert raising.calls["lock_lost"] == 1
+
+
+def test_observer_errors_are_logged_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    class Noisy(Raising):
+        pass
+
+    observer = Noisy("operation")
+    observe.add(observer)  # type: ignore[arg-type]
+    try:
+
+        @idempotent(store="memory://", key=["k"])
+        def f(k: str) -> str:
+            return k
+
+        with caplog.at_level(logging.ERROR, logger="oncely.observe"):
+            for i in range(5):
+                f(str(i))
+    finally:
+        observe.remove(observer)  # type: ignore[arg-type]
+    assert observe.errors[(Noisy.__qualname__, "operation")] == 10  # claim + complete, 5 times
+    (record,) = caplog.records  # one record within REPORT_EVERY, with the traceback
+    assert "Noisy raised in operation" in record.getMessage()
+    assert record.exc_info is not None and isinstance(record.exc_info[1], OSError)
+
+
+def test_prometheus_with_its_multiprocess_directory_missing_never_fails_a_call(
+    tmp_path: Path,
+) -> None:
+    """F03: the shipped Prometheus observer in multiprocess mode with the directory missing
+    raises FileNotFoundError on every write; the call runs once, completes and replays."""
+    import subprocess
+    import sys
+
+    code = (
+        "from prometheus_client import CollectorRegistry\n"
+        "from oncely import idempotent\n"
+        "from oncely.core import observe\n"
+        "from oncely.observability import prometheus\n"
+        "prometheus.install(CollectorRegistry())\n"
+        "runs = []\n"
+        "@idempotent(store='memory://', key=['k'], on_duplicate='raise')\n"
+        "def charge(k):\n"
+        "    runs.append(k)\n"
+        "    return 'charged'\n"
+        "print(charge('o-1'), charge('o-1'), len(runs), sum(observe.errors.values()) > 0)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "missing")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60
+    )
+    assert out.stdout.split() == ["charged", "charged", "1", "True"], out.stderr
+    assert "FileNotFoundError" in out.stderr  # logged once, with the traceback
+
+
+# -- install() twice, the /metrics route, the log digest ----------------------------------------
+def test_otel_install_twice_traces_each_operation_once() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    first = otel.install(provider)
+    second = otel.install(provider)
+    try:
+
+        @idempotent(store="memory://", key=["k"])
+        def f(k: str) -> str:
+            return k
+
+        f("a")
+        f("a")
+    finally:
+        otel.uninstall(first)
+    assert first is second and first not in observe.observers
+    assert [s.name for s in exporter.get_finished_spans()] == [
+        "claim oncely.memory",
+        "complete oncely.memory",
+        "claim oncely.memory",
+    ]
+    again = otel.install(provider)  # after uninstall: a fresh observer
+    otel.uninstall(again)
+    assert again is not first
+
+
+def test_logs_install_twice_logs_each_operation_once(caplog: pytest.LogCaptureFixture) -> None:
+    first, second = logs.install(level=logging.INFO), logs.install(level=logging.INFO)
+    try:
+        with caplog.at_level(logging.INFO, logger="oncely.ops"):
+
+            @idempotent(store="memory://", key=["k"])
+            def f(k: str) -> str:
+                return k
+
+            f("a")
+    finally:
+        logs.uninstall(first)
+    assert first is second
+    assert [r.oncely_operation for r in caplog.records] == ["claim", "complete"]  # type: ignore[attr-defined]
+
+
+def test_metrics_apps_serve_the_installed_registry_on_get_and_head_only(
+    registry: CollectorRegistry,
+) -> None:
+    """F20: without registry=, the apps serve the registry install() was given (not
+    prometheus_client's default); POST /metrics reaches the wrapped app, and the bare apps
+    answer it 405."""
+
+    @idempotent(store="memory://", key=["k"])
+    def f(k: str) -> str:
+        return k
+
+    f("x")
+
+    async def home(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"app " + scope["path"].encode()})
+
+    def whome(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"app " + environ["PATH_INFO"].encode()]
+
+    async def main() -> list[httpx.Response]:
+        replies = []
+        for asgi in (prometheus.with_metrics_asgi(home), prometheus.asgi_app()):
+            transport = httpx.ASGITransport(app=asgi)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+                replies += [await client.get("/metrics"), await client.post("/metrics")]
+        return replies
+
+    replies = asyncio.run(main())
+    for wsgi in (prometheus.with_metrics_wsgi(whome), prometheus.wsgi_app()):
+        with httpx.Client(transport=httpx.WSGITransport(app=wsgi), base_url="http://t") as c:
+            replies += [c.get("/metrics"), c.post("/metrics")]
+    gets, posts = replies[0::2], replies[1::2]
+    assert all(r.status_code == 200 for r in gets)
+    assert all('oncely_claims_total{outcome="new",store="memory"} 1.0' in r.text for r in gets)
+    assert [p.status_code for p in posts] == [200, 405, 200, 405]
+    assert posts[0].text == posts[2].text == "app /metrics"
+    assert posts[1].headers["allow"] == "GET, HEAD"
+
+
+@pytest.fixture
+def log_key(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    secret = "a-log-key-of-32-bytes-for-tests!"
+    monkeypatch.setenv("ONCELY_LOG_KEY", secret)
+    observe.set_log_key()
+    yield secret
+    monkeypatch.delenv("ONCELY_LOG_KEY")
+    observe.set_log_key()
+
+
+def test_with_a_log_key_logs_and_spans_carry_a_keyed_digest(
+    log_key: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """F19: with $ONCELY_LOG_KEY, the digest in logs and spans is HMAC-SHA256 under it (not
+    the plain SHA-256 anyone can compute for a guessed user id); the store's digest is not."""
+    import hashlib
+    import hmac
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer, logger = otel.install(provider), logs.install(level=logging.INFO)
+    seen: list[str] = []
+    try:
+
+        @idempotent(store="memory://", key=["user_id"])
+        def f(user_id: int) -> int:
+            claim = current_claim()
+            assert claim is not None
+            seen.append(claim.key.digest)
+            return user_id
+
+        with caplog.at_level(logging.INFO, logger="oncely.ops"):
+            f(48213)
+    finally:
+        otel.uninstall(tracer)
+        logs.uninstall(logger)
+    (stored,) = seen
+    keyed = hmac.new(log_key.encode(), stored.encode(), hashlib.sha256).hexdigest()
+    assert keyed != stored
+    assert {r.oncely_digest for r in caplog.records} == {keyed}  # type: ignore[attr-defined]
+    digests = {s.attributes["oncely.key.digest"] for s in exporter.get_finished_spans()}  # type: ignore[index]
+    assert digests == {keyed}
+
+
+def test_without_a_log_key_the_digest_is_the_records_and_a_short_key_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from oncely.core.records import RecordKey
+    from oncely.errors import ConfigurationError
+
+    monkeypatch.delenv("ONCELY_LOG_KEY", raising=False)
+    observe.set_log_key()
+    key = RecordKey.of("scope", "48213")
+    assert observe.log_digest(key) == key.digest == digest_key("48213")
+    with pytest.raises(ConfigurationError, match="at least 16 bytes"):
+        observe.set_log_key("short")
+    assert observe.log_digest(key) == key.digest  # unchanged by the refused secret
+
+
+def test_a_bad_log_key_read_late_never_raises_nor_leaks_the_plain_digest(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A lease lost is logged with the digest from core: a bad $ONCELY_LOG_KEY first read there
+    must not raise in that path, nor fall back to the unkeyed digest."""
+    from oncely.core.records import RecordKey
+
+    monkeypatch.setenv("ONCELY_LOG_KEY", "short")
+    monkeypatch.setattr(observe, "_log_key", observe._UNRESOLVED)
+    with caplog.at_level(logging.ERROR, logger="oncely.observe"):
+        assert observe.log_digest(RecordKey.of("s", "48213")) == "invalid-log-key"
+    assert "ONCELY_LOG_KEY" in caplog.text
+
+
+@pytest.mark.parametrize("hook", ["operation", "operation.done"])
+def test_an_observer_that_raises_never_makes_a_consumer_run_a_redelivery(
+    make_store: Any, hook: str
+) -> None:
+    from oncely.messaging.consumer import Ack, Delivery, IdempotentConsumer
+
+    store, _, _ = make_store("sqlite")
+    seen: list[bytes] = []
+    consumer = IdempotentConsumer(lambda d: seen.append(d.body), name="c", store=store)
+    raising = Raising(hook)
+    observe.add(raising)  # type: ignore[arg-type]
+    try:
+        first = consumer.process(Delivery(body=b"a", message_id="m-1", headers={}))
+        again = consumer.process(Delivery(body=b"a", message_id="m-1", headers={}))
+    finally:
+        observe.remove(raising)  # type: ignore[arg-type]
+    assert (first, again) == (Ack(ran=True), Ack(ran=False))
+    assert seen == [b"a"] and raising.calls[hook] >= 3

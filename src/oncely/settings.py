@@ -279,6 +279,16 @@ def _secret(value: Any, text: bool) -> Any:
     raise ValueError(f"expected a str, bytes or a list of them, got {type(value).__name__}")
 
 
+def _log_secret(value: Any, text: bool) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, (str, bytes)):
+        raise ValueError(f"expected a str or bytes, got {type(value).__name__}")
+    if len(value.encode("utf-8") if isinstance(value, str) else value) < 16:
+        raise ValueError("must be at least 16 bytes")
+    return value
+
+
 # -- the registry --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Setting:
@@ -516,6 +526,16 @@ SETTINGS: Final[Mapping[str, Setting]] = dict(
             "Tokens(scope=)",
             "store scope under which consumed tokens are recorded",
             _text,
+        ),
+        # observability
+        _setting(
+            "log_key",
+            None,
+            "oncely.core.observe.set_log_key(secret=)",
+            "secret of the key digest in logs and spans (HMAC-SHA256), at least 16 bytes; "
+            "unset: plain SHA-256",
+            _log_secret,
+            secret=True,
         ),
         # locks
         _setting(

@@ -136,7 +136,7 @@ class Claimed:
             "oncely: lease lost for fence %s: %s",
             self.fence,
             exc,
-            extra={"oncely_digest": self.key.digest, "oncely_fence": self.fence},
+            extra={"oncely_digest": observe.log_digest(self.key), "oncely_fence": self.fence},
         )
         if observe.observers:
             observe.lease_lost(self.store, self.key)

@@ -2,9 +2,12 @@
 
 Each record carries its fields as attributes (``extra``), for JSON formatters and log shippers:
 ``oncely_store`` (store kind), ``oncely_operation``, ``oncely_outcome``, ``oncely_seconds``
-and ``oncely_digest``: the SHA-256 of the caller's key (:func:`oncely.core.records.digest_key`),
-never the raw key, so a log line can be matched to a record without exposing what the key was
-made of (a user id, an order number).
+and ``oncely_digest`` (:func:`oncely.core.observe.log_digest`), never the raw key: the SHA-256
+of the caller's key (:func:`oncely.core.records.digest_key`, the record's own digest), or, when
+the ``log_key`` setting (``$ONCELY_LOG_KEY``) is set, its HMAC-SHA256 under that secret. The
+plain SHA-256 is a pseudonym, not an anonymisation: for an enumerable key (a user id, an order
+number) anyone reading the logs recovers the key by hashing candidates; set ``ONCELY_LOG_KEY``
+when the logs leave your hands (see ``docs/observability.md``).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class _Scope:
                 "oncely_operation": self.name,
                 "oncely_outcome": outcome,
                 "oncely_seconds": seconds,
-                "oncely_digest": self.key.digest,
+                "oncely_digest": observe.log_digest(self.key),
             },
         )
 
@@ -87,7 +90,7 @@ class LogObserver:
         self.logger.error(
             "oncely: lease lost on %s",
             store,
-            extra={"oncely_store": store, "oncely_digest": key.digest},
+            extra={"oncely_store": store, "oncely_digest": observe.log_digest(key)},
         )
 
     def background(self, store: str) -> _Background:
@@ -102,10 +105,20 @@ class LogObserver:
         )
 
 
+#: id(logger) -> its observer: installing again on the same logger returns the same one.
+_installed: dict[int, LogObserver] = {}
+
+
 def install(logger: logging.Logger | None = None, level: int = logging.DEBUG) -> LogObserver:
     """Log every store operation from now on; returns the observer (pass it to
-    :func:`uninstall`). ``level`` is the level of successful operations."""
-    observer = LogObserver(logger, level)
+    :func:`uninstall`). ``level`` is the level of successful operations. Installing again on
+    the same logger returns the same observer (with the new ``level``), so each operation is
+    still logged once."""
+    logger = logger if logger is not None else logging.getLogger("oncely.ops")
+    observer = _installed.get(id(logger))
+    if observer is None or observer.logger is not logger:
+        observer = _installed[id(logger)] = LogObserver(logger, level)
+    observer.level = level
     observe.add(observer)
     return observer
 
@@ -113,3 +126,5 @@ def install(logger: logging.Logger | None = None, level: int = logging.DEBUG) ->
 def uninstall(observer: LogObserver) -> None:
     """Stop logging through ``observer``."""
     observe.remove(observer)
+    if _installed.get(id(observer.logger)) is observer:
+        del _installed[id(observer.logger)]

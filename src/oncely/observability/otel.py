@@ -13,8 +13,9 @@ by the OpenTelemetry database semantic conventions
   exception recorded as an event.
 
 oncely's own attributes: ``oncely.outcome`` (``new``, ``replay``, ``in_flight``, ``mismatch``
-for claims, ``ok`` otherwise) and ``oncely.key.digest`` (the SHA-256 of the caller's key, for
-matching a trace to a record and to log lines; never the raw key). A lost lease adds an
+for claims, ``ok`` otherwise) and ``oncely.key.digest`` (:func:`oncely.core.observe.log_digest`:
+the SHA-256 of the caller's key, or its HMAC-SHA256 under ``$ONCELY_LOG_KEY`` when that is set,
+for matching a trace to a record and to log lines; never the raw key). A lost lease adds an
 ``oncely.lease_lost`` event to the span current on the thread that finds out (if any), and
 a lost lock an ``oncely.lock_lost`` event (attribute ``oncely.lock.backend``; never the
 lock's name).
@@ -80,6 +81,7 @@ class OtelObserver:
     def __init__(self, tracer_provider: TracerProvider | None = None) -> None:
         from oncely import __version__
 
+        self.provider = tracer_provider
         self.tracer = trace.get_tracer("oncely", __version__, tracer_provider=tracer_provider)
 
     def operation(self, store: str, name: str, key: RecordKey) -> _Scope:
@@ -90,7 +92,7 @@ class OtelObserver:
             attributes={
                 "db.system.name": system,
                 "db.operation.name": name,
-                "oncely.key.digest": key.digest,
+                "oncely.key.digest": observe.log_digest(key),
             },
         )
         return _Scope(span)
@@ -120,14 +122,25 @@ class OtelObserver:
         if span.is_recording():
             span.add_event(
                 "oncely.lease_lost",
-                {"db.system.name": system_name(store), "oncely.key.digest": key.digest},
+                {
+                    "db.system.name": system_name(store),
+                    "oncely.key.digest": observe.log_digest(key),
+                },
             )
+
+
+#: id(tracer provider) (``id(None)`` for the global one) -> its observer.
+_installed: dict[int, OtelObserver] = {}
 
 
 def install(tracer_provider: TracerProvider | None = None) -> OtelObserver:
     """Trace every store operation from now on, with ``tracer_provider`` (default: the global
-    one); returns the observer (pass it to :func:`uninstall`)."""
-    observer = OtelObserver(tracer_provider)
+    one); returns the observer (pass it to :func:`uninstall`). Installing again with the same
+    provider (or the global one again) returns the same observer, so each operation is still
+    one span (two app factories, a test fixture or a reload may each call ``install()``)."""
+    observer = _installed.get(id(tracer_provider))
+    if observer is None or observer.provider is not tracer_provider:
+        observer = _installed[id(tracer_provider)] = OtelObserver(tracer_provider)
     observe.add(observer)
     return observer
 
@@ -135,3 +148,5 @@ def install(tracer_provider: TracerProvider | None = None) -> OtelObserver:
 def uninstall(observer: OtelObserver) -> None:
     """Stop tracing through ``observer``."""
     observe.remove(observer)
+    if _installed.get(id(observer.provider)) is observer:
+        del _installed[id(observer.provider)]

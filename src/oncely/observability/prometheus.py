@@ -40,9 +40,10 @@ backend's kind (``redis``, ``redlock``, ``postgresql``, ``sqlite``), the operati
 outcome. No key, digest, lock name or other caller value is ever a label value (each distinct
 value is a new time series).
 
-:func:`asgi_app` / :func:`wsgi_app` are prometheus_client's own exposition apps;
-:func:`with_metrics_asgi` / :func:`with_metrics_wsgi` route one path (``/metrics``) of an
-existing app to them.
+:func:`asgi_app` / :func:`wsgi_app` are prometheus_client's own exposition apps, serving the
+registry the last :func:`install` was given unless told another, GET and HEAD only (405
+otherwise); :func:`with_metrics_asgi` / :func:`with_metrics_wsgi` route GET and HEAD of one
+path (``/metrics``) of an existing app to them, and every other request to the app.
 """
 
 from __future__ import annotations
@@ -60,9 +61,11 @@ from oncely.core.records import RecordKey
 __all__ = [
     "BACKGROUND_BUCKETS",
     "BUCKETS",
+    "METHODS",
     "PrometheusObserver",
     "asgi_app",
     "install",
+    "served_registry",
     "uninstall",
     "with_metrics_asgi",
     "with_metrics_wsgi",
@@ -260,16 +263,21 @@ class PrometheusObserver:
 
 _installed: dict[int, PrometheusObserver] = {}
 
+#: The registry the last :func:`install` was given: what the ``/metrics`` apps serve by default.
+_served: list[CollectorRegistry] = []
+
 
 def install(registry: CollectorRegistry | None = None) -> PrometheusObserver:
     """Record oncely's metrics on ``registry`` (default ``prometheus_client.REGISTRY``) from
     now on; returns the observer. Installing again on the same registry returns the same one
-    (Prometheus refuses a metric name registered twice)."""
+    (Prometheus refuses a metric name registered twice). The ``/metrics`` apps of this module
+    serve this registry from now on unless given another (the last ``install()`` wins)."""
     registry = REGISTRY if registry is None else registry
     observer = _installed.get(id(registry))
     if observer is None or observer.registry is not registry:
         observer = _installed[id(registry)] = PrometheusObserver(registry)
     observe.add(observer)
+    _served[:] = [registry]
     return observer
 
 
@@ -278,29 +286,81 @@ def uninstall(observer: PrometheusObserver) -> None:
     observe.remove(observer)
     if _installed.get(id(observer.registry)) is observer:
         del _installed[id(observer.registry)]
+    if _served and _served[0] is observer.registry:
+        _served.clear()
     observer.unregister()
 
 
+def served_registry(registry: CollectorRegistry | None = None) -> CollectorRegistry:
+    """``registry`` if given, else the one the last :func:`install` was given, else
+    ``prometheus_client.REGISTRY``."""
+    if registry is not None:
+        return registry
+    return _served[0] if _served else REGISTRY
+
+
+#: Methods the ``/metrics`` apps answer; others get 405 (:func:`asgi_app`, :func:`wsgi_app`)
+#: or go to the wrapped app (:func:`with_metrics_asgi`, :func:`with_metrics_wsgi`).
+METHODS = frozenset({"GET", "HEAD"})
+_NOT_ALLOWED = b"405 Method Not Allowed: /metrics answers GET and HEAD\n"
+
+
 def asgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:
-    """prometheus_client's ASGI exposition app for ``registry`` (text format; OpenMetrics on
-    request). Mount it at ``/metrics``, e.g. Starlette ``Mount("/metrics", app=asgi_app())``."""
-    return _make_asgi_app(REGISTRY if registry is None else registry)
+    """An ASGI exposition app (prometheus_client's own; text format, OpenMetrics on request)
+    for ``registry``, default :func:`served_registry` looked up on each request (so the registry
+    of a later :func:`install` is served). GET and HEAD only; other methods get 405 with
+    ``Allow: GET, HEAD``. Mount it at ``/metrics``, e.g. Starlette
+    ``Mount("/metrics", app=asgi_app())``."""
+    apps: dict[int, tuple[CollectorRegistry, Callable[..., Any]]] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and scope.get("method") not in METHODS:
+            headers = [(b"allow", b"GET, HEAD"), (b"content-type", b"text/plain")]
+            await send({"type": "http.response.start", "status": 405, "headers": headers})
+            await send({"type": "http.response.body", "body": _NOT_ALLOWED})
+            return
+        current = served_registry(registry)
+        known = apps.get(id(current))
+        if known is None or known[0] is not current:
+            known = apps[id(current)] = (current, _make_asgi_app(current))
+        await known[1](scope, receive, send)
+
+    return app
 
 
 def wsgi_app(registry: CollectorRegistry | None = None) -> Callable[..., Any]:
-    """prometheus_client's WSGI exposition app for ``registry``."""
-    return _make_wsgi_app(REGISTRY if registry is None else registry)
+    """A WSGI exposition app (prometheus_client's own) for ``registry``, default
+    :func:`served_registry` looked up on each request; GET and HEAD only (others: 405)."""
+    apps: dict[int, tuple[CollectorRegistry, Callable[..., Any]]] = {}
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ.get("REQUEST_METHOD") not in METHODS:
+            headers = [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")]
+            start_response("405 Method Not Allowed", headers)
+            return [_NOT_ALLOWED]
+        current = served_registry(registry)
+        known = apps.get(id(current))
+        if known is None or known[0] is not current:
+            known = apps[id(current)] = (current, _make_wsgi_app(current))
+        return known[1](environ, start_response)  # type: ignore[no-any-return]
+
+    return app
 
 
 def with_metrics_asgi(
     app: Callable[..., Any], path: str = "/metrics", registry: CollectorRegistry | None = None
 ) -> Callable[..., Any]:
-    """Wrap the ASGI ``app``: HTTP requests for exactly ``path`` get the metrics, everything
-    else (other paths, lifespan, websockets) goes to ``app``."""
+    """Wrap the ASGI ``app``: GET and HEAD requests for exactly ``path`` get the metrics of
+    ``registry`` (default :func:`served_registry`, looked up on each request); everything else
+    (other methods, other paths, lifespan, websockets) goes to ``app``."""
     metrics = asgi_app(registry)
 
     async def route(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope.get("type") == "http" and scope.get("path") == path:
+        if (
+            scope.get("type") == "http"
+            and scope.get("path") == path
+            and scope.get("method") in METHODS
+        ):
             await metrics(scope, receive, send)
         else:
             await app(scope, receive, send)
@@ -313,12 +373,13 @@ def with_metrics_wsgi(
     path: str = "/metrics",
     registry: CollectorRegistry | None = None,
 ) -> Callable[..., Iterable[bytes]]:
-    """Wrap the WSGI ``app``: requests for exactly ``path`` get the metrics, others go to
+    """Wrap the WSGI ``app``: GET and HEAD requests for exactly ``path`` get the metrics of
+    ``registry`` (default :func:`served_registry`, looked up on each request); others go to
     ``app``."""
     metrics = wsgi_app(registry)
 
     def route(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") == path:
+        if environ.get("PATH_INFO") == path and environ.get("REQUEST_METHOD") in METHODS:
             return metrics(environ, start_response)  # type: ignore[no-any-return]
         return app(environ, start_response)
 
