@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -44,8 +45,10 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from docs_section import PERFORMANCE_MD, write_section
@@ -76,7 +79,43 @@ RESULTS = {
 assert len(RESULTS["100-byte JSON"]) == 100, len(RESULTS["100-byte JSON"])
 
 
-NOTES = """NOTES"""
+NOTES = """\
+### How it was measured
+
+* **Concurrency.** Each point runs for `--seconds`: every caller makes first-time calls (a new
+  key each) for that long, then replays its own keys for as long. Threads share one store
+  object (one pool), asyncio tasks run on one event loop; the decorated function returns a
+  small dict at once, so the curves show the store and oncely, not the work. PostgreSQL and
+  MariaDB use the stores' default pools (16 connections): past 16 callers the others queue for
+  a connection, so throughput stays flat and p99 grows with the queue. On Redis concurrent
+  callers' scripts share writes (auto-pipelining, see [redis.md](redis.md)).
+* **Bytes per key.** Redis: a `redis-server` of the benchmark's own, empty at the start; the
+  records are written by the store's own claim and complete plans (its Lua scripts, the same
+  bytes as `@idempotent` sends), 1,000 scripts per pipeline; `used_memory` delta per key, and
+  `MEMORY USAGE … SAMPLES 0` of 500 sampled keys (key name, value and the key's expiry
+  included; the delta adds the keyspace's dict and jemalloc's rounding). Keys are
+  `oncely:billing.charge:<64 hex digits>` with a 32-character fingerprint, as the decorator
+  makes them. SQL stores: one record is written through the store (claim, complete), then
+  copied server-side with only the digest (SHA-256 of `k<i>`, so inserts land at random places
+  in the primary key, as real keys do) and the fence changed: PostgreSQL `INSERT … SELECT …
+  generate_series`, MariaDB the same over its `seq_1_to_n` table, SQLite one `executemany` of
+  the same `INSERT … SELECT`. Sizes: PostgreSQL `pg_total_relation_size` (heap, TOAST, primary
+  key and expiry index; the fence sequence is one page) after `VACUUM ANALYZE`; SQLite the
+  database file after a WAL checkpoint (the fence keeper table is one row); MariaDB
+  `data_length + index_length` of the table and its fence keeper after `ANALYZE TABLE`. A real
+  first-time call writes each SQL row twice (claim, then complete), so a table that was not
+  vacuumed yet also holds the dead first versions.
+* **Purge.** Expired records are made the same way (copies with `expires_at` an hour ago).
+  `purge_expired(limit)` is called until it deletes nothing; `oncely purge` runs as a process
+  (its time includes starting Python). On PostgreSQL the purge of `--purge-records` runs while
+  4 threads claim: 2 on new keys, 2 on random keys of the expired set (a take-over while the
+  row is not purged yet: it waits for the purge batch that holds that row's lock, if any). The
+  same 4 threads run 3 s without a purge first: the reference in the same run. What the claim
+  statements waited for during the purge is sampled from `pg_stat_activity` every 5 ms:
+"""
+ANALYSIS = """
+"""
+WAITS: list[str] = []  # what claims waited for during the PostgreSQL purge (filled by the run)
 
 
 def p99(latencies: list[float]) -> float:
@@ -610,12 +649,47 @@ def fill_expired(kind: str, store: Store, count: int) -> None:
     store.delete(key)
 
 
-def purge_loop(store: Store, batch: int) -> tuple[int, float]:
+def purge_loop(store: Store, batch: int, slowest: list[float] | None = None) -> tuple[int, float]:
+    """``purge_expired(batch)`` until it deletes nothing; the count and seconds (and the
+    slowest single call in ``slowest``: how long a row lock of the purge can be held)."""
     total = 0
     t0 = time.perf_counter()
-    while (n := store.purge_expired(batch)) > 0:
+    worst = 0.0
+    while True:
+        t1 = time.perf_counter()
+        n = store.purge_expired(batch)
+        worst = max(worst, time.perf_counter() - t1)
+        if n == 0:
+            break
         total += n
+    if slowest is not None:
+        slowest.append(worst)
     return total, time.perf_counter() - t0
+
+
+def wait_sampler(table: str, stop: threading.Event) -> tuple[Counter[str], threading.Thread]:
+    """Every 5 ms, what this table's claim statements wait for (``pg_stat_activity``): row
+    locks of the purge show as ``Lock:transactionid``, WAL flushes as ``IO:WALSync`` and
+    ``LWLock:WALWrite``."""
+    import psycopg
+
+    seen: Counter[str] = Counter()
+
+    def run() -> None:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            while not stop.is_set():
+                rows = conn.execute(
+                    "SELECT wait_event_type, wait_event FROM pg_stat_activity WHERE "
+                    "state = 'active' AND query LIKE 'WITH cur AS%%' AND query LIKE %s",
+                    (f"%{table}%",),
+                ).fetchall()
+                for kind, event in rows:
+                    seen["running" if kind is None else f"{kind}:{event}"] += 1
+                stop.wait(0.005)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return seen, thread
 
 
 def claim_load(
@@ -714,10 +788,19 @@ def purge_under_load(store: Store, count: int, batch: int) -> list[Purge]:
         t.join()
     stop = threading.Event()
     during, workers = claim_load(store, count, stop)
-    n, secs = purge_loop(store, batch)
+    waits, sampler = wait_sampler(store.table, stop)  # type: ignore[attr-defined]
+    slowest: list[float] = []
+    n, secs = purge_loop(store, batch, slowest)
     stop.set()
-    for t in workers:
+    for t in [*workers, sampler]:
         t.join()
+    total = sum(waits.values()) or 1
+    WAITS.append(
+        f"slowest purge_expired({batch}) call {slowest[0] * 1000:,.0f} ms; claim statements "
+        "sampled every 5 ms during the purge: "
+        + ", ".join(f"{k} {v / total:.0%}" for k, v in waits.most_common(6))
+    )
+    print("  " + WAITS[-1], flush=True)
     out = []
     for kind in ("new", "take-over"):
         d, b = during[kind], base[kind]
@@ -744,7 +827,10 @@ def purge_under_load(store: Store, count: int, batch: int) -> list[Purge]:
 
 
 # -- output --------------------------------------------------------------------------------------
-def plot(points: list[Point], sizes: list[Size], purges: list[Purge]) -> list[str]:
+def plot(
+    points: list[Point], sizes: list[Size], purges: list[Purge], folder: Path = DOCS
+) -> list[str]:
+    """Draw the PNGs into ``folder``; their names."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -777,7 +863,7 @@ def plot(points: list[Point], sizes: list[Size], purges: list[Purge]) -> list[st
         axes[0][0].legend(fontsize=7, ncol=2)
         fig.suptitle("@idempotent against concurrency (benchmarks/scale.py)")
         fig.tight_layout()
-        fig.savefig(DOCS / "perf-concurrency.png", dpi=80)
+        fig.savefig(folder / "perf-concurrency.png", dpi=80)
         made.append("perf-concurrency.png")
     if sizes:
         fig, ax = plt.subplots(figsize=(8, 5))
@@ -796,7 +882,7 @@ def plot(points: list[Point], sizes: list[Size], purges: list[Purge]) -> list[st
         ax.legend(fontsize=8)
         ax.set_title("Bytes per stored key (benchmarks/scale.py)")
         fig.tight_layout()
-        fig.savefig(DOCS / "perf-bytes-per-key.png", dpi=80)
+        fig.savefig(folder / "perf-bytes-per-key.png", dpi=80)
         made.append("perf-bytes-per-key.png")
     if purges:
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -807,7 +893,7 @@ def plot(points: list[Point], sizes: list[Size], purges: list[Purge]) -> list[st
         ax.grid(True, axis="x", alpha=0.3)
         ax.set_title("Purge rate (benchmarks/scale.py)")
         fig.tight_layout()
-        fig.savefig(DOCS / "perf-purge.png", dpi=80)
+        fig.savefig(folder / "perf-purge.png", dpi=80)
         made.append("perf-purge.png")
     plt.close("all")
     return made
@@ -817,8 +903,10 @@ def targets(sizes: list[Size], purges: list[Purge]) -> list[str]:
     """Issue 13's two growth targets, measured in this run."""
     rows = []
     for s in sizes:
-        if s.store == "redis" and s.memory_usage is not None and s.keys == max(
-            x.keys for x in sizes if x.store == "redis"
+        if (
+            s.store == "redis"
+            and s.memory_usage is not None
+            and s.keys == max(x.keys for x in sizes if x.store == "redis")
         ):
             size = len(RESULTS[s.result])
             goal = 2 * size + 200
@@ -843,8 +931,14 @@ def targets(sizes: list[Size], purges: list[Purge]) -> list[str]:
     if not rows:
         return []
     rows = list(dict.fromkeys(rows))  # the purge time row comes once per claim kind
-    return ["### Targets (issue 13)", "", "| target | measured | goal | |", "|---|---:|---:|---|",
-            *rows, ""]
+    return [
+        "### Targets (issue 13)",
+        "",
+        "| target | measured | goal | |",
+        "|---|---:|---:|---|",
+        *rows,
+        "",
+    ]
 
 
 def section(
@@ -930,6 +1024,8 @@ def section(
         lines.append("")
     lines += targets(sizes, purges)
     lines.append(NOTES)
+    lines += [f"  {w}." for w in WAITS]
+    lines.append(ANALYSIS)
     return "\n".join(lines)
 
 
@@ -955,9 +1051,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--batch", type=int, default=10_000, help="purge_expired limit")
     parser.add_argument("--write-docs", action="store_true")
+    parser.add_argument("--save", help="write the measurements to this JSON file")
+    parser.add_argument(
+        "--from-json", help="measure nothing: write the docs from a file --save wrote"
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        args.seconds, args.max_concurrency = 0.2, 4
+        args.seconds, args.max_concurrency = min(args.seconds, 0.2), min(args.max_concurrency, 4)
         args.keys, args.purge_count, args.purge_records, args.batch = "200,500", 300, 0, 100
     parts = set(args.parts.split(","))
     kinds = args.stores.split(",")
@@ -968,6 +1068,14 @@ def main(argv: list[str] | None = None) -> None:
     sizes: list[Size] = []
     purges: list[Purge] = []
     folder = tempfile.mkdtemp(prefix="oncely-scale-")
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        command = saved["command"]
+        points = [Point(**p) for p in saved["points"]]
+        sizes = [Size(**x) for x in saved["sizes"]]
+        purges = [Purge(**x) for x in saved["purges"]]
+        WAITS[:] = saved["waits"]
+        parts = set()
     try:
         if "concurrency" in parts:
             print("throughput and p99 against concurrency", flush=True)
@@ -985,6 +1093,18 @@ def main(argv: list[str] | None = None) -> None:
             purges = purge_rates(kinds, args.purge_count, args.purge_records, args.batch, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+    if args.save:
+        Path(args.save).write_text(
+            json.dumps(
+                {
+                    "command": command,
+                    "points": [dataclasses.asdict(p) for p in points],
+                    "sizes": [dataclasses.asdict(x) for x in sizes],
+                    "purges": [dataclasses.asdict(x) for x in purges],
+                    "waits": WAITS,
+                }
+            )
+        )
     if args.write_docs:
         made = plot(points, sizes, purges)
         body = section(command.strip(), points, sizes, purges, made)
