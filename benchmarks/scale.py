@@ -35,6 +35,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import sqlite3
@@ -119,7 +120,7 @@ ANALYSIS = """
 * **Concurrency.** Read the curves as shapes: this 2-core machine ran other benchmarks and
   test suites beside this one, so single points jump by 2x between neighbours. Memory and Redis
   scale with callers until the two cores are busy (Redis replays reach about 10,000/s at 32
-  callers, several times the sequential rate, because concurrent scripts share writes); past
+  callers, 2 to 3 times the sequential rate, because concurrent scripts share writes); past
   that, throughput stays flat or falls and p99 grows in proportion to the queue. PostgreSQL and
   MariaDB flatten at their 16-connection pools; first-time calls there are bound by the commit's
   WAL flush (PostgreSQL's sequential first-time calls are far below its replays). SQLite serialises
@@ -131,7 +132,9 @@ ANALYSIS = """
   more) is the keyspace itself: the expiry dict's entry and both dicts' bucket arrays. Of a
   completed key with a 100-byte result, 136 bytes are the key's name (86 characters, 64 of them
   the digest, in a 96-byte allocation), its dict entry and its object header, and 256 the listpack
-  (jemalloc's size class for about 233 bytes of fields). The tiny result cannot meet
+  (jemalloc's size class for about 233 bytes of fields); before this change the same record
+  took 1,016 bytes, because the 100-byte value turned the hash into a hashtable (the reference
+  rows, measured the same way). The tiny result cannot meet
   "2x + 200 bytes" (208) in this layout: the key's name and its entries alone are 136 bytes and
   the fence, the fingerprint and the times another 100 or so. Getting there would take a
   shorter key name (a binary or base64 digest: every record written before would have to be
@@ -146,14 +149,19 @@ ANALYSIS = """
   through the expiry index (`FOR UPDATE SKIP LOCKED`, so rows a claim holds are skipped and rows
   the purge holds make a take-over wait for one batch only). The claims beside it spend their
   waiting on WAL flushes (the purge writes tens of MB of WAL), not on the purge's row locks: see
-  the sampled wait events above. That is why the purge commits asynchronously
+  the sampled wait events above. A take-over of a row in the batch being deleted waits for that
+  one statement, at most the slowest purge call above; `--batch 1000` makes each statement
+  shorter but, in a run made while tuning, not the slowest one (the WAL flushes dominate there
+  too), and took 12.8 s for the 10^6 records instead of 4.7 s. That is why the purge commits asynchronously
   (`synchronous_commit` off for its own transaction: a purge lost in a crash leaves expired rows,
   which every reader treats as absent and the next purge deletes; later synchronous commits flush
-  it anyway); in the runs made while changing it (4 pairs, same load), the slowest claim beside
-  the purge went from 91 to 107 ms to 69 to 93 ms. On this shared disk the slowest claim of the
-  reference period without a purge reached 230 ms in one of those runs, so a single max figure
-  is within the machine's noise; the p99 is the steadier number. `oncely purge` now loops in
-  `--batch`-sized statements until nothing is left, each its own short transaction. Redis
+  it anyway). In the runs made while changing it (2 pairs under the same load), the slowest
+  claim beside the purge went from 91 to 107 ms to 69 to 93 ms; in
+  another run of the same measurement the slowest claim of the reference period, with no purge
+  at all, reached 230 ms, so on this shared disk a single max figure is within the machine's
+  noise, and the p99 is the steadier number. `oncely purge` now loops in
+  `--batch`-sized statements until nothing is left, each its own short transaction (its rate
+  above includes starting the process, about 2 s). Redis
   drops expired records itself (`PEXPIREAT`), so it has no purge to measure.
 """
 WAITS: list[str] = []  # what claims waited for during the PostgreSQL purge (filled by the run)
@@ -976,8 +984,8 @@ def plot(
         made.append("perf-bytes-per-key.png")
     if purges:
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        labels = [f"{p.store}\n{p.how.split(' under')[0][:34]}" for p in purges]
-        ax.barh(labels, [p.rate for p in purges])
+        bars = {f"{p.store}\n{p.how.split(';')[0]}": p.rate for p in purges}
+        ax.barh(list(bars), list(bars.values()))
         ax.set_xlabel("expired records purged per second")
         ax.tick_params(axis="y", labelsize=7)
         ax.grid(True, axis="x", alpha=0.3)
@@ -1164,7 +1172,7 @@ def main(argv: list[str] | None = None) -> None:
         by_row: dict[tuple[str, str, int], Size] = {}
         for path in args.from_json.split(","):
             saved = json.loads(Path(path).read_text())
-            commands.append(saved["command"])
+            commands.append(re.sub(r" --save \S+", "", saved["command"]).strip())
             points += [Point(**p) for p in saved["points"]]
             for x in saved["sizes"]:
                 by_row[x["store"], x["result"], x["keys"]] = Size(**x)
