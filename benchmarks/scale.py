@@ -152,7 +152,8 @@ ANALYSIS = """
   the sampled wait events above. A take-over of a row in the batch being deleted waits for that
   one statement, at most the slowest purge call above; `--batch 1000` makes each statement
   shorter but, in a run made while tuning, not the slowest one (the WAL flushes dominate there
-  too), and took 12.8 s for the 10^6 records instead of 4.7 s. That is why the purge commits asynchronously
+  too), and took 12.8 s for the 10^6 records instead of 4.7 s. That is why the purge commits
+  asynchronously
   (`synchronous_commit` off for its own transaction: a purge lost in a crash leaves expired rows,
   which every reader treats as absent and the next purge deletes; later synchronous commits flush
   it anyway). In the runs made while changing it (2 pairs under the same load), the slowest
