@@ -50,10 +50,12 @@ def test_quick_run_measures_every_part_and_renders(scale: Any, tmp_path: Path) -
                 }
     assert all(p["calls"] > 0 and len(p["latencies"]) == p["calls"] for p in data["points"])
     sizes = {(s["store"], s["result"], s["keys"]): s for s in data["sizes"]}
-    assert {k[0] for k in sizes} == {"sqlite", "redis"}
+    assert {k[0] for k in sizes} == {"sqlite", "redis", "redis (layout before)"}
     assert all(s["bytes_per_key"] > 0 for s in sizes.values())
     redis_100 = sizes[("redis", "100-byte JSON", 500)]
     assert redis_100["memory_usage"] <= 2 * 100 + 200  # issue 13's target, in the real layout
+    before = sizes[("redis (layout before)", "100-byte JSON", 200)]
+    assert before["memory_usage"] > 2 * redis_100["memory_usage"]  # the reference, same run
     purged = {(p["store"], p["how"]): p["records"] for p in data["purges"]}
     assert purged[("memory", "purge_expired(100) loop")] == 300
     assert purged[("sqlite", "purge_expired(100) loop")] == 300
