@@ -985,7 +985,11 @@ def plot(
         made.append("perf-bytes-per-key.png")
     if purges:
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        bars = {f"{p.store}\n{p.how.split(';')[0]}": p.rate for p in purges}
+        bars = {
+            f"{p.store}\n{p.how.split(';')[0]}"
+            + (", beside claims" if ";" in p.how else ""): p.rate
+            for p in purges
+        }
         ax.barh(list(bars), list(bars.values()))
         ax.set_xlabel("expired records purged per second")
         ax.tick_params(axis="y", labelsize=7)
