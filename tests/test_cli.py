@@ -56,6 +56,29 @@ def test_init_check_ls_show_rm_purge_on_sqlite(tmp_path: Path) -> None:
     assert purged.exit_code == 0 and "purged 0" in purged.output
 
 
+def test_purge_loops_in_bounded_batches_until_none_is_left(tmp_path: Path) -> None:
+    """``oncely purge`` deletes every expired record, ``--batch`` at a time (one statement and
+    transaction each), and stops at ``--limit``; it used to make one call of 10,000 at most."""
+    url = f"sqlite:///{tmp_path}/purge.db"
+    store = open_store(url)
+    for i in range(25):
+        store.claim(RecordKey.of("p", f"k{i}"), "", 0.05, 0.05)
+    live = RecordKey.of("p", "live")
+    store.claim(live, "", 30, 60)
+    ends = store.now() + 0.05
+    while store.now() <= ends:  # the store's clock decides expiry
+        pass
+    store.close()
+    conn = sqlite3.connect(f"{tmp_path}/purge.db")
+    first = runner.invoke(app, ["purge", url, "--limit", "12", "--batch", "5"])
+    assert first.exit_code == 0 and "purged 12 expired" in first.output, first.output
+    rest = runner.invoke(app, ["purge", url, "--batch", "4"])
+    assert rest.exit_code == 0 and "purged 13 expired" in rest.output, rest.output
+    assert conn.execute("SELECT count(*) FROM oncely_records").fetchone() == (1,)
+    conn.close()
+    assert runner.invoke(app, ["purge", url, "--batch", "0"]).exit_code != 0
+
+
 def test_schema_missing_and_unreachable_are_clear_errors() -> None:
     table = f"oncely_cli_{uuid.uuid4().hex[:8]}"
     missing = runner.invoke(app, ["check", POSTGRES_URL, "--table", table])

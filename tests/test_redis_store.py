@@ -235,11 +235,11 @@ def test_record_layout_and_pexpireat(store: RedisStore, raw: redis.Redis, prefix
     name = record_key(prefix, key)
     assert raw.type(name) == b"hash"
     fields = raw.hgetall(name)
-    assert set(fields) == {b"st", b"fe", b"fp", b"lu", b"ea", b"ca", b"sc", b"dg"}
+    # the scope and the digest are in the key's name only
+    assert set(fields) == {b"st", b"fe", b"fp", b"lu", b"ea", b"ca"}
     assert fields[b"st"] == b"in_progress"
     assert int(fields[b"fe"]) == outcome.fence
     assert fields[b"fp"] == b"fp-1"
-    assert (fields[b"sc"], fields[b"dg"]) == (b"acme", key.digest.encode())
     assert int(fields[b"lu"]) == round(outcome.lease_until * 1000)
     assert int(fields[b"ea"]) == int(fields[b"ca"]) + 60_000
     assert raw.pexpiretime(name) == int(fields[b"ea"])
@@ -254,6 +254,114 @@ def test_record_layout_and_pexpireat(store: RedisStore, raw: redis.Redis, prefix
     assert record is not None
     assert record.expires_at == int(fields[b"ea"]) / 1000
     assert record.lease_until is None
+
+
+@pytest.mark.parametrize("size", [0, 64, 65, 128, 200, 1024, 1025, 5000])
+def test_results_up_to_1024_bytes_keep_the_hash_a_listpack(
+    store: RedisStore, raw: redis.Redis, prefix: str, size: int
+) -> None:
+    """One hash value over hash-max-listpack-value (64) would make the whole record a
+    hashtable (2.5x the memory of a 100-byte result): results of 65 to 1,024 bytes are kept in
+    64-byte pieces, and every reader gets the whole result back."""
+    key = rkey("acme")
+    result = bytes(i % 256 for i in range(size))  # NUL and high bytes included
+    outcome = store.claim(key, "fp", 5, 60)
+    assert isinstance(outcome, New)
+    store.complete(key, outcome.fence, result, "raw", 60)
+    name = record_key(prefix, key)
+    fields = raw.hgetall(name)
+    if 64 < size <= 1024:
+        pieces = -(-size // 64) - 1
+        assert int(fields[b"rn"]) == pieces
+        assert set(fields) == {b"st", b"fe", b"fp", b"ea", b"ca", b"cd", b"rs", b"rn"} | {
+            f"r{i}".encode() for i in range(1, pieces + 1)
+        }
+    else:
+        assert fields[b"rs"] == result and b"rn" not in fields
+    expected = b"listpack" if size <= 1024 else b"hashtable"
+    assert raw.object("encoding", name) == expected
+    got = store.get(key)
+    assert got is not None and got.result == result
+    replay = store.claim(key, "fp", 5, 60)
+    assert isinstance(replay, Replay) and replay.record.result == result
+    assert [r.result for r in store.list("acme")] == [result]
+    store.complete(key, outcome.fence, result, "raw", 60)  # a repeat finds its own completion
+    with pytest.raises(LeaseLost):
+        store.complete(key, outcome.fence, result + b"x", "raw", 60)
+    with pytest.raises(LeaseLost):
+        store.complete(key, outcome.fence, result, "json", 60)
+
+
+def test_records_of_the_earlier_layout_are_read(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    """Records written before the result pieces (the whole result in ``rs``, and ``sc``/``dg``
+    fields) are replayed, listed, completed again and taken over as before."""
+    now = int(store.now() * 1000)
+    result = b"r" * 100
+    done, running = rkey("old:scope"), rkey("old:scope")
+    raw.hset(
+        record_key(prefix, done),
+        mapping={
+            "st": "completed",
+            "fe": "7",
+            "fp": "fp",
+            "ea": now + 60_000,
+            "ca": now,
+            "rs": result,
+            "cd": "json",
+            "sc": done.scope,
+            "dg": done.digest,
+        },
+    )
+    raw.pexpireat(record_key(prefix, done), now + 60_000)
+    raw.hset(
+        record_key(prefix, running),
+        mapping={
+            "st": "in_progress",
+            "fe": "8",
+            "fp": "fp",
+            "lu": now + 60_000,
+            "ea": now + 60_000,
+            "ca": now,
+            "sc": running.scope,
+            "dg": running.digest,
+        },
+    )
+    raw.pexpireat(record_key(prefix, running), now + 60_000)
+    got = store.get(done)
+    assert got is not None and (got.result, got.codec, got.fence) == (result, "json", 7)
+    replay = store.claim(done, "fp", 5, 60)
+    assert isinstance(replay, Replay) and replay.record.result == result
+    assert isinstance(store.claim(done, "other", 5, 60), Mismatch)
+    store.complete(done, 7, result, "json", 60)  # the lost-reply repeat of the old completion
+    assert isinstance(store.claim(running, "fp", 5, 60), InFlight)
+    store.complete(running, 8, result, "json", 60)
+    assert raw.object("encoding", record_key(prefix, running)) == b"listpack"
+    listed = {(r.scope, r.digest, r.result) for r in store.list("old:scope")}
+    assert listed == {(k.scope, k.digest, result) for k in (done, running)}
+    assert store.delete(done) and store.get(done) is None
+
+
+def test_memory_per_completed_key_meets_the_target(private_redis: RedisServer) -> None:
+    """Issue 13's target: a completed record takes at most 2x its result + 200 bytes
+    (``MEMORY USAGE``, key name included) with a realistic 100-byte JSON result; 1,016 bytes
+    before the result was kept in pieces."""
+    store = RedisStore(private_redis.url)
+    raw = redis.Redis.from_url(private_redis.url)
+    try:
+        key = RecordKey.of("billing.charge", "order-0001")
+        result = b'{"order_id":"ord_0123456789","status":"paid","amount":1999,"currency":"EUR",'
+        result += b'"ref":"' + b"x" * (100 - len(result) - 9) + b'"}'
+        assert len(result) == 100
+        outcome = store.claim(key, "f" * 32, 5, 3600)
+        assert isinstance(outcome, New)
+        store.complete(key, outcome.fence, result, "json", 3600)
+        used = raw.memory_usage(f"oncely:billing.charge:{key.digest}", samples=0)
+        assert used <= 2 * len(result) + 200, used
+    finally:
+        raw.close()
+        store.close()
 
 
 def test_renew_moves_pexpireat_when_the_lease_outgrows_the_ttl(

@@ -507,17 +507,31 @@ def keys_rm(
 @app.command()
 def purge(
     url: Url,
-    limit: Annotated[int, typer.Option("--limit", min=1, help="Delete at most this many")] = 10000,
+    limit: Annotated[
+        int | None,
+        typer.Option("--limit", min=1, help="Delete at most this many in all (default: every one)"),
+    ] = None,
+    batch: Annotated[
+        int, typer.Option("--batch", min=1, help="Records deleted per statement (transaction)")
+    ] = 10000,
     table: Table_ = None,
     prefix: Prefix = None,
 ) -> None:
-    """Delete expired records (Redis expires its records by itself)."""
+    """Delete expired records in batches until none is left (Redis expires its records by
+    itself). Each batch is one ``purge_expired(batch)`` call, its own short transaction, so
+    live claims wait at most for one batch."""
+    total = 0
     try:
         with _open(url, table, prefix) as store:
-            count = store.purge_expired(limit)
+            while limit is None or total < limit:
+                want = batch if limit is None else min(batch, limit - total)
+                count = store.purge_expired(want)
+                total += count
+                if count < want:
+                    break
     except OncelyError as exc:
         raise _fail(exc) from exc
-    console.print(f"purged {count} expired record(s)")
+    console.print(f"purged {total} expired record(s)")
 
 
 # -- the branch barrier (oncely.statemachine.barrier) ----------------------------------------

@@ -104,14 +104,14 @@ def _batched(script: Script, loop: str) -> bytes:
     return b"local function one(KEYS, ARGV)\n" + script.source + b"\nend\n" + loop.encode()
 
 
-# claim.lua takes KEYS record, fence counter; ARGV fingerprint, lease, ttl, scope, digest.
-# Batch: KEYS fence counter, record 1..n; ARGV fingerprint, lease, ttl, scope, digest 1..n.
+# claim.lua takes KEYS record, fence counter; ARGV fingerprint, lease, ttl.
+# Batch: KEYS fence counter, record 1..n; ARGV fingerprint, lease, ttl.
 _CLAIM_BATCH: Final = _batched(
     _CLAIM,
     """
 local out = {}
 for i = 1, #KEYS - 1 do
-  out[i] = one({KEYS[i + 1], KEYS[1]}, {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[4 + i]})
+  out[i] = one({KEYS[i + 1], KEYS[1]}, {ARGV[1], ARGV[2], ARGV[3]})
 end
 return out
 """,
@@ -163,7 +163,7 @@ class RedisBatchClaims:
         if any(k.scope != scope for k in keys):
             raise ValueError("claim_many takes keys of one scope (one consumer)")
         flat_keys: list[Any] = [self._fence_key, *(self._key(k) for k in keys)]
-        args: list[Any] = [fingerprint, ms(lease), ms(ttl), scope, *(k.digest for k in keys)]
+        args: list[Any] = [fingerprint, ms(lease), ms(ttl)]
         replies = await self._eval(_CLAIM_BATCH, flat_keys, args)
         return [_outcome(k, r) for k, r in zip(keys, replies)]
 

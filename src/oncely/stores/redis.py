@@ -4,7 +4,12 @@ Layout (``prefix`` defaults to ``"oncely"``):
 
 * record ``f"{prefix}:{scope}:{digest}"``: a hash with short fields ``st`` status, ``fe`` fence,
   ``fp`` fingerprint, ``lu`` lease_until (ms), ``ea`` expires_at (ms), ``ca`` created_at (ms),
-  ``rs`` result (bytes), ``cd`` codec, ``sc`` scope, ``dg`` digest. The key carries
+  ``rs`` result (bytes), ``cd`` codec. A result of 65 to 1,024 bytes is kept in pieces of at
+  most 64 bytes (``rs``, ``r1`` … ``rN``, and ``rn`` = N), so that the hash stays a listpack
+  (Redis turns a hash with one value over ``hash-max-listpack-value``, 64 by default, into a
+  hashtable: about 600 bytes more per record); the scripts join them again. Records written by
+  earlier versions (the whole result in ``rs``, and ``sc`` scope, ``dg`` digest fields, which
+  the key's name holds anyway) are read as they are. The key carries
   ``PEXPIREAT expires_at``, so Redis drops expired records by itself. ``release`` turns the
   record into a tombstone (``st`` = ``released``) that every reader ignores and any claim takes
   over, and that Redis drops after a minute: a release repeated after a lost reply finds it.
@@ -154,13 +159,25 @@ def _parse_time(reply: Any) -> float:
     return int(seconds) + int(micros) / 1_000_000
 
 
-def _parse_list(rows: Any, scope: str | None) -> builtins.list[Record]:
-    """Records from list.lua's rows (``st fe fp lu ea ca rs cd sc dg``), in ``scope`` if given."""
+def _parse_list(rows: Any, scope: str | None, prefix: str, cluster: bool) -> builtins.list[Record]:
+    """Records from list.lua's rows (``st fe fp lu ea ca rs cd sc dg key``), in ``scope`` if
+    given. ``sc`` and ``dg`` are only in records of earlier versions; otherwise the scope and
+    the digest come from the key's name (``prefix:scope:digest``, on a cluster
+    ``prefix:{group}:scope:digest``; the digest is hex, so the last colon ends the scope)."""
     out = []
+    skip = len(prefix) + 1
     for row in rows:
-        row_scope = row[8].decode()
+        if row[8] is not None and row[9] is not None:
+            row_scope, digest = row[8].decode(), row[9].decode()
+        else:
+            name = row[10].decode()[skip:]
+            if cluster:
+                name = name.partition(":")[2]
+            row_scope, colon, digest = name.rpartition(":")
+            if not colon:
+                continue  # not a record's name
         if scope is None or row_scope == scope:
-            out.append(_record(row_scope, row[9].decode(), row))
+            out.append(_record(row_scope, digest, row))
     return out
 
 
@@ -316,8 +333,8 @@ class RedisStore(PlannedStore):
     ) -> Plan[ClaimOutcome]:
         args = (self._key(key), self._fence(key), fingerprint, ms(lease), ms(ttl))
         if self._durable is None:
-            return _parse_claim((yield Eval(_CLAIM, 2, (*args, key.scope, key.digest))), key)
-        reply, acked = yield EvalWait(_CLAIM, 2, (*args, key.scope, key.digest))
+            return _parse_claim((yield Eval(_CLAIM, 2, args)), key)
+        reply, acked = yield EvalWait(_CLAIM, 2, args)
         outcome = _parse_claim(reply, key)
         if isinstance(outcome, New) and acked < self._durable.replicas:
             # Not durable: a failover could lose the claim and let a second caller run the
@@ -393,7 +410,7 @@ class RedisStore(PlannedStore):
         records: builtins.list[Record] = []
         if self.cluster:  # every primary's keys; list.lua one key at a time (one slot each)
             for found in (yield _ScanAll(pattern)):
-                records += _parse_list((yield Eval(_LIST, 1, (found,))), scope)
+                records += self._parse_list((yield Eval(_LIST, 1, (found,))), scope)
             return _finish_list(records, limit)
         cursor: Any = 0
         while True:
@@ -401,9 +418,12 @@ class RedisStore(PlannedStore):
                 ("SCAN", cursor, "MATCH", pattern, "COUNT", _SCAN_COUNT, "TYPE", "hash")
             )
             if keys:
-                records += _parse_list((yield Eval(_LIST, len(keys), tuple(keys))), scope)
+                records += self._parse_list((yield Eval(_LIST, len(keys), tuple(keys))), scope)
             if int(cursor) == 0 or len(records) >= limit:
                 return _finish_list(records, limit)
+
+    def _parse_list(self, rows: Any, scope: str | None) -> builtins.list[Record]:
+        return _parse_list(rows, scope, self.prefix, self.cluster)
 
     def _now(self) -> Plan[float]:
         return _parse_time((yield Command(("TIME",))))
