@@ -25,8 +25,10 @@ dialect" the same way, without knowing the driver::
     rows = conn.execute({"postgresql": "SELECT now()", "sqlite": "SELECT unixepoch()"}, {}).rows
 
 Errors: :func:`duplicate_of` recognises a unique violation from every driver above (also for
-users who insert themselves); :func:`retryable` a serialization failure or deadlock (the
-transaction must be run again from the start); :func:`lock_timeout` a lock wait that ran out.
+users who insert themselves); :func:`retryable` a serialization failure, a deadlock or
+SQLite's "database is locked" (the transaction must be run again from the start);
+:func:`lock_timeout` a lock wait that ran out; :func:`busy` turns either into the typed
+:class:`~oncely.errors.DatabaseBusy`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ from typing import Any, Final, Literal, NamedTuple
 from oncely.backends.plans import Exec, Plan
 from oncely.errors import (
     ConfigurationError,
+    DatabaseBusy,
     InvalidIdentifier,
+    OncelyError,
     TransactionFailed,
     UnknownColumn,
     UnknownTable,
@@ -60,6 +64,7 @@ __all__ = [
     "Text",
     "adapt",
     "arun",
+    "busy",
     "duplicate_of",
     "exact_text",
     "lock_timeout",
@@ -277,29 +282,76 @@ def duplicate_of(exc: BaseException) -> Duplicate | None:
     return None
 
 
+def _sqlite_busy(e: BaseException) -> bool:
+    """sqlite3's ``SQLITE_BUSY`` / ``SQLITE_LOCKED`` (extended codes included)."""
+    if not isinstance(e, sqlite3.OperationalError):
+        return False
+    code = getattr(e, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
+    text = str(e)
+    return "database is locked" in text or "database table is locked" in text
+
+
+def _typed(e: BaseException) -> bool:
+    """An oncely error that already says what happened (its cause is not re-read), except
+    :class:`~oncely.errors.DatabaseBusy`, which is the typed "run it again"."""
+    return isinstance(e, OncelyError) and not isinstance(e, DatabaseBusy)
+
+
 def retryable(exc: BaseException) -> bool:
-    """True for a serialization failure or a deadlock (PostgreSQL 40001 / 40P01; MySQL 1213,
-    MariaDB 1020 "record has changed"; SQLite never has one): the database rolled the work
-    back and the whole transaction must be run again from its start."""
+    """True when the whole transaction should be run again from its start: a serialization
+    failure or a deadlock (PostgreSQL 40001 / 40P01; MySQL 1213, MariaDB 1020 "record has
+    changed"), SQLite's ``SQLITE_BUSY`` / ``SQLITE_LOCKED`` ("database is locked": SQLite has
+    no deadlock detection, a writer that cannot get the lock within ``timeout`` gets this),
+    and :class:`~oncely.errors.DatabaseBusy`, oncely's typed form of all of these.
+
+    A lock wait that ran out on PostgreSQL (55P03 ``lock_not_available``) or MySQL/MariaDB
+    (1205) is :func:`lock_timeout`, not retryable: another transaction holds the row, and
+    running again at once usually waits again (oncely's claim answers it as in flight).
+    Another oncely error is never retryable, whatever its cause (it already says what to do).
+    """
+    if _typed(exc):
+        return False
     for e in _causes(exc):
         state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
         if state in ("40001", "40P01"):
             return True
         if _mysql_code(e) in (1213, 1020):
             return True
+        if _sqlite_busy(e):
+            return True
+        if isinstance(e, DatabaseBusy):
+            return True
     return False
 
 
 def lock_timeout(exc: BaseException) -> bool:
-    """True when a lock wait ran out (PostgreSQL 55P03 ``lock_timeout``; MySQL 1205; SQLite
-    "database is locked" after ``timeout``)."""
+    """True when a lock wait ran out (PostgreSQL 55P03 ``lock_timeout`` / ``NOWAIT``; MySQL
+    1205; SQLite ``SQLITE_BUSY`` / ``SQLITE_LOCKED`` after ``timeout``)."""
     for e in _causes(exc):
         state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
-        if state == "55P03" or _mysql_code(e) == 1205:
-            return True
-        if isinstance(e, sqlite3.OperationalError) and "database is locked" in str(e):
+        if state == "55P03" or _mysql_code(e) == 1205 or _sqlite_busy(e):
             return True
     return False
+
+
+def busy(exc: BaseException, what: str) -> BaseException:
+    """``exc`` as oncely raises it when the database was busy: a
+    :class:`~oncely.errors.DatabaseBusy` (chained to ``exc``) for a :func:`retryable` error or a
+    :func:`lock_timeout`, else ``exc`` itself. ``what`` names the operation in the message.
+    Every mechanism of :mod:`oncely.sql`, :mod:`oncely.statemachine` and
+    :mod:`oncely.optimistic` raises driver busy errors through this one translation."""
+    if isinstance(exc, DatabaseBusy) or _typed(exc) or not isinstance(exc, Exception):
+        return exc
+    if retryable(exc) or lock_timeout(exc):
+        err = DatabaseBusy(
+            f"{what}: the database was busy ({exc}); nothing of this attempt is kept: roll "
+            "the transaction back if it is yours and run it again from its start"
+        )
+        err.__cause__ = exc
+        return err
+    return exc
 
 
 _MISSING_TABLE_PG = "42P01"

@@ -226,13 +226,13 @@ def claim_plan(
                 yield from _restore(c, saved)
             if not isinstance(exc, Exception):
                 raise
-            if retryable(exc) and block.owned and attempt < CLAIM_ATTEMPTS - 1:
-                continue
-            if lock_timeout(exc) and not wait:
+            if lock_timeout(exc) and not wait:  # checked first: SQLite's busy is both
                 raise InFlightError(
                     "another transaction with this key is running; retry after it ends",
                     retry_after=1.0,
                 ) from exc
+            if retryable(exc) and block.owned and attempt < CLAIM_ATTEMPTS - 1:
+                continue
             typed = schema_missing(exc, table)
             if typed is exc:
                 raise

@@ -47,6 +47,7 @@ from oncely.sql.connections import (
     Leave,
     SqlConnection,
     adapt,
+    busy,
     exact_text,
     missing_object,
     retryable,
@@ -336,8 +337,9 @@ class SqlStateMachine:
         back as a serialization failure or deadlock (PostgreSQL at REPEATABLE READ or
         SERIALIZABLE answers a concurrent change of the row with 40001 instead of re-checking
         the ``WHERE``): the retry sees the winner's committed state and answers as at READ
-        COMMITTED. Inside the caller's transaction the error propagates: only the caller can
-        run its whole transaction again."""
+        COMMITTED; so is SQLite's "database is locked". Inside the caller's transaction (or
+        when the attempts run out) it is raised as :class:`~oncely.errors.DatabaseBusy`
+        (:func:`oncely.sql.busy`): only the caller can run its whole transaction again."""
         owned = not c.in_transaction()
         attempt = 0
         while True:
@@ -345,8 +347,12 @@ class SqlStateMachine:
             try:
                 return (yield from self._apply_once(c, conn, t, entity_id, key, data))
             except Exception as exc:
-                if not owned or attempt >= _ATTEMPTS or not retryable(exc):
+                if owned and attempt < _ATTEMPTS and retryable(exc):
+                    continue
+                typed = busy(exc, f"{self.machine.name}.{t.name} of {entity_id!r}")
+                if typed is exc:
                     raise
+                raise typed from exc
 
     def _apply_once(
         self,
@@ -530,6 +536,9 @@ class SqlStateMachine:
         :raises EntityNotFound: no row with this id.
         :raises IdempotencyKeyMismatch: ``key`` was used for another transition of this entity.
         :raises SchemaMissing: the history table is missing (:meth:`create_tables`).
+        :raises DatabaseBusy: a deadlock, serialization failure, lock wait that ran out or
+            SQLite "database is locked" that retrying (when ``apply`` owns the transaction)
+            did not get past; nothing was changed: roll back (if yours) and run it again.
         :raises UnknownTable: / :raises UnknownColumn: the entity table or its columns are not
             there (check :class:`Table`).
         """
