@@ -1,0 +1,148 @@
+"""Red-team round 3 on oncely.statemachine, oncely.sql and oncely.optimistic, on real servers.
+
+Each test failed on the code before its fix (findings F06, F07, F11, F18 of redteam3; F12 is in
+tests/test_optimistic_redis.py)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from typing import Any
+
+import pytest
+
+from oncely.errors import ConfigurationError, DatabaseBusy
+from oncely.sql import retryable
+from oncely.sql.connections import lock_timeout
+from oncely.statemachine import Machine, Transition
+from oncely.statemachine.barrier import Verdict, barrier, create_table
+from oncely.statemachine.sql import SqlStateMachine, Table
+
+from sql_fixtures import Db
+
+pytest_plugins = ["sql_fixtures"]
+
+ORDER = Machine(
+    "order",
+    ["pending", "paid", "cancelled"],
+    "pending",
+    [Transition("pay", "pending", "paid"), Transition("cancel", "pending", "cancelled")],
+)
+
+
+# -- F07: a row that must commit with the caller's writes is refused on autocommit -------------
+def _autocommit(db: Db) -> Any:
+    if db.dialect == "sqlite":
+        conn: Any = sqlite3.connect(db.path, isolation_level=None, timeout=30)
+    elif db.dialect == "postgresql":
+        conn = db.connect(autocommit=True)
+    else:
+        conn = db.connect()
+        conn.autocommit(True)
+    db._opened.append(conn)
+    return conn
+
+
+def _begin(db: Db, conn: Any) -> None:
+    if db.dialect == "mysql":
+        conn.begin()
+    else:
+        conn.execute("BEGIN")
+
+
+def test_barrier_refuses_an_autocommit_connection_with_no_transaction(db: Db) -> None:
+    """F07: the barrier row committed alone; a branch dying before its writes then answered
+    DUPLICATE on the coordinator's retry and the writes never happened."""
+    table = db.name("rt3_barrier")
+    conn = _autocommit(db)
+    create_table(conn, table)
+    with pytest.raises(ConfigurationError, match="autocommit"):
+        barrier(conn, "g1", "alice", "try", table=table)
+    assert db.run(f"SELECT COUNT(*) FROM {table}") == [(0,)]
+    _begin(db, conn)  # inside an explicit transaction it decides, and rolls back with it
+    assert barrier(conn, "g1", "alice", "try", table=table) is Verdict.EXECUTE
+    conn.rollback()
+    _begin(db, conn)
+    assert barrier(conn, "g1", "alice", "try", table=table) is Verdict.EXECUTE
+    conn.commit()
+    assert db.run(f"SELECT COUNT(*) FROM {table}") == [(1,)]
+
+
+# -- F11: SQLite's "database is locked" is typed and retryable ---------------------------------
+def _orders(db: Db, **options: Any) -> tuple[SqlStateMachine, str]:
+    table = db.name("rt3_orders")
+    db.run(f"CREATE TABLE {table} (id INT PRIMARY KEY, status VARCHAR(20))")
+    db.run(f"INSERT INTO {table} VALUES (1, 'pending')")
+    sm = SqlStateMachine(
+        ORDER, Table(table, "id", "status"), history_table=db.name("rt3_hist"), **options
+    )
+    conn = db.connect()
+    sm.create_tables(conn)
+    conn.commit()
+    return sm, table
+
+
+def test_sqlite_busy_is_retryable_and_raised_as_database_busy(make_db: Any) -> None:
+    """F11: apply() let sqlite3.OperationalError('database is locked') through and
+    oncely.sql.retryable() said False for it."""
+    db = make_db("sqlite")
+    sm, table = _orders(db)
+    btable = db.name("rt3_b")
+    setup = db.connect()
+    create_table(setup, btable)
+    setup.close()
+    holder = db.connect()
+    holder.execute("BEGIN IMMEDIATE")  # another process holds SQLite's write lock
+    holder.execute(f"UPDATE {table} SET status = status")
+    busy_conn = sqlite3.connect(db.path, timeout=0.01)
+    try:
+        with pytest.raises(sqlite3.OperationalError) as raw:
+            busy_conn.execute("BEGIN IMMEDIATE")
+        assert retryable(raw.value) and lock_timeout(raw.value)
+        with pytest.raises(DatabaseBusy) as info:  # apply owns its transaction: retried, then
+            sm.apply(busy_conn, 1, "pay", key="k1")
+        assert isinstance(info.value.__cause__, sqlite3.OperationalError)
+        assert retryable(info.value) and not busy_conn.in_transaction
+        with pytest.raises(DatabaseBusy):  # in the caller's (deferred) transaction too
+            barrier(busy_conn, "g", "b", "try", table=btable)
+        busy_conn.rollback()
+        holder.rollback()
+        assert sm.apply(busy_conn, 1, "pay", key="k1").applied  # the retry succeeds
+        busy_conn.commit()
+    finally:
+        busy_conn.close()
+        holder.close()
+
+
+def test_sqlite_apply_under_contention_retries_the_busy_ones(make_db: Any) -> None:
+    """Threads with a short busy timeout: every transition lands once, no driver error."""
+    db = make_db("sqlite")
+    table = db.name("rt3_many")
+    db.run(f"CREATE TABLE {table} (id INT PRIMARY KEY, status VARCHAR(20))")
+    for i in range(40):
+        db.run(f"INSERT INTO {table} VALUES ({i}, 'pending')")
+    sm = SqlStateMachine(ORDER, Table(table, "id", "status"), history_table=db.name("rt3_h2"))
+    conn = db.connect()
+    sm.create_tables(conn)
+    conn.commit()
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        c = sqlite3.connect(db.path, timeout=0.005, check_same_thread=False)
+        for i in range(40):
+            tr = "pay" if (i + n) % 2 else "cancel"
+            try:
+                sm.apply(c, i, tr, key=f"{tr}-{i}")
+            except Exception as exc:
+                if type(exc).__name__ != "IllegalTransition":
+                    errors.append(exc)
+        c.close()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(isinstance(e, DatabaseBusy) for e in errors), errors[:3]
+    changed = db.run(f"SELECT COUNT(*) FROM {table} WHERE status != 'pending'")[0][0]
+    assert changed == 40 - len(errors) or changed == 40
