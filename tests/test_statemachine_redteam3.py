@@ -5,6 +5,7 @@ tests/test_optimistic_redis.py)."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from oncely.errors import ConfigurationError, DatabaseBusy
+from oncely.messaging.outbox import Relay
 from oncely.sql import retryable
 from oncely.sql.connections import lock_timeout
 from oncely.statemachine import Machine, Transition
@@ -146,3 +148,59 @@ def test_sqlite_apply_under_contention_retries_the_busy_ones(make_db: Any) -> No
     assert all(isinstance(e, DatabaseBusy) for e in errors), errors[:3]
     changed = db.run(f"SELECT COUNT(*) FROM {table} WHERE status != 'pending'")[0][0]
     assert changed == 40 - len(errors) or changed == 40
+
+
+# -- F18: the state machine's outbox is an Outbox oncely's Relay publishes ---------------------
+def _relay_url(db: Db) -> str:
+    if db.dialect == "sqlite":
+        return f"sqlite:///{db.path}"
+    return db.url().replace("+psycopg", "").replace("+pymysql", "")
+
+
+def test_statemachine_outbox_is_published_by_the_relay(db: Db) -> None:
+    """F18: SqlStateMachine(outbox_table=...) wrote rows with none of the columns Relay needs."""
+    sm, _table = _orders(db, outbox_table=db.name("rt3_outbox"))
+    conn = db.connect()
+    assert sm.apply(conn, 1, "pay", key="pay-1", data={"amount": 5}).applied
+    assert sm.apply(conn, 1, "pay", key="pay-1", data={"amount": 5}).replayed  # no 2nd message
+    sent: list[Any] = []
+    relay = Relay(sm.outbox, _relay_url(db), publish=sent.append)
+    try:
+        assert relay.run_once() == 1
+        assert relay.run_once() == 0
+    finally:
+        relay.close()
+    [message] = sent
+    assert (message.topic, message.message_id) == ("order.pay", "order:1:pay:1")
+    assert json.loads(message.payload) == {
+        "machine": "order",
+        "entity_id": "1",
+        "transition": "pay",
+        "state": "paid",
+        "key": "pay-1",
+        "data": {"amount": 5},
+    }
+
+
+def test_statemachine_outbox_message_rolls_back_with_the_transition(db: Db) -> None:
+    """A hook that raises rolls the transition back, and its message with it; a caller's own
+    transaction commits the message with its writes."""
+
+    def boom(call: Any) -> None:
+        raise RuntimeError("hook failed")
+
+    sm, table = _orders(db, outbox_table=db.name("rt3_outbox2"), hooks=[boom])
+    conn = db.connect()
+    with pytest.raises(RuntimeError):
+        sm.apply(conn, 1, "pay")
+    assert db.run(f"SELECT COUNT(*) FROM {sm.outbox_table}") == [(0,)]
+    quiet = SqlStateMachine(
+        ORDER, Table(table, "id", "status"), history_table=sm.history_table,
+        outbox_table=sm.outbox_table,
+    )  # fmt: skip
+    assert quiet.apply(conn, 1, "cancel").applied
+    conn.commit()
+    ids = db.run(f"SELECT message_id FROM {sm.outbox_table}")
+    assert [bytes(i).decode() if not isinstance(i, str) else i for (i,) in ids] == [
+        "order:1:cancel:1"
+    ]

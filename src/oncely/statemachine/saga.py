@@ -560,9 +560,7 @@ class Saga:
         :raises SchemaMissing: the saga tables are missing (:meth:`create_tables`).
         """
         c = self._adapt(conn)
-        result: SagaResult = sql_run(
-            self._plan(c, saga_id, _input(data), False), c, self._other
-        )
+        result: SagaResult = sql_run(self._plan(c, saga_id, _input(data), False), c, self._other)
         return result
 
     async def arun(
