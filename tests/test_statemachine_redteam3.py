@@ -70,6 +70,33 @@ def test_barrier_refuses_an_autocommit_connection_with_no_transaction(db: Db) ->
     assert db.run(f"SELECT COUNT(*) FROM {table}") == [(1,)]
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql", "mysql"])
+def test_barrier_refuses_an_sqlalchemy_autocommit_connection(make_db: Any, dialect: str) -> None:
+    """SQLAlchemy with isolation_level="AUTOCOMMIT": its begin() opens no database
+    transaction (yet in_transaction() says True); the driver's state decides."""
+    import sqlalchemy as sa
+
+    db = make_db(dialect)
+    table = db.name("rt3_sa_barrier")
+    raw = db.connect()
+    create_table(raw, table)
+    raw.commit()
+    engine = sa.create_engine(db.url(), isolation_level="AUTOCOMMIT")
+    try:
+        with (
+            engine.connect() as conn,
+            conn.begin(),
+            pytest.raises(ConfigurationError, match="autocommit"),
+        ):
+            barrier(conn, "g1", "alice", "try", table=table)
+        assert db.run(f"SELECT COUNT(*) FROM {table}") == [(0,)]
+        with sa.create_engine(db.url()).connect() as conn, conn.begin():  # a real transaction
+            assert barrier(conn, "g1", "alice", "try", table=table) is Verdict.EXECUTE
+        assert db.run(f"SELECT COUNT(*) FROM {table}") == [(1,)]
+    finally:
+        engine.dispose()
+
+
 # -- F11: SQLite's "database is locked" is typed and retryable ---------------------------------
 def _orders(db: Db, **options: Any) -> tuple[SqlStateMachine, str]:
     table = db.name("rt3_orders")

@@ -824,6 +824,22 @@ def _inline_bytes(sql: str, params: Mapping[str, Any]) -> tuple[str, dict[str, A
     return _TOKEN.sub(sub, sql), rest
 
 
+def _sa_require_transaction(sync_conn: Any, what: str) -> None:
+    """:meth:`SqlConnection.require_transaction` for SQLAlchemy: with
+    ``isolation_level="AUTOCOMMIT"`` SQLAlchemy's ``begin()`` opens no database transaction
+    (its own ``in_transaction()`` says True), so ask the driver's connection underneath."""
+    try:
+        dbapi = sync_conn.connection.dbapi_connection
+    except Exception:
+        return
+    driver = getattr(dbapi, "driver_connection", None) or dbapi
+    try:
+        inner = adapt(driver)
+    except OncelyError:  # a driver oncely does not adapt directly (asyncpg, aiosqlite)
+        return
+    inner.require_transaction(what)
+
+
 def _sa_failed(conn: Any) -> bool:
     """A SQLAlchemy Connection whose PostgreSQL transaction is in error."""
     try:
@@ -851,6 +867,9 @@ class _SaConnection(SqlConnection):
 
     def failed(self) -> bool:
         return self.raw.in_transaction() and _sa_failed(self.raw)
+
+    def require_transaction(self, what: str) -> None:
+        _sa_require_transaction(self.raw, what)
 
     def enter(self, savepoint: bool = True) -> Block:
         self.check_usable()
@@ -880,6 +899,9 @@ class _SaSession(_SaConnection):
             return False
         tx = self.raw.get_transaction()
         return (tx is not None and not tx.is_active) or _sa_failed(self.raw.connection())
+
+    def require_transaction(self, what: str) -> None:
+        _sa_require_transaction(self.raw.connection(), what)
 
     def enter(self, savepoint: bool = True) -> Block:
         self.check_usable()
@@ -915,6 +937,11 @@ class _SaAsyncConnection(SqlConnection):
     def failed(self) -> bool:
         sync = getattr(self.raw, "sync_connection", None)
         return bool(self.raw.in_transaction() and sync is not None and _sa_failed(sync))
+
+    def require_transaction(self, what: str) -> None:
+        sync = getattr(self.raw, "sync_connection", None)
+        if sync is not None:
+            _sa_require_transaction(sync, what)
 
     async def aenter(self, savepoint: bool = True) -> Block:
         self.check_usable()
