@@ -231,3 +231,37 @@ def test_statemachine_outbox_message_rolls_back_with_the_transition(db: Db) -> N
     assert [bytes(i).decode() if not isinstance(i, str) else i for (i,) in ids] == [
         "order:1:cancel:1"
     ]
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
+def test_lock_wait_timeouts_are_typed_by_every_sql_mechanism(make_db: Any, dialect: str) -> None:
+    """PostgreSQL 55P03 and MariaDB 1205 (a lock wait that ran out) reach the caller as
+    DatabaseBusy from versioned_update and SqlStateMachine.apply, the driver's error kept as the
+    cause (lock_timeout(), not retryable(): the typed error is the one to retry on)."""
+    from oncely.sql import versioned_update
+
+    db = make_db(dialect)
+    sm, table = _orders(db)
+    db.run(f"ALTER TABLE {table} ADD COLUMN version BIGINT NOT NULL DEFAULT 1")
+    holder = db.connect()
+    cur = holder.cursor()
+    cur.execute(f"UPDATE {table} SET status = status WHERE id = 1")  # holds the row lock
+    waiter = db.connect()
+    wcur = waiter.cursor()
+    if dialect == "postgresql":
+        wcur.execute("SET lock_timeout = '200ms'")
+    else:
+        wcur.execute("SET SESSION innodb_lock_wait_timeout = 1")
+    waiter.commit()
+    try:
+        with pytest.raises(DatabaseBusy) as info:
+            versioned_update(waiter, table, 1, {"status": "paid"}, 1)
+        assert lock_timeout(info.value.__cause__) and not retryable(info.value.__cause__)
+        assert retryable(info.value)
+        waiter.rollback()
+        with pytest.raises(DatabaseBusy):
+            sm.apply(waiter, 1, "pay")
+        waiter.rollback()
+    finally:
+        holder.rollback()
+    assert sm.apply(waiter, 1, "pay").applied
