@@ -86,7 +86,7 @@ def test_barrier_refuses_an_sqlalchemy_autocommit_connection(make_db: Any, diale
         with (
             engine.connect() as conn,
             conn.begin(),
-            pytest.raises(ConfigurationError, match="autocommit"),
+            pytest.raises(ConfigurationError, match="(?i)autocommit"),
         ):
             barrier(conn, "g1", "alice", "try", table=table)
         assert db.run(f"SELECT COUNT(*) FROM {table}") == [(0,)]
@@ -265,3 +265,25 @@ def test_lock_wait_timeouts_are_typed_by_every_sql_mechanism(make_db: Any, diale
     finally:
         holder.rollback()
     assert sm.apply(waiter, 1, "pay").applied
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_apply_refuses_sqlalchemy_autocommit_where_it_cannot_be_atomic(
+    make_db: Any, dialect: str
+) -> None:
+    """With isolation_level="AUTOCOMMIT", the state change committed alone although the hook
+    after it raised (SQLAlchemy's begin() opened no database transaction)."""
+    import sqlalchemy as sa
+
+    def boom(call: Any) -> None:
+        raise RuntimeError("hook failed")
+
+    db = make_db(dialect)
+    sm, table = _orders(db, hooks=[boom])
+    engine = sa.create_engine(db.url(), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn, pytest.raises(ConfigurationError, match="AUTOCOMMIT"):
+            sm.apply(conn, 1, "pay")
+        assert db.run(f"SELECT status FROM {table} WHERE id = 1") == [("pending",)]
+    finally:
+        engine.dispose()

@@ -825,9 +825,10 @@ def _inline_bytes(sql: str, params: Mapping[str, Any]) -> tuple[str, dict[str, A
 
 
 def _sa_require_transaction(sync_conn: Any, what: str) -> None:
-    """:meth:`SqlConnection.require_transaction` for SQLAlchemy: with
-    ``isolation_level="AUTOCOMMIT"`` SQLAlchemy's ``begin()`` opens no database transaction
-    (its own ``in_transaction()`` says True), so ask the driver's connection underneath."""
+    """:meth:`SqlConnection.require_transaction` for SQLAlchemy, also checked before every
+    block oncely opens: with ``isolation_level="AUTOCOMMIT"`` SQLAlchemy's ``begin()`` and
+    ``begin_nested()`` open no database transaction (its own ``in_transaction()`` says True),
+    so each statement would commit alone. The driver's connection underneath decides."""
     try:
         dbapi = sync_conn.connection.dbapi_connection
     except Exception:
@@ -837,7 +838,14 @@ def _sa_require_transaction(sync_conn: Any, what: str) -> None:
         inner = adapt(driver)
     except OncelyError:  # a driver oncely does not adapt directly (asyncpg, aiosqlite)
         return
-    inner.require_transaction(what)
+    if inner.autocommits() and not inner.in_transaction():
+        raise ConfigurationError(
+            f"{what} needs a database transaction, but this SQLAlchemy connection uses "
+            "isolation_level='AUTOCOMMIT', where begin() opens none: every statement would "
+            "commit alone. Use a connection without it (an engine without "
+            "isolation_level='AUTOCOMMIT', or conn.execution_options(isolation_level="
+            "'READ COMMITTED'))"
+        )
 
 
 def _sa_failed(conn: Any) -> bool:
@@ -876,7 +884,14 @@ class _SaConnection(SqlConnection):
         if not self.raw.in_transaction():
             # pysqlite begins lazily and deferred: the claim INSERT, the block's first
             # statement, takes SQLite's write lock (waiting for it), no read before it
-            return Block(True, handle=self.raw.begin())
+            tx = self.raw.begin()
+            try:  # after begin(): a "begin" event may have sent BEGIN itself
+                self.require_transaction("an oncely transaction block")
+            except BaseException:
+                tx.rollback()
+                raise
+            return Block(True, handle=tx)
+        self.require_transaction("an oncely transaction block")
         if not savepoint:
             return Block(False)
         return Block(False, "nested", self.raw.begin_nested())
@@ -901,13 +916,20 @@ class _SaSession(_SaConnection):
         return (tx is not None and not tx.is_active) or _sa_failed(self.raw.connection())
 
     def require_transaction(self, what: str) -> None:
-        _sa_require_transaction(self.raw.connection(), what)
+        if self.raw.in_transaction():  # else connection() would begin one (autobegin)
+            _sa_require_transaction(self.raw.connection(), what)
 
     def enter(self, savepoint: bool = True) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
             tx = self.raw.begin()
+            try:
+                self.require_transaction("an oncely transaction block")
+            except BaseException:
+                tx.rollback()
+                raise
             return Block(True, handle=tx)
+        self.require_transaction("an oncely transaction block")
         if not savepoint:
             return Block(False)
         return Block(False, "nested", self.raw.begin_nested())
@@ -948,7 +970,13 @@ class _SaAsyncConnection(SqlConnection):
         if not self.raw.in_transaction():
             tx = self.raw.begin()
             await tx.start()
+            try:
+                self.require_transaction("an oncely transaction block")
+            except BaseException:
+                await tx.rollback()
+                raise
             return Block(True, handle=tx)
+        self.require_transaction("an oncely transaction block")
         if not savepoint:
             return Block(False)
         tx = self.raw.begin_nested()
