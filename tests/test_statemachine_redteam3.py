@@ -86,7 +86,7 @@ def test_barrier_refuses_an_sqlalchemy_autocommit_connection(make_db: Any, diale
         with (
             engine.connect() as conn,
             conn.begin(),
-            pytest.raises(ConfigurationError, match="(?i)autocommit"),
+            pytest.raises(ConfigurationError, match=r"(?i)autocommit"),
         ):
             barrier(conn, "g1", "alice", "try", table=table)
         assert db.run(f"SELECT COUNT(*) FROM {table}") == [(0,)]

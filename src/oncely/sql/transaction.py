@@ -76,6 +76,7 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
+    busy,
     duplicate_of,
     lock_timeout,
     quote,
@@ -234,6 +235,8 @@ def claim_plan(
             if retryable(exc) and block.owned and attempt < CLAIM_ATTEMPTS - 1:
                 continue
             typed = schema_missing(exc, table)
+            if typed is exc:
+                typed = busy(exc, f"the claim of an idempotency key in {table}")
             if typed is exc:
                 raise
             raise typed from exc
