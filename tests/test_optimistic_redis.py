@@ -35,13 +35,16 @@ def test_get_set_merge_delete_round_trip(key: str) -> None:
     store = RedisVersioned(REDIS_URL)
     try:
         assert store.get(key) == ({}, 0)
-        assert store.set(key, {"a": 1, "b": "x", "c": b"\x00\xff", "d": 1.5}, 0) == 1
-        assert store.get(key) == ({"a": b"1", "b": b"x", "c": b"\x00\xff", "d": b"1.5"}, 1)
-        assert store.set(key, {"a": 2}, 1) == 2  # replace: b, c, d are gone
-        assert store.get(key) == ({"a": b"2"}, 2)
-        assert store.set(key, {"z": "new"}, 2, merge=True) == 3
-        assert store.get(key) == ({"a": b"2", "z": b"new"}, 3)
-        store.delete(key, 3)
+        v1 = store.set(key, {"a": 1, "b": "x", "c": b"\x00\xff", "d": 1.5}, 0)
+        assert v1 >= 1
+        assert store.get(key) == ({"a": b"1", "b": b"x", "c": b"\x00\xff", "d": b"1.5"}, v1)
+        v2 = store.set(key, {"a": 2}, v1)  # replace: b, c, d are gone
+        assert v2 > v1
+        assert store.get(key) == ({"a": b"2"}, v2)
+        v3 = store.set(key, {"z": "new"}, v2, merge=True)
+        assert v3 > v2
+        assert store.get(key) == ({"a": b"2", "z": b"new"}, v3)
+        store.delete(key, v3)
         assert store.get(key) == ({}, 0)
     finally:
         store.close()
@@ -50,23 +53,23 @@ def test_get_set_merge_delete_round_trip(key: str) -> None:
 def test_stale_writes_change_nothing(key: str) -> None:
     store = RedisVersioned(REDIS_URL)
     try:
-        store.set(key, {"a": 1}, 0)
-        store.set(key, {"a": 2}, 1)
+        v1 = store.set(key, {"a": 1}, 0)
+        v2 = store.set(key, {"a": 2}, v1)
         with pytest.raises(StaleVersion) as info:
-            store.set(key, {"a": "lost"}, 1)
-        assert (info.value.expected, info.value.current) == (1, 2)
+            store.set(key, {"a": "lost"}, v1)
+        assert (info.value.expected, info.value.current) == (v1, v2)
         assert key in info.value.entity
         with pytest.raises(StaleVersion) as created:
             store.set(key, {"a": "again"}, 0)  # someone created it first
-        assert created.value.current == 2
+        assert created.value.current == v2
         with pytest.raises(StaleVersion):
-            store.delete(key, 1)
-        assert store.get(key) == ({"a": b"2"}, 2)
-        store.delete(key, 2)
+            store.delete(key, v1)
+        assert store.get(key) == ({"a": b"2"}, v2)
+        store.delete(key, v2)
         with pytest.raises(NotFound):
-            store.set(key, {"a": 3}, 2)
+            store.set(key, {"a": 3}, v2)
         with pytest.raises(NotFound):
-            store.delete(key, 2)
+            store.delete(key, v2)
         assert store.get(key) == ({}, 0)
     finally:
         store.close()
@@ -113,7 +116,7 @@ def test_bad_input_is_typed_and_writes_nothing(key: str) -> None:
 
 
 def test_32_threads_each_with_its_own_client_count_exactly(key: str) -> None:
-    RedisVersioned(REDIS_URL).set(key, {"n": 0}, 0)
+    first = RedisVersioned(REDIS_URL).set(key, {"n": 0}, 0)
     conflicts = 0
     lock = threading.Lock()
 
@@ -143,7 +146,7 @@ def test_32_threads_each_with_its_own_client_count_exactly(key: str) -> None:
         t.join()
     fields, version = RedisVersioned(REDIS_URL).get(key)
     assert int(fields["n"]) == CLIENTS * PER_CLIENT
-    assert version == 1 + CLIENTS * PER_CLIENT
+    assert version >= first + CLIENTS * PER_CLIENT  # at least one per write
     assert conflicts > 0, "the clients never raced: the test proves nothing"
 
 
@@ -173,7 +176,7 @@ def test_the_unchecked_loop_loses_updates(key: str) -> None:
 
 async def test_32_asyncio_clients_count_exactly(key: str) -> None:
     seed = RedisVersioned(REDIS_URL)
-    await seed.aset(key, {"n": 0}, 0)
+    first = await seed.aset(key, {"n": 0}, 0)
 
     async def client() -> None:
         store = RedisVersioned(redis.asyncio.Redis.from_url(REDIS_URL))
@@ -190,7 +193,7 @@ async def test_32_asyncio_clients_count_exactly(key: str) -> None:
 
     await asyncio.gather(*(client() for _ in range(CLIENTS)))
     fields, version = await seed.aget(key)
-    assert int(fields["n"]) == CLIENTS * PER_CLIENT and version == 1 + CLIENTS * PER_CLIENT
+    assert int(fields["n"]) == CLIENTS * PER_CLIENT and version >= first + CLIENTS * PER_CLIENT
     await seed.adelete(key, version)
     assert await seed.aget(key) == ({}, 0)
     await seed.aclose()
@@ -205,3 +208,40 @@ async def test_a_client_of_one_face_refuses_the_other() -> None:
     with pytest.raises(ConfigurationError):
         async_only.get("k")
     await async_client.aclose()
+
+
+def test_versions_never_repeat_across_delete_and_re_create(key: str) -> None:
+    """ABA: a writer read a version, the hash was deleted and created again meanwhile; its
+    compare-and-set must not land on the new hash (redteam3 F12: versions restarted at 1)."""
+    store = RedisVersioned(REDIS_URL)
+    try:
+        seen = [store.set(key, {"owner": "alice", "balance": 100}, 0)]
+        stale = seen[0]  # writer A reads this version ...
+        for owner in ("bob", "carol", "dave"):  # ... the hash is deleted and re-created
+            store.delete(key, seen[-1])
+            seen.append(store.set(key, {"owner": owner, "balance": 500}, 0))
+            seen.append(store.set(key, {"balance": 400}, seen[-1], merge=True))
+        assert len(set(seen)) == len(seen) and seen == sorted(seen)
+        with pytest.raises(StaleVersion) as info:  # A's stale write is refused
+            store.set(key, {"owner": "alice", "balance": 90}, stale)
+        assert info.value.current == seen[-1]
+        with pytest.raises(StaleVersion):
+            store.delete(key, stale)
+        assert store.get(key) == ({"owner": b"dave", "balance": b"400"}, seen[-1])
+    finally:
+        store.close()
+
+
+def test_a_hash_of_the_old_counting_versions_stays_usable(key: str) -> None:
+    """Hashes written before versions followed the clock (1, 2, ...) are read and written."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    store = RedisVersioned(REDIS_URL)
+    try:
+        raw.hset(key, mapping={"a": "old", "_version": 7})
+        assert store.get(key) == ({"a": b"old"}, 7)
+        assert store.set(key, {"a": "new"}, 7) > 7
+        with pytest.raises(StaleVersion):
+            store.set(key, {"a": "lost"}, 7)
+    finally:
+        raw.close()
+        store.close()

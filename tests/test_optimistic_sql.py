@@ -275,3 +275,33 @@ def test_read_helper_sees_committed_rows(db: Db) -> None:
     conn = connect(db.dialect, db.path)
     assert read(conn, table, 1) == (0, 1)
     conn.close()
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
+def test_sequence_default_prevents_aba(make_db: Any, dialect: str) -> None:
+    """docs/optimistic.md's recipe for rows that are deleted and re-created (redteam3 F12's
+    kind on SQL): with DEFAULT 1 a writer holding version 1 of the deleted row passes on the
+    new one; with the spaced sequence default it gets StaleVersion."""
+    db = make_db(dialect)
+    table, seq = db.name("aba"), db.name("aba_seq")
+    nextval = f"nextval('{seq}')" if dialect == "postgresql" else f"(NEXTVAL({seq})"
+    default = f"{nextval} * 4294967296" + ("" if dialect == "postgresql" else ")")
+    db.run(f"CREATE SEQUENCE {seq}")
+    try:
+        db.run(f"CREATE TABLE {table} (id INT PRIMARY KEY, owner VARCHAR(20), "
+               f"version BIGINT NOT NULL DEFAULT {default})")  # fmt: skip
+        db.run(f"INSERT INTO {table} (id, owner) VALUES (1, 'alice')")
+        conn = db.connect()
+        stale = db.run(f"SELECT version FROM {table}")[0][0]
+        db.run(f"DELETE FROM {table} WHERE id = 1")
+        db.run(f"INSERT INTO {table} (id, owner) VALUES (1, 'carol')")
+        fresh = db.run(f"SELECT version FROM {table}")[0][0]
+        assert fresh > stale
+        with pytest.raises(StaleVersion):
+            versioned_update(conn, table, 1, {"owner": "alice"}, stale)
+        conn.rollback()
+        assert versioned_update(conn, table, 1, {"owner": "dave"}, fresh) == fresh + 1
+        conn.commit()
+    finally:
+        db.run(f"DROP TABLE IF EXISTS {table}")
+        db.run(f"DROP SEQUENCE IF EXISTS {seq}")

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from oncely.errors import ConfigurationError, SagaFailed
+from oncely.errors import ConfigurationError, IdempotencyKeyMismatch, SagaFailed
 from oncely.statemachine.saga import HttpStep, Saga, Step, idempotency_key
 
 from saga_shop import Shop
@@ -159,6 +159,63 @@ def test_kill_9_in_a_compensation_then_resume(shop: Shop) -> None:
     result = shop.saga(paid=False).run(conn, "order-9", {**APPLE, "paid": False})
     assert result.state == "compensated" and result.compensated == ("reserve_stock",)
     assert shop.qty() == 10 and shop.moves_of("order-9") == ROLLED_BACK
+
+
+def test_resume_with_other_data_is_refused_and_abort_uses_the_stored_data(shop: Shop) -> None:
+    """redteam3 F06: the saga did not keep its input. A resume with other data compensated
+    another amount than the action took, and abort(conn, saga_id) without data (as documented)
+    failed in every compensation that read ctx.data."""
+    _kill_in(shop, "order-10", "create_order", "action")  # reserve_stock took 3, committed
+    assert shop.qty() == 7
+    conn = shop.db.connect()
+    saga = shop.saga(paid=True)
+    with pytest.raises(IdempotencyKeyMismatch, match="other data"):
+        saga.run(conn, "order-10", {"sku": "apple", "qty": 1, "paid": True})
+    with pytest.raises(IdempotencyKeyMismatch):
+        saga.abort(conn, "order-10", {"sku": "apple", "qty": 1})
+    assert shop.qty() == 7 and shop.moves_of("order-10") == [("reserve_stock", "action")]
+    aborted = saga.abort(conn, "order-10")  # no data: the stored data
+    assert aborted.state == "compensated" and aborted.compensated == ("reserve_stock",)
+    assert shop.qty() == 10  # exactly what was taken is given back
+    # the same data in another key order is the same data
+    same = {"paid": True, "qty": 3, "sku": "apple"}
+    assert saga.run(conn, "order-10", same).state == "compensated"
+
+
+def test_resume_without_data_runs_on_the_stored_data(shop: Shop) -> None:
+    _kill_in(shop, "order-11", "create_order", "action")
+    conn = shop.db.connect()
+    result = shop.saga(paid=True).run(conn, "order-11")  # a resumer that lost the input
+    assert result.state == "completed" and result.executed == ("create_order", "await_payment")
+    assert shop.qty() == 7 and shop.order_status("order-11") == "pending"
+    with pytest.raises(ConfigurationError, match="JSON"):
+        shop.saga(paid=True).run(conn, "order-12", {"x": object()})
+
+
+def test_a_saga_table_without_the_data_column_is_upgraded(shop: Shop) -> None:
+    """Tables made before the data column: create_tables adds it; old rows (data NULL) keep
+    working with the caller's data."""
+    db = shop.db
+    table = db.name("oldsaga")
+    key = "VARBINARY(512)" if db.dialect == "mysql" else "VARCHAR(128)"
+    db.run(
+        f"CREATE TABLE {table} (saga_id {key} NOT NULL PRIMARY KEY, name VARCHAR(100) NOT NULL, "
+        "state VARCHAR(16) NOT NULL)"
+    )
+    db.run(f"INSERT INTO {table} (saga_id, name, state) VALUES ('old-1', 'order', 'running')")
+    conn = db.connect()
+    old = Saga("order", shop.saga(paid=True).steps, table=table, barrier_table=f"barrier_{db.tag}")
+    with pytest.raises(Exception, match="create_tables"):
+        old.run(conn, "old-2", {**APPLE, "paid": True})
+    if db.dialect != "sqlite":
+        conn.rollback()
+    db.tables += [f"{table}_history"]
+    old.create_tables(conn)
+    old.create_tables(conn)  # idempotent
+    assert old.run(conn, "old-1", {**APPLE, "paid": True}).state == "completed"
+    assert db.run(f"SELECT data FROM {table} WHERE saga_id = 'old-1'") == [(None,)]
+    assert old.run(conn, "old-2", {**APPLE, "paid": True}).state == "completed"
+    assert shop.qty() == 4
 
 
 def test_bad_input(shop: Shop) -> None:

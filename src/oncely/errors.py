@@ -10,6 +10,7 @@ __all__ = [
     "BarrierError",
     "BarrierTableMissing",
     "ConfigurationError",
+    "DatabaseBusy",
     "EntityNotFound",
     "GuardRejected",
     "HttpProblem",
@@ -150,6 +151,14 @@ class NotReplicated(StoreUnavailable):
         super().__init__(message)
         self.acked = acked
         self.wanted = wanted
+
+
+class DatabaseBusy(StoreUnavailable):
+    """The database answered "busy, run it again": a deadlock, a serialization failure, a lock
+    wait that ran out, or SQLite's ``SQLITE_BUSY`` / ``SQLITE_LOCKED`` ("database is locked").
+    Nothing of the failed attempt is kept: roll the transaction back (if it is yours) and run
+    it again from its start. :func:`oncely.sql.retryable` answers True for it; the driver's
+    error is its ``__cause__``."""
 
 
 class ResultNotStored(StoreError):

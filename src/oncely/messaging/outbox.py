@@ -319,6 +319,20 @@ class Outbox:
         yield Leave(block, True)
         return len(done), failure
 
+    def add_plan(
+        self,
+        conn: SqlConnection,
+        topic: str,
+        payload: bytes | str,
+        *,
+        message_id: Any = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Plan[str]:
+        """:meth:`add` as a sans-IO plan on an adapted connection (one ``Exec``), for mechanisms
+        that write a message inside a plan of their own (:class:`~oncely.statemachine.sql.
+        SqlStateMachine` with ``outbox_table=``). Same rules and errors as :meth:`add`."""
+        return self._add(conn, topic, payload, message_id, headers)
+
     # -- sync face -----------------------------------------------------------------------------
     def create_table(self, conn: Any) -> None:
         """Create the table and its indexes if missing."""

@@ -38,7 +38,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
 from oncely.backends.plans import Plan
-from oncely.errors import ConfigurationError, OncelyError, StoreUnavailable
+from oncely.errors import ConfigurationError, DatabaseBusy, OncelyError, StoreUnavailable
 from oncely.messaging.inbox import Inbox
 from oncely.messaging.inbox import connect as connect_url
 from oncely.sql.connections import (
@@ -69,11 +69,6 @@ class HandlerFailed(Exception):
     def __init__(self, error: BaseException) -> None:
         super().__init__(repr(error))
         self.error = error
-
-
-class DatabaseBusy(StoreUnavailable):
-    """A deadlock, a serialization failure or a lock wait that ran out: the transaction was
-    rolled back and the message is redelivered (not counted as a failed attempt)."""
 
 
 def transaction_plan(conn: SqlConnection) -> Plan[bool]:

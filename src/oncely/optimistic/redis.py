@@ -1,7 +1,15 @@
 """Compare-and-set on a versioned Redis hash: one Lua script per write, sync and async.
 
 A versioned hash is an ordinary Redis hash with one extra field, the version (``_version`` by
-default): a positive integer, 1 when the hash is created, bumped by one on every write.
+default): a positive integer that every write raises to ``max(old + 1, server TIME in
+microseconds)``. Versions grow by at least one per write and never repeat for a key, also
+across :meth:`RedisVersioned.delete` and re-creation: a new hash starts at the server's clock,
+above every version the deleted one had, so a writer still holding a version of the old hash
+gets :class:`~oncely.errors.StaleVersion` instead of overwriting the new one (no ABA; the same
+rule as the record stores' fences, see :mod:`oncely.stores.base`). The one limit: the server's
+clock stepping back by more than the time since the delete. Compare versions for equality
+(or order); do not count writes with them. Hashes written before this rule (versions 1, 2, ...)
+stay readable; their next write moves them to the clock.
 :meth:`RedisVersioned.get` reads the fields and the version in one ``HGETALL``;
 :meth:`RedisVersioned.set` writes only if the hash is still at the version the caller read, in
 one script (``oncely/optimistic/lua/cas.lua``, run by SHA through :mod:`oncely.backends.lua`), so

@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from oncely.sql.connections import SqlConnection, adapt, duplicate_of, retryable
+from oncely.sql.connections import SqlConnection, adapt, busy, duplicate_of, retryable
 from oncely.sql.decorator import idempotent_transaction
 from oncely.sql.insert import ainsert_once, insert_once
 from oncely.sql.keys import GLOBAL
@@ -35,6 +35,7 @@ __all__ = [
     "ainsert_once",
     "areap",
     "aversioned_update",
+    "busy",
     "create_tables",
     "duplicate_of",
     "idempotent_transaction",

@@ -25,8 +25,10 @@ dialect" the same way, without knowing the driver::
     rows = conn.execute({"postgresql": "SELECT now()", "sqlite": "SELECT unixepoch()"}, {}).rows
 
 Errors: :func:`duplicate_of` recognises a unique violation from every driver above (also for
-users who insert themselves); :func:`retryable` a serialization failure or deadlock (the
-transaction must be run again from the start); :func:`lock_timeout` a lock wait that ran out.
+users who insert themselves); :func:`retryable` a serialization failure, a deadlock or
+SQLite's "database is locked" (the transaction must be run again from the start);
+:func:`lock_timeout` a lock wait that ran out; :func:`busy` turns either into the typed
+:class:`~oncely.errors.DatabaseBusy`.
 """
 
 from __future__ import annotations
@@ -43,7 +45,9 @@ from oncely.backends.plans import arun as arun_plan
 from oncely.backends.plans import run as run_plan
 from oncely.errors import (
     ConfigurationError,
+    DatabaseBusy,
     InvalidIdentifier,
+    OncelyError,
     TransactionFailed,
     UnknownColumn,
     UnknownTable,
@@ -62,6 +66,7 @@ __all__ = [
     "Text",
     "adapt",
     "arun",
+    "busy",
     "duplicate_of",
     "exact_text",
     "lock_timeout",
@@ -279,29 +284,76 @@ def duplicate_of(exc: BaseException) -> Duplicate | None:
     return None
 
 
+def _sqlite_busy(e: BaseException) -> bool:
+    """sqlite3's ``SQLITE_BUSY`` / ``SQLITE_LOCKED`` (extended codes included)."""
+    if not isinstance(e, sqlite3.OperationalError):
+        return False
+    code = getattr(e, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF in (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED
+    text = str(e)
+    return "database is locked" in text or "database table is locked" in text
+
+
+def _typed(e: BaseException) -> bool:
+    """An oncely error that already says what happened (its cause is not re-read), except
+    :class:`~oncely.errors.DatabaseBusy`, which is the typed "run it again"."""
+    return isinstance(e, OncelyError) and not isinstance(e, DatabaseBusy)
+
+
 def retryable(exc: BaseException) -> bool:
-    """True for a serialization failure or a deadlock (PostgreSQL 40001 / 40P01; MySQL 1213,
-    MariaDB 1020 "record has changed"; SQLite never has one): the database rolled the work
-    back and the whole transaction must be run again from its start."""
+    """True when the whole transaction should be run again from its start: a serialization
+    failure or a deadlock (PostgreSQL 40001 / 40P01; MySQL 1213, MariaDB 1020 "record has
+    changed"), SQLite's ``SQLITE_BUSY`` / ``SQLITE_LOCKED`` ("database is locked": SQLite has
+    no deadlock detection, a writer that cannot get the lock within ``timeout`` gets this),
+    and :class:`~oncely.errors.DatabaseBusy`, oncely's typed form of all of these.
+
+    A lock wait that ran out on PostgreSQL (55P03 ``lock_not_available``) or MySQL/MariaDB
+    (1205) is :func:`lock_timeout`, not retryable: another transaction holds the row, and
+    running again at once usually waits again (oncely's claim answers it as in flight).
+    Another oncely error is never retryable, whatever its cause (it already says what to do).
+    """
+    if _typed(exc):
+        return False
     for e in _causes(exc):
         state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
         if state in ("40001", "40P01"):
             return True
         if _mysql_code(e) in (1213, 1020):
             return True
+        if _sqlite_busy(e):
+            return True
+        if isinstance(e, DatabaseBusy):
+            return True
     return False
 
 
 def lock_timeout(exc: BaseException) -> bool:
-    """True when a lock wait ran out (PostgreSQL 55P03 ``lock_timeout``; MySQL 1205; SQLite
-    "database is locked" after ``timeout``)."""
+    """True when a lock wait ran out (PostgreSQL 55P03 ``lock_timeout`` / ``NOWAIT``; MySQL
+    1205; SQLite ``SQLITE_BUSY`` / ``SQLITE_LOCKED`` after ``timeout``)."""
     for e in _causes(exc):
         state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
-        if state == "55P03" or _mysql_code(e) == 1205:
-            return True
-        if isinstance(e, sqlite3.OperationalError) and "database is locked" in str(e):
+        if state == "55P03" or _mysql_code(e) == 1205 or _sqlite_busy(e):
             return True
     return False
+
+
+def busy(exc: BaseException, what: str) -> BaseException:
+    """``exc`` as oncely raises it when the database was busy: a
+    :class:`~oncely.errors.DatabaseBusy` (chained to ``exc``) for a :func:`retryable` error or a
+    :func:`lock_timeout`, else ``exc`` itself. ``what`` names the operation in the message.
+    Every mechanism of :mod:`oncely.sql`, :mod:`oncely.statemachine` and
+    :mod:`oncely.optimistic` raises driver busy errors through this one translation."""
+    if isinstance(exc, DatabaseBusy) or _typed(exc) or not isinstance(exc, Exception):
+        return exc
+    if retryable(exc) or lock_timeout(exc):
+        err = DatabaseBusy(
+            f"{what}: the database was busy ({exc}); nothing of this attempt is kept: roll "
+            "the transaction back if it is yours and run it again from its start"
+        )
+        err.__cause__ = exc
+        return err
+    return exc
 
 
 _MISSING_TABLE_PG = "42P01"
@@ -774,6 +826,30 @@ def _inline_bytes(sql: str, params: Mapping[str, Any]) -> tuple[str, dict[str, A
     return _TOKEN.sub(sub, sql), rest
 
 
+def _sa_require_transaction(sync_conn: Any, what: str) -> None:
+    """:meth:`SqlConnection.require_transaction` for SQLAlchemy, also checked before every
+    block oncely opens: with ``isolation_level="AUTOCOMMIT"`` SQLAlchemy's ``begin()`` and
+    ``begin_nested()`` open no database transaction (its own ``in_transaction()`` says True),
+    so each statement would commit alone. The driver's connection underneath decides."""
+    try:
+        dbapi = sync_conn.connection.dbapi_connection
+    except Exception:
+        return
+    driver = getattr(dbapi, "driver_connection", None) or dbapi
+    try:
+        inner = adapt(driver)
+    except OncelyError:  # a driver oncely does not adapt directly (asyncpg, aiosqlite)
+        return
+    if inner.autocommits() and not inner.in_transaction():
+        raise ConfigurationError(
+            f"{what} needs a database transaction, but this SQLAlchemy connection uses "
+            "isolation_level='AUTOCOMMIT', where begin() opens none: every statement would "
+            "commit alone. Use a connection without it (an engine without "
+            "isolation_level='AUTOCOMMIT', or conn.execution_options(isolation_level="
+            "'READ COMMITTED'))"
+        )
+
+
 def _sa_failed(conn: Any) -> bool:
     """A SQLAlchemy Connection whose PostgreSQL transaction is in error."""
     try:
@@ -802,12 +878,22 @@ class _SaConnection(SqlConnection):
     def failed(self) -> bool:
         return self.raw.in_transaction() and _sa_failed(self.raw)
 
+    def require_transaction(self, what: str) -> None:
+        _sa_require_transaction(self.raw, what)
+
     def enter(self, savepoint: bool = True) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
             # pysqlite begins lazily and deferred: the claim INSERT, the block's first
             # statement, takes SQLite's write lock (waiting for it), no read before it
-            return Block(True, handle=self.raw.begin())
+            tx = self.raw.begin()
+            try:  # after begin(): a "begin" event may have sent BEGIN itself
+                self.require_transaction("an oncely transaction block")
+            except BaseException:
+                tx.rollback()
+                raise
+            return Block(True, handle=tx)
+        self.require_transaction("an oncely transaction block")
         if not savepoint:
             return Block(False)
         return Block(False, "nested", self.raw.begin_nested())
@@ -831,11 +917,21 @@ class _SaSession(_SaConnection):
         tx = self.raw.get_transaction()
         return (tx is not None and not tx.is_active) or _sa_failed(self.raw.connection())
 
+    def require_transaction(self, what: str) -> None:
+        if self.raw.in_transaction():  # else connection() would begin one (autobegin)
+            _sa_require_transaction(self.raw.connection(), what)
+
     def enter(self, savepoint: bool = True) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
             tx = self.raw.begin()
+            try:
+                self.require_transaction("an oncely transaction block")
+            except BaseException:
+                tx.rollback()
+                raise
             return Block(True, handle=tx)
+        self.require_transaction("an oncely transaction block")
         if not savepoint:
             return Block(False)
         return Block(False, "nested", self.raw.begin_nested())
@@ -866,12 +962,23 @@ class _SaAsyncConnection(SqlConnection):
         sync = getattr(self.raw, "sync_connection", None)
         return bool(self.raw.in_transaction() and sync is not None and _sa_failed(sync))
 
+    def require_transaction(self, what: str) -> None:
+        sync = getattr(self.raw, "sync_connection", None)
+        if sync is not None:
+            _sa_require_transaction(sync, what)
+
     async def aenter(self, savepoint: bool = True) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
             tx = self.raw.begin()
             await tx.start()
+            try:
+                self.require_transaction("an oncely transaction block")
+            except BaseException:
+                await tx.rollback()
+                raise
             return Block(True, handle=tx)
+        self.require_transaction("an oncely transaction block")
         if not savepoint:
             return Block(False)
         tx = self.raw.begin_nested()

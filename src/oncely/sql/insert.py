@@ -46,6 +46,7 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
+    busy,
     duplicate_of,
     missing_object,
     run,
@@ -87,6 +88,9 @@ def _no_constraint(exc: BaseException) -> bool:
 
 
 def _translate(exc: BaseException, table: str, unique: Sequence[str]) -> BaseException:
+    transient = busy(exc, f"insert_once into {table}")
+    if transient is not exc:
+        return transient
     missing = missing_object(exc)
     if missing is not None:
         return missing

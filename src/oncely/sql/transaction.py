@@ -76,6 +76,7 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
+    busy,
     duplicate_of,
     lock_timeout,
     quote,
@@ -226,14 +227,16 @@ def claim_plan(
                 yield from _restore(c, saved)
             if not isinstance(exc, Exception):
                 raise
-            if retryable(exc) and block.owned and attempt < CLAIM_ATTEMPTS - 1:
-                continue
-            if lock_timeout(exc) and not wait:
+            if lock_timeout(exc) and not wait:  # checked first: SQLite's busy is both
                 raise InFlightError(
                     "another transaction with this key is running; retry after it ends",
                     retry_after=1.0,
                 ) from exc
+            if retryable(exc) and block.owned and attempt < CLAIM_ATTEMPTS - 1:
+                continue
             typed = schema_missing(exc, table)
+            if typed is exc:
+                typed = busy(exc, f"the claim of an idempotency key in {table}")
             if typed is exc:
                 raise
             raise typed from exc

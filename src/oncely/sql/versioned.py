@@ -52,6 +52,7 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
+    busy,
     missing_object,
     quote,
     run,
@@ -165,8 +166,8 @@ def _plan(
             )
         found: Result = yield Exec(select, {"oncely_id": id})
     except Exception as exc:
-        typed = missing_object(exc)
-        if typed is not None:
+        typed = missing_object(exc) or busy(exc, f"versioned_update of {entity}")
+        if typed is not exc:
             raise typed from exc
         raise
     if not found.rows:

@@ -58,6 +58,7 @@ from oncely.sql.connections import (
     Leave,
     SqlConnection,
     adapt,
+    busy,
     exact_text,
     missing_object,
 )
@@ -169,6 +170,9 @@ def decide(conn: SqlConnection, table: str, gid: str, branch: str, op: str) -> P
                 return Verdict.EMPTY_COMPENSATION
         return Verdict.EXECUTE
     except Exception as exc:
+        typed = busy(exc, f"barrier({gid!r}, {branch!r}, {op!r})")
+        if typed is not exc:
+            raise typed from exc
         if missing_object(exc) is not None:
             raise BarrierTableMissing(
                 f"the barrier table {table} does not exist in this database: create it with "
@@ -197,9 +201,15 @@ def barrier(conn: Any, gid: str, branch: str, op: str, *, table: str = DEFAULT_T
     :raises InvalidBarrierCall: missing gid or branch, unknown op.
     :raises BarrierTableMissing: the table does not exist (create it with
         :func:`create_table`).
+    :raises ConfigurationError: ``conn`` is in autocommit mode with no transaction open (the
+        barrier row would commit alone, before the business writes; the one check of
+        :meth:`oncely.sql.connections.SqlConnection.require_transaction`, as ``Inbox.accept``).
+    :raises DatabaseBusy: deadlock, serialization failure, lock wait ran out or SQLite
+        "database is locked": roll the business transaction back and run it again.
     """
     gid, branch, op = check_call(gid, branch, op)
     c = adapt(conn)
+    c.require_transaction("barrier()")
     plan = decide(c, _table(c, table), gid, branch, op)
     verdict: Verdict = sql_run(plan, c)
     return verdict
@@ -212,6 +222,7 @@ async def abarrier(
     ``AsyncConnection``/``AsyncSession``)."""
     gid, branch, op = check_call(gid, branch, op)
     c = adapt(conn)
+    c.require_transaction("abarrier()")
     plan = decide(c, _table(c, table), gid, branch, op)
     verdict: Verdict = await sql_arun(plan, c)
     return verdict

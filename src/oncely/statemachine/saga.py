@@ -5,7 +5,8 @@ calls). :meth:`Saga.run` drives one saga instance, identified by ``saga_id``, on
 database:
 
 * the saga's row (``oncely_saga``: id, name, state ``running`` / ``completed`` /
-  ``compensating`` / ``compensated``) moves through a
+  ``compensating`` / ``compensated``, and ``data``, the saga's input as JSON, written by the
+  statement that creates the row) moves through a
   :class:`~oncely.statemachine.sql.SqlStateMachine`, so deciding to roll back is one
   conditional ``UPDATE`` that concurrent runners cannot both win or undo;
 * each step runs in its own database transaction: :func:`~oncely.statemachine.barrier.barrier`
@@ -26,20 +27,31 @@ database:
 The saga run twice, one after the other or at the same time, has the effect of one run:
 concurrent runners meet on the barrier rows (the second waits on the first's row lock, then
 sees DUPLICATE). :meth:`Saga.abort` rolls a saga back from outside (an order that timed out).
+
+The saga keeps its input: the first run stores ``data`` with the saga's row, and every later
+run, resume or :meth:`Saga.abort` of the same saga id works on the stored data. Called without
+data they use it (``abort(conn, saga_id)`` compensates with what the steps took); called with
+other data they raise :class:`~oncely.errors.IdempotencyKeyMismatch` and run nothing, so a
+compensation never gives back another amount than its action took. Rows of saga tables made
+before the ``data`` column existed have none stored (NULL): they use the caller's data, as
+before; :meth:`Saga.create_tables` adds the column to such a table.
 """
 
 from __future__ import annotations
 
 import hashlib
 import inspect
+import json
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from oncely.backends.plans import Exec, Plan, Sleep
+from oncely.codecs import to_jsonable
 from oncely.errors import (
     ConfigurationError,
+    IdempotencyKeyMismatch,
     IllegalTransition,
     SagaFailed,
     SagaStuck,
@@ -50,6 +62,7 @@ from oncely.sql.connections import (
     Leave,
     SqlConnection,
     adapt,
+    busy,
     exact_text,
     missing_object,
     quote,
@@ -210,6 +223,30 @@ class SagaResult:
     failed_step: str | None = field(default=None)
 
 
+def _input(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if data is None:
+        return None
+    if not isinstance(data, Mapping):
+        raise ConfigurationError(f"saga data must be a mapping, not {type(data).__name__}")
+    return dict(data)
+
+
+def _canonical(name: str, saga_id: str, data: Mapping[str, Any]) -> str:
+    """``data`` as the JSON stored with the saga's row (keys sorted: the same data is the same
+    text)."""
+    try:
+        return json.dumps(dict(data), sort_keys=True, default=to_jsonable, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"saga {name} {saga_id!r}: data must be JSON-able (it is stored with the saga's "
+            f"row for resumes and abort): {exc}"
+        ) from exc
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 class _Call(NamedTuple):
     step: Step | HttpStep
     ctx: StepContext
@@ -259,19 +296,36 @@ class Saga:
         )
 
     # -- set-up -----------------------------------------------------------------------------
+    @staticmethod
+    def _data_type(c: SqlConnection) -> str:
+        return "MEDIUMTEXT" if c.dialect == "mysql" else "TEXT"
+
     def _ddl(self, c: SqlConnection) -> str:
         t = quote(self.table, c.dialect)
         engine = " ENGINE=InnoDB" if c.dialect == "mysql" else ""
         return (
             f"CREATE TABLE IF NOT EXISTS {t} (saga_id {exact_text(c.dialect, 128)} NOT NULL "
             "PRIMARY KEY, "
-            f"name VARCHAR(100) NOT NULL, state VARCHAR(16) NOT NULL){engine}"
+            f"name VARCHAR(100) NOT NULL, state VARCHAR(16) NOT NULL, "
+            f"data {self._data_type(c)} NULL){engine}"
         )
 
     def _create_plan(self, c: SqlConnection) -> Plan[None]:
+        t = quote(self.table, c.dialect)
         block = yield Enter(savepoint=True)
         try:
             yield Exec(self._ddl(c), {})
+            # a table made before the data column: add it (its rows keep data NULL)
+            probe = yield Enter(savepoint=True)
+            try:
+                yield Exec(f"SELECT data FROM {t} WHERE 1 = 0", {})
+            except Exception as exc:
+                yield Leave(probe, False)
+                if missing_object(exc) is None:
+                    raise
+                yield Exec(f"ALTER TABLE {t} ADD COLUMN data {self._data_type(c)} NULL", {})
+            else:
+                yield Leave(probe, True)
         except BaseException:
             yield Leave(block, False)
             raise
@@ -293,34 +347,57 @@ class Saga:
         await _barrier.acreate_table(conn, self.barrier_table)
 
     # -- the plan ----------------------------------------------------------------------------
-    def _start(self, c: SqlConnection, saga_id: str) -> Plan[str]:
+    def _start(
+        self, c: SqlConnection, saga_id: str, data: Mapping[str, Any] | None
+    ) -> Plan[tuple[str, Mapping[str, Any]]]:
+        """Create the saga's row with its input (one statement) or find it; returns its state
+        and the data the steps get: the stored data (the caller's must equal it)."""
         t = quote(self.table, c.dialect)
+        cols = f"{t} (saga_id, name, state, data) VALUES (:id, :name, 'running', :data)"
         insert = (
-            f"INSERT IGNORE INTO {t} (saga_id, name, state) VALUES (:id, :name, 'running')"
+            f"INSERT IGNORE INTO {cols}"
             if c.dialect == "mysql"
-            else f"INSERT INTO {t} (saga_id, name, state) VALUES (:id, :name, 'running') "
-            "ON CONFLICT DO NOTHING"
+            else f"INSERT INTO {cols} ON CONFLICT DO NOTHING"
         )
+        given = None if data is None else _canonical(self.name, saga_id, data)
         lock = " LOCK IN SHARE MODE" if c.dialect == "mysql" else ""
         block = yield Enter(savepoint=True)
         try:
-            yield Exec(insert, {"id": saga_id, "name": self.name})
-            select = f"SELECT state, name FROM {t} WHERE saga_id = :id{lock}"
+            params = {"id": saga_id, "name": self.name, "data": given or "{}"}
+            yield Exec(insert, params)
+            select = f"SELECT state, name, data FROM {t} WHERE saga_id = :id{lock}"
             res = yield Exec(select, {"id": saga_id})
         except BaseException as exc:
             yield Leave(block, False)
             if isinstance(exc, Exception) and missing_object(exc) is not None:
                 raise SchemaMissing(
-                    f"the saga tables are missing: run Saga.create_tables(conn) once ({exc})"
+                    "the saga tables are missing (or older than the data column): run "
+                    f"Saga.create_tables(conn) once ({exc})"
                 ) from exc
+            typed = busy(exc, f"saga {self.name} {saga_id!r}")
+            if typed is not exc:
+                raise typed from exc
             raise
         yield Leave(block, True)
-        state, name = res.rows[0]
+        state, name, stored = res.rows[0]
+        if isinstance(stored, (bytes, bytearray)):
+            stored = stored.decode()
         if name != self.name:
             raise ConfigurationError(
                 f"saga id {saga_id!r} belongs to saga {name!r}, not {self.name!r}: use a new id"
             )
-        return str(state)
+        if stored is None:  # a row from before the data column: the caller's data, as before
+            return str(state), dict(data or {})
+        if given is not None and given != stored:
+            raise IdempotencyKeyMismatch(
+                f"saga {self.name} {saga_id!r} was started with other data ({_short(stored)}), "
+                f"not {_short(given)}: a resume or abort must pass the same data, or none (the "
+                "stored data is used); a new saga needs a new id"
+            )
+        if data is not None:
+            return str(state), data
+        loaded = json.loads(stored)
+        return str(state), loaded if isinstance(loaded, dict) else {}
 
     def _attempt(
         self, c: SqlConnection, saga_id: str, step: Step | HttpStep, op: str, data: Any
@@ -392,10 +469,12 @@ class Saga:
         yield from self._transition(c, saga_id, "finish")
         return done
 
-    def _plan(self, c: SqlConnection, saga_id: str, data: Any, abort: bool) -> Plan[SagaResult]:
+    def _plan(
+        self, c: SqlConnection, saga_id: str, given: Mapping[str, Any] | None, abort: bool
+    ) -> Plan[SagaResult]:
         if not isinstance(saga_id, str) or not saga_id or len(saga_id) > 128:
             raise ConfigurationError("saga_id must be a non-empty str of at most 128 characters")
-        state = yield from self._start(c, saga_id)
+        state, data = yield from self._start(c, saga_id, given)
         executed: list[str] = []
         failed: str | None = None
         error: BaseException | None = None
@@ -469,17 +548,19 @@ class Saga:
         """Run (or resume) the saga ``saga_id`` on ``conn``, which must not be inside a
         transaction (each step commits its own).
 
-        :param data: the saga's input, given to every step as ``ctx.data``.
+        :param data: the saga's input (a JSON-able mapping), given to every step as
+            ``ctx.data``. The first run stores it with the saga's row; a later run (a resume
+            after a crash) may pass the same data or None, and then gets the stored data.
         :returns: a :class:`SagaResult` (``completed``; or ``compensated`` if it was rolled back
             by :meth:`abort`).
+        :raises IdempotencyKeyMismatch: ``saga_id`` was started with other data; nothing ran.
+        :raises ConfigurationError: ``data`` is not a JSON-able mapping.
         :raises SagaFailed: a step failed for good; every step was compensated.
         :raises SagaStuck: a compensation kept failing; run again later to resume.
         :raises SchemaMissing: the saga tables are missing (:meth:`create_tables`).
         """
         c = self._adapt(conn)
-        result: SagaResult = sql_run(
-            self._plan(c, saga_id, dict(data or {}), False), c, self._other
-        )
+        result: SagaResult = sql_run(self._plan(c, saga_id, _input(data), False), c, self._other)
         return result
 
     async def arun(
@@ -488,7 +569,7 @@ class Saga:
         """The async face of :meth:`run` (async connection; steps may be ``async def``)."""
         c = self._adapt(conn)
         result: SagaResult = await sql_arun(
-            self._plan(c, saga_id, dict(data or {}), False), c, self._aother
+            self._plan(c, saga_id, _input(data), False), c, self._aother
         )
         return result
 
@@ -496,9 +577,15 @@ class Saga:
         """Roll the saga back (an order that timed out): turn it ``compensating`` unless it
         already completed, then compensate every step (steps that never ran get empty
         compensations and are blocked if they arrive late). A completed saga is left alone
-        (its result says ``completed``)."""
+        (its result says ``completed``).
+
+        :param data: None (the usual case): the compensations get the data the saga was started
+            with, stored with its row. Given, it must equal the stored data
+            (:class:`~oncely.errors.IdempotencyKeyMismatch` otherwise); for a saga id that never
+            ran it is stored as the saga's input.
+        :raises IdempotencyKeyMismatch: / :raises SagaStuck: as :meth:`run`."""
         c = self._adapt(conn)
-        result: SagaResult = sql_run(self._plan(c, saga_id, dict(data or {}), True), c, self._other)
+        result: SagaResult = sql_run(self._plan(c, saga_id, _input(data), True), c, self._other)
         return result
 
     async def aabort(
@@ -507,7 +594,7 @@ class Saga:
         """The async face of :meth:`abort`."""
         c = self._adapt(conn)
         result: SagaResult = await sql_arun(
-            self._plan(c, saga_id, dict(data or {}), True), c, self._aother
+            self._plan(c, saga_id, _input(data), True), c, self._aother
         )
         return result
 

@@ -13,8 +13,15 @@ transaction when none is open:
    SQLite before 3.35) the row is read back in the same transaction right after, while the
    ``UPDATE`` still holds its lock.
 2. If it applied: one audit history row (machine, entity, transition, state reached, key, the
-   database's clock), an outbox row if asked, and the in-transaction hooks, all in the same
-   transaction: a hook that raises rolls the state change back.
+   database's clock), an outbox message if asked, and the in-transaction hooks, all in the same
+   transaction: a hook that raises rolls the state change back. The outbox message is written
+   through :meth:`oncely.messaging.outbox.Outbox.add_plan` into an :class:`~oncely.messaging.
+   outbox.Outbox` table, so :class:`~oncely.messaging.outbox.Relay` publishes it: topic
+   ``"<machine>.<transition>"``, message id ``"<machine>:<entity>:<transition>:<n>"`` (``n``:
+   the entity's applied transitions so far, this one included, counted in its history while
+   the ``UPDATE`` holds the row; an id longer than 255 characters carries the entity's sha256
+   instead), payload the JSON object ``{"machine", "entity_id", "transition", "state", "key",
+   "data"}``.
 3. If it did not: the idempotency key's history row answers if there is one (a replay, even if
    the state has moved on since); else the row is read and :func:`~oncely.statemachine.
    definition.explain` says "already happened" (a success, ``applied=False``), "illegal"
@@ -28,6 +35,7 @@ PyMySQL / aiomysql, SQLAlchemy Connection / Session sync and async, Django conne
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +55,7 @@ from oncely.sql.connections import (
     Leave,
     SqlConnection,
     adapt,
+    busy,
     exact_text,
     missing_object,
     retryable,
@@ -174,7 +183,7 @@ class _Queries:
     insert_history: str = ""
     select_key: str = ""
     select_history: str = ""
-    insert_outbox: str = ""
+    count_history: str = ""
 
 
 class SqlStateMachine:
@@ -184,9 +193,12 @@ class SqlStateMachine:
     :param table: a :class:`Table`, a SQLAlchemy model or a Django model class.
     :param state_field: the model attribute holding the state (models only).
     :param history_table: the audit history table (create it with :meth:`create_tables`).
-    :param outbox_table: if set, each applied transition also writes an outbox row (machine,
-        entity, transition, state, key, ``data`` as JSON) in the same transaction, for a relay
-        to publish after commit (at-least-once, unlike ``after_commit``).
+    :param outbox_table: if set, each applied transition also writes a message into this
+        :class:`~oncely.messaging.outbox.Outbox` table in the same transaction (topic
+        ``"<machine>.<transition>"``, a stable message id, the transition and ``data`` as a
+        JSON payload; see the module docstring), published after commit by oncely's
+        :class:`~oncely.messaging.outbox.Relay` (at least once, unlike ``after_commit``).
+        :meth:`create_tables` creates the Outbox table.
     :param hooks: in-transaction hooks, run after an applied change and before commit; one
         that raises rolls the change back and its error propagates.
     :param after_commit: callbacks run once the transaction this call opened has committed
@@ -212,6 +224,11 @@ class SqlStateMachine:
         self.table = table_of(table, state_field)
         self.history_table = history_table
         self.outbox_table = outbox_table
+        self.outbox: Any = None
+        if outbox_table:
+            from oncely.messaging.outbox import Outbox  # only a machine with an outbox needs it
+
+            self.outbox = Outbox(outbox_table)
         self.hooks = tuple(hooks)
         self.after_commit = tuple(after_commit)
 
@@ -237,14 +254,6 @@ class SqlStateMachine:
             f"{ignore} {h} (machine, entity_id, transition, state, idem_key, at) VALUES "
             f"(:machine, :entity, :transition, :state, :key, {_NOW[dialect]}){conflict}"
         )
-        outbox = ""
-        if self.outbox_table:
-            o = quote(self.outbox_table, d)
-            outbox = (
-                f"INSERT INTO {o} (machine, entity_id, transition, state, idem_key, payload, "
-                f"created_at) VALUES (:machine, :entity, :transition, :state, :key, :payload, "
-                f"{_NOW[dialect]})"
-            )
         return _Queries(
             update=update,
             select_row=f"SELECT * FROM {t} WHERE {idc} = :id{lock}",
@@ -257,7 +266,9 @@ class SqlStateMachine:
                 f"SELECT entity_id, transition, state, at, idem_key FROM {h} WHERE "
                 "machine = :machine AND entity_id = :entity ORDER BY id"
             ),
-            insert_outbox=outbox,
+            count_history=(
+                f"SELECT COUNT(*) FROM {h} WHERE machine = :machine AND entity_id = :entity{lock}"
+            ),
         )
 
     def ddl(self, dialect: str) -> list[str]:
@@ -281,14 +292,8 @@ class SqlStateMachine:
             f"state VARCHAR(64) NOT NULL, idem_key {key} NULL, at {ts} NOT NULL, "
             f"CONSTRAINT {uniq} UNIQUE (machine, entity_id, idem_key)){engine}",
         ]
-        if self.outbox_table:
-            o = quote(self.outbox_table, d)
-            out.append(
-                f"CREATE TABLE IF NOT EXISTS {o} (id {serial}, machine VARCHAR(100) NOT NULL, "
-                "entity_id VARCHAR(255) NOT NULL, transition VARCHAR(64) NOT NULL, "
-                "state VARCHAR(64) NOT NULL, idem_key VARCHAR(255) NULL, payload TEXT NOT NULL, "
-                f"created_at {ts} NOT NULL){engine}"
-            )
+        if self.outbox is not None:
+            out.extend(self.outbox.schema_sql(d))
         return out
 
     # -- plans ------------------------------------------------------------------------------
@@ -310,6 +315,29 @@ class SqlStateMachine:
                 f"{entity_id!r}, not {t.name!r}: a new operation needs a new key"
             )
         return Outcome(entity_id, t.name, state, applied=False, replayed=True)
+
+    def _outbox_plan(
+        self, c: SqlConnection, q: _Queries, entry: dict[str, Any], data: Mapping[str, Any]
+    ) -> Plan[str]:
+        """The applied transition's message, in the Outbox's format (see the module doc)."""
+        m, entity, name = entry["machine"], entry["entity"], entry["transition"]
+        counted = yield Exec(q.count_history, {"machine": m, "entity": entity})
+        n = int(counted.rows[0][0])
+        message_id = f"{m}:{entity}:{name}:{n}"
+        if len(message_id) > 255:
+            digest = hashlib.sha256(entity.encode()).hexdigest()
+            message_id = f"{m}:sha256-{digest}:{name}:{n}"
+        body = {
+            "machine": m,
+            "entity_id": entity,
+            "transition": name,
+            "state": entry["state"],
+            "key": entry["key"],
+            "data": dict(data),
+        }
+        payload = json.dumps(body, default=to_jsonable)
+        mid: str = yield from self.outbox.add_plan(c, f"{m}.{name}", payload, message_id=message_id)
+        return mid
 
     def _missing(self, exc: BaseException) -> BaseException | None:
         missing = missing_object(exc)
@@ -336,8 +364,9 @@ class SqlStateMachine:
         back as a serialization failure or deadlock (PostgreSQL at REPEATABLE READ or
         SERIALIZABLE answers a concurrent change of the row with 40001 instead of re-checking
         the ``WHERE``): the retry sees the winner's committed state and answers as at READ
-        COMMITTED. Inside the caller's transaction the error propagates: only the caller can
-        run its whole transaction again."""
+        COMMITTED; so is SQLite's "database is locked". Inside the caller's transaction (or
+        when the attempts run out) it is raised as :class:`~oncely.errors.DatabaseBusy`
+        (:func:`oncely.sql.busy`): only the caller can run its whole transaction again."""
         owned = not c.in_transaction()
         attempt = 0
         while True:
@@ -345,8 +374,12 @@ class SqlStateMachine:
             try:
                 return (yield from self._apply_once(c, conn, t, entity_id, key, data))
             except Exception as exc:
-                if not owned or attempt >= _ATTEMPTS or not retryable(exc):
+                if owned and attempt < _ATTEMPTS and retryable(exc):
+                    continue
+                typed = busy(exc, f"{self.machine.name}.{t.name} of {entity_id!r}")
+                if typed is exc:
                     raise
+                raise typed from exc
 
     def _apply_once(
         self,
@@ -394,9 +427,8 @@ class SqlStateMachine:
                     )
                     return self._replay(t, entity_id, str(key), found)
                 outcome = Outcome(entity_id, t.name, t.target, applied=True, row=row)
-                if q.insert_outbox:
-                    payload = json.dumps(dict(data), default=to_jsonable)
-                    yield Exec(q.insert_outbox, {**entry, "payload": payload})
+                if self.outbox is not None:
+                    yield from self._outbox_plan(c, q, entry, data)
                 for hook in self.hooks:
                     yield _RunHook(hook, HookCall(conn, self.machine, outcome, data, key))
                 open_block = False
@@ -530,6 +562,9 @@ class SqlStateMachine:
         :raises EntityNotFound: no row with this id.
         :raises IdempotencyKeyMismatch: ``key`` was used for another transition of this entity.
         :raises SchemaMissing: the history table is missing (:meth:`create_tables`).
+        :raises DatabaseBusy: a deadlock, serialization failure, lock wait that ran out or
+            SQLite "database is locked" that retrying (when ``apply`` owns the transaction)
+            did not get past; nothing was changed: roll back (if yours) and run it again.
         :raises UnknownTable: / :raises UnknownColumn: the entity table or its columns are not
             there (check :class:`Table`).
         """

@@ -1,7 +1,7 @@
 -- cas.lua: compare-and-set on a versioned hash, decided on the server in one script.
 --
--- KEYS[1]  the hash: the caller's fields plus a version field (a positive integer, the one
---          HINCRBY keeps)
+-- KEYS[1]  the hash: the caller's fields plus a version field (a positive decimal integer,
+--          below 2^53)
 -- ARGV[1]  the version field's name     ARGV[2] expected version (decimal; 0: "must not exist")
 -- ARGV[3]  'set' (replace every field), 'merge' (set these fields, keep the others), 'delete'
 -- ARGV[4..] field, value, field, value, ...
@@ -10,6 +10,11 @@
 -- at the expected version (current 0: the key does not exist); {-1, raw} when the key holds a
 -- hash without a usable version (missing, not a canonical positive integer); {-2, type} when
 -- the key holds another type. Nothing is written unless the reply is {1, ...}.
+--
+-- Versions: max(current + 1, TIME in microseconds), a decimal string. They grow by at least one
+-- per write and follow the server's clock, so a hash deleted and created again starts above
+-- every version the old one had (unless the server's clock stepped back by more than the time
+-- since): a writer holding a version of the old hash can never match the new one (no ABA).
 local key, vfield, expected, op = KEYS[1], ARGV[1], ARGV[2], ARGV[3]
 -- One HGET in the common case; pcall turns WRONGTYPE (not a hash) into a reply.
 local current = redis.pcall('HGET', key, vfield)
@@ -64,4 +69,11 @@ end
 if #pairs_ > 0 then
   redis.call('HSET', key, unpack(pairs_))
 end
-return {1, redis.call('HINCRBY', key, vfield, 1)}
+local t = redis.call('TIME')
+local version = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if current and tonumber(current) + 1 > version then
+  version = tonumber(current) + 1
+end
+version = string.format('%.0f', version)
+redis.call('HSET', key, vfield, version)
+return {1, version}
