@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from oncely.core.ops import Complete, CompleteLater, Release, Sleep, StoreOp
 from oncely.core.records import RecordKey
-from oncely.errors import OncelyError, StoreUnavailable
+from oncely.errors import OncelyError, ResultTooLarge, StoreUnavailable
 
 __all__ = ["ATTEMPTS", "complete", "release"]
 
@@ -38,10 +38,16 @@ def complete(
     lease: float,
     what: str,
     attempts: int = ATTEMPTS,
+    marker: tuple[bytes, str] | None = None,
 ) -> Generator[StoreOp, Any, StoreUnavailable | None]:
     """Store the outcome under ``fence``; returns None once stored, or the last
     :class:`~oncely.errors.StoreUnavailable` after handing the write to the background.
 
+    ``marker`` (``(data, codec)``): the small "ran, result not storable" record stored instead
+    when the store refuses ``data`` for its size (:class:`~oncely.errors.ResultTooLarge`, a
+    deterministic refusal, never retried as an outage); the refusal is raised after it.
+
+    :raises ResultTooLarge: ``data`` is over the store's size limit (``marker`` was stored).
     :raises LeaseLost: the claim is gone (another caller may have run the body too).
     :raises OncelyError: any other store error.
     """
@@ -49,6 +55,12 @@ def complete(
         try:
             yield Complete(key, fence, data, codec, ttl)
             return None
+        except ResultTooLarge:
+            if marker is None:
+                raise
+            # A marker the store cannot take now goes on in the background, as any completion.
+            yield from complete(key, fence, *marker, ttl, lease, what, attempts)
+            raise
         except StoreUnavailable as exc:
             if attempt + 1 == attempts:
                 yield CompleteLater(key, fence, data, codec, ttl, lease, what)

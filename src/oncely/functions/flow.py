@@ -16,7 +16,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
-from oncely.codecs import Codec
+from oncely.codecs import Codec, encode_result
 from oncely.core import steps
 from oncely.core.ops import Claim, StoreOp, Watch
 from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay
@@ -26,6 +26,7 @@ from oncely.errors import (
     InFlightError,
     LeaseLost,
     ResultNotStored,
+    ResultTooLarge,
     SerializationError,
     StoredFailure,
     StoreUnavailable,
@@ -85,9 +86,12 @@ def _decode(policy: CallPolicy, record: Record) -> Any:
     if record.codec == ERROR_CODEC:
         raise _rebuild_error(policy, record.result or b"{}")
     if record.codec == UNSERIALIZABLE:
+        why = (record.result or b"").decode("utf-8", "replace")
         raise SerializationError(
-            f"{policy.name} already ran for this key, but its result could not be stored; "
-            "its return value must be serializable by the configured codec"
+            f"{policy.name} already ran for this key, but its result could not be stored"
+            + (f" ({why})" if why else "")
+            + "; it is not run again. Its return value must be serializable by the configured "
+            "codec and fit the store"
         )
     if record.codec != policy.codec.name:
         raise SerializationError(
@@ -184,13 +188,18 @@ def _run_and_store(policy: CallPolicy, key: RecordKey, new: New) -> Generator[Op
                 )
         raise
     try:
-        data, codec = policy.codec.encode(value), policy.codec.name
-    except SerializationError:
+        data, codec = encode_result(policy.codec, value), policy.codec.name
+    except SerializationError as exc:
         # The call ran: keep that fact so a retry cannot run it a second time.
-        yield from _complete(policy, key, new.fence, b"", UNSERIALIZABLE, value)
+        yield from _complete(policy, key, new.fence, _why(exc), UNSERIALIZABLE, value)
         raise
     yield from _complete(policy, key, new.fence, data, codec, value)
     return value
+
+
+def _why(exc: BaseException) -> bytes:
+    """The short reason kept in a "ran, result not storable" marker (at most 200 bytes)."""
+    return str(exc).encode("utf-8", "replace")[:200]
 
 
 def _complete(
@@ -198,12 +207,34 @@ def _complete(
 ) -> Generator[Op, Any, None]:
     """Store the outcome (:func:`oncely.core.steps.complete`). The call ran, so the key is
     never released: if the store stays unreachable, the completion goes on in the background
-    (lease renewed) and the caller gets :class:`ResultNotStored` with ``result``."""
+    (lease renewed) and the caller gets :class:`ResultNotStored` with ``result``; a result too
+    large for the store is kept as "ran, result not storable" and raises
+    :class:`~oncely.errors.ResultTooLarge` (a :class:`SerializationError`)."""
     what = f"the result of {policy.name}"
     try:
         down = yield from steps.complete(
-            key, fence, data, codec, policy.ttl, policy.lease, what, policy.complete_attempts
+            key,
+            fence,
+            data,
+            codec,
+            policy.ttl,
+            policy.lease,
+            what,
+            policy.complete_attempts,
+            marker=(
+                b"too large for the store: %d bytes" % len(data),
+                UNSERIALIZABLE,
+            ),
         )
+    except ResultTooLarge as exc:
+        raise ResultTooLarge(
+            f"{policy.name} ran, but its result could not be stored ({exc}); it is kept as "
+            "'ran, result not storable': a retry raises SerializationError instead of running "
+            "again. Return a smaller result (e.g. store the payload elsewhere and return a "
+            "reference)",
+            exc.size,
+            exc.limit,
+        ) from exc
     except LeaseLost as exc:
         raise LeaseLost(
             f"{policy.name} ran, but its claim was lost before the result was stored "

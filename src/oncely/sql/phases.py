@@ -114,7 +114,7 @@ class _CallPhase(NamedTuple):
 def _encode(value: Any) -> bytes:
     try:
         return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ConfigurationError(
             f"recovery-point params, state and results must be JSON values ({exc})"
         ) from exc

@@ -455,6 +455,11 @@ class PostgresStore(PlannedStore):
     """
 
     schemes = ("postgresql", "postgres")
+    #: PostgreSQL stores at most 1 GB in one field; a bytea travels as hex text (two
+    #: characters a byte) inside a message that has the same limit, so half of it, less a
+    #: margin for the rest of the statement.
+    max_result_bytes = (2**30 - 2**20) // 2
+    max_result_source = "PostgreSQL's 1 GB limit on a field and on a message, sent as hex"
 
     def __init__(
         self,

@@ -25,7 +25,7 @@ import pathlib
 import sqlite3
 import threading
 import time
-from typing import Any
+from typing import Any, Final
 
 from oncely.backends.forks import after_fork
 from oncely.backends.plans import Exec, Plan, Sleep
@@ -182,10 +182,27 @@ CHECK = (
 )
 
 
+#: SQLite's compile-time default of SQLITE_MAX_LENGTH (bytes), for Pythons without getlimit.
+_SQLITE_MAX_LENGTH: Final = 1_000_000_000
+
+
+def _length_limit(conn: sqlite3.Connection) -> int:
+    """The connection's SQLITE_LIMIT_LENGTH (Python 3.11+ can read it), else the default."""
+    getlimit = getattr(conn, "getlimit", None)
+    which = getattr(sqlite3, "SQLITE_LIMIT_LENGTH", None)
+    if getlimit is None or which is None:
+        return _SQLITE_MAX_LENGTH
+    return int(getlimit(which))
+
+
 class SQLiteStore(PlannedStore):
     """Records in a SQLite file (WAL), connections shared by all threads, clock = SQLite's."""
 
     schemes = ("sqlite",)
+    max_result_source = (
+        "SQLite's SQLITE_LIMIT_LENGTH, the largest string or BLOB it stores, read from the "
+        "connection"
+    )
 
     def __init__(
         self,
@@ -263,8 +280,13 @@ class SQLiteStore(PlannedStore):
                     if self._create_schema:
                         conn.executescript(SCHEMA.replace("{t}", self.table))
                     self._file_ready = True
+            if self.max_result_bytes is None:
+                self.max_result_bytes = _length_limit(conn)
         except sqlite3.Error as exc:
-            if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc):
+            if isinstance(exc, sqlite3.OperationalError) and (
+                "no such table" in str(exc) or is_busy(exc)
+            ):
+                # Locked by another process past busy_timeout: says so, not "check the directory".
                 raise self._translate(exc) from exc
             raise StoreUnavailable(
                 f"cannot open SQLite database {self.path!r} ({exc}); check that the directory "
@@ -284,8 +306,9 @@ class SQLiteStore(PlannedStore):
             return schema_missing(self.table, repr(self.path), self.url)
         if is_busy(exc):
             return StoreUnavailable(
-                f"SQLite database {self.path!r} stayed locked for {self.busy_timeout}s; "
-                "raise busy_timeout or use a server store for heavy write concurrency"
+                f"SQLite database {self.path!r} stayed locked by another writer (a connection "
+                f"or process) for longer than busy_timeout ({self.busy_timeout:g}s); raise "
+                "busy_timeout or use a server store for heavy write concurrency"
             )
         return StoreError(f"SQLite error on {self.path!r}: {text}")
 
