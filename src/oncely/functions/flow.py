@@ -88,10 +88,10 @@ def _decode(policy: CallPolicy, record: Record) -> Any:
     if record.codec == UNSERIALIZABLE:
         why = (record.result or b"").decode("utf-8", "replace")
         raise SerializationError(
-            f"{policy.name} already ran for this key, but its result could not be stored"
+            f"{policy.name} already ran for this key, but its outcome could not be stored"
             + (f" ({why})" if why else "")
-            + "; it is not run again. Its return value must be serializable by the configured "
-            "codec and fit the store"
+            + "; it is not run again. Its return value (or store_errors exception) must be "
+            "serializable by the configured codec and fit the store"
         )
     if record.codec != policy.codec.name:
         raise SerializationError(
@@ -101,24 +101,74 @@ def _decode(policy: CallPolicy, record: Record) -> Any:
     return policy.codec.decode(record.result or b"", policy.return_type)
 
 
-def _encode_error(exc: BaseException) -> bytes:
-    args = [a for a in exc.args if isinstance(a, (str, int, float, bool, type(None)))]
+def _exact(value: Any) -> bool:
+    """True if JSON gives ``value`` back as it is (str, int, float, bool, None, and lists and
+    str-keyed dicts of them): what a stored exception may carry."""
+    if value is None or type(value) in (str, int, float, bool):
+        return True
+    if type(value) is list:
+        return all(_exact(v) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _exact(v) for k, v in value.items())
+    return False
+
+
+def _encode_error(exc: BaseException) -> tuple[bytes, str]:
+    """The stored form of an exception listed in ``store_errors``: its class name, ``args``
+    and instance attributes, as JSON; rebuilt on replay without calling ``__init__``
+    (:func:`_rebuild_error`). An exception carrying a value JSON cannot give back exactly is
+    not stored in an altered form: the call is kept as "ran, outcome not storable" (retries
+    raise :class:`SerializationError`, which says which value)."""
     cls = type(exc)
-    return json.dumps(
-        {"type": f"{cls.__module__}.{cls.__qualname__}", "message": str(exc), "args": args}
-    ).encode()
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    attrs = dict(getattr(exc, "__dict__", None) or {})
+    bad = [f"args[{i}] ({type(a).__name__})" for i, a in enumerate(exc.args) if not _exact(a)]
+    bad += [f".{k} ({type(v).__name__})" for k, v in attrs.items() if not _exact(v)]
+    if bad:
+        why = (
+            f"it raised {name}, which carries values JSON cannot give back exactly: "
+            f"{', '.join(bad)}; store_errors exceptions may carry only JSON values"
+        )
+        log.warning("oncely: %s; a retry raises SerializationError", why)
+        return _why(SerializationError(why)), UNSERIALIZABLE
+    data = {"type": name, "message": str(exc), "args": list(exc.args), "attrs": attrs}
+    return json.dumps(data).encode(), ERROR_CODEC
+
+
+def _error_class(allowed: tuple[type[BaseException], ...], name: str) -> type[BaseException] | None:
+    """The class named ``name`` among ``allowed`` and their subclasses (``store_errors``
+    stores a subclass of a listed class too), or None."""
+    seen: set[type[BaseException]] = set()
+    todo = list(allowed)
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if f"{cls.__module__}.{cls.__qualname__}" == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None
 
 
 def _rebuild_error(policy: CallPolicy, data: bytes) -> BaseException:
-    """Rebuild a stored exception, but only as one of the classes the user allowed."""
+    """Rebuild a stored exception as its own class -- without calling ``__init__``, so a
+    keyword-only or other-shaped constructor does not matter -- but only as one of the
+    classes the user allowed (or their subclasses); else :class:`StoredFailure`."""
     info = json.loads(data)
-    for cls in policy.store_errors:
-        if f"{cls.__module__}.{cls.__qualname__}" == info.get("type"):
-            try:
-                return cls(*info.get("args", []))
-            except Exception:  # the class wants other constructor arguments
-                break
-    return StoredFailure(str(info.get("type")), str(info.get("message")))
+    name, message = str(info.get("type")), str(info.get("message"))
+    cls = _error_class(policy.store_errors, name)
+    if cls is not None:
+        args = tuple(info.get("args", ()))
+        try:
+            exc = cls.__new__(cls, *args)
+            exc.args = args
+            exc.__dict__.update(info.get("attrs") or {})
+        except Exception:  # a __new__ that wants other arguments
+            pass
+        else:
+            return exc
+    return StoredFailure(name, message)
 
 
 def call_flow(policy: CallPolicy, key: RecordKey, fingerprint: str) -> Generator[Op, Any, Any]:
@@ -176,7 +226,7 @@ def _run_and_store(policy: CallPolicy, key: RecordKey, new: New) -> Generator[Op
         value = yield Run(new.fence, new.lease_until, new.now)
     except BaseException as exc:
         if isinstance(exc, policy.store_errors):
-            yield from _complete(policy, key, new.fence, _encode_error(exc), ERROR_CODEC, exc)
+            yield from _complete(policy, key, new.fence, *_encode_error(exc), exc)
         else:
             error = yield from steps.release(key, new.fence, policy.complete_attempts)
             if error is not None:
@@ -198,8 +248,8 @@ def _run_and_store(policy: CallPolicy, key: RecordKey, new: New) -> Generator[Op
 
 
 def _why(exc: BaseException) -> bytes:
-    """The short reason kept in a "ran, result not storable" marker (at most 200 bytes)."""
-    return str(exc).encode("utf-8", "replace")[:200]
+    """The short reason kept in a "ran, result not storable" marker (at most 500 bytes)."""
+    return str(exc).encode("utf-8", "replace")[:500]
 
 
 def _complete(

@@ -33,7 +33,15 @@ import time
 from typing import Any, Final
 
 from oncely.backends.sqlite import CLOCK as NOW
-from oncely.backends.sqlite import Connections, Workers, enable_wal, execute, is_busy, parse_url
+from oncely.backends.sqlite import (
+    Connections,
+    Workers,
+    busy_timeout_of,
+    enable_wal,
+    execute,
+    is_busy,
+    parse_url,
+)
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
 
@@ -93,7 +101,7 @@ class SQLiteLockBackend(LockBackend):
         self.url = url
         self.path = path
         self.table = table
-        self.busy_timeout = float(busy_timeout or options.get("busy_timeout") or 5.0)
+        self.busy_timeout = busy_timeout_of(busy_timeout, options, 5.0, "SQLiteLockBackend")
         self.synchronous = options.get("synchronous", "NORMAL").upper()
         if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigurationError(

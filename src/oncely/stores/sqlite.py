@@ -30,7 +30,15 @@ from typing import Any, Final
 from oncely.backends.forks import after_fork
 from oncely.backends.plans import Exec, Plan, Sleep
 from oncely.backends.sqlite import CLOCK as NOW
-from oncely.backends.sqlite import Connections, Workers, enable_wal, execute, is_busy, parse_url
+from oncely.backends.sqlite import (
+    Connections,
+    Workers,
+    busy_timeout_of,
+    enable_wal,
+    execute,
+    is_busy,
+    parse_url,
+)
 from oncely.core.records import ClaimOutcome, Record, RecordKey
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
 from oncely.stores.planned import PlannedStore
@@ -221,7 +229,7 @@ class SQLiteStore(PlannedStore):
             raise ConfigurationError(
                 f"synchronous={self.synchronous!r}: use OFF, NORMAL, FULL (default) or EXTRA"
             )
-        self.busy_timeout = float(busy_timeout or options.get("busy_timeout") or 15.0)
+        self.busy_timeout = busy_timeout_of(busy_timeout, options, 15.0, "SQLiteStore")
         if not table.isidentifier():
             raise ConfigurationError(f"table name {table!r} must be a plain identifier")
         self.table = table
