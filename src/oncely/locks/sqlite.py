@@ -44,6 +44,7 @@ from oncely.backends.sqlite import (
 )
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
+from oncely.settings import seconds
 
 __all__ = ["SQLiteLockBackend"]
 
@@ -94,10 +95,14 @@ class SQLiteLockBackend(LockBackend):
         path, options = parse_url(url, "SQLite lock URL", ("synchronous", "busy_timeout"))
         if not table.isidentifier():
             raise ConfigurationError(f"table name {table!r} must be a plain identifier")
-        if not 0.001 <= poll_interval <= 10:
-            raise ConfigurationError(
-                f"poll_interval={poll_interval!r}: give seconds between 0.001 and 10"
-            )
+        poll_interval = seconds(
+            poll_interval,
+            "poll_interval",
+            where="SQLiteLockBackend",
+            minimum=0.001,
+            above=False,
+            maximum=10,
+        )
         self.url = url
         self.path = path
         self.table = table

@@ -75,6 +75,7 @@ from oncely.errors import (
     StoreError,
     StoreUnavailable,
 )
+from oncely.settings import seconds
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 from oncely.stores.sql import (
@@ -359,8 +360,7 @@ class MySQLStore(PlannedStore):
         self.table = validate_table(table, 57, "database", 64)
         if not isinstance(max_size, int) or max_size < 1:
             raise ConfigurationError(f"max_size={max_size!r}: give a number of connections >= 1")
-        if not timeout > 0:
-            raise ConfigurationError(f"timeout={timeout!r}: give a number of seconds above 0")
+        timeout = seconds(timeout, "timeout", where="MySQLStore")
         self.create_schema = create_schema
         self.max_size = max_size
         self.timeout = float(timeout)

@@ -50,6 +50,7 @@ from oncely.backends.urls import redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import ClaimOutcome, New, Record, RecordKey
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
+from oncely.settings import seconds
 from oncely.stores.base import claimable, classify
 from oncely.stores.planned import PlannedStore
 from oncely.stores.sql import (
@@ -481,8 +482,7 @@ class PostgresStore(PlannedStore):
                 f"pool sizes min_size={min_size}, max_size={max_size}: need "
                 "0 <= min_size <= max_size and max_size >= 1"
             )
-        if not timeout > 0:
-            raise ConfigurationError(f"timeout={timeout!r}: give a number of seconds above 0")
+        timeout = seconds(timeout, "timeout", where="PostgresStore")
         self.create_schema = create_schema
         self.min_size = min_size
         self.max_size = max_size
