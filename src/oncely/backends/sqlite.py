@@ -123,6 +123,26 @@ def is_busy(exc: sqlite3.Error) -> bool:
     return "locked" in text or "busy" in text
 
 
+def busy_error(what: str, path: str, busy_timeout: float) -> StoreUnavailable:
+    """The error for a file another writer kept locked past ``busy_timeout`` (seconds)."""
+    return StoreUnavailable(
+        f"{what} {path!r} stayed locked by another writer (a connection or process) for longer "
+        f"than busy_timeout ({busy_timeout:g}s); raise busy_timeout or use a server store for "
+        "heavy write concurrency"
+    )
+
+
+def open_error(exc: sqlite3.Error, what: str, path: str, busy_timeout: float) -> StoreUnavailable:
+    """The error for a file that could not be opened: locked by another writer past
+    ``busy_timeout`` (many processes opening a fresh file at once), or not openable at all
+    (a missing directory, no permission)."""
+    if is_busy(exc):
+        return busy_error(what, path, busy_timeout)
+    return StoreUnavailable(
+        f"cannot open {what} {path!r} ({exc}); check that the directory exists and is writable"
+    )
+
+
 class WriterGate:
     """One writer at a time among the threads of this process, in arrival order (FIFO).
 

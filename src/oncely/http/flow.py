@@ -50,6 +50,7 @@ from oncely.errors import (
     InvalidPayload,
     LeaseLost,
     OncelyError,
+    ResultTooLarge,
     SerializationError,
     StoreError,
     StoreUnavailable,
@@ -621,6 +622,13 @@ def _complete(
         log.error(
             "oncely.http: the request ran but its key was lost before the response was "
             "stored (%s); another request may have run it too. Use a longer lease",
+            exc,
+        )
+        return
+    except ResultTooLarge as exc:
+        log.error(
+            "oncely.http: the response is too large for the store (%s); it is kept as not "
+            "replayable, so a retry gets 409 instead of running again",
             exc,
         )
         return

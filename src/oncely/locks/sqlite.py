@@ -40,6 +40,7 @@ from oncely.backends.sqlite import (
     enable_wal,
     execute,
     is_busy,
+    open_error,
     parse_url,
 )
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
@@ -141,10 +142,7 @@ class SQLiteLockBackend(LockBackend):
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(self._sql["schema"])
         except sqlite3.Error as exc:
-            raise StoreUnavailable(
-                f"cannot open SQLite lock database {self.path!r} ({exc}); check that the "
-                "directory exists and is writable"
-            ) from exc
+            raise open_error(exc, "SQLite lock database", self.path, self.busy_timeout) from exc
         return conn
 
     def _run(self, name: str, params: dict[str, Any]) -> tuple[list[Any], int]:

@@ -126,7 +126,7 @@ class Store(abc.ABC):
     #: The largest result (bytes) one ``complete`` can store; None: no limit of its own.
     max_result_bytes: int | None = None
     #: Where :attr:`max_result_bytes` comes from, for the error message.
-    max_result_source: str = ""
+    max_result_source: str = "the store's max_result_bytes"
 
     def __init__(self, url: str) -> None:
         self.url = url

@@ -469,7 +469,9 @@ class MySQLStore(PlannedStore):
         packet = int(rows[0][0]) if rows and rows[0] and rows[0][0] is not None else 0
         if packet > 0:
             self.max_packet = packet
-            self.max_result_bytes = max(packet - _STATEMENT_MARGIN, 0) // 2
+            fits = max(packet - _STATEMENT_MARGIN, 0) // 2
+            # A lower limit set on the store by its user stays.
+            self.max_result_bytes = min(fits, self.max_result_bytes or fits)
             self.max_result_source = (
                 f"the server's max_allowed_packet is {packet} bytes and a result is sent as hex "
                 "text; raise max_allowed_packet on the server, or return a smaller result"

@@ -33,14 +33,16 @@ from oncely.backends.sqlite import CLOCK as NOW
 from oncely.backends.sqlite import (
     Connections,
     Workers,
+    busy_error,
     busy_timeout_of,
     enable_wal,
     execute,
     is_busy,
+    open_error,
     parse_url,
 )
 from oncely.core.records import ClaimOutcome, Record, RecordKey
-from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
+from oncely.errors import ConfigurationError, SchemaMissing, StoreError
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 from oncely.stores.sql import (
@@ -291,15 +293,9 @@ class SQLiteStore(PlannedStore):
             if self.max_result_bytes is None:
                 self.max_result_bytes = _length_limit(conn)
         except sqlite3.Error as exc:
-            if isinstance(exc, sqlite3.OperationalError) and (
-                "no such table" in str(exc) or is_busy(exc)
-            ):
-                # Locked by another process past busy_timeout: says so, not "check the directory".
+            if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc):
                 raise self._translate(exc) from exc
-            raise StoreUnavailable(
-                f"cannot open SQLite database {self.path!r} ({exc}); check that the directory "
-                "exists and is writable"
-            ) from exc
+            raise open_error(exc, "SQLite database", self.path, self.busy_timeout) from exc
         return conn
 
     def _run(self, name: str, params: dict[str, Any]) -> tuple[list[Any], int]:
@@ -313,11 +309,7 @@ class SQLiteStore(PlannedStore):
         if "no such table" in text:
             return schema_missing(self.table, repr(self.path), self.url)
         if is_busy(exc):
-            return StoreUnavailable(
-                f"SQLite database {self.path!r} stayed locked by another writer (a connection "
-                f"or process) for longer than busy_timeout ({self.busy_timeout:g}s); raise "
-                "busy_timeout or use a server store for heavy write concurrency"
-            )
+            return busy_error("SQLite database", self.path, self.busy_timeout)
         return StoreError(f"SQLite error on {self.path!r}: {text}")
 
     def init_schema(self) -> None:
