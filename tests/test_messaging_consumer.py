@@ -396,7 +396,7 @@ async def test_batch_leases_are_renewed_while_handlers_run(make_store: StoreFact
     assert await task == [Ack(ran=True), Ack(ran=True)]
 
 
-# -- F08 (redteam3): one rule for every duration -----------------------------------------------------
+# -- F08 (redteam3): one rule for every duration ---------------------------------------------------
 def _durations() -> dict[str, Any]:
     """Each public duration outside @idempotent, as a function of the value given for it."""
     import sqlite3
@@ -410,7 +410,9 @@ def _durations() -> dict[str, Any]:
     from oncely.statemachine.saga import Step
 
     def consumer(name: str) -> Any:
-        return lambda v: IdempotentConsumer(lambda d: None, name="c", store="memory://", **{name: v})
+        return lambda v: IdempotentConsumer(
+            lambda d: None, name="c", store="memory://", **{name: v}
+        )
 
     def purge(v: Any) -> Any:
         conn = sqlite3.connect(":memory:")
