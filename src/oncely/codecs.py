@@ -80,6 +80,12 @@ class Codec(Protocol):
     def decode(self, data: bytes, type_hint: Any = None) -> Any: ...
 
 
+_TOO_DEEP = (
+    "the result cannot be stored: it refers to itself (a circular reference) or is nested too "
+    "deeply to encode"
+)
+
+
 def encode_result(codec: Codec, value: Any) -> bytes:
     """``codec.encode(value)``, with every failure to encode made a
     :class:`~oncely.errors.SerializationError`.
@@ -98,10 +104,7 @@ def encode_result(codec: Codec, value: Any) -> bytes:
     except SerializationError:
         raise
     except RecursionError as exc:
-        raise SerializationError(
-            "the result cannot be stored: it refers to itself (a circular reference) or is "
-            "nested too deeply to encode"
-        ) from exc
+        raise SerializationError(_TOO_DEEP) from exc
     except Exception as exc:
         raise SerializationError(
             f"the result cannot be stored: {type(codec).__name__}.encode raised "
@@ -764,10 +767,14 @@ class JsonCodec:
             raise exc.error() from None
         except (TypeError, ValueError) as exc:  # e.g. a pydantic model that cannot serialize
             raise SerializationError(f"the result cannot be stored ({exc})") from exc
+        except RecursionError as exc:  # a circular or very deep value
+            raise SerializationError(_TOO_DEEP) from exc
         try:
             return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         except (TypeError, ValueError) as exc:  # a pydantic model's own dump was not JSON
             raise SerializationError(f"the result cannot be stored as JSON ({exc})") from exc
+        except RecursionError as exc:
+            raise SerializationError(_TOO_DEEP) from exc
 
     def decode(self, data: bytes, type_hint: Any = None) -> Any:
         """The value stored in ``data``, rebuilt as ``type_hint`` (default: the bound hint)."""
