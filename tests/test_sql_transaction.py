@@ -82,10 +82,12 @@ def test_a_result_that_cannot_be_encoded_is_a_serialization_error(db: Db) -> Non
     conn = db.connect()
     order: dict[str, Any] = {"id": "o-1"}
     order["self"] = order
-    with pytest.raises(SerializationError, match="circular"):
-        with transaction(conn, key="k", scope=GLOBAL, table=keys) as tx:
-            _effect(db, conn, effects, "k")
-            tx.set_result(order)
+    with (
+        pytest.raises(SerializationError, match="circular"),
+        transaction(conn, key="k", scope=GLOBAL, table=keys) as tx,
+    ):
+        _effect(db, conn, effects, "k")
+        tx.set_result(order)
     assert _count(db, effects) == 0  # rolled back with the transaction
 
 
