@@ -645,3 +645,23 @@ async def test_an_http_response_over_the_store_limit_is_kept_not_replayable(
     again = await face.request("POST", "/orders", [key], b"{}")
     assert again.status == 409 and again.problem == "response-not-replayable"
     assert face.calls["/orders"] == 1
+
+
+def test_a_stored_exception_over_the_store_limit_still_reaches_the_first_caller() -> None:
+    class Declined(Exception):
+        pass
+
+    store = MemoryStore()
+    store.max_result_bytes = 100
+    runs: list[int] = []
+
+    @idempotent(store=store, key=["n"], store_errors=[Declined])
+    def charge(n: int) -> str:
+        runs.append(n)
+        raise Declined("x" * 500)
+
+    with pytest.raises(Declined):
+        charge(1)
+    with pytest.raises(SerializationError, match="too large for the store"):
+        charge(1)
+    assert runs == [1]

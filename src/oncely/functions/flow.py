@@ -226,7 +226,10 @@ def _run_and_store(policy: CallPolicy, key: RecordKey, new: New) -> Generator[Op
         value = yield Run(new.fence, new.lease_until, new.now)
     except BaseException as exc:
         if isinstance(exc, policy.store_errors):
-            yield from _complete(policy, key, new.fence, *_encode_error(exc), exc)
+            try:
+                yield from _complete(policy, key, new.fence, *_encode_error(exc), exc)
+            except ResultTooLarge as too_large:  # kept as "ran, not storable"; the caller
+                log.warning("oncely: %s", too_large)  # still gets what the body raised
         else:
             error = yield from steps.release(key, new.fence, policy.complete_attempts)
             if error is not None:
