@@ -131,21 +131,15 @@ class Store(abc.ABC):
     def __init__(self, url: str) -> None:
         self.url = url
 
-    def result_size(self, result: bytes) -> int:
-        """How many bytes of the store's limit ``result`` takes (its length by default; a
-        store whose driver escapes values counts the escapes)."""
-        return len(result)
-
     def check_result_size(self, result: bytes) -> None:
-        """Refuse a result the store can never take, before sending anything.
+        """Refuse a result the store can never take, before sending anything (no I/O: the
+        limit is known, or was read when the store connected).
 
         :raises ResultTooLarge: ``result`` is over :attr:`max_result_bytes`.
         """
         limit = self.max_result_bytes
-        if limit is None or len(result) <= limit // 2:
-            return
-        size = self.result_size(result)
-        if size > limit:
+        size = len(result)
+        if limit is not None and size > limit:
             raise ResultTooLarge(
                 f"the result is {size} bytes, more than {type(self).__name__} can store in one "
                 f"record ({limit} bytes: {self.max_result_source})",
