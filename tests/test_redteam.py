@@ -626,7 +626,7 @@ def test_a_result_over_the_store_limit_is_kept_as_ran_not_storable(store: Store)
     with pytest.raises(ResultTooLarge, match="5002 bytes"):
         export(1)
     started = time.monotonic()
-    with pytest.raises(SerializationError, match="too large for the store"):
+    with pytest.raises(SerializationError, match=r"already ran.*more than .* can store"):
         export(1)
     assert time.monotonic() - started < 1.5
     assert runs == [1]
@@ -652,7 +652,7 @@ def test_a_stored_exception_over_the_store_limit_still_reaches_the_first_caller(
         pass
 
     store = MemoryStore()
-    store.max_result_bytes = 100
+    store.max_result_bytes = 400  # the exception (about 1 kB stored) is over, the marker not
     runs: list[int] = []
 
     @idempotent(store=store, key=["n"], store_errors=[Declined])
@@ -662,6 +662,23 @@ def test_a_stored_exception_over_the_store_limit_still_reaches_the_first_caller(
 
     with pytest.raises(Declined):
         charge(1)
-    with pytest.raises(SerializationError, match="too large for the store"):
+    with pytest.raises(SerializationError, match=r"already ran.*more than .* can store"):
         charge(1)
+    assert runs == [1]
+
+
+def test_a_marker_too_large_itself_is_kept_without_its_text() -> None:
+    store = MemoryStore()
+    store.max_result_bytes = 16  # not even the marker's reason fits
+    runs: list[int] = []
+
+    @idempotent(store=store, key=["n"], lease=2, wait_timeout=5)
+    def export(n: int) -> str:
+        runs.append(n)
+        return "x" * 100
+
+    with pytest.raises(ResultTooLarge):
+        export(1)
+    with pytest.raises(SerializationError, match="already ran"):
+        export(1)
     assert runs == [1]

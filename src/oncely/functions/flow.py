@@ -274,10 +274,7 @@ def _complete(
             policy.lease,
             what,
             policy.complete_attempts,
-            marker=(
-                b"too large for the store: %d bytes" % len(data),
-                UNSERIALIZABLE,
-            ),
+            marker=lambda too_large: (_why(too_large), UNSERIALIZABLE),
         )
     except ResultTooLarge as exc:
         raise ResultTooLarge(

@@ -37,7 +37,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -422,7 +422,7 @@ def _settle(
     verdict = _verdict(policy, captured)
     if key is not None and fence is not None:
         marker = (encode_unreplayable(captured.status, TOO_LARGE), UNREPLAYABLE)
-        if verdict is _Verdict.STORE:
+        if verdict is _Verdict.STORE:  # a response too large for the store: the marker
             headers = storable_headers(captured.headers or (), policy.deny_headers)
             try:
                 data = encode_response(captured.status, headers, captured.body or b"")
@@ -431,7 +431,7 @@ def _settle(
                 data, codec = marker
             else:
                 codec = CODEC
-            yield from _complete(policy, key, fence, data, codec, marker)
+            yield from _complete(policy, key, fence, data, codec, lambda _: marker)
         elif verdict is _Verdict.MARKER:
             reason = INTERRUPTED if not captured.complete else TOO_LARGE
             log.info(
@@ -608,7 +608,7 @@ def _complete(
     fence: int,
     data: bytes,
     codec: str,
-    marker: tuple[bytes, str] | None = None,
+    marker: Callable[[ResultTooLarge], tuple[bytes, str]] | None = None,
 ) -> Flow:
     """Store the response (:func:`oncely.core.steps.complete`): retry briefly while the store
     is unreachable, then hand the completion to a background retry that keeps the key claimed
