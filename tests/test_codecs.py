@@ -430,3 +430,15 @@ def test_a_name_that_never_resolves_is_a_configuration_error_before_the_body_run
     with pytest.raises(ConfigurationError, match="NeverDefined"):
         ghost("a")
     assert runs == []
+
+
+def test_a_circular_or_too_deep_value_is_a_serialization_error() -> None:
+    # F09 (redteam3): the codec let a bare RecursionError out.
+    circular: dict[str, Any] = {}
+    circular["self"] = circular
+    deep: list[Any] = []
+    for _ in range(5000):
+        deep = [deep]
+    for value in (circular, deep):
+        with pytest.raises(SerializationError, match="circular reference"):
+            JsonCodec().encode(value)

@@ -895,3 +895,143 @@ def test_records_are_kept_24_hours_by_default(store: Store) -> None:
     charge(order)
     [record] = [r for r in store.list(limit=1000) if r.status == "completed"]
     assert record.expires_at - record.created_at == pytest.approx(86400, abs=5)
+
+
+# -- every failure to store an outcome after the body ran is "ran, not storable" -------------------
+def _circular() -> Any:
+    order: dict[str, Any] = {"id": "o-1", "lines": []}
+    order["lines"].append({"sku": "apple", "order": order})  # a back-reference
+    return order
+
+
+def _deep() -> Any:
+    value: list[Any] = []
+    for _ in range(5000):
+        value = [value]
+    return value
+
+
+class _LockedCodec:
+    """A custom codec whose encode fails with an error of its own (its key did not load)."""
+
+    name = "locked"
+
+    def encode(self, value: Any) -> bytes:
+        raise KeyError("encryption key not loaded")
+
+    def decode(self, data: bytes, type_hint: Any = None) -> Any:  # pragma: no cover
+        raise AssertionError("nothing was stored")
+
+
+@pytest.mark.parametrize("case", ["circular", "deep", "custom codec"])
+def test_a_result_that_fails_to_encode_in_any_way_runs_once(store: Store, case: str) -> None:
+    # F09 (redteam3): a RecursionError (circular or deep value) or a custom codec's own error
+    # escaped bare and left the key claimed: when the lease ran out, a retry charged again.
+    runs: list[str] = []
+    make = {"circular": _circular, "deep": _deep, "custom codec": lambda: "ok"}[case]
+
+    @idempotent(
+        store=store,
+        key=["order_id"],
+        lease=2,
+        wait_timeout=5,
+        codec=_LockedCodec() if case == "custom codec" else None,
+    )
+    def charge(order_id: str) -> Any:
+        runs.append(order_id)
+        return make()
+
+    order = unique()
+    with pytest.raises(SerializationError, match="cannot be stored"):
+        charge(order)
+    started = time.monotonic()
+    with pytest.raises(SerializationError, match="already ran for this key"):
+        charge(order)
+    assert runs == [order]
+    assert time.monotonic() - started < 1.5  # replayed at once, not after the lease ran out
+
+
+async def test_an_async_result_that_fails_to_encode_runs_once() -> None:
+    runs: list[int] = []
+
+    @idempotent(store="memory://", key=["n"], lease=2, wait_timeout=5)
+    async def export(n: int) -> Any:
+        runs.append(n)
+        return _circular()
+
+    with pytest.raises(SerializationError, match="circular"):
+        await export(1)
+    with pytest.raises(SerializationError, match="already ran"):
+        await export(1)
+    assert runs == [1]
+
+
+# -- stored exceptions are raised again as themselves ----------------------------------------------
+class KwOnlyDecline(Exception):
+    def __init__(self, code: str, *, reason: str) -> None:
+        super().__init__(code)
+        self.reason = reason
+
+
+class SoftDecline(KwOnlyDecline):
+    """A subclass of a listed class: stored too, so replayed as itself too."""
+
+
+class ObjectArg(Exception):
+    pass
+
+
+@pytest.mark.parametrize("raised", [KwOnlyDecline, SoftDecline])
+def test_a_stored_exception_replays_as_its_own_class_with_its_attributes(
+    store: Store, raised: type[KwOnlyDecline]
+) -> None:
+    # F10 (redteam3): an exception whose __init__ has a keyword-only argument replayed as
+    # StoredFailure, so `except KwOnlyDecline:` on a retry missed it.
+    runs: list[str] = []
+
+    @idempotent(store=store, key=["order_id"], store_errors=[KwOnlyDecline])
+    def charge(order_id: str) -> str:
+        runs.append(order_id)
+        raise raised("card_declined", reason="insufficient funds")
+
+    order = unique()
+    for _ in range(2):
+        with pytest.raises(raised) as info:
+            charge(order)
+        assert type(info.value) is raised
+        assert info.value.args == ("card_declined",)
+        assert info.value.reason == "insufficient funds"
+    assert runs == [order]
+
+
+def test_a_stored_exception_with_a_value_json_cannot_keep_is_refused_by_name() -> None:
+    # F10: ObjectArg(object()) replayed as ObjectArg() -- its argument silently dropped.
+    runs: list[int] = []
+
+    @idempotent(store="memory://", key=["n"], store_errors=[ObjectArg])
+    def call(n: int) -> str:
+        runs.append(n)
+        raise ObjectArg(object())
+
+    with pytest.raises(ObjectArg):  # the first caller gets what the body raised
+        call(1)
+    with pytest.raises(SerializationError, match=r"ObjectArg.*args\[0\] \(object\)"):
+        call(1)
+    assert runs == [1]
+
+
+def test_a_stored_exception_whose_class_is_no_longer_listed_is_a_stored_failure() -> None:
+    store = MemoryStore()
+    name = f"declines-{uuid.uuid4()}"
+
+    def body(n: int) -> str:
+        raise KwOnlyDecline("card_declined", reason="insufficient funds")
+
+    first = idempotent(store=store, name=name, key=["n"], store_errors=[KwOnlyDecline])(body)
+    with pytest.raises(KwOnlyDecline):
+        first(1)
+    later = idempotent(store=store, name=name, key=["n"], store_errors=[ObjectArg])(body)
+    with pytest.raises(StoredFailure) as info:
+        later(1)
+    assert info.value.type_name.endswith("KwOnlyDecline")
+    assert info.value.detail == "card_declined"

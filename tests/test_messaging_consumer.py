@@ -394,3 +394,53 @@ async def test_batch_leases_are_renewed_while_handlers_run(make_store: StoreFact
     late = await consumer.aprocess(msg("a"))
     assert isinstance(late, Retry) and "another consumer" in late.reason
     assert await task == [Ack(ran=True), Ack(ran=True)]
+
+
+# -- F08 (redteam3): one rule for every duration ---------------------------------------------------
+def _durations() -> dict[str, Any]:
+    """Each public duration outside @idempotent, as a function of the value given for it."""
+    import sqlite3
+
+    from oncely.locks.redlock import RedlockBackend
+    from oncely.locks.sqlite import SQLiteLockBackend
+    from oncely.messaging.dedup import Deduplicator
+    from oncely.messaging.inbox import Inbox
+    from oncely.optimistic import ConflictRetry
+    from oncely.sql import Operation
+    from oncely.statemachine.saga import Step
+
+    def consumer(name: str) -> Any:
+        return lambda v: IdempotentConsumer(
+            lambda d: None, name="c", store="memory://", **{name: v}
+        )
+
+    def purge(v: Any) -> Any:
+        conn = sqlite3.connect(":memory:")
+        Inbox().create_table(conn)
+        return Inbox().purge(conn, older_than=v)
+
+    return {
+        "lease": consumer("lease"),
+        "wait_timeout": consumer("wait_timeout"),
+        "ttl": consumer("ttl"),
+        "retry_delay": consumer("retry_delay"),
+        "window": lambda v: Deduplicator("memory://", window=v, namespace="n"),
+        "older_than": purge,
+        "max_delay": lambda v: ConflictRetry(max_delay=v),
+        "lock_timeout": lambda v: Operation("op", lock_timeout=v),
+        "backoff": lambda v: Step("s", lambda ctx: None, backoff=v),
+        "poll_interval": lambda v: SQLiteLockBackend("sqlite:////tmp/x.db", poll_interval=v),
+        "node_timeout": lambda v: RedlockBackend(["redis://127.0.0.1:1/0"], node_timeout=v),
+    }
+
+
+@pytest.mark.parametrize("param", list(_durations()))
+def test_every_duration_takes_units_and_names_itself_when_wrong(param: str) -> None:
+    # IdempotentConsumer(wait_timeout="5s") failed with a bare TypeError; lease="30s",
+    # Deduplicator(window="5m"), Inbox.purge(older_than="7d") were refused, while
+    # @idempotent(lease="30s") took them: README's rule is one rule for every duration.
+    make = _durations()[param]
+    make("500ms")  # a unit: accepted
+    for bad in ("5 jiffies", -1, True, [1]):
+        with pytest.raises(ConfigurationError, match=f"{param}="):
+            make(bad)

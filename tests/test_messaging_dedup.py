@@ -275,7 +275,7 @@ def test_bad_ids_are_refused_before_anything_is_written(made: Made, kind: str) -
 
 
 def test_bad_configuration_says_what_to_do() -> None:
-    for window in (0, -1, float("inf"), "10", True):
+    for window in (0, -1, float("inf"), "10 jiffies", True):
         with pytest.raises(ConfigurationError, match="window"):
             Deduplicator("memory://", window=window, namespace="n")  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="namespace"):

@@ -24,12 +24,15 @@ import pytest
 pymysql = pytest.importorskip("pymysql")
 pytest.importorskip("aiomysql")
 
+from oncely import idempotent  # noqa: E402
 from oncely.backends.mysql import supports_returning as _supports_returning  # noqa: E402
 from oncely.core.records import InFlight, Mismatch, New, RecordKey, Replay  # noqa: E402
 from oncely.errors import (  # noqa: E402
     ConfigurationError,
     LeaseLost,
+    ResultTooLarge,
     SchemaMissing,
+    SerializationError,
     StoreError,
     StoreUnavailable,
 )
@@ -780,3 +783,71 @@ def test_a_table_from_an_older_version_gets_its_fence_keeper(table: str) -> None
         workers.assert_upgraded(s, key, high)
     finally:
         s.close()
+
+
+# -- a result larger than max_allowed_packet ------------------------------------------------------
+def _packet() -> int:
+    return int(sql("SELECT @@max_allowed_packet")[0][0])
+
+
+def test_a_result_over_max_allowed_packet_is_ran_not_storable(server: str, table: str) -> None:
+    # F16 (redteam3): the server's answer to an oversized statement (a reset: 2006) was taken
+    # for an outage -> ResultNotStored and a background settle; the key expired and every retry
+    # ran the body again. The store knows max_allowed_packet (read once when its pool opens)
+    # and refuses such a result before sending it: the call is kept as "ran, not storable".
+    store = MySQLStore(URL, table=table, create_schema=True)
+    runs: list[str] = []
+    size = _packet() // 2 + 1  # sent as hex: twice this, over the packet
+
+    @idempotent(store=store, name=f"export-{table}", key=["k"], lease=2, wait_timeout=5)
+    def export(k: str) -> str:
+        runs.append(k)
+        return "x" * size
+
+    try:
+        started = time.monotonic()
+        with pytest.raises(ResultTooLarge, match="max_allowed_packet") as info:
+            export("o-1")
+        assert info.value.size > info.value.limit == store.max_result_bytes
+        with pytest.raises(SerializationError, match=r"already ran.*max_allowed_packet"):
+            export("o-1")
+        assert runs == ["o-1"]
+        assert time.monotonic() - started < 2  # nothing waited for a lease or a settle
+    finally:
+        store.close()
+
+
+async def test_the_async_face_knows_max_allowed_packet_too(server: str, table: str) -> None:
+    store = MySQLStore(URL, table=table, create_schema=True)
+    try:
+        key = fresh_key()
+        outcome = await store.aclaim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        assert store.max_packet == _packet()
+        with pytest.raises(ResultTooLarge):
+            await store.acomplete(key, outcome.fence, b"x" * (_packet() // 2 + 1), "raw", 60)
+        await store.acomplete(key, outcome.fence, b"fits", "raw", 60)  # the claim is intact
+    finally:
+        await store.aclose()
+        store.close()
+
+
+def test_the_server_refusing_an_oversized_statement_is_not_an_outage(
+    server: str, table: str
+) -> None:
+    # Should the check be passed by (a limit not known yet, or lowered on the server since),
+    # the server's refusal (1153, or the reset it answers with) of a statement that big is
+    # classified as ResultTooLarge, not StoreUnavailable, and the store goes on working.
+    store = MySQLStore(URL, table=table, create_schema=True)
+    try:
+        key = fresh_key()
+        outcome = store.claim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        store.max_result_bytes = None  # skip the check: the statement reaches the server
+        with pytest.raises(ResultTooLarge, match="max_allowed_packet"):
+            store.complete(key, outcome.fence, b"x" * (_packet() // 2 + 1), "raw", 60)
+        store.complete(key, outcome.fence, b"fits", "raw", 60)
+        record = store.get(key)
+        assert record is not None and record.result == b"fits"
+    finally:
+        store.close()

@@ -117,7 +117,7 @@ def test_full_jitter_delays_stay_within_the_exponential_cap() -> None:
         {"attempts": True},
         {"attempts": 2.5},
         {"base_delay": -1},
-        {"max_delay": "1"},
+        {"max_delay": "1 jiffy"},
         {"retry_on": int},
         {"retry_on": ()},
         {"retry_on": "StaleVersion"},

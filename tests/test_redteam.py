@@ -26,6 +26,8 @@ from oncely.errors import (
     InFlightError,
     LeaseLost,
     ResultNotStored,
+    ResultTooLarge,
+    SerializationError,
     StoreUnavailable,
 )
 from oncely.http import (
@@ -605,3 +607,78 @@ async def test_an_http_response_not_stored_keeps_the_key_claimed(face_name: str)
         assert time.monotonic() < deadline
         await asyncio.sleep(0.1)
     assert face.calls["/orders"] == 1
+
+
+# -- F16 (redteam3): a result larger than the store takes is "ran, not storable" ------------------
+def test_a_result_over_the_store_limit_is_kept_as_ran_not_storable(store: Store) -> None:
+    # Every store refuses a result over its limit (max_result_bytes: MySQL max_allowed_packet,
+    # PostgreSQL 1 GB, Redis proto-max-bulk-len, SQLite SQLITE_LIMIT_LENGTH) before sending it;
+    # the flow keeps a small marker, so a retry raises SerializationError instead of running.
+    # A small limit stands in for the real one here.
+    store.max_result_bytes = 1000
+    runs: list[int] = []
+
+    @idempotent(store=store, key=["n"], lease=2, wait_timeout=5)
+    def export(n: int) -> str:
+        runs.append(n)
+        return "x" * 5000
+
+    with pytest.raises(ResultTooLarge, match="5002 bytes"):
+        export(1)
+    started = time.monotonic()
+    with pytest.raises(SerializationError, match=r"already ran.*more than .* can store"):
+        export(1)
+    assert time.monotonic() - started < 1.5
+    assert runs == [1]
+
+
+@pytest.mark.parametrize("face_name", ["asgi", "wsgi"])
+async def test_an_http_response_over_the_store_limit_is_kept_not_replayable(
+    face_name: str,
+) -> None:
+    store = MemoryStore()
+    store.max_result_bytes = 16  # any response is larger
+    face: Any = FACES[face_name](IdempotencyConfig(store=store, scope=GLOBAL, lease=2))
+    key = key_header()
+    first = await face.request("POST", "/orders", [key], b"{}")
+    assert first.status == 201  # the client gets its response
+    again = await face.request("POST", "/orders", [key], b"{}")
+    assert again.status == 409 and again.problem == "response-not-replayable"
+    assert face.calls["/orders"] == 1
+
+
+def test_a_stored_exception_over_the_store_limit_still_reaches_the_first_caller() -> None:
+    class Declined(Exception):
+        pass
+
+    store = MemoryStore()
+    store.max_result_bytes = 400  # the exception (about 1 kB stored) is over, the marker not
+    runs: list[int] = []
+
+    @idempotent(store=store, key=["n"], store_errors=[Declined])
+    def charge(n: int) -> str:
+        runs.append(n)
+        raise Declined("x" * 500)
+
+    with pytest.raises(Declined):
+        charge(1)
+    with pytest.raises(SerializationError, match=r"already ran.*more than .* can store"):
+        charge(1)
+    assert runs == [1]
+
+
+def test_a_marker_too_large_itself_is_kept_without_its_text() -> None:
+    store = MemoryStore()
+    store.max_result_bytes = 16  # not even the marker's reason fits
+    runs: list[int] = []
+
+    @idempotent(store=store, key=["n"], lease=2, wait_timeout=5)
+    def export(n: int) -> str:
+        runs.append(n)
+        return "x" * 100
+
+    with pytest.raises(ResultTooLarge):
+        export(1)
+    with pytest.raises(SerializationError, match="already ran"):
+        export(1)
+    assert runs == [1]

@@ -20,6 +20,7 @@ from oncely.errors import (
     InFlightError,
     InvalidKey,
     SchemaMissing,
+    SerializationError,
     TransactionFailed,
     UnsupportedConnection,
 )
@@ -73,6 +74,21 @@ def test_commit_then_replay(db: Db) -> None:
         assert not tx.replayed
     # raw keys are never stored
     assert db.run(f"SELECT COUNT(*) FROM {keys} WHERE digest = 'k1'") == [(0,)]
+
+
+def test_a_result_that_cannot_be_encoded_is_a_serialization_error(db: Db) -> None:
+    # F09 (redteam3): tx.set_result(<circular>) raised a bare RecursionError.
+    keys, effects = _setup(db)
+    conn = db.connect()
+    order: dict[str, Any] = {"id": "o-1"}
+    order["self"] = order
+    with (
+        pytest.raises(SerializationError, match="circular"),
+        transaction(conn, key="k", scope=GLOBAL, table=keys) as tx,
+    ):
+        _effect(db, conn, effects, "k")
+        tx.set_result(order)
+    assert _count(db, effects) == 0  # rolled back with the transaction
 
 
 def test_error_in_block_commits_nothing(db: Db) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 
 from oncely.core.records import New, RecordKey
 from oncely.errors import ConfigurationError, StoreUnavailable
+from oncely.locks import Lock
 from oncely.stores import Store, open_store
 
 import workers
@@ -57,6 +59,47 @@ def test_bad_urls_and_unopenable_files_get_typed_errors(tmp_path: Path) -> None:
     missing_dir = open_store(f"sqlite:///{tmp_path}/no/such/dir/x.db")
     with pytest.raises(StoreUnavailable, match="writable"):
         missing_dir.claim(RecordKey.of("", "k"), "", 30, 60)
+
+
+@pytest.mark.parametrize("value", ["abc", "-3", "5 jiffies", "inf"])
+def test_a_bad_busy_timeout_is_refused_when_the_store_is_built(tmp_path: Path, value: str) -> None:
+    # F14 (redteam3): busy_timeout=abc failed at the first call with a bare ValueError, and
+    # busy_timeout=-3 was taken.
+    with pytest.raises(ConfigurationError, match=f"busy_timeout='{value}'"):
+        open_store(f"sqlite:///{tmp_path}/x.db?busy_timeout={value}")
+    with pytest.raises(ConfigurationError, match="busy_timeout"):
+        Lock(f"sqlite:///{tmp_path}/x.db?busy_timeout={value}", "l")
+
+
+def test_busy_timeout_takes_units_and_zero(tmp_path: Path) -> None:
+    assert open_store(f"sqlite:///{tmp_path}/x.db?busy_timeout=250ms").busy_timeout == 0.25
+    assert open_store(f"sqlite:///{tmp_path}/x.db?busy_timeout=0").busy_timeout == 0.0
+    assert open_store(f"sqlite:///{tmp_path}/x.db", busy_timeout="2s").busy_timeout == 2.0
+
+
+@pytest.mark.parametrize("opener", ["store", "lock"])
+def test_a_file_locked_at_open_is_reported_as_locked(tmp_path: Path, opener: str) -> None:
+    # F14: a database another writer held past busy_timeout while the store opened it was
+    # reported with "check that the directory exists and is writable".
+    path = tmp_path / "busy.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x)")
+    holder.execute("BEGIN EXCLUSIVE")  # another writer, mid-transaction (a rollback journal)
+    try:
+        url = f"sqlite:///{path}?busy_timeout=0.2"
+        if opener == "store":
+            store = open_store(url)
+            with pytest.raises(StoreUnavailable, match="locked by another writer") as info:
+                store.claim(RecordKey.of("", "k"), "", 30, 60)
+            store.close()
+        else:
+            with pytest.raises(StoreUnavailable, match="locked by another writer") as info:
+                Lock(url, "l").acquire(timeout=0)
+        assert "directory" not in str(info.value)
+        assert "busy_timeout (0.2s)" in str(info.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 def test_lock_threads_opening_a_fresh_lock_file_at_once_all_work(tmp_path: Path) -> None:

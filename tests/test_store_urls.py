@@ -251,3 +251,34 @@ def test_redis_cluster_options_are_checked_without_a_server() -> None:
     # Known options pass the check: the only failure left is that nothing listens there.
     with pytest.raises(StoreUnavailable):
         RedisClients(url, require_full_coverage=True, autopipeline=False, pool_timeout=1)
+
+
+# -- F14 (redteam3): numeric URL options are parsed and range-checked when the store is built ------
+@pytest.mark.parametrize(
+    ("url", "option"),
+    [
+        (REDIS_URL + "?socket_timeout=-3", "socket_timeout='-3'"),
+        (REDIS_URL + "?socket_timeout=abc", "socket_timeout='abc'"),
+        (REDIS_URL + "?socket_connect_timeout=0", "socket_connect_timeout='0'"),
+        (REDIS_URL + "?health_check_interval=1.5", "health_check_interval='1.5'"),
+        (POSTGRES_URL + "?connect_timeout=abc", "connect_timeout='abc'"),
+        (POSTGRES_URL + "?connect_timeout=-3", "connect_timeout='-3'"),
+        (POSTGRES_URL + "?keepalives_idle=soon", "keepalives_idle='soon'"),
+        ("sqlite:///{tmp}/x.db?busy_timeout=-3", "busy_timeout='-3'"),
+    ],
+)
+def test_numeric_url_options_are_checked_when_the_store_is_built(
+    url: str, option: str, tmp_path: Path
+) -> None:
+    # Before: socket_timeout=-3 failed at the first command with a bare ValueError,
+    # connect_timeout=abc at the first connect, busy_timeout=-3 was taken.
+    with pytest.raises(ConfigurationError, match=option):
+        open_store(url.replace("{tmp}", str(tmp_path)))
+
+
+def test_numeric_keyword_options_are_checked_too() -> None:
+    with pytest.raises(ConfigurationError, match="socket_timeout=-1"):
+        open_store(REDIS_URL, socket_timeout=-1)
+    with pytest.raises(ConfigurationError, match="connect_timeout=-1"):
+        open_store(POSTGRES_URL, connect_timeout=-1)
+    open_store(REDIS_URL, socket_timeout=None).close()  # None: redis-py's "no timeout"

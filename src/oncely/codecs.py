@@ -54,7 +54,15 @@ from typing import Any, Protocol, Union
 
 from oncely.errors import ConfigurationError, SerializationError
 
-__all__ = ["Codec", "JsonCodec", "RawCodec", "plan_for", "rebuild", "to_jsonable"]
+__all__ = [
+    "Codec",
+    "JsonCodec",
+    "RawCodec",
+    "encode_result",
+    "plan_for",
+    "rebuild",
+    "to_jsonable",
+]
 
 
 class Codec(Protocol):
@@ -70,6 +78,38 @@ class Codec(Protocol):
     def encode(self, value: Any) -> bytes: ...
 
     def decode(self, data: bytes, type_hint: Any = None) -> Any: ...
+
+
+_TOO_DEEP = (
+    "the result cannot be stored: it refers to itself (a circular reference) or is nested too "
+    "deeply to encode"
+)
+
+
+def encode_result(codec: Codec, value: Any) -> bytes:
+    """``codec.encode(value)``, with every failure to encode made a
+    :class:`~oncely.errors.SerializationError`.
+
+    The one way oncely encodes a value it must store after the work ran (``@idempotent``
+    results, ``tx.set_result``): whatever a codec raises -- its own ``SerializationError``, a
+    ``RecursionError`` from a circular or very deep value, a custom codec's ``KeyError`` --
+    means "ran, result not storable", never an error that would leave the key claimed until
+    its lease runs out (and a retry run the work again). ``BaseException`` that is not an
+    ``Exception`` (``KeyboardInterrupt``, cancellation) passes through.
+
+    :raises SerializationError: the value cannot be encoded (the cause is chained).
+    """
+    try:
+        return codec.encode(value)
+    except SerializationError:
+        raise
+    except RecursionError as exc:
+        raise SerializationError(_TOO_DEEP) from exc
+    except Exception as exc:
+        raise SerializationError(
+            f"the result cannot be stored: {type(codec).__name__}.encode raised "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def to_jsonable(value: Any) -> Any:
@@ -727,10 +767,14 @@ class JsonCodec:
             raise exc.error() from None
         except (TypeError, ValueError) as exc:  # e.g. a pydantic model that cannot serialize
             raise SerializationError(f"the result cannot be stored ({exc})") from exc
+        except RecursionError as exc:  # a circular or very deep value
+            raise SerializationError(_TOO_DEEP) from exc
         try:
             return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         except (TypeError, ValueError) as exc:  # a pydantic model's own dump was not JSON
             raise SerializationError(f"the result cannot be stored as JSON ({exc})") from exc
+        except RecursionError as exc:
+            raise SerializationError(_TOO_DEEP) from exc
 
     def decode(self, data: bytes, type_hint: Any = None) -> Any:
         """The value stored in ``data``, rebuilt as ``type_hint`` (default: the bound hint)."""

@@ -37,6 +37,7 @@ __all__ = [
     "PreconditionFailed",
     "PreconditionRequired",
     "ResultNotStored",
+    "ResultTooLarge",
     "SagaError",
     "SagaFailed",
     "SagaStuck",
@@ -119,10 +120,30 @@ class SerializationError(OncelyError, TypeError):
     """A result could not be encoded or decoded by the configured codec."""
 
 
+class ResultTooLarge(SerializationError):
+    """An encoded result is larger than the store can take in one write.
+
+    Deterministic, not an outage: the same result never fits, so the call is recorded as
+    "ran, result not storable" (a small marker record) and retries raise
+    :class:`SerializationError` instead of running again. ``size`` and ``limit`` are in bytes;
+    the message names where the limit comes from (MySQL ``max_allowed_packet``, PostgreSQL's
+    1 GB field limit, Redis ``proto-max-bulk-len``, SQLite ``SQLITE_LIMIT_LENGTH``).
+    """
+
+    def __init__(self, message: str, size: int, limit: int) -> None:
+        super().__init__(message)
+        self.size = size
+        self.limit = limit
+
+
 class StoredFailure(OncelyError):
-    """Replay of a call whose exception was stored (``on_error="store"``) and cannot be rebuilt.
+    """The replay of a stored exception (``store_errors=`` of ``@idempotent``) whose class is
+    not among the ``store_errors`` classes of the function replaying it (they changed since the
+    record was written), so it cannot be raised again as itself.
 
     ``type_name`` is the original exception's qualified class name, ``detail`` its message.
+    Classes listed in ``store_errors`` are raised again as themselves (see
+    docs/decorator.md, "Stored exceptions").
     """
 
     def __init__(self, type_name: str, detail: str) -> None:

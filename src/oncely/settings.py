@@ -64,6 +64,7 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "resolve",
+    "seconds",
     "unknown_option",
 ]
 
@@ -145,7 +146,14 @@ Convert = Callable[[Any, bool], Any]
 
 def _number(value: Any, text: bool, parse: Callable[[str], float]) -> float:
     if isinstance(value, str):
-        return parse(value)
+        try:
+            return parse(value)
+        except ValueError:
+            try:  # "-3": a number after all, refused by the range check with a clear reason
+                return float(value.strip())
+            except ValueError:
+                pass
+            raise
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a number, got {type(value).__name__}")
     return float(value)
@@ -600,6 +608,42 @@ def coerce(name: str, value: Any, *, where: str = "", param: str | None = None) 
         raise ConfigurationError(
             f"{_where(setting, where, param)}{setting.show(value)} is not valid: {exc}"
         ) from None
+
+
+def seconds(
+    value: Any,
+    param: str,
+    *,
+    where: str = "",
+    minimum: float = 0.0,
+    above: bool = True,
+    maximum: float | None = None,
+    none: bool = False,
+) -> Any:
+    """A duration argument that is not a named setting (``IdempotentConsumer(wait_timeout=)``,
+    ``Deduplicator(window=)``, ``Inbox.purge(older_than=)``, a lock's ``ttl`` ...), read by the
+    same rule as every setting: seconds as a number, a text with one unit (``"500ms"``,
+    ``"30s"``, ``"5m"``, ``"24h"``, ``"1d"``) or a :class:`datetime.timedelta`; returned as
+    float seconds.
+
+    :param param: the argument's name, for the message.
+    :param where: what is being configured, for the message.
+    :param minimum: the smallest value; ``above``: strictly above it (default) or at least it.
+    :param maximum: the largest value allowed, if any.
+    :param none: ``None`` (and ``"none"``/``"forever"``/``-1``) is allowed and returned as None.
+    :raises ConfigurationError: the value has the wrong type, unit or range; the message names
+        the argument and the value.
+    """
+    if none and value is None:
+        return None
+    label = f"{where}: {param}=" if where else f"{param}="
+    try:
+        result = _seconds(minimum, above=above, none=none)(value, False)
+        if maximum is not None and result is not None and result > maximum:
+            raise ValueError(f"must be {maximum:g} seconds or less")
+    except ValueError as exc:
+        raise ConfigurationError(f"{label}{value!r} is not valid: {exc}") from None
+    return result
 
 
 def _from_text(setting: Setting, text: str) -> Any:

@@ -21,7 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import Conninfo, TransactionStatus
 from psycopg.rows import TupleRow
 
-from oncely.backends.urls import check_options, redact_url, scheme_of
+from oncely.backends.urls import Number, check_numbers, check_options, redact_url, scheme_of
 from oncely.errors import ConfigurationError
 
 __all__ = [
@@ -71,9 +71,23 @@ def conninfo(url: str) -> str:
             "'postgresql://user:password@host:5432/dbname'"
         )
     query = urlsplit(f"postgresql://{rest}").query
-    check_options(parse_qs(query, keep_blank_values=True), _libpq_keywords(), url, "PostgreSQL URL")
+    given = parse_qs(query, keep_blank_values=True)
+    check_options(given, _libpq_keywords(), url, "PostgreSQL URL")
+    check_numbers(given, NUMBERS, url, "PostgreSQL URL")
     return f"postgresql://{rest}"
 
+
+#: libpq's numeric connection parameters (whole numbers: libpq reads the text), checked when
+#: the store is built rather than at the first connect.
+NUMBERS: Final = {
+    "connect_timeout": Number(whole=True),
+    "keepalives": Number(whole=True, maximum=1),
+    "keepalives_idle": Number(whole=True),
+    "keepalives_interval": Number(whole=True),
+    "keepalives_count": Number(whole=True),
+    "tcp_user_timeout": Number(whole=True),
+    "prepare_threshold": Number(whole=True),
+}
 
 #: Keyword arguments :func:`psycopg.connect` takes besides libpq's connection parameters.
 _PSYCOPG_OPTIONS: Final = frozenset(
@@ -91,6 +105,7 @@ def check_connect_options(options: dict[str, Any], url: str, own: tuple[str, ...
     """
     known = _libpq_keywords() | _PSYCOPG_OPTIONS | set(own)
     check_options(options, known, url, "PostgreSQL options for")
+    check_numbers(options, NUMBERS, url, "PostgreSQL options for")
 
 
 @functools.cache

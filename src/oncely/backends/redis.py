@@ -45,7 +45,7 @@ from oncely.backends.durable import EvalWait, Exchange, Locate, Moved, eval_wait
 from oncely.backends.loops import LoopLocal
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Command, Eval, Sleep, arun, run
-from oncely.backends.urls import check_options, redact_url
+from oncely.backends.urls import Number, check_numbers, check_options, redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 
@@ -116,6 +116,21 @@ def truthy(value: Any) -> bool:
     return bool(value)
 
 
+#: The numeric options redis-py reads (from a URL as plain numbers), checked when the client
+#: is built: a negative ``socket_timeout`` would otherwise fail at the first command with a bare
+#: ``ValueError``.
+NUMBERS: Final = {
+    "socket_timeout": Number(above=True, units=False),
+    "socket_connect_timeout": Number(above=True, units=False),
+    "timeout": Number(above=True, units=False),
+    "pool_timeout": Number(above=True, units=False),
+    "health_check_interval": Number(whole=True),
+    "socket_read_size": Number(whole=True, minimum=1),
+    "max_connections": Number(whole=True, minimum=1),
+    "protocol": Number(whole=True, minimum=2, maximum=3),
+}
+
+
 def check_url(url: str) -> None:
     """Refuse what redis-py would misread: another scheme, a bad port, a non-numeric database,
     a query option it does not take (named with the closest one).
@@ -159,6 +174,7 @@ def check_url(url: str) -> None:
             )
     given = parse_qs(parts.query, keep_blank_values=True)
     check_options(given, _url_options(parts.scheme) | URL_OWN_OPTIONS, url, "Redis URL")
+    check_numbers(given, NUMBERS, url, "Redis URL")
 
 
 def own_url_options(url: str) -> tuple[str, dict[str, str]]:
@@ -429,6 +445,7 @@ class RedisClients:
         check_url(url)
         # A misspelled option would fail only at the first command, with redis-py's TypeError.
         check_options(pool_options, _options(url), url, "Redis options for")
+        check_numbers(pool_options, NUMBERS, url, "Redis options for")
         if truthy(pool_options.get("decode_responses", False)):
             raise ConfigurationError(
                 "decode_responses=True is not supported: oncely stores results as bytes"

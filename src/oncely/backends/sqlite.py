@@ -20,8 +20,9 @@ from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs
 
 from oncely.backends.forks import after_fork, inherit
-from oncely.backends.urls import check_options
+from oncely.backends.urls import Number, check_numbers, check_options
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
+from oncely.settings import seconds
 
 __all__ = [
     "CLOCK",
@@ -43,8 +44,14 @@ log = logging.getLogger("oncely")
 CLOCK: Final = "((julianday('now') - 2440587.5) * 86400.0)"
 
 
-def parse_url(url: str, what: str, known: tuple[str, ...] = ()) -> tuple[str, dict[str, str]]:
-    """The absolute file path and the query options of ``sqlite:///path.db?busy_timeout=15``.
+#: The numeric options of a SQLite URL: ``busy_timeout`` is seconds >= 0 (a unit allowed).
+NUMBERS: Final = {"busy_timeout": Number(minimum=0.0, above=False)}
+
+
+def parse_url(url: str, what: str, known: tuple[str, ...] = ()) -> tuple[str, dict[str, Any]]:
+    """The absolute file path and the query options of ``sqlite:///path.db?busy_timeout=15``;
+    numeric options (:data:`NUMBERS`) are parsed and range-checked now (``busy_timeout`` comes
+    back as float seconds).
 
     A relative path (``sqlite:///oncely.db``) resolves against the current directory now, when
     the store is opened (see :func:`absolute`).
@@ -52,7 +59,8 @@ def parse_url(url: str, what: str, known: tuple[str, ...] = ()) -> tuple[str, di
     :param what: the user of the URL, for the message (``"SQLite URL"``).
     :param known: the option names the user of the URL reads; any other is refused.
     :raises ConfigurationError: the URL names no file (``sqlite://``, ``sqlite:///:memory:``),
-        or an option not in ``known`` (the message names the closest one).
+        an option not in ``known`` (the message names the closest one), or a numeric option
+        that is not a number in range (``busy_timeout=abc``, ``busy_timeout=-3``).
     """
     path, _, query = url.partition("://")[2].partition("?")
     if not path.startswith("/") or path in ("/", "/:memory:"):
@@ -61,9 +69,21 @@ def parse_url(url: str, what: str, known: tuple[str, ...] = ()) -> tuple[str, di
             "'sqlite:///relative.db' or 'sqlite:////absolute/path.db' (for a process-local "
             "store use 'memory://')"
         )
-    options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    options: dict[str, Any] = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
     check_options(options, known, url, what)
+    options.update(check_numbers(options, NUMBERS, url, what))
     return absolute(path[1:], what), options
+
+
+def busy_timeout_of(given: Any, options: dict[str, Any], default: float, where: str) -> float:
+    """The ``busy_timeout`` (seconds) of a SQLite user: the keyword argument if given, else the
+    URL's (already checked by :func:`parse_url`), else ``default``; 0 is a real value.
+
+    :raises ConfigurationError: the keyword argument is not seconds >= 0.
+    """
+    if given is not None:
+        return float(seconds(given, "busy_timeout", where=where, above=False))
+    return float(options.get("busy_timeout", default))
 
 
 def absolute(path: str, what: str) -> str:
@@ -101,6 +121,26 @@ def is_busy(exc: sqlite3.Error) -> bool:
     """True if ``exc`` says another writer held the file past the busy timeout."""
     text = str(exc)
     return "locked" in text or "busy" in text
+
+
+def busy_error(what: str, path: str, busy_timeout: float) -> StoreUnavailable:
+    """The error for a file another writer kept locked past ``busy_timeout`` (seconds)."""
+    return StoreUnavailable(
+        f"{what} {path!r} stayed locked by another writer (a connection or process) for longer "
+        f"than busy_timeout ({busy_timeout:g}s); raise busy_timeout or use a server store for "
+        "heavy write concurrency"
+    )
+
+
+def open_error(exc: sqlite3.Error, what: str, path: str, busy_timeout: float) -> StoreUnavailable:
+    """The error for a file that could not be opened: locked by another writer past
+    ``busy_timeout`` (many processes opening a fresh file at once), or not openable at all
+    (a missing directory, no permission)."""
+    if is_busy(exc):
+        return busy_error(what, path, busy_timeout)
+    return StoreUnavailable(
+        f"cannot open {what} {path!r} ({exc}); check that the directory exists and is writable"
+    )
 
 
 class WriterGate:

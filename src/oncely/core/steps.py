@@ -12,12 +12,12 @@ flow), written once for the decorator and the HTTP flow:
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Final
 
 from oncely.core.ops import Complete, CompleteLater, Release, Sleep, StoreOp
 from oncely.core.records import RecordKey
-from oncely.errors import OncelyError, StoreUnavailable
+from oncely.errors import OncelyError, ResultTooLarge, StoreUnavailable
 
 __all__ = ["ATTEMPTS", "complete", "release"]
 
@@ -38,10 +38,17 @@ def complete(
     lease: float,
     what: str,
     attempts: int = ATTEMPTS,
+    marker: Callable[[ResultTooLarge], tuple[bytes, str]] | None = None,
 ) -> Generator[StoreOp, Any, StoreUnavailable | None]:
     """Store the outcome under ``fence``; returns None once stored, or the last
     :class:`~oncely.errors.StoreUnavailable` after handing the write to the background.
 
+    ``marker``: given the refusal, the small "ran, result not storable" record
+    (``(data, codec)``) stored instead when the store refuses ``data`` for its size
+    (:class:`~oncely.errors.ResultTooLarge`, a deterministic refusal, never retried as an
+    outage); the refusal is raised after it.
+
+    :raises ResultTooLarge: ``data`` is over the store's size limit (``marker`` was stored).
     :raises LeaseLost: the claim is gone (another caller may have run the body too).
     :raises OncelyError: any other store error.
     """
@@ -49,12 +56,25 @@ def complete(
         try:
             yield Complete(key, fence, data, codec, ttl)
             return None
+        except ResultTooLarge as exc:
+            if marker is None:
+                raise
+            # A marker the store cannot take now goes on in the background, as any completion;
+            # one too large itself (a tiny limit) is kept without its text.
+            data, codec = marker(exc)
+            bare = None if not data else _bare(codec)
+            yield from complete(key, fence, data, codec, ttl, lease, what, attempts, bare)
+            raise
         except StoreUnavailable as exc:
             if attempt + 1 == attempts:
                 yield CompleteLater(key, fence, data, codec, ttl, lease, what)
                 return exc
             yield _pause(attempt)
     raise AssertionError("attempts must be at least 1")  # pragma: no cover
+
+
+def _bare(codec: str) -> Callable[[ResultTooLarge], tuple[bytes, str]]:
+    return lambda _: (b"", codec)
 
 
 def release(

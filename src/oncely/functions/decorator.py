@@ -454,7 +454,10 @@ def idempotent(
         ``"wait"``).
     :param wait_timeout: the longest a duplicate waits before
         :class:`~oncely.errors.InFlightError`, seconds (``$ONCELY_WAIT_TIMEOUT``, default 30).
-    :param store_errors: exception types stored and raised again on replay; any other
+    :param store_errors: exception types (and their subclasses) stored and raised again on
+        replay as the same class, rebuilt without calling ``__init__`` (their ``args`` and
+        attributes must be JSON values; one carrying anything else is kept as "ran, outcome
+        not storable" and retries raise :class:`~oncely.errors.SerializationError`); any other
         exception releases the key so a retry runs again.
     :param fail_open: if the store is unreachable, run without protection instead of raising
         :class:`~oncely.errors.StoreUnavailable` (``$ONCELY_FAIL_OPEN``, default ``False``:

@@ -16,7 +16,7 @@ from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
 
-from oncely.codecs import Codec
+from oncely.codecs import Codec, encode_result
 from oncely.core import steps
 from oncely.core.ops import Claim, StoreOp, Watch
 from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay
@@ -26,6 +26,7 @@ from oncely.errors import (
     InFlightError,
     LeaseLost,
     ResultNotStored,
+    ResultTooLarge,
     SerializationError,
     StoredFailure,
     StoreUnavailable,
@@ -85,9 +86,12 @@ def _decode(policy: CallPolicy, record: Record) -> Any:
     if record.codec == ERROR_CODEC:
         raise _rebuild_error(policy, record.result or b"{}")
     if record.codec == UNSERIALIZABLE:
+        why = (record.result or b"").decode("utf-8", "replace")
         raise SerializationError(
-            f"{policy.name} already ran for this key, but its result could not be stored; "
-            "its return value must be serializable by the configured codec"
+            f"{policy.name} already ran for this key, but its outcome could not be stored"
+            + (f" ({why})" if why else "")
+            + "; it is not run again. Its return value (or store_errors exception) must be "
+            "serializable by the configured codec and fit the store"
         )
     if record.codec != policy.codec.name:
         raise SerializationError(
@@ -97,24 +101,74 @@ def _decode(policy: CallPolicy, record: Record) -> Any:
     return policy.codec.decode(record.result or b"", policy.return_type)
 
 
-def _encode_error(exc: BaseException) -> bytes:
-    args = [a for a in exc.args if isinstance(a, (str, int, float, bool, type(None)))]
+def _exact(value: Any) -> bool:
+    """True if JSON gives ``value`` back as it is (str, int, float, bool, None, and lists and
+    str-keyed dicts of them): what a stored exception may carry."""
+    if value is None or type(value) in (str, int, float, bool):
+        return True
+    if type(value) is list:
+        return all(_exact(v) for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and _exact(v) for k, v in value.items())
+    return False
+
+
+def _encode_error(exc: BaseException) -> tuple[bytes, str]:
+    """The stored form of an exception listed in ``store_errors``: its class name, ``args``
+    and instance attributes, as JSON; rebuilt on replay without calling ``__init__``
+    (:func:`_rebuild_error`). An exception carrying a value JSON cannot give back exactly is
+    not stored in an altered form: the call is kept as "ran, outcome not storable" (retries
+    raise :class:`SerializationError`, which says which value)."""
     cls = type(exc)
-    return json.dumps(
-        {"type": f"{cls.__module__}.{cls.__qualname__}", "message": str(exc), "args": args}
-    ).encode()
+    name = f"{cls.__module__}.{cls.__qualname__}"
+    attrs = dict(getattr(exc, "__dict__", None) or {})
+    bad = [f"args[{i}] ({type(a).__name__})" for i, a in enumerate(exc.args) if not _exact(a)]
+    bad += [f".{k} ({type(v).__name__})" for k, v in attrs.items() if not _exact(v)]
+    if bad:
+        why = (
+            f"it raised {name}, which carries values JSON cannot give back exactly: "
+            f"{', '.join(bad)}; store_errors exceptions may carry only JSON values"
+        )
+        log.warning("oncely: %s; a retry raises SerializationError", why)
+        return _why(SerializationError(why)), UNSERIALIZABLE
+    data = {"type": name, "message": str(exc), "args": list(exc.args), "attrs": attrs}
+    return json.dumps(data).encode(), ERROR_CODEC
+
+
+def _error_class(allowed: tuple[type[BaseException], ...], name: str) -> type[BaseException] | None:
+    """The class named ``name`` among ``allowed`` and their subclasses (``store_errors``
+    stores a subclass of a listed class too), or None."""
+    seen: set[type[BaseException]] = set()
+    todo = list(allowed)
+    while todo:
+        cls = todo.pop()
+        if cls in seen:
+            continue
+        seen.add(cls)
+        if f"{cls.__module__}.{cls.__qualname__}" == name:
+            return cls
+        todo.extend(cls.__subclasses__())
+    return None
 
 
 def _rebuild_error(policy: CallPolicy, data: bytes) -> BaseException:
-    """Rebuild a stored exception, but only as one of the classes the user allowed."""
+    """Rebuild a stored exception as its own class -- without calling ``__init__``, so a
+    keyword-only or other-shaped constructor does not matter -- but only as one of the
+    classes the user allowed (or their subclasses); else :class:`StoredFailure`."""
     info = json.loads(data)
-    for cls in policy.store_errors:
-        if f"{cls.__module__}.{cls.__qualname__}" == info.get("type"):
-            try:
-                return cls(*info.get("args", []))
-            except Exception:  # the class wants other constructor arguments
-                break
-    return StoredFailure(str(info.get("type")), str(info.get("message")))
+    name, message = str(info.get("type")), str(info.get("message"))
+    cls = _error_class(policy.store_errors, name)
+    if cls is not None:
+        args = tuple(info.get("args", ()))
+        try:
+            exc = cls.__new__(cls, *args)
+            exc.args = args
+            exc.__dict__.update(info.get("attrs") or {})
+        except Exception:  # a __new__ that wants other arguments
+            pass
+        else:
+            return exc
+    return StoredFailure(name, message)
 
 
 def call_flow(policy: CallPolicy, key: RecordKey, fingerprint: str) -> Generator[Op, Any, Any]:
@@ -172,7 +226,10 @@ def _run_and_store(policy: CallPolicy, key: RecordKey, new: New) -> Generator[Op
         value = yield Run(new.fence, new.lease_until, new.now)
     except BaseException as exc:
         if isinstance(exc, policy.store_errors):
-            yield from _complete(policy, key, new.fence, _encode_error(exc), ERROR_CODEC, exc)
+            try:
+                yield from _complete(policy, key, new.fence, *_encode_error(exc), exc)
+            except ResultTooLarge as too_large:  # kept as "ran, not storable"; the caller
+                log.warning("oncely: %s", too_large)  # still gets what the body raised
         else:
             error = yield from steps.release(key, new.fence, policy.complete_attempts)
             if error is not None:
@@ -184,13 +241,18 @@ def _run_and_store(policy: CallPolicy, key: RecordKey, new: New) -> Generator[Op
                 )
         raise
     try:
-        data, codec = policy.codec.encode(value), policy.codec.name
-    except SerializationError:
+        data, codec = encode_result(policy.codec, value), policy.codec.name
+    except SerializationError as exc:
         # The call ran: keep that fact so a retry cannot run it a second time.
-        yield from _complete(policy, key, new.fence, b"", UNSERIALIZABLE, value)
+        yield from _complete(policy, key, new.fence, _why(exc), UNSERIALIZABLE, value)
         raise
     yield from _complete(policy, key, new.fence, data, codec, value)
     return value
+
+
+def _why(exc: BaseException) -> bytes:
+    """The short reason kept in a "ran, result not storable" marker (at most 500 bytes)."""
+    return str(exc).encode("utf-8", "replace")[:500]
 
 
 def _complete(
@@ -198,12 +260,31 @@ def _complete(
 ) -> Generator[Op, Any, None]:
     """Store the outcome (:func:`oncely.core.steps.complete`). The call ran, so the key is
     never released: if the store stays unreachable, the completion goes on in the background
-    (lease renewed) and the caller gets :class:`ResultNotStored` with ``result``."""
+    (lease renewed) and the caller gets :class:`ResultNotStored` with ``result``; a result too
+    large for the store is kept as "ran, result not storable" and raises
+    :class:`~oncely.errors.ResultTooLarge` (a :class:`SerializationError`)."""
     what = f"the result of {policy.name}"
     try:
         down = yield from steps.complete(
-            key, fence, data, codec, policy.ttl, policy.lease, what, policy.complete_attempts
+            key,
+            fence,
+            data,
+            codec,
+            policy.ttl,
+            policy.lease,
+            what,
+            policy.complete_attempts,
+            marker=lambda too_large: (_why(too_large), UNSERIALIZABLE),
         )
+    except ResultTooLarge as exc:
+        raise ResultTooLarge(
+            f"{policy.name} ran, but its result could not be stored ({exc}); it is kept as "
+            "'ran, result not storable': a retry raises SerializationError instead of running "
+            "again. Return a smaller result (e.g. store the payload elsewhere and return a "
+            "reference)",
+            exc.size,
+            exc.limit,
+        ) from exc
     except LeaseLost as exc:
         raise LeaseLost(
             f"{policy.name} ran, but its claim was lost before the result was stored "

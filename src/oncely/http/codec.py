@@ -82,11 +82,19 @@ def storable_headers(
 
 
 def encode_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
-    parts = [_HEAD.pack(status, len(headers))]
-    for name, value in headers:
-        parts.append(_PAIR.pack(len(name), len(value)))
-        parts.append(name)
-        parts.append(value)
+    """The stored form of a response.
+
+    :raises SerializationError: it does not fit the format (a header name over 64 KiB, more
+        than 65,535 headers, a value over 4 GiB).
+    """
+    try:
+        parts = [_HEAD.pack(status, len(headers))]
+        for name, value in headers:
+            parts.append(_PAIR.pack(len(name), len(value)))
+            parts.append(name)
+            parts.append(value)
+    except struct.error as exc:
+        raise SerializationError(f"the response does not fit {CODEC} ({exc})") from exc
     parts.append(body)
     return b"".join(parts)
 

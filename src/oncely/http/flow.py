@@ -37,7 +37,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ from oncely.errors import (
     InvalidPayload,
     LeaseLost,
     OncelyError,
+    ResultTooLarge,
     SerializationError,
     StoreError,
     StoreUnavailable,
@@ -420,10 +421,17 @@ def _settle(
     token back when the key is released, then raise the app's exception if it had one."""
     verdict = _verdict(policy, captured)
     if key is not None and fence is not None:
-        if verdict is _Verdict.STORE:
+        marker = (encode_unreplayable(captured.status, TOO_LARGE), UNREPLAYABLE)
+        if verdict is _Verdict.STORE:  # a response too large for the store: the marker
             headers = storable_headers(captured.headers or (), policy.deny_headers)
-            data = encode_response(captured.status, headers, captured.body or b"")
-            yield from _complete(policy, key, fence, data, CODEC)
+            try:
+                data = encode_response(captured.status, headers, captured.body or b"")
+            except SerializationError as exc:  # e.g. a header over 64 KiB: kept as a marker
+                log.error("oncely.http: the response cannot be stored (%s)", exc)
+                data, codec = marker
+            else:
+                codec = CODEC
+            yield from _complete(policy, key, fence, data, codec, lambda _: marker)
         elif verdict is _Verdict.MARKER:
             reason = INTERRUPTED if not captured.complete else TOO_LARGE
             log.info(
@@ -546,7 +554,10 @@ def _replay(policy: RoutePolicy, record: Record) -> HttpResponse:
             "its response was cut short (the client went away or the response failed while it "
             "was being sent)"
             if reason == INTERRUPTED
-            else f"its response was larger than max_stored_body ({policy.max_stored_body} bytes)"
+            else (
+                f"its response was larger than max_stored_body ({policy.max_stored_body} "
+                "bytes) or than the store can take"
+            )
         )
         detail = (
             f"the request already ran (status {status}), but {why} and was not kept; it is "
@@ -591,18 +602,33 @@ def _release_token(use: TokenUse) -> Flow:
         log.warning("oncely.http: could not give the one-time token back (%s)", exc)
 
 
-def _complete(policy: RoutePolicy, key: RecordKey, fence: int, data: bytes, codec: str) -> Flow:
+def _complete(
+    policy: RoutePolicy,
+    key: RecordKey,
+    fence: int,
+    data: bytes,
+    codec: str,
+    marker: Callable[[ResultTooLarge], tuple[bytes, str]] | None = None,
+) -> Flow:
     """Store the response (:func:`oncely.core.steps.complete`): retry briefly while the store
     is unreachable, then hand the completion to a background retry that keeps the key claimed
-    (never released: the handler ran). Never raises: the client gets its response either way."""
+    (never released: the handler ran); a response too large for the store is kept as the
+    not-replayable ``marker``. Never raises: the client gets its response either way."""
     try:
         down = yield from steps.complete(
-            key, fence, data, codec, policy.ttl, policy.lease, "a response"
+            key, fence, data, codec, policy.ttl, policy.lease, "a response", marker=marker
         )
     except LeaseLost as exc:
         log.error(
             "oncely.http: the request ran but its key was lost before the response was "
             "stored (%s); another request may have run it too. Use a longer lease",
+            exc,
+        )
+        return
+    except ResultTooLarge as exc:
+        log.error(
+            "oncely.http: the response is too large for the store (%s); it is kept as not "
+            "replayable, so a retry gets 409 instead of running again",
             exc,
         )
         return

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import math
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from oncely.errors import ConfigurationError, InvalidLockName
+from oncely.settings import seconds
 
 __all__ = [
     "MAX_NAME_LENGTH",
@@ -187,18 +187,15 @@ def check_name(name: object) -> str:
 
 
 def check_ttl(ttl: object, what: str = "ttl") -> float:
-    """Return ``ttl`` as float seconds if it is a finite number above 0."""
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)):
+    """Return ``ttl`` as float seconds if it is a finite duration above 0 (seconds, a text
+    with a unit such as ``"30s"``, or a ``timedelta``: :func:`oncely.settings.seconds`)."""
+    try:
+        value = float(seconds(ttl, what))
+    except ConfigurationError as exc:
         raise ConfigurationError(
-            f"{what} must be a number of seconds, not {type(ttl).__name__}; e.g. ttl=30"
-        )
-    value = float(ttl)
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigurationError(
-            f"{what}={ttl!r}: a lock's ttl must be a finite number of seconds above 0 (it is "
-            "how long the lock survives a crashed holder); e.g. ttl=30, with auto_renew=True "
-            "for work that may take longer"
-        )
+            f"{exc}; a lock's ttl is how long the lock survives a crashed holder, e.g. ttl=30, "
+            "with auto_renew=True for work that may take longer"
+        ) from None
     if value < 0.001:
         raise ConfigurationError(
             f"{what}={ttl!r}: the stores count in milliseconds; use at least 0.001 seconds"
@@ -215,13 +212,7 @@ def check_timeout(blocking: bool, timeout: object) -> float | None:
             "acquire(blocking=False) cannot take a timeout; pass either blocking=False or "
             "timeout=SECONDS"
         )
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise ConfigurationError(
-            f"timeout must be a number of seconds or None, not {type(timeout).__name__}"
-        )
-    value = float(timeout)
-    if not value >= 0 or math.isnan(value):
-        raise ConfigurationError(
-            f"timeout={timeout!r}: give seconds >= 0, or None to wait as long as it takes"
-        )
-    return value
+    try:
+        return float(seconds(timeout, "timeout", above=False))
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{exc}; or None to wait as long as it takes") from None

@@ -67,6 +67,7 @@ from oncely.backends.postgres import (
 from oncely.backends.urls import redact_url
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
+from oncely.settings import seconds
 
 __all__ = ["PostgresLockBackend", "Scope", "advisory_key"]
 
@@ -207,10 +208,9 @@ class PostgresLockBackend(LockBackend):
             raise ConfigurationError(
                 f"table name {table!r} must be a plain identifier, optionally schema-qualified"
             )
-        if max_size < 1 or not timeout > 0:
-            raise ConfigurationError(
-                f"max_size={max_size!r}, timeout={timeout!r}: need max_size >= 1 and timeout > 0"
-            )
+        timeout = seconds(timeout, "timeout", where="PostgresLockBackend")
+        if not isinstance(max_size, int) or max_size < 1:
+            raise ConfigurationError(f"max_size={max_size!r}: give a number of connections >= 1")
         ident = sql.Identifier(schema, name) if schema else sql.Identifier(name)
         self.table = table
         self.max_size = max_size

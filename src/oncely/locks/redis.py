@@ -35,6 +35,7 @@ from oncely.backends.plans import Command, Eval, Plan, arun, run
 from oncely.backends.redis import RedisClients, ms
 from oncely.errors import ConfigurationError
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
+from oncely.settings import seconds
 
 __all__ = ["RedisLockBackend"]
 
@@ -88,10 +89,11 @@ class RedisLockBackend(LockBackend):
     ) -> None:
         if not isinstance(prefix, str) or not prefix:
             raise ConfigurationError(f"prefix must be a non-empty string, not {prefix!r}")
-        if not 0.001 <= poll_interval <= 10:
-            raise ConfigurationError(
-                f"poll_interval={poll_interval!r}: give seconds between 0.001 and 10 (default 0.1)"
-            )
+        where = "RedisLockBackend"
+        poll_interval = seconds(
+            poll_interval, "poll_interval", where=where, minimum=0.001, above=False, maximum=10
+        )
+        fence_keep = seconds(fence_keep, "fence_keep", where=where)
         self.url = url
         self.prefix = prefix
         self.redis = RedisClients(url, client=client, async_client=async_client, **options)

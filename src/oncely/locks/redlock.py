@@ -39,6 +39,7 @@ from oncely.errors import ConfigurationError, OncelyError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
 from oncely.locks.lock import Lock, LostCallback
 from oncely.locks.redis import RedisLockBackend
+from oncely.settings import seconds
 
 __all__ = ["Redlock", "RedlockBackend", "drift"]
 
@@ -129,16 +130,11 @@ class RedlockBackend(LockBackend):
         **options: Any,
     ) -> None:
         nodes = check_urls(urls)
-        if not 0 < node_timeout <= 60:
-            raise ConfigurationError(
-                f"node_timeout={node_timeout!r}: give seconds above 0 (default 0.2), well below "
-                "the lock's ttl"
-            )
-        if not 0 <= unavailable_wait <= 3600:
-            raise ConfigurationError(
-                f"unavailable_wait={unavailable_wait!r}: give seconds between 0 and 3600 "
-                "(default 5)"
-            )
+        where = "RedlockBackend"
+        node_timeout = seconds(node_timeout, "node_timeout", where=where, maximum=60)
+        unavailable_wait = seconds(
+            unavailable_wait, "unavailable_wait", where=where, above=False, maximum=3600
+        )
         self.unavailable_wait = float(unavailable_wait)
         options.setdefault("socket_timeout", node_timeout)
         options.setdefault("socket_connect_timeout", node_timeout)

@@ -33,9 +33,19 @@ import time
 from typing import Any, Final
 
 from oncely.backends.sqlite import CLOCK as NOW
-from oncely.backends.sqlite import Connections, Workers, enable_wal, execute, is_busy, parse_url
+from oncely.backends.sqlite import (
+    Connections,
+    Workers,
+    busy_timeout_of,
+    enable_wal,
+    execute,
+    is_busy,
+    open_error,
+    parse_url,
+)
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
+from oncely.settings import seconds
 
 __all__ = ["SQLiteLockBackend"]
 
@@ -88,14 +98,18 @@ class SQLiteLockBackend(LockBackend):
         path, options = parse_url(url, "SQLite lock URL", ("synchronous", "busy_timeout"))
         if not table.isidentifier():
             raise ConfigurationError(f"table name {table!r} must be a plain identifier")
-        if not 0.001 <= poll_interval <= 10:
-            raise ConfigurationError(
-                f"poll_interval={poll_interval!r}: give seconds between 0.001 and 10"
-            )
+        poll_interval = seconds(
+            poll_interval,
+            "poll_interval",
+            where="SQLiteLockBackend",
+            minimum=0.001,
+            above=False,
+            maximum=10,
+        )
         self.url = url
         self.path = path
         self.table = table
-        self.busy_timeout = float(busy_timeout or options.get("busy_timeout") or 5.0)
+        self.busy_timeout = busy_timeout_of(busy_timeout, options, 5.0, "SQLiteLockBackend")
         self.synchronous = options.get("synchronous", "NORMAL").upper()
         if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ConfigurationError(
@@ -130,10 +144,7 @@ class SQLiteLockBackend(LockBackend):
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             conn.execute(self._sql["schema"])
         except sqlite3.Error as exc:
-            raise StoreUnavailable(
-                f"cannot open SQLite lock database {self.path!r} ({exc}); check that the "
-                "directory exists and is writable"
-            ) from exc
+            raise open_error(exc, "SQLite lock database", self.path, self.busy_timeout) from exc
         return conn
 
     def _run(self, name: str, params: dict[str, Any]) -> tuple[list[Any], int]:

@@ -36,6 +36,7 @@ from oncely.messaging.consumer import (
     Delivery,
     IdempotentConsumer,
 )
+from oncely.settings import seconds
 from oncely.stores import Store
 
 __all__ = ["IdempotentTask"]
@@ -64,6 +65,9 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         consumer = self._oncely_consumer
         if consumer is None:
             task = self
+            lease = seconds(
+                self.idempotency_lease, "idempotency_lease", where=f"celery task {self.name!r}"
+            )
 
             def handler(delivery: Delivery) -> None:
                 call = delivery.raw
@@ -73,11 +77,11 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
                 handler,
                 name=f"celery:{self.name}",
                 store=self.idempotency_store,
-                lease=self.idempotency_lease,
+                lease=lease,
                 ttl=self.idempotency_ttl,
                 max_attempts=self.idempotency_max_attempts,
                 on_dead_letter=self._option("idempotency_on_dead_letter"),
-                wait_timeout=min(self.idempotency_lease, 5.0),
+                wait_timeout=min(lease, 5.0),
             )
         return consumer
 

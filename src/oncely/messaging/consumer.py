@@ -61,6 +61,7 @@ from oncely.functions.drivers import drive, drive_async
 from oncely.functions.flow import CallPolicy, call_flow
 from oncely.messaging.inbox import Inbox
 from oncely.messaging.transactional import Connections, HandlerFailed
+from oncely.settings import seconds
 from oncely.stores import Store, configured_store, shared_store
 
 __all__ = [
@@ -315,13 +316,14 @@ class IdempotentConsumer:
             raise ConfigurationError(
                 "name must be a non-empty string: the consumer's identity, part of every key"
             )
-        for label, value in (("lease", lease), ("ttl", ttl), ("retry_delay", retry_delay)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ConfigurationError(f"{label} must be a positive number of seconds")
+        where = f"IdempotentConsumer {name!r}"
+        lease = seconds(lease, "lease", where=where)
+        ttl = seconds(ttl, "ttl", where=where)
+        retry_delay = seconds(retry_delay, "retry_delay", where=where)
+        max_retry_delay = seconds(max_retry_delay, "max_retry_delay", where=where)
+        wait_timeout = seconds(wait_timeout, "wait_timeout", where=where, above=False)
         if not isinstance(max_attempts, int) or max_attempts < 0:
             raise ConfigurationError("max_attempts must be an int >= 0 (0: retry forever)")
-        if wait_timeout < 0:
-            raise ConfigurationError("wait_timeout must be >= 0 seconds")
         self.handler = handler
         self.name = name
         self.scope = f"oncely.messaging:{name}"

@@ -72,6 +72,7 @@ from oncely.errors import (
     StoreError,
     StoreUnavailable,
 )
+from oncely.settings import seconds
 
 __all__ = ["MAX_BLOOM_BITS", "MAX_ID_LENGTH", "Deduplicator", "bloom_size", "message_id_text"]
 
@@ -887,10 +888,7 @@ class Deduplicator:
         create_schema: bool = True,
         pool_size: int = 8,
     ) -> None:
-        if isinstance(window, bool) or not isinstance(window, (int, float)) or not window > 0:
-            raise ConfigurationError(f"window={window!r}: give the window in seconds, > 0")
-        if not math.isfinite(window):
-            raise ConfigurationError(f"window={window!r}: give a finite number of seconds")
+        window = seconds(window, "window", where="Deduplicator")
         if not isinstance(namespace, str) or not namespace or len(namespace) > 100:
             raise ConfigurationError(
                 f"namespace={namespace!r}: give a non-empty str of at most 100 characters naming "

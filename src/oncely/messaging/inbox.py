@@ -60,6 +60,7 @@ from oncely.errors import (
     StoreError,
 )
 from oncely.messaging.dedup import message_id_text
+from oncely.settings import seconds
 from oncely.sql.connections import (
     Dialect,
     Enter,
@@ -284,10 +285,7 @@ class Inbox:
         return bool(result.rowcount == 1)
 
     def _purge(self, conn: SqlConnection, older_than: float, batch: int) -> Plan[int]:
-        if isinstance(older_than, bool) or not isinstance(older_than, (int, float)):
-            raise ConfigurationError(f"older_than={older_than!r}: give seconds (a number >= 0)")
-        if not older_than >= 0:
-            raise ConfigurationError(f"older_than={older_than!r}: give seconds >= 0")
+        older_than = seconds(older_than, "older_than", where="Inbox.purge", above=False)
         sql = self._purge_sql(conn.dialect)
         return (yield from purge_in_batches(conn, sql, {"older_than": older_than}, batch))
 

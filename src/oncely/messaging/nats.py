@@ -32,6 +32,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.client import JetStreamContext
 
 from oncely.messaging.consumer import Ack, DeadLetter, Delivery, IdempotentConsumer, Verdict
+from oncely.settings import seconds
 
 __all__ = ["MSG_ID", "JetStreamConsumer", "delivery_of", "publish"]
 
@@ -86,7 +87,9 @@ class JetStreamConsumer:
         self.consumer = consumer
         self.subscription = subscription
         self.batch = batch
-        self.fetch_timeout = fetch_timeout
+        self.fetch_timeout = float(
+            seconds(fetch_timeout, "fetch_timeout", where="JetStreamConsumer")
+        )
         self.ack_wait: float | None = None
         self.stats = {"ran": 0, "duplicates": 0, "retried": 0, "dead_lettered": 0}
 

@@ -67,6 +67,7 @@ from oncely.messaging.inbox import (
     purge_in_batches,
     translate,
 )
+from oncely.settings import seconds
 from oncely.sql.connections import (
     Dialect,
     Enter,
@@ -265,10 +266,7 @@ class Outbox:
         return mid
 
     def _purge(self, conn: SqlConnection, older_than: float, batch: int) -> Plan[int]:
-        if isinstance(older_than, bool) or not isinstance(older_than, (int, float)):
-            raise ConfigurationError(f"older_than={older_than!r}: give seconds (a number >= 0)")
-        if not older_than >= 0:
-            raise ConfigurationError(f"older_than={older_than!r}: give seconds >= 0")
+        older_than = seconds(older_than, "older_than", where="Outbox.purge", above=False)
         sql = self._purge_sql(conn.dialect)
         return (yield from purge_in_batches(conn, sql, {"older_than": older_than}, batch))
 

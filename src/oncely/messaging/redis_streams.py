@@ -43,6 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from oncely.errors import ConfigurationError
 from oncely.messaging.consumer import Ack, DeadLetter, Delivery, IdempotentConsumer, Verdict
+from oncely.settings import seconds
 
 __all__ = ["RedisStreamConsumer", "publish"]
 
@@ -110,7 +111,11 @@ class RedisStreamConsumer:
         block: float = 1.0,
         min_idle: float | None = None,
     ) -> None:
-        min_idle = consumer.lease if min_idle is None else min_idle
+        min_idle = (
+            consumer.lease
+            if min_idle is None
+            else seconds(min_idle, "min_idle", where="RedisStreamConsumer")
+        )
         if min_idle < consumer.lease:
             raise ConfigurationError(
                 f"min_idle ({min_idle}s) is shorter than the lease ({consumer.lease}s): a slow "

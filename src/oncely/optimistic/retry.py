@@ -42,6 +42,7 @@ from typing import Any, Final, TypeVar, cast, overload
 
 from oncely.core.calls import is_async_callable
 from oncely.errors import ConfigurationError, StaleVersion
+from oncely.settings import seconds
 
 __all__ = ["ATTEMPTS", "BASE_DELAY", "MAX_DELAY", "ConflictRetry", "retry_on_conflict"]
 
@@ -56,12 +57,6 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 OnRetry = Callable[[BaseException, int, float], None]
-
-
-def _check_number(name: str, value: object, minimum: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= minimum:
-        raise ConfigurationError(f"{name} must be a number >= {minimum}, not {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +85,10 @@ class ConflictRetry:
             raise ConfigurationError(
                 f"attempts must be >= 1 (1 means no retry), not {self.attempts}"
             )
-        _check_number("base_delay", self.base_delay, 0.0)
-        _check_number("max_delay", self.max_delay, 0.0)
+        # A frozen dataclass: the checked seconds (units allowed) replace what was given.
+        for name in ("base_delay", "max_delay"):
+            value = seconds(getattr(self, name), name, where="ConflictRetry", above=False)
+            object.__setattr__(self, name, value)
         rule = self.retry_on
         ok = callable(rule) and not isinstance(rule, type)
         ok = ok or (isinstance(rule, type) and issubclass(rule, BaseException))

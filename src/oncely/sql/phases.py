@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 from oncely.backends.plans import Exec, Plan
 from oncely.core.records import RecordKey
 from oncely.errors import ConfigurationError, IdempotencyKeyMismatch, InFlightError, LeaseLost
+from oncely.settings import seconds
 from oncely.sql.connections import (
     Block,
     Enter,
@@ -114,7 +115,7 @@ class _CallPhase(NamedTuple):
 def _encode(value: Any) -> bytes:
     try:
         return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         raise ConfigurationError(
             f"recovery-point params, state and results must be JSON values ({exc})"
         ) from exc
@@ -139,11 +140,11 @@ class Operation:
     ) -> None:
         if not name or len(name) > 255:
             raise ConfigurationError("an Operation needs a name of 1 to 255 characters")
-        if lock_timeout <= 0:
-            raise ConfigurationError("lock_timeout is in seconds and must be > 0")
         self.name = name
         self.table = table
-        self.lock_timeout = float(lock_timeout)
+        self.lock_timeout = float(
+            seconds(lock_timeout, "lock_timeout", where=f"Operation {name!r}")
+        )
         self.phases: list[tuple[str, Callable[[PhaseContext], Any]]] = []
 
     def phase(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

@@ -59,7 +59,7 @@ from types import TracebackType
 from typing import Any
 
 from oncely.backends.plans import Exec, Plan
-from oncely.codecs import Codec, JsonCodec
+from oncely.codecs import Codec, JsonCodec, encode_result
 from oncely.core.records import RecordKey
 from oncely.errors import (
     ConfigurationError,
@@ -334,7 +334,7 @@ class Transaction:
                 "set_result on a replayed transaction (tx.replayed is true): return tx.result "
                 "instead of running the operation again"
             )
-        self._encoded = None if value is None else self.codec.encode(value)
+        self._encoded = None if value is None else encode_result(self.codec, value)
         self._result = value
 
     _encoded: bytes | None = None

@@ -52,7 +52,8 @@ from typing import Any, Final
 
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Exec, Plan
-from oncely.errors import BarrierTableMissing, InvalidBarrierCall
+from oncely.errors import BarrierTableMissing, ConfigurationError, InvalidBarrierCall
+from oncely.settings import seconds
 from oncely.sql.connections import (
     Enter,
     Leave,
@@ -291,9 +292,20 @@ def _purge_sql(conn: SqlConnection, table: str) -> str:
     return f"DELETE FROM {table} WHERE gid IN ({old})"
 
 
+def _seconds(value: Any, name: str, minimum: float) -> float:
+    """A duration argument by the settings rule (:func:`oncely.settings.seconds`: seconds, or a
+    text with a unit such as ``"7d"``), at least ``minimum``.
+
+    :raises InvalidBarrierCall: not such a duration (the message names the argument).
+    """
+    try:
+        return float(seconds(value, name, where="barrier", minimum=minimum, above=False))
+    except ConfigurationError as exc:
+        raise InvalidBarrierCall(str(exc)) from None
+
+
 def _purge_plan(conn: SqlConnection, table: str, older_than: float, batch: int) -> Plan[int]:
-    if not isinstance(older_than, (int, float)) or older_than < 0:
-        raise InvalidBarrierCall("purge older_than must be a number of seconds >= 0")
+    older_than = _seconds(older_than, "older_than", 0.0)
     if not isinstance(batch, int) or batch < 1:
         raise InvalidBarrierCall("purge batch must be an int >= 1 (gids per statement)")
     sql = _purge_sql(conn, _table(conn, table))
@@ -380,8 +392,7 @@ def _redis_args(
     effects: Sequence[Sequence[Any]],
 ) -> tuple[Any, ...]:
     gid, branch, op = check_call(gid, branch, op)
-    if not isinstance(horizon, (int, float)) or isinstance(horizon, bool) or horizon < 0.001:
-        raise InvalidBarrierCall("horizon must be a number of seconds >= 0.001 (whole ms)")
+    horizon = _seconds(horizon, "horizon", 0.001)
     encoded = json.dumps(_commands(effects))
     key = f"{prefix}:{{{gid}}}"
     return (key, branch, op, OPS[op] or "", int(horizon * 1000), encoded)

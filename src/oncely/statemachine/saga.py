@@ -57,6 +57,7 @@ from oncely.errors import (
     SagaStuck,
     SchemaMissing,
 )
+from oncely.settings import seconds
 from oncely.sql.connections import (
     Enter,
     Leave,
@@ -126,6 +127,17 @@ class StepContext:
 StepFn = Callable[[StepContext], Any]
 
 
+def _check_backoff(step: Any) -> None:
+    """Read a step's ``backoff`` and ``max_backoff`` by the settings rule (seconds, or a text
+    with a unit: :func:`oncely.settings.seconds`), when the step is made.
+
+    :raises ConfigurationError: not seconds >= 0 (the message names the step and argument).
+    """
+    for name in ("backoff", "max_backoff"):
+        value = seconds(getattr(step, name), name, where=f"step {step.name!r}", above=False)
+        object.__setattr__(step, name, value)
+
+
 @dataclass(frozen=True, slots=True)
 class Step:
     """A local step: ``action`` and its ``compensation`` (None: nothing to undo).
@@ -144,6 +156,9 @@ class Step:
     backoff: float = 0.05
     max_backoff: float = 5.0
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+
+    def __post_init__(self) -> None:
+        _check_backoff(self)
 
 
 class RemoteRefused(Exception):
@@ -177,6 +192,9 @@ class HttpStep:
     backoff: float = 0.05
     max_backoff: float = 5.0
     retry_on: tuple[type[BaseException], ...] = (RemoteUnavailable,)
+
+    def __post_init__(self) -> None:
+        _check_backoff(self)
 
     def _request(self, ctx: StepContext) -> tuple[str, str, dict[str, Any]]:
         url = self.url if ctx.op == "action" else str(self.compensation_url)

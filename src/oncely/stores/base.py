@@ -22,7 +22,10 @@ checks them on every backend):
     caller's own earlier completion (its reply was lost, or its ``await`` was cancelled, and the
     caller repeated it): success, and nothing changes. Otherwise
     :class:`~oncely.errors.LeaseLost` (another fence holds the record, it was released, deleted
-    or expired, or this fence completed it with another result).
+    or expired, or this fence completed it with another result). A ``result`` larger than the
+    store can take (:meth:`Store.check_result_size`) raises
+    :class:`~oncely.errors.ResultTooLarge` and writes nothing: the caller stores a small
+    "ran, result not storable" marker instead (:func:`oncely.core.steps.complete`).
 ``release(key, fence)``
     if ``in_progress`` with this fence: the record becomes a tombstone (hidden from every
     reader, taken over by any claim); wakes waiters. If the tombstone of this very fence is still
@@ -84,7 +87,7 @@ from collections.abc import Sequence
 
 from oncely.backends.urls import redact_url
 from oncely.core.records import ClaimOutcome, InFlight, Mismatch, Record, RecordKey, Replay
-from oncely.errors import LeaseLost
+from oncely.errors import LeaseLost, ResultTooLarge
 
 __all__ = ["Store", "claimable", "classify", "lease_lost"]
 
@@ -120,8 +123,29 @@ class Store(abc.ABC):
     #: The URL scheme(s) this store answers to, e.g. ``("redis", "rediss")``.
     schemes: Sequence[str] = ()
 
+    #: The largest result (bytes) one ``complete`` can store; None: no limit of its own.
+    max_result_bytes: int | None = None
+    #: Where :attr:`max_result_bytes` comes from, for the error message.
+    max_result_source: str = "the store's max_result_bytes"
+
     def __init__(self, url: str) -> None:
         self.url = url
+
+    def check_result_size(self, result: bytes) -> None:
+        """Refuse a result the store can never take, before sending anything (no I/O: the
+        limit is known, or was read when the store connected).
+
+        :raises ResultTooLarge: ``result`` is over :attr:`max_result_bytes`.
+        """
+        limit = self.max_result_bytes
+        size = len(result)
+        if limit is not None and size > limit:
+            raise ResultTooLarge(
+                f"the result is {size} bytes, more than {type(self).__name__} can store in one "
+                f"record ({limit} bytes: {self.max_result_source})",
+                size,
+                limit,
+            )
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({redact_url(self.url)!r})"

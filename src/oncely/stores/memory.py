@@ -170,6 +170,7 @@ class MemoryStore(Store):
             return self.state.claim(key, fingerprint, lease, ttl, time.time())
 
     def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
+        self.check_result_size(result)
         with self._cond:
             self.state.complete(key, fence, result, codec, ttl, time.time())
             self._cond.notify_all()

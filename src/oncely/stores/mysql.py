@@ -40,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import aiomysql  # type: ignore[import-untyped]
@@ -67,7 +67,15 @@ from oncely.backends.plans import Exec, Plan, Sleep
 from oncely.backends.urls import redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import ClaimOutcome, Record, RecordKey
-from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
+from oncely.errors import (
+    ConfigurationError,
+    OncelyError,
+    ResultTooLarge,
+    SchemaMissing,
+    StoreError,
+    StoreUnavailable,
+)
+from oncely.settings import seconds
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 from oncely.stores.sql import (
@@ -249,6 +257,12 @@ _BAD_FIELD = 1054
 _LOCK_WAIT_TIMEOUT = 1205
 # A deadlock rolls the whole statement (or transaction) back, so running it again is safe.
 _ATTEMPTS = 5
+#: ER_NET_PACKET_TOO_LARGE; a server may instead just close the connection (2006, 2013).
+_PACKET_TOO_LARGE = 1153
+_GONE_AWAY = frozenset({2006, 2013})
+#: Bytes of a statement besides the result (SQL text, key, codec): kept free of the packet.
+_STATEMENT_MARGIN = 64 * 1024
+_PACKET_QUERY: Final = "SELECT @@max_allowed_packet"
 # Longest lease or ttl stored (about 317 years); also turns float('inf') into "forever".
 _FOREVER = 1e10
 
@@ -293,6 +307,11 @@ def _claim_params(key: RecordKey, fingerprint: str, lease: float, ttl: float) ->
         "keep": max(lease, _seconds(ttl)),
         "nonce": nonce(),
     }
+
+
+def _sent(params: Params) -> int:
+    """Bytes of a statement's text values (what counts against max_allowed_packet)."""
+    return sum(len(v) for v in params.values() if isinstance(v, (str, bytes)))
 
 
 def _complete_params(key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> Params:
@@ -341,14 +360,15 @@ class MySQLStore(PlannedStore):
         self.table = validate_table(table, 57, "database", 64)
         if not isinstance(max_size, int) or max_size < 1:
             raise ConfigurationError(f"max_size={max_size!r}: give a number of connections >= 1")
-        if not timeout > 0:
-            raise ConfigurationError(f"timeout={timeout!r}: give a number of seconds above 0")
+        timeout = seconds(timeout, "timeout", where="MySQLStore")
         self.create_schema = create_schema
         self.max_size = max_size
         self.timeout = float(timeout)
         self._sync_args, self._async_args, self._read_timeout = driver_args(
             url, self.timeout, options
         )
+        #: The session's ``max_allowed_packet`` in bytes (None: not connected yet).
+        self.max_packet: int | None = None
         #: Whether the server has ``INSERT … RETURNING`` (None: not connected yet).
         self._returning: bool | None = None
         self._statements = {flag: _Statements(self.table, flag) for flag in (True, False)}
@@ -385,8 +405,20 @@ class MySQLStore(PlannedStore):
             "or open the store with create_schema=True"
         )
 
-    def _translate(self, exc: BaseException) -> StoreError:
+    def _translate(self, exc: BaseException, sent: int = 0) -> OncelyError:
+        """The oncely error for a driver error; ``sent``: bytes of the statement's values."""
         code = errno(exc)
+        packet = self.max_packet
+        if code == _PACKET_TOO_LARGE or (
+            code in _GONE_AWAY and packet is not None and sent + _STATEMENT_MARGIN > packet
+        ):
+            # The statement was too big for the server: deterministic, not an outage.
+            return ResultTooLarge(
+                f"MySQL at {self._where} refused a {sent}-byte statement ({exc}): it is over "
+                f"max_allowed_packet ({packet} bytes)",
+                sent // 2,
+                self.max_result_bytes or 0,
+            )
         if code == _NO_SUCH_TABLE:
             if "_fences" in str(exc):
                 return self._schema_outdated()
@@ -417,7 +449,7 @@ class MySQLStore(PlannedStore):
             )
         return StoreError(f"MySQL error on {self._where}: {type(exc).__name__}: {exc}")
 
-    def _unreachable(self, exc: BaseException) -> StoreError:
+    def _unreachable(self, exc: BaseException) -> OncelyError:
         if isinstance(exc, pymysql.err.ProgrammingError):
             return self._translate(exc)
         return StoreUnavailable(
@@ -429,6 +461,21 @@ class MySQLStore(PlannedStore):
     def _learn(self, server_version: str) -> None:
         if self._returning is None:
             self._returning = supports_returning(server_version)
+
+    def _learn_packet(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Take the session's ``max_allowed_packet`` (read once per pool, when it opens): a
+        result is sent as hex text in one statement, so at most half of the packet, less a
+        margin for the rest of the statement, fits (:meth:`Store.check_result_size`)."""
+        packet = int(rows[0][0]) if rows and rows[0] and rows[0][0] is not None else 0
+        if packet > 0:
+            self.max_packet = packet
+            fits = max(packet - _STATEMENT_MARGIN, 0) // 2
+            # A lower limit set on the store by its user stays.
+            self.max_result_bytes = min(fits, self.max_result_bytes or fits)
+            self.max_result_source = (
+                f"the server's max_allowed_packet is {packet} bytes and a result is sent as hex "
+                "text; raise max_allowed_packet on the server, or return a smaller result"
+            )
 
     # -- sync plumbing -------------------------------------------------------------------------
     def _connect(self) -> SyncConn:
@@ -450,6 +497,9 @@ class MySQLStore(PlannedStore):
                 healthy = False
                 try:
                     self._learn(server_version(conn))
+                    with conn.cursor() as cur:
+                        cur.execute(_PACKET_QUERY)
+                        self._learn_packet(cur.fetchall())
                     if self.create_schema and not self._schema_ready:
                         self._init_schema_on(conn)
                     healthy = True
@@ -479,7 +529,7 @@ class MySQLStore(PlannedStore):
             except pymysql.Error as exc:
                 if errno(exc) == _DEADLOCK and attempt < _ATTEMPTS:
                     continue
-                raise self._translate(exc) from exc
+                raise self._translate(exc, _sent(params)) from exc
             finally:
                 pool.put(conn, healthy)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -601,6 +651,9 @@ class MySQLStore(PlannedStore):
                         conn = await self._aacquire(slot, pool)
                         try:
                             self._learn(server_version(conn))
+                            async with conn.cursor() as cur:
+                                await cur.execute(_PACKET_QUERY)
+                                self._learn_packet(await cur.fetchall())
                             if self.create_schema and not self._schema_ready:
                                 async with conn.cursor() as cur:
                                     await cur.execute(self._sql.ddl)
@@ -653,7 +706,7 @@ class MySQLStore(PlannedStore):
                 except pymysql.Error as exc:
                     if errno(exc) == _DEADLOCK and attempt < _ATTEMPTS:
                         continue
-                    raise self._translate(exc) from exc
+                    raise self._translate(exc, _sent(params)) from exc
                 finally:
                     # Cancelled or failed mid-statement: the connection may be mid-result or
                     # inside the transaction; close it rather than hand it back.

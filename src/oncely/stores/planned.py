@@ -76,6 +76,7 @@ class PlannedStore(Store):
         return run(self._claim(key, fingerprint, lease, ttl), self._execute)
 
     def complete(self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> None:
+        self.check_result_size(result)
         run(self._complete(key, fence, result, codec, ttl), self._execute)
 
     def release(self, key: RecordKey, fence: int) -> None:
@@ -112,6 +113,7 @@ class PlannedStore(Store):
     async def acomplete(
         self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
     ) -> None:
+        self.check_result_size(result)
         await arun(self._complete(key, fence, result, codec, ttl), self._aexecute)
 
     async def arelease(self, key: RecordKey, fence: int) -> None:

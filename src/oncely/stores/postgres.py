@@ -50,6 +50,7 @@ from oncely.backends.urls import redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import ClaimOutcome, New, Record, RecordKey
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
+from oncely.settings import seconds
 from oncely.stores.base import claimable, classify
 from oncely.stores.planned import PlannedStore
 from oncely.stores.sql import (
@@ -461,6 +462,11 @@ class PostgresStore(PlannedStore):
     """
 
     schemes = ("postgresql", "postgres")
+    #: PostgreSQL stores at most 1 GB in one field; a bytea travels as hex text (two
+    #: characters a byte) inside a message that has the same limit, so half of it, less a
+    #: margin for the rest of the statement.
+    max_result_bytes = (2**30 - 2**20) // 2
+    max_result_source = "PostgreSQL's 1 GB limit on a field and on a message, sent as hex"
 
     def __init__(
         self,
@@ -482,8 +488,7 @@ class PostgresStore(PlannedStore):
                 f"pool sizes min_size={min_size}, max_size={max_size}: need "
                 "0 <= min_size <= max_size and max_size >= 1"
             )
-        if not timeout > 0:
-            raise ConfigurationError(f"timeout={timeout!r}: give a number of seconds above 0")
+        timeout = seconds(timeout, "timeout", where="PostgresStore")
         self.create_schema = create_schema
         self.min_size = min_size
         self.max_size = max_size

@@ -256,6 +256,10 @@ class RedisStore(PlannedStore):
     """
 
     schemes = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+    #: Redis refuses a bulk string over ``proto-max-bulk-len`` (default 512 MB); it is not read
+    #: from the server (managed services refuse CONFIG GET).
+    max_result_bytes = 512 * 2**20
+    max_result_source = "Redis proto-max-bulk-len, 512 MB by default"
 
     def __init__(
         self,

@@ -25,14 +25,24 @@ import pathlib
 import sqlite3
 import threading
 import time
-from typing import Any
+from typing import Any, Final
 
 from oncely.backends.forks import after_fork
 from oncely.backends.plans import Exec, Plan, Sleep
 from oncely.backends.sqlite import CLOCK as NOW
-from oncely.backends.sqlite import Connections, Workers, enable_wal, execute, is_busy, parse_url
+from oncely.backends.sqlite import (
+    Connections,
+    Workers,
+    busy_error,
+    busy_timeout_of,
+    enable_wal,
+    execute,
+    is_busy,
+    open_error,
+    parse_url,
+)
 from oncely.core.records import ClaimOutcome, Record, RecordKey
-from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
+from oncely.errors import ConfigurationError, SchemaMissing, StoreError
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 from oncely.stores.sql import (
@@ -182,10 +192,27 @@ CHECK = (
 )
 
 
+#: SQLite's compile-time default of SQLITE_MAX_LENGTH (bytes), for Pythons without getlimit.
+_SQLITE_MAX_LENGTH: Final = 1_000_000_000
+
+
+def _length_limit(conn: sqlite3.Connection) -> int:
+    """The connection's SQLITE_LIMIT_LENGTH (Python 3.11+ can read it), else the default."""
+    getlimit = getattr(conn, "getlimit", None)
+    which = getattr(sqlite3, "SQLITE_LIMIT_LENGTH", None)
+    if getlimit is None or which is None:
+        return _SQLITE_MAX_LENGTH
+    return int(getlimit(which))
+
+
 class SQLiteStore(PlannedStore):
     """Records in a SQLite file (WAL), connections shared by all threads, clock = SQLite's."""
 
     schemes = ("sqlite",)
+    max_result_source = (
+        "SQLite's SQLITE_LIMIT_LENGTH, the largest string or BLOB it stores, read from the "
+        "connection"
+    )
 
     def __init__(
         self,
@@ -204,7 +231,7 @@ class SQLiteStore(PlannedStore):
             raise ConfigurationError(
                 f"synchronous={self.synchronous!r}: use OFF, NORMAL, FULL (default) or EXTRA"
             )
-        self.busy_timeout = float(busy_timeout or options.get("busy_timeout") or 15.0)
+        self.busy_timeout = busy_timeout_of(busy_timeout, options, 15.0, "SQLiteStore")
         if not table.isidentifier():
             raise ConfigurationError(f"table name {table!r} must be a plain identifier")
         self.table = table
@@ -263,13 +290,12 @@ class SQLiteStore(PlannedStore):
                     if self._create_schema:
                         conn.executescript(SCHEMA.replace("{t}", self.table))
                     self._file_ready = True
+            if self.max_result_bytes is None:
+                self.max_result_bytes = _length_limit(conn)
         except sqlite3.Error as exc:
             if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc):
                 raise self._translate(exc) from exc
-            raise StoreUnavailable(
-                f"cannot open SQLite database {self.path!r} ({exc}); check that the directory "
-                "exists and is writable"
-            ) from exc
+            raise open_error(exc, "SQLite database", self.path, self.busy_timeout) from exc
         return conn
 
     def _run(self, name: str, params: dict[str, Any]) -> tuple[list[Any], int]:
@@ -283,10 +309,7 @@ class SQLiteStore(PlannedStore):
         if "no such table" in text:
             return schema_missing(self.table, repr(self.path), self.url)
         if is_busy(exc):
-            return StoreUnavailable(
-                f"SQLite database {self.path!r} stayed locked for {self.busy_timeout}s; "
-                "raise busy_timeout or use a server store for heavy write concurrency"
-            )
+            return busy_error("SQLite database", self.path, self.busy_timeout)
         return StoreError(f"SQLite error on {self.path!r}: {text}")
 
     def init_schema(self) -> None:
