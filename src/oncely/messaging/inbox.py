@@ -269,6 +269,24 @@ class Inbox:
             "ON CONFLICT (consumer, message_id) DO NOTHING"
         )
 
+    def held_sql(self, dialect: Dialect) -> str:
+        """A statement that checks, just before the commit, that the row :meth:`accept`
+        inserted is still part of the open transaction (parameters ``consumer`` and
+        ``message_id``). On PostgreSQL it *fails* (division by zero, SQLSTATE 22012) unless the
+        row exists and was written by the current transaction (its ``xmin`` is the current
+        transaction id), so it can be sent with the ``COMMIT`` in one round trip and the commit
+        never happens without it. On SQLite and MariaDB/MySQL it returns the count of the row
+        (1, or 0 when a rollback removed it); those have no transaction id to compare, so a
+        concurrent delivery that committed the same row in between is taken for ours."""
+        t = quote(self.table, dialect)
+        where = "consumer = :consumer AND message_id = :message_id"
+        if dialect == "postgresql":
+            return (
+                f"SELECT 1 / count(*) FROM {t} WHERE {where} "
+                "AND xmin::text::bigint = txid_current_if_assigned() % 4294967296"
+            )
+        return f"SELECT count(*) FROM {t} WHERE {where}"
+
     def _purge_sql(self, dialect: Dialect) -> str:
         t = quote(self.table, dialect)
         old = f"received_at < {_NOW[dialect]} - :older_than"
@@ -295,8 +313,16 @@ class Inbox:
             raise
         yield Leave(block, True)
 
+    @staticmethod
+    def key_params(consumer: Any, message_id: Any) -> dict[str, str]:
+        """The parameters ``consumer`` and ``message_id`` of a row, validated.
+
+        :raises InvalidKey: an empty or over-long consumer or message id.
+        """
+        return {"consumer": _consumer(consumer), "message_id": message_id_text(message_id)}
+
     def _accept(self, conn: SqlConnection, consumer: Any, message_id: Any) -> Plan[bool]:
-        params = {"consumer": _consumer(consumer), "message_id": message_id_text(message_id)}
+        params = self.key_params(consumer, message_id)
         conn.check_usable()
         conn.require_transaction("Inbox.accept")
         try:

@@ -37,12 +37,13 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
-from oncely.backends.plans import Plan
-from oncely.errors import ConfigurationError, OncelyError, StoreUnavailable
+from oncely.backends.plans import Exec, Plan
+from oncely.errors import ConfigurationError, OncelyError, StoreUnavailable, TransactionLost
 from oncely.messaging.inbox import Inbox
 from oncely.messaging.inbox import connect as connect_url
 from oncely.sql.connections import (
     Enter,
+    ExecLeave,
     Leave,
     SqlConnection,
     adapt,
@@ -76,10 +77,34 @@ class DatabaseBusy(StoreUnavailable):
     rolled back and the message is redelivered (not counted as a failed attempt)."""
 
 
-def transaction_plan(conn: SqlConnection) -> Plan[bool]:
-    """Begin, accept, handle (if new), commit; returns whether the handler ran. On any error
-    the transaction is rolled back (a failed rollback is ignored: the connection is then
-    discarded) and the error raised, a handler's wrapped in :class:`HandlerFailed`."""
+#: SQLSTATE of PostgreSQL's division by zero: :meth:`Inbox.held_sql` found the row gone.
+_ROW_GONE = "22012"
+
+
+def _lost() -> HandlerFailed:
+    return HandlerFailed(
+        TransactionLost(
+            "the handler ended the consumer's transaction (it called conn.rollback() or "
+            "conn.commit(), or a Session.rollback() after a caught error): the inbox row is no "
+            "longer in it, so committing now would apply the handler's later writes without "
+            "recording the message, and every redelivery would apply them again. Everything "
+            "still open was rolled back; the message counts as a failed attempt. Let the "
+            "consumer own the transaction; undo part of the work with a savepoint"
+        )
+    )
+
+
+def transaction_plan(
+    conn: SqlConnection, held: tuple[str, dict[str, Any]] | None = None
+) -> Plan[bool]:
+    """Begin, accept, handle (if new), check, commit; returns whether the handler ran. On any
+    error the transaction is rolled back (a failed rollback is ignored: the connection is then
+    discarded) and the error raised, a handler's wrapped in :class:`HandlerFailed`.
+
+    ``held``: :meth:`Inbox.held_sql` and its parameters, run after the handler: if the
+    handler ended the transaction itself (the inbox row is gone from it), nothing is committed
+    and :class:`HandlerFailed` wrapping :class:`~oncely.errors.TransactionLost` is raised. On
+    PostgreSQL the check goes with the ``COMMIT`` in one round trip."""
     if conn.in_transaction():
         raise ConfigurationError(
             "connect() gave a connection with a transaction already open; the transactional "
@@ -93,6 +118,22 @@ def transaction_plan(conn: SqlConnection) -> Plan[bool]:
                 yield _Handle()
             except Exception as exc:
                 raise HandlerFailed(exc) from exc
+        if first and held is not None and conn.dialect == "postgresql":
+            try:  # the check and the COMMIT in one round trip; it fails if the row is gone
+                yield ExecLeave(block, held[0], held[1])
+            except Exception as exc:
+                causes = (exc, exc.__cause__, getattr(exc, "orig", None))
+                if any(
+                    _ROW_GONE in (getattr(e, "sqlstate", None), getattr(e, "pgcode", None))
+                    for e in causes
+                ):
+                    raise _lost() from exc
+                raise
+            return True
+        if first and held is not None:
+            found = yield Exec(held[0], held[1])
+            if not found.rows or not found.rows[0][0]:
+                raise _lost()
         yield Leave(block, bool(first))  # a duplicate rolls back: it wrote nothing
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -243,7 +284,8 @@ class Connections:
                 call(raw)
                 return None
 
-            return bool(run(transaction_plan(c), c, other))
+            held = (inbox.held_sql(c.dialect), inbox.key_params(consumer, dedup_id))
+            return bool(run(transaction_plan(c, held), c, other))
         finally:
             self.give_back(raw, conn)
 
@@ -264,7 +306,8 @@ class Connections:
                     await call(raw)
                     return None
 
-                return bool(await arun(transaction_plan(c), c, other))
+                held = (inbox.held_sql(c.dialect), inbox.key_params(consumer, dedup_id))
+                return bool(await arun(transaction_plan(c, held), c, other))
             finally:
                 pending = self.give_back(raw, conn)
                 if pending is not None:
