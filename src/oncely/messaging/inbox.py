@@ -67,6 +67,8 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
+    commit_if_held,
+    lost_message,
     missing_object,
     quote,
     run,
@@ -269,24 +271,6 @@ class Inbox:
             "ON CONFLICT (consumer, message_id) DO NOTHING"
         )
 
-    def held_sql(self, dialect: Dialect) -> str:
-        """A statement that checks, just before the commit, that the row :meth:`accept`
-        inserted is still part of the open transaction (parameters ``consumer`` and
-        ``message_id``). On PostgreSQL it *fails* (division by zero, SQLSTATE 22012) unless the
-        row exists and was written by the current transaction (its ``xmin`` is the current
-        transaction id), so it can be sent with the ``COMMIT`` in one round trip and the commit
-        never happens without it. On SQLite and MariaDB/MySQL it returns the count of the row
-        (1, or 0 when a rollback removed it); those have no transaction id to compare, so a
-        concurrent delivery that committed the same row in between is taken for ours."""
-        t = quote(self.table, dialect)
-        where = "consumer = :consumer AND message_id = :message_id"
-        if dialect == "postgresql":
-            return (
-                f"SELECT 1 / count(*) FROM {t} WHERE {where} "
-                "AND xmin::text::bigint = txid_current_if_assigned() % 4294967296"
-            )
-        return f"SELECT count(*) FROM {t} WHERE {where}"
-
     def _purge_sql(self, dialect: Dialect) -> str:
         t = quote(self.table, dialect)
         old = f"received_at < {_NOW[dialect]} - :older_than"
@@ -312,6 +296,26 @@ class Inbox:
             yield Leave(block, False)
             raise
         yield Leave(block, True)
+
+    def commit_held(
+        self, conn: SqlConnection, block: Any, consumer: Any, message_id: Any, who: str
+    ) -> Plan[None]:
+        """Commit ``block`` only if, when it owns its transaction, the row :meth:`accept`
+        inserted is still in it (:func:`oncely.sql.connections.commit_if_held`: on PostgreSQL
+        the check goes with the ``COMMIT``, one round trip). ``who`` names the code that ran
+        inside, for the error.
+
+        :raises TransactionLost: that code ended the transaction itself (a rollback or a
+            commit): what was still open is rolled back, nothing is committed.
+        """
+        return commit_if_held(
+            conn,
+            block,
+            quote(self.table, conn.dialect),
+            "consumer = :consumer AND message_id = :message_id",
+            self.key_params(consumer, message_id),
+            lost_message(who, "the inbox row"),
+        )
 
     @staticmethod
     def key_params(consumer: Any, message_id: Any) -> dict[str, str]:
@@ -366,7 +370,11 @@ class Inbox:
         """A block that yields :meth:`accept`'s answer: commits on success, rolls back (the
         inbox row with the effect) if the body raises, so the redelivery runs it again. With no
         transaction open on ``conn`` the block is its own transaction; inside one it is a
-        savepoint and the caller commits."""
+        savepoint and the caller commits.
+
+        :raises TransactionLost: the body ended the block's own transaction itself (called
+            ``conn.rollback()`` or ``conn.commit()``): nothing more is committed (see
+            :meth:`commit_held`)."""
         c = adapt(conn)
         block = c.enter(savepoint=True)
         try:
@@ -375,7 +383,10 @@ class Inbox:
         except BaseException:
             c.leave(block, False)
             raise
-        c.leave(block, True)
+        if first and block.owned:
+            run(self.commit_held(c, block, consumer, message_id, "the receive() block"), c)
+        else:
+            c.leave(block, True)
 
     def purge(self, conn: Any, older_than: float = DEFAULT_KEEP, *, batch: int = 1000) -> int:
         """Delete rows received more than ``older_than`` seconds ago (database clock), in
@@ -406,7 +417,11 @@ class Inbox:
         except BaseException:
             await c.aleave(block, False)
             raise
-        await c.aleave(block, True)
+        if first and block.owned:
+            held = self.commit_held(c, block, consumer, message_id, "the areceive() block")
+            await arun(held, c)
+        else:
+            await c.aleave(block, True)
 
     async def apurge(
         self, conn: Any, older_than: float = DEFAULT_KEEP, *, batch: int = 1000

@@ -37,13 +37,12 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
-from oncely.backends.plans import Exec, Plan
+from oncely.backends.plans import Plan
 from oncely.errors import ConfigurationError, OncelyError, StoreUnavailable, TransactionLost
 from oncely.messaging.inbox import Inbox
 from oncely.messaging.inbox import connect as connect_url
 from oncely.sql.connections import (
     Enter,
-    ExecLeave,
     Leave,
     SqlConnection,
     adapt,
@@ -77,34 +76,17 @@ class DatabaseBusy(StoreUnavailable):
     rolled back and the message is redelivered (not counted as a failed attempt)."""
 
 
-#: SQLSTATE of PostgreSQL's division by zero: :meth:`Inbox.held_sql` found the row gone.
-_ROW_GONE = "22012"
-
-
-def _lost() -> HandlerFailed:
-    return HandlerFailed(
-        TransactionLost(
-            "the handler ended the consumer's transaction (it called conn.rollback() or "
-            "conn.commit(), or a Session.rollback() after a caught error): the inbox row is no "
-            "longer in it, so committing now would apply the handler's later writes without "
-            "recording the message, and every redelivery would apply them again. Everything "
-            "still open was rolled back; the message counts as a failed attempt. Let the "
-            "consumer own the transaction; undo part of the work with a savepoint"
-        )
-    )
-
-
 def transaction_plan(
-    conn: SqlConnection, held: tuple[str, dict[str, Any]] | None = None
+    conn: SqlConnection, held: Callable[[Any], Plan[None]] | None = None
 ) -> Plan[bool]:
     """Begin, accept, handle (if new), check, commit; returns whether the handler ran. On any
     error the transaction is rolled back (a failed rollback is ignored: the connection is then
     discarded) and the error raised, a handler's wrapped in :class:`HandlerFailed`.
 
-    ``held``: :meth:`Inbox.held_sql` and its parameters, run after the handler: if the
-    handler ended the transaction itself (the inbox row is gone from it), nothing is committed
-    and :class:`HandlerFailed` wrapping :class:`~oncely.errors.TransactionLost` is raised. On
-    PostgreSQL the check goes with the ``COMMIT`` in one round trip."""
+    ``held(block)``: the plan that commits the block only if the inbox row is still in it
+    (:meth:`Inbox.commit_held`). If the handler ended the transaction itself (a rollback or a
+    commit), nothing more is committed and :class:`HandlerFailed` wrapping
+    :class:`~oncely.errors.TransactionLost` is raised: a failed attempt."""
     if conn.in_transaction():
         raise ConfigurationError(
             "connect() gave a connection with a transaction already open; the transactional "
@@ -118,22 +100,12 @@ def transaction_plan(
                 yield _Handle()
             except Exception as exc:
                 raise HandlerFailed(exc) from exc
-        if first and held is not None and conn.dialect == "postgresql":
-            try:  # the check and the COMMIT in one round trip; it fails if the row is gone
-                yield ExecLeave(block, held[0], held[1])
-            except Exception as exc:
-                causes = (exc, exc.__cause__, getattr(exc, "orig", None))
-                if any(
-                    _ROW_GONE in (getattr(e, "sqlstate", None), getattr(e, "pgcode", None))
-                    for e in causes
-                ):
-                    raise _lost() from exc
-                raise
-            return True
         if first and held is not None:
-            found = yield Exec(held[0], held[1])
-            if not found.rows or not found.rows[0][0]:
-                raise _lost()
+            try:
+                yield from held(block)
+            except TransactionLost as exc:
+                raise HandlerFailed(exc) from exc
+            return True
         yield Leave(block, bool(first))  # a duplicate rolls back: it wrote nothing
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -284,7 +256,9 @@ class Connections:
                 call(raw)
                 return None
 
-            held = (inbox.held_sql(c.dialect), inbox.key_params(consumer, dedup_id))
+            def held(block: Any) -> Plan[None]:
+                return inbox.commit_held(c, block, consumer, dedup_id, "the handler")
+
             return bool(run(transaction_plan(c, held), c, other))
         finally:
             self.give_back(raw, conn)
@@ -306,7 +280,9 @@ class Connections:
                     await call(raw)
                     return None
 
-                held = (inbox.held_sql(c.dialect), inbox.key_params(consumer, dedup_id))
+                def held(block: Any) -> Plan[None]:
+                    return inbox.commit_held(c, block, consumer, dedup_id, "the handler")
+
                 return bool(await arun(transaction_plan(c, held), c, other))
             finally:
                 pending = self.give_back(raw, conn)
