@@ -159,6 +159,50 @@ def test_broker_delivery_count_decides_poison(store: Store) -> None:
     assert isinstance(consumer.process(delivery), DeadLetter)
 
 
+def test_held_claim_redeliveries_do_not_count_as_attempts(store: Store) -> None:
+    """Redeliveries handed back because another consumer holds the claim raise the broker's
+    delivery count without running the handler; they are not failed attempts, so one real
+    failure after them is retried, not dead-lettered (red-team F15)."""
+    started, release = threading.Event(), threading.Event()
+
+    def holder(d: Delivery) -> None:
+        started.set()
+        assert release.wait(10)
+        raise RuntimeError("the holder fails: its claim is released")
+
+    runs: list[int | None] = []
+
+    def flaky(d: Delivery) -> None:
+        runs.append(d.attempt)
+        if len(runs) == 1:
+            raise RuntimeError("transient: connection reset")
+
+    letters: list[BaseException] = []
+    a = IdempotentConsumer(holder, name="c", store=store, lease=5, max_attempts=3)
+    b = IdempotentConsumer(
+        flaky,
+        name="c",
+        store=store,
+        lease=5,
+        wait_timeout=0,
+        max_attempts=3,
+        on_dead_letter=lambda d, e: letters.append(e),
+    )
+    first = Delivery(b"{}", message_id="m-1", attempt=1)
+    t = threading.Thread(target=a.process, args=(first,))
+    t.start()
+    assert started.wait(10)
+    for n in (2, 3, 4):  # the broker redelivers while a holds the claim
+        held = b.process(Delivery(b"{}", message_id="m-1", attempt=n))
+        assert isinstance(held, Retry) and "another consumer" in held.reason
+    release.set()
+    t.join(10)
+    failed = b.process(Delivery(b"{}", message_id="m-1", attempt=5))
+    assert isinstance(failed, Retry) and "attempt 2" in failed.reason, failed
+    assert b.process(Delivery(b"{}", message_id="m-1", attempt=6)) == Ack(ran=True)
+    assert runs == [5, 6] and letters == []
+
+
 def test_message_without_dedup_id_is_dead_lettered_never_run(store: Store) -> None:
     letters: list[BaseException] = []
     runs: list[int] = []

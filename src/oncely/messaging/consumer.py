@@ -228,20 +228,33 @@ def dedup_id_reader(source: DedupSource) -> Callable[[Delivery], str]:
 
 
 class _Attempts:
-    """Failed attempts per dedup id, in this process (for brokers that count no deliveries)."""
+    """Per dedup id, in this process: failed attempts (for brokers that count no deliveries)
+    and redeliveries answered :class:`Retry` because another consumer held the claim (they
+    raised the broker's delivery count without running the handler, so they are subtracted
+    from it: attempts count handler runs only)."""
 
     def __init__(self, size: int = _ATTEMPT_MEMORY) -> None:
-        self._counts: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._counts: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         self._size = size
         self._mutex = threading.Lock()
 
-    def failed(self, dedup_id: str) -> int:
+    def _bump(self, dedup_id: str, which: int) -> list[int]:
         with self._mutex:
-            count = self._counts.pop(dedup_id, 0) + 1
-            self._counts[dedup_id] = count
+            counts = self._counts.pop(dedup_id, None) or [0, 0]
+            counts[which] += 1
+            self._counts[dedup_id] = counts
             while len(self._counts) > self._size:
                 self._counts.popitem(last=False)
-            return count
+            return counts
+
+    def failed(self, dedup_id: str) -> tuple[int, int]:
+        """Count a failed attempt; returns (failed attempts, held-claim redeliveries)."""
+        failed, held = self._bump(dedup_id, 0)
+        return failed, held
+
+    def held(self, dedup_id: str) -> None:
+        """Count a redelivery handed back because another consumer held the claim."""
+        self._bump(dedup_id, 1)
 
     def forget(self, dedup_id: str) -> None:
         with self._mutex:
@@ -262,9 +275,11 @@ class IdempotentConsumer:
         ``lease / 3`` while the handler runs (:mod:`oncely.core.lease`).
     :param ttl: seconds a completed message is remembered (redeliveries within it are acked
         without running); default 7 days.
-    :param max_attempts: after this many failed attempts (the broker's delivery count when it
-        keeps one, else a count in this process) the message goes to ``on_dead_letter`` and is
-        acked. Set it to ``0`` to retry forever.
+    :param max_attempts: after this many failed attempts the message goes to
+        ``on_dead_letter`` and is acked. An attempt is a run of the handler: the broker's
+        delivery count when it keeps one, less the redeliveries this process handed back
+        unrun because another consumer held the claim; else a count in this process. Set it
+        to ``0`` to retry forever.
     :param on_dead_letter: ``(Delivery, error) -> Any``, sync or async: called for a poison
         message, a message with no dedup id or an undecodable body. If it raises, the message
         is not acked (:class:`Retry`). Default: log the message at ERROR.
@@ -424,6 +439,8 @@ class IdempotentConsumer:
             # from the handler's own store or @idempotent call is not the consumer's claim).
             return self._failed_attempt(delivery, dedup_id, error.error)
         if isinstance(error, InFlightError):
+            if delivery.attempt is not None:  # not a failed attempt: subtracted later
+                self._attempts.held(dedup_id)
             return Retry(
                 max(error.retry_after or 0.0, self.retry_delay),
                 "another consumer holds this message's claim; redeliver after it finishes",
@@ -440,10 +457,10 @@ class IdempotentConsumer:
 
     def _failed_attempt(self, delivery: Delivery, dedup_id: str, error: BaseException) -> Verdict:
         """A failed attempt: retried with backoff, or dead-lettered after ``max_attempts``."""
-        attempt = delivery.attempt
-        counted = self._attempts.failed(dedup_id)
-        if attempt is None:
-            attempt = counted
+        counted, held = self._attempts.failed(dedup_id)
+        # the broker's count less the redeliveries this process handed back unrun because
+        # another consumer held the claim; never less than the failures counted here
+        attempt = counted if delivery.attempt is None else max(counted, delivery.attempt - held)
         if self.max_attempts and attempt >= self.max_attempts:
             self._attempts.forget(dedup_id)
             return DeadLetter(error)
