@@ -48,9 +48,10 @@ class BatchClaims(Protocol):
     """Claim and complete many keys in one round trip each (async)."""
 
     async def claim_many(
-        self, keys: Sequence[RecordKey], fingerprint: str, lease: float, ttl: float
+        self, keys: Sequence[RecordKey], fingerprints: Sequence[str], lease: float, ttl: float
     ) -> list[ClaimOutcome]:
-        """One claim per key, with :meth:`oncely.stores.base.Store.claim`'s semantics.
+        """One claim per key (with the fingerprint at the same position), with
+        :meth:`oncely.stores.base.Store.claim`'s semantics.
 
         :raises StoreError: the store is unavailable (no claim is known to have been made).
         """
@@ -105,13 +106,14 @@ def _batched(script: Script, loop: str) -> bytes:
 
 
 # claim.lua takes KEYS record, fence counter; ARGV fingerprint, lease, ttl, scope, digest.
-# Batch: KEYS fence counter, record 1..n; ARGV fingerprint, lease, ttl, scope, digest 1..n.
+# Batch: KEYS fence counter, record 1..n; ARGV lease, ttl, scope, (fingerprint, digest) 1..n.
 _CLAIM_BATCH: Final = _batched(
     _CLAIM,
     """
 local out = {}
 for i = 1, #KEYS - 1 do
-  out[i] = one({KEYS[i + 1], KEYS[1]}, {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[4 + i]})
+  local fingerprint, digest = ARGV[2 + 2 * i], ARGV[3 + 2 * i]
+  out[i] = one({KEYS[i + 1], KEYS[1]}, {fingerprint, ARGV[1], ARGV[2], ARGV[3], digest})
 end
 return out
 """,
@@ -155,7 +157,7 @@ class RedisBatchClaims:
         return reply
 
     async def claim_many(
-        self, keys: Sequence[RecordKey], fingerprint: str, lease: float, ttl: float
+        self, keys: Sequence[RecordKey], fingerprints: Sequence[str], lease: float, ttl: float
     ) -> list[ClaimOutcome]:
         if not keys:
             return []
@@ -163,7 +165,9 @@ class RedisBatchClaims:
         if any(k.scope != scope for k in keys):
             raise ValueError("claim_many takes keys of one scope (one consumer)")
         flat_keys: list[Any] = [self._fence_key, *(self._key(k) for k in keys)]
-        args: list[Any] = [fingerprint, ms(lease), ms(ttl), scope, *(k.digest for k in keys)]
+        args: list[Any] = [ms(lease), ms(ttl), scope]
+        for k, fingerprint in zip(keys, fingerprints, strict=True):
+            args += (fingerprint, k.digest)
         replies = await self._eval(_CLAIM_BATCH, flat_keys, args)
         return [_outcome(k, r) for k, r in zip(keys, replies)]
 

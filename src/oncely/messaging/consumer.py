@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import inspect
 import json
 import logging
@@ -48,9 +49,10 @@ from typing import Any, Union
 from oncely.codecs import RawCodec
 from oncely.core.cancelsafe import write_through
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim
-from oncely.core.records import New, RecordKey, Replay
+from oncely.core.records import New, Record, RecordKey, Replay
 from oncely.errors import (
     ConfigurationError,
+    IdempotencyKeyMismatch,
     InFlightError,
     LeaseLost,
     MessageRejected,
@@ -76,7 +78,8 @@ __all__ = [
 
 log = logging.getLogger("oncely")
 
-#: Every message of a consumer is claimed with this fingerprint: the dedup id is the identity.
+#: The fingerprint of a claim with ``validate=False`` (the dedup id alone is the identity), and
+#: of every claim made before payloads were fingerprinted (such records match any body).
 _FINGERPRINT = "message"
 #: How many dedup ids the in-process attempt counter remembers (brokers without a delivery
 #: count: RabbitMQ classic queues, MQTT).
@@ -303,6 +306,14 @@ class IdempotentConsumer:
         closes them in :meth:`close`.
     :param pool_size: with ``inbox``: at most this many connections kept idle (and, on the
         async face, in use at once).
+    :param validate: True (default): the message body is fingerprinted (SHA-256) with its
+        claim, so a *different* body under a dedup id already used is not taken for a
+        duplicate: it is dead-lettered with :class:`~oncely.errors.MessageRejected` (``reason``
+        ``"mismatch"``), logged at WARNING and counted as a claim ``mismatch``
+        (``oncely_mismatches_total``), never acked silently; a redelivery of the same body is
+        a plain duplicate. False: the dedup id alone is the identity (any body under it is a
+        duplicate). The transactional mode (``inbox=``) checks no payload: the inbox row holds
+        no fingerprint.
     :raises ConfigurationError: a bad setting, named in the message.
     """
 
@@ -323,6 +334,7 @@ class IdempotentConsumer:
         inbox: Inbox | None = None,
         connect: str | Callable[[], Any] | None = None,
         pool_size: int = 10,
+        validate: bool = True,
     ) -> None:
         if not callable(handler):
             raise ConfigurationError(f"handler must be callable, not {handler!r}")
@@ -337,6 +349,9 @@ class IdempotentConsumer:
             raise ConfigurationError("max_attempts must be an int >= 0 (0: retry forever)")
         if wait_timeout < 0:
             raise ConfigurationError("wait_timeout must be >= 0 seconds")
+        if not isinstance(validate, bool):
+            raise ConfigurationError(f"validate must be True or False, not {validate!r}")
+        self.validate = validate
         self.handler = handler
         self.name = name
         self.scope = f"oncely.messaging:{name}"
@@ -418,6 +433,38 @@ class IdempotentConsumer:
     def key_for(self, dedup_id: str) -> RecordKey:
         """The record key of a dedup id for this consumer."""
         return RecordKey.of(self.scope, dedup_id)
+
+    def fingerprint_of(self, delivery: Delivery) -> str:
+        """The claim's fingerprint: ``sha256:<hex of the body>`` with ``validate``, else the
+        same constant for every message."""
+        if not self.validate:
+            return _FINGERPRINT
+        return "sha256:" + hashlib.sha256(bytes(delivery.body)).hexdigest()
+
+    def _mismatch(
+        self, delivery: Delivery, dedup_id: str, error: BaseException, found: Record | None
+    ) -> Verdict:
+        """The verdict for a claim refused as a mismatch; ``found``: the stored record. A record
+        claimed before bodies were fingerprinted matches any body (a duplicate, or held)."""
+        if found is not None and found.fingerprint == _FINGERPRINT:
+            if found.status == "completed":
+                return Ack(ran=False)
+            return Retry(self.retry_delay, "another consumer holds this message's claim")
+        log.warning(
+            "oncely: consumer %r got message %r with dedup id %r already used for another "
+            "body; dead-lettered (reason 'mismatch'), not acked as a duplicate",
+            self.name,
+            delivery.message_id,
+            dedup_id,
+        )
+        rejected = MessageRejected(
+            f"dedup id {dedup_id!r} was already used by consumer {self.name!r} for a message "
+            "with another body: a different message under a used dedup id is not a duplicate. "
+            "Give every message its own dedup id (or validate=False if bodies may differ)",
+            "mismatch",
+        )
+        rejected.__cause__ = error
+        return DeadLetter(rejected)
 
     # -- the decision after a handled message (pure) -------------------------------------------
     def verdict_for(
@@ -504,19 +551,27 @@ class IdempotentConsumer:
             return b""
 
         error: BaseException | None = None
+        fingerprint = self.fingerprint_of(delivery)
         try:
             drive(
-                call_flow(self.policy, key, _FINGERPRINT),
+                call_flow(self.policy, key, fingerprint),
                 self.store,
                 key,
-                _FINGERPRINT,
+                fingerprint,
                 self.policy,
                 call,
                 None,
             )
         except Exception as exc:
             error = exc
-        verdict = self.verdict_for(delivery, read, error, ran)
+        if isinstance(error, IdempotencyKeyMismatch):
+            try:
+                found = self.store.get(key)
+            except StoreError as exc:
+                return Retry(self.retry_delay, f"the store is unavailable ({exc}); not acked")
+            verdict = self._mismatch(delivery, read, error, found)
+        else:
+            verdict = self.verdict_for(delivery, read, error, ran)
         if isinstance(verdict, DeadLetter):
             return self._dead_letter(delivery, verdict)
         return verdict
@@ -576,19 +631,27 @@ class IdempotentConsumer:
             return b""
 
         error: BaseException | None = None
+        fingerprint = self.fingerprint_of(delivery)
         try:
             await drive_async(
-                call_flow(self.policy, key, _FINGERPRINT),
+                call_flow(self.policy, key, fingerprint),
                 self.store,
                 key,
-                _FINGERPRINT,
+                fingerprint,
                 self.policy,
                 call,
                 None,
             )
         except Exception as exc:
             error = exc
-        verdict = self.verdict_for(delivery, read, error, ran)
+        if isinstance(error, IdempotencyKeyMismatch):
+            try:
+                found = await self.store.aget(key)
+            except StoreError as exc:
+                return Retry(self.retry_delay, f"the store is unavailable ({exc}); not acked")
+            verdict = self._mismatch(delivery, read, error, found)
+        else:
+            verdict = self.verdict_for(delivery, read, error, ran)
         if isinstance(verdict, DeadLetter):
             return await self._adead_letter(delivery, verdict)
         return verdict
@@ -635,9 +698,10 @@ class IdempotentConsumer:
                 ids[i] = read
         order = list(ids)
         keys = [self.key_for(ids[i]) for i in order]
+        prints = [self.fingerprint_of(batch[i]) for i in order]
         sent_at = time.monotonic()
         try:
-            outcomes = await claims.claim_many(keys, _FINGERPRINT, self.lease, self.policy.ttl)
+            outcomes = await claims.claim_many(keys, prints, self.lease, self.policy.ttl)
         except StoreError as exc:
             for i in order:
                 verdicts[i] = self.verdict_for(batch[i], ids[i], exc, False)
