@@ -737,7 +737,11 @@ class IdempotentConsumer:
             try:
                 await write_through(self.store.arelease, key, fence)
             except OncelyError as release_error:
-                log.warning("oncely: a failed message's claim was not released (%s)", release_error)
+                log.warning(
+                    "oncely: a failed message's claim was not released (%s: %s)",
+                    type(release_error).__name__,
+                    release_error,
+                )
             verdicts[i] = await self._afinish(batch[i], ids[i], error)
         if ok:
             for i, error in zip((i for i, _, _ in ok), await self._complete_many(claims, ok)):
