@@ -45,6 +45,7 @@ class Shop:
         )
         self.pause_at: tuple[str, str] | None = None  # (step, op): print PAUSED and hang
         self.flaky: dict[str, int] = {}  # step -> failures left before it succeeds
+        self.rolls_back: str | None = None  # a step that calls conn.rollback() then writes
 
     def setup(self) -> None:
         for t in (self.stock, self.orders, self.moves):
@@ -67,6 +68,8 @@ class Shop:
 
     # -- the steps -------------------------------------------------------------------------------
     def _move(self, ctx: StepContext) -> None:
+        if self.rolls_back == ctx.step and ctx.op == "action":
+            ctx.conn.rollback()  # ends the step's transaction: its barrier row with it
         adapt(ctx.conn).execute(
             f"INSERT INTO {self.moves} VALUES (:s, :step, :op)",
             {"s": ctx.saga_id, "step": ctx.step, "op": ctx.op},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -104,6 +105,58 @@ def test_bad_handler_is_a_clear_error() -> None:
     )
     assert out.returncode == 1
     assert "cannot be imported" in out.stderr and "Traceback" not in out.stderr
+
+
+def _consume_redis(tmp_path: Path, url: str, stream: str) -> list[str]:
+    (tmp_path / "cli_handler.py").write_text(HANDLER)
+    return [
+        sys.executable, "-m", "oncely", "consume", "redis", "--handler", "cli_handler:on_message",
+        "--name", "n", "--stream", stream, "--group", "g", "--member", "m", "--url", url,
+        "--store", "memory://",
+    ]  # fmt: skip
+
+
+def test_unreachable_redis_at_start_up_exits_1_with_one_line(tmp_path: Path) -> None:
+    """Like rabbitmq, nats and mqtt: Redis unreachable at start-up is a setup error, not a
+    loop of "retrying" lines in a process that looks alive (red-team F13)."""
+    out = subprocess.run(
+        _consume_redis(tmp_path, "redis://127.0.0.1:1/0", "s"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ConnectionError"), out.stderr
+    assert "Traceback" not in out.stderr and "retrying" not in out.stderr
+
+
+def test_a_missing_stream_is_created_with_its_group_and_said_so(tmp_path: Path) -> None:
+    """A consumer may start before its producers: the stream is created (MKSTREAM) with the
+    group, and one WARNING says so (a mistyped --stream is visible)."""
+    stream = f"oncely-test-missing-{uuid.uuid4().hex[:10]}"
+    client = redis.Redis.from_url(REDIS_URL)
+    proc = subprocess.Popen(
+        _consume_redis(tmp_path, REDIS_URL, stream),
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path)},
+    )
+    try:
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 20)  # the old code said nothing
+        line = proc.stderr.readline() if ready else ""
+        assert "does not exist yet" in line and repr(stream) in line, line
+        deadline = time.monotonic() + 20
+        while not client.exists(stream) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [g["name"] for g in client.xinfo_groups(stream)] == [b"g"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        client.delete(stream)
+        client.close()
 
 
 TX_HANDLER = """

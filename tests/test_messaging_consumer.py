@@ -159,6 +159,122 @@ def test_broker_delivery_count_decides_poison(store: Store) -> None:
     assert isinstance(consumer.process(delivery), DeadLetter)
 
 
+def test_held_claim_redeliveries_do_not_count_as_attempts(store: Store) -> None:
+    """Redeliveries handed back because another consumer holds the claim raise the broker's
+    delivery count without running the handler; they are not failed attempts, so one real
+    failure after them is retried, not dead-lettered (red-team F15)."""
+    started, release = threading.Event(), threading.Event()
+
+    def holder(d: Delivery) -> None:
+        started.set()
+        assert release.wait(10)
+        raise RuntimeError("the holder fails: its claim is released")
+
+    runs: list[int | None] = []
+
+    def flaky(d: Delivery) -> None:
+        runs.append(d.attempt)
+        if len(runs) == 1:
+            raise RuntimeError("transient: connection reset")
+
+    letters: list[BaseException] = []
+    a = IdempotentConsumer(holder, name="c", store=store, lease=5, max_attempts=3)
+    b = IdempotentConsumer(
+        flaky,
+        name="c",
+        store=store,
+        lease=5,
+        wait_timeout=0,
+        max_attempts=3,
+        on_dead_letter=lambda d, e: letters.append(e),
+    )
+    first = Delivery(b"{}", message_id="m-1", attempt=1)
+    t = threading.Thread(target=a.process, args=(first,))
+    t.start()
+    assert started.wait(10)
+    for n in (2, 3, 4):  # the broker redelivers while a holds the claim
+        held = b.process(Delivery(b"{}", message_id="m-1", attempt=n))
+        assert isinstance(held, Retry) and "another consumer" in held.reason
+    release.set()
+    t.join(10)
+    failed = b.process(Delivery(b"{}", message_id="m-1", attempt=5))
+    assert isinstance(failed, Retry) and "attempt 2" in failed.reason, failed
+    assert b.process(Delivery(b"{}", message_id="m-1", attempt=6)) == Ack(ran=True)
+    assert runs == [5, 6] and letters == []
+
+
+def test_another_body_under_a_used_dedup_id_is_dead_lettered_as_a_mismatch(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A different message under a dedup id already used is not a duplicate: it is
+    dead-lettered with reason "mismatch", logged at WARNING and counted as a claim mismatch,
+    never acked silently (red-team F21); the same body again stays a plain duplicate;
+    validate=False makes the dedup id alone the identity."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from oncely.observability import prometheus
+
+    seen: list[bytes] = []
+    letters: list[BaseException] = []
+    consumer = IdempotentConsumer(
+        lambda d: seen.append(d.body),
+        name="billing",
+        store=store,
+        dedup_id="body:order_id",
+        on_dead_letter=lambda d, e: letters.append(e),
+    )
+    first = Delivery(b'{"order_id": "o-1", "amount": 5}')
+    other = Delivery(b'{"order_id": "o-1", "amount": 700}')
+    reg = CollectorRegistry()
+    observer = prometheus.install(reg)
+    try:
+        assert consumer.process(first) == Ack(ran=True)
+        assert consumer.process(first) == Ack(ran=False)  # a replay of the same body
+        with caplog.at_level("WARNING", logger="oncely"):
+            verdict = consumer.process(other)
+        mismatches = [
+            line
+            for line in generate_latest(reg).decode().splitlines()
+            if line.startswith("oncely_mismatches_total{")
+        ]
+    finally:
+        prometheus.uninstall(observer)
+    assert isinstance(verdict, DeadLetter) and isinstance(verdict.error, MessageRejected)
+    assert verdict.error.reason == "mismatch" and letters == [verdict.error]
+    assert any("'mismatch'" in r.getMessage() and "o-1" in r.getMessage() for r in caplog.records)
+    assert seen == [first.body]
+    assert len(mismatches) == 1 and mismatches[0].endswith(" 1.0"), mismatches
+    # the check off: the dedup id alone is the identity (this also reads the records written
+    # before bodies were fingerprinted, which match any body)
+    loose = IdempotentConsumer(
+        lambda d: seen.append(d.body), name="loose", store=store, dedup_id="body:order_id",
+        validate=False,
+    )  # fmt: skip
+    assert loose.process(first) == Ack(ran=True)
+    assert loose.process(other) == Ack(ran=False)
+    strict = IdempotentConsumer(
+        lambda d: seen.append(d.body), name="loose", store=store, dedup_id="body:order_id"
+    )
+    assert strict.process(other) == Ack(ran=False)  # a record claimed without a fingerprint
+    with pytest.raises(ConfigurationError, match="validate"):
+        IdempotentConsumer(lambda d: None, name="x", store=store, validate="yes")  # type: ignore[arg-type]
+
+
+async def test_batch_mismatch_is_dead_lettered(batch_store: Store) -> None:
+    """The batch face (Redis: one script for the batch) fingerprints each message too."""
+    seen: list[bytes] = []
+    consumer = IdempotentConsumer(
+        lambda d: seen.append(d.body), name="b", store=batch_store, dedup_id="body:id"
+    )
+    a1, a2 = Delivery(b'{"id": "a", "v": 1}'), Delivery(b'{"id": "a", "v": 2}')
+    b1 = Delivery(b'{"id": "b", "v": 1}')
+    assert await consumer.aprocess_many([a1, b1]) == [Ack(ran=True), Ack(ran=True)]
+    again = await consumer.aprocess_many([a2, b1, a1])
+    assert again[1:] == [Ack(ran=False), Ack(ran=False)]
+    assert isinstance(again[0], DeadLetter) and again[0].error.reason == "mismatch"  # type: ignore[attr-defined]
+    assert seen == [a1.body, b1.body]
+
+
 def test_message_without_dedup_id_is_dead_lettered_never_run(store: Store) -> None:
     letters: list[BaseException] = []
     runs: list[int] = []

@@ -27,6 +27,7 @@ from oncely.errors import (
     InvalidPayload,
     StoreError,
     StoreUnavailable,
+    TransactionLost,
     UnknownTable,
 )
 from oncely.messaging.inbox import Inbox, connect
@@ -155,6 +156,25 @@ def test_receive_commits_the_effect_with_the_row_or_neither(db: Db) -> None:
     with db.inbox.receive(conn, "billing", "m1") as first:
         assert not first  # the ack was lost: the effect is not applied again
     assert db.effect_counts()["m1"] == 1
+
+
+def test_receive_refuses_to_commit_after_the_body_rolled_back_itself(db: Db) -> None:
+    """A receive() block that owns its transaction and whose body calls conn.rollback() then
+    writes: the inbox row is gone from the transaction, so the block raises TransactionLost
+    and commits nothing, instead of committing the later write without the row (applied again
+    on every redelivery; red-team F04, the same kind)."""
+    conn = db.connect()
+    for _ in range(2):
+        with pytest.raises(TransactionLost), db.inbox.receive(conn, "billing", "m1") as first:
+            assert first
+            db.effect(conn, "m1-before")
+            conn.rollback()
+            db.effect(conn, "m1-after")
+    assert db.effect_counts() == Counter()
+    with db.inbox.receive(conn, "billing", "m1") as first:  # a proper redelivery runs it
+        assert first
+        db.effect(conn, "m1")
+    assert db.effect_counts() == Counter({"m1": 1})
 
 
 def test_receive_inside_the_callers_transaction_is_a_savepoint(db: Db) -> None:

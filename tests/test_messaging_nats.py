@@ -231,3 +231,17 @@ async def test_store_down_naks_and_loses_nothing(js: Any, stream: tuple[str, str
     assert await pending(js, name, "d") == (0, 1)  # nak'ed with a delay: still owed
     await down.aclose()
     down.close()
+
+
+async def test_an_idle_consumer_fetches_nothing_without_errors(
+    js: Any, stream: tuple[str, str]
+) -> None:
+    """nats-py ends an empty fetch with its own TimeoutError or, at times, the builtin one
+    (asyncio's, when the deadline runs out between its two pull requests; about 1 in 10 with
+    a 20 ms wait here): both are "no messages", never an error (red-team F17)."""
+    name, subject = stream
+    sub = await js.pull_subscribe(subject, durable="idle", stream=name)
+    consumer = IdempotentConsumer(lambda d: None, name="idle", store="memory://")
+    member = JetStreamConsumer(consumer, sub, fetch_timeout=0.02)
+    for _ in range(150):
+        assert await asyncio.wait_for(member.step(), 5) == 0

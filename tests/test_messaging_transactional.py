@@ -23,7 +23,7 @@ from messaging_storm import (
     storm_ids,
     storm_table,
 )
-from oncely.errors import ConfigurationError, MessageRejected
+from oncely.errors import ConfigurationError, MessageRejected, TransactionLost
 from oncely.messaging import Ack, DeadLetter, Delivery, IdempotentConsumer, Inbox, Retry
 from oncely.messaging.inbox import connect
 
@@ -202,6 +202,81 @@ def test_poison_message_is_dead_lettered_and_acked_without_an_inbox_row(db: Db) 
     finally:
         consumer.close()
     assert dead == [("p", "ValueError"), (None, "MessageRejected")]
+    assert db.counts() == Counter() and db.inbox_rows() == 0
+
+
+@pytest.mark.parametrize("how", ["rollback-then-write", "rollback", "commit-then-write"])
+def test_a_handler_that_ends_the_transaction_itself_is_caught_before_the_commit(
+    db: Db, how: str
+) -> None:
+    """A handler that calls conn.rollback() (an error path that "cleans up", SQLAlchemy's
+    Session.rollback() after a caught IntegrityError) and goes on writing removed the inbox row
+    from the consumer's transaction: committing would apply the later writes on every
+    redelivery (red-team F04). The consumer checks the row before the commit, rolls back and
+    counts a failed attempt (TransactionLost), dead-lettered after max_attempts: no write
+    after the handler's own rollback is ever committed."""
+    dead: list[BaseException] = []
+
+    def handler(d: Delivery, conn: Any) -> None:
+        mid = str(d.message_id)
+        db.effect(conn, mid + "-before")
+        if how == "commit-then-write":
+            conn.commit()
+        else:
+            conn.rollback()
+        if how != "rollback":
+            db.effect(conn, mid + "-after")
+
+    consumer = IdempotentConsumer(
+        handler,
+        name="billing",
+        inbox=db.inbox,
+        connect=db.url,
+        max_attempts=3,
+        on_dead_letter=lambda d, e: dead.append(e),
+    )
+    try:
+        verdicts = [consumer.process(msg("m1", attempt=n)) for n in (1, 2, 3)]
+    finally:
+        consumer.close()
+    if how == "commit-then-write":
+        # the handler's commit took the inbox row with the first write, so the redelivery
+        # finds it: never twice. PostgreSQL also sees that the row is not this transaction's
+        # (xmin) and rolls the later write back; SQLite and MariaDB cannot tell.
+        counts = db.counts()
+        assert counts["m1-before"] == 1 and counts["m1-after"] <= 1 and db.inbox_rows() == 1
+        assert Ack(ran=False) in verdicts
+        if db.kind == "postgres":
+            assert counts == Counter({"m1-before": 1}) and isinstance(verdicts[0], Retry)
+        return
+    assert [type(v) for v in verdicts] == [Retry, Retry, DeadLetter], verdicts
+    assert "TransactionLost" in verdicts[0].reason  # type: ignore[union-attr]
+    assert [type(e) for e in dead] == [TransactionLost]
+    assert db.counts() == Counter() and db.inbox_rows() == 0
+
+
+async def test_an_async_handler_that_rolls_back_is_caught_before_the_commit(
+    server_db: Db,
+) -> None:
+    """The async face (psycopg AsyncConnection, aiomysql) checks the inbox row the same way."""
+    db = server_db
+
+    async def handler(d: Delivery, conn: Any) -> None:
+        await conn.rollback()
+        cur = await conn.cursor() if db.kind == "mysql" else conn.cursor()
+        await cur.execute(f"INSERT INTO {db.effects} (message_id) VALUES (%s)", (d.message_id,))
+        await cur.close() if db.kind == "postgres" else None
+
+    consumer = IdempotentConsumer(
+        handler, name="billing", inbox=db.inbox, connect=db.url, max_attempts=2
+    )
+    try:
+        first = await consumer.aprocess(msg("m1", attempt=1))
+        second = await consumer.aprocess(msg("m1", attempt=2))
+    finally:
+        await consumer.aclose()
+    assert isinstance(first, Retry) and "TransactionLost" in first.reason
+    assert isinstance(second, DeadLetter) and isinstance(second.error, TransactionLost)
     assert db.counts() == Counter() and db.inbox_rows() == 0
 
 

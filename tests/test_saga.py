@@ -17,7 +17,12 @@ from typing import Any
 
 import pytest
 
-from oncely.errors import ConfigurationError, IdempotencyKeyMismatch, SagaFailed
+from oncely.errors import (
+    ConfigurationError,
+    IdempotencyKeyMismatch,
+    SagaFailed,
+    TransactionLost,
+)
 from oncely.statemachine.saga import HttpStep, Saga, Step, idempotency_key
 
 from saga_shop import Shop
@@ -110,6 +115,20 @@ def test_retries_roll_back_each_failed_try(shop: Shop) -> None:
         ("reserve_stock", "action"),
         ("reserve_stock", "compensate"),
     ]
+
+
+def test_a_step_that_rolls_back_itself_commits_nothing_after(shop: Shop) -> None:
+    """A step that calls conn.rollback() and writes again took its barrier row out of the
+    transaction the saga owns: the saga checks the row before the commit and fails the step
+    with TransactionLost instead of committing the later write without the row (which every
+    rerun would write again; red-team F04, the same kind)."""
+    conn = shop.db.connect()
+    shop.rolls_back = "reserve_stock"
+    with pytest.raises(SagaFailed) as info:
+        shop.saga(paid=True).run(conn, "order-rb", {**APPLE, "paid": True})
+    assert info.value.step == "reserve_stock"
+    assert isinstance(info.value.__cause__, TransactionLost)
+    assert shop.qty() == 10 and shop.moves_of("order-rb") == []
 
 
 def test_abort_before_the_steps_arrive_blocks_them(shop: Shop) -> None:

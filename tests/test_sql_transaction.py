@@ -22,6 +22,7 @@ from oncely.errors import (
     SchemaMissing,
     SerializationError,
     TransactionFailed,
+    TransactionLost,
     UnsupportedConnection,
 )
 from oncely.sql import GLOBAL, create_tables, idempotent_transaction, transaction
@@ -103,6 +104,35 @@ def test_error_in_block_commits_nothing(db: Db) -> None:
         assert not tx.replayed
         _effect(db, conn, effects, "k")
     assert _count(db, effects) == 1
+
+
+@pytest.mark.parametrize("with_result", [False, True])
+def test_a_block_that_rolls_back_itself_commits_nothing_after(db: Db, with_result: bool) -> None:
+    """Code in the block that calls conn.rollback() (an error path that "cleans up") and goes
+    on writing removed the key's row from the transaction the block owns: the block checks
+    the row before its commit (PostgreSQL: with the COMMIT, one round trip) and raises
+    TransactionLost instead of committing the later write without the key (which every retry
+    would then apply again; red-team F04, the same kind in oncely.sql)."""
+    keys, effects = _setup(db)
+    conn = db.connect()
+    for _ in range(3):
+        with (
+            pytest.raises(TransactionLost),
+            transaction(conn, key="k", scope=GLOBAL, table=keys) as tx,
+        ):
+            _effect(db, conn, effects, "k", 1)
+            conn.rollback()
+            _effect(db, conn, effects, "k", 2)
+            if with_result:
+                tx.set_result({"paid": 1})
+    assert _count(db, effects) == 0
+    assert db.run(f"SELECT COUNT(*) FROM {keys}") == [(0,)]
+    with transaction(conn, key="k", scope=GLOBAL, table=keys) as tx:  # a proper retry runs
+        assert not tx.replayed
+        _effect(db, conn, effects, "k")
+        tx.set_result({"paid": 1})
+    assert _count(db, effects) == 1
+    conn.close()
 
 
 def test_inside_the_callers_transaction_is_a_savepoint(db: Db) -> None:

@@ -20,6 +20,7 @@ from oncely.errors import (
     InvalidKey,
     InvalidMachine,
     SchemaMissing,
+    TransactionLost,
     UnknownColumn,
     UnknownTable,
     UnknownTransition,
@@ -170,6 +171,32 @@ def test_sql_hooks_run_in_the_transaction_and_roll_back_with_it(db: Db) -> None:
     assert [(bytes(a).decode() if not isinstance(a, str) else a, b) for a, b in rows] == [
         ("order:1:pay:1", "order.pay")
     ]
+
+
+def test_sql_a_hook_that_rolls_back_the_transition_commits_nothing_after(db: Db) -> None:
+    """A hook that calls conn.rollback() and writes again took the transition (the state
+    update and its history row) out of the transaction apply() owns: apply() checks the
+    entity row before its commit and raises TransactionLost instead of committing the hook's
+    later write alone (which every retry would write again; red-team F04, the same kind)."""
+    o = Orders(db)
+    ph = "?" if db.dialect == "sqlite" else "%s"
+
+    def audit(call: HookCall) -> None:
+        call.conn.rollback()
+        cur = call.conn.cursor()
+        cur.execute(f"UPDATE {o.table} SET note = {ph} WHERE id = 2", ("hooked",))
+        cur.close()
+
+    o.sm.hooks = (audit,)
+    conn = db.connect()
+    for _ in range(2):
+        with pytest.raises(TransactionLost):
+            o.sm.apply(conn, 1, "pay", data={"amount": 3})
+    assert o.state(1) == "created" and o.history_count(1) == 0
+    assert db.run(f"SELECT note FROM {o.table} WHERE id = 2") == [("n2",)]
+    o.sm.hooks = ()
+    assert o.sm.apply(conn, 1, "pay", data={"amount": 3}).applied  # a proper retry applies
+    conn.close()
 
 
 def test_sql_after_commit_runs_after_commit_and_is_refused_inside_a_transaction(db: Db) -> None:

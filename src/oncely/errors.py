@@ -55,6 +55,7 @@ __all__ = [
     "TokenForged",
     "TokenReused",
     "TransactionFailed",
+    "TransactionLost",
     "UnfinishedResult",
     "UnknownColumn",
     "UnknownTable",
@@ -400,6 +401,14 @@ class UnknownColumn(ConfigurationError):
 class TransactionFailed(OncelyError):
     """The connection's transaction already failed (an earlier statement raised and it was not
     rolled back); roll back before starting an idempotent operation on it."""
+
+
+class TransactionLost(TransactionFailed):
+    """The transaction oncely opened around user code (a transactional consumer's handler, an
+    ``oncely.sql`` transaction block) was ended by that code: it committed or rolled back the
+    connection itself, so the row that records "done" is no longer part of the transaction
+    oncely would commit. Nothing more is committed (what is still open is rolled back); let
+    oncely own the transaction, and undo part of the work with a savepoint instead."""
 
 
 # -- state machines, the branch barrier and sagas (oncely.statemachine) ----------------------------

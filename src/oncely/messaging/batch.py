@@ -48,9 +48,10 @@ class BatchClaims(Protocol):
     """Claim and complete many keys in one round trip each (async)."""
 
     async def claim_many(
-        self, keys: Sequence[RecordKey], fingerprint: str, lease: float, ttl: float
+        self, keys: Sequence[RecordKey], fingerprints: Sequence[str], lease: float, ttl: float
     ) -> list[ClaimOutcome]:
-        """One claim per key, with :meth:`oncely.stores.base.Store.claim`'s semantics.
+        """One claim per key (with the fingerprint at the same position), with
+        :meth:`oncely.stores.base.Store.claim`'s semantics.
 
         :raises StoreError: the store is unavailable (no claim is known to have been made).
         """
@@ -105,13 +106,13 @@ def _batched(script: Script, loop: str) -> bytes:
 
 
 # claim.lua takes KEYS record, fence counter; ARGV fingerprint, lease, ttl.
-# Batch: KEYS fence counter, record 1..n; ARGV fingerprint, lease, ttl.
+# Batch: KEYS fence counter, record 1..n; ARGV lease, ttl, fingerprint 1..n.
 _CLAIM_BATCH: Final = _batched(
     _CLAIM,
     """
 local out = {}
 for i = 1, #KEYS - 1 do
-  out[i] = one({KEYS[i + 1], KEYS[1]}, {ARGV[1], ARGV[2], ARGV[3]})
+  out[i] = one({KEYS[i + 1], KEYS[1]}, {ARGV[2 + i], ARGV[1], ARGV[2]})
 end
 return out
 """,
@@ -155,7 +156,7 @@ class RedisBatchClaims:
         return reply
 
     async def claim_many(
-        self, keys: Sequence[RecordKey], fingerprint: str, lease: float, ttl: float
+        self, keys: Sequence[RecordKey], fingerprints: Sequence[str], lease: float, ttl: float
     ) -> list[ClaimOutcome]:
         if not keys:
             return []
@@ -163,7 +164,9 @@ class RedisBatchClaims:
         if any(k.scope != scope for k in keys):
             raise ValueError("claim_many takes keys of one scope (one consumer)")
         flat_keys: list[Any] = [self._fence_key, *(self._key(k) for k in keys)]
-        args: list[Any] = [fingerprint, ms(lease), ms(ttl)]
+        if len(fingerprints) != len(keys):
+            raise ValueError("claim_many takes one fingerprint per key")
+        args: list[Any] = [ms(lease), ms(ttl), *fingerprints]
         replies = await self._eval(_CLAIM_BATCH, flat_keys, args)
         return [_outcome(k, r) for k, r in zip(keys, replies)]
 

@@ -178,6 +178,15 @@ def redis_streams(
         consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts, db, inbox)
         client = redis.asyncio.Redis.from_url(url)
         try:
+            # Reach Redis once before consuming: unreachable at start-up is a setup error
+            # (exit 1, one line), as for the other brokers; later outages are retried.
+            if not await client.exists(stream):
+                log.warning(
+                    "oncely: redis stream %r does not exist yet: it is created empty with group "
+                    "%r, and consumed as producers add to it (check --stream if none will)",
+                    stream,
+                    group,
+                )
             await RedisStreamConsumer(consumer, client, stream, group, member).run(stop)
         finally:
             await client.aclose()

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import inspect
 import json
 import logging
@@ -48,9 +49,10 @@ from typing import Any, Union
 from oncely.codecs import RawCodec
 from oncely.core.cancelsafe import write_through
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim
-from oncely.core.records import New, RecordKey, Replay
+from oncely.core.records import New, Record, RecordKey, Replay
 from oncely.errors import (
     ConfigurationError,
+    IdempotencyKeyMismatch,
     InFlightError,
     LeaseLost,
     MessageRejected,
@@ -77,7 +79,8 @@ __all__ = [
 
 log = logging.getLogger("oncely")
 
-#: Every message of a consumer is claimed with this fingerprint: the dedup id is the identity.
+#: The fingerprint of a claim with ``validate=False`` (the dedup id alone is the identity), and
+#: of every claim made before payloads were fingerprinted (such records match any body).
 _FINGERPRINT = "message"
 #: How many dedup ids the in-process attempt counter remembers (brokers without a delivery
 #: count: RabbitMQ classic queues, MQTT).
@@ -229,20 +232,33 @@ def dedup_id_reader(source: DedupSource) -> Callable[[Delivery], str]:
 
 
 class _Attempts:
-    """Failed attempts per dedup id, in this process (for brokers that count no deliveries)."""
+    """Per dedup id, in this process: failed attempts (for brokers that count no deliveries)
+    and redeliveries answered :class:`Retry` because another consumer held the claim (they
+    raised the broker's delivery count without running the handler, so they are subtracted
+    from it: attempts count handler runs only)."""
 
     def __init__(self, size: int = _ATTEMPT_MEMORY) -> None:
-        self._counts: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._counts: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
         self._size = size
         self._mutex = threading.Lock()
 
-    def failed(self, dedup_id: str) -> int:
+    def _bump(self, dedup_id: str, which: int) -> list[int]:
         with self._mutex:
-            count = self._counts.pop(dedup_id, 0) + 1
-            self._counts[dedup_id] = count
+            counts = self._counts.pop(dedup_id, None) or [0, 0]
+            counts[which] += 1
+            self._counts[dedup_id] = counts
             while len(self._counts) > self._size:
                 self._counts.popitem(last=False)
-            return count
+            return counts
+
+    def failed(self, dedup_id: str) -> tuple[int, int]:
+        """Count a failed attempt; returns (failed attempts, held-claim redeliveries)."""
+        failed, held = self._bump(dedup_id, 0)
+        return failed, held
+
+    def held(self, dedup_id: str) -> None:
+        """Count a redelivery handed back because another consumer held the claim."""
+        self._bump(dedup_id, 1)
 
     def forget(self, dedup_id: str) -> None:
         with self._mutex:
@@ -263,9 +279,11 @@ class IdempotentConsumer:
         ``lease / 3`` while the handler runs (:mod:`oncely.core.lease`).
     :param ttl: seconds a completed message is remembered (redeliveries within it are acked
         without running); default 7 days.
-    :param max_attempts: after this many failed attempts (the broker's delivery count when it
-        keeps one, else a count in this process) the message goes to ``on_dead_letter`` and is
-        acked. Set it to ``0`` to retry forever.
+    :param max_attempts: after this many failed attempts the message goes to
+        ``on_dead_letter`` and is acked. An attempt is a run of the handler: the broker's
+        delivery count when it keeps one, less the redeliveries this process handed back
+        unrun because another consumer held the claim; else a count in this process. Set it
+        to ``0`` to retry forever.
     :param on_dead_letter: ``(Delivery, error) -> Any``, sync or async: called for a poison
         message, a message with no dedup id or an undecodable body. If it raises, the message
         is not acked (:class:`Retry`). Default: log the message at ERROR.
@@ -289,6 +307,14 @@ class IdempotentConsumer:
         closes them in :meth:`close`.
     :param pool_size: with ``inbox``: at most this many connections kept idle (and, on the
         async face, in use at once).
+    :param validate: True (default): the message body is fingerprinted (SHA-256) with its
+        claim, so a *different* body under a dedup id already used is not taken for a
+        duplicate: it is dead-lettered with :class:`~oncely.errors.MessageRejected` (``reason``
+        ``"mismatch"``), logged at WARNING and counted as a claim ``mismatch``
+        (``oncely_mismatches_total``), never acked silently; a redelivery of the same body is
+        a plain duplicate. False: the dedup id alone is the identity (any body under it is a
+        duplicate). The transactional mode (``inbox=``) checks no payload: the inbox row holds
+        no fingerprint.
     :raises ConfigurationError: a bad setting, named in the message.
     """
 
@@ -309,6 +335,7 @@ class IdempotentConsumer:
         inbox: Inbox | None = None,
         connect: str | Callable[[], Any] | None = None,
         pool_size: int = 10,
+        validate: bool = True,
     ) -> None:
         if not callable(handler):
             raise ConfigurationError(f"handler must be callable, not {handler!r}")
@@ -324,6 +351,9 @@ class IdempotentConsumer:
         wait_timeout = seconds(wait_timeout, "wait_timeout", where=where, above=False)
         if not isinstance(max_attempts, int) or max_attempts < 0:
             raise ConfigurationError("max_attempts must be an int >= 0 (0: retry forever)")
+        if not isinstance(validate, bool):
+            raise ConfigurationError(f"validate must be True or False, not {validate!r}")
+        self.validate = validate
         self.handler = handler
         self.name = name
         self.scope = f"oncely.messaging:{name}"
@@ -406,6 +436,38 @@ class IdempotentConsumer:
         """The record key of a dedup id for this consumer."""
         return RecordKey.of(self.scope, dedup_id)
 
+    def fingerprint_of(self, delivery: Delivery) -> str:
+        """The claim's fingerprint: ``sha256:<hex of the body>`` with ``validate``, else the
+        same constant for every message."""
+        if not self.validate:
+            return _FINGERPRINT
+        return "sha256:" + hashlib.sha256(bytes(delivery.body)).hexdigest()
+
+    def _mismatch(
+        self, delivery: Delivery, dedup_id: str, error: BaseException, found: Record | None
+    ) -> Verdict:
+        """The verdict for a claim refused as a mismatch; ``found``: the stored record. A record
+        claimed before bodies were fingerprinted matches any body (a duplicate, or held)."""
+        if found is not None and found.fingerprint == _FINGERPRINT:
+            if found.status == "completed":
+                return Ack(ran=False)
+            return Retry(self.retry_delay, "another consumer holds this message's claim")
+        log.warning(
+            "oncely: consumer %r got message %r with dedup id %r already used for another "
+            "body; dead-lettered (reason 'mismatch'), not acked as a duplicate",
+            self.name,
+            delivery.message_id,
+            dedup_id,
+        )
+        rejected = MessageRejected(
+            f"dedup id {dedup_id!r} was already used by consumer {self.name!r} for a message "
+            "with another body: a different message under a used dedup id is not a duplicate. "
+            "Give every message its own dedup id (or validate=False if bodies may differ)",
+            "mismatch",
+        )
+        rejected.__cause__ = error
+        return DeadLetter(rejected)
+
     # -- the decision after a handled message (pure) -------------------------------------------
     def verdict_for(
         self, delivery: Delivery, dedup_id: str, error: BaseException | None, ran: bool
@@ -426,6 +488,8 @@ class IdempotentConsumer:
             # from the handler's own store or @idempotent call is not the consumer's claim).
             return self._failed_attempt(delivery, dedup_id, error.error)
         if isinstance(error, InFlightError):
+            if delivery.attempt is not None:  # not a failed attempt: subtracted later
+                self._attempts.held(dedup_id)
             return Retry(
                 max(error.retry_after or 0.0, self.retry_delay),
                 "another consumer holds this message's claim; redeliver after it finishes",
@@ -442,10 +506,10 @@ class IdempotentConsumer:
 
     def _failed_attempt(self, delivery: Delivery, dedup_id: str, error: BaseException) -> Verdict:
         """A failed attempt: retried with backoff, or dead-lettered after ``max_attempts``."""
-        attempt = delivery.attempt
-        counted = self._attempts.failed(dedup_id)
-        if attempt is None:
-            attempt = counted
+        counted, held = self._attempts.failed(dedup_id)
+        # the broker's count less the redeliveries this process handed back unrun because
+        # another consumer held the claim; never less than the failures counted here
+        attempt = counted if delivery.attempt is None else max(counted, delivery.attempt - held)
         if self.max_attempts and attempt >= self.max_attempts:
             self._attempts.forget(dedup_id)
             return DeadLetter(error)
@@ -489,19 +553,27 @@ class IdempotentConsumer:
             return b""
 
         error: BaseException | None = None
+        fingerprint = self.fingerprint_of(delivery)
         try:
             drive(
-                call_flow(self.policy, key, _FINGERPRINT),
+                call_flow(self.policy, key, fingerprint),
                 self.store,
                 key,
-                _FINGERPRINT,
+                fingerprint,
                 self.policy,
                 call,
                 None,
             )
         except Exception as exc:
             error = exc
-        verdict = self.verdict_for(delivery, read, error, ran)
+        if isinstance(error, IdempotencyKeyMismatch):
+            try:
+                found = self.store.get(key)
+            except StoreError as exc:
+                return Retry(self.retry_delay, f"the store is unavailable ({exc}); not acked")
+            verdict = self._mismatch(delivery, read, error, found)
+        else:
+            verdict = self.verdict_for(delivery, read, error, ran)
         if isinstance(verdict, DeadLetter):
             return self._dead_letter(delivery, verdict)
         return verdict
@@ -561,19 +633,27 @@ class IdempotentConsumer:
             return b""
 
         error: BaseException | None = None
+        fingerprint = self.fingerprint_of(delivery)
         try:
             await drive_async(
-                call_flow(self.policy, key, _FINGERPRINT),
+                call_flow(self.policy, key, fingerprint),
                 self.store,
                 key,
-                _FINGERPRINT,
+                fingerprint,
                 self.policy,
                 call,
                 None,
             )
         except Exception as exc:
             error = exc
-        verdict = self.verdict_for(delivery, read, error, ran)
+        if isinstance(error, IdempotencyKeyMismatch):
+            try:
+                found = await self.store.aget(key)
+            except StoreError as exc:
+                return Retry(self.retry_delay, f"the store is unavailable ({exc}); not acked")
+            verdict = self._mismatch(delivery, read, error, found)
+        else:
+            verdict = self.verdict_for(delivery, read, error, ran)
         if isinstance(verdict, DeadLetter):
             return await self._adead_letter(delivery, verdict)
         return verdict
@@ -620,9 +700,10 @@ class IdempotentConsumer:
                 ids[i] = read
         order = list(ids)
         keys = [self.key_for(ids[i]) for i in order]
+        prints = [self.fingerprint_of(batch[i]) for i in order]
         sent_at = time.monotonic()
         try:
-            outcomes = await claims.claim_many(keys, _FINGERPRINT, self.lease, self.policy.ttl)
+            outcomes = await claims.claim_many(keys, prints, self.lease, self.policy.ttl)
         except StoreError as exc:
             for i in order:
                 verdicts[i] = self.verdict_for(batch[i], ids[i], exc, False)
@@ -658,7 +739,11 @@ class IdempotentConsumer:
             try:
                 await write_through(self.store.arelease, key, fence)
             except OncelyError as release_error:
-                log.warning("oncely: a failed message's claim was not released (%s)", release_error)
+                log.warning(
+                    "oncely: a failed message's claim was not released (%s: %s)",
+                    type(release_error).__name__,
+                    release_error,
+                )
             verdicts[i] = await self._afinish(batch[i], ids[i], error)
         if ok:
             for i, error in zip((i for i, _, _ in ok), await self._complete_many(claims, ok)):

@@ -68,6 +68,8 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
+    commit_if_held,
+    lost_message,
     missing_object,
     quote,
     run,
@@ -274,8 +276,36 @@ class Inbox:
             raise
         yield Leave(block, True)
 
+    def commit_held(
+        self, conn: SqlConnection, block: Any, consumer: Any, message_id: Any, who: str
+    ) -> Plan[None]:
+        """Commit ``block`` only if, when it owns its transaction, the row :meth:`accept`
+        inserted is still in it (:func:`oncely.sql.connections.commit_if_held`: on PostgreSQL
+        the check goes with the ``COMMIT``, one round trip). ``who`` names the code that ran
+        inside, for the error.
+
+        :raises TransactionLost: that code ended the transaction itself (a rollback or a
+            commit): what was still open is rolled back, nothing is committed.
+        """
+        return commit_if_held(
+            conn,
+            block,
+            quote(self.table, conn.dialect),
+            "consumer = :consumer AND message_id = :message_id",
+            self.key_params(consumer, message_id),
+            lost_message(who, "the inbox row"),
+        )
+
+    @staticmethod
+    def key_params(consumer: Any, message_id: Any) -> dict[str, str]:
+        """The parameters ``consumer`` and ``message_id`` of a row, validated.
+
+        :raises InvalidKey: an empty or over-long consumer or message id.
+        """
+        return {"consumer": _consumer(consumer), "message_id": message_id_text(message_id)}
+
     def _accept(self, conn: SqlConnection, consumer: Any, message_id: Any) -> Plan[bool]:
-        params = {"consumer": _consumer(consumer), "message_id": message_id_text(message_id)}
+        params = self.key_params(consumer, message_id)
         conn.check_usable()
         conn.require_transaction("Inbox.accept")
         try:
@@ -316,7 +346,11 @@ class Inbox:
         """A block that yields :meth:`accept`'s answer: commits on success, rolls back (the
         inbox row with the effect) if the body raises, so the redelivery runs it again. With no
         transaction open on ``conn`` the block is its own transaction; inside one it is a
-        savepoint and the caller commits."""
+        savepoint and the caller commits.
+
+        :raises TransactionLost: the body ended the block's own transaction itself (called
+            ``conn.rollback()`` or ``conn.commit()``): nothing more is committed (see
+            :meth:`commit_held`)."""
         c = adapt(conn)
         block = c.enter(savepoint=True)
         try:
@@ -325,7 +359,10 @@ class Inbox:
         except BaseException:
             c.leave(block, False)
             raise
-        c.leave(block, True)
+        if first and block.owned:
+            run(self.commit_held(c, block, consumer, message_id, "the receive() block"), c)
+        else:
+            c.leave(block, True)
 
     def purge(self, conn: Any, older_than: float = DEFAULT_KEEP, *, batch: int = 1000) -> int:
         """Delete rows received more than ``older_than`` seconds ago (database clock), in
@@ -356,7 +393,11 @@ class Inbox:
         except BaseException:
             await c.aleave(block, False)
             raise
-        await c.aleave(block, True)
+        if first and block.owned:
+            held = self.commit_held(c, block, consumer, message_id, "the areceive() block")
+            await arun(held, c)
+        else:
+            await c.aleave(block, True)
 
     async def apurge(
         self, conn: Any, older_than: float = DEFAULT_KEEP, *, batch: int = 1000

@@ -110,7 +110,9 @@ class JetStreamConsumer:
         """Fetch one batch and handle it; returns how many messages it handled."""
         try:
             msgs = await self.subscription.fetch(self.batch, timeout=self.fetch_timeout)
-        except NatsTimeoutError:
+        except (NatsTimeoutError, asyncio.TimeoutError, TimeoutError):
+            # nats-py ends an empty wait with its own TimeoutError or, at times, the builtin
+            # one (asyncio's): both mean "no messages yet", not a failure
             return 0
         await self.handle(msgs)
         return len(msgs)
@@ -138,7 +140,9 @@ class JetStreamConsumer:
                 self.stats["retried"] += 1
                 await msg.nak(delay=verdict.delay)
         except Exception as exc:  # the server redelivers after ack_wait; the claim decides
-            log.warning("oncely: could not settle JetStream message: %s", exc)
+            log.warning(
+                "oncely: could not settle JetStream message (%s: %s)", type(exc).__name__, exc
+            )
 
     async def _in_progress(self, msgs: Sequence[Msg], ack_wait: float) -> None:
         while True:
@@ -154,6 +158,8 @@ class JetStreamConsumer:
             try:
                 await self.step()
             except Exception as exc:
-                log.warning("oncely: JetStream fetch failed (%s); retrying", exc)
+                log.warning(
+                    "oncely: JetStream fetch failed (%s: %s); retrying", type(exc).__name__, exc
+                )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.5)

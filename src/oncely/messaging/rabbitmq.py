@@ -113,7 +113,12 @@ class RabbitMQConsumer:
                 await asyncio.sleep(verdict.delay)
                 await message.nack(requeue=True)
         except Exception as exc:  # the channel closed: the broker redelivers the message
-            log.warning("oncely: could not settle message %r: %s", message.message_id, exc)
+            log.warning(
+                "oncely: could not settle message %r (%s: %s)",
+                message.message_id,
+                type(exc).__name__,
+                exc,
+            )
         return verdict
 
     async def _spawn(self, message: AbstractIncomingMessage) -> None:

@@ -153,7 +153,12 @@ class RedisStreamConsumer:
                 await self.step()
                 backoff = 0.1
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("oncely: redis stream %r: %s; reconnecting", self.stream, exc)
+                log.warning(
+                    "oncely: redis stream %r: %s: %s; reconnecting",
+                    self.stream,
+                    type(exc).__name__,
+                    exc,
+                )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -164,7 +169,12 @@ class RedisStreamConsumer:
                 await fn()
                 return
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-                log.warning("oncely: redis stream %r: %s; retrying", self.stream, exc)
+                log.warning(
+                    "oncely: redis stream %r: %s: %s; retrying",
+                    self.stream,
+                    type(exc).__name__,
+                    exc,
+                )
                 await asyncio.sleep(0.5)
 
     async def step(self) -> int:
@@ -246,4 +256,9 @@ class RedisStreamConsumer:
             try:
                 await self.client.xclaim(self.stream, self.group, self.member, 0, ids, justid=True)
             except Exception as exc:  # the next touch, or the claim's lease, covers it
-                log.warning("oncely: could not touch pending entries of %r: %s", self.stream, exc)
+                log.warning(
+                    "oncely: could not touch pending entries of %r (%s: %s)",
+                    self.stream,
+                    type(exc).__name__,
+                    exc,
+                )

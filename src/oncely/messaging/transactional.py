@@ -38,7 +38,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, NamedTuple
 
 from oncely.backends.plans import Plan
-from oncely.errors import ConfigurationError, DatabaseBusy, OncelyError, StoreUnavailable
+from oncely.errors import (
+    ConfigurationError,
+    DatabaseBusy,
+    OncelyError,
+    StoreUnavailable,
+    TransactionLost,
+)
 from oncely.messaging.inbox import Inbox
 from oncely.messaging.inbox import connect as connect_url
 from oncely.sql.connections import (
@@ -71,10 +77,17 @@ class HandlerFailed(Exception):
         self.error = error
 
 
-def transaction_plan(conn: SqlConnection) -> Plan[bool]:
-    """Begin, accept, handle (if new), commit; returns whether the handler ran. On any error
-    the transaction is rolled back (a failed rollback is ignored: the connection is then
-    discarded) and the error raised, a handler's wrapped in :class:`HandlerFailed`."""
+def transaction_plan(
+    conn: SqlConnection, held: Callable[[Any], Plan[None]] | None = None
+) -> Plan[bool]:
+    """Begin, accept, handle (if new), check, commit; returns whether the handler ran. On any
+    error the transaction is rolled back (a failed rollback is ignored: the connection is then
+    discarded) and the error raised, a handler's wrapped in :class:`HandlerFailed`.
+
+    ``held(block)``: the plan that commits the block only if the inbox row is still in it
+    (:meth:`Inbox.commit_held`). If the handler ended the transaction itself (a rollback or a
+    commit), nothing more is committed and :class:`HandlerFailed` wrapping
+    :class:`~oncely.errors.TransactionLost` is raised: a failed attempt."""
     if conn.in_transaction():
         raise ConfigurationError(
             "connect() gave a connection with a transaction already open; the transactional "
@@ -88,6 +101,12 @@ def transaction_plan(conn: SqlConnection) -> Plan[bool]:
                 yield _Handle()
             except Exception as exc:
                 raise HandlerFailed(exc) from exc
+        if first and held is not None:
+            try:
+                yield from held(block)
+            except TransactionLost as exc:
+                raise HandlerFailed(exc) from exc
+            return True
         yield Leave(block, bool(first))  # a duplicate rolls back: it wrote nothing
     except BaseException as exc:
         with contextlib.suppress(Exception):
@@ -238,7 +257,10 @@ class Connections:
                 call(raw)
                 return None
 
-            return bool(run(transaction_plan(c), c, other))
+            def held(block: Any) -> Plan[None]:
+                return inbox.commit_held(c, block, consumer, dedup_id, "the handler")
+
+            return bool(run(transaction_plan(c, held), c, other))
         finally:
             self.give_back(raw, conn)
 
@@ -259,7 +281,10 @@ class Connections:
                     await call(raw)
                     return None
 
-                return bool(await arun(transaction_plan(c), c, other))
+                def held(block: Any) -> Plan[None]:
+                    return inbox.commit_held(c, block, consumer, dedup_id, "the handler")
+
+                return bool(await arun(transaction_plan(c, held), c, other))
             finally:
                 pending = self.give_back(raw, conn)
                 if pending is not None:

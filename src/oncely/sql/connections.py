@@ -49,6 +49,7 @@ from oncely.errors import (
     InvalidIdentifier,
     OncelyError,
     TransactionFailed,
+    TransactionLost,
     UnknownColumn,
     UnknownTable,
     UnsupportedConnection,
@@ -56,6 +57,7 @@ from oncely.errors import (
 
 __all__ = [
     "DIALECTS",
+    "WRITTEN_BY_THIS_TRANSACTION",
     "Dialect",
     "Duplicate",
     "Enter",
@@ -67,13 +69,16 @@ __all__ = [
     "adapt",
     "arun",
     "busy",
+    "commit_if_held",
     "duplicate_of",
     "exact_text",
     "lock_timeout",
+    "lost_message",
     "missing_object",
     "quote",
     "render",
     "retryable",
+    "row_gone",
     "run",
     "statement_for",
 ]
@@ -326,6 +331,77 @@ def retryable(exc: BaseException) -> bool:
         if isinstance(e, DatabaseBusy):
             return True
     return False
+
+
+#: PostgreSQL: true for a row the current transaction wrote (its ``xmin`` is this transaction's
+#: id; ``txid_current_if_assigned()`` is NULL, so false, in a transaction that wrote nothing).
+#: ``SELECT 1 / count(*) ... AND`` this fails with a division by zero (:func:`row_gone`) when a
+#: row oncely inserted is no longer in the open transaction: user code committed or rolled
+#: back under it. Sent with the ``COMMIT`` (:class:`ExecLeave`), a commit never follows it.
+WRITTEN_BY_THIS_TRANSACTION: Final = "xmin::text::bigint = txid_current_if_assigned() % 4294967296"
+
+
+def row_gone(exc: BaseException) -> bool:
+    """True when ``exc`` is PostgreSQL's division by zero (SQLSTATE 22012), what a check built
+    on :data:`WRITTEN_BY_THIS_TRANSACTION` raises when the row is not in the transaction."""
+    return any(
+        "22012" in (getattr(e, "sqlstate", None), getattr(e, "pgcode", None)) for e in _causes(exc)
+    )
+
+
+def commit_if_held(
+    c: SqlConnection,
+    block: Block,
+    table: str,
+    where: str,
+    params: Mapping[str, Any],
+    lost: str,
+) -> Plan[None]:
+    """Close ``block`` committing, but if it owns its transaction only when the row of
+    ``table`` (quoted) matching ``where`` (``:name`` placeholders from ``params``), which
+    oncely wrote in it before running user code, is still in it. User code that called
+    ``conn.rollback()`` or ``conn.commit()`` took the row out: committing its later writes
+    would apply them without the row, and every retry would apply them again.
+
+    PostgreSQL: one ``SELECT 1 / count(*) ... AND`` :data:`WRITTEN_BY_THIS_TRANSACTION` sent
+    with the ``COMMIT`` (:class:`ExecLeave`: one round trip); it fails unless the row exists
+    and this transaction wrote it. SQLite, MariaDB/MySQL: ``SELECT count(*)`` then the commit
+    (no transaction id to compare: a concurrent transaction that committed the same row in
+    between is taken for ours). A savepoint block (the caller's transaction) is released as
+    is: releasing a savepoint a rollback removed fails in the database.
+
+    :raises TransactionLost: the row is gone (``lost`` is the message); what was still open
+        is rolled back, nothing is committed.
+    """
+    if not block.owned:
+        yield Leave(block, True)
+        return
+    if c.dialect == "postgresql":
+        check = f"SELECT 1 / count(*) FROM {table} WHERE {where} AND {WRITTEN_BY_THIS_TRANSACTION}"
+        try:
+            yield ExecLeave(block, check, params)
+        except Exception as exc:
+            if row_gone(exc):
+                raise TransactionLost(lost) from exc
+            raise
+        return
+    found = yield Exec(f"SELECT count(*) FROM {table} WHERE {where}", dict(params))
+    if not (found.rows and found.rows[0][0]):
+        yield Leave(block, False)
+        raise TransactionLost(lost)
+    yield Leave(block, True)
+
+
+def lost_message(who: str, row: str) -> str:
+    """The :class:`~oncely.errors.TransactionLost` message: ``who`` ended the transaction and
+    ``row`` is what it took out."""
+    return (
+        f"{who} ended the transaction oncely opened around it (it called conn.rollback() or "
+        f"conn.commit(), or a Session.rollback() after a caught error): {row} is no longer "
+        "in it, so committing now would apply the writes made after that without it, and "
+        "every retry would apply them again. Nothing more was committed. Let oncely own the "
+        "transaction; undo part of the work with a savepoint"
+    )
 
 
 def lock_timeout(exc: BaseException) -> bool:

@@ -66,8 +66,10 @@ from oncely.errors import (
     IdempotencyKeyMismatch,
     InFlightError,
     TransactionFailed,
+    TransactionLost,
 )
 from oncely.sql.connections import (
+    WRITTEN_BY_THIS_TRANSACTION,
     Block,
     Dialect,
     Enter,
@@ -77,10 +79,13 @@ from oncely.sql.connections import (
     adapt,
     arun,
     busy,
+    commit_if_held,
     duplicate_of,
     lock_timeout,
+    lost_message,
     quote,
     retryable,
+    row_gone,
     run,
 )
 from oncely.sql.keys import record_key
@@ -270,15 +275,32 @@ def finish_plan(
             "key nor the writes). Let the error propagate, or wrap the statement that may fail "
             "in a savepoint (with conn.transaction(): / begin_nested()), then retry"
         )
-    if result is None:
-        yield Leave(claim.block, True)
-        return
     t = quote(table, c.dialect)
-    yield ExecLeave(  # with psycopg: the UPDATE and the COMMIT in one round trip
-        claim.block,
-        f"UPDATE {t} SET result = :result WHERE scope = :scope AND digest = :digest",
-        {"scope": key.scope, "digest": digest_bytes(key), "result": result},
-    )
+    where = "scope = :scope AND digest = :digest"
+    params = {"scope": key.scope, "digest": digest_bytes(key), "result": result}
+    lost = lost_message("the code inside the transaction() block", "the key's row")
+    if result is None:  # (when the block owns its transaction: only if the key's row is in it)
+        yield from commit_if_held(c, claim.block, t, where, params, lost)
+        return
+    if not claim.block.owned or c.dialect == "postgresql":
+        mine = where if not claim.block.owned else f"{where} AND {WRITTEN_BY_THIS_TRANSACTION}"
+        # with psycopg: the UPDATE (which fails, owned, when the row is not this
+        # transaction's: the block's code ended it) and the COMMIT in one round trip
+        update = f"UPDATE {t} SET result = :result WHERE {mine}"
+        if claim.block.owned:
+            update = f"WITH u AS ({update} RETURNING 1) SELECT 1 / count(*) FROM u"
+        try:
+            yield ExecLeave(claim.block, update, params)
+        except Exception as exc:
+            if claim.block.owned and row_gone(exc):
+                raise TransactionLost(lost) from exc
+            raise
+        return
+    res = yield Exec(f"UPDATE {t} SET result = :result WHERE {where}", params)
+    if res.rowcount != 1:  # the row is gone from the transaction the block owns
+        yield Leave(claim.block, False)
+        raise TransactionLost(lost)
+    yield Leave(claim.block, True)
 
 
 class Transaction:

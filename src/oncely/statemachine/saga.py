@@ -64,7 +64,9 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     busy,
+    commit_if_held,
     exact_text,
+    lost_message,
     missing_object,
     quote,
     retryable,
@@ -453,7 +455,18 @@ class Saga:
             except BaseException:
                 yield Leave(block, False)
                 raise
-            yield Leave(block, True)
+            if verdict.run:  # the step's code ran inside: commit only if the barrier row is
+                # still in the transaction (the step did not roll back or commit it itself)
+                yield from commit_if_held(
+                    c,
+                    block,
+                    table,
+                    "gid = :gid AND branch = :branch AND op = :op",
+                    {"gid": saga_id, "branch": step.name, "op": op},
+                    lost_message(f"saga step {step.name!r} ({op})", "its barrier row"),
+                )
+            else:
+                yield Leave(block, True)
             return verdict
 
     def _transition(self, c: SqlConnection, saga_id: str, name: str) -> Plan[str]:

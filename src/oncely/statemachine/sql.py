@@ -56,8 +56,11 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     busy,
+    commit_if_held,
     exact_text,
+    lost_message,
     missing_object,
+    quote,
     retryable,
 )
 from oncely.sql.connections import arun as sql_arun
@@ -432,7 +435,18 @@ class SqlStateMachine:
                 for hook in self.hooks:
                     yield _RunHook(hook, HookCall(conn, self.machine, outcome, data, key))
                 open_block = False
-                yield Leave(block, True)
+                if self.hooks:  # a hook that ended the transaction: commit nothing more
+                    yield from commit_if_held(
+                        c,
+                        block,
+                        quote(self.table.name, c.dialect),
+                        f"{quote(self.table.id_column, c.dialect)} = :id AND "
+                        f"{quote(self.table.state_column, c.dialect)} = :target",
+                        {"id": entity_id, "target": t.target},
+                        lost_message("a transition hook", "the entity row's new state"),
+                    )
+                else:
+                    yield Leave(block, True)
                 for hook in self.after_commit:
                     yield _RunHook(hook, HookCall(conn, self.machine, outcome, data, key))
                 return outcome
