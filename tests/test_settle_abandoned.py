@@ -32,6 +32,6 @@ def test_a_background_completion_cut_off_by_the_loop_ending_is_logged(
     with caplog.at_level(logging.ERROR, logger="oncely"):
         asyncio.run(main())
     assert ended == [True]
-    assert any(
-        "storing the result of f was abandoned" in r.getMessage() for r in caplog.records
-    ), caplog.text
+    assert any("storing the result of f was abandoned" in r.getMessage() for r in caplog.records), (
+        caplog.text
+    )
