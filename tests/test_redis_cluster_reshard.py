@@ -73,7 +73,18 @@ class Mover:
     def move(self, slot: int, src: int, dst: int) -> None:
         source, target = self.clients[src], self.clients[dst]
         target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.ids[src])
-        source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.ids[dst])
+        # Twice in about ten runs of the cluster test files the source answered "I'm not the
+        # owner of hash slot" here (its view of the slot lagged; the cause is not established):
+        # give its view up to 5 s to agree, then fail as before.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.ids[dst])
+                break
+            except redis.ResponseError as exc:
+                if "not the owner" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1):
             source.execute_command("MIGRATE", "127.0.0.1", dst, "", 0, 5000, "KEYS", *keys)
             time.sleep(0.005)  # the slot stays half-moved: ASK and TRYAGAIN meanwhile
@@ -188,6 +199,12 @@ def test_a_moved_ask_storm_runs_each_body_once_and_answers_right_or_typed(
                 outcomes.append((k, outcome, time.monotonic() - started))
 
         await asyncio.gather(*(one(k) for k in calls))
+        # A ResultNotStored's completion goes on in a background task (oncely.core.settle);
+        # asyncio.run would cancel it, leaving the key to its lease and a second run to the
+        # check below. Let it land first, as an application's shutdown should.
+        left = asyncio.all_tasks() - {asyncio.current_task()}
+        if left:
+            await asyncio.wait(left, timeout=15)
         await store.aclose()
 
     # The formula in _keys_in must be the decorator's, or the keys would not be in those slots.
