@@ -73,24 +73,37 @@ class Mover:
     def move(self, slot: int, src: int, dst: int) -> None:
         source, target = self.clients[src], self.clients[dst]
         target.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.ids[src])
-        # Twice in about ten runs of the cluster test files the source answered "I'm not the
-        # owner of hash slot" here (its view of the slot lagged; the cause is not established):
-        # give its view up to 5 s to agree, then fail as before.
-        deadline = time.monotonic() + 5
-        while True:
-            try:
-                source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.ids[dst])
-                break
-            except redis.ResponseError as exc:
-                if "not the owner" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+        source.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.ids[dst])
         while keys := source.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1):
             source.execute_command("MIGRATE", "127.0.0.1", dst, "", 0, 5000, "KEYS", *keys)
             time.sleep(0.005)  # the slot stays half-moved: ASK and TRYAGAIN meanwhile
         for port in (dst, src, *self.ports):
             self.clients[port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.ids[dst])
         self.moves += 1
+        self.agree()
+
+    def agree(self, timeout: float = 5) -> None:
+        """Until every master knows the same current epoch (at most ``timeout`` seconds).
+
+        Without this, in about 1 of 3 sessions running both plain storms, the fourth pass
+        stopped at ``MIGRATING`` with "I'm not the owner of hash slot": the source and the
+        target each saw the other as the slot's owner, for good. Likely cause (inferred, not
+        proven): the importing node takes a new config epoch without consensus at ``SETSLOT …
+        NODE``, and with slots bouncing every few milliseconds it may not have heard of the
+        last bump yet, so two masters briefly share an epoch. redis-cli --cluster reshard
+        moves a slot once, so it does not race its own previous move."""
+        deadline = time.monotonic() + timeout
+        while True:
+            epochs = {
+                c.execute_command("CLUSTER", "INFO")
+                .decode()
+                .split("cluster_current_epoch:")[1]
+                .split()[0]
+                for c in self.clients.values()
+            }
+            if len(epochs) == 1 or time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
 
     def run(self) -> None:
         try:
