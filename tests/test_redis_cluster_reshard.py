@@ -30,7 +30,7 @@ import redis
 import redis.cluster
 
 from oncely import idempotent
-from oncely.core.records import RecordKey, digest_key
+from oncely.core.records import New, RecordKey, digest_key
 from oncely.errors import InFlightError, ResultNotStored, StoreUnavailable
 from oncely.stores.redis import RedisStore
 from redis_cluster import cluster_url
@@ -80,6 +80,30 @@ class Mover:
         for port in (dst, src, *self.ports):
             self.clients[port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", self.ids[dst])
         self.moves += 1
+        self.agree()
+
+    def agree(self, timeout: float = 5) -> None:
+        """Until every master knows the same current epoch (at most ``timeout`` seconds).
+
+        Without this, in about 1 of 3 sessions running both plain storms, the fourth pass
+        stopped at ``MIGRATING`` with "I'm not the owner of hash slot": the source and the
+        target each saw the other as the slot's owner, for good. Likely cause (inferred, not
+        proven): the importing node takes a new config epoch without consensus at ``SETSLOT …
+        NODE``, and with slots bouncing every few milliseconds it may not have heard of the
+        last bump yet, so two masters briefly share an epoch. redis-cli --cluster reshard
+        moves a slot once, so it does not race its own previous move."""
+        deadline = time.monotonic() + timeout
+        while True:
+            epochs = {
+                c.execute_command("CLUSTER", "INFO")
+                .decode()
+                .split("cluster_current_epoch:")[1]
+                .split()[0]
+                for c in self.clients.values()
+            }
+            if len(epochs) == 1 or time.monotonic() > deadline:
+                return
+            time.sleep(0.01)
 
     def run(self) -> None:
         try:
@@ -188,6 +212,12 @@ def test_a_moved_ask_storm_runs_each_body_once_and_answers_right_or_typed(
                 outcomes.append((k, outcome, time.monotonic() - started))
 
         await asyncio.gather(*(one(k) for k in calls))
+        # A ResultNotStored's completion goes on in a background task (oncely.core.settle);
+        # asyncio.run would cancel it, leaving the key to its lease and a second run to the
+        # check below. Let it land first, as an application's shutdown should.
+        left = asyncio.all_tasks() - {asyncio.current_task()}
+        if left:
+            await asyncio.wait(left, timeout=15)
         await store.aclose()
 
     # The formula in _keys_in must be the decorator's, or the keys would not be in those slots.
@@ -283,3 +313,59 @@ async def test_a_slot_stuck_half_moved_is_a_bounded_store_unavailable(
         mover.close()
         await store.aclose()
         store.close()
+
+
+async def test_an_ask_redirect_runs_the_script_on_the_importing_node() -> None:
+    """A script for a key already moved to the importing node follows the ``ASK`` there, sync
+    and async. redis-py 8.1's asyncio cluster client sent ``ASKING`` and the script as two
+    pooled commands, on two different connections whenever more than one was free: the
+    importing node answered ``MOVED`` back to the source, every try (with an even number of
+    free connections), and after 16 tries the completion of a body that ran failed with
+    StoreUnavailable (a ``ResultNotStored`` for the caller; the ``ASKING`` left on the other
+    connection could let a later script of another caller run on the importing node). oncely
+    now sends ``ASKING`` and the script in one write on one connection."""
+    url = cluster_url()
+    store = RedisStore(url, prefix=f"oncely-cluster2-{uuid.uuid4().hex[:8]}")
+    client: Any = store.redis.client
+    masters = sorted(int(n.port) for n in client.get_primaries())
+    first = RecordKey("ask", digest_key("ask-first"))
+    second = next(
+        RecordKey("ask", d)
+        for i in range(100_000)
+        if (d := digest_key(f"ask-{i}"))[:3] == first.digest[:3]
+    )
+    fences = [store.claim(k, "fp", 5, 60) for k in (first, second)]
+    assert all(isinstance(f, New) for f in fences)
+    slot = client.keyslot(store._key(first))
+    source = int(client.nodes_manager.get_node_from_slot(slot).port)
+    target = next(p for p in masters if p != source)
+    mover = Mover([slot], masters, source, target)
+    src, dst = mover.clients[source], mover.clients[target]
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", mover.ids[source])
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", mover.ids[target])
+    try:
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10):
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        # Every key of the slot is on the target now: the source answers ASK for each script.
+        aclient: Any = await store.redis.aready()
+        node = aclient.get_node(host="127.0.0.1", port=target)
+        # An even number (>= 2) of free connections to the target (redis-py's node pool).
+        held = [node.acquire_connection() for _ in range(len(node._free) // 2 * 2 + 2)]
+        for connection in held:
+            node.release(connection)
+        await store.acomplete(first, fences[0].fence, b'"a"', "json", 60)
+        store.complete(second, fences[1].fence, b'"b"', "json", 60)
+    finally:
+        while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 10):
+            src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys)
+        for port in (target, source, *masters):
+            owner = mover.ids[target]
+            mover.clients[port].execute_command("CLUSTER", "SETSLOT", slot, "NODE", owner)
+        mover.close()
+        await store.aclose()
+    done = [store.get(k) for k in (first, second)]
+    store.close()
+    assert [(r.status, r.result) for r in done if r is not None] == [
+        ("completed", b'"a"'),
+        ("completed", b'"b"'),
+    ]

@@ -39,7 +39,7 @@ from redis.exceptions import (
 from oncely.backends.lua import command, is_noscript
 from oncely.backends.plans import Plan, Sleep
 
-__all__ = ["EvalWait", "Exchange", "Locate", "Moved", "eval_wait"]
+__all__ = ["EvalWait", "Exchange", "Locate", "Moved", "eval_routed", "eval_wait"]
 
 #: How many times a script is sent again after MOVED / ASK / TRYAGAIN / NOSCRIPT before the
 #: call gives up with the last error (redis-py's cluster client allows 16 redirects too).
@@ -96,19 +96,48 @@ def eval_wait(
     :raises redis.exceptions.RedisError: a connection error or timeout (the script may have
         run).
     """
+    reply, acked = yield from eval_routed(
+        script, numkeys, keys_and_args, ("WAIT", replicas, timeout_ms)
+    )
+    return reply, int(acked)
+
+
+def eval_routed(
+    script: Any,
+    numkeys: int,
+    keys_and_args: Sequence[Any],
+    then: tuple[Any, ...] | None = None,
+) -> Plan[tuple[Any, Any]]:
+    """Run ``script`` on the node that serves the first key, following ``MOVED`` / ``ASK`` /
+    ``TRYAGAIN`` / ``NOSCRIPT`` as the module docstring says, and ``then`` (a command such as
+    ``WAIT``, or None) right after it on the same connection; the outcome is ``(script reply,
+    then's reply or None)``.
+
+    ``ASKING`` goes in the same write as the script, on the same connection: redis-py 8.1's
+    asyncio cluster client sends ``ASKING`` and the command as two pooled commands, which take
+    two different connections whenever more than one is free, so the importing node answered
+    ``MOVED`` (every try, with an even number of free connections: the call failed after 16
+    tries), and the ``ASKING`` left on the other connection let a later command of another
+    caller run on a node that only imports its slot (a completion there finds no record).
+
+    :raises redis.exceptions.ResponseError: the script's error reply, or the last redirect or
+        ``TRYAGAIN`` after :data:`MAX_TRIES` tries.
+    :raises redis.exceptions.RedisError: a connection error or timeout (the script may have
+        run).
+    """
     node = yield Locate(keys_and_args[0])
-    wait = ("WAIT", replicas, timeout_ms)
+    tail: tuple[tuple[Any, ...], ...] = () if then is None else (then,)
     use_eval = asking = False
     last: Exception = ClusterError("no try was made")
     for attempt in range(MAX_TRIES):
         commands: tuple[tuple[Any, ...], ...] = (
             command(script, numkeys, keys_and_args, source=use_eval),
-            wait,
+            *tail,
         )
         if asking:
             commands = (("ASKING",), *commands)
         replies = yield Exchange(node, commands)
-        reply, acked = replies[-2:]
+        reply = replies[-1 - len(tail)]
         if is_noscript(reply) and not use_eval:
             use_eval = True  # on the same node, with ASKING again if this was an ASK
             continue
@@ -126,7 +155,9 @@ def eval_wait(
             continue
         if isinstance(reply, Exception):
             raise reply
-        if isinstance(acked, Exception):
-            raise acked
-        return reply, int(acked)
+        if not tail:
+            return reply, None
+        if isinstance(replies[-1], Exception):
+            raise replies[-1]
+        return reply, replies[-1]
     raise last

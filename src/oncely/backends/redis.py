@@ -41,7 +41,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from oncely.backends.autopipe import AsyncPipeline, SyncPipeline
-from oncely.backends.durable import EvalWait, Exchange, Locate, Moved, eval_wait
+from oncely.backends.durable import (
+    EvalWait,
+    Exchange,
+    Locate,
+    Moved,
+    eval_routed,
+    eval_wait,
+)
 from oncely.backends.loops import LoopLocal
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Command, Eval, Sleep, arun, run
@@ -580,8 +587,11 @@ class RedisClients:
             raise self.error(exc) from exc
 
     def eval(self, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
-        """One script on the sync client (:func:`oncely.backends.lua.evalsha`)."""
+        """One script on the sync client (:func:`oncely.backends.lua.evalsha`); on a cluster,
+        routed by oncely (:func:`oncely.backends.durable.eval_routed`)."""
         try:
+            if self.cluster and self._owns_client:
+                return run(eval_routed(script, numkeys, keys_and_args), self._wait_step)[0]
             return evalsha(self.scripts, script, numkeys, *keys_and_args)
         except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
@@ -801,10 +811,17 @@ class RedisClients:
         It does not retry a command after a connection error or timeout (a write whose reply
         was lost may have run: the caller gets StoreUnavailable), but follows MOVED / ASK
         redirects, which say the command did not run where it was sent.
+
+        A ``MOVED`` reply only patches the slot map (``reinitialize_steps=0`` unless given):
+        redis-py's default (5) closes *every* connection of the client on each fifth ``MOVED``,
+        the ones other callers are waiting on too (redis-py 8.1, asyncio
+        ``RedisCluster._execute_command`` → ``aclose()``), so during a resharding scripts in
+        flight lost their replies (``Connection lost``) and completions were not stored.
         """
         parts = cluster_nodes(self.url)
         options = dict(self.pool_options)
         options.pop("timeout", None)  # the single-node blocking pool's wait
+        options.setdefault("reinitialize_steps", 0)
         options.update(
             username=parts.username,
             password=parts.password,
@@ -877,6 +894,9 @@ class RedisClients:
         """The async face of :meth:`eval`."""
         try:
             with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
+                if self.cluster and self._async_client is None:
+                    plan = eval_routed(script, numkeys, keys_and_args)
+                    return (await arun(plan, self._await_step))[0]
                 client = self.ascripts() if not self.cluster else await self.aready()
                 return await aevalsha(client, script, numkeys, *keys_and_args)
         except DRIVER_ERRORS as exc:

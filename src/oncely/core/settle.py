@@ -187,6 +187,17 @@ def asettle_later(
                     request = plan.send(None)
         except StopIteration as stop:
             landed = bool(stop.value)
+        except asyncio.CancelledError:
+            # Typically the event loop ending (asyncio.run cancels what is left): say so, since
+            # the key is then left to its lease and a retry after it runs the call again.
+            log.error(
+                "oncely: storing %s was abandoned before it landed (its task was cancelled: "
+                "did the event loop end?); the key frees itself when its lease runs out, and a "
+                "retry after that runs the call again. Let background work finish before "
+                "closing the loop",
+                what,
+            )
+            raise
         finally:
             told.end(landed)
             done()

@@ -48,7 +48,7 @@ from oncely.backends.durable import EvalWait
 from oncely.backends.forks import after_fork
 from oncely.backends.lua import Script, evalsha
 from oncely.backends.plans import Command, Eval, Plan
-from oncely.backends.redis import DRIVER_ERRORS, RedisClients, ms
+from oncely.backends.redis import DRIVER_ERRORS, RedisClients, driver_fault, ms
 from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import (
     ClaimOutcome,
@@ -474,6 +474,8 @@ class RedisStore(PlannedStore):
     def _execute(self, request: Any) -> Any:
         kind = type(request)
         if kind is Eval:  # the hot path: one frame less than self.redis.execute
+            if self.cluster:  # routed by oncely (RedisClients.eval)
+                return self.redis.eval(request.script, request.numkeys, *request.keys_and_args)
             try:
                 return evalsha(
                     self.redis.scripts, request.script, request.numkeys, *request.keys_and_args
@@ -543,6 +545,12 @@ class RedisStore(PlannedStore):
             except DRIVER_ERRORS as exc:
                 await pubsub.aclose()
                 raise self.redis.error(exc) from exc
+            except (AttributeError, TypeError) as exc:
+                # redis-py tore the connection down under us (driver_fault): StoreUnavailable
+                await pubsub.aclose()
+                if driver_fault(exc):
+                    raise self.redis.error(exc) from exc
+                raise
             except BaseException:
                 await pubsub.aclose()
                 raise
