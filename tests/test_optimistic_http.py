@@ -362,6 +362,10 @@ def test_wsgi_threads_race_one_winner(docs: Docs) -> None:
     from oncely.http.flask import conditional
 
     class Threaded(WSGIServer):
+        # socketserver's default listen backlog is 5: a burst of 16 connects overflows it and
+        # a dropped SYN is retried a second later (a CI run lost one request that way).
+        request_queue_size = 64
+
         def process_request(self, req: Any, addr: Any) -> None:
             threading.Thread(target=self._serve, args=(req, addr), daemon=True).start()
 
@@ -390,10 +394,17 @@ def test_wsgi_threads_race_one_winner(docs: Docs) -> None:
         url = f"http://127.0.0.1:{server.server_port}/docs/1"
         barrier = threading.Barrier(16)
         statuses: list[int] = []
+        errors: list[BaseException] = []
 
         def client(i: int) -> None:
             barrier.wait()
-            r = httpx.put(url, content=f"w{i}".encode(), headers={"If-Match": '"1"'}, timeout=30)
+            try:
+                r = httpx.put(
+                    url, content=f"w{i}".encode(), headers={"If-Match": '"1"'}, timeout=30
+                )
+            except BaseException as exc:  # a client that got no answer is a failure to show
+                errors.append(exc)
+                raise
             statuses.append(r.status_code)
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
@@ -404,5 +415,6 @@ def test_wsgi_threads_race_one_winner(docs: Docs) -> None:
     finally:
         server.shutdown()
         server.server_close()
+    assert errors == []
     assert sorted(statuses) == [200] + [412] * 15
     assert docs.get(1)[1] == 2  # type: ignore[index]
