@@ -234,7 +234,7 @@ async def test_store_down_naks_and_loses_nothing(js: Any, stream: tuple[str, str
 
 
 async def test_an_idle_consumer_fetches_nothing_without_errors(
-    js: Any, stream: tuple[str, str]
+    js: Any, stream: tuple[str, str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """nats-py ends an empty fetch with its own TimeoutError or, at times, the builtin one
     (asyncio's, when the deadline runs out between its two pull requests; about 1 in 10 with
@@ -243,5 +243,8 @@ async def test_an_idle_consumer_fetches_nothing_without_errors(
     sub = await js.pull_subscribe(subject, durable="idle", stream=name)
     consumer = IdempotentConsumer(lambda d: None, name="idle", store="memory://")
     member = JetStreamConsumer(consumer, sub, fetch_timeout=0.02)
+    caplog.set_level("DEBUG", logger="oncely")
     for _ in range(150):
         assert await asyncio.wait_for(member.step(), 5) == 0
+    noisy = [r for r in caplog.records if r.levelno >= 30 and r.name.startswith("oncely")]
+    assert noisy == []  # an empty fetch is not worth a warning, let alone an error

@@ -302,6 +302,17 @@ def test_sequence_default_prevents_aba(make_db: Any, dialect: str) -> None:
         conn.rollback()
         assert versioned_update(conn, table, 1, {"owner": "dave"}, fresh) == fresh + 1
         conn.commit()
+        # the hazard the recipe closes: with DEFAULT 1 the re-created row starts at the
+        # version the stale writer holds, and its write lands on the new row
+        plain = db.name("aba_plain")
+        db.run(f"CREATE TABLE {plain} (id INT PRIMARY KEY, owner VARCHAR(20), "
+               "version BIGINT NOT NULL DEFAULT 1)")  # fmt: skip
+        db.run(f"INSERT INTO {plain} (id, owner) VALUES (1, 'alice')")
+        held = db.run(f"SELECT version FROM {plain}")[0][0]
+        db.run(f"DELETE FROM {plain} WHERE id = 1")
+        db.run(f"INSERT INTO {plain} (id, owner) VALUES (1, 'carol')")
+        assert versioned_update(conn, plain, 1, {"owner": "alice"}, held) == held + 1
+        conn.commit()
     finally:
         db.run(f"DROP TABLE IF EXISTS {table}")
         db.run(f"DROP SEQUENCE IF EXISTS {seq}")
