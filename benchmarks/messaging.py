@@ -94,14 +94,18 @@ async def drop_store(kind: str, store: Store, tag: str) -> None:
 
 
 # -- one drain per broker: preload n messages, time draining them --------------------------------
-async def redis_streams(consumer: IdempotentConsumer, n: int) -> float:
+async def redis_streams(
+    consumer: IdempotentConsumer, n: int, prefix: str = "oncely-bench-stream"
+) -> float:
+    """Seconds to drain ``n`` preloaded messages of a new stream ``<prefix>-<tag>`` (deleted
+    after) through ``consumer``, 100 a read."""
     import redis.asyncio
 
     from oncely.messaging.redis_streams import RedisStreamConsumer
 
     client = redis.asyncio.Redis.from_url(REDIS_URL)
     tag = uuid.uuid4().hex[:10]
-    stream = f"oncely-bench-stream-{tag}"
+    stream = f"{prefix}-{tag}"
     try:
         pipe = client.pipeline(transaction=False)
         for i in range(n):
