@@ -94,6 +94,16 @@ async def drop_store(kind: str, store: Store, tag: str) -> None:
 
 
 # -- one drain per broker: preload n messages, time draining them --------------------------------
+async def _stepped(member: Any, n: int) -> float:
+    """Seconds until ``member.step()`` (a pull consumer's one batch: how many it settled) has
+    settled ``n`` messages."""
+    start = time.perf_counter()
+    done = 0
+    while done < n:
+        done += await member.step()
+    return time.perf_counter() - start
+
+
 async def redis_streams(
     consumer: IdempotentConsumer, n: int, prefix: str = "oncely-bench-stream"
 ) -> float:
@@ -114,11 +124,7 @@ async def redis_streams(
         member = RedisStreamConsumer(consumer, client, stream, "g", "m", count=100, block=0.1)
         await member.ensure_group()
         member._next_reclaim = float("inf")  # no idle entries here: measure the read path
-        start = time.perf_counter()
-        done = 0
-        while done < n:
-            done += await member.step()
-        return time.perf_counter() - start
+        return await _stepped(member, n)
     finally:
         await client.delete(stream)
         await client.aclose()
@@ -168,11 +174,7 @@ async def nats_jetstream(consumer: IdempotentConsumer, n: int) -> float:
         await asyncio.gather(*futures)
         sub = await js.pull_subscribe(subject, durable="bench", stream=name)
         member = JetStreamConsumer(consumer, sub, batch=100, fetch_timeout=0.5)
-        start = time.perf_counter()
-        done = 0
-        while done < n:
-            done += await member.step()
-        return time.perf_counter() - start
+        return await _stepped(member, n)
     finally:
         await js.delete_stream(name)
         await nc.close()
