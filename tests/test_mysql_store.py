@@ -222,9 +222,6 @@ def test_database_qualified_table(table: str) -> None:
         s.close()
 
 
-# -- an unreachable server -----------------------------------------------------------------------
-
-
 # -- the claim: one upsert, the row back in the same round trip ----------------------------------
 
 

@@ -138,9 +138,6 @@ def test_schema_qualified_table() -> None:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-# -- unreachable server --------------------------------------------------------------------------
-
-
 # -- the claim statement -------------------------------------------------------------------------
 
 
