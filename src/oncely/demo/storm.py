@@ -392,6 +392,17 @@ class _Storm:
         is the changed one)."""
         return answers[:-1] if op.pattern == "changed-body" and len(answers) > 1 else answers
 
+    async def _post_copies(self, op: Op, path: str) -> list[_Answer]:
+        """The copies of ``op`` sent as ``POST path`` with no body, as its customer."""
+
+        async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
+            timeout = self._first_timeout(op, i)
+            return await self.client.send(
+                "POST", path, headers=_bearer(op.customer), first_timeout=timeout
+            )
+
+        return await self.copies(op, send, None)
+
     async def _place(self, op: Op, sku: str, qty: int) -> dict[str, Any] | None:
         """Place the order a later step of ``op`` needs (its key: ``<op key>-order``); the
         order's body, or None with ``op.detail`` saying why it was not placed."""
@@ -521,16 +532,7 @@ class _Storm:
         op.restock = {sku: qty}
         op.restock_key = order_id
 
-        async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
-            timeout = self._first_timeout(op, i)
-            return await self.client.send(
-                "POST",
-                f"/orders/{order_id}/cancel",
-                headers=_bearer(op.customer),
-                first_timeout=timeout,
-            )
-
-        answers = await self.copies(op, send, None)
+        answers = await self._post_copies(op, f"/orders/{order_id}/cancel")
         op.succeeded = any(
             a.status == 200 and isinstance(a.body, dict) and a.body.get("status") == "cancelled"
             for a in answers
@@ -570,16 +572,7 @@ class _Storm:
             return
         op.expects.append(("ship", order_id))
 
-        async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
-            timeout = self._first_timeout(op, i)
-            return await self.client.send(
-                "POST",
-                f"/orders/{order_id}/ship",
-                headers=_bearer(op.customer),
-                first_timeout=timeout,
-            )
-
-        answers = await self.copies(op, send, None)
+        answers = await self._post_copies(op, f"/orders/{order_id}/ship")
         op.succeeded = any(a.status in (200, 202) for a in answers)
         if not op.succeeded:
             op.detail = f"shipping {order_id}: {_describe(answers)}"
