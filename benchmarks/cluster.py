@@ -179,6 +179,19 @@ def _masters(count: int) -> Iterator[str]:
 
 
 # -- the tables -----------------------------------------------------------------------------------
+def _compare_threads(
+    label: str, variants: dict[str, RedisStore], seconds: float, passes: int
+) -> dict[int, dict[str, tuple[float, float, float]]]:
+    """:func:`_compare` on 1 and on 16 threads (printed as they come), then close the stores."""
+    results = {}
+    for threads in (1, 16):
+        results[threads] = _compare(variants, threads, seconds, passes)
+        print(f"{label}, {threads} threads: {results[threads]}", flush=True)
+    for store in variants.values():
+        store.close()
+    return results
+
+
 def _compare(
     variants: dict[str, RedisStore], threads: int, seconds: float, passes: int
 ) -> dict[str, tuple[float, float, float]]:
@@ -235,11 +248,7 @@ def main() -> None:
             "autopipeline=False": RedisStore(master.url, prefix=prefix, autopipeline=False),
             "wait_replicas=1": RedisStore(master.url, prefix=prefix, wait_replicas=1),
         }
-        for threads in (1, 16):
-            single[threads] = _compare(variants, threads, seconds, passes)
-            print(f"single server, {threads} threads: {single[threads]}", flush=True)
-        for store in variants.values():
-            store.close()
+        single = _compare_threads("single server", variants, seconds, passes)
     finally:
         replica.stop()
         master.stop()
@@ -254,11 +263,7 @@ def main() -> None:
             "default": RedisStore(cluster.url, prefix=prefix),
             "wait_replicas=1": RedisStore(cluster.url, prefix=prefix, wait_replicas=1),
         }
-        for threads in (1, 16):
-            clustered[threads] = _compare(variants, threads, seconds, passes)
-            print(f"cluster, {threads} threads: {clustered[threads]}", flush=True)
-        for store in variants.values():
-            store.close()
+        clustered = _compare_threads("cluster", variants, seconds, passes)
     finally:
         cluster.stop()
 

@@ -38,6 +38,7 @@ from typing import Any
 import redis
 import redis.asyncio as aredis
 from docs_section import write_section
+from harness import sqlite_connect
 
 from oncely import idempotent
 from oncely.stores import Store, open_store
@@ -284,6 +285,22 @@ def bench_raw_redis(n: int, conc: int) -> list[Result]:
     return results
 
 
+def _raw_path(tag: str) -> str:
+    """The SQLite file of the raw-insert baseline."""
+    return f"/tmp/oncely-bench-raw-{tag}.db"
+
+
+def _raw_insert(kind: str, tag: str) -> tuple[str, str, str]:
+    """The raw baseline's table, its ``INSERT … ON CONFLICT DO NOTHING`` of ``(k, v)`` in the
+    driver's placeholder style, and its name in the results."""
+    table = f"oncely_bench_raw_{tag}"
+    if kind == "postgres":
+        sql = f"INSERT INTO {table} (k, v) VALUES (%s, %s) ON CONFLICT (k) DO NOTHING"
+        return table, sql, "raw psycopg INSERT ON CONFLICT"
+    sql = f"INSERT INTO {table} (k, v) VALUES (?, ?) ON CONFLICT (k) DO NOTHING"
+    return table, sql, "raw sqlite3 INSERT ON CONFLICT"
+
+
 def _inserter(connect: Callable[[], Any], sql: str, opened: list[Any]) -> Callable[[str], None]:
     """``insert(key)``: the statement and a commit on the calling thread's own connection."""
     local = threading.local()
@@ -302,7 +319,7 @@ def _inserter(connect: Callable[[], Any], sql: str, opened: list[Any]) -> Callab
 def bench_raw_sql(kind: str, n: int, conc: int, tag: str) -> list[Result]:
     """One ``INSERT … ON CONFLICT DO NOTHING`` and a commit per call: the least a first-time
     call on a SQL store must do (the raw single-statement rate)."""
-    table = f"oncely_bench_raw_{tag}"
+    table, sql, name = _raw_insert(kind, tag)
     run = uuid.uuid4().hex[:8]
     results = []
     if kind == "postgres":
@@ -311,21 +328,12 @@ def bench_raw_sql(kind: str, n: int, conc: int, tag: str) -> list[Result]:
         def connect() -> Any:
             return psycopg.connect(POSTGRES_URL)
 
-        sql = f"INSERT INTO {table} (k, v) VALUES (%s, %s) ON CONFLICT (k) DO NOTHING"
-        name = "raw psycopg INSERT ON CONFLICT"
     else:
-        import sqlite3
-
-        path = f"/tmp/oncely-bench-raw-{tag}.db"
 
         def connect() -> Any:
-            conn = sqlite3.connect(path, timeout=30, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # the SQLite store's default
-            return conn
+            # synchronous=FULL: the SQLite store's default
+            return sqlite_connect(_raw_path(tag), "FULL", timeout=30)
 
-        sql = f"INSERT INTO {table} (k, v) VALUES (?, ?) ON CONFLICT (k) DO NOTHING"
-        name = "raw sqlite3 INSERT ON CONFLICT"
     setup = connect()
     setup.execute(
         f"CREATE TABLE IF NOT EXISTS {table} "
@@ -354,21 +362,13 @@ def bench_sql_paired(kind: str, store: Store, n: int, tag: str, block: int = 1) 
     spells of a busy disk and CPU on this shared machine (separate runs of each made their ratio
     swing 0.24x-0.76x)."""
     run = uuid.uuid4().hex[:8]
-    table = f"oncely_bench_raw_{tag}"
+    _, sql, name = _raw_insert(kind, tag)
     if kind == "postgres":
         import psycopg
 
         raw_conn: Any = psycopg.connect(POSTGRES_URL)
-        sql = f"INSERT INTO {table} (k, v) VALUES (%s, %s) ON CONFLICT (k) DO NOTHING"
-        name = "raw psycopg INSERT ON CONFLICT"
     else:
-        import sqlite3
-
-        raw_conn = sqlite3.connect(f"/tmp/oncely-bench-raw-{tag}.db", timeout=30)
-        raw_conn.execute("PRAGMA journal_mode=WAL")
-        raw_conn.execute("PRAGMA synchronous=FULL")
-        sql = f"INSERT INTO {table} (k, v) VALUES (?, ?) ON CONFLICT (k) DO NOTHING"
-        name = "raw sqlite3 INSERT ON CONFLICT"
+        raw_conn = sqlite_connect(_raw_path(tag), "FULL", timeout=30, check_same_thread=True)
     fn = oncely_sync(store, f"{kind}-paired-{run}")
     spent = {"raw": 0.0, "oncely": 0.0}
     latencies: dict[str, list[float]] = {"raw": [], "oncely": []}
@@ -394,7 +394,7 @@ def bench_sql_paired(kind: str, store: Store, n: int, tag: str, block: int = 1) 
 
 
 def drop_raw_sql(kind: str, tag: str) -> None:
-    table = f"oncely_bench_raw_{tag}"
+    table = _raw_insert(kind, tag)[0]
     if kind == "postgres":
         import psycopg
 
@@ -404,7 +404,7 @@ def drop_raw_sql(kind: str, tag: str) -> None:
         import os
 
         for suffix in ("", "-wal", "-shm"):
-            path = f"/tmp/oncely-bench-raw-{tag}.db{suffix}"
+            path = f"{_raw_path(tag)}{suffix}"
             if os.path.exists(path):
                 os.remove(path)
 

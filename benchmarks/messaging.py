@@ -94,14 +94,28 @@ async def drop_store(kind: str, store: Store, tag: str) -> None:
 
 
 # -- one drain per broker: preload n messages, time draining them --------------------------------
-async def redis_streams(consumer: IdempotentConsumer, n: int) -> float:
+async def _stepped(member: Any, n: int) -> float:
+    """Seconds until ``member.step()`` (a pull consumer's one batch: how many it settled) has
+    settled ``n`` messages."""
+    start = time.perf_counter()
+    done = 0
+    while done < n:
+        done += await member.step()
+    return time.perf_counter() - start
+
+
+async def redis_streams(
+    consumer: IdempotentConsumer, n: int, prefix: str = "oncely-bench-stream"
+) -> float:
+    """Seconds to drain ``n`` preloaded messages of a new stream ``<prefix>-<tag>`` (deleted
+    after) through ``consumer``, 100 a read."""
     import redis.asyncio
 
     from oncely.messaging.redis_streams import RedisStreamConsumer
 
     client = redis.asyncio.Redis.from_url(REDIS_URL)
     tag = uuid.uuid4().hex[:10]
-    stream = f"oncely-bench-stream-{tag}"
+    stream = f"{prefix}-{tag}"
     try:
         pipe = client.pipeline(transaction=False)
         for i in range(n):
@@ -110,11 +124,7 @@ async def redis_streams(consumer: IdempotentConsumer, n: int) -> float:
         member = RedisStreamConsumer(consumer, client, stream, "g", "m", count=100, block=0.1)
         await member.ensure_group()
         member._next_reclaim = float("inf")  # no idle entries here: measure the read path
-        start = time.perf_counter()
-        done = 0
-        while done < n:
-            done += await member.step()
-        return time.perf_counter() - start
+        return await _stepped(member, n)
     finally:
         await client.delete(stream)
         await client.aclose()
@@ -164,11 +174,7 @@ async def nats_jetstream(consumer: IdempotentConsumer, n: int) -> float:
         await asyncio.gather(*futures)
         sub = await js.pull_subscribe(subject, durable="bench", stream=name)
         member = JetStreamConsumer(consumer, sub, batch=100, fetch_timeout=0.5)
-        start = time.perf_counter()
-        done = 0
-        while done < n:
-            done += await member.step()
-        return time.perf_counter() - start
+        return await _stepped(member, n)
     finally:
         await js.delete_stream(name)
         await nc.close()

@@ -30,10 +30,10 @@ from typing import Any
 import psycopg
 import redis.asyncio
 from docs_section import write_section
+from messaging import Bare, redis_streams
 from psycopg_pool import AsyncConnectionPool
 
-from oncely.messaging import Ack, Delivery, IdempotentConsumer, Inbox, Verdict
-from oncely.messaging.redis_streams import RedisStreamConsumer
+from oncely.messaging import Delivery, IdempotentConsumer, Inbox
 from oncely.stores import open_store
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -41,37 +41,8 @@ POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 POOL = 10
 
 
-class Bare(IdempotentConsumer):
-    """The baseline: call the handler, ack; a batch's handlers run concurrently."""
-
-    async def aprocess(self, delivery: Delivery) -> Verdict:
-        await self.handler(delivery)
-        return Ack(ran=True)
-
-    async def aprocess_many(self, deliveries: Any) -> list[Verdict]:
-        return list(await asyncio.gather(*(self.aprocess(d) for d in deliveries)))
-
-
 async def drain(consumer: IdempotentConsumer, n: int) -> float:
-    client = redis.asyncio.Redis.from_url(REDIS_URL)
-    tag = uuid.uuid4().hex[:10]
-    stream = f"oncely-bench-txstream-{tag}"
-    try:
-        pipe = client.pipeline(transaction=False)
-        for i in range(n):
-            pipe.xadd(stream, {"id": f"{tag}-{i}", "body": b"{}"})
-        await pipe.execute()
-        member = RedisStreamConsumer(consumer, client, stream, "g", "m", count=100, block=0.1)
-        await member.ensure_group()
-        member._next_reclaim = float("inf")  # nothing idle here: measure the read path
-        start = time.perf_counter()
-        done = 0
-        while done < n:
-            done += await member.step()
-        return time.perf_counter() - start
-    finally:
-        await client.delete(stream)
-        await client.aclose()
+    return await redis_streams(consumer, n, "oncely-bench-txstream")
 
 
 async def measure(mode: str, n: int, table: str) -> float:

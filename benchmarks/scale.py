@@ -301,6 +301,15 @@ class Point:
         return p99(self.latencies) * 1000
 
 
+def _key(mine: list[str], worker: int, i: int, fresh: bool) -> str:
+    """Call ``i``'s key of ``worker``: a new one (``w<worker>-<i>``, appended to ``mine``) with
+    ``fresh``, else the next of ``mine`` in turn."""
+    if fresh:
+        mine.append(f"w{worker}-{i}")
+        return mine[-1]
+    return mine[i % len(mine)]
+
+
 def run_threads(
     fn: Callable[[str], Any], keys: list[list[str]], seconds: float, fresh: bool
 ) -> tuple[int, float, list[float]]:
@@ -316,11 +325,7 @@ def run_threads(
         start.wait()
         i = 0
         while time.perf_counter() < stop[0]:
-            if fresh:
-                k = f"w{worker}-{i}"
-                mine.append(k)
-            else:
-                k = mine[i % len(mine)]
+            k = _key(mine, worker, i, fresh)
             t0 = time.perf_counter()
             fn(k)
             out.append(time.perf_counter() - t0)
@@ -348,11 +353,7 @@ async def run_tasks(
     async def work(mine: list[str], worker: int) -> None:
         i = 0
         while time.perf_counter() < stop:
-            if fresh:
-                k = f"w{worker}-{i}"
-                mine.append(k)
-            else:
-                k = mine[i % len(mine)]
+            k = _key(mine, worker, i, fresh)
             t0 = time.perf_counter()
             await fn(k)
             latencies.append(time.perf_counter() - t0)

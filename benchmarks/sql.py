@@ -21,20 +21,19 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 import random
 import sqlite3
-import statistics
 import sys
 import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from docs_section import write_section
+from harness import interleaved, median_rates, sqlite_connect
 
 import oncely.sql
 
@@ -55,10 +54,7 @@ class Backend:
 
     def connect(self) -> Any:
         if self.dialect == "sqlite":
-            conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            return conn
+            return sqlite_connect(self.path)
         import psycopg
 
         return psycopg.connect(POSTGRES_URL, application_name="oncely-bench-sql")
@@ -127,42 +123,18 @@ class Backend:
 def measure(
     backend: Backend, forms: dict[str, Callable[[Any], None]], threads: int, seconds: float
 ) -> dict[str, float]:
-    """ops/s of each form, measured together: every thread runs batches of each form in turn
-    (thread i starts with form i mod 2), timing each batch, so commit latency spikes on a busy
-    disk hit both forms alike. A form's rate is its operations over its share of the time."""
-    names = list(forms)
+    """ops/s of each form, measured together on ``threads`` connections of their own (see
+    :func:`harness.interleaved`: batches of each form in turn on every thread)."""
     conns = [backend.connect() for _ in range(threads)]
-    for conn in conns:  # warm up (prepared statements, caches)
-        for op in forms.values():
-            for _ in range(10):
-                op(conn)
-    ops = {n: [0] * threads for n in names}
-    spent = {n: [0.0] * threads for n in names}
-    stop = time.perf_counter() + seconds
-    barrier = threading.Barrier(threads)
-
-    def worker(i: int) -> None:
-        conn = conns[i]
-        order = names[i % 2 :] + names[: i % 2]
-        barrier.wait()
-        while time.perf_counter() < stop:
-            for name in order:
-                op = forms[name]
-                start = time.perf_counter()
-                for _ in range(BATCH):
-                    op(conn)
-                spent[name][i] += time.perf_counter() - start
-                ops[name][i] += BATCH
-
-    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    for conn in conns:
-        conn.close()
-    # each thread is busy with one form at a time: rate = ops / (time in that form / threads)
-    return {n: sum(ops[n]) / (sum(spent[n]) / threads) for n in names}
+    try:
+        return interleaved(
+            [{n: functools.partial(op, conn) for n, op in forms.items()} for conn in conns],
+            seconds,
+            BATCH,
+        )
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def round_trips(backend: Backend, op: Callable[[Any], None], n: int = 50) -> tuple[float, float]:
@@ -222,15 +194,12 @@ def main() -> None:
                     "oncely": round_trips(backend, backend.with_oncely),
                 }
                 for threads in (1, CONCURRENCY):
-                    rates: dict[str, list[float]] = {"plain": [], "oncely": []}
                     forms = {"plain": backend.plain, "oncely": backend.with_oncely}
-                    for _ in range(args.passes):
-                        for name, rate in measure(backend, forms, threads, args.seconds).items():
-                            rates[name].append(rate)
-                    plain, once = (
-                        statistics.median(rates["plain"]),
-                        statistics.median(rates["oncely"]),
+                    rates = median_rates(
+                        functools.partial(measure, backend, forms, threads, args.seconds),
+                        args.passes,
                     )
+                    plain, once = rates["plain"], rates["oncely"]
                     mode = "sequential" if threads == 1 else f"{threads} threads"
                     rows.append((dialect, mode, plain, once, trips["plain"], trips["oncely"]))
                     print(

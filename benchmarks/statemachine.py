@@ -22,19 +22,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import os
 import sqlite3
-import statistics
 import sys
 import tempfile
-import threading
-import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from docs_section import write_section
+from harness import interleaved, median_rates, sqlite_connect
 
 from oncely.sql.connections import adapt
 from oncely.statemachine import Machine, Transition
@@ -63,10 +62,7 @@ class Backend:
 
     def connect(self) -> Any:
         if self.kind == "sqlite":
-            conn = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            return conn
+            return sqlite_connect(self.path)
         if self.kind == "postgresql":
             import psycopg
 
@@ -150,38 +146,13 @@ class Backend:
 
 
 def measure(backend: Backend, threads: int, seconds: float) -> dict[str, float]:
+    """ops/s of each form on ``threads`` connections (see :func:`harness.interleaved`)."""
     conns = [backend.connect() for _ in range(threads)]
-    forms = [backend.forms(conns[i], i) for i in range(threads)]
-    for f in forms:  # warm up
-        for op in f.values():
-            for _ in range(10):
-                op()
-    names = ["plain", "oncely"]
-    ops = {n: [0] * threads for n in names}
-    spent = {n: [0.0] * threads for n in names}
-    stop = time.perf_counter() + seconds
-    start = threading.Barrier(threads)
-
-    def worker(i: int) -> None:
-        order = names[i % 2 :] + names[: i % 2]
-        start.wait()
-        while time.perf_counter() < stop:
-            for name in order:
-                op = forms[i][name]
-                began = time.perf_counter()
-                for _ in range(BATCH):
-                    op()
-                spent[name][i] += time.perf_counter() - began
-                ops[name][i] += BATCH
-
-    workers = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    for conn in conns:
-        conn.close()
-    return {n: sum(ops[n]) / (sum(spent[n]) / threads) for n in names}
+    try:
+        return interleaved([backend.forms(conns[i], i) for i in range(threads)], seconds, BATCH)
+    finally:
+        for conn in conns:
+            conn.close()
 
 
 def main() -> None:
@@ -197,12 +168,10 @@ def main() -> None:
             backend.setup()
             try:
                 for threads in (1, CONCURRENCY):
-                    rates: dict[str, list[float]] = {"plain": [], "oncely": []}
-                    for _ in range(args.passes):
-                        for name, rate in measure(backend, threads, args.seconds).items():
-                            rates[name].append(rate)
-                    plain = statistics.median(rates["plain"])
-                    once = statistics.median(rates["oncely"])
+                    rates = median_rates(
+                        functools.partial(measure, backend, threads, args.seconds), args.passes
+                    )
+                    plain, once = rates["plain"], rates["oncely"]
                     mode = "sequential" if threads == 1 else f"{threads} threads"
                     rows.append((kind, mode, plain, once))
                     print(

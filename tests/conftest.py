@@ -50,6 +50,19 @@ def store_url(kind: str, tmp_path: Path) -> tuple[str, dict[str, object]]:
     raise AssertionError(kind)
 
 
+def drop_redis_prefix(prefix: str, url: str = REDIS_URL) -> None:
+    """Delete every key under ``<prefix>:`` on the Redis server at ``url``."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 def drop(kind: str, store: Store) -> None:
     """Remove what a test created on a shared server."""
     if kind == "postgres":
@@ -68,13 +81,7 @@ def drop(kind: str, store: Store) -> None:
         finally:
             conn.close()
     elif kind == "redis":
-        import redis
-
-        client = redis.Redis.from_url(REDIS_URL)
-        keys = list(client.scan_iter(match=f"{store.prefix}:*"))  # type: ignore[attr-defined]
-        if keys:
-            client.delete(*keys)
-        client.close()
+        drop_redis_prefix(store.prefix)  # type: ignore[attr-defined]
     elif kind == "redis-cluster":
         import redis.cluster
 

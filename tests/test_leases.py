@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import redis
 
 from oncely import LeaseLost, StoreUnavailable, current_claim, idempotent
 from oncely.core.records import RecordKey
@@ -28,7 +27,7 @@ from oncely.http import GLOBAL, IdempotencyConfig
 from oncely.locks import Lock
 from oncely.stores.redis import RedisStore
 
-from conftest import MYSQL_URL, POSTGRES_URL, REDIS_URL, drop
+from conftest import MYSQL_URL, POSTGRES_URL, REDIS_URL, drop, drop_redis_prefix
 from http_apps.harness import FACES
 from lock_workers import RedisServer, free_port, unique_name
 
@@ -45,11 +44,7 @@ def healthy_store() -> Iterator[RedisStore]:
     store = RedisStore(REDIS_URL, prefix=prefix)
     yield store
     store.close()
-    client = redis.Redis.from_url(REDIS_URL)
-    keys = list(client.scan_iter(match=f"{prefix}:*"))
-    if keys:
-        client.delete(*keys)
-    client.close()
+    drop_redis_prefix(prefix)
 
 
 def unique() -> str:

@@ -12,6 +12,7 @@ from oncely.errors import LockTimeout, StoreUnavailable
 from oncely.locks import Redlock
 from oncely.locks.redlock import drift
 
+from conftest import drop_redis_prefix
 from lock_workers import RedisServer, unique_name
 
 #: The lock tests' fixtures (redlock_nodes, spec_for, pg_fence_table) live there.
@@ -32,11 +33,7 @@ def prefix(redlock_nodes: list[RedisServer]) -> Any:
     prefix = f"oncely-test-redlock-{unique_name()}"
     yield prefix
     for server in redlock_nodes:
-        client = redis.Redis.from_url(server.url)
-        keys = list(client.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-        client.close()
+        drop_redis_prefix(prefix, server.url)
 
 
 def test_lock_is_on_every_node_and_released_from_every_node(

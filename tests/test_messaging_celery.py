@@ -14,7 +14,7 @@ from messaging_storm import Storm, check_storm, run_storm, storm_ids, storm_tabl
 from oncely.messaging import Delivery
 from oncely.messaging.celery import IdempotentTask
 
-from conftest import REDIS_URL
+from conftest import REDIS_URL, drop_redis_prefix
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -69,13 +69,7 @@ def test_storm_workers_one_killed_under_acks_late(tmp_path: Path) -> None:
         next(fixture, None)
         with app.connection_for_write() as conn:
             conn.default_channel.queue_delete(queue)
-        import redis
-
-        sync = redis.Redis.from_url(REDIS_URL)
-        keys = list(sync.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            sync.delete(*keys)
-        sync.close()
+        drop_redis_prefix(prefix)
     check_storm(result, n)
 
 

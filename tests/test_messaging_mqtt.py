@@ -18,7 +18,7 @@ from oncely.messaging import Delivery, IdempotentConsumer
 from oncely.messaging.mqtt import MQTTConsumer, connect, publish
 from oncely.stores import Store
 
-from conftest import REDIS_URL, StoreFactory
+from conftest import REDIS_URL, StoreFactory, drop_redis_prefix
 
 
 def publisher(client_id: str) -> mqtt.Client:
@@ -82,13 +82,7 @@ def test_storm_shared_subscription_one_member_killed(tmp_path: Path) -> None:
         next(fixture, None)
         for member in ("a", "b"):
             drop_session(f"{client_id}-{member}")
-        import redis
-
-        sync = redis.Redis.from_url(REDIS_URL)
-        keys = list(sync.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            sync.delete(*keys)
-        sync.close()
+        drop_redis_prefix(prefix)
     check_storm(result, n)
 
 

@@ -17,7 +17,7 @@ from oncely.messaging import Delivery, IdempotentConsumer
 from oncely.messaging.rabbitmq import RabbitMQConsumer, publish
 from oncely.stores import Store
 
-from conftest import REDIS_URL, StoreFactory
+from conftest import REDIS_URL, StoreFactory, drop_redis_prefix
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
@@ -114,13 +114,7 @@ def test_storm_two_processes_one_killed(tmp_path: Path) -> None:
     finally:
         next(fixture, None)
         asyncio.run(teardown())
-        import redis
-
-        sync = redis.Redis.from_url(REDIS_URL)
-        keys = list(sync.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            sync.delete(*keys)
-        sync.close()
+        drop_redis_prefix(prefix)
     check_storm(result, n)
 
 

@@ -19,7 +19,7 @@ from oncely.messaging import Delivery, IdempotentConsumer
 from oncely.messaging.redis_streams import RedisStreamConsumer, publish
 from oncely.stores import Store
 
-from conftest import REDIS_URL, StoreFactory
+from conftest import REDIS_URL, StoreFactory, drop_redis_prefix
 
 
 @pytest.fixture
@@ -84,9 +84,7 @@ def test_storm_two_processes_one_killed(tmp_path: Path, names: tuple[str, str]) 
         result = run_storm(storm, config, drained)
     finally:
         next(fixture, None)
-        keys = list(sync.scan_iter(match=f"{prefix}:*"))
-        if keys:
-            sync.delete(*keys)
+        drop_redis_prefix(prefix)
         sync.close()
     check_storm(result, n)
 

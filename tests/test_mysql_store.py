@@ -1,7 +1,8 @@
 """MySQL/MariaDB-specific behaviour of :class:`oncely.stores.mysql.MySQLStore`.
 
-The rules every store shares are in ``test_store_conformance.py``; this module covers what only
-this store has: URL parsing, the schema and its errors, an unreachable server, the
+The rules every store shares are in ``test_store_conformance.py``, and what it shares with
+the PostgreSQL store (a missing schema, an unreachable server) in ``test_sql_store_schema.py``;
+this module covers what only this store has: URL parsing, a foreign table, the
 ``ON DUPLICATE KEY UPDATE`` take-over (whose assignments MySQL evaluates left to right), the two
 ways the row comes back (``INSERT … RETURNING`` on MariaDB 10.5+, a multi-statement transaction
 on MySQL), the connection pools and the per-loop async pools. Everything runs against the real
@@ -24,6 +25,7 @@ import pytest
 pymysql = pytest.importorskip("pymysql")
 pytest.importorskip("aiomysql")
 
+from mysql_admin import admin, sql  # noqa: E402
 from oncely import idempotent  # noqa: E402
 from oncely.backends.mysql import supports_returning as _supports_returning  # noqa: E402
 from oncely.core.records import InFlight, Mismatch, New, RecordKey, Replay  # noqa: E402
@@ -45,32 +47,6 @@ import workers  # noqa: E402
 URL = os.environ.get("ONCELY_TEST_MYSQL", "mysql://root@127.0.0.1:3306/test")
 DEAD_URL = "mysql://oncely:s3cret@127.0.0.1:1/test"
 MODES = ["returning", "transaction"]
-
-
-def admin() -> Any:
-    """A plain autocommit PyMySQL connection to the test database (not through the store)."""
-    store = MySQLStore(URL)
-    args = {k: v for k, v in store._sync_args.items() if k not in ("client_flag", "init_command")}
-    return pymysql.connect(**args)
-
-
-def sql(query: str, *args: Any) -> list[tuple[Any, ...]]:
-    conn = admin()
-    try:
-        with conn.cursor() as cur:
-            cur.execute(query, args or None)
-            return list(cur.fetchall())
-    finally:
-        conn.close()
-
-
-def table_exists(table: str) -> bool:
-    rows = sql(
-        "SELECT COUNT(*) FROM information_schema.tables "
-        "WHERE table_schema = DATABASE() AND table_name = %s",
-        table,
-    )
-    return bool(rows[0][0])
 
 
 def fresh_key(scope: str = "tenant-a") -> RecordKey:
@@ -224,79 +200,6 @@ def test_server_dialect_detection() -> None:
 # -- schema --------------------------------------------------------------------------------------
 
 
-def test_missing_schema_says_how_to_create_it(table: str) -> None:
-    s = MySQLStore(URL, table=table)
-    try:
-        with pytest.raises(SchemaMissing, match=r"oncely init mysql://") as info:
-            s.claim(fresh_key(), "fp", 30.0, 60.0)
-        assert "create_schema=True" in str(info.value)
-        with pytest.raises(SchemaMissing):
-            s.check_schema()
-        with pytest.raises(SchemaMissing):
-            s.get(fresh_key())
-        with pytest.raises(SchemaMissing):
-            s.renew(fresh_key(), 1, 30.0)  # a multi-statement transaction fails the same way
-        assert not table_exists(table)
-        s.init_schema()
-        s.init_schema()  # idempotent
-        s.check_schema()
-        assert isinstance(s.claim(fresh_key(), "fp", 30.0, 60.0), New)
-        assert "CREATE TABLE IF NOT EXISTS" in s.schema_sql()
-    finally:
-        s.close()
-
-
-async def test_missing_schema_async(table: str) -> None:
-    s = MySQLStore(URL, table=table)
-    try:
-        with pytest.raises(SchemaMissing, match="oncely init"):
-            await s.aclaim(fresh_key(), "fp", 30.0, 60.0)
-        await s.ainit_schema()
-        await s.acheck_schema()
-        assert isinstance(await s.aclaim(fresh_key(), "fp", 30.0, 60.0), New)
-    finally:
-        await s.aclose()
-        s.close()
-
-
-def test_init_schema_is_safe_concurrently(table: str) -> None:
-    stores = [MySQLStore(URL, table=table) for _ in range(8)]
-    barrier = threading.Barrier(len(stores))
-    errors: list[BaseException] = []
-
-    def init(s: MySQLStore) -> None:
-        try:
-            s.now()  # connect first so that the CREATE TABLEs race each other
-            barrier.wait()
-            s.init_schema()
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=init, args=(s,)) for s in stores]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    try:
-        assert errors == []
-        assert table_exists(table)
-        stores[0].check_schema()
-        assert isinstance(stores[1].claim(fresh_key(), "fp", 30.0, 60.0), New)
-    finally:
-        for s in stores:
-            s.close()
-
-
-def test_create_schema_true_creates_the_table_on_first_use(table: str) -> None:
-    s = MySQLStore(URL, table=table, create_schema=True)
-    try:
-        assert not table_exists(table)
-        assert isinstance(s.claim(fresh_key(), "fp", 30.0, 60.0), New)
-        assert table_exists(table)
-    finally:
-        s.close()
-
-
 def test_a_foreign_table_is_reported(table: str) -> None:
     sql(f"CREATE TABLE {table} (id INT PRIMARY KEY)")
     s = MySQLStore(URL, table=table)
@@ -317,38 +220,6 @@ def test_database_qualified_table(table: str) -> None:
         assert sql(f"SELECT fence FROM {table}") == [(new.fence,)]
     finally:
         s.close()
-
-
-# -- an unreachable server -----------------------------------------------------------------------
-
-
-def test_unreachable_server_fails_fast_and_hides_the_password() -> None:
-    s = MySQLStore(DEAD_URL, timeout=1.0)
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(StoreUnavailable) as info:
-            s.claim(fresh_key(), "fp", 30.0, 60.0)
-        assert time.monotonic() - t0 < 2.0
-        message = str(info.value)
-        assert "s3cret" not in message
-        assert "mysql://oncely:***@127.0.0.1:1/test" in message
-        assert "check that the server is running" in message
-        with pytest.raises(StoreUnavailable):
-            s.now()
-    finally:
-        s.close()
-
-
-async def test_unreachable_server_async() -> None:
-    s = MySQLStore(DEAD_URL, timeout=1.0)
-    try:
-        t0 = time.monotonic()
-        with pytest.raises(StoreUnavailable, match=r"oncely:\*\*\*@") as info:
-            await s.aclaim(fresh_key(), "fp", 30.0, 60.0)
-        assert time.monotonic() - t0 < 2.0
-        assert "s3cret" not in str(info.value)
-    finally:
-        await s.aclose()
 
 
 # -- the claim: one upsert, the row back in the same round trip ----------------------------------

@@ -1,7 +1,8 @@
 """PostgreSQL-specific behaviour of :class:`oncely.stores.postgres.PostgresStore`.
 
-The rules every store shares are in ``test_store_conformance.py``; this module covers what only
-PostgreSQL has: the schema and its errors, an unreachable server, the READ COMMITTED snapshot
+The rules every store shares are in ``test_store_conformance.py``, and what it shares with
+the MySQL store (a missing schema, an unreachable server) in ``test_sql_store_schema.py``; this
+module covers what only PostgreSQL has: the schema-qualified table, the READ COMMITTED snapshot
 race of the claim statement, LISTEN/NOTIFY wake-ups, prepared statements and the per-loop async
 pools. Everything runs against the real server (``ONCELY_TEST_POSTGRES``).
 """
@@ -25,7 +26,6 @@ from oncely.errors import (  # noqa: E402
     ConfigurationError,
     LeaseLost,
     SchemaMissing,
-    StoreUnavailable,
 )
 from oncely.stores import open_store  # noqa: E402
 from oncely.stores.postgres import PostgresStore  # noqa: E402
@@ -121,68 +121,6 @@ def test_bad_pool_sizes_are_rejected() -> None:
 # -- schema --------------------------------------------------------------------------------------
 
 
-def test_missing_schema_says_how_to_create_it(scratch_table: str) -> None:
-    s = PostgresStore(URL, table=scratch_table)
-    try:
-        with pytest.raises(SchemaMissing, match=r"oncely init postgresql://") as info:
-            s.claim(fresh_key(), "fp", 30.0, 60.0)
-        assert "create_schema=True" in str(info.value)
-        with pytest.raises(SchemaMissing):
-            s.check_schema()
-        with pytest.raises(SchemaMissing):
-            s.get(fresh_key())
-        s.init_schema()
-        s.init_schema()  # idempotent
-        s.check_schema()
-        assert isinstance(s.claim(fresh_key(), "fp", 30.0, 60.0), New)
-        assert "CREATE TABLE IF NOT EXISTS" in s.schema_sql()
-    finally:
-        s.close()
-
-
-async def test_missing_schema_async(scratch_table: str) -> None:
-    s = PostgresStore(URL, table=scratch_table)
-    try:
-        with pytest.raises(SchemaMissing, match="oncely init"):
-            await s.aclaim(fresh_key(), "fp", 30.0, 60.0)
-        await s.ainit_schema()
-        assert isinstance(await s.aclaim(fresh_key(), "fp", 30.0, 60.0), New)
-    finally:
-        await s.aclose()
-        s.close()
-
-
-def test_create_schema_on_first_use(scratch_table: str) -> None:
-    s = PostgresStore(URL, table=scratch_table, create_schema=True)
-    try:
-        assert isinstance(s.claim(fresh_key(), "fp", 30.0, 60.0), New)
-        s.check_schema()
-    finally:
-        s.close()
-
-
-def test_concurrent_init_schema_is_safe(scratch_table: str) -> None:
-    stores = [PostgresStore(URL, table=scratch_table, min_size=0) for _ in range(8)]
-    barrier = threading.Barrier(len(stores))
-    errors: list[BaseException] = []
-
-    def init(s: PostgresStore) -> None:
-        barrier.wait()
-        try:
-            s.init_schema()
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=init, args=(s,)) for s in stores]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for s in stores:
-        s.close()
-    assert errors == []
-
-
 def test_schema_qualified_table() -> None:
     schema = f"oncely_test_schema_{uuid.uuid4().hex[:8]}"
     with admin() as conn:
@@ -198,32 +136,6 @@ def test_schema_qualified_table() -> None:
         s.close()
         with admin() as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
-
-
-# -- unreachable server --------------------------------------------------------------------------
-
-
-def test_unreachable_server_fails_fast_and_hides_the_password() -> None:
-    s = PostgresStore(DEAD_URL)
-    t0 = time.monotonic()
-    with pytest.raises(StoreUnavailable) as info:
-        s.claim(fresh_key(), "fp", 30.0, 60.0)
-    assert time.monotonic() - t0 < 3.0
-    message = str(info.value)
-    assert "127.0.0.1:1" in message and "s3cret" not in message
-    assert "***" in message
-    with pytest.raises(StoreUnavailable):
-        s.now()
-    s.close()
-
-
-async def test_unreachable_server_async() -> None:
-    s = PostgresStore(DEAD_URL)
-    t0 = time.monotonic()
-    with pytest.raises(StoreUnavailable, match="cannot connect"):
-        await s.aget(fresh_key())
-    assert time.monotonic() - t0 < 3.0
-    await s.aclose()
 
 
 # -- the claim statement -------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sqlite3
 import threading
 from pathlib import Path
@@ -69,6 +70,22 @@ def test_a_bad_busy_timeout_is_refused_when_the_store_is_built(tmp_path: Path, v
         open_store(f"sqlite:///{tmp_path}/x.db?busy_timeout={value}")
     with pytest.raises(ConfigurationError, match="busy_timeout"):
         Lock(f"sqlite:///{tmp_path}/x.db?busy_timeout={value}", "l")
+
+
+def test_a_bad_synchronous_level_is_refused_naming_the_levels_and_the_default(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path}/x.db?synchronous=sometimes"
+    store_levels = "use OFF, NORMAL, FULL (default) or EXTRA"
+    with pytest.raises(ConfigurationError, match=re.escape(f"'SOMETIMES': {store_levels}")):
+        open_store(url)
+    with pytest.raises(ConfigurationError, match=re.escape(f"'NEVER': {store_levels}")):
+        open_store(f"sqlite:///{tmp_path}/x.db", synchronous="never")
+    lock_levels = "use OFF, NORMAL (default), FULL or EXTRA"
+    with pytest.raises(ConfigurationError, match=re.escape(f"'SOMETIMES': {lock_levels}")):
+        Lock(url, "l")
+    assert open_store(f"sqlite:///{tmp_path}/x.db?synchronous=normal").synchronous == "NORMAL"
+    assert open_store(f"sqlite:///{tmp_path}/x.db").synchronous == "FULL"
 
 
 def test_busy_timeout_takes_units_and_zero(tmp_path: Path) -> None:

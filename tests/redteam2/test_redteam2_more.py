@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -115,39 +115,35 @@ def test_a_block_whose_transaction_failed_inside_raises_transaction_failed(
         conn.close()
 
 
-def test_inbox_accept_outside_a_transaction_is_refused(
-    pg_tables: tuple[str, list[str]],
+@pytest.mark.parametrize(
+    ("box", "write"),
+    [
+        ("inbox", lambda inbox, conn: inbox.accept(conn, "billing", "m-1")),
+        (
+            "outbox",
+            lambda outbox, conn: outbox.add(
+                conn, "orders.created", b"{}", message_id="order-1-created"
+            ),
+        ),
+    ],
+)
+def test_inbox_and_outbox_writes_outside_a_transaction_are_refused(
+    pg_tables: tuple[str, list[str]], box: str, write: Callable[[Any, Any], object]
 ) -> None:
     from oncely.messaging.inbox import Inbox
-
-    tag, made = pg_tables
-    inbox = Inbox(table=f"inbox_{tag}")
-    made.append(f"inbox_{tag}")
-    conn = _pg(autocommit=True)
-    try:
-        inbox.create_table(conn)
-        with pytest.raises(ConfigurationError):
-            inbox.accept(conn, "billing", "m-1")
-        # had it been accepted, the row is already durable before any effect ran
-        assert conn.execute(f"SELECT count(*) FROM inbox_{tag}").fetchone() == (0,)
-    finally:
-        conn.close()
-
-
-def test_outbox_add_outside_a_transaction_is_refused(
-    pg_tables: tuple[str, list[str]],
-) -> None:
     from oncely.messaging.outbox import Outbox
 
     tag, made = pg_tables
-    outbox = Outbox(table=f"outbox_{tag}")
-    made.append(f"outbox_{tag}")
+    table = f"{box}_{tag}"
+    target = (Inbox if box == "inbox" else Outbox)(table=table)
+    made.append(table)
     conn = _pg(autocommit=True)
     try:
-        outbox.create_table(conn)
+        target.create_table(conn)
         with pytest.raises(ConfigurationError):
-            outbox.add(conn, "orders.created", b"{}", message_id="order-1-created")
-        assert conn.execute(f"SELECT count(*) FROM outbox_{tag}").fetchone() == (0,)
+            write(target, conn)
+        # had it been written, the row would be durable before any effect ran
+        assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (0,)
     finally:
         conn.close()
 

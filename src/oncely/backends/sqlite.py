@@ -86,6 +86,22 @@ def busy_timeout_of(given: Any, options: dict[str, Any], default: float, where: 
     return float(options.get("busy_timeout", default))
 
 
+SYNCHRONOUS: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+def synchronous_of(given: str | None, options: dict[str, Any], default: str) -> str:
+    """The ``synchronous`` pragma level of a SQLite user, upper-cased: the keyword argument if
+    given, else the URL's, else ``default``.
+
+    :raises ConfigurationError: not one of OFF, NORMAL, FULL, EXTRA (any case).
+    """
+    level = (given or options.get("synchronous", default)).upper()
+    if level not in SYNCHRONOUS:
+        *first, last = [f"{name} (default)" if name == default else name for name in SYNCHRONOUS]
+        raise ConfigurationError(f"synchronous={level!r}: use {', '.join(first)} or {last}")
+    return level
+
+
 def absolute(path: str, what: str) -> str:
     """``path`` made absolute against the current directory, once (and logged if it was
     relative): later ``chdir`` calls cannot move the store, and the log shows which file two

@@ -381,6 +381,45 @@ class _Storm:
                 answers.append(await send(i, None))
         return answers
 
+    def _first_timeout(self, op: Op, i: int) -> float | None:
+        """The client timeout of copy ``i``, seconds: the first copy of a ``timeout`` operation
+        is cut off after 2 to 20 ms (the service may still finish it); None otherwise."""
+        return self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
+
+    @staticmethod
+    def _originals(op: Op, answers: list[_Answer]) -> list[_Answer]:
+        """The answers to the copies sent unchanged (a ``changed-body`` operation's last copy
+        is the changed one)."""
+        return answers[:-1] if op.pattern == "changed-body" and len(answers) > 1 else answers
+
+    async def _post_copies(self, op: Op, path: str) -> list[_Answer]:
+        """The copies of ``op`` sent as ``POST path`` with no body, as its customer."""
+
+        async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
+            timeout = self._first_timeout(op, i)
+            return await self.client.send(
+                "POST", path, headers=_bearer(op.customer), first_timeout=timeout
+            )
+
+        return await self.copies(op, send, None)
+
+    async def _place(self, op: Op, sku: str, qty: int) -> dict[str, Any] | None:
+        """Place the order a later step of ``op`` needs (its key: ``<op key>-order``); the
+        order's body, or None with ``op.detail`` saying why it was not placed."""
+        order_key = f"{op.key}-order"
+        placed = await self.client.send(
+            "POST",
+            "/orders",
+            body={"sku": sku, "qty": qty, "customer": op.customer},
+            headers={**_bearer(op.customer), "Idempotency-Key": order_key},
+        )
+        op.expects.append(("order", f"{op.customer}/{order_key}"))
+        op.units[sku] = qty
+        if placed.status != 201 or not isinstance(placed.body, dict):
+            op.detail = f"placing its order: {_describe([placed])}"
+            return None
+        return placed.body
+
     async def order(self, op: Op) -> None:
         sku = self.rng.choice(list(self.config.skus))
         qty = self.rng.randint(1, 5)
@@ -388,13 +427,13 @@ class _Storm:
         headers = {**_bearer(op.customer), "Idempotency-Key": op.key}
 
         async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
-            timeout = self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
+            timeout = self._first_timeout(op, i)
             return await self.client.send(
                 "POST", "/orders", body=changed or body, headers=headers, first_timeout=timeout
             )
 
         answers = await self.copies(op, send, {**body, "qty": qty + 1})
-        originals = answers[:-1] if op.pattern == "changed-body" and len(answers) > 1 else answers
+        originals = self._originals(op, answers)
         op.expects.append(("order", f"{op.customer}/{op.key}"))
         op.units[sku] = qty
         op.succeeded = any(a.status == 201 for a in originals)
@@ -402,21 +441,11 @@ class _Storm:
             op.detail = _describe(originals)
 
     async def pay(self, op: Op) -> None:
-        sku = self.rng.choice(list(self.config.skus))
-        order_key = f"{op.key}-order"
-        placed = await self.client.send(
-            "POST",
-            "/orders",
-            body={"sku": sku, "qty": 1, "customer": op.customer},
-            headers={**_bearer(op.customer), "Idempotency-Key": order_key},
-        )
-        op.expects.append(("order", f"{op.customer}/{order_key}"))
-        op.units[sku] = 1
-        if placed.status != 201 or not isinstance(placed.body, dict):
-            op.detail = f"placing its order: {_describe([placed])}"
+        placed = await self._place(op, self.rng.choice(list(self.config.skus)), 1)
+        if placed is None:
             return
-        order_id = str(placed.body.get("order_id"))
-        amount = int(placed.body.get("amount", 0))
+        order_id = str(placed.get("order_id"))
+        amount = int(placed.get("amount", 0))
         op.expects.append(("charge", order_id))
         token = await self._token(op, order_id)
         if token is None:
@@ -429,7 +458,7 @@ class _Storm:
             headers = {**_bearer(op.customer), "Payment-Token": tok}
             if key is not None and not (op.pattern == "double-submit" and i > 0):
                 headers["Idempotency-Key"] = key
-            timeout = self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
+            timeout = self._first_timeout(op, i)
             return await self.client.send(
                 "POST",
                 f"/orders/{order_id}/pay",
@@ -439,7 +468,7 @@ class _Storm:
             )
 
         answers = await self.copies(op, send, {"amount": amount + 1})
-        originals = answers[:-1] if op.pattern == "changed-body" and len(answers) > 1 else answers
+        originals = self._originals(op, answers)
         op.succeeded = _paid(originals)
         if not op.succeeded and any(_orphaned_token(a) for a in originals):
             # The token was consumed by a request that never charged (its worker died): every
@@ -471,9 +500,7 @@ class _Storm:
             tag = read.etag
 
             async def send(i: int, changed: dict[str, Any] | None, tag: str = tag) -> _Answer:
-                timeout = (
-                    self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
-                )
+                timeout = self._first_timeout(op, i)
                 return await self.client.send(
                     "POST",
                     f"/accounts/{account}/credit",
@@ -497,33 +524,15 @@ class _Storm:
         copy cut off by a client timeout): one cancellation, the stock given back once."""
         sku = self.rng.choice(list(self.config.skus))
         qty = self.rng.randint(1, 5)
-        order_key = f"{op.key}-order"
-        placed = await self.client.send(
-            "POST",
-            "/orders",
-            body={"sku": sku, "qty": qty, "customer": op.customer},
-            headers={**_bearer(op.customer), "Idempotency-Key": order_key},
-        )
-        op.expects.append(("order", f"{op.customer}/{order_key}"))
-        op.units[sku] = qty
-        if placed.status != 201 or not isinstance(placed.body, dict):
-            op.detail = f"placing its order: {_describe([placed])}"
+        placed = await self._place(op, sku, qty)
+        if placed is None:
             return
-        order_id = str(placed.body.get("order_id"))
+        order_id = str(placed.get("order_id"))
         op.expects.append(("restock", order_id))
         op.restock = {sku: qty}
         op.restock_key = order_id
 
-        async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
-            timeout = self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
-            return await self.client.send(
-                "POST",
-                f"/orders/{order_id}/cancel",
-                headers=_bearer(op.customer),
-                first_timeout=timeout,
-            )
-
-        answers = await self.copies(op, send, None)
+        answers = await self._post_copies(op, f"/orders/{order_id}/cancel")
         op.succeeded = any(
             a.status == 200 and isinstance(a.body, dict) and a.body.get("status") == "cancelled"
             for a in answers
@@ -534,25 +543,15 @@ class _Storm:
     async def ship(self, op: Op) -> None:
         """Place and pay an order, then ask ``k`` times to ship it: one ``ship`` effect, which
         the service may apply after answering (through a queue)."""
-        sku = self.rng.choice(list(self.config.skus))
-        order_key = f"{op.key}-order"
-        placed = await self.client.send(
-            "POST",
-            "/orders",
-            body={"sku": sku, "qty": 1, "customer": op.customer},
-            headers={**_bearer(op.customer), "Idempotency-Key": order_key},
-        )
-        op.expects.append(("order", f"{op.customer}/{order_key}"))
-        op.units[sku] = 1
-        if placed.status != 201 or not isinstance(placed.body, dict):
-            op.detail = f"placing its order: {_describe([placed])}"
+        placed = await self._place(op, self.rng.choice(list(self.config.skus)), 1)
+        if placed is None:
             return
-        order_id = str(placed.body.get("order_id"))
+        order_id = str(placed.get("order_id"))
         op.expects.append(("charge", order_id))
         token = await self._token(op, order_id)
         if token is None:
             return
-        amount = int(placed.body.get("amount", 0))
+        amount = int(placed.get("amount", 0))
 
         async def pay(tok: str, key: str) -> _Answer:
             return await self.client.send(
@@ -573,16 +572,7 @@ class _Storm:
             return
         op.expects.append(("ship", order_id))
 
-        async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
-            timeout = self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
-            return await self.client.send(
-                "POST",
-                f"/orders/{order_id}/ship",
-                headers=_bearer(op.customer),
-                first_timeout=timeout,
-            )
-
-        answers = await self.copies(op, send, None)
+        answers = await self._post_copies(op, f"/orders/{order_id}/ship")
         op.succeeded = any(a.status in (200, 202) for a in answers)
         if not op.succeeded:
             op.detail = f"shipping {order_id}: {_describe(answers)}"
@@ -595,7 +585,7 @@ class _Storm:
         op.expects.append(("webhook", event_id))
 
         async def send(i: int, changed: dict[str, Any] | None) -> _Answer:
-            timeout = self.rng.uniform(0.002, 0.02) if op.pattern == "timeout" and i == 0 else None
+            timeout = self._first_timeout(op, i)
             return await self.client.send(
                 "POST", "/webhooks/payment", body=event, first_timeout=timeout
             )

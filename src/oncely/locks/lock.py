@@ -32,9 +32,10 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Final, Literal, overload
+from typing import Any, Final, Literal, NamedTuple, overload
 
 from oncely.backends.forks import after_fork
+from oncely.backends.plans import Plan, arun, run
 from oncely.backends.registry import lock_backend_class as backend_class
 from oncely.backends.registry import shared_lock_backend as shared_backend
 from oncely.core import observe
@@ -71,6 +72,22 @@ _RAN_OUT: Final = (
     "no renewal was confirmed before its ttl ran out (the store is slow or unreachable, or "
     "this process was paused)"
 )
+
+
+class _Attempt(NamedTuple):
+    """An acquire plan's request: one attempt at the store (``wait``: seconds the store may
+    wait for a release itself); the reply is the :class:`Hold` or :class:`Busy`."""
+
+    owner: str
+    wait: float
+
+
+class _AwaitRelease(NamedTuple):
+    """An acquire plan's request: wait up to ``left`` seconds for the holder's release (woken
+    by it, not by polling); the reply is ``None``."""
+
+    busy: Busy
+    left: float
 
 
 def _who(face: Face) -> str:
@@ -449,14 +466,19 @@ class Lock:
             self._start_renewal(hold, sent_at)
         return hold.token
 
-    def _acquire_loop(self, blocking: bool, limit: float | None) -> tuple[Hold | None, float]:
+    def _acquire_plan(self, blocking: bool, limit: float | None) -> Plan[tuple[Hold | None, float]]:
+        """The acquire loop of both faces: ``(hold or None, when its request was sent)``.
+
+        Yields :class:`_Attempt` (the reply: the store's :class:`Hold` or :class:`Busy`) and
+        :class:`_AwaitRelease` (the reply: ``None``), which each face carries out its way.
+        """
         backend, owner = self.backend, self._owner()
         deadline = self._deadline(limit)
         down_since: float | None = None
         while True:
             sent_at = time.monotonic()
             wait = self._server_wait(blocking, deadline)
-            result = backend.acquire(self.name, owner, self.lease, wait, self._options)
+            result = yield _Attempt(owner, wait)
             if isinstance(result, Hold):
                 return self._granted(result, sent_at)
             left = deadline - time.monotonic()
@@ -466,7 +488,18 @@ class Lock:
                 raise self._timeout_error(limit, result)
             down_since = self._unavailable(result, down_since, limit)
             if not backend.server_wait or result.unavailable:
-                backend.wait_release(self.name, result, left)
+                yield _AwaitRelease(result, left)
+
+    def _acquire_loop(self, blocking: bool, limit: float | None) -> tuple[Hold | None, float]:
+        return run(self._acquire_plan(blocking, limit), self._execute)
+
+    def _execute(self, request: _Attempt | _AwaitRelease) -> Hold | Busy | None:
+        backend = self.backend
+        if isinstance(request, _Attempt):
+            owner, wait = request
+            return backend.acquire(self.name, owner, self.lease, wait, self._options)
+        backend.wait_release(self.name, request.busy, request.left)
+        return None
 
     def release(self) -> None:
         """Give the lock back (only if this instance still owns it).
@@ -624,24 +657,16 @@ class Lock:
     async def _aacquire_loop(
         self, blocking: bool, limit: float | None
     ) -> tuple[Hold | None, float]:
-        backend, owner = self.backend, self._owner()
-        deadline = self._deadline(limit)
-        down_since: float | None = None
-        while True:
-            sent_at = time.monotonic()
-            wait = self._server_wait(blocking, deadline)
-            result = await self._attempt(owner, wait)
+        return await arun(self._acquire_plan(blocking, limit), self._aexecute)
+
+    async def _aexecute(self, request: _Attempt | _AwaitRelease) -> Hold | Busy | None:
+        if isinstance(request, _Attempt):
+            result = await self._attempt(request.owner, request.wait)
             if isinstance(result, Hold):
                 result.alock = asyncio.Lock()
-                return self._granted(result, sent_at)
-            left = deadline - time.monotonic()
-            if not blocking or left <= 0:
-                if not blocking and not result.unavailable:
-                    return None, sent_at
-                raise self._timeout_error(limit, result)
-            down_since = self._unavailable(result, down_since, limit)
-            if not backend.server_wait or result.unavailable:
-                await backend.await_release(self.name, result, left)
+            return result
+        await self.backend.await_release(self.name, request.busy, request.left)
+        return None
 
     async def _attempt(self, owner: str, wait: float) -> Hold | Busy:
         backend = self.backend

@@ -42,6 +42,7 @@ from oncely.backends.sqlite import (
     is_busy,
     open_error,
     parse_url,
+    synchronous_of,
 )
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
@@ -110,11 +111,7 @@ class SQLiteLockBackend(LockBackend):
         self.path = path
         self.table = table
         self.busy_timeout = busy_timeout_of(busy_timeout, options, 5.0, "SQLiteLockBackend")
-        self.synchronous = options.get("synchronous", "NORMAL").upper()
-        if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ConfigurationError(
-                f"synchronous={self.synchronous!r}: use OFF, NORMAL (default), FULL or EXTRA"
-            )
+        self.synchronous = synchronous_of(None, options, "NORMAL")
         self.poll_interval = poll_interval
         self._sql = {
             name: text.replace("{t}", table)

@@ -91,26 +91,20 @@ def _consumer(
     db: str | None = None,
     inbox: str | None = None,
 ) -> IdempotentConsumer:
+    table = None
     if db is None:
         if inbox is not None:
             raise ConfigurationError("--inbox needs --db URL (the database the inbox lives in)")
-        return IdempotentConsumer(
-            load_handler(handler),
-            name=name,
-            store=store,
-            dedup_id=dedup_id,
-            lease=lease,
-            max_attempts=attempts,
-        )
-    from oncely.messaging.inbox import Inbox, connect
+    else:
+        from oncely.messaging.inbox import Inbox, connect
 
-    table = Inbox(inbox or "oncely_inbox")
-    conn = connect(db)
-    try:
-        table.create_table(conn)
-        conn.commit()
-    finally:
-        conn.close()
+        table = Inbox(inbox or "oncely_inbox")
+        conn = connect(db)
+        try:
+            table.create_table(conn)
+            conn.commit()
+        finally:
+            conn.close()
     return IdempotentConsumer(
         load_handler(handler),
         name=name,

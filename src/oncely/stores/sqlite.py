@@ -40,6 +40,7 @@ from oncely.backends.sqlite import (
     is_busy,
     open_error,
     parse_url,
+    synchronous_of,
 )
 from oncely.core.records import ClaimOutcome, Record, RecordKey
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError
@@ -226,11 +227,7 @@ class SQLiteStore(PlannedStore):
     ) -> None:
         super().__init__(url)
         self.path, options = parse_url(url, "SQLite URL", ("synchronous", "busy_timeout"))
-        self.synchronous = (synchronous or options.get("synchronous", "FULL")).upper()
-        if self.synchronous not in ("OFF", "NORMAL", "FULL", "EXTRA"):
-            raise ConfigurationError(
-                f"synchronous={self.synchronous!r}: use OFF, NORMAL, FULL (default) or EXTRA"
-            )
+        self.synchronous = synchronous_of(synchronous, options, "FULL")
         self.busy_timeout = busy_timeout_of(busy_timeout, options, 15.0, "SQLiteStore")
         if not table.isidentifier():
             raise ConfigurationError(f"table name {table!r} must be a plain identifier")

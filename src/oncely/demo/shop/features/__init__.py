@@ -35,16 +35,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from oncely.demo.shop.db import ShopDB
+from oncely.demo.shop.db import Order, ShopDB
 from oncely.demo.shop.settings import Settings
-from oncely.demo.shop.web import Problem
+from oncely.demo.shop.web import Problem, caller
+from oncely.errors import EntityNotFound, IllegalTransition
 from oncely.http import Rule
 from oncely.stores import Store
 from oncely.tokens import Tokens
 
-__all__ = ["Feature", "Shop", "pending"]
+__all__ = ["Feature", "Shop", "order_not_found", "pending"]
 
 T = TypeVar("T")
+
+
+def order_not_found(order_id: str) -> Problem:
+    """The ``404 order-not-found`` problem: no such order, or not the caller's."""
+    return Problem(404, "order-not-found", "Unknown order", f"no order {order_id!r}")
 
 
 @dataclass
@@ -64,6 +70,36 @@ class Shop:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking database call on a worker thread."""
         return await anyio.to_thread.run_sync(fn, *args)
+
+    async def own_order(self, request: Request, order_id: str) -> Order:
+        """The order ``order_id`` if the caller may see it (no caller: anyone may).
+
+        :raises Problem: ``404 order-not-found``: no such order, or another customer's.
+        """
+        order = await self.run(self.db.order, order_id)
+        who = caller(request)
+        if order is None or (who is not None and who != order.customer):
+            raise order_not_found(order_id)
+        return order
+
+    async def move_order(
+        self,
+        step: Callable[[str], object],
+        order_id: str,
+        refused: Callable[[str, str], Problem],
+    ) -> None:
+        """Run ``step(order_id)``, a transition of the order machine (one conditional update).
+
+        :raises Problem: ``refused(order_id, current status)`` when the machine refuses the
+            transition from the order's current state; ``404 order-not-found`` when the order
+            is gone.
+        """
+        try:
+            await self.run(step, order_id)
+        except IllegalTransition as exc:
+            raise refused(order_id, str(exc.current)) from None
+        except EntityNotFound:
+            raise order_not_found(order_id) from None
 
 
 @dataclass

@@ -27,16 +27,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from oncely.demo.shop.db import Order
 from oncely.demo.shop.features import Feature, Shop
-from oncely.demo.shop.web import Problem, caller, path_id
-from oncely.errors import EntityNotFound, IllegalTransition
+from oncely.demo.shop.web import Problem, path_id
+from oncely.errors import IllegalTransition
 
 __all__ = ["feature"]
-
-
-def _not_found(order_id: str) -> Problem:
-    return Problem(404, "order-not-found", "Unknown order", f"no order {order_id!r}")
 
 
 def _not_cancellable(order_id: str, status: str) -> Problem:
@@ -51,23 +46,11 @@ def _not_cancellable(order_id: str, status: str) -> Problem:
 
 
 def feature(shop: Shop) -> Feature:
-    async def own_order(request: Request, order_id: str) -> Order:
-        order = await shop.run(shop.db.order, order_id)
-        who = caller(request)
-        if order is None or (who is not None and who != order.customer):
-            raise _not_found(order_id)
-        return order
-
     async def cancel(request: Request) -> Response:
         order_id = path_id(request, "order_id")
-        order = await own_order(request, order_id)
+        order = await shop.own_order(request, order_id)
         if shop.protected:
-            try:
-                await shop.run(shop.db.cancel, order_id)
-            except IllegalTransition as exc:
-                raise _not_cancellable(order_id, str(exc.current)) from None
-            except EntityNotFound:
-                raise _not_found(order_id) from None
+            await shop.move_order(shop.db.cancel, order_id, _not_cancellable)
         elif order.status != "cancelled":
             if order.status == "shipped":
                 raise _not_cancellable(order_id, order.status)

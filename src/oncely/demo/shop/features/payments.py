@@ -35,7 +35,7 @@ from starlette.routing import Route
 from oncely import idempotent
 from oncely.demo.shop.db import Order
 from oncely.demo.shop.features import Feature, Shop
-from oncely.demo.shop.web import Problem, caller, integer, json_body, path_id, text
+from oncely.demo.shop.web import Problem, integer, json_body, path_id, text
 from oncely.errors import IllegalTransition, TokenError, TokenReused
 from oncely.http import Rule
 from oncely.tokens import TokenUse
@@ -43,6 +43,16 @@ from oncely.tokens import TokenUse
 __all__ = ["feature"]
 
 TOKEN_TTL = 900.0
+
+
+def _not_payable(status: str) -> Problem:
+    return Problem(
+        409,
+        "order-not-payable",
+        "Order cannot be paid",
+        "the order is not awaiting payment",
+        order_status=status,
+    )
 
 
 def feature(shop: Shop) -> Feature:
@@ -65,16 +75,9 @@ def feature(shop: Shop) -> Feature:
             lease=shop.settings.lease,
         )(provider_charge)
 
-    async def own_order(request: Request, order_id: str) -> Order:
-        order = await shop.run(shop.db.order, order_id)
-        who = caller(request)
-        if order is None or (who is not None and who != order.customer):
-            raise Problem(404, "order-not-found", "Unknown order", f"no order {order_id!r}")
-        return order
-
     async def issue(request: Request) -> Response:
         body = await json_body(request)
-        order = await own_order(request, text(body, "order_id"))
+        order = await shop.own_order(request, text(body, "order_id"))
         if shop.tokens is not None:
             token = await shop.tokens.aissue(order.customer, f"pay:{order.id}", TOKEN_TTL)
         else:
@@ -112,7 +115,7 @@ def feature(shop: Shop) -> Feature:
         order_id = path_id(request, "order_id")
         body = await json_body(request)
         amount = integer(body, "amount")
-        order = await own_order(request, order_id)
+        order = await shop.own_order(request, order_id)
         use = await consume(request, order)
         try:
             if amount != order.amount:
@@ -125,23 +128,11 @@ def feature(shop: Shop) -> Feature:
                 )
             current = await shop.run(shop.db.order, order_id)
             if current is None or current.status != "placed":
-                raise Problem(
-                    409,
-                    "order-not-payable",
-                    "Order cannot be paid",
-                    "the order is not awaiting payment",
-                    order_status=current.status if current else "unknown",
-                )
+                raise _not_payable(current.status if current else "unknown")
             try:
                 transaction_id = await charge(order_id, amount)
             except IllegalTransition as exc:  # cancelled while the charge ran: rolled back
-                raise Problem(
-                    409,
-                    "order-not-payable",
-                    "Order cannot be paid",
-                    "the order is not awaiting payment",
-                    order_status=str(exc.current),
-                ) from None
+                raise _not_payable(str(exc.current)) from None
         except BaseException:
             if use is not None and shop.tokens is not None:
                 await shop.tokens.arelease(use)  # give the token back: the user may retry

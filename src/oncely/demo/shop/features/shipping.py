@@ -29,18 +29,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from oncely.demo.shop.db import OUTBOX, Order, ShopDB
+from oncely.demo.shop.db import OUTBOX, ShopDB
 from oncely.demo.shop.features import Feature, Shop
 from oncely.demo.shop.queue import EmbeddedQueue
-from oncely.demo.shop.web import Problem, caller, path_id
-from oncely.errors import EntityNotFound, IllegalTransition, OncelyError
+from oncely.demo.shop.web import Problem, path_id
+from oncely.errors import OncelyError
 from oncely.messaging.outbox import Relay
 
 __all__ = ["Shipper", "feature"]
-
-
-def _not_found(order_id: str) -> Problem:
-    return Problem(404, "order-not-found", "Unknown order", f"no order {order_id!r}")
 
 
 def _not_shippable(order_id: str, status: str) -> Problem:
@@ -93,23 +89,11 @@ class Shipper:
 
 
 def feature(shop: Shop) -> Feature:
-    async def own_order(request: Request, order_id: str) -> Order:
-        order = await shop.run(shop.db.order, order_id)
-        who = caller(request)
-        if order is None or (who is not None and who != order.customer):
-            raise _not_found(order_id)
-        return order
-
     async def ship(request: Request) -> Response:
         order_id = path_id(request, "order_id")
-        order = await own_order(request, order_id)
+        order = await shop.own_order(request, order_id)
         if shop.protected:
-            try:
-                await shop.run(shop.db.ship, order_id)
-            except IllegalTransition as exc:
-                raise _not_shippable(order_id, str(exc.current)) from None
-            except EntityNotFound:
-                raise _not_found(order_id) from None
+            await shop.move_order(shop.db.ship, order_id, _not_shippable)
         else:
             if order.status not in ("paid", "shipped"):
                 raise _not_shippable(order_id, order.status)
