@@ -84,6 +84,8 @@ def test_a_bad_synchronous_level_is_refused_naming_the_levels_and_the_default(
     lock_levels = "use OFF, NORMAL (default), FULL or EXTRA"
     with pytest.raises(ConfigurationError, match=re.escape(f"'SOMETIMES': {lock_levels}")):
         Lock(url, "l")
+    with pytest.raises(ConfigurationError, match="synchronous must be a string, not int"):
+        open_store(f"sqlite:///{tmp_path}/x.db", synchronous=1)  # type: ignore[arg-type]
     assert open_store(f"sqlite:///{tmp_path}/x.db?synchronous=normal").synchronous == "NORMAL"
     assert open_store(f"sqlite:///{tmp_path}/x.db").synchronous == "FULL"
 

@@ -93,9 +93,12 @@ def synchronous_of(given: str | None, options: dict[str, Any], default: str) -> 
     """The ``synchronous`` pragma level of a SQLite user, upper-cased: the keyword argument if
     given, else the URL's, else ``default``.
 
-    :raises ConfigurationError: not one of OFF, NORMAL, FULL, EXTRA (any case).
+    :raises ConfigurationError: not one of OFF, NORMAL, FULL, EXTRA (any case), or not a string.
     """
-    level = (given or options.get("synchronous", default)).upper()
+    raw = given or options.get("synchronous", default)
+    if not isinstance(raw, str):
+        raise ConfigurationError(f"synchronous must be a string, not {type(raw).__name__}")
+    level = raw.upper()
     if level not in SYNCHRONOUS:
         *first, last = [f"{name} (default)" if name == default else name for name in SYNCHRONOUS]
         raise ConfigurationError(f"synchronous={level!r}: use {', '.join(first)} or {last}")
