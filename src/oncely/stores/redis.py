@@ -81,6 +81,8 @@ _PROBE: Final = _script("probe")
 _LIST: Final = _script("list")
 
 _STATUS: Final[dict[bytes, Status]] = {b"in_progress": "in_progress", b"completed": "completed"}
+#: ``st`` as the scripts keep it -> the status it stands for (``c``: a compact completed record).
+_STATUS_NAMES: Final = {"c": "completed"}
 _SCAN_COUNT: Final = 500
 # How long past the holder's lease a watcher waits before it looks again (the lease may have
 # been renewed, which publishes nothing).
@@ -129,6 +131,7 @@ def _check_fenced(reply: Any, op: str, key: RecordKey, fence: int) -> Any:
     if reply[0] == b"ok":
         return reply
     status, current = reply[1].decode(), reply[2].decode()
+    status = _STATUS_NAMES.get(status, status)
     if not status:
         why = (
             "the record is gone: it was released or deleted, or it expired after its lease ran out"

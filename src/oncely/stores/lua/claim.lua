@@ -16,19 +16,53 @@
 -- delete, expiry) and whatever the clock does; the clock only seeds it (and covers a lost
 -- counter). Scripts run one at a time, so no two claims ever draw the same number.
 --
--- Hash fields: st status, fe fence, fp fingerprint, lu lease_until (ms), ea expires_at (ms),
--- ca created_at (ms), rs result (r1 .. rN and rn: its further pieces, see complete.lua), cd codec.
--- Records written by earlier versions also carry sc scope and dg digest (both are in the key's name).
--- A result kept in pieces (see complete.lua) is joined again: rs .. r1 .. rN, N in rn.
-local function whole(key, h)
-  if h[9] then
+-- Hash fields: see complete.lua. A claim writes st 'in_progress', fe fence, fp fingerprint, lu
+-- lease_until (ms), ea expires_at (ms), ca created_at (ms): the layout every earlier version
+-- wrote and reads, so builds of both kinds see each other's claims in flight.
+--
+-- A record as the fields {st, fe, fp, lu, ea, ca, rs, cd}, from
+-- HMGET st fe fp lu ea ca rs cd rn ft fx (the layouts are in complete.lua): a compact completed
+-- record (st 'c') gets its status 'completed', its fingerprint (ft .. the hex of fx) and its
+-- created_at (the fence's millisecond unless ca is there) back; a result kept in pieces is joined
+-- again: rs .. r1 .. rN, N in rn, or in a compact record as long as the pieces before are full.
+local PIECE, MOST = 64, 16
+local function fingerprint(h)
+  if h[1] ~= 'c' then
+    return h[3]
+  end
+  return (h[10] or '') .. (string.gsub(h[11] or '', '.', function(c)
+    return string.format('%02x', string.byte(c))
+  end))
+end
+local function record(key, h)
+  if h[1] == 'c' then
+    h[3] = fingerprint(h)
+    h[1] = 'completed'
+    if not h[6] then
+      h[6] = string.format('%.0f', math.floor(tonumber(h[2]) / 1000))
+    end
+    if h[7] and #h[7] == PIECE then
+      local names = {}
+      for i = 1, MOST - 1 do
+        names[i] = 'r' .. i
+      end
+      local parts = {h[7]}
+      for _, part in ipairs(redis.call('HMGET', key, unpack(names))) do
+        if not part then
+          break
+        end
+        parts[#parts + 1] = part
+      end
+      h[7] = table.concat(parts)
+    end
+  elseif h[9] then
     local names = {}
     for i = 1, tonumber(h[9]) do
       names[i] = 'r' .. i
     end
     h[7] = (h[7] or '') .. table.concat(redis.call('HMGET', key, unpack(names)))
   end
-  h[9] = nil
+  h[11], h[10], h[9] = nil, nil, nil
   return h
 end
 local key = KEYS[1]
@@ -37,7 +71,8 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = string.format('%.0f', now_ms)
 
-local h = redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd', 'rn')
+local h = redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd', 'rn', 'ft',
+  'fx')
 local fence = now_us
 if h[1] then
   local live = h[1] ~= 'released' and tonumber(h[5] or 0) > now_ms
@@ -45,11 +80,11 @@ if h[1] then
     live = false -- abandoned: the holder's lease ran out, whatever its fingerprint
   end
   if live then
-    if h[3] ~= ARGV[1] then
+    if fingerprint(h) ~= ARGV[1] then
       return {'M', now}
     end
-    if h[1] == 'completed' then
-      return {'R', now, whole(key, h)}
+    if h[1] == 'completed' or h[1] == 'c' then
+      return {'R', now, record(key, h)}
     end
     return {'I', now, h[2], h[4]}
   end

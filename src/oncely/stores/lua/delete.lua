@@ -19,7 +19,7 @@ if redis.call('DEL', KEYS[1]) == 0 then
   return 0
 end
 redis.call('PUBLISH', ARGV[1], 'deleted')
-if st == 'in_progress' or st == 'completed' then
+if st == 'in_progress' or st == 'completed' or st == 'c' then
   return 1
 end
 return 0

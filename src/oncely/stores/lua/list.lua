@@ -5,24 +5,66 @@
 -- Replies a list of {st, fe, fp, lu, ea, ca, rs, cd, sc, dg, key}, one per live record; keys
 -- that are not oncely records (no status, fence, fingerprint, expiry or creation time) are
 -- skipped. sc and dg are nil for records written since they left the hash (the key's name holds
--- both); a result kept in pieces (see complete.lua) is joined again.
+-- both).
+--
+-- A record as the fields {st, fe, fp, lu, ea, ca, rs, cd}, from
+-- HMGET st fe fp lu ea ca rs cd rn ft fx (the layouts are in complete.lua): a compact completed
+-- record (st 'c') gets its status 'completed', its fingerprint (ft .. the hex of fx) and its
+-- created_at (the fence's millisecond unless ca is there) back; a result kept in pieces is joined
+-- again: rs .. r1 .. rN, N in rn, or in a compact record as long as the pieces before are full.
+local PIECE, MOST = 64, 16
+local function fingerprint(h)
+  if h[1] ~= 'c' then
+    return h[3]
+  end
+  return (h[10] or '') .. (string.gsub(h[11] or '', '.', function(c)
+    return string.format('%02x', string.byte(c))
+  end))
+end
+local function record(key, h)
+  if h[1] == 'c' then
+    h[3] = fingerprint(h)
+    h[1] = 'completed'
+    if not h[6] then
+      h[6] = string.format('%.0f', math.floor(tonumber(h[2]) / 1000))
+    end
+    if h[7] and #h[7] == PIECE then
+      local names = {}
+      for i = 1, MOST - 1 do
+        names[i] = 'r' .. i
+      end
+      local parts = {h[7]}
+      for _, part in ipairs(redis.call('HMGET', key, unpack(names))) do
+        if not part then
+          break
+        end
+        parts[#parts + 1] = part
+      end
+      h[7] = table.concat(parts)
+    end
+  elseif h[9] then
+    local names = {}
+    for i = 1, tonumber(h[9]) do
+      names[i] = 'r' .. i
+    end
+    h[7] = (h[7] or '') .. table.concat(redis.call('HMGET', key, unpack(names)))
+  end
+  h[11], h[10], h[9] = nil, nil, nil
+  return h
+end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for i = 1, #KEYS do
-  local h = redis.call('HMGET', KEYS[i], 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd', 'rn',
-    'sc', 'dg')
-  if (h[1] == 'in_progress' or h[1] == 'completed') and h[2] and h[3] and h[5] and h[6]
-      and tonumber(h[5]) and tonumber(h[5]) > now_ms then
-    local rs = h[7]
-    if h[9] then
-      local names = {}
-      for j = 1, tonumber(h[9]) do
-        names[j] = 'r' .. j
-      end
-      rs = (rs or '') .. table.concat(redis.call('HMGET', KEYS[i], unpack(names)))
+  local h = redis.call('HMGET', KEYS[i], 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd', 'rn', 'ft',
+    'fx')
+  if (h[1] == 'in_progress' or h[1] == 'completed' or (h[1] == 'c' and tonumber(h[2])))
+      and h[2] and h[5] and tonumber(h[5]) and tonumber(h[5]) > now_ms then
+    local names = redis.call('HMGET', KEYS[i], 'sc', 'dg')
+    h = record(KEYS[i], h)
+    if h[3] and h[6] then
+      out[#out + 1] = {h[1], h[2], h[3], h[4], h[5], h[6], h[7], h[8], names[1], names[2], KEYS[i]}
     end
-    out[#out + 1] = {h[1], h[2], h[3], h[4], h[5], h[6], rs, h[8], h[10], h[11], KEYS[i]}
   end
 end
 return out
