@@ -276,6 +276,8 @@ def test_record_layout_and_pexpireat(store: RedisStore, raw: redis.Redis, prefix
         ("fp-1", b"fp-1", None),
         ("1", b"1", None),
         ("", None, None),
+        ("caf\u00e9ab12", "caf\u00e9".encode(), b"\xab\x12"),
+        ("00", None, b"\x00"),
         ("prix-\u00e9t\u00e9", "prix-\u00e9t\u00e9".encode(), None),
     ],
 )
@@ -339,9 +341,10 @@ def test_results_up_to_1024_bytes_keep_the_hash_a_listpack(
         assert set(fields) == {b"st", b"fe", b"ft", b"ea", b"cd", b"rs"} | {
             f"r{i}".encode() for i in range(1, pieces + 1)
         }
-        assert all(len(fields[f"r{i}".encode()]) == 64 for i in range(1, pieces))
+        assert fields[b"st"] == f"c{pieces}".encode()  # compact, completed, N further pieces
     else:
         assert fields[b"rs"] == result and b"r1" not in fields
+        assert fields[b"st"] == b"c"
     expected = b"listpack" if size <= 1024 else b"hashtable"
     assert raw.object("encoding", name) == expected
     got = store.get(key)
@@ -411,13 +414,13 @@ EARLIER = Path(__file__).parent / "redis_earlier"
 
 
 def earlier(raw: redis.Redis, script: str, numkeys: int, *args: Any) -> Any:
-    """Run a script of the layout before the compact completed records (oncely 0.1.0's
-    ``claim``, ``complete``, ``get``, ``list``, kept in ``tests/redis_earlier``): what a build
-    of that layout does on the same keys."""
+    """Run a script of the piece layout, the one before the compact completed records (its
+    ``claim``, ``complete``, ``get`` and ``list``, kept in ``tests/redis_earlier``): what a
+    build of that layout does on the same keys."""
     return raw.eval((EARLIER / f"{script}.lua").read_text(), numkeys, *args)
 
 
-def test_records_of_the_0_1_0_layout_are_read_and_finished(
+def test_records_of_the_piece_layout_are_read_and_finished(
     store: RedisStore, raw: redis.Redis, prefix: str
 ) -> None:
     """Records written by the scripts of the layout before the compact completed records (st
@@ -435,7 +438,7 @@ def test_records_of_the_0_1_0_layout_are_read_and_finished(
     for name, result in (("small", small), ("big", big)):
         args = (fences[name], result, "json", 60_000, store._channel(keys[name]))
         assert earlier(raw, "complete", 1, record_key(prefix, keys[name]), *args) == [b"ok"]
-    assert b"rn" in raw.hgetall(record_key(prefix, keys["big"]))  # the 0.1.0 pieces
+    assert b"rn" in raw.hgetall(record_key(prefix, keys["big"]))  # the piece layout's rn
     created = int(raw.hget(record_key(prefix, keys["small"]), "ca") or 0)
     for name, result in (("small", small), ("big", big)):
         key = keys[name]
@@ -454,7 +457,7 @@ def test_records_of_the_0_1_0_layout_are_read_and_finished(
     running = keys["running"]
     assert isinstance(store.claim(running, fp, 5, 60), InFlight)
     store.complete(running, fences["running"], big, "json", 60)
-    assert raw.hget(record_key(prefix, running), "st") == b"c"
+    assert raw.hget(record_key(prefix, running), "st") == b"c8"  # compact, in 9 pieces
     replay = store.claim(running, fp, 5, 60)
     assert isinstance(replay, Replay) and replay.record.result == big
     store.release(keys["gives_up"], fences["gives_up"])
@@ -463,7 +466,7 @@ def test_records_of_the_0_1_0_layout_are_read_and_finished(
     assert store.delete(keys["small"]) and store.get(keys["small"]) is None
 
 
-def test_a_build_of_the_0_1_0_layout_never_runs_a_compact_record_again(
+def test_a_build_of_the_piece_layout_never_runs_a_compact_record_again(
     store: RedisStore, raw: redis.Redis, prefix: str
 ) -> None:
     """A rolling upgrade: a build that reads only the earlier layout finds no ``fp`` in a compact
@@ -516,11 +519,11 @@ def completed_usage(url: str, result: bytes, order: str) -> int:
 
 def test_memory_usage_of_a_completed_key(private_redis: RedisServer) -> None:
     """Issue 13's target, 2x the result + 200 bytes, by ``MEMORY USAGE``: a 100-byte JSON result
-    takes 328 bytes (392 in 0.1.0's layout, 1,016 before the result pieces). A 4-byte result
-    takes 232 (264 in 0.1.0), over its 208: the key name, its robj and dict entry take 136 of
-    them whatever the hash holds, and a listpack of at most 64 bytes would need ``st`` and
-    ``ea`` gone, the two fields that make a build of the earlier layout see a live record at all
-    (without them it would run the call again); see docs/performance.md."""
+    takes 328 bytes (392 in the piece layout, 1,016 before the result pieces). A 4-byte result
+    takes 232 (264 in the piece layout), over its 208: the key name, its robj and dict entry
+    take 136 of them whatever the hash holds, and a listpack of at most 64 bytes would need
+    ``st`` and ``ea`` gone, the two fields that make a build of the earlier layout see a live
+    record at all (without them it would run the call again); see docs/redis.md."""
     assert len(RESULT_100) == 100
     assert completed_usage(private_redis.url, RESULT_100, "order-0001") <= 328
     assert completed_usage(private_redis.url, b'"ok"', "order-0002") <= 232
@@ -529,7 +532,7 @@ def test_memory_usage_of_a_completed_key(private_redis: RedisServer) -> None:
 def test_used_memory_per_completed_key_meets_the_target(private_redis: RedisServer) -> None:
     """Issue 13's target by the server's own count: ``used_memory`` grows by at most 2x the result
     + 200 bytes per completed key of a 100-byte result, with 10^5 keys (the expiry dict's entry
-    and both dicts' buckets included: about 60 bytes over ``MEMORY USAGE``). 0.1.0's layout:
+    and both dicts' buckets included: about 60 bytes over ``MEMORY USAGE``). The piece layout:
     453 bytes a key; this one 389."""
     store = RedisStore(private_redis.url)
     raw = redis.Redis.from_url(private_redis.url)

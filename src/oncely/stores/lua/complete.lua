@@ -14,57 +14,52 @@
 -- Layouts. A claim writes st 'in_progress', fe fence, fp fingerprint, lu lease_until (ms), ea
 -- expires_at (ms), ca created_at (ms) (claim.lua). A completion turns that into the compact
 -- completed record, which keeps only what a replay needs (issue 13: memory per completed key):
---   st  'c' (completed, compact)    fe  fence    ea  expires_at (ms; also the key's PEXPIREAT)
+--   st  'c' (completed, compact), or 'cN' when the result is kept in N + 1 pieces (below)
+--   fe  fence      ea  expires_at (ms; also the key's PEXPIREAT)
 --   fx  the fingerprint's longest even-length lowercase-hex tail as raw bytes (half the size)
 --   ft  the rest of the fingerprint, before that tail (absent if empty)
 --   ca  created_at, only when it is not the fence's millisecond (the fence is the claim's TIME
 --       in microseconds unless the counter ran ahead of the clock)
 --   rs  result, cd codec; a result of 65 to 1,024 bytes is kept in pieces of 64 bytes (rs, then
---       r1 .. rN; every piece but the last is full): one value over hash-max-listpack-value (64
---       by default) turns the whole hash from a listpack into a hashtable, about 600 bytes more
---       per key. A longer result is kept whole in rs (its own size dominates then).
+--       r1 .. rN): one value over hash-max-listpack-value (64 by default) turns the whole hash
+--       from a listpack into a hashtable, about 600 bytes more per key. A longer result is kept
+--       whole in rs (its own size dominates then).
 -- A build of an earlier layout finds no fp in a compact record and answers Mismatch (it never
 -- runs the call again); st and ea stay so that it sees a live record at all.
 -- Records completed by earlier versions (st 'completed', fp, ca, and rn = N when the result is
 -- in pieces; or the whole result in rs and sc scope, dg digest fields) are read as they are.
 -- A record as the fields {st, fe, fp, lu, ea, ca, rs, cd}, from
--- HMGET st fe fp lu ea ca rs cd rn ft fx (the layouts are in complete.lua): a compact completed
--- record (st 'c') gets its status 'completed', its fingerprint (ft .. the hex of fx) and its
--- created_at (the fence's millisecond unless ca is there) back; a result kept in pieces is joined
--- again: rs .. r1 .. rN, N in rn, or in a compact record as long as the pieces before are full.
-local PIECE, MOST = 64, 16
+-- HMGET st fe fp lu ea ca rs cd rn ft fx (the layouts are in complete.lua). A compact completed
+-- record (st 'c', or 'cN' with its result in N + 1 pieces) gets its status 'completed', its
+-- fingerprint (ft .. the hex of fx) and its created_at (the fence's millisecond unless ca is
+-- there) back; a result kept in pieces is joined again: rs .. r1 .. rN (N in st, or in rn).
+local function compact(st)
+  if st == 'c' then
+    return 0
+  end
+  return st and tonumber(string.match(st, '^c(%d%d?)$'))
+end
 local function fingerprint(h)
-  if h[1] ~= 'c' then
+  if not compact(h[1]) then
     return h[3]
   end
-  return (h[10] or '') .. (string.gsub(h[11] or '', '.', function(c)
-    return string.format('%02x', string.byte(c))
-  end))
+  local fx = h[11] or ''
+  return (h[10] or '') .. string.format(string.rep('%02x', #fx), string.byte(fx, 1, -1))
 end
 local function record(key, h)
-  if h[1] == 'c' then
-    h[3] = fingerprint(h)
+  local pieces = compact(h[1])
+  if pieces then
+    h[3] = h[3] or fingerprint(h)
     h[1] = 'completed'
     if not h[6] then
       h[6] = string.format('%.0f', math.floor(tonumber(h[2]) / 1000))
     end
-    if h[7] and #h[7] == PIECE then
-      local names = {}
-      for i = 1, MOST - 1 do
-        names[i] = 'r' .. i
-      end
-      local parts = {h[7]}
-      for _, part in ipairs(redis.call('HMGET', key, unpack(names))) do
-        if not part then
-          break
-        end
-        parts[#parts + 1] = part
-      end
-      h[7] = table.concat(parts)
-    end
-  elseif h[9] then
+  else
+    pieces = tonumber(h[9] or 0)
+  end
+  if pieces > 0 then
     local names = {}
-    for i = 1, tonumber(h[9]) do
+    for i = 1, pieces do
       names[i] = 'r' .. i
     end
     h[7] = (h[7] or '') .. table.concat(redis.call('HMGET', key, unpack(names)))
@@ -74,7 +69,7 @@ local function record(key, h)
 end
 local key = KEYS[1]
 local h = redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd', 'rn', 'ft', 'fx')
-if (h[1] == 'completed' or h[1] == 'c') and h[2] == ARGV[1] then
+if (h[1] == 'completed' or compact(h[1])) and h[2] == ARGV[1] then
   h = record(key, h)
   if h[7] == ARGV[2] and h[8] == ARGV[3] then
     redis.call('PEXPIREAT', key, h[5])
@@ -89,6 +84,7 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ea = string.format('%.0f', now_ms + tonumber(ARGV[4]))
 local rs = ARGV[2]
+local PIECE, MOST = 64, 16
 local fields = {'st', 'c', 'cd', ARGV[3], 'ea', ea, 'rs', rs}
 local gone = {'lu', 'fp', 'sc', 'dg', 'rn'}
 local head, tail = string.match(h[3] or '', '^(.-)([0-9a-f]*)$')
@@ -109,8 +105,10 @@ if h[6] and tonumber(h[6]) == math.floor(tonumber(h[2]) / 1000) then
   gone[#gone + 1] = 'ca'
 end
 if #rs > PIECE and #rs <= PIECE * MOST then
+  local pieces = math.ceil(#rs / PIECE) - 1
+  fields[2] = 'c' .. pieces
   fields[8] = string.sub(rs, 1, PIECE)
-  for i = 1, math.ceil(#rs / PIECE) - 1 do
+  for i = 1, pieces do
     fields[#fields + 1] = 'r' .. i
     fields[#fields + 1] = string.sub(rs, i * PIECE + 1, (i + 1) * PIECE)
   end
