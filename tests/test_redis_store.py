@@ -278,6 +278,7 @@ def test_record_layout_and_pexpireat(store: RedisStore, raw: redis.Redis, prefix
         ("", None, None),
         ("caf\u00e9ab12", "caf\u00e9".encode(), b"\xab\x12"),
         ("00", None, b"\x00"),
+        ("a" * 20_000 + "!" + "b" * 20_000, ("a" * 20_000 + "!").encode(), b"\xbb" * 10_000),
         ("prix-\u00e9t\u00e9", "prix-\u00e9t\u00e9".encode(), None),
     ],
 )

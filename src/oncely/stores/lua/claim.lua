@@ -37,8 +37,12 @@ local function fingerprint(h)
   if not compact(h[1]) then
     return h[3]
   end
-  local fx = h[11] or ''
-  return (h[10] or '') .. string.format(string.rep('%02x', #fx), string.byte(fx, 1, -1))
+  local fx, hex = h[11] or '', {}
+  for i = 1, #fx, 64 do -- string.byte of a whole long fx would overflow Lua's stack
+    local part = string.sub(fx, i, i + 63)
+    hex[#hex + 1] = string.format(string.rep('%02x', #part), string.byte(part, 1, -1))
+  end
+  return (h[10] or '') .. table.concat(hex)
 end
 local function record(key, h)
   local pieces = compact(h[1])

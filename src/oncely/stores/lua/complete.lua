@@ -28,8 +28,9 @@
 -- runs the call again); st and ea stay so that it sees a live record at all.
 -- Records completed by earlier versions (st 'completed', fp, ca, and rn = N when the result is
 -- in pieces; or the whole result in rs and sc scope, dg digest fields) are read as they are.
+--
 -- A record as the fields {st, fe, fp, lu, ea, ca, rs, cd}, from
--- HMGET st fe fp lu ea ca rs cd rn ft fx (the layouts are in complete.lua). A compact completed
+-- HMGET st fe fp lu ea ca rs cd rn ft fx (the layouts are above). A compact completed
 -- record (st 'c', or 'cN' with its result in N + 1 pieces) gets its status 'completed', its
 -- fingerprint (ft .. the hex of fx) and its created_at (the fence's millisecond unless ca is
 -- there) back; a result kept in pieces is joined again: rs .. r1 .. rN (N in st, or in rn).
@@ -43,8 +44,12 @@ local function fingerprint(h)
   if not compact(h[1]) then
     return h[3]
   end
-  local fx = h[11] or ''
-  return (h[10] or '') .. string.format(string.rep('%02x', #fx), string.byte(fx, 1, -1))
+  local fx, hex = h[11] or '', {}
+  for i = 1, #fx, 64 do -- string.byte of a whole long fx would overflow Lua's stack
+    local part = string.sub(fx, i, i + 63)
+    hex[#hex + 1] = string.format(string.rep('%02x', #part), string.byte(part, 1, -1))
+  end
+  return (h[10] or '') .. table.concat(hex)
 end
 local function record(key, h)
   local pieces = compact(h[1])
@@ -87,10 +92,21 @@ local rs = ARGV[2]
 local PIECE, MOST = 64, 16
 local fields = {'st', 'c', 'cd', ARGV[3], 'ea', ea, 'rs', rs}
 local gone = {'lu', 'fp', 'sc', 'dg', 'rn'}
-local head, tail = string.match(h[3] or '', '^(.-)([0-9a-f]*)$')
-if #tail % 2 == 1 then
-  head, tail = head .. string.sub(tail, 1, 1), string.sub(tail, 2)
+-- the fingerprint's longest even-length lowercase-hex tail: fp[cut + 1 ..] (a scan from the end,
+-- linear whatever the fingerprint; claim gets the same split from the client)
+local fp = h[3] or ''
+local cut = #fp
+while cut > 0 do
+  local b = string.byte(fp, cut)
+  if not ((b >= 48 and b <= 57) or (b >= 97 and b <= 102)) then
+    break
+  end
+  cut = cut - 1
 end
+if (#fp - cut) % 2 == 1 then
+  cut = cut + 1
+end
+local head, tail = string.sub(fp, 1, cut), string.sub(fp, cut + 1)
 if #tail > 0 then
   fields[#fields + 1] = 'fx'
   fields[#fields + 1] = string.gsub(tail, '..', function(x)
