@@ -2,17 +2,29 @@
 
 Layout (``prefix`` defaults to ``"oncely"``):
 
-* record ``f"{prefix}:{scope}:{digest}"``: a hash with short fields ``st`` status, ``fe`` fence,
-  ``fp`` fingerprint, ``lu`` lease_until (ms), ``ea`` expires_at (ms), ``ca`` created_at (ms),
-  ``rs`` result (bytes), ``cd`` codec. A result of 65 to 1,024 bytes is kept in pieces of at
-  most 64 bytes (``rs``, ``r1`` … ``rN``, and ``rn`` = N), so that the hash stays a listpack
-  (Redis turns a hash with one value over ``hash-max-listpack-value``, 64 by default, into a
-  hashtable: about 600 bytes more per record); the scripts join them again. Records written by
-  earlier versions (the whole result in ``rs``, and ``sc`` scope, ``dg`` digest fields, which
-  the key's name holds anyway) are read as they are. The key carries
-  ``PEXPIREAT expires_at``, so Redis drops expired records by itself. ``release`` turns the
-  record into a tombstone (``st`` = ``released``) that every reader ignores and any claim takes
-  over, and that Redis drops after a minute: a release repeated after a lost reply finds it.
+* record ``f"{prefix}:{scope}:{digest}"``: a hash with short fields. A claim writes ``st``
+  ``in_progress``, ``fe`` fence, ``fp`` fingerprint, ``lu`` lease_until (ms), ``ea`` expires_at
+  (ms), ``ca`` created_at (ms). A completion turns it into the compact completed record, which
+  keeps only what a replay needs: ``st`` ``c``, ``fe``, ``ea``; the fingerprint as ``fx``, its
+  longest even-length lowercase-hex tail in raw bytes (half the size), and ``ft``, the text
+  before that tail (each left out when empty); ``ca`` only when it is not the fence's
+  millisecond (the fence is the claim's ``TIME`` in microseconds unless the counter ran ahead of
+  the clock); ``rs`` result (bytes) and ``cd`` codec. A result of 65 to 1,024 bytes is kept in
+  pieces of 64 bytes (``rs``, ``r1`` … ``rN``, and ``st`` is then ``cN``) so that the hash
+  stays a listpack (Redis turns a hash with one value over ``hash-max-listpack-value``, 64 by
+  default, into a hashtable: about 600 bytes more per record); the scripts join them again.
+  A completed key of a 100-byte result takes 328 bytes (``MEMORY USAGE``, key name included;
+  about 385 by the server's ``used_memory``), one of a 4-byte result 232. Records written by
+  earlier versions are read, replayed, listed and deleted as they are: completed ones with
+  ``st`` ``completed``, ``fp``, ``ca`` and ``rn`` = N when the result is in pieces, or the whole
+  result in ``rs`` and ``sc`` scope, ``dg`` digest fields (the key's name holds both anyway).
+  Claims in flight keep the earlier layout, so a build of an earlier version and this one see
+  each other's claims; an earlier build finds no ``fp`` in a compact completed record and
+  answers Mismatch (it never runs the call again), ``st`` and ``ea`` stay so that it sees a
+  live record at all. The key carries ``PEXPIREAT expires_at``, so Redis drops expired
+  records by itself. ``release`` turns the record into a tombstone (``st`` = ``released``) that
+  every reader ignores and any claim takes over, and that Redis drops after a minute: a release
+  repeated after a lost reply finds it.
 * fence counter ``f"{prefix}:fence"``: the last fence handed out, for every key; it never
   expires.
 * channel ``f"{prefix}:done:{scope}:{digest}"``: ``complete``, ``release`` and ``delete`` publish
@@ -36,6 +48,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -81,6 +94,8 @@ _PROBE: Final = _script("probe")
 _LIST: Final = _script("list")
 
 _STATUS: Final[dict[bytes, Status]] = {b"in_progress": "in_progress", b"completed": "completed"}
+#: ``st`` of a compact completed record: ``c``, or ``cN`` with its result in N + 1 pieces.
+_COMPACT: Final = re.compile(r"c[0-9]*")
 _SCAN_COUNT: Final = 500
 # How long past the holder's lease a watcher waits before it looks again (the lease may have
 # been renewed, which publishes nothing).
@@ -110,6 +125,19 @@ def _record(scope: str, digest: str, f: Sequence[Any]) -> Record:
     )
 
 
+_HEX_DIGITS: Final = "0123456789abcdef"
+
+
+def _split_fingerprint(fingerprint: str) -> tuple[str, bytes]:
+    """``fingerprint`` as a compact completed record keeps it (complete.lua makes the same
+    split): the text before its longest even-length lowercase-hex tail (``ft``), and that tail
+    as raw bytes (``fx``), so that claim.lua compares a replay's fingerprint without hex."""
+    head = fingerprint.rstrip(_HEX_DIGITS)  # linear, whatever the fingerprint
+    tail = fingerprint[len(head) :]
+    tail = tail[len(tail) % 2 :]
+    return fingerprint[: len(fingerprint) - len(tail)], bytes.fromhex(tail)
+
+
 def _parse_claim(reply: Any, key: RecordKey) -> ClaimOutcome:
     kind = reply[0]
     now = int(reply[1]) / 1000
@@ -129,6 +157,7 @@ def _check_fenced(reply: Any, op: str, key: RecordKey, fence: int) -> Any:
     if reply[0] == b"ok":
         return reply
     status, current = reply[1].decode(), reply[2].decode()
+    status = "completed" if _COMPACT.fullmatch(status) else status
     if not status:
         why = (
             "the record is gone: it was released or deleted, or it expired after its lease ran out"
@@ -335,7 +364,8 @@ class RedisStore(PlannedStore):
     def _claim(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> Plan[ClaimOutcome]:
-        args = (self._key(key), self._fence(key), fingerprint, ms(lease), ms(ttl))
+        head, tail = _split_fingerprint(fingerprint)
+        args = (self._key(key), self._fence(key), fingerprint, ms(lease), ms(ttl), head, tail)
         if self._durable is None:
             return _parse_claim((yield Eval(_CLAIM, 2, args)), key)
         reply, acked = yield EvalWait(_CLAIM, 2, args)

@@ -3,6 +3,8 @@
 -- KEYS[1]  the record hash  "<prefix>:<scope>:<digest>"
 -- KEYS[2]  the fence counter "<prefix>:fence" (the last fence handed out, for every key)
 -- ARGV[1]  fingerprint      ARGV[2] lease (ms)      ARGV[3] ttl (ms)
+-- ARGV[4], ARGV[5]  the fingerprint as a compact completed record keeps it (ft, fx: see
+--          complete.lua), so that a replay compares it without turning fx into hex
 --
 -- Replies (every number as a decimal string, so nothing is rounded on the way; now_ms is the
 -- time every decision and stored time of this call is based on):
@@ -16,19 +18,51 @@
 -- delete, expiry) and whatever the clock does; the clock only seeds it (and covers a lost
 -- counter). Scripts run one at a time, so no two claims ever draw the same number.
 --
--- Hash fields: st status, fe fence, fp fingerprint, lu lease_until (ms), ea expires_at (ms),
--- ca created_at (ms), rs result (r1 .. rN and rn: its further pieces, see complete.lua), cd codec.
--- Records written by earlier versions also carry sc scope and dg digest (both are in the key's name).
--- A result kept in pieces (see complete.lua) is joined again: rs .. r1 .. rN, N in rn.
-local function whole(key, h)
-  if h[9] then
+-- Hash fields: see complete.lua. A claim writes st 'in_progress', fe fence, fp fingerprint, lu
+-- lease_until (ms), ea expires_at (ms), ca created_at (ms): the layout every earlier version
+-- wrote and reads, so builds of both kinds see each other's claims in flight.
+--
+-- A record as the fields {st, fe, fp, lu, ea, ca, rs, cd}, from
+-- HMGET st fe fp lu ea ca rs cd rn ft fx (the layouts are in complete.lua). A compact completed
+-- record (st 'c', or 'cN' with its result in N + 1 pieces) gets its status 'completed', its
+-- fingerprint (ft .. the hex of fx) and its created_at (the fence's millisecond unless ca is
+-- there) back; a result kept in pieces is joined again: rs .. r1 .. rN (N in st, or in rn).
+local function compact(st)
+  if st == 'c' then
+    return 0
+  end
+  return st and tonumber(string.match(st, '^c(%d%d?)$'))
+end
+local function fingerprint(h)
+  if not compact(h[1]) then
+    return h[3]
+  end
+  local fx, hex = h[11] or '', {}
+  for i = 1, #fx, 64 do -- string.byte of a whole long fx would overflow Lua's stack
+    local part = string.sub(fx, i, i + 63)
+    hex[#hex + 1] = string.format(string.rep('%02x', #part), string.byte(part, 1, -1))
+  end
+  return (h[10] or '') .. table.concat(hex)
+end
+local function record(key, h)
+  local pieces = compact(h[1])
+  if pieces then
+    h[3] = h[3] or fingerprint(h)
+    h[1] = 'completed'
+    if not h[6] then
+      h[6] = string.format('%.0f', math.floor(tonumber(h[2]) / 1000))
+    end
+  else
+    pieces = tonumber(h[9] or 0)
+  end
+  if pieces > 0 then
     local names = {}
-    for i = 1, tonumber(h[9]) do
+    for i = 1, pieces do
       names[i] = 'r' .. i
     end
     h[7] = (h[7] or '') .. table.concat(redis.call('HMGET', key, unpack(names)))
   end
-  h[9] = nil
+  h[11], h[10], h[9] = nil, nil, nil
   return h
 end
 local key = KEYS[1]
@@ -37,7 +71,8 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = string.format('%.0f', now_ms)
 
-local h = redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd', 'rn')
+local h = redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd', 'rn', 'ft',
+  'fx')
 local fence = now_us
 if h[1] then
   local live = h[1] ~= 'released' and tonumber(h[5] or 0) > now_ms
@@ -45,11 +80,18 @@ if h[1] then
     live = false -- abandoned: the holder's lease ran out, whatever its fingerprint
   end
   if live then
+    if compact(h[1]) then
+      if (h[10] or '') ~= ARGV[4] or (h[11] or '') ~= ARGV[5] then
+        return {'M', now}
+      end
+      h[3] = ARGV[1] -- the very same fingerprint
+      return {'R', now, record(key, h)}
+    end
     if h[3] ~= ARGV[1] then
       return {'M', now}
     end
     if h[1] == 'completed' then
-      return {'R', now, whole(key, h)}
+      return {'R', now, record(key, h)}
     end
     return {'I', now, h[2], h[4]}
   end

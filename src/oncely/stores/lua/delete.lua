@@ -8,6 +8,7 @@
 -- Replies 1 if a live record was deleted, else 0 (a release tombstone goes too, unreported).
 local h = redis.call('HMGET', KEYS[1], 'st', 'lu', 'ea')
 local st = h[1]
+local compact = st and string.match(st, '^c%d*$')
 if ARGV[2] == '0' and st == 'in_progress' then
   local t = redis.call('TIME')
   local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -19,7 +20,7 @@ if redis.call('DEL', KEYS[1]) == 0 then
   return 0
 end
 redis.call('PUBLISH', ARGV[1], 'deleted')
-if st == 'in_progress' or st == 'completed' then
+if st == 'in_progress' or st == 'completed' or compact then
   return 1
 end
 return 0
