@@ -326,8 +326,8 @@ def run_threads(
         out = []
         start.wait()
         i = 0
-        while time.perf_counter() < stop[0]:
-            k = _key(mine, worker, i, fresh)
+        while i == 0 or time.perf_counter() < stop[0]:  # one call at least: the replay
+            k = _key(mine, worker, i, fresh)  # phase cycles through the keys it made
             t0 = time.perf_counter()
             fn(k)
             out.append(time.perf_counter() - t0)
@@ -354,7 +354,7 @@ async def run_tasks(
 
     async def work(mine: list[str], worker: int) -> None:
         i = 0
-        while time.perf_counter() < stop:
+        while i == 0 or time.perf_counter() < stop:
             k = _key(mine, worker, i, fresh)
             t0 = time.perf_counter()
             await fn(k)
