@@ -504,7 +504,6 @@ ANYTHING: frozenset[tuple[str, str]] = frozenset(
         ("*", "return_type"),
         ("*", "paths"),  # patterns or a callable
         ("Deduplicator", "store"),  # a URL or a client
-        ("Table", "name"),
         ("SqlStateMachine", "table"),
         ("*", "options"),
         ("*", "pool_options"),
@@ -549,6 +548,9 @@ def _bad_values(annotation: str, default: Any) -> list[Bad]:
             bad.append(Bad(math.inf, "inf"))
         else:
             bad.append(Bad(1.5, "a fraction for a whole number"))
+    elif parts & {"Mapping"}:
+        bad.append(Bad(1, "an int for a mapping"))
+        bad.append(Bad(["x"], "a list for a mapping"))
     elif parts & {"str"} and not parts & {"Sequence", "Collection", "Iterable", "bytes"}:
         bad.append(Bad(1, "an int for a str"))
         bad.append(Bad(["x"], "a list for a str"))
