@@ -786,3 +786,53 @@ def test_every_public_configurable_is_probed() -> None:
             if any(p.default is not p.empty for p in params):
                 missing.append(f"{module_name}.{name}")
     assert not missing, f"public callables with options the probe does not cover: {missing}"
+
+
+# -- CLI options: a wrong value is a usage error, never a traceback ----------------------------
+#: Commands that start work (a demo, a load, a broker consumer) rather than read options and
+#: answer; their options are those of the objects probed above.
+CLI_STARTS_WORK = ("demo", "storm", "probe", "consume")
+
+
+def _cli_cases() -> Iterator[Any]:
+    import typer.main
+
+    from oncely.cli import app
+
+    def walk(command: Any, path: list[str]) -> Iterator[Any]:
+        if hasattr(command, "commands"):
+            for name, sub in sorted(command.commands.items()):
+                if name not in CLI_STARTS_WORK:
+                    yield from walk(sub, [*path, name])
+            return
+        for param in command.params:
+            if param.param_type_name != "option" or param.is_flag:
+                continue
+            for value in ("abc", "-1", "nan", "inf", "1.5", ""):
+                yield pytest.param(
+                    path, param.opts[0], value, id=f"{' '.join(path)} {param.opts[0]}={value!r}"
+                )
+
+    yield from walk(typer.main.get_command(app), [])
+
+
+@pytest.mark.parametrize(("command", "option", "value"), list(_cli_cases()))
+def test_a_wrong_cli_option_is_a_message_not_a_traceback(
+    tmp_path: Any, command: list[str], option: str, value: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from oncely.cli import app
+
+    url = f"sqlite:///{tmp_path}/cli.db"
+    assert CliRunner().invoke(app, ["init", url]).exit_code == 0
+    args = [*command, url]
+    if command[0] in ("barrier", "inbox", "outbox") and command[-1] == "purge":
+        CliRunner().invoke(app, [command[0], "init", url] if command[0] == "barrier" else [])
+    result = CliRunner().invoke(app, [*args, option, value])
+    output = result.output + str(result.stderr_bytes or b"")
+    assert "Traceback" not in output, output
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"oncely {' '.join(args)} {option} {value!r} raised "
+        f"{type(result.exception).__name__}: {result.exception}"
+    )
