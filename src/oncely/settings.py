@@ -689,8 +689,9 @@ def whole(
     maximum: int | None = None,
     none: bool = False,
 ) -> Any:
-    """A count argument (a pool size, a batch, workers, attempts): an :class:`int` (not a
-    bool, not a float, not a string) from ``minimum`` to ``maximum``.
+    """A count argument (a pool size, a batch, workers, attempts): an :class:`int` or its
+    text (``"8"``, as in the environment), not a bool or a float, from ``minimum`` to
+    ``maximum``; returned as an int.
 
     :raises ConfigurationError: another type or out of range; the message names ``param``.
     """
