@@ -137,7 +137,7 @@ def _check_backoff(step: Any, texts: tuple[str, ...] = ()) -> None:
 
     :raises ConfigurationError: a wrong type or range (the message names the step and argument).
     """
-    text(step.name, "name", where="saga step")
+    text(step.name, "name", where="Step")
     where = f"step {step.name!r}"
     for name in texts:
         value = getattr(step, name)
