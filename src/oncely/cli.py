@@ -51,7 +51,7 @@ from oncely.http.codec import (
     decode_unreplayable,
 )
 from oncely.settings import SETTINGS, check_environment, parse_duration, resolve
-from oncely.stores import Store, store_class
+from oncely.stores import Store, open_store, store_class
 
 __all__ = ["app", "main"]
 
@@ -124,7 +124,7 @@ def _open(
         options["prefix"] = prefix
     if "create_schema" in inspect.signature(cls).parameters:
         options["create_schema"] = create
-    store = cls(url, **options)
+    store = open_store(url, **options)  # an option the store does not take: ConfigurationError
     try:
         yield store
     finally:

@@ -61,11 +61,16 @@ __all__ = [
     "check_environment",
     "closest",
     "coerce",
+    "flag",
+    "fraction",
+    "names",
     "parse_duration",
     "parse_size",
     "resolve",
     "seconds",
+    "text",
     "unknown_option",
+    "whole",
 ]
 
 #: Environment variables of oncely start with this.
@@ -644,6 +649,80 @@ def seconds(
     except ValueError as exc:
         raise ConfigurationError(f"{label}{value!r} is not valid: {exc}") from None
     return result
+
+
+def _check_value(convert: Convert, value: Any, param: str, where: str, none: bool) -> Any:
+    if none and value is None:
+        return None
+    try:
+        return convert(value, False)
+    except ValueError as exc:
+        label = f"{where}: {param}=" if where else f"{param}="
+        raise ConfigurationError(f"{label}{value!r} is not valid: {exc}") from None
+
+
+def text(value: Any, param: str, *, where: str = "", none: bool = False) -> Any:
+    """A string argument that is not a named setting (a table or column name, a prefix, a
+    topic, a path): a non-empty :class:`str`, returned as given.
+
+    :param none: ``None`` is allowed and returned as None.
+    :raises ConfigurationError: not a string, or an empty one; the message names ``param``.
+    """
+    return _check_value(_text, value, param, where, none)
+
+
+def flag(value: Any, param: str, *, where: str = "", none: bool = False) -> Any:
+    """A boolean argument (``create_schema=``, ``bloom=``): ``True`` or ``False`` only (not
+    ``1``, not ``"yes"``).
+
+    :raises ConfigurationError: anything else; the message names ``param``.
+    """
+    return _check_value(_boolean, value, param, where, none)
+
+
+def whole(
+    value: Any,
+    param: str,
+    *,
+    where: str = "",
+    minimum: int = 0,
+    maximum: int | None = None,
+    none: bool = False,
+) -> Any:
+    """A count argument (a pool size, a batch, workers, attempts): an :class:`int` or its
+    text (``"8"``, as in the environment), not a bool or a float, from ``minimum`` to
+    ``maximum``; returned as an int.
+
+    :raises ConfigurationError: another type or out of range; the message names ``param``.
+    """
+    return _check_value(_integer(minimum, maximum), value, param, where, none)
+
+
+def fraction(value: Any, param: str, *, where: str = "") -> float:
+    """A probability argument (``error_rate=``): a number strictly between 0 and 1.
+
+    :raises ConfigurationError: another type, NaN or out of range; the message names ``param``.
+    """
+
+    def convert(value: Any, text: bool) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"expected a number, got {type(value).__name__}")
+        if not 0 < value < 1:
+            raise ValueError("must be above 0 and below 1")
+        return float(value)
+
+    result: float = _check_value(convert, value, param, where, False)
+    return result
+
+
+def names(value: Any, param: str, *, where: str = "", none: bool = False) -> Any:
+    """A list-of-strings argument (``methods=``, ``purposes=``): a list, tuple or set of
+    non-empty strings (one string is refused: ``"POST"`` is not ``["POST"]``); returned as a
+    tuple.
+
+    :raises ConfigurationError: not such a collection; the message names ``param``.
+    """
+    return _check_value(_items(), value, param, where, none)
 
 
 def _from_text(setting: Setting, text: str) -> Any:

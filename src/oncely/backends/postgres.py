@@ -23,6 +23,7 @@ from psycopg.rows import TupleRow
 
 from oncely.backends.urls import Number, check_numbers, check_options, redact_url, scheme_of
 from oncely.errors import ConfigurationError
+from oncely.settings import text
 
 __all__ = [
     "TCP_DEFAULTS",
@@ -61,10 +62,11 @@ def conninfo(url: str) -> str:
     Query options are libpq connection parameters (``?sslmode=require&connect_timeout=10``);
     oncely's own options (``table=``, ``max_size=``) are keyword arguments, not URL options.
 
-    :raises ConfigurationError: not a PostgreSQL URL, or a query option libpq does not know
-        (the message names the closest one), refused here rather than at the first connect.
+    :raises ConfigurationError: not a string, not a PostgreSQL URL, or a query option libpq
+        does not know (the message names the closest one), refused here rather than at the
+        first connect.
     """
-    _, sep, rest = url.partition("://")
+    _, sep, rest = text(url, "url", where="PostgreSQL URL").partition("://")
     if not sep or scheme_of(url) not in ("postgresql", "postgres"):
         raise ConfigurationError(
             f"PostgreSQL URL {redact_url(url)!r} must look like "

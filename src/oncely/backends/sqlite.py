@@ -22,7 +22,7 @@ from urllib.parse import parse_qs
 from oncely.backends.forks import after_fork, inherit
 from oncely.backends.urls import Number, check_numbers, check_options
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
-from oncely.settings import seconds
+from oncely.settings import seconds, text
 
 __all__ = [
     "CLOCK",
@@ -58,11 +58,11 @@ def parse_url(url: str, what: str, known: tuple[str, ...] = ()) -> tuple[str, di
 
     :param what: the user of the URL, for the message (``"SQLite URL"``).
     :param known: the option names the user of the URL reads; any other is refused.
-    :raises ConfigurationError: the URL names no file (``sqlite://``, ``sqlite:///:memory:``),
+    :raises ConfigurationError: ``url`` is not a string, the URL names no file (``sqlite://``, ``sqlite:///:memory:``),
         an option not in ``known`` (the message names the closest one), or a numeric option
         that is not a number in range (``busy_timeout=abc``, ``busy_timeout=-3``).
     """
-    path, _, query = url.partition("://")[2].partition("?")
+    path, _, query = text(url, "url", where=what).partition("://")[2].partition("?")
     if not path.startswith("/") or path in ("/", "/:memory:"):
         raise ConfigurationError(
             f"{what} {url!r} needs a file that every process can open: use "

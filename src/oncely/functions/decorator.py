@@ -40,7 +40,7 @@ from oncely.functions.keys import (
     key_part,
     typed_canonical,
 )
-from oncely.settings import SETTINGS, resolve
+from oncely.settings import SETTINGS, resolve, text
 from oncely.stores import Store, configured_store, shared_store
 
 __all__ = ["DEFAULT_TTL", "Idempotent", "idempotent", "return_annotation"]
@@ -207,7 +207,12 @@ class Idempotent:
             self.reader.check_paths(validate, "validate")
         self.validate = validate
         self.scope = scope
-        self.name = name or _default_name(fn)
+        self.name = text(name, "name", where="@idempotent", none=True) or _default_name(fn)
+        if localns is not None and not isinstance(localns, Mapping):
+            raise ConfigurationError(
+                f"@idempotent {self.name}: localns= takes a mapping of names (like locals()), "
+                f"not {type(localns).__name__}"
+            )
         _refuse_generator_function(fn, self.name)
         #: Calls are told apart by arguments only: refuse a function bound later as a method.
         self.check_binding = key is None and scope is None

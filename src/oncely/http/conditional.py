@@ -55,6 +55,7 @@ from oncely.errors import (
 )
 from oncely.http.messages import HttpResponse
 from oncely.http.problems import PROBLEM_BASE, from_exception
+from oncely.settings import names, text
 
 __all__ = [
     "IF_MATCH_KEY",
@@ -263,11 +264,10 @@ class IfMatchRule:
         paths: Paths = None,
         problem_base: str = PROBLEM_BASE,
     ) -> None:
-        if isinstance(methods, str):
-            raise ConfigurationError(f"methods must be a collection of names, not {methods!r}")
-        self.methods = frozenset(m.upper() for m in methods)
+        where = "If-Match rule"
+        self.methods = frozenset(m.upper() for m in names(methods, "methods", where=where))
         self.applies = _path_rule(paths)
-        self.base = problem_base
+        self.base = text(problem_base, "problem_base", where=where)
 
     def evaluate(
         self, method: str, path: str, values: Iterable[bytes | str]

@@ -24,7 +24,7 @@ from oncely.http.fingerprint import Fingerprinter, FingerprintSpec
 from oncely.http.fingerprint import resolve as fingerprint_of
 from oncely.http.routes import RULE_SETTINGS, Rule, compile_pattern
 from oncely.http.scopes import Global, ScopeFunction, ScopeSpec, resolve_scope
-from oncely.settings import UNSET, coerce, resolve
+from oncely.settings import UNSET, coerce, names, resolve, text
 from oncely.stores import Store, configured_store
 from oncely.tokens import Tokens
 
@@ -70,7 +70,14 @@ class TokenGuard:
             )
         if self.subject is not None:
             resolve_scope(self.subject, "subject")
-        if self.endpoint is not None and not self.endpoint.startswith("/"):
+        text(self.header, "header", where="TokenGuard")
+        text(self.field, "field", where="TokenGuard", none=True)
+        if self.purposes is not None:
+            object.__setattr__(
+                self, "purposes", frozenset(names(self.purposes, "purposes", where="TokenGuard"))
+            )
+        endpoint = text(self.endpoint, "endpoint", where="TokenGuard", none=True)
+        if endpoint is not None and not endpoint.startswith("/"):
             raise ConfigurationError(f"endpoint={self.endpoint!r} must be a path like '/tokens'")
         for pattern in self.routes:
             compile_pattern(pattern)

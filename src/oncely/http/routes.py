@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 from oncely.errors import ConfigurationError
 from oncely.http.fingerprint import FingerprintSpec
 from oncely.http.fingerprint import resolve as fingerprint_of
-from oncely.settings import coerce
+from oncely.settings import coerce, text
 
 __all__ = [
     "MARKER",
@@ -87,6 +87,7 @@ class Rule:
                 object.__setattr__(self, name, coerce(setting, value, where="Rule", param=name))
         if self.enabled is not None and not isinstance(self.enabled, bool):
             raise ConfigurationError(f"Rule: enabled={self.enabled!r} must be True, False or None")
+        text(self.token, "token", where="Rule", none=True)
         fingerprint_of(self.fingerprint)
 
     def __call__(self, view: F) -> F:

@@ -74,7 +74,13 @@ def fenced_table_sql(table: str, columns: Mapping[str, str] | None = None) -> st
     """The ``CREATE TABLE`` of a fenced table: ``key``, ``fence`` and your ``columns``.
 
     ``columns`` maps column names to SQL types (default ``{"value": "TEXT"}``).
+
+    :raises ConfigurationError: ``columns`` is not a mapping, or a name is not an identifier.
     """
+    if columns is not None and not isinstance(columns, Mapping):
+        raise ConfigurationError(
+            f"columns= takes a mapping of column names to SQL types, not {type(columns).__name__}"
+        )
     cols = {"value": "TEXT"} if columns is None else dict(columns)
     body = ", ".join(f"{_ident(c, 'column')} {kind}" for c, kind in cols.items())
     extra = f", {body}" if body else ""

@@ -67,7 +67,7 @@ from oncely.backends.postgres import (
 from oncely.backends.urls import redact_url
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
-from oncely.settings import seconds
+from oncely.settings import flag, seconds, text, whole
 
 __all__ = ["PostgresLockBackend", "Scope", "advisory_key"]
 
@@ -203,14 +203,14 @@ class PostgresLockBackend(LockBackend):
     ) -> None:
         self.url = url
         self.conninfo = conninfo(url)
-        schema, _, name = table.rpartition(".")
+        schema, _, name = text(table, "table", where="PostgresLockBackend").rpartition(".")
         if not all(part.isidentifier() for part in (name, *([schema] if schema else []))):
             raise ConfigurationError(
                 f"table name {table!r} must be a plain identifier, optionally schema-qualified"
             )
         timeout = seconds(timeout, "timeout", where="PostgresLockBackend")
-        if not isinstance(max_size, int) or max_size < 1:
-            raise ConfigurationError(f"max_size={max_size!r}: give a number of connections >= 1")
+        max_size = whole(max_size, "max_size", where="PostgresLockBackend", minimum=1)
+        create_schema = flag(create_schema, "create_schema", where="PostgresLockBackend")
         ident = sql.Identifier(schema, name) if schema else sql.Identifier(name)
         self.table = table
         self.max_size = max_size

@@ -98,7 +98,9 @@ def check_urls(urls: object) -> list[str]:
         )
     for url in nodes:
         if not isinstance(url, str) or "://" not in url:
-            raise ConfigurationError(f"Redlock node {url!r} is not a Redis URL (redis://host:port)")
+            raise ConfigurationError(
+                f"Redlock urls=: node {url!r} is not a Redis URL (redis://host:port)"
+            )
     if len(set(nodes)) != len(nodes):
         raise ConfigurationError(
             "Redlock nodes must be distinct servers; the same URL appears twice in "

@@ -46,7 +46,7 @@ from oncely.backends.sqlite import (
 )
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
-from oncely.settings import seconds
+from oncely.settings import seconds, text, whole
 
 __all__ = ["SQLiteLockBackend"]
 
@@ -97,8 +97,9 @@ class SQLiteLockBackend(LockBackend):
     ) -> None:
         # A URL shared with the store may carry its options: the lock reads them too.
         path, options = parse_url(url, "SQLite lock URL", ("synchronous", "busy_timeout"))
-        if not table.isidentifier():
+        if not text(table, "table", where="SQLiteLockBackend").isidentifier():
             raise ConfigurationError(f"table name {table!r} must be a plain identifier")
+        workers = whole(workers, "workers", where="SQLiteLockBackend", minimum=1)
         poll_interval = seconds(
             poll_interval,
             "poll_interval",

@@ -63,7 +63,7 @@ from oncely.functions.drivers import drive, drive_async
 from oncely.functions.flow import CallPolicy, call_flow
 from oncely.messaging.inbox import Inbox
 from oncely.messaging.transactional import Connections, HandlerFailed
-from oncely.settings import seconds
+from oncely.settings import seconds, whole
 from oncely.stores import Store, configured_store, shared_store
 
 __all__ = [
@@ -349,8 +349,8 @@ class IdempotentConsumer:
         retry_delay = seconds(retry_delay, "retry_delay", where=where)
         max_retry_delay = seconds(max_retry_delay, "max_retry_delay", where=where)
         wait_timeout = seconds(wait_timeout, "wait_timeout", where=where, above=False)
-        if not isinstance(max_attempts, int) or max_attempts < 0:
-            raise ConfigurationError("max_attempts must be an int >= 0 (0: retry forever)")
+        max_attempts = whole(max_attempts, "max_attempts", where=where)  # 0: retry forever
+        pool_size = whole(pool_size, "pool_size", where=where, minimum=1)
         if not isinstance(validate, bool):
             raise ConfigurationError(f"validate must be True or False, not {validate!r}")
         self.validate = validate

@@ -72,7 +72,7 @@ from oncely.errors import (
     StoreError,
     StoreUnavailable,
 )
-from oncely.settings import seconds
+from oncely.settings import flag, fraction, seconds, text, whole
 
 __all__ = ["MAX_BLOOM_BITS", "MAX_ID_LENGTH", "Deduplicator", "bloom_size", "message_id_text"]
 
@@ -894,11 +894,14 @@ class Deduplicator:
                 f"namespace={namespace!r}: give a non-empty str of at most 100 characters naming "
                 "the id space (deduplicators share ids only when they name the same namespace)"
             )
-        if bloom and (not isinstance(capacity, int) or capacity < 1 or not 0 < error_rate < 1):
-            raise ConfigurationError(
-                f"capacity={capacity!r}, error_rate={error_rate!r}: the Bloom filter needs a "
-                "capacity >= 1 (ids per window) and 0 < error_rate < 1"
-            )
+        where = "Deduplicator"
+        table = text(table, "table", where=where)
+        prefix = text(prefix, "prefix", where=where)
+        bloom = flag(bloom, "bloom", where=where)
+        create_schema = flag(create_schema, "create_schema", where=where)
+        pool_size = whole(pool_size, "pool_size", where=where, minimum=1)
+        capacity = whole(capacity, "capacity", where=where, minimum=1)
+        error_rate = fraction(error_rate, "error_rate", where=where)
         if bloom and bloom_size(capacity, error_rate / 2)[0] > MAX_BLOOM_BITS:
             bits = bloom_size(capacity, error_rate / 2)[0]
             raise ConfigurationError(

@@ -155,12 +155,17 @@ def _index_name(table: str, suffix: str) -> str:
     return f"{table.rsplit('.', 1)[-1]}_{suffix}"[:63]
 
 
-def check_table(table: Any) -> str:
+def check_table(table: Any, param: str = "table") -> str:
+    """``table`` if it is a plain SQL identifier, optionally ``schema.table``.
+
+    :param param: the argument's name, for the message (``"history_table"``).
+    :raises ConfigurationError: not a str, or not such an identifier.
+    """
     if not isinstance(table, str) or not re.fullmatch(
         r"[A-Za-z_][A-Za-z0-9_]{0,62}(\.[A-Za-z_][A-Za-z0-9_]{0,62})?", table
     ):
         raise ConfigurationError(
-            f"table={table!r} is not a plain SQL identifier: use letters, digits and '_' "
+            f"{param}={table!r} is not a plain SQL identifier: use letters, digits and '_' "
             "(at most 63, not starting with a digit), optionally 'schema.table'"
         )
     return table

@@ -32,6 +32,7 @@ from paho.mqtt.properties import Properties
 
 from oncely.errors import ConfigurationError
 from oncely.messaging.consumer import Ack, DeadLetter, Delivery, IdempotentConsumer, Retry
+from oncely.settings import text, whole
 
 __all__ = ["MESSAGE_ID", "MQTTConsumer", "connect", "delivery_of", "publish"]
 
@@ -100,9 +101,10 @@ class MQTTConsumer:
             raise ConfigurationError("the MQTT adapter runs sync handlers (on a thread pool)")
         if not getattr(client, "_manual_ack", True):
             raise ConfigurationError("the client must be created with manual_ack=True")
+        self.topic = text(topic, "topic", where="MQTTConsumer")
+        workers = whole(workers, "workers", where="MQTTConsumer", minimum=1)
         self.consumer = consumer
         self.client = client
-        self.topic = topic
         self.stats = {"ran": 0, "duplicates": 0, "retried": 0, "dead_lettered": 0}
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="oncely-mqtt")
         self._stopping = threading.Event()

@@ -32,7 +32,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.client import JetStreamContext
 
 from oncely.messaging.consumer import Ack, DeadLetter, Delivery, IdempotentConsumer, Verdict
-from oncely.settings import seconds
+from oncely.settings import seconds, whole
 
 __all__ = ["MSG_ID", "JetStreamConsumer", "delivery_of", "publish"]
 
@@ -86,7 +86,7 @@ class JetStreamConsumer:
     ) -> None:
         self.consumer = consumer
         self.subscription = subscription
-        self.batch = batch
+        self.batch = whole(batch, "batch", where="JetStreamConsumer", minimum=1)
         self.fetch_timeout = float(
             seconds(fetch_timeout, "fetch_timeout", where="JetStreamConsumer")
         )

@@ -27,6 +27,7 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from oncely.messaging.consumer import Ack, DeadLetter, Delivery, IdempotentConsumer, Verdict
+from oncely.settings import whole
 
 __all__ = ["RabbitMQConsumer", "delivery_of", "publish"]
 
@@ -94,7 +95,7 @@ class RabbitMQConsumer:
     ) -> None:
         self.consumer = consumer
         self.queue = queue
-        self.prefetch = prefetch
+        self.prefetch = whole(prefetch, "prefetch", where="RabbitMQConsumer", minimum=1)
         self.stats = {"ran": 0, "duplicates": 0, "retried": 0, "dead_lettered": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
 

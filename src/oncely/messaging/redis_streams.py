@@ -43,7 +43,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from oncely.errors import ConfigurationError
 from oncely.messaging.consumer import Ack, DeadLetter, Delivery, IdempotentConsumer, Verdict
-from oncely.settings import seconds
+from oncely.settings import seconds, text, whole
 
 __all__ = ["RedisStreamConsumer", "publish"]
 
@@ -121,14 +121,14 @@ class RedisStreamConsumer:
                 f"min_idle ({min_idle}s) is shorter than the lease ({consumer.lease}s): a slow "
                 "but live handler's entry would be claimed by another member; raise min_idle"
             )
-        if count < 1:
-            raise ConfigurationError("count must be >= 1")
+        where = "RedisStreamConsumer"
+        self.count = whole(count, "count", where=where, minimum=1)
+        block = seconds(block, "block", where=where, above=False)
         self.consumer = consumer
         self.client = client
-        self.stream = stream
-        self.group = group
-        self.member = member
-        self.count = count
+        self.stream = text(stream, "stream", where=where)
+        self.group = text(group, "group", where=where)
+        self.member = text(member, "member", where=where)
         self.block_ms = max(int(block * 1000), 1)
         self.min_idle = min_idle
         self.stats = {"ran": 0, "duplicates": 0, "retried": 0, "dead_lettered": 0}

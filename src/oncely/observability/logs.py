@@ -16,6 +16,7 @@ import logging
 
 from oncely.core import observe
 from oncely.core.records import RecordKey
+from oncely.settings import whole
 
 __all__ = ["LogObserver", "install", "uninstall"]
 
@@ -77,8 +78,10 @@ class LogObserver:
     logger)."""
 
     def __init__(self, logger: logging.Logger | None = None, level: int = logging.DEBUG) -> None:
+        """:raises ConfigurationError: ``level`` is not a logging level (a whole number >= 0,
+        e.g. ``logging.INFO``)."""
         self.logger = logger if logger is not None else logging.getLogger("oncely.ops")
-        self.level = level
+        self.level: int = whole(level, "level", where="LogObserver")
 
     def operation(self, store: str, name: str, key: RecordKey) -> _Scope:
         return _Scope(self, store, name, key)

@@ -57,6 +57,7 @@ from prometheus_client import make_wsgi_app as _make_wsgi_app
 
 from oncely.core import observe
 from oncely.core.records import RecordKey
+from oncely.settings import text
 
 __all__ = [
     "BACKGROUND_BUCKETS",
@@ -352,7 +353,10 @@ def with_metrics_asgi(
 ) -> Callable[..., Any]:
     """Wrap the ASGI ``app``: GET and HEAD requests for exactly ``path`` get the metrics of
     ``registry`` (default :func:`served_registry`, looked up on each request); everything else
-    (other methods, other paths, lifespan, websockets) goes to ``app``."""
+    (other methods, other paths, lifespan, websockets) goes to ``app``.
+
+    :raises ConfigurationError: ``path`` is not a non-empty string."""
+    path = text(path, "path", where="with_metrics_asgi")
     metrics = asgi_app(registry)
 
     async def route(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -375,7 +379,10 @@ def with_metrics_wsgi(
 ) -> Callable[..., Iterable[bytes]]:
     """Wrap the WSGI ``app``: GET and HEAD requests for exactly ``path`` get the metrics of
     ``registry`` (default :func:`served_registry`, looked up on each request); others go to
-    ``app``."""
+    ``app``.
+
+    :raises ConfigurationError: ``path`` is not a non-empty string."""
+    path = text(path, "path", where="with_metrics_wsgi")
     metrics = wsgi_app(registry)
 
     def route(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:

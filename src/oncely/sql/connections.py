@@ -69,6 +69,7 @@ __all__ = [
     "adapt",
     "arun",
     "busy",
+    "check_identifier",
     "commit_if_held",
     "duplicate_of",
     "exact_text",
@@ -142,6 +143,24 @@ class Block:
 
 # -- identifiers and placeholders --------------------------------------------------------------
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]{0,62}$")
+
+
+def check_identifier(name: object, param: str = "table") -> str:
+    """``name`` if it is a plain SQL identifier, optionally ``schema.table`` (the rule of
+    :func:`quote`), checked when a table is configured rather than at the first statement.
+
+    :param param: the argument's name, for the message.
+    :raises InvalidIdentifier: not a str, or not such an identifier; the message names
+        ``param``.
+    """
+    parts = name.split(".") if isinstance(name, str) else []
+    if not parts or len(parts) > 2 or not all(_IDENT.match(p) for p in parts):
+        raise InvalidIdentifier(
+            f"{param}={name!r} is not a plain SQL identifier: use letters, digits and '_' (at "
+            "most 63, not starting with a digit), optionally 'schema.table'"
+        )
+    assert isinstance(name, str)
+    return name
 
 
 @lru_cache(maxsize=4096)

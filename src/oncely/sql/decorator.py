@@ -32,7 +32,8 @@ from oncely.codecs import Codec, JsonCodec
 from oncely.core.calls import is_async_callable
 from oncely.errors import ConfigurationError
 from oncely.functions.keys import fingerprint_of
-from oncely.sql.connections import retryable
+from oncely.settings import flag, text, whole
+from oncely.sql.connections import check_identifier, retryable
 from oncely.sql.schema import DEFAULT_TABLE
 from oncely.sql.transaction import Transaction
 
@@ -91,11 +92,17 @@ def idempotent_transaction(
         Idempotency-Key draft's 422). The arguments are fingerprinted as canonical JSON
         (SHA-256), stored in the record's ``params`` column.
     :raises ConfigurationError: when decorating, for a ``key``/``conn_arg``/``validate`` that
-        names no parameter.
+        names no parameter, or ``attempts``, ``wait`` or ``name`` of the wrong type.
+    :raises InvalidIdentifier: ``table`` is not a plain SQL identifier.
     :raises IdempotencyKeyMismatch: on a call, a completed key with other arguments.
     :raises InvalidKey: on a call, validated arguments that cannot be rendered as JSON (name
         JSON-friendly ones with ``validate=[...]``).
     """
+    where = "@idempotent_transaction"
+    check_identifier(table)
+    whole(attempts, "attempts", where=where, minimum=1)
+    flag(wait, "wait", where=where)
+    text(name, "name", where=where, none=True)
 
     def decorate(fn: F) -> F:
         sig = inspect.signature(fn)

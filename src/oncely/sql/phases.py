@@ -65,6 +65,7 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
+    check_identifier,
     duplicate_of,
     run,
 )
@@ -138,10 +139,12 @@ class Operation:
     def __init__(
         self, name: str, *, table: str = DEFAULT_TABLE, lock_timeout: float = LOCK_TIMEOUT
     ) -> None:
-        if not name or len(name) > 255:
-            raise ConfigurationError("an Operation needs a name of 1 to 255 characters")
+        if not isinstance(name, str) or not name or len(name) > 255:
+            raise ConfigurationError(
+                f"Operation: name={name!r}: an Operation needs a name of 1 to 255 characters"
+            )
         self.name = name
-        self.table = table
+        self.table = check_identifier(table)
         self.lock_timeout = float(
             seconds(lock_timeout, "lock_timeout", where=f"Operation {name!r}")
         )
@@ -455,6 +458,7 @@ def reap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RETENTION)
     Raises :class:`~oncely.errors.ConfigurationError` for a negative or non-finite
     ``retention``."""
     retention = _check_retention(retention)
+    table = check_identifier(table)
     c = adapt(conn)
     count: int = run(_reap(c, table, retention), c)
     return count
@@ -463,6 +467,7 @@ def reap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RETENTION)
 async def areap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RETENTION) -> int:
     """The async face of :func:`reap`."""
     retention = _check_retention(retention)
+    table = check_identifier(table)
     c = adapt(conn)
     count: int = await arun(_reap(c, table, retention), c)
     return count

@@ -30,6 +30,7 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
+    check_identifier,
     missing_object,
     quote,
     run,
@@ -121,6 +122,7 @@ def ddl(dialect: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
 
 
 def _create(c: SqlConnection, table: str) -> Plan[None]:
+    check_identifier(table)  # before BEGIN: a bad name is a configuration error, not a DDL one
     block = yield Enter(False)
     try:
         for statement in ddl(c.dialect, table):

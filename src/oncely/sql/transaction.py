@@ -68,6 +68,7 @@ from oncely.errors import (
     TransactionFailed,
     TransactionLost,
 )
+from oncely.settings import flag
 from oncely.sql.connections import (
     WRITTEN_BY_THIS_TRANSACTION,
     Block,
@@ -79,6 +80,7 @@ from oncely.sql.connections import (
     adapt,
     arun,
     busy,
+    check_identifier,
     commit_if_held,
     duplicate_of,
     lock_timeout,
@@ -326,10 +328,9 @@ class Transaction:
         self.key = record_key(key, scope, namespace)
         self.fingerprint = fingerprint
         self.conn = adapt(conn)
-        self.conn.quote(table)
-        self.table = table
+        self.table = check_identifier(table)
         self.codec: Codec = codec if codec is not None else _DEFAULT_CODEC
-        self.wait = wait
+        self.wait = flag(wait, "wait", where="oncely.sql.transaction")
         self._claim: Claim | None = None
         self._result: Any = _UNSET
 

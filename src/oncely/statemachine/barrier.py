@@ -53,7 +53,7 @@ from typing import Any, Final
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Exec, Plan
 from oncely.errors import BarrierTableMissing, ConfigurationError, InvalidBarrierCall
-from oncely.settings import seconds
+from oncely.settings import seconds, text
 from oncely.sql.connections import (
     Enter,
     Leave,
@@ -120,7 +120,7 @@ def check_call(gid: object, branch: object, op: object) -> tuple[str, str, str]:
                 f"got {value!r}: pass the global transaction id and the branch id the "
                 "coordinator sent"
             )
-    if op not in OPS:
+    if not isinstance(op, str) or op not in OPS:
         raise InvalidBarrierCall(f"barrier op must be one of {sorted(OPS)}, got {op!r}")
     assert isinstance(gid, str) and isinstance(branch, str) and isinstance(op, str)
     return gid, branch, op
@@ -392,6 +392,7 @@ def _redis_args(
     effects: Sequence[Sequence[Any]],
 ) -> tuple[Any, ...]:
     gid, branch, op = check_call(gid, branch, op)
+    prefix = text(prefix, "prefix", where="barrier")
     horizon = _seconds(horizon, "horizon", 0.001)
     encoded = json.dumps(_commands(effects))
     key = f"{prefix}:{{{gid}}}"

@@ -36,6 +36,7 @@ from oncely.errors import (
     InvalidPayload,
     UnknownTransition,
 )
+from oncely.settings import names, text
 
 __all__ = [
     "MAX_ENTITY_ID",
@@ -74,10 +75,15 @@ class Transition:
     guard: Guard | None = None
 
     def __post_init__(self) -> None:
+        """:raises ConfigurationError: ``name``/``target`` not a non-empty str, ``source`` not
+        one or a list of them."""
+        where = "Transition"
+        text(self.name, "name", where=where)
+        text(self.target, "target", where=where)
         if isinstance(self.source, str):
-            object.__setattr__(self, "source", (self.source,))
+            object.__setattr__(self, "source", (text(self.source, "source", where=where),))
         else:
-            object.__setattr__(self, "source", tuple(self.source))
+            object.__setattr__(self, "source", names(self.source, "source", where=where))
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -136,15 +142,20 @@ class Machine:
         if not isinstance(name, str) or not name or len(name) > 100:
             raise InvalidMachine("a machine needs a name: a non-empty str of at most 100 chars")
         self.name = name
+        if isinstance(states, (str, bytes)) or not isinstance(states, Iterable):
+            raise InvalidMachine(
+                f"machine {name!r}: states= takes a list of state names, not {states!r}"
+            )
         self.states = tuple(states)
-        self.initial = initial
+        self.initial = text(initial, "initial", where=f"machine {name!r}")
         self.transitions = tuple(transitions)
         if not self.states:
             raise InvalidMachine(f"machine {name!r} has no states: list them in states=[...]")
         for s in self.states:
             if not isinstance(s, str) or not s or len(s) > 64:
                 raise InvalidMachine(
-                    f"machine {name!r}: state {s!r} must be a non-empty str of at most 64 chars"
+                    f"machine {name!r}: states=[...]: {s!r} must be a non-empty str of at most "
+                    "64 chars"
                 )
         dup = sorted({s for s in self.states if self.states.count(s) > 1})
         if dup:

@@ -19,6 +19,7 @@ from typing import Any
 
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.errors import ConfigurationError, IdempotencyKeyMismatch
+from oncely.settings import text
 from oncely.statemachine.definition import (
     HistoryEntry,
     Machine,
@@ -50,7 +51,7 @@ class RedisStateMachine:
         if not isinstance(machine, Machine):
             raise ConfigurationError("RedisStateMachine needs a Machine as its first argument")
         self.machine = machine
-        self.prefix = prefix
+        self.prefix = text(prefix, "prefix", where="RedisStateMachine")
 
     def key(self, entity_id: Any) -> str:
         """The entity's hash key.

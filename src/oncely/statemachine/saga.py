@@ -57,7 +57,7 @@ from oncely.errors import (
     SagaStuck,
     SchemaMissing,
 )
-from oncely.settings import seconds
+from oncely.settings import seconds, text, whole
 from oncely.sql.connections import (
     Enter,
     Leave,
@@ -129,12 +129,21 @@ class StepContext:
 StepFn = Callable[[StepContext], Any]
 
 
-def _check_backoff(step: Any) -> None:
-    """Read a step's ``backoff`` and ``max_backoff`` by the settings rule (seconds, or a text
-    with a unit: :func:`oncely.settings.seconds`), when the step is made.
+def _check_backoff(step: Any, texts: tuple[str, ...] = ()) -> None:
+    """Check a step's options when it is made: ``name`` and ``texts`` (an HTTP step's ``url``,
+    ``method``...) non-empty strings, ``attempts`` a whole number >= 1, ``backoff`` and
+    ``max_backoff`` by the settings rule (seconds, or a text with a unit:
+    :func:`oncely.settings.seconds`).
 
-    :raises ConfigurationError: not seconds >= 0 (the message names the step and argument).
+    :raises ConfigurationError: a wrong type or range (the message names the step and argument).
     """
+    text(step.name, "name", where="Step")
+    where = f"step {step.name!r}"
+    for name in texts:
+        value = getattr(step, name)
+        if value is not None or name != "compensation_url":
+            text(value, name, where=where)
+    whole(step.attempts, "attempts", where=where, minimum=1)
     for name in ("backoff", "max_backoff"):
         value = seconds(getattr(step, name), name, where=f"step {step.name!r}", above=False)
         object.__setattr__(step, name, value)
@@ -196,7 +205,7 @@ class HttpStep:
     retry_on: tuple[type[BaseException], ...] = (RemoteUnavailable,)
 
     def __post_init__(self) -> None:
-        _check_backoff(self)
+        _check_backoff(self, ("url", "method", "compensation_url", "compensation_method"))
 
     def _request(self, ctx: StepContext) -> tuple[str, str, dict[str, Any]]:
         url = self.url if ctx.op == "action" else str(self.compensation_url)

@@ -50,6 +50,7 @@ from oncely.errors import (
     IdempotencyKeyMismatch,
     SchemaMissing,
 )
+from oncely.settings import text
 from oncely.sql.connections import (
     Enter,
     Leave,
@@ -115,6 +116,15 @@ class Table:
     name: str
     id_column: str = "id"
     state_column: str = "state"
+
+    def __post_init__(self) -> None:
+        """:raises ConfigurationError: a name that is not a plain SQL identifier."""
+        from oncely.messaging.inbox import check_table
+
+        check_table(self.name, "name")
+        for param in ("id_column", "state_column"):
+            if "." in check_table(getattr(self, param), param):
+                raise ConfigurationError(f"{param}={getattr(self, param)!r}: give a column name")
 
 
 def table_of(model: Any, state_field: str = "state") -> Table:
@@ -224,9 +234,14 @@ class SqlStateMachine:
         if not isinstance(machine, Machine):
             raise ConfigurationError("SqlStateMachine needs a Machine as its first argument")
         self.machine = machine
+        from oncely.messaging.inbox import check_table
+
+        text(state_field, "state_field", where="SqlStateMachine")
         self.table = table_of(table, state_field)
-        self.history_table = history_table
+        self.history_table = check_table(history_table, "history_table")
         self.outbox_table = outbox_table
+        if outbox_table is not None:
+            check_table(outbox_table, "outbox_table")
         self.outbox: Any = None
         if outbox_table:
             from oncely.messaging.outbox import Outbox  # only a machine with an outbox needs it

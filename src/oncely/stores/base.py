@@ -88,6 +88,7 @@ from collections.abc import Sequence
 from oncely.backends.urls import redact_url
 from oncely.core.records import ClaimOutcome, InFlight, Mismatch, Record, RecordKey, Replay
 from oncely.errors import LeaseLost, ResultTooLarge
+from oncely.settings import text
 
 __all__ = ["Store", "claimable", "classify", "lease_lost"]
 
@@ -129,7 +130,8 @@ class Store(abc.ABC):
     max_result_source: str = "the store's max_result_bytes"
 
     def __init__(self, url: str) -> None:
-        self.url = url
+        """:raises ConfigurationError: ``url`` is not a non-empty string."""
+        self.url: str = text(url, "url", where=type(self).__name__)
 
     def check_result_size(self, result: bytes) -> None:
         """Refuse a result the store can never take, before sending anything (no I/O: the

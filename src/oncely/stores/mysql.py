@@ -68,14 +68,13 @@ from oncely.backends.urls import redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import ClaimOutcome, Record, RecordKey
 from oncely.errors import (
-    ConfigurationError,
     OncelyError,
     ResultTooLarge,
     SchemaMissing,
     StoreError,
     StoreUnavailable,
 )
-from oncely.settings import seconds
+from oncely.settings import flag, seconds, whole
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 from oncely.stores.sql import (
@@ -358,10 +357,9 @@ class MySQLStore(PlannedStore):
     ) -> None:
         super().__init__(url)
         self.table = validate_table(table, 57, "database", 64)
-        if not isinstance(max_size, int) or max_size < 1:
-            raise ConfigurationError(f"max_size={max_size!r}: give a number of connections >= 1")
+        max_size = whole(max_size, "max_size", where="MySQLStore", minimum=1)
         timeout = seconds(timeout, "timeout", where="MySQLStore")
-        self.create_schema = create_schema
+        self.create_schema = flag(create_schema, "create_schema", where="MySQLStore")
         self.max_size = max_size
         self.timeout = float(timeout)
         self._sync_args, self._async_args, self._read_timeout = driver_args(

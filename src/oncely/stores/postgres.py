@@ -50,7 +50,7 @@ from oncely.backends.urls import redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import ClaimOutcome, New, Record, RecordKey
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError, StoreUnavailable
-from oncely.settings import seconds
+from oncely.settings import flag, seconds, whole
 from oncely.stores.base import claimable, classify
 from oncely.stores.planned import PlannedStore
 from oncely.stores.sql import (
@@ -483,16 +483,21 @@ class PostgresStore(PlannedStore):
         super().__init__(url)
         self.conninfo = conninfo(url)
         self.table = validate_table(table, 48, "schema", 63)
+        min_size = whole(min_size, "min_size", where="PostgresStore")
+        max_size = whole(max_size, "max_size", where="PostgresStore", minimum=1)
+        watch_max_size = whole(
+            watch_max_size, "watch_max_size", where="PostgresStore", minimum=1, none=True
+        )
         if min_size < 0 or max_size < max(1, min_size):
             raise ConfigurationError(
                 f"pool sizes min_size={min_size}, max_size={max_size}: need "
                 "0 <= min_size <= max_size and max_size >= 1"
             )
         timeout = seconds(timeout, "timeout", where="PostgresStore")
-        self.create_schema = create_schema
+        self.create_schema = flag(create_schema, "create_schema", where="PostgresStore")
         self.min_size = min_size
         self.max_size = max_size
-        self.watch_max_size = max_size if watch_max_size is None else max(1, watch_max_size)
+        self.watch_max_size = max_size if watch_max_size is None else watch_max_size
         self.timeout = float(timeout)
         kwargs: dict[str, Any] = {"autocommit": True, **network_defaults(self.conninfo, timeout)}
         if "application_name" not in self.conninfo:

@@ -74,6 +74,7 @@ from oncely.core.records import (
     Status,
 )
 from oncely.errors import ConfigurationError, LeaseLost, NotReplicated, StoreError
+from oncely.settings import whole
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 
@@ -319,7 +320,7 @@ class RedisStore(PlannedStore):
         # burst of duplicates cannot drain the pool that claims and completions need.
         # With a bounded pool (max_connections), at most half of it (a waiter's probes need a
         # connection too): a pool of one leaves every waiter polling.
-        watchers = max(1, max_watchers)
+        watchers = whole(max_watchers, "max_watchers", where="RedisStore", minimum=1)
         bound = self.redis.pool_options.get("max_connections")
         if bound is not None:
             watchers = min(watchers, int(bound) // 2)

@@ -44,6 +44,7 @@ from oncely.backends.sqlite import (
 )
 from oncely.core.records import ClaimOutcome, Record, RecordKey
 from oncely.errors import ConfigurationError, SchemaMissing, StoreError
+from oncely.settings import flag, text, whole
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
 from oncely.stores.sql import (
@@ -229,9 +230,11 @@ class SQLiteStore(PlannedStore):
         self.path, options = parse_url(url, "SQLite URL", ("synchronous", "busy_timeout"))
         self.synchronous = synchronous_of(synchronous, options, "FULL")
         self.busy_timeout = busy_timeout_of(busy_timeout, options, 15.0, "SQLiteStore")
-        if not table.isidentifier():
+        if not text(table, "table", where="SQLiteStore").isidentifier():
             raise ConfigurationError(f"table name {table!r} must be a plain identifier")
         self.table = table
+        workers = whole(workers, "workers", where="SQLiteStore", minimum=1)
+        create_schema = flag(create_schema, "create_schema", where="SQLiteStore")
         self._sql = {
             name: sql.replace("{t}", table)
             for name, sql in [
