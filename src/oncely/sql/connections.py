@@ -95,11 +95,15 @@ Paramstyle = Literal["named", "pyformat", "format"]
 @dataclass(frozen=True, slots=True)
 class Result:
     """What one statement gave back: ``rows`` (tuples, column order of the statement),
-    ``rowcount`` (rows written, -1 when the driver does not say), ``columns`` (names)."""
+    ``rowcount`` (rows written, -1 when the driver does not say), ``columns`` (names),
+    ``lastrowid`` (the id the statement's ``INSERT`` generated, as the driver's cursor says it
+    with no statement of its own: sqlite3, PyMySQL, aiomysql, SQLAlchemy and Django on those;
+    None where the driver has none, as psycopg, or for a statement that returns rows)."""
 
     rows: list[tuple[Any, ...]]
     rowcount: int
     columns: tuple[str, ...]
+    lastrowid: int | None = None
 
 
 class Enter(NamedTuple):
@@ -586,7 +590,7 @@ class SqlConnection:
 
 def _cursor_result(cur: Any) -> Result:
     if cur.description is None:
-        return Result([], cur.rowcount, ())
+        return Result([], cur.rowcount, (), getattr(cur, "lastrowid", None))
     rows = [tuple(r) for r in cur.fetchall()]
     return Result(rows, cur.rowcount, tuple(d[0] for d in cur.description))
 
@@ -742,7 +746,7 @@ class _DbapiAsync(SqlConnection):
         try:
             await cur.execute(sql, args)
             if cur.description is None:
-                return Result([], cur.rowcount, ())
+                return Result([], cur.rowcount, (), getattr(cur, "lastrowid", None))
             rows = [tuple(r) for r in await cur.fetchall()]
             return Result(rows, cur.rowcount, tuple(d[0] for d in cur.description))
         finally:
@@ -883,7 +887,11 @@ def _sa_text(text: str) -> Any:
 
 def _sa_result(res: Any) -> Result:
     if not res.returns_rows:
-        return Result([], res.rowcount, ())
+        try:  # the DB-API cursor's (psycopg has none)
+            lastrowid = res.lastrowid if res.context.dialect.name != "postgresql" else None
+        except Exception:
+            lastrowid = None
+        return Result([], res.rowcount, (), lastrowid)
     rows = [tuple(r) for r in res.fetchall()]
     return Result(rows, res.rowcount, tuple(res.keys()))
 

@@ -18,10 +18,17 @@ transaction when none is open:
    through :meth:`oncely.messaging.outbox.Outbox.add_plan` into an :class:`~oncely.messaging.
    outbox.Outbox` table, so :class:`~oncely.messaging.outbox.Relay` publishes it: topic
    ``"<machine>.<transition>"``, message id ``"<machine>:<entity>:<transition>:<n>"`` (``n``:
-   the entity's applied transitions so far, this one included, counted in its history while
-   the ``UPDATE`` holds the row; an id longer than 255 characters carries the entity's sha256
-   instead), payload the JSON object ``{"machine", "entity_id", "transition", "state", "key",
-   "data"}``.
+   the ``id`` of the transition's history row, which the history ``INSERT`` gives back with
+   ``RETURNING id`` or, where ``INSERT ... RETURNING`` is missing (MySQL, MariaDB < 10.5),
+   as the driver's last insert id: no statement of its own; an id longer than 255 characters
+   carries the entity's sha256 instead of the entity), payload the JSON object
+   ``{"machine", "entity_id", "transition", "state", "key", "data"}``. History ids only grow
+   (``AUTOINCREMENT``, a sequence, InnoDB's persistent ``AUTO_INCREMENT``), so deleting history
+   rows never makes a later transition repeat a message id (and a new id is above every
+   ``n`` of the older scheme, which counted the entity's history rows). A call that does not
+   apply (a replay by key, "already happened") writes no message; an attempt rolled back and
+   run again (a serialization failure) committed no message, so the one committed message of
+   a transition has one id, and the relay publishes that id on every try.
 3. If it did not: the idempotency key's history row answers if there is one (a replay, even if
    the state has moved on since); else the row is read and :func:`~oncely.statemachine.
    definition.explain` says "already happened" (a success, ``applied=False``), "illegal"
@@ -100,6 +107,16 @@ _NOW: Final = {
 def _text(value: Any) -> Any:
     """A history column read back: bytes on MariaDB/MySQL (:func:`exact_text` columns)."""
     return value.decode() if isinstance(value, (bytes, bytearray)) else value
+
+
+def _message_id(machine: str, entity: str, transition: str, history_id: int) -> str:
+    """``"<machine>:<entity>:<transition>:<history id>"``; past 255 characters the entity's
+    sha256 stands for the entity."""
+    message_id = f"{machine}:{entity}:{transition}:{history_id}"
+    if len(message_id) > 255:
+        digest = hashlib.sha256(entity.encode()).hexdigest()
+        message_id = f"{machine}:sha256-{digest}:{transition}:{history_id}"
+    return message_id
 
 
 def _update_returning(c: SqlConnection) -> bool:
@@ -186,7 +203,8 @@ class _Queries:
     insert_history: str = ""
     select_key: str = ""
     select_history: str = ""
-    count_history: str = ""
+    #: ``insert_history`` ends in ``RETURNING id`` (else the id is the cursor's ``lastrowid``)
+    history_returning: bool = False
 
 
 class SqlStateMachine:
@@ -237,7 +255,7 @@ class SqlStateMachine:
 
     # -- statements ------------------------------------------------------------------------
     @lru_cache(maxsize=8)  # noqa: B019 - a few dialects per machine, machines live long
-    def _queries(self, dialect: str, returning: bool) -> _Queries:
+    def _queries(self, dialect: str, returning: bool, insert_returning: bool) -> _Queries:
         from oncely.sql.connections import quote
 
         d: Any = dialect
@@ -256,6 +274,7 @@ class SqlStateMachine:
         history = (
             f"{ignore} {h} (machine, entity_id, transition, state, idem_key, at) VALUES "
             f"(:machine, :entity, :transition, :state, :key, {_NOW[dialect]}){conflict}"
+            + (" RETURNING id" if insert_returning else "")
         )
         return _Queries(
             update=update,
@@ -269,9 +288,7 @@ class SqlStateMachine:
                 f"SELECT entity_id, transition, state, at, idem_key FROM {h} WHERE "
                 "machine = :machine AND entity_id = :entity ORDER BY id"
             ),
-            count_history=(
-                f"SELECT COUNT(*) FROM {h} WHERE machine = :machine AND entity_id = :entity{lock}"
-            ),
+            history_returning=insert_returning,
         )
 
     def ddl(self, dialect: str) -> list[str]:
@@ -320,16 +337,13 @@ class SqlStateMachine:
         return Outcome(entity_id, t.name, state, applied=False, replayed=True)
 
     def _outbox_plan(
-        self, c: SqlConnection, q: _Queries, entry: dict[str, Any], data: Mapping[str, Any]
+        self, c: SqlConnection, entry: dict[str, Any], history_id: int, data: Mapping[str, Any]
     ) -> Plan[str]:
-        """The applied transition's message, in the Outbox's format (see the module doc)."""
+        """The applied transition's message, in the Outbox's format (see the module doc); its
+        id comes from the history row this transition just inserted (no statement of its
+        own)."""
         m, entity, name = entry["machine"], entry["entity"], entry["transition"]
-        counted = yield Exec(q.count_history, {"machine": m, "entity": entity})
-        n = int(counted.rows[0][0])
-        message_id = f"{m}:{entity}:{name}:{n}"
-        if len(message_id) > 255:
-            digest = hashlib.sha256(entity.encode()).hexdigest()
-            message_id = f"{m}:sha256-{digest}:{name}:{n}"
+        message_id = _message_id(m, entity, name, history_id)
         body = {
             "machine": m,
             "entity_id": entity,
@@ -395,7 +409,7 @@ class SqlStateMachine:
     ) -> Plan[Outcome]:
         check_entity(entity_id)
         returning = _update_returning(c)
-        q = self._queries(c.dialect, returning)
+        q = self._queries(c.dialect, returning, c.returning)
         m = self.machine.name
         block = yield Enter(savepoint=True)
         open_block = True
@@ -422,16 +436,26 @@ class SqlStateMachine:
                     "key": key,
                 }
                 hist = yield Exec(q.insert_history, entry)
-                if hist.rowcount == 0:  # the key was used before, for another transition
+                history_id: Any
+                if q.history_returning:
+                    inserted = bool(hist.rows)
+                    history_id = hist.rows[0][0] if inserted else None
+                else:  # MySQL, MariaDB < 10.5, SQLite < 3.35: the driver's last insert id
+                    inserted = hist.rowcount > 0
+                    history_id = hist.lastrowid
+                if not inserted:  # the key was used before, for another transition
                     open_block = False
                     yield Leave(block, False)
                     found = yield Exec(
                         q.select_key, {"machine": m, "entity": str(entity_id), "key": key}
                     )
                     return self._replay(t, entity_id, str(key), found)
+                if not history_id and self.outbox is not None:  # a driver without lastrowid
+                    last = "last_insert_rowid()" if c.dialect == "sqlite" else "LAST_INSERT_ID()"
+                    history_id = (yield Exec(f"SELECT {last}", {})).rows[0][0]
                 outcome = Outcome(entity_id, t.name, t.target, applied=True, row=row)
                 if self.outbox is not None:
-                    yield from self._outbox_plan(c, q, entry, data)
+                    yield from self._outbox_plan(c, entry, int(history_id), data)
                 for hook in self.hooks:
                     yield _RunHook(hook, HookCall(conn, self.machine, outcome, data, key))
                 open_block = False
@@ -499,7 +523,7 @@ class SqlStateMachine:
 
     def _history_plan(self, c: SqlConnection, entity_id: Any) -> Plan[list[HistoryEntry]]:
         check_entity(entity_id)
-        q = self._queries(c.dialect, _update_returning(c))
+        q = self._queries(c.dialect, _update_returning(c), c.returning)
         try:
             res = yield Exec(
                 q.select_history, {"machine": self.machine.name, "entity": str(entity_id)}
