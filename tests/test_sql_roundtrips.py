@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -141,3 +142,115 @@ async def test_outbox_message_id_async_drivers(db: Db) -> None:
         await db.aclose()
     h = _history_ids(db, sm)
     assert _message_ids(db, sm) == [f"order:1:pay:{h[0]}", f"order:1:cancel:{h[1]}"]
+
+
+# -- the "is our row still in this transaction" check before a commit -------------------------
+class _Held:
+    """One mechanism whose block runs user code and then commits only if its row is still in
+    the transaction: ``run(conn, body)`` runs ``body(conn)`` inside it."""
+
+    def __init__(self, db: Db, kind: str) -> None:
+        self.db, self.kind = db, kind
+        self.effects = db.name("rt_effects")
+        db.run(f"CREATE TABLE {self.effects} (name VARCHAR(50))")
+        setup = db.connect()
+        if kind == "inbox":
+            from oncely.messaging.inbox import Inbox
+
+            self.inbox = Inbox(db.name("rt_inbox"))
+            self.inbox.create_table(setup)
+        elif kind.startswith("transaction"):
+            from oncely.sql import create_tables
+
+            self.keys = db.name("rt_keys")
+            create_tables(setup, self.keys)
+        else:
+            self.sm, _ = _machine(db, hooks=[lambda call: self.body(call.conn)])
+        setup.commit()
+        setup.close()
+        db._opened.remove(setup)
+        self.body: Any = None
+
+    def effect(self, conn: Any, name: str) -> None:
+        cur = conn.cursor()
+        cur.execute(f"INSERT INTO {self.effects} (name) VALUES ('{name}')")
+        cur.close()
+
+    def effect_names(self) -> list[str]:
+        return sorted(n for (n,) in self.db.run(f"SELECT name FROM {self.effects}"))
+
+    def run(self, conn: Any, body: Any) -> None:
+        self.body = body
+        if self.kind == "inbox":
+            with self.inbox.receive(conn, "billing", "m1") as first:
+                assert first
+                body(conn)
+        elif self.kind.startswith("transaction"):
+            from oncely.sql import GLOBAL, transaction
+
+            with transaction(conn, key="k", scope=GLOBAL, table=self.keys) as tx:
+                assert not tx.replayed
+                body(conn)
+                if self.kind == "transaction+result":
+                    tx.set_result({"by": id(conn)})  # each connection its own result
+        else:
+            assert self.sm.apply(conn, 1, "pay").applied
+
+
+HELD = ["inbox", "transaction", "transaction+result", "statemachine-hook"]
+
+
+@pytest.mark.parametrize("kind", HELD)
+def test_the_held_check_rides_with_the_commit(db: Db, kind: str) -> None:
+    """SQLite and MariaDB sent a SELECT count(*) of the row before the COMMIT; the commit is
+    now RELEASE SAVEPOINT of the savepoint the block began with, which fails if the
+    transaction ended (one statement). PostgreSQL: the check is pipelined with the COMMIT."""
+    held = _Held(db, kind)
+    conn, log = traced(db)
+    held.run(conn, lambda c: held.effect(c, "e1"))
+    assert held.effect_names() == ["e1"]
+    if db.dialect == "postgresql":
+        assert log[-1] == "COMMIT" and "txid_current_if_assigned" in log[-2], log
+        return
+    assert counts(log, "count(") == 0, log
+    assert "RELEASE SAVEPOINT" in log[-1] and counts(log, "COMMIT") <= 1, log
+    # statements in all (SQLite) / round trips (MariaDB): begin, the row, the body's write,
+    # the result UPDATE if any, the state machine's row read (MariaDB: no UPDATE RETURNING),
+    # history and outbox inserts, the commit
+    expected = {"inbox": 4, "transaction": 4, "transaction+result": 5}.get(kind)
+    if expected is None:
+        expected = 6 if db.dialect == "sqlite" else 7
+    assert len(log) == expected, log
+
+
+@pytest.mark.parametrize("kind", HELD)
+def test_the_held_check_is_not_fooled_by_a_concurrent_commit_of_the_same_row(
+    db: Db, kind: str
+) -> None:
+    """User code rolls back the block's transaction, another connection then commits the same
+    row (the same inbox message, key, transition), and the user code writes again. The old
+    SQLite/MariaDB check (SELECT count(*) of the row) found the other transaction's row and
+    committed the later write without ours (and, with a result, wrote our result over the
+    other's row); the savepoint the block began with is gone, so it raises TransactionLost and
+    commits nothing. (PostgreSQL was not fooled: only a row this transaction wrote counts.)"""
+    from oncely.errors import TransactionLost
+
+    held = _Held(db, kind)
+    conn = db.connect()
+    rival = db.connect()
+
+    def body(c: Any) -> None:
+        held.effect(c, "before")
+        c.rollback()
+        held.body = lambda c2: held.effect(c2, "rival")
+        held.run(rival, held.body)  # the same message / key / transition, committed
+        held.body = body
+        held.effect(c, "after")
+
+    with pytest.raises(TransactionLost):
+        held.run(conn, body)
+    conn.rollback()
+    assert held.effect_names() == ["rival"]
+    if kind == "transaction+result":
+        [(result,)] = held.db.run(f"SELECT result FROM {held.keys}")
+        assert json.loads(bytes(result)) == {"by": id(rival)}  # the rival's, not overwritten

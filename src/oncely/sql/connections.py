@@ -80,6 +80,7 @@ __all__ = [
     "retryable",
     "row_gone",
     "run",
+    "savepoint_gone",
     "statement_for",
 ]
 
@@ -109,9 +110,18 @@ class Result:
 class Enter(NamedTuple):
     """Request: open a transaction block. If no transaction is open, one is begun (SQLite:
     ``BEGIN IMMEDIATE``) and the block *owns* it; otherwise the block is a savepoint inside the
-    caller's transaction. The reply is a block handle for :class:`Leave`."""
+    caller's transaction. The reply is a block handle for :class:`Leave`.
+
+    ``held``: the block will be closed by :func:`commit_if_held` (user code runs inside it).
+    An owned block is then begun so that its end can tell, in the statement that commits,
+    whether it is still the same transaction (see :func:`commit_if_held`): sqlite3 begins it
+    with ``SAVEPOINT <name>`` (a deferred transaction: every held block writes first, which
+    takes the write lock, waiting for it as ``BEGIN IMMEDIATE`` would), PyMySQL and aiomysql
+    on MariaDB with ``BEGIN NOT ATOMIC START TRANSACTION; SAVEPOINT <name>; END`` (one
+    statement, as ``BEGIN`` is). Other connections ignore it."""
 
     savepoint: bool = True
+    held: bool = False
 
 
 class Leave(NamedTuple):
@@ -137,11 +147,13 @@ class ExecLeave(NamedTuple):
 class Block:
     """An open block: ``owned`` when it began the transaction, else a savepoint named ``name``
     (``handle`` is what the driver needs to close it: a Django ``atomic`` or SQLAlchemy
-    transaction object)."""
+    transaction object). ``held``: the name of the savepoint an owned block was begun with
+    (``Enter(held=True)``), whose ``RELEASE`` fails once the transaction has ended."""
 
     owned: bool
     name: str | None = None
     handle: Any = None
+    held: str | None = None
 
 
 # -- identifiers and placeholders --------------------------------------------------------------
@@ -353,6 +365,35 @@ def row_gone(exc: BaseException) -> bool:
     )
 
 
+def savepoint_gone(exc: BaseException) -> bool:
+    """True when ``exc`` says a savepoint does not exist (SQLite "no such savepoint", MySQL
+    and MariaDB error 1305 ``SAVEPOINT ... does not exist``): the transaction that made it has
+    ended."""
+    for e in _causes(exc):
+        if isinstance(e, sqlite3.OperationalError) and str(e).startswith("no such savepoint"):
+            return True
+        if _mysql_code(e) == 1305 and "SAVEPOINT" in str(e).upper():
+            return True
+    return False
+
+
+def held_begin(c: SqlConnection, name: str) -> str | None:
+    """The statement that begins an owned held block (:class:`Enter` ``held``) on ``c``'s
+    dialect, or None where there is none (PostgreSQL needs none; MySQL has no compound
+    statement outside a stored program)."""
+    if c.dialect == "sqlite":
+        return f"SAVEPOINT {name}"
+    if c.dialect == "mysql" and c.mariadb and c.version >= (10, 1, 1):
+        return f"BEGIN NOT ATOMIC START TRANSACTION; SAVEPOINT {name}; END"
+    return None
+
+
+def _held_commit(dialect: Dialect, name: str) -> str:
+    if dialect == "sqlite":  # releasing the outermost savepoint commits the transaction
+        return f"RELEASE SAVEPOINT {name}"
+    return f"BEGIN NOT ATOMIC RELEASE SAVEPOINT {name}; COMMIT; END"
+
+
 def commit_if_held(
     c: SqlConnection,
     block: Block,
@@ -361,24 +402,50 @@ def commit_if_held(
     params: Mapping[str, Any],
     lost: str,
 ) -> Plan[None]:
-    """Close ``block`` committing, but if it owns its transaction only when the row of
-    ``table`` (quoted) matching ``where`` (``:name`` placeholders from ``params``), which
-    oncely wrote in it before running user code, is still in it. User code that called
-    ``conn.rollback()`` or ``conn.commit()`` took the row out: committing its later writes
-    would apply them without the row, and every retry would apply them again.
+    """Close ``block`` committing, but if it owns its transaction only when that transaction
+    is still the one the block began, holding the row of ``table`` (quoted) matching ``where``
+    (``:name`` placeholders from ``params``) that oncely wrote in it before running user code.
+    User code that called ``conn.rollback()`` or ``conn.commit()`` took the row out: committing
+    its later writes would apply them without the row, and every retry would apply them again.
 
-    PostgreSQL: one ``SELECT 1 / count(*) ... AND`` :data:`WRITTEN_BY_THIS_TRANSACTION` sent
-    with the ``COMMIT`` (:class:`ExecLeave`: one round trip); it fails unless the row exists
-    and this transaction wrote it. SQLite, MariaDB/MySQL: ``SELECT count(*)`` then the commit
-    (no transaction id to compare: a concurrent transaction that committed the same row in
-    between is taken for ours). A savepoint block (the caller's transaction) is released as
-    is: releasing a savepoint a rollback removed fails in the database.
+    One round trip in every case but two, where the check is a statement of its own:
+
+    * an owned block begun with ``Enter(held=True)`` on sqlite3, PyMySQL or aiomysql on
+      MariaDB: ``RELEASE SAVEPOINT <name>`` of the savepoint the block began with is the check
+      and the commit (SQLite: releasing the outermost savepoint commits; MariaDB: ``BEGIN NOT
+      ATOMIC RELEASE SAVEPOINT <name>; COMMIT; END``, one statement). A rollback, a commit,
+      an implicit commit (DDL, a ``BEGIN``) all drop the savepoint, so the release fails
+      whatever rows other transactions committed meanwhile;
+    * PostgreSQL: one ``SELECT 1 / count(*) ... AND`` :data:`WRITTEN_BY_THIS_TRANSACTION` sent
+      with the ``COMMIT`` (:class:`ExecLeave`, one pipeline with psycopg); it fails unless the
+      row exists and this transaction wrote it (with SQLAlchemy or Django, which have no
+      pipeline, the check and the ``COMMIT`` are two round trips);
+    * SQLite and MariaDB/MySQL through SQLAlchemy or Django, and MySQL (no compound
+      statements), a block not begun held: ``SELECT count(*)`` then the commit. SQLAlchemy and
+      Django send the ``BEGIN`` and ``COMMIT`` themselves (a savepoint there would be a
+      statement of its own too), and MySQL cannot put the check and the ``COMMIT`` in one
+      statement (multi-statements are off in PyMySQL and aiomysql unless the user's connection
+      turns them on). No transaction id to compare: a concurrent transaction that committed
+      the same row in between is taken for ours, unless ``where`` names a row only this
+      transaction can have written (the state machine uses its history row's id).
+
+    A savepoint block (the caller's transaction) is released as is: releasing a savepoint a
+    rollback removed fails in the database.
 
     :raises TransactionLost: the row is gone (``lost`` is the message); what was still open
         is rolled back, nothing is committed.
     """
     if not block.owned:
         yield Leave(block, True)
+        return
+    if block.held is not None:
+        try:
+            yield Exec(_held_commit(c.dialect, block.held), {})
+        except Exception as exc:
+            yield Leave(block, False)  # what user code opened after it ended ours
+            if savepoint_gone(exc):
+                raise TransactionLost(lost) from exc
+            raise
         return
     if c.dialect == "postgresql":
         check = f"SELECT 1 / count(*) FROM {table} WHERE {where} AND {WRITTEN_BY_THIS_TRANSACTION}"
@@ -536,7 +603,7 @@ class SqlConnection:
             "(async with / await ...) of this oncely.sql operation"
         )
 
-    def enter(self, savepoint: bool = True) -> Block:
+    def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         raise ConfigurationError(f"{type(self.raw).__name__} is an async connection")
 
     def leave(self, block: Block, commit: bool) -> None:
@@ -569,7 +636,7 @@ class SqlConnection:
             "(with / a plain call) of this oncely.sql operation"
         )
 
-    async def aenter(self, savepoint: bool = True) -> Block:
+    async def aenter(self, savepoint: bool = True, held: bool = False) -> Block:
         raise ConfigurationError(f"{type(self.raw).__name__} is a sync connection")
 
     async def aleave(self, block: Block, commit: bool) -> None:
@@ -617,9 +684,14 @@ class _DbapiSync(SqlConnection):
         finally:
             cur.close()
 
-    def enter(self, savepoint: bool = True) -> Block:
+    def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
         if not self.in_transaction():
+            mark = self._savepoint_name() if held else ""
+            begin = held_begin(self, mark) if held else None
+            if begin is not None:
+                self._raw_sql(begin)
+                return Block(True, held=mark)
             if self.dialect == "mysql":
                 self.raw.begin()
             elif self.dialect == "postgresql" and not self.raw.autocommit:
@@ -759,9 +831,14 @@ class _DbapiAsync(SqlConnection):
         finally:
             await _maybe_await(cur.close())
 
-    async def aenter(self, savepoint: bool = True) -> Block:
+    async def aenter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
         if not self.in_transaction():
+            mark = self._savepoint_name() if held else ""
+            begin = held_begin(self, mark) if held else None
+            if begin is not None:
+                await self._raw_sql(begin)
+                return Block(True, held=mark)
             if self.dialect == "mysql":
                 await self.raw.begin()
             elif not self.raw.autocommit:
@@ -965,7 +1042,7 @@ class _SaConnection(SqlConnection):
     def require_transaction(self, what: str) -> None:
         _sa_require_transaction(self.raw, what)
 
-    def enter(self, savepoint: bool = True) -> Block:
+    def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
             # pysqlite begins lazily and deferred: the claim INSERT, the block's first
@@ -1005,7 +1082,7 @@ class _SaSession(_SaConnection):
         if self.raw.in_transaction():  # else connection() would begin one (autobegin)
             _sa_require_transaction(self.raw.connection(), what)
 
-    def enter(self, savepoint: bool = True) -> Block:
+    def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
             tx = self.raw.begin()
@@ -1051,7 +1128,7 @@ class _SaAsyncConnection(SqlConnection):
         if sync is not None:
             _sa_require_transaction(sync, what)
 
-    async def aenter(self, savepoint: bool = True) -> Block:
+    async def aenter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
             tx = self.raw.begin()
@@ -1124,7 +1201,7 @@ class _Django(SqlConnection):
     def failed(self) -> bool:
         return bool(self.raw.in_atomic_block and self.raw.needs_rollback)
 
-    def enter(self, savepoint: bool = True) -> Block:
+    def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         from django.db import transaction  # type: ignore[import-untyped]
 
         self.check_usable()
@@ -1227,7 +1304,7 @@ def run(plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Any] | None
         if isinstance(request, Exec):
             return conn.execute(request.statement, request.params)
         if isinstance(request, Enter):
-            return conn.enter(request.savepoint)
+            return conn.enter(request.savepoint, request.held)
         if isinstance(request, Leave):
             return conn.leave(request.block, request.commit)
         if isinstance(request, ExecLeave):
@@ -1248,7 +1325,7 @@ async def arun(
         if isinstance(request, Exec):
             return await conn.aexecute(request.statement, request.params)
         if isinstance(request, Enter):
-            return await conn.aenter(request.savepoint)
+            return await conn.aenter(request.savepoint, request.held)
         if isinstance(request, Leave):
             return await conn.aleave(request.block, request.commit)
         if isinstance(request, ExecLeave):

@@ -426,7 +426,7 @@ class Saga:
         attempt = 0
         while True:
             attempt += 1
-            block = yield Enter(savepoint=True)
+            block = yield Enter(savepoint=True, held=True)
             try:
                 table = quote(self.barrier_table, c.dialect)
                 verdict = yield from _barrier.decide(c, table, saga_id, step.name, op)

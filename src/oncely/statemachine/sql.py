@@ -411,7 +411,7 @@ class SqlStateMachine:
         returning = _update_returning(c)
         q = self._queries(c.dialect, returning, c.returning)
         m = self.machine.name
-        block = yield Enter(savepoint=True)
+        block = yield Enter(savepoint=True, held=bool(self.hooks))
         open_block = True
         try:
             if self.after_commit and not block.owned:
@@ -450,7 +450,7 @@ class SqlStateMachine:
                         q.select_key, {"machine": m, "entity": str(entity_id), "key": key}
                     )
                     return self._replay(t, entity_id, str(key), found)
-                if not history_id and self.outbox is not None:  # a driver without lastrowid
+                if not history_id and (self.outbox is not None or self.hooks):  # no lastrowid
                     last = "last_insert_rowid()" if c.dialect == "sqlite" else "LAST_INSERT_ID()"
                     history_id = (yield Exec(f"SELECT {last}", {})).rows[0][0]
                 outcome = Outcome(entity_id, t.name, t.target, applied=True, row=row)
@@ -460,14 +460,14 @@ class SqlStateMachine:
                     yield _RunHook(hook, HookCall(conn, self.machine, outcome, data, key))
                 open_block = False
                 if self.hooks:  # a hook that ended the transaction: commit nothing more
+                    # the history row: only this transaction can have written its id
                     yield from commit_if_held(
                         c,
                         block,
-                        quote(self.table.name, c.dialect),
-                        f"{quote(self.table.id_column, c.dialect)} = :id AND "
-                        f"{quote(self.table.state_column, c.dialect)} = :target",
-                        {"id": entity_id, "target": t.target},
-                        lost_message("a transition hook", "the entity row's new state"),
+                        quote(self.history_table, c.dialect),
+                        "id = :history_id",
+                        {"history_id": history_id},
+                        lost_message("a transition hook", "the transition's history row"),
                     )
                 else:
                     yield Leave(block, True)
