@@ -254,3 +254,24 @@ def test_the_held_check_is_not_fooled_by_a_concurrent_commit_of_the_same_row(
     if kind == "transaction+result":
         [(result,)] = held.db.run(f"SELECT result FROM {held.keys}")
         assert json.loads(bytes(result)) == {"by": id(rival)}  # the rival's, not overwritten
+
+
+# -- a saga's start: a new saga's row is what its INSERT wrote ----------------------------------
+def test_a_new_saga_is_started_with_one_statement(db: Db) -> None:
+    """The saga's start inserted its row and then always read it back; a new row is what the
+    INSERT wrote, so only a saga that already exists is read (its state and stored data)."""
+    from oncely.statemachine.saga import Saga, Step
+
+    table = db.name("rt_saga")
+    db.tables.append(f"{table}_history")
+    steps = [Step("one", lambda ctx: None)]
+    saga = Saga("rt", steps, table=table, barrier_table=db.name("rt_barrier"))
+    setup = db.connect()
+    saga.create_tables(setup)
+    setup.commit()
+    conn, log = traced(db)
+    assert saga.run(conn, "s1", {"n": 1}).state == "completed"
+    assert [s for s in log if "SELECT state, name, data" in s] == [], log
+    log.clear()  # a run of a saga that exists reads its row, once
+    assert saga.run(conn, "s1", {"n": 1}).executed == ()
+    assert len([s for s in log if "SELECT state, name, data" in s]) == 1, log
