@@ -275,3 +275,36 @@ def test_a_new_saga_is_started_with_one_statement(db: Db) -> None:
     log.clear()  # a run of a saga that exists reads its row, once
     assert saga.run(conn, "s1", {"n": 1}).executed == ()
     assert len([s for s in log if "SELECT state, name, data" in s]) == 1, log
+
+
+# -- a transition with a key that did not apply: its explanation is one read -------------------
+def test_a_keyed_call_that_did_not_apply_is_explained_by_one_read(db: Db) -> None:
+    """A call with an idempotency key whose UPDATE changed nothing read the key's history row,
+    then (no such row) the entity row: two statements; now one reads both. On MariaDB (no
+    UPDATE RETURNING) a transition that applied but whose key was used for another one read
+    the entity row before finding that out: the row is now read after the history row."""
+    from oncely.errors import EntityNotFound, IdempotencyKeyMismatch, IllegalTransition
+
+    sm, _table = _machine(db)
+    conn, log = traced(db)
+    assert sm.apply(conn, 1, "pay", key="k1").applied
+
+    def reads() -> int:
+        return sum(s.lstrip().upper().startswith("SELECT") for s in log)
+
+    for call, expected in [
+        (lambda: sm.apply(conn, 1, "pay", key="k2"), "already"),  # a new key, already paid
+        (lambda: sm.apply(conn, 1, "pay", key="k1"), "replayed"),
+        (lambda: sm.apply(conn, 1, "reopen", key="k3"), IllegalTransition),
+        (lambda: sm.apply(conn, 1, "cancel", key="k1"), IdempotencyKeyMismatch),
+        (lambda: sm.apply(conn, 2, "pay", key="k4"), EntityNotFound),
+    ]:
+        log.clear()
+        if isinstance(expected, str):
+            outcome = call()
+            assert not outcome.applied and outcome.replayed == (expected == "replayed")
+            assert outcome.state == "paid"
+        else:
+            with pytest.raises(expected):
+                call()
+        assert reads() == 1, log

@@ -10,8 +10,8 @@ transaction when none is open:
    one atomic decision. Concurrent callers queue on the row lock; the database re-checks the
    ``WHERE`` on the row the winner committed, so exactly one of them changes the state.
    Where ``UPDATE ... RETURNING`` is missing (MariaDB and MySQL have none for ``UPDATE``;
-   SQLite before 3.35) the row is read back in the same transaction right after, while the
-   ``UPDATE`` still holds its lock.
+   SQLite before 3.35) the row is read back in the same transaction once the history row is
+   in (step 2; a key used before needs no row), while the ``UPDATE`` still holds its lock.
 2. If it applied: one audit history row (machine, entity, transition, state reached, key, the
    database's clock), an outbox message if asked, and the in-transaction hooks, all in the same
    transaction: a hook that raises rolls the state change back. The outbox message is written
@@ -30,7 +30,8 @@ transaction when none is open:
    run again (a serialization failure) committed no message, so the one committed message of
    a transition has one id, and the relay publishes that id on every try.
 3. If it did not: the idempotency key's history row answers if there is one (a replay, even if
-   the state has moved on since); else the row is read and :func:`~oncely.statemachine.
+   the state has moved on since); else the row (one statement reads both, with a ``LEFT
+   JOIN`` of the key's history row and the entity row) and :func:`~oncely.statemachine.
    definition.explain` says "already happened" (a success, ``applied=False``), "illegal"
    (:class:`~oncely.errors.IllegalTransition`) or "missing" (:class:`~oncely.errors.
    EntityNotFound`). These reads only explain a decision already made; MariaDB/MySQL read
@@ -60,6 +61,7 @@ from oncely.errors import (
 from oncely.sql.connections import (
     Enter,
     Leave,
+    Result,
     SqlConnection,
     adapt,
     busy,
@@ -202,6 +204,9 @@ class _Queries:
     select_row: str = ""
     insert_history: str = ""
     select_key: str = ""
+    #: the key's history row (transition, state: NULL if none), 1 if the entity row exists,
+    #: then the entity row's columns: one statement for a call with a key that did not apply
+    select_key_row: str = ""
     select_history: str = ""
     #: ``insert_history`` ends in ``RETURNING id`` (else the id is the cursor's ``lastrowid``)
     history_returning: bool = False
@@ -280,6 +285,12 @@ class SqlStateMachine:
             update=update,
             select_row=f"SELECT * FROM {t} WHERE {idc} = :id{lock}",
             insert_history=history,
+            select_key_row=(
+                f"SELECT k.transition, k.state, CASE WHEN e.{idc} IS NULL THEN 0 ELSE 1 END, "
+                f"e.* FROM (SELECT 1 AS oncely_one) d LEFT JOIN {h} k ON k.machine = :machine "
+                f"AND k.entity_id = :entity AND k.idem_key = :key LEFT JOIN {t} e ON "
+                f"e.{idc} = :id{lock}"
+            ),
             select_key=(
                 f"SELECT transition, state FROM {h} WHERE machine = :machine AND "
                 f"entity_id = :entity AND idem_key = :key{lock}"
@@ -425,9 +436,6 @@ class SqlStateMachine:
             res = yield Exec(q.update[t.name], params)
             applied = bool(res.rows) if returning else res.rowcount > 0
             if applied:
-                if not returning:
-                    res = yield Exec(q.select_row, {"id": entity_id})
-                row = dict(zip(res.columns, res.rows[0])) if res.rows else {}
                 entry = {
                     "machine": m,
                     "entity": str(entity_id),
@@ -450,6 +458,9 @@ class SqlStateMachine:
                         q.select_key, {"machine": m, "entity": str(entity_id), "key": key}
                     )
                     return self._replay(t, entity_id, str(key), found)
+                if not returning:  # read after the history row: a used key needs no row
+                    res = yield Exec(q.select_row, {"id": entity_id})
+                row = dict(zip(res.columns, res.rows[0])) if res.rows else {}
                 if not history_id and (self.outbox is not None or self.hooks):  # no lastrowid
                     last = "last_insert_rowid()" if c.dialect == "sqlite" else "LAST_INSERT_ID()"
                     history_id = (yield Exec(f"SELECT {last}", {})).rows[0][0]
@@ -474,17 +485,21 @@ class SqlStateMachine:
                 for hook in self.after_commit:
                     yield _RunHook(hook, HookCall(conn, self.machine, outcome, data, key))
                 return outcome
-            if key is not None:
-                found = yield Exec(
-                    q.select_key, {"machine": m, "entity": str(entity_id), "key": key}
+            if key is not None:  # the key's history row and the entity row, one statement
+                both = yield Exec(
+                    q.select_key_row,
+                    {"machine": m, "entity": str(entity_id), "key": key, "id": entity_id},
                 )
-                if found.rows:
-                    open_block = False
-                    yield Leave(block, True)
-                    return self._replay(t, entity_id, key, found)
-            res = yield Exec(q.select_row, {"id": entity_id})
-            open_block = False
-            yield Leave(block, True)
+                open_block = False
+                yield Leave(block, True)
+                first = both.rows[0]
+                if first[0] is not None:  # the key was used: a replay
+                    return self._replay(t, entity_id, key, both)
+                res = Result([first[3:]] if first[2] else [], -1, both.columns[3:])
+            else:
+                res = yield Exec(q.select_row, {"id": entity_id})
+                open_block = False
+                yield Leave(block, True)
             if not res.rows:
                 current = None
                 row = {}
