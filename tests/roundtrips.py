@@ -62,3 +62,39 @@ def traced(db: Db) -> tuple[Any, list[str]]:
 def counts(log: list[str], word: str) -> int:
     """How many statements of ``log`` contain ``word`` (case-insensitive)."""
     return sum(word.lower() in s.lower() for s in log)
+
+
+class PgWire:
+    """Round trips and statements a psycopg connection sends, from libpq's protocol trace
+    (``pgconn.trace``): a round trip is each time the server answers after the client sent."""
+
+    def __init__(self, driver: Any) -> None:
+        self.driver = driver
+        self.trips = 0
+        self.queries: list[str] = []
+
+    def __enter__(self) -> PgWire:
+        import tempfile
+
+        import psycopg
+
+        self._file = tempfile.TemporaryFile("w+")
+        self.driver.pgconn.trace(self._file.fileno())
+        self.driver.pgconn.set_trace_flags(psycopg.pq.Trace.SUPPRESS_TIMESTAMPS)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.driver.pgconn.untrace()
+        self._file.seek(0)
+        last = "B"
+        for line in self._file:
+            parts = line.rstrip("\n").split("\t")
+            if len(parts) < 3:
+                continue
+            side, kind = parts[0], parts[2].strip()
+            if side == "F" and kind in ("Query", "Parse"):
+                self.queries.append(parts[-1] if len(parts) > 3 else kind)
+            if side == "B" and last == "F":
+                self.trips += 1
+            last = side
+        self._file.close()

@@ -37,7 +37,7 @@ def _text(value: Any) -> str:
 def _machine(db: Db, **options: Any) -> tuple[SqlStateMachine, str]:
     table = db.name("rt_orders")
     db.run(f"CREATE TABLE {table} (id INT PRIMARY KEY, status VARCHAR(20))")
-    db.run(f"INSERT INTO {table} VALUES (1, 'pending')")
+    db.run(f"INSERT INTO {table} VALUES (1, 'pending'), (2, 'pending')")
     sm = SqlStateMachine(
         ORDER,
         Table(table, "id", "status"),
@@ -179,22 +179,23 @@ class _Held:
     def effect_names(self) -> list[str]:
         return sorted(n for (n,) in self.db.run(f"SELECT name FROM {self.effects}"))
 
-    def run(self, conn: Any, body: Any) -> None:
+    def run(self, conn: Any, body: Any, ident: int = 1) -> None:
+        """One operation (message, key, entity ``ident``: 1 or 2) with ``body`` inside."""
         self.body = body
         if self.kind == "inbox":
-            with self.inbox.receive(conn, "billing", "m1") as first:
+            with self.inbox.receive(conn, "billing", f"m{ident}") as first:
                 assert first
                 body(conn)
         elif self.kind.startswith("transaction"):
             from oncely.sql import GLOBAL, transaction
 
-            with transaction(conn, key="k", scope=GLOBAL, table=self.keys) as tx:
+            with transaction(conn, key=f"k{ident}", scope=GLOBAL, table=self.keys) as tx:
                 assert not tx.replayed
                 body(conn)
                 if self.kind == "transaction+result":
                     tx.set_result({"by": id(conn)})  # each connection its own result
         else:
-            assert self.sm.apply(conn, 1, "pay").applied
+            assert self.sm.apply(conn, ident, "pay").applied
 
 
 HELD = ["inbox", "transaction", "transaction+result", "statemachine-hook"]
@@ -297,7 +298,7 @@ def test_a_keyed_call_that_did_not_apply_is_explained_by_one_read(db: Db) -> Non
         (lambda: sm.apply(conn, 1, "pay", key="k1"), "replayed"),
         (lambda: sm.apply(conn, 1, "reopen", key="k3"), IllegalTransition),
         (lambda: sm.apply(conn, 1, "cancel", key="k1"), IdempotencyKeyMismatch),
-        (lambda: sm.apply(conn, 2, "pay", key="k4"), EntityNotFound),
+        (lambda: sm.apply(conn, 9, "pay", key="k4"), EntityNotFound),
     ]:
         log.clear()
         if isinstance(expected, str):
@@ -308,3 +309,68 @@ def test_a_keyed_call_that_did_not_apply_is_explained_by_one_read(db: Db) -> Non
             with pytest.raises(expected):
                 call()
         assert reads() == 1, log
+
+
+# -- SQLAlchemy on psycopg: the statement that ends a block goes with the COMMIT --------------
+@pytest.mark.parametrize("make_db_dialect", ["postgresql"])
+@pytest.mark.parametrize("kind", ["transaction+result", "statemachine-hook"])
+def test_sqlalchemy_psycopg_sends_the_last_statement_with_the_commit(
+    make_db: Any, make_db_dialect: str, kind: str
+) -> None:
+    """Raw psycopg sent the last statement of a block it owns (the result UPDATE, the held
+    check) and the COMMIT in one pipeline; through SQLAlchemy they were two round trips. Now
+    the same on the wire: counted by libpq's trace, SQLAlchemy's round trips equal psycopg's."""
+    import sqlalchemy as sa
+
+    from roundtrips import PgWire
+
+    db = make_db(make_db_dialect)
+    held = _Held(db, kind)
+    raw = db.connect()
+    with PgWire(raw) as direct:
+        held.run(raw, lambda c: held.effect(c, "raw"))
+    engine = sa.create_engine(db.url())
+    try:
+        with engine.connect() as conn:
+            driver = conn.connection.driver_connection
+            insert = sa.text(f"INSERT INTO {held.effects} (name) VALUES ('sa')")
+            with PgWire(driver) as through:
+                held.run(conn, lambda c: c.execute(insert), ident=2)
+    finally:
+        engine.dispose()
+    assert held.effect_names() == ["raw", "sa"]
+    assert through.trips == direct.trips, (through.queries, direct.queries)
+
+
+async def test_sqlalchemy_async_psycopg_sends_the_result_update_with_the_commit(
+    make_db: Any,
+) -> None:
+    """The async face: an AsyncConnection and an AsyncSession on psycopg's AsyncConnection."""
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from oncely.sql import GLOBAL, transaction
+    from roundtrips import PgWire
+
+    db = make_db("postgresql")
+    held = _Held(db, "transaction+result")
+    raw = db.connect()
+    with PgWire(raw) as direct:
+        held.run(raw, lambda c: held.effect(c, "raw"))
+    engine = create_async_engine(db.url())
+    try:
+        for face in ("connection", "session"):
+            async with engine.connect() as conn:
+                pooled = await conn.get_raw_connection()
+                target: Any = conn if face == "connection" else AsyncSession(bind=conn)
+                with PgWire(pooled.driver_connection) as through:
+                    async with transaction(target, key=face, scope=GLOBAL, table=held.keys) as tx:
+                        assert not tx.replayed
+                        await target.execute(
+                            sa.text(f"INSERT INTO {held.effects} (name) VALUES ('{face}')")
+                        )
+                        tx.set_result({"by": face})
+                assert through.trips == direct.trips, (face, through.queries, direct.queries)
+    finally:
+        await engine.dispose()
+    assert held.effect_names() == ["connection", "raw", "session"]

@@ -418,8 +418,9 @@ def commit_if_held(
       whatever rows other transactions committed meanwhile;
     * PostgreSQL: one ``SELECT 1 / count(*) ... AND`` :data:`WRITTEN_BY_THIS_TRANSACTION` sent
       with the ``COMMIT`` (:class:`ExecLeave`, one pipeline with psycopg); it fails unless the
-      row exists and this transaction wrote it (with SQLAlchemy or Django, which have no
-      pipeline, the check and the ``COMMIT`` are two round trips);
+      row exists and this transaction wrote it (SQLAlchemy over psycopg 3 too: the pipeline
+      runs on the driver's connection; with Django, or psycopg2 / asyncpg under SQLAlchemy,
+      the check and the ``COMMIT`` are two round trips);
     * SQLite and MariaDB/MySQL through SQLAlchemy or Django, and MySQL (no compound
       statements), a block not begun held: ``SELECT count(*)`` then the commit. SQLAlchemy and
       Django send the ``BEGIN`` and ``COMMIT`` themselves (a savepoint there would be a
@@ -1025,6 +1026,35 @@ def _sa_failed(conn: Any) -> bool:
     return status is not None and int(status) == 3  # libpq PQTRANS_INERROR
 
 
+def _sa_psycopg(fairy: Any, is_async: bool) -> Any:
+    """The psycopg 3 connection under a SQLAlchemy pooled connection, if it is one and
+    pipelines, else None (psycopg2, asyncpg, an older libpq)."""
+    driver = getattr(fairy, "driver_connection", None)
+    if driver is None or type(driver).__module__.split(".")[0] != "psycopg":
+        return None
+    import psycopg
+
+    kind = psycopg.AsyncConnection if is_async else psycopg.Connection
+    return driver if isinstance(driver, kind) and _pipelines() else None
+
+
+def _pipelined_commit(driver: Any, sql: str, args: Any) -> Result:
+    """``sql`` then ``COMMIT`` in one psycopg pipeline (one round trip) on ``driver``."""
+    with driver.cursor() as cur:
+        with driver.pipeline():
+            cur.execute(sql, args)
+            driver.execute("COMMIT")
+        return _cursor_result(cur)
+
+
+async def _apipelined_commit(driver: Any, sql: str, args: Any) -> Result:
+    async with driver.cursor() as cur:
+        async with driver.pipeline():
+            await cur.execute(sql, args)
+            await driver.execute("COMMIT")
+        return await _acursor_result(cur)
+
+
 class _SaConnection(SqlConnection):
     def __init__(self, raw: Any):
         self.raw = raw
@@ -1063,6 +1093,26 @@ class _SaConnection(SqlConnection):
         if block.handle is not None:
             block.handle.commit() if commit else block.handle.rollback()
 
+    def _pooled(self) -> Any:
+        return self.raw.connection
+
+    def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        """With psycopg 3 under it and a block that owns its transaction: the statement and
+        the ``COMMIT`` in one pipeline on the driver's connection (one round trip, as
+        :class:`_Psycopg`), then SQLAlchemy's own commit, which finds the driver's connection
+        idle and sends nothing."""
+        driver = _sa_psycopg(self._pooled(), False) if block.owned else None
+        if driver is None:
+            return super().execute_leave(block, text, params)
+        sql, args = render(self.text(text), params, "pyformat")
+        try:
+            res = _pipelined_commit(driver, sql, args)
+        except BaseException:
+            self.leave(block, False)
+            raise
+        self.leave(block, True)
+        return res
+
 
 class _SaSession(_SaConnection):
     def __init__(self, raw: Any):
@@ -1081,6 +1131,9 @@ class _SaSession(_SaConnection):
     def require_transaction(self, what: str) -> None:
         if self.raw.in_transaction():  # else connection() would begin one (autobegin)
             _sa_require_transaction(self.raw.connection(), what)
+
+    def _pooled(self) -> Any:
+        return self.raw.connection().connection
 
     def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
@@ -1150,6 +1203,23 @@ class _SaAsyncConnection(SqlConnection):
         if block.handle is not None:
             await (block.handle.commit() if commit else block.handle.rollback())
 
+    async def _apooled(self) -> Any:
+        return await self.raw.get_raw_connection()
+
+    async def aexecute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        """The async face of :meth:`_SaConnection.execute_leave`."""
+        driver = _sa_psycopg(await self._apooled(), True) if block.owned else None
+        if driver is None:
+            return await super().aexecute_leave(block, text, params)
+        sql, args = render(self.text(text), params, "pyformat")
+        try:
+            res = await _apipelined_commit(driver, sql, args)
+        except BaseException:
+            await self.aleave(block, False)
+            raise
+        await self.aleave(block, True)
+        return res
+
 
 class _SaAsyncSession(_SaAsyncConnection):
     def __init__(self, raw: Any):
@@ -1161,6 +1231,9 @@ class _SaAsyncSession(_SaAsyncConnection):
             return False
         tx = self.raw.sync_session.get_transaction()
         return tx is not None and not tx.is_active
+
+    async def _apooled(self) -> Any:
+        return await (await self.raw.connection()).get_raw_connection()
 
 
 # -- Django --------------------------------------------------------------------------------------
