@@ -374,3 +374,48 @@ async def test_sqlalchemy_async_psycopg_sends_the_result_update_with_the_commit(
     finally:
         await engine.dispose()
     assert held.effect_names() == ["connection", "raw", "session"]
+
+
+# -- SQLAlchemy on SQLite: the held check is the commit there too -------------------------------
+@pytest.mark.parametrize("make_db_dialect", ["sqlite"])
+@pytest.mark.parametrize("kind", HELD)
+def test_sqlalchemy_sqlite_held_check_is_the_commit(
+    make_db: Any, make_db_dialect: str, kind: str
+) -> None:
+    """Through a SQLAlchemy Connection on pysqlite the check was a SELECT count(*) before the
+    COMMIT (and took another transaction's row for ours); the block now begins with a
+    savepoint (in place of pysqlite's implicit BEGIN) whose RELEASE commits. Counted by
+    sqlite3's trace callback on the driver's connection."""
+    import sqlalchemy as sa
+
+    from oncely.errors import TransactionLost
+
+    db = make_db(make_db_dialect)
+    held = _Held(db, kind)
+    engine = sa.create_engine(db.url(), connect_args={"timeout": 30})
+    try:
+        with engine.connect() as conn, engine.connect() as rival:
+            log: list[str] = []
+            conn.connection.driver_connection.set_trace_callback(log.append)
+
+            def write(c: Any, name: str) -> None:
+                c.execute(sa.text(f"INSERT INTO {held.effects} (name) VALUES ('{name}')"))
+
+            held.run(conn, lambda c: write(c, "e1"))
+            assert counts(log, "count(") == 0 and counts(log, "COMMIT") == 0, log
+            assert log[0].startswith("SAVEPOINT") and log[-1].startswith("RELEASE"), log
+
+            def body(c: Any) -> None:  # ends the block's transaction; a rival commits the row
+                write(c, "before")
+                c.rollback()
+                held.body = lambda c2: write(c2, "rival")
+                held.run(rival, held.body, ident=2)
+                held.body = body
+                write(c, "after")
+
+            with pytest.raises(TransactionLost):
+                held.run(conn, body, ident=2)
+            assert not conn.in_transaction() or conn.rollback() is None
+    finally:
+        engine.dispose()
+    assert held.effect_names() == ["e1", "rival"]

@@ -118,7 +118,8 @@ class Enter(NamedTuple):
     with ``SAVEPOINT <name>`` (a deferred transaction: every held block writes first, which
     takes the write lock, waiting for it as ``BEGIN IMMEDIATE`` would), PyMySQL and aiomysql
     on MariaDB with ``BEGIN NOT ATOMIC START TRANSACTION; SAVEPOINT <name>; END`` (one
-    statement, as ``BEGIN`` is). Other connections ignore it."""
+    statement, as ``BEGIN`` is), SQLAlchemy on SQLite with ``SAVEPOINT <name>`` in place of
+    pysqlite's implicit ``BEGIN``. Other connections ignore it."""
 
     savepoint: bool = True
     held: bool = False
@@ -408,27 +409,32 @@ def commit_if_held(
     User code that called ``conn.rollback()`` or ``conn.commit()`` took the row out: committing
     its later writes would apply them without the row, and every retry would apply them again.
 
-    One round trip in every case but two, where the check is a statement of its own:
+    The check costs no statement of its own except where the last item says:
 
-    * an owned block begun with ``Enter(held=True)`` on sqlite3, PyMySQL or aiomysql on
-      MariaDB: ``RELEASE SAVEPOINT <name>`` of the savepoint the block began with is the check
-      and the commit (SQLite: releasing the outermost savepoint commits; MariaDB: ``BEGIN NOT
-      ATOMIC RELEASE SAVEPOINT <name>; COMMIT; END``, one statement). A rollback, a commit,
-      an implicit commit (DDL, a ``BEGIN``) all drop the savepoint, so the release fails
-      whatever rows other transactions committed meanwhile;
+    * an owned block begun with ``Enter(held=True)`` on SQLite (sqlite3, and pysqlite or
+      aiosqlite under SQLAlchemy, where the savepoint takes the place of the driver's implicit
+      ``BEGIN``) and on MariaDB with PyMySQL or aiomysql: ``RELEASE SAVEPOINT <name>`` of the
+      savepoint the block began with is the check and the commit (SQLite: releasing the
+      outermost savepoint commits, and the driver's ``commit()`` then has nothing to send;
+      MariaDB: ``BEGIN NOT ATOMIC RELEASE SAVEPOINT <name>; COMMIT; END``, one statement). A
+      rollback, a commit, an implicit commit (DDL, a ``BEGIN``) all drop the savepoint, so the
+      release fails whatever rows other transactions committed meanwhile;
     * PostgreSQL: one ``SELECT 1 / count(*) ... AND`` :data:`WRITTEN_BY_THIS_TRANSACTION` sent
       with the ``COMMIT`` (:class:`ExecLeave`, one pipeline with psycopg); it fails unless the
       row exists and this transaction wrote it (SQLAlchemy over psycopg 3 too: the pipeline
       runs on the driver's connection; with Django, or psycopg2 / asyncpg under SQLAlchemy,
       the check and the ``COMMIT`` are two round trips);
-    * SQLite and MariaDB/MySQL through SQLAlchemy or Django, and MySQL (no compound
-      statements), a block not begun held: ``SELECT count(*)`` then the commit. SQLAlchemy and
-      Django send the ``BEGIN`` and ``COMMIT`` themselves (a savepoint there would be a
-      statement of its own too), and MySQL cannot put the check and the ``COMMIT`` in one
-      statement (multi-statements are off in PyMySQL and aiomysql unless the user's connection
-      turns them on). No transaction id to compare: a concurrent transaction that committed
-      the same row in between is taken for ours, unless ``where`` names a row only this
-      transaction can have written (the state machine uses its history row's id).
+    * SQLite through Django, MariaDB/MySQL through SQLAlchemy or Django, MySQL (no compound
+      statements), a block not begun held: ``SELECT count(*)`` then the commit, one statement
+      more. Django's ``atomic()`` sends ``BEGIN`` itself on SQLite, and SQLAlchemy and Django
+      send the ``COMMIT`` themselves on MariaDB (a savepoint there would be a statement of its
+      own too, as costly as the ``SELECT``); MySQL cannot put the check and the ``COMMIT`` in
+      one statement (multi-statements are off in PyMySQL and aiomysql unless the user's
+      connection turns them on). No transaction id to compare: a concurrent transaction that
+      committed the same row in between is taken for ours, unless ``where`` names a row only
+      this transaction can have written (the state machine uses its history row's id).
+      ``benchmarks/held_check.py`` measures what the ``SELECT`` costs: on SQLite a few
+      microseconds (within the noise of a commit), on MariaDB a round trip.
 
     A savepoint block (the caller's transaction) is released as is: releasing a savepoint a
     rollback removed fails in the database.
@@ -447,6 +453,8 @@ def commit_if_held(
             if savepoint_gone(exc):
                 raise TransactionLost(lost) from exc
             raise
+        if c.dialect == "sqlite":  # sqlite3 sends no COMMIT with no transaction open; this
+            yield Leave(block, True)  # closes SQLAlchemy's (or commits after a "begin" event)
         return
     if c.dialect == "postgresql":
         check = f"SELECT 1 / count(*) FROM {table} WHERE {where} AND {WRITTEN_BY_THIS_TRANSACTION}"
@@ -1080,10 +1088,11 @@ class _SaConnection(SqlConnection):
             tx = self.raw.begin()
             try:  # after begin(): a "begin" event may have sent BEGIN itself
                 self.require_transaction("an oncely transaction block")
+                mark = self._held_mark(held)
             except BaseException:
                 tx.rollback()
                 raise
-            return Block(True, handle=tx)
+            return Block(True, handle=tx, held=mark)
         self.require_transaction("an oncely transaction block")
         if not savepoint:
             return Block(False)
@@ -1091,7 +1100,20 @@ class _SaConnection(SqlConnection):
 
     def leave(self, block: Block, commit: bool) -> None:
         if block.handle is not None:
+            if not commit and block.owned and not block.handle.is_active:
+                self.raw.rollback()  # user code ended ours: roll back what it began since
+                return
             block.handle.commit() if commit else block.handle.rollback()
+
+    def _held_mark(self, held: bool) -> str | None:
+        """SQLite: begin a held block's transaction with a savepoint (pysqlite begins no
+        transaction before it, so it takes the place of the implicit ``BEGIN``; its
+        ``RELEASE`` commits, and SQLAlchemy's commit then finds nothing to commit)."""
+        if not (held and self.dialect == "sqlite"):
+            return None
+        mark = self._savepoint_name()
+        self.execute(f"SAVEPOINT {mark}", {})
+        return mark
 
     def _pooled(self) -> Any:
         return self.raw.connection
@@ -1141,10 +1163,11 @@ class _SaSession(_SaConnection):
             tx = self.raw.begin()
             try:
                 self.require_transaction("an oncely transaction block")
+                mark = self._held_mark(held)
             except BaseException:
                 tx.rollback()
                 raise
-            return Block(True, handle=tx)
+            return Block(True, handle=tx, held=mark)
         self.require_transaction("an oncely transaction block")
         if not savepoint:
             return Block(False)
@@ -1188,10 +1211,11 @@ class _SaAsyncConnection(SqlConnection):
             await tx.start()
             try:
                 self.require_transaction("an oncely transaction block")
+                mark = await self._aheld_mark(held)
             except BaseException:
                 await tx.rollback()
                 raise
-            return Block(True, handle=tx)
+            return Block(True, handle=tx, held=mark)
         self.require_transaction("an oncely transaction block")
         if not savepoint:
             return Block(False)
@@ -1201,7 +1225,18 @@ class _SaAsyncConnection(SqlConnection):
 
     async def aleave(self, block: Block, commit: bool) -> None:
         if block.handle is not None:
+            if not commit and block.owned and not block.handle.is_active:
+                await self.raw.rollback()  # user code ended ours: roll back what it began since
+                return
             await (block.handle.commit() if commit else block.handle.rollback())
+
+    async def _aheld_mark(self, held: bool) -> str | None:
+        """The async face of :meth:`_SaConnection._held_mark` (aiosqlite)."""
+        if not (held and self.dialect == "sqlite"):
+            return None
+        mark = self._savepoint_name()
+        await self.aexecute(f"SAVEPOINT {mark}", {})
+        return mark
 
     async def _apooled(self) -> Any:
         return await self.raw.get_raw_connection()
