@@ -419,3 +419,38 @@ def test_sqlalchemy_sqlite_held_check_is_the_commit(
     finally:
         engine.dispose()
     assert held.effect_names() == ["e1", "rival"]
+
+
+# -- a transaction-scoped PostgreSQL advisory lock: BEGIN goes with the lock --------------------
+@pytest.mark.parametrize("wait", [0.0, 2.0])
+def test_postgres_transaction_scoped_lock_begins_in_the_same_round_trip(wait: float) -> None:
+    """The lock backend sent BEGIN, waited for its answer, then the lock statement: two round
+    trips for an acquire; BEGIN now goes in the lock statement's pipeline. Counted on the wire
+    (libpq trace) of the pool's one connection."""
+    import uuid
+
+    from oncely.locks.postgres import PostgresLockBackend
+    from roundtrips import PgWire
+
+    from conftest import POSTGRES_URL
+
+    table = f"rt_lock_fences_{uuid.uuid4().hex[:8]}"
+    backend = PostgresLockBackend(POSTGRES_URL, table=table, max_size=1)
+    name = f"rt-lock-{uuid.uuid4().hex[:8]}"
+    try:
+        first = backend.acquire(name, "o1", 5.0, wait, "session")  # opens the one connection
+        assert backend.release(first)
+        pool = backend._get_pool()
+        with pool.connection() as pooled:
+            driver = pooled
+        with PgWire(driver) as wire:
+            hold = backend.acquire(name, "o2", 5.0, wait, "transaction")
+            assert hold.data.conn is driver  # type: ignore[union-attr]
+            assert backend.release(hold)  # type: ignore[arg-type]
+        assert wire.trips == 2, wire.queries  # BEGIN + lock, then COMMIT
+    finally:
+        backend.close()
+        import psycopg
+
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as admin:
+            admin.execute(f"DROP TABLE IF EXISTS {table}")
