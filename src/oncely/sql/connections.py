@@ -421,9 +421,9 @@ def commit_if_held(
       release fails whatever rows other transactions committed meanwhile;
     * PostgreSQL: one ``SELECT 1 / count(*) ... AND`` :data:`WRITTEN_BY_THIS_TRANSACTION` sent
       with the ``COMMIT`` (:class:`ExecLeave`, one pipeline with psycopg); it fails unless the
-      row exists and this transaction wrote it (SQLAlchemy over psycopg 3 too: the pipeline
-      runs on the driver's connection; with Django, or psycopg2 / asyncpg under SQLAlchemy,
-      the check and the ``COMMIT`` are two round trips);
+      row exists and this transaction wrote it (SQLAlchemy and Django over psycopg 3 too: the
+      pipeline runs on the driver's connection; with psycopg2 / asyncpg under SQLAlchemy the
+      check and the ``COMMIT`` are two round trips);
     * SQLite through Django, MariaDB/MySQL through SQLAlchemy or Django, MySQL (no compound
       statements), a block not begun held: ``SELECT count(*)`` then the commit, one statement
       more. Django's ``atomic()`` sends ``BEGIN`` itself on SQLite, and SQLAlchemy and Django
@@ -1324,6 +1324,27 @@ class _Django(SqlConnection):
         else:
             err = _Rollback()
             block.handle.__exit__(_Rollback, err, None)
+
+    def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        """PostgreSQL with psycopg 3 and a block that owns its transaction: the statement and
+        the ``COMMIT`` in one pipeline on the driver's connection (one round trip), then the
+        ``atomic()`` block's exit, whose commit finds the connection idle and sends nothing."""
+        driver = getattr(self.raw, "connection", None) if block.owned else None
+        if (
+            self.dialect != "postgresql"
+            or driver is None
+            or type(driver).__module__.split(".")[0] != "psycopg"
+            or not _pipelines()
+        ):
+            return super().execute_leave(block, text, params)
+        sql, args = render(self.text(text), params, "pyformat")
+        try:
+            res = _pipelined_commit(driver, sql, args)
+        except BaseException:
+            self.leave(block, False)
+            raise
+        self.leave(block, True)
+        return res
 
 
 class _Rollback(Exception):
