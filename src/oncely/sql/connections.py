@@ -378,7 +378,7 @@ def savepoint_gone(exc: BaseException) -> bool:
     return False
 
 
-def held_begin(c: SqlConnection, name: str) -> str | None:
+def _held_begin(c: SqlConnection, name: str) -> str | None:
     """The statement that begins an owned held block (:class:`Enter` ``held``) on ``c``'s
     dialect, or None where there is none (PostgreSQL needs none; MySQL has no compound
     statement outside a stored program)."""
@@ -697,7 +697,7 @@ class _DbapiSync(SqlConnection):
         self.check_usable()
         if not self.in_transaction():
             mark = self._savepoint_name() if held else ""
-            begin = held_begin(self, mark) if held else None
+            begin = _held_begin(self, mark) if held else None
             if begin is not None:
                 self._raw_sql(begin)
                 return Block(True, held=mark)
@@ -844,7 +844,7 @@ class _DbapiAsync(SqlConnection):
         self.check_usable()
         if not self.in_transaction():
             mark = self._savepoint_name() if held else ""
-            begin = held_begin(self, mark) if held else None
+            begin = _held_begin(self, mark) if held else None
             if begin is not None:
                 await self._raw_sql(begin)
                 return Block(True, held=mark)
