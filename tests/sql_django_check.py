@@ -54,6 +54,21 @@ def main(alias_url: str, table: str, effects: str) -> None:
         assert tx.result == "done"
     assert count() == 1
 
+    if connection.vendor == "postgresql":  # the result UPDATE goes with the COMMIT
+        from roundtrips import PgWire
+
+        with (
+            PgWire(connection.connection) as wire,
+            oncely.sql.transaction(connection, key="k5", scope="s", table=table) as tx,
+        ):
+            with connection.cursor() as cur:
+                cur.execute(f"INSERT INTO {effects} VALUES ('k5')")
+            tx.set_result("done")
+        # BEGIN, the claim, the body's INSERT, the UPDATE with the COMMIT
+        assert wire.trips == 4, wire.queries
+        with connection.cursor() as cur:
+            cur.execute(f"DELETE FROM {effects} WHERE k = 'k5'")
+
     # inside the caller's atomic(): a savepoint; an error in it leaves the outer work intact
     with transaction.atomic():
         with connection.cursor() as cur:

@@ -198,7 +198,8 @@ def test_statemachine_outbox_is_published_by_the_relay(db: Db) -> None:
     finally:
         relay.close()
     [message] = sent
-    assert (message.topic, message.message_id) == ("order.pay", "order:1:pay:1")
+    [(hid,)] = db.run(f"SELECT id FROM {sm.history_table}")  # the history row's id
+    assert (message.topic, message.message_id) == ("order.pay", f"order:1:pay:{hid}")
     assert json.loads(message.payload) == {
         "machine": "order",
         "entity_id": "1",
@@ -228,8 +229,9 @@ def test_statemachine_outbox_message_rolls_back_with_the_transition(db: Db) -> N
     assert quiet.apply(conn, 1, "cancel").applied
     conn.commit()
     ids = db.run(f"SELECT message_id FROM {sm.outbox_table}")
+    [(hid,)] = db.run(f"SELECT id FROM {sm.history_table}")
     assert [bytes(i).decode() if not isinstance(i, str) else i for (i,) in ids] == [
-        "order:1:cancel:1"
+        f"order:1:cancel:{hid}"
     ]
 
 

@@ -149,13 +149,19 @@ class _Borrow(NamedTuple):
     """A connection for one hold (sync: from the pool; async: a new one)."""
 
 
+#: libpq >= 14: statements can share one round trip (psycopg's pipeline mode).
+_PIPELINES: Final = bool(psycopg.Pipeline.is_supported())
+
+
 class _Run(NamedTuple):
-    """Run ``query`` on ``conn``; the reply is its first row if ``fetch``, else None."""
+    """Run ``query`` on ``conn``; the reply is its first row if ``fetch``, else None.
+    ``begin``: send ``BEGIN`` first, in the same pipeline (one round trip)."""
 
     conn: Any
     query: Any
     params: dict[str, Any] | None = None
     fetch: bool = False
+    begin: bool = False
 
 
 class _GiveBack(NamedTuple):
@@ -358,9 +364,8 @@ class PostgresLockBackend(LockBackend):
         query, params = self._params(name, ttl, wait, scope)
         conn = yield _Borrow()
         try:
-            if scope == "transaction":
-                yield _Run(conn, "BEGIN")
-            row = yield _Run(conn, query, params, fetch=True)
+            # a transaction-scoped lock: BEGIN and the lock in one round trip
+            row = yield _Run(conn, query, params, fetch=True, begin=scope == "transaction")
         except pg_errors.LockNotAvailable:
             yield _GiveBack(conn, rollback=scope == "transaction")
             return Busy()
@@ -440,7 +445,14 @@ class PostgresLockBackend(LockBackend):
     def _execute(self, request: Any) -> Any:
         kind = type(request)
         if kind is _Run:
-            cur = request.conn.execute(request.query, request.params)
+            if request.begin and not _PIPELINES:
+                request.conn.execute("BEGIN")
+            if request.begin and _PIPELINES:
+                with request.conn.pipeline():
+                    request.conn.execute("BEGIN")
+                    cur = request.conn.execute(request.query, request.params)
+            else:
+                cur = request.conn.execute(request.query, request.params)
             return cur.fetchone() if request.fetch else None
         if kind is _Borrow:
             return self._getconn()
@@ -452,7 +464,14 @@ class PostgresLockBackend(LockBackend):
     async def _aexecute(self, request: Any) -> Any:
         kind = type(request)
         if kind is _Run:
-            cur = await request.conn.execute(request.query, request.params)
+            if request.begin and not _PIPELINES:
+                await request.conn.execute("BEGIN")
+            if request.begin and _PIPELINES:
+                async with request.conn.pipeline():
+                    await request.conn.execute("BEGIN")
+                    cur = await request.conn.execute(request.query, request.params)
+            else:
+                cur = await request.conn.execute(request.query, request.params)
             return await cur.fetchone() if request.fetch else None
         if kind is _Borrow:
             return await self._aconnect()

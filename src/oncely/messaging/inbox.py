@@ -357,7 +357,7 @@ class Inbox:
             ``conn.rollback()`` or ``conn.commit()``): nothing more is committed (see
             :meth:`commit_held`)."""
         c = adapt(conn)
-        block = c.enter(savepoint=True)
+        block = c.enter(savepoint=True, held=True)
         try:
             first = run(self._accept(c, consumer, message_id), c)
             yield first
@@ -391,7 +391,7 @@ class Inbox:
     async def areceive(self, conn: Any, consumer: str, message_id: Any) -> AsyncIterator[bool]:
         """The async face of :meth:`receive`."""
         c = adapt(conn)
-        block = await c.aenter(savepoint=True)
+        block = await c.aenter(savepoint=True, held=True)
         try:
             first = await arun(self._accept(c, consumer, message_id), c)
             yield first

@@ -93,7 +93,7 @@ def transaction_plan(
             "connect() gave a connection with a transaction already open; the transactional "
             "consumer must own the transaction it commits (give a fresh or idle connection)"
         )
-    block = yield Enter(savepoint=False)
+    block = yield Enter(savepoint=False, held=held is not None)
     try:
         first = yield _Accept()
         if first:

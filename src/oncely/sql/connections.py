@@ -81,6 +81,7 @@ __all__ = [
     "retryable",
     "row_gone",
     "run",
+    "savepoint_gone",
     "statement_for",
 ]
 
@@ -96,19 +97,33 @@ Paramstyle = Literal["named", "pyformat", "format"]
 @dataclass(frozen=True, slots=True)
 class Result:
     """What one statement gave back: ``rows`` (tuples, column order of the statement),
-    ``rowcount`` (rows written, -1 when the driver does not say), ``columns`` (names)."""
+    ``rowcount`` (rows written, -1 when the driver does not say), ``columns`` (names),
+    ``lastrowid`` (the id the statement's ``INSERT`` generated, as the driver's cursor says it
+    with no statement of its own: sqlite3, PyMySQL, aiomysql, SQLAlchemy and Django on those;
+    None where the driver has none, as psycopg, or for a statement that returns rows)."""
 
     rows: list[tuple[Any, ...]]
     rowcount: int
     columns: tuple[str, ...]
+    lastrowid: int | None = None
 
 
 class Enter(NamedTuple):
     """Request: open a transaction block. If no transaction is open, one is begun (SQLite:
     ``BEGIN IMMEDIATE``) and the block *owns* it; otherwise the block is a savepoint inside the
-    caller's transaction. The reply is a block handle for :class:`Leave`."""
+    caller's transaction. The reply is a block handle for :class:`Leave`.
+
+    ``held``: the block will be closed by :func:`commit_if_held` (user code runs inside it).
+    An owned block is then begun so that its end can tell, in the statement that commits,
+    whether it is still the same transaction (see :func:`commit_if_held`): sqlite3 begins it
+    with ``SAVEPOINT <name>`` (a deferred transaction: every held block writes first, which
+    takes the write lock, waiting for it as ``BEGIN IMMEDIATE`` would), PyMySQL and aiomysql
+    on MariaDB with ``BEGIN NOT ATOMIC START TRANSACTION; SAVEPOINT <name>; END`` (one
+    statement, as ``BEGIN`` is), SQLAlchemy on SQLite with ``SAVEPOINT <name>`` in place of
+    pysqlite's implicit ``BEGIN``. Other connections ignore it."""
 
     savepoint: bool = True
+    held: bool = False
 
 
 class Leave(NamedTuple):
@@ -134,11 +149,13 @@ class ExecLeave(NamedTuple):
 class Block:
     """An open block: ``owned`` when it began the transaction, else a savepoint named ``name``
     (``handle`` is what the driver needs to close it: a Django ``atomic`` or SQLAlchemy
-    transaction object)."""
+    transaction object). ``held``: the name of the savepoint an owned block was begun with
+    (``Enter(held=True)``), whose ``RELEASE`` fails once the transaction has ended."""
 
     owned: bool
     name: str | None = None
     handle: Any = None
+    held: str | None = None
 
 
 # -- identifiers and placeholders --------------------------------------------------------------
@@ -368,6 +385,35 @@ def row_gone(exc: BaseException) -> bool:
     )
 
 
+def savepoint_gone(exc: BaseException) -> bool:
+    """True when ``exc`` says a savepoint does not exist (SQLite "no such savepoint", MySQL
+    and MariaDB error 1305 ``SAVEPOINT ... does not exist``): the transaction that made it has
+    ended."""
+    for e in _causes(exc):
+        if isinstance(e, sqlite3.OperationalError) and str(e).startswith("no such savepoint"):
+            return True
+        if _mysql_code(e) == 1305 and "SAVEPOINT" in str(e).upper():
+            return True
+    return False
+
+
+def _held_begin(c: SqlConnection, name: str) -> str | None:
+    """The statement that begins an owned held block (:class:`Enter` ``held``) on ``c``'s
+    dialect, or None where there is none (PostgreSQL needs none; MySQL has no compound
+    statement outside a stored program)."""
+    if c.dialect == "sqlite":
+        return f"SAVEPOINT {name}"
+    if c.dialect == "mysql" and c.mariadb and c.version >= (10, 1, 1):
+        return f"BEGIN NOT ATOMIC START TRANSACTION; SAVEPOINT {name}; END"
+    return None
+
+
+def _held_commit(dialect: Dialect, name: str) -> str:
+    if dialect == "sqlite":  # releasing the outermost savepoint commits the transaction
+        return f"RELEASE SAVEPOINT {name}"
+    return f"BEGIN NOT ATOMIC RELEASE SAVEPOINT {name}; COMMIT; END"
+
+
 def commit_if_held(
     c: SqlConnection,
     block: Block,
@@ -376,24 +422,58 @@ def commit_if_held(
     params: Mapping[str, Any],
     lost: str,
 ) -> Plan[None]:
-    """Close ``block`` committing, but if it owns its transaction only when the row of
-    ``table`` (quoted) matching ``where`` (``:name`` placeholders from ``params``), which
-    oncely wrote in it before running user code, is still in it. User code that called
-    ``conn.rollback()`` or ``conn.commit()`` took the row out: committing its later writes
-    would apply them without the row, and every retry would apply them again.
+    """Close ``block`` committing, but if it owns its transaction only when that transaction
+    is still the one the block began, holding the row of ``table`` (quoted) matching ``where``
+    (``:name`` placeholders from ``params``) that oncely wrote in it before running user code.
+    User code that called ``conn.rollback()`` or ``conn.commit()`` took the row out: committing
+    its later writes would apply them without the row, and every retry would apply them again.
 
-    PostgreSQL: one ``SELECT 1 / count(*) ... AND`` :data:`WRITTEN_BY_THIS_TRANSACTION` sent
-    with the ``COMMIT`` (:class:`ExecLeave`: one round trip); it fails unless the row exists
-    and this transaction wrote it. SQLite, MariaDB/MySQL: ``SELECT count(*)`` then the commit
-    (no transaction id to compare: a concurrent transaction that committed the same row in
-    between is taken for ours). A savepoint block (the caller's transaction) is released as
-    is: releasing a savepoint a rollback removed fails in the database.
+    The check costs no statement of its own except where the last item says:
+
+    * an owned block begun with ``Enter(held=True)`` on SQLite (sqlite3, and pysqlite or
+      aiosqlite under SQLAlchemy, where the savepoint takes the place of the driver's implicit
+      ``BEGIN``) and on MariaDB with PyMySQL or aiomysql: ``RELEASE SAVEPOINT <name>`` of the
+      savepoint the block began with is the check and the commit (SQLite: releasing the
+      outermost savepoint commits, and the driver's ``commit()`` then has nothing to send;
+      MariaDB: ``BEGIN NOT ATOMIC RELEASE SAVEPOINT <name>; COMMIT; END``, one statement). A
+      rollback, a commit, an implicit commit (DDL, a ``BEGIN``) all drop the savepoint, so the
+      release fails whatever rows other transactions committed meanwhile;
+    * PostgreSQL: one ``SELECT 1 / count(*) ... AND`` :data:`WRITTEN_BY_THIS_TRANSACTION` sent
+      with the ``COMMIT`` (:class:`ExecLeave`, one pipeline with psycopg); it fails unless the
+      row exists and this transaction wrote it (SQLAlchemy and Django over psycopg 3 too: the
+      pipeline runs on the driver's connection; with psycopg2 / asyncpg under SQLAlchemy the
+      check and the ``COMMIT`` are two round trips);
+    * SQLite through Django, MariaDB/MySQL through SQLAlchemy or Django, MySQL (no compound
+      statements), a block not begun held: ``SELECT count(*)`` then the commit, one statement
+      more. Django's ``atomic()`` sends ``BEGIN`` itself on SQLite, and SQLAlchemy and Django
+      send the ``COMMIT`` themselves on MariaDB (a savepoint there would be a statement of its
+      own too, as costly as the ``SELECT``); MySQL cannot put the check and the ``COMMIT`` in
+      one statement (multi-statements are off in PyMySQL and aiomysql unless the user's
+      connection turns them on). No transaction id to compare: a concurrent transaction that
+      committed the same row in between is taken for ours, unless ``where`` names a row only
+      this transaction can have written (the state machine uses its history row's id).
+      ``benchmarks/held_check.py`` measures what the ``SELECT`` costs: on SQLite a few
+      microseconds (within the noise of a commit), on MariaDB a round trip.
+
+    A savepoint block (the caller's transaction) is released as is: releasing a savepoint a
+    rollback removed fails in the database.
 
     :raises TransactionLost: the row is gone (``lost`` is the message); what was still open
         is rolled back, nothing is committed.
     """
     if not block.owned:
         yield Leave(block, True)
+        return
+    if block.held is not None:
+        try:
+            yield Exec(_held_commit(c.dialect, block.held), {})
+        except Exception as exc:
+            yield Leave(block, False)  # what user code opened after it ended ours
+            if savepoint_gone(exc):
+                raise TransactionLost(lost) from exc
+            raise
+        if c.dialect == "sqlite":  # sqlite3 sends no COMMIT with no transaction open; this
+            yield Leave(block, True)  # closes SQLAlchemy's (or commits after a "begin" event)
         return
     if c.dialect == "postgresql":
         check = f"SELECT 1 / count(*) FROM {table} WHERE {where} AND {WRITTEN_BY_THIS_TRANSACTION}"
@@ -551,7 +631,7 @@ class SqlConnection:
             "(async with / await ...) of this oncely.sql operation"
         )
 
-    def enter(self, savepoint: bool = True) -> Block:
+    def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         raise ConfigurationError(f"{type(self.raw).__name__} is an async connection")
 
     def leave(self, block: Block, commit: bool) -> None:
@@ -584,7 +664,7 @@ class SqlConnection:
             "(with / a plain call) of this oncely.sql operation"
         )
 
-    async def aenter(self, savepoint: bool = True) -> Block:
+    async def aenter(self, savepoint: bool = True, held: bool = False) -> Block:
         raise ConfigurationError(f"{type(self.raw).__name__} is a sync connection")
 
     async def aleave(self, block: Block, commit: bool) -> None:
@@ -605,7 +685,7 @@ class SqlConnection:
 
 def _cursor_result(cur: Any) -> Result:
     if cur.description is None:
-        return Result([], cur.rowcount, ())
+        return Result([], cur.rowcount, (), getattr(cur, "lastrowid", None))
     rows = [tuple(r) for r in cur.fetchall()]
     return Result(rows, cur.rowcount, tuple(d[0] for d in cur.description))
 
@@ -632,9 +712,14 @@ class _DbapiSync(SqlConnection):
         finally:
             cur.close()
 
-    def enter(self, savepoint: bool = True) -> Block:
+    def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
         if not self.in_transaction():
+            mark = self._savepoint_name() if held else ""
+            begin = _held_begin(self, mark) if held else None
+            if begin is not None:
+                self._raw_sql(begin)
+                return Block(True, held=mark)
             if self.dialect == "mysql":
                 self.raw.begin()
             elif self.dialect == "postgresql" and not self.raw.autocommit:
@@ -761,7 +846,7 @@ class _DbapiAsync(SqlConnection):
         try:
             await cur.execute(sql, args)
             if cur.description is None:
-                return Result([], cur.rowcount, ())
+                return Result([], cur.rowcount, (), getattr(cur, "lastrowid", None))
             rows = [tuple(r) for r in await cur.fetchall()]
             return Result(rows, cur.rowcount, tuple(d[0] for d in cur.description))
         finally:
@@ -774,9 +859,14 @@ class _DbapiAsync(SqlConnection):
         finally:
             await _maybe_await(cur.close())
 
-    async def aenter(self, savepoint: bool = True) -> Block:
+    async def aenter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
         if not self.in_transaction():
+            mark = self._savepoint_name() if held else ""
+            begin = _held_begin(self, mark) if held else None
+            if begin is not None:
+                await self._raw_sql(begin)
+                return Block(True, held=mark)
             if self.dialect == "mysql":
                 await self.raw.begin()
             elif not self.raw.autocommit:
@@ -902,7 +992,11 @@ def _sa_text(text: str) -> Any:
 
 def _sa_result(res: Any) -> Result:
     if not res.returns_rows:
-        return Result([], res.rowcount, ())
+        try:  # the DB-API cursor's (psycopg has none)
+            lastrowid = res.lastrowid if res.context.dialect.name != "postgresql" else None
+        except Exception:
+            lastrowid = None
+        return Result([], res.rowcount, (), lastrowid)
     rows = [tuple(r) for r in res.fetchall()]
     return Result(rows, res.rowcount, tuple(res.keys()))
 
@@ -959,6 +1053,35 @@ def _sa_failed(conn: Any) -> bool:
     return status is not None and int(status) == 3  # libpq PQTRANS_INERROR
 
 
+def _sa_psycopg(fairy: Any, is_async: bool) -> Any:
+    """The psycopg 3 connection under a SQLAlchemy pooled connection, if it is one and
+    pipelines, else None (psycopg2, asyncpg, an older libpq)."""
+    driver = getattr(fairy, "driver_connection", None)
+    if driver is None or type(driver).__module__.split(".")[0] != "psycopg":
+        return None
+    import psycopg
+
+    kind = psycopg.AsyncConnection if is_async else psycopg.Connection
+    return driver if isinstance(driver, kind) and _pipelines() else None
+
+
+def _pipelined_commit(driver: Any, sql: str, args: Any) -> Result:
+    """``sql`` then ``COMMIT`` in one psycopg pipeline (one round trip) on ``driver``."""
+    with driver.cursor() as cur:
+        with driver.pipeline():
+            cur.execute(sql, args)
+            driver.execute("COMMIT")
+        return _cursor_result(cur)
+
+
+async def _apipelined_commit(driver: Any, sql: str, args: Any) -> Result:
+    async with driver.cursor() as cur:
+        async with driver.pipeline():
+            await cur.execute(sql, args)
+            await driver.execute("COMMIT")
+        return await _acursor_result(cur)
+
+
 class _SaConnection(SqlConnection):
     def __init__(self, raw: Any):
         self.raw = raw
@@ -976,7 +1099,7 @@ class _SaConnection(SqlConnection):
     def require_transaction(self, what: str) -> None:
         _sa_require_transaction(self.raw, what)
 
-    def enter(self, savepoint: bool = True) -> Block:
+    def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
             # pysqlite begins lazily and deferred: the claim INSERT, the block's first
@@ -984,10 +1107,11 @@ class _SaConnection(SqlConnection):
             tx = self.raw.begin()
             try:  # after begin(): a "begin" event may have sent BEGIN itself
                 self.require_transaction("an oncely transaction block")
+                mark = self._held_mark(held)
             except BaseException:
                 tx.rollback()
                 raise
-            return Block(True, handle=tx)
+            return Block(True, handle=tx, held=mark)
         self.require_transaction("an oncely transaction block")
         if not savepoint:
             return Block(False)
@@ -995,7 +1119,40 @@ class _SaConnection(SqlConnection):
 
     def leave(self, block: Block, commit: bool) -> None:
         if block.handle is not None:
+            if not commit and block.owned and not block.handle.is_active:
+                self.raw.rollback()  # user code ended ours: roll back what it began since
+                return
             block.handle.commit() if commit else block.handle.rollback()
+
+    def _held_mark(self, held: bool) -> str | None:
+        """SQLite: begin a held block's transaction with a savepoint (pysqlite begins no
+        transaction before it, so it takes the place of the implicit ``BEGIN``; its
+        ``RELEASE`` commits, and SQLAlchemy's commit then finds nothing to commit)."""
+        if not (held and self.dialect == "sqlite"):
+            return None
+        mark = self._savepoint_name()
+        self.execute(f"SAVEPOINT {mark}", {})
+        return mark
+
+    def _pooled(self) -> Any:
+        return self.raw.connection
+
+    def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        """With psycopg 3 under it and a block that owns its transaction: the statement and
+        the ``COMMIT`` in one pipeline on the driver's connection (one round trip, as
+        :class:`_Psycopg`), then SQLAlchemy's own commit, which finds the driver's connection
+        idle and sends nothing."""
+        driver = _sa_psycopg(self._pooled(), False) if block.owned else None
+        if driver is None:
+            return super().execute_leave(block, text, params)
+        sql, args = render(self.text(text), params, "pyformat")
+        try:
+            res = _pipelined_commit(driver, sql, args)
+        except BaseException:
+            self.leave(block, False)
+            raise
+        self.leave(block, True)
+        return res
 
 
 class _SaSession(_SaConnection):
@@ -1016,16 +1173,20 @@ class _SaSession(_SaConnection):
         if self.raw.in_transaction():  # else connection() would begin one (autobegin)
             _sa_require_transaction(self.raw.connection(), what)
 
-    def enter(self, savepoint: bool = True) -> Block:
+    def _pooled(self) -> Any:
+        return self.raw.connection().connection
+
+    def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
             tx = self.raw.begin()
             try:
                 self.require_transaction("an oncely transaction block")
+                mark = self._held_mark(held)
             except BaseException:
                 tx.rollback()
                 raise
-            return Block(True, handle=tx)
+            return Block(True, handle=tx, held=mark)
         self.require_transaction("an oncely transaction block")
         if not savepoint:
             return Block(False)
@@ -1062,17 +1223,18 @@ class _SaAsyncConnection(SqlConnection):
         if sync is not None:
             _sa_require_transaction(sync, what)
 
-    async def aenter(self, savepoint: bool = True) -> Block:
+    async def aenter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
         if not self.raw.in_transaction():
             tx = self.raw.begin()
             await tx.start()
             try:
                 self.require_transaction("an oncely transaction block")
+                mark = await self._aheld_mark(held)
             except BaseException:
                 await tx.rollback()
                 raise
-            return Block(True, handle=tx)
+            return Block(True, handle=tx, held=mark)
         self.require_transaction("an oncely transaction block")
         if not savepoint:
             return Block(False)
@@ -1082,7 +1244,35 @@ class _SaAsyncConnection(SqlConnection):
 
     async def aleave(self, block: Block, commit: bool) -> None:
         if block.handle is not None:
+            if not commit and block.owned and not block.handle.is_active:
+                await self.raw.rollback()  # user code ended ours: roll back what it began since
+                return
             await (block.handle.commit() if commit else block.handle.rollback())
+
+    async def _aheld_mark(self, held: bool) -> str | None:
+        """The async face of :meth:`_SaConnection._held_mark` (aiosqlite)."""
+        if not (held and self.dialect == "sqlite"):
+            return None
+        mark = self._savepoint_name()
+        await self.aexecute(f"SAVEPOINT {mark}", {})
+        return mark
+
+    async def _apooled(self) -> Any:
+        return await self.raw.get_raw_connection()
+
+    async def aexecute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        """The async face of :meth:`_SaConnection.execute_leave`."""
+        driver = _sa_psycopg(await self._apooled(), True) if block.owned else None
+        if driver is None:
+            return await super().aexecute_leave(block, text, params)
+        sql, args = render(self.text(text), params, "pyformat")
+        try:
+            res = await _apipelined_commit(driver, sql, args)
+        except BaseException:
+            await self.aleave(block, False)
+            raise
+        await self.aleave(block, True)
+        return res
 
 
 class _SaAsyncSession(_SaAsyncConnection):
@@ -1095,6 +1285,9 @@ class _SaAsyncSession(_SaAsyncConnection):
             return False
         tx = self.raw.sync_session.get_transaction()
         return tx is not None and not tx.is_active
+
+    async def _apooled(self) -> Any:
+        return await (await self.raw.connection()).get_raw_connection()
 
 
 # -- Django --------------------------------------------------------------------------------------
@@ -1135,7 +1328,7 @@ class _Django(SqlConnection):
     def failed(self) -> bool:
         return bool(self.raw.in_atomic_block and self.raw.needs_rollback)
 
-    def enter(self, savepoint: bool = True) -> Block:
+    def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         from django.db import transaction  # type: ignore[import-untyped]
 
         self.check_usable()
@@ -1150,6 +1343,27 @@ class _Django(SqlConnection):
         else:
             err = _Rollback()
             block.handle.__exit__(_Rollback, err, None)
+
+    def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
+        """PostgreSQL with psycopg 3 and a block that owns its transaction: the statement and
+        the ``COMMIT`` in one pipeline on the driver's connection (one round trip), then the
+        ``atomic()`` block's exit, whose commit finds the connection idle and sends nothing."""
+        driver = getattr(self.raw, "connection", None) if block.owned else None
+        if (
+            self.dialect != "postgresql"
+            or driver is None
+            or type(driver).__module__.split(".")[0] != "psycopg"
+            or not _pipelines()
+        ):
+            return super().execute_leave(block, text, params)
+        sql, args = render(self.text(text), params, "pyformat")
+        try:
+            res = _pipelined_commit(driver, sql, args)
+        except BaseException:
+            self.leave(block, False)
+            raise
+        self.leave(block, True)
+        return res
 
 
 class _Rollback(Exception):
@@ -1238,7 +1452,7 @@ def run(plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Any] | None
         if isinstance(request, Exec):
             return conn.execute(request.statement, request.params)
         if isinstance(request, Enter):
-            return conn.enter(request.savepoint)
+            return conn.enter(request.savepoint, request.held)
         if isinstance(request, Leave):
             return conn.leave(request.block, request.commit)
         if isinstance(request, ExecLeave):
@@ -1259,7 +1473,7 @@ async def arun(
         if isinstance(request, Exec):
             return await conn.aexecute(request.statement, request.params)
         if isinstance(request, Enter):
-            return await conn.aenter(request.savepoint)
+            return await conn.aenter(request.savepoint, request.held)
         if isinstance(request, Leave):
             return await conn.aleave(request.block, request.commit)
         if isinstance(request, ExecLeave):

@@ -195,7 +195,7 @@ def claim_plan(
     args = {"scope": key.scope, "digest": digest_bytes(key), "params": params}
     where = {"scope": key.scope, "digest": digest_bytes(key)}
     for attempt in range(CLAIM_ATTEMPTS):
-        block: Block = yield Enter()
+        block: Block = yield Enter(held=True)
         saved: Any = None
         try:
             if not wait:
@@ -302,7 +302,10 @@ def finish_plan(
     if res.rowcount != 1:  # the row is gone from the transaction the block owns
         yield Leave(claim.block, False)
         raise TransactionLost(lost)
-    yield Leave(claim.block, True)
+    if claim.block.held is not None:  # the commit checks it is still the block's transaction
+        yield from commit_if_held(c, claim.block, t, where, params, lost)
+    else:
+        yield Leave(claim.block, True)
 
 
 class Transaction:

@@ -379,7 +379,8 @@ class Saga:
     def _start(
         self, c: SqlConnection, saga_id: str, data: Mapping[str, Any] | None
     ) -> Plan[tuple[str, Mapping[str, Any]]]:
-        """Create the saga's row with its input (one statement) or find it; returns its state
+        """Create the saga's row with its input (one statement) or find it (a second one, only
+        for a saga that already exists: a new row is what this call wrote); returns its state
         and the data the steps get: the stored data (the caller's must equal it)."""
         t = quote(self.table, c.dialect)
         cols = f"{t} (saga_id, name, state, data) VALUES (:id, :name, 'running', :data)"
@@ -393,9 +394,11 @@ class Saga:
         block = yield Enter(savepoint=True)
         try:
             params = {"id": saga_id, "name": self.name, "data": given or "{}"}
-            yield Exec(insert, params)
-            select = f"SELECT state, name, data FROM {t} WHERE saga_id = :id{lock}"
-            res = yield Exec(select, {"id": saga_id})
+            inserted = yield Exec(insert, params)
+            fresh = inserted.rowcount == 1  # a new saga: its row is what was just written
+            if not fresh:
+                select = f"SELECT state, name, data FROM {t} WHERE saga_id = :id{lock}"
+                res = yield Exec(select, {"id": saga_id})
         except BaseException as exc:
             yield Leave(block, False)
             if isinstance(exc, Exception) and missing_object(exc) is not None:
@@ -408,6 +411,8 @@ class Saga:
                 raise typed from exc
             raise
         yield Leave(block, True)
+        if fresh:
+            return "running", (data if data is not None else {})
         state, name, stored = res.rows[0]
         if isinstance(stored, (bytes, bytearray)):
             stored = stored.decode()
@@ -435,7 +440,7 @@ class Saga:
         attempt = 0
         while True:
             attempt += 1
-            block = yield Enter(savepoint=True)
+            block = yield Enter(savepoint=True, held=True)
             try:
                 table = quote(self.barrier_table, c.dialect)
                 verdict = yield from _barrier.decide(c, table, saga_id, step.name, op)

@@ -10,20 +10,28 @@ transaction when none is open:
    one atomic decision. Concurrent callers queue on the row lock; the database re-checks the
    ``WHERE`` on the row the winner committed, so exactly one of them changes the state.
    Where ``UPDATE ... RETURNING`` is missing (MariaDB and MySQL have none for ``UPDATE``;
-   SQLite before 3.35) the row is read back in the same transaction right after, while the
-   ``UPDATE`` still holds its lock.
+   SQLite before 3.35) the row is read back in the same transaction once the history row is
+   in (step 2; a key used before needs no row), while the ``UPDATE`` still holds its lock.
 2. If it applied: one audit history row (machine, entity, transition, state reached, key, the
    database's clock), an outbox message if asked, and the in-transaction hooks, all in the same
    transaction: a hook that raises rolls the state change back. The outbox message is written
    through :meth:`oncely.messaging.outbox.Outbox.add_plan` into an :class:`~oncely.messaging.
    outbox.Outbox` table, so :class:`~oncely.messaging.outbox.Relay` publishes it: topic
    ``"<machine>.<transition>"``, message id ``"<machine>:<entity>:<transition>:<n>"`` (``n``:
-   the entity's applied transitions so far, this one included, counted in its history while
-   the ``UPDATE`` holds the row; an id longer than 255 characters carries the entity's sha256
-   instead), payload the JSON object ``{"machine", "entity_id", "transition", "state", "key",
-   "data"}``.
+   the ``id`` of the transition's history row, which the history ``INSERT`` gives back with
+   ``RETURNING id`` or, where ``INSERT ... RETURNING`` is missing (MySQL, MariaDB < 10.5),
+   as the driver's last insert id: no statement of its own; an id longer than 255 characters
+   carries the entity's sha256 instead of the entity), payload the JSON object
+   ``{"machine", "entity_id", "transition", "state", "key", "data"}``. History ids only grow
+   (``AUTOINCREMENT``, a sequence, InnoDB's persistent ``AUTO_INCREMENT``), so deleting history
+   rows never makes a later transition repeat a message id (and a new id is above every
+   ``n`` of the older scheme, which counted the entity's history rows). A call that does not
+   apply (a replay by key, "already happened") writes no message; an attempt rolled back and
+   run again (a serialization failure) committed no message, so the one committed message of
+   a transition has one id, and the relay publishes that id on every try.
 3. If it did not: the idempotency key's history row answers if there is one (a replay, even if
-   the state has moved on since); else the row is read and :func:`~oncely.statemachine.
+   the state has moved on since); else the row (one statement reads both, with a ``LEFT
+   JOIN`` of the key's history row and the entity row) and :func:`~oncely.statemachine.
    definition.explain` says "already happened" (a success, ``applied=False``), "illegal"
    (:class:`~oncely.errors.IllegalTransition`) or "missing" (:class:`~oncely.errors.
    EntityNotFound`). These reads only explain a decision already made; MariaDB/MySQL read
@@ -54,6 +62,7 @@ from oncely.settings import text
 from oncely.sql.connections import (
     Enter,
     Leave,
+    Result,
     SqlConnection,
     adapt,
     busy,
@@ -101,6 +110,16 @@ _NOW: Final = {
 def _text(value: Any) -> Any:
     """A history column read back: bytes on MariaDB/MySQL (:func:`exact_text` columns)."""
     return value.decode() if isinstance(value, (bytes, bytearray)) else value
+
+
+def _message_id(machine: str, entity: str, transition: str, history_id: int) -> str:
+    """``"<machine>:<entity>:<transition>:<history id>"``; past 255 characters the entity's
+    sha256 stands for the entity."""
+    message_id = f"{machine}:{entity}:{transition}:{history_id}"
+    if len(message_id) > 255:
+        digest = hashlib.sha256(entity.encode()).hexdigest()
+        message_id = f"{machine}:sha256-{digest}:{transition}:{history_id}"
+    return message_id
 
 
 def _update_returning(c: SqlConnection) -> bool:
@@ -195,8 +214,12 @@ class _Queries:
     select_row: str = ""
     insert_history: str = ""
     select_key: str = ""
+    #: the key's history row (transition, state: NULL if none), 1 if the entity row exists,
+    #: then the entity row's columns: one statement for a call with a key that did not apply
+    select_key_row: str = ""
     select_history: str = ""
-    count_history: str = ""
+    #: ``insert_history`` ends in ``RETURNING id`` (else the id is the cursor's ``lastrowid``)
+    history_returning: bool = False
 
 
 class SqlStateMachine:
@@ -252,7 +275,7 @@ class SqlStateMachine:
 
     # -- statements ------------------------------------------------------------------------
     @lru_cache(maxsize=8)  # noqa: B019 - a few dialects per machine, machines live long
-    def _queries(self, dialect: str, returning: bool) -> _Queries:
+    def _queries(self, dialect: str, returning: bool, insert_returning: bool) -> _Queries:
         from oncely.sql.connections import quote
 
         d: Any = dialect
@@ -271,11 +294,18 @@ class SqlStateMachine:
         history = (
             f"{ignore} {h} (machine, entity_id, transition, state, idem_key, at) VALUES "
             f"(:machine, :entity, :transition, :state, :key, {_NOW[dialect]}){conflict}"
+            + (" RETURNING id" if insert_returning else "")
         )
         return _Queries(
             update=update,
             select_row=f"SELECT * FROM {t} WHERE {idc} = :id{lock}",
             insert_history=history,
+            select_key_row=(
+                f"SELECT k.transition, k.state, CASE WHEN e.{idc} IS NULL THEN 0 ELSE 1 END, "
+                f"e.* FROM (SELECT 1 AS oncely_one) d LEFT JOIN {h} k ON k.machine = :machine "
+                f"AND k.entity_id = :entity AND k.idem_key = :key LEFT JOIN {t} e ON "
+                f"e.{idc} = :id{lock}"
+            ),
             select_key=(
                 f"SELECT transition, state FROM {h} WHERE machine = :machine AND "
                 f"entity_id = :entity AND idem_key = :key{lock}"
@@ -284,9 +314,7 @@ class SqlStateMachine:
                 f"SELECT entity_id, transition, state, at, idem_key FROM {h} WHERE "
                 "machine = :machine AND entity_id = :entity ORDER BY id"
             ),
-            count_history=(
-                f"SELECT COUNT(*) FROM {h} WHERE machine = :machine AND entity_id = :entity{lock}"
-            ),
+            history_returning=insert_returning,
         )
 
     def ddl(self, dialect: str) -> list[str]:
@@ -335,16 +363,13 @@ class SqlStateMachine:
         return Outcome(entity_id, t.name, state, applied=False, replayed=True)
 
     def _outbox_plan(
-        self, c: SqlConnection, q: _Queries, entry: dict[str, Any], data: Mapping[str, Any]
+        self, c: SqlConnection, entry: dict[str, Any], history_id: int, data: Mapping[str, Any]
     ) -> Plan[str]:
-        """The applied transition's message, in the Outbox's format (see the module doc)."""
+        """The applied transition's message, in the Outbox's format (see the module doc); its
+        id comes from the history row this transition just inserted (no statement of its
+        own)."""
         m, entity, name = entry["machine"], entry["entity"], entry["transition"]
-        counted = yield Exec(q.count_history, {"machine": m, "entity": entity})
-        n = int(counted.rows[0][0])
-        message_id = f"{m}:{entity}:{name}:{n}"
-        if len(message_id) > 255:
-            digest = hashlib.sha256(entity.encode()).hexdigest()
-            message_id = f"{m}:sha256-{digest}:{name}:{n}"
+        message_id = _message_id(m, entity, name, history_id)
         body = {
             "machine": m,
             "entity_id": entity,
@@ -410,9 +435,9 @@ class SqlStateMachine:
     ) -> Plan[Outcome]:
         check_entity(entity_id)
         returning = _update_returning(c)
-        q = self._queries(c.dialect, returning)
+        q = self._queries(c.dialect, returning, c.returning)
         m = self.machine.name
-        block = yield Enter(savepoint=True)
+        block = yield Enter(savepoint=True, held=bool(self.hooks))
         open_block = True
         try:
             if self.after_commit and not block.owned:
@@ -426,9 +451,6 @@ class SqlStateMachine:
             res = yield Exec(q.update[t.name], params)
             applied = bool(res.rows) if returning else res.rowcount > 0
             if applied:
-                if not returning:
-                    res = yield Exec(q.select_row, {"id": entity_id})
-                row = dict(zip(res.columns, res.rows[0])) if res.rows else {}
                 entry = {
                     "machine": m,
                     "entity": str(entity_id),
@@ -437,45 +459,62 @@ class SqlStateMachine:
                     "key": key,
                 }
                 hist = yield Exec(q.insert_history, entry)
-                if hist.rowcount == 0:  # the key was used before, for another transition
+                history_id: Any
+                if q.history_returning:
+                    inserted = bool(hist.rows)
+                    history_id = hist.rows[0][0] if inserted else None
+                else:  # MySQL, MariaDB < 10.5, SQLite < 3.35: the driver's last insert id
+                    inserted = hist.rowcount > 0
+                    history_id = hist.lastrowid
+                if not inserted:  # the key was used before, for another transition
                     open_block = False
                     yield Leave(block, False)
                     found = yield Exec(
                         q.select_key, {"machine": m, "entity": str(entity_id), "key": key}
                     )
                     return self._replay(t, entity_id, str(key), found)
+                if not returning:  # read after the history row: a used key needs no row
+                    res = yield Exec(q.select_row, {"id": entity_id})
+                row = dict(zip(res.columns, res.rows[0])) if res.rows else {}
+                if not history_id and (self.outbox is not None or self.hooks):  # no lastrowid
+                    last = "last_insert_rowid()" if c.dialect == "sqlite" else "LAST_INSERT_ID()"
+                    history_id = (yield Exec(f"SELECT {last}", {})).rows[0][0]
                 outcome = Outcome(entity_id, t.name, t.target, applied=True, row=row)
                 if self.outbox is not None:
-                    yield from self._outbox_plan(c, q, entry, data)
+                    yield from self._outbox_plan(c, entry, int(history_id), data)
                 for hook in self.hooks:
                     yield _RunHook(hook, HookCall(conn, self.machine, outcome, data, key))
                 open_block = False
                 if self.hooks:  # a hook that ended the transaction: commit nothing more
+                    # the history row: only this transaction can have written its id
                     yield from commit_if_held(
                         c,
                         block,
-                        quote(self.table.name, c.dialect),
-                        f"{quote(self.table.id_column, c.dialect)} = :id AND "
-                        f"{quote(self.table.state_column, c.dialect)} = :target",
-                        {"id": entity_id, "target": t.target},
-                        lost_message("a transition hook", "the entity row's new state"),
+                        quote(self.history_table, c.dialect),
+                        "id = :history_id",
+                        {"history_id": history_id},
+                        lost_message("a transition hook", "the transition's history row"),
                     )
                 else:
                     yield Leave(block, True)
                 for hook in self.after_commit:
                     yield _RunHook(hook, HookCall(conn, self.machine, outcome, data, key))
                 return outcome
-            if key is not None:
-                found = yield Exec(
-                    q.select_key, {"machine": m, "entity": str(entity_id), "key": key}
+            if key is not None:  # the key's history row and the entity row, one statement
+                both = yield Exec(
+                    q.select_key_row,
+                    {"machine": m, "entity": str(entity_id), "key": key, "id": entity_id},
                 )
-                if found.rows:
-                    open_block = False
-                    yield Leave(block, True)
-                    return self._replay(t, entity_id, key, found)
-            res = yield Exec(q.select_row, {"id": entity_id})
-            open_block = False
-            yield Leave(block, True)
+                open_block = False
+                yield Leave(block, True)
+                first = both.rows[0]
+                if first[0] is not None:  # the key was used: a replay
+                    return self._replay(t, entity_id, key, both)
+                res = Result([first[3:]] if first[2] else [], -1, both.columns[3:])
+            else:
+                res = yield Exec(q.select_row, {"id": entity_id})
+                open_block = False
+                yield Leave(block, True)
             if not res.rows:
                 current = None
                 row = {}
@@ -514,7 +553,7 @@ class SqlStateMachine:
 
     def _history_plan(self, c: SqlConnection, entity_id: Any) -> Plan[list[HistoryEntry]]:
         check_entity(entity_id)
-        q = self._queries(c.dialect, _update_returning(c))
+        q = self._queries(c.dialect, _update_returning(c), c.returning)
         try:
             res = yield Exec(
                 q.select_history, {"machine": self.machine.name, "entity": str(entity_id)}
