@@ -113,7 +113,7 @@ class Backend:
 
     def with_oncely(self, conn: Any) -> None:
         with oncely.sql.transaction(
-            conn, key=uuid.uuid4().hex, scope="bench", table=self.keys
+            conn, operation="bench.pay", key=uuid.uuid4().hex, scope="bench", table=self.keys
         ) as tx:
             if tx.replayed:
                 return
