@@ -410,8 +410,8 @@ class Transaction:
                 and claim.params != self.fingerprint
             ):
                 raise IdempotencyKeyMismatch(
-                    "this key was used with other arguments: a retry must send the same "
-                    "arguments; a new operation needs a new key"
+                    "this key was used with another payload (other arguments): a retry must "
+                    "send the same payload; a new operation needs a new key"
                 )
             self._result = None if claim.result is None else self.codec.decode(claim.result)
         return self
