@@ -56,7 +56,7 @@ def _default_name(fn: Callable[..., Any]) -> str:
     """``module.qualname`` (:func:`oncely.core.names.qualified_name`: a script's ``__main__``
     is named by its import name): functions of the same name in two modules never share
     records, and one function has one name however its process was started."""
-    return qualified_name(fn, f"@idempotent {getattr(fn, '__qualname__', None) or fn!r}")
+    return qualified_name(fn, f"@idempotent {getattr(fn, '__qualname__', None) or repr(fn)}")
 
 
 def _identity_message(name: str, gap: str) -> str:
