@@ -134,3 +134,34 @@ def test_request_state_user_and_bad_settings(tmp_path: Path) -> None:
         scope_from_user("not an attribute")
     with pytest.raises(ConfigurationError):
         scope_from_user(anonymous="allow")  # type: ignore[arg-type]
+
+
+def test_wsgi_remote_user(tmp_path: Path) -> None:
+    """WSGI: ``REMOTE_USER`` set by the server or an outer layer names the principal."""
+    from werkzeug.test import Client
+
+    from oncely.http import WSGIIdempotencyMiddleware
+
+    effects: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        effects.append(environ["REMOTE_USER"])
+        start_response("201 Created", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    config = IdempotencyConfig(store=f"sqlite:///{tmp_path / 'w.db'}", scope=scope_from_user())
+    inner = WSGIIdempotencyMiddleware(app, config)
+
+    def auth(environ: dict[str, Any], start_response: Any) -> Any:  # the outer layer
+        user = TOKENS.get(environ.get("HTTP_AUTHORIZATION", ""))
+        if user is not None:
+            environ["REMOTE_USER"] = user
+        return inner(environ, start_response)
+
+    client = Client(auth)
+    for token in ("Bearer access-v1", "Bearer access-v2"):
+        r = client.post(
+            "/pay", data=b"{}", headers={"Idempotency-Key": '"w"', "Authorization": token}
+        )
+        assert r.status_code == 201
+    assert effects == ["user-7"]
