@@ -4,7 +4,8 @@
 The business transaction: insert an order (``RETURNING id``) and debit its account, commit.
 The oncely form runs the same two statements inside ``with oncely.sql.transaction(conn,
 operation="bench.pay", key=<new uuid>, scope="bench") as tx`` and stores the order id with
-``tx.set_result``, so each operation claims a new key (the work a first request does; a replay is cheaper).
+``tx.set_result``, so each operation claims a new key (the work a first request does; a
+replay is cheaper).
 
 Round trips per operation (PostgreSQL) are counted from libpq's protocol trace (each time the
 client, having sent messages, reads the server's answer); statements per operation
