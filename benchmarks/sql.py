@@ -3,8 +3,9 @@
 
 The business transaction: insert an order (``RETURNING id``) and debit its account, commit.
 The oncely form runs the same two statements inside ``with oncely.sql.transaction(conn,
-key=<new uuid>, scope="bench") as tx`` and stores the order id with ``tx.set_result``, so
-each operation claims a new key (the work a first request does; a replay is cheaper).
+operation="bench.pay", key=<new uuid>, scope="bench") as tx`` and stores the order id with
+``tx.set_result``, so each operation claims a new key (the work a first request does; a
+replay is cheaper).
 
 Round trips per operation (PostgreSQL) are counted from libpq's protocol trace (each time the
 client, having sent messages, reads the server's answer); statements per operation
@@ -113,7 +114,7 @@ class Backend:
 
     def with_oncely(self, conn: Any) -> None:
         with oncely.sql.transaction(
-            conn, key=uuid.uuid4().hex, scope="bench", table=self.keys
+            conn, operation="bench.pay", key=uuid.uuid4().hex, scope="bench", table=self.keys
         ) as tx:
             if tx.replayed:
                 return

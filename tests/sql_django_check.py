@@ -46,7 +46,9 @@ def main(alias_url: str, table: str, effects: str) -> None:
 
     # alone: the block is its own atomic()
     for _ in range(2):
-        with oncely.sql.transaction(connection, key="k1", scope="s", table=table) as tx:
+        with oncely.sql.transaction(
+            connection, operation="test.op", key="k1", scope="s", table=table
+        ) as tx:
             if not tx.replayed:
                 with connection.cursor() as cur:
                     cur.execute(f"INSERT INTO {effects} VALUES ('k1')")
@@ -74,7 +76,9 @@ def main(alias_url: str, table: str, effects: str) -> None:
         with connection.cursor() as cur:
             cur.execute(f"INSERT INTO {effects} VALUES ('outer')")
         try:
-            with oncely.sql.transaction(connection, key="k2", scope="s", table=table):
+            with oncely.sql.transaction(
+                connection, operation="test.op", key="k2", scope="s", table=table
+            ):
                 with connection.cursor() as cur:
                     cur.execute(f"INSERT INTO {effects} VALUES ('k2')")
                 raise RuntimeError
@@ -100,7 +104,9 @@ def main(alias_url: str, table: str, effects: str) -> None:
                 pass
             connection.needs_rollback = True
             try:
-                with oncely.sql.transaction(connection, key="k4", scope="s", table=table):
+                with oncely.sql.transaction(
+                    connection, operation="test.op", key="k4", scope="s", table=table
+                ):
                     raise AssertionError("ran in a failed transaction")
             except TransactionFailed:
                 pass

@@ -29,7 +29,7 @@ def tx_worker(db: Db, keys_table: str, effects: str, keys: list[str], progress: 
 
     conn = db.connect()
     for key in keys:
-        with transaction(conn, key=key, scope="kill", table=keys_table) as tx:
+        with transaction(conn, operation="test.op", key=key, scope="kill", table=keys_table) as tx:
             if tx.replayed:
                 continue
             for part in (1, 2):

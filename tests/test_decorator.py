@@ -537,7 +537,7 @@ def test_the_default_store_is_sqlite_in_the_working_directory(
     script = (
         "from oncely import idempotent\n"
         "runs = []\n"
-        "@idempotent(key=['k'])\n"
+        "@idempotent(key=['k'], name='default_store_check.f')  # python -c: nothing names f\n"
         "def f(k: str) -> int:\n"
         "    runs.append(k)\n"
         "    return 7\n"

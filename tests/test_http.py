@@ -513,7 +513,7 @@ def test_a_config_without_scope_is_refused_with_the_options() -> None:
     with pytest.raises(ConfigurationError) as info:
         IdempotencyConfig(store="memory://")
     message = str(info.value)
-    for option in ("scope_from_header('Authorization')", "lambda request", "GLOBAL"):
+    for option in ("scope_from_user('id')", "scope_from_header(", "lambda request", "GLOBAL"):
         assert option in message
     with pytest.raises(ConfigurationError):
         IdempotencyConfig(store="memory://", scope="tenant")  # type: ignore[arg-type]

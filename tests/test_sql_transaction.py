@@ -17,6 +17,7 @@ import pytest
 import oncely.sql
 from oncely.errors import (
     ConfigurationError,
+    IdempotencyKeyMismatch,
     InFlightError,
     InvalidKey,
     SchemaMissing,
@@ -60,21 +61,60 @@ def _count(db: Db, effects: str, key: str | None = None) -> int:
 def test_commit_then_replay(db: Db) -> None:
     keys, effects = _setup(db)
     conn = db.connect()
-    with transaction(conn, key="k1", scope="tenant-a", table=keys) as tx:
+    with transaction(conn, operation="test.op", key="k1", scope="tenant-a", table=keys) as tx:
         assert not tx.replayed and tx.owned
         _effect(db, conn, effects, "k1")
         tx.set_result({"paid": 10})
     assert not conn.in_transaction if db.dialect == "sqlite" else True
     assert _count(db, effects) == 1
-    with transaction(conn, key="k1", scope="tenant-a", table=keys) as tx:
+    with transaction(conn, operation="test.op", key="k1", scope="tenant-a", table=keys) as tx:
         assert tx.replayed and tx.result == {"paid": 10}
         _effect(db, conn, effects, "k1")  # a body that ignores tx.replayed: rolled back
     assert _count(db, effects) == 1
     # another scope is another key space
-    with transaction(conn, key="k1", scope="tenant-b", table=keys) as tx:
+    with transaction(conn, operation="test.op", key="k1", scope="tenant-b", table=keys) as tx:
         assert not tx.replayed
     # raw keys are never stored
     assert db.run(f"SELECT COUNT(*) FROM {keys} WHERE digest = 'k1'") == [(0,)]
+
+
+def test_operations_have_their_own_key_spaces_and_payloads_are_checked(db: Db) -> None:
+    """redteam4 sqltx_shared_keys.py: a refund given the charge's key returned the charge's
+    result (its own insert rolled back), and a retry with amount 5000 replayed the charge of
+    100. Now the operation is part of the key and the payload is checked."""
+    keys, effects = _setup(db)
+    conn = db.connect()
+
+    def run(operation: str, key: str, amount: int) -> tuple[bool, Any]:
+        with transaction(
+            conn, operation=operation, key=key, scope="user-7", table=keys, payload=amount
+        ) as tx:
+            if tx.replayed:
+                return True, tx.result
+            _effect(db, conn, effects, f"{operation}:{key}", amount)
+            tx.set_result({operation: amount})
+        return False, tx.result
+
+    assert run("charge", "order-42", 100) == (False, {"charge": 100})
+    assert run("refund", "order-42", 100) == (False, {"refund": 100})
+    assert run("charge", "order-42", 100) == (True, {"charge": 100})
+    with pytest.raises(IdempotencyKeyMismatch):
+        run("charge", "order-42", 5000)
+    assert _count(db, effects) == 2
+    assert not oncely.sql.adapt(conn).in_transaction() or db.dialect == "mysql"
+    with pytest.raises(ConfigurationError, match="operation="):
+        transaction(conn, operation="", key="k", scope="s", table=keys)
+    with pytest.raises(ConfigurationError, match="operation="):
+        transaction(conn, operation="a\x00b", key="k", scope="s", table=keys)
+    with pytest.raises(TypeError):
+        transaction(conn, key="k", scope="s", table=keys)  # type: ignore[call-arg]
+    # the decorator named like a block is the same operation (one key space, by name)
+
+    @idempotent_transaction(key="key", scope="user-7", table=keys, name="charge", validate=False)
+    def charge(conn: Any, key: str) -> dict[str, int]:
+        raise AssertionError("replays the block's charge")
+
+    assert charge(conn, "order-42") == {"charge": 100}
 
 
 def test_a_result_that_cannot_be_encoded_is_a_serialization_error(db: Db) -> None:
@@ -85,7 +125,7 @@ def test_a_result_that_cannot_be_encoded_is_a_serialization_error(db: Db) -> Non
     order["self"] = order
     with (
         pytest.raises(SerializationError, match="circular"),
-        transaction(conn, key="k", scope=GLOBAL, table=keys) as tx,
+        transaction(conn, operation="test.op", key="k", scope=GLOBAL, table=keys) as tx,
     ):
         _effect(db, conn, effects, "k")
         tx.set_result(order)
@@ -95,12 +135,17 @@ def test_a_result_that_cannot_be_encoded_is_a_serialization_error(db: Db) -> Non
 def test_error_in_block_commits_nothing(db: Db) -> None:
     keys, effects = _setup(db)
     conn = db.connect()
-    with pytest.raises(RuntimeError), transaction(conn, key="k", scope=GLOBAL, table=keys):
+    with (
+        pytest.raises(RuntimeError),
+        transaction(conn, operation="test.op", key="k", scope=GLOBAL, table=keys),
+    ):
         _effect(db, conn, effects, "k")
         raise RuntimeError("boom")
     assert _count(db, effects) == 0
     assert db.run(f"SELECT COUNT(*) FROM {keys}") == [(0,)]
-    with transaction(conn, key="k", scope=GLOBAL, table=keys) as tx:  # the retry runs again
+    with transaction(
+        conn, operation="test.op", key="k", scope=GLOBAL, table=keys
+    ) as tx:  # the retry runs again
         assert not tx.replayed
         _effect(db, conn, effects, "k")
     assert _count(db, effects) == 1
@@ -118,7 +163,7 @@ def test_a_block_that_rolls_back_itself_commits_nothing_after(db: Db, with_resul
     for _ in range(3):
         with (
             pytest.raises(TransactionLost),
-            transaction(conn, key="k", scope=GLOBAL, table=keys) as tx,
+            transaction(conn, operation="test.op", key="k", scope=GLOBAL, table=keys) as tx,
         ):
             _effect(db, conn, effects, "k", 1)
             conn.rollback()
@@ -127,7 +172,9 @@ def test_a_block_that_rolls_back_itself_commits_nothing_after(db: Db, with_resul
                 tx.set_result({"paid": 1})
     assert _count(db, effects) == 0
     assert db.run(f"SELECT COUNT(*) FROM {keys}") == [(0,)]
-    with transaction(conn, key="k", scope=GLOBAL, table=keys) as tx:  # a proper retry runs
+    with transaction(
+        conn, operation="test.op", key="k", scope=GLOBAL, table=keys
+    ) as tx:  # a proper retry runs
         assert not tx.replayed
         _effect(db, conn, effects, "k")
         tx.set_result({"paid": 1})
@@ -141,11 +188,14 @@ def test_inside_the_callers_transaction_is_a_savepoint(db: Db) -> None:
     c = oncely.sql.adapt(conn)
     outer = c.enter()
     _effect(db, conn, effects, "outer")
-    with pytest.raises(RuntimeError), transaction(conn, key="k", scope="s", table=keys) as tx:
+    with (
+        pytest.raises(RuntimeError),
+        transaction(conn, operation="test.op", key="k", scope="s", table=keys) as tx,
+    ):
         assert not tx.owned
         _effect(db, conn, effects, "k")
         raise RuntimeError
-    with transaction(conn, key="k2", scope="s", table=keys) as tx:
+    with transaction(conn, operation="test.op", key="k2", scope="s", table=keys) as tx:
         _effect(db, conn, effects, "k2")
     assert _count(db, effects) == 0  # not committed yet: the caller's commit decides
     c.leave(outer, commit=True)
@@ -186,7 +236,7 @@ def test_32_concurrent_duplicates_one_effect_31_replays(
         conn = _connect(db, isolation)
         try:
             barrier.wait(30)
-            with transaction(conn, key="order-1", scope="s", table=keys) as tx:
+            with transaction(conn, operation="test.op", key="order-1", scope="s", table=keys) as tx:
                 if tx.replayed:
                     return True, tx.result
                 _effect(db, conn, effects, "order-1")
@@ -207,14 +257,14 @@ def test_wait_false_gives_in_flight(make_db: Any) -> None:
         db = make_db(dialect)
         keys, effects = _setup(db)
         a, b = db.connect(), db.connect()
-        with transaction(a, key="k", scope="s", table=keys):
+        with transaction(a, operation="test.op", key="k", scope="s", table=keys):
             with (
                 pytest.raises(InFlightError),
-                transaction(b, key="k", scope="s", table=keys, wait=False),
+                transaction(b, operation="test.op", key="k", scope="s", table=keys, wait=False),
             ):
                 pytest.fail("the duplicate ran")
             _effect(db, a, effects, "k")
-        with transaction(b, key="k", scope="s", table=keys, wait=False) as tx:
+        with transaction(b, operation="test.op", key="k", scope="s", table=keys, wait=False) as tx:
             assert tx.replayed
 
 
@@ -295,7 +345,7 @@ async def test_async_faces(db: Db) -> None:
     assert await op(conn, key="a") == {"n": 1}
     assert await op(conn, key="a") == {"n": 1}
     for _ in range(2):  # the decorated function's key space is its own: "a" is new here
-        async with transaction(conn, key="a", scope="s", table=keys) as tx:
+        async with transaction(conn, operation="test.op", key="a", scope="s", table=keys) as tx:
             if not tx.replayed:
                 tx.set_result({"n": 2})
         assert tx.result == {"n": 2}
@@ -313,7 +363,9 @@ def test_sqlalchemy_session_and_async_session(db: Db) -> None:
     try:
         for _ in range(2):
             with Session(engine) as session:
-                with transaction(session, key="k", scope="s", table=keys) as tx:
+                with transaction(
+                    session, operation="test.op", key="k", scope="s", table=keys
+                ) as tx:
                     if not tx.replayed:
                         session.execute(text(f"INSERT INTO {effects} VALUES ('k', 1)"))
                         tx.set_result(1)
@@ -327,16 +379,16 @@ def test_bad_input_is_typed_and_commits_nothing(db: Db) -> None:
     keys, effects = _setup(db)
     conn = db.connect()
     with pytest.raises(InvalidKey, match="at most 255"):
-        transaction(conn, key="x" * 256, scope="s", table=keys)
+        transaction(conn, operation="test.op", key="x" * 256, scope="s", table=keys)
     with pytest.raises(InvalidKey):
-        transaction(conn, key="", scope="s", table=keys)
+        transaction(conn, operation="test.op", key="", scope="s", table=keys)
     with pytest.raises(ConfigurationError, match="GLOBAL"):
-        transaction(conn, key="k", scope=None, table=keys)
+        transaction(conn, operation="test.op", key="k", scope=None, table=keys)
     with pytest.raises(UnsupportedConnection):
-        transaction(object(), key="k", scope="s")
+        transaction(object(), operation="test.op", key="k", scope="s")
     with (
         pytest.raises(SchemaMissing, match="create_tables"),
-        transaction(conn, key="k", scope="s", table=f"missing_{db.tag}"),
+        transaction(conn, operation="test.op", key="k", scope="s", table=f"missing_{db.tag}"),
     ):
         pytest.fail("ran without a table")
     assert not oncely.sql.adapt(conn).in_transaction() or db.dialect == "mysql"
@@ -345,7 +397,7 @@ def test_bad_input_is_typed_and_commits_nothing(db: Db) -> None:
             conn.execute("SELECT 1/0")
         with (
             pytest.raises(TransactionFailed, match="roll"),
-            transaction(conn, key="k", scope="s", table=keys),
+            transaction(conn, operation="test.op", key="k", scope="s", table=keys),
         ):
             pytest.fail("ran in a failed transaction")
         conn.rollback()
@@ -358,12 +410,15 @@ def test_psycopg_autocommit_connection(make_db: Any) -> None:
     keys, effects = _setup(db)
     conn = db.connect(autocommit=True)
     for _ in range(2):
-        with transaction(conn, key="k", scope="s", table=keys) as tx:
+        with transaction(conn, operation="test.op", key="k", scope="s", table=keys) as tx:
             if not tx.replayed:
                 _effect(db, conn, effects, "k")
                 tx.set_result([1, 2])
         assert tx.result == [1, 2]
-    with pytest.raises(RuntimeError), transaction(conn, key="k2", scope="s", table=keys):
+    with (
+        pytest.raises(RuntimeError),
+        transaction(conn, operation="test.op", key="k2", scope="s", table=keys),
+    ):
         _effect(db, conn, effects, "k2")
         raise RuntimeError
     assert _count(db, effects) == 1 and not oncely.sql.adapt(conn).in_transaction()
@@ -379,7 +434,9 @@ async def test_sqlalchemy_async_session(db: Db) -> None:
     try:
         for _ in range(2):
             async with AsyncSession(engine) as session:
-                async with transaction(session, key="k", scope="s", table=keys) as tx:
+                async with transaction(
+                    session, operation="test.op", key="k", scope="s", table=keys
+                ) as tx:
                     if not tx.replayed:
                         await session.execute(text(f"INSERT INTO {effects} VALUES ('k', 1)"))
                         tx.set_result({"n": 1})
@@ -393,14 +450,14 @@ def test_set_result_on_a_replay_is_refused(make_db: Any) -> None:
     db = make_db("sqlite")
     keys, _ = _setup(db)
     conn = db.connect()
-    with transaction(conn, key="k", scope="s", table=keys) as tx:
+    with transaction(conn, operation="test.op", key="k", scope="s", table=keys) as tx:
         tx.set_result(1)
     with (
         pytest.raises(ConfigurationError, match="replayed"),
-        transaction(conn, key="k", scope="s", table=keys) as tx,
+        transaction(conn, operation="test.op", key="k", scope="s", table=keys) as tx,
     ):
         tx.set_result(2)
-    with transaction(conn, key="k", scope="s", table=keys) as tx:
+    with transaction(conn, operation="test.op", key="k", scope="s", table=keys) as tx:
         assert tx.result == 1
 
 
@@ -418,11 +475,11 @@ def test_sqlalchemy_session_in_a_failed_transaction_is_refused(make_db: Any) -> 
                 session.execute(text("SELECT 1/0"))
             with (
                 pytest.raises(TransactionFailed),
-                transaction(session, key="k", scope="s", table=keys),
+                transaction(session, operation="test.op", key="k", scope="s", table=keys),
             ):
                 pytest.fail("ran in a failed transaction")
             session.rollback()
-            with transaction(session, key="k", scope="s", table=keys) as tx:
+            with transaction(session, operation="test.op", key="k", scope="s", table=keys) as tx:
                 assert not tx.replayed
     finally:
         engine.dispose()

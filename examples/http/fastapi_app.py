@@ -33,9 +33,10 @@ store = open_store(os.environ.get("ONCELY_STORE", "memory://"))
 tokens = Tokens(os.environ.get("ONCELY_TOKEN_SECRET", "example-secret-change-me!"), store)
 config = IdempotencyConfig(
     store=store,
-    # each API key has its own key space (stored as a digest, never the key itself); tokens are
-    # bound to it too
-    scope=scope_from_header("Authorization"),
+    # each static API key has its own key space (stored as a digest, never the key itself);
+    # tokens are bound to it too. Clients with refreshed bearer tokens: scope by the user
+    # (scope_from_user), or a retry after a refresh runs again (docs/http.md, Scope)
+    scope=scope_from_header("X-Api-Key"),
     tokens=TokenGuard(tokens=tokens, endpoint="/tokens", purposes=["checkout"]),
 )
 
@@ -71,7 +72,7 @@ async def checkout() -> dict[str, object]:
 async def demo() -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://example") as client:
-        key = {"Idempotency-Key": f'"{uuid.uuid4()}"', "Authorization": "Bearer shop-1"}
+        key = {"Idempotency-Key": f'"{uuid.uuid4()}"', "X-Api-Key": "shop-1"}
         invalid = await client.post("/payments", json={"amount": "five"}, headers=key)
         print("invalid ", invalid.status_code, "(FastAPI's validation; the key is not used up)")
         first = await client.post("/payments", json={"amount": 5, "currency": "EUR"}, headers=key)
@@ -85,7 +86,7 @@ async def demo() -> None:
         missing = await client.post(
             "/payments",
             json={"amount": 5, "currency": "EUR"},
-            headers={"Authorization": "Bearer shop-1"},
+            headers={"X-Api-Key": "shop-1"},
         )
         print("no key  ", missing.status_code, missing.json()["type"])
         assert (invalid.status_code, first.status_code, retry.status_code) == (422, 201, 201)

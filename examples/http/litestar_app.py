@@ -55,7 +55,7 @@ app = Litestar(
             IdempotencyConfig(
                 store=store,
                 # each API key has its own key space (stored as a digest); tokens too
-                scope=scope_from_header("Authorization"),
+                scope=scope_from_header("X-Api-Key"),
                 tokens=TokenGuard(tokens=tokens, endpoint="/tokens", purposes=["checkout"]),
             )
         )
@@ -67,7 +67,7 @@ def demo() -> None:
     from litestar.testing import TestClient
 
     with TestClient(app) as client:
-        key = {"Idempotency-Key": f'"{uuid.uuid4()}"', "Authorization": "Bearer shop-1"}
+        key = {"Idempotency-Key": f'"{uuid.uuid4()}"', "X-Api-Key": "shop-1"}
         invalid = client.post("/payments", json={"amount": "five"}, headers=key)
         print("invalid ", invalid.status_code, "(Litestar's validation; the key is not used up)")
         body = {"amount": 5, "currency": "EUR"}
@@ -80,7 +80,7 @@ def demo() -> None:
         assert (invalid.status_code, first.status_code, retry.status_code) == (400, 201, 201)
         assert changed.status_code == 422 and payments == [5]
 
-        auth = {"Authorization": "Bearer shop-1"}
+        auth = {"X-Api-Key": "shop-1"}
         token = client.get("/tokens", params={"purpose": "checkout"}, headers=auth).json()
         sent = {**auth, "Oncely-Token": token["token"]}
         submit = client.post("/checkout", headers=sent)

@@ -30,7 +30,7 @@ from oncely.http import (
 
 config = IdempotencyConfig(
     store=os.environ.get("ONCELY_STORE", "memory://"),
-    scope=scope_from_header("Authorization"),  # each API key has its own key space
+    scope=scope_from_header("X-Api-Key"),  # each static API key: its own key space
     exclude=["/health"],
 )
 transfers: list[int] = []
@@ -73,7 +73,7 @@ app = Starlette(
 async def demo() -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://example") as client:
-        key = {"Idempotency-Key": f'"{uuid.uuid4()}"', "Authorization": "Bearer key-1"}
+        key = {"Idempotency-Key": f'"{uuid.uuid4()}"', "X-Api-Key": "key-1"}
         body = {"amount": 10, "to": "acct-9"}
         # three copies of the same request at once: one transfer, two replays
         replies = await asyncio.gather(

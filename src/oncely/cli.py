@@ -382,7 +382,11 @@ RawKey = Annotated[str | None, typer.Option("--key", help="The raw key instead o
 Name = Annotated[
     str | None,
     typer.Option(
-        "--name", help="With --key: the @idempotent function's name= (default module.qualname)"
+        "--name",
+        help=(
+            "With --key: the @idempotent function's name= (default module.qualname; a "
+            "script's functions by its import name)"
+        ),
     ),
 ]
 

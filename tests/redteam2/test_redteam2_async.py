@@ -29,13 +29,17 @@ def test_cancelling_a_waiting_claim_rolls_back_the_block_it_began() -> None:
             holding, release = asyncio.Event(), asyncio.Event()
 
             async def first() -> None:
-                async with oncely.sql.transaction(a, key="x", scope="s", table=keys) as tx:
+                async with oncely.sql.transaction(
+                    a, operation="test.op", key="x", scope="s", table=keys
+                ) as tx:
                     tx.set_result(1)
                     holding.set()
                     await release.wait()
 
             async def second() -> tuple[bool, object]:
-                async with oncely.sql.transaction(b, key="x", scope="s", table=keys) as tx:
+                async with oncely.sql.transaction(
+                    b, operation="test.op", key="x", scope="s", table=keys
+                ) as tx:
                     if not tx.replayed:
                         tx.set_result(2)
                 return tx.replayed, tx.result

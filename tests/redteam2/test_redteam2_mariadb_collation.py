@@ -38,7 +38,7 @@ def my_tables() -> Iterator[tuple[str, list[str]]]:
 
 
 def _pay(conn: Any, keys: str, scope: str) -> tuple[bool, Any]:
-    with transaction(conn, key="order-1", scope=scope, table=keys) as tx:
+    with transaction(conn, operation="test.op", key="order-1", scope=scope, table=keys) as tx:
         if tx.replayed:
             return True, tx.result
         tx.set_result({"charged_for": scope})

@@ -102,7 +102,7 @@ def test_a_block_whose_transaction_failed_inside_raises_transaction_failed(
         conn.commit()
         with (
             pytest.raises(TransactionFailed),
-            transaction(conn, key="k", scope="s", table=keys) as tx,
+            transaction(conn, operation="test.op", key="k", scope="s", table=keys) as tx,
         ):
             conn.execute(f"INSERT INTO {pay} VALUES (1)")
             # the handler "handles" the duplicate and goes on
@@ -212,7 +212,7 @@ def test_reap_keeps_a_fresh_record(pg_tables: tuple[str, list[str]]) -> None:
     conn = _pg()
     try:
         create_tables(conn, table=keys)
-        with transaction(conn, key="k", scope="s", table=keys) as tx:
+        with transaction(conn, operation="test.op", key="k", scope="s", table=keys) as tx:
             tx.set_result(1)
         assert oncely.sql.reap(conn, table=keys) == 0
     finally:

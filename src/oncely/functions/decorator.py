@@ -27,6 +27,7 @@ from oncely.backends.plans import Plan, arun, run
 from oncely.codecs import Codec, JsonCodec
 from oncely.core.calls import is_async_callable
 from oncely.core.lease import LostCallback
+from oncely.core.names import qualified_name
 from oncely.core.records import Record, RecordKey, digest_key
 from oncely.errors import ConfigurationError, InFlightError, UnfinishedResult
 from oncely.functions.cache import ResultCache
@@ -52,14 +53,10 @@ DEFAULT_TTL: float = SETTINGS["ttl"].default
 
 
 def _default_name(fn: Callable[..., Any]) -> str:
-    """``module.qualname``: functions of the same name in two modules never share records."""
-    qualname = getattr(fn, "__qualname__", None)
-    if not qualname or "<lambda>" in qualname:
-        raise ConfigurationError(
-            f"{fn!r} has no name that tells it apart from other functions (lambdas share "
-            "'<lambda>'); pass name='billing.charge' or the like"
-        )
-    return f"{getattr(fn, '__module__', None) or '?'}.{qualname}"
+    """``module.qualname`` (:func:`oncely.core.names.qualified_name`: a script's ``__main__``
+    is named by its import name): functions of the same name in two modules never share
+    records, and one function has one name however its process was started."""
+    return qualified_name(fn, f"@idempotent {getattr(fn, '__qualname__', None) or repr(fn)}")
 
 
 def _identity_message(name: str, gap: str) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 
 from oncely.codecs import Codec, encode_result
 from oncely.core import steps
+from oncely.core.names import type_name
 from oncely.core.ops import Claim, StoreOp, Watch
 from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay
 from oncely.core.settle import SETTLE_FOR
@@ -120,7 +121,7 @@ def _encode_error(exc: BaseException) -> tuple[bytes, str]:
     not stored in an altered form: the call is kept as "ran, outcome not storable" (retries
     raise :class:`SerializationError`, which says which value)."""
     cls = type(exc)
-    name = f"{cls.__module__}.{cls.__qualname__}"
+    name = type_name(cls)
     attrs = dict(getattr(exc, "__dict__", None) or {})
     bad = [f"args[{i}] ({type(a).__name__})" for i, a in enumerate(exc.args) if not _exact(a)]
     bad += [f".{k} ({type(v).__name__})" for k, v in attrs.items() if not _exact(v)]
@@ -145,7 +146,7 @@ def _error_class(allowed: tuple[type[BaseException], ...], name: str) -> type[Ba
         if cls in seen:
             continue
         seen.add(cls)
-        if f"{cls.__module__}.{cls.__qualname__}" == name:
+        if type_name(cls) == name:
             return cls
         todo.extend(cls.__subclasses__())
     return None

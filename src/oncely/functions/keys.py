@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from oncely.codecs import to_jsonable
+from oncely.core.names import type_name
 from oncely.core.records import MAX_KEY_LENGTH
 from oncely.errors import ConfigurationError, InvalidKey
 
@@ -125,7 +126,7 @@ _DATES = (dt.datetime, dt.date, dt.time)
 
 
 def _class_name(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
+    return type_name(cls)  # a script's __main__ named as an import names it
 
 
 class _Refused(Exception):

@@ -1,9 +1,9 @@
 """HTTP ``Idempotency-Key`` (draft-ietf-httpapi-idempotency-key-header-06) and one-time tokens
 for ASGI and WSGI apps, with one configuration and one implementation of the semantics.
 
->>> from oncely.http import IdempotencyConfig, IdempotencyMiddleware, scope_from_header
+>>> from oncely.http import IdempotencyConfig, IdempotencyMiddleware, scope_from_user
 >>> config = IdempotencyConfig(store="redis://localhost:6379/0",
-...                            scope=scope_from_header("Authorization"))
+...                            scope=scope_from_user("id"))  # the authenticated user's id
 >>> app = IdempotencyMiddleware(app, config)                  # Starlette, FastAPI, Litestar
 >>> wsgi = WSGIIdempotencyMiddleware(flask_app.wsgi_app, config)  # Flask, Django
 
@@ -29,7 +29,7 @@ from oncely.http.messages import (
 )
 from oncely.http.problems import PROBLEM_BASE, PROBLEM_TYPES, ProblemType
 from oncely.http.routes import Rule, idempotent_route
-from oncely.http.scopes import GLOBAL, scope_from_cookie, scope_from_header
+from oncely.http.scopes import GLOBAL, scope_from_cookie, scope_from_header, scope_from_user
 from oncely.http.wsgi import WSGIIdempotencyMiddleware
 
 __all__ = [
@@ -52,4 +52,5 @@ __all__ = [
     "request_fingerprint",
     "scope_from_cookie",
     "scope_from_header",
+    "scope_from_user",
 ]

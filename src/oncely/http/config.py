@@ -1,8 +1,8 @@
 """The one configuration object both HTTP faces (ASGI and WSGI) take.
 
->>> from oncely.http import IdempotencyConfig, scope_from_header
+>>> from oncely.http import IdempotencyConfig, scope_from_user
 >>> config = IdempotencyConfig(
-...     store="redis://localhost:6379/0", scope=scope_from_header("Authorization"),
+...     store="redis://localhost:6379/0", scope=scope_from_user("id"),
 ...     exclude=["/health"])
 
 Every setting is documented on :class:`IdempotencyConfig`; ``docs/http.md`` has the full
@@ -151,8 +151,11 @@ class IdempotencyConfig:
     :param scope: **required**: whose key space a request belongs to; equal keys in different
         scopes never meet (draft-06, Security Considerations). A callable ``request -> str``
         naming the tenant/user/API client (a non-secret id: it is stored; ``None`` is the
-        anonymous scope), a helper (:func:`~oncely.http.scopes.scope_from_header`,
-        :func:`~oncely.http.scopes.scope_from_cookie`: hashed credentials), or
+        anonymous scope), :func:`~oncely.http.scopes.scope_from_user` (the authenticated
+        principal: the choice for money), a credential helper
+        (:func:`~oncely.http.scopes.scope_from_header`,
+        :func:`~oncely.http.scopes.scope_from_cookie`: hashed credentials, which change when a
+        token is refreshed, so a retry after that runs again), or
         :data:`~oncely.http.scopes.GLOBAL` to share one key space between all clients. There
         is no default: none would keep users apart, so a missing scope is a
         :class:`~oncely.errors.ConfigurationError`.

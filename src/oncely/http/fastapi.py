@@ -6,13 +6,13 @@ before any dependency or endpoint code); at call time they hand the endpoint the
 :class:`~oncely.http.messages.IdempotencyInfo` and fail loudly if the middleware is missing::
 
     from fastapi import Depends, FastAPI
-    from oncely.http import IdempotencyConfig, IdempotencyMiddleware, scope_from_header
+    from oncely.http import IdempotencyConfig, IdempotencyMiddleware, scope_from_user
     from oncely.http.fastapi import Idempotency, RequireToken
 
     app = FastAPI()
     app.add_middleware(
         IdempotencyMiddleware,
-        config=IdempotencyConfig(store="redis://...", scope=scope_from_header("Authorization")),
+        config=IdempotencyConfig(store="redis://...", scope=scope_from_user("id")),
     )
 
     @app.post("/payments")

@@ -3,7 +3,7 @@
 ::
 
     from litestar import Litestar, post
-    from oncely.http import IdempotencyConfig, idempotent_route, scope_from_header
+    from oncely.http import IdempotencyConfig, idempotent_route, scope_from_user
     from oncely.http.litestar import IdempotencyPlugin
 
     @post("/payments", opt={"idempotency": {"fingerprint": ["amount"]}})
@@ -15,7 +15,7 @@
     app = Litestar(
         [pay, ping],
         plugins=[IdempotencyPlugin(IdempotencyConfig(store="redis://localhost:6379/0",
-                                                     scope=scope_from_header("Authorization")))],
+                                                     scope=scope_from_user("id")))],
     )
 
 The plugin (a :class:`~litestar.plugins.InitPlugin`) adds an

@@ -5,10 +5,20 @@ the server combine the client's key with client-specific attributes, so that one
 neither read another's stored response nor block its key. oncely therefore has **no default**:
 :class:`~oncely.http.config.IdempotencyConfig` refuses to be built without ``scope=``, one of
 
+* :func:`scope_from_user`: the **authenticated principal** (user or tenant id) your auth layer
+  attached to the request (Starlette/FastAPI/Litestar ``request.user`` or
+  ``request.state.user``, a WSGI server's ``REMOTE_USER``; Django:
+  :data:`oncely.http.django.scope_from_user`). The right choice for money: the principal
+  stays the same when its credentials change, and a request without one is refused;
 * a callable ``(request) -> str | None`` naming the tenant, user or API client (a non-secret
-  id: it is part of the store key; ``None`` is the anonymous scope);
-* a ready helper: :func:`scope_from_header` (``Authorization``, an API-key header) or
-  :func:`scope_from_cookie` (a session cookie), which store a digest, never the credential;
+  id: it is part of the store key; ``None`` is the anonymous scope), e.g. the ``sub`` of a
+  JWT *you verified*;
+* a credential helper: :func:`scope_from_header` (``Authorization``, an API-key header) or
+  :func:`scope_from_cookie` (a session cookie), which store a digest, never the credential.
+  **They scope by the credential, not by who holds it**: an OAuth access token that is
+  refreshed between a request and its retry, a rotated API key or a re-issued session cookie
+  puts the retry in a new key space, and it runs again (a second charge). Use them only when
+  the credential lives longer than any retry (a static API key per client);
 * :data:`GLOBAL`: every client shares one key space — say so only when there is one client
   (a single internal caller) or the keys are unguessable *and* the responses are not private.
 
@@ -25,9 +35,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final, Literal
 
-from oncely.errors import ConfigurationError
+from oncely.errors import ConfigurationError, HttpProblem
 from oncely.http.messages import HttpRequest
 
 __all__ = [
@@ -38,6 +48,7 @@ __all__ = [
     "resolve_scope",
     "scope_from_cookie",
     "scope_from_header",
+    "scope_from_user",
 ]
 
 ScopeFunction = Callable[[HttpRequest], "str | None"]
@@ -98,10 +109,16 @@ def scope_from_header(*names: str, secret: str | bytes | None = None) -> ScopeFu
     """A scope from request header(s): the first 32 hex digits of SHA-256 over the names and
     values (HMAC-SHA256 with ``secret``), so the store never sees the credential.
 
-    ``scope_from_header("Authorization")`` gives each bearer token / API key its own key space;
+    ``scope_from_header("X-Api-Key")`` gives each API key its own key space;
     ``scope_from_header("X-Api-Key", "X-Tenant")`` combines several. A request without any of
-    the headers falls in the anonymous scope ``"-"``. Pass ``secret=`` (16+ bytes) when the
-    values are guessable (HTTP Basic passwords), so the stored digest cannot be brute-forced.
+    the headers falls in the anonymous scope ``"-"``, shared by every such client.
+
+    The scope is the credential, not its holder: a credential that changes between a request
+    and its retry (an OAuth access token refreshed after a timeout, a rotated key) puts the
+    retry in another key space, where it runs again. For bearer tokens scope by the principal
+    they name (:func:`scope_from_user`, or a function returning a verified JWT's ``sub``).
+    Pass ``secret=`` (16+ bytes) when the values are guessable (HTTP Basic passwords), so the
+    stored digest cannot be brute-forced.
 
     :raises ConfigurationError: no header name, or a secret shorter than 16 bytes.
     """
@@ -126,14 +143,118 @@ def scope_from_cookie(name: str, *, secret: str | bytes | None = None) -> ScopeF
     :func:`scope_from_header`; a request without the cookie falls in the anonymous scope.
 
     Use a cookie whose value stays the same between a request and its retry: a server-side
-    session id does, a signed client-side session (Flask's default ``session`` cookie) changes
-    whenever the session is written — scope by the user id inside it instead.
+    session id does until the session is cycled (log-in, privilege change), a signed
+    client-side session (Flask's default ``session`` cookie) changes whenever the session is
+    written — scope by the user id (:func:`scope_from_user`) instead.
 
     :raises ConfigurationError: no cookie name, or a secret shorter than 16 bytes.
     """
     if not isinstance(name, str) or not name or any(c in name for c in "=; "):
         raise ConfigurationError("scope_from_cookie() takes one cookie name, e.g. 'sessionid'")
     return _Digest(f"cookie {name}", lambda request: request.cookie(name), _secret_bytes(secret))
+
+
+#: The problem a request without a principal gets from :func:`scope_from_user` (the ``type``
+#: URI ends in this slug).
+PRINCIPAL_MISSING = "principal-missing"
+_SCALAR_ID = (str, int)
+
+
+def _principal(raw: Any) -> Any:
+    """The principal the auth layer attached to the framework request ``raw`` (ASGI scope,
+    WSGI environ, or a framework request object), or None."""
+    if isinstance(raw, dict):
+        user = raw.get("user")  # ASGI: Starlette's AuthenticationMiddleware, Litestar's auth
+        if user is None:
+            state = raw.get("state")
+            user = state.get("user") if isinstance(state, dict) else None  # request.state.user
+        if user is None:
+            user = raw.get("REMOTE_USER") or None  # WSGI: the server's or an outer layer's auth
+        return user
+    return getattr(raw, "user", None)  # a request object (Django's request.user)
+
+
+class _UserScope:
+    """See :func:`scope_from_user`."""
+
+    def __init__(self, attribute: str, anonymous: str) -> None:
+        self._attribute = attribute
+        self._anonymous = anonymous
+
+    def __call__(self, request: HttpRequest) -> str | None:
+        user = _principal(request.raw)
+        if user is not None and not isinstance(user, _SCALAR_ID):
+            if getattr(user, "is_authenticated", True) is False:
+                user = None
+            else:
+                try:
+                    user = getattr(user, self._attribute)
+                except (AttributeError, NotImplementedError):
+                    raise ConfigurationError(
+                        f"scope_from_user({self._attribute!r}): the request's user "
+                        f"({type(user).__name__}) has no {self._attribute!r}; name the attribute "
+                        "holding its stable id, e.g. scope_from_user('username')"
+                    ) from None
+        if isinstance(user, bool) or not isinstance(user, _SCALAR_ID) or user == "":
+            if user is not None:
+                raise ConfigurationError(
+                    f"scope_from_user({self._attribute!r}): the user's {self._attribute!r} is "
+                    f"a {type(user).__name__}, not a str or int id"
+                )
+            if self._anonymous == "share":
+                return ANONYMOUS
+            raise HttpProblem(
+                401,
+                PRINCIPAL_MISSING,
+                "Authentication required",
+                f"{request.method} {request.path} with an Idempotency-Key needs an authenticated "
+                "client: its key space is the client's",
+                headers=(("WWW-Authenticate", "Bearer"),),
+            )
+        return f"user:{user}"
+
+    def __repr__(self) -> str:
+        return f"<scope from the user's {self._attribute}>"
+
+
+def scope_from_user(
+    attribute: str = "id", *, anonymous: Literal["refuse", "share"] = "refuse"
+) -> ScopeFunction:
+    """A scope from the authenticated principal: ``"user:<id>"``, where the id is the
+    ``attribute`` of the user your authentication attached to the request, so a client keeps
+    its key space when its access token is refreshed, its API key rotated or its session
+    cookie re-issued between a request and its retry.
+
+    Where the user is read (the first that is set): the ASGI scope's ``"user"`` (Starlette's
+    ``AuthenticationMiddleware``, Litestar's authentication: ``request.user``), then its
+    ``"state"["user"]`` (``request.state.user`` set by a middleware), the WSGI environ's
+    ``REMOTE_USER`` (a str id, set by the server or an outer WSGI layer), or a request
+    object's ``user`` (Django: prefer :data:`oncely.http.django.scope_from_user`, which also
+    loads the user without blocking under ASGI). The authentication must run **before** the
+    idempotency middleware: in Starlette/FastAPI add it after (``app.add_middleware`` wraps
+    what was added before); a FastAPI dependency runs too late (inside the route). A user
+    that is a str or int is its own id; an object with ``is_authenticated`` false has none.
+
+    :param attribute: the user's attribute holding a stable, non-secret id (``"id"``,
+        ``"username"`` for Starlette's ``SimpleUser``, ``"tenant_id"``).
+    :param anonymous: a request with no authenticated user: ``"refuse"`` (default) raises
+        :class:`~oncely.errors.HttpProblem` 401 ``principal-missing`` before anything is
+        claimed or run (as one key space shared by every anonymous client would let one
+        client replay or block another's operation); ``"share"`` puts it in the anonymous
+        scope ``"-"``, shared by all such clients (public endpoints whose keys are
+        unguessable).
+    :raises ConfigurationError: a bad argument; on a request, a user without ``attribute``.
+    """
+    if not isinstance(attribute, str) or not attribute.isidentifier():
+        raise ConfigurationError(
+            f"scope_from_user({attribute!r}): name the user attribute holding its id, e.g. 'id'"
+        )
+    if anonymous not in ("refuse", "share"):
+        raise ConfigurationError(
+            f"scope_from_user(anonymous={anonymous!r}): 'refuse' (401 without a principal) "
+            "or 'share' (one anonymous key space)"
+        )
+    return _UserScope(attribute, anonymous)
 
 
 def resolve_scope(spec: object, where: str) -> ScopeFunction | None:
@@ -147,8 +268,9 @@ def resolve_scope(spec: object, where: str) -> ScopeFunction | None:
         raise ConfigurationError(
             f"{where}= is required: it says whose key space a request belongs to, so that one "
             "client never gets another's stored response. Pass one of\n"
-            f"  {where}=oncely.http.scope_from_header('Authorization')  # per credential, hashed\n"
-            f"  {where}=oncely.http.scope_from_cookie('sessionid')      # per session, hashed\n"
+            f"  {where}=oncely.http.scope_from_user('id')  # per authenticated user\n"
+            f"  {where}=oncely.http.scope_from_header('X-Api-Key')  # per static key, hashed\n"
+            f"  {where}=oncely.http.scope_from_cookie('sessionid')  # per session, hashed\n"
             f"  {where}=lambda request: ...  # your tenant/user id (request.raw: ASGI scope or "
             "WSGI environ)\n"
             f"  {where}=oncely.http.GLOBAL  # one key space for every client: only for a single "
@@ -157,6 +279,6 @@ def resolve_scope(spec: object, where: str) -> ScopeFunction | None:
     if not callable(spec):
         raise ConfigurationError(
             f"{where} takes a callable (request) -> str, a helper such as "
-            "scope_from_header('Authorization'), or oncely.http.GLOBAL"
+            "scope_from_user('id'), or oncely.http.GLOBAL"
         )
     return spec

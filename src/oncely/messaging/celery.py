@@ -29,6 +29,7 @@ from typing import Any
 
 import celery
 
+from oncely.core.names import MAIN_MODULES, module_name
 from oncely.messaging.consumer import (
     Ack,
     DeadLetter,
@@ -40,6 +41,21 @@ from oncely.settings import seconds
 from oncely.stores import Store
 
 __all__ = ["IdempotentTask"]
+
+
+def _task_space(name: str) -> str:
+    """The key space of the task named ``name``: Celery names a task defined in a script run
+    directly ``__main__.<function>`` unless the app has ``main=``; that module part is named
+    by :func:`oncely.core.names.module_name` (so two scripts' ``process`` tasks never share
+    records), or the task is refused.
+
+    :raises ConfigurationError: a ``__main__`` task that nothing identifies: give it
+        ``@app.task(name=...)`` or ``Celery(main=...)``.
+    """
+    module, dot, rest = name.partition(".")
+    if not dot or module not in MAIN_MODULES:
+        return name
+    return f"{module_name(module, what=f'celery task {name!r}')}.{rest}"
 
 
 class IdempotentTask(celery.Task):  # type: ignore[misc]
@@ -75,7 +91,7 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
 
             consumer = type(self)._oncely_consumer = IdempotentConsumer(
                 handler,
-                name=f"celery:{self.name}",
+                name=f"celery:{_task_space(self.name)}",
                 store=self.idempotency_store,
                 lease=lease,
                 ttl=self.idempotency_ttl,

@@ -30,6 +30,7 @@ from typing import Any, TypeVar, cast
 
 from oncely.codecs import Codec, JsonCodec
 from oncely.core.calls import is_async_callable
+from oncely.core.names import qualified_name
 from oncely.errors import ConfigurationError
 from oncely.functions.keys import fingerprint_of
 from oncely.settings import flag, text, whole
@@ -112,8 +113,11 @@ def idempotent_transaction(
                 "name the connection parameter with conn_arg=, or pass conn="
             )
         read_key = _reader(key, "key", sig)
-        qualname = getattr(fn, "__qualname__", type(fn).__qualname__)
-        space = name if name is not None else f"{fn.__module__}.{qualname}"
+        space = (
+            name
+            if name is not None
+            else qualified_name(fn, f"@idempotent_transaction {fn.__qualname__}")
+        )
         if "\x00" in space or not space:
             raise ConfigurationError(f"name={space!r}: a non-empty name without NUL characters")
         if validate is True:

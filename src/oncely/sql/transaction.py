@@ -3,12 +3,17 @@ in **one** database transaction, or not at all.
 
 ::
 
-    with oncely.sql.transaction(conn, key=request_key, scope=user_id) as tx:
+    with oncely.sql.transaction(conn, operation="billing.charge", key=request_key,
+                                scope=user_id, payload={"amount": amount}) as tx:
         if tx.replayed:
             return tx.result
         conn.execute("INSERT INTO payments ...")      # the same connection / session
         tx.set_result({"payment": 42})
     return tx.result
+
+The stored key is (scope, operation, key): a refund given the charge's key is its own
+operation. ``payload=`` is stored with the key (as a SHA-256 fingerprint) and a retry with
+another payload raises :class:`~oncely.errors.IdempotencyKeyMismatch`.
 
 Every peer stops at "the completion write can be lost after the effect happened" because it
 keeps the record in another store than the business write (Powertools, idemkit). Here the
@@ -45,8 +50,8 @@ scope), :class:`~oncely.errors.SchemaMissing` (run :func:`oncely.sql.create_tabl
 :class:`~oncely.errors.InFlightError` (``wait=False`` and a duplicate is running, or the key
 belongs to an unfinished recovery-point operation), :class:`~oncely.errors.ConfigurationError`
 (the key belongs to a finished :class:`~oncely.sql.Operation`),
-:class:`~oncely.errors.IdempotencyKeyMismatch` (``@idempotent_transaction``: the key came with
-other arguments). Source: DESIGN.md mechanism 4 (dedup
+:class:`~oncely.errors.IdempotencyKeyMismatch` (the key came with another ``payload=``, or
+other arguments of ``@idempotent_transaction``). Source: DESIGN.md mechanism 4 (dedup
 table) where it meets the user's database; brandur, "Stripe-like idempotency keys in Postgres".
 """
 
@@ -60,7 +65,7 @@ from typing import Any
 
 from oncely.backends.plans import Exec, Plan
 from oncely.codecs import Codec, JsonCodec, encode_result
-from oncely.core.records import RecordKey
+from oncely.core.records import MAX_KEY_LENGTH, RecordKey
 from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -68,6 +73,7 @@ from oncely.errors import (
     TransactionFailed,
     TransactionLost,
 )
+from oncely.functions.keys import fingerprint_of
 from oncely.settings import flag
 from oncely.sql.connections import (
     WRITTEN_BY_THIS_TRANSACTION,
@@ -322,12 +328,31 @@ class Transaction:
         *,
         key: str,
         scope: object,
+        namespace: str,
         table: str = DEFAULT_TABLE,
         codec: Codec | None = None,
         wait: bool = True,
-        namespace: str | None = None,
         fingerprint: bytes | None = None,
     ) -> None:
+        """``namespace``: the operation (:func:`transaction`'s ``operation=``,
+        ``@idempotent_transaction``'s name), part of the stored key; ``fingerprint``: what a
+        repeat must match (ASCII bytes), stored with a new claim and compared with the one
+        the claim statement returns for an earlier key.
+
+        :raises ConfigurationError: a namespace that is not a non-empty str of at most 255
+            characters without NUL, or a bad scope; :class:`~oncely.errors.InvalidKey`: a bad
+            key."""
+        if (
+            not isinstance(namespace, str)
+            or not namespace
+            or "\x00" in namespace
+            or len(namespace) > MAX_KEY_LENGTH
+        ):
+            raise ConfigurationError(
+                f"operation={namespace!r}: name the operation this key belongs to (a non-empty "
+                f"str of at most {MAX_KEY_LENGTH} characters without NUL, e.g. 'billing.charge'),"
+                " so that two operations given the same key never share a record"
+            )
         self.key = record_key(key, scope, namespace)
         self.fingerprint = fingerprint
         self.conn = adapt(conn)
@@ -389,8 +414,8 @@ class Transaction:
                 and claim.params != self.fingerprint
             ):
                 raise IdempotencyKeyMismatch(
-                    "this key was used with other arguments: a retry must send the same "
-                    "arguments; a new operation needs a new key"
+                    "this key was used with another payload (other arguments): a retry must "
+                    "send the same payload; a new operation needs a new key"
                 )
             self._result = None if claim.result is None else self.codec.decode(claim.result)
         return self
@@ -439,20 +464,34 @@ class Transaction:
 def transaction(
     conn: Any,
     *,
+    operation: str,
     key: str,
     scope: object,
+    payload: Any = _UNSET,
     table: str = DEFAULT_TABLE,
     codec: Codec | None = None,
     wait: bool = True,
 ) -> Transaction:
-    """``with`` / ``async with``: claim ``key`` in ``scope`` and commit it together with the
-    block's writes (see the module docstring).
+    """``with`` / ``async with``: claim ``key`` of ``operation`` in ``scope`` and commit it
+    together with the block's writes (see the module docstring).
 
     :param conn: what the caller holds (:func:`oncely.sql.connections.adapt`): a DB-API
         connection, an SQLAlchemy Connection/Session (sync or async), ``django.db.connection``.
+    :param operation: what the block does (``"billing.charge"``, ``"billing.refund"``), a
+        non-empty str of at most 255 characters without NUL: part of the stored key, so a
+        refund given the charge's key runs as its own operation instead of replaying the
+        charge. Required: a name derived from the calling code would make every caller of a
+        shared helper one operation. ``@idempotent_transaction(name=...)`` uses the same key
+        space, so the decorator and a block with the same name are one operation.
     :param key: the idempotency key, a non-empty str of at most 255 characters (stored as its
         SHA-256 digest).
     :param scope: whose key space (tenant/user/client id), or :data:`oncely.sql.GLOBAL`.
+    :param payload: what a retry must repeat (the amount, the order's fields): any value the
+        decorator's keys accept (JSON values, dataclasses, ``Decimal``, …), fingerprinted as
+        canonical JSON (SHA-256) and stored with the key. A key that comes back with another
+        payload raises :class:`~oncely.errors.IdempotencyKeyMismatch` when the block is
+        entered, nothing run (decided from the row the claim statement returns: no extra
+        round trip). Omitted: not checked (and a record stored without one matches any).
     :param table: the keys table (:func:`oncely.sql.create_tables` creates it).
     :param codec: how ``set_result`` values are stored (default :class:`~oncely.codecs.JsonCodec`).
     :param wait: True (default): a concurrent duplicate waits for the first transaction to
@@ -461,5 +500,19 @@ def transaction(
         transaction, then the caller's value again; MySQL: ``innodb_lock_wait_timeout`` of 1 s,
         its minimum, for the claim, then the session's own value again; SQLite has one
         writer at a time, so a duplicate always waits there for ``BEGIN IMMEDIATE``).
+    :raises ConfigurationError: a missing or bad ``operation`` or ``scope``.
+    :raises InvalidKey: a bad ``key``, or a ``payload`` that has no canonical JSON form.
     """
-    return Transaction(conn, key=key, scope=scope, table=table, codec=codec, wait=wait)
+    fingerprint = (
+        None if payload is _UNSET else fingerprint_of({"payload": payload}).encode("ascii")
+    )
+    return Transaction(
+        conn,
+        key=key,
+        scope=scope,
+        namespace=operation,
+        table=table,
+        codec=codec,
+        wait=wait,
+        fingerprint=fingerprint,
+    )

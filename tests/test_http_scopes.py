@@ -1,0 +1,167 @@
+"""Scopes by the authenticated principal (redteam4 findings 4 and 18): a retry after an OAuth
+token refresh stays in its client's key space, and a request without a principal is refused
+instead of sharing one anonymous key space."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi import FastAPI, Request
+from starlette.authentication import (
+    AuthCredentials,
+    AuthenticationBackend,
+    SimpleUser,
+)
+from starlette.middleware.authentication import AuthenticationMiddleware
+from starlette.requests import HTTPConnection
+from starlette.testclient import TestClient
+
+from oncely.errors import ConfigurationError
+from oncely.http import (
+    IdempotencyConfig,
+    IdempotencyMiddleware,
+    scope_from_header,
+    scope_from_user,
+)
+from oncely.http.scopes import ScopeFunction
+
+#: Two access tokens of one user (the second issued by a refresh), and another user's.
+TOKENS = {"Bearer access-v1": "user-7", "Bearer access-v2": "user-7", "Bearer other": "user-8"}
+
+
+class Tokens(AuthenticationBackend):
+    async def authenticate(self, conn: HTTPConnection) -> Any:
+        user = TOKENS.get(conn.headers.get("authorization", ""))
+        return None if user is None else (AuthCredentials(["authenticated"]), SimpleUser(user))
+
+
+def _app(tmp_path: Path, scope: ScopeFunction) -> tuple[TestClient, list[str]]:
+    effects: list[str] = []
+    app = FastAPI()
+
+    @app.post("/pay", status_code=201)
+    async def pay(request: Request) -> dict[str, Any]:
+        body = await request.json()
+        effects.append(body["ref"])
+        return {"ref": body["ref"]}
+
+    config = IdempotencyConfig(store=f"sqlite:///{tmp_path / 'http.db'}", scope=scope)
+    app.add_middleware(IdempotencyMiddleware, config=config)
+    app.add_middleware(AuthenticationMiddleware, backend=Tokens())  # added last: runs first
+    return TestClient(app, raise_server_exceptions=False), effects
+
+
+def _pay(client: TestClient, key: str, token: str | None) -> Any:
+    headers = {"Idempotency-Key": f'"{key}"'}
+    if token is not None:
+        headers["Authorization"] = token
+    return client.post("/pay", json={"amount": 100, "ref": key}, headers=headers)
+
+
+def test_retry_after_a_token_refresh_replays(tmp_path: Path) -> None:
+    """redteam4 http/token_rotation.py: with scope_from_header("Authorization") the retry
+    with the refreshed token ran the charge again; scoped by the user it replays."""
+    client, effects = _app(tmp_path, scope_from_user("username"))
+    key = uuid.uuid4().hex
+    assert _pay(client, key, "Bearer access-v1").status_code == 201
+    again = _pay(client, key, "Bearer access-v2")
+    assert again.status_code == 201 and again.headers.get("idempotent-replayed") == "true"
+    assert effects == [key]
+    # another user with the same key is another key space
+    assert _pay(client, key, "Bearer other").headers.get("idempotent-replayed") is None
+    assert effects == [key, key]
+
+
+def test_scoping_by_the_token_runs_a_refreshed_retry_again(tmp_path: Path) -> None:
+    """Why the docs no longer show scope_from_header("Authorization") for bearer tokens."""
+    client, effects = _app(tmp_path, scope_from_header("Authorization"))
+    key = uuid.uuid4().hex
+    _pay(client, key, "Bearer access-v1")
+    _pay(client, key, "Bearer access-v2")
+    assert effects == [key, key]
+
+
+def test_a_request_without_a_principal_is_refused(tmp_path: Path) -> None:
+    """redteam4 finding 18: every client without credentials shared the scope "-"."""
+    client, effects = _app(tmp_path, scope_from_user("username"))
+    key = uuid.uuid4().hex
+    refused = _pay(client, key, None)
+    assert refused.status_code >= 400 and effects == []
+    # nothing was claimed: the key is still free for an authenticated client
+    assert _pay(client, key, "Bearer access-v1").status_code == 201 and effects == [key]
+
+
+def test_anonymous_share_is_explicit(tmp_path: Path) -> None:
+    client, effects = _app(tmp_path, scope_from_user("username", anonymous="share"))
+    key = uuid.uuid4().hex
+    assert _pay(client, key, None).status_code == 201
+    assert _pay(client, key, None).headers.get("idempotent-replayed") == "true"
+    assert effects == [key]
+
+
+def test_request_state_user_and_bad_settings(tmp_path: Path) -> None:
+    """A user set as ``request.state.user`` by an outer middleware (a str id, or an object
+    with ``id``)."""
+    effects: list[str] = []
+    app = FastAPI()
+
+    @app.post("/pay", status_code=201)
+    async def pay(request: Request) -> dict[str, str]:
+        effects.append(request.headers["x-user"])
+        return {}
+
+    class User:
+        def __init__(self, id: int) -> None:
+            self.id = id
+
+    config = IdempotencyConfig(store=f"sqlite:///{tmp_path / 'h.db'}", scope=scope_from_user())
+    app.add_middleware(IdempotencyMiddleware, config=config)
+
+    @app.middleware("http")  # added after oncely's: it runs first
+    async def auth(request: Request, call_next: Any) -> Any:
+        user = request.headers["x-user"]
+        request.state.user = User(int(user)) if user.isdigit() else user
+        return await call_next(request)
+
+    client = TestClient(app, raise_server_exceptions=False)
+    for user in ("alice", "alice", "42", "42"):
+        client.post("/pay", json={}, headers={"Idempotency-Key": '"k"', "X-User": user})
+    assert effects == ["alice", "42"]
+    with pytest.raises(ConfigurationError):
+        scope_from_user("not an attribute")
+    with pytest.raises(ConfigurationError):
+        scope_from_user(anonymous="allow")  # type: ignore[arg-type]
+
+
+def test_wsgi_remote_user(tmp_path: Path) -> None:
+    """WSGI: ``REMOTE_USER`` set by the server or an outer layer names the principal."""
+    from werkzeug.test import Client
+
+    from oncely.http import WSGIIdempotencyMiddleware
+
+    effects: list[str] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        effects.append(environ["REMOTE_USER"])
+        start_response("201 Created", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    config = IdempotencyConfig(store=f"sqlite:///{tmp_path / 'w.db'}", scope=scope_from_user())
+    inner = WSGIIdempotencyMiddleware(app, config)
+
+    def auth(environ: dict[str, Any], start_response: Any) -> Any:  # the outer layer
+        user = TOKENS.get(environ.get("HTTP_AUTHORIZATION", ""))
+        if user is not None:
+            environ["REMOTE_USER"] = user
+        return inner(environ, start_response)
+
+    client = Client(auth)
+    for token in ("Bearer access-v1", "Bearer access-v2"):
+        r = client.post(
+            "/pay", data=b"{}", headers={"Idempotency-Key": '"w"', "Authorization": token}
+        )
+        assert r.status_code == 201
+    assert effects == ["user-7"]
