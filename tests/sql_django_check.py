@@ -61,7 +61,9 @@ def main(alias_url: str, table: str, effects: str) -> None:
 
         with (
             PgWire(connection.connection) as wire,
-            oncely.sql.transaction(connection, key="k5", scope="s", table=table) as tx,
+            oncely.sql.transaction(
+                connection, operation="test.op", key="k5", scope="s", table=table
+            ) as tx,
         ):
             with connection.cursor() as cur:
                 cur.execute(f"INSERT INTO {effects} VALUES ('k5')")

@@ -200,6 +200,7 @@ def _targets() -> dict[str, Target]:
         http.scope_from_header,
         lambda **o: http.scope_from_header("X-Tenant", **o),
     )
+    add("scope_from_user", http.scope_from_user, lambda **o: http.scope_from_user(**o))
     add("json_fields", http.json_fields, lambda **o: http.json_fields("a.b", **o))
     add(
         "ConditionalMiddleware",
@@ -463,7 +464,7 @@ def _targets() -> dict[str, Target]:
         "transaction",
         osql.transaction,
         lambda **o: osql.transaction(
-            o.pop("conn", _sqlite_keys()), **{"key": "k", "scope": "s", **o}
+            o.pop("conn", _sqlite_keys()), **{"operation": "op", "key": "k", "scope": "s", **o}
         ),
     )
     add(
@@ -537,6 +538,7 @@ ANYTHING: frozenset[tuple[str, str]] = frozenset(
         ("*", "publish"),
         ("*", "hooks"),
         ("*", "after_commit"),
+        ("transaction", "payload"),  # any JSON-able value, None included, is a payload
         ("*", "tokens"),
         ("*", "machine"),
         ("*", "outbox"),

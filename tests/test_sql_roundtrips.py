@@ -189,7 +189,9 @@ class _Held:
         elif self.kind.startswith("transaction"):
             from oncely.sql import GLOBAL, transaction
 
-            with transaction(conn, key=f"k{ident}", scope=GLOBAL, table=self.keys) as tx:
+            with transaction(
+                conn, operation="op", key=f"k{ident}", scope=GLOBAL, table=self.keys
+            ) as tx:
                 assert not tx.replayed
                 body(conn)
                 if self.kind == "transaction+result":
@@ -364,7 +366,9 @@ async def test_sqlalchemy_async_psycopg_sends_the_result_update_with_the_commit(
                 pooled = await conn.get_raw_connection()
                 target: Any = conn if face == "connection" else AsyncSession(bind=conn)
                 with PgWire(pooled.driver_connection) as through:
-                    async with transaction(target, key=face, scope=GLOBAL, table=held.keys) as tx:
+                    async with transaction(
+                        target, operation="op", key=face, scope=GLOBAL, table=held.keys
+                    ) as tx:
                         assert not tx.replayed
                         await target.execute(
                             sa.text(f"INSERT INTO {held.effects} (name) VALUES ('{face}')")

@@ -247,7 +247,8 @@ def scope_from_user(
     """
     if not isinstance(attribute, str) or not attribute.isidentifier():
         raise ConfigurationError(
-            f"scope_from_user({attribute!r}): name the user attribute holding its id, e.g. 'id'"
+            f"scope_from_user(attribute={attribute!r}): name the user attribute holding its "
+            "id, e.g. 'id'"
         )
     if anonymous not in ("refuse", "share"):
         raise ConfigurationError(
