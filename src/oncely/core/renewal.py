@@ -21,11 +21,20 @@ fails even before the report.
 
 Registering is a heap push, so short critical sections and fast idempotent calls never pay for
 a thread; cancelled entries are dropped lazily, and the heap is compacted when they pile up.
-Async holders renew on their own event loop instead.
+
+Async holders are renewed here too, through the sync face of their store: a renewal on the
+holder's own event loop would wait for the loop, so a body that blocks it (a sync SDK call, a
+``time.sleep`` inside ``async def``) would lose its lease while the process is alive and
+working. A store's sync face opens its connections on first use (so only a holder that lives
+past ``lease / 3`` makes it connect) and drops them in a forked child. A lost lease is reported
+to an async holder on its loop (:func:`report` with ``loop``). The one exception is a
+PostgreSQL lock held through the async face: its lock lives in the async session itself, which
+only the loop can use, so it renews on the loop (see :mod:`oncely.locks.lock`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import logging
@@ -55,11 +64,22 @@ def on_renewal_thread() -> bool:
     return bool(getattr(_thread_role, "renewing", False))
 
 
-def report(callback: Callable[..., object], *args: object, what: str) -> None:
-    """Run a holder's callback (``on_lost``, ``on_lease_lost``) with ``args``: inline, or, when
-    called on a renewal thread, on a daemon thread of its own (``oncely-report``), so a slow
-    or blocking callback never stalls the renewals of other leases. A failing callback is
-    logged (``what`` names it), never raised into oncely's threads."""
+def report(
+    callback: Callable[..., object],
+    *args: object,
+    what: str,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> None:
+    """Run a holder's callback (``on_lost``, ``on_lease_lost``) with ``args``.
+
+    With ``loop`` (an async holder's event loop), the callback runs on that loop, handed over
+    with :meth:`~asyncio.loop.call_soon_threadsafe` when called from another thread (it runs
+    once the loop is free again); a loop that is closed or closing cannot take it, and the
+    callback then runs on a thread of its own. Without ``loop``: inline, or, when called on a
+    renewal thread, on a daemon thread of its own (``oncely-report``), so a slow or blocking
+    callback never stalls the renewals of other leases. A failing callback is logged
+    (``what`` names it), never raised into oncely's threads or the loop.
+    """
 
     def call() -> None:
         try:
@@ -67,6 +87,22 @@ def report(callback: Callable[..., object], *args: object, what: str) -> None:
         except Exception:
             log.exception("oncely: %s failed", what)
 
+    if loop is not None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            call()
+            return
+        if not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(call)
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+        threading.Thread(target=call, name="oncely-report", daemon=True).start()
+        return
     if on_renewal_thread():
         threading.Thread(target=call, name="oncely-report", daemon=True).start()
     else:
