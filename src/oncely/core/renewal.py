@@ -112,6 +112,8 @@ def report(
 def renew_timeout(lease: float) -> float:
     """How long one async renewal request may take (seconds): ``lease / 6``, at least 0.1 s.
 
+    (Only holders renewed on their event loop use it: async PostgreSQL locks.)
+
     Renewals start at ``lease / 3`` and are retried every ``lease / 10`` while the lease lasts,
     so a store that does not answer in time leaves room for a few more attempts; the caller
     also cuts a request off at the lease's bound. (Sync renewals are bounded by the driver's
