@@ -25,7 +25,8 @@ import httpx
 import pytest
 
 from oncely import InFlightError, current_claim, idempotent
-from oncely.core.lease import Claimed
+from oncely.core.lease import AsyncRenewer, Claimed
+from oncely.core.records import New, RecordKey
 from oncely.core.renewal import report
 from oncely.errors import LeaseLost
 from test_http_servers import ROOT, TESTS, running
@@ -248,4 +249,41 @@ def test_an_async_lock_holder_blocking_its_loop_past_the_ttl_keeps_the_lock(
     assert out["result"] is False
     token = contender.acquire(blocking=False)
     assert token is not None
+    contender.release()
+
+
+# -- a holder whose loop closed -------------------------------------------------------------------
+def test_a_claim_whose_loop_closed_stops_renewing(make_store: StoreFactory) -> None:
+    """A call that died with its event loop (never stopped its renewer) lets the key go one
+    lease later, as the loop timer did: the watchdog does not renew it forever."""
+    store, _, _ = make_store("redis")
+    key = RecordKey.of("blocking", f"order-{uuid.uuid4()}")
+
+    async def claim_and_vanish() -> Claimed:
+        sent_at = time.monotonic()
+        outcome = await store.aclaim(key, "fp", LEASE, 60)
+        assert isinstance(outcome, New)
+        claimed = Claimed(key, outcome.fence, LEASE, store)
+        AsyncRenewer(claimed, sent_at)  # never stopped
+        return claimed
+
+    claimed = asyncio.run(claim_and_vanish())
+    wait_until(lambda: claimed.lost is not None, LEASE * 2)
+    assert isinstance(claimed.lost, LeaseLost) and "event loop" in str(claimed.lost)
+    wait_until(lambda: isinstance(store.claim(key, "fp", LEASE, 60), New), LEASE * 2)
+
+
+@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+def test_an_async_lock_whose_loop_closed_stops_renewing(kind: str, spec_for: Any) -> None:
+    spec = dict(spec_for(kind))
+    name = unique_name()
+    holder = make_lock(spec, name, ttl=LEASE, auto_renew=True)
+    contender = make_lock(spec, name, ttl=LEASE)
+
+    async def acquire_and_vanish() -> None:
+        await holder.aacquire()  # never released
+
+    asyncio.run(acquire_and_vanish())
+    assert holder.lost.wait(LEASE * 2)
+    assert contender.acquire(timeout=LEASE * 2) is not None
     contender.release()

@@ -60,7 +60,8 @@ class Claimed:
     lost: BaseException | None = None
     active: bool = True
     due: float = field(default=0.0, repr=False)
-    #: The event loop of an async holder: ``on_lost`` is called on it (None: sync holder).
+    #: The event loop of an async holder (None: a sync holder): ``on_lost`` is called on it,
+    #: and renewals stop once it is closed.
     loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _mutex: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -77,6 +78,15 @@ class Claimed:
     def run(self) -> float | None:
         """Renew once (on the store's lane); return when to renew next, or None to stop."""
         if not self.active:
+            return None
+        loop = self.loop
+        if loop is not None and loop.is_closed():  # the call died with its loop: let go
+            self._lose(
+                LeaseLost(
+                    "the event loop of this call closed while the call held the key; renewals "
+                    "stopped, and the key frees itself when the lease runs out"
+                )
+            )
             return None
         sent_at = time.monotonic()
         try:
@@ -181,16 +191,18 @@ class AsyncRenewer:
     lease for as long as the process lives. A store's sync face opens its connections lazily,
     so only a call that outlives ``lease / 3`` makes it connect. A lost lease is reported on
     the caller's loop (``on_lost`` runs there through :meth:`~asyncio.loop.call_soon_threadsafe`;
-    on a thread of its own if the loop is closed); :meth:`Claimed.check` needs no loop.
+    on a thread of its own if the loop is closed); :meth:`Claimed.check` needs no loop. A
+    loop closed while the call still held the key (the call died with it) ends the renewals:
+    the key frees itself one lease later, as a crashed process's does.
     """
 
     __slots__ = ("claimed",)
 
     def __init__(self, claimed: Claimed, sent_at: float) -> None:
         self.claimed = claimed
-        if claimed.on_lost is not None:
-            claimed.loop = asyncio.get_running_loop()
-        keeper.keep(claimed, sent_at)
+        claimed.loop = asyncio.get_running_loop()
+        claimed.start(sent_at)
+        watchdog.schedule(claimed)
 
     def stop(self) -> None:
-        keeper.stop(self.claimed)
+        watchdog.cancel(self.claimed)

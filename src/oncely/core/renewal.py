@@ -179,9 +179,14 @@ class Watchdog:
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, int, Due]] = []
-        self._cond = threading.Condition()
+        #: Guards everything below; registering and cancelling take it directly (the
+        #: Condition's own ``with`` costs a Python-level call each way).
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
+        #: True from the scheduler thread's start until its loop ends (it ends only on a bug).
+        self._running = False
         self._cancelled = 0
         self._lanes: dict[int, _Lane] = {}
         #: ids of entries handed to a lane whose run has not returned yet
@@ -189,8 +194,9 @@ class Watchdog:
 
     def schedule(self, entry: Due) -> None:
         """Run ``entry`` at ``entry.due`` (monotonic), then whenever it asks to run again."""
-        with self._cond:
-            if self._thread is None or not self._thread.is_alive():
+        with self._mutex:
+            if not self._running:
+                self._running = True
                 self._thread = threading.Thread(
                     target=self._loop, name="oncely-watchdog", daemon=True
                 )
@@ -200,7 +206,7 @@ class Watchdog:
     def cancel(self, entry: Due) -> None:
         """Stop ``entry``; it is dropped from the heap when it comes up (or at a compaction)."""
         entry.active = False
-        with self._cond:
+        with self._mutex:
             self._cancelled += 1
             if self._cancelled > 1024 and self._cancelled * 2 > len(self._heap):
                 self._heap = [item for item in self._heap if item[3].active]
@@ -226,6 +232,13 @@ class Watchdog:
             self._cond.notify()
 
     def _loop(self) -> None:
+        try:
+            self._schedule_forever()
+        finally:  # only a bug ends the loop: the next schedule() starts a new thread
+            with self._mutex:
+                self._running = False
+
+    def _schedule_forever(self) -> None:
         _thread_role.renewing = True
         while True:
             with self._cond:
@@ -288,8 +301,10 @@ class Watchdog:
         # A forked child holds none of its parent's leases: it must not renew them.
         self._heap = []
         self._cancelled = 0
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._thread = None
+        self._running = False
         self._lanes = {}
         self._pending = set()
 

@@ -828,7 +828,7 @@ class _Renewal:
         self.active = True
         self.due = sent_at + hold.ttl / 3
         #: The event loop of an async holder renewed on the watchdog thread (a loss is
-        #: reported there), else None.
+        #: reported there; renewals stop once it is closed), else None.
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
@@ -902,6 +902,13 @@ class _Renewal:
         return now + gap
 
     def run(self) -> float | None:
+        loop = self.loop
+        if loop is not None and loop.is_closed() and self.active:
+            self._lose(
+                "its holder's event loop closed while it held the lock; renewals stopped, and "
+                "the lock frees itself when its ttl runs out"
+            )
+            return None
         sent_at = self._before()
         if sent_at is None:
             return None
