@@ -114,6 +114,25 @@ def renewed_in_child(store: Store, tag: str) -> list[str]:
     return []
 
 
+def async_renewed_in_child(store: Store, tag: str) -> list[str]:
+    """An async call blocking its event loop past its 2 s lease: only a renewal by this
+    process's watchdog, through the store's sync face, keeps it."""
+
+    @idempotent(store=store, key=["k"], lease=2, name=f"fork.ablock.{tag}")
+    async def blocking(k: str) -> str:
+        time.sleep(3)  # blocks the loop: no renewal can run on it
+        current_claim().check()  # raises LeaseLost if no renewal was confirmed in time
+        return k
+
+    key = uuid.uuid4().hex
+    try:
+        if asyncio.run(blocking(key)) != key:
+            return ["the blocking async call returned another result"]
+    except Exception as exc:
+        return [f"the blocking async call failed: {type(exc).__name__}: {exc}"]
+    return []
+
+
 @pytest.mark.parametrize("kind", SHARED_KINDS)
 def test_a_store_opened_before_fork_serves_parent_and_children(
     kind: str, make_store: StoreFactory
@@ -126,6 +145,7 @@ def test_a_store_opened_before_fork_serves_parent_and_children(
         tag = f"child{index}"
         problems = round_trips(store, tag)
         problems += renewed_in_child(store, tag)
+        problems += async_renewed_in_child(store, tag)
 
         async def async_face() -> list[str]:
             key = RecordKey("fork", uuid.uuid4().hex * 2)

@@ -5,12 +5,15 @@ Configured by environment variables, read in every worker process:
 * ``SERVER_APP_STORE`` / ``SERVER_APP_STORE_OPTIONS`` (JSON): the store every worker opens;
 * ``SERVER_APP_LOG``: a file that gets one line per real handler execution (appended with
   ``O_APPEND``, so lines from all workers add up);
-* ``SERVER_APP_SLEEP``: how long the handler works, in seconds.
+* ``SERVER_APP_SLEEP``: how long the handler works, in seconds;
+* ``SERVER_APP_LEASE``: the lease, in seconds (default 5);
+* ``SERVER_APP_GO_ON``: a file whose creation ends ``POST /blocking``.
 
-Routes: ``POST /orders`` (works, then 201); ``POST /report`` (streams 400 chunks of 1000
-bytes, a little at a time); ``POST /pay`` on ``fastapi_app`` (a body model FastAPI validates);
-``POST /guarded`` on the Flask app (a ``before_request`` check refuses it with 403 unless
-``X-Csrf: ok``).
+Routes: ``POST /orders`` (works, then 201); ``POST /blocking`` (blocks its event loop with
+``time.sleep`` until ``SERVER_APP_GO_ON`` exists, then 201); ``POST /report`` (streams 400
+chunks of 1000 bytes, a little at a time); ``POST /pay`` on ``fastapi_app`` (a body model
+FastAPI validates); ``POST /guarded`` on the Flask app (a ``before_request`` check refuses
+it with 403 unless ``X-Csrf: ok``).
 """
 
 from __future__ import annotations
@@ -43,7 +46,10 @@ STORE = open_store(
 )
 LOG = os.environ.get("SERVER_APP_LOG", os.devnull)
 SLEEP = float(os.environ.get("SERVER_APP_SLEEP", "0.3"))
-CONFIG = IdempotencyConfig(store=STORE, scope=scope_from_header("Authorization"), lease=5.0)
+LEASE = float(os.environ.get("SERVER_APP_LEASE", "5"))
+CONFIG = IdempotencyConfig(store=STORE, scope=scope_from_header("Authorization"), lease=LEASE)
+#: ``POST /blocking`` blocks its event loop until this file exists (at most 20 s).
+GO_ON = os.environ.get("SERVER_APP_GO_ON", "")
 
 
 def record_execution() -> None:
@@ -59,6 +65,16 @@ async def create_order(request: Request) -> Response:
     record_execution()
     await asyncio.sleep(SLEEP)
     return JSONResponse({"pid": os.getpid()}, status_code=201, headers={"Location": "/orders/1"})
+
+
+async def blocking(request: Request) -> Response:
+    """A sync SDK call inside async def: the worker's event loop runs nothing until it ends."""
+    await request.body()
+    record_execution()
+    deadline = time.monotonic() + 20
+    while not os.path.exists(GO_ON) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return JSONResponse({"pid": os.getpid()}, status_code=201)
 
 
 async def health(request: Request) -> Response:
@@ -83,6 +99,7 @@ asgi_app = Starlette(
     routes=[
         Route("/orders", create_order, methods=["POST"]),
         Route("/report", report, methods=["POST"]),
+        Route("/blocking", blocking, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
     ],
     middleware=[Middleware(IdempotencyMiddleware, config=CONFIG)],

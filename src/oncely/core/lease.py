@@ -1,10 +1,10 @@
 """Keeping a claim's lease alive while the function runs, and telling the caller if it is lost.
 
-Sync calls are renewed by :data:`oncely.core.renewal.watchdog`, on the lane (thread) of their store:
-a stuck store delays only its own renewals (registering a call is a heap push, so a fast
-function never pays for a thread). Async calls renew on their own event loop, each renewal
-bounded by :func:`renew_timeout`. Both renew every ``lease / 3``; a failed renewal is retried
-while the lease still has time.
+Sync and async calls alike are renewed by :data:`oncely.core.renewal.watchdog`, through the
+store's sync face on the lane (thread) of their store: a stuck store delays only its own
+renewals (registering a call is a heap push, so a fast function never pays for a thread), and an
+async body that blocks its event loop cannot starve its own renewals. Renewals run every
+``lease / 3``; a failed renewal is retried while the lease still has time.
 
 The local bound: :attr:`Claimed.held_until` is the monotonic time until which the lease surely
 holds, counted from when the claim (or the last confirmed renewal) was *sent*, never from when
@@ -27,9 +27,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from oncely.core import observe
-from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import RecordKey
-from oncely.core.renewal import renew_timeout, report, watchdog
+from oncely.core.renewal import report, watchdog
 from oncely.errors import LeaseLost
 
 if TYPE_CHECKING:  # core imports no store: Store is only a type here
@@ -61,6 +60,9 @@ class Claimed:
     lost: BaseException | None = None
     active: bool = True
     due: float = field(default=0.0, repr=False)
+    #: The event loop of an async holder (None: a sync holder): ``on_lost`` is called on it,
+    #: and renewals stop once it is closed.
+    loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
     _mutex: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
@@ -76,6 +78,15 @@ class Claimed:
     def run(self) -> float | None:
         """Renew once (on the store's lane); return when to renew next, or None to stop."""
         if not self.active:
+            return None
+        loop = self.loop
+        if loop is not None and loop.is_closed():  # the call died with its loop: let go
+            self._lose(
+                LeaseLost(
+                    "the event loop of this call closed while the call held the key; renewals "
+                    "stopped, and the key frees itself when the lease runs out"
+                )
+            )
             return None
         sent_at = time.monotonic()
         try:
@@ -141,7 +152,7 @@ class Claimed:
         if observe.observers:
             observe.lease_lost(self.store, self.key)
         if self.on_lost is not None:
-            report(self.on_lost, self, exc, what="on_lease_lost callback")
+            report(self.on_lost, self, exc, what="on_lease_lost callback", loop=self.loop)
 
 
 active_claim: contextvars.ContextVar[Claimed | None] = contextvars.ContextVar(
@@ -170,49 +181,28 @@ keeper = LeaseKeeper()
 
 
 class AsyncRenewer:
-    """Renews one async call's lease on the running loop; cheap until the first renewal is due.
+    """Renews one async call's lease on the watchdog thread, like a sync call's.
 
-    ``sent_at`` is when the claim was sent (monotonic). Each renewal request is bounded by
-    :func:`renew_timeout` and by the lease's bound, whichever comes first.
+    ``sent_at`` is when the claim was sent (monotonic). The claim is registered with the
+    process-wide :data:`oncely.core.renewal.watchdog` (a heap push, so a call that ends before
+    its first renewal is due, ``lease / 3`` after ``sent_at``, never costs more) and renewed
+    through the store's sync face on the store's lane thread, never on the event loop: a body
+    that blocks its loop (a sync SDK call, :func:`time.sleep` inside ``async def``) keeps its
+    lease for as long as the process lives. A store's sync face opens its connections lazily,
+    so only a call that outlives ``lease / 3`` makes it connect. A lost lease is reported on
+    the caller's loop (``on_lost`` runs there through :meth:`~asyncio.loop.call_soon_threadsafe`;
+    on a thread of its own if the loop is closed); :meth:`Claimed.check` needs no loop. A
+    loop closed while the call still held the key (the call died with it) ends the renewals:
+    the key frees itself one lease later, as a crashed process's does.
     """
+
+    __slots__ = ("claimed",)
 
     def __init__(self, claimed: Claimed, sent_at: float) -> None:
         self.claimed = claimed
-        self._loop = asyncio.get_running_loop()
-        self._task: asyncio.Task[None] | None = None
+        claimed.loop = asyncio.get_running_loop()
         claimed.start(sent_at)
-        self._handle: asyncio.TimerHandle | None = self._loop.call_later(
-            max(claimed.due - time.monotonic(), 0.0), self._start
-        )
-
-    def _start(self) -> None:
-        self._handle = None
-        self._task = self._loop.create_task(self._renew_forever())
-
-    async def _renew_forever(self) -> None:
-        claimed = self.claimed
-        while claimed.active:
-            sent_at = time.monotonic()
-            limit = min(renew_timeout(claimed.lease), claimed.held_until - sent_at)
-            try:
-                if limit <= 0:
-                    raise TimeoutError("the lease ran out before its renewal could be sent")
-                with keep_cancel():  # wait_for can drop a cancel that meets the reply (3.11)
-                    await asyncio.wait_for(
-                        claimed.store.arenew(claimed.key, claimed.fence, claimed.lease), limit
-                    )
-            except Exception as exc:  # any failure, typed or not, is retried and then reported
-                if isinstance(exc, asyncio.TimeoutError) and not str(exc):
-                    exc = TimeoutError(f"the store did not answer a renewal within {limit:.3g}s")
-                if not claimed._failed(exc, time.monotonic()):
-                    return
-            else:
-                claimed._renewed(sent_at)
-            await asyncio.sleep(max(claimed.due - time.monotonic(), 0.0))
+        watchdog.schedule(claimed)
 
     def stop(self) -> None:
-        self.claimed.active = False
-        if self._handle is not None:
-            self._handle.cancel()
-        if self._task is not None:
-            self._task.cancel()
+        watchdog.cancel(self.claimed)

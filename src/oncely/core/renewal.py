@@ -21,11 +21,20 @@ fails even before the report.
 
 Registering is a heap push, so short critical sections and fast idempotent calls never pay for
 a thread; cancelled entries are dropped lazily, and the heap is compacted when they pile up.
-Async holders renew on their own event loop instead.
+
+Async holders are renewed here too, through the sync face of their store: a renewal on the
+holder's own event loop would wait for the loop, so a body that blocks it (a sync SDK call, a
+``time.sleep`` inside ``async def``) would lose its lease while the process is alive and
+working. A store's sync face opens its connections on first use (so only a holder that lives
+past ``lease / 3`` makes it connect) and drops them in a forked child. A lost lease is reported
+to an async holder on its loop (:func:`report` with ``loop``). The one exception is a
+PostgreSQL lock held through the async face: its lock lives in the async session itself, which
+only the loop can use, so it renews on the loop (see :mod:`oncely.locks.lock`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 import logging
@@ -55,11 +64,22 @@ def on_renewal_thread() -> bool:
     return bool(getattr(_thread_role, "renewing", False))
 
 
-def report(callback: Callable[..., object], *args: object, what: str) -> None:
-    """Run a holder's callback (``on_lost``, ``on_lease_lost``) with ``args``: inline, or, when
-    called on a renewal thread, on a daemon thread of its own (``oncely-report``), so a slow
-    or blocking callback never stalls the renewals of other leases. A failing callback is
-    logged (``what`` names it), never raised into oncely's threads."""
+def report(
+    callback: Callable[..., object],
+    *args: object,
+    what: str,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> None:
+    """Run a holder's callback (``on_lost``, ``on_lease_lost``) with ``args``.
+
+    With ``loop`` (an async holder's event loop), the callback runs on that loop, handed over
+    with :meth:`~asyncio.loop.call_soon_threadsafe` when called from another thread (it runs
+    once the loop is free again); a loop that is closed or closing cannot take it, and the
+    callback then runs on a thread of its own. Without ``loop``: inline, or, when called on a
+    renewal thread, on a daemon thread of its own (``oncely-report``), so a slow or blocking
+    callback never stalls the renewals of other leases. A failing callback is logged
+    (``what`` names it), never raised into oncely's threads or the loop.
+    """
 
     def call() -> None:
         try:
@@ -67,6 +87,22 @@ def report(callback: Callable[..., object], *args: object, what: str) -> None:
         except Exception:
             log.exception("oncely: %s failed", what)
 
+    if loop is not None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            call()
+            return
+        if not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(call)
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+        threading.Thread(target=call, name="oncely-report", daemon=True).start()
+        return
     if on_renewal_thread():
         threading.Thread(target=call, name="oncely-report", daemon=True).start()
     else:
@@ -75,6 +111,8 @@ def report(callback: Callable[..., object], *args: object, what: str) -> None:
 
 def renew_timeout(lease: float) -> float:
     """How long one async renewal request may take (seconds): ``lease / 6``, at least 0.1 s.
+
+    (Only holders renewed on their event loop use it: async PostgreSQL locks.)
 
     Renewals start at ``lease / 3`` and are retried every ``lease / 10`` while the lease lasts,
     so a store that does not answer in time leaves room for a few more attempts; the caller
@@ -141,9 +179,14 @@ class Watchdog:
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, int, Due]] = []
-        self._cond = threading.Condition()
+        #: Guards everything below; registering and cancelling take it directly (the
+        #: Condition's own ``with`` costs a Python-level call each way).
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
+        #: True from the scheduler thread's start until its loop ends (it ends only on a bug).
+        self._running = False
         self._cancelled = 0
         self._lanes: dict[int, _Lane] = {}
         #: ids of entries handed to a lane whose run has not returned yet
@@ -151,8 +194,9 @@ class Watchdog:
 
     def schedule(self, entry: Due) -> None:
         """Run ``entry`` at ``entry.due`` (monotonic), then whenever it asks to run again."""
-        with self._cond:
-            if self._thread is None or not self._thread.is_alive():
+        with self._mutex:
+            if not self._running:
+                self._running = True
                 self._thread = threading.Thread(
                     target=self._loop, name="oncely-watchdog", daemon=True
                 )
@@ -162,7 +206,7 @@ class Watchdog:
     def cancel(self, entry: Due) -> None:
         """Stop ``entry``; it is dropped from the heap when it comes up (or at a compaction)."""
         entry.active = False
-        with self._cond:
+        with self._mutex:
             self._cancelled += 1
             if self._cancelled > 1024 and self._cancelled * 2 > len(self._heap):
                 self._heap = [item for item in self._heap if item[3].active]
@@ -188,6 +232,13 @@ class Watchdog:
             self._cond.notify()
 
     def _loop(self) -> None:
+        try:
+            self._schedule_forever()
+        finally:  # only a bug ends the loop: the next schedule() starts a new thread
+            with self._mutex:
+                self._running = False
+
+    def _schedule_forever(self) -> None:
         _thread_role.renewing = True
         while True:
             with self._cond:
@@ -250,8 +301,10 @@ class Watchdog:
         # A forked child holds none of its parent's leases: it must not renew them.
         self._heap = []
         self._cancelled = 0
-        self._cond = threading.Condition()
+        self._mutex = threading.Lock()
+        self._cond = threading.Condition(self._mutex)
         self._thread = None
+        self._running = False
         self._lanes = {}
         self._pending = set()
 

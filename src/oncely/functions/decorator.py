@@ -470,7 +470,8 @@ def idempotent(
     :param cache_size: keep up to this many completed results in process
         (``$ONCELY_CACHE_SIZE``, default 0: off).
     :param on_lease_lost: called with ``(claim, error)`` if the running call loses its lease
-        (a loss found by the renewal threads calls it on a thread of its own).
+        (a loss found by the renewal threads calls it on a thread of its own for a sync
+        function, on the caller's event loop for an async one).
     :param on_cancel: what a cancelled caller of an async function does once the body started:
         ``"finish"`` (default) lets the body run on, shielded, and stores its outcome, so a
         retry replays it instead of running the effect twice; ``"release"`` cancels the body

@@ -167,7 +167,9 @@ class IdempotencyConfig:
     :param replay_header: header added to replayed responses, value ``true`` (default
         ``Idempotent-Replayed``).
     :param tokens: one-time token guard (see :class:`TokenGuard`).
-    :param on_lease_lost: called with ``(claim, error)`` if a running request loses its key.
+    :param on_lease_lost: called with ``(claim, error)`` if a running request loses its key
+        (a loss found by the renewal threads: on a thread of its own for WSGI, on the
+        request's event loop for ASGI).
     :param on_cancel: what a request task cancelled while its handler runs does (ASGI and
         Django's async middleware; a server cancels the task when the client goes away or at
         shutdown): ``"finish"`` (default) lets the handler run on, shielded, and settles the

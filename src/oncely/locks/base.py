@@ -110,6 +110,12 @@ class LockBackend(abc.ABC):
     #: that time passed. False for PostgreSQL, whose lock lasts as long as its session, which any
     #: statement on the lock's connection keeps alive (there the bound applies with auto_renew).
     expires: bool = True
+    #: True if :meth:`extend` (the sync face) can renew a hold taken through the async face:
+    #: the hold names the lock in the store rather than living in an async connection. Such
+    #: holds are then renewed by the watchdog thread (:mod:`oncely.core.renewal`), so a holder
+    #: that blocks its event loop keeps the lock; other backends renew async holds on their
+    #: loop. False unless a backend says so (PostgreSQL: the lock lives in the async session).
+    sync_extends_async: bool = False
     #: How long ``acquire(timeout=None)`` keeps trying while the store cannot decide at all (a
     #: Redlock quorum unreachable) before it raises :class:`~oncely.errors.StoreUnavailable`.
     unavailable_wait: float = 5.0

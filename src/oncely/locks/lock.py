@@ -40,7 +40,7 @@ from oncely.backends.registry import lock_backend_class as backend_class
 from oncely.backends.registry import shared_lock_backend as shared_backend
 from oncely.core import observe
 from oncely.core.cancelsafe import keep_alive, keep_cancel
-from oncely.core.renewal import renew_timeout, report, watchdog
+from oncely.core.renewal import on_renewal_thread, renew_timeout, report, watchdog
 from oncely.errors import (
     LockError,
     LockLost,
@@ -337,17 +337,20 @@ class Lock:
             self._lost = exc
             self._teller = threading.get_ident()
             renewal, self._renewal = self._renewal, None
+        loop = None
         if renewal is not None:
             renewal.active = False
+            loop = renewal.loop
         log.error("oncely: lock %r lost: %s", self.name, exc)
         if observe.observers:
             observe.lock_lost(self.backend.kind)
-        self._tell(exc)
+        self._tell(exc, loop)
 
-    def _tell(self, exc: LockLost) -> None:
+    def _tell(self, exc: LockLost, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Run the ``on_lost`` callback, then set :attr:`lost` (so its waiters see both); on a
         thread of its own when the loss is found on a renewal thread (a slow callback must not
-        stall other renewals)."""
+        stall other renewals), or, for an async holder renewed there (``loop``: its event
+        loop), on that loop."""
         on_lost = self.on_lost
         if on_lost is None:
             self.lost.set()
@@ -359,7 +362,11 @@ class Lock:
             finally:
                 self.lost.set()
 
-        report(tell, what=f"on_lost callback of lock {self.name!r}")
+        report(
+            tell,
+            what=f"on_lost callback of lock {self.name!r}",
+            loop=loop if on_renewal_thread() else None,
+        )
 
     def _timeout_error(self, limit: float | None, busy: Busy) -> OncelyError:
         waited = "at once" if not limit else f"within {limit:g}s"
@@ -598,7 +605,12 @@ class Lock:
             self._renewal = renewal
         if hold.face == "sync":
             watchdog.schedule(renewal)
-        else:
+        elif self.backend.sync_extends_async:
+            # Renewed on the watchdog thread like a sync hold, so a holder that blocks its event
+            # loop keeps the lock; a loss is reported on the loop.
+            renewal.loop = asyncio.get_running_loop()
+            watchdog.schedule(renewal)
+        else:  # the lock lives in an async connection (PostgreSQL): only its loop can renew it
             self._renew_task = asyncio.get_running_loop().create_task(
                 renewal.run_async(), name=f"oncely-renew-{self.name}"
             )
@@ -802,8 +814,12 @@ class Lock:
 class _Renewal:
     """The renewal schedule of one hold: every ttl/3, retried while the lease lasts.
 
-    Sync holds run on the lane of their backend (:mod:`oncely.core.renewal`); async holds on their
-    event loop, each request bounded by :func:`~oncely.core.renewal.renew_timeout` and the bound.
+    Sync holds, and async holds of a backend that can extend them through its sync face
+    (:attr:`~oncely.locks.base.LockBackend.sync_extends_async`: Redis, Redlock, SQLite), run on
+    the lane of their backend (:mod:`oncely.core.renewal`), so an event loop blocked by its
+    holder cannot starve them. Other async holds (PostgreSQL, whose lock lives in the async
+    session) renew on their event loop, each request bounded by
+    :func:`~oncely.core.renewal.renew_timeout` and the bound.
     """
 
     def __init__(self, lock: Lock, hold: Hold, sent_at: float) -> None:
@@ -811,6 +827,9 @@ class _Renewal:
         self.hold = hold
         self.active = True
         self.due = sent_at + hold.ttl / 3
+        #: The event loop of an async holder renewed on the watchdog thread (a loss is
+        #: reported there; renewals stop once it is closed), else None.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def __repr__(self) -> str:
         return f"<renewal of {self.lock!r}>"
@@ -883,6 +902,13 @@ class _Renewal:
         return now + gap
 
     def run(self) -> float | None:
+        loop = self.loop
+        if loop is not None and loop.is_closed() and self.active:
+            self._lose(
+                "its holder's event loop closed while it held the lock; renewals stopped, and "
+                "the lock frees itself when its ttl runs out"
+            )
+            return None
         sent_at = self._before()
         if sent_at is None:
             return None

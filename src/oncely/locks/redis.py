@@ -75,6 +75,8 @@ class RedisLockBackend(LockBackend):
     """
 
     kind = "redis"
+    #: Async holds name the lock in the store: the watchdog renews them with :meth:`extend`.
+    sync_extends_async = True
 
     def __init__(
         self,

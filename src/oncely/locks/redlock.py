@@ -122,6 +122,8 @@ class RedlockBackend(LockBackend):
     """
 
     kind = "redlock"
+    #: Async holds name the lock in the store: the watchdog renews them with :meth:`extend`.
+    sync_extends_async = True
 
     def __init__(
         self,

@@ -85,6 +85,8 @@ class SQLiteLockBackend(LockBackend):
     """
 
     kind = "sqlite"
+    #: Async holds name the lock in the store: the watchdog renews them with :meth:`extend`.
+    sync_extends_async = True
 
     def __init__(
         self,
