@@ -13,11 +13,14 @@ oncely inbox purge URL       delete old inbox rows (oncely.messaging.inbox)
 oncely outbox purge URL      delete old sent outbox rows (oncely.messaging.outbox)
 oncely --version
 
-``--json`` on ``check``, ``keys ls`` and ``keys show`` prints one JSON document instead of a
-table (times as ISO 8601 UTC strings, bodies as previews). Only ``init`` creates anything: the
-other commands open the store with ``create_schema=False`` (a SQLite file that does not exist
-stays missing, and they say so). Nothing printed is read as Rich markup, so ``oncely[redis]``
-or a scope like ``[admin]`` prints as it is.
+Every command that talks to a store makes one round trip to it first (its clock): a store that
+cannot be reached is an error with exit status 1, even for ``init`` and ``purge`` on Redis,
+which would otherwise send nothing. ``--json`` on ``check``, ``keys ls`` and ``keys show``
+prints one JSON document instead of a table (times as ISO 8601 UTC strings, bodies as
+previews). Only ``init`` creates anything: the other commands open the store with
+``create_schema=False`` (a SQLite file that does not exist stays missing, and they say so).
+Nothing printed is read as Rich markup, so ``oncely[redis]`` or a scope like ``[admin]`` prints
+as it is.
 """
 
 from __future__ import annotations
