@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import Result
@@ -383,3 +384,28 @@ def test_keys_show_and_rm_find_a_record_whose_key_has_several_parts(tmp_path: Pa
     assert wrong.exit_code == 1  # the parts in the decorator's order
     assert runner.invoke(app, ["keys", "rm", url, *base]).exit_code == 0
     assert runner.invoke(app, ["keys", "show", url, *base]).exit_code == 1
+
+
+@pytest.mark.parametrize("url", [POSTGRES_URL, MYSQL_URL])
+def test_init_on_a_foreign_sql_table_names_the_table_and_the_cause(url: str) -> None:
+    """PostgreSQL used to say only `UndefinedColumn: column "expires_at" does not exist`."""
+    table = f"oncely_foreign_{uuid.uuid4().hex[:8]}"
+    if url == POSTGRES_URL:
+        import psycopg
+
+        admin: Any = psycopg.connect(url, autocommit=True)
+    else:
+        import pymysql
+
+        from oncely.backends.mysql import connect_args
+
+        admin = pymysql.connect(**connect_args(url), autocommit=True)
+    try:
+        admin.cursor().execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, name TEXT)")
+        result = runner.invoke(app, ["init", url, "--table", table])
+        text = flat(result)
+        assert result.exit_code == 1, text
+        assert repr(table) in text and "oncely's columns" in text and "--table" in text, text
+    finally:
+        admin.cursor().execute(f"DROP TABLE IF EXISTS {table}")
+        admin.close()
