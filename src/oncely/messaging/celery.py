@@ -1,6 +1,7 @@
 """Celery tasks whose effect happens once per key (``oncely[celery]``).
 
-Celery with ``acks_late`` redelivers a task whose worker died, and on Redis/SQS brokers runs a
+Celery with ``acks_late`` redelivers a task whose worker process died (and, with
+``reject_on_worker_lost``, one whose prefork pool child died), and on Redis/SQS brokers runs a
 long task a second time once the visibility timeout passes (DESIGN.md; celery-once, the usual
 answer, is abandoned). :class:`IdempotentTask` runs each task call through an
 :class:`~oncely.messaging.consumer.IdempotentConsumer` named after the task:
