@@ -9,6 +9,7 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import Result
@@ -324,3 +325,87 @@ def test_python_dash_m_oncely() -> None:
         [sys.executable, "-m", "oncely", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == f"oncely {importlib.metadata.version('oncely')}"
+
+
+DOWN = "redis://127.0.0.1:1/0"  # nothing listens on port 1
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["init", DOWN],
+        ["check", DOWN],
+        ["purge", DOWN],
+        ["keys", "ls", DOWN],
+        ["keys", "show", DOWN, "0" * 64],
+        ["keys", "rm", DOWN, "0" * 64],
+        ["keys", "show", DOWN, "--key", "k"],
+    ],
+)
+def test_every_store_command_reaches_the_store_or_fails(command: list[str]) -> None:
+    """Each command makes a real round trip: `init` used to print "ready" and `purge` "purged 0"
+    (exit 0) on a Redis that is not there, since neither sent anything to it."""
+    result = runner.invoke(app, command)
+    assert result.exit_code == 1, result.output
+    text = flat(result)
+    assert "unavailable" in text and "127.0.0.1:1" in text and "Traceback" not in text
+    assert "ready" not in text and "purged" not in text
+
+
+def test_init_on_a_foreign_table_of_the_same_name_says_so(tmp_path: Path) -> None:
+    """A SQLite file whose `oncely_records` is another program's table: the error names the
+    table and the cause, not "check that the directory exists and is writable"."""
+    path = tmp_path / "foreign.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE oncely_records (id INTEGER PRIMARY KEY, name TEXT)")
+    result = runner.invoke(app, ["init", f"sqlite:///{path}"])
+    text = flat(result)
+    assert result.exit_code == 1, text
+    assert "not an oncely records table" in text and "--table" in text, text
+    assert "no such column" in text and "directory exists" not in text
+
+
+def test_keys_show_and_rm_find_a_record_whose_key_has_several_parts(tmp_path: Path) -> None:
+    """key=["customer", "order"]: `--key C --key O` builds the digest as the decorator does
+    (one --key used to find only single-part keys)."""
+    url = f"sqlite:///{tmp_path}/parts.db"
+    assert runner.invoke(app, ["init", url]).exit_code == 0
+
+    @idempotent(store=url, name="cli.parts", key=["customer", "order"])
+    def charge(customer: str, order: int) -> dict[str, int]:
+        return {"amount": 7}
+
+    charge("alice", 42)
+    base = ["--name", "cli.parts", "--key", "alice", "--key", "42"]
+    shown = runner.invoke(app, ["keys", "show", url, *base])
+    assert shown.exit_code == 0 and '{"amount":7}' in shown.output, shown.output
+    wrong = runner.invoke(app, ["keys", "show", url, "--name", "cli.parts", "--key", "42",
+                                "--key", "alice"])  # fmt: skip
+    assert wrong.exit_code == 1  # the parts in the decorator's order
+    assert runner.invoke(app, ["keys", "rm", url, *base]).exit_code == 0
+    assert runner.invoke(app, ["keys", "show", url, *base]).exit_code == 1
+
+
+@pytest.mark.parametrize("url", [POSTGRES_URL, MYSQL_URL])
+def test_init_on_a_foreign_sql_table_names_the_table_and_the_cause(url: str) -> None:
+    """PostgreSQL used to say only `UndefinedColumn: column "expires_at" does not exist`."""
+    table = f"oncely_foreign_{uuid.uuid4().hex[:8]}"
+    if url == POSTGRES_URL:
+        import psycopg
+
+        admin: Any = psycopg.connect(url, autocommit=True)
+    else:
+        import pymysql
+
+        from oncely.backends.mysql import connect_args
+
+        admin = pymysql.connect(**connect_args(url), autocommit=True)
+    try:
+        admin.cursor().execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, name TEXT)")
+        result = runner.invoke(app, ["init", url, "--table", table])
+        text = flat(result)
+        assert result.exit_code == 1, text
+        assert repr(table) in text and "oncely's columns" in text and "--table" in text, text
+    finally:
+        admin.cursor().execute(f"DROP TABLE IF EXISTS {table}")
+        admin.close()

@@ -104,3 +104,103 @@ def test_storm_exits_non_zero_on_double_effects(tmp_path: Path) -> None:
         assert out.returncode == code, out.stdout[-3000:] + out.stderr[-2000:]
         assert "double effects" in out.stdout and "lost operations" in out.stdout
         assert "skipped" not in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [("bogus://x", "unknown store URL scheme"), ("redis://127.0.0.1:1/0", "unavailable")],
+)
+def test_demo_checks_its_store_at_start(tmp_path: Path, url: str, says: str) -> None:
+    """A bad or unreachable --store: one line naming the URL and what to do, exit 1, before
+    the shop starts. A bad scheme used to print a traceback; an unreachable Redis ran the storm
+    against a shop answering 500s for 25 minutes."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oncely.cli", "demo", "--store", url, "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "160"}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError("the demo was still running after 60 s") from exc
+    finally:
+        if proc.poll() is None:  # the demo and the shop's processes (its session)
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    assert out.returncode == 1, out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the demo's store"), out.stderr
+    assert url in lines[0] and says in lines[0] and "--store" in lines[0]
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "protected" / "service.log").exists()  # no shop was started
+
+
+@pytest.mark.timeout(200)
+def test_demo_stops_with_one_line_when_its_store_goes_away_mid_run(tmp_path: Path) -> None:
+    """The store (a Redis of this test's own) is killed while the storm runs: the demo ends
+    within seconds with exit 1 and one error line naming the store, and the shop's log stays
+    small (each request used to be retried 25 times against 500s with a traceback each)."""
+    import select
+    import time
+
+    from lock_workers import RedisServer
+
+    server = RedisServer()
+    server.start()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oncely.cli", "demo", "--store", server.url, "--operations",
+         "20000", "--no-contrast", "--no-faults", "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "160"}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 60)
+        assert ready and "oncely on" in proc.stderr.readline()
+        log = tmp_path / "protected" / "service.log"
+        deadline = time.monotonic() + 60  # the storm has begun once the shop took requests
+        while time.monotonic() < deadline:
+            if server.proc is not None and _keys(server.url) > 20:
+                break
+            time.sleep(0.2)
+        server.stop()
+        stopped = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        took = time.monotonic() - stopped
+    finally:
+        if proc.poll() is None:  # the demo and the shop's processes (its session)
+            os.killpg(proc.pid, 9)
+            proc.wait()
+        server.close()
+    assert proc.returncode == 1, err[-2000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and server.url in errors[0] and "has not answered" in errors[0], err
+    assert "Traceback" not in err
+    assert took < 60, took
+    assert not log.exists() or log.stat().st_size < 5_000_000
+
+
+def _keys(url: str) -> int:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.dbsize())
+    finally:
+        client.close()
+
+
+@pytest.mark.parametrize("command", ["storm", "probe"])
+def test_storm_and_probe_name_an_unreachable_url_and_what_to_check(command: str) -> None:
+    """Nothing listens at the URL: one line naming it, the cause and what to check (it used to
+    be only `TransportError: ClientConnectorError`), exit 2, no traceback."""
+    from lock_workers import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    out = _oncely(command, url, "--json", timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach"), out.stderr
+    assert url in lines[0] and "Cannot connect" in lines[0] and "check" in lines[0], lines[0]
+    assert "Traceback" not in out.stderr

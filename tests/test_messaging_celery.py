@@ -97,3 +97,86 @@ def test_task_options_and_direct_calls() -> None:
     assert consumer.on_dead_letter is not None
     consumer.on_dead_letter(Delivery(b""), RuntimeError())
     assert len(letters) == 1
+
+
+@pytest.mark.slow
+def test_prefork_child_killed_mid_task_is_redelivered_and_runs_once(tmp_path: Path) -> None:
+    """The documented setup (RabbitMQ, prefork pool, IdempotentTask with its defaults): SIGKILL
+    the pool child mid-task. Celery acks a message whose child died unless the task rejects it
+    on worker loss; IdempotentTask does by default, so the task is redelivered and, once the
+    dead child's lease ends, completes exactly once; nothing is left in the queue."""
+    import os
+    import signal
+    import sys
+    import time
+    import uuid
+
+    tag = uuid.uuid4().hex[:10]
+    queue, prefix, log = f"oncely-test-prefork-{tag}", f"oncely-test-{tag}", tmp_path / "log"
+    env = {
+        **os.environ,
+        "ONCELY_CELERY_QUEUE": queue,
+        "ONCELY_CELERY_LOG": str(log),
+        "ONCELY_CELERY_PREFIX": prefix,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    celery_bin = str(Path(sys.executable).parent / "celery")
+    err = (tmp_path / "worker.err").open("w")  # closed with the worker, below
+    worker = subprocess.Popen(
+        [celery_bin, "-A", "celery_prefork_app", "worker", "--pool", "prefork", "-c", "1",
+         "-Q", queue, "--loglevel", "warning", "--without-mingle", "--without-gossip"],
+        env=env, stdout=subprocess.DEVNULL, stderr=err,
+    )  # fmt: skip
+    sender = Celery("oncely_prefork_sender", broker=AMQP_URL)
+    try:
+        sender.send_task("celery_prefork_app.charge", args=[f"order-{tag}"], queue=queue)
+
+        def lines(word: str) -> list[str]:
+            text = log.read_text() if log.exists() else ""
+            return [line for line in text.splitlines() if line.startswith(word)]
+
+        deadline = time.monotonic() + 60
+        while not lines("start") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert lines("start"), (tmp_path / "worker.err").read_text()[-2000:]
+        child = int(lines("start")[0].split()[1])
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not lines("done") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert len(lines("done")) == 1, (log.read_text(), (tmp_path / "worker.err").read_text())
+        deadline = time.monotonic() + 30
+        while queue_counts(queue) != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert queue_counts(queue) == (0, 0)
+        assert len(lines("done")) == 1
+    finally:
+        worker.terminate()
+        try:
+            worker.wait(20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        err.close()
+        with sender.connection_for_write() as conn:
+            conn.default_channel.queue_delete(queue)
+        drop_redis_prefix(prefix)
+
+
+def test_idempotent_task_defaults_survive_worker_loss() -> None:
+    """acks_late and reject_on_worker_lost default to True and stay overridable per task."""
+    app = Celery("oncely_defaults")
+
+    @app.task(base=IdempotentTask, idempotency_store="memory://", name="oncely_defaults.a")
+    def a() -> None: ...
+
+    @app.task(base=IdempotentTask, idempotency_store="memory://", name="oncely_defaults.b",
+              acks_late=False, reject_on_worker_lost=False)  # fmt: skip
+    def b() -> None: ...
+
+    task_a: Any = a
+    task_b: Any = b
+    assert task_a.acks_late is True and task_a.reject_on_worker_lost is True
+    assert task_b.acks_late is False and task_b.reject_on_worker_lost is False

@@ -13,11 +13,14 @@ oncely inbox purge URL       delete old inbox rows (oncely.messaging.inbox)
 oncely outbox purge URL      delete old sent outbox rows (oncely.messaging.outbox)
 oncely --version
 
-``--json`` on ``check``, ``keys ls`` and ``keys show`` prints one JSON document instead of a
-table (times as ISO 8601 UTC strings, bodies as previews). Only ``init`` creates anything: the
-other commands open the store with ``create_schema=False`` (a SQLite file that does not exist
-stays missing, and they say so). Nothing printed is read as Rich markup, so ``oncely[redis]``
-or a scope like ``[admin]`` prints as it is.
+Every command that talks to a store makes one round trip to it first (its clock): a store that
+cannot be reached is an error with exit status 1, even for ``init`` and ``purge`` on Redis,
+which would otherwise send nothing. ``--json`` on ``check``, ``keys ls`` and ``keys show``
+prints one JSON document instead of a table (times as ISO 8601 UTC strings, bodies as
+previews). Only ``init`` creates anything: the other commands open the store with
+``create_schema=False`` (a SQLite file that does not exist stays missing, and they say so).
+Nothing printed is read as Rich markup, so ``oncely[redis]`` or a scope like ``[admin]`` prints
+as it is.
 """
 
 from __future__ import annotations
@@ -115,7 +118,11 @@ def _print_json(document: Any) -> None:
 def _open(
     url: str, table: str | None = None, prefix: str | None = None, *, create: bool = False
 ) -> Iterator[Store]:
-    """Open the store; unless ``create``, without creating a file, table or anything else."""
+    """Open the store and make one round trip to it (its clock); unless ``create``, without
+    creating a file, table or anything else.
+
+    :raises OncelyError: the URL is bad, or the store cannot be reached (StoreUnavailable).
+    """
     cls = store_class(url)
     options: dict[str, Any] = {}
     if table:
@@ -126,6 +133,10 @@ def _open(
         options["create_schema"] = create
     store = open_store(url, **options)  # an option the store does not take: ConfigurationError
     try:
+        # One real round trip before anything else: a store that cannot be reached is an error
+        # here, even for a command that would otherwise send nothing (Redis has no schema to
+        # create and expires its records by itself, so init and purge talked to no one).
+        store.now()
         yield store
     finally:
         store.close()
@@ -369,16 +380,29 @@ def keys_ls(
         )
 
 
-def _key(digest: str | None, key: str | None, name: str | None, scope: str) -> RecordKey:
-    if key is not None:
-        return RecordKey(scope, digest_key(f"{name}\x00{key}" if name else key))
+def _key(digest: str | None, key: list[str] | None, name: str | None, scope: str) -> RecordKey:
+    """The record's key: the digest given, or the one ``@idempotent`` builds from ``--key``
+    parts (one part as it is; several, as from ``key=["a", "b"]``, as the decorator renders
+    them: canonical JSON of the list of their texts) and ``--name``."""
+    if key:
+        from oncely.functions.keys import canonical
+
+        text = key[0] if len(key) == 1 else canonical(list(key), "key")
+        return RecordKey(scope, digest_key(f"{name}\x00{text}" if name else text))
     if digest is None or len(digest) != 64:
         raise typer.BadParameter("give the full 64-character digest, or --key (and --name)")
     return RecordKey(scope, digest)
 
 
 Digest = Annotated[str | None, typer.Argument(help="The record's full SHA-256 digest")]
-RawKey = Annotated[str | None, typer.Option("--key", help="The raw key instead of the digest")]
+RawKey = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--key",
+        help="The raw key instead of the digest; give it once per part for a key of several "
+        "parts (key=['customer', 'order'] -> --key C --key O), in the decorator's order",
+    ),
+]
 Name = Annotated[
     str | None,
     typer.Option(

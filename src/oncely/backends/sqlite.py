@@ -157,9 +157,17 @@ def open_error(exc: sqlite3.Error, what: str, path: str, busy_timeout: float) ->
     (a missing directory, no permission)."""
     if is_busy(exc):
         return busy_error(what, path, busy_timeout)
+    if getattr(exc, "sqlite_errorname", "") in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
+        return StoreUnavailable(f"cannot open {what} {path!r} ({exc}); is it an SQLite file?")
+    if getattr(exc, "sqlite_errorname", "SQLITE_CANTOPEN") not in _FILE_ERRORS:
+        return StoreUnavailable(f"cannot open {what} {path!r}: {exc}")
     return StoreUnavailable(
         f"cannot open {what} {path!r} ({exc}); check that the directory exists and is writable"
     )
+
+
+# Errors of the file itself (a missing directory, no permission, a read-only file system).
+_FILE_ERRORS = ("SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_READONLY", "SQLITE_IOERR")
 
 
 class WriterGate:

@@ -6,6 +6,7 @@ extra packages (Starlette, Uvicorn, HTTPX) are imported only when a command runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
@@ -16,11 +17,12 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 if TYPE_CHECKING:
     from oncely.demo.storm import StormConfig, StormResult
@@ -136,9 +138,9 @@ def demo(
     report; then the same storm with oncely switched off, side by side."""
     _need_demo_extra()
     from oncely.demo.faults import Faults
-    from oncely.demo.service import Service
+    from oncely.demo.service import Service, StoreDown, StoreWatch, check_store
     from oncely.demo.shop.settings import Settings
-    from oncely.demo.storm import Fault, StormConfig
+    from oncely.demo.storm import Fault, StormAborted, StormConfig
 
     base = workdir or Path(tempfile.mkdtemp(prefix="oncely-demo-"))
     seed = seed if seed is not None else secrets.randbelow(2**31)
@@ -154,12 +156,26 @@ def demo(
                 run=secrets.token_hex(4),
                 secret=secrets.token_urlsafe(32),
             )
+            if protected:
+                # The store first: a bad URL or a store that is not there is one line and a
+                # non-zero exit, before any process starts (not a shop answering 500s).
+                try:
+                    check_store(settings)
+                except StoreDown as exc:
+                    _demo_error(str(exc))
             if not as_json:
                 where = settings.store if protected else "none (oncely off)"
                 errors.print(f"[bold]{label}[/]: shop in {settings.workdir}, oncely store {where}")
-            with Service(settings, port=port) as service:
+            try:
+                service = Service(settings, port=port).__enter__()
+            except RuntimeError as exc:  # the shop did not start: its log says why
+                _demo_error(str(exc))
+            # While it runs, the store is watched: gone for good, the demo stops with one line.
+            with contextlib.ExitStack() as running:
+                running.callback(service.stop)
+                watch = running.enter_context(StoreWatch(settings)) if protected else None
                 if serve:
-                    _serve(service)
+                    _serve(service, watch)
                     return
                 hooks = Faults(service)
                 plan = [
@@ -176,8 +192,12 @@ def demo(
                     faults=plan if faults else (),
                     grace=settings.lease + 1 if faults else 1.0,
                     lease=settings.lease,
+                    abort=watch.problem if watch is not None else None,
                 )
-                result = _storm(config, label, show_progress=not as_json)
+                try:
+                    result = _storm(config, label, show_progress=not as_json)
+                except StormAborted as exc:
+                    _demo_error(str(exc))
                 outcomes = service_outcomes(settings)
                 if outcomes and not as_json:
                     errors.print(f"  settlement runs: {outcomes}")
@@ -200,7 +220,28 @@ def service_outcomes(settings: Any) -> dict[str, int]:
         db.close()
 
 
-def _serve(service: Any) -> None:
+def _demo_error(message: str) -> NoReturn:
+    """End the demo with one line on stderr and exit status 1."""
+    errors.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _setup_error(url: str, exc: Exception) -> NoReturn:
+    """``storm`` / ``probe`` could not run against ``url``: one line, exit status 2."""
+    from oncely.demo.client import TransportError
+
+    if isinstance(exc, TransportError):
+        message = (
+            f"cannot reach {url} ({exc}): check that the service runs there and that the URL's "
+            "scheme, host and port are right"
+        )
+    else:
+        message = f"{url}: {type(exc).__name__}: {exc}"
+    errors.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+    raise typer.Exit(2) from exc
+
+
+def _serve(service: Any, watch: Any = None) -> None:
     console.print(f"[bold green]The shop is up:[/] {service.url} (Ctrl-C stops it)")
     console.print(
         f"  curl -s -X POST {service.url}/orders -H 'Authorization: Bearer alice' "
@@ -217,6 +258,8 @@ def _serve(service: Any) -> None:
     try:
         while not stop:
             time.sleep(0.5)
+            if watch is not None and (problem := watch.problem()) is not None:
+                _demo_error(problem)
     except KeyboardInterrupt:
         pass
 
@@ -250,8 +293,7 @@ def storm(
     try:
         result = _storm(config, url, show_progress=not as_json)
     except Exception as exc:
-        errors.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
-        raise typer.Exit(2) from exc
+        _setup_error(url, exc)
     _report([result], as_json, html, f"oncely storm {url}")
     if not result.ok:
         raise typer.Exit(1)
@@ -296,8 +338,7 @@ def probe(
     try:
         checks = asyncio.run(probe_async(config))
     except Exception as exc:
-        errors.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}")
-        raise typer.Exit(2) from exc
+        _setup_error(url, exc)
     if as_json:
         print(json.dumps([c.to_json() for c in checks], indent=2))
     else:

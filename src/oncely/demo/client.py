@@ -99,7 +99,8 @@ class Http:
                 body = await response.read()
                 return Reply(response.status, body, response.headers)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            raise TransportError(type(exc).__name__) from exc
+            name, detail = type(exc).__name__, str(exc)
+            raise TransportError(f"{name}: {detail}" if detail else name) from exc
 
     async def get(self, path: str, timeout: float = 30.0) -> Reply:
         return await self.request("GET", path, timeout=timeout)

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -17,12 +18,108 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from oncely.backends.urls import redact_url
 from oncely.demo.shop.db import ShopDB
 from oncely.demo.shop.serve import stop_all
 from oncely.demo.shop.settings import Settings
+from oncely.errors import OncelyError
 from oncely.stores import open_store
 
-__all__ = ["Service", "free_port"]
+__all__ = ["Service", "StoreDown", "StoreWatch", "check_store", "free_port"]
+
+#: Seconds without one successful round trip to the store after which the demo stops.
+STORE_DOWN_AFTER = 10.0
+
+
+class StoreDown(Exception):
+    """The demo's store cannot be used; ``str()`` is one line naming the URL and what to do."""
+
+
+def _sentence(exc: BaseException) -> str:
+    text = str(exc).rstrip()
+    return text if text.endswith(".") else f"{text}."
+
+
+def _advice(url: str, reachable: bool = False) -> str:
+    return (
+        f"{'Check' if reachable else 'Start it or check'} the URL (--store {redact_url(url)}), "
+        "or leave --store out to use SQLite in the work directory"
+    )
+
+
+def check_store(settings: Settings) -> None:
+    """Open the demo's store, create its table and make one round trip (its clock).
+
+    :raises StoreDown: a bad URL, or a store that cannot be reached or used.
+    """
+    url = settings.store
+    settings.workdir.mkdir(parents=True, exist_ok=True)  # the default SQLite store lives there
+    try:
+        store = open_store(url, **settings.store_options())
+    except OncelyError as exc:
+        raise StoreDown(
+            f"the demo's store {redact_url(url)} cannot be used: {_sentence(exc)} "
+            f"{_advice(url, True)}"
+        ) from exc
+    try:
+        store.init_schema()
+        store.now()
+    except OncelyError as exc:
+        raise StoreDown(
+            f"the demo's store {redact_url(url)} cannot be reached: {_sentence(exc)} {_advice(url)}"
+        ) from exc
+    finally:
+        store.close()
+
+
+class StoreWatch:
+    """Watch the demo's store from the demo's process: one round trip (its clock) a second, on
+    a thread of its own. :meth:`problem` is ``None`` while the store answers, and a one-line
+    reason once it has not answered for ``limit`` seconds (faults such as killed connections
+    last well under that). Use as a context manager."""
+
+    def __init__(self, settings: Settings, limit: float = STORE_DOWN_AFTER) -> None:
+        self.url = settings.store
+        self.limit = limit
+        self._options = settings.store_options()
+        self._last_ok = time.monotonic()
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="oncely-demo-store-watch")
+        self._thread.daemon = True
+
+    def _run(self) -> None:
+        store = None
+        while not self._stop.is_set():
+            try:
+                if store is None:
+                    store = open_store(self.url, **self._options)
+                store.now()
+                self._last_ok = time.monotonic()
+            except Exception as exc:  # anything: the store is not answering
+                self._error = exc
+            self._stop.wait(1.0)
+        if store is not None:
+            with contextlib.suppress(Exception):
+                store.close()
+
+    def problem(self) -> str | None:
+        """``None`` while the store answers; else why the demo stops (one line)."""
+        silent = time.monotonic() - self._last_ok
+        if silent < self.limit:
+            return None
+        return (
+            f"the demo's store {redact_url(self.url)} has not answered for {silent:.0f} s "
+            f"({str(self._error).rstrip('.')}); the demo stopped. {_advice(self.url)}"
+        )
+
+    def __enter__(self) -> StoreWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
 
 
 def free_port() -> int:

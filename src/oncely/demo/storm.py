@@ -44,6 +44,7 @@ __all__ = [
     "KINDS",
     "Fault",
     "Op",
+    "StormAborted",
     "StormConfig",
     "StormResult",
     "run_storm",
@@ -115,6 +116,19 @@ class StormConfig:
     #: seconds a key or token outlives a crashed holder on the server (for recovery)
     lease: float = 3.0
     progress: Callable[[int, int], None] | None = None
+    #: called before every request: a reason (str) ends the storm with :class:`StormAborted`
+    #: (the demo's store went away), ``None`` goes on
+    abort: Callable[[], str | None] | None = None
+
+
+class StormAborted(Exception):
+    """The storm stopped before its end; ``str()`` says why (``StormConfig.abort``)."""
+
+
+def _check_abort(config: StormConfig) -> None:
+    reason = config.abort() if config.abort is not None else None
+    if reason is not None:
+        raise StormAborted(reason)
 
 
 @dataclass
@@ -253,6 +267,7 @@ class _Client:
         attempts = self.config.attempts if retry else 1
         answer = _Answer(0)
         for attempt in range(attempts):
+            _check_abort(self.config)
             timeout = first_timeout if attempt == 0 and first_timeout else self.config.timeout
             started = time.perf_counter()
             self.result.requests += 1
@@ -877,6 +892,7 @@ async def run_storm_async(config: StormConfig, label: str = "") -> StormResult:
             present = {(str(e.get("kind")), str(e.get("key"))) for e in ledger}
             if shipped <= present:
                 break
+            _check_abort(config)
             await asyncio.sleep(0.5)
             ledger = await _ledger(http)
         after = await _stock(http, config.skus)

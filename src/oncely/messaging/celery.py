@@ -1,6 +1,7 @@
 """Celery tasks whose effect happens once per key (``oncely[celery]``).
 
-Celery with ``acks_late`` redelivers a task whose worker died, and on Redis/SQS brokers runs a
+Celery with ``acks_late`` redelivers a task whose worker process died (and, with
+``reject_on_worker_lost``, one whose prefork pool child died), and on Redis/SQS brokers runs a
 long task a second time once the visibility timeout passes (DESIGN.md; celery-once, the usual
 answer, is abandoned). :class:`IdempotentTask` runs each task call through an
 :class:`~oncely.messaging.consumer.IdempotentConsumer` named after the task:
@@ -18,8 +19,16 @@ Options (task attributes, settable in ``@app.task(base=IdempotentTask, ...)``):
 ``idempotency_lease`` (seconds, renewed while the task runs), ``idempotency_ttl`` (seconds),
 ``idempotency_max_attempts``, ``idempotency_on_dead_letter`` ``(Delivery, error)``.
 
-Use ``acks_late=True`` (the broker keeps the message until the task returns) so that a worker
-killed mid-task leaves the message to be redelivered, and the claim decides that it runs once.
+Delivery: :class:`IdempotentTask` defaults to ``acks_late=True`` and
+``reject_on_worker_lost=True``. ``acks_late`` alone is not enough: when a prefork pool child
+dies mid-task (SIGKILL, the OOM killer), Celery logs ``WorkerLostError`` and *acks* the message,
+so the task is lost. ``reject_on_worker_lost`` makes Celery reject and requeue it instead.
+Celery warns that this can run a task twice or loop on a task that kills its worker every time;
+here the claim makes the redelivery safe (a key completed runs no more; a key still held by the
+dead child waits until its lease ends, then runs once). A task that kills its worker every time
+(e.g. out of memory) is still redelivered without end, as in plain Celery: set
+``reject_on_worker_lost=False`` on such a task to have it dropped instead. Both options can be
+overridden per task (``@app.task(base=IdempotentTask, acks_late=False, ...)``).
 """
 
 from __future__ import annotations
@@ -61,6 +70,11 @@ def _task_space(name: str) -> str:
 class IdempotentTask(celery.Task):  # type: ignore[misc]
     """A Celery task base whose effect runs once per key; see the module documentation."""
 
+    #: Ack only once the task returns, and requeue the message when the pool child running it
+    #: dies (Celery acks it otherwise, and the task is lost): the claim makes the redelivery
+    #: run at most once per key. Override per task with ``@app.task(acks_late=False)``.
+    acks_late: bool = True
+    reject_on_worker_lost: bool = True
     idempotency_store: str | Store | None = None
     idempotency_key: Callable[..., Any] | None = None
     idempotency_lease: float = 30.0

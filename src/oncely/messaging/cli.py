@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import pkgutil
 import signal
 import sys
@@ -40,7 +41,22 @@ consume_app = typer.Typer(
     rich_markup_mode=None,
 )
 
-Handler_ = Annotated[str, typer.Option("--handler", help="module:function taking a Delivery")]
+Handler_ = Annotated[
+    str,
+    typer.Option(
+        "--handler",
+        help="module:function taking a Delivery, imported with --app-dir (default: the current "
+        "directory) first on sys.path",
+    ),
+]
+AppDir = Annotated[
+    str,
+    typer.Option(
+        "--app-dir",
+        help="directory put first on sys.path before --handler is imported, as uvicorn's "
+        "--app-dir (default: the current directory, so app.billing:charge needs no PYTHONPATH)",
+    ),
+]
 Name = Annotated[str, typer.Option("--name", help="the consumer's identity (part of each key)")]
 Store_ = Annotated[str | None, typer.Option("--store", help="store URL (default $ONCELY_STORE)")]
 DedupId = Annotated[
@@ -64,11 +80,19 @@ InboxTable = Annotated[
 ]
 
 
-def load_handler(spec: str) -> Callable[..., Any]:
-    """Import ``module:function``.
+def load_handler(spec: str, app_dir: str | None = None) -> Callable[..., Any]:
+    """Import ``module:function``, with ``app_dir`` (a directory, e.g. ``"."``) first on
+    ``sys.path`` when given, as uvicorn and celery put the current directory there.
 
     :raises ConfigurationError: not of that form, not importable, or not callable.
     """
+    if app_dir is not None:
+        path = os.path.abspath(app_dir)
+        if not os.path.isdir(path):
+            raise ConfigurationError(f"--app-dir {app_dir!r} is not a directory")
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ConfigurationError(f"--handler {spec!r}: write it as module:function")
@@ -90,7 +114,15 @@ def _consumer(
     attempts: int,
     db: str | None = None,
     inbox: str | None = None,
+    app_dir: str = ".",
 ) -> IdempotentConsumer:
+    """The consumer, its handler imported and its store or database reached once: a store
+    that cannot be reached at start-up is a setup error (one line, exit 1), whatever the
+    broker; later outages are retried, with a WARNING.
+
+    :raises OncelyError: a bad option, a handler that cannot be imported, an unreachable store.
+    """
+    function = load_handler(handler, app_dir)
     table = None
     if db is None:
         if inbox is not None:
@@ -105,8 +137,8 @@ def _consumer(
             conn.commit()
         finally:
             conn.close()
-    return IdempotentConsumer(
-        load_handler(handler),
+    consumer = IdempotentConsumer(
+        function,
         name=name,
         store=store,
         dedup_id=dedup_id,
@@ -115,6 +147,9 @@ def _consumer(
         inbox=table,
         connect=db,
     )
+    if table is None:
+        consumer.store.now()  # one round trip: StoreUnavailable names the URL and what to check
+    return consumer
 
 
 def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
@@ -162,6 +197,7 @@ def redis_streams(
     max_attempts: Attempts = 5,
     db: Db = None,
     inbox: InboxTable = None,
+    app_dir: AppDir = ".",
 ) -> None:
     """Consume a Redis stream as a member of a consumer group."""
     import redis.asyncio
@@ -169,7 +205,9 @@ def redis_streams(
     from oncely.messaging.redis_streams import RedisStreamConsumer
 
     async def main(stop: asyncio.Event) -> None:
-        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts, db, inbox)
+        consumer = _consumer(
+            handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
+        )
         client = redis.asyncio.Redis.from_url(url)
         try:
             # Reach Redis once before consuming: unreachable at start-up is a setup error
@@ -200,6 +238,7 @@ def rabbitmq(
     max_attempts: Attempts = 5,
     db: Db = None,
     inbox: InboxTable = None,
+    app_dir: AppDir = ".",
     prefetch: Annotated[int, typer.Option("--prefetch", min=1)] = 100,
 ) -> None:
     """Consume a RabbitMQ queue (declared durable if missing) with manual acks."""
@@ -208,7 +247,9 @@ def rabbitmq(
     from oncely.messaging.rabbitmq import RabbitMQConsumer
 
     async def main(stop: asyncio.Event) -> None:
-        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts, db, inbox)
+        consumer = _consumer(
+            handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
+        )
         connection = await aio_pika.connect_robust(url)
         try:
             channel = await connection.channel()
@@ -239,6 +280,7 @@ def nats_jetstream(
     max_attempts: Attempts = 5,
     db: Db = None,
     inbox: InboxTable = None,
+    app_dir: AppDir = ".",
 ) -> None:
     """Consume a JetStream stream with a durable pull consumer."""
     import nats
@@ -246,7 +288,9 @@ def nats_jetstream(
     from oncely.messaging.nats import JetStreamConsumer
 
     async def main(stop: asyncio.Event) -> None:
-        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts, db, inbox)
+        consumer = _consumer(
+            handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
+        )
         # A first connection without reconnects fails fast on a server that is not there
         # (nats-py would otherwise retry for minutes, logging tracebacks); the consumer's own
         # connection then reconnects for as long as it runs.
@@ -278,12 +322,15 @@ def mqtt(
     max_attempts: Attempts = 5,
     db: Db = None,
     inbox: InboxTable = None,
+    app_dir: AppDir = ".",
 ) -> None:
     """Consume an MQTT topic at QoS 1 (persistent v5 session, PUBACK after completion)."""
     from oncely.messaging.mqtt import MQTTConsumer, connect
 
     try:
-        consumer = _consumer(handler, name, store, dedup_id, lease, max_attempts, db, inbox)
+        consumer = _consumer(
+            handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
+        )
         member = MQTTConsumer(consumer, connect(host, port, client_id), topic)
     except Exception as exc:
         _fail(exc)

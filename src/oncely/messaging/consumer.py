@@ -78,6 +78,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("oncely")
+#: Seconds between two "store unavailable" WARNINGs of one consumer.
+STORE_WARNING_INTERVAL = 10.0
 
 #: The fingerprint of a claim with ``validate=False`` (the dedup id alone is the identity), and
 #: of every claim made before payloads were fingerprinted (such records match any body).
@@ -387,6 +389,7 @@ class IdempotentConsumer:
         )
         self._store: Store | None = None
         self._attempts = _Attempts()
+        self._store_warned = -float("inf")  # time.monotonic() of the last "store down" WARNING
         self.policy = CallPolicy(
             name=f"consumer {name!r}",
             codec=RawCodec(),
@@ -495,6 +498,7 @@ class IdempotentConsumer:
                 "another consumer holds this message's claim; redeliver after it finishes",
             )
         if isinstance(error, StoreError):
+            self._warn_store_down(error)
             return Retry(self.retry_delay, f"the store is unavailable ({error}); not acked")
         if isinstance(error, LeaseLost):
             # The handler ran, but its claim was lost before completion: a newer holder owns
@@ -873,6 +877,21 @@ class IdempotentConsumer:
         return [v if v is not None else Retry(self.retry_delay, "not handled") for v in verdicts]
 
     # -- shared --------------------------------------------------------------------------------
+    def _warn_store_down(self, error: BaseException) -> None:
+        """A WARNING that the store is unavailable (messages are retried, not acked), at most
+        once every :data:`STORE_WARNING_INTERVAL` seconds per consumer: an outage is visible
+        in the log without a line per message."""
+        now = time.monotonic()
+        if now - self._store_warned >= STORE_WARNING_INTERVAL:
+            self._store_warned = now
+            log.warning(
+                "oncely: consumer %r: the store is unavailable; messages are not acked and come "
+                "back after %.1f s: %s",
+                self.name,
+                self.retry_delay,
+                error,
+            )
+
     def _log_dead_letter(self, delivery: Delivery, error: BaseException) -> None:
         log.error(
             "oncely: consumer %r dead-letters message %r: %s",

@@ -424,7 +424,8 @@ class MySQLStore(PlannedStore):
         if code == _BAD_FIELD:
             return StoreError(
                 f"table {self.table!r} in {self._where} lacks oncely's columns ({exc}); it was "
-                "created by something else or by another oncely version: use another table"
+                "created by something else or by another oncely version: give oncely its own "
+                "table (table=..., or --table on the command line)"
             )
         if code == _LOCK_WAIT_TIMEOUT:
             return StoreUnavailable(

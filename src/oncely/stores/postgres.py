@@ -555,6 +555,12 @@ class PostgresStore(PlannedStore):
             return self._schema_missing()
         if isinstance(exc, pg_errors.CheckViolation):
             return self._schema_outdated()
+        if isinstance(exc, pg_errors.UndefinedColumn):
+            return SchemaMissing(
+                f"table {self.table!r} in {self._where} exists but lacks oncely's columns "
+                f"({str(exc).strip()}): another program's table has this name; give oncely its "
+                "own (table=..., or --table on the command line), or rename or drop that table"
+            )
         if isinstance(exc, PoolTimeout):
             return self._busy()
         if isinstance(exc, psycopg.OperationalError):

@@ -207,6 +207,12 @@ def _length_limit(conn: sqlite3.Connection) -> int:
     return int(getlimit(which))
 
 
+def _schema_error(text: str) -> bool:
+    """An error of the schema (a missing table, or a table of this name with other columns),
+    not of opening the file."""
+    return any(part in text for part in ("no such table", "no such column", "has no column named"))
+
+
 class SQLiteStore(PlannedStore):
     """Records in a SQLite file (WAL), connections shared by all threads, clock = SQLite's."""
 
@@ -293,7 +299,7 @@ class SQLiteStore(PlannedStore):
             if self.max_result_bytes is None:
                 self.max_result_bytes = _length_limit(conn)
         except sqlite3.Error as exc:
-            if isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc):
+            if isinstance(exc, sqlite3.OperationalError) and _schema_error(str(exc)):
                 raise self._translate(exc) from exc
             raise open_error(exc, "SQLite database", self.path, self.busy_timeout) from exc
         return conn
@@ -308,6 +314,12 @@ class SQLiteStore(PlannedStore):
             return self._schema_outdated()
         if "no such table" in text:
             return schema_missing(self.table, repr(self.path), self.url)
+        if _schema_error(text):
+            return SchemaMissing(
+                f"table {self.table!r} in {self.path!r} exists but is not an oncely records "
+                f"table ({text}): another program's table has this name; give oncely its own "
+                "(table=..., or --table on the command line), or rename or drop that table"
+            )
         if is_busy(exc):
             return busy_error("SQLite database", self.path, self.busy_timeout)
         return StoreError(f"SQLite error on {self.path!r}: {text}")

@@ -16,7 +16,7 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import Response
 
-from oncely.errors import HttpProblem
+from oncely.errors import HttpProblem, StoreError
 from oncely.http import PROBLEM_BASE
 
 __all__ = [
@@ -75,6 +75,15 @@ async def problem_handler(request: Request, exc: Exception) -> Response:
         return problem_response(
             exc.status, exc.slug, exc.title, exc.detail, exc.headers, **exc.extra
         )
+    if isinstance(exc, StoreError):
+        # oncely's store is down (fail closed: nothing decided): a 503 the client retries, one
+        # log line, not a 500 with a traceback per request.
+        log.warning("oncely's store is unavailable on %s %s: %s", request.method,
+                    request.url.path, exc)  # fmt: skip
+        return problem_response(
+            503, "store-unavailable", "Store unavailable", "oncely's store cannot be reached; "
+            "nothing was done, retry later", (("Retry-After", "1"),),
+        )  # fmt: skip
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return problem_response(500, "internal-error", "Internal error", type(exc).__name__)
 
