@@ -34,6 +34,7 @@ __all__ = [
     "KEY_MISMATCH",
     "KEY_MISSING",
     "METHOD_NOT_ALLOWED",
+    "NOT_FOUND",
     "NOT_REPLAYABLE",
     "PRECONDITION_FAILED",
     "PRECONDITION_REQUIRED",
@@ -101,6 +102,7 @@ METHOD_NOT_ALLOWED = ProblemType("method-not-allowed", 405, "Method not allowed"
 PRECONDITION_FAILED = ProblemType("precondition-failed", 412, "Precondition Failed")
 PRECONDITION_REQUIRED = ProblemType("precondition-required", 428, "Precondition Required")
 IF_MATCH_INVALID = ProblemType("if-match-invalid", 400, "If-Match header is invalid")
+NOT_FOUND = ProblemType("not-found", 404, "Not Found")
 
 PROBLEM_TYPES: tuple[ProblemType, ...] = (
     KEY_MISSING,
@@ -123,6 +125,7 @@ PROBLEM_TYPES: tuple[ProblemType, ...] = (
     PRECONDITION_FAILED,
     PRECONDITION_REQUIRED,
     IF_MATCH_INVALID,
+    NOT_FOUND,
 )
 
 
