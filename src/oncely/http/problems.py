@@ -28,6 +28,7 @@ __all__ = [
     "BODY_INVALID",
     "BODY_LENGTH_REQUIRED",
     "BODY_TOO_LARGE",
+    "HANDLER_FAILED",
     "IF_MATCH_INVALID",
     "IN_FLIGHT",
     "KEY_INVALID",
@@ -98,6 +99,7 @@ TOKEN_PURPOSE_UNKNOWN = ProblemType(
     "token-purpose-unknown", 400, "Tokens are not issued for this purpose"
 )
 METHOD_NOT_ALLOWED = ProblemType("method-not-allowed", 405, "Method not allowed")
+HANDLER_FAILED = ProblemType("handler-failed", 500, "The handler failed")
 # conditional requests (oncely.http.conditional): RFC 9110 §13.1.1, RFC 6585 §3
 PRECONDITION_FAILED = ProblemType("precondition-failed", 412, "Precondition Failed")
 PRECONDITION_REQUIRED = ProblemType("precondition-required", 428, "Precondition Required")
@@ -122,6 +124,7 @@ PROBLEM_TYPES: tuple[ProblemType, ...] = (
     TOKEN_REUSED,
     TOKEN_PURPOSE_UNKNOWN,
     METHOD_NOT_ALLOWED,
+    HANDLER_FAILED,
     PRECONDITION_FAILED,
     PRECONDITION_REQUIRED,
     IF_MATCH_INVALID,
