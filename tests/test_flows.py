@@ -7,6 +7,7 @@ failure thrown into it. Every branch of ``call_flow`` (the decorator) and ``requ
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
@@ -458,8 +459,47 @@ HTTP_CASES: dict[str, tuple[Callable[[], Engine], HttpRequest, list[Step], Ends]
         ],
         Ends(),
     ),
-    "the handler raised before responding: released, raised": (
+    "the handler raised before responding: kept as a 500, raised": (
         engine,
+        post(),
+        [
+            READ,
+            Step(Claim, HTTP_NEW),
+            Step(RUN, Captured(error=RuntimeError("boom"))),
+            Step(Complete, check=stored(500)),
+        ],
+        Ends(raises=RuntimeError),
+    ),
+    "a 5xx is stored": (
+        engine,
+        post(),
+        [READ, Step(Claim, HTTP_NEW), Step(RUN, done(503)), Step(Complete, check=stored(503))],
+        Ends(),
+    ),
+    "cancelled before responding: released, raised": (
+        engine,
+        post(),
+        [
+            READ,
+            Step(Claim, HTTP_NEW),
+            Step(RUN, Captured(error=asyncio.CancelledError())),
+            Step(Release),
+        ],
+        Ends(raises=asyncio.CancelledError),
+    ),
+    "refused before the handler, then raised: released, raised": (
+        engine,
+        post(),
+        [
+            READ,
+            Step(Claim, HTTP_NEW),
+            Step(RUN, Captured(handled=False, error=RuntimeError("boom"))),
+            Step(Release),
+        ],
+        Ends(raises=RuntimeError),
+    ),
+    "release-on-5xx: the handler raised before responding: released, raised": (
+        lambda: engine(store_server_errors=False),
         post(),
         [
             READ,
@@ -469,8 +509,8 @@ HTTP_CASES: dict[str, tuple[Callable[[], Engine], HttpRequest, list[Step], Ends]
         ],
         Ends(raises=RuntimeError),
     ),
-    "a 5xx is released": (
-        engine,
+    "release-on-5xx: a 5xx is released": (
+        lambda: engine(store_server_errors=False),
         post(),
         [READ, Step(Claim, HTTP_NEW), Step(RUN, done(503)), Step(Release)],
         Ends(),
@@ -654,7 +694,7 @@ HTTP_CASES: dict[str, tuple[Callable[[], Engine], HttpRequest, list[Step], Ends]
         Ends(),
     ),
     "a release retried while the store is down": (
-        engine,
+        lambda: engine(store_server_errors=False),
         post(),
         [
             READ,
@@ -679,8 +719,14 @@ HTTP_CASES: dict[str, tuple[Callable[[], Engine], HttpRequest, list[Step], Ends]
         [READ, Step(ConsumeToken, USE), Step(RUN, done(), check=lambda op: op.fence is None)],
         Ends(),
     ),
-    "token only, the handler failed: the token is given back": (
+    "token only, the handler failed: the token stays spent": (
         guarded_engine,
+        post("/pay", key=None, oncely_token="tok"),
+        [READ, Step(ConsumeToken, USE), Step(RUN, done(503))],
+        Ends(),
+    ),
+    "release-on-5xx, token only, the handler failed: the token is given back": (
+        lambda: guarded_engine(store_server_errors=False),
         post("/pay", key=None, oncely_token="tok"),
         [READ, Step(ConsumeToken, USE), Step(RUN, done(503)), Step(ReleaseToken)],
         Ends(),
@@ -713,8 +759,20 @@ HTTP_CASES: dict[str, tuple[Callable[[], Engine], HttpRequest, list[Step], Ends]
         ],
         Ends(),
     ),
-    "key and token: a 5xx releases both": (
+    "key and token: a 5xx is stored, the token stays spent": (
         guarded_engine,
+        post("/pay", oncely_token="tok"),
+        [
+            READ,
+            Step(Claim, HTTP_NEW),
+            Step(ConsumeToken, USE),
+            Step(RUN, done(500)),
+            Step(Complete, check=stored(500)),
+        ],
+        Ends(),
+    ),
+    "release-on-5xx, key and token: a 5xx releases both": (
+        lambda: guarded_engine(store_server_errors=False),
         post("/pay", oncely_token="tok"),
         [
             READ,

@@ -377,17 +377,19 @@ async def test_client_errors_are_stored_and_replayed_by_default(make_face: MakeF
     assert off.calls["/client-error"] == 2
 
 
-async def test_server_errors_release_the_key_by_default(make_face: MakeFace) -> None:
+async def test_server_errors_are_stored_and_replayed_by_default(make_face: MakeFace) -> None:
+    # Red-team finding 14: a handler that did its work and then answered 5xx ran again on
+    # retry. Stripe saves results once the endpoint started executing, 500s included.
     face = make_face()
     key = key_header()
     assert (await face.request("POST", "/server-error", [key])).status == 503
     again = await face.request("POST", "/server-error", [key])
-    assert again.status == 503 and not again.replayed
-    assert face.calls["/server-error"] == 2
-    on = make_face(store_server_errors=True)
-    await on.request("POST", "/server-error", [key])
-    assert (await on.request("POST", "/server-error", [key])).replayed
-    assert on.calls["/server-error"] == 1
+    assert again.status == 503 and again.replayed
+    assert face.calls["/server-error"] == 1
+    off = make_face(store_server_errors=False)  # the explicit opt-out: release on 5xx
+    await off.request("POST", "/server-error", [key])
+    assert not (await off.request("POST", "/server-error", [key])).replayed
+    assert off.calls["/server-error"] == 2
 
 
 async def test_transient_statuses_are_never_stored(make_face: MakeFace) -> None:
@@ -620,14 +622,23 @@ async def test_lease_is_renewed_while_a_slow_handler_runs(make_face: MakeFace, k
     assert face.calls["/slow"] == 1
 
 
-async def test_an_exception_releases_the_key(make_face: MakeFace) -> None:
+async def test_an_exception_after_the_handler_started_is_kept_as_a_500(
+    make_face: MakeFace,
+) -> None:
+    # Red-team finding 14: the handler moved money, then raised; the key was released and a
+    # retry ran it again. Now the failure is kept (500 handler-failed) and replayed.
     face = make_face()
     key = key_header()
     first = await face.request("POST", "/boom", [key])
-    assert isinstance(first.raised, RuntimeError)
+    assert isinstance(first.raised, RuntimeError)  # the app's error still reaches the server
     second = await face.request("POST", "/boom", [key])
-    assert isinstance(second.raised, RuntimeError)  # ran again, not 409
-    assert face.calls["/boom"] == 2
+    assert (second.status, second.problem, second.raised) == (500, "handler-failed", None)
+    assert second.replayed
+    assert face.calls["/boom"] == 1
+    off = make_face(store_server_errors=False)  # the explicit opt-out: release, run again
+    for _ in range(2):
+        assert isinstance((await off.request("POST", "/boom", [key])).raised, RuntimeError)
+    assert off.calls["/boom"] == 2
 
 
 @pytest.mark.parametrize(
@@ -656,7 +667,7 @@ async def test_a_status_not_to_store_is_released_even_after_it_started(
 ) -> None:
     # Decided from the status line: a 5xx (or transient) response is never stored, streamed
     # or not, cut short or not.
-    face = make_face()
+    face = make_face(store_server_errors=False)
     key = key_header()
     await face.request("POST", "/stream", [key], query=b"n=5&status=503", drop_after=2)
     again = await face.request("POST", "/stream", [key], query=b"n=5&status=503")
@@ -811,8 +822,9 @@ async def test_core_semantics_on_every_store(make_face: MakeFace, kind: str) -> 
     await running
     boom = key_header()
     await face.request("POST", "/boom", [boom])
-    await face.request("POST", "/boom", [boom])
-    assert face.calls == {"/orders": 1, "/slow": 1, "/boom": 2}
+    kept = await face.request("POST", "/boom", [boom])
+    assert (kept.status, kept.problem, kept.replayed) == (500, "handler-failed", True)
+    assert face.calls == {"/orders": 1, "/slow": 1, "/boom": 1}
 
 
 async def test_concurrent_duplicates_run_once(make_face: MakeFace) -> None:

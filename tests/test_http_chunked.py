@@ -141,6 +141,31 @@ def test_other_wsgi_servers_read_the_body_or_refuse_it(
         assert len(_executions(executions)) == 1  # only the sized request ran
 
 
+@pytest.mark.parametrize("server", ["gunicorn", "werkzeug"])
+def test_a_flask_view_reads_the_chunked_body_oncely_read(
+    server: str, make_store: StoreFactory, tmp_path: Path
+) -> None:
+    """Red-team finding: the middleware buffered the body and set CONTENT_LENGTH but left
+    ``Transfer-Encoding: chunked``, so Werkzeug ignored the length and the view read nothing
+    (a 400 from ``get_json``, stored and replayed to every retry)."""
+    _, url, options = make_store("sqlite")
+    executions = tmp_path / "executions.log"
+    env = server_env(url, options, executions)
+    if server == "gunicorn":
+        context = running("gunicorn", env, tmp_path)
+    else:
+        port = free_port()
+        command = [sys.executable, "-c", SERVERS["werkzeug"].format(port=port)]
+        context = serving(command, env, f"http://127.0.0.1:{port}")
+    with context as base:
+        first, same, other = two_payloads(base, "/echo")
+    assert first.status_code == 201, first.text
+    assert first.json() == {"body": '{"amount": 1}', "json": {"amount": 1}}
+    assert same.headers.get("idempotent-replayed") == "true" and same.json() == first.json()
+    assert other.status_code == 422, other.text
+    assert len(_executions(executions)) == 1
+
+
 def test_django_under_gunicorn_refuses_a_chunked_body(tmp_path: Path) -> None:
     """Django's WSGI request reads no further than CONTENT_LENGTH: the view would get an empty
     body, so two different chunked payloads would look the same."""
@@ -208,3 +233,57 @@ def test_the_wsgi_middleware_reads_or_refuses_an_unsized_body(
         assert first.startswith("411") and calls["/orders"] == 0
     else:
         assert first.startswith("201") and calls["/orders"] == 1
+
+
+def _flask_echo() -> Any:
+    from flask import Flask, jsonify, request
+
+    app = Flask(__name__)
+
+    @app.post("/orders")
+    def orders() -> Any:
+        return jsonify(body=request.get_data(as_text=True)), 201
+
+    return app
+
+
+def _django_echo() -> Any:
+    from django.core.handlers.wsgi import WSGIHandler
+    from django.http import JsonResponse
+    from django.urls import path
+    from django.views.decorators.csrf import csrf_exempt
+
+    from http_apps import django_site  # noqa: F401  (configures Django)
+
+    def orders(request: Any) -> Any:
+        return JsonResponse({"body": request.body.decode()}, status=201)
+
+    urls = type("urls", (), {"urlpatterns": [path("orders", csrf_exempt(orders))]})
+    handler = WSGIHandler()
+    return handler, urls
+
+
+@pytest.mark.parametrize("framework", ["flask", "django"])
+def test_every_wsgi_framework_reads_the_body_the_middleware_read(framework: str) -> None:
+    """A de-chunked body (``Transfer-Encoding: chunked`` + ``wsgi.input_terminated``, as
+    Gunicorn and Werkzeug hand it over) reaches the view whole behind
+    :class:`WSGIIdempotencyMiddleware`, whatever the framework reads the environ by."""
+    import json
+
+    settings: Any = contextlib.nullcontext()
+    if framework == "flask":
+        inner = _flask_echo().wsgi_app
+    else:
+        from django.test import override_settings
+
+        inner, urls = _django_echo()
+        settings = override_settings(ROOT_URLCONF=urls, MIDDLEWARE=[])
+    app = WSGIIdempotencyMiddleware(inner, IdempotencyConfig(store=MemoryStore(), scope=GLOBAL))
+    extra = {"HTTP_TRANSFER_ENCODING": "chunked", "wsgi.input_terminated": True}
+    with settings:
+        environ = environ_for(b'{"amount": 1}', str(uuid.uuid4()), **extra)
+        environ.update(SERVER_NAME="t", SERVER_PORT="80", SERVER_PROTOCOL="HTTP/1.1")
+        status, body = call(app, environ)
+    assert status.startswith("201"), (status, body[:300])
+    assert json.loads(body) == {"body": '{"amount": 1}'}
+    assert "HTTP_TRANSFER_ENCODING" not in environ and environ["CONTENT_LENGTH"] == "13"

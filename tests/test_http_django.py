@@ -142,17 +142,23 @@ def test_streaming_responses_are_stored_after_the_last_chunk(face: str, view: st
 
 
 @FACES
-def test_a_failing_view_releases_and_a_problem_is_answered(face: str) -> None:
+def test_a_failing_view_is_kept_and_a_problem_is_answered(face: str) -> None:
     store = MemoryStore()
     with django_app(face, store=store) as client:
         calls.clear()
         k = key()
         assert client.post("/boom", headers=k).status_code == 500  # Django's own 500
-        assert client.post("/boom", headers=k).status_code == 500  # released: runs again
+        kept = client.post("/boom", headers=k)  # kept (finding 14): not run again
+        assert kept.status_code == 500 and kept.headers["idempotent-replayed"] == "true"
         problem = client.post("/problem", headers=key())
-    assert calls["boom"] == 2
+    assert calls["boom"] == 1
     assert problem.status_code == 409 and problem.json()["remaining"] == 0
     assert problem.json()["type"].endswith("/out-of-stock")
+    with django_app(face, store=MemoryStore(), store_server_errors=False) as client:
+        k = key()
+        assert client.post("/boom", headers=k).status_code == 500
+        assert client.post("/boom", headers=k).status_code == 500  # released: runs again
+    assert calls["boom"] == 3
 
 
 @FACES

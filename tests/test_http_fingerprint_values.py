@@ -9,7 +9,9 @@ became a float infinity. NaN, which is not JSON, was fingerprinted like a value.
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
+import httpx
 import pytest
 
 from oncely.errors import InvalidPayload
@@ -157,3 +159,81 @@ def test_integers_count_by_value_like_decimals(number: str) -> None:
     """An integer is canonical as the decimal of the same value (10 and 1e1 are one number)."""
     as_decimal = canonical_json(f"{number}.0".encode())
     assert canonical_json(number.encode()) == as_decimal
+
+
+# -- multipart/form-data by its parts (red team 4, finding 15) --------------------------------
+def _multipart(
+    files: dict[str, Any], data: dict[str, str] | None = None
+) -> tuple[HttpRequest, bytes]:
+    """What HTTPX sends for a form upload: a fresh random boundary every time."""
+    sent = httpx.Request("POST", "http://t/upload", files=files, data=data)
+    body = sent.read()
+    headers = [(k.lower().encode(), v.encode()) for k, v in sent.headers.items()]
+    return HttpRequest("POST", "/upload", b"", headers), body
+
+
+def _raw(boundary: bytes, body: bytes) -> tuple[HttpRequest, bytes]:
+    content_type = b'multipart/form-data; boundary="' + boundary + b'"'
+    return HttpRequest("POST", "/upload", b"", [(b"content-type", content_type)]), body
+
+
+INVOICE = {"invoice": ("inv.pdf", b"%PDF-1.4 same bytes", "application/pdf")}
+
+
+def test_a_multipart_body_counts_by_its_parts_not_its_boundary() -> None:
+    first, second = _multipart(INVOICE, {"amount": "100"}), _multipart(INVOICE, {"amount": "100"})
+    assert first[1] != second[1]  # HTTPX drew two boundaries
+    assert request_fingerprint(*first) == request_fingerprint(*second)
+    # the epilogue and the case of part header names do not count
+    plain = b'--b1\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n--b1--\r\n'
+    dressed = (
+        b'--bb2\r\ncontent-disposition: form-data; name="a"\r\n\r\n1\r\n--bb2--\r\nignored epilogue'
+    )
+    assert request_fingerprint(*_raw(b"b1", plain)) == request_fingerprint(*_raw(b"bb2", dressed))
+
+
+@pytest.mark.parametrize(
+    ("files", "data"),
+    [
+        ({"invoice": ("inv.pdf", b"%PDF-1.4 same bytez", "application/pdf")}, {"amount": "100"}),
+        ({"invoice": ("inv2.pdf", b"%PDF-1.4 same bytes", "application/pdf")}, {"amount": "100"}),
+        ({"invoice": ("inv.pdf", b"%PDF-1.4 same bytes", "text/plain")}, {"amount": "100"}),
+        ({"receipt": ("inv.pdf", b"%PDF-1.4 same bytes", "application/pdf")}, {"amount": "100"}),
+        (INVOICE, {"amount": "101"}),
+        (INVOICE, {"amount": "100", "note": ""}),
+        (INVOICE, None),
+    ],
+    ids=["content", "filename", "part-type", "name", "field", "extra-part", "missing-part"],
+)
+def test_a_multipart_body_with_other_parts_differs(
+    files: dict[str, Any], data: dict[str, str] | None
+) -> None:
+    base = request_fingerprint(*_multipart(INVOICE, {"amount": "100"}))
+    assert request_fingerprint(*_multipart(files, data)) != base
+
+
+def test_a_multipart_body_that_does_not_parse_counts_byte_for_byte() -> None:
+    cut = b'--b1\r\nContent-Disposition: form-data; name="a"\r\n\r\n1\r\n'  # no closing line
+    same_cut = cut.replace(b"b1", b"b2")
+    assert request_fingerprint(*_raw(b"b1", cut)) != request_fingerprint(*_raw(b"b2", same_cut))
+    assert request_fingerprint(*_raw(b"b1", cut)) == request_fingerprint(*_raw(b"b1", cut))
+    no_boundary = HttpRequest("POST", "/upload", b"", [(b"content-type", b"multipart/form-data")])
+    assert request_fingerprint(no_boundary, cut) == request_fingerprint(no_boundary, cut)
+
+
+async def test_a_multipart_retry_replays_through_the_middleware(
+    face_kind: str, make_store: StoreFactory
+) -> None:
+    face = FACES[face_kind](IdempotencyConfig(store=make_store("memory")[0], scope=GLOBAL))
+    key = ("Idempotency-Key", f'"{uuid.uuid4()}"')
+    replies = []
+    for data in ({"amount": "100"}, {"amount": "100"}, {"amount": "200"}):
+        request, body = _multipart(INVOICE, data)
+        content_type = dict(request.headers)[b"content-type"].decode()
+        replies.append(
+            await face.request("POST", "/orders", [key, ("Content-Type", content_type)], body)
+        )
+    first, again, other = replies
+    assert first.status == 201 and again.replayed and again.body == first.body
+    assert other.status == 422
+    assert face.calls["/orders"] == 1

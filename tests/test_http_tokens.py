@@ -136,8 +136,27 @@ async def test_expired_tokens_are_refused(make_face: MakeFace) -> None:
     assert face.calls["/orders"] == 0
 
 
-async def test_a_failing_handler_gives_the_token_back(make_face: MakeFace) -> None:
+async def test_a_failing_handler_keeps_the_token_spent_by_default(make_face: MakeFace) -> None:
+    # Red-team finding 14: once the handler started, its effects may have happened; a second
+    # submission of the same token must not run it again.
     face = make_face()
+    token = await fetch_token(face)
+    user = ("X-User", "alice")
+    boom = await face.request("POST", "/boom", [user, FORM], form(token))
+    assert isinstance(boom.raised, RuntimeError)
+    again = await face.request("POST", "/boom", [user, FORM], form(token))
+    assert (again.status, again.problem) == (409, "token-reused")
+    server_error = await fetch_token(face)
+    await face.request("POST", "/server-error", [user, FORM], form(server_error))
+    retry = await face.request("POST", "/server-error", [user, FORM], form(server_error))
+    assert (retry.status, retry.problem) == (409, "token-reused")
+    assert face.calls == {"/boom": 1, "/server-error": 1}
+
+
+async def test_with_release_on_5xx_a_failing_handler_gives_the_token_back(
+    make_face: MakeFace,
+) -> None:
+    face = make_face(store_server_errors=False)
     token = await fetch_token(face)
     user = ("X-User", "alice")
     boom = await face.request("POST", "/boom", [user, FORM], form(token))

@@ -115,12 +115,14 @@ class Docs:
             row = conn.execute("SELECT body, version FROM docs WHERE id = ?", (doc_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def put(self, doc_id: int, condition: IfMatch, body: str) -> int:
-        """The handler's logic, the same on every framework."""
+    def put(self, doc_id: int, condition: IfMatch | None, body: str) -> int:
+        """The handler's logic, the same on every framework (``condition`` None: a request
+        without If-Match, written against version 1)."""
         conn = self.connect()
         try:
-            expected = condition.version
-            if expected is None:  # '*' or a list: decide on the version read now ...
+            expected = 1 if condition is None else condition.version
+            if expected is None and condition is not None:
+                # '*' or a list: decide on the version read now ...
                 found = self.get(doc_id)
                 expected = condition.check(None if found is None else found[1], f"doc {doc_id}")
             # ... and let the UPDATE decide atomically (StaleVersion -> 412)
@@ -165,7 +167,18 @@ def _check_contract(client: Any, docs: Docs) -> None:
     assert star.status_code == 200 and star.headers["etag"] == '"4"'
     gone = client.put("/docs/2", content=b"x", headers={"If-Match": "*"})
     assert gone.status_code == 412
-    assert docs.get(1) == ("fourth", 4)
+    # a single tag names a row that does not exist (never created, or deleted since it was
+    # read): versioned_update raises NotFound, which is 412 with If-Match (RFC 9110 §13.1.1) ...
+    deleted = client.put("/docs/2", content=b"x", headers={"If-Match": '"1"'})
+    assert deleted.status_code == 412, deleted.text
+    assert deleted.headers["content-type"] == PROBLEM
+    assert deleted.json()["type"].endswith("/precondition-failed")
+    # ... and 404 without it (POST needs no If-Match here)
+    absent = client.post("/docs/2", content=b"x")
+    assert absent.status_code == 404, absent.text
+    assert absent.headers["content-type"] == PROBLEM
+    assert absent.json()["type"].endswith("/not-found")
+    assert docs.get(1) == ("fourth", 4) and docs.get(2) is None
 
 
 # -- Starlette (ASGI middleware) ----------------------------------------------------------------
@@ -184,14 +197,14 @@ def _starlette_app(docs: Docs) -> Any:
     async def write(request: Request) -> Response:
         body = (await request.body()).decode()
         doc_id = int(request.path_params["id"])
-        condition = if_match(request)
+        condition = if_match(request) if request.method == "PUT" else None
         new = await asyncio.to_thread(docs.put, doc_id, condition, body)
         return Response(body, headers={"ETag": etag(new)})
 
     app = Starlette(
         routes=[
             Route("/docs/{id}", read, methods=["GET"]),
-            Route("/docs/{id}", write, methods=["PUT"]),
+            Route("/docs/{id}", write, methods=["PUT", "POST"]),
         ]
     )
     app.add_middleware(ConditionalMiddleware, paths=("/docs/",))
@@ -263,6 +276,11 @@ def test_fastapi(docs: Docs) -> None:
         new = docs.put(doc_id, if_match(request), body)
         return Response(body, headers={"ETag": etag(new)})
 
+    @app.post("/docs/{doc_id}")
+    async def create(doc_id: int, request: FastAPIRequest) -> Response:
+        new = docs.put(doc_id, None, (await request.body()).decode())
+        return Response(status_code=201, headers={"ETag": etag(new)})
+
     with TestClient(app) as client:
         _check_contract(client, docs)
 
@@ -280,10 +298,11 @@ def test_flask(docs: Docs) -> None:
         found = docs.get(doc_id)
         return found[0], 200, {"ETag": etag(found[1])}  # type: ignore[index]
 
-    @app.put("/docs/<int:doc_id>")
+    @app.route("/docs/<int:doc_id>", methods=["PUT", "POST"])
     def write(doc_id: int) -> Any:
         body = request.get_data(as_text=True)
-        new = docs.put(doc_id, if_match(request), body)
+        condition = if_match(request) if request.method == "PUT" else None
+        new = docs.put(doc_id, condition, body)
         return body, 200, {"ETag": etag(new)}
 
     conditional(app, paths=("/docs/",))
@@ -310,7 +329,8 @@ def _django_view(request: Any, doc_id: int) -> Any:
     if request.method == "GET":
         return _django_read(request, doc_id)
     body = request.body.decode()
-    new = _DJANGO_DOCS[-1].put(doc_id, if_match(request), body)
+    condition = if_match(request) if request.method == "PUT" else None
+    new = _DJANGO_DOCS[-1].put(doc_id, condition, body)
     response = HttpResponse(body)
     response["ETag"] = etag(new)
     return response

@@ -463,9 +463,9 @@ SETTINGS: Final[Mapping[str, Setting]] = dict(
         ),
         _setting(
             "http_store_server_errors",
-            False,
+            True,
             f"{_HTTP}(store_server_errors=)",
-            "store and replay 5xx responses (default: release the key)",
+            "store and replay 5xx responses and handler exceptions (false: release the key)",
             _boolean,
         ),
         _setting(

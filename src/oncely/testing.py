@@ -552,8 +552,9 @@ def _replay_flow(
         raise AssertionError(f"{where}: the first response already carries {replay_header}")
     if first.status >= 500:
         raise AssertionError(
-            f"{where}: the first response is {first.status}; a 5xx is not stored (the key is "
-            "released so a retry runs again), so there is nothing to replay"
+            f"{where}: the first response is {first.status}: the endpoint failed, so there is "
+            "no successful response to check the replay of (a failure is kept as it is, or "
+            "with store_server_errors=False released so a retry runs again)"
         )
     replay = yield request
     problems = []

@@ -11,9 +11,9 @@ Configured by environment variables, read in every worker process:
 
 Routes: ``POST /orders`` (works, then 201); ``POST /blocking`` (blocks its event loop with
 ``time.sleep`` until ``SERVER_APP_GO_ON`` exists, then 201); ``POST /report`` (streams 400
-chunks of 1000 bytes, a little at a time); ``POST /pay`` on ``fastapi_app`` (a body model
-FastAPI validates); ``POST /guarded`` on the Flask app (a ``before_request`` check refuses
-it with 403 unless ``X-Csrf: ok``).
+chunks of 1000 bytes, a little at a time); ``POST /echo`` on the Flask app (the body the view
+read); ``POST /pay`` on ``fastapi_app`` (a body model FastAPI validates); ``POST /guarded`` on
+the Flask app (a ``before_request`` check refuses it with 403 unless ``X-Csrf: ok``).
 """
 
 from __future__ import annotations
@@ -132,6 +132,13 @@ def create_order_sync():  # type: ignore[no-untyped-def]
     record_execution()
     time.sleep(SLEEP)
     return jsonify(pid=os.getpid()), 201, {"Location": "/orders/1"}
+
+
+@flask_app.post("/echo")
+def echo_sync():  # type: ignore[no-untyped-def]
+    """What the view sees of the request body (Werkzeug reads ``wsgi.input`` its own way)."""
+    record_execution()
+    return jsonify(body=flask_request.get_data(as_text=True), json=flask_request.get_json()), 201
 
 
 @flask_app.get("/health")

@@ -15,7 +15,7 @@ Each check names the draft section it comes from (§2.1 Syntax, §2.6 Idempotenc
 * a ``Set-Cookie`` of the first response is not replayed;
 * a failed request never leaves its key stuck: after a client that gave up mid-request, and
   (with ``fail_header``) after a handler that failed, a retry with the same key gets an answer
-  other than 409 within ``stuck_after`` seconds.
+  other than 409 within ``stuck_after`` seconds (the failure replayed, or a fresh run).
 
 Every request uses a fresh random key, so probing never collides with real traffic; it does
 create a few resources (orders) on the target.
@@ -306,7 +306,9 @@ async def probe_async(config: ProbeConfig) -> list[Check]:
                 )
             else:
                 retry = await p.eventually(fail_key)
-                ok = 200 <= retry.status < 300 and not retry.replayed
+                # Not stuck: the failure kept and replayed (the default: the handler may have
+                # had effects, so it must not run again), or the key released and run again.
+                ok = retry.status != 409 and (retry.replayed or 200 <= retry.status < 300)
                 verdict(
                     "failed handler: key not stuck",
                     ok,

@@ -33,7 +33,10 @@ Faces: :class:`ConditionalMiddleware` (ASGI: Starlette, FastAPI, any ASGI app) a
 :class:`WSGIConditionalMiddleware` (Flask, Django, any WSGI app) require the header on the
 routes you choose, parse it once (``scope`` / ``environ`` key ``"oncely.if_match"``) and turn
 :class:`~oncely.errors.StaleVersion`, :class:`~oncely.errors.PreconditionFailed` and
-:class:`~oncely.errors.PreconditionRequired` raised by the handler into problem responses.
+:class:`~oncely.errors.PreconditionRequired` raised by the handler into problem responses, and
+:class:`~oncely.errors.NotFound` (the row is missing or was deleted) into 412 when the request
+sent ``If-Match`` (no current representation: the precondition is false, RFC 9110 §13.1.1),
+else 404 ``not-found``.
 Flask and Django catch view exceptions themselves: :func:`oncely.http.flask.conditional` and
 :class:`oncely.http.django.ConditionalMiddleware` do the same the framework's way.
 """
@@ -49,12 +52,13 @@ from oncely.errors import (
     ConfigurationError,
     HttpProblem,
     InvalidIfMatch,
+    NotFound,
     PreconditionFailed,
     PreconditionRequired,
     StaleVersion,
 )
 from oncely.http.messages import HttpResponse
-from oncely.http.problems import PROBLEM_BASE, from_exception
+from oncely.http.problems import NOT_FOUND, PROBLEM_BASE, from_exception, problem_response
 from oncely.settings import names, text
 
 __all__ = [
@@ -206,13 +210,20 @@ def parse_if_match(values: Iterable[bytes | str]) -> IfMatch | None:
 
 
 def problem_for(
-    exc: BaseException, base: str = PROBLEM_BASE, entity: str | None = None
+    exc: BaseException,
+    base: str = PROBLEM_BASE,
+    entity: str | None = None,
+    *,
+    if_match: bool = False,
 ) -> HttpResponse | None:
     """The problem response for an exception a handler raised: 412 for
     :class:`~oncely.errors.StaleVersion` and :class:`~oncely.errors.PreconditionFailed`, 428
     for :class:`~oncely.errors.PreconditionRequired`, 400 for
-    :class:`~oncely.errors.InvalidIfMatch`; None for
-    anything else (let it propagate)."""
+    :class:`~oncely.errors.InvalidIfMatch`; for :class:`~oncely.errors.NotFound` 412 if the
+    request sent ``If-Match`` (``if_match=True``: with no current representation the
+    precondition is false, RFC 9110 §13.1.1), else 404 ``not-found``; None for anything else
+    (let it propagate: :class:`~oncely.errors.UnversionedRow` and
+    :class:`~oncely.errors.VersionBypass` are faults of the server's data or code, a 500)."""
     if isinstance(exc, StaleVersion):
         current = exc.current if isinstance(exc.current, int) else None
         detail = (
@@ -221,6 +232,16 @@ def problem_for(
         )
         extra = {"current_etag": etag(current)} if current is not None and current >= 0 else {}
         return from_exception(PreconditionFailed(detail, **extra), base)
+    if isinstance(exc, NotFound):
+        if if_match:
+            return from_exception(
+                PreconditionFailed(
+                    f"{exc.entity} does not exist (never created, or deleted since the client "
+                    "read it); If-Match cannot hold"
+                ),
+                base,
+            )
+        return problem_response(NOT_FOUND, f"{exc.entity} does not exist", base=base)
     if isinstance(exc, (PreconditionFailed, PreconditionRequired, InvalidIfMatch)):
         return from_exception(exc, base)
     return None
@@ -289,7 +310,8 @@ class ConditionalMiddleware:
     PUT, PATCH and DELETE), 400 for a malformed one, the parsed header in
     ``scope["oncely.if_match"]``, and 412 for a :class:`~oncely.errors.StaleVersion` (or
     :class:`~oncely.errors.PreconditionFailed`) the handler raises before it starts its
-    response. ``paths`` is a sequence of path prefixes or a predicate ``path -> bool``.
+    response; a :class:`~oncely.errors.NotFound` is 412 with ``If-Match``, else 404.
+    ``paths`` is a sequence of path prefixes or a predicate ``path -> bool``.
 
     In Starlette/FastAPI add it with ``app.add_middleware(ConditionalMiddleware, ...)``: it
     sits outside the exception middleware, so the handler's exception reaches it.
@@ -326,8 +348,8 @@ class ConditionalMiddleware:
 
         try:
             await self.app(scope, receive, watch)
-        except (StaleVersion, HttpProblem) as exc:
-            answer = problem_for(exc, self.rule.base)
+        except (StaleVersion, NotFound, HttpProblem) as exc:
+            answer = problem_for(exc, self.rule.base, if_match=parsed is not None)
             if started or answer is None:
                 raise
             await _asgi_send(send, answer)
@@ -382,8 +404,8 @@ class WSGIConditionalMiddleware:
         environ[IF_MATCH_KEY] = parsed
         try:
             return self.app(environ, start_response)
-        except (StaleVersion, HttpProblem) as exc:
-            answer = problem_for(exc, self.rule.base)
+        except (StaleVersion, NotFound, HttpProblem) as exc:
+            answer = problem_for(exc, self.rule.base, if_match=parsed is not None)
             if answer is None:
                 raise
             return _wsgi_send(start_response, answer)

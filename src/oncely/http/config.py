@@ -134,8 +134,11 @@ class IdempotencyConfig:
         default 1).
     :param store_client_errors: store and replay 4xx responses (default ``True``, as the
         draft asks).
-    :param store_server_errors: store and replay 5xx responses (default ``False``: release the
-        key, so a retry runs again).
+    :param store_server_errors: store and replay 5xx responses, and keep a handler that raised
+        before it responded as a 500 ``handler-failed`` problem (default ``True``, as Stripe:
+        once the handler started, its effects may have happened, so a retry never runs it
+        again). ``False`` releases the key on a 5xx or an exception, so a retry runs the
+        handler again: only for handlers that undo their effects when they fail.
     :param transient_statuses: statuses never stored (the key is released; default 408, 425,
         429).
     :param deny_headers: response headers never stored or replayed, on top of the built-in

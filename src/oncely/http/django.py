@@ -981,7 +981,8 @@ class ConditionalMiddleware:
     PUT, PATCH, DELETE), ``paths`` (path prefixes, default every path), ``problem_base``. A
     request of those methods under those paths without ``If-Match`` gets 428, a malformed one
     400; a view raising :class:`~oncely.errors.StaleVersion` or
-    :class:`~oncely.errors.PreconditionFailed` gets 412 (``process_exception``). Views read
+    :class:`~oncely.errors.PreconditionFailed` gets 412, a :class:`~oncely.errors.NotFound`
+    412 with ``If-Match`` and 404 without (``process_exception``). Views read
     the header with :func:`oncely.http.conditional.if_match` (``if_match(request).version``).
     """
 
@@ -1014,7 +1015,8 @@ class ConditionalMiddleware:
         return self.get_response(request)
 
     def process_exception(self, request: DjangoRequest, exception: Exception) -> Any:
-        from oncely.http.conditional import problem_for
+        from oncely.http.conditional import IF_MATCH_KEY, problem_for
 
-        answer = problem_for(exception, self.rule.base)
+        sent = request.META.get(IF_MATCH_KEY) is not None
+        answer = problem_for(exception, self.rule.base, if_match=sent)
         return None if answer is None else _response(answer)

@@ -3,7 +3,9 @@
 A key reused with a different fingerprint is refused with 422 (the draft's "same key, different
 payload", draft-ietf-httpapi-idempotency-key-header-06 §2.4). The default,
 :func:`request_fingerprint`, covers the method, the path, the query string and the body: a body
-of a JSON media type by its parsed value, any other body byte for byte. :func:`json_fields`
+of a JSON media type by its parsed value, a ``multipart/form-data`` body by its parts (so a
+client that draws a new boundary for every send, as HTTPX does, still sends the same request),
+any other body byte for byte. :func:`json_fields`
 covers the method, the path and chosen fields of a JSON body instead, so that other fields (a
 client timestamp) do not count. Any callable ``(request, body) -> str`` works too; raise
 :class:`~oncely.errors.InvalidPayload` from it to answer 400.
@@ -40,7 +42,11 @@ def request_fingerprint(request: HttpRequest, body: bytes) -> str:
     order, whitespace, string escapes (``"\\u0041"`` is ``"A"``) and number spelling (``1``,
     ``1.0``, ``1e0``) do not matter; duplicate member names are kept, in order, so
     ``{"a":1,"a":2}`` differs from ``{"a":2}``. Numbers count by exact decimal value (never
-    through a float). Any other body counts byte for byte.
+    through a float). A well-formed ``multipart/form-data`` body (RFC 7578) counts by its
+    parts, in order: each part's header fields (names case-insensitive, values exact) and its
+    content byte for byte; the boundary and the epilogue do not count (parsed with
+    ``python-multipart``, which Starlette uses; installed with ``oncely[http]``). Any other
+    body, and a multipart body that does not parse (or has a preamble), counts byte for byte.
 
     :returns: 40 hex digits.
     :raises InvalidPayload: the body of a JSON media type is not JSON, holds ``NaN`` or
@@ -48,8 +54,11 @@ def request_fingerprint(request: HttpRequest, body: bytes) -> str:
         middleware answers 400 ``request-body-invalid`` before anything runs).
     """
     media = request.content_type()
+    parts: bytes | None = None
     if body.strip() and is_json_media_type(media):
         kind, payload = b"json " + media, canonical_json(body, media)
+    elif media == b"multipart/form-data" and (parts := _multipart_parts(request, body)):
+        kind, payload = b"multipart " + media, parts
     else:
         kind, payload = b"bytes", body
     method = request.method.encode("latin-1")
@@ -72,6 +81,71 @@ def request_fingerprint(request: HttpRequest, body: bytes) -> str:
     )
     digest.update(payload)
     return digest.hexdigest()[:40]
+
+
+def _multipart_parts(request: HttpRequest, body: bytes) -> bytes | None:
+    """The parts of a ``multipart/form-data`` body, each length-prefixed: its number of header
+    fields, each field's lower-cased name and value, then its content. None if the body does
+    not parse (no boundary, no closing delimiter, a malformed part) or ``python-multipart`` is
+    not installed: the body then counts byte for byte."""
+    try:
+        from python_multipart.exceptions import MultipartParseError
+        from python_multipart.multipart import MultipartParser, parse_options_header
+    except ImportError:  # pragma: no cover - installed with oncely[http]
+        return None
+    header = next((v for k, v in request.headers if k == b"content-type"), b"")
+    boundary = parse_options_header(header)[1].get(b"boundary")
+    if not boundary:
+        return None
+    out: list[bytes] = []
+    fields: list[tuple[bytes, bytes]] = []
+    name: list[bytes] = []
+    value: list[bytes] = []
+    content: list[bytes] = []
+    ended = False
+
+    def field(data: bytes, start: int, end: int) -> None:
+        name.append(data[start:end])
+
+    def field_value(data: bytes, start: int, end: int) -> None:
+        value.append(data[start:end])
+
+    def field_end() -> None:
+        fields.append((b"".join(name).lower(), b"".join(value)))
+        name.clear()
+        value.clear()
+
+    def part_data(data: bytes, start: int, end: int) -> None:
+        content.append(data[start:end])
+
+    def part_end() -> None:
+        out.append(_LENGTH.pack(len(fields)))
+        for key, text in fields:
+            out.extend((_LENGTH.pack(len(key)), key, _LENGTH.pack(len(text)), text))
+        data = b"".join(content)
+        out.extend((_LENGTH.pack(len(data)), data))
+        fields.clear()
+        content.clear()
+
+    def end() -> None:
+        nonlocal ended
+        ended = True
+
+    callbacks: Any = {
+        "on_header_field": field,
+        "on_header_value": field_value,
+        "on_header_end": field_end,
+        "on_part_data": part_data,
+        "on_part_end": part_end,
+        "on_end": end,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body)
+        parser.finalize()
+    except (MultipartParseError, ValueError):
+        return None
+    return b"".join(out) if ended and out else None
 
 
 class _Canon(str):

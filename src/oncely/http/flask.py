@@ -163,31 +163,34 @@ def conditional(app: Flask, **options: Any) -> Any:
     ``app.wsgi_app`` in :class:`~oncely.http.conditional.WSGIConditionalMiddleware` (428
     without ``If-Match`` on ``methods`` under ``paths``, 400 for a malformed one) and registers
     error handlers answering :class:`~oncely.errors.StaleVersion` and
-    :class:`~oncely.errors.PreconditionFailed` with 412 (Flask turns view exceptions into 500
+    :class:`~oncely.errors.PreconditionFailed` with 412, and :class:`~oncely.errors.NotFound`
+    with 412 if the request sent ``If-Match``, else 404 (Flask turns view exceptions into 500
     before a WSGI middleware sees them). ``options``: ``methods``, ``paths``,
     ``problem_base``. Returns the middleware.
     """
-    from flask import Response
+    from flask import Response, request
 
     from oncely.errors import (
         InvalidIfMatch,
+        NotFound,
         PreconditionFailed,
         PreconditionRequired,
         StaleVersion,
     )
-    from oncely.http.conditional import WSGIConditionalMiddleware, problem_for
+    from oncely.http.conditional import IF_MATCH_KEY, WSGIConditionalMiddleware, problem_for
 
     middleware = WSGIConditionalMiddleware(app.wsgi_app, **options)
     base = middleware.rule.base
 
     def handle(exc: Exception) -> Any:
-        answer = problem_for(exc, base)
+        sent = request.environ.get(IF_MATCH_KEY) is not None
+        answer = problem_for(exc, base, if_match=sent)
         if answer is None:  # pragma: no cover - registered for these types only
             raise exc
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in answer.headers]
         return Response(answer.body, status=answer.status, headers=headers)
 
-    for kind in (StaleVersion, PreconditionFailed, PreconditionRequired, InvalidIfMatch):
+    for kind in (StaleVersion, NotFound, PreconditionFailed, PreconditionRequired, InvalidIfMatch):
         app.register_error_handler(kind, handle)
     app.wsgi_app = middleware  # type: ignore[method-assign]
     return middleware

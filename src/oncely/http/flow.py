@@ -25,11 +25,14 @@ Order of a protected request (each step answers with a problem and stops on fail
 Settling after the app ran (:func:`_verdict`): once the handler started its response, its work
 is done, so the key is completed — with the response, or, if the response was too large to
 keep or was cut short (client gone, stream failed, an exception after the start), with the "not
-replayable" marker (a retry gets 409, never a second run). The key is released (and a consumed
-token given back) only when no response started (the app raised first), when the framework
-refused the request before its handler ran (:class:`~oncely.http.messages.HandlerEntry`), or
-when the status line says the configuration does not store it (5xx, ``transient_statuses``,
-4xx with ``store_client_errors=False``).
+replayable" marker (a retry gets 409, never a second run). A handler that raised before it
+started a response is kept as a 500 ``handler-failed`` problem (Stripe saves results once the
+endpoint started executing, 500s included). The key is released (and a consumed token given
+back) only when the framework refused the request before its handler ran
+(:class:`~oncely.http.messages.HandlerEntry`), when the request was cancelled with
+``on_cancel="release"``, or when the configuration does not store the outcome
+(``transient_statuses``, 4xx with ``store_client_errors=False``, 5xx and exceptions with
+``store_server_errors=False``).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ from oncely.http.problems import (
     BODY_INVALID,
     BODY_LENGTH_REQUIRED,
     BODY_TOO_LARGE,
+    HANDLER_FAILED,
     IN_FLIGHT,
     KEY_INVALID,
     KEY_MISMATCH,
@@ -419,6 +423,13 @@ def _settle(
 ) -> Flow:
     """After the app ran: complete the key (response or marker) or release it, give a consumed
     token back when the key is released, then raise the app's exception if it had one."""
+    if (
+        captured.status == 0
+        and captured.handled
+        and isinstance(captured.error, Exception)  # not a cancellation (on_cancel="release")
+        and policy.store_server_errors
+    ):
+        captured = _failure(policy, captured)
     verdict = _verdict(policy, captured)
     if key is not None and fence is not None:
         marker = (encode_unreplayable(captured.status, TOO_LARGE), UNREPLAYABLE)
@@ -508,6 +519,19 @@ def _subject_of(engine: Engine, request: HttpRequest) -> str:
         return ""
     value = function(request)
     return "" if value is None else str(value)
+
+
+def _failure(policy: RoutePolicy, captured: Captured) -> Captured:
+    """The 500 kept for a handler that raised before it started a response: its effects may
+    have happened, so a retry gets this (``handler-failed``) instead of running it again. The
+    exception itself is not described (it may hold secrets); it is still raised to the server."""
+    response = problem_response(
+        HANDLER_FAILED,
+        "the handler failed after it started; its effects may have happened, so this result is "
+        "kept for the Idempotency-Key and a retry with it does not run the handler again",
+        base=policy.problem_base,
+    )
+    return Captured(500, response.headers, response.body, True, True, captured.error)
 
 
 def _verdict(policy: RoutePolicy, captured: Captured) -> _Verdict:

@@ -28,12 +28,14 @@ __all__ = [
     "BODY_INVALID",
     "BODY_LENGTH_REQUIRED",
     "BODY_TOO_LARGE",
+    "HANDLER_FAILED",
     "IF_MATCH_INVALID",
     "IN_FLIGHT",
     "KEY_INVALID",
     "KEY_MISMATCH",
     "KEY_MISSING",
     "METHOD_NOT_ALLOWED",
+    "NOT_FOUND",
     "NOT_REPLAYABLE",
     "PRECONDITION_FAILED",
     "PRECONDITION_REQUIRED",
@@ -97,10 +99,12 @@ TOKEN_PURPOSE_UNKNOWN = ProblemType(
     "token-purpose-unknown", 400, "Tokens are not issued for this purpose"
 )
 METHOD_NOT_ALLOWED = ProblemType("method-not-allowed", 405, "Method not allowed")
+HANDLER_FAILED = ProblemType("handler-failed", 500, "The handler failed")
 # conditional requests (oncely.http.conditional): RFC 9110 §13.1.1, RFC 6585 §3
 PRECONDITION_FAILED = ProblemType("precondition-failed", 412, "Precondition Failed")
 PRECONDITION_REQUIRED = ProblemType("precondition-required", 428, "Precondition Required")
 IF_MATCH_INVALID = ProblemType("if-match-invalid", 400, "If-Match header is invalid")
+NOT_FOUND = ProblemType("not-found", 404, "Not Found")
 
 PROBLEM_TYPES: tuple[ProblemType, ...] = (
     KEY_MISSING,
@@ -120,9 +124,11 @@ PROBLEM_TYPES: tuple[ProblemType, ...] = (
     TOKEN_REUSED,
     TOKEN_PURPOSE_UNKNOWN,
     METHOD_NOT_ALLOWED,
+    HANDLER_FAILED,
     PRECONDITION_FAILED,
     PRECONDITION_REQUIRED,
     IF_MATCH_INVALID,
+    NOT_FOUND,
 )
 
 

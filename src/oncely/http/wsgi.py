@@ -67,6 +67,18 @@ def has_unsized_body(environ: Environ) -> bool:
     )
 
 
+def _replace_body(environ: Environ, body: bytes) -> None:
+    """Hand the app the body oncely read, with an environ that says so consistently: a sized
+    stream (``CONTENT_LENGTH``), no ``Transfer-Encoding`` (the body is no longer chunked: with
+    it Werkzeug ignores ``CONTENT_LENGTH`` and reads nothing, RFC 9112 §6.3) and
+    ``wsgi.input_terminated`` (the stream ends after the body), so plain WSGI, Werkzeug/Flask
+    and Django's ``WSGIHandler`` all read exactly ``body``."""
+    environ["wsgi.input"] = io.BytesIO(body)
+    environ["CONTENT_LENGTH"] = str(len(body))
+    environ.pop("HTTP_TRANSFER_ENCODING", None)
+    environ["wsgi.input_terminated"] = True
+
+
 def _status_line(status: int) -> str:
     try:
         return f"{status} {HTTPStatus(status).phrase}"
@@ -244,9 +256,7 @@ class _Exchange:
             log.info("oncely.http: reading the request body failed: %r", exc)
             return BodyError.INCOMPLETE
         body = b"".join(chunks)
-        environ["wsgi.input"] = io.BytesIO(body)
-        environ["CONTENT_LENGTH"] = str(len(body))
-        environ.pop("wsgi.input_terminated", None)
+        _replace_body(environ, body)
         return body
 
     # -- responses ---------------------------------------------------------------------------------
