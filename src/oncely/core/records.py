@@ -11,6 +11,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
+from oncely.core.text import stored_text
+
 __all__ = [
     "MAX_KEY_LENGTH",
     "ClaimOutcome",
@@ -35,10 +37,18 @@ def digest_key(key: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class RecordKey:
-    """Where a record lives: a scope (tenant, user, function namespace) and a key digest."""
+    """Where a record lives: a scope (tenant, user, function namespace) and a key digest.
+
+    :raises InvalidKey: a scope no store keeps exactly as text (a NUL character, a lone
+        surrogate: :func:`oncely.core.text.stored_text`), before anything is sent.
+    """
 
     scope: str
     digest: str
+
+    def __post_init__(self) -> None:
+        if "\x00" in self.scope or not self.scope.isascii():
+            stored_text(self.scope, "scope")
 
     @classmethod
     def of(cls, scope: str, key: str) -> RecordKey:
