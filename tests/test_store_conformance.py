@@ -527,3 +527,21 @@ async def test_a_scope_no_store_keeps_as_text_is_refused_before_the_call(store: 
     assert runs == []
     assert charge("o-1", "acme") == "charged acme"  # nothing was recorded for "acme"
     assert runs == ["acme"]
+
+
+def test_key_parts_with_any_character_are_kept_apart(store: Store) -> None:
+    # Key parts are hashed, never stored as text: a NUL or a lone surrogate is fine there. A
+    # lone surrogate raised a bare UnicodeEncodeError from the digest; now it has its own.
+    from oncely import idempotent
+
+    runs: list[str] = []
+
+    @idempotent(store=store, name=f"keys-{uuid.uuid4().hex[:8]}", key=["k"])
+    def charge(k: str) -> int:
+        runs.append(k)
+        return len(runs)
+
+    keys = ["a\x00b", "a\x00c", "a\ud800", "a\ud801", "a"]
+    assert [charge(k) for k in keys] == [1, 2, 3, 4, 5]
+    assert [charge(k) for k in keys] == [1, 2, 3, 4, 5]  # each replays its own
+    assert runs == keys

@@ -31,8 +31,10 @@ Status = Literal["in_progress", "completed"]
 
 
 def digest_key(key: str) -> str:
-    """Return the hex SHA-256 digest under which ``key`` is stored."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    """Return the hex SHA-256 digest under which ``key`` is stored. Any ``str`` has one: a
+    lone surrogate (no UTF-8 form) is hashed by its code point (``surrogatepass``), which no
+    valid text encodes to, so such a key stays distinct instead of raising."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
