@@ -360,3 +360,10 @@ async def test_ids_no_store_keeps_as_text_are_refused_on_every_store(made: Made,
     assert d.seen("a") is False
     assert d.filter_new(["x", "a\u00e9\U0001f600"]) == ["x", "a\u00e9\U0001f600"]
     assert d.seen("a\u00e9\U0001f600") is True
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_namespace_no_store_keeps_as_text_is_refused(made: Made, kind: str) -> None:
+    for namespace in ("orders\x00x", "orders\ud800"):
+        with pytest.raises(ConfigurationError, match="namespace"):
+            made(kind, namespace=namespace)

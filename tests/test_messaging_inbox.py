@@ -733,3 +733,15 @@ def test_ids_no_store_keeps_as_text_are_refused_before_anything_is_written(db: D
     conn.commit()
     assert db.run(conn, f"SELECT count(*) FROM {db.outbox.table}")[0][0] == 0
     conn.rollback()
+
+
+def test_outbox_topic_and_payload_no_store_keeps_are_refused(db: Db) -> None:
+    conn = db.connect()
+    for topic in ("orders\x00x", "orders\ud800"):
+        with pytest.raises(InvalidPayload, match="topic"):
+            db.outbox.add(conn, topic, b"x", message_id="m-topic")
+    with pytest.raises(InvalidPayload, match="UTF-8"):
+        db.outbox.add(conn, "orders", "bad \ud800", message_id="m-payload")
+    conn.commit()
+    assert db.run(conn, f"SELECT count(*) FROM {db.outbox.table}")[0][0] == 0
+    conn.rollback()

@@ -896,6 +896,7 @@ class Deduplicator:
                 f"namespace={namespace!r}: give a non-empty str of at most 100 characters naming "
                 "the id space (deduplicators share ids only when they name the same namespace)"
             )
+        stored_text(namespace, "namespace", ConfigurationError)
         if bloom and (not isinstance(capacity, int) or capacity < 1 or not 0 < error_rate < 1):
             raise ConfigurationError(
                 f"capacity={capacity!r}, error_rate={error_rate!r}: the Bloom filter needs a "
