@@ -492,8 +492,10 @@ class MySQLStore(PlannedStore):
 
     def _learn_packet(self, rows: Sequence[Sequence[Any]]) -> None:
         """Take the session's ``max_allowed_packet`` (read once per pool, when it opens): a
-        result is sent as hex text in one statement, so at most half of the packet, less a
-        margin for the rest of the statement, fits (:meth:`Store.check_result_size`)."""
+        result is sent as hex text (two characters a byte), once, in one statement that must
+        fit in the packet, so at most half of the packet, less a margin for the rest of the
+        statement, fits (:meth:`Store.check_result_size`; :data:`_RESULT_COPIES` counts the
+        copies the statement carries)."""
         packet = int(rows[0][0]) if rows and rows[0] and rows[0][0] is not None else 0
         if packet > 0:
             self.max_packet = packet
