@@ -409,3 +409,23 @@ def test_redis_failing_effect_leaves_the_branch_to_run_again(
         redis_barrier(r, "g", "b", "try", effects=[("HINCRBY", acct, "n", 1)], prefix=prefix) is E
     )
     assert r.hget(acct, "n") == b"1"
+
+
+def test_ids_no_store_keeps_as_text_are_refused(account: Account) -> None:
+    # redteam4: the one rule for ids kept as text (oncely.core.text): a NUL character or a
+    # lone surrogate is refused before anything is written, on every database (SQLite would
+    # cut "g\x00x" to "g", another transaction's gid; PostgreSQL refused it as a driver error).
+    conn = account.db.connect()
+    for gid, branch in [("g\x00x", "b"), ("g", "b\x00"), ("g\ud800", "b")]:
+        with pytest.raises(InvalidBarrierCall, match=r"NUL|surrogate"):
+            barrier(conn, gid, branch, "try", table=account.barrier)
+    conn.rollback()
+    # "g" was never recorded
+    assert barrier(conn, "g", "b", "try", table=account.barrier) is Verdict.EXECUTE
+    conn.rollback()
+
+
+def test_redis_refuses_the_same_ids(rclient: tuple[redis.Redis, str]) -> None:
+    r, prefix = rclient
+    with pytest.raises(InvalidBarrierCall, match="NUL"):
+        redis_barrier(r, "g\x00x", "b", "try", prefix=prefix)

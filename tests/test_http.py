@@ -901,3 +901,16 @@ def test_a_missing_extra_fails_when_the_middleware_is_built(
 def test_reply_helper_reads_problems() -> None:
     reply = Reply(400, [(b"content-type", b"application/problem+json")], b'{"type": "x/y"}')
     assert reply.problem == "y"
+
+
+@pytest.mark.parametrize("store_kind", ["memory", "sqlite", "postgres"])
+async def test_a_scope_no_store_keeps_as_text_is_a_400(
+    make_face: MakeFace, store_kind: str
+) -> None:
+    # A scope function that reads text with a NUL (a tenant id from a token claim): refused
+    # alike on every store, as a bad request, before the handler runs (SQLite cut it into
+    # another tenant's scope; PostgreSQL refused it with a driver error).
+    face = make_face(store_kind, scope=lambda request: "acme\x00evil")
+    response = await face.request("POST", "/orders", [key_header()], b"{}")
+    assert response.status == 400 and b"NUL" in response.body
+    assert face.calls["/orders"] == 0

@@ -583,3 +583,11 @@ def test_fenced_set_redis() -> None:
     finally:
         client.delete(key)
         client.close()
+
+
+@pytest.mark.parametrize("url", ["sqlite:///unused.db", REDIS_URL, POSTGRES_URL])
+@pytest.mark.parametrize("name", ["orders\x0042", "orders\ud800"])
+def test_names_no_store_keeps_as_text_are_refused(url: str, name: str) -> None:
+    # The one rule for ids kept as text (oncely.core.text), checked before any I/O.
+    with pytest.raises(InvalidLockName, match=r"NUL|surrogate"):
+        Lock(url, name)

@@ -339,3 +339,31 @@ def test_filter_new_is_one_round_trip(made: Made) -> None:
     assert len(new) == 1000
     assert after - before >= 1  # other sessions share the server: at least ours ran
     asyncio.run(asyncio.sleep(0))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_ids_no_store_keeps_as_text_are_refused_on_every_store(made: Made, kind: str) -> None:
+    # redteam4 (dedup_nul.py): SQLite cut ids at a NUL -- seen("a\x00b") recorded "a" (and
+    # raised a bare KeyError), then "a\x00c" and "a" were dropped as duplicates; PostgreSQL
+    # raised StoreError. One rule on every store now: refused with InvalidKey, nothing written.
+    d = made(kind)
+    for bad in ["a\x00b", "\x00", "a\ud800b"]:
+        with pytest.raises(InvalidKey, match="message id"):
+            d.seen(bad)
+        with pytest.raises(InvalidKey, match="message id"):
+            await d.aseen(bad)
+    with pytest.raises(InvalidKey, match="NUL"):
+        d.filter_new(["x\x00y", "x\x00z", "x"])
+    with pytest.raises(InvalidKey, match="NUL"):
+        await d.afilter_new(["x", "x\x00z"])
+    # Nothing was recorded: the plain ids are new.
+    assert d.seen("a") is False
+    assert d.filter_new(["x", "a\u00e9\U0001f600"]) == ["x", "a\u00e9\U0001f600"]
+    assert d.seen("a\u00e9\U0001f600") is True
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_namespace_no_store_keeps_as_text_is_refused(made: Made, kind: str) -> None:
+    for namespace in ("orders\x00x", "orders\ud800"):
+        with pytest.raises(ConfigurationError, match="namespace"):
+            made(kind, namespace=namespace)

@@ -713,3 +713,35 @@ def test_the_guides_python_blocks_run(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(found) == 3
     for code in found:
         exec(compile(code, "messaging-inbox.md", "exec"), {"__name__": "docs_example"})
+
+
+def test_ids_no_store_keeps_as_text_are_refused_before_anything_is_written(db: Db) -> None:
+    # redteam4 (inbox_nul.py): SQLite cut "m\x00one" at the NUL and recorded "m", so
+    # "m\x00two" and "m" were skipped as duplicates; PostgreSQL refused the text with a driver
+    # error. The inbox and the outbox now refuse such ids (and consumer names) with InvalidKey.
+    conn = db.connect()
+    for mid in ["m\x00one", "m\ud800"]:
+        with pytest.raises(InvalidKey, match="message id"):
+            db.inbox.accept(conn, "billing", mid)
+        with pytest.raises(InvalidKey, match="message id"), db.inbox.receive(conn, "billing", mid):
+            raise AssertionError("the body must not run")
+        with pytest.raises(InvalidKey, match="message id"):
+            db.outbox.add(conn, "orders", b"x", message_id=mid)
+    with pytest.raises(InvalidKey, match="consumer"):
+        db.inbox.accept(conn, "bill\x00ing", "m")
+    assert db.inbox.accept(conn, "billing", "m") is True  # "m" was never recorded
+    conn.commit()
+    assert db.run(conn, f"SELECT count(*) FROM {db.outbox.table}")[0][0] == 0
+    conn.rollback()
+
+
+def test_outbox_topic_and_payload_no_store_keeps_are_refused(db: Db) -> None:
+    conn = db.connect()
+    for topic in ("orders\x00x", "orders\ud800"):
+        with pytest.raises(InvalidPayload, match="topic"):
+            db.outbox.add(conn, topic, b"x", message_id="m-topic")
+    with pytest.raises(InvalidPayload, match="UTF-8"):
+        db.outbox.add(conn, "orders", "bad \ud800", message_id="m-payload")
+    conn.commit()
+    assert db.run(conn, f"SELECT count(*) FROM {db.outbox.table}")[0][0] == 0
+    conn.rollback()

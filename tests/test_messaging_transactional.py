@@ -599,3 +599,37 @@ def test_nats_jetstream_storm_exactly_once(tmp_path: Path) -> None:
         next(inbox, None)
         asyncio.run(teardown())
     check_storm_exactly_once(result, n)
+
+
+def test_a_dedup_id_no_store_keeps_is_a_poison_message_not_an_outage(db: Db) -> None:
+    # redteam4 (inbox_pg_nul.py): on PostgreSQL a dedup id with a NUL character was taken for
+    # "store unavailable" and retried forever; on SQLite it was cut at the NUL (another
+    # message's id). It is a poison message on every database: dead-lettered at once, with the
+    # reason, and the handler never runs.
+    ran: list[Any] = []
+    dead: list[BaseException] = []
+
+    def handler(d: Delivery, conn: Any) -> None:
+        ran.append(d.json()["id"])
+        db.effect(conn, "never")
+
+    consumer = IdempotentConsumer(
+        handler,
+        name="billing",
+        dedup_id="body:id",
+        inbox=db.inbox,
+        connect=db.url,
+        max_attempts=3,
+        on_dead_letter=lambda d, e: dead.append(e),
+    )
+    try:
+        for body in (b'{"id": "evt\\u0000x"}', b'{"id": "evt\\ud800"}'):
+            verdict = consumer.process(Delivery(body=body))
+            assert isinstance(verdict, DeadLetter), verdict
+            assert isinstance(verdict.error, MessageRejected)
+            assert verdict.error.reason == "invalid-dedup-id"
+        assert isinstance(consumer.process(Delivery(body=b'{"id": "evt"}')), Ack)
+    finally:
+        consumer.close()
+    assert ran == ["evt"] and len(dead) == 2
+    assert db.inbox_rows() == 1

@@ -31,6 +31,7 @@ from oncely.backends.mysql import supports_returning as _supports_returning  # n
 from oncely.core.records import InFlight, Mismatch, New, RecordKey, Replay  # noqa: E402
 from oncely.errors import (  # noqa: E402
     ConfigurationError,
+    InvalidKey,
     LeaseLost,
     ResultTooLarge,
     SchemaMissing,
@@ -387,12 +388,15 @@ def test_binary_results_round_trip(store: MySQLStore) -> None:
 
 def test_scopes_compare_byte_for_byte(store: MySQLStore) -> None:
     # A case-insensitive or PAD SPACE collation would make these one scope.
-    scopes = ["tenant", "Tenant", "tenant ", "ténant", "tenant\x00", "租户"]
+    scopes = ["tenant", "Tenant", "tenant ", "ténant", "租户"]
     for scope in scopes:
         assert isinstance(store.claim(RecordKey.of(scope, "k"), "fp", 30.0, 60.0), New)
     assert sorted(r.scope for r in store.list()) == sorted(scopes)
     for scope in scopes:
         assert [r.scope for r in store.list(scope=scope)] == [scope]
+    # A NUL is refused before the store, as on every store (oncely.core.text).
+    with pytest.raises(InvalidKey, match="NUL"):
+        RecordKey.of("tenant\x00", "k")
 
 
 def test_an_overlong_scope_is_an_error_not_a_truncation(store: MySQLStore) -> None:
@@ -721,4 +725,79 @@ def test_the_server_refusing_an_oversized_statement_is_not_an_outage(
         record = store.get(key)
         assert record is not None and record.result == b"fits"
     finally:
+        store.close()
+
+
+def test_a_result_at_the_stores_own_limit_is_stored(server: str, table: str) -> None:
+    # redteam4 (big_result_mysql_rerun.py): the store said it took results up to (packet - 64
+    # KiB) / 2 bytes, but the completing statement carried the hex result twice, so a result of
+    # half that (8,000,000 characters at 16 MiB) was over the packet: the server hung up, the
+    # disconnect was taken for an outage (ResultNotStored, a background settle), and a retry
+    # after the lease ran the body again. The limit is now computed from the statement sent.
+    store = MySQLStore(URL, table=table, create_schema=True)
+    try:
+        key = fresh_key()
+        outcome = store.claim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        limit = store.max_result_bytes
+        assert limit == (_packet() - 64 * 1024) // 2
+        data = os.urandom(limit // 2) * 2
+        store.complete(key, outcome.fence, data, "raw", 60)
+        # The caller's own completion, repeated after a lost reply, still matches it.
+        store.complete(key, outcome.fence, data, "raw", 60)
+        with pytest.raises(LeaseLost):
+            store.complete(key, outcome.fence, data[:-1] + b"!", "raw", 60)
+        record = store.get(key)
+        assert record is not None and record.result == data
+    finally:
+        store.close()
+
+
+def test_a_big_result_under_the_limit_runs_once_and_replays(server: str, table: str) -> None:
+    store = MySQLStore(URL, table=table, create_schema=True)
+    runs: list[str] = []
+
+    @idempotent(store=store, name=f"big-{table}", key=["k"], lease=2, wait_timeout=5)
+    def export(k: str) -> str:
+        runs.append(k)
+        return "x" * 8_000_000
+
+    try:
+        assert len(export("o-1")) == 8_000_000
+        assert len(export("o-1")) == 8_000_000
+        assert runs == ["o-1"]
+    finally:
+        store.close()
+
+
+async def test_the_async_face_stores_a_result_at_the_limit(server: str, table: str) -> None:
+    store = MySQLStore(URL, table=table, create_schema=True)
+    try:
+        key = fresh_key()
+        outcome = await store.aclaim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        assert store.max_result_bytes is not None
+        data = b"y" * store.max_result_bytes
+        await store.acomplete(key, outcome.fence, data, "raw", 60)
+        record = await store.aget(key)
+        assert record is not None and record.result == data
+    finally:
+        await store.aclose()
+        store.close()
+
+
+async def test_the_async_face_takes_the_servers_refusal_for_too_large(
+    server: str, table: str
+) -> None:
+    store = MySQLStore(URL, table=table, create_schema=True)
+    try:
+        key = fresh_key()
+        outcome = await store.aclaim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        store.max_result_bytes = None  # skip the check: the statement reaches the server
+        with pytest.raises(ResultTooLarge, match="max_allowed_packet"):
+            await store.acomplete(key, outcome.fence, b"x" * (_packet() // 2 + 1), "raw", 60)
+        await store.acomplete(key, outcome.fence, b"fits", "raw", 60)
+    finally:
+        await store.aclose()
         store.close()

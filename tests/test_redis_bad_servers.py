@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 from oncely import idempotent
 from oncely.cli import app
 from oncely.core.records import New, RecordKey, Replay, digest_key
-from oncely.errors import ResultNotStored, StoreUnavailable
+from oncely.errors import ResultNotStored, ResultTooLarge, SerializationError, StoreUnavailable
 from oncely.stores.redis import RedisStore
 from redis_cluster import RedisServer
 
@@ -254,3 +254,74 @@ async def test_a_slow_redis_async_tasks_fail_closed_within_the_socket_timeout(
     finally:
         await store.aclose()
         store.close()
+
+
+# -- a server with a lower proto-max-bulk-len (redteam4) ------------------------------------------
+@pytest.fixture(scope="module")
+def small_bulk() -> Iterator[RedisServer]:
+    server = RedisServer("--proto-max-bulk-len", "1mb")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("size", [2_000_000, 20_000_000])
+def test_a_result_over_the_servers_bulk_limit_is_ran_not_storable(
+    small_bulk: RedisServer, size: int
+) -> None:
+    # The store assumes Redis's default proto-max-bulk-len (512 MB: it cannot read the setting
+    # on managed servers). A server set lower refused the completion -- "invalid bulk length"
+    # (a plain StoreError: the key stayed claimed, and after the lease a retry ran the body
+    # again), or for a bigger one a hang-up mid-send (an outage: ResultNotStored, a background
+    # settle, and again a second run). Both are now ResultTooLarge: ran, result not storable.
+    store = RedisStore(small_bulk.url, prefix=_prefix())
+    runs: list[str] = []
+
+    @idempotent(store=store, name="big-redis", key=["k"], lease=2, wait_timeout=5)
+    def export(k: str) -> str:
+        runs.append(k)
+        return "x" * size
+
+    try:
+        with pytest.raises(ResultTooLarge, match="proto-max-bulk-len"):
+            export("o-1")
+        with pytest.raises(SerializationError, match="already ran"):
+            export("o-1")
+        assert runs == ["o-1"]
+    finally:
+        store.close()
+
+
+async def test_the_async_face_takes_a_hang_up_on_a_big_result_for_too_large(
+    small_bulk: RedisServer,
+) -> None:
+    store = RedisStore(small_bulk.url, prefix=_prefix())
+    try:
+        key = RecordKey.of("t", "async-big")
+        outcome = await store.aclaim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        for size in (2_000_000, 20_000_000):
+            with pytest.raises(ResultTooLarge):
+                await store.acomplete(key, outcome.fence, b"x" * size, "raw", 60)
+        await store.acomplete(key, outcome.fence, b"fits", "raw", 60)  # the claim is intact
+    finally:
+        await store.aclose()
+        store.close()
+
+
+def test_a_big_result_to_a_redis_that_is_down_is_still_an_outage() -> None:
+    # The hang-up counts as a refusal only if the server answers right after; a server that
+    # is gone is the outage it looks like.
+    server = RedisServer("--proto-max-bulk-len", "1mb")
+    store = RedisStore(server.url, prefix=_prefix())
+    try:
+        key = RecordKey.of("t", "down-big")
+        outcome = store.claim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        server.stop()
+        with pytest.raises(StoreUnavailable):
+            store.complete(key, outcome.fence, b"x" * 2_000_000, "raw", 60)
+    finally:
+        store.close()
+        server.stop()

@@ -315,3 +315,11 @@ async def test_async_saga(shop: Shop) -> None:
         assert calls == ["one", "two"]
     finally:
         await shop.db.aclose()
+
+
+def test_a_saga_id_no_store_keeps_as_text_is_refused(shop: Shop) -> None:
+    conn = shop.db.connect()
+    for saga_id in ("order\x00-1", "order\ud800"):
+        with pytest.raises(ConfigurationError, match="saga_id"):
+            shop.saga(paid=True).run(conn, saga_id)
+    conn.rollback()

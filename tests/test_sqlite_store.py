@@ -10,10 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from oncely import idempotent
 from oncely.core.records import New, RecordKey
-from oncely.errors import ConfigurationError, StoreUnavailable
+from oncely.errors import (
+    ConfigurationError,
+    ResultTooLarge,
+    SerializationError,
+    StoreUnavailable,
+)
 from oncely.locks import Lock
 from oncely.stores import Store, open_store
+from oncely.stores.sqlite import SQLiteStore
 
 import workers
 
@@ -240,3 +247,66 @@ def test_a_hundred_concurrent_threads_share_at_most_16_connections(tmp_path: Pat
     finally:
         store.close()
     assert open_files() == 0
+
+
+# -- a result over SQLITE_LIMIT_LENGTH (redteam4) -------------------------------------------------
+_SMALL_LIMIT = 200_000
+
+
+class _SmallLimitStore(SQLiteStore):
+    """A real SQLite store whose connections take a lower SQLITE_LIMIT_LENGTH (as a build or
+    an application setting ``setlimit`` may give them)."""
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = super()._connect()
+        conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, _SMALL_LIMIT)
+        return conn
+
+
+@pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"), reason="Python 3.11+")
+def test_a_result_near_the_length_limit_is_ran_not_storable(tmp_path: Path) -> None:
+    # The limit bounds a whole row, not just the result: a result just under it passed the
+    # store's check and failed at the write with a bare sqlite3.DataError ("string or blob too
+    # big"). The store now keeps room for the other columns, and SQLite's refusal at the write
+    # is ResultTooLarge too: the call is kept as "ran, result not storable", never run again.
+    store = _SmallLimitStore(f"sqlite:///{tmp_path}/big.db", create_schema=True)
+    runs: list[str] = []
+
+    @idempotent(store=store, name="big-sqlite", key=["k"], lease=2, wait_timeout=5)
+    def export(k: str) -> str:
+        runs.append(k)
+        return "x" * (_SMALL_LIMIT - 10)
+
+    try:
+        with pytest.raises(ResultTooLarge, match="SQLITE_LIMIT_LENGTH"):
+            export("o-1")
+        with pytest.raises(SerializationError, match="already ran"):
+            export("o-1")
+        assert runs == ["o-1"]
+        assert store.max_result_bytes is not None and store.max_result_bytes < _SMALL_LIMIT
+        # Past the check (a limit lowered since): SQLite's refusal at the write is the same.
+        key = RecordKey.of("t", "direct")
+        outcome = store.claim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        store.max_result_bytes = None
+        with pytest.raises(ResultTooLarge, match="SQLITE_LIMIT_LENGTH"):
+            store.complete(key, outcome.fence, b"y" * (_SMALL_LIMIT - 10), "raw", 60)
+        store.complete(key, outcome.fence, b"fits", "raw", 60)  # the claim is intact
+    finally:
+        store.close()
+
+
+@pytest.mark.skipif(not hasattr(sqlite3.Connection, "setlimit"), reason="Python 3.11+")
+async def test_the_async_face_refuses_at_the_write_too(tmp_path: Path) -> None:
+    store = _SmallLimitStore(f"sqlite:///{tmp_path}/big.db", create_schema=True)
+    try:
+        key = RecordKey.of("t", "async")
+        outcome = await store.aclaim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        store.max_result_bytes = None
+        with pytest.raises(ResultTooLarge):
+            await store.acomplete(key, outcome.fence, b"y" * (_SMALL_LIMIT - 10), "raw", 60)
+        await store.acomplete(key, outcome.fence, b"fits", "raw", 60)
+    finally:
+        await store.aclose()
+        store.close()

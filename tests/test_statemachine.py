@@ -17,6 +17,7 @@ from oncely.errors import (
     GuardRejected,
     IdempotencyKeyMismatch,
     IllegalTransition,
+    InvalidEntityId,
     InvalidKey,
     InvalidMachine,
     SchemaMissing,
@@ -447,3 +448,16 @@ async def test_redis_async_face(rsm: tuple[RedisStateMachine, redis.Redis]) -> N
         assert [h.state for h in await sm.ahistory(client, 7)] == ["cancelled"]
     finally:
         await client.aclose()
+
+
+def test_keys_and_entity_ids_no_store_keeps_as_text_are_refused(db: Db) -> None:
+    # The one rule for ids kept as text (oncely.core.text): refused before anything is written.
+    o = Orders(db)
+    conn = db.connect()
+    for key in ("k\x00", "k\ud800"):
+        with pytest.raises(InvalidKey, match="idempotency key"):
+            o.sm.apply(conn, 3, "pay", data={"amount": 5}, key=key)
+    with pytest.raises(InvalidEntityId, match="surrogate"):
+        o.sm.apply(conn, "3\ud800", "pay", data={"amount": 5})
+    conn.rollback()
+    assert o.state(3) == "created" and o.history_count(3) == 0

@@ -494,3 +494,54 @@ async def test_a_cancelled_call_is_cancelled(store: Store) -> None:
         kept_running += 1  # awatch ran to its timeout although it was cancelled
     assert kept_running == 0
     await store.aclose()
+
+
+# -- scopes no store keeps as text (redteam4 scope_nul.py) ----------------------------------------
+async def test_a_scope_no_store_keeps_as_text_is_refused_before_the_call(store: Store) -> None:
+    # SQLite cut the scope "acme\x00evil" to "acme" (another tenant's records), PostgreSQL
+    # refused it as a driver error; memory and Redis kept it. One rule on every store: the
+    # record key refuses it with InvalidKey, before the function runs or anything is sent.
+    from oncely import idempotent
+    from oncely.errors import InvalidKey
+
+    runs: list[str] = []
+    tag = uuid.uuid4().hex[:8]
+
+    @idempotent(store=store, name=f"scoped-{tag}", key=["k"], scope=lambda k, tenant: tenant)
+    def charge(k: str, tenant: str) -> str:
+        runs.append(tenant)
+        return f"charged {tenant}"
+
+    @idempotent(store=store, name=f"ascoped-{tag}", key=["k"], scope=lambda k, tenant: tenant)
+    async def acharge(k: str, tenant: str) -> str:
+        runs.append(tenant)
+        return f"charged {tenant}"
+
+    for tenant in ("acme\x00evil", "acme\ud800"):
+        with pytest.raises(InvalidKey, match="scope"):
+            charge("o-1", tenant)
+        with pytest.raises(InvalidKey, match="scope"):
+            await acharge("o-1", tenant)
+        with pytest.raises(InvalidKey, match="scope"):
+            RecordKey.of(tenant, "o-1")
+    assert runs == []
+    assert charge("o-1", "acme") == "charged acme"  # nothing was recorded for "acme"
+    assert runs == ["acme"]
+
+
+def test_key_parts_with_any_character_are_kept_apart(store: Store) -> None:
+    # Key parts are hashed, never stored as text: a NUL or a lone surrogate is fine there. A
+    # lone surrogate raised a bare UnicodeEncodeError from the digest; now it has its own.
+    from oncely import idempotent
+
+    runs: list[str] = []
+
+    @idempotent(store=store, name=f"keys-{uuid.uuid4().hex[:8]}", key=["k"])
+    def charge(k: str) -> int:
+        runs.append(k)
+        return len(runs)
+
+    keys = ["a\x00b", "a\x00c", "a\ud800", "a\ud801", "a"]
+    assert [charge(k) for k in keys] == [1, 2, 3, 4, 5]
+    assert [charge(k) for k in keys] == [1, 2, 3, 4, 5]  # each replays its own
+    assert runs == keys

@@ -199,3 +199,10 @@ def test_processes_share_consumption_through_the_store(make_store: StoreFactory)
             a.consume(token, "u", "p")
     finally:
         other_store.close()
+
+
+@pytest.mark.parametrize("scope", ["tok\x00x", "tok\ud800"])
+def test_a_scope_no_store_keeps_as_text_is_refused_when_configured(scope: str) -> None:
+    # Before: accepted here, then each consume() raised (PostgreSQL) or shared a cut scope.
+    with pytest.raises(ConfigurationError, match="scope"):
+        Tokens(SECRET, "memory://", scope=scope)

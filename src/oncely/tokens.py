@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from oncely.core.records import ClaimOutcome, New, RecordKey
+from oncely.core.text import stored_text
 from oncely.errors import (
     ConfigurationError,
     LeaseLost,
@@ -118,7 +119,8 @@ class Tokens:
     :param default_ttl: lifetime in seconds when :meth:`issue` gets none
         (``$ONCELY_TOKEN_TTL``, default 900).
     :raises ConfigurationError: no secret, a key shorter than 16 bytes, a non-positive
-        ``default_ttl``, or a store URL that is unknown or whose extra is not installed.
+        ``default_ttl``, a scope holding a NUL character or a lone surrogate, or a store URL
+        that is unknown or whose extra is not installed.
     """
 
     def __init__(
@@ -146,7 +148,11 @@ class Tokens:
         store = configured_store(store, where)
         self._store_spec = store
         self._store: Store | None = store if isinstance(store, Store) else None
-        self.scope: str = resolve("token_scope", scope, where=where, param="scope")
+        self.scope: str = stored_text(
+            resolve("token_scope", scope, where=where, param="scope"),
+            "scope",
+            ConfigurationError,
+        )
         self.default_ttl: float = resolve(
             "token_ttl", default_ttl, where=where, param="default_ttl"
         )

@@ -54,11 +54,16 @@ from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Command, Eval, Sleep, arun, run
 from oncely.backends.urls import Number, check_numbers, check_options, redact_url
 from oncely.core.cancelsafe import keep_cancel
-from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
+from oncely.errors import ConfigurationError, ResultTooLarge, StoreError, StoreUnavailable
+
+#: The smallest ``proto-max-bulk-len`` a Redis server accepts (1 MiB): only an argument larger
+#: than this can be over a server's limit.
+MIN_BULK_LIMIT: Final = 2**20
 
 __all__ = [
     "CONNECT_TIMEOUT",
     "DRIVER_ERRORS",
+    "MIN_BULK_LIMIT",
     "READ_TIMEOUT",
     "AsyncClient",
     "AsyncPubSub",
@@ -578,6 +583,49 @@ class RedisClients:
             )
         return StoreError(f"Redis at {self.where} failed: {type(exc).__name__}: {exc}")
 
+    def _oversized(self, exc: Exception, args: tuple[Any, ...]) -> tuple[int, bool]:
+        """``(bytes of the largest argument, whether the server certainly refused it)``: the
+        server answers a bulk string over its ``proto-max-bulk-len`` (1 MiB at the least) with
+        "invalid bulk length", or, while a big one is still being sent, by hanging up."""
+        largest = max(
+            (len(a) for a in args if isinstance(a, (bytes, bytearray, memoryview, str))), default=0
+        )
+        if largest <= MIN_BULK_LIMIT:
+            return 0, False
+        return largest, isinstance(exc, ResponseError) and "invalid bulk length" in str(exc)
+
+    def _too_large(self, exc: Exception, largest: int) -> ResultTooLarge:
+        return ResultTooLarge(
+            f"Redis at {self.where} refused a command with a {largest}-byte argument ({exc}): it "
+            "is over the server's proto-max-bulk-len; raise that on the server (and the store's "
+            "max_result_bytes with it), or return a smaller result",
+            largest,
+            MIN_BULK_LIMIT,
+        )
+
+    def refusal(self, exc: Exception, args: tuple[Any, ...]) -> Exception:
+        """The oncely error for ``exc`` met sending ``args``: :class:`ResultTooLarge` when the
+        server refused an argument for its size (a hang-up counts when the server still answers
+        a ``PING`` right after: it is up, and closed on the oversized command), else
+        :meth:`error`. Deterministic, so never an outage: retrying would meet it again."""
+        largest, refused = self._oversized(exc, args)
+        if largest and not refused and isinstance(exc, RedisConnectionError):
+            try:
+                refused = bool(self.client.execute_command("PING"))
+            except Exception:  # down after all: the outage it looked like
+                refused = False
+        return self._too_large(exc, largest) if refused else self.error(exc)
+
+    async def arefusal(self, exc: Exception, args: tuple[Any, ...]) -> Exception:
+        """The async face of :meth:`refusal`."""
+        largest, refused = self._oversized(exc, args)
+        if largest and not refused and isinstance(exc, RedisConnectionError):
+            try:
+                refused = bool(await (await self.aready()).execute_command("PING"))
+            except Exception:  # down after all: the outage it looked like
+                refused = False
+        return self._too_large(exc, largest) if refused else self.error(exc)
+
     # -- sync --------------------------------------------------------------------------------------
     def call(self, *args: Any) -> Any:
         """One command on the sync client."""
@@ -594,7 +642,7 @@ class RedisClients:
                 return run(eval_routed(script, numkeys, keys_and_args), self._wait_step)[0]
             return evalsha(self.scripts, script, numkeys, *keys_and_args)
         except DRIVER_ERRORS as exc:
-            raise self.error(exc) from exc
+            raise self.refusal(exc, keys_and_args) from exc
 
     def execute(self, request: Any) -> Any:
         """The sync executor of plans: :class:`Eval`, :class:`Command`, :class:`Sleep`."""
@@ -900,7 +948,7 @@ class RedisClients:
                 client = self.ascripts() if not self.cluster else await self.aready()
                 return await aevalsha(client, script, numkeys, *keys_and_args)
         except DRIVER_ERRORS as exc:
-            raise self.error(exc) from exc
+            raise await self.arefusal(exc, keys_and_args) from exc
         except (AttributeError, TypeError) as exc:
             if driver_fault(exc):
                 raise self.error(exc) from exc

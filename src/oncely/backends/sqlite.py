@@ -21,7 +21,7 @@ from urllib.parse import parse_qs
 
 from oncely.backends.forks import after_fork, inherit
 from oncely.backends.urls import Number, check_numbers, check_options
-from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
+from oncely.errors import ConfigurationError, OncelyError, StoreUnavailable
 from oncely.settings import seconds, text
 
 __all__ = [
@@ -371,7 +371,7 @@ def execute(
     connections: Connections,
     sql: str,
     params: dict[str, Any],
-    translate: Callable[[sqlite3.Error], StoreError],
+    translate: Callable[[sqlite3.Error], OncelyError],
 ) -> tuple[list[Any], int]:
     """Run one statement on a borrowed connection: (every row, rowcount). An
     :class:`sqlite3.OperationalError` becomes ``translate(exc)``.
@@ -393,7 +393,7 @@ def execute(
             try:
                 cur = conn.execute(sql, params)
                 return cur.fetchall(), cur.rowcount
-            except sqlite3.OperationalError as exc:
+            except (sqlite3.OperationalError, sqlite3.DataError) as exc:
                 raise translate(exc) from exc
     gate = writer_gate(connections.path)
     job = _Write(connections, sql, params, translate)
@@ -429,7 +429,7 @@ class _Write:
         connections: Connections,
         sql: str,
         params: dict[str, Any],
-        translate: Callable[[sqlite3.Error], StoreError],
+        translate: Callable[[sqlite3.Error], OncelyError],
     ) -> None:
         self.connections = connections
         self.sql = sql
@@ -441,7 +441,8 @@ class _Write:
         self.error: BaseException | None = None
 
     def fail(self, exc: BaseException) -> None:
-        if isinstance(exc, sqlite3.OperationalError):
+        # DataError: a value over SQLITE_LIMIT_LENGTH ("string or blob too big").
+        if isinstance(exc, (sqlite3.OperationalError, sqlite3.DataError)):
             error: BaseException = self.translate(exc)
             error.__cause__ = exc
             self.error = error

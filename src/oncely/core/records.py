@@ -11,6 +11,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Literal
 
+from oncely.core.text import stored_text
+
 __all__ = [
     "MAX_KEY_LENGTH",
     "ClaimOutcome",
@@ -29,16 +31,26 @@ Status = Literal["in_progress", "completed"]
 
 
 def digest_key(key: str) -> str:
-    """Return the hex SHA-256 digest under which ``key`` is stored."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+    """Return the hex SHA-256 digest under which ``key`` is stored. Any ``str`` has one: a
+    lone surrogate (no UTF-8 form) is hashed by its code point (``surrogatepass``), which no
+    valid text encodes to, so such a key stays distinct instead of raising."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
 class RecordKey:
-    """Where a record lives: a scope (tenant, user, function namespace) and a key digest."""
+    """Where a record lives: a scope (tenant, user, function namespace) and a key digest.
+
+    :raises InvalidKey: a scope no store keeps exactly as text (a NUL character, a lone
+        surrogate: :func:`oncely.core.text.stored_text`), before anything is sent.
+    """
 
     scope: str
     digest: str
+
+    def __post_init__(self) -> None:
+        if "\x00" in self.scope or not self.scope.isascii():
+            stored_text(self.scope, "scope")
 
     @classmethod
     def of(cls, scope: str, key: str) -> RecordKey:

@@ -309,7 +309,11 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
     except InvalidPayload as exc:
         yield problem(BODY_INVALID, str(exc))
         return
-    record_key = RecordKey(scope_name, digest_key(key))
+    try:
+        record_key = RecordKey(scope_name, digest_key(key))
+    except InvalidKey as exc:  # the scope function read text no store keeps (a NUL)
+        yield problem(KEY_INVALID, str(exc))
+        return
 
     deadline: float | None = None
     while True:

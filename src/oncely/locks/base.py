@@ -27,6 +27,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
+from oncely.core.text import stored_text
 from oncely.errors import ConfigurationError, InvalidLockName
 from oncely.settings import seconds
 
@@ -189,7 +190,7 @@ def check_name(name: object) -> str:
             f"a lock name has at most {MAX_NAME_LENGTH} characters, this one has {len(name)}; "
             "hash long identifiers first (e.g. hashlib.sha256(text.encode()).hexdigest())"
         )
-    return name
+    return stored_text(name, "lock name", InvalidLockName)
 
 
 def check_ttl(ttl: object, what: str = "ttl") -> float:

@@ -50,6 +50,7 @@ from oncely.codecs import RawCodec
 from oncely.core.cancelsafe import write_through
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim
 from oncely.core.records import New, Record, RecordKey, Replay
+from oncely.core.text import text_problem
 from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -176,6 +177,14 @@ def _text_id(value: Any, where: str) -> str:
         raise MessageRejected(
             f"the message has an empty dedup id in {where}; the publisher must set one",
             "missing-dedup-id",
+        )
+    problem = text_problem(text)
+    if problem is not None:
+        # A poison message, not an outage: no store can record this id, on any delivery.
+        raise MessageRejected(
+            f"the dedup id in {where} ({text[:60]!r}) {problem}; the publisher must set an id "
+            "of printable text",
+            "invalid-dedup-id",
         )
     return text
 

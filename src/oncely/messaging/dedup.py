@@ -65,6 +65,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 from oncely.backends.plans import Command, Eval, Exec, Plan, arun, run
 from oncely.backends.urls import redact_url, scheme_of
+from oncely.core.text import stored_text
 from oncely.errors import (
     ConfigurationError,
     InvalidKey,
@@ -109,12 +110,13 @@ def message_id_text(message_id: Any) -> str:
     """``message_id`` as the text every store compares (``str(id)``).
 
     :raises InvalidKey: not a non-empty str, int or UUID of at most :data:`MAX_ID_LENGTH`
-        characters.
+        characters, or holding a NUL character or a lone surrogate (no store keeps those
+        exactly: :func:`oncely.core.text.stored_text`).
     """
     if isinstance(message_id, (str, int, uuid.UUID)) and not isinstance(message_id, bool):
         text = str(message_id)
         if text and len(text) <= MAX_ID_LENGTH:
-            return text
+            return stored_text(text, "message id")
     raise InvalidKey(
         f"message id {message_id!r} cannot be deduplicated: give a non-empty str, int or UUID of "
         f"at most {MAX_ID_LENGTH} characters (take it from the broker's message id, a header or "
@@ -902,6 +904,7 @@ class Deduplicator:
         pool_size = whole(pool_size, "pool_size", where=where, minimum=1)
         capacity = whole(capacity, "capacity", where=where, minimum=1)
         error_rate = fraction(error_rate, "error_rate", where=where)
+        stored_text(namespace, "namespace", ConfigurationError)
         if bloom and bloom_size(capacity, error_rate / 2)[0] > MAX_BLOOM_BITS:
             bits = bloom_size(capacity, error_rate / 2)[0]
             raise ConfigurationError(

@@ -52,6 +52,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
 
 from oncely.backends.plans import Exec, Plan
+from oncely.core.text import stored_text
 from oncely.errors import (
     ConfigurationError,
     InvalidKey,
@@ -414,7 +415,7 @@ class Inbox:
 
 def _consumer(consumer: Any) -> str:
     if isinstance(consumer, str) and consumer and len(consumer) <= MAX_CONSUMER_LENGTH:
-        return consumer
+        return stored_text(consumer, "consumer")
     raise InvalidKey(
         f"consumer={consumer!r}: name the consumer (a non-empty str of at most "
         f"{MAX_CONSUMER_LENGTH} characters, stable across deploys, e.g. 'billing')"

@@ -52,6 +52,7 @@ from typing import Any, Final, NamedTuple
 
 from oncely.backends.plans import Exec, Plan
 from oncely.backends.urls import redact_url, scheme_of
+from oncely.core.text import stored_text
 from oncely.errors import (
     ConfigurationError,
     InvalidPayload,
@@ -122,7 +123,12 @@ def _payload(payload: Any) -> bytes:
     if isinstance(payload, (bytearray, memoryview)):
         return bytes(payload)
     if isinstance(payload, str):
-        return payload.encode()
+        try:
+            return payload.encode()
+        except UnicodeEncodeError as exc:
+            raise InvalidPayload(
+                f"outbox payload has no UTF-8 form ({exc}): encode it to bytes yourself"
+            ) from None
     raise InvalidPayload(
         f"outbox payload must be bytes or str, not {type(payload).__name__}: encode it first "
         "(e.g. json.dumps(obj).encode())"
@@ -248,6 +254,7 @@ class Outbox:
             raise InvalidPayload(
                 f"topic={topic!r}: give a non-empty str of at most {MAX_TOPIC_LENGTH} characters"
             )
+        stored_text(topic, "topic", InvalidPayload)
         mid = uuid.uuid4().hex if message_id is None else message_id_text(message_id)
         body = _payload(payload)
         params: dict[str, Any] = {

@@ -52,6 +52,7 @@ from typing import Any, Final
 
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Exec, Plan
+from oncely.core.text import stored_text
 from oncely.errors import BarrierTableMissing, ConfigurationError, InvalidBarrierCall
 from oncely.settings import seconds, text
 from oncely.sql.connections import (
@@ -120,6 +121,7 @@ def check_call(gid: object, branch: object, op: object) -> tuple[str, str, str]:
                 f"got {value!r}: pass the global transaction id and the branch id the "
                 "coordinator sent"
             )
+        stored_text(value, f"barrier {what}", InvalidBarrierCall)
     if not isinstance(op, str) or op not in OPS:
         raise InvalidBarrierCall(f"barrier op must be one of {sorted(OPS)}, got {op!r}")
     assert isinstance(gid, str) and isinstance(branch, str) and isinstance(op, str)

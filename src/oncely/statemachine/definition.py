@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from oncely.core.text import stored_text
 from oncely.errors import (
     EntityNotFound,
     GuardRejected,
@@ -267,7 +268,7 @@ def check_key(key: str | None) -> str | None:
         raise InvalidKey(
             f"an idempotency key must be a non-empty str of at most {MAX_KEY} characters"
         )
-    return key
+    return stored_text(key, "idempotency key")
 
 
 def check_entity(entity_id: Any) -> str:
@@ -283,9 +284,7 @@ def check_entity(entity_id: Any) -> str:
         )
     if isinstance(entity_id, int) and not -(2**63) <= entity_id < 2**63:
         raise InvalidEntityId(f"entity id {entity_id} does not fit a 64-bit integer column")
-    text = str(entity_id)
-    if "\x00" in text:
-        raise InvalidEntityId("an entity id cannot contain NUL characters (PostgreSQL refuses)")
+    text = stored_text(str(entity_id), "entity id", InvalidEntityId)
     if not text or len(text) > MAX_ENTITY_ID:
         raise InvalidEntityId(
             f"entity id {text[:40]!r}... must be non-empty and at most {MAX_ENTITY_ID} "

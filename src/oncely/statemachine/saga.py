@@ -49,6 +49,7 @@ from typing import Any, Final, NamedTuple
 
 from oncely.backends.plans import Exec, Plan, Sleep
 from oncely.codecs import to_jsonable
+from oncely.core.text import stored_text
 from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -519,6 +520,7 @@ class Saga:
     ) -> Plan[SagaResult]:
         if not isinstance(saga_id, str) or not saga_id or len(saga_id) > 128:
             raise ConfigurationError("saga_id must be a non-empty str of at most 128 characters")
+        stored_text(saga_id, "saga_id", ConfigurationError)
         state, data = yield from self._start(c, saga_id, given)
         executed: list[str] = []
         failed: str | None = None

@@ -38,6 +38,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -186,13 +187,16 @@ _FENCED: Final = f"WHERE {_KEY} AND fence = %(fence)s"
 # Completes the caller's claim. A record already completed under this fence with this very
 # result is the caller's own earlier completion whose reply was lost: it matches too (FOUND_ROWS
 # counts it) and keeps its expiry. Assignments run left to right, so expires_at reads the old
-# status.
+# status. The result travels once (its SHA-256 stands for it in the comparison): the whole
+# statement must fit in max_allowed_packet, and a second copy halved the result that fits.
 COMPLETE: Final = (
     f"UPDATE {{t}} SET expires_at = IF(status = 'completed', expires_at, {_NOW} + %(ttl)s), "
     "status = 'completed', lease_until = NULL, result = UNHEX(%(result)s), codec = %(codec)s "
     f"{_FENCED} AND (status = 'in_progress' OR (status = 'completed' "
-    "AND result <=> UNHEX(%(result)s) AND codec <=> %(codec)s))"
+    "AND SHA2(result, 256) <=> %(result_sha)s AND codec <=> %(codec)s))"
 )
+#: Copies of the result (hex text, two characters a byte) in the completing statement.
+_RESULT_COPIES: Final = COMPLETE.count("%(result)s")
 # An expired tombstone rather than a DELETE: a repeated release finds its own tombstone (and
 # succeeds), and the next claim takes the row over with fence old + 1.
 RELEASE: Final = (
@@ -308,9 +312,24 @@ def _claim_params(key: RecordKey, fingerprint: str, lease: float, ttl: float) ->
     }
 
 
-def _sent(params: Params) -> int:
-    """Bytes of a statement's text values (what counts against max_allowed_packet)."""
-    return sum(len(v) for v in params.values() if isinstance(v, (str, bytes)))
+def _sent(sql: str, params: Params) -> int:
+    """Bytes of a statement as sent (what counts against max_allowed_packet): the SQL text
+    plus each value as many times as the statement names it (quoted; a number at most 32
+    characters). An upper bound for text with characters to escape, exact for hex."""
+    size = len(sql.encode("utf-8"))
+    for name, value in params.items():
+        copies = sql.count(f"%({name})s")
+        if not copies:
+            continue
+        if isinstance(value, str):
+            escaped = sum(value.count(c) for c in "\\'\"\x00\n\r\x1a")
+            width = len(value.encode("utf-8")) + escaped + 2
+        elif isinstance(value, bytes):
+            width = 2 * len(value) + 3
+        else:
+            width = 32
+        size += copies * (width - len(f"%({name})s"))
+    return size
 
 
 def _complete_params(key: RecordKey, fence: int, result: bytes, codec: str, ttl: float) -> Params:
@@ -321,6 +340,7 @@ def _complete_params(key: RecordKey, fence: int, result: bytes, codec: str, ttl:
         # Hex text rather than bytes: aiomysql cannot escape bytes on PyMySQL 1.2.3+
         # (aio-libs/aiomysql#1080), and PyMySQL 1.2 sends bytes as hex anyway.
         "result": bytes(result).hex(),
+        "result_sha": hashlib.sha256(result).hexdigest(),
         "codec": codec,
         "ttl": _seconds(ttl),
     }
@@ -403,18 +423,26 @@ class MySQLStore(PlannedStore):
             "or open the store with create_schema=True"
         )
 
-    def _translate(self, exc: BaseException, sent: int = 0) -> OncelyError:
-        """The oncely error for a driver error; ``sent``: bytes of the statement's values."""
+    def _translate(
+        self, exc: BaseException, params: Params | None = None, sql: str = ""
+    ) -> OncelyError:
+        """The oncely error for a driver error met running ``sql`` with ``params``."""
         code = errno(exc)
         packet = self.max_packet
-        if code == _PACKET_TOO_LARGE or (
-            code in _GONE_AWAY and packet is not None and sent + _STATEMENT_MARGIN > packet
-        ):
+        sent = _sent(sql, params) if params is not None else 0
+        # A server answers an oversized packet by closing the connection, often before the
+        # client finished sending it (a reset: 2006 / 2013, or to aiomysql a reply out of
+        # sequence): any failure of a statement over the packet, and a disconnect on one within
+        # the margin of it, is that refusal -- deterministic, never an outage.
+        over = packet is not None and sent > packet
+        near = packet is not None and sent + _STATEMENT_MARGIN > packet
+        if code == _PACKET_TOO_LARGE or over or (near and code in _GONE_AWAY):
             # The statement was too big for the server: deterministic, not an outage.
+            result = params.get("result") if params is not None else None
             return ResultTooLarge(
                 f"MySQL at {self._where} refused a {sent}-byte statement ({exc}): it is over "
                 f"max_allowed_packet ({packet} bytes)",
-                sent // 2,
+                len(result) // 2 if isinstance(result, str) else sent,
                 self.max_result_bytes or 0,
             )
         if code == _NO_SUCH_TABLE:
@@ -463,12 +491,14 @@ class MySQLStore(PlannedStore):
 
     def _learn_packet(self, rows: Sequence[Sequence[Any]]) -> None:
         """Take the session's ``max_allowed_packet`` (read once per pool, when it opens): a
-        result is sent as hex text in one statement, so at most half of the packet, less a
-        margin for the rest of the statement, fits (:meth:`Store.check_result_size`)."""
+        result is sent as hex text (two characters a byte), once, in one statement that must
+        fit in the packet, so at most half of the packet, less a margin for the rest of the
+        statement, fits (:meth:`Store.check_result_size`; :data:`_RESULT_COPIES` counts the
+        copies the statement carries)."""
         packet = int(rows[0][0]) if rows and rows[0] and rows[0][0] is not None else 0
         if packet > 0:
             self.max_packet = packet
-            fits = max(packet - _STATEMENT_MARGIN, 0) // 2
+            fits = max(packet - _STATEMENT_MARGIN, 0) // (2 * _RESULT_COPIES)
             # A lower limit set on the store by its user stays.
             self.max_result_bytes = min(fits, self.max_result_bytes or fits)
             self.max_result_source = (
@@ -528,7 +558,7 @@ class MySQLStore(PlannedStore):
             except pymysql.Error as exc:
                 if errno(exc) == _DEADLOCK and attempt < _ATTEMPTS:
                     continue
-                raise self._translate(exc, _sent(params)) from exc
+                raise self._translate(exc, params, getattr(self._sql, name)) from exc
             finally:
                 pool.put(conn, healthy)
         raise AssertionError("unreachable")  # pragma: no cover
@@ -705,7 +735,7 @@ class MySQLStore(PlannedStore):
                 except pymysql.Error as exc:
                     if errno(exc) == _DEADLOCK and attempt < _ATTEMPTS:
                         continue
-                    raise self._translate(exc, _sent(params)) from exc
+                    raise self._translate(exc, params, getattr(self._sql, name)) from exc
                 finally:
                     # Cancelled or failed mid-statement: the connection may be mid-result or
                     # inside the transaction; close it rather than hand it back.

@@ -512,7 +512,7 @@ class RedisStore(PlannedStore):
                     self.redis.scripts, request.script, request.numkeys, *request.keys_and_args
                 )
             except DRIVER_ERRORS as exc:
-                raise self.redis.error(exc) from exc
+                raise self.redis.refusal(exc, request.keys_and_args) from exc
         if kind is _ScanAll:
             try:
                 client: Any = self.redis.client

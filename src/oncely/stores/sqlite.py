@@ -43,7 +43,13 @@ from oncely.backends.sqlite import (
     synchronous_of,
 )
 from oncely.core.records import ClaimOutcome, Record, RecordKey
-from oncely.errors import ConfigurationError, SchemaMissing, StoreError
+from oncely.errors import (
+    ConfigurationError,
+    OncelyError,
+    ResultTooLarge,
+    SchemaMissing,
+    StoreError,
+)
 from oncely.settings import flag, text, whole
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
@@ -196,6 +202,10 @@ CHECK = (
 
 #: SQLite's compile-time default of SQLITE_MAX_LENGTH (bytes), for Pythons without getlimit.
 _SQLITE_MAX_LENGTH: Final = 1_000_000_000
+#: SQLITE_TOOBIG: a string, BLOB or row over SQLITE_LIMIT_LENGTH.
+_SQLITE_TOOBIG: Final = 18
+#: Bytes of a row besides the result (scope, digest, fingerprint, codec, numbers).
+_ROW_MARGIN: Final = 64 * 1024
 
 
 def _length_limit(conn: sqlite3.Connection) -> int:
@@ -218,8 +228,8 @@ class SQLiteStore(PlannedStore):
 
     schemes = ("sqlite",)
     max_result_source = (
-        "SQLite's SQLITE_LIMIT_LENGTH, the largest string or BLOB it stores, read from the "
-        "connection"
+        "SQLite's SQLITE_LIMIT_LENGTH, the largest string, BLOB or row it stores, read from the "
+        "connection, less 64 KiB for the record's other columns"
     )
 
     def __init__(
@@ -275,6 +285,15 @@ class SQLiteStore(PlannedStore):
         self._lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        return sqlite3.connect(
+            self._target,
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=not self._create_schema,
+        )
+
     def _open(self) -> sqlite3.Connection:
         if not self._create_schema and not os.path.exists(self.path):
             raise SchemaMissing(
@@ -282,13 +301,7 @@ class SQLiteStore(PlannedStore):
                 "open the store with create_schema=True"
             )
         try:
-            conn = sqlite3.connect(
-                self._target,
-                timeout=self.busy_timeout,
-                isolation_level=None,
-                check_same_thread=False,
-                uri=not self._create_schema,
-            )
+            conn = self._connect()
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
             with self._lock:  # once per store: the first connection sets up the file
                 if not self._file_ready:
@@ -297,7 +310,8 @@ class SQLiteStore(PlannedStore):
                         conn.executescript(SCHEMA.replace("{t}", self.table))
                     self._file_ready = True
             if self.max_result_bytes is None:
-                self.max_result_bytes = _length_limit(conn)
+                # The limit holds for a whole row too: keep room for the record's other columns.
+                self.max_result_bytes = max(_length_limit(conn) - _ROW_MARGIN, 0)
         except sqlite3.Error as exc:
             if isinstance(exc, sqlite3.OperationalError) and _schema_error(str(exc)):
                 raise self._translate(exc) from exc
@@ -306,10 +320,24 @@ class SQLiteStore(PlannedStore):
 
     def _run(self, name: str, params: dict[str, Any]) -> tuple[list[Any], int]:
         """Run one statement on a borrowed connection: (every row, rowcount)."""
-        return execute(self._connections, self._sql.get(name, name), params, self._translate)
+        return execute(
+            self._connections,
+            self._sql.get(name, name),
+            params,
+            lambda exc: self._translate(exc, params),
+        )
 
-    def _translate(self, exc: sqlite3.Error) -> StoreError:
+    def _translate(self, exc: sqlite3.Error, params: dict[str, Any] | None = None) -> OncelyError:
         text = str(exc)
+        result = (params or {}).get("result")
+        if getattr(exc, "sqlite_errorcode", None) == _SQLITE_TOOBIG and result is not None:
+            # Deterministic, not an outage: the same row never fits.
+            return ResultTooLarge(
+                f"SQLite refused the record in {self.path!r} ({text}): it is over the "
+                "connection's SQLITE_LIMIT_LENGTH, which bounds a whole row",
+                len(result) if isinstance(result, bytes) else 0,
+                self.max_result_bytes or 0,
+            )
         if "no such table" in text and text.endswith("_fences"):
             return self._schema_outdated()
         if "no such table" in text:

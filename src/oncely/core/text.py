@@ -1,0 +1,58 @@
+"""The one rule for user text that a store keeps as text (ids, names, scopes).
+
+Dedup, inbox and outbox message ids, consumer names, record scopes, saga and barrier ids,
+state-machine entity ids and keys, lock names: each is bound as SQL text on PostgreSQL, MySQL
+and SQLite, or used in a Redis key. Not every store can keep every Python ``str`` exactly:
+
+* a NUL character (``"\\x00"``): PostgreSQL refuses it in ``text``, SQLite's text functions and
+  comparisons stop at it (``"a\\x00b"`` was recorded as ``"a"``, and ``"a\\x00c"`` and ``"a"``
+  were then taken for duplicates of it);
+* a lone surrogate (``"\\ud800"``, from ``surrogateescape`` decoding): it has no UTF-8 form, so
+  every driver refuses to send it.
+
+So every mechanism refuses such text with a typed error *before* anything is written, on every
+store alike (Redis and memory could keep it, but an id must mean the same on every store):
+:func:`stored_text`. Everything else is kept exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from oncely.errors import InvalidKey, OncelyError
+
+__all__ = ["NUL", "stored_text", "text_problem"]
+
+#: The character no store keeps in text.
+NUL: Final = "\x00"
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be kept exactly as text on every store, or None if it can."""
+    if NUL in text:
+        return (
+            "contains a NUL character (\\x00), which stores cannot keep in text (PostgreSQL "
+            "refuses it, SQLite cuts the text there)"
+        )
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains a lone surrogate (it has no UTF-8 form, so no driver can send it)"
+    return None
+
+
+def stored_text(text: str, what: str, error: type[OncelyError] = InvalidKey) -> str:
+    """``text`` itself if every store keeps it exactly, else ``error`` (no I/O).
+
+    :param text: the id, name or scope (already known to be a ``str``).
+    :param what: how the message names it, e.g. ``"message id"``.
+    :raises InvalidKey: (or ``error``) ``text`` holds a NUL character or a lone surrogate.
+    """
+    problem = text_problem(text)
+    if problem is None:
+        return text
+    raise error(
+        f"{what} {text[:60]!r} {problem}; use ids of printable text (a UUID, a number, or the "
+        "hex digest of the raw id)"
+    )
