@@ -20,8 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import math
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -169,25 +171,104 @@ class LeaseKeeper:
 keeper = LeaseKeeper()
 
 
+class _LoopLeases:
+    """The async renewers of one event loop that wait for their first renewal: one timer for
+    all of them instead of one per claim.
+
+    Most calls end long before their first renewal is due (``lease / 3``), so registering is
+    a set insertion and stopping a set removal; the timer is armed for the earliest due time
+    among the waiting renewers (re-armed only when a new one is due sooner) and, when it
+    fires, starts the renewal task of every renewer that is due, then arms itself for the
+    next one. A renewer thus starts at its due time, as with a timer of its own.
+    """
+
+    __slots__ = ("__weakref__", "handle", "loop", "waiting", "when")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.waiting: set[AsyncRenewer] = set()
+        self.handle: asyncio.TimerHandle | None = None
+        #: The monotonic time the timer is armed for (infinity: not armed).
+        self.when = math.inf
+
+    def add(self, renewer: AsyncRenewer, due: float) -> None:
+        self.waiting.add(renewer)
+        if due < self.when:
+            self._arm(due)
+
+    def _arm(self, due: float) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        self.when = due
+        self.handle = self.loop.call_later(max(due - time.monotonic(), 0.0), self._fire)
+
+    def _fire(self) -> None:
+        self.handle = None
+        self.when = math.inf
+        now = time.monotonic()
+        due: list[AsyncRenewer] = []
+        later = math.inf
+        for renewer in self.waiting:
+            when = renewer.claimed.due
+            if when <= now:
+                due.append(renewer)
+            elif when < later:
+                later = when
+        for renewer in due:
+            self.waiting.discard(renewer)
+            renewer._start()
+        if later < math.inf:
+            self._arm(later)
+
+
+#: Each running loop's :class:`_LoopLeases` (the last one used is also kept in ``_last``, a
+#: (weak reference to the loop, leases) pair read in one step, so one loop pays no lookup).
+_loop_leases: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopLeases] = (
+    weakref.WeakKeyDictionary()
+)
+_loop_leases_lock = threading.Lock()
+_last: tuple[Callable[[], asyncio.AbstractEventLoop | None], _LoopLeases | None] = (
+    lambda: None,
+    None,
+)
+
+
+def _leases_of(loop: asyncio.AbstractEventLoop) -> _LoopLeases:
+    global _last
+    ref, leases = _last
+    if leases is not None and ref() is loop:
+        return leases
+    with _loop_leases_lock:
+        leases = _loop_leases.get(loop)
+        if leases is None:
+            leases = _loop_leases[loop] = _LoopLeases(loop)
+    _last = (weakref.ref(loop), leases)
+    return leases
+
+
 class AsyncRenewer:
     """Renews one async call's lease on the running loop; cheap until the first renewal is due.
 
-    ``sent_at`` is when the claim was sent (monotonic). Each renewal request is bounded by
-    :func:`renew_timeout` and by the lease's bound, whichever comes first.
+    ``sent_at`` is when the claim was sent (monotonic). Until the first renewal is due
+    (``lease / 3`` after ``sent_at``) the renewer only waits in its loop's shared timer
+    (:class:`_LoopLeases`); then a task of its own renews every ``lease / 3``. Each renewal
+    request is bounded by :func:`renew_timeout` and by the lease's bound, whichever comes
+    first.
     """
+
+    __slots__ = ("_leases", "_task", "claimed")
 
     def __init__(self, claimed: Claimed, sent_at: float) -> None:
         self.claimed = claimed
-        self._loop = asyncio.get_running_loop()
         self._task: asyncio.Task[None] | None = None
         claimed.start(sent_at)
-        self._handle: asyncio.TimerHandle | None = self._loop.call_later(
-            max(claimed.due - time.monotonic(), 0.0), self._start
-        )
+        self._leases: _LoopLeases | None = _leases_of(asyncio.get_running_loop())
+        self._leases.add(self, claimed.due)
 
     def _start(self) -> None:
-        self._handle = None
-        self._task = self._loop.create_task(self._renew_forever())
+        leases, self._leases = self._leases, None
+        if leases is not None and self.claimed.active:
+            self._task = leases.loop.create_task(self._renew_forever())
 
     async def _renew_forever(self) -> None:
         claimed = self.claimed
@@ -212,7 +293,8 @@ class AsyncRenewer:
 
     def stop(self) -> None:
         self.claimed.active = False
-        if self._handle is not None:
-            self._handle.cancel()
+        leases, self._leases = self._leases, None
+        if leases is not None:
+            leases.waiting.discard(self)
         if self._task is not None:
             self._task.cancel()

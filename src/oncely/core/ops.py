@@ -143,8 +143,13 @@ def perform(store: Store, op: StoreOp) -> Any:
         return result
 
 
-async def aperform(store: Store, op: StoreOp) -> Any:
-    """:func:`perform` with ``await``; the claim and the fenced writes are cancel-safe."""
+async def aperform(store: Store, op: StoreOp, *, cancel_safe: bool = True) -> Any:
+    """:func:`perform` with ``await``; the claim and the fenced writes are cancel-safe.
+
+    ``cancel_safe=False`` sends a claim without the shielded task that undoes it when the
+    caller is cancelled meanwhile (:func:`~oncely.core.cancelsafe.claim_or_undo`): for a
+    caller whose task is never cancelled during the claim and which undoes it itself.
+    """
     if isinstance(op, Sleep):
         await asyncio.sleep(op.seconds)
         return None
@@ -155,15 +160,17 @@ async def aperform(store: Store, op: StoreOp) -> Any:
         return None
     name, args = _store_call(op)
     if not observe.observers:
-        return await _acall(store, name, args)
+        return await _acall(store, name, args, cancel_safe)
     with observe.operation(store, name, args[0]) as watch:
-        result = await _acall(store, name, args)
+        result = await _acall(store, name, args, cancel_safe)
         watch.outcome = observe.claim_outcome(result)
         return result
 
 
-async def _acall(store: Store, name: str, args: tuple[Any, ...]) -> Any:
+async def _acall(store: Store, name: str, args: tuple[Any, ...], cancel_safe: bool) -> Any:
     if name == "claim":
+        if not cancel_safe:
+            return await store.aclaim(*args)
         return await claim_or_undo(store, *args)
     method = getattr(store, "a" + name)
     if name == "watch":
