@@ -150,6 +150,18 @@ async def aperform(store: Store, op: StoreOp, *, cancel_safe: bool = True) -> An
     caller is cancelled meanwhile (:func:`~oncely.core.cancelsafe.claim_or_undo`): for a
     caller whose task is never cancelled during the claim and which undoes it itself.
     """
+    kind = type(op)
+    if not observe.observers:  # the common case: straight to the store
+        if kind is Claim:
+            assert isinstance(op, Claim)
+            if cancel_safe:
+                return await claim_or_undo(store, op.key, op.fingerprint, op.lease, op.ttl)
+            return await store.aclaim(op.key, op.fingerprint, op.lease, op.ttl)
+        if kind is Complete:
+            assert isinstance(op, Complete)
+            # a cancelled caller's fenced write goes on
+            await write_through(store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl)
+            return None
     if isinstance(op, Sleep):
         await asyncio.sleep(op.seconds)
         return None
