@@ -43,6 +43,9 @@ log = logging.getLogger("oncely")
 
 LostCallback = Callable[["Claimed", BaseException], None]
 
+#: Makes a lost lease reported once (held for an instant, only when a lease is lost).
+_losing = threading.Lock()
+
 
 @dataclass(eq=False)
 class Claimed:
@@ -63,7 +66,6 @@ class Claimed:
     lost: BaseException | None = None
     active: bool = True
     due: float = field(default=0.0, repr=False)
-    _mutex: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def lane(self) -> Store:
@@ -130,7 +132,7 @@ class Claimed:
         return True
 
     def _lose(self, exc: BaseException) -> None:
-        with self._mutex:  # the lane, the scheduler and check() may all find out; report once
+        with _losing:  # the lane, the scheduler and check() may all find out; report once
             if self.lost is not None or not self.active:
                 return
             self.lost, self.active = exc, False

@@ -26,6 +26,7 @@ from typing import Any
 from oncely.core.cancelsafe import keep_alive
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim
 from oncely.core.ops import Complete, CompleteLater, Release, Sleep, Watch
+from oncely.core.ops import aperform as store_aperform
 from oncely.core.records import New
 from oncely.errors import ConfigurationError, HttpProblem, OncelyError
 from oncely.http.config import IdempotencyConfig
@@ -34,6 +35,8 @@ from oncely.http.flow import (
     BodyError,
     Captured,
     Claim,
+    ConsumeToken,
+    IssueToken,
     Op,
     Pass,
     ReadBody,
@@ -131,6 +134,10 @@ async def refuse(scope: Scope, receive: Receive, send: Send, problem: str) -> No
             await send({"type": "lifespan.shutdown.complete"})
             return
 
+
+#: The token operations (the rest of what the flow asks for beyond the request and the app are
+#: store operations, performed by :func:`oncely.core.ops.aperform` directly).
+_TOKEN_OPS = (ConsumeToken, IssueToken, ReleaseToken)
 
 #: What a flow still does after its request task was cancelled: the writes that settle the key
 #: (and the pauses between their retries); any other operation gets ``CancelledError``.
@@ -308,7 +315,9 @@ class _Exchange:
                 if kind is Claim:  # the lease's local bound counts from here
                     assert isinstance(op, Claim)
                     self.claim_sent = time.monotonic()
-                    value = await aperform(self.engine, op, cancel_safe=False)
+                    engine = self.engine
+                    store = engine._store if engine._store is not None else engine.store
+                    value = await store_aperform(store, op, cancel_safe=False)
                     if self.pending:
                         await self._undo(op, value)
                         raise asyncio.CancelledError
@@ -323,8 +332,12 @@ class _Exchange:
                     await _send_response(self.send, op.response)
                 elif kind is Pass:
                     await self._pass()
-                else:
+                elif kind in _TOKEN_OPS:
                     value = await aperform(self.engine, op)
+                else:  # a store operation
+                    engine = self.engine
+                    store = engine._store if engine._store is not None else engine.store
+                    value = await store_aperform(store, op)  # type: ignore[arg-type]
             except BaseException as exc:
                 error = exc
             op = None
