@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 import redis
 
@@ -320,3 +321,37 @@ async def test_a_request_cancelled_while_its_handler_runs(on_cancel: str) -> Non
     assert replay.status == 201
     assert replay.messages[1]["body"] == b"done"
     assert finished == [True]
+
+
+# -- the remembered route lookup ----------------------------------------------------------------
+async def test_a_route_added_later_is_found_although_the_lookup_was_remembered() -> None:
+    # The middleware remembers where a path leads (so it does not match every route twice);
+    # a route added to the live table afterwards must be seen: the same key, refused with 404
+    # before (key released), runs once it exists and is then replayed.
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    calls: list[str] = []
+
+    async def late(request: Request) -> JSONResponse:
+        calls.append("late")
+        return JSONResponse({"n": len(calls)}, status_code=201)
+
+    app = Starlette(routes=[Route("/orders", late, methods=["POST"])])
+    app.add_middleware(
+        IdempotencyMiddleware, config=IdempotencyConfig(store=MemoryStore(), scope=GLOBAL)
+    )
+    headers = {"Idempotency-Key": f'"{uuid.uuid4()}"'}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        assert (await client.post("/late", headers=headers, json={})).status_code == 404
+        assert (await client.post("/late", headers=headers, json={})).status_code == 404
+        app.router.routes.append(Route("/late", late, methods=["POST"]))
+        first = await client.post("/late", headers=headers, json={})
+        assert first.status_code == 201  # not a replayed 404: the key was released
+        again = await client.post("/late", headers=headers, json={})
+        assert again.headers.get("idempotent-replayed") == "true"
+        assert again.json() == first.json()
+    assert calls == ["late"]
