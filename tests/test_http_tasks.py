@@ -181,22 +181,24 @@ async def test_a_long_handler_is_renewed_also_when_it_is_due_before_the_others(
     sent = _Sent()
     second = asyncio.ensure_future(short(_scope(short_key, "/short"), _receive(), sent))
     await asyncio.wait_for(started["/short"].wait(), 10)
-    record = await redis_store.aget(_key_of(short_key))
-    assert record is not None and record.lease_until is not None
-    granted = record.lease_until
-    # Renewed every lease / 3 (0.67 s): within 3 s the lease must have been extended, and the
-    # record must still be held (a lease of 2 s without renewal would have run out).
-    extended = False
-    for _ in range(30):
-        await asyncio.sleep(0.1)
+    try:
         record = await redis_store.aget(_key_of(short_key))
-        assert record is not None and record.status == "in_progress"
-        assert record.lease_until is not None
-        if record.lease_until > granted + 0.3:
-            extended = True
-    assert extended
-    release.set()
-    await asyncio.wait_for(asyncio.gather(first, second), 10)
+        assert record is not None and record.lease_until is not None
+        granted = record.lease_until
+        # Renewed every lease / 3 (0.67 s): within 3 s the lease must have been extended, and
+        # the record must still be held (a lease of 2 s without renewal would have run out).
+        extended = False
+        for _ in range(30):
+            await asyncio.sleep(0.1)
+            record = await redis_store.aget(_key_of(short_key))
+            assert record is not None and record.status == "in_progress"
+            assert record.lease_until is not None
+            if record.lease_until > granted + 0.3:
+                extended = True
+        assert extended
+    finally:
+        release.set()  # the handlers end either way, so a failure cannot leave them waiting
+        await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 10)
     assert sent.status == 201
     record = await redis_store.aget(_key_of(short_key))
     assert record is not None and record.status == "completed"
