@@ -61,6 +61,27 @@ try:  # hiredis packs a command in C, about 7x faster than redis-py's Python pac
 except ImportError:  # pragma: no cover - hiredis comes with oncely[redis]
     _hiredis_pack = None
 
+_NOT_ENOUGH_DATA: object | None
+try:  # what redis-py's hiredis reader returns while a reply is incomplete
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
+except ImportError:  # pragma: no cover - another redis-py layout: replies go through read_response
+    _NOT_ENOUGH_DATA = None
+
+
+def _hiredis_parser(connection: Any) -> Any:
+    """The connection's redis-py hiredis parser if its reader can be used directly (one
+    ``gets()`` per reply instead of redis-py's ``read_response`` and the three coroutines
+    under it), else None."""
+    parser = getattr(connection, "_parser", None)
+    if (
+        _NOT_ENOUGH_DATA is None
+        or type(parser).__name__ != "_AsyncHiredisParser"
+        or getattr(parser, "_reader", None) is None
+        or not hasattr(parser, "read_from_socket")
+    ):
+        return None
+    return parser
+
 
 def _pack(connection: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
     """The RESP bytes of ``commands`` (arguments: str, bytes, int), in one chunk."""
@@ -132,36 +153,80 @@ class _Session:
 
     async def read(self) -> None:
         """The reader: match each reply to the oldest command in flight."""
-        connection, inflight = self.connection, self.inflight
-        clock = asyncio.get_running_loop().time
+        parser = _hiredis_parser(self.connection)
         try:
-            while not self.dead:
-                if not inflight:
-                    self.more.clear()
-                    await self.more.wait()
-                    continue
-                try:
-                    # No timeout per read (a timer per reply costs more than the read): the
-                    # watchdog bounds the wait instead.
-                    reply: Any = await connection.read_response(
-                        timeout=math.inf, disconnect_on_error=False
-                    )
-                except ResponseError as exc:  # an error reply: the connection is fine
-                    reply = exc
-                self.progress = clock()
-                if not inflight:  # pragma: no cover - a reply nobody asked for
-                    raise redis.exceptions.ConnectionError("Redis sent a reply nobody asked for")
-                fut = inflight.popleft()
-                if fut.done():  # its caller was cancelled: drop the reply
-                    continue
-                if isinstance(reply, ResponseError):
-                    fut.set_exception(reply)
-                else:
-                    fut.set_result(reply)
+            if parser is not None:
+                await self._read_hiredis(parser)
+            else:
+                await self._read_replies()
         except BaseException as exc:
             self.kill(exc if isinstance(exc, Exception) else _closed())
             if not isinstance(exc, Exception):
                 raise
+
+    async def _read_replies(self) -> None:
+        """Through redis-py's ``read_response`` (any parser)."""
+        connection, inflight = self.connection, self.inflight
+        clock = asyncio.get_running_loop().time
+        while not self.dead:
+            if not inflight:
+                self.more.clear()
+                await self.more.wait()
+                continue
+            try:
+                # No timeout per read (a timer per reply costs more than the read): the
+                # watchdog bounds the wait instead.
+                reply: Any = await connection.read_response(
+                    timeout=math.inf, disconnect_on_error=False
+                )
+            except ResponseError as exc:  # an error reply: the connection is fine
+                reply = exc
+            self._deliver(reply, clock())
+
+    async def _read_hiredis(self, parser: Any) -> None:
+        """Straight from the hiredis reader: a reply already read is one ``gets()``; the socket
+        is read only when no whole reply is left (as redis-py's hiredis parser does, with its
+        checks: a connection error reply fails the session, a push notification goes to the
+        parser's handler and answers no command)."""
+        inflight = self.inflight
+        clock = asyncio.get_running_loop().time
+        gets = parser._reader.gets
+        push = getattr(parser, "_hiredis_PushNotificationType", None)
+        while not self.dead:
+            if not inflight:
+                self.more.clear()
+                await self.more.wait()
+                continue
+            reply: Any = gets()
+            if reply is _NOT_ENOUGH_DATA:
+                try:
+                    await parser.read_from_socket()
+                except OSError as exc:
+                    raise RedisConnectionError(f"Error while reading from Redis: {exc}") from exc
+                continue
+            if isinstance(reply, RedisConnectionError):
+                raise reply
+            if push is not None and isinstance(reply, push):
+                await parser.handle_push_response(reply)
+                continue
+            if type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
+                raise reply[0]
+            self._deliver(reply, clock())
+
+    def _deliver(self, reply: Any, now: float) -> None:
+        """Hand ``reply`` (an error reply as its :class:`ResponseError`) to the oldest command
+        in flight."""
+        self.progress = now
+        inflight = self.inflight
+        if not inflight:  # pragma: no cover - a reply nobody asked for
+            raise redis.exceptions.ConnectionError("Redis sent a reply nobody asked for")
+        fut = inflight.popleft()
+        if fut.done():  # its caller was cancelled: drop the reply
+            return
+        if isinstance(reply, ResponseError):
+            fut.set_exception(reply)
+        else:
+            fut.set_result(reply)
 
 
 def _closed() -> redis.exceptions.ConnectionError:

@@ -48,12 +48,16 @@ class LoopLocal(Generic[T]):
         self._values: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, tuple[T, AsyncGenerator[None, None]]
         ] = weakref.WeakKeyDictionary()
+        #: The last loop's value, (weak reference to the loop, value), read in one step: one
+        #: loop (the usual server) finds its value without the weak dictionary's lookup.
+        self._last: tuple[Callable[[], object], T | None] = (_nothing, None)
         after_fork(self, LoopLocal._forked)
 
     def _forked(self) -> None:
         """In a forked child: the parent's loops and their values are never used or closed."""
         inherit(self._values)
         self._values = weakref.WeakKeyDictionary()
+        self._last = (_nothing, None)
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -62,8 +66,12 @@ class LoopLocal(Generic[T]):
     def get(self) -> T:
         """The running loop's value, made on first use. Call it from a coroutine."""
         loop = asyncio.get_running_loop()
+        ref, last = self._last
+        if ref() is loop and last is not None:
+            return last
         entry = self._values.get(loop)
         if entry is not None:
+            self._last = (weakref.ref(loop), entry[0])
             return entry[0]
         with self._lock:
             entry = self._values.get(loop)
@@ -97,6 +105,7 @@ class LoopLocal(Generic[T]):
     def _forget(self, loop: asyncio.AbstractEventLoop, value: T) -> bool:
         """Drop ``loop``'s entry if it still holds ``value``; True if it did."""
         with self._lock:
+            self._last = (_nothing, None)
             entry = self._values.get(loop)
             if entry is None or entry[0] is not value:
                 return False
@@ -107,6 +116,7 @@ class LoopLocal(Generic[T]):
         """Clean the running loop's value up now (the next :meth:`get` makes a new one)."""
         loop = asyncio.get_running_loop()
         with self._lock:
+            self._last = (_nothing, None)
             entry = self._values.pop(loop, None)
         if entry is None:
             return
@@ -119,12 +129,18 @@ class LoopLocal(Generic[T]):
     def close_idle(self) -> None:
         """Abandon the values of loops that are not running (used by a store's sync close)."""
         with self._lock:
+            self._last = (_nothing, None)
             idle = [(lp, e) for lp, e in self._values.items() if not lp.is_running()]
             for lp, _ in idle:
                 del self._values[lp]
         for _, (value, guard) in idle:
             self._abandon(value)
             _finish(guard)
+
+
+def _nothing() -> None:
+    """A dead weak reference's stand-in."""
+    return None
 
 
 def _step(awaitable: Awaitable[object]) -> None:

@@ -50,7 +50,7 @@ from oncely.backends.durable import (
     eval_wait,
 )
 from oncely.backends.loops import LoopLocal
-from oncely.backends.lua import Script, aevalsha, evalsha
+from oncely.backends.lua import Script, aevalsha, evalsha, is_noscript
 from oncely.backends.plans import Command, Eval, Sleep, arun, run
 from oncely.backends.urls import Number, check_numbers, check_options, redact_url
 from oncely.core.cancelsafe import keep_cancel
@@ -941,6 +941,19 @@ class RedisClients:
     async def aeval(self, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
         """The async face of :meth:`eval`."""
         try:
+            if self._apipelines is not None and not self.cluster:
+                # The auto-pipeline awaits a plain future: no wait_for to drop a cancel.
+                pipeline = self._apipelines.get()
+                try:
+                    return await pipeline.execute_command(
+                        "EVALSHA", script.sha, numkeys, *keys_and_args
+                    )
+                except ResponseError as exc:
+                    if not is_noscript(exc):
+                        raise
+                return await pipeline.execute_command(
+                    "EVAL", script.source, numkeys, *keys_and_args
+                )
             with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
                 if self.cluster and self._async_client is None:
                     plan = eval_routed(script, numkeys, keys_and_args)

@@ -40,6 +40,9 @@ log = logging.getLogger("oncely")
 
 LostCallback = Callable[["Claimed", BaseException], None]
 
+#: Makes a lost lease reported once (held for an instant, only when a lease is lost).
+_losing = threading.Lock()
+
 
 @dataclass(eq=False)
 class Claimed:
@@ -63,7 +66,6 @@ class Claimed:
     #: The event loop of an async holder (None: a sync holder): ``on_lost`` is called on it,
     #: and renewals stop once it is closed.
     loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
-    _mutex: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def lane(self) -> Store:
@@ -139,7 +141,7 @@ class Claimed:
         return True
 
     def _lose(self, exc: BaseException) -> None:
-        with self._mutex:  # the lane, the scheduler and check() may all find out; report once
+        with _losing:  # the lane, the scheduler and check() may all find out; report once
             if self.lost is not None or not self.active:
                 return
             self.lost, self.active = exc, False

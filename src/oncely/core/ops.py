@@ -143,8 +143,25 @@ def perform(store: Store, op: StoreOp) -> Any:
         return result
 
 
-async def aperform(store: Store, op: StoreOp) -> Any:
-    """:func:`perform` with ``await``; the claim and the fenced writes are cancel-safe."""
+async def aperform(store: Store, op: StoreOp, *, cancel_safe: bool = True) -> Any:
+    """:func:`perform` with ``await``; the claim and the fenced writes are cancel-safe.
+
+    ``cancel_safe=False`` sends a claim without the shielded task that undoes it when the
+    caller is cancelled meanwhile (:func:`~oncely.core.cancelsafe.claim_or_undo`): for a
+    caller whose task is never cancelled during the claim and which undoes it itself.
+    """
+    kind = type(op)
+    if not observe.observers:  # the common case: straight to the store
+        if kind is Claim:
+            assert isinstance(op, Claim)
+            if cancel_safe:
+                return await claim_or_undo(store, op.key, op.fingerprint, op.lease, op.ttl)
+            return await store.aclaim(op.key, op.fingerprint, op.lease, op.ttl)
+        if kind is Complete:
+            assert isinstance(op, Complete)
+            # a cancelled caller's fenced write goes on
+            await write_through(store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl)
+            return None
     if isinstance(op, Sleep):
         await asyncio.sleep(op.seconds)
         return None
@@ -155,15 +172,17 @@ async def aperform(store: Store, op: StoreOp) -> Any:
         return None
     name, args = _store_call(op)
     if not observe.observers:
-        return await _acall(store, name, args)
+        return await _acall(store, name, args, cancel_safe)
     with observe.operation(store, name, args[0]) as watch:
-        result = await _acall(store, name, args)
+        result = await _acall(store, name, args, cancel_safe)
         watch.outcome = observe.claim_outcome(result)
         return result
 
 
-async def _acall(store: Store, name: str, args: tuple[Any, ...]) -> Any:
+async def _acall(store: Store, name: str, args: tuple[Any, ...], cancel_safe: bool) -> Any:
     if name == "claim":
+        if not cancel_safe:
+            return await store.aclaim(*args)
         return await claim_or_undo(store, *args)
     method = getattr(store, "a" + name)
     if name == "watch":

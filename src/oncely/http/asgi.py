@@ -25,16 +25,22 @@ from typing import Any
 
 from oncely.core.cancelsafe import keep_alive
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim
-from oncely.errors import ConfigurationError, HttpProblem
+from oncely.core.ops import Complete, CompleteLater, Release, Sleep, Watch
+from oncely.core.ops import aperform as store_aperform
+from oncely.core.records import New
+from oncely.errors import ConfigurationError, HttpProblem, OncelyError
 from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import Engine
 from oncely.http.flow import (
     BodyError,
     Captured,
     Claim,
+    ConsumeToken,
+    IssueToken,
     Op,
     Pass,
     ReadBody,
+    ReleaseToken,
     Respond,
     Run,
     request_flow,
@@ -129,6 +135,14 @@ async def refuse(scope: Scope, receive: Receive, send: Send, problem: str) -> No
             return
 
 
+#: The token operations (the rest of what the flow asks for beyond the request and the app are
+#: store operations, performed by :func:`oncely.core.ops.aperform` directly).
+_TOKEN_OPS = (ConsumeToken, IssueToken, ReleaseToken)
+
+#: What a flow still does after its request task was cancelled: the writes that settle the key
+#: (and the pauses between their retries); any other operation gets ``CancelledError``.
+_SETTLING = (Complete, CompleteLater, Release, Sleep, ReleaseToken)
+
 # Response extensions that bypass ``send`` with a body; hidden from the app while capturing.
 _BYPASS_EXTENSIONS = ("http.response.pathsend", "http.response.zerocopysend")
 
@@ -216,11 +230,6 @@ async def serve(engine: Engine, app: ASGIApp, scope: Scope, receive: Receive, se
     await _Exchange(app, engine, scope, receive, send).drive(request_flow(engine, request))
 
 
-class _HandedOff(Exception):
-    """The request task was cancelled; the handler and the rest of the flow go on in the
-    background (``on_cancel="finish"``)."""
-
-
 class _Exchange:
     """One request/response exchange: performs the flow's operations.
 
@@ -228,6 +237,17 @@ class _Exchange:
     until the first body message, and the last body message (``more_body`` false) until the
     flow has stored the response (or decided what else to do), right inside the app's
     ``send``. A streamed response passes its chunks through at once; only its end waits.
+
+    From its first claim on, a keyed request's flow runs in a task of its own (the claim, the
+    app, the settling writes), which the request task awaits. Cancelling the request task
+    does not cut that task off where that would leave the key wrong: a claim on the wire is
+    let finish (and undone if it succeeded), a settling write goes on, and a handler goes on
+    to its end with ``on_cancel="finish"`` (its response then settles the key); the request
+    task ends with ``CancelledError`` at once. Where nothing is at stake (waiting for another
+    request's outcome, sending a replay or a problem, a handler with ``on_cancel="release"``
+    or without a claim) the task is cancelled too, and the request task ends when it did.
+    One task per keyed request is all ``on_cancel="finish"`` needs: the claim needs no
+    shielded task of its own, since nothing cancels the task it runs in.
     """
 
     __slots__ = (
@@ -236,10 +256,13 @@ class _Exchange:
         "claim_sent",
         "engine",
         "flow",
+        "op",
+        "pending",
         "receive",
         "renewer",
         "scope",
         "send",
+        "task",
     )
 
     def __init__(
@@ -255,22 +278,50 @@ class _Exchange:
         self.claim_sent = 0.0
         self.flow: Any = None
         self.renewer: AsyncRenewer | None = None
+        #: The task running the flow from its first claim on (None before).
+        self.task: asyncio.Task[None] | None = None
+        #: The operation being performed (what a cancellation of the request task meets).
+        self.op: Op | None = None
+        #: The request task was cancelled while ``task`` did something that must not be cut
+        #: off: the flow gets ``CancelledError`` at its next step that starts new work.
+        self.pending = False
 
-    async def drive(self, flow: Any, value: Any = None, error: BaseException | None = None) -> None:
+    async def drive(
+        self,
+        flow: Any,
+        value: Any = None,
+        error: BaseException | None = None,
+        op: Op | None = None,
+    ) -> None:
         """Perform the flow's operations until it ends (from where it stands: a flow resumed
-        after the app's response carries ``value``)."""
+        after the app's response carries ``value``; one resumed in its own task, the
+        operation ``op`` it yielded)."""
         self.flow = flow
         while True:
-            try:
-                op: Op = flow.send(value) if error is None else flow.throw(error)
-            except StopIteration:
-                return
+            if op is None:
+                try:
+                    op = flow.send(value) if error is None else flow.throw(error)
+                except StopIteration:
+                    return
+                if type(op) is Claim and self.task is None:
+                    await self._detach(flow, op)
+                    return
             value = error = None
+            self.op = op
             try:
                 kind = type(op)
+                if self.pending and kind not in _SETTLING:
+                    raise asyncio.CancelledError  # the request task was cancelled meanwhile
                 if kind is Claim:  # the lease's local bound counts from here
+                    assert isinstance(op, Claim)
                     self.claim_sent = time.monotonic()
-                if kind is Run:
+                    engine = self.engine
+                    store = engine._store if engine._store is not None else engine.store
+                    value = await store_aperform(store, op, cancel_safe=False)
+                    if self.pending:
+                        await self._undo(op, value)
+                        raise asyncio.CancelledError
+                elif kind is Run:
                     assert isinstance(op, Run)
                     value = await self._run(op)
                 elif kind is ReadBody:
@@ -281,12 +332,78 @@ class _Exchange:
                     await _send_response(self.send, op.response)
                 elif kind is Pass:
                     await self._pass()
-                else:
+                elif kind in _TOKEN_OPS:
                     value = await aperform(self.engine, op)
-            except _HandedOff:
-                raise asyncio.CancelledError from None
+                else:  # a store operation
+                    engine = self.engine
+                    store = engine._store if engine._store is not None else engine.store
+                    value = await store_aperform(store, op)  # type: ignore[arg-type]
             except BaseException as exc:
                 error = exc
+            op = None
+
+    # -- the flow's own task -----------------------------------------------------------------------
+    async def _detach(self, flow: Any, op: Claim) -> None:
+        """Run the rest of the flow, from its first claim ``op``, in a task of its own and wait
+        for it (see the class documentation for what a cancellation does)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self.op = op
+        task = self.task = loop.create_task(self._detached(flow, op, done))
+        try:
+            await done
+        except asyncio.CancelledError:
+            if task.done():  # the flow itself ended with CancelledError
+                raise
+            if self._interruptible(self.op):
+                task.cancel()
+                await asyncio.wait((task,))  # its clean-up ends before this request task does
+            else:
+                self.pending = True
+                keep_alive(task)
+            raise
+
+    async def _detached(self, flow: Any, op: Claim, done: asyncio.Future[None]) -> None:
+        try:
+            await self.drive(flow, op=op)
+        except BaseException as exc:
+            if done.done():  # the request task was cancelled and left
+                if not isinstance(exc, asyncio.CancelledError):
+                    log.info(
+                        "oncely.http: a cancelled request's handler finished and was settled: %r",
+                        exc,
+                    )
+            elif isinstance(exc, asyncio.CancelledError):
+                done.cancel()
+            else:
+                done.set_exception(exc)
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+        else:
+            if not done.done():
+                done.set_result(None)
+
+    def _interruptible(self, op: Op | None) -> bool:
+        """May a cancellation of the request task cut ``op`` off? Not a claim (it may have
+        been applied), a write, or a keyed handler with ``on_cancel="finish"``."""
+        kind = type(op)
+        if kind is Run:
+            assert isinstance(op, Run)
+            return op.fence is None or self.engine.config.on_cancel == "release"
+        return kind is Watch or kind is Respond
+
+    async def _undo(self, op: Claim, outcome: Any) -> None:
+        """The request task was cancelled during ``op``: free the key if the claim took it."""
+        if not isinstance(outcome, New):
+            return
+        try:
+            await aperform(self.engine, Release(op.key, outcome.fence))
+        except OncelyError as exc:
+            log.warning(
+                "oncely.http: could not release the claim of a cancelled request (%s); it frees "
+                "itself when its lease runs out",
+                exc,
+            )
 
     # -- request body ------------------------------------------------------------------------------
     async def _read_body(self, limit: int, expected: int | None) -> bytes | BodyError:
@@ -363,7 +480,6 @@ class _Exchange:
             app_scope["extensions"] = {
                 k: v for k, v in extensions.items() if k not in _BYPASS_EXTENSIONS
             }
-        handed_off = False
         if keyed:
             assert op.key is not None and op.fence is not None
             claimed = Claimed(
@@ -372,7 +488,7 @@ class _Exchange:
             self.renewer = AsyncRenewer(claimed, self.claim_sent)
             token = active_claim.set(claimed)
         try:
-            await self._call_app(app_scope, capture, shield=keyed)
+            await self.app(app_scope, self._app_receive(), capture.send)
         except HttpProblem as exc:
             if capture.started:
                 error = exc
@@ -382,33 +498,13 @@ class _Exchange:
                     await _send_response(capture.send, problem)
                 except BaseException as again:  # the client is gone
                     error = again
-        except _HandedOff:
-            handed_off = True
-            raise
         except BaseException as exc:  # settled by the flow, which raises it again
             error = exc
         finally:
             if keyed:
                 active_claim.reset(token)
-            if not handed_off:
-                self._stop_renewal()
+            self._stop_renewal()
         return await self._produced(capture, error)
-
-    async def _call_app(self, app_scope: Scope, capture: _Capture, *, shield: bool) -> None:
-        """Run the app; with ``shield`` (a keyed request, ``on_cancel="finish"``), a cancelled
-        request task leaves it running and settles the key from its response later."""
-        call = self.app(app_scope, self._app_receive(), capture.send)
-        if not shield or self.engine.config.on_cancel == "release":
-            await call
-            return
-        task = asyncio.ensure_future(call)  # runs in a copy of this context (the claim)
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():  # the app itself ended with CancelledError: settled as an error
-                raise
-            keep_alive(asyncio.ensure_future(self._finish_later(task, capture)))
-            raise _HandedOff from None
 
     async def _produced(self, capture: _Capture, error: BaseException | None) -> Captured:
         """What the app produced, once it returned (or raised)."""
@@ -430,22 +526,6 @@ class _Exchange:
             await self.drive(self.flow, captured)
         except BaseException as exc:
             log.error("oncely.http: settling a finished response failed: %r", exc)
-
-    async def _finish_later(self, task: asyncio.Future[None], capture: _Capture) -> None:
-        """The request task was cancelled: wait for the app, then settle from its response."""
-        error: BaseException | None = None
-        try:
-            await task
-        except BaseException as exc:
-            error = exc
-        if capture.settled:
-            self._stop_renewal()
-            return
-        self._stop_renewal()
-        try:
-            await self.drive(self.flow, await self._produced(capture, error))
-        except BaseException as exc:
-            log.info("oncely.http: a cancelled request's handler finished and was settled: %r", exc)
 
 
 class _Capture:

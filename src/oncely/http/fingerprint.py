@@ -198,6 +198,13 @@ _NAME = operator.itemgetter(0)
 
 
 def _encode(value: Any) -> str:
+    kind = type(value)  # the parser's own types first, by identity (the common case)
+    if kind is _Canon:
+        return value  # type: ignore[no-any-return]
+    if kind is str:
+        return encode_basestring_ascii(value)
+    if kind is _Object:
+        return _encode_object(value)
     if isinstance(value, _Canon):
         return value
     if isinstance(value, str):
@@ -209,26 +216,33 @@ def _encode(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, _Object):
-        ordered = sorted(value, key=_NAME)  # stable: duplicates keep their order
-        return (
-            "{" + ",".join(encode_basestring_ascii(k) + ":" + _encode(v) for k, v in ordered) + "}"
-        )
-    return "[" + ",".join(_encode(item) for item in value) + "]"
+        return _encode_object(value)
+    return "[" + ",".join([_encode(item) for item in value]) + "]"
+
+
+def _encode_object(value: _Object) -> str:
+    ordered = sorted(value, key=_NAME)  # stable: duplicates keep their order
+    return "{" + ",".join([encode_basestring_ascii(k) + ":" + _encode(v) for k, v in ordered]) + "}"
+
+
+#: One decoder for every body (``json.loads`` with hooks builds a new one per call); a
+#: decoder holds only its settings, so threads share it as they share ``json.loads``'s own.
+_DECODER = json.JSONDecoder(
+    parse_float=_number,
+    parse_int=_integer,
+    parse_constant=_constant,
+    object_pairs_hook=_Object,
+)
 
 
 def _parse(body: bytes) -> Any:
-    """The JSON value of ``body``: numbers as canonical text, objects as :class:`_Object`.
+    """The JSON value of ``body``: numbers as canonical text, objects as :class:`_Object`
+    (read as :func:`json.loads` reads bytes: UTF-8, -16 or -32 by its first bytes).
 
     :raises ValueError: not JSON, NaN/Infinity, or a number out of range.
     :raises RecursionError: nested too deep.
     """
-    return json.loads(
-        body,
-        parse_float=_number,
-        parse_int=_integer,
-        parse_constant=_constant,
-        object_pairs_hook=_Object,
-    )
+    return _DECODER.decode(body.decode(json.detect_encoding(body), "surrogatepass"))
 
 
 def canonical_json(body: bytes, media: bytes = b"application/json") -> bytes:

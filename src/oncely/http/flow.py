@@ -436,17 +436,21 @@ def _settle(
         captured = _failure(policy, captured)
     verdict = _verdict(policy, captured)
     if key is not None and fence is not None:
-        marker = (encode_unreplayable(captured.status, TOO_LARGE), UNREPLAYABLE)
+        status = captured.status
+
+        def marker(_: object = None) -> tuple[bytes, str]:  # built only when needed
+            return encode_unreplayable(status, TOO_LARGE), UNREPLAYABLE
+
         if verdict is _Verdict.STORE:  # a response too large for the store: the marker
             headers = storable_headers(captured.headers or (), policy.deny_headers)
             try:
-                data = encode_response(captured.status, headers, captured.body or b"")
+                data = encode_response(status, headers, captured.body or b"")
             except SerializationError as exc:  # e.g. a header over 64 KiB: kept as a marker
                 log.error("oncely.http: the response cannot be stored (%s)", exc)
-                data, codec = marker
+                data, codec = marker()
             else:
                 codec = CODEC
-            yield from _complete(policy, key, fence, data, codec, lambda _: marker)
+            yield from _complete(policy, key, fence, data, codec, marker)
         elif verdict is _Verdict.MARKER:
             reason = INTERRUPTED if not captured.complete else TOO_LARGE
             log.info(

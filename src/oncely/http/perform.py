@@ -42,10 +42,11 @@ def perform(engine: Engine, op: Op) -> Any:
     return tokens.issue(op.subject, op.purpose, op.ttl)
 
 
-async def aperform(engine: Engine, op: Op) -> Any:
-    """:func:`perform` with ``await``; the claim and the fenced writes are cancel-safe."""
+async def aperform(engine: Engine, op: Op, *, cancel_safe: bool = True) -> Any:
+    """:func:`perform` with ``await``; the claim and the fenced writes are cancel-safe
+    (``cancel_safe``: see :func:`oncely.core.ops.aperform`)."""
     if not isinstance(op, _TOKEN_OPS):
-        return await ops.aperform(engine.store, op)  # type: ignore[arg-type]
+        return await ops.aperform(engine.store, op, cancel_safe=cancel_safe)  # type: ignore[arg-type]
     tokens = engine.tokens
     assert tokens is not None, op
     if isinstance(op, ConsumeToken):

@@ -27,7 +27,7 @@ from collections.abc import Iterable, MutableMapping
 from typing import Any
 
 from starlette.endpoints import HTTPEndpoint
-from starlette.routing import Host, Match, Mount
+from starlette.routing import Host, Match, Mount, Route
 
 from oncely.http.engine import Engine
 from oncely.http.routes import Rule, rule_of
@@ -37,6 +37,9 @@ __all__ = ["StarletteResolver", "endpoint_rule", "integrate", "resolver_for"]
 log = logging.getLogger("oncely.http")
 
 _MAX_DEPTH = 16
+#: How many (method, path, root path) lookups a resolver remembers.
+_CACHE_SIZE = 1024
+_ROUTE_MATCHES = Route.matches
 
 
 def _dependant_rule(dependant: Any, depth: int = 0) -> Rule | None:
@@ -100,11 +103,37 @@ class StarletteResolver:
         #: Whether any endpoint carries a rule (if not, :meth:`__call__` skips matching).
         self.marked = marked
         self._cache: dict[tuple[int, str], tuple[Any, Rule | None]] = {}
+        #: The route table the lookups below were made on, and whether it can be cached:
+        #: every route a plain Starlette ``Route``, whose match depends on the method, the
+        #: path and the root path only.
+        self._seen: tuple[Any, ...] | None = None
+        self._cacheable = False
+        self._found: dict[tuple[str, str, str], tuple[Any, bool | None]] = {}
+
+    def _lookup(self, scope: MutableMapping[str, Any]) -> tuple[Any, bool | None]:
+        """:meth:`_find` on the whole table, remembered per (method, path, root path) while
+        the table holds the same plain routes (the router matches the same way again, so
+        the middleware's look costs a dictionary lookup, not a second pass of matching)."""
+        routes = self.routes
+        seen = self._seen
+        if seen is None or len(seen) != len(routes) or seen != tuple(routes):
+            seen = self._seen = tuple(routes)
+            self._cacheable = all(type(r).matches is _ROUTE_MATCHES for r in seen)
+            self._found = {}
+        if not self._cacheable:
+            return self._find(routes, scope, 0)
+        key = (scope.get("method", ""), scope.get("path", ""), scope.get("root_path", ""))
+        hit = self._found.get(key)
+        if hit is None:
+            hit = self._find(routes, scope, 0)
+            if len(self._found) < _CACHE_SIZE:
+                self._found[key] = hit
+        return hit
 
     def __call__(self, scope: MutableMapping[str, Any]) -> Rule | None:
         if not self.marked:
             return None
-        route, _ = self._find(self.routes, scope, 0)
+        route, _ = self._lookup(scope)
         if route is None:
             return None
         method = scope.get("method", "")
@@ -118,7 +147,7 @@ class StarletteResolver:
         """True if an endpoint will get the request, False if the router answers by itself
         (no route: 404; another method: 405; a slash redirect), None if it cannot tell (a
         mounted app that is not a router)."""
-        route, found = self._find(self.routes, scope, 0)
+        route, found = self._lookup(scope)
         if route is not None:
             endpoint = getattr(route, "endpoint", None)
             if (
