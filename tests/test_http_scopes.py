@@ -89,7 +89,9 @@ def test_a_request_without_a_principal_is_refused(tmp_path: Path) -> None:
     client, effects = _app(tmp_path, scope_from_user("username"))
     key = uuid.uuid4().hex
     refused = _pay(client, key, None)
-    assert refused.status_code >= 400 and effects == []
+    assert refused.status_code == 401 and effects == []
+    assert refused.headers["content-type"] == "application/problem+json"
+    assert refused.json()["type"].endswith("principal-missing")
     # nothing was claimed: the key is still free for an authenticated client
     assert _pay(client, key, "Bearer access-v1").status_code == 201 and effects == [key]
 

@@ -1,9 +1,9 @@
 """The ASGI middleware's tasks and timers per request, and cancellation at each step.
 
 A keyed request runs its flow in one task of its own from the claim on (no shielded claim
-task, no separate app task), and the leases of a loop's running requests wait for their first
-renewal in one shared timer (no timer per request). These tests pin that down, and check that
-the guarantees the extra tasks and timers used to give still hold: a cancelled request's claim
+task, no separate app task), and the leases of a loop's running requests put no timer on the
+loop (they are renewed on the watchdog thread). These tests pin that down, and check that the
+guarantees the extra tasks and timers used to give still hold: a cancelled request's claim
 is undone, its handler finishes (``on_cancel="finish"``) or is cancelled and the key released
 (``"release"``), a waiter leaves at once, and a long handler's lease is renewed.
 """

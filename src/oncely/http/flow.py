@@ -49,6 +49,7 @@ from oncely.core.ops import Claim, Complete, CompleteLater, Release, Sleep, Stor
 from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay, digest_key
 from oncely.errors import (
     ConfigurationError,
+    HttpProblem,
     InvalidKey,
     InvalidPayload,
     LeaseLost,
@@ -92,6 +93,7 @@ from oncely.http.problems import (
     TOKEN_PURPOSE_UNKNOWN,
     ProblemType,
     body_allowed,
+    from_exception,
     problem_response,
     token_problem,
 )
@@ -279,7 +281,11 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
         return
     assert isinstance(body, bytes)
 
-    scope_name = _scope_of(policy, request)
+    try:
+        scope_name = _scope_of(policy, request)
+    except HttpProblem as exc:  # a scope function refusing the request (scope_from_user: 401)
+        yield Respond(from_exception(exc, policy.problem_base))
+        return
     info = IdempotencyInfo(key, scope_name, None, policy.token)
     token: str | None = None
     subject = ""
