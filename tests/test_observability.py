@@ -876,7 +876,7 @@ def test_prometheus_with_its_multiprocess_directory_missing_never_fails_a_call(
         "from oncely.observability import prometheus\n"
         "prometheus.install(CollectorRegistry())\n"
         "runs = []\n"
-        "@idempotent(store='memory://', key=['k'], on_duplicate='raise')\n"
+        "@idempotent(store='memory://', name='t.charge', key=['k'], on_duplicate='raise')\n"
         "def charge(k):\n"
         "    runs.append(k)\n"
         "    return 'charged'\n"
