@@ -122,6 +122,49 @@ def test_an_async_body_blocking_its_loop_past_the_lease_keeps_the_key(
     assert runs == ["holder"]
 
 
+def test_a_redis_store_given_only_an_async_client_renews_on_the_loop() -> None:
+    """retest4 finding 1: a RedisStore given only ``async_client`` (its own auth, TLS, ...) has
+    a sync face built from the URL, which need not reach the same server; renewing through it
+    failed, the lease lapsed and a second caller ran the body again. Such a store renews its
+    async leases on the caller's loop. Here the URL names a closed port: only the loop can
+    renew."""
+    import redis.asyncio
+
+    from oncely.stores.redis import RedisStore
+
+    from conftest import REDIS_URL
+    from lock_workers import free_port
+
+    runs: list[str] = []
+    name = f"asyncclient.{uuid.uuid4().hex}"
+    order = f"order-{uuid.uuid4()}"
+
+    async def main() -> None:
+        client = redis.asyncio.Redis.from_url(REDIS_URL)
+        store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", async_client=client)
+        assert store.renews_from_thread is False
+
+        async def body(order: str, who: str) -> str:
+            runs.append(who)
+            await asyncio.sleep(PAST_LEASE + 1.0)  # alive and awaiting: the loop runs
+            return f"charged by {who}"
+
+        charge = idempotent(store=store, name=name, key=["order"], lease=LEASE)(body)
+        contender = idempotent(
+            store=store, name=name, key=["order"], lease=LEASE, on_duplicate="raise"
+        )(body)
+        holder = asyncio.ensure_future(charge(order, "holder"))
+        await asyncio.sleep(PAST_LEASE)
+        with pytest.raises(InFlightError):
+            await contender(order, "contender")
+        assert await holder == "charged by holder"
+        await store.aclose()
+        await client.aclose()
+
+    asyncio.run(main())
+    assert runs == ["holder"]
+
+
 def test_a_lost_async_lease_is_reported_on_the_holders_loop(make_store: StoreFactory) -> None:
     """The renewal thread finds the loss; ``on_lease_lost`` runs on the holder's loop (it may
     touch the loop's objects, such as an :class:`asyncio.Event`)."""

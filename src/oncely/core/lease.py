@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from oncely.core import observe
+from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import RecordKey
-from oncely.core.renewal import report, watchdog
+from oncely.core.renewal import renew_timeout, report, watchdog
 from oncely.errors import LeaseLost
 
 if TYPE_CHECKING:  # core imports no store: Store is only a type here
@@ -196,15 +197,57 @@ class AsyncRenewer:
     on a thread of its own if the loop is closed); :meth:`Claimed.check` needs no loop. A
     loop closed while the call still held the key (the call died with it) ends the renewals:
     the key frees itself one lease later, as a crashed process's does.
+
+    A store whose sync face cannot renew what its async face claimed (``renews_from_thread``
+    false: a Redis store given only an ``async_client``, whose connection settings the URL may
+    not carry) is renewed on the caller's loop instead, every ``lease / 3``, each request bounded
+    by :func:`renew_timeout` and the lease's bound; there a body that blocks its loop for longer
+    than the lease loses it.
     """
 
-    __slots__ = ("claimed",)
+    __slots__ = ("_handle", "_task", "claimed")
 
     def __init__(self, claimed: Claimed, sent_at: float) -> None:
         self.claimed = claimed
-        claimed.loop = asyncio.get_running_loop()
+        loop = claimed.loop = asyncio.get_running_loop()
         claimed.start(sent_at)
-        watchdog.schedule(claimed)
+        self._handle: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        if getattr(claimed.store, "renews_from_thread", True):
+            watchdog.schedule(claimed)
+        else:
+            self._handle = loop.call_later(max(claimed.due - time.monotonic(), 0.0), self._start)
+
+    def _start(self) -> None:
+        self._handle = None
+        loop = self.claimed.loop
+        if loop is not None and self.claimed.active:
+            self._task = loop.create_task(self._renew_forever())
+
+    async def _renew_forever(self) -> None:
+        claimed = self.claimed
+        while claimed.active:
+            sent_at = time.monotonic()
+            limit = min(renew_timeout(claimed.lease), claimed.held_until - sent_at)
+            try:
+                if limit <= 0:
+                    raise TimeoutError("the lease ran out before its renewal could be sent")
+                with keep_cancel():  # wait_for can drop a cancel that meets the reply (3.11)
+                    await asyncio.wait_for(
+                        claimed.store.arenew(claimed.key, claimed.fence, claimed.lease), limit
+                    )
+            except Exception as exc:  # any failure, typed or not, is retried and then reported
+                if isinstance(exc, asyncio.TimeoutError) and not str(exc):
+                    exc = TimeoutError(f"the store did not answer a renewal within {limit:.3g}s")
+                if not claimed._failed(exc, time.monotonic()):
+                    return
+            else:
+                claimed._renewed(sent_at)
+            await asyncio.sleep(max(claimed.due - time.monotonic(), 0.0))
 
     def stop(self) -> None:
-        watchdog.cancel(self.claimed)
+        watchdog.cancel(self.claimed)  # also marks it inactive (the loop path's loop ends)
+        if self._handle is not None:
+            self._handle.cancel()
+        if self._task is not None:
+            self._task.cancel()

@@ -126,6 +126,10 @@ class Store(abc.ABC):
 
     #: The largest result (bytes) one ``complete`` can store; None: no limit of its own.
     max_result_bytes: int | None = None
+    #: True if the sync face can renew what the async face claimed, so async calls' leases are
+    #: renewed on the watchdog thread and survive a blocked event loop
+    #: (:class:`oncely.core.lease.AsyncRenewer`); False renews them on the caller's loop.
+    renews_from_thread: bool = True
     #: Where :attr:`max_result_bytes` comes from, for the error message.
     max_result_source: str = "the store's max_result_bytes"
 

@@ -305,6 +305,9 @@ class RedisStore(PlannedStore):
         if not isinstance(prefix, str) or not prefix:
             raise ConfigurationError(f"prefix must be a non-empty string, not {prefix!r}")
         self.redis = RedisClients(url, client=client, async_client=async_client, **pool_options)
+        # Given only an async client (its own auth, TLS, ...), the sync face would be built from
+        # the URL, which may not reach the same server: renew async leases on their loop.
+        self.renews_from_thread = not (async_client is not None and client is None)
         self.prefix = prefix
         self._done = f"{prefix}:done:"
         self._fence_key = f"{prefix}:fence"
