@@ -208,6 +208,31 @@ def test_scope_from_user_gives_each_user_a_key_space(face: str) -> None:
     assert calls["orders"] == 2
 
 
+@FACES
+def test_scope_from_user_refuses_anonymous_clients_unless_told_to_share(face: str) -> None:
+    """retest4: Django's scope_from_user put every anonymous client in one key space, so
+    client B got client A's response. Now refused with 401 before anything is claimed or run;
+    scope_from_user_or_anonymous shares on purpose."""
+    middleware = [AUTH, OURS]
+    with django_app(face, middleware, scope="oncely.http.django.scope_from_user") as client:
+        calls.clear()
+        k = key()
+        refused = client.post("/orders", json={}, headers=k)
+        assert refused.status_code == 401, refused.content
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert calls.get("orders", 0) == 0
+        # nothing was claimed: the key is still free for an authenticated client
+        assert client.post("/orders", json={}, headers={**k, "X-User": "a"}).status_code == 201
+    scope = "oncely.http.django.scope_from_user_or_anonymous"
+    with django_app(face, middleware, scope=scope) as client:
+        calls.clear()
+        k = key()
+        first = client.post("/orders", json={}, headers=k)
+        again = client.post("/orders", json={}, headers=k)
+    assert first.status_code == 201 and again.headers["idempotent-replayed"] == "true"
+    assert calls["orders"] == 1
+
+
 # -- bad input: settings -------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("options", "message"),

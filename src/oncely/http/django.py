@@ -50,7 +50,7 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
 from django.conf import settings  # type: ignore[import-untyped]
@@ -83,6 +83,7 @@ from oncely.http.messages import ENTRY_KEY, HandlerEntry, HttpRequest, HttpRespo
 from oncely.http.perform import aperform, perform
 from oncely.http.problems import from_exception
 from oncely.http.routes import MARKER, Rule, idempotent_route, rule_of
+from oncely.http.scopes import principal_missing
 from oncely.http.wsgi import INFO_KEY, WSGIIdempotencyMiddleware
 
 __all__ = [
@@ -95,6 +96,7 @@ __all__ = [
     "middleware_problems",
     "require_token",
     "scope_from_user",
+    "scope_from_user_or_anonymous",
 ]
 
 log = logging.getLogger("oncely.http")
@@ -571,25 +573,35 @@ def _scope_functions(config: IdempotencyConfig) -> list[Any]:
 
 class _UserScope:
     """``scope=`` by the authenticated Django user (``request.user``, set by Django's
-    ``AuthenticationMiddleware``, which must come before oncely's): ``"user:<pk>"``; an
-    anonymous user falls in the anonymous scope ``"-"``. The user id is not secret, so it is
-    stored as it is. Under ASGI the user is loaded with ``await request.auser()``."""
+    ``AuthenticationMiddleware``, which must come before oncely's): ``"user:<pk>"``. An
+    anonymous user is refused with a 401 ``principal-missing`` problem before anything is
+    claimed or run (:func:`oncely.http.scopes.principal_missing`: one key space shared by every
+    anonymous client would let one replay or block another's operation), or, with
+    ``anonymous="share"`` (:data:`scope_from_user_or_anonymous`), falls in the anonymous scope
+    ``"-"``. The user id is not secret, so it is stored as it is. Under ASGI the user is loaded
+    with ``await request.auser()``."""
 
     _META = "oncely.user_scope"
+
+    def __init__(self, anonymous: Literal["refuse", "share"] = "refuse") -> None:
+        self._anonymous = anonymous
 
     def __call__(self, request: HttpRequest) -> str | None:
         django_request = request.raw
         meta = getattr(django_request, "META", None)
         if meta is not None and self._META in meta:
             value: str | None = meta[self._META]
-            return value
-        user = getattr(django_request, "user", None)
-        if user is None:
-            raise ConfigurationError(
-                "scope_from_user reads request.user, which is not set: list "
-                f"{_AUTH_PATH!r} before {MIDDLEWARE_PATH!r} in settings.MIDDLEWARE"
-            )
-        return self._of(user)
+        else:
+            user = getattr(django_request, "user", None)
+            if user is None:
+                raise ConfigurationError(
+                    "scope_from_user reads request.user, which is not set: list "
+                    f"{_AUTH_PATH!r} before {MIDDLEWARE_PATH!r} in settings.MIDDLEWARE"
+                )
+            value = self._of(user)
+        if value is None and self._anonymous == "refuse":
+            raise principal_missing(request)
+        return value
 
     @staticmethod
     def _of(user: Any) -> str | None:
@@ -602,12 +614,18 @@ class _UserScope:
             request.META[self._META] = self._of(await auser())
 
     def __repr__(self) -> str:
+        if self._anonymous == "share":
+            return "oncely.http.django.scope_from_user_or_anonymous"
         return "oncely.http.django.scope_from_user"
 
 
-#: ``scope=scope_from_user``: one key space per authenticated Django user (see
-#: :class:`_UserScope`); ``"oncely.http.django.scope_from_user"`` in ``settings.ONCELY``.
+#: ``scope=scope_from_user``: one key space per authenticated Django user, anonymous requests
+#: refused with 401 (see :class:`_UserScope`); ``"oncely.http.django.scope_from_user"`` in
+#: ``settings.ONCELY``.
 scope_from_user = _UserScope()
+#: Like :data:`scope_from_user`, but anonymous requests share the anonymous scope ``"-"`` (for
+#: public endpoints whose keys are unguessable; not for money).
+scope_from_user_or_anonymous = _UserScope("share")
 
 
 def _authenticates(cls: Any) -> bool:
@@ -679,7 +697,7 @@ def middleware_problems(
                     f"move {first!r} to the end of MIDDLEWARE, after {name!r}",
                 )
             )
-    if config is not None and any(f is scope_from_user for f in _scope_functions(config)):
+    if config is not None and any(isinstance(f, _UserScope) for f in _scope_functions(config)):
         auth = [i for i, c in enumerate(classes) if _authenticates(c)]
         if not auth or auth[0] > ours[0]:
             problems.append(

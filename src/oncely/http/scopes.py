@@ -157,6 +157,22 @@ def scope_from_cookie(name: str, *, secret: str | bytes | None = None) -> ScopeF
 #: The problem a request without a principal gets from :func:`scope_from_user` (the ``type``
 #: URI ends in this slug).
 PRINCIPAL_MISSING = "principal-missing"
+
+
+def principal_missing(request: HttpRequest) -> HttpProblem:
+    """The 401 ``principal-missing`` problem for a keyed request without an authenticated
+    client, under a scope by principal (its key space would otherwise be shared by every
+    anonymous client)."""
+    return HttpProblem(
+        401,
+        PRINCIPAL_MISSING,
+        "Authentication required",
+        f"{request.method} {request.path} with an Idempotency-Key needs an authenticated "
+        "client: its key space is the client's",
+        headers=(("WWW-Authenticate", "Bearer"),),
+    )
+
+
 _SCALAR_ID = (str, int)
 
 
@@ -203,14 +219,7 @@ class _UserScope:
                 )
             if self._anonymous == "share":
                 return ANONYMOUS
-            raise HttpProblem(
-                401,
-                PRINCIPAL_MISSING,
-                "Authentication required",
-                f"{request.method} {request.path} with an Idempotency-Key needs an authenticated "
-                "client: its key space is the client's",
-                headers=(("WWW-Authenticate", "Bearer"),),
-            )
+            raise principal_missing(request)
         return f"user:{user}"
 
     def __repr__(self) -> str:
