@@ -203,6 +203,27 @@ async def test_endpoint_refuses_unknown_purposes_and_methods(make_face: MakeFace
     )
 
 
+async def test_client_chosen_purpose_and_subject_are_refused_with_a_400(
+    make_face: MakeFace,
+) -> None:
+    # purposes=None: the client chooses the purpose; what Tokens refuses as a configuration
+    # error (over 200 bytes, a NUL) was a 500 here.
+    face = make_face(guard={"purposes": None})
+    fits = await face.request("GET", "/tokens", [("X-User", "a")], query=b"purpose=" + b"a" * 200)
+    assert fits.status == 200
+    for purpose in (b"a" * 201, b"%C3%A9" * 101, b"a%00b"):
+        reply = await face.request("GET", "/tokens", [("X-User", "a")], query=b"purpose=" + purpose)
+        assert (reply.status, reply.problem) == (400, "token-purpose-unknown"), purpose
+        assert reply.header("content-type") == "application/problem+json"
+    # A subject function reading text with no exact UTF-8 form (a NUL from a cookie).
+    face = make_face(guard={"subject": lambda r: "u\x00" + (r.header("x-user") or "")})
+    issue = await face.request("GET", "/tokens", [("X-User", "a")], query=b"purpose=checkout")
+    assert (issue.status, issue.problem) == (400, "token-subject-invalid")
+    spend = await face.request("POST", "/orders", [("X-User", "a"), ("Oncely-Token", "ot1.x")])
+    assert (spend.status, spend.problem) == (400, "token-subject-invalid")
+    assert face.calls == {}
+
+
 async def test_store_down_is_503(make_face: MakeFace) -> None:
     face = make_face(store="redis://127.0.0.1:1/0")
     # tokens on a store that is down too

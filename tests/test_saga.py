@@ -323,3 +323,12 @@ def test_a_saga_id_no_store_keeps_as_text_is_refused(shop: Shop) -> None:
         with pytest.raises(ConfigurationError, match="saga_id"):
             shop.saga(paid=True).run(conn, saga_id)
     conn.rollback()
+
+
+def test_idempotency_key_of_text_with_no_utf8_form_is_invalid_key() -> None:
+    # Before: a raw UnicodeEncodeError.
+    from oncely.errors import InvalidKey
+
+    with pytest.raises(InvalidKey, match="lone surrogate"):
+        idempotency_key("saga-\ud800", "charge", "action")
+    assert idempotency_key("saga-\x00", "charge", "action").startswith("saga-")

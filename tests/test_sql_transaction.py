@@ -386,6 +386,12 @@ def test_bad_input_is_typed_and_commits_nothing(db: Db) -> None:
         transaction(conn, operation="test.op", key="k", scope=None, table=keys)
     with pytest.raises(UnsupportedConnection):
         transaction(object(), operation="test.op", key="k", scope="s")
+    # Text with no UTF-8 form: typed, like a NUL (before: a raw UnicodeEncodeError for the
+    # payload, and an operation name holding a lone surrogate was accepted).
+    with pytest.raises(InvalidKey, match="lone surrogate"):
+        transaction(conn, operation="test.op", key="k", scope="s", payload={"a": "x\ud800y"})
+    with pytest.raises(ConfigurationError, match="operation="):
+        transaction(conn, operation="test.\udc80op", key="k", scope="s", table=keys)
     with (
         pytest.raises(SchemaMissing, match="create_tables"),
         transaction(conn, operation="test.op", key="k", scope="s", table=f"missing_{db.tag}"),

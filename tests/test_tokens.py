@@ -206,3 +206,26 @@ def test_a_scope_no_store_keeps_as_text_is_refused_when_configured(scope: str) -
     # Before: accepted here, then each consume() raised (PostgreSQL) or shared a cut scope.
     with pytest.raises(ConfigurationError, match="scope"):
         Tokens(SECRET, "memory://", scope=scope)
+
+
+@pytest.mark.parametrize("text", ["u\ud800", "u\x00v"])
+def test_a_subject_or_purpose_without_an_exact_utf8_form_is_a_configuration_error(
+    text: str,
+) -> None:
+    # Before: a lone surrogate raised a raw UnicodeEncodeError from issue() and consume().
+    tokens = Tokens(SECRET, "memory://")
+    token = tokens.issue("u", "p", ttl=60)
+    for call in (
+        lambda: tokens.issue(text, "p"),
+        lambda: tokens.issue("u", text),
+        lambda: tokens.consume(token, text, "p"),
+        lambda: tokens.consume(token, "u", text),
+    ):
+        with pytest.raises(ConfigurationError, match=r"token (subject|purpose)"):
+            call()
+    assert tokens.consume(token, "u", "p").purpose == "p"  # the refusals spent nothing
+
+
+def test_a_secret_with_a_lone_surrogate_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="lone surrogate"):
+        Tokens("s\udc80" * 16, "memory://")

@@ -43,7 +43,7 @@ from rich.text import Text
 
 from oncely.backends.urls import redact_url
 from oncely.core.records import Record, RecordKey, digest_key
-from oncely.errors import OncelyError, SerializationError
+from oncely.errors import OncelyError, SerializationError, StoreError
 from oncely.http.codec import (
     CODEC as HTTP_CODEC,
 )
@@ -551,6 +551,9 @@ def purge(
     total = 0
     try:
         with _open(url, table, prefix) as store:
+            # The schema first: a table that does not exist is named as such (MySQL's purge
+            # statement meets the fence keeper first and could only say that one is missing).
+            store.check_schema()
             while limit is None or total < limit:
                 want = batch if limit is None else min(batch, limit - total)
                 count = store.purge_expired(want)
@@ -572,10 +575,51 @@ BarrierTable = Annotated[
 ]
 
 
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    """The DB-API error classes of the drivers that are installed (a failed connect, an
+    unknown database, a missing table or a refused statement)."""
+    import sqlite3
+
+    found: list[type[BaseException]] = [sqlite3.Error]
+    try:
+        import psycopg
+
+        found.append(psycopg.Error)
+    except ImportError:  # pragma: no cover - the postgres extra is not installed
+        pass
+    try:
+        import pymysql
+
+        found.append(pymysql.err.Error)
+    except ImportError:  # pragma: no cover - the mysql extra is not installed
+        pass
+    return tuple(found)
+
+
+def _driver_failure(url: str, exc: BaseException) -> StoreError:
+    """One line for a driver error met on the business database at ``url``."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return StoreError(f"{redact_url(url)}: {text}")
+
+
 @contextlib.contextmanager
-def _database(url: str, create: bool = False) -> Iterator[Any]:
+def _database(url: str, command: str, create: bool = False) -> Iterator[Any]:
     """A DB-API connection to the business database at ``url`` (not a store: the barrier
-    lives next to the business tables)."""
+    lives next to the business tables). ``command``: ``"init"`` or ``"purge"``.
+
+    :raises OncelyError: a URL of another scheme, a missing SQLite file (unless ``create``),
+        or a driver error (the server cannot be reached, the database or the table does not
+        exist, a statement was refused), as :class:`~oncely.errors.StoreError`.
+    """
+    try:
+        with _connected(url, command, create) as conn:
+            yield conn
+    except _driver_errors() as exc:
+        raise _driver_failure(url, exc) from exc
+
+
+@contextlib.contextmanager
+def _connected(url: str, command: str, create: bool) -> Iterator[Any]:
     from oncely.backends.urls import scheme_of
     from oncely.errors import ConfigurationError
 
@@ -608,7 +652,8 @@ def _database(url: str, create: bool = False) -> Iterator[Any]:
     elif scheme.startswith("redis"):
         raise ConfigurationError(
             "Redis barrier rows expire by themselves, `horizon` seconds after a global "
-            "transaction's newest row (redis_barrier(..., horizon=...)): nothing to purge"
+            "transaction's newest row (redis_barrier(..., horizon=...)): "
+            + ("there is no table to create" if command == "init" else "nothing to purge")
         )
     else:
         raise ConfigurationError(
@@ -652,12 +697,16 @@ def _purge_table(url: str, table_kind: str, table: str | None, older: str, batch
         kind = Inbox if table_kind == "inbox" else Outbox
         target = kind(**({"table": table} if table else {}))
         conn = connect(url, create=False)  # like `oncely check`: never create a missing file
-    except Exception as exc:
-        raise _fail(exc if isinstance(exc, OncelyError) else OncelyError(str(exc))) from exc
+    except OncelyError as exc:
+        raise _fail(exc) from exc
+    except _driver_errors() as exc:
+        raise _fail(_driver_failure(url, exc)) from exc
     try:
         return target.purge(conn, seconds, batch=batch)
     except OncelyError as exc:
         raise _fail(exc) from exc
+    except _driver_errors() as exc:
+        raise _fail(_driver_failure(url, exc)) from exc
     finally:
         conn.close()
 
@@ -668,7 +717,7 @@ def barrier_init(url: BusinessDb, table: BarrierTable = "oncely_barrier") -> Non
     from oncely.statemachine.barrier import create_table
 
     try:
-        with _database(url, create=True) as conn:
+        with _database(url, "init", create=True) as conn:
             create_table(conn, table)
     except OncelyError as exc:
         raise _fail(exc) from exc
@@ -698,7 +747,7 @@ def barrier_purge(
     except ValueError as exc:
         raise _fail(ValueError(f"--older-than {older_than!r}: {exc}")) from exc
     try:
-        with _database(url) as conn:
+        with _database(url, "purge") as conn:
             count = purge_barrier(conn, seconds, table=table, batch=batch)
     except OncelyError as exc:
         raise _fail(exc) from exc

@@ -297,7 +297,11 @@ def _log_secret(value: Any, text: bool) -> Any:
         return None
     if not isinstance(value, (str, bytes)):
         raise ValueError(f"expected a str or bytes, got {type(value).__name__}")
-    if len(value.encode("utf-8") if isinstance(value, str) else value) < 16:
+    try:
+        raw = value.encode("utf-8") if isinstance(value, str) else value
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (it has no UTF-8 form)") from None
+    if len(raw) < 16:
         raise ValueError("must be at least 16 bytes")
     return value
 

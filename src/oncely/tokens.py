@@ -40,9 +40,10 @@ import secrets
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from oncely.core.records import ClaimOutcome, New, RecordKey
-from oncely.core.text import stored_text
+from oncely.core.text import stored_text, utf8
 from oncely.errors import (
     ConfigurationError,
     LeaseLost,
@@ -60,7 +61,8 @@ _PREFIX = "ot1."
 _VERSION = 1
 _HEAD = struct.Struct(">B16sQQ12s")  # version, id, issued_ms, expires_ms, subject tag
 _MAC_SIZE = 20
-_MAX_PURPOSE = 200
+#: The longest purpose a token can carry, in UTF-8 bytes.
+MAX_PURPOSE: Final = 200
 #: Extra lease past the token's lifetime, so rounding never frees a token before it expires.
 _LEASE_SLACK = 60.0
 
@@ -138,7 +140,10 @@ class Tokens:
             raise ConfigurationError("Tokens(secret=...) needs at least one key")
         self._keys: list[bytes] = []
         for key in keys:
-            raw = key.encode("utf-8") if isinstance(key, str) else bytes(key)
+            if isinstance(key, str):
+                raw = utf8(key, "a token secret", ConfigurationError)
+            else:
+                raw = bytes(key)
             if len(raw) < 16:
                 raise ConfigurationError(
                     "a token secret must have at least 16 bytes; generate one with "
@@ -176,8 +181,8 @@ class Tokens:
         life = self.default_ttl if ttl is None else coerce("token_ttl", ttl, param="ttl")
         _check_text(subject, "subject")
         _check_text(purpose, "purpose")
-        if len(purpose.encode("utf-8")) > _MAX_PURPOSE:
-            raise ConfigurationError(f"purpose is longer than {_MAX_PURPOSE} bytes")
+        if len(purpose.encode("utf-8")) > MAX_PURPOSE:
+            raise ConfigurationError(f"purpose is longer than {MAX_PURPOSE} bytes")
         key = self._keys[0]
         issued_ms = int(now * 1000)
         payload = _HEAD.pack(
@@ -190,7 +195,15 @@ class Tokens:
         return f"{_PREFIX}{_b64(payload)}.{_b64(self._mac(key, payload))}"
 
     def verify(self, token: str, subject: str, purpose: str) -> TokenClaims:
-        """Check signature, subject and purpose without asking the store (no expiry check)."""
+        """Check signature, subject and purpose without asking the store (no expiry check).
+
+        :raises TokenForged: ``token`` is not a token signed with one of the keys.
+        :raises TokenForeign: it was issued to another subject or for another purpose.
+        :raises ConfigurationError: ``subject`` or ``purpose`` is not a ``str`` or holds a NUL
+            character or a lone surrogate.
+        """
+        _check_text(subject, "subject")
+        _check_text(purpose, "purpose")
         if not isinstance(token, str) or not token.startswith(_PREFIX) or len(token) > 1024:
             raise TokenForged("not a oncely token (it must start with 'ot1.')")
         try:
@@ -237,13 +250,17 @@ class Tokens:
         """A new token for ``subject`` and ``purpose``, valid ``ttl`` seconds on the store clock
         (default :attr:`default_ttl`).
 
-        :raises ConfigurationError: ``ttl`` not positive seconds, an empty or non-string
-            subject or purpose, or a purpose over 200 bytes.
+        :raises ConfigurationError: ``ttl`` not positive seconds, a non-string subject or
+            purpose, one holding a NUL character or a lone surrogate, or a purpose over 200
+            bytes.
         """
         return self._sign(subject, purpose, self.store.now(), ttl)
 
     def consume(self, token: str, subject: str, purpose: str) -> TokenUse:
-        """Spend ``token`` once (one store round trip); raise a :class:`TokenError` subclass."""
+        """Spend ``token`` once (one store round trip); raise a :class:`TokenError` subclass.
+
+        :raises ConfigurationError: ``subject`` or ``purpose`` as for :meth:`verify`.
+        """
         parsed = self.verify(token, subject, purpose)
         key = self._record_key(parsed)
         return self._judge(parsed, key, self.store.claim(key, "", parsed.lease, parsed.lease))
@@ -276,5 +293,8 @@ class Tokens:
 
 
 def _check_text(value: str, what: str) -> None:
+    """Refuse a subject or purpose that is not a ``str`` or has no exact UTF-8 form (a NUL
+    character or a lone surrogate, see :mod:`oncely.core.text`) with ConfigurationError."""
     if not isinstance(value, str):
         raise ConfigurationError(f"token {what} must be a string, not {type(value).__name__}")
+    stored_text(value, f"token {what}", ConfigurationError)

@@ -21,7 +21,7 @@ from typing import Final
 
 from oncely.errors import InvalidKey, OncelyError
 
-__all__ = ["NUL", "stored_text", "text_problem"]
+__all__ = ["NUL", "stored_text", "text_problem", "utf8"]
 
 #: The character no store keeps in text.
 NUL: Final = "\x00"
@@ -56,3 +56,19 @@ def stored_text(text: str, what: str, error: type[OncelyError] = InvalidKey) -> 
         f"{what} {text[:60]!r} {problem}; use ids of printable text (a UUID, a number, or the "
         "hex digest of the raw id)"
     )
+
+
+def utf8(text: str, what: str, error: type[OncelyError] = InvalidKey) -> bytes:
+    """``text`` in UTF-8 (for hashing or signing: a NUL is kept), else ``error`` (no I/O).
+
+    The message names ``what`` but never quotes ``text`` (it may be a secret).
+
+    :raises InvalidKey: (or ``error``) ``text`` holds a lone surrogate, which has no UTF-8 form.
+    """
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise error(
+            f"{what} contains a lone surrogate (it has no UTF-8 form); "
+            "pass text that came from valid UTF-8, or bytes"
+        ) from None

@@ -35,6 +35,7 @@ from typing import Any
 from oncely.codecs import to_jsonable
 from oncely.core.names import type_name
 from oncely.core.records import MAX_KEY_LENGTH
+from oncely.core.text import utf8
 from oncely.errors import ConfigurationError, InvalidKey
 
 __all__ = [
@@ -106,12 +107,13 @@ def fingerprint_of(values: Mapping[str, Any]) -> str:
     """A short digest of the validated payload fields (by name), in :func:`typed_canonical` text:
     a retry whose field has another type (``Decimal("5")`` for ``"5"``) is a different payload.
 
-    :raises InvalidKey: a field holds a value the typed text cannot encode (named in the message).
+    :raises InvalidKey: a field holds a value the typed text cannot encode (named in the message),
+        or text holding a lone surrogate (it has no UTF-8 form).
     """
     text = typed_canonical(
         values, "validate field", "name fields of supported types in validate=[...]"
     )
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
+    return hashlib.sha256(utf8(text, "a validated field (or payload)")).hexdigest()[:32]
 
 
 # -- the typed canonical text of a call's arguments ----------------------------------------------

@@ -47,6 +47,7 @@ from typing import Any
 from oncely.core import steps
 from oncely.core.ops import Claim, Complete, CompleteLater, Release, Sleep, StoreOp, Watch
 from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay, digest_key
+from oncely.core.text import text_problem
 from oncely.errors import (
     ConfigurationError,
     HttpProblem,
@@ -91,13 +92,14 @@ from oncely.http.problems import (
     STORE_UNAVAILABLE,
     TOKEN_MISSING,
     TOKEN_PURPOSE_UNKNOWN,
+    TOKEN_SUBJECT_INVALID,
     ProblemType,
     body_allowed,
     from_exception,
     problem_response,
     token_problem,
 )
-from oncely.tokens import TokenUse
+from oncely.tokens import MAX_PURPOSE, TokenUse
 
 __all__ = [
     "PASS",
@@ -304,6 +306,10 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
             yield problem(TOKEN_MISSING, f"send the one-time token in {where}")
             return
         subject = _subject_of(engine, request)
+        subject_problem = text_problem(subject)
+        if subject_problem is not None:  # e.g. a cookie or header value holding a NUL
+            yield problem(TOKEN_SUBJECT_INVALID, f"the subject {subject_problem}")
+            return
 
     if key is None:
         assert token is not None and policy.token is not None
@@ -502,7 +508,23 @@ def _issue_flow(engine: Engine, request: HttpRequest) -> Flow:
             )
         )
         return
+    # The purpose is the client's (any purpose when TokenGuard(purposes=None)): what Tokens
+    # refuses as the server's mistake is the client's here, so it is answered with a 400.
+    wrong = text_problem(purpose)
+    if wrong is None and len(purpose.encode("utf-8")) > MAX_PURPOSE:
+        wrong = f"is longer than {MAX_PURPOSE} bytes"
+    if wrong is not None:
+        yield Respond(
+            problem_response(
+                TOKEN_PURPOSE_UNKNOWN, f"the purpose {purpose[:60]!r} {wrong}", base=base
+            )
+        )
+        return
     subject = _subject_of(engine, request)
+    wrong = text_problem(subject)
+    if wrong is not None:
+        yield Respond(problem_response(TOKEN_SUBJECT_INVALID, f"the subject {wrong}", base=base))
+        return
     ttl = guard.ttl if guard.ttl is not None else guard.tokens.default_ttl
     try:
         token = yield IssueToken(subject, purpose, ttl)

@@ -48,6 +48,7 @@ __all__ = [
     "TOKEN_MISSING",
     "TOKEN_PURPOSE_UNKNOWN",
     "TOKEN_REUSED",
+    "TOKEN_SUBJECT_INVALID",
     "ProblemType",
     "body_allowed",
     "problem_response",
@@ -98,6 +99,9 @@ TOKEN_REUSED = ProblemType("token-reused", 409, "The one-time token was already 
 TOKEN_PURPOSE_UNKNOWN = ProblemType(
     "token-purpose-unknown", 400, "Tokens are not issued for this purpose"
 )
+TOKEN_SUBJECT_INVALID = ProblemType(
+    "token-subject-invalid", 400, "The request's subject cannot hold a one-time token"
+)
 METHOD_NOT_ALLOWED = ProblemType("method-not-allowed", 405, "Method not allowed")
 HANDLER_FAILED = ProblemType("handler-failed", 500, "The handler failed")
 # conditional requests (oncely.http.conditional): RFC 9110 §13.1.1, RFC 6585 §3
@@ -123,6 +127,7 @@ PROBLEM_TYPES: tuple[ProblemType, ...] = (
     TOKEN_EXPIRED,
     TOKEN_REUSED,
     TOKEN_PURPOSE_UNKNOWN,
+    TOKEN_SUBJECT_INVALID,
     METHOD_NOT_ALLOWED,
     HANDLER_FAILED,
     PRECONDITION_FAILED,

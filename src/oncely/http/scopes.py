@@ -37,6 +37,7 @@ import hmac
 from collections.abc import Callable
 from typing import Any, Final, Literal
 
+from oncely.core.text import utf8
 from oncely.errors import ConfigurationError, HttpProblem
 from oncely.http.messages import HttpRequest
 
@@ -99,7 +100,10 @@ class _Digest:
 def _secret_bytes(secret: str | bytes | None) -> bytes | None:
     if secret is None:
         return None
-    raw = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+    if isinstance(secret, str):
+        raw = utf8(secret, "a scope secret", ConfigurationError)
+    else:
+        raw = bytes(secret)
     if len(raw) < 16:
         raise ConfigurationError("a scope secret must have at least 16 bytes")
     return raw

@@ -66,6 +66,7 @@ from typing import Any
 from oncely.backends.plans import Exec, Plan
 from oncely.codecs import Codec, JsonCodec, encode_result
 from oncely.core.records import MAX_KEY_LENGTH, RecordKey
+from oncely.core.text import text_problem
 from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -340,17 +341,18 @@ class Transaction:
         the claim statement returns for an earlier key.
 
         :raises ConfigurationError: a namespace that is not a non-empty str of at most 255
-            characters without NUL, or a bad scope; :class:`~oncely.errors.InvalidKey`: a bad
-            key."""
+            characters without NUL or lone surrogates, or a bad scope;
+            :class:`~oncely.errors.InvalidKey`: a bad key."""
         if (
             not isinstance(namespace, str)
             or not namespace
-            or "\x00" in namespace
+            or text_problem(namespace) is not None
             or len(namespace) > MAX_KEY_LENGTH
         ):
             raise ConfigurationError(
                 f"operation={namespace!r}: name the operation this key belongs to (a non-empty "
-                f"str of at most {MAX_KEY_LENGTH} characters without NUL, e.g. 'billing.charge'),"
+                f"str of at most {MAX_KEY_LENGTH} characters without NUL or lone surrogates, e.g. "
+                "'billing.charge'),"
                 " so that two operations given the same key never share a record"
             )
         self.key = record_key(key, scope, namespace)

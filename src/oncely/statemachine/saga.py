@@ -49,7 +49,7 @@ from typing import Any, Final, NamedTuple
 
 from oncely.backends.plans import Exec, Plan, Sleep
 from oncely.codecs import to_jsonable
-from oncely.core.text import stored_text
+from oncely.core.text import stored_text, utf8
 from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -105,8 +105,11 @@ SAGA_MACHINE: Final = Machine(
 
 def idempotency_key(saga_id: str, step: str, op: str) -> str:
     """The ``Idempotency-Key`` of a remote step call: stable for (saga id, step, op), 43
-    characters, reveals neither."""
-    digest = hashlib.sha256(f"{saga_id}\x00{step}\x00{op}".encode()).hexdigest()
+    characters, reveals neither.
+
+    :raises InvalidKey: one of them holds a lone surrogate (it has no UTF-8 form).
+    """
+    digest = hashlib.sha256(utf8(f"{saga_id}\x00{step}\x00{op}", "saga id, step or op")).hexdigest()
     return f"saga-{digest[:38]}"
 
 

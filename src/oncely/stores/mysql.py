@@ -447,7 +447,14 @@ class MySQLStore(PlannedStore):
             )
         if code == _NO_SUCH_TABLE:
             if "_fences" in str(exc):
-                return self._schema_outdated()
+                # A statement that meets the keeper first (purge, delete) says only that the
+                # keeper is missing, also when the table itself does not exist.
+                return SchemaMissing(
+                    f"table {self.table!r} or its fence keeper {self.table}_fences does not "
+                    f"exist in {self._where} (a table made by an older oncely lacks the "
+                    f"keeper); run `oncely init {self._where}` (it creates what is missing) or "
+                    "open the store with create_schema=True"
+                )
             return self._schema_missing()
         if code == _BAD_FIELD:
             return StoreError(
