@@ -528,3 +528,40 @@ async def test_async_redlock_without_timeout_and_unreachable_nodes_fails() -> No
     lock = Redlock(urls, unique_name(), ttl=5, unavailable_wait=0.5)
     with pytest.raises(StoreUnavailable, match="no answer from"):
         await asyncio.wait_for(lock.aacquire(), 30)
+
+
+def test_renewals_of_many_calls_in_flight_overlap_their_round_trips() -> None:
+    """A batch of calls in flight (a consumer's batch, many requests) each needs a renewal every
+    lease / 3, each a round trip. One thread per store sending them one by one fell behind
+    (a CI storm: leases lapsed and another consumer ran 21 messages again). Here every renewal
+    takes 50 ms: 40 calls need 40 x 50 ms = 2 s per round on one thread, more than the 0.67 s
+    between renewals of a 2 s lease; the lane overlaps them and no lease is lost."""
+    from oncely.stores.memory import MemoryStore
+
+    class SlowRenewals(MemoryStore):
+        def renew(self, key: RecordKey, fence: int, lease: float) -> float:
+            time.sleep(0.05)  # the round trip of a far or loaded store
+            return super().renew(key, fence, lease)
+
+    store = SlowRenewals()
+    lost: list[BaseException] = []
+
+    @idempotent(
+        store=store,
+        name=f"lanes.{uuid.uuid4().hex}",
+        key=["n"],
+        lease=2.0,
+        on_lease_lost=lambda claim, error: lost.append(error),
+    )
+    async def work(n: int) -> int:
+        await asyncio.sleep(3.5)  # past the lease: renewed several times
+        claim = current_claim()
+        assert claim is not None
+        claim.check()
+        return n
+
+    async def main() -> list[int]:
+        return await asyncio.gather(*(work(n) for n in range(40)))
+
+    assert asyncio.run(main()) == list(range(40))
+    assert lost == []

@@ -9,7 +9,9 @@ the lease still has time, and a lost lease is always reported to its holder.
 One scheduler thread (``oncely-watchdog``) keeps the timetable and never talks to a store. When
 an entry is due it is handed to the *lane* of the store or lock backend it renews on: one
 thread per store (``oncely-renew``), started on first use and ended after a minute without
-work. A store that stops answering (a paused server, a cut network) stalls only its own lane,
+work, with up to :data:`LANE_THREADS` while renewals queue up behind each other (a batch of
+messages in flight: each renewal is a round trip, and one thread sending them one by one fell
+behind under load, so leases lapsed). A store that stops answering (a paused server, a cut network) stalls only its own lane,
 so it can delay only the renewals of its own leases, never those of a healthy store.
 
 The scheduler also watches each entry's bound: the monotonic time until which its lease surely
@@ -51,6 +53,9 @@ log = logging.getLogger("oncely")
 
 #: A lane thread ends after this many seconds without work (a later renewal starts a new one).
 LANE_IDLE: Final = 60.0
+#: The most threads one store's lane runs at once (renewals of one store overlap their round
+#: trips when they queue up; a stuck store still holds only its own lane's threads).
+LANE_THREADS: Final = 8
 
 _RUN: Final = 0
 _BOUND: Final = 1
@@ -148,13 +153,21 @@ class Due(Protocol):
 
 
 class _Lane:
-    """One thread renewing the entries of one store, in the order they came due."""
+    """The threads renewing the entries of one store, in the order they came due: one, and up
+    to :data:`LANE_THREADS` while renewals queue up behind each other (a batch of messages or
+    many requests in flight: each renewal is a round trip, so one thread would fall behind)."""
 
     def __init__(self, owner: Watchdog, key: object) -> None:
         self.owner = owner
         self.key = key  # kept alive while the lane runs, so its id() is not reused
         self.queue: queue.SimpleQueue[Due] = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name="oncely-renew", daemon=True)
+        #: Threads running :meth:`_loop` (guarded by the owner's ``_cond``).
+        self.threads = 0
+
+    def add_thread(self) -> None:
+        """Start one more thread on this lane (the caller holds the owner's ``_cond``)."""
+        self.threads += 1
+        threading.Thread(target=self._loop, name="oncely-renew", daemon=True).start()
 
     def _loop(self) -> None:
         _thread_role.renewing = True
@@ -175,7 +188,8 @@ class _Lane:
 
 
 class Watchdog:
-    """The process's renewal timetable: one scheduler thread, one lane thread per store."""
+    """The process's renewal timetable: one scheduler thread, one lane per store (one thread,
+    up to :data:`LANE_THREADS` while renewals queue up)."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, int, Due]] = []
@@ -219,7 +233,7 @@ class Watchdog:
             return sum(1 for item in self._heap if item[2] == _RUN) + len(self._pending)
 
     def lanes(self) -> int:
-        """How many lane threads run now (one per store with renewals in the last minute)."""
+        """How many lanes run now (one per store with renewals in the last minute)."""
         with self._cond:
             return len(self._lanes)
 
@@ -266,9 +280,10 @@ class Watchdog:
         lane = self._lanes.get(id(key))
         if lane is None:
             lane = self._lanes[id(key)] = _Lane(self, key)
-            lane.thread.start()
         self._pending.add(id(entry))
         lane.queue.put(entry)
+        if lane.threads == 0 or (lane.queue.qsize() > 1 and lane.threads < LANE_THREADS):
+            lane.add_thread()  # renewals queue up: overlap their round trips
         self._push(entry.held_until, _BOUND, entry)
 
     def _overdue(self, entry: Due) -> bool:
@@ -293,7 +308,8 @@ class Watchdog:
         with self._cond:
             if not lane.queue.empty():
                 return False
-            if self._lanes.get(id(lane.key)) is lane:
+            lane.threads -= 1
+            if lane.threads == 0 and self._lanes.get(id(lane.key)) is lane:
                 del self._lanes[id(lane.key)]
             return True
 
