@@ -11,8 +11,9 @@ an entry is due it is handed to the *lane* of the store or lock backend it renew
 thread per store (``oncely-renew``), started on first use and ended after a minute without
 work, with up to :data:`LANE_THREADS` while renewals queue up behind each other (a batch of
 messages in flight: each renewal is a round trip, and one thread sending them one by one fell
-behind under load, so leases lapsed). A store that stops answering (a paused server, a cut network) stalls only its own lane,
-so it can delay only the renewals of its own leases, never those of a healthy store.
+behind under load, so leases lapsed). A store that stops answering (a paused server, a cut
+network) stalls only its own lane, so it can delay only the renewals of its own leases, never
+those of a healthy store.
 
 The scheduler also watches each entry's bound: the monotonic time until which its lease surely
 holds, counted from when the last acquire, claim or renewal request that the store confirmed
