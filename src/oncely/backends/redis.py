@@ -50,7 +50,7 @@ from oncely.backends.durable import (
     eval_wait,
 )
 from oncely.backends.loops import LoopLocal
-from oncely.backends.lua import Script, aevalsha, evalsha, is_noscript
+from oncely.backends.lua import Script, aevalsha, command, evalsha, is_noscript
 from oncely.backends.plans import Command, Eval, Sleep, arun, run
 from oncely.backends.urls import Number, check_numbers, check_options, redact_url
 from oncely.core.cancelsafe import keep_cancel
@@ -945,14 +945,12 @@ class RedisClients:
                 # The auto-pipeline awaits a plain future: no wait_for to drop a cancel.
                 pipeline = self._apipelines.get()
                 try:
-                    return await pipeline.execute_command(
-                        "EVALSHA", script.sha, numkeys, *keys_and_args
-                    )
+                    return await pipeline.execute_command(*command(script, numkeys, keys_and_args))
                 except ResponseError as exc:
                     if not is_noscript(exc):
                         raise
                 return await pipeline.execute_command(
-                    "EVAL", script.source, numkeys, *keys_and_args
+                    *command(script, numkeys, keys_and_args, source=True)
                 )
             with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
                 if self.cluster and self._async_client is None:
