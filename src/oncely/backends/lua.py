@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 __all__ = ["Script", "aevalsha", "command", "evalsha", "is_noscript"]
 
+_INCLUDE = b"--#include "
+
 
 class Script:
     """A Lua script shipped as ``<package>/lua/<name>.lua``, called by its SHA-1."""
@@ -24,7 +26,16 @@ class Script:
 
     def __init__(self, package: str, name: str) -> None:
         self.name = name
-        self.source = (resources.files(package) / "lua" / f"{name}.lua").read_bytes()
+        folder = resources.files(package) / "lua"
+        lines = (folder / f"{name}.lua").read_bytes().split(b"\n")
+        # "--#include other.lua": that file's text in its place (functions several scripts
+        # share; a script sent to Redis must be whole)
+        self.source = b"\n".join(
+            (folder / line[len(_INCLUDE) :].strip().decode()).read_bytes().rstrip(b"\n")
+            if line.startswith(_INCLUDE)
+            else line
+            for line in lines
+        )
         self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest()
 
     def __repr__(self) -> str:
