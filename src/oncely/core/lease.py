@@ -205,7 +205,7 @@ class AsyncRenewer:
     than the lease loses it.
     """
 
-    __slots__ = ("_handle", "_task", "claimed")
+    __slots__ = ("_handle", "_on_loop", "_task", "claimed")
 
     def __init__(self, claimed: Claimed, sent_at: float) -> None:
         self.claimed = claimed
@@ -213,10 +213,11 @@ class AsyncRenewer:
         claimed.start(sent_at)
         self._handle: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
-        if getattr(claimed.store, "renews_from_thread", True):
-            watchdog.schedule(claimed)
-        else:
+        self._on_loop = not getattr(claimed.store, "renews_from_thread", True)
+        if self._on_loop:
             self._handle = loop.call_later(max(claimed.due - time.monotonic(), 0.0), self._start)
+        else:
+            watchdog.schedule(claimed)
 
     def _start(self) -> None:
         self._handle = None
@@ -246,7 +247,10 @@ class AsyncRenewer:
             await asyncio.sleep(max(claimed.due - time.monotonic(), 0.0))
 
     def stop(self) -> None:
-        watchdog.cancel(self.claimed)  # also marks it inactive (the loop path's loop ends)
+        if not self._on_loop:
+            watchdog.cancel(self.claimed)  # marks it inactive; the heap drops it lazily
+            return
+        self.claimed.active = False
         if self._handle is not None:
             self._handle.cancel()
         if self._task is not None:
