@@ -1145,14 +1145,23 @@ class _SaConnection(SqlConnection):
         driver = _sa_psycopg(self._pooled(), False) if block.owned else None
         if driver is None:
             return super().execute_leave(block, text, params)
-        sql, args = render(self.text(text), params, "pyformat")
-        try:
-            res = _pipelined_commit(driver, sql, args)
-        except BaseException:
-            self.leave(block, False)
-            raise
-        self.leave(block, True)
-        return res
+        return _leave_pipelined(self, driver, block, text, params)
+
+
+def _leave_pipelined(
+    conn: Any, driver: Any, block: Block, text: Text, params: Mapping[str, Any]
+) -> Result:
+    """Send ``text`` and the ``COMMIT`` in one pipeline on psycopg ``driver`` (see
+    :func:`_pipelined_commit`), then close ``block`` of ``conn`` (the framework's own commit
+    finds the driver idle and sends nothing); a failure closes it rolling back."""
+    sql, args = render(conn.text(text), params, "pyformat")
+    try:
+        res = _pipelined_commit(driver, sql, args)
+    except BaseException:
+        conn.leave(block, False)
+        raise
+    conn.leave(block, True)
+    return res
 
 
 class _SaSession(_SaConnection):
@@ -1356,14 +1365,7 @@ class _Django(SqlConnection):
             or not _pipelines()
         ):
             return super().execute_leave(block, text, params)
-        sql, args = render(self.text(text), params, "pyformat")
-        try:
-            res = _pipelined_commit(driver, sql, args)
-        except BaseException:
-            self.leave(block, False)
-            raise
-        self.leave(block, True)
-        return res
+        return _leave_pipelined(self, driver, block, text, params)
 
 
 class _Rollback(Exception):
