@@ -23,6 +23,7 @@ from oncely.core.records import ClaimOutcome, RecordKey, digest_key
 from oncely.http import GLOBAL, IdempotencyConfig, IdempotencyMiddleware
 from oncely.stores.memory import MemoryStore
 from oncely.stores.redis import RedisStore
+from test_redteam import _asgi_scope, _receive_once
 
 from conftest import REDIS_URL
 
@@ -30,35 +31,11 @@ pytestmark = pytest.mark.timeout(60)
 
 
 def _scope(key: str, path: str = "/orders") -> dict[str, Any]:
-    return {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"idempotency-key", f'"{key}"'.encode()), (b"content-length", b"2")],
-        "client": ("127.0.0.1", 5000),
-        "server": ("127.0.0.1", 80),
-    }
+    return _asgi_scope(key, path)
 
 
 def _receive() -> Any:
-    sent = False
-    forever = asyncio.Event()
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": b"{}", "more_body": False}
-        await forever.wait()
-        return {"type": "http.disconnect"}
-
-    return receive
+    return _receive_once(b"{}")
 
 
 class _Sent:

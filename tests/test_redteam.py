@@ -455,15 +455,16 @@ async def test_asgi_completes_the_key_before_the_response_ends(streamed: bool) -
     assert seen == ["completed"]
 
 
-def _asgi_scope(key: str) -> dict[str, Any]:
+def _asgi_scope(key: str, path: str = "/orders") -> dict[str, Any]:
+    """A keyed POST of a 2-byte body (with :func:`_receive_once`), as an ASGI server sends it."""
     return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
         "method": "POST",
         "scheme": "http",
-        "path": "/orders",
-        "raw_path": b"/orders",
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "root_path": "",
         "headers": [(b"idempotency-key", f'"{key}"'.encode()), (b"content-length", b"2")],
