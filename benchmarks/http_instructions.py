@@ -28,7 +28,7 @@ import time
 import uuid
 from pathlib import Path
 
-from http_middleware import cleanup_redis, free_port, request_bytes
+from http_middleware import cleanup_redis, free_port, next_response, request_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -64,20 +64,12 @@ class _Counted(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
+            framed = next_response(self.buffer)
+            if framed is None:
                 return
-            head = self.buffer[:end].split(b"\r\n")
-            length = 0
-            for line in head[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            if len(self.buffer) < end + 4 + length:
-                return
-            if head[0][9:12] not in (b"200", b"201"):
-                raise SystemExit(f"unexpected reply {head[0]!r}")
-            self.buffer = self.buffer[end + 4 + length :]
+            status, self.buffer = framed
+            if status not in (200, 201):
+                raise SystemExit(f"unexpected reply status {status}")
             self.send()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -128,6 +128,24 @@ def serve(variant: str, port: int, tag: str, folder: str) -> None:
 
 
 # -- the load generator ---------------------------------------------------------------------------
+def next_response(buffer: bytes) -> tuple[int, bytes] | None:
+    """The status of the first whole HTTP/1.1 response in ``buffer`` (framed by its
+    Content-Length) and what follows it; None until it has arrived whole."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = buffer[:end].split(b"\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    total = end + 4 + length
+    if len(buffer) < total:
+        return None
+    return int(lines[0][9:12]), buffer[total:]
+
+
 def request_bytes(port: int) -> bytes:
     key = uuid.uuid4()
     return (
@@ -165,20 +183,10 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
+            framed = next_response(self.buffer)
+            if framed is None:
                 return
-            lines = self.buffer[:end].split(b"\r\n")
-            length = 0
-            for line in lines[1:]:
-                name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
-                    length = int(value)
-            total = end + 4 + length
-            if len(self.buffer) < total:
-                return
-            status = int(lines[0][9:12])
-            self.buffer = self.buffer[total:]
+            status, self.buffer = framed
             if self.stats["measure"]:
                 self.stats["latencies"].append(time.perf_counter() - self.started)
                 self.stats["statuses"][status] = self.stats["statuses"].get(status, 0) + 1
