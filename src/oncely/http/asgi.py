@@ -194,7 +194,21 @@ class IdempotencyMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        await serve(self.engine, self.app, scope, receive, send)
+        # serve(), inline: one coroutine frame less on every resumption of the request
+        scope[INFO_KEY] = None
+        engine = self.engine
+        method = scope["method"]
+        if not engine.is_candidate(method) and (
+            engine.token_endpoint is None or scope["path"] != engine.token_endpoint
+        ):
+            await self.app(scope, receive, send)
+            return
+        request = HttpRequest(
+            method, scope["path"], scope.get("query_string", b""), scope["headers"], scope
+        )
+        await _Exchange(self.app, engine, scope, receive, send).drive(
+            request_flow(engine, request)
+        )
 
     def _detect_framework(self, scope: Scope) -> None:
         self._detect = False
