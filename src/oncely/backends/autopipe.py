@@ -260,22 +260,27 @@ class AsyncPipeline:
         self._queue = []
         self._closed = True
 
-    async def execute_command(self, *args: Any) -> Any:
-        """Send one command with the others queued in this loop iteration; return its reply.
+    def execute_command(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue one command, to be sent with the others queued in this loop iteration; await
+        the future returned for its reply (a plain future, not a coroutine: one frame less
+        for every caller to pass through; a caller that stops awaiting it cancels it, and a
+        cancelled command is not sent, or its reply is dropped).
 
-        :raises redis.exceptions.RedisError: the error reply, or the connection's failure.
+        :raises redis.exceptions.RedisError: (from the future) the error reply, or the
+            connection's failure; at once if the pipeline is closed.
         """
         if self._closed:
             raise _closed()
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append((args, fut))
-        if len(self._queue) == 1:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        queue = self._queue
+        queue.append((args, fut))
+        if len(queue) == 1:
             self._wake.set()
-            if self._sender is None or self._sender.done():  # first use, or it was cancelled
-                self._sender = asyncio.get_running_loop().create_task(
-                    self._send(), name="oncely-redis-pipeline"
-                )
-        return await fut
+            sender = self._sender
+            if sender is None or sender.done():  # first use, or it was cancelled
+                self._sender = loop.create_task(self._send(), name="oncely-redis-pipeline")
+        return fut
 
     async def _open(self) -> _Session:
         session = self._session

@@ -26,7 +26,7 @@ from oncely.errors import OncelyError
 if TYPE_CHECKING:  # core imports no store: Store is only a type here
     from oncely.stores.base import Store
 
-__all__ = ["claim_or_undo", "keep_alive", "keep_cancel", "write_through"]
+__all__ = ["claim_or_undo", "keep_alive", "keep_cancel", "write_again", "write_through"]
 
 log = logging.getLogger("oncely")
 
@@ -93,8 +93,14 @@ async def write_through(write: Callable[..., Awaitable[Any]], *args: Any) -> Non
     try:
         await write(*args)
     except asyncio.CancelledError:
-        keep_alive(asyncio.ensure_future(_write_again(write, args)))
+        write_again(write, args)
         raise
+
+
+def write_again(write: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:
+    """Repeat a fenced write whose caller was cancelled, in the background (what
+    :func:`write_through` does; for a caller that awaits the write itself)."""
+    keep_alive(asyncio.ensure_future(_write_again(write, args)))
 
 
 async def _write_again(write: Callable[..., Awaitable[Any]], args: tuple[Any, ...]) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from oncely.core import observe
-from oncely.core.cancelsafe import claim_or_undo, write_through
+from oncely.core.cancelsafe import claim_or_undo, write_again, write_through
 from oncely.core.lease import AsyncRenewer, Claimed, keeper
 from oncely.core.records import RecordKey
 from oncely.core.settle import asettle_later, settle_later
@@ -159,8 +159,12 @@ async def aperform(store: Store, op: StoreOp, *, cancel_safe: bool = True) -> An
             return await store.aclaim(op.key, op.fingerprint, op.lease, op.ttl)
         if kind is Complete:
             assert isinstance(op, Complete)
-            # a cancelled caller's fenced write goes on
-            await write_through(store.acomplete, op.key, op.fence, op.data, op.codec, op.ttl)
+            # a cancelled caller's fenced write goes on (write_through, one frame less)
+            try:
+                await store.acomplete(op.key, op.fence, op.data, op.codec, op.ttl)
+            except asyncio.CancelledError:
+                write_again(store.acomplete, (op.key, op.fence, op.data, op.codec, op.ttl))
+                raise
             return None
     if isinstance(op, Sleep):
         await asyncio.sleep(op.seconds)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
+from oncely.core import observe
 from oncely.core.cancelsafe import keep_alive
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim
 from oncely.core.ops import Complete, CompleteLater, Release, Sleep, Watch
@@ -331,7 +332,10 @@ class _Exchange:
                     self.claim_sent = time.monotonic()
                     engine = self.engine
                     store = engine._store if engine._store is not None else engine.store
-                    value = await store_aperform(store, op, cancel_safe=False)
+                    if observe.observers:
+                        value = await store_aperform(store, op, cancel_safe=False)
+                    else:  # what store_aperform does then, one frame less
+                        value = await store.aclaim(op.key, op.fingerprint, op.lease, op.ttl)
                     if self.pending:
                         await self._undo(op, value)
                         raise asyncio.CancelledError
@@ -421,11 +425,19 @@ class _Exchange:
 
     # -- request body ------------------------------------------------------------------------------
     async def _read_body(self, limit: int, expected: int | None) -> bytes | BodyError:
+        receive = self.receive
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            body = bytes(message.get("body", b""))  # the whole body in one message (usual)
+            if len(body) > limit:
+                return BodyError.TOO_LARGE
+            if expected is not None and len(body) != expected:
+                return BodyError.INCOMPLETE
+            self.body = body
+            return body
         chunks: list[bytes] = []
         size = 0
-        receive = self.receive
         while True:
-            message = await receive()
             kind = message["type"]
             if kind == "http.request":
                 chunk = message.get("body", b"")
@@ -438,6 +450,7 @@ class _Exchange:
                     break
             elif kind == "http.disconnect":
                 return BodyError.INCOMPLETE
+            message = await receive()
         if expected is not None and size != expected:
             return BodyError.INCOMPLETE
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -496,9 +509,9 @@ class _Exchange:
             }
         if keyed:
             assert op.key is not None and op.fence is not None
-            claimed = Claimed(
-                op.key, op.fence, op.lease, self.engine.store, self.engine.config.on_lease_lost
-            )
+            engine = self.engine
+            store = engine._store if engine._store is not None else engine.store
+            claimed = Claimed(op.key, op.fence, op.lease, store, engine.config.on_lease_lost)
             self.renewer = AsyncRenewer(claimed, self.claim_sent)
             token = active_claim.set(claimed)
         try:
@@ -518,14 +531,15 @@ class _Exchange:
             if keyed:
                 active_claim.reset(token)
             self._stop_renewal()
-        return await self._produced(capture, error)
-
-    async def _produced(self, capture: _Capture, error: BaseException | None) -> Captured:
-        """What the app produced, once it returned (or raised)."""
         if capture.settled:  # the flow already ended inside the app's last send
             if error is not None:
                 raise error
-            return capture.result(error)
+            return capture.captured or capture.result(None)
+        return await self._produced(capture, error)
+
+    async def _produced(self, capture: _Capture, error: BaseException | None) -> Captured:
+        """What the app produced, once it returned (or raised), if the flow did not settle it
+        inside the app's last send."""
         try:
             await capture.flush()  # a start held back for a body that never came
         except BaseException as exc:  # the client is gone
@@ -551,6 +565,7 @@ class _Capture:
     body message, and the last body message until ``settle(captured)`` returned."""
 
     __slots__ = (
+        "captured",
         "chunks",
         "complete",
         "entry",
@@ -583,6 +598,8 @@ class _Capture:
         self.started = False
         self.complete = False
         self.settled = False
+        #: What was settled (the response as it stood when its last message came).
+        self.captured: Captured | None = None
         self.held: list[Message] = []
 
     async def send(self, message: Message) -> None:
@@ -602,7 +619,8 @@ class _Capture:
                 if self.settle is not None and not self.settled:
                     self.held.append(message)
                     self.settled = True
-                    await self.settle(self.result(None))
+                    captured = self.captured = self.result(None)
+                    await self.settle(captured)
                     await self.flush()
                     return
         elif kind == "http.response.start" and not self.started:

@@ -71,14 +71,19 @@ def storable_headers(
     headers: Iterable[tuple[bytes, bytes]], deny: frozenset[bytes]
 ) -> list[tuple[bytes, bytes]]:
     """The headers of a response that may be stored and replayed (names lower-cased)."""
-    pairs = [(bytes(name).lower(), bytes(value)) for name, value in headers]
-    named = {
-        token.strip().lower()
-        for name, value in pairs
-        if name == b"connection"
-        for token in value.split(b",")
-    }
-    return [(n, v) for n, v in pairs if n not in deny and n not in named]
+    kept: list[tuple[bytes, bytes]] = []
+    named: set[bytes] | None = None  # what Connection headers name (hop-by-hop too)
+    for raw_name, raw_value in headers:
+        name = bytes(raw_name).lower()
+        value = bytes(raw_value)
+        if name == b"connection":
+            named = named or set()
+            named.update(token.strip().lower() for token in value.split(b","))
+        if name not in deny:
+            kept.append((name, value))
+    if named:
+        kept = [(n, v) for n, v in kept if n not in named]
+    return kept
 
 
 def encode_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
@@ -87,12 +92,11 @@ def encode_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes
     :raises SerializationError: it does not fit the format (a header name over 64 KiB, more
         than 65,535 headers, a value over 4 GiB).
     """
+    pair = _PAIR.pack
     try:
         parts = [_HEAD.pack(status, len(headers))]
         for name, value in headers:
-            parts.append(_PAIR.pack(len(name), len(value)))
-            parts.append(name)
-            parts.append(value)
+            parts += (pair(len(name), len(value)), name, value)
     except struct.error as exc:
         raise SerializationError(f"the response does not fit {CODEC} ({exc})") from exc
     parts.append(body)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import builtins
+from collections.abc import Awaitable
 from typing import Any
 
 from oncely.backends.plans import Plan, arun, run
@@ -68,8 +69,9 @@ class PlannedStore(Store):
         """Carry one request out on the sync driver and return the reply."""
 
     @abc.abstractmethod
-    async def _aexecute(self, request: Any) -> Any:
-        """Carry one request out on the async driver and return the reply."""
+    def _aexecute(self, request: Any) -> Awaitable[Any]:
+        """Carry one request out on the async driver and return the reply (an ``async def``,
+        or a plain function returning what to await)."""
 
     # -- sync face -------------------------------------------------------------------------------
     def claim(self, key: RecordKey, fingerprint: str, lease: float, ttl: float) -> ClaimOutcome:

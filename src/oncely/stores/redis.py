@@ -51,7 +51,7 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any, Final, NamedTuple
 
 import redis
@@ -545,10 +545,13 @@ class RedisStore(PlannedStore):
             return None
         return self.redis.execute(request)
 
-    async def _aexecute(self, request: Any) -> Any:
+    def _aexecute(self, request: Any) -> Awaitable[Any]:
+        if type(request) is Eval:  # the hot path: the client's coroutine, no frame of ours
+            return self.redis.aeval(request.script, request.numkeys, *request.keys_and_args)
+        return self._aexecute_other(request)
+
+    async def _aexecute_other(self, request: Any) -> Any:
         kind = type(request)
-        if kind is Eval:
-            return await self.redis.aeval(request.script, request.numkeys, *request.keys_and_args)
         if kind is _ScanAll:
             try:
                 aclient: Any = await self.redis.aready()
