@@ -28,6 +28,7 @@ __all__ = [
     "digest_key",
 ]
 
+
 def _small_sha256() -> Callable[..., Any]:
     """SHA-256 for short inputs: Python's own implementation where it has one (``_sha256``, or
     ``_sha2`` from 3.12 on), which sets up no OpenSSL context (about a fifth fewer instructions

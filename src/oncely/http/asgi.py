@@ -207,9 +207,7 @@ class IdempotencyMiddleware:
         request = HttpRequest(
             method, scope["path"], scope.get("query_string", b""), scope["headers"], scope
         )
-        await _Exchange(self.app, engine, scope, receive, send).drive(
-            request_flow(engine, request)
-        )
+        await _Exchange(self.app, engine, scope, receive, send).drive(request_flow(engine, request))
 
     def _detect_framework(self, scope: Scope) -> None:
         self._detect = False
@@ -367,7 +365,13 @@ class _Exchange:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self.op = op
-        task = self.task = loop.create_task(self._detached(flow, op, done))
+        coro = self._detached(flow, op, done)
+        # What loop.create_task does without a task factory, minus its Python-level frames.
+        task = self.task = (
+            asyncio.Task(coro, loop=loop)
+            if loop.get_task_factory() is None
+            else loop.create_task(coro)
+        )
         try:
             await done
         except asyncio.CancelledError:

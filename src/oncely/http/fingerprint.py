@@ -276,7 +276,7 @@ def _parse(body: bytes) -> Any:
         if text[0] in "{[":  # no leading whitespace: the scanner alone, if it reads it all
             try:
                 value, end = _SCAN(text, 0)
-            except Exception:  # noqa: BLE001 - decode() below raises the proper error
+            except Exception:  # decode() below raises the proper error
                 pass
             else:
                 if end == len(text):

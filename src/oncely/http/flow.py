@@ -232,9 +232,6 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
         yield PASS
         return
 
-    def problem(kind: ProblemType, detail: str, **extra: Any) -> Respond:
-        return Respond(problem_response(kind, detail, base=policy.problem_base, **extra))
-
     header_name = policy.header_name
     keyed = policy.enabled and request.method in policy.methods
     guarded = policy.token is not None and request.method not in SAFE_METHODS
@@ -246,11 +243,12 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
                 values, allow_bare=policy.allow_bare_key, max_length=policy.max_key_length
             )
         except InvalidKey as exc:
-            yield problem(KEY_INVALID, str(exc))
+            yield _problem(policy, KEY_INVALID, str(exc))
             return
     elif not guarded:
         if keyed and policy.required:
-            yield problem(
+            yield _problem(
+                policy,
                 KEY_MISSING,
                 f"{request.method} {request.path} requires an {header_name} header; send a "
                 'unique value per operation, e.g. Idempotency-Key: "<uuid>"',
@@ -262,20 +260,25 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
     limit = policy.max_request_body
     declared = request.content_length()
     if declared == -1:
-        yield problem(BODY_INCOMPLETE, "the Content-Length header is not a number")
+        yield _problem(policy, BODY_INCOMPLETE, "the Content-Length header is not a number")
         return
     if declared is not None and declared > limit:
-        yield problem(BODY_TOO_LARGE, f"the body may have at most {limit} bytes", limit=limit)
+        yield _problem(
+            policy, BODY_TOO_LARGE, f"the body may have at most {limit} bytes", limit=limit
+        )
         return
     body = yield ReadBody(limit, declared)
     if body is BodyError.TOO_LARGE:
-        yield problem(BODY_TOO_LARGE, f"the body may have at most {limit} bytes", limit=limit)
+        yield _problem(
+            policy, BODY_TOO_LARGE, f"the body may have at most {limit} bytes", limit=limit
+        )
         return
     if body is BodyError.INCOMPLETE:
-        yield problem(BODY_INCOMPLETE, "the request body ended before it was complete")
+        yield _problem(policy, BODY_INCOMPLETE, "the request body ended before it was complete")
         return
     if body is BodyError.LENGTH_REQUIRED:
-        yield problem(
+        yield _problem(
+            policy,
             BODY_LENGTH_REQUIRED,
             "this server cannot read a request body sent without Content-Length (chunked) to "
             "its end, so it cannot be compared with a retry; send Content-Length",
@@ -288,7 +291,6 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
     except HttpProblem as exc:  # a scope function refusing the request (scope_from_user: 401)
         yield Respond(from_exception(exc, policy.problem_base))
         return
-    info = IdempotencyInfo(key, scope_name, None, policy.token)
     token: str | None = None
     subject = ""
     if guarded:
@@ -303,28 +305,29 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
             where = f"the {guard.header} header" + (
                 f" or the {guard.field!r} field" if guard.field else ""
             )
-            yield problem(TOKEN_MISSING, f"send the one-time token in {where}")
+            yield _problem(policy, TOKEN_MISSING, f"send the one-time token in {where}")
             return
         subject = _subject_of(engine, request)
         subject_problem = text_problem(subject)
         if subject_problem is not None:  # e.g. a cookie or header value holding a NUL
-            yield problem(TOKEN_SUBJECT_INVALID, f"the subject {subject_problem}")
+            yield _problem(policy, TOKEN_SUBJECT_INVALID, f"the subject {subject_problem}")
             return
 
     if key is None:
         assert token is not None and policy.token is not None
+        info = IdempotencyInfo(key, scope_name, None, policy.token)
         yield from _token_only(policy, info, token, subject, policy.token)
         return
 
     try:
         fingerprint = policy.fingerprint(request, body)
     except InvalidPayload as exc:
-        yield problem(BODY_INVALID, str(exc))
+        yield _problem(policy, BODY_INVALID, str(exc))
         return
     try:
         record_key = RecordKey(scope_name, digest_key(key))
     except InvalidKey as exc:  # the scope function read text no store keeps (a NUL)
-        yield problem(KEY_INVALID, str(exc))
+        yield _problem(policy, KEY_INVALID, str(exc))
         return
 
     deadline: float | None = None
@@ -336,19 +339,21 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
             # reply or any other StoreError is a fault to fix and never runs unprotected.
             if policy.fail_open and isinstance(exc, StoreUnavailable):
                 log.warning("oncely.http: store down (%s); running the request unprotected", exc)
+                info = IdempotencyInfo(key, scope_name, None, policy.token)
                 captured = yield Run(None, None, policy.lease, info, -1)
                 yield from _settle(policy, captured, None, None, None)
                 return
             yield _unavailable(policy, exc)
             return
         if isinstance(outcome, New):
-            yield from _run_and_store(policy, record_key, outcome, info, token, subject)
+            yield from _run_and_store(policy, record_key, outcome, key, scope_name, token, subject)
             return
         if isinstance(outcome, Replay):
             yield Respond(_replay(policy, outcome.record))
             return
         if isinstance(outcome, Mismatch):
-            yield problem(
+            yield _problem(
+                policy,
                 KEY_MISMATCH,
                 f"this {header_name} was already used for a different request (method, path or "
                 "payload differ); retry with the original request, or use a new key",
@@ -368,7 +373,8 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
                     yield _unavailable(policy, exc)
                     return
                 continue
-        yield problem(
+        yield _problem(
+            policy,
             IN_FLIGHT,
             f"the first request with this {header_name} is still running; retry after "
             f"{policy.retry_after}s to get its response",
@@ -381,7 +387,8 @@ def _run_and_store(
     policy: RoutePolicy,
     key: RecordKey,
     new: New,
-    info: IdempotencyInfo,
+    key_text: str,
+    scope_name: str,
     token: str | None,
     subject: str,
 ) -> Flow:
@@ -398,7 +405,7 @@ def _run_and_store(
             key,
             new.fence,
             policy.lease,
-            IdempotencyInfo(info.key, info.scope, new.fence, info.token_purpose),
+            IdempotencyInfo(key_text, scope_name, new.fence, policy.token),
             policy.max_stored_body,
         )
     except GeneratorExit:
@@ -542,6 +549,10 @@ def _issue_flow(engine: Engine, request: HttpRequest) -> Flow:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _problem(policy: RoutePolicy, kind: ProblemType, detail: str, **extra: Any) -> Respond:
+    return Respond(problem_response(kind, detail, base=policy.problem_base, **extra))
+
+
 def _scope_of(policy: RoutePolicy, request: HttpRequest) -> str:
     if policy.scope is None:
         return policy.namespace + ":"
