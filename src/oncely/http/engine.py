@@ -106,9 +106,12 @@ class Engine:
     # -- policies ----------------------------------------------------------------------------------
     def policy_for(self, request: HttpRequest) -> RoutePolicy | None:
         """The effective policy for ``request``, or None if nothing applies to it."""
-        if not self._by_path and self.resolver is None:
+        resolver = self.resolver
+        if not self._by_path and (resolver is None or getattr(resolver, "marked", True) is False):
+            # no rule can apply (a resolver that knows no marked view, as a Starlette app's
+            # without @idempotent_route, answers None without looking)
             return self._applies(self._on, request.method)
-        view_rule = self.resolver(request.raw) if self.resolver is not None else None
+        view_rule = resolver(request.raw) if resolver is not None else None
         return self.policy_of(request.method, request.path, view_rule)
 
     def policy_of(

@@ -148,6 +148,8 @@ class StarletteResolver:
         (no route: 404; another method: 405; a slash redirect), None if it cannot tell (a
         mounted app that is not a router)."""
         route, found = self._lookup(scope)
+        if found is True and type(route) is Route and not isinstance(route.endpoint, type):
+            return True  # a plain Route to a function (the usual): its endpoint runs
         if route is not None:
             endpoint = getattr(route, "endpoint", None)
             if (
