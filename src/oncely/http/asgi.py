@@ -625,7 +625,9 @@ class _Capture:
                     self.settled = True
                     captured = self.captured = self.result(None)
                     await self.settle(captured)
-                    await self.flush()
+                    held, inner = self.held, self.inner  # flush(), inline
+                    while held:
+                        await inner(held.pop(0))
                     return
         elif kind == "http.response.start" and not self.started:
             self.started = True
@@ -635,7 +637,8 @@ class _Capture:
             if self.settle is not None:
                 self.held.append(message)
                 return
-        await self.flush()
+        if self.held:
+            await self.flush()
         await self.inner(message)
 
     async def flush(self) -> None:
