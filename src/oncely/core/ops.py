@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from oncely.core import observe
 from oncely.core.cancelsafe import claim_or_undo, write_again, write_through
+from oncely.core.frozen import quick_init
 from oncely.core.lease import AsyncRenewer, Claimed, keeper
 from oncely.core.records import RecordKey
 from oncely.core.settle import asettle_later, settle_later
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Claim:
     """Claim ``key`` (``lease`` and ``ttl`` in seconds); the result is a claim outcome."""
@@ -52,6 +54,7 @@ class Claim:
     ttl: float
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Complete:
     """Store the outcome under ``fence``, kept ``ttl`` seconds."""
@@ -63,6 +66,7 @@ class Complete:
     ttl: float
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class CompleteLater:
     """Keep retrying :class:`Complete` in the background, renewing the ``lease`` (seconds)
@@ -78,6 +82,7 @@ class CompleteLater:
     what: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Release:
     """Free the key held under ``fence``."""
@@ -86,6 +91,7 @@ class Release:
     fence: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Watch:
     """Wait until the claim under ``fence`` changes, at most ``timeout`` seconds; the result
@@ -96,6 +102,7 @@ class Watch:
     timeout: float
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Sleep:
     """Pause ``seconds`` (between retries)."""

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from oncely.core.frozen import quick_init
 from oncely.core.text import stored_text
 
 __all__ = [
@@ -52,9 +53,11 @@ def digest_key(key: str) -> str:
     """Return the hex SHA-256 digest under which ``key`` is stored. Any ``str`` has one: a
     lone surrogate (no UTF-8 form) is hashed by its code point (``surrogatepass``), which no
     valid text encodes to, so such a key stays distinct instead of raising."""
-    return sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    digest: str = sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return digest
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class RecordKey:
     """Where a record lives: a scope (tenant, user, function namespace) and a key digest.
@@ -75,6 +78,7 @@ class RecordKey:
         return cls(scope, digest_key(key))
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Record:
     """One stored idempotency record. Times are seconds since the epoch on the store's clock."""
@@ -91,6 +95,7 @@ class Record:
     codec: str | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class New:
     """The caller owns the key now; it must later ``complete`` or ``release`` with ``fence``."""
@@ -100,6 +105,7 @@ class New:
     now: float
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Replay:
     """The key was completed earlier; ``record`` holds the stored result."""
@@ -108,6 +114,7 @@ class Replay:
     now: float
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class InFlight:
     """Another caller holds the key until ``lease_until``."""
@@ -117,6 +124,7 @@ class InFlight:
     now: float
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Mismatch:
     """The key is live but was used with a different fingerprint."""

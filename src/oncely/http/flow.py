@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oncely.core import steps
+from oncely.core.frozen import quick_init
 from oncely.core.ops import Claim, Complete, CompleteLater, Release, Sleep, StoreOp, Watch
 from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay, digest_key
 from oncely.core.text import text_problem
@@ -126,6 +127,7 @@ log = logging.getLogger("oncely.http")
 
 
 # -- operations (what the flow asks a driver to do) ------------------------------------------------
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Pass:
     """Run the app untouched (with the buffered body if one was read); nothing is recorded."""
@@ -134,6 +136,7 @@ class Pass:
 PASS = Pass()
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Respond:
     """Send this response instead of running the app."""
@@ -149,6 +152,7 @@ class BodyError(enum.Enum):
     LENGTH_REQUIRED = "length required"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ReadBody:
     """Read the whole request body, at most ``limit`` bytes (and exactly ``expected`` if the
@@ -158,6 +162,7 @@ class ReadBody:
     expected: int | None = None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Run:
     """Run the app, passing its response through; send back a :class:`Captured`.
@@ -175,6 +180,7 @@ class Run:
     capture: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ConsumeToken:
     token: str
@@ -182,11 +188,13 @@ class ConsumeToken:
     purpose: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ReleaseToken:
     use: TokenUse
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class IssueToken:
     subject: str

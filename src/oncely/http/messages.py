@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from oncely.core.frozen import quick_init
+
 __all__ = [
     "ENTRY_KEY",
     "HandlerEntry",
@@ -93,6 +95,7 @@ class HttpResponse:
     body: bytes = b""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class IdempotencyInfo:
     """What a handler behind the middleware can learn about the request it serves.
