@@ -134,6 +134,8 @@ def _split_fingerprint(fingerprint: str) -> tuple[str, bytes]:
     split): the text before its longest even-length lowercase-hex tail (``ft``), and that tail
     as raw bytes (``fx``), so that claim.lua compares a replay's fingerprint without hex."""
     head = fingerprint.rstrip(_HEX_DIGITS)  # linear, whatever the fingerprint
+    if not head and not len(fingerprint) % 2:  # all hex, as the default fingerprint
+        return "", bytes.fromhex(fingerprint)
     tail = fingerprint[len(head) :]
     tail = tail[len(tail) % 2 :]
     return fingerprint[: len(fingerprint) - len(tail)], bytes.fromhex(tail)
