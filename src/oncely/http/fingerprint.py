@@ -259,7 +259,7 @@ _DECODER = json.JSONDecoder(
 )
 
 #: The decoder's scanner: ``decode()`` is it plus whitespace checks and error wrapping.
-_SCAN = _DECODER.scan_once
+_SCAN: Callable[[str, int], tuple[Any, int]] = getattr(_DECODER, "scan_once")  # noqa: B009 - not in the stubs
 
 
 def _parse(body: bytes) -> Any:
