@@ -678,7 +678,8 @@ def test_a_build_of_the_compact_layout_never_runs_a_packed_record_again(
 
 def test_the_expiry_of_a_packed_record_without_pexpiretime() -> None:
     """Before Redis 7.0 there is no PEXPIRETIME: a packed record's expiry is then the server's
-    TIME plus PTTL (a server with the command renamed away stands in for such a Redis)."""
+    TIME plus PTTL, to the millisecond (a server with the command renamed away stands in for
+    such a Redis; with it, the expiry is exact: test_record_layout_and_pexpireat)."""
     server = ClusterNode("--rename-command", "PEXPIRETIME", "")
     store = RedisStore(server.url)
     raw = redis.Redis.from_url(server.url)
