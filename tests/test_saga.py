@@ -13,8 +13,8 @@ import sys
 import threading
 import time
 import uuid
-from decimal import Decimal
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -403,7 +403,10 @@ def test_a_run_aborted_meanwhile_raises(shop: Shop) -> None:
     assert out["abort"].state == "compensated"
     assert out["abort"].compensated == ("reserve_stock",)
     assert shop.qty() == 10
-    assert shop.moves_of("order-ab") == [("reserve_stock", "action"), ("reserve_stock", "compensate")]
+    assert shop.moves_of("order-ab") == [
+        ("reserve_stock", "action"),
+        ("reserve_stock", "compensate"),
+    ]
 
 
 @pytest.mark.parametrize(

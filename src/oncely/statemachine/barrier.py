@@ -376,21 +376,20 @@ _BARRIER = Script("oncely.statemachine", "barrier")
 #: keys are: "first" (the first argument), "two" (the first two), "all" (every argument),
 #: "pairs" (every other argument from the first: MSET). Anything else (FLUSHALL, FLUSHDB,
 #: CONFIG, SHUTDOWN, SCRIPT, EVAL, FUNCTION, SELECT, MOVE, COPY, reads...) is refused.
+# fmt: off
+_FIRST_KEY: Final = (
+    "SET", "SETNX", "SETEX", "PSETEX", "GETSET", "GETDEL", "GETEX", "APPEND", "SETRANGE",
+    "INCR", "INCRBY", "INCRBYFLOAT", "DECR", "DECRBY", "SETBIT",
+    "HSET", "HSETNX", "HMSET", "HDEL", "HINCRBY", "HINCRBYFLOAT",
+    "SADD", "SREM", "SPOP",
+    "ZADD", "ZREM", "ZINCRBY", "ZREMRANGEBYSCORE", "ZREMRANGEBYRANK", "ZREMRANGEBYLEX",
+    "LPUSH", "RPUSH", "LPUSHX", "RPUSHX", "LPOP", "RPOP", "LREM", "LSET", "LTRIM", "LINSERT",
+    "EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT", "PERSIST",
+    "PFADD", "XADD", "XDEL", "XTRIM", "GEOADD",
+)
+# fmt: on
 EFFECT_COMMANDS: Final[dict[str, str]] = {
-    **dict.fromkeys(
-        (
-            "SET", "SETNX", "SETEX", "PSETEX", "GETSET", "GETDEL", "GETEX", "APPEND", "SETRANGE",
-            "INCR", "INCRBY", "INCRBYFLOAT", "DECR", "DECRBY", "SETBIT",
-            "HSET", "HSETNX", "HMSET", "HDEL", "HINCRBY", "HINCRBYFLOAT",
-            "SADD", "SREM", "SPOP",
-            "ZADD", "ZREM", "ZINCRBY", "ZREMRANGEBYSCORE", "ZREMRANGEBYRANK", "ZREMRANGEBYLEX",
-            "LPUSH", "RPUSH", "LPUSHX", "RPUSHX", "LPOP", "RPOP", "LREM", "LSET", "LTRIM",
-            "LINSERT",
-            "EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT", "PERSIST",
-            "PFADD", "XADD", "XDEL", "XTRIM", "GEOADD",
-        ),
-        "first",
-    ),  # fmt: skip
+    **dict.fromkeys(_FIRST_KEY, "first"),
     **dict.fromkeys(("RENAME", "RENAMENX", "SMOVE", "LMOVE", "RPOPLPUSH"), "two"),
     **dict.fromkeys(("DEL", "UNLINK"), "all"),
     **dict.fromkeys(("MSET", "MSETNX"), "pairs"),

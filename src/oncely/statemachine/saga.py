@@ -288,7 +288,10 @@ def _not_plain(value: Any, path: str) -> str | None:
     if kind is dict:
         for key, item in value.items():
             if type(key) is not str:
-                return f"{path} has the key {key!r} (JSON keys are str; it would come back {str(key)!r})"
+                back = str(key)
+                return (
+                    f"{path} has the key {key!r} (JSON keys are str: it would come back {back!r})"
+                )
             found = _not_plain(item, f"{path}[{key!r}]")
             if found:
                 return found
