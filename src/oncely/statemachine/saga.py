@@ -6,7 +6,8 @@ database:
 
 * the saga's row (``oncely_saga``: id, name, state ``running`` / ``completed`` /
   ``compensating`` / ``compensated``, and ``data``, the saga's input as JSON, written by the
-  statement that creates the row) moves through a
+  statement that creates the row; only plain JSON is accepted, data a JSON round trip gives
+  back unchanged) moves through a
   :class:`~oncely.statemachine.sql.SqlStateMachine`, so deciding to roll back is one
   conditional ``UPDATE`` that concurrent runners cannot both win or undo;
 * each step runs in its own database transaction: :func:`~oncely.statemachine.barrier.barrier`
@@ -35,6 +36,10 @@ other data they raise :class:`~oncely.errors.IdempotencyKeyMismatch` and run not
 compensation never gives back another amount than its action took. Rows of saga tables made
 before the ``data`` column existed have none stored (NULL): they use the caller's data, as
 before; :meth:`Saga.create_tables` adds the column to such a table.
+
+:meth:`Saga.run` returns only for a saga that completed: every run that ends compensated (its
+step failed, :meth:`Saga.abort` rolled it back before or meanwhile, or an earlier run did)
+raises :class:`~oncely.errors.SagaFailed`.
 """
 
 from __future__ import annotations
