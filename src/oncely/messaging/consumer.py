@@ -377,20 +377,38 @@ class IdempotentConsumer:
     ) -> None:
         if not callable(handler):
             raise ConfigurationError(f"handler must be callable, not {handler!r}")
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name.strip():
             raise ConfigurationError(
                 "name must be a non-empty string: the consumer's identity, part of every key"
             )
+        # The name is part of every record's scope: one no store keeps as text (a NUL, a lone
+        # surrogate) is refused now, not at the first message.
+        RecordKey.of(f"oncely.messaging:{name}", "")
         where = f"IdempotentConsumer {name!r}"
         lease = seconds(lease, "lease", where=where)
         ttl = seconds(ttl, "ttl", where=where)
+        if ttl < lease:
+            raise ConfigurationError(
+                f"{where}: ttl={ttl:g} is shorter than lease={lease:g}: a completed message "
+                "must be remembered at least as long as a claim holds (ttl >= lease)"
+            )
         retry_delay = seconds(retry_delay, "retry_delay", where=where)
         max_retry_delay = seconds(max_retry_delay, "max_retry_delay", where=where)
+        if retry_delay > max_retry_delay:
+            raise ConfigurationError(
+                f"{where}: retry_delay={retry_delay:g} is above max_retry_delay="
+                f"{max_retry_delay:g}; raise max_retry_delay or lower retry_delay"
+            )
         wait_timeout = seconds(wait_timeout, "wait_timeout", where=where, above=False)
         max_attempts = whole(max_attempts, "max_attempts", where=where)  # 0: retry forever
         pool_size = whole(pool_size, "pool_size", where=where, minimum=1)
         if not isinstance(validate, bool):
             raise ConfigurationError(f"validate must be True or False, not {validate!r}")
+        if on_dead_letter is not None and not callable(on_dead_letter):
+            raise ConfigurationError(
+                f"{where}: on_dead_letter must be a callable (delivery, error) -> Any or None, "
+                f"not {on_dead_letter!r}"
+            )
         self.validate = validate
         self.handler = handler
         self.name = name
