@@ -342,6 +342,43 @@ async def test_every_face_gives_the_same_verdicts(store: Store) -> None:
     ]  # fmt: skip
 
 
+def test_validate_json_compares_json_bodies_by_value(store: Store) -> None:
+    """validate=True compares bodies byte for byte (the same JSON re-serialized is a
+    mismatch); validate="json" compares a JSON body by value, as the HTTP layer does; a
+    record is compared in the mode that claimed it, so switching modes (or to
+    validate=False) turns no redelivery into a mismatch."""
+    seen: list[bytes] = []
+    letters: list[bytes] = []
+
+    def consumer(validate: Any, name: str = "json") -> IdempotentConsumer:
+        return IdempotentConsumer(
+            lambda d: seen.append(d.body), name=name, store=store, dedup_id="body:id",
+            validate=validate, on_dead_letter=lambda d, e: letters.append(d.body),
+        )  # fmt: skip
+
+    first = Delivery(b'{"id": "e-1", "amount": 5, "note": "caf\\u00e9"}')
+    resent = Delivery(b'{"note":"caf\xc3\xa9","amount":5.0,"id":"e-1"}')
+    other = Delivery(b'{"id": "e-1", "amount": 6, "note": "caf\\u00e9"}')
+    strict = consumer(True, "bytes")
+    assert strict.process(first) == Ack(ran=True)
+    assert isinstance(strict.process(resent), DeadLetter)  # the default: byte for byte
+    by_value = consumer("json")
+    assert by_value.process(first) == Ack(ran=True)
+    assert by_value.process(resent) == Ack(ran=False)
+    verdict = by_value.process(other)
+    assert isinstance(verdict, DeadLetter) and verdict.error.reason == "mismatch"  # type: ignore[attr-defined]
+    # the record claimed by value is compared by value after a switch to bytes, and the
+    # bytes record by bytes after a switch to "json"; validate=False matches any body
+    assert consumer(True).process(resent) == Ack(ran=False)
+    assert isinstance(consumer(True).process(other), DeadLetter)
+    assert isinstance(consumer("json", "bytes").process(resent), DeadLetter)
+    assert consumer("json", "bytes").process(first) == Ack(ran=False)
+    assert consumer(False, "bytes").process(other) == Ack(ran=False)
+    assert seen == [first.body, first.body]
+    with pytest.raises(ConfigurationError, match="validate"):
+        consumer("JSON")
+
+
 def test_message_without_dedup_id_is_dead_lettered_never_run(store: Store) -> None:
     letters: list[BaseException] = []
     runs: list[int] = []

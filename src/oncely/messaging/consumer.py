@@ -44,7 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from oncely.codecs import RawCodec
 from oncely.core.cancelsafe import write_through
@@ -88,6 +88,24 @@ _FINGERPRINT = "message"
 #: How many dedup ids the in-process attempt counter remembers (brokers without a delivery
 #: count: RabbitMQ classic queues, MQTT).
 _ATTEMPT_MEMORY = 10_000
+_JSON_PREFIX = "json:"
+
+
+def _bytes_fingerprint(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(bytes(body)).hexdigest()
+
+
+def _json_fingerprint(body: bytes) -> str | None:
+    """``json:<sha256 of the canonical JSON>`` of a JSON body, as the HTTP layer compares a
+    JSON request body; None if the body is not JSON."""
+    from oncely.errors import InvalidPayload
+    from oncely.http.fingerprint import canonical_json
+
+    try:
+        text = canonical_json(bytes(body))
+    except InvalidPayload:
+        return None
+    return _JSON_PREFIX + hashlib.sha256(text).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -350,9 +368,15 @@ class IdempotentConsumer:
         duplicate: it is dead-lettered with :class:`~oncely.errors.MessageRejected` (``reason``
         ``"mismatch"``), logged at WARNING and counted as a claim ``mismatch``
         (``oncely_mismatches_total``), never acked silently; a redelivery of the same body is
-        a plain duplicate. False: the dedup id alone is the identity (any body under it is a
-        duplicate). The transactional mode (``inbox=``) checks no payload: the inbox row holds
-        no fingerprint.
+        a plain duplicate. The body is compared **byte for byte**: the same JSON re-sent with
+        another member order, spacing or number spelling is a different body (a mismatch).
+        ``"json"``: a body that is JSON is compared by its value instead, as the HTTP layer
+        compares a JSON request body (:func:`oncely.http.fingerprint.canonical_json`: member
+        order, whitespace, string escapes and number spelling do not count); a body that is
+        not JSON is still compared byte for byte. False: the dedup id alone is the identity
+        (any body under it is a duplicate). A record is compared in the mode that claimed it,
+        so changing ``validate`` turns no redelivery of an old message into a mismatch. The
+        transactional mode (``inbox=``) checks no payload: the inbox row holds no fingerprint.
     :raises ConfigurationError: a bad setting, named in the message.
     """
 
@@ -373,7 +397,7 @@ class IdempotentConsumer:
         inbox: Inbox | None = None,
         connect: str | Callable[[], Any] | None = None,
         pool_size: int = 10,
-        validate: bool = True,
+        validate: bool | Literal["json"] = True,
     ) -> None:
         if not callable(handler):
             raise ConfigurationError(f"handler must be callable, not {handler!r}")
@@ -402,8 +426,8 @@ class IdempotentConsumer:
         wait_timeout = seconds(wait_timeout, "wait_timeout", where=where, above=False)
         max_attempts = whole(max_attempts, "max_attempts", where=where)  # 0: retry forever
         pool_size = whole(pool_size, "pool_size", where=where, minimum=1)
-        if not isinstance(validate, bool):
-            raise ConfigurationError(f"validate must be True or False, not {validate!r}")
+        if not isinstance(validate, bool) and validate != "json":
+            raise ConfigurationError(f"validate must be True, False or 'json', not {validate!r}")
         if on_dead_letter is not None and not callable(on_dead_letter):
             raise ConfigurationError(
                 f"{where}: on_dead_letter must be a callable (delivery, error) -> Any or None, "
@@ -494,18 +518,33 @@ class IdempotentConsumer:
         return RecordKey.of(self.scope, dedup_id)
 
     def fingerprint_of(self, delivery: Delivery) -> str:
-        """The claim's fingerprint: ``sha256:<hex of the body>`` with ``validate``, else the
-        same constant for every message."""
+        """The claim's fingerprint: ``sha256:<hex of the body>`` with ``validate=True``;
+        ``json:<hex of the canonical JSON>`` with ``validate="json"`` and a JSON body; else
+        the same constant for every message."""
         if not self.validate:
             return _FINGERPRINT
-        return "sha256:" + hashlib.sha256(bytes(delivery.body)).hexdigest()
+        if self.validate == "json":
+            by_value = _json_fingerprint(delivery.body)
+            if by_value is not None:
+                return by_value
+        return _bytes_fingerprint(delivery.body)
+
+    def _matches(self, delivery: Delivery, fingerprint: str) -> bool:
+        """Whether a stored record's ``fingerprint`` matches ``delivery`` in the mode that
+        claimed the record (bytes, JSON value, or none), whatever this consumer's mode."""
+        if fingerprint == _FINGERPRINT or not self.validate:
+            return True
+        if fingerprint.startswith(_JSON_PREFIX):
+            return _json_fingerprint(delivery.body) == fingerprint
+        return _bytes_fingerprint(delivery.body) == fingerprint
 
     def _mismatch(
         self, delivery: Delivery, dedup_id: str, error: BaseException, found: Record | None
     ) -> Verdict:
         """The verdict for a claim refused as a mismatch; ``found``: the stored record. A record
-        claimed before bodies were fingerprinted matches any body (a duplicate, or held)."""
-        if found is not None and found.fingerprint == _FINGERPRINT:
+        claimed before bodies were fingerprinted matches any body (a duplicate, or held), one
+        claimed in another ``validate`` mode is compared in that mode (:meth:`_matches`)."""
+        if found is not None and self._matches(delivery, found.fingerprint):
             if found.status == "completed":
                 return Ack(ran=False)
             return Retry(self.retry_delay, "another consumer holds this message's claim")
@@ -519,7 +558,8 @@ class IdempotentConsumer:
         rejected = MessageRejected(
             f"dedup id {dedup_id!r} was already used by consumer {self.name!r} for a message "
             "with another body: a different message under a used dedup id is not a duplicate. "
-            "Give every message its own dedup id (or validate=False if bodies may differ)",
+            "Give every message its own dedup id (or validate='json' if a publisher may "
+            "re-serialize the same JSON, validate=False if bodies may differ)",
             "mismatch",
         )
         rejected.__cause__ = error
