@@ -730,7 +730,9 @@ def _durations() -> dict[str, Any]:
     return {
         "lease": consumer("lease"),
         "wait_timeout": consumer("wait_timeout"),
-        "ttl": consumer("ttl"),
+        "ttl": lambda v: IdempotentConsumer(
+            lambda d: None, name="c", store="memory://", ttl=v, lease="100ms"
+        ),
         "retry_delay": consumer("retry_delay"),
         "window": lambda v: Deduplicator("memory://", window=v, namespace="n"),
         "older_than": purge,
