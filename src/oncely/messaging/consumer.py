@@ -49,6 +49,7 @@ from typing import Any, Literal, Union
 from oncely.codecs import RawCodec
 from oncely.core.cancelsafe import write_through
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim
+from oncely.core.observe import describe
 from oncely.core.records import New, Record, RecordKey, Replay
 from oncely.core.text import text_problem
 from oncely.errors import (
@@ -910,9 +911,8 @@ class IdempotentConsumer:
                 await write_through(self.store.arelease, key, fence)
             except OncelyError as release_error:
                 log.warning(
-                    "oncely: a failed message's claim was not released (%s: %s)",
-                    type(release_error).__name__,
-                    release_error,
+                    "oncely: a failed message's claim was not released (%s)",
+                    describe(release_error),
                 )
             verdicts[i] = await self._afinish(batch[i], ids[i], error)
         if ok:
