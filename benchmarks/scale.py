@@ -132,16 +132,17 @@ ANALYSIS = """
   more) is the keyspace itself: the expiry dict's entry and both dicts' bucket arrays. Of a
   completed key with a 100-byte result, 136 bytes are the key's name (86 characters, 64 of them
   the digest, in a 96-byte allocation), its dict entry and its object header, and 192 the
-  listpack (jemalloc's size class for 187 bytes of fields: the compact completed record of
-  [redis.md](redis.md#record-layout-and-memory), with the fingerprint's hex as raw bytes and no
-  creation time, lease end or piece count); the piece layout before it took 392 (a 256-byte
-  listpack), and the layout before that 1,016, because the 100-byte value turned the hash into
-  a hashtable (the reference rows, measured the same way). The tiny result does not meet
-  "2x + 200 bytes" (208): the key's name and its entries are 136 bytes whatever the hash holds,
-  and its listpack is 84 bytes (rounded to 96), of which 21 are `st` and `ea`, the two fields a
-  build of the earlier layout needs to see a live record at all (without them it would run the
-  call again). A shorter key name (a binary or base64 digest) would save 16 or 32 bytes but has
-  the same problem: an earlier build would not find the new names. Neither was done.
+  listpack (jemalloc's size class for its fields: the packed completed record of
+  [redis.md](redis.md#record-layout-and-memory), with the fence inside the status, the
+  fingerprint's hex as raw bytes and no creation time, lease end, codec or expiry field of its
+  own); the piece layout before it took 392 (a 256-byte listpack), and the layout before that
+  1,016, because the 100-byte value turned the hash into a hashtable (the reference rows,
+  measured the same way). The tiny result meets "2x + 200 bytes" (208) by `MEMORY USAGE`: 136
+  bytes for the key's name and its entries whatever the hash holds, and a 64-byte listpack (the
+  compact layout's was 84, rounded to 96: 232). By the `used_memory` delta it is 257: the expiry
+  index's entry and the buckets come on top for any key with a TTL. A shorter key name (a binary
+  or base64 digest) would save 16 or 32 bytes more, but an earlier build would not find the new
+  names and would run the call again; not done.
   PostgreSQL and SQLite keep about 470 and 450 bytes for a 100-byte result (the row with the
   64-character digest and the fingerprint, the primary key on (scope, digest) that repeats the
   digest, the expiry index, and pages filled about 70% by keys that arrive in random order);

@@ -26,6 +26,7 @@ from oncely.core.records import InFlight, Mismatch, New, RecordKey, Replay
 from oncely.errors import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores import open_store
 from oncely.stores.redis import RedisStore
+from redis_cluster import RedisServer as ClusterNode
 
 from lock_workers import RedisServer
 
@@ -249,20 +250,83 @@ def test_record_layout_and_pexpireat(store: RedisStore, raw: redis.Redis, prefix
 
     store.complete(key, outcome.fence, b"done", "json", 120)
     fields = raw.hgetall(name)
-    # the compact completed record: no lease, the fingerprint moved to ft/fx, created_at is the
-    # fence's millisecond (the fence is the claim's TIME in microseconds here)
+    # the packed completed record: the fence in st, no lease, the expiry only as PEXPIREAT, the
+    # fingerprint moved to ft/fx, no codec for JSON, created_at is the fence's millisecond (the
+    # fence is the claim's TIME in microseconds here)
     assert outcome.fence // 1000 == created
-    assert set(fields) == {b"st", b"fe", b"ft", b"ea", b"rs", b"cd"}
-    assert (fields[b"st"], fields[b"ft"]) == (b"c", b"fp-1")
-    assert (fields[b"rs"], fields[b"cd"]) == (b"done", b"json")
-    assert raw.pexpiretime(name) == int(fields[b"ea"])
+    assert set(fields) == {b"st", b"ft", b"ea", b"rs"}
+    assert (unpack_status(fields[b"st"]), fields[b"ft"]) == ((outcome.fence, 0), b"fp-1")
+    assert (fields[b"rs"], fields[b"ea"]) == (b"done", b"9e99")
+    expires = raw.pexpiretime(name)
+    assert abs(expires - (time.time() + 120) * 1000) < 10_000
     record = store.get(key)
     assert record is not None
     assert (record.status, record.fingerprint, record.fence) == ("completed", "fp-1", outcome.fence)
-    assert record.expires_at == int(fields[b"ea"]) / 1000
+    assert record.expires_at == expires / 1000
     assert record.created_at == created / 1000
     assert record.lease_until is None
     assert [r.created_at for r in store.list("acme")] == [created / 1000]
+
+
+def unpack_status(st: bytes) -> tuple[int, int]:
+    """The fence and the piece count N of a packed completed record's status (``C``, the fence
+    in 8 base-94 digits ``!`` .. ``~``, then N if the result is in N + 1 pieces): decoded here
+    on their own, not by the store's scripts."""
+    assert st[:1] == b"C" and len(st) >= 9, st
+    fence = 0
+    for digit in st[1:9]:
+        assert 33 <= digit <= 126, st
+        fence = fence * 94 + digit - 33
+    return fence, int(st[9:] or 0)
+
+
+def test_a_packed_record_keeps_a_codec_other_than_json(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    for codec, result in (("pickle", b"\x80\x05K\x01."), ("json", b"x" * 200)):
+        key = rkey("acme")
+        outcome = store.claim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        store.complete(key, outcome.fence, result, codec, 60)
+        fields = raw.hgetall(record_key(prefix, key))
+        assert fields.get(b"cd") == (None if codec == "json" else codec.encode())
+        assert unpack_status(fields[b"st"]) == (outcome.fence, 0 if len(result) <= 64 else 3)
+        for got in (store.get(key), store.list("acme")[-1]):
+            assert got is not None
+            assert (got.result, got.codec, got.fence) == (result, codec, outcome.fence)
+        replay = store.claim(key, "fp", 5, 60)
+        assert isinstance(replay, Replay)
+        assert (replay.record.result, replay.record.codec) == (result, codec)
+
+
+def test_a_fence_past_the_packed_range_keeps_the_compact_layout(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    """Fences of 94^8 or more (microseconds after 2163, or a counter pushed there) do not fit
+    the packed status: such a record is completed in the compact layout, and read back alike."""
+    for fence_at in (94**8 - 2, 94**8 - 1):  # the next fence is the last packed / first not
+        raw.set(f"{prefix}:fence", fence_at)
+        key = rkey("acme")
+        outcome = store.claim(key, "ab" * 16, 5, 60)
+        assert isinstance(outcome, New) and outcome.fence == fence_at + 1
+        store.complete(key, outcome.fence, b'"ok"', "json", 60)
+        fields = raw.hgetall(record_key(prefix, key))
+        if outcome.fence < 94**8:
+            assert unpack_status(fields[b"st"]) == (outcome.fence, 0)
+        else:
+            assert (fields[b"st"], int(fields[b"fe"]), fields[b"cd"]) == (
+                b"c",
+                outcome.fence,
+                b"json",
+            )
+            assert int(fields[b"ea"]) == raw.pexpiretime(record_key(prefix, key))
+        got = store.get(key)
+        assert got is not None and (got.fence, got.result) == (outcome.fence, b'"ok"')
+        replay = store.claim(key, "ab" * 16, 5, 60)
+        assert isinstance(replay, Replay) and replay.record.fence == outcome.fence
+        store.complete(key, outcome.fence, b'"ok"', "json", 60)  # the lost-reply repeat
+        with pytest.raises(LeaseLost, match="already completed under this fence"):
+            store.renew(key, outcome.fence, 5)
 
 
 @pytest.mark.parametrize(
@@ -339,13 +403,13 @@ def test_results_up_to_1024_bytes_keep_the_hash_a_listpack(
     fields = raw.hgetall(name)
     if 64 < size <= 1024:
         pieces = -(-size // 64) - 1
-        assert set(fields) == {b"st", b"fe", b"ft", b"ea", b"cd", b"rs"} | {
+        assert set(fields) == {b"st", b"ft", b"ea", b"cd", b"rs"} | {
             f"r{i}".encode() for i in range(1, pieces + 1)
         }
-        assert fields[b"st"] == f"c{pieces}".encode()  # compact, completed, N further pieces
+        assert unpack_status(fields[b"st"]) == (outcome.fence, pieces)  # N further pieces
     else:
         assert fields[b"rs"] == result and b"r1" not in fields
-        assert fields[b"st"] == b"c"
+        assert unpack_status(fields[b"st"]) == (outcome.fence, 0)
     expected = b"listpack" if size <= 1024 else b"hashtable"
     assert raw.object("encoding", name) == expected
     got = store.get(key)
@@ -458,7 +522,8 @@ def test_records_of_the_piece_layout_are_read_and_finished(
     running = keys["running"]
     assert isinstance(store.claim(running, fp, 5, 60), InFlight)
     store.complete(running, fences["running"], big, "json", 60)
-    assert raw.hget(record_key(prefix, running), "st") == b"c8"  # compact, in 9 pieces
+    st = raw.hget(record_key(prefix, running), "st") or b""
+    assert unpack_status(st) == (fences["running"], 8)  # packed, in 9 pieces
     replay = store.claim(running, fp, 5, 60)
     assert isinstance(replay, Replay) and replay.record.result == big
     store.release(keys["gives_up"], fences["gives_up"])
@@ -494,6 +559,149 @@ def test_a_build_of_the_piece_layout_never_runs_a_compact_record_again(
     assert (reply[0], int(reply[2])) == (b"I", outcome.fence)
 
 
+COMPACT = Path(__file__).parent / "redis_compact"
+
+
+def compact_build(raw: redis.Redis, script: str, numkeys: int, *args: Any) -> Any:
+    """Run a script of the compact layout, the one before the packed completed records (its
+    ``claim``, ``complete``, ``get``, ``list``, ``renew``, ``release`` and ``delete`` with their
+    includes in place, kept in ``tests/redis_compact``): what a build of that layout does."""
+    return raw.eval((COMPACT / f"{script}.lua").read_text(), numkeys, *args)
+
+
+def test_records_of_the_compact_layout_are_read_and_finished(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    """Records completed by a build of the compact layout (st 'c'/'cN', fe, ea, cd) are replayed,
+    listed, repeated and deleted by this build; its claims in flight are seen, completed (now
+    packed), released and renewed."""
+    fence_key = f"{prefix}:fence"
+    fp = "0123456789abcdef" * 2
+    results = {
+        "small": (b'"ok"', "json"),
+        "pieces": (b"y" * 200, "json"),
+        "pickled": (b"\x80K.", "pickle"),
+    }
+    keys = {name: rkey("cmp:scope") for name in (*results, "running", "gives_up", "renews")}
+    fences = {}
+    for name, key in keys.items():
+        name_key = record_key(prefix, key)
+        reply = compact_build(
+            raw, "claim", 2, name_key, fence_key, fp, 5_000, 60_000, "", bytes.fromhex(fp)
+        )
+        assert reply[0] == b"N"
+        fences[name] = int(reply[2])
+    for name, (result, codec) in results.items():
+        args = (fences[name], result, codec, 60_000, store._channel(keys[name]))
+        assert compact_build(raw, "complete", 1, record_key(prefix, keys[name]), *args) == [b"ok"]
+        fields = raw.hgetall(record_key(prefix, keys[name]))
+        assert (int(fields[b"fe"]), fields[b"cd"]) == (fences[name], codec.encode())
+        assert fields[b"st"] == (b"c3" if name == "pieces" else b"c")
+    for name, (result, codec) in results.items():
+        key = keys[name]
+        expires = raw.pexpiretime(record_key(prefix, key)) / 1000
+        got = store.get(key)
+        assert got is not None
+        assert (got.result, got.codec, got.fingerprint, got.fence) == (
+            result,
+            codec,
+            fp,
+            fences[name],
+        )
+        assert got.expires_at == expires
+        replay = store.claim(key, fp, 5, 60)
+        assert isinstance(replay, Replay) and replay.record.result == result
+        assert isinstance(store.claim(key, fp + "0", 5, 60), Mismatch)
+        store.complete(key, fences[name], result, codec, 60)  # the lost-reply repeat
+        with pytest.raises(LeaseLost, match="already completed under this fence"):
+            store.complete(key, fences[name], result + b"x", codec, 60)
+        with pytest.raises(LeaseLost, match="already completed under this fence"):
+            store.renew(key, fences[name], 5)
+    listed = {r.digest: (r.result, r.codec) for r in store.list("cmp:scope")}
+    assert {keys[n].digest: results[n] for n in results}.items() <= listed.items()
+    running = keys["running"]
+    assert isinstance(store.claim(running, fp, 5, 60), InFlight)
+    store.complete(running, fences["running"], b"z" * 100, "json", 60)
+    assert unpack_status(raw.hget(record_key(prefix, running), "st") or b"") == (
+        fences["running"],
+        1,
+    )
+    store.release(keys["gives_up"], fences["gives_up"])
+    assert isinstance(store.claim(keys["gives_up"], fp, 5, 60), New)
+    assert store.renew(keys["renews"], fences["renews"], 30) > store.now() + 20
+    assert store.delete(keys["small"]) and store.get(keys["small"]) is None
+
+
+def test_a_build_of_the_compact_layout_never_runs_a_packed_record_again(
+    store: RedisStore, raw: redis.Redis, prefix: str
+) -> None:
+    """A rolling upgrade: a build of the compact layout finds no ``fp`` in a packed completed
+    record and answers Mismatch (typed, the call does not run), never New; its get and list do
+    not see it; its complete, renew and release answer 'lost' with a status it can decode as
+    text (its LeaseLost message), never the packed status's bytes raw; it sees this build's
+    claims in flight (their layout did not change)."""
+    fence_key = f"{prefix}:fence"
+    fp = "sha256:" + "9f" * 32
+    head, tail = "sha256:", b"\x9f" * 32
+    for result in (b"r", b"x" * 100, b"y" * 2000):
+        key = rkey("acme")
+        name = record_key(prefix, key)
+        outcome = store.claim(key, fp, 5, 60)
+        assert isinstance(outcome, New)
+        store.complete(key, outcome.fence, result, "json", 60)
+        for fingerprint in (fp, "other"):
+            reply = compact_build(
+                raw, "claim", 2, name, fence_key, fingerprint, 5_000, 60_000, head, tail
+            )
+            assert reply[0] == b"M", reply
+        assert compact_build(raw, "get", 1, name) is None
+        assert compact_build(raw, "list", 1, name) == []
+        channel = store._channel(key)
+        for script, args in (
+            ("complete", (outcome.fence, result, "json", 60_000, channel)),
+            ("renew", (outcome.fence, 5_000)),
+            ("release", (outcome.fence, channel, 1_000)),
+        ):
+            reply = compact_build(raw, script, 1, name, *args)
+            assert reply[0] == b"lost", (script, reply)
+            reply[1].decode("utf-8")  # as the compact build's _check_fenced does: text
+        replay = store.claim(key, fp, 5, 60)
+        assert isinstance(replay, Replay) and replay.record.result == result
+    running = rkey("acme")
+    outcome = store.claim(running, fp, 5, 60)
+    assert isinstance(outcome, New)
+    reply = compact_build(
+        raw, "claim", 2, record_key(prefix, running), fence_key, fp, 5_000, 60_000, head, tail
+    )
+    assert (reply[0], int(reply[2])) == (b"I", outcome.fence)
+
+
+def test_the_expiry_of_a_packed_record_without_pexpiretime() -> None:
+    """Before Redis 7.0 there is no PEXPIRETIME: a packed record's expiry is then the server's
+    TIME plus PTTL, to the millisecond (a server with the command renamed away stands in for
+    such a Redis; with it, the expiry is exact: test_record_layout_and_pexpireat)."""
+    server = ClusterNode("--rename-command", "PEXPIRETIME", "")
+    store = RedisStore(server.url)
+    raw = redis.Redis.from_url(server.url)
+    try:
+        key = RecordKey.of("acme", "no-pexpiretime")
+        outcome = store.claim(key, "fp", 5, 60)
+        assert isinstance(outcome, New)
+        before = store.now()
+        store.complete(key, outcome.fence, b"done", "json", 120)
+        after = store.now()
+        for got in (store.get(key), store.list("acme")[0]):
+            assert got is not None
+            assert before + 120 - 0.002 <= got.expires_at <= after + 120 + 0.002
+        replay = store.claim(key, "fp", 5, 60)
+        assert isinstance(replay, Replay)
+        assert before + 120 - 0.002 <= replay.record.expires_at <= after + 120 + 0.002
+    finally:
+        raw.close()
+        store.close()
+        server.stop()
+
+
 #: A realistic 100-byte JSON result and the function decorator's fingerprint (32 hex digits).
 RESULT_100 = b'{"order_id":"ord_0123456789","status":"paid","amount":1999,"currency":"EUR","ref":"'
 RESULT_100 += b"x" * (100 - len(RESULT_100) - 2) + b'"}'
@@ -520,14 +728,13 @@ def completed_usage(url: str, result: bytes, order: str) -> int:
 
 def test_memory_usage_of_a_completed_key(private_redis: RedisServer) -> None:
     """Issue 13's target, 2x the result + 200 bytes, by ``MEMORY USAGE``: a 100-byte JSON result
-    takes 328 bytes (392 in the piece layout, 1,016 before the result pieces). A 4-byte result
-    takes 232 (264 in the piece layout), over its 208: the key name, its robj and dict entry
-    take 136 of them whatever the hash holds, and a listpack of at most 64 bytes would need
-    ``st`` and ``ea`` gone, the two fields that make a build of the earlier layout see a live
-    record at all (without them it would run the call again); see docs/redis.md."""
+    takes 328 bytes (392 in the piece layout, 1,016 before the result pieces), a 4-byte one 200
+    (232 in the compact layout, 264 in the piece layout): the key name, its robj and dict entry
+    take 136 of them whatever the hash holds, and the packed record's listpack is 64 bytes, the
+    fence inside its status; see docs/redis.md."""
     assert len(RESULT_100) == 100
-    assert completed_usage(private_redis.url, RESULT_100, "order-0001") <= 328
-    assert completed_usage(private_redis.url, b'"ok"', "order-0002") <= 232
+    assert completed_usage(private_redis.url, RESULT_100, "order-0001") <= 328 <= 2 * 100 + 200
+    assert completed_usage(private_redis.url, b'"ok"', "order-0002") <= 2 * 4 + 200
 
 
 def test_used_memory_per_completed_key_meets_the_target(private_redis: RedisServer) -> None:

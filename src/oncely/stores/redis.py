@@ -4,27 +4,30 @@ Layout (``prefix`` defaults to ``"oncely"``):
 
 * record ``f"{prefix}:{scope}:{digest}"``: a hash with short fields. A claim writes ``st``
   ``in_progress``, ``fe`` fence, ``fp`` fingerprint, ``lu`` lease_until (ms), ``ea`` expires_at
-  (ms), ``ca`` created_at (ms). A completion turns it into the compact completed record, which
-  keeps only what a replay needs: ``st`` ``c``, ``fe``, ``ea``; the fingerprint as ``fx``, its
-  longest even-length lowercase-hex tail in raw bytes (half the size), and ``ft``, the text
-  before that tail (each left out when empty); ``ca`` only when it is not the fence's
-  millisecond (the fence is the claim's ``TIME`` in microseconds unless the counter ran ahead of
-  the clock); ``rs`` result (bytes) and ``cd`` codec. A result of 65 to 1,024 bytes is kept in
-  pieces of 64 bytes (``rs``, ``r1`` … ``rN``, and ``st`` is then ``cN``) so that the hash
-  stays a listpack (Redis turns a hash with one value over ``hash-max-listpack-value``, 64 by
-  default, into a hashtable: about 600 bytes more per record); the scripts join them again.
-  A completed key of a 100-byte result takes 328 bytes (``MEMORY USAGE``, key name included;
-  about 385 by the server's ``used_memory``), one of a 4-byte result 232. Records written by
-  earlier versions are read, replayed, listed and deleted as they are: completed ones with
-  ``st`` ``completed``, ``fp``, ``ca`` and ``rn`` = N when the result is in pieces, or the whole
-  result in ``rs`` and ``sc`` scope, ``dg`` digest fields (the key's name holds both anyway).
-  Claims in flight keep the earlier layout, so a build of an earlier version and this one see
-  each other's claims; an earlier build finds no ``fp`` in a compact completed record and
-  answers Mismatch (it never runs the call again), ``st`` and ``ea`` stay so that it sees a
-  live record at all. The key carries ``PEXPIREAT expires_at``, so Redis drops expired
-  records by itself. ``release`` turns the record into a tombstone (``st`` = ``released``) that
-  every reader ignores and any claim takes over, and that Redis drops after a minute: a release
-  repeated after a lost reply finds it.
+  (ms), ``ca`` created_at (ms). A completion turns it into the packed completed record, which keeps
+  only what a replay needs: ``st`` ``C`` followed by the fence in 8 base-94 digits; ``ea`` ``9e99``
+  (the expiry is the key's ``PEXPIREAT``; read back with ``PEXPIRETIME``, or before Redis 7.0 as
+  the server's time plus ``PTTL``); the fingerprint as ``fx``, its longest even-length
+  lowercase-hex tail in raw bytes (half the size), and ``ft``, the text before that tail (each left
+  out when empty); ``ca`` only when it is not the fence's millisecond (the fence is the claim's
+  ``TIME`` in microseconds unless the counter ran ahead of the clock); ``rs`` result (bytes) and
+  ``cd`` codec (left out for ``json``). A result of 65 to 1,024 bytes is kept in pieces of 64 bytes
+  (``rs``, ``r1`` … ``rN``, and N ends ``st``) so that the hash stays a listpack (Redis turns a
+  hash with one value over ``hash-max-listpack-value``, 64 by default, into a hashtable: about 600
+  bytes more per record); the scripts join them again. A completed key of a 100-byte result takes
+  328 bytes (``MEMORY USAGE``, key name included; about 385 by the server's ``used_memory``), one
+  of a 4-byte result 200. A fence of 94^8 or more (after 2163) keeps the compact completed record
+  of the layout before (``st`` ``c`` or ``cN``, ``fe`` fence, ``ea`` in ms, ``cd``). Records
+  written by earlier versions are read, replayed, listed and deleted as they are: compact ones,
+  completed ones with ``st`` ``completed``, ``fp``, ``ca`` and ``rn`` = N when the result is in
+  pieces, or the whole result in ``rs`` and ``sc`` scope, ``dg`` digest fields (the key's name
+  holds both anyway). Claims in flight keep the earlier layout, so a build of an earlier version
+  and this one see each other's claims; an earlier build finds no ``fp`` in a packed or compact
+  completed record and answers Mismatch (it never runs the call again), ``st`` and ``ea`` stay so
+  that it sees a live record at all. The key carries ``PEXPIREAT expires_at``, so Redis drops
+  expired records by itself. ``release`` turns the record into a tombstone (``st`` = ``released``)
+  that every reader ignores and any claim takes over, and that Redis drops after a minute: a
+  release repeated after a lost reply finds it.
 * fence counter ``f"{prefix}:fence"``: the last fence handed out, for every key; it never
   expires.
 * channel ``f"{prefix}:done:{scope}:{digest}"``: ``complete``, ``release`` and ``delete`` publish
@@ -62,6 +65,7 @@ from oncely.backends.forks import after_fork
 from oncely.backends.lua import Script, evalsha
 from oncely.backends.plans import Command, Eval, Plan
 from oncely.backends.redis import DRIVER_ERRORS, RedisClients, driver_fault, ms
+from oncely.backends.redis import check_url as check_redis_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import (
     ClaimOutcome,
@@ -95,7 +99,8 @@ _PROBE: Final = _script("probe")
 _LIST: Final = _script("list")
 
 _STATUS: Final[dict[bytes, Status]] = {b"in_progress": "in_progress", b"completed": "completed"}
-#: ``st`` of a compact completed record: ``c``, or ``cN`` with its result in N + 1 pieces.
+#: ``st`` of a compact completed record: ``c``, or ``cN`` with its result in N + 1 pieces (the
+#: scripts report a packed record's status as ``completed``).
 _COMPACT: Final = re.compile(r"c[0-9]*")
 _SCAN_COUNT: Final = 500
 # How long past the holder's lease a watcher waits before it looks again (the lease may have
@@ -288,6 +293,12 @@ class RedisStore(PlannedStore):
     """
 
     schemes = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        super().check_url(url)
+        check_redis_url(url)
+
     #: Redis refuses a bulk string over ``proto-max-bulk-len`` (default 512 MB); it is not read
     #: from the server (managed services refuse CONFIG GET).
     max_result_bytes = 512 * 2**20

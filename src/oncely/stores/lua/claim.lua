@@ -29,8 +29,8 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = string.format('%.0f', now_ms)
 
-local h = redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd', 'rn', 'ft',
-  'fx')
+local h = unpacked(key, redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd',
+  'rn', 'ft', 'fx'), now_ms)
 local fence = now_us
 if h[1] then
   local live = h[1] ~= 'released' and tonumber(h[5] or 0) > now_ms

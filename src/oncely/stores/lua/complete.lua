@@ -12,26 +12,35 @@
 -- a connection that wrote nothing. Replies {'ok'} or {'lost', status, fence}.
 --
 -- Layouts. A claim writes st 'in_progress', fe fence, fp fingerprint, lu lease_until (ms), ea
--- expires_at (ms), ca created_at (ms) (claim.lua). A completion turns that into the compact
+-- expires_at (ms), ca created_at (ms) (claim.lua). A completion turns that into the packed
 -- completed record, which keeps only what a replay needs (issue 13: memory per completed key):
---   st  'c' (completed, compact), or 'cN' when the result is kept in N + 1 pieces (below)
---   fe  fence      ea  expires_at (ms; also the key's PEXPIREAT)
+--   st  'C', the fence in 8 base-94 digits (record.lua), and N when the result is kept in
+--       N + 1 pieces (below)
+--   ea  '9e99': the expiry is the key's PEXPIREAT (PEXPIRETIME reads it back); a build of an
+--       earlier layout reads ea as a number and so sees the record live while the key lives
 --   fx  the fingerprint's longest even-length lowercase-hex tail as raw bytes (half the size)
 --   ft  the rest of the fingerprint, before that tail (absent if empty)
 --   ca  created_at, only when it is not the fence's millisecond (the fence is the claim's TIME
 --       in microseconds unless the counter ran ahead of the clock)
---   rs  result, cd codec; a result of 65 to 1,024 bytes is kept in pieces of 64 bytes (rs, then
---       r1 .. rN): one value over hash-max-listpack-value (64 by default) turns the whole hash
---       from a listpack into a hashtable, about 600 bytes more per key. A longer result is kept
+--   rs  result; a result of 65 to 1,024 bytes is kept in pieces of 64 bytes (rs, then r1 ..
+--       rN): one value over hash-max-listpack-value (64 by default) turns the whole hash from
+--       a listpack into a hashtable, about 600 bytes more per key. A longer result is kept
 --       whole in rs (its own size dominates then).
--- A build of an earlier layout finds no fp in a compact record and answers Mismatch (it never
--- runs the call again); st and ea stay so that it sees a live record at all.
--- Records completed by earlier versions (st 'completed', fp, ca, and rn = N when the result is
--- in pieces; or the whole result in rs and sc scope, dg digest fields) are read as they are.
+--   cd  the codec, absent for 'json'
+-- A fence of 94^8 or more (after the year 2163) keeps the compact completed record of the
+-- layout before: st 'c' or 'cN', fe fence, ea expires_at (ms), cd codec, and the rest as above.
+-- Builds of earlier layouts find no fp in a packed or compact record and answer Mismatch (they
+-- never run the call again); st and ea stay so that they see a live record at all.
+-- Records completed by earlier versions (compact; st 'completed', fp, ca, and rn = N when the
+-- result is in pieces; or the whole result in rs and sc scope, dg digest fields) are read as
+-- they are.
 --
 --#include record.lua
 local key = KEYS[1]
-local h = redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd', 'rn', 'ft', 'fx')
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local h = unpacked(key, redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd',
+  'rn', 'ft', 'fx'), now_ms)
 if (h[1] == 'completed' or compact(h[1])) and h[2] == ARGV[1] then
   h = record(key, h)
   if h[7] == ARGV[2] and h[8] == ARGV[3] then
@@ -43,13 +52,23 @@ end
 if h[1] ~= 'in_progress' or h[2] ~= ARGV[1] then
   return {'lost', h[1] or '', h[2] or ''}
 end
-local t = redis.call('TIME')
-local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ea = string.format('%.0f', now_ms + tonumber(ARGV[4]))
 local rs = ARGV[2]
 local PIECE, MOST = 64, 16
-local fields = {'st', 'c', 'cd', ARGV[3], 'ea', ea, 'rs', rs}
+-- packed (the fence in st, ea '9e99', no cd for JSON) unless the fence is past 94^8
+local pack = tonumber(ARGV[1]) < PACKED_MOST
+local st = pack and pack_fence(tonumber(ARGV[1])) or 'c'
+local fields = {'st', st, 'ea', pack and '9e99' or ea, 'rs', rs}
 local gone = {'lu', 'fp', 'sc', 'dg', 'rn'}
+if pack then
+  gone[#gone + 1] = 'fe'
+end
+if pack and ARGV[3] == 'json' then
+  gone[#gone + 1] = 'cd'
+else
+  fields[#fields + 1] = 'cd'
+  fields[#fields + 1] = ARGV[3]
+end
 -- the fingerprint's longest even-length lowercase-hex tail: fp[cut + 1 ..] (a scan from the end,
 -- linear whatever the fingerprint; claim gets the same split from the client)
 local fp = h[3] or ''
@@ -80,8 +99,8 @@ if h[6] and tonumber(h[6]) == math.floor(tonumber(h[2]) / 1000) then
 end
 if #rs > PIECE and #rs <= PIECE * MOST then
   local pieces = math.ceil(#rs / PIECE) - 1
-  fields[2] = 'c' .. pieces
-  fields[8] = string.sub(rs, 1, PIECE)
+  fields[2] = st .. pieces
+  fields[6] = string.sub(rs, 1, PIECE)
   for i = 1, pieces do
     fields[#fields + 1] = 'r' .. i
     fields[#fields + 1] = string.sub(rs, i * PIECE + 1, (i + 1) * PIECE)

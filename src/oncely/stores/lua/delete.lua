@@ -6,9 +6,10 @@
 --          not run out by the server's TIME) alone and reply 0 (forget() of a running call)
 --
 -- Replies 1 if a live record was deleted, else 0 (a release tombstone goes too, unreported).
+--#include record.lua
 local h = redis.call('HMGET', KEYS[1], 'st', 'lu', 'ea')
 local st = h[1]
-local compact = st and string.match(st, '^c%d*$')
+local finished = st and (string.match(st, '^c%d*$') or packed(st))
 if ARGV[2] == '0' and st == 'in_progress' then
   local t = redis.call('TIME')
   local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -20,7 +21,7 @@ if redis.call('DEL', KEYS[1]) == 0 then
   return 0
 end
 redis.call('PUBLISH', ARGV[1], 'deleted')
-if st == 'in_progress' or st == 'completed' or compact then
+if st == 'in_progress' or st == 'completed' or finished then
   return 1
 end
 return 0

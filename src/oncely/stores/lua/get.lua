@@ -7,8 +7,8 @@
 --#include record.lua
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', KEYS[1], 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd', 'rn', 'ft',
-  'fx')
+local h = unpacked(KEYS[1], redis.call('HMGET', KEYS[1], 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs',
+  'cd', 'rn', 'ft', 'fx'), now_ms)
 if (h[1] ~= 'in_progress' and h[1] ~= 'completed' and not compact(h[1])) or not h[2]
     or (tonumber(h[5]) or 0) <= now_ms then
   return false

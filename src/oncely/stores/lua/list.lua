@@ -12,8 +12,8 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local out = {}
 for i = 1, #KEYS do
-  local h = redis.call('HMGET', KEYS[i], 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd', 'rn', 'ft',
-    'fx', 'sc', 'dg')
+  local h = unpacked(KEYS[i], redis.call('HMGET', KEYS[i], 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs',
+    'cd', 'rn', 'ft', 'fx', 'sc', 'dg'), now_ms)
   if (h[1] == 'in_progress' or h[1] == 'completed' or (compact(h[1]) and tonumber(h[2])))
       and h[2] and h[5] and tonumber(h[5]) and tonumber(h[5]) > now_ms then
     local sc, dg = h[12], h[13]

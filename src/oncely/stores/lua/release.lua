@@ -8,13 +8,15 @@
 -- tombstone (status 'released', expired, hidden from every reader, taken over by any claim) for
 -- ARGV[3] ms, so that a repeated release, whose first reply was lost, finds the caller's own
 -- tombstone and succeeds. Replies {'ok'} or {'lost', status, fence}.
+--#include record.lua
 local key = KEYS[1]
 local h = redis.call('HMGET', key, 'st', 'fe')
 if h[1] == 'released' and h[2] == ARGV[1] then
   return {'ok'}
 end
 if h[1] ~= 'in_progress' or h[2] ~= ARGV[1] then
-  return {'lost', h[1] or '', h[2] or ''}
+  local st, fe = fenced(h[1], h[2])
+  return {'lost', st or '', fe or ''}
 end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -7,10 +7,12 @@
 -- out, as long as nobody re-claimed it). lease_until = now + lease; expires_at (and the key's
 -- PEXPIREAT) is raised to at least lease_until.
 -- Replies {'ok', lease_until_ms} or {'lost', status, fence}.
+--#include record.lua
 local key = KEYS[1]
 local h = redis.call('HMGET', key, 'st', 'fe', 'ea')
 if h[1] ~= 'in_progress' or h[2] ~= ARGV[1] then
-  return {'lost', h[1] or '', h[2] or ''}
+  local st, fe = fenced(h[1], h[2])
+  return {'lost', st or '', fe or ''}
 end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)

@@ -1,0 +1,127 @@
+-- claim.lua: take an idempotency key over, or report who holds it (see oncely.stores.base).
+--
+-- KEYS[1]  the record hash  "<prefix>:<scope>:<digest>"
+-- KEYS[2]  the fence counter "<prefix>:fence" (the last fence handed out, for every key)
+-- ARGV[1]  fingerprint      ARGV[2] lease (ms)      ARGV[3] ttl (ms)
+-- ARGV[4], ARGV[5]  the fingerprint as a compact completed record keeps it (ft, fx: see
+--          complete.lua), so that a replay compares it without turning fx into hex
+--
+-- Replies (every number as a decimal string, so nothing is rounded on the way; now_ms is the
+-- time every decision and stored time of this call is based on):
+--   {'N', now_ms, fence, lease_until_ms}            the caller owns the key now
+--   {'R', now_ms, {st, fe, fp, lu, ea, ca, rs, cd}} a live completed record (replay)
+--   {'I', now_ms, fence, lease_until_ms}            a live in-progress record of another caller
+--   {'M', now_ms}                                   a live record with another fingerprint
+--
+-- Fences: max(counter + 1, TIME in microseconds, old fence + 1), and the counter keeps it. The
+-- counter never expires, so a key's fences grow whatever happened between two claims (release,
+-- delete, expiry) and whatever the clock does; the clock only seeds it (and covers a lost
+-- counter). Scripts run one at a time, so no two claims ever draw the same number.
+--
+-- Hash fields: see complete.lua. A claim writes st 'in_progress', fe fence, fp fingerprint, lu
+-- lease_until (ms), ea expires_at (ms), ca created_at (ms): the layout every earlier version
+-- wrote and reads, so builds of both kinds see each other's claims in flight.
+--
+-- record.lua: decoding a record hash, included by the scripts that read records
+-- (claim, complete, get, list) with a "--#include record.lua" line (oncely.backends.lua
+-- puts this text in its place before the script is hashed and sent).
+--
+-- A record as the fields {st, fe, fp, lu, ea, ca, rs, cd}, from
+-- HMGET st fe fp lu ea ca rs cd rn ft fx (the layouts are in complete.lua). A compact completed
+-- record (st 'c', or 'cN' with its result in N + 1 pieces) gets its status 'completed', its
+-- fingerprint (ft .. the hex of fx) and its created_at (the fence's millisecond unless ca is
+-- there) back; a result kept in pieces is joined again: rs .. r1 .. rN (N in st, or in rn).
+local function compact(st)
+  if st == 'c' then
+    return 0
+  end
+  return st and tonumber(string.match(st, '^c(%d%d?)$'))
+end
+local function fingerprint(h)
+  if not compact(h[1]) then
+    return h[3]
+  end
+  local fx, hex = h[11] or '', {}
+  for i = 1, #fx, 64 do -- string.byte of a whole long fx would overflow Lua's stack
+    local part = string.sub(fx, i, i + 63)
+    hex[#hex + 1] = string.format(string.rep('%02x', #part), string.byte(part, 1, -1))
+  end
+  return (h[10] or '') .. table.concat(hex)
+end
+local function record(key, h)
+  local pieces = compact(h[1])
+  if pieces then
+    h[3] = h[3] or fingerprint(h)
+    h[1] = 'completed'
+    if not h[6] then
+      h[6] = string.format('%.0f', math.floor(tonumber(h[2]) / 1000))
+    end
+  else
+    pieces = tonumber(h[9] or 0)
+  end
+  if pieces > 0 then
+    local names = {}
+    for i = 1, pieces do
+      names[i] = 'r' .. i
+    end
+    h[7] = (h[7] or '') .. table.concat(redis.call('HMGET', key, unpack(names)))
+  end
+  h[11], h[10], h[9] = nil, nil, nil
+  return h
+end
+local key = KEYS[1]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = string.format('%.0f', now_ms)
+
+local h = redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd', 'rn', 'ft',
+  'fx')
+local fence = now_us
+if h[1] then
+  local live = h[1] ~= 'released' and tonumber(h[5] or 0) > now_ms
+  if live and h[1] == 'in_progress' and tonumber(h[4] or 0) <= now_ms then
+    live = false -- abandoned: the holder's lease ran out, whatever its fingerprint
+  end
+  if live then
+    if compact(h[1]) then
+      if (h[10] or '') ~= ARGV[4] or (h[11] or '') ~= ARGV[5] then
+        return {'M', now}
+      end
+      h[3] = ARGV[1] -- the very same fingerprint
+      return {'R', now, record(key, h)}
+    end
+    if h[3] ~= ARGV[1] then
+      return {'M', now}
+    end
+    if h[1] == 'completed' then
+      return {'R', now, record(key, h)}
+    end
+    return {'I', now, h[2], h[4]}
+  end
+  -- released, expired or abandoned: re-claim with a fence above the old one
+  local next_fence = tonumber(h[2] or 0) + 1
+  if next_fence > fence then
+    fence = next_fence
+  end
+  redis.call('DEL', key)
+end
+local counted = tonumber(redis.call('GET', KEYS[2]) or 0) + 1
+if counted > fence then
+  fence = counted
+end
+
+local lease_ms = tonumber(ARGV[2])
+local ttl_ms = tonumber(ARGV[3])
+if ttl_ms < lease_ms then
+  ttl_ms = lease_ms
+end
+local fe = string.format('%.0f', fence)
+local lu = string.format('%.0f', now_ms + lease_ms)
+local ea = string.format('%.0f', now_ms + ttl_ms)
+redis.call('HSET', key, 'st', 'in_progress', 'fe', fe, 'fp', ARGV[1], 'lu', lu, 'ea', ea,
+  'ca', now)
+redis.call('PEXPIREAT', key, ea)
+redis.call('SET', KEYS[2], fe)
+return {'N', now, fe, lu}
+
