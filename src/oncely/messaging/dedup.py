@@ -21,7 +21,8 @@ store              ``seen(id)`` / ``filter_new(ids)``
 ``postgresql://``  one ``INSERT … SELECT … FROM unnest(%(ids)s) ON CONFLICT … DO UPDATE …
                    WHERE expired RETURNING id`` (``now()``)
 ``mysql://``       MariaDB >= 10.5: one round trip, ``DELETE`` of the batch's expired rows then
-                   ``INSERT IGNORE … RETURNING id`` (``UNIX_TIMESTAMP(NOW(6))``)
+                   ``INSERT IGNORE … RETURNING id`` (``UNIX_TIMESTAMP(NOW(6))``); a batch
+                   over ``max_allowed_packet`` goes in several such statements
 =================  =========================================================================
 
 An id is *new* when it has no unexpired record: the statement inserts it, or takes over its

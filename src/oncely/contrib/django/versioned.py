@@ -17,13 +17,21 @@ since the object was read, the lost update of source §3.3. Subclass :class:`Ver
   re-insert Django would otherwise try. ``asave()`` goes through ``save()``.
 * ``save(update_fields=[...])`` without the version field (django-concurrency's FAQ: "skip
   update version number") gets it added: the check and the bump always happen.
+* ``bulk_update(objs, fields)`` is checked as ``save()`` is: one ``UPDATE`` per batch writes
+  a row only if it is at the version its instance holds (``… AND version = CASE pk WHEN …
+  END``) and bumps it, all batches in one transaction; a stale or deleted row raises
+  :class:`~oncely.errors.StaleVersion` (or :class:`~oncely.errors.NotFound`) naming the rows
+  and nothing is written.
+* ``delete()`` compares and locks the row (``UPDATE … SET version = version + 1 WHERE pk =
+  :pk AND version = :v``) before Django's delete, in one transaction: a stale instance
+  raises :class:`~oncely.errors.StaleVersion` and deletes nothing.
 * ``Account.objects.filter(…).update(…)`` (``QuerySet.update()`` skips ``save()``) gets
-  ``version = F("version") + 1`` added unless it sets the version itself, so an instance
-  loaded before it fails its next save instead of overwriting the bulk change;
-  ``bulk_update(objs, fields)`` likewise bumps each row's version (``F() + 1``) and reads the
-  new versions back into ``objs``. With ``oncely_on_bulk = "refuse"`` on the model both raise
+  ``version = F("version") + 1`` added unless it sets the version itself (``F("version")``
+  does not count), so an instance loaded before it fails its next save instead of
+  overwriting the bulk change. With ``oncely_on_bulk = "refuse"`` on the model it raises
   :class:`~oncely.errors.VersionBypass` instead; ``.update_unversioned(…)`` is the explicit
-  way around.
+  way around. ``QuerySet.update()`` and ``QuerySet.delete()`` compare no version (they have
+  none to compare): they write or delete whatever matches.
 * ``bulk_create(update_conflicts=True)`` (an upsert) raises
   :class:`~oncely.errors.VersionBypass` unless ``update_fields`` names the version.
 * A new instance given an existing pk (``Account(id=1, ...).save()``, never loaded) updates
@@ -85,7 +93,8 @@ def _loaded_version(obj: Any, attname: str, name: str) -> int:
 
 
 class VersionedQuerySet(models.QuerySet):  # type: ignore[misc]
-    """``update()`` and ``bulk_update()`` that move the version (see the module docstring)."""
+    """``update()`` that moves the version and ``bulk_update()`` that checks it (see the
+    module docstring)."""
 
     def update(self, **kwargs: Any) -> int:
         field = _version_field(self.model)
