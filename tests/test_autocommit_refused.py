@@ -18,7 +18,7 @@ import pytest
 
 from oncely.errors import AutocommitConnection, ConfigurationError, TransactionLost
 from oncely.messaging import Delivery, IdempotentConsumer, Inbox, Retry
-from oncely.sql import create_tables, transaction
+from oncely.sql import Operation, create_tables, transaction
 from oncely.statemachine import Machine, Transition
 from oncely.statemachine.sql import HookCall, SqlStateMachine, Table
 
@@ -246,3 +246,33 @@ def test_state_machine_hooks_refuse_an_autocommit_connection(db: Db) -> None:
     plain = SqlStateMachine(ORDER, Table(orders), history_table=history)
     assert plain.apply(conn, 1, "pay", key="k2").applied
     assert db.run(f"SELECT state FROM {orders}") == [("paid",)]
+
+
+def test_recovery_point_phases_refuse_an_autocommit_connection(db: Db) -> None:
+    """A phase's code runs in a transaction oncely opens and commits with its recovery point;
+    in autocommit its writes after its own rollback() committed at once, without the point,
+    and ran again when the operation was retried."""
+    keys = db.name("rt5_keys")
+    effects = _effects(db)
+    setup = db.connect()
+    create_tables(setup, table=keys)
+    setup.commit()
+    op = Operation("rt5_op", table=keys)
+    runs = []
+
+    @op.phase("one")
+    def one(ctx: Any) -> None:
+        runs.append(1)
+        _write(db, ctx.conn, effects, "a")
+        ctx.conn.rollback()
+        _write(db, ctx.conn, effects, "b")
+
+    @op.phase("two")
+    def two(ctx: Any) -> str:
+        raise RuntimeError("crash before the operation finishes")
+
+    conn = _autocommit(db)
+    for _ in range(2):
+        with pytest.raises(AutocommitConnection):
+            op.run(conn, key="k", scope="s", params={})
+    assert runs == [] and _rows(db, effects) == []

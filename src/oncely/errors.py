@@ -391,9 +391,10 @@ class AutocommitConnection(UnsupportedConnection):
     guarantee rests on a transaction: one the caller holds (``Inbox.accept``,
     ``Outbox.add``, ``barrier()``) or one oncely opens around user code and commits only if
     that code did not end it (``Inbox.receive``, the transactional consumer,
-    ``idempotent_transaction``, state machine hooks, saga steps). On such a connection a
-    write made after the code's own ``rollback()`` / ``commit()`` commits at once, and again
-    on every retry. Give a connection without autocommit, or open the transaction first."""
+    ``idempotent_transaction``, state machine hooks, saga steps, recovery-point phases). On
+    such a connection a write made after the code's own ``rollback()`` / ``commit()`` commits
+    at once, and again on every retry. Give a connection without autocommit, or open the
+    transaction first."""
 
 
 class InvalidIdentifier(OncelyError, ValueError):

@@ -619,24 +619,27 @@ class SqlConnection:
     def require_held(self) -> None:
         """Raise :class:`~oncely.errors.AutocommitConnection` when a block oncely would begin
         itself around user code (:class:`Enter` ``held``: ``Inbox.receive``, the
-        transactional consumer, ``idempotent_transaction``, state machine hooks, saga steps)
-        cannot keep its promise on this connection. That block commits only if the code inside
-        did not end the transaction (:func:`commit_if_held`); the promise holds because, once
-        the code called ``conn.rollback()`` or ``conn.commit()``, whatever it writes next goes
-        into a new implicit transaction that oncely then rolls back. On an autocommit
-        connection each of those writes commits at once, and again on every redelivery or
-        retry. The same check as :meth:`require_transaction`; Django overrides it (its
-        ``atomic()`` forbids ``commit()`` / ``rollback()`` inside the block)."""
+        transactional consumer, ``idempotent_transaction``, state machine hooks, saga steps;
+        ``Operation`` phases call it too) cannot keep its promise on this connection. That
+        block commits only if the code inside did not end the transaction
+        (:func:`commit_if_held`); the promise holds because, once the code called
+        ``conn.rollback()`` or ``conn.commit()``, whatever it writes next goes into a new
+        implicit transaction that oncely then rolls back. On an autocommit connection each of
+        those writes commits at once, and again on every redelivery or retry. The same check
+        as :meth:`require_transaction`; Django overrides it (its ``atomic()`` forbids
+        ``commit()`` / ``rollback()`` inside the block)."""
         if self.autocommits() and not self.in_transaction():
             raise AutocommitConnection(
                 f"this {type(self.raw).__name__} is in autocommit mode: oncely cannot open the "
                 "transaction it runs your code in (Inbox.receive(), the transactional "
-                "consumer, idempotent_transaction(), state machine hooks, saga steps) on it, "
+                "consumer, idempotent_transaction(), state machine hooks, saga steps, "
+                "recovery-point phases) on it, "
                 "since a write your code made after its own conn.rollback() or conn.commit() "
                 "would commit at once, and again on every retry. Give a connection without "
                 "autocommit (sqlite3 isolation_level other than None, psycopg/PyMySQL "
                 "autocommit=False), or open the transaction yourself first (the block is then "
-                "a savepoint in it and you commit)"
+                "a savepoint in it and you commit; not for Operation phases, which commit "
+                "each phase themselves)"
             )
 
     def check_usable(self) -> None:
