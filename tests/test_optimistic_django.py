@@ -322,3 +322,16 @@ async def test_asave_goes_through_the_check(alias: str) -> None:
     with pytest.raises(StaleVersion):
         await b.asave(using=alias)
     await asyncio.sleep(0)
+
+
+def test_update_setting_the_version_to_itself_still_moves_it(alias: str) -> None:
+    """update(..., version=F("version")) counted as "sets the version itself": the version
+    stayed at 1 and an instance loaded before saved over the change."""
+    Account.objects.using(alias).create(id=1, balance=100)
+    stale = Account.objects.using(alias).get(pk=1)
+    Account.objects.using(alias).filter(pk=1).update(balance=77, version=F("version"))
+    assert _row(alias) == (77, 2)
+    stale.balance = 5
+    with pytest.raises(StaleVersion):
+        stale.save(using=alias)
+    assert _row(alias) == (77, 2)
