@@ -17,9 +17,10 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oncely.errors import BarrierTableMissing, InvalidBarrierCall
+from oncely.errors import BarrierEffectsPartial, BarrierTableMissing, InvalidBarrierCall
 from oncely.statemachine.barrier import (
     Verdict,
+    aredis_barrier,
     barrier,
     create_table,
     purge,
@@ -429,3 +430,124 @@ def test_redis_refuses_the_same_ids(rclient: tuple[redis.Redis, str]) -> None:
     r, prefix = rclient
     with pytest.raises(InvalidBarrierCall, match="NUL"):
         redis_barrier(r, "g\x00x", "b", "try", prefix=prefix)
+
+
+def test_redis_effects_failing_half_way_never_apply_twice(
+    rclient: tuple[redis.Redis, str],
+) -> None:
+    """redteam5: a command failing in the middle of the effects (WRONGTYPE) left the ones
+    before it applied and no row, so the retry applied them again (INCRBY 5 twice: 10). Now
+    the same script marks the branch broken: the error names what stayed applied, and every
+    later call on the branch (retry, cancel, confirm) raises it again and applies nothing."""
+    r, prefix = rclient
+    gid = uuid.uuid4().hex
+    k1, k2 = f"{prefix}:a:{{{gid}}}", f"{prefix}:b:{{{gid}}}"
+    r.set(k2, "not a hash")
+    effects = [("INCRBY", k1, 5), ("HINCRBY", k2, "f", 1), ("INCRBY", k1, 100)]
+    with pytest.raises(BarrierEffectsPartial) as info:
+        redis_barrier(r, gid, "b1", "try", effects=effects, prefix=prefix)
+    err = info.value
+    assert err.op == "try" and err.applied == [["INCRBY", k1, "5"]]
+    assert err.failed == ["HINCRBY", k2, "f", "1"] and "WRONGTYPE" in err.error
+    assert f"HDEL {err.key} {err.field}" in str(err)
+    assert r.get(k1) == b"5"
+    for op in ("try", "try", "cancel", "confirm"):  # retries and the branch's other ops
+        with pytest.raises(BarrierEffectsPartial) as again:
+            redis_barrier(r, gid, "b1", op, effects=[("INCRBY", k1, 5)], prefix=prefix)
+        assert again.value.applied == [["INCRBY", k1, "5"]] and again.value.op == "try"
+    assert r.get(k1) == b"5"  # applied once, never again
+    assert r.pttl(err.key) > 0  # the mark expires with the gid's rows (horizon)
+    # another branch of the gid is not affected
+    assert redis_barrier(r, gid, "b2", "try", prefix=prefix) is E
+    # the operator repairs the data and clears the mark: the branch runs again
+    r.delete(k2)
+    r.hdel(err.key, err.field)
+    assert redis_barrier(r, gid, "b1", "try", effects=effects[1:], prefix=prefix) is E
+    assert r.get(k1) == b"105"
+
+
+async def test_async_redis_effects_failing_half_way(rclient: tuple[redis.Redis, str]) -> None:
+    import redis.asyncio
+
+    r, prefix = rclient
+    gid = uuid.uuid4().hex
+    k1, k2 = f"{prefix}:a:{{{gid}}}", f"{prefix}:b:{{{gid}}}"
+    r.set(k2, "x")
+    client = redis.asyncio.Redis.from_url(REDIS_URL)
+    try:
+        for _ in range(2):
+            with pytest.raises(BarrierEffectsPartial):
+                await aredis_barrier(
+                    client, gid, "b", "action",
+                    effects=[("INCRBY", k1, 5), ("HSET", k2, "f", 1)], prefix=prefix,
+                )  # fmt: skip
+    finally:
+        await client.aclose()
+    assert r.get(k1) == b"5"
+
+
+def test_redis_effects_are_data_commands_on_their_keys() -> None:
+    """redteam5: any command was accepted as an effect, FLUSHALL included (the red team
+    flushed a shared server through it). On a private server: server, admin, script and keyless
+    commands, and commands without their key, are refused before anything is sent; so is an
+    effect on the barrier's own hash."""
+    from lock_workers import RedisServer
+
+    server = RedisServer()
+    server.start()
+    try:
+        r = redis.Redis.from_url(server.url)
+        r.set("canary", "1")
+        refused = [
+            [("FLUSHALL",)], [("flushdb",)], [("CONFIG", "SET", "maxmemory", "1")],
+            [("SHUTDOWN",)], [("SCRIPT", "FLUSH")], [("EVAL", "return 1", "0")],
+            [("FUNCTION", "FLUSH")], [("SELECT", "1")], [("SWAPDB", "0", "1")],
+            [("DEBUG", "SLEEP", "0")], [("COPY", "canary", "c2", "DB", "1")],
+            [("SET", "ok:{g}", 1), ("FLUSHALL",)],  # after a valid one: nothing is run
+            [("DEL",)], [("SET",)], [("RENAME", "canary")], [("MSET", "a", "1", "b")],
+            [("DEL", "oncely:barrier:{g}")],  # the barrier's own rows
+            [("INCRBYFLOAT", "x", float("nan"))],
+        ]  # fmt: skip
+        for effects in refused:
+            with pytest.raises(InvalidBarrierCall):
+                redis_barrier(r, "g", "b", "try", effects=effects)
+        assert r.get("canary") == b"1" and r.get("ok:{g}") is None
+        assert r.exists("oncely:barrier:{g}") == 0  # nothing was sent
+        ok = [("set", "s:{g}", "v"), ("DEL", "x:{g}", "y:{g}"), ("MSET", "m1", 1, "m2", 2)]
+        assert redis_barrier(r, "g", "b", "try", effects=ok) is E
+        assert r.mget("s:{g}", "m1", "m2") == [b"v", b"1", b"2"]
+        r.close()
+    finally:
+        server.close()
+
+
+def test_redis_cluster_effects_must_stay_in_the_gids_slot() -> None:
+    """On a Redis Cluster the script runs on the node of the gid's hash: an effect key of
+    another slot failed there half way (the keys before it applied). It is refused before
+    anything is sent, with the rule in the message."""
+    import shutil
+
+    import redis.cluster
+
+    if shutil.which("redis-server") is None:  # pragma: no cover - depends on the machine
+        pytest.skip("redis-server is not installed")
+    from redis_cluster import cluster_url
+
+    host, port = cluster_url().split("://")[1].split(",")[0].split(":")
+    r = redis.cluster.RedisCluster(host=host, port=int(port))
+    gid = uuid.uuid4().hex
+    prefix = f"oncely-test-barrier-{gid[:8]}"
+    mine, other = f"{prefix}:a:{{{gid}}}", f"{prefix}:other"
+    try:
+        with pytest.raises(InvalidBarrierCall, match="hash slot"):
+            redis_barrier(
+                r, gid, "b", "try", effects=[("INCRBY", mine, 1), ("INCRBY", other, 1)],
+                prefix=prefix,
+            )  # fmt: skip
+        assert r.get(mine) is None and r.get(other) is None
+        assert redis_barrier(r, gid, "b", "try", effects=[("INCRBY", mine, 1)], prefix=prefix) is E
+        assert r.get(mine) == b"1"
+    finally:
+        r.delete(mine)
+        r.delete(f"{prefix}:{{{gid}}}")
+        r.close()

@@ -4,6 +4,7 @@ them SIGKILLed under acks_late."""
 from __future__ import annotations
 
 import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,11 @@ import pytest
 from celery import Celery
 
 from messaging_storm import Storm, check_storm, run_storm, storm_ids, storm_table
+from oncely.errors import InvalidKey
 from oncely.messaging import Delivery
 from oncely.messaging.celery import IdempotentTask
 
-from conftest import REDIS_URL, drop_redis_prefix
+from conftest import REDIS_URL, StoreFactory, drop_redis_prefix
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
 
@@ -97,6 +99,52 @@ def test_task_options_and_direct_calls() -> None:
     assert consumer.on_dead_letter is not None
     consumer.on_dead_letter(Delivery(b""), RuntimeError())
     assert len(letters) == 1
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"order": "o-1", "amount": 5},  # another key order would be another key
+        [1, 2],
+        (1, 2),
+        1.5,  # would share a key with "1.5"
+        True,
+        None,  # was dead-lettered: SUCCESS with result None, taken for a duplicate
+        "",
+        "o\x00-1",
+    ],
+)
+def test_a_bad_idempotency_key_fails_the_task(make_store: StoreFactory, bad: Any) -> None:
+    """idempotency_key must return a key part as every surface takes it (a non-empty str, an
+    int or a UUID): anything else fails the task with InvalidKey (state FAILURE), the task
+    never runs. Red team 5: dicts, lists, tuples and floats were turned into text (the same
+    dict in another key order ran twice; 1.5 and "1.5" shared a key) and None or "" ended
+    as SUCCESS with result None."""
+    store = make_store("redis")[0]
+    app = Celery("oncely_keys", broker="memory://", backend="cache+memory://")
+    app.conf.task_always_eager = True
+    runs: list[Any] = []
+
+    @app.task(
+        base=IdempotentTask,
+        idempotency_store=store,
+        idempotency_key=lambda payload: payload,
+        name=f"oncely_keys.charge_{uuid.uuid4().hex[:8]}",
+    )
+    def charge(payload: Any) -> str:
+        runs.append(payload)
+        return "charged"
+
+    result = charge.apply(args=(bad,))
+    assert result.state == "FAILURE" and isinstance(result.result, InvalidKey), result.result
+    assert "idempotency_key" in str(result.result)
+    assert runs == []
+    good = uuid.uuid4()
+    for key in ("o-1", 7, good):
+        assert charge.apply(args=(key,)).result == "charged"
+        again = charge.apply(args=(key,))
+        assert again.state == "SUCCESS" and again.result is None  # a duplicate: not run
+    assert runs == ["o-1", 7, good]
 
 
 @pytest.mark.slow

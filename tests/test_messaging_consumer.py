@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from oncely import current_claim
-from oncely.errors import ConfigurationError, MessageRejected
+from oncely import current_claim, idempotent
+from oncely.errors import ConfigurationError, InvalidKey, MessageRejected
 from oncely.messaging import (
     Ack,
     DeadLetter,
@@ -275,6 +275,110 @@ async def test_batch_mismatch_is_dead_lettered(batch_store: Store) -> None:
     assert seen == [a1.body, b1.body]
 
 
+PARITY_BATCH = [
+    b'{"id": "A", "v": 1}',
+    b'{"id": "A", "v": 1}',
+    b'{"id": "A", "v": 2}',  # another body under a dedup id the batch already holds
+    b'{"id": "B", "fail": 1}',
+    b'{"id": "B", "fail": 1}',
+    b'{"id": "C"}',
+    b'{"id": "A", "v": 2}',
+    b'{"x": 1}',
+    b'{"id": "C"}',
+]
+PARITY_VERDICTS = [
+    "Ack(ran)", "Ack", "DeadLetter[mismatch]", "Retry", "Retry", "Ack(ran)",
+    "DeadLetter[mismatch]", "DeadLetter[missing-dedup-id]", "Ack",
+]  # fmt: skip
+
+
+def _summary(verdict: Any) -> str:
+    if isinstance(verdict, Ack):
+        return "Ack(ran)" if verdict.ran else "Ack"
+    if isinstance(verdict, DeadLetter):
+        return f"DeadLetter[{getattr(verdict.error, 'reason', '')}]"
+    return type(verdict).__name__
+
+
+async def test_every_face_gives_the_same_verdicts(store: Store) -> None:
+    """One batch, four faces (process, aprocess one by one, aprocess_many with a sync and
+    with an async handler) on every store: the same verdicts and the same dead letters. A
+    different body under a dedup id already in the batch is dead-lettered as a mismatch on
+    the Redis batch face too (red team 5: it was acked as a duplicate of the first)."""
+    faces: dict[str, tuple[list[str], list[tuple[bytes, str]]]] = {}
+    for face in ("process", "aprocess", "batch", "async-batch"):
+        letters: list[tuple[bytes, str]] = []
+
+        def handle(d: Delivery) -> None:
+            if d.json().get("fail"):
+                raise RuntimeError("fails")
+
+        async def ahandle(d: Delivery) -> None:
+            handle(d)
+
+        consumer = IdempotentConsumer(
+            ahandle if face == "async-batch" else handle,
+            name=f"parity-{face}",
+            store=store,
+            dedup_id="body:id",
+            retry_delay=0.01,
+            on_dead_letter=lambda d, e, into=letters: into.append(
+                (d.body, getattr(e, "reason", ""))
+            ),
+        )
+        deliveries = [Delivery(body) for body in PARITY_BATCH]
+        if face == "process":
+            verdicts = [consumer.process(d) for d in deliveries]
+        elif face == "aprocess":
+            verdicts = [await consumer.aprocess(d) for d in deliveries]
+        else:
+            verdicts = await consumer.aprocess_many(deliveries)
+        faces[face] = ([_summary(v) for v in verdicts], sorted(letters))
+    for face, (verdicts, letters) in faces.items():
+        assert verdicts == PARITY_VERDICTS, face
+        assert letters == faces["process"][1], face
+    assert [body for body, _ in faces["process"][1]] == [
+        b'{"id": "A", "v": 2}', b'{"id": "A", "v": 2}', b'{"x": 1}',
+    ]  # fmt: skip
+
+
+def test_validate_json_compares_json_bodies_by_value(store: Store) -> None:
+    """validate=True compares bodies byte for byte (the same JSON re-serialized is a
+    mismatch); validate="json" compares a JSON body by value, as the HTTP layer does; a
+    record is compared in the mode that claimed it, so switching modes (or to
+    validate=False) turns no redelivery into a mismatch."""
+    seen: list[bytes] = []
+    letters: list[bytes] = []
+
+    def consumer(validate: Any, name: str = "json") -> IdempotentConsumer:
+        return IdempotentConsumer(
+            lambda d: seen.append(d.body), name=name, store=store, dedup_id="body:id",
+            validate=validate, on_dead_letter=lambda d, e: letters.append(d.body),
+        )  # fmt: skip
+
+    first = Delivery(b'{"id": "e-1", "amount": 5, "note": "caf\\u00e9"}')
+    resent = Delivery(b'{"note":"caf\xc3\xa9","amount":5.0,"id":"e-1"}')
+    other = Delivery(b'{"id": "e-1", "amount": 6, "note": "caf\\u00e9"}')
+    strict = consumer(True, "bytes")
+    assert strict.process(first) == Ack(ran=True)
+    assert isinstance(strict.process(resent), DeadLetter)  # the default: byte for byte
+    by_value = consumer("json")
+    assert by_value.process(first) == Ack(ran=True)
+    assert by_value.process(resent) == Ack(ran=False)
+    verdict = by_value.process(other)
+    assert isinstance(verdict, DeadLetter) and verdict.error.reason == "mismatch"  # type: ignore[attr-defined]
+    # the record claimed by value is compared by value after a switch to bytes, and the
+    # bytes record by bytes after a switch to "json"; validate=False matches any body
+    assert consumer(True).process(resent) == Ack(ran=False)
+    assert isinstance(consumer(True).process(other), DeadLetter)
+    assert isinstance(consumer("json", "bytes").process(resent), DeadLetter)
+    assert consumer("json", "bytes").process(first) == Ack(ran=False)
+    assert consumer(False, "bytes").process(other) == Ack(ran=False)
+    assert seen == [first.body, first.body]
+    with pytest.raises(ConfigurationError, match="validate"):
+        consumer("JSON")
+
+
 def test_message_without_dedup_id_is_dead_lettered_never_run(store: Store) -> None:
     letters: list[BaseException] = []
     runs: list[int] = []
@@ -313,6 +417,52 @@ def test_failing_dead_letter_callback_leaves_the_message_unacked(store: Store) -
     assert isinstance(verdict, Retry) and "on_dead_letter failed" in verdict.reason
 
 
+@pytest.mark.parametrize("face", ["process", "aprocess", "batch"])
+@pytest.mark.parametrize("broker_count", [False, True])
+async def test_a_failing_dead_letter_callback_does_not_rerun_the_handler(
+    store: Store, face: str, broker_count: bool
+) -> None:
+    """A poison message whose dead-letter callback raises stays unacked, and each redelivery
+    goes straight back to the dead-letter step: the handler ran max_attempts times, never
+    more (red team 5: the count started over, so it ran max_attempts more times per cycle,
+    without end). Once the callback succeeds, the message is dead-lettered and acked."""
+    runs: list[bytes] = []
+    calls: list[bytes] = []
+
+    def handler(d: Delivery) -> None:
+        runs.append(d.body)
+        if d.json().get("poison"):
+            raise ValueError("poison")
+
+    def dead_letter(d: Delivery, e: BaseException) -> None:
+        calls.append(d.body)
+        if len(calls) <= 3:
+            raise OSError("dead-letter queue down")
+
+    consumer = IdempotentConsumer(
+        handler, name="c", store=store, dedup_id="body:id", max_attempts=3,
+        on_dead_letter=dead_letter, retry_delay=0.01,
+    )  # fmt: skip
+    poison = b'{"id": "p-1", "poison": true}'
+    verdicts: list[Any] = []
+    for attempt in range(1, 7):
+        delivery = Delivery(poison, attempt=attempt if broker_count else None)
+        if face == "process":
+            verdict = consumer.process(delivery)
+        elif face == "aprocess":
+            verdict = await consumer.aprocess(delivery)
+        else:  # with a healthy message, so a store with a batch face uses it
+            ok = Delivery(b'{"id": "ok-%d"}' % attempt)
+            verdict, fine = await consumer.aprocess_many([delivery, ok])
+            assert fine == Ack(ran=True)
+        verdicts.append(verdict)
+    kinds = [type(v).__name__ for v in verdicts]
+    assert kinds == ["Retry"] * 5 + ["DeadLetter"], verdicts
+    assert all("on_dead_letter failed" in v.reason for v in verdicts[2:5])
+    assert runs.count(poison) == 3
+    assert calls == [poison] * 4
+
+
 def test_dedup_id_sources() -> None:
     d = Delivery(b'{"a": {"b": "x"}}', message_id="mid", headers={"Event-Id": "h"})
     assert dedup_id_reader("message_id")(d) == "mid"
@@ -335,6 +485,48 @@ def test_bad_settings_are_refused() -> None:
         IdempotentConsumer(lambda d: None, name="c", store="memory://", lease=0)
     with pytest.raises(ConfigurationError, match="max_attempts"):
         IdempotentConsumer(lambda d: None, name="c", store="memory://", max_attempts=-1)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        ({"ttl": 5, "lease": 30}, ConfigurationError, "ttl=5 is shorter than lease=30"),
+        ({"retry_delay": 100, "max_retry_delay": 1}, ConfigurationError, "max_retry_delay"),
+        ({"on_dead_letter": 5}, ConfigurationError, "on_dead_letter must be a callable"),
+        ({"name": "bill\x00ing"}, InvalidKey, "NUL"),
+        ({"name": "\ud800"}, InvalidKey, "surrogate"),
+        ({"name": "  "}, ConfigurationError, "name must be a non-empty string"),
+    ],
+)
+def test_contradictory_settings_are_refused_when_built(
+    options: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    """Every setting is checked when the consumer is built, not at its first message (red
+    team 5: these were accepted; a NUL in the name raised InvalidKey on every message, a
+    non-callable on_dead_letter made every poison message a Retry without end)."""
+    options = {"name": "c", "store": "memory://", **options}
+    with pytest.raises(error, match=match):
+        IdempotentConsumer(lambda d: None, **options)
+
+
+@pytest.mark.parametrize(
+    ("url", "match"),
+    [
+        ("redis://127.0.0.1:6379/0?socket_timout=1", "socket_timeout"),
+        ("sqlite:///oncely-typo.db?busy_timout=5", "busy_timeout"),
+        ("postgresql://postgres@127.0.0.1:5432/test?sslmod=disable", "sslmode"),
+        ("mysql://root@127.0.0.1:3306/test?read_timout=5", "unknown option"),
+        ("redis://127.0.0.1:6379/0?socket_timeout=abc", "socket_timeout"),
+    ],
+)
+def test_a_store_url_typo_is_refused_when_built(url: str, match: str) -> None:
+    """A misspelled store URL option is refused when the consumer (or any component) is
+    built, with the closest option named; nothing is opened. Red team 5: it was accepted,
+    and every message then came back as Retry, without end."""
+    with pytest.raises(ConfigurationError, match=match):
+        IdempotentConsumer(lambda d: None, name="c", store=url)
+    with pytest.raises(ConfigurationError, match=match):
+        idempotent(store=url)(lambda x: x)
 
 
 def test_store_down_leaves_the_message_unacked_and_unrun() -> None:
@@ -538,7 +730,9 @@ def _durations() -> dict[str, Any]:
     return {
         "lease": consumer("lease"),
         "wait_timeout": consumer("wait_timeout"),
-        "ttl": consumer("ttl"),
+        "ttl": lambda v: IdempotentConsumer(
+            lambda d: None, name="c", store="memory://", ttl=v, lease="100ms"
+        ),
         "retry_delay": consumer("retry_delay"),
         "window": lambda v: Deduplicator("memory://", window=v, namespace="n"),
         "older_than": purge,

@@ -233,3 +233,29 @@ def test_min_idle_shorter_than_the_lease_is_refused(store: Store) -> None:
     consumer = IdempotentConsumer(lambda d: None, name="c", store=store, lease=5)
     with pytest.raises(ConfigurationError, match="min_idle"):
         RedisStreamConsumer(consumer, redis.asyncio.Redis(), "s", "g", "m", min_idle=1)
+
+
+async def test_a_corrected_message_in_the_same_batch_is_dead_lettered(
+    client: redis.asyncio.Redis, names: tuple[str, str], store: Store
+) -> None:
+    """The original and a corrected body under one dedup id, read in one XREADGROUP batch:
+    the corrected one is dead-lettered as a mismatch, never acked as a duplicate (red team 5:
+    the batch claimed the id once and acked the second body unseen)."""
+    stream, group = names
+    await publish(client, stream, b'{"order":"o-1","amount":5}', message_id="o-1")
+    await publish(client, stream, b'{"order":"o-1","amount":500}', message_id="o-1")
+    ran: list[bytes] = []
+    letters: list[tuple[bytes, str | None]] = []
+    consumer = IdempotentConsumer(
+        lambda d: ran.append(d.body),
+        name="c",
+        store=store,
+        lease=2.0,
+        on_dead_letter=lambda d, e: letters.append((d.body, getattr(e, "reason", None))),
+    )
+    member = RedisStreamConsumer(consumer, client, stream, group, "a", count=10)
+    await member.ensure_group()
+    assert await member.step() == 2
+    assert ran == [b'{"order":"o-1","amount":5}']
+    assert letters == [(b'{"order":"o-1","amount":500}', "mismatch")]
+    assert await pending(client, stream, group) == 0

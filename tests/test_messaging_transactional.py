@@ -205,6 +205,34 @@ def test_poison_message_is_dead_lettered_and_acked_without_an_inbox_row(db: Db) 
     assert db.counts() == Counter() and db.inbox_rows() == 0
 
 
+def test_a_failing_dead_letter_callback_does_not_rerun_the_transaction(db: Db) -> None:
+    """The transactional mode: a poison message whose dead-letter callback raises is not run
+    again on its redeliveries (red team 5: the count started over each cycle)."""
+    runs: list[int] = []
+    calls: list[int] = []
+
+    def handler(d: Delivery, conn: Any) -> None:
+        runs.append(1)
+        raise ValueError("poison")
+
+    def dead_letter(d: Delivery, e: BaseException) -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise OSError("dead-letter queue down")
+
+    consumer = IdempotentConsumer(
+        handler, name="billing", inbox=db.inbox, connect=db.url, max_attempts=2,
+        on_dead_letter=dead_letter, retry_delay=0.01,
+    )  # fmt: skip
+    try:
+        verdicts = [consumer.process(msg("p")) for _ in range(4)]
+    finally:
+        consumer.close()
+    assert [type(v).__name__ for v in verdicts] == ["Retry", "Retry", "Retry", "DeadLetter"]
+    assert len(runs) == 2 and len(calls) == 3
+    assert db.counts() == Counter() and db.inbox_rows() == 0
+
+
 @pytest.mark.parametrize("how", ["rollback-then-write", "rollback", "commit-then-write"])
 def test_a_handler_that_ends_the_transaction_itself_is_caught_before_the_commit(
     db: Db, how: str

@@ -78,13 +78,29 @@ def test_lock_urls_refuse_misspelled_options_too(template: str, typo: str, tmp_p
         Lock(_url(template, tmp_path), f"typo-{uuid.uuid4()}")
 
 
-def test_the_decorator_refuses_a_misspelled_option_at_its_first_call(tmp_path: Path) -> None:
-    @idempotent(store=f"sqlite:///{tmp_path}/x.db?busy_timout=5", key=["k"])
-    def f(k: str) -> str:
-        raise AssertionError("must not run")
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///{tmp}/x.db?busy_timout=5",
+        REDIS_URL + "?socket_timout=1",
+        POSTGRES_URL + "?sslmod=disable",
+        MYSQL_URL + "?read_timout=5",
+    ],
+)
+def test_a_misspelled_option_is_refused_when_the_component_is_built(
+    url: str, tmp_path: Path
+) -> None:
+    """Every component checks its store URL when built (Store.check_url, nothing opened), not
+    at its first call (red team 5: a consumer given ?socket_timout=1 turned every message
+    into Retry, without end)."""
+    from oncely.messaging import IdempotentConsumer
 
-    with pytest.raises(ConfigurationError, match="busy_timeout"):
-        f("a")
+    url = _url(url, tmp_path)
+    with pytest.raises(ConfigurationError, match="unknown option"):
+        idempotent(store=url, key=["k"])(lambda k: k)
+    with pytest.raises(ConfigurationError, match="unknown option"):
+        IdempotentConsumer(lambda d: None, name="c", store=url)
+    assert not (tmp_path / "x.db").exists()  # nothing was opened
 
 
 @pytest.mark.parametrize(

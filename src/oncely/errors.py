@@ -6,8 +6,11 @@ Everything derives from :class:`OncelyError`. Input mistakes also derive from
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AutocommitConnection",
+    "BarrierEffectsPartial",
     "BarrierError",
     "BarrierTableMissing",
     "ConfigurationError",
@@ -479,17 +482,56 @@ class BarrierTableMissing(BarrierError, SchemaMissing):
     database, next to the tables the branch writes)."""
 
 
+class BarrierEffectsPartial(BarrierError):
+    """A :func:`~oncely.statemachine.barrier.redis_barrier` effect failed after the ones before
+    it were applied (Redis does not roll a script back). The same script marked the branch
+    broken, so no retry applies those commands twice: every later call on the branch (a retry,
+    its compensation, its confirm) raises this error until an operator repairs the data and
+    clears the mark (``HDEL key field``, both named here and in the message).
+
+    ``op`` is the op whose effects failed, ``applied`` the commands that stayed applied,
+    ``failed`` the one that failed, ``error`` the server's error, ``key`` and ``field`` the
+    mark."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str,
+        field: str,
+        op: str,
+        applied: list[list[str]],
+        failed: list[str],
+        error: str,
+    ):
+        super().__init__(message)
+        self.op = op
+        self.key = key
+        self.field = field
+        self.applied = applied
+        self.failed = failed
+        self.error = error
+
+
 class SagaError(OncelyError):
     """A saga (:mod:`oncely.statemachine.saga`) did not complete."""
 
 
 class SagaFailed(SagaError):
-    """A step failed for good and every completed step was compensated: the saga is rolled back.
-    ``step`` names the failed step, ``__cause__`` is its last error."""
+    """The saga is rolled back: every completed step was compensated. ``Saga.run`` raises it
+    whenever the saga ends compensated, so "no exception" always means the saga completed:
 
-    def __init__(self, message: str, step: str):
+    * a step of this run failed for good: ``step`` names it, ``__cause__`` is its last error;
+    * the saga was rolled back by ``Saga.abort`` (before or during this run) or by an earlier
+      run whose step failed (a re-run of a compensated saga id): ``step`` is None.
+
+    ``result`` is the :class:`~oncely.statemachine.saga.SagaResult` of this call (state
+    ``compensated``, the steps it executed and compensated)."""
+
+    def __init__(self, message: str, step: str | None, result: Any = None):
         super().__init__(message)
         self.step = step
+        self.result = result
 
 
 class SagaStuck(SagaError):

@@ -169,18 +169,20 @@ def open_store(url: str, **options: Any) -> Store:
 
 def configured_store(store: str | Store | None, where: str) -> str | Store:
     """The store a component uses: ``store`` if given, else ``$ONCELY_STORE``, else
-    :data:`DEFAULT_URL` (:func:`oncely.settings.resolve`); a URL's class is looked up now, so
-    a typo or a missing extra fails when the component is built, not at its first call.
+    :data:`DEFAULT_URL` (:func:`oncely.settings.resolve`); a URL's class is looked up and the
+    URL checked now (:meth:`~oncely.stores.base.Store.check_url`: a misspelled query option, a
+    bad port; nothing is opened), so a typo or a missing extra fails when the component is
+    built, not at its first call.
 
     :param where: the component, for messages (``"@idempotent billing.charge"``).
     :raises ConfigurationError: not a URL or a :class:`~oncely.stores.base.Store`, an unknown
-        scheme, or the driver's extra is not installed.
+        scheme, a URL the store would refuse, or the driver's extra is not installed.
     """
     from oncely.stores.base import Store
 
     spec = resolve("store", store, where=where)
     if isinstance(spec, str):
-        store_class(spec)
+        store_class(spec).check_url(spec)
     elif not isinstance(spec, Store):
         raise ConfigurationError(
             f"{where}: store= takes a URL or an oncely Store, not {type(spec).__name__}"

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from oncely.core.observe import describe
 from oncely.core.records import ClaimOutcome, New, RecordKey
 from oncely.errors import OncelyError
 
@@ -101,4 +102,4 @@ async def _write_again(write: Callable[..., Awaitable[Any]], args: tuple[Any, ..
     try:
         await write(*args)
     except OncelyError as exc:
-        log.warning("oncely: write repeated after a cancellation failed: %s", exc)
+        log.warning("oncely: write repeated after a cancellation failed: %s", describe(exc))

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from oncely.core import observe
 from oncely.core.cancelsafe import keep_cancel
+from oncely.core.observe import describe
 from oncely.core.records import RecordKey
 from oncely.core.renewal import renew_timeout, report, watchdog
 from oncely.errors import LeaseLost
@@ -137,7 +138,9 @@ class Claimed:
         if isinstance(exc, LeaseLost) or now + self.lease / 10 >= self.held_until:
             self._lose(exc)
             return False
-        log.warning("oncely: lease renewal failed (%s); retrying while the lease lasts", exc)
+        log.warning(
+            "oncely: lease renewal failed (%s); retrying while the lease lasts", describe(exc)
+        )
         self.due = now + self.lease / 10
         return True
 
@@ -149,7 +152,7 @@ class Claimed:
         log.error(
             "oncely: lease lost for fence %s: %s",
             self.fence,
-            exc,
+            describe(exc),
             extra={"oncely_digest": observe.log_digest(self.key), "oncely_fence": self.fence},
         )
         if observe.observers:

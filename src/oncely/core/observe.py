@@ -60,6 +60,7 @@ __all__ = [
     "add",
     "background",
     "claim_outcome",
+    "describe",
     "errors",
     "lease_lost",
     "lease_renewed",
@@ -191,6 +192,19 @@ def claim_outcome(result: object) -> str:
 _UNRESOLVED: Final = object()
 _INVALID: Final = object()
 _log_key: object = _UNRESOLVED
+
+
+def describe(exc: BaseException) -> str:
+    """How oncely's log lines name an exception: ``"TypeName: message"``, or the type's name
+    alone when the message is empty, so that ``TimeoutError()`` or ``CancelledError()`` never
+    reads as an empty ``()`` in a log. An exception whose ``str()`` fails is named by its type
+    and ``repr``-less marker instead of failing the log call."""
+    name = type(exc).__qualname__
+    try:
+        text = str(exc)
+    except Exception:
+        return f"{name}: <message unavailable>"
+    return f"{name}: {text}" if text else name
 
 
 def set_log_key(secret: str | bytes | None = None) -> None:

@@ -33,6 +33,7 @@ from typing import Final
 
 from oncely.core import observe
 from oncely.core.cancelsafe import keep_alive
+from oncely.core.observe import describe
 from oncely.errors import LeaseLost, OncelyError, StoreUnavailable
 
 __all__ = ["SETTLE_FOR", "Pause", "Write", "asettle_later", "settle_later", "settle_plan"]
@@ -73,7 +74,7 @@ def settle_plan(what: str, settle_for: float = SETTLE_FOR) -> Generator[Write | 
                     "lease runs out, and a retry after that runs the call again",
                     what,
                     settle_for,
-                    exc,
+                    describe(exc),
                 )
                 return False
             yield Pause(pause)
@@ -84,11 +85,11 @@ def settle_plan(what: str, settle_for: float = SETTLE_FOR) -> Generator[Write | 
                 "oncely: %s could not be stored: the claim was lost meanwhile (%s); another "
                 "caller may have run the call too",
                 what,
-                exc,
+                describe(exc),
             )
             return False
         except OncelyError as exc:
-            log.error("oncely: %s could not be stored: %s", what, exc)
+            log.error("oncely: %s could not be stored: %s", what, describe(exc))
             return False
         log.info("oncely: %s stored by the background retry", what)
         return True

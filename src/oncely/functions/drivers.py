@@ -20,6 +20,7 @@ from typing import Any
 
 from oncely.core.cancelsafe import keep_alive
 from oncely.core.lease import AsyncRenewer, Claimed, LostCallback, active_claim, keeper
+from oncely.core.observe import describe
 from oncely.core.ops import Claim, aperform, perform
 from oncely.core.records import RecordKey
 from oncely.functions.flow import CallPolicy, Op, Run, RunUnprotected
@@ -173,7 +174,7 @@ async def _finish(
         await _drive(flow, state, send, throw)
     except BaseException as exc:
         log.info(
-            "oncely: %s finished after its caller was cancelled and its outcome was settled: %r",
+            "oncely: %s finished after its caller was cancelled and its outcome was settled: %s",
             state.policy.name,
-            exc,
+            describe(exc),
         )

@@ -19,6 +19,7 @@ from typing import Any
 from oncely.codecs import Codec, encode_result
 from oncely.core import steps
 from oncely.core.names import type_name
+from oncely.core.observe import describe
 from oncely.core.ops import Claim, StoreOp, Watch
 from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay
 from oncely.core.settle import SETTLE_FOR
@@ -230,7 +231,7 @@ def _run_and_store(policy: CallPolicy, key: RecordKey, new: New) -> Generator[Op
             try:
                 yield from _complete(policy, key, new.fence, *_encode_error(exc), exc)
             except ResultTooLarge as too_large:  # kept as "ran, not storable"; the caller
-                log.warning("oncely: %s", too_large)  # still gets what the body raised
+                log.warning("oncely: %s", describe(too_large))  # still gets what the body raised
         else:
             error = yield from steps.release(key, new.fence, policy.complete_attempts)
             if error is not None:

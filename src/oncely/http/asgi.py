@@ -25,6 +25,7 @@ from typing import Any
 
 from oncely.core.cancelsafe import keep_alive
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim
+from oncely.core.observe import describe
 from oncely.core.ops import Complete, CompleteLater, Release, Sleep, Watch
 from oncely.core.ops import aperform as store_aperform
 from oncely.core.records import New
@@ -370,8 +371,8 @@ class _Exchange:
             if done.done():  # the request task was cancelled and left
                 if not isinstance(exc, asyncio.CancelledError):
                     log.info(
-                        "oncely.http: a cancelled request's handler finished and was settled: %r",
-                        exc,
+                        "oncely.http: a cancelled request's handler finished and was settled: %s",
+                        describe(exc),
                     )
             elif isinstance(exc, asyncio.CancelledError):
                 done.cancel()
@@ -402,7 +403,7 @@ class _Exchange:
             log.warning(
                 "oncely.http: could not release the claim of a cancelled request (%s); it frees "
                 "itself when its lease runs out",
-                exc,
+                describe(exc),
             )
 
     # -- request body ------------------------------------------------------------------------------
@@ -525,7 +526,7 @@ class _Exchange:
         try:
             await self.drive(self.flow, captured)
         except BaseException as exc:
-            log.error("oncely.http: settling a finished response failed: %r", exc)
+            log.error("oncely.http: settling a finished response failed: %s", describe(exc))
 
 
 class _Capture:

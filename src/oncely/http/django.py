@@ -65,6 +65,7 @@ from django.utils.module_loading import import_string  # type: ignore[import-unt
 
 from oncely.core.cancelsafe import keep_alive
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim, keeper
+from oncely.core.observe import describe
 from oncely.errors import ConfigurationError, HttpProblem
 from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import SAFE_METHODS, Engine
@@ -216,7 +217,7 @@ def _read_body(request: DjangoRequest, limit: int, expected: int | None) -> byte
         )
         return BodyError.INCOMPLETE
     except OSError as exc:  # UnreadablePostError: the client went away mid-body
-        log.info("oncely.http: reading the request body failed: %s", exc)
+        log.info("oncely.http: reading the request body failed: %s", describe(exc))
         return BodyError.INCOMPLETE
     if len(body) > limit:
         return BodyError.TOO_LARGE
@@ -394,7 +395,10 @@ class _Exchange:
         try:
             await self.adrive(captured, None)
         except BaseException as exc:
-            log.info("oncely.http: a cancelled request's view finished and was settled: %r", exc)
+            log.info(
+                "oncely.http: a cancelled request's view finished and was settled: %s",
+                describe(exc),
+            )
 
     def _handled(self) -> bool:
         entry: HandlerEntry = self.request.META[ENTRY_KEY]
@@ -552,7 +556,7 @@ class _Stream:
         try:  # Django closes from a worker thread (sync_to_async): settle on the loop
             asyncio.run_coroutine_threadsafe(self._afinish(None), loop).result(timeout=30)
         except Exception as exc:
-            log.error("oncely.http: settling a response closed early failed: %r", exc)
+            log.error("oncely.http: settling a response closed early failed: %s", describe(exc))
 
 
 def _view_starts(request: DjangoRequest) -> None:

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oncely.core import steps
+from oncely.core.observe import describe
 from oncely.core.ops import Claim, Complete, CompleteLater, Release, Sleep, StoreOp, Watch
 from oncely.core.records import InFlight, Mismatch, New, Record, RecordKey, Replay, digest_key
 from oncely.core.text import text_problem
@@ -335,7 +336,9 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
             # Only an unreachable store is an outage to ride out; a missing table, a bad
             # reply or any other StoreError is a fault to fix and never runs unprotected.
             if policy.fail_open and isinstance(exc, StoreUnavailable):
-                log.warning("oncely.http: store down (%s); running the request unprotected", exc)
+                log.warning(
+                    "oncely.http: store down (%s); running the request unprotected", describe(exc)
+                )
                 captured = yield Run(None, None, policy.lease, info, -1)
                 yield from _settle(policy, captured, None, None, None)
                 return
@@ -458,7 +461,7 @@ def _settle(
             try:
                 data = encode_response(status, headers, captured.body or b"")
             except SerializationError as exc:  # e.g. a header over 64 KiB: kept as a marker
-                log.error("oncely.http: the response cannot be stored (%s)", exc)
+                log.error("oncely.http: the response cannot be stored (%s)", describe(exc))
                 data, codec = marker()
             else:
                 codec = CODEC
@@ -659,7 +662,7 @@ def _release_token(use: TokenUse) -> Flow:
     try:
         yield ReleaseToken(use)
     except OncelyError as exc:
-        log.warning("oncely.http: could not give the one-time token back (%s)", exc)
+        log.warning("oncely.http: could not give the one-time token back (%s)", describe(exc))
 
 
 def _complete(
@@ -682,18 +685,18 @@ def _complete(
         log.error(
             "oncely.http: the request ran but its key was lost before the response was "
             "stored (%s); another request may have run it too. Use a longer lease",
-            exc,
+            describe(exc),
         )
         return
     except ResultTooLarge as exc:
         log.error(
             "oncely.http: the response is too large for the store (%s); it is kept as not "
             "replayable, so a retry gets 409 instead of running again",
-            exc,
+            describe(exc),
         )
         return
     except OncelyError as exc:
-        log.error("oncely.http: the response could not be stored: %s", exc)
+        log.error("oncely.http: the response could not be stored: %s", describe(exc))
         return
     if down is not None:
         log.error(

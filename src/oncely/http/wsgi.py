@@ -23,6 +23,7 @@ from http import HTTPStatus
 from typing import Any
 
 from oncely.core.lease import Claimed, active_claim, keeper
+from oncely.core.observe import describe
 from oncely.errors import ConfigurationError, HttpProblem
 from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import Engine
@@ -250,10 +251,10 @@ class _Exchange:
             elif has_unsized_body(environ):
                 return BodyError.LENGTH_REQUIRED
         except (OSError, ValueError) as exc:
-            log.info("oncely.http: reading the request body failed: %s", exc)
+            log.info("oncely.http: reading the request body failed: %s", describe(exc))
             return BodyError.INCOMPLETE
         except Exception as exc:  # servers raise their own types on a dropped client
-            log.info("oncely.http: reading the request body failed: %r", exc)
+            log.info("oncely.http: reading the request body failed: %s", describe(exc))
             return BodyError.INCOMPLETE
         body = b"".join(chunks)
         _replace_body(environ, body)

@@ -40,6 +40,7 @@ from oncely.backends.registry import lock_backend_class as backend_class
 from oncely.backends.registry import shared_lock_backend as shared_backend
 from oncely.core import observe
 from oncely.core.cancelsafe import keep_alive, keep_cancel
+from oncely.core.observe import describe
 from oncely.core.renewal import on_renewal_thread, renew_timeout, report, watchdog
 from oncely.errors import (
     LockError,
@@ -341,7 +342,7 @@ class Lock:
         if renewal is not None:
             renewal.active = False
             loop = renewal.loop
-        log.error("oncely: lock %r lost: %s", self.name, exc)
+        log.error("oncely: lock %r lost: %s", self.name, describe(exc))
         if observe.observers:
             observe.lock_lost(self.backend.kind)
         self._tell(exc, loop)
@@ -897,7 +898,7 @@ class _Renewal:
         log.warning(
             "oncely: renewing lock %r failed (%s); retrying while its ttl lasts",
             self.lock.name,
-            exc,
+            describe(exc),
         )
         return now + gap
 

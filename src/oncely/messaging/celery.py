@@ -7,7 +7,10 @@ answer, is abandoned). :class:`IdempotentTask` runs each task call through an
 :class:`~oncely.messaging.consumer.IdempotentConsumer` named after the task:
 
 * the key is ``idempotency_key(*args, **kwargs)`` if the task sets it (so two sends of the same
-  logical operation count once), else the task id (so a redelivery counts once);
+  logical operation count once), else the task id (so a redelivery counts once). As every
+  key part in oncely, ``idempotency_key`` must return a non-empty ``str``, an ``int`` or a
+  ``uuid.UUID``; anything else (``None``, ``""``, a float, a dict, a list or tuple) fails the
+  task with :class:`~oncely.errors.InvalidKey` (state ``FAILURE``) before it runs;
 * a call whose key completed returns ``None`` without running (the effect happened already;
   its return value is not kept: use ``@idempotent`` inside the task for that);
 * a call that finds the key held by another worker, or the store down, is retried by Celery
@@ -39,6 +42,8 @@ from typing import Any
 import celery
 
 from oncely.core.names import MAIN_MODULES, module_name
+from oncely.core.text import stored_text
+from oncely.functions.keys import key_part
 from oncely.messaging.consumer import (
     Ack,
     DeadLetter,
@@ -116,11 +121,18 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         return consumer
 
     def _key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+        """The call's key: ``idempotency_key``'s result checked as every key part is
+        (:func:`oncely.functions.keys.key_part`: a non-empty str, an int or a UUID; then text
+        every store keeps), else the task id.
+
+        :raises InvalidKey: ``idempotency_key`` returned anything else (``None``, ``""``, a
+            float, a dict, a list ...): the task fails, it is not taken for a duplicate.
+        """
         key_of = self._option("idempotency_key")
         if key_of is None:
             return self.request.id  # type: ignore[no-any-return]
-        value = key_of(*args, **kwargs)
-        return None if value is None else str(value)
+        what = f"celery task {self.name!r}: the result of idempotency_key"
+        return stored_text(key_part(key_of(*args, **kwargs), what), what)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.request.called_directly:  # task(...) called as a function: no message at all

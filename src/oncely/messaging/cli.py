@@ -28,6 +28,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from oncely.core.observe import describe
 from oncely.errors import ConfigurationError, OncelyError
 from oncely.messaging.consumer import IdempotentConsumer
 
@@ -263,7 +264,7 @@ def rabbitmq(
 
 async def _nats_error(exc: Exception) -> None:
     """nats-py's error callback: one line, not its default traceback."""
-    log.warning("oncely: NATS: %s: %s", type(exc).__name__, exc)
+    log.warning("oncely: NATS: %s", describe(exc))
 
 
 @consume_app.command("nats")

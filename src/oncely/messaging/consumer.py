@@ -45,11 +45,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 from oncely.codecs import RawCodec
 from oncely.core.cancelsafe import write_through
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim
+from oncely.core.observe import describe
 from oncely.core.records import New, Record, RecordKey, Replay
 from oncely.core.text import text_problem
 from oncely.errors import (
@@ -89,6 +90,24 @@ _FINGERPRINT = "message"
 #: How many dedup ids the in-process attempt counter remembers (brokers without a delivery
 #: count: RabbitMQ classic queues, MQTT).
 _ATTEMPT_MEMORY = 10_000
+_JSON_PREFIX = "json:"
+
+
+def _bytes_fingerprint(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(bytes(body)).hexdigest()
+
+
+def _json_fingerprint(body: bytes) -> str | None:
+    """``json:<sha256 of the canonical JSON>`` of a JSON body, as the HTTP layer compares a
+    JSON request body; None if the body is not JSON."""
+    from oncely.errors import InvalidPayload
+    from oncely.http.fingerprint import canonical_json
+
+    try:
+        text = canonical_json(bytes(body))
+    except InvalidPayload:
+        return None
+    return _JSON_PREFIX + hashlib.sha256(text).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -281,6 +300,12 @@ class _Attempts:
 
     def __init__(self, size: int = _ATTEMPT_MEMORY) -> None:
         self._counts: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
+        #: dedup id -> (fingerprint, error) of a message that used up ``max_attempts`` and
+        #: whose dead-letter callback has not succeeded yet: its redeliveries go straight to
+        #: the dead-letter step, the handler never runs again.
+        self._exhausted: collections.OrderedDict[str, tuple[str, BaseException]] = (
+            collections.OrderedDict()
+        )
         self._size = size
         self._mutex = threading.Lock()
 
@@ -305,6 +330,27 @@ class _Attempts:
     def forget(self, dedup_id: str) -> None:
         with self._mutex:
             self._counts.pop(dedup_id, None)
+
+    def exhaust(self, dedup_id: str, fingerprint: str, error: BaseException) -> None:
+        """The message used up its attempts: forget its counts, remember it until its
+        dead-letter callback succeeds (:meth:`settled`)."""
+        with self._mutex:
+            self._counts.pop(dedup_id, None)
+            self._exhausted.pop(dedup_id, None)
+            self._exhausted[dedup_id] = (fingerprint, error)
+            while len(self._exhausted) > self._size:
+                self._exhausted.popitem(last=False)
+
+    def exhausted(self, dedup_id: str, fingerprint: str) -> BaseException | None:
+        """The error of an exhausted message with this dedup id and body, if any."""
+        with self._mutex:
+            found = self._exhausted.get(dedup_id)
+        return found[1] if found is not None and found[0] == fingerprint else None
+
+    def settled(self, dedup_id: str) -> None:
+        """The dead-letter step of ``dedup_id`` succeeded."""
+        with self._mutex:
+            self._exhausted.pop(dedup_id, None)
 
 
 class IdempotentConsumer:
@@ -354,9 +400,15 @@ class IdempotentConsumer:
         duplicate: it is dead-lettered with :class:`~oncely.errors.MessageRejected` (``reason``
         ``"mismatch"``), logged at WARNING and counted as a claim ``mismatch``
         (``oncely_mismatches_total``), never acked silently; a redelivery of the same body is
-        a plain duplicate. False: the dedup id alone is the identity (any body under it is a
-        duplicate). The transactional mode (``inbox=``) checks no payload: the inbox row holds
-        no fingerprint.
+        a plain duplicate. The body is compared **byte for byte**: the same JSON re-sent with
+        another member order, spacing or number spelling is a different body (a mismatch).
+        ``"json"``: a body that is JSON is compared by its value instead, as the HTTP layer
+        compares a JSON request body (:func:`oncely.http.fingerprint.canonical_json`: member
+        order, whitespace, string escapes and number spelling do not count); a body that is
+        not JSON is still compared byte for byte. False: the dedup id alone is the identity
+        (any body under it is a duplicate). A record is compared in the mode that claimed it,
+        so changing ``validate`` turns no redelivery of an old message into a mismatch. The
+        transactional mode (``inbox=``) checks no payload: the inbox row holds no fingerprint.
     :raises ConfigurationError: a bad setting, named in the message.
     """
 
@@ -377,24 +429,42 @@ class IdempotentConsumer:
         inbox: Inbox | None = None,
         connect: str | Callable[[], Any] | None = None,
         pool_size: int = 10,
-        validate: bool = True,
+        validate: bool | Literal["json"] = True,
     ) -> None:
         if not callable(handler):
             raise ConfigurationError(f"handler must be callable, not {handler!r}")
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name.strip():
             raise ConfigurationError(
                 "name must be a non-empty string: the consumer's identity, part of every key"
             )
+        # The name is part of every record's scope: one no store keeps as text (a NUL, a lone
+        # surrogate) is refused now, not at the first message.
+        RecordKey.of(f"oncely.messaging:{name}", "")
         where = f"IdempotentConsumer {name!r}"
         lease = seconds(lease, "lease", where=where)
         ttl = seconds(ttl, "ttl", where=where)
+        if ttl < lease:
+            raise ConfigurationError(
+                f"{where}: ttl={ttl:g} is shorter than lease={lease:g}: a completed message "
+                "must be remembered at least as long as a claim holds (ttl >= lease)"
+            )
         retry_delay = seconds(retry_delay, "retry_delay", where=where)
         max_retry_delay = seconds(max_retry_delay, "max_retry_delay", where=where)
+        if retry_delay > max_retry_delay:
+            raise ConfigurationError(
+                f"{where}: retry_delay={retry_delay:g} is above max_retry_delay="
+                f"{max_retry_delay:g}; raise max_retry_delay or lower retry_delay"
+            )
         wait_timeout = seconds(wait_timeout, "wait_timeout", where=where, above=False)
         max_attempts = whole(max_attempts, "max_attempts", where=where)  # 0: retry forever
         pool_size = whole(pool_size, "pool_size", where=where, minimum=1)
-        if not isinstance(validate, bool):
-            raise ConfigurationError(f"validate must be True or False, not {validate!r}")
+        if not isinstance(validate, bool) and validate != "json":
+            raise ConfigurationError(f"validate must be True, False or 'json', not {validate!r}")
+        if on_dead_letter is not None and not callable(on_dead_letter):
+            raise ConfigurationError(
+                f"{where}: on_dead_letter must be a callable (delivery, error) -> Any or None, "
+                f"not {on_dead_letter!r}"
+            )
         self.validate = validate
         self.handler = handler
         self.name = name
@@ -480,18 +550,33 @@ class IdempotentConsumer:
         return RecordKey.of(self.scope, dedup_id)
 
     def fingerprint_of(self, delivery: Delivery) -> str:
-        """The claim's fingerprint: ``sha256:<hex of the body>`` with ``validate``, else the
-        same constant for every message."""
+        """The claim's fingerprint: ``sha256:<hex of the body>`` with ``validate=True``;
+        ``json:<hex of the canonical JSON>`` with ``validate="json"`` and a JSON body; else
+        the same constant for every message."""
         if not self.validate:
             return _FINGERPRINT
-        return "sha256:" + hashlib.sha256(bytes(delivery.body)).hexdigest()
+        if self.validate == "json":
+            by_value = _json_fingerprint(delivery.body)
+            if by_value is not None:
+                return by_value
+        return _bytes_fingerprint(delivery.body)
+
+    def _matches(self, delivery: Delivery, fingerprint: str) -> bool:
+        """Whether a stored record's ``fingerprint`` matches ``delivery`` in the mode that
+        claimed the record (bytes, JSON value, or none), whatever this consumer's mode."""
+        if fingerprint == _FINGERPRINT or not self.validate:
+            return True
+        if fingerprint.startswith(_JSON_PREFIX):
+            return _json_fingerprint(delivery.body) == fingerprint
+        return _bytes_fingerprint(delivery.body) == fingerprint
 
     def _mismatch(
         self, delivery: Delivery, dedup_id: str, error: BaseException, found: Record | None
     ) -> Verdict:
         """The verdict for a claim refused as a mismatch; ``found``: the stored record. A record
-        claimed before bodies were fingerprinted matches any body (a duplicate, or held)."""
-        if found is not None and found.fingerprint == _FINGERPRINT:
+        claimed before bodies were fingerprinted matches any body (a duplicate, or held), one
+        claimed in another ``validate`` mode is compared in that mode (:meth:`_matches`)."""
+        if found is not None and self._matches(delivery, found.fingerprint):
             if found.status == "completed":
                 return Ack(ran=False)
             return Retry(self.retry_delay, "another consumer holds this message's claim")
@@ -505,7 +590,8 @@ class IdempotentConsumer:
         rejected = MessageRejected(
             f"dedup id {dedup_id!r} was already used by consumer {self.name!r} for a message "
             "with another body: a different message under a used dedup id is not a duplicate. "
-            "Give every message its own dedup id (or validate=False if bodies may differ)",
+            "Give every message its own dedup id (or validate='json' if a publisher may "
+            "re-serialize the same JSON, validate=False if bodies may differ)",
             "mismatch",
         )
         rejected.__cause__ = error
@@ -555,7 +641,7 @@ class IdempotentConsumer:
         # another consumer held the claim; never less than the failures counted here
         attempt = counted if delivery.attempt is None else max(counted, delivery.attempt - held)
         if self.max_attempts and attempt >= self.max_attempts:
-            self._attempts.forget(dedup_id)
+            self._attempts.exhaust(dedup_id, self.fingerprint_of(delivery), error)
             return DeadLetter(error)
         delay = min(self.retry_delay * 2 ** max(attempt - 1, 0), self.max_retry_delay)
         return Retry(delay, f"the handler failed (attempt {attempt}): {error!r}")
@@ -565,6 +651,13 @@ class IdempotentConsumer:
             return self.read_id(delivery)
         except MessageRejected as exc:
             return DeadLetter(exc)
+
+    def _exhausted(self, delivery: Delivery, dedup_id: str) -> DeadLetter | None:
+        """A redelivery of a message that used up ``max_attempts`` but whose dead-letter
+        callback raised: it goes to the dead-letter step again, without running the handler
+        (the attempt count does not start over)."""
+        error = self._attempts.exhausted(dedup_id, self.fingerprint_of(delivery))
+        return None if error is None else DeadLetter(error)
 
     # -- sync face ---------------------------------------------------------------------------------
     def process(self, delivery: Delivery) -> Verdict:
@@ -579,10 +672,13 @@ class IdempotentConsumer:
         read = self._read(delivery)
         if isinstance(read, DeadLetter):
             return self._dead_letter(delivery, read)
+        exhausted = self._exhausted(delivery, read)
+        if exhausted is not None:
+            return self._dead_letter(delivery, exhausted, read)
         if self.connections is not None:
             verdict = self._verdict_of_transaction(delivery, read, self._transact, None)
             if isinstance(verdict, DeadLetter):
-                return self._dead_letter(delivery, verdict)
+                return self._dead_letter(delivery, verdict, read)
             return verdict
         key = self.key_for(read)
         ran = False
@@ -619,25 +715,35 @@ class IdempotentConsumer:
         else:
             verdict = self.verdict_for(delivery, read, error, ran)
         if isinstance(verdict, DeadLetter):
-            return self._dead_letter(delivery, verdict)
+            return self._dead_letter(delivery, verdict, read)
         return verdict
 
     def process_many(self, deliveries: Iterable[Delivery]) -> list[Verdict]:
         """:meth:`process` each delivery, in order."""
         return [self.process(d) for d in deliveries]
 
-    def _dead_letter(self, delivery: Delivery, verdict: DeadLetter) -> Verdict:
+    def _dead_letter(
+        self, delivery: Delivery, verdict: DeadLetter, dedup_id: str | None = None
+    ) -> Verdict:
+        """Hand ``verdict`` to the dead-letter callback; :class:`Retry` if it raises (the
+        message is not acked; an exhausted message stays exhausted, its handler does not run
+        again). ``dedup_id``: the message's, once read."""
         try:
             if self.on_dead_letter is None:
                 self._log_dead_letter(delivery, verdict.error)
             else:
                 result = self.on_dead_letter(delivery, verdict.error)
                 if inspect.isawaitable(result):
+                    close = getattr(result, "close", None)
+                    if close is not None:
+                        close()  # never awaited: no "coroutine was never awaited" warning
                     raise ConfigurationError(
                         "on_dead_letter is async; use aprocess() (or a sync callback)"
                     )
         except Exception as exc:
             return self._callback_failed(exc)
+        if dedup_id is not None:
+            self._attempts.settled(dedup_id)
         return verdict
 
     # -- async face --------------------------------------------------------------------------------
@@ -647,6 +753,9 @@ class IdempotentConsumer:
         read = self._read(delivery)
         if isinstance(read, DeadLetter):
             return await self._adead_letter(delivery, read)
+        exhausted = self._exhausted(delivery, read)
+        if exhausted is not None:
+            return await self._adead_letter(delivery, exhausted, read)
         if self.connections is not None:
             try:
                 if self.is_async:
@@ -658,7 +767,7 @@ class IdempotentConsumer:
                 outcome = exc
             verdict = self._verdict_of_transaction(delivery, read, None, outcome)
             if isinstance(verdict, DeadLetter):
-                return await self._adead_letter(delivery, verdict)
+                return await self._adead_letter(delivery, verdict, read)
             return verdict
         key = self.key_for(read)
         ran = False
@@ -699,7 +808,7 @@ class IdempotentConsumer:
         else:
             verdict = self.verdict_for(delivery, read, error, ran)
         if isinstance(verdict, DeadLetter):
-            return await self._adead_letter(delivery, verdict)
+            return await self._adead_letter(delivery, verdict, read)
         return verdict
 
     async def aprocess_many(self, deliveries: Iterable[Delivery]) -> list[Verdict]:
@@ -709,17 +818,70 @@ class IdempotentConsumer:
         batch is claimed in one round trip and its handled messages completed in one more;
         the handlers run concurrently, each lease renewed while it runs. A message whose claim
         is held by another consumer takes the one-message path (:meth:`aprocess`: it waits for
-        the holder). A dedup id repeated inside the batch is claimed once; its copies share
-        the first one's verdict (acked as duplicates once it is). On other stores each message
-        goes through :meth:`aprocess`, concurrently.
+        the holder). On other stores each message goes through :meth:`aprocess`, concurrently.
+
+        On every store (and in the transactional mode) a dedup id repeated inside the batch is
+        claimed once: an identical copy (same body, or any body with ``validate=False`` or in
+        the transactional mode) shares the first one's verdict (acked as a duplicate once the
+        first is acked or dead-lettered; a copy of a message dead-lettered as a mismatch is
+        dead-lettered too). A *different* body under a dedup id the batch already holds is
+        not a copy: it is handled on its own (:meth:`aprocess`) once the first one settled, so
+        it gets the verdict it would get in the next batch (dead-lettered as a ``mismatch``
+        once the first one completed), the same as :meth:`process` gives one at a time.
         """
         batch = list(deliveries)
-        if self.connections is not None:
-            return await self._atransactional_many(batch)
-        claims = self._batch_face() if len(batch) > 1 else None
+        verdicts: list[Verdict | None] = [None] * len(batch)
+        ids: dict[int, str] = {}  # the first delivery of each dedup id -> the id
+        first: dict[str, int] = {}
+        prints_of: dict[int, str] = {}
+        copies: list[tuple[int, int]] = []
+        later: list[int] = []  # same dedup id, another body: one by one once the batch is done
+        by_body = self.connections is None  # the transactional mode checks no payload
+        for i, delivery in enumerate(batch):
+            read = self._read(delivery)
+            if isinstance(read, DeadLetter):
+                verdicts[i] = await self._adead_letter(delivery, read)
+                continue
+            exhausted = self._exhausted(delivery, read)
+            if exhausted is not None:
+                verdicts[i] = await self._adead_letter(delivery, exhausted, read)
+                continue
+            prints_of[i] = self.fingerprint_of(delivery) if by_body else _FINGERPRINT
+            if read not in first:
+                first[read] = i
+                ids[i] = read
+            elif prints_of[i] == prints_of[first[read]]:
+                copies.append((i, first[read]))
+            else:
+                later.append(i)
+        claims = self._batch_face() if by_body and len(ids) > 1 else None
         if claims is None:
-            return list(await asyncio.gather(*(self.aprocess(d) for d in batch)))
-        return await self._abatch(claims, batch)
+            order = list(ids)
+            for i, verdict in zip(
+                order, await asyncio.gather(*(self.aprocess(batch[i]) for i in order))
+            ):
+                verdicts[i] = verdict
+        else:
+            await self._abatch(claims, batch, ids, prints_of, verdicts)
+        for i, j in copies:
+            verdicts[i] = await self._copy_verdict(batch[i], verdicts[j])
+        for i in later:  # in delivery order: each is claimed after the ones before it settled
+            verdicts[i] = await self.aprocess(batch[i])
+        return [v if v is not None else Retry(self.retry_delay, "not handled") for v in verdicts]
+
+    async def _copy_verdict(self, delivery: Delivery, original: Verdict | None) -> Verdict | None:
+        """The verdict of an identical copy of a message handled earlier in the same batch: a
+        duplicate once the original is acked or dead-lettered, except that a copy of a message
+        dead-lettered as a mismatch is handled on its own (a mismatch too, dead-lettered as it
+        would be alone); else (not acked) the original's verdict."""
+        if isinstance(original, DeadLetter):
+            error = original.error
+            if isinstance(error, MessageRejected) and error.reason == "mismatch":
+                return await self.aprocess(delivery)
+            return Ack(ran=False)
+        if isinstance(original, Ack):
+            return Ack(ran=False)
+        return original
 
     def _batch_face(self) -> Any:
         try:
@@ -728,23 +890,19 @@ class IdempotentConsumer:
             return None
         return batch_claims(self.store)
 
-    async def _abatch(self, claims: Any, batch: list[Delivery]) -> list[Verdict]:
-        verdicts: list[Verdict | None] = [None] * len(batch)
-        ids: dict[int, str] = {}
-        first: dict[str, int] = {}
-        copies: list[tuple[int, int]] = []
-        for i, delivery in enumerate(batch):
-            read = self._read(delivery)
-            if isinstance(read, DeadLetter):
-                verdicts[i] = await self._adead_letter(delivery, read)
-            elif read in first:
-                copies.append((i, first[read]))
-            else:
-                first[read] = i
-                ids[i] = read
+    async def _abatch(
+        self,
+        claims: Any,
+        batch: list[Delivery],
+        ids: dict[int, str],
+        prints_of: dict[int, str],
+        verdicts: list[Verdict | None],
+    ) -> None:
+        """Claim the first delivery of each dedup id (``ids``) in one round trip, run them,
+        complete them in one more; their verdicts are written into ``verdicts``."""
         order = list(ids)
         keys = [self.key_for(ids[i]) for i in order]
-        prints = [self.fingerprint_of(batch[i]) for i in order]
+        prints = [prints_of[i] for i in order]
         sent_at = time.monotonic()
         try:
             outcomes = await claims.claim_many(keys, prints, self.lease, self.policy.ttl)
@@ -784,18 +942,13 @@ class IdempotentConsumer:
                 await write_through(self.store.arelease, key, fence)
             except OncelyError as release_error:
                 log.warning(
-                    "oncely: a failed message's claim was not released (%s: %s)",
-                    type(release_error).__name__,
-                    release_error,
+                    "oncely: a failed message's claim was not released (%s)",
+                    describe(release_error),
                 )
             verdicts[i] = await self._afinish(batch[i], ids[i], error)
         if ok:
             for i, error in zip((i for i, _, _ in ok), await self._complete_many(claims, ok)):
                 verdicts[i] = await self._afinish(batch[i], ids[i], error)
-        for i, j in copies:
-            original = verdicts[j]
-            verdicts[i] = Ack(ran=False) if isinstance(original, (Ack, DeadLetter)) else original
-        return [v if v is not None else Retry(self.retry_delay, "not handled") for v in verdicts]
 
     async def _afinish(
         self, delivery: Delivery, dedup_id: str, error: BaseException | None
@@ -803,7 +956,7 @@ class IdempotentConsumer:
         """The verdict for a message whose handler ran (dead-lettered if it comes to that)."""
         verdict = self.verdict_for(delivery, dedup_id, error, True)
         if isinstance(verdict, DeadLetter):
-            return await self._adead_letter(delivery, verdict)
+            return await self._adead_letter(delivery, verdict, dedup_id)
         return verdict
 
     async def _run_claimed(
@@ -840,7 +993,10 @@ class IdempotentConsumer:
                 await asyncio.sleep(0.05 * 2**attempt)
         raise AssertionError("unreachable")
 
-    async def _adead_letter(self, delivery: Delivery, verdict: DeadLetter) -> Verdict:
+    async def _adead_letter(
+        self, delivery: Delivery, verdict: DeadLetter, dedup_id: str | None = None
+    ) -> Verdict:
+        """:meth:`_dead_letter` on the event loop (the callback may be async)."""
         try:
             if self.on_dead_letter is None:
                 self._log_dead_letter(delivery, verdict.error)
@@ -850,6 +1006,8 @@ class IdempotentConsumer:
                     await result
         except Exception as exc:
             return self._callback_failed(exc)
+        if dedup_id is not None:
+            self._attempts.settled(dedup_id)
         return verdict
 
     # -- transactional mode (oncely.messaging.transactional) ------------------------------------
@@ -891,30 +1049,6 @@ class IdempotentConsumer:
                 log.error("oncely: consumer %r cannot run its transaction: %s", self.name, outcome)
             return self.verdict_for(delivery, dedup_id, outcome, False)
         return self.verdict_for(delivery, dedup_id, None, bool(outcome))
-
-    async def _atransactional_many(self, batch: list[Delivery]) -> list[Verdict]:
-        """A batch in the transactional mode: one transaction per message, concurrently (at
-        most ``pool_size``); a dedup id repeated inside the batch runs once and its copies
-        share the first one's verdict (acked as duplicates once it is)."""
-        verdicts: list[Verdict | None] = [None] * len(batch)
-        first: dict[str, int] = {}
-        copies: list[tuple[int, int]] = []
-        for i, delivery in enumerate(batch):
-            read = self._read(delivery)
-            if isinstance(read, DeadLetter):
-                verdicts[i] = await self._adead_letter(delivery, read)
-            elif read in first:
-                copies.append((i, first[read]))
-            else:
-                first[read] = i
-        order = list(first.values())
-        handled = await asyncio.gather(*(self.aprocess(batch[i]) for i in order))
-        for i, verdict in zip(order, handled):
-            verdicts[i] = verdict
-        for i, j in copies:
-            original = verdicts[j]
-            verdicts[i] = Ack(ran=False) if isinstance(original, (Ack, DeadLetter)) else original
-        return [v if v is not None else Retry(self.retry_delay, "not handled") for v in verdicts]
 
     # -- shared --------------------------------------------------------------------------------
     def _warn_store_down(self, error: BaseException) -> None:

@@ -31,6 +31,7 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.client import JetStreamContext
 
+from oncely.core.observe import describe
 from oncely.messaging.consumer import Ack, DeadLetter, Delivery, IdempotentConsumer, Verdict
 from oncely.settings import seconds, whole
 
@@ -140,9 +141,7 @@ class JetStreamConsumer:
                 self.stats["retried"] += 1
                 await msg.nak(delay=verdict.delay)
         except Exception as exc:  # the server redelivers after ack_wait; the claim decides
-            log.warning(
-                "oncely: could not settle JetStream message (%s: %s)", type(exc).__name__, exc
-            )
+            log.warning("oncely: could not settle JetStream message (%s)", describe(exc))
 
     async def _in_progress(self, msgs: Sequence[Msg], ack_wait: float) -> None:
         while True:
@@ -158,8 +157,6 @@ class JetStreamConsumer:
             try:
                 await self.step()
             except Exception as exc:
-                log.warning(
-                    "oncely: JetStream fetch failed (%s: %s); retrying", type(exc).__name__, exc
-                )
+                log.warning("oncely: JetStream fetch failed (%s); retrying", describe(exc))
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.5)

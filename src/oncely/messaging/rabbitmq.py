@@ -26,6 +26,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
+from oncely.core.observe import describe
 from oncely.messaging.consumer import Ack, DeadLetter, Delivery, IdempotentConsumer, Verdict
 from oncely.settings import whole
 
@@ -115,10 +116,9 @@ class RabbitMQConsumer:
                 await message.nack(requeue=True)
         except Exception as exc:  # the channel closed: the broker redelivers the message
             log.warning(
-                "oncely: could not settle message %r (%s: %s)",
+                "oncely: could not settle message %r (%s)",
                 message.message_id,
-                type(exc).__name__,
-                exc,
+                describe(exc),
             )
         return verdict
 

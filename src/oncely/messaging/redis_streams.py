@@ -41,6 +41,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from oncely.core.observe import describe
 from oncely.errors import ConfigurationError
 from oncely.messaging.consumer import Ack, DeadLetter, Delivery, IdempotentConsumer, Verdict
 from oncely.settings import seconds, text, whole
@@ -154,10 +155,9 @@ class RedisStreamConsumer:
                 backoff = 0.1
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning(
-                    "oncely: redis stream %r: %s: %s; reconnecting",
+                    "oncely: redis stream %r: %s; reconnecting",
                     self.stream,
-                    type(exc).__name__,
-                    exc,
+                    describe(exc),
                 )
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), backoff)
@@ -170,10 +170,9 @@ class RedisStreamConsumer:
                 return
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning(
-                    "oncely: redis stream %r: %s: %s; retrying",
+                    "oncely: redis stream %r: %s; retrying",
                     self.stream,
-                    type(exc).__name__,
-                    exc,
+                    describe(exc),
                 )
                 await asyncio.sleep(0.5)
 
@@ -257,8 +256,7 @@ class RedisStreamConsumer:
                 await self.client.xclaim(self.stream, self.group, self.member, 0, ids, justid=True)
             except Exception as exc:  # the next touch, or the claim's lease, covers it
                 log.warning(
-                    "oncely: could not touch pending entries of %r (%s: %s)",
+                    "oncely: could not touch pending entries of %r (%s)",
                     self.stream,
-                    type(exc).__name__,
-                    exc,
+                    describe(exc),
                 )

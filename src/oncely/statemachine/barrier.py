@@ -41,19 +41,27 @@ transaction that is still within the horizon always finds every row of it.
 :func:`redis_barrier` is the same rule in one Lua script, for effects kept in Redis: pass the
 effect as Redis commands and the script applies them only on ``EXECUTE``, atomically with the
 verdict; the gid's rows expire ``horizon`` seconds after its newest row (the store's clock).
+Effects that fail half way mark the branch broken in the same script
+(:class:`~oncely.errors.BarrierEffectsPartial`): a retry never applies them twice.
 """
 
 from __future__ import annotations
 
 import enum
 import json
+import math
 from collections.abc import Sequence
 from typing import Any, Final
 
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Exec, Plan
-from oncely.core.text import stored_text
-from oncely.errors import BarrierTableMissing, ConfigurationError, InvalidBarrierCall
+from oncely.core.text import stored_text, utf8
+from oncely.errors import (
+    BarrierEffectsPartial,
+    BarrierTableMissing,
+    ConfigurationError,
+    InvalidBarrierCall,
+)
 from oncely.settings import seconds, text
 from oncely.sql.connections import (
     Enter,
@@ -70,6 +78,7 @@ from oncely.sql.connections import run as sql_run
 __all__ = [
     "DEFAULT_HORIZON",
     "DEFAULT_TABLE",
+    "EFFECT_COMMANDS",
     "OPS",
     "Verdict",
     "abarrier",
@@ -363,9 +372,47 @@ async def apurge(
 _BARRIER = Script("oncely.statemachine", "barrier")
 
 
-def _commands(effects: Any) -> list[list[str]]:
+#: The commands an effect may be: data commands that write the keys they name, by where their
+#: keys are: "first" (the first argument), "two" (the first two), "all" (every argument),
+#: "pairs" (every other argument from the first: MSET). Anything else (FLUSHALL, FLUSHDB,
+#: CONFIG, SHUTDOWN, SCRIPT, EVAL, FUNCTION, SELECT, MOVE, COPY, reads...) is refused.
+# fmt: off
+_FIRST_KEY: Final = (
+    "SET", "SETNX", "SETEX", "PSETEX", "GETSET", "GETDEL", "GETEX", "APPEND", "SETRANGE",
+    "INCR", "INCRBY", "INCRBYFLOAT", "DECR", "DECRBY", "SETBIT",
+    "HSET", "HSETNX", "HMSET", "HDEL", "HINCRBY", "HINCRBYFLOAT",
+    "SADD", "SREM", "SPOP",
+    "ZADD", "ZREM", "ZINCRBY", "ZREMRANGEBYSCORE", "ZREMRANGEBYRANK", "ZREMRANGEBYLEX",
+    "LPUSH", "RPUSH", "LPUSHX", "RPUSHX", "LPOP", "RPOP", "LREM", "LSET", "LTRIM", "LINSERT",
+    "EXPIRE", "PEXPIRE", "EXPIREAT", "PEXPIREAT", "PERSIST",
+    "PFADD", "XADD", "XDEL", "XTRIM", "GEOADD",
+)
+# fmt: on
+EFFECT_COMMANDS: Final[dict[str, str]] = {
+    **dict.fromkeys(_FIRST_KEY, "first"),
+    **dict.fromkeys(("RENAME", "RENAMENX", "SMOVE", "LMOVE", "RPOPLPUSH"), "two"),
+    **dict.fromkeys(("DEL", "UNLINK"), "all"),
+    **dict.fromkeys(("MSET", "MSETNX"), "pairs"),
+}
+
+
+def _keys(args: list[str]) -> list[str]:
+    where = EFFECT_COMMANDS[args[0].upper()]
+    rest = args[1:]
+    if where == "first":
+        return rest[:1]
+    if where == "two":
+        return rest[:2]
+    if where == "pairs":
+        return rest[::2]
+    return rest
+
+
+def _commands(effects: Any, key: str, gid: str, cluster: bool) -> list[list[str]]:
     """``effects`` as a list of Redis commands of str arguments, or
-    :class:`~oncely.errors.InvalidBarrierCall` (checked before anything is sent)."""
+    :class:`~oncely.errors.InvalidBarrierCall` (checked before anything is sent): each a data
+    command of :data:`EFFECT_COMMANDS` with its keys, none of them the barrier's own hash
+    ``key``, and on a cluster (``cluster``) every key in ``key``'s hash slot."""
     how = (
         "effects must be a list of Redis commands, each a list of str/int/float arguments: "
         '[("HINCRBY", "stock", "sku-1", -2)]'
@@ -380,9 +427,51 @@ def _commands(effects: Any) -> list[list[str]]:
         for a in command:
             if isinstance(a, bool) or not isinstance(a, (str, int, float)):
                 raise InvalidBarrierCall(f"{how}; argument {a!r} of {command!r} is neither")
+            if isinstance(a, float) and not math.isfinite(a):
+                raise InvalidBarrierCall(f"{how}; argument {a!r} of {command!r} is not finite")
             args.append(a if isinstance(a, str) else str(a))
+        name = args[0].upper()
+        if name not in EFFECT_COMMANDS:
+            raise InvalidBarrierCall(
+                f"effect {command!r}: {args[0]!r} is not a data command the barrier runs; an "
+                "effect writes the keys it names, one of "
+                f"{', '.join(sorted(EFFECT_COMMANDS))} (server, admin, script and keyless "
+                "commands such as FLUSHALL, CONFIG or EVAL are refused)"
+            )
+        keys = _keys(args)
+        wanted = {"first": 1, "two": 2}.get(EFFECT_COMMANDS[name], 1)
+        if len(keys) < wanted or (EFFECT_COMMANDS[name] == "pairs" and len(args) % 2 == 0):
+            raise InvalidBarrierCall(f"effect {command!r}: {name} without its key(s)")
+        for k in keys:
+            if k == key:
+                raise InvalidBarrierCall(
+                    f"effect {command!r} writes the barrier's own hash {key!r}: an effect "
+                    "writes business keys, never the barrier's rows"
+                )
+            if cluster and _slot(k) != _slot(key):
+                raise InvalidBarrierCall(
+                    f"effect {command!r}: key {k!r} is not in the gid's hash slot (the script "
+                    f"runs on the node of {key!r}): put the gid in braces in its name, e.g. "
+                    f"'stock:{{{gid}}}'"
+                )
         out.append(args)
     return out
+
+
+def _slot(key: str) -> int:
+    from redis.crc import key_slot
+
+    return int(key_slot(utf8(key, "effect key", InvalidBarrierCall)))
+
+
+def _cluster(client: Any) -> bool:
+    """True for a Redis Cluster client (sync or asyncio): effects must stay in the gid's slot."""
+    try:
+        from redis.asyncio.cluster import RedisCluster as AsyncCluster
+        from redis.cluster import RedisCluster
+    except ImportError:  # pragma: no cover - redis is what calls this
+        return False
+    return isinstance(client, (RedisCluster, AsyncCluster))
 
 
 def _redis_args(
@@ -392,13 +481,40 @@ def _redis_args(
     op: str,
     horizon: float,
     effects: Sequence[Sequence[Any]],
+    cluster: bool,
 ) -> tuple[Any, ...]:
     gid, branch, op = check_call(gid, branch, op)
     prefix = text(prefix, "prefix", where="barrier")
     horizon = _seconds(horizon, "horizon", 0.001)
-    encoded = json.dumps(_commands(effects))
     key = f"{prefix}:{{{gid}}}"
+    encoded = json.dumps(_commands(effects, key, gid, cluster))
     return (key, branch, op, OPS[op] or "", int(horizon * 1000), encoded)
+
+
+def _verdict(reply: Any, key: str, gid: str, branch: str) -> Verdict:
+    """The script's reply as a :class:`Verdict`; a branch marked broken (its effects applied
+    in part) raises :class:`~oncely.errors.BarrierEffectsPartial`."""
+    if isinstance(reply, (list, tuple)):
+        raw = reply[1].decode() if isinstance(reply[1], bytes) else str(reply[1])
+        info = json.loads(raw)
+        commands = info["effects"] if isinstance(info.get("effects"), list) else []
+        n = int(info["applied"])
+        applied, failed = commands[:n], (commands[n] if n < len(commands) else [])
+        field = f"!partial:{branch}"
+        raise BarrierEffectsPartial(
+            f"redis_barrier({gid!r}, {branch!r}, {info['op']!r}): effect {n + 1} {failed!r} "
+            f"failed ({info['error']}) after {applied!r} were applied; Redis does not roll a "
+            "script back, so the branch is marked broken and no call on it (retry, "
+            "compensation, confirm) runs anything until an operator repairs the data and "
+            f"clears the mark: HDEL {key} {field}",
+            key=key,
+            field=field,
+            op=str(info["op"]),
+            applied=applied,
+            failed=failed,
+            error=str(info["error"]),
+        )
+    return Verdict(reply.decode() if isinstance(reply, bytes) else reply)
 
 
 def redis_barrier(
@@ -417,17 +533,27 @@ def redis_barrier(
     :param effects: Redis commands (``[("HINCRBY", "stock", "sku-1", "-2")]``) run by the same
         script only when the verdict is EXECUTE, so the verdict and the effect are one atomic
         step. Without them, an EXECUTE followed by a crash before your own effect leaves the
-        branch marked done: pass the effect here when it lives in Redis. The effects run
-        before the branch's row is written, so a command that fails (``WRONGTYPE``) leaves the
-        branch to run again; commands before it in the list stay applied (Redis does not roll
-        a script back): put the one that may fail first. (On Redis Cluster, every key must hash
-        to the gid's slot: put ``{gid}`` in their names.)
+        branch marked done: pass the effect here when it lives in Redis. Each effect is a
+        data command of :data:`EFFECT_COMMANDS` with its keys (FLUSHALL, CONFIG, EVAL and
+        other server, script or keyless commands are refused), none of them the barrier's own
+        hash; on a Redis Cluster client every key must hash to the gid's slot (put ``{gid}``
+        in their names). The effects run before the branch's row is written: if the *first*
+        command fails (``WRONGTYPE``), nothing was applied and the error propagates, the
+        branch left to run again. If a *later* one fails, the ones before it stay applied
+        (Redis does not roll a script back): the same script marks the branch broken and
+        :class:`~oncely.errors.BarrierEffectsPartial` names what was applied; every later
+        call on the branch raises it again, never re-applying anything, until an operator
+        repairs the data and clears the mark (``HDEL``, named in the error). Put the command
+        that may fail first.
     :param horizon: seconds the gid's rows live after its newest row (store clock, ``PEXPIRE``).
-    :raises InvalidBarrierCall: missing gid or branch, unknown op, bad horizon.
+    :raises InvalidBarrierCall: missing gid or branch, unknown op, bad horizon, an effect that
+        is not an allowed data command, or (cluster) a key outside the gid's slot.
+    :raises BarrierEffectsPartial: the branch's effects were applied in part (now or before).
+    :raises redis.ResponseError: the first effect failed; nothing was applied or recorded.
     """
-    key, *args = _redis_args(prefix, gid, branch, op, horizon, effects)
+    key, *args = _redis_args(prefix, gid, branch, op, horizon, effects, _cluster(client))
     reply = evalsha(client, _BARRIER, 1, key, *args)
-    return Verdict(reply.decode() if isinstance(reply, bytes) else reply)
+    return _verdict(reply, key, gid, branch)
 
 
 async def aredis_barrier(
@@ -441,6 +567,6 @@ async def aredis_barrier(
     horizon: float = DEFAULT_HORIZON,
 ) -> Verdict:
     """The async face of :func:`redis_barrier`, for a :class:`redis.asyncio.Redis`."""
-    key, *args = _redis_args(prefix, gid, branch, op, horizon, effects)
+    key, *args = _redis_args(prefix, gid, branch, op, horizon, effects, _cluster(client))
     reply = await aevalsha(client, _BARRIER, 1, key, *args)
-    return Verdict(reply.decode() if isinstance(reply, bytes) else reply)
+    return _verdict(reply, key, gid, branch)

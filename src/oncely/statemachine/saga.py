@@ -6,7 +6,8 @@ database:
 
 * the saga's row (``oncely_saga``: id, name, state ``running`` / ``completed`` /
   ``compensating`` / ``compensated``, and ``data``, the saga's input as JSON, written by the
-  statement that creates the row) moves through a
+  statement that creates the row; only plain JSON is accepted, data a JSON round trip gives
+  back unchanged) moves through a
   :class:`~oncely.statemachine.sql.SqlStateMachine`, so deciding to roll back is one
   conditional ``UPDATE`` that concurrent runners cannot both win or undo;
 * each step runs in its own database transaction: :func:`~oncely.statemachine.barrier.barrier`
@@ -35,6 +36,10 @@ other data they raise :class:`~oncely.errors.IdempotencyKeyMismatch` and run not
 compensation never gives back another amount than its action took. Rows of saga tables made
 before the ``data`` column existed have none stored (NULL): they use the caller's data, as
 before; :meth:`Saga.create_tables` adds the column to such a table.
+
+:meth:`Saga.run` returns only for a saga that completed: every run that ends compensated (its
+step failed, :meth:`Saga.abort` rolled it back before or meanwhile, or an earlier run did)
+raises :class:`~oncely.errors.SagaFailed`.
 """
 
 from __future__ import annotations
@@ -42,13 +47,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from oncely.backends.plans import Exec, Plan, Sleep
-from oncely.codecs import to_jsonable
 from oncely.core.text import stored_text, utf8
 from oncely.errors import (
     ConfigurationError,
@@ -247,7 +252,14 @@ class HttpStep:
 @dataclass(frozen=True, slots=True)
 class SagaResult:
     """How a saga ended: ``state`` (``completed`` or ``compensated``), the steps whose action
-    this call executed and those whose compensation it executed."""
+    this call executed and those whose compensation it executed, and ``failed_step`` (the step
+    of this call that failed, if any).
+
+    :meth:`Saga.run` returns one only when the saga **completed**: every run that ends
+    compensated (its own step failed, the saga was aborted meanwhile, or the saga id was
+    rolled back before) raises :class:`~oncely.errors.SagaFailed`, whose ``result`` is this
+    object. :meth:`Saga.abort` returns it with state ``compensated`` (or ``completed``: the
+    saga had completed before the abort and is left alone)."""
 
     saga_id: str
     state: str
@@ -264,16 +276,56 @@ def _input(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return dict(data)
 
 
+def _not_plain(value: Any, path: str) -> str | None:
+    """Where ``value`` is not plain JSON (what a JSON round trip gives back unchanged: dict
+    with str keys, list, str, int, finite float, bool, None, of exactly those types), or None."""
+    kind = type(value)
+    if value is None or kind in (str, int, bool):
+        return None
+    if kind is float:
+        return None if math.isfinite(value) else f"{path} is {value!r} (JSON has no NaN/Infinity)"
+    if kind is list:
+        for i, item in enumerate(value):
+            found = _not_plain(item, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                back = str(key)
+                return (
+                    f"{path} has the key {key!r} (JSON keys are str: it would come back {back!r})"
+                )
+            found = _not_plain(item, f"{path}[{key!r}]")
+            if found:
+                return found
+        return None
+    return (
+        f"{path} is {_short(repr(value))} ({kind.__name__}: it would come back as another type "
+        "after a resume; pass str, int, float, bool, None, list or dict)"
+    )
+
+
 def _canonical(name: str, saga_id: str, data: Mapping[str, Any]) -> str:
     """``data`` as the JSON stored with the saga's row (keys sorted: the same data is the same
-    text)."""
+    text). Only plain JSON is accepted, what a JSON round trip gives back unchanged (no
+    Decimal, tuple, set, datetime, NaN...): a resume or abort without data gets the stored
+    data decoded, so the steps of every run must see exactly the same values.
+
+    :raises ConfigurationError: ``data`` is not plain JSON (the message names where).
+    """
     try:
-        return json.dumps(dict(data), sort_keys=True, default=to_jsonable, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise ConfigurationError(
-            f"saga {name} {saga_id!r}: data must be JSON-able (it is stored with the saga's "
-            f"row for resumes and abort): {exc}"
-        ) from exc
+        found = _not_plain(dict(data), "data")
+        if found is None:
+            return json.dumps(dict(data), sort_keys=True, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as exc:
+        found = str(exc)
+    raise ConfigurationError(
+        f"saga {name} {saga_id!r}: data must be plain JSON, what a JSON round trip gives back "
+        f"unchanged (it is stored with the saga's row, and resumes and abort get it back "
+        f"decoded): {found}"
+    )
 
 
 def _short(text: str) -> str:
@@ -415,8 +467,8 @@ class Saga:
                 raise typed from exc
             raise
         yield Leave(block, True)
-        if fresh:
-            return "running", (data if data is not None else {})
+        if fresh:  # the steps get the data decoded from what was stored, as a resume would
+            return "running", (json.loads(given) if given is not None else {})
         state, name, stored = res.rows[0]
         if isinstance(stored, (bytes, bytearray)):
             stored = stored.decode()
@@ -432,8 +484,6 @@ class Saga:
                 f"not {_short(given)}: a resume or abort must pass the same data, or none (the "
                 "stored data is used); a new saga needs a new id"
             )
-        if data is not None:
-            return str(state), data
         loaded = json.loads(stored)
         return str(state), loaded if isinstance(loaded, dict) else {}
 
@@ -550,13 +600,25 @@ class Saga:
         compensated: list[str] = []
         if state == "compensating":
             compensated = yield from self._compensate(c, saga_id, data, executed)
-        if failed is not None and not abort:
+        result = SagaResult(saga_id, "compensated", tuple(executed), tuple(compensated), failed)
+        if abort:
+            return result
+        # a run that ends compensated raises, whoever rolled the saga back: no exception from
+        # run() always means the saga completed
+        if failed is not None:
             raise SagaFailed(
                 f"saga {self.name} {saga_id!r}: step {failed!r} failed ({error}); every step "
                 "was compensated",
                 failed,
+                result,
             ) from error
-        return SagaResult(saga_id, "compensated", tuple(executed), tuple(compensated), failed)
+        raise SagaFailed(
+            f"saga {self.name} {saga_id!r} was rolled back (by abort(), or by an earlier run "
+            "whose step failed); every step was compensated and nothing of it stays applied: "
+            "a new attempt needs a new saga id",
+            None,
+            result,
+        )
 
     # -- the saga's own requests (sleep, call a step): the rest runs on oncely.sql.connections --
     @staticmethod
@@ -598,14 +660,17 @@ class Saga:
         """Run (or resume) the saga ``saga_id`` on ``conn``, which must not be inside a
         transaction (each step commits its own).
 
-        :param data: the saga's input (a JSON-able mapping), given to every step as
+        :param data: the saga's input (a mapping of plain JSON), given to every step as
             ``ctx.data``. The first run stores it with the saga's row; a later run (a resume
             after a crash) may pass the same data or None, and then gets the stored data.
-        :returns: a :class:`SagaResult` (``completed``; or ``compensated`` if it was rolled back
-            by :meth:`abort`).
+        :returns: a :class:`SagaResult` with state ``completed``: a run never returns for a
+            saga that ends compensated.
         :raises IdempotencyKeyMismatch: ``saga_id`` was started with other data; nothing ran.
-        :raises ConfigurationError: ``data`` is not a JSON-able mapping.
-        :raises SagaFailed: a step failed for good; every step was compensated.
+        :raises ConfigurationError: ``data`` is not a mapping of plain JSON (what a JSON round
+            trip gives back unchanged: no Decimal, tuple, set, NaN, non-str key...).
+        :raises SagaFailed: the saga ended compensated: a step of this run failed for good
+            (``.step``), or the saga was rolled back by :meth:`abort` (before or during this
+            run) or by an earlier run (``.step`` None); ``.result`` says what this call did.
         :raises SagaStuck: a compensation kept failing; run again later to resume.
         :raises SchemaMissing: the saga tables are missing (:meth:`create_tables`).
         """

@@ -137,6 +137,16 @@ class Store(abc.ABC):
         """:raises ConfigurationError: ``url`` is not a non-empty string."""
         self.url: str = text(url, "url", where=type(self).__name__)
 
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        """Refuse a URL this store would refuse when opened (a misspelled query option, a bad
+        port or number), without opening anything: a component given a store URL checks it
+        when it is built (:func:`oncely.stores.configured_store`), not at its first call.
+
+        :raises ConfigurationError: the URL is not one this store opens.
+        """
+        text(url, "url", where=cls.__name__)
+
     def check_result_size(self, result: bytes) -> None:
         """Refuse a result the store can never take, before sending anything (no I/O: the
         limit is known, or was read when the store connected).

@@ -365,6 +365,11 @@ class MySQLStore(PlannedStore):
 
     schemes = ("mysql", "mariadb")
 
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        super().check_url(url)
+        driver_args(url, 5.0, {})
+
     def __init__(
         self,
         url: str,

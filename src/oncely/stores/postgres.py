@@ -462,6 +462,12 @@ class PostgresStore(PlannedStore):
     """
 
     schemes = ("postgresql", "postgres")
+
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        super().check_url(url)
+        conninfo(url)
+
     #: PostgreSQL stores at most 1 GB in one field; a bytea travels as hex text (two
     #: characters a byte) inside a message that has the same limit, so half of it, less a
     #: margin for the rest of the statement.

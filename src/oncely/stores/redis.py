@@ -65,6 +65,7 @@ from oncely.backends.forks import after_fork
 from oncely.backends.lua import Script, evalsha
 from oncely.backends.plans import Command, Eval, Plan
 from oncely.backends.redis import DRIVER_ERRORS, RedisClients, driver_fault, ms
+from oncely.backends.redis import check_url as check_redis_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import (
     ClaimOutcome,
@@ -290,6 +291,12 @@ class RedisStore(PlannedStore):
     """
 
     schemes = ("redis", "rediss", "redis+cluster", "rediss+cluster")
+
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        super().check_url(url)
+        check_redis_url(url)
+
     #: Redis refuses a bulk string over ``proto-max-bulk-len`` (default 512 MB); it is not read
     #: from the server (managed services refuse CONFIG GET).
     max_result_bytes = 512 * 2**20

@@ -223,10 +223,21 @@ def _schema_error(text: str) -> bool:
     return any(part in text for part in ("no such table", "no such column", "has no column named"))
 
 
+#: The query options a SQLite store URL takes.
+_URL_OPTIONS = ("synchronous", "busy_timeout")
+
+
 class SQLiteStore(PlannedStore):
     """Records in a SQLite file (WAL), connections shared by all threads, clock = SQLite's."""
 
     schemes = ("sqlite",)
+
+    @classmethod
+    def check_url(cls, url: str) -> None:
+        super().check_url(url)
+        _, options = parse_url(url, "SQLite URL", _URL_OPTIONS)
+        synchronous_of(None, options, "FULL")
+
     max_result_source = (
         "SQLite's SQLITE_LIMIT_LENGTH, the largest string, BLOB or row it stores, read from the "
         "connection, less 64 KiB for the record's other columns"
@@ -243,7 +254,7 @@ class SQLiteStore(PlannedStore):
         workers: int = 8,
     ) -> None:
         super().__init__(url)
-        self.path, options = parse_url(url, "SQLite URL", ("synchronous", "busy_timeout"))
+        self.path, options = parse_url(url, "SQLite URL", _URL_OPTIONS)
         self.synchronous = synchronous_of(synchronous, options, "FULL")
         self.busy_timeout = busy_timeout_of(busy_timeout, options, 15.0, "SQLiteStore")
         if not text(table, "table", where="SQLiteStore").isidentifier():
