@@ -147,6 +147,39 @@ def test_a_bad_idempotency_key_fails_the_task(make_store: StoreFactory, bad: Any
     assert runs == ["o-1", 7, good]
 
 
+def test_a_dead_lettered_task_fails_with_its_last_error(make_store: StoreFactory) -> None:
+    """A task that fails idempotency_max_attempts times goes to on_dead_letter once and ends in
+    state FAILURE with the task's last error: it used to end as SUCCESS with result None, what a
+    duplicate looks like (red team 5)."""
+    store = make_store("redis")[0]
+    app = Celery("oncely_dead", broker="memory://", backend="cache+memory://")
+    app.conf.task_always_eager = True
+    runs: list[str] = []
+    letters: list[tuple[str, BaseException]] = []
+
+    @app.task(
+        base=IdempotentTask,
+        bind=True,
+        idempotency_store=store,
+        idempotency_key=lambda order: order,
+        idempotency_max_attempts=2,
+        idempotency_on_dead_letter=lambda d, e: letters.append((d.message_id, e)),
+        name=f"oncely_dead.charge_{uuid.uuid4().hex[:8]}",
+    )
+    def charge(self: Any, order: str) -> str:
+        runs.append(order)
+        raise ValueError(f"card declined for {order}")
+
+    order = f"o-{uuid.uuid4().hex[:8]}"
+    result = charge.apply(args=(order,))
+    assert result.state == "FAILURE", (result.state, result.result)
+    assert (
+        isinstance(result.result, ValueError) and str(result.result) == f"card declined for {order}"
+    )
+    assert runs == [order, order]
+    assert [(key, str(error)) for key, error in letters] == [(order, f"card declined for {order}")]
+
+
 @pytest.mark.slow
 def test_prefork_child_killed_mid_task_is_redelivered_and_runs_once(tmp_path: Path) -> None:
     """The documented setup (RabbitMQ, prefork pool, IdempotentTask with its defaults): SIGKILL

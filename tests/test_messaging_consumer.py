@@ -754,3 +754,31 @@ def test_every_duration_takes_units_and_names_itself_when_wrong(param: str) -> N
     for bad in ("5 jiffies", -1, True, [1]):
         with pytest.raises(ConfigurationError, match=f"{param}="):
             make(bad)
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b"NaN", "the body is the non-number nan, not an object with field 'order'"),
+        (b'{"order": NaN}', "found the non-number nan"),
+        (b'{"order": Infinity}', "found the non-number inf"),
+        (b"null", "the body is null"),
+        (b"[1, 2]", "the body is an array"),
+        (b'"x"', "the body is a string"),
+        (b"{}", "the body has no field 'order'"),
+        (b'{"order": null}', "found null"),
+        (b'{"order": 1.5}', "found the number 1.5"),
+        (b'{"order": {"id": {}}}', "found an object"),
+        (b'{"a": 1}', "the body has no field 'order'"),
+    ],
+)
+def test_a_missing_dedup_id_is_described_as_the_json_has_it(body: bytes, says: str) -> None:
+    """Red team round 5: a NaN body (and null, an array, a missing field) was reported as
+    "found NoneType"; the message now says what the JSON holds there."""
+    consumer = IdempotentConsumer(
+        lambda d: None, name="rt5-ids", store="memory://", dedup_id="body:order"
+    )
+    verdict = consumer.process(Delivery(body))
+    assert isinstance(verdict, DeadLetter)
+    assert verdict.error.reason == "missing-dedup-id"  # type: ignore[attr-defined]
+    assert says in str(verdict.error) and "NoneType" not in str(verdict.error)

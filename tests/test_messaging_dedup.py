@@ -367,3 +367,71 @@ def test_a_namespace_no_store_keeps_as_text_is_refused(made: Made, kind: str) ->
     for namespace in ("orders\x00x", "orders\ud800"):
         with pytest.raises(ConfigurationError, match="namespace"):
             made(kind, namespace=namespace)
+
+
+# -- red team round 5: a batch over max_allowed_packet; windows no store can keep ------------
+def _mysql_statements() -> int:
+    conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", database="test")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SHOW GLOBAL STATUS LIKE 'Com_insert'")
+            row = cur.fetchone()
+            return int(row[1]) if row else 0
+    finally:
+        conn.close()
+
+
+def test_mysql_batch_over_max_allowed_packet_is_split(made: Made) -> None:
+    """50,000 ids of 200 characters make a statement over MariaDB's 16 MiB packet: the server
+    closed the connection ("server has gone away"), StoreUnavailable, so the broker
+    redelivered the batch forever. Now it goes in statements that fit, each id decided once."""
+    d = made("mysql")
+    ids = [f"{i:0200d}" for i in range(50_000)]
+    assert d.filter_new(ids) == ids
+    assert d.filter_new([*ids[:10], "fresh"]) == ["fresh"]
+    assert d.seen(ids[-1]) is True
+
+
+async def test_mysql_batches_are_split_by_the_servers_packet(made: Made) -> None:
+    """The parts follow the packet the server reported (here lowered on the client side, so
+    the shared server's setting is left alone): sync and async, each id new exactly once, in
+    order, with ids that need escaping."""
+    d = made("mysql")
+    assert d.seen("warm") is False  # opens a connection, which reads max_allowed_packet
+    backend: Any = d._backend
+    assert backend.max_packet and backend.max_packet >= 1024 * 1024
+    backend.max_packet = 100_000  # about 200 ids of 200 bytes a statement
+    ids = [f"{i:0195d}'\\\"x" for i in range(2_000)]
+    random.Random(5).shuffle(ids)
+    before = _mysql_statements()
+    assert d.filter_new(ids) == ids
+    assert _mysql_statements() - before >= 10  # split: no single statement carried them
+    assert await d.afilter_new([*ids[::100], "a-new-one"]) == ["a-new-one"]
+    more = [f"m{i:0198d}" for i in range(1_500)]
+    assert await d.afilter_new(more) == more
+    assert d.filter_new(more) == []
+
+
+def test_mysql_one_id_over_the_packet_is_a_permanent_error(made: Made) -> None:
+    d = made("mysql")
+    assert d.seen("warm") is False
+    backend: Any = d._backend
+    backend.max_packet = 900
+    with pytest.raises(ConfigurationError, match="max_allowed_packet"):
+        d.filter_new(["x" * 255])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_window_bounds_are_checked_when_built_on_every_store(made: Made, kind: str) -> None:
+    """window=1e18 was accepted, then Redis failed every call with StoreError (its PX
+    overflowed); every store now refuses it when the Deduplicator is built, and takes the
+    largest window it accepts."""
+    from oncely.messaging.dedup import MAX_WINDOW
+
+    for window in (1e18, 10**15, MAX_WINDOW * 1.01):
+        with pytest.raises(ConfigurationError, match="window"):
+            made(kind, window=window)
+    d = made(kind, window=MAX_WINDOW)
+    assert d.seen("w1") is False
+    assert d.seen("w1") is True
+    assert d.filter_new(["w1", "w2"]) == ["w2"]

@@ -14,7 +14,7 @@ import pytest
 from django.db import connections, models
 from django.db.models import F
 
-from oncely.errors import NotFound, StaleVersion, VersionBypass
+from oncely.errors import ConfigurationError, NotFound, StaleVersion, VersionBypass
 from oncely.optimistic import retry_on_conflict
 
 # isort: off
@@ -149,11 +149,119 @@ def test_refuse_mode_writes_nothing(alias: str) -> None:
     StrictAccount.objects.using(alias).create(id=1, balance=0)
     with pytest.raises(VersionBypass, match="update"):
         StrictAccount.objects.using(alias).filter(pk=1).update(balance=5)
+    with pytest.raises(VersionBypass, match="update"):  # "sets the version" to itself
+        StrictAccount.objects.using(alias).filter(pk=1).update(balance=5, version=F("version"))
+    assert _row(alias, StrictAccount) == (0, 1)
+    # bulk_update() is checked row by row now: no bypass, so refuse mode lets it through
     obj = StrictAccount.objects.using(alias).get(pk=1)
     obj.balance = 6
-    with pytest.raises(VersionBypass):
-        StrictAccount.objects.using(alias).bulk_update([obj], ["balance"])
-    assert _row(alias, StrictAccount) == (0, 1)
+    assert StrictAccount.objects.using(alias).bulk_update([obj], ["balance"]) == 1
+    assert _row(alias, StrictAccount) == (6, 2) and obj.version == 2
+
+
+# -- red team round 5: bulk_update() and delete() of a stale instance ------------------------
+def test_stale_bulk_update_raises_and_writes_nothing(alias: str) -> None:
+    """A stale bulk_update() overwrote a concurrent save(): balance 50 at version 2 became 10
+    at version 3, no StaleVersion. Now every row is compared in the UPDATE itself; one stale
+    row and nothing of the call is written, the error names it."""
+    objs = [Account.objects.using(alias).create(id=i, balance=100) for i in (1, 2, 3)]
+    other = Account.objects.using(alias).get(pk=2)
+    other.balance = 50
+    other.save(using=alias)
+    for o in objs:
+        o.balance = 10
+    with pytest.raises(StaleVersion) as info:
+        Account.objects.using(alias).bulk_update(objs, ["balance"], batch_size=1)
+    assert info.value.expected == {2: 1} and info.value.current == {2: 2}
+    assert "pk in [2]" in info.value.entity
+    rows = dict(Account.objects.using(alias).values_list("pk", "balance"))
+    assert rows == {1: 100, 2: 50, 3: 100}  # batch 1 rolled back with the rest
+    assert [o.version for o in objs] == [1, 1, 1]  # the instances are left as loaded
+    assert _row(alias) == (100, 1)
+
+
+def test_bulk_update_checks_the_version_even_when_fields_name_it(alias: str) -> None:
+    stale = Account.objects.using(alias).create(id=1, balance=100)
+    other = Account.objects.using(alias).get(pk=1)
+    other.balance = 50
+    other.save(using=alias)
+    stale.balance = 10
+    with pytest.raises(StaleVersion):
+        Account.objects.using(alias).bulk_update([stale], ["balance", "version"])
+    assert _row(alias) == (50, 2)
+
+
+def test_bulk_update_of_a_deleted_row_is_not_found(alias: str) -> None:
+    gone = Account.objects.using(alias).create(id=1, balance=100)
+    Account.objects.using(alias).filter(pk=1).delete()
+    gone.balance = 1
+    with pytest.raises(NotFound):
+        Account.objects.using(alias).bulk_update([gone], ["balance"])
+    assert not Account.objects.using(alias).filter(pk=1).exists()
+
+
+def test_bulk_update_refuses_two_instances_of_one_row(alias: str) -> None:
+    a = Account.objects.using(alias).create(id=1, balance=100)
+    b = Account.objects.using(alias).get(pk=1)
+    with pytest.raises(ConfigurationError, match="two instances"):
+        Account.objects.using(alias).bulk_update([a, b], ["balance"])
+
+
+def test_stale_delete_raises_and_keeps_the_row(alias: str) -> None:
+    """A stale delete() deleted the row with no version check."""
+    Account.objects.using(alias).create(id=1, balance=100)
+    stale = Account.objects.using(alias).get(pk=1)
+    other = Account.objects.using(alias).get(pk=1)
+    other.balance = 80
+    other.save(using=alias)
+    with pytest.raises(StaleVersion) as info:
+        stale.delete(using=alias)
+    assert (info.value.expected, info.value.current) == (1, 2)
+    assert _row(alias) == (80, 2)
+    assert other.delete(using=alias)[0] == 1  # the current instance deletes it
+    assert not Account.objects.using(alias).filter(pk=1).exists()
+    with pytest.raises(NotFound):
+        stale.delete(using=alias)
+
+
+def test_concurrent_delete_and_save_one_wins(alias: str) -> None:
+    """Many threads each hold an instance loaded at version 1; half delete, half save. Exactly
+    one wins; every other gets StaleVersion or NotFound (never a silent overwrite or delete)."""
+    Account.objects.using(alias).create(id=1, balance=0)
+    loaded = [Account.objects.using(alias).get(pk=1) for _ in range(6)]
+    barrier = threading.Barrier(len(loaded))
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def work(i: int) -> None:
+        obj = loaded[i]
+        barrier.wait()
+        try:
+            if i % 2:
+                obj.delete(using=alias)
+                outcome = "deleted"
+            else:
+                obj.balance = i + 1
+                obj.save(using=alias)
+                outcome = "saved"
+        except (StaleVersion, NotFound) as exc:
+            outcome = type(exc).__name__
+        except Exception as exc:  # SQLite's "database is locked": a loser too
+            outcome = "busy:" + type(exc).__name__
+        finally:
+            connections[alias].close()
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(loaded))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [r for r in results if r in ("deleted", "saved")]
+    assert len(winners) == 1, results
+    row = list(Account.objects.using(alias).filter(pk=1).values_list("version", flat=True))
+    assert row == ([] if winners[0] == "deleted" else [2])
 
 
 def test_a_deleted_row_is_not_found_not_recreated(alias: str) -> None:
@@ -214,3 +322,16 @@ async def test_asave_goes_through_the_check(alias: str) -> None:
     with pytest.raises(StaleVersion):
         await b.asave(using=alias)
     await asyncio.sleep(0)
+
+
+def test_update_setting_the_version_to_itself_still_moves_it(alias: str) -> None:
+    """update(..., version=F("version")) counted as "sets the version itself": the version
+    stayed at 1 and an instance loaded before saved over the change."""
+    Account.objects.using(alias).create(id=1, balance=100)
+    stale = Account.objects.using(alias).get(pk=1)
+    Account.objects.using(alias).filter(pk=1).update(balance=77, version=F("version"))
+    assert _row(alias) == (77, 2)
+    stale.balance = 5
+    with pytest.raises(StaleVersion):
+        stale.save(using=alias)
+    assert _row(alias) == (77, 2)

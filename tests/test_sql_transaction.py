@@ -16,6 +16,7 @@ import pytest
 
 import oncely.sql
 from oncely.errors import (
+    AutocommitConnection,
     ConfigurationError,
     IdempotencyKeyMismatch,
     InFlightError,
@@ -412,17 +413,29 @@ def test_bad_input_is_typed_and_commits_nothing(db: Db) -> None:
 
 
 def test_psycopg_autocommit_connection(make_db: Any) -> None:
+    """Refused with no transaction open (AutocommitConnection): a write after the block's own
+    rollback() would commit at once; inside a transaction the caller opened it is a savepoint
+    and works as before (tests/test_autocommit_refused.py covers every dialect)."""
     db = make_db("postgresql")
     keys, effects = _setup(db)
     conn = db.connect(autocommit=True)
+    with (
+        pytest.raises(AutocommitConnection),
+        transaction(conn, operation="test.op", key="k", scope="s", table=keys),
+    ):
+        pytest.fail("ran on an autocommit connection")
     for _ in range(2):
-        with transaction(conn, operation="test.op", key="k", scope="s", table=keys) as tx:
+        with (
+            conn.transaction(),
+            transaction(conn, operation="test.op", key="k", scope="s", table=keys) as tx,
+        ):
             if not tx.replayed:
                 _effect(db, conn, effects, "k")
                 tx.set_result([1, 2])
         assert tx.result == [1, 2]
     with (
         pytest.raises(RuntimeError),
+        conn.transaction(),
         transaction(conn, operation="test.op", key="k2", scope="s", table=keys),
     ):
         _effect(db, conn, effects, "k2")

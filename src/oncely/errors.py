@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AutocommitConnection",
     "BarrierEffectsPartial",
     "BarrierError",
     "BarrierTableMissing",
@@ -386,6 +387,17 @@ class MessageRejected(OncelyError, ValueError):
 class UnsupportedConnection(ConfigurationError):
     """``oncely.sql`` was given a connection it cannot use (an SQLAlchemy ``Engine``, an unknown
     driver or dialect); the message lists what it takes."""
+
+
+class AutocommitConnection(UnsupportedConnection):
+    """A connection in autocommit mode with no transaction open was given to an API whose
+    guarantee rests on a transaction: one the caller holds (``Inbox.accept``,
+    ``Outbox.add``, ``barrier()``) or one oncely opens around user code and commits only if
+    that code did not end it (``Inbox.receive``, the transactional consumer,
+    ``idempotent_transaction``, state machine hooks, saga steps, recovery-point phases). On
+    such a connection a write made after the code's own ``rollback()`` / ``commit()`` commits
+    at once, and again on every retry. Give a connection without autocommit, or open the
+    transaction first."""
 
 
 class InvalidIdentifier(OncelyError, ValueError):

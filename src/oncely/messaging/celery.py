@@ -15,7 +15,9 @@ answer, is abandoned). :class:`IdempotentTask` runs each task call through an
   its return value is not kept: use ``@idempotent`` inside the task for that);
 * a call that finds the key held by another worker, or the store down, is retried by Celery
   after a delay (``self.retry``), never run alongside;
-* a task that fails ``idempotency_max_attempts`` times goes to ``on_dead_letter`` and ends.
+* a task that fails ``idempotency_max_attempts`` times goes to ``on_dead_letter`` and ends in
+  state ``FAILURE`` with its last error, which Celery acks (``task_acks_on_failure_or_timeout``,
+  on by default), so it is not redelivered.
 
 Options (task attributes, settable in ``@app.task(base=IdempotentTask, ...)``):
 ``idempotency_store`` (URL or store; default ``$ONCELY_STORE``), ``idempotency_key``,
@@ -149,5 +151,7 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
         if isinstance(verdict, Ack):
             return call["value"] if verdict.ran else None
         if isinstance(verdict, DeadLetter):
-            return None
+            # handed to on_dead_letter: end in FAILURE with the task's last error (SUCCESS with
+            # None would read as a duplicate); Celery acks a failed task, so it is not redelivered
+            raise verdict.error
         raise self.retry(countdown=verdict.delay, max_retries=None)

@@ -40,6 +40,7 @@ import hashlib
 import inspect
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -177,6 +178,24 @@ Handler = Callable[..., Any]  # (Delivery) -> Any; (Delivery, conn) -> Any with 
 DeadLetterCallback = Callable[[Delivery, BaseException], Any]
 
 
+def _json_kind(value: Any) -> str:
+    """What ``value`` is, in the words of the JSON it came from (``null``, not NoneType; a
+    float's value, so NaN and Infinity are named)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, float):
+        return f"the number {value!r}" if math.isfinite(value) else f"the non-number {value!r}"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
 def _text_id(value: Any, where: str) -> str:
     if isinstance(value, bytes):
         try:
@@ -187,7 +206,7 @@ def _text_id(value: Any, where: str) -> str:
             ) from exc
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise MessageRejected(
-            f"the message has no usable dedup id in {where} (found {type(value).__name__}); "
+            f"the message has no usable dedup id in {where} (found {_json_kind(value)}); "
             "every message needs a stable id set by its publisher",
             "missing-dedup-id",
         )
@@ -250,8 +269,20 @@ def dedup_id_reader(source: DedupSource) -> Callable[[Delivery], str]:
 
         def from_body(delivery: Delivery) -> str:
             value: Any = delivery.json()
-            for part in path:
-                value = value.get(part) if isinstance(value, dict) else None
+            for depth, part in enumerate(path):
+                if not isinstance(value, dict) or part not in value:
+                    outer = "the body" if not depth else f"body field {'.'.join(path[:depth])!r}"
+                    what = (
+                        f"{outer} has no field {part!r}"
+                        if isinstance(value, dict)
+                        else f"{outer} is {_json_kind(value)}, not an object with field {part!r}"
+                    )
+                    raise MessageRejected(
+                        f"the message has no dedup id at body field {name!r}: {what}; every "
+                        "message needs a stable id set by its publisher",
+                        "missing-dedup-id",
+                    )
+                value = value[part]
             return _text_id(value, f"body field {name!r}")
 
         return from_body

@@ -21,7 +21,8 @@ store              ``seen(id)`` / ``filter_new(ids)``
 ``postgresql://``  one ``INSERT … SELECT … FROM unnest(%(ids)s) ON CONFLICT … DO UPDATE …
                    WHERE expired RETURNING id`` (``now()``)
 ``mysql://``       MariaDB >= 10.5: one round trip, ``DELETE`` of the batch's expired rows then
-                   ``INSERT IGNORE … RETURNING id`` (``UNIX_TIMESTAMP(NOW(6))``)
+                   ``INSERT IGNORE … RETURNING id`` (``UNIX_TIMESTAMP(NOW(6))``); a batch
+                   over ``max_allowed_packet`` goes in several such statements
 =================  =========================================================================
 
 An id is *new* when it has no unexpired record: the statement inserts it, or takes over its
@@ -75,12 +76,23 @@ from oncely.errors import (
 )
 from oncely.settings import flag, fraction, seconds, text, whole
 
-__all__ = ["MAX_BLOOM_BITS", "MAX_ID_LENGTH", "Deduplicator", "bloom_size", "message_id_text"]
+__all__ = [
+    "MAX_BLOOM_BITS",
+    "MAX_ID_LENGTH",
+    "MAX_WINDOW",
+    "Deduplicator",
+    "bloom_size",
+    "message_id_text",
+]
 
 Id = TypeVar("Id")
 
 #: Longest message id accepted, in characters (Stripe's limit for idempotency keys).
 MAX_ID_LENGTH: Final = 255
+#: Longest window, in seconds (about 317 years): what every store keeps exactly (Redis takes a
+#: ``PX`` only while the expiry, in milliseconds since the epoch, fits in 64 bits; 1e18 s does
+#: not), checked when the :class:`Deduplicator` is built rather than at its first call.
+MAX_WINDOW: Final = 1e10
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
@@ -640,10 +652,27 @@ _MYSQL_PURGE = (
     "DELETE FROM {t} WHERE expires_at <= " + _MYSQL_NOW + " ORDER BY expires_at LIMIT %(limit)s"
 )
 _DEADLOCK = 1213
+_PACKET_QUERY = "SELECT @@max_allowed_packet"
+#: ``max_allowed_packet`` assumed if the server does not say (MariaDB's default is 16 MiB).
+_DEFAULT_PACKET = 1024 * 1024
 
 
 class _Retry(StoreUnavailable):
     """A deadlock the database rolled back: the plan sends the statement again."""
+
+
+class _Packet(NamedTuple):
+    """Request: the server's ``max_allowed_packet`` in bytes (read once, when the first
+    connection opens; no round trip once known)."""
+
+
+#: Bytes of a dedup statement kept free of ``max_allowed_packet`` (the protocol's own).
+_PACKET_MARGIN = 64 * 1024
+
+
+def _width(value: str) -> int:
+    """Bytes of ``value`` as a quoted, escaped SQL literal (an upper bound)."""
+    return len(value.encode("utf-8")) + sum(value.count(c) for c in "\\'\"\x00\n\r\x1a") + 2
 
 
 class _MySQL(_Sql):
@@ -669,6 +698,12 @@ class _MySQL(_Sql):
         self.pool = SyncPool(self.sync_connect, size, 10.0)
         self.loops: Any = LoopLocal(_AsyncIdle, _AsyncIdle.aclose, _AsyncIdle.abandon)
         self.purge_sql = _MYSQL_PURGE.format(t=table)
+        #: The session's ``max_allowed_packet`` in bytes (None: no connection opened yet).
+        self.max_packet: int | None = None
+
+    def learn_packet(self, rows: Any) -> None:
+        value = rows[0][0] if rows and rows[0] else None
+        self.max_packet = int(value) if value else _DEFAULT_PACKET
 
     def statement(self, count: int) -> str:
         t = self.table
@@ -681,20 +716,59 @@ class _MySQL(_Sql):
         )
 
     def filter(self, texts: list[str]) -> Plan[list[int]]:
+        """One statement (one round trip) per part of the batch that fits in the server's
+        ``max_allowed_packet``: a statement over it is refused by the server closing the
+        connection, which looks like an outage ("server has gone away") and would be retried
+        forever. Each id is still decided by one atomic ``INSERT IGNORE``; the parts go in
+        sorted order, so concurrent batches still take their locks in one order."""
         if not texts:
             return []
         ordered = sorted(texts)  # one lock order for every batch
-        params: dict[str, Any] = {"ns": self.namespace, "window": self.window}
-        params.update((f"i{n}", text) for n, text in enumerate(ordered))
-        for attempt in range(5):
-            try:
-                rows = yield Exec(self.statement(len(ordered)), params)
-                break
-            except _Retry:
-                if attempt == 4:
-                    raise
+        packet = self.max_packet
+        if packet is None:
+            packet = yield _Packet()
+        budget = max(packet - _PACKET_MARGIN, packet // 2)
+        rows: list[Any] = []
+        for part in self.parts(ordered, budget):
+            params: dict[str, Any] = {"ns": self.namespace, "window": self.window}
+            params.update((f"i{n}", text) for n, text in enumerate(part))
+            for attempt in range(5):
+                try:
+                    rows.extend((yield Exec(self.statement(len(part)), params)))
+                    break
+                except _Retry:
+                    if attempt == 4:
+                        raise
         position = {t: i for i, t in enumerate(texts)}
         return sorted(position[r[0] if isinstance(r[0], str) else r[0].decode()] for r in rows)
+
+    def parts(self, ordered: list[str], budget: int) -> list[list[str]]:
+        """``ordered`` cut into runs whose statement is at most ``budget`` bytes as sent.
+
+        :raises ConfigurationError: one id alone does not fit (``max_allowed_packet`` set
+            below what a 255-character id needs): a permanent condition, not an outage."""
+        fixed = len(self.statement(0).encode("utf-8")) + 2 * _width(self.namespace) + 64
+        per_row = _width(self.namespace) + len(_MYSQL_NOW) + 64
+        parts: list[list[str]] = []
+        part: list[str] = []
+        size = fixed
+        for message_id in ordered:
+            cost = per_row + 2 * _width(message_id)
+            if fixed + cost > budget:
+                size = len(message_id.encode("utf-8"))
+                raise ConfigurationError(
+                    f"MySQL at {self.where}: max_allowed_packet is {self.max_packet} bytes, too "
+                    f"small for a dedup statement of one {size}-byte id; raise "
+                    "max_allowed_packet on the server"
+                )
+            if part and size + cost > budget:
+                parts.append(part)
+                part, size = [], fixed
+            part.append(message_id)
+            size += cost
+        if part:
+            parts.append(part)
+        return parts
 
     def check(self, conn: Any) -> None:
         from oncely.backends.mysql import server_version, supports_returning
@@ -712,6 +786,10 @@ class _MySQL(_Sql):
         conn = pymysql.connect(**self.sync_args)
         try:
             self.check(conn)
+            if self.max_packet is None:
+                with conn.cursor() as cur:
+                    cur.execute(_PACKET_QUERY)
+                    self.learn_packet(cur.fetchall())
             if self.create and not self.ready:
                 with conn.cursor() as cur:
                     cur.execute(_MYSQL_DDL.format(t=self.table))
@@ -747,6 +825,9 @@ class _MySQL(_Sql):
             raise StoreUnavailable(f"MySQL at {self.where}: no connection in 10 s") from None
         except (pymysql.Error, OSError) as exc:
             raise self.translate(exc) from exc
+        if type(request) is _Packet:  # the connection just opened read it
+            self.pool.put(conn, True)
+            return self.max_packet or _DEFAULT_PACKET
         healthy = False
         try:
             with conn.cursor() as cur:
@@ -771,9 +852,14 @@ class _MySQL(_Sql):
             if conn is None:
                 conn = await aiomysql.connect(**self.async_args)
                 self.check(conn)
+                if self.max_packet is None:
+                    self.learn_packet((await _aquiet(conn, _PACKET_QUERY, {})).rows)
                 if self.create and not self.ready:
                     await _aquiet(conn, _MYSQL_DDL.format(t=self.table), {})
                     self.ready = True
+            if type(request) is _Packet:
+                idle.give(conn, self.size)
+                return self.max_packet or _DEFAULT_PACKET
             result = await asyncio.wait_for(
                 _aquiet(conn, request.statement, request.params), self.read_timeout
             )
@@ -861,8 +947,8 @@ class Deduplicator:
     :param store: ``memory://``, ``redis://…`` (or a ``redis.Redis`` / ``redis.asyncio.Redis``
         client, not decoding responses; it serves its own face only), ``sqlite:///file.db``,
         ``postgresql://…`` or ``mysql://…`` (MariaDB >= 10.5).
-    :param window: seconds an id is remembered from its first sighting (> 0; Redis rounds
-        to milliseconds).
+    :param window: seconds an id is remembered from its first sighting (> 0 and at most
+        :data:`MAX_WINDOW`, on every store alike; Redis rounds to milliseconds).
     :param namespace: the id space; deduplicators share ids only if they name the same one.
     :param table: SQL table (created on first use unless ``create_schema=False``).
     :param prefix: Redis key prefix; keys are ``{prefix}:{<len>:<namespace>}:i:<id>`` (the
@@ -890,7 +976,7 @@ class Deduplicator:
         create_schema: bool = True,
         pool_size: int = 8,
     ) -> None:
-        window = seconds(window, "window", where="Deduplicator")
+        window = seconds(window, "window", where="Deduplicator", maximum=MAX_WINDOW)
         if not isinstance(namespace, str) or not namespace or len(namespace) > 100:
             raise ConfigurationError(
                 f"namespace={namespace!r}: give a non-empty str of at most 100 characters naming "

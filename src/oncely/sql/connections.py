@@ -44,6 +44,7 @@ from oncely.backends.plans import Exec, Plan
 from oncely.backends.plans import arun as arun_plan
 from oncely.backends.plans import run as run_plan
 from oncely.errors import (
+    AutocommitConnection,
     ConfigurationError,
     DatabaseBusy,
     InvalidIdentifier,
@@ -608,11 +609,37 @@ class SqlConnection:
         itself: an autocommit connection with no transaction open, where the point of ``what``
         is to commit together with the caller's writes."""
         if self.autocommits() and not self.in_transaction():
-            raise ConfigurationError(
+            raise AutocommitConnection(
                 f"{what} must run in the caller's open transaction, with the writes it goes "
                 f"with, but this {type(self.raw).__name__} is in autocommit mode with none open: "
                 "the row would commit alone. Open one first (with conn.transaction(), "
                 "atomic(), session.begin(), or BEGIN)"
+            )
+
+    def require_held(self) -> None:
+        """Raise :class:`~oncely.errors.AutocommitConnection` when a block oncely would begin
+        itself around user code (:class:`Enter` ``held``: ``Inbox.receive``, the
+        transactional consumer, ``idempotent_transaction``, state machine hooks, saga steps;
+        ``Operation`` phases call it too) cannot keep its promise on this connection. That
+        block commits only if the code inside did not end the transaction
+        (:func:`commit_if_held`); the promise holds because, once the code called
+        ``conn.rollback()`` or ``conn.commit()``, whatever it writes next goes into a new
+        implicit transaction that oncely then rolls back. On an autocommit connection each of
+        those writes commits at once, and again on every redelivery or retry. The same check
+        as :meth:`require_transaction`; Django overrides it (its ``atomic()`` forbids
+        ``commit()`` / ``rollback()`` inside the block)."""
+        if self.autocommits() and not self.in_transaction():
+            raise AutocommitConnection(
+                f"this {type(self.raw).__name__} is in autocommit mode: oncely cannot open the "
+                "transaction it runs your code in (Inbox.receive(), the transactional "
+                "consumer, idempotent_transaction(), state machine hooks, saga steps, "
+                "recovery-point phases) on it, "
+                "since a write your code made after its own conn.rollback() or conn.commit() "
+                "would commit at once, and again on every retry. Give a connection without "
+                "autocommit (sqlite3 isolation_level other than None, psycopg/PyMySQL "
+                "autocommit=False), or open the transaction yourself first (the block is then "
+                "a savepoint in it and you commit; not for Operation phases, which commit "
+                "each phase themselves)"
             )
 
     def check_usable(self) -> None:
@@ -715,6 +742,8 @@ class _DbapiSync(SqlConnection):
     def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
         if not self.in_transaction():
+            if held:
+                self.require_held()
             mark = self._savepoint_name() if held else ""
             begin = _held_begin(self, mark) if held else None
             if begin is not None:
@@ -862,6 +891,8 @@ class _DbapiAsync(SqlConnection):
     async def aenter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
         if not self.in_transaction():
+            if held:
+                self.require_held()
             mark = self._savepoint_name() if held else ""
             begin = _held_begin(self, mark) if held else None
             if begin is not None:
@@ -1030,7 +1061,7 @@ def _sa_require_transaction(sync_conn: Any, what: str) -> None:
     except OncelyError:  # a driver oncely does not adapt directly (asyncpg, aiosqlite)
         return
     if inner.autocommits() and not inner.in_transaction():
-        raise ConfigurationError(
+        raise AutocommitConnection(
             f"{what} needs a database transaction, but this SQLAlchemy connection uses "
             "isolation_level='AUTOCOMMIT', where begin() opens none: every statement would "
             "commit alone. Use a connection without it (an engine without "
@@ -1336,6 +1367,11 @@ class _Django(SqlConnection):
 
     def failed(self) -> bool:
         return bool(self.raw.in_atomic_block and self.raw.needs_rollback)
+
+    def require_held(self) -> None:
+        """Nothing to refuse: the block is an ``atomic()``, inside which Django refuses
+        ``commit()`` and ``rollback()`` (``TransactionManagementError``), so the code in it
+        cannot end the transaction and write on in autocommit."""
 
     def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         from django.db import transaction  # type: ignore[import-untyped]

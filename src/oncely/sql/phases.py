@@ -216,6 +216,9 @@ class Operation:
                 f"{self.name}: recovery points commit each phase, so the operation must start "
                 "outside a transaction: commit or roll back first (not inside atomic())"
             )
+        # each phase's code runs in a transaction oncely opens; in autocommit a write after the
+        # phase's own rollback() or commit() would commit without its recovery point
+        c.require_held()
         sql = self._sql(c)
         token = secrets.token_hex(32)
         base = {"scope": key.scope, "digest": digest_bytes(key)}

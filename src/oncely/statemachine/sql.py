@@ -46,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -56,6 +57,7 @@ from oncely.codecs import to_jsonable
 from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
+    InvalidEntityId,
     SchemaMissing,
 )
 from oncely.settings import text
@@ -394,6 +396,32 @@ class SqlStateMachine:
             )
         return missing
 
+    def _check_key(self, entity_id: Any, res: Result) -> None:
+        """Raise :class:`~oncely.errors.InvalidEntityId` when the row ``entity_id`` matched
+        holds another key: the database converted the id to compare it (SQLite's type
+        affinity takes ``" 3"`` and ``"3.0"`` for 3, MySQL compares ``"3abc"`` as 3 and
+        ``"ABC"`` equal to ``"abc"`` under a case-insensitive collation, PostgreSQL casts
+        ``" 3"`` to an integer column). The history, the idempotency key and the outbox message
+        would be recorded under the caller's spelling, which :meth:`history` of the row's key
+        never finds. A key of a type an entity id cannot be (bytes, a decimal) is not
+        compared."""
+        if not res.rows:
+            return
+        columns = [str(col).lower() for col in res.columns]
+        name = self.table.id_column.lower()
+        if name not in columns:
+            return
+        found = res.rows[0][columns.index(name)]
+        if isinstance(found, bool) or not isinstance(found, (str, int, uuid.UUID)):
+            return
+        if str(found) != str(entity_id):
+            raise InvalidEntityId(
+                f"entity id {entity_id!r} matched the row whose {self.table.id_column} is "
+                f"{found!r} (the database converted it to compare): its history would be "
+                f"recorded under {str(entity_id)!r}, where history({found!r}) never finds it. "
+                f"Pass the key as the row holds it ({found!r}); nothing was changed"
+            )
+
     def _apply_plan(
         self,
         c: SqlConnection,
@@ -451,6 +479,8 @@ class SqlStateMachine:
             res = yield Exec(q.update[t.name], params)
             applied = bool(res.rows) if returning else res.rowcount > 0
             if applied:
+                if returning:
+                    self._check_key(entity_id, res)
                 entry = {
                     "machine": m,
                     "entity": str(entity_id),
@@ -475,6 +505,7 @@ class SqlStateMachine:
                     return self._replay(t, entity_id, str(key), found)
                 if not returning:  # read after the history row: a used key needs no row
                     res = yield Exec(q.select_row, {"id": entity_id})
+                    self._check_key(entity_id, res)  # rolls the history row back with the rest
                 row = dict(zip(res.columns, res.rows[0])) if res.rows else {}
                 if not history_id and (self.outbox is not None or self.hooks):  # no lastrowid
                     last = "last_insert_rowid()" if c.dialect == "sqlite" else "LAST_INSERT_ID()"
@@ -508,13 +539,15 @@ class SqlStateMachine:
                 open_block = False
                 yield Leave(block, True)
                 first = both.rows[0]
+                res = Result([first[3:]] if first[2] else [], -1, both.columns[3:])
+                self._check_key(entity_id, res)
                 if first[0] is not None:  # the key was used: a replay
                     return self._replay(t, entity_id, key, both)
-                res = Result([first[3:]] if first[2] else [], -1, both.columns[3:])
             else:
                 res = yield Exec(q.select_row, {"id": entity_id})
                 open_block = False
                 yield Leave(block, True)
+                self._check_key(entity_id, res)
             if not res.rows:
                 current = None
                 row = {}

@@ -17,13 +17,21 @@ since the object was read, the lost update of source §3.3. Subclass :class:`Ver
   re-insert Django would otherwise try. ``asave()`` goes through ``save()``.
 * ``save(update_fields=[...])`` without the version field (django-concurrency's FAQ: "skip
   update version number") gets it added: the check and the bump always happen.
+* ``bulk_update(objs, fields)`` is checked as ``save()`` is: one ``UPDATE`` per batch writes
+  a row only if it is at the version its instance holds (``… AND version = CASE pk WHEN …
+  END``) and bumps it, all batches in one transaction; a stale or deleted row raises
+  :class:`~oncely.errors.StaleVersion` (or :class:`~oncely.errors.NotFound`) naming the rows
+  and nothing is written.
+* ``delete()`` compares and locks the row (``UPDATE … SET version = version + 1 WHERE pk =
+  :pk AND version = :v``) before Django's delete, in one transaction: a stale instance
+  raises :class:`~oncely.errors.StaleVersion` and deletes nothing.
 * ``Account.objects.filter(…).update(…)`` (``QuerySet.update()`` skips ``save()``) gets
-  ``version = F("version") + 1`` added unless it sets the version itself, so an instance
-  loaded before it fails its next save instead of overwriting the bulk change;
-  ``bulk_update(objs, fields)`` likewise bumps each row's version (``F() + 1``) and reads the
-  new versions back into ``objs``. With ``oncely_on_bulk = "refuse"`` on the model both raise
+  ``version = F("version") + 1`` added unless it sets the version itself (``F("version")``
+  does not count), so an instance loaded before it fails its next save instead of
+  overwriting the bulk change. With ``oncely_on_bulk = "refuse"`` on the model it raises
   :class:`~oncely.errors.VersionBypass` instead; ``.update_unversioned(…)`` is the explicit
-  way around.
+  way around. ``QuerySet.update()`` and ``QuerySet.delete()`` compare no version (they have
+  none to compare): they write or delete whatever matches.
 * ``bulk_create(update_conflicts=True)`` (an upsert) raises
   :class:`~oncely.errors.VersionBypass` unless ``update_fields`` names the version.
 * A new instance given an existing pk (``Account(id=1, ...).save()``, never loaded) updates
@@ -68,12 +76,29 @@ def _bypass(model: Any, what: str, field: str) -> VersionBypass:
     )
 
 
+def _unmoved(value: Any, field: str) -> bool:
+    """``version=F("version")``: "sets the version itself" to what it is, so it does not move
+    and an instance loaded before could save over the change."""
+    return isinstance(value, F) and value.name == field
+
+
+def _loaded_version(obj: Any, attname: str, name: str) -> int:
+    version = getattr(obj, attname)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConfigurationError(
+            f"{type(obj).__name__}.{name} is {version!r}, not the int version it was "
+            "loaded with; reload the instance (refresh_from_db) before saving"
+        )
+    return version
+
+
 class VersionedQuerySet(models.QuerySet):  # type: ignore[misc]
-    """``update()`` and ``bulk_update()`` that move the version (see the module docstring)."""
+    """``update()`` that moves the version and ``bulk_update()`` that checks it (see the
+    module docstring)."""
 
     def update(self, **kwargs: Any) -> int:
         field = _version_field(self.model)
-        if field not in kwargs:
+        if field not in kwargs or _unmoved(kwargs[field], field):
             if getattr(self.model, "oncely_on_bulk", "bump") == "refuse":
                 raise _bypass(self.model, "QuerySet.update()", field)
             kwargs[field] = F(field) + 1
@@ -100,25 +125,113 @@ class VersionedQuerySet(models.QuerySet):  # type: ignore[misc]
     def bulk_update(
         self, objs: Iterable[Any], fields: Iterable[str], batch_size: int | None = None
     ) -> int:
-        field = _version_field(self.model)
-        objs, fields = list(objs), list(fields)
-        if field in fields:
-            rows: int = super().bulk_update(objs, fields, batch_size=batch_size)
-            return rows
-        if getattr(self.model, "oncely_on_bulk", "bump") == "refuse":
-            raise _bypass(self.model, "bulk_update()", field)
-        attname = self.model._meta.get_field(field).attname
+        """``bulk_update()`` checked as ``save()`` is: each row is written only if it is still
+        at the version its instance holds, and its version is bumped. One ``UPDATE`` per batch
+        (``SET … = CASE pk …, version = version + 1 WHERE pk IN (…) AND version = CASE pk WHEN
+        … THEN <its version> END``), every batch in one transaction: if any row moved on (or
+        was deleted) nothing is written and :class:`~oncely.errors.StaleVersion` (or
+        :class:`~oncely.errors.NotFound`) names those rows. The instances then hold their new
+        versions. The version is never written from the instances, even if ``fields`` names
+        it. Returns the number of rows written.
+
+        :raises StaleVersion: rows moved on since their instances were loaded (``expected``
+            and ``current`` map each such pk to its version; ``current`` None: deleted).
+        :raises NotFound: every such row was deleted meanwhile.
+        :raises ConfigurationError: an instance whose version is not an int, or two instances
+            of one row (one would overwrite the other unchecked).
+        """
+        from django.db import connections, transaction
+        from django.db.models import Case, Value, When
+
+        model = self.model
+        name = _version_field(model)
+        vfield = model._meta.get_field(name)
+        attname = vfield.attname
+        objs, given = list(objs), list(fields)
+        if not given:
+            raise ValueError("Field names must be given to bulk_update().")
+        if batch_size is not None and batch_size <= 0:
+            raise ValueError("Batch size must be a positive integer.")
+        fields = [f for f in given if f not in (name, attname)]
+        expected: dict[Any, int] = {}
         for obj in objs:
-            setattr(obj, attname, F(field) + 1)
-        rows = super().bulk_update(objs, [*fields, field], batch_size=batch_size)
-        fresh = dict(
+            if obj.pk is None:
+                raise ValueError("All bulk_update() objects must have a primary key set.")
+            version = _loaded_version(obj, attname, name)
+            if obj.pk in expected:
+                raise ConfigurationError(
+                    f"{model.__name__}: two instances of pk={obj.pk!r} in one bulk_update(); "
+                    "the second would be written over the first unchecked: pass each row once"
+                )
+            expected[obj.pk] = version
+        if not objs:
+            return 0
+        pk = model._meta.pk
+        written = [model._meta.get_field(f) for f in fields]
+        size = connections[self.db].ops.bulk_batch_size([pk, pk, pk, vfield, *written], objs)
+        size = max(1, min(batch_size, size) if batch_size else size)
+        rows = 0
+        with transaction.atomic(using=self.db):
+            for start in range(0, len(objs), size):
+                batch = objs[start : start + size]
+                check = Case(
+                    *[When(pk=o.pk, then=Value(expected[o.pk])) for o in batch],
+                    output_field=vfield,
+                )
+                checked = self.filter(**{attname: check})
+                for obj in batch:
+                    setattr(obj, attname, F(name) + 1)
+                try:
+                    count: int = models.QuerySet.bulk_update(
+                        checked, batch, [*fields, name], batch_size=size
+                    )
+                finally:
+                    for obj in batch:
+                        setattr(obj, attname, expected[obj.pk])
+                if count != len(batch):
+                    error = self._stale_rows(batch, expected, attname, name)
+                    if error is not None:
+                        raise error  # leaving the atomic block rolls every batch back
+                rows += count
+        for obj in objs:
+            setattr(obj, attname, expected[obj.pk] + 1)
+        return rows
+
+    def _stale_rows(
+        self, batch: list[Any], expected: dict[Any, int], attname: str, name: str
+    ) -> Exception | None:
+        """The error for the rows of ``batch`` not at their expected version, or None if all
+        are (the rows left out were excluded by this queryset's own filter, as Django's
+        ``bulk_update()`` leaves them)."""
+        found = dict(
             self.model._base_manager.using(self.db)
-            .filter(pk__in=[o.pk for o in objs])
+            .filter(pk__in=[o.pk for o in batch])
             .values_list("pk", attname)
         )
-        for obj in objs:
-            setattr(obj, attname, fresh.get(obj.pk))
-        return rows
+        table = self.model._meta.db_table
+        unversioned = [o.pk for o in batch if o.pk in found and found[o.pk] is None]
+        if unversioned:
+            entity = f"{table} pk in {unversioned!r}"
+            return UnversionedRow(
+                entity,
+                f"{entity} have a NULL {name!r}; backfill it (UPDATE … SET {name} = 1 WHERE "
+                f"{name} IS NULL) and keep the column NOT NULL",
+            )
+        stale = {o.pk: found.get(o.pk) for o in batch if found.get(o.pk) != expected[o.pk]}
+        if not stale:
+            return None
+        entity = f"{table} pk in {list(stale)!r}"
+        if all(v is None for v in stale.values()):
+            return NotFound(entity, f"{entity} were deleted meanwhile; nothing was written")
+        want = {k: expected[k] for k in stale}
+        return StaleVersion(
+            entity,
+            want,
+            stale,
+            f"{entity} moved on since their instances were loaded (versions now {stale!r}, "
+            f"loaded at {want!r}; None: deleted); nothing was written: reload them and redo "
+            "the change (oncely.optimistic.retry_on_conflict)",
+        )
 
 
 VersionedManager = models.Manager.from_queryset(VersionedQuerySet)
@@ -156,6 +269,47 @@ class VersionedModel(models.Model):  # type: ignore[misc]
                 kwargs["update_fields"] = [*names, field]
         super().save(*args, **kwargs)
 
+    def delete(self, using: Any = None, keep_parents: bool = False) -> Any:
+        """``delete()`` checked as ``save()`` is: in one transaction, one ``UPDATE … SET
+        version = version + 1 WHERE pk = :pk AND version = :v`` (the compare, which also
+        locks the row so nothing can move it before the delete), then Django's delete (its
+        signals and cascades). Zero rows: :class:`~oncely.errors.StaleVersion` (the row moved
+        on since this instance was loaded) or :class:`~oncely.errors.NotFound` (already
+        deleted), and nothing is deleted."""
+        from django.db import router, transaction
+
+        if self.pk is None:
+            return super().delete(using=using, keep_parents=keep_parents)
+        name = _version_field(type(self))
+        attname = self._meta.get_field(name).attname
+        expected = _loaded_version(self, attname, name)
+        using = using or router.db_for_write(type(self), instance=self)
+        base = type(self)._base_manager.using(using)
+        with transaction.atomic(using=using):
+            moved = base.filter(pk=self.pk, **{attname: expected}).update(
+                **{attname: F(attname) + 1}
+            )
+            if not moved:
+                entity = f"{self._meta.db_table} pk={self.pk!r}"
+                found = list(base.filter(pk=self.pk).values_list(attname, flat=True)[:1])
+                if not found:
+                    raise NotFound(entity, f"{entity} was deleted meanwhile")
+                if found[0] is None:
+                    raise UnversionedRow(
+                        entity,
+                        f"{entity} has a NULL {name!r}; backfill it (UPDATE … SET {name} = 1 "
+                        f"WHERE {name} IS NULL) and keep the column NOT NULL",
+                    )
+                raise StaleVersion(
+                    entity,
+                    expected,
+                    found[0],
+                    f"{entity} is at version {found[0]!r}, not {expected!r}: someone wrote it "
+                    "since this instance was loaded, so it was not deleted; reload it and "
+                    "decide again",
+                )
+            return super().delete(using=using, keep_parents=keep_parents)
+
     def _do_update(
         self,
         base_qs: Any,
@@ -169,12 +323,7 @@ class VersionedModel(models.Model):  # type: ignore[misc]
     ) -> Any:
         name = _version_field(type(self))
         field = self._meta.get_field(name)
-        expected = getattr(self, field.attname)
-        if isinstance(expected, bool) or not isinstance(expected, int):
-            raise ConfigurationError(
-                f"{type(self).__name__}.{name} is {expected!r}, not the int version it was "
-                "loaded with; reload the instance (refresh_from_db) before saving"
-            )
+        expected = _loaded_version(self, field.attname, name)
         new_values = [(f, m, v) for f, m, v in values if f is not field]
         new_values.append((field, None, expected + 1))
         updated = super()._do_update(
