@@ -20,7 +20,7 @@ import pytest
 
 from oncely.core.records import digest_key
 from oncely.errors import InvalidPayload
-from oncely.http import GLOBAL, HttpRequest, IdempotencyConfig, IdempotencyMiddleware
+from oncely.http import GLOBAL, HttpRequest, IdempotencyConfig, IdempotencyMiddleware, json_fields
 from oncely.http.codec import ALWAYS_DENIED, encode_response, storable_headers
 from oncely.http.fingerprint import _DECODER, _encode, canonical_json, request_fingerprint
 from oncely.stores.memory import MemoryStore
@@ -56,6 +56,9 @@ BODIES = [
     b"{}",
     b'"just a string"',
     b"12",
+    b"",  # json_fields reads an empty body too
+    b" ",
+    b"\x00",
 ]
 
 
@@ -97,6 +100,13 @@ LARGE = [
         "24ef5c228bba6f0b6420ad988a6dabc0a162b619",
     ),
 ]
+
+
+@pytest.mark.parametrize("body", [b"", b" ", b"[1]", b'{"amount": 1}x'])
+def test_json_fields_refuse_what_is_not_a_json_object(body: bytes) -> None:
+    """An empty body too: 400 request-body-invalid, never an IndexError (a 500)."""
+    with pytest.raises(InvalidPayload):
+        json_fields("amount")(HttpRequest("POST", "/orders", b"", JSON), body)
 
 
 @pytest.mark.parametrize(("line", "body", "expected"), LARGE)

@@ -271,7 +271,7 @@ def _parse(body: bytes) -> Any:
     """
     # An ASCII first byte other than NUL and a second byte other than NUL: json.detect_encoding
     # says UTF-8 (every BOM and every UTF-16/32 form has a NUL or a non-ASCII byte there).
-    if 0 < body[0] < 0x80 and body[1:2] != b"\x00":
+    if body and 0 < body[0] < 0x80 and body[1:2] != b"\x00":
         text = body.decode("utf-8", "surrogatepass")
         if text[0] in "{[":  # no leading whitespace: the scanner alone, if it reads it all
             try:
