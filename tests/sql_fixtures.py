@@ -67,6 +67,26 @@ class Db:
         self._opened.append(conn)
         return conn
 
+    def autocommit(self) -> Any:
+        """A new raw sync connection in autocommit mode (sqlite3 ``isolation_level=None``,
+        psycopg ``autocommit=True``, PyMySQL ``autocommit(True)``)."""
+        if self.dialect == "sqlite":
+            conn: Any = sqlite3.connect(self.path, isolation_level=None, timeout=30)
+            self._opened.append(conn)
+        elif self.dialect == "postgresql":
+            conn = self.connect(autocommit=True)
+        else:
+            conn = self.connect()
+            conn.autocommit(True)
+        return conn
+
+    def begin(self, conn: Any) -> None:
+        """Open a transaction on an autocommit connection of :meth:`autocommit`."""
+        if self.dialect == "mysql":
+            conn.begin()
+        else:
+            conn.cursor().execute("BEGIN")
+
     async def aconnect(self) -> Any:
         """A new raw async connection (psycopg AsyncConnection / aiomysql); SQLite has none."""
         if self.dialect == "postgresql":

@@ -11,7 +11,6 @@ each of 4 attempts. Each test failed on the code before the fix."""
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import pytest
@@ -25,25 +24,6 @@ from oncely.statemachine.sql import HookCall, SqlStateMachine, Table
 from sql_fixtures import Db
 
 pytest_plugins = ["sql_fixtures"]
-
-
-def _autocommit(db: Db) -> Any:
-    if db.dialect == "sqlite":
-        conn: Any = sqlite3.connect(db.path, isolation_level=None, timeout=30)
-    elif db.dialect == "postgresql":
-        conn = db.connect(autocommit=True)
-    else:
-        conn = db.connect()
-        conn.autocommit(True)
-    db._opened.append(conn)
-    return conn
-
-
-def _begin(db: Db, conn: Any) -> None:
-    if db.dialect == "mysql":
-        conn.begin()
-    else:
-        conn.cursor().execute("BEGIN")
 
 
 def _effects(db: Db) -> str:
@@ -74,7 +54,7 @@ def test_receive_refuses_an_autocommit_connection(db: Db, ends: str) -> None:
     setup = db.connect()
     inbox.create_table(setup)
     setup.commit()
-    conn = _autocommit(db)
+    conn = db.autocommit()
     for _ in range(2):  # a delivery, then its redelivery
         with (
             pytest.raises(AutocommitConnection, match="autocommit"),
@@ -96,10 +76,10 @@ def test_receive_inside_the_callers_transaction_on_autocommit_still_works(db: Db
     setup = db.connect()
     inbox.create_table(setup)
     setup.commit()
-    conn = _autocommit(db)
+    conn = db.autocommit()
     seen = []
     for _ in range(2):
-        _begin(db, conn)
+        db.begin(conn)
         with inbox.receive(conn, consumer="b", message_id="m1") as first:
             if first:
                 _write(db, conn, effects, "m1")
@@ -174,7 +154,7 @@ def test_transactional_consumer_refuses_autocommit_connections(db: Db) -> None:
         name="rt5-txc",
         dedup_id="body:id",
         inbox=inbox,
-        connect=lambda: _autocommit(db),
+        connect=lambda: db.autocommit(),
         max_attempts=3,
         retry_delay=0.01,
     )
@@ -194,7 +174,7 @@ def test_sql_transaction_refuses_an_autocommit_connection(db: Db) -> None:
     setup = db.connect()
     create_tables(setup, table=keys)
     setup.commit()
-    conn = _autocommit(db)
+    conn = db.autocommit()
     for _ in range(2):
         with (
             pytest.raises(AutocommitConnection),
@@ -236,7 +216,7 @@ def test_state_machine_hooks_refuse_an_autocommit_connection(db: Db) -> None:
     setup = db.connect()
     sm.create_tables(setup)
     setup.commit()
-    conn = _autocommit(db)
+    conn = db.autocommit()
     for _ in range(2):
         with pytest.raises(AutocommitConnection):
             sm.apply(conn, 1, "pay", key="k1")
@@ -271,7 +251,7 @@ def test_recovery_point_phases_refuse_an_autocommit_connection(db: Db) -> None:
     def two(ctx: Any) -> str:
         raise RuntimeError("crash before the operation finishes")
 
-    conn = _autocommit(db)
+    conn = db.autocommit()
     for _ in range(2):
         with pytest.raises(AutocommitConnection):
             op.run(conn, key="k", scope="s", params={})

@@ -33,38 +33,19 @@ ORDER = Machine(
 
 
 # -- F07: a row that must commit with the caller's writes is refused on autocommit -------------
-def _autocommit(db: Db) -> Any:
-    if db.dialect == "sqlite":
-        conn: Any = sqlite3.connect(db.path, isolation_level=None, timeout=30)
-    elif db.dialect == "postgresql":
-        conn = db.connect(autocommit=True)
-    else:
-        conn = db.connect()
-        conn.autocommit(True)
-    db._opened.append(conn)
-    return conn
-
-
-def _begin(db: Db, conn: Any) -> None:
-    if db.dialect == "mysql":
-        conn.begin()
-    else:
-        conn.execute("BEGIN")
-
-
 def test_barrier_refuses_an_autocommit_connection_with_no_transaction(db: Db) -> None:
     """F07: the barrier row committed alone; a branch dying before its writes then answered
     DUPLICATE on the coordinator's retry and the writes never happened."""
     table = db.name("rt3_barrier")
-    conn = _autocommit(db)
+    conn = db.autocommit()
     create_table(conn, table)
     with pytest.raises(ConfigurationError, match="autocommit"):
         barrier(conn, "g1", "alice", "try", table=table)
     assert db.run(f"SELECT COUNT(*) FROM {table}") == [(0,)]
-    _begin(db, conn)  # inside an explicit transaction it decides, and rolls back with it
+    db.begin(conn)  # inside an explicit transaction it decides, and rolls back with it
     assert barrier(conn, "g1", "alice", "try", table=table) is Verdict.EXECUTE
     conn.rollback()
-    _begin(db, conn)
+    db.begin(conn)
     assert barrier(conn, "g1", "alice", "try", table=table) is Verdict.EXECUTE
     conn.commit()
     assert db.run(f"SELECT COUNT(*) FROM {table}") == [(1,)]
