@@ -506,6 +506,8 @@ def test_redis_effects_are_data_commands_on_their_keys() -> None:
             [("SET", "ok:{g}", 1), ("FLUSHALL",)],  # after a valid one: nothing is run
             [("DEL",)], [("SET",)], [("RENAME", "canary")], [("MSET", "a", "1", "b")],
             [("DEL", "oncely:barrier:{g}")],  # the barrier's own rows
+            [("DEL", "oncely:barrier:{other}")],  # another gid's rows: its branches would rerun
+            [("HDEL", "oncely:barrier:{other}", "try:b")],
             [("INCRBYFLOAT", "x", float("nan"))],
         ]  # fmt: skip
         for effects in refused:

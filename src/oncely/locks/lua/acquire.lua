@@ -23,6 +23,11 @@ end
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local fence = redis.call('INCR', KEYS[2])
+if fence >= 9007199254740992 then -- 2^53: past it, Lua's numbers cannot hold every fence
+  return redis.error_reply('oncely: the fence counter ' .. KEYS[2] .. ' is at 2^53 or more: ' ..
+    'fences there would repeat, so the lock is not taken; a counter only gets there when set ' ..
+    'by hand')
+end
 if fence < now_us then
   fence = now_us
   redis.call('SET', KEYS[2], string.format('%.0f', fence))

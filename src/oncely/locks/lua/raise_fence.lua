@@ -10,8 +10,9 @@
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-local cur = tonumber(redis.call('GET', KEYS[2]) or '0')
-if cur < tonumber(ARGV[2]) then
+-- fences compared as decimal text (length, then digits): exact at any size
+local cur = redis.call('GET', KEYS[2]) or '0'
+if #cur < #ARGV[2] or (#cur == #ARGV[2] and cur < ARGV[2]) then
   redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 end
 return 1

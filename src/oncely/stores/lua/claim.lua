@@ -64,6 +64,11 @@ local counted = tonumber(redis.call('GET', KEYS[2]) or 0) + 1
 if counted > fence then
   fence = counted
 end
+if fence >= 9007199254740992 then -- 2^53: past it, Lua's numbers cannot add 1 exactly
+  return redis.error_reply('oncely: the fence counter ' .. KEYS[2] .. ' is at 2^53 or more (' ..
+    string.format('%.0f', fence) .. '): fences there would repeat, so no claim is made; a ' ..
+    'counter only gets there when set by hand')
+end
 
 local lease_ms = tonumber(ARGV[2])
 local ttl_ms = tonumber(ARGV[3])
