@@ -412,9 +412,9 @@ def _commands(effects: Any, key: str, gid: str, cluster: bool) -> list[list[str]
     """``effects`` as a list of Redis commands of str arguments, or
     :class:`~oncely.errors.InvalidBarrierCall` (checked before anything is sent): each a data
     command of :data:`EFFECT_COMMANDS` with its keys, none of them the barrier's own hash
-    ``key`` nor any other barrier hash under its prefix (``key`` up to its ``:{gid}``), and on
-    a cluster (``cluster``) every key in ``key``'s hash slot."""
-    rows = key[: key.rindex(":{") + 1]  # "<prefix>:": every gid's barrier hash starts so
+    ``key`` nor any other gid's barrier hash (``<prefix>:{<gid>}``, the shape of ``key``), and
+    on a cluster (``cluster``) every key in ``key``'s hash slot."""
+    rows = key[: key.rindex(":{") + 2]  # "<prefix>:{": every gid's barrier hash starts so
     how = (
         "effects must be a list of Redis commands, each a list of str/int/float arguments: "
         '[("HINCRBY", "stock", "sku-1", -2)]'
@@ -445,7 +445,7 @@ def _commands(effects: Any, key: str, gid: str, cluster: bool) -> list[list[str]
         if len(keys) < wanted or (EFFECT_COMMANDS[name] == "pairs" and len(args) % 2 == 0):
             raise InvalidBarrierCall(f"effect {command!r}: {name} without its key(s)")
         for k in keys:
-            if k == key or k.startswith(rows):
+            if k == key or (k.startswith(rows) and k.endswith("}")):
                 raise InvalidBarrierCall(
                     f"effect {command!r} writes the barrier hash {k!r}: an effect writes "
                     "business keys, never a barrier's rows (this gid's or another's: deleting "
