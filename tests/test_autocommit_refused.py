@@ -424,3 +424,57 @@ def test_recovery_point_phases_refuse_an_autocommit_connection(db: Db) -> None:
         with pytest.raises(AutocommitConnection):
             op.run(conn, key="k", scope="s", params={})
     assert runs == [] and _rows(db, effects) == []
+
+
+def test_saga_run_refuses_an_autocommit_connection_before_writing(db: Db) -> None:
+    """Red team 6: Saga.run on an autocommit connection wrote the saga's row (committed at
+    once), then the first step was refused and the saga was left 'compensating' (SagaStuck);
+    a rerun with a good connection raised SagaFailed. Now refused before anything is written,
+    and the rerun with a good connection completes."""
+    from oncely.statemachine.saga import Saga, Step
+
+    effects = _effects(db)
+    sg = Saga(
+        db.name("rt6saga"),
+        [Step("take", lambda ctx: _write(db, ctx.conn, effects, "took"), lambda ctx: None)],
+        table=db.name("rt6_saga"),
+        barrier_table=db.name("rt6_sbar"),
+    )
+    setup = db.connect()
+    sg.create_tables(setup)
+    setup.commit()
+    conn = db.autocommit()
+    for call in (sg.run, sg.abort):
+        with pytest.raises(AutocommitConnection):
+            call(conn, "order-1", {"n": 1})
+    assert db.run(f"SELECT count(*) FROM {sg.table}") == [(0,)]
+    assert _rows(db, effects) == []
+    assert sg.run(db.connect(), "order-1", {"n": 1}).state == "completed"
+    assert _rows(db, effects) == ["took"]
+
+
+async def test_saga_arun_refuses_an_async_autocommit_connection(db: Db) -> None:
+    from oncely.statemachine.saga import Saga, Step
+
+    if db.dialect == "sqlite":
+        pytest.skip("sqlite3 has no async driver")
+    sg = Saga(
+        db.name("rt6saga"),
+        [Step("take", lambda ctx: None, lambda ctx: None)],
+        table=db.name("rt6_saga"),
+        barrier_table=db.name("rt6_sbar"),
+    )
+    setup = db.connect()
+    sg.create_tables(setup)
+    setup.commit()
+    conn = await db.aconnect()
+    try:
+        if db.dialect == "postgresql":
+            await conn.set_autocommit(True)
+        else:
+            await conn.autocommit(True)
+        with pytest.raises(AutocommitConnection):
+            await sg.arun(conn, "order-1", {"n": 1})
+        assert db.run(f"SELECT count(*) FROM {sg.table}") == [(0,)]
+    finally:
+        await db.aclose()
