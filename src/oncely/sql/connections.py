@@ -84,6 +84,8 @@ __all__ = [
     "row_gone",
     "run",
     "savepoint_gone",
+    "savepoint_lost",
+    "unconvertible",
     "statement_for",
 ]
 
@@ -550,6 +552,18 @@ def busy(exc: BaseException, what: str) -> BaseException:
         err.__cause__ = exc
         return err
     return exc
+
+
+def unconvertible(exc: BaseException, value: str) -> bool:
+    """True when ``exc`` is the database refusing to convert ``value`` to a column's type
+    (PostgreSQL 22P02 ``invalid input syntax for type integer: "3.0"`` / 22003 out of range,
+    MySQL 1292 ``Truncated incorrect DECIMAL value: '3abc'`` / 1366), naming that value."""
+    for e in _causes(exc):
+        state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if state in ("22P02", "22003") or _mysql_code(e) in (1292, 1366):
+            if value in str(e):
+                return True
+    return False
 
 
 _MISSING_TABLE_PG = "42P01"
