@@ -174,7 +174,6 @@ async def test_areceive_refuses_autocommit_inside_the_callers_begin(db: Db) -> N
     if db.dialect == "sqlite":
         pytest.skip("sqlite3 has no async driver")
     inbox = Inbox(table=db.name("rt6_inbox"))
-    effects = _effects(db)
     setup = db.connect()
     inbox.create_table(setup)
     setup.commit()

@@ -46,7 +46,7 @@ def test_an_integer_key_spelled_otherwise_is_refused(db: Db, spelling: str) -> N
     conn = db.connect()
     for key in (None, "k1"):
         # PostgreSQL refuses some spellings itself ("3.0" is no integer): typed the same
-        with pytest.raises(InvalidEntityId, match="history|type"):
+        with pytest.raises(InvalidEntityId, match=r"history|type"):
             sm.apply(conn, spelling, "pay", key=key)
         conn.rollback()
     assert db.run(f"SELECT status FROM {orders}") == [("pending",)]

@@ -85,8 +85,8 @@ __all__ = [
     "run",
     "savepoint_gone",
     "savepoint_lost",
-    "unconvertible",
     "statement_for",
+    "unconvertible",
 ]
 
 Dialect = Literal["sqlite", "postgresql", "mysql"]
@@ -560,9 +560,9 @@ def unconvertible(exc: BaseException, value: str) -> bool:
     MySQL 1292 ``Truncated incorrect DECIMAL value: '3abc'`` / 1366), naming that value."""
     for e in _causes(exc):
         state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
-        if state in ("22P02", "22003") or _mysql_code(e) in (1292, 1366):
-            if value in str(e):
-                return True
+        converts = state in ("22P02", "22003") or _mysql_code(e) in (1292, 1366)
+        if converts and value in str(e):
+            return True
     return False
 
 
