@@ -180,6 +180,40 @@ def test_stale_bulk_update_raises_and_writes_nothing(alias: str) -> None:
     assert _row(alias) == (100, 1)
 
 
+@pytest.mark.parametrize("batch_size", [None, 2])
+def test_stale_bulk_update_reports_only_the_stale_rows(alias: str, batch_size: int | None) -> None:
+    """Red team 6: only row 3 moved on, but the error, read inside the failed transaction
+    that saw its own bumps, said rows 1-5 were at version 2. Now read after the rollback."""
+    objs = [Account.objects.using(alias).create(id=i, balance=100) for i in range(1, 6)]
+    other = Account.objects.using(alias).get(pk=3)
+    other.balance = 50
+    other.save(using=alias)
+    for o in objs:
+        o.balance = 10
+    with pytest.raises(StaleVersion) as info:
+        Account.objects.using(alias).bulk_update(objs, ["balance"], batch_size=batch_size)
+    assert info.value.expected == {3: 1} and info.value.current == {3: 2}
+    assert "pk in [3]" in info.value.entity
+    assert dict(Account.objects.using(alias).values_list("pk", "version")) == {
+        1: 1,
+        2: 1,
+        3: 2,
+        4: 1,
+        5: 1,
+    }
+
+
+def test_bulk_update_leaves_rows_its_queryset_filters_out(alias: str) -> None:
+    """Rows this queryset's own filter excludes are left alone, as Django does, not taken for
+    stale (they are at their version); the others are written and bumped."""
+    objs = [Account.objects.using(alias).create(id=i, balance=i) for i in range(1, 4)]
+    for o in objs:
+        o.balance = 7
+    qs = Account.objects.using(alias).filter(balance__gte=2)
+    assert qs.bulk_update(objs, ["balance"]) == 2
+    assert dict(Account.objects.using(alias).values_list("pk", "version")) == {1: 1, 2: 2, 3: 2}
+
+
 def test_bulk_update_checks_the_version_even_when_fields_name_it(alias: str) -> None:
     stale = Account.objects.using(alias).create(id=1, balance=100)
     other = Account.objects.using(alias).get(pk=1)

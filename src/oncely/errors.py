@@ -390,14 +390,16 @@ class UnsupportedConnection(ConfigurationError):
 
 
 class AutocommitConnection(UnsupportedConnection):
-    """A connection in autocommit mode with no transaction open was given to an API whose
-    guarantee rests on a transaction: one the caller holds (``Inbox.accept``,
-    ``Outbox.add``, ``barrier()``) or one oncely opens around user code and commits only if
-    that code did not end it (``Inbox.receive``, the transactional consumer,
-    ``idempotent_transaction``, state machine hooks, saga steps, recovery-point phases). On
-    such a connection a write made after the code's own ``rollback()`` / ``commit()`` commits
-    at once, and again on every retry. Give a connection without autocommit, or open the
-    transaction first."""
+    """A connection in autocommit mode was given to an API whose guarantee rests on a
+    transaction: one the caller holds (``Inbox.accept``, ``Outbox.add``, ``barrier()``;
+    refused with no transaction open: open it first) or one oncely runs user code in and
+    commits only if that code did not end it (``Inbox.receive``, the transactional consumer,
+    ``idempotent_transaction``, state machine hooks, saga steps, recovery-point phases). For
+    the latter, on such a connection a write made after the code's own ``rollback()`` /
+    ``commit()`` commits at once, and again on every retry, even inside a ``BEGIN`` the
+    caller sent (the code's ``rollback()`` ends it too): give a connection without
+    autocommit, or on psycopg run the block inside ``with conn.transaction():``, which
+    forbids ``commit()`` / ``rollback()``."""
 
 
 class InvalidIdentifier(OncelyError, ValueError):

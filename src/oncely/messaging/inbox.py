@@ -354,9 +354,11 @@ class Inbox:
         transaction open on ``conn`` the block is its own transaction; inside one it is a
         savepoint and the caller commits.
 
-        :raises TransactionLost: the body ended the block's own transaction itself (called
-            ``conn.rollback()`` or ``conn.commit()``): nothing more is committed (see
-            :meth:`commit_held`)."""
+        :raises AutocommitConnection: ``conn`` is in autocommit mode (even inside a ``BEGIN``
+            the caller sent; psycopg's ``with conn.transaction():`` is taken).
+        :raises TransactionLost: the body ended the block's own transaction, or the caller's,
+            itself (called ``conn.rollback()`` or ``conn.commit()``): nothing more is
+            committed (see :meth:`commit_held`)."""
         c = adapt(conn)
         block = c.enter(savepoint=True, held=True)
         try:

@@ -33,6 +33,7 @@ SQLite's "database is locked" (the transaction must be run again from the start)
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sqlite3
 from collections.abc import Awaitable, Callable, Mapping
@@ -83,7 +84,9 @@ __all__ = [
     "row_gone",
     "run",
     "savepoint_gone",
+    "savepoint_lost",
     "statement_for",
+    "unconvertible",
 ]
 
 Dialect = Literal["sqlite", "postgresql", "mysql"]
@@ -388,9 +391,13 @@ def row_gone(exc: BaseException) -> bool:
 
 def savepoint_gone(exc: BaseException) -> bool:
     """True when ``exc`` says a savepoint does not exist (SQLite "no such savepoint", MySQL
-    and MariaDB error 1305 ``SAVEPOINT ... does not exist``): the transaction that made it has
-    ended."""
+    and MariaDB error 1305 ``SAVEPOINT ... does not exist``, PostgreSQL 3B001
+    ``InvalidSavepointSpecification`` or 25P01 ``NoActiveSqlTransaction``): the transaction
+    that made it has ended."""
     for e in _causes(exc):
+        state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if state in ("3B001", "25P01"):
+            return True
         if isinstance(e, sqlite3.OperationalError) and str(e).startswith("no such savepoint"):
             return True
         if _mysql_code(e) == 1305 and "SAVEPOINT" in str(e).upper():
@@ -492,6 +499,21 @@ def commit_if_held(
     yield Leave(block, True)
 
 
+def savepoint_lost(exc: BaseException) -> TransactionLost:
+    """The :class:`~oncely.errors.TransactionLost` raised (chained to ``exc``) when the
+    savepoint a block made in the caller's transaction is gone: the code inside ended that
+    transaction (``conn.rollback()`` / ``conn.commit()``)."""
+    err = TransactionLost(
+        "the code in the block ended your transaction (it called conn.rollback() or "
+        "conn.commit()): the savepoint oncely made in it is gone, so the block's work is not "
+        "in one transaction any more; what was written since was rolled back, nothing of "
+        "it is committed. Let the block own the transaction's end; undo part of the work "
+        "with a savepoint"
+    )
+    err.__cause__ = exc
+    return err
+
+
 def lost_message(who: str, row: str) -> str:
     """The :class:`~oncely.errors.TransactionLost` message: ``who`` ended the transaction and
     ``row`` is what it took out."""
@@ -530,6 +552,18 @@ def busy(exc: BaseException, what: str) -> BaseException:
         err.__cause__ = exc
         return err
     return exc
+
+
+def unconvertible(exc: BaseException, value: str) -> bool:
+    """True when ``exc`` is the database refusing to convert ``value`` to a column's type
+    (PostgreSQL 22P02 ``invalid input syntax for type integer: "3.0"`` / 22003 out of range,
+    MySQL 1292 ``Truncated incorrect DECIMAL value: '3abc'`` / 1366), naming that value."""
+    for e in _causes(exc):
+        state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        converts = state in ("22P02", "22003") or _mysql_code(e) in (1292, 1366)
+        if converts and value in str(e):
+            return True
+    return False
 
 
 _MISSING_TABLE_PG = "42P01"
@@ -616,30 +650,40 @@ class SqlConnection:
                 "atomic(), session.begin(), or BEGIN)"
             )
 
+    def managed_transaction(self) -> bool:
+        """True when the open transaction is managed by something that refuses ``commit()`` and
+        ``rollback()`` inside it (psycopg 3's ``with conn.transaction():``), so code running in
+        it cannot end it and go on writing in autocommit."""
+        return False
+
     def require_held(self) -> None:
         """Raise :class:`~oncely.errors.AutocommitConnection` when a block oncely would begin
-        itself around user code (:class:`Enter` ``held``: ``Inbox.receive``, the
-        transactional consumer, ``idempotent_transaction``, state machine hooks, saga steps;
-        ``Operation`` phases call it too) cannot keep its promise on this connection. That
-        block commits only if the code inside did not end the transaction
-        (:func:`commit_if_held`); the promise holds because, once the code called
-        ``conn.rollback()`` or ``conn.commit()``, whatever it writes next goes into a new
-        implicit transaction that oncely then rolls back. On an autocommit connection each of
-        those writes commits at once, and again on every redelivery or retry. The same check
-        as :meth:`require_transaction`; Django overrides it (its ``atomic()`` forbids
-        ``commit()`` / ``rollback()`` inside the block)."""
-        if self.autocommits() and not self.in_transaction():
+        around user code (:class:`Enter` ``held``: ``Inbox.receive``, the transactional
+        consumer, ``idempotent_transaction``, state machine hooks, saga steps; ``Operation``
+        phases call it too) cannot keep its promise on this connection. That block commits
+        only if the code inside did not end the transaction (:func:`commit_if_held`; inside
+        the caller's transaction, the savepoint's ``RELEASE`` fails); the promise holds
+        because, once the code called ``conn.rollback()`` or ``conn.commit()``, whatever it
+        writes next goes into a new implicit transaction that is then rolled back. On an
+        autocommit connection each of those writes commits at once, and again on every
+        redelivery or retry, whether oncely or the caller began the transaction (a ``BEGIN``
+        of the caller's own ends with the code's ``rollback()`` too). So an autocommit
+        connection is refused, unless its transaction is one the code cannot end
+        (:meth:`managed_transaction`: psycopg's ``conn.transaction()``). Django overrides it
+        (its ``atomic()`` forbids ``commit()`` / ``rollback()`` inside the block)."""
+        if self.autocommits() and not self.managed_transaction():
             raise AutocommitConnection(
-                f"this {type(self.raw).__name__} is in autocommit mode: oncely cannot open the "
-                "transaction it runs your code in (Inbox.receive(), the transactional "
+                f"this {type(self.raw).__name__} is in autocommit mode: oncely cannot run your "
+                "code in a transaction on it (Inbox.receive(), the transactional "
                 "consumer, idempotent_transaction(), state machine hooks, saga steps, "
-                "recovery-point phases) on it, "
-                "since a write your code made after its own conn.rollback() or conn.commit() "
-                "would commit at once, and again on every retry. Give a connection without "
-                "autocommit (sqlite3 isolation_level other than None, psycopg/PyMySQL "
-                "autocommit=False), or open the transaction yourself first (the block is then "
-                "a savepoint in it and you commit; not for Operation phases, which commit "
-                "each phase themselves)"
+                "recovery-point phases), since a write your code made after its own "
+                "conn.rollback() or conn.commit() would commit at once, and again on every "
+                "retry; a transaction you began yourself (BEGIN, conn.begin()) does not "
+                "help, your code's rollback() ends it too. Give a connection without "
+                "autocommit (sqlite3 isolation_level other than None, psycopg/PyMySQL/"
+                "aiomysql autocommit=False), or on psycopg run the call inside "
+                "`with conn.transaction():`, which refuses commit() and rollback() "
+                "(not for Operation phases, which commit each phase themselves)"
             )
 
     def check_usable(self) -> None:
@@ -741,9 +785,9 @@ class _DbapiSync(SqlConnection):
 
     def enter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
+        if held:
+            self.require_held()
         if not self.in_transaction():
-            if held:
-                self.require_held()
             mark = self._savepoint_name() if held else ""
             begin = _held_begin(self, mark) if held else None
             if begin is not None:
@@ -766,12 +810,19 @@ class _DbapiSync(SqlConnection):
         if block.owned:
             self.raw.commit() if commit else self.raw.rollback()
         elif block.name is not None:
-            if commit:
-                self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
-            else:
-                self._raw_sql(f"ROLLBACK TO SAVEPOINT {block.name}")
-                if self.dialect != "mysql":
+            try:
+                if commit:
                     self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
+                else:
+                    self._raw_sql(f"ROLLBACK TO SAVEPOINT {block.name}")
+                    if self.dialect != "mysql":
+                        self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
+            except Exception as exc:
+                if not savepoint_gone(exc):
+                    raise
+                with contextlib.suppress(Exception):  # what the code wrote after it ended
+                    self.raw.rollback()  # the caller's transaction: not committed
+                raise savepoint_lost(exc) from exc
 
 
 class _Sqlite(_DbapiSync):
@@ -810,6 +861,9 @@ class _Psycopg(_DbapiSync):
     def autocommits(self) -> bool:
         return bool(self.raw.autocommit)
 
+    def managed_transaction(self) -> bool:
+        return _psycopg_managed(self.raw)
+
     def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
         if not self.pipelined:
             return super().execute_leave(block, text, params)
@@ -831,6 +885,16 @@ class _Psycopg(_DbapiSync):
         from psycopg.pq import TransactionStatus
 
         return bool(self.raw.info.transaction_status == TransactionStatus.INERROR)
+
+
+def _psycopg_managed(raw: Any) -> bool:
+    """True inside psycopg 3's ``with conn.transaction():`` (sync or async), where psycopg
+    raises ``ProgrammingError`` on ``commit()`` / ``rollback()``. psycopg has no public flag
+    for it: its connection counts the open ``Transaction`` blocks in ``_num_transactions``
+    (psycopg 3.0 to 3.3), read here with a safe default: anything but a positive ``int``
+    (a psycopg that renamed it) counts as not managed, so the connection is refused."""
+    n = getattr(raw, "_num_transactions", None)
+    return type(n) is int and n > 0
 
 
 def _pg_version(raw: Any) -> tuple[int, ...]:
@@ -890,9 +954,9 @@ class _DbapiAsync(SqlConnection):
 
     async def aenter(self, savepoint: bool = True, held: bool = False) -> Block:
         self.check_usable()
+        if held:
+            self.require_held()
         if not self.in_transaction():
-            if held:
-                self.require_held()
             mark = self._savepoint_name() if held else ""
             begin = _held_begin(self, mark) if held else None
             if begin is not None:
@@ -915,12 +979,19 @@ class _DbapiAsync(SqlConnection):
         if block.owned:
             await (self.raw.commit() if commit else self.raw.rollback())
         elif block.name is not None:
-            if commit:
-                await self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
-            else:
-                await self._raw_sql(f"ROLLBACK TO SAVEPOINT {block.name}")
-                if self.dialect != "mysql":
+            try:
+                if commit:
                     await self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
+                else:
+                    await self._raw_sql(f"ROLLBACK TO SAVEPOINT {block.name}")
+                    if self.dialect != "mysql":
+                        await self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
+            except Exception as exc:
+                if not savepoint_gone(exc):
+                    raise
+                with contextlib.suppress(Exception):  # what the code wrote after it ended
+                    await self.raw.rollback()  # the caller's transaction: not committed
+                raise savepoint_lost(exc) from exc
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -943,6 +1014,9 @@ class _AsyncPsycopg(_DbapiAsync):
 
     def autocommits(self) -> bool:
         return bool(self.raw.autocommit)
+
+    def managed_transaction(self) -> bool:
+        return _psycopg_managed(self.raw)
 
     def failed(self) -> bool:
         from psycopg.pq import TransactionStatus

@@ -673,6 +673,8 @@ class Saga:
             run) or by an earlier run (``.step`` None); ``.result`` says what this call did.
         :raises SagaStuck: a compensation kept failing; run again later to resume.
         :raises SchemaMissing: the saga tables are missing (:meth:`create_tables`).
+        :raises AutocommitConnection: ``conn`` is in autocommit mode (a step's write after its
+            own ``rollback()`` would commit at once); nothing was written.
         """
         c = self._adapt(conn)
         result: SagaResult = sql_run(self._plan(c, saga_id, _input(data), False), c, self._other)
@@ -721,4 +723,8 @@ class Saga:
                 "a saga commits each step on its own: pass a connection that is not inside a "
                 "transaction (commit or roll back first)"
             )
+        # every step runs in a block oncely opens around user code (Enter held): refuse an
+        # autocommit connection here, before the saga's row is written, not at the first step
+        # (the row committed at once and the refused step left the saga compensating)
+        c.require_held()
         return c

@@ -74,6 +74,7 @@ from oncely.sql.connections import (
     missing_object,
     quote,
     retryable,
+    unconvertible,
 )
 from oncely.sql.connections import arun as sql_arun
 from oncely.sql.connections import run as sql_run
@@ -476,7 +477,17 @@ class SqlStateMachine:
                 )
             params: dict[str, Any] = {"id": entity_id, "target": t.target}
             params.update({f"s{i}": s for i, s in enumerate(t.sources)})
-            res = yield Exec(q.update[t.name], params)
+            try:
+                res = yield Exec(q.update[t.name], params)
+            except Exception as exc:
+                if isinstance(entity_id, str) and unconvertible(exc, entity_id):
+                    raise InvalidEntityId(
+                        f"entity id {entity_id!r} is not a value of the "
+                        f"{self.table.id_column} column's type (the database refused to "
+                        f"convert it: {str(exc).strip()}); pass the key as the row holds it "
+                        "(3, not '3.0'); nothing was changed"
+                    ) from exc
+                raise
             applied = bool(res.rows) if returning else res.rowcount > 0
             if applied:
                 if returning:

@@ -140,8 +140,7 @@ class VersionedQuerySet(models.QuerySet):  # type: ignore[misc]
         :raises ConfigurationError: an instance whose version is not an int, or two instances
             of one row (one would overwrite the other unchecked).
         """
-        from django.db import connections, transaction
-        from django.db.models import Case, Value, When
+        from django.db import connections
 
         model = self.model
         name = _version_field(model)
@@ -171,6 +170,34 @@ class VersionedQuerySet(models.QuerySet):  # type: ignore[misc]
         size = connections[self.db].ops.bulk_batch_size([pk, pk, pk, vfield, *written], objs)
         size = max(1, min(batch_size, size) if batch_size else size)
         rows = 0
+        try:
+            rows = self._bulk_checked(objs, fields, name, attname, vfield, expected, size)
+        except _Stale as stale:
+            # the report is read after the rollback: inside the failed transaction every row
+            # this call bumped read as moved on (1-5 "at version 2" when only 3 was)
+            error = self._stale_rows(stale.batch, expected, attname, name) or stale.error
+            raise error from None
+        for obj in objs:
+            setattr(obj, attname, expected[obj.pk] + 1)
+        return rows
+
+    def _bulk_checked(
+        self,
+        objs: list[Any],
+        fields: list[str],
+        name: str,
+        attname: str,
+        vfield: Any,
+        expected: dict[Any, int],
+        size: int,
+    ) -> int:
+        """The batches of :meth:`bulk_update`, in one transaction; raises :class:`_Stale`
+        (after which the transaction is rolled back) when a batch wrote fewer rows than it has
+        for another reason than this queryset's own filter."""
+        from django.db import transaction
+        from django.db.models import Case, Value, When
+
+        rows = 0
         with transaction.atomic(using=self.db):
             for start in range(0, len(objs), size):
                 batch = objs[start : start + size]
@@ -189,20 +216,40 @@ class VersionedQuerySet(models.QuerySet):  # type: ignore[misc]
                     for obj in batch:
                         setattr(obj, attname, expected[obj.pk])
                 if count != len(batch):
-                    error = self._stale_rows(batch, expected, attname, name)
-                    if error is not None:
-                        raise error  # leaving the atomic block rolls every batch back
+                    self._check_batch(batch, expected, attname, name, count)
                 rows += count
-        for obj in objs:
-            setattr(obj, attname, expected[obj.pk] + 1)
         return rows
 
+    def _check_batch(
+        self, batch: list[Any], expected: dict[Any, int], attname: str, name: str, count: int
+    ) -> None:
+        """Inside the batch's transaction, after its ``UPDATE`` wrote ``count`` rows: raise
+        :class:`_Stale` unless every row left out is still at its expected version (excluded
+        by this queryset's own filter, as Django's ``bulk_update()`` leaves them). A row this
+        ``UPDATE`` wrote reads one above its expected version here; so does one a concurrent
+        save() bumped, so when more rows read so than were written, some are stale."""
+        found = dict(
+            self.model._base_manager.using(self.db)
+            .filter(pk__in=[o.pk for o in batch])
+            .values_list("pk", attname)
+        )
+        bumped = [o.pk for o in batch if found.get(o.pk) == expected[o.pk] + 1]
+        left = [o.pk for o in batch if found.get(o.pk) != expected[o.pk]]
+        if len(bumped) == count and len(left) == count:
+            return  # every row not written is at its version: excluded by the filter
+        error = self._stale_rows(batch, expected, attname, name, ignore=bumped[:count])
+        raise _Stale(batch, error or StaleVersion(self.model._meta.db_table, {}, {}))
+
     def _stale_rows(
-        self, batch: list[Any], expected: dict[Any, int], attname: str, name: str
+        self,
+        batch: list[Any],
+        expected: dict[Any, int],
+        attname: str,
+        name: str,
+        ignore: Iterable[Any] = (),
     ) -> Exception | None:
-        """The error for the rows of ``batch`` not at their expected version, or None if all
-        are (the rows left out were excluded by this queryset's own filter, as Django's
-        ``bulk_update()`` leaves them)."""
+        """The error for the rows of ``batch`` (but ``ignore``) not at their expected version,
+        read now, or None if all are."""
         found = dict(
             self.model._base_manager.using(self.db)
             .filter(pk__in=[o.pk for o in batch])
@@ -217,7 +264,12 @@ class VersionedQuerySet(models.QuerySet):  # type: ignore[misc]
                 f"{entity} have a NULL {name!r}; backfill it (UPDATE … SET {name} = 1 WHERE "
                 f"{name} IS NULL) and keep the column NOT NULL",
             )
-        stale = {o.pk: found.get(o.pk) for o in batch if found.get(o.pk) != expected[o.pk]}
+        skip = set(ignore)
+        stale = {
+            o.pk: found.get(o.pk)
+            for o in batch
+            if o.pk not in skip and found.get(o.pk) != expected[o.pk]
+        }
         if not stale:
             return None
         entity = f"{table} pk in {list(stale)!r}"
@@ -232,6 +284,16 @@ class VersionedQuerySet(models.QuerySet):  # type: ignore[misc]
             f"loaded at {want!r}; None: deleted); nothing was written: reload them and redo "
             "the change (oncely.optimistic.retry_on_conflict)",
         )
+
+
+class _Stale(Exception):
+    """Carries a stale batch out of :meth:`VersionedQuerySet.bulk_update`'s transaction (its
+    exit rolls every batch back); ``error`` is the report read inside, used only if the read
+    after the rollback finds nothing stale."""
+
+    def __init__(self, batch: list[Any], error: Exception) -> None:
+        super().__init__("stale batch")
+        self.batch, self.error = batch, error
 
 
 VersionedManager = models.Manager.from_queryset(VersionedQuerySet)
