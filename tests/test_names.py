@@ -182,8 +182,9 @@ def test_sql_decorator_and_key_types_use_the_same_name(tmp_path: Path) -> None:
                     return key
 
                 def main():
-                    conn = sqlite3.connect("shop.db", isolation_level=None)
+                    conn = sqlite3.connect("shop.db")  # not autocommit: oncely refuses that
                     oncely.sql.create_tables(conn)
+                    conn.commit()
                     print(ship(Order("o-1")), pay(conn, "k-1"))
 
                 if __name__ == "__main__":

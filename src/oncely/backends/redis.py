@@ -945,9 +945,7 @@ class RedisClients:
                 # The auto-pipeline awaits a plain future: no wait_for to drop a cancel.
                 pipeline = self._apipelines.get()
                 try:
-                    return await pipeline.execute_command(
-                        "EVALSHA", script.sha, numkeys, *keys_and_args
-                    )
+                    return await pipeline.execute_command(*command(script, numkeys, keys_and_args))
                 except ResponseError as exc:
                     if not is_noscript(exc):
                         raise
