@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from oncely import current_claim, idempotent
-from oncely.errors import ConfigurationError, InvalidKey, MessageRejected
+from oncely.errors import ConfigurationError, MessageRejected
 from oncely.messaging import (
     Ack,
     DeadLetter,
@@ -562,8 +562,8 @@ def test_bad_settings_are_refused() -> None:
         ({"ttl": 5, "lease": 30}, ConfigurationError, "ttl=5 is shorter than lease=30"),
         ({"retry_delay": 100, "max_retry_delay": 1}, ConfigurationError, "max_retry_delay"),
         ({"on_dead_letter": 5}, ConfigurationError, "on_dead_letter must be a callable"),
-        ({"name": "bill\x00ing"}, InvalidKey, "NUL"),
-        ({"name": "\ud800"}, InvalidKey, "surrogate"),
+        ({"name": "bill\x00ing"}, ConfigurationError, "NUL"),
+        ({"name": "\ud800"}, ConfigurationError, "surrogate"),
         ({"name": "  "}, ConfigurationError, "name must be a non-empty string"),
     ],
 )

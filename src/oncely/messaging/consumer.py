@@ -45,14 +45,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Final, Literal, Union
 
 from oncely.codecs import RawCodec
 from oncely.core.cancelsafe import write_through
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim
 from oncely.core.observe import describe
 from oncely.core.records import New, Record, RecordKey, Replay
-from oncely.core.text import text_problem
+from oncely.core.text import MAX_SCOPE_BYTES, stored_text, text_problem
 from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -64,7 +64,7 @@ from oncely.errors import (
 )
 from oncely.functions.drivers import drive, drive_async
 from oncely.functions.flow import CallPolicy, call_flow
-from oncely.messaging.inbox import Inbox
+from oncely.messaging.inbox import MAX_CONSUMER_LENGTH, Inbox
 from oncely.messaging.transactional import Connections, HandlerFailed
 from oncely.settings import seconds, whole
 from oncely.stores import Store, configured_store, shared_store
@@ -292,6 +292,10 @@ def dedup_id_reader(source: DedupSource) -> Callable[[Delivery], str]:
     )
 
 
+#: The scope of a consumer's records: this and its name.
+_SCOPE_PREFIX: Final = "oncely.messaging:"
+
+
 def _shown(error: BaseException) -> str:
     """``repr(error)``, or its type's name when its ``__repr__`` raises (a verdict is returned
     whatever the user's exception does)."""
@@ -447,8 +451,12 @@ class IdempotentConsumer:
                 "name must be a non-empty string: the consumer's identity, part of every key"
             )
         # The name is part of every record's scope: one no store keeps as text (a NUL, a lone
-        # surrogate) is refused now, not at the first message.
-        RecordKey.of(f"oncely.messaging:{name}", "")
+        # surrogate, more bytes than the MySQL store's scope column) is refused now, not at
+        # every message (a DataError, Retry forever).
+        stored_text(
+            name, "IdempotentConsumer: name=", ConfigurationError,
+            most=MAX_SCOPE_BYTES - len(_SCOPE_PREFIX),
+        )  # fmt: skip
         where = f"IdempotentConsumer {name!r}"
         lease = seconds(lease, "lease", where=where)
         ttl = seconds(ttl, "ttl", where=where)
@@ -477,7 +485,7 @@ class IdempotentConsumer:
         self.validate = validate
         self.handler = handler
         self.name = name
-        self.scope = f"oncely.messaging:{name}"
+        self.scope = _SCOPE_PREFIX + name
         self.read_id = dedup_id_reader(dedup_id)
         self.lease = float(lease)
         self.max_attempts = max_attempts
@@ -499,6 +507,11 @@ class IdempotentConsumer:
                 raise ConfigurationError(
                     "inbox= and store= exclude each other: in the transactional mode the inbox "
                     "row, committed with the handler's writes, is the claim; leave store out"
+                )
+            if len(name) > MAX_CONSUMER_LENGTH:  # the inbox's consumer column
+                raise ConfigurationError(
+                    f"{where}: name= has {len(name)} characters; the inbox keeps consumer names "
+                    f"of at most {MAX_CONSUMER_LENGTH}"
                 )
             self.connections = Connections(connect, pool_size, self.is_async)
         self._store_spec = (
