@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from oncely import current_claim, idempotent
-from oncely.errors import ConfigurationError, InvalidKey, MessageRejected
+from oncely.errors import ConfigurationError, MessageRejected
 from oncely.messaging import (
     Ack,
     DeadLetter,
@@ -463,6 +463,75 @@ async def test_a_failing_dead_letter_callback_does_not_rerun_the_handler(
     assert calls == [poison] * 4
 
 
+@pytest.mark.parametrize("face", ["process", "aprocess"])
+async def test_another_body_under_the_same_id_does_not_rerun_an_exhausted_handler(
+    store: Store, face: str
+) -> None:
+    """Outside retest 6: the exhausted memory kept one body per dedup id, so with
+    validate=True a second body under the same id evicted the first, whose handler then ran
+    again (max_attempts=2: 3 runs, then 27 more over 40 alternating redeliveries). Keyed by
+    (dedup id, body) now: each body's handler runs max_attempts times at most."""
+    runs: list[bytes] = []
+
+    def handler(d: Delivery) -> None:
+        runs.append(d.body)
+        raise ValueError("poison")
+
+    def dead_letter(d: Delivery, e: BaseException) -> None:
+        raise RuntimeError("dead-letter queue down")
+
+    consumer = IdempotentConsumer(
+        handler, name="c", store=store, dedup_id="message_id", max_attempts=2,
+        retry_delay=0.01, on_dead_letter=dead_letter,
+    )  # fmt: skip
+    for body in [b"b1", b"b1", b"b1", b"b2", b"b1", b"b1", b"b2", b"b1"] + [b"b1", b"b2"] * 20:
+        delivery = Delivery(body, message_id="m")
+        if face == "process":
+            verdict = consumer.process(delivery)
+        else:
+            verdict = await consumer.aprocess(delivery)
+        assert isinstance(verdict, Retry)
+    assert runs.count(b"b1") == 2
+    assert runs.count(b"b2") == 2
+
+
+@pytest.mark.parametrize("face", ["process", "aprocess"])
+async def test_a_dead_letter_error_whose_repr_raises_still_gives_a_verdict(
+    store: Store, face: str
+) -> None:
+    """Outside retest 6: on_dead_letter raising an exception whose str() and repr() raise
+    made process() raise instead of returning Retry."""
+
+    class Unprintable(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("str exploded")
+
+        def __repr__(self) -> str:
+            raise RuntimeError("repr exploded")
+
+    def handler(d: Delivery) -> None:
+        raise Unprintable()
+
+    def dead_letter(d: Delivery, e: BaseException) -> None:
+        raise Unprintable()
+
+    for max_attempts in (1, 3):  # dead-lettered at once; retried first (the handler's error)
+        consumer = IdempotentConsumer(
+            handler, name=f"c{max_attempts}", store=store, dedup_id="message_id",
+            max_attempts=max_attempts, retry_delay=0.01, on_dead_letter=dead_letter,
+        )  # fmt: skip
+        delivery = Delivery(b"x", message_id="m")
+        for _ in range(2):
+            if face == "process":
+                verdict = consumer.process(delivery)
+            else:
+                verdict = await consumer.aprocess(delivery)
+            assert isinstance(verdict, Retry)
+        if max_attempts == 1:
+            assert "on_dead_letter failed: <" in verdict.reason
+            assert "Unprintable: repr() failed>" in verdict.reason
+
+
 def test_dedup_id_sources() -> None:
     d = Delivery(b'{"a": {"b": "x"}}', message_id="mid", headers={"Event-Id": "h"})
     assert dedup_id_reader("message_id")(d) == "mid"
@@ -493,8 +562,8 @@ def test_bad_settings_are_refused() -> None:
         ({"ttl": 5, "lease": 30}, ConfigurationError, "ttl=5 is shorter than lease=30"),
         ({"retry_delay": 100, "max_retry_delay": 1}, ConfigurationError, "max_retry_delay"),
         ({"on_dead_letter": 5}, ConfigurationError, "on_dead_letter must be a callable"),
-        ({"name": "bill\x00ing"}, InvalidKey, "NUL"),
-        ({"name": "\ud800"}, InvalidKey, "surrogate"),
+        ({"name": "bill\x00ing"}, ConfigurationError, "NUL"),
+        ({"name": "\ud800"}, ConfigurationError, "surrogate"),
         ({"name": "  "}, ConfigurationError, "name must be a non-empty string"),
     ],
 )

@@ -661,3 +661,64 @@ def test_a_dedup_id_no_store_keeps_is_a_poison_message_not_an_outage(db: Db) -> 
         consumer.close()
     assert ran == ["evt"] and len(dead) == 2
     assert db.inbox_rows() == 1
+
+
+# -- connect= URLs are checked when the consumer is built (outside retest 6) --------------------
+def _typos(tmp_path: Path) -> list[tuple[str, str]]:
+    return [
+        (f"{POSTGRES_URL}?connect_timout=1", "connect_timout"),
+        (f"sqlite:///{tmp_path / 'typo.db'}?busy_timeot=5", "busy_timeot"),
+        (f"{MYSQL_URL}?chrset=utf8", "chrset"),
+        (f"{POSTGRES_URL}?connect_timeout=abc", "connect_timeout"),
+        ("oracle://scott@db/orcl", "oracle"),
+    ]
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_a_typo_in_the_connect_url_is_refused_when_built(tmp_path: Path, is_async: bool) -> None:
+    """``connect="postgresql://…?connect_timout=1"`` was accepted; every message was then
+    Retry + ERROR forever. The URL is checked as a store URL is, when the consumer is built."""
+
+    def handler(d: Delivery, conn: Any) -> None:
+        return None
+
+    async def ahandler(d: Delivery, conn: Any) -> None:
+        return None
+
+    for url, named in _typos(tmp_path):
+        with pytest.raises(ConfigurationError, match=rf"connect=.*{named}"):
+            IdempotentConsumer(
+                ahandler if is_async else handler, name="typo", dedup_id="message_id",
+                connect=url, inbox=Inbox(),
+            )  # fmt: skip
+    assert not (tmp_path / "typo.db").exists()
+
+
+def test_an_async_handler_with_a_sqlite_connect_url_is_refused_when_built(tmp_path: Path) -> None:
+    async def ahandler(d: Delivery, conn: Any) -> None:
+        return None
+
+    with pytest.raises(ConfigurationError, match="async handler needs"):
+        IdempotentConsumer(
+            ahandler, name="a", dedup_id="message_id", connect=f"sqlite:///{tmp_path / 'a.db'}",
+            inbox=Inbox(),
+        )  # fmt: skip
+
+
+def test_a_sqlite_connect_url_with_busy_timeout_works(tmp_path: Path) -> None:
+    """The one option a sqlite connect= URL reads (it was refused at every message)."""
+    url = f"sqlite:///{tmp_path / 'bt.db'}?busy_timeout=5"
+    conn = connect(url)
+    try:
+        Inbox().create_table(conn)
+        conn.commit()
+    finally:
+        conn.close()
+    runs: list[bytes] = []
+    consumer = IdempotentConsumer(
+        lambda d, c: runs.append(d.body), name="bt", dedup_id="message_id", connect=url,
+        inbox=Inbox(),
+    )  # fmt: skip
+    assert consumer.process(Delivery(b"x", message_id="m")) == Ack(ran=True)
+    assert consumer.process(Delivery(b"x", message_id="m")) == Ack(ran=False)
+    assert runs == [b"x"]

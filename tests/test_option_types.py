@@ -601,6 +601,8 @@ def _bad_values(annotation: str, default: Any) -> list[Bad]:
         if "float" in parts:
             bad.append(Bad(math.nan, "NaN"))
             bad.append(Bad(math.inf, "inf"))
+            # past MAX_SECONDS: accepted once, then every call failed (a Redis PX overflow)
+            bad.append(Bad(1e18, "a huge number"))
         else:
             bad.append(Bad(1.5, "a fraction for a whole number"))
     elif parts & {"Mapping"}:

@@ -53,6 +53,7 @@ from typing import Any, Final
 from oncely.errors import ConfigurationError, SettingWarning
 
 __all__ = [
+    "MAX_SECONDS",
     "PREFIX",
     "REQUIRED",
     "SETTINGS",
@@ -75,6 +76,13 @@ __all__ = [
 
 #: Environment variables of oncely start with this.
 PREFIX: Final = "ONCELY_"
+
+#: Longest duration any option takes, in seconds (1e9 s, about 31.7 years): a ttl, lease,
+#: window, timeout or delay above it is refused when the object that takes it is built. Every
+#: store keeps an expiry this far out exactly (Redis takes a ``PX`` only while the expiry, in
+#: milliseconds since the epoch, fits in 64 bits: 1e16 s does not), and every wait this long
+#: fits :data:`threading.TIMEOUT_MAX` (about 9.2e9 s on Linux).
+MAX_SECONDS: Final = 1e9
 
 
 class _Required:
@@ -178,6 +186,8 @@ def _seconds(minimum: float = 0.0, *, above: bool = True, none: bool = False) ->
         seconds = _number(value, text, parse_duration)
         if not math.isfinite(seconds):
             raise ValueError("must be a finite number of seconds")
+        if seconds > MAX_SECONDS:
+            raise ValueError(f"must be {MAX_SECONDS:g} seconds (about 31.7 years) or less")
         if above and not seconds > minimum:
             raise ValueError(
                 "must be positive seconds" if minimum == 0 else f"must be over {minimum:g} seconds"
@@ -638,7 +648,8 @@ def seconds(
     :param param: the argument's name, for the message.
     :param where: what is being configured, for the message.
     :param minimum: the smallest value; ``above``: strictly above it (default) or at least it.
-    :param maximum: the largest value allowed, if any.
+    :param maximum: the largest value allowed, if lower than :data:`MAX_SECONDS` (which
+        bounds every duration).
     :param none: ``None`` (and ``"none"``/``"forever"``/``-1``) is allowed and returned as None.
     :raises ConfigurationError: the value has the wrong type, unit or range; the message names
         the argument and the value.

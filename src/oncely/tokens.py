@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from oncely.core.records import ClaimOutcome, New, RecordKey
-from oncely.core.text import stored_text, utf8
+from oncely.core.text import MAX_SCOPE_BYTES, stored_text, utf8
 from oncely.errors import (
     ConfigurationError,
     LeaseLost,
@@ -157,6 +157,7 @@ class Tokens:
             resolve("token_scope", scope, where=where, param="scope"),
             "scope",
             ConfigurationError,
+            MAX_SCOPE_BYTES,
         )
         self.default_ttl: float = resolve(
             "token_ttl", default_ttl, where=where, param="default_ttl"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from oncely.core.frozen import quick_init
-from oncely.core.text import stored_text
+from oncely.core.text import MAX_SCOPE_BYTES, stored_text
 
 __all__ = [
     "MAX_KEY_LENGTH",
@@ -63,15 +63,16 @@ class RecordKey:
     """Where a record lives: a scope (tenant, user, function namespace) and a key digest.
 
     :raises InvalidKey: a scope no store keeps exactly as text (a NUL character, a lone
-        surrogate: :func:`oncely.core.text.stored_text`), before anything is sent.
+        surrogate: :func:`oncely.core.text.stored_text`) or past
+        :data:`~oncely.core.text.MAX_SCOPE_BYTES`, before anything is sent.
     """
 
     scope: str
     digest: str
 
     def __post_init__(self) -> None:
-        if "\x00" in self.scope or not self.scope.isascii():
-            stored_text(self.scope, "scope")
+        if "\x00" in self.scope or not self.scope.isascii() or len(self.scope) > MAX_SCOPE_BYTES:
+            stored_text(self.scope, "scope", most=MAX_SCOPE_BYTES)
 
     @classmethod
     def of(cls, scope: str, key: str) -> RecordKey:

@@ -21,7 +21,7 @@ from typing import Final
 
 from oncely.errors import InvalidKey, OncelyError
 
-__all__ = ["NUL", "stored_text", "text_problem", "utf8"]
+__all__ = ["MAX_SCOPE_BYTES", "NUL", "stored_text", "text_problem", "utf8"]
 
 #: The character no store keeps in text.
 NUL: Final = "\x00"
@@ -42,15 +42,34 @@ def text_problem(text: str) -> str | None:
     return None
 
 
-def stored_text(text: str, what: str, error: type[OncelyError] = InvalidKey) -> str:
+#: Longest record scope every store keeps, in UTF-8 bytes: the MySQL store's ``scope`` column is
+#: ``VARBINARY(1020)`` (PostgreSQL, SQLite and Redis keep any length). A name that becomes part
+#: of a scope (a consumer's name, ``@idempotent(scope=)``, the HTTP namespace, the token scope)
+#: is checked against it when its object is built, and :class:`~oncely.core.records.RecordKey`
+#: refuses a longer scope made per call before anything is sent.
+MAX_SCOPE_BYTES: Final = 1020
+
+
+def stored_text(
+    text: str, what: str, error: type[OncelyError] = InvalidKey, most: int | None = None
+) -> str:
     """``text`` itself if every store keeps it exactly, else ``error`` (no I/O).
 
     :param text: the id, name or scope (already known to be a ``str``).
     :param what: how the message names it, e.g. ``"message id"``.
-    :raises InvalidKey: (or ``error``) ``text`` holds a NUL character or a lone surrogate.
+    :param most: the most UTF-8 bytes every store keeps of it (e.g. :data:`MAX_SCOPE_BYTES`,
+        less what the scope adds around the name), if bounded.
+    :raises InvalidKey: (or ``error``) ``text`` holds a NUL character or a lone surrogate, or
+        is longer than ``most`` bytes.
     """
     problem = text_problem(text)
     if problem is None:
+        if most is not None and len(text) * 4 > most and len(text.encode()) > most:
+            raise error(
+                f"{what} {text[:60]!r}... is {len(text.encode())} bytes in UTF-8; every store "
+                f"keeps at most {most} (the MySQL store's scope column holds {MAX_SCOPE_BYTES} "
+                "with what oncely adds around it): give a shorter one"
+            )
         return text
     raise error(
         f"{what} {text[:60]!r} {problem}; use ids of printable text (a UUID, a number, or the "

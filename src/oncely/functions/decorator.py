@@ -29,6 +29,7 @@ from oncely.core.calls import is_async_callable
 from oncely.core.lease import LostCallback
 from oncely.core.names import qualified_name
 from oncely.core.records import Record, RecordKey, digest_key
+from oncely.core.text import MAX_SCOPE_BYTES, stored_text
 from oncely.errors import ConfigurationError, InFlightError, UnfinishedResult
 from oncely.functions.cache import ResultCache
 from oncely.functions.drivers import drive, drive_async
@@ -193,6 +194,8 @@ class Idempotent:
             raise ConfigurationError(
                 f"scope= takes a string or a callable returning one, not {type(scope).__name__}"
             )
+        if isinstance(scope, str):  # a scope no store keeps is refused now, not at every call
+            stored_text(scope, "@idempotent: scope=", ConfigurationError, MAX_SCOPE_BYTES)
         self.fn = fn
         self._store_spec = store_spec
         self._store: Store | None = None

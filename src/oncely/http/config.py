@@ -18,6 +18,7 @@ from dataclasses import field as _field
 from typing import Any, Literal
 
 from oncely.core.lease import LostCallback
+from oncely.core.text import MAX_SCOPE_BYTES, stored_text
 from oncely.errors import ConfigurationError
 from oncely.http.codec import ALWAYS_DENIED
 from oncely.http.fingerprint import Fingerprinter, FingerprintSpec
@@ -221,6 +222,11 @@ class IdempotencyConfig:
         set_(self, "store", configured_store(self.store, where))
         for name, setting in _SETTINGS.items():
             set_(self, name, resolve(setting, getattr(self, name), where=where, param=name))
+        # every record's scope is "<namespace>:<scope>": a namespace no store keeps (a NUL,
+        # past the MySQL scope column) is refused now, not at every request
+        stored_text(
+            self.namespace, f"{where}: namespace=", ConfigurationError, most=MAX_SCOPE_BYTES - 1
+        )
         if self.on_cancel not in ("finish", "release"):
             raise ConfigurationError(
                 f"{where}: on_cancel={self.on_cancel!r} is not valid: expected 'finish' (a "

@@ -45,14 +45,14 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Final, Literal, Union
 
 from oncely.codecs import RawCodec
 from oncely.core.cancelsafe import write_through
 from oncely.core.lease import AsyncRenewer, Claimed, active_claim
 from oncely.core.observe import describe
 from oncely.core.records import New, Record, RecordKey, Replay
-from oncely.core.text import text_problem
+from oncely.core.text import MAX_SCOPE_BYTES, stored_text, text_problem
 from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -64,7 +64,7 @@ from oncely.errors import (
 )
 from oncely.functions.drivers import drive, drive_async
 from oncely.functions.flow import CallPolicy, call_flow
-from oncely.messaging.inbox import Inbox
+from oncely.messaging.inbox import MAX_CONSUMER_LENGTH, Inbox
 from oncely.messaging.transactional import Connections, HandlerFailed
 from oncely.settings import seconds, whole
 from oncely.stores import Store, configured_store, shared_store
@@ -292,6 +292,19 @@ def dedup_id_reader(source: DedupSource) -> Callable[[Delivery], str]:
     )
 
 
+#: The scope of a consumer's records: this and its name.
+_SCOPE_PREFIX: Final = "oncely.messaging:"
+
+
+def _shown(error: BaseException) -> str:
+    """``repr(error)``, or its type's name when its ``__repr__`` raises (a verdict is returned
+    whatever the user's exception does)."""
+    try:
+        return repr(error)
+    except Exception:
+        return f"<{type(error).__qualname__}: repr() failed>"
+
+
 class _Attempts:
     """Per dedup id, in this process: failed attempts (for brokers that count no deliveries)
     and redeliveries answered :class:`Retry` because another consumer held the claim (they
@@ -300,10 +313,11 @@ class _Attempts:
 
     def __init__(self, size: int = _ATTEMPT_MEMORY) -> None:
         self._counts: collections.OrderedDict[str, list[int]] = collections.OrderedDict()
-        #: dedup id -> (fingerprint, error) of a message that used up ``max_attempts`` and
+        #: (dedup id, fingerprint) -> error of a message that used up ``max_attempts`` and
         #: whose dead-letter callback has not succeeded yet: its redeliveries go straight to
-        #: the dead-letter step, the handler never runs again.
-        self._exhausted: collections.OrderedDict[str, tuple[str, BaseException]] = (
+        #: the dead-letter step, the handler never runs again. Keyed by the body as well, so
+        #: another body under the same dedup id (``validate=True``) does not evict it.
+        self._exhausted: collections.OrderedDict[tuple[str, str], BaseException] = (
             collections.OrderedDict()
         )
         self._size = size
@@ -332,25 +346,24 @@ class _Attempts:
             self._counts.pop(dedup_id, None)
 
     def exhaust(self, dedup_id: str, fingerprint: str, error: BaseException) -> None:
-        """The message used up its attempts: forget its counts, remember it until its
-        dead-letter callback succeeds (:meth:`settled`)."""
+        """The message used up its attempts: forget its counts, remember it (its dedup id and
+        body) until its dead-letter callback succeeds (:meth:`settled`)."""
         with self._mutex:
             self._counts.pop(dedup_id, None)
-            self._exhausted.pop(dedup_id, None)
-            self._exhausted[dedup_id] = (fingerprint, error)
+            self._exhausted.pop((dedup_id, fingerprint), None)
+            self._exhausted[(dedup_id, fingerprint)] = error
             while len(self._exhausted) > self._size:
                 self._exhausted.popitem(last=False)
 
     def exhausted(self, dedup_id: str, fingerprint: str) -> BaseException | None:
         """The error of an exhausted message with this dedup id and body, if any."""
         with self._mutex:
-            found = self._exhausted.get(dedup_id)
-        return found[1] if found is not None and found[0] == fingerprint else None
+            return self._exhausted.get((dedup_id, fingerprint))
 
-    def settled(self, dedup_id: str) -> None:
-        """The dead-letter step of ``dedup_id`` succeeded."""
+    def settled(self, dedup_id: str, fingerprint: str) -> None:
+        """The dead-letter step of ``dedup_id`` with this body succeeded."""
         with self._mutex:
-            self._exhausted.pop(dedup_id, None)
+            self._exhausted.pop((dedup_id, fingerprint), None)
 
 
 class IdempotentConsumer:
@@ -438,8 +451,12 @@ class IdempotentConsumer:
                 "name must be a non-empty string: the consumer's identity, part of every key"
             )
         # The name is part of every record's scope: one no store keeps as text (a NUL, a lone
-        # surrogate) is refused now, not at the first message.
-        RecordKey.of(f"oncely.messaging:{name}", "")
+        # surrogate, more bytes than the MySQL store's scope column) is refused now, not at
+        # every message (a DataError, Retry forever).
+        stored_text(
+            name, "IdempotentConsumer: name=", ConfigurationError,
+            most=MAX_SCOPE_BYTES - len(_SCOPE_PREFIX),
+        )  # fmt: skip
         where = f"IdempotentConsumer {name!r}"
         lease = seconds(lease, "lease", where=where)
         ttl = seconds(ttl, "ttl", where=where)
@@ -468,7 +485,7 @@ class IdempotentConsumer:
         self.validate = validate
         self.handler = handler
         self.name = name
-        self.scope = f"oncely.messaging:{name}"
+        self.scope = _SCOPE_PREFIX + name
         self.read_id = dedup_id_reader(dedup_id)
         self.lease = float(lease)
         self.max_attempts = max_attempts
@@ -490,6 +507,11 @@ class IdempotentConsumer:
                 raise ConfigurationError(
                     "inbox= and store= exclude each other: in the transactional mode the inbox "
                     "row, committed with the handler's writes, is the claim; leave store out"
+                )
+            if len(name) > MAX_CONSUMER_LENGTH:  # the inbox's consumer column
+                raise ConfigurationError(
+                    f"{where}: name= has {len(name)} characters; the inbox keeps consumer names "
+                    f"of at most {MAX_CONSUMER_LENGTH}"
                 )
             self.connections = Connections(connect, pool_size, self.is_async)
         self._store_spec = (
@@ -644,7 +666,7 @@ class IdempotentConsumer:
             self._attempts.exhaust(dedup_id, self.fingerprint_of(delivery), error)
             return DeadLetter(error)
         delay = min(self.retry_delay * 2 ** max(attempt - 1, 0), self.max_retry_delay)
-        return Retry(delay, f"the handler failed (attempt {attempt}): {error!r}")
+        return Retry(delay, f"the handler failed (attempt {attempt}): {_shown(error)}")
 
     def _read(self, delivery: Delivery) -> str | DeadLetter:
         try:
@@ -743,7 +765,7 @@ class IdempotentConsumer:
         except Exception as exc:
             return self._callback_failed(exc)
         if dedup_id is not None:
-            self._attempts.settled(dedup_id)
+            self._attempts.settled(dedup_id, self.fingerprint_of(delivery))
         return verdict
 
     # -- async face --------------------------------------------------------------------------------
@@ -1007,7 +1029,7 @@ class IdempotentConsumer:
         except Exception as exc:
             return self._callback_failed(exc)
         if dedup_id is not None:
-            self._attempts.settled(dedup_id)
+            self._attempts.settled(dedup_id, self.fingerprint_of(delivery))
         return verdict
 
     # -- transactional mode (oncely.messaging.transactional) ------------------------------------
@@ -1078,4 +1100,4 @@ class IdempotentConsumer:
         log.exception(
             "oncely: consumer %r: on_dead_letter failed; the message is not acked", self.name
         )
-        return Retry(self.retry_delay, f"on_dead_letter failed: {exc!r}")
+        return Retry(self.retry_delay, f"on_dead_letter failed: {_shown(exc)}")

@@ -74,7 +74,7 @@ from oncely.errors import (
     StoreError,
     StoreUnavailable,
 )
-from oncely.settings import flag, fraction, seconds, text, whole
+from oncely.settings import MAX_SECONDS, flag, fraction, seconds, text, whole
 
 __all__ = [
     "MAX_BLOOM_BITS",
@@ -89,10 +89,10 @@ Id = TypeVar("Id")
 
 #: Longest message id accepted, in characters (Stripe's limit for idempotency keys).
 MAX_ID_LENGTH: Final = 255
-#: Longest window, in seconds (about 317 years): what every store keeps exactly (Redis takes a
-#: ``PX`` only while the expiry, in milliseconds since the epoch, fits in 64 bits; 1e18 s does
-#: not), checked when the :class:`Deduplicator` is built rather than at its first call.
-MAX_WINDOW: Final = 1e10
+#: Longest window, in seconds: :data:`oncely.settings.MAX_SECONDS` (1e9 s, about 31.7 years),
+#: the bound of every duration option, checked when the :class:`Deduplicator` is built rather
+#: than at its first call.
+MAX_WINDOW: Final = MAX_SECONDS
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 

@@ -80,6 +80,7 @@ __all__ = [
     "DEFAULT_KEEP",
     "MAX_CONSUMER_LENGTH",
     "Inbox",
+    "check_connect_url",
     "connect",
     "now_sql",
     "purge_in_batches",
@@ -103,6 +104,51 @@ def now_sql(dialect: str) -> str:
     return _NOW[dialect]
 
 
+#: The query options a ``sqlite:///`` URL given to :func:`connect` takes.
+_SQLITE_OPTIONS: Final = ("busy_timeout",)
+
+
+def check_connect_url(url: str, *, is_async: bool = False) -> None:
+    """Refuse a database URL :func:`connect` (or, ``is_async``, the transactional consumer's
+    async face) would refuse, without connecting: a misspelled query option
+    (``?connect_timout=1``), a bad number, another scheme. A component given a connection URL
+    checks it when it is built, as a store URL is (:meth:`oncely.stores.base.Store.check_url`),
+    not at every message.
+
+    :raises ConfigurationError: the URL is not one :func:`connect` opens.
+    """
+    from oncely.backends.urls import redact_url, scheme_of
+    from oncely.settings import text
+
+    scheme = scheme_of(text(url, "url", where="database URL"))
+    if scheme == "sqlite" and not is_async:
+        from oncely.backends.sqlite import parse_url
+
+        parse_url(url, "SQLite URL", _SQLITE_OPTIONS)
+    elif scheme in ("postgresql", "postgres"):
+        from oncely.backends.postgres import conninfo
+
+        conninfo(url)
+    elif scheme in ("mysql", "mariadb"):
+        from oncely.backends.mysql import connect_args
+
+        connect_args(url)
+    elif is_async:
+        raise ConfigurationError(_ASYNC_SCHEMES.format(url=redact_url(url)))
+    else:
+        raise ConfigurationError(_SCHEMES.format(url=redact_url(url)))
+
+
+_SCHEMES: Final = (
+    "{url!r}: give sqlite:///file.db, postgresql://user@host/db or mysql://user@host/db"
+)
+_ASYNC_SCHEMES: Final = (
+    "{url!r}: an async handler needs postgresql:// or mysql:// (or pass connect= a callable "
+    "returning an async connection, e.g. an SQLAlchemy AsyncConnection on sqlite+aiosqlite); "
+    "or make the handler sync"
+)
+
+
 def connect(url: str, *, create: bool = True) -> Any:
     """A new DB-API connection for ``sqlite:///file.db``, ``postgresql://…`` or
     ``mysql://…`` / ``mariadb://…`` (for relays and ``oncely inbox purge``); close it when
@@ -118,7 +164,7 @@ def connect(url: str, *, create: bool = True) -> Any:
     if scheme == "sqlite":
         from oncely.backends.sqlite import parse_url
 
-        path, options = parse_url(url, "SQLite URL")
+        path, options = parse_url(url, "SQLite URL", _SQLITE_OPTIONS)
         target = path
         if not create and path != ":memory:":
             if not os.path.exists(path):

@@ -45,7 +45,7 @@ from oncely.errors import (
     StoreUnavailable,
     TransactionLost,
 )
-from oncely.messaging.inbox import Inbox
+from oncely.messaging.inbox import Inbox, check_connect_url
 from oncely.messaging.inbox import connect as connect_url
 from oncely.sql.connections import (
     Enter,
@@ -139,6 +139,11 @@ class Connections:
             )
         if not isinstance(size, int) or size < 1:
             raise ConfigurationError("pool_size must be an int >= 1")
+        if isinstance(connect, str):  # a typo is refused now, not at every message
+            try:
+                check_connect_url(connect, is_async=is_async)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"connect=: {exc}") from None
         self.connect = connect
         self.size = size
         self.is_async = is_async

@@ -424,18 +424,10 @@ class Operation:
 
 
 def _check_retention(retention: object) -> float:
-    if (
-        isinstance(retention, bool)
-        or not isinstance(retention, (int, float))
-        or not retention >= 0
-        or retention == float("inf")
-    ):
-        raise ConfigurationError(
-            f"retention={retention!r}: pass how long finished records are kept, in seconds "
-            "(>= 0, finite; brandur keeps 72 h). A negative retention would delete records "
-            "finished just now, and their retries would run the effect again"
-        )
-    return float(retention)
+    # the shared duration check (oncely.settings.seconds: >= 0, finite, at most MAX_SECONDS);
+    # a negative retention would delete records finished just now, and their retries would
+    # run the effect again
+    return float(seconds(retention, "retention", where="reap", above=False))
 
 
 def _reap(c: SqlConnection, table: str, retention: float) -> Plan[int]:

@@ -24,6 +24,8 @@
 --
 --#include record.lua
 local key = KEYS[1]
+local lease_ms = duration_ms(ARGV[2], 'lease')
+local ttl_ms = duration_ms(ARGV[3], 'ttl')
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -70,8 +72,6 @@ if fence >= 9007199254740992 then -- 2^53: past it, Lua's numbers cannot add 1 e
     'counter only gets there when set by hand')
 end
 
-local lease_ms = tonumber(ARGV[2])
-local ttl_ms = tonumber(ARGV[3])
 if ttl_ms < lease_ms then
   ttl_ms = lease_ms
 end

@@ -37,6 +37,7 @@
 --
 --#include record.lua
 local key = KEYS[1]
+local ttl_ms = duration_ms(ARGV[4], 'ttl')
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local h = unpacked(key, redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd',
@@ -52,7 +53,7 @@ end
 if h[1] ~= 'in_progress' or h[2] ~= ARGV[1] then
   return {'lost', h[1] or '', h[2] or ''}
 end
-local ea = string.format('%.0f', now_ms + tonumber(ARGV[4]))
+local ea = string.format('%.0f', now_ms + ttl_ms)
 local rs = ARGV[2]
 local PIECE, MOST = 64, 16
 -- packed (the fence in st, ea '9e99', no cd for JSON) unless the fence is past 94^8

@@ -14,6 +14,19 @@
 -- printable, so every status a script reports is text), and N when the result is in N + 1
 -- pieces. 94^8 microseconds reach the year 2163; a fence past that is kept in a compact record.
 local PACKED_MOST = 94 ^ 8
+-- A duration argument (ms): a whole number from 0 to 1e12 (1e9 s, oncely.settings.MAX_SECONDS,
+-- which every option is checked against when built). Each script checks its durations before
+-- it writes anything, so a bad one is an error reply and never a key left without its expiry
+-- (an expiry past 64-bit milliseconds made PEXPIREAT fail after the HSET had written).
+local MOST_MS = 1e12
+local function duration_ms(value, name)
+  local n = tonumber(value)
+  if not n or n ~= n or n < 0 or n > MOST_MS or n ~= math.floor(n) then
+    error({err = 'ERR oncely: ' .. name .. ' must be whole milliseconds from 0 to 1e12, got '
+      .. tostring(value)})
+  end
+  return n
+end
 local function packed(st)
   return st and #st > 8 and string.byte(st, 1) == 67 -- 'C'
 end

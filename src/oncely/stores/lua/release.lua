@@ -10,6 +10,7 @@
 -- tombstone and succeeds. Replies {'ok'} or {'lost', status, fence}.
 --#include record.lua
 local key = KEYS[1]
+local keep_ms = duration_ms(ARGV[3], 'tombstone')
 local h = redis.call('HMGET', key, 'st', 'fe')
 if h[1] == 'released' and h[2] == ARGV[1] then
   return {'ok'}
@@ -22,6 +23,6 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 redis.call('HSET', key, 'st', 'released', 'ea', string.format('%.0f', now_ms))
 redis.call('HDEL', key, 'lu', 'rs', 'cd')
-redis.call('PEXPIRE', key, ARGV[3])
+redis.call('PEXPIRE', key, keep_ms)
 redis.call('PUBLISH', ARGV[2], 'released')
 return {'ok'}

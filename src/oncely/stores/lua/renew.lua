@@ -9,6 +9,7 @@
 -- Replies {'ok', lease_until_ms} or {'lost', status, fence}.
 --#include record.lua
 local key = KEYS[1]
+local lease_ms = duration_ms(ARGV[2], 'lease')
 local h = redis.call('HMGET', key, 'st', 'fe', 'ea')
 if h[1] ~= 'in_progress' or h[2] ~= ARGV[1] then
   local st, fe = fenced(h[1], h[2])
@@ -16,7 +17,7 @@ if h[1] ~= 'in_progress' or h[2] ~= ARGV[1] then
 end
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local lease_until = now_ms + tonumber(ARGV[2])
+local lease_until = now_ms + lease_ms
 local lu = string.format('%.0f', lease_until)
 if tonumber(h[3] or 0) < lease_until then
   redis.call('HSET', key, 'lu', lu, 'ea', lu)
