@@ -117,29 +117,6 @@ def test_sql_transaction_refuses_autocommit_even_inside_the_callers_begin(db: Db
     assert db.run(f"SELECT count(*) FROM {keys}") == [(0,)]
 
 
-def test_state_machine_hooks_refuse_autocommit_even_inside_the_callers_begin(db: Db) -> None:
-    orders = _orders(db)
-    effects = _effects(db)
-    history = db.name("rt6_hist")
-
-    def hook(call: HookCall) -> None:
-        call.conn.rollback()
-        _write(db, call.conn, effects, "after-rollback")
-
-    sm = SqlStateMachine(ORDER, Table(orders), history_table=history, hooks=[hook])
-    setup = db.connect()
-    sm.create_tables(setup)
-    setup.commit()
-    conn = db.autocommit()
-    for _ in range(3):
-        db.begin(conn)
-        with pytest.raises(AutocommitConnection):
-            sm.apply(conn, 1, "pay", key="k1")
-        conn.rollback()
-    assert _rows(db, effects) == []
-    assert db.run(f"SELECT state FROM {orders}") == [("pending",)]
-
-
 def test_receive_inside_psycopg_transaction_on_autocommit_still_works(make_db: Any) -> None:
     """psycopg's ``with conn.transaction():`` refuses commit() and rollback() inside it, so
     the body cannot end it: receive() is a savepoint in it, as before."""
@@ -370,7 +347,10 @@ def _orders(db: Db) -> str:
     return table
 
 
-def test_state_machine_hooks_refuse_an_autocommit_connection(db: Db) -> None:
+@pytest.mark.parametrize("begin", [False, True], ids=["no-transaction", "callers-begin"])
+def test_state_machine_hooks_refuse_an_autocommit_connection(db: Db, begin: bool) -> None:
+    """A hook that rolls back and writes on: refused on autocommit, also inside a BEGIN of the
+    caller's own (its later writes would commit at once, on every retry)."""
     orders = _orders(db)
     effects = _effects(db)
     history = db.name("rt5_hist")
@@ -384,11 +364,17 @@ def test_state_machine_hooks_refuse_an_autocommit_connection(db: Db) -> None:
     sm.create_tables(setup)
     setup.commit()
     conn = db.autocommit()
-    for _ in range(2):
+    for _ in range(3):
+        if begin:
+            db.begin(conn)
         with pytest.raises(AutocommitConnection):
             sm.apply(conn, 1, "pay", key="k1")
+        if begin:
+            conn.rollback()
     assert _rows(db, effects) == []
     assert db.run(f"SELECT state FROM {orders}") == [("pending",)]
+    if begin:
+        return
     # without hooks no user code runs inside: the call still works on autocommit, atomically
     plain = SqlStateMachine(ORDER, Table(orders), history_table=history)
     assert plain.apply(conn, 1, "pay", key="k2").applied
