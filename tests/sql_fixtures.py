@@ -102,6 +102,20 @@ class Db:
         self._opened.append(conn)
         return conn
 
+    async def aautocommit(self, begin: bool = False) -> Any:
+        """A new raw async connection of :meth:`aconnect` in autocommit mode, with a
+        transaction opened on it if ``begin``."""
+        conn = await self.aconnect()
+        if self.dialect == "postgresql":
+            await conn.set_autocommit(True)
+            if begin:
+                await conn.execute("BEGIN")
+        else:
+            await conn.autocommit(True)
+            if begin:
+                await conn.begin()
+        return conn
+
     async def aclose(self) -> None:
         """Close the async connections this test opened (call at the end of an async test,
         while its event loop still runs)."""

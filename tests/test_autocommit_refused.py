@@ -154,14 +154,8 @@ async def test_areceive_refuses_autocommit_inside_the_callers_begin(db: Db) -> N
     setup = db.connect()
     inbox.create_table(setup)
     setup.commit()
-    conn = await db.aconnect()
+    conn = await db.aautocommit(begin=True)
     try:
-        if db.dialect == "postgresql":
-            await conn.set_autocommit(True)
-            await conn.execute("BEGIN")
-        else:
-            await conn.autocommit(True)
-            await conn.begin()
         with pytest.raises(AutocommitConnection):
             async with inbox.areceive(conn, consumer="b", message_id="m1") as first:
                 assert first
@@ -261,12 +255,8 @@ async def test_areceive_refuses_an_async_autocommit_connection(db: Db) -> None:
     setup = db.connect()
     inbox.create_table(setup)
     setup.commit()
-    conn = await db.aconnect()
+    conn = await db.aautocommit()
     try:
-        if db.dialect == "postgresql":
-            await conn.set_autocommit(True)
-        else:
-            await conn.autocommit(True)
         with pytest.raises(AutocommitConnection):
             async with inbox.areceive(conn, consumer="b", message_id="m1") as first:
                 assert first
@@ -452,12 +442,8 @@ async def test_saga_arun_refuses_an_async_autocommit_connection(db: Db) -> None:
     setup = db.connect()
     sg.create_tables(setup)
     setup.commit()
-    conn = await db.aconnect()
+    conn = await db.aautocommit()
     try:
-        if db.dialect == "postgresql":
-            await conn.set_autocommit(True)
-        else:
-            await conn.autocommit(True)
         with pytest.raises(AutocommitConnection):
             await sg.arun(conn, "order-1", {"n": 1})
         assert db.run(f"SELECT count(*) FROM {sg.table}") == [(0,)]
