@@ -281,6 +281,11 @@ def test_redis_cluster_options_are_checked_without_a_server() -> None:
         (POSTGRES_URL + "?connect_timeout=-3", "connect_timeout='-3'"),
         (POSTGRES_URL + "?keepalives_idle=soon", "keepalives_idle='soon'"),
         ("sqlite:///{tmp}/x.db?busy_timeout=-3", "busy_timeout='-3'"),
+        # seconds past oncely.settings.MAX_SECONDS (1e9), as every duration (retest 7)
+        (REDIS_URL + "?health_check_interval=10000000000", "health_check_interval="),
+        (POSTGRES_URL + "?connect_timeout=10000000000", "connect_timeout="),
+        (POSTGRES_URL + "?keepalives_idle=10000000000", "keepalives_idle="),
+        (POSTGRES_URL + "?tcp_user_timeout=10000000000000", "tcp_user_timeout="),
     ],
 )
 def test_numeric_url_options_are_checked_when_the_store_is_built(

@@ -23,7 +23,7 @@ from psycopg.rows import TupleRow
 
 from oncely.backends.urls import Number, check_numbers, check_options, redact_url, scheme_of
 from oncely.errors import ConfigurationError
-from oncely.settings import text
+from oncely.settings import MAX_SECONDS, text
 
 __all__ = [
     "TCP_DEFAULTS",
@@ -82,12 +82,12 @@ def conninfo(url: str) -> str:
 #: libpq's numeric connection parameters (whole numbers: libpq reads the text), checked when
 #: the store is built rather than at the first connect.
 NUMBERS: Final = {
-    "connect_timeout": Number(whole=True),
+    "connect_timeout": Number(whole=True, maximum=MAX_SECONDS),
     "keepalives": Number(whole=True, maximum=1),
-    "keepalives_idle": Number(whole=True),
-    "keepalives_interval": Number(whole=True),
+    "keepalives_idle": Number(whole=True, maximum=MAX_SECONDS),
+    "keepalives_interval": Number(whole=True, maximum=MAX_SECONDS),
     "keepalives_count": Number(whole=True),
-    "tcp_user_timeout": Number(whole=True),
+    "tcp_user_timeout": Number(whole=True, maximum=MAX_SECONDS * 1000),  # milliseconds
     "prepare_threshold": Number(whole=True),
 }
 

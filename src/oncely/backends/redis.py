@@ -55,6 +55,7 @@ from oncely.backends.plans import Command, Eval, Sleep, arun, run
 from oncely.backends.urls import Number, check_numbers, check_options, redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, ResultTooLarge, StoreError, StoreUnavailable
+from oncely.settings import MAX_SECONDS
 
 #: The smallest ``proto-max-bulk-len`` a Redis server accepts (1 MiB): only an argument larger
 #: than this can be over a server's limit.
@@ -136,7 +137,7 @@ NUMBERS: Final = {
     "socket_connect_timeout": Number(above=True, units=False),
     "timeout": Number(above=True, units=False),
     "pool_timeout": Number(above=True, units=False),
-    "health_check_interval": Number(whole=True),
+    "health_check_interval": Number(whole=True, maximum=MAX_SECONDS),
     "socket_read_size": Number(whole=True, minimum=1),
     "max_connections": Number(whole=True, minimum=1),
     "protocol": Number(whole=True, minimum=2, maximum=3),
