@@ -29,6 +29,7 @@ from mysql_admin import admin, sql  # noqa: E402
 from oncely import idempotent  # noqa: E402
 from oncely.backends.mysql import supports_returning as _supports_returning  # noqa: E402
 from oncely.core.records import InFlight, Mismatch, New, RecordKey, Replay  # noqa: E402
+from oncely.core.text import MAX_SCOPE_BYTES  # noqa: E402
 from oncely.errors import (  # noqa: E402
     ConfigurationError,
     InvalidKey,
@@ -400,9 +401,13 @@ def test_scopes_compare_byte_for_byte(store: MySQLStore) -> None:
 
 
 def test_an_overlong_scope_is_an_error_not_a_truncation(store: MySQLStore) -> None:
-    with pytest.raises(StoreError):
-        store.claim(RecordKey.of("s" * 2000, "k"), "fp", 30.0, 60.0)
-    assert store.list() == []
+    """A scope longer than the column is refused, never cut: by RecordKey itself now (every
+    store keeps at most MAX_SCOPE_BYTES), and the longest allowed one is kept whole here."""
+    with pytest.raises(InvalidKey, match="1020"):
+        RecordKey.of("s" * 2000, "k")
+    longest = RecordKey.of("s" * MAX_SCOPE_BYTES, "k")
+    assert isinstance(store.claim(longest, "fp", 30.0, 60.0), New)
+    assert [r.scope for r in store.list()] == ["s" * MAX_SCOPE_BYTES]
 
 
 def test_delete_purge_and_list_see_only_live_records(store: MySQLStore) -> None:

@@ -22,6 +22,7 @@ import pytest
 psycopg = pytest.importorskip("psycopg")
 
 from oncely.core.records import InFlight, New, RecordKey, Replay  # noqa: E402
+from oncely.core.text import MAX_SCOPE_BYTES  # noqa: E402
 from oncely.errors import (  # noqa: E402
     ConfigurationError,
     LeaseLost,
@@ -388,8 +389,9 @@ def test_watch_sees_a_change_that_happened_before_it_listened(store: PostgresSto
 
 
 def test_watch_with_a_long_scope(store: PostgresStore) -> None:
-    """NOTIFY payloads are limited to 8000 bytes; the scope is hashed into the payload."""
-    key = RecordKey.of("s" * 20_000, "k")
+    """NOTIFY payloads are limited to 8000 bytes; the scope is hashed into the payload (the
+    longest scope oncely takes, MAX_SCOPE_BYTES of 4-byte characters: 1020 bytes)."""
+    key = RecordKey.of("\U0001f600" * (MAX_SCOPE_BYTES // 4), "k")
     new = store.claim(key, "fp", 30.0, 60.0)
     assert isinstance(new, New)
     _complete_later(store, key, new.fence, 0.1)
