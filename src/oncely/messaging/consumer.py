@@ -355,6 +355,11 @@ class _Attempts:
             while len(self._exhausted) > self._size:
                 self._exhausted.popitem(last=False)
 
+    def any_exhausted(self) -> bool:
+        """Whether any message waits for its dead-letter step (a read without the lock: a
+        message exhausted by another thread this instant is caught by its next delivery)."""
+        return bool(self._exhausted)
+
     def exhausted(self, dedup_id: str, fingerprint: str) -> BaseException | None:
         """The error of an exhausted message with this dedup id and body, if any."""
         with self._mutex:
@@ -678,6 +683,8 @@ class IdempotentConsumer:
         """A redelivery of a message that used up ``max_attempts`` but whose dead-letter
         callback raised: it goes to the dead-letter step again, without running the handler
         (the attempt count does not start over)."""
+        if not self._attempts.any_exhausted():  # the usual case: no body hashed for it
+            return None
         error = self._attempts.exhausted(dedup_id, self.fingerprint_of(delivery))
         return None if error is None else DeadLetter(error)
 
