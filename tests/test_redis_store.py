@@ -22,6 +22,7 @@ import pytest
 import redis
 import redis.asyncio
 
+from oncely.backends.lua import script_source
 from oncely.core.records import InFlight, Mismatch, New, RecordKey, Replay
 from oncely.errors import ConfigurationError, LeaseLost, StoreError, StoreUnavailable
 from oncely.stores import open_store
@@ -564,9 +565,10 @@ COMPACT = Path(__file__).parent / "redis_compact"
 
 def compact_build(raw: redis.Redis, script: str, numkeys: int, *args: Any) -> Any:
     """Run a script of the compact layout, the one before the packed completed records (its
-    ``claim``, ``complete``, ``get``, ``list``, ``renew``, ``release`` and ``delete`` with their
-    includes in place, kept in ``tests/redis_compact``): what a build of that layout does."""
-    return raw.eval((COMPACT / f"{script}.lua").read_text(), numkeys, *args)
+    ``claim``, ``complete``, ``get``, ``list``, ``renew``, ``release``, ``delete`` and the
+    ``record.lua`` they include, kept as they were in ``tests/redis_compact``, put together
+    by the store's own loader): what a build of that layout does."""
+    return raw.eval(script_source(COMPACT, script), numkeys, *args)
 
 
 def test_records_of_the_compact_layout_are_read_and_finished(

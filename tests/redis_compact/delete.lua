@@ -24,4 +24,3 @@ if st == 'in_progress' or st == 'completed' or compact then
   return 1
 end
 return 0
-

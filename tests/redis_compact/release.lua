@@ -23,4 +23,3 @@ redis.call('HDEL', key, 'lu', 'rs', 'cd')
 redis.call('PEXPIRE', key, ARGV[3])
 redis.call('PUBLISH', ARGV[2], 'released')
 return {'ok'}
-

@@ -23,4 +23,3 @@ else
   redis.call('HSET', key, 'lu', lu)
 end
 return {'ok', lu}
-

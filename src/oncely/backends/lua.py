@@ -14,9 +14,22 @@ import hashlib
 from importlib import resources
 from typing import Any, Protocol
 
-__all__ = ["Script", "aevalsha", "command", "evalsha", "is_noscript"]
+__all__ = ["Script", "aevalsha", "command", "evalsha", "is_noscript", "script_source"]
 
 _INCLUDE = b"--#include "
+
+
+def script_source(folder: Any, name: str) -> bytes:
+    """The whole text of ``<folder>/<name>.lua`` (``folder``: a path or an importlib
+    resource), each ``--#include other.lua`` line replaced by that file's text (functions
+    several scripts share; a script sent to Redis must be whole)."""
+    lines = (folder / f"{name}.lua").read_bytes().split(b"\n")
+    return b"\n".join(
+        (folder / line[len(_INCLUDE) :].strip().decode()).read_bytes().rstrip(b"\n")
+        if line.startswith(_INCLUDE)
+        else line
+        for line in lines
+    )
 
 
 class Script:
@@ -26,16 +39,7 @@ class Script:
 
     def __init__(self, package: str, name: str) -> None:
         self.name = name
-        folder = resources.files(package) / "lua"
-        lines = (folder / f"{name}.lua").read_bytes().split(b"\n")
-        # "--#include other.lua": that file's text in its place (functions several scripts
-        # share; a script sent to Redis must be whole)
-        self.source = b"\n".join(
-            (folder / line[len(_INCLUDE) :].strip().decode()).read_bytes().rstrip(b"\n")
-            if line.startswith(_INCLUDE)
-            else line
-            for line in lines
-        )
+        self.source = script_source(resources.files(package) / "lua", name)
         self.sha = hashlib.sha1(self.source, usedforsecurity=False).hexdigest()
 
     def __repr__(self) -> str:
