@@ -325,8 +325,5 @@ async def _aconnect_url(url: str) -> Any:
         args.pop("read_timeout", None)
         args.pop("write_timeout", None)
         return await aiomysql.connect(**args, charset="utf8mb4", autocommit=False)
-    raise ConfigurationError(
-        f"{url!r}: an async handler needs postgresql:// or mysql:// (or pass connect= a "
-        "callable returning an async connection, e.g. an SQLAlchemy AsyncConnection on "
-        "sqlite+aiosqlite); or make the handler sync"
-    )
+    check_connect_url(url, is_async=True)  # no async driver for this scheme: raises
+    raise AssertionError(f"no async connection for {scheme!r}")  # pragma: no cover
