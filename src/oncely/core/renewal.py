@@ -41,6 +41,7 @@ import asyncio
 import heapq
 import itertools
 import logging
+import math
 import os
 import queue
 import threading
@@ -54,6 +55,11 @@ log = logging.getLogger("oncely")
 
 #: A lane thread ends after this many seconds without work (a later renewal starts a new one).
 LANE_IDLE: Final = 60.0
+#: A scheduler with nothing scheduled wakes every IDLE_TICK seconds, IDLE_TICKS times in a row,
+#: before it sleeps until the next schedule() wakes it: a push that comes due after it wakes by
+#: itself anyway need not wake it (a wake costs the caller a GIL hand-over to the scheduler).
+IDLE_TICK: Final = 1.0
+IDLE_TICKS: Final = 60
 #: The most threads one store's lane runs at once (renewals of one store overlap their round
 #: trips when they queue up; a stuck store still holds only its own lane's threads).
 LANE_THREADS: Final = 8
@@ -206,6 +212,12 @@ class Watchdog:
         self._lanes: dict[int, _Lane] = {}
         #: ids of entries handed to a lane whose run has not returned yet
         self._pending: set[int] = set()
+        #: When the scheduler wakes by itself (monotonic; inf: only when notified). A push due
+        #: no earlier needs no notify: a call that ends before its first renewal (the usual
+        #: case) then costs a heap push and no thread switch.
+        self._wake_at = 0.0
+        #: How many times the scheduler came back from waiting (for tests and diagnostics).
+        self.wakeups = 0
 
     def schedule(self, entry: Due) -> None:
         """Run ``entry`` at ``entry.due`` (monotonic), then whenever it asks to run again."""
@@ -241,9 +253,9 @@ class Watchdog:
     # -- scheduler thread -------------------------------------------------------------------------
     def _push(self, when: float, kind: int, entry: Due) -> None:
         """Add to the heap (caller holds ``_cond``); wake the scheduler if it is now first."""
-        first = not self._heap or when < self._heap[0][0]
         heapq.heappush(self._heap, (when, next(self._seq), kind, entry))
-        if first:
+        if when < self._wake_at:
+            self._wake_at = when  # it recomputes when it wakes: later pushes need not notify
             self._cond.notify()
 
     def _loop(self) -> None:
@@ -255,17 +267,29 @@ class Watchdog:
 
     def _schedule_forever(self) -> None:
         _thread_role.renewing = True
+        idle = 0
         while True:
             with self._cond:
                 while True:
                     while self._heap and not self._heap[0][3].active:
                         heapq.heappop(self._heap)
                         self._cancelled = max(self._cancelled - 1, 0)
-                    wait = self._heap[0][0] - time.monotonic() if self._heap else None
-                    if wait is not None and wait <= 0:
-                        _, _, kind, entry = heapq.heappop(self._heap)
-                        break
+                    now = time.monotonic()
+                    wait: float | None
+                    if self._heap:
+                        idle = 0
+                        wait = self._heap[0][0] - now
+                        if wait <= 0:
+                            _, _, kind, entry = heapq.heappop(self._heap)
+                            break
+                    elif idle < IDLE_TICKS:
+                        idle += 1
+                        wait = IDLE_TICK
+                    else:
+                        wait = None
+                    self._wake_at = math.inf if wait is None else now + wait
                     self._cond.wait(wait)
+                    self.wakeups += 1
                 expired = kind == _BOUND and self._overdue(entry)
                 if kind == _RUN:
                     self._dispatch(entry)
@@ -324,6 +348,7 @@ class Watchdog:
         self._running = False
         self._lanes = {}
         self._pending = set()
+        self._wake_at = 0.0
 
 
 #: The process-wide renewal timetable (its threads start on first use).
