@@ -48,7 +48,7 @@ class _CountingCondition(threading.Condition):
 
 def _watchdog() -> tuple[Watchdog, _CountingCondition]:
     dog = Watchdog()
-    cond = _CountingCondition(dog._mutex)  # type: ignore[arg-type]
+    cond = _CountingCondition(dog._mutex)
     dog._cond = cond
     return dog, cond
 
