@@ -22,7 +22,9 @@ checkout (``oncely-redis@base``), for a before/after comparison within one run. 
 (default) speaks HTTP/1.1 on asyncio protocols; ``--client httpx`` uses an ``httpx`` pool,
 which on this 2-core machine tops out near 500 requests/s by itself and so measures the client
 more than the servers. ``--write-docs`` replaces the ``## HTTP`` section of
-``docs/performance.md``.
+``docs/performance.md``. ``--gc`` also reports each server's garbage collections (per 1,000
+requests and generation) and the CPU time they took per request, over each round (warm-up
+included); the servers then count their requests in one more ASGI frame.
 """
 
 from __future__ import annotations
@@ -112,14 +114,63 @@ def build_app(variant: str, tag: str, folder: str) -> Any:
     raise SystemExit(f"unknown variant {variant!r}")
 
 
-def serve(variant: str, port: int, tag: str, folder: str) -> None:
+def gc_counted(app: Any, path: str) -> Any:
+    """``app``, counting its requests and this process's garbage collections; SIGUSR1 writes
+    them to ``path`` (JSON, replaced atomically)."""
+    import gc
+    import json
+
+    stats: dict[str, Any] = {"requests": 0, "collections": [0, 0, 0], "seconds": [0.0] * 3}
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            stats["collections"][info["generation"]] += 1
+            stats["seconds"][info["generation"]] += time.perf_counter() - started[0]
+
+    def dump(*_: Any) -> None:
+        with open(path + ".tmp", "w") as out:
+            json.dump(stats, out)
+        os.replace(path + ".tmp", path)
+
+    gc.callbacks.append(on_gc)
+    signal.signal(signal.SIGUSR1, dump)
+
+    async def counted(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            stats["requests"] += 1
+        await app(scope, receive, send)
+
+    return counted
+
+
+def gc_stats(server: Server, folder: str) -> dict[str, Any]:
+    """Ask a ``--gc`` server for its counts (SIGUSR1) and wait until it has written them."""
+    import json
+
+    path = Path(folder) / f"gc-{server[0]}.json"
+    path.unlink(missing_ok=True)
+    os.kill(server[1].pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise SystemExit("the server did not write its garbage collection counts")
+        time.sleep(0.01)
+    stats: dict[str, Any] = json.loads(path.read_text())
+    return stats
+
+
+def serve(variant: str, port: int, tag: str, folder: str, gc_path: str | None = None) -> None:
     import logging
 
     import uvicorn
 
     logging.getLogger("idemkit").setLevel(logging.ERROR)
+    app = build_app(variant, tag, folder)
     uvicorn.run(
-        build_app(variant, tag, folder),
+        gc_counted(app, gc_path) if gc_path else app,
         host="127.0.0.1",
         port=port,
         log_level="warning",
@@ -284,9 +335,10 @@ def start_server(variant: str, args: argparse.Namespace, tag: str, folder: str) 
     port = free_port()
     name, _, base = variant.partition("@")
     source = args.compare_src if base else str(ROOT / "src")
+    gc_path = ["--gc-path", f"{folder}/gc-{port}.json"] if args.gc else []
     process = subprocess.Popen(
         [sys.executable, __file__, "--serve", name, "--port", str(port), "--tag", tag,
-         "--folder", folder],
+         "--folder", folder, *gc_path],
         env={**os.environ, "PYTHONPATH": source},
         start_new_session=True,
     )  # fmt: skip
@@ -367,13 +419,17 @@ def main() -> None:
         "--compare-src",
         help="the src folder of another checkout: its oncely-* variants run too (name@base)",
     )
+    parser.add_argument(
+        "--gc", action="store_true", help="report the servers' garbage collections per round"
+    )
     parser.add_argument("--serve", help=argparse.SUPPRESS)
+    parser.add_argument("--gc-path", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--tag", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.port, args.tag, args.folder)
+        serve(args.serve, args.port, args.tag, args.folder, args.gc_path)
         return
 
     variants = [v for v in args.variants.split(",") if v]
@@ -382,6 +438,7 @@ def main() -> None:
     rps: dict[str, list[float]] = {v: [] for v in variants}
     cpu: dict[str, list[float]] = {v: [] for v in variants}
     latencies: dict[str, list[float]] = {v: [] for v in variants}
+    collected: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     tag = uuid.uuid4().hex[:8]
     servers: dict[str, Server] = {}
     with tempfile.TemporaryDirectory() as folder:
@@ -391,7 +448,12 @@ def main() -> None:
             for round_no in range(args.rounds):
                 shift = round_no % len(variants)  # each round starts with another variant
                 for variant in variants[shift:] + variants[:shift]:
+                    before = gc_stats(servers[variant], folder) if args.gc else None
                     result = run_variant(variant, servers[variant], args)
+                    if before is not None:
+                        collected[variant].append(
+                            gc_delta(before, gc_stats(servers[variant], folder))
+                        )
                     rps[variant].append(result["rps"])
                     latencies[variant].extend(result["latencies"])
                     cpu[variant].append(result["cpu_us"])
@@ -447,10 +509,41 @@ def main() -> None:
             mark = "" if not goal else f"≥ {goal}x ({'met' if value >= goal else 'NOT met'})"
             ratios.append(f"| {label} | {value:.2f}x | {rounds} | {mark} |")
     text = "\n".join(table) + "\n\n" + "\n".join(ratios) + "\n"
+    if args.gc:
+        text += "\n" + gc_table(variants, collected)
     print()
     print(text)
     if args.write_docs:
         write_docs(text, args)
+
+
+def gc_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    requests = max(after["requests"] - before["requests"], 1)
+    return {
+        "per_1000": [
+            (a - b) * 1000 / requests
+            for a, b in zip(after["collections"], before["collections"], strict=True)
+        ],
+        "us": (sum(after["seconds"]) - sum(before["seconds"])) / requests * 1e6,
+    }
+
+
+def gc_table(variants: list[str], collected: dict[str, list[dict[str, Any]]]) -> str:
+    """The servers' garbage collections (medians over rounds, warm-up included)."""
+    lines = [
+        "| variant | collections per 1,000 requests (gen 0 / 1 / 2) | GC µs/request |",
+        "|---|---|---:|",
+    ]
+    for variant in variants:
+        rounds = collected[variant]
+        if not rounds:
+            continue
+        gens = " / ".join(
+            f"{statistics.median(r['per_1000'][g] for r in rounds):.0f}" for g in range(3)
+        )
+        us = statistics.median(r["us"] for r in rounds)
+        lines.append(f"| {variant} | {gens} | {us:.0f} |")
+    return "\n".join(lines) + "\n"
 
 
 def write_docs(text: str, args: argparse.Namespace) -> None:
