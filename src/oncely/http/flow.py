@@ -38,6 +38,7 @@ back) only when the framework refused the request before its handler ran
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import time
 from collections.abc import Callable, Generator
@@ -467,10 +468,7 @@ def _settle(
     verdict = _verdict(policy, captured)
     if key is not None and fence is not None:
         status = captured.status
-
-        def marker(_: object = None) -> tuple[bytes, str]:  # built only when needed
-            return encode_unreplayable(status, TOO_LARGE), UNREPLAYABLE
-
+        marker = _marker(status)
         if verdict is _Verdict.STORE:  # a response too large for the store: the marker
             headers = storable_headers(captured.headers or (), policy.deny_headers)
             try:
@@ -498,6 +496,17 @@ def _settle(
         yield from _release_token(use)
     if captured.error is not None:
         raise captured.error
+
+
+@functools.lru_cache(maxsize=64)
+def _marker(status: int) -> Callable[..., tuple[bytes, str]]:
+    """The not-replayable record kept for a response of ``status`` that the store refused for
+    its size (one function per status, made once: nothing allocated per request)."""
+
+    def marker(_: object = None) -> tuple[bytes, str]:
+        return encode_unreplayable(status, TOO_LARGE), UNREPLAYABLE
+
+    return marker
 
 
 def _issue_flow(engine: Engine, request: HttpRequest) -> Flow:
