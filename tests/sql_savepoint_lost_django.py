@@ -101,7 +101,7 @@ def main(target: str, tag: str) -> None:
                     write("caller")
                     sid = transaction.savepoint()
                     try:
-                        with block(mechanism, scope):
+                        with block(mechanism, scope) as handle:
                             write(f"before-{attempt}")
                             if ending == "raw-rollback":
                                 raw("ROLLBACK")
@@ -110,6 +110,8 @@ def main(target: str, tag: str) -> None:
                             else:
                                 raw(f"ROLLBACK TO SAVEPOINT {sid}")
                             write(f"after-{attempt}")
+                            if attempt and mechanism == "transaction":  # the result UPDATE
+                                handle.set_result({"paid": 1})
                     except TransactionLost as exc:
                         lost = exc
                     # the caller's atomic() is marked for rollback: it commits nothing

@@ -118,11 +118,13 @@ def test_sqlalchemy_body_that_ends_the_savepoint(
                 _begin(c, effects)
                 with (
                     pytest.raises(TransactionLost, match="savepoint") as info,
-                    _block(c, mechanism, table),
+                    _block(c, mechanism, table) as handle,
                 ):
                     _write(c, effects, f"before-{attempt}")
                     _end(c, ending)
                     _write(c, effects, f"after-{attempt}")
+                    if attempt and mechanism == "transaction":  # the result UPDATE, then leave
+                        handle.set_result({"paid": 1})
                 assert not isinstance(info.value.__cause__, TransactionLost)
                 c.commit()  # a caller that catches it and commits commits nothing of it
             assert _rows(db, effects) == []
@@ -139,14 +141,16 @@ def test_sqlalchemy_body_that_ends_the_savepoint(
         engine.dispose()
 
 
-def test_sqlalchemy_body_that_ends_the_savepoint_then_raises(db: Db) -> None:
+@pytest.mark.parametrize("kind", ["connection", "session"])
+def test_sqlalchemy_body_that_ends_the_savepoint_then_raises(db: Db, kind: str) -> None:
     """The rollback path: the body ends the caller's transaction, writes on, then raises. The
-    savepoint's rollback finds it gone (SQLAlchemy's inactive nested transaction) and the
-    caller's transaction is rolled back, not left holding the write made after."""
+    savepoint's rollback finds it gone (SQLAlchemy's inactive nested transaction: its
+    rollback() only warned) and the caller's transaction is rolled back, not left holding the
+    write made after."""
     table, effects = _tables(db)
     engine = sqlalchemy.create_engine(db.url())
     try:
-        with engine.connect() as c:
+        with _open(engine, kind) as c:
             _begin(c, effects)
             with (
                 pytest.raises(TransactionLost),
@@ -180,6 +184,28 @@ async def _abegin(c: Any, effects: str) -> None:
     await c.execute(text(f"INSERT INTO {effects} (k) VALUES ('caller')"))
     conn = await c.connection() if hasattr(c, "get_bind") else c
     await conn.exec_driver_sql("SAVEPOINT outer_sp")
+
+
+@pytest.mark.parametrize("kind", ["connection", "session"])
+async def test_sqlalchemy_async_body_that_ends_the_savepoint_then_raises(db: Db, kind: str) -> None:
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    table, effects = _tables(db)
+    engine = create_async_engine(db.url("async"))
+    try:
+        c: Any = engine.connect() if kind == "connection" else AsyncSession(engine)
+        async with c:
+            await _abegin(c, effects)
+            with pytest.raises(TransactionLost):
+                async with transaction(c, operation="spl.op", key="k1", scope="s", table=table):
+                    await c.rollback()
+                    await c.execute(text(f"INSERT INTO {effects} (k) VALUES ('after')"))
+                    raise RuntimeError("boom")
+            await c.commit()
+        assert _rows(db, effects) == []
+        assert _recorded(db, table) == 0
+    finally:
+        await engine.dispose()
 
 
 @pytest.mark.parametrize("ending", ENDINGS)
