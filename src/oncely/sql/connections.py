@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sqlite3
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final, Literal, NamedTuple
@@ -392,8 +392,13 @@ def row_gone(exc: BaseException) -> bool:
 def savepoint_gone(exc: BaseException) -> bool:
     """True when ``exc`` says a savepoint does not exist (SQLite "no such savepoint", MySQL
     and MariaDB error 1305 ``SAVEPOINT ... does not exist``, PostgreSQL 3B001
-    ``InvalidSavepointSpecification`` or 25P01 ``NoActiveSqlTransaction``): the transaction
-    that made it has ended."""
+    ``InvalidSavepointSpecification`` or 25P01 ``NoActiveSqlTransaction``), also wrapped by
+    SQLAlchemy (``exc.orig``) or Django (``__cause__``), or that the SQLAlchemy transaction
+    object of the block was ended under it (``Connection.rollback()`` / ``commit()`` or
+    ``Session.rollback()`` / ``commit()`` inside it: closing it then raises
+    ``InvalidRequestError`` "This nested transaction is inactive" or ``ResourceClosedError``
+    "This transaction is closed"): the transaction that made it has ended. The one
+    classifier of every connection's leave path (see :func:`savepoint_lost`)."""
     for e in _causes(exc):
         state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
         if state in ("3B001", "25P01"):
@@ -402,7 +407,30 @@ def savepoint_gone(exc: BaseException) -> bool:
             return True
         if _mysql_code(e) == 1305 and "SAVEPOINT" in str(e).upper():
             return True
+        if isinstance(e, _SavepointEnded) or _sa_transaction_ended(e):
+            return True
     return False
+
+
+class _SavepointEnded(Exception):
+    """Raised by a leave path that sees, without asking the database, that the transaction
+    object of its savepoint was ended under it (SQLAlchemy: it is no longer the connection's
+    or session's nested transaction after the code's ``rollback()`` / ``commit()``)."""
+
+
+def _sa_transaction_ended(e: BaseException) -> bool:
+    """SQLAlchemy refusing to close a transaction object that is no longer active (exactly
+    the two errors its ``Transaction`` / ``SessionTransaction`` raise for that; not
+    ``PendingRollbackError``, a failed flush, which is :class:`~oncely.errors.TransactionFailed`
+    territory)."""
+    if type(e).__module__ != "sqlalchemy.exc":
+        return False
+    name, text = type(e).__name__, str(e)
+    if name == "ResourceClosedError":
+        return text.startswith("This transaction is closed")
+    return name == "InvalidRequestError" and text.startswith(
+        ("This transaction is inactive", "This nested transaction is inactive")
+    )
 
 
 def _held_begin(c: SqlConnection, name: str) -> str | None:
@@ -502,16 +530,49 @@ def commit_if_held(
 def savepoint_lost(exc: BaseException) -> TransactionLost:
     """The :class:`~oncely.errors.TransactionLost` raised (chained to ``exc``) when the
     savepoint a block made in the caller's transaction is gone: the code inside ended that
-    transaction (``conn.rollback()`` / ``conn.commit()``)."""
+    transaction (``conn.rollback()`` / ``conn.commit()``, a raw ``ROLLBACK``, a ``RELEASE`` or
+    ``ROLLBACK TO`` of an outer savepoint, the server ending it)."""
     err = TransactionLost(
         "the code in the block ended your transaction (it called conn.rollback() or "
-        "conn.commit()): the savepoint oncely made in it is gone, so the block's work is not "
-        "in one transaction any more; what was written since was rolled back, nothing of "
-        "it is committed. Let the block own the transaction's end; undo part of the work "
-        "with a savepoint"
+        "conn.commit(), sent ROLLBACK, or released or rolled back to an outer savepoint): "
+        "the savepoint oncely made in it is gone, so the block's work is not in one "
+        "transaction any more; what was written since was rolled back, nothing of it is "
+        "committed. Let the block own the transaction's end; undo part of the work with a "
+        "savepoint"
     )
     err.__cause__ = exc
     return err
+
+
+@contextlib.contextmanager
+def _savepoint_kept(rollback: Callable[[], object]) -> Iterator[None]:
+    """Around closing (releasing or rolling back to) the savepoint of a block in the caller's
+    transaction: if that fails because the savepoint is gone (:func:`savepoint_gone`), call
+    ``rollback()`` (the caller's whole transaction: what the code wrote after it ended the
+    transaction is not committed; a failing rollback is ignored) and raise
+    :func:`savepoint_lost`. Every connection's leave path goes through this (or
+    :func:`_asavepoint_kept`)."""
+    try:
+        yield
+    except Exception as exc:
+        if not savepoint_gone(exc):
+            raise
+        with contextlib.suppress(Exception):
+            rollback()
+        raise savepoint_lost(exc) from exc
+
+
+@contextlib.asynccontextmanager
+async def _asavepoint_kept(rollback: Callable[[], Awaitable[object]]) -> AsyncIterator[None]:
+    """The async face of :func:`_savepoint_kept` (``rollback()`` is awaited)."""
+    try:
+        yield
+    except Exception as exc:
+        if not savepoint_gone(exc):
+            raise
+        with contextlib.suppress(Exception):
+            await rollback()
+        raise savepoint_lost(exc) from exc
 
 
 def lost_message(who: str, row: str) -> str:
@@ -810,19 +871,13 @@ class _DbapiSync(SqlConnection):
         if block.owned:
             self.raw.commit() if commit else self.raw.rollback()
         elif block.name is not None:
-            try:
+            with _savepoint_kept(self.raw.rollback):
                 if commit:
                     self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
                 else:
                     self._raw_sql(f"ROLLBACK TO SAVEPOINT {block.name}")
                     if self.dialect != "mysql":
                         self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
-            except Exception as exc:
-                if not savepoint_gone(exc):
-                    raise
-                with contextlib.suppress(Exception):  # what the code wrote after it ended
-                    self.raw.rollback()  # the caller's transaction: not committed
-                raise savepoint_lost(exc) from exc
 
 
 class _Sqlite(_DbapiSync):
@@ -979,19 +1034,13 @@ class _DbapiAsync(SqlConnection):
         if block.owned:
             await (self.raw.commit() if commit else self.raw.rollback())
         elif block.name is not None:
-            try:
+            async with _asavepoint_kept(self.raw.rollback):
                 if commit:
                     await self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
                 else:
                     await self._raw_sql(f"ROLLBACK TO SAVEPOINT {block.name}")
                     if self.dialect != "mysql":
                         await self._raw_sql(f"RELEASE SAVEPOINT {block.name}")
-            except Exception as exc:
-                if not savepoint_gone(exc):
-                    raise
-                with contextlib.suppress(Exception):  # what the code wrote after it ended
-                    await self.raw.rollback()  # the caller's transaction: not committed
-                raise savepoint_lost(exc) from exc
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -1187,6 +1236,22 @@ async def _apipelined_commit(driver: Any, sql: str, args: Any) -> Result:
         return await _acursor_result(cur)
 
 
+def _sa_check_nested(handle: Any, owner: Any) -> None:
+    """Raise :class:`_SavepointEnded` when ``handle`` (a ``begin_nested()`` of ``owner``, a
+    sync ``Connection`` or ``Session``; async: its proxy) is inactive and no longer
+    ``owner``'s nested transaction: the code inside ended the transaction under it
+    (``rollback()`` / ``commit()``). Its ``commit()`` would raise ``InvalidRequestError`` /
+    ``ResourceClosedError``, but its ``rollback()`` only warns, leaving what the code wrote
+    after in the caller's transaction. (A nested transaction a failed statement deactivated
+    is still ``owner``'s: it is rolled back to its savepoint as usual.)"""
+    sync = getattr(handle, "sync_transaction", None) or handle
+    if not sync.is_active and owner.get_nested_transaction() is not sync:
+        raise _SavepointEnded(
+            "the SQLAlchemy transaction oncely's savepoint was made in was ended by the code "
+            "inside the block"
+        )
+
+
 class _SaConnection(SqlConnection):
     def __init__(self, raw: Any):
         self.raw = raw
@@ -1227,7 +1292,12 @@ class _SaConnection(SqlConnection):
             if not commit and block.owned and not block.handle.is_active:
                 self.raw.rollback()  # user code ended ours: roll back what it began since
                 return
-            block.handle.commit() if commit else block.handle.rollback()
+            if block.owned:
+                block.handle.commit() if commit else block.handle.rollback()
+                return
+            with _savepoint_kept(self.raw.rollback):  # begin_nested(): the code may end it
+                _sa_check_nested(block.handle, self.raw)
+                block.handle.commit() if commit else block.handle.rollback()
 
     def _held_mark(self, held: bool) -> str | None:
         """SQLite: begin a held block's transaction with a savepoint (pysqlite begins no
@@ -1361,7 +1431,15 @@ class _SaAsyncConnection(SqlConnection):
             if not commit and block.owned and not block.handle.is_active:
                 await self.raw.rollback()  # user code ended ours: roll back what it began since
                 return
-            await (block.handle.commit() if commit else block.handle.rollback())
+            if block.owned:
+                await (block.handle.commit() if commit else block.handle.rollback())
+                return
+            async with _asavepoint_kept(self.raw.rollback):  # begin_nested(): see leave()
+                _sa_check_nested(block.handle, self._sync())
+                await (block.handle.commit() if commit else block.handle.rollback())
+
+    def _sync(self) -> Any:
+        return self.raw.sync_connection
 
     async def _aheld_mark(self, held: bool) -> str | None:
         """The async face of :meth:`_SaConnection._held_mark` (aiosqlite)."""
@@ -1399,6 +1477,9 @@ class _SaAsyncSession(_SaAsyncConnection):
             return False
         tx = self.raw.sync_session.get_transaction()
         return tx is not None and not tx.is_active
+
+    def _sync(self) -> Any:
+        return self.raw.sync_session
 
     async def _apooled(self) -> Any:
         return await (await self.raw.connection()).get_raw_connection()
@@ -1457,11 +1538,28 @@ class _Django(SqlConnection):
         return Block(owned, "atomic", atomic)
 
     def leave(self, block: Block, commit: bool) -> None:
+        if block.owned:
+            self._exit(block, commit)
+            return
+        # a savepoint in the caller's atomic(): the code may have ended it (a raw ROLLBACK, a
+        # RELEASE / ROLLBACK TO of an outer savepoint). Django's exit then raises the driver's
+        # error (wrapped) on commit; on rollback it swallows it and marks the outer block for
+        # rollback itself. The caller's atomic() rolls back whatever the code wrote after.
+        with _savepoint_kept(self._set_rollback):
+            self._exit(block, commit)
+
+    @staticmethod
+    def _exit(block: Block, commit: bool) -> None:
         if commit:
             block.handle.__exit__(None, None, None)
         else:
             err = _Rollback()
             block.handle.__exit__(_Rollback, err, None)
+
+    def _set_rollback(self) -> None:
+        from django.db import transaction
+
+        transaction.set_rollback(True, using=self.alias)
 
     def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
         """PostgreSQL with psycopg 3 and a block that owns its transaction: the statement and
