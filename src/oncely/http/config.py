@@ -80,8 +80,9 @@ class TokenGuard:
         endpoint = text(self.endpoint, "endpoint", where="TokenGuard", none=True)
         if endpoint is not None and not endpoint.startswith("/"):
             raise ConfigurationError(f"endpoint={self.endpoint!r} must be a path like '/tokens'")
-        for pattern in self.routes:
+        for pattern, purpose in self.routes.items():
             compile_pattern(pattern)
+            text(purpose, f"routes[{pattern!r}]", where="TokenGuard")
 
 
 #: The fields of :class:`IdempotencyConfig` that are settings (see :mod:`oncely.settings`).
