@@ -124,7 +124,8 @@ class IdempotencyConfig:
         default ``True``).
     :param header: the request header name (default ``Idempotency-Key``).
     :param allow_bare_key: accept an unquoted key (``abc123``, a bare UUID) besides the
-        Structured Field string (``"abc123"``; default ``True``).
+        Structured Field string (``"abc123"``; default ``True``). A bare key is kept exactly
+        as sent; one holding ``;`` (which starts parameters) is refused: quote it.
     :param max_key_length: longest key accepted, in characters (default 255, as Stripe).
     :param ttl: seconds a completed response is kept for replay (default 86400: Stripe keeps
         24 h).
