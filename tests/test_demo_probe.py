@@ -3,11 +3,13 @@ and the shop with oncely switched off."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -97,3 +99,59 @@ def test_probe_catches_a_broken_implementation(broken_url: str) -> None:
         "failed handler: key not stuck",
     ):
         assert outcomes[name] == FAIL, (name, outcomes)
+
+
+def _orders_app(scope: object) -> Any:
+    """An API with oncely over one ``POST /orders`` (201, a fresh order id), scoped by ``scope``."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from oncely.http import IdempotencyConfig, IdempotencyMiddleware
+
+    async def orders(request: Request) -> JSONResponse:
+        await request.body()
+        return JSONResponse({"order": secrets.token_hex(8)}, status_code=201)
+
+    app = Starlette(routes=[Route("/orders", orders, methods=["GET", "POST"])])
+    app.add_middleware(
+        IdempotencyMiddleware, config=IdempotencyConfig(store="memory://", scope=scope)
+    )
+    return app
+
+
+@contextlib.contextmanager
+def _serve(app: Any) -> Iterator[str]:
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "the app did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.mark.timeout(120)
+def test_a_422_for_the_other_credential_is_a_shared_key_space_not_a_pass() -> None:
+    """Red team round 8 (probe_global.py): with one key space for every client (scope=GLOBAL)
+    the second credential's request under the first one's key is refused 422: evidence that
+    the credentials share a key space, which the probe counted as "no replay: pass"."""
+    from oncely.http import GLOBAL, scope_from_header
+
+    with _serve(_orders_app(GLOBAL)) as url:
+        checks = {c.name: c for c in probe(ProbeConfig(url=url, fail_header=None))}
+    cross = checks["no replay across credentials"]
+    assert cross.outcome == FAIL, cross
+    assert cross.detail.startswith("422") and "share one key space" in cross.detail, cross
+    # scoped by the credential, the other credential's request runs on its own: a pass
+    with _serve(_orders_app(scope_from_header("Authorization"))) as url:
+        checks = {c.name: c for c in probe(ProbeConfig(url=url, fail_header=None))}
+    assert checks["no replay across credentials"].outcome == PASS, checks
+    assert checks["client gone mid-request: key not stuck"].outcome == PASS, checks

@@ -112,6 +112,38 @@ async def test_malformed_keys_get_400(make_face: MakeFace, value: bytes) -> None
     assert face.calls["/orders"] == 0
 
 
+async def test_a_bare_key_with_a_semicolon_is_refused_not_cut_at_it(make_face: MakeFace) -> None:
+    """Red team round 8: ``batch;first`` was read as the sf-token ``batch`` with a parameter,
+    so ``batch;second`` (same body) got the first one's 201 replayed and never ran."""
+    face = make_face()
+    base = f"batch-{uuid.uuid4().hex[:8]}"
+    for raw in (f"{base};first", f"{base};second", f"{base};x=1", f"  {base} ;x"):
+        reply = await face.request("POST", "/orders", [("Idempotency-Key", raw)], b"{}")
+        assert reply.status == 400 and reply.problem == "idempotency-key-invalid", (raw, reply)
+        assert "';'" in reply.json()["detail"] and "quoted" in reply.json()["detail"]
+    assert face.calls["/orders"] == 0
+    # quoted, the ';' is part of the key: two keys, two runs
+    first = await face.request("POST", "/orders", [key_header(f"{base};first")], b"{}")
+    second = await face.request("POST", "/orders", [key_header(f"{base};second")], b"{}")
+    assert (first.status, second.status, second.replayed) == (201, 201, False)
+    assert face.calls["/orders"] == 2
+
+
+async def test_parameters_of_a_quoted_key_are_not_part_of_it(make_face: MakeFace) -> None:
+    """Documented (docs/http.md): RFC 9651 parameters are ignored, so ``"k";x=1`` and
+    ``"k";x=2`` are one key; a bare key keeps its text exactly."""
+    face = make_face()
+    key = f"k-{uuid.uuid4().hex[:8]}"
+    one = await face.request("POST", "/orders", [("Idempotency-Key", f'"{key}";x=1')], b"{}")
+    two = await face.request("POST", "/orders", [("Idempotency-Key", f'"{key}";x=2')], b"{}")
+    assert (one.status, two.status, two.replayed) == (201, 201, True)
+    # bare values that are other Structured Field items keep their text: 0123 is not 123
+    first = await face.request("POST", "/orders", [("Idempotency-Key", "0123")], b"{}")
+    other = await face.request("POST", "/orders", [("Idempotency-Key", "123")], b"{}")
+    assert (first.replayed, other.replayed) == (False, False)
+    assert face.calls["/orders"] == 3
+
+
 async def test_two_key_header_lines_are_malformed(make_face: MakeFace) -> None:
     face = make_face()
     reply = await face.request(
@@ -132,6 +164,13 @@ def test_parse_key_unit() -> None:
     assert parse_key([b'"a"']) == "a"
     assert parse_key([b"  tok  "]) == "tok"
     assert parse_key([b"123"]) == "123"
+    assert parse_key([b"0123"]) == "0123"
+    assert parse_key([b"*tok:/x"]) == "*tok:/x"
+    assert parse_key([b'"a;b"']) == "a;b"
+    assert parse_key([b'"a";b']) == "a"
+    for raw in (b"a;b", b"a;b=1", b"123;x"):
+        with pytest.raises(ValueError, match="';'"):
+            parse_key([raw])
     with pytest.raises(ValueError):
         parse_key([b'"' + b"x" * 11 + b'"'], max_length=10)
 
@@ -904,13 +943,18 @@ def test_reply_helper_reads_problems() -> None:
 
 
 @pytest.mark.parametrize("store_kind", ["memory", "sqlite", "postgres"])
-async def test_a_scope_no_store_keeps_as_text_is_a_400(
-    make_face: MakeFace, store_kind: str
+async def test_a_scope_no_store_keeps_as_text_is_the_servers_500(
+    make_face: MakeFace, store_kind: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # A scope function that reads text with a NUL (a tenant id from a token claim): refused
-    # alike on every store, as a bad request, before the handler runs (SQLite cut it into
-    # another tenant's scope; PostgreSQL refused it with a driver error).
+    # A scope function that reads text with a NUL (a tenant id from a token claim, a principal
+    # id): refused alike on every store, before the handler runs (SQLite cut it into another
+    # tenant's scope; PostgreSQL refused it with a driver error). Red team round 8: it was
+    # answered 400 idempotency-key-invalid, blaming the client's valid key for the server's
+    # data; it is a 500 naming the scope, the reason logged and never sent.
     face = make_face(store_kind, scope=lambda request: "acme\x00evil")
-    response = await face.request("POST", "/orders", [key_header()], b"{}")
-    assert response.status == 400 and b"NUL" in response.body
+    with caplog.at_level("ERROR", logger="oncely.http"):
+        response = await face.request("POST", "/orders", [key_header("order-1")], b"{}")
+    assert response.status == 500 and response.problem == "idempotency-scope-invalid", response
+    assert b"acme" not in response.body
+    assert any("NUL" in r.getMessage() and "acme" in r.getMessage() for r in caplog.records)
     assert face.calls["/orders"] == 0

@@ -30,6 +30,8 @@ from oncely.http.scopes import ScopeFunction
 
 #: Two access tokens of one user (the second issued by a refresh), and another user's.
 TOKENS = {"Bearer access-v1": "user-7", "Bearer access-v2": "user-7", "Bearer other": "user-8"}
+#: A principal whose id (the server's data) no store keeps as text.
+TOKENS["Bearer nul"] = "user-9\x00"
 
 
 class Tokens(AuthenticationBackend):
@@ -94,6 +96,19 @@ def test_a_request_without_a_principal_is_refused(tmp_path: Path) -> None:
     assert refused.json()["type"].endswith("principal-missing")
     # nothing was claimed: the key is still free for an authenticated client
     assert _pay(client, key, "Bearer access-v1").status_code == 201 and effects == [key]
+
+
+def test_a_principal_id_no_store_keeps_is_a_500_not_the_clients_key(tmp_path: Path) -> None:
+    """Red team round 8 (principal_slug.py): a user id holding a NUL got the client's valid
+    key refused with 400 idempotency-key-invalid, which no client can fix."""
+    client, effects = _app(tmp_path, scope_from_user("username"))
+    reply = _pay(client, "order-1", "Bearer nul")
+    assert reply.status_code == 500 and effects == []
+    assert reply.headers["content-type"] == "application/problem+json"
+    assert reply.json()["type"].endswith("/idempotency-scope-invalid")
+    assert "user-9" not in reply.text
+    # the key is fine: another principal uses it
+    assert _pay(client, "order-1", "Bearer access-v1").status_code == 201
 
 
 def test_anonymous_share_is_explicit(tmp_path: Path) -> None:

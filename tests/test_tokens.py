@@ -229,3 +229,30 @@ def test_a_subject_or_purpose_without_an_exact_utf8_form_is_a_configuration_erro
 def test_a_secret_with_a_lone_surrogate_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="lone surrogate"):
         Tokens("s\udc80" * 16, "memory://")
+
+
+def test_an_empty_purpose_is_refused_and_an_empty_subject_means_no_client() -> None:
+    """Red team round 8: ``purpose=""`` was accepted while key parts refuse ``""``. A purpose
+    names what the token allows, so it must be named; the empty subject is documented as a
+    token bound to no client (what ``TokenGuard(subject=GLOBAL)`` issues)."""
+    tokens = Tokens(SECRET, "memory://")
+    token = tokens.issue("u", "p", ttl=60)
+    for call in (
+        lambda: tokens.issue("u", ""),
+        lambda: tokens.consume(token, "u", ""),
+        lambda: asyncio.run(tokens.aissue("u", "")),
+    ):
+        with pytest.raises(ConfigurationError, match="token purpose is empty"):
+            call()
+    assert tokens.consume(token, "u", "p").purpose == "p"  # the refusals spent nothing
+    unbound = tokens.issue("", "p", ttl=60)
+    with pytest.raises(TokenForeign):
+        tokens.consume(unbound, "u", "p")
+    assert tokens.consume(unbound, "", "p").purpose == "p"
+
+
+def test_a_token_guard_route_without_a_purpose_is_refused() -> None:
+    from oncely.http import TokenGuard
+
+    with pytest.raises(ConfigurationError, match="routes"):
+        TokenGuard(tokens=Tokens(SECRET, "memory://"), routes={"/checkout": ""})

@@ -201,7 +201,7 @@ class Tokens:
         :raises TokenForged: ``token`` is not a token signed with one of the keys.
         :raises TokenForeign: it was issued to another subject or for another purpose.
         :raises ConfigurationError: ``subject`` or ``purpose`` is not a ``str`` or holds a NUL
-            character or a lone surrogate.
+            character or a lone surrogate, or ``purpose`` is empty.
         """
         _check_text(subject, "subject")
         _check_text(purpose, "purpose")
@@ -252,8 +252,10 @@ class Tokens:
         (default :attr:`default_ttl`).
 
         :raises ConfigurationError: ``ttl`` not positive seconds, a non-string subject or
-            purpose, one holding a NUL character or a lone surrogate, or a purpose over 200
-            bytes.
+            purpose, one holding a NUL character or a lone surrogate, an empty purpose, or a
+            purpose over 200 bytes. The empty subject ``""`` is allowed and means *no client*:
+            anyone consuming with ``subject=""`` may spend the token (what
+            ``TokenGuard(subject=GLOBAL)`` does).
         """
         return self._sign(subject, purpose, self.store.now(), ttl)
 
@@ -298,4 +300,10 @@ def _check_text(value: str, what: str) -> None:
     character or a lone surrogate, see :mod:`oncely.core.text`) with ConfigurationError."""
     if not isinstance(value, str):
         raise ConfigurationError(f"token {what} must be a string, not {type(value).__name__}")
+    if not value and what == "purpose":
+        # A purpose names what the token allows; "" would be a purpose every caller that
+        # forgot to name one shares. The empty subject is meaningful: no client (GLOBAL).
+        raise ConfigurationError(
+            "token purpose is empty; name what the token allows, e.g. purpose='checkout'"
+        )
     stored_text(value, f"token {what}", ConfigurationError)

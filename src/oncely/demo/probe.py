@@ -238,6 +238,16 @@ async def probe_async(config: ProbeConfig) -> list[Check]:
                     f"ran {len(runs)} times ({statuses})",
                 )
                 break
+            # Every duplicate is the run, its replay or a 409: any other answer (a 5xx, a 422)
+            # is an error, not the draft's conflict, and none running at all is no pass either.
+            odd = [r for r in replies if r.status != 409 and not 200 <= r.status < 300]
+            if odd or not runs:
+                verdict(
+                    "concurrent duplicate: 409, runs once",
+                    False,
+                    f"{'none ran' if not runs else 'answers other than 2xx/409'} ({statuses})",
+                )
+                break
             if conflicts:
                 verdict("concurrent duplicate: 409, runs once", True, statuses)
                 break
@@ -274,13 +284,37 @@ async def probe_async(config: ProbeConfig) -> list[Check]:
             verdict("errors are application/problem+json", None, "no error answer seen")
 
         if len(config.credentials) > 1:
+            # The second credential's request (its own body) must run on its own: a replay
+            # leaks the first caller's response, and a 422/409 is just as much evidence that
+            # the two credentials share one key space (B collided with A's key).
             other = await p.send(key, config.credentials[1])
+            seen = f"{other.status}{' replayed' if other.replayed else ''}"
             leaked = other.replayed or (other.body == first.body and other.status == first.status)
-            verdict(
-                "no replay across credentials",
-                not leaked,
-                f"{other.status}{' replayed' if other.replayed else ''}",
-            )
+            if leaked:
+                verdict(
+                    "no replay across credentials",
+                    False,
+                    f"{seen}: the other credential got the first caller's stored response",
+                )
+            elif other.status in (409, 422):
+                verdict(
+                    "no replay across credentials",
+                    False,
+                    f"{seen}: the other credential's request was refused because of the first "
+                    "caller's key, so all credentials share one key space",
+                )
+            elif other.status in (401, 403):
+                verdict(
+                    "no replay across credentials",
+                    None,
+                    f"{seen}: the target refused the second credential; give one it accepts",
+                )
+            else:
+                verdict(
+                    "no replay across credentials",
+                    200 <= other.status < 300,
+                    seen if 200 <= other.status < 300 else f"{seen}: expected its own 2xx run",
+                )
         else:
             verdict("no replay across credentials", None, "give two credentials")
 
@@ -288,10 +322,12 @@ async def probe_async(config: ProbeConfig) -> list[Check]:
         with contextlib.suppress(TransportError):
             await p.send(gone_key, timeout=0.002)
         after = await p.eventually(gone_key)
+        # Not stuck means answered: the run the client left (replayed) or a fresh one, a 2xx.
+        # A 409 is the key stuck; any other error (422, 5xx) is no answer to the retry either.
         verdict(
             "client gone mid-request: key not stuck",
-            after.status != 409,
-            f"retry answered {after.status}",
+            200 <= after.status < 300,
+            f"retry answered {after.status}{' replayed' if after.replayed else ''}",
         )
 
         if config.fail_header:

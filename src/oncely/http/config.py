@@ -80,8 +80,9 @@ class TokenGuard:
         endpoint = text(self.endpoint, "endpoint", where="TokenGuard", none=True)
         if endpoint is not None and not endpoint.startswith("/"):
             raise ConfigurationError(f"endpoint={self.endpoint!r} must be a path like '/tokens'")
-        for pattern in self.routes:
+        for pattern, purpose in self.routes.items():
             compile_pattern(pattern)
+            text(purpose, f"routes[{pattern!r}]", where="TokenGuard")
 
 
 #: The fields of :class:`IdempotencyConfig` that are settings (see :mod:`oncely.settings`).
@@ -123,7 +124,8 @@ class IdempotencyConfig:
         default ``True``).
     :param header: the request header name (default ``Idempotency-Key``).
     :param allow_bare_key: accept an unquoted key (``abc123``, a bare UUID) besides the
-        Structured Field string (``"abc123"``; default ``True``).
+        Structured Field string (``"abc123"``; default ``True``). A bare key is kept exactly
+        as sent; one holding ``;`` (which starts parameters) is refused: quote it.
     :param max_key_length: longest key accepted, in characters (default 255, as Stripe).
     :param ttl: seconds a completed response is kept for replay (default 86400: Stripe keeps
         24 h).

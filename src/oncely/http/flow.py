@@ -92,6 +92,7 @@ from oncely.http.problems import (
     KEY_MISSING,
     METHOD_NOT_ALLOWED,
     NOT_REPLAYABLE,
+    SCOPE_INVALID,
     STORE_UNAVAILABLE,
     TOKEN_MISSING,
     TOKEN_PURPOSE_UNKNOWN,
@@ -336,8 +337,25 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
         return
     try:
         record_key = RecordKey(scope_name, digest_key(key))
-    except InvalidKey as exc:  # the scope function read text no store keeps (a NUL)
-        yield _problem(policy, KEY_INVALID, str(exc))
+    except InvalidKey as exc:
+        # The key is hashed (any text has a digest): what no store keeps is the scope the
+        # server derived (a principal id holding a NUL, say). Not the client's fault, and
+        # nothing it can fix: a 500 naming the scope, with the reason in the log only (the
+        # scope may hold a user id).
+        log.error(
+            "oncely.http: %s %s: the scope from %r cannot be stored: %s",
+            request.method,
+            request.path,
+            policy.scope,
+            exc,
+        )
+        yield _problem(
+            policy,
+            SCOPE_INVALID,
+            "the server derived an idempotency scope for this request that no store can keep "
+            "(its log says why); nothing was done, and a retry gets the same answer until the "
+            "server is fixed",
+        )
         return
 
     deadline: float | None = None

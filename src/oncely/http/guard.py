@@ -15,17 +15,18 @@ from oncely.http.messages import HttpResponse
 __all__ = ["find_token", "issued_response", "purpose_from_query"]
 
 _FORM = b"application/x-www-form-urlencoded"
-_MAX_TOKEN = 1024
 
 
 def find_token(
     header_value: bytes | str | None, content_type: bytes, body: bytes, field: str | None
 ) -> str | None:
-    """The token from the header, else from a form field or a top-level JSON member."""
+    """The token from the header, else from a form field or a top-level JSON member, as sent:
+    never cut to a length (:meth:`~oncely.tokens.Tokens.verify` refuses an over-long one as
+    not a token, instead of checking a prefix of it)."""
     if header_value:
         raw = header_value.encode("latin-1") if isinstance(header_value, str) else header_value
         text = raw.strip().decode("latin-1")
-        return text[:_MAX_TOKEN] if text else None
+        return text if text else None
     if field is None or not body:
         return None
     if content_type == _FORM:
@@ -33,14 +34,14 @@ def find_token(
             values = parse_qs(body.decode("latin-1"), max_num_fields=1000).get(field)
         except ValueError:
             return None
-        return values[0][:_MAX_TOKEN] if values else None
+        return values[0] if values else None
     if content_type == b"application/json" or content_type.endswith(b"+json"):
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError):
             return None
         value = doc.get(field) if isinstance(doc, dict) else None
-        return value[:_MAX_TOKEN] if isinstance(value, str) and value else None
+        return value if isinstance(value, str) and value else None
     return None
 
 

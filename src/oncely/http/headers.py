@@ -6,10 +6,13 @@ middleware is built (:func:`require_parser`), never when ``oncely.http`` is impo
 Accepted (draft-ietf-httpapi-idempotency-key-header-06, §2):
 
 * a Structured Field *String* item, e.g. ``Idempotency-Key: "8e03978e-40d5-43e8"``; item
-  parameters are ignored, as RFC 9651 asks of unknown parameters;
+  parameters are not part of the key and are ignored, as RFC 9651 asks of unknown parameters
+  (``"abc";x=1`` and ``"abc";x=2`` are both the key ``abc``);
 * with ``allow_bare=True`` (the default) also a bare value, because most clients send one:
-  an sf-token (``Idempotency-Key: abc123``), or any run of the characters
-  ``A-Z a-z 0-9 ! # $ % & ' * + - . ^ _ ` | ~ : / =`` — so a bare UUID works too.
+  any run of the characters ``A-Z a-z 0-9 ! # $ % & ' * + - . ^ _ ` | ~ : / =`` (an sf-token
+  such as ``abc123``, a bare UUID), kept exactly as sent. A bare value with ``;`` is refused:
+  ``;`` starts parameters, so ``batch;first`` would otherwise be cut to ``batch`` and merged
+  with ``batch;second``; such a key must be quoted (``"batch;first"``).
 
 Refused with :class:`~oncely.errors.InvalidKey`: an empty key, a key longer than
 ``max_length`` characters (255 by default, as Stripe), anything outside printable ASCII,
@@ -33,7 +36,6 @@ _BARE = re.compile(rb"[A-Za-z0-9!#$%&'*+\-.^_`|~:/=]+")
 #: the quotes, so the common case skips the general parser.
 _PLAIN_STRING = re.compile(rb'"[\x20\x21\x23-\x5b\x5d-\x7e]*"')
 _parse: Callable[..., Any] | None = None
-_token_type: type | None = None
 
 
 def require_parser() -> Callable[..., Any]:
@@ -41,7 +43,7 @@ def require_parser() -> Callable[..., Any]:
 
     :raises ConfigurationError: ``http-sf`` is not installed (with the install line).
     """
-    global _parse, _token_type
+    global _parse
     if _parse is None:
         try:
             import http_sf
@@ -50,7 +52,6 @@ def require_parser() -> Callable[..., Any]:
                 "the HTTP middleware parses Idempotency-Key with http-sf, which is not "
                 "installed; install it with: pip install 'oncely[http]'"
             ) from exc
-        _token_type = http_sf.Token
         _parse = http_sf.parse
     return _parse
 
@@ -69,9 +70,10 @@ def parse_key(values: Sequence[bytes], *, allow_bare: bool = True, max_length: i
             value = None
     if isinstance(value, str):
         key = value
-    elif allow_bare and _token_type is not None and isinstance(value, _token_type):
-        key = str(value)
     elif allow_bare:
+        # The text as sent, never what the Structured Field parser made of it: it reads
+        # ``batch;first`` as the token ``batch`` with a parameter, which would merge the
+        # client's keys ``batch;first`` and ``batch;second`` into one.
         bare = raw.strip(b" \t")
         if _BARE.fullmatch(bare):
             key = bare.decode("ascii")
@@ -79,6 +81,12 @@ def parse_key(values: Sequence[bytes], *, allow_bare: bool = True, max_length: i
         if not raw.strip(b" \t"):
             raise InvalidKey(
                 "the Idempotency-Key header is empty; send a unique value, e.g. a UUID"
+            )
+        if allow_bare and b";" in raw and not raw.lstrip(b" \t").startswith(b'"'):
+            raise InvalidKey(
+                "the Idempotency-Key header holds a ';', which starts Structured Field "
+                "parameters (not part of the key); send a key with ';' quoted, e.g. "
+                "Idempotency-Key: \"a;b\", or send a key without ';'"
             )
         how = "a quoted string or a bare token" if allow_bare else 'a quoted string, e.g. "a1b2"'
         raise InvalidKey(

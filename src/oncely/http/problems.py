@@ -41,6 +41,7 @@ __all__ = [
     "PRECONDITION_REQUIRED",
     "PROBLEM_BASE",
     "PROBLEM_TYPES",
+    "SCOPE_INVALID",
     "STORE_UNAVAILABLE",
     "TOKEN_EXPIRED",
     "TOKEN_FOREIGN",
@@ -71,6 +72,11 @@ class ProblemType:
 
 KEY_MISSING = ProblemType("idempotency-key-missing", 400, "Idempotency-Key header is missing")
 KEY_INVALID = ProblemType("idempotency-key-invalid", 400, "Idempotency-Key header is invalid")
+#: The scope the server derived for the request (``scope_from_user``, a scope function) is text
+#: no store keeps (a NUL, a lone surrogate, too long): the server's data, not the client's key.
+SCOPE_INVALID = ProblemType(
+    "idempotency-scope-invalid", 500, "The server cannot derive an idempotency scope"
+)
 KEY_MISMATCH = ProblemType(
     "idempotency-key-mismatch", 422, "Idempotency-Key was already used for a different request"
 )
@@ -113,6 +119,7 @@ NOT_FOUND = ProblemType("not-found", 404, "Not Found")
 PROBLEM_TYPES: tuple[ProblemType, ...] = (
     KEY_MISSING,
     KEY_INVALID,
+    SCOPE_INVALID,
     KEY_MISMATCH,
     IN_FLIGHT,
     NOT_REPLAYABLE,
