@@ -27,6 +27,7 @@ from oncely.errors import (
     InvalidPayload,
     StoreError,
     StoreUnavailable,
+    TransactionFailed,
     TransactionLost,
     UnknownTable,
 )
@@ -175,6 +176,73 @@ def test_receive_refuses_to_commit_after_the_body_rolled_back_itself(db: Db) -> 
         assert first
         db.effect(conn, "m1")
     assert db.effect_counts() == Counter({"m1": 1})
+
+
+@pytest.fixture
+def pg_db(tmp_path: Path) -> Iterator[Db]:
+    d = Db("postgres", tmp_path)
+    yield d
+    d.drop()
+
+
+def _caught_failure(db: Db, conn: Any, message_id: str) -> None:
+    """A handler that writes, then meets a failing statement and catches its error (PostgreSQL
+    has aborted the transaction: nothing after it runs, nothing before it can commit)."""
+    db.effect(conn, message_id)
+    try:
+        db.run(conn, "SELECT 1 / 0")
+    except Exception:
+        pass
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["own-transaction", "callers-transaction"])
+def test_a_body_that_caught_a_failed_statement_gets_transaction_failed(
+    pg_db: Db, inside: bool
+) -> None:
+    """Before, leaving the block raised psycopg's raw ``InFailedSqlTransaction`` (25P02) from
+    the RELEASE or the commit check; now TransactionFailed, the block rolled back, the message
+    not recorded (its redelivery runs it), and inside the caller's transaction that
+    transaction is usable again (rolled back to the block's savepoint)."""
+    db = pg_db
+    conn = db.connect()
+    if inside:
+        db.effect(conn, "outer")
+    for _ in range(2):  # the message is not recorded: its redelivery meets the same
+        with pytest.raises(TransactionFailed), db.inbox.receive(conn, "billing", "f1") as first:
+            assert first
+            _caught_failure(db, conn, "f1")
+    db.effect(conn, "after")  # the connection's transaction is usable
+    conn.commit()
+    assert db.effect_counts() == Counter({"outer": 1, "after": 1} if inside else {"after": 1})
+    with db.inbox.receive(conn, "billing", "f1") as first:
+        assert first
+        db.effect(conn, "f1")
+    conn.commit()
+    assert db.effect_counts()["f1"] == 1
+
+
+async def test_async_receive_whose_body_caught_a_failed_statement(pg_db: Db) -> None:
+    import psycopg
+
+    db = pg_db
+    conn = await psycopg.AsyncConnection.connect(POSTGRES_URL)
+    try:
+        for _ in range(2):
+            with pytest.raises(TransactionFailed):
+                async with db.inbox.areceive(conn, "billing", "f2") as first:
+                    assert first
+                    await conn.execute(
+                        f"INSERT INTO {db.effects} (message_id) VALUES (%s)", ("f2",)
+                    )
+                    try:
+                        await conn.execute("SELECT 1 / 0")
+                    except psycopg.Error:
+                        pass
+        assert db.effect_counts()["f2"] == 0
+        async with db.inbox.areceive(conn, "billing", "f2") as first:
+            assert first
+    finally:
+        await conn.close()
 
 
 def test_receive_inside_the_callers_transaction_is_a_savepoint(db: Db) -> None:

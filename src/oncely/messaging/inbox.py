@@ -70,6 +70,7 @@ from oncely.sql.connections import (
     adapt,
     arun,
     commit_if_held,
+    leave_usable,
     lost_message,
     missing_object,
     quote,
@@ -404,7 +405,10 @@ class Inbox:
             the caller sent; psycopg's ``with conn.transaction():`` is taken).
         :raises TransactionLost: the body ended the block's own transaction, or the caller's,
             itself (called ``conn.rollback()`` or ``conn.commit()``): nothing more is
-            committed (see :meth:`commit_held`)."""
+            committed (see :meth:`commit_held`).
+        :raises TransactionFailed: a statement in the body failed and the body caught the error
+            (PostgreSQL aborts the transaction): the block is rolled back, the message is not
+            recorded (its redelivery runs it again)."""
         c = adapt(conn)
         block = c.enter(savepoint=True, held=True)
         try:
@@ -416,7 +420,7 @@ class Inbox:
         if first and block.owned:
             run(self.commit_held(c, block, consumer, message_id, "the receive() block"), c)
         else:
-            c.leave(block, True)
+            run(leave_usable(c, block), c)
 
     def purge(self, conn: Any, older_than: float = DEFAULT_KEEP, *, batch: int = 1000) -> int:
         """Delete rows received more than ``older_than`` seconds ago (database clock), in
@@ -451,7 +455,7 @@ class Inbox:
             held = self.commit_held(c, block, consumer, message_id, "the areceive() block")
             await arun(held, c)
         else:
-            await c.aleave(block, True)
+            await arun(leave_usable(c, block), c)
 
     async def apurge(
         self, conn: Any, older_than: float = DEFAULT_KEEP, *, batch: int = 1000

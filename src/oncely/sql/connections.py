@@ -75,6 +75,7 @@ __all__ = [
     "commit_if_held",
     "duplicate_of",
     "exact_text",
+    "leave_usable",
     "lock_timeout",
     "lost_message",
     "missing_object",
@@ -496,7 +497,11 @@ def commit_if_held(
 
     :raises TransactionLost: the row is gone (``lost`` is the message); what was still open
         is rolled back, nothing is committed.
+    :raises TransactionFailed: a statement inside failed and the code caught the error
+        (PostgreSQL aborts the transaction: ``25P02`` on anything but a rollback); the block is
+        rolled back (a savepoint block: the caller's transaction is usable again).
     """
+    yield from leave_usable(c, block, commit=False)
     if not block.owned:
         yield Leave(block, True)
         return
@@ -525,6 +530,32 @@ def commit_if_held(
         yield Leave(block, False)
         raise TransactionLost(lost)
     yield Leave(block, True)
+
+
+#: The :class:`~oncely.errors.TransactionFailed` message of a block whose code caught the
+#: error of a failed statement.
+FAILED_INSIDE: Final = (
+    "a statement inside the block failed and the error was caught, so the database aborted "
+    "the transaction: nothing of the block was committed (neither oncely's row nor the "
+    "writes). Let the error propagate, or wrap the statement that may fail in a savepoint "
+    "(with conn.transaction(): / begin_nested()), then retry"
+)
+
+
+def leave_usable(c: SqlConnection, block: Block, *, commit: bool = True) -> Plan[None]:
+    """Close ``block`` after the code inside it returned: roll it back and raise
+    :class:`~oncely.errors.TransactionFailed` if a statement in it failed and the error was
+    caught (releasing or committing would raise the driver's raw error, or, for a
+    transaction the block owns, PostgreSQL would answer the ``COMMIT`` with a silent
+    ``ROLLBACK``); else commit it (``commit=False``: leave it open for the caller's check).
+
+    :raises TransactionFailed: see above.
+    """
+    if c.failed():
+        yield Leave(block, False)
+        raise TransactionFailed(FAILED_INSIDE)
+    if commit:
+        yield Leave(block, True)
 
 
 def savepoint_lost(exc: BaseException) -> TransactionLost:
