@@ -537,6 +537,29 @@ def test_django_csrf_403_and_404_do_not_use_up_the_key() -> None:
     assert django_site.calls.get("comment") == 1
 
 
+def test_django_install_keeps_a_view_exception_as_the_handler_failed_problem() -> None:
+    """Red team round 8, the older ``install()`` (WSGI middleware + ``ViewStartMiddleware``):
+    the retry replayed Django's HTML 500 page; now the documented problem."""
+    from django.core.wsgi import get_wsgi_application
+
+    from oncely.http.django import install
+
+    from http_apps import django_site
+
+    django_site.calls.pop("boom", None)
+    application = install(get_wsgi_application(), config(MemoryStore()))
+    transport = httpx.WSGITransport(app=application)
+    with httpx.Client(transport=transport, base_url="http://t") as c:
+        k = key()
+        first = c.post("/boom", headers=k)
+        again = c.post("/boom", headers=k)
+    assert first.status_code == 500 and "html" in first.headers["content-type"]
+    assert again.status_code == 500 and again.headers["idempotent-replayed"] == "true"
+    assert again.headers["content-type"] == "application/problem+json"
+    assert again.json()["type"].endswith("/handler-failed")
+    assert django_site.calls["boom"] == 1
+
+
 def test_django_install_requires_the_view_start_middleware() -> None:
     from django.core.wsgi import get_wsgi_application
     from django.test import override_settings

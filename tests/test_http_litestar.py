@@ -183,6 +183,8 @@ def test_litestar_under_uvicorn(kind: str, make_store: StoreFactory, tmp_path: P
             again = c.post("/pay", json={"amount": 5}, headers=k2)
             k3 = {**auth, "Idempotency-Key": f'"{uuid.uuid4()}"'}
             retry = hang_up_and_retry(c, "/report", k3)
+            k4 = {**auth, "Idempotency-Key": f'"{uuid.uuid4()}"'}
+            unserialisable = [c.post("/unserialisable", headers=k4) for _ in range(3)]
     lines = (tmp_path / "executions.log").read_text().split("\n")
     assert len([line for line in lines if line.startswith("orders")]) == 1
     originals = [
@@ -194,3 +196,7 @@ def test_litestar_under_uvicorn(kind: str, make_store: StoreFactory, tmp_path: P
     assert fixed.status_code == 201 and again.headers["idempotent-replayed"] == "true"
     assert retry.json()["type"].endswith("/response-not-replayable")
     assert len([line for line in lines if line.startswith("report")]) == 1
+    # The handler ran, then Litestar failed to serialise its return value (red team round 8).
+    assert len([line for line in lines if line.startswith("unserialisable")]) == 1
+    assert [r.status_code for r in unserialisable] == [500, 500, 500]
+    assert all(r.json()["type"].endswith("/handler-failed") for r in unserialisable[1:])
