@@ -147,9 +147,13 @@ def test_a_failing_view_is_kept_and_a_problem_is_answered(face: str) -> None:
     with django_app(face, store=store) as client:
         calls.clear()
         k = key()
-        assert client.post("/boom", headers=k).status_code == 500  # Django's own 500
+        first = client.post("/boom", headers=k)
+        assert first.status_code == 500 and "html" in first.headers["content-type"]  # Django's
         kept = client.post("/boom", headers=k)  # kept (finding 14): not run again
         assert kept.status_code == 500 and kept.headers["idempotent-replayed"] == "true"
+        # ... as the documented problem, not Django's HTML page (red team round 8)
+        assert kept.headers["content-type"] == "application/problem+json"
+        assert kept.json()["type"].endswith("/handler-failed")
         problem = client.post("/problem", headers=key())
     assert calls["boom"] == 1
     assert problem.status_code == 409 and problem.json()["remaining"] == 0

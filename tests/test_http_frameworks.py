@@ -455,6 +455,65 @@ def test_flask_refusals_before_the_view_do_not_use_up_the_key() -> None:
     assert calls == ["order"]
 
 
+def test_flask_a_view_that_raised_is_kept_as_the_handler_failed_problem() -> None:
+    """Red team round 8: Flask answers a view's exception with its own HTML 500 page, which was
+    stored and replayed; the retry now gets the documented ``handler-failed`` problem. What
+    the app's own error handlers answer (an HTTP error, a mapped exception) is kept as it is."""
+    from flask import Flask, abort, request
+
+    from oncely.http.flask import install
+
+    store = MemoryStore()
+    app = Flask(__name__)
+    calls: list[str] = []
+
+    @app.errorhandler(KeyError)
+    def declined(exc: KeyError) -> tuple[dict[str, str], int]:
+        return {"error": "declined"}, 402
+
+    @app.errorhandler(500)
+    def server_error(exc: Exception) -> tuple[str, int]:
+        return "<p>our own 500 page</p>", 500
+
+    @app.after_request
+    def audit(response: Any) -> Any:
+        if request.path == "/audited":
+            raise RuntimeError("the audit log is down")
+        return response
+
+    @app.post("/<name>")
+    def charge(name: str) -> tuple[dict[str, int], int]:
+        calls.append(name)
+        if name in ("boom", "boom-again"):
+            raise RuntimeError("failed after the money moved")
+        if name == "declined":
+            raise KeyError("card")
+        if name == "teapot":
+            abort(418)
+        return {"n": len(calls)}, 201
+
+    install(app, config(store))
+    client = app.test_client()
+
+    def twice(path: str) -> tuple[Any, Any]:
+        k = key()
+        first = client.post(path, headers=k, buffered=True)
+        return first, client.post(path, headers=k, buffered=True)
+
+    for path in ("/boom", "/audited"):
+        first, again = twice(path)
+        assert first.status_code == 500 and first.text == "<p>our own 500 page</p>"
+        assert again.status_code == 500 and again.headers["idempotent-replayed"] == "true"
+        assert again.headers["content-type"] == "application/problem+json"
+        assert again.json["type"].endswith("/handler-failed")
+    first, again = twice("/declined")
+    assert (first.status_code, again.status_code) == (402, 402)
+    assert again.json == {"error": "declined"} and again.headers["idempotent-replayed"] == "true"
+    first, again = twice("/teapot")
+    assert again.status_code == 418 and "problem" not in again.headers["content-type"]
+    assert calls == ["boom", "audited", "declined", "teapot"]
+
+
 def test_django_csrf_403_and_404_do_not_use_up_the_key() -> None:
     from django.core.wsgi import get_wsgi_application
 
@@ -476,6 +535,29 @@ def test_django_csrf_403_and_404_do_not_use_up_the_key() -> None:
         again = c.post("/comment", headers={**k, "X-CSRFToken": csrf})
         assert made.status_code == 201 and again.headers["idempotent-replayed"] == "true"
     assert django_site.calls.get("comment") == 1
+
+
+def test_django_install_keeps_a_view_exception_as_the_handler_failed_problem() -> None:
+    """Red team round 8, the older ``install()`` (WSGI middleware + ``ViewStartMiddleware``):
+    the retry replayed Django's HTML 500 page; now the documented problem."""
+    from django.core.wsgi import get_wsgi_application
+
+    from oncely.http.django import install
+
+    from http_apps import django_site
+
+    django_site.calls.pop("boom", None)
+    application = install(get_wsgi_application(), config(MemoryStore()))
+    transport = httpx.WSGITransport(app=application)
+    with httpx.Client(transport=transport, base_url="http://t") as c:
+        k = key()
+        first = c.post("/boom", headers=k)
+        again = c.post("/boom", headers=k)
+    assert first.status_code == 500 and "html" in first.headers["content-type"]
+    assert again.status_code == 500 and again.headers["idempotent-replayed"] == "true"
+    assert again.headers["content-type"] == "application/problem+json"
+    assert again.json()["type"].endswith("/handler-failed")
+    assert django_site.calls["boom"] == 1
 
 
 def test_django_install_requires_the_view_start_middleware() -> None:

@@ -89,6 +89,41 @@ def test_refusals_before_the_handler_do_not_use_up_the_key() -> None:
     assert calls == {"pay": 1, "guarded": 1, "denied": 1, "boom": 1, "problem": 1}
 
 
+@pytest.mark.parametrize("path", ["/boom", "/unserialisable", "/audited", "/committed"])
+def test_a_handler_that_ran_keeps_its_key_whatever_fails_after_it(path: str) -> None:
+    """Red team round 8: the handler function ran (its effect counted), then Litestar failed
+    (the return value not JSON, an ``after_request`` hook or a dependency's cleanup raising):
+    the key was released and every retry ran the handler again. Now the start is reported
+    when Litestar calls the function, the key is kept, and the retry gets the documented
+    ``handler-failed`` problem instead of Litestar's own 500."""
+    calls.clear()
+    with client() as c:
+        k = key()
+        first = c.post(path, headers=k)
+        again = c.post(path, headers=k)
+        third = c.post(path, headers=k)
+    assert first.status_code == 500 and first.json()["detail"] == "Internal Server Error"
+    for kept in (again, third):
+        assert kept.status_code == 500 and kept.headers["idempotent-replayed"] == "true"
+        assert kept.headers["content-type"] == "application/problem+json"
+        assert kept.json()["type"].endswith("/handler-failed")
+    assert calls == {path.strip("/"): 1}
+
+
+def test_a_before_request_answer_does_not_use_up_the_key() -> None:
+    store = MemoryStore()
+    calls.clear()
+    with client(store) as c:
+        k = key()
+        stopped = c.post("/hooked", headers={**k, "X-Maintenance": "1"})
+        assert stopped.status_code == 201 and stopped.json() == {"maintenance": "yes"}
+        assert store.list() == []
+        made = c.post("/hooked", headers=k)
+        again = c.post("/hooked", headers=k)
+    assert made.json() == {"n": 1} and again.headers["idempotent-replayed"] == "true"
+    assert calls == {"hooked": 1}
+
+
 def test_plugin_options_are_checked_by_name_type_and_unit() -> None:
     with pytest.raises(ConfigurationError, match="did you mean 'scope'"):
         IdempotencyPlugin(scpoe=GLOBAL)
@@ -148,6 +183,8 @@ def test_litestar_under_uvicorn(kind: str, make_store: StoreFactory, tmp_path: P
             again = c.post("/pay", json={"amount": 5}, headers=k2)
             k3 = {**auth, "Idempotency-Key": f'"{uuid.uuid4()}"'}
             retry = hang_up_and_retry(c, "/report", k3)
+            k4 = {**auth, "Idempotency-Key": f'"{uuid.uuid4()}"'}
+            unserialisable = [c.post("/unserialisable", headers=k4) for _ in range(3)]
     lines = (tmp_path / "executions.log").read_text().split("\n")
     assert len([line for line in lines if line.startswith("orders")]) == 1
     originals = [
@@ -159,3 +196,7 @@ def test_litestar_under_uvicorn(kind: str, make_store: StoreFactory, tmp_path: P
     assert fixed.status_code == 201 and again.headers["idempotent-replayed"] == "true"
     assert retry.json()["type"].endswith("/response-not-replayable")
     assert len([line for line in lines if line.startswith("report")]) == 1
+    # The handler ran, then Litestar failed to serialise its return value (red team round 8).
+    assert len([line for line in lines if line.startswith("unserialisable")]) == 1
+    assert [r.status_code for r in unserialisable] == [500, 500, 500]
+    assert all(r.json()["type"].endswith("/handler-failed") for r in unserialisable[1:])

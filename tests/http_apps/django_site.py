@@ -102,7 +102,14 @@ def comment(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"n": _count("comment")}, status=201)
 
 
+def boom(request: HttpRequest) -> HttpResponse:
+    """Raises after its effect: Django answers with its 500 page (``handler500``)."""
+    _count("boom")
+    raise RuntimeError("failed after the money moved")
+
+
 urlpatterns = [
+    path("boom", csrf_exempt(boom)),
     path("pay", csrf_exempt(pay)),
     path("free", csrf_exempt(free)),
     path("api/", include([path("refunds", csrf_exempt(Refunds.as_view()))])),

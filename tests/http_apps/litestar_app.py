@@ -4,8 +4,12 @@ Uvicorn (``http_apps.litestar_app:app``); configured by the environment like ``s
 Routes: ``POST /orders`` (works, then 201); ``POST /pay`` (a body Litestar validates: 400
 before the handler; its rule fingerprints ``amount`` only); ``POST /guarded`` (a guard refuses
 it with 401 unless ``X-Allow: yes``); ``POST /denied`` (the handler itself refuses with 403 after
-working); ``POST /boom`` (raises: 500); ``POST /problem`` (an HttpProblem); ``POST /off``
-(``opt={"idempotency": False}``); ``POST /report`` (streams 400 lines); ``GET /health``.
+working); ``POST /boom`` (raises: 500); ``POST /unserialisable``, ``POST /audited``,
+``POST /committed`` (the handler ran, then Litestar failed: its return value is not JSON, an
+``after_request`` hook or a dependency's cleanup raises); ``POST /hooked`` (a ``before_request``
+hook answers instead of the handler with ``X-Maintenance``); ``POST /problem`` (an
+HttpProblem); ``POST /off`` (``opt={"idempotency": False}``); ``POST /report`` (streams 400
+lines); ``GET /health``.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from litestar import Litestar, get, post
+from litestar import Litestar, Request, Response, get, post
 from litestar.connection import ASGIConnection
+from litestar.di import Provide
 from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.handlers import BaseRouteHandler
 from litestar.params import Body
@@ -80,6 +85,44 @@ async def problem() -> None:
     raise HttpProblem(409, "out-of-stock", "Out of stock", "none left", remaining=0)
 
 
+class Unserialisable:
+    """Not JSON: Litestar fails to turn the handler's return value into a response."""
+
+
+@post("/unserialisable", status_code=201)
+async def unserialisable() -> dict[str, object]:
+    count("unserialisable")
+    return {"charged": Unserialisable()}
+
+
+async def audit(response: Response) -> Response:
+    raise RuntimeError("the audit log is down")
+
+
+@post("/audited", status_code=201, after_request=audit)
+async def audited() -> dict[str, int]:
+    return {"n": count("audited")}
+
+
+async def session() -> AsyncIterator[str]:
+    yield "session"
+    raise RuntimeError("the commit failed in the dependency's cleanup")
+
+
+@post("/committed", status_code=201, dependencies={"db": Provide(session)})
+async def committed(db: str) -> dict[str, int]:  # an inferred dependency (all 2.x)
+    return {"n": count("committed")}
+
+
+async def maintenance(request: Request) -> dict[str, str] | None:
+    return {"maintenance": "yes"} if request.headers.get("x-maintenance") else None
+
+
+@post("/hooked", status_code=201, before_request=maintenance)
+async def hooked() -> dict[str, int]:
+    return {"n": count("hooked")}
+
+
 @post("/off", status_code=201, opt={"idempotency": False})
 async def off() -> dict[str, int]:
     return {"n": count("off")}
@@ -104,6 +147,7 @@ async def health() -> str:
 
 def make_app(config: IdempotencyConfig) -> Litestar:
     handlers = [orders, pay, guarded, denied, boom, problem, off, report, health]
+    handlers += [unserialisable, audited, committed, hooked]
     return Litestar(handlers, plugins=[IdempotencyPlugin(config)])
 
 

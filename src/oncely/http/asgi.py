@@ -661,9 +661,16 @@ class _Capture:
         body = None
         if chunks is not None:
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        handled = self.entry.handled if self.entry is not None else True
+        entry = self.entry
+        handled = entry.handled if entry is not None else True
         return Captured(
-            self.status, self.headers, body, self.complete and self.started, handled, error
+            self.status,
+            self.headers,
+            body,
+            self.complete and self.started,
+            handled,
+            error,
+            entry is not None and entry.failed,
         )
 
 

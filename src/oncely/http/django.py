@@ -38,6 +38,9 @@ Views::
 ``HttpRequest.raw`` (what ``scope=``, ``fingerprint=`` and resolvers receive) is the Django
 request here, so a scope can read ``request.raw.user`` or ``request.raw.session``. A view
 raising :class:`~oncely.errors.HttpProblem` answers with that problem (``process_exception``).
+A view raising another exception that Django answers with its 500 page (``handler500``; its
+``got_request_exception`` signal tells the middleware) is kept for its key as the ``500``
+``handler-failed`` problem: a retry gets that problem, replayed, not Django's page.
 
 The older way, wrapping the WSGI application (``install(get_wsgi_application(), config)``
 with :class:`ViewStartMiddleware` last in ``MIDDLEWARE``), still works under WSGI.
@@ -57,6 +60,7 @@ from django.conf import settings  # type: ignore[import-untyped]
 from django.core.exceptions import (  # type: ignore[import-untyped]
     RequestDataTooBig,
 )
+from django.core.signals import got_request_exception  # type: ignore[import-untyped]
 from django.http import HttpRequest as DjangoRequest  # type: ignore[import-untyped]
 from django.http import HttpResponse as DjangoResponse
 from django.http.request import RawPostDataException  # type: ignore[import-untyped]
@@ -419,7 +423,10 @@ class _Exchange:
             stop()
             content: bytes = response.content
             body = content if limit >= 0 and len(content) <= limit else None
-            return Captured(response.status_code, headers, body, True, self._handled(), None)
+            entry: HandlerEntry = self.request.META[ENTRY_KEY]
+            return Captured(
+                response.status_code, headers, body, True, entry.handled, None, entry.failed
+            )
         _Stream(self, response, headers, limit, stop)
         return None
 
@@ -475,8 +482,9 @@ class _Stream:
         self.stop()
         chunks = self.chunks
         body = None if chunks is None else b"".join(chunks)
+        entry: HandlerEntry = self.exchange.request.META[ENTRY_KEY]
         return Captured(
-            self.status, self.headers, body, self.complete, self.exchange._handled(), error
+            self.status, self.headers, body, self.complete, entry.handled, error, entry.failed
         )
 
     def _finish(self, error: BaseException | None) -> None:
@@ -557,6 +565,17 @@ class _Stream:
             asyncio.run_coroutine_threadsafe(self._afinish(None), loop).result(timeout=30)
         except Exception as exc:
             log.error("oncely.http: settling a response closed early failed: %s", describe(exc))
+
+
+def _view_raised(sender: Any, request: DjangoRequest | None = None, **kwargs: Any) -> None:
+    """Django's ``got_request_exception``: the view raised an exception that Django answers
+    with its 500 page (``handler500``); the middleware keeps that 500 as ``handler-failed``."""
+    entry = getattr(request, "META", {}).get(ENTRY_KEY)
+    if isinstance(entry, HandlerEntry):
+        entry.raised()
+
+
+got_request_exception.connect(_view_raised, dispatch_uid="oncely.http.django.view_raised")
 
 
 def _view_starts(request: DjangoRequest) -> None:

@@ -22,7 +22,9 @@ The decorators only mark views; the middleware (installed around ``app.wsgi_app`
 view Flask will dispatch to and applies its rule before the view runs. ``install`` also tells
 the middleware when Flask actually calls a view: a request Flask refuses before that (routing
 404/405, a ``before_request`` function that answers or raises, e.g. a CSRF check) is sent as
-it is and does not use up its key.
+it is and does not use up its key. A view that raises an exception no error handler of the
+app takes gets Flask's 500 page (``got_request_exception`` tells the middleware), which is kept
+for its key as the ``500`` ``handler-failed`` problem: a retry gets that problem, replayed.
 """
 
 from __future__ import annotations
@@ -31,11 +33,11 @@ import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from flask import Flask, request
+from flask import Flask, got_request_exception, request
 from werkzeug.exceptions import HTTPException
 from werkzeug.routing import RequestRedirect
 
-from oncely.errors import ConfigurationError
+from oncely.errors import ConfigurationError, HttpProblem
 from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import SAFE_METHODS
 from oncely.http.messages import ENTRY_KEY, HandlerEntry
@@ -50,12 +52,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 _TRACKING = "__oncely_entry__"
 
 
+def _view_raised(sender: Flask, exception: BaseException, **extra: Any) -> None:
+    """Flask's ``got_request_exception``: an exception no error handler of the app took (Flask
+    answers it with its 500 page); the middleware keeps that 500 as ``handler-failed``."""
+    entry = request.environ.get(ENTRY_KEY)
+    if isinstance(entry, HandlerEntry) and not isinstance(exception, HttpProblem):
+        entry.raised()
+
+
 def _track_entry(app: Flask) -> None:
     """Wrap ``app.dispatch_request`` (after ``before_request`` functions, where Flask calls
-    the view) to report the view's start to the middleware (:class:`HandlerEntry`)."""
+    the view) to report the view's start to the middleware (:class:`HandlerEntry`), and
+    report an exception Flask answers with its own 500 (``got_request_exception``)."""
     original = app.dispatch_request
     if getattr(original, _TRACKING, False):
         return
+    got_request_exception.connect(_view_raised, app, weak=False)
 
     @functools.wraps(original)
     def dispatch_request(*args: Any, **kwargs: Any) -> Any:

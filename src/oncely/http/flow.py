@@ -213,7 +213,9 @@ class Captured:
     """What the app produced: status (0: no response started), headers, body (None if over
     the capture limit), whether the response was complete (the app produced its last body
     message), whether its handler ran (False: the framework refused the request before it, see
-    :class:`~oncely.http.messages.HandlerEntry`), and the exception it raised, if any."""
+    :class:`~oncely.http.messages.HandlerEntry`), the exception it raised, if any, and whether
+    the framework answered an exception of the handler with its own page (``failed``: a 500
+    is kept as ``handler-failed``, like an exception that reached the middleware)."""
 
     status: int = 0
     headers: list[tuple[bytes, bytes]] | None = None
@@ -221,6 +223,7 @@ class Captured:
     complete: bool = False
     handled: bool = True
     error: BaseException | None = None
+    failed: bool = False
 
 
 class _Verdict(enum.Enum):
@@ -477,9 +480,12 @@ def _settle(
     """After the app ran: complete the key (response or marker) or release it, give a consumed
     token back when the key is released, then raise the app's exception if it had one."""
     if (
-        captured.status == 0
+        (
+            (captured.status == 0 and isinstance(captured.error, Exception))
+            # not a cancellation (on_cancel="release"); or the framework's own 500 page for it
+            or (captured.status == 500 and captured.failed)
+        )
         and captured.handled
-        and isinstance(captured.error, Exception)  # not a cancellation (on_cancel="release")
         and policy.store_server_errors
     ):
         captured = _failure(policy, captured)
@@ -607,9 +613,10 @@ def _subject_of(engine: Engine, request: HttpRequest) -> str:
 
 
 def _failure(policy: RoutePolicy, captured: Captured) -> Captured:
-    """The 500 kept for a handler that raised before it started a response: its effects may
-    have happened, so a retry gets this (``handler-failed``) instead of running it again. The
-    exception itself is not described (it may hold secrets); it is still raised to the server."""
+    """The 500 kept for a handler that raised before it started a response (or whose
+    exception the framework answered with its own 500 page): its effects may have happened,
+    so a retry gets this (``handler-failed``) instead of running it again. The exception
+    itself is not described (it may hold secrets); it is still raised to the server."""
     response = problem_response(
         HANDLER_FAILED,
         "the handler failed after it started; its effects may have happened, so this result is "

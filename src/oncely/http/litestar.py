@@ -29,10 +29,16 @@ sets the rule.
 
 A request Litestar refuses before the handler function runs — a guard
 (``NotAuthorizedException``, ``PermissionDeniedException``), the CSRF check, parameter or body
-validation (``ValidationException``, 400), a dependency that raises — is answered as Litestar
-answers it and does not use up its key: the plugin's ``after_exception`` hook tells the
-middleware, from the exception's traceback, whether the handler function had started. A view
-raising :class:`~oncely.errors.HttpProblem` answers with that problem.
+validation (``ValidationException``, 400), a dependency that raises, a ``before_request``
+hook that answers, a cached response — is answered as Litestar answers it and does not use up
+its key: the middleware wraps each route handler's function (on the handler's first request)
+so that Litestar's call of it reports the start. Once it was called, the request is the
+handler's whatever fails after it (its return value not serialisable, an ``after_request``
+hook or a dependency's cleanup raising): the key is kept and a retry never runs it again. A
+view raising :class:`~oncely.errors.HttpProblem` answers with that problem; one raising an
+exception that Litestar answers with a 500 (not an ``HTTPException``; the plugin's
+``after_exception`` hook tells the middleware) is kept for its key as the ``500``
+``handler-failed`` problem, so a retry gets that problem, replayed.
 
 Needs Litestar 2.15 or later (``ASGIMiddleware``).
 
@@ -44,14 +50,17 @@ replayed to clients that may not accept it: compress outside the app instead).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from collections.abc import Mapping
-from types import TracebackType
+from contextvars import ContextVar
 from typing import Any
 
 from litestar import Request, Response, route
 from litestar.config.app import AppConfig
 from litestar.enums import ScopeType
+from litestar.exceptions import HTTPException
 from litestar.middleware import ASGIMiddleware
 from litestar.plugins import InitPlugin
 from litestar.types import ASGIApp, Receive, Scope, Send
@@ -108,6 +117,11 @@ class _Resolver:
     """Callable ``scope -> Rule | None``: the rule of ``scope["route_handler"]`` (Litestar
     routes before its middleware runs), cached per handler."""
 
+    #: The plugin's middleware learns when Litestar calls a handler function (:func:`_watch`):
+    #: a request answered without it (a guard, validation, a dependency, a ``before_request``
+    #: answer, a cached response) does not use up its key.
+    tracks_entry = True
+
     def __init__(self) -> None:
         self._cache: dict[int, tuple[Any, Rule | None]] = {}
 
@@ -121,48 +135,50 @@ class _Resolver:
         return hit[1]
 
 
-def _codes(handler: Any) -> set[Any]:
-    """The code objects of a handler's function (through ``AsyncCallable`` and wrappers)."""
-    codes = set()
-    fn = getattr(handler, "fn", None)
-    for _ in range(8):
-        if fn is None:
-            break
-        code = getattr(fn, "__code__", None)
-        if code is not None:
-            codes.add(code)
-        fn = getattr(fn, "func", None) or getattr(fn, "__wrapped__", None)
-    return codes
+#: The ASGI scope of the request the plugin's middleware is running (read by the handler
+#: wrappers, which Litestar calls with the handler's arguments only).
+_CURRENT: ContextVar[Scope | None] = ContextVar("oncely_litestar_scope", default=None)
+_WATCHING = "__oncely_entry__"
 
 
-def _ran_in(traceback: TracebackType | None, codes: set[Any]) -> bool:
-    while traceback is not None:
-        if traceback.tb_frame.f_code in codes:
-            return True
-        traceback = traceback.tb_next
-    return False
+def _watch(handler: Any) -> None:
+    """Make ``handler`` report to the request's :class:`HandlerEntry` when Litestar calls its
+    function (after guards, parameter and body parsing and dependencies; before the return
+    value is turned into a response, ``after_request`` and dependency cleanup), so that
+    anything failing after the call counts as the handler's and keeps the key.
 
+    The function is replaced on the registered handler (``_fn``, what ``handler.fn`` returns
+    and Litestar calls each request) by a plain function that reports and returns what the
+    original returns (a coroutine for an ``async def`` or a thread-run handler, which Litestar
+    then awaits as before: ``has_sync_callable`` was decided at registration).
+    """
+    original = getattr(handler, "_fn", None)
+    if original is None or getattr(original, _WATCHING, False):
+        return
+    with contextlib.suppress(Exception):  # Litestar raises it itself on the request
+        handler.parsed_fn_signature  # noqa: B018 - parsed (and cached) from the original
 
-def _handler_started(exc: BaseException, handler: Any) -> bool:
-    """Whether ``exc`` came out of the handler function (its frame is in the traceback of the
-    exception or of one it was raised from)."""
-    codes = _codes(handler)
-    seen: BaseException | None = exc
-    for _ in range(8):
-        if seen is None:
-            return False
-        if _ran_in(seen.__traceback__, codes):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    def entered(*args: Any, **kwargs: Any) -> Any:
+        scope = _CURRENT.get()
+        if scope is not None:
+            entry = scope.get(ENTRY_KEY)
+            if isinstance(entry, HandlerEntry):
+                entry.started()
+        return original(*args, **kwargs)
+
+    functools.update_wrapper(entered, original)
+    setattr(entered, _WATCHING, True)
+    handler._fn = entered
 
 
 async def _after_exception(exc: Exception, scope: Scope) -> None:
-    """Litestar's ``after_exception`` hook: an exception raised before the handler function
-    ran (guard, CSRF, validation, dependency) marks the request as refused."""
+    """Litestar's ``after_exception`` hook: an exception that is not an HTTP error raised on
+    purpose (``HTTPException``, ``HttpProblem``) is answered with a 500, which the middleware
+    keeps as ``handler-failed`` (if the handler function was called; else the key is
+    released as for any refusal)."""
     entry = scope.get(ENTRY_KEY)
-    if isinstance(entry, HandlerEntry) and not _handler_started(exc, scope.get("route_handler")):
-        entry.rejected()
+    if isinstance(entry, HandlerEntry) and not isinstance(exc, (HTTPException, HttpProblem)):
+        entry.raised()
 
 
 def _token_endpoint(path: str) -> Any:
@@ -188,7 +204,14 @@ class _Middleware(ASGIMiddleware):
     async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
         if scope.get(asgi.OUTER_KEY) is not None:
             raise ConfigurationError(asgi.INSTALLED_TWICE)
-        await asgi.serve(self.engine, next_app, scope, receive, send)  # type: ignore[arg-type]
+        handler = scope.get("route_handler")
+        if handler is not None:
+            _watch(handler)
+        token = _CURRENT.set(scope)
+        try:
+            await asgi.serve(self.engine, next_app, scope, receive, send)  # type: ignore[arg-type]
+        finally:
+            _CURRENT.reset(token)
 
 
 class IdempotencyPlugin(InitPlugin):
@@ -235,7 +258,6 @@ class IdempotencyPlugin(InitPlugin):
         guard = self.config.tokens
         if guard is not None and guard.endpoint is not None:
             app_config.route_handlers.append(_token_endpoint(guard.endpoint))
-        app_config.after_exception.append(_after_exception)
         base = self.config.problem_base
 
         def problem(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -248,5 +270,6 @@ class IdempotencyPlugin(InitPlugin):
                 answer.body, status_code=answer.status, headers=headers, media_type=media_type
             )
 
+        app_config.after_exception.append(_after_exception)
         app_config.exception_handlers.setdefault(HttpProblem, problem)
         return app_config

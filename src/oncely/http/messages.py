@@ -126,13 +126,19 @@ class HandlerEntry:
     handler that never reported counts as not started; otherwise the request counts as
     handled unless :meth:`rejected` was called. A start wins over a rejection: once the handler
     ran, its effects happened and its response is kept.
+
+    Integrations whose framework turns an exception of the handler into its own 500 page
+    (Flask, Django, Litestar) call :meth:`raised`: that 500 is then kept as the documented
+    ``handler-failed`` problem, as on faces where the exception reaches the middleware.
     """
 
-    __slots__ = ("_state", "expected")
+    __slots__ = ("_state", "expected", "failed")
 
     def __init__(self, expected: bool = False) -> None:
         self.expected = expected
         self._state: bool | None = None
+        #: The handler raised an exception the framework answers with its generic 500.
+        self.failed = False
 
     def started(self) -> None:
         """The handler begins (it may have effects from now on)."""
@@ -143,10 +149,15 @@ class HandlerEntry:
         if self._state is None:
             self._state = False
 
+    def raised(self) -> None:
+        """The handler raised an exception that the framework answers with its own 500 (not
+        an HTTP error it raised on purpose): a 500 response is kept as ``handler-failed``."""
+        self.failed = True
+
     @property
     def handled(self) -> bool:
         """True if the handler ran (or nobody says otherwise and no report was expected)."""
         return self._state if self._state is not None else not self.expected
 
     def __repr__(self) -> str:
-        return f"HandlerEntry(expected={self.expected}, state={self._state})"
+        return f"HandlerEntry(expected={self.expected}, state={self._state}, failed={self.failed})"

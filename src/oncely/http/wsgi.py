@@ -454,6 +454,7 @@ class _Body:
             self.exhausted and self.status != 0,
             self.entry.handled,
             error,
+            self.entry.failed,
         )
         self.exchange.resume(captured)
 
