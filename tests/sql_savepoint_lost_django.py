@@ -9,6 +9,7 @@ MySQL/MariaDB: Django's backend needs mysqlclient; without it PyMySQL stands in
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any
 
@@ -126,6 +127,36 @@ def main(target: str, tag: str) -> None:
             assert rows(effects) == ["done"], (scope, rows(effects))
             assert recorded(scope) == 1, scope
             raw(f"DELETE FROM {effects}")
+    if connection.vendor == "postgresql":
+        # A body that caught the error of a failed statement (PostgreSQL aborted the
+        # transaction; Django marks atomic() only when the error leaves an inner one): the
+        # block's exit raised psycopg's raw InFailedSqlTransaction or Django's InternalError;
+        # now TransactionFailed, nothing committed, nothing recorded.
+        from django.db import DatabaseError
+
+        from oncely.errors import TransactionFailed
+
+        for mechanism in ("transaction", "inbox"):
+            for inside in (False, True):
+                scope = f"failed-{mechanism}-{inside}"
+                failed = None
+                try:
+                    with transaction.atomic():
+                        if inside:
+                            write("caller")
+                        try:
+                            with block(mechanism, scope):
+                                write("body")
+                                with contextlib.suppress(DatabaseError):
+                                    raw("SELECT 1 / 0")
+                        except TransactionFailed as exc:
+                            failed = exc
+                except DatabaseError:
+                    pass  # the caller's atomic() may not commit an aborted transaction
+                assert failed is not None, scope
+                assert "body" not in rows(effects), (scope, rows(effects))
+                assert recorded(scope) == 0, scope
+                raw(f"DELETE FROM {effects}")
     with connection.cursor() as cur:
         for table in (effects, keys, inbox_table):
             cur.execute(f"DROP TABLE {table}")

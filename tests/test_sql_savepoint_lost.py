@@ -15,6 +15,7 @@ caller's transaction back; now every adapter does, through the same classifier
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import uuid
@@ -260,3 +261,86 @@ def test_django_body_that_ends_the_savepoint(vendor: str, tmp_path: Path) -> Non
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("OK"), out.stdout[-2000:]
+
+
+# -- the body commits the transaction the block owns (red team round 9) ------------------------
+@pytest.mark.parametrize("kind", ["connection", "session"])
+def test_sqlalchemy_body_that_commits_the_blocks_own_transaction(db: Db, kind: str) -> None:
+    """On MariaDB the block's final commit met SQLAlchemy's ``ResourceClosedError`` /
+    ``InvalidRequestError`` (the body's ``commit()`` closed the transaction the block began)
+    and let it out raw; PostgreSQL and SQLite already raised TransactionLost. Now every
+    dialect does, and what the body wrote after its commit is rolled back."""
+    table, effects = _tables(db)
+    engine = sqlalchemy.create_engine(db.url())
+    try:
+        with _open(engine, kind) as c:
+            with (
+                pytest.raises(TransactionLost),
+                transaction(c, operation="spl.op", key="k2", scope="s", table=table) as tx,
+            ):
+                _write(c, effects, "before")
+                c.commit()
+                _write(c, effects, "after")
+                tx.set_result({"paid": 1})
+            c.commit()  # a caller that catches it and commits commits nothing more of it
+        assert "after" not in _rows(db, effects)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["connection", "session"])
+async def test_sqlalchemy_async_body_that_commits_the_blocks_own_transaction(
+    db: Db, kind: str
+) -> None:
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    if db.dialect == "sqlite":
+        pytest.skip("no async SQLite driver here")
+    table, effects = _tables(db)
+    engine = create_async_engine(db.url("async"))
+    try:
+        c: Any = engine.connect() if kind == "connection" else AsyncSession(engine)
+        async with c:
+            with pytest.raises(TransactionLost):
+                async with transaction(
+                    c, operation="spl.op", key="k2", scope="s", table=table
+                ) as tx:
+                    await c.execute(text(f"INSERT INTO {effects} (k) VALUES ('before')"))
+                    await c.commit()
+                    await c.execute(text(f"INSERT INTO {effects} (k) VALUES ('after')"))
+                    tx.set_result({"paid": 1})
+            await c.commit()
+        assert "after" not in _rows(db, effects)
+    finally:
+        await engine.dispose()
+
+
+# -- the body caught the error of a failed statement (PostgreSQL aborts the transaction) ------
+@pytest.mark.parametrize("inside", [False, True], ids=["own", "callers"])
+async def test_async_session_body_that_caught_a_failed_statement(db: Db, inside: bool) -> None:
+    """An AsyncSession's ``failed()`` looked only at SQLAlchemy's transaction, which a caught
+    statement error leaves active: the block's exit raised psycopg's raw
+    ``InFailedSqlTransaction`` (own transaction) or SQLAlchemy's ``InternalError`` (inside the
+    caller's). Now it reads the driver's transaction status too: TransactionFailed."""
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from oncely.errors import TransactionFailed
+
+    if db.dialect != "postgresql":
+        pytest.skip("only PostgreSQL aborts a transaction at a failed statement")
+    table, effects = _tables(db)
+    engine = create_async_engine(db.url("async"))
+    try:
+        async with AsyncSession(engine) as c:
+            if inside:
+                await c.execute(text(f"INSERT INTO {effects} (k) VALUES ('caller')"))
+            with pytest.raises(TransactionFailed):
+                async with transaction(c, operation="spl.op", key="k3", scope="s", table=table):
+                    await c.execute(text(f"INSERT INTO {effects} (k) VALUES ('body')"))
+                    with contextlib.suppress(sqlalchemy.exc.DBAPIError):
+                        await c.execute(text("SELECT 1 / 0"))
+            await c.commit()
+        assert "body" not in _rows(db, effects)
+        assert _recorded(db, table) == 0
+    finally:
+        await engine.dispose()

@@ -75,6 +75,7 @@ __all__ = [
     "commit_if_held",
     "duplicate_of",
     "exact_text",
+    "leave_or_lost",
     "leave_usable",
     "lock_timeout",
     "lost_message",
@@ -529,7 +530,24 @@ def commit_if_held(
     if not (found.rows and found.rows[0][0]):
         yield Leave(block, False)
         raise TransactionLost(lost)
-    yield Leave(block, True)
+    yield from leave_or_lost(block, lost)
+
+
+def leave_or_lost(block: Block, lost: str) -> Plan[None]:
+    """Commit ``block``, a block that owns its transaction; if the code inside ended that
+    transaction (SQLAlchemy refuses to commit a closed or inactive one: the code called
+    ``commit()`` or ``rollback()``), roll back what it began since and raise
+    :class:`~oncely.errors.TransactionLost` with ``lost``.
+
+    :raises TransactionLost: see above.
+    """
+    try:
+        yield Leave(block, True)
+    except Exception as exc:
+        if not savepoint_gone(exc):
+            raise
+        yield Leave(block, False)  # what the code (or SQLAlchemy's autobegin) opened since
+        raise TransactionLost(lost) from exc
 
 
 #: The :class:`~oncely.errors.TransactionFailed` message of a block whose code caught the
@@ -1230,6 +1248,12 @@ def _sa_failed(conn: Any) -> bool:
         dbapi = conn.connection.dbapi_connection
     except Exception:
         return False
+    return _pg_inerror(dbapi)
+
+
+def _pg_inerror(dbapi: Any) -> bool:
+    """A DB-API connection (psycopg 3 or 2, or SQLAlchemy's adapter around an async one) whose
+    PostgreSQL transaction is in error: a statement failed and its error was caught."""
     info = getattr(dbapi, "info", None)
     status = getattr(info, "transaction_status", None)
     if status is None:  # asyncpg-style adapters: psycopg's async adapter wraps the connection
@@ -1507,7 +1531,13 @@ class _SaAsyncSession(_SaAsyncConnection):
         if not self.raw.in_transaction():
             return False
         tx = self.raw.sync_session.get_transaction()
-        return tx is not None and not tx.is_active
+        if tx is not None and not tx.is_active:
+            return True
+        try:  # the connection the transaction holds (no I/O: it is already open)
+            connection = self.raw.sync_session.connection()
+        except Exception:
+            return False
+        return _sa_failed(connection)
 
     def _sync(self) -> Any:
         return self.raw.sync_session
@@ -1552,7 +1582,13 @@ class _Django(SqlConnection):
         return bool(self.raw.get_autocommit())
 
     def failed(self) -> bool:
-        return bool(self.raw.in_atomic_block and self.raw.needs_rollback)
+        if not self.raw.in_atomic_block:
+            return False
+        if self.raw.needs_rollback:
+            return True
+        # a statement that failed with its error caught inside atomic() (Django marks the
+        # block only when the error leaves an inner atomic()): PostgreSQL aborted the transaction
+        return self.dialect == "postgresql" and _pg_inerror(self.raw.connection)
 
     def require_held(self) -> None:
         """Nothing to refuse: the block is an ``atomic()``, inside which Django refuses

@@ -90,6 +90,7 @@ from oncely.sql.connections import (
     check_identifier,
     commit_if_held,
     duplicate_of,
+    leave_or_lost,
     lock_timeout,
     lost_message,
     quote,
@@ -312,7 +313,7 @@ def finish_plan(
     if claim.block.held is not None:  # the commit checks it is still the block's transaction
         yield from commit_if_held(c, claim.block, t, where, params, lost)
     else:
-        yield Leave(claim.block, True)
+        yield from leave_or_lost(claim.block, lost)
 
 
 class Transaction:
