@@ -5,31 +5,11 @@ from __future__ import annotations
 
 import sys
 
-import django
-from django.conf import settings
+from django_target import configure
 
 
 def main(alias_url: str, table: str, effects: str) -> None:
-    if alias_url.startswith("sqlite:"):
-        db = {"ENGINE": "django.db.backends.sqlite3", "NAME": alias_url[len("sqlite:") :]}
-    elif alias_url.startswith("postgresql"):
-        db = {
-            "ENGINE": "django.db.backends.postgresql",
-            "NAME": "test",
-            "USER": "postgres",
-            "HOST": "127.0.0.1",
-            "PORT": "5432",
-        }
-    else:
-        db = {
-            "ENGINE": "django.db.backends.mysql",
-            "NAME": "test",
-            "USER": "root",
-            "HOST": "127.0.0.1",
-            "PORT": "3306",
-        }
-    settings.configure(DATABASES={"default": db}, INSTALLED_APPS=[], USE_TZ=True)
-    django.setup()
+    configure(alias_url)
     from django.db import connection, transaction
 
     import oncely.sql
