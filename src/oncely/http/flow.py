@@ -350,7 +350,7 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
             request.method,
             request.path,
             policy.scope,
-            exc,
+            describe(exc),
         )
         yield _problem(
             policy,
