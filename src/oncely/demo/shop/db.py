@@ -93,6 +93,7 @@ CREATE TABLE IF NOT EXISTS ledger (
     amount INTEGER NOT NULL,
     at     REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS ledger_kind_key ON ledger (kind, key);
 CREATE TABLE IF NOT EXISTS settlement_runs (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     pid         INTEGER NOT NULL,
@@ -517,6 +518,28 @@ class ShopDB:
                 "INSERT INTO ledger (kind, key, entity, amount, at) VALUES ('webhook', ?, ?, ?, ?)",
                 (event_id, entity, amount, time.time()),
             )
+
+    def record_webhook_once(self, event_id: str, entity: str, amount: int) -> bool:
+        """:meth:`record_webhook` unless the ledger already holds the event's row; True if
+        this call wrote it (one statement in a ``BEGIN IMMEDIATE`` transaction: SQLite's one
+        writer makes the check and the insert one decision)."""
+        with self.write() as w:
+            cur = w.execute(
+                "INSERT INTO ledger (kind, key, entity, amount, at) "
+                "SELECT 'webhook', ?, ?, ?, ? WHERE NOT EXISTS "
+                "(SELECT 1 FROM ledger WHERE kind = 'webhook' AND key = ?)",
+                (event_id, entity, amount, time.time(), event_id),
+            )
+            return cur.rowcount == 1
+
+    def has_webhook(self, event_id: str) -> bool:
+        """Whether the ledger holds the event's row (a read: no write lock)."""
+        row = (
+            self._conn()
+            .execute("SELECT 1 FROM ledger WHERE kind = 'webhook' AND key = ?", (event_id,))
+            .fetchone()
+        )
+        return row is not None
 
     def start_settlement(self, pid: int, fence: int | None, limit: int) -> tuple[int, list[Order]]:
         """Open a settlement run over up to ``limit`` paid, unsettled orders (read, not

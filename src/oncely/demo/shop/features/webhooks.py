@@ -6,12 +6,16 @@
 once (Stripe retries for days); the shop acts on an event id once per window (one hour) and
 answers a redelivery ``{"duplicate": true}`` with a 200, so the provider stops retrying.
 
-Protected, one atomic ``seen(event_id)`` on oncely's store decides (one statement or script:
-``INSERT … ON CONFLICT … RETURNING`` on SQL, ``SET NX PX`` on Redis); only the first sighting
-writes the ``webhook`` ledger row. The window is not in the ledger's transaction: a worker that
-dies between the two loses that one notification (the window fits effects that are cheap to
-lose; an inbox, :mod:`oncely.messaging.inbox`, commits the record with the effect).
-Unprotected, every delivery is acted upon.
+Protected, one atomic ``seen(event_id)`` on oncely's store answers the common redelivery
+(one statement or script: ``INSERT … ON CONFLICT … RETURNING`` on SQL, ``SET NX PX`` on Redis)
+together with a read of the ledger. The window is not in the ledger's transaction, so on its
+own it is at most once: a worker that dies between the window's mark and the ledger row (a
+SIGKILL in the demo's storm) would leave every redelivery answered "duplicate" and the
+notification lost. So a sighting the ledger does not show yet (the first one, or a redelivery
+while the first is still running or after it died) writes the row only if it is still missing,
+one statement under SQLite's one writer: the window saves the write lock for redeliveries,
+the conditional insert makes it exactly once (an inbox, :mod:`oncely.messaging.inbox`, would
+commit the record with the effect instead). Unprotected, every delivery is acted upon.
 """
 
 from __future__ import annotations
@@ -37,12 +41,14 @@ def feature(shop: Shop) -> Feature:
         dedup = Deduplicator(url, window=WINDOW, namespace="shop-payment-webhooks", **options)
 
     def deliver(event_id: str, entity: str, amount: int) -> bool:
-        """Act on the event unless the window saw it; True for a duplicate. One thread call,
+        """Act on the event unless it was acted upon; True for a duplicate. One thread call,
         so a client that hangs up cannot cut it between the decision and the effect."""
-        if dedup is not None and dedup.seen(event_id):
-            return True
-        shop.db.record_webhook(event_id, entity, amount)
-        return False
+        if dedup is None:
+            shop.db.record_webhook(event_id, entity, amount)
+            return False
+        if dedup.seen(event_id) and shop.db.has_webhook(event_id):
+            return True  # the usual redelivery: the window and the ledger agree
+        return not shop.db.record_webhook_once(event_id, entity, amount)
 
     async def payment(request: Request) -> Response:
         body = await json_body(request)
