@@ -294,6 +294,34 @@ async def test_webhook_redeliveries_are_acted_upon_once_only_when_oncely_is_on(
     assert other.json() == {"event_id": "evt-2", "duplicate": False}
 
 
+async def test_a_webhook_whose_first_worker_died_after_the_window_mark_is_still_acted_upon(
+    tmp_path: Path,
+) -> None:
+    """The dedup window is not in the ledger's transaction: a worker SIGKILLed between the
+    window's mark and the ledger row left every redelivery answered "duplicate" and the payment
+    notification lost (``make demo`` once reported it as a lost operation). Now a redelivery the
+    ledger does not show writes the row, once."""
+    from oncely.messaging.dedup import Deduplicator
+
+    settings = _settings(tmp_path, True)
+    ShopDB(settings.shop_db).create()
+    app = create_app(settings)
+    url, options = settings.dedup_target()
+    window = Deduplicator(url, window=3600.0, namespace="shop-payment-webhooks", **options)
+    assert window.seen("evt-died") is False  # the first worker's mark; then it died
+    event = {"event_id": "evt-died", "order_id": "ord_y", "amount": 300}
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://shop"
+    ) as shop:
+        answers = await asyncio.gather(
+            *(shop.post("/webhooks/payment", json=event) for _ in range(6))
+        )
+        assert [a.status_code for a in answers] == [200] * 6
+        assert sum(a.json()["duplicate"] is False for a in answers) == 1
+        rows = [e for e in (await shop.get("/ledger")).json() if e["kind"] == "webhook"]
+    assert [(e["key"], e["amount"]) for e in rows] == [("evt-died", 300)]
+
+
 async def test_order_and_payment_contract(shop: httpx.AsyncClient) -> None:
     order = await _order(shop, "contract-1")
     assert order["status"] == "placed" and isinstance(order["order_id"], str)
