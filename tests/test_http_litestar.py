@@ -200,3 +200,17 @@ def test_litestar_under_uvicorn(kind: str, make_store: StoreFactory, tmp_path: P
     assert len([line for line in lines if line.startswith("unserialisable")]) == 1
     assert [r.status_code for r in unserialisable] == [500, 500, 500]
     assert all(r.json()["type"].endswith("/handler-failed") for r in unserialisable[1:])
+
+
+def test_a_handler_without_its_function_fails_closed() -> None:
+    """A Litestar that kept no ``_fn`` on its route handlers would leave every call unreported:
+    each request would count as refused before its handler and release its key after the
+    handler ran (a double effect on retry). The middleware refuses instead."""
+    from oncely.errors import ConfigurationError
+    from oncely.http.litestar import _watch
+
+    class Handler:  # a route handler of such a version
+        fn = None
+
+    with pytest.raises(ConfigurationError, match="cannot tell whether a handler ran"):
+        _watch(Handler())

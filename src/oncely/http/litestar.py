@@ -153,7 +153,15 @@ def _watch(handler: Any) -> None:
     then awaits as before: ``has_sync_callable`` was decided at registration).
     """
     original = getattr(handler, "_fn", None)
-    if original is None or getattr(original, _WATCHING, False):
+    if not callable(original):
+        # Fail closed: without the call reported, every request would count as refused
+        # before its handler and release its key after the handler ran.
+        raise ConfigurationError(
+            f"this Litestar version keeps no handler function at {type(handler).__name__}._fn"
+            ", so oncely cannot tell whether a handler ran; use a Litestar version oncely "
+            "supports (2.15 or later, tested with the one in oncely[http])"
+        )
+    if getattr(original, _WATCHING, False):
         return
     with contextlib.suppress(Exception):  # Litestar raises it itself on the request
         handler.parsed_fn_signature  # noqa: B018 - parsed (and cached) from the original
