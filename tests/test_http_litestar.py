@@ -206,7 +206,6 @@ def test_a_handler_without_its_function_fails_closed() -> None:
     """A Litestar that kept no ``_fn`` on its route handlers would leave every call unreported:
     each request would count as refused before its handler and release its key after the
     handler ran (a double effect on retry). The middleware refuses instead."""
-    from oncely.errors import ConfigurationError
     from oncely.http.litestar import _watch
 
     class Handler:  # a route handler of such a version
