@@ -216,8 +216,6 @@ class Watchdog:
         #: no earlier needs no notify: a call that ends before its first renewal (the usual
         #: case) then costs a heap push and no thread switch.
         self._wake_at = 0.0
-        #: How many times the scheduler came back from waiting (for tests and diagnostics).
-        self.wakeups = 0
 
     def schedule(self, entry: Due) -> None:
         """Run ``entry`` at ``entry.due`` (monotonic), then whenever it asks to run again."""
@@ -289,7 +287,6 @@ class Watchdog:
                         wait = None
                     self._wake_at = math.inf if wait is None else now + wait
                     self._cond.wait(wait)
-                    self.wakeups += 1
                 expired = kind == _BOUND and self._overdue(entry)
                 if kind == _RUN:
                     self._dispatch(entry)
