@@ -71,7 +71,6 @@ from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
     InFlightError,
-    TransactionFailed,
     TransactionLost,
 )
 from oncely.functions.keys import fingerprint_of
@@ -91,6 +90,7 @@ from oncely.sql.connections import (
     commit_if_held,
     duplicate_of,
     leave_or_lost,
+    leave_usable,
     lock_timeout,
     lost_message,
     quote,
@@ -277,14 +277,8 @@ def finish_plan(
     if not (ok and claim.new):
         yield Leave(claim.block, False)
         return
-    if c.failed():  # a statement in the block raised and was caught: its writes are gone
-        yield Leave(claim.block, False)
-        raise TransactionFailed(
-            "a statement inside the transaction() block failed and the error was caught, so "
-            "the database aborted the block's transaction: nothing was committed (neither the "
-            "key nor the writes). Let the error propagate, or wrap the statement that may fail "
-            "in a savepoint (with conn.transaction(): / begin_nested()), then retry"
-        )
+    # a statement in the block raised and was caught: its writes are gone (TransactionFailed)
+    yield from leave_usable(c, claim.block, commit=False)
     t = quote(table, c.dialect)
     where = "scope = :scope AND digest = :digest"
     params = {"scope": key.scope, "digest": digest_bytes(key), "result": result}
