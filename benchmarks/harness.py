@@ -1,13 +1,20 @@
-"""What several benchmarks share: a SQLite connection set up as the benchmarks want it, and the
-interleaved measurement of two (or more) forms of one operation in the same run."""
+"""What several benchmarks share: a SQLite connection set up as the benchmarks want it, the
+interleaved measurement of two (or more) forms of one operation in the same run, a free port and
+a private ``redis-server``."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import socket
 import sqlite3
 import statistics
+import subprocess
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 Form = Callable[[], None]
@@ -78,3 +85,39 @@ def median_rates(measure: Callable[[], Mapping[str, float]], passes: int) -> dic
         for name, rate in measure().items():
             rates.setdefault(name, []).append(rate)
     return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def private_redis(cpus: set[int] | None = None) -> Iterator[str]:
+    """A ``redis-server`` of our own on a free port in a temp dir (no persistence), its URL;
+    with ``cpus``, the server runs on those CPUs only (``sched_setaffinity``)."""
+    folder = tempfile.mkdtemp(prefix="oncely-bench-redis-")
+    port = free_port()
+    proc = subprocess.Popen(
+        ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", folder],
+        stdout=subprocess.DEVNULL,
+        preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+    )  # fmt: skip
+    try:
+        import redis
+
+        client = redis.Redis(port=port)
+        for _ in range(100):  # until it answers (a benchmark's start-up, not a test)
+            with contextlib.suppress(redis.ConnectionError):
+                if client.ping():
+                    break
+            time.sleep(0.05)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        shutil.rmtree(folder, ignore_errors=True)
