@@ -27,7 +27,7 @@ from oncely.errors import OncelyError
 if TYPE_CHECKING:  # core imports no store: Store is only a type here
     from oncely.stores.base import Store
 
-__all__ = ["claim_or_undo", "keep_alive", "keep_cancel", "write_again", "write_through"]
+__all__ = ["claim_or_undo", "cleanup", "keep_alive", "keep_cancel", "write_again", "write_through"]
 
 log = logging.getLogger("oncely")
 
@@ -109,3 +109,38 @@ async def _write_again(write: Callable[..., Awaitable[Any]], args: tuple[Any, ..
         await write(*args)
     except OncelyError as exc:
         log.warning("oncely: write repeated after a cancellation failed: %s", describe(exc))
+
+
+class cleanup:  # lower case: used as ``with cleanup(exc, "..."):``
+    """Around clean-up (a rollback, closing a block) that runs while ``exc`` propagates: if
+    ``exc`` is a cancellation or an interrupt (``CancelledError``, ``KeyboardInterrupt``,
+    ``SystemExit``, ``GeneratorExit``: not an ``Exception``) and the clean-up raises an
+    ``Exception``, that error is logged (warning) and suppressed, so the caller raises ``exc``
+    again: a rollback on a connection the cancelled statement left dead (aiomysql closes it)
+    must not turn a cancellation into the driver's ``InterfaceError`` (``asyncio.timeout``
+    would no longer raise ``TimeoutError``, a ``TaskGroup`` would see a failure). When ``exc``
+    is an ``Exception`` (or None) the clean-up's error propagates as before (Python chains
+    ``exc`` as its ``__context__``): a :class:`~oncely.errors.TransactionLost` the rollback
+    finds still says what happened. Works around a ``yield`` in a plan too."""
+
+    __slots__ = ("_exc", "_what")
+
+    def __init__(self, exc: BaseException | None, what: str = "rolling back") -> None:
+        self._exc, self._what = exc, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, _: Any) -> bool:
+        exc = self._exc
+        if err is None or exc is None or isinstance(exc, Exception):
+            return False
+        if not isinstance(err, Exception):
+            return False
+        log.warning(
+            "oncely: %s failed while a %s propagated (which is raised as is): %s",
+            self._what,
+            type(exc).__name__,
+            describe(err),
+        )
+        return True

@@ -39,7 +39,7 @@ from oncely.backends.plans import Plan, arun, run
 from oncely.backends.registry import lock_backend_class as backend_class
 from oncely.backends.registry import shared_lock_backend as shared_backend
 from oncely.core import observe
-from oncely.core.cancelsafe import keep_alive, keep_cancel
+from oncely.core.cancelsafe import cleanup, keep_alive, keep_cancel
 from oncely.core.observe import describe
 from oncely.core.renewal import on_renewal_thread, renew_timeout, report, watchdog
 from oncely.errors import (
@@ -596,7 +596,8 @@ class Lock:
         tb: TracebackType | None,
     ) -> None:
         self._abort_on(exc_type)
-        self.release()
+        with cleanup(exc, "releasing the lock"):  # never replaces a cancellation or interrupt
+            self.release()
 
     def _start_renewal(self, hold: Hold, sent_at: float) -> None:
         renewal = _Renewal(self, hold, sent_at)
@@ -809,7 +810,8 @@ class Lock:
         tb: TracebackType | None,
     ) -> None:
         self._abort_on(exc_type)
-        await self.arelease()
+        with cleanup(exc, "releasing the lock"):
+            await self.arelease()
 
 
 class _Renewal:

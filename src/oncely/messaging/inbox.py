@@ -74,6 +74,7 @@ from oncely.sql.connections import (
     lost_message,
     missing_object,
     quote,
+    roll_back,
     run,
 )
 
@@ -246,7 +247,7 @@ def purge_in_batches(
         try:
             result = yield Exec(delete, {**params, "batch": batch})
         except BaseException as exc:
-            yield Leave(block, False)
+            yield from roll_back(block, exc)
             if isinstance(exc, Exception) and not isinstance(exc, OncelyError):
                 raise translate(exc, "purge") from exc
             raise
@@ -324,8 +325,8 @@ class Inbox:
         try:
             for statement in self.schema_sql(conn.dialect):
                 yield Exec(statement, {})
-        except BaseException:
-            yield Leave(block, False)
+        except BaseException as exc:
+            yield from roll_back(block, exc)
             raise
         yield Leave(block, True)
 
@@ -414,8 +415,10 @@ class Inbox:
         try:
             first = run(self._accept(c, consumer, message_id), c)
             yield first
-        except BaseException:
-            c.leave(block, False)
+        except BaseException as exc:
+            # a failing rollback (a connection a cancelled statement left dead) never
+            # replaces a cancellation or an interrupt (roll_back)
+            run(roll_back(block, exc), c)
             raise
         if first and block.owned:
             run(self.commit_held(c, block, consumer, message_id, "the receive() block"), c)
@@ -448,8 +451,8 @@ class Inbox:
         try:
             first = await arun(self._accept(c, consumer, message_id), c)
             yield first
-        except BaseException:
-            await c.aleave(block, False)
+        except BaseException as exc:
+            await arun(roll_back(block, exc), c)
             raise
         if first and block.owned:
             held = self.commit_held(c, block, consumer, message_id, "the areceive() block")

@@ -77,6 +77,7 @@ from oncely.sql.connections import (
     adapt,
     arun,
     quote,
+    roll_back,
     run,
 )
 
@@ -237,8 +238,8 @@ class Outbox:
         try:
             for statement in self.schema_sql(conn.dialect):
                 yield Exec(statement, {})
-        except BaseException:
-            yield Leave(block, False)
+        except BaseException as exc:
+            yield from roll_back(block, exc)
             raise
         yield Leave(block, True)
 
@@ -318,8 +319,8 @@ class Outbox:
             if done:
                 params = {f"i{n}": i for n, i in enumerate(done)}
                 yield Exec(self._sent_sql(conn.dialect, len(done)), params)
-        except BaseException:
-            yield Leave(block, False)
+        except BaseException as exc:
+            yield from roll_back(block, exc)
             raise
         yield Leave(block, True)
         return len(done), failure

@@ -44,6 +44,7 @@ from typing import Any, Final, Literal, NamedTuple
 from oncely.backends.plans import Exec, Plan
 from oncely.backends.plans import arun as arun_plan
 from oncely.backends.plans import run as run_plan
+from oncely.core.cancelsafe import cleanup
 from oncely.errors import (
     AutocommitConnection,
     ConfigurationError,
@@ -72,6 +73,7 @@ __all__ = [
     "arun",
     "busy",
     "check_identifier",
+    "cleanup",
     "commit_if_held",
     "duplicate_of",
     "exact_text",
@@ -83,6 +85,7 @@ __all__ = [
     "quote",
     "render",
     "retryable",
+    "roll_back",
     "row_gone",
     "run",
     "savepoint_gone",
@@ -162,6 +165,17 @@ class Block:
     name: str | None = None
     handle: Any = None
     held: str | None = None
+
+
+# -- clean-up while an error propagates ----------------------------------------------------------
+def roll_back(block: Block, exc: BaseException | None) -> Plan[None]:
+    """Roll ``block`` back while ``exc`` propagates (``yield from roll_back(block, exc)``, then
+    ``raise``): a failing rollback never replaces a cancellation or an interrupt (see
+    :class:`cleanup`). A sqlite3, psycopg, PyMySQL or aiomysql connection whose rollback of a
+    block it owns failed is closed by its ``leave``, so it cannot commit later writes
+    (SQLAlchemy invalidates such a connection itself, Django closes it)."""
+    with cleanup(exc):
+        yield Leave(block, False)
 
 
 # -- identifiers and placeholders --------------------------------------------------------------
@@ -822,8 +836,9 @@ class SqlConnection:
         """Run one statement then close ``block`` committing (see :class:`ExecLeave`)."""
         try:
             res = self.execute(text, params)
-        except BaseException:
-            self.leave(block, False)
+        except BaseException as exc:
+            with cleanup(exc):
+                self.leave(block, False)
             raise
         self.leave(block, True)
         return res
@@ -832,8 +847,9 @@ class SqlConnection:
         """The async face of :meth:`execute_leave`."""
         try:
             res = await self.aexecute(text, params)
-        except BaseException:
-            await self.aleave(block, False)
+        except BaseException as exc:
+            with cleanup(exc):
+                await self.aleave(block, False)
             raise
         await self.aleave(block, True)
         return res
@@ -918,7 +934,17 @@ class _DbapiSync(SqlConnection):
 
     def leave(self, block: Block, commit: bool) -> None:
         if block.owned:
-            self.raw.commit() if commit else self.raw.rollback()
+            if commit:
+                self.raw.commit()
+                return
+            try:
+                self.raw.rollback()
+            except BaseException:
+                # the driver's connection is dead (or its state unknown): close it, so that it
+                # cannot commit the block's writes later (a closed connection refuses to)
+                with contextlib.suppress(Exception):
+                    self.raw.close()
+                raise
         elif block.name is not None:
             with _savepoint_kept(self.raw.rollback):
                 if commit:
@@ -981,8 +1007,9 @@ class _Psycopg(_DbapiSync):
                     elif block.name is not None:
                         self.raw.execute(f"RELEASE SAVEPOINT {block.name}")
                 return _cursor_result(cur)
-            except BaseException:
-                super().leave(block, False)
+            except BaseException as exc:
+                with cleanup(exc):
+                    super().leave(block, False)
                 raise
 
     def failed(self) -> bool:
@@ -1081,7 +1108,16 @@ class _DbapiAsync(SqlConnection):
 
     async def aleave(self, block: Block, commit: bool) -> None:
         if block.owned:
-            await (self.raw.commit() if commit else self.raw.rollback())
+            if commit:
+                await self.raw.commit()
+                return
+            try:
+                await self.raw.rollback()
+            except BaseException:
+                # see _DbapiSync.leave: a connection whose rollback failed is closed
+                with contextlib.suppress(Exception):
+                    await _maybe_await(self.raw.close())
+                raise
         elif block.name is not None:
             async with _asavepoint_kept(self.raw.rollback):
                 if commit:
@@ -1134,8 +1170,9 @@ class _AsyncPsycopg(_DbapiAsync):
                     elif block.name is not None:
                         await self.raw.execute(f"RELEASE SAVEPOINT {block.name}")
                 return await _acursor_result(cur)
-            except BaseException:
-                await super().aleave(block, False)
+            except BaseException as exc:
+                with cleanup(exc):
+                    await super().aleave(block, False)
                 raise
 
 
@@ -1333,8 +1370,9 @@ class _SaConnection(SqlConnection):
             try:  # after begin(): a "begin" event may have sent BEGIN itself
                 self.require_transaction("an oncely transaction block")
                 mark = self._held_mark(held)
-            except BaseException:
-                tx.rollback()
+            except BaseException as exc:
+                with cleanup(exc):
+                    tx.rollback()
                 raise
             return Block(True, handle=tx, held=mark)
         self.require_transaction("an oncely transaction block")
@@ -1387,8 +1425,9 @@ def _leave_pipelined(
     sql, args = render(conn.text(text), params, "pyformat")
     try:
         res = _pipelined_commit(driver, sql, args)
-    except BaseException:
-        conn.leave(block, False)
+    except BaseException as exc:
+        with cleanup(exc):
+            conn.leave(block, False)
         raise
     conn.leave(block, True)
     return res
@@ -1422,8 +1461,9 @@ class _SaSession(_SaConnection):
             try:
                 self.require_transaction("an oncely transaction block")
                 mark = self._held_mark(held)
-            except BaseException:
-                tx.rollback()
+            except BaseException as exc:
+                with cleanup(exc):
+                    tx.rollback()
                 raise
             return Block(True, handle=tx, held=mark)
         self.require_transaction("an oncely transaction block")
@@ -1470,8 +1510,9 @@ class _SaAsyncConnection(SqlConnection):
             try:
                 self.require_transaction("an oncely transaction block")
                 mark = await self._aheld_mark(held)
-            except BaseException:
-                await tx.rollback()
+            except BaseException as exc:
+                with cleanup(exc):
+                    await tx.rollback()
                 raise
             return Block(True, handle=tx, held=mark)
         self.require_transaction("an oncely transaction block")
@@ -1515,8 +1556,9 @@ class _SaAsyncConnection(SqlConnection):
         sql, args = render(self.text(text), params, "pyformat")
         try:
             res = await _apipelined_commit(driver, sql, args)
-        except BaseException:
-            await self.aleave(block, False)
+        except BaseException as exc:
+            with cleanup(exc):
+                await self.aleave(block, False)
             raise
         await self.aleave(block, True)
         return res

@@ -66,7 +66,9 @@ from oncely.sql.connections import (
     adapt,
     arun,
     check_identifier,
+    cleanup,
     duplicate_of,
+    roll_back,
     run,
 )
 from oncely.sql.keys import record_key
@@ -244,8 +246,8 @@ class Operation:
                         if duplicate_of(exc) is None:
                             raise
                     yield Leave(block, True)
-                except BaseException:
-                    yield Leave(block, False)
+                except BaseException as exc:
+                    yield from roll_back(block, exc)
                     raise
             state: dict[str, Any] = {}
             if inserted:
@@ -276,8 +278,8 @@ class Operation:
                             "params; a new operation needs a new key"
                         )
                     yield Leave(block, True)
-                except BaseException:
-                    yield Leave(block, False)
+                except BaseException as exc:
+                    yield from roll_back(block, exc)
                     raise
                 if not res.rows:
                     raise InFlightError("the record vanished (reaped); retry", retry_after=0.0)
@@ -340,11 +342,12 @@ class Operation:
                         f"phase {names[i]!r} was rolled back"
                     )
             except BaseException as exc:
-                yield Leave(block, False)
+                yield from roll_back(block, exc)
                 if not isinstance(exc, LeaseLost):
-                    unlock = yield Enter(False)
-                    yield Exec(sql["unlock"], {**base, "token": token})
-                    yield Leave(unlock, True)
+                    with cleanup(exc, "unlocking the key"):
+                        unlock = yield Enter(False)
+                        yield Exec(sql["unlock"], {**base, "token": token})
+                        yield Leave(unlock, True)
                 raise
             yield Leave(block, True)
             point, state = names[i], ctx.state
@@ -439,8 +442,8 @@ def _reap(c: SqlConnection, table: str, retention: float) -> Plan[int]:
             f"AND updated_at <= {now_sql(c.dialect)} - :retention",
             {"retention": float(retention)},
         )
-    except BaseException:
-        yield Leave(block, False)
+    except BaseException as exc:
+        yield from roll_back(block, exc)
         raise
     yield Leave(block, True)
     return int(res.rowcount)

@@ -33,6 +33,7 @@ from oncely.sql.connections import (
     check_identifier,
     missing_object,
     quote,
+    roll_back,
     run,
 )
 
@@ -127,8 +128,8 @@ def _create(c: SqlConnection, table: str) -> Plan[None]:
     try:
         for statement in ddl(c.dialect, table):
             yield Exec(statement, {})
-    except BaseException:
-        yield Leave(block, False)
+    except BaseException as exc:
+        yield from roll_back(block, exc)
         raise
     yield Leave(block, True)
 

@@ -87,6 +87,7 @@ from oncely.sql.connections import (
     arun,
     busy,
     check_identifier,
+    cleanup,
     commit_if_held,
     duplicate_of,
     leave_or_lost,
@@ -95,6 +96,7 @@ from oncely.sql.connections import (
     lost_message,
     quote,
     retryable,
+    roll_back,
     row_gone,
     run,
 )
@@ -236,10 +238,12 @@ def claim_plan(
         except BaseException as exc:
             # also on cancellation (a task cancelled while its claim waits on a duplicate's
             # row lock): roll back the block it began, or the pooled connection stays in a
-            # failed transaction
-            yield Leave(block, False)
+            # failed transaction. A rollback that fails (aiomysql closes the connection a
+            # cancelled statement was on) never replaces a cancellation (roll_back)
+            yield from roll_back(block, exc)
             if saved is not None and c.dialect == "mysql":  # a session setting: put it back
-                yield from _restore(c, saved)
+                with cleanup(exc, "restoring innodb_lock_wait_timeout"):
+                    yield from _restore(c, saved)
             if not isinstance(exc, Exception):
                 raise
             if lock_timeout(exc) and not wait:  # checked first: SQLite's busy is both
@@ -270,12 +274,20 @@ def claim_plan(
 
 
 def finish_plan(
-    c: SqlConnection, table: str, key: RecordKey, claim: Claim, ok: bool, result: bytes | None
+    c: SqlConnection,
+    table: str,
+    key: RecordKey,
+    claim: Claim,
+    ok: bool,
+    result: bytes | None,
+    error: BaseException | None = None,
 ) -> Plan[None]:
     """Close the block of ``claim``: on a new claim that went ``ok``, write ``result`` (when not
-    None) and commit; otherwise (an error, or a replay) roll the block back."""
+    None) and commit; otherwise (an error, or a replay) roll the block back. ``error``: the
+    exception leaving the block, which a failing rollback does not replace when it is a
+    cancellation or an interrupt (:func:`~oncely.sql.connections.roll_back`)."""
     if not (ok and claim.new):
-        yield Leave(claim.block, False)
+        yield from roll_back(claim.block, error)
         return
     # a statement in the block raised and was caught: its writes are gone (TransactionFailed)
     yield from leave_usable(c, claim.block, commit=False)
@@ -421,8 +433,8 @@ class Transaction:
         claim: Claim = run(self._claim_plan(), self.conn)
         try:
             return self._entered(claim)
-        except BaseException:
-            run(finish_plan(self.conn, self.table, self.key, claim, False, None), self.conn)
+        except BaseException as exc:
+            run(finish_plan(self.conn, self.table, self.key, claim, False, None, exc), self.conn)
             raise
 
     def __exit__(
@@ -433,7 +445,9 @@ class Transaction:
     ) -> None:
         assert self._claim is not None
         run(
-            finish_plan(self.conn, self.table, self.key, self._claim, exc is None, self._encoded),
+            finish_plan(
+                self.conn, self.table, self.key, self._claim, exc is None, self._encoded, exc
+            ),
             self.conn,
         )
 
@@ -441,8 +455,9 @@ class Transaction:
         claim: Claim = await arun(self._claim_plan(), self.conn)
         try:
             return self._entered(claim)
-        except BaseException:
-            await arun(finish_plan(self.conn, self.table, self.key, claim, False, None), self.conn)
+        except BaseException as exc:
+            plan = finish_plan(self.conn, self.table, self.key, claim, False, None, exc)
+            await arun(plan, self.conn)
             raise
 
     async def __aexit__(
@@ -453,7 +468,9 @@ class Transaction:
     ) -> None:
         assert self._claim is not None
         await arun(
-            finish_plan(self.conn, self.table, self.key, self._claim, exc is None, self._encoded),
+            finish_plan(
+                self.conn, self.table, self.key, self._claim, exc is None, self._encoded, exc
+            ),
             self.conn,
         )
 

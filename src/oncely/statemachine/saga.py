@@ -76,6 +76,7 @@ from oncely.sql.connections import (
     missing_object,
     quote,
     retryable,
+    roll_back,
 )
 from oncely.sql.connections import arun as sql_arun
 from oncely.sql.connections import run as sql_run
@@ -411,8 +412,8 @@ class Saga:
                 yield Exec(f"ALTER TABLE {t} ADD COLUMN data {self._data_type(c)} NULL", {})
             else:
                 yield Leave(probe, True)
-        except BaseException:
-            yield Leave(block, False)
+        except BaseException as exc:
+            yield from roll_back(block, exc)
             raise
         yield Leave(block, True)
 
@@ -456,7 +457,7 @@ class Saga:
                 select = f"SELECT state, name, data FROM {t} WHERE saga_id = :id{lock}"
                 res = yield Exec(select, {"id": saga_id})
         except BaseException as exc:
-            yield Leave(block, False)
+            yield from roll_back(block, exc)
             if isinstance(exc, Exception) and missing_object(exc) is not None:
                 raise SchemaMissing(
                     "the saga tables are missing (or older than the data column): run "
@@ -520,8 +521,8 @@ class Saga:
                 delay = min(step.backoff * 2 ** (attempt - 1), step.max_backoff)
                 yield Sleep(delay * (0.5 + random.random() / 2))
                 continue
-            except BaseException:
-                yield Leave(block, False)
+            except BaseException as exc:
+                yield from roll_back(block, exc)
                 raise
             if verdict.run:  # the step's code ran inside: commit only if the barrier row is
                 # still in the transaction (the step did not roll back or commit it itself)

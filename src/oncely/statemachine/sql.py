@@ -74,6 +74,7 @@ from oncely.sql.connections import (
     missing_object,
     quote,
     retryable,
+    roll_back,
     unconvertible,
 )
 from oncely.sql.connections import arun as sql_arun
@@ -351,8 +352,8 @@ class SqlStateMachine:
         try:
             for sql in self.ddl(c.dialect):
                 yield Exec(sql, {})
-        except BaseException:
-            yield Leave(block, False)
+        except BaseException as exc:
+            yield from roll_back(block, exc)
             raise
         yield Leave(block, True)
 
@@ -573,7 +574,7 @@ class SqlStateMachine:
         except BaseException as exc:
             if open_block:
                 open_block = False
-                yield Leave(block, False)
+                yield from roll_back(block, exc)
             better = self._missing(exc) if isinstance(exc, Exception) else None
             if better is not None and better is not exc:
                 raise better from exc
