@@ -204,3 +204,98 @@ def test_storm_and_probe_name_an_unreachable_url_and_what_to_check(command: str)
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach"), out.stderr
     assert url in lines[0] and "Cannot connect" in lines[0] and "check" in lines[0], lines[0]
     assert "Traceback" not in out.stderr
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an orphan that init has not reaped yet is gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _shop_processes(port: int) -> list[int]:
+    """Every process serving the shop on ``port`` (its supervisor and its workers, whoever
+    their parent is now)."""
+    pids = [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+    return [p for p in pids if f"--port {port} " in _cmdline(p) + " " and _running(p)]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("kill", ["supervisor-and-workers", "supervisor"])
+def test_demo_ends_with_one_line_when_its_shop_dies_mid_storm(tmp_path: Path, kill: str) -> None:
+    """SIGKILL of the shop's supervisor (and its workers, or not: then they are orphans still
+    serving) while the storm runs: the demo ends within seconds with exit 1 and one error line
+    naming the shop's address, the step and the process that died, no traceback, and no shop
+    process (supervisor, workers, settlers) left running. It used to retry for 30 s and end
+    with a `TransportError` traceback (or, with a long storm, run for hours), and orphaned
+    workers kept serving the port after the demo exited."""
+    import signal
+    import time
+    import urllib.request
+
+    from lock_workers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oncely.cli", "demo", "--operations", "20000", "--no-contrast",
+         "--no-faults", "--port", str(port), "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "160"}, start_new_session=True,
+    )  # fmt: skip
+    shop: list[int] = []
+    try:
+        deadline = time.monotonic() + 60  # the storm has begun once the ledger has rows
+        ledger: list[object] = []
+        while not ledger and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ledger", timeout=5) as r:
+                    ledger = json.loads(r.read())
+            except OSError:
+                pass
+        assert ledger, "the storm did not start"
+        supervisor = next(p for p in _children(proc.pid) if "shop.serve" in _cmdline(p))
+        workers = _children(supervisor)
+        settlers = [p for p in _children(proc.pid) if "shop.settler" in _cmdline(p)]
+        shop = [supervisor, *workers, *settlers]
+        assert len(workers) == 2 and len(settlers) == 2, (workers, settlers)
+        for pid in [supervisor, *workers] if kill == "supervisor-and-workers" else [supervisor]:
+            os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError("the demo was still running 60 s after its shop died") from exc
+        took = time.monotonic() - killed
+        left = [p for p in {*shop, *_shop_processes(port)} if _running(p)]
+    finally:
+        if proc.poll() is None:  # the demo and what is left of the shop
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in {*shop, *_shop_processes(port)}:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err[-3000:]
+    assert f"the shop at http://127.0.0.1:{port} stopped during the storm" in errors[0], errors
+    assert f"its supervisor (pid {supervisor}) was killed by SIGKILL" in errors[0], errors
+    assert took < 30, took
+    assert not left, [(p, _cmdline(p)) for p in left]

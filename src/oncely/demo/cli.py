@@ -104,6 +104,10 @@ def _report(results: Sequence[StormResult], as_json: bool, html: Path | None, ti
         except ImportError as exc:
             errors.print("[bold red]error:[/] --html needs pygal: pip install 'oncely[report]'")
             raise typer.Exit(2) from exc
+        except OSError as exc:  # the table above is printed; the file could not be written
+            message = f"cannot write the HTML report {html}: {exc.strerror or exc}"
+            errors.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
+            raise typer.Exit(1) from exc
         if not as_json:
             console.print(f"HTML report: {html}")
 
@@ -146,6 +150,8 @@ def demo(
     seed = seed if seed is not None else secrets.randbelow(2**31)
     modes = [not unprotected] if (unprotected or not contrast or serve) else [True, False]
     results = []
+    shop = False  # a shop of this run is up (or starting): an error then names its log
+    keep = False  # ... and the work directory stays
     try:
         for protected in modes:
             label = "oncely on" if protected else "oncely off"
@@ -166,14 +172,22 @@ def demo(
             if not as_json:
                 where = settings.store if protected else "none (oncely off)"
                 errors.print(f"[bold]{label}[/]: shop in {settings.workdir}, oncely store {where}")
+            shop = True
             try:
                 service = Service(settings, port=port).__enter__()
             except RuntimeError as exc:  # the shop did not start: its log says why
                 _demo_error(str(exc))
-            # While it runs, the store is watched: gone for good, the demo stops with one line.
+            # While it runs, the store is watched: gone for good, the demo stops with one line;
+            # and so are the shop's processes: one that died ends the demo with one line too.
             with contextlib.ExitStack() as running:
                 running.callback(service.stop)
                 watch = running.enter_context(StoreWatch(settings)) if protected else None
+
+                def problem(
+                    watch: StoreWatch | None = watch, service: Service = service
+                ) -> str | None:
+                    return (watch.problem() if watch is not None else None) or service.problem()
+
                 if serve:
                     _serve(service, watch)
                     return
@@ -192,18 +206,22 @@ def demo(
                     faults=plan if faults else (),
                     grace=settings.lease + 1 if faults else 1.0,
                     lease=settings.lease,
-                    abort=watch.problem if watch is not None else None,
+                    abort=problem,
                 )
                 try:
                     result = _storm(config, label, show_progress=not as_json)
-                except StormAborted as exc:
-                    _demo_error(str(exc))
+                except StormAborted as exc:  # every step's "no answer" and abort comes here
+                    _demo_error(_stopped(exc, service, watch))
                 outcomes = service_outcomes(settings)
                 if outcomes and not as_json:
                     errors.print(f"  settlement runs: {outcomes}")
                 results.append(result)
+            shop = False
+    except typer.Exit:
+        keep = shop
+        raise
     finally:
-        if workdir is None:
+        if workdir is None and not keep:
             shutil.rmtree(base, ignore_errors=True)
     _report(results, as_json, html, "oncely demo: the shop under a duplicate-and-fault storm")
     if not results[0].ok and not unprotected:
@@ -220,6 +238,23 @@ def service_outcomes(settings: Any) -> dict[str, int]:
         db.close()
 
 
+def _stopped(exc: Exception, service: Any, watch: Any) -> str:
+    """Why the storm against the demo's own shop stopped, one line: the store gone (the
+    watch's line), one of the shop's processes ended (which, how, at which step), or the shop
+    did not answer (at which step, the client's error)."""
+    from oncely.demo.storm import ServiceUnreachable
+
+    if watch is not None and (gone := watch.problem()) is not None:
+        return str(gone)
+    log = f"the shop's log: {service.log_path}"
+    step = getattr(exc, "step", "") or "during the storm"
+    if (died := service.problem()) is not None:
+        return f"the shop at {service.url} stopped {step}: {died}; the demo stopped. See {log}"
+    if isinstance(exc, ServiceUnreachable):
+        return f"the shop at {exc}; the demo stopped. See {log}"
+    return f"the shop at {service.url} failed {step}: {exc}. See {log}"
+
+
 def _demo_error(message: str) -> NoReturn:
     """End the demo with one line on stderr and exit status 1."""
     errors.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
@@ -229,12 +264,18 @@ def _demo_error(message: str) -> NoReturn:
 def _setup_error(url: str, exc: Exception) -> NoReturn:
     """``storm`` / ``probe`` could not run against ``url``: one line, exit status 2."""
     from oncely.demo.client import TransportError
+    from oncely.demo.storm import ServiceUnreachable, StormAborted
 
-    if isinstance(exc, TransportError):
+    if isinstance(exc, ServiceUnreachable) and exc.answered:  # it died on the way
+        message = f"{exc}: the storm stopped"
+    elif isinstance(exc, (TransportError, ServiceUnreachable)):
+        error = exc.error if isinstance(exc, ServiceUnreachable) else str(exc)
         message = (
-            f"cannot reach {url} ({exc}): check that the service runs there and that the URL's "
-            "scheme, host and port are right"
+            f"cannot reach {url} ({error}): check that the service runs there and that the "
+            "URL's scheme, host and port are right"
         )
+    elif isinstance(exc, StormAborted):
+        message = f"{url}: {exc}" + (f" ({exc.step})" if exc.step else "")
     else:
         message = f"{url}: {type(exc).__name__}: {exc}"
     errors.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True)
@@ -260,6 +301,11 @@ def _serve(service: Any, watch: Any = None) -> None:
             time.sleep(0.5)
             if watch is not None and (problem := watch.problem()) is not None:
                 _demo_error(problem)
+            if (died := service.problem()) is not None:
+                _demo_error(
+                    f"the shop at {service.url} stopped: {died}; the demo stopped. "
+                    f"See the shop's log: {service.log_path}"
+                )
     except KeyboardInterrupt:
         pass
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -143,8 +144,44 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+def _ended(code: int) -> str:
+    """How a process ended, from its ``Popen.returncode``."""
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def _stop_group(pgid: int, timeout: float) -> None:
+    """SIGTERM what is left in process group ``pgid`` (the shop's supervisor's: workers it
+    left behind when it died), SIGKILL it after ``timeout`` seconds."""
+    try:
+        os.killpg(pgid, signal.SIGCONT)
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return  # nobody left (the usual case: the supervisor stopped its workers)
+    except PermissionError:  # pragma: no cover - the group id was taken by another user's
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
 class Service:
-    """The shop service: start, find its processes, stop (and clean up its store data)."""
+    """The shop service: start, find its processes, stop (and clean up its store data).
+
+    The supervisor runs in a session (and process group) of its own, with its workers: a
+    supervisor that dies leaves no worker behind once :meth:`stop` ran, and the supervisor and
+    the settlement processes stop themselves when the process that started them is gone.
+    """
 
     def __init__(
         self,
@@ -180,16 +217,19 @@ class Service:
                 store.close()
         env = {**os.environ, **self.settings.to_env()}
         self._log = self.log_path.open("ab")
+        parent = str(os.getpid())
         self.server = subprocess.Popen(
             [
                 sys.executable, "-m", "oncely.demo.shop.serve",
                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers),
+                "--parent", parent,
             ],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )  # fmt: skip
         self.settlers = [
             subprocess.Popen(
-                [sys.executable, "-m", "oncely.demo.shop.settler"],
+                [sys.executable, "-m", "oncely.demo.shop.settler", "--parent", parent],
                 env=env,
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
@@ -203,14 +243,18 @@ class Service:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.server is not None and self.server.poll() is not None:
-                raise RuntimeError(f"the shop did not start; see {self.log_path}")
+                raise RuntimeError(
+                    f"the shop at {self.url} did not start: {self.problem()}; see {self.log_path}"
+                )
             with contextlib.suppress(OSError, urllib.error.URLError):
                 with urllib.request.urlopen(f"{self.url}/healthz", timeout=1.0) as answer:
                     up = answer.status == 200
                 if up and len(self.worker_pids()) >= self.workers:
                     return
             time.sleep(0.1)
-        raise RuntimeError(f"the shop did not answer within {timeout:.0f} s; see {self.log_path}")
+        raise RuntimeError(
+            f"the shop at {self.url} did not answer within {timeout:.0f} s; see {self.log_path}"
+        )
 
     def worker_pids(self) -> list[int]:
         """The Uvicorn worker processes serving now (children of the supervisor)."""
@@ -221,8 +265,20 @@ class Service:
     def settler_pids(self) -> list[int]:
         return [p.pid for p in self.settlers if p.poll() is None]
 
+    def problem(self) -> str | None:
+        """``None`` while the shop's supervisor and settlement processes run (a worker that
+        dies is replaced); else which one ended and how, e.g. ``its supervisor (pid 7) was
+        killed by SIGKILL``."""
+        named = [("supervisor", self.server), *(("settlement process", p) for p in self.settlers)]
+        for name, proc in named:
+            if proc is not None and (code := proc.poll()) is not None:
+                return f"its {name} (pid {proc.pid}) {_ended(code)}"
+        return None
+
     def stop(self) -> None:
         stop_all([p for p in [self.server, *self.settlers] if p is not None], timeout=15)
+        if self.server is not None:
+            _stop_group(self.server.pid, timeout=10)
         if self._log is not None:
             self._log.close()
             self._log = None

@@ -24,6 +24,11 @@ At the end the storm reads ``GET /ledger`` and ``GET /stock/{sku}``:
 * **stock drift** -- stock now minus (stock before minus the units of the orders applied, once).
 
 Operation kinds whose endpoint answers ``501`` are skipped and reported as such.
+
+A service that stops answering ends the storm with :class:`ServiceUnreachable`, which names the
+step (``str()`` is one line): once nothing has answered for ``StormConfig.silence`` seconds
+(every request of the storm and of the verification is retried until then), or at once when
+the health check before the storm gets no answer.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ __all__ = [
     "KINDS",
     "Fault",
     "Op",
+    "ServiceUnreachable",
     "StormAborted",
     "StormConfig",
     "StormResult",
@@ -119,16 +125,36 @@ class StormConfig:
     #: called before every request: a reason (str) ends the storm with :class:`StormAborted`
     #: (the demo's store went away), ``None`` goes on
     abort: Callable[[], str | None] | None = None
+    #: seconds without any answer from the service (every request failing to connect or
+    #: timing out) after which the storm stops with :class:`ServiceUnreachable`
+    silence: float = 30.0
 
 
 class StormAborted(Exception):
-    """The storm stopped before its end; ``str()`` says why (``StormConfig.abort``)."""
+    """The storm stopped before its end; ``str()`` says why (``StormConfig.abort``), one line,
+    and ``step`` what the storm was doing (e.g. ``"during the storm"``)."""
+
+    def __init__(self, message: str, step: str = "") -> None:
+        super().__init__(message)
+        self.step = step
 
 
-def _check_abort(config: StormConfig) -> None:
+class ServiceUnreachable(StormAborted):
+    """The service did not answer: ``step`` is what the storm was doing, ``error`` the last
+    transport error, ``answered`` whether the service had answered anything before."""
+
+    def __init__(self, url: str, step: str, error: str, answered: bool) -> None:
+        self.url = url
+        self.error = error
+        self.answered = answered
+        verb = "stopped answering" if answered else "did not answer"
+        super().__init__(f"{url} {verb} {step} ({error})", step)
+
+
+def _check_abort(config: StormConfig, step: str = "during the storm") -> None:
     reason = config.abort() if config.abort is not None else None
     if reason is not None:
-        raise StormAborted(reason)
+        raise StormAborted(reason, step)
 
 
 @dataclass
@@ -251,6 +277,8 @@ class _Client:
         self.config = config
         self.result = result
         self.outcomes: Counter[str] = Counter()
+        #: monotonic time of the service's last answer (any status)
+        self.last_answer = time.monotonic()
 
     async def send(
         self,
@@ -283,8 +311,17 @@ class _Client:
             except TransportError as exc:
                 self.outcomes["transport error / timeout (retried)"] += 1
                 answer = _Answer(0, error=str(exc))
+                silent = time.monotonic() - self.last_answer
+                if silent > self.config.silence:
+                    raise ServiceUnreachable(
+                        self.config.url,
+                        f"during the storm: no request answered for {silent:.0f} s",
+                        str(exc),
+                        answered=True,
+                    ) from exc
                 await asyncio.sleep(self._backoff(attempt, None))
                 continue
+            self.last_answer = time.monotonic()
             self.result.latencies_ms.append((time.perf_counter() - started) * 1000)
             parsed = response.json()
             answer = _Answer(
@@ -736,8 +773,31 @@ DRIVERS: dict[str, Callable[[_Storm, Op], Awaitable[None]]] = {
 }
 
 
+class _Reader:
+    """The verification's ``GET``s: one that gets no answer is retried (a worker restarting)
+    until the caller's ``abort`` gives a reason or nothing has answered for
+    ``config.silence`` seconds, then its :class:`TransportError` is raised."""
+
+    def __init__(self, http: Http, config: StormConfig) -> None:
+        self.http = http
+        self.config = config
+
+    async def get(self, path: str, timeout: float = 30.0) -> Reply:
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                return await self.http.get(path, timeout=timeout)
+            except TransportError:
+                gone = self.config.abort() if self.config.abort is not None else None
+                if gone is not None or time.monotonic() - started > self.config.silence:
+                    raise
+            await asyncio.sleep(_Client._backoff(attempt, None))
+            attempt += 1
+
+
 async def _check_balances(
-    http: Http, accounts: Sequence[str], ledger: list[dict[str, Any]], result: StormResult
+    http: _Reader, accounts: Sequence[str], ledger: list[dict[str, Any]], result: StormResult
 ) -> None:
     """Lost updates: an account's balance must equal the sum of the credits the ledger
     applied to it (accounts start at 0 and only credits change them); a credit overwritten by a
@@ -755,18 +815,18 @@ async def _check_balances(
 
 def _ok(reply: Reply, what: str) -> Any:
     if reply.status != 200:
-        raise RuntimeError(f"{what} answered {reply.status}: {reply.body[:200]!r}")
+        raise StormAborted(f"{what} answered {reply.status}: {reply.body[:200]!r}")
     return reply.json()
 
 
-async def _stock(http: Http, skus: Sequence[str]) -> dict[str, int]:
+async def _stock(http: _Reader, skus: Sequence[str]) -> dict[str, int]:
     stock = {}
     for sku in skus:
         stock[sku] = int(_ok(await http.get(f"/stock/{sku}"), f"GET /stock/{sku}")["stock"])
     return stock
 
 
-async def _ledger(http: Http) -> list[dict[str, Any]]:
+async def _ledger(http: _Reader) -> list[dict[str, Any]]:
     data = _ok(await http.get("/ledger", timeout=120.0), "GET /ledger")
     entries = data.get("entries", data) if isinstance(data, dict) else data
     if not isinstance(entries, list):
@@ -833,75 +893,122 @@ def _verify(
 
 
 async def run_storm_async(config: StormConfig, label: str = "") -> StormResult:
-    """Run the storm against ``config.url`` and verify; see the module docstring."""
+    """Run the storm against ``config.url`` and verify; see the module docstring.
+
+    :raises ServiceUnreachable: the service did not answer (naming the step).
+    :raises StormAborted: ``config.abort`` gave a reason, or the service answered a
+        verification request with an error.
+    """
     seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
     result = StormResult(url=config.url, label=label, seed=seed)
     started = time.perf_counter()
     connections = max(8, 2 * config.duplicates * config.concurrency)
+    step = "at GET /healthz"
+    answered = False
     async with Http(config.url, connections) as http:
-        _ok(await http.get("/healthz"), f"{config.url}/healthz")
-        result.skipped = await _discover(http, list(KINDS))
-        live = [k for k in KINDS if k not in result.skipped]
-        if not live:
-            raise RuntimeError("the service offers no operation the storm can drive")
-        storm = _Storm(config, http, result)
-        storm.ops = storm.plan(live)
-        result.by_kind = dict(Counter(op.kind for op in storm.ops))
-        result.operations = len(storm.ops)
-        before = await _stock(http, config.skus)
-        credit_live = "credit" in live
-        work: list[Any] = list(storm.ops)
-        bad = storm.bad_requests(live)
-        count = max(len(bad), round(config.bad_fraction * config.operations))
-        for i in range(count):
-            work.insert(storm.rng.randrange(len(work) + 1), bad[i % len(bad)])
-        total = len(work)
-        done = 0
-        gate = asyncio.Semaphore(config.concurrency)
-        pending_faults = sorted(config.faults, key=lambda f: f.at)
-        fault_tasks: list[asyncio.Future[str]] = []
-        loop = asyncio.get_running_loop()
-
-        async def one(item: Any) -> None:
-            nonlocal done
-            async with gate:
-                if isinstance(item, Op):
-                    await DRIVERS[item.kind](storm, item)
-                else:
-                    await storm.bad(item)
-            done += 1
-            while pending_faults and done >= pending_faults[0].at * total:
-                fault = pending_faults.pop(0)
-                fault_tasks.append(loop.run_in_executor(None, fault.action))
-            if config.progress is not None:
-                config.progress(done, total)
-
-        await asyncio.gather(*(one(item) for item in work))
-        for fault in pending_faults:  # a storm too short to reach them
-            fault_tasks.append(loop.run_in_executor(None, fault.action))
-        for task in fault_tasks:
-            try:
-                result.faults.append(await task)
-            except Exception as exc:
-                result.faults.append(f"fault failed: {type(exc).__name__}: {exc}")
-        await asyncio.sleep(config.grace)
-        ledger = await _ledger(http)
-        shipped = {("ship", key) for op in storm.ops for kind, key in op.expects if kind == "ship"}
-        deadline = time.monotonic() + ASYNC_WAIT
-        while shipped and time.monotonic() < deadline:
-            present = {(str(e.get("kind")), str(e.get("key"))) for e in ledger}
-            if shipped <= present:
-                break
-            _check_abort(config)
-            await asyncio.sleep(0.5)
-            ledger = await _ledger(http)
-        after = await _stock(http, config.skus)
-        _verify(storm, ledger, before, after)
-        if credit_live:
-            await _check_balances(http, config.accounts, ledger, result)
+        try:
+            _ok(await http.get("/healthz"), f"{config.url}/healthz")
+            answered = True
+            step = "while the storm discovered its endpoints"
+            result.skipped = await _discover(http, list(KINDS))
+            live = [k for k in KINDS if k not in result.skipped]
+            if not live:
+                failed = [r for r in result.skipped.values() if r.startswith("discovery failed")]
+                if failed:  # no answer: not a service without endpoints
+                    error = failed[-1].removeprefix("discovery failed: ")
+                    raise ServiceUnreachable(config.url, step, error, answered)
+                raise StormAborted(
+                    f"{config.url} offers no operation the storm can drive: {result.skipped}"
+                )
+            storm = _Storm(config, http, result)
+            storm.ops = storm.plan(live)
+            result.by_kind = dict(Counter(op.kind for op in storm.ops))
+            result.operations = len(storm.ops)
+            reader = _Reader(http, config)
+            step = "at GET /stock before the storm"
+            before = await _stock(reader, config.skus)
+            step = "during the storm"
+            await _run_work(config, storm, live, result)
+            step = "at GET /ledger after the storm"
+            ledger = await _ledger(reader)
+            shipped = {
+                ("ship", key) for op in storm.ops for kind, key in op.expects if kind == "ship"
+            }
+            deadline = time.monotonic() + ASYNC_WAIT
+            while shipped and time.monotonic() < deadline:
+                present = {(str(e.get("kind")), str(e.get("key"))) for e in ledger}
+                if shipped <= present:
+                    break
+                _check_abort(config, "while waiting for the ship rows after the storm")
+                await asyncio.sleep(0.5)
+                ledger = await _ledger(reader)
+            step = "at GET /stock after the storm"
+            after = await _stock(reader, config.skus)
+            _verify(storm, ledger, before, after)
+            if "credit" in live:
+                step = "at GET /accounts after the storm"
+                await _check_balances(reader, config.accounts, ledger, result)
+        except StormAborted as exc:
+            exc.step = exc.step or step
+            raise
+        except TransportError as exc:
+            # Requests outside the storm's retries: one with no answer ends the storm here.
+            _check_abort(config, step)  # the caller may know why (the demo: its shop died)
+            raise ServiceUnreachable(config.url, step, str(exc), answered) from exc
     result.outcomes = dict(storm.client.outcomes)
     result.seconds = time.perf_counter() - started
     return result
+
+
+async def _run_work(
+    config: StormConfig, storm: _Storm, live: Sequence[str], result: StormResult
+) -> None:
+    """The storm proper: every operation's copies and the bad input, with the faults at their
+    share of the work done, then ``config.grace`` seconds for background jobs."""
+    work: list[Any] = list(storm.ops)
+    bad = storm.bad_requests(live)
+    count = max(len(bad), round(config.bad_fraction * config.operations))
+    for i in range(count):
+        work.insert(storm.rng.randrange(len(work) + 1), bad[i % len(bad)])
+    total = len(work)
+    done = 0
+    gate = asyncio.Semaphore(config.concurrency)
+    pending_faults = sorted(config.faults, key=lambda f: f.at)
+    fault_tasks: list[asyncio.Future[str]] = []
+    loop = asyncio.get_running_loop()
+
+    async def one(item: Any) -> None:
+        nonlocal done
+        async with gate:
+            if isinstance(item, Op):
+                await DRIVERS[item.kind](storm, item)
+            else:
+                await storm.bad(item)
+        done += 1
+        while pending_faults and done >= pending_faults[0].at * total:
+            fault = pending_faults.pop(0)
+            fault_tasks.append(loop.run_in_executor(None, fault.action))
+        if config.progress is not None:
+            config.progress(done, total)
+
+    work_tasks = [asyncio.ensure_future(one(item)) for item in work]
+    try:
+        await asyncio.gather(*work_tasks)
+    except BaseException:
+        # Stopped (no answer, or the caller's abort): the rest of the work is cancelled here,
+        # not left to raise the same error again while asyncio.run shuts down.
+        for running in work_tasks:
+            running.cancel()
+        await asyncio.gather(*work_tasks, return_exceptions=True)
+        raise
+    for fault in pending_faults:  # a storm too short to reach them
+        fault_tasks.append(loop.run_in_executor(None, fault.action))
+    for task in fault_tasks:
+        try:
+            result.faults.append(await task)
+        except Exception as exc:
+            result.faults.append(f"fault failed: {type(exc).__name__}: {exc}")
+    await asyncio.sleep(config.grace)
 
 
 def run_storm(config: StormConfig, label: str = "") -> StormResult:

@@ -9,6 +9,10 @@ protocol number, so asyncio does not set ``TCP_NODELAY`` on accepted connections
 keep-alive response waits ~40 ms for a delayed ACK (Nagle; measured here with Uvicorn 0.54:
 0.8 ms with one worker, 43 ms with two). This supervisor does what Uvicorn's does otherwise:
 it replaces a dead worker within ~0.2 s, and stops all workers on SIGTERM/SIGINT.
+
+A worker stops itself once its supervisor is gone (SIGKILLed, say), and so does the supervisor
+once the process named by ``--parent`` is (the demo passes its own pid): no worker is left
+serving the port on its own.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
 
-__all__ = ["main", "stop_all"]
+__all__ = ["exit_with_parent", "main", "stop_all"]
 
 APP = "oncely.demo.shop.app:create_app"
 
@@ -38,9 +43,23 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def worker(host: str, port: int) -> None:
+def exit_with_parent(parent: int, interval: float = 0.2) -> None:
+    """SIGTERM this process (its own handler stops it) once its parent is no longer ``parent``:
+    the parent died and this process was handed to another (init, a subreaper)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="oncely-demo-parent-watch", daemon=True).start()
+
+
+def worker(host: str, port: int, parent: int | None = None) -> None:
     import uvicorn
 
+    if parent is not None:
+        exit_with_parent(parent)
     config = uvicorn.Config(
         APP,
         factory=True,
@@ -61,7 +80,7 @@ def supervise(host: str, port: int, workers: int) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     command = [sys.executable, "-m", "oncely.demo.shop.serve", "--worker",
-               "--host", host, "--port", str(port)]  # fmt: skip
+               "--host", host, "--port", str(port), "--parent", str(os.getpid())]  # fmt: skip
     procs = [subprocess.Popen(command) for _ in range(workers)]
     while not stopping:
         time.sleep(0.2)
@@ -94,10 +113,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--parent", type=int, default=None, help="stop once this process (our parent) is gone"
+    )
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.host, args.port)
+        worker(args.host, args.port, args.parent)
     else:
+        if args.parent is not None:
+            exit_with_parent(args.parent)
         supervise(args.host, args.port, args.workers)
 
 
