@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import sys
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -19,6 +22,7 @@ from typing import Any
 import pytest
 
 import oncely.sql
+from oncely.errors import TransactionLost
 from oncely.messaging.inbox import Inbox
 
 pytest_plugins = ["sql_fixtures"]
@@ -103,3 +107,206 @@ def test_a_cancelled_block_raises_the_cancellation_and_commits_nothing(
             "CancelledError" in r.getMessage() and "InterfaceError" in r.getMessage()
             for r in caplog.records
         )
+
+
+# -- a cancellation after the server released the block's savepoint ------------------------------
+# Red team 11: cancelled after the pipelined key INSERT + RELEASE SAVEPOINT ran on the server but
+# before psycopg read the replies, the rollback found no savepoint; oncely rolled the caller's
+# whole transaction back and the cancellation hid it, so the caller's next commit went without
+# its earlier writes. A proxy between psycopg and PostgreSQL holds the server's replies back.
+PG_HOST, PG_PORT = "127.0.0.1", 5432
+
+
+class _SlowReplies:
+    """A TCP proxy to PostgreSQL: client bytes pass at once, server bytes wait ``delay``
+    seconds (0 unless set) before they are forwarded."""
+
+    def __init__(self) -> None:
+        self.delay = 0.0
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(PG_HOST, PG_PORT)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, slow: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if slow and self.delay:
+                        await asyncio.sleep(self.delay)
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        for task in (
+            asyncio.ensure_future(pump(reader, up_writer, False)),
+            asyncio.ensure_future(pump(up_reader, writer, True)),
+        ):
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def _pg_dsn(port: int) -> str:
+    return f"host={PG_HOST} port={port} dbname=test user=postgres"
+
+
+def test_a_cancellation_after_the_savepoint_release_raises_transaction_lost() -> None:
+    """The caller writes 'c', then runs a block (a savepoint in its transaction) under
+    ``asyncio.timeout``; the timeout lands while psycopg waits for the replies of the block's
+    key INSERT + RELEASE SAVEPOINT, which the server already ran. The caller's transaction is
+    rolled back as a whole: the caller gets TransactionLost (not TimeoutError), the task is not
+    left cancelled, nothing of the transaction is committed, and a retry runs the effect once."""
+    psycopg = pytest.importorskip("psycopg")
+
+    suffix = uuid.uuid4().hex[:8]
+    effects, keys = f"cl_effects_{suffix}", f"cl_keys_{suffix}"
+    key = uuid.uuid4().hex
+
+    async def block(conn: Any, tag: str) -> None:
+        async with oncely.sql.transaction(
+            conn, operation="op", key=key, scope=key, table=keys
+        ) as tx:
+            if not tx.replayed:
+                await conn.execute(f"INSERT INTO {effects} (k, tag) VALUES (%s, %s)", (key, tag))
+                tx.set_result({"tag": tag})
+
+    async def scenario(proxy: _SlowReplies) -> None:
+        setup = await psycopg.AsyncConnection.connect(_pg_dsn(PG_PORT), autocommit=True)
+        try:
+            await setup.execute(f"CREATE TABLE {effects} (k VARCHAR(64), tag VARCHAR(16))")
+            await oncely.sql.acreate_tables(setup, table=keys)
+            conn = await psycopg.AsyncConnection.connect(_pg_dsn(proxy.port))
+            try:
+                await conn.execute(f"INSERT INTO {effects} (k, tag) VALUES (%s, %s)", (key, "c"))
+                loop = asyncio.get_running_loop()
+                with pytest.raises(TransactionLost) as raised:
+                    async with asyncio.timeout(None) as timeout:
+                        # armed once the body ran: only the leave is left to cancel
+                        async with oncely.sql.transaction(
+                            conn, operation="op", key=key, scope=key, table=keys
+                        ) as tx:
+                            assert not tx.replayed
+                            await conn.execute(
+                                f"INSERT INTO {effects} (k, tag) VALUES (%s, %s)", (key, "a")
+                            )
+                            tx.set_result({"tag": "a"})  # the leave: UPDATE + RELEASE, pipelined
+                            # the leave's replies come 0.5 s late; the timeout lands 0.1 s in
+                            proxy.delay = 0.5
+                            timeout.reschedule(loop.time() + 0.1)
+                assert "cancelled while oncely was closing it" in str(raised.value)
+                assert "rolled back as a whole" in str(raised.value)
+                assert isinstance(raised.value.__cause__, TransactionLost)
+                task = asyncio.current_task()
+                assert task is not None and task.cancelling() == 0
+                proxy.delay = 0.0
+                # the caller goes on as the old code let it: its next write and commit must not
+                # carry its earlier row silently: 'c' is gone with the rolled back transaction,
+                # and the caller was told so
+                await conn.execute(f"INSERT INTO {effects} (k, tag) VALUES (%s, %s)", (key, "u"))
+                await conn.commit()
+            finally:
+                await conn.close()
+            rows = await setup.execute(f"SELECT tag FROM {effects} WHERE k = %s", (key,))
+            assert sorted(t for (t,) in await rows.fetchall()) == ["u"]
+            # the key is not recorded: a retry (the caller runs its transaction again) runs once
+            for tag in ("r", "r2"):
+                retry = await psycopg.AsyncConnection.connect(_pg_dsn(PG_PORT))
+                try:
+                    await block(retry, tag)
+                    await retry.commit()
+                finally:
+                    await retry.close()
+            rows = await setup.execute(f"SELECT tag FROM {effects} WHERE k = %s", (key,))
+            assert sorted(t for (t,) in await rows.fetchall()) == ["r", "u"]
+        finally:
+            await setup.execute(f"DROP TABLE IF EXISTS {effects}")
+            await setup.execute(f"DROP TABLE IF EXISTS {keys}")
+            await setup.close()
+
+    async def main() -> None:
+        proxy = _SlowReplies()
+        await proxy.start()
+        try:
+            await scenario(proxy)
+        finally:
+            await proxy.close()
+
+    asyncio.run(main())
+
+
+def test_an_interrupt_while_the_pipeline_waits_raises_keyboard_interrupt() -> None:
+    """Sync psycopg: a KeyboardInterrupt (the SIGINT handler) that lands while the block's
+    pipelined UPDATE + RELEASE SAVEPOINT wait for their replies is raised as is, not replaced by
+    psycopg's ``OperationalError: cannot exit pipeline mode while busy`` from the pipeline's
+    exit (seen once in 240 runs by red team 11 with one SIGINT: a timing this does not force;
+    here Ctrl-C pressed twice, which psycopg answers by closing the connection), nor by the
+    error of oncely's rollback; nothing of the caller's transaction is committed."""
+    psycopg = pytest.importorskip("psycopg")
+
+    suffix = uuid.uuid4().hex[:8]
+    effects, keys = f"ki_effects_{suffix}", f"ki_keys_{suffix}"
+    key = uuid.uuid4().hex
+    proxy = _SlowReplies()
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(proxy.start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(5)
+    setup = psycopg.connect(_pg_dsn(PG_PORT), autocommit=True)
+    try:
+        setup.execute(f"CREATE TABLE {effects} (k VARCHAR(64), tag VARCHAR(16))")
+        oncely.sql.create_tables(setup, table=keys)
+        conn = psycopg.connect(_pg_dsn(proxy.port))
+        timers: list[threading.Timer] = []
+        try:
+            conn.execute(f"INSERT INTO {effects} (k, tag) VALUES (%s, %s)", (key, "c"))
+            with (
+                pytest.raises(KeyboardInterrupt),
+                oncely.sql.transaction(conn, operation="op", key=key, scope=key, table=keys) as tx,
+            ):
+                conn.execute(f"INSERT INTO {effects} (k, tag) VALUES (%s, %s)", (key, "a"))
+                tx.set_result({"tag": "a"})
+                # the leave's replies come 0.5 s late; SIGINT lands 0.1 s in (psycopg
+                # cancels the query and waits for the replies again) and again 0.25 s in,
+                # while it waits: Ctrl-C pressed twice
+                proxy.delay = 0.5
+                for after in (0.1, 0.25):
+                    timers.append(threading.Timer(after, os.kill, (os.getpid(), signal.SIGINT)))
+                    timers[-1].start()
+            assert conn.closed  # psycopg closes a connection whose query cancel was interrupted
+        finally:
+            for timer in timers:
+                timer.join()
+            conn.close()
+        rows = setup.execute(f"SELECT tag FROM {effects} WHERE k = %s", (key,)).fetchall()
+        assert rows == []
+    finally:
+        setup.execute(f"DROP TABLE IF EXISTS {effects}")
+        setup.execute(f"DROP TABLE IF EXISTS {keys}")
+        setup.close()
+        asyncio.run_coroutine_threadsafe(proxy.close(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()

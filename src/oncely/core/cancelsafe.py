@@ -16,18 +16,29 @@ and raises the lost ``CancelledError`` again, so a cancelled caller never keeps 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from oncely.core.observe import describe
 from oncely.core.records import ClaimOutcome, New, RecordKey
-from oncely.errors import OncelyError
+from oncely.errors import OncelyError, TransactionLost
 
 if TYPE_CHECKING:  # core imports no store: Store is only a type here
     from oncely.stores.base import Store
 
-__all__ = ["claim_or_undo", "cleanup", "keep_alive", "keep_cancel", "write_again", "write_through"]
+__all__ = [
+    "akept_pipeline",
+    "claim_or_undo",
+    "cleanup",
+    "keep_alive",
+    "keep_cancel",
+    "kept_pipeline",
+    "write_again",
+    "write_through",
+]
 
 log = logging.getLogger("oncely")
 
@@ -121,7 +132,17 @@ class cleanup:  # lower case: used as ``with cleanup(exc, "..."):``
     would no longer raise ``TimeoutError``, a ``TaskGroup`` would see a failure). When ``exc``
     is an ``Exception`` (or None) the clean-up's error propagates as before (Python chains
     ``exc`` as its ``__context__``): a :class:`~oncely.errors.TransactionLost` the rollback
-    finds still says what happened. Works around a ``yield`` in a plan too."""
+    finds still says what happened. Works around a ``yield`` in a plan too.
+
+    A :class:`~oncely.errors.TransactionLost` from the clean-up (the caller's whole
+    transaction was rolled back: a cancellation that lands after the server released a
+    block's savepoint but before the client read the reply leaves nothing to roll back to) is
+    never swallowed, since the caller would go on writing in a new transaction and commit it
+    without what it wrote before: while a ``CancelledError`` propagates, a new
+    ``TransactionLost`` saying so is raised instead (chained to the clean-up's; an
+    ``asyncio.timeout`` around the block then raises it, not ``TimeoutError``, and leaves the
+    task uncancelled); while a ``KeyboardInterrupt``, ``SystemExit`` or ``GeneratorExit``
+    propagates, it is raised as is and the lost transaction is logged (error)."""
 
     __slots__ = ("_exc", "_what")
 
@@ -137,6 +158,24 @@ class cleanup:  # lower case: used as ``with cleanup(exc, "..."):``
             return False
         if not isinstance(err, Exception):
             return False
+        if isinstance(err, TransactionLost):
+            if isinstance(exc, asyncio.CancelledError):
+                raise TransactionLost(
+                    f"the block was cancelled while oncely was closing it ({self._what}), "
+                    "after the server had already ended the block's part of your transaction: "
+                    "your transaction was rolled back as a whole, so nothing of it is or will "
+                    "be committed (not what you wrote before the block either, and a later "
+                    "commit on this connection commits only what is written after now). Run "
+                    "the whole transaction again"
+                ) from err
+            log.error(
+                "oncely: a %s propagated while oncely was closing a block (%s): your "
+                "transaction was rolled back as a whole, nothing of it is committed: %s",
+                type(exc).__name__,
+                self._what,
+                describe(err),
+            )
+            return True
         log.warning(
             "oncely: %s failed while a %s propagated (which is raised as is): %s",
             self._what,
@@ -144,3 +183,63 @@ class cleanup:  # lower case: used as ``with cleanup(exc, "..."):``
             describe(err),
         )
         return True
+
+
+def _replaced(
+    err: Exception, interrupt: BaseException | None, handled: BaseException | None
+) -> None:
+    """Raise the interruption a pipeline's exit replaced with ``err`` (``interrupt``, raised by
+    the block's statements, or ``err``'s own context if that is an interruption other than
+    ``handled``, the exception being handled when the block began); return if there is none."""
+    if interrupt is None:
+        context = err.__context__
+        if context is None or context is handled or isinstance(context, Exception):
+            return
+        interrupt = context
+    log.warning(
+        "oncely: leaving a pipeline failed while a %s propagated (which is raised as is): %s",
+        type(interrupt).__name__,
+        describe(err),
+    )
+    raise interrupt
+
+
+@contextlib.contextmanager
+def kept_pipeline(driver: Any) -> Iterator[None]:
+    """``with driver.pipeline():`` (psycopg) that never turns an interruption (a
+    ``KeyboardInterrupt`` from a signal handler, ``SystemExit``, ...) into the pipeline's exit
+    error (``OperationalError: cannot exit pipeline mode while busy``): an interruption raised
+    by the statements in the block, or while the exit waits for the replies (the exit error's
+    own ``__context__``, unless that is the exception already being handled when the block
+    began), is raised again in place of that error."""
+    handled = sys.exc_info()[1]
+    interrupt: BaseException | None = None
+    try:
+        with driver.pipeline():
+            try:
+                yield
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    interrupt = exc
+                raise
+    except Exception as err:
+        _replaced(err, interrupt, handled)
+        raise
+
+
+@contextlib.asynccontextmanager
+async def akept_pipeline(driver: Any) -> AsyncIterator[None]:
+    """The async face of :func:`kept_pipeline` (a ``CancelledError`` is kept the same way)."""
+    handled = sys.exc_info()[1]
+    interrupt: BaseException | None = None
+    try:
+        async with driver.pipeline():
+            try:
+                yield
+            except BaseException as exc:
+                if not isinstance(exc, Exception):
+                    interrupt = exc
+                raise
+    except Exception as err:
+        _replaced(err, interrupt, handled)
+        raise

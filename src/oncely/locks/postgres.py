@@ -65,6 +65,7 @@ from oncely.backends.postgres import (
     schema_lock_id,
 )
 from oncely.backends.urls import redact_url
+from oncely.core.cancelsafe import akept_pipeline, kept_pipeline
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
 from oncely.settings import flag, seconds, text, whole
@@ -448,7 +449,7 @@ class PostgresLockBackend(LockBackend):
             if request.begin and not _PIPELINES:
                 request.conn.execute("BEGIN")
             if request.begin and _PIPELINES:
-                with request.conn.pipeline():
+                with kept_pipeline(request.conn):
                     request.conn.execute("BEGIN")
                     cur = request.conn.execute(request.query, request.params)
             else:
@@ -467,7 +468,7 @@ class PostgresLockBackend(LockBackend):
             if request.begin and not _PIPELINES:
                 await request.conn.execute("BEGIN")
             if request.begin and _PIPELINES:
-                async with request.conn.pipeline():
+                async with akept_pipeline(request.conn):
                     await request.conn.execute("BEGIN")
                     cur = await request.conn.execute(request.query, request.params)
             else:

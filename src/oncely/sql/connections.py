@@ -44,7 +44,7 @@ from typing import Any, Final, Literal, NamedTuple
 from oncely.backends.plans import Exec, Plan
 from oncely.backends.plans import arun as arun_plan
 from oncely.backends.plans import run as run_plan
-from oncely.core.cancelsafe import cleanup
+from oncely.core.cancelsafe import akept_pipeline, cleanup, kept_pipeline
 from oncely.errors import (
     AutocommitConnection,
     ConfigurationError,
@@ -1000,7 +1000,7 @@ class _Psycopg(_DbapiSync):
         sql, args = render(self.text(text), params, self.paramstyle)
         with self.raw.cursor() as cur:
             try:
-                with self.raw.pipeline():
+                with kept_pipeline(self.raw):
                     cur.execute(sql, args)
                     if block.owned:
                         self.raw.execute("COMMIT")
@@ -1163,7 +1163,7 @@ class _AsyncPsycopg(_DbapiAsync):
         sql, args = render(self.text(text), params, self.paramstyle)
         async with self.raw.cursor() as cur:
             try:
-                async with self.raw.pipeline():
+                async with akept_pipeline(self.raw):
                     await cur.execute(sql, args)
                     if block.owned:
                         await self.raw.execute("COMMIT")
@@ -1314,7 +1314,7 @@ def _sa_psycopg(fairy: Any, is_async: bool) -> Any:
 def _pipelined_commit(driver: Any, sql: str, args: Any) -> Result:
     """``sql`` then ``COMMIT`` in one psycopg pipeline (one round trip) on ``driver``."""
     with driver.cursor() as cur:
-        with driver.pipeline():
+        with kept_pipeline(driver):
             cur.execute(sql, args)
             driver.execute("COMMIT")
         return _cursor_result(cur)
@@ -1322,7 +1322,7 @@ def _pipelined_commit(driver: Any, sql: str, args: Any) -> Result:
 
 async def _apipelined_commit(driver: Any, sql: str, args: Any) -> Result:
     async with driver.cursor() as cur:
-        async with driver.pipeline():
+        async with akept_pipeline(driver):
             await cur.execute(sql, args)
             await driver.execute("COMMIT")
         return await _acursor_result(cur)
