@@ -299,3 +299,63 @@ def test_demo_ends_with_one_line_when_its_shop_dies_mid_storm(tmp_path: Path, ki
     assert f"its supervisor (pid {supervisor}) was killed by SIGKILL" in errors[0], errors
     assert took < 30, took
     assert not left, [(p, _cmdline(p)) for p in left]
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(("signum", "status", "name"), [(2, 130, "Ctrl-C"), (15, 143, "SIGTERM")])
+def test_an_interrupted_demo_says_so_in_one_line_and_stops_its_shop(
+    tmp_path: Path, signum: int, status: int, name: str
+) -> None:
+    """Ctrl-C (SIGINT) or SIGTERM to the demo while its storm runs: it stops its shop and ends
+    with one error line saying it was interrupted, exit status 128 + the signal, no traceback
+    and no shop process left. It used to end with no line at all (a retest of round 10)."""
+    import signal
+    import time
+    import urllib.request
+
+    from lock_workers import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "oncely.cli", "demo", "--operations", "20000", "--no-contrast",
+         "--no-faults", "--port", str(port), "--workdir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "COLUMNS": "160"}, start_new_session=True,
+        # a background job's SIGINT may be ignored by its shell: the demo gets the default
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
+    )  # fmt: skip
+    shop: list[int] = []
+    try:
+        deadline = time.monotonic() + 60  # the storm has begun once the ledger has rows
+        ledger: list[object] = []
+        while not ledger and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ledger", timeout=5) as r:
+                    ledger = json.loads(r.read())
+            except OSError:
+                pass
+        assert ledger, "the storm did not start"
+        supervisor = next(p for p in _children(proc.pid) if "shop.serve" in _cmdline(p))
+        shop = [supervisor, *_children(supervisor)]
+        shop += [p for p in _children(proc.pid) if "shop.settler" in _cmdline(p)]
+        os.kill(proc.pid, signum)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired as exc:
+            raise AssertionError(f"the demo was still running 60 s after {name}") from exc
+        left = [p for p in {*shop, *_shop_processes(port)} if _running(p)]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for pid in {*shop, *_shop_processes(port)}:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == status, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: interrupted ({name}) during the oncely on run; the shop was stopped"
+    ], err[-3000:]
+    assert not left, [(p, _cmdline(p)) for p in left]

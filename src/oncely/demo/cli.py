@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -152,6 +153,8 @@ def demo(
     results = []
     shop = False  # a shop of this run is up (or starting): an error then names its log
     keep = False  # ... and the work directory stays
+    label = ""
+    restore = _interrupt_on_sigterm()
     try:
         for protected in modes:
             label = "oncely on" if protected else "oncely off"
@@ -220,12 +223,42 @@ def demo(
     except typer.Exit:
         keep = shop
         raise
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (below): the shop is stopped by now
+        which, code = ("SIGTERM", 143) if isinstance(exc, _Terminated) else ("Ctrl-C", 130)
+        where = f" during the {label} run" if shop else ""
+        errors.print(
+            Text.assemble(
+                ("error:", "bold red"), f" interrupted ({which}){where}; the shop was stopped"
+            ),
+            soft_wrap=True,
+        )
+        raise typer.Exit(code) from None
     finally:
+        restore()
         if workdir is None and not keep:
             shutil.rmtree(base, ignore_errors=True)
     _report(results, as_json, html, "oncely demo: the shop under a duplicate-and-fault storm")
     if not results[0].ok and not unprotected:
         raise typer.Exit(1)
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the demo's main thread as Ctrl-C is, so that the demo stops its
+    shop on the way out and says so in one line (exit status 143)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _interrupt_on_sigterm() -> Any:
+    """Turn SIGTERM into :class:`_Terminated` while the demo runs; returns what puts the
+    previous handler back (nothing to do outside the main thread, where no handler can be
+    set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    return lambda: signal.signal(signal.SIGTERM, previous)
 
 
 def service_outcomes(settings: Any) -> dict[str, int]:
