@@ -5,6 +5,7 @@
 
 Each variant runs in its own Uvicorn process (one worker; Starlette app, ``POST /orders``
 answering 201 JSON): ``bare``; oncely's ASGI middleware on ``memory://``, SQLite and Redis;
+``oncely-sqlite-normal`` (SQLite with ``?synchronous=NORMAL``: no fsync per commit);
 ``oncely-redis-nopipe`` (the Redis store with ``autopipeline=False``, as before
 auto-pipelining); and, on the same Redis in the same run, idemkit's and
 asgi-idempotency-header's middlewares.
@@ -65,6 +66,7 @@ VARIANTS = [
     "bare",
     "oncely-memory",
     "oncely-sqlite",
+    "oncely-sqlite-normal",
     "oncely-redis",
     "oncely-redis-nopipe",
     "idemkit-redis",
@@ -96,8 +98,10 @@ def build_app(variant: str, tag: str, folder: str) -> Any:
         kind = variant.split("-", 1)[1]
         if kind == "memory":
             store = open_store("memory://")
-        elif kind == "sqlite":
+        elif kind == "sqlite":  # the default, synchronous=FULL: one fsync per commit
             store = open_store(f"sqlite:///{folder}/bench-{tag}.db")
+        elif kind == "sqlite-normal":  # WAL's NORMAL: no fsync per commit (power-cut window)
+            store = open_store(f"sqlite:///{folder}/bench-{tag}-n.db?synchronous=NORMAL")
         elif kind == "redis-nopipe":  # before auto-pipelining, for a same-run comparison
             store = open_store(REDIS_URL, prefix=f"bench-{tag}", autopipeline=False)
         else:
@@ -517,6 +521,8 @@ def measure(args: argparse.Namespace) -> None:
             1.3,
         ),
         ("oncely-redis / bare", "oncely-redis", "bare", 0.5),
+        ("oncely-sqlite / bare", "oncely-sqlite", "bare", 0.3),
+        ("oncely-sqlite-normal / bare", "oncely-sqlite-normal", "bare", 0.0),
         ("oncely-redis / oncely-redis-nopipe", "oncely-redis", "oncely-redis-nopipe", 1.0),
     ]
     targets += [
