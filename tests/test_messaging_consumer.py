@@ -773,6 +773,44 @@ async def test_batch_leases_are_renewed_while_handlers_run(make_store: StoreFact
     assert await task == [Ack(ran=True), Ack(ran=True)]
 
 
+async def test_a_batch_keeps_an_early_finished_claim_until_the_batch_completes(
+    make_store: StoreFactory,
+) -> None:
+    """A batch completes its handled messages together, after its slowest handler. A message
+    whose handler ended early kept its lease only while that handler ran, so once a lease
+    passed another consumer took its claim over and ran it again (a double effect, seen as
+    the Redis Streams storm's "effects applied twice" under load). Its lease is now renewed
+    until the batch completes it."""
+    store = make_store("redis")[0]
+    runs: list[str] = []
+    slow_started, release = asyncio.Event(), asyncio.Event()
+
+    async def handler(d: Delivery) -> None:
+        runs.append(d.message_id or "")
+        if d.message_id == "slow":
+            slow_started.set()
+            await release.wait()
+
+    def make() -> IdempotentConsumer:
+        return IdempotentConsumer(handler, name="c", store=store, lease=1.0, wait_timeout=0)
+
+    consumer, other = make(), make()
+    assert consumer._batch_face() is not None  # the batch path: one claim, one completion
+    task = asyncio.ensure_future(consumer.aprocess_many([msg("fast"), msg("slow")]))
+    try:
+        await asyncio.wait_for(slow_started.wait(), 5)
+        assert runs.count("fast") == 1  # it ended; the batch waits for "slow"
+        await asyncio.sleep(1.6)  # a lease and a half: the time a lapsed lease needs
+        late = await other.aprocess(msg("fast"))
+        assert isinstance(late, Retry) and "another consumer" in late.reason, late
+    finally:
+        release.set()
+        verdicts = await asyncio.wait_for(task, 10)
+    assert verdicts == [Ack(ran=True), Ack(ran=True)]
+    assert runs.count("fast") == 1, runs
+    assert await other.aprocess(msg("fast")) == Ack(ran=False)
+
+
 # -- F08 (redteam3): one rule for every duration ---------------------------------------------------
 def _durations() -> dict[str, Any]:
     """Each public duration outside @idempotent, as a function of the value given for it."""

@@ -948,8 +948,32 @@ class IdempotentConsumer:
                 run.append((i, key, outcome.fence))
             else:  # held by another consumer (or a foreign record): wait for it, one by one
                 alone.append(i)
+        # Each claim's lease is renewed from its handler's start until the batch completed
+        # or released it, not only while its own handler runs: a handler that ended early
+        # waits for the slowest one before the batch's completion, and a lease let lapse
+        # meanwhile is one another consumer may take over and run the message again.
+        renewers: list[AsyncRenewer] = []
+        try:
+            await self._abatch_run(claims, batch, ids, verdicts, run, alone, sent_at, renewers)
+        finally:
+            for renewer in renewers:
+                renewer.stop()
+
+    async def _abatch_run(
+        self,
+        claims: Any,
+        batch: list[Delivery],
+        ids: dict[int, str],
+        verdicts: list[Verdict | None],
+        run: list[tuple[int, RecordKey, int]],
+        alone: list[int],
+        sent_at: float,
+        renewers: list[AsyncRenewer],
+    ) -> None:
+        """Run the batch's claimed handlers (``run``) and the held ones (``alone``), then
+        complete or release each claim; ``renewers`` keep the claims' leases until then."""
         handled = await asyncio.gather(
-            *(self._run_claimed(batch[i], key, fence, sent_at) for i, key, fence in run),
+            *(self._run_claimed(batch[i], key, fence, sent_at, renewers) for i, key, fence in run),
             *(self.aprocess(batch[i]) for i in alone),
             return_exceptions=True,
         )
@@ -989,11 +1013,18 @@ class IdempotentConsumer:
         return verdict
 
     async def _run_claimed(
-        self, delivery: Delivery, key: RecordKey, fence: int, sent_at: float
+        self,
+        delivery: Delivery,
+        key: RecordKey,
+        fence: int,
+        sent_at: float,
+        renewers: list[AsyncRenewer],
     ) -> None:
-        """Run the handler under a claim made by the batch, its lease renewed meanwhile."""
+        """Run the handler under a claim made by the batch, its lease renewed from now on;
+        the renewer goes into ``renewers``, which the batch stops once the claim is completed
+        or released (not when the handler returns)."""
         claimed = Claimed(key, fence, self.lease, self.store)
-        renewer = AsyncRenewer(claimed, sent_at)
+        renewers.append(AsyncRenewer(claimed, sent_at))
         token = active_claim.set(claimed)
         try:
             if self.is_async:
@@ -1004,7 +1035,6 @@ class IdempotentConsumer:
             raise HandlerFailed(exc) from exc
         finally:
             active_claim.reset(token)
-            renewer.stop()
 
     async def _complete_many(
         self, claims: Any, ok: list[tuple[int, RecordKey, int]]
