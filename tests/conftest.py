@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -24,6 +25,12 @@ MYSQL_URL = os.environ.get("ONCELY_TEST_MYSQL", "mysql://root@127.0.0.1:3306/tes
 STORE_KINDS = ["memory", "sqlite", "postgres", "mysql", "redis", "redis-cluster"]
 #: Stores that other processes can share (everything but memory://).
 SHARED_KINDS = ["sqlite", "postgres", "mysql", "redis"]
+
+
+def stable_id(value: object) -> str:
+    """``repr(value)`` without object addresses (``<... at 0x7f...>``): a test id that is the same
+    in every process, as pytest-xdist needs (its workers must collect the same tests)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", repr(value))
 
 
 def store_url(kind: str, tmp_path: Path) -> tuple[str, dict[str, object]]:

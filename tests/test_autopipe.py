@@ -126,6 +126,7 @@ async def test_an_error_reply_goes_to_its_own_caller_only() -> None:
         await pipe.aclose()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 async def test_a_silent_server_fails_the_calls_in_flight_within_the_timeout(
     private_redis: RedisServer,
 ) -> None:
@@ -180,6 +181,7 @@ def test_threads_share_writes_and_get_their_own_replies() -> None:
     pipe.close()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_threads_see_a_silent_server_fail_within_the_timeout(private_redis: RedisServer) -> None:
     pipe = SyncPipeline(lambda: redis.Connection(**_kwargs(private_redis.url, 0.5)))
     assert pipe.execute_command("ECHO", "x") == b"x"
@@ -264,6 +266,7 @@ def test_threads_beyond_max_connections_wait_instead_of_failing() -> None:
         store.close()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 async def test_an_exhausted_pool_is_a_bounded_typed_error() -> None:
     """Every pooled connection held for longer than ``pool_timeout``: the next pooled command
     fails with StoreUnavailable naming the pool, after about ``pool_timeout`` seconds, not at

@@ -26,6 +26,8 @@ from hypothesis import strategies as st
 from oncely import ConfigurationError, JsonCodec, SerializationError, idempotent
 from oncely.stores.memory import MemoryStore
 
+from conftest import stable_id
+
 
 class Money(NamedTuple):
     amount: Decimal
@@ -363,7 +365,7 @@ NOT_WHAT_THE_ANNOTATION_SAYS = [
 ]
 
 
-@pytest.mark.parametrize(("hint", "value"), NOT_WHAT_THE_ANNOTATION_SAYS, ids=repr)
+@pytest.mark.parametrize(("hint", "value"), NOT_WHAT_THE_ANNOTATION_SAYS, ids=stable_id)
 def test_a_value_that_would_replay_as_another_type_is_refused_not_stored(
     hint: Any, value: Any
 ) -> None:

@@ -274,6 +274,7 @@ def test_duplicate_can_raise_in_flight_instead_of_waiting(store: Store) -> None:
     assert slow(order) == 1
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_waiting_duplicate_gives_up_after_wait_timeout(store: Store) -> None:
     inside, finish = threading.Event(), threading.Event()
 
@@ -923,6 +924,7 @@ class _LockedCodec:
         raise AssertionError("nothing was stored")
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 @pytest.mark.parametrize("case", ["circular", "deep", "custom codec"])
 def test_a_result_that_fails_to_encode_in_any_way_runs_once(store: Store, case: str) -> None:
     # F09 (redteam3): a RecursionError (circular or deep value) or a custom codec's own error

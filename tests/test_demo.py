@@ -136,6 +136,7 @@ def test_demo_checks_its_store_at_start(tmp_path: Path, url: str, says: str) -> 
     assert not (tmp_path / "protected" / "service.log").exists()  # no shop was started
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 @pytest.mark.timeout(200)
 def test_demo_stops_with_one_line_when_its_store_goes_away_mid_run(tmp_path: Path) -> None:
     """The store (a Redis of this test's own) is killed while the storm runs: the demo ends

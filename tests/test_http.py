@@ -295,6 +295,7 @@ async def test_in_flight_duplicate_gets_409_with_retry_after(make_face: MakeFace
     assert face.calls["/slow"] == 1
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 async def test_in_flight_duplicate_can_wait_for_the_replay(make_face: MakeFace) -> None:
     face = make_face(wait=5)
     key = key_header()

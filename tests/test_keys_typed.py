@@ -32,6 +32,8 @@ from oncely.errors import UnfinishedResult
 from oncely.functions.keys import typed_canonical
 from oncely.stores.memory import MemoryStore
 
+from conftest import stable_id
+
 
 @dataclasses.dataclass(frozen=True)
 class Charge:
@@ -156,7 +158,7 @@ class Opaque:
 @pytest.mark.parametrize(
     "bad",
     [Opaque(), [1, Opaque()], {"k": Opaque()}, Charge(Opaque()), object(), lambda: 1],
-    ids=repr,
+    ids=stable_id,
 )
 def test_an_argument_without_an_exact_text_is_refused_naming_it(bad: Any) -> None:
     pay, runs = _payer(), RUNS

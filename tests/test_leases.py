@@ -71,6 +71,7 @@ def lease_until(store: RedisStore, key: RecordKey) -> float:
 
 
 # -- item 1: a stuck store delays only its own renewals --------------------------------------------
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_a_stuck_store_does_not_delay_renewals_on_a_healthy_one(
     private_redis: RedisServer, healthy_store: RedisStore
 ) -> None:

@@ -68,6 +68,7 @@ def test_one_node_down_still_locks(redlock_nodes: list[RedisServer], prefix: str
         redlock_nodes[2].resume()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_two_nodes_down_fails_cleanly_within_the_timeout(
     redlock_nodes: list[RedisServer], prefix: str
 ) -> None:
@@ -152,6 +153,7 @@ async def test_async_redlock(redlock_nodes: list[RedisServer], prefix: str) -> N
         redlock_nodes[0].resume()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_a_late_minority_does_not_lose_the_lock(
     redlock_nodes: list[RedisServer], prefix: str
 ) -> None:

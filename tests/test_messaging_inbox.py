@@ -413,6 +413,7 @@ def test_inbox_purge_deletes_old_rows_in_batches(db: Db) -> None:
     conn.rollback()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_purge_never_waits_for_a_live_transaction_on_postgres(tmp_path: Path) -> None:
     db = Db("postgres", tmp_path)
     try:

@@ -493,6 +493,7 @@ def test_a_connection_the_server_closed_is_replaced(store: MySQLStore) -> None:
     assert isinstance(store.claim(fresh_key(), "fp", 30.0, 60.0), New)
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_pool_exhaustion_is_store_unavailable(server: str, table: str) -> None:
     s = open_mode("transaction", server, table, max_size=1, timeout=0.3)
     key = fresh_key()
@@ -670,6 +671,7 @@ def _packet() -> int:
     return int(sql("SELECT @@max_allowed_packet")[0][0])
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_a_result_over_max_allowed_packet_is_ran_not_storable(server: str, table: str) -> None:
     # F16 (redteam3): the server's answer to an oversized statement (a reset: 2006) was taken
     # for an outage -> ResultNotStored and a background settle; the key expired and every retry

@@ -253,6 +253,7 @@ async def test_many_tasks_on_fresh_keys_each_get_a_definite_outcome(store: Postg
         assert kinds.count("New") == 1 and kinds.count("InFlight") == 11, kinds
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_replay_and_in_flight_are_read_only(store: PostgresStore) -> None:
     """A claim that finds a live row writes nothing, so it never waits behind a row lock."""
     # lock_timeout (a libpq option passed through) turns a regression into an error, not a hang.
@@ -337,6 +338,7 @@ def _complete_later(store: PostgresStore, key: RecordKey, fence: int, delay: flo
     threading.Thread(target=run).start()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_watch_wakes_promptly_from_another_store(store: PostgresStore) -> None:
     """Another pool (as in another process) completes: the NOTIFY wakes the waiter at once."""
     other = PostgresStore(URL, table=TABLE)
@@ -362,6 +364,7 @@ def test_watch_wakes_promptly_from_another_store(store: PostgresStore) -> None:
         other.close()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_watch_ignores_other_keys_and_times_out(store: PostgresStore) -> None:
     mine, theirs = fresh_key(), fresh_key()
     # Same digest in another scope, too: the payload tells scopes apart.
@@ -377,6 +380,7 @@ def test_watch_ignores_other_keys_and_times_out(store: PostgresStore) -> None:
     assert 0.45 <= time.monotonic() - t0 < 2.0
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_watch_sees_a_change_that_happened_before_it_listened(store: PostgresStore) -> None:
     key = fresh_key()
     new = store.claim(key, "fp", 30.0, 60.0)
@@ -388,6 +392,7 @@ def test_watch_sees_a_change_that_happened_before_it_listened(store: PostgresSto
     assert store.watch(fresh_key(), 1, timeout=20.0) is True  # no record at all
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_watch_with_a_long_scope(store: PostgresStore) -> None:
     """NOTIFY payloads are limited to 8000 bytes; the scope is hashed into the payload (the
     longest scope oncely takes, MAX_SCOPE_BYTES of 4-byte characters: 1020 bytes)."""
@@ -413,6 +418,7 @@ def test_watch_connections_are_reused_and_not_left_listening(store: PostgresStor
         assert conn.execute("SELECT pg_listening_channels()").fetchall() == []
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 async def test_awatch_wakes_promptly(store: PostgresStore) -> None:
     key = fresh_key()
     new = await store.aclaim(key, "fp", 30.0, 60.0)
@@ -430,6 +436,7 @@ async def test_awatch_wakes_promptly(store: PostgresStore) -> None:
     assert await store.awatch(key, new.fence, timeout=20.0) is True
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 async def test_awatch_from_sync_completion_and_timeout(store: PostgresStore) -> None:
     key = fresh_key()
     new = await store.aclaim(key, "fp", 30.0, 60.0)

@@ -194,6 +194,7 @@ def _pause_server(port: int, command: list[str]) -> threading.Thread:
     return thread
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 @pytest.mark.parametrize(
     "command", [["DEBUG", "SLEEP", "2"], ["CLIENT", "PAUSE", "2000", "ALL"]], ids=str
 )
@@ -233,6 +234,7 @@ def test_a_slow_redis_fails_claims_closed_within_the_socket_timeout(
         store.close()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 async def test_a_slow_redis_async_tasks_fail_closed_within_the_socket_timeout(
     slow: RedisServer,
 ) -> None:

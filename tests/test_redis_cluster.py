@@ -94,6 +94,7 @@ def test_bad_cluster_urls_are_configuration_errors(url: str) -> None:
         open_store(url)
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_an_unreachable_cluster_is_a_bounded_typed_error() -> None:
     started = time.monotonic()
     with pytest.raises(StoreUnavailable, match="Redis Cluster"):
@@ -101,6 +102,7 @@ def test_an_unreachable_cluster_is_a_bounded_typed_error() -> None:
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 @pytest.mark.parametrize("order", ["unreachable first", "unreachable last"])
 async def test_a_partly_reachable_node_list_works(order: str) -> None:
     """The URL's nodes are only where the client starts: one reachable node is enough, in
@@ -279,6 +281,7 @@ def test_failover_keeps_replicated_records_and_fences_grow() -> None:
         cluster.stop()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 async def test_waiters_on_a_cluster_are_woken_across_nodes() -> None:
     """A waiter (subscribed on one node) is woken by the completion published on another."""
     store = RedisStore(cluster_url(), prefix=_prefix())

@@ -132,6 +132,7 @@ def _keys_in(groups: set[str], count: int, run: str) -> list[str]:
     return out
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 @pytest.mark.parametrize("face", ["threads", "tasks"])
 @pytest.mark.parametrize("options", [{}, {"wait_replicas": 1}], ids=["plain", "wait_replicas"])
 def test_a_moved_ask_storm_runs_each_body_once_and_answers_right_or_typed(
@@ -265,6 +266,7 @@ def test_a_moved_ask_storm_runs_each_body_once_and_answers_right_or_typed(
     store.close()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 @pytest.mark.parametrize("options", [{}, {"wait_replicas": 1}], ids=["plain", "wait_replicas"])
 async def test_a_slot_stuck_half_moved_is_a_bounded_store_unavailable(
     options: dict[str, Any],

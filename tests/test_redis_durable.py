@@ -112,6 +112,7 @@ async def test_async_decisions_are_on_the_replica(pair: tuple[RedisServer, Redis
         store.close()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_a_claim_no_replica_acknowledges_fails_closed_and_frees_the_key() -> None:
     master = RedisServer()
     replica = RedisServer(replica_of=master.port)
@@ -159,6 +160,7 @@ def charge_scope(store: RedisStore) -> str:
     raise AssertionError("no record")
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_a_completion_no_replica_acknowledges_is_kept_and_stored_later() -> None:
     """The body ran: the key is never released. The caller gets ResultNotStored (with the
     result); a duplicate replays the outcome the master has; once a replica is back, the
@@ -248,6 +250,7 @@ def _replicas_of(port: int) -> list[int]:
     return [int(line.decode().split()[1].split("@")[0].rsplit(":", 1)[1]) for line in lines]
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 async def test_cluster_asks_for_more_replicas_than_there_are() -> None:
     """Each master has one replica: ``wait_replicas=2`` cannot be met. A claim fails closed
     within about the timeout (sync and async), and the key is left free."""

@@ -909,6 +909,7 @@ def numsub(raw: redis.Redis, prefix: str, key: RecordKey) -> int:
     return int(dict(raw.pubsub_numsub(channel))[channel.encode()])
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 @pytest.mark.parametrize("how", ["complete", "release", "delete"])
 def test_watch_wakes_on_publish(store: RedisStore, raw: redis.Redis, prefix: str, how: str) -> None:
     key = rkey()
@@ -934,6 +935,7 @@ def test_watch_wakes_on_publish(store: RedisStore, raw: redis.Redis, prefix: str
     assert numsub(raw, prefix, key) == 0  # unsubscribed, connection handed back
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_watch_sees_a_change_that_happened_before_it_subscribed(store: RedisStore) -> None:
     key = rkey()
     outcome = store.claim(key, "fp", 30, 60)
@@ -944,6 +946,7 @@ def test_watch_sees_a_change_that_happened_before_it_subscribed(store: RedisStor
     assert time.monotonic() - started < 1
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_watch_times_out_and_unsubscribes(store: RedisStore, raw: redis.Redis, prefix: str) -> None:
     key = rkey()
     outcome = store.claim(key, "fp", 30, 60)
@@ -955,6 +958,7 @@ def test_watch_times_out_and_unsubscribes(store: RedisStore, raw: redis.Redis, p
     assert store.watch(key, outcome.fence, 0) is False
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_watch_returns_when_the_lease_runs_out(store: RedisStore) -> None:
     key = rkey()
     outcome = store.claim(key, "fp", 0.2, 60)

@@ -581,6 +581,7 @@ async def test_an_http_response_not_stored_keeps_the_key_claimed(face_name: str)
 
 
 # -- F16 (redteam3): a result larger than the store takes is "ran, not storable" ------------------
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_a_result_over_the_store_limit_is_kept_as_ran_not_storable(store: Store) -> None:
     # Every store refuses a result over its limit (max_result_bytes: MySQL max_allowed_packet,
     # PostgreSQL 1 GB, Redis proto-max-bulk-len, SQLite SQLITE_LIMIT_LENGTH) before sending it;

@@ -188,6 +188,7 @@ def _dead(server: Server) -> Any:
     return server.open(f"{server.scheme}://oncely:s3cret@127.0.0.1:1/test", **server.dead_options)
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_unreachable_server_fails_fast_and_hides_the_password(server: Server) -> None:
     s = _dead(server)
     try:
@@ -205,6 +206,7 @@ def test_unreachable_server_fails_fast_and_hides_the_password(server: Server) ->
         s.close()
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 async def test_unreachable_server_async(server: Server) -> None:
     s = _dead(server)
     try:

@@ -201,6 +201,7 @@ def test_watch_wakes_when_the_holder_completes(store: Store) -> None:
     assert store.watch(key, new.fence, timeout=10.0) is True
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_watch_times_out_while_the_holder_runs(store: Store) -> None:
     key = fresh_key()
     new = claim_new(store, key)

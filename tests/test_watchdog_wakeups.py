@@ -12,6 +12,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from oncely.core.renewal import IDLE_TICK, Watchdog
 
 
@@ -53,6 +55,7 @@ def _watchdog() -> tuple[Watchdog, _CountingCondition]:
     return dog, cond
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 def test_short_calls_do_not_wake_the_scheduler() -> None:
     dog, cond = _watchdog()
     calls = 200
