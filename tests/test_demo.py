@@ -237,6 +237,7 @@ def _shop_processes(port: int) -> list[int]:
     return [p for p in pids if f"--port {port} " in _cmdline(p) + " " and _running(p)]
 
 
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("kill", ["supervisor-and-workers", "supervisor"])
 def test_demo_ends_with_one_line_when_its_shop_dies_mid_storm(tmp_path: Path, kill: str) -> None:
