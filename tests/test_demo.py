@@ -237,16 +237,11 @@ def _shop_processes(port: int) -> list[int]:
     return [p for p in pids if f"--port {port} " in _cmdline(p) + " " and _running(p)]
 
 
-@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
-@pytest.mark.timeout(150)
-@pytest.mark.parametrize("kill", ["supervisor-and-workers", "supervisor"])
-def test_demo_ends_with_one_line_when_its_shop_dies_mid_storm(tmp_path: Path, kill: str) -> None:
-    """SIGKILL of the shop's supervisor (and its workers, or not: then they are orphans still
-    serving) while the storm runs: the demo ends within seconds with exit 1 and one error line
-    naming the shop's address, the step and the process that died, no traceback, and no shop
-    process (supervisor, workers, settlers) left running. It used to retry for 30 s and end
-    with a `TransportError` traceback (or, with a long storm, run for hours), and orphaned
-    workers kept serving the port after the demo exited."""
+def _demo_mid_storm(tmp_path: Path) -> tuple[subprocess.Popen[str], int, int]:
+    """A long demo run (its storm of 20,000 operations, no faults) on a port of its own, once
+    its storm has begun (the ledger has rows): (the demo's process, the shop's port, the
+    shop's supervisor pid). The demo gets the default SIGINT handler (a background job's
+    SIGINT may be ignored by its shell)."""
     import signal
     import time
     import urllib.request
@@ -259,20 +254,41 @@ def test_demo_ends_with_one_line_when_its_shop_dies_mid_storm(tmp_path: Path, ki
          "--no-faults", "--port", str(port), "--workdir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "COLUMNS": "160"}, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
     )  # fmt: skip
+    deadline = time.monotonic() + 60
+    ledger: list[object] = []
+    while not ledger and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ledger", timeout=5) as r:
+                ledger = json.loads(r.read())
+        except OSError:
+            pass
+    if not ledger:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise AssertionError("the storm did not start")
+    supervisor = next(p for p in _children(proc.pid) if "shop.serve" in _cmdline(p))
+    return proc, port, supervisor
+
+
+@pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("kill", ["supervisor-and-workers", "supervisor"])
+def test_demo_ends_with_one_line_when_its_shop_dies_mid_storm(tmp_path: Path, kill: str) -> None:
+    """SIGKILL of the shop's supervisor (and its workers, or not: then they are orphans still
+    serving) while the storm runs: the demo ends within seconds with exit 1 and one error line
+    naming the shop's address, the step and the process that died, no traceback, and no shop
+    process (supervisor, workers, settlers) left running. It used to retry for 30 s and end
+    with a `TransportError` traceback (or, with a long storm, run for hours), and orphaned
+    workers kept serving the port after the demo exited."""
+    import signal
+    import time
+
+    proc, port, supervisor = _demo_mid_storm(tmp_path)
     shop: list[int] = []
     try:
-        deadline = time.monotonic() + 60  # the storm has begun once the ledger has rows
-        ledger: list[object] = []
-        while not ledger and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ledger", timeout=5) as r:
-                    ledger = json.loads(r.read())
-            except OSError:
-                pass
-        assert ledger, "the storm did not start"
-        supervisor = next(p for p in _children(proc.pid) if "shop.serve" in _cmdline(p))
         workers = _children(supervisor)
         settlers = [p for p in _children(proc.pid) if "shop.settler" in _cmdline(p)]
         shop = [supervisor, *workers, *settlers]
@@ -312,33 +328,10 @@ def test_an_interrupted_demo_says_so_in_one_line_and_stops_its_shop(
     with one error line saying it was interrupted, exit status 128 + the signal, no traceback
     and no shop process left. It used to end with no line at all (a retest of round 10)."""
     import signal
-    import time
-    import urllib.request
 
-    from lock_workers import free_port
-
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "oncely.cli", "demo", "--operations", "20000", "--no-contrast",
-         "--no-faults", "--port", str(port), "--workdir", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "COLUMNS": "160"}, start_new_session=True,
-        # a background job's SIGINT may be ignored by its shell: the demo gets the default
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler),
-    )  # fmt: skip
+    proc, port, supervisor = _demo_mid_storm(tmp_path)
     shop: list[int] = []
     try:
-        deadline = time.monotonic() + 60  # the storm has begun once the ledger has rows
-        ledger: list[object] = []
-        while not ledger and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.2)
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ledger", timeout=5) as r:
-                    ledger = json.loads(r.read())
-            except OSError:
-                pass
-        assert ledger, "the storm did not start"
-        supervisor = next(p for p in _children(proc.pid) if "shop.serve" in _cmdline(p))
         shop = [supervisor, *_children(supervisor)]
         shop += [p for p in _children(proc.pid) if "shop.settler" in _cmdline(p)]
         os.kill(proc.pid, signum)
