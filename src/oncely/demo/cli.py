@@ -223,8 +223,8 @@ def demo(
     except typer.Exit:
         keep = shop
         raise
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (below): the shop is stopped by now
-        which, code = ("SIGTERM", 143) if isinstance(exc, _Terminated) else ("Ctrl-C", 130)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (below): the shop is stopped by now
+        which, code = ("SIGTERM", 143) if _TERMINATED.is_set() else ("Ctrl-C", 130)
         where = f" during the {label} run" if shop else ""
         errors.print(
             Text.assemble(
@@ -242,22 +242,28 @@ def demo(
         raise typer.Exit(1)
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the demo's main thread as Ctrl-C is, so that the demo stops its
-    shop on the way out and says so in one line (exit status 143)."""
+_TERMINATED = threading.Event()  # the demo's interruption came as SIGTERM
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise _Terminated
+def _on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM goes the way of Ctrl-C: as a SIGINT, which ``asyncio.run`` turns into a
+    cancellation of the storm (its tasks wind down; ``KeyboardInterrupt`` afterwards), not a
+    ``KeyboardInterrupt`` raised inside whichever task runs (the loop would log that task's
+    traceback). Where SIGINT is ignored (a background job), it is raised here."""
+    _TERMINATED.set()
+    if callable(signal.getsignal(signal.SIGINT)):
+        signal.raise_signal(signal.SIGINT)
+    else:
+        raise KeyboardInterrupt
 
 
 def _interrupt_on_sigterm() -> Any:
-    """Turn SIGTERM into :class:`_Terminated` while the demo runs; returns what puts the
-    previous handler back (nothing to do outside the main thread, where no handler can be
-    set)."""
+    """Route SIGTERM through Ctrl-C's path while the demo runs; returns what puts the previous
+    handler back (nothing to do outside the main thread, where no handler can be set)."""
+    _TERMINATED.clear()
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
