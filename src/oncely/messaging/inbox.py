@@ -70,6 +70,7 @@ from oncely.sql.connections import (
     adapt,
     arun,
     commit_if_held,
+    exec_in_block,
     leave_usable,
     lost_message,
     missing_object,
@@ -321,14 +322,7 @@ class Inbox:
 
     # -- plans ---------------------------------------------------------------------------------
     def _create(self, conn: SqlConnection) -> Plan[None]:
-        block = yield Enter(savepoint=True)
-        try:
-            for statement in self.schema_sql(conn.dialect):
-                yield Exec(statement, {})
-        except BaseException as exc:
-            yield from roll_back(block, exc)
-            raise
-        yield Leave(block, True)
+        yield from exec_in_block(self.schema_sql(conn.dialect))
 
     def commit_held(
         self, conn: SqlConnection, block: Any, consumer: Any, message_id: Any, who: str

@@ -76,6 +76,7 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
+    exec_in_block,
     quote,
     roll_back,
     run,
@@ -234,14 +235,7 @@ class Outbox:
 
     # -- plans ---------------------------------------------------------------------------------
     def _create(self, conn: SqlConnection) -> Plan[None]:
-        block = yield Enter(savepoint=True)
-        try:
-            for statement in self.schema_sql(conn.dialect):
-                yield Exec(statement, {})
-        except BaseException as exc:
-            yield from roll_back(block, exc)
-            raise
-        yield Leave(block, True)
+        yield from exec_in_block(self.schema_sql(conn.dialect))
 
     def _add(
         self,

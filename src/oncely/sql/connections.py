@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final, Literal, NamedTuple
@@ -77,6 +77,7 @@ __all__ = [
     "commit_if_held",
     "duplicate_of",
     "exact_text",
+    "exec_in_block",
     "leave_or_lost",
     "leave_usable",
     "lock_timeout",
@@ -176,6 +177,20 @@ def roll_back(block: Block, exc: BaseException | None) -> Plan[None]:
     (SQLAlchemy invalidates such a connection itself, Django closes it)."""
     with cleanup(exc):
         yield Leave(block, False)
+
+
+def exec_in_block(statements: Sequence[str], *, savepoint: bool = True) -> Plan[None]:
+    """Run ``statements`` (no parameters: DDL) in one block and commit it; on any error the
+    block is rolled back through :func:`roll_back` and the error raised. ``savepoint``: that of
+    the block's :class:`Enter`."""
+    block = yield Enter(savepoint=savepoint)
+    try:
+        for statement in statements:
+            yield Exec(statement, {})
+    except BaseException as exc:
+        yield from roll_back(block, exc)
+        raise
+    yield Leave(block, True)
 
 
 # -- identifiers and placeholders --------------------------------------------------------------

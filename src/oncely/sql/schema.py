@@ -20,20 +20,18 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from oncely.backends.plans import Exec, Plan
+from oncely.backends.plans import Plan
 from oncely.core.records import RecordKey
 from oncely.errors import SchemaMissing, UnknownTable
 from oncely.sql.connections import (
     Dialect,
-    Enter,
-    Leave,
     SqlConnection,
     adapt,
     arun,
     check_identifier,
+    exec_in_block,
     missing_object,
     quote,
-    roll_back,
     run,
 )
 
@@ -124,14 +122,7 @@ def ddl(dialect: Dialect, table: str = DEFAULT_TABLE) -> list[str]:
 
 def _create(c: SqlConnection, table: str) -> Plan[None]:
     check_identifier(table)  # before BEGIN: a bad name is a configuration error, not a DDL one
-    block = yield Enter(False)
-    try:
-        for statement in ddl(c.dialect, table):
-            yield Exec(statement, {})
-    except BaseException as exc:
-        yield from roll_back(block, exc)
-        raise
-    yield Leave(block, True)
+    yield from exec_in_block(ddl(c.dialect, table), savepoint=False)
 
 
 def create_tables(conn: Any, table: str = DEFAULT_TABLE) -> None:

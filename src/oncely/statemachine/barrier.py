@@ -71,6 +71,7 @@ from oncely.sql.connections import (
     busy,
     exact_text,
     missing_object,
+    roll_back,
 )
 from oncely.sql.connections import arun as sql_arun
 from oncely.sql.connections import run as sql_run
@@ -272,8 +273,8 @@ def _create_plan(conn: SqlConnection, table: str) -> Plan[None]:
         except Exception as exc:  # MySQL has no CREATE INDEX IF NOT EXISTS: 1061 = exists
             if "1061" not in str(exc) and "Duplicate key name" not in str(exc):
                 raise
-    except BaseException:
-        yield Leave(block, False)
+    except BaseException as exc:
+        yield from roll_back(block, exc)
         raise
     yield Leave(block, True)
 
@@ -326,7 +327,7 @@ def _purge_plan(conn: SqlConnection, table: str, older_than: float, batch: int) 
         try:
             res = yield Exec(sql, {"older_than": float(older_than), "batch": batch})
         except BaseException as exc:
-            yield Leave(block, False)
+            yield from roll_back(block, exc)
             if missing_object(exc) is not None:
                 raise BarrierTableMissing(
                     f"the barrier table {table} does not exist: nothing to purge (create it "

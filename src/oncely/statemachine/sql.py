@@ -70,6 +70,7 @@ from oncely.sql.connections import (
     busy,
     commit_if_held,
     exact_text,
+    exec_in_block,
     lost_message,
     missing_object,
     quote,
@@ -348,14 +349,7 @@ class SqlStateMachine:
 
     # -- plans ------------------------------------------------------------------------------
     def _create_plan(self, c: SqlConnection) -> Plan[None]:
-        block = yield Enter(savepoint=True)
-        try:
-            for sql in self.ddl(c.dialect):
-                yield Exec(sql, {})
-        except BaseException as exc:
-            yield from roll_back(block, exc)
-            raise
-        yield Leave(block, True)
+        yield from exec_in_block(self.ddl(c.dialect))
 
     def _replay(self, t: Transition, entity_id: Any, key: str, found: Any) -> Outcome:
         transition, state = found.rows[0][0], found.rows[0][1]
