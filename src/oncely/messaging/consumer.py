@@ -954,54 +954,42 @@ class IdempotentConsumer:
         # meanwhile is one another consumer may take over and run the message again.
         renewers: list[AsyncRenewer] = []
         try:
-            await self._abatch_run(claims, batch, ids, verdicts, run, alone, sent_at, renewers)
+            handled = await asyncio.gather(
+                *(
+                    self._run_claimed(batch[i], key, fence, sent_at, renewers)
+                    for i, key, fence in run
+                ),
+                *(self.aprocess(batch[i]) for i in alone),
+                return_exceptions=True,
+            )
+            for i, verdict in zip(alone, handled[len(run) :]):
+                verdicts[i] = (
+                    verdict
+                    if not isinstance(verdict, BaseException)
+                    else Retry(self.retry_delay, repr(verdict))
+                )
+            ok: list[tuple[int, RecordKey, int]] = []
+            for (i, key, fence), error in zip(run, handled[: len(run)]):
+                if error is None:
+                    ok.append((i, key, fence))
+                    continue
+                assert isinstance(error, BaseException)
+                if not isinstance(error, Exception):
+                    raise error
+                try:
+                    await write_through(self.store.arelease, key, fence)
+                except OncelyError as release_error:
+                    log.warning(
+                        "oncely: a failed message's claim was not released (%s)",
+                        describe(release_error),
+                    )
+                verdicts[i] = await self._afinish(batch[i], ids[i], error)
+            if ok:
+                for i, error in zip((i for i, _, _ in ok), await self._complete_many(claims, ok)):
+                    verdicts[i] = await self._afinish(batch[i], ids[i], error)
         finally:
             for renewer in renewers:
                 renewer.stop()
-
-    async def _abatch_run(
-        self,
-        claims: Any,
-        batch: list[Delivery],
-        ids: dict[int, str],
-        verdicts: list[Verdict | None],
-        run: list[tuple[int, RecordKey, int]],
-        alone: list[int],
-        sent_at: float,
-        renewers: list[AsyncRenewer],
-    ) -> None:
-        """Run the batch's claimed handlers (``run``) and the held ones (``alone``), then
-        complete or release each claim; ``renewers`` keep the claims' leases until then."""
-        handled = await asyncio.gather(
-            *(self._run_claimed(batch[i], key, fence, sent_at, renewers) for i, key, fence in run),
-            *(self.aprocess(batch[i]) for i in alone),
-            return_exceptions=True,
-        )
-        for i, verdict in zip(alone, handled[len(run) :]):
-            verdicts[i] = (
-                verdict
-                if not isinstance(verdict, BaseException)
-                else Retry(self.retry_delay, repr(verdict))
-            )
-        ok: list[tuple[int, RecordKey, int]] = []
-        for (i, key, fence), error in zip(run, handled[: len(run)]):
-            if error is None:
-                ok.append((i, key, fence))
-                continue
-            assert isinstance(error, BaseException)
-            if not isinstance(error, Exception):
-                raise error
-            try:
-                await write_through(self.store.arelease, key, fence)
-            except OncelyError as release_error:
-                log.warning(
-                    "oncely: a failed message's claim was not released (%s)",
-                    describe(release_error),
-                )
-            verdicts[i] = await self._afinish(batch[i], ids[i], error)
-        if ok:
-            for i, error in zip((i for i, _, _ in ok), await self._complete_many(claims, ok)):
-                verdicts[i] = await self._afinish(batch[i], ids[i], error)
 
     async def _afinish(
         self, delivery: Delivery, dedup_id: str, error: BaseException | None
