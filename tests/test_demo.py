@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from oncely.demo.service import _children, _cmdline  # the demo's own /proc readers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
@@ -205,20 +207,6 @@ def test_storm_and_probe_name_an_unreachable_url_and_what_to_check(command: str)
     assert len(lines) == 1 and lines[0].startswith("error: cannot reach"), out.stderr
     assert url in lines[0] and "Cannot connect" in lines[0] and "check" in lines[0], lines[0]
     assert "Traceback" not in out.stderr
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def _running(pid: int) -> bool:
