@@ -948,15 +948,17 @@ class IdempotentConsumer:
                 run.append((i, key, outcome.fence))
             else:  # held by another consumer (or a foreign record): wait for it, one by one
                 alone.append(i)
-        # Each claim's lease is renewed from its handler's start until the batch completed
-        # or released it, not only while its own handler runs: a handler that ended early
+        # Each claim's lease is renewed from its handler's start until its completion or
+        # release is sent, not only while its own handler runs: a handler that ended early
         # waits for the slowest one before the batch's completion, and a lease let lapse
-        # meanwhile is one another consumer may take over and run the message again.
-        renewers: list[AsyncRenewer] = []
+        # meanwhile is one another consumer may take over and run the message again. Each
+        # renewer stops just before its claim's completion or release goes out (as on the
+        # one-message path), so a renewal crossing it is not taken for a lost lease.
+        renewers: dict[int, AsyncRenewer] = {}
         try:
             handled = await asyncio.gather(
                 *(
-                    self._run_claimed(batch[i], key, fence, sent_at, renewers)
+                    self._run_claimed(batch[i], key, fence, sent_at, renewers, i)
                     for i, key, fence in run
                 ),
                 *(self.aprocess(batch[i]) for i in alone),
@@ -976,6 +978,7 @@ class IdempotentConsumer:
                 assert isinstance(error, BaseException)
                 if not isinstance(error, Exception):
                     raise error
+                renewers.pop(i).stop()
                 try:
                     await write_through(self.store.arelease, key, fence)
                 except OncelyError as release_error:
@@ -985,10 +988,12 @@ class IdempotentConsumer:
                     )
                 verdicts[i] = await self._afinish(batch[i], ids[i], error)
             if ok:
+                for i, _, _ in ok:
+                    renewers.pop(i).stop()
                 for i, error in zip((i for i, _, _ in ok), await self._complete_many(claims, ok)):
                     verdicts[i] = await self._afinish(batch[i], ids[i], error)
         finally:
-            for renewer in renewers:
+            for renewer in renewers.values():
                 renewer.stop()
 
     async def _afinish(
@@ -1006,13 +1011,14 @@ class IdempotentConsumer:
         key: RecordKey,
         fence: int,
         sent_at: float,
-        renewers: list[AsyncRenewer],
+        renewers: dict[int, AsyncRenewer],
+        index: int,
     ) -> None:
         """Run the handler under a claim made by the batch, its lease renewed from now on;
-        the renewer goes into ``renewers``, which the batch stops once the claim is completed
-        or released (not when the handler returns)."""
+        the renewer goes into ``renewers[index]``, which the batch stops when it sends the
+        claim's completion or release (not when the handler returns)."""
         claimed = Claimed(key, fence, self.lease, self.store)
-        renewers.append(AsyncRenewer(claimed, sent_at))
+        renewers[index] = AsyncRenewer(claimed, sent_at)
         token = active_claim.set(claimed)
         try:
             if self.is_async:
