@@ -336,3 +336,37 @@ def test_token_lifetime_uses_the_store_clock(make_store: StoreFactory) -> None:
     tokens = Tokens(SECRET, store)
     claims = tokens.verify(tokens.issue("u", "p", ttl=100), "u", "p")
     assert abs(claims.expires_at - (store.now() + 100)) < 2
+
+
+@pytest.mark.parametrize("store_kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("face_kind", ["asgi", "wsgi"])
+async def test_a_token_is_spent_once_across_guards_of_other_token_scopes(
+    make_store: StoreFactory, store_kind: str, face_kind: str
+) -> None:
+    """rt11: two services (or one before and after a config change) whose TokenGuards share
+    the secret and the store but not the Tokens scope each accepted the same token once: two
+    effects. The other scope's guard refuses it now (403 token-foreign) and runs nothing."""
+    store = make_store(store_kind)[0]
+    run = uuid.uuid4().hex[:8]
+
+    def face(scope: str) -> Face:
+        tokens = Tokens(SECRET, store, scope=f"{scope}-{run}", default_ttl=60)
+        guard = TokenGuard(
+            tokens=tokens,
+            endpoint="/tokens",
+            routes={"/orders": "checkout"},
+            subject=lambda r: r.header("x-user"),
+        )
+        return FACES[face_kind](IdempotencyConfig(tokens=guard, store=store, scope=GLOBAL))
+
+    old, new = face("svc-old"), face("svc-new")
+    token = await fetch_token(old)
+    user = ("X-User", "alice")
+    first = await new.request("POST", "/orders", [user, FORM], form(token))
+    assert (first.status, first.problem) == (403, "token-foreign")
+    assert (await old.request("POST", "/orders", [user, FORM], form(token))).status == 201
+    second = await new.request("POST", "/orders", [user, FORM], form(token))
+    assert (second.status, second.problem) == (403, "token-foreign")
+    again = await old.request("POST", "/orders", [user, FORM], form(token))
+    assert (again.status, again.problem) == (409, "token-reused")
+    assert old.calls["/orders"] + new.calls["/orders"] == 1

@@ -460,3 +460,125 @@ def test_the_first_run_and_a_resume_see_the_same_data(shop: Shop) -> None:
         saga.run(shop.db.connect(), "order-same")
     assert seen == [data, data]  # the action (first run) and the compensation
     assert [repr(d) for d in seen] == [repr(data)] * 2  # the same types too
+
+
+def test_a_run_after_an_abort_before_it_started_raises_saga_failed(shop: Shop) -> None:
+    """rt11: abort() of a saga id that never ran stored ``{}`` as the saga's data, so the run
+    of that id with its real data raised IdempotencyKeyMismatch ('started with other data
+    ({})') instead of the documented SagaFailed (step None): the order-timed-out race lost by
+    the run. The abort's row carries no data now: a later run raises SagaFailed whatever its
+    data, and runs no step."""
+    conn = shop.db.connect()
+    saga = shop.saga(paid=True)
+    aborted = saga.abort(conn, "order-ab1")
+    assert aborted.state == "compensated" and aborted.compensated == ()
+    for data in ({**APPLE, "paid": True}, {"sku": "pear", "qty": 1, "paid": True}, None):
+        with pytest.raises(SagaFailed) as info:
+            saga.run(conn, "order-ab1", data)
+        assert info.value.step is None
+        assert info.value.result.executed == () and info.value.result.compensated == ()
+    # a second abort, with or without data, finds it rolled back and does nothing
+    for again in (saga.abort(conn, "order-ab1"), saga.abort(conn, "order-ab1", APPLE)):
+        assert again.state == "compensated" and again.compensated == ()
+    # abort(data) of a saga id that never ran checks the data but does not store it
+    assert saga.abort(conn, "order-ab2", {**APPLE, "paid": True}).state == "compensated"
+    with pytest.raises(SagaFailed) as other:
+        saga.run(conn, "order-ab2", {"sku": "pear", "qty": 9, "paid": True})
+    assert other.value.step is None
+    assert shop.qty() == 10
+    assert shop.moves_of("order-ab1") == [] and shop.moves_of("order-ab2") == []
+    rows = shop.db.run(f"SELECT state, data FROM saga_{shop.db.tag} ORDER BY saga_id")
+    assert rows == [("compensated", None), ("compensated", None)]
+
+
+def test_an_abort_after_completion_leaves_the_saga_alone(shop: Shop) -> None:
+    """An abort of a completed saga returns its result ``completed`` and compensates nothing;
+    with other data than the saga's own it raises IdempotencyKeyMismatch (as documented)."""
+    conn = shop.db.connect()
+    saga = shop.saga(paid=True)
+    assert saga.run(conn, "order-done", {**APPLE, "paid": True}).state == "completed"
+    late = saga.abort(conn, "order-done")
+    assert late.state == "completed" and late.compensated == ()
+    assert saga.abort(conn, "order-done", {**APPLE, "paid": True}).state == "completed"
+    with pytest.raises(IdempotencyKeyMismatch):
+        saga.abort(conn, "order-done", {"sku": "apple", "qty": 1, "paid": True})
+    assert shop.qty() == 7 and shop.moves_of("order-done") == ACTIONS
+
+
+async def test_async_run_after_an_abort_before_it_started(shop: Shop) -> None:
+    """The async face of the rt11 case: aabort() then arun() with the saga's data."""
+    conn = await shop.db.aconnect()
+    calls: list[str] = []
+
+    async def step(ctx: Any) -> None:
+        calls.append(f"{ctx.step}:{ctx.op}")
+
+    saga = Saga("async", [Step("one", step, step), Step("two", step, step)],
+                table=f"saga_{shop.db.tag}", barrier_table=f"barrier_{shop.db.tag}")  # fmt: skip
+    try:
+        assert (await saga.aabort(conn, "a-ab")).state == "compensated"
+        with pytest.raises(SagaFailed) as info:
+            await saga.arun(conn, "a-ab", {"sku": "apple", "n": 3})
+        assert info.value.step is None and info.value.result.executed == ()
+        assert (await saga.aabort(conn, "a-ab", {"n": 1})).state == "compensated"
+        assert calls == []
+    finally:
+        await shop.db.aclose()
+
+
+@pytest.mark.serial
+def test_abort_racing_the_run_never_mismatches_nor_leaves_an_effect(shop: Shop) -> None:
+    """rt11, the order-timed-out race: for each saga id a run (with its data) and an abort
+    (without) start at the same instant on their own connections. Either the run completes
+    (and the abort, which came too late, leaves it alone: ``completed``), or the run raises
+    SagaFailed and everything it applied is given back. Never IdempotencyKeyMismatch, never an
+    action without its compensation."""
+    db = shop.db
+    db.run(f"UPDATE {shop.stock} SET qty = 1000 WHERE sku = 'apple'")
+    saga = shop.saga(paid=True)
+    ids = [f"race-{i}" for i in range(24)]
+    both = threading.Barrier(2)
+    runs: dict[str, Any] = {}
+    aborts: dict[str, Any] = {}
+
+    def drive(out: dict[str, Any], call: Any) -> None:
+        conn = db.connect()
+        try:
+            for saga_id in ids:
+                both.wait(30)
+                try:
+                    out[saga_id] = call(conn, saga_id)
+                except Exception as exc:
+                    out[saga_id] = exc
+                    if db.dialect != "sqlite":
+                        conn.rollback()
+        finally:
+            conn.close()
+
+    data = {"sku": "apple", "qty": 1, "paid": True}
+    threads = [
+        threading.Thread(target=drive, args=(runs, lambda c, i: saga.run(c, i, data))),
+        threading.Thread(target=drive, args=(aborts, lambda c, i: saga.abort(c, i))),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    completed = 0
+    for saga_id in ids:
+        run, abort = runs[saga_id], aborts[saga_id]
+        moves = shop.moves_of(saga_id)
+        assert not isinstance(abort, Exception), (saga_id, abort)
+        if isinstance(run, SagaFailed):
+            assert run.step is None, (saga_id, run)
+            assert abort.state == "compensated", (saga_id, abort)
+            took = {step for step, op in moves if op == "action"}
+            gave = {step for step, op in moves if op == "compensate"}
+            # every action that ran was compensated (await_payment has no compensation)
+            assert took - {"await_payment"} == gave, (saga_id, moves)
+        else:
+            assert not isinstance(run, Exception), (saga_id, run)
+            assert run.state == "completed" and abort.state == "completed", (saga_id, abort)
+            assert moves == ACTIONS, (saga_id, moves)
+            completed += 1
+    assert shop.qty() == 1000 - completed

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
+import secrets
+import struct
 import threading
 import time
 import uuid
@@ -256,3 +261,79 @@ def test_a_token_guard_route_without_a_purpose_is_refused() -> None:
 
     with pytest.raises(ConfigurationError, match="routes"):
         TokenGuard(tokens=Tokens(SECRET, "memory://"), routes={"/checkout": ""})
+
+
+def test_a_token_is_spent_at_most_once_whatever_the_consumers_scope(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rt11: the scope was not in the signed token. Two Tokens with the same secret and store
+    but another ``scope=`` (or ``$ONCELY_TOKEN_SCOPE``: a config change, two services) each
+    accepted the same token once: it was spent twice. The scope is bound into the token now: a
+    consumer of another scope refuses it (TokenForeign, what 'scope') and spends nothing."""
+    run = uuid.uuid4().hex[:8]
+    a = Tokens(SECRET, store, scope=f"tok-a-{run}")
+    b = Tokens(SECRET, store, scope=f"tok-b-{run}")
+    monkeypatch.setenv("ONCELY_TOKEN_SCOPE", f"tok-env-{run}")
+    env = Tokens(SECRET, store)
+    token = a.issue("user-42", "checkout", ttl=60)
+    for other in (b, env):
+        with pytest.raises(TokenForeign) as info:
+            other.consume(token, "user-42", "checkout")
+        assert info.value.what == "scope" and "tok-a" not in str(info.value)
+    a.consume(token, "user-42", "checkout")
+    for other in (b, env):  # after the spend too: refused as foreign, never a second spend
+        with pytest.raises(TokenForeign):
+            other.consume(token, "user-42", "checkout")
+    with pytest.raises(TokenReused):
+        a.consume(token, "user-42", "checkout")
+    # and the other way round; the environment's scope is bound like an explicit one
+    mine = env.issue("user-42", "checkout", ttl=60)
+    with pytest.raises(TokenForeign):
+        a.consume(mine, "user-42", "checkout")
+    env.consume(mine, "user-42", "checkout")
+
+
+async def test_async_consume_refuses_a_token_of_another_scope(store: Store) -> None:
+    run = uuid.uuid4().hex[:8]
+    a = Tokens(SECRET, store, scope=f"tok-a-{run}")
+    b = Tokens(SECRET, store, scope=f"tok-b-{run}")
+    token = await a.aissue("u", "p", ttl=60)
+    with pytest.raises(TokenForeign):
+        await b.aconsume(token, "u", "p")
+    await a.aconsume(token, "u", "p")
+    with pytest.raises(TokenForeign):
+        await b.aconsume(token, "u", "p")
+
+
+def _first_format_token(secret: str, subject: str, purpose: str, now_ms: int) -> str:
+    """A token as oncely issued it before the scope was bound (payload version 1: version, id,
+    issued_ms, expires_ms, subject tag, purpose), signed with ``secret``."""
+    key = secret.encode()
+    tag = hmac.new(key, b"subject\x00" + subject.encode(), hashlib.sha256).digest()[:12]
+    head = struct.pack(">B16sQQ12s", 1, secrets.token_bytes(16), now_ms, now_ms + 600_000, tag)
+    payload = head + purpose.encode()
+    mac = hmac.new(key, b"oncely-token\x00" + payload, hashlib.sha256).digest()[:20]
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    return f"ot1.{b64(payload)}.{b64(mac)}"
+
+
+def test_tokens_of_the_unscoped_format_are_refused(store: Store) -> None:
+    """Tokens issued before the upgrade bind no scope: accepted, they could still be spent once
+    per scope. They are refused (TokenExpired: ask for a new one), under every scope, before
+    the store is asked, while a forged one stays TokenForged."""
+    token = _first_format_token(SECRET, "u", "p", int(store.now() * 1000))
+    for scope in ("oncely-tokens", f"tok-{uuid.uuid4().hex[:8]}"):
+        tokens = Tokens(SECRET, store, scope=scope)
+        with pytest.raises(TokenExpired, match="older oncely"):
+            tokens.consume(token, "u", "p")
+        with pytest.raises(TokenExpired, match="older oncely"):
+            tokens.verify(token, "u", "p")
+    unreachable = Tokens(SECRET, "redis://127.0.0.1:1/0")  # refused without a round trip
+    with pytest.raises(TokenExpired):
+        unreachable.consume(token, "u", "p")
+    forged = _first_format_token("another-secret-" + "y" * 20, "u", "p", 0)
+    with pytest.raises(TokenForged):
+        unreachable.consume(forged, "u", "p")

@@ -253,7 +253,8 @@ class TokenReused(TokenError):
 
 
 class TokenForeign(TokenError):
-    """The token is genuine but was issued for another subject or purpose (``what`` says which)."""
+    """The token is genuine but was issued under another token scope, to another subject or for
+    another purpose (``what`` says which: ``"scope"``, ``"subject"`` or ``"purpose"``)."""
 
     def __init__(self, message: str, what: str) -> None:
         super().__init__(message)

@@ -551,7 +551,8 @@ SETTINGS: Final[Mapping[str, Setting]] = dict(
             "token_scope",
             "oncely-tokens",
             "Tokens(scope=)",
-            "store scope under which consumed tokens are recorded",
+            "store scope under which consumed tokens are recorded (bound into every token "
+            "issued: a Tokens of another scope refuses it)",
             _text,
         ),
         # observability

@@ -11,15 +11,24 @@ once, and a repeat (a double-submitted form, a replayed request) is refused::
     use = tokens.consume(token, subject="user-42", purpose="checkout")   # first time: fine
     tokens.consume(token, subject="user-42", purpose="checkout")         # TokenReused
 
-Format: ``ot1.<payload>.<mac>`` (URL-safe base64, no padding). The payload holds 16 random
-bytes (the token id), the issue and expiry instants on the store's clock, a keyed tag of the
-subject and the purpose; the MAC is HMAC-SHA256 over it. Issuing writes nothing: the store only
-learns about a token when it is consumed.
+Format: ``ot1.<payload>.<mac>`` (URL-safe base64, no padding). The payload holds its version
+(2), 16 random bytes (the token id), the issue and expiry instants on the store's clock, keyed
+tags of the subject and of the :class:`Tokens` ``scope`` it was issued under, and the purpose;
+the MAC is HMAC-SHA256 over it. Issuing writes nothing: the store only learns about a token when
+it is consumed.
+
+A token is spent at most once whatever the consumer: its consumption is recorded under the
+``scope`` of the :class:`Tokens` that consumes it, and only a :class:`Tokens` of the scope the
+token was issued under accepts it (another scope's refuses it,
+:class:`~oncely.errors.TokenForeign` with ``what == "scope"``). Tokens of the first format
+(payload version 1, no scope in it) could be spent once per scope; they are refused
+(:class:`~oncely.errors.TokenExpired`: ask for a new one).
 
 :meth:`Tokens.consume` checks, in this order:
 
 1. the signature (no store round trip for a forged token) -> :class:`~oncely.errors.TokenForged`;
-2. subject and purpose -> :class:`~oncely.errors.TokenForeign`;
+   a version-1 token -> :class:`~oncely.errors.TokenExpired`;
+2. scope, subject and purpose -> :class:`~oncely.errors.TokenForeign`;
 3. one ``claim`` on the store, keyed by the token id: the claim marks the token used and tells
    in the same round trip whether it was used before, and returns the store's clock;
 4. expiry against that clock -> :class:`~oncely.errors.TokenExpired`; a used token
@@ -58,8 +67,11 @@ from oncely.stores import Store, configured_store, shared_store
 __all__ = ["TokenClaims", "TokenUse", "Tokens"]
 
 _PREFIX = "ot1."
-_VERSION = 1
-_HEAD = struct.Struct(">B16sQQ12s")  # version, id, issued_ms, expires_ms, subject tag
+#: The payload version: 2 binds the scope. Version 1 (no scope) is refused, see the module doc.
+_VERSION = 2
+_UNSCOPED_VERSION = 1
+# version, id, issued_ms, expires_ms, subject tag, scope tag
+_HEAD = struct.Struct(">B16sQQ12s12s")
 _MAC_SIZE = 20
 #: The longest purpose a token can carry, in UTF-8 bytes.
 MAX_PURPOSE: Final = 200
@@ -117,7 +129,10 @@ class Tokens:
         first use, but its driver is checked now (``$ONCELY_STORE``, default
         ``sqlite:///oncely.db``).
     :param scope: the store scope under which consumed tokens are recorded
-        (``$ONCELY_TOKEN_SCOPE``, default ``oncely-tokens``).
+        (``$ONCELY_TOKEN_SCOPE``, default ``oncely-tokens``). It is bound into every token
+        issued here: a :class:`Tokens` of another scope refuses the token
+        (:class:`~oncely.errors.TokenForeign`, ``what == "scope"``), so no token can be spent
+        once per scope. Changing the scope invalidates the tokens still outstanding.
     :param default_ttl: lifetime in seconds when :meth:`issue` gets none
         (``$ONCELY_TOKEN_TTL``, default 900).
     :raises ConfigurationError: no secret, a key shorter than 16 bytes, a non-positive
@@ -175,6 +190,10 @@ class Tokens:
         return hmac.new(key, b"subject\x00" + subject.encode("utf-8"), hashlib.sha256).digest()[:12]
 
     @staticmethod
+    def _scope_tag(key: bytes, scope: str) -> bytes:
+        return hmac.new(key, b"scope\x00" + scope.encode("utf-8"), hashlib.sha256).digest()[:12]
+
+    @staticmethod
     def _mac(key: bytes, payload: bytes) -> bytes:
         return hmac.new(key, b"oncely-token\x00" + payload, hashlib.sha256).digest()[:_MAC_SIZE]
 
@@ -192,14 +211,20 @@ class Tokens:
             issued_ms,
             issued_ms + int(life * 1000),
             self._subject_tag(key, subject),
+            self._scope_tag(key, self.scope),
         ) + purpose.encode("utf-8")
         return f"{_PREFIX}{_b64(payload)}.{_b64(self._mac(key, payload))}"
 
     def verify(self, token: str, subject: str, purpose: str) -> TokenClaims:
-        """Check signature, subject and purpose without asking the store (no expiry check).
+        """Check signature, scope, subject and purpose without asking the store (no expiry
+        check).
 
         :raises TokenForged: ``token`` is not a token signed with one of the keys.
-        :raises TokenForeign: it was issued to another subject or for another purpose.
+        :raises TokenExpired: it is a genuine token of the first format (payload version 1,
+            issued before the scope was bound into tokens): refused, ask for a new one.
+        :raises TokenForeign: it was issued under another :attr:`scope` (``what`` is
+            ``"scope"``), to another subject (``"subject"``) or for another purpose
+            (``"purpose"``).
         :raises ConfigurationError: ``subject`` or ``purpose`` is not a ``str`` or holds a NUL
             character or a lone surrogate, or ``purpose`` is empty.
         """
@@ -212,20 +237,33 @@ class Tokens:
             payload, mac = _unb64(body), _unb64(mac_text)
         except (binascii.Error, ValueError) as exc:
             raise TokenForged("the token is not valid base64") from exc
-        if len(payload) < _HEAD.size or len(mac) != _MAC_SIZE:
+        if not payload or len(mac) != _MAC_SIZE:
             raise TokenForged("the token has the wrong length")
         for key in self._keys:
             if hmac.compare_digest(self._mac(key, payload), mac):
                 break
         else:
             raise TokenForged("the token's signature does not verify; it was not issued here")
-        version, token_id, issued_ms, expires_ms, tag = _HEAD.unpack_from(payload)
-        if version != _VERSION:
-            raise TokenForged(f"unknown token version {version}")
+        if payload[0] == _UNSCOPED_VERSION:
+            # Genuine, but its payload binds no scope: it could be spent once under every
+            # scope (its consumption is recorded per scope). Fail closed: never accepted.
+            raise TokenExpired(
+                "the token was issued by an older oncely version (its format binds no scope) "
+                "and is no longer accepted; ask for a new one"
+            )
+        if payload[0] != _VERSION:
+            raise TokenForged(f"unknown token version {payload[0]}")
+        if len(payload) < _HEAD.size:
+            raise TokenForged("the token has the wrong length")
+        _, token_id, issued_ms, expires_ms, tag, scope_tag = _HEAD.unpack_from(payload)
         try:
             token_purpose = payload[_HEAD.size :].decode("utf-8")
         except UnicodeDecodeError as exc:  # pragma: no cover - signed payloads are ours
             raise TokenForged("the token's purpose is not UTF-8") from exc
+        if not hmac.compare_digest(scope_tag, self._scope_tag(key, self.scope)):
+            raise TokenForeign(
+                "the token was issued under another token scope than this consumer's", "scope"
+            )
         if not hmac.compare_digest(tag, self._subject_tag(key, subject)):
             raise TokenForeign("the token was issued to another subject", "subject")
         if token_purpose != purpose:

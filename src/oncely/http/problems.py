@@ -98,7 +98,7 @@ STORE_UNAVAILABLE = ProblemType(
 TOKEN_MISSING = ProblemType("token-missing", 400, "A one-time token is required")
 TOKEN_FORGED = ProblemType("token-invalid", 403, "The one-time token is invalid")
 TOKEN_FOREIGN = ProblemType(
-    "token-foreign", 403, "The one-time token belongs to another user or purpose"
+    "token-foreign", 403, "The one-time token belongs to another user, purpose or token scope"
 )
 TOKEN_EXPIRED = ProblemType("token-expired", 403, "The one-time token has expired")
 TOKEN_REUSED = ProblemType("token-reused", 409, "The one-time token was already used")

@@ -37,6 +37,12 @@ compensation never gives back another amount than its action took. Rows of saga 
 before the ``data`` column existed have none stored (NULL): they use the caller's data, as
 before; :meth:`Saga.create_tables` adds the column to such a table.
 
+:meth:`Saga.abort` of a saga id that never ran (the order timed out before its saga started)
+creates the saga's row already ``compensating`` and stores no data (NULL): no step ran, so
+there is nothing to give back and nothing a later run's data could be compared with. A run of
+that id, with any data or none, raises :class:`~oncely.errors.SagaFailed` (``.step`` None) and
+runs no step; so does a run racing the abort that loses the race for the row.
+
 :meth:`Saga.run` returns only for a saga that completed: every run that ends compensated (its
 step failed, :meth:`Saga.abort` rolled it back before or meanwhile, or an earlier run did)
 raises :class:`~oncely.errors.SagaFailed`.
@@ -434,13 +440,19 @@ class Saga:
 
     # -- the plan ----------------------------------------------------------------------------
     def _start(
-        self, c: SqlConnection, saga_id: str, data: Mapping[str, Any] | None
+        self, c: SqlConnection, saga_id: str, data: Mapping[str, Any] | None, abort: bool
     ) -> Plan[tuple[str, Mapping[str, Any]]]:
         """Create the saga's row with its input (one statement) or find it (a second one, only
         for a saga that already exists: a new row is what this call wrote); returns its state
-        and the data the steps get: the stored data (the caller's must equal it)."""
+        and the data the steps get: the stored data (the caller's must equal it).
+
+        An abort creates the row of a saga that never ran already ``compensating`` and with no
+        data (NULL): no step ran, so there is nothing a later run's data could be compared
+        with, and a run meeting the row (even one racing the abort) finds it rolled back and
+        never runs a step."""
         t = quote(self.table, c.dialect)
-        cols = f"{t} (saga_id, name, state, data) VALUES (:id, :name, 'running', :data)"
+        born = "'compensating'" if abort else "'running'"
+        cols = f"{t} (saga_id, name, state, data) VALUES (:id, :name, {born}, :data)"
         insert = (
             f"INSERT IGNORE INTO {cols}"
             if c.dialect == "mysql"
@@ -450,7 +462,8 @@ class Saga:
         lock = " LOCK IN SHARE MODE" if c.dialect == "mysql" else ""
         block = yield Enter(savepoint=True)
         try:
-            params = {"id": saga_id, "name": self.name, "data": given or "{}"}
+            stored_data = None if abort else (given or "{}")
+            params = {"id": saga_id, "name": self.name, "data": stored_data}
             inserted = yield Exec(insert, params)
             fresh = inserted.rowcount == 1  # a new saga: its row is what was just written
             if not fresh:
@@ -469,7 +482,9 @@ class Saga:
             raise
         yield Leave(block, True)
         if fresh:  # the steps get the data decoded from what was stored, as a resume would
-            return "running", (json.loads(given) if given is not None else {})
+            # (an abort's new row is compensating: its compensations are all empty ones)
+            state = "compensating" if abort else "running"
+            return state, (json.loads(given) if given is not None else {})
         state, name, stored = res.rows[0]
         if isinstance(stored, (bytes, bytearray)):
             stored = stored.decode()
@@ -477,7 +492,8 @@ class Saga:
             raise ConfigurationError(
                 f"saga id {saga_id!r} belongs to saga {name!r}, not {self.name!r}: use a new id"
             )
-        if stored is None:  # a row from before the data column: the caller's data, as before
+        if stored is None:  # no data stored: a row from before the data column, or one an
+            # abort() created before any run (no step ran: nothing to compare): the caller's data
             return str(state), dict(data or {})
         if given is not None and given != stored:
             raise IdempotencyKeyMismatch(
@@ -575,7 +591,7 @@ class Saga:
         if not isinstance(saga_id, str) or not saga_id or len(saga_id) > 128:
             raise ConfigurationError("saga_id must be a non-empty str of at most 128 characters")
         stored_text(saga_id, "saga_id", ConfigurationError)
-        state, data = yield from self._start(c, saga_id, given)
+        state, data = yield from self._start(c, saga_id, given, abort)
         executed: list[str] = []
         failed: str | None = None
         error: BaseException | None = None
@@ -697,11 +713,21 @@ class Saga:
         compensations and are blocked if they arrive late). A completed saga is left alone
         (its result says ``completed``).
 
+        A saga id that never ran gets its row now, already ``compensating`` and with no data:
+        every later :meth:`run` of it raises :class:`~oncely.errors.SagaFailed` (``.step``
+        None) whatever its data, and runs no step. Aborting again returns ``compensated`` and
+        does nothing.
+
         :param data: None (the usual case): the compensations get the data the saga was started
             with, stored with its row. Given, it must equal the stored data
             (:class:`~oncely.errors.IdempotencyKeyMismatch` otherwise); for a saga id that never
-            ran it is stored as the saga's input.
-        :raises IdempotencyKeyMismatch: / :raises SagaStuck: as :meth:`run`."""
+            ran (or one aborted before it ran) it is checked to be plain JSON but not stored:
+            no step ran, nothing is given back.
+        :returns: a :class:`SagaResult`, state ``compensated`` (``compensated`` lists the
+            compensations this call executed), or ``completed`` when the saga had completed.
+        :raises IdempotencyKeyMismatch: ``data`` differs from the data stored for the saga (one
+            that ran); nothing ran.
+        :raises SagaStuck: as :meth:`run`."""
         c = self._adapt(conn)
         result: SagaResult = sql_run(self._plan(c, saga_id, _input(data), True), c, self._other)
         return result
