@@ -550,6 +550,50 @@ def test_two_relays_never_publish_a_message_twice(db: Db) -> None:
     assert Counter(published) == Counter({f"o{i}": 1 for i in range(200)})
 
 
+@pytest.mark.serial  # relays in lockstep, a barrier with a timeout: run alone
+@pytest.mark.parametrize(("relays", "rows"), [(2, 40), (3, 40), (3, 200)])
+def test_relays_marking_at_the_same_moment_never_publish_twice(
+    db: Db, relays: int, rows: int
+) -> None:
+    """No crash: ``relays`` relays publish their batches in lockstep (a barrier on every
+    publish), so their "mark as sent" UPDATEs run at the same moment. On MariaDB under
+    REPEATABLE READ the marks deadlocked (each one's scan read the rows the other claimed)
+    and the loser rolled back a batch it had already published, which was then published
+    again (rt11: 50 publishes for 40 messages; on a small table MariaDB scans the whole
+    primary key for ``WHERE id IN (...)``). Each message must be published once."""
+    batch = 10
+    conn = db.connect()
+    for i in range(rows):
+        db.outbox.add(conn, "t", b"x", message_id=f"o{i}")
+    conn.commit()
+    published: list[str] = []
+    lock = threading.Lock()
+    # SQLite has one writer: the others wait for BEGIN IMMEDIATE, the barrier times out and
+    # breaks, and the relays run one after the other from then on
+    lockstep = threading.Barrier(relays, timeout=3)
+
+    def publish(message: OutboxMessage) -> None:
+        with lock:
+            published.append(message.message_id)
+        with contextlib.suppress(threading.BrokenBarrierError):
+            lockstep.wait()
+
+    def relay_loop(relay: Relay) -> None:
+        relay.run(idle=0.05)
+
+    workers = [Relay(db.outbox, db.url, publish=publish, batch=batch) for _ in range(relays)]
+    threads = [threading.Thread(target=relay_loop, args=(r,)) for r in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for r in workers:
+        r.close()
+    counts = Counter(published)
+    assert {m: n for m, n in counts.items() if n > 1} == {}
+    assert counts == Counter({f"o{i}": 1 for i in range(rows)})
+
+
 def test_relay_killed_mid_batch_loses_nothing_and_the_inbox_applies_once(
     db: Db, stream: str, tmp_path: Path
 ) -> None:
@@ -638,6 +682,83 @@ def test_a_relay_reconnects_after_its_connection_is_killed(tmp_path: Path) -> No
         assert published == ["o1", "o2", "o3"]
     finally:
         db.drop()
+
+
+def _kill_relay_connection(db: Db, raw: Any) -> None:
+    """Kill the server side of driver connection ``raw`` (PyMySQL/aiomysql or psycopg)."""
+    conn = db.connect()
+    if db.kind == "mysql":
+        db.run(conn, f"KILL CONNECTION {int(raw.thread_id())}")
+    else:
+        assert db.run(conn, "SELECT pg_terminate_backend(%s)", (raw.info.backend_pid,)) == [(True,)]
+    conn.commit()
+
+
+def test_a_mark_that_fails_after_the_publish_is_retried_not_republished(server_db: Db) -> None:
+    """The relay's connection dies after a batch was published and before it was marked sent
+    (killed from inside the publish: no crash of the relay). The relay opens a new connection
+    and marks the published rows there, instead of leaving them to be published again; the
+    next batches go on as usual. Each message is published once."""
+    db = server_db
+    conn = db.connect()
+    for i in range(12):
+        db.outbox.add(conn, "t", b"x", message_id=f"o{i}")
+    conn.commit()
+    published: list[str] = []
+
+    def publish(message: OutboxMessage) -> None:
+        published.append(message.message_id)
+        if message.message_id == "o4":  # the last of the first batch
+            _kill_relay_connection(db, relay._raw)
+
+    relay = Relay(db.outbox, db.url, publish=publish, batch=5)
+    assert relay.run_once() == 5
+    assert relay.run(idle=0.05) == 7
+    relay.close()
+    assert published == [f"o{i}" for i in range(12)]
+    left = db.run(conn, f"SELECT count(*) FROM {db.outbox.table} WHERE sent_at IS NULL")
+    conn.commit()
+    assert left == [(0,)]
+
+
+async def test_an_async_relay_whose_mark_fails_after_the_publish_says_so(
+    server_db: Db, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a connection passed in (every async relay) the relay cannot open another one: when
+    that connection dies between the publish and the mark, it raises a StoreError that says
+    the published messages were not marked and will be published again (and logs it)."""
+    db = server_db
+    conn = db.connect()
+    for i in range(3):
+        db.outbox.add(conn, "t", b"x", message_id=f"o{i}")
+    conn.commit()
+    if db.kind == "mysql":
+        import aiomysql
+
+        raw: Any = await aiomysql.connect(host="127.0.0.1", user="root", db="test")
+    else:
+        import psycopg
+
+        raw = await psycopg.AsyncConnection.connect(POSTGRES_URL)
+
+    def publish(message: OutboxMessage) -> None:
+        if message.message_id == "o2":
+            _kill_relay_connection(db, raw)
+
+    relay = Relay(db.outbox, raw, publish=publish)
+    try:
+        with (
+            caplog.at_level("ERROR", logger="oncely"),
+            pytest.raises(StoreError, match=r"3 message.*could not mark them sent"),
+        ):
+            await relay.arun_once()
+        assert "published again" in caplog.text
+    finally:
+        with contextlib.suppress(Exception):
+            await raw.close() if db.kind == "postgres" else raw.close()
+    left = db.run(conn, f"SELECT count(*) FROM {db.outbox.table} WHERE sent_at IS NULL")
+    conn.commit()
+    assert left == [(3,)]
 
 
 def test_a_relay_holds_one_connection_and_gives_up_after_bounded_reconnects(

@@ -26,12 +26,21 @@ transaction that claimed it, after its publish returned.
 
 A relay claims a batch in one transaction: ``SELECT … WHERE sent_at IS NULL ORDER BY id LIMIT n
 FOR UPDATE SKIP LOCKED`` on PostgreSQL and MariaDB/MySQL (concurrent relays take different
-rows and never wait for each other), under SQLite's single writer (``BEGIN IMMEDIATE``: keep
-batches small there, since business writes wait while a batch is published). It publishes each
-message in id order, then marks the published ones sent and commits. If a publish raises, the
-messages before it are marked sent, the rest stay for the next batch, and the error propagates.
-A connection that dies (the relay was killed) rolls the claim back on the server, so the rows
-are free again.
+rows), under SQLite's single writer (``BEGIN IMMEDIATE``: keep batches small there, since
+business writes wait while a batch is published). It publishes each message in id order, then
+marks the published ones sent (by primary key) and commits. If a publish raises, the messages
+before it are marked sent, the rest stay for the next batch, and the error propagates. A
+connection that dies (the relay was killed) rolls the claim back on the server, so the rows are
+free again.
+
+On MariaDB/MySQL the batch's transaction runs at READ COMMITTED: under REPEATABLE READ two
+relays' marks deadlocked (a scan of the primary key locking the rows the other relay claimed)
+and InnoDB rolled one back after its batch was published, which was then published again. If
+the mark still fails after the publish (a deadlock, a dead connection), the published rows are
+marked in a new transaction (:data:`MARK_ATTEMPTS`; on a new connection for a relay opened from
+a URL) instead of being published again; only if that fails too does the pass raise a
+:class:`~oncely.errors.StoreError` saying they will be published again (see
+docs/messaging-inbox.md).
 
 :meth:`Outbox.purge` deletes sent rows older than a window in short batches (``oncely outbox
 purge URL``); unsent rows are never purged.
@@ -43,6 +52,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 import threading
 import time
 import uuid
@@ -52,6 +62,7 @@ from typing import Any, Final, NamedTuple
 
 from oncely.backends.plans import Exec, Plan
 from oncely.backends.urls import redact_url, scheme_of
+from oncely.core.observe import describe
 from oncely.core.text import stored_text
 from oncely.errors import (
     ConfigurationError,
@@ -78,6 +89,7 @@ from oncely.sql.connections import (
     arun,
     exec_in_block,
     quote,
+    retryable,
     roll_back,
     run,
 )
@@ -97,6 +109,10 @@ DEFAULT_KEEP_SENT: Final = 86400.0
 DEFAULT_RECONNECTS: Final = 3
 #: Longest topic, in characters.
 MAX_TOPIC_LENGTH: Final = 255
+#: Transactions a relay tries, after the batch's own failed, to mark published rows sent.
+MARK_ATTEMPTS: Final = 3
+
+log = logging.getLogger("oncely")
 
 
 @dataclass(frozen=True)
@@ -111,6 +127,37 @@ class OutboxMessage:
     topic: str
     payload: bytes
     headers: dict[str, str] = field(default_factory=dict)
+
+
+class _Unmarked(Exception):
+    """Internal: ``ids`` (``message_ids``) were published but their batch's transaction failed
+    before it committed the mark (``cause``); ``failure`` the publish error that ended the
+    batch, if one did."""
+
+    def __init__(
+        self,
+        ids: list[int],
+        message_ids: list[str],
+        failure: BaseException | None,
+        cause: BaseException,
+    ) -> None:
+        super().__init__(f"{len(ids)} published message(s) not marked sent")
+        self.ids, self.message_ids, self.failure, self.cause = ids, message_ids, failure, cause
+
+
+class _MarkFailed(StoreError):
+    """Messages were published but could not be marked sent: they stay unsent, and the next
+    batch (of any relay) publishes them again with the same message ids."""
+
+    def __init__(self, table: str, unmarked: _Unmarked, exc: BaseException) -> None:
+        shown = ", ".join(repr(m) for m in unmarked.message_ids[:5])
+        more = "" if len(unmarked.message_ids) <= 5 else ", ..."
+        super().__init__(
+            f"outbox relay on {table!r} published {len(unmarked.ids)} message(s) ({shown}{more}) "
+            f"but could not mark them sent ({describe(exc)}): they will be published again "
+            "with the same message ids (consumers drop the repeats with an Inbox)"
+        )
+        self.unmarked = unmarked
 
 
 class _Publish(NamedTuple):
@@ -219,7 +266,11 @@ class Outbox:
     def _sent_sql(self, dialect: Dialect, count: int) -> str:
         t = quote(self.table, dialect)
         ids = ", ".join(f":i{n}" for n in range(count))
-        return f"UPDATE {t} SET sent_at = {now_sql(dialect)} WHERE id IN ({ids})"
+        # by primary key, in id order; "sent_at IS NULL": a mark run again after its batch's
+        # transaction failed (_mark) keeps the time of a mark that did commit
+        return (
+            f"UPDATE {t} SET sent_at = {now_sql(dialect)} WHERE id IN ({ids}) AND sent_at IS NULL"
+        )
 
     def _purge_sql(self, dialect: Dialect) -> str:
         t = quote(self.table, dialect)
@@ -284,6 +335,17 @@ class Outbox:
             )
         try:
             done, failure = yield from self._claim_publish_mark(conn, batch)
+        except _Unmarked as unmarked:
+            # published, but the batch's transaction failed: mark them in a new one
+            log.warning(
+                "oncely: outbox relay on %r published %d message(s) but could not mark them "
+                "sent (%s); marking them again in a new transaction",
+                self.table,
+                len(unmarked.ids),
+                describe(unmarked.cause),
+            )
+            yield from self._mark(conn, unmarked)
+            done, failure = len(unmarked.ids), unmarked.failure
         except OncelyError:
             raise
         except Exception as exc:
@@ -292,11 +354,38 @@ class Outbox:
             raise failure
         return done
 
+    def _mark(self, conn: SqlConnection, unmarked: _Unmarked) -> Plan[None]:
+        """Mark ``unmarked.ids`` (published) sent in a transaction of their own, running it
+        again on a deadlock or serialization failure, up to :data:`MARK_ATTEMPTS` times.
+
+        :raises _MarkFailed: it did not commit (a :class:`~oncely.errors.StoreError`; the
+            rows stay unsent and are published again by the next batch)."""
+        params = {f"i{n}": i for n, i in enumerate(unmarked.ids)}
+        sql = self._sent_sql(conn.dialect, len(unmarked.ids))
+        for attempt in range(1, MARK_ATTEMPTS + 1):
+            try:
+                block = yield Enter(savepoint=False, read_committed=True)
+                try:
+                    yield Exec(sql, params)
+                except BaseException as exc:
+                    yield from roll_back(block, exc)
+                    raise
+                yield Leave(block, True)
+                return
+            except Exception as exc:
+                if attempt < MARK_ATTEMPTS and retryable(exc):
+                    continue
+                raise _MarkFailed(self.table, unmarked, exc) from exc
+
     def _claim_publish_mark(
         self, conn: SqlConnection, batch: int
     ) -> Plan[tuple[int, BaseException | None]]:
-        block = yield Enter(savepoint=False)
+        # READ COMMITTED on MySQL/MariaDB: under REPEATABLE READ the claim's gap locks and the
+        # mark's scan (which may read rows past its own) made two relays deadlock on their
+        # marks, and the loser rolled back a batch it had published (see the module docs)
+        block = yield Enter(savepoint=False, read_committed=True)
         done: list[int] = []
+        messages: list[str] = []
         failure: BaseException | None = None
         try:
             claimed = yield Exec(self._claim_sql(conn.dialect), {"batch": batch})
@@ -310,13 +399,25 @@ class Outbox:
                     failure = exc
                     break
                 done.append(message.id)
+                messages.append(message.message_id)
             if done:
                 params = {f"i{n}": i for n, i in enumerate(done)}
                 yield Exec(self._sent_sql(conn.dialect, len(done)), params)
         except BaseException as exc:
-            yield from roll_back(block, exc)
+            if not (done and isinstance(exc, Exception)):
+                yield from roll_back(block, exc)
+                raise
+            # published, not marked: whatever the rollback says (a dead connection fails it
+            # too, and the server rolls back itself), the published rows are marked again
+            with contextlib.suppress(Exception):
+                yield from roll_back(block, exc)
+            raise _Unmarked(done, messages, failure, exc) from exc
+        try:
+            yield Leave(block, True)
+        except Exception as exc:
+            if done:
+                raise _Unmarked(done, messages, failure, exc) from exc
             raise
-        yield Leave(block, True)
         return len(done), failure
 
     def add_plan(
@@ -464,6 +565,23 @@ class Relay:
             raw, self._raw, self._conn = self._raw, None, None
             raw.close()
 
+    def _unmarked(self, exc: StoreError) -> StoreError:
+        """Log (ERROR) that published messages stay unsent; the error to raise."""
+        log.error("oncely: %s", describe(exc))
+        return exc
+
+    def _still_unmarked(self, first: _MarkFailed, again: StoreError) -> StoreError:
+        if isinstance(again, _MarkFailed):
+            return again
+        return _MarkFailed(self.outbox.table, first.unmarked, again)
+
+    def _remarked(self, exc: _MarkFailed) -> int:
+        """After marking ``exc``'s messages on a new connection: their count, or the publish
+        error that ended their batch."""
+        if exc.unmarked.failure is not None:
+            raise exc.unmarked.failure
+        return len(exc.unmarked.ids)
+
     # -- the relay's own request (publish): the rest runs on oncely.sql.connections.run/arun --
     def _publish(self, request: Any) -> None:
         if type(request) is not _Publish:
@@ -496,6 +614,18 @@ class Relay:
         conn = self._connection()
         try:
             return int(run(self.outbox._batch(conn, self.batch), conn, self._publish))
+        except _MarkFailed as exc:
+            self._failed()
+            if self._url is None:
+                raise self._unmarked(exc) from exc
+            # the connection died under the mark: mark them on a new one
+            try:
+                conn = self._connection()
+                run(self.outbox._mark(conn, exc.unmarked), conn)
+            except StoreError as again:
+                self._failed()
+                raise self._unmarked(self._still_unmarked(exc, again)) from again
+            return self._remarked(exc)
         except StoreError:
             self._failed()
             raise
@@ -545,6 +675,17 @@ class Relay:
         conn = self._connection()
         try:
             return int(await arun(self.outbox._batch(conn, self.batch), conn, self._apublish))
+        except _MarkFailed as exc:
+            self._failed()
+            if self._url is None:
+                raise self._unmarked(exc) from exc
+            try:
+                conn = self._connection()
+                await arun(self.outbox._mark(conn, exc.unmarked), conn)
+            except StoreError as again:
+                self._failed()
+                raise self._unmarked(self._still_unmarked(exc, again)) from again
+            return self._remarked(exc)
         except StoreError:
             self._failed()
             raise

@@ -134,6 +134,15 @@ class Enter(NamedTuple):
 
     savepoint: bool = True
     held: bool = False
+    #: MySQL/MariaDB: a transaction the block begins runs at READ COMMITTED (see
+    #: :meth:`SqlConnection.enter_read_committed`); ignored on other databases and when the
+    #: block joins a transaction already open.
+    read_committed: bool = False
+
+
+#: MySQL/MariaDB: the next transaction of the session runs at READ COMMITTED (sent outside a
+#: transaction; it applies to that one transaction only).
+READ_COMMITTED_NEXT: Final = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED"
 
 
 class Leave(NamedTuple):
@@ -882,6 +891,51 @@ class SqlConnection:
     async def aleave(self, block: Block, commit: bool) -> None:
         raise ConfigurationError(f"{type(self.raw).__name__} is a sync connection")
 
+    # READ COMMITTED blocks (MySQL/MariaDB)
+    #: True where ``enter`` itself sends the ``START TRANSACTION`` (PyMySQL, aiomysql): the
+    #: isolation is set before it. SQLAlchemy and Django begin lazily (the first statement
+    #: opens the transaction on the server), so it is set just after ``enter``.
+    _isolation_before_begin = False
+
+    def enter_read_committed(self, savepoint: bool = True, held: bool = False) -> Block:
+        """:meth:`enter`; on MySQL/MariaDB, when the block begins the transaction, that one
+        transaction runs at READ COMMITTED (``SET TRANSACTION ISOLATION LEVEL READ
+        COMMITTED`` sent outside any transaction, one round trip more; the session's own level
+        is left as it is). InnoDB then takes no gap locks in searches, releases the locks of
+        rows a locking read examined but did not match, and an ``UPDATE`` does not wait for a
+        row another transaction holds unless its latest committed version matches (a
+        "semi-consistent read"), so two transactions that lock disjoint rows never wait for
+        each other. Elsewhere, or inside an open transaction: :meth:`enter` alone."""
+        if self.dialect != "mysql" or self.in_transaction():
+            return self.enter(savepoint, held)
+        if self._isolation_before_begin:
+            self.execute(READ_COMMITTED_NEXT, {})
+            return self.enter(savepoint, held)
+        block = self.enter(savepoint, held)
+        try:
+            self.execute(READ_COMMITTED_NEXT, {})
+        except BaseException as exc:
+            with cleanup(exc):
+                self.leave(block, False)
+            raise
+        return block
+
+    async def aenter_read_committed(self, savepoint: bool = True, held: bool = False) -> Block:
+        """The async face of :meth:`enter_read_committed`."""
+        if self.dialect != "mysql" or self.in_transaction():
+            return await self.aenter(savepoint, held)
+        if self._isolation_before_begin:
+            await self.aexecute(READ_COMMITTED_NEXT, {})
+            return await self.aenter(savepoint, held)
+        block = await self.aenter(savepoint, held)
+        try:
+            await self.aexecute(READ_COMMITTED_NEXT, {})
+        except BaseException as exc:
+            with cleanup(exc):
+                await self.aleave(block, False)
+            raise
+        return block
+
     # shared helpers
     def _begin_text(self) -> str:
         return {"sqlite": "BEGIN IMMEDIATE", "mysql": "START TRANSACTION"}.get(
@@ -1057,6 +1111,8 @@ def _mysql_version(info: str) -> tuple[tuple[int, ...], bool]:
 
 
 class _PyMySQL(_DbapiSync):
+    _isolation_before_begin = True
+
     def __init__(self, raw: Any):
         super().__init__(raw, "mysql", (0,), "pyformat")
         self.version, self.mariadb = _mysql_version(raw.get_server_info())
@@ -1199,6 +1255,8 @@ async def _acursor_result(cur: Any) -> Result:
 
 
 class _AioMySQL(_DbapiAsync):
+    _isolation_before_begin = True
+
     def __init__(self, raw: Any):
         super().__init__(raw, "mysql", (0,))
         self.version, self.mariadb = _mysql_version(raw.get_server_info())
@@ -1786,6 +1844,8 @@ def run(plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Any] | None
         if isinstance(request, Exec):
             return conn.execute(request.statement, request.params)
         if isinstance(request, Enter):
+            if request.read_committed:
+                return conn.enter_read_committed(request.savepoint, request.held)
             return conn.enter(request.savepoint, request.held)
         if isinstance(request, Leave):
             return conn.leave(request.block, request.commit)
@@ -1807,6 +1867,8 @@ async def arun(
         if isinstance(request, Exec):
             return await conn.aexecute(request.statement, request.params)
         if isinstance(request, Enter):
+            if request.read_committed:
+                return await conn.aenter_read_committed(request.savepoint, request.held)
             return await conn.aenter(request.savepoint, request.held)
         if isinstance(request, Leave):
             return await conn.aleave(request.block, request.commit)
