@@ -53,7 +53,14 @@ from oncely.http.codec import (
     decode_response,
     decode_unreplayable,
 )
-from oncely.settings import SETTINGS, check_environment, parse_duration, resolve
+from oncely.settings import (
+    MAX_COUNT,
+    SETTINGS,
+    check_environment,
+    count,
+    parse_duration,
+    resolve,
+)
 from oncely.stores import Store, open_store, store_class
 
 __all__ = ["app", "main"]
@@ -125,9 +132,11 @@ def _open(
     """
     cls = store_class(url)
     options: dict[str, Any] = {}
-    if table:
+    # `is not None`: an empty --table '' or --prefix '' is refused by the store (a typo or an
+    # unset shell variable), never taken for "the default"
+    if table is not None:
         options["table"] = table
-    if prefix:
+    if prefix is not None:
         options["prefix"] = prefix
     if "create_schema" in inspect.signature(cls).parameters:
         options["create_schema"] = create
@@ -327,8 +336,9 @@ def keys_ls(
     response with its status, a one-time token, an @idempotent result), time to expiry and
     size. Raw keys are never stored: records show their SHA-256 digest."""
     try:
+        limit = count(limit, "--limit")
         with _open(url, table, prefix) as store:
-            records = store.list(scope=scope, limit=limit + 1)  # one more: are there more?
+            records = store.list(scope=scope, limit=min(limit + 1, MAX_COUNT))  # one more?
             now = store.now()
     except OncelyError as exc:
         raise _fail(exc) from exc
@@ -550,15 +560,18 @@ def purge(
     live claims wait at most for one batch."""
     total = 0
     try:
+        batch = count(batch, "--batch")
+        if limit is not None:
+            limit = count(limit, "--limit")
         with _open(url, table, prefix) as store:
             # The schema first: a table that does not exist is named as such (MySQL's purge
             # statement meets the fence keeper first and could only say that one is missing).
             store.check_schema()
             while limit is None or total < limit:
                 want = batch if limit is None else min(batch, limit - total)
-                count = store.purge_expired(want)
-                total += count
-                if count < want:
+                deleted = store.purge_expired(want)
+                total += deleted
+                if deleted < want:
                     break
     except OncelyError as exc:
         raise _fail(exc) from exc
@@ -694,8 +707,9 @@ def _purge_table(url: str, table_kind: str, table: str | None, older: str, batch
 
     seconds = _duration(older)
     try:
+        batch = count(batch, "--batch")
         kind = Inbox if table_kind == "inbox" else Outbox
-        target = kind(**({"table": table} if table else {}))
+        target = kind(**({"table": table} if table is not None else {}))
         conn = connect(url, create=False)  # like `oncely check`: never create a missing file
     except OncelyError as exc:
         raise _fail(exc) from exc
@@ -747,11 +761,12 @@ def barrier_purge(
     except ValueError as exc:
         raise _fail(ValueError(f"--older-than {older_than!r}: {exc}")) from exc
     try:
+        batch = count(batch, "--batch")
         with _database(url, "purge") as conn:
-            count = purge_barrier(conn, seconds, table=table, batch=batch)
+            removed = purge_barrier(conn, seconds, table=table, batch=batch)
     except OncelyError as exc:
         raise _fail(exc) from exc
-    console.print(f"purged {count} barrier row(s) older than {older_than}")
+    console.print(f"purged {removed} barrier row(s) older than {older_than}")
 
 
 @inbox_app.command("purge")
@@ -763,8 +778,8 @@ def inbox_purge(
 ) -> None:
     """Delete inbox rows older than --older-than, in short transactions. Keep them longer than
     a broker may redeliver a message: a redelivery after its row is gone runs again."""
-    count = _purge_table(url, "inbox", table, older_than, batch)
-    console.print(f"purged {count} inbox row(s)")
+    purged = _purge_table(url, "inbox", table, older_than, batch)
+    console.print(f"purged {purged} inbox row(s)")
 
 
 @outbox_app.command("purge")
@@ -775,8 +790,8 @@ def outbox_purge(
     batch: Batch = 1000,
 ) -> None:
     """Delete outbox rows sent more than --older-than ago (unsent rows are never deleted)."""
-    count = _purge_table(url, "outbox", table, older_than, batch)
-    console.print(f"purged {count} sent outbox row(s)")
+    purged = _purge_table(url, "outbox", table, older_than, batch)
+    console.print(f"purged {purged} sent outbox row(s)")
 
 
 def main() -> None:

@@ -53,6 +53,7 @@ from typing import Any, Final
 from oncely.errors import ConfigurationError, SettingWarning
 
 __all__ = [
+    "MAX_COUNT",
     "MAX_SECONDS",
     "PREFIX",
     "REQUIRED",
@@ -62,11 +63,13 @@ __all__ = [
     "check_environment",
     "closest",
     "coerce",
+    "count",
     "flag",
     "fraction",
     "names",
     "parse_duration",
     "parse_size",
+    "plain_number",
     "resolve",
     "seconds",
     "text",
@@ -83,6 +86,9 @@ PREFIX: Final = "ONCELY_"
 #: milliseconds since the epoch, fits in 64 bits: 1e16 s does not), and every wait this long
 #: fits :data:`threading.TIMEOUT_MAX` (about 9.2e9 s on Linux).
 MAX_SECONDS: Final = 1e9
+#: The largest count argument (a batch, a limit) oncely passes to a store: 2**31 - 1, which
+#: every driver, SQL ``LIMIT`` and Lua script takes as an exact integer.
+MAX_COUNT: Final = 2**31 - 1
 
 
 class _Required:
@@ -104,7 +110,9 @@ class _Unset:
 UNSET: Any = _Unset()
 
 _UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([-+]?[0-9]+))?\s*([a-zA-Z]*)\s*")
+_DURATION = re.compile(
+    r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE]([-+]?[0-9]+))?\s*([a-zA-Z]*)\s*", re.ASCII
+)
 _SIZE_UNITS = {
     "": 1,
     "b": 1,
@@ -115,7 +123,7 @@ _SIZE_UNITS = {
     "mib": 1024**2,
     "gib": 1024**3,
 }
-_SIZE = re.compile(r"\s*([0-9]+)\s*([a-zA-Z]*)\s*")
+_SIZE = re.compile(r"\s*([0-9]+)\s*([a-zA-Z]*)\s*", re.ASCII)
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _DURATION_HELP = "give seconds (30, 1.5) or a number with a unit: 500ms, 30s, 5m (minutes), 24h, 1d"
@@ -157,15 +165,39 @@ def parse_size(text: str) -> int:
 Convert = Callable[[Any, bool], Any]
 
 
+def plain_number(text: str, whole: bool = False) -> float:
+    """The number in ``text`` written with ASCII characters only, as :func:`float` (or, with
+    ``whole``, :func:`int`) reads it: ``"30"``, ``" 1.5 "``, ``"-3"``, ``"1e3"``.
+
+    Python's own :func:`int` and :func:`float` also take other scripts' digits (``"٣٠"``),
+    full-width digits (U+FF10 to U+FF19) and ``_`` separators (``"1_000"``): a setting is written in
+    ASCII decimal, so those are refused.
+
+    :raises ValueError: anything else (the message says why).
+    """
+    stripped = text.strip()
+    if not stripped.isascii():
+        raise ValueError(
+            "write the number in ASCII digits (0-9), not another script's or full-width digits"
+        )
+    if "_" in stripped:
+        raise ValueError("write the number without '_' separators (1000, not 1_000)")
+    try:
+        return int(stripped) if whole else float(stripped)
+    except ValueError:
+        raise ValueError("not a whole number" if whole else "not a number") from None
+
+
 def _number(value: Any, text: bool, parse: Callable[[str], float]) -> float:
     if isinstance(value, str):
         try:
             return parse(value)
         except ValueError:
             try:  # "-3": a number after all, refused by the range check with a clear reason
-                return float(value.strip())
-            except ValueError:
-                pass
+                return plain_number(value)
+            except ValueError as plain:
+                if not value.isascii() or "_" in value:
+                    raise plain from None  # say why: digits of another script, or "_"
             raise
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"expected a number, got {type(value).__name__}")
@@ -223,10 +255,7 @@ def _integer(low: int, high: int | None = None, *, size: bool = False) -> Conver
 
 
 def _parse_int(text: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise ValueError("not a whole number") from None
+    return int(plain_number(text, whole=True))
 
 
 def _boolean(value: Any, text: bool) -> bool:
@@ -712,6 +741,17 @@ def whole(
     :raises ConfigurationError: another type or out of range; the message names ``param``.
     """
     return _check_value(_integer(minimum, maximum), value, param, where, none)
+
+
+def count(value: Any, param: str, *, where: str = "", minimum: int = 1) -> int:
+    """A batch or limit argument sent to a store (``purge_expired(limit)``, ``batch=``,
+    ``--limit``): an :class:`int` (or its text) from ``minimum`` to :data:`MAX_COUNT`.
+
+    :raises ConfigurationError: another type (a float, a bool, None) or out of range; the
+        message names ``param``.
+    """
+    result: int = whole(value, param, where=where, minimum=minimum, maximum=MAX_COUNT)
+    return result
 
 
 def fraction(value: Any, param: str, *, where: str = "") -> float:

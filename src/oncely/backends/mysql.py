@@ -20,13 +20,13 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiomysql  # type: ignore[import-untyped]
 import pymysql
 from pymysql.constants import CLIENT
 
-from oncely.backends.urls import check_options, redact_url, scheme_of
+from oncely.backends.urls import check_options, query_options, redact_url, scheme_of
 from oncely.errors import ConfigurationError
 
 __all__ = [
@@ -125,7 +125,7 @@ def connect_args(url: str) -> dict[str, Any]:
         args["user"] = unquote(parts.username)
     if parts.password is not None:
         args["password"] = unquote(parts.password)
-    query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+    query = {k: v[-1] for k, v in query_options(parts.query, url, "MySQL URL").items()}
     # Other driver options are keyword arguments of the store, not URL options.
     check_options(query, URL_OPTIONS, url, "MySQL URL")
     if query.get("charset", "utf8mb4").lower() != "utf8mb4":

@@ -14,14 +14,21 @@ import time
 import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import urlsplit
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import Conninfo, TransactionStatus
 from psycopg.rows import TupleRow
 
-from oncely.backends.urls import Number, check_numbers, check_options, redact_url, scheme_of
+from oncely.backends.urls import (
+    Number,
+    check_numbers,
+    check_options,
+    query_options,
+    redact_url,
+    scheme_of,
+)
 from oncely.errors import ConfigurationError
 from oncely.settings import MAX_SECONDS, text
 
@@ -62,9 +69,9 @@ def conninfo(url: str) -> str:
     Query options are libpq connection parameters (``?sslmode=require&connect_timeout=10``);
     oncely's own options (``table=``, ``max_size=``) are keyword arguments, not URL options.
 
-    :raises ConfigurationError: not a string, not a PostgreSQL URL, or a query option libpq
-        does not know (the message names the closest one), refused here rather than at the
-        first connect.
+    :raises ConfigurationError: not a string, not a PostgreSQL URL, an option given twice, or
+        a query option libpq does not know (the message names the closest one), refused here
+        rather than at the first connect.
     """
     _, sep, rest = text(url, "url", where="PostgreSQL URL").partition("://")
     if not sep or scheme_of(url) not in ("postgresql", "postgres"):
@@ -73,7 +80,7 @@ def conninfo(url: str) -> str:
             "'postgresql://user:password@host:5432/dbname'"
         )
     query = urlsplit(f"postgresql://{rest}").query
-    given = parse_qs(query, keep_blank_values=True)
+    given = query_options(query, url, "PostgreSQL URL")
     check_options(given, _libpq_keywords(), url, "PostgreSQL URL")
     check_numbers(given, NUMBERS, url, "PostgreSQL URL")
     return f"postgresql://{rest}"

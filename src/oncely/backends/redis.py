@@ -52,7 +52,7 @@ from oncely.backends.durable import (
 from oncely.backends.loops import LoopLocal
 from oncely.backends.lua import Script, aevalsha, command, evalsha, is_noscript
 from oncely.backends.plans import Command, Eval, Sleep, arun, run
-from oncely.backends.urls import Number, check_numbers, check_options, redact_url
+from oncely.backends.urls import Number, check_numbers, check_options, query_options, redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.errors import ConfigurationError, ResultTooLarge, StoreError, StoreUnavailable
 from oncely.settings import MAX_SECONDS
@@ -146,7 +146,7 @@ NUMBERS: Final = {
 
 def check_url(url: str) -> None:
     """Refuse what redis-py would misread: another scheme, a bad port, a non-numeric database,
-    a query option it does not take (named with the closest one).
+    a query option it does not take (named with the closest one), an option given twice.
 
     :raises ConfigurationError: with an example of a good URL.
     """
@@ -156,7 +156,7 @@ def check_url(url: str) -> None:
     if is_cluster(url):
         cluster_nodes(url)
         query = url.partition("?")[2]
-        given = {k: v for k, v in parse_qs(query, keep_blank_values=True).items()
+        given = {k: v for k, v in query_options(query, url, "Redis Cluster URL").items()
                  if k not in URL_OWN_OPTIONS}  # fmt: skip
         if given:
             check_options(given, _options(url), url, "Redis Cluster URL")
@@ -185,7 +185,7 @@ def check_url(url: str) -> None:
                 f"Redis URL {redact_url(url)!r}: the path must be a database number, not "
                 f"{db!r}; {example}"
             )
-    given = parse_qs(parts.query, keep_blank_values=True)
+    given = query_options(parts.query, url, "Redis URL")
     check_options(given, _url_options(parts.scheme) | URL_OWN_OPTIONS, url, "Redis URL")
     check_numbers(given, NUMBERS, url, "Redis URL")
 

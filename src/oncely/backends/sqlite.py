@@ -17,10 +17,9 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final, TypeVar
-from urllib.parse import parse_qs
 
 from oncely.backends.forks import after_fork, inherit
-from oncely.backends.urls import Number, check_numbers, check_options
+from oncely.backends.urls import Number, check_numbers, check_options, query_options
 from oncely.errors import ConfigurationError, OncelyError, StoreUnavailable
 from oncely.settings import seconds, text
 
@@ -59,7 +58,8 @@ def parse_url(url: str, what: str, known: tuple[str, ...] = ()) -> tuple[str, di
     :param what: the user of the URL, for the message (``"SQLite URL"``).
     :param known: the option names the user of the URL reads; any other is refused.
     :raises ConfigurationError: ``url`` is not a string, the URL names no file (``sqlite://``, ``sqlite:///:memory:``),
-        an option not in ``known`` (the message names the closest one), or a numeric option
+        an option not in ``known`` (the message names the closest one), an option given twice
+        (``?busy_timeout=1&busy_timeout=2``), or a numeric option
         that is not a number in range (``busy_timeout=abc``, ``busy_timeout=-3``).
     """
     path, _, query = text(url, "url", where=what).partition("://")[2].partition("?")
@@ -69,7 +69,7 @@ def parse_url(url: str, what: str, known: tuple[str, ...] = ()) -> tuple[str, di
             "'sqlite:///relative.db' or 'sqlite:////absolute/path.db' (for a process-local "
             "store use 'memory://')"
         )
-    options: dict[str, Any] = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    options: dict[str, Any] = {k: v[-1] for k, v in query_options(query, url, what).items()}
     check_options(options, known, url, what)
     options.update(check_numbers(options, NUMBERS, url, what))
     return absolute(path[1:], what), options

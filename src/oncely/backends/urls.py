@@ -6,11 +6,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs
 
 from oncely.errors import ConfigurationError
-from oncely.settings import seconds, unknown_option
+from oncely.settings import plain_number, seconds, unknown_option
 
-__all__ = ["Number", "check_numbers", "check_options", "redact_url", "scheme_of"]
+__all__ = [
+    "Number",
+    "check_numbers",
+    "check_options",
+    "query_options",
+    "redact_url",
+    "scheme_of",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +66,7 @@ def _number(value: Any, name: str, spec: Number, where: str) -> Any:
         number: Any = value
         if isinstance(value, str):
             try:
-                number = int(value.strip())
+                number = int(plain_number(value, whole=True))
             except ValueError:
                 number = None
         if isinstance(number, bool) or not isinstance(number, int):
@@ -72,7 +80,7 @@ def _number(value: Any, name: str, spec: Number, where: str) -> Any:
         return number
     if isinstance(value, str) and not spec.units:
         try:
-            float(value.strip())
+            plain_number(value)
         except ValueError:
             raise ConfigurationError(
                 f"{where}: {name}={value!r} is not valid: give a plain number of seconds"
@@ -94,6 +102,26 @@ def check_options(given: Iterable[str], known: Iterable[str], url: str, what: st
     for name in given:
         if name not in allowed:
             raise unknown_option(name, allowed, f"{what} {redact_url(url)!r}")
+
+
+def query_options(query: str, url: str, what: str) -> dict[str, list[str]]:
+    """The options of a URL's ``query`` (the part after ``?``), as :func:`urllib.parse.parse_qs`
+    gives them (name -> list of values, blank values kept), each given once.
+
+    ``?socket_timeout=1&socket_timeout=2`` is refused: which one was meant is not known, and
+    each driver picks another (the first, the last, or all).
+
+    :param what: the kind of URL, for the message (``"SQLite URL"``).
+    :raises ConfigurationError: an option given twice or more; the message names it.
+    """
+    options = parse_qs(query, keep_blank_values=True)
+    for name, values in options.items():
+        if len(values) > 1:
+            raise ConfigurationError(
+                f"{what} {redact_url(url)!r}: option {name!r} is given {len(values)} times "
+                f"({', '.join(map(repr, values))}); give it once"
+            )
+    return options
 
 
 def scheme_of(url: str) -> str:

@@ -21,7 +21,7 @@ from typing import Final
 
 from oncely.errors import InvalidKey, OncelyError
 
-__all__ = ["MAX_SCOPE_BYTES", "NUL", "stored_text", "text_problem", "utf8"]
+__all__ = ["MAX_SCOPE_BYTES", "NUL", "sendable", "stored_text", "text_problem", "utf8"]
 
 #: The character no store keeps in text.
 NUL: Final = "\x00"
@@ -75,6 +75,18 @@ def stored_text(
         f"{what} {text[:60]!r} {problem}; use ids of printable text (a UUID, a number, or the "
         "hex digest of the raw id)"
     )
+
+
+def sendable(value: object, what: str, error: type[OncelyError] = InvalidKey) -> None:
+    """Check a value a store or driver will encode as UTF-8 (a column value, a hash field):
+    nothing to do for anything but a ``str``; a ``str`` holding a lone surrogate (no UTF-8
+    form, so every driver raises a bare :class:`UnicodeEncodeError`) raises ``error``. No I/O;
+    the message names ``what`` and never quotes the value.
+
+    :raises InvalidKey: (or ``error``) a ``str`` with a lone surrogate.
+    """
+    if isinstance(value, str) and not value.isascii():
+        utf8(value, what, error)
 
 
 def utf8(text: str, what: str, error: type[OncelyError] = InvalidKey) -> bytes:

@@ -8,8 +8,11 @@ Backend operations, in a sync and an async face:
 
 ``acquire(name, owner, ttl, wait)``
     one atomic attempt: take the lock for ``owner`` with a fresh fencing token, or report it busy.
-    ``wait`` is how long a backend whose server can queue waiters (PostgreSQL) may block; the
-    others ignore it and return at once.
+    ``wait`` is how long a backend whose server can queue waiters (PostgreSQL) may block; a
+    backend with :attr:`LockBackend.bounded_attempts` (SQLite) gets the time the caller has
+    left (``math.inf`` without a timeout or for ``blocking=False``) and makes its statement wait
+    no longer for the store itself (another writer holding the file); the others ignore it and
+    return at once.
 ``wait_release(name, busy, timeout)``
     block until the lock may be free (a release signal, the holder's ttl, or ``timeout``),
     without holding anything. Callers try again afterwards.
@@ -106,6 +109,12 @@ class LockBackend(abc.ABC):
     kind: str = "unknown"
     #: True if :meth:`acquire` can wait on the server (it then receives the whole wait).
     server_wait: bool = False
+    #: True if :meth:`acquire` receives the time the caller has left (``math.inf``: unbounded,
+    #: or ``blocking=False``) although the server does not queue waiters, to bound how long its
+    #: statement waits for the store itself (SQLite: another writer holding the file). A store
+    #: that stayed busy for that long is reported as :class:`Busy` (a
+    #: :class:`~oncely.errors.LockTimeout` once the time is up), not as unavailable.
+    bounded_attempts: bool = False
     #: True if a hold ends by itself ``ttl`` seconds after its acquire or last extension (Redis,
     #: Redlock, SQLite): :meth:`Lock.check <oncely.locks.Lock.check>` then fails locally once
     #: that time passed. False for PostgreSQL, whose lock lasts as long as its session, which any

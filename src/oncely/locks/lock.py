@@ -387,7 +387,11 @@ class Lock:
         return math.inf if limit is None else time.monotonic() + limit
 
     def _server_wait(self, blocking: bool, deadline: float) -> float:
-        if not (blocking and self.backend.server_wait):
+        backend = self.backend
+        if backend.bounded_attempts and not backend.server_wait:
+            # the statement's own bound: the time left (inf: no timeout, or blocking=False)
+            return max(0.0, deadline - time.monotonic()) if blocking else math.inf
+        if not (blocking and backend.server_wait):
             return 0.0
         return max(0.0, deadline - time.monotonic())
 

@@ -17,6 +17,11 @@ keeps the row (owner NULL) so the fence counter survives.
 
 SQLite cannot push a change to another process, so waiters look again every ``poll_interval``
 seconds (default 0.01, with jitter); a waiting attempt that finds the lock busy writes nothing.
+An attempt of ``acquire(timeout=T)`` waits for the file (another process or connection holding
+SQLite's write lock) no longer than the time left of ``T``, not for ``busy_timeout``: its
+statement runs alone on a borrowed connection whose busy timeout is that time, and a file still
+locked then counts as the lock being busy (:class:`~oncely.errors.LockTimeout` at the timeout).
+Other statements queue on the process's writer gate and wait up to ``busy_timeout``.
 The file is opened in WAL mode with ``synchronous=NORMAL`` (a lock
 does not need to survive a power cut; fences stay increasing because they are seeded from the
 clock). Connections are shared by all threads (:class:`oncely.backends.sqlite.Connections`, at
@@ -85,6 +90,8 @@ class SQLiteLockBackend(LockBackend):
     """
 
     kind = "sqlite"
+    #: acquire() gets the time left: its statement waits for the file no longer than that.
+    bounded_attempts = True
     #: Async holds name the lock in the store: the watchdog renews them with :meth:`extend`.
     sync_extends_async = True
 
@@ -162,9 +169,35 @@ class SQLiteLockBackend(LockBackend):
     def _sleep_for(self, timeout: float) -> float:
         return min(timeout, self.poll_interval * random.uniform(0.5, 1.0))
 
+    def _run_within(self, name: str, params: dict[str, Any], wait: float) -> list[Any] | None:
+        """Run one statement alone on a borrowed connection, waiting for another writer of the
+        file at most ``wait`` seconds (its busy timeout, for this statement only): every row,
+        or None if the file stayed locked that long (the statement wrote nothing).
+
+        Not queued on the writer gate (whose wait is the pool's timeout): the statement is its
+        own transaction (the connection is in autocommit mode), one atomic decision as ever.
+        """
+        with self._connections.connection() as conn:
+            conn.execute(f"PRAGMA busy_timeout = {max(0, int(wait * 1000))}")
+            try:
+                return conn.execute(self._sql[name], params).fetchall()
+            except (sqlite3.OperationalError, sqlite3.DataError) as exc:
+                if is_busy(exc):
+                    return None
+                raise self._translate(exc) from exc
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+
     # -- sync face --------------------------------------------------------------------------------
-    def _acquire(self, name: str, owner: str, ttl: float, face: Face) -> Hold | Busy:
-        rows, _ = self._run("acquire", {"name": name, "owner": owner, "ttl": ttl})
+    def _acquire(self, name: str, owner: str, ttl: float, face: Face, wait: float) -> Hold | Busy:
+        params = {"name": name, "owner": owner, "ttl": ttl}
+        if wait < self.busy_timeout:  # a bounded acquire with less time left than busy_timeout
+            found = self._run_within("acquire", params, wait)
+            if found is None:  # the file stayed locked for the time left: busy, not down
+                return Busy()
+            rows = found
+        else:
+            rows, _ = self._run("acquire", params)
         if not rows:
             return Busy()
         return Hold(name, owner, int(rows[0][0]), float(rows[0][1]), face)
@@ -172,7 +205,7 @@ class SQLiteLockBackend(LockBackend):
     def acquire(
         self, name: str, owner: str, ttl: float, wait: float, options: Any = None
     ) -> Hold | Busy:
-        return self._acquire(name, owner, ttl, "sync")
+        return self._acquire(name, owner, ttl, "sync", wait)
 
     def wait_release(self, name: str, busy: Busy, timeout: float) -> None:
         time.sleep(self._sleep_for(timeout))
@@ -201,7 +234,7 @@ class SQLiteLockBackend(LockBackend):
     async def aacquire(
         self, name: str, owner: str, ttl: float, wait: float, options: Any = None
     ) -> Hold | Busy:
-        return await self._workers.run(self._acquire, name, owner, ttl, "async")
+        return await self._workers.run(self._acquire, name, owner, ttl, "async", wait)
 
     async def await_release(self, name: str, busy: Busy, timeout: float) -> None:
         await asyncio.sleep(self._sleep_for(timeout))

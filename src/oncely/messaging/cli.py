@@ -131,7 +131,7 @@ def _consumer(
     else:
         from oncely.messaging.inbox import Inbox, connect
 
-        table = Inbox(inbox or "oncely_inbox")
+        table = Inbox("oncely_inbox" if inbox is None else inbox)  # --inbox '' is refused
         conn = connect(db)
         try:
             table.create_table(conn)

@@ -74,7 +74,7 @@ from oncely.errors import (
     StoreError,
     StoreUnavailable,
 )
-from oncely.settings import MAX_SECONDS, flag, fraction, seconds, text, whole
+from oncely.settings import MAX_SECONDS, count, flag, fraction, seconds, text, whole
 
 __all__ = [
     "MAX_BLOOM_BITS",
@@ -1079,9 +1079,12 @@ class Deduplicator:
     def purge(self, limit: int = 10_000) -> int:
         """Delete up to ``limit`` expired SQL rows (store clock); returns how many. Redis
         expires keys itself and the memory store sweeps as it goes, so there it returns the
-        number of expired ids dropped (memory) or 0 (Redis)."""
+        number of expired ids dropped (memory) or 0 (Redis).
+
+        :raises ConfigurationError: ``limit`` is not an int from 1 to
+            :data:`oncely.settings.MAX_COUNT`."""
         b = self._backend
-        return run(b.purge(limit), b.execute)
+        return run(b.purge(count(limit, "limit", where="purge")), b.execute)
 
     def close(self) -> None:
         """Close the sync connections (the deduplicator opens them again if used)."""
@@ -1102,7 +1105,7 @@ class Deduplicator:
     async def apurge(self, limit: int = 10_000) -> int:
         """The async face of :meth:`purge`."""
         b = self._backend
-        return await arun(b.purge(limit), b.aexecute)
+        return await arun(b.purge(count(limit, "limit", where="apurge")), b.aexecute)
 
     async def aclose(self) -> None:
         """Close the running loop's connections."""

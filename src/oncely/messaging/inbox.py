@@ -61,6 +61,7 @@ from oncely.errors import (
     StoreError,
 )
 from oncely.messaging.dedup import message_id_text
+from oncely.settings import count as count_of
 from oncely.settings import seconds
 from oncely.sql.connections import (
     Dialect,
@@ -235,8 +236,7 @@ def purge_in_batches(
     """Delete in batches of at most ``batch`` rows, each batch its own short transaction, until
     one deletes fewer: a plan (sync or async). Refuses a connection inside a transaction (the
     batches must commit as they go, so live inserts never wait long)."""
-    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise ConfigurationError(f"batch={batch!r}: give a whole number of rows >= 1")
+    batch = count_of(batch, "batch", where="purge")
     if conn.in_transaction():
         raise ConfigurationError(
             "purge commits after each batch: give it a connection with no open transaction "

@@ -33,7 +33,7 @@ from nats.js.client import JetStreamContext
 
 from oncely.core.observe import describe
 from oncely.messaging.consumer import Ack, DeadLetter, Delivery, IdempotentConsumer, Verdict
-from oncely.settings import seconds, whole
+from oncely.settings import count, seconds
 
 __all__ = ["MSG_ID", "JetStreamConsumer", "delivery_of", "publish"]
 
@@ -87,7 +87,7 @@ class JetStreamConsumer:
     ) -> None:
         self.consumer = consumer
         self.subscription = subscription
-        self.batch = whole(batch, "batch", where="JetStreamConsumer", minimum=1)
+        self.batch = count(batch, "batch", where="JetStreamConsumer")
         self.fetch_timeout = float(
             seconds(fetch_timeout, "fetch_timeout", where="JetStreamConsumer")
         )

@@ -79,7 +79,7 @@ from oncely.messaging.inbox import (
     purge_in_batches,
     translate,
 )
-from oncely.settings import seconds
+from oncely.settings import count, seconds
 from oncely.sql.connections import (
     Dialect,
     Enter,
@@ -522,8 +522,7 @@ class Relay:
             raise ConfigurationError("Relay(outbox, ...) takes an oncely Outbox")
         if not callable(publish):
             raise ConfigurationError("publish= must be a callable taking an OutboxMessage")
-        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-            raise ConfigurationError(f"batch={batch!r}: give a whole number of rows >= 1")
+        batch = count(batch, "batch", where="Relay")
         self.outbox = outbox
         self.publish = publish
         self.batch = batch

@@ -96,7 +96,10 @@ class RabbitMQConsumer:
     ) -> None:
         self.consumer = consumer
         self.queue = queue
-        self.prefetch = whole(prefetch, "prefetch", where="RabbitMQConsumer", minimum=1)
+        # basic.qos prefetch_count is an AMQP short
+        self.prefetch = whole(
+            prefetch, "prefetch", where="RabbitMQConsumer", minimum=1, maximum=65535
+        )
         self.stats = {"ran": 0, "duplicates": 0, "retried": 0, "dead_lettered": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
 

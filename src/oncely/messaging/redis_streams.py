@@ -44,7 +44,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from oncely.core.observe import describe
 from oncely.errors import ConfigurationError
 from oncely.messaging.consumer import Ack, DeadLetter, Delivery, IdempotentConsumer, Verdict
-from oncely.settings import seconds, text, whole
+from oncely.settings import MAX_COUNT, seconds, text, whole
 
 __all__ = ["RedisStreamConsumer", "publish"]
 
@@ -123,7 +123,7 @@ class RedisStreamConsumer:
                 "but live handler's entry would be claimed by another member; raise min_idle"
             )
         where = "RedisStreamConsumer"
-        self.count = whole(count, "count", where=where, minimum=1)
+        self.count = whole(count, "count", where=where, minimum=1, maximum=MAX_COUNT)
         block = seconds(block, "block", where=where, above=False)
         self.consumer = consumer
         self.client = client

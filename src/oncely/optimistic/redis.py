@@ -46,6 +46,7 @@ import redis.asyncio
 from oncely.backends.lua import Script
 from oncely.backends.plans import Command, Eval, Plan, arun, run
 from oncely.backends.redis import RedisClients
+from oncely.core.text import sendable
 from oncely.errors import ConfigurationError, NotFound, StaleVersion, UnversionedRow
 
 __all__ = ["VERSION_FIELD", "RedisVersioned"]
@@ -78,6 +79,8 @@ def _encode(name: object, value: object, vfield: str) -> tuple[str, Value]:
         raise ConfigurationError(
             f"field {name!r}: value {value!r} is not bytes, str, int or float; encode it first"
         )
+    sendable(name, "a hash field name", ConfigurationError)
+    sendable(value, f"the value of field {name!r}", ConfigurationError)
     return name, value
 
 
@@ -132,6 +135,7 @@ class RedisVersioned:
     def _get(self, key: str) -> Plan[tuple[dict[str, bytes], int]]:
         if not isinstance(key, str) or not key:
             raise ConfigurationError(f"key must be a non-empty string, not {key!r}")
+        sendable(key, "key", ConfigurationError)
         reply = yield Command(("HGETALL", key))
         if isinstance(reply, dict):
             items = list(reply.items())
@@ -163,6 +167,7 @@ class RedisVersioned:
     ) -> Plan[int]:
         if not isinstance(key, str) or not key:
             raise ConfigurationError(f"key must be a non-empty string, not {key!r}")
+        sendable(key, "key", ConfigurationError)
         _check_version(expected, minimum)
         if not isinstance(fields, Mapping):
             raise ConfigurationError(f"fields must be a mapping, not {type(fields).__name__}")

@@ -45,6 +45,7 @@ from oncely.backends.plans import Exec, Plan
 from oncely.backends.plans import arun as arun_plan
 from oncely.backends.plans import run as run_plan
 from oncely.core.cancelsafe import akept_pipeline, cleanup, kept_pipeline
+from oncely.core.text import sendable
 from oncely.errors import (
     AutocommitConnection,
     ConfigurationError,
@@ -283,7 +284,13 @@ def _render(text: str, style: Paramstyle) -> tuple[str, tuple[str, ...]]:
 def render(text: str, params: Mapping[str, Any], style: Paramstyle) -> tuple[str, Any]:
     """``text`` with ``:name`` placeholders in the driver's ``style``: ``named`` (sqlite3,
     SQLAlchemy ``text()``), ``pyformat`` (``%(name)s``: psycopg, PyMySQL), ``format``
-    (``%s`` with a list: Django's cursors). Returns (text, parameters)."""
+    (``%s`` with a list: Django's cursors). Returns (text, parameters).
+
+    :raises ConfigurationError: a ``str`` parameter holds a lone surrogate (no driver can
+        encode it; checked here, before anything is sent, for every statement oncely runs on
+        a caller's connection)."""
+    for name, value in params.items():
+        sendable(value, f"a text value sent to the database (:{name})", ConfigurationError)
     out, names = _render(text, style)
     if style == "format":
         return out, [params[n] for n in names]

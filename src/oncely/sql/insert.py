@@ -40,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from oncely.backends.plans import Exec, Plan
+from oncely.core.text import sendable
 from oncely.errors import ConfigurationError
 from oncely.sql.connections import (
     Result,
@@ -119,6 +120,8 @@ def _plan(
                 f"insert_once: unique column {col!r} needs a non-NULL value in values "
                 "(NULLs never conflict, so they cannot identify the row)"
             )
+    for col, value in values.items():
+        sendable(value, f"insert_once: the value of column {col!r}", ConfigurationError)
     c.check_usable()
     t = c.quote(table)
     cols = list(values)

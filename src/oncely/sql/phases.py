@@ -57,7 +57,7 @@ from typing import Any, NamedTuple
 from oncely.backends.plans import Exec, Plan
 from oncely.core.records import RecordKey
 from oncely.errors import ConfigurationError, IdempotencyKeyMismatch, InFlightError, LeaseLost
-from oncely.settings import seconds
+from oncely.settings import count, seconds
 from oncely.sql.connections import (
     Block,
     Enter,
@@ -388,7 +388,10 @@ class Operation:
         """The completer: resume up to ``limit`` operations of this name that were abandoned
         mid-way (unlocked after an error, or locked longer than ``lock_timeout`` ago, database
         clock) from their stored params. Returns how many it finished; one that fails again
-        keeps its recovery point and is unlocked for the next pass."""
+        keeps its recovery point and is unlocked for the next pass.
+
+        :raises ConfigurationError: ``limit`` is not an int from 1 to
+            :data:`oncely.settings.MAX_COUNT`."""
         c = adapt(conn)
         found = run(self._abandoned(c, limit), c)
         done = 0
@@ -415,11 +418,12 @@ class Operation:
         return done
 
     def _abandoned(self, c: SqlConnection, limit: int) -> Plan[list[tuple[str, str]]]:
+        limit = count(limit, "limit", where="complete_abandoned")
         block = yield Enter(False)
         try:
             res = yield Exec(
                 self._sql(c)["abandoned"],
-                {"operation": self.name, "timeout": self.lock_timeout, "limit": int(limit)},
+                {"operation": self.name, "timeout": self.lock_timeout, "limit": limit},
             )
         finally:
             yield Leave(block, True)

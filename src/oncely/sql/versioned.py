@@ -39,6 +39,7 @@ from functools import lru_cache
 from typing import Any
 
 from oncely.backends.plans import Exec, Plan
+from oncely.core.text import sendable
 from oncely.errors import (
     ConfigurationError,
     InvalidIdentifier,
@@ -147,6 +148,10 @@ def _plan(
     expected = _check_version(expected_version)
     if id is None:
         raise ConfigurationError("id must not be None: pass the primary key of the row to update")
+    sendable(id, "versioned_update: id", ConfigurationError)
+    if isinstance(changes, Mapping):
+        for column, value in changes.items():
+            sendable(value, f"versioned_update: the value of column {column!r}", ConfigurationError)
     update, select, params, returning = _statements(conn, table, changes, id_column, version_column)
     params.update(oncely_id=id, oncely_expected=expected)
     conn.check_usable()

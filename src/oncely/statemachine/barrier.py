@@ -55,14 +55,14 @@ from typing import Any, Final
 
 from oncely.backends.lua import Script, aevalsha, evalsha
 from oncely.backends.plans import Exec, Plan
-from oncely.core.text import stored_text, utf8
+from oncely.core.text import sendable, stored_text, utf8
 from oncely.errors import (
     BarrierEffectsPartial,
     BarrierTableMissing,
     ConfigurationError,
     InvalidBarrierCall,
 )
-from oncely.settings import seconds, text
+from oncely.settings import MAX_COUNT, seconds, text
 from oncely.sql.connections import (
     Enter,
     Leave,
@@ -318,8 +318,10 @@ def _seconds(value: Any, name: str, minimum: float) -> float:
 
 def _purge_plan(conn: SqlConnection, table: str, older_than: float, batch: int) -> Plan[int]:
     older_than = _seconds(older_than, "older_than", 0.0)
-    if not isinstance(batch, int) or batch < 1:
-        raise InvalidBarrierCall("purge batch must be an int >= 1 (gids per statement)")
+    if not isinstance(batch, int) or isinstance(batch, bool) or not 1 <= batch <= MAX_COUNT:
+        raise InvalidBarrierCall(
+            f"purge batch={batch!r}: give an int from 1 to {MAX_COUNT} (gids per statement)"
+        )
     sql = _purge_sql(conn, _table(conn, table))
     removed = 0
     while True:
@@ -353,7 +355,8 @@ def purge(
     late call needs stays.
 
     :raises BarrierTableMissing: the table does not exist.
-    :raises InvalidBarrierCall: a negative ``older_than`` or a ``batch`` < 1.
+    :raises InvalidBarrierCall: a negative ``older_than``, or a ``batch`` that is not an int
+        from 1 to :data:`oncely.settings.MAX_COUNT`.
     """
     c = adapt(conn)
     removed: int = sql_run(_purge_plan(c, table, older_than, batch), c)
@@ -432,6 +435,7 @@ def _commands(effects: Any, key: str, gid: str, cluster: bool) -> list[list[str]
                 raise InvalidBarrierCall(f"{how}; argument {a!r} of {command!r} is neither")
             if isinstance(a, float) and not math.isfinite(a):
                 raise InvalidBarrierCall(f"{how}; argument {a!r} of {command!r} is not finite")
+            sendable(a, f"effect {command!r}: an argument", InvalidBarrierCall)
             args.append(a if isinstance(a, str) else str(a))
         name = args[0].upper()
         if name not in EFFECT_COMMANDS:

@@ -48,7 +48,10 @@ checks them on every backend):
 ``get`` / ``purge_expired(limit)`` / ``list(scope, limit)`` / ``now()``
     inspection and housekeeping; ``get`` and ``list`` hide expired records;
     ``purge_expired`` deletes up to ``limit`` records with ``expires_at <= now`` and returns
-    how many it deleted.
+    how many it deleted. ``limit`` is an int from 1 (``list``: 0) to
+    :data:`oncely.settings.MAX_COUNT`; anything else (a float, None, a bool, 0 or less, a
+    larger number) raises :class:`~oncely.errors.ConfigurationError` on every store, before
+    anything is sent.
 
 Release tombstones are expired rows (SQL stores: until ``purge_expired`` removes them; Redis: for
 a minute; memory: until the key is claimed or deleted, or a purge); ``get``/``list``/``delete``

@@ -14,6 +14,7 @@ from dataclasses import replace
 from oncely.backends.forks import after_fork
 from oncely.core.records import ClaimOutcome, New, Record, RecordKey
 from oncely.errors import ConfigurationError
+from oncely.settings import count
 from oncely.stores.base import Store, claimable, classify, lease_lost
 from oncely.stores.polling import apoll_until
 
@@ -199,10 +200,12 @@ class MemoryStore(Store):
             return found
 
     def purge_expired(self, limit: int = 1000) -> int:
+        limit = count(limit, "limit", where="MemoryStore.purge_expired")
         with self._cond:
             return self.state.purge_expired(limit, time.time())
 
     def list(self, scope: str | None = None, limit: int = 100) -> list[Record]:
+        limit = count(limit, "limit", where="MemoryStore.list", minimum=0)
         with self._cond:
             return self.state.list(scope, limit, time.time())
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from oncely.backends.plans import Plan, arun, run
 from oncely.core.records import ClaimOutcome, Record, RecordKey
+from oncely.settings import count
 from oncely.stores.base import Store
 
 __all__ = ["PlannedStore"]
@@ -96,11 +97,17 @@ class PlannedStore(Store):
     def delete(self, key: RecordKey, running: bool = True) -> bool:
         return run(self._delete(key, running), self._execute)
 
+    def _purge_limit(self, limit: int) -> int:
+        return count(limit, "limit", where=f"{type(self).__name__}.purge_expired")
+
+    def _list_limit(self, limit: int) -> int:
+        return count(limit, "limit", where=f"{type(self).__name__}.list", minimum=0)
+
     def purge_expired(self, limit: int = 1000) -> int:
-        return run(self._purge_expired(limit), self._execute)
+        return run(self._purge_expired(self._purge_limit(limit)), self._execute)
 
     def list(self, scope: str | None = None, limit: int = 100) -> builtins.list[Record]:
-        return run(self._list(scope, limit), self._execute)
+        return run(self._list(scope, self._list_limit(limit)), self._execute)
 
     def now(self) -> float:
         """The store's clock, in seconds since the epoch."""
@@ -134,10 +141,10 @@ class PlannedStore(Store):
         return await arun(self._delete(key, running), self._aexecute)
 
     async def apurge_expired(self, limit: int = 1000) -> int:
-        return await arun(self._purge_expired(limit), self._aexecute)
+        return await arun(self._purge_expired(self._purge_limit(limit)), self._aexecute)
 
     async def alist(self, scope: str | None = None, limit: int = 100) -> builtins.list[Record]:
-        return await arun(self._list(scope, limit), self._aexecute)
+        return await arun(self._list(scope, self._list_limit(limit)), self._aexecute)
 
     async def anow(self) -> float:
         return await arun(self._now(), self._aexecute)
