@@ -261,10 +261,15 @@ class AsyncPipeline:
         self._closed = True
 
     def execute_command(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one command, to be sent with the others queued in this loop iteration; await
-        the future returned for its reply (a plain future, not a coroutine: one frame less
-        for every caller to pass through; a caller that stops awaiting it cancels it, and a
-        cancelled command is not sent, or its reply is dropped).
+        """:meth:`send_command` with the command's parts as arguments."""
+        return self.send_command(args)
+
+    def send_command(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue one command (its parts, ``("EVALSHA", sha, 1, key, ...)``), to be sent with
+        the others queued in this loop iteration; await the future returned for its reply (a
+        plain future, not a coroutine: one frame less for every caller to pass through; a
+        caller that stops awaiting it cancels it, and a cancelled command is not sent, or its
+        reply is dropped).
 
         :raises redis.exceptions.RedisError: (from the future) the error reply, or the
             connection's failure; at once if the pipeline is closed.
