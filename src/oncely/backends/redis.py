@@ -946,10 +946,7 @@ class RedisClients:
                 # The auto-pipeline awaits a plain future: no wait_for to drop a cancel.
                 pipeline = self._apipelines.get()
                 try:
-                    # command(script, numkeys, keys_and_args), inline
-                    return await pipeline.send_command(
-                        ("EVALSHA", script.sha, numkeys, *keys_and_args)
-                    )
+                    return await pipeline.send_command(command(script, numkeys, keys_and_args))
                 except ResponseError as exc:
                     if not is_noscript(exc):
                         raise
