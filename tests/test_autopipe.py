@@ -36,12 +36,28 @@ pytest_plugins = ["lock_workers"]
 REDIS_URL = os.environ.get("ONCELY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
+class _CountingWriter:
+    """A connection's stream writer that counts its writes (the pipeline writes a batch
+    straight to it when the write cannot wait, else through ``send_packed_command``)."""
+
+    def __init__(self, writer: Any, owner: type[CountingAsyncConnection]) -> None:
+        self._writer = writer
+        self._owner = owner
+
+    def writelines(self, data: Any) -> None:
+        self._owner.writes += 1
+        self._writer.writelines(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+
 class CountingAsyncConnection(redis.asyncio.Connection):
     writes = 0
 
-    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-        type(self).writes += 1
-        await super().send_packed_command(command, check_health)
+    async def _connect(self) -> None:
+        await super()._connect()
+        self._writer = _CountingWriter(self._writer, type(self))  # type: ignore[assignment]
 
 
 class CountingConnection(redis.Connection):

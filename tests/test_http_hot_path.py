@@ -231,3 +231,51 @@ async def test_the_body_is_read_whole_and_bounded(
     messages: list[dict[str, Any]], length: bytes | None, expected: tuple[int, int]
 ) -> None:
     assert await _call(messages, length) == expected
+
+
+# -- a flow settled inside the app's last send ----------------------------------------------------
+@pytest.mark.parametrize("then", ["returns", "raises"])
+async def test_a_response_settled_inside_its_last_send_is_stored_once(then: str) -> None:
+    """The key is settled inside the app's last ``send`` (the client never sees a response
+    before it is stored); the driver then knows the flow ended and sends it nothing more. An
+    exception the app raises after its complete response still reaches the server, and the
+    stored response is what a retry gets."""
+    runs = 0
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        nonlocal runs
+        runs += 1
+        await receive()
+        await send({"type": "http.response.start", "status": 201, "headers": [(b"x-n", b"1")]})
+        await send({"type": "http.response.body", "body": b"made"})
+        if then == "raises":
+            raise RuntimeError("after the response")
+
+    store = MemoryStore()
+    middleware = IdempotencyMiddleware(app, IdempotencyConfig(store=store, scope=GLOBAL))
+    key = str(uuid.uuid4())
+
+    async def request() -> tuple[list[dict[str, Any]], BaseException | None]:
+        sent: list[dict[str, Any]] = []
+        given = [_body(b"12")]
+
+        async def receive() -> dict[str, Any]:
+            return given.pop(0) if given else {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        try:
+            await middleware(_asgi_scope(key), receive, send)
+        except RuntimeError as exc:
+            return sent, exc
+        return sent, None
+
+    first, raised = await request()
+    assert [m["type"] for m in first] == ["http.response.start", "http.response.body"]
+    assert (first[0]["status"], first[1]["body"]) == (201, b"made")
+    assert (str(raised) if raised else None) == ("after the response" if then == "raises" else None)
+    second, again = await request()
+    assert again is None and runs == 1
+    assert (second[0]["status"], second[1]["body"]) == (201, b"made")
+    assert (b"idempotent-replayed", b"true") in second[0]["headers"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import re
 import threading
 import time
 import uuid
@@ -1184,3 +1185,57 @@ def test_a_lost_reply_to_complete_is_success_not_lease_lost() -> None:
             server.resume()
             store.close()
             probe.close()
+
+
+# -- the async hot path ---------------------------------------------------------------------------
+async def test_async_claim_and_complete_answer_as_their_plans(prefix: str) -> None:
+    """``aclaim`` and ``acomplete`` send their plan's one script without the plan driver (issue
+    13: one coroutine and one generator less on every keyed request); every answer, error and
+    stored byte is the plan's, run on the same store side by side."""
+    from oncely.backends.plans import arun
+
+    store = RedisStore(REDIS_URL, prefix=prefix)
+
+    async def by_plan(op: str, *args: Any) -> Any:
+        return await arun(getattr(store, f"_{op}")(*args), store._aexecute)
+
+    try:
+        fast, plan = rkey(), rkey()
+        first = [
+            await store.aclaim(fast, "fp-1", 5, 60),
+            await by_plan("claim", plan, "fp-1", 5, 60),
+        ]
+        assert [type(o) for o in first] == [New, New]
+        assert first[0].fence > 0 and first[1].fence > first[0].fence
+        for fingerprint, kind in (("fp-1", InFlight), ("fp-2", Mismatch)):
+            again = [
+                await store.aclaim(fast, fingerprint, 5, 60),
+                await by_plan("claim", plan, fingerprint, 5, 60),
+            ]
+            assert [type(o) for o in again] == [kind, kind]
+        with pytest.raises(LeaseLost) as fast_lost:
+            await store.acomplete(fast, first[0].fence + 1000, b"r", "raw", 60)
+        with pytest.raises(LeaseLost) as plan_lost:
+            await by_plan("complete", plan, first[1].fence + 1000, b"r", "raw", 60)
+        # the same message, but for the digest and the fences
+        assert re.sub(r"[0-9a-f]{16}…|\d+", "_", str(fast_lost.value)) == re.sub(
+            r"[0-9a-f]{16}…|\d+", "_", str(plan_lost.value)
+        )
+        await store.acomplete(fast, first[0].fence, b"result \x00 bytes", "raw", 60)
+        await by_plan("complete", plan, first[1].fence, b"result \x00 bytes", "raw", 60)
+        replays = [await store.aclaim(fast, "fp-1", 5, 60), await store.aclaim(plan, "fp-1", 5, 60)]
+        assert [type(o) for o in replays] == [Replay, Replay]
+        fast_record, plan_record = (r.record for r in replays if isinstance(r, Replay))
+        assert (
+            (fast_record.result, fast_record.codec, fast_record.status)
+            == (
+                plan_record.result,
+                plan_record.codec,
+                plan_record.status,
+            )
+            == (b"result \x00 bytes", "raw", "completed")
+        )
+        assert isinstance(await store.aclaim(fast, "fp-2", 5, 60), Mismatch)
+    finally:
+        await store.aclose()
+        store.close()

@@ -91,6 +91,12 @@ def _pack(connection: Any, commands: list[tuple[Any, ...]]) -> list[bytes]:
     return packed
 
 
+def _writes_at_once(transport: Any) -> bool:
+    """True if a write to ``transport`` (an asyncio transport) goes out without waiting: open,
+    and nothing of an earlier write is still buffered (so a drain after it would not wait)."""
+    return not transport.is_closing() and not transport.get_write_buffer_size()
+
+
 # -- asyncio -------------------------------------------------------------------------------------
 _closing: set[asyncio.Task[Any]] = set()
 
@@ -261,10 +267,15 @@ class AsyncPipeline:
         self._closed = True
 
     def execute_command(self, *args: Any) -> asyncio.Future[Any]:
-        """Queue one command, to be sent with the others queued in this loop iteration; await
-        the future returned for its reply (a plain future, not a coroutine: one frame less
-        for every caller to pass through; a caller that stops awaiting it cancels it, and a
-        cancelled command is not sent, or its reply is dropped).
+        """:meth:`send_command` with the command's parts as arguments."""
+        return self.send_command(args)
+
+    def send_command(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """Queue one command (its parts, ``("ECHO", "hello")``), to be sent with
+        the others queued in this loop iteration; await the future returned for its reply (a
+        plain future, not a coroutine: one frame less for every caller to pass through; a
+        caller that stops awaiting it cancels it, and a cancelled command is not sent, or its
+        reply is dropped).
 
         :raises redis.exceptions.RedisError: (from the future) the error reply, or the
             connection's failure; at once if the pipeline is closed.
@@ -321,9 +332,17 @@ class AsyncPipeline:
             session: _Session | None = None
             try:
                 session = await self._open()
-                packed = _pack(session.connection, [args for args, _ in batch])
+                connection = session.connection
+                packed = _pack(connection, [args for args, _ in batch])
                 session.written([fut for _, fut in batch])
-                await session.connection.send_packed_command(packed, check_health=False)
+                writer = connection._writer
+                if writer is not None and _writes_at_once(writer.transport):
+                    # What send_packed_command does when its drain would not wait, minus its
+                    # wait_for (a task, a timer and two loop turns per batch): a write that
+                    # must wait goes through it, bounded by the socket timeout.
+                    writer.writelines(packed)
+                else:
+                    await connection.send_packed_command(packed, check_health=False)
             except BaseException as exc:
                 error = exc if isinstance(exc, Exception) else _closed()
                 if session is not None:

@@ -946,12 +946,12 @@ class RedisClients:
                 # The auto-pipeline awaits a plain future: no wait_for to drop a cancel.
                 pipeline = self._apipelines.get()
                 try:
-                    return await pipeline.execute_command(*command(script, numkeys, keys_and_args))
+                    return await pipeline.send_command(command(script, numkeys, keys_and_args))
                 except ResponseError as exc:
                     if not is_noscript(exc):
                         raise
-                return await pipeline.execute_command(
-                    *command(script, numkeys, keys_and_args, source=True)
+                return await pipeline.send_command(
+                    command(script, numkeys, keys_and_args, source=True)
                 )
             with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
                 if self.cluster and self._async_client is None:

@@ -46,7 +46,7 @@ LostCallback = Callable[["Claimed", BaseException], None]
 _losing = threading.Lock()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Claimed:
     """The running call's claim: its fence (pass it to fenced writes) and whether it still holds.
 

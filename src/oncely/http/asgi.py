@@ -316,9 +316,14 @@ class _Exchange:
         self.flow = flow
         while True:
             if op is None:
+                if self.flow is None:  # it ended inside the app's last send (_Capture.send)
+                    if error is not None:
+                        raise error  # what throwing it into the ended flow would do
+                    return
                 try:
                     op = flow.send(value) if error is None else flow.throw(error)
                 except StopIteration:
+                    self.flow = None
                     return
                 if type(op) is Claim and self.task is None:
                     await self._detach(flow, op)
@@ -513,7 +518,7 @@ class _Exchange:
             entry.rejected()  # the router will answer 404/405/redirect without a handler
         error: BaseException | None = None
         keyed = op.fence is not None
-        capture = _Capture(self.send, op.capture, self._settle_first if keyed else None, entry)
+        capture = _Capture(self.send, op.capture, self if keyed else None, entry)
         app_scope = scope
         extensions = scope.get("extensions")
         if op.capture >= 0 and extensions and any(e in extensions for e in _BYPASS_EXTENSIONS):
@@ -544,7 +549,8 @@ class _Exchange:
         finally:
             if keyed:
                 active_claim.reset(token)
-            self._stop_renewal()
+            if self.renewer is not None:
+                self._stop_renewal()
         if capture.settled:  # the flow already ended inside the app's last send
             if error is not None:
                 raise error
@@ -560,23 +566,15 @@ class _Exchange:
             error = error or exc
         return capture.result(error)
 
-    async def _settle_first(self, captured: Captured) -> None:
-        """The app produced its whole response (the last message is held back): settle the key
-        before the client can see it complete."""
-        self._stop_renewal()
-        try:
-            await self.drive(self.flow, captured)
-        except BaseException as exc:
-            log.error("oncely.http: settling a finished response failed: %s", describe(exc))
-
 
 class _Capture:
     """Passes the app's response through to the server, keeping a copy (up to a limit).
 
     What the app *produced* is recorded before each message goes to the server, so a client
     that leaves while the last message is sent does not turn a finished response into an
-    interrupted one. With ``settle`` (a keyed request), the start is held back until the first
-    body message, and the last body message until ``settle(captured)`` returned."""
+    interrupted one. With ``settle`` (the exchange of a keyed request), the start is held back
+    until the first body message, and the last body message until the exchange's flow settled
+    the key with what was captured."""
 
     __slots__ = (
         "captured",
@@ -598,7 +596,7 @@ class _Capture:
         self,
         inner: Send,
         limit: int,
-        settle: Callable[[Captured], Awaitable[None]] | None = None,
+        settle: _Exchange | None = None,
         entry: HandlerEntry | None = None,
     ) -> None:
         self.inner = inner
@@ -614,7 +612,8 @@ class _Capture:
         self.settled = False
         #: What was settled (the response as it stood when its last message came).
         self.captured: Captured | None = None
-        self.held: list[Message] = []
+        #: The start message, held back until the first body message (keyed requests).
+        self.held: Message | None = None
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -630,14 +629,24 @@ class _Capture:
                         chunks.append(bytes(body))
             if not message.get("more_body", False):
                 self.complete = True
-                if self.settle is not None and not self.settled:
-                    self.held.append(message)
+                exchange = self.settle
+                if exchange is not None and not self.settled:
+                    # The app produced its whole response (this last message is held back):
+                    # settle the key before the client can see it complete.
                     self.settled = True
                     captured = self.captured = self.result(None)
-                    await self.settle(captured)
-                    held, inner = self.held, self.inner  # flush(), inline
-                    while held:
-                        await inner(held.pop(0))
+                    if exchange.renewer is not None:
+                        exchange._stop_renewal()
+                    try:
+                        await exchange.drive(exchange.flow, captured)
+                    except BaseException as exc:
+                        log.error(
+                            "oncely.http: settling a finished response failed: %s", describe(exc)
+                        )
+                    start, self.held = self.held, None  # flush(), inline
+                    if start is not None:
+                        await self.inner(start)
+                    await self.inner(message)
                     return
         elif kind == "http.response.start" and not self.started:
             self.started = True
@@ -645,16 +654,17 @@ class _Capture:
             if self.limit >= 0:
                 self.headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
             if self.settle is not None:
-                self.held.append(message)
+                self.held = message
                 return
-        if self.held:
+        if self.held is not None:
             await self.flush()
         await self.inner(message)
 
     async def flush(self) -> None:
         """Send what was held back."""
-        while self.held:
-            await self.inner(self.held.pop(0))
+        start, self.held = self.held, None
+        if start is not None:
+            await self.inner(start)
 
     def result(self, error: BaseException | None) -> Captured:
         chunks = self.chunks

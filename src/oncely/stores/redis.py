@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import functools
 import re
 import threading
 import time
@@ -63,7 +64,7 @@ import redis.asyncio
 from oncely.backends.durable import EvalWait
 from oncely.backends.forks import after_fork
 from oncely.backends.lua import Script, evalsha
-from oncely.backends.plans import Command, Eval, Plan
+from oncely.backends.plans import Command, Eval, Plan, arun
 from oncely.backends.redis import DRIVER_ERRORS, RedisClients, driver_fault, ms
 from oncely.backends.redis import check_url as check_redis_url
 from oncely.core.cancelsafe import keep_cancel
@@ -113,6 +114,10 @@ _GLOB_SPECIAL: Final = str.maketrans({c: "\\" + c for c in "\\*?[]"})
 
 
 # -- plain functions shared by the sync and async faces -------------------------------------------
+#: :func:`~oncely.backends.redis.ms` of the few leases and TTLs a process uses, remembered.
+_ms: Final = functools.lru_cache(maxsize=256)(ms)
+
+
 def _record(scope: str, digest: str, f: Sequence[Any]) -> Record:
     """A :class:`Record` from the fields ``st fe fp lu ea ca rs cd`` (as HMGET returns them)."""
     lease_until = f[3]
@@ -378,11 +383,34 @@ class RedisStore(PlannedStore):
         return f"{_glob_escape(self.prefix)}:{_glob_escape(scope)}:*"
 
     # -- every operation, once: a plan of script calls (oncely.backends.plans) -----------------
+    def _claim_args(
+        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
+    ) -> tuple[Any, ...]:
+        """The keys and arguments of claim.lua (its ``numkeys`` is 2)."""
+        head, tail = _split_fingerprint(fingerprint)
+        if self.cluster:
+            record, fences = self._key(key), self._fence(key)
+        else:  # _key and _fence, inline (a claim is on every keyed request)
+            record, fences = f"{self.prefix}:{key.scope}:{key.digest}", self._fence_key
+        return (record, fences, fingerprint, _ms(lease), _ms(ttl), head, tail)
+
+    def _complete_args(
+        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
+    ) -> tuple[Any, ...]:
+        """The keys and arguments of complete.lua (its ``numkeys`` is 1)."""
+        return (
+            self._key(key),
+            fence,
+            result,
+            codec,
+            _ms(ttl),
+            f"{self._done}{key.scope}:{key.digest}",
+        )
+
     def _claim(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> Plan[ClaimOutcome]:
-        head, tail = _split_fingerprint(fingerprint)
-        args = (self._key(key), self._fence(key), fingerprint, ms(lease), ms(ttl), head, tail)
+        args = self._claim_args(key, fingerprint, lease, ttl)
         if self._durable is None:
             return _parse_claim((yield Eval(_CLAIM, 2, args)), key)
         reply, acked = yield EvalWait(_CLAIM, 2, args)
@@ -400,7 +428,7 @@ class RedisStore(PlannedStore):
     def _complete(
         self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
     ) -> Plan[None]:
-        args = (self._key(key), fence, result, codec, ms(ttl), self._channel(key))
+        args = self._complete_args(key, fence, result, codec, ttl)
         if self._durable is None:
             _check_fenced((yield Eval(_COMPLETE, 1, args)), "complete", key, fence)
             return
@@ -557,6 +585,31 @@ class RedisStore(PlannedStore):
             request.pubsub.close()
             return None
         return self.redis.execute(request)
+
+    # -- the async hot path: the plans' one script, without their driver ----------------------
+    async def aclaim(
+        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
+    ) -> ClaimOutcome:
+        if self._durable is not None:  # the plan (a WAIT after the script, a release on failure)
+            return await arun(self._claim(key, fingerprint, lease, ttl), self._aexecute)
+        # What the plan does then (its arguments, its one script, its reply's meaning), one
+        # coroutine and one generator less: a claim is on every keyed request.
+        reply = await self.redis.aeval(_CLAIM, 2, *self._claim_args(key, fingerprint, lease, ttl))
+        return _parse_claim(reply, key)
+
+    async def acomplete(
+        self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
+    ) -> None:
+        limit = self.max_result_bytes
+        if limit is not None and len(result) > limit:
+            self.check_result_size(result)  # raises ResultTooLarge
+        if self._durable is not None:
+            await arun(self._complete(key, fence, result, codec, ttl), self._aexecute)
+            return
+        args = self._complete_args(key, fence, result, codec, ttl)
+        reply = await self.redis.aeval(_COMPLETE, 1, *args)
+        if reply[0] != b"ok":
+            _check_fenced(reply, "complete", key, fence)  # raises LeaseLost
 
     def _aexecute(self, request: Any) -> Awaitable[Any]:
         if type(request) is Eval:  # the hot path: the client's coroutine, no frame of ours
