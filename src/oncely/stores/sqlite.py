@@ -33,6 +33,7 @@ from oncely.backends.sqlite import CLOCK as NOW
 from oncely.backends.sqlite import (
     Connections,
     Workers,
+    aexecute,
     busy_error,
     busy_timeout_of,
     enable_wal,
@@ -442,7 +443,8 @@ class SQLiteStore(PlannedStore):
         rows, _ = yield Exec("SELECT " + NOW, {})
         return float(rows[0][0])
 
-    # -- the two executors: statements on a borrowed connection, on a worker thread if async --
+    # -- the two executors: statements on a borrowed connection; async writes are queued on the
+    # -- file's writer thread, async reads run on a worker thread (oncely.backends.sqlite) -----
     def _execute(self, request: Any) -> Any:
         if type(request) is Sleep:
             time.sleep(request.seconds)
@@ -454,4 +456,11 @@ class SQLiteStore(PlannedStore):
             # Sleep on the loop, so a waiter never holds a worker thread the holder needs.
             await asyncio.sleep(request.seconds)
             return None
-        return await self._workers.run(self._run, request.statement, request.params)
+        params = request.params
+        return await aexecute(
+            self._connections,
+            self._workers,
+            self._sql.get(request.statement, request.statement),
+            params,
+            lambda exc: self._translate(exc, params),
+        )
