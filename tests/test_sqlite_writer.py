@@ -294,3 +294,24 @@ def test_a_forked_child_gets_its_own_writer_thread(tmp_path: Path) -> None:
     assert store.get(RecordKey.of("", "child")) is not None
     assert isinstance(asyncio.run(store.aclaim(RecordKey.of("", "again"), "fp", 30, 60)), New)
     store.close()
+
+
+def test_writes_to_two_files_in_one_iteration_each_go_to_their_own_writer(tmp_path: Path) -> None:
+    first, second = store_at(tmp_path, "one.db"), store_at(tmp_path, "two.db")
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(
+            *(
+                store.aclaim(RecordKey.of("", f"k{i}"), "fp", 30, 60)
+                for i in range(10)
+                for store in (first, second)
+            )
+        )
+
+    outcomes = asyncio.run(main())
+    assert len(outcomes) == 20 and all(isinstance(o, New) for o in outcomes)
+    for store in (first, second):
+        assert all(store.get(RecordKey.of("", f"k{i}")) is not None for i in range(10))
+        assert writer_gate(store.path)._writer is not None
+    first.close()
+    second.close()

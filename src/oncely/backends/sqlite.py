@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -203,11 +204,11 @@ class WriterGate:
         self._writer: threading.Thread | None = None
         self._idle = False
 
-    def queue(self, job: Any) -> None:
-        """Queue ``job`` (an async caller's write) for the writer thread, starting it or waking
-        it if it waits; the thread runs it in its next group commit."""
+    def queue(self, jobs: list[Any]) -> None:
+        """Queue ``jobs`` (async callers' writes) for the writer thread, starting it or waking
+        it if it waits; the thread runs them in its next group commit."""
         with self.mutex:
-            self.pending.append(job)
+            self.pending += jobs
             if self._writer is not None:
                 if self._idle:
                     self._wake.notify()
@@ -484,7 +485,8 @@ async def aexecute(
     """The async face of :func:`execute`: the same statement, the same reply and errors, the
     same group commits, awaited on the running loop.
 
-    A write is queued on the file's :class:`WriterGate` and run by its writer thread, which
+    A write is queued on the file's :class:`WriterGate` (the writes of one loop iteration
+    together, handed over by one callback after it) and run by the file's writer thread, which
     takes every write queued for the same pool (up to :data:`BATCH`, sync callers' too) into
     one ``BEGIN IMMEDIATE`` transaction under the gate, commits, and only then answers: one
     :meth:`~asyncio.loop.call_soon_threadsafe` per event loop per batch, instead of a worker
@@ -499,16 +501,62 @@ async def aexecute(
     """
     if sql.lstrip()[:6].upper() == "SELECT":
         return await workers.run(execute, connections, sql, params, translate)
+    loop = asyncio.get_running_loop()
     job = _Write(connections, sql, params, translate)
-    future: asyncio.Future[tuple[list[Any], int]] = asyncio.get_running_loop().create_future()
+    future: asyncio.Future[tuple[list[Any], int]] = loop.create_future()
     job.future = future
-    gate = writer_gate(connections.path)
-    gate.queue(job)
+    outbox = _OUTBOXES.by_loop.get(loop)
+    if outbox is None:
+        outbox = _OUTBOXES.by_loop[loop] = []
+    if not outbox:  # the first write of this iteration: hand them all over after it
+        loop.call_soon(_hand_over, outbox)
+    outbox.append(job)
     try:
         return await future
     except asyncio.CancelledError:
-        gate.withdraw(job)  # still queued: it never runs; taken: it runs, its reply unread
+        # Still queued: it never runs. Taken by a batch: it runs, its reply unread.
+        if job in outbox:
+            outbox.remove(job)
+        else:
+            writer_gate(connections.path).withdraw(job)
         raise
+
+
+class _Outboxes:
+    """The writes each event loop's callers queued in its current iteration (:func:`aexecute`),
+    handed to their files' writer threads together, once per iteration (one lock and at most
+    one wake-up of a writer thread, and one batch for what one iteration produced, instead of
+    a batch of one for the first write and another for the rest). Each list is used by its
+    loop's thread only."""
+
+    def __init__(self) -> None:
+        self.by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Write]] = (
+            weakref.WeakKeyDictionary()
+        )
+        after_fork(self, _Outboxes._forked)
+
+    def _forked(self) -> None:
+        self.by_loop = weakref.WeakKeyDictionary()
+
+
+_OUTBOXES: Final = _Outboxes()
+
+
+def _hand_over(outbox: list[_Write]) -> None:
+    """On the loop: queue the iteration's writes on their files' writer gates."""
+    jobs = outbox.copy()
+    outbox.clear()
+    if not jobs:  # withdrawn meanwhile, or handed over by an earlier call
+        return
+    path = jobs[0].connections.path
+    if all(job.connections.path == path for job in jobs):
+        writer_gate(path).queue(jobs)
+        return
+    by_path: dict[str, list[_Write]] = {}
+    for job in jobs:
+        by_path.setdefault(job.connections.path, []).append(job)
+    for path, mine in by_path.items():
+        writer_gate(path).queue(mine)
 
 
 def _write_queued(gate: WriterGate, connections: Connections) -> None:

@@ -7,7 +7,9 @@ single writer makes them do anyway), so what the store keeps open never grows wi
 threads that use it. Writes from the threads of one process queue on the file's writer gate
 and share group commits (:func:`oncely.backends.sqlite.execute`): they never meet in SQLite's
 busy handler, whose sleeps made the tail of 32 writing threads half a second; other processes
-on the file are waited for with ``busy_timeout``. The file and table are
+on the file are waited for with ``busy_timeout``. The async face queues its writes on the
+file's writer thread (:func:`oncely.backends.sqlite.aexecute`: group commits, each event loop
+woken once per batch) and runs its reads on ``workers`` threads. The file and table are
 created on first use because the file belongs to the application; ``create_schema=False`` turns
 that off: the store then opens only an existing file and creates nothing (what ``oncely check``
 relies on).
