@@ -1,7 +1,9 @@
 """SQLite files: URL parsing, WAL, the bounded connection pool, busy timeout, worker threads.
 
 What the SQLite store and the SQLite lock backend share; no mechanism. SQLite has no async
-driver: the async faces run statements on a small pool of worker threads (:class:`Workers`).
+driver: an async write statement is queued on its file's writer thread (:func:`aexecute`),
+which runs the queued writes as one group commit and wakes each waiting event loop once per
+batch; other async calls run on a small pool of worker threads (:class:`Workers`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import sqlite3
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +23,7 @@ from typing import Any, Final, TypeVar
 
 from oncely.backends.forks import after_fork, inherit
 from oncely.backends.urls import Number, check_numbers, check_options, query_options
+from oncely.core.observe import describe
 from oncely.errors import ConfigurationError, OncelyError, StoreUnavailable
 from oncely.settings import seconds, text
 
@@ -29,6 +33,7 @@ __all__ = [
     "Workers",
     "WriterGate",
     "absolute",
+    "aexecute",
     "enable_wal",
     "execute",
     "parse_url",
@@ -181,6 +186,10 @@ class WriterGate:
     still waited for by SQLite's ``busy_timeout``. The gate orders statements only: each
     decision stays one statement, and correctness never depends on it (another process, or a
     second gate after ``fork()``, is handled by SQLite's own lock).
+
+    The gate also owns the file's writer thread, which runs the writes that async callers queue
+    (:meth:`queue`, :func:`aexecute`); it starts on the first one and stops after
+    :data:`WRITER_IDLE` seconds without work.
     """
 
     def __init__(self) -> None:
@@ -190,6 +199,50 @@ class WriterGate:
         #: Write statements queued for the next group commit (see :func:`execute`).
         self.mutex = threading.Lock()
         self.pending: list[Any] = []
+        #: The writer thread waits on it for queued writes (the lock is ``mutex``).
+        self._wake = threading.Condition(self.mutex)
+        self._writer: threading.Thread | None = None
+        self._idle = False
+
+    def queue(self, jobs: list[Any]) -> None:
+        """Queue ``jobs`` (async callers' writes) for the writer thread, starting it or waking
+        it if it waits; the thread runs them in its next group commit."""
+        with self.mutex:
+            self.pending += jobs
+            if self._writer is not None:
+                if self._idle:
+                    self._wake.notify()
+                return
+            writer = self._writer = threading.Thread(
+                target=self._write_forever, name="oncely-sqlite-writer", daemon=True
+            )
+        writer.start()
+
+    def withdraw(self, job: Any) -> bool:
+        """Remove ``job`` if no batch took it yet (it will never run): True if it was there."""
+        with self.mutex:
+            try:
+                self.pending.remove(job)
+            except ValueError:
+                return False
+            return True
+
+    def _write_forever(self) -> None:
+        """The writer thread: one group commit after the other while writes are queued."""
+        while True:
+            with self.mutex:
+                while not self.pending:
+                    self._idle = True
+                    woken = self._wake.wait(WRITER_IDLE)
+                    self._idle = False
+                    if not woken and not self.pending:
+                        self._writer = None
+                        return
+                connections = self.pending[0].connections
+            try:
+                _write_queued(self, connections)
+            except Exception as exc:  # never expected (a batch fails its jobs): keep serving
+                log.error("oncely: the SQLite writer thread failed a batch: %s", describe(exc))
 
     def take(self, owner: object) -> list[Any]:
         """Remove and return the queued writes of ``owner`` (a pool), oldest first, at most
@@ -418,11 +471,147 @@ def execute(
 #: The most write statements one group commit carries.
 BATCH: Final = 64
 
+#: Seconds a file's writer thread waits for work before it stops (the next write starts it).
+WRITER_IDLE: Final = 5.0
+
+
+async def aexecute(
+    connections: Connections,
+    workers: Workers,
+    sql: str,
+    params: dict[str, Any],
+    translate: Callable[[sqlite3.Error], OncelyError],
+) -> tuple[list[Any], int]:
+    """The async face of :func:`execute`: the same statement, the same reply and errors, the
+    same group commits, awaited on the running loop.
+
+    A write is queued on the file's :class:`WriterGate` (the writes of one loop iteration
+    together, handed over by one callback after it) and run by the file's writer thread, which
+    takes every write queued for the same pool (up to :data:`BATCH`, sync callers' too) into
+    one ``BEGIN IMMEDIATE`` transaction under the gate, commits, and only then answers: one
+    :meth:`~asyncio.loop.call_soon_threadsafe` per event loop per batch, instead of a worker
+    thread round trip per statement. While a batch commits (its fsync, with
+    ``synchronous=FULL``), the next one queues. A caller cancelled while its write is still
+    queued withdraws it (it never runs); one cancelled after a batch took it leaves it to run
+    and commit as usual, its reply unread (what a cancelled call on a worker thread did). A
+    ``SELECT`` runs on one of ``workers``' threads, as :func:`execute` (it never waits for a
+    batch's commit).
+
+    :raises StoreUnavailable: as :func:`execute`.
+    """
+    if sql.lstrip()[:6].upper() == "SELECT":
+        return await workers.run(execute, connections, sql, params, translate)
+    loop = asyncio.get_running_loop()
+    job = _Write(connections, sql, params, translate)
+    future: asyncio.Future[tuple[list[Any], int]] = loop.create_future()
+    job.future = future
+    outbox = _OUTBOXES.by_loop.get(loop)
+    if outbox is None:
+        outbox = _OUTBOXES.by_loop[loop] = []
+    if not outbox:  # the first write of this iteration: hand them all over after it
+        loop.call_soon(_hand_over, outbox)
+    outbox.append(job)
+    try:
+        return await future
+    except asyncio.CancelledError:
+        # Still queued: it never runs. Taken by a batch: it runs, its reply unread.
+        if job in outbox:
+            outbox.remove(job)
+        else:
+            writer_gate(connections.path).withdraw(job)
+        raise
+
+
+class _Outboxes:
+    """The writes each event loop's callers queued in its current iteration (:func:`aexecute`),
+    handed to their files' writer threads together, once per iteration (one lock and at most
+    one wake-up of a writer thread, and one batch for what one iteration produced, instead of
+    a batch of one for the first write and another for the rest). Each list is used by its
+    loop's thread only."""
+
+    def __init__(self) -> None:
+        self.by_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, list[_Write]] = (
+            weakref.WeakKeyDictionary()
+        )
+        after_fork(self, _Outboxes._forked)
+
+    def _forked(self) -> None:
+        self.by_loop = weakref.WeakKeyDictionary()
+
+
+_OUTBOXES: Final = _Outboxes()
+
+
+def _hand_over(outbox: list[_Write]) -> None:
+    """On the loop: queue the iteration's writes on their files' writer gates."""
+    jobs = outbox.copy()
+    outbox.clear()
+    if not jobs:  # withdrawn meanwhile, or handed over by an earlier call
+        return
+    path = jobs[0].connections.path
+    if all(job.connections.path == path for job in jobs):
+        writer_gate(path).queue(jobs)
+        return
+    by_path: dict[str, list[_Write]] = {}
+    for job in jobs:
+        by_path.setdefault(job.connections.path, []).append(job)
+    for path, mine in by_path.items():
+        writer_gate(path).queue(mine)
+
+
+def _write_queued(gate: WriterGate, connections: Connections) -> None:
+    """One group commit of the writes queued for ``connections``, on the writer thread."""
+    try:
+        with gate.held(connections.timeout, connections.path):
+            batch = gate.take(connections)
+            if batch:
+                _run_batch(connections, batch)
+    except StoreUnavailable as exc:  # the gate stayed held by this process's other threads
+        batch = gate.take(connections)
+        for job in batch:
+            job.error = exc
+            job.done = True
+        _answer(batch)
+
+
+def _answer(batch: list[_Write]) -> None:
+    """Wake the event loop of each async job of ``batch`` (done) once, to settle its futures."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Write]] = {}
+    for job in batch:
+        if job.future is not None:
+            by_loop.setdefault(job.future.get_loop(), []).append(job)
+    for loop, jobs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: no one is waiting
+            loop.call_soon_threadsafe(_settle, jobs)
+
+
+def _settle(jobs: list[_Write]) -> None:
+    """On the jobs' event loop: hand each caller its reply (a cancelled caller's is dropped)."""
+    for job in jobs:
+        future = job.future
+        if future is None or future.done():
+            continue
+        if job.error is not None:
+            future.set_exception(job.error)
+        else:
+            future.set_result((job.rows, job.count))
+
 
 class _Write:
-    """One queued write statement and, once ``done``, its rows and rowcount or its error."""
+    """One queued write statement and, once ``done``, its rows and rowcount or its error;
+    ``future`` is an async caller's (settled on its loop), None for a sync caller."""
 
-    __slots__ = ("connections", "count", "done", "error", "params", "rows", "sql", "translate")
+    __slots__ = (
+        "connections",
+        "count",
+        "done",
+        "error",
+        "future",
+        "params",
+        "rows",
+        "sql",
+        "translate",
+    )
 
     def __init__(
         self,
@@ -439,6 +628,7 @@ class _Write:
         self.rows: list[Any] = []
         self.count = 0
         self.error: BaseException | None = None
+        self.future: asyncio.Future[tuple[list[Any], int]] | None = None
 
     def fail(self, exc: BaseException) -> None:
         # DataError: a value over SQLITE_LIMIT_LENGTH ("string or blob too big").
@@ -451,7 +641,8 @@ class _Write:
 
 
 def _run_batch(connections: Connections, batch: list[_Write]) -> None:
-    """Run ``batch`` in one transaction on one connection; every job ends ``done``."""
+    """Run ``batch`` in one transaction on one connection; every job ends ``done``, and the
+    async ones are answered on their loops (:func:`_answer`)."""
     try:
         with connections.connection() as conn:
             if len(batch) == 1:  # alone: its own autocommit statement, no BEGIN/COMMIT calls
@@ -497,6 +688,7 @@ def _run_batch(connections: Connections, batch: list[_Write]) -> None:
     finally:
         for job in batch:
             job.done = True
+        _answer(batch)
 
 
 class Workers:

@@ -7,7 +7,9 @@ single writer makes them do anyway), so what the store keeps open never grows wi
 threads that use it. Writes from the threads of one process queue on the file's writer gate
 and share group commits (:func:`oncely.backends.sqlite.execute`): they never meet in SQLite's
 busy handler, whose sleeps made the tail of 32 writing threads half a second; other processes
-on the file are waited for with ``busy_timeout``. The file and table are
+on the file are waited for with ``busy_timeout``. The async face queues its writes on the
+file's writer thread (:func:`oncely.backends.sqlite.aexecute`: group commits, each event loop
+woken once per batch) and runs its reads on ``workers`` threads. The file and table are
 created on first use because the file belongs to the application; ``create_schema=False`` turns
 that off: the store then opens only an existing file and creates nothing (what ``oncely check``
 relies on).
@@ -33,6 +35,7 @@ from oncely.backends.sqlite import CLOCK as NOW
 from oncely.backends.sqlite import (
     Connections,
     Workers,
+    aexecute,
     busy_error,
     busy_timeout_of,
     enable_wal,
@@ -442,7 +445,8 @@ class SQLiteStore(PlannedStore):
         rows, _ = yield Exec("SELECT " + NOW, {})
         return float(rows[0][0])
 
-    # -- the two executors: statements on a borrowed connection, on a worker thread if async --
+    # -- the two executors: statements on a borrowed connection; async writes are queued on the
+    # -- file's writer thread, async reads run on a worker thread (oncely.backends.sqlite) -----
     def _execute(self, request: Any) -> Any:
         if type(request) is Sleep:
             time.sleep(request.seconds)
@@ -454,4 +458,11 @@ class SQLiteStore(PlannedStore):
             # Sleep on the loop, so a waiter never holds a worker thread the holder needs.
             await asyncio.sleep(request.seconds)
             return None
-        return await self._workers.run(self._run, request.statement, request.params)
+        params = request.params
+        return await aexecute(
+            self._connections,
+            self._workers,
+            self._sql.get(request.statement, request.statement),
+            params,
+            lambda exc: self._translate(exc, params),
+        )

@@ -1,0 +1,317 @@
+"""The SQLite file's writer thread: async callers queue their write statements on it, it runs
+them as group commits and wakes each event loop once per batch (issue 13: HTTP on SQLite)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import oncely.backends.sqlite as backend
+from oncely.backends.plans import Exec
+from oncely.backends.sqlite import writer_gate
+from oncely.core.records import New, RecordKey, Replay
+from oncely.errors import StoreError, StoreUnavailable
+from oncely.stores import open_store
+from oncely.stores.sqlite import SQLiteStore
+
+
+class CountingLoop(asyncio.SelectorEventLoop):
+    """A real event loop that counts the wake-ups other threads ask of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.woken = 0
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        self.woken += 1
+        return super().call_soon_threadsafe(callback, *args, **kw)
+
+
+async def until(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Yield to the loop until ``condition()`` holds; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.001)
+
+
+def store_at(tmp_path: Path, name: str, query: str = "") -> SQLiteStore:
+    store = open_store(f"sqlite:///{tmp_path}/{name}{query}")
+    assert isinstance(store, SQLiteStore)
+    store.claim(RecordKey.of("", "warm"), "fp", 30, 60)  # the file and table exist
+    return store
+
+
+def test_two_loops_in_two_threads_and_sync_threads_win_each_key_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    first, second = open_store(url), open_store(url)  # two pools on one file, one gate
+    keys = [f"k{i}" for i in range(40)]
+    effects: list[str] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    async def tasks(store: Any, who: str) -> None:
+        async def one(key: str) -> None:
+            record_key = RecordKey.of("t", key)
+            outcome = await store.aclaim(record_key, "fp", 30, 60)
+            if isinstance(outcome, New):
+                effects.append(key)
+                await store.acomplete(record_key, outcome.fence, who.encode(), "raw", 60)
+
+        for offset in range(0, len(keys), 8):  # 8 waves of every key, rotated
+            await asyncio.gather(*(one(keys[(i + offset) % len(keys)]) for i in range(len(keys))))
+
+    def in_loop(store: Any, who: str) -> None:
+        try:
+            barrier.wait()
+            asyncio.run(tasks(store, who))
+        except BaseException as exc:
+            errors.append(exc)
+
+    def in_thread(store: Any, who: str) -> None:
+        try:
+            barrier.wait()
+            for key in reversed(keys):
+                record_key = RecordKey.of("t", key)
+                outcome = store.claim(record_key, "fp", 30, 60)
+                if isinstance(outcome, New):
+                    effects.append(key)
+                    store.complete(record_key, outcome.fence, who.encode(), "raw", 60)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=in_loop, args=(first, "loop-1")),
+        threading.Thread(target=in_loop, args=(second, "loop-2")),
+        threading.Thread(target=in_thread, args=(first, "sync-1")),
+        threading.Thread(target=in_thread, args=(second, "sync-2")),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(effects) == sorted(keys)  # each effect happened once
+    for key in keys:  # and each winner's completion is the stored result
+        outcome = first.claim(RecordKey.of("t", key), "fp", 30, 60)
+        assert isinstance(outcome, Replay)
+    first.close()
+    second.close()
+
+
+def test_a_batch_wakes_its_event_loop_once(tmp_path: Path) -> None:
+    store = store_at(tmp_path, "wake.db")
+    gate = writer_gate(store.path)
+    loop = CountingLoop()
+
+    async def main() -> list[Any]:
+        assert gate.acquire(1)  # the writes queue behind the gate...
+        try:
+            tasks = [
+                asyncio.ensure_future(store.aclaim(RecordKey.of("", f"k{i}"), "fp", 30, 60))
+                for i in range(20)
+            ]
+            await until(lambda: len(gate.pending) >= 20, "20 queued writes", timeout=2)
+        finally:
+            gate.release()  # ...and go in one group commit
+        return await asyncio.gather(*tasks)
+
+    try:
+        outcomes = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert all(isinstance(o, New) for o in outcomes)
+    assert loop.woken == 1  # one wake-up for the 20 replies, not one per statement
+    store.close()
+
+
+def test_a_caller_cancelled_while_queued_never_writes(tmp_path: Path) -> None:
+    store = store_at(tmp_path, "queued.db")
+    gate = writer_gate(store.path)
+    key = RecordKey.of("", "cancelled")
+
+    async def main() -> None:
+        assert gate.acquire(1)
+        try:
+            task = asyncio.ensure_future(store.aclaim(key, "fp", 30, 60))
+            await until(lambda: len(gate.pending) == 1, "the queued claim")
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert gate.pending == []  # withdrawn: no batch will run it
+        finally:
+            gate.release()
+        assert isinstance(await store.aclaim(RecordKey.of("", "next"), "fp", 30, 60), New)
+
+    asyncio.run(main())
+    assert store.get(key) is None
+    store.close()
+
+
+def hold_write_lock(path: str) -> sqlite3.Connection:
+    """Another connection takes the file's write lock (as another process would)."""
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    return other
+
+
+def test_a_caller_cancelled_after_its_batch_took_it_still_commits(tmp_path: Path) -> None:
+    store = store_at(tmp_path, "taken.db")
+    gate = writer_gate(store.path)
+    key = RecordKey.of("", "taken")
+
+    async def main() -> None:
+        other = hold_write_lock(store.path)
+        try:
+            task = asyncio.ensure_future(store.aclaim(key, "fp", 30, 60))
+            await until(lambda: gate.pending == [] and gate._held, "the batch")
+            task.cancel()  # its statement waits for SQLite's lock inside the batch
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            other.execute("COMMIT")
+            other.close()
+        # Queued after it: answered only once the cancelled caller's batch has committed.
+        assert isinstance(await store.aclaim(RecordKey.of("", "after"), "fp", 30, 60), New)
+
+    asyncio.run(main())
+    record = store.get(key)
+    assert record is not None and record.status == "in_progress"
+    store.close()
+
+
+def test_a_loop_closed_before_its_reply_leaves_the_writer_serving(tmp_path: Path) -> None:
+    store = store_at(tmp_path, "closed.db")
+    gate = writer_gate(store.path)
+    other = hold_write_lock(store.path)
+    loop = asyncio.new_event_loop()
+    try:
+        task = loop.create_task(store.aclaim(RecordKey.of("", "orphan"), "fp", 30, 60))
+
+        async def taken() -> None:
+            await until(lambda: gate.pending == [] and gate._held, "the batch")
+
+        loop.run_until_complete(taken())
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            loop.run_until_complete(task)
+    finally:
+        loop.close()  # the batch answers a closed loop
+        other.execute("COMMIT")
+        other.close()
+    outcome = asyncio.run(store.aclaim(RecordKey.of("", "later"), "fp", 30, 60))
+    assert isinstance(outcome, New)
+    assert store.get(RecordKey.of("", "orphan")) is not None
+    store.close()
+
+
+def test_one_failing_statement_fails_alone_in_its_batch(tmp_path: Path) -> None:
+    store = store_at(tmp_path, "fail.db")
+    gate = writer_gate(store.path)
+
+    async def main() -> list[Any]:
+        assert gate.acquire(1)
+        try:
+            claims = [
+                asyncio.ensure_future(store.aclaim(RecordKey.of("", f"k{i}"), "fp", 30, 60))
+                for i in range(5)
+            ]
+            bad = asyncio.ensure_future(store._aexecute(Exec("INSERT INTO nowhere VALUES (1)", {})))
+            claims += [
+                asyncio.ensure_future(store.aclaim(RecordKey.of("", f"k{i}"), "fp", 30, 60))
+                for i in range(5, 10)
+            ]
+            await until(lambda: len(gate.pending) == 11, "the batch")
+        finally:
+            gate.release()
+        with pytest.raises(StoreError):  # its table is missing
+            await bad
+        return await asyncio.gather(*claims)
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, New) for o in outcomes)
+    assert all(store.get(RecordKey.of("", f"k{i}")) is not None for i in range(10))
+    store.close()
+
+
+def test_an_async_write_behind_a_gate_held_past_the_timeout_is_a_typed_error(
+    tmp_path: Path,
+) -> None:
+    store = store_at(tmp_path, "held.db", "?busy_timeout=0.2")
+    gate = writer_gate(store.path)
+    assert gate.acquire(1)
+    try:
+        with pytest.raises(StoreUnavailable, match="busy_timeout"):
+            asyncio.run(store.aclaim(RecordKey.of("", "k"), "fp", 30, 60))
+    finally:
+        gate.release()
+    assert isinstance(asyncio.run(store.aclaim(RecordKey.of("", "k"), "fp", 30, 60)), New)
+    store.close()
+
+
+def test_the_writer_thread_stops_when_idle_and_starts_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(backend, "WRITER_IDLE", 0.05)
+    store = store_at(tmp_path, "idle.db")
+    gate = writer_gate(store.path)
+    assert isinstance(asyncio.run(store.aclaim(RecordKey.of("", "a"), "fp", 30, 60)), New)
+    writer = gate._writer
+    assert writer is not None and writer.name == "oncely-sqlite-writer"
+    writer.join(10)
+    assert not writer.is_alive() and gate._writer is None
+    assert isinstance(asyncio.run(store.aclaim(RecordKey.of("", "b"), "fp", 30, 60)), New)
+    assert gate._writer is not None and gate._writer is not writer
+    store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_forked_child_gets_its_own_writer_thread(tmp_path: Path) -> None:
+    store = store_at(tmp_path, "fork.db")
+    assert isinstance(asyncio.run(store.aclaim(RecordKey.of("", "parent"), "fp", 30, 60)), New)
+    parent_gate = writer_gate(store.path)
+    assert parent_gate._writer is not None  # alive at the fork: gone in the child
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            outcome = asyncio.run(store.aclaim(RecordKey.of("", "child"), "fp", 30, 60))
+            gate = writer_gate(store.path)
+            fresh = gate is not parent_gate and gate._writer is not parent_gate._writer
+            code = 0 if isinstance(outcome, New) and fresh else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.get(RecordKey.of("", "child")) is not None
+    assert isinstance(asyncio.run(store.aclaim(RecordKey.of("", "again"), "fp", 30, 60)), New)
+    store.close()
+
+
+def test_writes_to_two_files_in_one_iteration_each_go_to_their_own_writer(tmp_path: Path) -> None:
+    first, second = store_at(tmp_path, "one.db"), store_at(tmp_path, "two.db")
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(
+            *(
+                store.aclaim(RecordKey.of("", f"k{i}"), "fp", 30, 60)
+                for i in range(10)
+                for store in (first, second)
+            )
+        )
+
+    outcomes = asyncio.run(main())
+    assert len(outcomes) == 20 and all(isinstance(o, New) for o in outcomes)
+    for store in (first, second):
+        assert all(store.get(RecordKey.of("", f"k{i}")) is not None for i in range(10))
+        assert writer_gate(store.path)._writer is not None
+    first.close()
+    second.close()
