@@ -659,3 +659,57 @@ def test_abort_racing_the_run_never_mismatches_nor_leaves_an_effect(shop: Shop) 
             assert moves == ACTIONS, (saga_id, moves)
             completed += 1
     assert shop.qty() == 1000 - completed
+
+
+def _forward_only_saga(shop: Shop, calls: list[str], fail: dict[str, int]) -> Saga:
+    def step(ctx: Any) -> None:
+        calls.append(f"{ctx.step}:{ctx.op}")
+        if fail.get(ctx.step, 0) > 0:
+            fail[ctx.step] -= 1
+            raise ValueError("carrier down")
+
+    return Saga("sa-pivot", [Step("reserve", step, step), Step("pay", step),
+                             Step("ship", step, attempts=1)],
+                table=f"saga_{shop.db.tag}", barrier_table=f"barrier_{shop.db.tag}")  # fmt: skip
+
+
+def test_sqlalchemy_past_the_pivot_goes_forward_only(shop: Shop) -> None:
+    """The pivot rule through a SQLAlchemy Connection (sync): a later step that fails for good
+    leaves the saga ``pivoted`` (SagaStuck), abort() compensates nothing, a rerun completes."""
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    engine = sqlalchemy.create_engine(shop.db.url())
+    calls: list[str] = []
+    saga = _forward_only_saga(shop, calls, {"ship": 1})
+    try:
+        with engine.connect() as conn:
+            with pytest.raises(SagaStuck):
+                saga.run(conn, "sa-pv", {"n": 1})
+            aborted = saga.abort(conn, "sa-pv")
+            assert aborted.state == "pivoted" and aborted.compensated == ()
+            assert saga.run(conn, "sa-pv").state == "completed"
+        assert calls == ["reserve:action", "pay:action", "ship:action", "ship:action"]
+    finally:
+        engine.dispose()
+
+
+async def test_async_sqlalchemy_abort_before_the_pivot_still_compensates(shop: Shop) -> None:
+    """Before the pivot nothing changed (async SQLAlchemy): the pivot step that fails for good
+    rolls back (nothing of it stays) and the saga is compensated; a later abort says so."""
+    pytest.importorskip("sqlalchemy")
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    if shop.db.dialect == "sqlite":
+        pytest.importorskip("aiosqlite")
+    engine = create_async_engine(shop.db.url("async"))
+    calls: list[str] = []
+    saga = _forward_only_saga(shop, calls, {"pay": 9})
+    try:
+        async with engine.connect() as conn:
+            with pytest.raises(SagaFailed) as failed:
+                await saga.arun(conn, "asa-pv", {"n": 1})
+            assert failed.value.step == "pay"
+            assert (await saga.aabort(conn, "asa-pv")).state == "compensated"
+        assert calls == ["reserve:action", "pay:action", "pay:action", "pay:action",
+                         "reserve:compensate"]  # fmt: skip
+    finally:
+        await engine.dispose()
