@@ -372,6 +372,9 @@ class Saga:
     :param table: the saga table; :param barrier_table: the barrier table (both created by
         :meth:`create_tables`, in the business database).
     :raises ConfigurationError: no steps, duplicate step names, attempts < 1.
+
+    ``pivot`` is the saga's pivot: its first step with no compensation (None when every step
+    has one). Once it committed the saga is ``pivoted`` and only goes forward.
     """
 
     def __init__(
