@@ -642,6 +642,7 @@ def test_abort_racing_the_run_never_mismatches_nor_leaves_an_effect(shop: Shop) 
         run, abort = runs[saga_id], aborts[saga_id]
         moves = shop.moves_of(saga_id)
         assert not isinstance(abort, Exception), (saga_id, abort)
+        assert len(moves) == len(set(moves)), (saga_id, moves)  # each op at most once
         if isinstance(run, SagaFailed):
             assert run.step is None, (saga_id, run)
             assert abort.state == "compensated", (saga_id, abort)
