@@ -714,3 +714,14 @@ async def test_async_sqlalchemy_abort_before_the_pivot_still_compensates(shop: S
                          "reserve:compensate"]  # fmt: skip
     finally:
         await engine.dispose()
+
+
+def test_django_past_the_pivot_goes_forward_only(tmp_path: Path) -> None:
+    """The pivot rule through django.db.connection (a fresh interpreter: Django's settings are
+    process-wide)."""
+    pytest.importorskip("django")
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "saga_pivot_django_check.py"), str(tmp_path / "dj.db")],
+        cwd=TESTS, env=CHILD_ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr
