@@ -114,7 +114,12 @@ class Shop:
         if not ctx.data.get("paid"):
             raise PaymentTimeout(f"order {ctx.saga_id} was not paid in time")
 
-    def saga(self, paid: bool) -> Saga:
+    def ship(self, ctx: StepContext) -> None:
+        """After the pivot (await_payment): retriable, driven forward, never compensated."""
+        self._move(ctx)
+
+    def saga(self, paid: bool, ship: bool = False) -> Saga:
+        after = [Step("ship", self.ship, retry_on=(ConnectionError,))] if ship else []
         return Saga(
             "order",
             [
@@ -126,6 +131,7 @@ class Shop:
                     retry_on=(ConnectionError,),
                 ),
                 Step("await_payment", self.await_payment, retry_on=(ConnectionError,)),
+                *after,
             ],
             table=f"saga_{self.db.tag}",
             barrier_table=f"barrier_{self.db.tag}",
@@ -153,7 +159,7 @@ def child(dialect: str, path: str, tag: str, saga_id: str, step: str, op: str) -
     conn = db.connect()
     data = {"sku": "apple", "qty": 3, "paid": op == "action"}
     try:
-        shop.saga(paid=op == "action").run(conn, saga_id, data)
+        shop.saga(paid=op == "action", ship=step == "ship").run(conn, saga_id, data)
     except Exception as exc:
         print(f"ENDED {exc!r}", flush=True)
     print("DONE", flush=True)

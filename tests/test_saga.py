@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import http.server
+import os
 import signal
 import subprocess
 import sys
@@ -20,12 +21,15 @@ from typing import Any
 
 import pytest
 
+import oncely
 from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
     SagaFailed,
+    SagaStuck,
     TransactionLost,
 )
+from oncely.sql.connections import adapt
 from oncely.statemachine.saga import HttpStep, Saga, Step, idempotency_key
 
 from saga_shop import Shop
@@ -34,6 +38,9 @@ from sql_fixtures import Db
 pytest_plugins = ["sql_fixtures"]
 
 TESTS = Path(__file__).resolve().parent
+# the child imports the oncely this test runs (a relative PYTHONPATH=src would not resolve
+# from the tests folder, and the child would import the installed copy instead)
+CHILD_ENV = {**os.environ, "PYTHONPATH": str(Path(oncely.__file__).resolve().parents[1])}
 APPLE = {"sku": "apple", "qty": 3}
 
 
@@ -161,7 +168,7 @@ def _kill_in(shop: Shop, saga_id: str, step: str, op: str) -> None:
     proc = subprocess.Popen(
         [sys.executable, str(TESTS / "saga_shop.py"), db.dialect, str(db.path), db.tag,
          saga_id, step, op],
-        cwd=TESTS, stdout=subprocess.PIPE, text=True,
+        cwd=TESTS, stdout=subprocess.PIPE, text=True, env=CHILD_ENV,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -181,6 +188,62 @@ def test_kill_9_in_a_step_then_resume(shop: Shop) -> None:
     assert result.state == "completed"
     assert result.executed == ("create_order", "await_payment")
     assert shop.qty() == 7 and shop.moves_of("order-8") == ACTIONS
+
+
+def test_kill_9_after_the_pivot_then_abort_leaves_it_and_a_rerun_completes_it(
+    shop: Shop,
+) -> None:
+    """The runner is killed right after the pivot (await_payment: no compensation, the
+    customer was charged) committed, while it runs the next step (ship). An abort from
+    another process must not roll the saga back (the charge would stay for a cancelled
+    order): it answers ``pivoted`` and compensates nothing; a rerun completes the saga."""
+    _kill_in(shop, "order-pv", "ship", "action")  # await_payment committed, ship not
+    moves = ACTIONS
+    assert shop.qty() == 7 and shop.moves_of("order-pv") == moves
+    conn = shop.db.connect()
+    saga = shop.saga(paid=True, ship=True)
+    late = saga.abort(conn, "order-pv")
+    assert late.state == "pivoted" and late.compensated == () and late.executed == ()
+    assert shop.db.run(f"SELECT state FROM saga_{shop.db.tag}") == [("pivoted",)]
+    assert saga.abort(conn, "order-pv").state == "pivoted"  # again: still left alone
+    assert shop.qty() == 7 and shop.moves_of("order-pv") == moves
+    assert shop.order_status("order-pv") == "pending"  # not cancelled
+    result = saga.run(conn, "order-pv")  # the resume drives it forward, on the stored data
+    assert result.state == "completed" and result.executed == ("ship",)
+    assert saga.abort(conn, "order-pv").state == "completed"
+    assert shop.qty() == 7
+    assert shop.moves_of("order-pv") == sorted([*moves, ("ship", "action")])
+
+
+async def test_async_past_the_pivot_goes_forward_only(shop: Shop) -> None:
+    """Async faces: a step after the pivot that fails for good does not roll the saga back
+    (SagaStuck, the saga stays ``pivoted``); aabort() leaves it alone; arun() completes it."""
+    conn = await shop.db.aconnect()
+    calls: list[str] = []
+    fail = {"ship": 1}
+
+    async def step(ctx: Any) -> None:
+        calls.append(f"{ctx.step}:{ctx.op}")
+        if fail.get(ctx.step, 0) > 0:
+            fail[ctx.step] -= 1
+            raise ValueError("carrier down")
+
+    saga = Saga("async-pivot", [Step("reserve", step, step), Step("pay", step),
+                                Step("ship", step, attempts=1)],
+                table=f"saga_{shop.db.tag}", barrier_table=f"barrier_{shop.db.tag}")  # fmt: skip
+    assert saga.pivot is not None and saga.pivot.name == "pay"
+    try:
+        with pytest.raises(SagaStuck) as stuck:
+            await saga.arun(conn, "a-pv", {"n": 1})
+        assert stuck.value.step == "ship" and "pivoted" in str(stuck.value)
+        assert calls == ["reserve:action", "pay:action", "ship:action"]
+        aborted = await saga.aabort(conn, "a-pv")
+        assert aborted.state == "pivoted" and aborted.compensated == ()
+        done = await saga.arun(conn, "a-pv")
+        assert done.state == "completed" and done.executed == ("ship",)
+        assert calls == ["reserve:action", "pay:action", "ship:action", "ship:action"]
+    finally:
+        await shop.db.aclose()
 
 
 def test_kill_9_in_a_compensation_then_resume(shop: Shop) -> None:
@@ -536,7 +599,7 @@ def test_abort_racing_the_run_never_mismatches_nor_leaves_an_effect(shop: Shop) 
     db = shop.db
     db.run(f"UPDATE {shop.stock} SET qty = 1000 WHERE sku = 'apple'")
     saga = shop.saga(paid=True)
-    ids = [f"race-{i}" for i in range(24)]
+    ids = [f"race-{i}" for i in range(60)]
     both = threading.Barrier(2)
     runs: dict[str, Any] = {}
     aborts: dict[str, Any] = {}
@@ -555,10 +618,20 @@ def test_abort_racing_the_run_never_mismatches_nor_leaves_an_effect(shop: Shop) 
         finally:
             conn.close()
 
+    def abort_later(conn: Any, saga_id: str) -> Any:
+        # sweep the abort's arrival over the run: 0..5 round trips on its own connection first
+        # (real statements, not sleeps), so it also lands after the pivot (await_payment) has
+        # committed and before the saga is marked completed
+        for _ in range(int(saga_id.split("-")[1]) % 6):
+            adapt(conn).execute("SELECT 1", {})
+        if db.dialect != "sqlite":
+            conn.rollback()
+        return saga.abort(conn, saga_id)
+
     data = {"sku": "apple", "qty": 1, "paid": True}
     threads = [
         threading.Thread(target=drive, args=(runs, lambda c, i: saga.run(c, i, data))),
-        threading.Thread(target=drive, args=(aborts, lambda c, i: saga.abort(c, i))),
+        threading.Thread(target=drive, args=(aborts, abort_later)),
     ]
     for t in threads:
         t.start()
@@ -569,16 +642,86 @@ def test_abort_racing_the_run_never_mismatches_nor_leaves_an_effect(shop: Shop) 
         run, abort = runs[saga_id], aborts[saga_id]
         moves = shop.moves_of(saga_id)
         assert not isinstance(abort, Exception), (saga_id, abort)
+        assert len(moves) == len(set(moves)), (saga_id, moves)  # each op at most once
         if isinstance(run, SagaFailed):
             assert run.step is None, (saga_id, run)
             assert abort.state == "compensated", (saga_id, abort)
             took = {step for step, op in moves if op == "action"}
             gave = {step for step, op in moves if op == "compensate"}
-            # every action that ran was compensated (await_payment has no compensation)
-            assert took - {"await_payment"} == gave, (saga_id, moves)
+            # every action that ran was compensated; await_payment, the pivot, has no
+            # compensation: a saga whose payment committed must never end compensated
+            assert took == gave, (saga_id, moves)
         else:
             assert not isinstance(run, Exception), (saga_id, run)
-            assert run.state == "completed" and abort.state == "completed", (saga_id, abort)
+            # the abort came too late: after completion, or after the pivot committed
+            assert run.state == "completed", (saga_id, run)
+            assert abort.state in ("completed", "pivoted"), (saga_id, abort)
+            assert abort.compensated == (), (saga_id, abort)
             assert moves == ACTIONS, (saga_id, moves)
             completed += 1
     assert shop.qty() == 1000 - completed
+
+
+def _forward_only_saga(shop: Shop, calls: list[str], fail: dict[str, int]) -> Saga:
+    def step(ctx: Any) -> None:
+        calls.append(f"{ctx.step}:{ctx.op}")
+        if fail.get(ctx.step, 0) > 0:
+            fail[ctx.step] -= 1
+            raise ValueError("carrier down")
+
+    return Saga("sa-pivot", [Step("reserve", step, step), Step("pay", step),
+                             Step("ship", step, attempts=1)],
+                table=f"saga_{shop.db.tag}", barrier_table=f"barrier_{shop.db.tag}")  # fmt: skip
+
+
+def test_sqlalchemy_past_the_pivot_goes_forward_only(shop: Shop) -> None:
+    """The pivot rule through a SQLAlchemy Connection (sync): a later step that fails for good
+    leaves the saga ``pivoted`` (SagaStuck), abort() compensates nothing, a rerun completes."""
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    engine = sqlalchemy.create_engine(shop.db.url())
+    calls: list[str] = []
+    saga = _forward_only_saga(shop, calls, {"ship": 1})
+    try:
+        with engine.connect() as conn:
+            with pytest.raises(SagaStuck):
+                saga.run(conn, "sa-pv", {"n": 1})
+            aborted = saga.abort(conn, "sa-pv")
+            assert aborted.state == "pivoted" and aborted.compensated == ()
+            assert saga.run(conn, "sa-pv").state == "completed"
+        assert calls == ["reserve:action", "pay:action", "ship:action", "ship:action"]
+    finally:
+        engine.dispose()
+
+
+async def test_async_sqlalchemy_abort_before_the_pivot_still_compensates(shop: Shop) -> None:
+    """Before the pivot nothing changed (async SQLAlchemy): the pivot step that fails for good
+    rolls back (nothing of it stays) and the saga is compensated; a later abort says so."""
+    pytest.importorskip("sqlalchemy")
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    if shop.db.dialect == "sqlite":
+        pytest.importorskip("aiosqlite")
+    engine = create_async_engine(shop.db.url("async"))
+    calls: list[str] = []
+    saga = _forward_only_saga(shop, calls, {"pay": 9})
+    try:
+        async with engine.connect() as conn:
+            with pytest.raises(SagaFailed) as failed:
+                await saga.arun(conn, "asa-pv", {"n": 1})
+            assert failed.value.step == "pay"
+            assert (await saga.aabort(conn, "asa-pv")).state == "compensated"
+        assert calls == ["reserve:action", "pay:action", "pay:action", "pay:action",
+                         "reserve:compensate"]  # fmt: skip
+    finally:
+        await engine.dispose()
+
+
+def test_django_past_the_pivot_goes_forward_only(tmp_path: Path) -> None:
+    """The pivot rule through django.db.connection (a fresh interpreter: Django's settings are
+    process-wide)."""
+    pytest.importorskip("django")
+    proc = subprocess.run(
+        [sys.executable, str(TESTS / "saga_pivot_django_check.py"), str(tmp_path / "dj.db")],
+        cwd=TESTS, env=CHILD_ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stdout + proc.stderr

@@ -538,8 +538,15 @@ class SagaFailed(SagaError):
 
 
 class SagaStuck(SagaError):
-    """A compensation kept failing after its retries; the saga stays ``compensating`` and
-    running it again (same saga id) resumes the compensation where it stopped."""
+    """A saga could not finish this time; running it again (same saga id) resumes it:
+
+    * a compensation kept failing after its retries: the saga stays ``compensating`` and the
+      next run resumes the compensation where it stopped;
+    * a step after the saga's pivot (its first step with no compensation, which committed)
+      failed for good: the saga stays ``pivoted``, is never compensated, and the next run
+      drives it forward to ``completed``.
+
+    ``step`` names the step."""
 
     def __init__(self, message: str, step: str):
         super().__init__(message)

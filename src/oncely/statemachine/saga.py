@@ -4,7 +4,7 @@ A :class:`Saga` is a name and :class:`Step` s (local functions) or :class:`HttpS
 calls). :meth:`Saga.run` drives one saga instance, identified by ``saga_id``, on the business
 database:
 
-* the saga's row (``oncely_saga``: id, name, state ``running`` / ``completed`` /
+* the saga's row (``oncely_saga``: id, name, state ``running`` / ``pivoted`` / ``completed`` /
   ``compensating`` / ``compensated``, and ``data``, the saga's input as JSON, written by the
   statement that creates the row; only plain JSON is accepted, data a JSON round trip gives
   back unchanged) moves through a
@@ -21,6 +21,14 @@ database:
   first. The barrier turns a compensation of a step that never ran into an empty compensation
   (nothing runs) and blocks that step if it arrives late (HANGING), so a runner racing a
   rollback cannot apply a step after its compensation;
+* the first step with no compensation is the saga's **pivot** (:attr:`Saga.pivot`), its point
+  of no return: the pivot's own transaction moves the saga row ``running`` -> ``pivoted`` (one
+  conditional ``UPDATE``) before the step's code runs, committed or rolled back with the step.
+  Rolling back is the ``compensate`` transition, from ``running`` only: a saga past its pivot is
+  never compensated (:meth:`Saga.abort` returns state ``pivoted``), and a pivot step that finds
+  the saga ``compensating`` runs nothing and rolls back. After the pivot a run only goes
+  forward: a later step that fails for good raises :class:`~oncely.errors.SagaStuck` and the
+  saga stays ``pivoted`` until a run completes it, so steps after the pivot must be retriable;
 * :class:`HttpStep` sends its request with ``Idempotency-Key`` derived from the saga id, the step
   and the op (:func:`idempotency_key`): a retry after a crash between the remote call and the
   local commit is deduplicated by the remote side.
@@ -105,10 +113,13 @@ DEFAULT_TABLE: Final = "oncely_saga"
 #: The saga's own state machine (its row in the saga table).
 SAGA_MACHINE: Final = Machine(
     "saga",
-    states=["running", "completed", "compensating", "compensated"],
+    states=["running", "pivoted", "completed", "compensating", "compensated"],
     initial="running",
     transitions=[
-        Transition("complete", "running", "completed"),
+        # the pivot step's own transaction moves the saga past its point of no return
+        Transition("pivot", "running", "pivoted"),
+        Transition("complete", ("running", "pivoted"), "completed"),
+        # only a saga before its pivot can be rolled back
         Transition("compensate", "running", "compensating"),
         Transition("finish", "compensating", "compensated"),
     ],
@@ -265,8 +276,10 @@ class SagaResult:
     :meth:`Saga.run` returns one only when the saga **completed**: every run that ends
     compensated (its own step failed, the saga was aborted meanwhile, or the saga id was
     rolled back before) raises :class:`~oncely.errors.SagaFailed`, whose ``result`` is this
-    object. :meth:`Saga.abort` returns it with state ``compensated`` (or ``completed``: the
-    saga had completed before the abort and is left alone)."""
+    object. :meth:`Saga.abort` returns it with state ``compensated``, or ``completed`` (the
+    saga had completed before the abort) or ``pivoted`` (its pivot, a step with no
+    compensation, had committed: it only goes forward, a run completes it); those two are
+    left alone."""
 
     saga_id: str
     state: str
@@ -339,6 +352,13 @@ def _short(text: str) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+def _compensable(step: Step | HttpStep) -> bool:
+    """Whether ``step`` has a compensation (a function, or a compensation URL)."""
+    if isinstance(step, Step):
+        return step.compensation is not None
+    return step.compensation_url is not None
+
+
 class _Call(NamedTuple):
     step: Step | HttpStep
     ctx: StepContext
@@ -352,6 +372,9 @@ class Saga:
     :param table: the saga table; :param barrier_table: the barrier table (both created by
         :meth:`create_tables`, in the business database).
     :raises ConfigurationError: no steps, duplicate step names, attempts < 1.
+
+    ``pivot`` is the saga's pivot: its first step with no compensation (None when every step
+    has one). Once it committed the saga is ``pivoted`` and only goes forward.
     """
 
     def __init__(
@@ -383,6 +406,10 @@ class Saga:
                 raise ConfigurationError(f"saga {name!r}: step {s.name!r} needs attempts >= 1")
         self.table = table
         self.barrier_table = barrier_table
+        #: the pivot: the first step with no compensation (None: every step has one)
+        self.pivot: Step | HttpStep | None = next(
+            (s for s in self.steps if not _compensable(s)), None
+        )
         self._rows = SqlStateMachine(
             SAGA_MACHINE, Table(table, "saga_id", "state"), history_table=f"{table}_history"
         )
@@ -505,17 +532,36 @@ class Saga:
         return str(state), loaded if isinstance(loaded, dict) else {}
 
     def _attempt(
-        self, c: SqlConnection, saga_id: str, step: Step | HttpStep, op: str, data: Any
+        self,
+        c: SqlConnection,
+        saga_id: str,
+        step: Step | HttpStep,
+        op: str,
+        data: Any,
+        pivot: bool = False,
     ) -> Plan[_barrier.Verdict]:
-        """One try of one step's op: barrier and the step's writes in one transaction."""
+        """One try of one step's op: barrier and the step's writes in one transaction.
+
+        ``pivot``: the step is the saga's pivot. Its transaction first moves the saga row
+        ``running`` -> ``pivoted`` (one conditional ``UPDATE``, which holds the row's lock
+        until this transaction ends), before the step's code runs: it commits with the step's
+        writes and barrier row, or rolls back with them. When the saga is no longer
+        ``running`` (an abort turned it ``compensating``), nothing of the step runs, the
+        transaction (barrier row included) rolls back, and the verdict is HANGING."""
         attempt = 0
         while True:
             attempt += 1
             block = yield Enter(savepoint=True, held=True)
+            refused = False
             try:
                 table = quote(self.barrier_table, c.dialect)
                 verdict = yield from _barrier.decide(c, table, saga_id, step.name, op)
-                if verdict.run:
+                if verdict.run and pivot:
+                    try:
+                        yield from self._rows.apply_plan(c, saga_id, "pivot")
+                    except IllegalTransition:  # compensating: the abort came first
+                        refused = True
+                if verdict.run and not refused:
                     fn = step.action if op == "action" and isinstance(step, Step) else None
                     if isinstance(step, Step) and op == "compensate":
                         fn = step.compensation
@@ -540,6 +586,10 @@ class Saga:
             except BaseException as exc:
                 yield from roll_back(block, exc)
                 raise
+            if refused:  # nothing ran: the barrier row goes too, the abort's compensation of
+                # this step finds no action and blocks it (EMPTY_COMPENSATION)
+                yield Leave(block, False)
+                return _barrier.Verdict.HANGING
             if verdict.run:  # the step's code ran inside: commit only if the barrier row is
                 # still in the transaction (the step did not roll back or commit it itself)
                 yield from commit_if_held(
@@ -596,22 +646,37 @@ class Saga:
         failed: str | None = None
         error: BaseException | None = None
         if abort and state == "running":
+            # the one decision: refused once the pivot step committed (the saga is 'pivoted')
             state = yield from self._transition(c, saga_id, "compensate")
-        if state == "running":
+        if abort and state == "pivoted":  # past the point of no return: left alone, a run
+            # (the one under way, or a resume) drives it forward
+            return SagaResult(saga_id, "pivoted")
+        if state in ("running", "pivoted"):
+            past = state == "pivoted"
             for step in self.steps:
+                is_pivot = step is self.pivot
                 try:
-                    verdict = yield from self._attempt(c, saga_id, step, "action", data)
+                    verdict = yield from self._attempt(
+                        c, saga_id, step, "action", data, pivot=is_pivot and not past
+                    )
                 except Exception as exc:
+                    if past:  # no rollback after the pivot: the run must go forward
+                        raise self._forward_stuck(saga_id, step.name, exc, executed) from exc
                     failed, error = step.name, exc
                     break
                 if verdict is _barrier.Verdict.HANGING:  # a rollback has begun meanwhile
+                    if past:  # cannot happen: no compensation starts after the pivot
+                        raise self._forward_stuck(saga_id, step.name, None, executed)
                     break
                 if verdict is _barrier.Verdict.EXECUTE:
                     executed.append(step.name)
+                past = past or is_pivot  # EXECUTE or DUPLICATE: the pivot committed
             else:
                 state = yield from self._transition(c, saga_id, "complete")
             if state == "running":
                 state = yield from self._transition(c, saga_id, "compensate")
+            if state == "pivoted":  # another run took the saga past its pivot meanwhile
+                raise self._forward_stuck(saga_id, failed or "", error, executed)
         if state == "completed":
             return SagaResult(saga_id, "completed", tuple(executed))
         compensated: list[str] = []
@@ -635,6 +700,20 @@ class Saga:
             "a new attempt needs a new saga id",
             None,
             result,
+        )
+
+    def _forward_stuck(
+        self, saga_id: str, step: str, error: BaseException | None, executed: list[str]
+    ) -> SagaStuck:
+        """The error of a run that cannot finish a saga past its pivot (it is never rolled
+        back): run it again to drive it forward."""
+        why = f"step {step!r} kept failing ({error})" if error is not None else "it was stopped"
+        return SagaStuck(
+            f"saga {self.name} {saga_id!r} is past its pivot "
+            f"({self.pivot.name if self.pivot else None!r} committed) and can only go forward, "
+            f"but {why}; the saga stays 'pivoted': run it again to complete it "
+            f"(this call executed {list(executed)})",
+            step,
         )
 
     # -- the saga's own requests (sleep, call a step): the rest runs on oncely.sql.connections --
@@ -688,7 +767,9 @@ class Saga:
         :raises SagaFailed: the saga ended compensated: a step of this run failed for good
             (``.step``), or the saga was rolled back by :meth:`abort` (before or during this
             run) or by an earlier run (``.step`` None); ``.result`` says what this call did.
-        :raises SagaStuck: a compensation kept failing; run again later to resume.
+        :raises SagaStuck: a compensation kept failing, or a step after the pivot failed for
+            good (the saga stays ``pivoted``: it is never compensated); run again later to
+            resume.
         :raises SchemaMissing: the saga tables are missing (:meth:`create_tables`).
         :raises AutocommitConnection: ``conn`` is in autocommit mode (a step's write after its
             own ``rollback()`` would commit at once); nothing was written.
@@ -711,7 +792,11 @@ class Saga:
         """Roll the saga back (an order that timed out): turn it ``compensating`` unless it
         already completed, then compensate every step (steps that never ran get empty
         compensations and are blocked if they arrive late). A completed saga is left alone
-        (its result says ``completed``).
+        (its result says ``completed``), and so is a saga past its pivot (the first step with
+        no compensation committed: it cannot be undone), whose result says ``pivoted``: the
+        decision is the one conditional ``UPDATE`` of the saga row from ``running``, which the
+        pivot step's own transaction also takes, so exactly one of them wins. A run (the one
+        under way, or a resume) completes a ``pivoted`` saga.
 
         A saga id that never ran gets its row now, already ``compensating`` and with no data:
         every later :meth:`run` of it raises :class:`~oncely.errors.SagaFailed` (``.step``
@@ -724,7 +809,8 @@ class Saga:
             ran (or one aborted before it ran) it is checked to be plain JSON but not stored:
             no step ran, nothing is given back.
         :returns: a :class:`SagaResult`, state ``compensated`` (``compensated`` lists the
-            compensations this call executed), or ``completed`` when the saga had completed.
+            compensations this call executed), ``completed`` when the saga had completed, or
+            ``pivoted`` when its pivot had committed (nothing compensated).
         :raises IdempotencyKeyMismatch: ``data`` differs from the data stored for the saga (one
             that ran); nothing ran.
         :raises SagaStuck: as :meth:`run`."""
