@@ -200,7 +200,7 @@ class MemoryStore(Store):
             return found
 
     def purge_expired(self, limit: int = 1000) -> int:
-        limit = count(limit, "limit", where="MemoryStore.purge_expired")
+        limit = count(limit, "limit", where="MemoryStore.purge_expired", minimum=0)
         with self._cond:
             return self.state.purge_expired(limit, time.time())
 

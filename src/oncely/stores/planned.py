@@ -98,7 +98,7 @@ class PlannedStore(Store):
         return run(self._delete(key, running), self._execute)
 
     def _purge_limit(self, limit: int) -> int:
-        return count(limit, "limit", where=f"{type(self).__name__}.purge_expired")
+        return count(limit, "limit", where=f"{type(self).__name__}.purge_expired", minimum=0)
 
     def _list_limit(self, limit: int) -> int:
         return count(limit, "limit", where=f"{type(self).__name__}.list", minimum=0)
