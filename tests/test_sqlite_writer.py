@@ -315,3 +315,94 @@ def test_writes_to_two_files_in_one_iteration_each_go_to_their_own_writer(tmp_pa
         assert writer_gate(store.path)._writer is not None
     first.close()
     second.close()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition()`` from a plain thread; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def test_a_sync_write_behind_more_than_a_batch_of_async_writes_gets_its_own_rows(
+    tmp_path: Path,
+) -> None:
+    """rt12 F1: a sync caller holding the gate took the BATCH oldest queued writes (not its
+    own) and returned "no rows" while its claim still waited; it ran later (an orphaned claim)."""
+    store = store_at(tmp_path, "flood.db")
+    gate = writer_gate(store.path)
+    queued = backend.BATCH * 3
+    outcomes: dict[str, Any] = {}
+
+    def flood() -> None:
+        async def main() -> list[Any]:
+            return await asyncio.gather(
+                *(store.aclaim(RecordKey.of("a", f"k{i}"), "fp", 30, 60) for i in range(queued))
+            )
+
+        try:
+            outcomes["async"] = asyncio.run(main())
+        except BaseException as exc:
+            outcomes["async"] = exc
+
+    def sync() -> None:
+        try:
+            outcomes["sync"] = store.claim(RecordKey.of("s", "k"), "fp", 30, 60)
+        except BaseException as exc:
+            outcomes["sync"] = exc
+
+    assert gate.acquire(5)  # everything queues behind this thread
+    threads = [threading.Thread(target=flood), threading.Thread(target=sync)]
+    try:
+        threads[0].start()
+        wait_for(lambda: len(gate.pending) >= queued, "the async writes to queue")
+        threads[1].start()  # queued last, behind more than a batch
+        wait_for(lambda: len(gate._waiters) == 2, "the writer thread and the sync caller to wait")
+    finally:
+        gate.release()
+    for thread in threads:
+        thread.join(30)
+    assert isinstance(outcomes["sync"], New), outcomes["sync"]
+    assert all(isinstance(o, New) for o in outcomes["async"]), outcomes["async"]
+    assert not gate.pending
+    store.close()
+
+
+def test_sync_writes_during_an_async_flood_each_get_their_own_rows(tmp_path: Path) -> None:
+    """rt12 F1 as seen in the field: one loop floods async claims, a thread claims and
+    completes synchronously; every sync claim is won by its caller and completes."""
+    store = store_at(tmp_path, "storm.db")
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    done = [0]
+
+    def sync_side() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            key = RecordKey.of("s", f"k{i}")
+            try:
+                outcome = store.claim(key, "fp", 30, 60)
+                assert isinstance(outcome, New), outcome
+                store.complete(key, outcome.fence, b"v", "raw", 60)
+                done[0] += 1
+            except BaseException as exc:
+                failures.append(exc)
+
+    async def flood() -> None:
+        for wave in range(6):
+            await asyncio.gather(
+                *(store.aclaim(RecordKey.of("a", f"{wave}-{j}"), "fp", 30, 60) for j in range(300))
+            )
+
+    thread = threading.Thread(target=sync_side)
+    thread.start()
+    try:
+        asyncio.run(flood())
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not failures, failures[:3]
+    assert done[0] > 0
+    store.close()

@@ -450,22 +450,30 @@ def execute(
                 raise translate(exc) from exc
     gate = writer_gate(connections.path)
     job = _Write(connections, sql, params, translate)
+    job.finished = threading.Event()
     with gate.mutex:
         gate.pending.append(job)
     try:
         with gate.held(connections.timeout, connections.path):
-            if not job.done:
-                _run_batch(connections, gate.take(connections))
+            # Batches go oldest first, BATCH at a time: more than BATCH writes queued ahead of
+            # this one (async callers' floods) take several batches before it runs; the holder
+            # of the gate never leaves before its own statement has run.
+            while not job.done:
+                batch = gate.take(connections)
+                if not batch:  # taken by a writer thread failing its batch (gate timeout)
+                    job.finished.wait(connections.timeout)
+                    break
+                _run_batch(connections, batch)
     except BaseException:
         with gate.mutex:
             if job in gate.pending:  # never run: leave nothing queued
                 gate.pending.remove(job)
                 raise
-        if not job.done:
+        # A batch of another thread took it and is running it: its outcome is that batch's,
+        # never "unavailable" while the statement commits behind the caller's back.
+        if not job.finished.wait(connections.timeout):
             raise
-    if job.error is not None:
-        raise job.error
-    return job.rows, job.count
+    return job.result()
 
 
 #: The most write statements one group commit carries.
@@ -570,7 +578,7 @@ def _write_queued(gate: WriterGate, connections: Connections) -> None:
         batch = gate.take(connections)
         for job in batch:
             job.error = exc
-            job.done = True
+            job.finish()
         _answer(batch)
 
 
@@ -591,21 +599,25 @@ def _settle(jobs: list[_Write]) -> None:
         future = job.future
         if future is None or future.done():
             continue
-        if job.error is not None:
-            future.set_exception(job.error)
-        else:
-            future.set_result((job.rows, job.count))
+        try:
+            future.set_result(job.result())
+        except BaseException as exc:
+            future.set_exception(exc)
 
 
 class _Write:
     """One queued write statement and, once ``done``, its rows and rowcount or its error;
-    ``future`` is an async caller's (settled on its loop), None for a sync caller."""
+    ``future`` is an async caller's (settled on its loop), None for a sync caller, whose
+    ``finished`` event is set when it is done. Its outcome is read through :meth:`result`
+    only, which refuses a job not done yet (a caller answered "no rows" while its statement
+    still waits in the queue would act on a decision that has not been taken)."""
 
     __slots__ = (
         "connections",
         "count",
         "done",
         "error",
+        "finished",
         "future",
         "params",
         "rows",
@@ -629,6 +641,25 @@ class _Write:
         self.count = 0
         self.error: BaseException | None = None
         self.future: asyncio.Future[tuple[list[Any], int]] | None = None
+        self.finished: threading.Event | None = None
+
+    def finish(self) -> None:
+        """Mark it done (its rows, count or error are final) and wake a sync caller."""
+        self.done = True
+        if self.finished is not None:
+            self.finished.set()
+
+    def result(self) -> tuple[list[Any], int]:
+        """(rows, rowcount) of the statement that ran.
+
+        :raises BaseException: the statement's error (already translated).
+        :raises RuntimeError: it has not run yet (a bug in the writer; never an empty reply).
+        """
+        if not self.done:
+            raise RuntimeError(f"oncely: a SQLite write was answered before it ran: {self.sql!r}")
+        if self.error is not None:
+            raise self.error
+        return self.rows, self.count
 
     def fail(self, exc: BaseException) -> None:
         # DataError: a value over SQLITE_LIMIT_LENGTH ("string or blob too big").
@@ -687,7 +718,7 @@ def _run_batch(connections: Connections, batch: list[_Write]) -> None:
             raise
     finally:
         for job in batch:
-            job.done = True
+            job.finish()
         _answer(batch)
 
 
