@@ -406,3 +406,111 @@ def test_sync_writes_during_an_async_flood_each_get_their_own_rows(tmp_path: Pat
     assert not failures, failures[:3]
     assert done[0] > 0
     store.close()
+
+
+@pytest.mark.serial
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_child_forked_during_an_async_write_storm_can_write(tmp_path: Path) -> None:
+    """rt12 F2: forked while another thread's writer was inside a write transaction, the child
+    inherited SQLite's in-process lock state ("a connection of this process holds the write
+    lock") and every one of its writes waited busy_timeout and failed. The fork now waits for
+    the writer gates, so no write transaction is open at the fork."""
+    store = store_at(tmp_path, "storm-fork.db")
+    stop = threading.Event()
+    storming: list[BaseException] = []
+
+    def storm() -> None:
+        async def main() -> None:
+            wave = 0
+            while not stop.is_set():
+                keys = (RecordKey.of("p", f"{wave}-{j}") for j in range(50))
+                await asyncio.gather(*(store.aclaim(key, "fp", 30, 60) for key in keys))
+                wave += 1
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            storming.append(exc)
+
+    thread = threading.Thread(target=storm)
+    thread.start()
+    codes: list[int] = []
+    try:
+        wait_for(lambda: store.get(RecordKey.of("p", "2-0")) is not None, "the storm to write")
+        for n in range(6):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    import faulthandler
+
+                    faulthandler.dump_traceback_later(20, exit=True)  # never hang the suite
+
+                    async def child(n: int = n) -> list[Any]:
+                        keys = (RecordKey.of("c", f"{n}-{i}") for i in range(20))
+                        claims = (store.aclaim(key, "fp", 30, 60) for key in keys)
+                        return await asyncio.wait_for(asyncio.gather(*claims), 5)
+
+                    outcomes = asyncio.run(child())
+                    code = 0 if all(isinstance(o, New) for o in outcomes) else 2
+                except BaseException:
+                    code = 3
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            codes.append(os.waitstatus_to_exitcode(status))
+    finally:
+        stop.set()
+        thread.join(30)
+    assert codes == [0] * 6, codes
+    assert not storming, storming
+    store.close()
+
+
+@pytest.mark.serial
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_child_forked_while_threads_read_can_write(tmp_path: Path) -> None:
+    """rt12 F2, reads: a child forked while other threads were opening connections for their
+    SELECTs inherited SQLite's process-wide mutexes held and hung in its first connect. The
+    fork now waits for the SELECTs in progress (and new ones wait for the fork)."""
+    store = store_at(tmp_path, "read-fork.db", "?busy_timeout=3")
+    keys = [RecordKey.of("r", f"{i}") for i in range(100)]
+    for key in keys:
+        store.claim(key, "fp", 30, 60)
+    store.close()  # the readers open their connections while the forks happen
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            for key in keys:
+                store.get(key)
+
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in readers:
+        thread.start()
+    codes: list[int] = []
+    try:
+        for n in range(6):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    import faulthandler
+
+                    faulthandler.dump_traceback_later(10, exit=True)  # a hang fails, bounded
+                    claims = [
+                        store.claim(RecordKey.of("c", f"{n}-{i}"), "fp", 30, 60) for i in range(10)
+                    ]
+                    code = 0 if all(isinstance(o, New) for o in claims) else 2
+                except BaseException:
+                    code = 3
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            codes.append(os.waitstatus_to_exitcode(status))
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join(30)
+    assert codes == [0] * 6, codes
+    store.close()
