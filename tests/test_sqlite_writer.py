@@ -315,3 +315,202 @@ def test_writes_to_two_files_in_one_iteration_each_go_to_their_own_writer(tmp_pa
         assert writer_gate(store.path)._writer is not None
     first.close()
     second.close()
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll ``condition()`` from a plain thread; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.001)
+
+
+def test_a_sync_write_behind_more_than_a_batch_of_async_writes_gets_its_own_rows(
+    tmp_path: Path,
+) -> None:
+    """rt12 F1: a sync caller holding the gate took the BATCH oldest queued writes (not its
+    own) and returned "no rows" while its claim still waited; it ran later (an orphaned claim)."""
+    store = store_at(tmp_path, "flood.db")
+    gate = writer_gate(store.path)
+    queued = backend.BATCH * 3
+    outcomes: dict[str, Any] = {}
+
+    def flood() -> None:
+        async def main() -> list[Any]:
+            return await asyncio.gather(
+                *(store.aclaim(RecordKey.of("a", f"k{i}"), "fp", 30, 60) for i in range(queued))
+            )
+
+        try:
+            outcomes["async"] = asyncio.run(main())
+        except BaseException as exc:
+            outcomes["async"] = exc
+
+    def sync() -> None:
+        try:
+            outcomes["sync"] = store.claim(RecordKey.of("s", "k"), "fp", 30, 60)
+        except BaseException as exc:
+            outcomes["sync"] = exc
+
+    assert gate.acquire(5)  # everything queues behind this thread
+    threads = [threading.Thread(target=flood), threading.Thread(target=sync)]
+    try:
+        threads[0].start()
+        wait_for(lambda: len(gate.pending) >= queued, "the async writes to queue")
+        threads[1].start()  # queued last, behind more than a batch
+        wait_for(lambda: len(gate._waiters) == 2, "the writer thread and the sync caller to wait")
+    finally:
+        gate.release()
+    for thread in threads:
+        thread.join(30)
+    assert isinstance(outcomes["sync"], New), outcomes["sync"]
+    assert all(isinstance(o, New) for o in outcomes["async"]), outcomes["async"]
+    assert not gate.pending
+    store.close()
+
+
+def test_sync_writes_during_an_async_flood_each_get_their_own_rows(tmp_path: Path) -> None:
+    """rt12 F1 as seen in the field: one loop floods async claims, a thread claims and
+    completes synchronously; every sync claim is won by its caller and completes."""
+    store = store_at(tmp_path, "storm.db")
+    stop = threading.Event()
+    failures: list[BaseException] = []
+    done = [0]
+
+    def sync_side() -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            key = RecordKey.of("s", f"k{i}")
+            try:
+                outcome = store.claim(key, "fp", 30, 60)
+                assert isinstance(outcome, New), outcome
+                store.complete(key, outcome.fence, b"v", "raw", 60)
+                done[0] += 1
+            except BaseException as exc:
+                failures.append(exc)
+
+    async def flood() -> None:
+        for wave in range(6):
+            await asyncio.gather(
+                *(store.aclaim(RecordKey.of("a", f"{wave}-{j}"), "fp", 30, 60) for j in range(300))
+            )
+
+    thread = threading.Thread(target=sync_side)
+    thread.start()
+    try:
+        asyncio.run(flood())
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not failures, failures[:3]
+    assert done[0] > 0
+    store.close()
+
+
+@pytest.mark.serial
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_child_forked_during_an_async_write_storm_can_write(tmp_path: Path) -> None:
+    """rt12 F2: forked while another thread's writer was inside a write transaction, the child
+    inherited SQLite's in-process lock state ("a connection of this process holds the write
+    lock") and every one of its writes waited busy_timeout and failed. The fork now waits for
+    the writer gates, so no write transaction is open at the fork."""
+    store = store_at(tmp_path, "storm-fork.db")
+    stop = threading.Event()
+    storming: list[BaseException] = []
+
+    def storm() -> None:
+        async def main() -> None:
+            wave = 0
+            while not stop.is_set():
+                keys = (RecordKey.of("p", f"{wave}-{j}") for j in range(50))
+                await asyncio.gather(*(store.aclaim(key, "fp", 30, 60) for key in keys))
+                wave += 1
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            storming.append(exc)
+
+    thread = threading.Thread(target=storm)
+    thread.start()
+    codes: list[int] = []
+    try:
+        wait_for(lambda: store.get(RecordKey.of("p", "2-0")) is not None, "the storm to write")
+        for n in range(6):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    import faulthandler
+
+                    faulthandler.dump_traceback_later(20, exit=True)  # never hang the suite
+
+                    async def child(n: int = n) -> list[Any]:
+                        keys = (RecordKey.of("c", f"{n}-{i}") for i in range(20))
+                        claims = (store.aclaim(key, "fp", 30, 60) for key in keys)
+                        return await asyncio.wait_for(asyncio.gather(*claims), 5)
+
+                    outcomes = asyncio.run(child())
+                    code = 0 if all(isinstance(o, New) for o in outcomes) else 2
+                except BaseException:
+                    code = 3
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            codes.append(os.waitstatus_to_exitcode(status))
+    finally:
+        stop.set()
+        thread.join(30)
+    assert codes == [0] * 6, codes
+    assert not storming, storming
+    store.close()
+
+
+@pytest.mark.serial
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_child_forked_while_threads_read_can_write(tmp_path: Path) -> None:
+    """rt12 F2, reads: a child forked while other threads were opening connections for their
+    SELECTs inherited SQLite's process-wide mutexes held and hung in its first connect. The
+    fork now waits for the SELECTs in progress (and new ones wait for the fork)."""
+    store = store_at(tmp_path, "read-fork.db", "?busy_timeout=3")
+    keys = [RecordKey.of("r", f"{i}") for i in range(100)]
+    for key in keys:
+        store.claim(key, "fp", 30, 60)
+    store.close()  # the readers open their connections while the forks happen
+    stop = threading.Event()
+
+    def reader() -> None:
+        while not stop.is_set():
+            for key in keys:
+                store.get(key)
+
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in readers:
+        thread.start()
+    codes: list[int] = []
+    try:
+        for n in range(6):
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                code = 1
+                try:
+                    import faulthandler
+
+                    faulthandler.dump_traceback_later(10, exit=True)  # a hang fails, bounded
+                    claims = [
+                        store.claim(RecordKey.of("c", f"{n}-{i}"), "fp", 30, 60) for i in range(10)
+                    ]
+                    code = 0 if all(isinstance(o, New) for o in claims) else 2
+                except BaseException:
+                    code = 3
+                finally:
+                    os._exit(code)
+            _, status = os.waitpid(pid, 0)
+            codes.append(os.waitstatus_to_exitcode(status))
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join(30)
+    assert codes == [0] * 6, codes
+    store.close()

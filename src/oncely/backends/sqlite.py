@@ -195,6 +195,8 @@ class WriterGate:
     def __init__(self) -> None:
         self._mutex = threading.Lock()
         self._held = False
+        #: The thread id of the holder (None while open): only that thread sets its own id.
+        self._owner: int | None = None
         self._waiters: deque[threading.Lock] = deque()
         #: Write statements queued for the next group commit (see :func:`execute`).
         self.mutex = threading.Lock()
@@ -203,6 +205,46 @@ class WriterGate:
         self._wake = threading.Condition(self.mutex)
         self._writer: threading.Thread | None = None
         self._idle = False
+        #: SELECTs in progress (their connection's opening included), and whether a fork() is
+        #: waiting for them (new ones wait for the fork); the lock is ``mutex``.
+        self._readers = 0
+        self._forking = False
+        self._reads = threading.Condition(self.mutex)
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """The body (a ``SELECT``) runs outside any ``fork()`` of this process: it waits while
+        one is being prepared (:meth:`fork_begin`), and a fork waits for it."""
+        with self.mutex:
+            while self._forking:
+                self._reads.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self.mutex:
+                self._readers -= 1
+                if not self._readers:
+                    self._reads.notify_all()
+
+    def fork_begin(self, timeout: float) -> bool:
+        """Before ``fork()``: stop new ``SELECT``s and wait up to ``timeout`` seconds for the
+        running ones; False if some still run. :meth:`fork_end` lets them go again."""
+        deadline = time.monotonic() + timeout
+        with self.mutex:
+            self._forking = True
+            while self._readers:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._reads.wait(left)
+            return True
+
+    def fork_end(self) -> None:
+        """After ``fork()``, in the parent: ``SELECT``s run again."""
+        with self.mutex:
+            self._forking = False
+            self._reads.notify_all()
 
     def queue(self, jobs: list[Any]) -> None:
         """Queue ``jobs`` (async callers' writes) for the writer thread, starting it or waking
@@ -258,22 +300,30 @@ class WriterGate:
         with self._mutex:
             if not self._held:
                 self._held = True
+                self._owner = threading.get_ident()
                 return True
             waiter = threading.Lock()
             waiter.acquire()
             self._waiters.append(waiter)
         if waiter.acquire(timeout=max(0.0, timeout)):
+            self._owner = threading.get_ident()
             return True  # handed over by release(): the gate stayed held for us
         with self._mutex:
             try:
                 self._waiters.remove(waiter)
             except ValueError:  # handed over between the timeout and here: ours after all
+                self._owner = threading.get_ident()
                 return True
             return False
+
+    def held_by_me(self) -> bool:
+        """True if the calling thread holds the gate."""
+        return self._owner == threading.get_ident()
 
     def release(self) -> None:
         """Hand the gate to the oldest waiter, or open it."""
         with self._mutex:
+            self._owner = None
             if self._waiters:
                 self._waiters.popleft().release()
             else:
@@ -296,22 +346,75 @@ class WriterGate:
             self.release()
 
 
+#: Seconds a ``fork()`` waits for each writer gate (the batch running under it) before it
+#: forks anyway (a gate that stays held longer is logged).
+FORK_PATIENCE: Final = 5.0
+
+
 class _Gates:
     """The writer gate of each database file in this process (store and lock backend on one
     file share it); after ``fork()`` the child makes new ones (a gate another thread held at the
-    fork would stay held forever in the child)."""
+    fork would stay held forever in the child).
+
+    A ``fork()`` also waits for every gate (:meth:`_before_fork`) and holds them until it is
+    done: SQLite's unix VFS keeps each file's lock state in process memory, shared by every
+    connection of the process, so a child forked while one of the parent's threads was inside
+    a write transaction inherits "another connection of this process holds the write lock",
+    which no thread of the child ever releases: each write of the child would wait its
+    ``busy_timeout`` and fail, forever. With the gates held no write transaction of oncely is
+    open at the fork. (A gate the forking thread itself holds is skipped: it is between two
+    statements of its own, with no transaction open.)
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.by_path: dict[str, WriterGate] = {}
+        #: During a fork: the gates it holds, and every gate (their SELECTs wait).
+        self._forking: tuple[list[WriterGate], list[WriterGate]] = ([], [])
         after_fork(self, _Gates._forked)
 
     def _forked(self) -> None:
         self.lock = threading.Lock()
         self.by_path = {}
+        self._forking = ([], [])
+
+    def _before_fork(self) -> None:
+        with self.lock:
+            gates = list(self.by_path.items())
+        taken: list[WriterGate] = []
+        begun: list[WriterGate] = []
+        self._forking = (taken, begun)  # filled as it goes: the parent undoes what was done
+        for path, gate in gates:
+            begun.append(gate)
+            if not gate.fork_begin(FORK_PATIENCE):
+                log.warning(
+                    "oncely: fork() while a SELECT on SQLite database %r ran for %gs",
+                    path,
+                    FORK_PATIENCE,
+                )
+            if gate.held_by_me():
+                continue
+            if gate.acquire(FORK_PATIENCE):
+                taken.append(gate)
+            else:
+                log.warning(
+                    "oncely: fork() while SQLite database %r stayed in a write for %gs; the "
+                    "child's writes to it may wait busy_timeout and fail",
+                    path,
+                    FORK_PATIENCE,
+                )
+
+    def _after_fork_in_parent(self) -> None:
+        (taken, gates), self._forking = self._forking, ([], [])
+        for gate in taken:
+            gate.release()
+        for gate in gates:
+            gate.fork_end()
 
 
 _GATES: Final = _Gates()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_GATES._before_fork, after_in_parent=_GATES._after_fork_in_parent)
 
 
 def writer_gate(path: str) -> WriterGate:
@@ -441,31 +544,39 @@ def execute(
     :raises StoreUnavailable: the gate or a connection stayed taken for the pool's timeout,
         or another process held the file past ``busy_timeout``.
     """
+    gate = writer_gate(connections.path)
     if sql.lstrip()[:6].upper() == "SELECT":
-        with connections.connection() as conn:
+        with gate.reading(), connections.connection() as conn:
             try:
                 cur = conn.execute(sql, params)
                 return cur.fetchall(), cur.rowcount
             except (sqlite3.OperationalError, sqlite3.DataError) as exc:
                 raise translate(exc) from exc
-    gate = writer_gate(connections.path)
     job = _Write(connections, sql, params, translate)
+    job.finished = threading.Event()
     with gate.mutex:
         gate.pending.append(job)
     try:
         with gate.held(connections.timeout, connections.path):
-            if not job.done:
-                _run_batch(connections, gate.take(connections))
+            # Batches go oldest first, BATCH at a time: more than BATCH writes queued ahead of
+            # this one (async callers' floods) take several batches before it runs; the holder
+            # of the gate never leaves before its own statement has run.
+            while not job.done:
+                batch = gate.take(connections)
+                if not batch:  # taken by a writer thread failing its batch (gate timeout)
+                    job.finished.wait(connections.timeout)
+                    break
+                _run_batch(connections, batch)
     except BaseException:
         with gate.mutex:
             if job in gate.pending:  # never run: leave nothing queued
                 gate.pending.remove(job)
                 raise
-        if not job.done:
+        # A batch of another thread took it and is running it: its outcome is that batch's,
+        # never "unavailable" while the statement commits behind the caller's back.
+        if not job.finished.wait(connections.timeout):
             raise
-    if job.error is not None:
-        raise job.error
-    return job.rows, job.count
+    return job.result()
 
 
 #: The most write statements one group commit carries.
@@ -570,7 +681,7 @@ def _write_queued(gate: WriterGate, connections: Connections) -> None:
         batch = gate.take(connections)
         for job in batch:
             job.error = exc
-            job.done = True
+            job.finish()
         _answer(batch)
 
 
@@ -591,21 +702,25 @@ def _settle(jobs: list[_Write]) -> None:
         future = job.future
         if future is None or future.done():
             continue
-        if job.error is not None:
-            future.set_exception(job.error)
-        else:
-            future.set_result((job.rows, job.count))
+        try:
+            future.set_result(job.result())
+        except BaseException as exc:
+            future.set_exception(exc)
 
 
 class _Write:
     """One queued write statement and, once ``done``, its rows and rowcount or its error;
-    ``future`` is an async caller's (settled on its loop), None for a sync caller."""
+    ``future`` is an async caller's (settled on its loop), None for a sync caller, whose
+    ``finished`` event is set when it is done. Its outcome is read through :meth:`result`
+    only, which refuses a job not done yet (a caller answered "no rows" while its statement
+    still waits in the queue would act on a decision that has not been taken)."""
 
     __slots__ = (
         "connections",
         "count",
         "done",
         "error",
+        "finished",
         "future",
         "params",
         "rows",
@@ -629,6 +744,25 @@ class _Write:
         self.count = 0
         self.error: BaseException | None = None
         self.future: asyncio.Future[tuple[list[Any], int]] | None = None
+        self.finished: threading.Event | None = None
+
+    def finish(self) -> None:
+        """Mark it done (its rows, count or error are final) and wake a sync caller."""
+        self.done = True
+        if self.finished is not None:
+            self.finished.set()
+
+    def result(self) -> tuple[list[Any], int]:
+        """(rows, rowcount) of the statement that ran.
+
+        :raises BaseException: the statement's error (already translated).
+        :raises RuntimeError: it has not run yet (a bug in the writer; never an empty reply).
+        """
+        if not self.done:
+            raise RuntimeError(f"oncely: a SQLite write was answered before it ran: {self.sql!r}")
+        if self.error is not None:
+            raise self.error
+        return self.rows, self.count
 
     def fail(self, exc: BaseException) -> None:
         # DataError: a value over SQLITE_LIMIT_LENGTH ("string or blob too big").
@@ -687,7 +821,7 @@ def _run_batch(connections: Connections, batch: list[_Write]) -> None:
             raise
     finally:
         for job in batch:
-            job.done = True
+            job.finish()
         _answer(batch)
 
 
