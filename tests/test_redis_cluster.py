@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import redis.cluster
 
+from oncely import idempotent
 from oncely.core.records import InFlight, New, RecordKey, Replay, digest_key
 from oncely.errors import ConfigurationError, StoreUnavailable
 from oncely.locks import Lock
@@ -298,3 +299,33 @@ async def test_waiters_on_a_cluster_are_woken_across_nodes() -> None:
     assert not isinstance(await store.aclaim(key, "fp", 30, 60), InFlight)
     await store.adelete(key)
     await store.aclose()
+
+
+@pytest.mark.serial
+def test_sync_threads_beyond_a_cluster_pool_wait_for_a_connection() -> None:
+    """The sync cluster client's per-node pools wait (pool_timeout) for a free connection:
+    redis-py's plain node pools raised MaxConnectionsError at once."""
+    store = open_store(cluster_url(), prefix=_prefix(), max_connections=2)
+
+    @idempotent(store=store, name=f"pool-{uuid.uuid4().hex[:6]}", key=["k"])
+    def f(k: str) -> str:
+        time.sleep(0.01)
+        return k
+
+    errors: list[BaseException] = []
+    start = threading.Barrier(16)
+
+    def one(i: int) -> None:
+        start.wait()
+        try:
+            for j in range(5):
+                f(f"k{i}-{j}")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []

@@ -64,6 +64,7 @@ MIN_BULK_LIMIT: Final = 2**20
 __all__ = [
     "CONNECT_TIMEOUT",
     "DRIVER_ERRORS",
+    "MAX_CONNECTIONS",
     "MIN_BULK_LIMIT",
     "READ_TIMEOUT",
     "AsyncClient",
@@ -72,6 +73,7 @@ __all__ = [
     "SyncClient",
     "SyncPubSub",
     "ms",
+    "waiting_aclient",
 ]
 
 #: Seconds to wait for a Redis connection to open, and for each reply, unless the URL
@@ -186,7 +188,9 @@ def check_url(url: str) -> None:
                 f"{db!r}; {example}"
             )
     given = query_options(parts.query, url, "Redis URL")
-    check_options(given, _url_options(parts.scheme) | URL_OWN_OPTIONS, url, "Redis URL")
+    check_options(
+        given, (_url_options(parts.scheme) - _OBJECT_OPTIONS) | URL_OWN_OPTIONS, url, "Redis URL"
+    )
     check_numbers(given, NUMBERS, url, "Redis URL")
 
 
@@ -220,13 +224,52 @@ def _url_options(scheme: str) -> frozenset[str]:
                 if name != "self"
                 and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY)
             )
-    return frozenset(names)
+    return frozenset(names - _INTERNAL)
 
+
+#: redis-py ``__init__`` parameters that are its own plumbing (set by redis-py itself, e.g. for
+#: maintenance notifications), not options a user gives: neither accepted nor listed.
+_INTERNAL: Final = frozenset(
+    {
+        "cache_factory",
+        "command_packer",
+        "event_dispatcher",
+        "himport_registry",
+        "maint_notifications_pool_handler",
+        "maintenance_notification_hash",
+        "maintenance_state",
+        "orig_host_address",
+        "orig_socket_connect_timeout",
+        "orig_socket_timeout",
+        "oss_cluster_maint_notifications_handler",
+    }
+)
+#: Keyword options that take a Python object (a class, a callable, a client object): a URL
+#: query cannot carry them, so a URL's unknown-option message does not list them.
+_OBJECT_OPTIONS: Final = frozenset(
+    {
+        "connection_class",
+        "credential_provider",
+        "driver_info",
+        "maint_notifications_config",
+        "parser",
+        "parser_class",
+        "redis_connect_func",
+        "retry",
+        "socket_keepalive_options",
+        "socket_type",
+    }
+)
 
 #: oncely's options that a URL query may carry too (``redis://h:6379/0?wait_replicas=1``).
-URL_OWN_OPTIONS: Final = frozenset({"wait_replicas", "wait_timeout_ms"})
+URL_OWN_OPTIONS: Final = frozenset(
+    {"wait_replicas", "wait_timeout_ms", "pool_timeout", "autopipeline"}
+)
 #: The keyword options oncely itself reads (not redis-py's): see :class:`RedisClients`.
-OWN_OPTIONS: Final = frozenset({"autopipeline", "pool_timeout"}) | URL_OWN_OPTIONS
+OWN_OPTIONS: Final = URL_OWN_OPTIONS
+#: Connections per pool when ``max_connections`` is given neither as a keyword nor in the URL
+#: (redis-py's own default size; its default pool does not wait, oncely's does).
+MAX_CONNECTIONS: Final = 100
 #: Milliseconds ``WAIT`` waits for the replicas unless ``wait_timeout_ms`` says otherwise.
 WAIT_TIMEOUT_MS: Final = 500
 
@@ -423,6 +466,28 @@ def _pool_exhausted(exc: Exception) -> bool:
     return isinstance(exc, MaxConnectionsError) or "No connection available" in str(exc)
 
 
+def _driver_query(url: str) -> dict[str, str]:
+    """The query options of ``url`` (the last value of each)."""
+    query = url.partition("?")[2]
+    return {k: vs[-1] for k, vs in parse_qs(query, keep_blank_values=True).items()}
+
+
+def waiting_aclient(url: str) -> redis.asyncio.Redis:
+    """A plain :class:`redis.asyncio.Redis` for ``url`` (redis-py's options from its query,
+    its defaults otherwise) on a pool that waits for a free connection: ``max_connections``
+    (default :data:`MAX_CONNECTIONS`), waiting up to ``timeout`` seconds (default: the URL's
+    ``socket_timeout``, else :data:`CONNECT_TIMEOUT`), then ``ConnectionError("No connection
+    available.")``. For clients that run their own commands (the stream consumer's).
+
+    :raises ValueError: a malformed URL (redis-py's)."""
+    query = _driver_query(url)
+    wait = float(query.get("timeout", query.get("socket_timeout", CONNECT_TIMEOUT)))
+    pool = redis.asyncio.BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=wait
+    )
+    return redis.asyncio.Redis.from_pool(pool)
+
+
 class RedisClients:
     """The clients of one Redis URL, sync and async, and their plumbing.
 
@@ -439,10 +504,13 @@ class RedisClients:
     ``async_client`` given, that face uses the given client as it is. Other commands
     (``TIME``, ``SCAN``, blocking ``BLPOP``, pub/sub) use the pools.
 
-    ``max_connections`` bounds each pool; a caller that finds every connection busy waits
-    for one up to ``pool_timeout`` seconds (default: the socket timeout, else 5 s), then gets
-    :class:`~oncely.errors.StoreUnavailable` saying the pool is exhausted (redis-py's own
-    pools raise ``MaxConnectionsError`` at once instead).
+    Every pool is redis-py's blocking pool of ``max_connections`` (given as a keyword, in the
+    URL, which wins as in redis-py, or :data:`MAX_CONNECTIONS`): a caller that finds every
+    connection busy waits for one up to ``pool_timeout`` seconds (keyword or URL; default: the
+    socket timeout, else 5 s), then gets :class:`~oncely.errors.StoreUnavailable` naming the
+    pool size and the wait (redis-py's plain pools raise ``MaxConnectionsError`` at once). The
+    sync Redis Cluster client's node pools wait too; redis-py's asyncio cluster client has no
+    waiting pool. ``autopipeline`` may be given in the URL as well.
 
     :raises ConfigurationError: a malformed URL or a decoding client.
     """
@@ -472,18 +540,31 @@ class RedisClients:
         wait_timeout = pool_options.pop(
             "wait_timeout_ms", own.get("wait_timeout_ms", WAIT_TIMEOUT_MS)
         )
-        autopipeline = truthy(pool_options.pop("autopipeline", True))
-        pool_timeout = pool_options.pop("pool_timeout", None)
+        autopipeline = truthy(pool_options.pop("autopipeline", own.get("autopipeline", True)))
+        pool_timeout = pool_options.pop("pool_timeout", own.get("pool_timeout"))
+        # The URL's own redis-py options (max_connections, socket_timeout, timeout) override
+        # keywords in redis-py's from_url: read them here so the pool is sized and timed alike
+        # however they are given.
+        from_url = _driver_query(driver_url)
+        if pool_timeout is None:
+            pool_timeout = pool_options.get("timeout", from_url.get("timeout"))
         self.pool_options = bounded(url, pool_options)
-        if self.pool_options.get("max_connections") is not None:
-            if pool_timeout is None:
-                pool_timeout = self.pool_options.get("socket_timeout") or CONNECT_TIMEOUT
-            self.pool_options["timeout"] = float(pool_timeout)
-            self._pool_class: Any = redis.BlockingConnectionPool
-            self._apool_class: Any = redis.asyncio.BlockingConnectionPool
-        else:
-            self._pool_class = redis.ConnectionPool
-            self._apool_class = redis.asyncio.ConnectionPool
+        if "max_connections" in from_url:
+            self.pool_options["max_connections"] = int(from_url["max_connections"])
+        elif self.pool_options.get("max_connections") is None:
+            self.pool_options["max_connections"] = MAX_CONNECTIONS
+        if pool_timeout is None:
+            read = from_url.get("socket_timeout", self.pool_options.get("socket_timeout"))
+            pool_timeout = read if read is not None else CONNECT_TIMEOUT
+        #: Seconds a caller waits for a free pooled connection before StoreUnavailable.
+        self.pool_timeout = float(pool_timeout)
+        #: Connections in each pool (sync, and each event loop's).
+        self.max_connections: int = self.pool_options["max_connections"]
+        self.pool_options["timeout"] = self.pool_timeout
+        # Always the blocking pools: redis-py's plain pools raise MaxConnectionsError at once
+        # when every connection is busy, instead of waiting for one.
+        self._pool_class: Any = redis.BlockingConnectionPool
+        self._apool_class: Any = redis.asyncio.BlockingConnectionPool
         #: True for a Redis Cluster URL (``redis+cluster://``): redis-py's cluster clients route
         #: each script by the slot of its keys (one slot per script: hash tags), and follow
         #: MOVED / ASK redirects; no auto-pipelining.
@@ -548,10 +629,16 @@ class RedisClients:
                 "redis+cluster://"
             )
         if _pool_exhausted(exc):
+            waited = (
+                "the pool does not wait (Redis Cluster, async)"
+                if isinstance(exc, MaxConnectionsError)
+                else f"waited pool_timeout={self.pool_timeout:g} s"
+            )
             return StoreUnavailable(
                 f"no free connection to Redis at {self.where} ({type(exc).__name__}: {exc}): "
-                "every pooled connection stayed busy for the pool timeout; nothing was decided. "
-                "Raise max_connections or pool_timeout, or lower the concurrency."
+                f"all {self.max_connections} pooled connections were busy ({waited}); nothing "
+                "was decided. Raise max_connections or pool_timeout, or lower the concurrency; "
+                "if Redis is slow or stopped, every connection waits on it."
             )
         if driver_fault(exc):
             return StoreUnavailable(
@@ -869,7 +956,6 @@ class RedisClients:
         """
         parts = cluster_nodes(self.url)
         options = dict(self.pool_options)
-        options.pop("timeout", None)  # the single-node blocking pool's wait
         options.setdefault("reinitialize_steps", 0)
         options.update(
             username=parts.username,
@@ -877,6 +963,21 @@ class RedisClients:
             ssl=parts.ssl,
             retry=Retry(NoBackoff(), 0),
         )
+        if module is redis.cluster:
+            # Each node's pool waits up to pool_timeout for a free connection, as a single
+            # node's does. redis-py's sync cluster client opens its nodes with
+            # ``connection_pool_class`` only when given a ``url`` (the first startup node's;
+            # the scheme says TLS), else plain pools that raise MaxConnectionsError at once.
+            # The wait goes to the pools alone: plain clients do not take ``timeout``.
+            # (redis-py's asyncio cluster has no waiting pool: it raises at once.)
+            options["connection_pool_class"] = functools.partial(
+                redis.BlockingConnectionPool, timeout=options.pop("timeout")
+            )
+            host, port = parts.nodes[0]
+            host = f"[{host}]" if ":" in host else host
+            options["url"] = f"{'rediss' if options.pop('ssl') else 'redis'}://{host}:{port}/0"
+        else:
+            options.pop("timeout", None)
         nodes = [module.ClusterNode(host, port) for host, port in parts.nodes]
         try:
             return module.RedisCluster(startup_nodes=nodes, **options)

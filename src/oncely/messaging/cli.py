@@ -201,15 +201,14 @@ def redis_streams(
     app_dir: AppDir = ".",
 ) -> None:
     """Consume a Redis stream as a member of a consumer group."""
-    import redis.asyncio
-
+    from oncely.backends.redis import waiting_aclient
     from oncely.messaging.redis_streams import RedisStreamConsumer
 
     async def main(stop: asyncio.Event) -> None:
         consumer = _consumer(
             handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
         )
-        client = redis.asyncio.Redis.from_url(url)
+        client = waiting_aclient(url)
         try:
             # Reach Redis once before consuming: unreachable at start-up is a setup error
             # (exit 1, one line), as for the other brokers; later outages are retried.

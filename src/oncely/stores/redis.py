@@ -288,13 +288,14 @@ class RedisStore(PlannedStore):
     Call :meth:`aclose` in every event loop that used the async face before the loop ends.
 
     ``max_watchers`` bounds how many waiters hold a subscribed connection at once (per store;
-    at most half of ``max_connections`` if that is given); beyond it, waiters poll the record
+    at most half of the pool's ``max_connections``); beyond it, waiters poll the record
     with backoff (1 ms doubling to 50 ms) instead.
 
     Scripts of concurrent callers share writes on one connection (auto-pipelining, see
-    :class:`~oncely.backends.redis.RedisClients`; ``autopipeline=False`` turns it off). With
-    ``max_connections``, a caller that finds the pool busy waits up to ``pool_timeout``
-    seconds for a connection, then gets :class:`StoreUnavailable`.
+    :class:`~oncely.backends.redis.RedisClients`; ``autopipeline=False`` turns it off). Each
+    pool holds ``max_connections`` (keyword, URL, or 100); a caller that finds it busy waits up
+    to ``pool_timeout`` seconds (default: the socket timeout) for a connection, then gets
+    :class:`StoreUnavailable`.
     """
 
     schemes = ("redis", "rediss", "redis+cluster", "rediss+cluster")
@@ -339,12 +340,10 @@ class RedisStore(PlannedStore):
             )
         # Each subscribed waiter holds a connection; past this many, waiters poll instead, so a
         # burst of duplicates cannot drain the pool that claims and completions need.
-        # With a bounded pool (max_connections), at most half of it (a waiter's probes need a
-        # connection too): a pool of one leaves every waiter polling.
+        # At most half of the pool (max_connections: a waiter's probes need a connection
+        # too): a pool of one leaves every waiter polling.
         watchers = whole(max_watchers, "max_watchers", where="RedisStore", minimum=1)
-        bound = self.redis.pool_options.get("max_connections")
-        if bound is not None:
-            watchers = min(watchers, int(bound) // 2)
+        watchers = min(watchers, self.redis.max_connections // 2)
         self._watch_slots = threading.BoundedSemaphore(watchers)
         self._max_watchers = watchers
         after_fork(self, RedisStore._forked)
