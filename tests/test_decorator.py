@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
@@ -385,6 +386,62 @@ def test_cancelled_async_call_releases_the_key_with_on_cancel_release(store: Sto
     asyncio.run(scenario())
 
 
+def test_a_body_cut_off_by_the_end_of_its_event_loop_keeps_its_key(store: Store) -> None:
+    """on_cancel="finish": the caller is cancelled after the body started, then its event loop
+    ends (asyncio.run cancels the shielded body, as at a server's shutdown). The body's effect
+    may have happened: the key stays claimed (a retry gets InFlightError until the lease ends),
+    never released for a second run (red team 13: the retry ran the body again, every time)."""
+    runs: list[str] = []
+    name = f"loop-end-{unique()}"
+
+    @idempotent(store=store, name=name, key=["order_id"], lease=60, on_duplicate="raise")
+    async def charge(order_id: str) -> str:
+        runs.append(order_id)
+        await asyncio.sleep(5)  # waiting for the provider's answer when the loop ends
+        return "charged"
+
+    order = unique()
+
+    async def first() -> None:
+        task = asyncio.ensure_future(charge(order))
+        while not runs:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        # return at once: asyncio.run cancels the body that is still running
+
+    asyncio.run(first())
+
+    async def retry() -> None:
+        with pytest.raises(InFlightError):
+            await charge(order)
+        await store.aclose()
+
+    asyncio.run(retry())
+    assert runs == [order]
+
+
+def test_a_sync_body_interrupted_by_ctrl_c_keeps_its_key(store: Store) -> None:
+    """A KeyboardInterrupt (or SystemExit) inside the body is an interruption, not a failure:
+    the key is not released, so a retry does not run the body a second time at once."""
+    runs: list[str] = []
+
+    @idempotent(store=store, key=["order_id"], lease=60, on_duplicate="raise")
+    def charge(order_id: str) -> str:
+        runs.append(order_id)
+        if len(runs) == 1:  # a second run must not raise it: pytest would stop the session
+            raise KeyboardInterrupt  # Ctrl-C while waiting for the provider's answer
+        return "charged twice"
+
+    order = unique()
+    with pytest.raises(KeyboardInterrupt):
+        charge(order)
+    with pytest.raises(InFlightError):
+        charge(order)
+    assert runs == [order]
+
+
 def test_unserializable_result_is_recorded_and_not_rerun(store: Store) -> None:
     runs = []
 
@@ -578,10 +635,12 @@ async def test_cancelling_at_random_points_never_leaves_a_key_held(store: Store)
     import random
 
     rng = random.Random(7)
+    runs: collections.Counter[str] = collections.Counter()
 
     @idempotent(store=store, key=["order_id"], lease=30, wait_timeout=5)
     async def work(order_id: str) -> str:
         await asyncio.sleep(0.002)
+        runs[order_id] += 1
         return order_id
 
     for _ in range(25):
@@ -593,6 +652,8 @@ async def test_cancelling_at_random_points_never_leaves_a_key_held(store: Store)
             await task
         # Whatever point the cancel hit, the key is free or completed: no 30 s lease is left.
         assert await asyncio.wait_for(work(order), 3) == order
+        # ... and a body that finished (even in the loop turn of the cancel) is not run again.
+        assert runs[order] == 1, (order, runs[order])
     await store.aclose()
 
 

@@ -143,7 +143,10 @@ async def _run(flow: Generator[Op, Any, Any], state: _AsyncCall, op: Run) -> Any
         try:
             return await asyncio.shield(body)
         except asyncio.CancelledError:
-            if body.done():  # the body itself ended with CancelledError: the flow settles it
+            # The body itself ended with CancelledError: the flow settles it. A body that
+            # finished in the same loop turn as the caller's cancel is not cancelled: its
+            # outcome is settled in the background like a running one's (it ran).
+            if body.cancelled():
                 raise
             assert renewer is not None
             keep_alive(asyncio.ensure_future(_finish(flow, state, body, renewer)))

@@ -367,8 +367,8 @@ class _Exchange:
                 try:
                     response = await asyncio.shield(task)
                 except asyncio.CancelledError:
-                    if task.done():
-                        raise
+                    if task.cancelled():  # the view itself was cancelled; one that finished
+                        raise  # in the same loop turn as the cancel is settled below
                     keep_alive(asyncio.ensure_future(self._afinish_later(task, op, stop)))
                     raise _HandedOff from None
         except _HandedOff:
