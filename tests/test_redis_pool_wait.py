@@ -197,3 +197,23 @@ def test_url_takes_oncely_options_and_lists_only_user_options() -> None:
     with pytest.raises(ConfigurationError) as info:
         open_store("redis://127.0.0.1:1/0", himport_registry=1)
     assert "orig_host_address" not in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["fasle", "of", "0ff", "nope", "-1", "nan", "maybe", "2"])
+def test_a_flag_option_that_is_no_flag_is_refused(value: str) -> None:
+    """``autopipeline=fasle`` (in the URL or as a keyword) left the pipeline on without a word
+    (red team 13): only the on/off words are taken."""
+    with pytest.raises(ConfigurationError, match="autopipeline="):
+        open_store(f"redis://127.0.0.1:1/0?autopipeline={value}")
+    with pytest.raises(ConfigurationError, match="autopipeline="):
+        open_store("redis://127.0.0.1:1/0", autopipeline=value)
+
+
+@pytest.mark.parametrize("value", ["0", "false", "No", "off", "n", ""])
+def test_the_off_words_turn_the_auto_pipeline_off(value: str) -> None:
+    store = open_store(f"redis://127.0.0.1:1/0?autopipeline={value}")
+    assert isinstance(store, RedisStore)
+    assert store.redis.scripts is store.redis.client
+    on = open_store("redis://127.0.0.1:1/0?autopipeline=yes")
+    assert isinstance(on, RedisStore)
+    assert on.redis.scripts is not on.redis.client

@@ -124,11 +124,29 @@ def ms(seconds: float) -> int:
     return max(0, round(seconds * 1000))
 
 
-def truthy(value: Any) -> bool:
-    """A URL or keyword option read as a flag (``"0"``, ``"false"``, ``"no"``, ``""`` are off)."""
+#: The words a flag option takes in a URL (or as text): on, and off ("" is off too).
+_ON: Final = ("1", "true", "yes", "y", "on")
+_OFF: Final = ("", "0", "false", "no", "n", "off")
+
+
+def truthy(value: Any, name: str) -> bool:
+    """A URL or keyword option ``name`` read as a flag: a bool, 0 or 1, or one of the words of
+    :data:`_ON` / :data:`_OFF` (any case).
+
+    :raises ConfigurationError: anything else (``autopipeline=fasle`` would otherwise have
+        left the option on without a word).
+    """
     if isinstance(value, str):
-        return value.strip().lower() not in ("", "0", "false", "no", "n", "off")
-    return bool(value)
+        word = value.strip().lower()
+        if word in _ON:
+            return True
+        if word in _OFF:
+            return False
+    elif isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise ConfigurationError(
+        f"Redis option {name}={value!r} is not valid: use 1/true/yes/on or 0/false/no/off"
+    )
 
 
 #: The numeric options redis-py reads (from a URL as plain numbers), checked when the client
@@ -527,7 +545,7 @@ class RedisClients:
         # A misspelled option would fail only at the first command, with redis-py's TypeError.
         check_options(pool_options, _options(url), url, "Redis options for")
         check_numbers(pool_options, NUMBERS, url, "Redis options for")
-        if truthy(pool_options.get("decode_responses", False)):
+        if truthy(pool_options.get("decode_responses", False), "decode_responses"):
             raise ConfigurationError(
                 "decode_responses=True is not supported: oncely stores results as bytes"
             )
@@ -540,7 +558,9 @@ class RedisClients:
         wait_timeout = pool_options.pop(
             "wait_timeout_ms", own.get("wait_timeout_ms", WAIT_TIMEOUT_MS)
         )
-        autopipeline = truthy(pool_options.pop("autopipeline", own.get("autopipeline", True)))
+        autopipeline = truthy(
+            pool_options.pop("autopipeline", own.get("autopipeline", True)), "autopipeline"
+        )
         pool_timeout = pool_options.pop("pool_timeout", own.get("pool_timeout"))
         # The URL's own redis-py options (max_connections, socket_timeout, timeout) override
         # keywords in redis-py's from_url: read them here so the pool is sized and timed alike
@@ -583,7 +603,7 @@ class RedisClients:
                 raise ConfigurationError(
                     f"cannot use Redis URL {self.where!r}: {exc}; e.g. 'redis://localhost:6379/0'"
                 ) from exc
-            if truthy(pool.connection_kwargs.get("decode_responses", False)):
+            if truthy(pool.connection_kwargs.get("decode_responses", False), "decode_responses"):
                 raise ConfigurationError(
                     f"Redis URL {self.where!r} asks for decode_responses; oncely stores "
                     "results as bytes, so drop that option"
