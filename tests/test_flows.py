@@ -476,8 +476,8 @@ HTTP_CASES: dict[str, tuple[Callable[[], Engine], HttpRequest, list[Step], Ends]
         [READ, Step(Claim, HTTP_NEW), Step(RUN, done(503)), Step(Complete, check=stored(503))],
         Ends(),
     ),
-    "cancelled before responding: released, raised": (
-        engine,
+    "cancelled before responding, on_cancel=release: released, raised": (
+        lambda: engine(on_cancel="release"),
         post(),
         [
             READ,
@@ -486,6 +486,21 @@ HTTP_CASES: dict[str, tuple[Callable[[], Engine], HttpRequest, list[Step], Ends]
             Step(Release),
         ],
         Ends(raises=asyncio.CancelledError),
+    ),
+    # on_cancel="finish": the handler is shielded from its request, so a cancellation that
+    # reaches it is the loop ending (a server's shutdown): it may have acted, the key stays
+    # claimed until its lease ends (no release), as after a crash.
+    "cancelled before responding, on_cancel=finish: kept claimed, raised": (
+        engine,
+        post(),
+        [READ, Step(Claim, HTTP_NEW), Step(RUN, Captured(error=asyncio.CancelledError()))],
+        Ends(raises=asyncio.CancelledError),
+    ),
+    "Ctrl-C in the handler before it responded: kept claimed, raised": (
+        engine,
+        post(),
+        [READ, Step(Claim, HTTP_NEW), Step(RUN, Captured(error=KeyboardInterrupt()))],
+        Ends(raises=KeyboardInterrupt),
     ),
     "refused before the handler, then raised: released, raised": (
         engine,

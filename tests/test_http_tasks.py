@@ -302,6 +302,37 @@ async def test_a_request_cancelled_while_its_handler_runs(on_cancel: str) -> Non
     assert finished == [True]
 
 
+def test_a_handler_cut_off_by_the_end_of_its_event_loop_keeps_its_key() -> None:
+    """on_cancel="finish": the request task is cancelled while the handler runs, then the event
+    loop ends (asyncio.run returning, as at a server's shutdown) and cancels the shielded
+    handler. It may have acted: the key stays claimed until its lease ends, never released for
+    a second run (red team 13 found the decorator's twin of this; the HTTP flow released)."""
+    store = MemoryStore()
+    runs: list[int] = []
+    key = str(uuid.uuid4())
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        runs.append(1)
+        await asyncio.sleep(5)  # waiting for the payment provider when the loop ends
+        for message in await _created(body=b"done"):
+            await send(message)
+
+    async def first() -> None:
+        middleware = IdempotencyMiddleware(app, IdempotencyConfig(store=store, scope=GLOBAL))
+        task = asyncio.ensure_future(middleware(_scope(key), _receive(), _Sent()))
+        while not runs:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # return at once: asyncio.run cancels the handler that is still running
+
+    asyncio.run(first())
+    record = store.get(_key_of(key))
+    assert record is not None and record.status == "in_progress"
+    assert runs == [1]
+
+
 # -- the remembered route lookup ----------------------------------------------------------------
 async def test_a_route_added_later_is_found_although_the_lookup_was_remembered() -> None:
     # The middleware remembers where a path leads (so it does not match every route twice);

@@ -33,6 +33,7 @@ __all__ = [
     "akept_pipeline",
     "claim_or_undo",
     "cleanup",
+    "interrupted",
     "keep_alive",
     "keep_cancel",
     "kept_pipeline",
@@ -243,3 +244,16 @@ async def akept_pipeline(driver: Any) -> AsyncIterator[None]:
     except Exception as err:
         _replaced(err, interrupt, handled)
         raise
+
+
+def interrupted(exc: BaseException, on_cancel: str) -> bool:
+    """Whether a body (a decorated function, an HTTP handler) that raised ``exc`` was
+    interrupted rather than failed: a ``KeyboardInterrupt`` or ``SystemExit``, or a
+    ``CancelledError`` that did not come from its caller with ``on_cancel="release"`` (with
+    ``"finish"`` the body is shielded from its caller, so a cancellation that reaches it is its
+    event loop ending, as at a server's shutdown). Its effect may have happened, so its key is
+    never released (a body that ran is never released): like a crash, the claim lapses at the
+    end of its lease and a retry then runs the body again."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        return True
+    return isinstance(exc, asyncio.CancelledError) and on_cancel != "release"

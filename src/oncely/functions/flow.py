@@ -9,7 +9,6 @@ is stored, what is released — exist in exactly one place for sync and async ca
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -19,6 +18,7 @@ from typing import Any
 
 from oncely.codecs import Codec, encode_result
 from oncely.core import steps
+from oncely.core.cancelsafe import interrupted
 from oncely.core.names import type_name
 from oncely.core.observe import describe
 from oncely.core.ops import Claim, StoreOp, Watch
@@ -233,7 +233,7 @@ def _run_and_store(policy: CallPolicy, key: RecordKey, new: New) -> Generator[Op
                 yield from _complete(policy, key, new.fence, *_encode_error(exc), exc)
             except ResultTooLarge as too_large:  # kept as "ran, not storable"; the caller
                 log.warning("oncely: %s", describe(too_large))  # still gets what the body raised
-        elif _interrupted(policy, exc):
+        elif interrupted(exc, policy.on_cancel):
             log.warning(
                 "oncely: %s was interrupted while it ran (%s); its key stays claimed until its "
                 "lease runs out (%gs), then a retry runs it again",
@@ -259,18 +259,6 @@ def _run_and_store(policy: CallPolicy, key: RecordKey, new: New) -> Generator[Op
         raise
     yield from _complete(policy, key, new.fence, data, codec, value)
     return value
-
-
-def _interrupted(policy: CallPolicy, exc: BaseException) -> bool:
-    """The body was interrupted, not failed: a ``KeyboardInterrupt`` or ``SystemExit``, or a
-    ``CancelledError`` that did not come from the caller with ``on_cancel="release"`` (with
-    ``"finish"`` the body is shielded from its caller, so a cancellation reaching it is the
-    event loop ending, as at a server's shutdown). Its effect may have happened, so the key is
-    not released (a body that ran is never released): like a crash, the claim lapses at its
-    lease's end."""
-    if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-        return True
-    return isinstance(exc, asyncio.CancelledError) and policy.on_cancel != "release"
 
 
 def _why(exc: BaseException) -> bytes:

@@ -294,6 +294,8 @@ class RoutePolicy:
     replay_header: bytes
     token: str | None
     namespace: str
+    #: What a cancelled request task does while its handler runs (:class:`IdempotencyConfig`).
+    on_cancel: str = "finish"
 
     @classmethod
     def build(cls, config: IdempotencyConfig, enabled: bool, *rules: Rule | None) -> RoutePolicy:
@@ -334,4 +336,5 @@ class RoutePolicy:
             replay_header=config.replay_header.lower().encode("latin-1"),
             token=pick("token"),
             namespace=config.namespace,
+            on_cancel=config.on_cancel,
         )

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from oncely.core import steps
+from oncely.core.cancelsafe import interrupted
 from oncely.core.frozen import quick_init
 from oncely.core.observe import describe
 from oncely.core.ops import Claim, Complete, CompleteLater, Release, Sleep, StoreOp, Watch
@@ -478,7 +479,24 @@ def _settle(
     fence: int | None,
 ) -> Flow:
     """After the app ran: complete the key (response or marker) or release it, give a consumed
-    token back when the key is released, then raise the app's exception if it had one."""
+    token back when the key is released, then raise the app's exception if it had one. A
+    handler interrupted before it answered (:func:`oncely.core.cancelsafe.interrupted`: the
+    server's loop cancelled it at shutdown, Ctrl-C) keeps its key claimed until the lease ends,
+    as after a crash: it may have acted."""
+    if (
+        key is not None
+        and captured.status == 0
+        and captured.handled
+        and captured.error is not None
+        and interrupted(captured.error, policy.on_cancel)
+    ):
+        log.warning(
+            "oncely.http: a handler was interrupted before it answered (%s); its key stays "
+            "claimed until its lease runs out (%gs), then a retry runs it again",
+            describe(captured.error),
+            policy.lease,
+        )
+        raise captured.error
     if (
         (
             (captured.status == 0 and isinstance(captured.error, Exception))
