@@ -387,24 +387,13 @@ class RedisStore(PlannedStore):
     ) -> tuple[Any, ...]:
         """The keys and arguments of claim.lua (its ``numkeys`` is 2)."""
         head, tail = _split_fingerprint(fingerprint)
-        if self.cluster:
-            record, fences = self._key(key), self._fence(key)
-        else:  # _key and _fence, inline (a claim is on every keyed request)
-            record, fences = f"{self.prefix}:{key.scope}:{key.digest}", self._fence_key
-        return (record, fences, fingerprint, _ms(lease), _ms(ttl), head, tail)
+        return (self._key(key), self._fence(key), fingerprint, _ms(lease), _ms(ttl), head, tail)
 
     def _complete_args(
         self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
     ) -> tuple[Any, ...]:
         """The keys and arguments of complete.lua (its ``numkeys`` is 1)."""
-        return (
-            self._key(key),
-            fence,
-            result,
-            codec,
-            _ms(ttl),
-            f"{self._done}{key.scope}:{key.digest}",
-        )
+        return (self._key(key), fence, result, codec, _ms(ttl), self._channel(key))
 
     def _claim(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
@@ -599,16 +588,12 @@ class RedisStore(PlannedStore):
     async def acomplete(
         self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
     ) -> None:
-        limit = self.max_result_bytes
-        if limit is not None and len(result) > limit:
-            self.check_result_size(result)  # raises ResultTooLarge
+        self.check_result_size(result)
         if self._durable is not None:
             await arun(self._complete(key, fence, result, codec, ttl), self._aexecute)
             return
         args = self._complete_args(key, fence, result, codec, ttl)
-        reply = await self.redis.aeval(_COMPLETE, 1, *args)
-        if reply[0] != b"ok":
-            _check_fenced(reply, "complete", key, fence)  # raises LeaseLost
+        _check_fenced(await self.redis.aeval(_COMPLETE, 1, *args), "complete", key, fence)
 
     def _aexecute(self, request: Any) -> Awaitable[Any]:
         if type(request) is Eval:  # the hot path: the client's coroutine, no frame of ours
