@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -23,6 +24,7 @@ from typing import Any, Final, TypeVar
 
 from oncely.backends.forks import after_fork, inherit
 from oncely.backends.urls import Number, check_numbers, check_options, query_options
+from oncely.core.deadline import DeadlinePassed
 from oncely.core.observe import describe
 from oncely.errors import ConfigurationError, OncelyError, StoreUnavailable
 from oncely.settings import seconds, text
@@ -34,6 +36,7 @@ __all__ = [
     "WriterGate",
     "absolute",
     "aexecute",
+    "bound",
     "enable_wal",
     "execute",
     "parse_url",
@@ -336,10 +339,7 @@ class WriterGate:
         :raises StoreUnavailable: the gate stayed taken for ``timeout`` seconds.
         """
         if not self.acquire(timeout):
-            raise StoreUnavailable(
-                f"another thread of this process kept writing to SQLite database {path!r} for "
-                f"{timeout:g}s; raise busy_timeout or use a server store for heavy concurrency"
-            )
+            raise gate_error(path, timeout)
         try:
             yield
         finally:
@@ -476,18 +476,31 @@ class Connections:
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def connection(self) -> Iterator[sqlite3.Connection]:
-        """Borrow a connection for the body of the ``with`` block."""
-        conn, slots = self._take()
+    def connection(self, deadline: float | None = None) -> Iterator[sqlite3.Connection]:
+        """Borrow a connection for the body of the ``with`` block.
+
+        :param deadline: the caller's bound (:func:`time.monotonic` seconds, None: none): the
+            wait for a free connection ends at it if that comes before the pool's timeout.
+        :raises DeadlinePassed: the deadline came first.
+        """
+        conn, slots = self._take(deadline)
         try:
             yield conn
         finally:
             self._give(conn, slots)
 
-    def _take(self) -> tuple[sqlite3.Connection, threading.BoundedSemaphore]:
+    def _take(
+        self, deadline: float | None
+    ) -> tuple[sqlite3.Connection, threading.BoundedSemaphore]:
         with self._lock:
             slots = self._slots
-        if not slots.acquire(timeout=self._timeout):
+        wait, bounded = bound(self._timeout, deadline)
+        if not slots.acquire(timeout=wait):
+            if bounded:
+                raise DeadlinePassed(
+                    f"the deadline passed while every connection to SQLite database "
+                    f"{self._path!r} was busy; nothing was run"
+                )
             raise StoreUnavailable(
                 f"all {self._size} connections to SQLite database {self._path!r} stayed busy "
                 f"for {self._timeout:g}s; use a server store for heavy concurrency"
@@ -523,11 +536,31 @@ class Connections:
             conn.close()
 
 
+def bound(timeout: float, deadline: float | None) -> tuple[float, bool]:
+    """How long a wait of ``timeout`` seconds may last for a caller with ``deadline``
+    (:func:`time.monotonic` seconds, None: none), and whether the deadline is what bounds it."""
+    if deadline is None:
+        return timeout, False
+    left = deadline - time.monotonic()
+    if left < timeout:
+        return max(0.0, left), True
+    return timeout, False
+
+
+def overdue(path: str) -> DeadlinePassed:
+    """The error of a statement whose caller's deadline passed before it could run."""
+    return DeadlinePassed(
+        f"the caller's deadline passed while SQLite database {path!r} was locked by another "
+        "writer (a connection or process); the statement did not run, nothing was written"
+    )
+
+
 def execute(
     connections: Connections,
     sql: str,
     params: dict[str, Any],
     translate: Callable[[sqlite3.Error], OncelyError],
+    deadline: float | None = None,
 ) -> tuple[list[Any], int]:
     """Run one statement on a borrowed connection: (every row, rowcount). An
     :class:`sqlite3.OperationalError` becomes ``translate(exc)``.
@@ -541,23 +574,41 @@ def execute(
     durable, and a failed commit fails every statement of the batch (nothing half-written).
     A ``SELECT`` never waits for the gate (WAL readers do not block the writer).
 
+    ``deadline`` is the caller's own bound, a :func:`time.monotonic` time in seconds (None:
+    none; see :mod:`oncely.core.deadline`). It ends the caller's waits -- for the gate, for a
+    connection, and for another process holding the file's write lock -- when it comes before
+    the pool's timeout or ``busy_timeout``; it bounds waiting only (a statement whose file is
+    free runs even past it). A bounded statement still joins the group commit: the batch waits
+    for the write lock until the earliest deadline among its statements, drops the statements
+    whose deadline passed (they never ran: :class:`DeadlinePassed`, their callers woken at
+    once) and waits on for the others, up to ``busy_timeout`` in all; so a short deadline never
+    shortens another caller's wait, and once the batch has the lock its statements run and
+    commit together. A caller is never told its deadline passed while its statement may still
+    commit.
+
+    :raises DeadlinePassed: the deadline came first (the statement never ran, nothing written).
     :raises StoreUnavailable: the gate or a connection stayed taken for the pool's timeout,
         or another process held the file past ``busy_timeout``.
     """
     gate = writer_gate(connections.path)
     if sql.lstrip()[:6].upper() == "SELECT":
-        with gate.reading(), connections.connection() as conn:
+        with gate.reading(), connections.connection(deadline) as conn:
             try:
                 cur = conn.execute(sql, params)
                 return cur.fetchall(), cur.rowcount
             except (sqlite3.OperationalError, sqlite3.DataError) as exc:
                 raise translate(exc) from exc
-    job = _Write(connections, sql, params, translate)
+    job = _Write(connections, sql, params, translate, deadline)
     job.finished = threading.Event()
     with gate.mutex:
         gate.pending.append(job)
     try:
-        with gate.held(connections.timeout, connections.path):
+        wait, bounded = bound(connections.timeout, deadline)
+        if not gate.acquire(wait):
+            if bounded:
+                raise overdue(connections.path)
+            raise gate_error(connections.path, wait)
+        try:
             # Batches go oldest first, BATCH at a time: more than BATCH writes queued ahead of
             # this one (async callers' floods) take several batches before it runs; the holder
             # of the gate never leaves before its own statement has run.
@@ -567,16 +618,27 @@ def execute(
                     job.finished.wait(connections.timeout)
                     break
                 _run_batch(connections, batch)
+        finally:
+            gate.release()
     except BaseException:
         with gate.mutex:
             if job in gate.pending:  # never run: leave nothing queued
                 gate.pending.remove(job)
                 raise
         # A batch of another thread took it and is running it: its outcome is that batch's,
-        # never "unavailable" while the statement commits behind the caller's back.
+        # never "unavailable" (nor "deadline passed") while the statement commits behind the
+        # caller's back. That batch ends the statement's wait for the lock at its deadline.
         if not job.finished.wait(connections.timeout):
             raise
     return job.result()
+
+
+def gate_error(path: str, timeout: float) -> StoreUnavailable:
+    """The error of a write that waited ``timeout`` seconds for the gate in vain."""
+    return StoreUnavailable(
+        f"another thread of this process kept writing to SQLite database {path!r} for "
+        f"{timeout:g}s; raise busy_timeout or use a server store for heavy concurrency"
+    )
 
 
 #: The most write statements one group commit carries.
@@ -592,9 +654,11 @@ async def aexecute(
     sql: str,
     params: dict[str, Any],
     translate: Callable[[sqlite3.Error], OncelyError],
+    deadline: float | None = None,
 ) -> tuple[list[Any], int]:
     """The async face of :func:`execute`: the same statement, the same reply and errors, the
-    same group commits, awaited on the running loop.
+    same group commits and ``deadline`` (:func:`time.monotonic` seconds), awaited on the
+    running loop.
 
     A write is queued on the file's :class:`WriterGate` (the writes of one loop iteration
     together, handed over by one callback after it) and run by the file's writer thread, which
@@ -605,15 +669,19 @@ async def aexecute(
     ``synchronous=FULL``), the next one queues. A caller cancelled while its write is still
     queued withdraws it (it never runs); one cancelled after a batch took it leaves it to run
     and commit as usual, its reply unread (what a cancelled call on a worker thread did). A
-    ``SELECT`` runs on one of ``workers``' threads, as :func:`execute` (it never waits for a
-    batch's commit).
+    write whose ``deadline`` passes while it is still queued is withdrawn the same way
+    (:class:`DeadlinePassed`); one a batch took gets the batch's answer, which is
+    :class:`DeadlinePassed` if its deadline passed while the batch waited for another process's
+    write lock. A ``SELECT`` runs on one of ``workers``' threads, as :func:`execute` (it never
+    waits for a batch's commit).
 
+    :raises DeadlinePassed: as :func:`execute`.
     :raises StoreUnavailable: as :func:`execute`.
     """
     if sql.lstrip()[:6].upper() == "SELECT":
-        return await workers.run(execute, connections, sql, params, translate)
+        return await workers.run(execute, connections, sql, params, translate, deadline)
     loop = asyncio.get_running_loop()
-    job = _Write(connections, sql, params, translate)
+    job = _Write(connections, sql, params, translate, deadline)
     future: asyncio.Future[tuple[list[Any], int]] = loop.create_future()
     job.future = future
     outbox = _OUTBOXES.by_loop.get(loop)
@@ -622,6 +690,11 @@ async def aexecute(
     if not outbox:  # the first write of this iteration: hand them all over after it
         loop.call_soon(_hand_over, outbox)
     outbox.append(job)
+    timer = (
+        None
+        if deadline is None
+        else loop.call_later(max(0.0, deadline - time.monotonic()), _expire, job, outbox)
+    )
     try:
         return await future
     except asyncio.CancelledError:
@@ -631,6 +704,22 @@ async def aexecute(
         else:
             writer_gate(connections.path).withdraw(job)
         raise
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def _expire(job: _Write, outbox: list[_Write]) -> None:
+    """On the loop, at ``job``'s deadline: withdraw it if no batch took it yet (it never runs)
+    and fail its caller with :class:`DeadlinePassed`; a batch that took it answers instead."""
+    future = job.future
+    if future is None or future.done():
+        return
+    if job in outbox:
+        outbox.remove(job)
+    elif not writer_gate(job.connections.path).withdraw(job):
+        return
+    future.set_exception(overdue(job.connections.path))
 
 
 class _Outboxes:
@@ -711,13 +800,15 @@ def _settle(jobs: list[_Write]) -> None:
 class _Write:
     """One queued write statement and, once ``done``, its rows and rowcount or its error;
     ``future`` is an async caller's (settled on its loop), None for a sync caller, whose
-    ``finished`` event is set when it is done. Its outcome is read through :meth:`result`
+    ``finished`` event is set when it is done; ``deadline`` is the caller's bound
+    (:func:`time.monotonic` seconds) or None. Its outcome is read through :meth:`result`
     only, which refuses a job not done yet (a caller answered "no rows" while its statement
     still waits in the queue would act on a decision that has not been taken)."""
 
     __slots__ = (
         "connections",
         "count",
+        "deadline",
         "done",
         "error",
         "finished",
@@ -734,11 +825,13 @@ class _Write:
         sql: str,
         params: dict[str, Any],
         translate: Callable[[sqlite3.Error], OncelyError],
+        deadline: float | None = None,
     ) -> None:
         self.connections = connections
         self.sql = sql
         self.params = params
         self.translate = translate
+        self.deadline = deadline
         self.done = False
         self.rows: list[Any] = []
         self.count = 0
@@ -774,34 +867,113 @@ class _Write:
             self.error = exc
 
 
+def _busy_ms(seconds: float) -> str:
+    """``PRAGMA busy_timeout`` for ``seconds`` (rounded up to whole milliseconds)."""
+    return f"PRAGMA busy_timeout = {max(0, math.ceil(seconds * 1000))}"
+
+
+def _drop_overdue(batch: list[_Write], now: float) -> list[_Write]:
+    """Fail the jobs of ``batch`` whose deadline is at or before ``now`` with
+    :class:`DeadlinePassed` (they never ran), waking their callers now; return the others."""
+    late = [job for job in batch if job.deadline is not None and job.deadline <= now]
+    if not late:
+        return batch
+    for job in late:
+        job.error = overdue(job.connections.path)
+        job.finish()
+    _answer(late)
+    return [job for job in batch if not job.done]
+
+
+def _lock_file(
+    conn: sqlite3.Connection, connections: Connections, batch: list[_Write]
+) -> list[_Write]:
+    """``BEGIN IMMEDIATE`` for ``batch`` on ``conn``: the jobs that run in the transaction.
+
+    Another process holding the file's write lock is waited for up to the pool's
+    ``busy_timeout`` in all, in steps that end at the earliest deadline among the jobs still
+    waiting: at each step's end the jobs whose deadline passed are dropped (answered at once,
+    never run) and the rest wait on. Empty if every job was dropped (no transaction is open).
+
+    :raises sqlite3.Error: the lock stayed taken for ``busy_timeout`` (or another error).
+    """
+    busy = connections.timeout
+    until = time.monotonic() + busy
+    changed = False
+    try:
+        while True:
+            now = time.monotonic()
+            step = min((job.deadline for job in batch if job.deadline is not None), default=until)
+            if step < until or changed:
+                conn.execute(_busy_ms(min(step, until) - now))
+                changed = True
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                return batch
+            except sqlite3.Error as exc:
+                now = time.monotonic()
+                if not is_busy(exc) or now >= until or step >= until:
+                    raise
+                batch = _drop_overdue(batch, now)
+                if not batch:
+                    return batch
+    finally:
+        if changed:
+            conn.execute(_busy_ms(busy))
+
+
+def _run_alone(conn: sqlite3.Connection, connections: Connections, job: _Write) -> None:
+    """Run ``job`` as its own autocommit statement; a deadline before ``busy_timeout`` ends
+    its wait for another writer's lock (then it fails with :class:`DeadlinePassed`: a
+    statement that met a busy file wrote nothing)."""
+    busy = connections.timeout
+    bounded = job.deadline is not None and job.deadline - time.monotonic() < busy
+    try:
+        if bounded:
+            assert job.deadline is not None
+            conn.execute(_busy_ms(job.deadline - time.monotonic()))
+        try:
+            cur = conn.execute(job.sql, job.params)
+            job.rows, job.count = cur.fetchall(), cur.rowcount
+        except sqlite3.Error as exc:
+            if bounded and is_busy(exc):
+                job.error = overdue(connections.path)
+                job.error.__cause__ = exc
+            else:
+                job.fail(exc)
+    finally:
+        if bounded:
+            conn.execute(_busy_ms(busy))
+
+
 def _run_batch(connections: Connections, batch: list[_Write]) -> None:
     """Run ``batch`` in one transaction on one connection; every job ends ``done``, and the
-    async ones are answered on their loops (:func:`_answer`)."""
+    async ones are answered on their loops (:func:`_answer`). A job whose deadline passes
+    while the batch waits for another process's write lock is answered then, without running
+    (:func:`_lock_file`)."""
     try:
         with connections.connection() as conn:
             if len(batch) == 1:  # alone: its own autocommit statement, no BEGIN/COMMIT calls
-                job = batch[0]
-                try:
-                    cur = conn.execute(job.sql, job.params)
-                    job.rows, job.count = cur.fetchall(), cur.rowcount
-                except sqlite3.Error as exc:
-                    job.fail(exc)
+                _run_alone(conn, connections, batch[0])
                 return
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                running = _lock_file(conn, connections, batch)
             except sqlite3.Error as exc:
                 for job in batch:
-                    job.fail(exc)
+                    if not job.done:
+                        job.fail(exc)
+                return
+            if not running:
                 return
             try:
-                for job in batch:
+                for job in running:
                     try:
                         cur = conn.execute(job.sql, job.params)
                         job.rows, job.count = cur.fetchall(), cur.rowcount
                     except sqlite3.Error as exc:
                         job.fail(exc)  # the statement's own changes are undone by SQLite
                         if not conn.in_transaction:  # ... or the whole transaction was
-                            for other in batch:
+                            for other in running:
                                 other.fail(exc)
                             return
                 conn.execute("COMMIT")
@@ -809,7 +981,7 @@ def _run_batch(connections: Connections, batch: list[_Write]) -> None:
                 if conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         conn.execute("ROLLBACK")
-                for job in batch:
+                for job in running:
                     job.fail(exc)
                 if not isinstance(exc, sqlite3.Error):
                     raise
@@ -820,9 +992,10 @@ def _run_batch(connections: Connections, batch: list[_Write]) -> None:
         if not isinstance(exc, Exception):
             raise
     finally:
-        for job in batch:
+        rest = [job for job in batch if not job.done]
+        for job in rest:
             job.finish()
-        _answer(batch)
+        _answer(rest)
 
 
 class Workers:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from oncely.core import observe
+from oncely.core import deadline, observe
 from oncely.core.cancelsafe import claim_or_undo, write_again, write_through
 from oncely.core.frozen import quick_init
 from oncely.core.lease import AsyncRenewer, Claimed, keeper
@@ -46,12 +46,19 @@ __all__ = [
 @quick_init
 @dataclass(frozen=True, slots=True)
 class Claim:
-    """Claim ``key`` (``lease`` and ``ttl`` in seconds); the result is a claim outcome."""
+    """Claim ``key`` (``lease`` and ``ttl`` in seconds); the result is a claim outcome.
+
+    ``deadline`` (a :func:`time.monotonic` time in seconds, None: none) is the caller's own
+    bound: the store call runs :func:`~oncely.core.deadline.within` it, so a store that waits
+    for a lock (SQLite) waits no longer and raises
+    :class:`~oncely.core.deadline.DeadlinePassed` (nothing written) if it passes first.
+    """
 
     key: RecordKey
     fingerprint: str
     lease: float
     ttl: float
+    deadline: float | None = None
 
 
 @quick_init
@@ -141,6 +148,13 @@ def perform(store: Store, op: StoreOp) -> Any:
         stop = functools.partial(keeper.stop, held)
         settle_later(write, stop, op.what, store=observe.store_kind(store))
         return None
+    if type(op) is Claim and op.deadline is not None:
+        with deadline.within(op.deadline):
+            return _perform(store, op)
+    return _perform(store, op)
+
+
+def _perform(store: Store, op: StoreOp) -> Any:
     name, args = _store_call(op)
     if not observe.observers:
         return getattr(store, name)(*args)
@@ -157,6 +171,14 @@ async def aperform(store: Store, op: StoreOp, *, cancel_safe: bool = True) -> An
     caller is cancelled meanwhile (:func:`~oncely.core.cancelsafe.claim_or_undo`): for a
     caller whose task is never cancelled during the claim and which undoes it itself.
     """
+    if type(op) is Claim and op.deadline is not None:
+        # the claim's store call (and the task that carries it) sees the deadline
+        with deadline.within(op.deadline):
+            return await _aperform(store, op, cancel_safe)
+    return await _aperform(store, op, cancel_safe)
+
+
+async def _aperform(store: Store, op: StoreOp, cancel_safe: bool) -> Any:
     kind = type(op)
     if not observe.observers:  # the common case: straight to the store
         if kind is Claim:

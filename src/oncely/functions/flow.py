@@ -19,6 +19,7 @@ from typing import Any
 from oncely.codecs import Codec, encode_result
 from oncely.core import steps
 from oncely.core.cancelsafe import interrupted
+from oncely.core.deadline import DeadlinePassed
 from oncely.core.names import type_name
 from oncely.core.observe import describe
 from oncely.core.ops import Claim, StoreOp, Watch
@@ -182,9 +183,19 @@ def call_flow(policy: CallPolicy, key: RecordKey, fingerprint: str) -> Generator
         if hit is not None and hit.fingerprint == fingerprint:
             return _decode(policy, hit)
     deadline: float | None = None
+    retry_after = 0.0
     while True:
         try:
-            outcome = yield Claim(key, fingerprint, policy.lease, policy.ttl)
+            # After a wait, the claim keeps to the wait's deadline: a store that waits for a
+            # lock (SQLite, another process holding the file) waits no longer than that.
+            outcome = yield Claim(key, fingerprint, policy.lease, policy.ttl, deadline)
+        except DeadlinePassed:  # the file stayed locked until wait_timeout: nothing written
+            raise InFlightError(
+                f"{policy.name}: waited {policy.wait_timeout}s for the call holding this key; "
+                "the store stayed locked by another writer meanwhile. Raise wait_timeout or "
+                "retry later",
+                retry_after,
+            ) from None
         except StoreUnavailable:
             if not policy.fail_open:
                 raise

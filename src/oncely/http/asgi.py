@@ -339,7 +339,7 @@ class _Exchange:
                     self.claim_sent = time.monotonic()
                     engine = self.engine
                     store = engine._store if engine._store is not None else engine.store
-                    if observe.observers:
+                    if observe.observers or op.deadline is not None:
                         value = await store_aperform(store, op, cancel_safe=False)
                     else:  # what store_aperform does then, one frame less
                         value = await store.aclaim(op.key, op.fingerprint, op.lease, op.ttl)

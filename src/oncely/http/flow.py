@@ -47,6 +47,7 @@ from typing import Any
 
 from oncely.core import steps
 from oncely.core.cancelsafe import interrupted
+from oncely.core.deadline import DeadlinePassed
 from oncely.core.frozen import quick_init
 from oncely.core.observe import describe
 from oncely.core.ops import Claim, Complete, CompleteLater, Release, Sleep, StoreOp, Watch
@@ -365,7 +366,12 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
     deadline: float | None = None
     while True:
         try:
-            outcome = yield Claim(record_key, fingerprint, policy.lease, policy.ttl)
+            # After a wait, the claim keeps to the wait's deadline: a store that waits for a
+            # lock (SQLite, another process holding the file) waits no longer than that.
+            outcome = yield Claim(record_key, fingerprint, policy.lease, policy.ttl, deadline)
+        except DeadlinePassed:  # the file stayed locked until the wait's end: nothing written
+            yield _in_flight(policy, header_name)
+            return
         except StoreError as exc:
             # Only an unreachable store is an outage to ride out; a missing table, a bad
             # reply or any other StoreError is a fault to fix and never runs unprotected.
@@ -407,13 +413,7 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
                     yield _unavailable(policy, exc)
                     return
                 continue
-        yield _problem(
-            policy,
-            IN_FLIGHT,
-            f"the first request with this {header_name} is still running; retry after "
-            f"{policy.retry_after}s to get its response",
-            headers=[(b"retry-after", str(policy.retry_after).encode("ascii"))],
-        )
+        yield _in_flight(policy, header_name)
         return
 
 
@@ -611,6 +611,18 @@ def _issue_flow(engine: Engine, request: HttpRequest) -> Flow:
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+def _in_flight(policy: RoutePolicy, header_name: str) -> Respond:
+    """409: the first request with this key is still running (or the store stayed locked
+    until the wait for it ended)."""
+    return _problem(
+        policy,
+        IN_FLIGHT,
+        f"the first request with this {header_name} is still running; retry after "
+        f"{policy.retry_after}s to get its response",
+        headers=[(b"retry-after", str(policy.retry_after).encode("ascii"))],
+    )
+
+
 def _problem(policy: RoutePolicy, kind: ProblemType, detail: str, **extra: Any) -> Respond:
     return Respond(problem_response(kind, detail, base=policy.problem_base, **extra))
 

@@ -17,11 +17,13 @@ keeps the row (owner NULL) so the fence counter survives.
 
 SQLite cannot push a change to another process, so waiters look again every ``poll_interval``
 seconds (default 0.01, with jitter); a waiting attempt that finds the lock busy writes nothing.
-An attempt of ``acquire(timeout=T)`` waits for the file (another process or connection holding
-SQLite's write lock) no longer than the time left of ``T``, not for ``busy_timeout``: its
-statement runs alone on a borrowed connection whose busy timeout is that time, and a file still
-locked then counts as the lock being busy (:class:`~oncely.errors.LockTimeout` at the timeout).
-Other statements queue on the process's writer gate and wait up to ``busy_timeout``.
+Statements queue on the process's writer gate and share its group commits
+(:func:`oncely.backends.sqlite.execute`), waiting for another process holding SQLite's write
+lock up to ``busy_timeout``. An attempt of ``acquire(timeout=T)`` passes the time left of ``T``
+as its deadline: it waits for the gate and for the file no longer than that (when it is shorter
+than ``busy_timeout``), and a file still locked then counts as the lock being busy
+(:class:`~oncely.errors.LockTimeout` at the timeout), never
+:class:`~oncely.errors.StoreUnavailable`; the attempt wrote nothing.
 The file is opened in WAL mode with ``synchronous=NORMAL`` (a lock
 does not need to survive a power cut; fences stay increasing because they are seeded from the
 clock). Connections are shared by all threads (:class:`oncely.backends.sqlite.Connections`, at
@@ -32,6 +34,7 @@ thread pool of the backend's own.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import sqlite3
 import time
@@ -49,6 +52,7 @@ from oncely.backends.sqlite import (
     parse_url,
     synchronous_of,
 )
+from oncely.core.deadline import DeadlinePassed
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
 from oncely.settings import seconds, text, whole
@@ -154,9 +158,15 @@ class SQLiteLockBackend(LockBackend):
             raise open_error(exc, "SQLite lock database", self.path, self.busy_timeout) from exc
         return conn
 
-    def _run(self, name: str, params: dict[str, Any]) -> tuple[list[Any], int]:
-        """Run one statement on a borrowed connection: (every row, rowcount)."""
-        return execute(self._connections, self._sql[name], params, self._translate)
+    def _run(
+        self, name: str, params: dict[str, Any], deadline: float | None = None
+    ) -> tuple[list[Any], int]:
+        """Run one statement on a borrowed connection: (every row, rowcount); ``deadline``
+        (:func:`time.monotonic` seconds) bounds its waits (:func:`~oncely.backends.sqlite.execute`).
+
+        :raises DeadlinePassed: the deadline came first; the statement did not run.
+        """
+        return execute(self._connections, self._sql[name], params, self._translate, deadline)
 
     def _translate(self, exc: sqlite3.Error) -> StoreError:
         if is_busy(exc):
@@ -169,35 +179,15 @@ class SQLiteLockBackend(LockBackend):
     def _sleep_for(self, timeout: float) -> float:
         return min(timeout, self.poll_interval * random.uniform(0.5, 1.0))
 
-    def _run_within(self, name: str, params: dict[str, Any], wait: float) -> list[Any] | None:
-        """Run one statement alone on a borrowed connection, waiting for another writer of the
-        file at most ``wait`` seconds (its busy timeout, for this statement only): every row,
-        or None if the file stayed locked that long (the statement wrote nothing).
-
-        Not queued on the writer gate (whose wait is the pool's timeout): the statement is its
-        own transaction (the connection is in autocommit mode), one atomic decision as ever.
-        """
-        with self._connections.connection() as conn:
-            conn.execute(f"PRAGMA busy_timeout = {max(0, int(wait * 1000))}")
-            try:
-                return conn.execute(self._sql[name], params).fetchall()
-            except (sqlite3.OperationalError, sqlite3.DataError) as exc:
-                if is_busy(exc):
-                    return None
-                raise self._translate(exc) from exc
-            finally:
-                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-
     # -- sync face --------------------------------------------------------------------------------
-    def _acquire(self, name: str, owner: str, ttl: float, face: Face, wait: float) -> Hold | Busy:
+    def _acquire(
+        self, name: str, owner: str, ttl: float, face: Face, deadline: float | None
+    ) -> Hold | Busy:
         params = {"name": name, "owner": owner, "ttl": ttl}
-        if wait < self.busy_timeout:  # a bounded acquire with less time left than busy_timeout
-            found = self._run_within("acquire", params, wait)
-            if found is None:  # the file stayed locked for the time left: busy, not down
-                return Busy()
-            rows = found
-        else:
-            rows, _ = self._run("acquire", params)
+        try:
+            rows, _ = self._run("acquire", params, deadline)
+        except DeadlinePassed:  # the file stayed locked for the time left: busy, not down
+            return Busy()
         if not rows:
             return Busy()
         return Hold(name, owner, int(rows[0][0]), float(rows[0][1]), face)
@@ -205,7 +195,7 @@ class SQLiteLockBackend(LockBackend):
     def acquire(
         self, name: str, owner: str, ttl: float, wait: float, options: Any = None
     ) -> Hold | Busy:
-        return self._acquire(name, owner, ttl, "sync", wait)
+        return self._acquire(name, owner, ttl, "sync", _deadline(wait))
 
     def wait_release(self, name: str, busy: Busy, timeout: float) -> None:
         time.sleep(self._sleep_for(timeout))
@@ -234,7 +224,8 @@ class SQLiteLockBackend(LockBackend):
     async def aacquire(
         self, name: str, owner: str, ttl: float, wait: float, options: Any = None
     ) -> Hold | Busy:
-        return await self._workers.run(self._acquire, name, owner, ttl, "async", wait)
+        # the deadline is taken here, not on the worker thread (which may start late)
+        return await self._workers.run(self._acquire, name, owner, ttl, "async", _deadline(wait))
 
     async def await_release(self, name: str, busy: Busy, timeout: float) -> None:
         await asyncio.sleep(self._sleep_for(timeout))
@@ -247,3 +238,10 @@ class SQLiteLockBackend(LockBackend):
 
     async def ainspect(self, name: str, hold: Hold | None) -> State:
         return await self._workers.run(self.inspect, name, hold)
+
+
+def _deadline(wait: float) -> float | None:
+    """The deadline (:func:`time.monotonic` seconds) of an attempt that may wait ``wait``
+    seconds, the time left of ``acquire(timeout=...)``; None for ``math.inf`` (no timeout, or
+    ``blocking=False``): the statement then waits up to ``busy_timeout``."""
+    return time.monotonic() + wait if math.isfinite(wait) else None

@@ -17,6 +17,13 @@ relies on).
 URL forms: ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``. Query options:
 ``?synchronous=NORMAL`` (default ``FULL``: a completed record survives a power cut) and
 ``?busy_timeout=15`` (seconds to wait for another writer; default 15).
+
+A caller with a shorter bound of its own waits no longer than that: a duplicate call waiting
+``wait_timeout`` for the first one claims again with the wait's deadline
+(:mod:`oncely.core.deadline`), and if another process keeps the file locked until then, the
+claim writes nothing and the call ends with :class:`~oncely.errors.InFlightError` (HTTP: 409)
+at ``wait_timeout``, as if the first call were still running, not with
+:class:`~oncely.errors.StoreUnavailable` after ``busy_timeout``.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from oncely.backends.sqlite import (
     parse_url,
     synchronous_of,
 )
+from oncely.core import deadline
 from oncely.core.records import ClaimOutcome, Record, RecordKey
 from oncely.errors import (
     ConfigurationError,
@@ -339,6 +347,7 @@ class SQLiteStore(PlannedStore):
             self._sql.get(name, name),
             params,
             lambda exc: self._translate(exc, params),
+            deadline.current(),
         )
 
     def _translate(self, exc: sqlite3.Error, params: dict[str, Any] | None = None) -> OncelyError:
@@ -465,4 +474,5 @@ class SQLiteStore(PlannedStore):
             self._sql.get(request.statement, request.statement),
             params,
             lambda exc: self._translate(exc, params),
+            deadline.current(),
         )
