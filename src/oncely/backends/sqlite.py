@@ -537,14 +537,12 @@ class Connections:
 
 
 def bound(timeout: float, deadline: float | None) -> tuple[float, bool]:
-    """How long a wait of ``timeout`` seconds may last for a caller with ``deadline``
-    (:func:`time.monotonic` seconds, None: none), and whether the deadline is what bounds it."""
+    """How long a wait may last: ``timeout`` seconds (the pool's) for a caller without a
+    deadline, else the time left until ``deadline`` (:func:`time.monotonic` seconds), shorter
+    or longer; and whether the deadline is what bounds it."""
     if deadline is None:
         return timeout, False
-    left = deadline - time.monotonic()
-    if left < timeout:
-        return max(0.0, left), True
-    return timeout, False
+    return max(0.0, deadline - time.monotonic()), True
 
 
 def overdue(path: str) -> DeadlinePassed:
@@ -575,16 +573,18 @@ def execute(
     A ``SELECT`` never waits for the gate (WAL readers do not block the writer).
 
     ``deadline`` is the caller's own bound, a :func:`time.monotonic` time in seconds (None:
-    none; see :mod:`oncely.core.deadline`). It ends the caller's waits -- for the gate, for a
-    connection, and for another process holding the file's write lock -- when it comes before
-    the pool's timeout or ``busy_timeout``; it bounds waiting only (a statement whose file is
-    free runs even past it). A bounded statement still joins the group commit: the batch waits
-    for the write lock until the earliest deadline among its statements, drops the statements
-    whose deadline passed (they never ran: :class:`DeadlinePassed`, their callers woken at
-    once) and waits on for the others, up to ``busy_timeout`` in all; so a short deadline never
-    shortens another caller's wait, and once the batch has the lock its statements run and
-    commit together. A caller is never told its deadline passed while its statement may still
-    commit.
+    none; see :mod:`oncely.core.deadline`). It takes the place of the pool's timeout and of
+    ``busy_timeout`` for this caller, shorter or longer: its waits -- for the gate, for a
+    connection, and for another process holding the file's write lock -- end at it, and a file
+    still locked then is :class:`DeadlinePassed` (the caller answers with its own timeout
+    error), never :class:`StoreUnavailable`. It bounds waiting only: a statement whose file is
+    free runs even past it. A bounded statement still joins the group commit: the batch waits
+    for the write lock in steps, each ending at the earliest end among its statements (a
+    deadline, or ``busy_timeout`` after the batch began for a statement without one); at each
+    end the statements whose time is up are answered at once without running, and the others
+    wait on. So a short deadline never shortens another caller's wait, and once the batch has
+    the lock its statements run and commit together: a caller is never told its deadline
+    passed while its statement may still commit.
 
     :raises DeadlinePassed: the deadline came first (the statement never ran, nothing written).
     :raises StoreUnavailable: the gate or a connection stayed taken for the pool's timeout,
@@ -872,49 +872,50 @@ def _busy_ms(seconds: float) -> str:
     return f"PRAGMA busy_timeout = {max(0, math.ceil(seconds * 1000))}"
 
 
-def _drop_overdue(batch: list[_Write], now: float) -> list[_Write]:
-    """Fail the jobs of ``batch`` whose deadline is at or before ``now`` with
-    :class:`DeadlinePassed` (they never ran), waking their callers now; return the others."""
-    late = [job for job in batch if job.deadline is not None and job.deadline <= now]
-    if not late:
-        return batch
-    for job in late:
-        job.error = overdue(job.connections.path)
-        job.finish()
-    _answer(late)
-    return [job for job in batch if not job.done]
-
-
 def _lock_file(
     conn: sqlite3.Connection, connections: Connections, batch: list[_Write]
 ) -> list[_Write]:
-    """``BEGIN IMMEDIATE`` for ``batch`` on ``conn``: the jobs that run in the transaction.
+    """``BEGIN IMMEDIATE`` for ``batch`` on ``conn``: the jobs that run in the transaction
+    (empty if none is left; then no transaction is open).
 
-    Another process holding the file's write lock is waited for up to the pool's
-    ``busy_timeout`` in all, in steps that end at the earliest deadline among the jobs still
-    waiting: at each step's end the jobs whose deadline passed are dropped (answered at once,
-    never run) and the rest wait on. Empty if every job was dropped (no transaction is open).
+    Another process holding the file's write lock is waited for in steps, each ending at the
+    earliest end among the jobs still waiting: a job's deadline, or ``busy_timeout`` after the
+    first attempt for a job without one. At a step's end the jobs whose time is up are answered
+    at once without running (:class:`DeadlinePassed`, or the busy error of ``busy_timeout``),
+    and the rest wait on; a job never learns it failed while the batch may still run it.
 
-    :raises sqlite3.Error: the lock stayed taken for ``busy_timeout`` (or another error).
+    :raises sqlite3.Error: anything but a busy file (every job then fails with it).
     """
     busy = connections.timeout
-    until = time.monotonic() + busy
+    default = time.monotonic() + busy
+
+    def end(job: _Write) -> float:
+        return default if job.deadline is None else job.deadline
+
     changed = False
     try:
         while True:
-            now = time.monotonic()
-            step = min((job.deadline for job in batch if job.deadline is not None), default=until)
-            if step < until or changed:
-                conn.execute(_busy_ms(min(step, until) - now))
+            step = min(map(end, batch))
+            if step != default or changed:  # not the connection's own busy timeout
+                conn.execute(_busy_ms(step - time.monotonic()))
                 changed = True
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 return batch
             except sqlite3.Error as exc:
-                now = time.monotonic()
-                if not is_busy(exc) or now >= until or step >= until:
+                if not is_busy(exc):
                     raise
-                batch = _drop_overdue(batch, now)
+                now = time.monotonic()
+                ended = [job for job in batch if end(job) <= now]
+                for job in ended:
+                    if job.deadline is None:
+                        job.fail(exc)  # busy_timeout: the caller's translate (unavailable)
+                    else:
+                        job.error = overdue(job.connections.path)
+                        job.error.__cause__ = exc
+                    job.finish()
+                _answer(ended)
+                batch = [job for job in batch if not job.done]
                 if not batch:
                     return batch
     finally:
@@ -923,14 +924,13 @@ def _lock_file(
 
 
 def _run_alone(conn: sqlite3.Connection, connections: Connections, job: _Write) -> None:
-    """Run ``job`` as its own autocommit statement; a deadline before ``busy_timeout`` ends
-    its wait for another writer's lock (then it fails with :class:`DeadlinePassed`: a
-    statement that met a busy file wrote nothing)."""
+    """Run ``job`` as its own autocommit statement; with a deadline, that (not
+    ``busy_timeout``) ends its wait for another writer's lock, and a file still locked then is
+    :class:`DeadlinePassed` (a statement that met a busy file wrote nothing)."""
     busy = connections.timeout
-    bounded = job.deadline is not None and job.deadline - time.monotonic() < busy
+    bounded = job.deadline is not None
     try:
-        if bounded:
-            assert job.deadline is not None
+        if job.deadline is not None:
             conn.execute(_busy_ms(job.deadline - time.monotonic()))
         try:
             cur = conn.execute(job.sql, job.params)

@@ -19,11 +19,12 @@ SQLite cannot push a change to another process, so waiters look again every ``po
 seconds (default 0.01, with jitter); a waiting attempt that finds the lock busy writes nothing.
 Statements queue on the process's writer gate and share its group commits
 (:func:`oncely.backends.sqlite.execute`), waiting for another process holding SQLite's write
-lock up to ``busy_timeout``. An attempt of ``acquire(timeout=T)`` passes the time left of ``T``
-as its deadline: it waits for the gate and for the file no longer than that (when it is shorter
-than ``busy_timeout``), and a file still locked then counts as the lock being busy
-(:class:`~oncely.errors.LockTimeout` at the timeout), never
-:class:`~oncely.errors.StoreUnavailable`; the attempt wrote nothing.
+lock up to ``busy_timeout``. An attempt of ``acquire(timeout=T)`` / ``aacquire(timeout=T)``
+passes the time left of ``T`` as its deadline instead: it waits for the gate and for the file
+as long as that, shorter or longer than ``busy_timeout``, and a file still locked then counts as
+the lock being busy (:class:`~oncely.errors.LockTimeout` at ``T``), never
+:class:`~oncely.errors.StoreUnavailable`; the attempt wrote nothing. Without a timeout (and for
+``blocking=False``) the statement waits ``busy_timeout``, then raises StoreUnavailable.
 The file is opened in WAL mode with ``synchronous=NORMAL`` (a lock
 does not need to survive a power cut; fences stay increasing because they are seeded from the
 clock). Connections are shared by all threads (:class:`oncely.backends.sqlite.Connections`, at
@@ -89,8 +90,9 @@ class SQLiteLockBackend(LockBackend):
     """Locks in a SQLite file shared by the threads and processes of one machine.
 
     ``table`` names the lock table; ``busy_timeout`` (seconds, default 5) is how long a
-    statement waits for another writer; ``poll_interval`` (seconds, default 0.01) how often a
-    waiter looks again.
+    statement waits for another writer (an acquire with a ``timeout`` waits its time left
+    instead, then counts the lock as busy); ``poll_interval`` (seconds, default 0.01) how
+    often a waiter looks again.
     """
 
     kind = "sqlite"
@@ -243,5 +245,6 @@ class SQLiteLockBackend(LockBackend):
 def _deadline(wait: float) -> float | None:
     """The deadline (:func:`time.monotonic` seconds) of an attempt that may wait ``wait``
     seconds, the time left of ``acquire(timeout=...)``; None for ``math.inf`` (no timeout, or
-    ``blocking=False``): the statement then waits up to ``busy_timeout``."""
+    ``blocking=False``): the statement then waits up to ``busy_timeout``. A finite one is the
+    attempt's deadline, which replaces ``busy_timeout`` (shorter or longer)."""
     return time.monotonic() + wait if math.isfinite(wait) else None
