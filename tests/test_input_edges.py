@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -30,6 +31,7 @@ from oncely.sql.versioned import versioned_update
 from oncely.statemachine.barrier import purge as barrier_purge
 from oncely.statemachine.barrier import redis_barrier
 from oncely.stores import Store, open_store
+from sqlite_holder import OtherWriter
 
 from conftest import MYSQL_URL, POSTGRES_URL, REDIS_URL
 
@@ -298,6 +300,44 @@ def test_sqlite_lock_acquire_with_a_timeout_is_a_lock_timeout_while_the_file_is_
         holder.close()
     assert lock.acquire(timeout=1) > 0  # the connection's own busy timeout is back
     lock.release()
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_sqlite_lock_acquire_with_a_timeout_ends_at_it_while_another_process_locks_the_file(
+    tmp_path: Path, face: str
+) -> None:
+    """Another process holds the file's write lock. acquire(timeout=T) ends at T with
+    LockTimeout, whether T is shorter than busy_timeout (T=0.5, busy_timeout=5) or longer
+    (T=1.5, busy_timeout=0.5: the attempt waited busy_timeout and raised StoreUnavailable
+    after 0.5 s, though the caller had asked to wait 1.5 s for the lock). Meanwhile a release
+    of this process waits for the file (busy_timeout 5 s, holding the writer gate); once the
+    other process lets go it commits, and every lock works."""
+    path = f"{tmp_path}/locks.db"
+    patient = Lock(f"sqlite:///{path}?busy_timeout=5", f"held-{os.getpid()}", ttl=30)
+    short = Lock(f"sqlite:///{path}?busy_timeout=5", f"short-{os.getpid()}", ttl=5)
+    hasty = Lock(f"sqlite:///{path}?busy_timeout=0.5", f"hasty-{os.getpid()}", ttl=5)
+    patient.acquire()  # the table exists; released below while the file is locked
+    released: list[Any] = []
+    with OtherWriter(path) as other:
+        releaser = threading.Thread(target=lambda: released.append(patient.release()))
+        releaser.start()
+        for lock, timeout in ((short, 0.5), (hasty, 1.5)):
+            start = time.monotonic()
+            with pytest.raises(LockTimeout):
+                if face == "sync":
+                    lock.acquire(timeout=timeout)
+                else:
+                    asyncio.run(lock.aacquire(timeout=timeout))
+            took = time.monotonic() - start
+            assert timeout - 0.1 <= took < timeout + 0.5, (timeout, took)
+        assert not released  # still waiting for the file
+        other.release()
+        releaser.join(30)
+    assert released == [None]  # the queued release committed once the file was free
+    for lock in (patient, short, hasty):  # patient's release freed it
+        assert lock.acquire(timeout=1) > 0
+        lock.release()
 
 
 @pytest.mark.serial

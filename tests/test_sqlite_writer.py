@@ -15,12 +15,19 @@ from typing import Any
 import pytest
 
 import oncely.backends.sqlite as backend
-from oncely.backends.plans import Exec
+from oncely import idempotent
+from oncely.backends.plans import Exec, Plan
 from oncely.backends.sqlite import writer_gate
+from oncely.core import deadline
+from oncely.core.deadline import DeadlinePassed
 from oncely.core.records import New, RecordKey, Replay
-from oncely.errors import StoreError, StoreUnavailable
+from oncely.errors import InFlightError, StoreError, StoreUnavailable
+from oncely.http import GLOBAL, IdempotencyConfig
 from oncely.stores import open_store
 from oncely.stores.sqlite import SQLiteStore
+from sqlite_holder import OtherWriter
+
+from http_apps.harness import FACES
 
 
 class CountingLoop(asyncio.SelectorEventLoop):
@@ -513,4 +520,251 @@ def test_a_child_forked_while_threads_read_can_write(tmp_path: Path) -> None:
         for thread in readers:
             thread.join(30)
     assert codes == [0] * 6, codes
+    store.close()
+
+
+# -- a caller's deadline on a file another process keeps locked ---------------------------------
+#: Seconds a bounded caller may overrun its bound (thread hand-offs, a loaded machine).
+MARGIN = 0.5
+
+
+class WatchingStore(SQLiteStore):
+    """A SQLite store that says when a duplicate call started waiting for the first one."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.watching = threading.Event()
+
+    def _watch(self, key: RecordKey, fence: int, timeout: float) -> Plan[bool]:
+        self.watching.set()
+        return (yield from super()._watch(key, fence, timeout))
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_duplicate_waiting_for_the_first_call_ends_at_wait_timeout_while_the_file_is_locked(
+    tmp_path: Path, face: str
+) -> None:
+    """A duplicate call waits wait_timeout (1 s) for the first one; when it claimed again, the
+    file was held by another process's write lock, and the claim waited busy_timeout (4 s) and
+    raised StoreUnavailable (5 s in all). It now ends at wait_timeout with InFlightError, the
+    error wait_timeout documents, having written nothing; once the file is free the first call
+    completes and the duplicate replays its result."""
+    path = f"{tmp_path}/dup.db"
+    store = WatchingStore(f"sqlite:///{path}?busy_timeout=4")
+    store.claim(RecordKey.of("", "warm"), "fp", 30, 60)  # the file and table exist
+    started, finish = threading.Event(), threading.Event()
+    runs: list[int] = []
+
+    @idempotent(store=store, key=lambda n: f"k{n}", wait_timeout=1)
+    def first(n: int) -> int:
+        runs.append(n)
+        started.set()
+        assert finish.wait(30)
+        return n * 10
+
+    @idempotent(store=store, key=lambda n: f"k{n}", wait_timeout=1)
+    async def afirst(n: int) -> int:
+        runs.append(n)
+        started.set()
+        assert await asyncio.to_thread(finish.wait, 30)
+        return n * 10
+
+    call: Callable[[int], Any] = first if face == "sync" else (lambda n: asyncio.run(afirst(n)))
+    holder = threading.Thread(target=call, args=(7,))
+    holder.start()
+    assert started.wait(10)
+    outcome: list[Any] = []
+
+    def duplicate() -> None:
+        begun = time.monotonic()
+        try:
+            outcome.append(call(7))
+        except Exception as exc:
+            outcome.append(exc)
+        outcome.append(time.monotonic() - begun)
+
+    try:
+        with OtherWriter(path, hold=False) as other:
+            waiter = threading.Thread(target=duplicate)
+            waiter.start()
+            assert store.watching.wait(10)  # the duplicate got InFlight and waits for the first
+            other.lock()
+            waiter.join(30)
+            error, took = outcome
+            assert isinstance(error, InFlightError), error
+            assert took < 1 + MARGIN, took
+    finally:
+        finish.set()  # the other process let go: the first call's result is stored
+    holder.join(30)
+    assert call(7) == 70  # replayed
+    assert runs == [7]
+    store.close()
+
+
+@pytest.mark.serial
+def test_bounded_and_unbounded_writes_in_one_batch_each_keep_their_own_wait(
+    tmp_path: Path,
+) -> None:
+    """Three async claims in one group commit while another process holds the file's write
+    lock: one bounded at 0.5 s, one unbounded (busy_timeout 2 s), one bounded at 3.5 s. Each
+    ends at its own bound: DeadlinePassed at 0.5 s (the others go on waiting),
+    StoreUnavailable at busy_timeout, and the last one, still waiting when the other process
+    lets go, commits. The two that failed wrote nothing."""
+    path = f"{tmp_path}/batch.db"
+    store = SQLiteStore(f"sqlite:///{path}?busy_timeout=2")
+    store.claim(RecordKey.of("", "warm"), "fp", 30, 60)
+    keys = [RecordKey.of("", name) for name in ("short", "plain", "long")]
+
+    async def claim(key: RecordKey, bound: float | None, begun: float) -> tuple[Any, float]:
+        with deadline.within(None if bound is None else begun + bound):
+            try:
+                outcome: Any = await store.aclaim(key, "fp", 30, 60)
+            except Exception as exc:
+                outcome = exc
+        return outcome, time.monotonic() - begun
+
+    async def main(other: OtherWriter) -> list[tuple[Any, float]]:
+        begun = time.monotonic()
+        tasks = [
+            asyncio.ensure_future(claim(key, bound, begun))
+            for key, bound in zip(keys, (0.5, None, 3.5), strict=True)
+        ]
+        await asyncio.wait(tasks[:2])  # the short and the plain one are answered
+        await asyncio.to_thread(other.release)  # the long one is still waiting: let go
+        return [await task for task in tasks]
+
+    with OtherWriter(path) as other:
+        (short, short_took), (plain, plain_took), (long, _) = asyncio.run(main(other))
+    assert isinstance(short, DeadlinePassed), short
+    assert short_took < 0.5 + MARGIN, short_took
+    assert isinstance(plain, StoreUnavailable), plain
+    assert 2 - 0.1 <= plain_took < 2 + MARGIN, plain_took  # the unbounded wait is busy_timeout
+    assert isinstance(long, New), long
+    assert store.get(keys[0]) is None and store.get(keys[1]) is None  # nothing half-written
+    assert store.get(keys[2]) is not None
+    store.close()
+
+
+@pytest.mark.serial
+def test_bounded_writes_behind_a_writer_waiting_for_the_file_end_at_their_deadline(
+    tmp_path: Path,
+) -> None:
+    """A sync claim without a deadline holds the writer gate while it waits for another
+    process's write lock (busy_timeout 2 s). Behind it, a sync and an async claim bounded at
+    0.5 s end at 0.5 s (the gate wait, and the queued async write withdrawn at its deadline)
+    with DeadlinePassed, and a sync claim bounded at 3.5 s outlives busy_timeout and commits
+    once the other process lets go; the first claim gets StoreUnavailable at busy_timeout."""
+    path = f"{tmp_path}/gate.db"
+    store = SQLiteStore(f"sqlite:///{path}?busy_timeout=2")
+    store.claim(RecordKey.of("", "warm"), "fp", 30, 60)
+    gate = writer_gate(store.path)
+    results: dict[str, tuple[Any, float]] = {}
+
+    def claim(name: str, bound: float | None, face: str = "sync") -> None:
+        begun = time.monotonic()
+        key = RecordKey.of("", name)
+        with deadline.within(None if bound is None else begun + bound):
+            try:
+                outcome: Any = (
+                    store.claim(key, "fp", 30, 60)
+                    if face == "sync"
+                    else asyncio.run(store.aclaim(key, "fp", 30, 60))
+                )
+            except Exception as exc:
+                outcome = exc
+        results[name] = (outcome, time.monotonic() - begun)
+
+    def gate_held() -> bool:
+        if gate.acquire(0):
+            gate.release()
+            return False
+        return True
+
+    with OtherWriter(path) as other:
+        plain = threading.Thread(target=claim, args=("plain", None))
+        plain.start()
+        limit = time.monotonic() + 10
+        while not gate_held():  # the plain claim waits for the file holding the gate
+            assert time.monotonic() < limit
+            time.sleep(0.001)
+        bounded = [
+            threading.Thread(target=claim, args=("short", 0.5)),
+            threading.Thread(target=claim, args=("ashort", 0.5, "async")),
+            threading.Thread(target=claim, args=("long", 3.5)),
+        ]
+        for thread in bounded:
+            thread.start()
+        plain.join(30)
+        for thread in bounded[:2]:
+            thread.join(30)
+        other.release()
+        bounded[2].join(30)
+    for name in ("short", "ashort"):
+        outcome, took = results[name]
+        assert isinstance(outcome, DeadlinePassed), (name, outcome)
+        assert took < 0.5 + MARGIN, (name, took)
+        assert store.get(RecordKey.of("", name)) is None
+    outcome, took = results["plain"]
+    assert isinstance(outcome, StoreUnavailable), outcome
+    assert 2 - 0.1 <= took < 2 + MARGIN, took
+    assert store.get(RecordKey.of("", "plain")) is None
+    assert isinstance(results["long"][0], New), results["long"]
+    assert store.get(RecordKey.of("", "long")) is not None
+    store.close()
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("face", ["asgi", "wsgi"])
+def test_a_duplicate_request_waiting_on_a_locked_file_gets_409_at_its_wait(
+    tmp_path: Path, face: str
+) -> None:
+    """HTTP: a duplicate request waits ``wait`` (1 s) for the first; its claim after the wait
+    met another process's write lock and waited busy_timeout (4 s), ending in 503. It now gets
+    the 409 request-in-flight that ``wait`` documents, at 1 s, and replays once the file is
+    free and the first request finished."""
+    path = f"{tmp_path}/http.db"
+    store = WatchingStore(f"sqlite:///{path}?busy_timeout=4")
+    store.claim(RecordKey.of("", "warm"), "fp", 30, 60)
+    started, finish = threading.Event(), threading.Event()
+
+    async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        started.set()
+        assert await asyncio.to_thread(finish.wait, 30)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"done"})
+
+    def wsgi_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        started.set()
+        assert finish.wait(30)
+        start_response("200 OK", [])
+        return [b"done"]
+
+    app = asgi_app if face == "asgi" else wsgi_app
+    web = FACES[face](IdempotencyConfig(store=store, scope=GLOBAL, wait=1), app=app)
+    key = [("Idempotency-Key", '"dup-1"')]
+
+    async def main(other: OtherWriter) -> None:
+        first = asyncio.ensure_future(web.request("POST", "/x", key))
+        await asyncio.to_thread(started.wait, 10)
+        begun = time.monotonic()
+        duplicate = asyncio.ensure_future(web.request("POST", "/x", key))
+        await asyncio.to_thread(store.watching.wait, 10)  # it waits for the first
+        await asyncio.to_thread(other.lock)
+        reply = await duplicate
+        took = time.monotonic() - begun
+        assert (reply.status, reply.problem) == (409, "request-in-flight"), reply
+        assert took < 1 + MARGIN, took
+        await asyncio.to_thread(other.release)
+        finish.set()
+        assert (await first).status == 200
+        again = await web.request("POST", "/x", key)
+        assert (again.status, again.body, again.replayed) == (200, b"done", True)
+
+    try:
+        with OtherWriter(path, hold=False) as other:
+            asyncio.run(main(other))
+    finally:
+        finish.set()  # a failed assertion leaves no request waiting
     store.close()

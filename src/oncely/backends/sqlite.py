@@ -289,11 +289,15 @@ class WriterGate:
             except Exception as exc:  # never expected (a batch fails its jobs): keep serving
                 log.error("oncely: the SQLite writer thread failed a batch: %s", describe(exc))
 
-    def take(self, owner: object) -> list[Any]:
+    def take(self, owner: object, unbounded: bool = False) -> list[Any]:
         """Remove and return the queued writes of ``owner`` (a pool), oldest first, at most
-        :data:`BATCH`."""
+        :data:`BATCH`; with ``unbounded``, only those without a deadline of their caller's."""
         with self.mutex:
-            mine = [job for job in self.pending if job.connections is owner][:BATCH]
+            mine = [
+                job
+                for job in self.pending
+                if job.connections is owner and not (unbounded and job.deadline is not None)
+            ][:BATCH]
             taken = set(map(id, mine))
             self.pending = [job for job in self.pending if id(job) not in taken]
         return mine
@@ -767,7 +771,9 @@ def _write_queued(gate: WriterGate, connections: Connections) -> None:
             if batch:
                 _run_batch(connections, batch)
     except StoreUnavailable as exc:  # the gate stayed held by this process's other threads
-        batch = gate.take(connections)
+        # A write with a deadline of its caller's stays queued: it waits until that deadline,
+        # which ends it (aexecute's timer, or its own thread for a sync caller), not this one.
+        batch = gate.take(connections, unbounded=True)
         for job in batch:
             job.error = exc
             job.finish()
