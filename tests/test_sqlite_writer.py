@@ -20,9 +20,14 @@ from oncely.backends.plans import Exec, Plan
 from oncely.backends.sqlite import writer_gate
 from oncely.core import deadline
 from oncely.core.deadline import DeadlinePassed
+from oncely.core.lease import Claimed, keeper
 from oncely.core.records import New, RecordKey, Replay
+from oncely.core.settle import asettle_later, settle_later
 from oncely.errors import InFlightError, StoreError, StoreUnavailable
 from oncely.http import GLOBAL, IdempotencyConfig
+from oncely.locks import Lock
+from oncely.locks.base import Hold
+from oncely.locks.sqlite import SQLiteLockBackend
 from oncely.stores import open_store
 from oncely.stores.sqlite import SQLiteStore
 from sqlite_holder import OtherWriter
@@ -768,3 +773,137 @@ def test_a_duplicate_request_waiting_on_a_locked_file_gets_409_at_its_wait(
     finally:
         finish.set()  # a failed assertion leaves no request waiting
     store.close()
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_background_completion_gives_up_at_its_settle_time_while_the_file_is_locked(
+    tmp_path: Path, face: str
+) -> None:
+    """A completion retried in the background for settle_for (1 s here) met another process's
+    write lock: its attempt waited busy_timeout (4 s) first. It now gives up at settle_for,
+    having written nothing; once the file is free the claim completes as usual."""
+    path = f"{tmp_path}/settle.db"
+    store = SQLiteStore(f"sqlite:///{path}?busy_timeout=4")
+    key = RecordKey.of("", "settle")
+    claim = store.claim(key, "fp", 30, 60)
+    assert isinstance(claim, New)
+    done = threading.Event()
+
+    async def asettle() -> None:
+        asettle_later(
+            lambda: store.acomplete(key, claim.fence, b"1", "json", 60), done.set, "r", 1.0
+        )
+        assert await asyncio.to_thread(done.wait, 10)
+
+    with OtherWriter(path):
+        begun = time.monotonic()
+        if face == "sync":
+            settle_later(
+                lambda: store.complete(key, claim.fence, b"1", "json", 60), done.set, "r", 1.0
+            )
+            assert done.wait(10)
+        else:
+            asyncio.run(asettle())
+        took = time.monotonic() - begun
+    assert took < 1 + MARGIN, took
+    record = store.get(key)
+    assert record is not None and record.status == "in_progress"  # nothing written
+    store.complete(key, claim.fence, b"2", "json", 60)
+    record = store.get(key)
+    assert record is not None and (record.status, record.result) == ("completed", b"2")
+    store.close()
+
+
+class RenewalStore(SQLiteStore):
+    """A SQLite store that says when a lease renewal ended (and how)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.renewals: list[tuple[float, BaseException | None]] = []
+        self.renewed = threading.Event()
+
+    def renew(self, key: RecordKey, fence: int, lease: float) -> float:
+        try:
+            until = super().renew(key, fence, lease)
+        except BaseException as exc:
+            self.renewals.append((time.monotonic(), exc))
+            raise
+        finally:
+            self.renewed.set()
+        self.renewals.append((time.monotonic(), None))
+        return until
+
+
+@pytest.mark.serial
+def test_a_lease_renewal_ends_at_the_lease_bound_while_the_file_is_locked(tmp_path: Path) -> None:
+    """A claim's renewal (lease 1.5 s: due at 0.5 s, bound at 1.5 s) met another process's
+    write lock and waited busy_timeout (4 s), holding the store's renewal lane, and committed
+    if the file came free meanwhile: a lease renewed after it was reported lost. It now ends at
+    the bound without writing; the lease runs out in the store as reported."""
+    path = f"{tmp_path}/renew.db"
+    store = RenewalStore(f"sqlite:///{path}?busy_timeout=4")
+    key = RecordKey.of("", "renew")
+    with OtherWriter(path, hold=False) as other:
+        sent_at = time.monotonic()
+        claim = store.claim(key, "fp", 1.5, 60)
+        assert isinstance(claim, New)
+        claimed = Claimed(key, claim.fence, 1.5, store)
+        keeper.keep(claimed, sent_at)
+        try:
+            other.lock()  # before the renewal is due (0.5 s)
+            assert store.renewed.wait(10)
+            ended, error = store.renewals[0]
+            assert isinstance(error, DeadlinePassed), error
+            assert ended - sent_at < 1.5 + MARGIN, ended - sent_at
+            assert claimed.lost is not None
+        finally:
+            keeper.stop(claimed)
+        other.release()
+    record = store.get(key)
+    assert record is not None and record.lease_until == claim.lease_until  # never renewed
+    store.close()
+
+
+class ExtendSignalling(SQLiteLockBackend):
+    """A SQLite lock backend that says when an extension ended (and how)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.extensions: list[tuple[float, BaseException | None]] = []
+        self.extended = threading.Event()
+
+    def extend(self, hold: Hold, ttl: float) -> float | None:
+        try:
+            result = super().extend(hold, ttl)
+        except BaseException as exc:
+            self.extensions.append((time.monotonic(), exc))
+            raise
+        finally:
+            self.extended.set()
+        self.extensions.append((time.monotonic(), None))
+        return result
+
+
+@pytest.mark.serial
+def test_a_lock_renewal_ends_at_the_hold_bound_while_the_file_is_locked(tmp_path: Path) -> None:
+    """The watchdog's extension of a SQLite lock (ttl 1.5 s) met another process's write lock
+    and waited busy_timeout (4 s): it now ends at the hold's bound (DeadlinePassed, the lock
+    reported lost), and once the file is free the lock can be taken again."""
+    path = f"{tmp_path}/lock-renew.db"
+    backend = ExtendSignalling(f"sqlite:///{path}?busy_timeout=4")
+    lock = Lock(backend, f"renew-{os.getpid()}", ttl=1.5, auto_renew=True)
+    with OtherWriter(path, hold=False) as other:
+        sent_at = time.monotonic()
+        lock.acquire()
+        other.lock()  # before the renewal is due (0.5 s)
+        assert backend.extended.wait(10)
+        ended, error = backend.extensions[0]
+        assert isinstance(error, DeadlinePassed), error
+        assert ended - sent_at < 1.5 + MARGIN, ended - sent_at
+        other.release()
+    assert lock.lost.wait(10)
+    again = Lock(backend, lock.name, ttl=5)
+    assert again.acquire(timeout=5) > 0
+    again.release()
+    backend.close()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from oncely.core import observe
 from oncely.core.cancelsafe import keep_cancel
+from oncely.core.deadline import within
 from oncely.core.observe import describe
 from oncely.core.records import RecordKey
 from oncely.core.renewal import renew_timeout, report, watchdog
@@ -94,7 +95,10 @@ class Claimed:
             return None
         sent_at = time.monotonic()
         try:
-            self.store.renew(self.key, self.fence, self.lease)
+            # Useless past the lease's bound: a store that waits for a lock (SQLite) waits no
+            # longer, and never commits a renewal after the lease was reported lost.
+            with within(self.held_until):
+                self.store.renew(self.key, self.fence, self.lease)
         except Exception as exc:  # any failure, typed or not, is retried and then reported
             return self.due if self._failed(exc, time.monotonic()) else None
         self._renewed(sent_at)
@@ -236,7 +240,9 @@ class AsyncRenewer:
             try:
                 if limit <= 0:
                     raise TimeoutError("the lease ran out before its renewal could be sent")
-                with keep_cancel():  # wait_for can drop a cancel that meets the reply (3.11)
+                # wait_for can drop a cancel that meets the reply (3.11); the deadline ends a
+                # store's wait for a lock (SQLite) at the same time, without the write
+                with keep_cancel(), within(sent_at + limit):
                     await asyncio.wait_for(
                         claimed.store.arenew(claimed.key, claimed.fence, claimed.lease), limit
                     )

@@ -33,6 +33,7 @@ from typing import Final
 
 from oncely.core import observe
 from oncely.core.cancelsafe import keep_alive
+from oncely.core.deadline import DeadlinePassed, within
 from oncely.core.observe import describe
 from oncely.errors import LeaseLost, OncelyError, StoreUnavailable
 
@@ -48,7 +49,11 @@ _LONGEST_PAUSE: Final = 5.0
 
 @dataclass(frozen=True, slots=True)
 class Write:
-    """Perform the write once; the reply is None, or the write's error is thrown in."""
+    """Perform the write once, :func:`~oncely.core.deadline.within` ``deadline`` (the end of
+    the retries, :func:`time.monotonic` seconds: a store that waits for a lock waits no
+    longer); the reply is None, or the write's error is thrown in."""
+
+    deadline: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,19 +61,17 @@ class Pause:
     seconds: float
 
 
-WRITE: Final = Write()
-
-
 def settle_plan(what: str, settle_for: float = SETTLE_FOR) -> Generator[Write | Pause, None, bool]:
     """Retry a write while the store is unreachable, at most ``settle_for`` seconds; True if it
     landed. ``what`` names the write in log lines."""
     deadline = time.monotonic() + settle_for
     pause = _FIRST_PAUSE
+    write = Write(deadline)
     while True:
         try:
-            yield WRITE
-        except StoreUnavailable as exc:
-            if time.monotonic() + pause > deadline:
+            yield write
+        except (StoreUnavailable, DeadlinePassed) as exc:  # down, or locked until the end
+            if isinstance(exc, DeadlinePassed) or time.monotonic() + pause > deadline:
                 log.error(
                     "oncely: gave up storing %s after %.0fs (%s); the key frees itself when its "
                     "lease runs out, and a retry after that runs the call again",
@@ -110,7 +113,7 @@ class _Told:
             return
         if landed:
             outcome = "succeeded"
-        elif landed is False and isinstance(self.last_error, StoreUnavailable):
+        elif landed is False and isinstance(self.last_error, (StoreUnavailable, DeadlinePassed)):
             outcome = "given_up"
         else:
             outcome = "failed"
@@ -140,7 +143,8 @@ def settle_later(
                     request = plan.send(None)
                     continue
                 try:
-                    write()
+                    with within(request.deadline):
+                        write()
                 except BaseException as exc:
                     told.last_error = exc
                     request = plan.throw(exc)
@@ -180,7 +184,8 @@ def asettle_later(
                     request = plan.send(None)
                     continue
                 try:
-                    await write()
+                    with within(request.deadline):
+                        await write()
                 except Exception as exc:
                     told.last_error = exc
                     request = plan.throw(exc)

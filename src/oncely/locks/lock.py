@@ -40,6 +40,7 @@ from oncely.backends.registry import lock_backend_class as backend_class
 from oncely.backends.registry import shared_lock_backend as shared_backend
 from oncely.core import observe
 from oncely.core.cancelsafe import cleanup, keep_alive, keep_cancel
+from oncely.core.deadline import within
 from oncely.core.observe import describe
 from oncely.core.renewal import on_renewal_thread, renew_timeout, report, watchdog
 from oncely.errors import (
@@ -625,7 +626,10 @@ class Lock:
         with hold.mutex:
             if hold.done:
                 return _STOPPED
-            return self.backend.extend(hold, self.lease)
+            # Useless past the hold's bound: a backend that waits for a lock (SQLite) waits no
+            # longer, and never commits an extension after the hold was reported lost.
+            with within(hold.held_until):
+                return self.backend.extend(hold, self.lease)
 
     def _owned(self, hold: Hold, state: State) -> bool:
         if state.owned:

@@ -53,6 +53,7 @@ from oncely.backends.sqlite import (
     parse_url,
     synchronous_of,
 )
+from oncely.core import deadline
 from oncely.core.deadline import DeadlinePassed
 from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
@@ -208,7 +209,10 @@ class SQLiteLockBackend(LockBackend):
 
     def extend(self, hold: Hold, ttl: float) -> float | None:
         params = {"name": hold.name, "owner": hold.owner, "ttl": ttl}
-        return ttl if self._run("extend", params)[1] == 1 else None
+        # the watchdog's renewal keeps to the hold's bound (oncely.core.deadline): past it,
+        # DeadlinePassed (the extension did not run), a failed renewal like any other
+        extended = self._run("extend", params, deadline.current())[1] == 1
+        return ttl if extended else None
 
     def inspect(self, name: str, hold: Hold | None) -> State:
         rows, _ = self._run("inspect", {"name": name})
