@@ -925,8 +925,9 @@ def _lock_file(
                 if not batch:
                     return batch
     finally:
-        if changed:
-            conn.execute(_busy_ms(busy))
+        if changed:  # a pragma that touches no file: never expected to fail
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute(_busy_ms(busy))
 
 
 def _run_alone(conn: sqlite3.Connection, connections: Connections, job: _Write) -> None:
@@ -948,8 +949,9 @@ def _run_alone(conn: sqlite3.Connection, connections: Connections, job: _Write) 
             else:
                 job.fail(exc)
     finally:
-        if bounded:
-            conn.execute(_busy_ms(busy))
+        if bounded:  # never flips the outcome of a statement that ran
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute(_busy_ms(busy))
 
 
 def _run_batch(connections: Connections, batch: list[_Write]) -> None:
