@@ -21,6 +21,7 @@ from oncely.backends.sqlite import writer_gate
 from oncely.core import deadline
 from oncely.core.deadline import DeadlinePassed
 from oncely.core.lease import Claimed, keeper
+from oncely.core.ops import Claim, aperform
 from oncely.core.records import New, RecordKey, Replay
 from oncely.core.settle import asettle_later, settle_later
 from oncely.errors import InFlightError, StoreError, StoreUnavailable
@@ -907,3 +908,49 @@ def test_a_lock_renewal_ends_at_the_hold_bound_while_the_file_is_locked(tmp_path
     assert again.acquire(timeout=5) > 0
     again.release()
     backend.close()
+
+
+class ReleaseWatching(SQLiteStore):
+    """A SQLite store that notes the caller's deadline each release sees."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.release_deadlines: list[float | None] = []
+        self.released = threading.Event()
+
+    async def arelease(self, key: RecordKey, fence: int) -> None:
+        self.release_deadlines.append(deadline.current())
+        try:
+            await super().arelease(key, fence)
+        finally:
+            self.released.set()
+
+
+def test_the_undo_of_a_cancelled_bounded_claim_is_not_bound_by_its_deadline(
+    tmp_path: Path,
+) -> None:
+    """A caller cancelled during a claim that carries a deadline: the claim goes on and its
+    release (the undo) runs in the background. That release is cleanup, waiting busy_timeout
+    as any: it must not inherit the claim's deadline from the caller's context."""
+    store = ReleaseWatching(f"sqlite:///{tmp_path}/undo.db")
+    store.claim(RecordKey.of("", "warm"), "fp", 30, 60)
+    gate = writer_gate(store.path)
+    key = RecordKey.of("", "undo")
+
+    async def main() -> None:
+        assert gate.acquire(1)  # the claim stays queued until the caller is cancelled
+        try:
+            op = Claim(key, "fp", 30, 60, time.monotonic() + 30)
+            caller = asyncio.ensure_future(aperform(store, op))
+            await until(lambda: bool(gate.pending), "the claim queued")
+            caller.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await caller
+        finally:
+            gate.release()
+        await asyncio.to_thread(store.released.wait, 10)
+
+    asyncio.run(main())
+    assert store.release_deadlines == [None]
+    assert store.get(key) is None  # released
+    store.close()

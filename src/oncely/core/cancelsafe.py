@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -96,7 +97,9 @@ async def claim_or_undo(
                 if isinstance(outcome, New):
                     keep_alive(asyncio.ensure_future(store.arelease(key, outcome.fence)))
 
-        task.add_done_callback(undo)
+        # In a context of its own: the release is cleanup, not bound by the claim's deadline
+        # (oncely.core.deadline), which the caller's context may carry.
+        task.add_done_callback(undo, context=contextvars.Context())
         keep_alive(task)
         raise
 
