@@ -954,3 +954,44 @@ def test_the_undo_of_a_cancelled_bounded_claim_is_not_bound_by_its_deadline(
     assert store.release_deadlines == [None]
     assert store.get(key) is None  # released
     store.close()
+
+
+@pytest.mark.serial
+def test_async_writes_with_a_deadline_behind_a_held_gate_wait_without_spinning(
+    tmp_path: Path,
+) -> None:
+    """busy_timeout=0 and the writer gate held by another thread: a write without a deadline
+    fails at once (StoreUnavailable, as before), while async writes with a deadline (0.5 s)
+    wait for the gate until then, and the writer thread waits with them instead of retrying
+    a zero wait in a loop (the process used a whole core for 0.5 s). They end with
+    DeadlinePassed, having written nothing, and write as usual once the gate is free."""
+    store = store_at(tmp_path, "spin.db", "?busy_timeout=0")
+    gate = writer_gate(store.path)
+    keys = [RecordKey.of("", f"k{i}") for i in range(3)]
+
+    async def claim(key: RecordKey, bound: float | None) -> Any:
+        with deadline.within(None if bound is None else time.monotonic() + bound):
+            try:
+                return await store.aclaim(key, "fp", 30, 60)
+            except Exception as exc:
+                return exc
+
+    async def main() -> tuple[list[Any], float, float]:
+        begun, cpu = time.monotonic(), time.process_time()
+        outcomes = await asyncio.gather(
+            claim(keys[0], None), claim(keys[1], 0.5), claim(keys[2], 0.5)
+        )
+        return outcomes, time.monotonic() - begun, time.process_time() - cpu
+
+    assert gate.acquire(1)
+    try:
+        outcomes, took, cpu = asyncio.run(main())
+    finally:
+        gate.release()
+    assert isinstance(outcomes[0], StoreUnavailable), outcomes[0]
+    assert all(isinstance(o, DeadlinePassed) for o in outcomes[1:]), outcomes
+    assert 0.5 - 0.1 <= took < 0.5 + MARGIN, took
+    assert cpu < 0.25, cpu  # waited, not spun
+    assert all(store.get(key) is None for key in keys)
+    assert all(isinstance(store.claim(key, "fp", 30, 60), New) for key in keys)
+    store.close()

@@ -289,14 +289,16 @@ class WriterGate:
             except Exception as exc:  # never expected (a batch fails its jobs): keep serving
                 log.error("oncely: the SQLite writer thread failed a batch: %s", describe(exc))
 
-    def take(self, owner: object, unbounded: bool = False) -> list[Any]:
+    def take(self, owner: object, ended: float | None = None) -> list[Any]:
         """Remove and return the queued writes of ``owner`` (a pool), oldest first, at most
-        :data:`BATCH`; with ``unbounded``, only those without a deadline of their caller's."""
+        :data:`BATCH`; with ``ended`` (a :func:`time.monotonic` time), only those whose time
+        is up then: without a deadline of their caller's, or with one at or before it."""
         with self.mutex:
             mine = [
                 job
                 for job in self.pending
-                if job.connections is owner and not (unbounded and job.deadline is not None)
+                if job.connections is owner
+                and (ended is None or job.deadline is None or job.deadline <= ended)
             ][:BATCH]
             taken = set(map(id, mine))
             self.pending = [job for job in self.pending if id(job) not in taken]
@@ -764,18 +766,26 @@ def _hand_over(outbox: list[_Write]) -> None:
 
 
 def _write_queued(gate: WriterGate, connections: Connections) -> None:
-    """One group commit of the writes queued for ``connections``, on the writer thread."""
+    """One group commit of the writes queued for ``connections``, on the writer thread.
+
+    The gate is waited for the pool's timeout, or, while every queued write carries a deadline
+    of its caller's, until the earliest of those (never in a loop of zero waits). If it stays
+    held, the writes whose time is up fail (the pool's timeout: :class:`StoreUnavailable`; a
+    deadline: :class:`DeadlinePassed`) and those with time left stay queued."""
+    with gate.mutex:
+        ends = [job.deadline for job in gate.pending if job.connections is connections]
+    wait = connections.timeout
+    if ends and None not in ends:
+        wait = max(0.0, min(end for end in ends if end is not None) - time.monotonic())
     try:
-        with gate.held(connections.timeout, connections.path):
+        with gate.held(wait, connections.path):
             batch = gate.take(connections)
             if batch:
                 _run_batch(connections, batch)
     except StoreUnavailable as exc:  # the gate stayed held by this process's other threads
-        # A write with a deadline of its caller's stays queued: it waits until that deadline,
-        # which ends it (aexecute's timer, or its own thread for a sync caller), not this one.
-        batch = gate.take(connections, unbounded=True)
+        batch = gate.take(connections, ended=time.monotonic())
         for job in batch:
-            job.error = exc
+            job.error = exc if job.deadline is None else overdue(connections.path)
             job.finish()
         _answer(batch)
 
