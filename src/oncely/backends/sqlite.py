@@ -470,7 +470,9 @@ class Connections:
 
     @property
     def timeout(self) -> float:
-        """Seconds a statement waits for a connection (and for the writer gate)."""
+        """Seconds a statement waits for a connection, for the writer gate (and, as the
+        users' ``busy_timeout``, for another process's write lock), unless its caller gives a
+        deadline of its own (:func:`execute`)."""
         return self._timeout
 
     def _forked(self) -> None:
@@ -486,8 +488,10 @@ class Connections:
         """Borrow a connection for the body of the ``with`` block.
 
         :param deadline: the caller's bound (:func:`time.monotonic` seconds, None: none): the
-            wait for a free connection ends at it if that comes before the pool's timeout.
-        :raises DeadlinePassed: the deadline came first.
+            wait for a free connection lasts until it, instead of the pool's timeout.
+        :raises DeadlinePassed: every connection stayed busy until the deadline.
+        :raises StoreUnavailable: every connection stayed busy for the pool's timeout (no
+            deadline), or a new one could not be opened.
         """
         conn, slots = self._take(deadline)
         try:
