@@ -240,9 +240,7 @@ class AsyncRenewer:
             try:
                 if limit <= 0:
                     raise TimeoutError("the lease ran out before its renewal could be sent")
-                # wait_for can drop a cancel that meets the reply (3.11); the deadline ends a
-                # store's wait for a lock (SQLite) at the same time, without the write
-                with keep_cancel(), within(sent_at + limit):
+                with keep_cancel():  # wait_for can drop a cancel that meets the reply (3.11)
                     await asyncio.wait_for(
                         claimed.store.arenew(claimed.key, claimed.fence, claimed.lease), limit
                     )
