@@ -61,6 +61,7 @@ from typing import Any, Final, NamedTuple
 import redis
 import redis.asyncio
 
+from oncely.backends.budget import end, start
 from oncely.backends.durable import EvalWait
 from oncely.backends.forks import after_fork
 from oncely.backends.lua import Script, evalsha
@@ -539,12 +540,15 @@ class RedisStore(PlannedStore):
         if kind is Eval:  # the hot path: one frame less than self.redis.execute
             if self.cluster:  # routed by oncely (RedisClients.eval)
                 return self.redis.eval(request.script, request.numkeys, *request.keys_and_args)
+            token = start(self.redis.budget)  # one budget for EVALSHA and an EVAL after it
             try:
                 return evalsha(
                     self.redis.scripts, request.script, request.numkeys, *request.keys_and_args
                 )
             except DRIVER_ERRORS as exc:
                 raise self.redis.refusal(exc, request.keys_and_args) from exc
+            finally:
+                end(token)
         if kind is _ScanAll:
             try:
                 client: Any = self.redis.client
@@ -560,6 +564,7 @@ class RedisStore(PlannedStore):
                 raise self.redis.error(exc) from exc
         if kind is _Subscribe:
             pubsub = self.redis.pubsub()
+            token = start(self.redis.budget)
             try:
                 pubsub.subscribe(request.channel)
             except DRIVER_ERRORS as exc:
@@ -568,6 +573,8 @@ class RedisStore(PlannedStore):
             except BaseException:
                 pubsub.close()
                 raise
+            finally:
+                end(token)
             return pubsub
         if kind is _Unsubscribe:
             request.pubsub.close()
@@ -626,6 +633,7 @@ class RedisStore(PlannedStore):
                 except DRIVER_ERRORS as exc:
                     raise self.redis.error(exc) from exc
             pubsub = self.redis.apubsub()
+            token = start(self.redis.budget)
             try:
                 with keep_cancel():
                     await pubsub.subscribe(request.channel)
@@ -641,6 +649,8 @@ class RedisStore(PlannedStore):
             except BaseException:
                 await pubsub.aclose()
                 raise
+            finally:
+                end(token)
             return pubsub
         if kind is _Unsubscribe:
             await request.pubsub.aclose()
