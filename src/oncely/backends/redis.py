@@ -540,6 +540,10 @@ class RedisClients:
     sync Redis Cluster client's node pools wait too; redis-py's asyncio cluster client has no
     waiting pool. ``autopipeline`` may be given in the URL as well.
 
+    Each operation (:meth:`call`, :meth:`eval`, :meth:`eval_wait` and their async faces) has
+    one :attr:`budget` for all its waits, pool, connect, send and reply
+    (:mod:`oncely.backends.budget`): the larger of ``socket_timeout`` and ``pool_timeout``.
+
     :raises ConfigurationError: a malformed URL or a decoding client.
     """
 

@@ -278,11 +278,11 @@ class RedisStore(PlannedStore):
     :meth:`aclose`; they must not decode responses). Otherwise the store opens its own pools
     from ``url``; ``pool_options`` go to :meth:`redis.ConnectionPool.from_url` (e.g.
     ``max_connections``, ``socket_timeout``) for the sync pool and to
-    :meth:`redis.asyncio.ConnectionPool.from_url` for each event loop's pool. Connecting and
-    each reply wait at most 5 s (:data:`oncely.backends.redis.CONNECT_TIMEOUT`,
-    :data:`~oncely.backends.redis.READ_TIMEOUT`; the URL query
-    ``?socket_timeout=…&socket_connect_timeout=…`` or the options override them), so a server
-    that stops answering fails a call with :class:`StoreUnavailable` instead of hanging it;
+    :meth:`redis.asyncio.ConnectionPool.from_url` for each event loop's pool. Each operation
+    (a script, a command) has one budget for the pool wait, connecting, sending and the reply
+    together: the larger of ``socket_timeout`` and ``pool_timeout``, 5 s by default
+    (:mod:`oncely.backends.budget`; the URL query ``?socket_timeout=…`` or the options set it),
+    so a server that stops answering fails a call with :class:`StoreUnavailable` within it;
     TCP keepalive drops idle connections the network cut off. Those pools do not
     retry a failed command by default, and that is on purpose: a claim or complete whose reply
     was lost may have run, so the error goes to the caller as :class:`StoreUnavailable`.
@@ -295,8 +295,8 @@ class RedisStore(PlannedStore):
     Scripts of concurrent callers share writes on one connection (auto-pipelining, see
     :class:`~oncely.backends.redis.RedisClients`; ``autopipeline=False`` turns it off). Each
     pool holds ``max_connections`` (keyword, URL, or 100); a caller that finds it busy waits up
-    to ``pool_timeout`` seconds (default: the socket timeout) for a connection, then gets
-    :class:`StoreUnavailable`.
+    to ``pool_timeout`` seconds (default: the socket timeout; less if less is left of the
+    operation's budget) for a connection, then gets :class:`StoreUnavailable`.
     """
 
     schemes = ("redis", "rediss", "redis+cluster", "rediss+cluster")
