@@ -533,7 +533,10 @@ class SyncPipeline:
         if spent:
             batch = [slot for slot in batch if slot.error is None]
         done = 0
-        token = DEADLINE.set(deadline) if deadline != math.inf else None
+        # The batch's waits end by its earliest deadline (a lone caller's: already the running one).
+        token = (
+            DEADLINE.set(deadline) if deadline != math.inf and deadline != DEADLINE.get() else None
+        )
         try:
             if not batch:
                 raise _spent_in_queue()

@@ -53,6 +53,12 @@ DEADLINE: Final[ContextVar[float | None]] = ContextVar("oncely_redis_deadline", 
 
 _monotonic: Final = time.monotonic
 
+#: Seconds by which a wait may outlast its operation's deadline rather than be cut: a wait
+#: whose own timeout ends at most this much after the deadline keeps that timeout. Without it
+#: every operation would cut its socket's timeout (the budget is usually that very timeout, a
+#: few microseconds of it already spent): two ``settimeout`` calls per write and per read.
+SLACK: Final = 0.01
+
 
 def start(budget: float | None) -> Token[float | None] | None:
     """Start an operation of ``budget`` seconds (None: no bound): its deadline, or the one
@@ -74,13 +80,16 @@ def end(token: Token[float | None] | None) -> None:
 
 
 def left(own: float | None) -> float | None:
-    """``own`` (a timeout; None: without bound) cut to the time left of the running
-    operation's budget (never negative)."""
+    """``own`` (a timeout in seconds; None: without bound) cut to the time left of the running
+    operation's budget (never negative); ``own`` itself (the same object) when it ends no
+    more than :data:`SLACK` after the deadline."""
     deadline = DEADLINE.get()
     if deadline is None:
         return own
-    rest = max(deadline - _monotonic(), 0.0)
-    return rest if own is None or own > rest else own
+    rest = deadline - _monotonic()
+    if own is not None and own <= rest + SLACK:
+        return own
+    return max(rest, 0.0)
 
 
 class BudgetSpent(RedisTimeoutError):
@@ -181,10 +190,12 @@ class _SyncBounded:
 
     def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         sock = self._sock
-        if DEADLINE.get() is None or sock is None:
+        own = self.socket_timeout
+        wait = own if sock is None else left(own)
+        if wait is own:  # no deadline, or more of it left than the socket's own timeout
             super().send_packed_command(command, check_health)  # type: ignore[misc]
             return
-        wait = left(self.socket_timeout)
+        # Cut to the time left: two settimeout calls, only on this (rare) path.
         sock.settimeout(None if wait is None else max(wait, 1e-6))
         try:
             super().send_packed_command(command, check_health)  # type: ignore[misc]
@@ -194,9 +205,10 @@ class _SyncBounded:
                 sock.settimeout(self.socket_timeout)
 
     def read_response(self, *args: Any, timeout: Any = SENTINEL, **kwargs: Any) -> Any:
-        if timeout is SENTINEL and DEADLINE.get() is not None:
-            wait = left(self.socket_timeout)
-            if wait is not None:
+        if timeout is SENTINEL:
+            own = self.socket_timeout
+            wait = left(own)
+            if wait is not own and wait is not None:  # cut to the time left (else as it is)
                 timeout = max(wait, 1e-6)
         return super().read_response(*args, timeout=timeout, **kwargs)  # type: ignore[misc]
 
