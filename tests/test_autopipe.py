@@ -78,7 +78,7 @@ def _apipe(url: str = REDIS_URL, timeout: float = 5.0) -> AsyncPipeline:
     class Counting(CountingAsyncConnection):
         writes = 0
 
-    pipe = AsyncPipeline(lambda: Counting(**_kwargs(url, timeout)))
+    pipe = AsyncPipeline(lambda: Counting(**_kwargs(url, timeout)), timeout)
     pipe.counter = Counting  # type: ignore[attr-defined]
     return pipe
 

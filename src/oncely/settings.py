@@ -745,11 +745,21 @@ def whole(
 
 def count(value: Any, param: str, *, where: str = "", minimum: int = 1) -> int:
     """A batch or limit argument sent to a store (``purge_expired(limit)``, ``batch=``,
-    ``--limit``): an :class:`int` (or its text) from ``minimum`` to :data:`MAX_COUNT`.
+    ``--limit``): an :class:`int` from ``minimum`` to :data:`MAX_COUNT`.
 
-    :raises ConfigurationError: another type (a float, a bool, None) or out of range; the
-        message names ``param``.
+    Not its text: these are Python arguments (the command line's ``--limit`` and ``--batch``
+    arrive parsed as ints, environment variables are read by :func:`resolve`), and a ``"5"``
+    passed in Python is a mistake that every store refuses alike.
+
+    :raises ConfigurationError: another type (a str, a float, a bool, None) or out of range;
+        the message names ``param``.
     """
+    if isinstance(value, str):
+        label = f"{where}: {param}=" if where else f"{param}="
+        raise ConfigurationError(
+            f"{label}{value!r} is not valid: expected an int, got str (a count passed in "
+            f"Python is an int, e.g. {param}=1000)"
+        )
     result: int = whole(value, param, where=where, minimum=minimum, maximum=MAX_COUNT)
     return result
 

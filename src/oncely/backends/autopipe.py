@@ -21,10 +21,15 @@ What stays as it was:
 * a cancelled caller (asyncio) only stops awaiting its future: a command not yet written is
   not sent, and the reply of one already written is read and dropped, so the replies of the
   others stay matched;
-* bounded waits: while commands are in flight, a reply must come within the connection's
-  ``socket_timeout`` (asyncio: one watchdog timer per connection, not one per reply;
-  threads: the socket's timeout on each read). A timeout or a connection error fails every
-  command in flight on that connection with the driver's error (the caller's
+* bounded waits: each command has a deadline, its operation's budget
+  (:mod:`oncely.backends.budget`: by default ``budget`` seconds from when it was queued), which
+  covers the wait for its turn, connecting, the write and the reply. A batch is written only
+  while its earliest deadline is ahead, and a command past its deadline before its batch was
+  written fails without being sent (:class:`~oncely.backends.budget.BudgetSpent`). Once
+  written, asyncio has one watchdog timer per connection (not one per reply), armed at the
+  oldest deadline in flight; threads cut each read to the batch's earliest deadline. A timeout
+  or a connection error fails every command in flight on that connection with the driver's
+  error (the caller's
   :class:`~oncely.backends.redis.RedisClients` turns it into
   :class:`~oncely.errors.StoreUnavailable`: such a command may have run), and the connection is
   dropped, because its later replies could no longer be matched; the next command opens a
@@ -41,6 +46,7 @@ import asyncio
 import math
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -51,6 +57,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from oncely.backends.budget import DEADLINE, BudgetSpent
 from oncely.backends.forks import after_fork, inherit
 
 __all__ = ["AsyncPipeline", "SyncPipeline"]
@@ -111,34 +118,41 @@ class _Session:
         self.more = asyncio.Event()
         self.dead = False
         self.reader: asyncio.Task[None] | None = None
-        #: Seconds without a reply while commands are in flight before the session is killed.
-        self.timeout: float | None = connection.socket_timeout
-        #: Loop time of the last reply (or of the first command written after an idle spell).
-        self.progress = 0.0
+        #: Commands written so far, and for each batch written (commands written up to its
+        #: end, its earliest deadline): the replies read so far are ``sent - len(inflight)``.
+        self.sent = 0
+        self.batches: deque[tuple[int, float]] = deque()
         self._watchdog: asyncio.TimerHandle | None = None
 
-    def written(self, futures: list[asyncio.Future[Any]]) -> None:
-        """Record ``futures`` as in flight (in write order) and arm the reply watchdog."""
-        loop = asyncio.get_running_loop()
-        if not self.inflight:
-            self.progress = loop.time()
+    def written(self, futures: list[asyncio.Future[Any]], deadline: float) -> None:
+        """Record ``futures`` as in flight (in write order), to be answered by ``deadline``
+        (loop time; ``math.inf``: without bound), and arm the reply watchdog."""
         self.inflight.extend(futures)
+        self.sent += len(futures)
         self.more.set()
-        if self.timeout and self._watchdog is None:
-            self._watchdog = loop.call_later(self.timeout, self._watch)
+        if deadline != math.inf:
+            self.batches.append((self.sent, deadline))
+            if self._watchdog is None:
+                self._watchdog = asyncio.get_running_loop().call_at(deadline, self._watch)
 
     def _watch(self) -> None:
-        """One timer per ``timeout``, not one per reply: kill the session if no reply came for
-        ``timeout`` seconds while commands were in flight."""
+        """One timer at a time, at the oldest deadline in flight, not one per reply: kill the
+        session if a command in flight is still unanswered at its deadline."""
         self._watchdog = None
-        if self.dead or not self.inflight or not self.timeout:
+        if self.dead:
+            return
+        batches = self.batches
+        answered = self.sent - len(self.inflight)
+        while batches and batches[0][0] <= answered:
+            batches.popleft()
+        if not batches:
             return
         loop = asyncio.get_running_loop()
-        quiet = loop.time() - self.progress
-        if quiet >= self.timeout:
-            self.kill(RedisTimeoutError(f"no reply from Redis within {self.timeout}s"))
+        deadline = batches[0][1]
+        if loop.time() >= deadline:
+            self.kill(RedisTimeoutError("no reply from Redis within the operation's budget"))
             return
-        self._watchdog = loop.call_later(self.timeout - quiet, self._watch)
+        self._watchdog = loop.call_at(deadline, self._watch)
 
     def kill(self, exc: BaseException) -> None:
         """Fail every command in flight with ``exc`` and drop the connection."""
@@ -173,7 +187,6 @@ class _Session:
     async def _read_replies(self) -> None:
         """Through redis-py's ``read_response`` (any parser)."""
         connection, inflight = self.connection, self.inflight
-        clock = asyncio.get_running_loop().time
         while not self.dead:
             if not inflight:
                 self.more.clear()
@@ -187,7 +200,7 @@ class _Session:
                 )
             except ResponseError as exc:  # an error reply: the connection is fine
                 reply = exc
-            self._deliver(reply, clock())
+            self._deliver(reply)
 
     async def _read_hiredis(self, parser: Any) -> None:
         """Straight from the hiredis reader: a reply already read is one ``gets()``; the socket
@@ -195,7 +208,6 @@ class _Session:
         checks: a connection error reply fails the session, a push notification goes to the
         parser's handler and answers no command)."""
         inflight = self.inflight
-        clock = asyncio.get_running_loop().time
         gets = parser._reader.gets
         push = getattr(parser, "_hiredis_PushNotificationType", None)
         while not self.dead:
@@ -217,12 +229,11 @@ class _Session:
                 continue
             if type(reply) is list and reply and isinstance(reply[0], RedisConnectionError):
                 raise reply[0]
-            self._deliver(reply, clock())
+            self._deliver(reply)
 
-    def _deliver(self, reply: Any, now: float) -> None:
+    def _deliver(self, reply: Any) -> None:
         """Hand ``reply`` (an error reply as its :class:`ResponseError`) to the oldest command
         in flight."""
-        self.progress = now
         inflight = self.inflight
         if not inflight:  # pragma: no cover - a reply nobody asked for
             raise redis.exceptions.ConnectionError("Redis sent a reply nobody asked for")
@@ -239,6 +250,14 @@ def _closed() -> redis.exceptions.ConnectionError:
     return redis.exceptions.ConnectionError("the pipelined Redis connection was closed")
 
 
+def _spent_in_queue() -> BudgetSpent:
+    return BudgetSpent(
+        "the operation's budget ran out while it waited for its turn on the pipelined "
+        "connection (not sent)",
+        "queue",
+    )
+
+
 class AsyncPipeline:
     """Commands of concurrent tasks of one event loop, written together on one connection.
 
@@ -248,9 +267,11 @@ class AsyncPipeline:
     wants (scripts): no response callbacks are applied.
     """
 
-    def __init__(self, connect: Callable[[], Any]) -> None:
+    def __init__(self, connect: Callable[[], Any], budget: float | None = None) -> None:
         self._connect = connect
-        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
+        #: Seconds from queueing to reply for a command given no deadline (None: no bound).
+        self._budget = math.inf if budget is None else budget
+        self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any], float]] = []
         self._wake = asyncio.Event()
         self._session: _Session | None = None
         self._sender: asyncio.Task[None] | None = None
@@ -270,9 +291,12 @@ class AsyncPipeline:
         """:meth:`send_command` with the command's parts as arguments."""
         return self.send_command(args)
 
-    def send_command(self, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+    def send_command(
+        self, args: tuple[Any, ...], deadline: float | None = None
+    ) -> asyncio.Future[Any]:
         """Queue one command (its parts, ``("ECHO", "hello")``), to be sent with
-        the others queued in this loop iteration; await the future returned for its reply (a
+        the others queued in this loop iteration, and answered by ``deadline`` (loop time;
+        default: the pipeline's budget from now); await the future returned for its reply (a
         plain future, not a coroutine: one frame less for every caller to pass through; a
         caller that stops awaiting it cancels it, and a cancelled command is not sent, or its
         reply is dropped).
@@ -284,8 +308,10 @@ class AsyncPipeline:
             raise _closed()
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Any] = loop.create_future()
+        if deadline is None:
+            deadline = loop.time() + self._budget
         queue = self._queue
-        queue.append((args, fut))
+        queue.append((args, fut, deadline))
         if len(queue) == 1:
             self._wake.set()
             sender = self._sender
@@ -293,7 +319,7 @@ class AsyncPipeline:
                 self._sender = loop.create_task(self._send(), name="oncely-redis-pipeline")
         return fut
 
-    async def _open(self) -> _Session:
+    async def _open(self, deadline: float) -> _Session:
         session = self._session
         if session is not None and not session.dead and not session.inflight:
             # Idle: the server may have closed it meanwhile (restart, idle timeout). Look before
@@ -309,11 +335,15 @@ class AsyncPipeline:
                 session.kill(RedisConnectionError("the idle pipelined connection went stale"))
         if session is None or session.dead:
             connection: Any = self._connect()
+            token = DEADLINE.set(deadline) if deadline != math.inf else None
             try:
-                await connection.connect()
+                await connection.connect()  # its waits cut to the deadline (budget)
             except BaseException:
                 await connection.disconnect(nowait=True)
                 raise
+            finally:
+                if token is not None:
+                    DEADLINE.reset(token)
             session = self._session = _Session(connection)
             session.reader = asyncio.get_running_loop().create_task(
                 session.read(), name="oncely-redis-pipeline-reader"
@@ -325,24 +355,45 @@ class AsyncPipeline:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            batch = [(args, fut) for args, fut in self._queue if not fut.done()]
+            queued = self._queue
             self._queue = []
+            now = asyncio.get_running_loop().time()
+            batch = []
+            deadline = math.inf
+            for args, fut, due in queued:
+                if fut.done():
+                    continue
+                if due <= now:  # its budget ran out while it waited: never sent
+                    fut.set_exception(_spent_in_queue())
+                    continue
+                batch.append((args, fut))
+                deadline = min(deadline, due)
             if not batch:
                 continue
             session: _Session | None = None
             try:
-                session = await self._open()
+                session = await self._open(deadline)
                 connection = session.connection
+                if asyncio.get_running_loop().time() >= deadline:  # connecting took it all
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(_spent_in_queue())
+                    continue
                 packed = _pack(connection, [args for args, _ in batch])
-                session.written([fut for _, fut in batch])
+                session.written([fut for _, fut in batch], deadline)
                 writer = connection._writer
                 if writer is not None and _writes_at_once(writer.transport):
                     # What send_packed_command does when its drain would not wait, minus its
                     # wait_for (a task, a timer and two loop turns per batch): a write that
-                    # must wait goes through it, bounded by the socket timeout.
+                    # must wait goes through it, bounded by the time left.
                     writer.writelines(packed)
                 else:
-                    await connection.send_packed_command(packed, check_health=False)
+                    token = DEADLINE.set(deadline) if deadline != math.inf else None
+                    try:
+                        await connection.send_packed_command(packed, check_health=False)
+                    finally:
+                        if token is not None:
+                            DEADLINE.reset(token)
             except BaseException as exc:
                 error = exc if isinstance(exc, Exception) else _closed()
                 if session is not None:
@@ -356,7 +407,7 @@ class AsyncPipeline:
 
     def _fail_queued(self, error: Exception) -> None:
         queue, self._queue = self._queue, []
-        for _, fut in queue:
+        for _, fut, _due in queue:
             if not fut.done():
                 fut.set_exception(error)
 
@@ -394,10 +445,11 @@ class _Slot:
     """One thread's command, its outcome, and the lock it waits on (released when it is done or
     when it has to lead the next batch)."""
 
-    __slots__ = ("args", "error", "lead", "reply", "waiter")
+    __slots__ = ("args", "deadline", "error", "lead", "reply", "waiter")
 
-    def __init__(self, args: tuple[Any, ...]) -> None:
+    def __init__(self, args: tuple[Any, ...], deadline: float) -> None:
         self.args = args
+        self.deadline = deadline
         self.reply: Any = None
         self.error: BaseException | None = None
         self.lead = False
@@ -418,8 +470,10 @@ class SyncPipeline:
     reads its reply itself: one round trip, no hand-off.
     """
 
-    def __init__(self, connect: Callable[[], Any]) -> None:
+    def __init__(self, connect: Callable[[], Any], budget: float | None = None) -> None:
         self._connect = connect  # redis-py leaves Connection's methods unannotated
+        #: Seconds from queueing to reply for a command outside an operation's deadline.
+        self._budget = math.inf if budget is None else budget
         self._mutex = threading.Lock()
         self._queue: list[_Slot] = []
         self._busy = False
@@ -442,9 +496,14 @@ class SyncPipeline:
     def execute_command(self, *args: Any) -> Any:
         """Send one command with the others queued meanwhile; return its reply.
 
+        Its deadline is the running operation's (:data:`oncely.backends.budget.DEADLINE`), else
+        the pipeline's budget from now; the wait for a batch in flight, connecting, the write
+        and the reply all end by it (a batch's waits end by its earliest deadline).
+
         :raises redis.exceptions.RedisError: the error reply, or the connection's failure.
         """
-        slot = _Slot(args)
+        deadline = DEADLINE.get()
+        slot = _Slot(args, time.monotonic() + self._budget if deadline is None else deadline)
         with self._mutex:
             if self._pid != os.getpid():  # forked: the parent's connection is not ours
                 self._pid, self._connection, self._queue, self._busy = os.getpid(), None, [], False
@@ -462,8 +521,25 @@ class SyncPipeline:
         """Write the queued batch, read its replies, hand them out, pass the lead on."""
         with self._mutex:
             batch, self._queue = self._queue, []
+        now = time.monotonic()
+        deadline = math.inf
+        spent: list[_Slot] = []
+        for slot in batch:
+            if slot.deadline <= now:  # its budget ran out while a batch before it was in flight
+                slot.error = _spent_in_queue()
+                spent.append(slot)
+            elif slot.deadline < deadline:
+                deadline = slot.deadline
+        if spent:
+            batch = [slot for slot in batch if slot.error is None]
         done = 0
+        # The batch's waits end by its earliest deadline (a lone caller's: already the running one).
+        token = (
+            DEADLINE.set(deadline) if deadline != math.inf and deadline != DEADLINE.get() else None
+        )
         try:
+            if not batch:
+                raise _spent_in_queue()
             connection = self._connection
             if connection is not None and _stale(connection):
                 connection.disconnect()
@@ -493,6 +569,9 @@ class SyncPipeline:
         else:
             raise_later = None
         finally:
+            if token is not None:
+                DEADLINE.reset(token)
+            batch += spent
             with self._mutex:
                 successor = self._queue[0] if self._queue else None
                 if successor is None:

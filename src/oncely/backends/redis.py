@@ -40,7 +40,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
+from oncely.backends import budget as _budget
 from oncely.backends.autopipe import AsyncPipeline, SyncPipeline
+from oncely.backends.budget import PARTS, AsyncBoundedPool, BoundedPool, end, part, start
 from oncely.backends.durable import (
     EvalWait,
     Exchange,
@@ -480,6 +482,14 @@ def driver_fault(exc: BaseException) -> bool:
     return False
 
 
+def _blocking(budget: float | None, args: tuple[Any, ...]) -> float | None:
+    """The budget of command ``args``: ``budget``, plus the seconds a ``BLPOP`` may block on
+    the server before it answers (its last argument)."""
+    if budget is not None and args and args[0] == "BLPOP":
+        return budget + float(args[-1])
+    return budget
+
+
 def _pool_exhausted(exc: Exception) -> bool:
     return isinstance(exc, MaxConnectionsError) or "No connection available" in str(exc)
 
@@ -530,6 +540,10 @@ class RedisClients:
     sync Redis Cluster client's node pools wait too; redis-py's asyncio cluster client has no
     waiting pool. ``autopipeline`` may be given in the URL as well.
 
+    Each operation (:meth:`call`, :meth:`eval`, :meth:`eval_wait` and their async faces) has
+    one :attr:`budget` for all its waits, pool, connect, send and reply
+    (:mod:`oncely.backends.budget`): the larger of ``socket_timeout`` and ``pool_timeout``.
+
     :raises ConfigurationError: a malformed URL or a decoding client.
     """
 
@@ -578,13 +592,21 @@ class RedisClients:
             pool_timeout = read if read is not None else CONNECT_TIMEOUT
         #: Seconds a caller waits for a free pooled connection before StoreUnavailable.
         self.pool_timeout = float(pool_timeout)
+        read_timeout = from_url.get("socket_timeout", self.pool_options.get("socket_timeout"))
+        #: Seconds one operation may take in all, pool wait, connecting, sending and the reply
+        #: together (:mod:`oncely.backends.budget`): the larger of ``socket_timeout`` and
+        #: ``pool_timeout``; None when ``socket_timeout`` is None (no bound).
+        self.budget: float | None = (
+            None if read_timeout is None else max(float(read_timeout), self.pool_timeout)
+        )
         #: Connections in each pool (sync, and each event loop's).
         self.max_connections: int = self.pool_options["max_connections"]
         self.pool_options["timeout"] = self.pool_timeout
         # Always the blocking pools: redis-py's plain pools raise MaxConnectionsError at once
         # when every connection is busy, instead of waiting for one.
-        self._pool_class: Any = redis.BlockingConnectionPool
-        self._apool_class: Any = redis.asyncio.BlockingConnectionPool
+        # Their waits (pool, connect, send, reply) are cut to each operation's budget.
+        self._pool_class: Any = BoundedPool
+        self._apool_class: Any = AsyncBoundedPool
         #: True for a Redis Cluster URL (``redis+cluster://``): redis-py's cluster clients route
         #: each script by the slot of its keys (one slot per script: hash tags), and follow
         #: MOVED / ASK redirects; no auto-pipelining.
@@ -611,7 +633,7 @@ class RedisClients:
             self.client = cast(SyncClient, redis.Redis.from_pool(pool))
             self._owns_client = True
             self._pipeline = (
-                SyncPipeline(lambda: pool.connection_class(**pool.connection_kwargs))
+                SyncPipeline(lambda: pool.connection_class(**pool.connection_kwargs), self.budget)
                 if autopipeline
                 else None
             )
@@ -652,6 +674,9 @@ class RedisClients:
             waited = (
                 "the pool does not wait (Redis Cluster, async)"
                 if isinstance(exc, MaxConnectionsError)
+                else f"waited pool_timeout={self.pool_timeout:g} s, or what was left of the "
+                f"operation's {self.budget:g} s budget"
+                if self.budget is not None and self.budget > self.pool_timeout
                 else f"waited pool_timeout={self.pool_timeout:g} s"
             )
             return StoreUnavailable(
@@ -682,6 +707,26 @@ class RedisClients:
                 f"Redis Cluster at {self.where} cannot serve the key now ({type(exc).__name__}: "
                 f"{exc}): a failover or resharding is under way, or nodes are unreachable; "
                 "nothing was decided, so retry shortly."
+            )
+        ran_out = part(exc) if isinstance(exc, RedisTimeoutError) else None
+        if ran_out is not None:
+            words, may_have_run = PARTS[ran_out]
+            bound = (
+                f"its {self.budget:g} s budget" if self.budget is not None else "its socket timeout"
+            )
+            outcome = (
+                "the command may have run, so nothing can be assumed either way (a claim may "
+                "hold its key until its lease ends)"
+                if may_have_run
+                else "nothing was sent, so nothing was decided"
+            )
+            return StoreUnavailable(
+                f"Redis at {self.where} is unavailable: it did not answer in time, the operation "
+                f"ran out of {bound} "
+                f"(pool wait, connecting, sending and the reply together; the larger of "
+                f"socket_timeout and pool_timeout) while {words} ({type(exc).__name__}: {exc}); "
+                f"{outcome}. Check that Redis runs and is not overloaded or paused; retry once "
+                "it answers."
             )
         if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
             return StoreUnavailable(
@@ -718,39 +763,53 @@ class RedisClients:
         :meth:`error`. Deterministic, so never an outage: retrying would meet it again."""
         largest, refused = self._oversized(exc, args)
         if largest and not refused and isinstance(exc, RedisConnectionError):
+            token = start(self.budget)
             try:
                 refused = bool(self.client.execute_command("PING"))
             except Exception:  # down after all: the outage it looked like
                 refused = False
+            finally:
+                end(token)
         return self._too_large(exc, largest) if refused else self.error(exc)
 
     async def arefusal(self, exc: Exception, args: tuple[Any, ...]) -> Exception:
         """The async face of :meth:`refusal`."""
         largest, refused = self._oversized(exc, args)
         if largest and not refused and isinstance(exc, RedisConnectionError):
+            token = start(self.budget)
             try:
                 refused = bool(await (await self.aready()).execute_command("PING"))
             except Exception:  # down after all: the outage it looked like
                 refused = False
+            finally:
+                end(token)
         return self._too_large(exc, largest) if refused else self.error(exc)
 
     # -- sync --------------------------------------------------------------------------------------
     def call(self, *args: Any) -> Any:
-        """One command on the sync client."""
+        """One command on the sync client, within one budget (:attr:`budget`; plus the
+        seconds a ``BLPOP`` blocks on the server)."""
+        token = start(_blocking(self.budget, args))
         try:
             return self.client.execute_command(*args)
         except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
+        finally:
+            end(token)
 
     def eval(self, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
         """One script on the sync client (:func:`oncely.backends.lua.evalsha`); on a cluster,
-        routed by oncely (:func:`oncely.backends.durable.eval_routed`)."""
+        routed by oncely (:func:`oncely.backends.durable.eval_routed`). One budget
+        (:attr:`budget`) for all of it: an ``EVAL`` after ``NOSCRIPT``, redirects."""
+        token = start(self.budget)
         try:
             if self.cluster and self._owns_client:
                 return run(eval_routed(script, numkeys, keys_and_args), self._wait_step)[0]
             return evalsha(self.scripts, script, numkeys, *keys_and_args)
         except DRIVER_ERRORS as exc:
             raise self.refusal(exc, keys_and_args) from exc
+        finally:
+            end(token)
 
     def execute(self, request: Any) -> Any:
         """The sync executor of plans: :class:`Eval`, :class:`Command`, :class:`Sleep`."""
@@ -780,12 +839,15 @@ class RedisClients:
 
     def eval_wait(self, request: EvalWait) -> tuple[Any, int]:
         """One script then ``WAIT`` on one connection (:func:`oncely.backends.durable.eval_wait`):
-        ``(script reply, replicas that acknowledged)``."""
+        ``(script reply, replicas that acknowledged)``, within one budget."""
+        token = start(self.budget)
         try:
             outcome: tuple[Any, int] = run(self._wait_plan(request), self._wait_step)
             return outcome
         except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
+        finally:
+            end(token)
 
     def _wait_step(self, request: Any) -> Any:
         kind = type(request)
@@ -856,6 +918,7 @@ class RedisClients:
 
     async def aeval_wait(self, request: EvalWait) -> tuple[Any, int]:
         """The async face of :meth:`eval_wait`."""
+        token = start(self.budget)
         try:
             with keep_cancel():
                 outcome: tuple[Any, int] = await arun(self._wait_plan(request), self._await_step)
@@ -866,6 +929,8 @@ class RedisClients:
             if driver_fault(exc):
                 raise self.error(exc) from exc
             raise
+        finally:
+            end(token)
 
     async def _aexchange(self, client: Any, request: Exchange) -> list[Any]:
         node: Any = None
@@ -921,6 +986,7 @@ class RedisClients:
         :raises StoreUnavailable: the server cannot be reached.
         """
         client: Any = self.client
+        token = start(self.budget)
         try:
             if self.cluster:
                 nodes = [
@@ -944,6 +1010,8 @@ class RedisClients:
             return rows
         except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
+        finally:
+            end(token)
 
     def pubsub(self) -> SyncPubSub:
         return self.client.pubsub()
@@ -991,7 +1059,7 @@ class RedisClients:
             # The wait goes to the pools alone: plain clients do not take ``timeout``.
             # (redis-py's asyncio cluster has no waiting pool: it raises at once.)
             options["connection_pool_class"] = functools.partial(
-                redis.BlockingConnectionPool, timeout=options.pop("timeout")
+                BoundedPool, timeout=options.pop("timeout")
             )
             host, port = parts.nodes[0]
             host = f"[{host}]" if ":" in host else host
@@ -1000,7 +1068,16 @@ class RedisClients:
             options.pop("timeout", None)
         nodes = [module.ClusterNode(host, port) for host, port in parts.nodes]
         try:
-            return module.RedisCluster(startup_nodes=nodes, **options)
+            cluster = module.RedisCluster(startup_nodes=nodes, **options)
+            if module is not redis.cluster:
+                # redis-py's asyncio cluster picks its connection class itself (SSL or not):
+                # cut the waits of the one it picked to each operation's budget.
+                for kwargs in (cluster.connection_kwargs, cluster.nodes_manager.connection_kwargs):
+                    cls = kwargs.get("connection_class", redis.asyncio.Connection)
+                    kwargs["connection_class"] = _budget.async_connection_class(cls)
+                for node in cluster.nodes_manager.startup_nodes.values():
+                    node.connection_class = _budget.async_connection_class(node.connection_class)
+            return cluster
         except DRIVER_ERRORS as exc:
             raise self.error(exc) from exc
         except (ValueError, TypeError) as exc:
@@ -1017,7 +1094,7 @@ class RedisClients:
 
     def _new_apipeline(self) -> AsyncPipeline:
         pool: Any = cast(Any, self.aclient()).connection_pool
-        return AsyncPipeline(lambda: pool.connection_class(**pool.connection_kwargs))
+        return AsyncPipeline(lambda: pool.connection_class(**pool.connection_kwargs), self.budget)
 
     def ascripts(self) -> AsyncClient:
         """The running loop's script client: its auto-pipeline, or the plain client."""
@@ -1050,6 +1127,7 @@ class RedisClients:
 
     async def acall(self, *args: Any) -> Any:
         """The async face of :meth:`call`."""
+        token = start(_blocking(self.budget, args))
         try:
             with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
                 return await (await self.aready()).execute_command(*args)
@@ -1059,21 +1137,32 @@ class RedisClients:
             if driver_fault(exc):
                 raise self.error(exc) from exc
             raise
+        finally:
+            end(token)
 
     async def aeval(self, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
         """The async face of :meth:`eval`."""
+        token = None
         try:
             if self._apipelines is not None and not self.cluster:
-                # The auto-pipeline awaits a plain future: no wait_for to drop a cancel.
+                # The auto-pipeline awaits a plain future: no wait_for to drop a cancel. Both
+                # sends share the operation's deadline.
                 pipeline = self._apipelines.get()
+                deadline = _budget.DEADLINE.get()
+                if self.budget is not None:
+                    mine = time.monotonic() + self.budget
+                    deadline = mine if deadline is None or mine < deadline else deadline
                 try:
-                    return await pipeline.send_command(command(script, numkeys, keys_and_args))
+                    return await pipeline.send_command(
+                        command(script, numkeys, keys_and_args), deadline
+                    )
                 except ResponseError as exc:
                     if not is_noscript(exc):
                         raise
                 return await pipeline.send_command(
-                    command(script, numkeys, keys_and_args, source=True)
+                    command(script, numkeys, keys_and_args, source=True), deadline
                 )
+            token = start(self.budget)
             with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
                 if self.cluster and self._async_client is None:
                     plan = eval_routed(script, numkeys, keys_and_args)
@@ -1086,6 +1175,8 @@ class RedisClients:
             if driver_fault(exc):
                 raise self.error(exc) from exc
             raise
+        finally:
+            end(token)
 
     async def aexecute(self, request: Any) -> Any:
         """The async executor of plans (see :meth:`execute`)."""

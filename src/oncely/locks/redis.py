@@ -68,10 +68,11 @@ class RedisLockBackend(LockBackend):
     (seconds, default 30 days) is how long an unused fence counter is kept. ``client`` /
     ``async_client`` / other keyword ``options`` are as for
     :class:`~oncely.backends.redis.RedisClients` (and
-    :class:`~oncely.stores.redis.RedisStore`), including its bounded network waits: connecting
-    and each reply wait at most 5 s (``socket_connect_timeout``, ``socket_timeout``), so
-    ``acquire``, ``check`` and renewals fail with :class:`~oncely.errors.StoreUnavailable`
-    instead of hanging on a server that stopped answering.
+    :class:`~oncely.stores.redis.RedisStore`), including its bounded network waits: each
+    operation's pool wait, connect, send and reply share one budget, the larger of
+    ``socket_timeout`` and ``pool_timeout`` (5 s by default; a waiter's ``BLPOP`` gets the
+    seconds it blocks on top), so ``acquire``, ``check`` and renewals fail with
+    :class:`~oncely.errors.StoreUnavailable` within it on a server that stopped answering.
     """
 
     kind = "redis"

@@ -61,6 +61,7 @@ from typing import Any, Final, NamedTuple
 import redis
 import redis.asyncio
 
+from oncely.backends.budget import end, start
 from oncely.backends.durable import EvalWait
 from oncely.backends.forks import after_fork
 from oncely.backends.lua import Script, evalsha
@@ -277,11 +278,11 @@ class RedisStore(PlannedStore):
     :meth:`aclose`; they must not decode responses). Otherwise the store opens its own pools
     from ``url``; ``pool_options`` go to :meth:`redis.ConnectionPool.from_url` (e.g.
     ``max_connections``, ``socket_timeout``) for the sync pool and to
-    :meth:`redis.asyncio.ConnectionPool.from_url` for each event loop's pool. Connecting and
-    each reply wait at most 5 s (:data:`oncely.backends.redis.CONNECT_TIMEOUT`,
-    :data:`~oncely.backends.redis.READ_TIMEOUT`; the URL query
-    ``?socket_timeout=…&socket_connect_timeout=…`` or the options override them), so a server
-    that stops answering fails a call with :class:`StoreUnavailable` instead of hanging it;
+    :meth:`redis.asyncio.ConnectionPool.from_url` for each event loop's pool. Each operation
+    (a script, a command) has one budget for the pool wait, connecting, sending and the reply
+    together: the larger of ``socket_timeout`` and ``pool_timeout``, 5 s by default
+    (:mod:`oncely.backends.budget`; the URL query ``?socket_timeout=…`` or the options set it),
+    so a server that stops answering fails a call with :class:`StoreUnavailable` within it;
     TCP keepalive drops idle connections the network cut off. Those pools do not
     retry a failed command by default, and that is on purpose: a claim or complete whose reply
     was lost may have run, so the error goes to the caller as :class:`StoreUnavailable`.
@@ -294,8 +295,8 @@ class RedisStore(PlannedStore):
     Scripts of concurrent callers share writes on one connection (auto-pipelining, see
     :class:`~oncely.backends.redis.RedisClients`; ``autopipeline=False`` turns it off). Each
     pool holds ``max_connections`` (keyword, URL, or 100); a caller that finds it busy waits up
-    to ``pool_timeout`` seconds (default: the socket timeout) for a connection, then gets
-    :class:`StoreUnavailable`.
+    to ``pool_timeout`` seconds (default: the socket timeout; less if less is left of the
+    operation's budget) for a connection, then gets :class:`StoreUnavailable`.
     """
 
     schemes = ("redis", "rediss", "redis+cluster", "rediss+cluster")
@@ -539,12 +540,15 @@ class RedisStore(PlannedStore):
         if kind is Eval:  # the hot path: one frame less than self.redis.execute
             if self.cluster:  # routed by oncely (RedisClients.eval)
                 return self.redis.eval(request.script, request.numkeys, *request.keys_and_args)
+            token = start(self.redis.budget)  # one budget for EVALSHA and an EVAL after it
             try:
                 return evalsha(
                     self.redis.scripts, request.script, request.numkeys, *request.keys_and_args
                 )
             except DRIVER_ERRORS as exc:
                 raise self.redis.refusal(exc, request.keys_and_args) from exc
+            finally:
+                end(token)
         if kind is _ScanAll:
             try:
                 client: Any = self.redis.client
@@ -560,6 +564,7 @@ class RedisStore(PlannedStore):
                 raise self.redis.error(exc) from exc
         if kind is _Subscribe:
             pubsub = self.redis.pubsub()
+            token = start(self.redis.budget)
             try:
                 pubsub.subscribe(request.channel)
             except DRIVER_ERRORS as exc:
@@ -568,6 +573,8 @@ class RedisStore(PlannedStore):
             except BaseException:
                 pubsub.close()
                 raise
+            finally:
+                end(token)
             return pubsub
         if kind is _Unsubscribe:
             request.pubsub.close()
@@ -626,6 +633,7 @@ class RedisStore(PlannedStore):
                 except DRIVER_ERRORS as exc:
                     raise self.redis.error(exc) from exc
             pubsub = self.redis.apubsub()
+            token = start(self.redis.budget)
             try:
                 with keep_cancel():
                     await pubsub.subscribe(request.channel)
@@ -641,6 +649,8 @@ class RedisStore(PlannedStore):
             except BaseException:
                 await pubsub.aclose()
                 raise
+            finally:
+                end(token)
             return pubsub
         if kind is _Unsubscribe:
             await request.pubsub.aclose()
