@@ -324,7 +324,7 @@ def test_sqlite_lock_acquire_with_a_timeout_ends_at_it_while_another_process_loc
         releaser.start()
         for lock, timeout in ((short, 0.5), (hasty, 1.5)):
             start = time.monotonic()
-            with pytest.raises(LockTimeout):
+            with pytest.raises(LockTimeout, match="database file stayed locked"):
                 if face == "sync":
                     lock.acquire(timeout=timeout)
                 else:

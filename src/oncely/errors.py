@@ -221,7 +221,9 @@ class LockLost(LockError):
 
 
 class LockTimeout(LockError, TimeoutError):
-    """``acquire(timeout=...)`` gave up: someone else held the lock for the whole timeout."""
+    """``acquire(timeout=...)`` gave up: someone else held the lock for the whole timeout (on
+    SQLite: or another connection kept the database file's write lock that long; the message
+    says which)."""
 
 
 class LockNotOwned(LockError, RuntimeError):

@@ -84,12 +84,15 @@ class Busy:
     ``retry_after`` is the holder's remaining ttl in seconds when the store said so (``None``
     if unknown). ``unavailable`` is non-empty when the store could not decide at all (a Redlock
     quorum was unreachable); it says why. ``hint`` is backend data for
-    :meth:`LockBackend.wait_release`.
+    :meth:`LockBackend.wait_release`. ``reason`` says why the lock could not be taken (by
+    default another holder has it; on SQLite the database file may have stayed locked).
     """
 
     retry_after: float | None = None
     unavailable: str = ""
     hint: Any = None
+    #: Why the attempt failed, for the :class:`~oncely.errors.LockTimeout` message.
+    reason: str = "another holder has it"
 
 
 @dataclass(frozen=True)

@@ -379,7 +379,7 @@ class Lock:
             )
         left = "" if busy.retry_after is None else f" (its ttl has {busy.retry_after:.3f}s left)"
         return LockTimeout(
-            f"could not acquire lock {self.name!r} {waited}: another holder has it{left}; "
+            f"could not acquire lock {self.name!r} {waited}: {busy.reason}{left}; "
             "retry later, wait longer (timeout=...), or use acquire(blocking=False) to skip "
             "the work while it is busy"
         )

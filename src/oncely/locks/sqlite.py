@@ -61,6 +61,12 @@ from oncely.settings import seconds, text, whole
 
 __all__ = ["SQLiteLockBackend"]
 
+#: Why a bounded acquire failed when its time ran out waiting for the database file.
+FILE_LOCKED: Final = (
+    "the SQLite database file stayed locked by another connection or process (its write "
+    "lock, not this lock's holder)"
+)
+
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS {t} (
     name       TEXT    PRIMARY KEY,
@@ -190,7 +196,7 @@ class SQLiteLockBackend(LockBackend):
         try:
             rows, _ = self._run("acquire", params, deadline)
         except DeadlinePassed:  # the file stayed locked for the time left: busy, not down
-            return Busy()
+            return Busy(reason=FILE_LOCKED)
         if not rows:
             return Busy()
         return Hold(name, owner, int(rows[0][0]), float(rows[0][1]), face)
