@@ -593,6 +593,31 @@ def test_a_user_set_over_another_users_session_keeps_its_own_key_space(
 
 
 @FACES
+def test_the_scope_is_the_user_the_view_sees_after_a_session_flush(face: str, users: None) -> None:
+    """A middleware that asked ``await request.auser()`` then flushed the session: under ASGI
+    the view's ``request.user`` is anonymous while ``request.auser()`` still answers alice, so
+    the scope is not alice's (a 401 here); under WSGI ``request.user`` was loaded before the
+    flush and stays alice, who is the scope."""
+    from http_apps import django_users
+
+    middleware = [*django_users.SESSION, "http_apps.django_users.ExpireSession", OURS]
+    store = MemoryStore()
+    with users_app(face, middleware, store) as client:
+        calls.clear()
+        alice = {"Cookie": _cookies(client.request("GET", "/login?as=alice"))}
+        k = key()
+        made = client.post("/pay", json={}, headers={**k, **alice})
+        expired = client.post("/pay", json={}, headers={**k, **alice, "X-Expire": "1"})
+    assert made.status_code == 201 and made.json()["user"] == "alice"
+    if face == "asgi":
+        assert expired.status_code == 401, expired.content  # not alice's response, replayed
+        assert calls["pay"] == 1
+    else:
+        assert expired.headers["idempotent-replayed"] == "true"
+        assert expired.json() == made.json()
+
+
+@FACES
 def test_idempotent_view_alone_reads_the_session_user(face: str, users: None) -> None:
     """``@idempotent_view`` on an async view without oncely's middleware, by user: the session
     user is loaded without a blocking call on the event loop (it was a 500 under ASGI)."""

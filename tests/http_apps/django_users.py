@@ -107,6 +107,25 @@ class LazyTokenUser(TokenUser):
             request.user = SimpleLazyObject(lambda: model.objects.get(username=name))
 
 
+class ExpireSession(TokenUser):
+    """With an ``X-Expire`` header: asks who the user is, then flushes the session (an idle
+    timeout, say) without ``logout()``. Under WSGI ``request.user`` is loaded before the flush
+    and stays that user; under ASGI ``await request.auser()`` caches it, ``request.user``
+    (still lazy) loads the flushed session's: anonymous."""
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if self.is_async:
+            return self.__acall__(request)
+        if "X-Expire" in request.headers and request.user.is_authenticated:
+            request.session.flush()
+        return self.get_response(request)
+
+    async def __acall__(self, request: HttpRequest) -> Any:
+        if "X-Expire" in request.headers and (await request.auser()).is_authenticated:
+            await request.session.aflush()
+        return await self.get_response(request)
+
+
 def signin(request: HttpRequest) -> HttpResponse:
     """GET ``/login?as=<name>``: a session for that user (``django.contrib.auth.login``)."""
     user = get_user_model().objects.get(username=request.GET["as"])
@@ -116,7 +135,9 @@ def signin(request: HttpRequest) -> HttpResponse:
 
 def pay(request: HttpRequest) -> HttpResponse:
     """Who the view runs as (``request.user``), and how many times it ran."""
-    return JsonResponse({"user": request.user.get_username(), "n": count("pay")}, status=201)
+    user = request.user
+    name = user.get_username() if user.is_authenticated else None
+    return JsonResponse({"user": name, "n": count("pay")}, status=201)
 
 
 @idempotent_view(config=IdempotencyConfig(store=MemoryStore(), scope=scope_from_user))

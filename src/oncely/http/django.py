@@ -611,10 +611,11 @@ class _UserScope:
 
     Under ASGI the user is loaded without a blocking call on the event loop (:func:`_auser`):
     a ``request.user`` a middleware assigned is taken as it is; Django's own lazy user, not
-    yet loaded, is ``await request.auser()`` (the same session user); any other lazy object is
-    loaded in a worker thread. Never ``request.auser()`` otherwise: Django caches its first
-    answer, and neither ``alogin``/``alogout`` nor ``RemoteUserMiddleware`` update that cache
-    when they set ``request.user``."""
+    yet loaded, is the session's user, loaded with ``await request.auser()``; any other lazy
+    object is loaded in a worker thread. ``request.auser()``'s answer is never taken where
+    ``request.user`` may differ: Django caches its first answer, and neither
+    ``alogin``/``alogout`` nor ``RemoteUserMiddleware`` update that cache when they set
+    ``request.user`` (nor does a session flushed after it was asked)."""
 
     _META = "oncely.user_scope"
 
@@ -685,7 +686,17 @@ async def _auser(request: DjangoRequest) -> Any:
     if not isinstance(user, LazyObject) or user._wrapped is not empty:
         return user  # an object a middleware assigned, or a lazy one already loaded
     if _sessions_lazy_user(request, user):
-        return await request.auser()
+        # What the lazy object would give now (Django's get_user(request)): its cache, else
+        # the session's user, loaded by request.auser() unless that has an answer cached
+        # already (from before a session change, maybe: then loaded again, not cached).
+        known = vars(request)
+        if "_cached_user" in known:
+            return known["_cached_user"]
+        if "_acached_user" not in known:
+            return await request.auser()
+        from django.contrib.auth import aget_user  # type: ignore[import-untyped]
+
+        return await aget_user(request)
     return await sync_to_async(_loaded, thread_sensitive=True)(user)
 
 
