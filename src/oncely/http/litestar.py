@@ -295,7 +295,8 @@ class IdempotencyPlugin(InitPlugin):
         self.engine = Engine(config, _Resolver())
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        """Add the middleware (first: outermost), the refusal hook and the problem handler."""
+        """Add the middleware (outermost inside the authentication), the refusal hook and the
+        problem handler."""
         for middleware in app_config.middleware:
             kind = getattr(middleware, "middleware", middleware)  # DefineMiddleware
             if isinstance(middleware, _Middleware) or kind is asgi.IdempotencyMiddleware:
