@@ -477,3 +477,161 @@ def test_manage_py_oncely_from_the_command_line(tmp_path: Any) -> None:
     checked = manage("oncely", "check")
     assert checked.returncode == 0 and "reachable:" in checked.stdout, checked.stderr
     assert manage("check").returncode == 0  # the system checks pass on this project
+
+
+# -- scope_from_user: the user request.user holds, whoever set it ------------------------------
+@pytest.fixture(scope="module")
+def users() -> None:
+    """alice and bob in the user table of the default database."""
+    from django.contrib.auth import get_user_model
+    from django.core.management import call_command
+
+    call_command("migrate", "auth", verbosity=0)
+    for name in ("alice", "bob"):
+        get_user_model().objects.get_or_create(username=name)
+
+
+class CookielessClient(Client):
+    """A client keeping no cookies between requests: each sends only the ones given."""
+
+    def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        if self.face == "wsgi":
+            self.sync.cookies.clear()
+        return super().request(method, path, **kw)
+
+
+@contextmanager
+def users_app(face: str, middleware: list[str], store: MemoryStore) -> Iterator[Client]:
+    from http_apps import django_users
+
+    scope = "oncely.http.django.scope_from_user"
+    with override_settings(
+        **django_users.SETTINGS, MIDDLEWARE=middleware, ONCELY={"store": store, "scope": scope}
+    ):
+        yield CookielessClient(face)
+
+
+def _ids() -> dict[str, Any]:
+    from django.contrib.auth import get_user_model
+
+    return {
+        u.username: u.pk for u in get_user_model().objects.filter(username__in=["alice", "bob"])
+    }
+
+
+def _cookies(response: httpx.Response) -> str:
+    return "; ".join(f"{name}={value}" for name, value in response.cookies.items())
+
+
+#: How a client authenticates: Django's RemoteUserMiddleware (X-User), or a middleware
+#: setting request.user from a token (X-Token), a concrete user or a lazy one.
+AUTHS = pytest.mark.parametrize("auth", ["RemoteUser", "TokenUser", "LazyTokenUser"])
+
+
+def _auth(auth: str) -> tuple[list[str], str]:
+    """``(MIDDLEWARE, the header naming the user)`` for ``auth``."""
+    from http_apps import django_users
+
+    if auth == "RemoteUser":
+        return [*django_users.REMOTE, OURS], "X-User"
+    return [*django_users.SESSION, f"http_apps.django_users.{auth}", OURS], "X-Token"
+
+
+@FACES
+@AUTHS
+def test_a_request_authenticated_by_a_header_alone_is_not_refused(
+    face: str, auth: str, users: None
+) -> None:
+    """red team 14 F2: under ASGI the scope was ``await request.auser()``, Django's session
+    user (anonymous without a session), not the ``request.user`` the authentication
+    middleware set: the first request of a client authenticated by a header got 401
+    ``principal-missing``."""
+    middleware, header = _auth(auth)
+    with users_app(face, middleware, MemoryStore()) as client:
+        calls.clear()
+        k = {**key(), header: "bob"}
+        first = client.post("/pay", json={}, headers=k)
+        again = client.post("/pay", json={}, headers=k)
+    assert first.status_code == 201, first.content
+    assert first.json() == {"user": "bob", "n": 1}
+    assert again.headers["idempotent-replayed"] == "true" and again.json() == first.json()
+
+
+@FACES
+@AUTHS
+def test_a_user_set_over_another_users_session_keeps_its_own_key_space(
+    face: str, auth: str, users: None
+) -> None:
+    """red team 14 F2: bob, authenticated by a header while carrying alice's old session
+    cookie, ran as bob (``request.user``) but was stored under ``user:alice`` (Django's
+    cached ``request.auser()``, which neither RemoteUserMiddleware nor ``alogin`` update);
+    alice then sent the same key and got bob's response, replayed."""
+    middleware, header = _auth(auth)
+    store = MemoryStore()
+    with users_app(face, middleware, store) as client:
+        calls.clear()
+        if auth == "RemoteUser":  # alice's session, from her first request
+            signed_in = client.request("GET", "/pay", headers={header: "alice"})
+            as_alice = {header: "alice"}
+        else:
+            signed_in = client.request("GET", "/login?as=alice")
+            as_alice = {}
+        assert signed_in.json()["user"] == "alice"
+        alice = {"Cookie": _cookies(signed_in), **as_alice}
+        k = key()
+        bob = client.post("/pay", json={}, headers={**k, "Cookie": alice["Cookie"], header: "bob"})
+        mine = client.post("/pay", json={}, headers={**k, **alice})
+        bob_again = client.post("/pay", json={}, headers={**k, header: "bob"})
+    assert bob.status_code == 201 and bob.json()["user"] == "bob"
+    assert "idempotent-replayed" not in mine.headers  # alice never gets bob's response
+    assert mine.status_code == 201 and mine.json()["user"] == "alice"
+    assert bob_again.headers["idempotent-replayed"] == "true" and bob_again.json() == bob.json()
+    ids = _ids()
+    assert sorted(record.scope for record in store.list()) == sorted(
+        [f"http:user:{ids['bob']}", f"http:user:{ids['alice']}"]
+    )
+
+
+@FACES
+def test_the_scope_is_the_user_the_view_sees_after_a_session_flush(face: str, users: None) -> None:
+    """A middleware that asked ``await request.auser()`` then flushed the session: under ASGI
+    the view's ``request.user`` is anonymous while ``request.auser()`` still answers alice, so
+    the scope is not alice's (a 401 here); under WSGI ``request.user`` was loaded before the
+    flush and stays alice, who is the scope."""
+    from http_apps import django_users
+
+    middleware = [*django_users.SESSION, "http_apps.django_users.ExpireSession", OURS]
+    store = MemoryStore()
+    with users_app(face, middleware, store) as client:
+        calls.clear()
+        alice = {"Cookie": _cookies(client.request("GET", "/login?as=alice"))}
+        k = key()
+        made = client.post("/pay", json={}, headers={**k, **alice})
+        expired = client.post("/pay", json={}, headers={**k, **alice, "X-Expire": "1"})
+    assert made.status_code == 201 and made.json()["user"] == "alice"
+    if face == "asgi":
+        assert expired.status_code == 401, expired.content  # not alice's response, replayed
+        assert calls["pay"] == 1
+    else:
+        assert expired.headers["idempotent-replayed"] == "true"
+        assert expired.json() == made.json()
+
+
+@FACES
+def test_idempotent_view_alone_reads_the_session_user(face: str, users: None) -> None:
+    """``@idempotent_view`` on an async view without oncely's middleware, by user: the session
+    user is loaded without a blocking call on the event loop (it was a 500 under ASGI)."""
+    from http_apps import django_users
+
+    with users_app(face, django_users.SESSION, MemoryStore()) as client:
+        calls.clear()
+        alice = {"Cookie": _cookies(client.request("GET", "/login?as=alice"))}
+        k = key()
+        first = client.post("/apay", json={}, headers={**k, **alice})
+        again = client.post("/apay", json={}, headers={**k, **alice})
+        anonymous = client.post("/apay", json={}, headers=k)
+    assert first.status_code == 201, first.content
+    assert first.json()["user"] == "alice"
+    assert again.headers["idempotent-replayed"] == "true" and again.json() == first.json()
+    assert anonymous.status_code == 401
+    assert calls["apay"] == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from pathlib import Path
@@ -10,12 +11,20 @@ from typing import Any
 
 import httpx
 import pytest
-from litestar import Litestar, post
+from litestar import Litestar, Request, post
+from litestar.config.app import AppConfig
 from litestar.config.compression import CompressionConfig
+from litestar.connection import ASGIConnection
+from litestar.middleware import (
+    AbstractAuthenticationMiddleware,
+    AuthenticationResult,
+    DefineMiddleware,
+)
+from litestar.plugins import InitPlugin
 from litestar.testing import TestClient
 
 from oncely.errors import ConfigurationError
-from oncely.http import GLOBAL, IdempotencyConfig, IdempotencyMiddleware
+from oncely.http import GLOBAL, IdempotencyConfig, IdempotencyMiddleware, scope_from_user
 from oncely.http.litestar import IdempotencyPlugin
 from oncely.stores.memory import MemoryStore
 from test_http_servers import fire, hang_up_and_retry, running, server_env
@@ -213,3 +222,93 @@ def test_a_handler_without_its_function_fails_closed() -> None:
 
     with pytest.raises(ConfigurationError, match="cannot tell whether a handler ran"):
         _watch(Handler())
+
+
+# -- scope_from_user: the user the app's authentication set ----------------------------------
+@dataclasses.dataclass
+class LitestarUser:
+    id: str
+
+
+class HeaderAuth(AbstractAuthenticationMiddleware):
+    """Litestar authentication: the user the ``X-User`` header names (none without it)."""
+
+    async def authenticate_request(self, connection: ASGIConnection[Any, Any, Any, Any]) -> Any:
+        name = connection.headers.get("x-user")
+        return AuthenticationResult(user=LitestarUser(name) if name else None, auth=None)
+
+
+@post("/whoami", status_code=201)
+async def whoami(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    calls["whoami"] = calls.get("whoami", 0) + 1
+    return {"user": request.user.id if request.user else None, "n": calls["whoami"]}
+
+
+def _with_auth(where: str, plugin: IdempotencyPlugin, handlers: list[Any]) -> Litestar:
+    """An app authenticating with :class:`HeaderAuth` set up ``where``."""
+    auth = DefineMiddleware(HeaderAuth)
+    if where == "middleware":
+        return Litestar(handlers, middleware=[auth], plugins=[plugin])
+    if where == "middleware-class":
+        return Litestar(handlers, middleware=[HeaderAuth], plugins=[plugin])
+
+    def insert(config: AppConfig) -> AppConfig:  # as a security backend's on_app_init does
+        config.middleware.insert(0, auth)
+        return config
+
+    if where == "on_app_init":
+        return Litestar(handlers, on_app_init=[insert], plugins=[plugin])
+
+    class AuthPlugin(InitPlugin):
+        def on_app_init(self, app_config: AppConfig) -> AppConfig:
+            return insert(app_config)
+
+    return Litestar(handlers, plugins=[plugin, AuthPlugin()])  # "plugin-after"
+
+
+@pytest.mark.parametrize("where", ["middleware", "middleware-class", "on_app_init", "plugin-after"])
+@pytest.mark.parametrize("anonymous", ["refuse", "share"])
+def test_scope_from_user_reads_the_user_litestar_authenticated(where: str, anonymous: Any) -> None:
+    """The plugin put its middleware first (outermost), before the app's authentication
+    middleware, so scope_from_user never saw a user: every keyed request got 401, or with
+    anonymous="share" every client shared one key space (bob got alice's response). It now
+    goes inside the authentication."""
+    config = IdempotencyConfig(store=MemoryStore(), scope=scope_from_user(anonymous=anonymous))
+    calls.clear()
+    with TestClient(_with_auth(where, IdempotencyPlugin(config), [whoami])) as c:
+        k = key()
+        alice = c.post("/whoami", headers={**k, "X-User": "alice"})
+        bob = c.post("/whoami", headers={**k, "X-User": "bob"})
+        alice_again = c.post("/whoami", headers={**k, "X-User": "alice"})
+        nobody = c.post("/whoami", headers=key())
+    assert alice.status_code == 201, alice.text
+    assert alice.json() == {"user": "alice", "n": 1}
+    assert "idempotent-replayed" not in bob.headers and bob.json() == {"user": "bob", "n": 2}
+    assert alice_again.headers["idempotent-replayed"] == "true"
+    assert alice_again.json() == alice.json()
+    assert nobody.status_code == (401 if anonymous == "refuse" else 201)
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """``error`` and the exceptions it groups, recursively."""
+    found = [error]
+    for inner in getattr(error, "exceptions", ()):
+        found += _chain(inner)
+    return found
+
+
+def test_authentication_inside_the_plugin_is_refused_at_start_up() -> None:
+    """A route's own authentication middleware runs inside the plugin's, after the scope was
+    read: with scope_from_user the app refuses to start."""
+    guarded = post("/pay", middleware=[DefineMiddleware(HeaderAuth)], status_code=201)(whoami.fn)
+    config = IdempotencyConfig(store=MemoryStore(), scope=scope_from_user())
+    app = Litestar([guarded], plugins=[IdempotencyPlugin(config)])
+    with pytest.raises(BaseException) as caught, TestClient(app):
+        pass  # the start-up fails (the error arrives in an exception group)
+    assert any(
+        isinstance(e, ConfigurationError) and "'HeaderAuth' authenticates /pay inside" in str(e)
+        for e in _chain(caught.value)
+    )
+    ok = IdempotencyConfig(store=MemoryStore(), scope=GLOBAL)  # the scope reads no user
+    with TestClient(Litestar([guarded], plugins=[IdempotencyPlugin(ok)])) as c:
+        assert c.post("/pay", headers={**key(), "X-User": "a"}).status_code == 201

@@ -40,7 +40,9 @@ class Tokens(AuthenticationBackend):
         return None if user is None else (AuthCredentials(["authenticated"]), SimpleUser(user))
 
 
-def _app(tmp_path: Path, scope: ScopeFunction) -> tuple[TestClient, list[str]]:
+def _app(
+    tmp_path: Path, scope: ScopeFunction, *, auth_inside: bool = False
+) -> tuple[TestClient, list[str]]:
     effects: list[str] = []
     app = FastAPI()
 
@@ -51,8 +53,11 @@ def _app(tmp_path: Path, scope: ScopeFunction) -> tuple[TestClient, list[str]]:
         return {"ref": body["ref"]}
 
     config = IdempotencyConfig(store=f"sqlite:///{tmp_path / 'http.db'}", scope=scope)
+    if auth_inside:  # the wrong order: authentication after the scope was read
+        app.add_middleware(AuthenticationMiddleware, backend=Tokens())
     app.add_middleware(IdempotencyMiddleware, config=config)
-    app.add_middleware(AuthenticationMiddleware, backend=Tokens())  # added last: runs first
+    if not auth_inside:
+        app.add_middleware(AuthenticationMiddleware, backend=Tokens())  # added last: runs first
     return TestClient(app, raise_server_exceptions=False), effects
 
 
@@ -117,6 +122,25 @@ def test_anonymous_share_is_explicit(tmp_path: Path) -> None:
     assert _pay(client, key, None).status_code == 201
     assert _pay(client, key, None).headers.get("idempotent-replayed") == "true"
     assert effects == [key]
+
+
+@pytest.mark.parametrize("anonymous", ["refuse", "share"])
+def test_authentication_inside_the_middleware_is_refused_at_start_up(
+    tmp_path: Path, anonymous: Any
+) -> None:
+    """Starlette's AuthenticationMiddleware added before oncely's runs inside it, after the
+    scope was read: every client was anonymous, refused with 401, or with anonymous="share"
+    one key space for all (bob got alice's response). The app now refuses to start."""
+    client, effects = _app(
+        tmp_path, scope_from_user("username", anonymous=anonymous), auth_inside=True
+    )
+    refused = pytest.raises(ConfigurationError, match="AuthenticationMiddleware runs inside")
+    with refused, client:  # the lifespan: start-up fails
+        pass
+    key = uuid.uuid4().hex
+    alice = _pay(client, key, "Bearer access-v1")
+    bob = _pay(client, key, "Bearer other")  # without a lifespan: each request fails
+    assert (alice.status_code, bob.status_code) == (500, 500) and effects == []
 
 
 def test_request_state_user_and_bad_settings(tmp_path: Path) -> None:

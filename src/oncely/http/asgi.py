@@ -31,6 +31,7 @@ from oncely.core.ops import Complete, CompleteLater, Release, Sleep, Watch
 from oncely.core.ops import aperform as store_aperform
 from oncely.core.records import New
 from oncely.errors import ConfigurationError, HttpProblem, OncelyError
+from oncely.http import scopes
 from oncely.http.config import IdempotencyConfig
 from oncely.http.engine import Engine
 from oncely.http.flow import (
@@ -87,6 +88,7 @@ INSTALLED_TWICE = (
 #: Compressing middleware that must wrap the idempotency middleware, not run inside it.
 _COMPRESSORS = ("GZipMiddleware", "BrotliMiddleware", "CompressMiddleware")
 _MAX_DEPTH = 32
+_STARLETTE_AUTH = "starlette.middleware.authentication.AuthenticationMiddleware"
 
 
 def stack_below(app: Any) -> Iterator[Any]:
@@ -101,15 +103,35 @@ def stack_below(app: Any) -> Iterator[Any]:
         node = stack if stack is not None else getattr(node, "app", None)
 
 
-def stack_problem(app: Any) -> str | None:
+def reads_principal(config: IdempotencyConfig) -> bool:
+    """The scope (or the tokens' subject) is :func:`~oncely.http.scopes.scope_from_user`'s."""
+    guard = config.tokens
+    subject = guard.subject if guard is not None else None
+    return scopes.reads_principal(config.scope) or scopes.reads_principal(subject)
+
+
+def stack_problem(app: Any, config: IdempotencyConfig | None = None) -> str | None:
     """What is wrong with the ASGI stack below an idempotency middleware
-    (:func:`stack_below`): another idempotency middleware, or a compressing one (whose output
+    (:func:`stack_below`): another idempotency middleware, a compressing one (whose output
     would be stored for the first client's ``Accept-Encoding`` and replayed compressed to
-    clients that may not accept it)."""
+    clients that may not accept it), or, when ``config`` scopes by the principal, Starlette's
+    ``AuthenticationMiddleware`` (which would set the user after the scope was read)."""
+    principal = config is not None and reads_principal(config)
     for node in stack_below(app):
         if isinstance(node, IdempotencyMiddleware):
             return INSTALLED_TWICE
         name = type(node).__name__
+        if principal and any(
+            f"{k.__module__}.{k.__qualname__}" == _STARLETTE_AUTH for k in type(node).__mro__
+        ):
+            return (
+                f"{name} runs inside IdempotencyMiddleware, but scope_from_user reads the user "
+                "it sets before the key is claimed: every keyed request would be refused with "
+                "401 principal-missing (or, with anonymous='share', every client would share "
+                f"one key space); let {name} wrap IdempotencyMiddleware (app.add_middleware "
+                f"puts each new middleware outside the ones already added: add {name} after "
+                "IdempotencyMiddleware)"
+            )
         if name in _COMPRESSORS:
             return (
                 f"{name} runs inside IdempotencyMiddleware: responses would be stored "
@@ -180,7 +202,7 @@ class IdempotencyMiddleware:
         self._detect = resolver is None
         #: What is wrong with the stack below (found when the middleware is built); the app
         #: then refuses to start (ASGI lifespan) instead of misbehaving on requests.
-        self._problem: str | None = stack_problem(app)
+        self._problem: str | None = stack_problem(app, config)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._detect:

@@ -65,6 +65,7 @@ from django.http import HttpRequest as DjangoRequest  # type: ignore[import-unty
 from django.http import HttpResponse as DjangoResponse
 from django.http.request import RawPostDataException  # type: ignore[import-untyped]
 from django.urls import Resolver404, get_resolver, resolve  # type: ignore[import-untyped]
+from django.utils.functional import LazyObject, empty  # type: ignore[import-untyped]
 from django.utils.module_loading import import_string  # type: ignore[import-untyped]
 
 from oncely.core.cancelsafe import keep_alive
@@ -108,7 +109,9 @@ log = logging.getLogger("oncely.http")
 
 _PATH = "oncely.http.django.ViewStartMiddleware"
 MIDDLEWARE_PATH = "oncely.http.django.IdempotencyMiddleware"
-_AUTH_PATH = "django.contrib.auth.middleware.AuthenticationMiddleware"
+_AUTH_MODULE = "django.contrib.auth.middleware"
+_AUTH_PATH = f"{_AUTH_MODULE}.AuthenticationMiddleware"
+_AUTH_SETUP = "AuthenticationMiddleware.process_request.<locals>."
 
 F = TypeVar("F", bound=Callable[..., Any])
 _METHODS = ("post", "put", "patch", "delete", "get", "dispatch")
@@ -595,14 +598,24 @@ def _scope_functions(config: IdempotencyConfig) -> list[Any]:
 
 
 class _UserScope:
-    """``scope=`` by the authenticated Django user (``request.user``, set by Django's
-    ``AuthenticationMiddleware``, which must come before oncely's): ``"user:<pk>"``. An
-    anonymous user is refused with a 401 ``principal-missing`` problem before anything is
-    claimed or run (:func:`oncely.http.scopes.principal_missing`: one key space shared by every
-    anonymous client would let one replay or block another's operation), or, with
+    """``scope=`` by the authenticated Django user: ``"user:<pk>"``. The user is the one
+    ``request.user`` holds when oncely's middleware runs (last: after every other middleware),
+    which is the user the view sees — the one ``AuthenticationMiddleware`` loads from the
+    session, or the one a later middleware set (``RemoteUserMiddleware``, a token or JWT
+    middleware, ``login()``/``logout()``). An anonymous user is refused with a 401
+    ``principal-missing`` problem before anything is claimed or run
+    (:func:`oncely.http.scopes.principal_missing`: one key space shared by every anonymous
+    client would let one replay or block another's operation), or, with
     ``anonymous="share"`` (:data:`scope_from_user_or_anonymous`), falls in the anonymous scope
-    ``"-"``. The user id is not secret, so it is stored as it is. Under ASGI the user is loaded
-    with ``await request.auser()``."""
+    ``"-"``. The user id is not secret, so it is stored as it is.
+
+    Under ASGI the user is loaded without a blocking call on the event loop (:func:`_auser`):
+    a ``request.user`` a middleware assigned is taken as it is; Django's own lazy user, not
+    yet loaded, is the session's user, loaded with ``await request.auser()``; any other lazy
+    object is loaded in a worker thread. ``request.auser()``'s answer is never taken where
+    ``request.user`` may differ: Django caches its first answer, and neither
+    ``alogin``/``alogout`` nor ``RemoteUserMiddleware`` update that cache when they set
+    ``request.user`` (nor does a session flushed after it was asked)."""
 
     _META = "oncely.user_scope"
 
@@ -615,13 +628,7 @@ class _UserScope:
         if meta is not None and self._META in meta:
             value: str | None = meta[self._META]
         else:
-            user = getattr(django_request, "user", None)
-            if user is None:
-                raise ConfigurationError(
-                    "scope_from_user reads request.user, which is not set: list "
-                    f"{_AUTH_PATH!r} before {MIDDLEWARE_PATH!r} in settings.MIDDLEWARE"
-                )
-            value = self._of(user)
+            value = self._of(_user(django_request))
         if value is None and self._anonymous == "refuse":
             raise principal_missing(request)
         return value
@@ -632,14 +639,70 @@ class _UserScope:
 
     async def aprepare(self, request: DjangoRequest) -> None:
         """Load the user without blocking the event loop (before the flow reads the scope)."""
-        auser = getattr(request, "auser", None)
-        if auser is not None:
-            request.META[self._META] = self._of(await auser())
+        request.META[self._META] = self._of(await _auser(request))
 
     def __repr__(self) -> str:
         if self._anonymous == "share":
             return "oncely.http.django.scope_from_user_or_anonymous"
         return "oncely.http.django.scope_from_user"
+
+
+def _user(request: DjangoRequest) -> Any:
+    """``request.user``: the user the view sees (evaluating it may query the database)."""
+    user = getattr(request, "user", None)
+    if user is None:
+        raise ConfigurationError(
+            "scope_from_user reads request.user, which is not set: list "
+            f"{_AUTH_PATH!r} before {MIDDLEWARE_PATH!r} in settings.MIDDLEWARE"
+        )
+    return user
+
+
+def _loaded(user: Any) -> Any:
+    """Evaluate a lazy ``user`` (in a worker thread: it may query the database)."""
+    bool(user.is_authenticated)
+    return user
+
+
+def _sessions_lazy_user(request: DjangoRequest, user: Any) -> bool:
+    """``user`` is still the lazy object ``AuthenticationMiddleware`` put in ``request.user``
+    and ``request.auser`` still its companion, so ``await request.auser()`` is the same user
+    (both read the session). Checked by name: the auth app need not be importable."""
+    setup = object.__getattribute__(user, "__dict__").get("_setupfunc")
+    auser = getattr(request, "auser", None)
+    return (
+        getattr(setup, "__module__", None) == _AUTH_MODULE
+        and str(getattr(setup, "__qualname__", "")).startswith(_AUTH_SETUP)
+        and isinstance(auser, functools.partial)
+        and getattr(auser.func, "__module__", None) == _AUTH_MODULE
+        and getattr(auser.func, "__qualname__", None) == "auser"
+        and auser.args == (request,)
+    )
+
+
+async def _auser(request: DjangoRequest) -> Any:
+    """:func:`_user` without a blocking call on the event loop: the same user."""
+    user = _user(request)
+    if not isinstance(user, LazyObject) or user._wrapped is not empty:
+        return user  # an object a middleware assigned, or a lazy one already loaded
+    if _sessions_lazy_user(request, user):
+        # What the lazy object would give now (Django's get_user(request)): its cache, else
+        # the session's user, loaded by request.auser() unless that has an answer cached
+        # already (from before a session change, maybe: then loaded again, not cached).
+        known = vars(request)
+        if "_cached_user" in known:
+            return known["_cached_user"]
+        if "_acached_user" not in known:
+            return await request.auser()
+        from django.contrib.auth import aget_user  # type: ignore[import-untyped]
+
+        return await aget_user(request)
+    return await sync_to_async(_loaded, thread_sensitive=True)(user)
+
+
+async def _aprepare(functions: Sequence[Any], request: DjangoRequest) -> None:
+    for function in functions:
+        await function.aprepare(request)
 
 
 #: ``scope=scope_from_user``: one key space per authenticated Django user, anonymous requests
@@ -799,8 +862,7 @@ class IdempotencyMiddleware:
     async def __acall__(self, request: DjangoRequest) -> Any:
         if self._passes(request):
             return await self.get_response(request)
-        for function in self._prepare:
-            await function.aprepare(request)
+        await _aprepare(self._prepare, request)
         return await _Exchange(self.engine, request, self.get_response, is_async=True).start()
 
     def process_view(self, request: DjangoRequest, view: Any, args: Any, kwargs: Any) -> None:
@@ -846,6 +908,7 @@ def idempotent_view(
 
             config = idempotency_config()
         engine = Engine(config, lambda raw: marker)
+        prepare = [f for f in _scope_functions(config) if hasattr(f, "aprepare")]
 
         if iscoroutinefunction(function):
 
@@ -858,6 +921,7 @@ def idempotent_view(
                 async def call(request: DjangoRequest) -> Any:
                     return await function(request, *args, **kwargs)
 
+                await _aprepare(prepare, request)
                 return await _Exchange(engine, request, call, is_async=True).start()
 
             wrapper: Any = awrapper

@@ -21,7 +21,11 @@
 The plugin (a :class:`~litestar.plugins.InitPlugin`) adds an
 :class:`~litestar.middleware.ASGIMiddleware` that drives the same sans-IO
 :func:`~oncely.http.flow.request_flow` as every other face (:func:`oncely.http.asgi.serve`),
-outermost among the app's middleware. Litestar runs
+outermost among the app's middleware but inside its authentication (an
+``AbstractAuthenticationMiddleware``, a ``litestar.security`` backend's middleware), so that
+``scope_from_user`` reads the user Litestar authenticated (``scope["user"]``). With
+``scope_from_user`` the app refuses to start when a router, controller or route handler
+authenticates (its middleware would run after the scope was read). Litestar runs
 middleware after routing, so a request with no route (404) or another method (405) never
 reaches it. Per route, the handler's ``opt["idempotency"]`` (a :class:`~oncely.http.routes.Rule`,
 a mapping of its options, or ``False``) or ``@idempotent_route`` under the route decorator
@@ -57,11 +61,11 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from litestar import Request, Response, route
+from litestar import Litestar, Request, Response, route
 from litestar.config.app import AppConfig
 from litestar.enums import ScopeType
 from litestar.exceptions import HTTPException
-from litestar.middleware import ASGIMiddleware
+from litestar.middleware import AbstractAuthenticationMiddleware, ASGIMiddleware
 from litestar.plugins import InitPlugin
 from litestar.types import ASGIApp, Receive, Scope, Send
 
@@ -201,6 +205,53 @@ def _token_endpoint(path: str) -> Any:
     )
 
 
+_SECURITY = "litestar.security."
+
+
+def _authenticates(middleware: Any) -> bool:
+    """``middleware`` (an entry of a ``middleware`` list: a class, an instance or a
+    ``DefineMiddleware``) sets the request's user: a Litestar authentication middleware
+    (``AbstractAuthenticationMiddleware``) or a security backend's (``JWTAuth``,
+    ``SessionAuth``: ``litestar.security``)."""
+    kind = getattr(middleware, "middleware", middleware)  # DefineMiddleware
+    if not isinstance(kind, type):
+        kind = type(kind)
+    return issubclass(kind, AbstractAuthenticationMiddleware) or any(
+        k.__module__.startswith(_SECURITY) for k in kind.__mro__
+    )
+
+
+def _after_authentication(middleware: list[Any]) -> int:
+    """Where the plugin's middleware goes in the app's ``middleware``: just inside the last
+    authentication middleware, else first (outermost)."""
+    return max((i + 1 for i, m in enumerate(middleware) if _authenticates(m)), default=0)
+
+
+def _check_authentication(ours: _Middleware, app: Litestar) -> None:
+    """At start-up, for ``scope_from_user``: no route authenticates inside the plugin's
+    middleware (a router's, controller's or handler's authentication middleware runs after it,
+    when the scope was already read: every request would be anonymous)."""
+    for app_route in app.routes:
+        for handler in getattr(app_route, "route_handlers", ()):
+            inside = False
+            for layer in handler.ownership_layers:
+                for middleware in getattr(layer, "middleware", None) or ():
+                    if middleware is ours:
+                        inside = True
+                    elif (inside or layer is not app) and _authenticates(middleware):
+                        name = getattr(middleware, "middleware", middleware)
+                        raise ConfigurationError(
+                            f"{getattr(name, '__name__', name)!r} authenticates "
+                            f"{app_route.path} inside oncely's idempotency middleware (on a "
+                            "router, controller or route handler, or after the plugin in the "
+                            "app's middleware), but scope_from_user reads the user it sets "
+                            "before the key is claimed: every keyed request would be refused "
+                            "with 401 principal-missing (or, with anonymous='share', every "
+                            "client would share one key space); authenticate in the app's "
+                            "middleware (or with a security backend's on_app_init)"
+                        )
+
+
 class _Middleware(ASGIMiddleware):
     """The plugin's middleware: :func:`oncely.http.asgi.serve` with the plugin's engine."""
 
@@ -244,7 +295,8 @@ class IdempotencyPlugin(InitPlugin):
         self.engine = Engine(config, _Resolver())
 
     def on_app_init(self, app_config: AppConfig) -> AppConfig:
-        """Add the middleware (first: outermost), the refusal hook and the problem handler."""
+        """Add the middleware (outermost inside the authentication), the refusal hook and the
+        problem handler."""
         for middleware in app_config.middleware:
             kind = getattr(middleware, "middleware", middleware)  # DefineMiddleware
             if isinstance(middleware, _Middleware) or kind is asgi.IdempotencyMiddleware:
@@ -262,7 +314,12 @@ class IdempotencyPlugin(InitPlugin):
                 "drop compression_config and compress outside the app (at the proxy, or "
                 "app = starlette.middleware.gzip.GZipMiddleware(app))"
             )
-        app_config.middleware.insert(0, _Middleware(self.engine))
+        middleware = _Middleware(self.engine)
+        # Outermost, but inside the app's authentication (scope_from_user reads the user it
+        # sets): an authentication middleware a later plugin inserts first wraps it too.
+        app_config.middleware.insert(_after_authentication(app_config.middleware), middleware)
+        if asgi.reads_principal(self.config):
+            app_config.on_startup.append(functools.partial(_check_authentication, middleware))
         guard = self.config.tokens
         if guard is not None and guard.endpoint is not None:
             app_config.route_handlers.append(_token_endpoint(guard.endpoint))

@@ -230,6 +230,13 @@ class _UserScope:
         return f"<scope from the user's {self._attribute}>"
 
 
+def reads_principal(function: object) -> bool:
+    """``function`` (a ``scope=`` or ``subject=``) is :func:`scope_from_user`'s: it reads the
+    principal an authentication layer attached to the request, so that layer must run before
+    the idempotency middleware."""
+    return isinstance(function, _UserScope)
+
+
 def scope_from_user(
     attribute: str = "id", *, anonymous: Literal["refuse", "share"] = "refuse"
 ) -> ScopeFunction:
