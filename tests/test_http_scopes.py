@@ -206,3 +206,121 @@ def test_wsgi_remote_user(tmp_path: Path) -> None:
         )
         assert r.status_code == 201
     assert effects == ["user-7"]
+
+
+def _placed(placement: str, middleware: Any) -> Any:
+    """An app whose ``POST /api/pay`` runs ``middleware`` (a Starlette ``Middleware``) below
+    the app level: on a Mount, on a Route, in a mounted Starlette or FastAPI app, or in a
+    FastAPI app whose route came from an APIRouter and whose middleware wraps the mount."""
+    from fastapi import APIRouter
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    async def pay(request: Any) -> Any:
+        return PlainTextResponse("x" * 5000, status_code=201)
+
+    if placement == "mount":
+        return Starlette(
+            routes=[
+                Mount(
+                    "/api", routes=[Route("/pay", pay, methods=["POST"])], middleware=[middleware]
+                )
+            ]
+        )
+    if placement == "route":
+        return Starlette(routes=[Route("/api/pay", pay, methods=["POST"], middleware=[middleware])])
+    if placement == "starlette-subapp":
+        sub = Starlette(routes=[Route("/pay", pay, methods=["POST"])], middleware=[middleware])
+        return Starlette(routes=[Mount("/api", app=sub)])
+    if placement == "fastapi-subapp":
+        router = APIRouter()
+        router.add_api_route("/pay", pay, methods=["POST"], status_code=201)
+        inner = FastAPI()
+        inner.include_router(router)
+        inner.add_middleware(middleware.cls, *middleware.args, **middleware.kwargs)
+        outer = FastAPI()
+        outer.mount("/api", inner)
+        return outer
+    assert placement == "nested-mount"
+    deep = Mount("/pay", routes=[Route("/", pay, methods=["POST"])], middleware=[middleware])
+    return Starlette(routes=[Mount("/api", routes=[deep])])
+
+
+PLACEMENTS = ["mount", "route", "starlette-subapp", "fastapi-subapp", "nested-mount"]
+
+
+@pytest.mark.parametrize("anonymous", ["refuse", "share"])
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_authentication_on_a_route_or_mounted_app_is_refused_at_start_up(
+    placement: str, anonymous: Any
+) -> None:
+    """redteam15: an AuthenticationMiddleware on a Mount, a Route or in a mounted app runs
+    inside oncely's too (after the scope was read): it was not refused, and with
+    anonymous="share" bob got alice's stored response. The whole routing tree is checked."""
+    from starlette.middleware import Middleware
+
+    app = _placed(placement, Middleware(AuthenticationMiddleware, backend=Tokens()))
+    config = IdempotencyConfig(
+        store="memory://", scope=scope_from_user("username", anonymous=anonymous)
+    )
+    app.add_middleware(IdempotencyMiddleware, config=config)
+    client = TestClient(app, raise_server_exceptions=False)
+    refused = pytest.raises(ConfigurationError, match="AuthenticationMiddleware runs inside")
+    with refused, client:  # the lifespan: start-up fails
+        pass
+    headers = {"Idempotency-Key": '"rt15"', "Authorization": "Bearer access-v1"}
+    alice = client.post("/api/pay", content=b"{}", headers=headers)
+    headers["Authorization"] = "Bearer other"
+    bob = client.post("/api/pay", content=b"{}", headers=headers)
+    assert (alice.status_code, bob.status_code) == (500, 500)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_compression_on_a_route_or_mounted_app_is_refused_at_start_up(placement: str) -> None:
+    """redteam15: a GZipMiddleware on a Mount (or a Route, a mounted app) compressed the
+    response before oncely stored it, and the gzip body was replayed to a client that sent
+    ``Accept-Encoding: identity``. The same walker as for authentication finds it."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.gzip import GZipMiddleware
+
+    from oncely.http import GLOBAL
+
+    app = _placed(placement, Middleware(GZipMiddleware, minimum_size=100))
+    config = IdempotencyConfig(store="memory://", scope=GLOBAL)
+    app.add_middleware(IdempotencyMiddleware, config=config)
+    client = TestClient(app, raise_server_exceptions=False)
+    with pytest.raises(ConfigurationError, match="GZipMiddleware runs inside"), client:
+        pass
+    headers = {"Idempotency-Key": '"rt15"', "Accept-Encoding": "gzip"}
+    first = client.post("/api/pay", content=b"{}", headers=headers)
+    headers["Accept-Encoding"] = "identity"
+    second = client.post("/api/pay", content=b"{}", headers=headers)
+    assert (first.status_code, second.status_code) == (500, 500)
+    assert "content-encoding" not in second.headers
+
+
+def test_a_well_ordered_app_with_mounts_starts() -> None:
+    """Authentication and compression outside oncely's, mounts and routes below: it starts
+    and each user keeps their key space."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.gzip import GZipMiddleware
+
+    app = _placed("mount", Middleware(_Noop))
+    config = IdempotencyConfig(store="memory://", scope=scope_from_user("username"))
+    app.add_middleware(IdempotencyMiddleware, config=config)
+    app.add_middleware(AuthenticationMiddleware, backend=Tokens())
+    app.add_middleware(GZipMiddleware, minimum_size=100)
+    with TestClient(app) as client:
+        headers = {"Idempotency-Key": '"ok"', "Authorization": "Bearer access-v1"}
+        assert client.post("/api/pay", content=b"{}", headers=headers).status_code == 201
+        again = client.post("/api/pay", content=b"{}", headers=headers)
+        assert again.headers.get("idempotent-replayed") == "true"
+
+
+class _Noop:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await self.app(scope, receive, send)

@@ -63,6 +63,7 @@ __all__ = [
     "serve",
     "stack_below",
     "stack_problem",
+    "tree_below",
 ]
 
 log = logging.getLogger("oncely.http")
@@ -88,6 +89,7 @@ INSTALLED_TWICE = (
 #: Compressing middleware that must wrap the idempotency middleware, not run inside it.
 _COMPRESSORS = ("GZipMiddleware", "BrotliMiddleware", "CompressMiddleware")
 _MAX_DEPTH = 32
+_MAX_NODES = 100_000
 _STARLETTE_AUTH = "starlette.middleware.authentication.AuthenticationMiddleware"
 
 
@@ -103,6 +105,37 @@ def stack_below(app: Any) -> Iterator[Any]:
         node = stack if stack is not None else getattr(node, "app", None)
 
 
+def tree_below(app: Any) -> Iterator[Any]:
+    """``app`` and everything that runs inside it for some request: the middleware below it
+    (``.app``, a built ``middleware_stack``, or, before it is built, the classes of a
+    Starlette app's ``user_middleware``), its router, and, through every route of every
+    router (``Router.routes``, ``Mount``, ``Host``, ``Route``, FastAPI's ``APIRouter``
+    routes included with ``include_router``), what the route runs: the middleware given to a
+    ``Mount``/``Route`` and mounted apps with their own middleware, recursively. A middleware
+    not built yet is yielded as its class. Routes added after start-up are not seen."""
+    seen: set[int] = set()
+    todo = [app]
+    while todo and len(seen) < _MAX_NODES:
+        node = todo.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        yield node
+        if isinstance(node, type):
+            continue
+        below: list[Any] = []
+        stack = getattr(node, "middleware_stack", None)
+        below.append(stack if stack is not None else getattr(node, "app", None))
+        if stack is None:  # a Starlette app not started yet: its middleware, by class
+            for middleware in getattr(node, "user_middleware", None) or ():
+                below.append(getattr(middleware, "cls", None))
+        below.append(getattr(node, "router", None))
+        routes = getattr(node, "routes", None)
+        if isinstance(routes, (list, tuple)):
+            below.extend(getattr(route, "app", None) for route in routes)
+        todo.extend(reversed(below))
+
+
 def reads_principal(config: IdempotencyConfig) -> bool:
     """The scope (or the tokens' subject) is :func:`~oncely.http.scopes.scope_from_user`'s."""
     guard = config.tokens
@@ -110,35 +143,45 @@ def reads_principal(config: IdempotencyConfig) -> bool:
     return scopes.reads_principal(config.scope) or scopes.reads_principal(subject)
 
 
+_WHERE = (
+    "(in the app's middleware below it, on a Mount or a Route, or in a mounted app: all run "
+    "inside it)"
+)
+
+
 def stack_problem(app: Any, config: IdempotencyConfig | None = None) -> str | None:
-    """What is wrong with the ASGI stack below an idempotency middleware
-    (:func:`stack_below`): another idempotency middleware, a compressing one (whose output
-    would be stored for the first client's ``Accept-Encoding`` and replayed compressed to
-    clients that may not accept it), or, when ``config`` scopes by the principal, Starlette's
-    ``AuthenticationMiddleware`` (which would set the user after the scope was read)."""
+    """What is wrong with what runs inside an idempotency middleware (:func:`tree_below`:
+    the middleware below it and the whole routing tree): another idempotency middleware, a
+    compressing one (whose output would be stored for the first client's
+    ``Accept-Encoding`` and replayed compressed to clients that may not accept it), or, when
+    ``config`` scopes by the principal, Starlette's ``AuthenticationMiddleware`` (which would
+    set the user after the scope was read)."""
     principal = config is not None and reads_principal(config)
-    for node in stack_below(app):
-        if isinstance(node, IdempotencyMiddleware):
+    for node in tree_below(app):
+        kind = node if isinstance(node, type) else type(node)
+        if issubclass(kind, IdempotencyMiddleware):
             return INSTALLED_TWICE
-        name = type(node).__name__
+        name = kind.__name__
         if principal and any(
-            f"{k.__module__}.{k.__qualname__}" == _STARLETTE_AUTH for k in type(node).__mro__
+            f"{k.__module__}.{k.__qualname__}" == _STARLETTE_AUTH for k in kind.__mro__
         ):
             return (
-                f"{name} runs inside IdempotencyMiddleware, but scope_from_user reads the user "
-                "it sets before the key is claimed: every keyed request would be refused with "
-                "401 principal-missing (or, with anonymous='share', every client would share "
-                f"one key space); let {name} wrap IdempotencyMiddleware (app.add_middleware "
-                f"puts each new middleware outside the ones already added: add {name} after "
-                "IdempotencyMiddleware)"
+                f"{name} runs inside IdempotencyMiddleware {_WHERE}, but scope_from_user reads "
+                "the user it sets before the key is claimed: every keyed request would be "
+                "refused with 401 principal-missing (or, with anonymous='share', every client "
+                f"would share one key space); let {name} wrap IdempotencyMiddleware: add it to "
+                "the app itself, after IdempotencyMiddleware (app.add_middleware puts each new "
+                "middleware outside the ones already added), not to a Mount, a Route or a "
+                "mounted app"
             )
         if name in _COMPRESSORS:
             return (
-                f"{name} runs inside IdempotencyMiddleware: responses would be stored "
+                f"{name} runs inside IdempotencyMiddleware {_WHERE}: responses would be stored "
                 "compressed for the first client's Accept-Encoding and replayed compressed to "
-                f"clients that may not accept it; let {name} wrap IdempotencyMiddleware "
-                "(app.add_middleware puts each new middleware outside the ones already added: "
-                f"add {name} after IdempotencyMiddleware)"
+                f"clients that may not accept it; let {name} wrap IdempotencyMiddleware: add "
+                "it to the app itself, after IdempotencyMiddleware (app.add_middleware puts "
+                "each new middleware outside the ones already added), not to a Mount, a Route "
+                "or a mounted app"
             )
     return None
 
@@ -200,11 +243,16 @@ class IdempotencyMiddleware:
         self.app = app
         self.engine = Engine(config, resolver)
         self._detect = resolver is None
-        #: What is wrong with the stack below (found when the middleware is built); the app
-        #: then refuses to start (ASGI lifespan) instead of misbehaving on requests.
-        self._problem: str | None = stack_problem(app, config)
+        #: What is wrong with what runs inside (:func:`stack_problem`), found on the first
+        #: call (the lifespan's start-up, or the first request): by then the app's middleware
+        #: and routes are in place. The app then refuses to start instead of misbehaving.
+        self._problem: str | None = None
+        self._checked = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._checked:
+            self._checked = True
+            self._problem = stack_problem(self.app, self.engine.config)
         if self._detect:
             self._detect_framework(scope)
         outer = scope.get(OUTER_KEY)
