@@ -29,6 +29,7 @@ pytestmark = pytest.mark.timeout(60)
 CSRF = "django.middleware.csrf.CsrfViewMiddleware"
 OURS = "oncely.http.django.IdempotencyMiddleware"
 AUTH = "http_apps.django_views.HeaderAuthenticationMiddleware"
+DJANGO_AUTH = "django.contrib.auth.middleware.AuthenticationMiddleware"
 MIDDLEWARE = [CSRF, OURS]
 
 
@@ -310,6 +311,23 @@ def test_wrong_types_in_code_are_configuration_errors_too() -> None:
             "missing from settings.MIDDLEWARE",
         ),
         ([OURS, "django.middleware.gzip.GZipMiddleware"], {}, "oncely.E004", "compresses"),
+        *(
+            (
+                [DJANGO_AUTH, OURS, remote],
+                {"scope": scope},
+                "oncely.E005",
+                f"'{remote}' comes after '{OURS}' in settings.MIDDLEWARE and sets request.user",
+            )
+            for remote in (
+                "django.contrib.auth.middleware.RemoteUserMiddleware",
+                "django.contrib.auth.middleware.PersistentRemoteUserMiddleware",
+                "http_apps.django_users.HeaderRemoteUserMiddleware",
+            )
+            for scope in (
+                "oncely.http.django.scope_from_user",
+                "oncely.http.django.scope_from_user_or_anonymous",
+            )
+        ),
     ],
 )
 def test_misplaced_middleware_is_detected_and_explained(
@@ -635,3 +653,32 @@ def test_idempotent_view_alone_reads_the_session_user(face: str, users: None) ->
     assert again.headers["idempotent-replayed"] == "true" and again.json() == first.json()
     assert anonymous.status_code == 401
     assert calls["apay"] == 1
+
+
+@FACES
+@pytest.mark.parametrize("auth", ["TokenUser", "LazyTokenUser"])
+def test_a_user_set_inside_oncelys_middleware_is_never_stored_in_another_users_scope(
+    face: str, auth: str, users: None
+) -> None:
+    """red team 15: a token middleware listed after oncely's (no system check can know it)
+    set request.user to bob over alice's session: bob's response was stored under alice's
+    scope and replayed to alice. The principal the view saw is compared with the one the key
+    was scoped by: they differ, so the key is released and nothing stored."""
+    from http_apps import django_users
+
+    middleware = [*django_users.SESSION, OURS, f"http_apps.django_users.{auth}"]
+    store = MemoryStore()
+    with users_app(face, middleware, store) as client:
+        calls.clear()
+        alice = {"Cookie": _cookies(client.request("GET", "/login?as=alice"))}
+        k = key()
+        bob = client.post("/pay", json={}, headers={**k, **alice, "X-Token": "bob"})
+        kept = list(store.list())
+        mine = client.post("/pay", json={}, headers={**k, **alice})
+        again = client.post("/pay", json={}, headers={**k, **alice})
+    assert bob.status_code == 201 and bob.json()["user"] == "bob"
+    assert kept == []  # nothing stored under alice's scope for bob's request
+    assert "idempotent-replayed" not in mine.headers  # alice never gets bob's response
+    assert mine.status_code == 201 and mine.json()["user"] == "alice"
+    assert again.headers["idempotent-replayed"] == "true" and again.json() == mine.json()
+    assert calls["pay"] == 2

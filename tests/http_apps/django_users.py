@@ -11,6 +11,7 @@ from typing import Any
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 from django.contrib.auth import get_user_model, login
 from django.contrib.auth.backends import ModelBackend
+from django.contrib.auth.middleware import RemoteUserMiddleware
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.urls import path
 from django.utils.deprecation import MiddlewareMixin
@@ -56,6 +57,10 @@ class RemoteUserFromHeader(MiddlewareMixin):
         name = request.META.get("HTTP_X_USER")
         if name:
             request.META["REMOTE_USER"] = request.META["HTTP_REMOTE_USER"] = name
+
+
+class HeaderRemoteUserMiddleware(RemoteUserMiddleware):
+    """A subclass of Django's ``RemoteUserMiddleware`` (for the system check)."""
 
 
 class TokenUser:

@@ -89,7 +89,7 @@ from oncely.http.messages import ENTRY_KEY, HandlerEntry, HttpRequest, HttpRespo
 from oncely.http.perform import aperform, perform
 from oncely.http.problems import from_exception
 from oncely.http.routes import MARKER, Rule, idempotent_route, rule_of
-from oncely.http.scopes import principal_missing
+from oncely.http.scopes import UNKNOWN, principal_missing
 from oncely.http.wsgi import INFO_KEY, WSGIIdempotencyMiddleware
 
 __all__ = [
@@ -111,6 +111,7 @@ _PATH = "oncely.http.django.ViewStartMiddleware"
 MIDDLEWARE_PATH = "oncely.http.django.IdempotencyMiddleware"
 _AUTH_MODULE = "django.contrib.auth.middleware"
 _AUTH_PATH = f"{_AUTH_MODULE}.AuthenticationMiddleware"
+_REMOTE_PATH = f"{_AUTH_MODULE}.RemoteUserMiddleware"
 _AUTH_SETUP = "AuthenticationMiddleware.process_request.<locals>."
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -633,6 +634,21 @@ class _UserScope:
             raise principal_missing(request)
         return value
 
+    def scope_after(self, request: HttpRequest) -> object:
+        """The scope ``request.user`` gives now (after the view), bypassing what
+        :meth:`aprepare` kept: None where it would refuse, :data:`~oncely.http.scopes.UNKNOWN`
+        for a lazy user the view never loaded (loading it could block the event loop; and a
+        middleware that sets the user assigns an object)."""
+        user = getattr(request.raw, "user", None)
+        if user is None:
+            return None
+        if isinstance(user, LazyObject) and user._wrapped is empty:
+            return UNKNOWN
+        value = self._of(user)
+        if value is None:
+            return None if self._anonymous == "refuse" else ""
+        return value
+
     @staticmethod
     def _of(user: Any) -> str | None:
         return f"user:{user.pk}" if user.is_authenticated else None
@@ -722,6 +738,15 @@ def _authenticates(cls: Any) -> bool:
     )
 
 
+def _sets_remote_user(cls: Any) -> bool:
+    """``cls`` is Django's ``RemoteUserMiddleware`` or a subclass
+    (``PersistentRemoteUserMiddleware``, yours): it sets ``request.user`` from
+    ``REMOTE_USER`` (checked by name: the auth app need not be importable)."""
+    return isinstance(cls, type) and any(
+        f"{k.__module__}.{k.__qualname__}" == _REMOTE_PATH for k in cls.__mro__
+    )
+
+
 def _classes(names: Sequence[str]) -> list[Any]:
     out = []
     for name in names:
@@ -739,8 +764,9 @@ def middleware_problems(
     ``(check id, message, hint)``: ``oncely.E001`` listed twice, ``oncely.E002`` a middleware
     with ``process_view`` after it, ``oncely.E003`` :data:`scope_from_user` without
     ``AuthenticationMiddleware`` before it, ``oncely.E004`` ``GZipMiddleware`` after it
-    (compressing before oncely keeps the response), ``oncely.W001`` :class:`ViewStartMiddleware`
-    listed too (not needed)."""
+    (compressing before oncely keeps the response), ``oncely.E005`` :data:`scope_from_user`
+    with ``RemoteUserMiddleware`` (or a subclass) after it, ``oncely.W001``
+    :class:`ViewStartMiddleware` listed too (not needed)."""
     classes = _classes(names)
     ours = [i for i, c in enumerate(classes) if isinstance(c, type) and issubclass(c, _OURS)]
     if not ours:
@@ -795,6 +821,18 @@ def middleware_problems(
                     f"list {_AUTH_PATH!r} before {first!r}",
                 )
             )
+        for name, cls in zip(names[ours[0] + 1 :], classes[ours[0] + 1 :]):
+            if _sets_remote_user(cls):
+                problems.append(
+                    (
+                        "oncely.E005",
+                        f"{name!r} comes after {first!r} in settings.MIDDLEWARE and sets "
+                        "request.user after scope_from_user read it: a request authenticated "
+                        "by it over another user's session cookie would be scoped by that "
+                        "other user (and its response replayed to them)",
+                        f"list {name!r} before {first!r}",
+                    )
+                )
     if any(c is ViewStartMiddleware for c in classes):
         problems.append(
             (

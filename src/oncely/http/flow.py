@@ -66,6 +66,7 @@ from oncely.errors import (
     StoreUnavailable,
     TokenError,
 )
+from oncely.http import scopes
 from oncely.http.codec import (
     CODEC,
     INTERRUPTED,
@@ -386,7 +387,9 @@ def request_flow(engine: Engine, request: HttpRequest) -> Flow:
             yield _unavailable(policy, exc)
             return
         if isinstance(outcome, New):
-            yield from _run_and_store(policy, record_key, outcome, key, scope_name, token, subject)
+            yield from _run_and_store(
+                policy, record_key, outcome, key, scope_name, token, subject, request
+            )
             return
         if isinstance(outcome, Replay):
             yield Respond(_replay(policy, outcome.record))
@@ -425,6 +428,7 @@ def _run_and_store(
     scope_name: str,
     token: str | None,
     subject: str,
+    request: HttpRequest,
 ) -> Flow:
     use: TokenUse | None = None
     if token is not None and policy.token is not None:
@@ -449,7 +453,48 @@ def _run_and_store(
         if use is not None:
             yield from _release_token(use)
         raise
+    if _principal_moved(policy, request, scope_name):
+        yield from _release(key, new.fence)
+        if use is not None:
+            yield from _release_token(use)
+        if captured.error is not None:
+            raise captured.error
+        return
     yield from _settle(policy, captured, use, key, new.fence)
+
+
+def _principal_moved(policy: RoutePolicy, request: HttpRequest, scope_name: str) -> bool:
+    """The principal the app saw is not the one the key was scoped by (a scope by the
+    principal, :func:`~oncely.http.scopes.scope_after`): something inside the middleware set
+    the user after the scope was read (an authentication middleware listed or mounted inside
+    oncely's, a view that logged a user in or out). The response is then not stored under
+    the scope it was claimed in, where it would be replayed to the first principal; the key
+    is released (see docs/http.md, "The principal changed while the request ran")."""
+    try:
+        after = scopes.scope_after(policy.scope, request)
+    except Exception as exc:
+        after = None
+        reason: BaseException = exc
+    else:
+        if after is scopes.UNKNOWN:
+            return False
+        if after is not None and f"{policy.namespace}:{after}" == scope_name:
+            return False
+        reason = ConfigurationError(
+            "the principal the app saw differs from the one the Idempotency-Key was scoped "
+            "by: an authentication middleware (RemoteUserMiddleware, a token or JWT "
+            "middleware, Starlette's AuthenticationMiddleware on a Mount, a plain ASGI "
+            "middleware setting scope['user']) runs inside oncely's middleware, or the view "
+            "logged a user in or out; the key was released and nothing stored. List the "
+            "authentication before oncely's middleware (outside it)"
+        )
+    log.error(
+        "oncely.http: %s %s: the response is not stored under the scope it was claimed in (%s)",
+        request.method,
+        request.path,
+        describe(reason),
+    )
+    return True
 
 
 def _token_only(

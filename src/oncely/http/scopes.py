@@ -202,6 +202,21 @@ class _UserScope:
         self._anonymous = anonymous
 
     def __call__(self, request: HttpRequest) -> str | None:
+        principal = self.principal(request)
+        if principal is None:
+            if self._anonymous == "share":
+                return ANONYMOUS
+            raise principal_missing(request)
+        return principal
+
+    def scope_after(self, request: HttpRequest) -> object:
+        """The scope the request would get now (once the app ran): what :meth:`__call__`
+        answers, or None where it would refuse the request (see :data:`UNKNOWN`)."""
+        principal = self.principal(request)
+        return ANONYMOUS if principal is None and self._anonymous == "share" else principal
+
+    def principal(self, request: HttpRequest) -> str | None:
+        """``"user:<id>"`` of the request's authenticated user, or None."""
         user = _principal(request.raw)
         if user is not None and not isinstance(user, _SCALAR_ID):
             if getattr(user, "is_authenticated", True) is False:
@@ -221,13 +236,26 @@ class _UserScope:
                     f"scope_from_user({self._attribute!r}): the user's {self._attribute!r} is "
                     f"a {type(user).__name__}, not a str or int id"
                 )
-            if self._anonymous == "share":
-                return ANONYMOUS
-            raise principal_missing(request)
+            return None
         return f"user:{user}"
 
     def __repr__(self) -> str:
         return f"<scope from the user's {self._attribute}>"
+
+
+#: What a scope's ``scope_after(request)`` answers when it cannot tell the principal the app
+#: saw without blocking (Django's lazy user the app never loaded): no verdict.
+UNKNOWN: Final = object()
+
+
+def scope_after(function: object, request: HttpRequest) -> object:
+    """The scope ``function`` (a ``scope=``) gives ``request`` once the app ran, for a scope
+    by the principal (one with a ``scope_after`` method, as :func:`scope_from_user`'s):
+    ``"user:<id>"``, the anonymous scope, None where it would refuse the request (no
+    principal), or :data:`UNKNOWN` (other scope functions, or a principal that cannot be read
+    without blocking). An exception reading it is raised."""
+    after = getattr(function, "scope_after", None)
+    return UNKNOWN if after is None else after(request)
 
 
 def reads_principal(function: object) -> bool:
