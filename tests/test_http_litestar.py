@@ -312,3 +312,41 @@ def test_authentication_inside_the_plugin_is_refused_at_start_up() -> None:
     ok = IdempotencyConfig(store=MemoryStore(), scope=GLOBAL)  # the scope reads no user
     with TestClient(Litestar([guarded], plugins=[IdempotencyPlugin(ok)])) as c:
         assert c.post("/pay", headers={**key(), "X-User": "a"}).status_code == 201
+
+
+class PlainUser:
+    """A plain ASGI middleware setting ``scope["user"]`` from ``X-User`` (not an
+    ``AbstractAuthenticationMiddleware``: the plugin cannot tell it authenticates)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        for name, value in scope.get("headers", ()):
+            if name == b"x-user":
+                scope["user"] = LitestarUser(value.decode())
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize("where", ["app", "route"])
+def test_a_plain_middleware_setting_the_user_inside_never_shares_a_response(where: str) -> None:
+    """red team 15: a plain ASGI middleware setting ``scope["user"]`` ran inside the plugin's
+    (the plugin only recognises Litestar's authentication): with anonymous="share" alice's
+    response was stored in the anonymous scope and replayed to bob. The principal the app
+    saw differs from the one the key was scoped by: the key is released, nothing stored."""
+    store = MemoryStore()
+    config = IdempotencyConfig(store=store, scope=scope_from_user(anonymous="share"))
+    if where == "app":
+        app = Litestar([whoami], middleware=[PlainUser], plugins=[IdempotencyPlugin(config)])
+    else:
+        route = post("/whoami", middleware=[PlainUser], status_code=201)(whoami.fn)
+        app = Litestar([route], plugins=[IdempotencyPlugin(config)])
+    calls.clear()
+    with TestClient(app) as c:
+        k = key()
+        alice = c.post("/whoami", headers={**k, "X-User": "alice"})
+        kept = list(store.list())
+        bob = c.post("/whoami", headers={**k, "X-User": "bob"})
+    assert alice.json() == {"user": "alice", "n": 1}
+    assert kept == []
+    assert "idempotent-replayed" not in bob.headers and bob.json() == {"user": "bob", "n": 2}

@@ -324,3 +324,68 @@ class _Noop:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.app(scope, receive, send)
+
+
+class _PlainUser:
+    """A plain ASGI middleware setting ``scope["user"]`` (no check can know it authenticates)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization" and value.decode() in TOKENS:
+                scope["user"] = SimpleUser(TOKENS[value.decode()])
+        await self.app(scope, receive, send)
+
+
+@pytest.mark.parametrize("placement", ["mount", "route", "starlette-subapp"])
+def test_a_user_set_inside_the_middleware_is_never_stored_in_another_scope(
+    placement: str,
+) -> None:
+    """red team 15: a middleware oncely cannot recognise sets the user inside its middleware:
+    with anonymous="share" the first client's response was stored in the anonymous scope and
+    replayed to the next. The principal the app saw is compared with the one the key was
+    scoped by when the response is settled: they differ, so nothing is stored."""
+    from starlette.middleware import Middleware
+
+    from oncely.stores.memory import MemoryStore
+
+    app = _placed(placement, Middleware(_PlainUser))
+    store = MemoryStore()
+    config = IdempotencyConfig(store=store, scope=scope_from_user("username", anonymous="share"))
+    app.add_middleware(IdempotencyMiddleware, config=config)
+    with TestClient(app) as client:
+        headers = {"Idempotency-Key": '"rt15"', "Authorization": "Bearer access-v1"}
+        alice = client.post("/api/pay", content=b"{}", headers=headers)
+        kept = list(store.list())
+        headers["Authorization"] = "Bearer other"
+        bob = client.post("/api/pay", content=b"{}", headers=headers)
+    assert alice.status_code == 201 and kept == []
+    assert bob.status_code == 201 and "idempotent-replayed" not in bob.headers
+
+
+def test_a_user_set_in_the_apps_copy_of_the_scope_is_compared_too() -> None:
+    """With a response extension the app must not use (``http.response.pathsend``) the app
+    gets a copy of the scope: the user a middleware sets in it is the one compared."""
+    from starlette.middleware import Middleware
+
+    from oncely.stores.memory import MemoryStore
+
+    inner = _placed("mount", Middleware(_PlainUser))
+    store = MemoryStore()
+    config = IdempotencyConfig(store=store, scope=scope_from_user("username", anonymous="share"))
+    inner.add_middleware(IdempotencyMiddleware, config=config)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            scope["extensions"] = {"http.response.pathsend": {}}
+        await inner(scope, receive, send)
+
+    with TestClient(app) as client:
+        headers = {"Idempotency-Key": '"rt15"', "Authorization": "Bearer access-v1"}
+        alice = client.post("/api/pay", content=b"{}", headers=headers)
+        headers["Authorization"] = "Bearer other"
+        bob = client.post("/api/pay", content=b"{}", headers=headers)
+    assert alice.status_code == 201 and list(store.list()) == []
+    assert bob.status_code == 201 and "idempotent-replayed" not in bob.headers

@@ -336,6 +336,7 @@ class _Exchange:
 
     __slots__ = (
         "app",
+        "app_scope",
         "body",
         "body_given",
         "claim_sent",
@@ -356,6 +357,8 @@ class _Exchange:
         self.app = app
         self.engine = engine
         self.scope = scope
+        #: The copy of ``scope`` the app was given, if any (extensions hidden from it).
+        self.app_scope: Scope | None = None
         self.receive = receive
         self.send = send
         self.body: bytes | None = None
@@ -592,7 +595,7 @@ class _Exchange:
         app_scope = scope
         extensions = scope.get("extensions")
         if op.capture >= 0 and extensions and any(e in extensions for e in _BYPASS_EXTENSIONS):
-            app_scope = dict(scope)
+            app_scope = self.app_scope = dict(scope)
             app_scope["extensions"] = {
                 k: v for k, v in extensions.items() if k not in _BYPASS_EXTENSIONS
             }
@@ -625,7 +628,15 @@ class _Exchange:
             if error is not None:
                 raise error
             return capture.captured or capture.result(None)
+        self._principal_seen()
         return await self._produced(capture, error)
+
+    def _principal_seen(self) -> None:
+        """The app ran with a copy of the scope: the user it saw is the flow's to compare
+        with the one the key was scoped by (see :func:`oncely.http.flow.request_flow`)."""
+        app_scope = self.app_scope
+        if app_scope is not None and "user" in app_scope:
+            self.scope["user"] = app_scope["user"]
 
     async def _produced(self, capture: _Capture, error: BaseException | None) -> Captured:
         """What the app produced, once it returned (or raised), if the flow did not settle it
@@ -707,6 +718,7 @@ class _Capture:
                     captured = self.captured = self.result(None)
                     if exchange.renewer is not None:
                         exchange._stop_renewal()
+                    exchange._principal_seen()
                     try:
                         await exchange.drive(exchange.flow, captured)
                     except BaseException as exc:
