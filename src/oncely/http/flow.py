@@ -453,7 +453,7 @@ def _run_and_store(
         if use is not None:
             yield from _release_token(use)
         raise
-    if _principal_moved(policy, request, scope_name):
+    if not _interrupted(policy, captured) and _principal_moved(policy, request, scope_name):
         yield from _release(key, new.fence)
         if use is not None:
             yield from _release_token(use)
@@ -461,6 +461,17 @@ def _run_and_store(
             raise captured.error
         return
     yield from _settle(policy, captured, use, key, new.fence)
+
+
+def _interrupted(policy: RoutePolicy, captured: Captured) -> bool:
+    """The handler was interrupted before it answered (its key stays claimed, see
+    :func:`_settle`)."""
+    return (
+        captured.status == 0
+        and captured.handled
+        and captured.error is not None
+        and interrupted(captured.error, policy.on_cancel)
+    )
 
 
 def _principal_moved(policy: RoutePolicy, request: HttpRequest, scope_name: str) -> bool:
@@ -528,13 +539,7 @@ def _settle(
     handler interrupted before it answered (:func:`oncely.core.cancelsafe.interrupted`: the
     server's loop cancelled it at shutdown, Ctrl-C) keeps its key claimed until the lease ends,
     as after a crash: it may have acted."""
-    if (
-        key is not None
-        and captured.status == 0
-        and captured.handled
-        and captured.error is not None
-        and interrupted(captured.error, policy.on_cancel)
-    ):
+    if key is not None and captured.error is not None and _interrupted(policy, captured):
         log.warning(
             "oncely.http: a handler was interrupted before it answered (%s); its key stays "
             "claimed until its lease runs out (%gs), then a retry runs it again",
