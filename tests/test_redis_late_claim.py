@@ -191,11 +191,11 @@ def test_a_store_refuses_its_own_late_claim_as_unavailable(server: RedisServer, 
 
     try:
         key = RecordKey("late", uuid.uuid4().hex)
-        assert not store._clock.known
+        assert store._clock.state is None
         claim(RecordKey("late", uuid.uuid4().hex))  # the first claim reads the clock first
-        assert store._clock.known
-        offset, taken = store._clock._state or (0.0, 0.0)
-        store._clock._state = (offset - 60.0, taken)
+        assert store._clock.state is not None
+        offset, taken = store._clock.state or (0.0, 0.0)
+        store._clock.state = (offset - 60.0, taken)
         with pytest.raises(StoreUnavailable, match="nothing was decided"):
             claim(key)
         assert store.get(key) is None

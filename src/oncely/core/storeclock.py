@@ -47,30 +47,42 @@ class StoreClock:
     Shared by threads and tasks: its state is one tuple, replaced whole.
     """
 
-    __slots__ = ("_state",)
+    __slots__ = ("state",)
 
     def __init__(self) -> None:
         #: ``(offset, taken_at)``: store time minus local monotonic time (seconds), and the
         #: local time it was learned; None until the first reply.
-        self._state: tuple[float, float] | None = None
-
-    @property
-    def known(self) -> bool:
-        """True once a reply taught the estimate."""
-        return self._state is not None
+        self.state: tuple[float, float] | None = None
 
     def observe(self, store_now: float, sent: float, received: float) -> None:
         """Learn from a reply: the store's time ``store_now`` (seconds since the epoch), read
         between ``sent`` and ``received`` (:func:`time.monotonic`)."""
-        if self._state is None or received - sent <= ACCEPT:
-            self._state = (store_now - sent, received)
+        if received - sent <= ACCEPT or self.state is None:
+            self.state = (store_now - sent, received)
 
     def not_after(self, deadline: float | None) -> float | None:
         """The store time (seconds since the epoch) after which a decision whose caller stops
         waiting at ``deadline`` (:func:`time.monotonic`) must not be taken; None without a
         deadline or an estimate (then no bound is sent)."""
-        state = self._state
+        state = self.state
         if deadline is None or state is None:
             return None
         offset, taken = state
         return deadline + offset + MARGIN + DRIFT * max(deadline - taken, 0.0)
+
+    def not_after_ms(self, sent: float, budget: float | None, running: float | None) -> str:
+        """:meth:`not_after` in whole milliseconds as text (rounded up), ``""`` for none, for a
+        decision sent at ``sent`` whose caller waits ``budget`` seconds (None: without bound)
+        or until ``running`` (a deadline already running, :func:`time.monotonic`), whichever
+        ends first."""
+        state = self.state
+        if state is None:
+            return ""
+        if budget is not None and (running is None or sent + budget < running):
+            running = sent + budget
+        if running is None:
+            return ""
+        offset, taken = state
+        # (running - taken is never below minus a budget: a reply taught it after ``sent``)
+        bound = running + offset + MARGIN + DRIFT * (running - taken)
+        return str(int(bound * 1000) + 1)

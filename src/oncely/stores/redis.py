@@ -113,6 +113,7 @@ _STATUS: Final[dict[bytes, Status]] = {b"in_progress": "in_progress", b"complete
 #: scripts report a packed record's status as ``completed``).
 _COMPACT: Final = re.compile(r"c[0-9]*")
 _SCAN_COUNT: Final = 500
+_monotonic: Final = time.monotonic
 # How long past the holder's lease a watcher waits before it looks again (the lease may have
 # been renewed, which publishes nothing).
 _LEASE_SLACK: Final = 0.002
@@ -402,27 +403,14 @@ class RedisStore(PlannedStore):
         return f"{_glob_escape(self.prefix)}:{_glob_escape(scope)}:*"
 
     # -- every operation, once: a plan of script calls (oncely.backends.plans) -----------------
-    def _store_clock(self, key: RecordKey) -> StoreClock:
-        """The estimate of the clock of the server that holds ``key``."""
-        if not self.cluster:
-            return self._clock
+    def _group_clock(self, key: RecordKey) -> StoreClock:
+        """On a cluster: the estimate of the clock of the node that holds ``key`` (one per
+        hash-tag group: a group never changes slot, and each slot is on one node at a time)."""
         group = _group(key)
         clock = self._clocks.get(group)
         if clock is None:
             clock = self._clocks.setdefault(group, StoreClock())
         return clock
-
-    def _not_after(self, clock: StoreClock, sent: float) -> str:
-        """claim.lua's ``not after`` (ms, the server's clock) for a claim sent at ``sent``
-        (:func:`time.monotonic`): the end of its budget, the one the executor starts (or the
-        running operation's, if sooner), in the server's clock; ``""`` (no bound) without a
-        budget or an estimate of the clock."""
-        budget = self.redis.budget
-        deadline = DEADLINE.get()
-        if budget is not None and (deadline is None or sent + budget < deadline):
-            deadline = sent + budget
-        bound = clock.not_after(deadline)
-        return "" if bound is None else str(int(bound * 1000) + 1)
 
     def _claim_args(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float, not_after: str = ""
@@ -441,14 +429,14 @@ class RedisStore(PlannedStore):
         )
 
     def _learn_clock(self, key: RecordKey, clock: StoreClock) -> Plan[None]:
-        """Read the server's clock once (``now.lua``, routed by ``key``) when nothing taught the
+        """Read the server's clock (``now.lua``, routed by ``key``) when nothing taught the
         estimate yet, so that even the first claim of a store carries its bound: one round trip
         per store (per cluster group), never per claim; none without a budget."""
-        if clock.known or self.redis.budget is None:
+        if self.redis.budget is None:
             return
-        sent = time.monotonic()
+        sent = _monotonic()
         now_ms = yield Eval(_NOW, 1, (self._key(key),))
-        clock.observe(int(now_ms) / 1000, sent, time.monotonic())
+        clock.observe(int(now_ms) / 1000, sent, _monotonic())
 
     def _complete_args(
         self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
@@ -459,18 +447,22 @@ class RedisStore(PlannedStore):
     def _claim(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> Plan[ClaimOutcome]:
-        clock = self._store_clock(key)
-        yield from self._learn_clock(key, clock)
-        sent = time.monotonic()
-        args = self._claim_args(key, fingerprint, lease, ttl, self._not_after(clock, sent))
+        clock = self._group_clock(key) if self.cluster else self._clock
+        if clock.state is None:
+            yield from self._learn_clock(key, clock)
+        sent = _monotonic()
+        # claim.lua's not-after: the end of the budget the executor starts (or of the running
+        # operation's, if sooner) in the server's clock (oncely.core.storeclock).
+        not_after = clock.not_after_ms(sent, self.redis.budget, DEADLINE.get())
+        args = self._claim_args(key, fingerprint, lease, ttl, not_after)
         if self._durable is None:
             reply = yield Eval(_CLAIM, 2, args)
             now = int(reply[1]) / 1000
-            clock.observe(now, sent, time.monotonic())
+            clock.observe(now, sent, _monotonic())
             return _parse_claim(reply, key, now)
         reply, acked = yield EvalWait(_CLAIM, 2, args)
         now = int(reply[1]) / 1000
-        clock.observe(now, sent, time.monotonic())
+        clock.observe(now, sent, _monotonic())
         outcome = _parse_claim(reply, key, now)
         if isinstance(outcome, New) and acked < self._durable.replicas:
             # Not durable: a failover could lose the claim and let a second caller run the
@@ -657,14 +649,15 @@ class RedisStore(PlannedStore):
             return await arun(self._claim(key, fingerprint, lease, ttl), self._aexecute)
         # What the plan does then (its arguments, its one script, its reply's meaning), one
         # coroutine and one generator less: a claim is on every keyed request.
-        clock = self._store_clock(key)
-        if not clock.known:
+        clock = self._group_clock(key) if self.cluster else self._clock
+        if clock.state is None:
             await arun(self._learn_clock(key, clock), self._aexecute)
-        sent = time.monotonic()
-        args = self._claim_args(key, fingerprint, lease, ttl, self._not_after(clock, sent))
+        sent = _monotonic()
+        not_after = clock.not_after_ms(sent, self.redis.budget, DEADLINE.get())
+        args = self._claim_args(key, fingerprint, lease, ttl, not_after)
         reply = await self.redis.aeval(_CLAIM, 2, *args)
         now = int(reply[1]) / 1000
-        clock.observe(now, sent, time.monotonic())
+        clock.observe(now, sent, _monotonic())
         return _parse_claim(reply, key, now)
 
     async def acomplete(
