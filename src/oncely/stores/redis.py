@@ -431,9 +431,7 @@ class RedisStore(PlannedStore):
     def _learn_clock(self, key: RecordKey, clock: StoreClock) -> Plan[None]:
         """Read the server's clock (``now.lua``, routed by ``key``) when nothing taught the
         estimate yet, so that even the first claim of a store carries its bound: one round trip
-        per store (per cluster group), never per claim; none without a budget."""
-        if self.redis.budget is None:
-            return
+        per store (per cluster group), never per claim (and none without a budget: no bound)."""
         sent = _monotonic()
         now_ms = yield Eval(_NOW, 1, (self._key(key),))
         clock.observe(int(now_ms) / 1000, sent, _monotonic())
@@ -448,7 +446,7 @@ class RedisStore(PlannedStore):
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> Plan[ClaimOutcome]:
         clock = self._group_clock(key) if self.cluster else self._clock
-        if clock.state is None:
+        if clock.state is None and self.redis.budget is not None:
             yield from self._learn_clock(key, clock)
         sent = _monotonic()
         # claim.lua's not-after: the end of the budget the executor starts (or of the running
@@ -650,7 +648,7 @@ class RedisStore(PlannedStore):
         # What the plan does then (its arguments, its one script, its reply's meaning), one
         # coroutine and one generator less: a claim is on every keyed request.
         clock = self._group_clock(key) if self.cluster else self._clock
-        if clock.state is None:
+        if clock.state is None and self.redis.budget is not None:
             await arun(self._learn_clock(key, clock), self._aexecute)
         sent = _monotonic()
         not_after = clock.not_after_ms(sent, self.redis.budget, DEADLINE.get())
