@@ -52,31 +52,69 @@ def _store(server: RedisServer) -> RedisStore:
     return store
 
 
+class _Loop:
+    """An event loop on a thread of its own, kept for the whole test (so its connections stay
+    open across the pause); ``run`` waits for a coroutine's outcome from another thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def close(self, *stores: RedisStore) -> None:
+        for store in stores:
+            self.run(store.aclose())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
 @pytest.mark.serial
+@pytest.mark.parametrize("face", ["sync", "async"])
 def test_a_claim_queued_in_a_paused_server_does_not_take_the_key_over(
-    server: RedisServer,
+    server: RedisServer, face: str
 ) -> None:
     holder_store = _store(server)
     # The duplicates come from another worker: a store of its own, its connection open.
     other_store = _store(server)
-    other_store.claim(RecordKey("warm", uuid.uuid4().hex), "", 10, 60)
+    loop = _Loop() if face == "async" else None
     started, go = threading.Event(), threading.Event()
     runs: list[str] = []
 
     def make(store: RedisStore) -> Any:
-        @idempotent(
+        options: dict[str, Any] = dict(
             store=store, name="late-claim", key=["k"], lease=LEASE, on_duplicate="raise",
             cache_size=0,
         )  # fmt: skip
-        def op(k: str) -> str:
+        if loop is None:
+
+            @idempotent(**options)
+            def op(k: str) -> str:
+                runs.append(k)
+                started.set()
+                assert go.wait(60)
+                return f"done-{len(runs)}"
+
+            return op
+
+        @idempotent(**options)
+        async def aop(k: str) -> str:
             runs.append(k)
             started.set()
-            assert go.wait(60)
+            assert await asyncio.to_thread(go.wait, 60)
             return f"done-{len(runs)}"
 
-        return op
+        return lambda k: loop.run(aop(k))
 
     holder_op, other_op = make(holder_store), make(other_store)
+    warm = RecordKey("warm", uuid.uuid4().hex)
+    if loop is None:
+        other_store.claim(warm, "", 10, 60)
+    else:
+        loop.run(other_store.aclaim(warm, "", 10, 60))
     k = uuid.uuid4().hex
     first: list[Any] = []
 
@@ -134,6 +172,8 @@ def test_a_claim_queued_in_a_paused_server_does_not_take_the_key_over(
     finally:
         go.set()
         thread.join(30)
+        if loop is not None:
+            loop.close(holder_store, other_store)
         holder_store.close()
         other_store.close()
 
