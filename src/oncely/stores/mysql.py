@@ -11,7 +11,10 @@ consulted.
   trip, and comparing its ``claim_id`` with the nonce tells New from the rest. MariaDB 10.5+
   returns it with ``INSERT … RETURNING``; on MySQL (no ``RETURNING``) the upsert and a read of
   the row travel together as one multi-statement transaction, so the row lock the upsert takes
-  makes the read see exactly what it decided.
+  makes the read see exactly what it decided. The claim carries a not-after bound on the
+  server's clock (the end of its caller's ``read_timeout``, from an estimate of that clock kept
+  from earlier claims' rows, :mod:`oncely.core.storeclock`): a claim the server runs later (it
+  sat in a paused server's socket) inserts and takes over nothing.
 * complete / release / renew are one ``UPDATE`` guarded by scope, digest, fence and
   ``status = 'in_progress'`` (renew reads the new lease back inside the same transaction).
 * Release keeps an expired tombstone (``status = 'released'``) so the next claim's fence is

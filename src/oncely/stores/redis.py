@@ -38,7 +38,10 @@ if the server answers ``NOSCRIPT``, which also puts the script back in its cache
 hold the whole decision and read the time with ``TIME``, so the client's clock never decides
 anything. A fence is ``max(counter + 1, TIME in microseconds, old fence + 1)`` and the counter
 keeps it, so the fences of a key grow whatever happened between two claims (release, delete,
-expiry) and whatever the clock does.
+expiry) and whatever the clock does. A claim carries a not-after bound on the server's clock,
+the end of its caller's budget (from an estimate of that clock, :mod:`oncely.core.storeclock`):
+claim.lua decides nothing past it, so a claim that sat in a paused server's socket until its
+caller gave up never takes a key over.
 
 Each operation is written once, as a plan (:mod:`oncely.backends.plans`): a generator that
 yields the script calls and reads their replies. The sync face runs it on :class:`redis.Redis`,
