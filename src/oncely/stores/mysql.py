@@ -168,11 +168,12 @@ _TAKE_OVER: Final = (
     ("result", "NULL"),
     ("codec", "NULL"),
 )
-# ``not_after`` (epoch seconds on the server's clock, or NULL): the caller stops waiting for the
-# reply then (its read_timeout ends; oncely.core.storeclock). A claim the server runs later (it
-# was queued in a paused server's socket, or its caller's process is gone) inserts nothing, so
-# it takes nothing over either, and its row says it was too late (the last column below).
-_IN_TIME: Final = f"(%(not_after)s IS NULL OR {_NOW} <= %(not_after)s)"
+# ``not_after`` (epoch milliseconds on the server's clock, a whole number, or NULL): the caller
+# stops waiting for the reply then (its read_timeout ends; oncely.core.storeclock). A claim the
+# server runs later (it was queued in a paused server's socket, or its caller's process is gone)
+# inserts nothing, so it takes nothing over either: RETURNING returns no row, and the read of
+# the transaction form says it was too late (its last column).
+_IN_TIME: Final = f"(%(not_after)s IS NULL OR {_NOW} * 1000 <= %(not_after)s)"
 UPSERT: Final = (
     f"INSERT INTO {{t}} ({COLUMNS}, claim_id) SELECT "
     f"%(scope)s, %(digest)s, 'in_progress', %(fingerprint)s, GREATEST(h.high + 1, {_NOW_US}), "
@@ -181,7 +182,7 @@ UPSERT: Final = (
     f"ON DUPLICATE KEY UPDATE claim_id = IF({_CLAIMABLE}, %(nonce)s, claim_id), "
     + ", ".join(f"{col} = IF(claim_id = %(nonce)s, {new}, {col})" for col, new in _TAKE_OVER)
 )
-_CLAIM_ROW: Final = f"{COLUMNS}, claim_id, {_NOW}, {_IN_TIME}"
+_CLAIM_ROW: Final = f"{COLUMNS}, claim_id, {_NOW}"
 CLAIM_RETURNING: Final = f"{UPSERT} RETURNING {_CLAIM_ROW}"
 # The upsert keeps its exclusive row lock until COMMIT, so the SELECT reads the row it decided.
 # Every statement has its own NOW(), so the clock is read once into a session variable: the
@@ -189,7 +190,8 @@ CLAIM_RETURNING: Final = f"{UPSERT} RETURNING {_CLAIM_ROW}"
 _TX_NOW: Final = "@oncely_now"
 CLAIM_TRANSACTION: Final = (
     f"START TRANSACTION; SET {_TX_NOW} = {_NOW}; {UPSERT.replace(_NOW, _TX_NOW)}; "
-    f"SELECT {_CLAIM_ROW.replace(_NOW, _TX_NOW)} FROM {{t}} WHERE {_KEY}; COMMIT"
+    f"SELECT {_CLAIM_ROW.replace(_NOW, _TX_NOW)}, {_IN_TIME.replace(_NOW, _TX_NOW)} "
+    f"FROM {{t}} WHERE {_KEY}; COMMIT"
 )
 
 _FENCED: Final = f"WHERE {_KEY} AND fence = %(fence)s"
@@ -639,7 +641,7 @@ class MySQLStore(PlannedStore):
             raise StoreError(f"the claim on {key.scope!r} read no row back; check the table")
         row = result.rows[0]
         clock.observe(float(row[11]), sent, time.monotonic())
-        if row[12] is not None and not int(row[12]):
+        if len(row) > 12 and row[12] is not None and not int(row[12]):  # the transaction form
             raise self._too_late(key)
         return nonce_outcome(row, params["nonce"], fingerprint)
 
@@ -655,11 +657,9 @@ class MySQLStore(PlannedStore):
     def _not_after(self, params: Params) -> None:
         """A claim's ``not_after``, set just before it is sent: when its caller stops waiting
         for the reply (``read_timeout`` from now), in the server's clock."""
-        if "not_after" in params:
-            bound = self._clock.not_after(
-                None if self._read_timeout is None else time.monotonic() + self._read_timeout
-            )
-            params["not_after"] = None if bound is None else round(bound, 6)
+        if "not_after" in params and self._read_timeout is not None:
+            bound = self._clock.not_after(time.monotonic() + self._read_timeout)
+            params["not_after"] = None if bound is None else int(bound * 1000) + 1
 
     def _complete(
         self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
