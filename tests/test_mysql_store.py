@@ -808,3 +808,59 @@ async def test_the_async_face_takes_the_servers_refusal_for_too_large(
     finally:
         await store.aclose()
         store.close()
+
+
+# -- a claim run after its caller gave up (red team rt14, F1) ------------------------------------
+
+
+def test_a_claim_past_its_bound_decides_nothing(store: MySQLStore, table: str) -> None:
+    """A claim carries a not-after bound in the server's clock (the end of its caller's
+    read_timeout); the upsert runs after it (a paused server ran the queued statement late)
+    inserts nothing and takes nothing over, and the caller, if still there, gets
+    StoreUnavailable."""
+    held, fresh = RecordKey("late", uuid.uuid4().hex), RecordKey("late", uuid.uuid4().hex)
+    first = store.claim(held, "fp", 0.05, 60)
+    assert isinstance(first, New)
+    wait_for_store_time(store, first.lease_until + 0.01)  # the holder's lease ran out
+    before = sql(f"SELECT fence, claim_id, status FROM {table}")
+    past = store.now() - 1.0
+
+    def late(params: dict[str, Any]) -> None:
+        if "not_after" in params:
+            params["not_after"] = past
+
+    store._not_after = late  # type: ignore[method-assign]
+    for key in (held, fresh):
+        with pytest.raises(StoreUnavailable, match="decided nothing"):
+            store.claim(key, "other", 10, 60)
+    assert sql(f"SELECT fence, claim_id, status FROM {table}") == before
+    del store._not_after  # the store's own bound again
+    assert isinstance(store.claim(fresh, "fp", 10, 60), New)
+    assert isinstance(store.claim(held, "other", 10, 60), New)  # taken over in time
+
+
+def test_a_wrong_clock_estimate_refuses_and_is_corrected(store: MySQLStore) -> None:
+    """An estimate one minute behind the server makes claims late: StoreUnavailable, nothing
+    written; the refusal sets it right, so a retry claims."""
+    store.claim(RecordKey("late", uuid.uuid4().hex), "", 10, 60)  # reads the clock first
+    assert store._clock.state is not None
+    offset, taken = store._clock.state
+    store._clock.state = (offset - 60.0, taken)
+    key = RecordKey("late", uuid.uuid4().hex)
+    with pytest.raises(StoreUnavailable, match="decided nothing"):
+        store.claim(key, "", 10, 60)
+    assert store.get(key) is None
+    assert isinstance(store.claim(key, "", 10, 60), New)
+
+    async def main() -> None:
+        assert store._clock.state is not None
+        offset, taken = store._clock.state
+        store._clock.state = (offset - 60.0, taken)
+        other = RecordKey("late", uuid.uuid4().hex)
+        with pytest.raises(StoreUnavailable, match="decided nothing"):
+            await store.aclaim(other, "", 10, 60)
+        assert await store.aget(other) is None
+        assert isinstance(await store.aclaim(other, "", 10, 60), New)
+        await store.aclose()
+
+    asyncio.run(main())

@@ -11,7 +11,10 @@ consulted.
   trip, and comparing its ``claim_id`` with the nonce tells New from the rest. MariaDB 10.5+
   returns it with ``INSERT … RETURNING``; on MySQL (no ``RETURNING``) the upsert and a read of
   the row travel together as one multi-statement transaction, so the row lock the upsert takes
-  makes the read see exactly what it decided.
+  makes the read see exactly what it decided. The claim carries a not-after bound on the
+  server's clock (the end of its caller's ``read_timeout``, from an estimate of that clock kept
+  from earlier claims' rows, :mod:`oncely.core.storeclock`): a claim the server runs later (it
+  sat in a paused server's socket) inserts and takes over nothing.
 * complete / release / renew are one ``UPDATE`` guarded by scope, digest, fence and
   ``status = 'in_progress'`` (renew reads the new lease back inside the same transaction).
 * Release keeps an expired tombstone (``status = 'released'``) so the next claim's fence is
@@ -68,6 +71,7 @@ from oncely.backends.plans import Exec, Plan, Sleep
 from oncely.backends.urls import redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import ClaimOutcome, Record, RecordKey
+from oncely.core.storeclock import StoreClock
 from oncely.errors import (
     OncelyError,
     ResultTooLarge,
@@ -164,11 +168,17 @@ _TAKE_OVER: Final = (
     ("result", "NULL"),
     ("codec", "NULL"),
 )
+# ``not_after`` (epoch milliseconds on the server's clock, a whole number, or NULL): the caller
+# stops waiting for the reply then (its read_timeout ends; oncely.core.storeclock). A claim the
+# server runs later (it was queued in a paused server's socket, or its caller's process is gone)
+# inserts nothing, so it takes nothing over either: RETURNING returns no row, and the read of
+# the transaction form says it was too late (its last column).
+_IN_TIME: Final = f"(%(not_after)s IS NULL OR {_NOW} * 1000 <= %(not_after)s)"
 UPSERT: Final = (
     f"INSERT INTO {{t}} ({COLUMNS}, claim_id) SELECT "
     f"%(scope)s, %(digest)s, 'in_progress', %(fingerprint)s, GREATEST(h.high + 1, {_NOW_US}), "
     f"{_NOW} + %(lease)s, {_NOW} + %(keep)s, {_NOW}, NULL, NULL, %(nonce)s "
-    "FROM {h} AS h WHERE h.id = 0 LOCK IN SHARE MODE "
+    f"FROM {{h}} AS h WHERE h.id = 0 AND {_IN_TIME} LOCK IN SHARE MODE "
     f"ON DUPLICATE KEY UPDATE claim_id = IF({_CLAIMABLE}, %(nonce)s, claim_id), "
     + ", ".join(f"{col} = IF(claim_id = %(nonce)s, {new}, {col})" for col, new in _TAKE_OVER)
 )
@@ -180,7 +190,8 @@ CLAIM_RETURNING: Final = f"{UPSERT} RETURNING {_CLAIM_ROW}"
 _TX_NOW: Final = "@oncely_now"
 CLAIM_TRANSACTION: Final = (
     f"START TRANSACTION; SET {_TX_NOW} = {_NOW}; {UPSERT.replace(_NOW, _TX_NOW)}; "
-    f"SELECT {_CLAIM_ROW.replace(_NOW, _TX_NOW)} FROM {{t}} WHERE {_KEY}; COMMIT"
+    f"SELECT {_CLAIM_ROW.replace(_NOW, _TX_NOW)}, {_IN_TIME.replace(_NOW, _TX_NOW)} "
+    f"FROM {{t}} WHERE {_KEY}; COMMIT"
 )
 
 _FENCED: Final = f"WHERE {_KEY} AND fence = %(fence)s"
@@ -309,6 +320,7 @@ def _claim_params(key: RecordKey, fingerprint: str, lease: float, ttl: float) ->
         "lease": lease,
         "keep": max(lease, _seconds(ttl)),
         "nonce": nonce(),
+        "not_after": None,  # set by the executor just before it sends the statement
     }
 
 
@@ -395,6 +407,8 @@ class MySQLStore(PlannedStore):
         #: Whether the server has ``INSERT … RETURNING`` (None: not connected yet).
         self._returning: bool | None = None
         self._statements = {flag: _Statements(self.table, flag) for flag in (True, False)}
+        #: The estimate of the server's clock that bounds each claim (oncely.core.storeclock).
+        self._clock = StoreClock()
         self._lock = threading.Lock()
         self._pool: SyncPool | None = None
         self._loops = LoopLocal(
@@ -562,6 +576,7 @@ class MySQLStore(PlannedStore):
                 raise self._unreachable(exc) from exc
             healthy = False
             try:
+                self._not_after(params)
                 with conn.cursor() as cur:
                     cur.execute(getattr(self._sql, name), params)
                     result = collect(cur)
@@ -609,11 +624,42 @@ class MySQLStore(PlannedStore):
     def _claim(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> Plan[ClaimOutcome]:
+        clock = self._clock
+        if clock.state is None and self._read_timeout is not None:
+            # Once per store: the server's clock, so that even the first claim is bounded.
+            sent = time.monotonic()
+            now = float((yield Exec("now", {})).rows[0][0])
+            clock.observe(now, sent, time.monotonic())
         params = _claim_params(key, fingerprint, lease, ttl)
+        sent = time.monotonic()
         result: Result = yield Exec("claim", params)
-        if not result.rows:  # the upsert always leaves the row: this is not the table we made
+        if not result.rows:
+            if params["not_after"] is not None:
+                clock.state = None  # no clock came back: read it again before the next claim
+                raise self._too_late(key)
+            # the upsert always leaves the row: this is not the table we made
             raise StoreError(f"the claim on {key.scope!r} read no row back; check the table")
-        return nonce_outcome(result.rows[0], params["nonce"], fingerprint)
+        row = result.rows[0]
+        clock.observe(float(row[11]), sent, time.monotonic())
+        if len(row) > 12 and row[12] is not None and not int(row[12]):  # the transaction form
+            raise self._too_late(key)
+        return nonce_outcome(row, params["nonce"], fingerprint)
+
+    def _too_late(self, key: RecordKey) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"the claim of {key.scope!r}/{key.digest[:16]}… reached MySQL at {self._where} only "
+            "after its caller stopped waiting for it (its read_timeout had ended; the server was "
+            "paused or overloaded and ran the queued statement late), so it decided nothing and "
+            "wrote nothing. Retry. (No row came back at all: if this repeats, check the table's "
+            "fence keeper row with `oncely check`.)"
+        )
+
+    def _not_after(self, params: Params) -> None:
+        """A claim's ``not_after``, set just before it is sent: when its caller stops waiting
+        for the reply (``read_timeout`` from now), in the server's clock."""
+        if "not_after" in params and self._read_timeout is not None:
+            bound = self._clock.not_after(time.monotonic() + self._read_timeout)
+            params["not_after"] = None if bound is None else int(bound * 1000) + 1
 
     def _complete(
         self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
@@ -732,6 +778,7 @@ class MySQLStore(PlannedStore):
                 conn = await self._aacquire(slot, pool)
                 healthy = False
                 try:
+                    self._not_after(params)
                     # aiomysql has no read timeout: bound the round trip like PyMySQL's.
                     result = await asyncio.wait_for(
                         aexecute(conn, getattr(self._sql, name), params), self._read_timeout

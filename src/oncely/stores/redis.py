@@ -38,7 +38,10 @@ if the server answers ``NOSCRIPT``, which also puts the script back in its cache
 hold the whole decision and read the time with ``TIME``, so the client's clock never decides
 anything. A fence is ``max(counter + 1, TIME in microseconds, old fence + 1)`` and the counter
 keeps it, so the fences of a key grow whatever happened between two claims (release, delete,
-expiry) and whatever the clock does.
+expiry) and whatever the clock does. A claim carries a not-after bound on the server's clock,
+the end of its caller's budget (from an estimate of that clock, :mod:`oncely.core.storeclock`):
+claim.lua decides nothing past it, so a claim that sat in a paused server's socket until its
+caller gave up never takes a key over.
 
 Each operation is written once, as a plan (:mod:`oncely.backends.plans`): a generator that
 yields the script calls and reads their replies. The sync face runs it on :class:`redis.Redis`,
@@ -61,7 +64,7 @@ from typing import Any, Final, NamedTuple
 import redis
 import redis.asyncio
 
-from oncely.backends.budget import end, start
+from oncely.backends.budget import DEADLINE, end, start
 from oncely.backends.durable import EvalWait
 from oncely.backends.forks import after_fork
 from oncely.backends.lua import Script, evalsha
@@ -79,7 +82,14 @@ from oncely.core.records import (
     Replay,
     Status,
 )
-from oncely.errors import ConfigurationError, LeaseLost, NotReplicated, StoreError
+from oncely.core.storeclock import StoreClock
+from oncely.errors import (
+    ConfigurationError,
+    LeaseLost,
+    NotReplicated,
+    StoreError,
+    StoreUnavailable,
+)
 from oncely.settings import whole
 from oncely.stores.planned import PlannedStore
 from oncely.stores.polling import poll_plan
@@ -99,12 +109,14 @@ _GET: Final = _script("get")
 _DELETE: Final = _script("delete")
 _PROBE: Final = _script("probe")
 _LIST: Final = _script("list")
+_NOW: Final = _script("now")
 
 _STATUS: Final[dict[bytes, Status]] = {b"in_progress": "in_progress", b"completed": "completed"}
 #: ``st`` of a compact completed record: ``c``, or ``cN`` with its result in N + 1 pieces (the
 #: scripts report a packed record's status as ``completed``).
 _COMPACT: Final = re.compile(r"c[0-9]*")
 _SCAN_COUNT: Final = 500
+_monotonic: Final = time.monotonic
 # How long past the holder's lease a watcher waits before it looks again (the lease may have
 # been renewed, which publishes nothing).
 _LEASE_SLACK: Final = 0.002
@@ -152,9 +164,9 @@ def _split_fingerprint(fingerprint: str) -> tuple[str, bytes]:
     return fingerprint[: len(fingerprint) - len(tail)], bytes.fromhex(tail)
 
 
-def _parse_claim(reply: Any, key: RecordKey) -> ClaimOutcome:
+def _parse_claim(reply: Any, key: RecordKey, now: float) -> ClaimOutcome:
+    """The outcome of claim.lua's ``reply`` (``now``: its second element, in seconds)."""
     kind = reply[0]
-    now = int(reply[1]) / 1000
     if kind == b"R":
         return Replay(_record(key.scope, key.digest, reply[2]), now)
     if kind == b"N":
@@ -163,6 +175,13 @@ def _parse_claim(reply: Any, key: RecordKey) -> ClaimOutcome:
         return InFlight(int(reply[2]), int(reply[3]) / 1000, now)
     if kind == b"M":
         return Mismatch(now)
+    if kind == b"L":
+        raise StoreUnavailable(
+            f"the claim of {key.scope!r}/{key.digest[:16]}… reached Redis only after its caller "
+            "stopped waiting for it (its budget had ended; the server was paused or overloaded "
+            "and ran the queued command late), so Redis refused it: nothing was decided or "
+            "written. Retry."
+        )
     raise StoreError(f"unexpected reply from claim.lua: {reply!r}")
 
 
@@ -350,6 +369,10 @@ class RedisStore(PlannedStore):
         after_fork(self, RedisStore._forked)
         #: Seconds the sync face waits for each reply (None: without bound).
         self.socket_timeout = self.redis.socket_timeout
+        #: The estimate of the server's clock that bounds each claim (oncely.core.storeclock):
+        #: one per store, or on a cluster one per hash-tag group (its node's clock).
+        self._clock = StoreClock()
+        self._clocks: dict[str, StoreClock] = {}
         #: ``WAIT`` after claims, completions and renewals (``wait_replicas``), or None.
         self._durable = self.redis.durable
 
@@ -383,12 +406,38 @@ class RedisStore(PlannedStore):
         return f"{_glob_escape(self.prefix)}:{_glob_escape(scope)}:*"
 
     # -- every operation, once: a plan of script calls (oncely.backends.plans) -----------------
+    def _group_clock(self, key: RecordKey) -> StoreClock:
+        """On a cluster: the estimate of the clock of the node that holds ``key`` (one per
+        hash-tag group: a group never changes slot, and each slot is on one node at a time)."""
+        group = _group(key)
+        clock = self._clocks.get(group)
+        if clock is None:
+            clock = self._clocks.setdefault(group, StoreClock())
+        return clock
+
     def _claim_args(
-        self, key: RecordKey, fingerprint: str, lease: float, ttl: float
+        self, key: RecordKey, fingerprint: str, lease: float, ttl: float, not_after: str = ""
     ) -> tuple[Any, ...]:
         """The keys and arguments of claim.lua (its ``numkeys`` is 2)."""
         head, tail = _split_fingerprint(fingerprint)
-        return (self._key(key), self._fence(key), fingerprint, _ms(lease), _ms(ttl), head, tail)
+        return (
+            self._key(key),
+            self._fence(key),
+            fingerprint,
+            _ms(lease),
+            _ms(ttl),
+            head,
+            tail,
+            not_after,
+        )
+
+    def _learn_clock(self, key: RecordKey, clock: StoreClock) -> Plan[None]:
+        """Read the server's clock (``now.lua``, routed by ``key``) when nothing taught the
+        estimate yet, so that even the first claim of a store carries its bound: one round trip
+        per store (per cluster group), never per claim (and none without a budget: no bound)."""
+        sent = _monotonic()
+        now_ms = yield Eval(_NOW, 1, (self._key(key),))
+        clock.observe(int(now_ms) / 1000, sent, _monotonic())
 
     def _complete_args(
         self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float
@@ -399,11 +448,23 @@ class RedisStore(PlannedStore):
     def _claim(
         self, key: RecordKey, fingerprint: str, lease: float, ttl: float
     ) -> Plan[ClaimOutcome]:
-        args = self._claim_args(key, fingerprint, lease, ttl)
+        clock = self._group_clock(key) if self.cluster else self._clock
+        if clock.state is None and self.redis.budget is not None:
+            yield from self._learn_clock(key, clock)
+        sent = _monotonic()
+        # claim.lua's not-after: the end of the budget the executor starts (or of the running
+        # operation's, if sooner) in the server's clock (oncely.core.storeclock).
+        not_after = clock.not_after_ms(sent, self.redis.budget, DEADLINE.get())
+        args = self._claim_args(key, fingerprint, lease, ttl, not_after)
         if self._durable is None:
-            return _parse_claim((yield Eval(_CLAIM, 2, args)), key)
+            reply = yield Eval(_CLAIM, 2, args)
+            now = int(reply[1]) / 1000
+            clock.observe(now, sent, _monotonic())
+            return _parse_claim(reply, key, now)
         reply, acked = yield EvalWait(_CLAIM, 2, args)
-        outcome = _parse_claim(reply, key)
+        now = int(reply[1]) / 1000
+        clock.observe(now, sent, _monotonic())
+        outcome = _parse_claim(reply, key, now)
         if isinstance(outcome, New) and acked < self._durable.replicas:
             # Not durable: a failover could lose the claim and let a second caller run the
             # body. Free the key again (best effort: else it frees itself at the lease's end).
@@ -589,8 +650,16 @@ class RedisStore(PlannedStore):
             return await arun(self._claim(key, fingerprint, lease, ttl), self._aexecute)
         # What the plan does then (its arguments, its one script, its reply's meaning), one
         # coroutine and one generator less: a claim is on every keyed request.
-        reply = await self.redis.aeval(_CLAIM, 2, *self._claim_args(key, fingerprint, lease, ttl))
-        return _parse_claim(reply, key)
+        clock = self._group_clock(key) if self.cluster else self._clock
+        if clock.state is None and self.redis.budget is not None:
+            await arun(self._learn_clock(key, clock), self._aexecute)
+        sent = _monotonic()
+        not_after = clock.not_after_ms(sent, self.redis.budget, DEADLINE.get())
+        args = self._claim_args(key, fingerprint, lease, ttl, not_after)
+        reply = await self.redis.aeval(_CLAIM, 2, *args)
+        now = int(reply[1]) / 1000
+        clock.observe(now, sent, _monotonic())
+        return _parse_claim(reply, key, now)
 
     async def acomplete(
         self, key: RecordKey, fence: int, result: bytes, codec: str, ttl: float

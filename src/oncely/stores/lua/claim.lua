@@ -5,6 +5,11 @@
 -- ARGV[1]  fingerprint      ARGV[2] lease (ms)      ARGV[3] ttl (ms)
 -- ARGV[4], ARGV[5]  the fingerprint as a compact completed record keeps it (ft, fx: see
 --          complete.lua), so that a replay compares it without turning fx into hex
+-- ARGV[6]  not after (ms, the store's clock; optional, '' for none): the caller stops waiting
+--          for this reply then (its budget ends, oncely.core.storeclock). A claim the server
+--          runs later (it was queued in a paused server's socket) decides nothing, writes
+--          nothing, and answers {'L', now_ms}: else it would take the key over for a caller
+--          that is gone, and the real holder's completion would be refused.
 --
 -- Replies (every number as a decimal string, so nothing is rounded on the way; now_ms is the
 -- time every decision and stored time of this call is based on):
@@ -12,6 +17,7 @@
 --   {'R', now_ms, {st, fe, fp, lu, ea, ca, rs, cd}} a live completed record (replay)
 --   {'I', now_ms, fence, lease_until_ms}            a live in-progress record of another caller
 --   {'M', now_ms}                                   a live record with another fingerprint
+--   {'L', now_ms}                                   too late (ARGV[6]): nothing decided
 --
 -- Fences: max(counter + 1, TIME in microseconds, old fence + 1), and the counter keeps it. The
 -- counter never expires, so a key's fences grow whatever happened between two claims (release,
@@ -30,6 +36,10 @@ local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local now = string.format('%.0f', now_ms)
+local not_after = tonumber(ARGV[6] or '')
+if not_after and now_ms > not_after then
+  return {'L', now}
+end
 
 local h = unpacked(key, redis.call('HMGET', key, 'st', 'fe', 'fp', 'lu', 'ea', 'ca', 'rs', 'cd',
   'rn', 'ft', 'fx'), now_ms)
