@@ -21,8 +21,9 @@ Statements queue on the process's writer gate and share its group commits
 (:func:`oncely.backends.sqlite.execute`), waiting for another process holding SQLite's write
 lock up to ``busy_timeout``. An attempt of ``acquire(timeout=T)`` / ``aacquire(timeout=T)``
 passes the time left of ``T`` as its deadline instead: it waits for the gate and for the file
-as long as that, shorter or longer than ``busy_timeout``, and a file still locked then counts as
-the lock being busy (:class:`~oncely.errors.LockTimeout` at ``T``), never
+as long as that, shorter or longer than ``busy_timeout`` (the first use of the file included:
+opening a connection, the switch to WAL, creating the table), and a file still locked then
+counts as the lock being busy (:class:`~oncely.errors.LockTimeout` at ``T``), never
 :class:`~oncely.errors.StoreUnavailable`; the attempt wrote nothing. Without a timeout (and for
 ``blocking=False``) the statement waits ``busy_timeout``, then raises StoreUnavailable.
 The file is opened in WAL mode with ``synchronous=NORMAL`` (a lock

@@ -23,7 +23,9 @@ A caller with a shorter bound of its own waits no longer than that: a duplicate 
 (:mod:`oncely.core.deadline`), and if another process keeps the file locked until then, the
 claim writes nothing and the call ends with :class:`~oncely.errors.InFlightError` (HTTP: 409)
 at ``wait_timeout``, as if the first call were still running, not with
-:class:`~oncely.errors.StoreUnavailable` after ``busy_timeout``.
+:class:`~oncely.errors.StoreUnavailable` after ``busy_timeout``. The same bound ends the waits
+of opening a connection (the first one also switches the file to WAL and creates the schema,
+in one transaction).
 """
 
 from __future__ import annotations
