@@ -390,6 +390,47 @@ def test_sqlite_lock_acquire_with_a_timeout_on_a_file_without_the_lock_table_end
 
 
 @pytest.mark.serial
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_sqlite_lock_acquire_behind_this_process_s_own_writes_says_so(
+    tmp_path: Path, face: str
+) -> None:
+    """A thread of this process holds the file's writer gate (its own long write; no other
+    process on the file). acquire(timeout=0.5) ends at 0.5 s with LockTimeout saying this
+    process's writes kept the gate; it said the file stayed locked by another connection or
+    process."""
+    from oncely.backends.sqlite import writer_gate
+
+    path = f"{tmp_path}/own.db"
+    lock = Lock(f"sqlite:///{path}", f"own-{os.getpid()}", ttl=5)
+    lock.acquire()
+    lock.release()
+    gate = writer_gate(os.path.abspath(path))
+    taken, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        assert gate.acquire(5)
+        taken.set()
+        done.wait(30)
+        gate.release()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(10)
+        start = time.monotonic()
+        with pytest.raises(LockTimeout, match="writer gate") as info:
+            _bounded_acquire(lock, 0.5, face)
+        took = time.monotonic() - start
+    finally:
+        done.set()
+        holder.join(30)
+    assert 0.4 <= took < 1.0, took
+    assert "another connection or process (its write lock" not in str(info.value)
+    assert lock.acquire(timeout=1) > 0
+    lock.release()
+
+
+@pytest.mark.serial
 def test_sqlite_lock_acquire_gets_the_lock_once_the_file_is_free_within_the_timeout(
     tmp_path: Path,
 ) -> None:

@@ -559,7 +559,8 @@ class Connections:
             if bounded:
                 raise DeadlinePassed(
                     f"the deadline passed while every connection to SQLite database "
-                    f"{self._path!r} was busy; nothing was run"
+                    f"{self._path!r} was busy; nothing was run",
+                    ALL_CONNECTIONS_BUSY,
                 ) from busy  # what a caller without a deadline would be told
             raise busy
         try:
@@ -606,6 +607,18 @@ def bound(timeout: float, deadline: float | None) -> tuple[float, bool]:
     return max(0.0, deadline - time.monotonic()), True
 
 
+#: :attr:`DeadlinePassed.reason` of a write whose deadline passed at the writer gate, held by
+#: this process's own writes (none of them waiting for another connection or process).
+OWN_WRITES: Final = (
+    "this process's other writes to the SQLite database file kept its writer gate (its "
+    "holder was writing, not waiting for another connection or process)"
+)
+#: :attr:`DeadlinePassed.reason` of a call whose deadline passed waiting for a connection.
+ALL_CONNECTIONS_BUSY: Final = (
+    "every connection to the SQLite database file was busy with this process's other calls"
+)
+
+
 def overdue(path: str, gate: WriterGate | None = None) -> DeadlinePassed:
     """The error of a statement whose caller's deadline passed before it could run: while the
     file was locked by another connection or process, or (``gate`` given, its holder not
@@ -614,7 +627,8 @@ def overdue(path: str, gate: WriterGate | None = None) -> DeadlinePassed:
         return DeadlinePassed(
             f"the caller's deadline passed while other writes of this process to SQLite "
             f"database {path!r} held its writer gate; the statement did not run, nothing was "
-            "written"
+            "written",
+            OWN_WRITES,
         )
     return DeadlinePassed(
         f"the caller's deadline passed while SQLite database {path!r} was locked by another "
@@ -797,11 +811,12 @@ def _expire(job: _Write, outbox: list[_Write]) -> None:
     future = job.future
     if future is None or future.done():
         return
+    gate = writer_gate(job.connections.path)
     if job in outbox:
         outbox.remove(job)
-    elif not writer_gate(job.connections.path).withdraw(job):
+    elif not gate.withdraw(job):
         return
-    future.set_exception(overdue(job.connections.path))
+    future.set_exception(overdue(job.connections.path, gate))  # it waited behind the gate
 
 
 class _Outboxes:

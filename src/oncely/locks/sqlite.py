@@ -215,8 +215,8 @@ class SQLiteLockBackend(LockBackend):
         params = {"name": name, "owner": owner, "ttl": ttl}
         try:
             rows, _ = self._run("acquire", params, deadline)
-        except DeadlinePassed:  # the file stayed locked for the time left: busy, not down
-            return Busy(reason=FILE_LOCKED)
+        except DeadlinePassed as exc:  # the file stayed locked for the time left: busy, not down
+            return Busy(reason=exc.reason or FILE_LOCKED)
         if not rows:
             return Busy()
         return Hold(name, owner, int(rows[0][0]), float(rows[0][1]), face)
