@@ -55,9 +55,9 @@ def execute_alone(
     job.finished = threading.Event()
     wait, _ = backend.bound(connections.timeout, until)
     if not gate.acquire(wait):
-        raise backend.overdue(connections.path)
+        raise backend.overdue(connections.path, gate)
     try:
-        backend._run_batch(connections, [job])
+        backend._run_batch(gate, connections, [job])
     finally:
         gate.release()
     return job.result()

@@ -340,6 +340,96 @@ def test_sqlite_lock_acquire_with_a_timeout_ends_at_it_while_another_process_loc
         lock.release()
 
 
+def _bounded_acquire(lock: Lock, timeout: float, face: str) -> None:
+    """acquire(timeout=...) through ``face``: sync, async, or ``with`` (the Lock's own timeout,
+    ``lock.timeout``; ``timeout`` is then unused)."""
+    if face == "sync":
+        lock.acquire(timeout=timeout)
+    elif face == "async":
+        asyncio.run(lock.aacquire(timeout=timeout))
+    else:
+        with lock:
+            pass
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("journal", ["rollback", "wal"])
+@pytest.mark.parametrize("face", ["sync", "async", "with"])
+def test_sqlite_lock_acquire_with_a_timeout_on_a_file_without_the_lock_table_ends_at_it(
+    tmp_path: Path, face: str, journal: str
+) -> None:
+    """The file exists (another application's table in it, in rollback-journal or WAL mode) but
+    this process never used locks on it: no lock table yet. Another process holds the file's
+    write lock. acquire(timeout=T), aacquire(timeout=T) and ``with Lock(..., timeout=T)`` end
+    at T with LockTimeout, whether T is shorter than busy_timeout (T=1, busy_timeout=4) or
+    longer (T=1.5, busy_timeout=0.5). The first use of the file -- switching it to WAL,
+    creating the lock table -- waited busy_timeout instead, then raised StoreUnavailable
+    (4.04 s for T=1.5, busy_timeout=4: red team 15). Once the other process lets go, the same
+    locks work (the table is created then)."""
+    path = f"{tmp_path}/cold.db"
+    other_app = sqlite3.connect(path, isolation_level=None)
+    if journal == "wal":
+        other_app.execute("PRAGMA journal_mode=WAL")
+    other_app.execute("CREATE TABLE their_rows (x)")
+    other_app.close()
+    locks = [
+        (Lock(f"sqlite:///{path}?busy_timeout={busy}", f"cold-{busy}", ttl=5, timeout=t), t)
+        for t, busy in ((1.0, 4), (1.5, 0.5))
+    ]
+    with OtherWriter(path) as other:
+        for lock, timeout in locks:
+            start = time.monotonic()
+            with pytest.raises(LockTimeout, match="database file stayed locked"):
+                _bounded_acquire(lock, timeout, face)
+            took = time.monotonic() - start
+            assert timeout - 0.5 <= took < timeout + 0.5, (timeout, took)
+        other.release()
+    for lock, _ in locks:
+        assert lock.acquire(timeout=2) > 0
+        lock.release()
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_sqlite_lock_acquire_behind_this_process_s_own_writes_says_so(
+    tmp_path: Path, face: str
+) -> None:
+    """A thread of this process holds the file's writer gate (its own long write; no other
+    process on the file). acquire(timeout=0.5) ends at 0.5 s with LockTimeout saying this
+    process's writes kept the gate; it said the file stayed locked by another connection or
+    process."""
+    from oncely.backends.sqlite import writer_gate
+
+    path = f"{tmp_path}/own.db"
+    lock = Lock(f"sqlite:///{path}", f"own-{os.getpid()}", ttl=5)
+    lock.acquire()
+    lock.release()
+    gate = writer_gate(os.path.abspath(path))
+    taken, done = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        assert gate.acquire(5)
+        taken.set()
+        done.wait(30)
+        gate.release()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(10)
+        start = time.monotonic()
+        with pytest.raises(LockTimeout, match="writer gate") as info:
+            _bounded_acquire(lock, 0.5, face)
+        took = time.monotonic() - start
+    finally:
+        done.set()
+        holder.join(30)
+    assert 0.4 <= took < 1.0, took
+    assert "another connection or process (its write lock" not in str(info.value)
+    assert lock.acquire(timeout=1) > 0
+    lock.release()
+
+
 @pytest.mark.serial
 def test_sqlite_lock_acquire_gets_the_lock_once_the_file_is_free_within_the_timeout(
     tmp_path: Path,

@@ -995,3 +995,92 @@ def test_async_writes_with_a_deadline_behind_a_held_gate_wait_without_spinning(
     assert all(store.get(key) is None for key in keys)
     assert all(isinstance(store.claim(key, "fp", 30, 60), New) for key in keys)
     store.close()
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_bounded_claim_on_a_store_not_set_up_yet_ends_at_its_deadline(
+    tmp_path: Path, face: str
+) -> None:
+    """The store's first use of the file -- switching it to WAL, creating the schema -- waits
+    for another process holding the file's write lock. A claim bounded at 1 s (what a
+    duplicate's claim after its wait carries, oncely.core.deadline) ends at 1 s with
+    DeadlinePassed, having written nothing; it waited busy_timeout (4 s) and raised
+    StoreUnavailable. Once the other process lets go, the store sets the file up and works."""
+    path = f"{tmp_path}/cold.db"
+    store = SQLiteStore(f"sqlite:///{path}?busy_timeout=4")
+    key = RecordKey.of("", "cold")
+    with OtherWriter(path) as other:
+        begun = time.monotonic()
+        with deadline.within(begun + 1.0), pytest.raises(DeadlinePassed):
+            if face == "sync":
+                store.claim(key, "fp", 30, 60)
+            else:
+                asyncio.run(store.aclaim(key, "fp", 30, 60))
+        took = time.monotonic() - begun
+        assert 1.0 - 0.1 <= took < 1.0 + MARGIN, took
+        other.release()
+    assert isinstance(store.claim(key, "fp", 30, 60), New)
+    store.close()
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("file", ["cold", "warm"])
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_a_write_that_waited_for_the_gate_says_which_wait_ran_out(
+    tmp_path: Path, face: str, file: str
+) -> None:
+    """A sync claim without a deadline (busy_timeout 3 s) holds the process's writer gate while
+    it waits for another process's write lock on the file (``cold``: to set the file up, WAL
+    and schema; ``warm``: for its statement). A claim of another store on the file
+    (busy_timeout 0.5 s; sync, or async through the file's writer thread) waits for the gate
+    behind it and gives up at 0.5 s: its message says the file is
+    locked by another connection or process; it said "another thread of this process kept
+    writing" (red team 15: 19 of 20 first claims). A gate held by this process's own write,
+    not waiting for the file, is still told as such."""
+    path = f"{tmp_path}/gate.db"
+    patient = SQLiteStore(f"sqlite:///{path}?busy_timeout=3")
+    hasty = SQLiteStore(f"sqlite:///{path}?busy_timeout=0.5")
+    if file == "warm":
+        patient.claim(RecordKey.of("", "warm"), "fp", 30, 60)
+        hasty.claim(RecordKey.of("", "warm2"), "fp", 30, 60)
+    gate = writer_gate(patient.path)
+
+    def claim(store: SQLiteStore, name: str, how: str = face) -> Any:
+        try:
+            if how == "sync":
+                return store.claim(RecordKey.of("", name), "fp", 30, 60)
+            return asyncio.run(store.aclaim(RecordKey.of("", name), "fp", 30, 60))
+        except Exception as exc:
+            return exc
+
+    first: list[Any] = []
+    with OtherWriter(path):
+        waiting = threading.Thread(  # sync: a thread of its own holds the gate
+            target=lambda: first.append(claim(patient, "first", "sync"))
+        )
+        waiting.start()
+        limit = time.monotonic() + 10
+        while gate.acquire(0):  # until the first claim holds the gate (waiting for the file)
+            gate.release()
+            assert time.monotonic() < limit
+            time.sleep(0.001)
+        begun = time.monotonic()
+        second = claim(hasty, "second")
+        took = time.monotonic() - begun
+        waiting.join(30)
+    assert isinstance(second, StoreUnavailable), second
+    assert 0.5 - 0.1 <= took < 0.5 + MARGIN, took
+    assert "locked by another connection or process" in str(second), second
+    assert "another thread of this process kept writing" not in str(second), second
+    assert isinstance(first[0], StoreUnavailable), first  # busy_timeout, 3 s
+    # this process's own writes: the gate held by a thread that is not waiting for the file
+    assert gate.acquire(0)
+    try:
+        own = claim(hasty, "own")
+    finally:
+        gate.release()
+    assert isinstance(own, StoreUnavailable), own
+    assert "other threads of this process kept writing" in str(own), own
+    patient.close()
+    hasty.close()

@@ -37,8 +37,11 @@ __all__ = [
     "absolute",
     "aexecute",
     "bound",
+    "busy_pragma",
     "enable_wal",
     "execute",
+    "left",
+    "opening_end",
     "parse_url",
     "writer_gate",
 ]
@@ -144,6 +147,20 @@ def enable_wal(conn: sqlite3.Connection, patience: float) -> None:
         delay = min(delay * 2, 0.05)
 
 
+def opening_end(deadline: float | None, busy_timeout: float) -> float:
+    """When the waits of opening a connection end (a :func:`time.monotonic` time): the
+    caller's ``deadline`` if it gave one (shorter or longer than ``busy_timeout``), else
+    ``busy_timeout`` seconds from now. One end for every wait of the opening -- SQLite's busy
+    handler while it reads the file, the switch to WAL (:func:`enable_wal`), creating the
+    schema -- so the first use of a file keeps to the caller's bound like any statement."""
+    return time.monotonic() + busy_timeout if deadline is None else deadline
+
+
+def left(end: float) -> float:
+    """Seconds from now until ``end`` (a :func:`time.monotonic` time), never negative."""
+    return max(0.0, end - time.monotonic())
+
+
 def is_busy(exc: sqlite3.Error) -> bool:
     """True if ``exc`` says another writer held the file past the busy timeout."""
     text = str(exc)
@@ -159,10 +176,19 @@ def busy_error(what: str, path: str, busy_timeout: float) -> StoreUnavailable:
     )
 
 
-def open_error(exc: sqlite3.Error, what: str, path: str, busy_timeout: float) -> StoreUnavailable:
+def open_error(
+    exc: sqlite3.Error, what: str, path: str, busy_timeout: float, deadline: float | None = None
+) -> OncelyError:
     """The error for a file that could not be opened: locked by another writer past
-    ``busy_timeout`` (many processes opening a fresh file at once), or not openable at all
-    (a missing directory, no permission)."""
+    ``busy_timeout`` (many processes opening a fresh file at once), or past the caller's
+    ``deadline`` (:class:`DeadlinePassed`: the caller answers with its own timeout error), or
+    not openable at all (a missing directory, no permission)."""
+    if is_busy(exc) and deadline is not None:
+        return DeadlinePassed(
+            f"the caller's deadline passed while {what} {path!r} was being opened (switched to "
+            "WAL, its table created) and stayed locked by another connection or process; the "
+            "statement did not run, nothing was written"
+        )
     if is_busy(exc):
         return busy_error(what, path, busy_timeout)
     if getattr(exc, "sqlite_errorname", "") in ("SQLITE_NOTADB", "SQLITE_CORRUPT"):
@@ -213,6 +239,21 @@ class WriterGate:
         self._readers = 0
         self._forking = False
         self._reads = threading.Condition(self.mutex)
+        #: When the holder began a wait that only SQLite ends, for the file's write lock
+        #: (opening a connection, ``BEGIN IMMEDIATE``, a statement run alone); None outside
+        #: one. Set and cleared by the holder only: a write that waited for the gate in vain
+        #: tells from it whether it waited behind another connection's or process's lock on
+        #: the file, or behind this process's own writes (:func:`gate_error`).
+        self.on_file: float | None = None
+
+    @contextlib.contextmanager
+    def waiting_for_file(self) -> Iterator[None]:
+        """The holder's body may wait for the file's write lock (:attr:`on_file`)."""
+        self.on_file = time.monotonic()
+        try:
+            yield
+        finally:
+            self.on_file = None
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:
@@ -345,7 +386,7 @@ class WriterGate:
         :raises StoreUnavailable: the gate stayed taken for ``timeout`` seconds.
         """
         if not self.acquire(timeout):
-            raise gate_error(path, timeout)
+            raise gate_error(path, timeout, self)
         try:
             yield
         finally:
@@ -435,8 +476,11 @@ def writer_gate(path: str) -> WriterGate:
 class Connections:
     """SQLite connections shared by every thread of a process: borrowed for one statement.
 
-    ``open`` makes a new connection (``check_same_thread=False``: a connection moves between
-    threads, but is used by one at a time). At most ``size`` connections exist at once, opened
+    ``open(deadline)`` makes a new connection (``check_same_thread=False``: a connection moves
+    between threads, but is used by one at a time); ``deadline`` is the borrower's bound
+    (:func:`time.monotonic` seconds, None: none), which ends every wait of the opening (see
+    :func:`opening_end`; a file still locked then is :class:`DeadlinePassed`,
+    :func:`open_error`). At most ``size`` connections exist at once, opened
     on demand and kept idle for the next statement (the most recently used first); a statement
     that finds all of them busy waits for one, up to ``timeout`` seconds, then raises
     :class:`~oncely.errors.StoreUnavailable`. SQLite runs one writer at a time anyway, and its
@@ -448,7 +492,7 @@ class Connections:
 
     def __init__(
         self,
-        open: Callable[[], sqlite3.Connection],
+        open: Callable[[float | None], sqlite3.Connection],
         *,
         path: str,
         size: int = 16,
@@ -488,8 +532,10 @@ class Connections:
         """Borrow a connection for the body of the ``with`` block.
 
         :param deadline: the caller's bound (:func:`time.monotonic` seconds, None: none): the
-            wait for a free connection lasts until it, instead of the pool's timeout.
-        :raises DeadlinePassed: every connection stayed busy until the deadline.
+            wait for a free connection lasts until it, instead of the pool's timeout, and so
+            does opening a new one (the first use of the file: WAL, the schema).
+        :raises DeadlinePassed: every connection stayed busy until the deadline, or the file
+            stayed locked by another connection or process while a new one was opened.
         :raises StoreUnavailable: every connection stayed busy for the pool's timeout (no
             deadline), or a new one could not be opened.
         """
@@ -506,20 +552,26 @@ class Connections:
             slots = self._slots
         wait, bounded = bound(self._timeout, deadline)
         if not slots.acquire(timeout=wait):
-            if bounded:
-                raise DeadlinePassed(
-                    f"the deadline passed while every connection to SQLite database "
-                    f"{self._path!r} was busy; nothing was run"
-                )
-            raise StoreUnavailable(
+            busy = StoreUnavailable(
                 f"all {self._size} connections to SQLite database {self._path!r} stayed busy "
                 f"for {self._timeout:g}s; use a server store for heavy concurrency"
             )
+            if bounded:
+                raise DeadlinePassed(
+                    f"the deadline passed while every connection to SQLite database "
+                    f"{self._path!r} was busy; nothing was run",
+                    ALL_CONNECTIONS_BUSY,
+                ) from busy  # what a caller without a deadline would be told
+            raise busy
         try:
             with self._lock:
                 if self._idle and slots is self._slots:
                     return self._idle.pop(), slots
-            return self._open(), slots
+            gate = writer_gate(self._path)
+            if not gate.held_by_me():  # a SELECT's: it waits for no write
+                return self._open(deadline), slots
+            with gate.waiting_for_file():  # the first use of the file may wait for its lock
+                return self._open(deadline), slots
         except BaseException:
             slots.release()
             raise
@@ -555,8 +607,29 @@ def bound(timeout: float, deadline: float | None) -> tuple[float, bool]:
     return max(0.0, deadline - time.monotonic()), True
 
 
-def overdue(path: str) -> DeadlinePassed:
-    """The error of a statement whose caller's deadline passed before it could run."""
+#: :attr:`DeadlinePassed.reason` of a write whose deadline passed at the writer gate, held by
+#: this process's own writes (none of them waiting for another connection or process).
+OWN_WRITES: Final = (
+    "this process's other writes to the SQLite database file kept its writer gate (its "
+    "holder was writing, not waiting for another connection or process)"
+)
+#: :attr:`DeadlinePassed.reason` of a call whose deadline passed waiting for a connection.
+ALL_CONNECTIONS_BUSY: Final = (
+    "every connection to the SQLite database file was busy with this process's other calls"
+)
+
+
+def overdue(path: str, gate: WriterGate | None = None) -> DeadlinePassed:
+    """The error of a statement whose caller's deadline passed before it could run: while the
+    file was locked by another connection or process, or (``gate`` given, its holder not
+    waiting for the file) while this process's other writes held the writer gate."""
+    if gate is not None and gate.on_file is None:
+        return DeadlinePassed(
+            f"the caller's deadline passed while other writes of this process to SQLite "
+            f"database {path!r} held its writer gate; the statement did not run, nothing was "
+            "written",
+            OWN_WRITES,
+        )
     return DeadlinePassed(
         f"the caller's deadline passed while SQLite database {path!r} was locked by another "
         "writer (a connection or process); the statement did not run, nothing was written"
@@ -616,8 +689,8 @@ def execute(
         wait, bounded = bound(connections.timeout, deadline)
         if not gate.acquire(wait):
             if bounded:
-                raise overdue(connections.path)
-            raise gate_error(connections.path, wait)
+                raise overdue(connections.path, gate)
+            raise gate_error(connections.path, wait, gate)
         try:
             # Batches go oldest first, BATCH at a time: more than BATCH writes queued ahead of
             # this one (async callers' floods) take several batches before it runs; the holder
@@ -627,7 +700,7 @@ def execute(
                 if not batch:  # taken by a writer thread failing its batch (gate timeout)
                     job.finished.wait(connections.timeout)
                     break
-                _run_batch(connections, batch)
+                _run_batch(gate, connections, batch)
         finally:
             gate.release()
     except BaseException:
@@ -643,11 +716,24 @@ def execute(
     return job.result()
 
 
-def gate_error(path: str, timeout: float) -> StoreUnavailable:
-    """The error of a write that waited ``timeout`` seconds for the gate in vain."""
+def gate_error(path: str, timeout: float, gate: WriterGate | None = None) -> StoreUnavailable:
+    """The error of a write that waited ``timeout`` seconds for the gate in vain: behind a
+    write of this process that is itself waiting for the file's write lock (held by another
+    connection or process: what ran out is that lock's wait, shared), or behind this
+    process's own writes (``gate``'s :attr:`~WriterGate.on_file` tells which)."""
+    since = None if gate is None else gate.on_file
+    if since is not None:
+        return StoreUnavailable(
+            f"SQLite database {path!r} stayed locked by another connection or process: this "
+            f"write waited {timeout:g}s (busy_timeout) behind a write of this process that has "
+            f"been waiting {max(0.0, time.monotonic() - since):.1f}s for the file's write "
+            "lock; raise busy_timeout or use a server store for heavy write concurrency"
+        )
     return StoreUnavailable(
-        f"another thread of this process kept writing to SQLite database {path!r} for "
-        f"{timeout:g}s; raise busy_timeout or use a server store for heavy concurrency"
+        f"other threads of this process kept writing to SQLite database {path!r} for "
+        f"{timeout:g}s (this write waited for the process's writer gate; its holder was "
+        "writing, not waiting for another connection or process); raise busy_timeout or use a "
+        "server store for heavy concurrency"
     )
 
 
@@ -725,11 +811,12 @@ def _expire(job: _Write, outbox: list[_Write]) -> None:
     future = job.future
     if future is None or future.done():
         return
+    gate = writer_gate(job.connections.path)
     if job in outbox:
         outbox.remove(job)
-    elif not writer_gate(job.connections.path).withdraw(job):
+    elif not gate.withdraw(job):
         return
-    future.set_exception(overdue(job.connections.path))
+    future.set_exception(overdue(job.connections.path, gate))  # it waited behind the gate
 
 
 class _Outboxes:
@@ -785,11 +872,11 @@ def _write_queued(gate: WriterGate, connections: Connections) -> None:
         with gate.held(wait, connections.path):
             batch = gate.take(connections)
             if batch:
-                _run_batch(connections, batch)
+                _run_batch(gate, connections, batch)
     except StoreUnavailable as exc:  # the gate stayed held by this process's other threads
         batch = gate.take(connections, ended=time.monotonic())
         for job in batch:
-            job.error = exc if job.deadline is None else overdue(connections.path)
+            job.error = exc if job.deadline is None else overdue(connections.path, gate)
             job.finish()
         _answer(batch)
 
@@ -887,13 +974,13 @@ class _Write:
             self.error = exc
 
 
-def _busy_ms(seconds: float) -> str:
+def busy_pragma(seconds: float) -> str:
     """``PRAGMA busy_timeout`` for ``seconds`` (rounded up to whole milliseconds)."""
     return f"PRAGMA busy_timeout = {max(0, math.ceil(seconds * 1000))}"
 
 
 def _lock_file(
-    conn: sqlite3.Connection, connections: Connections, batch: list[_Write]
+    gate: WriterGate, conn: sqlite3.Connection, connections: Connections, batch: list[_Write]
 ) -> list[_Write]:
     """``BEGIN IMMEDIATE`` for ``batch`` on ``conn``: the jobs that run in the transaction
     (empty if none is left; then no transaction is open).
@@ -917,10 +1004,11 @@ def _lock_file(
         while True:
             step = min(map(end, batch))
             if step != default or changed:  # not the connection's own busy timeout
-                conn.execute(_busy_ms(step - time.monotonic()))
+                conn.execute(busy_pragma(step - time.monotonic()))
                 changed = True
             try:
-                conn.execute("BEGIN IMMEDIATE")
+                with gate.waiting_for_file():
+                    conn.execute("BEGIN IMMEDIATE")
                 return batch
             except sqlite3.Error as exc:
                 if not is_busy(exc):
@@ -941,10 +1029,12 @@ def _lock_file(
     finally:
         if changed:  # a pragma that touches no file: never expected to fail
             with contextlib.suppress(sqlite3.Error):
-                conn.execute(_busy_ms(busy))
+                conn.execute(busy_pragma(busy))
 
 
-def _run_alone(conn: sqlite3.Connection, connections: Connections, job: _Write) -> None:
+def _run_alone(
+    gate: WriterGate, conn: sqlite3.Connection, connections: Connections, job: _Write
+) -> None:
     """Run ``job`` as its own autocommit statement; with a deadline, that (not
     ``busy_timeout``) ends its wait for another writer's lock, and a file still locked then is
     :class:`DeadlinePassed` (a statement that met a busy file wrote nothing)."""
@@ -952,10 +1042,11 @@ def _run_alone(conn: sqlite3.Connection, connections: Connections, job: _Write) 
     bounded = job.deadline is not None
     try:
         if job.deadline is not None:
-            conn.execute(_busy_ms(job.deadline - time.monotonic()))
+            conn.execute(busy_pragma(job.deadline - time.monotonic()))
         try:
-            cur = conn.execute(job.sql, job.params)
-            job.rows, job.count = cur.fetchall(), cur.rowcount
+            with gate.waiting_for_file():
+                cur = conn.execute(job.sql, job.params)
+                job.rows, job.count = cur.fetchall(), cur.rowcount
         except sqlite3.Error as exc:
             if bounded and is_busy(exc):
                 job.error = overdue(connections.path)
@@ -965,21 +1056,72 @@ def _run_alone(conn: sqlite3.Connection, connections: Connections, job: _Write) 
     finally:
         if bounded:  # never flips the outcome of a statement that ran
             with contextlib.suppress(sqlite3.Error):
-                conn.execute(_busy_ms(busy))
+                conn.execute(busy_pragma(busy))
 
 
-def _run_batch(connections: Connections, batch: list[_Write]) -> None:
+def _connect(
+    gate: WriterGate, connections: Connections, batch: list[_Write], stack: contextlib.ExitStack
+) -> sqlite3.Connection | None:
+    """A connection for ``batch`` (entered on ``stack``), or None if every job's time ran out
+    first (each answered).
+
+    Like the wait for the write lock (:func:`_lock_file`), the wait for a free connection and
+    the opening of a new one (the first use of the file: switching it to WAL, creating the
+    schema, each waiting for another connection or process that holds the file) go in steps,
+    each ending at the earliest end among the jobs still waiting: a job's deadline, or the
+    pool's timeout after the batch began for a job without one. At a step's end the jobs whose
+    time is up are answered without running (:class:`DeadlinePassed`, or for a job without a
+    deadline the :class:`StoreUnavailable` of ``busy_timeout``), and the rest wait on.
+
+    :raises OncelyError: the connection could not be opened for another reason (a missing
+        directory, not a SQLite file).
+    """
+    default = time.monotonic() + connections.timeout
+
+    def end(job: _Write) -> float:
+        return default if job.deadline is None else job.deadline
+
+    while True:
+        waiting = [job for job in batch if not job.done]
+        if not waiting:
+            return None
+        step = min(map(end, waiting))
+        try:
+            return stack.enter_context(connections.connection(step))
+        except DeadlinePassed as exc:
+            now = max(time.monotonic(), step)  # SQLite's busy handler may stop a little early
+            ended = [job for job in waiting if end(job) <= now]
+            for job in ended:
+                # A job without a deadline is told what the wait that ran out says without
+                # one: the file stayed locked past busy_timeout, or the wait's own error.
+                cause = exc.__cause__
+                if job.deadline is not None:
+                    job.error = exc
+                elif isinstance(cause, OncelyError):
+                    job.error = cause
+                else:
+                    job.error = busy_error("SQLite database", connections.path, connections.timeout)
+                    job.error.__cause__ = cause
+                job.finish()
+            _answer(ended)
+
+
+def _run_batch(gate: WriterGate, connections: Connections, batch: list[_Write]) -> None:
     """Run ``batch`` in one transaction on one connection; every job ends ``done``, and the
     async ones are answered on their loops (:func:`_answer`). A job whose deadline passes
-    while the batch waits for another process's write lock is answered then, without running
-    (:func:`_lock_file`)."""
+    while the batch waits for a connection, for its opening (:func:`_connect`) or for another
+    process's write lock (:func:`_lock_file`) is answered then, without running."""
     try:
-        with connections.connection() as conn:
+        with contextlib.ExitStack() as stack:
+            conn = _connect(gate, connections, batch, stack)
+            if conn is None:
+                return
+            batch = [job for job in batch if not job.done]
             if len(batch) == 1:  # alone: its own autocommit statement, no BEGIN/COMMIT calls
-                _run_alone(conn, connections, batch[0])
+                _run_alone(gate, conn, connections, batch[0])
                 return
             try:
-                running = _lock_file(conn, connections, batch)
+                running = _lock_file(gate, conn, connections, batch)
             except sqlite3.Error as exc:
                 for job in batch:
                     if not job.done:

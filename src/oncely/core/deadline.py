@@ -31,7 +31,15 @@ _DEADLINE: ContextVar[float | None] = ContextVar("oncely_deadline", default=None
 class DeadlinePassed(OncelyError):
     """The caller's deadline passed while its statement waited to run (for another writer of
     the file): the statement never ran, nothing was written. Raised only to a caller that gave
-    a deadline; it answers with the error of its own timeout."""
+    a deadline; it answers with the error of its own timeout.
+
+    ``reason`` says in a few words what the statement waited for when the deadline passed, if
+    not another connection or process holding the file ("" then), for that error's message.
+    """
+
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def current() -> float | None:

@@ -21,8 +21,9 @@ Statements queue on the process's writer gate and share its group commits
 (:func:`oncely.backends.sqlite.execute`), waiting for another process holding SQLite's write
 lock up to ``busy_timeout``. An attempt of ``acquire(timeout=T)`` / ``aacquire(timeout=T)``
 passes the time left of ``T`` as its deadline instead: it waits for the gate and for the file
-as long as that, shorter or longer than ``busy_timeout``, and a file still locked then counts as
-the lock being busy (:class:`~oncely.errors.LockTimeout` at ``T``), never
+as long as that, shorter or longer than ``busy_timeout`` (the first use of the file included:
+opening a connection, the switch to WAL, creating the table), and a file still locked then
+counts as the lock being busy (:class:`~oncely.errors.LockTimeout` at ``T``), never
 :class:`~oncely.errors.StoreUnavailable`; the attempt wrote nothing. Without a timeout (and for
 ``blocking=False``) the statement waits ``busy_timeout``, then raises StoreUnavailable.
 The file is opened in WAL mode with ``synchronous=NORMAL`` (a lock
@@ -45,11 +46,14 @@ from oncely.backends.sqlite import CLOCK as NOW
 from oncely.backends.sqlite import (
     Connections,
     Workers,
+    busy_pragma,
     busy_timeout_of,
     enable_wal,
     execute,
     is_busy,
+    left,
     open_error,
+    opening_end,
     parse_url,
     synchronous_of,
 )
@@ -155,16 +159,32 @@ class SQLiteLockBackend(LockBackend):
         return f"SQLiteLockBackend({self.url!r})"
 
     # -- plumbing ---------------------------------------------------------------------------------
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, deadline: float | None = None) -> sqlite3.Connection:
+        """A new connection, the file switched to WAL and the lock table created; every wait
+        for another connection or process holding the file ends at ``deadline`` (the
+        borrower's, :func:`time.monotonic` seconds), else ``busy_timeout`` from now.
+
+        :raises DeadlinePassed: the file stayed locked until ``deadline``.
+        :raises StoreUnavailable: it stayed locked for ``busy_timeout`` (no deadline), or it
+            cannot be opened.
+        """
+        end = opening_end(deadline, self.busy_timeout)
+        conn: sqlite3.Connection | None = None
         try:
             conn = sqlite3.connect(
-                self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+                self.path, timeout=left(end), isolation_level=None, check_same_thread=False
             )
-            enable_wal(conn, self.busy_timeout)  # retries the lock SQLite does not wait for
+            enable_wal(conn, left(end))  # retries the lock SQLite does not wait for
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
+            conn.execute(busy_pragma(left(end)))
             conn.execute(self._sql["schema"])
+            conn.execute(busy_pragma(self.busy_timeout))  # the pool's, for later statements
         except sqlite3.Error as exc:
-            raise open_error(exc, "SQLite lock database", self.path, self.busy_timeout) from exc
+            if conn is not None:
+                conn.close()
+            raise open_error(
+                exc, "SQLite lock database", self.path, self.busy_timeout, deadline
+            ) from exc
         return conn
 
     def _run(
@@ -195,8 +215,8 @@ class SQLiteLockBackend(LockBackend):
         params = {"name": name, "owner": owner, "ttl": ttl}
         try:
             rows, _ = self._run("acquire", params, deadline)
-        except DeadlinePassed:  # the file stayed locked for the time left: busy, not down
-            return Busy(reason=FILE_LOCKED)
+        except DeadlinePassed as exc:  # the file stayed locked for the time left: busy, not down
+            return Busy(reason=exc.reason or FILE_LOCKED)
         if not rows:
             return Busy()
         return Hold(name, owner, int(rows[0][0]), float(rows[0][1]), face)

@@ -462,7 +462,8 @@ class _SQLite(_Sql):
         self.filter_sql = _SQLITE_FILTER.format(t=table)
         self.purge_sql = _SQLITE_PURGE.format(t=table)
 
-    def open(self) -> sqlite3.Connection:
+    def open(self, deadline: float | None = None) -> sqlite3.Connection:
+        # ``deadline``: the borrower's bound (Connections); dedup calls carry none.
         if not self.create and not os.path.exists(self.path):
             raise SchemaMissing(f"SQLite database {self.path!r} does not exist")
         conn = sqlite3.connect(

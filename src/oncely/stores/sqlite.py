@@ -23,7 +23,9 @@ A caller with a shorter bound of its own waits no longer than that: a duplicate 
 (:mod:`oncely.core.deadline`), and if another process keeps the file locked until then, the
 claim writes nothing and the call ends with :class:`~oncely.errors.InFlightError` (HTTP: 409)
 at ``wait_timeout``, as if the first call were still running, not with
-:class:`~oncely.errors.StoreUnavailable` after ``busy_timeout``.
+:class:`~oncely.errors.StoreUnavailable` after ``busy_timeout``. The same bound ends the waits
+of opening a connection (the first one also switches the file to WAL and creates the schema,
+in one transaction).
 """
 
 from __future__ import annotations
@@ -44,15 +46,19 @@ from oncely.backends.sqlite import (
     Workers,
     aexecute,
     busy_error,
+    busy_pragma,
     busy_timeout_of,
     enable_wal,
     execute,
     is_busy,
+    left,
     open_error,
+    opening_end,
     parse_url,
     synchronous_of,
 )
 from oncely.core import deadline
+from oncely.core.deadline import DeadlinePassed
 from oncely.core.records import ClaimOutcome, Record, RecordKey
 from oncely.errors import (
     ConfigurationError,
@@ -60,6 +66,7 @@ from oncely.errors import (
     ResultTooLarge,
     SchemaMissing,
     StoreError,
+    StoreUnavailable,
 )
 from oncely.settings import flag, text, whole
 from oncely.stores.planned import PlannedStore
@@ -307,38 +314,89 @@ class SQLiteStore(PlannedStore):
         self._lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, timeout: float) -> sqlite3.Connection:
         return sqlite3.connect(
             self._target,
-            timeout=self.busy_timeout,
+            timeout=timeout,
             isolation_level=None,
             check_same_thread=False,
             uri=not self._create_schema,
         )
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, until: float | None = None) -> sqlite3.Connection:
+        """A new connection; the first of the store also switches the file to WAL and creates
+        the schema. Every wait -- for another connection or process holding the file, for
+        another thread of this process setting it up -- ends at ``until`` (the borrower's
+        deadline, :func:`time.monotonic` seconds), else ``busy_timeout`` from now.
+
+        :raises DeadlinePassed: the file stayed locked (or set up by another thread) until
+            ``until``; nothing of the caller's was written.
+        :raises StoreUnavailable: the same for ``busy_timeout`` (no deadline), or the file
+            cannot be opened.
+        """
         if not self._create_schema and not os.path.exists(self.path):
             raise SchemaMissing(
                 f"SQLite database {self.path!r} does not exist; run `oncely init {self.url}` or "
                 "open the store with create_schema=True"
             )
+        end = opening_end(until, self.busy_timeout)
+        conn: sqlite3.Connection | None = None
         try:
-            conn = self._connect()
+            conn = self._connect(left(end))
             conn.execute(f"PRAGMA synchronous={self.synchronous}")
-            with self._lock:  # once per store: the first connection sets up the file
-                if not self._file_ready:
-                    enable_wal(conn, self.busy_timeout)
-                    if self._create_schema:
-                        conn.executescript(SCHEMA.replace("{t}", self.table))
-                    self._file_ready = True
+            if not self._file_ready:
+                self._set_up(conn, end, until)
+            conn.execute(busy_pragma(self.busy_timeout))  # the pool's, for later statements
             if self.max_result_bytes is None:
                 # The limit holds for a whole row too: keep room for the record's other columns.
                 self.max_result_bytes = max(_length_limit(conn) - _ROW_MARGIN, 0)
         except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
             if isinstance(exc, sqlite3.OperationalError) and _schema_error(str(exc)):
                 raise self._translate(exc) from exc
-            raise open_error(exc, "SQLite database", self.path, self.busy_timeout) from exc
+            raise open_error(exc, "SQLite database", self.path, self.busy_timeout, until) from exc
+        except BaseException:
+            if conn is not None:
+                conn.close()
+            raise
         return conn
+
+    def _set_up(self, conn: sqlite3.Connection, end: float, until: float | None) -> None:
+        """Once per store, on its first connection: WAL and the schema (one transaction, so
+        one wait for another process's write lock), every wait ending at ``end``.
+
+        :raises DeadlinePassed: another thread of this process was still setting the file up
+            at ``until`` (the caller's deadline).
+        :raises StoreUnavailable: the same for ``busy_timeout`` (no deadline).
+        """
+        if not self._lock.acquire(timeout=left(end)):
+            text = (
+                f"another thread of this process was still setting up SQLite database "
+                f"{self.path!r} (switching it to WAL, creating the schema: it waits for another "
+                "connection or process holding the file)"
+            )
+            busy = StoreUnavailable(
+                f"{text} for {self.busy_timeout:g}s (busy_timeout); raise busy_timeout or use a "
+                "server store for heavy write concurrency"
+            )
+            if until is not None:
+                raise DeadlinePassed(
+                    f"the caller's deadline passed while {text}; nothing was written"
+                ) from busy  # what a caller without a deadline would be told
+            raise busy
+        try:
+            if self._file_ready:
+                return
+            enable_wal(conn, left(end))
+            if self._create_schema:
+                conn.execute(busy_pragma(left(end)))
+                conn.executescript(
+                    "BEGIN IMMEDIATE;\n" + SCHEMA.replace("{t}", self.table) + "COMMIT;\n"
+                )
+            self._file_ready = True
+        finally:
+            self._lock.release()
 
     def _run(self, name: str, params: dict[str, Any]) -> tuple[list[Any], int]:
         """Run one statement on a borrowed connection: (every row, rowcount)."""
