@@ -1084,3 +1084,74 @@ def test_a_write_that_waited_for_the_gate_says_which_wait_ran_out(
     assert "other threads of this process kept writing" in str(own), own
     patient.close()
     hasty.close()
+
+
+@pytest.mark.serial
+@pytest.mark.parametrize("file", ["cold", "warm"])
+def test_unbounded_writes_queued_behind_bounded_ones_end_at_busy_timeout_after_queueing(
+    tmp_path: Path, file: str
+) -> None:
+    """Two sync claims bounded at 1.5 s hold the writer gate, waiting for another process's
+    write lock (``cold``: to set the file up; ``warm``: for their statement). Queued behind
+    them, two sync claims and one async claim without a deadline (busy_timeout 2 s) end with
+    StoreUnavailable at about 2 s after each was queued; their batch began at 1.5 s, and they
+    waited busy_timeout from then, until 3.5 s (red team 16: 7.05 s with busy_timeout 4 behind
+    3 s). Once the other process lets go, every write works."""
+    path = f"{tmp_path}/queued.db"
+    store = SQLiteStore(f"sqlite:///{path}?busy_timeout=2")
+    if file == "warm":
+        store.claim(RecordKey.of("", "warm"), "fp", 30, 60)
+    gate = writer_gate(store.path)
+    results: dict[str, tuple[Any, float]] = {}
+
+    def claim(name: str, bound: float | None, face: str = "sync") -> None:
+        begun = time.monotonic()
+        key = RecordKey.of("", name)
+        with deadline.within(None if bound is None else begun + bound):
+            try:
+                outcome: Any = (
+                    store.claim(key, "fp", 30, 60)
+                    if face == "sync"
+                    else asyncio.run(store.aclaim(key, "fp", 30, 60))
+                )
+            except Exception as exc:
+                outcome = exc
+        results[name] = (outcome, time.monotonic() - begun)
+
+    with OtherWriter(path) as other:
+        bounded = [threading.Thread(target=claim, args=(f"b{i}", 1.5)) for i in range(2)]
+        for thread in bounded:
+            thread.start()
+        limit = time.monotonic() + 10
+        while gate.on_file is None:  # a bounded claim holds the gate, waiting for the file
+            assert time.monotonic() < limit
+            time.sleep(0.001)
+        plain = [
+            threading.Thread(target=claim, args=("u0", None)),
+            threading.Thread(target=claim, args=("u1", None)),
+            threading.Thread(target=claim, args=("ua", None, "async")),
+        ]
+        for thread in plain:
+            thread.start()
+        for thread in bounded + plain:
+            thread.join(30)
+        other.release()
+    for name in ("b0", "b1"):
+        outcome, took = results[name]
+        assert isinstance(outcome, DeadlinePassed), (name, outcome)
+        assert took < 1.5 + MARGIN, (name, took)
+    plain_ends = {name: results[name] for name in ("u0", "u1", "ua")}
+    for outcome, took in plain_ends.values():
+        assert isinstance(outcome, StoreUnavailable), plain_ends
+        assert 2 - 0.1 <= took < 2 + MARGIN, plain_ends  # not 3.5 s
+    for name in ("b0", "b1", "u0", "u1", "ua"):
+        assert store.get(RecordKey.of("", name)) is None  # nothing written
+    # the other process let go: every write works, sync and async, bounded or not
+    assert isinstance(store.claim(RecordKey.of("", "after"), "fp", 30, 60), New)
+    assert isinstance(asyncio.run(store.aclaim(RecordKey.of("", "aafter"), "fp", 30, 60)), New)
+    with deadline.within(time.monotonic() + 5):
+        assert isinstance(store.claim(RecordKey.of("", "bafter"), "fp", 30, 60), New)
+    lock = Lock(f"sqlite:///{path}?busy_timeout=2", "after")
+    assert lock.acquire(timeout=2)
+    lock.release()
+    store.close()

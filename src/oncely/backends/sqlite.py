@@ -333,13 +333,12 @@ class WriterGate:
     def take(self, owner: object, ended: float | None = None) -> list[Any]:
         """Remove and return the queued writes of ``owner`` (a pool), oldest first, at most
         :data:`BATCH`; with ``ended`` (a :func:`time.monotonic` time), only those whose time
-        is up then: without a deadline of their caller's, or with one at or before it."""
+        is up then (:meth:`_Write.end` at or before it)."""
         with self.mutex:
             mine = [
                 job
                 for job in self.pending
-                if job.connections is owner
-                and (ended is None or job.deadline is None or job.deadline <= ended)
+                if job.connections is owner and (ended is None or job.end() <= ended)
             ][:BATCH]
             taken = set(map(id, mine))
             self.pending = [job for job in self.pending if id(job) not in taken]
@@ -663,7 +662,7 @@ def execute(
     error), never :class:`StoreUnavailable`. It bounds waiting only: a statement whose file is
     free runs even past it. A bounded statement still joins the group commit: the batch waits
     for the write lock in steps, each ending at the earliest end among its statements (a
-    deadline, or ``busy_timeout`` after the batch began for a statement without one); at each
+    deadline, or ``busy_timeout`` after it was queued for a statement without one); at each
     end the statements whose time is up are answered at once without running, and the others
     wait on. So a short deadline never shortens another caller's wait, and once the batch has
     the lock its statements run and commit together: a caller is never told its deadline
@@ -859,24 +858,29 @@ def _hand_over(outbox: list[_Write]) -> None:
 def _write_queued(gate: WriterGate, connections: Connections) -> None:
     """One group commit of the writes queued for ``connections``, on the writer thread.
 
-    The gate is waited for the pool's timeout, or, while every queued write carries a deadline
-    of its caller's, until the earliest of those (never in a loop of zero waits). If it stays
-    held, the writes whose time is up fail (the pool's timeout: :class:`StoreUnavailable`; a
-    deadline: :class:`DeadlinePassed`) and those with time left stay queued."""
+    The gate is waited for until the earliest end among the queued writes (:meth:`_Write.end`:
+    a caller's deadline, or the pool's timeout after the write was queued). If it stays held,
+    the writes whose time is up fail (the pool's timeout: :class:`StoreUnavailable`; a
+    deadline: :class:`DeadlinePassed`; they leave the queue, so never a loop of zero waits)
+    and those with time left stay queued."""
     with gate.mutex:
-        ends = [job.deadline for job in gate.pending if job.connections is connections]
+        ends = [job.end() for job in gate.pending if job.connections is connections]
     wait = connections.timeout
-    if ends and None not in ends:
-        wait = max(0.0, min(end for end in ends if end is not None) - time.monotonic())
+    if ends:
+        wait = max(0.0, min(ends) - time.monotonic())
     try:
         with gate.held(wait, connections.path):
             batch = gate.take(connections)
             if batch:
                 _run_batch(gate, connections, batch)
-    except StoreUnavailable as exc:  # the gate stayed held by this process's other threads
+    except StoreUnavailable:  # the gate stayed held by this process's other threads
         batch = gate.take(connections, ended=time.monotonic())
         for job in batch:
-            job.error = exc if job.deadline is None else overdue(connections.path, gate)
+            job.error = (
+                gate_error(connections.path, connections.timeout, gate)
+                if job.deadline is None
+                else overdue(connections.path, gate)
+            )
             job.finish()
         _answer(batch)
 
@@ -921,6 +925,7 @@ class _Write:
         "finished",
         "future",
         "params",
+        "queued",
         "rows",
         "sql",
         "translate",
@@ -939,12 +944,20 @@ class _Write:
         self.params = params
         self.translate = translate
         self.deadline = deadline
+        self.queued = time.monotonic()
         self.done = False
         self.rows: list[Any] = []
         self.count = 0
         self.error: BaseException | None = None
         self.future: asyncio.Future[tuple[list[Any], int]] | None = None
         self.finished: threading.Event | None = None
+
+    def end(self) -> float:
+        """When its wait ends (:func:`time.monotonic` seconds): its caller's deadline, or
+        without one ``busy_timeout`` (the pool's timeout) after it was queued -- not after the
+        batch that took it began, which may be later (behind other batches, or other callers'
+        longer deadlines)."""
+        return self.queued + self.connections.timeout if self.deadline is None else self.deadline
 
     def finish(self) -> None:
         """Mark it done (its rows, count or error are final) and wake a sync caller."""
@@ -974,6 +987,12 @@ class _Write:
             self.error = exc
 
 
+#: Seconds a write without a deadline may overrun ``busy_timeout`` after it was queued: a
+#: batch keeps the connection's own busy timeout (no ``PRAGMA`` round trip on the hot path)
+#: while its earliest end is less than this short of a full ``busy_timeout`` away.
+SLACK: Final = 0.01
+
+
 def busy_pragma(seconds: float) -> str:
     """``PRAGMA busy_timeout`` for ``seconds`` (rounded up to whole milliseconds)."""
     return f"PRAGMA busy_timeout = {max(0, math.ceil(seconds * 1000))}"
@@ -986,25 +1005,22 @@ def _lock_file(
     (empty if none is left; then no transaction is open).
 
     Another process holding the file's write lock is waited for in steps, each ending at the
-    earliest end among the jobs still waiting: a job's deadline, or ``busy_timeout`` after the
-    first attempt for a job without one. At a step's end the jobs whose time is up are answered
-    at once without running (:class:`DeadlinePassed`, or the busy error of ``busy_timeout``),
-    and the rest wait on; a job never learns it failed while the batch may still run it.
+    earliest end among the jobs still waiting (:meth:`_Write.end`: a job's deadline, or
+    ``busy_timeout`` after it was queued for a job without one). At a step's end the jobs
+    whose time is up are answered at once without running (:class:`DeadlinePassed`, or the
+    busy error of ``busy_timeout``), and the rest wait on; a job never learns it failed while
+    the batch may still run it.
 
     :raises sqlite3.Error: anything but a busy file (every job then fails with it).
     """
     busy = connections.timeout
-    default = time.monotonic() + busy
-
-    def end(job: _Write) -> float:
-        return default if job.deadline is None else job.deadline
-
     changed = False
     try:
         while True:
-            step = min(map(end, batch))
-            if step != default or changed:  # not the connection's own busy timeout
-                conn.execute(busy_pragma(step - time.monotonic()))
+            step = min(job.end() for job in batch)
+            left = step - time.monotonic()
+            if changed or left < busy - SLACK:  # not the connection's own busy timeout
+                conn.execute(busy_pragma(left))
                 changed = True
             try:
                 with gate.waiting_for_file():
@@ -1014,7 +1030,7 @@ def _lock_file(
                 if not is_busy(exc):
                     raise
                 now = time.monotonic()
-                ended = [job for job in batch if end(job) <= now]
+                ended = [job for job in batch if job.end() <= now]
                 for job in ended:
                     if job.deadline is None:
                         job.fail(exc)  # busy_timeout: the caller's translate (unavailable)
@@ -1035,14 +1051,17 @@ def _lock_file(
 def _run_alone(
     gate: WriterGate, conn: sqlite3.Connection, connections: Connections, job: _Write
 ) -> None:
-    """Run ``job`` as its own autocommit statement; with a deadline, that (not
-    ``busy_timeout``) ends its wait for another writer's lock, and a file still locked then is
-    :class:`DeadlinePassed` (a statement that met a busy file wrote nothing)."""
+    """Run ``job`` as its own autocommit statement; its end (:meth:`_Write.end`: its deadline,
+    or ``busy_timeout`` after it was queued) ends its wait for another writer's lock, and a file
+    still locked then is :class:`DeadlinePassed` with a deadline, else the busy error (a
+    statement that met a busy file wrote nothing)."""
     busy = connections.timeout
     bounded = job.deadline is not None
+    left = job.end() - time.monotonic()
+    changed = bounded or left < busy - SLACK  # not the connection's own busy timeout
     try:
-        if job.deadline is not None:
-            conn.execute(busy_pragma(job.deadline - time.monotonic()))
+        if changed:
+            conn.execute(busy_pragma(left))
         try:
             with gate.waiting_for_file():
                 cur = conn.execute(job.sql, job.params)
@@ -1054,7 +1073,7 @@ def _run_alone(
             else:
                 job.fail(exc)
     finally:
-        if bounded:  # never flips the outcome of a statement that ran
+        if changed:  # never flips the outcome of a statement that ran
             with contextlib.suppress(sqlite3.Error):
                 conn.execute(busy_pragma(busy))
 
@@ -1068,29 +1087,25 @@ def _connect(
     Like the wait for the write lock (:func:`_lock_file`), the wait for a free connection and
     the opening of a new one (the first use of the file: switching it to WAL, creating the
     schema, each waiting for another connection or process that holds the file) go in steps,
-    each ending at the earliest end among the jobs still waiting: a job's deadline, or the
-    pool's timeout after the batch began for a job without one. At a step's end the jobs whose
-    time is up are answered without running (:class:`DeadlinePassed`, or for a job without a
-    deadline the :class:`StoreUnavailable` of ``busy_timeout``), and the rest wait on.
+    each ending at the earliest end among the jobs still waiting (:meth:`_Write.end`: a job's
+    deadline, or the pool's timeout after it was queued for a job without one). At a step's
+    end the jobs whose time is up are answered without running (:class:`DeadlinePassed`, or
+    for a job without a deadline the :class:`StoreUnavailable` of ``busy_timeout``), and the
+    rest wait on.
 
     :raises OncelyError: the connection could not be opened for another reason (a missing
         directory, not a SQLite file).
     """
-    default = time.monotonic() + connections.timeout
-
-    def end(job: _Write) -> float:
-        return default if job.deadline is None else job.deadline
-
     while True:
         waiting = [job for job in batch if not job.done]
         if not waiting:
             return None
-        step = min(map(end, waiting))
+        step = min(job.end() for job in waiting)
         try:
             return stack.enter_context(connections.connection(step))
         except DeadlinePassed as exc:
             now = max(time.monotonic(), step)  # SQLite's busy handler may stop a little early
-            ended = [job for job in waiting if end(job) <= now]
+            ended = [job for job in waiting if job.end() <= now]
             for job in ended:
                 # A job without a deadline is told what the wait that ran out says without
                 # one: the file stayed locked past busy_timeout, or the wait's own error.
