@@ -76,14 +76,27 @@ class Storm:
         return {r[0]: r[1] for r in rows}
 
     def wait_for(self, check: Callable[[], bool], timeout: float, what: str) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        """Poll ``check`` until it holds. ``timeout`` (seconds) bounds a *stall*: the wait fails
+        once no new effect has landed for that long, so a slow, loaded machine that is still
+        making progress is not failed, and a lost message still is; four times ``timeout`` caps
+        the whole wait."""
+        start = time.monotonic()
+        seen, last_progress = -1, start
+        while True:
             if check():
                 return
             for member, proc in self.procs.items():
                 assert proc.poll() is None, f"worker {member} exited with {proc.returncode}"
+            now = time.monotonic()
+            count = len(self.effects())
+            if count != seen:
+                seen, last_progress = count, now
+            if now - last_progress > timeout or now - start > 4 * timeout:
+                raise AssertionError(
+                    f"timed out waiting for {what}: {count} effects, none new for "
+                    f"{now - last_progress:.1f} s, {now - start:.1f} s in all"
+                )
             time.sleep(0.1)
-        raise AssertionError(f"timed out waiting for {what}: {len(self.effects())} effects")
 
     def kill(self, member: str) -> None:
         proc = self.procs.pop(member)

@@ -9,7 +9,6 @@ stuck server fails with ``StoreUnavailable`` instead of hanging.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import select
 import socket
 import threading
@@ -371,48 +370,75 @@ def test_a_paused_redis_fails_calls_within_the_default_timeout(
 
 class FreezingProxy:
     """A TCP proxy to a real server that can stop forwarding (a server that stops answering,
-    without touching the shared server itself)."""
+    without touching the shared server itself).
+
+    Each connection's pump thread owns its two sockets and closes them itself; ``close()``
+    stops the pumps and joins them, so no socket is closed under a thread that is using it
+    (a ``select`` on a socket another thread closed raises EBADF in the pump)."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
         self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.05)
         self.port = self.listener.getsockname()[1]
         self.frozen = threading.Event()
         self.closed = threading.Event()
-        self.sockets: list[socket.socket] = [self.listener]
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
 
     def _accept(self) -> None:
-        while not self.closed.is_set():
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(self.target)
-            self.sockets += [client, server]
-            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+        with self.listener:
+            while not self.closed.is_set():
+                try:
+                    client, _ = self.listener.accept()
+                except TimeoutError:
+                    continue
+                client.settimeout(None)
+                server = socket.create_connection(self.target)
+                pump = threading.Thread(target=self._pump, args=(client, server), daemon=True)
+                self.threads.append(pump)
+                pump.start()
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         peers = {a: b, b: a}
-        while not self.closed.is_set():
-            if self.frozen.is_set():
-                time.sleep(0.01)
-                continue
-            ready, _, _ = select.select([a, b], [], [], 0.05)
-            for sock in ready:
-                try:
-                    data = sock.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                peers[sock].sendall(data)
+        with a, b:
+            while not self.closed.is_set():
+                if self.frozen.is_set():
+                    time.sleep(0.01)
+                    continue
+                ready, _, _ = select.select([a, b], [], [], 0.05)
+                for sock in ready:
+                    try:
+                        data = sock.recv(65536)
+                        if data:
+                            peers[sock].sendall(data)
+                    except OSError:  # a peer reset: the connection is over
+                        return
+                    if not data:
+                        return
 
     def close(self) -> None:
         self.closed.set()
-        for sock in self.sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
+        for thread in list(self.threads):
+            thread.join(5)
+        assert not any(t.is_alive() for t in self.threads), "a proxy thread did not stop"
+
+
+def test_the_freezing_proxy_closes_under_live_traffic() -> None:
+    """The harness itself: closing the proxy while its pumps forward traffic raises in no
+    thread (the old proxy closed sockets under a pump's ``select``: EBADF in the thread, which
+    failed a CI run of the MySQL test below)."""
+    for _ in range(30):
+        proxy = FreezingProxy("127.0.0.1", 6379)
+        clients = [socket.create_connection(("127.0.0.1", proxy.port)) for _ in range(4)]
+        for client in clients:
+            client.sendall(b"PING\r\n")
+            assert client.recv(64) == b"+PONG\r\n"
+        for client in clients:
+            client.sendall(b"PING\r\n")  # in flight while the proxy closes
+        proxy.close()
+        for client in clients:
+            client.close()
 
 
 @pytest.mark.parametrize("face", ["sync", "async"])
