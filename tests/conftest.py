@@ -17,6 +17,8 @@ pytest.register_assert_rewrite("lock_workers", "sql_fixtures")
 
 from oncely.stores import Store, open_store  # noqa: E402
 
+from lock_workers import RedisServer  # noqa: E402
+
 REDIS_URL = os.environ.get("ONCELY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 POSTGRES_URL = os.environ.get("ONCELY_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 MYSQL_URL = os.environ.get("ONCELY_TEST_MYSQL", "mysql://root@127.0.0.1:3306/test")
@@ -99,6 +101,19 @@ def drop(kind: str, store: Store) -> None:
         for key in cluster.scan_iter(match=f"{store.prefix}:*"):  # type: ignore[attr-defined]
             cluster.delete(key)
         cluster.close()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    """A redis-server of this test alone (``lock_workers.RedisServer``: a free loopback port,
+    no persistence): it may be paused (SIGSTOP), flushed, reconfigured (``CONFIG SET``),
+    stopped or restarted without hurting others; closed (resumed first) after the test."""
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 StoreFactory = Callable[[str], tuple[Store, str, dict[str, object]]]

@@ -275,18 +275,6 @@ def redlock_nodes() -> Iterator[list[RedisServer]]:
         yield servers
 
 
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    """A redis-server of this test alone: it may be paused (SIGSTOP), flushed or restarted
-    without hurting others."""
-    server = RedisServer()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
-
-
 @pytest.fixture(scope="session")
 def pg_fence_table() -> Iterator[str]:
     yield PG_FENCE_TABLE

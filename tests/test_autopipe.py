@@ -31,8 +31,6 @@ from oncely.stores.redis import RedisStore
 
 from lock_workers import RedisServer
 
-pytest_plugins = ["lock_workers"]
-
 REDIS_URL = os.environ.get("ONCELY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 

@@ -28,6 +28,7 @@ from oncely.statemachine.barrier import (
 )
 
 from conftest import REDIS_URL
+from lock_workers import RedisServer
 from sql_fixtures import Db
 
 pytest_plugins = ["sql_fixtures"]
@@ -500,41 +501,34 @@ async def test_async_redis_effects_failing_half_way(rclient: tuple[redis.Redis, 
     assert r.get(k1) == b"5"
 
 
-def test_redis_effects_are_data_commands_on_their_keys() -> None:
+def test_redis_effects_are_data_commands_on_their_keys(private_redis: RedisServer) -> None:
     """redteam5: any command was accepted as an effect, FLUSHALL included (the red team
     flushed a shared server through it). On a private server: server, admin, script and keyless
     commands, and commands without their key, are refused before anything is sent; so is an
     effect on the barrier's own hash."""
-    from lock_workers import RedisServer
-
-    server = RedisServer()
-    server.start()
-    try:
-        r = redis.Redis.from_url(server.url)
-        r.set("canary", "1")
-        refused = [
-            [("FLUSHALL",)], [("flushdb",)], [("CONFIG", "SET", "maxmemory", "1")],
-            [("SHUTDOWN",)], [("SCRIPT", "FLUSH")], [("EVAL", "return 1", "0")],
-            [("FUNCTION", "FLUSH")], [("SELECT", "1")], [("SWAPDB", "0", "1")],
-            [("DEBUG", "SLEEP", "0")], [("COPY", "canary", "c2", "DB", "1")],
-            [("SET", "ok:{g}", 1), ("FLUSHALL",)],  # after a valid one: nothing is run
-            [("DEL",)], [("SET",)], [("RENAME", "canary")], [("MSET", "a", "1", "b")],
-            [("DEL", "oncely:barrier:{g}")],  # the barrier's own rows
-            [("DEL", "oncely:barrier:{other}")],  # another gid's rows: its branches would rerun
-            [("HDEL", "oncely:barrier:{other}", "try:b")],
-            [("INCRBYFLOAT", "x", float("nan"))],
-        ]  # fmt: skip
-        for effects in refused:
-            with pytest.raises(InvalidBarrierCall):
-                redis_barrier(r, "g", "b", "try", effects=effects)
-        assert r.get("canary") == b"1" and r.get("ok:{g}") is None
-        assert r.exists("oncely:barrier:{g}") == 0  # nothing was sent
-        ok = [("set", "s:{g}", "v"), ("DEL", "x:{g}", "y:{g}"), ("MSET", "m1", 1, "m2", 2)]
-        assert redis_barrier(r, "g", "b", "try", effects=ok) is E
-        assert r.mget("s:{g}", "m1", "m2") == [b"v", b"1", b"2"]
-        r.close()
-    finally:
-        server.close()
+    r = redis.Redis.from_url(private_redis.url)
+    r.set("canary", "1")
+    refused = [
+        [("FLUSHALL",)], [("flushdb",)], [("CONFIG", "SET", "maxmemory", "1")],
+        [("SHUTDOWN",)], [("SCRIPT", "FLUSH")], [("EVAL", "return 1", "0")],
+        [("FUNCTION", "FLUSH")], [("SELECT", "1")], [("SWAPDB", "0", "1")],
+        [("DEBUG", "SLEEP", "0")], [("COPY", "canary", "c2", "DB", "1")],
+        [("SET", "ok:{g}", 1), ("FLUSHALL",)],  # after a valid one: nothing is run
+        [("DEL",)], [("SET",)], [("RENAME", "canary")], [("MSET", "a", "1", "b")],
+        [("DEL", "oncely:barrier:{g}")],  # the barrier's own rows
+        [("DEL", "oncely:barrier:{other}")],  # another gid's rows: its branches would rerun
+        [("HDEL", "oncely:barrier:{other}", "try:b")],
+        [("INCRBYFLOAT", "x", float("nan"))],
+    ]  # fmt: skip
+    for effects in refused:
+        with pytest.raises(InvalidBarrierCall):
+            redis_barrier(r, "g", "b", "try", effects=effects)
+    assert r.get("canary") == b"1" and r.get("ok:{g}") is None
+    assert r.exists("oncely:barrier:{g}") == 0  # nothing was sent
+    ok = [("set", "s:{g}", "v"), ("DEL", "x:{g}", "y:{g}"), ("MSET", "m1", 1, "m2", 2)]
+    assert redis_barrier(r, "g", "b", "try", effects=ok) is E
+    assert r.mget("s:{g}", "m1", "m2") == [b"v", b"1", b"2"]
+    r.close()
 
 
 def test_redis_cluster_effects_must_stay_in_the_gids_slot() -> None:

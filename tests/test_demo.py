@@ -14,6 +14,8 @@ import pytest
 
 from oncely.demo.service import _children, _cmdline  # the demo's own /proc readers
 
+from lock_workers import RedisServer
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
@@ -140,19 +142,17 @@ def test_demo_checks_its_store_at_start(tmp_path: Path, url: str, says: str) -> 
 
 @pytest.mark.serial  # asserts a wall-clock bound: run alone, after the parallel phase
 @pytest.mark.timeout(200)
-def test_demo_stops_with_one_line_when_its_store_goes_away_mid_run(tmp_path: Path) -> None:
+def test_demo_stops_with_one_line_when_its_store_goes_away_mid_run(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
     """The store (a Redis of this test's own) is killed while the storm runs: the demo ends
     within seconds with exit 1 and one error line naming the store, and the shop's log stays
     small (each request used to be retried 25 times against 500s with a traceback each)."""
     import select
     import time
 
-    from lock_workers import RedisServer
-
-    server = RedisServer()
-    server.start()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "oncely.cli", "demo", "--store", server.url, "--operations",
+        [sys.executable, "-m", "oncely.cli", "demo", "--store", private_redis.url, "--operations",
          "20000", "--no-contrast", "--no-faults", "--workdir", str(tmp_path)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "COLUMNS": "160"}, start_new_session=True,
@@ -164,10 +164,10 @@ def test_demo_stops_with_one_line_when_its_store_goes_away_mid_run(tmp_path: Pat
         log = tmp_path / "protected" / "service.log"
         deadline = time.monotonic() + 60  # the storm has begun once the shop took requests
         while time.monotonic() < deadline:
-            if server.proc is not None and _keys(server.url) > 20:
+            if private_redis.proc is not None and _keys(private_redis.url) > 20:
                 break
             time.sleep(0.2)
-        server.stop()
+        private_redis.stop()
         stopped = time.monotonic()
         _, err = proc.communicate(timeout=90)
         took = time.monotonic() - stopped
@@ -175,10 +175,11 @@ def test_demo_stops_with_one_line_when_its_store_goes_away_mid_run(tmp_path: Pat
         if proc.poll() is None:  # the demo and the shop's processes (its session)
             os.killpg(proc.pid, 9)
             proc.wait()
-        server.close()
     assert proc.returncode == 1, err[-2000:]
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and server.url in errors[0] and "has not answered" in errors[0], err
+    assert (
+        len(errors) == 1 and private_redis.url in errors[0] and "has not answered" in errors[0]
+    ), err
     assert "Traceback" not in err
     assert took < 60, took
     assert not log.exists() or log.stat().st_size < 5_000_000

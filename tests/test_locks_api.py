@@ -29,7 +29,7 @@ from oncely.errors import (
 from oncely.locks import Lock, Redlock, fenced_get, fenced_set, fenced_table_sql, fenced_update
 from oncely.locks.postgres import advisory_key
 
-from lock_workers import KINDS, POSTGRES_URL, REDIS_URL, make_lock, unique_name
+from lock_workers import KINDS, POSTGRES_URL, REDIS_URL, RedisServer, make_lock, unique_name
 
 #: The lock tests' fixtures (redlock_nodes, spec_for, pg_fence_table) live there.
 pytest_plugins = ["lock_workers"]
@@ -317,27 +317,20 @@ async def test_async_watchdog_reports_a_lost_lock(spec_for: Any) -> None:
         await lock.arelease()
 
 
-def test_failed_renewals_are_retried_while_the_lease_lasts() -> None:
+def test_failed_renewals_are_retried_while_the_lease_lasts(private_redis: RedisServer) -> None:
     """Redis stops answering for a while (SIGSTOP) but comes back before the ttl runs out: the
     renewals that failed meanwhile are retried, and the lock is kept (Redisson stops renewing
     after a failure; python-redis-lock's thread dies)."""
-    from lock_workers import RedisServer
-
-    server = RedisServer()
-    server.start()
-    try:
-        lock = Lock(server.url, unique_name(), ttl=3.0, auto_renew=True, socket_timeout=0.2)
-        lock.acquire()
-        time.sleep(0.9)  # scenario: the first renewal (at 1 s) happens during the outage
-        server.pause()
-        time.sleep(1.0)  # scenario: the outage, shorter than what is left of the ttl
-        server.resume()
-        time.sleep(1.5)  # scenario: past the original ttl; the retried renewal kept the lock
-        assert not lock.lost.is_set()
-        lock.check()
-        lock.release()
-    finally:
-        server.close()
+    lock = Lock(private_redis.url, unique_name(), ttl=3.0, auto_renew=True, socket_timeout=0.2)
+    lock.acquire()
+    time.sleep(0.9)  # scenario: the first renewal (at 1 s) happens during the outage
+    private_redis.pause()
+    time.sleep(1.0)  # scenario: the outage, shorter than what is left of the ttl
+    private_redis.resume()
+    time.sleep(1.5)  # scenario: past the original ttl; the retried renewal kept the lock
+    assert not lock.lost.is_set()
+    lock.check()
+    lock.release()
 
 
 # -- misuse and bad input -------------------------------------------------------------------------

@@ -148,7 +148,9 @@ def test_paused_holder_is_fenced_off(kind: str, spec_for: Any, tmp_path: Path) -
 
 
 # -- Redis restarted while a lock is held ---------------------------------------------------------
-def test_redis_restart_loses_the_lock_but_fencing_holds(tmp_path: Path) -> None:
+def test_redis_restart_loses_the_lock_but_fencing_holds(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
     """Without persistence a restart forgets the lock, so a second holder gets in while the
     first still runs. What keeps the data right:
 
@@ -158,26 +160,21 @@ def test_redis_restart_loses_the_lock_but_fencing_holds(tmp_path: Path) -> None:
     * the protected data lives on a store that survived (here a SQLite file), so its fence
       refuses the first holder's late write.
     """
-    server = RedisServer()
-    server.start()
     resource = _resource("sqlite", tmp_path)
-    try:
-        name = unique_name()
-        first = Lock(server.url, name, ttl=30)
-        t1 = first.acquire()
-        assert fenced_write(resource, t1, "first")
-        server.restart()
-        second = Lock(server.url, name, ttl=30)
-        t2 = second.acquire(blocking=False)  # the restarted server has no lock any more
-        assert t2 is not None and t2 > t1
-        assert fenced_write(resource, t2, "second")
-        with pytest.raises(LockLost):
-            first.check()
-        assert fenced_write(resource, t1, "first, late") is False
-        with pytest.raises(LockLost):
-            first.release()
-        assert second.owned()
-        second.release()
-        assert read_resource(resource) == ("second", t2)
-    finally:
-        server.close()
+    name = unique_name()
+    first = Lock(private_redis.url, name, ttl=30)
+    t1 = first.acquire()
+    assert fenced_write(resource, t1, "first")
+    private_redis.restart()
+    second = Lock(private_redis.url, name, ttl=30)
+    t2 = second.acquire(blocking=False)  # the restarted server has no lock any more
+    assert t2 is not None and t2 > t1
+    assert fenced_write(resource, t2, "second")
+    with pytest.raises(LockLost):
+        first.check()
+    assert fenced_write(resource, t1, "first, late") is False
+    with pytest.raises(LockLost):
+        first.release()
+    assert second.owned()
+    second.release()
+    assert read_resource(resource) == ("second", t2)

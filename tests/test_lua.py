@@ -14,9 +14,6 @@ from oncely.stores.redis import RedisStore
 
 from lock_workers import RedisServer
 
-#: private_redis lives there.
-pytest_plugins = ["lock_workers"]
-
 
 def flush(url: str) -> None:
     with redis.Redis.from_url(url) as client:

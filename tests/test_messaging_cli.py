@@ -15,6 +15,7 @@ import pytest
 import redis
 
 from conftest import REDIS_URL
+from lock_workers import RedisServer
 
 HANDLER = """
 from pathlib import Path
@@ -280,18 +281,16 @@ def test_handler_is_imported_from_the_current_directory_or_app_dir(tmp_path: Pat
     assert "--app-dir" in helped.stdout and "current directory" in helped.stdout
 
 
-def test_a_store_lost_mid_run_is_a_warning_while_messages_are_retried(tmp_path: Path) -> None:
+def test_a_store_lost_mid_run_is_a_warning_while_messages_are_retried(
+    tmp_path: Path, private_redis: RedisServer
+) -> None:
     """The store goes away after start-up: the consumer keeps running (messages stay unacked
     and come back) and says so with a WARNING, not in silence; once the store is back, the
     message is handled."""
-    from lock_workers import RedisServer
-
-    server = RedisServer()
-    server.start()
     stream = f"oncely-test-midrun-{uuid.uuid4().hex[:10]}"
     client = redis.Redis.from_url(REDIS_URL)
     args = _consume_redis(tmp_path, REDIS_URL, stream)
-    args[args.index("memory://")] = server.url
+    args[args.index("memory://")] = private_redis.url
     args += ["--lease", "2"]  # an unacked entry is claimed back after the lease
     proc = subprocess.Popen(
         args, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)}
@@ -300,14 +299,14 @@ def test_a_store_lost_mid_run_is_a_warning_while_messages_are_retried(tmp_path: 
         assert proc.stderr is not None
         ready, _, _ = select.select([proc.stderr], [], [], 20)
         assert ready and "does not exist yet" in proc.stderr.readline()
-        server.stop()
+        private_redis.stop()
         client.xadd(stream, {"id": "m-1", "body": b"{}"})
         ready, _, _ = select.select([proc.stderr], [], [], 20)
         line = proc.stderr.readline() if ready else ""
         assert "WARNING" in line or "store is unavailable" in line, line
         assert "store is unavailable" in line and "not acked" in line, line
         assert proc.poll() is None
-        server.start()
+        private_redis.start()
         seen = tmp_path / "seen.txt"
         deadline = time.monotonic() + 30
         while not seen.exists() and time.monotonic() < deadline:
@@ -316,6 +315,5 @@ def test_a_store_lost_mid_run_is_a_warning_while_messages_are_retried(tmp_path: 
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(10)
-        server.close()
         client.delete(stream)
         client.close()

@@ -17,7 +17,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -40,16 +40,6 @@ BUDGET = 1.0
 MARGIN = 0.35
 #: Seconds between two callers' starts, as a share of the budget.
 STAGGER = 0.2
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    s = RedisServer()
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _key() -> RecordKey:
@@ -139,17 +129,17 @@ def _check_after(store: RedisStore, keys: dict[int, RecordKey], out: list[Outcom
     ids=["pipelined", "pooled"],
 )
 def test_sync_claims_fail_within_one_budget(
-    server: RedisServer, calls: int, options: dict[str, Any]
+    private_redis: RedisServer, calls: int, options: dict[str, Any]
 ) -> None:
-    store = _store(server, **options)
+    store = _store(private_redis, **options)
     for _ in range(calls):  # connect every pooled connection (or the pipeline's)
         store.claim(_key(), "", 10, 60)
     keys = {i: _key() for i in range(calls)}
-    server.pause()
+    private_redis.pause()
     try:
         out = _threads(calls, lambda i: store.claim(keys[i], "", 10, 60))
     finally:
-        server.resume()
+        private_redis.resume()
     _check_bounded(out)
     _check_after(store, keys, out)
     store.close()
@@ -166,19 +156,19 @@ def test_sync_claims_fail_within_one_budget(
     ids=["pipelined", "pipelined-cold", "pooled"],
 )
 def test_async_claims_fail_within_one_budget(
-    server: RedisServer, calls: int, options: dict[str, Any], warm: bool
+    private_redis: RedisServer, calls: int, options: dict[str, Any], warm: bool
 ) -> None:
-    store = _store(server, **options)
+    store = _store(private_redis, **options)
     keys = {i: _key() for i in range(calls)}
 
     async def main() -> list[Outcome]:
         if warm:
             await asyncio.gather(*(store.aclaim(_key(), "", 10, 60) for _ in range(calls)))
-        server.pause()
+        private_redis.pause()
         try:
             return await _tasks(calls, lambda i: store.aclaim(keys[i], "", 10, 60))
         finally:
-            server.resume()
+            private_redis.resume()
             await store.aclose()
 
     out = asyncio.run(main())
@@ -189,27 +179,27 @@ def test_async_claims_fail_within_one_budget(
 
 @pytest.mark.serial
 @pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "pooled"])
-def test_locks_fail_within_one_budget(server: RedisServer, pipelined: bool) -> None:
+def test_locks_fail_within_one_budget(private_redis: RedisServer, pipelined: bool) -> None:
     backend = RedisLockBackend(
-        server.url, socket_timeout=BUDGET, autopipeline=pipelined, max_connections=2
+        private_redis.url, socket_timeout=BUDGET, autopipeline=pipelined, max_connections=2
     )
     names = {i: f"redis-bounds-{uuid.uuid4().hex[:8]}" for i in range(6)}
     for i in range(2):
         backend.acquire(f"warm-{i}", "o", 10, 0)
-    server.pause()
+    private_redis.pause()
     try:
         out = _threads(6, lambda i: backend.acquire(names[i], "o", 10, 0))
     finally:
-        server.resume()
+        private_redis.resume()
     _check_bounded(out)
 
     async def async_face() -> list[Outcome]:
         await asyncio.gather(*(backend.aacquire(f"awarm-{i}", "o", 10, 0) for i in range(2)))
-        server.pause()
+        private_redis.pause()
         try:
             return await _tasks(8, lambda i: backend.aacquire(f"a-{names[i % 6]}", "o", 10, 0))
         finally:
-            server.resume()
+            private_redis.resume()
             await backend.redis.aclose()
 
     _check_bounded(asyncio.run(async_face()))
@@ -224,18 +214,18 @@ def test_locks_fail_within_one_budget(server: RedisServer, pipelined: bool) -> N
 
 
 @pytest.mark.serial
-def test_tokens_fail_within_one_budget(server: RedisServer) -> None:
+def test_tokens_fail_within_one_budget(private_redis: RedisServer) -> None:
     """``issue`` reads the store's clock (``TIME``, a pooled command), ``consume`` claims."""
-    store = _store(server, autopipeline=False, max_connections=2)
+    store = _store(private_redis, autopipeline=False, max_connections=2)
     tokens = Tokens(secret="s" * 32, store=store)
     token = tokens.issue("user", "checkout", 60)
     tokens.issue("user", "checkout", 60)
-    server.pause()
+    private_redis.pause()
     try:
         out = _threads(6, lambda i: tokens.issue("user", "checkout", 60))
         spent = _threads(3, lambda i: tokens.consume(token, "user", "checkout"))
     finally:
-        server.resume()
+        private_redis.resume()
     _check_bounded(out)
     _check_bounded(spent)
     tokens.issue("user", "checkout", 60)  # works again
@@ -243,13 +233,13 @@ def test_tokens_fail_within_one_budget(server: RedisServer) -> None:
 
 
 @pytest.mark.serial
-def test_a_paused_server_fails_calls_within_one_budget(server: RedisServer) -> None:
+def test_a_paused_server_fails_calls_within_one_budget(private_redis: RedisServer) -> None:
     """``CLIENT PAUSE`` (the server up, answering nothing): the same bound."""
-    store = _store(server, autopipeline=False, max_connections=2)
+    store = _store(private_redis, autopipeline=False, max_connections=2)
     for _ in range(2):
         store.claim(_key(), "", 10, 60)
     keys = {i: _key() for i in range(6)}
-    admin = redis.Redis(port=server.port)
+    admin = redis.Redis(port=private_redis.port)
     admin.execute_command("CLIENT", "PAUSE", str(int(4000 * BUDGET)), "ALL")
     try:
         out = _threads(6, lambda i: store.claim(keys[i], "", 10, 60))

@@ -16,7 +16,6 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,16 +33,6 @@ pytestmark = pytest.mark.timeout(120)
 
 LEASE = 2.0
 BUDGET = 0.5
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    s = RedisServer()
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _store(server: RedisServer) -> RedisStore:
@@ -75,11 +64,11 @@ class _Loop:
 @pytest.mark.serial
 @pytest.mark.parametrize("face", ["sync", "async"])
 def test_a_claim_queued_in_a_paused_server_does_not_take_the_key_over(
-    server: RedisServer, face: str
+    private_redis: RedisServer, face: str
 ) -> None:
-    holder_store = _store(server)
+    holder_store = _store(private_redis)
     # The duplicates come from another worker: a store of its own, its connection open.
-    other_store = _store(server)
+    other_store = _store(private_redis)
     loop = _Loop() if face == "async" else None
     started, go = threading.Event(), threading.Event()
     runs: list[str] = []
@@ -134,7 +123,7 @@ def test_a_claim_queued_in_a_paused_server_does_not_take_the_key_over(
             r for r in holder_store.list() if r.status == "in_progress" and r.scope != "warm"
         ]
         rk = RecordKey(claimed.scope, claimed.digest)
-        server.pause()
+        private_redis.pause()
         paused_at = time.monotonic()
         try:
             # Duplicates while Redis is stopped: each claim is written, the caller gives up.
@@ -147,7 +136,7 @@ def test_a_claim_queued_in_a_paused_server_does_not_take_the_key_over(
             thread.join(30)
             assert not thread.is_alive()
         finally:
-            server.resume()
+            private_redis.resume()
         assert first and first[0] == "done-1", first
         # Until the holder's completion (stored in the background) lands, or another caller's
         # claim took the key over (the old fault): a retry before either would find the lease
@@ -179,9 +168,9 @@ def test_a_claim_queued_in_a_paused_server_does_not_take_the_key_over(
 
 
 def test_claim_lua_refuses_a_claim_past_its_bound_and_writes_nothing(
-    server: RedisServer,
+    private_redis: RedisServer,
 ) -> None:
-    client = redis.Redis(port=server.port)
+    client = redis.Redis(port=private_redis.port)
     try:
         sha = client.script_load(_CLAIM.source)
         key, counter = f"late:{uuid.uuid4().hex}", "late:fence"
@@ -211,11 +200,13 @@ def test_claim_lua_refuses_a_claim_past_its_bound_and_writes_nothing(
 
 
 @pytest.mark.parametrize("face", ["sync", "async"])
-def test_a_store_refuses_its_own_late_claim_as_unavailable(server: RedisServer, face: str) -> None:
+def test_a_store_refuses_its_own_late_claim_as_unavailable(
+    private_redis: RedisServer, face: str
+) -> None:
     """The bound the store sends is the end of the caller's budget in the store's clock: an
     estimate that is one minute behind the store makes every claim late, and the caller gets
     StoreUnavailable with nothing written; the refusal's reply corrects the estimate."""
-    store = _store(server)
+    store = _store(private_redis)
 
     def claim(key: RecordKey) -> Any:
         if face == "sync":

@@ -18,7 +18,6 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -36,16 +35,6 @@ from oncely.stores.redis import RedisStore
 from lock_workers import RedisServer
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    s = RedisServer()
-    s.start()
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def _burst(store: Any, calls: int) -> tuple[Counter[str], list[tuple[float, str]]]:
@@ -89,17 +78,19 @@ def _burst(store: Any, calls: int) -> tuple[Counter[str], list[tuple[float, str]
     ids=["url", "default", "keyword", "url-only"],
 )
 def test_more_calls_than_connections_all_succeed(
-    server: RedisServer, query: str, keywords: dict[str, Any] | None, calls: int
+    private_redis: RedisServer, query: str, keywords: dict[str, Any] | None, calls: int
 ) -> None:
-    url = f"redis://127.0.0.1:{server.port}/0{query}"
+    url = f"redis://127.0.0.1:{private_redis.port}/0{query}"
     store = open_store(url) if keywords is None else open_store(url, autopipeline=False, **keywords)
     out, failures = _burst(store, calls)
     assert out == {"ok": calls}, failures[:1]
 
 
 @pytest.mark.serial
-def test_sync_threads_beyond_url_max_connections_all_succeed(server: RedisServer) -> None:
-    store = open_store(f"redis://127.0.0.1:{server.port}/0?max_connections=3", autopipeline=False)
+def test_sync_threads_beyond_url_max_connections_all_succeed(private_redis: RedisServer) -> None:
+    store = open_store(
+        f"redis://127.0.0.1:{private_redis.port}/0?max_connections=3", autopipeline=False
+    )
 
     @idempotent(store=store, name=f"pool-{uuid.uuid4().hex[:8]}", key=["k"])
     def f(k: str) -> str:
@@ -132,17 +123,17 @@ def test_sync_threads_beyond_url_max_connections_all_succeed(server: RedisServer
     ids=["default-socket-timeout", "url-pool-timeout"],
 )
 def test_stopped_server_fails_after_the_pool_timeout(
-    server: RedisServer, query: str, pool_timeout: float
+    private_redis: RedisServer, query: str, pool_timeout: float
 ) -> None:
-    url = f"redis://127.0.0.1:{server.port}/0{query}"
+    url = f"redis://127.0.0.1:{private_redis.port}/0{query}"
     store = open_store(url, autopipeline=False, socket_timeout=1)
     out, _ = _burst(store, 4)  # connect the pool's four connections
     assert out == {"ok": 4}
-    server.pause()
+    private_redis.pause()
     try:
         out, failures = _burst(store, 16)
     finally:
-        server.resume()
+        private_redis.resume()
     assert out == {"StoreUnavailable": 16}
     # Not at once (redis-py's plain pool raised MaxConnectionsError in microseconds), and not
     # without bound: the holders time out after socket_timeout, the waiters after pool_timeout.
@@ -156,10 +147,10 @@ def test_stopped_server_fails_after_the_pool_timeout(
     assert "all 4 pooled connections were busy" in waited[0]
 
 
-def test_every_client_gets_a_waiting_pool(server: RedisServer) -> None:
+def test_every_client_gets_a_waiting_pool(private_redis: RedisServer) -> None:
     """The store, the lock backend, the dedup backend and RedisVersioned: all open blocking
     pools, sized from the URL, waiting pool_timeout (default: socket_timeout)."""
-    url = f"redis://127.0.0.1:{server.port}/0?max_connections=7&socket_timeout=3"
+    url = f"redis://127.0.0.1:{private_redis.port}/0?max_connections=7&socket_timeout=3"
     clients = [
         RedisStore(url).redis,
         RedisLockBackend(url).redis,

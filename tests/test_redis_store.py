@@ -32,9 +32,6 @@ from redis_cluster import RedisServer as ClusterNode
 
 from lock_workers import RedisServer
 
-#: private_redis (a redis-server of one test, free to SCRIPT FLUSH) lives there.
-pytest_plugins = ["lock_workers"]
-
 REDIS_URL = os.environ.get("ONCELY_TEST_REDIS", "redis://127.0.0.1:6379/0")
 #: Nothing listens on port 1, so connecting is refused at once.
 DEAD_URL = "redis://oncely:s3cret@127.0.0.1:1/0"
@@ -1150,55 +1147,52 @@ def test_other_redis_errors_are_store_errors(
 
 
 # -- a lost reply ---------------------------------------------------------------------------------
-def test_a_lost_reply_to_complete_is_success_not_lease_lost() -> None:
+def test_a_lost_reply_to_complete_is_success_not_lease_lost(private_redis: RedisServer) -> None:
     # The reply to complete times out (a private server is frozen right after the call ran); the
     # complete lands once the server resumes, and the decorator's retry finds the record
     # completed under its own fence with its own result. That is success: the call ran once and
     # a second call replays. It used to raise LeaseLost ("another caller may have run it too").
     from oncely import idempotent
 
-    from lock_workers import redis_servers
+    probe = redis.Redis.from_url(private_redis.url)
+    landed: list[Any] = []
 
-    with redis_servers(1) as (server,):
-        probe = redis.Redis.from_url(server.url)
-        landed: list[Any] = []
+    class FreezingStore(RedisStore):
+        """Resumes the frozen server as soon as a complete's reply timed out, and waits
+        until the server has run that complete (it answers a PING queued after it)."""
 
-        class FreezingStore(RedisStore):
-            """Resumes the frozen server as soon as a complete's reply timed out, and waits
-            until the server has run that complete (it answers a PING queued after it)."""
+        def complete(self, *args: Any) -> None:
+            try:
+                super().complete(*args)
+            except StoreUnavailable:
+                private_redis.resume()
+                probe.ping()
+                landed.append(self.get(args[0]))
+                raise
 
-            def complete(self, *args: Any) -> None:
-                try:
-                    super().complete(*args)
-                except StoreUnavailable:
-                    server.resume()
-                    probe.ping()
-                    landed.append(self.get(args[0]))
-                    raise
+    store = FreezingStore(private_redis.url, socket_timeout=0.2)
+    warm = rkey()  # load the scripts first: a frozen EVALSHA must not meet NOSCRIPT
+    new = store.claim(warm, "fp", 30, 60)
+    assert isinstance(new, New)
+    store.complete(warm, new.fence, b"1", "json", 60)
+    runs: list[str] = []
 
-        store = FreezingStore(server.url, socket_timeout=0.2)
-        warm = rkey()  # load the scripts first: a frozen EVALSHA must not meet NOSCRIPT
-        new = store.claim(warm, "fp", 30, 60)
-        assert isinstance(new, New)
-        store.complete(warm, new.fence, b"1", "json", 60)
-        runs: list[str] = []
+    @idempotent(store=store, key=["order"])
+    def charge(order: str) -> int:
+        runs.append(order)
+        private_redis.pause()
+        return 42
 
-        @idempotent(store=store, key=["order"])
-        def charge(order: str) -> int:
-            runs.append(order)
-            server.pause()
-            return 42
-
-        try:
-            assert charge("o-1") == 42
-            assert charge("o-1") == 42
-            assert runs == ["o-1"]
-            # The scenario happened: the timed-out complete had landed before the retry.
-            assert len(landed) == 1 and landed[0].status == "completed"
-        finally:
-            server.resume()
-            store.close()
-            probe.close()
+    try:
+        assert charge("o-1") == 42
+        assert charge("o-1") == 42
+        assert runs == ["o-1"]
+        # The scenario happened: the timed-out complete had landed before the retry.
+        assert len(landed) == 1 and landed[0].status == "completed"
+    finally:
+        private_redis.resume()
+        store.close()
+        probe.close()
 
 
 # -- the async hot path ---------------------------------------------------------------------------

@@ -4,17 +4,15 @@ failed before branch fix2 (xfail reasons: git history)."""
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from oncely.messaging.dedup import Deduplicator
+
+from lock_workers import RedisServer
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -45,74 +43,35 @@ def test_memory_bloom_with_an_absurd_capacity_is_a_configuration_error() -> None
     assert done.returncode == 3, (done.returncode, done.stderr[-300:])
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[str]:
-    """A private redis-server on a free port (the bloom tests below allocate hundreds of MB,
-    which the shared server must not carry); stopped by its own pid."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            "redis-server",
-            "--port",
-            str(port),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    import redis
-
-    client = redis.Redis(port=port)
-    try:
-        for _ in range(100):
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        client.close()
-        proc.kill()
-        proc.wait()
-
-
 # capacity 10**12 at 1 % sizes a generation at 9.6e12 bits, past Redis's 2**32-bit strings
 HUGE = {"bloom": True, "capacity": 10**12}
 
 
 def test_redis_bloom_with_a_capacity_past_the_bitmap_limit_is_refused(
-    private_redis: str,
+    private_redis: RedisServer,
 ) -> None:
     from oncely.errors import ConfigurationError
 
     with pytest.raises(ConfigurationError):
-        dedup = Deduplicator(private_redis, window=10, namespace="rt2", **HUGE)
+        dedup = Deduplicator(private_redis.url, window=10, namespace="rt2", **HUGE)
         try:
             dedup.seen("a")
         finally:
             dedup.close()
 
 
-def test_a_failed_bloom_script_leaves_no_key_without_expiry(private_redis: str) -> None:
+def test_a_failed_bloom_script_leaves_no_key_without_expiry(private_redis: RedisServer) -> None:
     import redis
 
     from oncely.errors import ConfigurationError, StoreError
 
     with contextlib.suppress(ConfigurationError, StoreError):
-        dedup = Deduplicator(private_redis, window=10, namespace="rt2", **HUGE)
+        dedup = Deduplicator(private_redis.url, window=10, namespace="rt2", **HUGE)
         try:
             dedup.seen("a")
         finally:
             dedup.close()
-    client = redis.Redis.from_url(private_redis)
+    client = redis.Redis.from_url(private_redis.url)
     try:
         forever = [k for k in client.scan_iter("*") if client.pttl(k) == -1]
         assert forever == []

@@ -129,7 +129,22 @@ def part(exc: BaseException) -> str | None:
 
 
 # -- pools ----------------------------------------------------------------------------------------
-class BoundedPool(redis.BlockingConnectionPool):
+class _BoundedWait:
+    """Mixed into a redis-py blocking pool (sync or asyncio): its wait for a free connection,
+    ``timeout`` (redis-py's own attribute, set by its ``__init__``), is cut to the time left."""
+
+    _wait: float | None
+
+    @property
+    def timeout(self) -> float | None:
+        return left(self._wait)
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._wait = value
+
+
+class BoundedPool(_BoundedWait, redis.BlockingConnectionPool):
     """redis-py's blocking pool whose wait for a free connection is cut to the running
     operation's budget, and whose connections are cut to it too
     (:func:`sync_connection_class`)."""
@@ -138,29 +153,13 @@ class BoundedPool(redis.BlockingConnectionPool):
         super().__init__(*args, **kwargs)  # type: ignore[no-untyped-call]
         self.connection_class = sync_connection_class(cast(Any, self.connection_class))
 
-    @property
-    def timeout(self) -> float | None:
-        return left(self._wait)
 
-    @timeout.setter
-    def timeout(self, value: float | None) -> None:
-        self._wait = value
-
-
-class AsyncBoundedPool(redis.asyncio.BlockingConnectionPool):
+class AsyncBoundedPool(_BoundedWait, redis.asyncio.BlockingConnectionPool):
     """The asyncio face of :class:`BoundedPool`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.connection_class = async_connection_class(cast(Any, self.connection_class))
-
-    @property
-    def timeout(self) -> float | None:
-        return left(self._wait)
-
-    @timeout.setter
-    def timeout(self, value: float | None) -> None:
-        self._wait = value
 
 
 # -- connections ----------------------------------------------------------------------------------
