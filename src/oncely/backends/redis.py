@@ -482,6 +482,30 @@ def driver_fault(exc: BaseException) -> bool:
     return False
 
 
+class _Translated:
+    """``with _Translated(clients, budget):`` the async faces' one way to meet redis-py's
+    errors: the block runs within ``budget`` (:func:`~oncely.backends.budget.start`), and a
+    redis-py error, or an ``AttributeError`` / ``TypeError`` raised inside redis-py
+    (:func:`driver_fault`), leaves it as ``clients.error(exc)`` (raised from it); anything
+    else passes unchanged. A class, not a generator: it is on every async command."""
+
+    __slots__ = ("_budget", "_clients", "_token")
+
+    def __init__(self, clients: RedisClients, budget: float | None) -> None:
+        self._clients = clients
+        self._budget = budget
+
+    def __enter__(self) -> None:
+        self._token = start(self._budget)
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            if isinstance(exc, DRIVER_ERRORS) or (exc is not None and driver_fault(exc)):
+                raise self._clients.error(cast(Exception, exc)) from exc
+        finally:
+            end(self._token)
+
+
 def _blocking(budget: float | None, args: tuple[Any, ...]) -> float | None:
     """The budget of command ``args``: ``budget``, plus the seconds a ``BLPOP`` may block on
     the server before it answers (its last argument)."""
@@ -918,19 +942,9 @@ class RedisClients:
 
     async def aeval_wait(self, request: EvalWait) -> tuple[Any, int]:
         """The async face of :meth:`eval_wait`."""
-        token = start(self.budget)
-        try:
-            with keep_cancel():
-                outcome: tuple[Any, int] = await arun(self._wait_plan(request), self._await_step)
-                return outcome
-        except DRIVER_ERRORS as exc:
-            raise self.error(exc) from exc
-        except (AttributeError, TypeError) as exc:
-            if driver_fault(exc):
-                raise self.error(exc) from exc
-            raise
-        finally:
-            end(token)
+        with _Translated(self, self.budget), keep_cancel():
+            outcome: tuple[Any, int] = await arun(self._wait_plan(request), self._await_step)
+            return outcome
 
     async def _aexchange(self, client: Any, request: Exchange) -> list[Any]:
         node: Any = None
@@ -1127,18 +1141,9 @@ class RedisClients:
 
     async def acall(self, *args: Any) -> Any:
         """The async face of :meth:`call`."""
-        token = start(_blocking(self.budget, args))
-        try:
-            with keep_cancel():  # redis-py's wait_for can drop a cancel (Python 3.11)
-                return await (await self.aready()).execute_command(*args)
-        except DRIVER_ERRORS as exc:
-            raise self.error(exc) from exc
-        except (AttributeError, TypeError) as exc:
-            if driver_fault(exc):
-                raise self.error(exc) from exc
-            raise
-        finally:
-            end(token)
+        # keep_cancel: redis-py's wait_for can drop a cancel (Python 3.11)
+        with _Translated(self, _blocking(self.budget, args)), keep_cancel():
+            return await (await self.aready()).execute_command(*args)
 
     async def aeval(self, script: Script, numkeys: int, *keys_and_args: Any) -> Any:
         """The async face of :meth:`eval`."""

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import inspect
 import logging
 import os
 import pkgutil
@@ -24,7 +26,7 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NamedTuple, NoReturn
 
 import typer
 
@@ -79,6 +81,8 @@ Db = Annotated[
 InboxTable = Annotated[
     str | None, typer.Option("--inbox", help="inbox table with --db (default oncely_inbox)")
 ]
+Url = Annotated[str, typer.Option("--url")]
+Stream = Annotated[str, typer.Option("--stream")]
 
 
 def load_handler(spec: str, app_dir: str | None = None) -> Callable[..., Any]:
@@ -106,60 +110,120 @@ def load_handler(spec: str, app_dir: str | None = None) -> Callable[..., Any]:
     return target  # type: ignore[no-any-return]
 
 
-def _consumer(
-    handler: str,
-    name: str,
-    store: str | None,
-    dedup_id: str,
-    lease: float,
-    attempts: int,
-    db: str | None = None,
-    inbox: str | None = None,
-    app_dir: str = ".",
-) -> IdempotentConsumer:
-    """The consumer, its handler imported and its store or database reached once: a store
-    that cannot be reached at start-up is a setup error (one line, exit 1), whatever the
-    broker; later outages are retried, with a WARNING.
+class _Shared(NamedTuple):
+    """The options every ``oncely consume`` command takes (see :func:`_command`)."""
 
-    :raises OncelyError: a bad option, a handler that cannot be imported, an unreachable store.
-    """
-    function = load_handler(handler, app_dir)
-    table = None
-    if db is None:
-        if inbox is not None:
-            raise ConfigurationError("--inbox needs --db URL (the database the inbox lives in)")
-    else:
-        from oncely.messaging.inbox import Inbox, connect
+    handler: str
+    name: str
+    store: str | None
+    dedup_id: str
+    lease: float
+    max_attempts: int
+    db: str | None
+    inbox: str | None
+    app_dir: str
 
-        table = Inbox("oncely_inbox" if inbox is None else inbox)  # --inbox '' is refused
-        conn = connect(db)
-        try:
-            table.create_table(conn)
-            conn.commit()
-        finally:
-            conn.close()
-    consumer = IdempotentConsumer(
-        function,
-        name=name,
-        store=store,
-        dedup_id=dedup_id,
-        lease=lease,
-        max_attempts=attempts,
-        inbox=table,
-        connect=db,
-    )
-    if table is None:
-        consumer.store.now()  # one round trip: StoreUnavailable names the URL and what to check
-    return consumer
+    def consumer(self) -> IdempotentConsumer:
+        """The consumer, its handler imported and its store or database reached once: a store
+        that cannot be reached at start-up is a setup error (one line, exit 1), whatever the
+        broker; later outages are retried, with a WARNING.
+
+        :raises OncelyError: a bad option, a handler that cannot be imported, an unreachable
+            store.
+        """
+        function = load_handler(self.handler, self.app_dir)
+        table = None
+        if self.db is None:
+            if self.inbox is not None:
+                raise ConfigurationError("--inbox needs --db URL (the database the inbox lives in)")
+        else:
+            from oncely.messaging.inbox import Inbox, connect
+
+            # --inbox '' is refused
+            table = Inbox("oncely_inbox" if self.inbox is None else self.inbox)
+            conn = connect(self.db)
+            try:
+                table.create_table(conn)
+                conn.commit()
+            finally:
+                conn.close()
+        consumer = IdempotentConsumer(
+            function,
+            name=self.name,
+            store=self.store,
+            dedup_id=self.dedup_id,
+            lease=self.lease,
+            max_attempts=self.max_attempts,
+            inbox=table,
+            connect=self.db,
+        )
+        if table is None:
+            consumer.store.now()  # one round trip: StoreUnavailable names the URL and what to check
+        return consumer
 
 
-def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+def _shared_options(dedup_id: str) -> tuple[list[inspect.Parameter], list[inspect.Parameter]]:
+    """The parameters of :class:`_Shared` for Typer: the two that lead every command's
+    options, and the rest (``dedup_id``: the broker's default ``--dedup-id``)."""
+
+    def option(
+        name: str, annotation: Any, default: Any = inspect.Parameter.empty
+    ) -> inspect.Parameter:
+        kind = inspect.Parameter.KEYWORD_ONLY
+        return inspect.Parameter(name, kind, default=default, annotation=annotation)
+
+    lead = [option("handler", Handler_), option("name", Name)]
+    rest = [
+        option("store", Store_, None),
+        option("dedup_id", DedupId, dedup_id),
+        option("lease", Lease, 30.0),
+        option("max_attempts", Attempts, 5),
+        option("db", Db, None),
+        option("inbox", InboxTable, None),
+        option("app_dir", AppDir, "."),
+    ]
+    return lead, rest
+
+
+def _command(
+    broker: str, *, dedup_id: str = "message_id"
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Register the function as ``oncely consume BROKER``, taking the options every broker
+    takes besides its own: ``--handler`` and ``--name`` first, ``--store`` to ``--app-dir``
+    where its keyword ``shared`` stands, which receives them as one :class:`_Shared`."""
+
+    def register(function: Callable[..., None]) -> Callable[..., None]:
+        own = list(inspect.signature(function, eval_str=True).parameters.values())
+        at = [p.name for p in own].index("shared")
+        lead, rest = _shared_options(dedup_id)
+
+        @functools.wraps(function)
+        def command(**options: Any) -> None:
+            shared = _Shared(**{field: options.pop(field) for field in _Shared._fields})
+            function(shared=shared, **options)
+
+        # what Typer reads for the command's options, in this order
+        command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [*lead, *own[:at], *rest, *own[at + 1 :]]
+        )
+        consume_app.command(broker)(command)
+        return function
+
+    return register
+
+
+def _run(
+    shared: _Shared, serve: Callable[[IdempotentConsumer, asyncio.Event], Awaitable[None]]
+) -> None:
+    """Run ``serve(consumer, stop)`` in a new event loop until it returns, ``stop`` set on
+    SIGINT or SIGTERM; any error ends the command (:func:`_fail`)."""
+
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await main(stop)
+        await serve(shared.consumer(), stop)
 
     try:
         asyncio.run(runner())
@@ -184,30 +248,20 @@ def _fail(exc: Exception) -> NoReturn:
     raise typer.Exit(1) from exc
 
 
-@consume_app.command("redis")
+@_command("redis")
 def redis_streams(
-    handler: Handler_,
-    name: Name,
-    stream: Annotated[str, typer.Option("--stream")],
+    *,
+    stream: Stream,
     group: Annotated[str, typer.Option("--group")],
     member: Annotated[str, typer.Option("--member", help="this process's name in the group")],
-    url: Annotated[str, typer.Option("--url")] = "redis://127.0.0.1:6379/0",
-    store: Store_ = None,
-    dedup_id: DedupId = "message_id",
-    lease: Lease = 30.0,
-    max_attempts: Attempts = 5,
-    db: Db = None,
-    inbox: InboxTable = None,
-    app_dir: AppDir = ".",
+    url: Url = "redis://127.0.0.1:6379/0",
+    shared: _Shared,
 ) -> None:
     """Consume a Redis stream as a member of a consumer group."""
     from oncely.backends.redis import waiting_aclient
     from oncely.messaging.redis_streams import RedisStreamConsumer
 
-    async def main(stop: asyncio.Event) -> None:
-        consumer = _consumer(
-            handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
-        )
+    async def serve(consumer: IdempotentConsumer, stop: asyncio.Event) -> None:
         client = waiting_aclient(url)
         try:
             # Reach Redis once before consuming: unreachable at start-up is a setup error
@@ -223,22 +277,15 @@ def redis_streams(
         finally:
             await client.aclose()
 
-    _run(main)
+    _run(shared, serve)
 
 
-@consume_app.command("rabbitmq")
+@_command("rabbitmq")
 def rabbitmq(
-    handler: Handler_,
-    name: Name,
+    *,
     queue: Annotated[str, typer.Option("--queue")],
-    url: Annotated[str, typer.Option("--url")] = "amqp://guest:guest@127.0.0.1:5672/",
-    store: Store_ = None,
-    dedup_id: DedupId = "message_id",
-    lease: Lease = 30.0,
-    max_attempts: Attempts = 5,
-    db: Db = None,
-    inbox: InboxTable = None,
-    app_dir: AppDir = ".",
+    url: Url = "amqp://guest:guest@127.0.0.1:5672/",
+    shared: _Shared,
     prefetch: Annotated[int, typer.Option("--prefetch", min=1)] = 100,
 ) -> None:
     """Consume a RabbitMQ queue (declared durable if missing) with manual acks."""
@@ -246,10 +293,7 @@ def rabbitmq(
 
     from oncely.messaging.rabbitmq import RabbitMQConsumer
 
-    async def main(stop: asyncio.Event) -> None:
-        consumer = _consumer(
-            handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
-        )
+    async def serve(consumer: IdempotentConsumer, stop: asyncio.Event) -> None:
         connection = await aio_pika.connect_robust(url)
         try:
             channel = await connection.channel()
@@ -258,7 +302,7 @@ def rabbitmq(
         finally:
             await connection.close()
 
-    _run(main)
+    _run(shared, serve)
 
 
 async def _nats_error(exc: Exception) -> None:
@@ -266,31 +310,21 @@ async def _nats_error(exc: Exception) -> None:
     log.warning("oncely: NATS: %s", describe(exc))
 
 
-@consume_app.command("nats")
+@_command("nats", dedup_id="header:Nats-Msg-Id")
 def nats_jetstream(
-    handler: Handler_,
-    name: Name,
-    stream: Annotated[str, typer.Option("--stream")],
+    *,
+    stream: Stream,
     subject: Annotated[str, typer.Option("--subject")],
     durable: Annotated[str, typer.Option("--durable")],
-    url: Annotated[str, typer.Option("--url")] = "nats://127.0.0.1:4222",
-    store: Store_ = None,
-    dedup_id: DedupId = "header:Nats-Msg-Id",
-    lease: Lease = 30.0,
-    max_attempts: Attempts = 5,
-    db: Db = None,
-    inbox: InboxTable = None,
-    app_dir: AppDir = ".",
+    url: Url = "nats://127.0.0.1:4222",
+    shared: _Shared,
 ) -> None:
     """Consume a JetStream stream with a durable pull consumer."""
     import nats
 
     from oncely.messaging.nats import JetStreamConsumer
 
-    async def main(stop: asyncio.Event) -> None:
-        consumer = _consumer(
-            handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
-        )
+    async def serve(consumer: IdempotentConsumer, stop: asyncio.Event) -> None:
         # A first connection without reconnects fails fast on a server that is not there
         # (nats-py would otherwise retry for minutes, logging tracebacks); the consumer's own
         # connection then reconnects for as long as it runs.
@@ -305,33 +339,23 @@ def nats_jetstream(
         finally:
             await nc.close()
 
-    _run(main)
+    _run(shared, serve)
 
 
-@consume_app.command("mqtt")
+@_command("mqtt", dedup_id="header:message_id")
 def mqtt(
-    handler: Handler_,
-    name: Name,
+    *,
     topic: Annotated[str, typer.Option("--topic")],
     client_id: Annotated[str, typer.Option("--client-id", help="stable: the session's id")],
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 1883,
-    store: Store_ = None,
-    dedup_id: DedupId = "header:message_id",
-    lease: Lease = 30.0,
-    max_attempts: Attempts = 5,
-    db: Db = None,
-    inbox: InboxTable = None,
-    app_dir: AppDir = ".",
+    shared: _Shared,
 ) -> None:
     """Consume an MQTT topic at QoS 1 (persistent v5 session, PUBACK after completion)."""
     from oncely.messaging.mqtt import MQTTConsumer, connect
 
     try:
-        consumer = _consumer(
-            handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
-        )
-        member = MQTTConsumer(consumer, connect(host, port, client_id), topic)
+        member = MQTTConsumer(shared.consumer(), connect(host, port, client_id), topic)
     except Exception as exc:
         _fail(exc)
     stop = threading.Event()

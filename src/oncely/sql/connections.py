@@ -1050,7 +1050,28 @@ def _pipelines() -> bool:
     return bool(psycopg.Pipeline.is_supported())
 
 
-class _Psycopg(_DbapiSync):
+class _PsycopgState(SqlConnection):
+    """The transaction state of a psycopg 3 connection, sync or async: the same attributes
+    on both (``info.transaction_status``, ``autocommit``, the open ``transaction()`` blocks)."""
+
+    def in_transaction(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
+
+    def failed(self) -> bool:
+        from psycopg.pq import TransactionStatus
+
+        return bool(self.raw.info.transaction_status == TransactionStatus.INERROR)
+
+    def autocommits(self) -> bool:
+        return bool(self.raw.autocommit)
+
+    def managed_transaction(self) -> bool:
+        return _psycopg_managed(self.raw)
+
+
+class _Psycopg(_PsycopgState, _DbapiSync):
     """psycopg 3: :meth:`execute_leave` sends its statement and the ``COMMIT`` in one pipeline
     (libpq >= 14), one round trip. (psycopg waits for its own ``BEGIN`` even in a pipeline,
     so the ``BEGIN`` stays a round trip of its own, as in any psycopg transaction.)"""
@@ -1058,17 +1079,6 @@ class _Psycopg(_DbapiSync):
     def __init__(self, raw: Any):
         super().__init__(raw, "postgresql", _pg_version(raw), "pyformat")
         self.pipelined = _pipelines()
-
-    def in_transaction(self) -> bool:
-        from psycopg.pq import TransactionStatus
-
-        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
-
-    def autocommits(self) -> bool:
-        return bool(self.raw.autocommit)
-
-    def managed_transaction(self) -> bool:
-        return _psycopg_managed(self.raw)
 
     def execute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
         if not self.pipelined:
@@ -1087,11 +1097,6 @@ class _Psycopg(_DbapiSync):
                 with cleanup(exc):
                     super().leave(block, False)
                 raise
-
-    def failed(self) -> bool:
-        from psycopg.pq import TransactionStatus
-
-        return bool(self.raw.info.transaction_status == TransactionStatus.INERROR)
 
 
 def _psycopg_managed(raw: Any) -> bool:
@@ -1117,18 +1122,23 @@ def _mysql_version(info: str) -> tuple[tuple[int, ...], bool]:
     return version, "mariadb" in info.lower()
 
 
-class _PyMySQL(_DbapiSync):
-    _isolation_before_begin = True
+class _MySQLState(SqlConnection):
+    """The transaction state of a PyMySQL or aiomysql connection (aiomysql's connection keeps
+    PyMySQL's ``server_status`` and ``get_autocommit()``)."""
 
-    def __init__(self, raw: Any):
-        super().__init__(raw, "mysql", (0,), "pyformat")
-        self.version, self.mariadb = _mysql_version(raw.get_server_info())
+    _isolation_before_begin = True
 
     def in_transaction(self) -> bool:
         return bool(self.raw.server_status & 1)  # SERVER_STATUS_IN_TRANS
 
     def autocommits(self) -> bool:
         return bool(self.raw.get_autocommit())
+
+
+class _PyMySQL(_MySQLState, _DbapiSync):
+    def __init__(self, raw: Any):
+        super().__init__(raw, "mysql", (0,), "pyformat")
+        self.version, self.mariadb = _mysql_version(raw.get_server_info())
 
 
 class _DbapiAsync(SqlConnection):
@@ -1212,28 +1222,12 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
-class _AsyncPsycopg(_DbapiAsync):
+class _AsyncPsycopg(_PsycopgState, _DbapiAsync):
     """psycopg 3 ``AsyncConnection``: the same pipelining as the sync face."""
 
     def __init__(self, raw: Any):
         super().__init__(raw, "postgresql", _pg_version(raw))
         self.pipelined = _pipelines()
-
-    def in_transaction(self) -> bool:
-        from psycopg.pq import TransactionStatus
-
-        return bool(self.raw.info.transaction_status != TransactionStatus.IDLE)
-
-    def autocommits(self) -> bool:
-        return bool(self.raw.autocommit)
-
-    def managed_transaction(self) -> bool:
-        return _psycopg_managed(self.raw)
-
-    def failed(self) -> bool:
-        from psycopg.pq import TransactionStatus
-
-        return bool(self.raw.info.transaction_status == TransactionStatus.INERROR)
 
     async def aexecute_leave(self, block: Block, text: Text, params: Mapping[str, Any]) -> Result:
         if not self.pipelined:
@@ -1261,9 +1255,7 @@ async def _acursor_result(cur: Any) -> Result:
     return Result(rows, cur.rowcount, tuple(d[0] for d in cur.description))
 
 
-class _AioMySQL(_DbapiAsync):
-    _isolation_before_begin = True
-
+class _AioMySQL(_MySQLState, _DbapiAsync):
     def __init__(self, raw: Any):
         super().__init__(raw, "mysql", (0,))
         self.version, self.mariadb = _mysql_version(raw.get_server_info())
@@ -1279,12 +1271,6 @@ class _AioMySQL(_DbapiAsync):
             for k, v in args.items()
         }
         return await self._run(sql % literal, None)
-
-    def in_transaction(self) -> bool:
-        return bool(self.raw.server_status & 1)
-
-    def autocommits(self) -> bool:
-        return bool(self.raw.get_autocommit())
 
 
 # -- SQLAlchemy ----------------------------------------------------------------------------------
@@ -1514,12 +1500,13 @@ def _leave_pipelined(
 
 
 class _SaSession(_SaConnection):
+    """A SQLAlchemy ``Session``: ``execute``, ``in_transaction``, ``begin`` and
+    ``begin_nested`` as on a ``Connection`` (:class:`_SaConnection`'s ``enter`` and
+    ``leave`` serve both); its failed state and driver connection are reached through it."""
+
     def __init__(self, raw: Any):
         self.raw = raw
         self.dialect, self.version, self.mariadb = _sa_dialect(raw.get_bind().dialect)
-
-    def execute(self, text: Text, params: Mapping[str, Any]) -> Result:
-        return _sa_result(self.raw.execute(_sa_text(self.text(text)), dict(params)))
 
     def failed(self) -> bool:
         if not self.raw.in_transaction():
@@ -1533,23 +1520,6 @@ class _SaSession(_SaConnection):
 
     def _pooled(self) -> Any:
         return self.raw.connection().connection
-
-    def enter(self, savepoint: bool = True, held: bool = False) -> Block:
-        self.check_usable()
-        if not self.raw.in_transaction():
-            tx = self.raw.begin()
-            try:
-                self.require_transaction("an oncely transaction block")
-                mark = self._held_mark(held)
-            except BaseException as exc:
-                with cleanup(exc):
-                    tx.rollback()
-                raise
-            return Block(True, handle=tx, held=mark)
-        self.require_transaction("an oncely transaction block")
-        if not savepoint:
-            return Block(False)
-        return Block(False, "nested", self.raw.begin_nested())
 
 
 class _SaAsyncConnection(SqlConnection):
