@@ -76,7 +76,7 @@ def test_outbox_data_not_json_is_refused_before_anything_is_written(
     conn = db.connect()
     with pytest.raises(ConfigurationError, match="JSON") as err:
         sm.apply(conn, 1, "pay", key="k1", data=data)
-    assert "nothing was written" in str(err.value)
+    assert "it was not written" in str(err.value)
     conn.rollback()
     assert db.run(f"SELECT status FROM {orders} WHERE id = 1") == [("pending",)]
     assert db.run(f"SELECT COUNT(*) FROM {sm.history_table}") == [(0,)]

@@ -208,7 +208,8 @@ def stored_json(
     except (TypeError, RecursionError) as exc:
         found = f"{type(exc).__name__}: {exc}"
     raise ConfigurationError(
-        f"{what} must be {'plain JSON' if plain else 'JSON'}{why}: {found}; nothing was written"
+        f"{what} must be {'plain JSON' if plain else 'JSON'}{why}: {found}; "
+        "it was not written (nor anything with it)"
     )
 
 
