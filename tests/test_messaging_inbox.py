@@ -932,3 +932,118 @@ def test_outbox_topic_and_payload_no_store_keeps_are_refused(db: Db) -> None:
     conn.commit()
     assert db.run(conn, f"SELECT count(*) FROM {db.outbox.table}")[0][0] == 0
     conn.rollback()
+
+
+# -- a concurrent writer's refusal is DatabaseBusy (retryable), as for insert_once ---------------
+def _wait_until_blocked(db: Db, *conns: Any) -> None:
+    """Return once every connection in ``conns`` waits on a row lock (read from the server's
+    own lock tables, not guessed with a sleep)."""
+    watcher = db.connect()
+    if db.kind == "postgres":
+        ids = [c.info.backend_pid for c in conns]
+        sql = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid = ANY(%s)"
+        )
+    else:
+        ids = [c.thread_id() for c in conns]
+        sql = (
+            "SELECT count(*) FROM information_schema.INNODB_TRX WHERE trx_state = 'LOCK WAIT' "
+            "AND trx_mysql_thread_id IN %s"
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        (count,) = db.run(watcher, sql, (ids if db.kind == "postgres" else tuple(ids),))[0]
+        watcher.rollback()
+        if count == len(conns):
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the connections never waited on a lock ({count} of {len(conns)})")
+
+
+@pytest.mark.parametrize("face", ["accept", "receive"])
+def test_postgres_repeatable_read_duplicate_is_database_busy(tmp_path: Path, face: str) -> None:
+    """At REPEATABLE READ a duplicate delivery that waited for the first one's commit gets a
+    serialization failure: raised as DatabaseBusy (retryable), the same type insert_once and
+    the barrier raise, and running it again answers "already applied"."""
+    from oncely.errors import DatabaseBusy
+    from oncely.sql.connections import retryable
+
+    db = Db("postgres", tmp_path)
+    try:
+        first, second = db.connect(), db.connect()
+        for c in (first, second):
+            db.run(c, "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            c.commit()
+        assert db.inbox.accept(first, "billing", "m1") is True
+        outcome: list[Any] = []
+
+        def duplicate() -> None:
+            try:
+                if face == "accept":
+                    outcome.append(db.inbox.accept(second, "billing", "m1"))
+                else:
+                    with db.inbox.receive(second, "billing", "m1") as answer:
+                        outcome.append(answer)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        waiter = threading.Thread(target=duplicate)
+        waiter.start()
+        _wait_until_blocked(db, second)
+        first.commit()
+        waiter.join(20)
+        [err] = outcome
+        assert isinstance(err, DatabaseBusy) and retryable(err), repr(err)
+        second.rollback()
+        assert db.inbox.accept(second, "billing", "m1") is False  # run again: a duplicate
+        second.rollback()
+    finally:
+        db.drop()
+
+
+@pytest.mark.parametrize("face", ["accept", "receive"])
+def test_mariadb_first_delivery_rolled_back_waiters_get_database_busy(
+    tmp_path: Path, face: str
+) -> None:
+    """MariaDB: three duplicate deliveries wait on the first, which rolls back; InnoDB's
+    deadlock detector refuses some waiters (1213). Each refusal is DatabaseBusy (retryable),
+    never a plain StoreError, and running the refused ones again applies the message once."""
+    from oncely.errors import DatabaseBusy
+    from oncely.sql.connections import retryable
+
+    db = Db("mysql", tmp_path)
+    try:
+        holder = db.connect()
+        waiters = [db.connect() for _ in range(3)]
+        assert db.inbox.accept(holder, "billing", "m1") is True
+        outcome: list[Any] = []
+
+        def duplicate(conn: Any) -> None:
+            try:
+                if face == "accept":
+                    outcome.append(db.inbox.accept(conn, "billing", "m1"))
+                    conn.commit()
+                else:
+                    with db.inbox.receive(conn, "billing", "m1") as answer:
+                        outcome.append(answer)
+            except BaseException as exc:
+                conn.rollback()
+                outcome.append(exc)
+
+        threads = [threading.Thread(target=duplicate, args=(c,)) for c in waiters]
+        for t in threads:
+            t.start()
+        _wait_until_blocked(db, *waiters)
+        holder.rollback()
+        for t in threads:
+            t.join(30)
+        errors = [o for o in outcome if isinstance(o, BaseException)]
+        assert len(outcome) == 3 and errors, outcome  # InnoDB refuses at least one waiter
+        assert all(isinstance(e, DatabaseBusy) and retryable(e) for e in errors), errors
+        answers = [o for o in outcome if isinstance(o, bool)]
+        for conn in waiters[: len(errors)]:  # run the refused deliveries again
+            answers.append(db.inbox.accept(conn, "billing", "m1"))
+            conn.commit()
+        assert answers.count(True) == 1, outcome
+    finally:
+        db.drop()

@@ -30,7 +30,9 @@ MySQL/MariaDB), whose row count says whether the row is new. The row is unique o
 to commit or roll back (the unique index locks it), then sees the row (0 rows: duplicate) or not
 (1 row: it runs), so two concurrent deliveries never both apply the effect; this is the "inbox
 row truly locked" that MassTransit users needed. Under PostgreSQL's REPEATABLE READ or
-SERIALIZABLE the waiting transaction gets a serialization failure instead: run it again.
+SERIALIZABLE the waiting transaction gets a serialization failure instead, and MariaDB's deadlock
+detector may refuse waiters when the first rolls back: both raise
+:class:`~oncely.errors.DatabaseBusy` (retryable): roll back and run it again.
 
 The hook for an idempotent consumer (:mod:`oncely.messaging.consumer`) is
 :meth:`Inbox.accept`: ``accept(conn, consumer, message_id) -> bool`` (``aaccept`` async),
@@ -70,6 +72,7 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
+    busy,
     commit_if_held,
     exec_in_block,
     leave_usable,
@@ -222,8 +225,15 @@ def check_table(table: Any, param: str = "table") -> str:
     return table
 
 
-def translate(exc: Exception, what: str) -> Exception:
-    """A driver error as a typed oncely error (a missing table says how to create it)."""
+def translate(exc: Exception, what: str) -> BaseException:
+    """A driver error as a typed oncely error: a concurrent writer's refusal (serialization
+    failure, deadlock, lock wait timeout, SQLite busy) is :class:`~oncely.errors.DatabaseBusy`
+    through :func:`oncely.sql.connections.busy`, the one translation every SQL mechanism uses
+    (retryable: roll back and run the transaction again); a missing table says how to create
+    it; anything else is a :class:`~oncely.errors.StoreError`."""
+    transient = busy(exc, what)
+    if transient is not exc:
+        return transient
     missing = missing_object(exc)
     if missing is not None:
         return type(missing)(f"{missing} ({what})")
