@@ -725,3 +725,69 @@ def test_a_sqlite_connect_url_with_busy_timeout_works(tmp_path: Path) -> None:
     assert consumer.process(Delivery(b"x", message_id="m")) == Ack(ran=True)
     assert consumer.process(Delivery(b"x", message_id="m")) == Ack(ran=False)
     assert runs == [b"x"]
+
+
+# -- every dedup id claim mode takes, inbox mode takes too (red team 17) ------------------------
+def test_a_dedup_id_over_the_inbox_column_runs_once_in_digest_form(db: Db) -> None:
+    """A 300-character dedup id and a 400-digit number: before, every delivery answered
+    Retry(InvalidKey) forever, never dead-lettered, the handler never ran. Now each runs once,
+    its redeliveries are acked as duplicates, and the inbox row holds the documented digest
+    form (inbox_message_id); an id that fits is stored as itself."""
+    import hashlib
+
+    from oncely.messaging.inbox import DIGEST_PREFIX, inbox_message_id
+
+    ran: list[str] = []
+    dead: list[BaseException] = []
+
+    def handler(d: Delivery, conn: Any) -> None:
+        ran.append(str(d.json()["id"])[:8])
+        db.effect(conn, "x")
+
+    consumer = IdempotentConsumer(
+        handler,
+        name="billing",
+        dedup_id="body:id",
+        inbox=db.inbox,
+        connect=db.url,
+        max_attempts=2,
+        on_dead_letter=lambda d, e: dead.append(e),
+    )
+    long_text, digits = "x" * 300, "9" * 400
+    bodies = [b'{"id": "' + long_text.encode() + b'"}', b'{"id": ' + digits.encode() + b"}"]
+    try:
+        for body in bodies:
+            verdicts = [consumer.process(Delivery(body=body, attempt=n)) for n in range(1, 5)]
+            assert verdicts == [Ack(ran=True)] + [Ack(ran=False)] * 3, verdicts
+    finally:
+        consumer.close()
+    assert ran == ["xxxxxxxx", "99999999"] and not dead
+    conn = connect(db.url)
+    try:
+        stored = {r[0] for r in db.run(conn, f"SELECT message_id FROM {db.inbox.table}")}
+    finally:
+        conn.rollback()
+        conn.close()
+    stored = {s.decode() if isinstance(s, (bytes, bytearray)) else s for s in stored}
+    expected = {DIGEST_PREFIX + hashlib.sha256(t.encode()).hexdigest() for t in (long_text, digits)}
+    assert stored == expected
+    assert inbox_message_id("m-1") == "m-1"
+    assert inbox_message_id(DIGEST_PREFIX + "a").startswith(DIGEST_PREFIX)
+    assert inbox_message_id(DIGEST_PREFIX + "a") != DIGEST_PREFIX + "a"
+
+
+@pytest.mark.parametrize("error", ["InvalidKey", "InvalidPayload"])
+def test_a_permanent_refusal_respects_max_attempts(error: str) -> None:
+    """An error refusing the message itself (InvalidKey, InvalidPayload) before the handler ran
+    is the same at every redelivery: a failed attempt, dead-lettered after max_attempts, not a
+    Retry forever (the pure verdict, no I/O; any mode)."""
+    from oncely import errors
+
+    exc = getattr(errors, error)("this message's id cannot be kept")
+    consumer = IdempotentConsumer(lambda d: None, name="billing", store="memory://", max_attempts=3)
+    verdicts = [
+        consumer.verdict_for(Delivery(body=b"{}", message_id="m", attempt=n), "m", exc, False)
+        for n in (1, 2, 3)
+    ]
+    assert [type(v) for v in verdicts] == [Retry, Retry, DeadLetter], verdicts
+    assert isinstance(verdicts[-1], DeadLetter) and verdicts[-1].error is exc

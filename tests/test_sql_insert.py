@@ -199,3 +199,64 @@ def test_failed_transaction_is_refused(make_db: Any) -> None:
         insert_once(conn, table, {"order_no": "A", "amount": 1}, unique=("order_no",))
     conn.rollback()
     assert insert_once(conn, table, {"order_no": "A", "amount": 1}, unique=("order_no",))[1]
+
+
+def test_a_missing_unique_constraint_keeps_the_callers_transaction(db: Db) -> None:
+    """unique= naming columns with no unique constraint, inside the caller's transaction that
+    already wrote: ConfigurationError, and the caller's transaction is still usable and
+    commits its earlier write. On PostgreSQL the failing ON CONFLICT used to abort the
+    transaction, and psycopg's commit() then rolled it back without an error."""
+    table = _orders(db)
+    conn = db.connect()
+    cur = conn.cursor()
+    mark = "?" if db.dialect == "sqlite" else "%s"
+    cur.execute(f"INSERT INTO {table} (order_no, amount) VALUES ({mark}, 1)", ("earlier",))
+    cur.close()
+    with pytest.raises(ConfigurationError, match="no unique constraint"):
+        insert_once(conn, table, {"order_no": "X", "amount": 5}, unique=("amount",))
+    # the same transaction goes on: a correct call works, and both writes commit
+    row, created = insert_once(conn, table, {"order_no": "Y", "amount": 6}, unique=("order_no",))
+    assert created and row["order_no"] == "Y"
+    conn.commit()
+    rows = db.run(f"SELECT order_no FROM {table}")
+    assert sorted(r[0] for r in rows) == ["Y", "earlier"]
+
+
+def test_postgres_missing_table_keeps_the_callers_transaction(make_db: Any) -> None:
+    db = make_db("postgresql")
+    table = _orders(db)
+    conn = db.connect()
+    conn.execute(f"INSERT INTO {table} (order_no, amount) VALUES ('earlier', 1)")
+    with pytest.raises(UnknownTable):
+        insert_once(conn, f"nothere_{db.tag}", {"k": 1}, unique=("k",))
+    conn.commit()
+    assert db.run(f"SELECT order_no FROM {table}") == [("earlier",)]
+
+
+def test_postgres_checks_the_arbiter_once_per_connection(make_db: Any) -> None:
+    """The catalog lookup runs on a connection's first call for (table, columns) only: every
+    later call is the one INSERT ... ON CONFLICT statement, as before the lookup existed."""
+    import psycopg
+
+    sent: list[str] = []
+
+    class Counting(psycopg.Cursor[Any]):
+        def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+            sent.append(str(query))
+            return super().execute(query, *args, **kwargs)
+
+    db = make_db("postgresql")
+    table = _orders(db)
+    conn = db.connect(cursor_factory=Counting)
+    insert_once(conn, table, {"order_no": "C-1", "amount": 1}, unique=("order_no",))
+    assert len(sent) == 2 and "pg_index" in sent[0]
+    sent.clear()
+    insert_once(conn, table, {"order_no": "C-2", "amount": 2}, unique=("order_no",))
+    insert_once(conn, table, {"order_no": "C-1", "amount": 1}, unique=("order_no",))
+    conn.commit()
+    assert len(sent) == 2 and not any("pg_index" in s for s in sent)  # one statement each
+    # a unique index that ON CONFLICT cannot use as its arbiter is refused the same way
+    db.run(f"CREATE UNIQUE INDEX part_{db.tag} ON {table} (amount) WHERE amount > 100")
+    with pytest.raises(ConfigurationError):
+        insert_once(conn, table, {"order_no": "C-3", "amount": 200}, unique=("amount",))
+    conn.rollback()

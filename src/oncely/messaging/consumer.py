@@ -57,6 +57,8 @@ from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
     InFlightError,
+    InvalidKey,
+    InvalidPayload,
     LeaseLost,
     MessageRejected,
     OncelyError,
@@ -64,7 +66,7 @@ from oncely.errors import (
 )
 from oncely.functions.drivers import drive, drive_async
 from oncely.functions.flow import CallPolicy, call_flow
-from oncely.messaging.inbox import MAX_CONSUMER_LENGTH, Inbox
+from oncely.messaging.inbox import MAX_CONSUMER_LENGTH, Inbox, inbox_message_id
 from oncely.messaging.transactional import Connections, HandlerFailed
 from oncely.settings import seconds, whole
 from oncely.stores import Store, configured_store, shared_store
@@ -657,6 +659,17 @@ class IdempotentConsumer:
             # The handler ran, but its claim was lost before completion: a newer holder owns
             # the record. Redeliver: the redelivery is acked once that holder completes.
             return Retry(self.retry_delay, str(error))
+        if not ran and isinstance(error, (InvalidKey, InvalidPayload)):
+            # refused for this message's own content: the same message is refused again at
+            # every redelivery, so it is a failed attempt (dead-lettered after max_attempts),
+            # never a retry forever
+            log.error(
+                "oncely: consumer %r cannot take message %r: %s",
+                self.name,
+                delivery.message_id,
+                describe(error),
+            )
+            return self._failed_attempt(delivery, dedup_id, error)
         if not ran:  # a failure of the flow itself (e.g. a broken store reply): try again
             return Retry(self.retry_delay, f"{type(error).__name__}: {error}")
         return self._failed_attempt(delivery, dedup_id, error)
@@ -1068,7 +1081,7 @@ class IdempotentConsumer:
         assert self.connections is not None and self.inbox is not None
         handler = self.handler
         return self.connections.transact(
-            self.inbox, self.name, dedup_id, lambda conn: handler(delivery, conn)
+            self.inbox, self.name, inbox_message_id(dedup_id), lambda conn: handler(delivery, conn)
         )
 
     async def _atransact(self, delivery: Delivery, dedup_id: str) -> bool:
@@ -1078,7 +1091,9 @@ class IdempotentConsumer:
         async def call(conn: Any) -> None:
             await handler(delivery, conn)
 
-        return await self.connections.atransact(self.inbox, self.name, dedup_id, call)
+        return await self.connections.atransact(
+            self.inbox, self.name, inbox_message_id(dedup_id), call
+        )
 
     def _verdict_of_transaction(
         self,

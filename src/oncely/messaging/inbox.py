@@ -54,6 +54,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, Final
 
 from oncely.backends.plans import Exec, Plan
+from oncely.core.records import digest_key
 from oncely.core.text import stored_text
 from oncely.errors import (
     ConfigurationError,
@@ -62,7 +63,7 @@ from oncely.errors import (
     SchemaMissing,
     StoreError,
 )
-from oncely.messaging.dedup import message_id_text
+from oncely.messaging.dedup import MAX_ID_LENGTH, message_id_text
 from oncely.settings import count as count_of
 from oncely.settings import seconds
 from oncely.sql.connections import (
@@ -85,10 +86,12 @@ from oncely.sql.connections import (
 
 __all__ = [
     "DEFAULT_KEEP",
+    "DIGEST_PREFIX",
     "MAX_CONSUMER_LENGTH",
     "Inbox",
     "check_connect_url",
     "connect",
+    "inbox_message_id",
     "now_sql",
     "purge_in_batches",
 ]
@@ -97,6 +100,26 @@ __all__ = [
 DEFAULT_KEEP: Final = 7 * 86400.0
 #: Longest consumer name, in characters.
 MAX_CONSUMER_LENGTH: Final = 200
+#: The prefix of a dedup id the transactional consumer stores in digest form
+#: (:func:`inbox_message_id`).
+DIGEST_PREFIX: Final = "oncely-sha256:"
+
+
+def inbox_message_id(dedup_id: str) -> str:
+    """The message id under which the transactional consumer (``IdempotentConsumer(inbox=...)``)
+    records ``dedup_id`` in the inbox: ``dedup_id`` itself when it fits the column (at most
+    :data:`~oncely.messaging.dedup.MAX_ID_LENGTH`, 255, characters) and does not start with
+    :data:`DIGEST_PREFIX`; else ``"oncely-sha256:" + sha256(dedup_id as UTF-8).hexdigest()``
+    (78 characters), the digest the record stores key claim mode by
+    (:func:`oncely.core.records.digest_key`). So the transactional mode takes every dedup id the
+    claim mode takes (a 300-character id, a 400-digit number), and two ids share a row only if
+    their SHA-256 digests collide (an id that itself starts with the prefix is digested too, so
+    it never meets another id's digest form). To find such a message's row yourself, call this
+    function on its dedup id."""
+    if len(dedup_id) <= MAX_ID_LENGTH and not dedup_id.startswith(DIGEST_PREFIX):
+        return dedup_id
+    return DIGEST_PREFIX + digest_key(dedup_id)
+
 
 _NOW: Final[dict[str, str]] = {
     "sqlite": "((julianday('now') - 2440587.5) * 86400.0)",

@@ -41,7 +41,7 @@ from typing import Any
 
 from oncely.backends.plans import Exec, Plan
 from oncely.core.text import sendable
-from oncely.errors import ConfigurationError
+from oncely.errors import ConfigurationError, UnknownTable
 from oncely.sql.connections import (
     Result,
     SqlConnection,
@@ -97,12 +97,30 @@ def _translate(exc: BaseException, table: str, unique: Sequence[str]) -> BaseExc
         return missing
     for e in (exc, getattr(exc, "orig", None), exc.__cause__):
         if e is not None and _no_constraint(e):
-            return ConfigurationError(
-                f"{table} has no unique constraint or primary key on exactly ({', '.join(unique)})"
-                f": add one (CREATE UNIQUE INDEX ... ON {table} ({', '.join(unique)})) or pass "
-                "the columns of an existing one as unique="
-            )
+            return ConfigurationError(_no_unique_message(table, unique))
     return exc
+
+
+def _no_unique_message(table: str, unique: Sequence[str]) -> str:
+    cols = ", ".join(unique)
+    return (
+        f"{table} has no unique constraint or primary key on exactly ({cols}) (PostgreSQL: a "
+        f"non-partial, non-deferrable one): add one (CREATE UNIQUE INDEX ... ON {table} "
+        f"({cols})) or pass the columns of an existing one as unique="
+    )
+
+
+#: PostgreSQL: does the table exist, and has it a unique index ``ON CONFLICT (cols)`` can use
+#: as its arbiter (unique, valid, immediate, no predicate, no expression, key columns exactly
+#: ``:cols``, sorted and comma-joined; identifiers are plain, so no name holds a comma)?
+_PG_ARBITER = (
+    "SELECT to_regclass(CAST(:t AS text)) IS NOT NULL, EXISTS (SELECT 1 FROM pg_index i "
+    "WHERE i.indrelid = to_regclass(CAST(:t AS text)) AND i.indisunique AND i.indisvalid "
+    "AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL AND (SELECT string_agg("
+    "CAST(a.attname AS text), ',' ORDER BY CAST(a.attname AS text) COLLATE \"C\") "
+    "FROM pg_attribute a WHERE a.attrelid = i.indrelid "
+    "AND a.attnum = ANY((CAST(i.indkey AS int2[]))[0:i.indnkeyatts - 1])) = :cols)"
+)
 
 
 def _plan(
@@ -139,6 +157,25 @@ def _plan(
 
     try:
         if c.dialect == "postgresql":
+            # a failing ON CONFLICT (no unique index on exactly these columns: 42P10) would
+            # abort the caller's transaction, and psycopg's commit() of an aborted transaction
+            # rolls back without an error: the caller's earlier writes would be silently gone.
+            # So the arbiter is looked up in the catalog first, once per connection and
+            # (table, columns) like MariaDB's schema read, and refused without a failing
+            # statement; later calls are the one statement below.
+            key = (table, frozenset(unique))
+            checked = _unique_checked(c.raw)
+            if key not in checked:
+                res = yield Exec(_PG_ARBITER, {"t": t, "cols": ",".join(sorted(set(unique)))})
+                present, found = res.rows[0]
+                if not present:
+                    raise UnknownTable(
+                        f"relation {table!r} does not exist: create the table first (or fix its "
+                        "name); nothing was sent that fails, the transaction is still usable"
+                    )
+                if not found:
+                    raise ConfigurationError(_no_unique_message(table, unique))
+                checked.add(key)
             cte = (
                 f"WITH ins AS ({insert} ON CONFLICT ({target}) DO NOTHING RETURNING *) "
                 "SELECT true AS oncely_created, ins.* FROM ins UNION ALL "
@@ -182,11 +219,7 @@ def _plan(
                     indexes.setdefault(str(index), set()).add(str(column).lower())
                 if {col.lower() for col in unique} not in indexes.values():
                     yield Exec(f"SELECT 1 FROM {t} WHERE 1 = 0", {})  # a missing table says so
-                    raise ConfigurationError(
-                        f"{table} has no unique constraint or primary key on exactly "
-                        f"({', '.join(unique)}): add one (CREATE UNIQUE INDEX ... ON {table} "
-                        f"({', '.join(unique)})) or pass the columns of an existing one as unique="
-                    )
+                    raise ConfigurationError(_no_unique_message(table, unique))
                 checked.add((table, frozenset(col.lower() for col in unique)))
             returning = " RETURNING *" if c.returning else ""
             for _ in range(5):
