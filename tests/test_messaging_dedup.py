@@ -435,3 +435,31 @@ def test_window_bounds_are_checked_when_built_on_every_store(made: Made, kind: s
     assert d.seen("w1") is False
     assert d.seen("w1") is True
     assert d.filter_new(["w1", "w2"]) == ["w2"]
+
+
+def test_postgres_lock_wait_that_runs_out_is_database_busy() -> None:
+    """A PostgreSQL dedup call that waits on a row another transaction holds until its
+    lock_timeout runs out: DatabaseBusy (retryable), the one translation every SQL mechanism
+    shares (red team 17), not a plain StoreUnavailable."""
+    from oncely.errors import DatabaseBusy
+
+    table = f"dedup_busy_{uuid.uuid4().hex[:10]}"
+    d = Deduplicator(
+        f"{POSTGRES_URL}?options=-c%20lock_timeout%3D200", window=60, namespace="n", table=table
+    )
+    holder = psycopg.connect(POSTGRES_URL)
+    try:
+        assert d.seen("a") is False  # the table exists
+        holder.execute(
+            f"INSERT INTO {table} (namespace, id, expires_at) VALUES ('n', 'b', 1e18)"
+        )  # uncommitted: the row is locked
+        with pytest.raises(DatabaseBusy):
+            d.seen("b")
+        holder.rollback()
+        assert d.seen("b") is False
+    finally:
+        holder.rollback()
+        holder.execute(f"DROP TABLE IF EXISTS {table}")
+        holder.commit()
+        holder.close()
+        d.close()

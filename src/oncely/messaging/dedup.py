@@ -119,6 +119,15 @@ def bloom_size(capacity: int, error_rate: float) -> tuple[int, int]:
     return m, k
 
 
+def _busy(exc: BaseException, what: str) -> BaseException:
+    """``exc`` through :func:`oncely.sql.connections.busy`, the one translation of a concurrent
+    writer's refusal (serialization failure, deadlock, lock wait timeout, SQLite busy) into
+    :class:`~oncely.errors.DatabaseBusy` every SQL mechanism shares."""
+    from oncely.sql.connections import busy
+
+    return busy(exc, what)
+
+
 def message_id_text(message_id: Any) -> str:
     """``message_id`` as the text every store compares (``str(id)``).
 
@@ -497,6 +506,9 @@ class _SQLite(_Sql):
                     f"dedup table {self.table!r} is missing in {self.path!r}: create it with "
                     "create_schema=True"
                 ) from exc
+            transient = _busy(exc, f"dedup table {self.table!r} in {self.path!r}")
+            if transient is not exc:
+                raise transient from exc
             if "locked" in text or "busy" in text or "unable to open" in text:
                 raise StoreUnavailable(f"SQLite database {self.path!r}: {exc}") from exc
             raise StoreError(f"SQLite database {self.path!r} failed: {exc}") from exc
@@ -548,6 +560,9 @@ class _Postgres(_Sql):
                 f"dedup table {self.table!r} is missing at {self.where}: create it with "
                 "create_schema=True"
             )
+        transient = _busy(exc, f"dedup table {self.table!r} at {self.where}")
+        if isinstance(transient, StoreError):
+            return transient
         if isinstance(exc, psycopg.OperationalError):
             return StoreUnavailable(f"PostgreSQL at {self.where} is unavailable: {exc}")
         return StoreError(f"PostgreSQL at {self.where} failed: {exc}")
@@ -802,6 +817,9 @@ class _MySQL(_Sql):
         code = errno(exc)
         if code == _DEADLOCK:
             return _Retry(f"MySQL at {self.where}: deadlock, rolled back")
+        transient = _busy(exc, f"dedup table {self.table!r} at {self.where}")
+        if isinstance(transient, StoreError):
+            return transient
         if code == 1146:
             return SchemaMissing(
                 f"dedup table {self.table!r} is missing at {self.where}: create it with "
