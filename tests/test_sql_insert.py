@@ -260,3 +260,67 @@ def test_postgres_checks_the_arbiter_once_per_connection(make_db: Any) -> None:
     with pytest.raises(ConfigurationError):
         insert_once(conn, table, {"order_no": "C-3", "amount": 200}, unique=("amount",))
     conn.rollback()
+
+
+def test_mariadb_first_inserter_rolls_back_waiters_get_the_row_or_database_busy(
+    make_db: Any,
+) -> None:
+    """What docs/sql.md states: when the first inserter rolls back, InnoDB's deadlock detector
+    refuses some of the callers waiting on its row (1213). Each refusal is DatabaseBusy
+    (retryable), never a second row; run again, every caller gets the one row."""
+    import time
+
+    from oncely.errors import DatabaseBusy
+    from oncely.sql.connections import retryable
+
+    db = make_db("mysql")
+    table = _orders(db)
+    holder = db.connect()
+    waiters = [db.connect() for _ in range(3)]
+    insert_once(holder, table, {"order_no": "K", "amount": 1}, unique=("order_no",))
+    outcome: list[Any] = []
+
+    def call(conn: Any, amount: int) -> None:
+        try:
+            row, created = insert_once(
+                conn, table, {"order_no": "K", "amount": amount}, unique=("order_no",)
+            )
+            conn.commit()
+            outcome.append((created, row["amount"]))
+        except BaseException as exc:
+            conn.rollback()
+            outcome.append(exc)
+
+    threads = [threading.Thread(target=call, args=(c, 10 + i)) for i, c in enumerate(waiters)]
+    for t in threads:
+        t.start()
+    watcher = db.connect()
+    ids = tuple(c.thread_id() for c in waiters)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:  # every waiter waits on the holder's row lock
+        with watcher.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM information_schema.INNODB_TRX "
+                "WHERE trx_state = 'LOCK WAIT' AND trx_mysql_thread_id IN %s",
+                (ids,),
+            )
+            if cur.fetchone()[0] == len(waiters):
+                break
+        watcher.rollback()
+        time.sleep(0.01)
+    holder.rollback()
+    for t in threads:
+        t.join(30)
+    errors = [o for o in outcome if isinstance(o, BaseException)]
+    assert len(outcome) == 3 and errors, outcome  # InnoDB refuses at least one waiter
+    assert all(isinstance(e, DatabaseBusy) and retryable(e) for e in errors), errors
+    answers = [o for o in outcome if isinstance(o, tuple)]
+    for conn in waiters[: len(errors)]:  # run the refused calls again
+        row, created = insert_once(
+            conn, table, {"order_no": "K", "amount": 99}, unique=("order_no",)
+        )
+        conn.commit()
+        answers.append((created, row["amount"]))
+    assert sum(1 for created, _ in answers if created) == 1, answers
+    assert len({a[1] for a in answers}) == 1  # every caller got the one row
+    assert db.run(f"SELECT COUNT(*) FROM {table}") == [(1,)]

@@ -9,7 +9,11 @@ Per dialect (the trap to avoid: ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` 
 for the conflicting row, and a no-op ``DO UPDATE`` that forces a row back writes a new row
 version, bloats the table and fires triggers; oncely never does that):
 
-* **PostgreSQL**: one statement, a CTE: ``WITH ins AS (INSERT ... ON CONFLICT (unique) DO
+* **PostgreSQL**: on a connection's first call for a (table, columns) pair, a catalog read
+  (``pg_index``) checks that ``ON CONFLICT (unique)`` has an arbiter, so a wrong ``unique=`` or
+  a missing table is refused without a failing statement (which would abort the caller's
+  transaction, and psycopg's ``commit()`` of an aborted transaction rolls back without an
+  error); then, and on every later call, one statement, a CTE: ``WITH ins AS (INSERT ... ON CONFLICT (unique) DO
   NOTHING RETURNING *) SELECT true, ins.* FROM ins UNION ALL SELECT false, t.* FROM t WHERE
   <unique> AND NOT EXISTS (SELECT 1 FROM ins)``. When the conflicting row was committed by a
   concurrent transaction after the statement's snapshot (READ COMMITTED), the CTE sees neither
@@ -24,6 +28,10 @@ version, bloats the table and fires triggers; oncely never does that):
   ``SELECT ... LOCK IN SHARE MODE`` in the same transaction: a locking read sees the latest
   committed row even at REPEATABLE READ, whose snapshot may predate it. ``INSERT IGNORE`` is
   not used: it would also turn bad data (truncation, NULLs) into warnings.
+
+When the first inserter rolls back or dies, callers that waited on its row may get
+:class:`~oncely.errors.DatabaseBusy` (MariaDB's deadlock detector, 1213; PostgreSQL at
+REPEATABLE READ): retryable, run the transaction again and it gets the row.
 
 The statement runs in the caller's current transaction (nothing is committed). Errors:
 :class:`~oncely.errors.InvalidIdentifier` (a table or column name that is not a plain
