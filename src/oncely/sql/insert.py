@@ -13,12 +13,12 @@ version, bloats the table and fires triggers; oncely never does that):
   (``pg_index``) checks that ``ON CONFLICT (unique)`` has an arbiter, so a wrong ``unique=`` or
   a missing table is refused without a failing statement (which would abort the caller's
   transaction, and psycopg's ``commit()`` of an aborted transaction rolls back without an
-  error); then, and on every later call, one statement, a CTE: ``WITH ins AS (INSERT ... ON CONFLICT (unique) DO
-  NOTHING RETURNING *) SELECT true, ins.* FROM ins UNION ALL SELECT false, t.* FROM t WHERE
-  <unique> AND NOT EXISTS (SELECT 1 FROM ins)``. When the conflicting row was committed by a
-  concurrent transaction after the statement's snapshot (READ COMMITTED), the CTE sees neither
-  row; a second ``SELECT`` (a new snapshot) in the same transaction reads it. At REPEATABLE
-  READ / SERIALIZABLE PostgreSQL raises a serialization failure there instead (see
+  error); then, and on every later call, one statement, a CTE: ``WITH ins AS (INSERT ... ON
+  CONFLICT (unique) DO NOTHING RETURNING *) SELECT true, ins.* FROM ins UNION ALL SELECT false,
+  t.* FROM t WHERE <unique> AND NOT EXISTS (SELECT 1 FROM ins)``. When the conflicting row was
+  committed by a concurrent transaction after the statement's snapshot (READ COMMITTED), the CTE
+  sees neither row; a second ``SELECT`` (a new snapshot) in the same transaction reads it. At
+  REPEATABLE READ / SERIALIZABLE PostgreSQL raises a serialization failure there instead (see
   :func:`~oncely.sql.connections.retryable`): run the transaction again.
 * **SQLite**: ``INSERT ... ON CONFLICT (unique) DO NOTHING RETURNING *`` (SQLite >= 3.35), then,
   when it returned nothing, ``SELECT`` in the same transaction (SQLite has one writer at a time,
