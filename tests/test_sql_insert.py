@@ -324,3 +324,31 @@ def test_mariadb_first_inserter_rolls_back_waiters_get_the_row_or_database_busy(
     assert sum(1 for created, _ in answers if created) == 1, answers
     assert len({a[1] for a in answers}) == 1  # every caller got the one row
     assert db.run(f"SELECT COUNT(*) FROM {table}") == [(1,)]
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
+def test_sqlalchemy_pooled_connection_is_checked_once(make_db: Any, dialect: str) -> None:
+    """Under SQLAlchemy the check is remembered on the pooled DB-API connection: a new
+    engine.connect() on the same pooled connection sends the one INSERT statement only."""
+    import sqlalchemy as sa
+
+    from conftest import MYSQL_URL, POSTGRES_URL
+
+    db = make_db(dialect)
+    table = _orders(db)
+    url = POSTGRES_URL.replace("postgresql://", "postgresql+psycopg://")
+    if dialect == "mysql":
+        url = MYSQL_URL.replace("mysql://", "mysql+pymysql://")
+    engine = sa.create_engine(url, pool_size=1, max_overflow=0)
+    sent: list[str] = []
+    sa.event.listen(engine, "before_cursor_execute", lambda *a: sent.append(a[2]))
+    try:
+        for n in range(3):
+            with engine.connect() as conn:
+                sent.clear()
+                insert_once(conn, table, {"order_no": f"S-{n}", "amount": n}, unique=("order_no",))
+                conn.commit()
+                checks = [s for s in sent if "pg_index" in s or "STATISTICS" in s]
+                assert len(checks) == (1 if n == 0 else 0), sent
+    finally:
+        engine.dispose()

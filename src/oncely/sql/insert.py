@@ -263,8 +263,22 @@ _UNIQUE_CHECKED: weakref.WeakKeyDictionary[Any, set[tuple[str, frozenset[str]]]]
 )
 
 
+def _owner(raw: Any) -> Any:
+    """What a check is remembered on: under an SQLAlchemy ``Connection`` / ``AsyncConnection``
+    (a new one per ``engine.connect()`` or ``Session`` transaction) the pooled DB-API
+    connection, which outlives them, so a pooled connection is checked once; else ``raw``."""
+    if not type(raw).__module__.startswith("sqlalchemy"):
+        return raw
+    try:
+        sync = getattr(raw, "sync_connection", None) or raw
+        dbapi = sync.connection.dbapi_connection
+    except Exception:
+        return raw
+    return raw if dbapi is None else dbapi
+
+
 def _unique_checked(raw: Any) -> set[tuple[str, frozenset[str]]]:
     try:
-        return _UNIQUE_CHECKED.setdefault(raw, set())
+        return _UNIQUE_CHECKED.setdefault(_owner(raw), set())
     except TypeError:  # an object that takes no weak reference: check every time
         return set()
