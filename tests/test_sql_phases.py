@@ -213,3 +213,37 @@ async def test_async_face(db: Db) -> None:
     assert await op.arun(conn, key="a", scope="s", params=None) == 2
     assert _count(db, t["receipts"]) == 1
     await db.aclose()
+
+
+def test_a_lock_wait_that_runs_out_taking_the_key_is_database_busy(make_db: Any) -> None:
+    """Taking an unfinished key whose row another transaction holds, until PostgreSQL's
+    lock_timeout runs out: DatabaseBusy (retryable), the translation every SQL mechanism
+    shares (red team 17), not the driver's raw LockNotAvailable."""
+    from oncely.errors import DatabaseBusy
+    from oncely.sql.connections import retryable
+
+    db = make_db("postgresql")
+    table = db.name("keys")
+    conn = db.connect()
+    create_tables(conn, table=table)
+    conn.execute("SET lock_timeout = '200ms'")
+    conn.commit()
+    op = Operation("busy_op", table=table)
+
+    @op.phase("only")
+    def only(ctx: Any) -> None:
+        raise RuntimeError("leave the key unfinished")
+
+    with pytest.raises(RuntimeError):
+        op.run(conn, key="k1", scope="s", params={})
+    holder = db.connect()
+    holder.execute(f"SELECT * FROM {table} FOR UPDATE")  # holds the unfinished key's row
+    try:
+        with pytest.raises(DatabaseBusy) as caught:
+            op.run(conn, key="k1", scope="s", params={})
+        assert retryable(caught.value)
+    finally:
+        holder.rollback()
+        holder.close()
+    with pytest.raises(RuntimeError):  # free again: the key is taken and the phase runs
+        op.run(conn, key="k1", scope="s", params={})

@@ -66,6 +66,7 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
+    busy,
     check_identifier,
     cleanup,
     duplicate_of,
@@ -311,6 +312,8 @@ class Operation:
                     params = _decode(stored)
         except Exception as exc:
             typed = schema_missing(exc, self.table)
+            if typed is exc:
+                typed = busy(exc, f"operation {self.name!r} taking its key")
             if typed is exc:
                 raise
             raise typed from exc
