@@ -584,3 +584,29 @@ def test_names_no_store_keeps_as_text_are_refused(url: str, name: str) -> None:
     # The one rule for ids kept as text (oncely.core.text), checked before any I/O.
     with pytest.raises(InvalidLockName, match=r"NUL|surrogate"):
         Lock(url, name)
+
+
+def test_sqlite_lock_file_locked_past_busy_timeout_is_database_busy(tmp_path: Any) -> None:
+    """The lock file held by another writer past busy_timeout (no deadline): DatabaseBusy, the
+    concurrent writer's refusal every SQL mechanism raises as one type (red team 17); still a
+    StoreUnavailable."""
+    import sqlite3
+
+    from oncely.errors import DatabaseBusy
+    from oncely.sql.connections import retryable
+
+    path = tmp_path / "locks.db"
+    lock = Lock(f"sqlite:///{path}?busy_timeout=0.2", "rt17")
+    assert lock.acquire(blocking=False)
+    lock.release()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(DatabaseBusy) as caught:
+            lock.acquire(blocking=False)
+        assert retryable(caught.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert lock.acquire(blocking=False)
+    lock.release()

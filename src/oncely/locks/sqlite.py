@@ -20,16 +20,17 @@ seconds (default 0.01, with jitter); a waiting attempt that finds the lock busy 
 Statements queue on the process's writer gate and share its group commits
 (:func:`oncely.backends.sqlite.execute`), waiting for another process holding SQLite's write
 lock up to ``busy_timeout``. An attempt of ``acquire(timeout=T)`` / ``aacquire(timeout=T)``
-passes the time left of ``T`` as its deadline instead: it waits for the gate and for the file
-as long as that, shorter or longer than ``busy_timeout`` (the first use of the file included:
+passes the time left of ``T`` as its deadline instead: it waits for the gate and for the file as
+long as that, shorter or longer than ``busy_timeout`` (the first use of the file included:
 opening a connection, the switch to WAL, creating the table), and a file still locked then
 counts as the lock being busy (:class:`~oncely.errors.LockTimeout` at ``T``), never
 :class:`~oncely.errors.StoreUnavailable`; the attempt wrote nothing. Without a timeout (and for
-``blocking=False``) the statement waits ``busy_timeout``, then raises StoreUnavailable.
-The file is opened in WAL mode with ``synchronous=NORMAL`` (a lock
-does not need to survive a power cut; fences stay increasing because they are seeded from the
-clock). Connections are shared by all threads (:class:`oncely.backends.sqlite.Connections`, at
-most 16), so short-lived threads leave nothing open behind them. Async calls run on a small
+``blocking=False``) the statement waits ``busy_timeout``, then raises
+:class:`~oncely.errors.DatabaseBusy` (a StoreUnavailable). The file is opened in WAL mode with
+``synchronous=NORMAL`` (a lock does not need to survive a power cut; fences stay increasing
+because they are seeded from the clock). Connections are shared by all threads
+(:class:`oncely.backends.sqlite.Connections`, at most 16), so short-lived threads leave nothing
+open behind them. Async calls run on a small
 thread pool of the backend's own.
 """
 
@@ -59,7 +60,7 @@ from oncely.backends.sqlite import (
 )
 from oncely.core import deadline
 from oncely.core.deadline import DeadlinePassed
-from oncely.errors import ConfigurationError, StoreError, StoreUnavailable
+from oncely.errors import ConfigurationError, DatabaseBusy, StoreError
 from oncely.locks.base import Busy, Face, Hold, LockBackend, State
 from oncely.settings import seconds, text, whole
 
@@ -199,7 +200,9 @@ class SQLiteLockBackend(LockBackend):
 
     def _translate(self, exc: sqlite3.Error) -> StoreError:
         if is_busy(exc):
-            return StoreUnavailable(
+            # DatabaseBusy (a StoreUnavailable): the concurrent writer's refusal every SQL
+            # mechanism raises as this one type (oncely.sql.connections.retryable is true)
+            return DatabaseBusy(
                 f"SQLite database {self.path!r} stayed locked for {self.busy_timeout}s; "
                 "raise busy_timeout, or use a server backend for heavy lock traffic"
             )
