@@ -463,3 +463,29 @@ def test_postgres_lock_wait_that_runs_out_is_database_busy() -> None:
         holder.commit()
         holder.close()
         d.close()
+
+
+def test_sqlite_busy_timeout_from_the_url_bounds_the_wait(tmp_path: Path) -> None:
+    """``sqlite:///f.db?busy_timeout=S`` is read (the URL parser refused every option before,
+    so the wait was always 15 s): a call on a file another connection holds locked waits about
+    S seconds, then DatabaseBusy (retryable)."""
+    import sqlite3
+
+    from oncely.errors import DatabaseBusy
+
+    path = tmp_path / "dedup.db"
+    d = Deduplicator(f"sqlite:///{path}?busy_timeout=0.5", window=60, namespace="n")
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert d.seen("a") is False  # the file and its table exist
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held
+        started = time.monotonic()
+        with pytest.raises(DatabaseBusy):
+            d.seen("b")
+        waited = time.monotonic() - started
+        assert 0.4 <= waited < 3, waited
+        holder.rollback()
+        assert d.seen("b") is False
+    finally:
+        holder.close()
+        d.close()

@@ -461,7 +461,7 @@ class _SQLite(_Sql):
         from oncely.backends.sqlite import Connections, Workers, enable_wal, parse_url
 
         super().__init__(table, namespace, window)
-        self.path, options = parse_url(url, "SQLite URL")
+        self.path, options = parse_url(url, "SQLite URL", ("busy_timeout",))
         self.busy = float(options.get("busy_timeout", 15))
         self.create = create
         self.ready = False
