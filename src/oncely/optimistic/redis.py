@@ -47,7 +47,13 @@ from oncely.backends.lua import Script
 from oncely.backends.plans import Command, Eval, Plan, arun, run
 from oncely.backends.redis import RedisClients
 from oncely.core.text import sendable
-from oncely.errors import ConfigurationError, NotFound, StaleVersion, UnversionedRow
+from oncely.errors import (
+    ConfigurationError,
+    NotFound,
+    StaleVersion,
+    UnversionedRow,
+    VersionExhausted,
+)
 
 __all__ = ["VERSION_FIELD", "RedisVersioned"]
 
@@ -58,6 +64,10 @@ CAS: Final = Script("oncely.optimistic", "cas")
 
 Value = bytes | str | int | float
 
+#: Versions are below this: the script counts with Lua's doubles, exact up to 2^53 (the rule of
+#: every oncely script that counts; see ``cas.lua``).
+EXACT: Final = 2**53
+
 
 def _check_version(version: object, minimum: int) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < minimum:
@@ -65,7 +75,35 @@ def _check_version(version: object, minimum: int) -> int:
             f"expected_version must be an int >= {minimum} (0: the key must not exist yet), "
             f"not {version!r}; pass the version get() returned"
         )
+    if version >= EXACT:
+        raise ConfigurationError(
+            f"expected_version {version} is 2^53 or more: no RedisVersioned hash can be at it "
+            "(versions stay below 2^53, where Redis's Lua counts exactly); pass the version "
+            "get() returned"
+        )
     return version
+
+
+def _wrongtype(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it was raised from) is Redis's WRONGTYPE error reply."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, redis.ResponseError) and str(seen).startswith("WRONGTYPE"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _exhausted(key: str, vfield: str, text: str) -> VersionExhausted:
+    return VersionExhausted(
+        key,
+        f"Redis hash {key!r} is at {vfield!r} {text}, 2^53 - 1 or more: Redis's Lua counts "
+        "exactly only below 2^53, so no write can raise it (versions past it would stop "
+        "growing and let a stale writer match). Nothing was written; delete the hash "
+        "(DEL, or delete(key, version) at 2^53 - 1) and create it with set(key, fields, 0)",
+    )
 
 
 def _encode(name: object, value: object, vfield: str) -> tuple[str, Value]:
@@ -136,7 +174,14 @@ class RedisVersioned:
         if not isinstance(key, str) or not key:
             raise ConfigurationError(f"key must be a non-empty string, not {key!r}")
         sendable(key, "key", ConfigurationError)
-        reply = yield Command(("HGETALL", key))
+        try:
+            reply = yield Command(("HGETALL", key))
+        except Exception as exc:  # WRONGTYPE: another type, reported as set() reports it
+            if not _wrongtype(exc):
+                raise
+            raise UnversionedRow(
+                key, f"Redis key {key!r} is not a hash, so not a versioned hash; use another key"
+            ) from exc
         if isinstance(reply, dict):
             items = list(reply.items())
         else:  # RESP2 without a response callback: a flat list
@@ -153,7 +198,10 @@ class RedisVersioned:
             else:
                 fields[raw.decode("utf-8", "surrogateescape")] = value
         text = version.decode("ascii", "replace") if isinstance(version, bytes) else version
-        if not (isinstance(text, str) and text.isdigit() and text[0] != "0"):
+        if isinstance(text, str) and text.isascii() and text.isdigit() and text[0] != "0":
+            if int(text) >= EXACT:
+                raise _exhausted(key, self.version_field, text)
+        else:
             raise UnversionedRow(
                 key,
                 f"Redis hash {key!r} has no usable {self.version_field!r} field ({text!r}); "
@@ -188,6 +236,8 @@ class RedisVersioned:
                 )
             raise StaleVersion(f"Redis hash {key!r}", expected, current)
         text = found.decode("latin-1") if isinstance(found, bytes) else found
+        if status == -3:
+            raise _exhausted(key, self.version_field, text)
         if status == -2:
             raise UnversionedRow(
                 key, f"Redis key {key!r} holds a {text}, not a versioned hash; use another key"
