@@ -34,6 +34,7 @@ The table needs an integer version column, ``NOT NULL`` (start it at 1)::
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -46,6 +47,8 @@ from oncely.errors import (
     NotFound,
     StaleVersion,
     UnversionedRow,
+    ValueRefused,
+    VersionExhausted,
 )
 from oncely.sql.connections import (
     Dialect,
@@ -55,7 +58,9 @@ from oncely.sql.connections import (
     arun,
     busy,
     missing_object,
+    other_key,
     quote,
+    refused_value,
     run,
 )
 
@@ -76,9 +81,16 @@ def _check_version(version: object) -> int:
     return version
 
 
+def _exact(id: object) -> bool:
+    """Whether ``id`` is of a type whose text the key check compares (str, int, UUID: those of
+    :func:`~oncely.sql.connections.other_key`); the UPDATE then matches that text exactly."""
+    return not isinstance(id, bool) and isinstance(id, (str, int, uuid.UUID))
+
+
 def _statements(
     conn: SqlConnection,
     table: str,
+    id: object,
     changes: Mapping[str, Any],
     id_column: str,
     version_column: str,
@@ -96,7 +108,10 @@ def _statements(
                 f"an SQL identifier must be a str, not {type(name).__name__} ({name!r})"
             )
     columns = tuple(changes)
-    update, select = _texts(conn.dialect, returning, table, columns, id_column, version_column)
+    exact = _exact(id)
+    update, select = _texts(
+        conn.dialect, returning, table, columns, id_column, version_column, exact
+    )
     params = {f"c{i}": value for i, value in enumerate(changes.values())}
     return update, select, params, returning
 
@@ -109,8 +124,14 @@ def _texts(
     columns: tuple[str, ...],
     id_column: str,
     version_column: str,
+    exact: bool,
 ) -> tuple[str, str]:
-    """The UPDATE and the reporting SELECT (cached: names are validated once per shape)."""
+    """The UPDATE and the reporting SELECT (cached: names are validated once per shape).
+
+    ``exact``: the UPDATE also compares the key column's text with the id's
+    (``CAST(id AS TEXT) = :oncely_key``; MariaDB/MySQL byte for byte), so an id the database
+    would convert to another key (MariaDB ``'1abc'`` = 1) writes nothing; the reporting SELECT,
+    which matches as the database does, then names the key it found (:func:`other_key`)."""
     t, idc, vc = quote(table, dialect), quote(id_column, dialect), quote(version_column, dialect)
     if id_column.casefold() == version_column.casefold():
         raise ConfigurationError("id_column and version_column must be different columns")
@@ -129,10 +150,14 @@ def _texts(
     update = (
         f"UPDATE {t} SET {', '.join(sets)} WHERE {idc} = :oncely_id AND {vc} = :oncely_expected"
     )
+    if exact and dialect == "mysql":
+        update += f" AND CAST({idc} AS BINARY) = CAST(:oncely_key AS BINARY)"
+    elif exact:
+        update += f" AND CAST({idc} AS TEXT) = :oncely_key"
     if returning:
         update += f" RETURNING {vc}"
     lock = " LOCK IN SHARE MODE" if dialect == "mysql" else ""
-    select = f"SELECT {vc} FROM {t} WHERE {idc} = :oncely_id{lock}"
+    select = f"SELECT {vc}, {idc} FROM {t} WHERE {idc} = :oncely_id{lock}"
     return update, select
 
 
@@ -152,12 +177,18 @@ def _plan(
     if isinstance(changes, Mapping):
         for column, value in changes.items():
             sendable(value, f"versioned_update: the value of column {column!r}", ConfigurationError)
-    update, select, params, returning = _statements(conn, table, changes, id_column, version_column)
+    update, select, params, returning = _statements(
+        conn, table, id, changes, id_column, version_column
+    )
     params.update(oncely_id=id, oncely_expected=expected)
+    if _exact(id):
+        params["oncely_key"] = str(id)
     conn.check_usable()
     entity = f"{table} {id_column}={id!r}"
     try:
-        if expected > _MAX_VERSION:  # no BIGINT holds it: stale (or missing), never a match
+        # 2^63 - 1: version + 1 would not fit (SQLite makes it a REAL, the others refuse it);
+        # larger: no BIGINT holds it. Nothing is sent that could write; the SELECT tells.
+        if expected >= _MAX_VERSION:
             written = 0
         else:
             result: Result = yield Exec(update, params)
@@ -174,7 +205,19 @@ def _plan(
         typed = missing_object(exc) or busy(exc, f"versioned_update of {entity}")
         if typed is not exc:
             raise typed from exc
+        if refused_value(exc):
+            raise ValueRefused(
+                f"versioned_update of {entity}: the database refused a value ({exc}); "
+                "nothing was written. On PostgreSQL the transaction is aborted: roll it back"
+            ) from exc
         raise
+    key = other_key(id_column, id, found) if _exact(id) else None
+    if key is not None:
+        raise ValueRefused(
+            f"versioned_update of {entity}: the id matched the row whose {id_column} is "
+            f"{key!r} (the database converted {id!r} to compare); nothing was written. Pass "
+            f"the key as the row holds it ({key!r})"
+        )
     if not found.rows:
         raise NotFound(
             entity, f"{entity} does not exist (or was deleted meanwhile); nothing written"
@@ -193,6 +236,13 @@ def _plan(
         raise UnversionedRow(
             entity, f"{entity}: {version_column!r} holds {current!r}, not an integer version"
         ) from None
+    if current == expected:  # only at 2^63 - 1: the one version no write can raise
+        raise VersionExhausted(
+            entity,
+            f"{entity} is at {version_column!r} {current}, the largest a 64-bit integer holds: "
+            "no write can raise it (SQLite would turn it into a REAL, PostgreSQL and MariaDB "
+            "refuse it); nothing was written. Versions only get there when set by hand",
+        )
     raise StaleVersion(entity, expected, current)
 
 
