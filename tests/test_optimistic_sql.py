@@ -394,10 +394,14 @@ def test_an_id_the_database_converts_to_another_key_writes_nothing(db: Db) -> No
     same check, oncely.sql.connections.other_key): ValueRefused, nothing written."""
     table = _table(db)
     conn = db.connect()
-    ids = {"mysql": ["1abc", "1.0", " 1"], "sqlite": ["1.0", " 1", "01"], "postgresql": [" 1", "01"]}
+    ids = {
+        "mysql": ["1abc", "1.0", " 1"],
+        "sqlite": ["1.0", " 1", "01"],
+        "postgresql": [" 1", "01"],
+    }
     for id_ in ids[db.dialect]:
         # matched another key, or (MariaDB, strict mode) refused as not a number
-        with pytest.raises(ValueRefused, match="row whose id is 1|Truncated incorrect"):
+        with pytest.raises(ValueRefused, match=r"row whose id is 1|Truncated incorrect"):
             versioned_update(conn, table, id_, {"balance": 99}, 1)
         conn.rollback()
     assert db.run(f"SELECT balance, version FROM {table}") == [(0, 1)]
@@ -407,3 +411,81 @@ def test_an_id_the_database_converts_to_another_key_writes_nothing(db: Db) -> No
         versioned_update(conn, table, "1", {"balance": 7}, 2)
     conn.commit()
     assert db.run(f"SELECT balance, version FROM {table}") == [(6, 3)]
+
+
+def _readme_withdraw(readme: str) -> str:
+    """The README's optimistic-locking snippet, as written."""
+    import re
+
+    section = readme[readme.index("## Optimistic locking") :]
+    return re.findall(r"```py\n(.*?)```", section, flags=re.DOTALL)[0]
+
+
+def _run_readme_withdraw(db: Db, readme: str, threads: int = 6, each: int = 10) -> dict[str, int]:
+    table = _table(db)
+    db.run(f"UPDATE {table} SET balance = 1000")
+    mark = "?" if db.dialect == "sqlite" else "%s"
+
+    def read_account(conn: Any, account_id: int) -> tuple[int, int]:
+        cur = conn.cursor()
+        cur.execute(f"SELECT balance, version FROM {table} WHERE id = {mark}", (account_id,))
+        row: tuple[int, int] = cur.fetchone()
+        return row
+
+    scope: dict[str, Any] = {"read_account": read_account}
+    code = _readme_withdraw(readme).replace('"accounts"', repr(table))
+    exec(compile(code, "README.md", "exec"), scope)
+    outcomes: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def worker() -> None:
+        conn = db.connect()
+        try:
+            for _ in range(each):
+                try:
+                    scope["withdraw"](conn, 1, 1)
+                    name = "ok"
+                except Exception as exc:
+                    name = type(exc).__name__
+                    conn.rollback()
+                with lock:
+                    outcomes[name] = outcomes.get(name, 0) + 1
+        finally:
+            conn.close()
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert db.run(f"SELECT balance FROM {table}") == [(1000 - outcomes.get("ok", 0),)]
+    return outcomes
+
+
+def test_readme_withdraw_snippet_runs_as_written(db: Db) -> None:
+    """red team 17 #12: the README's withdraw had no rollback between attempts; on MariaDB
+    (REPEATABLE READ) a retry read the same snapshot and 45-48 of 60 withdrawals failed after
+    10 attempts. As written now (rolling back), 6 threads x 10 withdrawals all succeed."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert _run_readme_withdraw(db, readme) == {"ok": 60}
+
+
+def test_a_decimal_key_is_matched_as_the_row_holds_it(make_db: Any) -> None:
+    """An int id for a NUMERIC(10, 2) key: the row holds 5.00, so the id's text does not match
+    and nothing is written (ValueRefused, not a VersionExhausted or StaleVersion at the very
+    version); the Decimal the row holds works."""
+    from decimal import Decimal
+
+    db = make_db("postgresql")
+    table = db.name("dec")
+    db.run(f"CREATE TABLE {table} (id NUMERIC(10, 2) PRIMARY KEY, n BIGINT, version BIGINT)")
+    db.run(f"INSERT INTO {table} (id, n, version) VALUES (5, 0, 1)")
+    conn = db.connect()
+    with pytest.raises(ValueRefused, match="as text"):
+        versioned_update(conn, table, 5, {"n": 1}, 1)
+    conn.rollback()
+    assert versioned_update(conn, table, Decimal("5.00"), {"n": 2}, 1) == 2
+    conn.commit()
+    assert db.run(f"SELECT n, version FROM {table}") == [(2, 2)]

@@ -27,6 +27,11 @@ no other client can write between the check and the write. A lost race raises
         count = int(fields.get(sku, b"0")) + 1
         return carts.set(f"cart:{cart_id}", {sku: count}, version, merge=True)
 
+Versions stay below 2^53, where Redis's Lua counts exactly (the rule of every oncely script
+that counts): a hash at 2^53 - 1 or more raises :class:`~oncely.errors.VersionExhausted` (an
+:class:`~oncely.errors.UnversionedRow`) and is not written, and an ``expected_version`` of 2^53
+or more is a :class:`~oncely.errors.ConfigurationError` before anything is sent.
+
 Version 0 means "does not exist": ``get`` of a missing key returns ``({}, 0)`` and
 ``set(key, fields, 0)`` creates the hash (:class:`~oncely.errors.StaleVersion` if someone
 created it first). Redis Cluster: each operation touches one key, so any key works.
@@ -134,9 +139,10 @@ class RedisVersioned:
     Errors: :class:`~oncely.errors.StaleVersion` (someone wrote first; ``current`` is the
     version found), :class:`~oncely.errors.NotFound` (the key is gone, yet a version >= 1 was
     expected), :class:`~oncely.errors.UnversionedRow` (the key holds no usable version, or is
-    not a hash), :class:`~oncely.errors.StoreUnavailable` (Redis unreachable: the write may or
-    may not have happened; ``get`` tells), :class:`~oncely.errors.ConfigurationError` (bad
-    arguments).
+    not a hash: from ``get`` and ``set`` alike; :class:`~oncely.errors.VersionExhausted` when
+    the version is 2^53 - 1 or more), :class:`~oncely.errors.StoreUnavailable` (Redis
+    unreachable: the write may or may not have happened; ``get`` tells),
+    :class:`~oncely.errors.ConfigurationError` (bad arguments).
     """
 
     def __init__(
@@ -265,7 +271,8 @@ class RedisVersioned:
         """``(fields, version)`` of hash ``key``; ``({}, 0)`` if it does not exist. Field names
         are ``str``, values ``bytes`` as Redis stores them.
 
-        :raises UnversionedRow: the hash has no usable version field.
+        :raises UnversionedRow: the hash has no usable version field, or the key is not a
+            hash; :class:`~oncely.errors.VersionExhausted` for a version of 2^53 or more.
         """
         self._sync_face()
         return run(self._get(key), self.redis.execute)

@@ -153,7 +153,9 @@ def _unmoved(value: Any, column: Any) -> bool:
     move and an object loaded before could flush over the change. The rule of the Django guard
     for ``version=F("version")``: it does not count as setting the version."""
     for _ in range(8):
-        value = getattr(value, "__clause_element__", lambda: value)()
+        element = getattr(value, "__clause_element__", None)
+        if element is not None:
+            value = element()
         inner = getattr(value, "element", None)  # Label, Grouping
         if inner is None and isinstance(value, (Cast, TypeCoerce)):
             inner = value.clause
@@ -179,7 +181,7 @@ def _sets_version(stmt: Update, column: Any, multiparams: Any, params: Any) -> b
     names = {column.key, column.name}
     named, key = _version_value(stmt, column)
     if named:
-        return not _unmoved(stmt._values[key], column)
+        return not _unmoved((stmt._values or {})[key], column)
     if names.intersection(_keys(params)):
         return True
     rows = multiparams if isinstance(multiparams, (list, tuple)) else [multiparams]

@@ -9,10 +9,20 @@ version, or raises
 * :class:`~oncely.errors.StaleVersion` (``expected``, ``current``): the row is at another
   version; read it again, recompute, retry (:func:`oncely.optimistic.retry_on_conflict`);
 * :class:`~oncely.errors.NotFound`: there is no such row (never was, or deleted meanwhile);
-* :class:`~oncely.errors.UnversionedRow`: the row's version column is NULL.
+* :class:`~oncely.errors.UnversionedRow`: the row's version column is NULL;
+  :class:`~oncely.errors.VersionExhausted` (one of them): it is at 2^63 - 1, which no write can
+  raise (no ``UPDATE`` is sent: SQLite would make the version a REAL);
+* :class:`~oncely.errors.ValueRefused`: the database refused a value (too long, too large,
+  NULL into ``NOT NULL``, a ``dict``), or the id is not of the key column's type or names
+  another key (MariaDB compares ``'1abc'`` equal to 1: the ``UPDATE`` matches the id's text
+  exactly, and the reporting ``SELECT`` names the key it found, the state machine's check
+  :func:`~oncely.sql.connections.other_key`).
 
 Nothing is written in those cases. The statement runs in the caller's transaction (commit as
-usual; on an error roll back before the next attempt, so that the next read is fresh).
+usual; on an error roll back before the next attempt, so that the next read is fresh). After
+:class:`~oncely.errors.ValueRefused` on PostgreSQL the transaction is aborted (a statement the
+server refused ends it; psycopg's own refusal of a ``dict`` sends nothing and does not): roll
+back; on SQLite and MariaDB/MySQL only the statement failed and the transaction goes on.
 
 Statements per dialect (the decision is always the one ``UPDATE``; nothing is read first):
 
@@ -236,7 +246,15 @@ def _plan(
         raise UnversionedRow(
             entity, f"{entity}: {version_column!r} holds {current!r}, not an integer version"
         ) from None
-    if current == expected:  # only at 2^63 - 1: the one version no write can raise
+    if current == expected and expected < _MAX_VERSION:
+        # the row is at the version, yet the UPDATE matched nothing: only its exact-text
+        # match of the id refused it (a key other_key does not compare, such as a decimal)
+        raise ValueRefused(
+            f"versioned_update of {entity}: the id matched a row whose {id_column} is not "
+            f"{str(id)!r} as text (the database converted {id!r} to compare); nothing was "
+            "written. Pass the key as the row holds it"
+        )
+    if current == expected:  # at 2^63 - 1: the one version no write can raise
         raise VersionExhausted(
             entity,
             f"{entity} is at {version_column!r} {current}, the largest a 64-bit integer holds: "
@@ -266,7 +284,15 @@ def versioned_update(
 
     :raises ~oncely.errors.StaleVersion: the row is at another version (``current``).
     :raises ~oncely.errors.NotFound: no row has that id.
-    :raises ~oncely.errors.UnversionedRow: the row's version is NULL.
+    :raises ~oncely.errors.UnversionedRow: the row's version is NULL;
+        :class:`~oncely.errors.VersionExhausted` (a subclass) when it is 2^63 - 1, the largest
+        a 64-bit column holds (nothing is sent that could write).
+    :raises ~oncely.errors.ValueRefused: the database refused a value of ``changes`` or the
+        id (too long, too large, NULL into ``NOT NULL``, a type the driver cannot send), or the
+        id matched a row whose key is another text (MariaDB ``'1abc'`` = 1, SQLite ``'1.0'``,
+        PostgreSQL ``' 1'``); ``__cause__`` is the driver's error. Nothing was written. The
+        transaction: on PostgreSQL a statement the server refused aborts it (roll back, or
+        call this inside a savepoint of yours); on SQLite and MariaDB/MySQL it goes on.
     :raises ~oncely.errors.UnknownTable: / :raises ~oncely.errors.UnknownColumn: names the
         database does not have. :raises ~oncely.errors.InvalidIdentifier: a name that is not
         a plain identifier. :raises ~oncely.errors.TransactionFailed: the caller's

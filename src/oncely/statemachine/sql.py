@@ -46,7 +46,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -70,10 +69,10 @@ from oncely.sql.connections import (
     busy,
     commit_if_held,
     exact_text,
-    other_key,
     exec_in_block,
     lost_message,
     missing_object,
+    other_key,
     quote,
     retryable,
     roll_back,
