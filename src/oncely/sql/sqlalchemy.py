@@ -20,12 +20,13 @@ UPDATE by primary key" and ``Session.bulk_update_mappings`` do check and bump th
 and raise a bare ``KeyError`` when a row's mapping leaves it out.)
 
 :func:`guard_versioned` closes the gap for the versioned tables of a declarative base (or of
-one mapped class): every UPDATE statement on them that does not set the version column
-itself is either given ``version = version + 1`` (``on_bulk="bump"``, the default: stale
-objects then fail their flush, as they should) or refused with
-:class:`~oncely.errors.VersionBypass` before it runs (``on_bulk="refuse"``). A statement may
-opt out with ``.execution_options(oncely_unversioned=True)``. The guard is an engine
-``before_execute`` hook, so it sees ORM and Core statements, sync and async engines alike.
+one mapped class): every UPDATE statement on them that does not move the version column
+itself (``version=Account.version``, the column set to itself, does not count: the Django
+guard's rule for ``version=F("version")``) is either given ``version = version + 1``
+(``on_bulk="bump"``, the default: stale objects then fail their flush, as they should) or
+refused with :class:`~oncely.errors.VersionBypass` before it runs (``on_bulk="refuse"``). A
+statement may opt out with ``.execution_options(oncely_unversioned=True)``. The guard is an
+engine ``before_execute`` hook, so it sees ORM and Core statements, sync and async engines alike.
 
 For a compare-and-set without the ORM, :func:`oncely.sql.versioned_update` takes a SQLAlchemy
 ``Connection`` or ``Session`` as well. ``StaleDataError`` from a flush counts as a conflict for
