@@ -56,3 +56,24 @@ def test_python_blocks_run(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
 def test_module_doctests(module: types.ModuleType) -> None:
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+#: Docs whose every example runs again, as written, in the directory of its first run (a user
+#: runs an example twice): an example that writes a SQLite file starts from a fresh one.
+RERUNNABLE = [path for path in DOCS if path.name in ("statemachine.md",)]
+
+
+@pytest.mark.parametrize("path", RERUNNABLE, ids=lambda p: p.name)
+def test_python_blocks_run_twice(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for index, code in enumerate(blocks(path)):
+        for run in range(2):
+            module = types.ModuleType(f"docs_example_{index}_{run}")
+            sys.modules[module.__name__] = module
+            try:
+                where = f"{path} example {index} run {run + 1}"
+                exec(compile(code, where, "exec"), module.__dict__)
+            finally:
+                del sys.modules[module.__name__]

@@ -44,6 +44,7 @@ import datetime as dt
 import enum
 import itertools
 import json
+import math
 import types
 import typing
 import uuid
@@ -59,8 +60,10 @@ __all__ = [
     "JsonCodec",
     "RawCodec",
     "encode_result",
+    "plain_json_problem",
     "plan_for",
     "rebuild",
+    "stored_json",
     "to_jsonable",
 ]
 
@@ -130,6 +133,84 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray)):
         raise TypeError("bytes are not JSON; return str, or use codec=RawCodec() for raw bytes")
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def plain_json_problem(value: Any, path: str) -> str | None:
+    """Where ``value`` is not plain JSON (what a JSON round trip gives back unchanged: dict
+    with str keys, list, str, int, finite float, bool, None, of exactly those types), or None."""
+    kind = type(value)
+    if value is None or kind in (str, int, bool):
+        return None
+    if kind is float:
+        return None if math.isfinite(value) else f"{path} is {value!r} (JSON has no NaN/Infinity)"
+    if kind is list:
+        for i, item in enumerate(value):
+            found = plain_json_problem(item, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                back = str(key)
+                return (
+                    f"{path} has the key {key!r} (JSON keys are str: it would come back {back!r})"
+                )
+            found = plain_json_problem(item, f"{path}[{key!r}]")
+            if found:
+                return found
+        return None
+    text = repr(value)
+    text = text if len(text) <= 120 else text[:117] + "..."
+    return (
+        f"{path} is {text} ({kind.__name__}: it would come back as another type; "
+        "pass str, int, float, bool, None, list or dict)"
+    )
+
+
+def stored_json(
+    value: Any,
+    what: str,
+    *,
+    plain: bool = False,
+    path: str = "data",
+    why: str = "",
+    default: Callable[[Any], Any] | None = None,
+    sort_keys: bool = False,
+    separators: tuple[str, str] | None = None,
+) -> str:
+    """``value`` as the JSON text oncely stores or sends (an outbox payload, saga data,
+    recovery-point state): the one place caller data becomes stored JSON, so every mechanism
+    refuses the same things with the same error, before anything is written.
+
+    Refused: NaN and Infinity (``allow_nan=False``: they are not JSON, and a strict consumer,
+    PostgreSQL ``jsonb`` or another language cannot read them), objects JSON has no form for
+    (after ``default``), and, with ``plain=True``, anything a JSON round trip does not give
+    back unchanged (:func:`plain_json_problem`: a Decimal, a tuple, a datetime...).
+
+    :param what: names the value in the message (``"saga s 'id': data"``); ``path`` names it
+        where :func:`plain_json_problem` points inside it.
+    :param why: appended to "must be (plain) JSON" in the message.
+    :raises ConfigurationError: ``value`` cannot be stored as JSON (the message says where).
+    """
+    try:
+        found = plain_json_problem(value, path) if plain else None
+        if found is None:
+            return json.dumps(
+                value,
+                default=default,
+                allow_nan=False,
+                sort_keys=sort_keys,
+                separators=separators,
+            )
+    except ValueError as exc:  # allow_nan=False: a NaN or Infinity (possibly from default)
+        found = f"{exc} (JSON has no NaN/Infinity)"
+    except (TypeError, RecursionError) as exc:
+        found = f"{type(exc).__name__}: {exc}"
+    raise ConfigurationError(
+        f"{what} must be {'plain JSON' if plain else 'JSON'}{why}: {found}; "
+        "it was not written (nor anything with it)"
+    )
 
 
 # -- plans: one compiled (dump, load) pair per annotation ------------------------------------

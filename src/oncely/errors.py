@@ -16,6 +16,7 @@ __all__ = [
     "ConfigurationError",
     "DatabaseBusy",
     "EntityNotFound",
+    "EntityStateInvalid",
     "GuardRejected",
     "HttpProblem",
     "IdempotencyKeyMismatch",
@@ -492,6 +493,18 @@ class GuardRejected(StateMachineError):
 class EntityNotFound(StateMachineError, LookupError):
     """No entity with this id (no row in the table, no hash in Redis): create it first, in its
     machine's initial state."""
+
+
+class EntityStateInvalid(StateMachineError):
+    """The entity exists but its stored state is not one of the machine's states: NULL (a SQL
+    row whose state column is NULL, a Redis hash with no ``state`` field) or a name the machine
+    does not have (a row written outside the machine, or by another version of it). No
+    transition can be decided from it and nothing was changed: fix the stored state (set one
+    of the machine's states), not the call. ``current`` is the value found (None for NULL)."""
+
+    def __init__(self, message: str, current: Any = None) -> None:
+        super().__init__(message)
+        self.current = current
 
 
 class InvalidEntityId(StateMachineError, ValueError):

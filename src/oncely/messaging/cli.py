@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import inspect
 import logging
 import os
 import pkgutil
@@ -26,7 +24,7 @@ import signal
 import sys
 import threading
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, NamedTuple, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -81,8 +79,6 @@ Db = Annotated[
 InboxTable = Annotated[
     str | None, typer.Option("--inbox", help="inbox table with --db (default oncely_inbox)")
 ]
-Url = Annotated[str, typer.Option("--url")]
-Stream = Annotated[str, typer.Option("--stream")]
 
 
 def load_handler(spec: str, app_dir: str | None = None) -> Callable[..., Any]:
@@ -110,120 +106,60 @@ def load_handler(spec: str, app_dir: str | None = None) -> Callable[..., Any]:
     return target  # type: ignore[no-any-return]
 
 
-class _Shared(NamedTuple):
-    """The options every ``oncely consume`` command takes (see :func:`_command`)."""
+def _consumer(
+    handler: str,
+    name: str,
+    store: str | None,
+    dedup_id: str,
+    lease: float,
+    attempts: int,
+    db: str | None = None,
+    inbox: str | None = None,
+    app_dir: str = ".",
+) -> IdempotentConsumer:
+    """The consumer, its handler imported and its store or database reached once: a store
+    that cannot be reached at start-up is a setup error (one line, exit 1), whatever the
+    broker; later outages are retried, with a WARNING.
 
-    handler: str
-    name: str
-    store: str | None
-    dedup_id: str
-    lease: float
-    max_attempts: int
-    db: str | None
-    inbox: str | None
-    app_dir: str
+    :raises OncelyError: a bad option, a handler that cannot be imported, an unreachable store.
+    """
+    function = load_handler(handler, app_dir)
+    table = None
+    if db is None:
+        if inbox is not None:
+            raise ConfigurationError("--inbox needs --db URL (the database the inbox lives in)")
+    else:
+        from oncely.messaging.inbox import Inbox, connect
 
-    def consumer(self) -> IdempotentConsumer:
-        """The consumer, its handler imported and its store or database reached once: a store
-        that cannot be reached at start-up is a setup error (one line, exit 1), whatever the
-        broker; later outages are retried, with a WARNING.
-
-        :raises OncelyError: a bad option, a handler that cannot be imported, an unreachable
-            store.
-        """
-        function = load_handler(self.handler, self.app_dir)
-        table = None
-        if self.db is None:
-            if self.inbox is not None:
-                raise ConfigurationError("--inbox needs --db URL (the database the inbox lives in)")
-        else:
-            from oncely.messaging.inbox import Inbox, connect
-
-            # --inbox '' is refused
-            table = Inbox("oncely_inbox" if self.inbox is None else self.inbox)
-            conn = connect(self.db)
-            try:
-                table.create_table(conn)
-                conn.commit()
-            finally:
-                conn.close()
-        consumer = IdempotentConsumer(
-            function,
-            name=self.name,
-            store=self.store,
-            dedup_id=self.dedup_id,
-            lease=self.lease,
-            max_attempts=self.max_attempts,
-            inbox=table,
-            connect=self.db,
-        )
-        if table is None:
-            consumer.store.now()  # one round trip: StoreUnavailable names the URL and what to check
-        return consumer
+        table = Inbox("oncely_inbox" if inbox is None else inbox)  # --inbox '' is refused
+        conn = connect(db)
+        try:
+            table.create_table(conn)
+            conn.commit()
+        finally:
+            conn.close()
+    consumer = IdempotentConsumer(
+        function,
+        name=name,
+        store=store,
+        dedup_id=dedup_id,
+        lease=lease,
+        max_attempts=attempts,
+        inbox=table,
+        connect=db,
+    )
+    if table is None:
+        consumer.store.now()  # one round trip: StoreUnavailable names the URL and what to check
+    return consumer
 
 
-def _shared_options(dedup_id: str) -> tuple[list[inspect.Parameter], list[inspect.Parameter]]:
-    """The parameters of :class:`_Shared` for Typer: the two that lead every command's
-    options, and the rest (``dedup_id``: the broker's default ``--dedup-id``)."""
-
-    def option(
-        name: str, annotation: Any, default: Any = inspect.Parameter.empty
-    ) -> inspect.Parameter:
-        kind = inspect.Parameter.KEYWORD_ONLY
-        return inspect.Parameter(name, kind, default=default, annotation=annotation)
-
-    lead = [option("handler", Handler_), option("name", Name)]
-    rest = [
-        option("store", Store_, None),
-        option("dedup_id", DedupId, dedup_id),
-        option("lease", Lease, 30.0),
-        option("max_attempts", Attempts, 5),
-        option("db", Db, None),
-        option("inbox", InboxTable, None),
-        option("app_dir", AppDir, "."),
-    ]
-    return lead, rest
-
-
-def _command(
-    broker: str, *, dedup_id: str = "message_id"
-) -> Callable[[Callable[..., None]], Callable[..., None]]:
-    """Register the function as ``oncely consume BROKER``, taking the options every broker
-    takes besides its own: ``--handler`` and ``--name`` first, ``--store`` to ``--app-dir``
-    where its keyword ``shared`` stands, which receives them as one :class:`_Shared`."""
-
-    def register(function: Callable[..., None]) -> Callable[..., None]:
-        own = list(inspect.signature(function, eval_str=True).parameters.values())
-        at = [p.name for p in own].index("shared")
-        lead, rest = _shared_options(dedup_id)
-
-        @functools.wraps(function)
-        def command(**options: Any) -> None:
-            shared = _Shared(**{field: options.pop(field) for field in _Shared._fields})
-            function(shared=shared, **options)
-
-        # what Typer reads for the command's options, in this order
-        command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-            [*lead, *own[:at], *rest, *own[at + 1 :]]
-        )
-        consume_app.command(broker)(command)
-        return function
-
-    return register
-
-
-def _run(
-    shared: _Shared, serve: Callable[[IdempotentConsumer, asyncio.Event], Awaitable[None]]
-) -> None:
-    """Run ``serve(consumer, stop)`` in a new event loop until it returns, ``stop`` set on
-    SIGINT or SIGTERM; any error ends the command (:func:`_fail`)."""
-
+def _run(main: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     async def runner() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await serve(shared.consumer(), stop)
+        await main(stop)
 
     try:
         asyncio.run(runner())
@@ -248,20 +184,30 @@ def _fail(exc: Exception) -> NoReturn:
     raise typer.Exit(1) from exc
 
 
-@_command("redis")
+@consume_app.command("redis")
 def redis_streams(
-    *,
-    stream: Stream,
+    handler: Handler_,
+    name: Name,
+    stream: Annotated[str, typer.Option("--stream")],
     group: Annotated[str, typer.Option("--group")],
     member: Annotated[str, typer.Option("--member", help="this process's name in the group")],
-    url: Url = "redis://127.0.0.1:6379/0",
-    shared: _Shared,
+    url: Annotated[str, typer.Option("--url")] = "redis://127.0.0.1:6379/0",
+    store: Store_ = None,
+    dedup_id: DedupId = "message_id",
+    lease: Lease = 30.0,
+    max_attempts: Attempts = 5,
+    db: Db = None,
+    inbox: InboxTable = None,
+    app_dir: AppDir = ".",
 ) -> None:
     """Consume a Redis stream as a member of a consumer group."""
     from oncely.backends.redis import waiting_aclient
     from oncely.messaging.redis_streams import RedisStreamConsumer
 
-    async def serve(consumer: IdempotentConsumer, stop: asyncio.Event) -> None:
+    async def main(stop: asyncio.Event) -> None:
+        consumer = _consumer(
+            handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
+        )
         client = waiting_aclient(url)
         try:
             # Reach Redis once before consuming: unreachable at start-up is a setup error
@@ -277,15 +223,22 @@ def redis_streams(
         finally:
             await client.aclose()
 
-    _run(shared, serve)
+    _run(main)
 
 
-@_command("rabbitmq")
+@consume_app.command("rabbitmq")
 def rabbitmq(
-    *,
+    handler: Handler_,
+    name: Name,
     queue: Annotated[str, typer.Option("--queue")],
-    url: Url = "amqp://guest:guest@127.0.0.1:5672/",
-    shared: _Shared,
+    url: Annotated[str, typer.Option("--url")] = "amqp://guest:guest@127.0.0.1:5672/",
+    store: Store_ = None,
+    dedup_id: DedupId = "message_id",
+    lease: Lease = 30.0,
+    max_attempts: Attempts = 5,
+    db: Db = None,
+    inbox: InboxTable = None,
+    app_dir: AppDir = ".",
     prefetch: Annotated[int, typer.Option("--prefetch", min=1)] = 100,
 ) -> None:
     """Consume a RabbitMQ queue (declared durable if missing) with manual acks."""
@@ -293,7 +246,10 @@ def rabbitmq(
 
     from oncely.messaging.rabbitmq import RabbitMQConsumer
 
-    async def serve(consumer: IdempotentConsumer, stop: asyncio.Event) -> None:
+    async def main(stop: asyncio.Event) -> None:
+        consumer = _consumer(
+            handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
+        )
         connection = await aio_pika.connect_robust(url)
         try:
             channel = await connection.channel()
@@ -302,7 +258,7 @@ def rabbitmq(
         finally:
             await connection.close()
 
-    _run(shared, serve)
+    _run(main)
 
 
 async def _nats_error(exc: Exception) -> None:
@@ -310,21 +266,31 @@ async def _nats_error(exc: Exception) -> None:
     log.warning("oncely: NATS: %s", describe(exc))
 
 
-@_command("nats", dedup_id="header:Nats-Msg-Id")
+@consume_app.command("nats")
 def nats_jetstream(
-    *,
-    stream: Stream,
+    handler: Handler_,
+    name: Name,
+    stream: Annotated[str, typer.Option("--stream")],
     subject: Annotated[str, typer.Option("--subject")],
     durable: Annotated[str, typer.Option("--durable")],
-    url: Url = "nats://127.0.0.1:4222",
-    shared: _Shared,
+    url: Annotated[str, typer.Option("--url")] = "nats://127.0.0.1:4222",
+    store: Store_ = None,
+    dedup_id: DedupId = "header:Nats-Msg-Id",
+    lease: Lease = 30.0,
+    max_attempts: Attempts = 5,
+    db: Db = None,
+    inbox: InboxTable = None,
+    app_dir: AppDir = ".",
 ) -> None:
     """Consume a JetStream stream with a durable pull consumer."""
     import nats
 
     from oncely.messaging.nats import JetStreamConsumer
 
-    async def serve(consumer: IdempotentConsumer, stop: asyncio.Event) -> None:
+    async def main(stop: asyncio.Event) -> None:
+        consumer = _consumer(
+            handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
+        )
         # A first connection without reconnects fails fast on a server that is not there
         # (nats-py would otherwise retry for minutes, logging tracebacks); the consumer's own
         # connection then reconnects for as long as it runs.
@@ -339,23 +305,33 @@ def nats_jetstream(
         finally:
             await nc.close()
 
-    _run(shared, serve)
+    _run(main)
 
 
-@_command("mqtt", dedup_id="header:message_id")
+@consume_app.command("mqtt")
 def mqtt(
-    *,
+    handler: Handler_,
+    name: Name,
     topic: Annotated[str, typer.Option("--topic")],
     client_id: Annotated[str, typer.Option("--client-id", help="stable: the session's id")],
     host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port")] = 1883,
-    shared: _Shared,
+    store: Store_ = None,
+    dedup_id: DedupId = "header:message_id",
+    lease: Lease = 30.0,
+    max_attempts: Attempts = 5,
+    db: Db = None,
+    inbox: InboxTable = None,
+    app_dir: AppDir = ".",
 ) -> None:
     """Consume an MQTT topic at QoS 1 (persistent v5 session, PUBACK after completion)."""
     from oncely.messaging.mqtt import MQTTConsumer, connect
 
     try:
-        member = MQTTConsumer(shared.consumer(), connect(host, port, client_id), topic)
+        consumer = _consumer(
+            handler, name, store, dedup_id, lease, max_attempts, db, inbox, app_dir
+        )
+        member = MQTTConsumer(consumer, connect(host, port, client_id), topic)
     except Exception as exc:
         _fail(exc)
     stop = threading.Event()

@@ -75,6 +75,7 @@ from oncely.errors import (
     StoreUnavailable,
 )
 from oncely.settings import MAX_SECONDS, count, flag, fraction, seconds, text, whole
+from oncely.sql.connections import literal_bytes
 
 __all__ = [
     "MAX_BLOOM_BITS",
@@ -671,11 +672,6 @@ class _Packet(NamedTuple):
 _PACKET_MARGIN = 64 * 1024
 
 
-def _width(value: str) -> int:
-    """Bytes of ``value`` as a quoted, escaped SQL literal (an upper bound)."""
-    return len(value.encode("utf-8")) + sum(value.count(c) for c in "\\'\"\x00\n\r\x1a") + 2
-
-
 class _MySQL(_Sql):
     """MariaDB >= 10.5 (``INSERT … RETURNING``): one round trip of two statements. The first
     deletes this batch's *expired* rows, the second is ``INSERT IGNORE … RETURNING id``, which
@@ -748,13 +744,13 @@ class _MySQL(_Sql):
 
         :raises ConfigurationError: one id alone does not fit (``max_allowed_packet`` set
             below what a 255-character id needs): a permanent condition, not an outage."""
-        fixed = len(self.statement(0).encode("utf-8")) + 2 * _width(self.namespace) + 64
-        per_row = _width(self.namespace) + len(_MYSQL_NOW) + 64
+        fixed = len(self.statement(0).encode("utf-8")) + 2 * literal_bytes(self.namespace) + 64
+        per_row = literal_bytes(self.namespace) + len(_MYSQL_NOW) + 64
         parts: list[list[str]] = []
         part: list[str] = []
         size = fixed
         for message_id in ordered:
-            cost = per_row + 2 * _width(message_id)
+            cost = per_row + 2 * literal_bytes(message_id)
             if fixed + cost > budget:
                 size = len(message_id.encode("utf-8"))
                 raise ConfigurationError(

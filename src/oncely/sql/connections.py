@@ -82,6 +82,7 @@ __all__ = [
     "exec_in_block",
     "leave_or_lost",
     "leave_usable",
+    "literal_bytes",
     "lock_timeout",
     "lost_message",
     "missing_object",
@@ -253,6 +254,13 @@ def exact_text(dialect: Dialect, chars: int) -> str:
     accent-insensitive and ``PAD SPACE`` (``utf8mb4_bin`` included), so ``'Key'``, ``'key'``
     and ``'key '`` would be one row. Values are sent as str (utf-8) and read back as bytes."""
     return f"VARBINARY({4 * chars})" if dialect == "mysql" else f"VARCHAR({chars})"
+
+
+def literal_bytes(value: str) -> int:
+    """Bytes of ``value`` as a quoted, escaped MariaDB/MySQL string literal, as the driver
+    sends it (an upper bound): what counts against ``max_allowed_packet``, a statement over
+    which the server refuses by closing the connection."""
+    return len(value.encode("utf-8")) + sum(value.count(c) for c in "\\'\"\x00\n\r\x1a") + 2
 
 
 # A quoted string or identifier (kept as is), or a ``:name`` placeholder (not ``::`` casts).

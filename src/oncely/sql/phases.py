@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from oncely.backends.plans import Exec, Plan
+from oncely.codecs import stored_json
 from oncely.core.records import RecordKey
 from oncely.errors import ConfigurationError, IdempotencyKeyMismatch, InFlightError, LeaseLost
 from oncely.settings import count, seconds
@@ -116,12 +117,13 @@ class _CallPhase(NamedTuple):
 
 
 def _encode(value: Any) -> bytes:
-    try:
-        return json.dumps(value, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise ConfigurationError(
-            f"recovery-point params, state and results must be JSON values ({exc})"
-        ) from exc
+    return stored_json(
+        value,
+        "recovery-point params, state and results",
+        why=" values",
+        sort_keys=True,
+        separators=(",", ":"),
+    ).encode("utf-8")
 
 
 def _decode(data: Any) -> Any:

@@ -13,7 +13,8 @@ script). When it did not apply, :func:`explain` says what the state found means:
 * the entity is already in the transition's target: the transition already happened, a
   success with the same :class:`Outcome` (``applied=False``);
 * otherwise :class:`~oncely.errors.IllegalTransition` naming the current state and the
-  transitions it allows; no entity: :class:`~oncely.errors.EntityNotFound`.
+  transitions it allows; no entity: :class:`~oncely.errors.EntityNotFound`; an entity whose
+  stored state is NULL or not one of the machine's: :class:`~oncely.errors.EntityStateInvalid`.
 
 This is what django-fsm and ``transitions`` do not do: their check and their write are two
 steps, so two callers can both pass the check (DESIGN.md, "Compensation").
@@ -29,6 +30,7 @@ from typing import Any
 from oncely.core.text import stored_text
 from oncely.errors import (
     EntityNotFound,
+    EntityStateInvalid,
     GuardRejected,
     IllegalTransition,
     InvalidEntityId,
@@ -297,19 +299,35 @@ def explain(
     machine: Machine,
     transition: Transition,
     entity_id: Any,
-    current: str | None,
+    current: Any,
     row: Mapping[str, Any] | None = None,
+    *,
+    exists: bool | None = None,
 ) -> Outcome:
     """The outcome of a transition that did not apply, from the state found (``None``: no
-    entity): the already-happened success, or an error.
+    state): the already-happened success, or an error.
 
-    :raises EntityNotFound: ``current`` is None.
+    :param exists: whether the entity exists (a row, a hash) whatever its state; None means
+        ``current is not None``.
+    :raises EntityNotFound: no entity.
+    :raises EntityStateInvalid: the entity exists but its state is NULL or not one of the
+        machine's states.
     :raises IllegalTransition: ``current`` is neither a source nor the target.
     """
-    if current is None:
+    if exists is None:
+        exists = current is not None
+    if not exists:
         raise EntityNotFound(
             f"{machine.name} {entity_id!r} does not exist: create it (state "
             f"{machine.initial!r}) before applying {transition.name!r}"
+        )
+    if current is None or not isinstance(current, str) or current not in machine.states:
+        found = "NULL (no state)" if current is None else f"{current!r}, not one of its states"
+        raise EntityStateInvalid(
+            f"{machine.name} {entity_id!r} exists but its state is {found}; the machine's "
+            f"states are {list(machine.states)}: set one of them on the stored entity (it was "
+            f"written outside the machine); nothing was changed by {transition.name!r}",
+            current=current,
         )
     if current == transition.target:
         return Outcome(entity_id, transition.name, current, applied=False, row=dict(row or {}))

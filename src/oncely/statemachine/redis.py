@@ -84,7 +84,7 @@ class RedisStateMachine:
                 )
             return Outcome(entity_id, t.name, state, applied=False, replayed=True)
         current = _text(reply[1]) if verdict == "rejected" else None
-        return explain(self.machine, t, entity_id, current)
+        return explain(self.machine, t, entity_id, current, exists=verdict != "missing")
 
     def apply(
         self,

@@ -61,13 +61,13 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 from oncely.backends.plans import Exec, Plan, Sleep
+from oncely.codecs import stored_json
 from oncely.core.text import stored_text, utf8
 from oncely.errors import (
     ConfigurationError,
@@ -86,6 +86,7 @@ from oncely.sql.connections import (
     busy,
     commit_if_held,
     exact_text,
+    literal_bytes,
     lost_message,
     missing_object,
     quote,
@@ -296,37 +297,6 @@ def _input(data: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return dict(data)
 
 
-def _not_plain(value: Any, path: str) -> str | None:
-    """Where ``value`` is not plain JSON (what a JSON round trip gives back unchanged: dict
-    with str keys, list, str, int, finite float, bool, None, of exactly those types), or None."""
-    kind = type(value)
-    if value is None or kind in (str, int, bool):
-        return None
-    if kind is float:
-        return None if math.isfinite(value) else f"{path} is {value!r} (JSON has no NaN/Infinity)"
-    if kind is list:
-        for i, item in enumerate(value):
-            found = _not_plain(item, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    if kind is dict:
-        for key, item in value.items():
-            if type(key) is not str:
-                back = str(key)
-                return (
-                    f"{path} has the key {key!r} (JSON keys are str: it would come back {back!r})"
-                )
-            found = _not_plain(item, f"{path}[{key!r}]")
-            if found:
-                return found
-        return None
-    return (
-        f"{path} is {_short(repr(value))} ({kind.__name__}: it would come back as another type "
-        "after a resume; pass str, int, float, bool, None, list or dict)"
-    )
-
-
 def _canonical(name: str, saga_id: str, data: Mapping[str, Any]) -> str:
     """``data`` as the JSON stored with the saga's row (keys sorted: the same data is the same
     text). Only plain JSON is accepted, what a JSON round trip gives back unchanged (no
@@ -335,17 +305,25 @@ def _canonical(name: str, saga_id: str, data: Mapping[str, Any]) -> str:
 
     :raises ConfigurationError: ``data`` is not plain JSON (the message names where).
     """
-    try:
-        found = _not_plain(dict(data), "data")
-        if found is None:
-            return json.dumps(dict(data), sort_keys=True, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError, RecursionError) as exc:
-        found = str(exc)
-    raise ConfigurationError(
-        f"saga {name} {saga_id!r}: data must be plain JSON, what a JSON round trip gives back "
-        f"unchanged (it is stored with the saga's row, and resumes and abort get it back "
-        f"decoded): {found}"
+    return stored_json(
+        dict(data),
+        f"saga {name} {saga_id!r}: data",
+        plain=True,
+        why=(
+            ", what a JSON round trip gives back unchanged (it is stored with the saga's row, "
+            "and resumes and abort get it back decoded)"
+        ),
+        sort_keys=True,
+        separators=(",", ":"),
     )
+
+
+#: Saga data longer than this (characters) is checked against MariaDB/MySQL's limits first.
+_CHECKED_DATA: Final = 64 * 1024
+#: Bytes of the statement storing saga data besides the data (id, name, protocol).
+_STATEMENT_MARGIN: Final = 4 * 1024
+#: Bytes a MariaDB/MySQL ``MEDIUMTEXT`` column holds.
+_MEDIUMTEXT: Final = 2**24 - 1
 
 
 def _short(text: str) -> str:
@@ -490,6 +468,8 @@ class Saga:
         block = yield Enter(savepoint=True)
         try:
             stored_data = None if abort else (given or "{}")
+            if c.dialect == "mysql" and len(stored_data or "") > _CHECKED_DATA:
+                yield from self._check_packet(c, saga_id, str(stored_data), insert)
             params = {"id": saga_id, "name": self.name, "data": stored_data}
             inserted = yield Exec(insert, params)
             fresh = inserted.rowcount == 1  # a new saga: its row is what was just written
@@ -530,6 +510,29 @@ class Saga:
             )
         loaded = json.loads(stored)
         return str(state), loaded if isinstance(loaded, dict) else {}
+
+    def _check_packet(self, c: SqlConnection, saga_id: str, data: str, insert: str) -> Plan[None]:
+        """Refuse saga data MariaDB/MySQL cannot take, before anything is written: a statement
+        over the session's ``max_allowed_packet`` is refused by the server closing the
+        connection (PyMySQL raises a bare ``InterfaceError(0, '')``, aiomysql a reply out of
+        sequence), and the ``MEDIUMTEXT`` data column holds at most 16 MiB.
+
+        :raises ConfigurationError: the data does not fit (the message says which limit)."""
+        size = len(data.encode("utf-8"))
+        sent = len(insert.encode("utf-8")) + literal_bytes(data) + _STATEMENT_MARGIN
+        packet = int((yield Exec("SELECT @@max_allowed_packet", {})).rows[0][0])
+        if sent > packet or size > _MEDIUMTEXT:
+            limit = (
+                f"the server's max_allowed_packet is {packet} bytes, and the statement that "
+                f"stores it would be about {sent} bytes"
+                if sent > packet
+                else f"the data column (MEDIUMTEXT) holds at most {_MEDIUMTEXT} bytes"
+            )
+            raise ConfigurationError(
+                f"saga {self.name} {saga_id!r}: data is {size} bytes as JSON, too large for "
+                f"MariaDB/MySQL: {limit}; pass a reference (an id, a URL) instead of the "
+                "content, or raise max_allowed_packet on the server; nothing was written"
+            )
 
     def _attempt(
         self,

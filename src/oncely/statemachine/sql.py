@@ -45,14 +45,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Final, NamedTuple
 
 from oncely.backends.plans import Exec, Plan
-from oncely.codecs import to_jsonable
+from oncely.codecs import stored_json, to_jsonable
 from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -376,9 +375,19 @@ class SqlStateMachine:
             "key": entry["key"],
             "data": dict(data),
         }
-        payload = json.dumps(body, default=to_jsonable)
+        payload = self._payload(body)  # checked by _prepare: it cannot fail here
         mid: str = yield from self.outbox.add_plan(c, f"{m}.{name}", payload, message_id=message_id)
         return mid
+
+    def _payload(self, value: Any) -> str:
+        """``value`` (the call's data, or the message body holding it) as the outbox's JSON
+        text; :class:`~oncely.errors.ConfigurationError` for NaN, Infinity or an object JSON
+        has no form for (:func:`oncely.codecs.stored_json`)."""
+        return stored_json(
+            value,
+            f"{self.machine.name}: data (with outbox_table=, the outbox message carries it)",
+            default=to_jsonable,
+        )
 
     def _missing(self, exc: BaseException) -> BaseException | None:
         missing = missing_object(exc)
@@ -553,7 +562,8 @@ class SqlStateMachine:
                     current = res.rows[0][
                         [col.lower() for col in res.columns].index(self.table.state_column.lower())
                     ]
-            return explain(self.machine, t, entity_id, current, row)
+            current = _text(current)  # a binary column's bytes on MariaDB/MySQL
+            return explain(self.machine, t, entity_id, current, row, exists=bool(res.rows))
         except BaseException as exc:
             if open_block:
                 open_block = False
@@ -633,7 +643,10 @@ class SqlStateMachine:
         t = self.machine.transition(transition)
         key = check_key(key)
         self.machine.guard(t, data)
-        return t, key, dict(data or {})
+        payload = dict(data or {})
+        if self.outbox is not None:  # refused before any statement, not half-way
+            self._payload(payload)
+        return t, key, payload
 
     def apply(
         self,
@@ -648,14 +661,18 @@ class SqlStateMachine:
 
         :param key: optional idempotency key (at most 255 characters): the same key again is the
             same outcome (``replayed=True``), even after the state has moved on.
-        :param data: the call's data, for the guard, hooks and the outbox row (JSON-able).
+        :param data: the call's data, for the guard, hooks and the outbox row (JSON-able: with
+            ``outbox_table=``, NaN, Infinity and objects JSON has no form for are refused with
+            :class:`~oncely.errors.ConfigurationError` before anything is written).
         :returns: the :class:`~oncely.statemachine.definition.Outcome`; ``applied`` is True
             only for the call that changed the state.
         :raises UnknownTransition: no such transition in the machine.
         :raises GuardRejected: the guard refused ``data``.
+        :raises ConfigurationError: ``data`` cannot be the outbox message's JSON.
         :raises IllegalTransition: the current state allows neither this transition nor is it
             its target (carries ``current`` and ``allowed``).
         :raises EntityNotFound: no row with this id.
+        :raises EntityStateInvalid: the row's state is NULL or not one of the machine's states.
         :raises IdempotencyKeyMismatch: ``key`` was used for another transition of this entity.
         :raises SchemaMissing: the history table is missing (:meth:`create_tables`).
         :raises DatabaseBusy: a deadlock, serialization failure, lock wait that ran out or

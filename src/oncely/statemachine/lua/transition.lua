@@ -3,7 +3,8 @@
 -- idempotency keys (hash key -> "<transition>\n<state>").
 -- ARGV: target, transition, key ('' for none), sources...
 -- Returns {"applied", previous state} | {"replay", "<transition>\n<state>"} |
---         {"rejected", current state} | {"missing"}.
+--         {"rejected", current state} | {"missing"} | {"nostate"} (the hash exists, with no
+--         "state" field).
 local entity, history, keys = KEYS[1], KEYS[2], KEYS[3]
 local target, transition, key = ARGV[1], ARGV[2], ARGV[3]
 if key ~= '' then
@@ -11,7 +12,10 @@ if key ~= '' then
   if previous then return {'replay', previous} end
 end
 local current = redis.call('HGET', entity, 'state')
-if not current then return {'missing'} end
+if not current then
+  if redis.call('EXISTS', entity) == 1 then return {'nostate'} end
+  return {'missing'}
+end
 for i = 4, #ARGV do
   if ARGV[i] == current then
     redis.call('HSET', entity, 'state', target)
