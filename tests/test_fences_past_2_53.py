@@ -92,3 +92,49 @@ def test_fences_past_2_53_compare_exactly(raw: redis.Redis) -> None:
     finally:
         raw.delete(key, f"{key}:fence", f"{key}:signal")
         backend.close()
+
+
+@pytest.mark.parametrize("counter", [b"9007199254740991", b"9223372036854775807", b"not-a-count"])
+def test_a_lock_fence_counter_it_cannot_count_is_refused_before_writing(
+    raw: redis.Redis, counter: bytes
+) -> None:
+    """acquire.lua ran INCR before its 2^53 check: the counter was raised even when the lock was
+    refused, and a counter at 2^63 - 1 or not a number gave Redis's own INCR error. Now the
+    stored text is checked first (the one rule of claim.lua, acquire.lua and cas.lua)."""
+    backend = RedisLockBackend(REDIS_URL, prefix=f"oncely-f53-{uuid.uuid4().hex[:8]}")
+    name = "ledger"
+    key = backend.key(name)
+    try:
+        raw.set(f"{key}:fence", counter)
+        with pytest.raises((StoreError, LockError), match="2\\^53"):
+            backend.acquire(name, "owner-1", 5, 0)
+        assert raw.get(key) is None  # the lock was not taken
+        assert raw.get(f"{key}:fence") == counter  # and the counter not touched
+    finally:
+        raw.delete(key, f"{key}:fence")
+        backend.close()
+
+
+def test_a_claim_refused_at_2_53_leaves_the_dead_record_alone(raw: redis.Redis) -> None:
+    """claim.lua deleted a released record before its 2^53 check refused the claim; and a
+    counter that is not a number failed with a Lua arithmetic error. Both refused, typed,
+    before anything is written."""
+    prefix = f"oncely-f53-{uuid.uuid4().hex[:8]}"
+    store = RedisStore(REDIS_URL, prefix=prefix)
+    try:
+        key = RecordKey.of("acme", "o-1")
+        first = store.claim(key, "fp", 5, 60)
+        assert isinstance(first, New)
+        store.release(key, first.fence)
+        record = f"{prefix}:{key.scope}:{key.digest}"
+        before = raw.hgetall(record)
+        assert before
+        for counter in (TOP - 1, "not-a-count"):
+            raw.set(f"{prefix}:fence", counter)
+            with pytest.raises(StoreError, match="2\\^53"):
+                store.claim(key, "fp", 5, 60)
+            assert raw.hgetall(record) == before
+    finally:
+        for name in raw.scan_iter(f"{prefix}:*"):
+            raw.delete(name)
+        store.close()

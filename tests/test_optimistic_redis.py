@@ -12,7 +12,13 @@ import pytest
 import redis
 import redis.asyncio
 
-from oncely.errors import ConfigurationError, NotFound, StaleVersion, UnversionedRow
+from oncely.errors import (
+    ConfigurationError,
+    NotFound,
+    StaleVersion,
+    UnversionedRow,
+    VersionExhausted,
+)
 from oncely.optimistic import retry_on_conflict
 from oncely.optimistic.redis import RedisVersioned
 
@@ -242,6 +248,80 @@ def test_a_hash_of_the_old_counting_versions_stays_usable(key: str) -> None:
         assert store.set(key, {"a": "new"}, 7) > 7
         with pytest.raises(StaleVersion):
             store.set(key, {"a": "lost"}, 7)
+    finally:
+        raw.close()
+        store.close()
+
+
+@pytest.mark.parametrize("face", ["sync", "async"])
+def test_get_of_a_key_of_another_type_is_unversioned_like_set(key: str, face: str) -> None:
+    """red team 17 #8: get() of a string key raised StoreError (WRONGTYPE, "store down")."""
+    raw = redis.Redis.from_url(REDIS_URL)
+    raw.set(key, "a string")
+    try:
+        if face == "sync":
+            store = RedisVersioned(REDIS_URL)
+            with pytest.raises(UnversionedRow, match="not a hash"):
+                store.get(key)
+            store.close()
+        else:
+
+            async def go() -> None:
+                store = RedisVersioned(REDIS_URL)
+                with pytest.raises(UnversionedRow, match="not a hash"):
+                    await store.aget(key)
+                await store.aclose()
+
+            asyncio.run(go())
+        assert raw.get(key) == b"a string"
+    finally:
+        raw.close()
+
+
+TOP = 2**53
+
+
+def test_versions_at_2_53_are_refused_never_rounded(key: str) -> None:
+    """red team 17 #1: a version of 2^53 or more (migrated from time.time_ns()) stopped growing
+    in Lua's doubles, and a writer holding a stale version succeeded (two set() with the same
+    version both passed); 2^53 + 1 went back to 2^53. Now: the version is refused as unusable
+    (VersionExhausted, an UnversionedRow), nothing is written, and an expected version of
+    2^53 or more is refused before anything is sent."""
+    store = RedisVersioned(REDIS_URL)
+    raw = redis.Redis.from_url(REDIS_URL)
+    try:
+        for stored in (TOP - 1, TOP, TOP + 1, 10**18, 10**30):
+            raw.delete(key)
+            raw.hset(key, mapping={"a": "old", "_version": str(stored)})
+            expected = stored if stored < TOP else TOP - 1
+            with pytest.raises(VersionExhausted):
+                store.set(key, {"a": "new"}, expected)
+            with pytest.raises(UnversionedRow):  # the same error, one except for both
+                store.set(key, {"a": "new"}, expected, merge=True)
+            assert raw.hgetall(key) == {b"a": b"old", b"_version": str(stored).encode()}
+            if stored >= TOP:
+                with pytest.raises(VersionExhausted):
+                    store.get(key)
+            else:
+                assert store.get(key) == ({"a": b"old"}, stored)
+        # the way out of a hash at 2^53 - 1: delete it at that version, create it again
+        raw.delete(key)
+        raw.hset(key, mapping={"a": "old", "_version": str(TOP - 1)})
+        store.delete(key, TOP - 1)
+        assert store.set(key, {"a": "new"}, 0) < TOP - 1
+        for expected in (TOP, TOP + 1, 10**30):
+            with pytest.raises(ConfigurationError, match="2\\^53"):
+                store.set(key, {"a": "x"}, expected)
+            with pytest.raises(ValueError):
+                store.delete(key, expected)
+        # just below: the last version that can still be raised
+        raw.delete(key)
+        raw.hset(key, mapping={"a": "old", "_version": str(TOP - 2)})
+        assert store.set(key, {"a": "new"}, TOP - 2) == TOP - 1
+        for expected in (TOP - 2, TOP - 1):  # a stale writer and the current one: no write
+            with pytest.raises(VersionExhausted):
+                store.set(key, {"a": "next"}, expected)
+        assert raw.hget(key, "a") == b"new"
     finally:
         raw.close()
         store.close()

@@ -121,6 +121,8 @@ def test_full_jitter_delays_stay_within_the_exponential_cap() -> None:
         {"retry_on": int},
         {"retry_on": ()},
         {"retry_on": "StaleVersion"},
+        {"base_delay": 2, "max_delay": 1},  # red team 17 #12: the cap would hide the doubling
+        {"base_delay": 1},  # above the default max_delay (0.5 s)
     ],
 )
 def test_bad_options_are_configuration_errors(options: dict[str, object]) -> None:
@@ -173,3 +175,38 @@ async def test_async_cancel_during_backoff_propagates() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+def test_generator_functions_are_refused_when_decorated() -> None:
+    """red team 17 #12: a generator function was "retried": calling it only built the
+    generator, its StaleVersion came out while the caller iterated, outside the retry, and was
+    never retried. Refused when decorated, saying why (sync and async generators)."""
+
+    def gen() -> object:
+        yield 1
+        raise _stale()
+
+    async def agen() -> object:
+        yield 1
+        raise _stale()
+
+    for fn in (gen, agen, functools.partial(gen)):
+        with pytest.raises(ConfigurationError, match="generator"):
+            retry_on_conflict(fn)
+        with pytest.raises(ConfigurationError, match="generator"):
+            retry_on_conflict(attempts=3)(fn)
+    # the way the message suggests: a function that runs it to the end is retried
+    calls = 0
+
+    def consumed() -> list[int]:
+        nonlocal calls
+        calls += 1
+        items = []
+        for item in (1, 2):
+            items.append(item)
+            if calls < 3:
+                raise _stale()
+        return items
+
+    assert retry_on_conflict(consumed, base_delay=0.0)() == [1, 2]
+    assert calls == 3

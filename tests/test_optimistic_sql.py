@@ -22,6 +22,8 @@ from oncely.errors import (
     UnknownTable,
     UnsupportedConnection,
     UnversionedRow,
+    ValueRefused,
+    VersionExhausted,
 )
 from oncely.optimistic import retry_on_conflict
 from oncely.sql import aversioned_update, retryable, versioned_update
@@ -316,3 +318,174 @@ def test_sequence_default_prevents_aba(make_db: Any, dialect: str) -> None:
     finally:
         db.run(f"DROP TABLE IF EXISTS {table}")
         db.run(f"DROP SEQUENCE IF EXISTS {seq}")
+
+
+TOP = 2**63 - 1
+
+
+def test_a_version_at_the_top_of_bigint_is_refused_without_writing(db: Db) -> None:
+    """red team 17 #3: at 2^63 - 1, SQLite's version + 1 turned the column into REAL
+    (9.223372036854776e18), the call returned 2^63 and every later write failed "at version X,
+    not X"; PostgreSQL and MariaDB raised their raw out-of-range errors. Now VersionExhausted
+    (an UnversionedRow), nothing written, the column still an exact integer."""
+    table = _table(db, rows=2)
+    db.run(f"UPDATE {table} SET version = {TOP} WHERE id = 1")
+    db.run(f"UPDATE {table} SET version = {TOP - 1} WHERE id = 2")
+    conn = db.connect()
+    with pytest.raises(VersionExhausted, match="64-bit"):
+        versioned_update(conn, table, 1, {"balance": 5}, TOP)
+    with pytest.raises(UnversionedRow):
+        versioned_update(conn, table, 1, {}, TOP)
+    with pytest.raises(StaleVersion):  # a stale writer at that row is still just stale
+        versioned_update(conn, table, 1, {"balance": 5}, 7)
+    with pytest.raises(StaleVersion):  # and a writer expecting the top at another row
+        versioned_update(conn, table, 2, {"balance": 5}, TOP)
+    assert versioned_update(conn, table, 2, {"balance": 6}, TOP - 1) == TOP  # the last one
+    conn.commit()
+    rows = db.run(f"SELECT id, balance, version FROM {table} ORDER BY id")
+    assert rows == [(1, 0, TOP), (2, 6, TOP)]
+    assert all(type(v) is int for _, _, v in rows)  # not REAL
+
+
+def _refusals(db: Db, table: str) -> list[tuple[str, Any, dict[str, Any]]]:
+    cases: list[tuple[str, Any, dict[str, Any]]] = [
+        ("too big", 1, {"balance": 2**70}),
+        ("NULL into NOT NULL", 1, {"balance": None}),
+        ("a dict", 1, {"note": {"a": 1}}),
+    ]
+    if db.dialect != "sqlite":  # SQLite keeps any length in a VARCHAR(50)
+        cases.append(("too long", 1, {"note": "x" * 51}))
+        cases.append(("too big for BIGINT", 1, {"balance": 2**63}))
+    if db.dialect == "postgresql":
+        cases.append(("an id not of the key's type", "abc", {"balance": 1}))
+    return cases
+
+
+def test_values_the_database_refuses_are_typed(db: Db) -> None:
+    """red team 17 #10: too big, too long, NULL into NOT NULL, a dict, PostgreSQL id 'abc' came
+    out as raw driver errors. Now ValueRefused (a ValueError) with the driver error as
+    __cause__; nothing written; on SQLite and MariaDB the caller's transaction goes on, on
+    PostgreSQL it is aborted (as the docstring says) and a rollback makes it usable."""
+    table = _table(db, rows=2)
+    conn = db.connect()
+    assert versioned_update(conn, table, 2, {"balance": 7}, 1) == 2  # the caller's own write
+    for what, id_, changes in _refusals(db, table):
+        with pytest.raises(ValueRefused) as info:
+            versioned_update(conn, table, id_, changes, 1)
+        assert isinstance(info.value, ValueError), what
+        assert info.value.__cause__ is not None, what
+        assert not isinstance(info.value.__cause__, ValueRefused), what
+        if db.dialect == "postgresql":
+            if what != "a dict":  # refused by the server (a dict: by psycopg, nothing sent)
+                with pytest.raises(TransactionFailed):  # aborted, as documented
+                    versioned_update(conn, table, 1, {"balance": 1}, 1)
+            conn.rollback()
+            assert versioned_update(conn, table, 2, {"balance": 7}, 1) == 2
+    conn.commit()  # SQLite, MariaDB: the caller's write before the refusals is kept
+    assert db.run(f"SELECT id, balance, note, version FROM {table} ORDER BY id") == [
+        (1, 0, None, 1),
+        (2, 7, None, 2),
+    ]
+
+
+def test_an_id_the_database_converts_to_another_key_writes_nothing(db: Db) -> None:
+    """red team 17 #10: MariaDB compared '1abc' equal to 1 and versioned_update wrote row 1;
+    SQLite took '1.0' for 1, PostgreSQL ' 1'. Refused as the state machine refuses it (the
+    same check, oncely.sql.connections.other_key): ValueRefused, nothing written."""
+    table = _table(db)
+    conn = db.connect()
+    ids = {
+        "mysql": ["1abc", "1.0", " 1"],
+        "sqlite": ["1.0", " 1", "01"],
+        "postgresql": [" 1", "01"],
+    }
+    for id_ in ids[db.dialect]:
+        # matched another key, or (MariaDB, strict mode) refused as not a number
+        with pytest.raises(ValueRefused, match=r"row whose id is 1|Truncated incorrect"):
+            versioned_update(conn, table, id_, {"balance": 99}, 1)
+        conn.rollback()
+    assert db.run(f"SELECT balance, version FROM {table}") == [(0, 1)]
+    assert versioned_update(conn, table, "1", {"balance": 5}, 1) == 2  # its own text: fine
+    assert versioned_update(conn, table, 1, {"balance": 6}, 2) == 3
+    with pytest.raises(StaleVersion):  # a stale str id is still just stale
+        versioned_update(conn, table, "1", {"balance": 7}, 2)
+    conn.commit()
+    assert db.run(f"SELECT balance, version FROM {table}") == [(6, 3)]
+
+
+def _readme_withdraw(readme: str) -> str:
+    """The README's optimistic-locking snippet, as written."""
+    import re
+
+    section = readme[readme.index("## Optimistic locking") :]
+    return re.findall(r"```py\n(.*?)```", section, flags=re.DOTALL)[0]
+
+
+def _run_readme_withdraw(db: Db, readme: str, threads: int = 6, each: int = 10) -> dict[str, int]:
+    table = _table(db)
+    db.run(f"UPDATE {table} SET balance = 1000")
+    mark = "?" if db.dialect == "sqlite" else "%s"
+
+    def read_account(conn: Any, account_id: int) -> tuple[int, int]:
+        cur = conn.cursor()
+        cur.execute(f"SELECT balance, version FROM {table} WHERE id = {mark}", (account_id,))
+        row: tuple[int, int] = cur.fetchone()
+        return row
+
+    scope: dict[str, Any] = {"read_account": read_account}
+    code = _readme_withdraw(readme).replace('"accounts"', repr(table))
+    exec(compile(code, "README.md", "exec"), scope)
+    outcomes: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def worker() -> None:
+        conn = db.connect()
+        try:
+            for _ in range(each):
+                try:
+                    scope["withdraw"](conn, 1, 1)
+                    name = "ok"
+                except Exception as exc:
+                    name = type(exc).__name__
+                    conn.rollback()
+                with lock:
+                    outcomes[name] = outcomes.get(name, 0) + 1
+        finally:
+            conn.close()
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert db.run(f"SELECT balance FROM {table}") == [(1000 - outcomes.get("ok", 0),)]
+    return outcomes
+
+
+def test_readme_withdraw_snippet_runs_as_written(db: Db) -> None:
+    """red team 17 #12: the README's withdraw had no rollback between attempts; on MariaDB
+    (REPEATABLE READ) a retry read the same snapshot and 45-48 of 60 withdrawals failed after
+    10 attempts. As written now (rolling back), 6 threads x 10 withdrawals all succeed."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert _run_readme_withdraw(db, readme) == {"ok": 60}
+
+
+def test_a_decimal_key_is_matched_as_the_row_holds_it(make_db: Any) -> None:
+    """An int id for a NUMERIC(10, 2) key: the row holds 5.00, so the id's text does not match
+    and nothing is written (ValueRefused, not a VersionExhausted or StaleVersion at the very
+    version); the Decimal the row holds works."""
+    from decimal import Decimal
+
+    db = make_db("postgresql")
+    table = db.name("dec")
+    db.run(f"CREATE TABLE {table} (id NUMERIC(10, 2) PRIMARY KEY, n BIGINT, version BIGINT)")
+    db.run(f"INSERT INTO {table} (id, n, version) VALUES (5, 0, 1)")
+    conn = db.connect()
+    with pytest.raises(ValueRefused, match="as text"):
+        versioned_update(conn, table, 5, {"n": 1}, 1)
+    conn.rollback()
+    assert versioned_update(conn, table, Decimal("5.00"), {"n": 2}, 1) == 2
+    conn.commit()
+    assert db.run(f"SELECT n, version FROM {table}") == [(2, 2)]

@@ -204,3 +204,55 @@ async def test_async_engine_is_guarded(make_db: Any) -> None:
     finally:
         unguard_versioned(Base)
         await aengine.dispose()
+
+
+def _unmoved_statements(Account: Any) -> list[Any]:
+    """UPDATEs whose version "assignment" is the version itself: it does not move."""
+    from sqlalchemy import cast, column, type_coerce
+
+    table = Account.__table__
+    return [
+        update(Account).where(Account.id == 1).values(balance=500, version=Account.version),
+        update(table).values(balance=500, version=table.c.version),
+        update(table).values({table.c.version: table.c.version, "balance": 500}),
+        update(table).values(balance=500, version=column("version")),
+        update(table).values(balance=500, version=table.c.version.label("v")),
+        update(table).values(balance=500, version=cast(table.c.version, BigInteger)),
+        update(table).values(balance=500, version=type_coerce(Account.version, BigInteger)),
+        update(table).values(balance=500, version=table.c.version.self_group()),
+    ]
+
+
+def test_version_set_to_itself_does_not_count(db: Db) -> None:
+    """red team 17 #2: update(Account).values(balance=0, version=Account.version) passed the
+    guard as "sets the version itself", but the version never moved: an object loaded before
+    flushed without StaleDataError and overwrote the bulk change. As Django's guard treats
+    version=F("version"): it does not count; the guard bumps it (or refuses it)."""
+    engine, Base, Account, _ = _setup(db)
+    guard_versioned(Base)
+    try:
+        for i, stmt in enumerate(_unmoved_statements(Account)):
+            stale = Session(engine)
+            obj = _loaded(stale, Account)
+            with Session(engine) as s, s.begin():
+                s.execute(stmt)
+            stale.add(obj)
+            obj.balance = obj.balance + 1
+            with pytest.raises(StaleDataError):
+                stale.commit()
+            stale.close()
+            assert _row(engine, Account) == (500, i + 2), stmt  # the bulk change stands
+        unguard_versioned(Base)
+        guard_versioned(Account, on_bulk="refuse")
+        before = _row(engine, Account)
+        for stmt in _unmoved_statements(Account):
+            with pytest.raises(VersionBypass, match="does not count"), engine.begin() as c:
+                c.execute(stmt)
+        assert _row(engine, Account) == before
+        with engine.begin() as c:  # a version that moves is the caller's own: left alone
+            c.execute(update(Account.__table__).values(version=Account.version + 1))
+        assert _row(engine, Account) == (before[0], before[1] + 1)
+    finally:
+        unguard_versioned(Base)
+        unguard_versioned(Account)
+        engine.dispose()

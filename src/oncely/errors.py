@@ -67,7 +67,9 @@ __all__ = [
     "UnknownTransition",
     "UnsupportedConnection",
     "UnversionedRow",
+    "ValueRefused",
     "VersionBypass",
+    "VersionExhausted",
 ]
 
 
@@ -336,6 +338,31 @@ class UnversionedRow(OncelyError, ValueError):
     def __init__(self, entity: str, message: str) -> None:
         super().__init__(message)
         self.entity = entity
+
+
+class VersionExhausted(UnversionedRow):
+    """The stored version is at the top of what the store counts exactly, so no write can move
+    it: 2^63 - 1 in a SQL ``BIGINT`` (SQLite would turn ``version + 1`` into a REAL, PostgreSQL
+    and MariaDB refuse it), 2^53 - 1 in a Redis hash (Lua's numbers are doubles: past 2^53
+    ``+ 1`` is lost and a stale writer matches). A Redis hash already holding 2^53 or more is
+    refused the same way. Nothing was written. Versions only get there when set by hand (or
+    migrated from nanosecond clocks); a :class:`UnversionedRow`, so one ``except`` covers every
+    version no compare-and-set can use. ``entity`` names the row or key."""
+
+
+class ValueRefused(OncelyError, ValueError):
+    """The database refused a value a versioned write sent (too long or too large for its
+    column, NULL into a ``NOT NULL`` column, a Python type the driver cannot send such as a
+    ``dict``), or the id is not a value of the key column's type (PostgreSQL ``'abc'`` for a
+    ``BIGINT``) or names another key than the row it matched (MariaDB compares ``'1abc'`` equal
+    to 1, SQLite ``'1.0'``, PostgreSQL ``' 1'``). The driver's error is ``__cause__`` (none for an
+    id that matched another key: nothing was sent that could write).
+
+    Nothing was written by this call. The caller's transaction: on SQLite and MariaDB/MySQL it
+    is still usable; on PostgreSQL a statement the server refused aborts the transaction
+    (every later statement fails until ``rollback()``), so roll back there (or run the call in
+    a savepoint of your own: ``with conn.transaction():`` on psycopg). Do not retry as it is:
+    fix the value."""
 
 
 class VersionBypass(OncelyError):

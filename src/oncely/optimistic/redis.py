@@ -27,6 +27,11 @@ no other client can write between the check and the write. A lost race raises
         count = int(fields.get(sku, b"0")) + 1
         return carts.set(f"cart:{cart_id}", {sku: count}, version, merge=True)
 
+Versions stay below 2^53, where Redis's Lua counts exactly (the rule of every oncely script
+that counts): a hash at 2^53 - 1 or more raises :class:`~oncely.errors.VersionExhausted` (an
+:class:`~oncely.errors.UnversionedRow`) and is not written, and an ``expected_version`` of 2^53
+or more is a :class:`~oncely.errors.ConfigurationError` before anything is sent.
+
 Version 0 means "does not exist": ``get`` of a missing key returns ``({}, 0)`` and
 ``set(key, fields, 0)`` creates the hash (:class:`~oncely.errors.StaleVersion` if someone
 created it first). Redis Cluster: each operation touches one key, so any key works.
@@ -47,7 +52,13 @@ from oncely.backends.lua import Script
 from oncely.backends.plans import Command, Eval, Plan, arun, run
 from oncely.backends.redis import RedisClients
 from oncely.core.text import sendable
-from oncely.errors import ConfigurationError, NotFound, StaleVersion, UnversionedRow
+from oncely.errors import (
+    ConfigurationError,
+    NotFound,
+    StaleVersion,
+    UnversionedRow,
+    VersionExhausted,
+)
 
 __all__ = ["VERSION_FIELD", "RedisVersioned"]
 
@@ -58,6 +69,10 @@ CAS: Final = Script("oncely.optimistic", "cas")
 
 Value = bytes | str | int | float
 
+#: Versions are below this: the script counts with Lua's doubles, exact up to 2^53 (the rule of
+#: every oncely script that counts; see ``cas.lua``).
+EXACT: Final = 2**53
+
 
 def _check_version(version: object, minimum: int) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or version < minimum:
@@ -65,7 +80,35 @@ def _check_version(version: object, minimum: int) -> int:
             f"expected_version must be an int >= {minimum} (0: the key must not exist yet), "
             f"not {version!r}; pass the version get() returned"
         )
+    if version >= EXACT:
+        raise ConfigurationError(
+            f"expected_version {version} is 2^53 or more: no RedisVersioned hash can be at it "
+            "(versions stay below 2^53, where Redis's Lua counts exactly); pass the version "
+            "get() returned"
+        )
     return version
+
+
+def _wrongtype(exc: BaseException) -> bool:
+    """True when ``exc`` (or what it was raised from) is Redis's WRONGTYPE error reply."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, redis.ResponseError) and str(seen).startswith("WRONGTYPE"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _exhausted(key: str, vfield: str, text: str) -> VersionExhausted:
+    return VersionExhausted(
+        key,
+        f"Redis hash {key!r} is at {vfield!r} {text}, 2^53 - 1 or more: Redis's Lua counts "
+        "exactly only below 2^53, so no write can raise it (versions past it would stop "
+        "growing and let a stale writer match). Nothing was written; delete the hash "
+        "(DEL, or delete(key, version) at 2^53 - 1) and create it with set(key, fields, 0)",
+    )
 
 
 def _encode(name: object, value: object, vfield: str) -> tuple[str, Value]:
@@ -96,9 +139,10 @@ class RedisVersioned:
     Errors: :class:`~oncely.errors.StaleVersion` (someone wrote first; ``current`` is the
     version found), :class:`~oncely.errors.NotFound` (the key is gone, yet a version >= 1 was
     expected), :class:`~oncely.errors.UnversionedRow` (the key holds no usable version, or is
-    not a hash), :class:`~oncely.errors.StoreUnavailable` (Redis unreachable: the write may or
-    may not have happened; ``get`` tells), :class:`~oncely.errors.ConfigurationError` (bad
-    arguments).
+    not a hash: from ``get`` and ``set`` alike; :class:`~oncely.errors.VersionExhausted` when
+    the version is 2^53 - 1 or more), :class:`~oncely.errors.StoreUnavailable` (Redis
+    unreachable: the write may or may not have happened; ``get`` tells),
+    :class:`~oncely.errors.ConfigurationError` (bad arguments).
     """
 
     def __init__(
@@ -136,7 +180,14 @@ class RedisVersioned:
         if not isinstance(key, str) or not key:
             raise ConfigurationError(f"key must be a non-empty string, not {key!r}")
         sendable(key, "key", ConfigurationError)
-        reply = yield Command(("HGETALL", key))
+        try:
+            reply = yield Command(("HGETALL", key))
+        except Exception as exc:  # WRONGTYPE: another type, reported as set() reports it
+            if not _wrongtype(exc):
+                raise
+            raise UnversionedRow(
+                key, f"Redis key {key!r} is not a hash, so not a versioned hash; use another key"
+            ) from exc
         if isinstance(reply, dict):
             items = list(reply.items())
         else:  # RESP2 without a response callback: a flat list
@@ -153,7 +204,10 @@ class RedisVersioned:
             else:
                 fields[raw.decode("utf-8", "surrogateescape")] = value
         text = version.decode("ascii", "replace") if isinstance(version, bytes) else version
-        if not (isinstance(text, str) and text.isdigit() and text[0] != "0"):
+        if isinstance(text, str) and text.isascii() and text.isdigit() and text[0] != "0":
+            if int(text) >= EXACT:
+                raise _exhausted(key, self.version_field, text)
+        else:
             raise UnversionedRow(
                 key,
                 f"Redis hash {key!r} has no usable {self.version_field!r} field ({text!r}); "
@@ -188,6 +242,8 @@ class RedisVersioned:
                 )
             raise StaleVersion(f"Redis hash {key!r}", expected, current)
         text = found.decode("latin-1") if isinstance(found, bytes) else found
+        if status == -3:
+            raise _exhausted(key, self.version_field, text)
         if status == -2:
             raise UnversionedRow(
                 key, f"Redis key {key!r} holds a {text}, not a versioned hash; use another key"
@@ -215,7 +271,8 @@ class RedisVersioned:
         """``(fields, version)`` of hash ``key``; ``({}, 0)`` if it does not exist. Field names
         are ``str``, values ``bytes`` as Redis stores them.
 
-        :raises UnversionedRow: the hash has no usable version field.
+        :raises UnversionedRow: the hash has no usable version field, or the key is not a
+            hash; :class:`~oncely.errors.VersionExhausted` for a version of 2^53 or more.
         """
         self._sync_face()
         return run(self._get(key), self.redis.execute)

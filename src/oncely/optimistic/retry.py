@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -69,7 +70,9 @@ class ConflictRetry:
     driver's serialization failures here if you run at SERIALIZABLE / REPEATABLE READ).
     ``on_retry(exc, attempt, delay)`` is called before each wait (logging, metrics).
 
-    :raises ConfigurationError: on a non-positive ``attempts`` or a negative delay.
+    :raises ConfigurationError: on a non-positive ``attempts``, a negative delay, or
+        ``base_delay`` above ``max_delay`` (the cap would make every wait ``max_delay``'s
+        jitter, never the doubling asked for: say which one you mean).
     """
 
     attempts: int = ATTEMPTS
@@ -89,6 +92,12 @@ class ConflictRetry:
         for name in ("base_delay", "max_delay"):
             value = seconds(getattr(self, name), name, where="ConflictRetry", above=False)
             object.__setattr__(self, name, value)
+        if self.base_delay > self.max_delay:
+            raise ConfigurationError(
+                f"base_delay ({self.base_delay}s) must not be above max_delay "
+                f"({self.max_delay}s): max_delay caps every wait, so the doubling from "
+                "base_delay would never happen; lower base_delay or raise max_delay"
+            )
         rule = self.retry_on
         ok = callable(rule) and not isinstance(rule, type)
         ok = ok or (isinstance(rule, type) and issubclass(rule, BaseException))
@@ -152,7 +161,22 @@ class ConflictRetry:
             attempt += 1
 
     def wrap(self, fn: F) -> F:
-        """``fn`` retried on conflicts: an async wrapper for a coroutine function, else sync."""
+        """``fn`` retried on conflicts: an async wrapper for a coroutine function, else sync.
+
+        :raises ConfigurationError: ``fn`` is a generator or async generator function: calling
+            it only creates the generator, its body (and its conflict) runs later while the
+            caller iterates, outside any retry, and items already handed out cannot be taken
+            back. Retry a function that consumes it (``list(gen())``) instead.
+        """
+        if inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+            kind = "an async generator" if inspect.isasyncgenfunction(fn) else "a generator"
+            raise ConfigurationError(
+                f"retry_on_conflict cannot retry {kind} function "
+                f"({getattr(fn, '__qualname__', fn)!r}): calling it only creates the "
+                "generator, its body runs later while you iterate, outside the retry, and "
+                "what it already yielded cannot be taken back; retry a function that runs "
+                "it to the end (e.g. returns list(gen())) instead"
+            )
         if is_async_callable(fn):
 
             @functools.wraps(fn)
@@ -209,7 +233,9 @@ def retry_on_conflict(
     :class:`ConflictRetry`); the last conflict propagates unchanged once attempts run out, and
     any other exception at once.
 
-    Three forms, sync or async alike (a coroutine function gets an async wrapper)::
+    Three forms, sync or async alike (a coroutine function gets an async wrapper; a generator
+    or async generator function is refused with :class:`~oncely.errors.ConfigurationError`: its
+    body runs while the caller iterates, outside any retry)::
 
         @retry_on_conflict                      # decorator, defaults
         def bump(conn, id): ...
@@ -219,7 +245,8 @@ def retry_on_conflict(
 
         new_version = retry_on_conflict(bump, attempts=20)(conn, 7)   # call form
 
-    :raises ConfigurationError: bad options (see :class:`ConflictRetry`).
+    :raises ConfigurationError: bad options (see :class:`ConflictRetry`: ``base_delay`` above
+        ``max_delay`` too), or ``fn`` is a generator function (see :meth:`ConflictRetry.wrap`).
     """
     policy = ConflictRetry(attempts, base_delay, max_delay, retry_on, on_retry)
     if fn is None:

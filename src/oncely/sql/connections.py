@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import re
 import sqlite3
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -85,7 +86,9 @@ __all__ = [
     "lock_timeout",
     "lost_message",
     "missing_object",
+    "other_key",
     "quote",
+    "refused_value",
     "render",
     "retryable",
     "roll_back",
@@ -725,6 +728,58 @@ def unconvertible(exc: BaseException, value: str) -> bool:
         state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
         converts = state in ("22P02", "22003") or _mysql_code(e) in (1292, 1366)
         if converts and value in str(e):
+            return True
+    return False
+
+
+def other_key(id_column: str, given: Any, res: Result) -> Any:
+    """The key the row in ``res`` holds (its ``id_column`` column) when that is not ``given``
+    as text: the database converted ``given`` to compare it (SQLite's type affinity takes
+    ``" 3"`` and ``"3.0"`` for 3, MySQL/MariaDB compare ``"3abc"`` as 3 and ``"ABC"`` equal to
+    ``"abc"`` under a case-insensitive collation, PostgreSQL casts ``" 3"`` to an integer
+    column). None when it is the same key, when ``res`` has no row or no such column, or when the
+    key is of a type an id cannot be (bytes, a decimal: not compared). The one id check of the
+    state machine and :func:`~oncely.sql.versioned_update`."""
+    if not res.rows:
+        return None
+    columns = [str(col).lower() for col in res.columns]
+    name = id_column.lower()
+    if name not in columns:
+        return None
+    found = res.rows[0][columns.index(name)]
+    if isinstance(found, bool) or not isinstance(found, (str, int, uuid.UUID)):
+        return None
+    return found if str(found) != str(given) else None
+
+
+# MySQL/MariaDB: 1048 NULL into NOT NULL, 1264 out of range, 1265 data truncated, 1292 / 1366
+# incorrect value, 1406 data too long, 1690 out of range in an expression.
+_MYSQL_REFUSED: Final = frozenset({1048, 1264, 1265, 1292, 1366, 1406, 1690})
+
+
+def refused_value(exc: BaseException) -> bool:
+    """True when ``exc`` is the database (or its driver) refusing a value a statement sent: a
+    PostgreSQL data exception (SQLSTATE class 22: too long, out of range, invalid text for the
+    type) or ``NULL`` into a ``NOT NULL`` column (23502), the MySQL/MariaDB errors of the same
+    (1048, 1264, 1265, 1292, 1366, 1406, 1690), SQLite's ``NOT NULL constraint failed``, or a
+    Python value the driver cannot send (sqlite3 "type ... is not supported", psycopg "cannot
+    adapt type", PyMySQL's ``TypeError``, an int too large for SQLite's 64 bits)."""
+    for e in _causes(exc):
+        state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if isinstance(state, str) and (state.startswith("22") or state == "23502"):
+            return True
+        if _mysql_code(e) in _MYSQL_REFUSED:
+            return True
+        text = str(e)
+        if isinstance(e, sqlite3.IntegrityError) and text.startswith("NOT NULL constraint"):
+            return True
+        if isinstance(e, sqlite3.ProgrammingError) and (
+            "not supported" in text or "binding parameter" in text
+        ):
+            return True
+        if type(e).__module__.startswith("psycopg") and "cannot adapt" in text:
+            return True
+        if isinstance(e, (TypeError, OverflowError)) and not isinstance(e, OncelyError):
             return True
     return False
 

@@ -20,12 +20,13 @@ UPDATE by primary key" and ``Session.bulk_update_mappings`` do check and bump th
 and raise a bare ``KeyError`` when a row's mapping leaves it out.)
 
 :func:`guard_versioned` closes the gap for the versioned tables of a declarative base (or of
-one mapped class): every UPDATE statement on them that does not set the version column
-itself is either given ``version = version + 1`` (``on_bulk="bump"``, the default: stale
-objects then fail their flush, as they should) or refused with
-:class:`~oncely.errors.VersionBypass` before it runs (``on_bulk="refuse"``). A statement may
-opt out with ``.execution_options(oncely_unversioned=True)``. The guard is an engine
-``before_execute`` hook, so it sees ORM and Core statements, sync and async engines alike.
+one mapped class): every UPDATE statement on them that does not move the version column
+itself (``version=Account.version``, the column set to itself, does not count: the Django
+guard's rule for ``version=F("version")``) is either given ``version = version + 1``
+(``on_bulk="bump"``, the default: stale objects then fail their flush, as they should) or
+refused with :class:`~oncely.errors.VersionBypass` before it runs (``on_bulk="refuse"``). A
+statement may opt out with ``.execution_options(oncely_unversioned=True)``. The guard is an
+engine ``before_execute`` hook, so it sees ORM and Core statements, sync and async engines alike.
 
 For a compare-and-set without the ORM, :func:`oncely.sql.versioned_update` takes a SQLAlchemy
 ``Connection`` or ``Session`` as well. ``StaleDataError`` from a flush counts as a conflict for
@@ -41,6 +42,7 @@ from typing import Any, Final, Literal
 from sqlalchemy import Engine, Integer, event, inspect
 from sqlalchemy.orm import Mapper
 from sqlalchemy.sql.dml import Insert, Update
+from sqlalchemy.sql.elements import BindParameter, Cast, ColumnClause, TypeCoerce
 from sqlalchemy.sql.schema import Table
 
 from oncely.errors import ConfigurationError, VersionBypass
@@ -146,11 +148,41 @@ def _keys(mapping: Any) -> Iterable[str]:
                 yield str(getattr(key, "key", None) or getattr(key, "name", ""))
 
 
+def _unmoved(value: Any, column: Any) -> bool:
+    """``version=Account.version`` (or ``table.c.version``, ``column("version")``, one of them
+    labelled, cast or in parentheses): "sets the version itself" to what it is, so it does not
+    move and an object loaded before could flush over the change. The rule of the Django guard
+    for ``version=F("version")``: it does not count as setting the version."""
+    for _ in range(8):
+        element = getattr(value, "__clause_element__", None)
+        if element is not None:
+            value = element()
+        inner = getattr(value, "element", None)  # Label, Grouping
+        if inner is None and isinstance(value, (Cast, TypeCoerce)):
+            inner = value.clause
+        if inner is None or isinstance(value, BindParameter):
+            break
+        value = inner
+    if not isinstance(value, ColumnClause) or value.name != column.name:
+        return False
+    table = getattr(value, "table", None)
+    return table is None or table is column.table
+
+
+def _version_value(stmt: Update, column: Any) -> tuple[bool, Any]:
+    """Whether ``stmt.values(...)`` names the version column, and the key it is under."""
+    names = {column.key, column.name}
+    for key in getattr(stmt, "_values", None) or {}:  # .values(...) of the statement
+        if names.intersection(_keys({key: None})):
+            return True, key
+    return False, None
+
+
 def _sets_version(stmt: Update, column: Any, multiparams: Any, params: Any) -> bool:
     names = {column.key, column.name}
-    values = getattr(stmt, "_values", None)  # .values(...) of the statement
-    if values and names.intersection(_keys(values)):
-        return True
+    named, key = _version_value(stmt, column)
+    if named:
+        return not _unmoved((stmt._values or {})[key], column)
     if names.intersection(_keys(params)):
         return True
     rows = multiparams if isinstance(multiparams, (list, tuple)) else [multiparams]
@@ -216,10 +248,12 @@ def _before_execute(
     table: Any = clauseelement.table
     if mode == "refuse":
         raise VersionBypass(
-            f"this UPDATE of {table.fullname!r} does not set its version column "
-            f"{column.key!r}, so it skips optimistic locking (a stale object could then "
+            f"this UPDATE of {table.fullname!r} does not move its version column "
+            f"{column.key!r} ({column.key}={column.key} does not count), so it skips "
+            "optimistic locking (a stale object could then "
             f"overwrite it); add .values({column.key}={column.key} + 1), update through the "
             f"ORM unit of work, or pass .execution_options({OPT_OUT}=True) if you mean it"
         )
-    bumped = clauseelement.values({column: column + 1})
+    named, key = _version_value(clauseelement, column)  # version=version: bump it instead
+    bumped = clauseelement.values({key if named else column: column + 1})
     return bumped, multiparams, params

@@ -9,10 +9,20 @@ version, or raises
 * :class:`~oncely.errors.StaleVersion` (``expected``, ``current``): the row is at another
   version; read it again, recompute, retry (:func:`oncely.optimistic.retry_on_conflict`);
 * :class:`~oncely.errors.NotFound`: there is no such row (never was, or deleted meanwhile);
-* :class:`~oncely.errors.UnversionedRow`: the row's version column is NULL.
+* :class:`~oncely.errors.UnversionedRow`: the row's version column is NULL;
+  :class:`~oncely.errors.VersionExhausted` (one of them): it is at 2^63 - 1, which no write can
+  raise (no ``UPDATE`` is sent: SQLite would make the version a REAL);
+* :class:`~oncely.errors.ValueRefused`: the database refused a value (too long, too large,
+  NULL into ``NOT NULL``, a ``dict``), or the id is not of the key column's type or names
+  another key (MariaDB compares ``'1abc'`` equal to 1: the ``UPDATE`` matches the id's text
+  exactly, and the reporting ``SELECT`` names the key it found, the state machine's check
+  :func:`~oncely.sql.connections.other_key`).
 
 Nothing is written in those cases. The statement runs in the caller's transaction (commit as
-usual; on an error roll back before the next attempt, so that the next read is fresh).
+usual; on an error roll back before the next attempt, so that the next read is fresh). After
+:class:`~oncely.errors.ValueRefused` on PostgreSQL the transaction is aborted (a statement the
+server refused ends it; psycopg's own refusal of a ``dict`` sends nothing and does not): roll
+back; on SQLite and MariaDB/MySQL only the statement failed and the transaction goes on.
 
 Statements per dialect (the decision is always the one ``UPDATE``; nothing is read first):
 
@@ -34,6 +44,7 @@ The table needs an integer version column, ``NOT NULL`` (start it at 1)::
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
@@ -46,6 +57,8 @@ from oncely.errors import (
     NotFound,
     StaleVersion,
     UnversionedRow,
+    ValueRefused,
+    VersionExhausted,
 )
 from oncely.sql.connections import (
     Dialect,
@@ -55,7 +68,9 @@ from oncely.sql.connections import (
     arun,
     busy,
     missing_object,
+    other_key,
     quote,
+    refused_value,
     run,
 )
 
@@ -76,9 +91,16 @@ def _check_version(version: object) -> int:
     return version
 
 
+def _exact(id: object) -> bool:
+    """Whether ``id`` is of a type whose text the key check compares (str, int, UUID: those of
+    :func:`~oncely.sql.connections.other_key`); the UPDATE then matches that text exactly."""
+    return not isinstance(id, bool) and isinstance(id, (str, int, uuid.UUID))
+
+
 def _statements(
     conn: SqlConnection,
     table: str,
+    id: object,
     changes: Mapping[str, Any],
     id_column: str,
     version_column: str,
@@ -96,7 +118,10 @@ def _statements(
                 f"an SQL identifier must be a str, not {type(name).__name__} ({name!r})"
             )
     columns = tuple(changes)
-    update, select = _texts(conn.dialect, returning, table, columns, id_column, version_column)
+    exact = _exact(id)
+    update, select = _texts(
+        conn.dialect, returning, table, columns, id_column, version_column, exact
+    )
     params = {f"c{i}": value for i, value in enumerate(changes.values())}
     return update, select, params, returning
 
@@ -109,8 +134,14 @@ def _texts(
     columns: tuple[str, ...],
     id_column: str,
     version_column: str,
+    exact: bool,
 ) -> tuple[str, str]:
-    """The UPDATE and the reporting SELECT (cached: names are validated once per shape)."""
+    """The UPDATE and the reporting SELECT (cached: names are validated once per shape).
+
+    ``exact``: the UPDATE also compares the key column's text with the id's
+    (``CAST(id AS TEXT) = :oncely_key``; MariaDB/MySQL byte for byte), so an id the database
+    would convert to another key (MariaDB ``'1abc'`` = 1) writes nothing; the reporting SELECT,
+    which matches as the database does, then names the key it found (:func:`other_key`)."""
     t, idc, vc = quote(table, dialect), quote(id_column, dialect), quote(version_column, dialect)
     if id_column.casefold() == version_column.casefold():
         raise ConfigurationError("id_column and version_column must be different columns")
@@ -129,10 +160,14 @@ def _texts(
     update = (
         f"UPDATE {t} SET {', '.join(sets)} WHERE {idc} = :oncely_id AND {vc} = :oncely_expected"
     )
+    if exact and dialect == "mysql":
+        update += f" AND CAST({idc} AS BINARY) = CAST(:oncely_key AS BINARY)"
+    elif exact:
+        update += f" AND CAST({idc} AS TEXT) = :oncely_key"
     if returning:
         update += f" RETURNING {vc}"
     lock = " LOCK IN SHARE MODE" if dialect == "mysql" else ""
-    select = f"SELECT {vc} FROM {t} WHERE {idc} = :oncely_id{lock}"
+    select = f"SELECT {vc}, {idc} FROM {t} WHERE {idc} = :oncely_id{lock}"
     return update, select
 
 
@@ -152,12 +187,18 @@ def _plan(
     if isinstance(changes, Mapping):
         for column, value in changes.items():
             sendable(value, f"versioned_update: the value of column {column!r}", ConfigurationError)
-    update, select, params, returning = _statements(conn, table, changes, id_column, version_column)
+    update, select, params, returning = _statements(
+        conn, table, id, changes, id_column, version_column
+    )
     params.update(oncely_id=id, oncely_expected=expected)
+    if _exact(id):
+        params["oncely_key"] = str(id)
     conn.check_usable()
     entity = f"{table} {id_column}={id!r}"
     try:
-        if expected > _MAX_VERSION:  # no BIGINT holds it: stale (or missing), never a match
+        # 2^63 - 1: version + 1 would not fit (SQLite makes it a REAL, the others refuse it);
+        # larger: no BIGINT holds it. Nothing is sent that could write; the SELECT tells.
+        if expected >= _MAX_VERSION:
             written = 0
         else:
             result: Result = yield Exec(update, params)
@@ -174,7 +215,19 @@ def _plan(
         typed = missing_object(exc) or busy(exc, f"versioned_update of {entity}")
         if typed is not exc:
             raise typed from exc
+        if refused_value(exc):
+            raise ValueRefused(
+                f"versioned_update of {entity}: the database refused a value ({exc}); "
+                "nothing was written. On PostgreSQL the transaction is aborted: roll it back"
+            ) from exc
         raise
+    key = other_key(id_column, id, found) if _exact(id) else None
+    if key is not None:
+        raise ValueRefused(
+            f"versioned_update of {entity}: the id matched the row whose {id_column} is "
+            f"{key!r} (the database converted {id!r} to compare); nothing was written. Pass "
+            f"the key as the row holds it ({key!r})"
+        )
     if not found.rows:
         raise NotFound(
             entity, f"{entity} does not exist (or was deleted meanwhile); nothing written"
@@ -193,6 +246,21 @@ def _plan(
         raise UnversionedRow(
             entity, f"{entity}: {version_column!r} holds {current!r}, not an integer version"
         ) from None
+    if current == expected and expected < _MAX_VERSION:
+        # the row is at the version, yet the UPDATE matched nothing: only its exact-text
+        # match of the id refused it (a key other_key does not compare, such as a decimal)
+        raise ValueRefused(
+            f"versioned_update of {entity}: the id matched a row whose {id_column} is not "
+            f"{str(id)!r} as text (the database converted {id!r} to compare); nothing was "
+            "written. Pass the key as the row holds it"
+        )
+    if current == expected:  # at 2^63 - 1: the one version no write can raise
+        raise VersionExhausted(
+            entity,
+            f"{entity} is at {version_column!r} {current}, the largest a 64-bit integer holds: "
+            "no write can raise it (SQLite would turn it into a REAL, PostgreSQL and MariaDB "
+            "refuse it); nothing was written. Versions only get there when set by hand",
+        )
     raise StaleVersion(entity, expected, current)
 
 
@@ -216,7 +284,15 @@ def versioned_update(
 
     :raises ~oncely.errors.StaleVersion: the row is at another version (``current``).
     :raises ~oncely.errors.NotFound: no row has that id.
-    :raises ~oncely.errors.UnversionedRow: the row's version is NULL.
+    :raises ~oncely.errors.UnversionedRow: the row's version is NULL;
+        :class:`~oncely.errors.VersionExhausted` (a subclass) when it is 2^63 - 1, the largest
+        a 64-bit column holds (nothing is sent that could write).
+    :raises ~oncely.errors.ValueRefused: the database refused a value of ``changes`` or the
+        id (too long, too large, NULL into ``NOT NULL``, a type the driver cannot send), or the
+        id matched a row whose key is another text (MariaDB ``'1abc'`` = 1, SQLite ``'1.0'``,
+        PostgreSQL ``' 1'``); ``__cause__`` is the driver's error. Nothing was written. The
+        transaction: on PostgreSQL a statement the server refused aborts it (roll back, or
+        call this inside a savepoint of yours); on SQLite and MariaDB/MySQL it goes on.
     :raises ~oncely.errors.UnknownTable: / :raises ~oncely.errors.UnknownColumn: names the
         database does not have. :raises ~oncely.errors.InvalidIdentifier: a name that is not
         a plain identifier. :raises ~oncely.errors.TransactionFailed: the caller's

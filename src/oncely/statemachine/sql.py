@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -72,6 +71,7 @@ from oncely.sql.connections import (
     exec_in_block,
     lost_message,
     missing_object,
+    other_key,
     quote,
     retryable,
     roll_back,
@@ -403,23 +403,12 @@ class SqlStateMachine:
 
     def _check_key(self, entity_id: Any, res: Result) -> None:
         """Raise :class:`~oncely.errors.InvalidEntityId` when the row ``entity_id`` matched
-        holds another key: the database converted the id to compare it (SQLite's type
-        affinity takes ``" 3"`` and ``"3.0"`` for 3, MySQL compares ``"3abc"`` as 3 and
-        ``"ABC"`` equal to ``"abc"`` under a case-insensitive collation, PostgreSQL casts
-        ``" 3"`` to an integer column). The history, the idempotency key and the outbox message
-        would be recorded under the caller's spelling, which :meth:`history` of the row's key
-        never finds. A key of a type an entity id cannot be (bytes, a decimal) is not
-        compared."""
-        if not res.rows:
-            return
-        columns = [str(col).lower() for col in res.columns]
-        name = self.table.id_column.lower()
-        if name not in columns:
-            return
-        found = res.rows[0][columns.index(name)]
-        if isinstance(found, bool) or not isinstance(found, (str, int, uuid.UUID)):
-            return
-        if str(found) != str(entity_id):
+        holds another key (:func:`~oncely.sql.connections.other_key`: the database converted
+        the id to compare it). The history, the idempotency key and the outbox message would be
+        recorded under the caller's spelling, which :meth:`history` of the row's key never
+        finds."""
+        found = other_key(self.table.id_column, entity_id, res)
+        if found is not None:
             raise InvalidEntityId(
                 f"entity id {entity_id!r} matched the row whose {self.table.id_column} is "
                 f"{found!r} (the database converted it to compare): its history would be "

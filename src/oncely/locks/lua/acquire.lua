@@ -22,16 +22,22 @@ if cur then
 end
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-local fence = redis.call('INCR', KEYS[2])
-if fence >= 9007199254740992 then -- 2^53: past it, Lua's numbers cannot hold every fence
-  return redis.error_reply('oncely: the fence counter ' .. KEYS[2] .. ' is at 2^53 or more: ' ..
-    'fences there would repeat, so the lock is not taken; a counter only gets there when set ' ..
-    'by hand')
+-- The rule of every oncely script that counts (claim.lua, cas.lua): a number it computes stays
+-- below 2^53, where Lua's doubles are exact; checked on the stored text before anything is
+-- written (INCR would have raised the counter first, and fails with its own error on a counter
+-- at 2^63 - 1 or one that is not a number).
+local counter = redis.call('GET', KEYS[2]) or '0'
+if not string.match(counter, '^%d+$') or #counter > 16
+    or (#counter == 16 and counter >= '9007199254740991') then
+  return redis.error_reply('oncely: the fence counter ' .. KEYS[2] .. ' is at 2^53 or more ' ..
+    '(or not a count): fences there would repeat, so the lock is not taken; a counter only ' ..
+    'gets there when set by hand')
 end
+local fence = tonumber(counter) + 1
 if fence < now_us then
   fence = now_us
-  redis.call('SET', KEYS[2], string.format('%.0f', fence))
 end
+redis.call('SET', KEYS[2], string.format('%.0f', fence))
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return {1, string.format('%.0f', fence), ARGV[2]}

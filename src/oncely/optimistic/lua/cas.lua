@@ -9,7 +9,15 @@
 -- Replies {1, new_version} when written (0 after a delete); {0, current} when the hash is not
 -- at the expected version (current 0: the key does not exist); {-1, raw} when the key holds a
 -- hash without a usable version (missing, not a canonical positive integer); {-2, type} when
--- the key holds another type. Nothing is written unless the reply is {1, ...}.
+-- the key holds another type; {-3, current} when the stored version is 2^53 - 1 or more
+-- (whatever the expected version, except a matching delete: see below).
+-- Nothing is written unless the reply is {1, ...}.
+--
+-- The rule of every oncely script that counts (this one, the fence counters of claim.lua and
+-- acquire.lua): a number it computes must stay below 2^53, where Lua's doubles are exact;
+-- past it "+ 1" is lost, versions stop growing and a stale writer matches. A stored version of
+-- 2^53 - 1 or more cannot be raised, so nothing is written ({-3}: VersionExhausted); only a
+-- delete at exactly 2^53 - 1 passes.
 --
 -- Versions: max(current + 1, TIME in microseconds), a decimal string. They grow by at least one
 -- per write and follow the server's clock, so a hash deleted and created again starts above
@@ -28,6 +36,12 @@ if not current and redis.call('EXISTS', key) == 0 then
 else
   if not current or not string.match(current, '^[1-9]%d*$') then
     return {-1, current or false}
+  end
+  -- compared as text (exact at any size): 9007199254740991 is 2^53 - 1. A delete at exactly
+  -- the expected version needs no arithmetic (the way out of an exhausted hash)
+  local top = #current > 16 or (#current == 16 and current >= '9007199254740991')
+  if top and (op ~= 'delete' or current ~= expected) then
+    return {-3, current}
   end
   if current ~= expected then
     return {0, current}

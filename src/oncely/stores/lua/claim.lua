@@ -66,20 +66,25 @@ if h[1] then
     return {'I', now, h[2], h[4]}
   end
   -- released, expired or abandoned: re-claim with a fence above the old one
-  local next_fence = tonumber(h[2] or 0) + 1
+  local next_fence = (tonumber(h[2] or 0) or math.huge) + 1
   if next_fence > fence then
     fence = next_fence
   end
-  redis.call('DEL', key)
 end
-local counted = tonumber(redis.call('GET', KEYS[2]) or 0) + 1
+-- The rule of every oncely script that counts (acquire.lua, cas.lua): a number it computes
+-- stays below 2^53, where Lua's doubles are exact (past it "+ 1" is lost and fences repeat);
+-- checked before anything is written. A counter that is not a number counts as past it.
+local counted = (tonumber(redis.call('GET', KEYS[2]) or 0) or math.huge) + 1
 if counted > fence then
   fence = counted
 end
-if fence >= 9007199254740992 then -- 2^53: past it, Lua's numbers cannot add 1 exactly
+if fence >= 9007199254740992 then -- 2^53
   return redis.error_reply('oncely: the fence counter ' .. KEYS[2] .. ' is at 2^53 or more (' ..
     string.format('%.0f', fence) .. '): fences there would repeat, so no claim is made; a ' ..
     'counter only gets there when set by hand')
+end
+if h[1] then
+  redis.call('DEL', key)
 end
 
 if ttl_ms < lease_ms then
