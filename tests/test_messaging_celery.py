@@ -181,6 +181,38 @@ def test_a_dead_lettered_task_fails_with_its_last_error(make_store: StoreFactory
     assert [(key, str(error)) for key, error in letters] == [(order, f"card declined for {order}")]
 
 
+def test_an_idempotency_key_that_raises_is_retried_then_dead_lettered(
+    make_store: StoreFactory,
+) -> None:
+    """Red team 18 F5: an ``idempotency_key`` that raises (a field missing from this call's
+    arguments) failed the task at once, on_dead_letter never called, max_attempts ignored. Now
+    it is a failed attempt of that task as for every consumer: retried, then dead-lettered
+    once, FAILURE with its error; the task body never runs."""
+    store = make_store("redis")[0]
+    app = Celery("oncely_keyraise", broker="memory://", backend="cache+memory://")
+    app.conf.task_always_eager = True
+    runs: list[Any] = []
+    letters: list[BaseException] = []
+
+    @app.task(
+        base=IdempotentTask,
+        idempotency_store=store,
+        idempotency_key=lambda payload: payload["id"],
+        idempotency_max_attempts=2,
+        idempotency_on_dead_letter=lambda d, e: letters.append(e),
+        name=f"oncely_keyraise.charge_{uuid.uuid4().hex[:8]}",
+    )
+    def charge(payload: Any) -> str:
+        runs.append(payload)
+        return "charged"
+
+    result = charge.apply(args=({"noid": 1},))
+    assert result.state == "FAILURE" and isinstance(result.result, KeyError), result.result
+    assert runs == [] and len(letters) == 1 and isinstance(letters[0], KeyError)
+    assert charge.apply(args=({"id": "o-1"},)).result == "charged"
+    assert runs == [{"id": "o-1"}]
+
+
 @pytest.mark.slow
 def test_prefork_child_killed_mid_task_is_redelivered_and_runs_once(tmp_path: Path) -> None:
     """The documented setup (RabbitMQ, prefork pool, IdempotentTask with its defaults): SIGKILL

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -890,3 +891,30 @@ def test_a_missing_dedup_id_is_described_as_the_json_has_it(body: bytes, says: s
     assert isinstance(verdict, DeadLetter)
     assert verdict.error.reason == "missing-dedup-id"  # type: ignore[attr-defined]
     assert says in str(verdict.error) and "NoneType" not in str(verdict.error)
+
+
+def test_a_body_nested_too_deep_is_undecodable() -> None:
+    """Red team 18 F5 (the same kind): json.loads raises RecursionError for a body nested deeper
+    than Python's parser goes; it escaped Delivery.json() and a ``body:`` dedup id reader."""
+    with pytest.raises(MessageRejected) as info:
+        Delivery(b"[" * 100_000).json()
+    assert info.value.reason == "undecodable"
+
+
+async def test_an_error_while_deciding_one_message_is_that_messages_verdict(
+    batch_store: Store,
+) -> None:
+    """Red team 18 F5, the mechanism: whatever raises while one delivery's outcome is decided
+    (here an adapter's Delivery whose body is not bytes) is that message's verdict, logged at
+    ERROR; it used to escape process() / aprocess_many() and take the batch-mates with it."""
+    ran: list[bytes] = []
+    consumer = IdempotentConsumer(
+        lambda d: ran.append(d.body), name=f"c-{uuid.uuid4().hex[:8]}", store=batch_store
+    )
+    broken = Delivery(body=None, message_id="m-broken")  # type: ignore[arg-type]
+    assert isinstance(await asyncio.to_thread(consumer.process, broken), Retry)
+    good = [Delivery(b"a", message_id="m-a"), Delivery(b"b", message_id="m-b")]
+    verdicts = await consumer.aprocess_many([broken, *good])
+    assert isinstance(verdicts[0], Retry)
+    assert verdicts[1:] == [Ack(ran=True), Ack(ran=True)]
+    assert sorted(ran) == [b"a", b"b"]

@@ -150,3 +150,40 @@ def test_async_handler_is_refused(store: Store) -> None:
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5, manual_ack=True)
     with pytest.raises(ConfigurationError, match="sync"):
         MQTTConsumer(consumer, client, "t")
+
+
+def test_a_dedup_id_callable_that_raises_fails_that_message_only(store: Store) -> None:
+    """Red team 18 F5: a ``dedup_id`` callable that raised (KeyError) escaped process() in the
+    worker thread: the message was never acked nor dead-lettered. Now it is a failed attempt
+    of that message, dead-lettered after max_attempts and acked; the good one runs."""
+    tag = uuid.uuid4().hex[:8]
+    topic, cid = f"oncely/test/{tag}", f"oncely-test-{tag}"
+    ran: list[str] = []
+    letters: list[BaseException] = []
+    consumer = IdempotentConsumer(
+        lambda d: ran.append(d.json()["id"]),
+        name=f"c-{tag}",
+        store=store,
+        dedup_id=lambda d: d.json()["id"],
+        retry_delay=0.05,
+        max_attempts=2,
+        on_dead_letter=lambda d, e: letters.append(e),
+    )
+    member = MQTTConsumer(consumer, connect("127.0.0.1", 1883, cid), topic)
+    pub = publisher(f"{cid}-pub")
+    try:
+        member.start()
+        assert member.subscribed.wait(10)
+        publish(pub, topic, b'{"noid": 1}', "m-bad").wait_for_publish(5)
+        publish(pub, topic, b'{"id": "good"}', "m-good").wait_for_publish(5)
+        deadline = time.monotonic() + 10
+        while not (ran and letters) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        member.stop()
+        assert ran == ["good"]
+        assert len(letters) == 1 and isinstance(letters[0], KeyError)
+        assert member.stats == {"ran": 1, "duplicates": 0, "retried": 1, "dead_lettered": 1}
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+        drop_session(cid)

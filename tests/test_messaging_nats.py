@@ -243,3 +243,33 @@ async def test_an_idle_consumer_fetches_nothing_without_errors(
         assert await asyncio.wait_for(member.step(), 5) == 0
     noisy = [r for r in caplog.records if r.levelno >= 30 and r.name.startswith("oncely")]
     assert noisy == []  # an empty fetch is not worth a warning, let alone an error
+
+
+async def test_a_dedup_id_callable_that_raises_fails_that_message_only(
+    js: Any, stream: tuple[str, str], store: Store
+) -> None:
+    """Red team 18 F5: a ``dedup_id`` callable raising KeyError failed the whole fetched batch
+    ("JetStream fetch failed (KeyError)"): the good message too was left unacked, back after
+    ack_wait to fail again. Now only that message fails (nak, counted), it is dead-lettered
+    after max_attempts; the good one runs and is acked."""
+    name, subject = stream
+    sub = await js.pull_subscribe(subject, durable="d", stream=name)
+    ran: list[str] = []
+    letters: list[BaseException] = []
+    consumer = IdempotentConsumer(
+        lambda d: ran.append(d.json()["id"]),
+        name=f"c-{uuid.uuid4().hex[:8]}",
+        store=store,
+        dedup_id=lambda d: d.json()["id"],
+        max_attempts=2,
+        retry_delay=0.05,
+        on_dead_letter=lambda d, e: letters.append(e),
+    )
+    await js.publish(subject, b'{"noid": 1}')
+    await js.publish(subject, b'{"id": "good"}')
+    member = JetStreamConsumer(consumer, sub, fetch_timeout=0.2)
+    await run_until(member, lambda: letters and ran)
+    assert ran == ["good"]
+    assert len(letters) == 1 and isinstance(letters[0], KeyError)
+    assert member.stats == {"ran": 1, "duplicates": 0, "retried": 1, "dead_lettered": 1}
+    assert await pending(js, name, "d") == (0, 0)

@@ -272,3 +272,31 @@ async def test_connection_dropped_mid_stream_resumes_without_loss(
     assert sorted(set(ran)) == sorted(f"m-{i}" for i in range(300))
     assert len(ran) == 300  # redeliveries after the drop were acked without running
     assert await ready_count(channel, queue_name) == 0
+
+
+async def test_a_dedup_id_callable_that_raises_fails_that_message_only(
+    channel: AbstractChannel, queue_name: str, store: Store
+) -> None:
+    """Red team 18 F5: a ``dedup_id`` callable raising KeyError escaped ``on_message`` ("Task
+    exception was never retrieved"): the message stayed unacked forever, never dead-lettered.
+    Now it is a failed attempt of that message (nacked, counted), dead-lettered after
+    max_attempts and acked; the good message runs."""
+    ran: list[str] = []
+    letters: list[BaseException] = []
+    consumer = IdempotentConsumer(
+        lambda d: ran.append(d.json()["id"]),
+        name=f"c-{uuid.uuid4().hex[:8]}",
+        store=store,
+        dedup_id=lambda d: d.json()["id"],
+        max_attempts=2,
+        retry_delay=0.05,
+        on_dead_letter=lambda d, e: letters.append(e),
+    )
+    await publish(channel, queue_name, b'{"noid": 1}', "m-bad")
+    await publish(channel, queue_name, b'{"id": "good"}', "m-good")
+    member = RabbitMQConsumer(consumer, await channel.get_queue(queue_name))
+    await consume_until(member, lambda: letters and ran)
+    assert ran == ["good"]
+    assert len(letters) == 1 and isinstance(letters[0], KeyError)
+    assert member.stats == {"ran": 1, "duplicates": 0, "retried": 1, "dead_lettered": 1}
+    assert await ready_count(channel, queue_name) == 0

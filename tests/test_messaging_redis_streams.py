@@ -260,3 +260,43 @@ async def test_a_corrected_message_in_the_same_batch_is_dead_lettered(
     assert ran == [b'{"order":"o-1","amount":5}']
     assert letters == [(b'{"order":"o-1","amount":500}', "mismatch")]
     assert await pending(client, stream, group) == 0
+
+
+async def test_a_dedup_id_callable_that_raises_fails_that_message_only(
+    client: redis.asyncio.Redis, names: tuple[str, str], store: Store
+) -> None:
+    """Red team 18 F5: ``dedup_id=lambda d: d.json()["id"]`` raising KeyError for a body without
+    ``id`` escaped the batch: run() died, its batch-mates were never handled and every restart
+    died again. Now it is a failed attempt of that message only (logged at ERROR), dead-lettered
+    after max_attempts and acked; the run goes on, the others run once."""
+    stream, group = names
+    ran: list[str] = []
+    letters: list[BaseException] = []
+    consumer = IdempotentConsumer(
+        lambda d: ran.append(d.json()["id"]),
+        name=f"c-{uuid.uuid4().hex[:8]}",
+        store=store,
+        dedup_id=lambda d: d.json()["id"],
+        lease=0.5,
+        max_attempts=2,
+        retry_delay=0.05,
+        on_dead_letter=lambda d, e: letters.append(e),
+    )
+    member = RedisStreamConsumer(consumer, client, stream, group, "m1", block=0.05)
+    await member.ensure_group()
+    for body in ('{"noid": 1}', '{"id": "good-1"}', '{"id": "good-2"}'):
+        await client.xadd(stream, {"body": body})
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(member.run(stop))
+    try:
+        deadline = time.monotonic() + 15
+        while not (letters and len(ran) == 2) and not task.done():
+            assert time.monotonic() < deadline, (ran, letters, member.stats)
+            await asyncio.sleep(0.05)
+    finally:
+        stop.set()
+        await task  # old code: KeyError('id') out of run()
+    assert sorted(ran) == ["good-1", "good-2"]
+    assert len(letters) == 1 and isinstance(letters[0], KeyError)
+    assert member.stats == {"ran": 2, "duplicates": 0, "retried": 1, "dead_lettered": 1}
+    assert await pending(client, stream, group) == 0

@@ -791,3 +791,33 @@ def test_a_permanent_refusal_respects_max_attempts(error: str) -> None:
     ]
     assert [type(v) for v in verdicts] == [Retry, Retry, DeadLetter], verdicts
     assert isinstance(verdicts[-1], DeadLetter) and verdicts[-1].error is exc
+
+
+def test_a_dedup_id_callable_that_raises_is_a_failed_attempt_of_that_message(db: Db) -> None:
+    """Red team 18 F5, the transactional mode: ``dedup_id=lambda d: d.json()["id"]`` raising
+    KeyError escaped process() (and a whole aprocess_many batch). Now it is a failed attempt of
+    that message only: retried, dead-lettered after max_attempts; its batch-mates commit."""
+    dead: list[BaseException] = []
+
+    def handler(d: Delivery, conn: Any) -> None:
+        db.effect(conn, d.json()["id"])
+
+    consumer = IdempotentConsumer(
+        handler, name="billing", inbox=db.inbox, connect=db.url,
+        dedup_id=lambda d: d.json()["id"], max_attempts=2, retry_delay=0.01,
+        on_dead_letter=lambda d, e: dead.append(e),
+    )  # fmt: skip
+    try:
+        bad = Delivery(b'{"noid": 1}', message_id="m-bad")
+        assert isinstance(consumer.process(bad), Retry)
+        assert consumer.process(Delivery(b'{"id": "good-1"}')) == Ack(ran=True)
+        last = consumer.process(bad)
+        assert isinstance(last, DeadLetter) and isinstance(last.error, KeyError)
+        batch = [Delivery(b'{"noid": 2}', attempt=2), Delivery(b'{"id": "good-2"}', attempt=1)]
+        verdicts = asyncio.run(consumer.aprocess_many(batch))
+        assert isinstance(verdicts[0], DeadLetter) and isinstance(verdicts[0].error, KeyError)
+        assert verdicts[1] == Ack(ran=True)
+    finally:
+        consumer.close()
+    assert len(dead) == 2
+    assert db.counts() == Counter({"good-1": 1, "good-2": 1})

@@ -14,7 +14,15 @@ import hashlib
 from importlib import resources
 from typing import Any, Protocol
 
-__all__ = ["Script", "aevalsha", "command", "evalsha", "is_noscript", "script_source"]
+__all__ = [
+    "Script",
+    "aevalsha",
+    "command",
+    "evalsha",
+    "is_noscript",
+    "is_wrongtype",
+    "script_source",
+]
 
 _INCLUDE = b"--#include "
 
@@ -70,6 +78,21 @@ def is_noscript(exc: BaseException) -> bool:
     from redis.exceptions import NoScriptError
 
     return isinstance(exc, NoScriptError)
+
+
+def is_wrongtype(exc: BaseException) -> bool:
+    """True for the server's ``WRONGTYPE`` reply (a command on a key of another type: ``HGET``
+    on a string), or an error raised from one."""
+    from redis.exceptions import ResponseError
+
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return False
+        if isinstance(seen, ResponseError) and str(seen).startswith("WRONGTYPE"):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def evalsha(client: _SyncClient, script: Script, numkeys: int, *keys_and_args: Any) -> Any:

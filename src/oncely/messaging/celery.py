@@ -45,6 +45,7 @@ import celery
 
 from oncely.core.names import MAIN_MODULES, module_name
 from oncely.core.text import stored_text
+from oncely.errors import InvalidKey
 from oncely.functions.keys import key_part
 from oncely.messaging.consumer import (
     Ack,
@@ -72,6 +73,15 @@ def _task_space(name: str) -> str:
     if not dot or module not in MAIN_MODULES:
         return name
     return f"{module_name(module, what=f'celery task {name!r}')}.{rest}"
+
+
+def _call_key(delivery: Delivery) -> Any:
+    """The consumer's dedup id of a task call: its key, or the error ``idempotency_key``
+    raised for it (raised again here, so the consumer counts it as a failed attempt)."""
+    error = delivery.raw["error"]
+    if error is not None:
+        raise error
+    return delivery.message_id
 
 
 class IdempotentTask(celery.Task):  # type: ignore[misc]
@@ -113,6 +123,7 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
             consumer = type(self)._oncely_consumer = IdempotentConsumer(
                 handler,
                 name=f"celery:{_task_space(self.name)}",
+                dedup_id=_call_key,
                 store=self.idempotency_store,
                 lease=lease,
                 ttl=self.idempotency_ttl,
@@ -139,10 +150,19 @@ class IdempotentTask(celery.Task):  # type: ignore[misc]
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.request.called_directly:  # task(...) called as a function: no message at all
             return super().__call__(*args, **kwargs)
-        call: dict[str, Any] = {"args": args, "kwargs": kwargs, "value": None}
+        call: dict[str, Any] = {"args": args, "kwargs": kwargs, "value": None, "error": None}
+        try:
+            key = self._key(args, kwargs)
+        except InvalidKey:
+            raise  # a key of the wrong kind: the task fails at once, before it runs
+        except Exception as exc:
+            # idempotency_key itself raised (a field missing from this call's arguments): a
+            # failed attempt of this task, counted under its task id, retried and then
+            # dead-lettered, as every consumer treats a dedup_id callable that raises
+            key, call["error"] = self.request.id, exc
         delivery = Delivery(
             body=b"",
-            message_id=self._key(args, kwargs),
+            message_id=key,
             headers={"task": self.name, "task_id": self.request.id or ""},
             attempt=(self.request.retries or 0) + 1,
             raw=call,

@@ -7,7 +7,8 @@ once per ``(consumer, dedup id)``:
 
 1. the dedup id is read from the message (:func:`dedup_id_reader`): the broker's message id, a
    header, a field of a JSON body, or a callable. A message without one is dead-lettered with
-   :class:`~oncely.errors.MessageRejected`, never run unprotected;
+   :class:`~oncely.errors.MessageRejected`, never run unprotected; a callable that raises is a
+   failed attempt of that message (dead-lettered after ``max_attempts``);
 2. the id is claimed in the record store, through the same claim engine ``@idempotent`` uses
    (:func:`oncely.functions.flow.call_flow`, driven by :mod:`oncely.functions.drivers`): one
    atomic claim, the lease renewed while the handler runs (:mod:`oncely.core.lease`), the
@@ -139,7 +140,7 @@ class Delivery:
         """
         try:
             return json.loads(self.body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise MessageRejected(
                 f"the message body is not JSON ({exc}); publish JSON bodies, or read the dedup "
                 "id from the message id, a header or a callable instead",
@@ -305,6 +306,27 @@ def _shown(error: BaseException) -> str:
         return repr(error)
     except Exception:
         return f"<{type(error).__qualname__}: repr() failed>"
+
+
+def _surrogate_id(delivery: Delivery) -> str:
+    """The key a message whose dedup id cannot be read is counted under (its failed attempts,
+    its exhausted state): a digest of its broker message id and body, the same at every
+    redelivery. It starts with a NUL, which no dedup id holds (they are printable text), so it
+    never shares a count with a real dedup id."""
+    digest = hashlib.sha256(repr(delivery.message_id).encode("utf-8", "backslashreplace"))
+    digest.update(b"\0")
+    digest.update(bytes(delivery.body))
+    return "\0unread:" + digest.hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class _Unread:
+    """A delivery whose dedup id could not be read: ``verdict`` (a :class:`Retry`, or a
+    :class:`DeadLetter` still to hand to the callback) and the key its attempts are counted
+    under (:func:`_surrogate_id`)."""
+
+    verdict: Verdict
+    surrogate: str
 
 
 class _Attempts:
@@ -686,11 +708,48 @@ class IdempotentConsumer:
         delay = min(self.retry_delay * 2 ** max(attempt - 1, 0), self.max_retry_delay)
         return Retry(delay, f"the handler failed (attempt {attempt}): {_shown(error)}")
 
-    def _read(self, delivery: Delivery) -> str | DeadLetter:
+    def _read(self, delivery: Delivery) -> str | DeadLetter | _Unread:
+        """The delivery's dedup id; a :class:`DeadLetter` if the message has none (the reader
+        rejected it); an :class:`_Unread` if reading it raised anything else (a ``dedup_id``
+        callable's own error, e.g. ``d.json()["id"]`` on a body without ``id``): a failed
+        attempt of this message, retried and dead-lettered after ``max_attempts``."""
         try:
             return self.read_id(delivery)
         except MessageRejected as exc:
             return DeadLetter(exc)
+        except Exception as exc:
+            log.error(
+                "oncely: consumer %r cannot read the dedup id of message %r: %s",
+                self.name,
+                delivery.message_id,
+                describe(exc),
+            )
+            surrogate = _surrogate_id(delivery)
+            exhausted = self._exhausted(delivery, surrogate)
+            if exhausted is not None:
+                return _Unread(exhausted, surrogate)
+            return _Unread(self._failed_attempt(delivery, surrogate, exc), surrogate)
+
+    def _guarded(self, delivery: Delivery, error: Exception) -> _Unread:
+        """The verdict when deciding a delivery's outcome raised (a bug, or a user callable's
+        error that got past the narrower handling): logged at ERROR, a failed attempt of this
+        message (dead-lettered after ``max_attempts``, acked), never an exception out of
+        :meth:`process` that would kill a broker adapter's loop or leave a batch unacked. The
+        dead-letter step itself is the caller's (sync or async callback)."""
+        log.error(
+            "oncely: consumer %r failed to decide message %r: %s",
+            self.name,
+            delivery.message_id,
+            describe(error),
+            exc_info=error,
+        )
+        surrogate = ""
+        try:
+            surrogate = _surrogate_id(delivery)
+            return _Unread(self._failed_attempt(delivery, surrogate, error), surrogate)
+        except Exception as exc:  # the attempt count itself failed (the body cannot be hashed)
+            retry = Retry(self.retry_delay, f"the message could not be decided: {_shown(exc)}")
+            return _Unread(retry, surrogate)
 
     def _exhausted(self, delivery: Delivery, dedup_id: str) -> DeadLetter | None:
         """A redelivery of a message that used up ``max_attempts`` but whose dead-letter
@@ -703,7 +762,9 @@ class IdempotentConsumer:
 
     # -- sync face ---------------------------------------------------------------------------------
     def process(self, delivery: Delivery) -> Verdict:
-        """Handle one delivery with a sync handler; return what the adapter must do.
+        """Handle one delivery with a sync handler; return what the adapter must do. An error of
+        a user callable (``dedup_id``, the handler, ``on_dead_letter``) or any other error while
+        deciding is a verdict of this message (a failed attempt, logged at ERROR), never raised.
 
         :raises ConfigurationError: the handler is ``async`` (use :meth:`aprocess`).
         """
@@ -711,9 +772,35 @@ class IdempotentConsumer:
             raise ConfigurationError(
                 f"consumer {self.name!r} has an async handler; call aprocess() on an event loop"
             )
+        try:
+            return self._process(delivery)
+        except Exception as exc:  # never out of here: it would kill the adapter's loop
+            return self._unread(delivery, self._guarded(delivery, exc))
+
+    def _unread(self, delivery: Delivery, unread: _Unread) -> Verdict:
+        """The verdict of an :class:`_Unread`, its dead-letter step taken (sync face)."""
+        if isinstance(unread.verdict, DeadLetter):
+            try:
+                return self._dead_letter(delivery, unread.verdict, unread.surrogate or None)
+            except Exception as exc:  # its body cannot be hashed: not acked
+                return Retry(self.retry_delay, f"the message could not be decided: {_shown(exc)}")
+        return unread.verdict
+
+    async def _aunread(self, delivery: Delivery, unread: _Unread) -> Verdict:
+        """:meth:`_unread` on the event loop."""
+        if isinstance(unread.verdict, DeadLetter):
+            try:
+                return await self._adead_letter(delivery, unread.verdict, unread.surrogate or None)
+            except Exception as exc:  # its body cannot be hashed: not acked
+                return Retry(self.retry_delay, f"the message could not be decided: {_shown(exc)}")
+        return unread.verdict
+
+    def _process(self, delivery: Delivery) -> Verdict:
         read = self._read(delivery)
         if isinstance(read, DeadLetter):
             return self._dead_letter(delivery, read)
+        if isinstance(read, _Unread):
+            return self._unread(delivery, read)
         exhausted = self._exhausted(delivery, read)
         if exhausted is not None:
             return self._dead_letter(delivery, exhausted, read)
@@ -791,10 +878,20 @@ class IdempotentConsumer:
     # -- async face --------------------------------------------------------------------------------
     async def aprocess(self, delivery: Delivery) -> Verdict:
         """Handle one delivery on the running event loop (a sync handler runs in a thread,
-        with its claim visible to :func:`oncely.current_claim`)."""
+        with its claim visible to :func:`oncely.current_claim`). Raises nothing but
+        :class:`BaseException` (a cancellation): an error of a user callable (``dedup_id``,
+        the handler, ``on_dead_letter``) is a verdict of this message."""
+        try:
+            return await self._aprocess(delivery)
+        except Exception as exc:  # never out of here: it would kill the adapter's loop
+            return await self._aunread(delivery, self._guarded(delivery, exc))
+
+    async def _aprocess(self, delivery: Delivery) -> Verdict:
         read = self._read(delivery)
         if isinstance(read, DeadLetter):
             return await self._adead_letter(delivery, read)
+        if isinstance(read, _Unread):
+            return await self._aunread(delivery, read)
         exhausted = self._exhausted(delivery, read)
         if exhausted is not None:
             return await self._adead_letter(delivery, exhausted, read)
@@ -880,15 +977,22 @@ class IdempotentConsumer:
         later: list[int] = []  # same dedup id, another body: one by one once the batch is done
         by_body = self.connections is None  # the transactional mode checks no payload
         for i, delivery in enumerate(batch):
-            read = self._read(delivery)
-            if isinstance(read, DeadLetter):
-                verdicts[i] = await self._adead_letter(delivery, read)
+            try:
+                read = self._read(delivery)
+                if isinstance(read, DeadLetter):
+                    verdicts[i] = await self._adead_letter(delivery, read)
+                    continue
+                if isinstance(read, _Unread):  # this message's failed attempt, not the batch's
+                    verdicts[i] = await self._aunread(delivery, read)
+                    continue
+                exhausted = self._exhausted(delivery, read)
+                if exhausted is not None:
+                    verdicts[i] = await self._adead_letter(delivery, exhausted, read)
+                    continue
+                prints_of[i] = self.fingerprint_of(delivery) if by_body else _FINGERPRINT
+            except Exception as exc:  # one message's failure is that message's verdict
+                verdicts[i] = await self._aunread(delivery, self._guarded(delivery, exc))
                 continue
-            exhausted = self._exhausted(delivery, read)
-            if exhausted is not None:
-                verdicts[i] = await self._adead_letter(delivery, exhausted, read)
-                continue
-            prints_of[i] = self.fingerprint_of(delivery) if by_body else _FINGERPRINT
             if read not in first:
                 first[read] = i
                 ids[i] = read
@@ -904,7 +1008,15 @@ class IdempotentConsumer:
             ):
                 verdicts[i] = verdict
         else:
-            await self._abatch(claims, batch, ids, prints_of, verdicts)
+            try:
+                await self._abatch(claims, batch, ids, prints_of, verdicts)
+            except Exception as exc:  # the messages it left undecided are retried (not acked)
+                log.error(
+                    "oncely: consumer %r: a batch failed (%s); its undecided messages are retried",
+                    self.name,
+                    describe(exc),
+                    exc_info=exc,
+                )
         for i, j in copies:
             verdicts[i] = await self._copy_verdict(batch[i], verdicts[j])
         for i in later:  # in delivery order: each is claimed after the ones before it settled

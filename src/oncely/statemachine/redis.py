@@ -17,8 +17,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from oncely.backends.lua import Script, aevalsha, evalsha
-from oncely.errors import ConfigurationError, IdempotencyKeyMismatch
+from oncely.backends.lua import Script, aevalsha, evalsha, is_wrongtype
+from oncely.errors import ConfigurationError, EntityStateInvalid, IdempotencyKeyMismatch
 from oncely.settings import text
 from oncely.statemachine.definition import (
     HistoryEntry,
@@ -37,6 +37,17 @@ _TRANSITION = Script("oncely.statemachine", "transition")
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _state(value: Any) -> Any:
+    """A stored state as text; bytes that are not UTF-8 stay bytes (no state of any machine:
+    :func:`~oncely.statemachine.definition.explain` raises ``EntityStateInvalid`` for them)."""
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError:
+            return value
+    return str(value)
 
 
 class RedisStateMachine:
@@ -83,8 +94,25 @@ class RedisStateMachine:
                     f"of {entity_id!r}, not {t.name!r}: a new operation needs a new key"
                 )
             return Outcome(entity_id, t.name, state, applied=False, replayed=True)
-        current = _text(reply[1]) if verdict == "rejected" else None
+        if verdict == "wrongtype":
+            raise self._wrongtype(entity_id, int(reply[1]) - 1, _text(reply[2]))
+        current = _state(reply[1]) if verdict == "rejected" else None
         return explain(self.machine, t, entity_id, current, exists=verdict != "missing")
+
+    def _wrongtype(self, entity_id: Any, which: int, found: str | None) -> EntityStateInvalid:
+        """The error for an entity whose key (``which``: 0 the hash, 1 its history, 2 its used
+        keys) holds another Redis type: nothing was changed."""
+        what = ("hash", "history list", "used-keys hash")[which]
+        kind = f"a Redis {found}" if found else "another Redis type"
+        return EntityStateInvalid(
+            f"{self.machine.name} {entity_id!r}: its {what} key {self._keys(entity_id)[which]!r} "
+            f"holds {kind}, so no state of the machine (written outside it); delete or rename "
+            "that key; nothing was changed",
+            current=None,
+        )
+
+    def _create_failed(self, entity_id: Any, exc: Exception) -> Exception:
+        return self._wrongtype(entity_id, 0, None) if is_wrongtype(exc) else exc
 
     def apply(
         self,
@@ -118,17 +146,47 @@ class RedisStateMachine:
         """Create the entity in ``state`` (default: the initial state) unless it exists
         (``HSETNX``); True if created."""
         state = self.machine.check_state(state or self.machine.initial)
-        return bool(client.execute_command("HSETNX", self.key(entity_id), "state", state))
+        try:
+            return bool(client.execute_command("HSETNX", self.key(entity_id), "state", state))
+        except Exception as exc:  # WRONGTYPE: the key holds a string, a list ...
+            error = self._create_failed(entity_id, exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     async def acreate(self, client: Any, entity_id: Any, state: str | None = None) -> bool:
         """The async face of :meth:`create`."""
         state = self.machine.check_state(state or self.machine.initial)
-        return bool(await client.execute_command("HSETNX", self.key(entity_id), "state", state))
+        try:
+            return bool(await client.execute_command("HSETNX", self.key(entity_id), "state", state))
+        except Exception as exc:  # WRONGTYPE: the key holds a string, a list ...
+            error = self._create_failed(entity_id, exc)
+            if error is exc:
+                raise
+            raise error from exc
 
     def state(self, client: Any, entity_id: Any) -> str | None:
-        """The entity's state, or None if it does not exist."""
-        value = client.execute_command("HGET", self.key(entity_id), "state")
-        return None if value is None else _text(value)
+        """The entity's state as stored, or None if it does not exist.
+
+        :raises EntityStateInvalid: the entity's key holds another Redis type, or its state is
+            not UTF-8 text (no state of any machine)."""
+        try:
+            value = client.execute_command("HGET", self.key(entity_id), "state")
+        except Exception as exc:  # WRONGTYPE: the key holds a string, a list ...
+            error = self._create_failed(entity_id, exc)
+            if error is exc:
+                raise
+            raise error from exc
+        if value is None:
+            return None
+        found = _state(value)
+        if not isinstance(found, str):
+            raise EntityStateInvalid(
+                f"{self.machine.name} {entity_id!r} exists but its state is {found!r}, not UTF-8 "
+                f"text; the machine's states are {list(self.machine.states)}",
+                current=found,
+            )
+        return found
 
     def _entries(self, entity_id: Any, raw: list[Any]) -> list[HistoryEntry]:
         out = []

@@ -4,9 +4,16 @@
 -- ARGV: target, transition, key ('' for none), sources...
 -- Returns {"applied", previous state} | {"replay", "<transition>\n<state>"} |
 --         {"rejected", current state} | {"missing"} | {"nostate"} (the hash exists, with no
---         "state" field).
+--         "state" field) | {"wrongtype", key index (1..3), its type}: a key of another type
+--         (a string, a list ...), checked before anything is read or written: a script that
+--         fails half-way is not rolled back (the state changed, its history entry missing).
 local entity, history, keys = KEYS[1], KEYS[2], KEYS[3]
 local target, transition, key = ARGV[1], ARGV[2], ARGV[3]
+local wanted = {'hash', 'list', 'hash'}
+for i = 1, (key ~= '' and 3 or 2) do
+  local found = redis.call('TYPE', KEYS[i])['ok']
+  if found ~= 'none' and found ~= wanted[i] then return {'wrongtype', i, found} end
+end
 if key ~= '' then
   local previous = redis.call('HGET', keys, key)
   if previous then return {'replay', previous} end
