@@ -48,7 +48,7 @@ from typing import Any, Final
 import redis
 import redis.asyncio
 
-from oncely.backends.lua import Script
+from oncely.backends.lua import Script, is_wrongtype
 from oncely.backends.plans import Command, Eval, Plan, arun, run
 from oncely.backends.redis import RedisClients
 from oncely.core.text import sendable
@@ -87,18 +87,6 @@ def _check_version(version: object, minimum: int) -> int:
             "get() returned"
         )
     return version
-
-
-def _wrongtype(exc: BaseException) -> bool:
-    """True when ``exc`` (or what it was raised from) is Redis's WRONGTYPE error reply."""
-    seen: BaseException | None = exc
-    for _ in range(4):
-        if seen is None:
-            return False
-        if isinstance(seen, redis.ResponseError) and str(seen).startswith("WRONGTYPE"):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _exhausted(key: str, vfield: str, text: str) -> VersionExhausted:
@@ -183,7 +171,7 @@ class RedisVersioned:
         try:
             reply = yield Command(("HGETALL", key))
         except Exception as exc:  # WRONGTYPE: another type, reported as set() reports it
-            if not _wrongtype(exc):
+            if not is_wrongtype(exc):
                 raise
             raise UnversionedRow(
                 key, f"Redis key {key!r} is not a hash, so not a versioned hash; use another key"
