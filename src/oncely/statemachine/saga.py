@@ -799,7 +799,8 @@ class Saga:
             own ``rollback()`` would commit at once); nothing was written.
         """
         c = self._adapt(conn)
-        result: SagaResult = sql_run(self._plan(c, saga_id, _input(data), False), c, self._other)
+        plan = self._plan(c, saga_id, _input(data), False)
+        result: SagaResult = sql_run(plan, c, self._other, self._what(saga_id))
         return result
 
     async def arun(
@@ -807,9 +808,8 @@ class Saga:
     ) -> SagaResult:
         """The async face of :meth:`run` (async connection; steps may be ``async def``)."""
         c = self._adapt(conn)
-        result: SagaResult = await sql_arun(
-            self._plan(c, saga_id, _input(data), False), c, self._aother
-        )
+        plan = self._plan(c, saga_id, _input(data), False)
+        result: SagaResult = await sql_arun(plan, c, self._aother, self._what(saga_id))
         return result
 
     def abort(self, conn: Any, saga_id: str, data: Mapping[str, Any] | None = None) -> SagaResult:
@@ -839,7 +839,8 @@ class Saga:
             that ran); nothing ran.
         :raises SagaStuck: as :meth:`run`."""
         c = self._adapt(conn)
-        result: SagaResult = sql_run(self._plan(c, saga_id, _input(data), True), c, self._other)
+        plan = self._plan(c, saga_id, _input(data), True)
+        result: SagaResult = sql_run(plan, c, self._other, self._what(saga_id))
         return result
 
     async def aabort(
@@ -847,10 +848,12 @@ class Saga:
     ) -> SagaResult:
         """The async face of :meth:`abort`."""
         c = self._adapt(conn)
-        result: SagaResult = await sql_arun(
-            self._plan(c, saga_id, _input(data), True), c, self._aother
-        )
+        plan = self._plan(c, saga_id, _input(data), True)
+        result: SagaResult = await sql_arun(plan, c, self._aother, self._what(saga_id))
         return result
+
+    def _what(self, saga_id: object) -> str:
+        return f"saga {self.name} {saga_id!r}"
 
     @staticmethod
     def _adapt(conn: Any) -> SqlConnection:
