@@ -206,6 +206,44 @@ def test_a_step_refused_by_a_locked_database_is_not_its_failure(db: Db) -> None:
     assert other.run(f"SELECT n FROM {shelf}") == [(1,)]
 
 
+def test_a_business_error_raised_while_handling_a_busy_one_is_still_the_steps_failure(
+    make_db: Any,
+) -> None:
+    """undecided() reads the driver's (or oncely's) own error only: a step that catches the
+    database's refusal and raises its own error decided something (the step failed), so the
+    saga compensates as before."""
+    db = make_db("sqlite")
+    other = db.external()
+    shelf = other.name("rt18_shelf2")
+    other.run(f"CREATE TABLE {shelf} (id INT PRIMARY KEY, n INT)")
+    side = _waiter(other)
+    undone: list[str] = []
+
+    def s2(ctx: Any) -> None:
+        try:
+            side.execute(f"INSERT INTO {shelf} VALUES (1, 1)")
+        except sqlite3.OperationalError as exc:
+            side.rollback()
+            raise ValueError("no stock today") from exc
+
+    saga = Saga(
+        "rt18b",
+        [
+            Step("s1", lambda ctx: None, lambda ctx: undone.append("s1")),
+            Step("s2", s2, attempts=1),
+        ],
+        table=db.name("rt18b_saga"),
+        barrier_table=db.name("rt18b_bar"),
+    )
+    db.tables.append(f"{saga.table}_history")
+    conn = db.connect()
+    saga.create_tables(conn)
+    conn.commit()
+    with held(other, shelf), pytest.raises(SagaFailed) as info:
+        saga.run(conn, "id1")
+    assert info.value.step == "s2" and undone == ["s1"]
+
+
 # -- F4 ----------------------------------------------------------------------------------------
 def test_sqlite_busy_is_database_busy_on_every_path(db: Db) -> None:
     """Another writer holds the SQLite file (BEGIN IMMEDIATE): every oncely.sql call that
