@@ -460,7 +460,7 @@ class Inbox:
         batches of ``batch`` rows, each its own transaction (PostgreSQL skips rows a live
         transaction holds). Returns how many. ``conn`` must have no open transaction."""
         c = adapt(conn)
-        return int(run(self._purge(c, older_than, batch), c))
+        return int(run(self._purge(c, older_than, batch), c, what=f"purge of {self.table}"))
 
     # -- async face ----------------------------------------------------------------------------
     async def acreate_table(self, conn: Any) -> None:
@@ -495,7 +495,7 @@ class Inbox:
     ) -> int:
         """The async face of :meth:`purge`."""
         c = adapt(conn)
-        return int(await arun(self._purge(c, older_than, batch), c))
+        return int(await arun(self._purge(c, older_than, batch), c, what=f"purge of {self.table}"))
 
 
 def _consumer(consumer: Any) -> str:

@@ -469,7 +469,7 @@ class Outbox:
         ``batch``, each its own transaction; unsent rows are never deleted. Returns how many.
         ``conn`` must have no open transaction."""
         c = adapt(conn)
-        return int(run(self._purge(c, older_than, batch), c))
+        return int(run(self._purge(c, older_than, batch), c, what=f"purge of {self.table}"))
 
     # -- async face ----------------------------------------------------------------------------
     async def acreate_table(self, conn: Any) -> None:
@@ -495,7 +495,7 @@ class Outbox:
     ) -> int:
         """The async face of :meth:`purge`."""
         c = adapt(conn)
-        return int(await arun(self._purge(c, older_than, batch), c))
+        return int(await arun(self._purge(c, older_than, batch), c, what=f"purge of {self.table}"))
 
 
 Publish = Callable[[OutboxMessage], Any]

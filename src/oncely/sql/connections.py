@@ -53,6 +53,7 @@ from oncely.errors import (
     DatabaseBusy,
     InvalidIdentifier,
     OncelyError,
+    StoreUnavailable,
     TransactionFailed,
     TransactionLost,
     UnknownColumn,
@@ -98,6 +99,7 @@ __all__ = [
     "savepoint_lost",
     "statement_for",
     "unconvertible",
+    "undecided",
 ]
 
 Dialect = Literal["sqlite", "postgresql", "mysql"]
@@ -718,6 +720,34 @@ def busy(exc: BaseException, what: str) -> BaseException:
         err.__cause__ = exc
         return err
     return exc
+
+
+#: Top-level modules of the database drivers (and the frameworks wrapping them) whose errors
+#: :func:`undecided` reads.
+_DRIVERS: Final = frozenset(
+    {"sqlite3", "psycopg", "psycopg2", "pymysql", "aiomysql", "MySQLdb", "asyncpg", "aiosqlite",
+     "sqlalchemy", "django"}
+)  # fmt: skip
+
+
+def undecided(exc: BaseException) -> bool:
+    """True when ``exc`` is an infrastructure refusal in which nothing was decided: a
+    :class:`~oncely.errors.StoreUnavailable` (:class:`~oncely.errors.DatabaseBusy` included:
+    the store could not be reached, or the database refused a concurrent writer), or a
+    driver's own error that :func:`busy` types as :class:`~oncely.errors.DatabaseBusy` (a
+    deadlock, a serialization failure, a lock wait that ran out, SQLite's "database is
+    locked"; the driver's or its framework's exception class itself, not a caller's
+    exception raised while handling one). Such an error is never a business outcome: a saga
+    does not count it as its step's failure nor compensate for it, it stops and raises it,
+    and the next run continues where it stopped.
+
+    Not undecided: :class:`~oncely.errors.ResultNotStored` (the work ran) and every other
+    error."""
+    if isinstance(exc, StoreUnavailable):
+        return True
+    if isinstance(exc, OncelyError) or type(exc).__module__.split(".")[0] not in _DRIVERS:
+        return False
+    return retryable(exc) or lock_timeout(exc)
 
 
 def unconvertible(exc: BaseException, value: str) -> bool:
@@ -1875,47 +1905,115 @@ def _adapt_sqlalchemy(conn: Any, name: str) -> SqlConnection:
 
 
 # -- runners -------------------------------------------------------------------------------------
-def run(plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Any] | None = None) -> Any:
+#: What :func:`run` / :func:`arun` name in the :class:`~oncely.errors.DatabaseBusy` of a
+#: statement whose error left the plan as it was.
+STATEMENT: Final = "an oncely.sql statement"
+
+
+class _Refusals:
+    """The errors the statements of one plan raised (by identity): an error that leaves the
+    plan as one of them is the database's own, and goes through :func:`busy` there."""
+
+    __slots__ = ("errors",)
+
+    def __init__(self) -> None:
+        self.errors: list[BaseException] = []
+
+    def note(self, exc: BaseException) -> None:
+        if len(self.errors) >= 64:  # a plan retrying for long: the latest ones matter
+            del self.errors[:32]
+        self.errors.append(exc)
+
+    def typed(self, exc: Exception, what: str) -> BaseException:
+        if any(exc is e for e in self.errors):
+            return busy(exc, what)
+        return exc
+
+
+def _sql_request(request: Any) -> bool:
+    return isinstance(request, (Exec, Enter, Leave, ExecLeave))
+
+
+def run(
+    plan: Plan[Any],
+    conn: SqlConnection,
+    other: Callable[[Any], Any] | None = None,
+    what: str = STATEMENT,
+) -> Any:
     """Carry a plan out on a sync connection: :class:`~oncely.backends.plans.Exec` ->
     :class:`Result`, :class:`Enter` -> :class:`Block`, :class:`Leave` -> None; any other
-    request goes to ``other(request)`` (a mechanism's own requests, e.g. "call this phase")."""
+    request goes to ``other(request)`` (a mechanism's own requests, e.g. "call this phase").
+
+    The one place every mechanism of :mod:`oncely.sql`, :mod:`oncely.statemachine` and the
+    SQL inbox/outbox executes statements, so the one place a concurrent writer's refusal is
+    typed: an error a statement raised (a ``BEGIN IMMEDIATE``, a ``COMMIT`` or any statement)
+    that leaves the plan unchanged is raised through :func:`busy` (``what`` names the
+    operation): a deadlock, a serialization failure, a lock wait that ran out or SQLite's
+    "database is locked" is :class:`~oncely.errors.DatabaseBusy`, whichever path of the plan
+    let it through. The plan itself still sees the driver's error (it may retry or translate
+    it first); errors of ``other`` requests (user code) are left as they are."""
+    refusals = _Refusals()
 
     def execute(request: Any) -> Any:
-        if isinstance(request, Exec):
-            return conn.execute(request.statement, request.params)
-        if isinstance(request, Enter):
-            if request.read_committed:
-                return conn.enter_read_committed(request.savepoint, request.held)
-            return conn.enter(request.savepoint, request.held)
-        if isinstance(request, Leave):
-            return conn.leave(request.block, request.commit)
-        if isinstance(request, ExecLeave):
+        if not _sql_request(request):
+            if other is not None:
+                return other(request)
+            raise TypeError(f"unknown request {request!r}")
+        try:
+            if isinstance(request, Exec):
+                return conn.execute(request.statement, request.params)
+            if isinstance(request, Enter):
+                if request.read_committed:
+                    return conn.enter_read_committed(request.savepoint, request.held)
+                return conn.enter(request.savepoint, request.held)
+            if isinstance(request, Leave):
+                return conn.leave(request.block, request.commit)
             return conn.execute_leave(request.block, request.statement, request.params)
-        if other is not None:
-            return other(request)
-        raise TypeError(f"unknown request {request!r}")
+        except Exception as exc:
+            refusals.note(exc)
+            raise
 
-    return run_plan(plan, execute)
+    try:
+        return run_plan(plan, execute)
+    except Exception as exc:
+        typed = refusals.typed(exc, what)
+        if typed is exc:
+            raise
+        raise typed from exc
 
 
 async def arun(
-    plan: Plan[Any], conn: SqlConnection, other: Callable[[Any], Awaitable[Any]] | None = None
+    plan: Plan[Any],
+    conn: SqlConnection,
+    other: Callable[[Any], Awaitable[Any]] | None = None,
+    what: str = STATEMENT,
 ) -> Any:
     """The async face of :func:`run` (``other`` is awaited)."""
+    refusals = _Refusals()
 
     async def execute(request: Any) -> Any:
-        if isinstance(request, Exec):
-            return await conn.aexecute(request.statement, request.params)
-        if isinstance(request, Enter):
-            if request.read_committed:
-                return await conn.aenter_read_committed(request.savepoint, request.held)
-            return await conn.aenter(request.savepoint, request.held)
-        if isinstance(request, Leave):
-            return await conn.aleave(request.block, request.commit)
-        if isinstance(request, ExecLeave):
+        if not _sql_request(request):
+            if other is not None:
+                return await other(request)
+            raise TypeError(f"unknown request {request!r}")
+        try:
+            if isinstance(request, Exec):
+                return await conn.aexecute(request.statement, request.params)
+            if isinstance(request, Enter):
+                if request.read_committed:
+                    return await conn.aenter_read_committed(request.savepoint, request.held)
+                return await conn.aenter(request.savepoint, request.held)
+            if isinstance(request, Leave):
+                return await conn.aleave(request.block, request.commit)
             return await conn.aexecute_leave(request.block, request.statement, request.params)
-        if other is not None:
-            return await other(request)
-        raise TypeError(f"unknown request {request!r}")
+        except Exception as exc:
+            refusals.note(exc)
+            raise
 
-    return await arun_plan(plan, execute)
+    try:
+        return await arun_plan(plan, execute)
+    except Exception as exc:
+        typed = refusals.typed(exc, what)
+        if typed is exc:
+            raise
+        raise typed from exc

@@ -467,7 +467,7 @@ def reap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RETENTION)
     retention = _check_retention(retention)
     table = check_identifier(table)
     c = adapt(conn)
-    count: int = run(_reap(c, table, retention), c)
+    count: int = run(_reap(c, table, retention), c, what=f"reap of {table}")
     return count
 
 
@@ -476,5 +476,5 @@ async def areap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RET
     retention = _check_retention(retention)
     table = check_identifier(table)
     c = adapt(conn)
-    count: int = await arun(_reap(c, table, retention), c)
+    count: int = await arun(_reap(c, table, retention), c, what=f"reap of {table}")
     return count

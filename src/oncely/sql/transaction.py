@@ -57,6 +57,7 @@ table) where it meets the user's database; brandur, "Stripe-like idempotency key
 
 from __future__ import annotations
 
+import json
 from collections.abc import Generator
 from dataclasses import dataclass
 from functools import lru_cache
@@ -64,7 +65,7 @@ from types import TracebackType
 from typing import Any
 
 from oncely.backends.plans import Exec, Plan
-from oncely.codecs import Codec, JsonCodec, encode_result
+from oncely.codecs import Codec, JsonCodec, encode_result, stored_json
 from oncely.core.records import MAX_KEY_LENGTH, RecordKey
 from oncely.core.text import text_problem
 from oncely.errors import (
@@ -388,13 +389,22 @@ class Transaction:
     def set_result(self, value: Any) -> None:
         """Store ``value`` (encoded by the codec, JSON by default) with the commit; a retry
         replays it as ``tx.result``. Raises :class:`~oncely.errors.SerializationError` now if
-        it cannot be stored."""
+        it cannot be stored, :class:`~oncely.errors.ConfigurationError` if the JSON codec's
+        text holds NaN or Infinity (anywhere inside): JSON has none, so the value goes through
+        :func:`oncely.codecs.stored_json`, the rule of every JSON oncely stores (recovery-point
+        results in the same table too); nothing is stored, the block is not committed if the
+        error leaves it."""
         if self.replayed:
             raise ConfigurationError(
                 "set_result on a replayed transaction (tx.replayed is true): return tx.result "
                 "instead of running the operation again"
             )
-        self._encoded = None if value is None else encode_result(self.codec, value)
+        encoded = None if value is None else encode_result(self.codec, value)
+        if encoded is not None and isinstance(self.codec, JsonCodec):
+            # the codec's JSON (its types dumped: a Decimal as text...) checked by the one
+            # rule: json.loads reads NaN / Infinity tokens back as floats, stored_json refuses
+            stored_json(json.loads(encoded), "tx.set_result(value)", path="value")
+        self._encoded = encoded
         self._result = value
 
     _encoded: bytes | None = None

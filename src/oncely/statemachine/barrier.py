@@ -359,7 +359,9 @@ def purge(
         from 1 to :data:`oncely.settings.MAX_COUNT`.
     """
     c = adapt(conn)
-    removed: int = sql_run(_purge_plan(c, table, older_than, batch), c)
+    removed: int = sql_run(
+        _purge_plan(c, table, older_than, batch), c, what=f"barrier purge of {table}"
+    )
     return removed
 
 
@@ -368,7 +370,9 @@ async def apurge(
 ) -> int:
     """The async face of :func:`purge`."""
     c = adapt(conn)
-    removed: int = await sql_arun(_purge_plan(c, table, older_than, batch), c)
+    removed: int = await sql_arun(
+        _purge_plan(c, table, older_than, batch), c, what=f"barrier purge of {table}"
+    )
     return removed
 
 

@@ -92,6 +92,7 @@ from oncely.sql.connections import (
     quote,
     retryable,
     roll_back,
+    undecided,
 )
 from oncely.sql.connections import arun as sql_arun
 from oncely.sql.connections import run as sql_run
@@ -623,6 +624,11 @@ class Saga:
             try:
                 verdict = yield from self._attempt(c, saga_id, step, "compensate", data)
             except Exception as exc:
+                if undecided(exc):  # nothing was decided: not the compensation's failure
+                    stop = self._stopped(saga_id, step.name, "compensate", exc)
+                    if stop is exc:
+                        raise
+                    raise stop from exc
                 raise SagaStuck(
                     f"saga {self.name} {saga_id!r}: the compensation of {step.name!r} kept "
                     f"failing ({exc}); the saga stays 'compensating': run it again to resume",
@@ -663,6 +669,12 @@ class Saga:
                         c, saga_id, step, "action", data, pivot=is_pivot and not past
                     )
                 except Exception as exc:
+                    if undecided(exc):  # the database (or store) refused: nothing was
+                        # decided, so not the step's failure; stop, the saga stays as it is
+                        stop = self._stopped(saga_id, step.name, "action", exc)
+                        if stop is exc:
+                            raise
+                        raise stop from exc
                     if past:  # no rollback after the pivot: the run must go forward
                         raise self._forward_stuck(saga_id, step.name, exc, executed) from exc
                     failed, error = step.name, exc
@@ -704,6 +716,15 @@ class Saga:
             None,
             result,
         )
+
+    def _stopped(self, saga_id: str, step: str, op: str, exc: Exception) -> BaseException:
+        """The error of a run stopped by an infrastructure refusal (:func:`undecided`): the
+        driver's busy error as :class:`~oncely.errors.DatabaseBusy`, an oncely
+        :class:`~oncely.errors.StoreUnavailable` as it is. The saga's row is left as it was
+        (no step counted as failed, nothing compensated for it): the next run (or abort)
+        continues where this one stopped."""
+        typed = busy(exc, f"saga {self.name} {saga_id!r}, step {step!r} ({op})")
+        return typed if typed is not exc else exc
 
     def _forward_stuck(
         self, saga_id: str, step: str, error: BaseException | None, executed: list[str]
@@ -778,7 +799,8 @@ class Saga:
             own ``rollback()`` would commit at once); nothing was written.
         """
         c = self._adapt(conn)
-        result: SagaResult = sql_run(self._plan(c, saga_id, _input(data), False), c, self._other)
+        plan = self._plan(c, saga_id, _input(data), False)
+        result: SagaResult = sql_run(plan, c, self._other, self._what(saga_id))
         return result
 
     async def arun(
@@ -786,9 +808,8 @@ class Saga:
     ) -> SagaResult:
         """The async face of :meth:`run` (async connection; steps may be ``async def``)."""
         c = self._adapt(conn)
-        result: SagaResult = await sql_arun(
-            self._plan(c, saga_id, _input(data), False), c, self._aother
-        )
+        plan = self._plan(c, saga_id, _input(data), False)
+        result: SagaResult = await sql_arun(plan, c, self._aother, self._what(saga_id))
         return result
 
     def abort(self, conn: Any, saga_id: str, data: Mapping[str, Any] | None = None) -> SagaResult:
@@ -818,7 +839,8 @@ class Saga:
             that ran); nothing ran.
         :raises SagaStuck: as :meth:`run`."""
         c = self._adapt(conn)
-        result: SagaResult = sql_run(self._plan(c, saga_id, _input(data), True), c, self._other)
+        plan = self._plan(c, saga_id, _input(data), True)
+        result: SagaResult = sql_run(plan, c, self._other, self._what(saga_id))
         return result
 
     async def aabort(
@@ -826,10 +848,12 @@ class Saga:
     ) -> SagaResult:
         """The async face of :meth:`abort`."""
         c = self._adapt(conn)
-        result: SagaResult = await sql_arun(
-            self._plan(c, saga_id, _input(data), True), c, self._aother
-        )
+        plan = self._plan(c, saga_id, _input(data), True)
+        result: SagaResult = await sql_arun(plan, c, self._aother, self._what(saga_id))
         return result
+
+    def _what(self, saga_id: object) -> str:
+        return f"saga {self.name} {saga_id!r}"
 
     @staticmethod
     def _adapt(conn: Any) -> SqlConnection:
