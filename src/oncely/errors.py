@@ -351,18 +351,25 @@ class VersionExhausted(UnversionedRow):
 
 
 class ValueRefused(OncelyError, ValueError):
-    """The database refused a value a versioned write sent (too long or too large for its
-    column, NULL into a ``NOT NULL`` column, a Python type the driver cannot send such as a
-    ``dict``), or the id is not a value of the key column's type (PostgreSQL ``'abc'`` for a
-    ``BIGINT``) or names another key than the row it matched (MariaDB compares ``'1abc'`` equal
+    """The database refused a value a write sent (too long or too large for its column, NULL
+    into a ``NOT NULL`` column, not a value of the column's type, a Python type the driver
+    cannot send such as a ``dict``): :func:`~oncely.sql.versioned_update`,
+    :func:`~oncely.sql.insert_once` (also: the values conflict with a row on another unique key
+    than ``unique=``), the inbox, the outbox, a state machine's state column; for
+    ``versioned_update`` also an id not of the key column's type (PostgreSQL ``'abc'`` for a
+    ``BIGINT``) or naming another key than the row it matched (MariaDB compares ``'1abc'`` equal
     to 1, SQLite ``'1.0'``, PostgreSQL ``' 1'``). The driver's error is ``__cause__`` (none for an
-    id that matched another key: nothing was sent that could write).
+    id that matched another key: nothing was sent that could write). One translation:
+    :func:`oncely.sql.connections.value_refused`.
 
     Nothing was written by this call. The caller's transaction: on SQLite and MariaDB/MySQL it
-    is still usable; on PostgreSQL a statement the server refused aborts the transaction
-    (every later statement fails until ``rollback()``), so roll back there (or run the call in
-    a savepoint of your own: ``with conn.transaction():`` on psycopg). Do not retry as it is:
-    fix the value."""
+    is still usable. On PostgreSQL a statement the server refused aborts the transaction (every
+    later statement fails until ``rollback()``, and psycopg's ``commit()`` then rolls it back
+    without an error), unless the statement ran in a savepoint: the state machine always, and
+    ``insert_once``, the inbox and the outbox on a connection's first call per table and
+    columns (:func:`oncely.sql.connections.first_use_guarded`). The message says which: "aborted
+    the transaction ... roll it back", or "still usable". Do not retry as it is: fix the
+    value."""
 
 
 class VersionBypass(OncelyError):

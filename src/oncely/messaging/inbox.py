@@ -76,12 +76,14 @@ from oncely.sql.connections import (
     busy,
     commit_if_held,
     exec_in_block,
+    first_use_guarded,
     leave_usable,
     lost_message,
     missing_object,
     quote,
     roll_back,
     run,
+    value_refused,
 )
 
 __all__ = [
@@ -260,6 +262,9 @@ def translate(exc: Exception, what: str) -> BaseException:
     missing = missing_object(exc)
     if missing is not None:
         return type(missing)(f"{missing} ({what})")
+    refused = value_refused(exc, what)
+    if refused is not None:
+        return refused
     return StoreError(f"{what} failed: {type(exc).__name__}: {exc}")
 
 
@@ -388,10 +393,25 @@ class Inbox:
         """
         return {"consumer": _consumer(consumer), "message_id": message_id_text(message_id)}
 
-    def _accept(self, conn: SqlConnection, consumer: Any, message_id: Any) -> Plan[bool]:
+    def _accept(
+        self, conn: SqlConnection, consumer: Any, message_id: Any, guarded: bool = False
+    ) -> Plan[bool]:
         params = self.key_params(consumer, message_id)
         conn.check_usable()
         conn.require_transaction("Inbox.accept")
+        plan = self._insert(conn, params)
+        if guarded:  # in the caller's transaction (receive() has a block of its own)
+            plan = first_use_guarded(conn, ("inbox", self.table), plan)
+        return (yield from plan)
+
+    def accept_plan(self, conn: SqlConnection, consumer: Any, message_id: Any) -> Plan[bool]:
+        """:meth:`accept` as a sans-IO plan on an adapted connection, for a mechanism that runs
+        it in a block of its own whose commit checks the row (the transactional consumer,
+        :meth:`commit_held`): no first-use savepoint, since a row written in a savepoint carries
+        the subtransaction's id, not the one the check compares. Same rules and errors."""
+        return self._accept(conn, consumer, message_id)
+
+    def _insert(self, conn: SqlConnection, params: dict[str, str]) -> Plan[bool]:
         try:
             result = yield Exec(self._accept_sql(conn.dialect), params)
         except Exception as exc:
@@ -417,13 +437,18 @@ class Inbox:
         same pair. One statement; commits nothing.
 
         :raises InvalidKey: an empty or over-long consumer or message id.
-        :raises UnknownTable: the inbox table does not exist (run :meth:`create_table`).
+        :raises UnknownTable: the inbox table does not exist (run :meth:`create_table`). On
+            PostgreSQL the connection's first call per table runs in a savepoint
+            (:func:`oncely.sql.connections.first_use_guarded`): the caller's transaction keeps
+            its earlier writes. After a call that worked, a failing statement (the table
+            dropped since) aborts the transaction: the message says so; roll it back.
+        :raises ValueRefused: the database refused a value (same rule for the transaction).
         :raises TransactionFailed: the caller's transaction already failed.
         :raises ConfigurationError: ``conn`` is in autocommit mode with no transaction open
             (the inbox row would commit before the handler's writes; use :meth:`receive`).
         """
         c = adapt(conn)
-        return bool(run(self._accept(c, consumer, message_id), c))
+        return bool(run(self._accept(c, consumer, message_id, guarded=True), c))
 
     @contextlib.contextmanager
     def receive(self, conn: Any, consumer: str, message_id: Any) -> Iterator[bool]:
@@ -471,7 +496,7 @@ class Inbox:
     async def aaccept(self, conn: Any, consumer: str, message_id: Any) -> bool:
         """The async face of :meth:`accept`."""
         c = adapt(conn)
-        return bool(await arun(self._accept(c, consumer, message_id), c))
+        return bool(await arun(self._accept(c, consumer, message_id, guarded=True), c))
 
     @contextlib.asynccontextmanager
     async def areceive(self, conn: Any, consumer: str, message_id: Any) -> AsyncIterator[bool]:

@@ -88,6 +88,7 @@ from oncely.sql.connections import (
     adapt,
     arun,
     exec_in_block,
+    first_use_guarded,
     quote,
     retryable,
     roll_back,
@@ -295,6 +296,7 @@ class Outbox:
         payload: Any,
         message_id: Any,
         headers: Mapping[str, str] | None,
+        guarded: bool = False,
     ) -> Plan[str]:
         if not isinstance(topic, str) or not topic or len(topic) > MAX_TOPIC_LENGTH:
             raise InvalidPayload(
@@ -312,11 +314,17 @@ class Outbox:
         }
         conn.check_usable()
         conn.require_transaction("Outbox.add")
+        plan = self._insert(conn, params)
+        if guarded:  # in the caller's transaction (add_plan runs in a block of its caller's)
+            plan = first_use_guarded(conn, ("outbox", self.table), plan)
+        yield from plan
+        return mid
+
+    def _insert(self, conn: SqlConnection, params: dict[str, Any]) -> Plan[None]:
         try:
             yield Exec(self._add_sql(conn.dialect), params)
         except Exception as exc:
             raise translate(exc, f"outbox {self.table!r}") from exc
-        return mid
 
     def _purge(self, conn: SqlConnection, older_than: float, batch: int) -> Plan[int]:
         older_than = seconds(older_than, "older_than", where="Outbox.purge", above=False)
@@ -459,10 +467,15 @@ class Outbox:
             (the message would commit alone, outside the business transaction).
         :raises InvalidPayload: payload not bytes/str, headers not str to str, a bad topic.
         :raises InvalidKey: an unusable message id.
-        :raises UnknownTable: the outbox table does not exist (run :meth:`create_table`).
+        :raises UnknownTable: the outbox table does not exist (run :meth:`create_table`). On
+            PostgreSQL the connection's first call per table runs in a savepoint
+            (:func:`oncely.sql.connections.first_use_guarded`): the caller's transaction keeps
+            its earlier writes. After a call that worked, a failing statement (the table
+            dropped since) aborts the transaction: the message says so; roll it back.
+        :raises ValueRefused: the database refused a value (same rule for the transaction).
         """
         c = adapt(conn)
-        return str(run(self._add(c, topic, payload, message_id, headers), c))
+        return str(run(self._add(c, topic, payload, message_id, headers, guarded=True), c))
 
     def purge(self, conn: Any, older_than: float = DEFAULT_KEEP_SENT, *, batch: int = 1000) -> int:
         """Delete rows sent more than ``older_than`` seconds ago (database clock) in batches of
@@ -488,7 +501,7 @@ class Outbox:
     ) -> str:
         """The async face of :meth:`add`."""
         c = adapt(conn)
-        return str(await arun(self._add(c, topic, payload, message_id, headers), c))
+        return str(await arun(self._add(c, topic, payload, message_id, headers, guarded=True), c))
 
     async def apurge(
         self, conn: Any, older_than: float = DEFAULT_KEEP_SENT, *, batch: int = 1000

@@ -258,7 +258,7 @@ class Connections:
 
             def other(request: Any) -> Any:
                 if isinstance(request, _Accept):
-                    return inbox.accept(c, consumer, dedup_id)
+                    return run(inbox.accept_plan(c, consumer, dedup_id), c)
                 call(raw)
                 return None
 
@@ -282,7 +282,7 @@ class Connections:
 
                 async def other(request: Any) -> Any:
                     if isinstance(request, _Accept):
-                        return await inbox.aaccept(c, consumer, dedup_id)
+                        return await arun(inbox.accept_plan(c, consumer, dedup_id), c)
                     await call(raw)
                     return None
 

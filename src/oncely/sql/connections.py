@@ -37,10 +37,19 @@ import contextlib
 import re
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+import weakref
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 from oncely.backends.plans import Exec, Plan
 from oncely.backends.plans import arun as arun_plan
@@ -59,10 +68,13 @@ from oncely.errors import (
     UnknownColumn,
     UnknownTable,
     UnsupportedConnection,
+    ValueRefused,
 )
 
 __all__ = [
+    "ABORTED_NOTE",
     "DIALECTS",
+    "KEPT_NOTE",
     "WRITTEN_BY_THIS_TRANSACTION",
     "Dialect",
     "Duplicate",
@@ -81,15 +93,18 @@ __all__ = [
     "duplicate_of",
     "exact_text",
     "exec_in_block",
+    "first_use_guarded",
     "leave_or_lost",
     "leave_usable",
     "literal_bytes",
     "lock_timeout",
     "lost_message",
     "missing_object",
+    "noted",
     "other_key",
     "quote",
     "refused_value",
+    "remembered",
     "render",
     "retryable",
     "roll_back",
@@ -100,6 +115,7 @@ __all__ = [
     "statement_for",
     "unconvertible",
     "undecided",
+    "value_refused",
 ]
 
 Dialect = Literal["sqlite", "postgresql", "mysql"]
@@ -836,6 +852,143 @@ def missing_object(exc: BaseException) -> UnknownTable | UnknownColumn | None:
         elif state == _MISSING_COLUMN_PG or code == 1054:
             return UnknownColumn(f"{text.strip()}: check the column names against the table")
     return None
+
+
+def value_refused(exc: BaseException, what: str) -> ValueRefused | None:
+    """The typed error for the database refusing a value ``what`` sent (:func:`refused_value`:
+    too long, out of range, not of the column's type, NULL into ``NOT NULL``, a Python type the
+    driver cannot send), or None. The one translation of refused data for every mechanism that
+    writes caller values (:func:`~oncely.sql.versioned_update`, :func:`~oncely.sql.insert_once`,
+    the inbox and outbox); raise it ``from exc`` (the driver's error is ``__cause__``)."""
+    if not refused_value(exc):
+        return None
+    return ValueRefused(
+        f"{what}: the database refused a value ({str(exc).strip()}); nothing was written by "
+        "this call. Do not retry it as it is: fix the value"
+    )
+
+
+#: Appended to a typed error raised after a statement failed on PostgreSQL inside the caller's
+#: transaction (the server aborted it; psycopg's commit() of it rolls back without an error).
+ABORTED_NOTE: Final = (
+    " PostgreSQL aborted the transaction when the statement failed: roll it back "
+    "(conn.rollback()); a commit() now would roll back the earlier writes of the "
+    "transaction without an error"
+)
+#: Appended when the failing statement ran in a savepoint that was rolled back.
+KEPT_NOTE: Final = (
+    " The statement ran in a savepoint, rolled back: the transaction is still usable and "
+    "keeps its earlier writes"
+)
+
+
+def noted(exc: BaseException, note: str) -> None:
+    """Append ``note`` to the message of a typed error raised by oncely (not a driver's error,
+    not :class:`~oncely.errors.DatabaseBusy`, whose message already says to roll back)."""
+    if (
+        isinstance(exc, OncelyError)
+        and not isinstance(exc, (DatabaseBusy, TransactionFailed))
+        and exc.args
+        and isinstance(exc.args[0], str)
+        and note not in exc.args[0]
+    ):
+        exc.args = (exc.args[0].rstrip().rstrip(".") + "." + note, *exc.args[1:])
+
+
+T = TypeVar("T")
+
+#: Per user connection (weakly held, see :func:`_owner`): the keys :func:`first_use_guarded`
+#: found to run without failing.
+_FIRST_USE: weakref.WeakKeyDictionary[Any, set[Hashable]] = weakref.WeakKeyDictionary()
+
+
+def _owner(raw: Any) -> Any:
+    """What a per-connection memory is kept on: under an SQLAlchemy ``Connection`` /
+    ``AsyncConnection`` / ``Session`` (a new one per ``engine.connect()`` or transaction) the
+    pooled DB-API connection, which outlives them; under a Django connection the driver's
+    connection (a new one after every reconnect); else ``raw``."""
+    try:
+        if type(raw).__module__.startswith("sqlalchemy"):
+            sync = getattr(raw, "sync_connection", None) or raw
+            dbapi = sync.connection.dbapi_connection
+            return raw if dbapi is None else dbapi
+        if hasattr(raw, "vendor") and hasattr(raw, "in_atomic_block"):  # Django
+            return raw if raw.connection is None else raw.connection
+    except Exception:  # a Session (connection is a method): remembered on the Session
+        return raw
+    return raw
+
+
+def remembered(raw: Any) -> set[Hashable]:
+    """The per-connection set of keys (see :data:`_FIRST_USE`); a fresh, forgotten set for an
+    object that takes no weak reference (checked every time)."""
+    try:
+        return _FIRST_USE.setdefault(_owner(raw), set())
+    except TypeError:
+        return set()
+
+
+def _schema_error(exc: BaseException) -> bool:
+    """A failure that says the schema is not what a remembered first use found (a table or
+    column gone, no ``ON CONFLICT`` arbiter any more: PostgreSQL 42P10)."""
+    if missing_object(exc) is not None:
+        return True
+    return any(
+        (getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)) in ("42P10", "55000")
+        for e in _causes(exc)
+    )
+
+
+def first_use_guarded(c: SqlConnection, key: Hashable, plan: Plan[T]) -> Plan[T]:
+    """Run ``plan`` (statements in the caller's transaction, committing nothing) so that, on
+    PostgreSQL, a statement that fails on the server does not silently cost the caller the
+    earlier writes of its transaction (a failed statement aborts a PostgreSQL transaction, and
+    psycopg's ``commit()`` of an aborted transaction sends ``COMMIT``, which the server answers
+    with ``ROLLBACK``, without an error).
+
+    The mechanism the state machine and :func:`oncely.sql.transaction` use, a savepoint, but
+    only on the connection's first use of ``key`` (a mechanism, its table and the columns it
+    names): ``SAVEPOINT``, the plan, ``RELEASE SAVEPOINT`` (two round trips more, once); on an
+    error ``ROLLBACK TO SAVEPOINT`` and the error is raised saying the transaction is still
+    usable. A first use that worked is remembered per connection (the pooled DB-API
+    connection under SQLAlchemy), so every later call is the plan alone: no round trip and no
+    subtransaction more than before (a savepoint per call would add a round trip, and past 64
+    subtransactions in one transaction PostgreSQL's snapshots slow down). A later call can
+    still fail (a value the server refuses, the table dropped or the search_path switched since
+    the first use): the error then says that the transaction is aborted and must be rolled
+    back, and a schema error (a table, a column or the ``ON CONFLICT`` arbiter gone) forgets the
+    key, so the call after the rollback checks again in a savepoint.
+
+    SQLite, MariaDB and MySQL roll back only the failing statement: the plan runs as is. So does
+    an autocommit connection with no transaction open (each statement is its own transaction:
+    nothing earlier to lose)."""
+    if c.dialect != "postgresql" or (c.autocommits() and not c.in_transaction()):
+        return (yield from plan)
+    seen = remembered(c.raw)
+    if key in seen:
+        try:
+            return (yield from plan)
+        except Exception as exc:
+            if _schema_error(exc):
+                seen.discard(key)
+            if c.failed():
+                noted(exc, ABORTED_NOTE)
+            raise
+    name = c._savepoint_name()
+    # psycopg (and SQLAlchemy, and Django with autocommit off) begin the transaction before the
+    # SAVEPOINT if none is open: the plan then runs in it, as it would have without the guard
+    yield Exec(f"SAVEPOINT {name}", {})
+    try:
+        result = yield from plan
+    except BaseException as exc:
+        with cleanup(exc):
+            yield Exec(f"ROLLBACK TO SAVEPOINT {name}", {})
+            yield Exec(f"RELEASE SAVEPOINT {name}", {})
+            noted(exc, KEPT_NOTE)
+        raise
+    yield Exec(f"RELEASE SAVEPOINT {name}", {})
+    seen.add(key)
+    return result
 
 
 # -- the adapter ---------------------------------------------------------------------------------

@@ -9,13 +9,14 @@ Per dialect (the trap to avoid: ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` 
 for the conflicting row, and a no-op ``DO UPDATE`` that forces a row back writes a new row
 version, bloats the table and fires triggers; oncely never does that):
 
-* **PostgreSQL**: on a connection's first call for a (table, columns) pair, a catalog read
-  (``pg_index``) checks that ``ON CONFLICT (unique)`` has an arbiter, so a wrong ``unique=`` or
-  a missing table is refused without a failing statement (which would abort the caller's
-  transaction, and psycopg's ``commit()`` of an aborted transaction rolls back without an
-  error); then, and on every later call, one statement, a CTE: ``WITH ins AS (INSERT ... ON
-  CONFLICT (unique) DO NOTHING RETURNING *) SELECT true, ins.* FROM ins UNION ALL SELECT false,
-  t.* FROM t WHERE <unique> AND NOT EXISTS (SELECT 1 FROM ins)``. When the conflicting row was
+* **PostgreSQL**: one statement, a CTE: ``WITH ins AS (INSERT ... ON CONFLICT (unique) DO
+  NOTHING RETURNING *) SELECT true, ins.* FROM ins UNION ALL SELECT false, t.* FROM t WHERE
+  <unique> AND NOT EXISTS (SELECT 1 FROM ins)``. On a connection's first call for a (table,
+  columns) pair it runs in a savepoint (:func:`~oncely.sql.connections.first_use_guarded`), so a
+  wrong ``unique=``, a missing table or column or a refused value is refused without aborting
+  the caller's transaction (psycopg's ``commit()`` of an aborted transaction rolls back without
+  an error); later calls are the statement alone, and their error says when the transaction is
+  aborted and must be rolled back. When the conflicting row was
   committed by a concurrent transaction after the statement's snapshot (READ COMMITTED), the CTE
   sees neither row; a second ``SELECT`` (a new snapshot) in the same transaction reads it. At
   REPEATABLE READ / SERIALIZABLE PostgreSQL raises a serialization failure there instead (see
@@ -38,18 +39,23 @@ The statement runs in the caller's current transaction (nothing is committed). E
 identifier), :class:`~oncely.errors.UnknownTable` / :class:`~oncely.errors.UnknownColumn`,
 :class:`~oncely.errors.ConfigurationError` when ``unique`` names no unique constraint or a
 unique value is missing or NULL (NULLs never conflict, so they cannot identify a row),
-:class:`~oncely.errors.TransactionFailed` when the caller's transaction already failed.
+:class:`~oncely.errors.ValueRefused` (a ``ValueError``, the driver's error as ``__cause__``)
+for a value the database refuses (too long, NULL into ``NOT NULL``, not of the column's type)
+or a conflict on another unique key than ``unique``,
+:class:`~oncely.errors.TransactionFailed` when the caller's transaction already failed. On
+PostgreSQL, an error after a statement failed on the server outside the first-call savepoint
+says "PostgreSQL aborted the transaction ...: roll it back": roll back, do not commit (the
+commit would drop the transaction's earlier writes without an error).
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from oncely.backends.plans import Exec, Plan
 from oncely.core.text import sendable
-from oncely.errors import ConfigurationError, UnknownTable
+from oncely.errors import ConfigurationError, ValueRefused
 from oncely.sql.connections import (
     Result,
     SqlConnection,
@@ -57,8 +63,11 @@ from oncely.sql.connections import (
     arun,
     busy,
     duplicate_of,
+    first_use_guarded,
     missing_object,
+    remembered,
     run,
+    value_refused,
 )
 
 __all__ = ["ainsert_once", "insert_once"]
@@ -93,6 +102,8 @@ async def ainsert_once(
 def _no_constraint(exc: BaseException) -> bool:
     text = str(exc)
     state = getattr(exc, "sqlstate", None)
+    if state == "55000" and "deferrable" in text:  # a deferrable constraint is no arbiter
+        return True
     return state == "42P10" or "does not match any PRIMARY KEY or UNIQUE" in text
 
 
@@ -106,6 +117,18 @@ def _translate(exc: BaseException, table: str, unique: Sequence[str]) -> BaseExc
     for e in (exc, getattr(exc, "orig", None), exc.__cause__):
         if e is not None and _no_constraint(e):
             return ConfigurationError(_no_unique_message(table, unique))
+    what = f"insert_once into {table}"
+    refused = value_refused(exc, what)
+    if refused is not None:
+        return refused
+    other = duplicate_of(exc)
+    if other is not None:  # ON CONFLICT (unique) covers only that key: another one conflicted
+        named = f" {other.constraint!r}" if other.constraint else ""
+        return ValueRefused(
+            f"{what}: the values conflict with an existing row on another unique key{named} "
+            f"than ({', '.join(unique)}) ({other.message.strip()}); nothing was written by "
+            "this call. Do not retry it as it is: fix the values"
+        )
     return exc
 
 
@@ -116,19 +139,6 @@ def _no_unique_message(table: str, unique: Sequence[str]) -> str:
         f"non-partial, non-deferrable one): add one (CREATE UNIQUE INDEX ... ON {table} "
         f"({cols})) or pass the columns of an existing one as unique="
     )
-
-
-#: PostgreSQL: does the table exist, and has it a unique index ``ON CONFLICT (cols)`` can use
-#: as its arbiter (unique, valid, immediate, no predicate, no expression, key columns exactly
-#: ``:cols``, sorted and comma-joined; identifiers are plain, so no name holds a comma)?
-_PG_ARBITER = (
-    "SELECT to_regclass(CAST(:t AS text)) IS NOT NULL, EXISTS (SELECT 1 FROM pg_index i "
-    "WHERE i.indrelid = to_regclass(CAST(:t AS text)) AND i.indisunique AND i.indisvalid "
-    "AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL AND (SELECT string_agg("
-    "CAST(a.attname AS text), ',' ORDER BY CAST(a.attname AS text) COLLATE \"C\") "
-    "FROM pg_attribute a WHERE a.attrelid = i.indrelid "
-    "AND a.attnum = ANY((CAST(i.indkey AS int2[]))[0:i.indnkeyatts - 1])) = :cols)"
-)
 
 
 def _plan(
@@ -163,42 +173,23 @@ def _plan(
     def row(res: Result, skip: int = 0) -> Row:
         return dict(zip(res.columns[skip:], res.rows[0][skip:]))
 
+    if c.dialect == "postgresql":
+        # a statement that fails (no arbiter for ON CONFLICT: 42P10, a missing table or
+        # column, a refused value) aborts the caller's transaction, and psycopg's commit()
+        # of an aborted transaction rolls back without an error. The first call per
+        # connection and (table, columns) runs in a savepoint (first_use_guarded, the one
+        # guard of every mechanism writing in the caller's transaction); later calls are
+        # the one statement below.
+        cte = (
+            f"WITH ins AS ({insert} ON CONFLICT ({target}) DO NOTHING RETURNING *) "
+            "SELECT true AS oncely_created, ins.* FROM ins UNION ALL "
+            f"SELECT false, {t}.* FROM {t} WHERE {where} "
+            "AND NOT EXISTS (SELECT 1 FROM ins)"
+        )
+        key = ("insert_once", table, frozenset(cols), frozenset(unique))
+        return (yield from first_use_guarded(c, key, _pg(cte, select, params, table, unique)))
     try:
-        if c.dialect == "postgresql":
-            # a failing ON CONFLICT (no unique index on exactly these columns: 42P10) would
-            # abort the caller's transaction, and psycopg's commit() of an aborted transaction
-            # rolls back without an error: the caller's earlier writes would be silently gone.
-            # So the arbiter is looked up in the catalog first, once per connection and
-            # (table, columns) like MariaDB's schema read, and refused without a failing
-            # statement; later calls are the one statement below.
-            key = (table, frozenset(unique))
-            checked = _unique_checked(c.raw)
-            if key not in checked:
-                res = yield Exec(_PG_ARBITER, {"t": t, "cols": ",".join(sorted(set(unique)))})
-                present, found = res.rows[0]
-                if not present:
-                    raise UnknownTable(
-                        f"relation {table!r} does not exist: create the table first (or fix its "
-                        "name); nothing was sent that fails, the transaction is still usable"
-                    )
-                if not found:
-                    raise ConfigurationError(_no_unique_message(table, unique))
-                checked.add(key)
-            cte = (
-                f"WITH ins AS ({insert} ON CONFLICT ({target}) DO NOTHING RETURNING *) "
-                "SELECT true AS oncely_created, ins.* FROM ins UNION ALL "
-                f"SELECT false, {t}.* FROM {t} WHERE {where} "
-                "AND NOT EXISTS (SELECT 1 FROM ins)"
-            )
-            for _ in range(5):
-                res = yield Exec(cte, params)
-                if res.rows:
-                    return row(res, 1), bool(res.rows[0][0])
-                # the conflicting row committed after this statement's snapshot
-                res = yield Exec(select, params)
-                if res.rows:
-                    return row(res), False
-        elif c.dialect == "sqlite":
+        if c.dialect == "sqlite":
             returning = " RETURNING *" if c.returning else ""
             for _ in range(5):
                 res = yield Exec(f"{insert} ON CONFLICT ({target}) DO NOTHING{returning}", params)
@@ -213,8 +204,8 @@ def _plan(
             # unique index on exactly these columns the INSERT would simply add a second row.
             # Refuse that as PostgreSQL and SQLite do (a schema read, not a decision on data).
             schema, _, name = table.rpartition(".")
-            checked = _unique_checked(c.raw)
-            # the schema read runs once per connection (see _UNIQUE_CHECKED), not per call
+            checked = remembered(c.raw)
+            # the schema read runs once per connection (connections.remembered), not per call
             if (table, frozenset(col.lower() for col in unique)) not in checked:
                 res = yield Exec(
                     "SELECT INDEX_NAME, COLUMN_NAME FROM information_schema.STATISTICS "
@@ -255,30 +246,29 @@ def _plan(
     )
 
 
-#: Per user connection (weakly held): the (table, unique columns) whose unique index was found,
-#: so the MariaDB schema read happens once per connection, not once per insert_once call. Only
-#: a found index is remembered; dropping it while the connection lives is an operator's act.
-_UNIQUE_CHECKED: weakref.WeakKeyDictionary[Any, set[tuple[str, frozenset[str]]]] = (
-    weakref.WeakKeyDictionary()
-)
+def _row(res: Result, skip: int = 0) -> Row:
+    return dict(zip(res.columns[skip:], res.rows[0][skip:]))
 
 
-def _owner(raw: Any) -> Any:
-    """What a check is remembered on: under an SQLAlchemy ``Connection`` / ``AsyncConnection``
-    (a new one per ``engine.connect()`` or ``Session`` transaction) the pooled DB-API
-    connection, which outlives them, so a pooled connection is checked once; else ``raw``."""
-    if not type(raw).__module__.startswith("sqlalchemy"):
-        return raw
+def _pg(
+    cte: str, select: str, params: dict[str, Any], table: str, unique: Sequence[str]
+) -> Plan[tuple[Row, bool]]:
+    """PostgreSQL: the CTE, and when the conflicting row committed after its snapshot a
+    ``SELECT`` (a new snapshot); driver errors typed (see :func:`_translate`)."""
     try:
-        sync = getattr(raw, "sync_connection", None) or raw
-        dbapi = sync.connection.dbapi_connection
-    except Exception:
-        return raw
-    return raw if dbapi is None else dbapi
-
-
-def _unique_checked(raw: Any) -> set[tuple[str, frozenset[str]]]:
-    try:
-        return _UNIQUE_CHECKED.setdefault(_owner(raw), set())
-    except TypeError:  # an object that takes no weak reference: check every time
-        return set()
+        for _ in range(5):
+            res = yield Exec(cte, params)
+            if res.rows:
+                return _row(res, 1), bool(res.rows[0][0])
+            # the conflicting row committed after this statement's snapshot
+            res = yield Exec(select, params)
+            if res.rows:
+                return _row(res), False
+    except Exception as exc:
+        typed = _translate(exc, table, unique)
+        if typed is exc:
+            raise
+        raise typed from exc
+    raise ConfigurationError(  # pragma: no cover - a row deleted between every try
+        f"insert_once on {table}: the conflicting row kept disappearing (deleted concurrently)"
+    )

@@ -61,6 +61,7 @@ from oncely.errors import (
     VersionExhausted,
 )
 from oncely.sql.connections import (
+    ABORTED_NOTE,
     Dialect,
     Result,
     SqlConnection,
@@ -68,10 +69,11 @@ from oncely.sql.connections import (
     arun,
     busy,
     missing_object,
+    noted,
     other_key,
     quote,
-    refused_value,
     run,
+    value_refused,
 )
 
 __all__ = ["aversioned_update", "versioned_update"]
@@ -215,11 +217,11 @@ def _plan(
         typed = missing_object(exc) or busy(exc, f"versioned_update of {entity}")
         if typed is not exc:
             raise typed from exc
-        if refused_value(exc):
-            raise ValueRefused(
-                f"versioned_update of {entity}: the database refused a value ({exc}); "
-                "nothing was written. On PostgreSQL the transaction is aborted: roll it back"
-            ) from exc
+        refused = value_refused(exc, f"versioned_update of {entity}")
+        if refused is not None:
+            if conn.failed():  # PostgreSQL refused it on the server (psycopg's own refusal:
+                noted(refused, ABORTED_NOTE)  # nothing was sent, the transaction goes on)
+            raise refused from exc
         raise
     key = other_key(id_column, id, found) if _exact(id) else None
     if key is not None:

@@ -70,6 +70,7 @@ from oncely.sql.connections import (
     adapt,
     busy,
     exact_text,
+    first_use_guarded,
     missing_object,
     roll_back,
 )
@@ -190,8 +191,7 @@ def decide(conn: SqlConnection, table: str, gid: str, branch: str, op: str) -> P
             raise BarrierTableMissing(
                 f"the barrier table {table} does not exist in this database: create it with "
                 f"`oncely barrier init URL --table {table}` or "
-                "oncely.statemachine.barrier.create_table(conn) (then roll back this "
-                "transaction and retry the call)"
+                "oncely.statemachine.barrier.create_table(conn)"
             ) from exc
         raise
 
@@ -213,7 +213,11 @@ def barrier(conn: Any, gid: str, branch: str, op: str, *, table: str = DEFAULT_T
     :returns: a :class:`Verdict`; run the business writes only if ``verdict.run``.
     :raises InvalidBarrierCall: missing gid or branch, unknown op.
     :raises BarrierTableMissing: the table does not exist (create it with
-        :func:`create_table`).
+        :func:`create_table`). On PostgreSQL the connection's first call per table runs in a
+        savepoint (:func:`oncely.sql.connections.first_use_guarded`): the business
+        transaction keeps its earlier writes and the message says so; after a call that
+        worked, a table dropped since aborts the transaction, and the message says to roll it
+        back.
     :raises ConfigurationError: ``conn`` is in autocommit mode with no transaction open (the
         barrier row would commit alone, before the business writes; the one check of
         :meth:`oncely.sql.connections.SqlConnection.require_transaction`, as ``Inbox.accept``).
@@ -223,7 +227,7 @@ def barrier(conn: Any, gid: str, branch: str, op: str, *, table: str = DEFAULT_T
     gid, branch, op = check_call(gid, branch, op)
     c = adapt(conn)
     c.require_transaction("barrier()")
-    plan = decide(c, _table(c, table), gid, branch, op)
+    plan = first_use_guarded(c, ("barrier", table), decide(c, _table(c, table), gid, branch, op))
     verdict: Verdict = sql_run(plan, c)
     return verdict
 
@@ -236,7 +240,7 @@ async def abarrier(
     gid, branch, op = check_call(gid, branch, op)
     c = adapt(conn)
     c.require_transaction("abarrier()")
-    plan = decide(c, _table(c, table), gid, branch, op)
+    plan = first_use_guarded(c, ("barrier", table), decide(c, _table(c, table), gid, branch, op))
     verdict: Verdict = await sql_arun(plan, c)
     return verdict
 

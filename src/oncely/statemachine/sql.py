@@ -56,6 +56,7 @@ from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
     InvalidEntityId,
+    OncelyError,
     SchemaMissing,
 )
 from oncely.settings import text
@@ -76,6 +77,7 @@ from oncely.sql.connections import (
     retryable,
     roll_back,
     unconvertible,
+    value_refused,
 )
 from oncely.sql.connections import arun as sql_arun
 from oncely.sql.connections import run as sql_run
@@ -390,9 +392,15 @@ class SqlStateMachine:
         )
 
     def _missing(self, exc: BaseException) -> BaseException | None:
+        """The typed error for a driver error: a missing table or column, or a value the
+        database refused (:func:`~oncely.sql.connections.value_refused`, as every mechanism
+        writing in the caller's tables); None for anything else."""
+        if isinstance(exc, OncelyError):
+            return None
         missing = missing_object(exc)
         if missing is None:
-            return None
+            # the transition's block (a savepoint, or its own transaction) was rolled back
+            return value_refused(exc, f"{self.machine.name} on {self.table.name}")
         text = str(missing)
         if self.history_table in text or (self.outbox_table and self.outbox_table in text):
             return SchemaMissing(

@@ -1,0 +1,288 @@
+"""Red team 18 (F2, F3, F8): a statement oncely sends in the caller's transaction that fails on
+PostgreSQL aborts that transaction, and psycopg's ``commit()`` of an aborted transaction sends
+``COMMIT``, which the server answers with ``ROLLBACK``, without an error: the caller's earlier
+writes were silently gone after a *typed* oncely error (a missing inbox/outbox/barrier table, a
+values column that does not exist), after a stale per-connection check (insert_once's unique
+constraint dropped, the search_path switched) and raw driver errors came out of insert_once for
+refused values.
+
+Now every such mechanism runs its statements through
+:func:`oncely.sql.connections.first_use_guarded`: the first use per connection and (mechanism,
+table, columns) in a savepoint (the state machine's mechanism), later uses as one plain
+statement (no round trip more); a later failure says the transaction is aborted and forgets the
+check. Refused values are :class:`~oncely.errors.ValueRefused` through the one translation
+:func:`oncely.sql.connections.value_refused` (as ``versioned_update``). Real databases only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from oncely.errors import BarrierTableMissing, ConfigurationError, ValueRefused
+from oncely.messaging.inbox import Inbox
+from oncely.messaging.outbox import Outbox
+from oncely.sql import insert_once
+from oncely.statemachine.barrier import barrier
+from oncely.statemachine.barrier import create_table as create_barrier_table
+
+from sql_fixtures import Db
+
+pytest_plugins = ["sql_fixtures"]
+
+KEPT = "still usable"
+ABORTED = "aborted the transaction"
+
+
+def _mark(db: Db) -> str:
+    return "?" if db.dialect == "sqlite" else "%s"
+
+
+def _setup(db: Db) -> tuple[str, Any]:
+    """A table with one business column, and a connection whose transaction already wrote
+    its row 'earlier'."""
+    table = db.name("biz")
+    db.run(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, name VARCHAR(10) NOT NULL UNIQUE)")
+    conn = db.connect()
+    return table, conn
+
+
+def _write_earlier(db: Db, conn: Any, table: str, n: int = 1) -> None:
+    cur = conn.cursor()
+    cur.execute(f"INSERT INTO {table} (id, name) VALUES ({_mark(db)}, {_mark(db)})", (n, f"e{n}"))
+    cur.close()
+
+
+def _ids(db: Db, table: str) -> list[int]:
+    return sorted(int(r[0]) for r in db.run(f"SELECT id FROM {table}"))
+
+
+def _calls(db: Db, table: str) -> dict[str, Callable[[Any], Any]]:
+    missing = f"nothere_{db.tag}"
+    return {
+        "inbox.accept, missing table": lambda c: Inbox(table=missing).accept(c, "c", "m1"),
+        "outbox.add, missing table": lambda c: Outbox(table=missing).add(c, "t", b"x"),
+        "barrier, missing table": lambda c: barrier(c, "g", "b", "try", table=missing),
+        "insert_once, unknown values column": lambda c: insert_once(
+            c, table, {"id": 5, "name": "x", "nope": 1}, unique=("name",)
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "inbox.accept, missing table",
+        "outbox.add, missing table",
+        "barrier, missing table",
+        "insert_once, unknown values column",
+    ],
+)
+def test_a_typed_error_keeps_the_callers_earlier_write(db: Db, case: str) -> None:
+    """F2: the typed error, then the caller's commit(): its earlier write is committed (every
+    database; PostgreSQL used to lose it without an error), and the message says so."""
+    table, conn = _setup(db)
+    _write_earlier(db, conn, table)
+    with pytest.raises((ConfigurationError, BarrierTableMissing)) as info:  # UnknownTable/Column
+        _calls(db, table)[case](conn)
+    if db.dialect == "postgresql":
+        assert KEPT in str(info.value), info.value
+    # the transaction goes on: another write, then both commit
+    _write_earlier(db, conn, table, 2)
+    conn.commit()
+    assert _ids(db, table) == [1, 2]
+
+
+def test_later_calls_send_no_savepoint_and_no_extra_round_trip(make_db: Any) -> None:
+    """The guard costs the first use per connection and key a SAVEPOINT and a RELEASE; every
+    later call is what it was before: one statement, one round trip (counted on the wire)."""
+    from roundtrips import PgWire
+
+    db = make_db("postgresql")
+    table, conn = _setup(db)
+    inbox, outbox = Inbox(table=db.name("ib")), Outbox(table=db.name("ob"))
+    inbox.create_table(conn)
+    outbox.create_table(conn)
+    bar = db.name("bar")
+    create_barrier_table(conn, bar)
+    conn.commit()
+    calls: dict[str, Callable[[int], Any]] = {
+        "inbox": lambda n: inbox.accept(conn, "c", f"m{n}"),
+        "outbox": lambda n: outbox.add(conn, "t", b"x", message_id=f"m{n}"),
+        "barrier": lambda n: barrier(conn, f"g{n}", "b", "try", table=bar),
+        "insert_once": lambda n: insert_once(
+            conn, table, {"id": 10 + n, "name": f"n{n}"}, unique=("name",)
+        ),
+    }
+    for what, call in calls.items():
+        _write_earlier(db, conn, table, 100 + len(what))  # a transaction is open
+        with PgWire(conn) as first:
+            call(1)
+        assert "SAVEPOINT" in first.queries[0], (what, first.queries)
+        assert "RELEASE" in first.queries[-1], (what, first.queries)
+        assert first.trips == 3, (what, first.queries)
+        for n in (2, 3):
+            with PgWire(conn) as later:
+                call(n)
+            assert later.trips == 1, (what, later.queries)
+            assert not any("SAVEPOINT" in q for q in later.queries), (what, later.queries)
+        conn.commit()
+
+
+def test_insert_once_stale_check_says_aborted_and_checks_again(make_db: Any) -> None:
+    """F3: the unique constraint is dropped after a connection's first insert_once. The next
+    call fails on the server (no arbiter): the error says the transaction is aborted and must
+    be rolled back (it used to say nothing, and commit() dropped the earlier write), and the
+    connection forgets its check: after the rollback, the same call runs in a savepoint again,
+    so the error leaves the earlier write of the new transaction in place."""
+    db = make_db("postgresql")
+    table, conn = _setup(db)
+    db.run(f"ALTER TABLE {table} ADD COLUMN k VARCHAR(10)")
+    db.run(f"ALTER TABLE {table} ADD CONSTRAINT {table}_k UNIQUE (k)")
+    insert_once(conn, table, {"id": 50, "name": "a", "k": "a"}, unique=("k",))
+    conn.commit()
+    db.run(f"ALTER TABLE {table} DROP CONSTRAINT {table}_k")
+    _write_earlier(db, conn, table)
+    with pytest.raises(ConfigurationError, match="no unique constraint") as info:
+        insert_once(conn, table, {"id": 51, "name": "b", "k": "b"}, unique=("k",))
+    assert ABORTED in str(info.value) and "roll it back" in str(info.value)
+    conn.rollback()
+    _write_earlier(db, conn, table)
+    with pytest.raises(ConfigurationError, match="no unique constraint") as info:
+        insert_once(conn, table, {"id": 51, "name": "b", "k": "b"}, unique=("k",))
+    assert KEPT in str(info.value)
+    conn.commit()
+    assert _ids(db, table) == [1, 50]
+
+
+def test_insert_once_search_path_switch_says_aborted_and_checks_again(make_db: Any) -> None:
+    """F3: the search_path switches to a schema whose same-named table has no unique
+    constraint: the remembered check is stale, the error says aborted; after the rollback the
+    call is checked again in a savepoint."""
+    db = make_db("postgresql")
+    table, conn = _setup(db)
+    schema = f"sch_{db.tag}"
+    db.run(f"CREATE SCHEMA {schema}")
+    try:
+        db.run(f"CREATE TABLE {schema}.{table} (id INTEGER PRIMARY KEY, name VARCHAR(10))")
+        insert_once(conn, table, {"id": 50, "name": "a"}, unique=("name",))
+        conn.commit()
+        conn.execute(f"SET search_path TO {schema}, public")
+        conn.commit()
+        conn.execute(f"INSERT INTO {table} (id, name) VALUES (1, 'e')")
+        with pytest.raises(ConfigurationError) as info:
+            insert_once(conn, table, {"id": 51, "name": "b"}, unique=("name",))
+        assert ABORTED in str(info.value)
+        conn.rollback()
+        conn.execute(f"INSERT INTO {table} (id, name) VALUES (1, 'e')")
+        with pytest.raises(ConfigurationError) as info:
+            insert_once(conn, table, {"id": 51, "name": "b"}, unique=("name",))
+        assert KEPT in str(info.value)
+        conn.commit()
+        assert db.run(f"SELECT id FROM {schema}.{table}") == [(1,)]
+    finally:
+        conn.close()
+        db.run(f"DROP SCHEMA {schema} CASCADE")
+
+
+_REFUSED: dict[str, dict[str, Any]] = {
+    "value too long": {"id": 7, "name": "y" * 50},
+    "NULL into NOT NULL": {"id": 7, "name": None, "other": "q"},
+    "bad id type": {"id": "abc", "name": "y"},
+    "conflict on another unique column": {"id": 1, "name": "other"},
+}
+
+
+@pytest.mark.parametrize("case", list(_REFUSED))
+@pytest.mark.parametrize("warm", [False, True], ids=["first-use", "later-use"])
+def test_insert_once_refused_values_are_value_refused(db: Db, case: str, warm: bool) -> None:
+    """F8: values the database refuses are ValueRefused (a ValueError, the driver's error as
+    __cause__), as versioned_update's, not raw driver errors. On PostgreSQL a first use runs in
+    a savepoint (the earlier write is kept, the message says so); a later use is one plain
+    statement, and the message says the transaction is aborted and must be rolled back. SQLite
+    and MariaDB refuse only the statement: the transaction goes on, nothing is said."""
+    table, conn = _setup(db)
+    db.run(f"ALTER TABLE {table} ADD COLUMN other VARCHAR(10)")
+    values = dict(_REFUSED[case])
+    unique = ("other",) if case == "NULL into NOT NULL" else ("name",)
+    if unique == ("other",):
+        db.run(f"CREATE UNIQUE INDEX {table}_o ON {table} (other)")
+    if db.dialect == "sqlite" and case in ("value too long", "bad id type"):
+        pytest.skip("SQLite stores any text in a VARCHAR(10) and 'abc' in an INTEGER key")
+    if warm:  # the same table and columns once, committed: the check is remembered
+        good = {col: {"id": 90}.get(col, "w") for col in values}  # the same columns
+        insert_once(conn, table, good, unique=unique)
+        conn.commit()
+    _write_earlier(db, conn, table)
+    with pytest.raises(ValueRefused) as info:
+        insert_once(conn, table, values, unique=unique)
+    assert isinstance(info.value, ValueError)
+    assert info.value.__cause__ is not None
+    assert not isinstance(info.value.__cause__, ValueRefused)
+    message = str(info.value)
+    if db.dialect == "postgresql" and warm:
+        assert ABORTED in message and "roll it back" in message, message
+        conn.rollback()
+        assert _ids(db, table) == [90]
+        return
+    if db.dialect == "postgresql":
+        assert KEPT in message, message
+    else:
+        assert ABORTED not in message
+    conn.commit()
+    assert _ids(db, table) == ([1, 90] if warm else [1])
+
+
+@pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
+def test_state_machine_value_refused(make_db: Any, dialect: str) -> None:
+    """F8 for the state machine: a state its column cannot hold (longer than the column) is
+    ValueRefused, not a raw driver error; the transition ran in a savepoint, the caller's
+    earlier write stays."""
+    from oncely.statemachine import Machine, Transition
+    from oncely.statemachine.sql import SqlStateMachine, Table
+
+    db = make_db(dialect)  # SQLite stores any text in a VARCHAR(3)
+    table = db.name("ent")
+    db.run(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, st VARCHAR(3) NOT NULL)")
+    db.run(f"INSERT INTO {table} (id, st) VALUES (1, 'a')")
+    machine = Machine("rt18", ["a", "toolongstate"], "a", [Transition("go", "a", "toolongstate")])
+    sm = SqlStateMachine(machine, Table(table, "id", "st"), history_table=db.name("hist"))
+    conn = db.connect()
+    sm.create_tables(conn)
+    conn.commit()
+    cur = conn.cursor()
+    cur.execute(f"INSERT INTO {table} (id, st) VALUES (2, 'a')")
+    cur.close()
+    with pytest.raises(ValueRefused) as info:
+        sm.apply(conn, 1, "go")
+    assert info.value.__cause__ is not None
+    conn.commit()
+    assert sorted(r[0] for r in db.run(f"SELECT id FROM {table}")) == [1, 2]
+
+
+async def test_async_faces_keep_the_callers_earlier_write(make_db: Any) -> None:
+    """F2 on psycopg's AsyncConnection: aaccept, aadd, abarrier and ainsert_once go through the
+    same guard."""
+    from oncely.sql import ainsert_once
+    from oncely.statemachine.barrier import abarrier
+
+    db = make_db("postgresql")
+    table = db.name("biz")
+    db.run(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, name VARCHAR(10) NOT NULL UNIQUE)")
+    missing = f"nothere_{db.tag}"
+    conn = await db.aconnect()
+    calls = [
+        lambda: Inbox(table=missing).aaccept(conn, "c", "m1"),
+        lambda: Outbox(table=missing).aadd(conn, "t", b"x"),
+        lambda: abarrier(conn, "g", "b", "try", table=missing),
+        lambda: ainsert_once(conn, table, {"id": 5, "name": "x", "nope": 1}, unique=("name",)),
+    ]
+    for n, call in enumerate(calls, 1):
+        await conn.execute(f"INSERT INTO {table} (id, name) VALUES ({n}, 'e{n}')")
+        with pytest.raises((ConfigurationError, BarrierTableMissing)) as info:
+            await call()
+        assert KEPT in str(info.value)
+        await conn.commit()
+    assert _ids(db, table) == [1, 2, 3, 4]
+    await db.aclose()
