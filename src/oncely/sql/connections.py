@@ -113,6 +113,7 @@ __all__ = [
     "savepoint_gone",
     "savepoint_lost",
     "statement_for",
+    "statement_timeout",
     "unconvertible",
     "undecided",
     "value_refused",
@@ -360,6 +361,32 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return seen
 
 
+#: Top-level modules of the frameworks that wrap a driver's error in their own (SQLAlchemy keeps
+#: it as ``orig``, Django raises its own ``from`` it): their cause is the driver's error itself.
+_WRAPPERS: Final = frozenset({"sqlalchemy", "django"})
+
+
+def _own_causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the errors it translates, for the busy classification (:func:`retryable`,
+    :func:`lock_timeout`, :func:`statement_timeout`): the error itself, and its explicit
+    ``__cause__`` / ``orig`` only where ``exc`` is oncely's own translation (an
+    :class:`~oncely.errors.OncelyError` raised ``from`` the driver's error) or a framework's
+    wrapper of a driver's error (SQLAlchemy's ``orig``, Django's ``from``). Never
+    ``__context__``: an error raised while handling a busy error (a NOT NULL violation, a
+    UNIQUE conflict, a handler's business error) is that error, not the busy one, and a
+    caller's own error raised ``from`` a lock error is the caller's."""
+    seen: list[BaseException] = []
+    e: BaseException | None = exc
+    while e is not None and len(seen) <= 8 and not any(e is s for s in seen):
+        seen.append(e)
+        if isinstance(e, OncelyError) or type(e).__module__.split(".")[0] in _WRAPPERS:
+            orig = getattr(e, "orig", None)
+            e = orig if isinstance(orig, BaseException) else e.__cause__
+        else:
+            e = None
+    return seen
+
+
 def _mysql_code(e: BaseException) -> int | None:
     if type(e).__module__.split(".")[0] in ("pymysql", "aiomysql", "MySQLdb") and e.args:
         code = e.args[0]
@@ -436,7 +463,7 @@ def retryable(exc: BaseException) -> bool:
     """
     if _typed(exc):
         return False
-    for e in _causes(exc):
+    for e in _own_causes(exc):
         state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
         if state in ("40001", "40P01"):
             return True
@@ -712,10 +739,27 @@ def lost_message(who: str, row: str) -> str:
 
 def lock_timeout(exc: BaseException) -> bool:
     """True when a lock wait ran out (PostgreSQL 55P03 ``lock_timeout`` / ``NOWAIT``; MySQL
-    1205; SQLite ``SQLITE_BUSY`` / ``SQLITE_LOCKED`` after ``timeout``)."""
-    for e in _causes(exc):
+    1205; SQLite ``SQLITE_BUSY`` / ``SQLITE_LOCKED`` after ``timeout``). The error itself or
+    the driver's error oncely (or SQLAlchemy / Django) wrapped, never one it was raised while
+    handling (``__context__``)."""
+    for e in _own_causes(exc):
         state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
         if state == "55P03" or _mysql_code(e) == 1205 or _sqlite_busy(e):
+            return True
+    return False
+
+
+def statement_timeout(exc: BaseException) -> bool:
+    """True when the server ended a statement because it ran too long: PostgreSQL 57014
+    ``query_canceled`` (``statement_timeout``, also ``pg_cancel_backend()``), MariaDB 1969
+    (``max_statement_time``), MySQL 3024 (``max_execution_time``). Typically a lock wait that
+    the statement's own time limit ended before ``lock_timeout`` did: the statement did
+    nothing, so nothing was decided (:func:`busy` makes it
+    :class:`~oncely.errors.DatabaseBusy`). An asyncio cancellation is not an ``Exception`` and
+    passes through as itself."""
+    for e in _own_causes(exc):
+        state = getattr(e, "sqlstate", None) or getattr(e, "pgcode", None)
+        if state == "57014" or _mysql_code(e) in (1969, 3024):
             return True
     return False
 
@@ -723,12 +767,15 @@ def lock_timeout(exc: BaseException) -> bool:
 def busy(exc: BaseException, what: str) -> BaseException:
     """``exc`` as oncely raises it when the database was busy: a
     :class:`~oncely.errors.DatabaseBusy` (chained to ``exc``) for a :func:`retryable` error or a
-    :func:`lock_timeout`, else ``exc`` itself. ``what`` names the operation in the message.
+    :func:`lock_timeout` or a :func:`statement_timeout` (a lock wait ended by the statement's own
+    time limit), else ``exc`` itself; only the error itself and the driver's error it
+    translates are read, never one it was raised while handling (``__context__``).
+    ``what`` names the operation in the message.
     Every mechanism of :mod:`oncely.sql`, :mod:`oncely.statemachine` and
     :mod:`oncely.optimistic` raises driver busy errors through this one translation."""
     if isinstance(exc, DatabaseBusy) or _typed(exc) or not isinstance(exc, Exception):
         return exc
-    if retryable(exc) or lock_timeout(exc):
+    if retryable(exc) or lock_timeout(exc) or statement_timeout(exc):
         err = DatabaseBusy(
             f"{what}: the database was busy ({exc}); nothing of this attempt is kept: roll "
             "the transaction back if it is yours and run it again from its start"
@@ -751,11 +798,12 @@ def undecided(exc: BaseException) -> bool:
     :class:`~oncely.errors.StoreUnavailable` (:class:`~oncely.errors.DatabaseBusy` included:
     the store could not be reached, or the database refused a concurrent writer), or a
     driver's own error that :func:`busy` types as :class:`~oncely.errors.DatabaseBusy` (a
-    deadlock, a serialization failure, a lock wait that ran out, SQLite's "database is
-    locked"; the driver's or its framework's exception class itself, not a caller's
-    exception raised while handling one). Such an error is never a business outcome: a saga
-    does not count it as its step's failure nor compensate for it, it stops and raises it,
-    and the next run continues where it stopped.
+    deadlock, a serialization failure, a lock wait that ran out, a statement ended by
+    ``statement_timeout`` / ``max_statement_time``, SQLite's "database is locked"; the
+    driver's or its framework's exception class itself, or oncely's translation of it, never
+    an exception raised while handling one, ``__context__``). Such an error is never a
+    business outcome: a saga does not count it as its step's failure nor compensate for it,
+    it stops and raises it, and the next run continues where it stopped.
 
     Not undecided: :class:`~oncely.errors.ResultNotStored` (the work ran) and every other
     error."""
@@ -763,7 +811,7 @@ def undecided(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OncelyError) or type(exc).__module__.split(".")[0] not in _DRIVERS:
         return False
-    return retryable(exc) or lock_timeout(exc)
+    return retryable(exc) or lock_timeout(exc) or statement_timeout(exc)
 
 
 def unconvertible(exc: BaseException, value: str) -> bool:
