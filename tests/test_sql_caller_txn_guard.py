@@ -23,7 +23,7 @@ import pytest
 from oncely.errors import BarrierTableMissing, ConfigurationError, ValueRefused
 from oncely.messaging.inbox import Inbox
 from oncely.messaging.outbox import Outbox
-from oncely.sql import insert_once
+from oncely.sql import insert_once, versioned_update
 from oncely.statemachine.barrier import barrier
 from oncely.statemachine.barrier import create_table as create_barrier_table
 
@@ -67,6 +67,11 @@ def _calls(db: Db, table: str) -> dict[str, Callable[[Any], Any]]:
         "insert_once, unknown values column": lambda c: insert_once(
             c, table, {"id": 5, "name": "x", "nope": 1}, unique=("name",)
         ),
+        # the business table has no version column (rt19 G1)
+        "versioned_update, unknown column": lambda c: versioned_update(
+            c, table, 1, {"name": "z"}, 1
+        ),
+        "versioned_update, missing table": lambda c: versioned_update(c, missing, 1, {}, 1),
     }
 
 
@@ -77,6 +82,8 @@ def _calls(db: Db, table: str) -> dict[str, Callable[[Any], Any]]:
         "outbox.add, missing table",
         "barrier, missing table",
         "insert_once, unknown values column",
+        "versioned_update, unknown column",
+        "versioned_update, missing table",
     ],
 )
 def test_a_typed_error_keeps_the_callers_earlier_write(db: Db, case: str) -> None:
@@ -106,6 +113,9 @@ def test_later_calls_send_no_savepoint_and_no_extra_round_trip(make_db: Any) -> 
     outbox.create_table(conn)
     bar = db.name("bar")
     create_barrier_table(conn, bar)
+    vt = db.name("vt")
+    conn.execute(f"CREATE TABLE {vt} (id INTEGER PRIMARY KEY, n INTEGER, version BIGINT NOT NULL)")
+    conn.execute(f"INSERT INTO {vt} (id, n, version) VALUES (1, 0, 1), (2, 0, 1), (3, 0, 1)")
     conn.commit()
     calls: dict[str, Callable[[int], Any]] = {
         "inbox": lambda n: inbox.accept(conn, "c", f"m{n}"),
@@ -114,6 +124,7 @@ def test_later_calls_send_no_savepoint_and_no_extra_round_trip(make_db: Any) -> 
         "insert_once": lambda n: insert_once(
             conn, table, {"id": 10 + n, "name": f"n{n}"}, unique=("name",)
         ),
+        "versioned_update": lambda n: versioned_update(conn, vt, n, {"n": n}, 1),
     }
     for what, call in calls.items():
         _write_earlier(db, conn, table, 100 + len(what))  # a transaction is open
@@ -264,7 +275,7 @@ def test_state_machine_value_refused(make_db: Any, dialect: str) -> None:
 async def test_async_faces_keep_the_callers_earlier_write(make_db: Any) -> None:
     """F2 on psycopg's AsyncConnection: aaccept, aadd, abarrier and ainsert_once go through the
     same guard."""
-    from oncely.sql import ainsert_once
+    from oncely.sql import ainsert_once, aversioned_update
     from oncely.statemachine.barrier import abarrier
 
     db = make_db("postgresql")
@@ -277,6 +288,8 @@ async def test_async_faces_keep_the_callers_earlier_write(make_db: Any) -> None:
         lambda: Outbox(table=missing).aadd(conn, "t", b"x"),
         lambda: abarrier(conn, "g", "b", "try", table=missing),
         lambda: ainsert_once(conn, table, {"id": 5, "name": "x", "nope": 1}, unique=("name",)),
+        lambda: aversioned_update(conn, table, 1, {"name": "z"}, 1),  # no version column
+        lambda: aversioned_update(conn, missing, 1, {}, 1),
     ]
     for n, call in enumerate(calls, 1):
         await conn.execute(f"INSERT INTO {table} (id, name) VALUES ({n}, 'e{n}')")
@@ -284,5 +297,130 @@ async def test_async_faces_keep_the_callers_earlier_write(make_db: Any) -> None:
             await call()
         assert KEPT in str(info.value)
         await conn.commit()
-    assert _ids(db, table) == [1, 2, 3, 4]
+    assert _ids(db, table) == [1, 2, 3, 4, 5, 6]
     await db.aclose()
+
+
+def _versioned_table(db: Db) -> str:
+    vt = db.name("vt")
+    db.run(f"CREATE TABLE {vt} (id INTEGER PRIMARY KEY, n INTEGER, version BIGINT NOT NULL)")
+    db.run(f"INSERT INTO {vt} (id, n, version) VALUES (1, 0, 1)")
+    return vt
+
+
+def test_versioned_update_later_call_says_aborted_and_checks_again(make_db: Any) -> None:
+    """rt19 G1: versioned_update went through no guard: its UnknownColumn / UnknownTable aborted
+    the caller's PostgreSQL transaction without saying so, and commit() dropped the earlier
+    write. Now the first use per connection and (table, columns) runs in a savepoint; a later
+    call that fails (the column dropped since) says the transaction is aborted, and the
+    connection checks again after the rollback."""
+    from oncely.errors import UnknownColumn
+
+    db = make_db("postgresql")
+    table, conn = _setup(db)
+    vt = _versioned_table(db)
+    assert versioned_update(conn, vt, 1, {"n": 1}, 1) == 2  # warm: remembered
+    conn.commit()
+    db.run(f"ALTER TABLE {vt} DROP COLUMN n")
+    _write_earlier(db, conn, table)
+    with pytest.raises(UnknownColumn) as info:
+        versioned_update(conn, vt, 1, {"n": 2}, 2)
+    assert ABORTED in str(info.value) and "roll it back" in str(info.value), info.value
+    conn.rollback()
+    _write_earlier(db, conn, table)
+    with pytest.raises(UnknownColumn) as info:
+        versioned_update(conn, vt, 1, {"n": 2}, 2)
+    assert KEPT in str(info.value), info.value
+    conn.commit()
+    assert _ids(db, table) == [1]
+
+
+def test_versioned_update_sqlalchemy_connection_keeps_the_earlier_write(db: Db) -> None:
+    """rt19 G1 on a SQLAlchemy Connection (pooled: the first use is remembered on the DB-API
+    connection): the error keeps the earlier write on every database; on PostgreSQL it says the
+    transaction is still usable."""
+    import sqlalchemy as sa
+
+    from oncely.errors import UnknownColumn, UnknownTable
+
+    table = db.name("biz")
+    db.run(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, name VARCHAR(10) NOT NULL UNIQUE)")
+    engine = sa.create_engine(db.url())
+    try:
+        with engine.connect() as conn:
+            for n, call in enumerate(
+                [
+                    lambda: versioned_update(conn, table, 1, {"name": "z"}, 1),
+                    lambda: versioned_update(conn, f"nothere_{db.tag}", 1, {}, 1),
+                ],
+                1,
+            ):
+                conn.execute(sa.text(f"INSERT INTO {table} (id, name) VALUES ({n}, 'e{n}')"))
+                with pytest.raises((UnknownColumn, UnknownTable)) as info:
+                    call()
+                if db.dialect == "postgresql":
+                    assert KEPT in str(info.value), info.value
+                else:
+                    assert ABORTED not in str(info.value)
+                conn.commit()
+    finally:
+        engine.dispose()
+    assert _ids(db, table) == [1, 2]
+
+
+@pytest.mark.parametrize("vendor", ["sqlite", "postgresql", "mysql"])
+def test_versioned_update_django_atomic_keeps_the_earlier_write(vendor: str, tmp_path: Any) -> None:
+    """rt19 G1 in Django's atomic(): the UnknownColumn caught inside the block, the block exits
+    normally and its earlier write is committed (PostgreSQL used to drop it silently)."""
+    import subprocess
+    import sys
+    import uuid
+    from pathlib import Path
+
+    pytest.importorskip("django")
+    if vendor == "mysql":
+        pytest.importorskip("MySQLdb", reason="Django's MySQL backend needs mysqlclient")
+    here = Path(__file__).resolve().parent
+    tag = uuid.uuid4().hex[:10]
+    target = f"sqlite:{tmp_path / 'dj.db'}" if vendor == "sqlite" else vendor
+    out = subprocess.run(
+        [sys.executable, str(here / "versioned_django_check.py"), target, f"rt19v_{tag}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=here.parent,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().endswith("OK"), out.stdout
+
+
+def test_versioned_update_driver_refusal_on_a_later_call_says_still_usable(make_db: Any) -> None:
+    """A later (unguarded) call whose value psycopg refuses before sending it (a dict): the
+    transaction is not aborted, and the message says so (transaction_noted, the one helper of
+    these notes); commit() keeps the earlier write."""
+    db = make_db("postgresql")
+    table, conn = _setup(db)
+    vt = _versioned_table(db)
+    db.run(f"ALTER TABLE {vt} ADD COLUMN note VARCHAR(20)")
+    assert versioned_update(conn, vt, 1, {"note": "a"}, 1) == 2  # warm
+    conn.commit()
+    _write_earlier(db, conn, table)
+    with pytest.raises(ValueRefused) as info:
+        versioned_update(conn, vt, 1, {"note": {"a": 1}}, 2)
+    assert "still usable" in str(info.value) and ABORTED not in str(info.value), info.value
+    conn.commit()
+    assert _ids(db, table) == [1]
+
+
+def test_reap_in_the_callers_transaction_keeps_the_earlier_write(db: Db) -> None:
+    """rt19 (the same kind as G1): reap() in the caller's open transaction ran its DELETE with no
+    savepoint; on PostgreSQL a missing table aborted the transaction and commit() dropped the
+    earlier write. Now its first use per connection and table there is guarded too."""
+    from oncely.sql.phases import reap
+
+    table, conn = _setup(db)
+    _write_earlier(db, conn, table)
+    with pytest.raises(Exception, match="nothere"):
+        reap(conn, table=f"nothere_{db.tag}")
+    conn.commit()
+    assert _ids(db, table) == [1]

@@ -75,6 +75,7 @@ __all__ = [
     "ABORTED_NOTE",
     "DIALECTS",
     "KEPT_NOTE",
+    "USABLE_NOTE",
     "WRITTEN_BY_THIS_TRANSACTION",
     "Dialect",
     "Duplicate",
@@ -114,6 +115,7 @@ __all__ = [
     "savepoint_lost",
     "statement_for",
     "statement_timeout",
+    "transaction_noted",
     "unconvertible",
     "undecided",
     "value_refused",
@@ -943,6 +945,32 @@ def noted(exc: BaseException, note: str) -> None:
         exc.args = (exc.args[0].rstrip().rstrip(".") + "." + note, *exc.args[1:])
 
 
+#: Appended when a later (unguarded) call failed but the transaction did not: the driver refused
+#: the value before sending it, so PostgreSQL did not abort the transaction.
+USABLE_NOTE: Final = (
+    " The statement did not fail on the server: the transaction is still usable and keeps "
+    "its earlier writes"
+)
+
+
+def transaction_noted(c: SqlConnection, exc: BaseException, *, savepoint: bool) -> None:
+    """The one place that says, in the message of a typed error raised after a statement failed
+    in the caller's PostgreSQL transaction, what became of that transaction: ``savepoint`` (the
+    statement ran in a savepoint, rolled back): still usable (:data:`KEPT_NOTE`); else aborted
+    (:data:`ABORTED_NOTE`) when the server failed it, or still usable (:data:`USABLE_NOTE`) when
+    the driver refused the call before sending it. Nothing is said of an error no statement
+    caused (no driver error in its chain), nor on SQLite and MariaDB/MySQL (only the statement
+    failed; the transaction goes on)."""
+    if c.dialect != "postgresql":
+        return
+    if savepoint:
+        noted(exc, KEPT_NOTE)
+    elif c.failed():
+        noted(exc, ABORTED_NOTE)
+    elif any(type(e).__module__.split(".")[0] in _DRIVERS for e in _causes(exc)):
+        noted(exc, USABLE_NOTE)
+
+
 T = TypeVar("T")
 
 #: Per user connection (weakly held, see :func:`_owner`): the keys :func:`first_use_guarded`
@@ -1019,8 +1047,7 @@ def first_use_guarded(c: SqlConnection, key: Hashable, plan: Plan[T]) -> Plan[T]
         except Exception as exc:
             if _schema_error(exc):
                 seen.discard(key)
-            if c.failed():
-                noted(exc, ABORTED_NOTE)
+            transaction_noted(c, exc, savepoint=False)
             raise
     name = c._savepoint_name()
     # psycopg (and SQLAlchemy, and Django with autocommit off) begin the transaction before the
@@ -1032,7 +1059,7 @@ def first_use_guarded(c: SqlConnection, key: Hashable, plan: Plan[T]) -> Plan[T]
         with cleanup(exc):
             yield Exec(f"ROLLBACK TO SAVEPOINT {name}", {})
             yield Exec(f"RELEASE SAVEPOINT {name}", {})
-            noted(exc, KEPT_NOTE)
+            transaction_noted(c, exc, savepoint=True)
         raise
     yield Exec(f"RELEASE SAVEPOINT {name}", {})
     seen.add(key)

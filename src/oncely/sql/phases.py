@@ -70,6 +70,7 @@ from oncely.sql.connections import (
     check_identifier,
     cleanup,
     duplicate_of,
+    first_use_guarded,
     roll_back,
     run,
 )
@@ -458,6 +459,16 @@ def _reap(c: SqlConnection, table: str, retention: float) -> Plan[int]:
     return int(res.rowcount)
 
 
+def _reap_plan(c: SqlConnection, table: str, retention: float) -> Plan[int]:
+    """:func:`_reap`; inside the caller's open transaction (where its block is no savepoint) the
+    first use per connection and table runs in a savepoint (first_use_guarded), so a failing
+    ``DELETE`` on PostgreSQL does not silently abort the caller's transaction."""
+    plan = _reap(c, table, retention)
+    if c.in_transaction():
+        plan = first_use_guarded(c, ("reap", table), plan)
+    return plan
+
+
 def reap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RETENTION) -> int:
     """The reaper: delete finished records (recovery points and :func:`oncely.sql.transaction`
     alike) whose last write is older than ``retention`` seconds (database clock; default 72 h,
@@ -467,7 +478,7 @@ def reap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RETENTION)
     retention = _check_retention(retention)
     table = check_identifier(table)
     c = adapt(conn)
-    count: int = run(_reap(c, table, retention), c, what=f"reap of {table}")
+    count: int = run(_reap_plan(c, table, retention), c, what=f"reap of {table}")
     return count
 
 
@@ -476,5 +487,5 @@ async def areap(conn: Any, *, table: str = DEFAULT_TABLE, retention: float = RET
     retention = _check_retention(retention)
     table = check_identifier(table)
     c = adapt(conn)
-    count: int = await arun(_reap(c, table, retention), c, what=f"reap of {table}")
+    count: int = await arun(_reap_plan(c, table, retention), c, what=f"reap of {table}")
     return count

@@ -19,10 +19,13 @@ version, or raises
   :func:`~oncely.sql.connections.other_key`).
 
 Nothing is written in those cases. The statement runs in the caller's transaction (commit as
-usual; on an error roll back before the next attempt, so that the next read is fresh). After
-:class:`~oncely.errors.ValueRefused` on PostgreSQL the transaction is aborted (a statement the
-server refused ends it; psycopg's own refusal of a ``dict`` sends nothing and does not): roll
-back; on SQLite and MariaDB/MySQL only the statement failed and the transaction goes on.
+usual; on an error roll back before the next attempt, so that the next read is fresh). On
+PostgreSQL a statement the server refuses aborts the transaction (and psycopg's ``commit()`` of
+it rolls back without an error), so a connection's first call per (table, columns) runs in a
+savepoint (:func:`~oncely.sql.connections.first_use_guarded`, as ``insert_once``); later calls
+are the statements alone. The error of a failed statement (``ValueRefused``, ``UnknownTable``,
+``UnknownColumn``) says whether the transaction is still usable or aborted ("roll it back");
+on SQLite and MariaDB/MySQL only the statement failed and the transaction goes on.
 
 Statements per dialect (the decision is always the one ``UPDATE``; nothing is read first):
 
@@ -61,15 +64,14 @@ from oncely.errors import (
     VersionExhausted,
 )
 from oncely.sql.connections import (
-    ABORTED_NOTE,
     Dialect,
     Result,
     SqlConnection,
     adapt,
     arun,
     busy,
+    first_use_guarded,
     missing_object,
-    noted,
     other_key,
     quote,
     run,
@@ -197,32 +199,20 @@ def _plan(
         params["oncely_key"] = str(id)
     conn.check_usable()
     entity = f"{table} {id_column}={id!r}"
-    try:
-        # 2^63 - 1: version + 1 would not fit (SQLite makes it a REAL, the others refuse it);
-        # larger: no BIGINT holds it. Nothing is sent that could write; the SELECT tells.
-        if expected >= _MAX_VERSION:
-            written = 0
-        else:
-            result: Result = yield Exec(update, params)
-            written = len(result.rows) if returning else result.rowcount
-        if written == 1:
-            return int(result.rows[0][0]) if returning else expected + 1
-        if written > 1:
-            raise ConfigurationError(
-                f"{update!r} changed {written} rows: {id_column!r} is not unique in "
-                f"{table!r}; roll the transaction back and use the primary key"
-            )
-        found: Result = yield Exec(select, {"oncely_id": id})
-    except Exception as exc:
-        typed = missing_object(exc) or busy(exc, f"versioned_update of {entity}")
-        if typed is not exc:
-            raise typed from exc
-        refused = value_refused(exc, f"versioned_update of {entity}")
-        if refused is not None:
-            if conn.failed():  # PostgreSQL refused it on the server (psycopg's own refusal:
-                noted(refused, ABORTED_NOTE)  # nothing was sent, the transaction goes on)
-            raise refused from exc
-        raise
+    # 2^63 - 1: version + 1 would not fit (SQLite makes it a REAL, the others refuse it);
+    # larger: no BIGINT holds it. Nothing is sent that could write; the SELECT tells.
+    send = expected < _MAX_VERSION
+    # on PostgreSQL a failing statement aborts the caller's transaction: the first use per
+    # connection and (table, columns) runs in a savepoint (first_use_guarded, the guard of
+    # every mechanism writing in the caller's transaction); later calls are the statements
+    # alone, and their error says the transaction is aborted
+    guard = ("versioned_update", table, frozenset(changes), id_column, version_column)
+    written, result = yield from first_use_guarded(
+        conn, guard, _send(update, select, params, returning, send, entity, table, id_column)
+    )
+    if written == 1:
+        return int(result.rows[0][0]) if returning else expected + 1
+    found = result
     key = other_key(id_column, id, found) if _exact(id) else None
     if key is not None:
         raise ValueRefused(
@@ -266,6 +256,43 @@ def _plan(
     raise StaleVersion(entity, expected, current)
 
 
+def _send(
+    update: str,
+    select: str,
+    params: dict[str, Any],
+    returning: bool,
+    send: bool,
+    entity: str,
+    table: str,
+    id_column: str,
+) -> Plan[tuple[int, Result]]:
+    """The statements: the ``UPDATE`` (unless ``send`` is false), and when it wrote nothing the
+    reporting ``SELECT``; returns (rows written, the result of the last statement). Driver
+    errors typed (missing names, busy, refused values)."""
+    try:
+        written = 0
+        if send:
+            result: Result = yield Exec(update, params)
+            written = len(result.rows) if returning else result.rowcount
+        if written == 1:
+            return written, result
+        if written > 1:
+            raise ConfigurationError(
+                f"{update!r} changed {written} rows: {id_column!r} is not unique in "
+                f"{table!r}; roll the transaction back and use the primary key"
+            )
+        found: Result = yield Exec(select, {"oncely_id": params["oncely_id"]})
+    except Exception as exc:
+        typed = missing_object(exc) or busy(exc, f"versioned_update of {entity}")
+        if typed is not exc:
+            raise typed from exc
+        refused = value_refused(exc, f"versioned_update of {entity}")
+        if refused is not None:
+            raise refused from exc
+        raise
+    return 0, found
+
+
 def versioned_update(
     conn: Any,
     table: str,
@@ -293,8 +320,9 @@ def versioned_update(
         id (too long, too large, NULL into ``NOT NULL``, a type the driver cannot send), or the
         id matched a row whose key is another text (MariaDB ``'1abc'`` = 1, SQLite ``'1.0'``,
         PostgreSQL ``' 1'``); ``__cause__`` is the driver's error. Nothing was written. The
-        transaction: on PostgreSQL a statement the server refused aborts it (roll back, or
-        call this inside a savepoint of yours); on SQLite and MariaDB/MySQL it goes on.
+        transaction: on PostgreSQL the message says whether it is still usable (a first call
+        per connection and columns runs in a savepoint) or aborted (roll back); on SQLite and
+        MariaDB/MySQL it goes on.
     :raises ~oncely.errors.UnknownTable: / :raises ~oncely.errors.UnknownColumn: names the
         database does not have. :raises ~oncely.errors.InvalidIdentifier: a name that is not
         a plain identifier. :raises ~oncely.errors.TransactionFailed: the caller's
