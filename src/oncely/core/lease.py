@@ -66,6 +66,9 @@ class Claimed:
     lost: BaseException | None = None
     active: bool = True
     due: float = field(default=0.0, repr=False)
+    #: The error of the last renewal that failed since the last confirmed one (None: none
+    #: failed): what the lease is reported lost with when it runs out meanwhile.
+    failure: BaseException | None = field(default=None, repr=False)
     #: The event loop of an async holder (None: a sync holder): ``on_lost`` is called on it,
     #: and renewals stop once it is closed.
     loop: asyncio.AbstractEventLoop | None = field(default=None, repr=False)
@@ -121,7 +124,12 @@ class Claimed:
         if lost is not None:
             raise LeaseLost(f"the lease of this call was lost: {lost}") from lost
 
-    def _ran_out(self) -> LeaseLost:
+    def _ran_out(self) -> BaseException:
+        """Why the lease ran out: the last renewal's error if one failed since the last
+        confirmed renewal (the same report as when that failure is found too late to retry),
+        else LeaseLost (no reply came: the store is slow or stuck, or this process paused)."""
+        if self.failure is not None:
+            return self.failure
         return LeaseLost(
             f"no renewal of the {self.lease:g}s lease was confirmed in time (the store is slow "
             "or unreachable, or this process was paused); another caller may hold the key now"
@@ -132,6 +140,7 @@ class Claimed:
             observe.lease_renewed(self.store, True)
         self.held_until = sent_at + self.lease
         self.due = sent_at + self.lease / 3
+        self.failure = None
 
     def _failed(self, exc: BaseException, now: float) -> bool:
         """Record a failed renewal; True if it should be retried."""
@@ -145,6 +154,7 @@ class Claimed:
         log.warning(
             "oncely: lease renewal failed (%s); retrying while the lease lasts", describe(exc)
         )
+        self.failure = exc
         self.due = now + self.lease / 10
         return True
 
