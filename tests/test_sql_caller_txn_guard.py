@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from oncely.errors import BarrierTableMissing, ConfigurationError, ValueRefused
+from oncely.errors import BarrierTableMissing, ConfigurationError, OncelyError, ValueRefused
 from oncely.messaging.inbox import Inbox
 from oncely.messaging.outbox import Outbox
 from oncely.sql import insert_once, versioned_update
@@ -424,3 +424,225 @@ def test_reap_in_the_callers_transaction_keeps_the_earlier_write(db: Db) -> None
         reap(conn, table=f"nothere_{db.tag}")
     conn.commit()
     assert _ids(db, table) == [1]
+
+
+# -- red team 20 H3: errors oncely does not type, on a later (unguarded) call -------------------
+ABORTED_NOTE_TEXT = "PostgreSQL aborted the transaction"
+
+
+def _notes(exc: BaseException) -> list[str]:
+    return list(getattr(exc, "__notes__", ()))
+
+
+def _raw_error_tables(db: Db) -> tuple[str, str]:
+    """A versioned table and an insert_once table whose other columns the server checks (a
+    UNIQUE on another column, a CHECK); on PostgreSQL also a foreign key and a trigger that
+    raises."""
+    vt, it = db.name("rvt"), db.name("rit")
+    db.run(
+        f"CREATE TABLE {vt} (id INTEGER PRIMARY KEY, version BIGINT NOT NULL, "
+        "email VARCHAR(20) UNIQUE, qty INTEGER CHECK (qty >= 0))"
+    )
+    db.run(f"INSERT INTO {vt} (id, version, email, qty) VALUES (1, 1, 'a', 5), (2, 1, 'b', 5)")
+    db.run(
+        f"CREATE TABLE {it} (k VARCHAR(20) PRIMARY KEY, email VARCHAR(20) UNIQUE, "
+        "qty INTEGER CHECK (qty >= 0))"
+    )
+    if db.dialect == "postgresql":
+        db.run(f"ALTER TABLE {vt} ADD COLUMN ref INTEGER REFERENCES {vt} (id)")
+        db.run(f"ALTER TABLE {vt} ADD COLUMN frozen BOOLEAN")
+        db.run(
+            f"CREATE FUNCTION {vt}_f() RETURNS trigger AS $$ BEGIN IF NEW.frozen THEN "
+            "RAISE EXCEPTION 'account frozen'; END IF; RETURN NEW; END $$ LANGUAGE plpgsql"
+        )
+        db.run(
+            f"CREATE TRIGGER {vt}_t BEFORE UPDATE ON {vt} FOR EACH ROW EXECUTE FUNCTION {vt}_f()"
+        )
+    return vt, it
+
+
+def _raw_cases(db: Db, vt: str, it: str) -> dict[str, tuple[Callable[[Any], Any], Any]]:
+    """name -> (the failing call, a call on the same key that works: warms the connection)."""
+    cases: dict[str, tuple[Callable[[Any], Any], Any]] = {
+        "versioned_update, unique on another column": (
+            lambda c: versioned_update(c, vt, 1, {"email": "b"}, 2),
+            lambda c: versioned_update(c, vt, 1, {"email": "a"}, 1),
+        ),
+        "versioned_update, check": (
+            lambda c: versioned_update(c, vt, 1, {"qty": -1}, 2),
+            lambda c: versioned_update(c, vt, 1, {"qty": 5}, 1),
+        ),
+        "insert_once, unique on another column": (
+            lambda c: insert_once(c, it, {"k": "k2", "email": "e1"}, unique=("k",)),
+            lambda c: insert_once(c, it, {"k": "k1", "email": "e1"}, unique=("k",)),
+        ),
+        "insert_once, check": (
+            lambda c: insert_once(c, it, {"k": "k2", "qty": -1}, unique=("k",)),
+            lambda c: insert_once(c, it, {"k": "k1", "qty": 1}, unique=("k",)),
+        ),
+    }
+    if db.dialect == "postgresql":
+        cases["versioned_update, foreign key"] = (
+            lambda c: versioned_update(c, vt, 1, {"ref": 99}, 2),
+            lambda c: versioned_update(c, vt, 1, {"ref": 2}, 1),
+        )
+        cases["versioned_update, trigger raise"] = (
+            lambda c: versioned_update(c, vt, 1, {"frozen": True}, 2),
+            lambda c: versioned_update(c, vt, 1, {"frozen": False}, 1),
+        )
+    return cases
+
+
+def test_raw_server_errors_on_a_later_call_say_the_transaction_is_aborted(db: Db) -> None:
+    """rt20 H3: on a later (unguarded) call an error oncely does not type (a UNIQUE violation
+    on another column, a CHECK, a foreign key, a trigger's RAISE) came out raw with no word
+    that PostgreSQL had aborted the caller's transaction, and commit() then dropped its
+    earlier write without an error. Now the error keeps its type and message and carries
+    the ABORTED note (exc.add_note) on PostgreSQL; SQLite and MariaDB roll back only the
+    statement: no note, the earlier write is committed."""
+    table, _ = _setup(db)
+    vt, it = _raw_error_tables(db)
+    cases = _raw_cases(db, vt, it)
+    expected = []
+    for n, (name, (fail, warm)) in enumerate(cases.items(), 1):
+        db.run(f"DELETE FROM {it}")
+        db.run(f"UPDATE {vt} SET version = 1, email = 'a', qty = 5 WHERE id = 1")
+        if db.dialect == "postgresql":
+            db.run(f"UPDATE {vt} SET ref = NULL, frozen = NULL WHERE id = 1")
+        conn = db.connect()
+        warm(conn)  # remembered: the next call is one plain statement
+        conn.commit()
+        _write_earlier(db, conn, table, n)
+        with pytest.raises(Exception) as info:
+            fail(conn)
+        notes = _notes(info.value)
+        if isinstance(info.value, OncelyError):  # typed by oncely: the note is in its message
+            assert not notes, (name, notes)
+            said = ABORTED in str(info.value)
+        else:  # the driver's own error, its type kept
+            assert type(info.value).__module__.split(".")[0] in ("psycopg", "pymysql", "sqlite3")
+            assert len(notes) <= 1, notes
+            said = any(ABORTED_NOTE_TEXT in x for x in notes)
+        if db.dialect == "postgresql":
+            assert said, (name, repr(info.value), notes)
+            conn.rollback()
+        else:
+            assert not said, (name, repr(info.value), notes)
+            conn.commit()
+            expected.append(n)
+        conn.close()
+    assert _ids(db, table) == expected
+
+
+def test_raw_server_error_on_a_first_use_is_not_noted_aborted(make_db: Any) -> None:
+    """The first use ran in a savepoint, rolled back: the transaction is not aborted, so no
+    ABORTED note, and commit() keeps the earlier write."""
+    db = make_db("postgresql")
+    table, conn = _setup(db)
+    vt, _ = _raw_error_tables(db)
+    _write_earlier(db, conn, table)
+    with pytest.raises(Exception) as info:
+        versioned_update(conn, vt, 1, {"qty": -1}, 1)
+    assert not any(ABORTED_NOTE_TEXT in x for x in _notes(info.value))
+    conn.commit()
+    assert _ids(db, table) == [1]
+
+
+def test_raw_server_error_later_call_sqlalchemy_says_aborted(make_db: Any) -> None:
+    """rt20 H3 through SQLAlchemy (Connection and Session): the wrapped error
+    (sqlalchemy.exc.IntegrityError) keeps its type and carries the ABORTED note."""
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    db = make_db("postgresql")
+    vt, _ = _raw_error_tables(db)
+    engine = sa.create_engine(db.url(), pool_size=1, max_overflow=0)
+    try:
+        for kind in ("connection", "session"):
+            db.run(f"UPDATE {vt} SET version = 1, email = 'a' WHERE id = 1")
+            holder: Any = engine.connect() if kind == "connection" else Session(engine)
+            with holder as conn:
+                versioned_update(conn, vt, 1, {"email": "a"}, 1)  # warm
+                conn.commit()
+                with pytest.raises(sa.exc.IntegrityError) as info:
+                    versioned_update(conn, vt, 1, {"email": "b"}, 2)
+                assert any(ABORTED_NOTE_TEXT in x for x in _notes(info.value)), kind
+                conn.rollback()
+    finally:
+        engine.dispose()
+
+
+async def test_cancelled_later_call_says_the_transaction_is_aborted(make_db: Any) -> None:
+    """rt20 H3: asyncio.wait_for cancelling a later aversioned_update waiting on a row lock:
+    psycopg cancels the statement, PostgreSQL aborts the transaction (commit() would drop the
+    earlier write). The CancelledError (the TimeoutError's cause) carries the ABORTED note."""
+    import asyncio
+
+    from oncely.sql import aversioned_update
+
+    db = make_db("postgresql")
+    table, _ = _setup(db)
+    vt, _ = _raw_error_tables(db)
+    conn = await db.aconnect()
+    await aversioned_update(conn, vt, 2, {"qty": 1}, 1)  # warm
+    await conn.commit()
+    holder = db.connect()
+    holder.execute(f"SELECT id FROM {vt} WHERE id = 1 FOR UPDATE")
+    try:
+        await conn.execute(f"INSERT INTO {table} (id, name) VALUES (1, 'e1')")
+        with pytest.raises((asyncio.TimeoutError, asyncio.CancelledError)) as info:
+            await asyncio.wait_for(aversioned_update(conn, vt, 1, {"qty": 2}, 1), 0.3)
+        assert conn.info.transaction_status.name == "INERROR"
+        chain = [info.value, info.value.__cause__, info.value.__context__]
+        assert any(
+            e is not None and any(ABORTED_NOTE_TEXT in x for x in _notes(e)) for e in chain
+        ), [(type(e), _notes(e)) for e in chain if e is not None]
+        await conn.rollback()
+    finally:
+        holder.rollback()
+        holder.close()
+        await db.aclose()
+
+
+def test_sqlalchemy_new_session_per_call_sends_no_savepoint_after_the_first(make_db: Any) -> None:
+    """rt20 H5: the first-use memory under a SQLAlchemy Session was kept on the Session, so a
+    new Session per unit of work (the usual pattern) sent SAVEPOINT + statement + RELEASE on
+    every call. Now it is kept on the pooled DB-API connection: after the first call, one
+    statement per call (versioned_update, insert_once, inbox.accept)."""
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Session
+
+    from roundtrips import PgWire
+
+    db = make_db("postgresql")
+    table = db.name("biz")
+    db.run(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, name VARCHAR(10) NOT NULL UNIQUE)")
+    vt = _versioned_table(db)
+    db.run(f"INSERT INTO {vt} (id, n, version) VALUES (2, 0, 1), (3, 0, 1), (4, 0, 1)")
+    inbox = Inbox(table=db.name("ib"))
+    setup = db.connect()
+    inbox.create_table(setup)
+    setup.commit()
+    engine = sa.create_engine(db.url(), pool_size=1, max_overflow=0)
+    calls: dict[str, Callable[[Any, int], Any]] = {
+        "versioned_update": lambda s, n: versioned_update(s, vt, n, {"n": n}, 1),
+        "insert_once": lambda s, n: insert_once(
+            s, table, {"id": n, "name": f"n{n}"}, unique=("name",)
+        ),
+        "inbox.accept": lambda s, n: inbox.accept(s, "c", f"m{n}"),
+    }
+    try:
+        for what, call in calls.items():
+            per_call = []
+            for n in (1, 2, 3, 4):
+                with Session(engine) as session:
+                    session.execute(sa.text("SELECT 1"))  # the transaction is open
+                    driver = session.connection().connection.dbapi_connection
+                    with PgWire(driver) as wire:
+                        call(session, n)
+                    per_call.append(wire.trips)
+                    assert (n == 1) == any("SAVEPOINT" in q for q in wire.queries), wire.queries
+                    session.commit()
+            assert per_call == [3, 1, 1, 1], (what, per_call)
+    finally:
+        engine.dispose()

@@ -85,6 +85,7 @@ __all__ = [
     "Result",
     "SqlConnection",
     "Text",
+    "aborted_noted",
     "adapt",
     "arun",
     "busy",
@@ -971,6 +972,31 @@ def transaction_noted(c: SqlConnection, exc: BaseException, *, savepoint: bool) 
         noted(exc, USABLE_NOTE)
 
 
+def aborted_noted(c: SqlConnection, exc: BaseException) -> None:
+    """Say, as a note (``exc.add_note``, PEP 678: the error keeps its type and message), that the
+    caller's PostgreSQL transaction is aborted after an error oncely does not type left a
+    statement run in it: a driver's own error (a UNIQUE violation on another column, a CHECK,
+    a foreign key, a trigger's ``RAISE``), a cancellation or a timeout that cancelled the
+    statement. Only when the transaction is in the failed state now (a ``commit()`` of it would
+    roll back its earlier writes without an error), once per error."""
+    if c.dialect != "postgresql":
+        return
+    try:
+        failed = c.failed()
+    except Exception:
+        return
+    note = ABORTED_NOTE.strip()
+    notes = list(getattr(exc, "__notes__", ()))
+    if not failed or note in notes:
+        return
+    add = getattr(exc, "add_note", None)
+    if add is not None:
+        add(note)
+    else:  # Python 3.10: no add_note; __notes__ (PEP 678) is read by the exceptiongroup backport
+        with contextlib.suppress(Exception):
+            exc.__notes__ = [*notes, note]  # type: ignore[attr-defined]
+
+
 T = TypeVar("T")
 
 #: Per user connection (weakly held, see :func:`_owner`): the keys :func:`first_use_guarded`
@@ -982,11 +1008,17 @@ def _owner(raw: Any) -> Any:
     """What a per-connection memory is kept on: under an SQLAlchemy ``Connection`` /
     ``AsyncConnection`` / ``Session`` (a new one per ``engine.connect()`` or transaction) the
     pooled DB-API connection, which outlives them; under a Django connection the driver's
-    connection (a new one after every reconnect); else ``raw``."""
+    connection (a new one after every reconnect); else ``raw``. A sync ``Session`` resolves to
+    the pooled connection its transaction holds (``Session.connection()``, which begins the
+    transaction the statements about to run would begin anyway), so a new Session per unit of
+    work on the same pooled connection remembers what the earlier ones found."""
     try:
         if type(raw).__module__.startswith("sqlalchemy"):
             sync = getattr(raw, "sync_connection", None) or raw
-            dbapi = sync.connection.dbapi_connection
+            connection = sync.connection
+            if callable(connection) and type(raw).__name__ != "AsyncSession":  # a Session
+                connection = connection().connection
+            dbapi = connection.dbapi_connection
             return raw if dbapi is None else dbapi
         if hasattr(raw, "vendor") and hasattr(raw, "in_atomic_block"):  # Django
             return raw if raw.connection is None else raw.connection
@@ -1032,8 +1064,11 @@ def first_use_guarded(c: SqlConnection, key: Hashable, plan: Plan[T]) -> Plan[T]
     subtransactions in one transaction PostgreSQL's snapshots slow down). A later call can
     still fail (a value the server refuses, the table dropped or the search_path switched since
     the first use): the error then says that the transaction is aborted and must be rolled
-    back, and a schema error (a table, a column or the ``ON CONFLICT`` arbiter gone) forgets the
-    key, so the call after the rollback checks again in a savepoint.
+    back (a typed error in its message, :func:`transaction_noted`; any other error, a driver's
+    own or a cancellation, keeps its type and message and carries it as a note when the
+    transaction is in the failed state, :func:`aborted_noted`), and a schema error (a table, a
+    column or the ``ON CONFLICT`` arbiter gone) forgets the key, so the call after the rollback
+    checks again in a savepoint.
 
     SQLite, MariaDB and MySQL roll back only the failing statement: the plan runs as is. So does
     an autocommit connection with no transaction open (each statement is its own transaction:
@@ -1044,10 +1079,13 @@ def first_use_guarded(c: SqlConnection, key: Hashable, plan: Plan[T]) -> Plan[T]
     if key in seen:
         try:
             return (yield from plan)
-        except Exception as exc:
-            if _schema_error(exc):
+        except BaseException as exc:
+            if isinstance(exc, Exception) and _schema_error(exc):
                 seen.discard(key)
-            transaction_noted(c, exc, savepoint=False)
+            if isinstance(exc, OncelyError):
+                transaction_noted(c, exc, savepoint=False)
+            elif not isinstance(exc, GeneratorExit):  # not the plan merely closed
+                aborted_noted(c, exc)
             raise
     name = c._savepoint_name()
     # psycopg (and SQLAlchemy, and Django with autocommit off) begin the transaction before the
