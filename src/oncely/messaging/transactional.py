@@ -53,8 +53,7 @@ from oncely.sql.connections import (
     SqlConnection,
     adapt,
     arun,
-    lock_timeout,
-    retryable,
+    busy,
     run,
 )
 
@@ -111,11 +110,15 @@ def transaction_plan(
     except BaseException as exc:
         with contextlib.suppress(Exception):
             yield Leave(block, False)
+        # busy or not: the one classification every mechanism shares (busy()), so a lock wait
+        # ended by statement_timeout is retried like one ended by lock_timeout
         if isinstance(exc, Exception) and not isinstance(exc, (OncelyError, HandlerFailed)):
-            if retryable(exc) or lock_timeout(exc):
+            if isinstance(busy(exc, "the inbox transaction"), DatabaseBusy):
                 raise DatabaseBusy(f"the inbox transaction was rolled back: {exc}") from exc
             raise StoreUnavailable(f"the inbox transaction failed: {exc}") from exc
-        if isinstance(exc, HandlerFailed) and (retryable(exc.error) or lock_timeout(exc.error)):
+        if isinstance(exc, HandlerFailed) and isinstance(
+            busy(exc.error, "the handler's transaction"), DatabaseBusy
+        ):
             raise DatabaseBusy(f"the handler's transaction was rolled back: {exc.error}") from exc
         raise
     return bool(first)

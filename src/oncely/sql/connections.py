@@ -33,9 +33,11 @@ SQLite's "database is locked" (the transaction must be run again from the start)
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import re
 import sqlite3
+import sys
 import uuid
 import weakref
 from collections.abc import (
@@ -364,29 +366,44 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return seen
 
 
-#: Top-level modules of the frameworks that wrap a driver's error in their own (SQLAlchemy keeps
-#: it as ``orig``, Django raises its own ``from`` it): their cause is the driver's error itself.
-_WRAPPERS: Final = frozenset({"sqlalchemy", "django"})
+def _translated(e: BaseException) -> BaseException | None:
+    """The driver's error ``e`` is a translation of, or None when ``e`` translates none:
+    oncely's own (an :class:`~oncely.errors.OncelyError` raised ``from`` the driver's error),
+    SQLAlchemy's database-error wrappers (:class:`sqlalchemy.exc.DBAPIError` and, SQLAlchemy
+    2.1, ``EmulatedDBAPIException``, which keep it as ``orig``) and Django's
+    (``django.db.utils.Error`` and its ``DatabaseError`` family, raised ``from`` it by Django's
+    ``DatabaseErrorWrapper``). Any other class, also one of these frameworks' (Django's
+    ``ValidationError``, SQLAlchemy's ``NoResultFound``), is a caller's error that a busy
+    error it was raised ``from`` does not make busy."""
+    if isinstance(e, OncelyError):
+        orig = getattr(e, "orig", None)
+        return orig if isinstance(orig, BaseException) else e.__cause__
+    sa = sys.modules.get("sqlalchemy.exc")
+    if sa is not None:
+        wrappers = (sa.DBAPIError, getattr(sa, "EmulatedDBAPIException", sa.DBAPIError))
+        if isinstance(e, wrappers):
+            orig = getattr(e, "orig", None)
+            return orig if isinstance(orig, BaseException) else None
+    dj = sys.modules.get("django.db.utils")
+    if dj is not None and isinstance(e, dj.Error):
+        cause: BaseException | None = e.__cause__
+        return cause
+    return None
 
 
 def _own_causes(exc: BaseException) -> list[BaseException]:
     """``exc`` and the errors it translates, for the busy classification (:func:`retryable`,
-    :func:`lock_timeout`, :func:`statement_timeout`): the error itself, and its explicit
-    ``__cause__`` / ``orig`` only where ``exc`` is oncely's own translation (an
-    :class:`~oncely.errors.OncelyError` raised ``from`` the driver's error) or a framework's
-    wrapper of a driver's error (SQLAlchemy's ``orig``, Django's ``from``). Never
-    ``__context__``: an error raised while handling a busy error (a NOT NULL violation, a
-    UNIQUE conflict, a handler's business error) is that error, not the busy one, and a
-    caller's own error raised ``from`` a lock error is the caller's."""
+    :func:`lock_timeout`, :func:`statement_timeout`): the error itself, and the driver's error
+    it translates where ``exc`` is oncely's own translation or a framework's database-error
+    wrapper (:func:`_translated`). Never ``__context__``: an error raised while handling a busy
+    error (a NOT NULL violation, a UNIQUE conflict, a handler's business error) is that error,
+    not the busy one; and never the ``__cause__`` of another class, also one of Django's or
+    SQLAlchemy's: a caller's own error raised ``from`` a lock error is the caller's."""
     seen: list[BaseException] = []
     e: BaseException | None = exc
     while e is not None and len(seen) <= 8 and not any(e is s for s in seen):
         seen.append(e)
-        if isinstance(e, OncelyError) or type(e).__module__.split(".")[0] in _WRAPPERS:
-            orig = getattr(e, "orig", None)
-            e = orig if isinstance(orig, BaseException) else e.__cause__
-        else:
-            e = None
+        e = _translated(e)
     return seen
 
 
@@ -767,18 +784,51 @@ def statement_timeout(exc: BaseException) -> bool:
     return False
 
 
+#: The exception group class (Python 3.11+; on 3.10 the ``exceptiongroup`` backport's, if loaded).
+_GROUP: Final = getattr(builtins, "BaseExceptionGroup", None)
+
+
+def _members(exc: BaseException) -> Sequence[BaseException] | None:
+    """The errors an exception group (``ExceptionGroup``, e.g. from :class:`asyncio.TaskGroup`)
+    holds, or None when ``exc`` is not a group."""
+    group = _GROUP or getattr(sys.modules.get("exceptiongroup"), "BaseExceptionGroup", None)
+    if isinstance(group, type) and isinstance(exc, group):
+        return tuple(getattr(exc, "exceptions", ()))
+    return None
+
+
+def _every(exc: BaseException, leaf: Callable[[BaseException], bool]) -> bool:
+    """``leaf(exc)``; for an exception group, true only when every error it holds (nested groups
+    included) is: a group with one error that is not busy (a business error, a cancellation)
+    is that error's outcome, not busy."""
+    members = _members(exc)
+    if members is None:
+        return leaf(exc)
+    return bool(members) and all(_every(m, leaf) for m in members)
+
+
+def _busy_leaf(exc: BaseException) -> bool:
+    if isinstance(exc, DatabaseBusy):
+        return True
+    if _typed(exc) or not isinstance(exc, Exception):
+        return False
+    return retryable(exc) or lock_timeout(exc) or statement_timeout(exc)
+
+
 def busy(exc: BaseException, what: str) -> BaseException:
     """``exc`` as oncely raises it when the database was busy: a
     :class:`~oncely.errors.DatabaseBusy` (chained to ``exc``) for a :func:`retryable` error or a
     :func:`lock_timeout` or a :func:`statement_timeout` (a lock wait ended by the statement's own
     time limit), else ``exc`` itself; only the error itself and the driver's error it
-    translates are read, never one it was raised while handling (``__context__``).
+    translates are read, never one it was raised while handling (``__context__``) nor the
+    ``__cause__`` of a caller's own error. An exception group (``ExceptionGroup``, e.g. from
+    :class:`asyncio.TaskGroup`) is busy when every error it holds is.
     ``what`` names the operation in the message.
-    Every mechanism of :mod:`oncely.sql`, :mod:`oncely.statemachine` and
-    :mod:`oncely.optimistic` raises driver busy errors through this one translation."""
+    Every mechanism of :mod:`oncely.sql`, :mod:`oncely.statemachine`, :mod:`oncely.optimistic`
+    and the transactional consumer raises driver busy errors through this one translation."""
     if isinstance(exc, DatabaseBusy) or _typed(exc) or not isinstance(exc, Exception):
         return exc
-    if retryable(exc) or lock_timeout(exc) or statement_timeout(exc):
+    if _every(exc, _busy_leaf):
         err = DatabaseBusy(
             f"{what}: the database was busy ({exc}); nothing of this attempt is kept: roll "
             "the transaction back if it is yours and run it again from its start"
@@ -808,13 +858,20 @@ def undecided(exc: BaseException) -> bool:
     business outcome: a saga does not count it as its step's failure nor compensate for it,
     it stops and raises it, and the next run continues where it stopped.
 
+    An exception group (``ExceptionGroup``, e.g. from :class:`asyncio.TaskGroup`) is undecided
+    when every error it holds is; one other error in it (a business error) makes it not.
+
     Not undecided: :class:`~oncely.errors.ResultNotStored` (the work ran) and every other
     error."""
+    return _every(exc, _undecided_leaf)
+
+
+def _undecided_leaf(exc: BaseException) -> bool:
     if isinstance(exc, StoreUnavailable):
         return True
     if isinstance(exc, OncelyError) or type(exc).__module__.split(".")[0] not in _DRIVERS:
         return False
-    return retryable(exc) or lock_timeout(exc) or statement_timeout(exc)
+    return _busy_leaf(exc)
 
 
 def unconvertible(exc: BaseException, value: str) -> bool:
