@@ -980,8 +980,8 @@ def value_refused(exc: BaseException, what: str) -> ValueRefused | None:
 #: transaction (the server aborted it; psycopg's commit() of it rolls back without an error).
 ABORTED_NOTE: Final = (
     " PostgreSQL aborted the transaction when the statement failed: roll it back "
-    "(conn.rollback()); a commit() now would roll back the earlier writes of the "
-    "transaction without an error"
+    "(conn.rollback(), or back to a savepoint of yours around this call); a commit() now "
+    "would roll back the earlier writes of the transaction without an error"
 )
 #: Appended when the failing statement ran in a savepoint that was rolled back.
 KEPT_NOTE: Final = (
@@ -1257,8 +1257,16 @@ class SqlConnection:
                 "(not for Operation phases, which commit each phase themselves)"
             )
 
+    def check_mode(self) -> None:
+        """Raise :class:`~oncely.errors.UnsupportedConnection` if the connection is in a mode
+        where oncely cannot read a statement's result before the next (psycopg's pipeline
+        mode); nothing on other drivers. :func:`run` / :func:`arun` check it before a plan's
+        first statement."""
+
     def check_usable(self) -> None:
-        """Raise :class:`~oncely.errors.TransactionFailed` if the caller's transaction failed."""
+        """Raise :class:`~oncely.errors.TransactionFailed` if the caller's transaction failed
+        (and :meth:`check_mode`'s error in a mode oncely cannot use)."""
+        self.check_mode()
         if self.failed():
             raise TransactionFailed(
                 "the connection's transaction already failed (an earlier statement raised): "
@@ -1485,6 +1493,20 @@ class _PsycopgState(SqlConnection):
 
     def managed_transaction(self) -> bool:
         return _psycopg_managed(self.raw)
+
+    def check_mode(self) -> None:
+        """Refuse a connection in the caller's pipeline mode (``with conn.pipeline():``): there
+        a statement's result (its row count, its rows) is not known until the pipeline syncs,
+        and every oncely decision reads its statement's result before it decides (an inbox row
+        inserted or not, a barrier row present or not). Checked before anything is sent.
+
+        :raises UnsupportedConnection: the connection is in pipeline mode."""
+        if self.raw.pgconn.pipeline_status:  # psycopg.pq.PipelineStatus.OFF is 0
+            raise UnsupportedConnection(
+                "the psycopg connection is in pipeline mode (inside `with conn.pipeline():`): "
+                "oncely decides on each statement's result, which a pipeline gives only at its "
+                "sync; call oncely outside the pipeline block (nothing was sent)"
+            )
 
 
 class _Psycopg(_PsycopgState, _DbapiSync):
@@ -2275,6 +2297,7 @@ def run(
     "database is locked" is :class:`~oncely.errors.DatabaseBusy`, whichever path of the plan
     let it through. The plan itself still sees the driver's error (it may retry or translate
     it first); errors of ``other`` requests (user code) are left as they are."""
+    conn.check_mode()
     refusals = _Refusals()
 
     def execute(request: Any) -> Any:
@@ -2312,6 +2335,7 @@ async def arun(
     what: str = STATEMENT,
 ) -> Any:
     """The async face of :func:`run` (``other`` is awaited)."""
+    conn.check_mode()
     refusals = _Refusals()
 
     async def execute(request: Any) -> Any:
