@@ -646,3 +646,42 @@ def test_sqlalchemy_new_session_per_call_sends_no_savepoint_after_the_first(make
             assert per_call == [3, 1, 1, 1], (what, per_call)
     finally:
         engine.dispose()
+
+
+def test_sqlalchemy_async_connection_reused_sends_no_savepoint_after_the_first(
+    make_db: Any,
+) -> None:
+    """rt21 I3: SQLAlchemy's async dialects pool an adapter that takes no weak reference, so
+    the first-use memory under an ``AsyncConnection`` never stuck: SAVEPOINT + statement +
+    RELEASE on every call. It is kept on the driver's connection under the adapter now."""
+    import asyncio
+
+    import sqlalchemy as sa
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from oncely.sql import aversioned_update
+    from roundtrips import PgWire
+
+    db = make_db("postgresql")
+    vt = _versioned_table(db)
+    db.run(f"INSERT INTO {vt} (id, n, version) VALUES (2, 0, 1), (3, 0, 1), (4, 0, 1)")
+
+    async def scenario() -> list[int]:
+        engine = create_async_engine(db.url(), pool_size=1, max_overflow=0)
+        per_call = []
+        try:
+            async with engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                driver = raw.driver_connection
+                for n in (1, 2, 3, 4):
+                    async with conn.begin():
+                        await conn.execute(sa.text("SELECT 1"))  # the transaction is open
+                        with PgWire(driver) as wire:
+                            await aversioned_update(conn, vt, n, {"n": n}, 1)
+                        per_call.append(wire.trips)
+        finally:
+            await engine.dispose()
+        return per_call
+
+    per_call = asyncio.run(scenario())
+    assert per_call == [3, 1, 1, 1], per_call

@@ -1068,7 +1068,10 @@ def _owner(raw: Any) -> Any:
     connection (a new one after every reconnect); else ``raw``. A sync ``Session`` resolves to
     the pooled connection its transaction holds (``Session.connection()``, which begins the
     transaction the statements about to run would begin anyway), so a new Session per unit of
-    work on the same pooled connection remembers what the earlier ones found."""
+    work on the same pooled connection remembers what the earlier ones found. Under an async
+    dialect the pooled object is an adapter that takes no weak reference: the driver's
+    connection under it is used. An ``AsyncSession`` is its own owner (finding its pooled
+    connection would take I/O)."""
     try:
         if type(raw).__module__.startswith("sqlalchemy"):
             sync = getattr(raw, "sync_connection", None) or raw
@@ -1076,7 +1079,11 @@ def _owner(raw: Any) -> Any:
             if callable(connection) and type(raw).__name__ != "AsyncSession":  # a Session
                 connection = connection().connection
             dbapi = connection.dbapi_connection
-            return raw if dbapi is None else dbapi
+            if dbapi is None:
+                return raw
+            # async dialects pool an adapter that takes no weak reference: the driver's own
+            # connection under it lives as long
+            return getattr(dbapi, "driver_connection", dbapi)
         if hasattr(raw, "vendor") and hasattr(raw, "in_atomic_block"):  # Django
             return raw if raw.connection is None else raw.connection
     except Exception:  # a Session (connection is a method): remembered on the Session
