@@ -94,6 +94,17 @@ def held(db: Db, table: str) -> Iterator[None]:
         holder.close()
 
 
+def saga_on(db: Db, name: str, steps: list[Step]) -> Saga:
+    """A saga named ``name`` with its tables (``<name>_saga``, ``<name>_bar``) created on
+    ``db`` (dropped with the fixture)."""
+    saga = Saga(name, steps, table=db.name(f"{name}_saga"), barrier_table=db.name(f"{name}_bar"))
+    db.tables.append(f"{saga.table}_history")
+    setup = db.connect()
+    saga.create_tables(setup)
+    setup.commit()
+    return saga
+
+
 def _rows(db: Db, sql: str) -> list[tuple[Any, ...]]:
     return [tuple(bytes(v).decode() if isinstance(v, (bytes, bytearray)) else v for v in r)
             for r in db.run(sql)]  # fmt: skip
@@ -110,19 +121,14 @@ def test_a_locked_barrier_table_stops_the_saga_without_compensating(
     db = make_db(dialect)
     ran: list[str] = []
     undone: list[str] = []
-    saga = Saga(
+    saga = saga_on(
+        db,
         "rt18",
         [
             Step("s1", lambda ctx: ran.append("s1"), lambda ctx: undone.append("s1"), attempts=1),
             Step("s2", lambda ctx: ran.append("s2"), lambda ctx: undone.append("s2"), attempts=1),
         ],
-        table=db.name("rt18_saga"),
-        barrier_table=db.name("rt18_bar"),
     )
-    db.tables.append(f"{saga.table}_history")
-    setup = db.connect()
-    saga.create_tables(setup)
-    setup.commit()
     conn = _waiter(db)
     with held(db, saga.barrier_table):
         with pytest.raises(DatabaseBusy):
@@ -140,16 +146,11 @@ def test_a_locked_barrier_table_stops_an_abort_which_resumes(make_db: Any, diale
     (not SagaStuck: no compensation failed), the saga stays 'compensating'; the next abort
     finishes it."""
     db = make_db(dialect)
-    saga = Saga(
+    saga = saga_on(
+        db,
         "rt18a",
         [Step("s1", lambda ctx: None, lambda ctx: None, attempts=1)],
-        table=db.name("rt18a_saga"),
-        barrier_table=db.name("rt18a_bar"),
     )
-    db.tables.append(f"{saga.table}_history")
-    setup = db.connect()
-    saga.create_tables(setup)
-    setup.commit()
     conn = _waiter(db)
     with held(db, saga.barrier_table):
         with pytest.raises(DatabaseBusy):
@@ -182,19 +183,15 @@ def test_a_step_refused_by_a_locked_database_is_not_its_failure(db: Db) -> None:
             raise
         ran.append("s2")
 
-    saga = Saga(
+    saga = saga_on(
+        db,
         "rt18s",
         [
             Step("s1", lambda ctx: ran.append("s1"), lambda ctx: undone.append("s1")),
             Step("s2", s2, lambda ctx: undone.append("s2"), attempts=2, backoff=0),
         ],
-        table=db.name("rt18s_saga"),
-        barrier_table=db.name("rt18s_bar"),
     )
-    db.tables.append(f"{saga.table}_history")
     conn = db.connect()
-    saga.create_tables(conn)
-    conn.commit()
     with held(other, shelf):
         with pytest.raises(DatabaseBusy) as info:
             saga.run(conn, "id1", {"a": 1})
@@ -226,19 +223,15 @@ def test_a_business_error_raised_while_handling_a_busy_one_is_still_the_steps_fa
             side.rollback()
             raise ValueError("no stock today") from exc
 
-    saga = Saga(
+    saga = saga_on(
+        db,
         "rt18b",
         [
             Step("s1", lambda ctx: None, lambda ctx: undone.append("s1")),
             Step("s2", s2, attempts=1),
         ],
-        table=db.name("rt18b_saga"),
-        barrier_table=db.name("rt18b_bar"),
     )
-    db.tables.append(f"{saga.table}_history")
     conn = db.connect()
-    saga.create_tables(conn)
-    conn.commit()
     with held(other, shelf), pytest.raises(SagaFailed) as info:
         saga.run(conn, "id1")
     assert info.value.step == "s2" and undone == ["s1"]

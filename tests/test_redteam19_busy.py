@@ -29,8 +29,8 @@ from oncely.messaging import DeadLetter, Delivery, IdempotentConsumer, Inbox, Re
 from oncely.sql import insert_once, versioned_update
 from oncely.sql.connections import busy, retryable, undecided
 from oncely.statemachine import barrier as barriers
-from oncely.statemachine.saga import Saga, Step
-from test_redteam18_busy import _rows, _waiter, held
+from oncely.statemachine.saga import Step
+from test_redteam18_busy import _rows, _waiter, held, saga_on
 
 from sql_fixtures import Db
 
@@ -116,19 +116,15 @@ def test_a_unique_conflict_in_a_lock_error_fallback_is_the_steps_failure(make_db
             side.rollback()
             dup.execute("INSERT INTO t VALUES (1)")  # sqlite3.IntegrityError
 
-    saga = Saga(
+    saga = saga_on(
+        db,
         "rt19c",
         [
             Step("s1", lambda ctx: ran.append("s1"), lambda ctx: undone.append("s1")),
             Step("s2", s2, attempts=1),
         ],
-        table=db.name("rt19c_saga"),
-        barrier_table=db.name("rt19c_bar"),
     )
-    db.tables.append(f"{saga.table}_history")
     conn = db.connect()
-    saga.create_tables(conn)
-    conn.commit()
     with held(other, shelf):
         with pytest.raises(SagaFailed) as info:
             saga.run(conn, "id1")
@@ -247,19 +243,14 @@ def test_a_statement_timeout_on_a_saga_barrier_stops_without_compensating(
     db = make_db(dialect)
     ran: list[str] = []
     undone: list[str] = []
-    saga = Saga(
+    saga = saga_on(
+        db,
         "rt19s",
         [
             Step("s1", lambda ctx: ran.append("s1"), lambda ctx: undone.append("s1"), attempts=1),
             Step("s2", lambda ctx: ran.append("s2"), lambda ctx: undone.append("s2"), attempts=1),
         ],
-        table=db.name("rt19s_saga"),
-        barrier_table=db.name("rt19s_bar"),
     )
-    db.tables.append(f"{saga.table}_history")
-    setup = db.connect()
-    saga.create_tables(setup)
-    setup.commit()
     conn = _short_statements(db)
     with held(db, saga.barrier_table):
         with pytest.raises(DatabaseBusy):

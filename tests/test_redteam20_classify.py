@@ -37,8 +37,8 @@ from sqlalchemy.exc import NoResultFound
 from oncely.errors import DatabaseBusy, SagaFailed
 from oncely.messaging import DeadLetter, Delivery, IdempotentConsumer, Inbox, Retry
 from oncely.sql.connections import busy, lock_timeout, retryable, statement_timeout, undecided
-from oncely.statemachine.saga import Saga, Step
-from test_redteam18_busy import _rows, _waiter, held
+from oncely.statemachine.saga import Step
+from test_redteam18_busy import _rows, _waiter, held, saga_on
 from test_redteam19_busy import _lock_error
 
 from sql_fixtures import Db
@@ -161,19 +161,15 @@ def test_a_saga_step_raising_a_business_error_from_a_lock_error_compensates(
             assert lock_timeout(exc)
             raise _saga_error(kind) from exc
 
-    saga = Saga(
+    saga = saga_on(
+        db,
         "rt20h1",
         [
             Step("s1", lambda ctx: ran.append("s1"), lambda ctx: undone.append("s1")),
             Step("s2", s2, attempts=1),
         ],
-        table=db.name("rt20h1_saga"),
-        barrier_table=db.name("rt20h1_bar"),
     )
-    db.tables.append(f"{saga.table}_history")
     conn = db.connect()
-    saga.create_tables(conn)
-    conn.commit()
     with held(other, shelf):
         with pytest.raises(SagaFailed) as info:
             saga.run(conn, "id1")
@@ -363,19 +359,15 @@ def test_a_saga_action_raising_a_group_of_lock_errors_stops_without_compensating
                 errors.append(ValueError("out of stock"))
             raise ExceptionGroup("unhandled errors in a TaskGroup", errors) from None  # noqa: F821
 
-    saga = Saga(
+    saga = saga_on(
+        db,
         "rt20h6",
         [
             Step("s1", lambda ctx: ran.append("s1"), lambda ctx: undone.append("s1")),
             Step("s2", s2, attempts=1),
         ],
-        table=db.name("rt20h6_saga"),
-        barrier_table=db.name("rt20h6_bar"),
     )
-    db.tables.append(f"{saga.table}_history")
     conn = db.connect()
-    saga.create_tables(conn)
-    conn.commit()
     with held(other, shelf):
         with pytest.raises(DatabaseBusy):
             saga.run(conn, "busy")
