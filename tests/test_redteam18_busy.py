@@ -61,6 +61,21 @@ def _waiter(db: Db) -> Any:
     return conn
 
 
+def _short_statements(db: Db) -> Any:
+    """A connection whose statements (not lock waits: those are long) run out fast."""
+    conn = db.connect()
+    cur = conn.cursor()
+    if db.dialect == "postgresql":
+        cur.execute("SET lock_timeout = '60s'")
+        cur.execute("SET statement_timeout = '300ms'")
+    else:
+        cur.execute("SET SESSION lock_wait_timeout = 60")
+        cur.execute("SET SESSION innodb_lock_wait_timeout = 60")
+        cur.execute("SET SESSION max_statement_time = 0.3")
+    conn.commit()
+    return conn
+
+
 @contextlib.contextmanager
 def held(db: Db, table: str) -> Iterator[None]:
     """Another session holds ``table`` (SQLite: the whole file) until the block ends."""
@@ -111,13 +126,16 @@ def _rows(db: Db, sql: str) -> list[tuple[Any, ...]]:
 
 
 # -- F1 ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("wait", ["lock_timeout", "statement_timeout"])
 @pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
 def test_a_locked_barrier_table_stops_the_saga_without_compensating(
-    make_db: Any, dialect: str
+    make_db: Any, dialect: str, wait: str
 ) -> None:
-    """The barrier of step s1 waits for a lock that runs out: the run raises DatabaseBusy, no
-    action and no compensation ran, the saga stays 'running'; once the lock is gone the next
-    run completes it. (Old code: compensating -> SagaStuck, then SagaFailed for good.)"""
+    """The barrier of step s1 waits for a lock that runs out (ended by ``lock_timeout``, or by
+    ``statement_timeout`` / ``max_statement_time``: red team 19 G5): the run raises
+    DatabaseBusy, no action and no compensation ran, the saga stays 'running'; once the lock is
+    gone the next run completes it. (Old code: compensating -> SagaStuck, then SagaFailed for
+    good.)"""
     db = make_db(dialect)
     ran: list[str] = []
     undone: list[str] = []
@@ -129,7 +147,7 @@ def test_a_locked_barrier_table_stops_the_saga_without_compensating(
             Step("s2", lambda ctx: ran.append("s2"), lambda ctx: undone.append("s2"), attempts=1),
         ],
     )
-    conn = _waiter(db)
+    conn = _waiter(db) if wait == "lock_timeout" else _short_statements(db)
     with held(db, saga.barrier_table):
         with pytest.raises(DatabaseBusy):
             saga.run(conn, "id1", {"a": 1})

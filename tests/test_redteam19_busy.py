@@ -30,7 +30,7 @@ from oncely.sql import insert_once, versioned_update
 from oncely.sql.connections import busy, retryable, undecided
 from oncely.statemachine import barrier as barriers
 from oncely.statemachine.saga import Step
-from test_redteam18_busy import _rows, _waiter, held, saga_on
+from test_redteam18_busy import _short_statements, _waiter, held, saga_on
 
 from sql_fixtures import Db
 
@@ -184,21 +184,6 @@ def test_a_business_error_raised_while_handling_a_lock_error_is_dead_lettered(
 
 
 # -- G5 / G6 -------------------------------------------------------------------------------------
-def _short_statements(db: Db) -> Any:
-    """A connection whose statements (not lock waits: those are long) run out fast."""
-    conn = db.connect()
-    cur = conn.cursor()
-    if db.dialect == "postgresql":
-        cur.execute("SET lock_timeout = '60s'")
-        cur.execute("SET statement_timeout = '300ms'")
-    else:
-        cur.execute("SET SESSION lock_wait_timeout = 60")
-        cur.execute("SET SESSION innodb_lock_wait_timeout = 60")
-        cur.execute("SET SESSION max_statement_time = 0.3")
-    conn.commit()
-    return conn
-
-
 @pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
 def test_a_statement_timeout_ending_a_lock_wait_is_database_busy(
     make_db: Any, dialect: str
@@ -231,32 +216,3 @@ def test_a_statement_timeout_ending_a_lock_wait_is_database_busy(
             conn.rollback()
         call()
         conn.commit()
-
-
-@pytest.mark.parametrize("dialect", ["postgresql", "mysql"])
-def test_a_statement_timeout_on_a_saga_barrier_stops_without_compensating(
-    make_db: Any, dialect: str
-) -> None:
-    """rt18 F1 with the lock wait ended by statement_timeout / max_statement_time: DatabaseBusy,
-    nothing ran or was compensated, the next run completes (old code: compensating, SagaStuck,
-    then SagaFailed for good)."""
-    db = make_db(dialect)
-    ran: list[str] = []
-    undone: list[str] = []
-    saga = saga_on(
-        db,
-        "rt19s",
-        [
-            Step("s1", lambda ctx: ran.append("s1"), lambda ctx: undone.append("s1"), attempts=1),
-            Step("s2", lambda ctx: ran.append("s2"), lambda ctx: undone.append("s2"), attempts=1),
-        ],
-    )
-    conn = _short_statements(db)
-    with held(db, saga.barrier_table):
-        with pytest.raises(DatabaseBusy):
-            saga.run(conn, "id1", {"a": 1})
-        conn.rollback()
-    assert ran == [] and undone == []
-    assert _rows(db, f"SELECT state FROM {saga.table}") == [("running",)]
-    assert saga.run(conn, "id1", {"a": 1}).state == "completed"
-    assert ran == ["s1", "s2"] and undone == []
