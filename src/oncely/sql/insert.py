@@ -170,9 +170,6 @@ def _plan(
     insert = f"INSERT INTO {t} ({col_list}) VALUES ({placeholders})"
     select = f"SELECT * FROM {t} WHERE {where}"
 
-    def row(res: Result, skip: int = 0) -> Row:
-        return dict(zip(res.columns[skip:], res.rows[0][skip:]))
-
     if c.dialect == "postgresql":
         # a statement that fails (no arbiter for ON CONFLICT: 42P10, a missing table or
         # column, a refused value) aborts the caller's transaction, and psycopg's commit()
@@ -187,18 +184,21 @@ def _plan(
             "AND NOT EXISTS (SELECT 1 FROM ins)"
         )
         key = ("insert_once", table, frozenset(cols), frozenset(unique))
-        return (yield from first_use_guarded(c, key, _pg(cte, select, params, table, unique)))
-    try:
+        return (
+            yield from first_use_guarded(c, key, _typed(_pg(cte, select, params), table, unique))
+        )
+
+    def other() -> Plan[tuple[Row, bool] | None]:  # SQLite, MariaDB/MySQL
         if c.dialect == "sqlite":
             returning = " RETURNING *" if c.returning else ""
             for _ in range(5):
                 res = yield Exec(f"{insert} ON CONFLICT ({target}) DO NOTHING{returning}", params)
                 if res.rows:
-                    return row(res), True
+                    return _row(res), True
                 created = not c.returning and res.rowcount == 1
                 res = yield Exec(select, params)
                 if res.rows:
-                    return row(res), created
+                    return _row(res), created
         else:
             # MariaDB/MySQL have no ON CONFLICT target to check the constraint: without a
             # unique index on exactly these columns the INSERT would simply add a second row.
@@ -229,46 +229,51 @@ def _plan(
                         raise
                     res = yield Exec(select + " LOCK IN SHARE MODE", params)
                     if res.rows:
-                        return row(res), False
+                        return _row(res), False
                     raise  # the duplicate was on another unique key
                 if res.rows:
-                    return row(res), True
+                    return _row(res), True
                 res = yield Exec(select, params)
                 if res.rows:
-                    return row(res), True
-    except Exception as exc:
-        typed = _translate(exc, table, unique)
-        if typed is exc:
-            raise
-        raise typed from exc
-    raise ConfigurationError(  # pragma: no cover - a row deleted between every try
-        f"insert_once on {table}: the conflicting row kept disappearing (deleted concurrently)"
-    )
+                    return _row(res), True
+        return None
+
+    return (yield from _typed(other(), table, unique))
 
 
 def _row(res: Result, skip: int = 0) -> Row:
     return dict(zip(res.columns[skip:], res.rows[0][skip:]))
 
 
-def _pg(
-    cte: str, select: str, params: dict[str, Any], table: str, unique: Sequence[str]
-) -> Plan[tuple[Row, bool]]:
+def _pg(cte: str, select: str, params: dict[str, Any]) -> Plan[tuple[Row, bool] | None]:
     """PostgreSQL: the CTE, and when the conflicting row committed after its snapshot a
-    ``SELECT`` (a new snapshot); driver errors typed (see :func:`_translate`)."""
+    ``SELECT`` (a new snapshot); None when the row kept disappearing (see :func:`_typed`)."""
+    for _ in range(5):
+        res = yield Exec(cte, params)
+        if res.rows:
+            return _row(res, 1), bool(res.rows[0][0])
+        # the conflicting row committed after this statement's snapshot
+        res = yield Exec(select, params)
+        if res.rows:
+            return _row(res), False
+    return None
+
+
+def _typed(
+    plan: Plan[tuple[Row, bool] | None], table: str, unique: Sequence[str]
+) -> Plan[tuple[Row, bool]]:
+    """Run one dialect's ``plan``: its driver errors typed (:func:`_translate`), and a plan
+    that ran out of tries (the conflicting row deleted between every try) a
+    :class:`~oncely.errors.ConfigurationError`."""
     try:
-        for _ in range(5):
-            res = yield Exec(cte, params)
-            if res.rows:
-                return _row(res, 1), bool(res.rows[0][0])
-            # the conflicting row committed after this statement's snapshot
-            res = yield Exec(select, params)
-            if res.rows:
-                return _row(res), False
+        result = yield from plan
     except Exception as exc:
         typed = _translate(exc, table, unique)
         if typed is exc:
             raise
         raise typed from exc
-    raise ConfigurationError(  # pragma: no cover - a row deleted between every try
-        f"insert_once on {table}: the conflicting row kept disappearing (deleted concurrently)"
-    )
+    if result is None:  # pragma: no cover - a row deleted between every try
+        raise ConfigurationError(
+            f"insert_once on {table}: the conflicting row kept disappearing (deleted concurrently)"
+        )
+    return result
