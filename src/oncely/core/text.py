@@ -21,7 +21,15 @@ from typing import Final
 
 from oncely.errors import InvalidKey, OncelyError
 
-__all__ = ["MAX_SCOPE_BYTES", "NUL", "sendable", "stored_text", "text_problem", "utf8"]
+__all__ = [
+    "MAX_SCOPE_BYTES",
+    "NUL",
+    "literal_bytes",
+    "sendable",
+    "stored_text",
+    "text_problem",
+    "utf8",
+]
 
 #: The character no store keeps in text.
 NUL: Final = "\x00"
@@ -103,3 +111,10 @@ def utf8(text: str, what: str, error: type[OncelyError] = InvalidKey) -> bytes:
             f"{what} contains a lone surrogate (it has no UTF-8 form); "
             "pass text that came from valid UTF-8, or bytes"
         ) from None
+
+
+def literal_bytes(value: str) -> int:
+    """Bytes of ``value`` as a quoted, escaped MariaDB/MySQL string literal, as the driver
+    sends it (an upper bound): what counts against ``max_allowed_packet``, a statement over
+    which the server refuses by closing the connection."""
+    return len(value.encode("utf-8")) + sum(value.count(c) for c in "\\'\"\x00\n\r\x1a") + 2

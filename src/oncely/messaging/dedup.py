@@ -66,7 +66,7 @@ from typing import Any, Final, NamedTuple, TypeVar
 
 from oncely.backends.plans import Command, Eval, Exec, Plan, arun, run
 from oncely.backends.urls import redact_url, scheme_of
-from oncely.core.text import stored_text
+from oncely.core.text import literal_bytes, stored_text
 from oncely.errors import (
     ConfigurationError,
     InvalidKey,
@@ -75,7 +75,6 @@ from oncely.errors import (
     StoreUnavailable,
 )
 from oncely.settings import MAX_SECONDS, count, flag, fraction, seconds, text, whole
-from oncely.sql.connections import literal_bytes
 
 __all__ = [
     "MAX_BLOOM_BITS",

@@ -100,7 +100,6 @@ __all__ = [
     "first_use_guarded",
     "leave_or_lost",
     "leave_usable",
-    "literal_bytes",
     "lock_timeout",
     "lost_message",
     "missing_object",
@@ -278,13 +277,6 @@ def exact_text(dialect: Dialect, chars: int) -> str:
     accent-insensitive and ``PAD SPACE`` (``utf8mb4_bin`` included), so ``'Key'``, ``'key'``
     and ``'key '`` would be one row. Values are sent as str (utf-8) and read back as bytes."""
     return f"VARBINARY({4 * chars})" if dialect == "mysql" else f"VARCHAR({chars})"
-
-
-def literal_bytes(value: str) -> int:
-    """Bytes of ``value`` as a quoted, escaped MariaDB/MySQL string literal, as the driver
-    sends it (an upper bound): what counts against ``max_allowed_packet``, a statement over
-    which the server refuses by closing the connection."""
-    return len(value.encode("utf-8")) + sum(value.count(c) for c in "\\'\"\x00\n\r\x1a") + 2
 
 
 # A quoted string or identifier (kept as is), or a ``:name`` placeholder (not ``::`` casts).
@@ -1086,7 +1078,7 @@ def _owner(raw: Any) -> Any:
             return getattr(dbapi, "driver_connection", dbapi)
         if hasattr(raw, "vendor") and hasattr(raw, "in_atomic_block"):  # Django
             return raw if raw.connection is None else raw.connection
-    except Exception:  # a Session (connection is a method): remembered on the Session
+    except Exception:  # an AsyncSession (its connection takes I/O to find): kept on itself
         return raw
     return raw
 

@@ -68,7 +68,7 @@ from typing import Any, Final, NamedTuple
 
 from oncely.backends.plans import Exec, Plan, Sleep
 from oncely.codecs import stored_json
-from oncely.core.text import stored_text, utf8
+from oncely.core.text import literal_bytes, stored_text, utf8
 from oncely.errors import (
     ConfigurationError,
     IdempotencyKeyMismatch,
@@ -86,7 +86,6 @@ from oncely.sql.connections import (
     busy,
     commit_if_held,
     exact_text,
-    literal_bytes,
     lost_message,
     missing_object,
     quote,

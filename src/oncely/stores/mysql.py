@@ -72,6 +72,7 @@ from oncely.backends.urls import redact_url
 from oncely.core.cancelsafe import keep_cancel
 from oncely.core.records import ClaimOutcome, Record, RecordKey
 from oncely.core.storeclock import StoreClock
+from oncely.core.text import literal_bytes
 from oncely.errors import (
     OncelyError,
     ResultTooLarge,
@@ -334,8 +335,7 @@ def _sent(sql: str, params: Params) -> int:
         if not copies:
             continue
         if isinstance(value, str):
-            escaped = sum(value.count(c) for c in "\\'\"\x00\n\r\x1a")
-            width = len(value.encode("utf-8")) + escaped + 2
+            width = literal_bytes(value)
         elif isinstance(value, bytes):
             width = 2 * len(value) + 3
         else:
